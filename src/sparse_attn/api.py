@@ -1,0 +1,145 @@
+"""The public entry points: estimate a pattern, compute block-sparse attention, or both."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .backends import resolve_backend, run_backend
+from .pattern import BlockSparsePattern
+from .registry import get_method
+from .validation import check_attention_inputs, check_finite, check_pattern_fits, check_query_key
+
+DEFAULT_BLOCK = 128
+
+
+@dataclass
+class SparseAttentionInfo:
+    """What :func:`sparse_attention` did: the pattern, its density, the backend and timings (ms)."""
+
+    pattern: BlockSparsePattern
+    density: float
+    backend: str
+    estimate_ms: float
+    attention_ms: float
+    extras: dict = field(default_factory=dict)
+
+
+def _check_block(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def estimate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    method: str = "dense",
+    *,
+    causal: bool = True,
+    block_q: int = DEFAULT_BLOCK,
+    block_k: int = DEFAULT_BLOCK,
+    **options,
+) -> BlockSparsePattern:
+    """Run a method's estimator: which KV blocks each query block should attend to.
+
+    ``q`` is ``(B, Hq, Sq, D)``, ``k`` is ``(B, Hkv, Sk, D)`` with ``Sk >= Sq`` (queries are
+    the last ``Sq`` positions). ``options`` are the method's hyperparameters (see
+    ``sa.get_method(method).defaults()``).
+    """
+    check_query_key(q, k)
+    _check_block("block_q", block_q)
+    _check_block("block_k", block_k)
+    spec = get_method(method)
+    config = spec.make_config(**options)
+    pattern = spec.estimate(q, k, config, causal=bool(causal), block_q=block_q, block_k=block_k)
+    check_pattern_fits(pattern, q, k)
+    return pattern
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    check_inputs_finite: bool = False,
+):
+    """Attention over exactly the blocks ``pattern`` lists.
+
+    Args:
+        q: ``(B, Hq, Sq, D)``; k, v: ``(B, Hkv, Sk, D)``, same dtype and device, ``Hq % Hkv == 0``,
+            ``Sk >= Sq`` (queries are the last ``Sq`` positions). Non-contiguous views are accepted.
+        pattern: a :class:`BlockSparsePattern` for ``(Sq, Sk)`` with batch ``1`` or ``B`` and
+            heads ``Hq`` or ``Hkv``. Checked once (``pattern.validate``) before its first use.
+        causal: mask keys after each query's position inside the kept blocks.
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: ``"auto"`` (triton on CUDA, flex on CPU), ``"reference"``, ``"flex"`` or ``"triton"``.
+            An unsupported case runs on a slower correct backend with one warning.
+        return_lse: also return the natural-log log-sum-exp of each query's scores, float32 ``(B, Hq, Sq)``.
+        check_inputs_finite: raise ``ValueError`` if q, k or v hold NaN/Inf (one extra pass and a
+            host sync). Otherwise NaN/Inf propagate to the outputs of the rows they touch, as in SDPA.
+
+    Returns:
+        ``out`` ``(B, Hq, Sq, D)`` in q's dtype, and ``lse`` when ``return_lse``.
+    """
+    scale = check_attention_inputs(q, k, v, scale)
+    check_pattern_fits(pattern, q, k)
+    if check_inputs_finite:
+        check_finite(q=q, k=k, v=v)
+    pattern.ensure_valid(causal=bool(causal))
+    name = resolve_backend(backend, q, k, v, pattern, return_lse=return_lse)
+    return run_backend(name, q, k, v, pattern, causal=bool(causal), scale=scale, return_lse=return_lse)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: str = "dense",
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str = "auto",
+    block_q: int = DEFAULT_BLOCK,
+    block_k: int = DEFAULT_BLOCK,
+    return_info: bool = False,
+    **options,
+):
+    """Estimate a pattern with ``method`` and compute attention over it.
+
+    Shapes as in :func:`block_sparse_attention`; ``options`` go to the method's config.
+    With ``return_info=True`` returns ``(out, SparseAttentionInfo)``; the timings then
+    synchronize the device around each stage.
+    """
+    scale = check_attention_inputs(q, k, v, scale)
+    start = _now(q.device) if return_info else 0.0
+    pattern = estimate(q, k, method, causal=causal, block_q=block_q, block_k=block_k, **options)
+    if not return_info:
+        return block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=backend)
+    estimated = _now(q.device)
+    name = resolve_backend(backend, q, k, v, pattern, return_lse=False)
+    out = block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=name)
+    finished = _now(q.device)
+    info = SparseAttentionInfo(
+        pattern=pattern,
+        density=pattern.density(causal=causal),
+        backend=name,
+        estimate_ms=(estimated - start) * 1e3,
+        attention_ms=(finished - estimated) * 1e3,
+    )
+    return out, info

@@ -1,0 +1,74 @@
+"""FlexAttention backend: PyTorch's compiled FlexAttention driven by the pattern as a ``BlockMask``.
+
+The fast path on CPU and the "what users would pick instead" baseline on GPU. The
+compiled function is created once; ``torch.compile`` then specializes once per shape
+(the ``mask_mod`` objects are cached per geometry so they never force a recompile).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..pattern import BlockSparsePattern
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_unsupported_reason(q: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool) -> str | None:
+    """Why FlexAttention cannot run this case, or ``None`` when it can."""
+    if q.device.type == "cpu" and return_lse:
+        return "FlexAttention on CPU cannot return the log-sum-exp"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"FlexAttention does not run on {q.device.type}"
+    if q.dtype == torch.float64:
+        return "FlexAttention does not take float64"
+    if q.device.type == "cuda" and (pattern.block_q % 16 or pattern.block_k % 16):
+        return "FlexAttention on CUDA needs block sizes that are multiples of 16"
+    return None
+
+
+def _kernel_options(q: torch.Tensor, pattern: BlockSparsePattern) -> dict | None:
+    # Flex's CUDA kernel tiles must divide the block mask's blocks; its defaults are 128.
+    if q.device.type != "cuda" or (pattern.block_q >= 128 and pattern.block_k >= 128):
+        return None
+    return {"BLOCK_M": min(pattern.block_q, 128), "BLOCK_N": min(pattern.block_k, 128)}
+
+
+def flex_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    *,
+    causal: bool,
+    scale: float,
+    return_lse: bool = False,
+    block_mask=None,
+):
+    """Block-sparse attention through FlexAttention. ``block_mask`` may be passed to reuse one."""
+    if block_mask is None:
+        expand = pattern.num_heads not in (1, q.shape[1])
+        block_mask = pattern.to_block_mask(causal=causal, num_q_heads=q.shape[1] if expand else None)
+    flex = _compiled_flex_attention()
+    group = q.shape[1] // k.shape[1]
+    result = flex(
+        q,
+        k,
+        v,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=group > 1,
+        return_lse=return_lse,
+        kernel_options=_kernel_options(q, pattern),
+    )
+    if return_lse:
+        out, lse = result
+        return out, lse.float()
+    return result

@@ -1,0 +1,94 @@
+"""Reference backend: exact block-sparse attention in plain PyTorch.
+
+The oracle every fast path is tested against. It gathers, for a chunk of query blocks,
+only the KV blocks their lists name, so memory stays ``O(chunk * block * max_kv)`` and
+never ``O(S^2)``. Arithmetic runs in float32 (float64 inputs stay float64). It supports
+autograd, so it is also the path for inputs that require gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..pattern import BlockSparsePattern
+
+# Upper bound on score elements materialized at once (per chunk of query blocks).
+_SCORE_BUDGET = 1 << 22
+
+
+def _blocked(x: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
+    """(B, H, S, D) -> (B, H, n_blocks, block, D), zero-padded at the tail."""
+    batch, heads, length, dim = x.shape
+    pad = n_blocks * block - length
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.view(batch, heads, n_blocks, block, dim)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    *,
+    causal: bool,
+    scale: float,
+    return_lse: bool = False,
+):
+    """Exact attention over the pattern's blocks. Shapes as in :func:`sparse_attn.block_sparse_attention`."""
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    block_q, block_k = pattern.block_q, pattern.block_k
+    n_q, n_kv, max_kv = pattern.num_q_blocks, pattern.num_kv_blocks, pattern.max_kv
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    k_blocks = _blocked(k.to(compute_dtype), block_k, n_kv)
+    v_blocks = _blocked(v.to(compute_dtype), block_k, n_kv)
+    q_blocks = _blocked(q.to(compute_dtype), block_q, n_q)
+
+    # Index maps from (batch, query head) to the pattern's batch/head and the KV head.
+    batch_index = torch.arange(batch, device=q.device)[:, None, None]
+    query_head = torch.arange(q_heads, device=q.device)
+    pattern_batch = batch_index if pattern.batch == batch else torch.zeros_like(batch_index)
+    pattern_head = (query_head if pattern.num_heads == q_heads else query_head // group)[None, :, None]
+    kv_head = (query_head // group)[None, :, None]
+
+    offset = seq_k - seq_q
+    slots = torch.arange(max_kv, device=q.device)
+    token_in_block = torch.arange(block_k, device=q.device)
+    row_in_block = torch.arange(block_q, device=q.device)
+    # Per query block: its scores plus the gathered keys and values.
+    per_block = batch * q_heads * max_kv * block_k * (block_q + 2 * dim)
+    chunk = max(1, _SCORE_BUDGET // per_block)
+
+    outputs, lses = [], []
+    for first in range(0, n_q, chunk):
+        blocks = torch.arange(first, min(first + chunk, n_q), device=q.device)
+        counts = pattern.kv_counts[pattern_batch, pattern_head, blocks[None, None, :]]  # (B, Hq, c)
+        indices = pattern.kv_indices[pattern_batch[..., None], pattern_head[..., None], blocks[None, None, :, None], slots]
+        used = slots < counts[..., None]  # (B, Hq, c, max_kv)
+        indices = torch.where(used, indices, 0).long()
+        keys = k_blocks[batch_index[..., None], kv_head[..., None], indices]  # (B, Hq, c, max_kv, bk, D)
+        values = v_blocks[batch_index[..., None], kv_head[..., None], indices]
+        keys = keys.flatten(3, 4)
+        values = values.flatten(3, 4)
+        queries = q_blocks[:, :, blocks]  # (B, Hq, c, bq, D)
+        scores = torch.matmul(queries, keys.transpose(-1, -2)) * scale  # (B, Hq, c, bq, max_kv*bk)
+
+        key_pos = (indices[..., None] * block_k + token_in_block).flatten(3, 4)  # (B, Hq, c, max_kv*bk)
+        visible = (used[..., None].expand(-1, -1, -1, -1, block_k).flatten(3, 4)) & (key_pos < seq_k)
+        visible = visible[..., None, :]
+        if causal:
+            query_pos = offset + blocks[:, None] * block_q + row_in_block  # (c, bq)
+            visible = visible & (key_pos[..., None, :] <= query_pos[None, None, :, :, None])
+        scores = scores.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, c, bq)
+        probabilities = torch.exp(scores - lse[..., None])
+        outputs.append(torch.matmul(probabilities, values).flatten(2, 3))
+        lses.append(lse.flatten(2, 3))
+
+    out = torch.cat(outputs, dim=2)[:, :, :seq_q].to(q.dtype)
+    if return_lse:
+        return out, torch.cat(lses, dim=2)[:, :, :seq_q].float()
+    return out

@@ -1,0 +1,322 @@
+"""Triton backend: block-sparse FlashAttention forward.
+
+One program computes one tile of ``BLOCK_M`` query rows of one query head. It walks only
+the KV blocks its query block's list names, with the online softmax of FlashAttention-2:
+first the blocks every row sees in full (no mask work), then the rest (diagonal blocks and
+sequence tails) with the causal / bounds mask. GQA is resolved by index (query head ``h``
+reads KV head ``h // group``), so K and V are never expanded. Pattern blocks may be larger
+than the kernel tiles: a query block is split over several programs and a KV block over
+several inner iterations.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) one small tile configuration runs instead of the
+autotuned set, and bf16 products are taken in float32 because the interpreter's bf16
+``dot`` is wrong; the GPU path is tested separately (``pytest -m gpu``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..pattern import BlockSparsePattern, num_blocks
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unsupported_reason(q: torch.Tensor, pattern: BlockSparsePattern) -> str | None:
+    """Why the Triton kernel cannot run this case, or ``None`` when it can."""
+    if triton is None:
+        return "triton is not installed (pip install 'sparse-attn[triton]')"
+    if q.device.type != "cuda" and not interpreting():
+        return f"the Triton kernel needs a CUDA device (got {q.device.type}; set TRITON_INTERPRET=1 to interpret it on CPU)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernel takes float16, bfloat16 or float32, not {q.dtype}"
+    dim = q.shape[-1]
+    if dim not in (16, 32, 64, 128, 256):
+        return f"the Triton kernel takes head_dim 16, 32, 64, 128 or 256, not {dim}"
+    for name in ("block_q", "block_k"):
+        block = getattr(pattern, name)
+        if block < 16 or block & (block - 1):
+            return f"the Triton kernel needs {name} to be a power of two >= 16, got {block}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_blocks(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        index_base,
+        first_slot,
+        last_slot,
+        stride_ks,
+        stride_vs,
+        query_pos,
+        seq_k,
+        qk_scale,
+        offs_n,
+        offs_d,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        MASKED: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Online-softmax update over the KV blocks in slots ``[first_slot, last_slot)``."""
+        SUBTILES: tl.constexpr = BLOCK_K // BLOCK_N
+        for step in range(first_slot * SUBTILES, last_slot * SUBTILES):
+            kv_block = tl.load(index_base + step // SUBTILES)
+            key_pos = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N + offs_n
+            if MASKED:
+                in_bounds = key_pos < seq_k
+                k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=in_bounds[:, None], other=0.0)
+                v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=in_bounds[:, None], other=0.0)
+            else:
+                k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :])
+                v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :])
+            if DOT_FP32:
+                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PRECISION)
+            else:
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            scores = scores * qk_scale
+            if MASKED:
+                visible = in_bounds[None, :]
+                if CAUSAL:
+                    visible = visible & (key_pos[None, :] <= query_pos[:, None])
+                scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            if MASKED:
+                # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(scores - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if DOT_FP32:
+                acc = tl.dot(p, v.to(tl.float32), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _block_sparse_forward(
+        Q,
+        K,
+        V,
+        Out,
+        Lse,
+        KvCounts,
+        KvFullCounts,
+        KvIndices,
+        stride_qb,
+        stride_qh,
+        stride_qs,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_vb,
+        stride_vh,
+        stride_vs,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        stride_cb,
+        stride_ch,
+        stride_ib,
+        stride_ih,
+        stride_iq,
+        num_q_heads,
+        group,
+        pattern_head_divisor,
+        seq_q,
+        seq_k,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        WRITE_LSE: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        batch_head = tl.program_id(0)
+        # Heaviest (last) query tiles first: causal rows grow with position.
+        tile = tl.num_programs(1) - 1 - tl.program_id(1)
+        batch = batch_head // num_q_heads
+        head = batch_head % num_q_heads
+        kv_head = head // group
+        q_block = tile // (BLOCK_Q // BLOCK_M)
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+
+        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+        row_in_range = rows < seq_q
+        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_in_range[:, None], other=0.0)
+
+        pattern_head = head // pattern_head_divisor
+        count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
+        count = tl.load(KvCounts + count_offset)
+        full_count = tl.load(KvFullCounts + count_offset)
+        index_base = KvIndices + batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+        query_pos = rows + (seq_k - seq_q)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k_base, v_base, index_base, 0, full_count, stride_ks, stride_vs,
+            query_pos, seq_k, qk_scale, offs_n, offs_d,
+            BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION,
+        )  # fmt: skip
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k_base, v_base, index_base, full_count, count, stride_ks, stride_vs,
+            query_pos, seq_k, qk_scale, offs_n, offs_d,
+            BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION,
+        )  # fmt: skip
+
+        out = acc / l_i[:, None]
+        out_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+        tl.store(
+            out_base + rows[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_in_range[:, None]
+        )
+        if WRITE_LSE:
+            # Scores were kept in log2 units; the LSE is returned in natural-log units.
+            lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+            tl.store(Lse + batch_head.to(tl.int64) * seq_q + rows, lse, mask=row_in_range)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, per head_dim, for 16-bit inputs on Hopper.
+_HALF_CONFIGS = {
+    16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+}
+# float32 runs exact (IEEE) products; tiles are small to fit shared memory.
+_FLOAT_CONFIGS = {dim: [(64, 32, 4, 2), (32, 32, 4, 2)] for dim in (16, 32, 64, 128)}
+_FLOAT_CONFIGS[256] = [(32, 32, 4, 1), (32, 16, 4, 1)]
+
+
+def _fitting(candidates, block_q: int, block_k: int):
+    fitting = [c for c in candidates if block_q % c[0] == 0 and block_k % c[1] == 0]
+    return fitting or [(min(block_q, 64), min(block_k, 32), 4, 2)]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned_kernel(head_dim: int, block_q: int, block_k: int, is_float32: bool):
+    candidates = (_FLOAT_CONFIGS if is_float32 else _HALF_CONFIGS)[head_dim]
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in _fitting(candidates, block_q, block_k)
+    ]
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"])(
+        _block_sparse_forward
+    )
+
+
+def _full_counts(pattern: BlockSparsePattern, *, causal: bool) -> torch.Tensor:
+    """Per query block, how many leading list entries every query row sees in full.
+
+    A block is full when it lies inside the key sequence and, in causal mode, ends at or
+    before the first query of the block. Lists are sorted, so full blocks come first.
+    """
+    cached = pattern.cached_plan(("full_counts", causal))
+    if cached is not None:
+        return cached
+    n_full_blocks = pattern.seq_k // pattern.block_k
+    threshold = torch.full((pattern.num_q_blocks,), n_full_blocks, dtype=torch.int64, device=pattern.device)
+    if causal:
+        first_query = torch.arange(pattern.num_q_blocks, device=pattern.device) * pattern.block_q + (
+            pattern.seq_k - pattern.seq_q
+        )
+        threshold = torch.minimum(threshold, (first_query + 1) // pattern.block_k)
+    slots = torch.arange(pattern.max_kv, device=pattern.device)
+    used = slots < pattern.kv_counts[..., None]
+    full = (pattern.kv_indices < threshold[:, None]) & used
+    counts = full.sum(-1, dtype=torch.int32).contiguous()
+    return pattern.store_plan(("full_counts", causal), counts)
+
+
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    *,
+    causal: bool,
+    scale: float,
+    return_lse: bool = False,
+):
+    """Block-sparse attention with the Triton kernel. Shapes as in :func:`sparse_attn.block_sparse_attention`."""
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty((batch, q_heads, seq_q, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device) if return_lse else out
+    # counts and full_counts share one offset computation in the kernel: both contiguous.
+    counts = pattern.kv_counts.contiguous()
+    indices = pattern.kv_indices.contiguous()
+    full_counts = _full_counts(pattern, causal=causal)
+    pattern_batch_stride = 0 if pattern.batch == 1 else counts.stride(0)
+    index_batch_stride = 0 if pattern.batch == 1 else indices.stride(0)
+    is_float32 = q.dtype == torch.float32
+    dot_in_float32 = is_float32 or (interpreting() and q.dtype == torch.bfloat16)
+    precision = "ieee" if dot_in_float32 else "tf32"
+    args = (
+        q, k, v, out, lse, counts, full_counts, indices,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        pattern_batch_stride, counts.stride(1),
+        index_batch_stride, indices.stride(1), indices.stride(2),
+        q_heads, q_heads // kv_heads, q_heads // pattern.num_heads,
+        seq_q, seq_k, scale * 1.4426950408889634,
+    )  # fmt: skip
+    constants = dict(
+        HEAD_DIM=dim,
+        BLOCK_Q=pattern.block_q,
+        BLOCK_K=pattern.block_k,
+        CAUSAL=bool(causal),
+        WRITE_LSE=bool(return_lse),
+        DOT_FP32=dot_in_float32,
+        PRECISION=precision,
+    )
+    n_q_blocks = num_blocks(seq_q, pattern.block_q)
+    if interpreting():
+        block_m, block_n = min(pattern.block_q, 32), min(pattern.block_k, 16)
+        grid = (batch * q_heads, n_q_blocks * (pattern.block_q // block_m))
+        _block_sparse_forward[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **constants)
+    else:
+        kernel = _autotuned_kernel(dim, pattern.block_q, pattern.block_k, is_float32)
+
+        def grid(meta):
+            return (batch * q_heads, n_q_blocks * (pattern.block_q // meta["BLOCK_M"]))
+
+        kernel[grid](*args, **constants)
+    if return_lse:
+        return out, lse
+    return out

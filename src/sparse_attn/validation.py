@@ -1,0 +1,96 @@
+"""Checks at the public boundary: bad input fails here with a message naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .pattern import BlockSparsePattern
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions (batch, heads, seq, head_dim), got shape {tuple(x.shape)}")
+
+
+def check_query_key(q, k) -> None:
+    """Shape, dtype and device checks shared by attention and estimation (q and k only)."""
+    check_tensor("q", q)
+    check_tensor("k", k)
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k must be on q's device {q.device}, got {k.device}")
+    batch, q_heads, seq_q, dim = q.shape
+    if k.shape[0] != batch:
+        raise ValueError(f"k must have q's batch size {batch}, got {k.shape[0]}")
+    if k.shape[3] != dim:
+        raise ValueError(f"k must have q's head_dim {dim}, got {k.shape[3]}")
+    kv_heads = k.shape[1]
+    if kv_heads == 0 or q_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(
+            f"the number of query heads ({q_heads}) must be a positive multiple of the number of KV heads ({kv_heads})"
+        )
+    if seq_q == 0:
+        raise ValueError("q has an empty sequence (seq_q == 0)")
+    if batch == 0 or dim == 0:
+        raise ValueError(f"q must have a nonzero batch and head_dim, got shape {tuple(q.shape)}")
+    if k.shape[2] < seq_q:
+        raise ValueError(
+            f"k must have at least as many positions as q (queries are the last seq_q positions); "
+            f"got seq_k={k.shape[2]} < seq_q={seq_q}"
+        )
+
+
+def check_attention_inputs(q, k, v, scale) -> float:
+    """Validate q, k, v and the scale; return the scale to use (``head_dim ** -0.5`` by default)."""
+    check_query_key(q, k)
+    check_tensor("v", v)
+    if v.dtype != q.dtype:
+        raise TypeError(f"v must have q's dtype {q.dtype}, got {v.dtype}")
+    if v.device != q.device:
+        raise ValueError(f"v must be on q's device {q.device}, got {v.device}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return float(scale)
+
+
+def check_finite(**tensors: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the first tensor that holds NaN or Inf (costs one pass and a sync)."""
+    for name, x in tensors.items():
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_pattern_fits(pattern, q: torch.Tensor, k: torch.Tensor) -> None:
+    """The pattern's geometry must match the tensors it is applied to."""
+    if not isinstance(pattern, BlockSparsePattern):
+        raise TypeError(f"pattern must be a BlockSparsePattern, got {type(pattern).__name__}")
+    batch, q_heads, seq_q, _ = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    if pattern.seq_q != seq_q or pattern.seq_k != seq_k:
+        raise ValueError(
+            f"pattern is for seq_q={pattern.seq_q}, seq_k={pattern.seq_k} but the tensors have "
+            f"seq_q={seq_q}, seq_k={seq_k}"
+        )
+    if pattern.batch not in (1, batch):
+        raise ValueError(f"pattern batch must be 1 or the batch size {batch}, got {pattern.batch}")
+    if pattern.num_heads not in (q_heads, kv_heads):
+        raise ValueError(
+            f"pattern heads must equal the query heads ({q_heads}) or the KV heads ({kv_heads}), got {pattern.num_heads}"
+        )
+    if pattern.device != q.device:
+        raise ValueError(f"pattern is on {pattern.device} but q is on {q.device}; use pattern.to(q.device)")
