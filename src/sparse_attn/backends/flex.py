@@ -3,15 +3,25 @@
 The fast path on CPU and the "what users would pick instead" baseline on GPU. The
 compiled function is created once; ``torch.compile`` then specializes once per shape
 (the ``mask_mod`` objects are cached per geometry so they never force a recompile).
+
+Dynamo's default of 8 specializations per function is too few for a library called at
+many lengths, and past it Dynamo silently runs FlexAttention *eagerly*, which
+materializes the full score matrix (and, in PyTorch 2.13, mishandles sequence tails).
+So calls raise the limit and turn "limit hit" into an error, which this backend answers
+by falling back to the reference backend with a warning.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
 from ..pattern import BlockSparsePattern
+from .reference import reference_attention
+
+_SPECIALIZATION_LIMIT = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,16 +68,29 @@ def flex_attention_forward(
         block_mask = pattern.to_block_mask(causal=causal, num_q_heads=q.shape[1] if expand else None)
     flex = _compiled_flex_attention()
     group = q.shape[1] // k.shape[1]
-    result = flex(
-        q,
-        k,
-        v,
-        block_mask=block_mask,
-        scale=scale,
-        enable_gqa=group > 1,
-        return_lse=return_lse,
-        kernel_options=_kernel_options(q, pattern),
+    limits = dict(
+        recompile_limit=_SPECIALIZATION_LIMIT,
+        accumulated_recompile_limit=8 * _SPECIALIZATION_LIMIT,
+        fail_on_recompile_limit_hit=True,
     )
+    try:
+        with torch._dynamo.config.patch(**limits):
+            result = flex(
+                q,
+                k,
+                v,
+                block_mask=block_mask,
+                scale=scale,
+                enable_gqa=group > 1,
+                return_lse=return_lse,
+                kernel_options=_kernel_options(q, pattern),
+            )
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        warnings.warn(
+            f"FlexAttention was compiled for more than {_SPECIALIZATION_LIMIT} shapes: using the reference backend",
+            stacklevel=3,
+        )
+        return reference_attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
     if return_lse:
         out, lse = result
         return out, lse.float()

@@ -29,6 +29,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
 
+# Output allocator; tests replace it to poison outputs so unwritten elements show.
+_empty = torch.empty
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -274,8 +278,8 @@ def triton_attention(
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out = torch.empty((batch, q_heads, seq_q, dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device) if return_lse else out
+    out = _empty((batch, q_heads, seq_q, dim), dtype=q.dtype, device=q.device)
+    lse = _empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device) if return_lse else out
     # counts and full_counts share one offset computation in the kernel: both contiguous.
     counts = pattern.kv_counts.contiguous()
     indices = pattern.kv_indices.contiguous()

@@ -1,0 +1,211 @@
+"""Every backend against the reference, and the reference against a naive float64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TOLERANCE, naive_attention, random_qkv, relative_error
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sparse_attn as sa
+
+# (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k)
+SHAPES = [
+    (1, 1, 1, 64, 64, 64, 16, 16),
+    (2, 4, 1, 100, 130, 64, 32, 32),
+    (3, 8, 2, 77, 77, 128, 32, 16),
+    (1, 4, 1, 50, 90, 256, 16, 32),
+    (2, 32, 8, 40, 40, 64, 16, 16),
+    (1, 2, 1, 129, 257, 128, 64, 32),
+]
+DENSITIES = [0.0, 0.3, 1.0]
+
+
+def _pattern(shape, density, causal, per_query_head, seed, device="cpu"):
+    batch, q_heads, kv_heads, seq_q, seq_k, _, block_q, block_k = shape
+    return sa.random_pattern(
+        batch=batch,
+        heads=q_heads if per_query_head else kv_heads,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        density=density,
+        seed=seed,
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+        device=device,
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_matches_naive_oracle(shape, causal):
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, _, _ = shape
+    q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, torch.float64)
+    for density in DENSITIES:
+        pattern = _pattern(shape, density, causal, per_query_head=density == 0.3, seed=1)
+        out, lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference", return_lse=True)
+        expected, expected_lse = naive_attention(q, k, v, pattern, causal)
+        assert relative_error(out, expected) < 1e-10
+        assert torch.allclose(lse.double(), expected_lse, atol=1e-5)
+
+
+def _check_backend(backend, shape, dtype, causal, device, seed):
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, _, _ = shape
+    q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, dtype, device, transposed=seed % 2 == 1)
+    for density in DENSITIES:
+        pattern = _pattern(shape, density, causal, per_query_head=density == 0.3, seed=seed, device=device)
+        want_lse = backend == "triton" or device != "cpu"
+        result = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend=backend, return_lse=want_lse)
+        expected = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference", return_lse=want_lse)
+        out, ref = (result[0], expected[0]) if want_lse else (result, expected)
+        assert out.shape == ref.shape and out.dtype == q.dtype
+        assert torch.isfinite(out).all(), "unwritten or non-finite output elements"
+        assert relative_error(out, ref) <= TOLERANCE[dtype], (backend, density)
+        if want_lse:
+            assert torch.isfinite(result[1]).all()
+            assert torch.allclose(result[1], expected[1], atol=2e-2 if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_matches_reference(shape, dtype, causal, poison_outputs):
+    _check_backend("triton", shape, dtype, causal, "cpu", seed=7)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_flex_matches_reference(shape, dtype):
+    _check_backend("flex", shape, dtype, True, "cpu", seed=3)
+
+
+def test_flex_non_causal_and_lse_fallback():
+    shape = SHAPES[1]
+    _check_backend("flex", shape, torch.float32, False, "cpu", seed=5)
+    q, k, v = random_qkv(1, 2, 1, 64, 64, 64)
+    pattern = sa.dense_pattern(seq_q=64, block_q=16, block_k=16)
+    with pytest.warns(UserWarning, match="log-sum-exp"):
+        out, lse = sa.block_sparse_attention(q, k, v, pattern, backend="flex", return_lse=True)
+    assert lse.shape == (1, 2, 64)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    heads=st.sampled_from([(1, 1), (4, 1), (8, 2), (6, 3)]),
+    batch=st.integers(1, 3),
+    seq_q=st.integers(1, 150),
+    extra_k=st.integers(0, 70),
+    dim=st.sampled_from([64, 128, 256]),
+    blocks=st.sampled_from([(16, 16), (32, 16), (16, 32), (64, 64)]),
+    density=st.floats(0.0, 1.0),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    causal=st.booleans(),
+    per_query_head=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_triton_against_reference(
+    heads, batch, seq_q, extra_k, dim, blocks, density, dtype, causal, per_query_head, seed
+):
+    from sparse_attn.backends import triton_kernel
+
+    q_heads, kv_heads = heads
+    seq_k = seq_q + extra_k
+    shape = (batch, q_heads, kv_heads, seq_q, seq_k, dim, *blocks)
+    q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, dtype, seed=seed)
+    pattern = _pattern(shape, density, causal, per_query_head, seed)
+    original = triton_kernel._empty
+    triton_kernel._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    try:
+        out, lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="triton", return_lse=True)
+    finally:
+        triton_kernel._empty = original
+    ref, ref_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference", return_lse=True)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, ref) <= TOLERANCE[dtype]
+    assert torch.allclose(lse, ref_lse, atol=2e-2)
+
+
+def test_pattern_broadcast_over_batch_and_kv_heads(poison_outputs):
+    q, k, v = random_qkv(3, 8, 2, 70, 70, 64, torch.float16)
+    shared = sa.random_pattern(batch=1, heads=2, seq_q=70, density=0.5, block_q=16, block_k=16, seed=4)
+    per_head = shared.expand_heads(8)
+    out_shared = sa.block_sparse_attention(q, k, v, shared, backend="triton")
+    out_expanded = sa.block_sparse_attention(q, k, v, per_head, backend="reference")
+    assert relative_error(out_shared, out_expanded) <= 1e-2
+
+
+def test_dense_pattern_equals_sdpa():
+    q, k, v = random_qkv(2, 8, 2, 96, 96, 64)
+    out = sa.sparse_attention(q, k, v, method="dense", block_q=32, block_k=32, backend="reference")
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert relative_error(out, expected) < 1e-5
+
+
+def test_nan_inputs_propagate_and_can_be_rejected():
+    q, k, v = random_qkv(1, 2, 1, 64, 64, 64)
+    q[0, 0, 5, 0] = float("nan")
+    pattern = sa.dense_pattern(seq_q=64, block_q=16, block_k=16)
+    out = sa.block_sparse_attention(q, k, v, pattern, backend="reference")
+    assert torch.isnan(out[0, 0, 5]).all() and torch.isfinite(out[0, 1]).all()
+    with pytest.raises(ValueError, match="q contains NaN"):
+        sa.block_sparse_attention(q, k, v, pattern, check_inputs_finite=True)
+
+
+def test_reference_supports_autograd_and_fast_backends_fall_back():
+    q, k, v = random_qkv(1, 2, 1, 48, 48, 64)
+    q.requires_grad_(True)
+    pattern = sa.dense_pattern(seq_q=48, block_q=16, block_k=16)
+    with pytest.warns(UserWarning, match="require grad"):
+        out = sa.block_sparse_attention(q, k, v, pattern, backend="flex")
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_unsupported_triton_case_falls_back_with_one_warning():
+    q, k, v = random_qkv(1, 2, 1, 40, 40, 48)  # head_dim 48 is not a kernel size
+    pattern = sa.dense_pattern(seq_q=40, block_q=16, block_k=16)
+    with pytest.warns(UserWarning, match="head_dim"):
+        out = sa.block_sparse_attention(q, k, v, pattern, backend="triton")
+    expected = sa.block_sparse_attention(q, k, v, pattern, backend="reference")
+    assert relative_error(out, expected) < 1e-6
+
+
+def test_sparse_attention_returns_info():
+    q, k, v = random_qkv(1, 4, 2, 128, 128, 64)
+    out, info = sa.sparse_attention(q, k, v, method="random", density=0.5, block_q=32, block_k=32, return_info=True)
+    assert out.shape == q.shape
+    assert 0 < info.density <= 1 and info.backend in ("flex", "reference")
+    assert info.estimate_ms >= 0 and info.attention_ms >= 0
+    assert info.pattern.seq_q == 128
+
+
+def _gpu_shapes():
+    return SHAPES + [(1, 32, 8, 1000, 1500, 128, 128, 128), (2, 4, 1, 777, 777, 256, 64, 64), (1, 8, 8, 513, 513, 64, 128, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", _gpu_shapes(), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_gpu_backends_match_reference(shape, dtype, causal, backend, poison_outputs):
+    if backend == "flex" and (shape[6] < 16 or shape[7] < 16):
+        pytest.skip("flex needs blocks of at least 16")
+    _check_backend(backend, shape, dtype, causal, "cuda", seed=11)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_linear_in_sequence_length():
+    seq = 16384
+    q, k, v = random_qkv(1, 4, 1, seq, seq, 128, torch.bfloat16, "cuda")
+    pattern = sa.dense_pattern(seq_q=seq, device="cuda")
+    for backend in ("reference", "triton"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        sa.block_sparse_attention(q, k, v, pattern, backend=backend)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        assert extra < seq * seq * 4 / 8, (backend, extra)

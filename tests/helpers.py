@@ -1,0 +1,60 @@
+"""Shared test utilities: random inputs, a naive dense oracle, and error measures."""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_attn.pattern import BlockSparsePattern
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, dtype=torch.float32, device="cpu", seed=None, transposed=False):
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    def draw(heads, length):
+        if transposed:  # (B, S, H, D) storage seen as (B, H, S, D), as transformers passes it
+            x = torch.randn(batch, length, heads, dim, generator=generator).transpose(1, 2)
+        else:
+            x = torch.randn(batch, heads, length, dim, generator=generator)
+        return x.to(device=device, dtype=dtype)
+
+    return draw(q_heads, seq_q), draw(kv_heads, seq_k), draw(kv_heads, seq_k)
+
+
+def token_mask(pattern: BlockSparsePattern, batch: int, q_heads: int, causal: bool) -> torch.Tensor:
+    """Dense bool (B, Hq, Sq, Sk) mask of the keys each query may see. Tiny sizes only."""
+    blocks = pattern.to_mask()
+    if pattern.num_heads != q_heads:
+        blocks = blocks.repeat_interleave(q_heads // pattern.num_heads, dim=1)
+    blocks = blocks.expand(batch, -1, -1, -1)
+    mask = blocks.repeat_interleave(pattern.block_q, 2).repeat_interleave(pattern.block_k, 3)
+    mask = mask[:, :, : pattern.seq_q, : pattern.seq_k]
+    if causal:
+        offset = pattern.seq_k - pattern.seq_q
+        rows = torch.arange(pattern.seq_q, device=mask.device)[:, None] + offset
+        cols = torch.arange(pattern.seq_k, device=mask.device)[None, :]
+        mask = mask & (cols <= rows)
+    return mask
+
+
+def naive_attention(q, k, v, pattern, causal, scale=None):
+    """Float64 dense masked softmax attention: the oracle for the reference backend."""
+    batch, q_heads, _, dim = q.shape
+    group = q_heads // k.shape[1]
+    scale = dim**-0.5 if scale is None else scale
+    k = k.double().repeat_interleave(group, 1)
+    v = v.double().repeat_interleave(group, 1)
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~token_mask(pattern, batch, q_heads, causal), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    return torch.softmax(scores, -1) @ v, lse
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
