@@ -67,7 +67,7 @@ def test_device_mismatch_is_named():
         (dict(seq_q=48, seq_k=64), "pattern is for seq_q=48"),
         (dict(seq_q=64, seq_k=80), "seq_k=80"),
         (dict(batch=3), "pattern batch must be 1 or the batch size 2"),
-        (dict(heads=3), "pattern heads must equal the query heads"),
+        (dict(heads=3), "pattern heads must be 1, the query heads"),
     ],
 )
 def test_patterns_that_do_not_fit_are_rejected(pattern_kwargs, message):

@@ -79,7 +79,7 @@ def block_sparse_attention(
         q: ``(B, Hq, Sq, D)``; k, v: ``(B, Hkv, Sk, D)``, same dtype and device, ``Hq % Hkv == 0``,
             ``Sk >= Sq`` (queries are the last ``Sq`` positions). Non-contiguous views are accepted.
         pattern: a :class:`BlockSparsePattern` for ``(Sq, Sk)`` with batch ``1`` or ``B`` and
-            heads ``Hq`` or ``Hkv``. Checked once (``pattern.validate``) before its first use.
+            heads ``1``, ``Hq`` or ``Hkv``. Checked once (``pattern.validate``) before its first use.
         causal: mask keys after each query's position inside the kept blocks.
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"auto"`` (triton on CUDA, flex on CPU), ``"reference"``, ``"flex"`` or ``"triton"``.

@@ -14,8 +14,8 @@ Geometry. Keys are cut into blocks from position 0: KV block ``j`` holds keys
 ``i`` holds query rows ``[i * block_q, min((i + 1) * block_q, seq_q))``, which sit at
 positions ``seq_k - seq_q + row``.
 
-Heads. ``H`` is either the number of query heads (one list per query head) or the number
-of KV heads (one list shared by the query heads of a GQA group). ``B`` is the batch size
+Heads. ``H`` is the number of query heads (one list per query head), the number of KV
+heads (one list shared by the query heads of a GQA group), or 1 (one list for all heads). ``B`` is the batch size
 or 1 (one pattern for every sequence of the batch).
 
 Causal validity. In causal mode a block is *valid* when its first key is not after the

@@ -88,9 +88,9 @@ def check_pattern_fits(pattern, q: torch.Tensor, k: torch.Tensor) -> None:
         )
     if pattern.batch not in (1, batch):
         raise ValueError(f"pattern batch must be 1 or the batch size {batch}, got {pattern.batch}")
-    if pattern.num_heads not in (q_heads, kv_heads):
+    if pattern.num_heads not in (1, q_heads, kv_heads):
         raise ValueError(
-            f"pattern heads must equal the query heads ({q_heads}) or the KV heads ({kv_heads}), got {pattern.num_heads}"
+            f"pattern heads must be 1, the query heads ({q_heads}) or the KV heads ({kv_heads}), got {pattern.num_heads}"
         )
     if pattern.device != q.device:
         raise ValueError(f"pattern is on {pattern.device} but q is on {q.device}; use pattern.to(q.device)")

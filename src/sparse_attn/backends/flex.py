@@ -65,7 +65,13 @@ def flex_attention_forward(
     """Block-sparse attention through FlexAttention. ``block_mask`` may be passed to reuse one."""
     if block_mask is None:
         expand = pattern.num_heads not in (1, q.shape[1])
-        block_mask = pattern.to_block_mask(causal=causal, num_q_heads=q.shape[1] if expand else None)
+        num_q_heads = q.shape[1] if expand else None
+        # Planned once per pattern and reused by later calls (building it costs a few kernels).
+        block_mask = pattern.cached_plan(("block_mask", causal, num_q_heads))
+        if block_mask is None:
+            block_mask = pattern.store_plan(
+                ("block_mask", causal, num_q_heads), pattern.to_block_mask(causal=causal, num_q_heads=num_q_heads)
+            )
     flex = _compiled_flex_attention()
     group = q.shape[1] // k.shape[1]
     limits = dict(

@@ -51,7 +51,7 @@ def reference_attention(
     batch_index = torch.arange(batch, device=q.device)[:, None, None]
     query_head = torch.arange(q_heads, device=q.device)
     pattern_batch = batch_index if pattern.batch == batch else torch.zeros_like(batch_index)
-    pattern_head = (query_head if pattern.num_heads == q_heads else query_head // group)[None, :, None]
+    pattern_head = (query_head // (q_heads // pattern.num_heads))[None, :, None]
     kv_head = (query_head // group)[None, :, None]
 
     offset = seq_k - seq_q

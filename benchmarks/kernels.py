@@ -1,0 +1,64 @@
+"""Block-sparse kernels against dense attention (GPU).
+
+Batch 1, 32 query heads, 8 KV heads, bf16, causal, random causal block patterns (128 x 128
+blocks, one list per KV head) at densities 0.05 / 0.1 / 0.2 / 0.5 plus dense; head_dim 128
+at 8K-128K, and head_dim 64 and 256 at 32K. Columns: our Triton kernel and FlexAttention
+on the same pattern, dense SDPA with cuDNN and with FlashAttention, the Triton kernel's
+throughput over the pairs it computes, and speedups against cuDNN. Medians from
+``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/kernels.json``.
+
+    python benchmarks/kernels.py                     # the full grid
+    python benchmarks/kernels.py --lengths 32768 --dims 128
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from sparse_attn.bench import (
+    KernelCase,
+    device_slug,
+    environment,
+    format_table,
+    kernel_columns,
+    run_kernel_case,
+    write_results,
+)
+
+COLUMNS = kernel_columns(("triton", "flex"), ("sdpa-cudnn", "sdpa-flash"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    parser.add_argument("--dims", type=int, nargs="+", default=[128], help="head dims at every length")
+    parser.add_argument("--extra-dims", type=int, nargs="+", default=[64, 256], help="head dims at --extra-length")
+    parser.add_argument("--extra-length", type=int, default=32768)
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU; on CPU run `sparse-attn bench --quick`")
+    device = torch.device("cuda")
+    cases = [KernelCase(seq=seq, head_dim=dim, densities=tuple(args.densities)) for dim in args.dims for seq in args.lengths]
+    cases += [KernelCase(seq=args.extra_length, head_dim=dim, densities=tuple(args.densities)) for dim in args.extra_dims]
+    rows = []
+    for case in cases:
+        case_rows = run_kernel_case(case, ("triton", "flex"), device)
+        rows += case_rows
+        print(format_table(case_rows, COLUMNS), flush=True)
+        for row in case_rows:
+            if row["errors"]:
+                print("  errors:", row["errors"])
+    print()
+    print(format_table(rows, COLUMNS))
+    out = args.out or Path(__file__).parent / "results" / device_slug(device) / "kernels.json"
+    write_results(rows, out, {"benchmark": "kernels", **environment(device)})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

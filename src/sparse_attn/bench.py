@@ -1,0 +1,212 @@
+"""Kernel benchmark: block-sparse backends against dense attention measured in the same run.
+
+Used by ``benchmarks/kernels.py`` (the full GPU grid) and ``sparse-attn bench`` (``--quick``
+runs small CPU sizes). Every time is a median: ``triton.testing.do_bench`` on CUDA, the
+median of repeated wall-clock runs on CPU. Throughput counts only the query-key pairs a
+pattern really computes (causal pairs inside kept blocks), at 4 * head_dim FLOPs per pair
+(two matrix products).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .api import block_sparse_attention
+from .pattern import BlockSparsePattern, dense_pattern, random_pattern
+
+
+@dataclass
+class KernelCase:
+    """One benchmark shape (SDPA layout, causal, the queries are the whole sequence)."""
+
+    seq: int
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    batch: int = 1
+    dtype: str = "bfloat16"
+    block: int = 128
+    densities: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def device_slug(device: torch.device) -> str:
+    """A folder name for results: ``h100``, ``h200``, ``a100`` ... or ``cpu``."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    match = re.search(r"\b([abhlt]\d{2,3})\b", name)
+    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 5) -> float:
+    """Median milliseconds of ``fn()``."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def visible_pairs(pattern: BlockSparsePattern, *, causal: bool = True) -> int:
+    """Query-key pairs the pattern computes, summed over batch and pattern heads.
+
+    Per block ``(i, j)`` the count of (query, key) pairs with the key inside the sequence
+    and, when causal, not after the query; computed per query row offset so memory stays
+    O(n_q_blocks * n_kv_blocks).
+    """
+    device = pattern.device
+    offset = pattern.seq_k - pattern.seq_q
+    key_start = torch.arange(pattern.num_kv_blocks, device=device) * pattern.block_k
+    key_end = torch.clamp(key_start + pattern.block_k, max=pattern.seq_k)
+    query_start = torch.arange(pattern.num_q_blocks, device=device) * pattern.block_q
+    pairs = torch.zeros(pattern.num_q_blocks, pattern.num_kv_blocks, dtype=torch.int64, device=device)
+    for row in range(pattern.block_q):
+        query = query_start + row
+        in_range = (query < pattern.seq_q)[:, None]
+        if causal:
+            seen = torch.clamp((query + offset)[:, None] + 1, min=key_start, max=key_end) - key_start
+        else:
+            seen = (key_end - key_start).expand(pattern.num_q_blocks, -1)
+        pairs += torch.where(in_range, seen, 0)
+    return int((pattern.to_mask().to(torch.int64) * pairs).sum())
+
+
+def _tflops(pairs: int, head_dim: int, ms: float | None) -> float | None:
+    return None if ms is None else 4.0 * head_dim * pairs / (ms * 1e-3) / 1e12
+
+
+def _dense_baselines(q, k, v, device) -> dict[str, Callable[[], object]]:
+    """Dense causal SDPA per backend (K/V expanded to the query heads, outside the timing)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+    k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    if device.type == "cuda":
+        choices = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION}
+    else:
+        choices = {"sdpa": None}
+
+    def runner(choice):
+        def run():
+            if choice is None:
+                return F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
+            with sdpa_kernel(choice):
+                return F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
+
+        return run
+
+    return {name: runner(choice) for name, choice in choices.items()}
+
+
+def _measure(fn, device) -> tuple[float | None, str | None]:
+    try:
+        return time_ms(fn, device), None
+    except Exception as error:  # a backend that cannot run a shape is reported, not fatal
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+
+
+def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.device, seed: int = 0) -> list[dict]:
+    """Time each backend on random causal patterns at each density, and dense SDPA once.
+
+    One row per density: the backends' times on the same pattern, the dense SDPA times,
+    the throughput of the first backend over the pairs it computes, and its speedup over
+    the first dense baseline. A backend that fails on a shape gets ``None`` and its error.
+    """
+    dtype = getattr(torch, case.dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(heads):
+        return torch.randn(case.batch, heads, case.seq, case.head_dim, device=device, dtype=dtype, generator=generator)
+
+    q, k, v = draw(case.q_heads), draw(case.kv_heads), draw(case.kv_heads)
+    full = dense_pattern(seq_q=case.seq, block_q=case.block, block_k=case.block, device=device)
+    dense_times, errors = {}, {}
+    for name, fn in _dense_baselines(q, k, v, device).items():
+        dense_times[name], errors[name] = _measure(fn, device)
+    dense_name = next(iter(dense_times))
+    dense_pairs = visible_pairs(full) * case.batch * case.q_heads
+    rows = []
+    for density in case.densities:
+        pattern = full if density >= 1.0 else random_pattern(
+            heads=case.kv_heads, seq_q=case.seq, density=density, seed=seed,
+            block_q=case.block, block_k=case.block, device=device,
+        )  # fmt: skip
+        pairs = visible_pairs(pattern) * case.batch * (case.q_heads // pattern.num_heads)
+        row = {"seq": case.seq, "head_dim": case.head_dim, "q_heads": case.q_heads, "kv_heads": case.kv_heads,
+               "dtype": case.dtype, "block": case.block, "density": round(pattern.density(), 4),
+               "pair_fraction": round(pairs / dense_pairs, 4)}  # fmt: skip
+        for backend in backends:
+            row[f"{backend}_ms"], errors[backend] = _measure(
+                lambda: block_sparse_attention(q, k, v, pattern, backend=backend), device
+            )
+        for name, ms in dense_times.items():
+            row[f"{name}_ms"] = ms
+            row[f"{name}_tflops"] = _tflops(dense_pairs, case.head_dim, ms)
+        ours = row[f"{backends[0]}_ms"]
+        row[f"{backends[0]}_tflops"] = _tflops(pairs, case.head_dim, ours)
+        for backend in backends:
+            mine, base = row[f"{backend}_ms"], dense_times[dense_name]
+            row[f"{backend}_speedup_vs_{dense_name}"] = None if mine is None or base is None else base / mine
+        row["errors"] = {name: error for name, error in errors.items() if error}
+        rows.append(row)
+    del q, k, v
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def kernel_columns(backends: tuple[str, ...], dense_names: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """Table columns for :func:`run_kernel_case` rows: times, throughput, speedups vs the first dense baseline."""
+    first, dense = backends[0], dense_names[0]
+    columns = [("seq", "seq", "d"), ("head_dim", "dim", "d"), ("density", "density", ".3f")]
+    columns += [(f"{name}_ms", f"{name} ms", ".2f") for name in backends + dense_names]
+    columns += [(f"{first}_tflops", f"{first} TFLOP/s", ".3g"), (f"{dense}_tflops", f"{dense} TFLOP/s", ".3g")]
+    columns += [(f"{name}_speedup_vs_{dense}", f"{name} vs {dense}", ".2f") for name in backends]
+    return columns
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table; ``columns`` are ``(key, header, format spec)``, missing values print ``-``."""
+    widths = [max(len(header), 8) for _, header, _ in columns]
+    lines = ["  ".join(f"{header:>{width}}" for (_, header, _), width in zip(columns, widths))]
+    lines.append("-" * len(lines[0]))
+    for row in rows:
+        cells = []
+        for (key, _, spec), width in zip(columns, widths):
+            value = row.get(key)
+            cells.append(f"{value:>{width}{spec}}" if value is not None else f"{'-':>{width}}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], path: Path, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def environment(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return info
