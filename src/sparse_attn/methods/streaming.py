@@ -1,0 +1,65 @@
+"""Streaming: attention sinks plus a local window (StreamingLLM, MInference's "A-shape").
+
+Paper: Guangxuan Xiao, Yuandong Tian, Beidi Chen, Song Han, Mike Lewis, "Efficient
+Streaming Language Models with Attention Sinks", 2023, arXiv:2309.17453. Used as a static
+prefill pattern ("A-shape") by MInference 1.0 (Jiang et al. 2024, arXiv:2407.02490) and
+SCBench (Li et al. 2024, arXiv:2412.10319).
+
+Rule. Every query block keeps the KV blocks holding the first ``sink_tokens`` keys (the
+attention sinks, which soak up attention mass whatever their content) and the blocks of
+the last ``local_tokens`` keys before it (its own diagonal block(s) included). Token
+sizes become blocks by ceil: ``ceil(sink_tokens / block_k)`` sink blocks and a window of
+``ceil(local_tokens / block_k)`` blocks counting the diagonal.
+
+Defaults: ``sink_tokens=128``, ``local_tokens=3968``, the A-shape / StreamingLLM setting of
+MInference and SCBench (``n_init=128``, ``n_local=3968``: a 4K budget; the StreamingLLM
+paper itself keeps 4 sink tokens, which MInference rounds up to one block of 128).
+
+Choices where the papers are silent: the window is counted from the query block's first
+own KV block, so every query of the block sees at least ``local_tokens - block_k`` keys
+back; with queries that are the last ``seq_q`` positions (chunked prefill) the window is
+measured from their true positions. Non-causal mode: the window is symmetric (the same
+number of blocks after the query block), the sinks unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..pattern import BlockSparsePattern
+from ..registry import register_method
+from ._layout import check_int_option, shared_static_pattern, sink_local_block_mask, tokens_to_blocks
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    sink_tokens: int = 128  # first keys every query keeps (attention sinks)
+    local_tokens: int = 3968  # keys of the local window, the query's own block included
+
+    def __post_init__(self) -> None:
+        check_int_option("sink_tokens", self.sink_tokens, 0)
+        check_int_option("local_tokens", self.local_tokens, 1)
+
+
+@register_method(
+    "streaming",
+    config=StreamingConfig,
+    paper="StreamingLLM (Xiao et al. 2023, arXiv:2309.17453); A-shape in MInference (arXiv:2407.02490)",
+    summary="static: sink blocks + local window (A-shape)",
+)
+def estimate(
+    q: torch.Tensor, k: torch.Tensor, config: StreamingConfig, *, causal: bool, block_q: int, block_k: int
+) -> BlockSparsePattern:
+    mask = sink_local_block_mask(
+        q.shape[2],
+        k.shape[2],
+        block_q,
+        block_k,
+        sink_blocks=tokens_to_blocks(config.sink_tokens, block_k),
+        local_blocks=tokens_to_blocks(config.local_tokens, block_k),
+        device=q.device,
+        causal=causal,
+    )
+    return shared_static_pattern(mask, q, k, causal=causal, block_q=block_q, block_k=block_k)

@@ -1,0 +1,75 @@
+"""Tri-shape: the A-shape (sinks + local window) plus dense rows for the last queries.
+
+Paper: Yucheng Li, Huiqiang Jiang, Qianhui Wu, Xufang Luo, Surin Ahn, Chengruidong Zhang,
+Amir H. Abdi, Dongsheng Li, Jianfeng Gao, Yuqing Yang, Lili Qiu, "SCBench: A KV
+Cache-Centric Analysis of Long-Context Methods", 2024, arXiv:2412.10319.
+
+Rule. Every query block keeps the A-shape of :mod:`.streaming` (the first ``sink_tokens``
+keys and a local window of ``local_tokens`` keys, converted to blocks by ceil); the query
+blocks that hold any of the last ``last_q_tokens`` queries keep every valid block. The
+last queries (typically the question at the end of a prompt) thus read the whole context,
+which the paper finds recovers much of A-shape's loss on the first turn.
+
+Defaults: ``sink_tokens=128``, ``local_tokens=3968``, ``last_q_tokens=100``, SCBench's
+released Tri-shape setting (``n_init=128``, ``n_local=3968``, ``n_last=100``).
+
+Choices where the paper is silent: the dense rows are found from token positions, so a
+partial last query block counts its real rows (100 queries may span two blocks); with
+chunked prefill (queries are the last ``seq_q`` of ``seq_k`` positions) "the last
+queries" are those of this call. Non-causal mode: the A-shape window is symmetric and the
+dense rows see every block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..pattern import BlockSparsePattern, num_blocks
+from ..registry import register_method
+from ._layout import check_int_option, shared_static_pattern, sink_local_block_mask, tokens_to_blocks
+
+
+@dataclass(frozen=True)
+class TriShapeConfig:
+    sink_tokens: int = 128  # first keys every query keeps (attention sinks)
+    local_tokens: int = 3968  # keys of the local window, the query's own block included
+    last_q_tokens: int = 100  # the last queries, which attend densely
+
+    def __post_init__(self) -> None:
+        check_int_option("sink_tokens", self.sink_tokens, 0)
+        check_int_option("local_tokens", self.local_tokens, 1)
+        check_int_option("last_q_tokens", self.last_q_tokens, 0)
+
+
+def last_query_block_rows(seq_q: int, block_q: int, last_q_tokens: int, device=None) -> torch.Tensor:
+    """Bool ``(n_q_blocks,)``: query blocks holding at least one of the last ``last_q_tokens`` queries."""
+    first_dense_row = seq_q - min(last_q_tokens, seq_q)
+    query_block_end = torch.clamp((torch.arange(num_blocks(seq_q, block_q), device=device) + 1) * block_q, max=seq_q)
+    return query_block_end > first_dense_row
+
+
+@register_method(
+    "tri_shape",
+    config=TriShapeConfig,
+    paper="SCBench (Li et al. 2024, arXiv:2412.10319)",
+    summary="static: A-shape (sinks + local window) + dense last query blocks",
+)
+def estimate(
+    q: torch.Tensor, k: torch.Tensor, config: TriShapeConfig, *, causal: bool, block_q: int, block_k: int
+) -> BlockSparsePattern:
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    a_shape = sink_local_block_mask(
+        seq_q,
+        seq_k,
+        block_q,
+        block_k,
+        sink_blocks=tokens_to_blocks(config.sink_tokens, block_k),
+        local_blocks=tokens_to_blocks(config.local_tokens, block_k),
+        device=q.device,
+        causal=causal,
+    )
+    # from_mask drops the dense rows' future blocks in causal mode.
+    mask = a_shape | last_query_block_rows(seq_q, block_q, config.last_q_tokens, q.device)[:, None]
+    return shared_static_pattern(mask, q, k, causal=causal, block_q=block_q, block_k=block_k)
