@@ -112,11 +112,11 @@ def _estimate(method, shape, causal=True, **options):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("causal", [True, False])
 def test_matches_closed_form(method, shape, causal):
-    _, q_heads, kv_heads, seq_q, seq_k, block_q, block_k = shape
+    _, q_heads, _, seq_q, seq_k, block_q, block_k = shape
     options = SMALL_OPTIONS[method]
     pattern = _estimate(method, shape, causal, **options)
     expected = _expected(method, options, seq_q, seq_k, block_q, block_k, causal, q_heads)
-    expected_heads = q_heads if method == "strided_shards" else kv_heads
+    expected_heads = q_heads if method == "strided_shards" else 1  # one list shared by every head
     assert pattern.batch == 1 and pattern.num_heads == expected_heads
     assert torch.equal(pattern.to_mask()[0], expected.expand(expected_heads, -1, -1))
 

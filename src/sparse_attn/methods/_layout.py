@@ -117,10 +117,9 @@ def shared_static_pattern(
     mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     """Pattern from one bool ``(n_q_blocks, n_kv_blocks)`` mask shared by the whole batch
-    (batch 1) and every KV head's group (heads ``Hkv``, as dense.py does)."""
-    heads = k.shape[1]
+    and every head: batch 1, heads 1, so no list is stored twice."""
     return BlockSparsePattern.from_mask(
-        mask[None, None].expand(1, heads, -1, -1),
+        mask,
         block_q=block_q,
         block_k=block_k,
         seq_q=q.shape[2],
