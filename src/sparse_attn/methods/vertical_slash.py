@@ -1,0 +1,75 @@
+"""Vertical-slash: the last queries pick key columns and diagonals; keep the blocks they cross.
+
+Paper: Huiqiang Jiang, Yucheng Li, Chengruidong Zhang, Qianhui Wu, Xufang Luo, Surin Ahn,
+Zhenhua Han, Amir H. Abdi, Dongsheng Li, Chin-Yew Lin, Yuqing Yang, Lili Qiu, "MInference
+1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention", 2024,
+arXiv:2407.02490 (the "Vertical-Slash" head pattern).
+
+Selection rule (per query head): compute the exact causal softmax of the last ``last_q``
+queries against every key; sum it over those queries per key (vertical lines) and per
+diagonal, i.e. per distance ``query position - key position`` (slash lines); keep the
+``vertical_size`` top columns and the ``slash_size`` top diagonals. Every block a kept line
+crosses (a column at or before the query block's last query, or a diagonal joining one of
+its queries to one of the block's keys) is computed. The diagonal block is always kept.
+
+Defaults: ``last_q=64``, ``vertical_size=1000``, ``slash_size=6096``: MInference's
+vertical-slash setting (which it assigns per head after an offline search; here one
+setting serves every head). Sizes are clamped to the sequence. Choice where the paper is
+silent: MInference's kernel computes the lines at token granularity; a block-sparse
+pattern computes every block a line crosses, so the computed set is a superset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..pattern import BlockSparsePattern
+from ..registry import register_method
+from ._common import (
+    block_mask_to_pattern,
+    check_int,
+    default_scale,
+    probe_last_queries,
+    topk_mask,
+    vertical_slash_block_mask,
+)
+
+
+@dataclass(frozen=True)
+class VerticalSlashConfig:
+    last_q: int = 64
+    vertical_size: int = 1000
+    slash_size: int = 6096
+
+    def __post_init__(self) -> None:
+        check_int("last_q", self.last_q, minimum=1)
+        check_int("vertical_size", self.vertical_size, minimum=0)
+        check_int("slash_size", self.slash_size, minimum=0)
+
+
+@register_method(
+    "vertical_slash",
+    config=VerticalSlashConfig,
+    paper="Jiang et al. 2024, MInference 1.0, vertical-slash head (arXiv:2407.02490)",
+    summary="last 64 queries pick top key columns and diagonals; keep the blocks they cross",
+)
+def estimate(
+    q: torch.Tensor, k: torch.Tensor, config: VerticalSlashConfig, *, causal: bool, block_q: int, block_k: int
+) -> BlockSparsePattern:
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    sums = probe_last_queries(q, k, num_queries=config.last_q, block_k=block_k, scale=default_scale(q), causal=causal)
+    vertical = _top_lines(sums.vertical, config.vertical_size)
+    slash = _top_lines(sums.slash, config.slash_size)
+    mask = vertical_slash_block_mask(
+        vertical, slash, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal
+    )
+    return block_mask_to_pattern(mask, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
+
+
+def _top_lines(sums: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` lines with the most mass, ignoring lines with none (bool, ``sums``' shape)."""
+    if count == 0:
+        return torch.zeros_like(sums, dtype=torch.bool)
+    return topk_mask(sums, count) & (sums > 0)

@@ -1,0 +1,95 @@
+"""XAttention: block importance from strided antidiagonal sums, threshold selection per query block.
+
+Paper: Ruyi Xu, Guangxuan Xiao, Haofeng Huang, Junxian Guo, Song Han, "XAttention: Block
+Sparse Attention with Antidiagonal Scoring", 2025, arXiv:2503.16428.
+
+Selection rule (per query head):
+
+1. Cut queries and keys into cells of ``stride`` positions. A cell pair scores the sum of
+   the ``stride`` products on its antidiagonal (lower-left to upper-right); every query and
+   every key takes part in exactly one antidiagonal per cell pair, and antidiagonals cross
+   both vertical and slash lines, so neither is missed.
+2. Softmax each query cell's scores over its visible key cells, sum them per
+   ``(query block, KV block)`` and normalize, giving each query block a distribution over
+   KV blocks.
+3. Per query block keep the fewest KV blocks whose probabilities sum to ``threshold``
+   (largest first). The first KV block (attention sinks) and the diagonal are always kept.
+
+Defaults: ``stride=8``, ``threshold=0.9`` (the paper's main setting). Choices where the
+paper is silent: antidiagonal sums are divided by ``stride`` (the mean product) before the
+``1/sqrt(D)`` scaled softmax; a key cell is visible when its first key is at or before the
+query cell's last query; tails are zero-padded to whole cells. The per-head threshold
+prediction of the paper (a dynamic-programming search, offline) is not included: one
+threshold serves every head. Block sizes must be multiples of ``stride``.
+
+On CUDA the scoring runs in a Triton kernel (:mod:`._scoring_triton`); elsewhere in the
+PyTorch reference :func:`._common.antidiagonal_block_probs_reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..pattern import BlockSparsePattern
+from ..registry import register_method
+from ._common import (
+    antidiagonal_block_probs_reference,
+    block_mask_to_pattern,
+    check_fraction,
+    check_int,
+    cumulative_mass_mask,
+    default_scale,
+)
+from ._layout import sink_local_block_mask
+from ._scoring_triton import antidiagonal_block_probs_triton, triton_scoring_available
+
+
+@dataclass(frozen=True)
+class XAttentionConfig:
+    stride: int = 8
+    threshold: float = 0.9
+    keep_sink: bool = True  # always keep the first KV block
+
+    def __post_init__(self) -> None:
+        check_int("stride", self.stride, minimum=1)
+        check_fraction("threshold", self.threshold)
+        if not isinstance(self.keep_sink, bool):
+            raise TypeError(f"keep_sink must be a bool, got {type(self.keep_sink).__name__}")
+
+
+def antidiagonal_block_probs(
+    q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int, causal: bool
+) -> torch.Tensor:
+    """Per query block, the distribution over KV blocks, float32 ``(B, Hq, n_q, n_kv)``."""
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        if block % stride != 0:
+            raise ValueError(f"xattention needs {name} ({block}) to be a multiple of stride ({stride})")
+    scale = default_scale(q)
+    if triton_scoring_available(q, stride=stride, block_k=block_k):
+        return antidiagonal_block_probs_triton(
+            q, k, stride=stride, block_q=block_q, block_k=block_k, scale=scale, causal=causal
+        )
+    return antidiagonal_block_probs_reference(
+        q, k, stride=stride, block_q=block_q, block_k=block_k, scale=scale, causal=causal
+    )
+
+
+@register_method(
+    "xattention",
+    config=XAttentionConfig,
+    paper="Xu et al. 2025, XAttention: Block Sparse Attention with Antidiagonal Scoring (arXiv:2503.16428)",
+    summary="strided antidiagonal block scores; per query block the fewest blocks reaching threshold",
+)
+def estimate(
+    q: torch.Tensor, k: torch.Tensor, config: XAttentionConfig, *, causal: bool, block_q: int, block_k: int
+) -> BlockSparsePattern:
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    probs = antidiagonal_block_probs(q, k, stride=config.stride, block_q=block_q, block_k=block_k, causal=causal)
+    mask = cumulative_mass_mask(probs, config.threshold)
+    if config.keep_sink:
+        mask |= sink_local_block_mask(
+            seq_q, seq_k, block_q, block_k, sink_blocks=1, local_blocks=1, device=q.device, causal=causal
+        )
+    return block_mask_to_pattern(mask, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
