@@ -152,6 +152,7 @@ if triton is not None:
         seq_q,
         seq_k,
         qk_scale,
+        seq_bucket,  # autotuning key only: ceil(log2(seq_k)), so long sequences get their own tuning
         HEAD_DIM: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -236,7 +237,9 @@ def _autotuned_kernel(head_dim: int, block_q: int, block_k: int, is_float32: boo
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
         for m, n, w, s in _fitting(candidates, block_q, block_k)
     ]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"])(
+    return triton.autotune(
+        configs=configs, key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"]
+    )(
         _block_sparse_forward
     )
 
@@ -298,7 +301,7 @@ def triton_attention(
         pattern_batch_stride, counts.stride(1),
         index_batch_stride, indices.stride(1), indices.stride(2),
         q_heads, q_heads // kv_heads, q_heads // pattern.num_heads,
-        seq_q, seq_k, scale * 1.4426950408889634,
+        seq_q, seq_k, scale * 1.4426950408889634, max(seq_k - 1, 1).bit_length(),
     )  # fmt: skip
     constants = dict(
         HEAD_DIM=dim,

@@ -1,0 +1,75 @@
+"""Sweep the Triton kernel's tile configurations (GPU): which (BLOCK_M, BLOCK_N, warps, stages) is fastest.
+
+For each head_dim, length and density, times every candidate configuration of the
+block-sparse kernel on one random causal pattern (batch 1, 32/8 heads, bf16, blocks of
+128), next to FlexAttention on the same pattern. The winners inform the autotuning lists
+in ``sparse_attn/backends/triton_kernel.py``. Writes ``benchmarks/results/<gpu>/kernel_configs.json``.
+
+    python benchmarks/kernel_configs.py --dims 128 --lengths 32768 131072 --densities 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import torch
+
+import sparse_attn as sa
+from sparse_attn.backends import triton_kernel
+from sparse_attn.bench import device_slug, environment, time_ms, write_results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[128])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.2])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    rows = []
+    for dim, seq, density in itertools.product(args.dims, args.lengths, args.densities):
+        q = torch.randn(1, 32, seq, dim, device=device, dtype=torch.bfloat16)
+        k = torch.randn(1, 8, seq, dim, device=device, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        pattern = sa.random_pattern(heads=8, seq_q=seq, density=density, seed=0, device=device)
+        flex_ms = time_ms(lambda: sa.block_sparse_attention(q, k, v, pattern, backend="flex"), device)
+        print(f"dim {dim} seq {seq} density {pattern.density():.3f}: flex {flex_ms:.2f} ms", flush=True)
+        wide = 128 if dim <= 128 else 64
+        candidates = [
+            (m, n, w, s)
+            for m in (64, 128)
+            for n in (32, 64, 128)
+            for w in (4, 8)
+            for s in (2, 3, 4)
+            if n <= wide and not (dim == 256 and m == 128 and n == 128)
+        ]
+        original = triton_kernel._HALF_CONFIGS[dim]
+        try:
+            for config in candidates:
+                triton_kernel._HALF_CONFIGS[dim] = [config]
+                triton_kernel._autotuned_kernel.cache_clear()
+                try:
+                    ms = time_ms(lambda: sa.block_sparse_attention(q, k, v, pattern, backend="triton"), device)
+                except Exception as error:  # out of shared memory or registers: report and go on
+                    ms, note = None, f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+                else:
+                    note = None
+                rows.append({"head_dim": dim, "seq": seq, "density": round(pattern.density(), 4), "config": config,
+                             "triton_ms": ms, "flex_ms": flex_ms, "error": note})  # fmt: skip
+                shown = f"{ms:8.2f} ms  ({flex_ms / ms:.2f}x flex)" if ms else note
+                print(f"  BLOCK_M={config[0]:3d} BLOCK_N={config[1]:3d} warps={config[2]} stages={config[3]}: {shown}", flush=True)
+        finally:
+            triton_kernel._HALF_CONFIGS[dim] = original
+            triton_kernel._autotuned_kernel.cache_clear()
+        del q, k, v
+        torch.cuda.empty_cache()
+    out = args.out or Path(__file__).parent / "results" / device_slug(device) / "kernel_configs.json"
+    write_results(rows, out, {"benchmark": "kernel_configs", **environment(device)})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
