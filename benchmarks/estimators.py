@@ -1,0 +1,251 @@
+"""Estimators against dense attention: estimation cost, kernel cost, density and recall (GPU).
+
+Batch 1, 32 query heads, 8 KV heads, head_dim 128, bf16, causal, 128 x 128 blocks, at 32K
+and 128K by default. Inputs are structured, since random q/k give uniform attention and
+every method goes dense: q and k share one direction plus Gaussian noise, then RoPE
+(base 10000) is applied, which concentrates attention locally and on the sequence start.
+
+Per method: estimation ms (``triton.testing.do_bench`` median of ``sa.estimate``), kernel ms
+(``sa.block_sparse_attention``, Triton backend, on the estimated pattern), their total, the
+ratio of the total to dense cuDNN SDPA and to dense FlexAttention measured in the same run,
+the ratio of the total to the ideal ``density x dense`` time, density, attention recall
+(``sa.metrics.recall``, exact, on ``--recall-heads`` query heads, one per KV group, to keep
+it affordable at 128K: the reference backend it uses is chunked PyTorch), and the peak
+extra memory of estimation (``torch.cuda.max_memory_allocated`` above what was allocated
+before). Prints a plain table and writes ``benchmarks/results/<gpu>/estimators.json``.
+
+    python benchmarks/estimators.py                          # 32K and 128K, the dynamic methods
+    python benchmarks/estimators.py --lengths 131072 --methods xattention flexprefill
+    python benchmarks/estimators.py --quick                  # tiny sizes, runs on CPU too (no JSON unless --out)
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import sparse_attn as sa
+from sparse_attn.bench import device_slug, environment, format_table, time_ms, write_results
+from sparse_attn.pattern import BlockSparsePattern
+
+DYNAMIC_METHODS = ("xattention", "flexprefill", "vertical_slash", "block_topk", "proxyattn")
+
+COLUMNS = [
+    ("seq", "seq", "d"),
+    ("method", "method", "s"),
+    ("estimate_ms", "estimate ms", ".2f"),
+    ("kernel_ms", "kernel ms", ".2f"),
+    ("total_ms", "total ms", ".2f"),
+    ("dense_ms", "dense ms", ".2f"),
+    ("flex_dense_ms", "flex dense ms", ".2f"),
+    ("total_vs_dense", "total/dense", ".3f"),
+    ("total_vs_flex_dense", "total/flex", ".3f"),
+    ("total_vs_ideal", "total/ideal", ".2f"),
+    ("estimate_share_of_dense", "est/dense", ".3f"),
+    ("density", "density", ".3f"),
+    ("recall", "recall", ".4f"),
+    ("estimate_peak_mib", "est peak MiB", ".0f"),
+]
+
+
+@dataclass(frozen=True)
+class Shape:
+    seq: int
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    block: int = 128
+    dtype: torch.dtype = torch.bfloat16
+
+
+def rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (rotate-half convention) over positions 0..S-1, float32."""
+    seq, dim = x.shape[-2], x.shape[-1]
+    inverse_frequency = base ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
+    angles = torch.arange(seq, device=x.device, dtype=torch.float32)[:, None] * inverse_frequency[None, :]
+    cos, sin = torch.cos(angles).repeat(1, 2), torch.sin(angles).repeat(1, 2)
+    first, second = x[..., : dim // 2], x[..., dim // 2 :]
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def structured_qkv(shape: Shape, *, strength: float, device: torch.device, seed: int = 0):
+    """q, k share a unit direction scaled by ``strength`` plus N(0, 1) noise; RoPE applied; v is N(0, 1).
+
+    ``strength ** 2 / sqrt(head_dim)`` is the logit a query gives a key at distance 0 through
+    the shared direction, against ~N(0, 1) logits from the noise. Built one head at a time
+    in float32, stored in ``shape.dtype``.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    direction = torch.randn(shape.head_dim, device=device, generator=generator)
+    shared = strength * direction / direction.norm()
+
+    def draw(heads: int, structured: bool) -> torch.Tensor:
+        out = torch.empty(1, heads, shape.seq, shape.head_dim, device=device, dtype=shape.dtype)
+        for head in range(heads):
+            x = torch.randn(shape.seq, shape.head_dim, device=device, generator=generator)
+            out[0, head] = rope(x + shared) if structured else x
+        return out
+
+    return draw(shape.q_heads, True), draw(shape.kv_heads, True), draw(shape.kv_heads, False)
+
+
+def dense_runners(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """Dense causal attention: cuDNN SDPA (K/V expanded outside the timing) and FlexAttention."""
+    import torch.nn.functional as F
+
+    group = q.shape[1] // k.shape[1]
+    k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    if q.device.type != "cuda":
+        return {"dense_ms": lambda: F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
+
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    causal_mask = create_block_mask(
+        lambda b, h, q_idx, kv_idx: q_idx + (seq_k - seq_q) >= kv_idx, None, None, seq_q, seq_k, device=q.device
+    )
+    compiled_flex = torch.compile(flex_attention)
+    return {
+        "dense_ms": cudnn,
+        "flex_dense_ms": lambda: compiled_flex(q, k, v, block_mask=causal_mask, enable_gqa=True),
+    }
+
+
+def head_subset(pattern: BlockSparsePattern, query_heads: list[int], total_q_heads: int) -> BlockSparsePattern:
+    """The pattern restricted to some query heads (per-query-head or per-KV-head patterns)."""
+    per_pattern_head = total_q_heads // pattern.num_heads
+    rows = torch.tensor([head // per_pattern_head for head in query_heads], device=pattern.device)
+    return BlockSparsePattern(
+        kv_counts=pattern.kv_counts[:, rows].contiguous(),
+        kv_indices=pattern.kv_indices[:, rows].contiguous(),
+        block_q=pattern.block_q,
+        block_k=pattern.block_k,
+        seq_q=pattern.seq_q,
+        seq_k=pattern.seq_k,
+    )
+
+
+def subset_recall(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern, heads: int) -> tuple[float, int]:
+    """``sa.metrics.recall`` on ``heads`` query heads, the first of each of as many KV groups."""
+    group = q.shape[1] // k.shape[1]
+    kv_heads = list(range(0, k.shape[1], max(1, k.shape[1] // heads)))[:heads]
+    query_heads = [kv_head * group for kv_head in kv_heads]
+    sub = head_subset(pattern, query_heads, q.shape[1])
+    return sa.metrics.recall(q[:, query_heads], k[:, kv_heads], sub), len(query_heads)
+
+
+def peak_extra_mib(fn, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def measure(fn, device: torch.device):
+    try:
+        return time_ms(fn, device), None
+    except Exception as error:  # one method failing on one shape is reported, not fatal
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
+def ratio(numerator, denominator):
+    return None if numerator is None or not denominator else numerator / denominator
+
+
+def run_length(shape: Shape, methods, *, strength: float, recall_heads: int, device: torch.device, kernel_backend: str):
+    q, k, v = structured_qkv(shape, strength=strength, device=device)
+    dense = {name: measure(fn, device) for name, fn in dense_runners(q, k, v).items()}
+    rows = []
+    for method in methods:
+        row = {"seq": shape.seq, "method": method, "q_heads": shape.q_heads, "kv_heads": shape.kv_heads,
+               "head_dim": shape.head_dim, "block": shape.block, "dtype": str(shape.dtype).removeprefix("torch."),
+               "strength": strength, "errors": {}}  # fmt: skip
+        for name, (ms, error) in dense.items():
+            row[name] = ms
+            if error:
+                row["errors"][name] = error
+
+        def estimate():
+            return sa.estimate(q, k, method, block_q=shape.block, block_k=shape.block)
+
+        try:
+            row["estimate_peak_mib"] = peak_extra_mib(estimate, device)
+            pattern = estimate()
+        except Exception as error:
+            row["errors"]["estimate"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            rows.append(row)
+            continue
+        row["estimate_ms"], _ = measure(estimate, device)
+        row["kernel_ms"], kernel_error = measure(
+            lambda: sa.block_sparse_attention(q, k, v, pattern, backend=kernel_backend), device
+        )
+        if kernel_error:
+            row["errors"]["kernel"] = kernel_error
+        row["density"] = pattern.density()
+        row["total_ms"] = None if row["kernel_ms"] is None else row["estimate_ms"] + row["kernel_ms"]
+        row["total_vs_dense"] = ratio(row["total_ms"], row.get("dense_ms"))
+        row["total_vs_flex_dense"] = ratio(row["total_ms"], row.get("flex_dense_ms"))
+        dense_ms = row.get("dense_ms")
+        row["total_vs_ideal"] = ratio(row["total_ms"], None if dense_ms is None else row["density"] * dense_ms)
+        row["estimate_share_of_dense"] = ratio(row["estimate_ms"], dense_ms)
+        if recall_heads:
+            row["recall"], row["recall_heads"] = subset_recall(q, k, pattern, recall_heads)
+        rows.append(row)
+        print(format_table([row], COLUMNS), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--methods", nargs="+", default=list(DYNAMIC_METHODS))
+    parser.add_argument("--strength", type=float, default=12.0, help="norm of the shared q/k direction")
+    parser.add_argument("--recall-heads", type=int, default=4, help="query heads used for recall (0: skip recall)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (1K tokens, 4/2 heads, D 64, float32)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/estimators.json)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.quick:
+        raise SystemExit("benchmarks/estimators.py needs a CUDA GPU; on CPU run it with --quick")
+    if args.quick:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        shapes = [Shape(seq=1024, q_heads=4, kv_heads=2, head_dim=64, block=64, dtype=dtype)]
+    else:
+        shapes = [Shape(seq=seq) for seq in args.lengths]
+    kernel_backend = "triton" if device.type == "cuda" else "reference"
+    rows = []
+    for shape in shapes:
+        rows += run_length(
+            shape, args.methods, strength=args.strength, recall_heads=args.recall_heads, device=device,
+            kernel_backend=kernel_backend,
+        )  # fmt: skip
+    print()
+    print(format_table(rows, COLUMNS))
+    for row in rows:
+        if row["errors"]:
+            print(f"  {row['seq']} {row['method']} errors: {row['errors']}")
+    if args.recall_heads:
+        print(f"recall: exact, on {min(args.recall_heads, shapes[0].kv_heads)} query heads (one per KV group)")
+    out = args.out
+    if out is None and device.type == "cuda" and not args.quick:
+        out = Path(__file__).parent / "results" / device_slug(device) / "estimators.json"
+    if out is not None:
+        meta = {"benchmark": "estimators", "kernel_backend": kernel_backend, "inputs": "shared direction + noise, RoPE",
+                **environment(device)}  # fmt: skip
+        write_results(rows, out, meta)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
