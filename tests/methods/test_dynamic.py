@@ -309,3 +309,11 @@ def test_methods_on_gpu_match_cpu_patterns_closely(method):
     assert float((cpu != gpu).float().mean()) < 0.02
     out = sa.sparse_attention(q.cuda().bfloat16(), k.cuda().bfloat16(), v.cuda().bfloat16(), method=method)
     assert bool(torch.isfinite(out).all())
+
+
+def test_probe_chunking_within_a_gqa_group_matches_unchunked(monkeypatch):
+    q, k, _ = random_qkv(1, 8, 2, 40, 70, 16, seed=7)
+    whole = _common.probe_last_queries(q, k, num_queries=8, block_k=16, scale=0.25, causal=True)
+    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 64)  # one query head per chunk
+    chunked = _common.probe_last_queries(q, k, num_queries=8, block_k=16, scale=0.25, causal=True)
+    assert torch.allclose(whole.vertical, chunked.vertical) and torch.allclose(whole.slash, chunked.slash)

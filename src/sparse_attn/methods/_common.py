@@ -274,19 +274,27 @@ def _slash_sums(probs: torch.Tensor) -> torch.Tensor:
     """Sum ``probs`` (…, L, Sk) of the last L positions along diagonals: (…, Sk) indexed by distance.
 
     Row ``r`` sits at position ``p = Sk - L + r``; its key ``t`` lies at distance
-    ``o = p - t``. Reversing the keys turns distance into ``u - (L - 1 - r)`` for reversed
-    index ``u``, so a row-dependent shift (an ``as_strided`` shear over a zero-padded copy)
-    lines every row up by distance.
+    ``o = p - t``. With the keys shifted right by ``L`` (zero-padded on the left), distance
+    ``o = Sk - 1 - u`` of row ``r`` is at column ``r + 1 + u``: a row-dependent shift, read
+    as an ``as_strided`` shear (row stride ``width + 1``) without copying beyond the pad.
     """
     *lead, rows, seq_k = probs.shape
-    reversed_keys = torch.flip(probs, dims=(-1,))
     width = seq_k + rows
-    padded = F.pad(reversed_keys, (0, rows)).contiguous()
-    lead_strides = padded.stride()[:-2]
+    padded = F.pad(probs, (rows, 0)).contiguous()
     sheared = padded.as_strided(
-        size=(*lead, rows, seq_k), stride=(*lead_strides, width - 1, 1), storage_offset=rows - 1
+        size=(*lead, rows, seq_k), stride=(*padded.stride()[:-2], width + 1, 1), storage_offset=1
     )
-    return sheared.sum(-2)
+    return sheared.sum(-2).flip(-1)
+
+
+def _head_chunks(q_heads: int, group: int, heads_per_chunk: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` query-head ranges of at most ``heads_per_chunk`` heads, each within one KV
+    head or made of whole GQA groups (so a chunk reads one contiguous range of KV heads)."""
+    if heads_per_chunk >= group:
+        size = (heads_per_chunk // group) * group
+    else:
+        size = max(divisor for divisor in range(1, group + 1) if group % divisor == 0 and divisor <= heads_per_chunk)
+    return [(start, min(q_heads, start + size)) for start in range(0, q_heads, size)]
 
 
 def probe_last_queries(
@@ -294,8 +302,8 @@ def probe_last_queries(
 ) -> ProbeSums:
     """Softmax of the last ``num_queries`` queries against all keys, reduced to :class:`ProbeSums`.
 
-    Chunked over query heads so that the full-resolution probe rows stay under
-    :data:`CHUNK_ELEMENTS` floats.
+    Chunked over query heads so that the full-resolution probe rows of a chunk stay under a
+    quarter of :data:`CHUNK_ELEMENTS` floats.
     """
     batch, q_heads, seq_q, _ = q.shape
     seq_k = k.shape[2]
@@ -304,22 +312,29 @@ def probe_last_queries(
     probe = q[:, :, seq_q - rows :]
     positions = torch.arange(seq_k - rows, seq_k, device=q.device)
     future = torch.arange(seq_k, device=q.device)[None, :] > positions[:, None]
-    # Whole GQA groups per chunk, so each chunk reads its K heads only.
-    groups_per_chunk = max(1, CHUNK_ELEMENTS // (4 * batch * group * rows * seq_k))
+    heads_per_chunk = max(1, CHUNK_ELEMENTS // (4 * batch * rows * seq_k))
     vertical, slash = [], []
-    for kv_start in range(0, k.shape[1], groups_per_chunk):
-        kv_stop = min(k.shape[1], kv_start + groups_per_chunk)
-        logits = grouped_matmul(probe[:, kv_start * group : kv_stop * group], k[:, kv_start:kv_stop]).float()
+    for start, stop in _head_chunks(q_heads, group, heads_per_chunk):
+        kv_start, kv_stop = start // group, max(start // group + 1, stop // group)
+        logits = _chunk_logits(probe[:, start:stop], k[:, kv_start:kv_stop]).float()
         logits.mul_(scale)
         if causal:
             logits.masked_fill_(future, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        del logits
         vertical.append(probs.sum(-2))
         slash.append(_slash_sums(probs) if causal else torch.zeros_like(probs[..., 0, :]))
-        del logits, probs
+        del probs
     vertical_sums = torch.cat(vertical, dim=1)
     block_sums = block_sum(vertical_sums, block_k)
     return ProbeSums(vertical=vertical_sums, slash=torch.cat(slash, dim=1), block=block_sums, num_queries=rows)
+
+
+def _chunk_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q @ k^T`` for a head chunk: whole groups, or part of one group sharing a single KV head."""
+    if k.shape[1] == 1:
+        return torch.matmul(q, k.transpose(-1, -2))
+    return grouped_matmul(q, k)
 
 
 def block_sum(per_key: torch.Tensor, block_k: int) -> torch.Tensor:
