@@ -260,3 +260,14 @@ def test_patch_rejects_bad_options():
     with pytest.raises(ValueError, match="not attention layers"):
         patch(model, "dense", dense_layers=[7])
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_static_cache_prefill_falls_back_to_sdpa_with_a_warning():
+    """A static cache puts the queries before the end of its key buffer: dense SDPA, said so."""
+    model = _model("llama")
+    ids = _prompt()
+    expected = model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    patch(model, "random", density=0.3, **PATCH)
+    with pytest.warns(UserWarning, match="ran dense SDPA"):
+        got = model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert torch.equal(got, expected)

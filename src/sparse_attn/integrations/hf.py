@@ -129,7 +129,8 @@ class LayerRecord:
     """One attention layer's prefill on one batch row.
 
     ``kind`` is ``"sparse"`` (a method's pattern), ``"dense"`` (exact causal SDPA) or
-    ``"window"`` (exact sliding window). ``head_density`` holds, per pattern head, the
+    ``"window"`` (exact sliding window). ``row`` is the batch row, or -1 when the whole
+    unpadded batch ran at once. ``head_density`` holds, per pattern head, the
     computed blocks over causally valid blocks (for ``"window"``: visible token pairs over
     causal token pairs, the same for every head).
     """
@@ -267,12 +268,13 @@ def _attend_row(
     state = plan.state
     recording = bool(state.recorders)
     seq_q, seq_k = q.shape[2], k.shape[2]
-    head_density: tuple[float, ...]
+    head_density: tuple[float, ...] = ()
     estimate_ms = 0.0
     if window is not None and window < seq_k:
         kind, method = "window", f"window={window}"
         out = sliding_window_attention(q, k, v, window=window, scale=scale)
-        head_density = (_window_density(seq_q, seq_k, window),) if recording else ()
+        if recording:
+            head_density = (_window_density(seq_q, seq_k, window),)
     elif plan.method is None:
         kind, method = "dense", "sdpa"
         out = causal_attention(q, k, v, scale=scale)
@@ -338,12 +340,19 @@ def sparse_attention_forward(
             f"{type(module).__name__} uses attn_implementation={ATTENTION_NAME!r} but was not patched; "
             "call sparse_attn.patch(model, ...) instead of set_attn_implementation"
         )
+    long_prefill = query.shape[2] >= plan.state.min_seq_len
     if isinstance(attention_mask, PrefillMask):
-        if query.shape[2] >= plan.state.min_seq_len and dropout == 0.0:
+        if long_prefill and dropout == 0.0:
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             out = _prefill_attention(plan, query, key, value, attention_mask, scale)
             return out.transpose(1, 2).contiguous(), None
         attention_mask = attention_mask.dense()
+    if long_prefill:
+        warnings.warn(
+            "sparse_attn: a long prefill ran dense SDPA because its mask is not plain causal or sliding-window "
+            "(custom mask function, static cache) or dropout is on",
+            stacklevel=2,
+        )
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
