@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import sparse_attn as sa
-from sparse_attn.bench import device_slug, environment, format_table, time_ms, write_results
+from sparse_attn.bench import dense_baselines, device_slug, environment, format_table, time_ms, write_results
 from sparse_attn.pattern import BlockSparsePattern
 
 DYNAMIC_METHODS = ("xattention", "flexprefill", "vertical_slash", "block_topk", "proxyattn")
@@ -93,28 +93,12 @@ def structured_qkv(shape: Shape, *, strength: float, device: torch.device, seed:
 
 
 def dense_runners(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
-    """Dense causal attention: cuDNN SDPA (K/V expanded outside the timing) and FlexAttention."""
-    import torch.nn.functional as F
-
-    group = q.shape[1] // k.shape[1]
-    k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    if q.device.type != "cuda":
-        return {"dense_ms": lambda: F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)}
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
-
-    seq_q, seq_k = q.shape[2], k.shape[2]
-    causal_mask = create_block_mask(
-        lambda b, h, q_idx, kv_idx: q_idx + (seq_k - seq_q) >= kv_idx, None, None, seq_q, seq_k, device=q.device
-    )
-    compiled_flex = torch.compile(flex_attention)
+    """Dense causal attention: SDPA (cuDNN on CUDA; K/V expanded outside the timing) and FlexAttention."""
+    sdpa = next(iter(dense_baselines(q, k, v, q.device).values()))
+    full = sa.dense_pattern(seq_q=q.shape[2], seq_k=k.shape[2], device=q.device)
     return {
-        "dense_ms": cudnn,
-        "flex_dense_ms": lambda: compiled_flex(q, k, v, block_mask=causal_mask, enable_gqa=True),
+        "dense_ms": sdpa,
+        "flex_dense_ms": lambda: sa.block_sparse_attention(q, k, v, full, backend="flex"),
     }
 
 

@@ -90,7 +90,7 @@ def _tflops(pairs: int, head_dim: int, ms: float | None) -> float | None:
     return None if ms is None else 4.0 * head_dim * pairs / (ms * 1e-3) / 1e12
 
 
-def _dense_baselines(q, k, v, device) -> dict[str, Callable[[], object]]:
+def dense_baselines(q, k, v, device) -> dict[str, Callable[[], object]]:
     """Dense causal SDPA per backend (K/V expanded to the query heads, outside the timing)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -136,7 +136,7 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
     q, k, v = draw(case.q_heads), draw(case.kv_heads), draw(case.kv_heads)
     full = dense_pattern(seq_q=case.seq, block_q=case.block, block_k=case.block, device=device)
     dense_times, errors = {}, {}
-    for name, fn in _dense_baselines(q, k, v, device).items():
+    for name, fn in dense_baselines(q, k, v, device).items():
         dense_times[name], errors[name] = _measure(fn, device)
     dense_name = next(iter(dense_times))
     dense_pairs = visible_pairs(full) * case.batch * case.q_heads

@@ -218,3 +218,12 @@ def test_single_head_pattern_broadcasts_to_all_heads(backend):
     out = sa.block_sparse_attention(q, k, v, shared, backend=backend)
     expected = sa.block_sparse_attention(q, k, v, shared.expand_heads(8), backend="reference")
     assert relative_error(out, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_triton_column_wise_key_layout(dtype, monkeypatch, poison_outputs):
+    from sparse_attn.backends import triton_kernel
+
+    monkeypatch.setattr(triton_kernel, "interpreter_k_transposed", True)
+    for shape in (SHAPES[1], SHAPES[3]):
+        _check_backend("triton", shape, dtype, True, "cpu", seed=13)

@@ -47,48 +47,50 @@ def reference_attention(
     v_blocks = _blocked(v.to(compute_dtype), block_k, n_kv)
     q_blocks = _blocked(q.to(compute_dtype), block_q, n_q)
 
-    # Index maps from (batch, query head) to the pattern's batch/head and the KV head.
-    batch_index = torch.arange(batch, device=q.device)[:, None, None]
-    query_head = torch.arange(q_heads, device=q.device)
-    pattern_batch = batch_index if pattern.batch == batch else torch.zeros_like(batch_index)
-    pattern_head = (query_head // (q_heads // pattern.num_heads))[None, :, None]
-    kv_head = (query_head // group)[None, :, None]
-
     offset = seq_k - seq_q
     slots = torch.arange(max_kv, device=q.device)
     token_in_block = torch.arange(block_k, device=q.device)
     row_in_block = torch.arange(block_q, device=q.device)
-    # Per query block: its scores plus the gathered keys and values.
-    per_block = batch * q_heads * max_kv * block_k * (block_q + 2 * dim)
-    chunk = max(1, _SCORE_BUDGET // per_block)
+    batch_index = torch.arange(batch, device=q.device)[:, None, None]
+    pattern_batch = batch_index if pattern.batch == batch else torch.zeros_like(batch_index)
+    # Work per (query head, query block): its scores plus the gathered keys and values. Chunk
+    # over heads, then over query blocks, so one step stays near the budget at any length.
+    per_head_block = batch * max_kv * block_k * (block_q + 2 * dim)
+    heads_per_chunk = min(q_heads, max(1, _SCORE_BUDGET // per_head_block))
+    blocks_per_chunk = max(1, _SCORE_BUDGET // (per_head_block * heads_per_chunk))
 
-    outputs, lses = [], []
-    for first in range(0, n_q, chunk):
-        blocks = torch.arange(first, min(first + chunk, n_q), device=q.device)
-        counts = pattern.kv_counts[pattern_batch, pattern_head, blocks[None, None, :]]  # (B, Hq, c)
-        indices = pattern.kv_indices[pattern_batch[..., None], pattern_head[..., None], blocks[None, None, :, None], slots]
-        used = slots < counts[..., None]  # (B, Hq, c, max_kv)
-        indices = torch.where(used, indices, 0).long()
-        keys = k_blocks[batch_index[..., None], kv_head[..., None], indices]  # (B, Hq, c, max_kv, bk, D)
-        values = v_blocks[batch_index[..., None], kv_head[..., None], indices]
-        keys = keys.flatten(3, 4)
-        values = values.flatten(3, 4)
-        queries = q_blocks[:, :, blocks]  # (B, Hq, c, bq, D)
-        scores = torch.matmul(queries, keys.transpose(-1, -2)) * scale  # (B, Hq, c, bq, max_kv*bk)
+    head_outputs, head_lses = [], []
+    for first_head in range(0, q_heads, heads_per_chunk):
+        # Index maps from (batch, query head) to the pattern's batch/head and the KV head.
+        query_head = torch.arange(first_head, min(first_head + heads_per_chunk, q_heads), device=q.device)
+        pattern_head = (query_head // (q_heads // pattern.num_heads))[None, :, None]
+        kv_head = (query_head // group)[None, :, None]
+        outputs, lses = [], []
+        for first in range(0, n_q, blocks_per_chunk):
+            blocks = torch.arange(first, min(first + blocks_per_chunk, n_q), device=q.device)
+            counts = pattern.kv_counts[pattern_batch, pattern_head, blocks[None, None, :]]  # (B, h, c)
+            indices = pattern.kv_indices[pattern_batch[..., None], pattern_head[..., None], blocks[None, None, :, None], slots]
+            used = slots < counts[..., None]  # (B, h, c, max_kv)
+            indices = torch.where(used, indices, 0).long()
+            keys = k_blocks[batch_index[..., None], kv_head[..., None], indices].flatten(3, 4)  # (B, h, c, max_kv*bk, D)
+            values = v_blocks[batch_index[..., None], kv_head[..., None], indices].flatten(3, 4)
+            queries = q_blocks[:, query_head][:, :, blocks]  # (B, h, c, bq, D)
+            scores = torch.matmul(queries, keys.transpose(-1, -2)) * scale  # (B, h, c, bq, max_kv*bk)
 
-        key_pos = (indices[..., None] * block_k + token_in_block).flatten(3, 4)  # (B, Hq, c, max_kv*bk)
-        visible = (used[..., None].expand(-1, -1, -1, -1, block_k).flatten(3, 4)) & (key_pos < seq_k)
-        visible = visible[..., None, :]
-        if causal:
-            query_pos = offset + blocks[:, None] * block_q + row_in_block  # (c, bq)
-            visible = visible & (key_pos[..., None, :] <= query_pos[None, None, :, :, None])
-        scores = scores.masked_fill(~visible, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, c, bq)
-        probabilities = torch.exp(scores - lse[..., None])
-        outputs.append(torch.matmul(probabilities, values).flatten(2, 3))
-        lses.append(lse.flatten(2, 3))
-
-    out = torch.cat(outputs, dim=2)[:, :, :seq_q].to(q.dtype)
+            key_pos = (indices[..., None] * block_k + token_in_block).flatten(3, 4)  # (B, h, c, max_kv*bk)
+            visible = (used[..., None].expand(-1, -1, -1, -1, block_k).flatten(3, 4)) & (key_pos < seq_k)
+            visible = visible[..., None, :]
+            if causal:
+                query_pos = offset + blocks[:, None] * block_q + row_in_block  # (c, bq)
+                visible = visible & (key_pos[..., None, :] <= query_pos[None, None, :, :, None])
+            scores = scores.masked_fill(~visible, float("-inf"))
+            lse = torch.logsumexp(scores, dim=-1)  # (B, h, c, bq)
+            probabilities = torch.exp(scores - lse[..., None])
+            outputs.append(torch.matmul(probabilities, values).flatten(2, 3))
+            lses.append(lse.flatten(2, 3))
+        head_outputs.append(torch.cat(outputs, dim=2))
+        head_lses.append(torch.cat(lses, dim=2))
+    out = torch.cat(head_outputs, dim=1)[:, :, :seq_q].to(q.dtype)
     if return_lse:
-        return out, torch.cat(lses, dim=2)[:, :, :seq_q].float()
+        return out, torch.cat(head_lses, dim=1)[:, :, :seq_q].float()
     return out

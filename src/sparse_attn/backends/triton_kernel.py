@@ -81,23 +81,35 @@ if triton is not None:
         CAUSAL: tl.constexpr,
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
+        K_TRANSPOSED: tl.constexpr,
     ):
         """Online-softmax update over the KV blocks in slots ``[first_slot, last_slot)``."""
         SUBTILES: tl.constexpr = BLOCK_K // BLOCK_N
         for step in range(first_slot * SUBTILES, last_slot * SUBTILES):
             kv_block = tl.load(index_base + step // SUBTILES)
             key_pos = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N + offs_n
+            # K is read either as (N, D) rows and transposed in registers, or directly as a
+            # (D, N) tile; which one is faster depends on the tile shape (autotuned).
+            k_rows = k_base + key_pos[:, None] * stride_ks + offs_d[None, :]
+            k_columns = k_base + key_pos[None, :] * stride_ks + offs_d[:, None]
+            v_rows = v_base + key_pos[:, None] * stride_vs + offs_d[None, :]
             if MASKED:
                 in_bounds = key_pos < seq_k
-                k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=in_bounds[:, None], other=0.0)
-                v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=in_bounds[:, None], other=0.0)
+                if K_TRANSPOSED:
+                    k_tile = tl.load(k_columns, mask=in_bounds[None, :], other=0.0)
+                else:
+                    k_tile = tl.trans(tl.load(k_rows, mask=in_bounds[:, None], other=0.0))
+                v = tl.load(v_rows, mask=in_bounds[:, None], other=0.0)
             else:
-                k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :])
-                v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :])
+                if K_TRANSPOSED:
+                    k_tile = tl.load(k_columns)
+                else:
+                    k_tile = tl.trans(tl.load(k_rows))
+                v = tl.load(v_rows)
             if DOT_FP32:
-                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PRECISION)
+                scores = tl.dot(q.to(tl.float32), k_tile.to(tl.float32), input_precision=PRECISION)
             else:
-                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                scores = tl.dot(q, k_tile, input_precision=PRECISION)
             scores = scores * qk_scale
             if MASKED:
                 visible = in_bounds[None, :]
@@ -162,6 +174,7 @@ if triton is not None:
         WRITE_LSE: tl.constexpr,
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
+        K_TRANSPOSED: tl.constexpr,
     ):
         batch_head = tl.program_id(0)
         # Heaviest (last) query tiles first: causal rows grow with position.
@@ -193,12 +206,12 @@ if triton is not None:
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, k_base, v_base, index_base, 0, full_count, stride_ks, stride_vs,
             query_pos, seq_k, qk_scale, offs_n, offs_d,
-            BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION,
+            BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED,
         )  # fmt: skip
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, k_base, v_base, index_base, full_count, count, stride_ks, stride_vs,
             query_pos, seq_k, qk_scale, offs_n, offs_d,
-            BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION,
+            BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED,
         )  # fmt: skip
 
         out = acc / l_i[:, None]
@@ -212,17 +225,21 @@ if triton is not None:
             tl.store(Lse + batch_head.to(tl.int64) * seq_q + rows, lse, mask=row_in_range)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, per head_dim, for 16-bit inputs on Hopper.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, per head_dim, for 16-bit inputs on
+# Hopper; each is tried with K read row-wise and column-wise. The head_dim 128 list holds
+# the winners of benchmarks/kernel_configs.py on H100 at 32K and 128K.
 _HALF_CONFIGS = {
     16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 4, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2)],
     256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
 }
 # float32 runs exact (IEEE) products; tiles are small to fit shared memory.
 _FLOAT_CONFIGS = {dim: [(64, 32, 4, 2), (32, 32, 4, 2)] for dim in (16, 32, 64, 128)}
 _FLOAT_CONFIGS[256] = [(32, 32, 4, 1), (32, 16, 4, 1)]
+# Under TRITON_INTERPRET there is no autotuning; tests flip this to cover both K layouts.
+interpreter_k_transposed = False
 
 
 def _fitting(candidates, block_q: int, block_k: int):
@@ -233,15 +250,15 @@ def _fitting(candidates, block_q: int, block_k: int):
 @functools.lru_cache(maxsize=None)
 def _autotuned_kernel(head_dim: int, block_q: int, block_k: int, is_float32: bool):
     candidates = (_FLOAT_CONFIGS if is_float32 else _HALF_CONFIGS)[head_dim]
+    layouts = (False,) if is_float32 else (False, True)
     configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "K_TRANSPOSED": transposed}, num_warps=w, num_stages=s)
         for m, n, w, s in _fitting(candidates, block_q, block_k)
+        for transposed in layouts
     ]
     return triton.autotune(
         configs=configs, key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"]
-    )(
-        _block_sparse_forward
-    )
+    )(_block_sparse_forward)
 
 
 def _full_counts(pattern: BlockSparsePattern, *, causal: bool) -> torch.Tensor:
@@ -316,7 +333,9 @@ def triton_attention(
     if interpreting():
         block_m, block_n = min(pattern.block_q, 32), min(pattern.block_k, 16)
         grid = (batch * q_heads, n_q_blocks * (pattern.block_q // block_m))
-        _block_sparse_forward[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **constants)
+        _block_sparse_forward[grid](
+            *args, BLOCK_M=block_m, BLOCK_N=block_n, K_TRANSPOSED=interpreter_k_transposed, **constants
+        )
     else:
         kernel = _autotuned_kernel(dim, pattern.block_q, pattern.block_k, is_float32)
 
