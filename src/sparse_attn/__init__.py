@@ -3,8 +3,9 @@
 estimator (which blocks matter) -> BlockSparsePattern -> backend (computes exactly those).
 """
 
-from . import metrics
+from . import metrics, models
 from .api import SparseAttentionInfo, block_sparse_attention, estimate, sparse_attention
+from .integrations import patch, record, unpatch
 from .pattern import BlockSparsePattern, dense_pattern, random_pattern
 from .registry import Method, get_method, list_methods, register_method
 
@@ -20,7 +21,11 @@ __all__ = [
     "get_method",
     "list_methods",
     "metrics",
+    "models",
+    "patch",
     "random_pattern",
+    "record",
     "register_method",
     "sparse_attention",
+    "unpatch",
 ]
