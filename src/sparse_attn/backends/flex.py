@@ -49,7 +49,7 @@ def _kernel_options(q: torch.Tensor, pattern: BlockSparsePattern) -> dict | None
         return None
     if q.dtype == torch.float32 and q.shape[-1] > 128:
         # float32 tiles at head_dim 256 overflow shared memory unless they are small.
-        return {"BLOCK_M": 32, "BLOCK_N": 32}
+        return {"BLOCK_M": min(pattern.block_q, 32), "BLOCK_N": min(pattern.block_k, 32)}
     # Flex's CUDA kernel tiles must divide the block mask's blocks; its defaults are 128.
     if pattern.block_q >= 128 and pattern.block_k >= 128:
         return None

@@ -16,6 +16,7 @@ autotuned set, and bf16 products are taken in float32 because the interpreter's 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -164,7 +165,8 @@ if triton is not None:
         seq_q,
         seq_k,
         qk_scale,
-        seq_bucket,  # autotuning key only: ceil(log2(seq_k)), so long sequences get their own tuning
+        seq_bucket,  # autotuning keys only: ceil(log2(seq_k)) and ceil(log2(mean kept blocks
+        work_bucket,  # per query block)), so long or dense cases do not reuse a short/sparse tuning
         HEAD_DIM: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -238,6 +240,8 @@ _HALF_CONFIGS = {
 # float32 runs exact (IEEE) products; tiles are small to fit shared memory.
 _FLOAT_CONFIGS = {dim: [(64, 32, 4, 2), (32, 32, 4, 2)] for dim in (16, 32, 64, 128)}
 _FLOAT_CONFIGS[256] = [(32, 32, 4, 1), (32, 16, 4, 1)]
+# K read row-wise (False) and column-wise (True): both are autotuned for 16-bit inputs.
+_HALF_K_LAYOUTS = (False, True)
 # Under TRITON_INTERPRET there is no autotuning; tests flip this to cover both K layouts.
 interpreter_k_transposed = False
 
@@ -250,15 +254,24 @@ def _fitting(candidates, block_q: int, block_k: int):
 @functools.lru_cache(maxsize=None)
 def _autotuned_kernel(head_dim: int, block_q: int, block_k: int, is_float32: bool):
     candidates = (_FLOAT_CONFIGS if is_float32 else _HALF_CONFIGS)[head_dim]
-    layouts = (False,) if is_float32 else (False, True)
+    layouts = (False,) if is_float32 else _HALF_K_LAYOUTS
     configs = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "K_TRANSPOSED": transposed}, num_warps=w, num_stages=s)
         for m, n, w, s in _fitting(candidates, block_q, block_k)
         for transposed in layouts
     ]
     return triton.autotune(
-        configs=configs, key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"]
+        configs=configs, key=["seq_bucket", "work_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"]
     )(_block_sparse_forward)
+
+
+def _work_bucket(pattern: BlockSparsePattern) -> int:
+    """ceil(log2) of the mean number of kept blocks per query block (one host sync per pattern)."""
+    cached = pattern.cached_plan("work_bucket")
+    if cached is None:
+        mean_blocks = float(pattern.kv_counts.float().mean())
+        cached = pattern.store_plan("work_bucket", max(math.ceil(mean_blocks) - 1, 1).bit_length())
+    return cached
 
 
 def _full_counts(pattern: BlockSparsePattern, *, causal: bool) -> torch.Tensor:
@@ -318,7 +331,7 @@ def triton_attention(
         pattern_batch_stride, counts.stride(1),
         index_batch_stride, indices.stride(1), indices.stride(2),
         q_heads, q_heads // kv_heads, q_heads // pattern.num_heads,
-        seq_q, seq_k, scale * 1.4426950408889634, max(seq_k - 1, 1).bit_length(),
+        seq_q, seq_k, scale * 1.4426950408889634, max(seq_k - 1, 1).bit_length(), _work_bucket(pattern),
     )  # fmt: skip
     constants = dict(
         HEAD_DIM=dim,
