@@ -66,8 +66,6 @@ def main() -> None:
         finally:
             triton_kernel._HALF_CONFIGS[dim], triton_kernel._HALF_K_LAYOUTS = original
             triton_kernel._autotuned_kernel.cache_clear()
-        del q, k, v
-        torch.cuda.empty_cache()
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "kernel_configs.json"
     write_results(rows, out, {"benchmark": "kernel_configs", **environment(device)})
     print(f"wrote {out}")

@@ -48,6 +48,7 @@ def main() -> None:
     rows = []
     for case in cases:
         case_rows = run_kernel_case(case, ("triton", "flex"), device)
+        torch.cuda.empty_cache()  # the case's tensors are gone: return their memory before the next length
         rows += case_rows
         print(format_table(case_rows, COLUMNS), flush=True)
         for row in case_rows:

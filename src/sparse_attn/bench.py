@@ -164,9 +164,6 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
             row[f"{backend}_speedup_vs_{dense_name}"] = None if mine is None or base is None else base / mine
         row["errors"] = {name: error for name, error in errors.items() if error}
         rows.append(row)
-    del q, k, v
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 

@@ -113,6 +113,22 @@ def strided_shard_mask(num_heads: int, num_kv_blocks: int, stride: int, device=N
     return (kv_block % stride) == (heads % stride)
 
 
+def token_window_mask(
+    q: torch.Tensor, k: torch.Tensor, *, sink_tokens: int, local_tokens: int, block_q: int, block_k: int, causal: bool
+) -> torch.Tensor:
+    """:func:`sink_local_block_mask` for ``q``/``k`` with sink and window sizes in tokens (ceil to blocks)."""
+    return sink_local_block_mask(
+        q.shape[2],
+        k.shape[2],
+        block_q,
+        block_k,
+        sink_blocks=tokens_to_blocks(sink_tokens, block_k),
+        local_blocks=tokens_to_blocks(local_tokens, block_k),
+        device=q.device,
+        causal=causal,
+    )
+
+
 def shared_static_pattern(
     mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:

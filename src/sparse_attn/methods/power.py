@@ -37,8 +37,7 @@ from ._layout import (
     check_int_option,
     power_of_two_distance_mask,
     shared_static_pattern,
-    sink_local_block_mask,
-    tokens_to_blocks,
+    token_window_mask,
 )
 
 
@@ -62,14 +61,13 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: PowerConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     seq_q, seq_k = q.shape[2], k.shape[2]
-    sink_local = sink_local_block_mask(
-        seq_q,
-        seq_k,
-        block_q,
-        block_k,
-        sink_blocks=tokens_to_blocks(config.sink_tokens, block_k),
-        local_blocks=tokens_to_blocks(config.local_tokens, block_k),
-        device=q.device,
+    sink_local = token_window_mask(
+        q,
+        k,
+        sink_tokens=config.sink_tokens,
+        local_tokens=config.local_tokens,
+        block_q=block_q,
+        block_k=block_k,
         causal=causal,
     )
     power_blocks = power_of_two_distance_mask(block_distance(seq_q, seq_k, block_q, block_k, q.device))

@@ -30,7 +30,7 @@ import torch
 
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._layout import check_int_option, shared_static_pattern, sink_local_block_mask, tokens_to_blocks
+from ._layout import check_int_option, shared_static_pattern, token_window_mask
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,13 @@ class StreamingConfig:
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: StreamingConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
-    mask = sink_local_block_mask(
-        q.shape[2],
-        k.shape[2],
-        block_q,
-        block_k,
-        sink_blocks=tokens_to_blocks(config.sink_tokens, block_k),
-        local_blocks=tokens_to_blocks(config.local_tokens, block_k),
-        device=q.device,
+    mask = token_window_mask(
+        q,
+        k,
+        sink_tokens=config.sink_tokens,
+        local_tokens=config.local_tokens,
+        block_q=block_q,
+        block_k=block_k,
         causal=causal,
     )
     return shared_static_pattern(mask, q, k, causal=causal, block_q=block_q, block_k=block_k)

@@ -33,7 +33,7 @@ import torch
 
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._layout import check_int_option, sink_local_block_mask, strided_shard_mask, tokens_to_blocks
+from ._layout import check_int_option, strided_shard_mask, token_window_mask
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,13 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: StridedShardsConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     seq_q, seq_k = q.shape[2], k.shape[2]
-    local = sink_local_block_mask(
-        seq_q,
-        seq_k,
-        block_q,
-        block_k,
-        sink_blocks=0,
-        local_blocks=tokens_to_blocks(config.local_tokens, block_k),
-        device=q.device,
+    local = token_window_mask(
+        q,
+        k,
+        sink_tokens=0,
+        local_tokens=config.local_tokens,
+        block_q=block_q,
+        block_k=block_k,
         causal=causal,
     )
     shards = strided_shard_mask(q.shape[1], local.shape[1], config.stride, q.device)

@@ -28,7 +28,7 @@ import torch
 
 from ..pattern import BlockSparsePattern, num_blocks
 from ..registry import register_method
-from ._layout import check_int_option, shared_static_pattern, sink_local_block_mask, tokens_to_blocks
+from ._layout import check_int_option, shared_static_pattern, token_window_mask
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,14 @@ def last_query_block_rows(seq_q: int, block_q: int, last_q_tokens: int, device=N
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: TriShapeConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
-    seq_q, seq_k = q.shape[2], k.shape[2]
-    a_shape = sink_local_block_mask(
-        seq_q,
-        seq_k,
-        block_q,
-        block_k,
-        sink_blocks=tokens_to_blocks(config.sink_tokens, block_k),
-        local_blocks=tokens_to_blocks(config.local_tokens, block_k),
-        device=q.device,
+    seq_q = q.shape[2]
+    a_shape = token_window_mask(
+        q,
+        k,
+        sink_tokens=config.sink_tokens,
+        local_tokens=config.local_tokens,
+        block_q=block_q,
+        block_k=block_k,
         causal=causal,
     )
     # from_mask drops the dense rows' future blocks in causal mode.
