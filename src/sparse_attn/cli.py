@@ -1,4 +1,5 @@
-"""The ``sparse-attn`` command line: ``bench`` (kernels vs dense) and ``methods`` (the registry)."""
+"""The ``sparse-attn`` command line: ``eval`` (tasks x methods x lengths on a real model), ``show``
+(one layer's block mask as a PNG), ``bench`` (kernels vs dense) and ``methods`` (the registry)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,124 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+# The CPU --quick grid: one length, two depths, one seed, the dense ceiling and four methods
+# whose defaults are sparse at 2K (random is the floor), sized to finish within 10 minutes on 2 cores
+# including the first model load.
+QUICK_LENGTHS = [2048]
+QUICK_DEPTHS = [0.25, 0.75]
+QUICK_METHODS = ["xattention", "proxyattn", "strided_shards", "random"]
+DEFAULT_TASKS = ["passkey", "niah"]
+DEFAULT_LENGTHS = [2048, 4096]
+DEFAULT_DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
+DEFAULT_OUT = Path("sparse-attn-results")
+DEFAULT_MODEL = "gemma3-270m"
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"sparse-attn {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # bf16 is what the Triton path runs on GPUs; on the CPU float32 keeps the exact dequantized weights.
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def _check_lengths(model, lengths: list[int]) -> str | None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    too_long = [length for length in lengths if limit is not None and length > limit]
+    if too_long:
+        return f"lengths {too_long} exceed the model's limit of {limit} tokens (config.max_position_embeddings)"
+    return None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .eval.grid import MethodVariant, build_grid
+    from .eval.report import summarize, tables, write_report
+    from .eval.runner import Runner
+    from .eval.tasks import get_task
+    from .models import load
+    from .registry import list_methods
+
+    device, dtype = _device_and_dtype(args)
+    quick = args.quick and device.type == "cpu"
+    method_texts = args.methods or (QUICK_METHODS if quick else [method.name for method in list_methods()])
+    try:
+        variants = [MethodVariant.parse(text) for text in method_texts + (args.method_options or [])]
+        tasks = {name: get_task(name, haystack_source=args.haystack) for name in args.tasks or DEFAULT_TASKS}
+    except ValueError as error:
+        return _fail("eval", str(error))
+    lengths = args.lengths or (QUICK_LENGTHS if quick else DEFAULT_LENGTHS)
+    depths = args.depths or (QUICK_DEPTHS if quick else DEFAULT_DEPTHS)
+    if any(length < 1 for length in lengths) or any(not 0.0 <= depth <= 1.0 for depth in depths):
+        return _fail("eval", "lengths must be positive and depths within [0, 1]")
+    cases = build_grid(list(tasks), variants, lengths, depths, args.seeds)
+
+    console = Console()
+    console.print(
+        f"sparse-attn eval ({'quick' if quick else 'full'}) on {device}: {args.model}, tasks {list(tasks)}, "
+        f"lengths {lengths}, depths {depths}, seeds {args.seeds}; {len(cases)} cases "
+        f"({len({case.variant for case in cases})} method variants, dense included)"
+    )
+    start = time.perf_counter()
+    model, tokenizer = load(args.model, dtype=dtype, device=device)
+    error = _check_lengths(model, lengths)
+    if error:
+        return _fail("eval", error)
+    runner = Runner(
+        model,
+        tokenizer,
+        model_name=args.model,
+        tasks=tasks,
+        results_path=args.out / "results.jsonl",
+        backend=args.backend,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        rows = runner.run(cases, progress=progress)
+    for table in tables(summarize(rows), model=args.model):
+        console.print(table)
+    for path in write_report(rows, args.out, model=args.model):
+        console.print(f"wrote {path}")
+    console.print(f"results: {args.out / 'results.jsonl'} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .eval.grid import MethodVariant
+    from .eval.show import full_attention_layers, show_block_mask
+    from .eval.tasks import get_task
+    from .models import load
+
+    device, dtype = _device_and_dtype(args)
+    try:
+        variant = MethodVariant.parse(args.method)
+        task = get_task(args.task, haystack_source=args.haystack)
+    except ValueError as error:
+        return _fail("show", str(error))
+    model, tokenizer = load(args.model, dtype=dtype, device=device)
+    error = _check_lengths(model, [args.length])
+    if error:
+        return _fail("show", error)
+    layer = args.layer if args.layer is not None else full_attention_layers(model)[0]
+    if not 0 <= layer < model.config.num_hidden_layers:
+        return _fail("show", f"layer {layer} is out of range: the model has {model.config.num_hidden_layers} layers")
+    sample = task.make(tokenizer, args.length, args.depth if task.uses_depth else None, args.seed)
+    path = args.out or DEFAULT_OUT / f"mask_{variant.name}_layer{layer}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shown = show_block_mask(model, sample, variant, layer, path, model_name=args.model, block_size=args.block_size)
+    print(
+        f"{variant.label}, layer {layer}: {shown['heads']} pattern head(s), "
+        f"density {shown['density']:.3f}; wrote {path}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-attn", description="Block-sparse attention for long-context prefill.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +182,108 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
     methods = commands.add_parser("methods", help="list the registered methods with their papers and defaults")
     methods.set_defaults(run=_methods)
+    _add_eval_parser(commands)
+    _add_show_parser(commands)
     return parser
+
+
+_VARIANT_HELP = "NAME or NAME:OPTION=VALUE[,OPTION=VALUE...], e.g. xattention:threshold=0.8 (see `sparse-attn methods`)"
+
+
+def _add_model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"gemma3-270m, smollm2-135m, a model directory or a .gguf file (default {DEFAULT_MODEL})",
+    )
+    command.add_argument(
+        "--haystack",
+        choices=["pydoc", "kjv", "essays"],
+        help="text of the needle tasks and perplexity (default: pydoc for needles, kjv for perplexity)",
+    )
+    command.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    command.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype (default: bfloat16 on cuda, float32 on cpu)",
+    )
+
+
+def _add_eval_parser(commands) -> None:
+    from .eval.tasks import TASK_NAMES
+
+    command = commands.add_parser(
+        "eval",
+        help="score methods on long-context tasks with a real model: table, JSON and plots",
+        description=(
+            "Run tasks x methods x lengths x depths x seeds on a causal LM patched with each method "
+            "(dense is always included as the ceiling). Each finished case is appended to OUT/results.jsonl; "
+            "a rerun with the same OUT skips finished cases (same model, task, haystack, method variant, length, "
+            "depth and seed: delete the file to measure again). Writes OUT/summary.json, OUT/frontier.png and "
+            "OUT/needle_<task>.png and prints a table per task."
+        ),
+        epilog=(
+            f"--quick on a CPU runs {DEFAULT_TASKS} at {QUICK_LENGTHS} tokens, depths {QUICK_DEPTHS}, seed 0, "
+            f"methods dense + {QUICK_METHODS} (under 10 minutes on 2 cores); with CUDA it runs the full default grid. "
+            f"Explicit options override the grid's parts."
+        ),
+    )
+    _add_model_arguments(command)
+    command.add_argument("--tasks", nargs="+", metavar="TASK", help=f"of {list(TASK_NAMES)} (default {DEFAULT_TASKS})")
+    command.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
+        help=f"method variants, each {_VARIANT_HELP} (default: every registered method)",
+    )
+    command.add_argument(
+        "--method-options",
+        nargs="+",
+        metavar="METHOD",
+        help="extra variants run besides --methods, same syntax (e.g. tighter settings)",
+    )
+    command.add_argument(
+        "--lengths", type=int, nargs="+", metavar="TOKENS", help=f"prompt lengths in tokens (default {DEFAULT_LENGTHS})"
+    )
+    command.add_argument(
+        "--depths",
+        type=float,
+        nargs="+",
+        metavar="FRACTION",
+        help=f"needle depths in [0, 1] (default {DEFAULT_DEPTHS})",
+    )
+    command.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="sample seeds (default 0)")
+    command.add_argument(
+        "--backend", default="auto", help="block-sparse backend: auto, triton, flex or reference (default auto)"
+    )
+    command.add_argument("--quick", action="store_true", help="a small grid for a CPU (see below)")
+    command.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default ./{DEFAULT_OUT})")
+    command.set_defaults(run=_eval)
+
+
+def _add_show_parser(commands) -> None:
+    from .eval.tasks import TASK_NAMES
+
+    command = commands.add_parser(
+        "show",
+        help="plot the block mask a method picks for one layer on a real prompt (PNG)",
+        description=(
+            "Capture one layer's queries and keys on a task prompt, run the method's estimator and plot "
+            "the mask per head; the needle's key block is marked in red."
+        ),
+    )
+    _add_model_arguments(command)
+    command.add_argument(
+        "--method", default="xattention", help=f"the method variant, {_VARIANT_HELP} (default xattention)"
+    )
+    command.add_argument("--task", default="niah", choices=TASK_NAMES, help="the prompt's task (default niah)")
+    command.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default 4096)")
+    command.add_argument("--depth", type=float, default=0.5, help="needle depth (default 0.5)")
+    command.add_argument("--seed", type=int, default=0, help="sample seed (default 0)")
+    command.add_argument("--layer", type=int, help="layer index (default: the first full-attention layer)")
+    command.add_argument("--block-size", type=int, default=128, help="block size of the pattern (default 128)")
+    command.add_argument("--out", type=Path, help=f"PNG path (default ./{DEFAULT_OUT}/mask_<method>_layer<N>.png)")
+    command.set_defaults(run=_show)
 
 
 def main(argv: list[str] | None = None) -> int:
