@@ -43,9 +43,12 @@ def reference_attention(
     n_q, n_kv, max_kv = pattern.num_q_blocks, pattern.num_kv_blocks, pattern.max_kv
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    k_blocks = _blocked(k.to(compute_dtype), block_k, n_kv)
-    v_blocks = _blocked(v.to(compute_dtype), block_k, n_kv)
-    q_blocks = _blocked(q.to(compute_dtype), block_q, n_q)
+    # Inputs stay in their dtype; each step converts only what it gathers.
+    k_blocks = _blocked(k, block_k, n_kv)
+    v_blocks = _blocked(v, block_k, n_kv)
+    q_blocks = _blocked(q, block_q, n_q)
+    out = q.new_empty((batch, q_heads, n_q * block_q, dim))
+    lse_out = torch.empty((batch, q_heads, n_q * block_q), dtype=torch.float32, device=q.device)
 
     offset = seq_k - seq_q
     slots = torch.arange(max_kv, device=q.device)
@@ -59,22 +62,21 @@ def reference_attention(
     heads_per_chunk = min(q_heads, max(1, _SCORE_BUDGET // per_head_block))
     blocks_per_chunk = max(1, _SCORE_BUDGET // (per_head_block * heads_per_chunk))
 
-    head_outputs, head_lses = [], []
     for first_head in range(0, q_heads, heads_per_chunk):
         # Index maps from (batch, query head) to the pattern's batch/head and the KV head.
         query_head = torch.arange(first_head, min(first_head + heads_per_chunk, q_heads), device=q.device)
         pattern_head = (query_head // (q_heads // pattern.num_heads))[None, :, None]
         kv_head = (query_head // group)[None, :, None]
-        outputs, lses = [], []
+        heads = slice(int(query_head[0]), int(query_head[-1]) + 1)
         for first in range(0, n_q, blocks_per_chunk):
             blocks = torch.arange(first, min(first + blocks_per_chunk, n_q), device=q.device)
             counts = pattern.kv_counts[pattern_batch, pattern_head, blocks[None, None, :]]  # (B, h, c)
             indices = pattern.kv_indices[pattern_batch[..., None], pattern_head[..., None], blocks[None, None, :, None], slots]
             used = slots < counts[..., None]  # (B, h, c, max_kv)
             indices = torch.where(used, indices, 0).long()
-            keys = k_blocks[batch_index[..., None], kv_head[..., None], indices].flatten(3, 4)  # (B, h, c, max_kv*bk, D)
-            values = v_blocks[batch_index[..., None], kv_head[..., None], indices].flatten(3, 4)
-            queries = q_blocks[:, query_head][:, :, blocks]  # (B, h, c, bq, D)
+            keys = k_blocks[batch_index[..., None], kv_head[..., None], indices].flatten(3, 4).to(compute_dtype)
+            values = v_blocks[batch_index[..., None], kv_head[..., None], indices].flatten(3, 4).to(compute_dtype)
+            queries = q_blocks[:, heads, blocks].to(compute_dtype)  # (B, h, c, bq, D)
             scores = torch.matmul(queries, keys.transpose(-1, -2)) * scale  # (B, h, c, bq, max_kv*bk)
 
             key_pos = (indices[..., None] * block_k + token_in_block).flatten(3, 4)  # (B, h, c, max_kv*bk)
@@ -86,11 +88,9 @@ def reference_attention(
             scores = scores.masked_fill(~visible, float("-inf"))
             lse = torch.logsumexp(scores, dim=-1)  # (B, h, c, bq)
             probabilities = torch.exp(scores - lse[..., None])
-            outputs.append(torch.matmul(probabilities, values).flatten(2, 3))
-            lses.append(lse.flatten(2, 3))
-        head_outputs.append(torch.cat(outputs, dim=2))
-        head_lses.append(torch.cat(lses, dim=2))
-    out = torch.cat(head_outputs, dim=1)[:, :, :seq_q].to(q.dtype)
+            rows = slice(first * block_q, (first + len(blocks)) * block_q)
+            out[:, heads, rows] = torch.matmul(probabilities, values).flatten(2, 3).to(q.dtype)
+            lse_out[:, heads, rows] = lse.flatten(2, 3).float()
     if return_lse:
-        return out, torch.cat(head_lses, dim=1)[:, :, :seq_q].float()
-    return out
+        return out[:, :, :seq_q], lse_out[:, :, :seq_q]
+    return out[:, :, :seq_q]
