@@ -1,0 +1,61 @@
+"""The kernel benchmark's arithmetic and the ``sparse-attn bench`` / ``methods`` commands (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import token_mask
+
+import sparse_attn as sa
+from sparse_attn.bench import visible_pairs
+from sparse_attn.cli import main
+
+
+@pytest.mark.parametrize("seq_q, seq_k, block_q, block_k", [(64, 64, 16, 16), (50, 90, 16, 32), (77, 77, 32, 16)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_visible_pairs_counts_the_computed_query_key_pairs(seq_q, seq_k, block_q, block_k, causal):
+    pattern = sa.random_pattern(
+        batch=2, heads=3, seq_q=seq_q, seq_k=seq_k, density=0.5, block_q=block_q, block_k=block_k, causal=causal, seed=1
+    )
+    expected = int(token_mask(pattern, batch=2, q_heads=3, causal=causal).sum())
+    assert visible_pairs(pattern, causal=causal) == expected
+
+
+def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "--device", "cpu", "--lengths", "256", "--densities", "0.5", "1.0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "flex ms" in printed and "reference ms" in printed and "sdpa ms" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["seq"] for row in rows] == [256, 256]
+    assert rows[1]["density"] == 1.0 and rows[1]["pair_fraction"] == 1.0
+    for row in rows:
+        assert not row["errors"]
+        assert row["flex_ms"] > 0 and row["reference_ms"] > 0 and row["sdpa_ms"] > 0
+
+
+def test_methods_command_lists_every_method_with_paper_and_defaults(capsys):
+    assert main(["methods"]) == 0
+    printed = capsys.readouterr().out
+    for method in sa.list_methods():
+        assert method.name in printed and method.paper in printed
+    assert "threshold=0.9" in printed  # xattention's default
+
+
+def test_bench_rejects_unknown_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["benchmark"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_dense_baselines_time_sdpa_on_cpu():
+    from sparse_attn.bench import dense_baselines
+
+    q = torch.randn(1, 4, 32, 16)
+    k = torch.randn(1, 2, 32, 16)
+    runners = dense_baselines(q, k, k, torch.device("cpu"))
+    assert list(runners) == ["sdpa"]
+    out = runners["sdpa"]()
+    assert out.shape == q.shape
