@@ -80,8 +80,21 @@ def mean_pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """
     batch, heads, length, dim = x.shape
     n = num_blocks(length, block)
-    padded = F.pad(x.float(), (0, 0, 0, n * block - length))
-    sums = padded.view(batch, heads, n, block, dim).sum(3)
+    whole = length // block
+    # No padded or float32 copy of the whole sequence (at 128K tokens and 32 heads one would
+    # take 2 GiB): full blocks are summed from a view, the partial block separately, a few
+    # heads at a time so any float32 temporary stays under CHUNK_ELEMENTS.
+    heads_per_chunk = max(1, CHUNK_ELEMENTS // max(1, batch * length * dim))
+    sums = torch.empty((batch, heads, n, dim), dtype=torch.float32, device=x.device)
+    for first in range(0, heads, heads_per_chunk):
+        part = x[:, first : first + heads_per_chunk]
+        chunk = part.shape[1]
+        if whole:
+            blocks = part[:, :, : whole * block].reshape(batch, chunk, whole, block, dim)
+            sums[:, first : first + chunk, :whole] = blocks.sum(3, dtype=torch.float32)
+        if whole < n:
+            tail = part[:, :, whole * block :]
+            sums[:, first : first + chunk, whole:] = tail.sum(2, keepdim=True, dtype=torch.float32)
     counts = torch.full((n,), float(block), device=x.device)
     counts[-1] = length - (n - 1) * block
     return sums / counts[:, None]
