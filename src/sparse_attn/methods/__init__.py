@@ -1,3 +1,16 @@
 """Estimators: one module per method; importing this package registers them all."""
 
-from . import block_topk, dense, flexprefill, power, proxyattn, random, streaming, strided_shards, tri_shape, vertical_slash, xattention  # noqa: F401  (imported for registration)
+# Imported for registration.
+from . import (  # noqa: F401
+    block_topk,
+    dense,
+    flexprefill,
+    power,
+    proxyattn,
+    random,
+    streaming,
+    strided_shards,
+    tri_shape,
+    vertical_slash,
+    xattention,
+)

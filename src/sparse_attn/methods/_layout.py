@@ -36,6 +36,12 @@ def check_int_option(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_window_options(sink_tokens: int, local_tokens: int) -> None:
+    """The sink / local-window sizes shared by the A-shape family of configs."""
+    check_int_option("sink_tokens", sink_tokens, 0)
+    check_int_option("local_tokens", local_tokens, 1)
+
+
 def tokens_to_blocks(tokens: int, block: int) -> int:
     """Blocks of ``block`` tokens needed to hold ``tokens`` tokens (ceil), so a budget in
     tokens never shrinks when converted."""

@@ -20,10 +20,10 @@ configuration runs, with bf16 products taken in float32 (the interpreter's bf16 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from ..backends.triton_kernel import interpreting
 from ..pattern import num_blocks
 from ._common import CHUNK_ELEMENTS, cells_to_block_probs
 
@@ -36,10 +36,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 _LOG2_E = 1.4426950408889634
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _is_power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
 
@@ -48,7 +44,7 @@ def antidiagonal_triton_unsupported_reason(q: torch.Tensor, *, stride: int, bloc
     """Why the Triton antidiagonal kernel cannot run this case, or ``None``."""
     if triton is None:
         return "triton is not installed"
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         return "needs a CUDA device (or TRITON_INTERPRET=1)"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"takes float16, bfloat16 or float32, not {q.dtype}"
@@ -200,7 +196,7 @@ def antidiagonal_block_probs_triton(
     cells_per_kv_block = block_k // stride
     chunk_heads = max(1, min(q_heads, CHUNK_ELEMENTS // (batch * q_cells * n_kv)))
     is_float32 = q.dtype == torch.float32
-    dot_in_float32 = is_float32 or (_interpreting() and q.dtype == torch.bfloat16)
+    dot_in_float32 = is_float32 or (interpreting() and q.dtype == torch.bfloat16)
     constants = dict(
         HEAD_DIM=dim,
         STRIDE=stride,
@@ -221,7 +217,7 @@ def antidiagonal_block_probs_triton(
             head_start, heads, q_heads // kv_heads,
             seq_q, seq_k, q_cells, k_cells, n_kv, scale / stride * _LOG2_E,
         )  # fmt: skip
-        if _interpreting():
+        if interpreting():
             block_m, block_n = 16, max(16, cells_per_kv_block)
             _antidiagonal_row_block_lse[(num_blocks(q_cells, block_m), batch * heads)](
                 *args, BLOCK_M=block_m, BLOCK_N=block_n, **constants

@@ -34,7 +34,7 @@ from ..pattern import BlockSparsePattern
 from ..registry import register_method
 from ._layout import (
     block_distance,
-    check_int_option,
+    check_window_options,
     power_of_two_distance_mask,
     shared_static_pattern,
     token_window_mask,
@@ -47,8 +47,7 @@ class PowerConfig:
     local_tokens: int = 1280  # keys of the local window, the query's own block included
 
     def __post_init__(self) -> None:
-        check_int_option("sink_tokens", self.sink_tokens, 0)
-        check_int_option("local_tokens", self.local_tokens, 1)
+        check_window_options(self.sink_tokens, self.local_tokens)
 
 
 @register_method(

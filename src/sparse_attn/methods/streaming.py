@@ -30,7 +30,7 @@ import torch
 
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._layout import check_int_option, shared_static_pattern, token_window_mask
+from ._layout import check_window_options, shared_static_pattern, token_window_mask
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ class StreamingConfig:
     local_tokens: int = 3968  # keys of the local window, the query's own block included
 
     def __post_init__(self) -> None:
-        check_int_option("sink_tokens", self.sink_tokens, 0)
-        check_int_option("local_tokens", self.local_tokens, 1)
+        check_window_options(self.sink_tokens, self.local_tokens)
 
 
 @register_method(

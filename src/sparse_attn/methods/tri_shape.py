@@ -28,7 +28,7 @@ import torch
 
 from ..pattern import BlockSparsePattern, num_blocks
 from ..registry import register_method
-from ._layout import check_int_option, shared_static_pattern, token_window_mask
+from ._layout import check_int_option, check_window_options, shared_static_pattern, token_window_mask
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,7 @@ class TriShapeConfig:
     last_q_tokens: int = 100  # the last queries, which attend densely
 
     def __post_init__(self) -> None:
-        check_int_option("sink_tokens", self.sink_tokens, 0)
-        check_int_option("local_tokens", self.local_tokens, 1)
+        check_window_options(self.sink_tokens, self.local_tokens)
         check_int_option("last_q_tokens", self.last_q_tokens, 0)
 
 
