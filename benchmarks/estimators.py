@@ -136,6 +136,19 @@ def peak_extra_mib(fn, device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def print_profile(label: str, fn, device: torch.device, top: int = 12) -> None:
+    """Where one warmed-up call spends its GPU time: the ``top`` kernels by total CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    print(f"--- profile: {label}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70), flush=True)
+
+
 def measure(fn, device: torch.device):
     try:
         return time_ms(fn, device), None
@@ -147,7 +160,10 @@ def ratio(numerator, denominator):
     return None if numerator is None or not denominator else numerator / denominator
 
 
-def run_length(shape: Shape, methods, *, strength: float, recall_heads: int, device: torch.device, kernel_backend: str):
+def run_length(
+    shape: Shape, methods, *, strength: float, recall_heads: int, device: torch.device, kernel_backend: str,
+    profile: bool = False,
+):  # fmt: skip
     q, k, v = structured_qkv(shape, strength=strength, device=device)
     dense = {name: measure(fn, device) for name, fn in dense_runners(q, k, v).items()}
     rows = []
@@ -171,6 +187,8 @@ def run_length(shape: Shape, methods, *, strength: float, recall_heads: int, dev
             rows.append(row)
             continue
         row["estimate_ms"], _ = measure(estimate, device)
+        if profile and device.type == "cuda":
+            print_profile(f"{method} estimate at {shape.seq}", estimate, device)
         row["kernel_ms"], kernel_error = measure(
             lambda: sa.block_sparse_attention(q, k, v, pattern, backend=kernel_backend), device
         )
@@ -198,6 +216,7 @@ def main() -> None:
     parser.add_argument("--recall-heads", type=int, default=4, help="query heads used for recall (0: skip recall)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (1K tokens, 4/2 heads, D 64, float32)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/estimators.json)")
+    parser.add_argument("--profile", action="store_true", help="also print each estimate's top GPU kernels (CUDA)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.quick:
@@ -212,7 +231,7 @@ def main() -> None:
     for shape in shapes:
         rows += run_length(
             shape, args.methods, strength=args.strength, recall_heads=args.recall_heads, device=device,
-            kernel_backend=kernel_backend,
+            kernel_backend=kernel_backend, profile=args.profile,
         )  # fmt: skip
     print()
     print(format_table(rows, COLUMNS))

@@ -111,17 +111,17 @@ if triton is not None:
                 scores = tl.dot(q.to(tl.float32), k_tile.to(tl.float32), input_precision=PRECISION)
             else:
                 scores = tl.dot(q, k_tile, input_precision=PRECISION)
-            scores = scores * qk_scale
             if MASKED:
                 visible = in_bounds[None, :]
                 if CAUSAL:
                     visible = visible & (key_pos[None, :] <= query_pos[:, None])
                 scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            # m is kept in scaled (log2) units; the scale is folded into one FMA per score.
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
             if MASKED:
                 # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
                 m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(scores - m_new[:, None])
+            p = tl.math.exp2(scores * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]

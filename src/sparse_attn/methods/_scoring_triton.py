@@ -125,7 +125,7 @@ if triton is not None:
         for start_n in range(0, key_cell_end, BLOCK_N):
             key_cells = start_n + offs_n
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for i in range(STRIDE):
+            for i in tl.static_range(STRIDE):
                 # Query cell rows last-to-first against key cell rows first-to-last: the antidiagonal.
                 q_rows = cells * STRIDE + (STRIDE - 1 - i)
                 k_rows = key_cells * STRIDE + i
@@ -157,9 +157,10 @@ if triton is not None:
                 mask=row_in_range[:, None] & (kv_blocks < n_kv)[None, :],
             )
 
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            # The row's running sum is rebuilt from the per-block sums: one exp2 per block, not per key.
+            m_new = tl.maximum(m_i, tl.max(block_max, 1))
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(scores - m_new[:, None]), 1)
+            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(block_lse - m_new[:, None]), 1)
             m_i = m_new
         row_lse = m_i + tl.math.log2(l_i)
         tl.store(RowLse + batch_head.to(tl.int64) * q_cells + cells, row_lse, mask=row_in_range)
