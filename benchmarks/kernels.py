@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     parser.add_argument("--dims", type=int, nargs="+", default=[128], help="head dims at every length")
-    parser.add_argument("--extra-dims", type=int, nargs="+", default=[64, 256], help="head dims at --extra-length")
+    parser.add_argument("--extra-dims", type=int, nargs="*", default=[64, 256], help="head dims at --extra-length")
     parser.add_argument("--extra-length", type=int, default=32768)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)")

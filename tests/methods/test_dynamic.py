@@ -236,6 +236,29 @@ def test_cumulative_mass_mask_keeps_fewest_entries_with_budgets():
     assert floor.sum(-1).tolist() == [3, 3]
 
 
+def test_cumulative_mass_mask_on_long_rows_scans_in_pieces():
+    # Rows past 64K entries take the piecewise scan; it must pick what a float64 scan picks.
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 70_001, generator=generator) ** 8
+    got = _common.cumulative_mass_mask(scores, 0.7)
+    values, order = torch.sort(scores.double(), dim=-1, descending=True, stable=True)
+    cumulative = values.cumsum(-1)
+    keep = ((cumulative - values) < 0.7 * cumulative[:, -1:]).sum(-1)
+    assert got.sum(-1).tolist() == keep.tolist()
+    assert torch.equal(got, torch.zeros_like(got).scatter_(-1, order, torch.arange(70_001) < keep[:, None]))
+    assert torch.allclose(_common._row_cumsum(scores), scores.double().cumsum(-1).float(), rtol=1e-5)
+
+
+def test_vertical_slash_block_mask_in_head_chunks_matches_whole(monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    vertical = torch.rand(2, 5, 300, generator=generator) < 0.03
+    slash = torch.rand(2, 5, 300, generator=generator) < 0.03
+    whole = _common.vertical_slash_block_mask(vertical, slash, seq_q=260, seq_k=300, block_q=16, block_k=32)
+    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 8 * 2 * 17 * 10 * 2)  # two heads per chunk
+    chunked = _common.vertical_slash_block_mask(vertical, slash, seq_q=260, seq_k=300, block_q=16, block_k=32)
+    assert torch.equal(chunked, whole)
+
+
 def _brute_force_antidiagonal(q, k, stride, block_q, block_k, scale, causal):
     """XAttention's block probabilities from explicit antidiagonal sums, one cell pair at a time."""
     batch, q_heads, seq_q, dim = q.shape

@@ -141,9 +141,29 @@ def _rank_mask(order: torch.Tensor, keep_count: torch.Tensor) -> torch.Tensor:
     return torch.zeros(order.shape, dtype=torch.bool, device=order.device).scatter_(-1, order, keep_sorted)
 
 
+_SCAN_PIECE = 1024
+
+
+def _row_cumsum(values: torch.Tensor) -> torch.Tensor:
+    """``cumsum`` over the last dim of 2-D ``values``; long rows are scanned in pieces.
+
+    A GPU scan over a few very long rows runs on a handful of thread blocks (at 128K
+    tokens a whole head's block scores are one row of a million entries); scanning
+    ``_SCAN_PIECE``-long pieces and adding each piece's exclusive prefix is parallel.
+    """
+    rows, length = values.shape
+    if length < 64 * _SCAN_PIECE:
+        return torch.cumsum(values, dim=-1)
+    pieces = -(-length // _SCAN_PIECE)
+    padded = F.pad(values, (0, pieces * _SCAN_PIECE - length)).view(rows, pieces, _SCAN_PIECE)
+    within = torch.cumsum(padded, dim=-1)
+    before = torch.cumsum(within[..., -1], dim=-1) - within[..., -1]
+    return (within + before[..., None]).view(rows, -1)[:, :length]
+
+
 def _cumulative_mass_rows(scores: torch.Tensor, threshold: float, budget: Budget) -> torch.Tensor:
     values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    cumulative = torch.cumsum(values, dim=-1)
+    cumulative = _row_cumsum(values)
     total = cumulative[..., -1:]
     # Keep every entry whose preceding mass is still short of the target (the entry that
     # crosses the threshold is kept).
@@ -455,8 +475,20 @@ def vertical_slash_block_mask(
     prefix sums, so the cost is ``O(n_q * n_kv)`` per head whatever the number of lines.
     """
     device = vertical.device
-    offset = seq_k - seq_q
     n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
+    # The prefix-count lookups hold a few int32 (n_q, n_kv) tensors per head: a few heads at a time.
+    batch, heads = vertical.shape[:2]
+    heads_per_chunk = max(1, CHUNK_ELEMENTS // (8 * batch * n_q * n_kv))
+    if heads > heads_per_chunk:
+        out = torch.empty((batch, heads, n_q, n_kv), dtype=torch.bool, device=device)
+        for first in range(0, heads, heads_per_chunk):
+            part = slice(first, first + heads_per_chunk)
+            out[:, part] = vertical_slash_block_mask(
+                vertical[:, part], slash[:, part], seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k,
+                causal=causal,
+            )  # fmt: skip
+        return out
+    offset = seq_k - seq_q
     q_first = torch.arange(n_q, device=device) * block_q + offset
     q_last = torch.clamp(q_first - offset + block_q, max=seq_q) - 1 + offset
     k_first = torch.arange(n_kv, device=device) * block_k

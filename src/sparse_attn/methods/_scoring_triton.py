@@ -125,7 +125,7 @@ if triton is not None:
         for start_n in range(0, key_cell_end, BLOCK_N):
             key_cells = start_n + offs_n
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for i in tl.static_range(STRIDE):
+            for i in range(STRIDE):
                 # Query cell rows last-to-first against key cell rows first-to-last: the antidiagonal.
                 q_rows = cells * STRIDE + (STRIDE - 1 - i)
                 k_rows = key_cells * STRIDE + i
