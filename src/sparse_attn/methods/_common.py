@@ -304,20 +304,28 @@ class ProbeSums:
 
 
 def _slash_sums(probs: torch.Tensor) -> torch.Tensor:
-    """Sum ``probs`` (…, L, Sk) of the last L positions along diagonals: (…, Sk) indexed by distance.
+    """Sum causal ``probs`` (…, L, Sk) of the last L positions along diagonals: (…, Sk) indexed by distance.
 
     Row ``r`` sits at position ``p = Sk - L + r``; its key ``t`` lies at distance
-    ``o = p - t``. With the keys shifted right by ``L`` (zero-padded on the left), distance
-    ``o = Sk - 1 - u`` of row ``r`` is at column ``r + 1 + u``: a row-dependent shift, read
-    as an ``as_strided`` shear (row stride ``width + 1``) without copying beyond the pad.
+    ``o = p - t``. With ``u = Sk - 1 - o``, row ``r`` holds distance ``o`` at column
+    ``u + r + 1 - L``, i.e. at flat offset ``r * (Sk + 1) + u + 1 - L``: a shear, read as an
+    ``as_strided`` view with row stride ``Sk + 1`` and no copy. Where the column is negative
+    the view reads the end of the previous row, which holds that row's future keys: zeros
+    under the causal mask, exactly what a distance beyond the row's position must add. Only
+    row 0 has no previous row; it is added separately.
     """
     *lead, rows, seq_k = probs.shape
-    width = seq_k + rows
-    padded = F.pad(probs, (rows, 0)).contiguous()
-    sheared = padded.as_strided(
-        size=(*lead, rows, seq_k), stride=(*padded.stride()[:-2], width + 1, 1), storage_offset=1
-    )
-    return sheared.sum(-2).flip(-1)
+    probs = probs.contiguous()
+    by_u = probs[..., 0, :].new_zeros(probs.shape[:-2] + (seq_k,))
+    by_u[..., rows - 1 :] = probs[..., 0, : seq_k - rows + 1]
+    if rows > 1:
+        sheared = probs.as_strided(
+            size=(*lead, rows - 1, seq_k),
+            stride=(*probs.stride()[:-2], seq_k + 1, 1),
+            storage_offset=probs.storage_offset() + seq_k + 2 - rows,
+        )
+        by_u += sheared.sum(-2)
+    return by_u.flip(-1)
 
 
 def _head_chunks(q_heads: int, group: int, heads_per_chunk: int) -> list[tuple[int, int]]:
@@ -335,24 +343,26 @@ def probe_last_queries(
 ) -> ProbeSums:
     """Softmax of the last ``num_queries`` queries against all keys, reduced to :class:`ProbeSums`.
 
-    Chunked over query heads so that the full-resolution probe rows of a chunk stay under a
-    quarter of :data:`CHUNK_ELEMENTS` floats.
+    Chunked over query heads so that the full-resolution probe rows of a chunk stay under
+    half of :data:`CHUNK_ELEMENTS` floats.
     """
     batch, q_heads, seq_q, _ = q.shape
     seq_k = k.shape[2]
     rows = min(num_queries, seq_q)
     group = gqa_group(q, k)
     probe = q[:, :, seq_q - rows :]
-    positions = torch.arange(seq_k - rows, seq_k, device=q.device)
-    future = torch.arange(seq_k, device=q.device)[None, :] > positions[:, None]
-    heads_per_chunk = max(1, CHUNK_ELEMENTS // (4 * batch * rows * seq_k))
+    # Only the last `rows` keys can lie in a probe row's future.
+    tail = torch.arange(rows, device=q.device)
+    future = tail[None, :] > tail[:, None]
+    # A (1,)-shaped float32 factor: one kernel both scales and upcasts 16-bit logits.
+    scale_factor = torch.tensor([scale], dtype=torch.float32, device=q.device)
+    heads_per_chunk = max(1, CHUNK_ELEMENTS // (2 * batch * rows * seq_k))
     vertical, slash = [], []
     for start, stop in _head_chunks(q_heads, group, heads_per_chunk):
         kv_start, kv_stop = start // group, max(start // group + 1, stop // group)
-        logits = _chunk_logits(probe[:, start:stop], k[:, kv_start:kv_stop]).float()
-        logits.mul_(scale)
+        logits = _chunk_logits(probe[:, start:stop], k[:, kv_start:kv_stop]) * scale_factor
         if causal:
-            logits.masked_fill_(future, float("-inf"))
+            logits[..., seq_k - rows :].masked_fill_(future, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         del logits
         vertical.append(probs.sum(-2))
