@@ -284,6 +284,7 @@ ANTIDIAGONAL_CASES = [
     pytest.param(2, 2, 1, 64, 64, 32, 8, 32, 32, True, torch.bfloat16, id="bf16-batch2"),
     pytest.param(1, 2, 2, 50, 77, 16, 4, 16, 16, False, torch.float32, id="non-causal"),
     pytest.param(1, 2, 1, 96, 96, 16, 8, 64, 16, True, torch.float32, id="large-q-block"),
+    pytest.param(1, 1, 1, 1100, 1100, 16, 8, 32, 16, True, torch.float32, id="more-kv-blocks-than-epilogue-tile"),
 ]
 
 
@@ -308,6 +309,72 @@ def _quiet_numpy():
     import numpy as np
 
     return np.errstate(divide="ignore")
+
+
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, seq_q, seq_k, step, block_q, block_k, causal, dtype",
+    [
+        (1, 2, 2, 64, 64, 4, 16, 16, True, torch.float32),
+        (2, 4, 2, 96, 130, 8, 32, 16, True, torch.float32),  # GQA, Sq < Sk, key tail
+        (1, 2, 1, 48, 80, 4, 16, 32, False, torch.float32),
+        (1, 1, 1, 2048, 2048, 16, 128, 16, True, torch.bfloat16),  # more KV blocks than the epilogue tile
+    ],
+)
+def test_sampled_row_kernel_matches_max_row_block_probs(
+    batch, q_heads, kv_heads, seq_q, seq_k, step, block_q, block_k, causal, dtype
+):
+    from sparse_attn.methods._scoring_triton import sampled_rows_block_max_probs_triton
+
+    q, k, _ = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, 16, dtype=dtype, seed=9)
+    rows = _common.sampled_query_rows(seq_q, block_q, step, "cpu")
+    assert torch.equal(rows, torch.arange(step - 1, seq_q, step))
+    q_rows = q[:, :, rows]
+    expected = _common.max_row_block_probs(
+        q_rows.float(), rows + (seq_k - seq_q), k.float(), row_blocks=rows // block_q,
+        n_q=num_blocks(seq_q, block_q), block_k=block_k, scale=0.25, causal=causal,
+    )  # fmt: skip
+    with _quiet_numpy():
+        got = sampled_rows_block_max_probs_triton(
+            q_rows, k, seq_q=seq_q, query_step=step, block_q=block_q, block_k=block_k, scale=0.25, causal=causal
+        )
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got, expected, atol=tolerance)
+
+
+@pytest.mark.gpu
+def test_sampled_row_kernel_matches_reference_on_gpu():
+    from sparse_attn.methods._scoring_triton import sampled_rows_block_max_probs_triton
+
+    seq, step = 8192, 16
+    q, k, _ = random_qkv(1, 8, 8, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=10)
+    rows = _common.sampled_query_rows(seq, 128, step, "cuda")
+    expected = _common.max_row_block_probs(
+        q[:, :, rows], rows, k, row_blocks=rows // 128, n_q=seq // 128, block_k=128, scale=128**-0.5, causal=True
+    )
+    got = sampled_rows_block_max_probs_triton(
+        q[:, :, rows], k, seq_q=seq, query_step=step, block_q=128, block_k=128, scale=128**-0.5, causal=True
+    )
+    assert torch.allclose(got, expected, atol=2e-3)
+
+
+def test_sampled_row_kernel_refuses_irregular_rows():
+    from sparse_attn.methods._scoring_triton import sampled_rows_triton_unsupported_reason
+
+    q_rows = torch.zeros(1, 1, 7, 16)
+    reason = sampled_rows_triton_unsupported_reason(q_rows, seq_q=100, query_step=16, block_q=64, block_k=64)
+    assert reason is not None and "every 16-th query" in reason
+
+
+def test_antidiagonal_triton_in_head_chunks_matches_one_chunk(monkeypatch):
+    from sparse_attn.methods import _scoring_triton
+
+    q, k, _ = random_qkv(2, 4, 2, 70, 90, 16, dtype=torch.float32, seed=8)
+    options = dict(stride=4, block_q=16, block_k=16, scale=0.25, causal=True)
+    with _quiet_numpy():
+        whole = antidiagonal_block_probs_triton(q, k, **options)
+        monkeypatch.setattr(_scoring_triton, "CHUNK_ELEMENTS", 2 * 18 * 6 * 3)  # three heads, then one
+        chunked = antidiagonal_block_probs_triton(q, k, **options)
+    assert torch.equal(chunked, whole)
 
 
 @pytest.mark.gpu

@@ -1,17 +1,19 @@
 """Triton scoring kernels for the estimators (each with a PyTorch reference in :mod:`._common`).
 
 ``antidiagonal_block_probs_triton`` computes XAttention's block importance (reference:
-:func:`._common.antidiagonal_block_probs_reference`) in one pass over the strided scores:
+:func:`._common.antidiagonal_block_probs_reference`) in one kernel:
 
 * one program scores ``BLOCK_M`` query cells against key cells, ``BLOCK_N`` at a time; a
   cell pair's antidiagonal sum is ``stride`` ``(BLOCK_M x D) @ (D x BLOCK_N)`` products of
   row-strided loads, so the ``(cells, stride * D)`` cell vectors are never built;
 * per tile it writes, for each query cell and each KV block, the log-sum-exp of the cell's
-  scores over that block, and keeps each row's running log-sum-exp (online softmax);
-* a final PyTorch step turns them into probabilities ``exp(lse_row_block - lse_row)`` and
-  averages the rows of each query block.
+  scores over that block to a scratch buffer, and keeps each row's running log-sum-exp
+  (online softmax);
+* after its last tile the program reads its own scratch rows back, turns them into
+  probabilities ``exp(lse_row_block - lse_row)`` and averages the cells of each query block,
+  writing the ``(query block, KV block)`` probabilities directly.
 
-The per-(query cell, KV block) log-sum-exps are the only large intermediate: float32
+The per-(query cell, KV block) scratch is the only large intermediate: float32
 ``(B, heads, Sq / stride, n_kv)``, processed a few heads at a time so that it stays under
 ``CHUNK_ELEMENTS`` floats (256 MiB). Under ``TRITON_INTERPRET=1`` (CPU tests) one small tile
 configuration runs, with bf16 products taken in float32 (the interpreter's bf16 dot is wrong).
@@ -25,7 +27,7 @@ import torch
 
 from ..backends.triton_kernel import interpreting
 from ..pattern import num_blocks
-from ._common import CHUNK_ELEMENTS, cells_to_block_probs
+from ._common import CHUNK_ELEMENTS
 
 try:
     import triton
@@ -40,7 +42,7 @@ def _is_power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
 
 
-def antidiagonal_triton_unsupported_reason(q: torch.Tensor, *, stride: int, block_k: int) -> str | None:
+def antidiagonal_triton_unsupported_reason(q: torch.Tensor, *, stride: int, block_q: int, block_k: int) -> str | None:
     """Why the Triton antidiagonal kernel cannot run this case, or ``None``."""
     if triton is None:
         return "triton is not installed"
@@ -52,15 +54,17 @@ def antidiagonal_triton_unsupported_reason(q: torch.Tensor, *, stride: int, bloc
         return f"takes head_dim 16, 32, 64, 128 or 256, not {q.shape[-1]}"
     if not _is_power_of_two(stride):
         return f"needs a power-of-two stride, got {stride}"
-    cells_per_kv_block = block_k // stride
-    if not _is_power_of_two(cells_per_kv_block) or cells_per_kv_block > 128:
-        return f"needs block_k / stride to be a power of two <= 128, got {block_k} / {stride}"
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        cells = block // stride
+        if block % stride or not _is_power_of_two(cells) or cells > 128:
+            return f"needs {name} / stride to be a power of two <= 128, got {block} / {stride}"
     return None
 
 
-def triton_scoring_available(q: torch.Tensor, *, stride: int, block_k: int) -> bool:
+def triton_scoring_available(q: torch.Tensor, *, stride: int, block_q: int, block_k: int) -> bool:
     """Whether estimators should take the Triton path: on CUDA, when the kernel supports the case."""
-    return q.device.type == "cuda" and antidiagonal_triton_unsupported_reason(q, stride=stride, block_k=block_k) is None
+    reason = antidiagonal_triton_unsupported_reason(q, stride=stride, block_q=block_q, block_k=block_k)
+    return q.device.type == "cuda" and reason is None
 
 
 if triton is not None:
@@ -70,7 +74,7 @@ if triton is not None:
         Q,
         K,
         RowBlockLse,
-        RowLse,
+        BlockProbs,
         stride_qb,
         stride_qh,
         stride_qs,
@@ -79,15 +83,21 @@ if triton is not None:
         stride_ks,
         head_start,
         chunk_heads,
+        num_q_heads,
         group,
+        q_len,
         seq_q,
         seq_k,
         q_cells,
         k_cells,
+        n_q,
         n_kv,
         qk_scale,
         HEAD_DIM: tl.constexpr,
         STRIDE: tl.constexpr,
+        QUERY_STEP: tl.constexpr,
+        REDUCE_MAX: tl.constexpr,
+        CELLS_PER_Q_BLOCK: tl.constexpr,
         CELLS_PER_KV_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -95,7 +105,12 @@ if triton is not None:
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        """Per query cell: log2-sum-exp2 of its scores per KV block, and over all visible keys."""
+        """Per (query block, KV block): the mean (or max) over the block's query cells of the cell's softmax mass.
+
+        Query cell ``c`` is ``STRIDE`` rows of Q (``q_len`` rows in all) whose last query sits at
+        position ``(c + 1) * STRIDE * QUERY_STEP - 1`` of the ``seq_q`` queries: ``QUERY_STEP`` > 1
+        when Q holds every ``QUERY_STEP``-th query row only (ProxyAttn's sampled rows).
+        """
         # Heaviest (last) query tiles first: causal rows grow with position.
         tile = tl.num_programs(0) - 1 - tl.program_id(0)
         batch_head = tl.program_id(1)
@@ -111,9 +126,9 @@ if triton is not None:
         k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
         offset = seq_k - seq_q
         # Last query position of each cell: a key cell is visible when its first key is not later.
-        last_query = tl.minimum((cells + 1) * STRIDE, seq_q) - 1 + offset
+        last_query = tl.minimum((cells + 1) * STRIDE * QUERY_STEP, seq_q) - 1 + offset
         if CAUSAL:
-            tile_last_query = tl.minimum((tile * BLOCK_M + BLOCK_M) * STRIDE, seq_q) - 1 + offset
+            tile_last_query = tl.minimum((tile * BLOCK_M + BLOCK_M) * STRIDE * QUERY_STEP, seq_q) - 1 + offset
             key_cell_end = tl.minimum(tile_last_query // STRIDE + 1, k_cells)
         else:
             key_cell_end = k_cells
@@ -130,7 +145,7 @@ if triton is not None:
                 q_rows = cells * STRIDE + (STRIDE - 1 - i)
                 k_rows = key_cells * STRIDE + i
                 q_i = tl.load(
-                    q_base + q_rows[:, None] * stride_qs + offs_d[None, :], mask=(q_rows < seq_q)[:, None], other=0.0
+                    q_base + q_rows[:, None] * stride_qs + offs_d[None, :], mask=(q_rows < q_len)[:, None], other=0.0
                 )
                 k_i = tl.load(
                     k_base + k_rows[:, None] * stride_ks + offs_d[None, :], mask=(k_rows < seq_k)[:, None], other=0.0
@@ -163,37 +178,76 @@ if triton is not None:
             l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(block_lse - m_new[:, None]), 1)
             m_i = m_new
         row_lse = m_i + tl.math.log2(l_i)
-        tl.store(RowLse + batch_head.to(tl.int64) * q_cells + cells, row_lse, mask=row_in_range)
+
+        # Epilogue: read this program's scratch rows back (written above by other threads of
+        # the program, hence the barrier) and average each query block's cell probabilities.
+        tl.debug_barrier()
+        Q_BLOCKS: tl.constexpr = BLOCK_M // CELLS_PER_Q_BLOCK
+        BLOCK_J: tl.constexpr = 64
+        q_blocks = tile * Q_BLOCKS + tl.arange(0, Q_BLOCKS)
+        cells_in_block = tl.maximum(tl.minimum(q_cells - q_blocks * CELLS_PER_Q_BLOCK, CELLS_PER_Q_BLOCK), 1).to(tl.float32)
+        n_written = tl.minimum(tl.cdiv(key_cell_end, BLOCK_N) * BLOCKS_PER_TILE, n_kv)
+        probs_rows = BlockProbs + (batch * num_q_heads + head).to(tl.int64) * n_q * n_kv + q_blocks.to(tl.int64) * n_kv
+        for start_j in range(0, n_written, BLOCK_J):
+            kv_blocks = start_j + tl.arange(0, BLOCK_J)
+            written = kv_blocks < n_written
+            lse = tl.load(out_rows[:, None] + kv_blocks[None, :], mask=row_in_range[:, None] & written[None, :], other=0.0)
+            p = tl.where(row_in_range[:, None] & written[None, :], tl.math.exp2(lse - row_lse[:, None]), 0.0)
+            per_q_block = tl.reshape(p, (Q_BLOCKS, CELLS_PER_Q_BLOCK, BLOCK_J))
+            if REDUCE_MAX:
+                reduced = tl.max(per_q_block, axis=1)
+            else:
+                reduced = tl.sum(per_q_block, axis=1) / cells_in_block[:, None]
+            tl.store(
+                probs_rows[:, None] + kv_blocks[None, :],
+                reduced,
+                mask=(q_blocks < n_q)[:, None] & written[None, :],
+            )
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for 16-bit inputs on Hopper.
-_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for 16-bit inputs on Hopper. Each key
+# tile reloads the query cells' strided rows, so wide tiles (fewer reloads per product) are
+# in the set; those that do not fit a GPU's shared memory or registers are skipped by the
+# autotuner.
+_CONFIGS = [
+    (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2),
+    (128, 256, 8, 2), (256, 128, 8, 2), (64, 256, 8, 2),
+]  # fmt: skip
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned_kernel(cells_per_kv_block: int, is_float32: bool):
+def _autotuned_kernel(cells_per_q_block: int, cells_per_kv_block: int, is_float32: bool):
     candidates = [(32, 32, 4, 2)] if is_float32 else _CONFIGS
     configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": max(n, cells_per_kv_block)}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": max(m, cells_per_q_block), "BLOCK_N": max(n, cells_per_kv_block)}, num_warps=w, num_stages=s)
         for m, n, w, s in candidates
     ]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "STRIDE", "CELLS_PER_KV_BLOCK", "CAUSAL", "PRECISION"])(
-        _antidiagonal_row_block_lse
-    )
+    # Several candidates can collapse to one tile shape for large blocks: keep each once.
+    unique = list({(str(c.kwargs), c.num_warps, c.num_stages): c for c in configs}.values())
+    key = ["HEAD_DIM", "STRIDE", "QUERY_STEP", "REDUCE_MAX", "CELLS_PER_Q_BLOCK", "CELLS_PER_KV_BLOCK", "CAUSAL", "PRECISION"]
+    return triton.autotune(configs=unique, key=key)(_antidiagonal_row_block_lse)
 
 
-def antidiagonal_block_probs_triton(
-    q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int, scale: float, causal: bool
+def _block_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    stride: int,
+    query_step: int,
+    reduce_max: bool,
+    seq_q: int,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    causal: bool,
 ) -> torch.Tensor:
-    """Same result as :func:`._common.antidiagonal_block_probs_reference`, with the Triton kernel."""
-    reason = antidiagonal_triton_unsupported_reason(q, stride=stride, block_k=block_k)
-    if reason is not None:
-        raise ValueError(f"the Triton antidiagonal kernel cannot run this case: {reason}")
-    batch, q_heads, seq_q, dim = q.shape
+    """Launch the kernel over head chunks; float32 ``(B, Hq, n_q, n_kv)``, blocks past the causal extent 0."""
+    batch, q_heads, q_len, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
-    q_cells, k_cells = num_blocks(seq_q, stride), num_blocks(seq_k, stride)
-    n_kv = num_blocks(seq_k, block_k)
+    q_cells, k_cells = num_blocks(q_len, stride), num_blocks(seq_k, stride)
+    n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
+    cells_per_q_block = block_q // (stride * query_step)
     cells_per_kv_block = block_k // stride
     chunk_heads = max(1, min(q_heads, CHUNK_ELEMENTS // (batch * q_cells * n_kv)))
     is_float32 = q.dtype == torch.float32
@@ -201,33 +255,88 @@ def antidiagonal_block_probs_triton(
     constants = dict(
         HEAD_DIM=dim,
         STRIDE=stride,
+        QUERY_STEP=query_step,
+        REDUCE_MAX=reduce_max,
+        CELLS_PER_Q_BLOCK=cells_per_q_block,
         CELLS_PER_KV_BLOCK=cells_per_kv_block,
         CAUSAL=bool(causal),
         DOT_FP32=dot_in_float32,
         PRECISION="ieee" if dot_in_float32 else "tf32",
     )
-    pieces = []
+    # Blocks past a query block's causal extent are never written: they stay 0.
+    probs = torch.zeros((batch, q_heads, n_q, n_kv), dtype=torch.float32, device=q.device)
+    scratch = torch.empty((batch, min(chunk_heads, q_heads), q_cells, n_kv), dtype=torch.float32, device=q.device)
     for head_start in range(0, q_heads, chunk_heads):
         heads = min(chunk_heads, q_heads - head_start)
-        # Blocks past a row's causal extent are never written: they stay at -inf (probability 0).
-        row_block_lse = torch.full((batch, heads, q_cells, n_kv), float("-inf"), device=q.device)
-        row_lse = torch.empty((batch, heads, q_cells), device=q.device)
         args = (
-            q, k, row_block_lse, row_lse,
+            q, k, scratch, probs,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            head_start, heads, q_heads // kv_heads,
-            seq_q, seq_k, q_cells, k_cells, n_kv, scale / stride * _LOG2_E,
+            head_start, heads, q_heads, q_heads // kv_heads,
+            q_len, seq_q, seq_k, q_cells, k_cells, n_q, n_kv, scale / stride * _LOG2_E,
         )  # fmt: skip
         if interpreting():
-            block_m, block_n = 16, max(16, cells_per_kv_block)
+            block_m, block_n = max(16, cells_per_q_block), max(16, cells_per_kv_block)
             _antidiagonal_row_block_lse[(num_blocks(q_cells, block_m), batch * heads)](
                 *args, BLOCK_M=block_m, BLOCK_N=block_n, **constants
             )
         else:
-            kernel = _autotuned_kernel(cells_per_kv_block, is_float32)
+            kernel = _autotuned_kernel(cells_per_q_block, cells_per_kv_block, is_float32)
             kernel[lambda meta: (num_blocks(q_cells, meta["BLOCK_M"]), batch * heads)](*args, **constants)
-        # In place: the log2 scores become probabilities exp2(lse_row_block - lse_row).
-        cell_probs = row_block_lse.sub_(row_lse[..., None]).exp2_()
-        pieces.append(cells_to_block_probs(cell_probs, block_q // stride))
-        del row_block_lse, row_lse, cell_probs
-    return torch.cat(pieces, dim=1)
+    return probs
+
+
+def antidiagonal_block_probs_triton(
+    q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int, scale: float, causal: bool
+) -> torch.Tensor:
+    """Same result as :func:`._common.antidiagonal_block_probs_reference`, with the Triton kernel."""
+    reason = antidiagonal_triton_unsupported_reason(q, stride=stride, block_q=block_q, block_k=block_k)
+    if reason is not None:
+        raise ValueError(f"the Triton antidiagonal kernel cannot run this case: {reason}")
+    return _block_probs(
+        q, k, stride=stride, query_step=1, reduce_max=False, seq_q=q.shape[2], block_q=block_q, block_k=block_k,
+        scale=scale, causal=causal,
+    )  # fmt: skip
+
+
+def sampled_rows_triton_unsupported_reason(
+    q_rows: torch.Tensor, *, seq_q: int, query_step: int, block_q: int, block_k: int
+) -> str | None:
+    """Why :func:`sampled_rows_block_max_probs_triton` cannot run this case, or ``None``."""
+    reason = antidiagonal_triton_unsupported_reason(q_rows, stride=1, block_q=block_q // query_step, block_k=block_k)
+    if reason is not None:
+        return reason
+    if block_q % query_step or seq_q % query_step or q_rows.shape[2] != seq_q // query_step:
+        return (
+            f"needs the sampled rows to be every {query_step}-th query (block_q {block_q} and seq_q {seq_q} "
+            f"multiples of it, {seq_q // query_step} rows), got {q_rows.shape[2]} rows"
+        )
+    return None
+
+
+def sampled_rows_block_max_probs_triton(
+    q_rows: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    seq_q: int,
+    query_step: int,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """:func:`._common.max_row_block_probs` for rows sampled every ``query_step`` queries, in the kernel.
+
+    ``q_rows`` ``(B, Hq, seq_q / query_step, D)`` holds query rows ``query_step - 1,
+    2 * query_step - 1, ...`` of ``seq_q`` queries (the last ``seq_q`` of ``k``'s positions).
+    Returns float32 ``(B, Hq, n_q, n_kv)``: per query block, the largest share of its
+    attention that any of its sampled rows puts on each KV block.
+    """
+    reason = sampled_rows_triton_unsupported_reason(
+        q_rows, seq_q=seq_q, query_step=query_step, block_q=block_q, block_k=block_k
+    )
+    if reason is not None:
+        raise ValueError(f"the Triton sampled-row kernel cannot run this case: {reason}")
+    return _block_probs(
+        q_rows, k, stride=1, query_step=query_step, reduce_max=True, seq_q=seq_q, block_q=block_q, block_k=block_k,
+        scale=scale, causal=causal,
+    )  # fmt: skip

@@ -23,6 +23,11 @@ default values, so these are ours: ``proxy_heads=None`` (one proxy per KV head, 
 GQA group), ``query_stride=16``, ``gamma=0.9`` (the cumulative-attention level FlexPrefill
 uses), ``min_blocks=1``. The max-over-sampled-rows aggregation of token scores into block
 scores is our reading of "token-level block estimation".
+
+On CUDA, when the sampled rows are every ``query_stride``-th query (block and sequence
+lengths multiples of it), the proxy scores come from the Triton scoring kernel of
+:mod:`._scoring_triton` (one pass, no full-resolution score rows in memory); otherwise from
+the PyTorch reference :func:`._common.max_row_block_probs`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from ._common import (
     sampled_query_rows,
     topk_by_rank_mask,
 )
+from ._scoring_triton import sampled_rows_block_max_probs_triton, sampled_rows_triton_unsupported_reason
 
 
 @dataclass(frozen=True)
@@ -101,16 +107,25 @@ def estimate(
 
     rows = sampled_query_rows(seq_q, block_q, config.query_stride, q.device)
     proxy_q, proxy_k = proxy_queries_and_keys(q[:, :, rows], k, proxy_heads)
-    proxy_scores = max_row_block_probs(
-        proxy_q,
-        rows + (seq_k - seq_q),
-        proxy_k,
-        row_blocks=rows // block_q,
-        n_q=num_blocks(seq_q, block_q),
-        block_k=block_k,
-        scale=scale,
-        causal=causal,
+    regular = sampled_rows_triton_unsupported_reason(
+        proxy_q, seq_q=seq_q, query_step=config.query_stride, block_q=block_q, block_k=block_k
     )
+    if q.device.type == "cuda" and regular is None:
+        proxy_scores = sampled_rows_block_max_probs_triton(
+            proxy_q, proxy_k, seq_q=seq_q, query_step=config.query_stride, block_q=block_q, block_k=block_k,
+            scale=scale, causal=causal,
+        )  # fmt: skip
+    else:
+        proxy_scores = max_row_block_probs(
+            proxy_q,
+            rows + (seq_k - seq_q),
+            proxy_k,
+            row_blocks=rows // block_q,
+            n_q=num_blocks(seq_q, block_q),
+            block_k=block_k,
+            scale=scale,
+            causal=causal,
+        )
     # Each query head ranks blocks by its group's proxy scores.
     ranking = proxy_scores.repeat_interleave(q_heads // proxy_heads, dim=1)
 

@@ -67,7 +67,7 @@ def antidiagonal_block_probs(
         if block % stride != 0:
             raise ValueError(f"xattention needs {name} ({block}) to be a multiple of stride ({stride})")
     scale = default_scale(q)
-    if triton_scoring_available(q, stride=stride, block_k=block_k):
+    if triton_scoring_available(q, stride=stride, block_q=block_q, block_k=block_k):
         return antidiagonal_block_probs_triton(
             q, k, stride=stride, block_q=block_q, block_k=block_k, scale=scale, causal=causal
         )
