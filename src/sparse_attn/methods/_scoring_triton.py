@@ -212,6 +212,8 @@ if triton is not None:
 _CONFIGS = [
     (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2),
     (128, 256, 8, 2), (256, 128, 8, 2), (64, 256, 8, 2),
+    # Small tiles for head_dim 256 with 128-key blocks per tile (sampled rows, stride 1).
+    (64, 128, 8, 2), (32, 128, 4, 2), (32, 64, 4, 1),
 ]  # fmt: skip
 
 
