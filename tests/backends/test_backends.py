@@ -75,6 +75,18 @@ def test_triton_matches_reference(shape, dtype, causal, poison_outputs):
     _check_backend("triton", shape, dtype, causal, "cpu", seed=7)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 2, 1, 48, 96, 64, 32, 32), (2, 2, 2, 96, 200, 64, 32, 32)],
+    ids=["keys-whole-blocks-queries-not", "queries-whole-blocks-keys-not"],
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_whole_block_lengths_drop_bounds_masks(shape, causal, poison_outputs):
+    # The kernel drops bounds masks on keys (queries) when their length is a multiple of the
+    # pattern's block; each case has one side whole and the other with a tail.
+    _check_backend("triton", shape, torch.bfloat16, causal, "cpu", seed=4)
+
+
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_flex_matches_reference(shape, dtype):

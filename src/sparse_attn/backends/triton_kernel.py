@@ -83,8 +83,13 @@ if triton is not None:
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
         K_TRANSPOSED: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
-        """Online-softmax update over the KV blocks in slots ``[first_slot, last_slot)``."""
+        """Online-softmax update over the KV blocks in slots ``[first_slot, last_slot)``.
+
+        ``EVEN_K``: the key length is a multiple of the pattern's KV block, so no listed key
+        lies past the end and masked blocks need only the causal mask.
+        """
         SUBTILES: tl.constexpr = BLOCK_K // BLOCK_N
         for step in range(first_slot * SUBTILES, last_slot * SUBTILES):
             kv_block = tl.load(index_base + step // SUBTILES)
@@ -94,7 +99,7 @@ if triton is not None:
             k_rows = k_base + key_pos[:, None] * stride_ks + offs_d[None, :]
             k_columns = k_base + key_pos[None, :] * stride_ks + offs_d[:, None]
             v_rows = v_base + key_pos[:, None] * stride_vs + offs_d[None, :]
-            if MASKED:
+            if MASKED and not EVEN_K:
                 in_bounds = key_pos < seq_k
                 if K_TRANSPOSED:
                     k_tile = tl.load(k_columns, mask=in_bounds[None, :], other=0.0)
@@ -112,10 +117,14 @@ if triton is not None:
             else:
                 scores = tl.dot(q, k_tile, input_precision=PRECISION)
             if MASKED:
-                visible = in_bounds[None, :]
-                if CAUSAL:
-                    visible = visible & (key_pos[None, :] <= query_pos[:, None])
-                scores = tl.where(visible, scores, float("-inf"))
+                if EVEN_K:
+                    visible = key_pos[None, :] <= query_pos[:, None]
+                else:
+                    visible = in_bounds[None, :]
+                    if CAUSAL:
+                        visible = visible & (key_pos[None, :] <= query_pos[:, None])
+                if CAUSAL or not EVEN_K:
+                    scores = tl.where(visible, scores, float("-inf"))
             # m is kept in scaled (log2) units; the scale is folded into one FMA per score.
             m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
             if MASKED:
@@ -177,6 +186,8 @@ if triton is not None:
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
         K_TRANSPOSED: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EVEN_Q: tl.constexpr,
     ):
         batch_head = tl.program_id(0)
         # Heaviest (last) query tiles first: causal rows grow with position.
@@ -193,7 +204,11 @@ if triton is not None:
         k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
         v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
         row_in_range = rows < seq_q
-        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_in_range[:, None], other=0.0)
+        q_pointers = q_base + rows[:, None] * stride_qs + offs_d[None, :]
+        if EVEN_Q:  # the query length is a multiple of the pattern's query block: no row past the end
+            q = tl.load(q_pointers)
+        else:
+            q = tl.load(q_pointers, mask=row_in_range[:, None], other=0.0)
 
         pattern_head = head // pattern_head_divisor
         count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
@@ -208,19 +223,21 @@ if triton is not None:
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, k_base, v_base, index_base, 0, full_count, stride_ks, stride_vs,
             query_pos, seq_k, qk_scale, offs_n, offs_d,
-            BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED,
+            BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K,
         )  # fmt: skip
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, k_base, v_base, index_base, full_count, count, stride_ks, stride_vs,
             query_pos, seq_k, qk_scale, offs_n, offs_d,
-            BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED,
+            BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K,
         )  # fmt: skip
 
         out = acc / l_i[:, None]
         out_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-        tl.store(
-            out_base + rows[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_in_range[:, None]
-        )
+        out_pointers = out_base + rows[:, None] * stride_os + offs_d[None, :]
+        if EVEN_Q:
+            tl.store(out_pointers, out.to(Out.dtype.element_ty))
+        else:
+            tl.store(out_pointers, out.to(Out.dtype.element_ty), mask=row_in_range[:, None])
         if WRITE_LSE:
             # Scores were kept in log2 units; the LSE is returned in natural-log units.
             lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
@@ -341,6 +358,8 @@ def triton_attention(
         WRITE_LSE=bool(return_lse),
         DOT_FP32=dot_in_float32,
         PRECISION=precision,
+        EVEN_K=seq_k % pattern.block_k == 0,
+        EVEN_Q=seq_q % pattern.block_q == 0,
     )
     n_q_blocks = num_blocks(seq_q, pattern.block_q)
     if interpreting():

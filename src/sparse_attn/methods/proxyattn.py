@@ -18,10 +18,13 @@ Selection rule:
 3. Each head keeps, per query block, its budget of blocks ranked by its group's proxy
    scores. The diagonal is always kept.
 
-Defaults and choices: the paper's text available while writing this did not give its
-default values, so these are ours: ``proxy_heads=None`` (one proxy per KV head, i.e. per
-GQA group), ``query_stride=16``, ``gamma=0.9`` (the cumulative-attention level FlexPrefill
-uses), ``min_blocks=1``. The max-over-sampled-rows aggregation of token scores into block
+Defaults and choices: ``proxy_heads=None`` (one proxy per KV head, i.e. per GQA group),
+``query_stride=16``, ``gamma=0.9``, ``min_blocks=1``. The paper's own text was not available
+while writing this; a third-party summary of it reports proxies formed per GQA key group
+(their number chosen per model), a stride of 4 when scoring, max-pooling of token scores
+into blocks (as here), gamma 0.9 or 0.95, and a minimum budget of 2048 tokens. Those values
+are not adopted until checked against the paper: ``query_stride=16`` and ``min_blocks=1``
+remain ours (the benchmarks and the H100 frontier ran with them). The max-over-sampled-rows aggregation of token scores into block
 scores is our reading of "token-level block estimation".
 
 On CUDA, when the sampled rows are every ``query_stride``-th query (block and sequence

@@ -12,9 +12,12 @@ diagonal, i.e. per distance ``query position - key position`` (slash lines); kee
 crosses (a column at or before the query block's last query, or a diagonal joining one of
 its queries to one of the block's keys) is computed. The diagonal block is always kept.
 
-Defaults: ``last_q=64``, ``vertical_size=1000``, ``slash_size=6096``: MInference's
-vertical-slash setting (which it assigns per head after an offline search; here one
-setting serves every head). Sizes are clamped to the sequence. Choice where the paper is
+Defaults: ``last_q=64`` (the paper's value). The paper assigns each head its line counts
+by an offline search over (vertical, slash) in {(30, 2048), (100, 1800), (500, 1500),
+(3000, 200)} (its Table 7) on one calibration sample; there is no offline search here, so
+one setting serves every head: ``vertical_size=1000``, ``slash_size=6096``, the setting the
+authors' release gives heads without a searched configuration (a fact taken from their
+release, not from the paper's text). Sizes are clamped to the sequence. Choice where the paper is
 silent: MInference's kernel computes the lines at token granularity; a block-sparse
 pattern computes every block a line crosses, so the computed set is a superset.
 """
