@@ -3,7 +3,8 @@
 One program computes one tile of ``BLOCK_M`` query rows of one query head. It walks only
 the KV blocks its query block's list names, with the online softmax of FlashAttention-2:
 first the blocks every row sees in full (no mask work), then the rest (diagonal blocks and
-sequence tails) with the causal / bounds mask. GQA is resolved by index (query head ``h``
+sequence tails) with the causal / bounds mask. When the key (query) length is a whole
+number of pattern blocks, no bounds masks are built on key (query) loads and stores at all. GQA is resolved by index (query head ``h``
 reads KV head ``h // group``), so K and V are never expanded. Pattern blocks may be larger
 than the kernel tiles: a query block is split over several programs and a KV block over
 several inner iterations.
