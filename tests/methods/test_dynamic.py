@@ -90,6 +90,24 @@ def test_flexprefill_recall_on_planted_inputs_is_high_at_low_density():
     assert sa.metrics.recall(q, k, pattern) > 0.95
 
 
+def test_flexprefill_heads_of_both_kinds_take_their_own_masks():
+    from sparse_attn.methods import flexprefill
+
+    q, k, _ = random_qkv(2, 4, 2, 160, 160, 16, seed=12)
+    probe = _common.probe_last_queries(q, k, num_queries=16, block_k=16, scale=0.25, causal=True)
+    estimated = flexprefill.pooled_last_block_distribution(q, k, num_queries=16, block_k=16)
+    distance = flexprefill.jensen_shannon_distance(probe.block / probe.num_queries, estimated)
+    tau = float(distance.flatten().sort().values[3:5].mean())  # splits the 8 (batch, head) pairs
+    query_aware = distance < tau
+    assert 0 < int(query_aware.sum()) < query_aware.numel()
+    options = dict(gamma=0.6, min_budget=0)
+    mixed = estimate("flexprefill", q, k, tau=tau, **options).to_mask()
+    all_aware = estimate("flexprefill", q, k, tau=1.0, **options).to_mask()
+    all_lines = estimate("flexprefill", q, k, tau=0.0, **options).to_mask()
+    assert not torch.equal(all_aware, all_lines)
+    assert torch.equal(mixed, torch.where(query_aware[..., None, None], all_aware, all_lines))
+
+
 # Properties of every method ------------------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 def test_density_non_decreasing_as_the_budget_loosens(method):

@@ -36,6 +36,7 @@ from ..pattern import BlockSparsePattern
 from ..registry import register_method
 from ._common import (
     Budget,
+    ProbeSums,
     block_mask_to_pattern,
     block_softmax,
     check_fraction,
@@ -63,9 +64,7 @@ class FlexPrefillConfig:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
             raise TypeError(f"tau must be a float, got {type(self.tau).__name__}")
         if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(
-                f"tau must be in [0, 1] (a Jensen-Shannon distance), got {self.tau}"
-            )
+            raise ValueError(f"tau must be in [0, 1] (a Jensen-Shannon distance), got {self.tau}")
         check_int("min_budget", self.min_budget, minimum=0)
 
 
@@ -81,21 +80,13 @@ def jensen_shannon_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return divergence.clamp_min(0.0).sqrt()
 
 
-def pooled_last_block_distribution(
-    q: torch.Tensor, k: torch.Tensor, *, num_queries: int, block_k: int
-) -> torch.Tensor:
+def pooled_last_block_distribution(q: torch.Tensor, k: torch.Tensor, *, num_queries: int, block_k: int) -> torch.Tensor:
     """``softmax(mean(last queries) · pool(K)^T / sqrt(D))``, float32 ``(B, Hq, n_kv)``.
 
     The last query sees every key, so no block is masked.
     """
-    last = (
-        q[:, :, q.shape[2] - min(num_queries, q.shape[2]) :]
-        .float()
-        .mean(2, keepdim=True)
-    )
-    logits = grouped_matmul(last, mean_pool_blocks(k, block_k)).squeeze(
-        2
-    ) * default_scale(q)
+    last = q[:, :, q.shape[2] - min(num_queries, q.shape[2]) :].float().mean(2, keepdim=True)
+    logits = grouped_matmul(last, mean_pool_blocks(k, block_k)).squeeze(2) * default_scale(q)
     return torch.softmax(logits, dim=-1)
 
 
@@ -110,82 +101,31 @@ def _normalized(x: torch.Tensor) -> torch.Tensor:
     summary="per head JS divergence picks query-aware vs vertical-slash; fewest blocks covering gamma",
 )
 def estimate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    config: FlexPrefillConfig,
-    *,
-    causal: bool,
-    block_q: int,
-    block_k: int,
+    q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     seq_q, seq_k = q.shape[2], k.shape[2]
     scale = default_scale(q)
-    probe = probe_last_queries(
-        q, k, num_queries=block_q, block_k=block_k, scale=scale, causal=causal
-    )
-    estimated = pooled_last_block_distribution(
-        q, k, num_queries=block_q, block_k=block_k
-    )
+    probe = probe_last_queries(q, k, num_queries=block_q, block_k=block_k, scale=scale, causal=causal)
+    estimated = pooled_last_block_distribution(q, k, num_queries=block_q, block_k=block_k)
     true_blocks = probe.block / probe.num_queries
-    query_aware = (
-        jensen_shannon_distance(true_blocks, estimated) < config.tau
-    )  # (B, Hq)
+    query_aware = jensen_shannon_distance(true_blocks, estimated) < config.tau  # (B, Hq)
 
-    # Each head needs one of the two masks: build a mask only when some head takes it.
-    if bool(query_aware.all()):
-        mask = _query_aware_mask(
-            q, k, config, scale=scale, block_q=block_q, block_k=block_k, causal=causal
-        )
-    elif not bool(query_aware.any()):
-        mask = _vertical_slash_mask(
-            probe,
-            config,
-            seq_q=seq_q,
-            seq_k=seq_k,
-            block_q=block_q,
-            block_k=block_k,
-            causal=causal,
-        )
+    # Each head takes one of the two masks: build only the masks some head takes.
+    blocks = {"block_q": block_q, "block_k": block_k, "causal": causal}
+    aware = _query_aware_mask(q, k, config, scale=scale, **blocks) if bool(query_aware.any()) else None
+    lines = None if bool(query_aware.all()) else _vertical_slash_mask(probe, config, seq_q=seq_q, seq_k=seq_k, **blocks)
+    if aware is None or lines is None:
+        mask = lines if aware is None else aware
     else:
-        mask = torch.where(
-            query_aware[..., None, None],
-            _query_aware_mask(
-                q,
-                k,
-                config,
-                scale=scale,
-                block_q=block_q,
-                block_k=block_k,
-                causal=causal,
-            ),
-            _vertical_slash_mask(
-                probe,
-                config,
-                seq_q=seq_q,
-                seq_k=seq_k,
-                block_q=block_q,
-                block_k=block_k,
-                causal=causal,
-            ),
-        )
-    return block_mask_to_pattern(
-        mask, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal
-    )
+        mask = torch.where(query_aware[..., None, None], aware, lines)
+    return block_mask_to_pattern(mask, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
 
 
 def _query_aware_mask(
-    q,
-    k,
-    config: FlexPrefillConfig,
-    *,
-    scale: float,
-    block_q: int,
-    block_k: int,
-    causal: bool,
-):
-    logits = pooled_block_logits(
-        q, k, block_q=block_q, block_k=block_k, scale=scale, causal=causal
-    )
+    q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig, *, scale: float, block_q: int, block_k: int, causal: bool
+) -> torch.Tensor:
+    """Per head, the fewest pooled blocks covering ``gamma`` of the head's mass, plus the minimum budget."""
+    logits = pooled_block_logits(q, k, block_q=block_q, block_k=block_k, scale=scale, causal=causal)
     per_head = block_softmax(logits).flatten(-2)
     mask = cumulative_mass_mask(per_head, config.gamma).view(logits.shape)
     del per_head
@@ -196,28 +136,12 @@ def _query_aware_mask(
 
 
 def _vertical_slash_mask(
-    probe,
-    config: FlexPrefillConfig,
-    *,
-    seq_q: int,
-    seq_k: int,
-    block_q: int,
-    block_k: int,
-    causal: bool,
-):
+    probe: ProbeSums, config: FlexPrefillConfig, *, seq_q: int, seq_k: int, block_q: int, block_k: int, causal: bool
+) -> torch.Tensor:
+    """The blocks crossed by the fewest columns and diagonals covering ``gamma`` each (at least ``min_budget``)."""
     line_budget = Budget(minimum=config.min_budget)
-    vertical = cumulative_mass_mask(
-        _normalized(probe.vertical), config.gamma, line_budget
-    ) & (probe.vertical > 0)
-    slash = cumulative_mass_mask(
-        _normalized(probe.slash), config.gamma, line_budget
-    ) & (probe.slash > 0)
+    vertical = cumulative_mass_mask(_normalized(probe.vertical), config.gamma, line_budget) & (probe.vertical > 0)
+    slash = cumulative_mass_mask(_normalized(probe.slash), config.gamma, line_budget) & (probe.slash > 0)
     return vertical_slash_block_mask(
-        vertical,
-        slash,
-        seq_q=seq_q,
-        seq_k=seq_k,
-        block_q=block_q,
-        block_k=block_k,
-        causal=causal,
+        vertical, slash, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal
     )
