@@ -70,7 +70,7 @@ def triton_scoring_available(q: torch.Tensor, *, stride: int, block_q: int, bloc
 if triton is not None:
 
     @triton.jit
-    def _antidiagonal_row_block_lse(
+    def _cell_block_probs(
         Q,
         K,
         RowBlockLse,
@@ -227,7 +227,7 @@ def _autotuned_kernel(cells_per_q_block: int, cells_per_kv_block: int, is_float3
     # Several candidates can collapse to one tile shape for large blocks: keep each once.
     unique = list({(str(c.kwargs), c.num_warps, c.num_stages): c for c in configs}.values())
     key = ["HEAD_DIM", "STRIDE", "QUERY_STEP", "REDUCE_MAX", "CELLS_PER_Q_BLOCK", "CELLS_PER_KV_BLOCK", "CAUSAL", "PRECISION"]
-    return triton.autotune(configs=unique, key=key)(_antidiagonal_row_block_lse)
+    return triton.autotune(configs=unique, key=key)(_cell_block_probs)
 
 
 def _block_probs(
@@ -278,7 +278,7 @@ def _block_probs(
         )  # fmt: skip
         if interpreting():
             block_m, block_n = max(16, cells_per_q_block), max(16, cells_per_kv_block)
-            _antidiagonal_row_block_lse[(num_blocks(q_cells, block_m), batch * heads)](
+            _cell_block_probs[(num_blocks(q_cells, block_m), batch * heads)](
                 *args, BLOCK_M=block_m, BLOCK_N=block_n, **constants
             )
         else:

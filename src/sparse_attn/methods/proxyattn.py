@@ -24,8 +24,9 @@ while writing this; a third-party summary of it reports proxies formed per GQA k
 (their number chosen per model), a stride of 4 when scoring, max-pooling of token scores
 into blocks (as here), gamma 0.9 or 0.95, and a minimum budget of 2048 tokens. Those values
 are not adopted until checked against the paper: ``query_stride=16`` and ``min_blocks=1``
-remain ours (the benchmarks and the H100 frontier ran with them). The max-over-sampled-rows aggregation of token scores into block
-scores is our reading of "token-level block estimation".
+remain ours (the benchmarks and the H100 frontier ran with them). Aggregating token scores
+into block scores by the maximum over a query block's sampled rows is our reading of
+"token-level block estimation".
 
 On CUDA, when the sampled rows are every ``query_stride``-th query (block and sequence
 lengths multiples of it), the proxy scores come from the Triton scoring kernel of
