@@ -14,9 +14,16 @@ it affordable at 128K: the reference backend it uses is chunked PyTorch), and th
 extra memory of estimation (``torch.cuda.max_memory_allocated`` above what was allocated
 before). Prints a plain table and writes ``benchmarks/results/<gpu>/estimators.json``.
 
+``--inputs gemma3-270m`` measures on real activations instead: the embedded Gemma 3 270M
+reads a needle-in-a-haystack prompt of each length once (bf16 on CUDA; its global layers
+run dense through ``sa.patch``), and the post-RoPE q, k, v of each of its 3 global layers
+(4 query heads, 1 KV head, head_dim 256; ``sa.record(model, capture=True)``) are the
+inputs, one row per layer and method. The model's context limit is 32K.
+
     python benchmarks/estimators.py                          # 32K and 128K, the dynamic methods
     python benchmarks/estimators.py --lengths 131072 --methods xattention flexprefill
     python benchmarks/estimators.py --quick                  # tiny sizes, runs on CPU too (no JSON unless --out)
+    python benchmarks/estimators.py --inputs gemma3-270m --lengths 16384 32768
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from sparse_attn.pattern import BlockSparsePattern
 DYNAMIC_METHODS = ("xattention", "flexprefill", "vertical_slash", "block_topk", "proxyattn")
 
 COLUMNS = [
+    ("inputs", "inputs", "s"),
     ("seq", "seq", "d"),
     ("method", "method", "s"),
     ("estimate_ms", "estimate ms", ".2f"),
@@ -160,24 +168,51 @@ def ratio(numerator, denominator):
     return None if numerator is None or not denominator else numerator / denominator
 
 
-def run_length(
-    shape: Shape, methods, *, strength: float, recall_heads: int, device: torch.device, kernel_backend: str,
+def gemma_inputs(model, tokenizer, length: int, device: torch.device) -> list[tuple[str, tuple]]:
+    """``(label, (q, k, v))`` per global layer of gemma3-270m on a needle prompt of ``length`` tokens."""
+    from sparse_attn.eval.tasks import get_task
+    from sparse_attn.integrations.hf import patch, record, unpatch
+
+    sample = get_task("niah").make(tokenizer, length, 0.5, 0)
+    ids = torch.tensor([sample.input_ids], device=device)
+    patch(model, "dense", min_seq_len=min(length, 1024))
+    try:
+        with torch.inference_mode(), record(model, capture=True) as recorder:
+            model(ids, use_cache=False, logits_to_keep=1)
+    finally:
+        unpatch(model)
+    return [(f"gemma3-270m L{layer}", tensors) for (layer, _), tensors in sorted(recorder.tensors.items())]
+
+
+def run_length(shape: Shape, methods, *, strength: float, recall_heads: int, device: torch.device, kernel_backend: str,
+               profile: bool = False):  # fmt: skip
+    """Every method on the structured inputs of ``shape``."""
+    q, k, v = structured_qkv(shape, strength=strength, device=device)
+    return run_inputs(
+        q, k, v, methods, block=shape.block, labels={"inputs": "structured", "strength": strength},
+        recall_heads=recall_heads, device=device, kernel_backend=kernel_backend, profile=profile,
+    )  # fmt: skip
+
+
+def run_inputs(
+    q, k, v, methods, *, block: int, labels: dict, recall_heads: int, device: torch.device, kernel_backend: str,
     profile: bool = False,
 ):  # fmt: skip
-    q, k, v = structured_qkv(shape, strength=strength, device=device)
+    """Every method on given ``q, k, v``; ``labels`` are copied into each row."""
+    seq = k.shape[2]
     dense = {name: measure(fn, device) for name, fn in dense_runners(q, k, v).items()}
     rows = []
     for method in methods:
-        row = {"seq": shape.seq, "method": method, "q_heads": shape.q_heads, "kv_heads": shape.kv_heads,
-               "head_dim": shape.head_dim, "block": shape.block, "dtype": str(shape.dtype).removeprefix("torch."),
-               "strength": strength, "errors": {}}  # fmt: skip
+        row = {"seq": seq, "method": method, "q_heads": q.shape[1], "kv_heads": k.shape[1],
+               "head_dim": q.shape[-1], "block": block, "dtype": str(q.dtype).removeprefix("torch."),
+               **labels, "errors": {}}  # fmt: skip
         for name, (ms, error) in dense.items():
             row[name] = ms
             if error:
                 row["errors"][name] = error
 
         def estimate():
-            return sa.estimate(q, k, method, block_q=shape.block, block_k=shape.block)
+            return sa.estimate(q, k, method, block_q=block, block_k=block)
 
         try:
             row["estimate_peak_mib"] = peak_extra_mib(estimate, device)
@@ -188,7 +223,7 @@ def run_length(
             continue
         row["estimate_ms"], _ = measure(estimate, device)
         if profile and device.type == "cuda":
-            print_profile(f"{method} estimate at {shape.seq}", estimate, device)
+            print_profile(f"{method} estimate at {seq}", estimate, device)
         row["kernel_ms"], kernel_error = measure(
             lambda: sa.block_sparse_attention(q, k, v, pattern, backend=kernel_backend), device
         )
@@ -217,6 +252,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (1K tokens, 4/2 heads, D 64, float32)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/estimators.json)")
     parser.add_argument("--profile", action="store_true", help="also print each estimate's top GPU kernels (CUDA)")
+    parser.add_argument(
+        "--inputs", choices=["structured", "gemma3-270m"], default="structured",
+        help="synthetic structured q/k (default) or the global layers' q/k/v of gemma3-270m on a needle prompt",
+    )  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.quick:
@@ -227,25 +266,36 @@ def main() -> None:
     else:
         shapes = [Shape(seq=seq) for seq in args.lengths]
     kernel_backend = "triton" if device.type == "cuda" else "reference"
+    common = dict(recall_heads=args.recall_heads, device=device, kernel_backend=kernel_backend, profile=args.profile)
     rows = []
-    for shape in shapes:
-        rows += run_length(
-            shape, args.methods, strength=args.strength, recall_heads=args.recall_heads, device=device,
-            kernel_backend=kernel_backend, profile=args.profile,
-        )  # fmt: skip
+    if args.inputs == "gemma3-270m":
+        from sparse_attn.models import load
+
+        model, tokenizer = load("gemma3-270m", dtype=shapes[0].dtype, device=device)
+        limit = model.config.max_position_embeddings
+        if any(shape.seq > limit for shape in shapes):
+            raise SystemExit(f"gemma3-270m reads at most {limit} tokens; pass --lengths up to that")
+        for shape in shapes:
+            for label, (q, k, v) in gemma_inputs(model, tokenizer, shape.seq, device):
+                rows += run_inputs(q, k, v, args.methods, block=shape.block, labels={"inputs": label}, **common)
+    else:
+        for shape in shapes:
+            rows += run_length(shape, args.methods, strength=args.strength, **common)
     print()
     print(format_table(rows, COLUMNS))
     for row in rows:
         if row["errors"]:
             print(f"  {row['seq']} {row['method']} errors: {row['errors']}")
-    if args.recall_heads:
-        print(f"recall: exact, on {min(args.recall_heads, shapes[0].kv_heads)} query heads (one per KV group)")
+    if args.recall_heads and rows:
+        heads = min(args.recall_heads, min(row["kv_heads"] for row in rows))
+        print(f"recall: exact, on {heads} query heads (one per KV group)")
     out = args.out
     if out is None and device.type == "cuda" and not args.quick:
-        out = Path(__file__).parent / "results" / device_slug(device) / "estimators.json"
+        name = "estimators.json" if args.inputs == "structured" else f"estimators_{args.inputs}.json"
+        out = Path(__file__).parent / "results" / device_slug(device) / name
     if out is not None:
-        meta = {"benchmark": "estimators", "kernel_backend": kernel_backend, "inputs": "shared direction + noise, RoPE",
-                **environment(device)}  # fmt: skip
+        inputs = "shared direction + noise, RoPE" if args.inputs == "structured" else f"{args.inputs} global layers, niah prompt"
+        meta = {"benchmark": "estimators", "kernel_backend": kernel_backend, "inputs": inputs, **environment(device)}
         write_results(rows, out, meta)
         print(f"wrote {out}")
 

@@ -179,15 +179,11 @@ def kernel_columns(backends: tuple[str, ...], dense_names: tuple[str, ...]) -> l
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Plain-text table; ``columns`` are ``(key, header, format spec)``, missing values print ``-``."""
-    widths = [max(len(header), 8) for _, header, _ in columns]
+    texts = [[format(row[key], spec) if row.get(key) is not None else "-" for key, _, spec in columns] for row in rows]
+    widths = [max([len(header), 8] + [len(cells[i]) for cells in texts]) for i, (_, header, _) in enumerate(columns)]
     lines = ["  ".join(f"{header:>{width}}" for (_, header, _), width in zip(columns, widths))]
     lines.append("-" * len(lines[0]))
-    for row in rows:
-        cells = []
-        for (key, _, spec), width in zip(columns, widths):
-            value = row.get(key)
-            cells.append(f"{value:>{width}{spec}}" if value is not None else f"{'-':>{width}}")
-        lines.append("  ".join(cells))
+    lines += ["  ".join(f"{text:>{width}}" for text, width in zip(cells, widths)) for cells in texts]
     return "\n".join(lines)
 
 

@@ -7,9 +7,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import sparse_attn as sa  # noqa: E402
 from sparse_attn.integrations.hf import (  # noqa: E402
     ATTENTION_NAME,
     PrefillMask,
+    _pattern_head_density,
     causal_attention,
     patch,
     record,
@@ -166,6 +168,25 @@ def test_sparse_method_changes_the_result_and_is_recorded():
     table = recorder.table()
     assert "random" in table and table.count("\n") == 3
     assert recorder.rows()[0]["layer"] == 0
+
+
+def test_record_captures_what_each_layer_attended_with():
+    model = _model("gemma3")
+    patch(model, "xattention", threshold=0.5, **PATCH)
+    ids = _prompt()
+    with record(model, capture=True) as recorder:
+        model(ids)
+    sparse = {r.layer: r for r in recorder.records if r.kind == "sparse"}
+    assert sparse and set(recorder.tensors) == {(layer, -1) for layer in sparse}
+    for (layer, _), (q, k, v) in recorder.tensors.items():
+        assert q.shape[:3] == (1, model.config.num_attention_heads, ids.shape[1])
+        assert k.shape == v.shape and k.shape[1] == model.config.num_key_value_heads
+        # Estimating again on the captured tensors reproduces the layer's recorded pattern.
+        pattern = sa.estimate(q, k, "xattention", block_q=PATCH["block_q"], block_k=PATCH["block_k"], threshold=0.5)
+        assert _pattern_head_density(pattern) == sparse[layer].head_density
+    with record(model) as plain:
+        model(ids)
+    assert plain.tensors == {}
 
 
 def test_dense_layers_and_layer_methods():

@@ -151,9 +151,16 @@ class LayerRecord:
 
 @dataclass
 class Recorder:
-    """Collects a :class:`LayerRecord` for each long-prefill attention call while active."""
+    """Collects a :class:`LayerRecord` for each long-prefill attention call while active.
+
+    With ``capture=True`` it also keeps copies of the post-RoPE query, key and value that each
+    non-window layer (global / dense / sparse) received, in ``tensors[(layer, row)]`` as
+    ``(q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v)``: real inputs for studying estimators.
+    """
 
     records: list[LayerRecord] = field(default_factory=list)
+    capture: bool = False
+    tensors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def rows(self) -> list[dict]:
         """One dict per record, with the mean density added (JSON-ready)."""
@@ -186,13 +193,15 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def record(model) -> Iterator[Recorder]:
+def record(model, *, capture: bool = False) -> Iterator[Recorder]:
     """``with record(model) as rec:`` collects per-layer, per-head density and estimation time.
 
     Only long prefills (the patched paths) are recorded; timings synchronize the device.
+    ``capture=True`` also keeps the q, k, v of every non-window layer (see :class:`Recorder`);
+    they are copies, so memory grows by the layers' activations.
     """
     state = _state_of(model)
-    recorder = Recorder()
+    recorder = Recorder(capture=capture)
     state.recorders.append(recorder)
     try:
         yield recorder
@@ -291,6 +300,8 @@ def _attend_row(
         entry = LayerRecord(plan.layer, row, kind, method, seq_q, seq_k, head_density, estimate_ms)
         for recorder in state.recorders:
             recorder.records.append(entry)
+            if recorder.capture and kind != "window":
+                recorder.tensors[(plan.layer, row)] = (q.detach().clone(), k.detach().clone(), v.detach().clone())
     return out
 
 
