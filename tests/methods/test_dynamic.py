@@ -329,6 +329,26 @@ def _quiet_numpy():
     return np.errstate(divide="ignore")
 
 
+def test_scoring_kernel_in_query_cell_chunks_matches_one_launch(monkeypatch):
+    # Very long sequences split one head's query cells over several launches; forced here
+    # with a tiny scratch budget and chunk unit.
+    from sparse_attn.methods import _scoring_triton
+
+    q, k, _ = random_qkv(2, 2, 1, 200, 232, 16, dtype=torch.float32, seed=13)
+    antidiagonal = dict(stride=4, block_q=16, block_k=16, scale=0.25, causal=True)
+    sampled = dict(seq_q=200, query_step=4, block_q=16, block_k=16, scale=0.25, causal=True)
+    q_rows = q[:, :, 3::4]
+    with _quiet_numpy():
+        whole = antidiagonal_block_probs_triton(q, k, **antidiagonal)
+        whole_sampled = _scoring_triton.sampled_rows_block_max_probs_triton(q_rows, k, **sampled)
+        monkeypatch.setattr(_scoring_triton, "CHUNK_ELEMENTS", 400)
+        monkeypatch.setattr(_scoring_triton, "_CELL_UNIT", 32)
+        chunked = antidiagonal_block_probs_triton(q, k, **antidiagonal)
+        chunked_sampled = _scoring_triton.sampled_rows_block_max_probs_triton(q_rows, k, **sampled)
+    assert torch.equal(chunked, whole)
+    assert torch.equal(chunked_sampled, whole_sampled)
+
+
 @pytest.mark.parametrize(
     "batch, q_heads, kv_heads, seq_q, seq_k, step, block_q, block_k, causal, dtype",
     [

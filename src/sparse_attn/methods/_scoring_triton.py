@@ -14,7 +14,8 @@
   writing the ``(query block, KV block)`` probabilities directly.
 
 The per-(query cell, KV block) scratch is the only large intermediate: float32
-``(B, heads, Sq / stride, n_kv)``, processed a few heads at a time so that it stays under
+``(B, heads, Sq / stride, n_kv)``, processed a few heads at a time (and, once one head's rows
+alone would exceed it, a range of query cells at a time) so that it stays under
 ``CHUNK_ELEMENTS`` floats (256 MiB). Under ``TRITON_INTERPRET=1`` (CPU tests) one small tile
 configuration runs, with bf16 products taken in float32 (the interpreter's bf16 dot is wrong).
 """
@@ -89,6 +90,8 @@ if triton is not None:
         seq_q,
         seq_k,
         q_cells,
+        cell_start,
+        chunk_cells,
         k_cells,
         n_q,
         n_kv,
@@ -119,7 +122,10 @@ if triton is not None:
         kv_head = head // group
         BLOCKS_PER_TILE: tl.constexpr = BLOCK_N // CELLS_PER_KV_BLOCK
 
-        cells = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        # This launch covers query cells [cell_start, cell_start + chunk_cells); the scratch holds
+        # only those rows. Chunks are whole tiles, so no tile crosses a chunk's end.
+        first_cell = cell_start + tile * BLOCK_M
+        cells = first_cell + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
@@ -128,14 +134,14 @@ if triton is not None:
         # Last query position of each cell: a key cell is visible when its first key is not later.
         last_query = tl.minimum((cells + 1) * STRIDE * QUERY_STEP, seq_q) - 1 + offset
         if CAUSAL:
-            tile_last_query = tl.minimum((tile * BLOCK_M + BLOCK_M) * STRIDE * QUERY_STEP, seq_q) - 1 + offset
+            tile_last_query = tl.minimum((first_cell + BLOCK_M) * STRIDE * QUERY_STEP, seq_q) - 1 + offset
             key_cell_end = tl.minimum(tile_last_query // STRIDE + 1, k_cells)
         else:
             key_cell_end = k_cells
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        out_rows = RowBlockLse + batch_head.to(tl.int64) * q_cells * n_kv + cells.to(tl.int64) * n_kv
+        out_rows = RowBlockLse + (batch_head.to(tl.int64) * chunk_cells + (cells - cell_start)) * n_kv
         row_in_range = cells < q_cells
         for start_n in range(0, key_cell_end, BLOCK_N):
             key_cells = start_n + offs_n
@@ -184,7 +190,7 @@ if triton is not None:
         tl.debug_barrier()
         Q_BLOCKS: tl.constexpr = BLOCK_M // CELLS_PER_Q_BLOCK
         BLOCK_J: tl.constexpr = 64
-        q_blocks = tile * Q_BLOCKS + tl.arange(0, Q_BLOCKS)
+        q_blocks = first_cell // CELLS_PER_Q_BLOCK + tl.arange(0, Q_BLOCKS)
         cells_in_block = tl.maximum(tl.minimum(q_cells - q_blocks * CELLS_PER_Q_BLOCK, CELLS_PER_Q_BLOCK), 1).to(tl.float32)
         n_written = tl.minimum(tl.cdiv(key_cell_end, BLOCK_N) * BLOCKS_PER_TILE, n_kv)
         probs_rows = BlockProbs + (batch * num_q_heads + head).to(tl.int64) * n_q * n_kv + q_blocks.to(tl.int64) * n_kv
@@ -209,6 +215,9 @@ if triton is not None:
 # tile reloads the query cells' strided rows, so wide tiles (fewer reloads per product) are
 # in the set; those that do not fit a GPU's shared memory or registers are skipped by the
 # autotuner.
+# Query cells per launch when one head's scratch rows would exceed CHUNK_ELEMENTS: a multiple
+# of every tile height (BLOCK_M <= 256).
+_CELL_UNIT = 256
 _CONFIGS = [
     (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2),
     (128, 256, 8, 2), (256, 128, 8, 2), (64, 256, 8, 2),
@@ -251,7 +260,13 @@ def _block_probs(
     n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
     cells_per_q_block = block_q // (stride * query_step)
     cells_per_kv_block = block_k // stride
-    chunk_heads = max(1, min(q_heads, CHUNK_ELEMENTS // (batch * q_cells * n_kv)))
+    # The scratch holds CHUNK_ELEMENTS floats at most: a few heads at a time, and when one head's
+    # rows alone exceed that (very long sequences), a range of query cells at a time, in whole
+    # multiples of _CELL_UNIT (every tile height divides it).
+    cells_per_chunk = q_cells
+    if batch * q_cells * n_kv > CHUNK_ELEMENTS:
+        cells_per_chunk = max(_CELL_UNIT, CHUNK_ELEMENTS // (batch * n_kv) // _CELL_UNIT * _CELL_UNIT)
+    chunk_heads = max(1, min(q_heads, CHUNK_ELEMENTS // (batch * cells_per_chunk * n_kv)))
     is_float32 = q.dtype == torch.float32
     dot_in_float32 = is_float32 or (interpreting() and q.dtype == torch.bfloat16)
     constants = dict(
@@ -267,23 +282,25 @@ def _block_probs(
     )
     # Blocks past a query block's causal extent are never written: they stay 0.
     probs = torch.zeros((batch, q_heads, n_q, n_kv), dtype=torch.float32, device=q.device)
-    scratch = torch.empty((batch, min(chunk_heads, q_heads), q_cells, n_kv), dtype=torch.float32, device=q.device)
+    scratch = torch.empty((batch, chunk_heads, cells_per_chunk, n_kv), dtype=torch.float32, device=q.device)
     for head_start in range(0, q_heads, chunk_heads):
         heads = min(chunk_heads, q_heads - head_start)
-        args = (
-            q, k, scratch, probs,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            head_start, heads, q_heads, q_heads // kv_heads,
-            q_len, seq_q, seq_k, q_cells, k_cells, n_q, n_kv, scale / stride * _LOG2_E,
-        )  # fmt: skip
-        if interpreting():
-            block_m, block_n = max(16, cells_per_q_block), max(16, cells_per_kv_block)
-            _cell_block_probs[(num_blocks(q_cells, block_m), batch * heads)](
-                *args, BLOCK_M=block_m, BLOCK_N=block_n, **constants
-            )
-        else:
-            kernel = _autotuned_kernel(cells_per_q_block, cells_per_kv_block, is_float32)
-            kernel[lambda meta: (num_blocks(q_cells, meta["BLOCK_M"]), batch * heads)](*args, **constants)
+        for cell_start in range(0, q_cells, cells_per_chunk):
+            cells = min(cells_per_chunk, q_cells - cell_start)
+            args = (
+                q, k, scratch, probs,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                head_start, heads, q_heads, q_heads // kv_heads,
+                q_len, seq_q, seq_k, q_cells, cell_start, cells_per_chunk, k_cells, n_q, n_kv, scale / stride * _LOG2_E,
+            )  # fmt: skip
+            if interpreting():
+                block_m, block_n = max(16, cells_per_q_block), max(16, cells_per_kv_block)
+                _cell_block_probs[(num_blocks(cells, block_m), batch * heads)](
+                    *args, BLOCK_M=block_m, BLOCK_N=block_n, **constants
+                )
+            else:
+                kernel = _autotuned_kernel(cells_per_q_block, cells_per_kv_block, is_float32)
+                kernel[lambda meta, cells=cells: (num_blocks(cells, meta["BLOCK_M"]), batch * heads)](*args, **constants)
     return probs
 
 
