@@ -132,12 +132,27 @@ def _eval(args: argparse.Namespace) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         rows = runner.run(cases, progress=progress)
-    for table in tables(summarize(rows), model=args.model):
-        console.print(table)
+    _print_tables(console, tables(summarize(rows), model=args.model))
     for path in write_report(rows, args.out, model=args.model):
         console.print(f"wrote {path}")
     console.print(f"results: {args.out / 'results.jsonl'} ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def _print_tables(console, tables) -> None:
+    """Print rich tables whole: in a terminal at its width; in a log or pipe as wide as each table needs.
+
+    (Off a terminal rich assumes 80 columns and would cut a many-length table's cells to "…".)
+    """
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    for table in tables:
+        if console.is_terminal:
+            console.print(table)
+            continue
+        width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        Console(file=console.file, width=max(console.width, width)).print(table)
 
 
 def _show(args: argparse.Namespace) -> int:

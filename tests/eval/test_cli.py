@@ -34,6 +34,18 @@ def test_eval_writes_results_table_and_plots_and_resumes(tiny_model_dir, tmp_pat
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
 
 
+def test_eval_tables_are_printed_whole_off_a_terminal(tiny_model_dir, tmp_path, capsys):
+    # Four lengths x three columns do not fit 80 columns; piped output must not cut cells to "…".
+    argv = ["eval", "--model", str(tiny_model_dir), "--device", "cpu", "--backend", "reference", "--tasks", "passkey",
+            "--lengths", "128", "160", "192", "224", "--depths", "0.5", "--methods", "streaming",
+            "--method-options", "streaming:local_tokens=64", "--out", str(tmp_path / "results")]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("passkey on") :]
+    assert "…" not in table
+    assert "streaming:local_tokens=64" in table and "224 speedup" in table
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
