@@ -117,7 +117,10 @@ def _eval(args: argparse.Namespace) -> int:
         f"({len({case.variant for case in cases})} method variants, dense included)"
     )
     start = time.perf_counter()
-    model, tokenizer = load(args.model, dtype=dtype, device=device)
+    try:
+        model, tokenizer = load(args.model, dtype=dtype, device=device)
+    except (ValueError, ImportError) as error:
+        return _fail("eval", str(error))
     error = _check_lengths(model, lengths)
     if error:
         return _fail("eval", error)
@@ -167,7 +170,10 @@ def _show(args: argparse.Namespace) -> int:
         task = get_task(args.task, haystack_source=args.haystack)
     except ValueError as error:
         return _fail("show", str(error))
-    model, tokenizer = load(args.model, dtype=dtype, device=device)
+    try:
+        model, tokenizer = load(args.model, dtype=dtype, device=device)
+    except (ValueError, ImportError) as error:
+        return _fail("show", str(error))
     error = _check_lengths(model, [args.length])
     if error:
         return _fail("show", error)

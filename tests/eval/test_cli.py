@@ -54,6 +54,7 @@ def test_eval_tables_are_printed_whole_off_a_terminal(tiny_model_dir, tmp_path, 
         (["--tasks", "trivia"], "unknown task 'trivia'"),
         (["--lengths", "4096"], "exceed the model's limit"),  # the tiny model allows 1024
         (["--depths", "1.5"], "depths within [0, 1]"),
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     ],
 )
 def test_eval_rejects_bad_arguments(tiny_model_dir, tmp_path, capsys, arguments, message):
