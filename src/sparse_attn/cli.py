@@ -77,12 +77,16 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dty
     return device, dtype
 
 
-def _check_lengths(model, lengths: list[int]) -> str | None:
+def _load_checked(name: str, lengths: list[int], *, dtype, device):
+    """``models.load``, then a ``ValueError`` when a length exceeds the model's context limit."""
+    from .models import load
+
+    model, tokenizer = load(name, dtype=dtype, device=device)
     limit = getattr(model.config, "max_position_embeddings", None)
     too_long = [length for length in lengths if limit is not None and length > limit]
     if too_long:
-        return f"lengths {too_long} exceed the model's limit of {limit} tokens (config.max_position_embeddings)"
-    return None
+        raise ValueError(f"lengths {too_long} exceed the model's limit of {limit} tokens (config.max_position_embeddings)")
+    return model, tokenizer
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -93,7 +97,6 @@ def _eval(args: argparse.Namespace) -> int:
     from .eval.report import summarize, tables, write_report
     from .eval.runner import Runner
     from .eval.tasks import get_task
-    from .models import load
     from .registry import list_methods
 
     device, dtype = _device_and_dtype(args)
@@ -118,12 +121,9 @@ def _eval(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     try:
-        model, tokenizer = load(args.model, dtype=dtype, device=device)
+        model, tokenizer = _load_checked(args.model, lengths, dtype=dtype, device=device)
     except (ValueError, ImportError) as error:
         return _fail("eval", str(error))
-    error = _check_lengths(model, lengths)
-    if error:
-        return _fail("eval", error)
     runner = Runner(
         model,
         tokenizer,
@@ -162,7 +162,6 @@ def _show(args: argparse.Namespace) -> int:
     from .eval.grid import MethodVariant
     from .eval.show import full_attention_layers, show_block_mask
     from .eval.tasks import get_task
-    from .models import load
 
     device, dtype = _device_and_dtype(args)
     try:
@@ -171,12 +170,9 @@ def _show(args: argparse.Namespace) -> int:
     except ValueError as error:
         return _fail("show", str(error))
     try:
-        model, tokenizer = load(args.model, dtype=dtype, device=device)
+        model, tokenizer = _load_checked(args.model, [args.length], dtype=dtype, device=device)
     except (ValueError, ImportError) as error:
         return _fail("show", str(error))
-    error = _check_lengths(model, [args.length])
-    if error:
-        return _fail("show", error)
     layer = args.layer if args.layer is not None else full_attention_layers(model)[0]
     if not 0 <= layer < model.config.num_hidden_layers:
         return _fail("show", f"layer {layer} is out of range: the model has {model.config.num_hidden_layers} layers")
