@@ -71,6 +71,49 @@ def triton_scoring_available(q: torch.Tensor, *, stride: int, block_q: int, bloc
 if triton is not None:
 
     @triton.jit
+    def _antidiagonal_step(
+        acc, q_base, k_base, cells, key_cells, i, offs_d, stride_qs, stride_ks, q_len, seq_k,
+        STRIDE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Add one antidiagonal product: query cell row ``STRIDE - 1 - i`` against key cell row ``i``."""
+        q_rows = cells * STRIDE + (STRIDE - 1 - i)
+        k_rows = key_cells * STRIDE + i
+        q_i = tl.load(q_base + q_rows[:, None] * stride_qs + offs_d[None, :], mask=(q_rows < q_len)[:, None], other=0.0)
+        k_i = tl.load(k_base + k_rows[:, None] * stride_ks + offs_d[None, :], mask=(k_rows < seq_k)[:, None], other=0.0)
+        if DOT_FP32:
+            return tl.dot(q_i.to(tl.float32), tl.trans(k_i.to(tl.float32)), acc, input_precision=PRECISION)
+        return tl.dot(q_i, tl.trans(k_i), acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _tile_epilogue(
+        acc, m_i, l_i, out_rows, row_in_range, last_query, start_n, offs_n, k_cells, n_kv, qk_scale,
+        STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CELLS_PER_KV_BLOCK: tl.constexpr,
+        CAUSAL: tl.constexpr,
+    ):  # fmt: skip
+        """Write one key tile's per-(query cell, KV block) log2-sum-exp; update the rows' running log-sum-exp."""
+        BLOCKS_PER_TILE: tl.constexpr = BLOCK_N // CELLS_PER_KV_BLOCK
+        key_cells = start_n + offs_n
+        scores = acc * qk_scale
+        visible = (key_cells < k_cells)[None, :]
+        if CAUSAL:
+            visible = visible & (key_cells[None, :] * STRIDE <= last_query[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        per_block = tl.reshape(scores, (BLOCK_M, BLOCKS_PER_TILE, CELLS_PER_KV_BLOCK))
+        block_max = tl.max(per_block, axis=2)
+        block_max_safe = tl.where(block_max == float("-inf"), 0.0, block_max)
+        block_sum = tl.sum(tl.math.exp2(per_block - block_max_safe[:, :, None]), axis=2)
+        block_lse = block_max_safe + tl.math.log2(block_sum)
+        kv_blocks = start_n // CELLS_PER_KV_BLOCK + tl.arange(0, BLOCKS_PER_TILE)
+        tl.store(
+            out_rows[:, None] + kv_blocks[None, :], block_lse, mask=row_in_range[:, None] & (kv_blocks < n_kv)[None, :]
+        )
+        # The row's running sum is rebuilt from the per-block sums: one exp2 per block, not per key.
+        m_new = tl.maximum(m_i, tl.max(block_max, 1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(block_lse - m_new[:, None]), 1)
+        return m_new, l_i
+
+    @triton.jit
     def _cell_block_probs(
         Q,
         K,
@@ -104,6 +147,8 @@ if triton is not None:
         CELLS_PER_KV_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        FLAT: tl.constexpr,
         CAUSAL: tl.constexpr,
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -121,13 +166,13 @@ if triton is not None:
         head = head_start + batch_head % chunk_heads
         kv_head = head // group
         BLOCKS_PER_TILE: tl.constexpr = BLOCK_N // CELLS_PER_KV_BLOCK
-
         # This launch covers query cells [cell_start, cell_start + chunk_cells); the scratch holds
         # only those rows. Chunks are whole tiles, so no tile crosses a chunk's end.
         first_cell = cell_start + tile * BLOCK_M
         cells = first_cell + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, BLOCK_D)
+        D_SPLIT: tl.constexpr = HEAD_DIM // BLOCK_D
         q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
         k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
         offset = seq_k - seq_q
@@ -143,46 +188,37 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         out_rows = RowBlockLse + (batch_head.to(tl.int64) * chunk_cells + (cells - cell_start)) * n_kv
         row_in_range = cells < q_cells
-        for start_n in range(0, key_cell_end, BLOCK_N):
-            key_cells = start_n + offs_n
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for i in range(STRIDE):
-                # Query cell rows last-to-first against key cell rows first-to-last: the antidiagonal.
-                q_rows = cells * STRIDE + (STRIDE - 1 - i)
-                k_rows = key_cells * STRIDE + i
-                q_i = tl.load(
-                    q_base + q_rows[:, None] * stride_qs + offs_d[None, :], mask=(q_rows < q_len)[:, None], other=0.0
-                )
-                k_i = tl.load(
-                    k_base + k_rows[:, None] * stride_ks + offs_d[None, :], mask=(k_rows < seq_k)[:, None], other=0.0
-                )
-                if DOT_FP32:
-                    acc = tl.dot(q_i.to(tl.float32), tl.trans(k_i.to(tl.float32)), acc, input_precision=PRECISION)
-                else:
-                    acc = tl.dot(q_i, tl.trans(k_i), acc, input_precision=PRECISION)
-            scores = acc * qk_scale
-            visible = (key_cells < k_cells)[None, :]
-            if CAUSAL:
-                visible = visible & (key_cells[None, :] * STRIDE <= last_query[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-
-            per_block = tl.reshape(scores, (BLOCK_M, BLOCKS_PER_TILE, CELLS_PER_KV_BLOCK))
-            block_max = tl.max(per_block, axis=2)
-            block_max_safe = tl.where(block_max == float("-inf"), 0.0, block_max)
-            block_sum = tl.sum(tl.math.exp2(per_block - block_max_safe[:, :, None]), axis=2)
-            block_lse = block_max_safe + tl.math.log2(block_sum)
-            kv_blocks = start_n // CELLS_PER_KV_BLOCK + tl.arange(0, BLOCKS_PER_TILE)
-            tl.store(
-                out_rows[:, None] + kv_blocks[None, :],
-                block_lse,
-                mask=row_in_range[:, None] & (kv_blocks < n_kv)[None, :],
-            )
-
-            # The row's running sum is rebuilt from the per-block sums: one exp2 per block, not per key.
-            m_new = tl.maximum(m_i, tl.max(block_max, 1))
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(block_lse - m_new[:, None]), 1)
-            m_i = m_new
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if FLAT:
+            # One loop over (key tile, query-row offset, head-dim slice) steps, with the tile's
+            # epilogue on its last step: loads are pipelined across key-tile boundaries.
+            STEPS: tl.constexpr = STRIDE * D_SPLIT
+            for step in range(0, tl.cdiv(key_cell_end, BLOCK_N) * STEPS):
+                start_n = (step // STEPS) * BLOCK_N
+                acc = _antidiagonal_step(
+                    acc, q_base, k_base, cells, start_n + offs_n, (step % STEPS) // D_SPLIT,
+                    (step % D_SPLIT) * BLOCK_D + offs_d, stride_qs, stride_ks, q_len, seq_k,
+                    STRIDE, DOT_FP32, PRECISION,
+                )  # fmt: skip
+                if step % STEPS == STEPS - 1:
+                    m_i, l_i = _tile_epilogue(
+                        acc, m_i, l_i, out_rows, row_in_range, last_query, start_n, offs_n, k_cells, n_kv,
+                        qk_scale, STRIDE, BLOCK_M, BLOCK_N, CELLS_PER_KV_BLOCK, CAUSAL,
+                    )  # fmt: skip
+                    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:
+            for start_n in range(0, key_cell_end, BLOCK_N):
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for inner in range(STRIDE * D_SPLIT):
+                    acc = _antidiagonal_step(
+                        acc, q_base, k_base, cells, start_n + offs_n, inner // D_SPLIT,
+                        (inner % D_SPLIT) * BLOCK_D + offs_d, stride_qs, stride_ks, q_len, seq_k,
+                        STRIDE, DOT_FP32, PRECISION,
+                    )  # fmt: skip
+                m_i, l_i = _tile_epilogue(
+                    acc, m_i, l_i, out_rows, row_in_range, last_query, start_n, offs_n, k_cells, n_kv,
+                    qk_scale, STRIDE, BLOCK_M, BLOCK_N, CELLS_PER_KV_BLOCK, CAUSAL,
+                )  # fmt: skip
         row_lse = m_i + tl.math.log2(l_i)
 
         # Epilogue: read this program's scratch rows back (written above by other threads of
@@ -211,27 +247,41 @@ if triton is not None:
             )
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for 16-bit inputs on Hopper. Each key
-# tile reloads the query cells' strided rows, so wide tiles (fewer reloads per product) are
-# in the set; those that do not fit a GPU's shared memory or registers are skipped by the
-# autotuner.
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) candidates for 16-bit inputs on Hopper
+# (BLOCK_D None: the whole head_dim per step). The main loop runs flat over (key tile, query
+# row offset, head-dim slice) steps. Tiles that do not fit a GPU's shared memory or registers
+# are skipped by the autotuner.
 # Query cells per launch when one head's scratch rows would exceed CHUNK_ELEMENTS: a multiple
 # of every tile height (BLOCK_M <= 256).
 _CELL_UNIT = 256
 _CONFIGS = [
-    (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2),
-    (128, 256, 8, 2), (256, 128, 8, 2), (64, 256, 8, 2),
+    (128, 64, None, 4, 3), (128, 128, None, 8, 3), (64, 64, None, 4, 3), (64, 128, None, 4, 3),
+    (128, 64, None, 8, 2), (128, 256, None, 8, 2), (256, 128, None, 8, 2), (64, 256, None, 8, 2),
+    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
     # Small tiles for head_dim 256 with 128-key blocks per tile (sampled rows, stride 1).
-    (64, 128, 8, 2), (32, 128, 4, 2), (32, 64, 4, 1),
+    (64, 128, None, 8, 2), (32, 128, None, 4, 2), (32, 64, None, 4, 1),
 ]  # fmt: skip
+# Main loop form: flat (pipelined across key tiles) or nested (one pipelined loop per key tile).
+_FLAT = True
+
+
+def _config_kwargs(m: int, n: int, d: int | None, head_dim: int, cells_per_q_block: int, cells_per_kv_block: int) -> dict:
+    return {
+        "BLOCK_M": max(m, cells_per_q_block),
+        "BLOCK_N": max(n, cells_per_kv_block),
+        "BLOCK_D": head_dim if d is None else min(d, head_dim),
+        "FLAT": _FLAT,
+    }
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned_kernel(cells_per_q_block: int, cells_per_kv_block: int, is_float32: bool):
-    candidates = [(32, 32, 4, 2)] if is_float32 else _CONFIGS
+def _autotuned_kernel(head_dim: int, cells_per_q_block: int, cells_per_kv_block: int, is_float32: bool):
+    candidates = [(32, 32, None, 4, 2)] if is_float32 else _CONFIGS
     configs = [
-        triton.Config({"BLOCK_M": max(m, cells_per_q_block), "BLOCK_N": max(n, cells_per_kv_block)}, num_warps=w, num_stages=s)
-        for m, n, w, s in candidates
+        triton.Config(
+            _config_kwargs(m, n, d, head_dim, cells_per_q_block, cells_per_kv_block), num_warps=w, num_stages=s
+        )
+        for m, n, d, w, s in candidates
     ]
     # Several candidates can collapse to one tile shape for large blocks: keep each once.
     unique = list({(str(c.kwargs), c.num_warps, c.num_stages): c for c in configs}.values())
@@ -294,12 +344,11 @@ def _block_probs(
                 q_len, seq_q, seq_k, q_cells, cell_start, cells_per_chunk, k_cells, n_q, n_kv, scale / stride * _LOG2_E,
             )  # fmt: skip
             if interpreting():
-                block_m, block_n = max(16, cells_per_q_block), max(16, cells_per_kv_block)
-                _cell_block_probs[(num_blocks(cells, block_m), batch * heads)](
-                    *args, BLOCK_M=block_m, BLOCK_N=block_n, **constants
-                )
+                # One small tile; head_dim split in two steps (when it can be) to cover that path too.
+                tile = _config_kwargs(16, 16, max(16, dim // 2), dim, cells_per_q_block, cells_per_kv_block)
+                _cell_block_probs[(num_blocks(cells, tile["BLOCK_M"]), batch * heads)](*args, **tile, **constants)
             else:
-                kernel = _autotuned_kernel(cells_per_q_block, cells_per_kv_block, is_float32)
+                kernel = _autotuned_kernel(dim, cells_per_q_block, cells_per_kv_block, is_float32)
                 kernel[lambda meta, cells=cells: (num_blocks(cells, meta["BLOCK_M"]), batch * heads)](*args, **constants)
     return probs
 

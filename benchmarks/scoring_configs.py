@@ -1,0 +1,73 @@
+"""Sweep the estimators' scoring kernel's configurations (GPU): loop form and tile shape.
+
+Times XAttention's antidiagonal block scoring (``antidiagonal_block_probs_triton``, stride 8,
+128 x 128 blocks) for every candidate (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) in the
+kernel's autotune list, with the main loop flat (pipelined across key tiles) and nested (one
+pipelined loop per key tile), on the estimator benchmark's shape (batch 1, 32/8 heads,
+head_dim 128, bf16, causal), next to dense cuDNN attention in the same run. Reports the
+scoring throughput (TFLOP/s over the causal antidiagonal products) and the share of dense
+time. Writes ``benchmarks/results/<gpu>/scoring_configs.json``.
+
+    python benchmarks/scoring_configs.py --lengths 131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import torch
+
+from sparse_attn.bench import dense_baselines, device_slug, environment, time_ms, write_results
+from sparse_attn.methods import _scoring_triton
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[131072])
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--stride", type=int, default=8)
+    parser.add_argument("--forms", nargs="+", default=["flat", "nested"], choices=["flat", "nested"])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    rows = []
+    for seq in args.lengths:
+        q = torch.randn(1, 32, seq, args.dim, device=device, dtype=torch.bfloat16)
+        k = torch.randn(1, 8, seq, args.dim, device=device, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        dense_ms = time_ms(dense_baselines(q, k, v, device)["sdpa-cudnn"], device)
+        # Causal antidiagonal products: (cells^2 / 2) cell pairs x stride x head_dim multiply-adds, per head.
+        cells = seq // args.stride
+        flops = 2 * 32 * (cells * cells / 2) * args.stride * args.dim
+        print(f"seq {seq}: dense cuDNN {dense_ms:.2f} ms; scoring {flops / 1e12:.2f} TFLOP", flush=True)
+        options = dict(stride=args.stride, block_q=128, block_k=128, scale=args.dim**-0.5, causal=True)
+        original = _scoring_triton._CONFIGS, _scoring_triton._FLAT
+        try:
+            for form, config in itertools.product(args.forms, original[0]):
+                _scoring_triton._CONFIGS = [config]
+                _scoring_triton._FLAT = form == "flat"
+                _scoring_triton._autotuned_kernel.cache_clear()
+                try:
+                    ms = time_ms(lambda: _scoring_triton.antidiagonal_block_probs_triton(q, k, **options), device)
+                except Exception as error:  # out of shared memory or registers: report and go on
+                    ms, note = None, f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+                else:
+                    note = None
+                tflops = flops / (ms * 1e-3) / 1e12 if ms else None
+                rows.append({"seq": seq, "form": form, "config": config, "scoring_ms": ms, "tflops": tflops,
+                             "dense_ms": dense_ms, "share_of_dense": ms / dense_ms if ms else None, "error": note})  # fmt: skip
+                label = f"{form:6s} M={config[0]:3d} N={config[1]:3d} D={config[2] or args.dim:3d} w={config[3]} s={config[4]}"
+                shown = f"{ms:7.2f} ms {tflops:5.0f} TFLOP/s {ms / dense_ms:6.1%} of dense" if ms else note
+                print(f"  {label}: {shown}", flush=True)
+        finally:
+            _scoring_triton._CONFIGS, _scoring_triton._FLAT = original
+            _scoring_triton._autotuned_kernel.cache_clear()
+    out = args.out or Path(__file__).parent / "results" / device_slug(device) / "scoring_configs.json"
+    write_results(rows, out, {"benchmark": "scoring_configs", **environment(device)})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
