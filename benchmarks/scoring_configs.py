@@ -1,9 +1,8 @@
-"""Sweep the estimators' scoring kernel's configurations (GPU): loop form and tile shape.
+"""Sweep the estimators' scoring kernel's configurations (GPU): which tile shape is fastest.
 
 Times XAttention's antidiagonal block scoring (``antidiagonal_block_probs_triton``, stride 8,
 128 x 128 blocks) for every candidate (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) in the
-kernel's autotune list, with the main loop flat (pipelined across key tiles) and nested (one
-pipelined loop per key tile), on the estimator benchmark's shape (batch 1, 32/8 heads,
+kernel's autotune list on the estimator benchmark's shape (batch 1, 32/8 heads,
 head_dim 128, bf16, causal), next to dense cuDNN attention in the same run. Reports the
 scoring throughput (TFLOP/s over the causal antidiagonal products) and the share of dense
 time. Writes ``benchmarks/results/<gpu>/scoring_configs.json``.
@@ -14,7 +13,6 @@ time. Writes ``benchmarks/results/<gpu>/scoring_configs.json``.
 from __future__ import annotations
 
 import argparse
-import itertools
 from pathlib import Path
 
 import torch
@@ -28,7 +26,6 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--stride", type=int, default=8)
-    parser.add_argument("--forms", nargs="+", default=["flat", "nested"], choices=["flat", "nested"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -43,11 +40,10 @@ def main() -> None:
         flops = 2 * 32 * (cells * cells / 2) * args.stride * args.dim
         print(f"seq {seq}: dense cuDNN {dense_ms:.2f} ms; scoring {flops / 1e12:.2f} TFLOP", flush=True)
         options = dict(stride=args.stride, block_q=128, block_k=128, scale=args.dim**-0.5, causal=True)
-        original = _scoring_triton._CONFIGS, _scoring_triton._FLAT
+        original = _scoring_triton._CONFIGS
         try:
-            for form, config in itertools.product(args.forms, original[0]):
+            for config in original:
                 _scoring_triton._CONFIGS = [config]
-                _scoring_triton._FLAT = form == "flat"
                 _scoring_triton._autotuned_kernel.cache_clear()
                 try:
                     ms = time_ms(lambda: _scoring_triton.antidiagonal_block_probs_triton(q, k, **options), device)
@@ -56,13 +52,13 @@ def main() -> None:
                 else:
                     note = None
                 tflops = flops / (ms * 1e-3) / 1e12 if ms else None
-                rows.append({"seq": seq, "form": form, "config": config, "scoring_ms": ms, "tflops": tflops,
+                rows.append({"seq": seq, "config": config, "scoring_ms": ms, "tflops": tflops,
                              "dense_ms": dense_ms, "share_of_dense": ms / dense_ms if ms else None, "error": note})  # fmt: skip
-                label = f"{form:6s} M={config[0]:3d} N={config[1]:3d} D={config[2] or args.dim:3d} w={config[3]} s={config[4]}"
+                label = f"M={config[0]:3d} N={config[1]:3d} D={config[2] or args.dim:3d} w={config[3]} s={config[4]}"
                 shown = f"{ms:7.2f} ms {tflops:5.0f} TFLOP/s {ms / dense_ms:6.1%} of dense" if ms else note
                 print(f"  {label}: {shown}", flush=True)
         finally:
-            _scoring_triton._CONFIGS, _scoring_triton._FLAT = original
+            _scoring_triton._CONFIGS = original
             _scoring_triton._autotuned_kernel.cache_clear()
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "scoring_configs.json"
     write_results(rows, out, {"benchmark": "scoring_configs", **environment(device)})

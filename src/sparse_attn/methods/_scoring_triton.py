@@ -5,7 +5,11 @@
 
 * one program scores ``BLOCK_M`` query cells against key cells, ``BLOCK_N`` at a time; a
   cell pair's antidiagonal sum is ``stride`` ``(BLOCK_M x D) @ (D x BLOCK_N)`` products of
-  row-strided loads, so the ``(cells, stride * D)`` cell vectors are never built;
+  row-strided loads (each optionally split over head-dim slices of ``BLOCK_D``), so the
+  ``(cells, stride * D)`` cell vectors are never built. The main loop runs flat over
+  (key tile, row offset, head-dim slice) steps with a key tile's epilogue on its last step,
+  so loads stay pipelined across key tiles (on H100 at 128K this and the head-dim split took
+  the scoring from 29 to 23 ms, ``benchmarks/results/h100/scoring_configs_forms.log``);
 * per tile it writes, for each query cell and each KV block, the log-sum-exp of the cell's
   scores over that block to a scratch buffer, and keeps each row's running log-sum-exp
   (online softmax);
@@ -148,7 +152,6 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        FLAT: tl.constexpr,
         CAUSAL: tl.constexpr,
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -189,36 +192,22 @@ if triton is not None:
         out_rows = RowBlockLse + (batch_head.to(tl.int64) * chunk_cells + (cells - cell_start)) * n_kv
         row_in_range = cells < q_cells
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if FLAT:
-            # One loop over (key tile, query-row offset, head-dim slice) steps, with the tile's
-            # epilogue on its last step: loads are pipelined across key-tile boundaries.
-            STEPS: tl.constexpr = STRIDE * D_SPLIT
-            for step in range(0, tl.cdiv(key_cell_end, BLOCK_N) * STEPS):
-                start_n = (step // STEPS) * BLOCK_N
-                acc = _antidiagonal_step(
-                    acc, q_base, k_base, cells, start_n + offs_n, (step % STEPS) // D_SPLIT,
-                    (step % D_SPLIT) * BLOCK_D + offs_d, stride_qs, stride_ks, q_len, seq_k,
-                    STRIDE, DOT_FP32, PRECISION,
-                )  # fmt: skip
-                if step % STEPS == STEPS - 1:
-                    m_i, l_i = _tile_epilogue(
-                        acc, m_i, l_i, out_rows, row_in_range, last_query, start_n, offs_n, k_cells, n_kv,
-                        qk_scale, STRIDE, BLOCK_M, BLOCK_N, CELLS_PER_KV_BLOCK, CAUSAL,
-                    )  # fmt: skip
-                    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        else:
-            for start_n in range(0, key_cell_end, BLOCK_N):
-                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for inner in range(STRIDE * D_SPLIT):
-                    acc = _antidiagonal_step(
-                        acc, q_base, k_base, cells, start_n + offs_n, inner // D_SPLIT,
-                        (inner % D_SPLIT) * BLOCK_D + offs_d, stride_qs, stride_ks, q_len, seq_k,
-                        STRIDE, DOT_FP32, PRECISION,
-                    )  # fmt: skip
+        # One loop over (key tile, query-row offset, head-dim slice) steps, with the tile's
+        # epilogue on its last step: loads are pipelined across key-tile boundaries.
+        STEPS: tl.constexpr = STRIDE * D_SPLIT
+        for step in range(0, tl.cdiv(key_cell_end, BLOCK_N) * STEPS):
+            start_n = (step // STEPS) * BLOCK_N
+            acc = _antidiagonal_step(
+                acc, q_base, k_base, cells, start_n + offs_n, (step % STEPS) // D_SPLIT,
+                (step % D_SPLIT) * BLOCK_D + offs_d, stride_qs, stride_ks, q_len, seq_k,
+                STRIDE, DOT_FP32, PRECISION,
+            )  # fmt: skip
+            if step % STEPS == STEPS - 1:
                 m_i, l_i = _tile_epilogue(
                     acc, m_i, l_i, out_rows, row_in_range, last_query, start_n, offs_n, k_cells, n_kv,
                     qk_scale, STRIDE, BLOCK_M, BLOCK_N, CELLS_PER_KV_BLOCK, CAUSAL,
                 )  # fmt: skip
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         row_lse = m_i + tl.math.log2(l_i)
 
         # Epilogue: read this program's scratch rows back (written above by other threads of
@@ -248,21 +237,20 @@ if triton is not None:
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) candidates for 16-bit inputs on Hopper
-# (BLOCK_D None: the whole head_dim per step). The main loop runs flat over (key tile, query
-# row offset, head-dim slice) steps. Tiles that do not fit a GPU's shared memory or registers
+# (BLOCK_D None: the whole head_dim per step). Tiles that do not fit a GPU's shared memory or registers
 # are skipped by the autotuner.
 # Query cells per launch when one head's scratch rows would exceed CHUNK_ELEMENTS: a multiple
 # of every tile height (BLOCK_M <= 256).
 _CELL_UNIT = 256
 _CONFIGS = [
-    (128, 64, None, 4, 3), (128, 128, None, 8, 3), (64, 64, None, 4, 3), (64, 128, None, 4, 3),
-    (128, 64, None, 8, 2), (128, 256, None, 8, 2), (256, 128, None, 8, 2), (64, 256, None, 8, 2),
-    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+    # head_dim 128, stride 8 (XAttention): a 128 x 256 tile over half-head-dim steps led the
+    # sweep at 128K on H100 (benchmarks/results/h100/scoring_configs*.log).
+    (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 4), (128, 256, 32, 8, 6),
+    (64, 256, 64, 4, 3), (64, 256, 64, 8, 4), (128, 256, None, 8, 2), (64, 256, None, 8, 2),
+    (64, 128, None, 4, 3), (128, 128, None, 8, 3),
     # Small tiles for head_dim 256 with 128-key blocks per tile (sampled rows, stride 1).
-    (64, 128, None, 8, 2), (32, 128, None, 4, 2), (32, 64, None, 4, 1),
+    (64, 128, 64, 8, 3), (64, 128, None, 8, 2), (32, 128, None, 4, 2), (32, 64, None, 4, 1),
 ]  # fmt: skip
-# Main loop form: flat (pipelined across key tiles) or nested (one pipelined loop per key tile).
-_FLAT = True
 
 
 def _config_kwargs(m: int, n: int, d: int | None, head_dim: int, cells_per_q_block: int, cells_per_kv_block: int) -> dict:
@@ -270,7 +258,6 @@ def _config_kwargs(m: int, n: int, d: int | None, head_dim: int, cells_per_q_blo
         "BLOCK_M": max(m, cells_per_q_block),
         "BLOCK_N": max(n, cells_per_kv_block),
         "BLOCK_D": head_dim if d is None else min(d, head_dim),
-        "FLAT": _FLAT,
     }
 
 
