@@ -143,6 +143,7 @@ if triton is not None:
         n_q,
         n_kv,
         qk_scale,
+        seq_bucket,  # autotuning key only: ceil(log2(seq_k)), so each length range gets its own tuning
         HEAD_DIM: tl.constexpr,
         STRIDE: tl.constexpr,
         QUERY_STEP: tl.constexpr,
@@ -272,7 +273,7 @@ def _autotuned_kernel(head_dim: int, cells_per_q_block: int, cells_per_kv_block:
     ]
     # Several candidates can collapse to one tile shape for large blocks: keep each once.
     unique = list({(str(c.kwargs), c.num_warps, c.num_stages): c for c in configs}.values())
-    key = ["HEAD_DIM", "STRIDE", "QUERY_STEP", "REDUCE_MAX", "CELLS_PER_Q_BLOCK", "CELLS_PER_KV_BLOCK", "CAUSAL", "PRECISION"]
+    key = ["seq_bucket", "HEAD_DIM", "STRIDE", "QUERY_STEP", "REDUCE_MAX", "CELLS_PER_Q_BLOCK", "CELLS_PER_KV_BLOCK", "CAUSAL", "PRECISION"]
     return triton.autotune(configs=unique, key=key)(_cell_block_probs)
 
 
@@ -329,6 +330,7 @@ def _block_probs(
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 head_start, heads, q_heads, q_heads // kv_heads,
                 q_len, seq_q, seq_k, q_cells, cell_start, cells_per_chunk, k_cells, n_q, n_kv, scale / stride * _LOG2_E,
+                max(seq_k - 1, 1).bit_length(),
             )  # fmt: skip
             if interpreting():
                 # One small tile; head_dim split in two steps (when it can be) to cover that path too.
