@@ -1,7 +1,9 @@
 """Sweep the Triton kernel's tile configurations (GPU): which (BLOCK_M, BLOCK_N, warps, stages) is fastest.
 
 For each head_dim, length and density, times every candidate configuration (tile sizes,
-warps, pipeline stages, and the K layout) of the block-sparse kernel on one random causal
+warps, pipeline stages, and the load mode: pointer loads with K read row-wise or
+column-wise, or TMA descriptor loads where the kernel offers them, i.e. on compute capability
+>= 9) of the block-sparse kernel on one random causal
 pattern (batch 1, 32/8 heads, bf16, blocks of 128), next to FlexAttention on the same pattern. The winners inform the autotuning lists
 in ``sparse_attn/backends/triton_kernel.py``. Writes ``benchmarks/results/<gpu>/kernel_configs.json``.
 
@@ -46,11 +48,16 @@ def main() -> None:
             for s in (2, 3)
             if n <= wide and not (m == 64 and w == 8) and not (dim == 256 and m == 128 and n == 128)
         ]
-        original = triton_kernel._HALF_CONFIGS[dim], triton_kernel._HALF_K_LAYOUTS
+        # (K_TRANSPOSED, USE_TMA): pointer loads row-wise and column-wise, then TMA if offered.
+        modes = [(False, False), (True, False)]
+        if triton_kernel._tma_offered(q, k, v, torch.cuda.get_device_capability(device)):
+            modes.append((False, True))
+        original = triton_kernel._HALF_CONFIGS[dim], triton_kernel._HALF_K_LAYOUTS, triton_kernel._HALF_TMA
         try:
-            for config, transposed in itertools.product(candidates, (False, True)):
+            for config, (transposed, use_tma) in itertools.product(candidates, modes):
                 triton_kernel._HALF_CONFIGS[dim] = [config]
                 triton_kernel._HALF_K_LAYOUTS = (transposed,)
+                triton_kernel._HALF_TMA = (use_tma,)
                 triton_kernel._autotuned_kernel.cache_clear()
                 try:
                     ms = time_ms(lambda: sa.block_sparse_attention(q, k, v, pattern, backend="triton"), device)
@@ -59,12 +66,14 @@ def main() -> None:
                 else:
                     note = None
                 rows.append({"head_dim": dim, "seq": seq, "density": round(pattern.density(), 4), "config": config,
-                             "k_transposed": transposed, "triton_ms": ms, "flex_ms": flex_ms, "error": note})  # fmt: skip
+                             "k_transposed": transposed, "tma": use_tma, "triton_ms": ms, "flex_ms": flex_ms,
+                             "error": note})  # fmt: skip
                 shown = f"{ms:8.2f} ms  ({flex_ms / ms:.2f}x flex)" if ms else note
-                label = f"BLOCK_M={config[0]:3d} BLOCK_N={config[1]:3d} warps={config[2]} stages={config[3]} K^T={transposed:d}"
+                label = (f"BLOCK_M={config[0]:3d} BLOCK_N={config[1]:3d} warps={config[2]} stages={config[3]} "
+                         f"K^T={transposed:d} TMA={use_tma:d}")  # fmt: skip
                 print(f"  {label}: {shown}", flush=True)
         finally:
-            triton_kernel._HALF_CONFIGS[dim], triton_kernel._HALF_K_LAYOUTS = original
+            triton_kernel._HALF_CONFIGS[dim], triton_kernel._HALF_K_LAYOUTS, triton_kernel._HALF_TMA = original
             triton_kernel._autotuned_kernel.cache_clear()
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "kernel_configs.json"
     write_results(rows, out, {"benchmark": "kernel_configs", **environment(device)})

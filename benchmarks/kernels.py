@@ -9,6 +9,7 @@ throughput over the pairs it computes, and speedups against cuDNN. Medians from
 
     python benchmarks/kernels.py                     # the full grid
     python benchmarks/kernels.py --lengths 32768 --dims 128
+    python benchmarks/kernels.py --lengths 131072 --extra-dims --loads tma   # TMA descriptor loads only
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_attn.backends import triton_kernel
 from sparse_attn.bench import (
     KernelCase,
     device_slug,
@@ -38,8 +40,13 @@ def main() -> None:
     parser.add_argument("--extra-dims", type=int, nargs="*", default=[64, 256], help="head dims at --extra-length")
     parser.add_argument("--extra-length", type=int, default=32768)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
+    parser.add_argument(
+        "--loads", choices=["autotuned", "pointer", "tma"], default="autotuned",
+        help="the Triton kernel's tile loads: autotuned over pointer and TMA configs (default), or only one kind",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)")
     args = parser.parse_args()
+    triton_kernel._HALF_TMA = {"autotuned": (False, True), "pointer": (False,), "tma": (True,)}[args.loads]
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU; on CPU run `sparse-attn bench --quick`")
     device = torch.device("cuda")
@@ -57,7 +64,7 @@ def main() -> None:
     print()
     print(format_table(rows, COLUMNS))
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "kernels.json"
-    write_results(rows, out, {"benchmark": "kernels", **environment(device)})
+    write_results(rows, out, {"benchmark": "kernels", "loads": args.loads, **environment(device)})
     print(f"wrote {out}")
 
 

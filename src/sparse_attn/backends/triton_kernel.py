@@ -9,6 +9,22 @@ reads KV head ``h // group``), so K and V are never expanded. Pattern blocks may
 than the kernel tiles: a query block is split over several programs and a KV block over
 several inner iterations.
 
+Tiles are read through pointers (K either row-wise or column-wise), or, experimentally,
+through TMA tensor descriptors (constexpr ``USE_TMA``; an autotune axis for 16-bit inputs on
+compute capability >= 9 with 16-byte aligned addresses and strides, see ``_HALF_TMA``). The
+descriptors are made on the device (``tl.make_tensor_descriptor``), one per (batch, head)
+for Q, K and V with that head's sequence length as the row bound, so TMA returns zeros for
+rows past the end and the masks stay those of the pointer path. Device-side rather than
+host-side (``triton.tools.tensor_descriptor.TensorDescriptor``) descriptors because their block
+shape follows the autotuned ``BLOCK_M`` / ``BLOCK_N`` inside the kernel (a host descriptor's
+block shape is fixed when it is built, so every config would need a pre-hook rewriting the
+shared argument), the kernel signature and the pointer path stay as they are (no descriptor
+arguments to build, even where descriptors are not allowed), and any (B, H, S, D) strides,
+including the (B, S, H, D) storage transformers passes, work with one 2-D descriptor per
+head. The price: each program writes its descriptors (128 bytes each) to global scratch
+from Triton's allocator, which the launcher installs when none is set, and fences them
+before use.
+
 Under ``TRITON_INTERPRET=1`` (CPU tests) one small tile configuration runs instead of the
 autotuned set, and bf16 products are taken in float32 because the interpreter's bf16
 ``dot`` is wrong; the GPU path is tested separately (``pytest -m gpu``).
@@ -85,34 +101,48 @@ if triton is not None:
         PRECISION: tl.constexpr,
         K_TRANSPOSED: tl.constexpr,
         EVEN_K: tl.constexpr,
+        USE_TMA: tl.constexpr,
     ):
         """Online-softmax update over the KV blocks in slots ``[first_slot, last_slot)``.
 
         ``EVEN_K``: the key length is a multiple of the pattern's KV block, so no listed key
         lies past the end and masked blocks need only the causal mask.
+
+        ``USE_TMA``: ``k_base`` and ``v_base`` are tensor descriptors (``tl.make_tensor_descriptor``
+        over this KV head's ``(seq_k, HEAD_DIM)`` rows) instead of pointers; ``stride_ks``,
+        ``stride_vs``, ``offs_d`` and ``K_TRANSPOSED`` are then unused.
         """
         SUBTILES: tl.constexpr = BLOCK_K // BLOCK_N
         for step in range(first_slot * SUBTILES, last_slot * SUBTILES):
             kv_block = tl.load(index_base + step // SUBTILES)
-            key_pos = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N + offs_n
-            # K is read either as (N, D) rows and transposed in registers, or directly as a
-            # (D, N) tile; which one is faster depends on the tile shape (autotuned).
-            k_rows = k_base + key_pos[:, None] * stride_ks + offs_d[None, :]
-            k_columns = k_base + key_pos[None, :] * stride_ks + offs_d[:, None]
-            v_rows = v_base + key_pos[:, None] * stride_vs + offs_d[None, :]
-            if MASKED and not EVEN_K:
-                in_bounds = key_pos < seq_k
-                if K_TRANSPOSED:
-                    k_tile = tl.load(k_columns, mask=in_bounds[None, :], other=0.0)
-                else:
-                    k_tile = tl.trans(tl.load(k_rows, mask=in_bounds[:, None], other=0.0))
-                v = tl.load(v_rows, mask=in_bounds[:, None], other=0.0)
+            key_start = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N
+            key_pos = key_start + offs_n
+            if USE_TMA:
+                # k_base / v_base are (seq_k, HEAD_DIM) tensor descriptors: rows at or past
+                # seq_k come back as zeros, and the score mask below hides those keys.
+                if MASKED and not EVEN_K:
+                    in_bounds = key_pos < seq_k
+                k_tile = tl.trans(k_base.load([key_start, 0]))
+                v = v_base.load([key_start, 0])
             else:
-                if K_TRANSPOSED:
-                    k_tile = tl.load(k_columns)
+                # K is read either as (N, D) rows and transposed in registers, or directly as a
+                # (D, N) tile; which one is faster depends on the tile shape (autotuned).
+                k_rows = k_base + key_pos[:, None] * stride_ks + offs_d[None, :]
+                k_columns = k_base + key_pos[None, :] * stride_ks + offs_d[:, None]
+                v_rows = v_base + key_pos[:, None] * stride_vs + offs_d[None, :]
+                if MASKED and not EVEN_K:
+                    in_bounds = key_pos < seq_k
+                    if K_TRANSPOSED:
+                        k_tile = tl.load(k_columns, mask=in_bounds[None, :], other=0.0)
+                    else:
+                        k_tile = tl.trans(tl.load(k_rows, mask=in_bounds[:, None], other=0.0))
+                    v = tl.load(v_rows, mask=in_bounds[:, None], other=0.0)
                 else:
-                    k_tile = tl.trans(tl.load(k_rows))
-                v = tl.load(v_rows)
+                    if K_TRANSPOSED:
+                        k_tile = tl.load(k_columns)
+                    else:
+                        k_tile = tl.trans(tl.load(k_rows))
+                    v = tl.load(v_rows)
             if DOT_FP32:
                 scores = tl.dot(q.to(tl.float32), k_tile.to(tl.float32), input_precision=PRECISION)
             else:
@@ -189,6 +219,7 @@ if triton is not None:
         K_TRANSPOSED: tl.constexpr,
         EVEN_K: tl.constexpr,
         EVEN_Q: tl.constexpr,
+        USE_TMA: tl.constexpr,
     ):
         batch_head = tl.program_id(0)
         # Heaviest (last) query tiles first: causal rows grow with position.
@@ -205,11 +236,26 @@ if triton is not None:
         k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
         v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
         row_in_range = rows < seq_q
-        q_pointers = q_base + rows[:, None] * stride_qs + offs_d[None, :]
-        if EVEN_Q:  # the query length is a multiple of the pattern's query block: no row past the end
-            q = tl.load(q_pointers)
+        if USE_TMA:
+            # Descriptors over this (batch, head)'s rows, bounded by its sequence length, so rows
+            # past the end read as zeros (their outputs are not stored; keys past seq_k are
+            # masked out of the scores). From here on k_base / v_base are descriptors.
+            q_desc = tl.make_tensor_descriptor(
+                q_base, shape=[seq_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM]
+            )
+            q = q_desc.load([tile * BLOCK_M, 0])
+            k_base = tl.make_tensor_descriptor(
+                k_base, shape=[seq_k, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM]
+            )
+            v_base = tl.make_tensor_descriptor(
+                v_base, shape=[seq_k, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM]
+            )
         else:
-            q = tl.load(q_pointers, mask=row_in_range[:, None], other=0.0)
+            q_pointers = q_base + rows[:, None] * stride_qs + offs_d[None, :]
+            if EVEN_Q:  # the query length is a multiple of the pattern's query block: no row past the end
+                q = tl.load(q_pointers)
+            else:
+                q = tl.load(q_pointers, mask=row_in_range[:, None], other=0.0)
 
         pattern_head = head // pattern_head_divisor
         count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
@@ -224,12 +270,12 @@ if triton is not None:
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, k_base, v_base, index_base, 0, full_count, stride_ks, stride_vs,
             query_pos, seq_k, qk_scale, offs_n, offs_d,
-            BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K,
+            BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA,
         )  # fmt: skip
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, k_base, v_base, index_base, full_count, count, stride_ks, stride_vs,
             query_pos, seq_k, qk_scale, offs_n, offs_d,
-            BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K,
+            BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA,
         )  # fmt: skip
 
         out = acc / l_i[:, None]
@@ -246,8 +292,9 @@ if triton is not None:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, per head_dim, for 16-bit inputs on
-# Hopper; each is tried with K read row-wise and column-wise. The head_dim 128 list holds
-# the winners of benchmarks/kernel_configs.py on H100 at 32K and 128K.
+# Hopper; each is tried with K read row-wise and column-wise through pointers and, where TMA
+# is offered (see _tma_offered), once more with TMA descriptor loads. The head_dim 128 list
+# holds the winners of benchmarks/kernel_configs.py on H100 at 32K and 128K (pointer loads).
 _HALF_CONFIGS = {
     16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
@@ -260,8 +307,13 @@ _FLOAT_CONFIGS = {dim: [(64, 32, 4, 2), (32, 32, 4, 2)] for dim in (16, 32, 64, 
 _FLOAT_CONFIGS[256] = [(32, 32, 4, 1), (32, 16, 4, 1)]
 # K read row-wise (False) and column-wise (True): both are autotuned for 16-bit inputs.
 _HALF_K_LAYOUTS = (False, True)
-# Under TRITON_INTERPRET there is no autotuning; tests flip this to cover both K layouts.
+# Pointer loads (False) and TMA descriptor loads (True; experimental): both are autotuned for
+# 16-bit inputs where _tma_offered says yes. A TMA config reads K as (N, D) rows only.
+_HALF_TMA = (False, True)
+# Under TRITON_INTERPRET there is no autotuning; tests flip these to cover both K layouts and
+# the TMA path (which the interpreter runs for any dtype, when _descriptor_compatible allows).
 interpreter_k_transposed = False
+interpreter_use_tma = False
 
 
 def _fitting(candidates, block_q: int, block_k: int):
@@ -269,18 +321,95 @@ def _fitting(candidates, block_q: int, block_k: int):
     return fitting or [(min(block_q, 64), min(block_k, 32), 4, 2)]
 
 
-@functools.lru_cache(maxsize=None)
-def _autotuned_kernel(head_dim: int, block_q: int, block_k: int, is_float32: bool):
+def _descriptor_compatible(x: torch.Tensor) -> bool:
+    """Whether the kernel may read this (B, H, S, D) tensor through tensor descriptors.
+
+    The kernel builds one descriptor per (batch, head) at ``x[b, h]`` with strides
+    ``(stride(2), 1)``, so that address and every stride the base offset uses must be a
+    multiple of 16 bytes, and rows must be contiguous and not overlap. A stride of a size-1
+    dimension never enters an address and is not checked.
+    """
+    size = x.element_size()
+    if x.stride(-1) != 1 or x.data_ptr() % 16:
+        return False
+    if x.stride(2) < x.shape[3] or (x.stride(2) * size) % 16:
+        return False
+    return all(x.shape[d] == 1 or (x.stride(d) * size) % 16 == 0 for d in (0, 1))
+
+
+def _tma_offered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, capability: tuple[int, int] | None) -> bool:
+    """Whether TMA configs join the autotuned set: 16-bit inputs, compute capability >= 9
+    (Hopper or newer; ``capability`` is ``None`` off CUDA) and descriptor-compatible tensors."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if capability is None or capability[0] < 9:
+        return False
+    return all(_descriptor_compatible(x) for x in (q, k, v))
+
+
+def _load_modes(is_float32: bool, tma: bool) -> list[tuple[bool, bool]]:
+    """The (K_TRANSPOSED, USE_TMA) pairs to autotune over.
+
+    float32 reads K row-wise through pointers only. 16-bit inputs take every pointer layout of
+    ``_HALF_K_LAYOUTS`` for each False in ``_HALF_TMA``, and one row-wise TMA mode for a True
+    there when ``tma`` (see :func:`_tma_offered`); the K layout means nothing to a descriptor
+    load, so (True, True) is never produced. If that leaves nothing (``_HALF_TMA == (True,)``
+    without TMA), the pointer layouts are used.
+    """
+    if is_float32:
+        return [(False, False)]
+    modes = []
+    for use_tma in _HALF_TMA:
+        if not use_tma:
+            modes += [(transposed, False) for transposed in _HALF_K_LAYOUTS]
+        elif tma:
+            modes.append((False, True))
+    return modes or [(transposed, False) for transposed in _HALF_K_LAYOUTS]
+
+
+def _kernel_configs(head_dim: int, block_q: int, block_k: int, is_float32: bool, tma: bool) -> list:
+    """The autotuner's candidate ``triton.Config`` list (tiles x load modes)."""
     candidates = (_FLOAT_CONFIGS if is_float32 else _HALF_CONFIGS)[head_dim]
-    layouts = (False,) if is_float32 else _HALF_K_LAYOUTS
-    configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "K_TRANSPOSED": transposed}, num_warps=w, num_stages=s)
+    return [
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "K_TRANSPOSED": transposed, "USE_TMA": use_tma}, num_warps=w, num_stages=s
+        )
         for m, n, w, s in _fitting(candidates, block_q, block_k)
-        for transposed in layouts
+        for transposed, use_tma in _load_modes(is_float32, tma)
     ]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned_kernel(head_dim: int, block_q: int, block_k: int, is_float32: bool, tma: bool):
     return triton.autotune(
-        configs=configs, key=["seq_bucket", "work_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"]
+        configs=_kernel_configs(head_dim, block_q, block_k, is_float32, tma),
+        key=["seq_bucket", "work_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"],
     )(_block_sparse_forward)
+
+
+def _scratch_buffer(size: int, alignment: int, stream):
+    """Global scratch for device-side tensor descriptors (128 bytes each, per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    """Install :func:`_scratch_buffer` as Triton's allocator unless one is already set.
+
+    Kernels that build tensor descriptors on the device ask ``triton.set_allocator``'s
+    allocator for global scratch at launch and fail without one. Triton 3.6 has no public
+    getter, so the current allocator is read from ``triton.runtime._allocation``; an allocator
+    the caller set is kept. Should that private module change, ours is installed regardless
+    (a launch without any allocator would fail). The allocator is a context variable: a thread
+    that has none gets ours on its first TMA-capable call.
+    """
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        unset = True
+    if unset:
+        triton.set_allocator(_scratch_buffer)
 
 
 def _work_bucket(pattern: BlockSparsePattern) -> int:
@@ -366,11 +495,21 @@ def triton_attention(
     if interpreting():
         block_m, block_n = min(pattern.block_q, 32), min(pattern.block_k, 16)
         grid = (batch * q_heads, n_q_blocks * (pattern.block_q // block_m))
+        use_tma = interpreter_use_tma and all(_descriptor_compatible(x) for x in (q, k, v))
         _block_sparse_forward[grid](
-            *args, BLOCK_M=block_m, BLOCK_N=block_n, K_TRANSPOSED=interpreter_k_transposed, **constants
+            *args,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            K_TRANSPOSED=interpreter_k_transposed and not use_tma,
+            USE_TMA=use_tma,
+            **constants,
         )
     else:
-        kernel = _autotuned_kernel(dim, pattern.block_q, pattern.block_k, is_float32)
+        capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+        tma = _tma_offered(q, k, v, capability) and True in _HALF_TMA
+        if tma:
+            _ensure_scratch_allocator()
+        kernel = _autotuned_kernel(dim, pattern.block_q, pattern.block_k, is_float32, tma)
 
         def grid(meta):
             return (batch * q_heads, n_q_blocks * (pattern.block_q // meta["BLOCK_M"]))
