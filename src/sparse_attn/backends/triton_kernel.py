@@ -9,9 +9,10 @@ reads KV head ``h // group``), so K and V are never expanded. Pattern blocks may
 than the kernel tiles: a query block is split over several programs and a KV block over
 several inner iterations.
 
-Tiles are read through pointers (K either row-wise or column-wise), or, experimentally,
-through TMA tensor descriptors (constexpr ``USE_TMA``; an autotune axis for 16-bit inputs on
-compute capability >= 9 with 16-byte aligned addresses and strides, see ``_HALF_TMA``). The
+Tiles are read through pointers (K either row-wise or column-wise), or through TMA tensor
+descriptors (constexpr ``USE_TMA``; an autotune axis for 16-bit inputs on compute capability
+>= 9 with 16-byte aligned addresses and strides, see ``_load_modes``; on H100 it is up to 6 %
+faster than pointer loads on some lengths and densities and slower on others). The
 descriptors are made on the device (``tl.make_tensor_descriptor``), one per (batch, head)
 for Q, K and V with that head's sequence length as the row bound, so TMA returns zeros for
 rows past the end and the masks stay those of the pointer path. Device-side rather than
@@ -292,8 +293,8 @@ if triton is not None:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, per head_dim, for 16-bit inputs on
-# Hopper; each is tried with K read row-wise and column-wise through pointers and, where TMA
-# is offered (see _tma_offered), once more with TMA descriptor loads. The head_dim 128 list
+# Hopper; each is tried with two kinds of loads (see _load_modes): row-wise pointers and TMA
+# descriptors where TMA is offered, row-wise and column-wise pointers elsewhere. The head_dim 128 list
 # holds the winners of benchmarks/kernel_configs.py on H100 at 32K and 128K (pointer loads).
 _HALF_CONFIGS = {
     16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
@@ -305,10 +306,11 @@ _HALF_CONFIGS = {
 # float32 runs exact (IEEE) products; tiles are small to fit shared memory.
 _FLOAT_CONFIGS = {dim: [(64, 32, 4, 2), (32, 32, 4, 2)] for dim in (16, 32, 64, 128)}
 _FLOAT_CONFIGS[256] = [(32, 32, 4, 1), (32, 16, 4, 1)]
-# K read row-wise (False) and column-wise (True): both are autotuned for 16-bit inputs.
+# K read row-wise (False) and column-wise (True) through pointers: both are autotuned for
+# 16-bit inputs where TMA is not offered.
 _HALF_K_LAYOUTS = (False, True)
-# Pointer loads (False) and TMA descriptor loads (True; experimental): both are autotuned for
-# 16-bit inputs where _tma_offered says yes. A TMA config reads K as (N, D) rows only.
+# Pointer loads (False) and TMA descriptor loads (True): both are autotuned for 16-bit inputs
+# where _tma_offered says yes (see _load_modes). A TMA config reads K as (N, D) rows only.
 _HALF_TMA = (False, True)
 # Under TRITON_INTERPRET there is no autotuning; tests flip these to cover both K layouts and
 # the TMA path (which the interpreter runs for any dtype, when _descriptor_compatible allows).
@@ -350,21 +352,20 @@ def _tma_offered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, capability: 
 def _load_modes(is_float32: bool, tma: bool) -> list[tuple[bool, bool]]:
     """The (K_TRANSPOSED, USE_TMA) pairs to autotune over.
 
-    float32 reads K row-wise through pointers only. 16-bit inputs take every pointer layout of
-    ``_HALF_K_LAYOUTS`` for each False in ``_HALF_TMA``, and one row-wise TMA mode for a True
-    there when ``tma`` (see :func:`_tma_offered`); the K layout means nothing to a descriptor
-    load, so (True, True) is never produced. If that leaves nothing (``_HALF_TMA == (True,)``
-    without TMA), the pointer layouts are used.
+    float32 reads K row-wise through pointers only. 16-bit inputs where TMA is not offered
+    (``tma`` False, see :func:`_tma_offered`) take every pointer layout of ``_HALF_K_LAYOUTS``.
+    Where it is offered (compute capability >= 9), they take row-wise pointers (if False is in
+    ``_HALF_TMA``) and TMA (if True is): on sm_90 the two pointer layouts compile to the same
+    machine code, so the column-wise one would only double the tuning time, and the K layout
+    means nothing to a descriptor load. On H100 neither kind of load wins everywhere
+    (``benchmarks/results/h100/kernels_pointer.log`` and ``kernels_tma.log``: each is up to 6 %
+    faster on some lengths and densities), hence both in the autotuned set.
     """
     if is_float32:
         return [(False, False)]
-    modes = []
-    for use_tma in _HALF_TMA:
-        if not use_tma:
-            modes += [(transposed, False) for transposed in _HALF_K_LAYOUTS]
-        elif tma:
-            modes.append((False, True))
-    return modes or [(transposed, False) for transposed in _HALF_K_LAYOUTS]
+    if not tma or True not in _HALF_TMA:
+        return [(transposed, False) for transposed in _HALF_K_LAYOUTS]
+    return [(False, False)] * (False in _HALF_TMA) + [(False, True)]
 
 
 def _kernel_configs(head_dim: int, block_q: int, block_k: int, is_float32: bool, tma: bool) -> list:
