@@ -7,7 +7,8 @@ Every estimator is a composition of the pieces here, so no method repeats anothe
   and summed per block), :func:`probe_last_queries` (exact softmax of the last queries against
   every key, reduced to vertical / slash / per-block sums);
 * selection: :func:`cumulative_mass_mask` (fewest entries reaching a share of the mass, with
-  min / max budgets), :func:`topk_mask`, :func:`vertical_slash_block_mask` (the blocks that
+  min / max budgets), :func:`topk_mask` (both sort-based here, and on CUDA a sort-free Triton
+  kernel, :mod:`._select_triton`), :func:`vertical_slash_block_mask` (the blocks that
   chosen columns and diagonals cross);
 * patterns: :func:`block_mask_to_pattern` (causal validity and diagonal via ``from_mask``).
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..pattern import BlockSparsePattern, causal_block_mask, num_blocks
+from ._select_triton import cumulative_mass_mask_triton, topk_by_rank_mask_triton, triton_selection_available
 
 # Float32 working memory of one chunked step (256 MiB): the chunk's largest tensor is held
 # to a quarter of it where softmax-style temporaries follow, to all of it where none do.
@@ -181,8 +183,11 @@ def cumulative_mass_mask(scores: torch.Tensor, threshold: float, budget: Budget 
     ``scores`` are non-negative (probabilities or masses; invalid entries 0). The budget
     clamps the count per row. Returns bool of ``scores``' shape. Ties are broken by index
     (stable sort), so the result is deterministic. Rows are processed in chunks to bound
-    the sort's memory.
+    the sort's memory. On CUDA, rows of up to ``_select_triton.MAX_ROW`` entries go through
+    the Triton selection kernel instead (same rule, no sort).
     """
+    if _on_gpu_selection(scores):
+        return cumulative_mass_mask_triton(scores, threshold, minimum=budget.minimum, maximum=budget.maximum)
     scores = scores.float()
     flat = scores.reshape(-1, scores.shape[-1])
     rows_per_chunk = max(1, CHUNK_ELEMENTS // (4 * flat.shape[-1]))
@@ -193,14 +198,20 @@ def cumulative_mass_mask(scores: torch.Tensor, threshold: float, budget: Budget 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per row (last dim), the ``k`` highest entries (all of them when the row is shorter)."""
     k = min(k, scores.shape[-1])
-    _, order = torch.sort(scores.float(), dim=-1, descending=True, stable=True)
-    return _rank_mask(order, torch.full(scores.shape[:-1], k, device=scores.device))
+    return topk_by_rank_mask(scores, torch.full(scores.shape[:-1], k, device=scores.device))
 
 
 def topk_by_rank_mask(ranking: torch.Tensor, keep_count: torch.Tensor) -> torch.Tensor:
-    """Per row, the ``keep_count[row]`` entries ranked highest by ``ranking``."""
+    """Per row, the ``keep_count[row]`` entries ranked highest by ``ranking`` (ties: lower index first)."""
+    if _on_gpu_selection(ranking):
+        return topk_by_rank_mask_triton(ranking, keep_count)
     _, order = torch.sort(ranking.float(), dim=-1, descending=True, stable=True)
     return _rank_mask(order, keep_count)
+
+
+def _on_gpu_selection(scores: torch.Tensor) -> bool:
+    """CUDA rows short enough for the Triton selection kernel (CPU keeps the sort-based reference)."""
+    return scores.device.type == "cuda" and triton_selection_available(scores)
 
 
 # Antidiagonal scoring (XAttention) ----------------------------------------------------
