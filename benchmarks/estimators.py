@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import sparse_attn as sa
-from sparse_attn.bench import dense_baselines, device_slug, environment, format_table, time_ms, write_results
+from sparse_attn.bench import dense_baselines, device_slug, environment, format_table, measure, write_results
 from sparse_attn.pattern import BlockSparsePattern
 
 DYNAMIC_METHODS = ("xattention", "flexprefill", "vertical_slash", "block_topk", "proxyattn")
@@ -155,13 +155,6 @@ def print_profile(label: str, fn, device: torch.device, top: int = 12) -> None:
         torch.cuda.synchronize(device)
     print(f"--- profile: {label}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70), flush=True)
-
-
-def measure(fn, device: torch.device):
-    try:
-        return time_ms(fn, device), None
-    except Exception as error:  # one method failing on one shape is reported, not fatal
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
 
 def ratio(numerator, denominator):

@@ -113,11 +113,13 @@ def dense_baselines(q, k, v, device) -> dict[str, Callable[[], object]]:
     return {name: runner(choice) for name, choice in choices.items()}
 
 
-def _measure(fn, device) -> tuple[float | None, str | None]:
+def measure(fn, device) -> tuple[float | None, str | None]:
+    """``(time_ms(fn), None)``, or ``(None, error line)`` when ``fn`` fails: a backend, method or
+    configuration that cannot run a shape is reported, not fatal."""
     try:
         return time_ms(fn, device), None
-    except Exception as error:  # a backend that cannot run a shape is reported, not fatal
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    except Exception as error:
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
 
 def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.device, seed: int = 0) -> list[dict]:
@@ -137,7 +139,7 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
     full = dense_pattern(seq_q=case.seq, block_q=case.block, block_k=case.block, device=device)
     dense_times, errors = {}, {}
     for name, fn in dense_baselines(q, k, v, device).items():
-        dense_times[name], errors[name] = _measure(fn, device)
+        dense_times[name], errors[name] = measure(fn, device)
     dense_name = next(iter(dense_times))
     dense_pairs = visible_pairs(full) * case.batch * case.q_heads
     rows = []
@@ -151,7 +153,7 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
                "dtype": case.dtype, "block": case.block, "density": round(pattern.density(), 4),
                "pair_fraction": round(pairs / dense_pairs, 4)}  # fmt: skip
         for backend in backends:
-            row[f"{backend}_ms"], errors[backend] = _measure(
+            row[f"{backend}_ms"], errors[backend] = measure(
                 lambda: block_sparse_attention(q, k, v, pattern, backend=backend), device
             )
         for name, ms in dense_times.items():
