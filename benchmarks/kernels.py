@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_attn import block_sparse_attention
 from sparse_attn.backends import triton_kernel
 from sparse_attn.bench import (
     KernelCase,
@@ -30,7 +31,18 @@ from sparse_attn.bench import (
     write_results,
 )
 
-COLUMNS = kernel_columns(("triton", "flex"), ("sdpa-cudnn", "sdpa-flash"))
+
+def _with_kernel(choice: str):
+    """The triton backend with ``kernel_choice`` pinned to ``choice`` for the call."""
+
+    def run(q, k, v, pattern):
+        saved, triton_kernel.kernel_choice = triton_kernel.kernel_choice, choice
+        try:
+            return block_sparse_attention(q, k, v, pattern, backend="triton")
+        finally:
+            triton_kernel.kernel_choice = saved
+
+    return run
 
 
 def main() -> None:
@@ -44,6 +56,10 @@ def main() -> None:
         "--loads", choices=["autotuned", "pointer", "tma"], default="autotuned",
         help="the Triton kernel's tile loads: autotuned over pointer and TMA configs (default), or only one kind",
     )  # fmt: skip
+    parser.add_argument(
+        "--kernels", choices=("auto", "both"), default="auto",
+        help="auto: the triton backend as users get it; both: its Gluon (Hopper) and Triton kernels side by side",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)")
     args = parser.parse_args()
     triton_kernel._HALF_TMA = {"autotuned": (False, True), "pointer": (False,), "tma": (True,)}[args.loads]
@@ -52,19 +68,24 @@ def main() -> None:
     device = torch.device("cuda")
     cases = [KernelCase(seq=seq, head_dim=dim, densities=tuple(args.densities)) for dim in args.dims for seq in args.lengths]
     cases += [KernelCase(seq=args.extra_length, head_dim=dim, densities=tuple(args.densities)) for dim in args.extra_dims]
+    backends, runners = ("triton", "flex"), {}
+    if args.kernels == "both":
+        backends = ("gluon", "triton", "flex")
+        runners = {"gluon": _with_kernel("gluon"), "triton": _with_kernel("triton")}
+    columns = kernel_columns(backends, ("sdpa-cudnn", "sdpa-flash"))
     rows = []
     for case in cases:
-        case_rows = run_kernel_case(case, ("triton", "flex"), device)
+        case_rows = run_kernel_case(case, backends, device, runners=runners)
         torch.cuda.empty_cache()  # the case's tensors are gone: return their memory before the next length
         rows += case_rows
-        print(format_table(case_rows, COLUMNS), flush=True)
+        print(format_table(case_rows, columns), flush=True)
         for row in case_rows:
             if row["errors"]:
                 print("  errors:", row["errors"])
     print()
-    print(format_table(rows, COLUMNS))
+    print(format_table(rows, columns))
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "kernels.json"
-    write_results(rows, out, {"benchmark": "kernels", "loads": args.loads, **environment(device)})
+    write_results(rows, out, {"benchmark": "kernels", "loads": args.loads, "kernels": args.kernels, **environment(device)})
     print(f"wrote {out}")
 
 

@@ -58,3 +58,19 @@ def naive_attention(q, k, v, pattern, causal, scale=None):
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
+
+
+def poisoned_view(batch, heads, seq, dim, dtype, generator, transposed, device="cpu"):
+    """Random (B, H, S, D) values inside a NaN buffer with 8 spare rows per head.
+
+    A kernel that reads a row past its head's sequence instead of zeros turns its output NaN.
+    ``transposed``: (B, S, H, D) storage seen as (B, H, S, D), as transformers passes it.
+    """
+    if transposed:
+        buffer = torch.full((batch, seq + 8, heads, dim), float("nan"), dtype=dtype, device=device)
+        view = buffer.transpose(1, 2)[:, :, :seq]
+    else:
+        buffer = torch.full((batch, heads, seq + 8, dim), float("nan"), dtype=dtype, device=device)
+        view = buffer[:, :, :seq]
+    view.copy_(torch.randn(batch, heads, seq, dim, generator=generator).to(dtype))
+    return view

@@ -122,13 +122,18 @@ def measure(fn, device) -> tuple[float | None, str | None]:
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
 
-def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.device, seed: int = 0) -> list[dict]:
+def run_kernel_case(
+    case: KernelCase, backends: tuple[str, ...], device: torch.device, seed: int = 0, *, runners: dict | None = None
+) -> list[dict]:
     """Time each backend on random causal patterns at each density, and dense SDPA once.
 
     One row per density: the backends' times on the same pattern, the dense SDPA times,
     the throughput of the first backend over the pairs it computes, and its speedup over
     the first dense baseline. A backend that fails on a shape gets ``None`` and its error.
+    ``runners`` maps a name in ``backends`` to ``fn(q, k, v, pattern)`` to time instead of
+    ``block_sparse_attention(..., backend=name)`` (e.g. one backend with two kernels).
     """
+    runners = runners or {}
     dtype = getattr(torch, case.dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -153,8 +158,10 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
                "dtype": case.dtype, "block": case.block, "density": round(pattern.density(), 4),
                "pair_fraction": round(pairs / dense_pairs, 4)}  # fmt: skip
         for backend in backends:
+            run = runners.get(backend)
             row[f"{backend}_ms"], errors[backend] = measure(
-                lambda: block_sparse_attention(q, k, v, pattern, backend=backend), device
+                (lambda: run(q, k, v, pattern)) if run else (lambda: block_sparse_attention(q, k, v, pattern, backend=backend)),
+                device,
             )
         for name, ms in dense_times.items():
             row[f"{name}_ms"] = ms

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 import triton
-from helpers import TOLERANCE, relative_error
+from helpers import TOLERANCE, poisoned_view, relative_error
 
 import sparse_attn as sa
 from sparse_attn.backends import triton_kernel
@@ -32,18 +32,6 @@ SHAPES = [
 
 def _fresh_seed() -> int:
     return random.SystemRandom().randrange(2**31)
-
-
-def _poisoned_view(batch, heads, seq, dim, dtype, generator, transposed, device="cpu"):
-    """Random (B, H, S, D) values inside a NaN buffer with 8 spare rows per head."""
-    if transposed:  # (B, S, H, D) storage seen as (B, H, S, D)
-        buffer = torch.full((batch, seq + 8, heads, dim), float("nan"), dtype=dtype, device=device)
-        view = buffer.transpose(1, 2)[:, :, :seq]
-    else:
-        buffer = torch.full((batch, heads, seq + 8, dim), float("nan"), dtype=dtype, device=device)
-        view = buffer[:, :, :seq]
-    view.copy_(torch.randn(batch, heads, seq, dim, generator=generator).to(dtype))
-    return view
 
 
 class _LaunchSpy:
@@ -71,9 +59,9 @@ def tma_spy(monkeypatch, poison_outputs):
 def _check(shape, dtype, causal, seed, transposed):
     batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
     generator = torch.Generator().manual_seed(seed)
-    q = _poisoned_view(batch, q_heads, seq_q, dim, dtype, generator, transposed)
-    k = _poisoned_view(batch, kv_heads, seq_k, dim, dtype, generator, transposed)
-    v = _poisoned_view(batch, kv_heads, seq_k, dim, dtype, generator, transposed)
+    q = poisoned_view(batch, q_heads, seq_q, dim, dtype, generator, transposed)
+    k = poisoned_view(batch, kv_heads, seq_k, dim, dtype, generator, transposed)
+    v = poisoned_view(batch, kv_heads, seq_k, dim, dtype, generator, transposed)
     context = f"seed {seed}, {shape}, {dtype}, causal={causal}, transposed={transposed}"
     for density, pattern_heads in ((0.0, kv_heads), (0.4, q_heads), (1.0, kv_heads)):
         pattern = sa.random_pattern(
@@ -210,12 +198,13 @@ def test_gpu_tma_path_matches_reference(shape, dtype, causal, monkeypatch, poiso
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9")
     monkeypatch.setattr(triton_kernel, "_HALF_TMA", (True,))
+    monkeypatch.setattr(triton_kernel, "kernel_choice", "triton")  # not the Gluon kernel
     triton_kernel._autotuned_kernel.cache_clear()
     try:
         batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
         generator = torch.Generator().manual_seed(17)
         q, k, v = (
-            _poisoned_view(batch, heads, seq, dim, dtype, generator, transposed=causal, device="cuda")
+            poisoned_view(batch, heads, seq, dim, dtype, generator, transposed=causal, device="cuda")
             for heads, seq in ((q_heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))
         )
         pattern = sa.random_pattern(

@@ -312,6 +312,11 @@ _HALF_K_LAYOUTS = (False, True)
 # Pointer loads (False) and TMA descriptor loads (True): both are autotuned for 16-bit inputs
 # where _tma_offered says yes (see _load_modes). A TMA config reads K as (N, D) rows only.
 _HALF_TMA = (False, True)
+# Which kernel the "triton" backend runs on CUDA: "auto" takes the warp-specialized Gluon kernel
+# (gluon_hopper.py) where it applies (Hopper, 16-bit, head_dim 64/128, see
+# gluon_unsupported_reason) and this module's kernel elsewhere; "triton" always this module's
+# kernel; "gluon" the Gluon kernel or a ValueError saying why not. Benchmarks flip it.
+kernel_choice = os.environ.get("SPARSE_ATTN_KERNEL", "auto")
 # Under TRITON_INTERPRET there is no autotuning; tests flip these to cover both K layouts and
 # the TMA path (which the interpreter runs for any dtype, when _descriptor_compatible allows).
 interpreter_k_transposed = False
@@ -507,6 +512,14 @@ def triton_attention(
         )
     else:
         capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+        if kernel_choice != "triton":
+            from .gluon_hopper import gluon_attention, gluon_unsupported_reason
+
+            reason = gluon_unsupported_reason(q, k, v, pattern, capability)
+            if reason is None:
+                return gluon_attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
+            if kernel_choice == "gluon":
+                raise ValueError(f"kernel_choice is 'gluon' but {reason}")
         tma = _tma_offered(q, k, v, capability) and True in _HALF_TMA
         if tma:
             _ensure_scratch_allocator()

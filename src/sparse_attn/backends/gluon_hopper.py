@@ -1,0 +1,327 @@
+"""Hopper (sm_90) block-sparse attention forward in Gluon, warp-specialized.
+
+The Triton kernel (:mod:`.triton_kernel`) leaves the schedule to the compiler: every warp
+loads, multiplies and exponentiates in turn. On H100 that reaches ~90 % of cuDNN's dense rate.
+This kernel writes the schedule of FlashAttention-3 (Shah et al., 2024, "FlashAttention-3:
+Fast and Accurate Attention with Asynchrony and Low-precision", section 3) by hand in Gluon
+(``triton.experimental.gluon``), for the block-sparse walk of the Triton kernel:
+
+* warp specialization: one producer warp issues TMA loads of the query tile and, for every
+  listed KV block, of its K and V tiles into a ring of ``STAGES`` shared-memory slots, with
+  mbarriers signalling "ready" (transaction count) and "free" (consumers done);
+* two consumer warpgroups, each owning 64 of the tile's 128 query rows, run independently
+  (each waits for its own data and releases slots by arriving on a count-2 barrier), so one
+  warpgroup's softmax overlaps the other's tensor-core work;
+* intra-warpgroup pipelining: the ``Q K^T`` wgmma of step ``j`` and the ``P V`` wgmma of
+  step ``j - 1`` are in flight together while the softmax of step ``j`` waits only for the
+  former (``warpgroup_mma_wait(1)``); ``P`` stays in registers as the A operand.
+
+The block walk, masks and numerics are those of the Triton kernel: scores are kept in log2
+units with the scale folded into one multiply, a row with nothing visible yet keeps ``m = 0``
+instead of ``-inf``, full blocks (every row sees every key) skip the mask, and the mask
+(causal and/or key bounds) is applied from the list's first non-full block on. Loads go
+through tensor descriptors made on the device per (batch, head) with that head's sequence
+length as the row bound, so rows past the end read as zeros.
+
+Scope: compute capability 9.x, float16/bfloat16, head_dim 64 or 128, pattern blocks
+``block_q`` a multiple of 128 and ``block_k`` a multiple of 64, 16-byte aligned addresses
+and strides (see :func:`gluon_unsupported_reason`). Everything else runs on the Triton kernel.
+Gluon has no interpreter, so CPU tests compile this kernel for sm_90 (``triton.compile`` with
+a ``GPUTarget``, ptxas included) and the GPU tests compare it with the reference backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..pattern import BlockSparsePattern, num_blocks
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+except ImportError:  # pragma: no cover - triton missing or without Gluon
+    gluon = None
+
+# Tile: 128 query rows per program (two consumer warpgroups of 64), BLOCK_N keys per step.
+BLOCK_M = 128
+STAGES = 2
+
+
+def gluon_unsupported_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, capability: tuple[int, int] | None
+) -> str | None:
+    """Why the Gluon Hopper kernel cannot run this case, or ``None`` when it can.
+
+    ``capability`` is the device's compute capability (``None`` off CUDA).
+    """
+    if gluon is None:
+        return "this Triton has no Gluon (triton.experimental.gluon)"
+    if capability is None:
+        return "the Gluon kernel needs a CUDA device"
+    if capability[0] != 9:
+        return f"the Gluon kernel is for compute capability 9.x (Hopper), not {capability[0]}.{capability[1]}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the Gluon kernel takes float16 or bfloat16, not {q.dtype}"
+    if q.shape[-1] not in (64, 128):
+        return f"the Gluon kernel takes head_dim 64 or 128, not {q.shape[-1]}"
+    if pattern.block_q % BLOCK_M:
+        return f"the Gluon kernel needs block_q a multiple of {BLOCK_M}, got {pattern.block_q}"
+    if pattern.block_k % 64:
+        return f"the Gluon kernel needs block_k a multiple of 64, got {pattern.block_k}"
+    from .triton_kernel import _descriptor_compatible
+
+    if not all(_descriptor_compatible(x) for x in (q, k, v)):
+        return "the Gluon kernel needs 16-byte aligned addresses and strides with contiguous rows"
+    return None
+
+
+def _block_n(block_k: int) -> int:
+    return 128 if block_k % 128 == 0 else 64
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _producer(
+        q_base, k_base, v_base, stride_qs, stride_ks, stride_vs, seq_q, seq_k, row_start, index_base, n_steps,
+        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
+        HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    ):  # fmt: skip
+        """One warp: TMA loads of the query tile, then K and V tiles of every listed block."""
+        SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
+        q_desc = tma.make_tensor_descriptor(
+            q_base, [seq_q, HEAD_DIM], [stride_qs, 1], [q_smem.type.shape[0], HEAD_DIM], q_smem.type.layout
+        )
+        k_desc = tma.make_tensor_descriptor(k_base, [seq_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM], k_smem.type.layout)
+        v_desc = tma.make_tensor_descriptor(v_base, [seq_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, HEAD_DIM], v_smem.type.layout)
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row_start, 0], q_bar, q_smem)
+        for step in range(n_steps):
+            slot = step % STAGES
+            # A fresh barrier counts as having completed the phase before phase 0, so the first
+            # pass over the ring does not wait.
+            phase = ((step // STAGES) & 1) ^ 1
+            kv_block = gl.load(index_base + step // SUBTILES)
+            key_start = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N
+            mbarrier.wait(kv_free.index(slot), phase)
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [key_start, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [key_start, 0], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _softmax_step(
+        s, m_i, l_i, step, n_full, index_base, query_pos, seq_k, qk_scale,
+        s_layout: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, EVEN_K: gl.constexpr,
+    ):  # fmt: skip
+        """Mask (from the first non-full block on), then the online-softmax update of one step."""
+        SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
+        if CAUSAL or not EVEN_K:
+            if step >= n_full:
+                kv_block = gl.load(index_base + step // SUBTILES)
+                key_start = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N
+                key_pos = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                if CAUSAL:
+                    s = gl.where(key_pos[None, :] <= query_pos[:, None], s, float("-inf"))
+                if not EVEN_K:
+                    s = gl.where((key_pos < seq_k)[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, alpha, m_new, l_i
+
+    @gluon.jit
+    def _consumer(
+        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
+        index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale,
+        out_base, stride_os, lse_base,
+        ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
+    ):  # fmt: skip
+        """One warpgroup: 64 query rows through every listed block, then the output rows."""
+        HALF: gl.constexpr = 64
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        dtype: gl.constexpr = q_smem.dtype
+
+        q = q_smem.slice(ROW_OFFSET, HALF)
+        rows = row_start + ROW_OFFSET + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+        query_pos = rows + (seq_k - seq_q)
+        s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+        m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+        p_op = gl.zeros([HALF, BLOCK_N], dtype, p_layout)
+        mbarrier.wait(q_bar, 0)
+
+        if n_steps > 0:
+            mbarrier.wait(k_ready.index(0), 0)
+            s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, m_i, l_i = _softmax_step(
+                s, m_i, l_i, 0, n_full, index_base, query_pos, seq_k, qk_scale, s_layout, BLOCK_K, BLOCK_N, CAUSAL, EVEN_K
+            )
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for step in range(1, n_steps):
+            slot = step % STAGES
+            prev = (step - 1) % STAGES
+            # Q K^T of this step and P V of the previous one go to the tensor cores together.
+            mbarrier.wait(k_ready.index(slot), (step // STAGES) & 1)
+            s_token = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((step - 1) // STAGES) & 1)
+            acc_token = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            # Softmax of this step while P V of the previous one is still running.
+            s = warpgroup_mma_wait(1, deps=(s_token,))
+            p, alpha, m_i, l_i = _softmax_step(
+                s, m_i, l_i, step, n_full, index_base, query_pos, seq_k, qk_scale, s_layout, BLOCK_K, BLOCK_N, CAUSAL, EVEN_K
+            )
+            acc, p_op = warpgroup_mma_wait(0, deps=(acc_token, p_op))
+            mbarrier.arrive(kv_free.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if n_steps > 0:
+            last = (n_steps - 1) % STAGES
+            mbarrier.wait(v_ready.index(last), ((n_steps - 1) // STAGES) & 1)
+            acc_token = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+            acc, p_op = warpgroup_mma_wait(0, deps=(acc_token, p_op))
+            mbarrier.arrive(kv_free.index(last), count=1)
+
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        out = acc / l_o[:, None]
+        out_rows = row_start + ROW_OFFSET + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        pointers = out_base + out_rows[:, None] * stride_os + cols[None, :]
+        if EVEN_Q:
+            gl.store(pointers, out.to(dtype))
+        else:
+            gl.store(pointers, out.to(dtype), mask=(out_rows < seq_q)[:, None])
+        if WRITE_LSE:
+            lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+            gl.store(lse_base + rows, lse, mask=rows < seq_q)
+
+    @gluon.jit
+    def _gluon_block_sparse_forward(
+        Q, K, V, Out, Lse, KvCounts, KvFullCounts, KvIndices,
+        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_os, stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
+        num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
+    ):  # fmt: skip
+        BLOCK_M: gl.constexpr = 128
+        batch_head = gl.program_id(0)
+        # Heaviest (last) query tiles first: causal rows grow with position.
+        tile = gl.num_programs(1) - 1 - gl.program_id(1)
+        batch = batch_head // num_q_heads
+        head = batch_head % num_q_heads
+        kv_head = head // group
+        q_block = tile // (BLOCK_Q // BLOCK_M)
+        row_start = tile * BLOCK_M
+
+        q_base = Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64) * stride_qh
+        k_base = K + batch.to(gl.int64) * stride_kb + kv_head.to(gl.int64) * stride_kh
+        v_base = V + batch.to(gl.int64) * stride_vb + kv_head.to(gl.int64) * stride_vh
+        out_base = Out + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
+        lse_base = Lse + batch_head.to(gl.int64) * seq_q
+
+        pattern_head = head // pattern_head_divisor
+        count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
+        n_steps = gl.load(KvCounts + count_offset) * (BLOCK_K // BLOCK_N)
+        n_full = gl.load(KvFullCounts + count_offset) * (BLOCK_K // BLOCK_N)
+        index_base = KvIndices + batch.to(gl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+
+        dtype: gl.constexpr = Q.dtype.element_ty
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_free.index(i), count=2)  # both consumer warpgroups release a slot
+
+        gl.warp_specialize(
+            [
+                (
+                    _consumer,
+                    (
+                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, index_base, n_steps, n_full,
+                        row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base,
+                        0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+                    ),
+                ),
+                (
+                    _consumer,
+                    (
+                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, index_base, n_steps, n_full,
+                        row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base,
+                        64, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+                    ),
+                ),
+                (
+                    _producer,
+                    (
+                        q_base, k_base, v_base, stride_qs, stride_ks, stride_vs, seq_q, seq_k, row_start, index_base,
+                        n_steps, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
+                        HEAD_DIM, BLOCK_K, BLOCK_N, STAGES,
+                    ),
+                ),
+            ],  # fmt: skip
+            [4, 1],
+            [232, 24],
+        )
+
+
+def gluon_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    *,
+    causal: bool,
+    scale: float,
+    return_lse: bool = False,
+):
+    """Block-sparse attention with the Gluon Hopper kernel (call only where
+    :func:`gluon_unsupported_reason` returns ``None``). Shapes as in :func:`sparse_attn.block_sparse_attention`."""
+    from .triton_kernel import _empty, _ensure_scratch_allocator, _full_counts
+
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    out = _empty((batch, q_heads, seq_q, dim), dtype=q.dtype, device=q.device)
+    lse = _empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device) if return_lse else out
+    counts = pattern.kv_counts.contiguous()
+    indices = pattern.kv_indices.contiguous()
+    full_counts = _full_counts(pattern, causal=causal)
+    _ensure_scratch_allocator()
+    grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // BLOCK_M))
+    _gluon_block_sparse_forward[grid](
+        q, k, v, out, lse, counts, full_counts, indices,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        0 if pattern.batch == 1 else counts.stride(0), counts.stride(1),
+        0 if pattern.batch == 1 else indices.stride(0), indices.stride(1), indices.stride(2),
+        q_heads, q_heads // kv_heads, q_heads // pattern.num_heads,
+        seq_q, seq_k, scale * 1.4426950408889634,
+        HEAD_DIM=dim, BLOCK_Q=pattern.block_q, BLOCK_K=pattern.block_k, BLOCK_N=_block_n(pattern.block_k),
+        STAGES=STAGES, CAUSAL=bool(causal), WRITE_LSE=bool(return_lse),
+        EVEN_K=seq_k % pattern.block_k == 0, EVEN_Q=seq_q % pattern.block_q == 0,
+        num_warps=4,
+    )  # fmt: skip
+    if return_lse:
+        return out, lse
+    return out

@@ -1,0 +1,52 @@
+"""Compile the Gluon Hopper kernel for sm_90a on any machine (no GPU needed) and print JSON.
+
+    python gluon_sm90_compile.py '{"HEAD_DIM": 64, "dtype": "fp16"}'
+
+Prints ``{"ptx": ..., "report": <ptxas -v output>}``. Used by test_gluon_hopper.py in a child
+process with ``TRITON_INTERPRET=0``. The pattern-block and flag constexprs default to the
+benchmark case (head_dim 128, 128 x 128 blocks, causal, bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from sparse_attn.backends import gluon_hopper
+
+    kernel = gluon_hopper._gluon_block_sparse_forward
+    signature = {name: "i32" for name in kernel.arg_names}
+    signature.update({name: f"*{dtype}" for name in ("Q", "K", "V", "Out")})
+    signature.update({"Lse": "*fp32", "KvCounts": "*i32", "KvFullCounts": "*i32", "KvIndices": "*i32", "qk_scale": "fp32"})
+    signature.update({name: "i64" for name in kernel.arg_names if name.startswith("stride_") and name[-1] in "bh"})
+    values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, STAGES=gluon_hopper.STAGES, CAUSAL=True,
+                  WRITE_LSE=False, EVEN_K=True, EVEN_Q=True)  # fmt: skip
+    values.update(constants)
+    values["BLOCK_N"] = gluon_hopper._block_n(values["BLOCK_K"])
+    signature.update({name: "constexpr" for name in values})
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=values)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = compiled.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.ptx")
+        with open(path, "w") as handle:
+            handle.write(ptx)
+        report = subprocess.run(
+            [ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(folder, "kernel.o")],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    return {"ptx": ptx, "report": report}
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_for_sm90(**json.loads(sys.argv[1]))))

@@ -1,0 +1,140 @@
+"""The warp-specialized Gluon Hopper kernel (backends/gluon_hopper.py).
+
+Gluon has no interpreter, so on CPU the kernel is compiled ahead of time for sm_90 (Triton's
+own ptxas included) over its constexpr variants: it must compile, use wgmma and register
+reallocation between partitions, and spill nothing. On the GPU (``-m gpu``) it is compared with
+the reference backend on NaN-padded inputs and poisoned outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import TOLERANCE, poisoned_view, relative_error
+
+import sparse_attn as sa
+from sparse_attn.backends import gluon_hopper, triton_kernel
+
+needs_gluon = pytest.mark.skipif(gluon_hopper.gluon is None, reason="this Triton has no Gluon")
+
+
+def _compile_for_sm90(**variant):
+    """Compile the kernel for sm_90a in a child process (the test session interprets Triton,
+    and Gluon functions made under ``TRITON_INTERPRET=1`` cannot be compiled); returns
+    (ptx, ptxas -v report)."""
+    script = os.path.join(os.path.dirname(__file__), "gluon_sm90_compile.py")
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run(
+        [sys.executable, script, json.dumps(variant)], capture_output=True, text=True, env=environment, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled = json.loads(result.stdout)
+    return compiled["ptx"], compiled["report"]
+
+
+VARIANTS = [
+    dict(),
+    dict(dtype="fp16", HEAD_DIM=64, CAUSAL=False, WRITE_LSE=True),
+    dict(BLOCK_K=64, EVEN_K=False, EVEN_Q=False),
+    dict(BLOCK_Q=256, BLOCK_K=256, WRITE_LSE=True, EVEN_K=False),
+    dict(dtype="fp16", HEAD_DIM=64, BLOCK_K=64, CAUSAL=False, EVEN_K=False, EVEN_Q=False),
+]
+
+
+@needs_gluon
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_gluon_kernel_compiles_for_sm90_without_spills(variant):
+    ptx, report = _compile_for_sm90(**variant)
+    assert "wgmma.mma_async" in ptx
+    # Warp specialization: the partitions hand registers to each other (setmaxnreg).
+    assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills and all(stores == "0" and loads == "0" for stores, loads in spills), report
+
+
+def _tensors(dtype=torch.bfloat16, dim=128, transposed=False):
+    shape = (1, 100, 4, dim) if transposed else (1, 4, 100, dim)
+    x = torch.zeros(shape, dtype=dtype)
+    x = x.transpose(1, 2) if transposed else x
+    return x, x, x
+
+
+def test_gluon_unsupported_reasons():
+    reason = gluon_hopper.gluon_unsupported_reason
+    pattern = sa.dense_pattern(seq_q=100)
+    if gluon_hopper.gluon is None:
+        assert "Gluon" in reason(*_tensors(), pattern, (9, 0))
+        return
+    assert reason(*_tensors(), pattern, (9, 0)) is None
+    assert reason(*_tensors(torch.float16, 64, transposed=True), pattern, (9, 0)) is None
+    assert "CUDA device" in reason(*_tensors(), pattern, None)
+    assert "9.x" in reason(*_tensors(), pattern, (10, 0))
+    assert "9.x" in reason(*_tensors(), pattern, (8, 0))
+    assert "float16 or bfloat16" in reason(*_tensors(torch.float32), pattern, (9, 0))
+    assert "head_dim" in reason(*_tensors(dim=256), pattern, (9, 0))
+    assert "block_q" in reason(*_tensors(), sa.dense_pattern(seq_q=100, block_q=64), (9, 0))
+    assert "block_k" in reason(*_tensors(), sa.dense_pattern(seq_q=100, block_k=32), (9, 0))
+    q, k, _ = _tensors()
+    unaligned = torch.zeros(1, 4, 100, 132, dtype=torch.bfloat16)[..., :128]  # rows 264 bytes apart
+    assert "aligned" in reason(q, k, unaligned, pattern, (9, 0))
+
+
+# (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k): GQA 1-4, odd lengths,
+# Sq < Sk (chunked prefill), pattern blocks of 256 (two programs per query block, two key
+# steps per block) and block_k 64.
+GPU_SHAPES = [
+    (2, 4, 1, 1000, 1000, 128, 128, 128),
+    (1, 8, 2, 777, 1500, 64, 128, 64),
+    (2, 6, 3, 2048, 2048, 128, 256, 128),
+    (1, 4, 4, 1500, 4096, 64, 128, 256),
+    (1, 32, 8, 4096, 4096, 128, 128, 128),
+    (2, 2, 1, 300, 300, 128, 256, 256),
+]
+
+
+@pytest.mark.gpu
+@needs_gluon
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_gluon_matches_reference(shape, dtype, causal, monkeypatch, poison_outputs):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper")
+    monkeypatch.setattr(triton_kernel, "kernel_choice", "gluon")  # a case it cannot run raises
+    seed = random.SystemRandom().randrange(2**31)
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
+    generator = torch.Generator().manual_seed(seed)
+    transposed = GPU_SHAPES.index(shape) % 2 == 1
+    q, k, v = (
+        poisoned_view(batch, heads, seq, dim, dtype, generator, transposed, device="cuda")
+        for heads, seq in ((q_heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))
+    )
+    for density, pattern_heads in ((0.0, kv_heads), (0.4, q_heads), (1.0, 1)):
+        pattern = sa.random_pattern(
+            batch=batch, heads=pattern_heads, seq_q=seq_q, seq_k=seq_k, density=density, seed=seed,
+            block_q=block_q, block_k=block_k, causal=causal, device="cuda",
+        )  # fmt: skip
+        context = f"seed {seed}, density {density}"
+        out, lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="triton", return_lse=True)
+        ref, ref_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference", return_lse=True)
+        assert torch.isfinite(out).all(), f"unwritten output or a row read past the sequence ({context})"
+        assert relative_error(out, ref) <= TOLERANCE[dtype], context
+        assert torch.allclose(lse, ref_lse, atol=2e-2), context
+        plain = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="triton")
+        assert torch.equal(plain, out), f"the LSE variant computes different outputs ({context})"
+
+
+@pytest.mark.gpu
+@needs_gluon
+def test_gpu_gluon_choice_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(triton_kernel, "kernel_choice", "gluon")
+    q, k, v = (torch.randn(1, 2, 256, 256, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with pytest.raises(ValueError, match="head_dim"):
+        sa.block_sparse_attention(q, k, v, sa.dense_pattern(seq_q=256, device="cuda"), backend="triton")
