@@ -28,10 +28,10 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
     signature.update({name: f"*{dtype}" for name in ("Q", "K", "V", "Out")})
     signature.update({"Lse": "*fp32", "KvCounts": "*i32", "KvFullCounts": "*i32", "KvIndices": "*i32", "qk_scale": "fp32"})
     signature.update({name: "i64" for name in kernel.arg_names if name.startswith("stride_") and name[-1] in "bh"})
-    values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, STAGES=gluon_hopper.STAGES, CAUSAL=True,
-                  WRITE_LSE=False, EVEN_K=True, EVEN_Q=True)  # fmt: skip
+    values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True, WRITE_LSE=False, EVEN_K=True, EVEN_Q=True)
     values.update(constants)
     values["BLOCK_N"] = gluon_hopper._block_n(values["BLOCK_K"])
+    values["STAGES"] = gluon_hopper._stages(values["HEAD_DIM"], values["BLOCK_N"])
     signature.update({name: "constexpr" for name in values})
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=values)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
@@ -45,7 +45,7 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
             [ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(folder, "kernel.o")],
             capture_output=True, text=True, check=True,
         ).stderr  # fmt: skip
-    return {"ptx": ptx, "report": report}
+    return {"ptx": ptx, "report": report, "shared": compiled.metadata.shared, "stages": values["STAGES"]}
 
 
 if __name__ == "__main__":

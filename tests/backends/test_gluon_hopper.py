@@ -28,15 +28,14 @@ needs_gluon = pytest.mark.skipif(gluon_hopper.gluon is None, reason="this Triton
 def _compile_for_sm90(**variant):
     """Compile the kernel for sm_90a in a child process (the test session interprets Triton,
     and Gluon functions made under ``TRITON_INTERPRET=1`` cannot be compiled); returns
-    (ptx, ptxas -v report)."""
+    ``{"ptx", "report" (ptxas -v), "shared" (bytes), "stages"}``."""
     script = os.path.join(os.path.dirname(__file__), "gluon_sm90_compile.py")
     environment = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run(
         [sys.executable, script, json.dumps(variant)], capture_output=True, text=True, env=environment, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    compiled = json.loads(result.stdout)
-    return compiled["ptx"], compiled["report"]
+    return json.loads(result.stdout)
 
 
 VARIANTS = [
@@ -51,7 +50,12 @@ VARIANTS = [
 @needs_gluon
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_gluon_kernel_compiles_for_sm90_without_spills(variant):
-    ptx, report = _compile_for_sm90(**variant)
+    compiled = _compile_for_sm90(**variant)
+    ptx, report = compiled["ptx"], compiled["report"]
+    # The K/V ring is as deep as shared memory allows: 3 stages at head_dim 128 with 128-key tiles.
+    assert compiled["shared"] <= gluon_hopper._SHARED_BYTES
+    head_dim, block_k = variant.get("HEAD_DIM", 128), variant.get("BLOCK_K", 128)
+    assert compiled["stages"] == (3 if (head_dim, block_k % 128) == (128, 0) else 4)
     assert "wgmma.mma_async" in ptx
     # Warp specialization: the partitions hand registers to each other (setmaxnreg).
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
@@ -138,3 +142,28 @@ def test_gpu_gluon_choice_refuses_what_it_cannot_run(monkeypatch):
     q, k, v = (torch.randn(1, 2, 256, 256, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     with pytest.raises(ValueError, match="head_dim"):
         sa.block_sparse_attention(q, k, v, sa.dense_pattern(seq_q=256, device="cuda"), backend="triton")
+
+
+def test_kernel_choice_picks_gluon_where_it_is_faster(monkeypatch):
+    skip = triton_kernel.gluon_skip_reason
+    q, k, v = _tensors()
+    dense = sa.dense_pattern(seq_q=100)
+    if gluon_hopper.gluon is None:
+        assert skip(q, k, v, dense, (9, 0)) is not None
+        return
+    assert skip(q, k, v, dense, (9, 0)) is None
+    assert "9.x" in skip(q, k, v, dense, (8, 9))
+    # head_dim 64: the Gluon kernel only from a mean of 17+ kept blocks per query block.
+    q64, k64, v64 = _tensors(dim=64)
+    long_dense = sa.dense_pattern(seq_q=4096)  # 16.5 blocks per query block on average
+    assert "Triton kernel" in skip(q64, k64, v64, sa.dense_pattern(seq_q=2048), (9, 0))
+    assert skip(q64, k64, v64, long_dense, (9, 0)) is None
+    monkeypatch.setattr(triton_kernel, "kernel_choice", "gluon")
+    assert skip(q64, k64, v64, sa.dense_pattern(seq_q=2048), (9, 0)) is None
+    with pytest.raises(ValueError, match="kernel_choice is 'gluon' but .*9.x"):
+        skip(q, k, v, dense, (10, 0))
+    monkeypatch.setattr(triton_kernel, "kernel_choice", "triton")
+    assert skip(q, k, v, dense, (9, 0)) == "kernel_choice is 'triton'"
+    monkeypatch.setattr(triton_kernel, "kernel_choice", "fastest")
+    with pytest.raises(ValueError, match="SPARSE_ATTN_KERNEL"):
+        skip(q, k, v, dense, (9, 0))

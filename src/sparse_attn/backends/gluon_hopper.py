@@ -7,7 +7,8 @@ Fast and Accurate Attention with Asynchrony and Low-precision", section 3) by ha
 (``triton.experimental.gluon``), for the block-sparse walk of the Triton kernel:
 
 * warp specialization: one producer warp issues TMA loads of the query tile and, for every
-  listed KV block, of its K and V tiles into a ring of ``STAGES`` shared-memory slots, with
+  listed KV block, of its K and V tiles into a ring of ``STAGES`` shared-memory slots (as many
+  as fit: 3 at head_dim 128, see :func:`_stages`), with
   mbarriers signalling "ready" (transaction count) and "free" (consumers done);
 * two consumer warpgroups, each owning 64 of the tile's 128 query rows, run independently
   (each waits for its own data and releases slots by arriving on a count-2 barrier), so one
@@ -46,7 +47,11 @@ except ImportError:  # pragma: no cover - triton missing or without Gluon
 
 # Tile: 128 query rows per program (two consumer warpgroups of 64), BLOCK_N keys per step.
 BLOCK_M = 128
-STAGES = 2
+# Shared memory per block on sm_90 (227 KiB), what the barriers and the compiler's scratch
+# need beside the tiles, and the deepest K/V ring worth having.
+_SHARED_BYTES = 232448
+_SHARED_RESERVE = 3072
+_MAX_STAGES = 4
 
 
 def gluon_unsupported_reason(
@@ -79,6 +84,19 @@ def gluon_unsupported_reason(
 
 def _block_n(block_k: int) -> int:
     return 128 if block_k % 128 == 0 else 64
+
+
+def _stages(head_dim: int, block_n: int, element_size: int = 2) -> int:
+    """K/V ring depth: as many (K, V) tile pairs as fit beside the query tile, at most ``_MAX_STAGES``.
+
+    On H100 at 128K (head_dim 128, 128-key tiles) three stages instead of two took dense causal
+    attention from 271 to 229 ms and random 10 % patterns from 28.5 to 25.6 ms
+    (``benchmarks/results/h100/NOTES.md``): loads have to run further ahead when K/V blocks come
+    from HBM rather than L2.
+    """
+    tile = block_n * head_dim * element_size
+    free = _SHARED_BYTES - _SHARED_RESERVE - BLOCK_M * head_dim * element_size
+    return max(2, min(_MAX_STAGES, free // (2 * tile)))
 
 
 if gluon is not None:
@@ -307,6 +325,7 @@ def gluon_attention(
     full_counts = _full_counts(pattern, causal=causal)
     _ensure_scratch_allocator()
     grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // BLOCK_M))
+    block_n = _block_n(pattern.block_k)
     _gluon_block_sparse_forward[grid](
         q, k, v, out, lse, counts, full_counts, indices,
         q.stride(0), q.stride(1), q.stride(2),
@@ -317,8 +336,8 @@ def gluon_attention(
         0 if pattern.batch == 1 else indices.stride(0), indices.stride(1), indices.stride(2),
         q_heads, q_heads // kv_heads, q_heads // pattern.num_heads,
         seq_q, seq_k, scale * 1.4426950408889634,
-        HEAD_DIM=dim, BLOCK_Q=pattern.block_q, BLOCK_K=pattern.block_k, BLOCK_N=_block_n(pattern.block_k),
-        STAGES=STAGES, CAUSAL=bool(causal), WRITE_LSE=bool(return_lse),
+        HEAD_DIM=dim, BLOCK_Q=pattern.block_q, BLOCK_K=pattern.block_k, BLOCK_N=block_n,
+        STAGES=_stages(dim, block_n), CAUSAL=bool(causal), WRITE_LSE=bool(return_lse),
         EVEN_K=seq_k % pattern.block_k == 0, EVEN_Q=seq_q % pattern.block_q == 0,
         num_warps=4,
     )  # fmt: skip

@@ -314,9 +314,16 @@ _HALF_K_LAYOUTS = (False, True)
 _HALF_TMA = (False, True)
 # Which kernel the "triton" backend runs on CUDA: "auto" takes the warp-specialized Gluon kernel
 # (gluon_hopper.py) where it applies (Hopper, 16-bit, head_dim 64/128, see
-# gluon_unsupported_reason) and this module's kernel elsewhere; "triton" always this module's
+# gluon_unsupported_reason; at head_dim 64 only for denser patterns, see below) and this
+# module's kernel elsewhere; "triton" always this module's
 # kernel; "gluon" the Gluon kernel or a ValueError saying why not. Benchmarks flip it.
 kernel_choice = os.environ.get("SPARSE_ATTN_KERNEL", "auto")
+# "auto" at head_dim 64 takes the Gluon kernel only from a mean of 17+ kept blocks per query
+# block (work bucket 5): on H100 at 32K it was slower at density 0.05 (0.83 vs 0.68 ms), even
+# at 0.1 (1.27 / 1.26) and faster from 0.2 (2.19 / 2.43) to dense (9.55 / 10.68 ms)
+# (benchmarks/results/h100/kernels_gluon.json). Its fixed cost per program (descriptors,
+# barriers, one program per SM) weighs more when each program does little.
+_GLUON_MIN_WORK_BUCKET_SMALL_DIM = 5
 # Under TRITON_INTERPRET there is no autotuning; tests flip these to cover both K layouts and
 # the TMA path (which the interpreter runs for any dtype, when _descriptor_compatible allows).
 interpreter_k_transposed = False
@@ -450,6 +457,26 @@ def _full_counts(pattern: BlockSparsePattern, *, causal: bool) -> torch.Tensor:
     return pattern.store_plan(("full_counts", causal), counts)
 
 
+def gluon_skip_reason(q, k, v, pattern: BlockSparsePattern, capability: tuple[int, int] | None) -> str | None:
+    """``None`` when the "triton" backend should run the Gluon kernel, else why it runs this one.
+
+    Follows ``kernel_choice``: under "gluon" a case the Gluon kernel cannot run is a ValueError.
+    """
+    if kernel_choice not in ("auto", "triton", "gluon"):
+        raise ValueError(f"kernel_choice (SPARSE_ATTN_KERNEL) must be 'auto', 'triton' or 'gluon', got {kernel_choice!r}")
+    if kernel_choice == "triton":
+        return "kernel_choice is 'triton'"
+    from .gluon_hopper import gluon_unsupported_reason
+
+    reason = gluon_unsupported_reason(q, k, v, pattern, capability)
+    if reason is not None and kernel_choice == "gluon":
+        raise ValueError(f"kernel_choice is 'gluon' but {reason}")
+    if reason is None and kernel_choice == "auto" and q.shape[-1] < 128:
+        if _work_bucket(pattern) < _GLUON_MIN_WORK_BUCKET_SMALL_DIM:
+            return "at head_dim 64 sparse patterns run faster on the Triton kernel"
+    return reason
+
+
 def triton_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -512,14 +539,10 @@ def triton_attention(
         )
     else:
         capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
-        if kernel_choice != "triton":
-            from .gluon_hopper import gluon_attention, gluon_unsupported_reason
+        if gluon_skip_reason(q, k, v, pattern, capability) is None:
+            from .gluon_hopper import gluon_attention
 
-            reason = gluon_unsupported_reason(q, k, v, pattern, capability)
-            if reason is None:
-                return gluon_attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
-            if kernel_choice == "gluon":
-                raise ValueError(f"kernel_choice is 'gluon' but {reason}")
+            return gluon_attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
         tma = _tma_offered(q, k, v, capability) and True in _HALF_TMA
         if tma:
             _ensure_scratch_allocator()
