@@ -14,6 +14,7 @@ import re
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -158,11 +159,8 @@ def run_kernel_case(
                "dtype": case.dtype, "block": case.block, "density": round(pattern.density(), 4),
                "pair_fraction": round(pairs / dense_pairs, 4)}  # fmt: skip
         for backend in backends:
-            run = runners.get(backend)
-            row[f"{backend}_ms"], errors[backend] = measure(
-                (lambda: run(q, k, v, pattern)) if run else (lambda: block_sparse_attention(q, k, v, pattern, backend=backend)),
-                device,
-            )
+            run = runners.get(backend) or partial(block_sparse_attention, backend=backend)
+            row[f"{backend}_ms"], errors[backend] = measure(partial(run, q, k, v, pattern), device)
         for name, ms in dense_times.items():
             row[f"{name}_ms"] = ms
             row[f"{name}_tflops"] = _tflops(dense_pairs, case.head_dim, ms)

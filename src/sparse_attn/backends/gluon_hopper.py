@@ -38,10 +38,14 @@ import torch
 from ..pattern import BlockSparsePattern, num_blocks
 
 try:
-    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
 except ImportError:  # pragma: no cover - triton missing or without Gluon
     gluon = None
 
@@ -296,10 +300,10 @@ if gluon is not None:
                         HEAD_DIM, BLOCK_K, BLOCK_N, STAGES,
                     ),
                 ),
-            ],  # fmt: skip
+            ],
             [4, 1],
             [232, 24],
-        )
+        )  # fmt: skip
 
 
 def gluon_attention(
