@@ -26,6 +26,11 @@ head. The price: each program writes its descriptors (128 bytes each) to global 
 from Triton's allocator, which the launcher installs when none is set, and fences them
 before use.
 
+On Hopper, :func:`triton_attention` hands fp16/bf16 cases at head_dim 128 (and 64 on denser
+patterns) to the warp-specialized Gluon kernel of :mod:`.gluon_hopper`, which is 8-29 % faster
+there (``kernel_choice`` / ``SPARSE_ATTN_KERNEL`` pins one kernel; :func:`gluon_skip_reason`
+decides). This kernel runs every other case and every other GPU.
+
 Under ``TRITON_INTERPRET=1`` (CPU tests) one small tile configuration runs instead of the
 autotuned set, and bf16 products are taken in float32 because the interpreter's bf16
 ``dot`` is wrong; the GPU path is tested separately (``pytest -m gpu``).
