@@ -167,3 +167,21 @@ def test_kernel_choice_picks_gluon_where_it_is_faster(monkeypatch):
     monkeypatch.setattr(triton_kernel, "kernel_choice", "fastest")
     with pytest.raises(ValueError, match="SPARSE_ATTN_KERNEL"):
         skip(q, k, v, dense, (9, 0))
+
+
+@needs_gluon
+def test_both_kernels_take_the_same_leading_arguments():
+    # triton_kernel.launch_arguments builds Q ... qk_scale once for both kernels.
+    import inspect
+
+    def names(kernel):
+        return list(inspect.signature(kernel.fn).parameters)
+
+    triton_names = names(triton_kernel._block_sparse_forward)
+    gluon_names = names(gluon_hopper._gluon_block_sparse_forward)
+    shared = triton_names[: triton_names.index("qk_scale") + 1]
+    assert gluon_names[: len(shared)] == shared
+    assert all(name.isupper() for name in gluon_names[len(shared) :])  # the rest are constexprs
+    q, k, v = _tensors()
+    out, lse, args = triton_kernel.launch_arguments(q, k, v, sa.dense_pattern(seq_q=100), causal=True, scale=0.1, return_lse=False)
+    assert len(args) == len(shared) and args[3] is out and lse is out

@@ -318,28 +318,16 @@ def gluon_attention(
 ):
     """Block-sparse attention with the Gluon Hopper kernel (call only where
     :func:`gluon_unsupported_reason` returns ``None``). Shapes as in :func:`sparse_attn.block_sparse_attention`."""
-    from .triton_kernel import _empty, _ensure_scratch_allocator, _full_counts
+    from .triton_kernel import _ensure_scratch_allocator, launch_arguments
 
     batch, q_heads, seq_q, dim = q.shape
-    kv_heads, seq_k = k.shape[1], k.shape[2]
-    out = _empty((batch, q_heads, seq_q, dim), dtype=q.dtype, device=q.device)
-    lse = _empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device) if return_lse else out
-    counts = pattern.kv_counts.contiguous()
-    indices = pattern.kv_indices.contiguous()
-    full_counts = _full_counts(pattern, causal=causal)
+    seq_k = k.shape[2]
+    out, lse, args = launch_arguments(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
     _ensure_scratch_allocator()
     grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // BLOCK_M))
     block_n = _block_n(pattern.block_k)
     _gluon_block_sparse_forward[grid](
-        q, k, v, out, lse, counts, full_counts, indices,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        0 if pattern.batch == 1 else counts.stride(0), counts.stride(1),
-        0 if pattern.batch == 1 else indices.stride(0), indices.stride(1), indices.stride(2),
-        q_heads, q_heads // kv_heads, q_heads // pattern.num_heads,
-        seq_q, seq_k, scale * 1.4426950408889634,
+        *args,
         HEAD_DIM=dim, BLOCK_Q=pattern.block_q, BLOCK_K=pattern.block_k, BLOCK_N=block_n,
         STAGES=_stages(dim, block_n), CAUSAL=bool(causal), WRITE_LSE=bool(return_lse),
         EVEN_K=seq_k % pattern.block_k == 0, EVEN_Q=seq_q % pattern.block_q == 0,

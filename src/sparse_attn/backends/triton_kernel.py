@@ -482,6 +482,34 @@ def gluon_skip_reason(q, k, v, pattern: BlockSparsePattern, capability: tuple[in
     return reason
 
 
+def launch_arguments(q, k, v, pattern: BlockSparsePattern, *, causal: bool, scale: float, return_lse: bool):
+    """``(out, lse, args)``: the outputs (from ``_empty``, so tests can poison them) and the
+    leading runtime arguments both kernels take, ``Q`` through ``qk_scale`` (``lse`` is ``out``
+    when not asked for; the kernel then never touches it)."""
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    out = _empty((batch, q_heads, seq_q, dim), dtype=q.dtype, device=q.device)
+    lse = _empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device) if return_lse else out
+    # counts and full_counts share one offset computation in the kernels: both contiguous.
+    counts = pattern.kv_counts.contiguous()
+    indices = pattern.kv_indices.contiguous()
+    full_counts = _full_counts(pattern, causal=causal)
+    pattern_batch_stride = 0 if pattern.batch == 1 else counts.stride(0)
+    index_batch_stride = 0 if pattern.batch == 1 else indices.stride(0)
+    args = (
+        q, k, v, out, lse, counts, full_counts, indices,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        pattern_batch_stride, counts.stride(1),
+        index_batch_stride, indices.stride(1), indices.stride(2),
+        q_heads, q_heads // kv_heads, q_heads // pattern.num_heads,
+        seq_q, seq_k, scale * 1.4426950408889634,
+    )  # fmt: skip
+    return out, lse, args
+
+
 def triton_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -493,31 +521,20 @@ def triton_attention(
     return_lse: bool = False,
 ):
     """Block-sparse attention with the Triton kernel. Shapes as in :func:`sparse_attn.block_sparse_attention`."""
-    batch, q_heads, seq_q, dim = q.shape
-    kv_heads, seq_k = k.shape[1], k.shape[2]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out = _empty((batch, q_heads, seq_q, dim), dtype=q.dtype, device=q.device)
-    lse = _empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device) if return_lse else out
-    # counts and full_counts share one offset computation in the kernel: both contiguous.
-    counts = pattern.kv_counts.contiguous()
-    indices = pattern.kv_indices.contiguous()
-    full_counts = _full_counts(pattern, causal=causal)
-    pattern_batch_stride = 0 if pattern.batch == 1 else counts.stride(0)
-    index_batch_stride = 0 if pattern.batch == 1 else indices.stride(0)
+    if q.device.type == "cuda" and not interpreting():
+        capability = torch.cuda.get_device_capability(q.device)
+        if gluon_skip_reason(q, k, v, pattern, capability) is None:
+            from .gluon_hopper import gluon_attention
+
+            return gluon_attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
+    batch, q_heads, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    out, lse, args = launch_arguments(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
+    args += (max(seq_k - 1, 1).bit_length(), _work_bucket(pattern))  # the autotuning keys
     is_float32 = q.dtype == torch.float32
     dot_in_float32 = is_float32 or (interpreting() and q.dtype == torch.bfloat16)
     precision = "ieee" if dot_in_float32 else "tf32"
-    args = (
-        q, k, v, out, lse, counts, full_counts, indices,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        pattern_batch_stride, counts.stride(1),
-        index_batch_stride, indices.stride(1), indices.stride(2),
-        q_heads, q_heads // kv_heads, q_heads // pattern.num_heads,
-        seq_q, seq_k, scale * 1.4426950408889634, max(seq_k - 1, 1).bit_length(), _work_bucket(pattern),
-    )  # fmt: skip
     constants = dict(
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
@@ -544,10 +561,6 @@ def triton_attention(
         )
     else:
         capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
-        if gluon_skip_reason(q, k, v, pattern, capability) is None:
-            from .gluon_hopper import gluon_attention
-
-            return gluon_attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
         tma = _tma_offered(q, k, v, capability) and True in _HALF_TMA
         if tma:
             _ensure_scratch_allocator()
