@@ -2,14 +2,17 @@
 
 Batch 1, 32 query heads, 8 KV heads, bf16, causal, random causal block patterns (128 x 128
 blocks, one list per KV head) at densities 0.05 / 0.1 / 0.2 / 0.5 plus dense; head_dim 128
-at 8K-128K, and head_dim 64 and 256 at 32K. Columns: our Triton kernel and FlexAttention
-on the same pattern, dense SDPA with cuDNN and with FlashAttention, the Triton kernel's
-throughput over the pairs it computes, and speedups against cuDNN. Medians from
+at 8K-128K, and head_dim 64 and 256 at 32K. Columns: our ``triton`` backend (on Hopper the
+Gluon kernel where it applies; ``--kernels both`` times the Gluon and the Triton kernel
+separately) and FlexAttention on the same pattern, dense SDPA with cuDNN and with
+FlashAttention, the first column's throughput over the pairs it computes, and speedups
+against cuDNN. Medians from
 ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/kernels.json``.
 
     python benchmarks/kernels.py                     # the full grid
     python benchmarks/kernels.py --lengths 32768 --dims 128
     python benchmarks/kernels.py --lengths 131072 --extra-dims --loads tma   # TMA descriptor loads only
+    python benchmarks/kernels.py --lengths 32768 131072 --kernels both       # Gluon vs Triton kernel
 """
 
 from __future__ import annotations
