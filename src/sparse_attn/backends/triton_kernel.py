@@ -522,8 +522,8 @@ def triton_attention(
 ):
     """Block-sparse attention with the Triton kernel. Shapes as in :func:`sparse_attn.block_sparse_attention`."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    if q.device.type == "cuda" and not interpreting():
-        capability = torch.cuda.get_device_capability(q.device)
+    capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+    if capability is not None and not interpreting():
         if gluon_skip_reason(q, k, v, pattern, capability) is None:
             from .gluon_hopper import gluon_attention
 
@@ -560,7 +560,6 @@ def triton_attention(
             **constants,
         )
     else:
-        capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
         tma = _tma_offered(q, k, v, capability) and True in _HALF_TMA
         if tma:
             _ensure_scratch_allocator()
