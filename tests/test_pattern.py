@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from sparse_attn.pattern import BlockSparsePattern, causal_block_mask, diagonal_block_mask
+from sparse_attn.geometry import causal_block_mask, diagonal_block_mask
+from sparse_attn.pattern import BlockSparsePattern
 
 
 def _pattern(counts, indices, *, seq_q=64, seq_k=64, block=16):

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .backends import resolve_backend, run_backend
-from .pattern import BlockSparsePattern
+from .pattern import BlockSparsePattern, check_pattern_fits
 from .registry import get_method
-from .validation import check_attention_inputs, check_finite, check_pattern_fits, check_query_key
+from .utils import synchronized_now
+from .checks import check_attention_inputs, check_finite, check_int, check_query_key
 
 DEFAULT_BLOCK = 128
 
@@ -26,13 +26,6 @@ class SparseAttentionInfo:
     estimate_ms: float
     attention_ms: float
     extras: dict = field(default_factory=dict)
-
-
-def _check_block(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def estimate(
@@ -52,8 +45,8 @@ def estimate(
     ``sa.get_method(method).defaults()``).
     """
     check_query_key(q, k)
-    _check_block("block_q", block_q)
-    _check_block("block_k", block_k)
+    check_int("block_q", block_q)
+    check_int("block_k", block_k)
     spec = get_method(method)
     config = spec.make_config(**options)
     pattern = spec.estimate(q, k, config, causal=bool(causal), block_q=block_q, block_k=block_k)
@@ -100,12 +93,6 @@ def block_sparse_attention(
     return run_backend(name, q, k, v, pattern, causal=bool(causal), scale=scale, return_lse=return_lse)
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,14 +114,14 @@ def sparse_attention(
     synchronize the device around each stage.
     """
     scale = check_attention_inputs(q, k, v, scale)
-    start = _now(q.device) if return_info else 0.0
+    start = synchronized_now(q.device) if return_info else 0.0
     pattern = estimate(q, k, method, causal=causal, block_q=block_q, block_k=block_k, **options)
     if not return_info:
         return block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=backend)
-    estimated = _now(q.device)
+    estimated = synchronized_now(q.device)
     name = resolve_backend(backend, q, k, v, pattern, return_lse=False)
     out = block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=name)
-    finished = _now(q.device)
+    finished = synchronized_now(q.device)
     info = SparseAttentionInfo(
         pattern=pattern,
         density=pattern.density(causal=causal),

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from .backends import reference_attention
-from .pattern import BlockSparsePattern, dense_pattern
-from .validation import check_attention_inputs, check_pattern_fits, check_query_key
+from .checks import check_attention_inputs, check_query_key
+from .pattern import BlockSparsePattern, check_pattern_fits, dense_pattern
 
 
 def density(pattern: BlockSparsePattern, *, causal: bool = True) -> float:

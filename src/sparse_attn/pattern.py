@@ -31,63 +31,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import check_int
+from .geometry import causal_block_mask, diagonal_block_mask, fully_visible_block_mask, num_blocks
+
 __all__ = [
     "BlockSparsePattern",
-    "causal_block_mask",
-    "diagonal_block_mask",
-    "num_blocks",
+    "check_pattern_fits",
     "dense_pattern",
     "random_pattern",
 ]
-
-
-def num_blocks(length: int, block: int) -> int:
-    """Number of blocks of size ``block`` that cover ``length`` tokens."""
-    return (length + block - 1) // block
-
-
-def _query_block_positions(seq_q: int, seq_k: int, block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last absolute position of every query block, int64 ``(n_q_blocks,)``."""
-    offset = seq_k - seq_q
-    starts = torch.arange(num_blocks(seq_q, block_q), device=device, dtype=torch.int64) * block_q
-    ends = torch.clamp(starts + block_q, max=seq_q) - 1
-    return starts + offset, ends + offset
-
-
-def causal_block_mask(seq_q: int, seq_k: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
-    """Bool ``(n_q_blocks, n_kv_blocks)``: blocks holding at least one causally visible key."""
-    _, last = _query_block_positions(seq_q, seq_k, block_q, device)
-    kv_start = torch.arange(num_blocks(seq_k, block_k), device=device, dtype=torch.int64) * block_k
-    return kv_start[None, :] <= last[:, None]
-
-
-def diagonal_block_mask(seq_q: int, seq_k: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
-    """Bool ``(n_q_blocks, n_kv_blocks)``: the KV blocks that hold the query block's own positions."""
-    first, last = _query_block_positions(seq_q, seq_k, block_q, device)
-    kv_block = torch.arange(num_blocks(seq_k, block_k), device=device, dtype=torch.int64)
-    return (kv_block[None, :] >= (first // block_k)[:, None]) & (kv_block[None, :] <= (last // block_k)[:, None])
-
-
-def fully_visible_block_mask(
-    seq_q: int, seq_k: int, block_q: int, block_k: int, *, causal: bool, device=None
-) -> torch.Tensor:
-    """Bool ``(n_q_blocks, n_kv_blocks)``: blocks every query of the block sees in full (no mask needed)."""
-    first, _ = _query_block_positions(seq_q, seq_k, block_q, device)
-    kv_end = torch.clamp(
-        (torch.arange(num_blocks(seq_k, block_k), device=device, dtype=torch.int64) + 1) * block_k, max=seq_k
-    )
-    in_bounds = (kv_end - torch.arange(kv_end.numel(), device=device) * block_k) == block_k
-    full = in_bounds[None, :].expand(first.numel(), -1)
-    if causal:
-        full = full & (kv_end[None, :] - 1 <= first[:, None])
-    return full
-
-
-def _check_block_size(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,7 +63,7 @@ class BlockSparsePattern:
 
     def __post_init__(self) -> None:
         for name in ("block_q", "block_k"):
-            _check_block_size(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         for name in ("seq_q", "seq_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -449,3 +401,24 @@ def random_pattern(
     rank = torch.argsort(torch.argsort(scores, dim=-1, descending=True), dim=-1)
     mask = (rank < keep[:, None]) & valid
     return BlockSparsePattern.from_mask(mask, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k, causal=causal)
+
+
+def check_pattern_fits(pattern, q: torch.Tensor, k: torch.Tensor) -> None:
+    """The pattern's geometry must match the tensors it is applied to."""
+    if not isinstance(pattern, BlockSparsePattern):
+        raise TypeError(f"pattern must be a BlockSparsePattern, got {type(pattern).__name__}")
+    batch, q_heads, seq_q, _ = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    if pattern.seq_q != seq_q or pattern.seq_k != seq_k:
+        raise ValueError(
+            f"pattern is for seq_q={pattern.seq_q}, seq_k={pattern.seq_k} but the tensors have "
+            f"seq_q={seq_q}, seq_k={seq_k}"
+        )
+    if pattern.batch not in (1, batch):
+        raise ValueError(f"pattern batch must be 1 or the batch size {batch}, got {pattern.batch}")
+    if pattern.num_heads not in (1, q_heads, kv_heads):
+        raise ValueError(
+            f"pattern heads must be 1, the query heads ({q_heads}) or the KV heads ({kv_heads}), got {pattern.num_heads}"
+        )
+    if pattern.device != q.device:
+        raise ValueError(f"pattern is on {pattern.device} but q is on {q.device}; use pattern.to(q.device)")

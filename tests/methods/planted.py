@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_attn.pattern import causal_block_mask, diagonal_block_mask, num_blocks
+from sparse_attn.geometry import causal_block_mask, diagonal_block_mask, num_blocks
 
 
 @dataclass(frozen=True)

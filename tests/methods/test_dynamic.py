@@ -13,7 +13,8 @@ import torch
 import sparse_attn as sa
 from sparse_attn.methods import _common
 from sparse_attn.methods._scoring_triton import antidiagonal_block_probs_triton
-from sparse_attn.pattern import BlockSparsePattern, causal_block_mask, num_blocks
+from sparse_attn.geometry import causal_block_mask, num_blocks
+from sparse_attn.pattern import BlockSparsePattern
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

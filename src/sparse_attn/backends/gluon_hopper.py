@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from ..pattern import BlockSparsePattern, num_blocks
+from ..geometry import num_blocks
+from ..pattern import BlockSparsePattern
 
 try:
     from triton.experimental import gluon

@@ -44,7 +44,8 @@ import os
 
 import torch
 
-from ..pattern import BlockSparsePattern, num_blocks
+from ..geometry import num_blocks
+from ..pattern import BlockSparsePattern
 
 try:
     import triton

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from ..integrations.hf import patch, record, unpatch
+from ..utils import synchronized_now
 from .grid import Case
 from .tasks import GENERATE, Sample, Task
 
@@ -58,12 +58,6 @@ def append_result(path: Path, row: dict) -> None:
         results.write(json.dumps(row) + "\n")
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _eos_ids(model, tokenizer) -> set[int]:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -78,9 +72,9 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, stop_id
     Returns ``(new token ids, prefill seconds)``; decoding stops at a token in ``stop_ids``.
     """
     device = input_ids.device
-    start = _now(device)
+    start = synchronized_now(device)
     output = model(input_ids, use_cache=True, logits_to_keep=1)
-    prefill_seconds = _now(device) - start
+    prefill_seconds = synchronized_now(device) - start
     cache, tokens = output.past_key_values, []
     token = output.logits[:, -1:].argmax(-1)
     while True:
@@ -98,9 +92,9 @@ def prefill_perplexity(model, input_ids: torch.Tensor, scored_tokens: int) -> tu
     stays small at long lengths. Returns ``(perplexity, prefill seconds)``.
     """
     device = input_ids.device
-    start = _now(device)
+    start = synchronized_now(device)
     logits = model(input_ids, use_cache=False, logits_to_keep=scored_tokens + 1).logits
-    prefill_seconds = _now(device) - start
+    prefill_seconds = synchronized_now(device) - start
     predictions = logits[0, :-1].float()
     targets = input_ids[0, -scored_tokens:]
     loss = torch.nn.functional.cross_entropy(predictions, targets)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..pattern import BlockSparsePattern, causal_block_mask, num_blocks
+from ..geometry import causal_block_mask, num_blocks
+from ..pattern import BlockSparsePattern
 from ._select_triton import cumulative_mass_mask_triton, topk_by_rank_mask_triton, triton_selection_available
 
 # Float32 working memory of one chunked step (256 MiB): the chunk's largest tensor is held

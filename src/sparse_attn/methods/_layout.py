@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..pattern import BlockSparsePattern, causal_block_mask, num_blocks
+from ..geometry import causal_block_mask, num_blocks
+from ..pattern import BlockSparsePattern
 
 __all__ = [
     "check_int_option",

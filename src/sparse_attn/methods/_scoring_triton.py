@@ -31,7 +31,7 @@ import functools
 import torch
 
 from ..backends.triton_kernel import interpreting
-from ..pattern import num_blocks
+from ..geometry import num_blocks
 from ._common import CHUNK_ELEMENTS
 
 try:

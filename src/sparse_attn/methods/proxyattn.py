@@ -40,7 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pattern import BlockSparsePattern, num_blocks
+from ..geometry import num_blocks
+from ..pattern import BlockSparsePattern
 from ..registry import register_method
 from ._common import (
     Budget,

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pattern import BlockSparsePattern, num_blocks
+from ..geometry import num_blocks
+from ..pattern import BlockSparsePattern
 from ..registry import register_method
 from ._layout import check_int_option, check_window_options, shared_static_pattern, token_window_mask
 

@@ -1,4 +1,8 @@
-"""Checks at the public boundary: bad input fails here with a message naming the argument."""
+"""Checks at the public boundary: bad input fails here with a message naming the argument.
+
+One definition of each validator (tensors, integers, fractions, patterns), used by the API,
+the pattern type, method configs and integrations alike.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,29 @@ import math
 
 import torch
 
-from .pattern import BlockSparsePattern
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is an int >= ``minimum``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_fraction(name: str, value, *, allow_none: bool = False, open_low: bool = True) -> None:
+    """Raise unless ``value`` is a float in ``(0, 1]`` (or ``[0, 1]`` when not ``open_low``)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    low_ok = value > 0.0 if open_low else value >= 0.0
+    if math.isnan(value) or not low_ok or value > 1.0:
+        raise ValueError(f"{name} must be in {'(0, 1]' if open_low else '[0, 1]'}, got {value}")
 
 
 def check_tensor(name: str, x) -> None:
@@ -73,24 +97,3 @@ def check_finite(**tensors: torch.Tensor) -> None:
     for name, x in tensors.items():
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or Inf")
-
-
-def check_pattern_fits(pattern, q: torch.Tensor, k: torch.Tensor) -> None:
-    """The pattern's geometry must match the tensors it is applied to."""
-    if not isinstance(pattern, BlockSparsePattern):
-        raise TypeError(f"pattern must be a BlockSparsePattern, got {type(pattern).__name__}")
-    batch, q_heads, seq_q, _ = q.shape
-    kv_heads, seq_k = k.shape[1], k.shape[2]
-    if pattern.seq_q != seq_q or pattern.seq_k != seq_k:
-        raise ValueError(
-            f"pattern is for seq_q={pattern.seq_q}, seq_k={pattern.seq_k} but the tensors have "
-            f"seq_q={seq_q}, seq_k={seq_k}"
-        )
-    if pattern.batch not in (1, batch):
-        raise ValueError(f"pattern batch must be 1 or the batch size {batch}, got {pattern.batch}")
-    if pattern.num_heads not in (1, q_heads, kv_heads):
-        raise ValueError(
-            f"pattern heads must be 1, the query heads ({q_heads}) or the KV heads ({kv_heads}), got {pattern.num_heads}"
-        )
-    if pattern.device != q.device:
-        raise ValueError(f"pattern is on {pattern.device} but q is on {q.device}; use pattern.to(q.device)")
