@@ -1,0 +1,23 @@
+"""Operators: the primitives the estimators in :mod:`sparse_attn.methods` are composed of.
+
+One operator per folder, flash-linear-attention style: ``naive.py`` holds the plain PyTorch
+reference, ``triton.py`` (where there is one) the fused kernel, and ``__init__.py`` the entry
+point with the one dispatch rule of :mod:`._dispatch` (the kernel on CUDA when it can run
+the case, the reference everywhere else). Tests in ``tests/ops/test_<op>.py`` check every
+kernel against its reference.
+
+* :mod:`.pooling`: mean-pooled blocks, pooled block logits, block softmax;
+* :mod:`.antidiagonal`: XAttention's strided antidiagonal block scoring (the scoring kernel's home);
+* :mod:`.sampled_rows`: ProxyAttn's sampled-row block scoring (on the same kernel);
+* :mod:`.last_query_probe`: exact attention of the last queries, reduced to vertical,
+  slash and block sums;
+* :mod:`.selection`: cumulative-mass and top-k selection per row (sort-free Triton kernel);
+* :mod:`.vertical_slash_blocks`: selected columns and diagonals -> the blocks they cross;
+* :mod:`.static_masks`: sinks, local windows, power-of-two distances, strided shards;
+* :func:`.to_pattern.block_mask_to_pattern`: a block mask -> ``BlockSparsePattern``;
+* :mod:`.gqa`: grouped-query matmul without expanding K.
+
+A new operator gets a folder of its own with these three files (``triton.py`` optional);
+a kernel module exposes ``unsupported_reason(x, **case)`` for the dispatch rule. Operators
+never allocate ``O(S^2)``: chunked loops stay within ``CHUNK_ELEMENTS`` of :mod:`._chunking`.
+"""

@@ -1,0 +1,44 @@
+"""The one rule by which every operator chooses between its fused Triton kernel and its PyTorch reference.
+
+An operator with a kernel keeps it in ``<op>/triton.py`` beside the reference in ``<op>/naive.py``;
+the kernel module exposes ``unsupported_reason(x, **case) -> str | None``, its can-run check. The
+operator's entry point in ``<op>/__init__.py`` asks :func:`kernel_for` and runs the kernel module
+it gets back, or the reference when it gets ``None``. The kernel runs when the input is on CUDA,
+triton is installed and the can-run check passes; everywhere else, the CPU included, the
+reference runs, so a pattern estimated on CPU never depends on a kernel.
+
+The kernel module is imported on first use: importing triton is a large share of
+``import sparse_attn`` and is never needed on CPU. Under ``TRITON_INTERPRET=1`` the kernels
+also run on CPU tensors when called directly (that is how the tests compare them with the
+references); the dispatch rule does not pick them there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+import torch
+
+from ..utils import interpreting
+
+__all__ = ["device_unsupported_reason", "kernel_for"]
+
+
+def kernel_for(x: torch.Tensor, package: str, **case) -> ModuleType | None:
+    """The kernel module ``<package>.triton`` when it should run on ``x`` and ``case``, else ``None``.
+
+    ``case`` is passed to the kernel module's ``unsupported_reason(x, **case)``.
+    """
+    if x.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return None
+    kernel = importlib.import_module(".triton", package)
+    return kernel if kernel.unsupported_reason(x, **case) is None else None
+
+
+def device_unsupported_reason(x: torch.Tensor) -> str | None:
+    """The device part of every kernel's can-run check: a CUDA tensor, or Triton's CPU interpreter."""
+    if x.device.type != "cuda" and not interpreting():
+        return "needs a CUDA device (or TRITON_INTERPRET=1)"
+    return None
