@@ -1,0 +1,98 @@
+"""Strided antidiagonal block scoring (XAttention) in PyTorch: the reference of :mod:`.triton` and the CPU path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...geometry import num_blocks, query_block_positions
+from .._chunking import CHUNK_ELEMENTS
+from ..gqa import grouped_matmul
+
+__all__ = [
+    "antidiagonal_block_probs_reference",
+    "antidiagonal_visibility",
+    "cells_to_block_probs",
+    "strided_cells",
+]
+
+
+def strided_cells(x: torch.Tensor, stride: int, *, reverse: bool) -> torch.Tensor:
+    """Group ``stride`` consecutive positions into one cell vector: ``(B, H, ceil(S / stride), stride * D)``.
+
+    With ``reverse`` the positions of a cell are taken last-to-first. A query cell taken in
+    reverse dotted with a key cell taken in order is the sum of the ``stride`` products on
+    the cell pair's antidiagonal: ``sum_i q[a*stride + stride-1-i] · k[b*stride + i]``. The
+    sequence is zero-padded to whole cells (padded positions add nothing to the sum).
+    """
+    batch, heads, length, dim = x.shape
+    cells = num_blocks(length, stride)
+    padded = F.pad(x, (0, 0, 0, cells * stride - length)).view(batch, heads, cells, stride, dim)
+    if reverse:
+        padded = padded.flip(3)
+    return padded.reshape(batch, heads, cells, stride * dim)
+
+
+def antidiagonal_visibility(
+    seq_q: int, seq_k: int, stride: int, *, causal: bool, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query cell, the last query position, and per key cell, the first key position (int64).
+
+    A key cell is visible from a query cell when its first key is at or before the query
+    cell's last query (the cell pair's antidiagonal then reaches at least one past key).
+    """
+    _, last_query = query_block_positions(seq_q, seq_k, stride, device)
+    first_key = torch.arange(num_blocks(seq_k, stride), device=device) * stride
+    if not causal:
+        last_query = torch.full_like(last_query, seq_k)
+    return last_query, first_key
+
+
+def cells_to_block_probs(cell_probs: torch.Tensor, cells_per_q_block: int) -> torch.Tensor:
+    """Average per-cell softmax rows ``(B, H, cells, n_kv)`` over the cells of each query block.
+
+    The cells start at a query-block boundary; a last partial block is averaged over the
+    cells it has. Each returned row ``(B, H, ceil(cells / cells_per_q_block), n_kv)`` sums to 1.
+    """
+    batch, heads, cells, n_kv = cell_probs.shape
+    n_q = num_blocks(cells, cells_per_q_block)
+    padded = F.pad(cell_probs, (0, 0, 0, n_q * cells_per_q_block - cells))
+    sums = padded.view(batch, heads, n_q, cells_per_q_block, n_kv).sum(3)
+    cells_in_block = torch.full((n_q,), float(cells_per_q_block), device=cell_probs.device)
+    cells_in_block[-1] = cells - (n_q - 1) * cells_per_q_block
+    return sums / cells_in_block[:, None]
+
+
+def antidiagonal_block_probs_reference(
+    q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int, scale: float, causal: bool
+) -> torch.Tensor:
+    """XAttention's block importance, float32 ``(B, Hq, n_q, n_kv)``, rows summing to 1.
+
+    Each cell pair scores ``scale / stride * (antidiagonal sum)``; each query cell's scores
+    are softmax-normalized over its visible key cells, summed per KV block, and averaged
+    over the query cells of the query block. Chunked over query cells (one pass, no
+    ``Sq x Sk`` tensor: cells are ``stride``x coarser on each side). Block sizes must be
+    multiples of ``stride``.
+    """
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    query_cells = strided_cells(q, stride, reverse=True)
+    key_cells = strided_cells(k, stride, reverse=False)
+    last_query, first_key = antidiagonal_visibility(seq_q, seq_k, stride, causal=causal, device=q.device)
+    batch, q_heads = q.shape[:2]
+    k_cells = key_cells.shape[2]
+    cells_per_kv_block = block_k // stride
+    n_kv = num_blocks(seq_k, block_k)
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // (4 * batch * q_heads * k_cells))
+    # Whole query blocks per chunk keeps the block sums local to a chunk.
+    rows_per_chunk = max(block_q // stride, rows_per_chunk - rows_per_chunk % (block_q // stride))
+    pieces = []
+    for start in range(0, query_cells.shape[2], rows_per_chunk):
+        stop = min(query_cells.shape[2], start + rows_per_chunk)
+        logits = grouped_matmul(query_cells[:, :, start:stop], key_cells).float() * (scale / stride)
+        visible = first_key[None, :] <= last_query[start:stop, None]
+        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+        padded = F.pad(probs, (0, n_kv * cells_per_kv_block - k_cells))
+        cell_probs = padded.view(batch, q_heads, stop - start, n_kv, cells_per_kv_block).sum(-1)
+        pieces.append(cells_to_block_probs(cell_probs, block_q // stride))
+        del logits, probs, padded, cell_probs
+    return torch.cat(pieces, dim=2)

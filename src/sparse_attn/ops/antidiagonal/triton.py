@@ -1,0 +1,400 @@
+"""The scoring kernel of the estimators in Triton: XAttention's strided antidiagonal block scoring.
+
+Reference: :func:`.naive.antidiagonal_block_probs_reference`. The same kernel serves the
+sampled-row scoring of :mod:`sparse_attn.ops.sampled_rows` (cells of one row, every
+``QUERY_STEP``-th query, reduced by the maximum), which calls :func:`cell_block_probs`; this
+module is the kernel's only home.
+
+* one program scores ``BLOCK_M`` query cells against key cells, ``BLOCK_N`` at a time; a
+  cell pair's antidiagonal sum is ``stride`` ``(BLOCK_M x D) @ (D x BLOCK_N)`` products of
+  row-strided loads (each optionally split over head-dim slices of ``BLOCK_D``), so the
+  ``(cells, stride * D)`` cell vectors are never built. The main loop runs flat over
+  (key tile, row offset, head-dim slice) steps with a key tile's epilogue on its last step,
+  so loads stay pipelined across key tiles;
+* per tile it writes, for each query cell and each KV block, the log-sum-exp of the cell's
+  scores over that block to a scratch buffer, and keeps each row's running log-sum-exp
+  (online softmax);
+* after its last tile the program reads its own scratch rows back, turns them into
+  probabilities ``exp(lse_row_block - lse_row)`` and averages the cells of each query block,
+  writing the ``(query block, KV block)`` probabilities directly.
+
+The per-(query cell, KV block) scratch is the only large intermediate: float32
+``(B, heads, Sq / stride, n_kv)``, processed a few heads at a time (and, once one head's rows
+alone would exceed it, a range of query cells at a time) so that it stays under
+``CHUNK_ELEMENTS`` floats. Tile shapes are autotuned over :data:`SCORING_CONFIGS`, or over
+the candidates a caller passes as ``configs=`` (``benchmarks/scoring_configs.py`` sweeps them
+one at a time). Under ``TRITON_INTERPRET=1`` (CPU tests) one small tile configuration runs,
+with bf16 products taken in float32 (the interpreter's bf16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ...geometry import num_blocks
+from ...utils import interpreting
+from .._chunking import CHUNK_ELEMENTS
+from .._dispatch import device_unsupported_reason
+
+__all__ = [
+    "SCORING_CONFIGS",
+    "ScoringConfig",
+    "antidiagonal_block_probs_triton",
+    "cell_block_probs",
+    "unsupported_reason",
+]
+
+_LOG2_E = 1.4426950408889634
+
+# One autotune candidate: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); BLOCK_D None is the
+# whole head_dim per step.
+ScoringConfig = tuple[int, int, int | None, int, int]
+
+# Candidates for 16-bit inputs. Tiles that do not fit a GPU's shared memory or registers are
+# skipped by the autotuner.
+SCORING_CONFIGS: tuple[ScoringConfig, ...] = (
+    # head_dim 128, stride 8 (XAttention): a 128 x 256 tile over half-head-dim steps led the
+    # sweep at 128K on H100 (benchmarks/results/h100/scoring_configs*.log).
+    (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 4), (128, 256, 32, 8, 6),
+    (64, 256, 64, 4, 3), (64, 256, 64, 8, 4), (128, 256, None, 8, 2), (64, 256, None, 8, 2),
+    (64, 128, None, 4, 3), (128, 128, None, 8, 3),
+    # Small tiles for head_dim 256 with 128-key blocks per tile (sampled rows, stride 1).
+    (64, 128, 64, 8, 3), (64, 128, None, 8, 2), (32, 128, None, 4, 2), (32, 64, None, 4, 1),
+)  # fmt: skip
+# The one candidate for float32 inputs.
+_FLOAT32_CONFIGS: tuple[ScoringConfig, ...] = ((32, 32, None, 4, 2),)
+# Query cells per launch when one head's scratch rows would exceed CHUNK_ELEMENTS: a multiple
+# of every tile height (BLOCK_M <= 256).
+_CELL_UNIT = 256
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value >= 1 and value & (value - 1) == 0
+
+
+def unsupported_reason(q: torch.Tensor, *, stride: int, block_q: int, block_k: int) -> str | None:
+    """Why the kernel cannot score ``q`` with these cells and blocks, or ``None``."""
+    reason = device_unsupported_reason(q)
+    if reason is not None:
+        return reason
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"takes float16, bfloat16 or float32, not {q.dtype}"
+    if q.shape[-1] not in (16, 32, 64, 128, 256):
+        return f"takes head_dim 16, 32, 64, 128 or 256, not {q.shape[-1]}"
+    if not _is_power_of_two(stride):
+        return f"needs a power-of-two stride, got {stride}"
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        cells = block // stride
+        if block % stride or not _is_power_of_two(cells) or cells > 128:
+            return f"needs {name} / stride to be a power of two <= 128, got {block} / {stride}"
+    return None
+
+
+@triton.jit
+def _antidiagonal_step(
+    acc, q_base, k_base, cells, key_cells, i, offs_d, stride_qs, stride_ks, q_len, seq_k,
+    STRIDE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Add one antidiagonal product: query cell row ``STRIDE - 1 - i`` against key cell row ``i``."""
+    q_rows = cells * STRIDE + (STRIDE - 1 - i)
+    k_rows = key_cells * STRIDE + i
+    q_i = tl.load(q_base + q_rows[:, None] * stride_qs + offs_d[None, :], mask=(q_rows < q_len)[:, None], other=0.0)
+    k_i = tl.load(k_base + k_rows[:, None] * stride_ks + offs_d[None, :], mask=(k_rows < seq_k)[:, None], other=0.0)
+    if DOT_FP32:
+        return tl.dot(q_i.to(tl.float32), tl.trans(k_i.to(tl.float32)), acc, input_precision=PRECISION)
+    return tl.dot(q_i, tl.trans(k_i), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile_epilogue(
+    acc, m_i, l_i, out_rows, row_in_range, last_query, start_n, offs_n, k_cells, n_kv, qk_scale,
+    STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CELLS_PER_KV_BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):  # fmt: skip
+    """Write one key tile's per-(query cell, KV block) log2-sum-exp; update the rows' running log-sum-exp."""
+    BLOCKS_PER_TILE: tl.constexpr = BLOCK_N // CELLS_PER_KV_BLOCK
+    key_cells = start_n + offs_n
+    scores = acc * qk_scale
+    visible = (key_cells < k_cells)[None, :]
+    if CAUSAL:
+        visible = visible & (key_cells[None, :] * STRIDE <= last_query[:, None])
+    scores = tl.where(visible, scores, float("-inf"))
+    per_block = tl.reshape(scores, (BLOCK_M, BLOCKS_PER_TILE, CELLS_PER_KV_BLOCK))
+    block_max = tl.max(per_block, axis=2)
+    block_max_safe = tl.where(block_max == float("-inf"), 0.0, block_max)
+    block_sum = tl.sum(tl.math.exp2(per_block - block_max_safe[:, :, None]), axis=2)
+    block_lse = block_max_safe + tl.math.log2(block_sum)
+    kv_blocks = start_n // CELLS_PER_KV_BLOCK + tl.arange(0, BLOCKS_PER_TILE)
+    tl.store(
+        out_rows[:, None] + kv_blocks[None, :], block_lse, mask=row_in_range[:, None] & (kv_blocks < n_kv)[None, :]
+    )
+    # The row's running sum is rebuilt from the per-block sums: one exp2 per block, not per key.
+    m_new = tl.maximum(m_i, tl.max(block_max, 1))
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(block_lse - m_new[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
+def _cell_block_probs(
+    Q,
+    K,
+    RowBlockLse,
+    BlockProbs,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    head_start,
+    chunk_heads,
+    num_q_heads,
+    group,
+    q_len,
+    seq_q,
+    seq_k,
+    q_cells,
+    cell_start,
+    chunk_cells,
+    k_cells,
+    n_q,
+    n_kv,
+    qk_scale,
+    seq_bucket,  # autotuning key only: ceil(log2(seq_k)), so each length range gets its own tuning
+    HEAD_DIM: tl.constexpr,
+    STRIDE: tl.constexpr,
+    QUERY_STEP: tl.constexpr,
+    REDUCE_MAX: tl.constexpr,
+    CELLS_PER_Q_BLOCK: tl.constexpr,
+    CELLS_PER_KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Per (query block, KV block): the mean (or max) over the block's query cells of the cell's softmax mass.
+
+    Query cell ``c`` is ``STRIDE`` rows of Q (``q_len`` rows in all) whose last query sits at
+    position ``(c + 1) * STRIDE * QUERY_STEP - 1`` of the ``seq_q`` queries: ``QUERY_STEP`` > 1
+    when Q holds every ``QUERY_STEP``-th query row only (ProxyAttn's sampled rows).
+    """
+    # Heaviest (last) query tiles first: causal rows grow with position.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // chunk_heads
+    head = head_start + batch_head % chunk_heads
+    kv_head = head // group
+    BLOCKS_PER_TILE: tl.constexpr = BLOCK_N // CELLS_PER_KV_BLOCK
+    # This launch covers query cells [cell_start, cell_start + chunk_cells); the scratch holds
+    # only those rows. Chunks are whole tiles, so no tile crosses a chunk's end.
+    first_cell = cell_start + tile * BLOCK_M
+    cells = first_cell + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    D_SPLIT: tl.constexpr = HEAD_DIM // BLOCK_D
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    offset = seq_k - seq_q
+    # Last query position of each cell: a key cell is visible when its first key is not later.
+    last_query = tl.minimum((cells + 1) * STRIDE * QUERY_STEP, seq_q) - 1 + offset
+    if CAUSAL:
+        tile_last_query = tl.minimum((first_cell + BLOCK_M) * STRIDE * QUERY_STEP, seq_q) - 1 + offset
+        key_cell_end = tl.minimum(tile_last_query // STRIDE + 1, k_cells)
+    else:
+        key_cell_end = k_cells
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    out_rows = RowBlockLse + (batch_head.to(tl.int64) * chunk_cells + (cells - cell_start)) * n_kv
+    row_in_range = cells < q_cells
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # One loop over (key tile, query-row offset, head-dim slice) steps, with the tile's
+    # epilogue on its last step: loads are pipelined across key-tile boundaries.
+    STEPS: tl.constexpr = STRIDE * D_SPLIT
+    for step in range(0, tl.cdiv(key_cell_end, BLOCK_N) * STEPS):
+        start_n = (step // STEPS) * BLOCK_N
+        acc = _antidiagonal_step(
+            acc, q_base, k_base, cells, start_n + offs_n, (step % STEPS) // D_SPLIT,
+            (step % D_SPLIT) * BLOCK_D + offs_d, stride_qs, stride_ks, q_len, seq_k,
+            STRIDE, DOT_FP32, PRECISION,
+        )  # fmt: skip
+        if step % STEPS == STEPS - 1:
+            m_i, l_i = _tile_epilogue(
+                acc, m_i, l_i, out_rows, row_in_range, last_query, start_n, offs_n, k_cells, n_kv,
+                qk_scale, STRIDE, BLOCK_M, BLOCK_N, CELLS_PER_KV_BLOCK, CAUSAL,
+            )  # fmt: skip
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_lse = m_i + tl.math.log2(l_i)
+
+    # Epilogue: read this program's scratch rows back (written above by other threads of
+    # the program, hence the barrier) and average each query block's cell probabilities.
+    tl.debug_barrier()
+    Q_BLOCKS: tl.constexpr = BLOCK_M // CELLS_PER_Q_BLOCK
+    BLOCK_J: tl.constexpr = 64
+    q_blocks = first_cell // CELLS_PER_Q_BLOCK + tl.arange(0, Q_BLOCKS)
+    cells_in_block = tl.maximum(tl.minimum(q_cells - q_blocks * CELLS_PER_Q_BLOCK, CELLS_PER_Q_BLOCK), 1).to(tl.float32)
+    n_written = tl.minimum(tl.cdiv(key_cell_end, BLOCK_N) * BLOCKS_PER_TILE, n_kv)
+    probs_rows = BlockProbs + (batch * num_q_heads + head).to(tl.int64) * n_q * n_kv + q_blocks.to(tl.int64) * n_kv
+    for start_j in range(0, n_written, BLOCK_J):
+        kv_blocks = start_j + tl.arange(0, BLOCK_J)
+        written = kv_blocks < n_written
+        lse = tl.load(out_rows[:, None] + kv_blocks[None, :], mask=row_in_range[:, None] & written[None, :], other=0.0)
+        p = tl.where(row_in_range[:, None] & written[None, :], tl.math.exp2(lse - row_lse[:, None]), 0.0)
+        per_q_block = tl.reshape(p, (Q_BLOCKS, CELLS_PER_Q_BLOCK, BLOCK_J))
+        if REDUCE_MAX:
+            reduced = tl.max(per_q_block, axis=1)
+        else:
+            reduced = tl.sum(per_q_block, axis=1) / cells_in_block[:, None]
+        tl.store(
+            probs_rows[:, None] + kv_blocks[None, :],
+            reduced,
+            mask=(q_blocks < n_q)[:, None] & written[None, :],
+        )
+
+
+def _config_kwargs(
+    m: int, n: int, d: int | None, head_dim: int, cells_per_q_block: int, cells_per_kv_block: int
+) -> dict:
+    return {
+        "BLOCK_M": max(m, cells_per_q_block),
+        "BLOCK_N": max(n, cells_per_kv_block),
+        "BLOCK_D": head_dim if d is None else min(d, head_dim),
+    }
+
+
+@functools.cache
+def _autotuned_kernel(
+    head_dim: int, cells_per_q_block: int, cells_per_kv_block: int, candidates: tuple[ScoringConfig, ...]
+):
+    configs = [
+        triton.Config(
+            _config_kwargs(m, n, d, head_dim, cells_per_q_block, cells_per_kv_block), num_warps=w, num_stages=s
+        )
+        for m, n, d, w, s in candidates
+    ]
+    # Several candidates can collapse to one tile shape for large blocks: keep each once.
+    unique = list({(str(c.kwargs), c.num_warps, c.num_stages): c for c in configs}.values())
+    key = [
+        "seq_bucket",
+        "HEAD_DIM",
+        "STRIDE",
+        "QUERY_STEP",
+        "REDUCE_MAX",
+        "CELLS_PER_Q_BLOCK",
+        "CELLS_PER_KV_BLOCK",
+        "CAUSAL",
+        "PRECISION",
+    ]
+    return triton.autotune(configs=unique, key=key)(_cell_block_probs)
+
+
+def _grid(meta: dict, *, cells: int, programs: int) -> tuple[int, int]:
+    return num_blocks(cells, meta["BLOCK_M"]), programs
+
+
+def cell_block_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    stride: int,
+    query_step: int,
+    reduce_max: bool,
+    seq_q: int,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    causal: bool,
+    configs: Sequence[ScoringConfig] | None = None,
+) -> torch.Tensor:
+    """Launch the kernel over head chunks; float32 ``(B, Hq, n_q, n_kv)``, blocks past the causal extent 0.
+
+    q ``(B, Hq, q_len, D)`` holds every ``query_step``-th of ``seq_q`` queries (``query_step`` 1:
+    all of them), cut into cells of ``stride`` rows; k ``(B, Hkv, Sk, D)``. Per (query block,
+    KV block), the mean (or with ``reduce_max`` the maximum) over the block's query cells of
+    the cell's softmax mass on the KV block. ``configs``: the autotune candidates (default
+    :data:`SCORING_CONFIGS` for 16-bit inputs; float32 inputs and the interpreter use their
+    own single tile).
+    """
+    batch, q_heads, q_len, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
+    q_cells, k_cells = num_blocks(q_len, stride), num_blocks(seq_k, stride)
+    n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
+    cells_per_q_block = block_q // (stride * query_step)
+    cells_per_kv_block = block_k // stride
+    # The scratch holds CHUNK_ELEMENTS floats at most: a few heads at a time, and when one head's
+    # rows alone exceed that (very long sequences), a range of query cells at a time, in whole
+    # multiples of _CELL_UNIT (every tile height divides it).
+    cells_per_chunk = q_cells
+    if batch * q_cells * n_kv > CHUNK_ELEMENTS:
+        cells_per_chunk = max(_CELL_UNIT, CHUNK_ELEMENTS // (batch * n_kv) // _CELL_UNIT * _CELL_UNIT)
+    chunk_heads = max(1, min(q_heads, CHUNK_ELEMENTS // (batch * cells_per_chunk * n_kv)))
+    is_float32 = q.dtype == torch.float32
+    dot_in_float32 = is_float32 or (interpreting() and q.dtype == torch.bfloat16)
+    constants = dict(
+        HEAD_DIM=dim,
+        STRIDE=stride,
+        QUERY_STEP=query_step,
+        REDUCE_MAX=reduce_max,
+        CELLS_PER_Q_BLOCK=cells_per_q_block,
+        CELLS_PER_KV_BLOCK=cells_per_kv_block,
+        CAUSAL=bool(causal),
+        DOT_FP32=dot_in_float32,
+        PRECISION="ieee" if dot_in_float32 else "tf32",
+    )
+    candidates = _FLOAT32_CONFIGS if is_float32 else tuple(SCORING_CONFIGS if configs is None else configs)
+    # Blocks past a query block's causal extent are never written: they stay 0.
+    probs = torch.zeros((batch, q_heads, n_q, n_kv), dtype=torch.float32, device=q.device)
+    scratch = torch.empty((batch, chunk_heads, cells_per_chunk, n_kv), dtype=torch.float32, device=q.device)
+    for head_start in range(0, q_heads, chunk_heads):
+        heads = min(chunk_heads, q_heads - head_start)
+        for cell_start in range(0, q_cells, cells_per_chunk):
+            cells = min(cells_per_chunk, q_cells - cell_start)
+            args = (
+                q, k, scratch, probs,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                head_start, heads, q_heads, q_heads // kv_heads,
+                q_len, seq_q, seq_k, q_cells, cell_start, cells_per_chunk, k_cells, n_q, n_kv, scale / stride * _LOG2_E,
+                max(seq_k - 1, 1).bit_length(),
+            )  # fmt: skip
+            if interpreting():
+                # One small tile; head_dim split in two steps (when it can be) to cover that path too.
+                tile = _config_kwargs(16, 16, max(16, dim // 2), dim, cells_per_q_block, cells_per_kv_block)
+                _cell_block_probs[(num_blocks(cells, tile["BLOCK_M"]), batch * heads)](*args, **tile, **constants)
+            else:
+                kernel = _autotuned_kernel(dim, cells_per_q_block, cells_per_kv_block, candidates)
+                kernel[functools.partial(_grid, cells=cells, programs=batch * heads)](*args, **constants)
+    return probs
+
+
+def antidiagonal_block_probs_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    stride: int,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    causal: bool,
+    configs: Sequence[ScoringConfig] | None = None,
+) -> torch.Tensor:
+    """Same result as :func:`.naive.antidiagonal_block_probs_reference`, with the kernel.
+
+    ``configs``: autotune candidates to use instead of :data:`SCORING_CONFIGS` (16-bit inputs
+    on a GPU only), e.g. one at a time to time each.
+    """
+    reason = unsupported_reason(q, stride=stride, block_q=block_q, block_k=block_k)
+    if reason is not None:
+        raise ValueError(f"the Triton antidiagonal kernel cannot run this case: {reason}")
+    return cell_block_probs(
+        q, k, stride=stride, query_step=1, reduce_max=False, seq_q=q.shape[2], block_q=block_q, block_k=block_k,
+        scale=scale, causal=causal, configs=configs,
+    )  # fmt: skip
