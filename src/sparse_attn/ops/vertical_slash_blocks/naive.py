@@ -1,0 +1,80 @@
+"""Vertical and slash lines -> the blocks they cross, in PyTorch (the implementation; there is no fused kernel)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...geometry import num_blocks, query_block_positions
+from .._chunking import CHUNK_ELEMENTS
+
+__all__ = ["vertical_slash_block_mask"]
+
+
+def _inclusive_counts(prefix: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Number of set entries in ``[low, high]`` from an exclusive prefix count ``(…, L + 1)``.
+
+    ``low``/``high`` broadcast to ``(n_q, n_kv)``; empty ranges (high < low) count 0.
+    """
+    length = prefix.shape[-1] - 1
+    low_c = low.clamp(0, length)
+    high_c = (high + 1).clamp(0, length)
+    lead = prefix.shape[:-1]
+    shape = (*lead, *torch.broadcast_shapes(low.shape, high.shape))
+    flat_low = low_c.expand(shape[len(lead) :]).reshape(-1)
+    flat_high = high_c.expand(shape[len(lead) :]).reshape(-1)
+    upper = prefix.index_select(-1, flat_high).view(shape)
+    lower = prefix.index_select(-1, flat_low).view(shape)
+    return (upper - lower).clamp(min=0)
+
+
+def _exclusive_prefix(selected: torch.Tensor) -> torch.Tensor:
+    return F.pad(torch.cumsum(selected.to(torch.int32), dim=-1), (1, 0))
+
+
+def vertical_slash_block_mask(
+    vertical: torch.Tensor,
+    slash: torch.Tensor,
+    *,
+    seq_q: int,
+    seq_k: int,
+    block_q: int,
+    block_k: int,
+    causal: bool = True,
+) -> torch.Tensor:
+    """The blocks that selected key columns and diagonals cross, bool ``(B, H, n_q, n_kv)``.
+
+    ``vertical`` bool ``(B, H, Sk)``: selected key positions. ``slash`` bool ``(B, H, Sk)``:
+    selected distances ``o = query position - key position``. Block ``(i, j)`` is covered
+    when a selected column in block ``j`` is at or before the block's last query, or when a
+    selected distance joins a query of block ``i`` to a key of block ``j``. Counted with
+    prefix sums, so the cost is ``O(n_q * n_kv)`` per head whatever the number of lines.
+    """
+    device = vertical.device
+    n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
+    # The prefix-count lookups hold a few int32 (n_q, n_kv) tensors per head: a few heads at a time.
+    batch, heads = vertical.shape[:2]
+    heads_per_chunk = max(1, CHUNK_ELEMENTS // (8 * batch * n_q * n_kv))
+    if heads > heads_per_chunk:
+        out = torch.empty((batch, heads, n_q, n_kv), dtype=torch.bool, device=device)
+        for first in range(0, heads, heads_per_chunk):
+            part = slice(first, first + heads_per_chunk)
+            out[:, part] = vertical_slash_block_mask(
+                vertical[:, part], slash[:, part], seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k,
+                causal=causal,
+            )  # fmt: skip
+        return out
+    q_first, q_last = query_block_positions(seq_q, seq_k, block_q, device)
+    k_first = torch.arange(n_kv, device=device) * block_k
+    k_last = torch.clamp(k_first + block_k, max=seq_k) - 1
+
+    columns_low = k_first[None, :].expand(n_q, n_kv)
+    columns_high = torch.minimum(k_last[None, :], q_last[:, None]) if causal else k_last[None, :].expand(n_q, n_kv)
+    crossed_columns = _inclusive_counts(_exclusive_prefix(vertical), columns_low, columns_high) > 0
+    if not causal:  # distances are only defined looking back
+        return crossed_columns
+
+    distance_low = (q_first[:, None] - k_last[None, :]).clamp(min=0)
+    distance_high = q_last[:, None] - k_first[None, :]
+    crossed_diagonals = _inclusive_counts(_exclusive_prefix(slash), distance_low, distance_high) > 0
+    return crossed_columns | crossed_diagonals
