@@ -29,6 +29,7 @@ inputs, one row per layer and method. The model's context limit is 32K.
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def ratio(numerator, denominator):
 def gemma_inputs(model, tokenizer, length: int, device: torch.device) -> list[tuple[str, tuple]]:
     """``(label, (q, k, v))`` per global layer of gemma3-270m on a needle prompt of ``length`` tokens."""
     from sparse_attn.eval.tasks import get_task
-    from sparse_attn.integrations.hf import patch, record, unpatch
+    from sparse_attn.integrations import patch, record, unpatch
 
     sample = get_task("niah").make(tokenizer, length, 0.5, 0)
     ids = torch.tensor([sample.input_ids], device=device)
@@ -203,10 +204,7 @@ def run_inputs(
             row[name] = ms
             if error:
                 row["errors"][name] = error
-
-        def estimate():
-            return sa.estimate(q, k, method, block_q=block, block_k=block)
-
+        estimate = functools.partial(sa.estimate, q, k, method, block_q=block, block_k=block)
         try:
             # The first call autotunes the scoring kernels (their benchmarking allocates a 256 MB
             # cache-flush buffer): peak memory is taken on the call after it.
@@ -219,9 +217,8 @@ def run_inputs(
         row["estimate_ms"], _ = measure(estimate, device)
         if profile and device.type == "cuda":
             print_profile(f"{method} estimate at {seq}", estimate, device)
-        row["kernel_ms"], kernel_error = measure(
-            lambda: sa.block_sparse_attention(q, k, v, pattern, backend=kernel_backend), device
-        )
+        attend = functools.partial(sa.block_sparse_attention, q, k, v, pattern, backend=kernel_backend)
+        row["kernel_ms"], kernel_error = measure(attend, device)
         if kernel_error:
             row["errors"]["kernel"] = kernel_error
         row["density"] = pattern.density()
@@ -245,7 +242,9 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=12.0, help="norm of the shared q/k direction")
     parser.add_argument("--recall-heads", type=int, default=4, help="query heads used for recall (0: skip recall)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (1K tokens, 4/2 heads, D 64, float32)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/estimators.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/estimators.json)"
+    )
     parser.add_argument("--profile", action="store_true", help="also print each estimate's top GPU kernels (CUDA)")
     parser.add_argument(
         "--inputs", choices=["structured", "gemma3-270m"], default="structured",
@@ -289,7 +288,11 @@ def main() -> None:
         name = "estimators.json" if args.inputs == "structured" else f"estimators_{args.inputs}.json"
         out = Path(__file__).parent / "results" / device_slug(device) / name
     if out is not None:
-        inputs = "shared direction + noise, RoPE" if args.inputs == "structured" else f"{args.inputs} global layers, niah prompt"
+        inputs = (
+            "shared direction + noise, RoPE"
+            if args.inputs == "structured"
+            else f"{args.inputs} global layers, niah prompt"
+        )
         meta = {"benchmark": "estimators", "kernel_backend": kernel_backend, "inputs": inputs, **environment(device)}
         write_results(rows, out, meta)
         print(f"wrote {out}")

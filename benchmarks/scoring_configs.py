@@ -2,10 +2,10 @@
 
 Times XAttention's antidiagonal block scoring (``antidiagonal_block_probs_triton``, stride 8,
 128 x 128 blocks) for every candidate (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) in the
-kernel's autotune list on the estimator benchmark's shape (batch 1, 32/8 heads,
-head_dim 128, bf16, causal), next to dense cuDNN attention in the same run. Reports the
-scoring throughput (TFLOP/s over the causal antidiagonal products) and the share of dense
-time. Writes ``benchmarks/results/<gpu>/scoring_configs.json``.
+kernel's autotune list (``SCORING_CONFIGS``, each passed alone as the kernel's ``configs=``)
+on the estimator benchmark's shape (batch 1, 32/8 heads, head_dim 128, bf16, causal), next
+to dense cuDNN attention in the same run. Reports the scoring throughput (TFLOP/s over the
+causal antidiagonal products) and the share of dense time. Writes ``benchmarks/results/<gpu>/scoring_configs.json``.
 
     python benchmarks/scoring_configs.py --lengths 131072
 """
@@ -13,12 +13,13 @@ time. Writes ``benchmarks/results/<gpu>/scoring_configs.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
 
 from sparse_attn.bench import dense_baselines, device_slug, environment, measure, time_ms, write_results
-from sparse_attn.methods import _scoring_triton
+from sparse_attn.ops.antidiagonal.triton import SCORING_CONFIGS, antidiagonal_block_probs_triton
 
 
 def main() -> None:
@@ -40,22 +41,17 @@ def main() -> None:
         flops = 2 * 32 * (cells * cells / 2) * args.stride * args.dim
         print(f"seq {seq}: dense cuDNN {dense_ms:.2f} ms; scoring {flops / 1e12:.2f} TFLOP", flush=True)
         options = dict(stride=args.stride, block_q=128, block_k=128, scale=args.dim**-0.5, causal=True)
-        original = _scoring_triton._CONFIGS
-        try:
-            for config in original:
-                _scoring_triton._CONFIGS = [config]
-                _scoring_triton._autotuned_kernel.cache_clear()
-                # A tile that does not fit shared memory or registers is reported, not fatal.
-                ms, note = measure(lambda: _scoring_triton.antidiagonal_block_probs_triton(q, k, **options), device)
-                tflops = flops / (ms * 1e-3) / 1e12 if ms else None
-                rows.append({"seq": seq, "config": config, "scoring_ms": ms, "tflops": tflops,
-                             "dense_ms": dense_ms, "share_of_dense": ms / dense_ms if ms else None, "error": note})  # fmt: skip
-                label = f"M={config[0]:3d} N={config[1]:3d} D={config[2] or args.dim:3d} w={config[3]} s={config[4]}"
-                shown = f"{ms:7.2f} ms {tflops:5.0f} TFLOP/s {ms / dense_ms:6.1%} of dense" if ms else note
-                print(f"  {label}: {shown}", flush=True)
-        finally:
-            _scoring_triton._CONFIGS = original
-            _scoring_triton._autotuned_kernel.cache_clear()
+        for config in SCORING_CONFIGS:
+            score = functools.partial(antidiagonal_block_probs_triton, q, k, **options, configs=[config])
+            # A tile that does not fit shared memory or registers is reported, not fatal.
+            ms, note = measure(score, device)
+            tflops = flops / (ms * 1e-3) / 1e12 if ms else None
+            share = ms / dense_ms if ms else None
+            row = {"seq": seq, "config": config, "scoring_ms": ms, "tflops": tflops, "dense_ms": dense_ms}
+            rows.append({**row, "share_of_dense": share, "error": note})
+            label = f"M={config[0]:3d} N={config[1]:3d} D={config[2] or args.dim:3d} w={config[3]} s={config[4]}"
+            shown = f"{ms:7.2f} ms {tflops:5.0f} TFLOP/s {ms / dense_ms:6.1%} of dense" if ms else note
+            print(f"  {label}: {shown}", flush=True)
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "scoring_configs.json"
     write_results(rows, out, {"benchmark": "scoring_configs", **environment(device)})
     print(f"wrote {out}")

@@ -8,10 +8,11 @@ in ``__post_init__``) and a pure function
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-_REGISTRY: dict[str, "Method"] = {}
+_REGISTRY: dict[str, Method] = {}
 
 
 @dataclass(frozen=True)

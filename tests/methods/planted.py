@@ -76,7 +76,9 @@ def _rotation(positions: torch.Tensor) -> torch.Tensor:
     Periods from 3 to 64 positions, log-spaced: the summed cosines peak at distance 0, fall
     to a third within a few positions and stay below ~0.37 of the peak further out.
     """
-    periods = torch.logspace(torch.log10(torch.tensor(3.0)).item(), torch.log10(torch.tensor(64.0)).item(), _FREQUENCIES)
+    periods = torch.logspace(
+        torch.log10(torch.tensor(3.0)).item(), torch.log10(torch.tensor(64.0)).item(), _FREQUENCIES
+    )
     angles = positions[:, None].double() * (2 * torch.pi / periods)[None, :]
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).reshape(len(positions), -1).float()
 

@@ -3,6 +3,7 @@ written here independently, one block at a time, plus their properties and end-t
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -12,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparse_attn as sa
-from sparse_attn.methods._layout import sink_local_block_mask
 
 STATIC_METHODS = ["streaming", "tri_shape", "power", "strided_shards"]
 
@@ -187,7 +187,7 @@ def test_density_grows_with_budget(method):
     patterns = [_estimate(method, shape, **options) for options in GROWING[method]]
     densities = [pattern.density() for pattern in patterns]
     assert densities == sorted(densities)
-    for smaller, larger in zip(patterns, patterns[1:]):
+    for smaller, larger in itertools.pairwise(patterns):
         assert bool((larger.to_mask() | ~smaller.to_mask()).all())
 
 
@@ -201,20 +201,6 @@ def test_strided_shards_union_covers_context(causal, q_heads, stride):
     assert torch.equal(union, valid)
     # No single head covers it: each reads about 1 / stride of the context.
     assert not bool(pattern.to_mask()[0, 0].all())
-
-
-def test_sink_local_block_mask_contract():
-    # local_blocks=1 is the diagonal alone; sinks add the first blocks.
-    diagonal = sa.BlockSparsePattern.from_mask(
-        torch.zeros(7, 7, dtype=torch.bool), block_q=16, block_k=16, seq_q=100, seq_k=100
-    ).to_mask()[0, 0]
-    assert torch.equal(sink_local_block_mask(100, 100, 16, 16, sink_blocks=0, local_blocks=1), diagonal)
-    with_sinks = sink_local_block_mask(100, 100, 16, 16, sink_blocks=2, local_blocks=1)
-    assert torch.equal(with_sinks[:, :2], torch.tril(torch.ones(7, 2, dtype=torch.bool)))
-    with pytest.raises(ValueError, match="local_blocks"):
-        sink_local_block_mask(100, 100, 16, 16, sink_blocks=0, local_blocks=0)
-    with pytest.raises(TypeError, match="sink_blocks"):
-        sink_local_block_mask(100, 100, 16, 16, sink_blocks=1.0, local_blocks=1)
 
 
 def test_density_at_128k_is_small():
@@ -263,7 +249,15 @@ def test_reference_end_to_end_matches_naive_oracle(method, causal, shape):
     q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, 32, torch.float64, seed=3)
     options = SMALL_OPTIONS[method]
     out, info = sa.sparse_attention(
-        q, k, v, method, causal=causal, backend="reference", block_q=block_q, block_k=block_k, return_info=True,
+        q,
+        k,
+        v,
+        method,
+        causal=causal,
+        backend="reference",
+        block_q=block_q,
+        block_k=block_k,
+        return_info=True,
         **options,
     )
     expected, _ = naive_attention(q, k, v, info.pattern, causal)

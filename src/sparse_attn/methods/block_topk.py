@@ -23,19 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_fraction, check_int
+from ..ops.pooling import block_softmax, pooled_block_logits
+from ..ops.selection import Budget, cumulative_mass_mask, topk_mask
+from ..ops.to_pattern import block_mask_to_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._common import (
-    Budget,
-    block_mask_to_pattern,
-    block_softmax,
-    check_fraction,
-    check_int,
-    cumulative_mass_mask,
-    default_scale,
-    pooled_block_logits,
-    topk_mask,
-)
 
 
 @dataclass(frozen=True)
@@ -57,7 +50,7 @@ class BlockTopKConfig:
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: BlockTopKConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
-    logits = pooled_block_logits(q, k, block_q=block_q, block_k=block_k, scale=default_scale(q), causal=causal)
+    logits = pooled_block_logits(q, k, block_q=block_q, block_k=block_k, scale=q.shape[-1] ** -0.5, causal=causal)
     if config.threshold is None:
         # Invalid (future) blocks sit at -inf and are ranked last; from_mask drops any that get picked.
         mask = topk_mask(logits, config.top_k)

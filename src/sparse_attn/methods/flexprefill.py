@@ -32,25 +32,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_fraction, check_int
+from ..geometry import num_blocks
+from ..ops.gqa import grouped_matmul
+from ..ops.last_query_probe import ProbeSums, probe_last_queries
+from ..ops.pooling import block_softmax, mean_pool_blocks, pooled_block_logits
+from ..ops.selection import Budget, cumulative_mass_mask, topk_mask
+from ..ops.to_pattern import block_mask_to_pattern
+from ..ops.vertical_slash_blocks import vertical_slash_block_mask
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._common import (
-    Budget,
-    ProbeSums,
-    block_mask_to_pattern,
-    block_softmax,
-    check_fraction,
-    check_int,
-    cumulative_mass_mask,
-    default_scale,
-    grouped_matmul,
-    mean_pool_blocks,
-    pooled_block_logits,
-    probe_last_queries,
-    topk_mask,
-    vertical_slash_block_mask,
-)
-from ._layout import tokens_to_blocks
 
 
 @dataclass(frozen=True)
@@ -86,7 +77,7 @@ def pooled_last_block_distribution(q: torch.Tensor, k: torch.Tensor, *, num_quer
     The last query sees every key, so no block is masked.
     """
     last = q[:, :, q.shape[2] - min(num_queries, q.shape[2]) :].float().mean(2, keepdim=True)
-    logits = grouped_matmul(last, mean_pool_blocks(k, block_k)).squeeze(2) * default_scale(q)
+    logits = grouped_matmul(last, mean_pool_blocks(k, block_k)).squeeze(2) * q.shape[-1] ** -0.5
     return torch.softmax(logits, dim=-1)
 
 
@@ -104,7 +95,7 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     seq_q, seq_k = q.shape[2], k.shape[2]
-    scale = default_scale(q)
+    scale = q.shape[-1] ** -0.5
     probe = probe_last_queries(q, k, num_queries=block_q, block_k=block_k, scale=scale, causal=causal)
     estimated = pooled_last_block_distribution(q, k, num_queries=block_q, block_k=block_k)
     true_blocks = probe.block / probe.num_queries
@@ -122,14 +113,21 @@ def estimate(
 
 
 def _query_aware_mask(
-    q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig, *, scale: float, block_q: int, block_k: int, causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: FlexPrefillConfig,
+    *,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    causal: bool,
 ) -> torch.Tensor:
     """Per head, the fewest pooled blocks covering ``gamma`` of the head's mass, plus the minimum budget."""
     logits = pooled_block_logits(q, k, block_q=block_q, block_k=block_k, scale=scale, causal=causal)
     per_head = block_softmax(logits).flatten(-2)
     mask = cumulative_mass_mask(per_head, config.gamma).view(logits.shape)
     del per_head
-    min_blocks = tokens_to_blocks(config.min_budget, block_k)
+    min_blocks = num_blocks(config.min_budget, block_k)
     if min_blocks > 0:
         mask |= topk_mask(logits, min_blocks)
     return mask

@@ -30,15 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.static_masks import block_distance, check_token_window, power_of_two_distance_mask, token_window_mask
+from ..ops.to_pattern import block_mask_to_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._layout import (
-    block_distance,
-    check_window_options,
-    power_of_two_distance_mask,
-    shared_static_pattern,
-    token_window_mask,
-)
 
 
 @dataclass(frozen=True)
@@ -47,7 +42,7 @@ class PowerConfig:
     local_tokens: int = 1280  # keys of the local window, the query's own block included
 
     def __post_init__(self) -> None:
-        check_window_options(self.sink_tokens, self.local_tokens)
+        check_token_window(self.sink_tokens, self.local_tokens)
 
 
 @register_method(
@@ -70,4 +65,7 @@ def estimate(
         causal=causal,
     )
     power_blocks = power_of_two_distance_mask(block_distance(seq_q, seq_k, block_q, block_k, q.device))
-    return shared_static_pattern(sink_local | power_blocks, q, k, causal=causal, block_q=block_q, block_k=block_k)
+    # One list shared by the whole batch and every head.
+    return block_mask_to_pattern(
+        sink_local | power_blocks, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal
+    )

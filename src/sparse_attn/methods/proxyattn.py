@@ -28,10 +28,11 @@ remain ours (the benchmarks and the H100 frontier ran with them). Aggregating to
 into block scores by the maximum over a query block's sampled rows is our reading of
 "token-level block estimation".
 
-On CUDA, when the sampled rows are every ``query_stride``-th query (block and sequence
-lengths multiples of it), the proxy scores come from the Triton scoring kernel of
-:mod:`._scoring_triton` (one pass, no full-resolution score rows in memory); otherwise from
-the PyTorch reference :func:`._common.max_row_block_probs`.
+Operators: :mod:`sparse_attn.ops.sampled_rows` for the proxy scores (on CUDA, when the
+sampled rows are every ``query_stride``-th query, i.e. block and sequence lengths are
+multiples of it, the Triton scoring kernel: one pass, no full-resolution score rows in
+memory; otherwise the PyTorch reference), :mod:`sparse_attn.ops.pooling` and
+:mod:`sparse_attn.ops.selection` for the budgets and the ranking.
 """
 
 from __future__ import annotations
@@ -40,23 +41,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..geometry import num_blocks
+from ..checks import check_fraction, check_int
+from ..ops.pooling import block_softmax, pooled_block_logits
+from ..ops.sampled_rows import sampled_query_rows, sampled_rows_block_max_probs
+from ..ops.selection import Budget, cumulative_mass_mask, topk_by_rank_mask
+from ..ops.to_pattern import block_mask_to_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._common import (
-    Budget,
-    block_mask_to_pattern,
-    block_softmax,
-    check_fraction,
-    check_int,
-    cumulative_mass_mask,
-    default_scale,
-    max_row_block_probs,
-    pooled_block_logits,
-    sampled_query_rows,
-    topk_by_rank_mask,
-)
-from ._scoring_triton import sampled_rows_block_max_probs_triton, sampled_rows_triton_unsupported_reason
 
 
 @dataclass(frozen=True)
@@ -73,9 +64,7 @@ class ProxyAttnConfig:
         check_int("min_blocks", self.min_blocks, minimum=1)
 
 
-def proxy_queries_and_keys(
-    q: torch.Tensor, k: torch.Tensor, proxy_heads: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def proxy_queries_and_keys(q: torch.Tensor, k: torch.Tensor, proxy_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of each group's query heads and of its KV heads: ``(B, P, Sq, D)``, ``(B, P or Hkv, Sk, D)``.
 
     When there are more proxies than KV heads, each proxy lies inside one KV head's group and
@@ -108,29 +97,21 @@ def estimate(
     seq_q, seq_k = q.shape[2], k.shape[2]
     q_heads = q.shape[1]
     proxy_heads = config.proxy_heads if config.proxy_heads is not None else k.shape[1]
-    scale = default_scale(q)
+    scale = q.shape[-1] ** -0.5
 
     rows = sampled_query_rows(seq_q, block_q, config.query_stride, q.device)
     proxy_q, proxy_k = proxy_queries_and_keys(q[:, :, rows], k, proxy_heads)
-    regular = sampled_rows_triton_unsupported_reason(
-        proxy_q, seq_q=seq_q, query_step=config.query_stride, block_q=block_q, block_k=block_k
+    proxy_scores = sampled_rows_block_max_probs(
+        proxy_q,
+        proxy_k,
+        rows=rows,
+        seq_q=seq_q,
+        query_step=config.query_stride,
+        block_q=block_q,
+        block_k=block_k,
+        scale=scale,
+        causal=causal,
     )
-    if q.device.type == "cuda" and regular is None:
-        proxy_scores = sampled_rows_block_max_probs_triton(
-            proxy_q, proxy_k, seq_q=seq_q, query_step=config.query_stride, block_q=block_q, block_k=block_k,
-            scale=scale, causal=causal,
-        )  # fmt: skip
-    else:
-        proxy_scores = max_row_block_probs(
-            proxy_q,
-            rows + (seq_k - seq_q),
-            proxy_k,
-            row_blocks=rows // block_q,
-            n_q=num_blocks(seq_q, block_q),
-            block_k=block_k,
-            scale=scale,
-            causal=causal,
-        )
     # Each query head ranks blocks by its group's proxy scores.
     ranking = proxy_scores.repeat_interleave(q_heads // proxy_heads, dim=1)
 

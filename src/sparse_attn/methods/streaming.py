@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.static_masks import check_token_window, token_window_mask
+from ..ops.to_pattern import block_mask_to_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._layout import check_window_options, shared_static_pattern, token_window_mask
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class StreamingConfig:
     local_tokens: int = 3968  # keys of the local window, the query's own block included
 
     def __post_init__(self) -> None:
-        check_window_options(self.sink_tokens, self.local_tokens)
+        check_token_window(self.sink_tokens, self.local_tokens)
 
 
 @register_method(
@@ -60,4 +61,7 @@ def estimate(
         block_k=block_k,
         causal=causal,
     )
-    return shared_static_pattern(mask, q, k, causal=causal, block_q=block_q, block_k=block_k)
+    # One list shared by the whole batch and every head.
+    return block_mask_to_pattern(
+        mask, seq_q=q.shape[2], seq_k=k.shape[2], block_q=block_q, block_k=block_k, causal=causal
+    )

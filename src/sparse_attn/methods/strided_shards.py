@@ -31,9 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
+from ..ops.static_masks import strided_shard_mask, token_window_mask
+from ..ops.to_pattern import block_mask_to_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._layout import check_int_option, strided_shard_mask, token_window_mask
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,8 @@ class StridedShardsConfig:
     stride: int = 8  # one KV block in every `stride` per head; `stride` heads cover the context
 
     def __post_init__(self) -> None:
-        check_int_option("local_tokens", self.local_tokens, 1)
-        check_int_option("stride", self.stride, 1)
+        check_int("local_tokens", self.local_tokens, minimum=1)
+        check_int("stride", self.stride, minimum=1)
 
 
 @register_method(
@@ -66,6 +68,7 @@ def estimate(
         causal=causal,
     )
     shards = strided_shard_mask(q.shape[1], local.shape[1], config.stride, q.device)
-    return BlockSparsePattern.from_mask(
-        (local[None] | shards)[None], block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k, causal=causal
+    # One list per query head, shared by the batch.
+    return block_mask_to_pattern(
+        (local[None] | shards)[None], seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal
     )

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..geometry import num_blocks
+from ..checks import check_int
+from ..geometry import query_block_positions
+from ..ops.static_masks import check_token_window, token_window_mask
+from ..ops.to_pattern import block_mask_to_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._layout import check_int_option, check_window_options, shared_static_pattern, token_window_mask
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,15 @@ class TriShapeConfig:
     last_q_tokens: int = 100  # the last queries, which attend densely
 
     def __post_init__(self) -> None:
-        check_window_options(self.sink_tokens, self.local_tokens)
-        check_int_option("last_q_tokens", self.last_q_tokens, 0)
+        check_token_window(self.sink_tokens, self.local_tokens)
+        check_int("last_q_tokens", self.last_q_tokens, minimum=0)
 
 
 def last_query_block_rows(seq_q: int, block_q: int, last_q_tokens: int, device=None) -> torch.Tensor:
     """Bool ``(n_q_blocks,)``: query blocks holding at least one of the last ``last_q_tokens`` queries."""
     first_dense_row = seq_q - min(last_q_tokens, seq_q)
-    query_block_end = torch.clamp((torch.arange(num_blocks(seq_q, block_q), device=device) + 1) * block_q, max=seq_q)
-    return query_block_end > first_dense_row
+    _, last_row = query_block_positions(seq_q, seq_q, block_q, device)
+    return last_row >= first_dense_row
 
 
 @register_method(
@@ -59,7 +61,7 @@ def last_query_block_rows(seq_q: int, block_q: int, last_q_tokens: int, device=N
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: TriShapeConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
-    seq_q = q.shape[2]
+    seq_q, seq_k = q.shape[2], k.shape[2]
     a_shape = token_window_mask(
         q,
         k,
@@ -71,4 +73,5 @@ def estimate(
     )
     # from_mask drops the dense rows' future blocks in causal mode.
     mask = a_shape | last_query_block_rows(seq_q, block_q, config.last_q_tokens, q.device)[:, None]
-    return shared_static_pattern(mask, q, k, causal=causal, block_q=block_q, block_k=block_k)
+    # One list shared by the whole batch and every head.
+    return block_mask_to_pattern(mask, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)

@@ -28,16 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
+from ..ops.last_query_probe import probe_last_queries
+from ..ops.selection import topk_mask
+from ..ops.to_pattern import block_mask_to_pattern
+from ..ops.vertical_slash_blocks import vertical_slash_block_mask
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._common import (
-    block_mask_to_pattern,
-    check_int,
-    default_scale,
-    probe_last_queries,
-    topk_mask,
-    vertical_slash_block_mask,
-)
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,9 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: VerticalSlashConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     seq_q, seq_k = q.shape[2], k.shape[2]
-    sums = probe_last_queries(q, k, num_queries=config.last_q, block_k=block_k, scale=default_scale(q), causal=causal)
+    sums = probe_last_queries(
+        q, k, num_queries=config.last_q, block_k=block_k, scale=q.shape[-1] ** -0.5, causal=causal
+    )
     vertical = _top_lines(sums.vertical, config.vertical_size)
     slash = _top_lines(sums.slash, config.slash_size)
     mask = vertical_slash_block_mask(

@@ -22,8 +22,9 @@ query cell's last query; tails are zero-padded to whole cells. The per-head thre
 prediction of the paper (a dynamic-programming search, offline) is not included: one
 threshold serves every head. Block sizes must be multiples of ``stride``.
 
-On CUDA the scoring runs in a Triton kernel (:mod:`._scoring_triton`); elsewhere in the
-PyTorch reference :func:`._common.antidiagonal_block_probs_reference`.
+Operators: :mod:`sparse_attn.ops.antidiagonal` (the scoring; a Triton kernel on CUDA, the
+PyTorch reference elsewhere), :mod:`sparse_attn.ops.selection`, :mod:`sparse_attn.ops.static_masks`
+(sink and diagonal).
 """
 
 from __future__ import annotations
@@ -32,18 +33,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_fraction, check_int
+from ..ops.antidiagonal import antidiagonal_block_probs
+from ..ops.selection import cumulative_mass_mask
+from ..ops.static_masks import sink_local_block_mask
+from ..ops.to_pattern import block_mask_to_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
-from ._common import (
-    antidiagonal_block_probs_reference,
-    block_mask_to_pattern,
-    check_fraction,
-    check_int,
-    cumulative_mass_mask,
-    default_scale,
-)
-from ._layout import sink_local_block_mask
-from ._scoring_triton import antidiagonal_block_probs_triton, triton_scoring_available
 
 
 @dataclass(frozen=True)
@@ -59,23 +55,6 @@ class XAttentionConfig:
             raise TypeError(f"keep_sink must be a bool, got {type(self.keep_sink).__name__}")
 
 
-def antidiagonal_block_probs(
-    q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int, causal: bool
-) -> torch.Tensor:
-    """Per query block, the distribution over KV blocks, float32 ``(B, Hq, n_q, n_kv)``."""
-    for name, block in (("block_q", block_q), ("block_k", block_k)):
-        if block % stride != 0:
-            raise ValueError(f"xattention needs {name} ({block}) to be a multiple of stride ({stride})")
-    scale = default_scale(q)
-    if triton_scoring_available(q, stride=stride, block_q=block_q, block_k=block_k):
-        return antidiagonal_block_probs_triton(
-            q, k, stride=stride, block_q=block_q, block_k=block_k, scale=scale, causal=causal
-        )
-    return antidiagonal_block_probs_reference(
-        q, k, stride=stride, block_q=block_q, block_k=block_k, scale=scale, causal=causal
-    )
-
-
 @register_method(
     "xattention",
     config=XAttentionConfig,
@@ -86,7 +65,9 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: XAttentionConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     seq_q, seq_k = q.shape[2], k.shape[2]
-    probs = antidiagonal_block_probs(q, k, stride=config.stride, block_q=block_q, block_k=block_k, causal=causal)
+    probs = antidiagonal_block_probs(
+        q, k, stride=config.stride, block_q=block_q, block_k=block_k, scale=q.shape[-1] ** -0.5, causal=causal
+    )
     mask = cumulative_mass_mask(probs, config.threshold)
     if config.keep_sink:
         mask |= sink_local_block_mask(
