@@ -1,8 +1,13 @@
-"""Fixtures for the evaluation tests: the real SmolLM2 (when installed) and a tiny random Llama on its tokenizer."""
+"""Fixtures for the evaluation tests: the real SmolLM2 (when installed) and a tiny random Llama on its tokenizer.
+
+Every test here fails on transformers' deprecation of the ``past_key_values`` argument: the
+runner passes the cache the way the installed transformers wants it.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -12,6 +17,13 @@ transformers = pytest.importorskip("transformers")
 from sparse_attn import models  # noqa: E402
 
 TINY_MAX_POSITIONS = 1024
+
+
+@pytest.fixture(autouse=True)
+def deprecated_cache_argument_is_an_error():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
+        yield
 
 
 def _smollm2_installed() -> bool:

@@ -18,7 +18,7 @@ from sparse_attn.eval.tasks import get_task  # noqa: E402
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _row(label, length, score, density, prefill, *, task="niah", depth=0.5, higher=True):
+def _row(label, length, score, density, prefill, *, task="niah", depth=0.5, higher=True, warm=True):
     return {
         "task": task,
         "label": label,
@@ -29,6 +29,8 @@ def _row(label, length, score, density, prefill, *, task="niah", depth=0.5, high
         "score": score,
         "density": density,
         "prefill_s": prefill,
+        "prefill_warm": warm,
+        "first_prefill_s": 10 * prefill if warm else None,
         "higher_is_better": higher,
     }
 
@@ -48,6 +50,27 @@ def test_summary_relative_scores_and_speedups():
     assert sparse["relative_score"] == pytest.approx(0.5) and sparse["speedup"] == pytest.approx(3.0)
     assert summary[("perplexity", "xattention")]["relative_score"] == pytest.approx(0.8)
     assert summary[("niah", "dense")]["relative_score"] == 1.0
+    assert sparse["prefill_warm"] and sparse["first_prefill_s"] == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("cold", ["dense", "xattention"])
+def test_no_speedup_from_a_timing_that_was_not_warm(cold):
+    # One case of either side timed without its warm-up: dense's row of an older run without
+    # the field, or a method's row with the warm-up off.
+    rows = [
+        _row("dense", 1024, 1.0, 1.0, 2.0),
+        _row("dense", 1024, 1.0, 1.0, 2.0, depth=0.9, warm=cold != "dense"),
+        _row("xattention", 1024, 1.0, 0.4, 1.0),
+        _row("xattention", 1024, 1.0, 0.4, 1.0, depth=0.9, warm=cold != "xattention"),
+    ]
+    if cold == "dense":
+        del rows[1]["prefill_warm"]
+    summary = summarize(rows)
+    assert [row["speedup"] for row in summary] == [None if cold == "dense" else 1.0, None]
+    table = tables(summary, model="m")[0]
+    speedups = [cell for column in table.columns if column.header.endswith("speedup") for cell in column.cells]
+    assert speedups == ["-" if cold == "dense" else "1.00x", "-"]
+    assert "timed warm" in table.caption
 
 
 def _assert_png(path, min_width=200, min_height=150):

@@ -42,7 +42,7 @@ def test_needles_once_at_depth_on_sentence_boundaries(tokenizer, name, length, d
     assert sample.needle_spans and len(sample.needle_depths) == len(sample.needle_spans)
     haystack_start, haystack_end = sample.haystack_span
     needles = [ids[start:end] for start, end in sample.needle_spans]
-    for (start, end), needle in zip(sample.needle_spans, needles):
+    for (start, end), needle in zip(sample.needle_spans, needles, strict=True):
         assert haystack_start <= start < end <= haystack_end
         assert _count(ids, needle) == 1
     # No expected answer leaks outside the needles (header, filler and question are clean).

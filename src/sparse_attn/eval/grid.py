@@ -83,13 +83,30 @@ def with_dense(variants: list[MethodVariant]) -> list[MethodVariant]:
     return list(dict.fromkeys(ordered))
 
 
+def check_lengths(tasks: list[str], lengths: list[int]) -> None:
+    """``ValueError`` naming each task's minimum when a length is below it (``Task.min_length``)."""
+    problems = []
+    for name in tasks:
+        minimum = get_task(name).min_length
+        short = sorted({length for length in lengths if length < minimum})
+        if short:
+            problems.append(f"{name} needs at least {minimum} tokens (got {', '.join(map(str, short))})")
+    if problems:
+        raise ValueError(
+            "prompt length too short: " + "; ".join(problems) + ". A shorter prompt cannot hold the task's text "
+            "beside a haystack at least as long, in enough 128-token blocks for a method to skip one"
+        )
+
+
 def build_grid(
     tasks: list[str], variants: list[MethodVariant], lengths: list[int], depths: list[float], seeds: list[int]
 ) -> list[Case]:
     """Every task × variant × length × depth × seed, dense included; variant-major order.
 
-    Tasks without a depth (perplexity) get one case per length and seed.
+    Tasks without a depth (perplexity) get one case per length and seed. Raises ``ValueError``
+    when a length is below a task's minimum (:func:`check_lengths`).
     """
+    check_lengths(tasks, lengths)
     cases = []
     for variant, task_name, length, seed in itertools.product(with_dense(variants), tasks, lengths, seeds):
         task_depths = depths if get_task(task_name).uses_depth else [None]

@@ -40,7 +40,7 @@ def frontier(summary: list[dict], path: Path, *, title: str) -> Path:
     lengths = sorted({length for _, length in points})
     figure = _figure(4.2 * len(lengths) + 1.8, 3.8)
     axes = figure.subplots(1, len(lengths), squeeze=False)[0]
-    for axis, length in zip(axes, lengths):
+    for axis, length in zip(axes, lengths, strict=True):
         lines: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
         for (label, row_length), rows in points.items():
             densities = [row["density"] for row in rows if row["density"] is not None]
@@ -62,7 +62,7 @@ def frontier(summary: list[dict], path: Path, *, title: str) -> Path:
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("score (mean over accuracy tasks)")
     handles, labels = axes[0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
+    unique = dict(zip(labels, handles, strict=True))
     figure.legend(unique.values(), unique.keys(), loc="outside right upper", fontsize="small")
     figure.suptitle(title)
     figure.savefig(path)
@@ -82,7 +82,7 @@ def needle_heatmaps(rows: list[dict], task: str, path: Path, *, title: str) -> P
     figure = _figure(1.0 + columns * (1.2 + 0.7 * len(lengths)), 0.8 + panel_rows * (1.0 + 0.35 * len(depths)))
     axes = figure.subplots(panel_rows, columns, squeeze=False).ravel()
     image = None
-    for axis, label in zip(axes, labels):
+    for axis, label in zip(axes, labels, strict=False):  # the last row of panels may have spare axes
         scores = torch.full((len(depths), len(lengths)), float("nan"))
         for i, depth in enumerate(depths):
             for j, length in enumerate(lengths):

@@ -3,6 +3,11 @@
 ``summarize`` turns the per-case rows of the runner into one row per (task, variant,
 length): mean score, mean density, median prefill time, and the ratios against dense at
 the same task and length. ``tables`` renders them with rich, one table per task.
+
+A speedup is only computed from warm timings: when every case of the variant and of dense
+was timed after an identical warm-up call (``prefill_warm`` in the runner's rows). Rows
+without it (a run with the warm-up off, or results of an older version) get no speedup,
+since their times may hold compilation or autotuning.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ def summarize(rows: list[dict]) -> list[dict]:
 
     Keys: ``task``, ``label``, ``method``, ``options``, ``length``, ``cases``, ``score``
     (mean), ``density`` (mean over cases that recorded one), ``prefill_s`` (median),
-    ``higher_is_better``, ``dense_score``, ``relative_score`` (score over dense's; for
-    perplexity dense's over the method's, so 1.0 is always "as good as dense") and
-    ``speedup`` (dense's median prefill time over this variant's).
+    ``prefill_warm`` (every case timed warm), ``first_prefill_s`` (median of the warm-up
+    calls, which hold the first-call costs; ``None`` without them), ``higher_is_better``,
+    ``dense_score``, ``relative_score`` (score over dense's; for perplexity dense's over the
+    method's, so 1.0 is always "as good as dense") and ``speedup`` (dense's median prefill
+    time over this variant's; ``None`` unless both are warm).
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
@@ -34,6 +41,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     summary = []
     for (task, label, length), group in groups.items():
         densities = [row["density"] for row in group if row["density"] is not None]
+        first_calls = [row["first_prefill_s"] for row in group if row.get("first_prefill_s") is not None]
         summary.append(
             {
                 "task": task,
@@ -45,6 +53,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "score": _mean([row["score"] for row in group]),
                 "density": _mean(densities),
                 "prefill_s": statistics.median(row["prefill_s"] for row in group),
+                "prefill_warm": all(row.get("prefill_warm", False) for row in group),
+                "first_prefill_s": statistics.median(first_calls) if first_calls else None,
                 "higher_is_better": group[0]["higher_is_better"],
             }
         )
@@ -53,8 +63,14 @@ def summarize(rows: list[dict]) -> list[dict]:
         reference = dense.get((row["task"], row["length"]))
         row["dense_score"] = reference["score"] if reference else None
         row["relative_score"] = _relative(row, reference)
-        row["speedup"] = reference["prefill_s"] / row["prefill_s"] if reference and row["prefill_s"] > 0 else None
+        row["speedup"] = _speedup(row, reference)
     return summary
+
+
+def _speedup(row: dict, reference: dict | None) -> float | None:
+    if reference is None or not (row["prefill_warm"] and reference["prefill_warm"]) or row["prefill_s"] <= 0:
+        return None
+    return reference["prefill_s"] / row["prefill_s"]
 
 
 def _relative(row: dict, reference: dict | None) -> float | None:
@@ -82,7 +98,9 @@ def tables(summary: list[dict], *, model: str):
         perplexity = not task_rows[0]["higher_is_better"]
         table = Table(
             title=f"{task} on {model}: {'perplexity (lower is better)' if perplexity else 'score'}, "
-            "density over the method's layers, prefill speedup vs dense"
+            "density over the method's layers, prefill speedup vs dense",
+            caption="speedup: dense's median prefill time / the method's (above 1: faster), both timed warm "
+            "(after an identical untimed call); '-' where a time was not taken warm",
         )
         table.add_column("method", no_wrap=True)
         for length in lengths:

@@ -6,6 +6,12 @@ is one prefill under ``sparse_attn.record`` (density over the method's layers, t
 followed by greedy decoding (decode steps run dense SDPA) or, for perplexity, the scored
 logits of the prefill itself.
 
+Timings are warm. Before the timed prefill of every case the runner makes the identical
+call once, untimed by the row's ``prefill_s``: compilation (FlexAttention on CPU), Triton
+autotuning and allocator growth happen there, whatever they depend on (shape, strides,
+the pattern's block counts). Its duration is kept as ``first_prefill_s``. A row timed
+without that warm-up says so (``prefill_warm`` false) and the report shows no speedup for it.
+
 Results go to a JSONL file, one row per case, written as soon as the case finishes. A
 rerun reads the file first and skips every case already there, so an interrupted run
 resumes where it stopped; a partially written last line is dropped.
@@ -13,6 +19,7 @@ resumes where it stopped; a partially written last line is dropped.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -21,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..integrations.hf import patch, record, unpatch
+from ..integrations import patch, record, unpatch
 from ..utils import synchronized_now
 from .grid import Case
 from .tasks import GENERATE, Sample, Task
@@ -66,6 +73,33 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def _cache_keyword(model) -> str:
+    """The name under which ``model.forward`` takes the KV cache.
+
+    transformers renamed ``past_key_values`` to ``cache``; the old name still works in
+    newer versions but warns on every call, and older 5.x versions know only the old one.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def generation_prefill(model, input_ids: torch.Tensor):
+    """The prefill of :func:`greedy_generate`: ``(output, cache)`` for ``input_ids`` (1, L).
+
+    The cache is a fresh ``DynamicCache`` (per-layer sliding windows from the config),
+    passed in and filled in place, so nothing reads the output's deprecated cache field.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    output = model(input_ids, use_cache=True, logits_to_keep=1, **{_cache_keyword(model): cache})
+    return output, cache
+
+
+def perplexity_logits(model, input_ids: torch.Tensor, scored_tokens: int) -> torch.Tensor:
+    """The prefill of :func:`prefill_perplexity`: logits (1, scored_tokens + 1, vocab) of the last positions."""
+    return model(input_ids, use_cache=False, logits_to_keep=scored_tokens + 1).logits
+
+
 def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], float]:
     """Prefill ``input_ids`` (1, L), then greedy-decode with the KV cache.
 
@@ -73,16 +107,17 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, stop_id
     """
     device = input_ids.device
     start = synchronized_now(device)
-    output = model(input_ids, use_cache=True, logits_to_keep=1)
+    output, cache = generation_prefill(model, input_ids)
     prefill_seconds = synchronized_now(device) - start
-    cache, tokens = output.past_key_values, []
+    cache_argument = {_cache_keyword(model): cache}
+    tokens = []
     token = output.logits[:, -1:].argmax(-1)
     while True:
         tokens.append(int(token))
         if tokens[-1] in stop_ids or len(tokens) >= max_new_tokens:
             return tokens, prefill_seconds
-        output = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        output = model(token, use_cache=True, logits_to_keep=1, **cache_argument)
+        token = output.logits[:, -1:].argmax(-1)
 
 
 def prefill_perplexity(model, input_ids: torch.Tensor, scored_tokens: int) -> tuple[float, float]:
@@ -93,7 +128,7 @@ def prefill_perplexity(model, input_ids: torch.Tensor, scored_tokens: int) -> tu
     """
     device = input_ids.device
     start = synchronized_now(device)
-    logits = model(input_ids, use_cache=False, logits_to_keep=scored_tokens + 1).logits
+    logits = perplexity_logits(model, input_ids, scored_tokens)
     prefill_seconds = synchronized_now(device) - start
     predictions = logits[0, :-1].float()
     targets = input_ids[0, -scored_tokens:]
@@ -110,8 +145,9 @@ class Runner:
         tasks: the :class:`Task` objects by name (they fix the haystack source).
         results_path: the JSONL file to append to and resume from.
         backend: the block-sparse backend for patched layers (``"auto"``, ``"flex"``, ...).
-        warmup: run one untimed prefill per (variant, length) first, so compilation
-            (FlexAttention on CPU, Triton autotuning on GPU) stays out of the timings.
+        warmup: before each case's timed prefill, make the identical call once (see the module
+            docstring). Without it the rows' timings include first-call costs and are marked
+            ``prefill_warm: false``, so the report shows no speedup for them.
     """
 
     def __init__(
@@ -150,12 +186,21 @@ class Runner:
             self._samples[index] = self.tasks[case.task].make(self.tokenizer, case.length, case.depth, case.seed)
         return self._samples[index]
 
+    def prepare(self, cases: list[Case]) -> None:
+        """Build the prompts of the unfinished ``cases`` (tokenization only, no model call).
+
+        Raises ``ValueError`` when a prompt cannot hold its task, before any case runs.
+        """
+        for case in self.pending(cases):
+            self.sample(case)
+
     def run(self, cases: list[Case], progress=None) -> list[dict]:
         """Run the cases not finished yet; returns the rows of all ``cases`` (old and new).
 
         ``progress`` is an optional ``rich.progress.Progress`` to report on.
         """
         self.results_path.parent.mkdir(parents=True, exist_ok=True)
+        self.prepare(cases)
         todo = self.pending(cases)
         bar = progress.add_task("eval", total=len(cases), completed=len(cases) - len(todo)) if progress else None
         min_seq_len = min(case.length for case in cases) if cases else 1
@@ -164,13 +209,9 @@ class Runner:
             for variant in variants:
                 patch(self.model, variant.name, min_seq_len=min_seq_len, backend=self.backend, **dict(variant.options))
                 try:
-                    warmed: set[int] = set()
                     for case in (case for case in todo if case.variant == variant):
                         if progress:
                             progress.update(bar, description=f"{variant.label} {case.task} {case.length}")
-                        if self.warmup and case.length not in warmed:
-                            self.model(self._ids(case), use_cache=False, logits_to_keep=1)
-                            warmed.add(case.length)
                         append_result(self.results_path, self.run_case(case))
                         if progress:
                             progress.advance(bar)
@@ -182,10 +223,21 @@ class Runner:
     def _ids(self, case: Case) -> torch.Tensor:
         return torch.tensor([self.sample(case).input_ids], device=self.device)
 
+    def _warm_up(self, task: Task, sample: Sample, input_ids: torch.Tensor) -> float:
+        """Make the prefill call the case will time, untimed by it; returns its seconds."""
+        start = synchronized_now(self.device)
+        if task.kind == GENERATE:
+            generation_prefill(self.model, input_ids)
+        else:
+            perplexity_logits(self.model, input_ids, sample.scored_tokens)
+        return synchronized_now(self.device) - start
+
     def run_case(self, case: Case) -> dict:
         """Run one case on the (already patched) model; returns its result row."""
         task, sample = self.tasks[case.task], self.sample(case)
         input_ids = self._ids(case)
+        # Outside ``record``: the warm-up's layer entries must not count in the row.
+        first_prefill_seconds = self._warm_up(task, sample, input_ids) if self.warmup else None
         with record(self.model) as recorder:
             if task.kind == GENERATE:
                 tokens, prefill_seconds = greedy_generate(self.model, input_ids, sample.max_new_tokens, self.stop_ids)
@@ -217,6 +269,8 @@ class Runner:
             "method_layers": len(method_layers),
             "estimate_ms": sum(entry.estimate_ms for entry in method_layers),
             "prefill_s": prefill_seconds,
+            "prefill_warm": first_prefill_seconds is not None,
+            "first_prefill_s": first_prefill_seconds,
             "output": output,
             "answers": list(sample.answers),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
