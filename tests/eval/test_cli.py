@@ -1,15 +1,18 @@
-"""``sparse-attn eval`` and ``show`` end to end on a tiny local model directory (CPU)."""
+"""``sparse-attn eval``, ``show`` and ``bench`` end to end on a tiny local model directory (CPU)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("rich")
 
+from sparse_attn import cli  # noqa: E402
 from sparse_attn.cli import main  # noqa: E402
+from sparse_attn.eval.runner import Runner  # noqa: E402
 
 
 def _eval(model_dir, out, *extra):
@@ -24,6 +27,9 @@ def test_eval_writes_results_table_and_plots_and_resumes(tiny_model_dir, tmp_pat
     assert _eval(tiny_model_dir, out, "--methods", "xattention", "--method-options", "xattention:threshold=0.5") == 0
     printed = capsys.readouterr().out
     assert "passkey on" in printed and "xattention:threshold=0.5" in printed and "speedup" in printed
+    # Where the results went, as a full path on one line.
+    assert f"results go to {(out / 'results.jsonl').resolve()}" in printed
+    assert f"results: {(out / 'results.jsonl').resolve()}" in printed
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted({row["label"] for row in rows}) == ["dense", "xattention", "xattention:threshold=0.5"]
     assert len(rows) == 6  # 3 variants x 2 tasks x 1 length x 1 depth
@@ -37,13 +43,13 @@ def test_eval_writes_results_table_and_plots_and_resumes(tiny_model_dir, tmp_pat
 def test_eval_tables_are_printed_whole_off_a_terminal(tiny_model_dir, tmp_path, capsys):
     # Four lengths x three columns do not fit 80 columns; piped output must not cut cells to "…".
     argv = ["eval", "--model", str(tiny_model_dir), "--device", "cpu", "--backend", "reference", "--tasks", "passkey",
-            "--lengths", "128", "160", "192", "224", "--depths", "0.5", "--methods", "streaming",
+            "--lengths", "256", "288", "320", "352", "--depths", "0.5", "--methods", "streaming",
             "--method-options", "streaming:local_tokens=64", "--out", str(tmp_path / "results")]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     table = printed[printed.index("passkey on") :]
     assert "…" not in table
-    assert "streaming:local_tokens=64" in table and "224 speedup" in table
+    assert "streaming:local_tokens=64" in table and "352 speedup" in table
 
 
 @pytest.mark.parametrize(
@@ -54,6 +60,7 @@ def test_eval_tables_are_printed_whole_off_a_terminal(tiny_model_dir, tmp_path, 
         (["--tasks", "trivia"], "unknown task 'trivia'"),
         (["--lengths", "4096"], "exceed the model's limit"),  # the tiny model allows 1024
         (["--depths", "1.5"], "depths within [0, 1]"),
+        (["--lengths", "100", "512"], "passkey needs at least 256 tokens (got 100)"),
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     ],
 )
@@ -61,6 +68,69 @@ def test_eval_rejects_bad_arguments(tiny_model_dir, tmp_path, capsys, arguments,
     argv = ["eval", "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(tmp_path), *arguments]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_too_short_lengths_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_load_checked", no_model_work)
+    argv = ["eval", "--device", "cpu", "--tasks", "passkey", "variable_tracking", "--lengths", "100", "300",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "passkey needs at least 256 tokens (got 100)" in error
+    assert "variable_tracking needs at least 384 tokens (got 100, 300)" in error
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_ctrl_c_during_eval_says_how_to_resume(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "results"
+    run_case, started = Runner.run_case, []
+
+    def interrupted_on_the_third_case(self, case):
+        started.append(case)
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        return run_case(self, case)
+
+    monkeypatch.setattr(Runner, "run_case", interrupted_on_the_third_case)
+    assert _eval(tiny_model_dir, out, "--methods", "streaming") == 130
+    captured = capsys.readouterr()
+    assert "interrupted after 2 cases" in captured.err and "rerun the same command to resume" in captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+    monkeypatch.setattr(Runner, "run_case", run_case)
+    assert _eval(tiny_model_dir, out, "--methods", "streaming") == 0
+    keys = [json.loads(line)["key"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 4  # 2 variants x 2 tasks, none run twice
+
+
+def test_bench_reports_progress_the_ratio_and_where_rows_went(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--lengths", "256", "384", "--densities", "0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] seq 256" in printed and "[2/2] seq 384" in printed
+    assert "flex vs sdpa (x faster)" in printed and "x faster = sdpa ms / the backend's ms" in printed
+    assert f"wrote the rows to {out.resolve()}" in printed
+    assert len(json.loads(out.read_text())["rows"]) == 2
+
+
+def test_bench_says_when_nothing_is_saved(capsys):
+    assert main(["bench", "--device", "cpu", "--lengths", "256", "--densities", "1.0"]) == 0
+    assert "nothing was saved: add --out FILE.json" in capsys.readouterr().out
+
+
+def test_bench_help_describes_the_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "Time the block-sparse backends" in capsys.readouterr().out
+
+
+def test_default_results_folder_is_git_ignored():
+    ignored = (Path(__file__).parents[2] / ".gitignore").read_text().splitlines()
+    assert f"{cli.DEFAULT_OUT}/" in ignored
 
 
 def test_show_writes_a_block_mask_png(tiny_model_dir, tmp_path, capsys):
