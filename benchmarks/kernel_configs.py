@@ -4,8 +4,10 @@ For each head_dim, length and density, times every candidate configuration (tile
 warps, pipeline stages, and the load mode: pointer loads with K read row-wise or
 column-wise, or TMA descriptor loads where the kernel offers them, i.e. on compute capability
 >= 9) of the block-sparse kernel on one random causal
-pattern (batch 1, 32/8 heads, bf16, blocks of 128), next to FlexAttention on the same pattern. The winners inform the autotuning lists
-in ``sparse_attn/backends/triton_kernel.py``. Writes ``benchmarks/results/<gpu>/kernel_configs.json``.
+pattern (batch 1, 32/8 heads, bf16, blocks of 128), next to FlexAttention on the same pattern.
+Each configuration runs alone through ``sparse_attn.backends.kernel_configs`` around
+``backend="triton"`` (the portable Triton kernel). The winners inform the autotuning lists in
+``sparse_attn/backends/configs.py``. Writes ``benchmarks/results/<gpu>/kernel_configs.json``.
 
     python benchmarks/kernel_configs.py --dims 128 --lengths 32768 131072 --densities 0.05 0.2
 """
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import sparse_attn as sa
-from sparse_attn.backends import triton_kernel
+from sparse_attn.backends import kernel_configs
+from sparse_attn.backends.triton import tma_offered
 from sparse_attn.bench import device_slug, environment, measure, time_ms, write_results
+from sparse_attn.utils import device_capability
 
 
 def main() -> None:
@@ -37,7 +42,7 @@ def main() -> None:
         k = torch.randn(1, 8, seq, dim, device=device, dtype=torch.bfloat16)
         v = torch.randn_like(k)
         pattern = sa.random_pattern(heads=8, seq_q=seq, density=density, seed=0, device=device)
-        flex_ms = time_ms(lambda: sa.block_sparse_attention(q, k, v, pattern, backend="flex"), device)
+        flex_ms = time_ms(partial(sa.block_sparse_attention, q, k, v, pattern, backend="flex"), device)
         print(f"dim {dim} seq {seq} density {pattern.density():.3f}: flex {flex_ms:.2f} ms", flush=True)
         wide = 128 if dim <= 128 else 64
         candidates = [
@@ -48,29 +53,18 @@ def main() -> None:
             for s in (2, 3)
             if n <= wide and not (m == 64 and w == 8) and not (dim == 256 and m == 128 and n == 128)
         ]
-        # (K_TRANSPOSED, USE_TMA): pointer loads row-wise and column-wise, then TMA if offered.
-        modes = [(False, False), (True, False)]
-        if triton_kernel._tma_offered(q, k, v, torch.cuda.get_device_capability(device)):
-            modes.append((False, True))
-        original = triton_kernel._HALF_CONFIGS[dim], triton_kernel._HALF_K_LAYOUTS, triton_kernel._HALF_TMA
-        try:
-            for config, (transposed, use_tma) in itertools.product(candidates, modes):
-                triton_kernel._HALF_CONFIGS[dim] = [config]
-                triton_kernel._HALF_K_LAYOUTS = (transposed,)
-                triton_kernel._HALF_TMA = (use_tma,)
-                triton_kernel._autotuned_kernel.cache_clear()
+        # Pointer loads with K row-wise and column-wise, then TMA descriptor loads if offered.
+        modes = ["rows", "columns"] + ["tma"] * tma_offered(q, k, v, device_capability(device))
+        for config, mode in itertools.product(candidates, modes):
+            with kernel_configs(triton_tiles=[config], triton_loads=[mode]):
                 # A tile that does not fit shared memory or registers is reported, not fatal.
-                ms, note = measure(lambda: sa.block_sparse_attention(q, k, v, pattern, backend="triton"), device)
-                rows.append({"head_dim": dim, "seq": seq, "density": round(pattern.density(), 4), "config": config,
-                             "k_transposed": transposed, "tma": use_tma, "triton_ms": ms, "flex_ms": flex_ms,
-                             "error": note})  # fmt: skip
-                shown = f"{ms:8.2f} ms  ({flex_ms / ms:.2f}x flex)" if ms else note
-                label = (f"BLOCK_M={config[0]:3d} BLOCK_N={config[1]:3d} warps={config[2]} stages={config[3]} "
-                         f"K^T={transposed:d} TMA={use_tma:d}")  # fmt: skip
-                print(f"  {label}: {shown}", flush=True)
-        finally:
-            triton_kernel._HALF_CONFIGS[dim], triton_kernel._HALF_K_LAYOUTS, triton_kernel._HALF_TMA = original
-            triton_kernel._autotuned_kernel.cache_clear()
+                ms, note = measure(partial(sa.block_sparse_attention, q, k, v, pattern, backend="triton"), device)
+            rows.append({"head_dim": dim, "seq": seq, "density": round(pattern.density(), 4), "config": config,
+                         "k_transposed": mode == "columns", "tma": mode == "tma", "triton_ms": ms, "flex_ms": flex_ms,
+                         "error": note})  # fmt: skip
+            shown = f"{ms:8.2f} ms  ({flex_ms / ms:.2f}x flex)" if ms else note
+            label = f"BLOCK_M={config[0]:3d} BLOCK_N={config[1]:3d} warps={config[2]} stages={config[3]} loads={mode}"
+            print(f"  {label}: {shown}", flush=True)
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "kernel_configs.json"
     write_results(rows, out, {"benchmark": "kernel_configs", **environment(device)})
     print(f"wrote {out}")

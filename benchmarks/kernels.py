@@ -2,11 +2,12 @@
 
 Batch 1, 32 query heads, 8 KV heads, bf16, causal, random causal block patterns (128 x 128
 blocks, one list per KV head) at densities 0.05 / 0.1 / 0.2 / 0.5 plus dense; head_dim 128
-at 8K-128K, and head_dim 64 and 256 at 32K. Columns: our ``triton`` backend (on Hopper the
-Gluon kernel where it applies; ``--kernels both`` times the Gluon and the Triton kernel
-separately) and FlexAttention on the same pattern, dense SDPA with cuDNN and with
-FlashAttention, the first column's throughput over the pairs it computes, and speedups
-against cuDNN. Medians from
+at 8K-128K, and head_dim 64 and 256 at 32K. Columns: the ``auto`` backend as users get it (on
+Hopper the Gluon kernel where it applies, else the Triton kernel; the row's ``auto_backend``
+says which; ``--kernels both`` times ``backend="gluon"`` and ``backend="triton"`` separately)
+and FlexAttention on the same pattern, dense SDPA with cuDNN and with FlashAttention, the first
+column's throughput over the pairs it computes, and speedups against cuDNN. A backend that
+cannot run a case (the Gluon kernel off Hopper, say) shows ``-`` and its reason. Medians from
 ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/kernels.json``.
 
     python benchmarks/kernels.py                     # the full grid
@@ -22,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_attn import block_sparse_attention
-from sparse_attn.backends import triton_kernel
+from sparse_attn.backends import kernel_configs
 from sparse_attn.bench import (
     KernelCase,
     device_slug,
@@ -33,19 +33,6 @@ from sparse_attn.bench import (
     run_kernel_case,
     write_results,
 )
-
-
-def _with_kernel(choice: str):
-    """The triton backend with ``kernel_choice`` pinned to ``choice`` for the call."""
-
-    def run(q, k, v, pattern):
-        saved, triton_kernel.kernel_choice = triton_kernel.kernel_choice, choice
-        try:
-            return block_sparse_attention(q, k, v, pattern, backend="triton")
-        finally:
-            triton_kernel.kernel_choice = saved
-
-    return run
 
 
 def main() -> None:
@@ -61,24 +48,28 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--kernels", choices=("auto", "both"), default="auto",
-        help="auto: the triton backend as users get it; both: its Gluon (Hopper) and Triton kernels side by side",
+        help="auto: the auto backend as users get it; both: the gluon (Hopper) and triton backends side by side",
     )  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)"
+    )
     args = parser.parse_args()
-    triton_kernel._HALF_TMA = {"autotuned": (False, True), "pointer": (False,), "tma": (True,)}[args.loads]
+    loads = {"autotuned": None, "pointer": ("rows", "columns"), "tma": ("tma",)}[args.loads]
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU; on CPU run `sparse-attn bench --quick`")
     device = torch.device("cuda")
-    cases = [KernelCase(seq=seq, head_dim=dim, densities=tuple(args.densities)) for dim in args.dims for seq in args.lengths]
-    cases += [KernelCase(seq=args.extra_length, head_dim=dim, densities=tuple(args.densities)) for dim in args.extra_dims]
-    backends, runners = ("triton", "flex"), {}
-    if args.kernels == "both":
-        backends = ("gluon", "triton", "flex")
-        runners = {"gluon": _with_kernel("gluon"), "triton": _with_kernel("triton")}
+    cases = [
+        KernelCase(seq=seq, head_dim=dim, densities=tuple(args.densities)) for dim in args.dims for seq in args.lengths
+    ]
+    cases += [
+        KernelCase(seq=args.extra_length, head_dim=dim, densities=tuple(args.densities)) for dim in args.extra_dims
+    ]
+    backends = ("gluon", "triton", "flex") if args.kernels == "both" else ("auto", "flex")
     columns = kernel_columns(backends, ("sdpa-cudnn", "sdpa-flash"))
     rows = []
     for case in cases:
-        case_rows = run_kernel_case(case, backends, device, runners=runners)
+        with kernel_configs(triton_loads=loads):
+            case_rows = run_kernel_case(case, backends, device)
         torch.cuda.empty_cache()  # the case's tensors are gone: return their memory before the next length
         rows += case_rows
         print(format_table(case_rows, columns), flush=True)
@@ -88,7 +79,9 @@ def main() -> None:
     print()
     print(format_table(rows, columns))
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "kernels.json"
-    write_results(rows, out, {"benchmark": "kernels", "loads": args.loads, "kernels": args.kernels, **environment(device)})
+    write_results(
+        rows, out, {"benchmark": "kernels", "loads": args.loads, "kernels": args.kernels, **environment(device)}
+    )
     print(f"wrote {out}")
 
 

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from helpers import poisoned_allocate
 
 # Without a GPU the Triton kernel runs in Triton's interpreter; the variable must be set
 # before triton is first imported.
@@ -20,10 +21,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def poison_outputs(monkeypatch):
-    """Make the Triton backend allocate NaN-filled outputs, so unwritten elements show."""
-    from sparse_attn.backends import triton_kernel
+    """Make the Triton and Gluon kernels' outputs NaN-filled before launch, so unwritten elements show."""
+    from sparse_attn.backends import launch
 
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_kernel, "_empty", poisoned)
+    monkeypatch.setattr(launch, "allocate", poisoned_allocate)

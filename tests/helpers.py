@@ -9,7 +9,9 @@ from sparse_attn.pattern import BlockSparsePattern
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, dtype=torch.float32, device="cpu", seed=None, transposed=False):
+def random_qkv(
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, dtype=torch.float32, device="cpu", seed=None, transposed=False
+):
     generator = torch.Generator(device="cpu")
     if seed is None:
         generator.seed()
@@ -74,3 +76,8 @@ def poisoned_view(batch, heads, seq, dim, dtype, generator, transposed, device="
         view = buffer[:, :, :seq]
     view.copy_(torch.randn(batch, heads, seq, dim, generator=generator).to(dtype))
     return view
+
+
+def poisoned_allocate(shape, dtype, device):
+    """A stand-in for ``sparse_attn.backends.launch.allocate`` that fills kernel outputs with NaN."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)

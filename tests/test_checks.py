@@ -35,11 +35,26 @@ CASES = [
     ("head_dim mismatch", lambda: _replace("k", torch.randn(1, 2, 64, 32)), ValueError, "k must have q's head_dim"),
     ("v shape", lambda: _replace("v", torch.randn(1, 2, 64, 32)), ValueError, "v must have k's shape"),
     ("Hq % Hkv", lambda: _replace("k", torch.randn(1, 3, 64, 64)), ValueError, "multiple of the number of KV heads"),
-    ("k dtype", lambda: _replace("k", torch.randn(1, 2, 64, 64, dtype=torch.float16)), TypeError, "k must have q's dtype"),
-    ("v dtype", lambda: _replace("v", torch.randn(1, 2, 64, 64, dtype=torch.float64)), TypeError, "v must have q's dtype"),
+    (
+        "k dtype",
+        lambda: _replace("k", torch.randn(1, 2, 64, 64, dtype=torch.float16)),
+        TypeError,
+        "k must have q's dtype",
+    ),
+    (
+        "v dtype",
+        lambda: _replace("v", torch.randn(1, 2, 64, 64, dtype=torch.float64)),
+        TypeError,
+        "v must have q's dtype",
+    ),
     ("Sk < Sq", lambda: _replace("q", torch.randn(1, 4, 80, 64)), ValueError, "seq_k=64 < seq_q=80"),
     ("empty q", lambda: _replace("q", torch.randn(1, 4, 0, 64)), ValueError, "empty sequence"),
-    ("zero batch", lambda: (lambda t: (t, t[:, :2], t[:, :2], _inputs()[3]))(torch.randn(0, 4, 64, 64)), ValueError, "nonzero batch"),
+    (
+        "zero batch",
+        lambda: (lambda t: (t, t[:, :2], t[:, :2], _inputs()[3]))(torch.randn(0, 4, 64, 64)),
+        ValueError,
+        "nonzero batch",
+    ),
 ]
 
 

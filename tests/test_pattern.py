@@ -76,8 +76,13 @@ def test_backend_validates_a_pattern_before_first_use():
         (dict(kv_counts=torch.ones(1, 1, 4)), TypeError, "int32"),
         (dict(kv_counts=torch.ones(1, 4, dtype=torch.int32)), ValueError, "kv_counts must have shape"),
         (dict(kv_indices=torch.zeros(1, 1, 3, 1, dtype=torch.int32)), ValueError, "kv_indices must have shape"),
-        (dict(kv_counts=torch.ones(1, 1, 3, dtype=torch.int32), kv_indices=torch.zeros(1, 1, 3, 1, dtype=torch.int32)),
-         ValueError, "needs 4"),
+        (
+            dict(
+                kv_counts=torch.ones(1, 1, 3, dtype=torch.int32), kv_indices=torch.zeros(1, 1, 3, 1, dtype=torch.int32)
+            ),
+            ValueError,
+            "needs 4",
+        ),
         (dict(block_q=0), ValueError, "block_q"),
         (dict(seq_q=65), ValueError, "seq_k must be >= seq_q"),
         (dict(seq_k=0), ValueError, "seq_k"),
@@ -100,11 +105,15 @@ def test_constructor_rejects_bad_fields(kwargs, error, message):
 @pytest.mark.parametrize("seq_q, seq_k, block_q, block_k", [(64, 64, 16, 16), (50, 90, 16, 32), (77, 77, 32, 16)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_mask_round_trip(seq_q, seq_k, block_q, block_k, causal):
-    pattern = sa.random_pattern(batch=2, heads=3, seq_q=seq_q, seq_k=seq_k, density=0.4, block_q=block_q, block_k=block_k, causal=causal, seed=2)
+    pattern = sa.random_pattern(
+        batch=2, heads=3, seq_q=seq_q, seq_k=seq_k, density=0.4, block_q=block_q, block_k=block_k, causal=causal, seed=2
+    )
     pattern.validate(causal=causal)
     mask = pattern.to_mask()
     assert mask.shape == (2, 3, pattern.num_q_blocks, pattern.num_kv_blocks)
-    again = BlockSparsePattern.from_mask(mask, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k, causal=causal)
+    again = BlockSparsePattern.from_mask(
+        mask, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k, causal=causal
+    )
     assert torch.equal(again.to_mask(), mask)
     assert again.density(causal=causal) == pytest.approx(pattern.density(causal=causal))
 
@@ -151,15 +160,6 @@ def test_to_device_keeps_contents_and_expand_heads_repeats_groups():
     assert torch.equal(expanded.to_mask()[:, 3:6], pattern.to_mask()[:, 1:2].expand(-1, 3, -1, -1))
     with pytest.raises(ValueError, match="cannot expand"):
         pattern.expand_heads(5)
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_block_mask_covers_exactly_the_pattern(causal):
-    pattern = sa.random_pattern(heads=2, seq_q=50, seq_k=90, density=0.5, block_q=16, block_k=16, causal=causal, seed=5)
-    block_mask = pattern.to_block_mask(causal=causal, num_q_heads=4)
-    dense = block_mask.to_dense()  # (B, H, n_q, n_kv) incl. full and partial blocks
-    expected = pattern.expand_heads(4).to_mask()
-    assert torch.equal(dense.bool()[..., : pattern.num_q_blocks, : pattern.num_kv_blocks], expected)
 
 
 def test_random_pattern_is_seeded_and_near_target_density():

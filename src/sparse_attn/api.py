@@ -8,10 +8,10 @@ import torch
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .backends import resolve_backend, run_backend
+from .checks import check_attention_inputs, check_finite, check_int, check_query_key
 from .pattern import BlockSparsePattern, check_pattern_fits
 from .registry import get_method
 from .utils import synchronized_now
-from .checks import check_attention_inputs, check_finite, check_int, check_query_key
 
 DEFAULT_BLOCK = 128
 
@@ -75,8 +75,10 @@ def block_sparse_attention(
             heads ``1``, ``Hq`` or ``Hkv``. Checked once (``pattern.validate``) before its first use.
         causal: mask keys after each query's position inside the kept blocks.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"auto"`` (triton on CUDA, flex on CPU), ``"reference"``, ``"flex"`` or ``"triton"``.
-            An unsupported case runs on a slower correct backend with one warning.
+        backend: ``"auto"`` (on CUDA gluon where it applies, else triton; flex on CPU), ``"reference"``,
+            ``"flex"``, ``"triton"`` (the portable Triton kernel) or ``"gluon"`` (the Hopper kernel).
+            An unsupported case runs on a slower correct backend with one warning (see
+            :mod:`sparse_attn.backends`).
         return_lse: also return the natural-log log-sum-exp of each query's scores, float32 ``(B, Hq, Sq)``.
         check_inputs_finite: raise ``ValueError`` if q, k or v hold NaN/Inf (one extra pass and a
             host sync). Otherwise NaN/Inf propagate to the outputs of the rows they touch, as in SDPA.
@@ -89,7 +91,7 @@ def block_sparse_attention(
     if check_inputs_finite:
         check_finite(q=q, k=k, v=v)
     pattern.ensure_valid(causal=bool(causal))
-    name = resolve_backend(backend, q, k, v, pattern, return_lse=return_lse)
+    name = resolve_backend(backend, q, k, v, pattern, causal=bool(causal), return_lse=return_lse)
     return run_backend(name, q, k, v, pattern, causal=bool(causal), scale=scale, return_lse=return_lse)
 
 
@@ -119,7 +121,7 @@ def sparse_attention(
     if not return_info:
         return block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=backend)
     estimated = synchronized_now(q.device)
-    name = resolve_backend(backend, q, k, v, pattern, return_lse=False)
+    name = resolve_backend(backend, q, k, v, pattern, causal=bool(causal), return_lse=False)
     out = block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=name)
     finished = synchronized_now(q.device)
     info = SparseAttentionInfo(

@@ -13,15 +13,17 @@ import json
 import re
 import statistics
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .api import block_sparse_attention
+from .backends import resolve_backend
 from .pattern import BlockSparsePattern, dense_pattern, random_pattern
 
 
@@ -123,18 +125,28 @@ def measure(fn, device) -> tuple[float | None, str | None]:
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
 
-def run_kernel_case(
-    case: KernelCase, backends: tuple[str, ...], device: torch.device, seed: int = 0, *, runners: dict | None = None
-) -> list[dict]:
+def _resolved(backend: str, q, k, v, pattern: BlockSparsePattern) -> tuple[str, str | None]:
+    """The backend that runs ``backend`` on this case, and why it is another one (``None`` when it
+    is the one asked for, or when ``auto`` was asked for)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        name = resolve_backend(backend, q, k, v, pattern, causal=True, return_lse=False)
+    if backend in ("auto", name):
+        return name, None
+    reasons = "; ".join(str(warning.message) for warning in caught) or f"runs on the {name} backend"
+    return name, f"fallback: {reasons}"
+
+
+def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.device, seed: int = 0) -> list[dict]:
     """Time each backend on random causal patterns at each density, and dense SDPA once.
 
     One row per density: the backends' times on the same pattern, the dense SDPA times,
     the throughput of the first backend over the pairs it computes, and its speedup over
-    the first dense baseline. A backend that fails on a shape gets ``None`` and its error.
-    ``runners`` maps a name in ``backends`` to ``fn(q, k, v, pattern)`` to time instead of
-    ``block_sparse_attention(..., backend=name)`` (e.g. one backend with two kernels).
+    the first dense baseline. A backend that fails on a shape, or would fall back to another
+    (see :mod:`sparse_attn.backends`), gets ``None`` and the error or the fallback's reason;
+    ``auto`` rows also name the backend it ran (``auto_backend``).
+    Kernel tuning choices are swept with :func:`sparse_attn.backends.kernel_configs` around the call.
     """
-    runners = runners or {}
     dtype = getattr(torch, case.dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -159,8 +171,14 @@ def run_kernel_case(
                "dtype": case.dtype, "block": case.block, "density": round(pattern.density(), 4),
                "pair_fraction": round(pairs / dense_pairs, 4)}  # fmt: skip
         for backend in backends:
-            run = runners.get(backend) or partial(block_sparse_attention, backend=backend)
-            row[f"{backend}_ms"], errors[backend] = measure(partial(run, q, k, v, pattern), device)
+            runs_on, fallback = _resolved(backend, q, k, v, pattern)
+            if backend == "auto":
+                row["auto_backend"] = runs_on
+            if fallback is not None:  # timing another backend under this name would mislead
+                row[f"{backend}_ms"], errors[backend] = None, fallback
+                continue
+            run = partial(block_sparse_attention, q, k, v, pattern, backend=backend)
+            row[f"{backend}_ms"], errors[backend] = measure(run, device)
         for name, ms in dense_times.items():
             row[f"{name}_ms"] = ms
             row[f"{name}_tflops"] = _tflops(dense_pairs, case.head_dim, ms)
@@ -188,9 +206,9 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Plain-text table; ``columns`` are ``(key, header, format spec)``, missing values print ``-``."""
     texts = [[format(row[key], spec) if row.get(key) is not None else "-" for key, _, spec in columns] for row in rows]
     widths = [max([len(header), 8] + [len(cells[i]) for cells in texts]) for i, (_, header, _) in enumerate(columns)]
-    lines = ["  ".join(f"{header:>{width}}" for (_, header, _), width in zip(columns, widths))]
+    lines = ["  ".join(f"{header:>{width}}" for (_, header, _), width in zip(columns, widths, strict=True))]
     lines.append("-" * len(lines[0]))
-    lines += ["  ".join(f"{text:>{width}}" for text, width in zip(cells, widths)) for cells in texts]
+    lines += ["  ".join(f"{text:>{width}}" for text, width in zip(cells, widths, strict=True)) for cells in texts]
     return "\n".join(lines)
 
 

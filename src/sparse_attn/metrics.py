@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import reference_attention
+from .backends import reference
 from .checks import check_attention_inputs, check_query_key
 from .pattern import BlockSparsePattern, check_pattern_fits, dense_pattern
 
@@ -43,8 +43,8 @@ def recall(
     pattern.ensure_valid(causal=causal)
     # Values do not affect the LSE; a 1-wide value tensor keeps the extra work small.
     values = k[..., :1]
-    _, kept = reference_attention(q, k, values, pattern, causal=causal, scale=scale, return_lse=True)
-    _, full = reference_attention(q, k, values, _dense_like(pattern, causal), causal=causal, scale=scale, return_lse=True)
+    _, kept = reference.forward(q, k, values, pattern, causal=causal, scale=scale, return_lse=True)
+    _, full = reference.forward(q, k, values, _dense_like(pattern, causal), causal=causal, scale=scale, return_lse=True)
     return float(torch.exp(kept - full).mean())
 
 
@@ -61,6 +61,6 @@ def output_error(
     scale = check_attention_inputs(q, k, v, scale)
     check_pattern_fits(pattern, q, k)
     pattern.ensure_valid(causal=causal)
-    sparse = reference_attention(q, k, v, pattern, causal=causal, scale=scale)
-    dense = reference_attention(q, k, v, _dense_like(pattern, causal), causal=causal, scale=scale)
+    sparse = reference.forward(q, k, v, pattern, causal=causal, scale=scale)
+    dense = reference.forward(q, k, v, _dense_like(pattern, causal), causal=causal, scale=scale)
     return float(torch.linalg.vector_norm((sparse - dense).float()) / torch.linalg.vector_norm(dense.float()))

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checks import check_int
-from .geometry import causal_block_mask, diagonal_block_mask, fully_visible_block_mask, num_blocks
+from .geometry import causal_block_mask, diagonal_block_mask, num_blocks
 
 __all__ = [
     "BlockSparsePattern",
@@ -69,7 +69,9 @@ class BlockSparsePattern:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.seq_k < self.seq_q:
-            raise ValueError(f"seq_k must be >= seq_q (queries are the last seq_q positions), got {self.seq_k} < {self.seq_q}")
+            raise ValueError(
+                f"seq_k must be >= seq_q (queries are the last seq_q positions), got {self.seq_k} < {self.seq_q}"
+            )
         if not isinstance(self.kv_counts, torch.Tensor) or not isinstance(self.kv_indices, torch.Tensor):
             raise TypeError("kv_counts and kv_indices must be torch.Tensor")
         if self.kv_counts.dtype != torch.int32 or self.kv_indices.dtype != torch.int32:
@@ -130,7 +132,9 @@ class BlockSparsePattern:
     def to_mask(self) -> torch.Tensor:
         """Dense bool block mask ``(B, H, n_q_blocks, n_kv_blocks)``. For tests and plots only."""
         mask = torch.zeros(
-            (self.batch, self.num_heads, self.num_q_blocks, self.num_kv_blocks + 1), dtype=torch.bool, device=self.device
+            (self.batch, self.num_heads, self.num_q_blocks, self.num_kv_blocks + 1),
+            dtype=torch.bool,
+            device=self.device,
         )
         # Unused slots scatter into a spare last column, dropped below.
         columns = torch.where(self._slot_is_used(), self.kv_indices.long(), self.num_kv_blocks)
@@ -148,7 +152,7 @@ class BlockSparsePattern:
         seq_q: int,
         seq_k: int,
         causal: bool = True,
-    ) -> "BlockSparsePattern":
+    ) -> BlockSparsePattern:
         """Build a pattern from a bool block mask ``(n_q, n_kv)``, ``(H, n_q, n_kv)`` or ``(B, H, n_q, n_kv)``.
 
         In causal mode blocks after the diagonal are dropped and the diagonal blocks are
@@ -189,15 +193,15 @@ class BlockSparsePattern:
         pattern._cache[("validated", bool(causal))] = True
         return pattern
 
-    def _with_tensors(self, kv_counts: torch.Tensor, kv_indices: torch.Tensor) -> "BlockSparsePattern":
+    def _with_tensors(self, kv_counts: torch.Tensor, kv_indices: torch.Tensor) -> BlockSparsePattern:
         """Same contents in other tensors: keeps the validation results, drops backend plans."""
         validated = {key: True for key in self._cache if key[0] == "validated"}
         return dataclasses.replace(self, kv_counts=kv_counts, kv_indices=kv_indices, _cache=validated)
 
-    def to(self, device) -> "BlockSparsePattern":
+    def to(self, device) -> BlockSparsePattern:
         return self._with_tensors(self.kv_counts.to(device), self.kv_indices.to(device))
 
-    def union(self, other: "BlockSparsePattern", *, causal: bool = True) -> "BlockSparsePattern":
+    def union(self, other: BlockSparsePattern, *, causal: bool = True) -> BlockSparsePattern:
         """Blocks kept by either pattern. Batch and head counts broadcast (1 against n)."""
         if not isinstance(other, BlockSparsePattern):
             raise TypeError(f"other must be a BlockSparsePattern, got {type(other).__name__}")
@@ -216,7 +220,7 @@ class BlockSparsePattern:
             causal=causal,
         )
 
-    def expand_heads(self, num_q_heads: int) -> "BlockSparsePattern":
+    def expand_heads(self, num_q_heads: int) -> BlockSparsePattern:
         """A per-query-head view of a per-KV-head pattern (each list repeated over its GQA group)."""
         if self.num_heads == num_q_heads:
             return self
@@ -227,54 +231,13 @@ class BlockSparsePattern:
             self.kv_counts.repeat_interleave(group, dim=1), self.kv_indices.repeat_interleave(group, dim=1)
         )
 
-    def to_block_mask(self, *, causal: bool = True, num_q_heads: int | None = None):
-        """FlexAttention ``BlockMask`` computing exactly this pattern.
-
-        Blocks that every query sees in full go to the ``full_kv_*`` lists (no ``mask_mod``
-        evaluated); the others (diagonal blocks, sequence tails) carry the causal / bounds
-        ``mask_mod``. ``num_q_heads`` expands a per-KV-head pattern to the query heads.
-        """
-        from torch.nn.attention.flex_attention import BlockMask
-
-        pattern = self.expand_heads(num_q_heads) if num_q_heads is not None else self
-        used = pattern._slot_is_used()
-        safe_indices = torch.where(used, pattern.kv_indices, 0).long()
-        full_table = fully_visible_block_mask(
-            self.seq_q, self.seq_k, self.block_q, self.block_k, causal=causal, device=self.device
-        )
-        rows = torch.arange(self.num_q_blocks, device=self.device)[:, None]
-        is_full = full_table[rows, safe_indices] & used
-        is_partial = used & ~is_full
-
-        def ordered(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            counts = selected.sum(-1, dtype=torch.int32)
-            order = torch.sort((~selected).to(torch.uint8), dim=-1, stable=True).indices
-            indices = torch.gather(safe_indices, -1, order).to(torch.int32)
-            width = self.num_kv_blocks
-            padded = torch.zeros((*indices.shape[:3], width), dtype=torch.int32, device=self.device)
-            keep = min(width, indices.shape[-1])
-            padded[..., :keep] = indices[..., :keep]
-            return counts.contiguous(), padded.contiguous()
-
-        partial_counts, partial_indices = ordered(is_partial)
-        full_counts, full_indices = ordered(is_full)
-        return BlockMask.from_kv_blocks(
-            partial_counts,
-            partial_indices,
-            full_counts,
-            full_indices,
-            BLOCK_SIZE=(self.block_q, self.block_k),
-            mask_mod=_bounds_mask_mod(self.seq_k - self.seq_q, self.seq_k, causal),
-            seq_lengths=(self.seq_q, self.seq_k),
-        )
-
     # Statistics and checks ----------------------------------------------------------
     def density(self, *, causal: bool = True) -> float:
         """Computed blocks over valid blocks (causal-valid in causal mode, all blocks otherwise)."""
         valid = int(self.causal_block_mask().sum()) if causal else self.num_q_blocks * self.num_kv_blocks
         return float(self.kv_counts.sum(dtype=torch.int64)) / (valid * self.batch * self.num_heads)
 
-    def validate(self, *, causal: bool = True) -> "BlockSparsePattern":
+    def validate(self, *, causal: bool = True) -> BlockSparsePattern:
         """Check the contents; raise ``ValueError`` saying what is wrong. Returns ``self``.
 
         Checks: counts in ``[1, max_kv]``, used indices in ``[0, n_kv_blocks)``, strictly
@@ -301,7 +264,9 @@ class BlockSparsePattern:
                 raise ValueError("pattern keeps KV blocks after the query block's last position (not causal)")
             diagonal = self.diagonal_block_mask()
             if bool((diagonal & ~mask).any()):
-                raise ValueError("pattern misses a diagonal block: in causal mode every query block keeps its own positions")
+                raise ValueError(
+                    "pattern misses a diagonal block: in causal mode every query block keeps its own positions"
+                )
         self._cache[("validated", bool(causal))] = True
         return self
 
@@ -324,27 +289,6 @@ class BlockSparsePattern:
             f"block=({self.block_q}, {self.block_k}), q_blocks={self.num_q_blocks}, max_kv={self.max_kv}, "
             f"device={self.device})"
         )
-
-
-_MASK_MODS: dict = {}
-
-
-def _bounds_mask_mod(offset: int, seq_k: int, causal: bool):
-    """One ``mask_mod`` object per (offset, seq_k, causal), so compiled FlexAttention is reused across calls."""
-    key = (offset, seq_k, causal)
-    if key not in _MASK_MODS:
-        if causal:
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                return (q_idx + offset >= kv_idx) & (kv_idx < seq_k)
-
-        else:
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                return kv_idx < seq_k
-
-        _MASK_MODS[key] = mask_mod
-    return _MASK_MODS[key]
 
 
 def dense_pattern(

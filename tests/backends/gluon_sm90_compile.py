@@ -2,7 +2,7 @@
 
     python gluon_sm90_compile.py '{"HEAD_DIM": 64, "dtype": "fp16"}'
 
-Prints ``{"ptx": ..., "report": <ptxas -v output>}``. Used by test_gluon_hopper.py in a child
+Prints ``{"ptx": ..., "report": <ptxas -v output>}``. Used by test_gluon.py in a child
 process with ``TRITON_INTERPRET=0``. The pattern-block and flag constexprs default to the
 benchmark case (head_dim 128, 128 x 128 blocks, causal, bf16).
 """
@@ -21,17 +21,27 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from sparse_attn.backends import gluon_hopper
+    from sparse_attn.backends import configs
+    from sparse_attn.backends import gluon as gluon_backend
 
-    kernel = gluon_hopper._gluon_block_sparse_forward
+    kernel = gluon_backend._gluon_block_sparse_forward
     signature = {name: "i32" for name in kernel.arg_names}
     signature.update({name: f"*{dtype}" for name in ("Q", "K", "V", "Out")})
-    signature.update({"Lse": "*fp32", "KvCounts": "*i32", "KvFullCounts": "*i32", "KvIndices": "*i32", "qk_scale": "fp32"})
+    signature.update(
+        {
+            "Lse": "*fp32",
+            "KvCounts": "*i32",
+            "KvFullCounts": "*i32",
+            "KvIndices": "*i32",
+            "WorkOrder": "*i32",
+            "qk_scale": "fp32",
+        }
+    )
     signature.update({name: "i64" for name in kernel.arg_names if name.startswith("stride_") and name[-1] in "bh"})
     values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True, WRITE_LSE=False, EVEN_K=True, EVEN_Q=True)
     values.update(constants)
-    values["BLOCK_N"] = gluon_hopper._block_n(values["BLOCK_K"])
-    values["STAGES"] = gluon_hopper._stages(values["HEAD_DIM"], values["BLOCK_N"])
+    values["BLOCK_N"] = configs.gluon_block_n(values["BLOCK_K"])
+    values["STAGES"] = configs.gluon_stages(values["HEAD_DIM"], values["BLOCK_N"])
     signature.update({name: "constexpr" for name in values})
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=values)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TOLERANCE, naive_attention, random_qkv, relative_error
+from helpers import TOLERANCE, naive_attention, poisoned_allocate, random_qkv, relative_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparse_attn as sa
+from sparse_attn.backends import kernel_configs, launch
 
 # (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k)
 SHAPES = [
@@ -120,19 +121,15 @@ def test_flex_non_causal_and_lse_fallback():
 def test_fuzz_triton_against_reference(
     heads, batch, seq_q, extra_k, dim, blocks, density, dtype, causal, per_query_head, seed
 ):
-    from sparse_attn.backends import triton_kernel
-
     q_heads, kv_heads = heads
     seq_k = seq_q + extra_k
     shape = (batch, q_heads, kv_heads, seq_q, seq_k, dim, *blocks)
     q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, dtype, seed=seed)
     pattern = _pattern(shape, density, causal, per_query_head, seed)
-    original = triton_kernel._empty
-    triton_kernel._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    try:
+    # A function-scoped fixture would not reset between hypothesis examples: poison by hand.
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(launch, "allocate", poisoned_allocate)
         out, lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="triton", return_lse=True)
-    finally:
-        triton_kernel._empty = original
     ref, ref_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference", return_lse=True)
     assert torch.isfinite(out).all()
     assert relative_error(out, ref) <= TOLERANCE[dtype]
@@ -194,7 +191,11 @@ def test_sparse_attention_returns_info():
 
 
 def _gpu_shapes():
-    return SHAPES + [(1, 32, 8, 1000, 1500, 128, 128, 128), (2, 4, 1, 777, 777, 256, 64, 64), (1, 8, 8, 513, 513, 64, 128, 64)]
+    return SHAPES + [
+        (1, 32, 8, 1000, 1500, 128, 128, 128),
+        (2, 4, 1, 777, 777, 256, 64, 64),
+        (1, 8, 8, 513, 513, 64, 128, 64),
+    ]
 
 
 @pytest.mark.gpu
@@ -240,9 +241,7 @@ def test_single_head_pattern_broadcasts_to_all_heads(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_triton_column_wise_key_layout(dtype, monkeypatch, poison_outputs):
-    from sparse_attn.backends import triton_kernel
-
-    monkeypatch.setattr(triton_kernel, "interpreter_k_transposed", True)
-    for shape in (SHAPES[1], SHAPES[3]):
-        _check_backend("triton", shape, dtype, True, "cpu", seed=13)
+def test_triton_column_wise_key_layout(dtype, poison_outputs):
+    with kernel_configs(triton_loads=["columns"]):
+        for shape in (SHAPES[1], SHAPES[3]):
+            _check_backend("triton", shape, dtype, True, "cpu", seed=13)

@@ -1,6 +1,6 @@
 """The Triton kernel's TMA (tensor descriptor) load path against the reference backend.
 
-On CPU the interpreter runs the path (``interpreter_use_tma``), for any dtype. Inputs are
+On CPU the interpreter runs the path (``kernel_configs(triton_loads=["tma"])``), for any dtype. Inputs are
 views into NaN-filled buffers, so a load that reads a row past its head's sequence instead
 of zeros turns the output into NaN; outputs are poisoned too, so unwritten rows show.
 """
@@ -16,7 +16,8 @@ import triton
 from helpers import TOLERANCE, poisoned_view, relative_error
 
 import sparse_attn as sa
-from sparse_attn.backends import triton_kernel
+from sparse_attn.backends import configs, kernel_configs, launch
+from sparse_attn.backends import triton as triton_backend
 
 # (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k): GQA 1, 2 and 4, odd
 # lengths with Sq < Sk, pattern blocks larger than the interpreter's tiles (several
@@ -50,10 +51,10 @@ class _LaunchSpy:
 
 @pytest.fixture
 def tma_spy(monkeypatch, poison_outputs):
-    monkeypatch.setattr(triton_kernel, "interpreter_use_tma", True)
-    spy = _LaunchSpy(triton_kernel._block_sparse_forward)
-    monkeypatch.setattr(triton_kernel, "_block_sparse_forward", spy)
-    return spy
+    spy = _LaunchSpy(triton_backend._block_sparse_forward)
+    monkeypatch.setattr(triton_backend, "_block_sparse_forward", spy)
+    with kernel_configs(triton_loads=["tma"]):
+        yield spy
 
 
 def _check(shape, dtype, causal, seed, transposed):
@@ -85,10 +86,10 @@ def test_triton_tma_matches_reference(shape, dtype, causal, tma_spy):
     assert tma_spy.use_tma and all(tma_spy.use_tma)
 
 
-def test_triton_tma_ignores_the_column_flag(tma_spy, monkeypatch):
-    # interpreter_k_transposed means nothing to descriptor loads: the TMA path still runs.
-    monkeypatch.setattr(triton_kernel, "interpreter_k_transposed", True)
-    _check((2, 4, 2, 29, 50, 64, 16, 16), torch.bfloat16, True, _fresh_seed(), transposed=True)
+def test_triton_tma_ignores_the_column_flag(tma_spy):
+    # The column-wise K layout means nothing to descriptor loads: the TMA path still runs.
+    with kernel_configs(triton_loads=["columns", "tma"]):
+        _check((2, 4, 2, 29, 50, 64, 16, 16), torch.bfloat16, True, _fresh_seed(), transposed=True)
     assert tma_spy.use_tma and all(tma_spy.use_tma)
 
 
@@ -112,7 +113,7 @@ def _qkv(dtype=torch.bfloat16, batch=2, seq=100, dim=128, transposed=False):
 
 
 def test_descriptor_compatibility():
-    compatible = triton_kernel._descriptor_compatible
+    compatible = launch.descriptor_compatible
     assert compatible(_qkv()[0])
     assert compatible(_qkv(transposed=True)[0])
     assert compatible(_qkv(dim=16, seq=1)[0])
@@ -132,7 +133,7 @@ def test_descriptor_compatibility():
 
 
 def test_tma_offered_only_for_16_bit_on_hopper_with_aligned_tensors():
-    offered = triton_kernel._tma_offered
+    offered = triton_backend.tma_offered
     assert offered(*_qkv(torch.bfloat16), capability=(9, 0))
     assert offered(*_qkv(torch.float16, transposed=True), capability=(10, 0))
     assert not offered(*_qkv(torch.float32), capability=(9, 0))
@@ -144,32 +145,56 @@ def test_tma_offered_only_for_16_bit_on_hopper_with_aligned_tensors():
     assert not offered(q, k, v, capability=(9, 0))
 
 
-def _modes(configs):
-    return [(c.kwargs["K_TRANSPOSED"], c.kwargs["USE_TMA"]) for c in configs]
+def _modes(candidate_set):
+    return [(transposed, use_tma) for *_, transposed, use_tma in candidate_set]
 
 
-def test_autotune_configs_offer_tma_only_where_allowed(monkeypatch):
-    configs = triton_kernel._kernel_configs
-    half = triton_kernel._HALF_CONFIGS[128]
+def test_autotune_configs_offer_tma_only_where_allowed():
+    candidates = triton_backend.candidates
+    half = list(configs.TRITON_HALF_TILES[128])
     # Where TMA is offered it takes the column-wise pointer layout's place (same code on sm_90).
-    with_tma = configs(128, 128, 128, is_float32=False, tma=True)
+    with_tma = candidates(128, 128, 128, is_float32=False, tma=True)
     assert _modes(with_tma) == [(False, False), (False, True)] * len(half)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in with_tma[::2]] == half
-    assert _modes(configs(128, 128, 128, is_float32=False, tma=False)) == [(False, False), (True, False)] * len(half)
+    assert [tuple(c[:4]) for c in with_tma[::2]] == half
+    assert _modes(candidates(128, 128, 128, is_float32=False, tma=False)) == [(False, False), (True, False)] * len(half)
     for tma in (False, True):
-        assert set(_modes(configs(64, 64, 64, is_float32=True, tma=tma))) == {(False, False)}
-    monkeypatch.setattr(triton_kernel, "_HALF_K_LAYOUTS", (True,))
-    monkeypatch.setattr(triton_kernel, "_HALF_TMA", (True,))
-    assert set(_modes(configs(64, 128, 128, is_float32=False, tma=True))) == {(False, True)}
-    # TMA alone asked for but not allowed: the pointer layouts rather than no configs at all.
-    assert set(_modes(configs(64, 128, 128, is_float32=False, tma=False))) == {(True, False)}
+        assert set(_modes(candidates(64, 64, 64, is_float32=True, tma=tma))) == {(False, False)}
+    with kernel_configs(triton_loads=["tma"]):
+        assert set(_modes(candidates(64, 128, 128, is_float32=False, tma=True))) == {(False, True)}
+        # TMA alone asked for but not allowed: the pointer layouts rather than no configs at all.
+        assert set(_modes(candidates(64, 128, 128, is_float32=False, tma=False))) == {(False, False), (True, False)}
+    with kernel_configs(triton_loads=["columns"]):
+        assert set(_modes(candidates(64, 128, 128, is_float32=False, tma=True))) == {(True, False)}
+
+
+def test_kernel_config_overrides_nest_and_reset():
+    with kernel_configs(triton_tiles=[(64, 32, 4, 2)], triton_loads=["rows"]):
+        assert triton_backend.candidates(64, 128, 128, is_float32=False, tma=True) == ((64, 32, 4, 2, False, False),)
+        with kernel_configs(triton_loads=["tma"], gluon_stages=2):
+            assert configs.current().triton_tiles == ((64, 32, 4, 2),)
+            assert triton_backend.candidates(64, 128, 128, is_float32=False, tma=True) == ((64, 32, 4, 2, False, True),)
+            assert configs.gluon_stages(128, 128) == 2
+        assert configs.current().triton_loads == ("rows",) and configs.current().gluon_stages is None
+        # Tiles that do not divide the pattern's blocks are dropped (a small default if none does).
+        assert triton_backend.candidates(64, 16, 16, is_float32=False, tma=False)[0][:2] == (16, 16)
+    assert configs.current() == configs.NO_OVERRIDES
+    assert configs.gluon_stages(128, 128) == 3 and configs.gluon_stages(64, 64) == 4
+    for bad in (
+        dict(triton_loads=["fast"]),
+        dict(triton_loads=[]),
+        dict(triton_tiles=[(64, 32)]),
+        dict(gluon_stages=9),
+    ):
+        with pytest.raises(ValueError):
+            with kernel_configs(**bad):
+                pass
 
 
 def test_scratch_allocator_installed_only_when_none_is_set():
     from triton.runtime import _allocation
 
     def install_and_read():
-        triton_kernel._ensure_scratch_allocator()
+        launch.ensure_scratch_allocator()
         return _allocation._allocator.get()
 
     def users_allocator(size, alignment, stream):
@@ -180,7 +205,7 @@ def test_scratch_allocator_installed_only_when_none_is_set():
         return install_and_read()
 
     # Fresh contexts: the allocator is a context variable, so nothing leaks into other tests.
-    assert contextvars.Context().run(install_and_read) is triton_kernel._scratch_buffer
+    assert contextvars.Context().run(install_and_read) is launch.scratch_buffer
     assert contextvars.Context().run(with_user_allocator) is users_allocator
 
 
@@ -193,31 +218,27 @@ def test_scratch_allocator_installed_only_when_none_is_set():
 )
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [True, False])
-def test_gpu_tma_path_matches_reference(shape, dtype, causal, monkeypatch, poison_outputs):
+def test_gpu_tma_path_matches_reference(shape, dtype, causal, poison_outputs):
     """Only TMA configs autotuned (compute capability >= 9): compiled descriptor loads against the reference."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9")
-    monkeypatch.setattr(triton_kernel, "_HALF_TMA", (True,))
-    monkeypatch.setattr(triton_kernel, "kernel_choice", "triton")  # not the Gluon kernel
-    triton_kernel._autotuned_kernel.cache_clear()
-    try:
-        batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
-        generator = torch.Generator().manual_seed(17)
-        q, k, v = (
-            poisoned_view(batch, heads, seq, dim, dtype, generator, transposed=causal, device="cuda")
-            for heads, seq in ((q_heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))
-        )
-        pattern = sa.random_pattern(
-            batch=batch, heads=kv_heads, seq_q=seq_q, seq_k=seq_k, density=0.4, seed=17,
-            block_q=block_q, block_k=block_k, causal=causal, device="cuda",
-        )  # fmt: skip
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
+    generator = torch.Generator().manual_seed(17)
+    q, k, v = (
+        poisoned_view(batch, heads, seq, dim, dtype, generator, transposed=causal, device="cuda")
+        for heads, seq in ((q_heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))
+    )
+    pattern = sa.random_pattern(
+        batch=batch, heads=kv_heads, seq_q=seq_q, seq_k=seq_k, density=0.4, seed=17,
+        block_q=block_q, block_k=block_k, causal=causal, device="cuda",
+    )  # fmt: skip
+    with kernel_configs(triton_loads=["tma"]):
         out, lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="triton", return_lse=True)
-        ref, ref_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference", return_lse=True)
-        assert torch.isfinite(out).all()
-        assert relative_error(out, ref) <= TOLERANCE[dtype]
-        assert torch.allclose(lse, ref_lse, atol=2e-2)
         # The launcher offered TMA (same cached autotuner, already run) and a TMA config ran.
-        kernel = triton_kernel._autotuned_kernel(dim, block_q, block_k, False, True)
-        assert getattr(kernel, "best_config", None) is not None and kernel.best_config.kwargs["USE_TMA"]
-    finally:
-        triton_kernel._autotuned_kernel.cache_clear()
+        candidate_set = triton_backend.candidates(dim, block_q, block_k, is_float32=False, tma=True)
+    ref, ref_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference", return_lse=True)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, ref) <= TOLERANCE[dtype]
+    assert torch.allclose(lse, ref_lse, atol=2e-2)
+    kernel = triton_backend.autotuned_kernel(candidate_set)
+    assert getattr(kernel, "best_config", None) is not None and kernel.best_config.kwargs["USE_TMA"]

@@ -1,31 +1,69 @@
-"""Backends compute exactly the blocks a pattern lists: ``reference``, ``flex``, ``triton``, or ``auto``."""
+"""Backends compute exactly the blocks a pattern lists: ``reference``, ``flex``, ``triton``, ``gluon``, or ``auto``.
+
+Each backend is one module implementing :class:`.base.Backend` (``name``,
+``unsupported_reason``, ``forward``), imported the first time a call considers it, so
+``import sparse_attn`` loads no kernel module and no Triton.
+
+Choice (:func:`resolve_backend`):
+
+* ``auto`` on CUDA: ``gluon`` where it applies (Hopper, fp16/bf16, head_dim 128, or 64 on
+  patterns dense enough for it to win; why not is logged at debug level on the
+  ``sparse_attn.backends`` logger, since that is the normal case elsewhere), else ``triton``,
+  else ``flex``. On CPU: ``flex``.
+* ``gluon``: the Gluon kernel; where it cannot run, ``triton``, else ``flex``.
+* ``triton``, ``flex``, ``reference``: that backend.
+* A backend that cannot run the case falls back to the next one and finally to ``reference``
+  with one warning naming why; inputs that require grad run on ``reference`` (the only backend
+  with a backward pass so far).
+
+Kernel tuning (tiles, load modes, Gluon stages) is overridden with :func:`kernel_configs`.
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import warnings
 
 import torch
 
 from ..pattern import BlockSparsePattern
-from .flex import flex_attention_forward, flex_unsupported_reason
-from .reference import reference_attention
-from .triton_kernel import triton_attention, triton_unsupported_reason
+from ..plan import plan_for
+from .base import Backend
+from .configs import kernel_configs
 
-BACKENDS = ("auto", "reference", "flex", "triton")
+__all__ = ["BACKENDS", "Backend", "get_backend", "kernel_configs", "resolve_backend", "run_backend"]
 
-_RUNNERS = {"reference": reference_attention, "flex": flex_attention_forward, "triton": triton_attention}
+BACKENDS = ("auto", "reference", "flex", "triton", "gluon")
+
+logger = logging.getLogger(__name__)
 
 
-def _unsupported_reason(name: str, q: torch.Tensor, pattern: BlockSparsePattern, return_lse: bool) -> str | None:
-    if name == "flex":
-        return flex_unsupported_reason(q, pattern, return_lse=return_lse)
-    if name == "triton":
-        return triton_unsupported_reason(q, pattern)
-    return None
+def get_backend(name: str) -> Backend:
+    """The backend module called ``name`` (imported on first use)."""
+    if name not in BACKENDS or name == "auto":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {name!r}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _auto_skips_gluon(q, k, v, pattern: BlockSparsePattern, *, causal: bool) -> str | None:
+    """Why ``auto`` does not run the Gluon kernel on this CUDA case, or ``None`` when it does."""
+    gluon = get_backend("gluon")
+    reason = gluon.unsupported_reason(q, k, v, pattern, return_lse=False)
+    if reason is None:
+        reason = gluon.slower_than_triton_reason(q, plan_for(pattern, causal=causal))
+    return reason
 
 
 def resolve_backend(
-    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool
+    backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    *,
+    causal: bool,
+    return_lse: bool,
 ) -> str:
     """The backend that will run this case; warns (once per reason) when it is not the one asked for."""
     if backend not in BACKENDS:
@@ -37,12 +75,22 @@ def resolve_backend(
         )
         return "reference"
     if backend == "auto":
-        preferred = ("triton", "flex") if q.device.type == "cuda" else ("flex",)
+        if q.device.type != "cuda":
+            preferred = ("flex",)
+        else:
+            skipped = _auto_skips_gluon(q, k, v, pattern, causal=causal)
+            if skipped is None:
+                logger.debug("backend auto: gluon")
+                return "gluon"
+            logger.debug("backend auto: not gluon, %s", skipped)
+            preferred = ("triton", "flex")
+    elif backend == "gluon":
+        preferred = ("gluon", "triton", "flex")
     else:
         preferred = (backend,)
     reasons = []
     for name in preferred:
-        reason = _unsupported_reason(name, q, pattern, return_lse)
+        reason = get_backend(name).unsupported_reason(q, k, v, pattern, return_lse=return_lse)
         if reason is None:
             if name != preferred[0]:
                 warnings.warn(f"{reasons[0]}: using the {name} backend", stacklevel=3)
@@ -64,7 +112,5 @@ def run_backend(
     scale: float,
     return_lse: bool,
 ):
-    return _RUNNERS[name](q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
-
-
-__all__ = ["BACKENDS", "resolve_backend", "run_backend", "reference_attention", "flex_attention_forward", "triton_attention"]
+    """Run backend ``name`` (a resolved name, not ``auto``) on a checked case."""
+    return get_backend(name).forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)

@@ -1,8 +1,13 @@
-"""FlexAttention backend: PyTorch's compiled FlexAttention driven by the pattern as a ``BlockMask``.
+"""FlexAttention backend: PyTorch's compiled FlexAttention driven by the plan as a ``BlockMask``.
 
-The fast path on CPU and the "what users would pick instead" baseline on GPU. The
-compiled function is created once; ``torch.compile`` then specializes once per shape
-(the ``mask_mod`` objects are cached per geometry so they never force a recompile).
+The "what users would pick instead" baseline on GPU. The compiled function is created once;
+``torch.compile`` then specializes once per shape (the ``mask_mod`` objects are cached per
+geometry so they never force a recompile).
+
+The ``BlockMask`` is made from the pattern's plan (:mod:`sparse_attn.plan`): its full blocks go
+to the ``full_kv_*`` lists (no ``mask_mod`` evaluated), the partial ones (diagonal blocks,
+sequence tails) carry the causal / bounds ``mask_mod``. It is built once per (pattern, causal,
+query heads) and cached on the pattern.
 
 Dynamo's default of 8 specializations per function is too few for a library called at
 many lengths, and past it Dynamo silently runs FlexAttention *eagerly*, which
@@ -19,19 +24,24 @@ import warnings
 import torch
 
 from ..pattern import BlockSparsePattern
-from .reference import reference_attention
+from ..plan import BlockSparsePlan, plan_for
+from . import reference
+
+name = "flex"
 
 _SPECIALIZATION_LIMIT = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_unsupported_reason(q: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool) -> str | None:
+def unsupported_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool
+) -> str | None:
     """Why FlexAttention cannot run this case, or ``None`` when it can."""
     if q.device.type == "cpu" and return_lse:
         return "FlexAttention on CPU cannot return the log-sum-exp"
@@ -42,6 +52,60 @@ def flex_unsupported_reason(q: torch.Tensor, pattern: BlockSparsePattern, *, ret
     if q.device.type == "cuda" and (pattern.block_q % 16 or pattern.block_k % 16):
         return "FlexAttention on CUDA needs block sizes that are multiples of 16"
     return None
+
+
+@functools.cache
+def _bounds_mask_mod(offset: int, seq_k: int, causal: bool):
+    """One ``mask_mod`` object per (offset, seq_k, causal), so compiled FlexAttention is reused across calls."""
+    if causal:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx + offset >= kv_idx) & (kv_idx < seq_k)
+
+    else:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx < seq_k
+
+    return mask_mod
+
+
+def block_mask(plan: BlockSparsePlan, *, num_q_heads: int | None = None):
+    """FlexAttention ``BlockMask`` computing exactly the plan's pattern.
+
+    ``num_q_heads`` expands a per-KV-head pattern to the query heads (FlexAttention takes one
+    list per query head, or one for all).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    pattern = plan.pattern
+    counts, indices, full_counts = pattern.kv_counts, pattern.kv_indices, plan.full_counts
+    if num_q_heads is not None and num_q_heads != pattern.num_heads:
+        group = num_q_heads // pattern.num_heads
+        counts, indices, full_counts = (x.repeat_interleave(group, dim=1) for x in (counts, indices, full_counts))
+    slots = torch.arange(pattern.max_kv, device=pattern.device)
+    # Full entries lead each sorted list; the partial ones follow them.
+    full_indices = torch.where(slots < full_counts[..., None], indices, 0)
+    partial_counts = counts - full_counts
+    shifted = torch.clamp(slots + full_counts[..., None].long(), max=pattern.max_kv - 1)
+    partial_indices = torch.where(slots < partial_counts[..., None], torch.gather(indices, -1, shifted), 0)
+
+    def padded(selected: torch.Tensor) -> torch.Tensor:
+        width = pattern.num_kv_blocks
+        out = torch.zeros((*selected.shape[:3], width), dtype=torch.int32, device=pattern.device)
+        keep = min(width, selected.shape[-1])
+        out[..., :keep] = selected[..., :keep]
+        return out
+
+    return BlockMask.from_kv_blocks(
+        partial_counts.contiguous(),
+        padded(partial_indices),
+        full_counts.contiguous(),
+        padded(full_indices),
+        BLOCK_SIZE=(pattern.block_q, pattern.block_k),
+        mask_mod=_bounds_mask_mod(pattern.seq_k - pattern.seq_q, pattern.seq_k, plan.causal),
+        seq_lengths=(pattern.seq_q, pattern.seq_k),
+    )
 
 
 def _kernel_options(q: torch.Tensor, pattern: BlockSparsePattern) -> dict | None:
@@ -56,7 +120,7 @@ def _kernel_options(q: torch.Tensor, pattern: BlockSparsePattern) -> dict | None
     return {"BLOCK_M": min(pattern.block_q, 128), "BLOCK_N": min(pattern.block_k, 128)}
 
 
-def flex_attention_forward(
+def forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -65,18 +129,15 @@ def flex_attention_forward(
     causal: bool,
     scale: float,
     return_lse: bool = False,
-    block_mask=None,
 ):
-    """Block-sparse attention through FlexAttention. ``block_mask`` may be passed to reuse one."""
-    if block_mask is None:
-        expand = pattern.num_heads not in (1, q.shape[1])
-        num_q_heads = q.shape[1] if expand else None
-        # Planned once per pattern and reused by later calls (building it costs a few kernels).
-        block_mask = pattern.cached_plan(("block_mask", causal, num_q_heads))
-        if block_mask is None:
-            block_mask = pattern.store_plan(
-                ("block_mask", causal, num_q_heads), pattern.to_block_mask(causal=causal, num_q_heads=num_q_heads)
-            )
+    """Block-sparse attention through FlexAttention. Shapes as in :func:`sparse_attn.block_sparse_attention`."""
+    expand = pattern.num_heads not in (1, q.shape[1])
+    num_q_heads = q.shape[1] if expand else None
+    # Built once per pattern and reused by later calls (building it costs a few kernels).
+    key = ("flex_block_mask", bool(causal), num_q_heads)
+    mask = pattern.cached_plan(key)
+    if mask is None:
+        mask = pattern.store_plan(key, block_mask(plan_for(pattern, causal=causal), num_q_heads=num_q_heads))
     flex = _compiled_flex_attention()
     group = q.shape[1] // k.shape[1]
     limits = dict(
@@ -90,7 +151,7 @@ def flex_attention_forward(
                 q,
                 k,
                 v,
-                block_mask=block_mask,
+                block_mask=mask,
                 scale=scale,
                 enable_gqa=group > 1,
                 return_lse=return_lse,
@@ -101,7 +162,7 @@ def flex_attention_forward(
             f"FlexAttention was compiled for more than {_SPECIALIZATION_LIMIT} shapes: using the reference backend",
             stacklevel=3,
         )
-        return reference_attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
+        return reference.forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
     if return_lse:
         out, lse = result
         return out, lse.float()

@@ -3,7 +3,8 @@
 The oracle every fast path is tested against. It gathers, for a chunk of query blocks,
 only the KV blocks their lists name, so memory stays ``O(chunk * block * max_kv)`` and
 never ``O(S^2)``. Arithmetic runs in float32 (float64 inputs stay float64). It supports
-autograd, so it is also the path for inputs that require gradients.
+autograd, so it is also the path for inputs that require gradients, and it runs every case
+(any device, dtype, head_dim and block size).
 """
 
 from __future__ import annotations
@@ -12,8 +13,17 @@ import torch
 
 from ..pattern import BlockSparsePattern
 
+name = "reference"
+
 # Upper bound on score elements materialized at once (per chunk of query blocks).
 _SCORE_BUDGET = 1 << 22
+
+
+def unsupported_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool
+) -> str | None:
+    """Always ``None``: the reference backend runs every case."""
+    return None
 
 
 def _blocked(x: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
@@ -25,7 +35,7 @@ def _blocked(x: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
     return x.view(batch, heads, n_blocks, block, dim)
 
 
-def reference_attention(
+def forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -71,7 +81,9 @@ def reference_attention(
         for first in range(0, n_q, blocks_per_chunk):
             blocks = torch.arange(first, min(first + blocks_per_chunk, n_q), device=q.device)
             counts = pattern.kv_counts[pattern_batch, pattern_head, blocks[None, None, :]]  # (B, h, c)
-            indices = pattern.kv_indices[pattern_batch[..., None], pattern_head[..., None], blocks[None, None, :, None], slots]
+            indices = pattern.kv_indices[
+                pattern_batch[..., None], pattern_head[..., None], blocks[None, None, :, None], slots
+            ]
             used = slots < counts[..., None]  # (B, h, c, max_kv)
             indices = torch.where(used, indices, 0).long()
             keys = k_blocks[batch_index[..., None], kv_head[..., None], indices].flatten(3, 4).to(compute_dtype)

@@ -1,4 +1,4 @@
-"""The warp-specialized Gluon Hopper kernel (backends/gluon_hopper.py).
+"""The warp-specialized Gluon Hopper kernel (backends/gluon.py) and how backends choose it.
 
 Gluon has no interpreter, so on CPU the kernel is compiled ahead of time for sm_90 (Triton's
 own ptxas included) over its constexpr variants: it must compile, use wgmma and register
@@ -14,15 +14,19 @@ import random
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from helpers import TOLERANCE, poisoned_view, relative_error
 
 import sparse_attn as sa
-from sparse_attn.backends import gluon_hopper, triton_kernel
+from sparse_attn.backends import configs, launch, resolve_backend
+from sparse_attn.backends import gluon as gluon_backend
+from sparse_attn.backends import triton as triton_backend
+from sparse_attn.plan import plan_for
 
-needs_gluon = pytest.mark.skipif(gluon_hopper.gluon is None, reason="this Triton has no Gluon")
+needs_gluon = pytest.mark.skipif(gluon_backend.gluon is None, reason="this Triton has no Gluon")
 
 
 def _compile_for_sm90(**variant):
@@ -53,7 +57,7 @@ def test_gluon_kernel_compiles_for_sm90_without_spills(variant):
     compiled = _compile_for_sm90(**variant)
     ptx, report = compiled["ptx"], compiled["report"]
     # The K/V ring is as deep as shared memory allows: 3 stages at head_dim 128 with 128-key tiles.
-    assert compiled["shared"] <= gluon_hopper._SHARED_BYTES
+    assert compiled["shared"] <= configs.GLUON_SHARED_BYTES
     head_dim, block_k = variant.get("HEAD_DIM", 128), variant.get("BLOCK_K", 128)
     assert compiled["stages"] == (3 if (head_dim, block_k % 128) == (128, 0) else 4)
     assert "wgmma.mma_async" in ptx
@@ -71,9 +75,9 @@ def _tensors(dtype=torch.bfloat16, dim=128, transposed=False):
 
 
 def test_gluon_unsupported_reasons():
-    reason = gluon_hopper.gluon_unsupported_reason
+    reason = gluon_backend.cannot_run_reason
     pattern = sa.dense_pattern(seq_q=100)
-    if gluon_hopper.gluon is None:
+    if gluon_backend.gluon is None:
         assert "Gluon" in reason(*_tensors(), pattern, (9, 0))
         return
     assert reason(*_tensors(), pattern, (9, 0)) is None
@@ -108,10 +112,9 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [True, False])
-def test_gpu_gluon_matches_reference(shape, dtype, causal, monkeypatch, poison_outputs):
+def test_gpu_gluon_matches_reference(shape, dtype, causal, poison_outputs):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is for Hopper")
-    monkeypatch.setattr(triton_kernel, "kernel_choice", "gluon")  # a case it cannot run raises
     seed = random.SystemRandom().randrange(2**31)
     batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
     generator = torch.Generator().manual_seed(seed)
@@ -126,62 +129,88 @@ def test_gpu_gluon_matches_reference(shape, dtype, causal, monkeypatch, poison_o
             block_q=block_q, block_k=block_k, causal=causal, device="cuda",
         )  # fmt: skip
         context = f"seed {seed}, density {density}"
-        out, lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="triton", return_lse=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to another backend would warn
+            out, lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="gluon", return_lse=True)
+            plain = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="gluon")
         ref, ref_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference", return_lse=True)
         assert torch.isfinite(out).all(), f"unwritten output or a row read past the sequence ({context})"
         assert relative_error(out, ref) <= TOLERANCE[dtype], context
         assert torch.allclose(lse, ref_lse, atol=2e-2), context
-        plain = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="triton")
         assert torch.equal(plain, out), f"the LSE variant computes different outputs ({context})"
 
 
 @pytest.mark.gpu
 @needs_gluon
-def test_gpu_gluon_choice_refuses_what_it_cannot_run(monkeypatch):
-    monkeypatch.setattr(triton_kernel, "kernel_choice", "gluon")
+def test_gpu_gluon_falls_back_to_triton_where_it_cannot_run():
     q, k, v = (torch.randn(1, 2, 256, 256, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    with pytest.raises(ValueError, match="head_dim"):
-        sa.block_sparse_attention(q, k, v, sa.dense_pattern(seq_q=256, device="cuda"), backend="triton")
+    pattern = sa.dense_pattern(seq_q=256, device="cuda")
+    with pytest.warns(UserWarning, match="head_dim 64 or 128, not 256: using the triton backend"):
+        out = sa.block_sparse_attention(q, k, v, pattern, backend="gluon")
+    ref = sa.block_sparse_attention(q, k, v, pattern, backend="reference")
+    assert relative_error(out, ref) <= TOLERANCE[torch.bfloat16]
 
 
-def test_kernel_choice_picks_gluon_where_it_is_faster(monkeypatch):
-    skip = triton_kernel.gluon_skip_reason
-    q, k, v = _tensors()
-    dense = sa.dense_pattern(seq_q=100)
-    if gluon_hopper.gluon is None:
-        assert skip(q, k, v, dense, (9, 0)) is not None
-        return
-    assert skip(q, k, v, dense, (9, 0)) is None
-    assert "9.x" in skip(q, k, v, dense, (8, 9))
+@pytest.mark.gpu
+@needs_gluon
+def test_gpu_auto_picks_gluon_on_hopper_and_gluon_takes_what_auto_leaves():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper")
+    q, k, v = (torch.randn(1, 4, 2048, dim, device="cuda", dtype=torch.bfloat16) for dim in (128, 128, 128))
+    dense = sa.dense_pattern(seq_q=2048, device="cuda")
+    assert resolve_backend("auto", q, k, v, dense, causal=True, return_lse=False) == "gluon"
+    q64, k64, v64 = (x[..., :64].contiguous() for x in (q, k, v))
+    assert resolve_backend("auto", q64, k64, v64, dense, causal=True, return_lse=False) == "triton"
+    assert resolve_backend("gluon", q64, k64, v64, dense, causal=True, return_lse=False) == "gluon"
+    assert resolve_backend("triton", q, k, v, dense, causal=True, return_lse=False) == "triton"
+
+
+def test_gluon_falls_back_with_one_warning_naming_why():
+    # This machine has no Hopper GPU (or interprets Triton): the Gluon kernel cannot run.
+    q, k, v = (torch.randn(1, 2, 64, 64) for _ in range(3))
+    pattern = sa.dense_pattern(seq_q=64, block_q=16, block_k=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = sa.block_sparse_attention(q, k, v, pattern, backend="gluon")
+    ours = [w for w in caught if issubclass(w.category, UserWarning)]
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    message = str(ours[0].message)
+    assert "Gluon" in message and "using the" in message
+    expected = sa.block_sparse_attention(q, k, v, pattern, backend="reference")
+    assert relative_error(out, expected) <= 1e-4
+
+
+def test_auto_leaves_sparse_head_dim_64_to_the_triton_kernel():
+    slower = gluon_backend.slower_than_triton_reason
+    q, _, _ = _tensors()
+    q64, _, _ = _tensors(dim=64)
     # head_dim 64: the Gluon kernel only from a mean of 17+ kept blocks per query block.
-    q64, k64, v64 = _tensors(dim=64)
     long_dense = sa.dense_pattern(seq_q=4096)  # 16.5 blocks per query block on average
-    assert "Triton kernel" in skip(q64, k64, v64, sa.dense_pattern(seq_q=2048), (9, 0))
-    assert skip(q64, k64, v64, long_dense, (9, 0)) is None
-    monkeypatch.setattr(triton_kernel, "kernel_choice", "gluon")
-    assert skip(q64, k64, v64, sa.dense_pattern(seq_q=2048), (9, 0)) is None
-    with pytest.raises(ValueError, match="kernel_choice is 'gluon' but .*9.x"):
-        skip(q, k, v, dense, (10, 0))
-    monkeypatch.setattr(triton_kernel, "kernel_choice", "triton")
-    assert skip(q, k, v, dense, (9, 0)) == "kernel_choice is 'triton'"
-    monkeypatch.setattr(triton_kernel, "kernel_choice", "fastest")
-    with pytest.raises(ValueError, match="SPARSE_ATTN_KERNEL"):
-        skip(q, k, v, dense, (9, 0))
+    assert "Triton kernel" in slower(q64, plan_for(sa.dense_pattern(seq_q=2048), causal=True))
+    assert slower(q64, plan_for(long_dense, causal=True)) is None
+    assert slower(q, plan_for(sa.dense_pattern(seq_q=2048), causal=True)) is None
+
+
+def test_gluon_backend_refuses_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = _tensors()
+    assert "interpreter" in gluon_backend.unsupported_reason(q, k, v, sa.dense_pattern(seq_q=100), return_lse=False)
 
 
 @needs_gluon
 def test_both_kernels_take_the_same_leading_arguments():
-    # triton_kernel.launch_arguments builds Q ... qk_scale once for both kernels.
+    # launch.launch_arguments builds Q ... qk_scale once for both kernels.
     import inspect
 
     def names(kernel):
         return list(inspect.signature(kernel.fn).parameters)
 
-    triton_names = names(triton_kernel._block_sparse_forward)
-    gluon_names = names(gluon_hopper._gluon_block_sparse_forward)
+    triton_names = names(triton_backend._block_sparse_forward)
+    gluon_names = names(gluon_backend._gluon_block_sparse_forward)
     shared = triton_names[: triton_names.index("qk_scale") + 1]
     assert gluon_names[: len(shared)] == shared
     assert all(name.isupper() for name in gluon_names[len(shared) :])  # the rest are constexprs
     q, k, v = _tensors()
-    out, lse, args = triton_kernel.launch_arguments(q, k, v, sa.dense_pattern(seq_q=100), causal=True, scale=0.1, return_lse=False)
+    plan = plan_for(sa.dense_pattern(seq_q=100), causal=True)
+    out, lse, args = launch.launch_arguments(q, k, v, plan, scale=0.1, return_lse=False)
     assert len(args) == len(shared) and args[3] is out and lse is out

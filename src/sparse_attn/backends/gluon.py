@@ -1,15 +1,15 @@
-"""Hopper (sm_90) block-sparse attention forward in Gluon, warp-specialized.
+"""Gluon backend: warp-specialized block-sparse attention forward for Hopper (sm_90).
 
-The Triton kernel (:mod:`.triton_kernel`) leaves the schedule to the compiler: every warp
-loads, multiplies and exponentiates in turn. On H100 that reaches ~90 % of cuDNN's dense rate.
-This kernel writes the schedule of FlashAttention-3 (Shah et al., 2024, "FlashAttention-3:
-Fast and Accurate Attention with Asynchrony and Low-precision", section 3) by hand in Gluon
-(``triton.experimental.gluon``), for the block-sparse walk of the Triton kernel:
+The Triton kernel (:mod:`.triton`) leaves the schedule to the compiler: every warp loads,
+multiplies and exponentiates in turn. This kernel writes the schedule of FlashAttention-3
+(Shah et al., 2024, "FlashAttention-3: Fast and Accurate Attention with Asynchrony and
+Low-precision", section 3) by hand in Gluon (``triton.experimental.gluon``), for the
+block-sparse walk of the Triton kernel:
 
 * warp specialization: one producer warp issues TMA loads of the query tile and, for every
   listed KV block, of its K and V tiles into a ring of ``STAGES`` shared-memory slots (as many
-  as fit: 3 at head_dim 128, see :func:`_stages`), with
-  mbarriers signalling "ready" (transaction count) and "free" (consumers done);
+  as fit, see :func:`.configs.gluon_stages`), with mbarriers signalling "ready" (transaction
+  count) and "free" (consumers done);
 * two consumer warpgroups, each owning 64 of the tile's 128 query rows, run independently
   (each waits for its own data and releases slots by arriving on a count-2 barrier), so one
   warpgroup's softmax overlaps the other's tensor-core work;
@@ -17,18 +17,21 @@ Fast and Accurate Attention with Asynchrony and Low-precision", section 3) by ha
   step ``j - 1`` are in flight together while the softmax of step ``j`` waits only for the
   former (``warpgroup_mma_wait(1)``); ``P`` stays in registers as the A operand.
 
-The block walk, masks and numerics are those of the Triton kernel: scores are kept in log2
-units with the scale folded into one multiply, a row with nothing visible yet keeps ``m = 0``
-instead of ``-inf``, full blocks (every row sees every key) skip the mask, and the mask
-(causal and/or key bounds) is applied from the list's first non-full block on. Loads go
-through tensor descriptors made on the device per (batch, head) with that head's sequence
-length as the row bound, so rows past the end read as zeros.
+The block walk, masks and numerics are those of the Triton kernel: query blocks in the plan's
+work order, scores kept in log2 units with the scale folded into one multiply, a row with
+nothing visible yet keeps ``m = 0`` instead of ``-inf``, full blocks (the plan's full counts:
+every row sees every key) skip the mask, and the mask (causal and/or key bounds) is applied
+from the list's first partial block on. Loads go through tensor descriptors made on the device
+per (batch, head) with that head's sequence length as the row bound, so rows past the end read
+as zeros. The launch arguments are the Triton kernel's (:mod:`.launch`).
 
 Scope: compute capability 9.x, float16/bfloat16, head_dim 64 or 128, pattern blocks
 ``block_q`` a multiple of 128 and ``block_k`` a multiple of 64, 16-byte aligned addresses
-and strides (see :func:`gluon_unsupported_reason`). Everything else runs on the Triton kernel.
-Gluon has no interpreter, so CPU tests compile this kernel for sm_90 (``triton.compile`` with
-a ``GPUTarget``, ptxas included) and the GPU tests compare it with the reference backend.
+and strides (:func:`cannot_run_reason`); ``backend="gluon"`` falls back to the Triton kernel
+elsewhere. ``auto`` also leaves sparse head_dim-64 cases to the Triton kernel
+(:func:`slower_than_triton_reason`). Gluon has no interpreter, so CPU tests compile this kernel
+for sm_90 (``triton.compile`` with a ``GPUTarget``, ptxas included) and the GPU tests compare
+it with the reference backend.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ import torch
 
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
+from ..plan import BlockSparsePlan, plan_for
+from ..utils import device_capability, interpreting
+from . import configs
+from .configs import GLUON_BLOCK_M
+from .launch import descriptor_compatible, ensure_scratch_allocator, launch_arguments
 
 try:
     from triton.experimental import gluon
@@ -50,22 +58,20 @@ try:
 except ImportError:  # pragma: no cover - triton missing or without Gluon
     gluon = None
 
-# Tile: 128 query rows per program (two consumer warpgroups of 64), BLOCK_N keys per step.
-BLOCK_M = 128
-# Shared memory per block on sm_90 (227 KiB), what the barriers and the compiler's scratch
-# need beside the tiles, and the deepest K/V ring worth having.
-_SHARED_BYTES = 232448
-_SHARED_RESERVE = 3072
-_MAX_STAGES = 4
+name = "gluon"
+
+# auto takes this kernel at head_dim 64 only from a mean of 17+ kept blocks per query block
+# (work bucket 5): below that the Triton kernel was as fast or faster on Hopper
+# (benchmarks/results/h100/kernels_gluon.json); the fixed cost per program (descriptors,
+# barriers, one program per SM) weighs more when each program does little.
+MIN_WORK_BUCKET_SMALL_DIM = 5
 
 
-def gluon_unsupported_reason(
+def cannot_run_reason(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, capability: tuple[int, int] | None
 ) -> str | None:
-    """Why the Gluon Hopper kernel cannot run this case, or ``None`` when it can.
-
-    ``capability`` is the device's compute capability (``None`` off CUDA).
-    """
+    """Why the Gluon kernel cannot run this case on a device of this compute capability
+    (``None`` off CUDA), or ``None`` when it can."""
     if gluon is None:
         return "this Triton has no Gluon (triton.experimental.gluon)"
     if capability is None:
@@ -76,32 +82,29 @@ def gluon_unsupported_reason(
         return f"the Gluon kernel takes float16 or bfloat16, not {q.dtype}"
     if q.shape[-1] not in (64, 128):
         return f"the Gluon kernel takes head_dim 64 or 128, not {q.shape[-1]}"
-    if pattern.block_q % BLOCK_M:
-        return f"the Gluon kernel needs block_q a multiple of {BLOCK_M}, got {pattern.block_q}"
+    if pattern.block_q % GLUON_BLOCK_M:
+        return f"the Gluon kernel needs block_q a multiple of {GLUON_BLOCK_M}, got {pattern.block_q}"
     if pattern.block_k % 64:
         return f"the Gluon kernel needs block_k a multiple of 64, got {pattern.block_k}"
-    from .triton_kernel import _descriptor_compatible
-
-    if not all(_descriptor_compatible(x) for x in (q, k, v)):
+    if not all(descriptor_compatible(x) for x in (q, k, v)):
         return "the Gluon kernel needs 16-byte aligned addresses and strides with contiguous rows"
     return None
 
 
-def _block_n(block_k: int) -> int:
-    return 128 if block_k % 128 == 0 else 64
+def unsupported_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool
+) -> str | None:
+    """Why the Gluon kernel cannot run this case here, or ``None`` when it can."""
+    if interpreting():
+        return "the Gluon kernel has no interpreter (TRITON_INTERPRET=1)"
+    return cannot_run_reason(q, k, v, pattern, device_capability(q.device))
 
 
-def _stages(head_dim: int, block_n: int, element_size: int = 2) -> int:
-    """K/V ring depth: as many (K, V) tile pairs as fit beside the query tile, at most ``_MAX_STAGES``.
-
-    On H100 at 128K (head_dim 128, 128-key tiles) three stages instead of two took dense causal
-    attention from 271 to 229 ms and random 10 % patterns from 28.5 to 25.6 ms
-    (``benchmarks/results/h100/NOTES.md``): loads have to run further ahead when K/V blocks come
-    from HBM rather than L2.
-    """
-    tile = block_n * head_dim * element_size
-    free = _SHARED_BYTES - _SHARED_RESERVE - BLOCK_M * head_dim * element_size
-    return max(2, min(_MAX_STAGES, free // (2 * tile)))
+def slower_than_triton_reason(q: torch.Tensor, plan: BlockSparsePlan) -> str | None:
+    """Why ``auto`` leaves a case this kernel can run to the Triton kernel, or ``None``."""
+    if q.shape[-1] < 128 and plan.work_bucket < MIN_WORK_BUCKET_SMALL_DIM:
+        return f"at head_dim {q.shape[-1]} sparse patterns run faster on the Triton kernel"
+    return None
 
 
 if gluon is not None:
@@ -117,8 +120,12 @@ if gluon is not None:
         q_desc = tma.make_tensor_descriptor(
             q_base, [seq_q, HEAD_DIM], [stride_qs, 1], [q_smem.type.shape[0], HEAD_DIM], q_smem.type.layout
         )
-        k_desc = tma.make_tensor_descriptor(k_base, [seq_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM], k_smem.type.layout)
-        v_desc = tma.make_tensor_descriptor(v_base, [seq_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, HEAD_DIM], v_smem.type.layout)
+        k_desc = tma.make_tensor_descriptor(
+            k_base, [seq_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM], k_smem.type.layout
+        )
+        v_desc = tma.make_tensor_descriptor(
+            v_base, [seq_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, HEAD_DIM], v_smem.type.layout
+        )
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [row_start, 0], q_bar, q_smem)
         for step in range(n_steps):
@@ -168,8 +175,12 @@ if gluon is not None:
     ):  # fmt: skip
         """One warpgroup: 64 query rows through every listed block, then the output rows."""
         HALF: gl.constexpr = 64
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         dtype: gl.constexpr = q_smem.dtype
 
@@ -188,7 +199,20 @@ if gluon is not None:
             s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s,))
             p, alpha, m_i, l_i = _softmax_step(
-                s, m_i, l_i, 0, n_full, index_base, query_pos, seq_k, qk_scale, s_layout, BLOCK_K, BLOCK_N, CAUSAL, EVEN_K
+                s,
+                m_i,
+                l_i,
+                0,
+                n_full,
+                index_base,
+                query_pos,
+                seq_k,
+                qk_scale,
+                s_layout,
+                BLOCK_K,
+                BLOCK_N,
+                CAUSAL,
+                EVEN_K,
             )
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         for step in range(1, n_steps):
@@ -202,7 +226,20 @@ if gluon is not None:
             # Softmax of this step while P V of the previous one is still running.
             s = warpgroup_mma_wait(1, deps=(s_token,))
             p, alpha, m_i, l_i = _softmax_step(
-                s, m_i, l_i, step, n_full, index_base, query_pos, seq_k, qk_scale, s_layout, BLOCK_K, BLOCK_N, CAUSAL, EVEN_K
+                s,
+                m_i,
+                l_i,
+                step,
+                n_full,
+                index_base,
+                query_pos,
+                seq_k,
+                qk_scale,
+                s_layout,
+                BLOCK_K,
+                BLOCK_N,
+                CAUSAL,
+                EVEN_K,
             )
             acc, p_op = warpgroup_mma_wait(0, deps=(acc_token, p_op))
             mbarrier.arrive(kv_free.index(prev), count=1)
@@ -230,7 +267,7 @@ if gluon is not None:
 
     @gluon.jit
     def _gluon_block_sparse_forward(
-        Q, K, V, Out, Lse, KvCounts, KvFullCounts, KvIndices,
+        Q, K, V, Out, Lse, KvCounts, KvFullCounts, KvIndices, WorkOrder,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os, stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
         num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale,
@@ -238,13 +275,14 @@ if gluon is not None:
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
     ):  # fmt: skip
         BLOCK_M: gl.constexpr = 128
+        TILES_PER_BLOCK: gl.constexpr = BLOCK_Q // BLOCK_M
         batch_head = gl.program_id(0)
-        # Heaviest (last) query tiles first: causal rows grow with position.
-        tile = gl.num_programs(1) - 1 - gl.program_id(1)
+        # Query blocks in the plan's work order (heaviest first), each cut into tiles of BLOCK_M rows.
+        q_block = gl.load(WorkOrder + gl.program_id(1) // TILES_PER_BLOCK)
+        tile = q_block * TILES_PER_BLOCK + gl.program_id(1) % TILES_PER_BLOCK
         batch = batch_head // num_q_heads
         head = batch_head % num_q_heads
         kv_head = head // group
-        q_block = tile // (BLOCK_Q // BLOCK_M)
         row_start = tile * BLOCK_M
 
         q_base = Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64) * stride_qh
@@ -307,7 +345,7 @@ if gluon is not None:
         )  # fmt: skip
 
 
-def gluon_attention(
+def forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -317,20 +355,19 @@ def gluon_attention(
     scale: float,
     return_lse: bool = False,
 ):
-    """Block-sparse attention with the Gluon Hopper kernel (call only where
-    :func:`gluon_unsupported_reason` returns ``None``). Shapes as in :func:`sparse_attn.block_sparse_attention`."""
-    from .triton_kernel import _ensure_scratch_allocator, launch_arguments
-
+    """Block-sparse attention with the Gluon kernel (call only where :func:`unsupported_reason`
+    returns ``None``). Shapes as in :func:`sparse_attn.block_sparse_attention`."""
+    plan = plan_for(pattern, causal=causal)
     batch, q_heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    out, lse, args = launch_arguments(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
-    _ensure_scratch_allocator()
-    grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // BLOCK_M))
-    block_n = _block_n(pattern.block_k)
+    out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse)
+    ensure_scratch_allocator()
+    grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // GLUON_BLOCK_M))
+    block_n = configs.gluon_block_n(pattern.block_k)
     _gluon_block_sparse_forward[grid](
         *args,
         HEAD_DIM=dim, BLOCK_Q=pattern.block_q, BLOCK_K=pattern.block_k, BLOCK_N=block_n,
-        STAGES=_stages(dim, block_n), CAUSAL=bool(causal), WRITE_LSE=bool(return_lse),
+        STAGES=configs.gluon_stages(dim, block_n), CAUSAL=bool(causal), WRITE_LSE=bool(return_lse),
         EVEN_K=seq_k % pattern.block_k == 0, EVEN_Q=seq_q % pattern.block_q == 0,
         num_warps=4,
     )  # fmt: skip

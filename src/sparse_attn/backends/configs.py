@@ -1,0 +1,178 @@
+"""Tuning choices of the Triton and Gluon kernels, and the one way to override them.
+
+Built-in policy:
+
+* Triton tiles: ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates per head_dim, one list
+  for 16-bit inputs (the head_dim 128 list holds the winners of ``benchmarks/kernel_configs.py``
+  on Hopper) and one for float32 (exact IEEE products; small tiles to fit shared memory). Only
+  tiles that divide the pattern's blocks are tried.
+* Triton load modes, the other autotune axis: ``"rows"`` (pointer loads, K read as ``(N, D)``
+  rows and transposed in registers), ``"columns"`` (pointer loads, K read as a ``(D, N)`` tile)
+  and ``"tma"`` (tensor-descriptor loads, compute capability >= 9, 16-bit inputs, 16-byte
+  aligned tensors). float32 reads rows only. 16-bit inputs take rows and columns where TMA is
+  not offered; where it is, rows and TMA: on sm_90 the two pointer layouts compile to the same
+  machine code, and neither pointer nor TMA loads win everywhere
+  (``benchmarks/results/*/kernels_pointer.log`` and ``kernels_tma.log``).
+* Under ``TRITON_INTERPRET=1`` there is no autotuning: one small tile runs, with row loads.
+* Gluon: 128-key steps where the pattern's ``block_k`` allows (else 64), and a K/V ring as deep
+  as shared memory allows beside the query tile (loads must run further ahead when K/V blocks
+  come from HBM rather than L2; ``benchmarks/results/h100/NOTES.md``).
+
+Override (benchmarks sweeping configurations, tests reaching one path): the
+:func:`kernel_configs` context manager, backed by a :class:`contextvars.ContextVar`, so an
+override holds for the calls inside the ``with`` block of this thread or task only and nests
+(inner fields replace outer ones; fields left ``None`` keep the outer or built-in choice)::
+
+    with kernel_configs(triton_tiles=[(128, 64, 4, 3)], triton_loads=["tma"]):
+        sa.block_sparse_attention(q, k, v, pattern, backend="triton")
+
+Under the interpreter ``triton_loads`` picks the one load mode that runs (TMA where the tensors
+allow descriptors, else columns if asked for, else rows), for any dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "LOAD_MODES",
+    "KernelConfigs",
+    "current",
+    "fitting_tiles",
+    "gluon_block_n",
+    "gluon_stages",
+    "interpreter_load_mode",
+    "kernel_configs",
+    "triton_load_modes",
+]
+
+Tile = tuple[int, int, int, int]
+
+LOAD_MODES = ("rows", "columns", "tma")
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per head_dim.
+TRITON_HALF_TILES: dict[int, tuple[Tile, ...]] = {
+    16: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
+    32: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
+    64: ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)),
+    128: ((128, 64, 4, 2), (128, 128, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2)),
+    256: ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)),
+}
+TRITON_FLOAT_TILES: dict[int, tuple[Tile, ...]] = {
+    **{dim: ((64, 32, 4, 2), (32, 32, 4, 2)) for dim in (16, 32, 64, 128)},
+    256: ((32, 32, 4, 1), (32, 16, 4, 1)),
+}
+
+# Gluon: query rows per program (two consumer warpgroups of 64), shared memory per block on
+# sm_90 (227 KiB), what the barriers and the compiler's scratch need beside the tiles, and the
+# deepest K/V ring worth having.
+GLUON_BLOCK_M = 128
+GLUON_SHARED_BYTES = 232448
+GLUON_SHARED_RESERVE = 3072
+GLUON_MAX_STAGES = 4
+
+
+@dataclass(frozen=True)
+class KernelConfigs:
+    """Overrides in force; ``None`` keeps the built-in policy (see the module docstring).
+
+    ``triton_tiles``: the Triton tile candidates, for every head_dim and dtype (those that do not
+    divide the pattern's blocks are dropped). ``triton_loads``: the Triton load modes to autotune
+    over, a subset of :data:`LOAD_MODES`, for 16-bit inputs (``"tma"`` only where it is offered).
+    ``gluon_stages``: the Gluon K/V ring depth.
+    """
+
+    triton_tiles: tuple[Tile, ...] | None = None
+    triton_loads: tuple[str, ...] | None = None
+    gluon_stages: int | None = None
+
+
+NO_OVERRIDES = KernelConfigs()
+_CURRENT: contextvars.ContextVar[KernelConfigs] = contextvars.ContextVar(
+    "sparse_attn_kernel_configs", default=NO_OVERRIDES
+)
+
+
+def current() -> KernelConfigs:
+    """The overrides in force for this thread or task."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def kernel_configs(
+    *,
+    triton_tiles: Sequence[Tile] | None = None,
+    triton_loads: Sequence[str] | None = None,
+    gluon_stages: int | None = None,
+) -> Iterator[KernelConfigs]:
+    """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
+    changes = {}
+    if triton_tiles is not None:
+        tiles = tuple(tuple(int(value) for value in tile) for tile in triton_tiles)
+        if not tiles or any(len(tile) != 4 or min(tile) < 1 for tile in tiles):
+            raise ValueError(
+                f"triton_tiles must be (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, got {triton_tiles!r}"
+            )
+        changes["triton_tiles"] = tiles
+    if triton_loads is not None:
+        loads = tuple(triton_loads)
+        if not loads or any(mode not in LOAD_MODES for mode in loads):
+            raise ValueError(f"triton_loads must be a non-empty subset of {LOAD_MODES}, got {triton_loads!r}")
+        changes["triton_loads"] = loads
+    if gluon_stages is not None:
+        if (
+            isinstance(gluon_stages, bool)
+            or not isinstance(gluon_stages, int)
+            or not 2 <= gluon_stages <= GLUON_MAX_STAGES
+        ):
+            raise ValueError(f"gluon_stages must be an int in [2, {GLUON_MAX_STAGES}], got {gluon_stages!r}")
+        changes["gluon_stages"] = gluon_stages
+    token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **changes))
+    try:
+        yield _CURRENT.get()
+    finally:
+        _CURRENT.reset(token)
+
+
+def fitting_tiles(head_dim: int, block_q: int, block_k: int, *, is_float32: bool) -> tuple[Tile, ...]:
+    """The Triton tile candidates whose tiles divide the pattern's blocks (a small default if none does)."""
+    candidates = current().triton_tiles or (TRITON_FLOAT_TILES if is_float32 else TRITON_HALF_TILES)[head_dim]
+    fitting = tuple(tile for tile in candidates if block_q % tile[0] == 0 and block_k % tile[1] == 0)
+    return fitting or ((min(block_q, 64), min(block_k, 32), 4, 2),)
+
+
+def triton_load_modes(*, is_float32: bool, tma_offered: bool) -> tuple[str, ...]:
+    """The load modes the Triton autotuner tries (see the module docstring)."""
+    if is_float32:
+        return ("rows",)
+    asked = current().triton_loads
+    if asked is None:
+        return ("rows", "tma") if tma_offered else ("rows", "columns")
+    usable = tuple(mode for mode in asked if tma_offered or mode != "tma")
+    return usable or ("rows", "columns")
+
+
+def interpreter_load_mode(*, descriptors_allowed: bool) -> str:
+    """The one load mode the interpreter runs: rows unless ``triton_loads`` asks for another."""
+    asked = current().triton_loads or ("rows",)
+    if "tma" in asked and descriptors_allowed:
+        return "tma"
+    return "columns" if "columns" in asked else "rows"
+
+
+def gluon_block_n(block_k: int) -> int:
+    """Keys per Gluon step: 128 where the pattern's KV block is a multiple of it, else 64."""
+    return 128 if block_k % 128 == 0 else 64
+
+
+def gluon_stages(head_dim: int, block_n: int, element_size: int = 2) -> int:
+    """K/V ring depth: the override, or as many (K, V) tile pairs as fit beside the query tile."""
+    if current().gluon_stages is not None:
+        return current().gluon_stages
+    tile = block_n * head_dim * element_size
+    free = GLUON_SHARED_BYTES - GLUON_SHARED_RESERVE - GLUON_BLOCK_M * head_dim * element_size
+    return max(2, min(GLUON_MAX_STAGES, free // (2 * tile)))

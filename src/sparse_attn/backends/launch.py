@@ -1,0 +1,97 @@
+"""The launch ABI the Triton and the Gluon kernel share.
+
+Both kernels take the same leading runtime arguments (tensors, strides, head mapping, lengths,
+scale), built once here by :func:`launch_arguments`, and both may read tiles through tensor
+descriptors made on the device, which need :func:`descriptor_compatible` tensors and global
+scratch from Triton's allocator (:func:`ensure_scratch_allocator`). Outputs come from
+:func:`allocate`, which tests replace to poison outputs so unwritten elements show.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..plan import BlockSparsePlan
+
+try:
+    import triton
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+__all__ = ["allocate", "descriptor_compatible", "ensure_scratch_allocator", "launch_arguments", "scratch_buffer"]
+
+LOG2_E = 1.4426950408889634
+
+
+def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialized kernel output (every element the kernel computes is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def descriptor_compatible(x: torch.Tensor) -> bool:
+    """Whether a kernel may read this (B, H, S, D) tensor through tensor descriptors.
+
+    The kernels build one descriptor per (batch, head) at ``x[b, h]`` with strides
+    ``(stride(2), 1)``, so that address and every stride the base offset uses must be a
+    multiple of 16 bytes, and rows must be contiguous and not overlap. A stride of a size-1
+    dimension never enters an address and is not checked.
+    """
+    size = x.element_size()
+    if x.stride(-1) != 1 or x.data_ptr() % 16:
+        return False
+    if x.stride(2) < x.shape[3] or (x.stride(2) * size) % 16:
+        return False
+    return all(x.shape[d] == 1 or (x.stride(d) * size) % 16 == 0 for d in (0, 1))
+
+
+def scratch_buffer(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for device-side tensor descriptors (128 bytes each, per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator() -> None:
+    """Install :func:`scratch_buffer` as Triton's allocator unless one is already set.
+
+    Kernels that build tensor descriptors on the device ask ``triton.set_allocator``'s
+    allocator for global scratch at launch and fail without one. Triton 3.6 has no public
+    getter, so the current allocator is read from ``triton.runtime._allocation``; an allocator
+    the caller set is kept. Should that private module change, ours is installed regardless
+    (a launch without any allocator would fail). The allocator is a context variable: a thread
+    that has none gets ours on its first descriptor-reading call.
+    """
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        unset = True
+    if unset:
+        triton.set_allocator(scratch_buffer)
+
+
+def launch_arguments(q, k, v, plan: BlockSparsePlan, *, scale: float, return_lse: bool):
+    """``(out, lse, args)``: the outputs (from :func:`allocate`) and the leading runtime
+    arguments both kernels take, ``Q`` through ``qk_scale`` (``lse`` is ``out`` when not asked
+    for; the kernels then never touch it)."""
+    pattern = plan.pattern
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    out = allocate((batch, q_heads, seq_q, dim), q.dtype, q.device)
+    lse = allocate((batch, q_heads, seq_q), torch.float32, q.device) if return_lse else out
+    # counts and full counts share one offset computation in the kernels: both contiguous.
+    counts = pattern.kv_counts.contiguous()
+    indices = pattern.kv_indices.contiguous()
+    pattern_batch_stride = 0 if pattern.batch == 1 else counts.stride(0)
+    index_batch_stride = 0 if pattern.batch == 1 else indices.stride(0)
+    args = (
+        q, k, v, out, lse, counts, plan.full_counts, indices, plan.work_order,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        pattern_batch_stride, counts.stride(1),
+        index_batch_stride, indices.stride(1), indices.stride(2),
+        q_heads, q_heads // kv_heads, q_heads // pattern.num_heads,
+        seq_q, seq_k, scale * LOG2_E,
+    )  # fmt: skip
+    return out, lse, args

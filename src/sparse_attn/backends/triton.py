@@ -1,0 +1,388 @@
+"""Triton backend: the portable block-sparse FlashAttention forward (any NVIDIA GPU).
+
+One program computes one tile of ``BLOCK_M`` query rows of one query head. Programs take the
+query blocks in the plan's work order (heaviest first) and walk only the KV blocks their list
+names, with the online softmax of FlashAttention-2: first the blocks every row sees in full
+(the plan's full counts: no mask work), then the partial ones (diagonal blocks and sequence
+tails) with the causal / bounds mask. When the key (query) length is a whole number of pattern
+blocks, no bounds masks are built on key (query) loads and stores at all. GQA is resolved by
+index (query head ``h`` reads KV head ``h // group``), so K and V are never expanded. Pattern
+blocks may be larger than the kernel tiles: a query block is split over several programs and
+a KV block over several inner iterations.
+
+Tiles are read through pointers (K either row-wise or column-wise), or through TMA tensor
+descriptors (constexpr ``USE_TMA``; an autotune axis for 16-bit inputs on compute capability
+>= 9 with 16-byte aligned addresses and strides, see :mod:`.configs`). The descriptors are
+made on the device (``tl.make_tensor_descriptor``), one per (batch, head) for Q, K and V with
+that head's sequence length as the row bound, so TMA returns zeros for rows past the end and
+the masks stay those of the pointer path. Device-side rather than host-side
+(``triton.tools.tensor_descriptor.TensorDescriptor``) descriptors because their block shape
+follows the autotuned ``BLOCK_M`` / ``BLOCK_N`` inside the kernel (a host descriptor's block
+shape is fixed when it is built, so every config would need a pre-hook rewriting the shared
+argument), the kernel signature and the pointer path stay as they are (no descriptor arguments
+to build, even where descriptors are not allowed), and any (B, H, S, D) strides, including the
+(B, S, H, D) storage transformers passes, work with one 2-D descriptor per head. The price:
+each program writes its descriptors (128 bytes each) to global scratch from Triton's allocator,
+which the launcher installs when none is set (:mod:`.launch`), and fences them before use.
+
+Autotuning: tile candidates and load modes from :mod:`.configs` (overridable there), keyed by
+``ceil(log2(seq_k))`` and the plan's work bucket, so long or dense cases do not reuse a
+short or sparse tuning. On Hopper ``auto`` prefers the warp-specialized :mod:`.gluon` kernel
+where it applies; ``backend="triton"`` always runs this one.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) one small tile configuration runs instead of the
+autotuned set, and bf16 products are taken in float32 because the interpreter's bf16
+``dot`` is wrong; the GPU path is tested separately (``pytest -m gpu``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..geometry import num_blocks
+from ..pattern import BlockSparsePattern
+from ..plan import plan_for
+from ..utils import device_capability, interpreting
+from . import configs
+from .launch import descriptor_compatible, ensure_scratch_allocator, launch_arguments
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+name = "triton"
+
+
+def unsupported_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool
+) -> str | None:
+    """Why the Triton kernel cannot run this case, or ``None`` when it can."""
+    if triton is None:
+        return "triton is not installed (pip install 'sparse-attn[triton]')"
+    if q.device.type != "cuda" and not interpreting():
+        return f"the Triton kernel needs a CUDA device (got {q.device.type}; set TRITON_INTERPRET=1 to interpret it on CPU)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernel takes float16, bfloat16 or float32, not {q.dtype}"
+    dim = q.shape[-1]
+    if dim not in (16, 32, 64, 128, 256):
+        return f"the Triton kernel takes head_dim 16, 32, 64, 128 or 256, not {dim}"
+    for block_name in ("block_q", "block_k"):
+        block = getattr(pattern, block_name)
+        if block < 16 or block & (block - 1):
+            return f"the Triton kernel needs {block_name} to be a power of two >= 16, got {block}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_blocks(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        index_base,
+        first_slot,
+        last_slot,
+        stride_ks,
+        stride_vs,
+        query_pos,
+        seq_k,
+        qk_scale,
+        offs_n,
+        offs_d,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        MASKED: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
+        K_TRANSPOSED: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        USE_TMA: tl.constexpr,
+    ):
+        """Online-softmax update over the KV blocks in slots ``[first_slot, last_slot)``.
+
+        ``EVEN_K``: the key length is a multiple of the pattern's KV block, so no listed key
+        lies past the end and masked blocks need only the causal mask.
+
+        ``USE_TMA``: ``k_base`` and ``v_base`` are tensor descriptors (``tl.make_tensor_descriptor``
+        over this KV head's ``(seq_k, HEAD_DIM)`` rows) instead of pointers; ``stride_ks``,
+        ``stride_vs``, ``offs_d`` and ``K_TRANSPOSED`` are then unused.
+        """
+        SUBTILES: tl.constexpr = BLOCK_K // BLOCK_N
+        for step in range(first_slot * SUBTILES, last_slot * SUBTILES):
+            kv_block = tl.load(index_base + step // SUBTILES)
+            key_start = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N
+            key_pos = key_start + offs_n
+            if USE_TMA:
+                # k_base / v_base are (seq_k, HEAD_DIM) tensor descriptors: rows at or past
+                # seq_k come back as zeros, and the score mask below hides those keys.
+                if MASKED and not EVEN_K:
+                    in_bounds = key_pos < seq_k
+                k_tile = tl.trans(k_base.load([key_start, 0]))
+                v = v_base.load([key_start, 0])
+            else:
+                # K is read either as (N, D) rows and transposed in registers, or directly as a
+                # (D, N) tile; which one is faster depends on the tile shape (autotuned).
+                k_rows = k_base + key_pos[:, None] * stride_ks + offs_d[None, :]
+                k_columns = k_base + key_pos[None, :] * stride_ks + offs_d[:, None]
+                v_rows = v_base + key_pos[:, None] * stride_vs + offs_d[None, :]
+                if MASKED and not EVEN_K:
+                    in_bounds = key_pos < seq_k
+                    if K_TRANSPOSED:
+                        k_tile = tl.load(k_columns, mask=in_bounds[None, :], other=0.0)
+                    else:
+                        k_tile = tl.trans(tl.load(k_rows, mask=in_bounds[:, None], other=0.0))
+                    v = tl.load(v_rows, mask=in_bounds[:, None], other=0.0)
+                else:
+                    if K_TRANSPOSED:
+                        k_tile = tl.load(k_columns)
+                    else:
+                        k_tile = tl.trans(tl.load(k_rows))
+                    v = tl.load(v_rows)
+            if DOT_FP32:
+                scores = tl.dot(q.to(tl.float32), k_tile.to(tl.float32), input_precision=PRECISION)
+            else:
+                scores = tl.dot(q, k_tile, input_precision=PRECISION)
+            if MASKED:
+                if EVEN_K:
+                    visible = key_pos[None, :] <= query_pos[:, None]
+                else:
+                    visible = in_bounds[None, :]
+                    if CAUSAL:
+                        visible = visible & (key_pos[None, :] <= query_pos[:, None])
+                if CAUSAL or not EVEN_K:
+                    scores = tl.where(visible, scores, float("-inf"))
+            # m is kept in scaled (log2) units; the scale is folded into one FMA per score.
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+            if MASKED:
+                # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(scores * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if DOT_FP32:
+                acc = tl.dot(p, v.to(tl.float32), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _block_sparse_forward(
+        Q,
+        K,
+        V,
+        Out,
+        Lse,
+        KvCounts,
+        KvFullCounts,
+        KvIndices,
+        WorkOrder,
+        stride_qb,
+        stride_qh,
+        stride_qs,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_vb,
+        stride_vh,
+        stride_vs,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        stride_cb,
+        stride_ch,
+        stride_ib,
+        stride_ih,
+        stride_iq,
+        num_q_heads,
+        group,
+        pattern_head_divisor,
+        seq_q,
+        seq_k,
+        qk_scale,
+        seq_bucket,  # autotuning keys only: ceil(log2(seq_k)) and ceil(log2(mean kept blocks
+        work_bucket,  # per query block)), so long or dense cases do not reuse a short/sparse tuning
+        HEAD_DIM: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        WRITE_LSE: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
+        K_TRANSPOSED: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EVEN_Q: tl.constexpr,
+        USE_TMA: tl.constexpr,
+    ):
+        TILES_PER_BLOCK: tl.constexpr = BLOCK_Q // BLOCK_M
+        batch_head = tl.program_id(0)
+        # Query blocks in the plan's work order (heaviest first), each cut into tiles of BLOCK_M rows.
+        q_block = tl.load(WorkOrder + tl.program_id(1) // TILES_PER_BLOCK)
+        tile = q_block * TILES_PER_BLOCK + tl.program_id(1) % TILES_PER_BLOCK
+        batch = batch_head // num_q_heads
+        head = batch_head % num_q_heads
+        kv_head = head // group
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+
+        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+        row_in_range = rows < seq_q
+        if USE_TMA:
+            # Descriptors over this (batch, head)'s rows, bounded by its sequence length, so rows
+            # past the end read as zeros (their outputs are not stored; keys past seq_k are
+            # masked out of the scores). From here on k_base / v_base are descriptors.
+            q_desc = tl.make_tensor_descriptor(
+                q_base, shape=[seq_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM]
+            )
+            q = q_desc.load([tile * BLOCK_M, 0])
+            k_base = tl.make_tensor_descriptor(
+                k_base, shape=[seq_k, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM]
+            )
+            v_base = tl.make_tensor_descriptor(
+                v_base, shape=[seq_k, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM]
+            )
+        else:
+            q_pointers = q_base + rows[:, None] * stride_qs + offs_d[None, :]
+            if EVEN_Q:  # the query length is a multiple of the pattern's query block: no row past the end
+                q = tl.load(q_pointers)
+            else:
+                q = tl.load(q_pointers, mask=row_in_range[:, None], other=0.0)
+
+        pattern_head = head // pattern_head_divisor
+        count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
+        count = tl.load(KvCounts + count_offset)
+        full_count = tl.load(KvFullCounts + count_offset)
+        index_base = KvIndices + batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+        query_pos = rows + (seq_k - seq_q)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k_base, v_base, index_base, 0, full_count, stride_ks, stride_vs,
+            query_pos, seq_k, qk_scale, offs_n, offs_d,
+            BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA,
+        )  # fmt: skip
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k_base, v_base, index_base, full_count, count, stride_ks, stride_vs,
+            query_pos, seq_k, qk_scale, offs_n, offs_d,
+            BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA,
+        )  # fmt: skip
+
+        out = acc / l_i[:, None]
+        out_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+        out_pointers = out_base + rows[:, None] * stride_os + offs_d[None, :]
+        if EVEN_Q:
+            tl.store(out_pointers, out.to(Out.dtype.element_ty))
+        else:
+            tl.store(out_pointers, out.to(Out.dtype.element_ty), mask=row_in_range[:, None])
+        if WRITE_LSE:
+            # Scores were kept in log2 units; the LSE is returned in natural-log units.
+            lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+            tl.store(Lse + batch_head.to(tl.int64) * seq_q + rows, lse, mask=row_in_range)
+
+
+def tma_offered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, capability: tuple[int, int] | None) -> bool:
+    """Whether TMA loads join the autotuned set: 16-bit inputs, compute capability >= 9
+    (Hopper or newer; ``capability`` is ``None`` off CUDA) and descriptor-compatible tensors."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if capability is None or capability[0] < 9:
+        return False
+    return all(descriptor_compatible(x) for x in (q, k, v))
+
+
+def candidates(head_dim: int, block_q: int, block_k: int, *, is_float32: bool, tma: bool) -> tuple:
+    """The autotuner's candidates, ``(BLOCK_M, BLOCK_N, num_warps, num_stages, K_TRANSPOSED, USE_TMA)``
+    tuples (tiles x load modes, from :mod:`.configs` under the overrides in force)."""
+    tiles = configs.fitting_tiles(head_dim, block_q, block_k, is_float32=is_float32)
+    modes = configs.triton_load_modes(is_float32=is_float32, tma_offered=tma)
+    return tuple((*tile, mode == "columns", mode == "tma") for tile in tiles for mode in modes)
+
+
+@functools.cache
+def autotuned_kernel(candidate_set: tuple):
+    """One autotuner per candidate set (an override makes a new set, hence a new autotuner)."""
+    tuning_configs = [
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "K_TRANSPOSED": transposed, "USE_TMA": use_tma}, num_warps=w, num_stages=s
+        )
+        for m, n, w, s, transposed, use_tma in candidate_set
+    ]
+    return triton.autotune(
+        configs=tuning_configs,
+        key=["seq_bucket", "work_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"],
+    )(_block_sparse_forward)
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    *,
+    causal: bool,
+    scale: float,
+    return_lse: bool = False,
+):
+    """Block-sparse attention with the Triton kernel. Shapes as in :func:`sparse_attn.block_sparse_attention`."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    plan = plan_for(pattern, causal=causal)
+    batch, q_heads, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse)
+    args += (max(seq_k - 1, 1).bit_length(), plan.work_bucket)  # the autotuning keys
+    is_float32 = q.dtype == torch.float32
+    dot_in_float32 = is_float32 or (interpreting() and q.dtype == torch.bfloat16)
+    constants = dict(
+        HEAD_DIM=dim,
+        BLOCK_Q=pattern.block_q,
+        BLOCK_K=pattern.block_k,
+        CAUSAL=bool(causal),
+        WRITE_LSE=bool(return_lse),
+        DOT_FP32=dot_in_float32,
+        PRECISION="ieee" if dot_in_float32 else "tf32",
+        EVEN_K=seq_k % pattern.block_k == 0,
+        EVEN_Q=seq_q % pattern.block_q == 0,
+    )
+    n_q_blocks = num_blocks(seq_q, pattern.block_q)
+    if interpreting():
+        block_m, block_n = min(pattern.block_q, 32), min(pattern.block_k, 16)
+        grid = (batch * q_heads, n_q_blocks * (pattern.block_q // block_m))
+        mode = configs.interpreter_load_mode(descriptors_allowed=all(descriptor_compatible(x) for x in (q, k, v)))
+        _block_sparse_forward[grid](
+            *args,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            K_TRANSPOSED=mode == "columns",
+            USE_TMA=mode == "tma",
+            **constants,
+        )
+    else:
+        tma = tma_offered(q, k, v, device_capability(q.device))
+        candidate_set = candidates(dim, pattern.block_q, pattern.block_k, is_float32=is_float32, tma=tma)
+        if any(use_tma for *_, use_tma in candidate_set):
+            ensure_scratch_allocator()
+
+        def grid(meta):
+            return (batch * q_heads, n_q_blocks * (pattern.block_q // meta["BLOCK_M"]))
+
+        autotuned_kernel(candidate_set)[grid](*args, **constants)
+    if return_lse:
+        return out, lse
+    return out

@@ -1,0 +1,41 @@
+"""``import sparse_attn`` loads no kernel module and no Triton; a backend's module loads when a call first needs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+KERNEL_MODULES = {"sparse_attn.backends." + name for name in ("flex", "triton", "gluon", "launch")}
+
+
+def _modules_after(code: str) -> set[str]:
+    script = f"import json, sys\n{code}\nprint(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_import_loads_no_kernel_module_and_no_triton():
+    loaded = _modules_after("import sparse_attn")
+    assert not KERNEL_MODULES & loaded
+    assert "triton" not in loaded
+
+
+@pytest.mark.parametrize(
+    "backend, loaded, not_loaded",
+    [
+        ("reference", {"sparse_attn.backends.reference"}, KERNEL_MODULES),
+        ("flex", {"sparse_attn.backends.flex"}, KERNEL_MODULES - {"sparse_attn.backends.flex"}),
+    ],
+)
+def test_a_backend_loads_on_first_use(backend, loaded, not_loaded):
+    code = (
+        "import torch, sparse_attn as sa\n"
+        "q = torch.randn(1, 1, 32, 16)\n"
+        f"sa.block_sparse_attention(q, q, q, sa.dense_pattern(seq_q=32, block_q=16, block_k=16), backend={backend!r})"
+    )
+    modules = _modules_after(code)
+    assert loaded <= modules
+    assert not not_loaded & modules
