@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from sparse_attn.bench import device_slug, environment, format_table, write_results
-from sparse_attn.integrations.hf import patch, record, unpatch
+from sparse_attn.integrations import patch, record, unpatch
 from sparse_attn.models import load
 from sparse_attn.registry import list_methods
 

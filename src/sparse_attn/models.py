@@ -8,7 +8,7 @@
   architecture, 9 query / 3 KV heads, head_dim 64, 8K context.
 * Any local Hugging Face model directory, or a path to a ``.gguf`` file.
 
-Dequantizing a GGUF and converting its tokenizer take tens of seconds on a CPU, so the
+Dequantizing a GGUF and converting its tokenizer are slow on a CPU, so the
 embedded models are converted once and cached as safetensors (float32, the exact
 dequantized weights) under ``$XDG_CACHE_HOME/sparse_attn/models/<name>`` (default
 ``~/.cache``). Nothing here touches the network: every load is ``local_files_only``.
@@ -21,9 +21,9 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -101,11 +101,19 @@ def _gemma_tokenizer(path: Path):
         for token in metadata["tokens"]
     ]
     vocab = {token: index for index, token in enumerate(tokens)}
-    merges = generate_merges(vocab, list(zip(tokens, metadata["scores"])))
+    merges = generate_merges(vocab, list(zip(tokens, metadata["scores"], strict=True)))
     tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
     kinds = metadata["token_type"]
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, kinds) if k == _GGUF_CONTROL])
-    tokenizer.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, kinds) if k == _GGUF_USER_DEFINED])
+    tokenizer.add_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, kinds, strict=True)
+            if k == _GGUF_CONTROL
+        ]
+    )
+    tokenizer.add_tokens(
+        [AddedToken(t, normalized=False) for t, k in zip(tokens, kinds, strict=True) if k == _GGUF_USER_DEFINED]
+    )
     return tokenizer
 
 
@@ -117,7 +125,9 @@ def _load_gguf(path: Path):
     if model.config.model_type.startswith("gemma"):
         tokenizer = _gemma_tokenizer(path)
     else:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True
+        )
     return model, tokenizer
 
 
@@ -154,6 +164,22 @@ def _load_directory(path: Path, dtype):
     return model, tokenizer
 
 
+class ModelPathNotFoundError(FileNotFoundError, ValueError):
+    """A model path that does not exist. Also a ``ValueError``, like every other bad ``load`` argument."""
+
+
+def _looks_like_a_path(name_or_path: str | os.PathLike) -> bool:
+    """A ``PathLike``, or a string with a directory separator, a leading ``.``/``~`` or a ``.gguf`` suffix."""
+    if not isinstance(name_or_path, str):
+        return True
+    separators = {os.sep, os.altsep} - {None}
+    return (
+        any(s in name_or_path for s in separators)
+        or name_or_path.startswith(("~", "."))
+        or name_or_path.endswith(".gguf")
+    )
+
+
 def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None):
     """Load a causal LM and its tokenizer offline; returns ``(model, tokenizer)`` in eval mode.
 
@@ -163,29 +189,37 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
             (their exact dequantized values), the checkpoint's own dtype for directories.
         device: where to put the model (default: CPU).
 
-    Raises ``ImportError`` naming the ``pip install`` command when a package is missing, and
-    ``ValueError`` for a name that is neither an embedded model nor an existing path.
+    Raises ``ImportError`` naming the ``pip install`` command when a package is missing;
+    :class:`ModelPathNotFoundError` (a ``FileNotFoundError`` and a ``ValueError``) for a path
+    that does not exist; ``ValueError`` for a name that is not an embedded model, or a path
+    that is neither a model directory nor a ``.gguf`` file.
     """
     name = os.fspath(name_or_path)
-    if name in EMBEDDED_MODELS:
+    path = Path(name).expanduser()
+    if isinstance(name_or_path, str) and name in EMBEDDED_MODELS:
         target = cache_dir() / name
         if not (target / "config.json").exists():
             _convert_embedded(EMBEDDED_MODELS[name], target)
         model, tokenizer = _load_directory(target, dtype or torch.float32)
-    elif name.endswith(".gguf") and Path(name).is_file():
-        model, tokenizer = _load_gguf(Path(name))
+    elif path.is_file() and path.suffix == ".gguf":
+        model, tokenizer = _load_gguf(path)
         _forget_quantization(model)
         if dtype is not None:
             model = model.to(dtype)
-    elif Path(name).is_dir():
-        model, tokenizer = _load_directory(Path(name), dtype)
+    elif path.is_dir() and (path / "config.json").is_file():
+        model, tokenizer = _load_directory(path, dtype)
+    elif path.exists():
+        raise ValueError(f"{name!r} is neither a Hugging Face model directory (with a config.json) nor a .gguf file")
+    elif _looks_like_a_path(name_or_path):
+        raise ModelPathNotFoundError(f"model path not found: {name!r} does not exist")
     else:
         raise ValueError(
-            f"unknown model {name!r}: expected one of {sorted(EMBEDDED_MODELS)}, a local model directory or a .gguf file"
+            f"unknown model name {name!r}: the embedded models are {', '.join(sorted(EMBEDDED_MODELS))}; "
+            "or give the path of a local model directory or a .gguf file"
         )
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
 
 
-__all__ = ["EMBEDDED_MODELS", "cache_dir", "load"]
+__all__ = ["EMBEDDED_MODELS", "ModelPathNotFoundError", "cache_dir", "load"]

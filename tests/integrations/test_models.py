@@ -7,6 +7,7 @@ later runs load the cached safetensors in a few seconds.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
+import sparse_attn as sa  # noqa: E402
 from sparse_attn import list_methods  # noqa: E402
-from sparse_attn.integrations.hf import patch, record, unpatch  # noqa: E402
-from sparse_attn.models import load  # noqa: E402
+from sparse_attn.integrations import patch, record, unpatch  # noqa: E402
+from sparse_attn.models import ModelPathNotFoundError, load  # noqa: E402
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -80,7 +82,9 @@ def test_smollm2_sparse_patch_still_finds_the_pass_key(smollm2):
     model, tokenizer = smollm2
     text = (
         "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-        + FILLER * 40 + "The pass key is 71432. Remember it. 71432 is the pass key. " + FILLER * 40
+        + FILLER * 40
+        + "The pass key is 71432. Remember it. 71432 is the pass key. "
+        + FILLER * 40
         + "What is the pass key? The pass key is"
     )
     ids = tokenizer(text, return_tensors="pt").input_ids  # about 2K tokens
@@ -112,6 +116,41 @@ def test_gemma3_structure_and_sliding_layers_match_sdpa():
     assert difference <= 1e-9
 
 
+def _help_text_ids(tokenizer, length: int) -> dict:
+    """``length`` tokens of Python's own help pages (``pydoc_data``, stdlib): a long prompt, offline."""
+    from pydoc_data.topics import topics
+
+    inputs = tokenizer("\n\n".join(topics.values()), return_tensors="pt", truncation=True, max_length=length)
+    assert inputs.input_ids.shape[1] == length
+    return inputs
+
+
+@needs_gemma3
+def test_gemma3_readme_path_runs_the_method_on_the_full_attention_layers():
+    """The README snippet's calls, shorter: the method runs on layers 11 and 17, layer 5 stays dense."""
+    model, tokenizer = load("gemma3-270m")
+    with pytest.warns(UserWarning, match=r"sliding-window layer\(s\) \[0\] \(window 512 tokens\).*\[5, 11, 17\]"):
+        sa.patch(model, method="xattention", dense_layers=[0])
+    sa.patch(model, method="xattention", min_seq_len=1024, dense_layers=[5], backend="reference")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the method runs: record has nothing to warn about
+            with record(model) as rec:
+                logits = model(**_help_text_ids(tokenizer, 1100), logits_to_keep=1).logits
+        assert logits.shape == (1, 1, model.config.vocab_size)
+        kinds = {r.layer: r.kind for r in rec.records}
+        assert kinds == {
+            layer: "sparse" if layer in (11, 17) else "dense" if layer == 5 else "window" for layer in range(18)
+        }
+        assert rec.no_method_reason is None and "no layer ran" not in rec.table()
+        message = r"no layer ran the method: prefill of 600 tokens is shorter than min_seq_len=1024"
+        with pytest.warns(UserWarning, match=message), record(model) as short:
+            model(**_help_text_ids(tokenizer, 600), logits_to_keep=1)
+        assert short.records == [] and short.table().splitlines()[-1].startswith("no layer ran the method")
+    finally:
+        sa.unpatch(model)
+
+
 @needs_smollm2
 def test_load_a_local_directory(smollm2):
     from sparse_attn.models import cache_dir
@@ -137,3 +176,19 @@ def test_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
         load("gemma3-270m")
     with pytest.raises(ValueError, match="unknown model"):
         load("no-such-model")
+
+
+def test_unknown_names_and_missing_paths_are_told_apart(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"unknown model name 'gemma-3': the embedded models are gemma3-270m, smollm2-135m"
+    ):
+        load("gemma-3")
+    for missing in (tmp_path / "no-such-dir", str(tmp_path / "no-such-dir"), "./no-such-dir", "missing.gguf"):
+        with pytest.raises(ModelPathNotFoundError, match=r"model path not found: .*(no-such-dir|missing\.gguf)"):
+            load(missing)
+    assert issubclass(ModelPathNotFoundError, FileNotFoundError) and issubclass(ModelPathNotFoundError, ValueError)
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match="neither a Hugging Face model directory"):
+        load(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="neither a Hugging Face model directory"):
+        load(tmp_path)  # a directory without config.json

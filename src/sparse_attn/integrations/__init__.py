@@ -1,5 +1,16 @@
-"""Integrations with model libraries. ``hf``: Hugging Face transformers (needs ``transformers``)."""
+"""Hugging Face transformers integration (needs ``transformers``), one job per module.
 
-from .hf import LayerRecord, Recorder, patch, record, unpatch
+- ``patching``: ``patch`` / ``unpatch`` / ``record`` on a model, per-layer plans, registration.
+- ``attention``: the attention function registered in transformers' ``AttentionInterface``.
+- ``masks``: the mask function registered in ``AttentionMaskInterface`` (:class:`PrefillMask`).
+- ``records``: what ``record`` collects (:class:`Recorder`, :class:`LayerRecord`) and its table.
+- ``state``: what ``patch`` attaches to a model (:class:`PatchState`, :class:`LayerPlan`).
+
+The exact dense computations the patched layers run (causal and sliding-window SDPA) live
+in :mod:`sparse_attn.backends.dense`.
+"""
+
+from .patching import patch, record, unpatch
+from .records import LayerRecord, Recorder
 
 __all__ = ["LayerRecord", "Recorder", "patch", "record", "unpatch"]
