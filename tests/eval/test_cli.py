@@ -61,7 +61,8 @@ def test_eval_tables_are_printed_whole_off_a_terminal(tiny_model_dir, tmp_path, 
         (["--lengths", "4096"], "exceed the model's limit"),  # the tiny model allows 1024
         (["--depths", "1.5"], "depths within [0, 1]"),
         (["--lengths", "100", "512"], "passkey needs at least 256 tokens (got 100)"),
-        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--model", "no-such-model"], "unknown model name 'no-such-model'"),
+        (["--model", "/no/such/model-dir"], "model path not found: '/no/such/model-dir'"),
     ],
 )
 def test_eval_rejects_bad_arguments(tiny_model_dir, tmp_path, capsys, arguments, message):
