@@ -75,7 +75,8 @@ def block_sparse_attention(
             heads ``1``, ``Hq`` or ``Hkv``. Checked once (``pattern.validate``) before its first use.
         causal: mask keys after each query's position inside the kept blocks.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"auto"`` (on CUDA gluon where it applies, else triton; flex on CPU), ``"reference"``,
+        backend: ``"auto"`` (on CUDA gluon where it applies, else triton; reference on CPU,
+            which compiles nothing), ``"reference"``,
             ``"flex"``, ``"triton"`` (the portable Triton kernel) or ``"gluon"`` (the Hopper kernel).
             An unsupported case runs on a slower correct backend with one warning (see
             :mod:`sparse_attn.backends`).

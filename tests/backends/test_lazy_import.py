@@ -39,3 +39,17 @@ def test_a_backend_loads_on_first_use(backend, loaded, not_loaded):
     modules = _modules_after(code)
     assert loaded <= modules
     assert not not_loaded & modules
+
+
+def test_auto_on_cpu_compiles_nothing():
+    # Compiled FlexAttention specializes per input shape; auto on CPU must not stall on it.
+    code = (
+        "import torch, sparse_attn as sa\n"
+        "for seq in (200, 333):\n"
+        "    q = torch.randn(1, 4, seq, 64)\n"
+        "    k = torch.randn(1, 2, seq, 64)\n"
+        "    sa.sparse_attention(q, k, k, method='random', density=0.5, block_q=64, block_k=64)"
+    )
+    modules = _modules_after(code)
+    assert "sparse_attn.backends.flex" not in modules
+    assert not {"torch._dynamo", "torch._inductor"} & modules

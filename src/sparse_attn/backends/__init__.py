@@ -9,7 +9,11 @@ Choice (:func:`resolve_backend`):
 * ``auto`` on CUDA: ``gluon`` where it applies (Hopper, fp16/bf16, head_dim 128, or 64 on
   patterns dense enough for it to win; why not is logged at debug level on the
   ``sparse_attn.backends`` logger, since that is the normal case elsewhere), else ``triton``,
-  else ``flex``. On CPU: ``flex``.
+  else ``flex``. On CPU: ``reference``. Compiled FlexAttention is faster on CPU once compiled,
+  but ``torch.compile`` specializes on every new input shape, and each specialization costs
+  seconds (tens of seconds with a cold compile cache), which a library called at many lengths
+  pays again and again; the reference backend compiles nothing, so no call stalls.
+  ``backend="flex"`` still runs FlexAttention on CPU for callers with fixed shapes.
 * ``gluon``: the Gluon kernel; where it cannot run, ``triton``, else ``flex``.
 * ``triton``, ``flex``, ``reference``: that backend.
 * A backend that cannot run the case falls back to the next one and finally to ``reference``
@@ -76,7 +80,7 @@ def resolve_backend(
         return "reference"
     if backend == "auto":
         if q.device.type != "cuda":
-            preferred = ("flex",)
+            preferred = ("reference",)
         else:
             skipped = _auto_skips_gluon(q, k, v, pattern, causal=causal)
             if skipped is None:

@@ -1,8 +1,9 @@
 """FlexAttention backend: PyTorch's compiled FlexAttention driven by the plan as a ``BlockMask``.
 
-The "what users would pick instead" baseline on GPU. The compiled function is created once;
-``torch.compile`` then specializes once per shape (the ``mask_mod`` objects are cached per
-geometry so they never force a recompile).
+The "what users would pick instead" baseline on GPU; on CPU it runs only when asked for by
+name (``auto`` takes the reference backend there: see :mod:`sparse_attn.backends`). The
+compiled function is created once; ``torch.compile`` then specializes once per shape (the
+``mask_mod`` objects are cached per geometry so they never force a recompile).
 
 The ``BlockMask`` is made from the pattern's plan (:mod:`sparse_attn.plan`): its full blocks go
 to the ``full_kv_*`` lists (no ``mask_mod`` evaluated), the partial ones (diagonal blocks,
