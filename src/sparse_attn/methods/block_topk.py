@@ -15,6 +15,9 @@ Defaults: ``top_k=100`` blocks, as in MInference (whose blocks are 64 tokens; he
 is whatever ``block_k`` the caller uses, 128 by default, so the token budget doubles);
 ``threshold=None`` (pure top-k, the paper's rule). The cumulative-mass mode is our
 addition, for budget-free comparisons with the other methods.
+
+Operators: :mod:`sparse_attn.ops.pooling` (q and k pooled once), :mod:`sparse_attn.ops.selection`,
+streamed over chunks of query blocks by :func:`sparse_attn.ops.to_pattern.stream_pattern`.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_fraction, check_int
-from ..ops.pooling import block_softmax, pooled_block_logits
+from ..ops.pooling import PooledBlocks, block_softmax
 from ..ops.selection import Budget, cumulative_mass_mask, topk_mask
-from ..ops.to_pattern import block_mask_to_pattern
+from ..ops.to_pattern import stream_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
 
@@ -50,12 +53,16 @@ class BlockTopKConfig:
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: BlockTopKConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
-    logits = pooled_block_logits(q, k, block_q=block_q, block_k=block_k, scale=q.shape[-1] ** -0.5, causal=causal)
-    if config.threshold is None:
-        # Invalid (future) blocks sit at -inf and are ranked last; from_mask drops any that get picked.
-        mask = topk_mask(logits, config.top_k)
-    else:
-        mask = cumulative_mass_mask(block_softmax(logits), config.threshold, Budget(maximum=config.top_k))
-    return block_mask_to_pattern(
-        mask, seq_q=q.shape[2], seq_k=k.shape[2], block_q=block_q, block_k=block_k, causal=causal
-    )
+    pooled = PooledBlocks.of(q, k, block_q=block_q, block_k=block_k)
+
+    def mask_rows(q_blocks: range) -> torch.Tensor:
+        logits = pooled.logits(scale=q.shape[-1] ** -0.5, causal=causal, q_blocks=q_blocks)
+        if config.threshold is None:
+            # Invalid (future) blocks sit at -inf and are ranked last; the pattern drops any that get picked.
+            return topk_mask(logits, config.top_k)
+        return cumulative_mass_mask(block_softmax(logits), config.threshold, Budget(maximum=config.top_k))
+
+    return stream_pattern(
+        mask_rows, batch=q.shape[0], heads=q.shape[1], seq_q=q.shape[2], seq_k=k.shape[2], block_q=block_q,
+        block_k=block_k, causal=causal, device=q.device, row_elements=q.shape[0] * q.shape[1] * pooled.k.shape[2],
+    )  # fmt: skip

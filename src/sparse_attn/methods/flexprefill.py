@@ -24,6 +24,12 @@ Defaults: ``gamma=0.9``, ``tau=0.1``, ``min_budget=1024`` (the paper's defaults;
 are 128 tokens, like ours). Choices where the paper is silent: the divergence uses natural
 logarithms; the minimum budget is applied per line set (vertical-slash) and per query
 block (query-aware) as stated above.
+
+Streaming: the query-aware rule selects over all of a head's blocks at once, so this estimator
+streams by query heads (:func:`sparse_attn.ops.to_pattern.stream_pattern_by_heads`): each chunk
+of heads (as many as the chunk budget holds, at least one) is scored, selected and written into
+the pattern before the next. Its working set is a few float32 ``(n_q, n_kv)`` tables of the
+chunk's heads, never of every head.
 """
 
 from __future__ import annotations
@@ -36,9 +42,9 @@ from ..checks import check_fraction, check_int
 from ..geometry import num_blocks
 from ..ops.gqa import grouped_matmul
 from ..ops.last_query_probe import ProbeSums, probe_last_queries
-from ..ops.pooling import block_softmax, mean_pool_blocks, pooled_block_logits
+from ..ops.pooling import PooledBlocks, block_softmax, mean_pool_blocks
 from ..ops.selection import Budget, cumulative_mass_mask, topk_mask
-from ..ops.to_pattern import block_mask_to_pattern
+from ..ops.to_pattern import stream_pattern_by_heads
 from ..ops.vertical_slash_blocks import vertical_slash_block_mask
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
@@ -100,46 +106,53 @@ def estimate(
     estimated = pooled_last_block_distribution(q, k, num_queries=block_q, block_k=block_k)
     true_blocks = probe.block / probe.num_queries
     query_aware = jensen_shannon_distance(true_blocks, estimated) < config.tau  # (B, Hq)
+    pooled = PooledBlocks.of(q, k, block_q=block_q, block_k=block_k)
+    # The lines of every head are O(S); their blocks are built per chunk of heads, like the
+    # query-aware masks, and only for chunks where some head takes them.
+    lines = None if bool(query_aware.all()) else _selected_lines(probe, config)
+    geometry = {"seq_q": seq_q, "seq_k": seq_k, "block_q": block_q, "block_k": block_k, "causal": causal}
 
-    # Each head takes one of the two masks: build only the masks some head takes.
-    blocks = {"block_q": block_q, "block_k": block_k, "causal": causal}
-    aware = _query_aware_mask(q, k, config, scale=scale, **blocks) if bool(query_aware.any()) else None
-    lines = None if bool(query_aware.all()) else _vertical_slash_mask(probe, config, seq_q=seq_q, seq_k=seq_k, **blocks)
-    if aware is None or lines is None:
-        mask = lines if aware is None else aware
-    else:
-        mask = torch.where(query_aware[..., None, None], aware, lines)
-    return block_mask_to_pattern(mask, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
+    def mask_heads(heads: range) -> torch.Tensor:
+        aware_here = query_aware[:, heads.start : heads.stop]
+        aware = (
+            _query_aware_mask(pooled, config, scale=scale, causal=causal, heads=heads)
+            if bool(aware_here.any())
+            else None
+        )
+        crossed = None
+        if not bool(aware_here.all()):
+            vertical, slash = (line[:, heads.start : heads.stop] for line in lines)
+            crossed = vertical_slash_block_mask(vertical, slash, **geometry)
+        if aware is None or crossed is None:
+            return crossed if aware is None else aware
+        return torch.where(aware_here[..., None, None], aware, crossed)
+
+    return stream_pattern_by_heads(
+        mask_heads, batch=q.shape[0], heads=q.shape[1], group=q.shape[1] // k.shape[1], device=q.device,
+        head_elements=q.shape[0] * pooled.q.shape[2] * pooled.k.shape[2], **geometry,
+    )  # fmt: skip
 
 
 def _query_aware_mask(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    config: FlexPrefillConfig,
-    *,
-    scale: float,
-    block_q: int,
-    block_k: int,
-    causal: bool,
+    pooled: PooledBlocks, config: FlexPrefillConfig, *, scale: float, causal: bool, heads: range
 ) -> torch.Tensor:
-    """Per head, the fewest pooled blocks covering ``gamma`` of the head's mass, plus the minimum budget."""
-    logits = pooled_block_logits(q, k, block_q=block_q, block_k=block_k, scale=scale, causal=causal)
-    per_head = block_softmax(logits).flatten(-2)
-    mask = cumulative_mass_mask(per_head, config.gamma).view(logits.shape)
-    del per_head
-    min_blocks = num_blocks(config.min_budget, block_k)
-    if min_blocks > 0:
-        mask |= topk_mask(logits, min_blocks)
-    return mask
+    """Per head of ``heads``, the fewest pooled blocks covering ``gamma`` of the head's mass, plus the minimum budget."""
+    logits = pooled.logits(scale=scale, causal=causal, heads=heads)
+    probs = block_softmax(logits)
+    min_blocks = num_blocks(config.min_budget, pooled.block_k)
+    floor = topk_mask(logits, min_blocks) if min_blocks > 0 else None
+    del logits
+    mask = cumulative_mass_mask(probs.flatten(-2), config.gamma).view(probs.shape)
+    del probs
+    return mask if floor is None else mask | floor
 
 
-def _vertical_slash_mask(
-    probe: ProbeSums, config: FlexPrefillConfig, *, seq_q: int, seq_k: int, block_q: int, block_k: int, causal: bool
-) -> torch.Tensor:
-    """The blocks crossed by the fewest columns and diagonals covering ``gamma`` each (at least ``min_budget``)."""
+def _selected_lines(probe: ProbeSums, config: FlexPrefillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, the fewest columns and the fewest diagonals covering ``gamma`` each (at least ``min_budget``).
+
+    Bool ``(B, Hq, Sk)`` each: the vertical and slash lines whose blocks vertical-slash heads keep.
+    """
     line_budget = Budget(minimum=config.min_budget)
     vertical = cumulative_mass_mask(_normalized(probe.vertical), config.gamma, line_budget) & (probe.vertical > 0)
     slash = cumulative_mass_mask(_normalized(probe.slash), config.gamma, line_budget) & (probe.slash > 0)
-    return vertical_slash_block_mask(
-        vertical, slash, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal
-    )
+    return vertical, slash

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..geometry import num_blocks
 from ..ops.static_masks import block_distance, check_token_window, power_of_two_distance_mask, token_window_mask
-from ..ops.to_pattern import block_mask_to_pattern
+from ..ops.to_pattern import stream_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
 
@@ -55,17 +56,18 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: PowerConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     seq_q, seq_k = q.shape[2], k.shape[2]
-    sink_local = token_window_mask(
-        q,
-        k,
-        sink_tokens=config.sink_tokens,
-        local_tokens=config.local_tokens,
-        block_q=block_q,
-        block_k=block_k,
-        causal=causal,
-    )
-    power_blocks = power_of_two_distance_mask(block_distance(seq_q, seq_k, block_q, block_k, q.device))
-    # One list shared by the whole batch and every head.
-    return block_mask_to_pattern(
-        sink_local | power_blocks, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal
-    )
+    window = dict(sink_tokens=config.sink_tokens, local_tokens=config.local_tokens)
+
+    def mask_rows(q_blocks: range) -> torch.Tensor:
+        sink_local = token_window_mask(
+            q, k, **window, block_q=block_q, block_k=block_k, causal=causal, q_blocks=q_blocks
+        )
+        distance = block_distance(seq_q, seq_k, block_q, block_k, q.device, q_blocks=q_blocks)
+        return sink_local | power_of_two_distance_mask(distance)
+
+    # One list shared by the whole batch and every head, built a chunk of query blocks at a time
+    # (the int64 block distances are the largest table of a chunk).
+    return stream_pattern(
+        mask_rows, batch=1, heads=1, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal,
+        device=q.device, row_elements=2 * num_blocks(seq_k, block_k),
+    )  # fmt: skip

@@ -32,7 +32,9 @@ Operators: :mod:`sparse_attn.ops.sampled_rows` for the proxy scores (on CUDA, wh
 sampled rows are every ``query_stride``-th query, i.e. block and sequence lengths are
 multiples of it, the Triton scoring kernel: one pass, no full-resolution score rows in
 memory; otherwise the PyTorch reference), :mod:`sparse_attn.ops.pooling` and
-:mod:`sparse_attn.ops.selection` for the budgets and the ranking.
+:mod:`sparse_attn.ops.selection` for the budgets and the ranking; proxy scores, budgets and
+selection are computed one chunk of query blocks at a time and written into the pattern by
+:func:`sparse_attn.ops.to_pattern.stream_pattern`.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_fraction, check_int
-from ..ops.pooling import block_softmax, pooled_block_logits
+from ..ops.pooling import PooledBlocks, block_softmax
 from ..ops.sampled_rows import sampled_query_rows, sampled_rows_block_max_probs
 from ..ops.selection import Budget, cumulative_mass_mask, topk_by_rank_mask
-from ..ops.to_pattern import block_mask_to_pattern
+from ..ops.to_pattern import stream_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
 
@@ -101,21 +103,22 @@ def estimate(
 
     rows = sampled_query_rows(seq_q, block_q, config.query_stride, q.device)
     proxy_q, proxy_k = proxy_queries_and_keys(q[:, :, rows], k, proxy_heads)
-    proxy_scores = sampled_rows_block_max_probs(
-        proxy_q,
-        proxy_k,
-        rows=rows,
-        seq_q=seq_q,
-        query_step=config.query_stride,
-        block_q=block_q,
-        block_k=block_k,
-        scale=scale,
-        causal=causal,
-    )
-    # Each query head ranks blocks by its group's proxy scores.
-    ranking = proxy_scores.repeat_interleave(q_heads // proxy_heads, dim=1)
+    pooled = PooledBlocks.of(q, k, block_q=block_q, block_k=block_k)
 
-    pooled = block_softmax(pooled_block_logits(q, k, block_q=block_q, block_k=block_k, scale=scale, causal=causal))
-    budgets = cumulative_mass_mask(pooled, config.gamma, Budget(minimum=config.min_blocks)).sum(-1)
-    mask = topk_by_rank_mask(ranking, budgets)
-    return block_mask_to_pattern(mask, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
+    def mask_rows(q_blocks: range) -> torch.Tensor:
+        proxy_scores = sampled_rows_block_max_probs(
+            proxy_q, proxy_k, rows=rows, seq_q=seq_q, query_step=config.query_stride, block_q=block_q,
+            block_k=block_k, scale=scale, causal=causal, q_blocks=q_blocks,
+        )  # fmt: skip
+        # Each query head ranks blocks by its group's proxy scores.
+        ranking = proxy_scores.repeat_interleave(q_heads // proxy_heads, dim=1)
+        del proxy_scores
+        budget_probs = block_softmax(pooled.logits(scale=scale, causal=causal, q_blocks=q_blocks))
+        budgets = cumulative_mass_mask(budget_probs, config.gamma, Budget(minimum=config.min_blocks)).sum(-1)
+        del budget_probs
+        return topk_by_rank_mask(ranking, budgets)
+
+    return stream_pattern(
+        mask_rows, batch=q.shape[0], heads=q_heads, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k,
+        causal=causal, device=q.device, row_elements=q.shape[0] * q_heads * pooled.k.shape[2],
+    )  # fmt: skip

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..geometry import num_blocks
 from ..ops.static_masks import check_token_window, token_window_mask
-from ..ops.to_pattern import block_mask_to_pattern
+from ..ops.to_pattern import stream_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
 
@@ -52,16 +53,13 @@ class StreamingConfig:
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: StreamingConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
-    mask = token_window_mask(
-        q,
-        k,
-        sink_tokens=config.sink_tokens,
-        local_tokens=config.local_tokens,
-        block_q=block_q,
-        block_k=block_k,
-        causal=causal,
-    )
-    # One list shared by the whole batch and every head.
-    return block_mask_to_pattern(
-        mask, seq_q=q.shape[2], seq_k=k.shape[2], block_q=block_q, block_k=block_k, causal=causal
-    )
+    window = dict(sink_tokens=config.sink_tokens, local_tokens=config.local_tokens)
+
+    def mask_rows(q_blocks: range) -> torch.Tensor:
+        return token_window_mask(q, k, **window, block_q=block_q, block_k=block_k, causal=causal, q_blocks=q_blocks)
+
+    # One list shared by the whole batch and every head, built a chunk of query blocks at a time.
+    return stream_pattern(
+        mask_rows, batch=1, heads=1, seq_q=q.shape[2], seq_k=k.shape[2], block_q=block_q, block_k=block_k,
+        causal=causal, device=q.device, row_elements=2 * num_blocks(k.shape[2], block_k),
+    )  # fmt: skip

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_int
+from ..geometry import num_blocks
 from ..ops.static_masks import strided_shard_mask, token_window_mask
-from ..ops.to_pattern import block_mask_to_pattern
+from ..ops.to_pattern import stream_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
 
@@ -58,17 +59,18 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: StridedShardsConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     seq_q, seq_k = q.shape[2], k.shape[2]
-    local = token_window_mask(
-        q,
-        k,
-        sink_tokens=0,
-        local_tokens=config.local_tokens,
-        block_q=block_q,
-        block_k=block_k,
-        causal=causal,
-    )
-    shards = strided_shard_mask(q.shape[1], local.shape[1], config.stride, q.device)
-    # One list per query head, shared by the batch.
-    return block_mask_to_pattern(
-        (local[None] | shards)[None], seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal
-    )
+    n_kv = num_blocks(seq_k, block_k)
+    shards = strided_shard_mask(q.shape[1], n_kv, config.stride, q.device)
+
+    def mask_rows(q_blocks: range) -> torch.Tensor:
+        local = token_window_mask(
+            q, k, sink_tokens=0, local_tokens=config.local_tokens, block_q=block_q, block_k=block_k, causal=causal,
+            q_blocks=q_blocks,
+        )  # fmt: skip
+        return local[None] | shards
+
+    # One list per query head, shared by the batch, built a chunk of query blocks at a time.
+    return stream_pattern(
+        mask_rows, batch=1, heads=q.shape[1], seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k,
+        causal=causal, device=q.device, row_elements=2 * q.shape[1] * n_kv,
+    )  # fmt: skip

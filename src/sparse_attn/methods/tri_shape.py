@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_int
-from ..geometry import query_block_positions
+from ..geometry import num_blocks, query_block_positions
 from ..ops.static_masks import check_token_window, token_window_mask
-from ..ops.to_pattern import block_mask_to_pattern
+from ..ops.to_pattern import stream_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
 
@@ -62,16 +62,16 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: TriShapeConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     seq_q, seq_k = q.shape[2], k.shape[2]
-    a_shape = token_window_mask(
-        q,
-        k,
-        sink_tokens=config.sink_tokens,
-        local_tokens=config.local_tokens,
-        block_q=block_q,
-        block_k=block_k,
-        causal=causal,
-    )
-    # from_mask drops the dense rows' future blocks in causal mode.
-    mask = a_shape | last_query_block_rows(seq_q, block_q, config.last_q_tokens, q.device)[:, None]
-    # One list shared by the whole batch and every head.
-    return block_mask_to_pattern(mask, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
+    window = dict(sink_tokens=config.sink_tokens, local_tokens=config.local_tokens)
+    dense_rows = last_query_block_rows(seq_q, block_q, config.last_q_tokens, q.device)
+
+    def mask_rows(q_blocks: range) -> torch.Tensor:
+        a_shape = token_window_mask(q, k, **window, block_q=block_q, block_k=block_k, causal=causal, q_blocks=q_blocks)
+        # The pattern drops the dense rows' future blocks in causal mode.
+        return a_shape | dense_rows[q_blocks.start : q_blocks.stop, None]
+
+    # One list shared by the whole batch and every head, built a chunk of query blocks at a time.
+    return stream_pattern(
+        mask_rows, batch=1, heads=1, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal,
+        device=q.device, row_elements=2 * num_blocks(seq_k, block_k),
+    )  # fmt: skip

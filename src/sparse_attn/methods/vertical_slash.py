@@ -20,6 +20,10 @@ authors' release gives heads without a searched configuration (a fact taken from
 release, not from the paper's text). Sizes are clamped to the sequence. Choice where the paper is
 silent: MInference's kernel computes the lines at token granularity; a block-sparse
 pattern computes every block a line crosses, so the computed set is a superset.
+
+Operators: :mod:`sparse_attn.ops.last_query_probe` (the lines, ``O(S)`` per head),
+:mod:`sparse_attn.ops.selection`, :mod:`sparse_attn.ops.vertical_slash_blocks`, the blocks
+built per chunk of query blocks by :func:`sparse_attn.ops.to_pattern.stream_pattern`.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_int
+from ..geometry import num_blocks
 from ..ops.last_query_probe import probe_last_queries
 from ..ops.selection import topk_mask
-from ..ops.to_pattern import block_mask_to_pattern
+from ..ops.to_pattern import stream_pattern
 from ..ops.vertical_slash_blocks import vertical_slash_block_mask
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
@@ -64,10 +69,15 @@ def estimate(
     )
     vertical = _top_lines(sums.vertical, config.vertical_size)
     slash = _top_lines(sums.slash, config.slash_size)
-    mask = vertical_slash_block_mask(
-        vertical, slash, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal
-    )
-    return block_mask_to_pattern(mask, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
+    geometry = dict(seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
+
+    def mask_rows(q_blocks: range) -> torch.Tensor:
+        return vertical_slash_block_mask(vertical, slash, **geometry, q_blocks=q_blocks)
+
+    return stream_pattern(
+        mask_rows, batch=q.shape[0], heads=q.shape[1], device=q.device,
+        row_elements=q.shape[0] * q.shape[1] * num_blocks(seq_k, block_k), **geometry,
+    )  # fmt: skip
 
 
 def _top_lines(sums: torch.Tensor, count: int) -> torch.Tensor:

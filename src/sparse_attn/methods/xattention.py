@@ -24,7 +24,9 @@ threshold serves every head. Block sizes must be multiples of ``stride``.
 
 Operators: :mod:`sparse_attn.ops.antidiagonal` (the scoring; a Triton kernel on CUDA, the
 PyTorch reference elsewhere), :mod:`sparse_attn.ops.selection`, :mod:`sparse_attn.ops.static_masks`
-(sink and diagonal).
+(sink and diagonal), streamed by :func:`sparse_attn.ops.to_pattern.stream_pattern`: each
+chunk of query blocks is scored, selected and written into the pattern before the next, so
+the ``(n_q, n_kv)`` block probabilities of a head never exist whole.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_fraction, check_int
+from ..geometry import num_blocks
 from ..ops.antidiagonal import antidiagonal_block_probs
 from ..ops.selection import cumulative_mass_mask
 from ..ops.static_masks import sink_local_block_mask
-from ..ops.to_pattern import block_mask_to_pattern
+from ..ops.to_pattern import stream_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
 
@@ -65,12 +68,21 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: XAttentionConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     seq_q, seq_k = q.shape[2], k.shape[2]
-    probs = antidiagonal_block_probs(
-        q, k, stride=config.stride, block_q=block_q, block_k=block_k, scale=q.shape[-1] ** -0.5, causal=causal
-    )
-    mask = cumulative_mass_mask(probs, config.threshold)
-    if config.keep_sink:
-        mask |= sink_local_block_mask(
-            seq_q, seq_k, block_q, block_k, sink_blocks=1, local_blocks=1, device=q.device, causal=causal
+    blocks = dict(block_q=block_q, block_k=block_k)
+
+    def mask_rows(q_blocks: range) -> torch.Tensor:
+        probs = antidiagonal_block_probs(
+            q, k, stride=config.stride, scale=q.shape[-1] ** -0.5, causal=causal, q_blocks=q_blocks, **blocks
         )
-    return block_mask_to_pattern(mask, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
+        mask = cumulative_mass_mask(probs, config.threshold)
+        del probs
+        if config.keep_sink:
+            mask |= sink_local_block_mask(
+                seq_q, seq_k, **blocks, sink_blocks=1, local_blocks=1, device=q.device, causal=causal, q_blocks=q_blocks
+            )
+        return mask
+
+    return stream_pattern(
+        mask_rows, batch=q.shape[0], heads=q.shape[1], seq_q=seq_q, seq_k=seq_k, causal=causal, device=q.device,
+        row_elements=q.shape[0] * q.shape[1] * num_blocks(seq_k, block_k), **blocks,
+    )  # fmt: skip

@@ -14,10 +14,15 @@ kernel against its reference.
 * :mod:`.selection`: cumulative-mass and top-k selection per row (sort-free Triton kernel);
 * :mod:`.vertical_slash_blocks`: selected columns and diagonals -> the blocks they cross;
 * :mod:`.static_masks`: sinks, local windows, power-of-two distances, strided shards;
-* :func:`.to_pattern.block_mask_to_pattern`: a block mask -> ``BlockSparsePattern``;
-* :mod:`.gqa`: grouped-query matmul without expanding K.
+* :mod:`.to_pattern`: the streaming assembly every estimator ends with: block masks, one chunk
+  of query blocks (or query heads) at a time, written straight into a ``BlockSparsePattern``;
+* :mod:`.block_rows`: the geometry's block tables for a range of query blocks;
+* :mod:`.gqa`: grouped-query matmul without expanding K, head chunks of whole GQA groups.
 
 A new operator gets a folder of its own with these three files (``triton.py`` optional);
 a kernel module exposes ``unsupported_reason(x, **case)`` for the dispatch rule. Operators
 never allocate ``O(S^2)``: chunked loops stay within ``CHUNK_ELEMENTS`` of :mod:`._chunking`.
+Block scores are ``O(n_q * n_kv)`` per head, so the scoring operators take a range of query
+blocks (``q_blocks``) and an estimator scores, selects and writes one chunk at a time
+(:func:`.to_pattern.stream_pattern`); no estimator holds a whole ``(H, n_q, n_kv)`` table.
 """

@@ -1,29 +1,201 @@
-"""The last step of every estimator: a bool block mask becomes a :class:`BlockSparsePattern`."""
+"""The last step of every estimator, streamed: block masks become a :class:`BlockSparsePattern` chunk by chunk.
+
+An estimator's block scores are ``O(n_q * n_kv)`` per head (at a million tokens and 128-token
+blocks, 8192 x 8192 per head), so no estimator holds them whole. It hands a function that
+scores and selects one range of query blocks (or, for a rule that selects over a whole head,
+one range of query heads) to :func:`stream_pattern` (or :func:`stream_pattern_by_heads`),
+which calls it chunk after chunk and writes each chunk's rows straight into the pattern
+through a :class:`PatternBuilder`. Chunks are sized so that the chunk's float32 working set
+stays within :data:`CHUNK_ELEMENTS`; a range of query blocks is processed last-first.
+
+The builder applies the pattern rules row by row, exactly as ``BlockSparsePattern.from_mask``
+does (causal: drop blocks after the query block, add its diagonal; non-causal: a row left
+empty keeps its last block), and turns each piece of mask into sorted ``int32`` lists with a
+prefix count and a binary search (no sort, no ``int64`` table of the piece). Its index table
+is as wide as the widest row so far and widens when a row needs more, so the result is
+compact: ``max_kv`` is the largest count of any row. Working memory beyond the chunk is the
+pattern itself.
+
+Row-local rules (every method but FlexPrefill's query-aware heads) give the same lists in any
+chunking; scores computed by a matrix product per chunk can round differently from one
+product over all rows (BLAS picks its kernel by shape), which can move a selection only where
+a score sits within rounding of its selection boundary. The builder marks its result as
+validated, as ``from_mask`` does: it is valid by construction.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 
+from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
+from ._chunking import CHUNK_ELEMENTS
+from .block_rows import causal_block_rows, diagonal_block_rows, query_block_chunks, query_block_range
+from .gqa import head_chunks
 
-__all__ = ["block_mask_to_pattern"]
+__all__ = ["PatternBuilder", "stream_pattern", "stream_pattern_by_heads"]
+
+# Mask pieces the builder converts at once hold CHUNK_ELEMENTS / _PIECE_SHARE entries: a piece
+# costs a few bytes per entry (bool copies, an int32 prefix count), a float32 chunk four.
+_PIECE_SHARE = 2
 
 
-def block_mask_to_pattern(
-    mask: torch.Tensor, *, seq_q: int, seq_k: int, block_q: int, block_k: int, causal: bool
-) -> BlockSparsePattern:
-    """A pattern from a bool block mask ``(n_q, n_kv)`` or ``(B, H, n_q, n_kv)``.
+class PatternBuilder:
+    """Assembles a :class:`BlockSparsePattern` ``(batch, heads, n_q_blocks, max_kv)`` from pieces of block mask.
 
-    Causal mode drops future blocks and adds each query block's diagonal (``from_mask``). In
-    non-causal mode a row left empty keeps its highest-numbered block, so the result is valid.
-    A 2-D mask (a static layout) gives one list shared by the whole batch and every head.
+    Each :meth:`add` writes the lists of some query blocks of some heads; every (head, query
+    block) must be written exactly once before :meth:`finish`.
     """
-    if not causal:
-        empty = ~mask.any(-1, keepdim=True)
-        if bool(empty.any()):
-            last = torch.zeros_like(mask)
-            last[..., -1] = True
-            mask = mask | (empty & last)
-    return BlockSparsePattern.from_mask(
-        mask.contiguous(), block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k, causal=causal
-    )
+
+    def __init__(
+        self,
+        *,
+        batch: int,
+        heads: int,
+        seq_q: int,
+        seq_k: int,
+        block_q: int,
+        block_k: int,
+        causal: bool,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.batch, self.heads = batch, heads
+        self.seq_q, self.seq_k, self.block_q, self.block_k = seq_q, seq_k, block_q, block_k
+        self.causal = bool(causal)
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.n_q, self.n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
+        self._counts = torch.zeros((batch, heads, self.n_q), dtype=torch.int32, device=self.device)
+        self._indices = torch.zeros((batch, heads, self.n_q, 0), dtype=torch.int32, device=self.device)
+        self._rows_written = 0
+
+    def add(self, mask: torch.Tensor, *, rows: range, heads: range | None = None) -> None:
+        """Write query blocks ``rows`` of heads ``heads`` (default: all) from bool ``mask``.
+
+        ``mask`` broadcasts to ``(batch, len(heads), len(rows), n_kv_blocks)`` (a 2-D
+        ``(len(rows), n_kv_blocks)`` mask serves every batch and head). It is converted a few
+        rows at a time, so its pieces' temporaries stay within the builder's share of
+        :data:`CHUNK_ELEMENTS`.
+        """
+        heads = range(self.heads) if heads is None else heads
+        rows = query_block_range(self.n_q, rows)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be bool, got {mask.dtype}")
+        mask = mask.expand(self.batch, len(heads), len(rows), self.n_kv)
+        piece_rows = max(1, CHUNK_ELEMENTS // (_PIECE_SHARE * self.batch * len(heads) * self.n_kv))
+        for offset in range(0, len(rows), piece_rows):
+            piece = range(rows.start + offset, min(rows.stop, rows.start + offset + piece_rows))
+            self._write(mask[:, :, offset : offset + len(piece)], piece, heads)
+
+    def _write(self, mask: torch.Tensor, rows: range, heads: range) -> None:
+        geometry = (self.seq_q, self.seq_k, self.block_q, self.block_k, rows, self.device)
+        if self.causal:
+            mask = (mask & causal_block_rows(*geometry)) | diagonal_block_rows(*geometry)
+        else:
+            empty = ~mask.any(-1, keepdim=True)
+            if bool(empty.any()):
+                last = F.one_hot(torch.tensor(self.n_kv - 1, device=self.device), self.n_kv).bool()
+                mask = mask | (empty & last)
+        # The s-th kept block of a row is the first column where the row's running count reaches s.
+        running = mask.cumsum(-1, dtype=torch.int32)
+        del mask
+        counts = running[..., -1].contiguous()
+        width = int(counts.max())
+        slots = torch.arange(1, width + 1, dtype=torch.int32, device=self.device).expand(*counts.shape, width)
+        columns = torch.searchsorted(running, slots.contiguous(), out_int32=True)
+        del running
+        columns.masked_fill_(slots > counts[..., None], 0)
+        self._widen(width)
+        self._counts[:, heads.start : heads.stop, rows.start : rows.stop] = counts
+        self._indices[:, heads.start : heads.stop, rows.start : rows.stop, :width] = columns
+        self._rows_written += len(heads) * len(rows)
+
+    def _widen(self, width: int) -> None:
+        current = self._indices.shape[-1]
+        if width > current:
+            wider = torch.zeros((*self._indices.shape[:-1], width), dtype=torch.int32, device=self.device)
+            wider[..., :current] = self._indices
+            self._indices = wider
+
+    def finish(self) -> BlockSparsePattern:
+        """The pattern; valid by construction, so it is marked validated for this mode."""
+        expected = self.heads * self.n_q
+        if self._rows_written != expected:
+            raise RuntimeError(
+                f"pattern assembled from {self._rows_written} (head, query block) rows, expected {expected}"
+            )
+        self._widen(1)
+        pattern = BlockSparsePattern(
+            kv_counts=self._counts,
+            kv_indices=self._indices,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            seq_q=self.seq_q,
+            seq_k=self.seq_k,
+        )
+        pattern._cache[("validated", self.causal)] = True
+        return pattern
+
+
+def stream_pattern(
+    mask_rows: Callable[[range], torch.Tensor],
+    *,
+    batch: int,
+    heads: int,
+    seq_q: int,
+    seq_k: int,
+    block_q: int,
+    block_k: int,
+    causal: bool,
+    device,
+    row_elements: int,
+) -> BlockSparsePattern:
+    """A pattern from ``mask_rows(q_blocks)``, called once per chunk of query blocks, last chunk first.
+
+    ``mask_rows`` returns bool ``(batch, heads, len(q_blocks), n_kv_blocks)`` (or a shape that
+    broadcasts to it) for the contiguous ``range`` of query blocks it is given. ``row_elements``
+    is the float32 size of one query block's row in the largest tensor ``mask_rows`` holds
+    (typically ``batch * heads * n_kv_blocks``); chunks hold ``CHUNK_ELEMENTS // row_elements``
+    query blocks (at least one).
+    """
+    builder = PatternBuilder(
+        batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal,
+        device=device,
+    )  # fmt: skip
+    for rows in query_block_chunks(builder.n_q, CHUNK_ELEMENTS // max(1, row_elements)):
+        builder.add(mask_rows(rows), rows=rows)
+    return builder.finish()
+
+
+def stream_pattern_by_heads(
+    mask_heads: Callable[[range], torch.Tensor],
+    *,
+    batch: int,
+    heads: int,
+    group: int,
+    seq_q: int,
+    seq_k: int,
+    block_q: int,
+    block_k: int,
+    causal: bool,
+    device,
+    head_elements: int,
+) -> BlockSparsePattern:
+    """A pattern from ``mask_heads(query_heads)``, called once per chunk of query heads (every query block).
+
+    For rules that select over a whole head at once. Chunks are whole GQA groups or lie within
+    one (``group`` query heads per KV head; :func:`sparse_attn.ops.gqa.head_chunks`) and hold
+    ``CHUNK_ELEMENTS // head_elements`` heads (at least one), ``head_elements`` being the float32
+    size of one head in the largest tensor ``mask_heads`` holds (typically
+    ``batch * n_q_blocks * n_kv_blocks``). ``mask_heads`` returns bool
+    ``(batch, len(query_heads), n_q_blocks, n_kv_blocks)``.
+    """
+    builder = PatternBuilder(
+        batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal,
+        device=device,
+    )  # fmt: skip
+    for query_heads in head_chunks(heads, group, max(1, CHUNK_ELEMENTS // max(1, head_elements))):
+        builder.add(mask_heads(query_heads), rows=range(builder.n_q), heads=query_heads)
+    return builder.finish()

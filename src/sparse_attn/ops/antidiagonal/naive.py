@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ...geometry import num_blocks, query_block_positions
 from .._chunking import CHUNK_ELEMENTS
+from ..block_rows import query_block_range
 from ..gqa import grouped_matmul
 
 __all__ = [
@@ -64,27 +65,40 @@ def cells_to_block_probs(cell_probs: torch.Tensor, cells_per_q_block: int) -> to
 
 
 def antidiagonal_block_probs_reference(
-    q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int, scale: float, causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    stride: int,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    causal: bool,
+    q_blocks: range | None = None,
 ) -> torch.Tensor:
-    """XAttention's block importance, float32 ``(B, Hq, n_q, n_kv)``, rows summing to 1.
+    """XAttention's block importance of query blocks ``q_blocks`` (default: all), float32 ``(B, Hq, len(q_blocks), n_kv)``.
 
     Each cell pair scores ``scale / stride * (antidiagonal sum)``; each query cell's scores
     are softmax-normalized over its visible key cells, summed per KV block, and averaged
-    over the query cells of the query block. Chunked over query cells (one pass, no
-    ``Sq x Sk`` tensor: cells are ``stride``x coarser on each side). Block sizes must be
-    multiples of ``stride``.
+    over the query cells of the query block; rows sum to 1. Chunked over query cells (one
+    pass, no ``Sq x Sk`` tensor: cells are ``stride``x coarser on each side); only the cells
+    of ``q_blocks`` are scored. Block sizes must be multiples of ``stride``.
     """
     seq_q, seq_k = q.shape[2], k.shape[2]
-    query_cells = strided_cells(q, stride, reverse=True)
+    rows = query_block_range(num_blocks(seq_q, block_q), q_blocks)
+    cells_per_q_block = block_q // stride
+    first_cell = rows.start * cells_per_q_block
+    # Query blocks start on cell boundaries, so the range's queries are whole cells of their own.
+    query_cells = strided_cells(q[:, :, rows.start * block_q : rows.stop * block_q], stride, reverse=True)
     key_cells = strided_cells(k, stride, reverse=False)
     last_query, first_key = antidiagonal_visibility(seq_q, seq_k, stride, causal=causal, device=q.device)
+    last_query = last_query[first_cell : first_cell + query_cells.shape[2]]
     batch, q_heads = q.shape[:2]
     k_cells = key_cells.shape[2]
     cells_per_kv_block = block_k // stride
     n_kv = num_blocks(seq_k, block_k)
     rows_per_chunk = max(1, CHUNK_ELEMENTS // (4 * batch * q_heads * k_cells))
     # Whole query blocks per chunk keeps the block sums local to a chunk.
-    rows_per_chunk = max(block_q // stride, rows_per_chunk - rows_per_chunk % (block_q // stride))
+    rows_per_chunk = max(cells_per_q_block, rows_per_chunk - rows_per_chunk % cells_per_q_block)
     pieces = []
     for start in range(0, query_cells.shape[2], rows_per_chunk):
         stop = min(query_cells.shape[2], start + rows_per_chunk)
@@ -93,6 +107,6 @@ def antidiagonal_block_probs_reference(
         probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
         padded = F.pad(probs, (0, n_kv * cells_per_kv_block - k_cells))
         cell_probs = padded.view(batch, q_heads, stop - start, n_kv, cells_per_kv_block).sum(-1)
-        pieces.append(cells_to_block_probs(cell_probs, block_q // stride))
+        pieces.append(cells_to_block_probs(cell_probs, cells_per_q_block))
         del logits, probs, padded, cell_probs
     return torch.cat(pieces, dim=2)

@@ -18,8 +18,10 @@ module is the kernel's only home.
   probabilities ``exp(lse_row_block - lse_row)`` and averages the cells of each query block,
   writing the ``(query block, KV block)`` probabilities directly.
 
-The per-(query cell, KV block) scratch is the only large intermediate: float32
-``(B, heads, Sq / stride, n_kv)``, processed a few heads at a time (and, once one head's rows
+A launch scores the query cells of a range of query blocks (``q_blocks``: an estimator
+streams its block scores chunk by chunk, :mod:`sparse_attn.ops.to_pattern`) and writes their
+rows only. The per-(query cell, KV block) scratch is the only large intermediate: float32
+``(B, heads, cells, n_kv)``, processed a few heads at a time (and, once one head's cells
 alone would exceed it, a range of query cells at a time) so that it stays under
 ``CHUNK_ELEMENTS`` floats. Tile shapes are autotuned over :data:`SCORING_CONFIGS`, or over
 the candidates a caller passes as ``configs=`` (``benchmarks/scoring_configs.py`` sweeps them
@@ -40,6 +42,7 @@ from ...geometry import num_blocks
 from ...utils import interpreting
 from .._chunking import CHUNK_ELEMENTS
 from .._dispatch import device_unsupported_reason
+from ..block_rows import query_block_range
 
 __all__ = [
     "SCORING_CONFIGS",
@@ -161,9 +164,11 @@ def _cell_block_probs(
     seq_k,
     q_cells,
     cell_start,
+    cell_stop,
     chunk_cells,
     k_cells,
-    n_q,
+    q_block_start,
+    q_block_stop,
     n_kv,
     qk_scale,
     seq_bucket,  # autotuning key only: ceil(log2(seq_k)), so each length range gets its own tuning
@@ -193,8 +198,9 @@ def _cell_block_probs(
     head = head_start + batch_head % chunk_heads
     kv_head = head // group
     BLOCKS_PER_TILE: tl.constexpr = BLOCK_N // CELLS_PER_KV_BLOCK
-    # This launch covers query cells [cell_start, cell_start + chunk_cells); the scratch holds
-    # only those rows. Chunks are whole tiles, so no tile crosses a chunk's end.
+    # This launch covers query cells [cell_start, cell_stop) (at most chunk_cells, a whole number
+    # of query blocks, starting on a query block); the scratch holds only those rows. The output
+    # holds query blocks [q_block_start, q_block_stop).
     first_cell = cell_start + tile * BLOCK_M
     cells = first_cell + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -214,7 +220,7 @@ def _cell_block_probs(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     out_rows = RowBlockLse + (batch_head.to(tl.int64) * chunk_cells + (cells - cell_start)) * n_kv
-    row_in_range = cells < q_cells
+    row_in_range = cells < cell_stop
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # One loop over (key tile, query-row offset, head-dim slice) steps, with the tile's
     # epilogue on its last step: loads are pipelined across key-tile boundaries.
@@ -242,7 +248,12 @@ def _cell_block_probs(
     q_blocks = first_cell // CELLS_PER_Q_BLOCK + tl.arange(0, Q_BLOCKS)
     cells_in_block = tl.maximum(tl.minimum(q_cells - q_blocks * CELLS_PER_Q_BLOCK, CELLS_PER_Q_BLOCK), 1).to(tl.float32)
     n_written = tl.minimum(tl.cdiv(key_cell_end, BLOCK_N) * BLOCKS_PER_TILE, n_kv)
-    probs_rows = BlockProbs + (batch * num_q_heads + head).to(tl.int64) * n_q * n_kv + q_blocks.to(tl.int64) * n_kv
+    out_q_blocks = q_block_stop - q_block_start
+    probs_rows = (
+        BlockProbs
+        + (batch * num_q_heads + head).to(tl.int64) * out_q_blocks * n_kv
+        + (q_blocks - q_block_start).to(tl.int64) * n_kv
+    )
     for start_j in range(0, n_written, BLOCK_J):
         kv_blocks = start_j + tl.arange(0, BLOCK_J)
         written = kv_blocks < n_written
@@ -256,7 +267,7 @@ def _cell_block_probs(
         tl.store(
             probs_rows[:, None] + kv_blocks[None, :],
             reduced,
-            mask=(q_blocks < n_q)[:, None] & written[None, :],
+            mask=(q_blocks < q_block_stop)[:, None] & written[None, :],
         )
 
 
@@ -312,14 +323,16 @@ def cell_block_probs(
     block_k: int,
     scale: float,
     causal: bool,
+    q_blocks: range | None = None,
     configs: Sequence[ScoringConfig] | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel over head chunks; float32 ``(B, Hq, n_q, n_kv)``, blocks past the causal extent 0.
+    """Launch the kernel over head chunks; float32 ``(B, Hq, len(q_blocks), n_kv)``, blocks past the causal extent 0.
 
     q ``(B, Hq, q_len, D)`` holds every ``query_step``-th of ``seq_q`` queries (``query_step`` 1:
     all of them), cut into cells of ``stride`` rows; k ``(B, Hkv, Sk, D)``. Per (query block,
-    KV block), the mean (or with ``reduce_max`` the maximum) over the block's query cells of
-    the cell's softmax mass on the KV block. ``configs``: the autotune candidates (default
+    KV block) of the query blocks ``q_blocks`` (default: all), the mean (or with ``reduce_max``
+    the maximum) over the block's query cells of the cell's softmax mass on the KV block: only
+    those blocks' cells are scored. ``configs``: the autotune candidates (default
     :data:`SCORING_CONFIGS` for 16-bit inputs; float32 inputs and the interpreter use their
     own single tile).
     """
@@ -327,14 +340,16 @@ def cell_block_probs(
     kv_heads, seq_k = k.shape[1], k.shape[2]
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     q_cells, k_cells = num_blocks(q_len, stride), num_blocks(seq_k, stride)
-    n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
+    n_kv = num_blocks(seq_k, block_k)
+    rows = query_block_range(num_blocks(seq_q, block_q), q_blocks)
     cells_per_q_block = block_q // (stride * query_step)
     cells_per_kv_block = block_k // stride
+    first_cell, end_cell = rows.start * cells_per_q_block, min(q_cells, rows.stop * cells_per_q_block)
     # The scratch holds CHUNK_ELEMENTS floats at most: a few heads at a time, and when one head's
     # rows alone exceed that (very long sequences), a range of query cells at a time, in whole
-    # multiples of _CELL_UNIT (every tile height divides it).
-    cells_per_chunk = q_cells
-    if batch * q_cells * n_kv > CHUNK_ELEMENTS:
+    # multiples of _CELL_UNIT (every tile height and query block divides it).
+    cells_per_chunk = end_cell - first_cell
+    if batch * cells_per_chunk * n_kv > CHUNK_ELEMENTS:
         cells_per_chunk = max(_CELL_UNIT, CHUNK_ELEMENTS // (batch * n_kv) // _CELL_UNIT * _CELL_UNIT)
     chunk_heads = max(1, min(q_heads, CHUNK_ELEMENTS // (batch * cells_per_chunk * n_kv)))
     is_float32 = q.dtype == torch.float32
@@ -352,18 +367,18 @@ def cell_block_probs(
     )
     candidates = _FLOAT32_CONFIGS if is_float32 else tuple(SCORING_CONFIGS if configs is None else configs)
     # Blocks past a query block's causal extent are never written: they stay 0.
-    probs = torch.zeros((batch, q_heads, n_q, n_kv), dtype=torch.float32, device=q.device)
+    probs = torch.zeros((batch, q_heads, len(rows), n_kv), dtype=torch.float32, device=q.device)
     scratch = torch.empty((batch, chunk_heads, cells_per_chunk, n_kv), dtype=torch.float32, device=q.device)
     for head_start in range(0, q_heads, chunk_heads):
         heads = min(chunk_heads, q_heads - head_start)
-        for cell_start in range(0, q_cells, cells_per_chunk):
-            cells = min(cells_per_chunk, q_cells - cell_start)
+        for cell_start in range(first_cell, end_cell, cells_per_chunk):
+            cells = min(cells_per_chunk, end_cell - cell_start)
             args = (
                 q, k, scratch, probs,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 head_start, heads, q_heads, q_heads // kv_heads,
-                q_len, seq_q, seq_k, q_cells, cell_start, cells_per_chunk, k_cells, n_q, n_kv, scale / stride * _LOG2_E,
-                max(seq_k - 1, 1).bit_length(),
+                q_len, seq_q, seq_k, q_cells, cell_start, cell_start + cells, cells_per_chunk, k_cells,
+                rows.start, rows.stop, n_kv, scale / stride * _LOG2_E, max(seq_k - 1, 1).bit_length(),
             )  # fmt: skip
             if interpreting():
                 # One small tile; head_dim split in two steps (when it can be) to cover that path too.
@@ -384,6 +399,7 @@ def antidiagonal_block_probs_triton(
     block_k: int,
     scale: float,
     causal: bool,
+    q_blocks: range | None = None,
     configs: Sequence[ScoringConfig] | None = None,
 ) -> torch.Tensor:
     """Same result as :func:`.naive.antidiagonal_block_probs_reference`, with the kernel.
@@ -396,5 +412,5 @@ def antidiagonal_block_probs_triton(
         raise ValueError(f"the Triton antidiagonal kernel cannot run this case: {reason}")
     return cell_block_probs(
         q, k, stride=stride, query_step=1, reduce_max=False, seq_q=q.shape[2], block_q=block_q, block_k=block_k,
-        scale=scale, causal=causal, configs=configs,
+        scale=scale, causal=causal, q_blocks=q_blocks, configs=configs,
     )  # fmt: skip

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ...geometry import num_blocks
 from .._chunking import CHUNK_ELEMENTS
-from ..gqa import gqa_group, grouped_matmul
+from ..gqa import gqa_group, grouped_matmul, head_chunks, kv_heads_of
 
 __all__ = ["ProbeSums", "block_sum", "probe_last_queries"]
 
@@ -57,16 +57,6 @@ def _slash_sums(probs: torch.Tensor) -> torch.Tensor:
     return by_u.flip(-1)
 
 
-def _head_chunks(q_heads: int, group: int, heads_per_chunk: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` query-head ranges of at most ``heads_per_chunk`` heads, each within one KV
-    head or made of whole GQA groups (so a chunk reads one contiguous range of KV heads)."""
-    if heads_per_chunk >= group:
-        size = (heads_per_chunk // group) * group
-    else:
-        size = max(divisor for divisor in range(1, group + 1) if group % divisor == 0 and divisor <= heads_per_chunk)
-    return [(start, min(q_heads, start + size)) for start in range(0, q_heads, size)]
-
-
 def _chunk_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``q @ k^T`` for a head chunk: whole groups, or part of one group sharing a single KV head."""
     if k.shape[1] == 1:
@@ -103,9 +93,8 @@ def probe_last_queries(
     scale_factor = torch.tensor([scale], dtype=torch.float32, device=q.device)
     heads_per_chunk = max(1, CHUNK_ELEMENTS // (2 * batch * rows * seq_k))
     vertical, slash = [], []
-    for start, stop in _head_chunks(q_heads, group, heads_per_chunk):
-        kv_start, kv_stop = start // group, max(start // group + 1, stop // group)
-        logits = _chunk_logits(probe[:, start:stop], k[:, kv_start:kv_stop]) * scale_factor
+    for heads in head_chunks(q_heads, group, heads_per_chunk):
+        logits = _chunk_logits(probe[:, heads.start : heads.stop], k[:, kv_heads_of(heads, group)]) * scale_factor
         if causal:
             logits[..., seq_k - rows :].masked_fill_(future, float("-inf"))
         probs = torch.softmax(logits, dim=-1)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ...geometry import causal_block_mask, num_blocks
+from ...geometry import num_blocks
 from .._chunking import CHUNK_ELEMENTS
-from ..gqa import grouped_matmul
+from ..block_rows import causal_block_rows, query_block_range
+from ..gqa import grouped_matmul, kv_heads_of
 
-__all__ = ["block_softmax", "mean_pool_blocks", "pooled_block_logits"]
+__all__ = ["PooledBlocks", "block_softmax", "mean_pool_blocks"]
 
 
 def mean_pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -38,21 +41,48 @@ def mean_pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def pooled_block_logits(
-    q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_k: int, scale: float, causal: bool
-) -> torch.Tensor:
-    """Scaled ``mean_pool(q) · mean_pool(k)`` per block pair, float32 ``(B, Hq, n_q, n_kv)``.
+@dataclass(frozen=True)
+class PooledBlocks:
+    """Mean-pooled query and key blocks of one estimate: pooled once, scored a chunk of query blocks at a time.
 
-    q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)`` (GQA: K is not expanded). Causally invalid
-    block pairs are ``-inf``; every row keeps at least its diagonal.
+    ``q`` float32 ``(B, Hq, n_q, D)`` and ``k`` float32 ``(B, Hkv, n_kv, D)`` (GQA: K is not
+    expanded) are ``O(S * D)``; the block scores they give are ``O(n_q * n_kv)`` per head and
+    are only ever built for a chunk (:meth:`logits`).
     """
-    pooled_q = mean_pool_blocks(q, block_q)
-    pooled_k = mean_pool_blocks(k, block_k)
-    logits = grouped_matmul(pooled_q, pooled_k) * scale
-    if causal:
-        valid = causal_block_mask(q.shape[2], k.shape[2], block_q, block_k, q.device)
-        logits = logits.masked_fill(~valid, float("-inf"))
-    return logits
+
+    q: torch.Tensor
+    k: torch.Tensor
+    seq_q: int
+    seq_k: int
+    block_q: int
+    block_k: int
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_k: int) -> PooledBlocks:
+        """Pool q ``(B, Hq, Sq, D)`` and k ``(B, Hkv, Sk, D)`` over their blocks."""
+        return cls(
+            q=mean_pool_blocks(q, block_q), k=mean_pool_blocks(k, block_k), seq_q=q.shape[2], seq_k=k.shape[2],
+            block_q=block_q, block_k=block_k,
+        )  # fmt: skip
+
+    def logits(
+        self, *, scale: float, causal: bool, q_blocks: range | None = None, heads: range | None = None
+    ) -> torch.Tensor:
+        """Scaled ``pool(q) · pool(k)`` of query blocks ``q_blocks`` and query heads ``heads`` (default: all).
+
+        Float32 ``(B, len(heads), len(q_blocks), n_kv)``; causally invalid block pairs are
+        ``-inf``, and every row keeps at least its diagonal. ``heads`` must lie within one KV
+        head or be whole GQA groups (:func:`sparse_attn.ops.gqa.head_chunks`).
+        """
+        rows = query_block_range(self.q.shape[2], q_blocks)
+        heads = range(self.q.shape[1]) if heads is None else heads
+        group = self.q.shape[1] // self.k.shape[1]
+        pooled_q = self.q[:, heads.start : heads.stop, rows.start : rows.stop]
+        logits = grouped_matmul(pooled_q, self.k[:, kv_heads_of(heads, group)]) * scale
+        if causal:
+            valid = causal_block_rows(self.seq_q, self.seq_k, self.block_q, self.block_k, rows, self.q.device)
+            logits = logits.masked_fill(~valid, float("-inf"))
+        return logits
 
 
 def block_softmax(logits: torch.Tensor) -> torch.Tensor:

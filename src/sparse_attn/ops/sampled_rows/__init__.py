@@ -13,6 +13,7 @@ import torch
 
 from ...geometry import num_blocks
 from .._dispatch import kernel_for
+from ..block_rows import query_block_range
 from .naive import max_row_block_probs, sampled_query_rows
 
 __all__ = ["sampled_query_rows", "sampled_rows_block_max_probs"]
@@ -29,23 +30,32 @@ def sampled_rows_block_max_probs(
     block_k: int,
     scale: float,
     causal: bool,
+    q_blocks: range | None = None,
 ) -> torch.Tensor:
-    """Per query block, the max over its sampled rows of each row's softmax mass per KV block.
+    """Per query block of ``q_blocks`` (default: all), the max over its sampled rows of each row's softmax mass per KV block.
 
     ``rows`` = ``sampled_query_rows(seq_q, block_q, query_step)``; q_rows ``(B, Hq, len(rows), D)``
     are the queries at those rows of ``seq_q`` queries (the last ``seq_q`` of k's ``Sk``
-    positions), k ``(B, Hkv, Sk, D)``. Returns float32 ``(B, Hq, n_q, n_kv)``.
+    positions), k ``(B, Hkv, Sk, D)``. Returns float32 ``(B, Hq, len(q_blocks), n_kv)``; only
+    the rows of ``q_blocks`` are scored.
     """
+    blocks = query_block_range(num_blocks(seq_q, block_q), q_blocks)
     case = dict(seq_q=seq_q, query_step=query_step, block_q=block_q, block_k=block_k)
     kernel = kernel_for(q_rows, __package__, **case)
     if kernel is not None:
-        return kernel.sampled_rows_block_max_probs_triton(q_rows, k, **case, scale=scale, causal=causal)
+        return kernel.sampled_rows_block_max_probs_triton(
+            q_rows, k, **case, scale=scale, causal=causal, q_blocks=q_blocks
+        )
+    # Rows are sorted: those of the query blocks in range are one slice.
+    bounds = torch.tensor([blocks.start * block_q, blocks.stop * block_q], device=rows.device)
+    first, stop = torch.searchsorted(rows, bounds).tolist()
+    chosen = rows[first:stop]
     return max_row_block_probs(
-        q_rows,
-        rows + (k.shape[2] - seq_q),
+        q_rows[:, :, first:stop],
+        chosen + (k.shape[2] - seq_q),
         k,
-        row_blocks=rows // block_q,
-        n_q=num_blocks(seq_q, block_q),
+        row_blocks=chosen // block_q - blocks.start,
+        n_q=len(blocks),
         block_k=block_k,
         scale=scale,
         causal=causal,

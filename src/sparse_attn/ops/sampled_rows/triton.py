@@ -39,18 +39,19 @@ def sampled_rows_block_max_probs_triton(
     block_k: int,
     scale: float,
     causal: bool,
+    q_blocks: range | None = None,
 ) -> torch.Tensor:
     """:func:`.naive.max_row_block_probs` for rows sampled every ``query_step`` queries, in the kernel.
 
     ``q_rows`` ``(B, Hq, seq_q / query_step, D)`` holds query rows ``query_step - 1,
     2 * query_step - 1, ...`` of ``seq_q`` queries (the last ``seq_q`` of ``k``'s positions).
-    Returns float32 ``(B, Hq, n_q, n_kv)``: per query block, the largest share of its
-    attention that any of its sampled rows puts on each KV block.
+    Returns float32 ``(B, Hq, len(q_blocks), n_kv)``: per query block of ``q_blocks`` (default:
+    all), the largest share of its attention that any of its sampled rows puts on each KV block.
     """
     reason = unsupported_reason(q_rows, seq_q=seq_q, query_step=query_step, block_q=block_q, block_k=block_k)
     if reason is not None:
         raise ValueError(f"the Triton sampled-row kernel cannot run this case: {reason}")
     return cell_block_probs(
         q_rows, k, stride=1, query_step=query_step, reduce_max=True, seq_q=seq_q, block_q=block_q, block_k=block_k,
-        scale=scale, causal=causal,
+        scale=scale, causal=causal, q_blocks=q_blocks,
     )  # fmt: skip

@@ -28,10 +28,15 @@ class Budget:
 
 
 def _rank_mask(order: torch.Tensor, keep_count: torch.Tensor) -> torch.Tensor:
-    """Bool mask with True at the first ``keep_count`` entries of each row's ``order``."""
-    slots = torch.arange(order.shape[-1], device=order.device)
-    keep_sorted = slots < keep_count[..., None]
-    return torch.zeros(order.shape, dtype=torch.bool, device=order.device).scatter_(-1, order, keep_sorted)
+    """Bool mask with True at the first ``keep_count`` entries of each row's ``order``.
+
+    Only the first ``max(keep_count)`` columns of ``order`` are scattered, so a long row (a
+    whole head's blocks) needs no table of its length beyond the bool result.
+    """
+    width = int(keep_count.max()) if keep_count.numel() else 0
+    keep_sorted = torch.arange(width, device=order.device) < keep_count[..., None]
+    mask = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+    return mask.scatter_(-1, order[..., :width], keep_sorted)
 
 
 def _row_cumsum(values: torch.Tensor) -> torch.Tensor:
@@ -45,20 +50,24 @@ def _row_cumsum(values: torch.Tensor) -> torch.Tensor:
     if length < 64 * _SCAN_PIECE:
         return torch.cumsum(values, dim=-1)
     pieces = -(-length // _SCAN_PIECE)
-    padded = F.pad(values, (0, pieces * _SCAN_PIECE - length)).view(rows, pieces, _SCAN_PIECE)
-    within = torch.cumsum(padded, dim=-1)
+    padding = pieces * _SCAN_PIECE - length
+    padded = F.pad(values, (0, padding)) if padding else values
+    within = torch.cumsum(padded.view(rows, pieces, _SCAN_PIECE), dim=-1)
+    del padded
     before = torch.cumsum(within[..., -1], dim=-1) - within[..., -1]
-    return (within + before[..., None]).view(rows, -1)[:, :length]
+    within += before[..., None]
+    return within.view(rows, -1)[:, :length]
 
 
 def _cumulative_mass_rows(scores: torch.Tensor, threshold: float, budget: Budget) -> torch.Tensor:
     values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
     cumulative = _row_cumsum(values)
-    total = cumulative[..., -1:]
+    target = threshold * cumulative[..., -1:]
     # Keep every entry whose preceding mass is still short of the target (the entry that
-    # crosses the threshold is kept).
-    preceding = cumulative - values
-    keep_count = (preceding < threshold * total).sum(-1)
+    # crosses the threshold is kept). In place: rows may be a whole head's blocks.
+    preceding = cumulative.sub_(values)
+    del values
+    keep_count = (preceding < target).sum(-1)
     keep_count = keep_count.clamp(min=budget.minimum)
     if budget.maximum is not None:
         keep_count = keep_count.clamp(max=budget.maximum)

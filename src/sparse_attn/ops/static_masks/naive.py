@@ -2,7 +2,8 @@
 
 Everything here depends only on the geometry (lengths and block sizes), never on q/k
 values, and works on bool ``(n_q_blocks, n_kv_blocks)`` tables at most (never token-level
-``S x S``). Geometry follows :mod:`sparse_attn.geometry`: the queries are the *last*
+``S x S``); the tables are built for a range of query blocks at a time when the estimator
+streams (``q_blocks``). Geometry follows :mod:`sparse_attn.geometry`: the queries are the *last*
 ``seq_q`` of the ``seq_k`` positions and each query block's *own* KV blocks (the diagonal)
 are the ones holding its positions. With ``seq_q < seq_k`` or ``block_q != block_k`` a query
 block can own several KV blocks; distances are measured from that span.
@@ -13,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from ...checks import check_int
-from ...geometry import causal_block_mask, num_blocks, own_kv_block_span
+from ...geometry import num_blocks, own_kv_block_span
+from ..block_rows import causal_block_rows, query_block_range
 
 __all__ = [
     "block_distance",
@@ -25,15 +27,18 @@ __all__ = [
 ]
 
 
-def block_distance(seq_q: int, seq_k: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
-    """Int64 ``(n_q_blocks, n_kv_blocks)``: how many KV blocks lie between each KV block and
-    the query block's own span, in block units.
+def block_distance(
+    seq_q: int, seq_k: int, block_q: int, block_k: int, device=None, *, q_blocks: range | None = None
+) -> torch.Tensor:
+    """Int64 ``(len(q_blocks), n_kv_blocks)``: how many KV blocks lie between each KV block and
+    the query block's own span, in block units, for query blocks ``q_blocks`` (default: all).
 
     0 on the query block's own (diagonal) blocks, ``d`` for the ``d``-th block before the
     span (the past) and equally ``d`` for the ``d``-th block after it (the future, which
     only non-causal attention reaches).
     """
-    first, last = own_kv_block_span(seq_q, seq_k, block_q, block_k, device)
+    rows = query_block_range(num_blocks(seq_q, block_q), q_blocks)
+    first, last = (span[rows.start : rows.stop] for span in own_kv_block_span(seq_q, seq_k, block_q, block_k, device))
     kv_block = torch.arange(num_blocks(seq_k, block_k), device=device, dtype=torch.int64)[None, :]
     before = first[:, None] - kv_block
     after = kv_block - last[:, None]
@@ -50,21 +55,24 @@ def sink_local_block_mask(
     local_blocks: int,
     device=None,
     causal: bool = True,
+    q_blocks: range | None = None,
 ) -> torch.Tensor:
-    """Bool ``(n_q_blocks, n_kv_blocks)``: the first ``sink_blocks`` KV blocks plus a local window.
+    """Bool ``(len(q_blocks), n_kv_blocks)``: the first ``sink_blocks`` KV blocks plus a local window.
 
     The window is the query block's own KV block(s) and the ``local_blocks - 1`` blocks
     before them, so ``local_blocks=1`` keeps the diagonal only. In causal mode the result
     keeps only causally valid blocks (sinks a query block cannot see yet are dropped); in
     non-causal mode the window is symmetric (``local_blocks - 1`` blocks after the span too).
+    Only query blocks ``q_blocks`` (default: all) are built.
     """
     check_int("sink_blocks", sink_blocks, minimum=0)
     check_int("local_blocks", local_blocks, minimum=1)
-    distance = block_distance(seq_q, seq_k, block_q, block_k, device)
+    rows = query_block_range(num_blocks(seq_q, block_q), q_blocks)
+    distance = block_distance(seq_q, seq_k, block_q, block_k, device, q_blocks=rows)
     kv_block = torch.arange(distance.shape[1], device=device)
     mask = (distance < local_blocks) | (kv_block < sink_blocks)[None, :]
     if causal:
-        mask &= causal_block_mask(seq_q, seq_k, block_q, block_k, device)
+        mask &= causal_block_rows(seq_q, seq_k, block_q, block_k, rows, device)
     return mask
 
 
@@ -75,7 +83,15 @@ def check_token_window(sink_tokens: int, local_tokens: int) -> None:
 
 
 def token_window_mask(
-    q: torch.Tensor, k: torch.Tensor, *, sink_tokens: int, local_tokens: int, block_q: int, block_k: int, causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    sink_tokens: int,
+    local_tokens: int,
+    block_q: int,
+    block_k: int,
+    causal: bool,
+    q_blocks: range | None = None,
 ) -> torch.Tensor:
     """:func:`sink_local_block_mask` for ``q``/``k`` with sink and window sizes in tokens.
 
@@ -90,6 +106,7 @@ def token_window_mask(
         local_blocks=num_blocks(local_tokens, block_k),
         device=q.device,
         causal=causal,
+        q_blocks=q_blocks,
     )
 
 

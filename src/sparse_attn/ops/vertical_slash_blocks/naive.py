@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ...geometry import num_blocks, query_block_positions
 from .._chunking import CHUNK_ELEMENTS
+from ..block_rows import query_block_range
 
 __all__ = ["vertical_slash_block_mask"]
 
@@ -41,40 +42,66 @@ def vertical_slash_block_mask(
     block_q: int,
     block_k: int,
     causal: bool = True,
+    q_blocks: range | None = None,
 ) -> torch.Tensor:
-    """The blocks that selected key columns and diagonals cross, bool ``(B, H, n_q, n_kv)``.
+    """The blocks that selected key columns and diagonals cross, bool ``(B, H, len(q_blocks), n_kv)``.
 
     ``vertical`` bool ``(B, H, Sk)``: selected key positions. ``slash`` bool ``(B, H, Sk)``:
     selected distances ``o = query position - key position``. Block ``(i, j)`` is covered
     when a selected column in block ``j`` is at or before the block's last query, or when a
     selected distance joins a query of block ``i`` to a key of block ``j``. Counted with
     prefix sums, so the cost is ``O(n_q * n_kv)`` per head whatever the number of lines.
+    Only query blocks ``q_blocks`` (default: all) are built, a few heads and rows at a time.
     """
-    device = vertical.device
-    n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
-    # The prefix-count lookups hold a few int32 (n_q, n_kv) tensors per head: a few heads at a time.
+    rows = query_block_range(num_blocks(seq_q, block_q), q_blocks)
+    n_kv = num_blocks(seq_k, block_k)
     batch, heads = vertical.shape[:2]
-    heads_per_chunk = max(1, CHUNK_ELEMENTS // (8 * batch * n_q * n_kv))
-    if heads > heads_per_chunk:
-        out = torch.empty((batch, heads, n_q, n_kv), dtype=torch.bool, device=device)
-        for first in range(0, heads, heads_per_chunk):
-            part = slice(first, first + heads_per_chunk)
-            out[:, part] = vertical_slash_block_mask(
-                vertical[:, part], slash[:, part], seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k,
-                causal=causal,
-            )  # fmt: skip
-        return out
-    q_first, q_last = query_block_positions(seq_q, seq_k, block_q, device)
+    # The prefix-count lookups hold a few int32 (rows, n_kv) tensors per head and two int64
+    # (rows, n_kv) index tables: a few heads and rows at a time.
+    heads_per_piece = max(1, min(heads, CHUNK_ELEMENTS // (8 * batch * len(rows) * n_kv)))
+    rows_per_piece = max(1, CHUNK_ELEMENTS // (8 * batch * heads_per_piece * n_kv))
+    vertical_prefix, slash_prefix = _exclusive_prefix(vertical), _exclusive_prefix(slash)
+    if heads_per_piece == heads and rows_per_piece >= len(rows):
+        return _crossed_blocks(vertical_prefix, slash_prefix, rows, seq_q, seq_k, block_q, block_k, causal)
+    out = torch.empty((batch, heads, len(rows), n_kv), dtype=torch.bool, device=vertical.device)
+    for first_head in range(0, heads, heads_per_piece):
+        part = slice(first_head, first_head + heads_per_piece)
+        for first_row in range(rows.start, rows.stop, rows_per_piece):
+            piece = range(first_row, min(rows.stop, first_row + rows_per_piece))
+            out[:, part, piece.start - rows.start : piece.stop - rows.start] = _crossed_blocks(
+                vertical_prefix[:, part], slash_prefix[:, part], piece, seq_q, seq_k, block_q, block_k, causal
+            )
+    return out
+
+
+def _crossed_blocks(
+    vertical_prefix: torch.Tensor,
+    slash_prefix: torch.Tensor,
+    rows: range,
+    seq_q: int,
+    seq_k: int,
+    block_q: int,
+    block_k: int,
+    causal: bool,
+) -> torch.Tensor:
+    """:func:`vertical_slash_block_mask` of query blocks ``rows`` from the lines' exclusive prefix counts."""
+    device = vertical_prefix.device
+    n_kv = num_blocks(seq_k, block_k)
+    q_first, q_last = (
+        position[rows.start : rows.stop] for position in query_block_positions(seq_q, seq_k, block_q, device)
+    )
     k_first = torch.arange(n_kv, device=device) * block_k
     k_last = torch.clamp(k_first + block_k, max=seq_k) - 1
 
-    columns_low = k_first[None, :].expand(n_q, n_kv)
-    columns_high = torch.minimum(k_last[None, :], q_last[:, None]) if causal else k_last[None, :].expand(n_q, n_kv)
-    crossed_columns = _inclusive_counts(_exclusive_prefix(vertical), columns_low, columns_high) > 0
+    columns_low = k_first[None, :].expand(len(rows), n_kv)
+    columns_high = (
+        torch.minimum(k_last[None, :], q_last[:, None]) if causal else k_last[None, :].expand(len(rows), n_kv)
+    )
+    crossed_columns = _inclusive_counts(vertical_prefix, columns_low, columns_high) > 0
     if not causal:  # distances are only defined looking back
         return crossed_columns
 
     distance_low = (q_first[:, None] - k_last[None, :]).clamp(min=0)
     distance_high = q_last[:, None] - k_first[None, :]
-    crossed_diagonals = _inclusive_counts(_exclusive_prefix(slash), distance_low, distance_high) > 0
+    crossed_diagonals = _inclusive_counts(slash_prefix, distance_low, distance_high) > 0
     return crossed_columns | crossed_diagonals

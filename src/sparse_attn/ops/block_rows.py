@@ -1,0 +1,66 @@
+"""Ranges of query blocks, the unit in which estimators stream: the geometry's tables restricted to them.
+
+An estimator never builds a whole ``(n_q_blocks, n_kv_blocks)`` table per head: it scores and
+selects a range of query blocks at a time (:mod:`.to_pattern`). These helpers give the rows of
+:mod:`sparse_attn.geometry`'s block tables for such a range, computed by the geometry's own
+functions, so the rule for "causally valid" and "diagonal" has one definition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..geometry import causal_block_mask, diagonal_block_mask, num_blocks
+
+__all__ = ["causal_block_rows", "diagonal_block_rows", "query_block_range", "query_block_chunks"]
+
+
+def query_block_range(n_q: int, q_blocks: range | None) -> range:
+    """``q_blocks`` checked against ``n_q`` query blocks (``None``: all of them)."""
+    if q_blocks is None:
+        return range(n_q)
+    if q_blocks.step != 1 or not 0 <= q_blocks.start < q_blocks.stop <= n_q:
+        raise ValueError(f"q_blocks must be a non-empty contiguous range within [0, {n_q}), got {q_blocks}")
+    return q_blocks
+
+
+def query_block_chunks(n_q: int, rows_per_chunk: int) -> list[range]:
+    """``[0, n_q)`` cut into ranges of at most ``rows_per_chunk`` query blocks, the last range first.
+
+    Last first: under a causal mask the last query blocks keep the most KV blocks, so a pattern
+    assembled in this order learns its widest row early and rarely has to widen its index table.
+    """
+    starts = range(0, n_q, max(1, rows_per_chunk))
+    return [range(start, min(n_q, start + rows_per_chunk)) for start in reversed(starts)]
+
+
+def _sub_call(seq_q: int, seq_k: int, block_q: int, rows: range) -> tuple[int, int]:
+    """``(seq_q, seq_k)`` of the call whose queries are exactly those of query blocks ``rows``.
+
+    Its queries are those rows' queries and its keys end at their last query, so its query block
+    ``i`` is query block ``rows.start + i`` of the full call, at the same positions.
+    """
+    first_row = rows.start * block_q
+    end_row = min(rows.stop * block_q, seq_q)
+    return end_row - first_row, seq_k - (seq_q - end_row)
+
+
+def _padded_to(table: torch.Tensor, n_kv: int) -> torch.Tensor:
+    return F.pad(table, (0, n_kv - table.shape[-1]), value=False)
+
+
+def causal_block_rows(seq_q: int, seq_k: int, block_q: int, block_k: int, rows: range, device=None) -> torch.Tensor:
+    """``causal_block_mask(...)[rows]``, bool ``(len(rows), n_kv_blocks)``, without the other rows.
+
+    KV blocks past the rows' last query are invalid for them: the shorter call's table lacks
+    them and they are padded back as False.
+    """
+    sub_q, sub_k = _sub_call(seq_q, seq_k, block_q, rows)
+    return _padded_to(causal_block_mask(sub_q, sub_k, block_q, block_k, device), num_blocks(seq_k, block_k))
+
+
+def diagonal_block_rows(seq_q: int, seq_k: int, block_q: int, block_k: int, rows: range, device=None) -> torch.Tensor:
+    """``diagonal_block_mask(...)[rows]``, bool ``(len(rows), n_kv_blocks)``, without the other rows."""
+    sub_q, sub_k = _sub_call(seq_q, seq_k, block_q, rows)
+    return _padded_to(diagonal_block_mask(sub_q, sub_k, block_q, block_k, device), num_blocks(seq_k, block_k))
