@@ -12,6 +12,7 @@ pytest.importorskip("rich")
 
 from sparse_attn import cli  # noqa: E402
 from sparse_attn.cli import main  # noqa: E402
+from sparse_attn.eval.grid import MethodVariant, build_grid  # noqa: E402
 from sparse_attn.eval.runner import Runner  # noqa: E402
 
 
@@ -127,6 +128,16 @@ def test_bench_help_describes_the_command(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     assert "Time the block-sparse backends" in capsys.readouterr().out
+
+
+def test_eval_help_states_the_measured_quick_run(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    variants = [MethodVariant.parse(name) for name in cli.QUICK_METHODS]
+    quick_cases = build_grid(cli.DEFAULT_TASKS, variants, cli.QUICK_LENGTHS, cli.QUICK_DEPTHS, [0])
+    assert f"{len(quick_cases)} cases, measured at" in text and "on a 2-core" in text
+    assert "rerunning the same command resumes it" in text
 
 
 def test_default_results_folder_is_git_ignored():
