@@ -81,3 +81,26 @@ def poisoned_view(batch, heads, seq, dim, dtype, generator, transposed, device="
 def poisoned_allocate(shape, dtype, device):
     """A stand-in for ``sparse_attn.backends.launch.allocate`` that fills kernel outputs with NaN."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def block_reads(pattern: BlockSparsePattern, batch: int, q_heads: int) -> torch.Tensor:
+    """Bool (B, Hq, Sq, Sk): the keys of every KV block each query's block keeps, causal or not. Tiny sizes only."""
+    return token_mask(pattern, batch, q_heads, causal=False)
+
+
+def expected_nonfinite(q, k, v, pattern, causal):
+    """Bool (B, Hq, Sq, D): the output elements that must be non-finite, by the documented rule.
+
+    A non-finite q row, or a non-finite k at a key the row attends to (kept block, causally
+    visible), acts through the softmax as in SDPA (float64 masked softmax with masked scores
+    replaced by -inf, so masked keys do not count). A non-finite v[j, d] makes column d
+    non-finite in every row whose query block keeps j's KV block (weights there, zero or not,
+    multiply v[j, d]).
+    """
+    batch, q_heads = q.shape[:2]
+    group = q_heads // k.shape[1]
+    finite_v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+    out, _ = naive_attention(q, k, finite_v, pattern, causal)
+    bad_v = (~torch.isfinite(v)).double().repeat_interleave(group, 1)  # (B, Hq, Sk, D)
+    reads = block_reads(pattern, batch, q_heads).double()
+    return ~torch.isfinite(out) | ((reads @ bad_v) > 0)

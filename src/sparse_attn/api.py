@@ -82,7 +82,14 @@ def block_sparse_attention(
             :mod:`sparse_attn.backends`).
         return_lse: also return the natural-log log-sum-exp of each query's scores, float32 ``(B, Hq, Sq)``.
         check_inputs_finite: raise ``ValueError`` if q, k or v hold NaN/Inf (one extra pass and a
-            host sync). Otherwise NaN/Inf propagate to the outputs of the rows they touch, as in SDPA.
+            host sync). Otherwise every backend propagates them as SDPA does: a NaN/Inf in q row
+            ``i``, or in k at a key row ``i`` attends to (in a block its query block keeps and, when
+            causal, not after it), enters row ``i``'s softmax, which turns the row non-finite
+            unless the score is ``-inf`` (weight 0, as in SDPA); keys a row does not attend to never
+            reach it. A NaN/Inf ``v[j, d]`` makes column ``d`` non-finite in every row of every query
+            block that keeps ``j``'s KV block, including rows that do not attend to ``j``: their zero
+            weight still multiplies it, as in SDPA's fused kernels (there at their own tile size).
+            Rows of query blocks that do not keep that block stay finite.
 
     Returns:
         ``out`` ``(B, Hq, Sq, D)`` in q's dtype, and ``lse`` when ``return_lse``.

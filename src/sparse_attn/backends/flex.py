@@ -15,6 +15,10 @@ many lengths, and past it Dynamo silently runs FlexAttention *eagerly*, which
 materializes the full score matrix (and, in PyTorch 2.13, mishandles sequence tails).
 So calls raise the limit and turn "limit hit" into an error, which this backend answers
 by falling back to the reference backend with a warning.
+
+NaN/Inf: on CPU, FlexAttention's kernel does not propagate non-finite inputs as SDPA does, so
+inputs holding any run on the reference backend (one warning; see
+:func:`sparse_attn.block_sparse_attention` for the behaviour every backend follows).
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ def unsupported_reason(
         return "FlexAttention does not take float64"
     if q.device.type == "cuda" and (pattern.block_q % 16 or pattern.block_k % 16):
         return "FlexAttention on CUDA needs block sizes that are multiples of 16"
+    if q.device.type == "cpu" and not all(bool(torch.isfinite(x).all()) for x in (q, k, v)):
+        # Its CPU kernel leaves rows that read a NaN finite (and poisons others): one pass on
+        # the host finds such inputs, and the reference backend, which propagates them as SDPA
+        # does, runs them.
+        return "the inputs hold NaN or Inf, which FlexAttention on CPU does not propagate as SDPA does"
     return None
 
 
@@ -168,3 +177,11 @@ def forward(
         out, lse = result
         return out, lse.float()
     return result
+
+
+def gradient_unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why this backend cannot differentiate this case, or ``None``: FlexAttention has its own
+    backward (autograd through the compiled call) on CUDA, and none on CPU."""
+    if q.device.type != "cuda":
+        return "inputs require grad and FlexAttention has no backward pass on CPU"
+    return None

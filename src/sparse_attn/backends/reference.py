@@ -10,6 +10,7 @@ autograd, so it is also the path for inputs that require gradients, and it runs 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..pattern import BlockSparsePattern
 
@@ -35,6 +36,27 @@ def _blocked(x: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
     return x.view(batch, heads, n_blocks, block, dim)
 
 
+def _attend_chunk(queries, k_blocks, v_blocks, batch_index, kv_head, indices, used, query_pos, seq_k, scale, dtype):
+    """Exact attention of one chunk of query blocks over their gathered KV blocks.
+
+    ``queries`` ``(B, h, c, bq, D)``; ``indices`` / ``used`` ``(B, h, c, max_kv)`` (unused slots
+    point at the spare zero block); ``query_pos`` ``(c, bq)`` absolute positions in causal mode,
+    else ``None``. Returns ``out`` ``(B, h, c, bq, D)`` and ``lse`` ``(B, h, c, bq)`` in ``dtype``.
+    """
+    block_k = k_blocks.shape[3]
+    keys = k_blocks[batch_index, kv_head, indices].flatten(3, 4).to(dtype)
+    values = v_blocks[batch_index, kv_head, indices].flatten(3, 4).to(dtype)
+    scores = torch.matmul(queries.to(dtype), keys.transpose(-1, -2)) * scale  # (B, h, c, bq, max_kv*bk)
+    key_pos = (indices[..., None] * block_k + torch.arange(block_k, device=indices.device)).flatten(3, 4)
+    visible = used[..., None].expand(*used.shape, block_k).flatten(3, 4) & (key_pos < seq_k)
+    visible = visible[..., None, :]
+    if query_pos is not None:
+        visible = visible & (key_pos[..., None, :] <= query_pos[None, None, :, :, None])
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), values), lse
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -53,16 +75,17 @@ def forward(
     n_q, n_kv, max_kv = pattern.num_q_blocks, pattern.num_kv_blocks, pattern.max_kv
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    # Inputs stay in their dtype; each step converts only what it gathers.
-    k_blocks = _blocked(k, block_k, n_kv)
-    v_blocks = _blocked(v, block_k, n_kv)
+    # Inputs stay in their dtype; each step converts only what it gathers. K and V get one
+    # spare zero block, which unused list slots point at: their (zero) weights then multiply
+    # zeros, so a NaN/Inf in a block the list does not keep never reaches the row.
+    k_blocks = _blocked(k, block_k, n_kv + 1)
+    v_blocks = _blocked(v, block_k, n_kv + 1)
     q_blocks = _blocked(q, block_q, n_q)
     out = q.new_empty((batch, q_heads, n_q * block_q, dim))
     lse_out = torch.empty((batch, q_heads, n_q * block_q), dtype=torch.float32, device=q.device)
 
     offset = seq_k - seq_q
     slots = torch.arange(max_kv, device=q.device)
-    token_in_block = torch.arange(block_k, device=q.device)
     row_in_block = torch.arange(block_q, device=q.device)
     batch_index = torch.arange(batch, device=q.device)[:, None, None]
     pattern_batch = batch_index if pattern.batch == batch else torch.zeros_like(batch_index)
@@ -85,24 +108,25 @@ def forward(
                 pattern_batch[..., None], pattern_head[..., None], blocks[None, None, :, None], slots
             ]
             used = slots < counts[..., None]  # (B, h, c, max_kv)
-            indices = torch.where(used, indices, 0).long()
-            keys = k_blocks[batch_index[..., None], kv_head[..., None], indices].flatten(3, 4).to(compute_dtype)
-            values = v_blocks[batch_index[..., None], kv_head[..., None], indices].flatten(3, 4).to(compute_dtype)
-            queries = q_blocks[:, heads, blocks].to(compute_dtype)  # (B, h, c, bq, D)
-            scores = torch.matmul(queries, keys.transpose(-1, -2)) * scale  # (B, h, c, bq, max_kv*bk)
-
-            key_pos = (indices[..., None] * block_k + token_in_block).flatten(3, 4)  # (B, h, c, max_kv*bk)
-            visible = (used[..., None].expand(-1, -1, -1, -1, block_k).flatten(3, 4)) & (key_pos < seq_k)
-            visible = visible[..., None, :]
-            if causal:
-                query_pos = offset + blocks[:, None] * block_q + row_in_block  # (c, bq)
-                visible = visible & (key_pos[..., None, :] <= query_pos[None, None, :, :, None])
-            scores = scores.masked_fill(~visible, float("-inf"))
-            lse = torch.logsumexp(scores, dim=-1)  # (B, h, c, bq)
-            probabilities = torch.exp(scores - lse[..., None])
+            indices = torch.where(used, indices, n_kv).long()
+            query_pos = offset + blocks[:, None] * block_q + row_in_block if causal else None  # (c, bq)
+            # Under autograd each chunk is recomputed in the backward pass (checkpointed), so
+            # the graph keeps only the chunk's inputs, never its scores: O(S * block) memory.
+            chunk = (q_blocks[:, heads, blocks], k_blocks, v_blocks, batch_index[..., None], kv_head[..., None])
+            chunk += (indices, used, query_pos, seq_k, scale, compute_dtype)
+            if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+                chunk_out, lse = checkpoint(_attend_chunk, *chunk, use_reentrant=False)
+            else:
+                chunk_out, lse = _attend_chunk(*chunk)
             rows = slice(first * block_q, (first + len(blocks)) * block_q)
-            out[:, heads, rows] = torch.matmul(probabilities, values).flatten(2, 3).to(q.dtype)
+            out[:, heads, rows] = chunk_out.flatten(2, 3).to(q.dtype)
             lse_out[:, heads, rows] = lse.flatten(2, 3).float()
     if return_lse:
         return out[:, :, :seq_q], lse_out[:, :, :seq_q]
     return out[:, :, :seq_q]
+
+
+def gradient_unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why this backend cannot differentiate this case, or ``None``: autograd differentiates it
+    directly, one chunk of query blocks at a time (see :func:`forward`)."""
+    return None
