@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +14,7 @@ from . import methods as _methods  # noqa: F401  (registers the built-in methods
 from .backends import resolve_backend, run_backend
 from .checks import check_attention_inputs, check_finite, check_int, check_query_key
 from .pattern import BlockSparsePattern, check_pattern_fits
-from .registry import get_method
+from .registry import Method, get_method
 from .utils import synchronized_now
 
 DEFAULT_BLOCK = 128
@@ -26,6 +30,39 @@ class SparseAttentionInfo:
     estimate_ms: float
     attention_ms: float
     extras: dict = field(default_factory=dict)
+
+
+@functools.cache
+def _keywords(entry_point: Callable) -> tuple[str, ...]:
+    """The named parameters of a public entry point (``**options`` excluded)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(
+        name for name, parameter in inspect.signature(entry_point).parameters.items() if parameter.kind in kinds
+    )
+
+
+def _method_config(method: str, options: dict, entry_point: Callable) -> tuple[Method, object]:
+    """``(method spec, its config from options)``. The entry point's keywords and the method's
+    options share one call, so they must not silently overlap: a name that is neither raises
+    ``TypeError`` listing both, and so does a method option named like a keyword (the keyword
+    would always take the value)."""
+    spec = get_method(method)
+    fields = sorted(field.name for field in dataclasses.fields(spec.config_class))
+    keywords = _keywords(entry_point)
+    name = f"{entry_point.__name__}()"
+    shadowed = sorted(set(fields) & set(keywords))
+    if shadowed:
+        raise TypeError(
+            f"method {method!r} has option(s) {shadowed} named like keywords of {name}, which would take their "
+            f"values; rename the option(s)"
+        )
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise TypeError(
+            f"method {method!r} has no option(s) {unknown} (its options: {fields or 'none'}) and {name} has no "
+            f"keyword of that name (its keywords: {', '.join(keywords)})"
+        )
+    return spec, spec.make_config(**options)
 
 
 def estimate(
@@ -47,8 +84,7 @@ def estimate(
     check_query_key(q, k)
     check_int("block_q", block_q)
     check_int("block_k", block_k)
-    spec = get_method(method)
-    config = spec.make_config(**options)
+    spec, config = _method_config(method, options, estimate)
     pattern = spec.estimate(q, k, config, causal=bool(causal), block_q=block_q, block_k=block_k)
     check_pattern_fits(pattern, q, k)
     return pattern
@@ -115,15 +151,23 @@ def sparse_attention(
     block_q: int = DEFAULT_BLOCK,
     block_k: int = DEFAULT_BLOCK,
     return_info: bool = False,
+    check_inputs_finite: bool = False,
     **options,
 ):
     """Estimate a pattern with ``method`` and compute attention over it.
 
-    Shapes as in :func:`block_sparse_attention`; ``options`` go to the method's config.
-    With ``return_info=True`` returns ``(out, SparseAttentionInfo)``; the timings then
-    synchronize the device around each stage.
+    Shapes, ``causal``, ``scale``, ``backend`` and ``check_inputs_finite`` (checked once,
+    before estimating) as in :func:`block_sparse_attention`; ``block_q`` / ``block_k`` as in
+    :func:`estimate`. ``options`` go to the method's config (see
+    ``sa.get_method(method).defaults()``); a name that is neither an option of the method nor
+    a keyword of this function raises ``TypeError`` listing both. With ``return_info=True``
+    returns ``(out, SparseAttentionInfo)``; the timings then synchronize the device around each
+    stage.
     """
     scale = check_attention_inputs(q, k, v, scale)
+    _method_config(method, options, sparse_attention)
+    if check_inputs_finite:
+        check_finite(q=q, k=k, v=v)
     start = synchronized_now(q.device) if return_info else 0.0
     pattern = estimate(q, k, method, causal=causal, block_q=block_q, block_k=block_k, **options)
     if not return_info:
