@@ -104,3 +104,39 @@ def test_antidiagonal_triton_matches_reference_on_gpu(seq):
     valid = causal_block_mask(seq, seq, 128, 128, "cuda")
     assert torch.allclose(triton_probs.sum(-1), torch.ones_like(triton_probs[..., 0]), atol=1e-3)
     assert bool((triton_probs[..., ~valid] == 0).all())
+
+
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, seq_q, seq_k, stride, block_q, block_k, causal",
+    [(1, 4, 2, 100, 130, 4, 16, 32, True), (2, 2, 1, 64, 64, 8, 32, 32, True), (1, 2, 2, 50, 77, 4, 16, 16, False)],
+)
+def test_antidiagonal_query_block_ranges_are_rows_of_the_whole(
+    batch, q_heads, kv_heads, seq_q, seq_k, stride, block_q, block_k, causal, quiet_numpy
+):
+    # What an estimator streaming over chunks of query blocks asks for: the kernel scores only the
+    # range's cells, bit for bit the rows of the whole table; the reference to float rounding (its
+    # matmuls take other shapes).
+    q, k, _ = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, 16, dtype=torch.float32, seed=5)
+    options = dict(stride=stride, block_q=block_q, block_k=block_k, scale=0.25, causal=causal)
+    n_q = num_blocks(seq_q, block_q)
+    with quiet_numpy():
+        whole_kernel = antidiagonal_block_probs_triton(q, k, **options)
+        whole_reference = antidiagonal_block_probs_reference(q, k, **options)
+        for start, stop in {(0, 1), (1, n_q), (n_q - 1, n_q), (1, max(2, n_q - 1))}:
+            rows = range(start, stop)
+            kernel = antidiagonal_block_probs_triton(q, k, **options, q_blocks=rows)
+            reference = antidiagonal_block_probs_reference(q, k, **options, q_blocks=rows)
+            assert torch.equal(kernel, whole_kernel[:, :, start:stop])
+            assert torch.allclose(reference, whole_reference[:, :, start:stop], atol=1e-6)
+
+
+def test_scoring_kernel_range_in_query_cell_chunks_matches_one_launch(monkeypatch, quiet_numpy):
+    # A query-block range that starts mid-sequence, split over several launches by a tiny scratch budget.
+    q, k, _ = random_qkv(1, 2, 1, 200, 232, 16, dtype=torch.float32, seed=14)
+    options = dict(stride=4, block_q=16, block_k=16, scale=0.25, causal=True, q_blocks=range(3, 13))
+    with quiet_numpy():
+        whole = antidiagonal_block_probs_triton(q, k, **options)
+        monkeypatch.setattr(antidiagonal_triton, "CHUNK_ELEMENTS", 400)
+        monkeypatch.setattr(antidiagonal_triton, "_CELL_UNIT", 32)
+        chunked = antidiagonal_block_probs_triton(q, k, **options)
+    assert torch.equal(chunked, whole)

@@ -7,6 +7,7 @@ import torch
 from helpers import random_qkv
 
 from sparse_attn.geometry import num_blocks
+from sparse_attn.ops.sampled_rows import sampled_rows_block_max_probs
 from sparse_attn.ops.sampled_rows.naive import max_row_block_probs, sampled_query_rows
 from sparse_attn.ops.sampled_rows.triton import sampled_rows_block_max_probs_triton, unsupported_reason
 
@@ -57,3 +58,26 @@ def test_sampled_row_kernel_refuses_irregular_rows():
     q_rows = torch.zeros(1, 1, 7, 16)
     reason = unsupported_reason(q_rows, seq_q=100, query_step=16, block_q=64, block_k=64)
     assert reason is not None and "every 16-th query" in reason
+
+
+@pytest.mark.parametrize("batch, q_heads, kv_heads, seq_q, seq_k, step, block_q, block_k, causal", [
+    (2, 4, 2, 96, 130, 8, 32, 16, True), (1, 2, 1, 48, 80, 4, 16, 32, False), (1, 2, 2, 100, 100, 4, 16, 16, True),
+])  # fmt: skip
+def test_sampled_rows_query_block_ranges_are_rows_of_the_whole(
+    batch, q_heads, kv_heads, seq_q, seq_k, step, block_q, block_k, causal, quiet_numpy
+):
+    q, k, _ = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, 16, seed=9)
+    rows = sampled_query_rows(seq_q, block_q, step, "cpu")
+    q_rows = q[:, :, rows]
+    geometry = dict(seq_q=seq_q, query_step=step, block_q=block_q, block_k=block_k, scale=0.25, causal=causal)
+    whole = sampled_rows_block_max_probs(q_rows, k, rows=rows, **geometry)
+    n_q = num_blocks(seq_q, block_q)
+    kernel_runs = seq_q % step == 0
+    with quiet_numpy():
+        whole_kernel = sampled_rows_block_max_probs_triton(q_rows, k, **geometry) if kernel_runs else None
+        for start, stop in [(0, 1), (1, n_q), (n_q - 1, n_q)]:
+            part = sampled_rows_block_max_probs(q_rows, k, rows=rows, **geometry, q_blocks=range(start, stop))
+            assert torch.allclose(part, whole[:, :, start:stop], atol=1e-6)
+            if kernel_runs:
+                kernel = sampled_rows_block_max_probs_triton(q_rows, k, **geometry, q_blocks=range(start, stop))
+                assert torch.equal(kernel, whole_kernel[:, :, start:stop])

@@ -168,3 +168,16 @@ def test_gpu_selection_matches_reference(n):
     ranking = torch.randn(2, 4, 64, n, generator=generator)
     keep = torch.randint(0, n + 1, (2, 4, 64), generator=generator)
     assert torch.equal(topk_by_rank_mask(ranking.cuda(), keep.cuda()).cpu(), topk_by_rank_mask(ranking, keep))
+
+
+def test_piecewise_scan_of_rows_of_whole_pieces_is_the_scan_of_its_pieces():
+    # A row of exactly 64 pieces takes the piecewise scan with no padding: each piece scanned, then
+    # offset by the sum of the pieces before it, the same arithmetic as for a padded row.
+    scores = torch.rand(2, 64 * selection_naive._SCAN_PIECE, generator=torch.Generator().manual_seed(3))
+    within = scores.view(2, 64, -1).cumsum(-1)
+    expected = (within + (within[..., -1].cumsum(-1) - within[..., -1])[..., None]).view(2, -1)
+    assert torch.equal(selection_naive._row_cumsum(scores), expected)
+    values, order = torch.sort(scores.double(), dim=-1, descending=True, stable=True)
+    cumulative = values.cumsum(-1)
+    keep = ((cumulative - values) < 0.5 * cumulative[:, -1:]).sum(-1)
+    assert cumulative_mass_mask(scores, 0.5).sum(-1).tolist() == keep.tolist()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from sparse_attn.ops.static_masks import sink_local_block_mask
+from sparse_attn.ops.static_masks import block_distance, sink_local_block_mask
 
 
 def test_sink_local_block_mask_contract():
@@ -21,3 +21,15 @@ def test_sink_local_block_mask_contract():
         sink_local_block_mask(100, 100, 16, 16, sink_blocks=0, local_blocks=0)
     with pytest.raises(TypeError, match="sink_blocks"):
         sink_local_block_mask(100, 100, 16, 16, sink_blocks=1.0, local_blocks=1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_static_masks_query_block_ranges_are_rows_of_the_whole(causal):
+    geometry = (70, 150, 16, 8)
+    whole_distance = block_distance(*geometry)
+    whole = sink_local_block_mask(*geometry, sink_blocks=2, local_blocks=3, causal=causal)
+    for start, stop in [(0, 1), (1, 5), (4, 5)]:
+        rows = range(start, stop)
+        assert torch.equal(block_distance(*geometry, q_blocks=rows), whole_distance[start:stop])
+        part = sink_local_block_mask(*geometry, sink_blocks=2, local_blocks=3, causal=causal, q_blocks=rows)
+        assert torch.equal(part, whole[start:stop])

@@ -36,3 +36,19 @@ def test_vertical_slash_block_mask_in_head_chunks_matches_whole(monkeypatch):
     monkeypatch.setattr(vertical_slash_naive, "CHUNK_ELEMENTS", 8 * 2 * 17 * 10 * 2)  # two heads per chunk
     chunked = vertical_slash_block_mask(vertical, slash, seq_q=260, seq_k=300, block_q=16, block_k=32)
     assert torch.equal(chunked, whole)
+
+
+def test_vertical_slash_block_mask_query_block_ranges_are_rows_of_the_whole(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    vertical = torch.rand(2, 3, 300, generator=generator) < 0.03
+    slash = torch.rand(2, 3, 300, generator=generator) < 0.03
+    geometry = dict(seq_q=260, seq_k=300, block_q=16, block_k=32)
+    for causal in (True, False):
+        whole = vertical_slash_block_mask(vertical, slash, **geometry, causal=causal)
+        for start, stop in [(0, 1), (3, 17), (16, 17)]:
+            part = vertical_slash_block_mask(vertical, slash, **geometry, causal=causal, q_blocks=range(start, stop))
+            assert torch.equal(part, whole[:, :, start:stop])
+    # Pieces of one head and two query blocks.
+    monkeypatch.setattr(vertical_slash_naive, "CHUNK_ELEMENTS", 8 * 2 * 2 * 10)
+    pieces = vertical_slash_block_mask(vertical, slash, **geometry, q_blocks=range(3, 17))
+    assert torch.equal(pieces, vertical_slash_block_mask(vertical, slash, **geometry)[:, :, 3:17])

@@ -1,0 +1,86 @@
+"""Pattern assembly: the streaming builder against ``BlockSparsePattern.from_mask``; the row geometry it uses."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from sparse_attn.geometry import causal_block_mask, diagonal_block_mask, num_blocks
+from sparse_attn.ops import to_pattern
+from sparse_attn.ops.block_rows import causal_block_rows, diagonal_block_rows, query_block_chunks
+from sparse_attn.ops.to_pattern import PatternBuilder
+from sparse_attn.pattern import BlockSparsePattern
+
+
+def _from_mask(mask, causal, **geometry):
+    """The pattern rules as from_mask applies them, plus the non-causal empty-row rule."""
+    if not causal:
+        empty = ~mask.any(-1, keepdim=True)
+        last = torch.zeros_like(mask)
+        last[..., -1] = True
+        mask = mask | (empty & last)
+    return BlockSparsePattern.from_mask(mask.contiguous(), causal=causal, **geometry)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("seq_q, seq_k, block_q, block_k", [(100, 100, 16, 16), (37, 141, 8, 32), (64, 77, 32, 8)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.6])
+def test_builder_matches_from_mask_in_any_chunking(monkeypatch, causal, lead, seq_q, seq_k, block_q, block_k, density):
+    n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
+    generator = torch.Generator().manual_seed(seq_q + len(lead))
+    mask = torch.rand(*lead, n_q, n_kv, generator=generator) < density
+    geometry = dict(seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k)
+    expected = _from_mask(mask, causal, **geometry)
+    full = mask.expand(*expected.kv_counts.shape[:2], n_q, n_kv)
+    batch, heads = expected.kv_counts.shape[:2]
+    # Rows in chunks of every size, added in shuffled order, heads in two parts; pieces of one row.
+    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 1)
+    for rows_per_chunk in range(1, n_q + 1):
+        builder = PatternBuilder(batch=batch, heads=heads, causal=causal, **geometry)
+        chunks = query_block_chunks(n_q, rows_per_chunk)
+        random.Random(rows_per_chunk).shuffle(chunks)
+        split = max(1, heads // 2)
+        for rows, part in itertools.product(chunks, [range(split), range(split, heads)]):
+            if len(part):
+                builder.add(full[:, part.start : part.stop, rows.start : rows.stop], rows=rows, heads=part)
+        got = builder.finish()
+        assert torch.equal(got.kv_counts, expected.kv_counts)
+        assert torch.equal(got.kv_indices, expected.kv_indices)
+        assert got.max_kv == max(1, int(got.kv_counts.max()))
+        got.validate(causal=causal)
+
+
+def test_builder_broadcasts_a_shared_mask_and_refuses_missing_rows():
+    builder = PatternBuilder(batch=2, heads=3, seq_q=40, seq_k=40, block_q=8, block_k=8, causal=True)
+    builder.add(torch.ones(5, 5, dtype=torch.bool), rows=range(0, 5))
+    pattern = builder.finish()
+    assert pattern.kv_counts.shape == (2, 3, 5)
+    assert torch.equal(pattern.to_mask(), causal_block_mask(40, 40, 8, 8).expand(2, 3, 5, 5))
+    incomplete = PatternBuilder(batch=1, heads=2, seq_q=40, seq_k=40, block_q=8, block_k=8, causal=True)
+    incomplete.add(torch.ones(3, 5, dtype=torch.bool), rows=range(2, 5))
+    with pytest.raises(RuntimeError, match="rows"):
+        incomplete.finish()
+    with pytest.raises(TypeError, match="bool"):
+        incomplete.add(torch.ones(2, 5), rows=range(0, 2))
+
+
+@pytest.mark.parametrize("seq_q, extra", [(1, 0), (17, 0), (40, 9), (59, 33)])
+@pytest.mark.parametrize("block_q, block_k", [(4, 4), (8, 4), (4, 16)])
+def test_block_rows_are_rows_of_the_geometry_tables(seq_q, extra, block_q, block_k):
+    seq_k = seq_q + extra
+    n_q = num_blocks(seq_q, block_q)
+    causal = causal_block_mask(seq_q, seq_k, block_q, block_k)
+    diagonal = diagonal_block_mask(seq_q, seq_k, block_q, block_k)
+    for size in range(1, n_q + 1):
+        chunks = query_block_chunks(n_q, size)
+        assert chunks[0].stop == n_q  # last chunk first
+        assert sorted(row for rows in chunks for row in rows) == list(range(n_q))
+        for rows in chunks:
+            assert torch.equal(causal_block_rows(seq_q, seq_k, block_q, block_k, rows), causal[rows.start : rows.stop])
+            assert torch.equal(
+                diagonal_block_rows(seq_q, seq_k, block_q, block_k, rows), diagonal[rows.start : rows.stop]
+            )
