@@ -20,10 +20,22 @@ run dense through ``sa.patch``), and the post-RoPE q, k, v of each of its 3 glob
 (4 query heads, 1 KV head, head_dim 256; ``sa.record(model, capture=True)``) are the
 inputs, one row per layer and method. The model's context limit is 32K.
 
+``--scale`` measures what estimation costs at long lengths (default 256K, 512K and 1M tokens;
+``--lengths`` overrides): per method, the estimate's time, its peak extra memory
+(``torch.cuda.max_memory_allocated`` during a call after a warm-up call, above what was
+allocated before it: the inputs and anything else live), the pattern's own size (the
+estimate's output) and the peak without it; plus dense cuDNN SDPA on the same inputs when it
+fits. No kernel time, FlexAttention or recall there (each would take minutes at 1M). A call
+that takes over ``--single-call-ms`` is timed once (dense cuDNN at 1M, for instance) instead
+of with ``do_bench``'s repeats; the table says which. Writes
+``benchmarks/results/<gpu>/estimators_scale.json``.
+
     python benchmarks/estimators.py                          # 32K and 128K, the dynamic methods
     python benchmarks/estimators.py --lengths 131072 --methods xattention flexprefill
     python benchmarks/estimators.py --quick                  # tiny sizes, runs on CPU too (no JSON unless --out)
     python benchmarks/estimators.py --inputs gemma3-270m --lengths 16384 32768
+    python benchmarks/estimators.py --scale                  # 256K, 512K, 1M: memory and time of estimation
+    python benchmarks/estimators.py --scale --quick          # the same on tiny sizes (CPU too)
 """
 
 from __future__ import annotations
@@ -36,8 +48,9 @@ from pathlib import Path
 import torch
 
 import sparse_attn as sa
-from sparse_attn.bench import dense_baselines, device_slug, environment, format_table, measure, write_results
+from sparse_attn.bench import dense_baselines, device_slug, environment, format_table, measure, time_ms, write_results
 from sparse_attn.pattern import BlockSparsePattern
+from sparse_attn.utils import synchronized_now
 
 DYNAMIC_METHODS = ("xattention", "flexprefill", "vertical_slash", "block_topk", "proxyattn")
 
@@ -57,6 +70,24 @@ COLUMNS = [
     ("density", "density", ".3f"),
     ("recall", "recall", ".4f"),
     ("estimate_peak_mib", "est peak MiB", ".0f"),
+]
+
+
+SCALE_LENGTHS = [262144, 524288, 1048576]
+
+SCALE_COLUMNS = [
+    ("seq", "seq", "d"),
+    ("method", "method", "s"),
+    ("estimate_ms", "estimate ms", ".1f"),
+    ("estimate_timing", "timed by", "s"),
+    ("dense_ms", "dense ms", ".1f"),
+    ("dense_timing", "timed by", "s"),
+    ("estimate_share_of_dense", "est/dense", ".3f"),
+    ("estimate_peak_mib", "est peak MiB", ".0f"),
+    ("pattern_mib", "pattern MiB", ".0f"),
+    ("peak_without_pattern_mib", "peak-pattern MiB", ".0f"),
+    ("density", "density", ".3f"),
+    ("max_kv", "max_kv", "d"),
 ]
 
 
@@ -143,6 +174,60 @@ def peak_extra_mib(fn, device: torch.device) -> float | None:
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def timed_ms(fn, device: torch.device, *, single_call_ms: float) -> tuple[float, str]:
+    """``(ms, how)``: one synchronized call; when it took ``single_call_ms`` or more, that call's time
+    (``"1 call"``), else the median of repeated calls (``"median"``: ``do_bench`` on CUDA)."""
+    start = synchronized_now(device)
+    fn()
+    elapsed = (synchronized_now(device) - start) * 1e3
+    if elapsed >= single_call_ms:
+        return elapsed, "1 call"
+    return time_ms(fn, device), "median"
+
+
+def error_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
+def run_scale(shape: Shape, methods, *, strength: float, device: torch.device, single_call_ms: float) -> list[dict]:
+    """Estimation at a long length: time and peak extra memory per method, dense cuDNN on the same inputs."""
+    q, k, v = structured_qkv(shape, strength=strength, device=device)
+    dense = {}
+    try:
+        # K/V expanded to the query heads live only inside this block; a length where that or the
+        # attention itself does not fit reports the error instead of a time.
+        dense["dense_backend"], sdpa = next(iter(dense_baselines(q, k, v, device).items()))
+        dense["dense_ms"], dense["dense_timing"] = timed_ms(sdpa, device, single_call_ms=single_call_ms)
+        del sdpa
+    except Exception as error:
+        dense["dense_error"] = error_line(error)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    labels = {"inputs": "structured", "strength": strength, "q_heads": shape.q_heads, "kv_heads": shape.kv_heads,
+              "head_dim": shape.head_dim, "block": shape.block, "dtype": str(shape.dtype).removeprefix("torch.")}  # fmt: skip
+    rows = []
+    for method in methods:
+        row = {"seq": shape.seq, "method": method, **labels, **dense, "errors": {}}
+        estimate = functools.partial(sa.estimate, q, k, method, block_q=shape.block, block_k=shape.block)
+        try:
+            pattern = estimate()  # warm-up: the first call autotunes the scoring kernels
+            row["pattern_mib"] = (pattern.kv_indices.numel() + pattern.kv_counts.numel()) * 4 / 2**20
+            row["density"], row["max_kv"] = pattern.density(), pattern.max_kv
+            del pattern
+            row["estimate_peak_mib"] = peak_extra_mib(estimate, device)
+            row["estimate_ms"], row["estimate_timing"] = timed_ms(estimate, device, single_call_ms=single_call_ms)
+        except Exception as error:
+            row["errors"]["estimate"] = error_line(error)
+        if row.get("estimate_peak_mib") is not None:
+            row["peak_without_pattern_mib"] = row["estimate_peak_mib"] - row["pattern_mib"]
+        row["estimate_share_of_dense"] = ratio(row.get("estimate_ms"), row.get("dense_ms"))
+        rows.append(row)
+        print(format_table([row], SCALE_COLUMNS), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 def print_profile(label: str, fn, device: torch.device, top: int = 12) -> None:
@@ -237,7 +322,13 @@ def run_inputs(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sequence lengths (default 32768 131072; --scale: 256K 512K 1M)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(DYNAMIC_METHODS))
     parser.add_argument("--strength", type=float, default=12.0, help="norm of the shared q/k direction")
     parser.add_argument("--recall-heads", type=int, default=4, help="query heads used for recall (0: skip recall)")
@@ -250,15 +341,30 @@ def main() -> None:
         "--inputs", choices=["structured", "gemma3-270m"], default="structured",
         help="synthetic structured q/k (default) or the global layers' q/k/v of gemma3-270m on a needle prompt",
     )  # fmt: skip
+    parser.add_argument(
+        "--scale", action="store_true",
+        help="long lengths: each estimator's time and peak extra memory (pattern included and without it), and "
+        "dense cuDNN time; no kernel time or recall",
+    )  # fmt: skip
+    parser.add_argument(
+        "--single-call-ms", type=float, default=1000.0,
+        help="--scale: a call taking at least this long is timed once instead of with do_bench (default 1000)",
+    )  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.quick:
         raise SystemExit("benchmarks/estimators.py needs a CUDA GPU; on CPU run it with --quick")
+    if args.scale and args.inputs != "structured":
+        raise SystemExit("--scale runs on the structured inputs only")
     if args.quick:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         shapes = [Shape(seq=1024, q_heads=4, kv_heads=2, head_dim=64, block=64, dtype=dtype)]
     else:
-        shapes = [Shape(seq=seq) for seq in args.lengths]
+        lengths = args.lengths or (SCALE_LENGTHS if args.scale else [32768, 131072])
+        shapes = [Shape(seq=seq) for seq in lengths]
+    if args.scale:
+        run_scale_lengths(shapes, args, device)
+        return
     kernel_backend = "triton" if device.type == "cuda" else "reference"
     common = dict(recall_heads=args.recall_heads, device=device, kernel_backend=kernel_backend, profile=args.profile)
     rows = []
@@ -294,6 +400,35 @@ def main() -> None:
             else f"{args.inputs} global layers, niah prompt"
         )
         meta = {"benchmark": "estimators", "kernel_backend": kernel_backend, "inputs": inputs, **environment(device)}
+        write_results(rows, out, meta)
+        print(f"wrote {out}")
+
+
+def run_scale_lengths(shapes: list[Shape], args, device: torch.device) -> None:
+    rows = []
+    for shape in shapes:
+        rows += run_scale(
+            shape, args.methods, strength=args.strength, device=device, single_call_ms=args.single_call_ms
+        )
+    print()
+    print(format_table(rows, SCALE_COLUMNS))
+    for row in rows:
+        errors = {**row["errors"], **({"dense": row["dense_error"]} if "dense_error" in row else {})}
+        if errors:
+            print(f"  {row['seq']} {row['method']} errors: {errors}")
+    print(
+        f"timed by: '1 call' = one synchronized call (calls of {args.single_call_ms:.0f} ms or more are not repeated), "
+        "'median' = do_bench median (CUDA) or median of 5 calls (CPU); est peak: peak extra memory of one estimate "
+        "after a warm-up call, above what was allocated before it (inputs excluded); pattern: the estimate's output"
+    )
+    backends = sorted({row["dense_backend"] for row in rows if "dense_backend" in row})
+    print(f"dense: causal SDPA on the same inputs ({', '.join(backends) or 'did not run'})")
+    out = args.out
+    if out is None and device.type == "cuda" and not args.quick:
+        out = Path(__file__).parent / "results" / device_slug(device) / "estimators_scale.json"
+    if out is not None:
+        meta = {"benchmark": "estimators --scale", "inputs": "shared direction + noise, RoPE",
+                "single_call_ms": args.single_call_ms, **environment(device)}  # fmt: skip
         write_results(rows, out, meta)
         print(f"wrote {out}")
 

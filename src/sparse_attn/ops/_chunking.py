@@ -2,8 +2,10 @@
 
 Operators that would otherwise hold a large float32 temporary (full-resolution score rows,
 per-cell scratch, sorted rows) process a few heads, rows or cells at a time so that the
-chunk's largest tensor stays within a known share of :data:`CHUNK_ELEMENTS`. Each operator
-module imports the constant into its own namespace, where tests shrink it to force chunking.
+chunk's largest tensor stays within a known share of :data:`CHUNK_ELEMENTS`. Estimators use
+the same unit for their chunks of query blocks (or query heads), scored, selected and written
+into the pattern one at a time (:mod:`.to_pattern`). Each module imports the constant into its
+own namespace, where tests shrink it to force chunking.
 """
 
 from __future__ import annotations

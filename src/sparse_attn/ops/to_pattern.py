@@ -85,7 +85,7 @@ class PatternBuilder:
             raise TypeError(f"mask must be bool, got {mask.dtype}")
         mask = mask.expand(self.batch, len(heads), len(rows), self.n_kv)
         piece_rows = max(1, CHUNK_ELEMENTS // (_PIECE_SHARE * self.batch * len(heads) * self.n_kv))
-        for offset in range(0, len(rows), piece_rows):
+        for offset in reversed(range(0, len(rows), piece_rows)):  # last first, as the chunks
             piece = range(rows.start + offset, min(rows.stop, rows.start + offset + piece_rows))
             self._write(mask[:, :, offset : offset + len(piece)], piece, heads)
 
