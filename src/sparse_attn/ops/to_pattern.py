@@ -14,7 +14,7 @@ empty keeps its last block), and turns each piece of mask into sorted ``int32`` 
 prefix count and a binary search (no sort, no ``int64`` table of the piece). Its index table
 is as wide as the widest row so far and widens when a row needs more, so the result is
 compact: ``max_kv`` is the largest count of any row. Working memory beyond the chunk is the
-pattern itself.
+pattern itself (and, while its table widens, the narrower copy).
 
 Row-local rules (every method but FlexPrefill's query-aware heads) give the same lists in any
 chunking; scores computed by a matrix product per chunk can round differently from one
