@@ -106,10 +106,11 @@ def estimate(
     estimated = pooled_last_block_distribution(q, k, num_queries=block_q, block_k=block_k)
     true_blocks = probe.block / probe.num_queries
     query_aware = jensen_shannon_distance(true_blocks, estimated) < config.tau  # (B, Hq)
-    pooled = PooledBlocks.of(q, k, block_q=block_q, block_k=block_k)
     # The lines of every head are O(S); their blocks are built per chunk of heads, like the
     # query-aware masks, and only for chunks where some head takes them.
     lines = None if bool(query_aware.all()) else _selected_lines(probe, config)
+    del probe, true_blocks, estimated
+    pooled = PooledBlocks.of(q, k, block_q=block_q, block_k=block_k)
     geometry = {"seq_q": seq_q, "seq_k": seq_k, "block_q": block_q, "block_k": block_k, "causal": causal}
 
     def mask_heads(heads: range) -> torch.Tensor:
