@@ -31,8 +31,8 @@ def query_block_chunks(n_q: int, rows_per_chunk: int) -> list[range]:
     Last first: under a causal mask the last query blocks keep the most KV blocks, so a pattern
     assembled in this order learns its widest row early and rarely has to widen its index table.
     """
-    starts = range(0, n_q, max(1, rows_per_chunk))
-    return [range(start, min(n_q, start + rows_per_chunk)) for start in reversed(starts)]
+    size = max(1, rows_per_chunk)
+    return [range(start, min(n_q, start + size)) for start in reversed(range(0, n_q, size))]
 
 
 def _sub_call(seq_q: int, seq_k: int, block_q: int, rows: range) -> tuple[int, int]:
