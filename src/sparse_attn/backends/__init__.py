@@ -17,8 +17,9 @@ Choice (:func:`resolve_backend`):
 * ``gluon``: the Gluon kernel; where it cannot run, ``triton``, else ``flex``.
 * ``triton``, ``flex``, ``reference``: that backend.
 * A backend that cannot run the case falls back to the next one and finally to ``reference``
-  with one warning naming why; inputs that require grad run on ``reference`` (the only backend
-  with a backward pass so far).
+  with one warning naming why. Inputs that require grad count as part of the case: every
+  backend differentiates in q, k and v (``triton`` and ``gluon`` with the Triton backward
+  kernels, ``reference`` and ``flex`` through autograd) except ``flex`` on CPU, which falls back.
 
 Kernel tuning (tiles, load modes, Gluon stages) is overridden with :func:`kernel_configs`.
 """
@@ -33,6 +34,7 @@ import torch
 
 from ..pattern import BlockSparsePattern
 from ..plan import plan_for
+from .autograd import kernel_attention
 from .base import Backend
 from .configs import kernel_configs
 
@@ -72,12 +74,6 @@ def resolve_backend(
     """The backend that will run this case; warns (once per reason) when it is not the one asked for."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and backend != "reference":
-        warnings.warn(
-            "inputs require grad and only the reference backend has a backward pass: using the reference backend",
-            stacklevel=3,
-        )
-        return "reference"
     if backend == "auto":
         if q.device.type != "cuda":
             preferred = ("reference",)
@@ -92,9 +88,13 @@ def resolve_backend(
         preferred = ("gluon", "triton", "flex")
     else:
         preferred = (backend,)
+    needs_grad = _needs_grad(q, k, v)
     reasons = []
     for name in preferred:
-        reason = get_backend(name).unsupported_reason(q, k, v, pattern, return_lse=return_lse)
+        module = get_backend(name)
+        reason = module.unsupported_reason(q, k, v, pattern, return_lse=return_lse)
+        if reason is None and needs_grad:
+            reason = module.gradient_unsupported_reason(q)
         if reason is None:
             if name != preferred[0]:
                 warnings.warn(f"{reasons[0]}: using the {name} backend", stacklevel=3)
@@ -103,6 +103,10 @@ def resolve_backend(
     if preferred != ("reference",):
         warnings.warn(f"{'; '.join(reasons)}: using the slower reference backend", stacklevel=3)
     return "reference"
+
+
+def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
 
 
 def run_backend(
@@ -116,5 +120,9 @@ def run_backend(
     scale: float,
     return_lse: bool,
 ):
-    """Run backend ``name`` (a resolved name, not ``auto``) on a checked case."""
-    return get_backend(name).forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
+    """Run backend ``name`` (a resolved name, not ``auto``) on a checked case; differentiable
+    in q, k and v (kernel backends through :mod:`.autograd`, the others through autograd itself)."""
+    module = get_backend(name)
+    if _needs_grad(q, k, v) and hasattr(module, "backward"):
+        return kernel_attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse, backend=module)
+    return module.forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)

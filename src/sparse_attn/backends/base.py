@@ -4,8 +4,10 @@ A backend is a module of this package (``reference``, ``flex``, ``triton``, ``gl
 ``name``, a capability check and entry points; :mod:`sparse_attn.backends` imports it the
 first time a call considers it. Entry points take the pattern and read what they precompute
 about it from its plan (:func:`sparse_attn.plan.plan_for`), built once per (pattern, causal).
-Today every backend has a forward pass; the backward and decode entry points join this
-protocol as methods of the same shape when the first backend implements them.
+Every backend is differentiable in q, k and v: ``reference`` and ``flex`` through autograd
+itself, the kernel backends (``triton``, ``gluon``) through an optional ``backward`` entry point
+that :mod:`.autograd` wraps in one ``torch.autograd.Function``. Decode entry points join this
+protocol in the same way when the first backend implements them.
 """
 
 from __future__ import annotations
@@ -44,3 +46,10 @@ class Backend(Protocol):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``out`` ``(B, Hq, Sq, D)`` in q's dtype, and with ``return_lse`` the natural-log
         log-sum-exp of each query's scores, float32 ``(B, Hq, Sq)``."""
+
+    def gradient_unsupported_reason(self, q: torch.Tensor) -> str | None:
+        """Why this backend cannot differentiate the case (inputs that require grad), or ``None``.
+
+        A backend with a ``backward(q, k, v, out, lse, dout, dlse, plan, *, scale)`` entry point
+        (returning ``dq, dk, dv``) is differentiated through it; one without is differentiated
+        by autograd through its forward."""

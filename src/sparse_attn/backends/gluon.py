@@ -45,6 +45,7 @@ from ..utils import device_capability, interpreting
 from . import configs
 from .configs import GLUON_BLOCK_M
 from .launch import descriptor_compatible, ensure_scratch_allocator, launch_arguments
+from .triton_backward import backward  # noqa: F401  (this backend's backward entry point)
 
 try:
     from triton.experimental import gluon
@@ -374,3 +375,9 @@ def forward(
     if return_lse:
         return out, lse
     return out
+
+
+def gradient_unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why this backend cannot differentiate this case, or ``None``. Its ``backward`` is the
+    Triton backend's (:mod:`.triton_backward`), run on this kernel's output and log-sum-exp."""
+    return None

@@ -47,6 +47,7 @@ from ..plan import plan_for
 from ..utils import device_capability, interpreting
 from . import configs
 from .launch import descriptor_compatible, ensure_scratch_allocator, launch_arguments
+from .triton_backward import backward  # noqa: F401  (this backend's backward entry point)
 
 try:
     import triton
@@ -386,3 +387,9 @@ def forward(
     if return_lse:
         return out, lse
     return out
+
+
+def gradient_unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why this backend cannot differentiate this case, or ``None``: its backward kernels
+    (:mod:`.triton_backward`) take every case its forward takes."""
+    return None

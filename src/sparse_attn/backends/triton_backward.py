@@ -1,0 +1,327 @@
+"""Triton backward of block-sparse attention (FlashAttention-2's backward, block-sparse).
+
+Three launches, all deterministic (no float atomics):
+
+* ``_delta``: per query row, ``delta = rowsum(dO * O) - dLSE`` in float32 (``dLSE`` is the
+  gradient of the returned log-sum-exp, zero when it was not returned or not used).
+* ``_dkdv``: one program per (batch, KV head, key tile of ``BLOCK_N`` keys). It walks the
+  *transposed* lists (per KV block, the query blocks that list it, built once in the plan)
+  for every query head of its GQA group in turn, so dK and dV are summed over the group in
+  registers, without expanding K/V and without atomics.
+* ``_dq``: one program per (batch, query head, query tile), walking the forward lists.
+
+Probabilities are recomputed from the forward's saved log-sum-exp (never recomputed as a
+softmax): ``P = exp(S * scale - lse)``; ``dS = P * (dP - delta)``; ``dQ = scale * dS K``,
+``dK = scale * dS^T Q``, ``dV = P^T dO``. Masks are those of the forward: keys past the end,
+rows past the end and, in causal mode, keys after the query.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..geometry import num_blocks
+from ..plan import BlockSparsePlan
+from ..utils import interpreting
+from .launch import LOG2_E, allocate
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _delta(
+        Out, DOut, DLse, Delta,
+        stride_ob, stride_oh, stride_os,
+        stride_db, stride_dh, stride_ds,
+        num_heads, seq_q,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
+    ):  # fmt: skip
+        batch_head = tl.program_id(0)
+        batch = batch_head // num_heads
+        head = batch_head % num_heads
+        rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_range = rows < seq_q
+        o = tl.load(
+            Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+            + rows[:, None] * stride_os + offs_d[None, :],
+            mask=in_range[:, None], other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        do = tl.load(
+            DOut + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
+            + rows[:, None] * stride_ds + offs_d[None, :],
+            mask=in_range[:, None], other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        delta = tl.sum(o * do, 1)
+        row_offset = batch_head.to(tl.int64) * seq_q + rows
+        if HAS_DLSE:
+            delta -= tl.load(DLse + row_offset, mask=in_range, other=0.0)
+        tl.store(Delta + row_offset, delta, mask=in_range)
+
+    @triton.jit
+    def _dkdv(
+        Q, K, V, DOut, Lse, Delta, DK, DV, QCounts, QIndices,
+        stride_gb, stride_gh, stride_gs,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_db, stride_dh, stride_ds,
+        stride_cb, stride_ch,
+        stride_ib, stride_ih, stride_ik,
+        num_q_heads, num_kv_heads, group, pattern_head_divisor,
+        seq_q, seq_k, scale, qk_scale,
+        seq_bucket,  # autotuning key only: ceil(log2(seq_k))
+        HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        batch_head = tl.program_id(0)
+        batch = batch_head // num_kv_heads
+        kv_head = batch_head % num_kv_heads
+        tile = tl.program_id(1)
+        kv_block = tile // (BLOCK_K // BLOCK_N)
+        key_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_in_range = key_pos < seq_k
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offset = seq_k - seq_q
+
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+        k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_in_range[:, None], other=0.0)
+        v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_in_range[:, None], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        first_key = tile * BLOCK_N
+
+        for member in range(group):
+            head = kv_head * group + member
+            pattern_head = head // pattern_head_divisor
+            count = tl.load(QCounts + batch * stride_cb + pattern_head * stride_ch + kv_block)
+            index_base = QIndices + batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + kv_block * stride_ik
+            q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+            do_base = DOut + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
+            row_base = (batch.to(tl.int64) * num_q_heads + head) * seq_q
+            for step in range(0, count * (BLOCK_Q // BLOCK_M)):
+                q_block = tl.load(index_base + step // (BLOCK_Q // BLOCK_M))
+                first_row = q_block * BLOCK_Q + (step % (BLOCK_Q // BLOCK_M)) * BLOCK_M
+                # In causal mode a query tile that ends before this key tile starts sees none of it.
+                if first_row + BLOCK_M - 1 + offset >= first_key * CAUSAL:
+                    rows = first_row + offs_m
+                    row_in_range = rows < seq_q
+                    q = tl.load(
+                        q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_in_range[:, None], other=0.0
+                    )
+                    do = tl.load(
+                        do_base + rows[:, None] * stride_ds + offs_d[None, :], mask=row_in_range[:, None], other=0.0
+                    )
+                    lse = tl.load(Lse + row_base + rows, mask=row_in_range, other=0.0) * 1.4426950408889634
+                    delta = tl.load(Delta + row_base + rows, mask=row_in_range, other=0.0)
+                    if DOT_FP32:
+                        q = q.to(tl.float32)
+                        do = do.to(tl.float32)
+                    scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (N, M)
+                    visible = key_in_range[:, None] & row_in_range[None, :]
+                    if CAUSAL:
+                        visible = visible & (key_pos[:, None] <= rows[None, :] + offset)
+                    p_t = tl.where(visible, tl.math.exp2(scores_t * qk_scale - lse[None, :]), 0.0)
+                    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+                    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                    ds_t = p_t * (dp_t - delta[None, :])
+                    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+
+        # dK and dV are contiguous tensors of one shape: one set of strides.
+        gradient_offset = batch.to(tl.int64) * stride_gb + kv_head.to(tl.int64) * stride_gh
+        gradient_rows = key_pos[:, None] * stride_gs + offs_d[None, :]
+        tl.store(DK + gradient_offset + gradient_rows, (dk * scale).to(DK.dtype.element_ty), mask=key_in_range[:, None])
+        tl.store(DV + gradient_offset + gradient_rows, dv.to(DV.dtype.element_ty), mask=key_in_range[:, None])
+
+    @triton.jit
+    def _dq(
+        Q, K, V, DOut, Lse, Delta, DQ, KvCounts, KvIndices,
+        stride_gb, stride_gh, stride_gs,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_db, stride_dh, stride_ds,
+        stride_cb, stride_ch,
+        stride_ib, stride_ih, stride_iq,
+        num_q_heads, group, pattern_head_divisor,
+        seq_q, seq_k, scale, qk_scale,
+        seq_bucket,  # autotuning key only: ceil(log2(seq_k))
+        HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        batch_head = tl.program_id(0)
+        # Heaviest (last) query tiles first: causal rows grow with position.
+        tile = tl.num_programs(1) - 1 - tl.program_id(1)
+        batch = batch_head // num_q_heads
+        head = batch_head % num_q_heads
+        kv_head = head // group
+        q_block = tile // (BLOCK_Q // BLOCK_M)
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_in_range = rows < seq_q
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offset = seq_k - seq_q
+
+        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        do_base = DOut + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
+        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_in_range[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_ds + offs_d[None, :], mask=row_in_range[:, None], other=0.0)
+        row_offset = batch_head.to(tl.int64) * seq_q + rows
+        lse = tl.load(Lse + row_offset, mask=row_in_range, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + row_offset, mask=row_in_range, other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+        pattern_head = head // pattern_head_divisor
+        count = tl.load(KvCounts + batch * stride_cb + pattern_head * stride_ch + q_block)
+        index_base = KvIndices + batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+        last_query = tile * BLOCK_M + BLOCK_M - 1 + offset
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        SUBTILES: tl.constexpr = BLOCK_K // BLOCK_N
+        for step in range(0, count * SUBTILES):
+            kv_block = tl.load(index_base + step // SUBTILES)
+            first_key = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N
+            if first_key * CAUSAL <= last_query:
+                key_pos = first_key + offs_n
+                key_in_range = key_pos < seq_k
+                k = tl.load(
+                    k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_in_range[:, None], other=0.0
+                )
+                v = tl.load(
+                    v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_in_range[:, None], other=0.0
+                )
+                if DOT_FP32:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (M, N)
+                visible = key_in_range[None, :] & row_in_range[:, None]
+                if CAUSAL:
+                    visible = visible & (key_pos[None, :] <= rows[:, None] + offset)
+                p = tl.where(visible, tl.math.exp2(scores * qk_scale - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+        dq_base = DQ + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
+        tl.store(dq_base + rows[:, None] * stride_gs + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=row_in_range[:, None])  # fmt: skip
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for 16-bit inputs, autotuned per
+# (head_dim, pattern blocks, length bucket): those that compile for sm_90 without register
+# spills. dK/dV programs hold two BLOCK_N x head_dim float32 accumulators, so they take tall
+# key tiles and 8 warps; dQ programs one BLOCK_M x head_dim accumulator.
+_DKDV_CONFIGS = {
+    64: [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
+    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3)],
+}
+_DQ_CONFIGS = {
+    64: [(128, 64, 8, 2), (64, 64, 4, 3)],
+    128: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
+}
+# float32 (exact products) and head_dim 256: small tiles fit shared memory and registers.
+_SMALL_CONFIGS = [(32, 32, 4, 1), (16, 32, 4, 1)]
+
+
+def _configs(candidates, block_q: int, block_k: int) -> list:
+    fitting = [c for c in candidates if block_q % c[0] == 0 and block_k % c[1] == 0]
+    fitting = fitting or [(min(block_q, 16), min(block_k, 16), 4, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fitting]
+
+
+@functools.cache
+def _autotuned(kernel_name: str, head_dim: int, block_q: int, block_k: int, small: bool):
+    kernel, candidates = {"dkdv": (_dkdv, _DKDV_CONFIGS), "dq": (_dq, _DQ_CONFIGS)}[kernel_name]
+    configs = _configs(_SMALL_CONFIGS if small else candidates[max(head_dim, 64)], block_q, block_k)
+    return triton.autotune(
+        configs=configs, key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"]
+    )(kernel)
+
+
+def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: float):
+    """``(dq, dk, dv)`` of block-sparse attention over ``plan``'s pattern, in the inputs' dtypes
+    and shapes (dK/dV summed over each GQA group).
+
+    ``out`` and ``lse`` are the forward's output and natural-log log-sum-exp (float32
+    ``(B, Hq, Sq)``), ``dout`` the output's gradient, ``dlse`` the log-sum-exp's gradient or
+    ``None``. Gradients come from :func:`.launch.allocate`.
+    """
+    pattern, causal = plan.pattern, plan.causal
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    q, k, v, out, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, dout))
+    dq, dk, dv = (allocate(x.shape, x.dtype, x.device) for x in (q, k, v))
+    delta = torch.empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device)
+    lse = lse.contiguous()
+    dlse = dlse.contiguous() if dlse is not None else None
+    delta_block = 64
+    _delta[(batch * q_heads, num_blocks(seq_q, delta_block))](
+        out, dout, dlse if dlse is not None else delta, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        q_heads, seq_q,
+        HEAD_DIM=dim, BLOCK=delta_block, HAS_DLSE=dlse is not None,
+    )  # fmt: skip
+
+    is_float32 = q.dtype == torch.float32
+    dot_in_float32 = is_float32 or (interpreting() and q.dtype == torch.bfloat16)
+    constants = dict(
+        HEAD_DIM=dim, BLOCK_Q=pattern.block_q, BLOCK_K=pattern.block_k, CAUSAL=bool(causal),
+        DOT_FP32=dot_in_float32, PRECISION="ieee" if dot_in_float32 else "tf32",
+    )  # fmt: skip
+    strides = (
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+    )  # fmt: skip
+    q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
+    counts, indices = pattern.kv_counts.contiguous(), pattern.kv_indices.contiguous()
+    dkdv_args = (
+        q, k, v, dout, lse, delta, dk, dv, q_counts, q_indices, dk.stride(0), dk.stride(1), dk.stride(2), *strides,
+        0 if pattern.batch == 1 else q_counts.stride(0), q_counts.stride(1),
+        0 if pattern.batch == 1 else q_indices.stride(0), q_indices.stride(1), q_indices.stride(2),
+        q_heads, kv_heads, group, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E,
+        max(seq_k - 1, 1).bit_length(),
+    )  # fmt: skip
+    dq_args = (
+        q, k, v, dout, lse, delta, dq, counts, indices, dq.stride(0), dq.stride(1), dq.stride(2), *strides,
+        0 if pattern.batch == 1 else counts.stride(0), counts.stride(1),
+        0 if pattern.batch == 1 else indices.stride(0), indices.stride(1), indices.stride(2),
+        q_heads, group, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E,
+        max(seq_k - 1, 1).bit_length(),
+    )  # fmt: skip
+
+    def dkdv_grid(meta):
+        return (batch * kv_heads, pattern.num_kv_blocks * (pattern.block_k // meta["BLOCK_N"]))
+
+    def dq_grid(meta):
+        return (batch * q_heads, pattern.num_q_blocks * (pattern.block_q // meta["BLOCK_M"]))
+
+    if interpreting():
+        tiles = dict(BLOCK_M=min(pattern.block_q, 32), BLOCK_N=min(pattern.block_k, 16))
+        _dkdv[dkdv_grid(tiles)](*dkdv_args, **tiles, **constants)
+        _dq[dq_grid(tiles)](*dq_args, **tiles, **constants)
+    else:
+        small = is_float32 or dim > 128
+        _autotuned("dkdv", dim, pattern.block_q, pattern.block_k, small)[dkdv_grid](*dkdv_args, **constants)
+        _autotuned("dq", dim, pattern.block_q, pattern.block_k, small)[dq_grid](*dq_args, **constants)
+    return dq, dk, dv

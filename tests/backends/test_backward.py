@@ -1,0 +1,199 @@
+"""Gradients of block-sparse attention on every backend against a float64 oracle.
+
+The oracle is dense masked softmax attention in float64 (``helpers.naive_attention``), so the
+same loss ``sum(out * dout) + sum(lse * dlse)`` is differentiated two independent ways. Kernel
+gradients come from a NaN-poisoned allocator, so an element a kernel forgets to write shows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import TOLERANCE, naive_attention, random_qkv, relative_error
+
+import sparse_attn as sa
+
+# (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k): odd lengths, GQA 1-8,
+# non-power-of-2 head counts, head_dim 64 (explicitly: a peer's block-sparse backward is wrong
+# there), Sq < Sk, batch > 1.
+SHAPES = [
+    (1, 1, 1, 64, 64, 64, 16, 16),
+    (2, 4, 2, 50, 77, 32, 16, 32),
+    (1, 6, 3, 40, 40, 64, 32, 16),
+    (2, 3, 3, 33, 100, 64, 16, 16),
+    (1, 8, 1, 45, 45, 16, 16, 16),
+    (1, 12, 4, 31, 64, 64, 16, 16),
+]
+
+
+def _oracle_grads(q, k, v, pattern, causal, dout, dlse):
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out, lse = naive_attention(*leaves, pattern, causal)
+    loss = (out * dout.double()).sum()
+    if dlse is not None:
+        loss = loss + (lse * dlse.double()).sum()
+    loss.backward()
+    return [x.grad for x in leaves]
+
+
+def _grads(backend, q, k, v, pattern, causal, dout, dlse):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    if dlse is None:
+        out = sa.block_sparse_attention(*leaves, pattern, causal=causal, backend=backend)
+        out.backward(dout)
+    else:
+        out, lse = sa.block_sparse_attention(*leaves, pattern, causal=causal, backend=backend, return_lse=True)
+        torch.autograd.backward((out, lse), (dout, dlse))
+    return [x.grad for x in leaves]
+
+
+def _pattern(shape, causal, heads_kind, seed, density=0.4):
+    batch, q_heads, kv_heads, seq_q, seq_k, _, block_q, block_k = shape
+    heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
+    return sa.random_pattern(
+        batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, density=density, seed=seed,
+        block_q=block_q, block_k=block_k, causal=causal,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gradients_match_float64_oracle(shape, causal, backend, poison_outputs):
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, *_ = shape
+    for seed, heads_kind in enumerate(("query", "kv", "shared")):
+        q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, seed=seed)
+        pattern = _pattern(shape, causal, heads_kind, seed)
+        dout = torch.randn_like(q)
+        dlse = torch.randn(batch, q_heads, seq_q) if seed == 1 else None
+        expected = _oracle_grads(q, k, v, pattern, causal, dout, dlse)
+        for name, got, want in zip("qkv", _grads(backend, q, k, v, pattern, causal, dout, dlse), expected, strict=True):
+            assert torch.isfinite(got).all(), f"d{name} has non-finite values"
+            assert relative_error(got, want) <= TOLERANCE[torch.float32], f"d{name} ({heads_kind} pattern)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_gradients(dtype, poison_outputs):
+    shape = (2, 4, 1, 70, 96, 64, 32, 32)
+    q, k, v = random_qkv(*shape[:6], dtype=dtype, seed=3)
+    pattern = _pattern(shape, True, "kv", 3)
+    dout = torch.randn_like(q)
+    expected = _oracle_grads(q, k, v, pattern, True, dout, None)
+    for got, want in zip(_grads("triton", q, k, v, pattern, True, dout, None), expected, strict=True):
+        assert got.dtype == dtype
+        assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
+def test_reference_gradcheck_in_float64():
+    q, k, v = (x.double().requires_grad_() for x in random_qkv(1, 2, 1, 20, 29, 8, seed=5))
+    pattern = sa.random_pattern(seq_q=20, seq_k=29, density=0.5, block_q=8, block_k=8, seed=5)
+
+    def attention(q, k, v):  # the LSE is float32 by contract: too coarse for finite differences
+        return sa.block_sparse_attention(q, k, v, pattern, backend="reference")
+
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
+def test_unused_output_gets_zero_gradients_not_nan(poison_outputs):
+    """Only the LSE feeds the loss: dV is exactly zero, dQ and dK finite."""
+    shape = (1, 2, 1, 40, 40, 32, 16, 16)
+    q, k, v = random_qkv(*shape[:6], seed=7)
+    pattern = _pattern(shape, True, "kv", 7)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    _, lse = sa.block_sparse_attention(*leaves, pattern, backend="triton", return_lse=True)
+    lse.sum().backward()
+    assert torch.equal(v.grad, torch.zeros_like(v))
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_keys_no_query_attends_get_zero_gradient(poison_outputs):
+    """KV blocks no query block lists get exactly zero dK and dV (the kernel still writes them)."""
+    q, k, v = random_qkv(1, 2, 2, 64, 64, 32, seed=8)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:, 0] = True
+    pattern = sa.BlockSparsePattern.from_mask(mask, block_q=16, block_k=16, seq_q=64, seq_k=64, causal=False)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    sa.block_sparse_attention(*leaves, pattern, causal=False, backend="triton").sum().backward()
+    for grad in (k.grad, v.grad):
+        assert torch.isfinite(grad[:, :, :16]).all() and grad[:, :, :16].abs().sum() > 0
+        assert torch.equal(grad[:, :, 16:], torch.zeros_like(grad[:, :, 16:]))
+
+
+def test_sparse_attention_is_differentiable_and_the_estimate_is_not():
+    q, k, v = random_qkv(1, 4, 2, 96, 96, 32, seed=9)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    out, info = sa.sparse_attention(*leaves, method="xattention", block_q=32, block_k=32, return_info=True)
+    out.sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
+    expected = _oracle_grads(q, k, v, info.pattern, True, torch.ones_like(out), None)
+    for got, want in zip((x.grad for x in leaves), expected, strict=True):
+        assert relative_error(got, want) <= TOLERANCE[torch.float32]
+
+
+_BACKWARD_MEMORY_PROBE = textwrap.dedent(
+    """
+    import resource, sys, torch
+    import sparse_attn as sa
+    seq = int(sys.argv[1])
+    q, k, v = (torch.randn(1, 1, seq, 64, requires_grad=True) for _ in range(3))
+    pattern = sa.random_pattern(seq_q=seq, density=0.3, block_q=128, block_k=128, seed=0)
+    small = [x[:, :, :256].detach().requires_grad_() for x in (q, k, v)]
+    sa.block_sparse_attention(*small, sa.dense_pattern(seq_q=256), backend="reference").sum().backward()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sa.block_sparse_attention(q, k, v, pattern).sum().backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+    print((after - before) * 1024)
+    """
+)
+
+
+def test_cpu_backward_memory_is_not_quadratic():
+    """At S = 16K and density 0.3 the kept scores alone take ~0.4 GiB in float32, and autograd
+    would save several such tensors; the default CPU backward recomputes chunk by chunk."""
+    seq = 16384
+    # glibc raises its mmap threshold after large frees and then serves big temporaries from a
+    # heap it does not trim, so peak RSS would measure fragmentation; a fixed threshold makes
+    # every large tensor its own mapping, returned on free.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(
+        [sys.executable, "-c", _BACKWARD_MEMORY_PROBE, str(seq)],
+        capture_output=True, text=True, timeout=600, check=True, env=env,
+    )  # fmt: skip
+    peak_growth = int(result.stdout.strip().splitlines()[-1])
+    assert peak_growth < seq * seq * 4 / 4, f"peak RSS grew by {peak_growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "gluon", "auto", "flex"])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gradients_match_reference(backend, dim, dtype, poison_outputs):
+    shape = (2, 8, 2, 1000, 1300, dim, 128, 128)
+    q, k, v = random_qkv(*shape[:6], dtype=dtype, device="cuda", seed=11)
+    pattern = _pattern(shape, True, "kv", 11, density=0.3).to("cuda")
+    dout = torch.randn_like(q)
+    expected = _grads("reference", q.float(), k.float(), v.float(), pattern, True, dout.float(), None)
+    for got, want in zip(_grads(backend, q, k, v, pattern, True, dout, None), expected, strict=True):
+        assert torch.isfinite(got).all()
+        assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_backward_at_length_uses_linear_memory():
+    """32K tokens, 32/8 heads: a backward that held O(S^2) scores would need > 60 GB."""
+    seq = 32768
+    q, k, v = random_qkv(1, 32, 8, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=12)
+    pattern = sa.random_pattern(heads=8, seq_q=seq, density=0.1, device="cuda")
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    sa.block_sparse_attention(*leaves, pattern, backend="auto").backward(torch.ones_like(q))
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 2 * 1024**3, f"backward took {extra / 2**30:.1f} GiB beyond its inputs"
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
