@@ -365,7 +365,7 @@ def main() -> None:
     if args.scale:
         run_scale_lengths(shapes, args, device)
         return
-    kernel_backend = "triton" if device.type == "cuda" else "reference"
+    kernel_backend = "auto" if device.type == "cuda" else "reference"
     common = dict(recall_heads=args.recall_heads, device=device, kernel_backend=kernel_backend, profile=args.profile)
     rows = []
     if args.inputs == "gemma3-270m":
