@@ -117,7 +117,9 @@ def measure(model, tokenizer, ids: torch.Tensor, config: str, repeats: int, patc
         "global_density": statistics.mean(r["density"] for r in global_layers) if global_layers else None,
         "estimate_ms": sum(r["estimate_ms"] for r in global_layers) if global_layers else None,
         "passkey": "yes" if passkey else "no",
-        "layers": [{k: r[k] for k in ("layer", "kind", "method", "density", "head_density", "estimate_ms")} for r in layers],
+        "layers": [
+            {k: r[k] for k in ("layer", "kind", "method", "density", "head_density", "estimate_ms")} for r in layers
+        ],
     }
 
 
@@ -169,7 +171,9 @@ def main() -> None:
     print(format_table(rows, COLUMNS))
     for row in rows:
         if row["layers"]:
-            per_layer = " ".join(f"{layer['layer']}:{layer['density']:.2f}" for layer in row["layers"] if layer["kind"] != "window")
+            per_layer = " ".join(
+                f"{layer['layer']}:{layer['density']:.2f}" for layer in row["layers"] if layer["kind"] != "window"
+            )
             print(f"{row['length']:>6} {row['config']:<12} global-layer density  {per_layer}")
     out = args.out
     if out is None and device.type == "cuda" and not args.quick:

@@ -10,7 +10,6 @@ import math
 
 import torch
 
-
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
