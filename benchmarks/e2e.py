@@ -179,8 +179,13 @@ def main() -> None:
     if out is None and device.type == "cuda" and not args.quick:
         out = Path(__file__).parent / "results" / device_slug(device) / "e2e.json"
     if out is not None:
-        meta = {"model": MODEL, "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats,
-                "patch_options": patch_options, **environment(device)}  # fmt: skip
+        meta = {
+            "model": MODEL,
+            "dtype": str(dtype).removeprefix("torch."),
+            "repeats": args.repeats,
+            "patch_options": patch_options,
+            **environment(device),
+        }
         write_results(rows, out, meta)
         print(f"wrote {out}")
 

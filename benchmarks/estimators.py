@@ -205,8 +205,15 @@ def run_scale(shape: Shape, methods, *, strength: float, device: torch.device, s
         dense["dense_error"] = error_line(error)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    labels = {"inputs": "structured", "strength": strength, "q_heads": shape.q_heads, "kv_heads": shape.kv_heads,
-              "head_dim": shape.head_dim, "block": shape.block, "dtype": str(shape.dtype).removeprefix("torch.")}  # fmt: skip
+    labels = {
+        "inputs": "structured",
+        "strength": strength,
+        "q_heads": shape.q_heads,
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "block": shape.block,
+        "dtype": str(shape.dtype).removeprefix("torch."),
+    }
     rows = []
     for method in methods:
         row = {"seq": shape.seq, "method": method, **labels, **dense, "errors": {}}
@@ -263,28 +270,61 @@ def gemma_inputs(model, tokenizer, length: int, device: torch.device) -> list[tu
     return [(f"gemma3-270m L{layer}", tensors) for (layer, _), tensors in sorted(recorder.tensors.items())]
 
 
-def run_length(shape: Shape, methods, *, strength: float, recall_heads: int, device: torch.device, kernel_backend: str,
-               profile: bool = False):  # fmt: skip
+def run_length(
+    shape: Shape,
+    methods,
+    *,
+    strength: float,
+    recall_heads: int,
+    device: torch.device,
+    kernel_backend: str,
+    profile: bool = False,
+):
     """Every method on the structured inputs of ``shape``."""
     q, k, v = structured_qkv(shape, strength=strength, device=device)
     return run_inputs(
-        q, k, v, methods, block=shape.block, labels={"inputs": "structured", "strength": strength},
-        recall_heads=recall_heads, device=device, kernel_backend=kernel_backend, profile=profile,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        methods,
+        block=shape.block,
+        labels={"inputs": "structured", "strength": strength},
+        recall_heads=recall_heads,
+        device=device,
+        kernel_backend=kernel_backend,
+        profile=profile,
+    )
 
 
 def run_inputs(
-    q, k, v, methods, *, block: int, labels: dict, recall_heads: int, device: torch.device, kernel_backend: str,
+    q,
+    k,
+    v,
+    methods,
+    *,
+    block: int,
+    labels: dict,
+    recall_heads: int,
+    device: torch.device,
+    kernel_backend: str,
     profile: bool = False,
-):  # fmt: skip
+):
     """Every method on given ``q, k, v``; ``labels`` are copied into each row."""
     seq = k.shape[2]
     dense = {name: measure(fn, device) for name, fn in dense_runners(q, k, v).items()}
     rows = []
     for method in methods:
-        row = {"seq": seq, "method": method, "q_heads": q.shape[1], "kv_heads": k.shape[1],
-               "head_dim": q.shape[-1], "block": block, "dtype": str(q.dtype).removeprefix("torch."),
-               **labels, "errors": {}}  # fmt: skip
+        row = {
+            "seq": seq,
+            "method": method,
+            "q_heads": q.shape[1],
+            "kv_heads": k.shape[1],
+            "head_dim": q.shape[-1],
+            "block": block,
+            "dtype": str(q.dtype).removeprefix("torch."),
+            **labels,
+            "errors": {},
+        }
         for name, (ms, error) in dense.items():
             row[name] = ms
             if error:
@@ -338,18 +378,23 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true", help="also print each estimate's top GPU kernels (CUDA)")
     parser.add_argument(
-        "--inputs", choices=["structured", "gemma3-270m"], default="structured",
+        "--inputs",
+        choices=["structured", "gemma3-270m"],
+        default="structured",
         help="synthetic structured q/k (default) or the global layers' q/k/v of gemma3-270m on a needle prompt",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--scale", action="store_true",
+        "--scale",
+        action="store_true",
         help="long lengths: each estimator's time and peak extra memory (pattern included and without it), and "
         "dense cuDNN time; no kernel time or recall",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--single-call-ms", type=float, default=1000.0,
+        "--single-call-ms",
+        type=float,
+        default=1000.0,
         help="--scale: a call taking at least this long is timed once instead of with do_bench (default 1000)",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.quick:
@@ -427,8 +472,12 @@ def run_scale_lengths(shapes: list[Shape], args, device: torch.device) -> None:
     if out is None and device.type == "cuda" and not args.quick:
         out = Path(__file__).parent / "results" / device_slug(device) / "estimators_scale.json"
     if out is not None:
-        meta = {"benchmark": "estimators --scale", "inputs": "shared direction + noise, RoPE",
-                "single_call_ms": args.single_call_ms, **environment(device)}  # fmt: skip
+        meta = {
+            "benchmark": "estimators --scale",
+            "inputs": "shared direction + noise, RoPE",
+            "single_call_ms": args.single_call_ms,
+            **environment(device),
+        }
         write_results(rows, out, meta)
         print(f"wrote {out}")
 

@@ -59,9 +59,19 @@ def main() -> None:
             with kernel_configs(triton_tiles=[config], triton_loads=[mode]):
                 # A tile that does not fit shared memory or registers is reported, not fatal.
                 ms, note = measure(partial(sa.block_sparse_attention, q, k, v, pattern, backend="triton"), device)
-            rows.append({"head_dim": dim, "seq": seq, "density": round(pattern.density(), 4), "config": config,
-                         "k_transposed": mode == "columns", "tma": mode == "tma", "triton_ms": ms, "flex_ms": flex_ms,
-                         "error": note})  # fmt: skip
+            rows.append(
+                {
+                    "head_dim": dim,
+                    "seq": seq,
+                    "density": round(pattern.density(), 4),
+                    "config": config,
+                    "k_transposed": mode == "columns",
+                    "tma": mode == "tma",
+                    "triton_ms": ms,
+                    "flex_ms": flex_ms,
+                    "error": note,
+                }
+            )
             shown = f"{ms:8.2f} ms  ({flex_ms / ms:.2f}x flex)" if ms else note
             label = f"BLOCK_M={config[0]:3d} BLOCK_N={config[1]:3d} warps={config[2]} stages={config[3]} loads={mode}"
             print(f"  {label}: {shown}", flush=True)

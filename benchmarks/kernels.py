@@ -43,13 +43,17 @@ def main() -> None:
     parser.add_argument("--extra-length", type=int, default=32768)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
     parser.add_argument(
-        "--loads", choices=["autotuned", "pointer", "tma"], default="autotuned",
+        "--loads",
+        choices=["autotuned", "pointer", "tma"],
+        default="autotuned",
         help="the Triton kernel's tile loads: autotuned over pointer and TMA configs (default), or only one kind",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--kernels", choices=("auto", "both"), default="auto",
+        "--kernels",
+        choices=("auto", "both"),
+        default="auto",
         help="auto: the auto backend as users get it; both: the gluon (Hopper) and triton backends side by side",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)"
     )

@@ -147,8 +147,15 @@ def main() -> None:
     print(f"{len(sequences)} sequences of {args.seq} tokens", flush=True)
     results = [train(mode, args, sequences, device) for mode in ("dense", args.method)]
     folder = args.output or Path(__file__).parent / "results" / device_slug(device)
-    meta = {"benchmark": "train_smollm2", "steps": args.steps, "seq": args.seq, "method": args.method,
-            "texts": args.texts, "sequences": len(sequences), **environment(device)}  # fmt: skip
+    meta = {
+        "benchmark": "train_smollm2",
+        "steps": args.steps,
+        "seq": args.seq,
+        "method": args.method,
+        "texts": args.texts,
+        "sequences": len(sequences),
+        **environment(device),
+    }
     write_results(results, folder / "training_smollm2.json", meta)
     plot(results, folder / "training_smollm2.png")
     for result in results:

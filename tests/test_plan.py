@@ -23,9 +23,16 @@ CASES = [
 def _random(case, density, causal, seed):
     batch, heads, seq_q, seq_k, block_q, block_k = case
     return sa.random_pattern(
-        batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, density=density, seed=seed,
-        block_q=block_q, block_k=block_k, causal=causal,
-    )  # fmt: skip
+        batch=batch,
+        heads=heads,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        density=density,
+        seed=seed,
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

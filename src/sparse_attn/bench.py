@@ -162,14 +162,30 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
     dense_pairs = visible_pairs(full) * case.batch * case.q_heads
     rows = []
     for density in case.densities:
-        pattern = full if density >= 1.0 else random_pattern(
-            heads=case.kv_heads, seq_q=case.seq, density=density, seed=seed,
-            block_q=case.block, block_k=case.block, device=device,
-        )  # fmt: skip
+        pattern = (
+            full
+            if density >= 1.0
+            else random_pattern(
+                heads=case.kv_heads,
+                seq_q=case.seq,
+                density=density,
+                seed=seed,
+                block_q=case.block,
+                block_k=case.block,
+                device=device,
+            )
+        )
         pairs = visible_pairs(pattern) * case.batch * (case.q_heads // pattern.num_heads)
-        row = {"seq": case.seq, "head_dim": case.head_dim, "q_heads": case.q_heads, "kv_heads": case.kv_heads,
-               "dtype": case.dtype, "block": case.block, "density": round(pattern.density(), 4),
-               "pair_fraction": round(pairs / dense_pairs, 4)}  # fmt: skip
+        row = {
+            "seq": case.seq,
+            "head_dim": case.head_dim,
+            "q_heads": case.q_heads,
+            "kv_heads": case.kv_heads,
+            "dtype": case.dtype,
+            "block": case.block,
+            "density": round(pattern.density(), 4),
+            "pair_fraction": round(pairs / dense_pairs, 4),
+        }
         for backend in backends:
             runs_on, fallback = _resolved(backend, q, k, v, pattern)
             if backend == "auto":

@@ -33,14 +33,21 @@ def _bench(args: argparse.Namespace) -> int:
         lengths = args.lengths or ([1024, 2048] if args.quick else [1024, 2048, 4096, 8192])
         case = dict(q_heads=8, kv_heads=2, head_dim=64, dtype="float32", block=128)
     densities = tuple(args.densities or ((0.1, 0.3, 1.0) if args.quick else (0.05, 0.1, 0.2, 0.5, 1.0)))
-    print(f"sparse-attn bench on {device} ({'quick' if args.quick else 'full'}): batch 1, "
-          f"{case['q_heads']}/{case['kv_heads']} heads, head_dim {case['head_dim']}, {case['dtype']}, causal, "
-          f"random block patterns of {case['block']}; medians in ms", flush=True)  # fmt: skip
+    print(
+        f"sparse-attn bench on {device} ({'quick' if args.quick else 'full'}): batch 1, "
+        f"{case['q_heads']}/{case['kv_heads']} heads, head_dim {case['head_dim']}, {case['dtype']}, causal, "
+        f"random block patterns of {case['block']}; medians in ms",
+        flush=True,
+    )
     start = time.perf_counter()
     rows = []
     for number, seq in enumerate(lengths, 1):
-        print(f"[{number}/{len(lengths)}] seq {seq}: {', '.join(dense + backends)} at densities "
-              f"{', '.join(map(str, densities))} ...", end=" ", flush=True)  # fmt: skip
+        print(
+            f"[{number}/{len(lengths)}] seq {seq}: {', '.join(dense + backends)} at densities "
+            f"{', '.join(map(str, densities))} ...",
+            end=" ",
+            flush=True,
+        )
         case_start = time.perf_counter()
         rows += run_kernel_case(KernelCase(seq=seq, densities=densities, **case), backends, device)
         print(f"{time.perf_counter() - case_start:.0f} s", flush=True)
@@ -51,8 +58,10 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"  seq {row['seq']} density {row['density']}: {row['errors']}")
     seconds = time.perf_counter() - start
     if args.out is None:
-        print(f"done in {seconds:.0f} s; nothing was saved: add --out FILE.json to write these rows as JSON "
-              f"(the repository keeps its runs in benchmarks/results/{device_slug(device)}/)")  # fmt: skip
+        print(
+            f"done in {seconds:.0f} s; nothing was saved: add --out FILE.json to write these rows as JSON "
+            f"(the repository keeps its runs in benchmarks/results/{device_slug(device)}/)"
+        )
     else:
         write_results(rows, args.out, {"benchmark": "kernels", **environment(device)})
         print(f"done in {seconds:.0f} s; wrote the rows to {args.out.resolve()}")

@@ -53,8 +53,10 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
             handle.write(ptx)
         report = subprocess.run(
             [ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(folder, "kernel.o")],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     return {"ptx": ptx, "report": report, "shared": compiled.metadata.shared, "stages": values["STAGES"]}
 
 

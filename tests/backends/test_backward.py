@@ -56,9 +56,16 @@ def _pattern(shape, causal, heads_kind, seed, density=0.4):
     batch, q_heads, kv_heads, seq_q, seq_k, _, block_q, block_k = shape
     heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
     return sa.random_pattern(
-        batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, density=density, seed=seed,
-        block_q=block_q, block_k=block_k, causal=causal,
-    )  # fmt: skip
+        batch=batch,
+        heads=heads,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        density=density,
+        seed=seed,
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -163,8 +170,12 @@ def test_cpu_backward_memory_is_not_quadratic():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run(
         [sys.executable, "-c", _BACKWARD_MEMORY_PROBE, str(seq)],
-        capture_output=True, text=True, timeout=600, check=True, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        env=env,
+    )
     peak_growth = int(result.stdout.strip().splitlines()[-1])
     assert peak_growth < seq * seq * 4 / 4, f"peak RSS grew by {peak_growth / 2**20:.0f} MiB"
 

@@ -125,9 +125,17 @@ def test_gpu_gluon_matches_reference(shape, dtype, causal, poison_outputs):
     )
     for density, pattern_heads in ((0.0, kv_heads), (0.4, q_heads), (1.0, 1)):
         pattern = sa.random_pattern(
-            batch=batch, heads=pattern_heads, seq_q=seq_q, seq_k=seq_k, density=density, seed=seed,
-            block_q=block_q, block_k=block_k, causal=causal, device="cuda",
-        )  # fmt: skip
+            batch=batch,
+            heads=pattern_heads,
+            seq_q=seq_q,
+            seq_k=seq_k,
+            density=density,
+            seed=seed,
+            block_q=block_q,
+            block_k=block_k,
+            causal=causal,
+            device="cuda",
+        )
         context = f"seed {seed}, density {density}"
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a fallback to another backend would warn

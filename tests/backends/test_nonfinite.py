@@ -115,14 +115,17 @@ def test_flex_on_cpu_hands_nonfinite_inputs_to_the_reference_with_one_warning():
 @pytest.mark.gpu
 @pytest.mark.parametrize("placement", PLACEMENTS, ids=str)
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("backend, dtype, dim, block", [
-    ("triton", torch.bfloat16, 64, 16),
-    ("triton", torch.float32, 128, 32),
-    ("gluon", torch.bfloat16, 128, 128),
-    ("gluon", torch.float16, 64, 128),
-    ("flex", torch.bfloat16, 64, 16),
-    ("reference", torch.bfloat16, 64, 16),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "backend, dtype, dim, block",
+    [
+        ("triton", torch.bfloat16, 64, 16),
+        ("triton", torch.float32, 128, 32),
+        ("gluon", torch.bfloat16, 128, 128),
+        ("gluon", torch.float16, 64, 128),
+        ("flex", torch.bfloat16, 64, 16),
+        ("reference", torch.bfloat16, 64, 16),
+    ],
+)
 def test_gpu_nonfinite_inputs_reach_exactly_the_documented_outputs(backend, dtype, dim, block, placement, causal):
     if backend == "gluon" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is for Hopper")

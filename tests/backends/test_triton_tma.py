@@ -66,9 +66,16 @@ def _check(shape, dtype, causal, seed, transposed):
     context = f"seed {seed}, {shape}, {dtype}, causal={causal}, transposed={transposed}"
     for density, pattern_heads in ((0.0, kv_heads), (0.4, q_heads), (1.0, kv_heads)):
         pattern = sa.random_pattern(
-            batch=batch, heads=pattern_heads, seq_q=seq_q, seq_k=seq_k, density=density, seed=seed,
-            block_q=block_q, block_k=block_k, causal=causal,
-        )  # fmt: skip
+            batch=batch,
+            heads=pattern_heads,
+            seq_q=seq_q,
+            seq_k=seq_k,
+            density=density,
+            seed=seed,
+            block_q=block_q,
+            block_k=block_k,
+            causal=causal,
+        )
         out, lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="triton", return_lse=True)
         ref, ref_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference", return_lse=True)
         assert torch.isfinite(out).all(), f"unwritten output or a row read past the sequence ({context})"
@@ -229,9 +236,17 @@ def test_gpu_tma_path_matches_reference(shape, dtype, causal, poison_outputs):
         for heads, seq in ((q_heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))
     )
     pattern = sa.random_pattern(
-        batch=batch, heads=kv_heads, seq_q=seq_q, seq_k=seq_k, density=0.4, seed=17,
-        block_q=block_q, block_k=block_k, causal=causal, device="cuda",
-    )  # fmt: skip
+        batch=batch,
+        heads=kv_heads,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        density=0.4,
+        seed=17,
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+        device="cuda",
+    )
     with kernel_configs(triton_loads=["tma"]):
         out, lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="triton", return_lse=True)
         # The launcher offered TMA (same cached autotuner, already run) and a TMA config ran.

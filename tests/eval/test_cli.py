@@ -18,9 +18,26 @@ from sparse_attn.eval.runner import Runner  # noqa: E402
 
 def _eval(model_dir, out, *extra):
     return main(
-        ["eval", "--model", str(model_dir), "--device", "cpu", "--backend", "reference", "--tasks", "passkey", "niah",
-         "--lengths", "256", "--depths", "0.5", "--out", str(out), *extra]
-    )  # fmt: skip
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--device",
+            "cpu",
+            "--backend",
+            "reference",
+            "--tasks",
+            "passkey",
+            "niah",
+            "--lengths",
+            "256",
+            "--depths",
+            "0.5",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_eval_writes_results_table_and_plots_and_resumes(tiny_model_dir, tmp_path, capsys):
@@ -43,9 +60,30 @@ def test_eval_writes_results_table_and_plots_and_resumes(tiny_model_dir, tmp_pat
 
 def test_eval_tables_are_printed_whole_off_a_terminal(tiny_model_dir, tmp_path, capsys):
     # Four lengths x three columns do not fit 80 columns; piped output must not cut cells to "…".
-    argv = ["eval", "--model", str(tiny_model_dir), "--device", "cpu", "--backend", "reference", "--tasks", "passkey",
-            "--lengths", "256", "288", "320", "352", "--depths", "0.5", "--methods", "streaming",
-            "--method-options", "streaming:local_tokens=64", "--out", str(tmp_path / "results")]  # fmt: skip
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--backend",
+        "reference",
+        "--tasks",
+        "passkey",
+        "--lengths",
+        "256",
+        "288",
+        "320",
+        "352",
+        "--depths",
+        "0.5",
+        "--methods",
+        "streaming",
+        "--method-options",
+        "streaming:local_tokens=64",
+        "--out",
+        str(tmp_path / "results"),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     table = printed[printed.index("passkey on") :]
@@ -77,8 +115,19 @@ def test_too_short_lengths_fail_before_the_model_loads(tmp_path, capsys, monkeyp
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(cli, "_load_checked", no_model_work)
-    argv = ["eval", "--device", "cpu", "--tasks", "passkey", "variable_tracking", "--lengths", "100", "300",
-            "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "eval",
+        "--device",
+        "cpu",
+        "--tasks",
+        "passkey",
+        "variable_tracking",
+        "--lengths",
+        "100",
+        "300",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert "passkey needs at least 256 tokens (got 100)" in error
@@ -147,8 +196,21 @@ def test_default_results_folder_is_git_ignored():
 
 def test_show_writes_a_block_mask_png(tiny_model_dir, tmp_path, capsys):
     path = tmp_path / "mask.png"
-    argv = ["show", "--model", str(tiny_model_dir), "--device", "cpu", "--method", "xattention:threshold=0.5",
-            "--length", "512", "--block-size", "64", "--out", str(path)]  # fmt: skip
+    argv = [
+        "show",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--method",
+        "xattention:threshold=0.5",
+        "--length",
+        "512",
+        "--block-size",
+        "64",
+        "--out",
+        str(path),
+    ]
     assert main(argv) == 0
     assert path.read_bytes().startswith(b"\x89PNG") and "density" in capsys.readouterr().out
     assert main(["show", "--model", str(tiny_model_dir), "--device", "cpu", "--layer", "7", "--out", str(path)]) == 2

@@ -141,9 +141,14 @@ def test_prefill_times_exclude_first_calls_or_show_no_speedup(tiny_model, tokeni
     cases = build_grid(["passkey", "perplexity"], [MethodVariant("streaming")], [LENGTH], [0.25, 0.75], [0])
     tasks = {name: get_task(name, haystack_source="pydoc") for name in ("passkey", "perplexity")}
     runner = Runner(
-        tiny_model, tokenizer, model_name="tiny", tasks=tasks, results_path=tmp_path / "r.jsonl",
-        backend="reference", warmup=warmup,
-    )  # fmt: skip
+        tiny_model,
+        tokenizer,
+        model_name="tiny",
+        tasks=tasks,
+        results_path=tmp_path / "r.jsonl",
+        backend="reference",
+        warmup=warmup,
+    )
     slow = FirstCallPerSignatureIsSlow(tiny_model, SLOW_FIRST_CALL)
     try:
         rows = runner.run(cases)
@@ -167,9 +172,14 @@ def test_warm_up_stays_out_of_the_recorded_layers(tiny_model, tokenizer, tmp_pat
     rows = {}
     for warmup in (True, False):
         runner = Runner(
-            tiny_model, tokenizer, model_name="tiny", tasks=tasks, results_path=tmp_path / f"{warmup}.jsonl",
-            backend="reference", warmup=warmup,
-        )  # fmt: skip
+            tiny_model,
+            tokenizer,
+            model_name="tiny",
+            tasks=tasks,
+            results_path=tmp_path / f"{warmup}.jsonl",
+            backend="reference",
+            warmup=warmup,
+        )
         rows[warmup] = runner.run(cases)
     for warm, cold in zip(rows[True], rows[False], strict=True):
         assert warm["method_layers"] == cold["method_layers"] and warm["density"] == cold["density"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import transformers
+
+from sparse_attn.integrations.cache import cache_keyword
 
 VOCAB = 128
 SEQ = 96
@@ -55,15 +55,6 @@ def tiny_model(kind: str):
 
 def prompt(length: int = SEQ, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def cache_keyword(model) -> str:
-    """The keyword ``model.forward`` takes the KV cache under.
-
-    Newer transformers 5.x name it ``cache`` and warn (FutureWarning) on ``past_key_values``;
-    older 5.x versions know only ``past_key_values``.
-    """
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def prefill_and_decode(model, ids: torch.Tensor, steps: int = 3, chunks: int = 1) -> list[torch.Tensor]:

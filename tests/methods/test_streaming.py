@@ -79,8 +79,12 @@ def test_peak_memory_stays_within_the_chunk_not_the_block_table():
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     run = subprocess.run(
         [sys.executable, str(script), str(seq), str(block), *cases],
-        capture_output=True, text=True, env=env, timeout=300, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
     peaks = json.loads(run.stdout)
     allowance = 8 << 20  # O(S) buffers (the probe rows, pooled blocks, line sums) and the chunk itself
     for method in ROW_STREAMED:

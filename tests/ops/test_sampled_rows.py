@@ -29,9 +29,15 @@ def test_sampled_row_kernel_matches_max_row_block_probs(
     assert torch.equal(rows, torch.arange(step - 1, seq_q, step))
     q_rows = q[:, :, rows]
     expected = max_row_block_probs(
-        q_rows.float(), rows + (seq_k - seq_q), k.float(), row_blocks=rows // block_q,
-        n_q=num_blocks(seq_q, block_q), block_k=block_k, scale=0.25, causal=causal,
-    )  # fmt: skip
+        q_rows.float(),
+        rows + (seq_k - seq_q),
+        k.float(),
+        row_blocks=rows // block_q,
+        n_q=num_blocks(seq_q, block_q),
+        block_k=block_k,
+        scale=0.25,
+        causal=causal,
+    )
     with quiet_numpy():
         got = sampled_rows_block_max_probs_triton(
             q_rows, k, seq_q=seq_q, query_step=step, block_q=block_q, block_k=block_k, scale=0.25, causal=causal
@@ -60,9 +66,14 @@ def test_sampled_row_kernel_refuses_irregular_rows():
     assert reason is not None and "every 16-th query" in reason
 
 
-@pytest.mark.parametrize("batch, q_heads, kv_heads, seq_q, seq_k, step, block_q, block_k, causal", [
-    (2, 4, 2, 96, 130, 8, 32, 16, True), (1, 2, 1, 48, 80, 4, 16, 32, False), (1, 2, 2, 100, 100, 4, 16, 16, True),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, seq_q, seq_k, step, block_q, block_k, causal",
+    [
+        (2, 4, 2, 96, 130, 8, 32, 16, True),
+        (1, 2, 1, 48, 80, 4, 16, 32, False),
+        (1, 2, 2, 100, 100, 4, 16, 16, True),
+    ],
+)
 def test_sampled_rows_query_block_ranges_are_rows_of_the_whole(
     batch, q_heads, kv_heads, seq_q, seq_k, step, block_q, block_k, causal, quiet_numpy
 ):

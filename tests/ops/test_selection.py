@@ -42,9 +42,13 @@ SHAPES = [(1, 1), (3, 7), (2, 3, 33), (2, 2, 5, 129), (4, 300), (1, 2, 2000)]
 
 
 BUDGETS = [
-    (0.9, Budget()), (0.5, Budget(minimum=3)), (1.0, Budget()), (0.0, Budget(minimum=0)),
-    (0.7, Budget(minimum=2, maximum=4)), (0.3, Budget(minimum=1, maximum=1)),
-]  # fmt: skip
+    (0.9, Budget()),
+    (0.5, Budget(minimum=3)),
+    (1.0, Budget()),
+    (0.0, Budget(minimum=0)),
+    (0.7, Budget(minimum=2, maximum=4)),
+    (0.3, Budget(minimum=1, maximum=1)),
+]
 
 
 def _check_mass_rule(scores, got, threshold, budget, context):

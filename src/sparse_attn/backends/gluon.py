@@ -367,11 +367,17 @@ def forward(
     block_n = configs.gluon_block_n(pattern.block_k)
     _gluon_block_sparse_forward[grid](
         *args,
-        HEAD_DIM=dim, BLOCK_Q=pattern.block_q, BLOCK_K=pattern.block_k, BLOCK_N=block_n,
-        STAGES=configs.gluon_stages(dim, block_n), CAUSAL=bool(causal), WRITE_LSE=bool(return_lse),
-        EVEN_K=seq_k % pattern.block_k == 0, EVEN_Q=seq_q % pattern.block_q == 0,
+        HEAD_DIM=dim,
+        BLOCK_Q=pattern.block_q,
+        BLOCK_K=pattern.block_k,
+        BLOCK_N=block_n,
+        STAGES=configs.gluon_stages(dim, block_n),
+        CAUSAL=bool(causal),
+        WRITE_LSE=bool(return_lse),
+        EVEN_K=seq_k % pattern.block_k == 0,
+        EVEN_Q=seq_q % pattern.block_q == 0,
         num_warps=4,
-    )  # fmt: skip
+    )
     if return_lse:
         return out, lse
     return out

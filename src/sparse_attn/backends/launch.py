@@ -69,6 +69,17 @@ def ensure_scratch_allocator() -> None:
         triton.set_allocator(scratch_buffer)
 
 
+def block_list_strides(counts: torch.Tensor, indices: torch.Tensor, pattern_batch: int) -> tuple[int, ...]:
+    """The five strides the kernels take for a block list: ``counts`` (batch, head) and
+    ``indices`` (batch, head, row), with a batch stride of 0 when the pattern has batch 1 (one
+    pattern broadcast over the batch)."""
+    broadcast = pattern_batch == 1
+    return (
+        *(0 if broadcast else counts.stride(0), counts.stride(1)),
+        *(0 if broadcast else indices.stride(0), indices.stride(1), indices.stride(2)),
+    )
+
+
 def launch_arguments(q, k, v, plan: BlockSparsePlan, *, scale: float, return_lse: bool):
     """``(out, lse, args)``: the outputs (from :func:`allocate`) and the leading runtime
     arguments both kernels take, ``Q`` through ``qk_scale`` (``lse`` is ``out`` when not asked
@@ -81,17 +92,14 @@ def launch_arguments(q, k, v, plan: BlockSparsePlan, *, scale: float, return_lse
     # counts and full counts share one offset computation in the kernels: both contiguous.
     counts = pattern.kv_counts.contiguous()
     indices = pattern.kv_indices.contiguous()
-    pattern_batch_stride = 0 if pattern.batch == 1 else counts.stride(0)
-    index_batch_stride = 0 if pattern.batch == 1 else indices.stride(0)
     args = (
-        q, k, v, out, lse, counts, plan.full_counts, indices, plan.work_order,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        pattern_batch_stride, counts.stride(1),
-        index_batch_stride, indices.stride(1), indices.stride(2),
-        q_heads, q_heads // kv_heads, q_heads // pattern.num_heads,
-        seq_q, seq_k, scale * LOG2_E,
-    )  # fmt: skip
+        *(q, k, v, out, lse, counts, plan.full_counts, indices, plan.work_order),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:3],
+        *block_list_strides(counts, indices, pattern.batch),
+        *(q_heads, q_heads // kv_heads, q_heads // pattern.num_heads),
+        *(seq_q, seq_k, scale * LOG2_E),
+    )
     return out, lse, args

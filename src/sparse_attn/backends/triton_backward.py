@@ -25,7 +25,7 @@ import torch
 from ..geometry import num_blocks
 from ..plan import BlockSparsePlan
 from ..utils import interpreting
-from .launch import LOG2_E, allocate
+from .launch import LOG2_E, allocate, block_list_strides
 
 try:
     import triton
@@ -49,16 +49,11 @@ if triton is not None:
         rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, HEAD_DIM)
         in_range = rows < seq_q
-        o = tl.load(
-            Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-            + rows[:, None] * stride_os + offs_d[None, :],
-            mask=in_range[:, None], other=0.0,
-        ).to(tl.float32)  # fmt: skip
-        do = tl.load(
-            DOut + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
-            + rows[:, None] * stride_ds + offs_d[None, :],
-            mask=in_range[:, None], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        o_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+        do_base = DOut + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
+        o = tl.load(o_base + rows[:, None] * stride_os + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_ds + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        o, do = o.to(tl.float32), do.to(tl.float32)
         delta = tl.sum(o * do, 1)
         row_offset = batch_head.to(tl.int64) * seq_q + rows
         if HAS_DLSE:
@@ -220,8 +215,11 @@ if triton is not None:
                 dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
         dq_base = DQ + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
-        tl.store(dq_base + rows[:, None] * stride_gs + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                 mask=row_in_range[:, None])  # fmt: skip
+        tl.store(
+            dq_base + rows[:, None] * stride_gs + offs_d[None, :],
+            (dq * scale).to(DQ.dtype.element_ty),
+            mask=row_in_range[:, None],
+        )
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for 16-bit inputs, autotuned per
@@ -274,41 +272,46 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     dlse = dlse.contiguous() if dlse is not None else None
     delta_block = 64
     _delta[(batch * q_heads, num_blocks(seq_q, delta_block))](
-        out, dout, dlse if dlse is not None else delta, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        q_heads, seq_q,
-        HEAD_DIM=dim, BLOCK=delta_block, HAS_DLSE=dlse is not None,
-    )  # fmt: skip
+        *(out, dout, dlse if dlse is not None else delta, delta),
+        *out.stride()[:3],
+        *dout.stride()[:3],
+        *(q_heads, seq_q),
+        HEAD_DIM=dim,
+        BLOCK=delta_block,
+        HAS_DLSE=dlse is not None,
+    )
 
     is_float32 = q.dtype == torch.float32
     dot_in_float32 = is_float32 or (interpreting() and q.dtype == torch.bfloat16)
     constants = dict(
-        HEAD_DIM=dim, BLOCK_Q=pattern.block_q, BLOCK_K=pattern.block_k, CAUSAL=bool(causal),
-        DOT_FP32=dot_in_float32, PRECISION="ieee" if dot_in_float32 else "tf32",
-    )  # fmt: skip
-    strides = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-    )  # fmt: skip
+        HEAD_DIM=dim,
+        BLOCK_Q=pattern.block_q,
+        BLOCK_K=pattern.block_k,
+        CAUSAL=bool(causal),
+        DOT_FP32=dot_in_float32,
+        PRECISION="ieee" if dot_in_float32 else "tf32",
+    )
+    # (batch, head, sequence) strides of q, k, v and dout, in the kernels' argument order.
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
     counts, indices = pattern.kv_counts.contiguous(), pattern.kv_indices.contiguous()
+    sizes = (seq_q, seq_k, scale, scale * LOG2_E, max(seq_k - 1, 1).bit_length())
     dkdv_args = (
-        q, k, v, dout, lse, delta, dk, dv, q_counts, q_indices, dk.stride(0), dk.stride(1), dk.stride(2), *strides,
-        0 if pattern.batch == 1 else q_counts.stride(0), q_counts.stride(1),
-        0 if pattern.batch == 1 else q_indices.stride(0), q_indices.stride(1), q_indices.stride(2),
-        q_heads, kv_heads, group, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E,
-        max(seq_k - 1, 1).bit_length(),
-    )  # fmt: skip
+        *(q, k, v, dout, lse, delta, dk, dv, q_counts, q_indices),
+        *dk.stride()[:3],
+        *strides,
+        *block_list_strides(q_counts, q_indices, pattern.batch),
+        *(q_heads, kv_heads, group, q_heads // pattern.num_heads),
+        *sizes,
+    )
     dq_args = (
-        q, k, v, dout, lse, delta, dq, counts, indices, dq.stride(0), dq.stride(1), dq.stride(2), *strides,
-        0 if pattern.batch == 1 else counts.stride(0), counts.stride(1),
-        0 if pattern.batch == 1 else indices.stride(0), indices.stride(1), indices.stride(2),
-        q_heads, group, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E,
-        max(seq_k - 1, 1).bit_length(),
-    )  # fmt: skip
+        *(q, k, v, dout, lse, delta, dq, counts, indices),
+        *dq.stride()[:3],
+        *strides,
+        *block_list_strides(counts, indices, pattern.batch),
+        *(q_heads, group, q_heads // pattern.num_heads),
+        *sizes,
+    )
 
     def dkdv_grid(meta):
         return (batch * kv_heads, pattern.num_kv_blocks * (pattern.block_k // meta["BLOCK_N"]))

@@ -19,7 +19,6 @@ resumes where it stopped; a partially written last line is dropped.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..integrations import patch, record, unpatch
+from ..integrations.cache import cache_keyword
 from ..utils import synchronized_now
 from .grid import Case
 from .tasks import GENERATE, Sample, Task
@@ -73,15 +73,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _cache_keyword(model) -> str:
-    """The name under which ``model.forward`` takes the KV cache.
-
-    transformers renamed ``past_key_values`` to ``cache``; the old name still works in
-    newer versions but warns on every call, and older 5.x versions know only the old one.
-    """
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def generation_prefill(model, input_ids: torch.Tensor):
     """The prefill of :func:`greedy_generate`: ``(output, cache)`` for ``input_ids`` (1, L).
 
@@ -91,7 +82,7 @@ def generation_prefill(model, input_ids: torch.Tensor):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    output = model(input_ids, use_cache=True, logits_to_keep=1, **{_cache_keyword(model): cache})
+    output = model(input_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
     return output, cache
 
 
@@ -109,7 +100,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, stop_id
     start = synchronized_now(device)
     output, cache = generation_prefill(model, input_ids)
     prefill_seconds = synchronized_now(device) - start
-    cache_argument = {_cache_keyword(model): cache}
+    cache_argument = {cache_keyword(model): cache}
     tokens = []
     token = output.logits[:, -1:].argmax(-1)
     while True:

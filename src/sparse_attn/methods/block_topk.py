@@ -63,6 +63,14 @@ def estimate(
         return cumulative_mass_mask(block_softmax(logits), config.threshold, Budget(maximum=config.top_k))
 
     return stream_pattern(
-        mask_rows, batch=q.shape[0], heads=q.shape[1], seq_q=q.shape[2], seq_k=k.shape[2], block_q=block_q,
-        block_k=block_k, causal=causal, device=q.device, row_elements=q.shape[0] * q.shape[1] * pooled.k.shape[2],
-    )  # fmt: skip
+        mask_rows,
+        batch=q.shape[0],
+        heads=q.shape[1],
+        seq_q=q.shape[2],
+        seq_k=k.shape[2],
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+        device=q.device,
+        row_elements=q.shape[0] * q.shape[1] * pooled.k.shape[2],
+    )

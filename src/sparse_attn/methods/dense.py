@@ -32,6 +32,14 @@ def estimate(
 
     # One list shared by the whole batch and each KV head's group; the pattern keeps the valid blocks.
     return stream_pattern(
-        mask_rows, batch=1, heads=k.shape[1], seq_q=q.shape[2], seq_k=k.shape[2], block_q=block_q, block_k=block_k,
-        causal=causal, device=q.device, row_elements=k.shape[1] * num_blocks(k.shape[2], block_k),
-    )  # fmt: skip
+        mask_rows,
+        batch=1,
+        heads=k.shape[1],
+        seq_q=q.shape[2],
+        seq_k=k.shape[2],
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+        device=q.device,
+        row_elements=k.shape[1] * num_blocks(k.shape[2], block_k),
+    )

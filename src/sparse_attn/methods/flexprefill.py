@@ -129,9 +129,14 @@ def estimate(
         return torch.where(aware_here[..., None, None], aware, crossed)
 
     return stream_pattern_by_heads(
-        mask_heads, batch=q.shape[0], heads=q.shape[1], group=q.shape[1] // k.shape[1], device=q.device,
-        head_elements=q.shape[0] * pooled.q.shape[2] * pooled.k.shape[2], **geometry,
-    )  # fmt: skip
+        mask_heads,
+        batch=q.shape[0],
+        heads=q.shape[1],
+        group=q.shape[1] // k.shape[1],
+        device=q.device,
+        head_elements=q.shape[0] * pooled.q.shape[2] * pooled.k.shape[2],
+        **geometry,
+    )
 
 
 def _query_aware_mask(

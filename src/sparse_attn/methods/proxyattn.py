@@ -107,9 +107,17 @@ def estimate(
 
     def mask_rows(q_blocks: range) -> torch.Tensor:
         proxy_scores = sampled_rows_block_max_probs(
-            proxy_q, proxy_k, rows=rows, seq_q=seq_q, query_step=config.query_stride, block_q=block_q,
-            block_k=block_k, scale=scale, causal=causal, q_blocks=q_blocks,
-        )  # fmt: skip
+            proxy_q,
+            proxy_k,
+            rows=rows,
+            seq_q=seq_q,
+            query_step=config.query_stride,
+            block_q=block_q,
+            block_k=block_k,
+            scale=scale,
+            causal=causal,
+            q_blocks=q_blocks,
+        )
         # Each query head ranks blocks by its group's proxy scores.
         ranking = proxy_scores.repeat_interleave(q_heads // proxy_heads, dim=1)
         del proxy_scores
@@ -119,6 +127,14 @@ def estimate(
         return topk_by_rank_mask(ranking, budgets)
 
     return stream_pattern(
-        mask_rows, batch=q.shape[0], heads=q_heads, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k,
-        causal=causal, device=q.device, row_elements=q.shape[0] * q_heads * pooled.k.shape[2],
-    )  # fmt: skip
+        mask_rows,
+        batch=q.shape[0],
+        heads=q_heads,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+        device=q.device,
+        row_elements=q.shape[0] * q_heads * pooled.k.shape[2],
+    )

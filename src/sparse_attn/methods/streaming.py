@@ -60,6 +60,14 @@ def estimate(
 
     # One list shared by the whole batch and every head, built a chunk of query blocks at a time.
     return stream_pattern(
-        mask_rows, batch=1, heads=1, seq_q=q.shape[2], seq_k=k.shape[2], block_q=block_q, block_k=block_k,
-        causal=causal, device=q.device, row_elements=2 * num_blocks(k.shape[2], block_k),
-    )  # fmt: skip
+        mask_rows,
+        batch=1,
+        heads=1,
+        seq_q=q.shape[2],
+        seq_k=k.shape[2],
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+        device=q.device,
+        row_elements=2 * num_blocks(k.shape[2], block_k),
+    )

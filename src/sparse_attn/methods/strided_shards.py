@@ -64,13 +64,27 @@ def estimate(
 
     def mask_rows(q_blocks: range) -> torch.Tensor:
         local = token_window_mask(
-            q, k, sink_tokens=0, local_tokens=config.local_tokens, block_q=block_q, block_k=block_k, causal=causal,
+            q,
+            k,
+            sink_tokens=0,
+            local_tokens=config.local_tokens,
+            block_q=block_q,
+            block_k=block_k,
+            causal=causal,
             q_blocks=q_blocks,
-        )  # fmt: skip
+        )
         return local[None] | shards
 
     # One list per query head, shared by the batch, built a chunk of query blocks at a time.
     return stream_pattern(
-        mask_rows, batch=1, heads=q.shape[1], seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k,
-        causal=causal, device=q.device, row_elements=2 * q.shape[1] * n_kv,
-    )  # fmt: skip
+        mask_rows,
+        batch=1,
+        heads=q.shape[1],
+        seq_q=seq_q,
+        seq_k=seq_k,
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+        device=q.device,
+        row_elements=2 * q.shape[1] * n_kv,
+    )

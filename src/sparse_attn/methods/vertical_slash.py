@@ -75,9 +75,13 @@ def estimate(
         return vertical_slash_block_mask(vertical, slash, **geometry, q_blocks=q_blocks)
 
     return stream_pattern(
-        mask_rows, batch=q.shape[0], heads=q.shape[1], device=q.device,
-        row_elements=q.shape[0] * q.shape[1] * num_blocks(seq_k, block_k), **geometry,
-    )  # fmt: skip
+        mask_rows,
+        batch=q.shape[0],
+        heads=q.shape[1],
+        device=q.device,
+        row_elements=q.shape[0] * q.shape[1] * num_blocks(seq_k, block_k),
+        **geometry,
+    )
 
 
 def _top_lines(sums: torch.Tensor, count: int) -> torch.Tensor:

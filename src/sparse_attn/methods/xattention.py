@@ -83,6 +83,13 @@ def estimate(
         return mask
 
     return stream_pattern(
-        mask_rows, batch=q.shape[0], heads=q.shape[1], seq_q=seq_q, seq_k=seq_k, causal=causal, device=q.device,
-        row_elements=q.shape[0] * q.shape[1] * num_blocks(seq_k, block_k), **blocks,
-    )  # fmt: skip
+        mask_rows,
+        batch=q.shape[0],
+        heads=q.shape[1],
+        seq_q=seq_q,
+        seq_k=seq_k,
+        causal=causal,
+        device=q.device,
+        row_elements=q.shape[0] * q.shape[1] * num_blocks(seq_k, block_k),
+        **blocks,
+    )

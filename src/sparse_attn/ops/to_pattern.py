@@ -161,9 +161,15 @@ def stream_pattern(
     query blocks (at least one).
     """
     builder = PatternBuilder(
-        batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal,
+        batch=batch,
+        heads=heads,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
         device=device,
-    )  # fmt: skip
+    )
     for rows in query_block_chunks(builder.n_q, CHUNK_ELEMENTS // max(1, row_elements)):
         builder.add(mask_rows(rows), rows=rows)
     return builder.finish()
@@ -193,9 +199,15 @@ def stream_pattern_by_heads(
     ``(batch, len(query_heads), n_q_blocks, n_kv_blocks)``.
     """
     builder = PatternBuilder(
-        batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal,
+        batch=batch,
+        heads=heads,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
         device=device,
-    )  # fmt: skip
+    )
     for query_heads in head_chunks(heads, group, max(1, CHUNK_ELEMENTS // max(1, head_elements))):
         builder.add(mask_heads(query_heads), rows=range(builder.n_q), heads=query_heads)
     return builder.finish()

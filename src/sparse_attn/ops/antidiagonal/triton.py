@@ -374,12 +374,13 @@ def cell_block_probs(
         for cell_start in range(first_cell, end_cell, cells_per_chunk):
             cells = min(cells_per_chunk, end_cell - cell_start)
             args = (
-                q, k, scratch, probs,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                head_start, heads, q_heads, q_heads // kv_heads,
-                q_len, seq_q, seq_k, q_cells, cell_start, cell_start + cells, cells_per_chunk, k_cells,
-                rows.start, rows.stop, n_kv, scale / stride * _LOG2_E, max(seq_k - 1, 1).bit_length(),
-            )  # fmt: skip
+                *(q, k, scratch, probs),
+                *q.stride()[:3],
+                *k.stride()[:3],
+                *(head_start, heads, q_heads, q_heads // kv_heads),
+                *(q_len, seq_q, seq_k, q_cells, cell_start, cell_start + cells, cells_per_chunk, k_cells),
+                *(rows.start, rows.stop, n_kv, scale / stride * _LOG2_E, max(seq_k - 1, 1).bit_length()),
+            )
             if interpreting():
                 # One small tile; head_dim split in two steps (when it can be) to cover that path too.
                 tile = _config_kwargs(16, 16, max(16, dim // 2), dim, cells_per_q_block, cells_per_kv_block)
@@ -411,6 +412,16 @@ def antidiagonal_block_probs_triton(
     if reason is not None:
         raise ValueError(f"the Triton antidiagonal kernel cannot run this case: {reason}")
     return cell_block_probs(
-        q, k, stride=stride, query_step=1, reduce_max=False, seq_q=q.shape[2], block_q=block_q, block_k=block_k,
-        scale=scale, causal=causal, q_blocks=q_blocks, configs=configs,
-    )  # fmt: skip
+        q,
+        k,
+        stride=stride,
+        query_step=1,
+        reduce_max=False,
+        seq_q=q.shape[2],
+        block_q=block_q,
+        block_k=block_k,
+        scale=scale,
+        causal=causal,
+        q_blocks=q_blocks,
+        configs=configs,
+    )

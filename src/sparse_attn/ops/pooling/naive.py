@@ -61,9 +61,13 @@ class PooledBlocks:
     def of(cls, q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_k: int) -> PooledBlocks:
         """Pool q ``(B, Hq, Sq, D)`` and k ``(B, Hkv, Sk, D)`` over their blocks."""
         return cls(
-            q=mean_pool_blocks(q, block_q), k=mean_pool_blocks(k, block_k), seq_q=q.shape[2], seq_k=k.shape[2],
-            block_q=block_q, block_k=block_k,
-        )  # fmt: skip
+            q=mean_pool_blocks(q, block_q),
+            k=mean_pool_blocks(k, block_k),
+            seq_q=q.shape[2],
+            seq_k=k.shape[2],
+            block_q=block_q,
+            block_k=block_k,
+        )
 
     def logits(
         self, *, scale: float, causal: bool, q_blocks: range | None = None, heads: range | None = None

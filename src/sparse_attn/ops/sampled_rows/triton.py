@@ -52,6 +52,15 @@ def sampled_rows_block_max_probs_triton(
     if reason is not None:
         raise ValueError(f"the Triton sampled-row kernel cannot run this case: {reason}")
     return cell_block_probs(
-        q_rows, k, stride=1, query_step=query_step, reduce_max=True, seq_q=seq_q, block_q=block_q, block_k=block_k,
-        scale=scale, causal=causal, q_blocks=q_blocks,
-    )  # fmt: skip
+        q_rows,
+        k,
+        stride=1,
+        query_step=query_step,
+        reduce_max=True,
+        seq_q=seq_q,
+        block_q=block_q,
+        block_k=block_k,
+        scale=scale,
+        causal=causal,
+        q_blocks=q_blocks,
+    )

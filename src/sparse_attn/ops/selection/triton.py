@@ -134,9 +134,17 @@ def _launch(scores: torch.Tensor, keep_count: torch.Tensor | None, *, threshold:
     block = max(16, triton.next_power_of_2(n))
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     _select_row[(rows,)](
-        flat, counts, out, n, float(threshold), int(minimum), int(maximum),
-        MASS=keep_count is None, BLOCK=block, num_warps=warps,
-    )  # fmt: skip
+        flat,
+        counts,
+        out,
+        n,
+        float(threshold),
+        int(minimum),
+        int(maximum),
+        MASS=keep_count is None,
+        BLOCK=block,
+        num_warps=warps,
+    )
     return out.view(torch.bool).view(shape)
 
 
