@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_attn.pattern import BlockSparsePattern
+from sparse_attn.pattern import BlockSparsePattern, random_pattern
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -104,3 +104,13 @@ def expected_nonfinite(q, k, v, pattern, causal):
     bad_v = (~torch.isfinite(v)).double().repeat_interleave(group, 1)  # (B, Hq, Sk, D)
     reads = block_reads(pattern, batch, q_heads).double()
     return ~torch.isfinite(out) | ((reads @ bad_v) > 0)
+
+
+def shape_pattern(shape, *, heads: int, density: float, causal: bool, seed: int, device="cpu") -> BlockSparsePattern:
+    """A random pattern for a test shape ``(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k)``
+    with ``heads`` pattern heads (the query heads, the KV heads or 1)."""
+    batch, _, _, seq_q, seq_k, _, block_q, block_k = shape
+    return random_pattern(
+        batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, density=density, seed=seed,
+        block_q=block_q, block_k=block_k, causal=causal, device=device,
+    )  # fmt: skip

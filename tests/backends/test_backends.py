@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import TOLERANCE, naive_attention, poisoned_allocate, random_qkv, relative_error
+from helpers import TOLERANCE, naive_attention, poisoned_allocate, random_qkv, relative_error, shape_pattern
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,19 +26,8 @@ DENSITIES = [0.0, 0.3, 1.0]
 
 
 def _pattern(shape, density, causal, per_query_head, seed, device="cpu"):
-    batch, q_heads, kv_heads, seq_q, seq_k, _, block_q, block_k = shape
-    return sa.random_pattern(
-        batch=batch,
-        heads=q_heads if per_query_head else kv_heads,
-        seq_q=seq_q,
-        seq_k=seq_k,
-        density=density,
-        seed=seed,
-        block_q=block_q,
-        block_k=block_k,
-        causal=causal,
-        device=device,
-    )
+    heads = shape[1] if per_query_head else shape[2]
+    return shape_pattern(shape, heads=heads, density=density, causal=causal, seed=seed, device=device)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import TOLERANCE, naive_attention, random_qkv, relative_error
+from helpers import TOLERANCE, naive_attention, random_qkv, relative_error, shape_pattern
 
 import sparse_attn as sa
 
@@ -53,19 +53,8 @@ def _grads(backend, q, k, v, pattern, causal, dout, dlse):
 
 
 def _pattern(shape, causal, heads_kind, seed, density=0.4):
-    batch, q_heads, kv_heads, seq_q, seq_k, _, block_q, block_k = shape
-    heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
-    return sa.random_pattern(
-        batch=batch,
-        heads=heads,
-        seq_q=seq_q,
-        seq_k=seq_k,
-        density=density,
-        seed=seed,
-        block_q=block_q,
-        block_k=block_k,
-        causal=causal,
-    )
+    heads = {"query": shape[1], "kv": shape[2], "shared": 1}[heads_kind]
+    return shape_pattern(shape, heads=heads, density=density, causal=causal, seed=seed)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
