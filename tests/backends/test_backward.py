@@ -197,3 +197,20 @@ def test_gpu_backward_at_length_uses_linear_memory():
     extra = torch.cuda.max_memory_allocated() - before
     assert extra < 2 * 1024**3, f"backward took {extra / 2**30:.1f} GiB beyond its inputs"
     assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_backward_tiles_follow_the_pattern_blocks_and_the_override():
+    from sparse_attn.backends import configs, kernel_configs, triton_backward
+
+    tiles = configs.backward_tiles("dkdv", 128, 128, 128, small=False)
+    assert tiles == configs.TRITON_BACKWARD_TILES["dkdv"][128]
+    assert configs.backward_tiles("dq", 64, 16, 16, small=False) == ((16, 16, 4, 1),)  # none divides: the default
+    with kernel_configs(triton_backward_tiles=[(64, 64, 4, 2), (32, 128, 8, 2)]):
+        assert configs.backward_tiles("dq", 128, 64, 64, small=False) == ((64, 64, 4, 2),)
+    with pytest.raises(ValueError, match="triton_backward_tiles"):
+        with kernel_configs(triton_backward_tiles=[(64, 64, 4)]):
+            pass
+    autotuner = triton_backward._autotuned("dq", tiles)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in autotuner.configs] == list(
+        tiles
+    )

@@ -13,6 +13,11 @@ Built-in policy:
   not offered; where it is, rows and TMA: on sm_90 the two pointer layouts compile to the same
   machine code, and neither pointer nor TMA loads win everywhere
   (``benchmarks/results/*/kernels_pointer.log`` and ``kernels_tma.log``).
+* Triton backward tiles (:mod:`.triton_backward`): per pass (``"dkdv"``, ``"dq"``) the
+  ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates for 16-bit inputs at head_dim up to
+  128 that compile for sm_90 without register spills (dK/dV programs hold two
+  ``BLOCK_N x head_dim`` float32 accumulators, so they take tall key tiles and 8 warps; dQ
+  programs one ``BLOCK_M x head_dim``); float32 and head_dim 256 take small tiles.
 * Under ``TRITON_INTERPRET=1`` there is no autotuning: one small tile runs, with row loads.
 * Gluon: 128-key steps where the pattern's ``block_k`` allows (else 64), and a K/V ring as deep
   as shared memory allows beside the query tile (loads must run further ahead when K/V blocks
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "LOAD_MODES",
+    "backward_tiles",
     "KernelConfigs",
     "current",
     "fitting_tiles",
@@ -67,6 +73,19 @@ TRITON_FLOAT_TILES: dict[int, tuple[Tile, ...]] = {
     256: ((32, 32, 4, 1), (32, 16, 4, 1)),
 }
 
+# Backward passes, 16-bit inputs, by head_dim (head_dim 16 and 32 take the 64 list).
+TRITON_BACKWARD_TILES: dict[str, dict[int, tuple[Tile, ...]]] = {
+    "dkdv": {
+        64: ((64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)),
+        128: ((64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3)),
+    },
+    "dq": {
+        64: ((128, 64, 8, 2), (64, 64, 4, 3)),
+        128: ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)),
+    },
+}
+TRITON_BACKWARD_SMALL_TILES: tuple[Tile, ...] = ((32, 32, 4, 1), (16, 32, 4, 1))
+
 # Gluon: query rows per program (two consumer warpgroups of 64), shared memory per block on
 # sm_90 (227 KiB), what the barriers and the compiler's scratch need beside the tiles, and the
 # deepest K/V ring worth having.
@@ -81,12 +100,14 @@ class KernelConfigs:
     """Overrides in force; ``None`` keeps the built-in policy (see the module docstring).
 
     ``triton_tiles``: the Triton tile candidates, for every head_dim and dtype (those that do not
-    divide the pattern's blocks are dropped). ``triton_loads``: the Triton load modes to autotune
+    divide the pattern's blocks are dropped). ``triton_backward_tiles``: the same for both
+    backward passes. ``triton_loads``: the Triton load modes to autotune
     over, a subset of :data:`LOAD_MODES`, for 16-bit inputs (``"tma"`` only where it is offered).
     ``gluon_stages``: the Gluon K/V ring depth.
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
+    triton_backward_tiles: tuple[Tile, ...] | None = None
     triton_loads: tuple[str, ...] | None = None
     gluon_stages: int | None = None
 
@@ -106,18 +127,18 @@ def current() -> KernelConfigs:
 def kernel_configs(
     *,
     triton_tiles: Sequence[Tile] | None = None,
+    triton_backward_tiles: Sequence[Tile] | None = None,
     triton_loads: Sequence[str] | None = None,
     gluon_stages: int | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
-    if triton_tiles is not None:
-        tiles = tuple(tuple(int(value) for value in tile) for tile in triton_tiles)
-        if not tiles or any(len(tile) != 4 or min(tile) < 1 for tile in tiles):
-            raise ValueError(
-                f"triton_tiles must be (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, got {triton_tiles!r}"
-            )
-        changes["triton_tiles"] = tiles
+    for name, asked in (("triton_tiles", triton_tiles), ("triton_backward_tiles", triton_backward_tiles)):
+        if asked is not None:
+            tiles = tuple(tuple(int(value) for value in tile) for tile in asked)
+            if not tiles or any(len(tile) != 4 or min(tile) < 1 for tile in tiles):
+                raise ValueError(f"{name} must be (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, got {asked!r}")
+            changes[name] = tiles
     if triton_loads is not None:
         loads = tuple(triton_loads)
         if not loads or any(mode not in LOAD_MODES for mode in loads):
@@ -143,6 +164,17 @@ def fitting_tiles(head_dim: int, block_q: int, block_k: int, *, is_float32: bool
     candidates = current().triton_tiles or (TRITON_FLOAT_TILES if is_float32 else TRITON_HALF_TILES)[head_dim]
     fitting = tuple(tile for tile in candidates if block_q % tile[0] == 0 and block_k % tile[1] == 0)
     return fitting or ((min(block_q, 64), min(block_k, 32), 4, 2),)
+
+
+def backward_tiles(kind: str, head_dim: int, block_q: int, block_k: int, *, small: bool) -> tuple[Tile, ...]:
+    """The backward pass ``kind``'s (``"dkdv"`` or ``"dq"``) tile candidates that divide the
+    pattern's blocks (a small default if none does); ``small`` for float32 or head_dim 256."""
+    if current().triton_backward_tiles is not None:
+        candidates = current().triton_backward_tiles
+    else:
+        candidates = TRITON_BACKWARD_SMALL_TILES if small else TRITON_BACKWARD_TILES[kind][max(head_dim, 64)]
+    fitting = tuple(tile for tile in candidates if block_q % tile[0] == 0 and block_k % tile[1] == 0)
+    return fitting or ((min(block_q, 16), min(block_k, 16), 4, 1),)
 
 
 def triton_load_modes(*, is_float32: bool, tma_offered: bool) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ import torch
 from ..geometry import num_blocks
 from ..plan import BlockSparsePlan
 from ..utils import interpreting
+from . import configs
 from .launch import LOG2_E, allocate, block_list_strides
 
 try:
@@ -222,32 +223,11 @@ if triton is not None:
         )
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for 16-bit inputs, autotuned per
-# (head_dim, pattern blocks, length bucket): those that compile for sm_90 without register
-# spills. dK/dV programs hold two BLOCK_N x head_dim float32 accumulators, so they take tall
-# key tiles and 8 warps; dQ programs one BLOCK_M x head_dim accumulator.
-_DKDV_CONFIGS = {
-    64: [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
-    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3)],
-}
-_DQ_CONFIGS = {
-    64: [(128, 64, 8, 2), (64, 64, 4, 3)],
-    128: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
-}
-# float32 (exact products) and head_dim 256: small tiles fit shared memory and registers.
-_SMALL_CONFIGS = [(32, 32, 4, 1), (16, 32, 4, 1)]
-
-
-def _configs(candidates, block_q: int, block_k: int) -> list:
-    fitting = [c for c in candidates if block_q % c[0] == 0 and block_k % c[1] == 0]
-    fitting = fitting or [(min(block_q, 16), min(block_k, 16), 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fitting]
-
-
 @functools.cache
-def _autotuned(kernel_name: str, head_dim: int, block_q: int, block_k: int, small: bool):
-    kernel, candidates = {"dkdv": (_dkdv, _DKDV_CONFIGS), "dq": (_dq, _DQ_CONFIGS)}[kernel_name]
-    configs = _configs(_SMALL_CONFIGS if small else candidates[max(head_dim, 64)], block_q, block_k)
+def _autotuned(kind: str, tiles: tuple):
+    """The ``kind`` pass (``"dkdv"`` or ``"dq"``) autotuned over ``tiles`` (see :func:`.configs.backward_tiles`)."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+    kernel = {"dkdv": _dkdv, "dq": _dq}[kind]
     return triton.autotune(
         configs=configs, key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"]
     )(kernel)
@@ -325,6 +305,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         _dq[dq_grid(tiles)](*dq_args, **tiles, **constants)
     else:
         small = is_float32 or dim > 128
-        _autotuned("dkdv", dim, pattern.block_q, pattern.block_k, small)[dkdv_grid](*dkdv_args, **constants)
-        _autotuned("dq", dim, pattern.block_q, pattern.block_k, small)[dq_grid](*dq_args, **constants)
+        for kind, grid, args in (("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args)):
+            tiles = configs.backward_tiles(kind, dim, pattern.block_q, pattern.block_k, small=small)
+            _autotuned(kind, tiles)[grid](*args, **constants)
     return dq, dk, dv
