@@ -79,13 +79,17 @@ def estimate(
 
     ``q`` is ``(B, Hq, Sq, D)``, ``k`` is ``(B, Hkv, Sk, D)`` with ``Sk >= Sq`` (queries are
     the last ``Sq`` positions). ``options`` are the method's hyperparameters (see
-    ``sa.get_method(method).defaults()``).
+    ``sa.get_method(method).defaults()``). The estimate runs without autograd: a pattern is a
+    discrete choice, not differentiated.
     """
     check_query_key(q, k)
     check_int("block_q", block_q)
     check_int("block_k", block_k)
     spec, config = _method_config(method, options, estimate)
-    pattern = spec.estimate(q, k, config, causal=bool(causal), block_q=block_q, block_k=block_k)
+    # A pattern is integer data: the block choice is discrete and gets no gradient, so the
+    # estimator builds no autograd graph even when q and k require grad.
+    with torch.no_grad():
+        pattern = spec.estimate(q, k, config, causal=bool(causal), block_q=block_q, block_k=block_k)
     check_pattern_fits(pattern, q, k)
     return pattern
 
@@ -128,7 +132,9 @@ def block_sparse_attention(
             Rows of query blocks that do not keep that block stay finite.
 
     Returns:
-        ``out`` ``(B, Hq, Sq, D)`` in q's dtype, and ``lse`` when ``return_lse``.
+        ``out`` ``(B, Hq, Sq, D)`` in q's dtype, and ``lse`` when ``return_lse``. Both are
+        differentiable in q, k and v on every backend (``flex`` on CUDA only; on CPU it falls
+        back to ``reference`` with one warning); the pattern is data and gets no gradient.
     """
     scale = check_attention_inputs(q, k, v, scale)
     check_pattern_fits(pattern, q, k)
@@ -162,7 +168,8 @@ def sparse_attention(
     ``sa.get_method(method).defaults()``); a name that is neither an option of the method nor
     a keyword of this function raises ``TypeError`` listing both. With ``return_info=True``
     returns ``(out, SparseAttentionInfo)``; the timings then synchronize the device around each
-    stage.
+    stage. ``out`` is differentiable in q, k and v; the estimate is not (its choice of blocks is
+    discrete: gradients flow through the attention over the chosen blocks only).
     """
     scale = check_attention_inputs(q, k, v, scale)
     _method_config(method, options, sparse_attention)

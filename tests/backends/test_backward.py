@@ -214,3 +214,13 @@ def test_backward_tiles_follow_the_pattern_blocks_and_the_override():
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in autotuner.configs] == list(
         tiles
     )
+
+
+def test_estimate_builds_no_autograd_graph():
+    """Estimating from q/k that require grad saves nothing for a backward pass."""
+    q, k, _ = random_qkv(1, 4, 2, 64, 64, 32, seed=13)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        sa.estimate(q.requires_grad_(), k.requires_grad_(), "xattention", block_q=16, block_k=16)
+        sa.estimate(q, k, "flexprefill", block_q=16, block_k=16)
+    assert saved == []
