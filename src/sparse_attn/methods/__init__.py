@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     block_topk,
     dense,
     flexprefill,
+    moba,
     power,
     proxyattn,
     random,

@@ -1,0 +1,120 @@
+"""MoBA: each query token routes to the key blocks whose mean key best matches it (Mixture of Block Attention).
+
+Paper: Enzhe Lu, Zhejun Jiang, Jingyuan Liu, Yulun Du, Tao Jiang, Chao Hong, Shaowei Liu,
+Weiran He, Enming Yuan, Yuzhi Wang, et al., "MoBA: Mixture of Block Attention for
+Long-Context LLMs", 2025, arXiv:2502.13189.
+
+Rule (paper, Section 2.2): the keys are cut into blocks of ``block_size`` tokens. A query token
+``q_t`` scores block ``i`` with the parameter-free gate ``s_i = q_t · mean(K[block i])`` and
+attends to the ``top_k`` blocks with the highest scores. Causality: blocks after the token's
+own block are never routed to (their score is ``-inf``), and every token is always routed to
+its own (current) block, inside which the causal mask applies token by token. The selection
+is per query token, so the pattern has ``block_q = 1`` and ``block_k = block_size``.
+
+Defaults: ``block_size=4096``, ``top_k=12``: the paper's long-context setting (Llama-8B
+continued to 1M tokens, Section 3.2, quoted there as 95.31% sparsity at 1M, i.e.
+``1 - 12 * 4096 / 2**20``) and the released implementation's defaults. The paper's
+scaling-law runs (Section 3.1) use ``block_size=512, top_k=3`` at 8K (81.25% sparsity,
+``1 - 3 * 512 / 8192``); pass those options to reproduce them.
+
+Choices where the paper leaves room:
+
+- ``top_k`` counts the own block, so a token keeps its own block plus the ``top_k - 1``
+  best-scoring earlier blocks. This is how the paper's sparsity figures above add up (they
+  count exactly ``top_k`` blocks per token); ``top_k=1`` is the own block alone. The own block
+  does not compete: it is kept whatever its score.
+- The gate is computed per query head with that head's own query (the paper's formula is per
+  head); with GQA the lists are not shared by the group, so ``kv_counts`` is ``(B, Hq, Sq)``.
+- Scores are unscaled float32 dot products (a positive scale cannot change a ranking); ties
+  are broken by ``torch.topk``'s order, which the paper does not fix.
+- A token with fewer than ``top_k - 1`` earlier blocks keeps all of them (the first blocks of
+  a sequence are dense, as in the paper's causal definition).
+- ``Sq < Sk``: queries are the last ``Sq`` positions, so query ``i`` sits at token
+  ``Sk - Sq + i`` and its own block is ``(Sk - Sq + i) // block_size``.
+- A last partial key block is mean-pooled over its real tokens. In causal mode only the own
+  block can be partial, so this matters only when ``causal=False``.
+- ``causal=False`` (not in the paper, which is causal): every block other than the own block
+  competes, earlier and later ones alike.
+- The API's ``block_q`` / ``block_k`` (128 by default, passed by ``sa.estimate``,
+  ``sa.sparse_attention`` and ``sa.patch`` for every method) are ignored: MoBA's granularity is
+  part of its rule, set by ``block_size``, and a pattern carries its own block sizes, which
+  every backend accepts. Raising on them instead would break pipelines that pass one block
+  size to every method.
+
+Operators: :func:`sparse_attn.ops.pooling.mean_pool_blocks` (keys pooled once,
+``(B, Hkv, n_blocks, D)``), :func:`sparse_attn.ops.gqa.grouped_matmul` (gates without
+expanding K), :func:`sparse_attn.ops.selection.topk_mask`, streamed over chunks of query
+tokens by :func:`sparse_attn.ops.to_pattern.stream_pattern`, so the gates held at once are a
+chunk's ``(B, Hq, tokens, n_blocks)``, never ``O(S^2)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..checks import check_int
+from ..ops.gqa import grouped_matmul
+from ..ops.pooling import mean_pool_blocks
+from ..ops.selection import topk_mask
+from ..ops.to_pattern import stream_pattern
+from ..pattern import BlockSparsePattern
+from ..registry import register_method
+
+
+@dataclass(frozen=True)
+class MobaConfig:
+    block_size: int = 4096
+    top_k: int = 12
+
+    def __post_init__(self) -> None:
+        check_int("block_size", self.block_size, minimum=1)
+        check_int("top_k", self.top_k, minimum=1)
+
+
+@register_method(
+    "moba",
+    config=MobaConfig,
+    paper="Lu et al. 2025, MoBA: Mixture of Block Attention for Long-Context LLMs (arXiv:2502.13189)",
+    summary="per query token: own key block + top-k of q·mean(key block) over earlier blocks (block_q=1)",
+)
+def estimate(
+    q: torch.Tensor, k: torch.Tensor, config: MobaConfig, *, causal: bool, block_q: int, block_k: int
+) -> BlockSparsePattern:
+    """Token-level pattern: ``block_q = 1``, ``block_k = config.block_size``; ``block_q``/``block_k`` are ignored.
+
+    q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)``; lists per query head, ``kv_counts`` int32
+    ``(B, Hq, Sq)``.
+    """
+    batch, q_heads, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    block_size = config.block_size
+    pooled_k = mean_pool_blocks(k, block_size)
+    n_blocks = pooled_k.shape[2]
+    columns = torch.arange(n_blocks, device=q.device)
+
+    def mask_rows(tokens: range) -> torch.Tensor:
+        positions = torch.arange(tokens.start, tokens.stop, device=q.device) + (seq_k - seq_q)
+        own = (positions // block_size)[:, None]
+        competing = columns < own if causal else columns != own
+        own_block = columns == own
+        if config.top_k == 1:
+            return own_block
+        gates = grouped_matmul(q[:, :, tokens.start : tokens.stop].float(), pooled_k)
+        gates = gates.masked_fill(~competing, float("-inf"))
+        # A token with fewer competitors than top_k - 1 may pick -inf entries; `competing` drops them.
+        return (topk_mask(gates, config.top_k - 1) & competing) | own_block
+
+    return stream_pattern(
+        mask_rows,
+        batch=batch,
+        heads=q_heads,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        block_q=1,
+        block_k=block_size,
+        causal=causal,
+        device=q.device,
+        row_elements=batch * q_heads * (n_blocks + dim),
+    )
