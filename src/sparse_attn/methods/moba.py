@@ -15,7 +15,10 @@ Defaults: ``block_size=4096``, ``top_k=12``: the paper's long-context setting (L
 continued to 1M tokens, Section 3.2, quoted there as 95.31% sparsity at 1M, i.e.
 ``1 - 12 * 4096 / 2**20``) and the released implementation's defaults. The paper's
 scaling-law runs (Section 3.1) use ``block_size=512, top_k=3`` at 8K (81.25% sparsity,
-``1 - 3 * 512 / 8192``); pass those options to reproduce them.
+``1 - 3 * 512 / 8192``); pass those options to reproduce them. (Unverified here: the stored
+copies of the paper reachable when this was written held its abstract and summaries only, so
+the section numbers and the two settings above are from the paper as remembered, and the
+4096 / 12 defaults as the released code's examples use them. Check them against the PDF.)
 
 Choices where the paper leaves room:
 
