@@ -46,15 +46,27 @@ def _attend_chunk(queries, k_blocks, v_blocks, batch_index, kv_head, indices, us
     block_k = k_blocks.shape[3]
     keys = k_blocks[batch_index, kv_head, indices].flatten(3, 4).to(dtype)
     values = v_blocks[batch_index, kv_head, indices].flatten(3, 4).to(dtype)
-    scores = torch.matmul(queries.to(dtype), keys.transpose(-1, -2)) * scale  # (B, h, c, bq, max_kv*bk)
+    # The scale goes on the query chunk, which is smaller than its scores by max_kv*bk / D.
+    scores = torch.matmul(queries.to(dtype) * scale, keys.transpose(-1, -2))  # (B, h, c, bq, max_kv*bk)
     key_pos = (indices[..., None] * block_k + torch.arange(block_k, device=indices.device)).flatten(3, 4)
     visible = used[..., None].expand(*used.shape, block_k).flatten(3, 4) & (key_pos < seq_k)
-    visible = visible[..., None, :]
-    if query_pos is not None:
-        visible = visible & (key_pos[..., None, :] <= query_pos[None, None, :, :, None])
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.exp(scores - lse[..., None]), values), lse
+    if query_pos is None:
+        hidden = ~visible[..., None, :]
+    else:
+        # One comparison covers causality and the slot/bounds rule: hidden keys sit past every query.
+        key_pos = torch.where(visible, key_pos, torch.iinfo(key_pos.dtype).max)
+        hidden = key_pos[..., None, :] > query_pos[None, None, :, :, None]
+    # In place: matmul keeps its inputs, not its output, for the backward pass.
+    scores.masked_fill_(hidden, float("-inf"))
+    # One max / exp / sum pass. The max only shifts the exponent (no gradient flows through it);
+    # an infinite max is replaced by 0 as torch.logsumexp does, so a row with no visible key gets
+    # lse = -inf and a NaN output (0 / 0), and a +inf score lse = +inf and a NaN output, as before.
+    shift = scores.detach().amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isinf(shift), 0.0, shift)
+    weights = scores.sub_(shift).exp_()
+    total = weights.sum(dim=-1, keepdim=True)
+    lse = (torch.log(total) + shift).squeeze(-1)
+    return torch.matmul(weights, values) / total, lse
 
 
 def forward(
