@@ -7,7 +7,7 @@ import time
 
 import torch
 
-__all__ = ["device_capability", "interpreting", "synchronized_now"]
+__all__ = ["device_capability", "dot_in_float32", "interpreting", "length_bucket", "synchronized_now"]
 
 
 def interpreting() -> bool:
@@ -25,3 +25,14 @@ def synchronized_now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def dot_in_float32(dtype: torch.dtype) -> bool:
+    """Whether Triton kernels take their products in float32 (IEEE) for inputs of ``dtype``:
+    float32 inputs always, and bfloat16 under the interpreter, whose bfloat16 ``dot`` is wrong."""
+    return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
+
+
+def length_bucket(length: int) -> int:
+    """``ceil(log2(length))``: the autotuning key that keeps long and short sequences apart."""
+    return max(length - 1, 1).bit_length()

@@ -44,7 +44,7 @@ import torch
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
 from ..plan import plan_for
-from ..utils import device_capability, interpreting
+from ..utils import device_capability, dot_in_float32, interpreting, length_bucket
 from . import configs
 from .launch import descriptor_compatible, ensure_scratch_allocator, launch_arguments
 from .triton_backward import backward  # noqa: F401  (this backend's backward entry point)
@@ -347,17 +347,17 @@ def forward(
     batch, q_heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
     out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse)
-    args += (max(seq_k - 1, 1).bit_length(), plan.work_bucket)  # the autotuning keys
+    args += (length_bucket(seq_k), plan.work_bucket)  # the autotuning keys
     is_float32 = q.dtype == torch.float32
-    dot_in_float32 = is_float32 or (interpreting() and q.dtype == torch.bfloat16)
+    use_float32_dot = dot_in_float32(q.dtype)
     constants = dict(
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
         CAUSAL=bool(causal),
         WRITE_LSE=bool(return_lse),
-        DOT_FP32=dot_in_float32,
-        PRECISION="ieee" if dot_in_float32 else "tf32",
+        DOT_FP32=use_float32_dot,
+        PRECISION="ieee" if use_float32_dot else "tf32",
         EVEN_K=seq_k % pattern.block_k == 0,
         EVEN_Q=seq_q % pattern.block_q == 0,
     )

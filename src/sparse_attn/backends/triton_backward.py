@@ -24,7 +24,7 @@ import torch
 
 from ..geometry import num_blocks
 from ..plan import BlockSparsePlan
-from ..utils import interpreting
+from ..utils import dot_in_float32, interpreting, length_bucket
 from . import configs
 from .launch import LOG2_E, allocate, block_list_strides
 
@@ -262,20 +262,20 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     )
 
     is_float32 = q.dtype == torch.float32
-    dot_in_float32 = is_float32 or (interpreting() and q.dtype == torch.bfloat16)
+    use_float32_dot = dot_in_float32(q.dtype)
     constants = dict(
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
         CAUSAL=bool(causal),
-        DOT_FP32=dot_in_float32,
-        PRECISION="ieee" if dot_in_float32 else "tf32",
+        DOT_FP32=use_float32_dot,
+        PRECISION="ieee" if use_float32_dot else "tf32",
     )
     # (batch, head, sequence) strides of q, k, v and dout, in the kernels' argument order.
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
     counts, indices = pattern.kv_counts.contiguous(), pattern.kv_indices.contiguous()
-    sizes = (seq_q, seq_k, scale, scale * LOG2_E, max(seq_k - 1, 1).bit_length())
+    sizes = (seq_q, seq_k, scale, scale * LOG2_E, length_bucket(seq_k))
     dkdv_args = (
         *(q, k, v, dout, lse, delta, dk, dv, q_counts, q_indices),
         *dk.stride()[:3],

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ...geometry import num_blocks
-from ...utils import interpreting
+from ...utils import dot_in_float32, interpreting, length_bucket
 from .._chunking import CHUNK_ELEMENTS
 from .._dispatch import device_unsupported_reason
 from ..block_rows import query_block_range
@@ -353,7 +353,7 @@ def cell_block_probs(
         cells_per_chunk = max(_CELL_UNIT, CHUNK_ELEMENTS // (batch * n_kv) // _CELL_UNIT * _CELL_UNIT)
     chunk_heads = max(1, min(q_heads, CHUNK_ELEMENTS // (batch * cells_per_chunk * n_kv)))
     is_float32 = q.dtype == torch.float32
-    dot_in_float32 = is_float32 or (interpreting() and q.dtype == torch.bfloat16)
+    use_float32_dot = dot_in_float32(q.dtype)
     constants = dict(
         HEAD_DIM=dim,
         STRIDE=stride,
@@ -362,8 +362,8 @@ def cell_block_probs(
         CELLS_PER_Q_BLOCK=cells_per_q_block,
         CELLS_PER_KV_BLOCK=cells_per_kv_block,
         CAUSAL=bool(causal),
-        DOT_FP32=dot_in_float32,
-        PRECISION="ieee" if dot_in_float32 else "tf32",
+        DOT_FP32=use_float32_dot,
+        PRECISION="ieee" if use_float32_dot else "tf32",
     )
     candidates = _FLOAT32_CONFIGS if is_float32 else tuple(SCORING_CONFIGS if configs is None else configs)
     # Blocks past a query block's causal extent are never written: they stay 0.
@@ -379,7 +379,7 @@ def cell_block_probs(
                 *k.stride()[:3],
                 *(head_start, heads, q_heads, q_heads // kv_heads),
                 *(q_len, seq_q, seq_k, q_cells, cell_start, cell_start + cells, cells_per_chunk, k_cells),
-                *(rows.start, rows.stop, n_kv, scale / stride * _LOG2_E, max(seq_k - 1, 1).bit_length()),
+                *(rows.start, rows.stop, n_kv, scale / stride * _LOG2_E, length_bucket(seq_k)),
             )
             if interpreting():
                 # One small tile; head_dim split in two steps (when it can be) to cover that path too.
