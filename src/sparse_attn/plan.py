@@ -17,6 +17,7 @@ the kernels need (FlashInfer's plan/run split, FlexAttention's full/partial bloc
 * ``work_bucket``: ``ceil(log2)`` of the mean number of kept blocks per query block, the
   autotuning key (and the Gluon dispatch rule) that keeps dense and sparse cases apart.
   Computed on first use (one host sync).
+* ``density``: the pattern's density in this mode, for dispatch rules. Computed on first use.
 * ``transposed``: per KV block, the query blocks whose lists hold it (``q_counts`` and
   ``q_indices``, int32, ascending), as the backward pass walks K/V blocks. Built on first use.
 
@@ -68,6 +69,11 @@ class BlockSparsePlan:
     def work_bucket(self) -> int:
         mean_blocks = float(self.pattern.kv_counts.float().mean())
         return max(math.ceil(mean_blocks) - 1, 1).bit_length()
+
+    @functools.cached_property
+    def density(self) -> float:
+        """The pattern's density in this mode (:meth:`BlockSparsePattern.density`; one host sync)."""
+        return self.pattern.density(causal=self.causal)
 
     @functools.cached_property
     def transposed(self) -> TransposedLists:

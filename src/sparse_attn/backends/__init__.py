@@ -14,7 +14,12 @@ Choice (:func:`resolve_backend`):
   seconds (tens of seconds with a cold compile cache), which a library called at many lengths
   pays again and again; the reference backend compiles nothing, so no call stalls.
   ``backend="flex"`` still runs FlexAttention on CPU for callers with fixed shapes.
+* ``auto`` on CUDA with FlashAttention-4 installed: ``flash4`` for the case classes (head_dim,
+  length, density, forward or training) where it was measured faster than our kernels
+  (:func:`.flash4.slower_than_ours_reason`); elsewhere the choice above.
 * ``gluon``: the Gluon kernel; where it cannot run, ``triton``, else ``flex``.
+* ``flash4``: FlashAttention-4 through FlexAttention's FLASH backend; where it cannot run
+  (not installed, not Hopper/Blackwell ...), ``gluon``, ``triton``, else ``flex``.
 * ``triton``, ``flex``, ``reference``: that backend.
 * A backend that cannot run the case falls back to the next one and finally to ``reference``
   with one warning naming why. Inputs that require grad count as part of the case: every
@@ -40,7 +45,7 @@ from .configs import kernel_configs
 
 __all__ = ["BACKENDS", "Backend", "get_backend", "kernel_configs", "resolve_backend", "run_backend"]
 
-BACKENDS = ("auto", "reference", "flex", "triton", "gluon")
+BACKENDS = ("auto", "reference", "flex", "triton", "gluon", "flash4")
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,27 @@ def _auto_skips_gluon(q, k, v, pattern: BlockSparsePattern, *, causal: bool) -> 
     return reason
 
 
+def _auto_kernel(q, k, v, pattern: BlockSparsePattern, *, causal: bool, needs_grad: bool) -> str | None:
+    """``auto``'s pick among the fast CUDA kernels (``flash4`` where installed and measured faster
+    for the case class, else ``gluon``), or ``None`` to try ``triton`` then ``flex``. Logged at debug level."""
+    flash4 = get_backend("flash4")
+    skipped = flash4.unsupported_reason(q, k, v, pattern, return_lse=False)
+    if skipped is None and needs_grad:
+        skipped = flash4.gradient_unsupported_reason(q)
+    if skipped is None:
+        skipped = flash4.slower_than_ours_reason(q, plan_for(pattern, causal=causal), needs_grad=needs_grad)
+    if skipped is None:
+        logger.debug("backend auto: flash4")
+        return "flash4"
+    logger.debug("backend auto: not flash4, %s", skipped)
+    skipped = _auto_skips_gluon(q, k, v, pattern, causal=causal)
+    if skipped is None:
+        logger.debug("backend auto: gluon")
+        return "gluon"
+    logger.debug("backend auto: not gluon, %s", skipped)
+    return None
+
+
 def resolve_backend(
     backend: str,
     q: torch.Tensor,
@@ -78,14 +104,14 @@ def resolve_backend(
         if q.device.type != "cuda":
             preferred = ("reference",)
         else:
-            skipped = _auto_skips_gluon(q, k, v, pattern, causal=causal)
-            if skipped is None:
-                logger.debug("backend auto: gluon")
-                return "gluon"
-            logger.debug("backend auto: not gluon, %s", skipped)
+            chosen = _auto_kernel(q, k, v, pattern, causal=causal, needs_grad=_needs_grad(q, k, v))
+            if chosen is not None:
+                return chosen
             preferred = ("triton", "flex")
     elif backend == "gluon":
         preferred = ("gluon", "triton", "flex")
+    elif backend == "flash4":
+        preferred = ("flash4", "gluon", "triton", "flex")
     else:
         preferred = (backend,)
     needs_grad = _needs_grad(q, k, v)

@@ -141,6 +141,24 @@ def forward(
     return_lse: bool = False,
 ):
     """Block-sparse attention through FlexAttention. Shapes as in :func:`sparse_attn.block_sparse_attention`."""
+    return attend(
+        q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse, kernel_options=_kernel_options(q, pattern)
+    )
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    *,
+    causal: bool,
+    scale: float,
+    return_lse: bool,
+    kernel_options: dict | None,
+):
+    """:func:`forward` with FlexAttention's ``kernel_options`` given (``{"BACKEND": "FLASH"}``
+    is the :mod:`.flash4` backend); the plan's ``BlockMask`` and the compiled function are shared."""
     expand = pattern.num_heads not in (1, q.shape[1])
     num_q_heads = q.shape[1] if expand else None
     # Built once per pattern and reused by later calls (building it costs a few kernels).
@@ -165,7 +183,7 @@ def forward(
                 scale=scale,
                 enable_gqa=group > 1,
                 return_lse=return_lse,
-                kernel_options=_kernel_options(q, pattern),
+                kernel_options=kernel_options,
             )
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         warnings.warn(
