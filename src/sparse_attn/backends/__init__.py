@@ -57,6 +57,14 @@ def get_backend(name: str) -> Backend:
     return importlib.import_module(f"{__name__}.{name}")
 
 
+def _backend_module(name: str, pattern: BlockSparsePattern):
+    """The module that runs backend ``name`` on ``pattern``: query blocks below 16 rows on the
+    ``triton`` backend go to the token-granular kernel (:mod:`.triton_tokens`)."""
+    if name == "triton" and pattern.block_q < 16:
+        return importlib.import_module(f"{__name__}.triton_tokens")
+    return get_backend(name)
+
+
 def _auto_skips_gluon(q, k, v, pattern: BlockSparsePattern, *, causal: bool) -> str | None:
     """Why ``auto`` does not run the Gluon kernel on this CUDA case, or ``None`` when it does."""
     gluon = get_backend("gluon")
@@ -117,7 +125,7 @@ def resolve_backend(
     needs_grad = _needs_grad(q, k, v)
     reasons = []
     for name in preferred:
-        module = get_backend(name)
+        module = _backend_module(name, pattern)
         reason = module.unsupported_reason(q, k, v, pattern, return_lse=return_lse)
         if reason is None and needs_grad:
             reason = module.gradient_unsupported_reason(q)
@@ -148,7 +156,7 @@ def run_backend(
 ):
     """Run backend ``name`` (a resolved name, not ``auto``) on a checked case; differentiable
     in q, k and v (kernel backends through :mod:`.autograd`, the others through autograd itself)."""
-    module = get_backend(name)
+    module = _backend_module(name, pattern)
     if _needs_grad(q, k, v) and hasattr(module, "backward"):
         return kernel_attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse, backend=module)
     return module.forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)

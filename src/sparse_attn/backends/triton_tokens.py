@@ -1,0 +1,367 @@
+"""Token-granular Triton forward: block-sparse attention for patterns with small query blocks.
+
+The block kernel (:mod:`.triton`) gives one program one query head and ``BLOCK_M >= 16`` rows
+of one query block, so it needs ``block_q >= 16``. Token-level selection (NSA, MoBA: one list
+per query token, ``block_q = 1``) and small query blocks run here instead, on the ``triton``
+backend (:mod:`sparse_attn.backends` routes every pattern with ``block_q < 16`` to this module).
+
+Group-centric packing (NSA's kernel idea). The rows of one ``tl.dot`` tile are the query heads
+that share one list and one KV head, times the tokens of a small query tile:
+
+* lists per KV head (``H == Hkv``) or shared (``H == 1``): the ``G = Hq / Hkv`` heads of a GQA
+  group share every list, so a program packs ``P`` of them (``P = G`` when ``G * block_q <= 64``,
+  else the largest divisor of ``G`` that fits) times ``T`` tokens; each selected KV block is then
+  loaded once for the ``P`` heads. With ``block_q = 1`` and ``G = 16`` (NSA's 64/4 heads) a tile
+  is 16 heads of one token.
+* lists per query head (``H == Hq``, e.g. ``moba``): ``P = 1``; the rows are ``T`` consecutive
+  tokens of one head.
+
+``T`` (the query tile, a whole number of query blocks) is chosen so that ``P * T >= 16`` rows
+(a ``tl.dot`` needs 16): ``T = block_q * max(1, 16 // (P * block_q))``, padded up to a power of
+two. When a tile holds several query blocks, their lists differ: the program walks the sorted
+*union* of the tile's lists, and a bitmask per union entry (bit ``i``: the tile's ``i``-th query
+block lists it) masks the rows whose own list lacks the block, token by token like the causal
+diagonal and the sequence end. A wider tile loads a KV block once for more tokens but computes
+the blocks only some of its rows list; 16 rows is the smallest tile, not a measured optimum
+(nothing here was timed on a GPU). The union lists and their transpose (per KV block, the tiles
+whose union holds it, with the same bitmask, for the dK/dV pass of
+:mod:`.triton_tokens_backward`) are built once per pattern in compressed-row form, so memory is
+O(kept entries), never O(S^2) (:class:`TokenLists`, cached on the pattern).
+
+Masks inside a block, token by token: the row's list (bitmask), the causal rule (key position
+<= query position), the sequence end, and the block end (``block_k`` need not be a multiple of
+the key step ``BLOCK_N``, nor a power of two: MoBA's ``block_size`` is any int).
+
+Non-finite values follow :func:`sparse_attn.block_sparse_attention`'s rule exactly: a NaN/Inf
+``v[j, d]`` reaches column ``d`` of the rows whose own list keeps ``j``'s block, not the other
+rows of the tile. Where a union entry is not listed by every row, the step reads V with
+non-finite values replaced by zero and marks column ``d`` NaN in the listing rows (a few
+elementwise operations on the V tile, only on such steps).
+
+Tuning: ``BLOCK_N``, warps and stages are autotuned (keyed by ``ceil(log2(seq_k))``, head_dim,
+block sizes and the row tile); under ``TRITON_INTERPRET=1`` one small configuration runs and
+bf16 products are taken in float32 (:func:`sparse_attn.utils.dot_in_float32`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..geometry import num_blocks
+from ..pattern import BlockSparsePattern
+from ..utils import dot_in_float32, interpreting, length_bucket
+from .launch import LOG2_E, allocate
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+name = "triton"
+
+# Rows of a tile: P heads x T tokens. 64 bounds P * block_q; 16 is the smallest tl.dot.
+MAX_PACKED_ROWS = 64
+MIN_ROWS = 16
+
+
+def unsupported_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool
+) -> str | None:
+    """Why the token-granular kernel cannot run this case, or ``None`` when it can."""
+    if triton is None:
+        return "triton is not installed (pip install 'sparse-attn[triton]')"
+    if q.device.type != "cuda" and not interpreting():
+        return f"the Triton kernel needs a CUDA device (got {q.device.type}; set TRITON_INTERPRET=1 to interpret it on CPU)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernel takes float16, bfloat16 or float32, not {q.dtype}"
+    dim = q.shape[-1]
+    if dim not in (16, 32, 64, 128, 256):
+        return f"the Triton kernel takes head_dim 16, 32, 64, 128 or 256, not {dim}"
+    if pattern.block_q > MAX_PACKED_ROWS:
+        return f"the token-granular Triton kernel takes block_q <= {MAX_PACKED_ROWS}, got {pattern.block_q}"
+    return None
+
+
+def gradient_unsupported_reason(q: torch.Tensor) -> str | None:
+    """``None``: :mod:`.triton_tokens_backward` differentiates every case the forward takes."""
+    return None
+
+
+@dataclass(frozen=True)
+class TokenTiling:
+    """How a program's rows are packed: ``heads`` query heads (sharing one list and one KV head)
+    times ``tile_tokens`` query tokens (``tile_blocks`` whole query blocks), padded to ``block_m``."""
+
+    heads: int
+    tile_blocks: int
+    tile_tokens: int
+    block_m: int
+
+
+def token_tiling(q_heads: int, kv_heads: int, pattern_heads: int, block_q: int) -> TokenTiling:
+    """The row packing for these head counts (see the module docstring)."""
+    group = q_heads // kv_heads
+    # Heads that share both a list and a KV head: the whole group unless lists are per query head.
+    sharing = group if q_heads // pattern_heads >= group else 1
+    heads = max(d for d in range(1, sharing + 1) if sharing % d == 0 and d * block_q <= MAX_PACKED_ROWS)
+    tile_blocks = max(1, MIN_ROWS // (heads * block_q))
+    tile_tokens = tile_blocks * block_q
+    block_m = max(MIN_ROWS, triton.next_power_of_2(heads * tile_tokens))
+    return TokenTiling(heads=heads, tile_blocks=tile_blocks, tile_tokens=tile_tokens, block_m=block_m)
+
+
+@dataclass(frozen=True)
+class TokenLists:
+    """Per (pattern batch, pattern head, query tile) the sorted union of the tile's lists, and its
+    transpose, in compressed-row form.
+
+    * ``offsets`` int64 ``(B * H * n_tiles + 1,)``; entries ``offsets[r]:offsets[r + 1]`` of
+      ``blocks`` (int32 KV block numbers, ascending) and ``bits`` (int32: bit ``i`` set when the
+      tile's ``i``-th query block lists the block) belong to row ``r = (b * H + h) * n_tiles + tile``.
+    * ``t_offsets`` int64 ``(B * H * n_kv_blocks + 1,)``; ``t_tiles`` (int32, ascending) and
+      ``t_bits`` for row ``(b * H + h) * n_kv_blocks + kv_block``: the tiles whose union holds it.
+    """
+
+    offsets: torch.Tensor
+    blocks: torch.Tensor
+    bits: torch.Tensor
+    t_offsets: torch.Tensor
+    t_tiles: torch.Tensor
+    t_bits: torch.Tensor
+
+
+def _compressed_rows(rows: torch.Tensor, columns: torch.Tensor, bits: torch.Tensor, n_rows: int, n_columns: int):
+    """``(offsets, columns, bits)``: the unique (row, column) pairs sorted by row then column,
+    the bits of repeated pairs OR-ed (callers pass distinct bits per repeat, so a sum is an OR)."""
+    keys, inverse = torch.unique(rows * n_columns + columns, return_inverse=True)
+    merged = torch.zeros_like(keys).scatter_add_(0, inverse, bits)
+    counts = torch.bincount(keys // n_columns, minlength=n_rows)
+    offsets = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets, (keys % n_columns).to(torch.int32), merged.to(torch.int32)
+
+
+def token_lists(pattern: BlockSparsePattern, tile_blocks: int) -> TokenLists:
+    """The union lists of ``pattern`` for query tiles of ``tile_blocks`` blocks, built once and cached."""
+    key = ("token_lists", tile_blocks)
+    cached = pattern.cached_plan(key)
+    if cached is not None:
+        return cached
+    batch, heads, n_q, max_kv = pattern.kv_indices.shape
+    n_tiles, n_kv = num_blocks(n_q, tile_blocks), pattern.num_kv_blocks
+    used = torch.arange(max_kv, device=pattern.device) < pattern.kv_counts[..., None]
+    batch_head, q_block, slot = used.view(batch * heads, n_q, max_kv).nonzero(as_tuple=True)
+    kv_block = pattern.kv_indices.view(batch * heads, n_q, max_kv)[batch_head, q_block, slot].long()
+    bit = torch.ones_like(kv_block) << (q_block % tile_blocks)
+    offsets, blocks, bits = _compressed_rows(
+        batch_head * n_tiles + q_block // tile_blocks, kv_block, bit, batch * heads * n_tiles, n_kv
+    )
+    entry_row = torch.repeat_interleave(torch.arange(batch * heads * n_tiles, device=pattern.device), offsets.diff())
+    t_offsets, t_tiles, t_bits = _compressed_rows(
+        (entry_row // n_tiles) * n_kv + blocks.long(), entry_row % n_tiles, bits.long(), batch * heads * n_kv, n_tiles
+    )
+    return pattern.store_plan(key, TokenLists(offsets, blocks, bits, t_offsets, t_tiles, t_bits))
+
+
+def list_strides(pattern: BlockSparsePattern, rows_per_head: int) -> tuple[int, int]:
+    """Row strides of a compressed list per (batch, head): batch 0 when one pattern serves the batch."""
+    return (0 if pattern.batch == 1 else pattern.num_heads * rows_per_head), rows_per_head
+
+
+if triton is not None:
+
+    @triton.jit
+    def packed_rows(chunk, tile, seq_q, HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_Q: tl.constexpr):  # fmt: skip
+        """Per row of a tile: query head, query row, whether it exists, and its query block's bit
+        number in the tile (rows are ``HEADS`` heads x ``TILE_TOKENS`` tokens, head-major)."""
+        rows = tl.arange(0, BLOCK_M)
+        head_in_chunk = rows // TILE_TOKENS
+        token_in_tile = rows % TILE_TOKENS
+        token = tile * TILE_TOKENS + token_in_tile
+        valid = (head_in_chunk < HEADS) & (token < seq_q)
+        return chunk * HEADS + head_in_chunk, token, valid, token_in_tile // BLOCK_Q
+
+    @triton.jit
+    def _token_forward(
+        Q, K, V, Out, Lse, Offsets, Blocks, Bits,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_os,
+        list_stride_b, list_stride_h,
+        num_q_heads, group, pattern_head_divisor,
+        seq_q, seq_k, qk_scale,
+        seq_bucket,  # autotuning key only: ceil(log2(seq_k))
+        HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+        HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
+        EVEN_BLOCK: tl.constexpr = BLOCK_K % BLOCK_N == 0
+        chunks = num_q_heads // HEADS
+        batch = tl.program_id(0) // chunks
+        chunk = tl.program_id(0) % chunks
+        tile = tl.program_id(1)
+        head, token, valid, bit = packed_rows(chunk, tile, seq_q, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q)
+        first_head = chunk * HEADS
+        kv_head = first_head // group
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        query_pos = token + (seq_k - seq_q)
+
+        row_offset = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + token.to(tl.int64) * stride_qs
+        q = tl.load(Q + row_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+        list_row = batch * list_stride_b + (first_head // pattern_head_divisor) * list_stride_h
+        start = tl.load(Offsets + list_row + tile)
+        end = tl.load(Offsets + list_row + tile + 1)
+        # Bits of the query blocks this tile has rows in: an entry with all of them set is listed by every row.
+        tile_rows = tl.minimum(seq_q - tile * TILE_TOKENS, TILE_TOKENS)
+        all_bits = (1 << ((tile_rows + BLOCK_Q - 1) // BLOCK_Q)) - 1
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for entry in range(start, end):
+            kv_block = tl.load(Blocks + entry)
+            bits = tl.load(Bits + entry)
+            listed = valid & (((bits >> bit) & 1) != 0)
+            for sub in range(SUBTILES):
+                key_pos = kv_block * BLOCK_K + sub * BLOCK_N + offs_n
+                key_ok = key_pos < seq_k
+                if not EVEN_BLOCK:
+                    key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
+                k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+                v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+                if DOT_FP32:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                visible = listed[:, None] & key_ok[None, :]
+                if CAUSAL:
+                    visible = visible & (key_pos[None, :] <= query_pos[:, None])
+                scores = tl.where(visible, scores, float("-inf"))
+                # m in scaled log2 units; a row with nothing visible yet keeps m = -inf and
+                # subtracts 0 instead (no inf - inf).
+                m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(scores * qk_scale - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]
+                if bits == all_bits:
+                    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+                else:
+                    # Rows that do not list this block must not see its non-finite values
+                    # through their zero weights: read V with them zeroed, mark the listing rows.
+                    finite = tl.abs(v.to(tl.float32)) < float("inf")
+                    poisoned = tl.max(tl.where(finite, 0, 1), 0)
+                    acc = tl.dot(p.to(v.dtype), tl.where(finite, v, 0.0).to(v.dtype), acc, input_precision=PRECISION)
+                    acc = tl.where(listed[:, None] & (poisoned[None, :] > 0), float("nan"), acc)
+                m_i = m_new
+
+        out = acc / l_i[:, None]
+        out_offset = batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + token.to(tl.int64) * stride_os
+        tl.store(Out + out_offset[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=valid[:, None])
+        if WRITE_LSE:
+            # Natural-log units, like the block kernel's.
+            lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+            tl.store(Lse + (batch.to(tl.int64) * num_q_heads + head) * seq_q + token, lse, mask=valid)
+
+
+def block_n_candidates(block_k: int) -> tuple[int, ...]:
+    """Key steps worth trying: at most the block rounded up to a power of two (no step mostly past the block)."""
+    return tuple(n for n in (16, 32, 64, 128) if n <= max(16, triton.next_power_of_2(block_k)))
+
+
+@functools.cache
+def _autotuned_forward(block_k: int, is_float32: bool):
+    steps = block_n_candidates(block_k)
+    if is_float32:
+        steps = tuple(n for n in steps if n <= 64)
+    tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in (4, 8) for s in (2, 3)]
+    return triton.autotune(
+        configs=tuning,
+        key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "TILE_TOKENS", "BLOCK_M", "CAUSAL", "PRECISION"],
+    )(_token_forward)
+
+
+def launch_geometry(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern):
+    """``(tiling, lists, grid, shared)``: the row packing, the union lists, the forward / dQ grid
+    and the runtime arguments both take after their strides (list strides through the sizes)."""
+    batch, q_heads, seq_q, _ = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
+    lists = token_lists(pattern, tiling.tile_blocks)
+    n_tiles = num_blocks(seq_q, tiling.tile_tokens)
+    grid = (batch * (q_heads // tiling.heads), n_tiles)
+    shared = (
+        *list_strides(pattern, n_tiles),
+        *(q_heads, q_heads // kv_heads, q_heads // pattern.num_heads),
+        *(seq_q, seq_k),
+    )
+    return tiling, lists, grid, shared
+
+
+def kernel_constants(q: torch.Tensor, pattern: BlockSparsePattern, tiling: TokenTiling, *, causal: bool) -> dict:
+    """The constexpr arguments the forward and backward kernels share."""
+    use_float32_dot = dot_in_float32(q.dtype)
+    return dict(
+        HEAD_DIM=q.shape[-1],
+        BLOCK_Q=pattern.block_q,
+        BLOCK_K=pattern.block_k,
+        HEADS=tiling.heads,
+        TILE_TOKENS=tiling.tile_tokens,
+        BLOCK_M=tiling.block_m,
+        CAUSAL=bool(causal),
+        DOT_FP32=use_float32_dot,
+        PRECISION="ieee" if use_float32_dot else "tf32",
+    )
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    *,
+    causal: bool,
+    scale: float,
+    return_lse: bool = False,
+):
+    """Block-sparse attention with the token-granular kernel. Shapes as in
+    :func:`sparse_attn.block_sparse_attention`: ``out`` ``(B, Hq, Sq, D)`` in q's dtype and, with
+    ``return_lse``, the natural-log log-sum-exp, float32 ``(B, Hq, Sq)``."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    batch, q_heads, seq_q, dim = q.shape
+    tiling, lists, grid, shared = launch_geometry(q, k, pattern)
+    out = allocate((batch, q_heads, seq_q, dim), q.dtype, q.device)
+    lse = allocate((batch, q_heads, seq_q), torch.float32, q.device) if return_lse else out
+    args = (
+        *(q, k, v, out, lse, lists.offsets, lists.blocks, lists.bits),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:3],
+        *shared,
+        *(scale * LOG2_E, length_bucket(k.shape[2])),
+    )
+    constants = dict(kernel_constants(q, pattern, tiling, causal=causal), WRITE_LSE=bool(return_lse))
+    if interpreting():
+        _token_forward[grid](*args, BLOCK_N=16, **constants)
+    else:
+        _autotuned_forward(pattern.block_k, q.dtype == torch.float32)[grid](*args, **constants)
+    return (out, lse) if return_lse else out
+
+
+# Last: the backward module reads this module's helpers (packed_rows, launch_geometry).
+from .triton_tokens_backward import backward  # noqa: E402, F401  (this backend's backward entry point)

@@ -1,0 +1,272 @@
+"""Token-granular Triton backward: dQ, dK, dV for the patterns :mod:`.triton_tokens` runs.
+
+Three launches, deterministic (no float atomics anywhere):
+
+* delta: per query row ``rowsum(dO * O) - dLSE``, the block backward's own kernel
+  (:mod:`.triton_backward`), which knows nothing of blocks.
+* dQ: the forward's programs and row packing (query heads of a group x tokens of a query tile),
+  walking the tile's union list with the same per-row bitmask, causal and bounds masks. Each
+  selected K/V step is loaded once for the packed heads.
+* dK/dV: one program per (batch, KV head, step of ``BLOCK_N`` keys of one KV block). It walks the
+  transposed union list of its block (the query tiles whose union holds it, with their bitmasks)
+  for each set of packed heads of its group in turn, so dK and dV are summed over the whole GQA
+  group in registers, without expanding K/V: with lists per KV head or shared, one walk whose
+  tiles are the group's heads x tokens; with lists per query head, one walk per head.
+
+Probabilities are recomputed from the forward's log-sum-exp: ``P = exp(S * scale - lse)``,
+``dS = P * (dP - delta)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``, ``dV = P^T dO``. Steps
+wholly after a tile's last query (causal) are skipped: their probabilities are all zero.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..geometry import num_blocks
+from ..plan import BlockSparsePlan
+from ..utils import interpreting, length_bucket
+from .launch import LOG2_E, allocate
+from .triton_tokens import block_n_candidates, kernel_constants, launch_geometry, list_strides
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+if triton is not None:
+    from .triton_backward import _delta
+    from .triton_tokens import packed_rows
+
+    @triton.jit
+    def _token_dq(
+        Q, K, V, DOut, Lse, Delta, DQ, Offsets, Blocks, Bits,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_db, stride_dh, stride_ds,
+        stride_gb, stride_gh, stride_gs,
+        list_stride_b, list_stride_h,
+        num_q_heads, group, pattern_head_divisor,
+        seq_q, seq_k, scale, qk_scale,
+        seq_bucket,  # autotuning key only: ceil(log2(seq_k))
+        HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+        HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
+        EVEN_BLOCK: tl.constexpr = BLOCK_K % BLOCK_N == 0
+        chunks = num_q_heads // HEADS
+        batch = tl.program_id(0) // chunks
+        chunk = tl.program_id(0) % chunks
+        tile = tl.program_id(1)
+        head, token, valid, bit = packed_rows(chunk, tile, seq_q, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q)
+        first_head = chunk * HEADS
+        kv_head = first_head // group
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offset = seq_k - seq_q
+        query_pos = token + offset
+        last_query = tl.minimum(tile * TILE_TOKENS + TILE_TOKENS, seq_q) - 1 + offset
+
+        q_offset = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + token.to(tl.int64) * stride_qs
+        do_offset = batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh + token.to(tl.int64) * stride_ds
+        q = tl.load(Q + q_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        do = tl.load(DOut + do_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
+        lse = tl.load(Lse + row, mask=valid, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + row, mask=valid, other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+        list_row = batch * list_stride_b + (first_head // pattern_head_divisor) * list_stride_h + tile
+        start = tl.load(Offsets + list_row)
+        end = tl.load(Offsets + list_row + 1)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for entry in range(start, end):
+            kv_block = tl.load(Blocks + entry)
+            listed = valid & (((tl.load(Bits + entry) >> bit) & 1) != 0)
+            for sub in range(SUBTILES):
+                first_key = kv_block * BLOCK_K + sub * BLOCK_N
+                if first_key * CAUSAL <= last_query:
+                    key_pos = first_key + offs_n
+                    key_ok = key_pos < seq_k
+                    if not EVEN_BLOCK:
+                        key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
+                    k_rows = key_pos[:, None] * stride_ks + offs_d[None, :]
+                    k = tl.load(k_base + k_rows, mask=key_ok[:, None], other=0.0)
+                    v = tl.load(
+                        v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0
+                    )
+                    if DOT_FP32:
+                        k = k.to(tl.float32)
+                        v = v.to(tl.float32)
+                    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                    visible = listed[:, None] & key_ok[None, :]
+                    if CAUSAL:
+                        visible = visible & (key_pos[None, :] <= query_pos[:, None])
+                    p = tl.where(visible, tl.math.exp2(scores * qk_scale - lse[:, None]), 0.0)
+                    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                    ds = p * (dp - delta[:, None])
+                    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+        dq_offset = batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh + token.to(tl.int64) * stride_gs
+        tl.store(DQ + dq_offset[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=valid[:, None])
+
+    @triton.jit
+    def _token_dkdv(
+        Q, K, V, DOut, Lse, Delta, DK, DV, TOffsets, TTiles, TBits,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_db, stride_dh, stride_ds,
+        stride_gb, stride_gh, stride_gs,
+        list_stride_b, list_stride_h,
+        num_q_heads, group, pattern_head_divisor,
+        seq_q, seq_k, scale, qk_scale,
+        seq_bucket,  # autotuning key only: ceil(log2(seq_k))
+        HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+        HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
+        num_kv_heads = num_q_heads // group
+        batch = tl.program_id(0) // num_kv_heads
+        kv_head = tl.program_id(0) % num_kv_heads
+        kv_block = tl.program_id(1) // SUBTILES
+        first_key = kv_block * BLOCK_K + (tl.program_id(1) % SUBTILES) * BLOCK_N
+        in_block = (tl.program_id(1) % SUBTILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_pos = first_key + tl.arange(0, BLOCK_N)
+        key_ok = (key_pos < seq_k) & (in_block < BLOCK_K)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offset = seq_k - seq_q
+
+        k_offset = batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_offset = batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+        k = tl.load(K + k_offset + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(V + v_offset + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+        chunks_per_group = group // HEADS
+        for chunk_in_group in range(chunks_per_group):
+            chunk = kv_head * chunks_per_group + chunk_in_group
+            first_head = chunk * HEADS
+            list_row = batch * list_stride_b + (first_head // pattern_head_divisor) * list_stride_h + kv_block
+            start = tl.load(TOffsets + list_row)
+            end = tl.load(TOffsets + list_row + 1)
+            for entry in range(start, end):
+                tile = tl.load(TTiles + entry)
+                last_query = tl.minimum(tile * TILE_TOKENS + TILE_TOKENS, seq_q) - 1 + offset
+                # In causal mode a tile that ends before these keys start sees none of them.
+                if first_key * CAUSAL <= last_query:
+                    head, token, valid, bit = packed_rows(chunk, tile, seq_q, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q)
+                    listed = valid & (((tl.load(TBits + entry) >> bit) & 1) != 0)
+                    q_offset = (
+                        batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + token.to(tl.int64) * stride_qs
+                    )
+                    do_offset = (
+                        batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh + token.to(tl.int64) * stride_ds
+                    )
+                    q = tl.load(Q + q_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+                    do = tl.load(DOut + do_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+                    row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
+                    lse = tl.load(Lse + row, mask=valid, other=0.0) * 1.4426950408889634
+                    delta = tl.load(Delta + row, mask=valid, other=0.0)
+                    if DOT_FP32:
+                        q = q.to(tl.float32)
+                        do = do.to(tl.float32)
+                    scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (N, M)
+                    visible = key_ok[:, None] & listed[None, :]
+                    if CAUSAL:
+                        visible = visible & (key_pos[:, None] <= token[None, :] + offset)
+                    p_t = tl.where(visible, tl.math.exp2(scores_t * qk_scale - lse[None, :]), 0.0)
+                    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+                    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                    ds_t = p_t * (dp_t - delta[None, :])
+                    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+
+        # dK and dV are contiguous tensors of one shape: one set of strides.
+        gradient = batch.to(tl.int64) * stride_gb + kv_head.to(tl.int64) * stride_gh
+        gradient_rows = gradient + key_pos[:, None] * stride_gs + offs_d[None, :]
+        tl.store(DK + gradient_rows, (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+        tl.store(DV + gradient_rows, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@functools.cache
+def _autotuned(kind: str, block_k: int, is_float32: bool):
+    """The ``kind`` pass (``"dq"`` or ``"dkdv"``) autotuned over key steps, warps and stages."""
+    steps = block_n_candidates(block_k)
+    if is_float32:
+        steps = tuple(n for n in steps if n <= 64)
+    tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in (4, 8) for s in (1, 2)]
+    kernel = {"dq": _token_dq, "dkdv": _token_dkdv}[kind]
+    return triton.autotune(
+        configs=tuning,
+        key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "TILE_TOKENS", "BLOCK_M", "CAUSAL", "PRECISION"],
+    )(kernel)
+
+
+def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: float):
+    """``(dq, dk, dv)`` in the inputs' dtypes and shapes (dK/dV summed over each GQA group).
+
+    ``out`` and ``lse`` are the forward's output and natural-log log-sum-exp (float32
+    ``(B, Hq, Sq)``), ``dout`` the output's gradient, ``dlse`` the log-sum-exp's gradient or
+    ``None``. Gradients come from :func:`.launch.allocate`.
+    """
+    pattern, causal = plan.pattern, plan.causal
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    q, k, v, out, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, dout))
+    dq, dk, dv = (allocate(x.shape, x.dtype, x.device) for x in (q, k, v))
+    lse = lse.contiguous()
+    delta = torch.empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device)
+    delta_block = 64
+    _delta[(batch * q_heads, num_blocks(seq_q, delta_block))](
+        *(out, dout, dlse.contiguous() if dlse is not None else delta, delta),
+        *out.stride()[:3],
+        *dout.stride()[:3],
+        *(q_heads, seq_q),
+        HEAD_DIM=dim,
+        BLOCK=delta_block,
+        HAS_DLSE=dlse is not None,
+    )
+
+    tiling, lists, grid, shared = launch_geometry(q, k, pattern)
+    constants = kernel_constants(q, pattern, tiling, causal=causal)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    sizes = (*shared[2:], scale, scale * LOG2_E, length_bucket(seq_k))
+    dq_args = (
+        *(q, k, v, dout, lse, delta, dq, lists.offsets, lists.blocks, lists.bits),
+        *strides,
+        *dq.stride()[:3],
+        *shared[:2],
+        *sizes,
+    )
+    dkdv_args = (
+        *(q, k, v, dout, lse, delta, dk, dv, lists.t_offsets, lists.t_tiles, lists.t_bits),
+        *strides,
+        *dk.stride()[:3],
+        *list_strides(pattern, pattern.num_kv_blocks),
+        *sizes,
+    )
+
+    def dkdv_grid(meta):
+        return (batch * kv_heads, pattern.num_kv_blocks * num_blocks(pattern.block_k, meta["BLOCK_N"]))
+
+    if interpreting():
+        _token_dq[grid](*dq_args, BLOCK_N=16, **constants)
+        _token_dkdv[dkdv_grid({"BLOCK_N": 16})](*dkdv_args, BLOCK_N=16, **constants)
+    else:
+        is_float32 = q.dtype == torch.float32
+        _autotuned("dq", pattern.block_k, is_float32)[grid](*dq_args, **constants)
+        _autotuned("dkdv", pattern.block_k, is_float32)[dkdv_grid](*dkdv_args, **constants)
+    return dq, dk, dv
