@@ -104,8 +104,9 @@ def oracle(case: PagedCase, selected, counts, select_block: int, scale=None):
         length = int(case.seq_lens[b])
         mask = torch.zeros(kv_heads, length, dtype=torch.bool)
         for h in range(kv_heads):
-            for unit in selected[b, h, : int(counts[b, h])].tolist():
-                mask[h, unit * select_block : min(length, (unit + 1) * select_block)] = True
+            units = selected[b, h, : int(counts[b, h])].long().cpu()
+            positions = (units[:, None] * select_block + torch.arange(select_block)).reshape(-1)
+            mask[h, positions[positions < length]] = True
         k = case.keys[b].double().repeat_interleave(group, 0).cpu()
         v = case.values[b].double().repeat_interleave(group, 0).cpu()
         scores = torch.einsum("hd,hsd->hs", case.q[b].double().cpu(), k) * scale
