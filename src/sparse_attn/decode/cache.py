@@ -1,0 +1,249 @@
+"""A paged KV cache for sparse decode, with per-page key summaries kept up to date on append.
+
+One :class:`PagedKVCache` holds one attention layer's keys and values for a batch of sequences
+of different lengths, in the layout :func:`sparse_attn.ops.paged_decode.paged_decode` reads:
+
+* ``k_pages`` / ``v_pages`` ``(capacity, Hkv, P, D)``: a pool of pages of ``P`` tokens;
+  ``page_table`` ``(B, max_pages)`` int32 maps a sequence's logical page ``i`` (tokens
+  ``[i * P, (i + 1) * P)``) to its physical page; ``seq_lens`` ``(B,)`` int32. Pages are taken
+  from a free list as sequences grow and returned on :meth:`crop`; the pool grows (doubling)
+  when it runs out, or is sized once with ``capacity_tokens``.
+* Summaries per physical page and KV head, over the page's valid tokens:
+  ``key_min`` / ``key_max`` ``(capacity, Hkv, D)`` (Quest's per-channel bounds, in the keys'
+  dtype: exact), ``key_sum`` ``(capacity, Hkv, D)`` float32 (the mean key is
+  :meth:`page_key_means`: the float32 sum keeps it accurate over a page), and, once label
+  channels are set (Double Sparsity's offline calibration, :meth:`set_label_channels`), the
+  label cache ``labels`` ``(capacity, Hkv, P, r)``: each token's key at the ``r`` channels of
+  its KV head, in the keys' dtype (Double Sparsity also quantizes it to 4 bits; not done here).
+
+Summaries are updated incrementally on :meth:`append` (element-wise min/max and sums reduced
+into the touched pages: a decode step touches one page per sequence) and recomputed from the
+page's rows on :meth:`crop` for a page left partial (a minimum cannot be decremented).
+
+Memory overhead of the summaries per page and KV head, with ``s`` bytes per key element:
+``2·D·s`` (min, max) + ``4·D`` (float32 sum) + ``P·r·s`` (labels, if calibrated), against
+``2·P·D·s`` for the page's keys and values: a fraction ``(1 + 2/s)/P + r/(2·D)``. For bf16
+(``s = 2``) at ``P = 16``, ``D = 128``: 12.5 % without labels, 18.75 % with ``r = 16``.
+
+Host state: each sequence's length is also kept on the host (the caller appends known token
+counts), so appends and crops never wait on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checks import check_int
+
+__all__ = ["PagedKVCache"]
+
+
+class PagedKVCache:
+    """One layer's paged KV cache for ``batch`` sequences (see the module docstring for the layout).
+
+    Args:
+        batch: number of sequences.
+        kv_heads, head_dim: the layer's KV heads and head size; appends must match them.
+        page_size: tokens per page ``P`` (16, 32, 64 are the measured choices; any >= 1 works).
+        dtype, device: of keys and values.
+        capacity_tokens: pages to allocate up front, in tokens (default: grow on demand).
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        page_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        capacity_tokens: int | None = None,
+    ) -> None:
+        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("page_size", page_size)):
+            check_int(name, value)
+        check_int("capacity_tokens", capacity_tokens, minimum=0, allow_none=True)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.batch, self.kv_heads, self.head_dim, self.page_size = batch, kv_heads, head_dim, page_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.lengths: list[int] = [0] * batch
+        self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.page_table = torch.zeros((batch, 1), dtype=torch.int32, device=self.device)
+        self.label_channels: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self._pages: list[list[int]] = [[] for _ in range(batch)]
+        self._free: list[int] = []
+        self.capacity = 0
+        self.k_pages = self._empty_pages(0)
+        self.v_pages = self._empty_pages(0)
+        self.key_min = self._empty_summary(0, self.dtype)
+        self.key_max = self._empty_summary(0, self.dtype)
+        self.key_sum = self._empty_summary(0, torch.float32)
+        self._grow(-(-(capacity_tokens or 0) // page_size))
+
+    # ----------------------------------------------------------------------------- storage
+    def _empty_pages(self, count: int) -> torch.Tensor:
+        return torch.zeros((count, self.kv_heads, self.page_size, self.head_dim), dtype=self.dtype, device=self.device)
+
+    def _empty_summary(self, count: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros((count, self.kv_heads, self.head_dim), dtype=dtype, device=self.device)
+
+    def _grow(self, pages: int) -> None:
+        """Add ``pages`` physical pages to the pool (and to the free list)."""
+        if pages <= 0:
+            return
+        extend = {
+            "k_pages": self._empty_pages(pages),
+            "v_pages": self._empty_pages(pages),
+            "key_min": self._empty_summary(pages, self.dtype),
+            "key_max": self._empty_summary(pages, self.dtype),
+            "key_sum": self._empty_summary(pages, torch.float32),
+        }
+        if self.labels is not None:
+            extend["labels"] = self.labels.new_zeros((pages, *self.labels.shape[1:]))
+        for name, extra in extend.items():
+            setattr(self, name, torch.cat([getattr(self, name), extra]))
+        # Lowest page ids first, so a fresh cache fills pages in order.
+        self._free.extend(range(self.capacity + pages - 1, self.capacity - 1, -1))
+        self.capacity += pages
+
+    def _take_page(self) -> int:
+        if not self._free:
+            self._grow(max(self.capacity, 1))
+        page = self._free.pop()
+        # A fresh page summarizes no token yet: the identities of min, max and sum.
+        self.key_min[page] = float("inf")
+        self.key_max[page] = float("-inf")
+        self.key_sum[page] = 0.0
+        return page
+
+    def _sync_page_table(self) -> None:
+        width = max(1, max(len(pages) for pages in self._pages))
+        table = torch.zeros((self.batch, width), dtype=torch.int32)
+        for b, pages in enumerate(self._pages):
+            table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        self.page_table = table.to(self.device)
+        self.seq_lens = torch.tensor(self.lengths, dtype=torch.int32).to(self.device)
+
+    # ----------------------------------------------------------------------------- updates
+    def check_compatible(self, name: str, x: torch.Tensor) -> None:
+        """Raise naming ``name`` unless ``x`` is ``(B, Hkv, T, D)`` in this cache's dtype and device."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        expected = (self.batch, self.kv_heads, self.head_dim)
+        if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3]) != expected:
+            raise ValueError(
+                f"{name} must be (batch, kv_heads, tokens, head_dim) = ({self.batch}, {self.kv_heads}, T, "
+                f"{self.head_dim}) to fit this cache (a cache from another model or layer?), got {tuple(x.shape)}"
+            )
+        if x.dtype != self.dtype:
+            raise TypeError(f"{name} must have the cache's dtype {self.dtype}, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"{name} must be on the cache's device {self.device}, got {x.device}")
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int] | None = None) -> None:
+        """Append tokens: ``k`` / ``v`` ``(B, Hkv, T, D)``; sequence ``b`` takes its first ``lengths[b]``
+        (default ``T``) tokens, after its current last token (a prefill chunk or one decode token)."""
+        self.check_compatible("k", k)
+        self.check_compatible("v", v)
+        if v.shape != k.shape:
+            raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        tokens = k.shape[2]
+        lengths = [tokens] * self.batch if lengths is None else list(lengths)
+        if len(lengths) != self.batch:
+            raise ValueError(f"lengths must have one entry per sequence ({self.batch}), got {len(lengths)}")
+        for n in lengths:
+            check_int("lengths[i]", n, minimum=0)
+            if n > tokens:
+                raise ValueError(f"lengths[i] must be <= the {tokens} tokens given, got {n}")
+        sequences, offsets, positions = [], [], []
+        for b, n in enumerate(lengths):
+            start = self.lengths[b]
+            while len(self._pages[b]) * self.page_size < start + n:
+                self._pages[b].append(self._take_page())
+            sequences.append(torch.full((n,), b, dtype=torch.long))
+            offsets.append(torch.arange(n))
+            positions.append(torch.arange(start, start + n))
+            self.lengths[b] = start + n
+        self._sync_page_table()
+        sequence = torch.cat(sequences).to(self.device)
+        token = torch.cat(offsets).to(self.device)
+        position = torch.cat(positions).to(self.device)
+        physical = self.page_table[sequence, position // self.page_size].long()
+        row = position % self.page_size
+        keys = k[sequence, :, token]  # (N, Hkv, D)
+        self.k_pages[physical, :, row] = keys
+        self.v_pages[physical, :, row] = v[sequence, :, token]
+        self._reduce_into(physical, row, keys)
+
+    def _reduce_into(self, physical: torch.Tensor, row: torch.Tensor, keys: torch.Tensor) -> None:
+        """Fold the keys written at (``physical``, ``row``) into their pages' summaries."""
+        index = physical[:, None, None].expand_as(keys)
+        self.key_min.scatter_reduce_(0, index, keys, "amin")
+        self.key_max.scatter_reduce_(0, index, keys, "amax")
+        self.key_sum.index_add_(0, physical, keys.float())
+        if self.labels is not None:
+            self.labels[physical, :, row] = self._label_values(keys)
+
+    def _label_values(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys`` ``(..., Hkv, D)`` at each head's label channels: ``(..., Hkv, r)``."""
+        channels = self.label_channels.expand(*keys.shape[:-2], *self.label_channels.shape)
+        return torch.gather(keys, -1, channels)
+
+    def crop(self, max_length: int) -> None:
+        """Keep each sequence's first ``max_length`` tokens (shorter ones unchanged); free pages past them."""
+        check_int("max_length", max_length, minimum=0)
+        partial = []
+        for b in range(self.batch):
+            if self.lengths[b] <= max_length:
+                continue
+            self.lengths[b] = max_length
+            keep = -(-max_length // self.page_size)
+            self._free.extend(reversed(self._pages[b][keep:]))
+            del self._pages[b][keep:]
+            if max_length % self.page_size:
+                partial.append((self._pages[b][-1], max_length % self.page_size))
+        self._sync_page_table()
+        for page, rows in partial:
+            self.key_min[page] = float("inf")
+            self.key_max[page] = float("-inf")
+            self.key_sum[page] = 0.0
+            row = torch.arange(rows, device=self.device)
+            physical = torch.full_like(row, page)
+            self._reduce_into(physical, row, self.k_pages[page].transpose(0, 1)[:rows])
+
+    def set_label_channels(self, channels: torch.Tensor) -> None:
+        """Double Sparsity's calibrated label channels, int64 ``(Hkv, r)``; builds the label cache of the tokens held."""
+        if not isinstance(channels, torch.Tensor) or channels.dtype not in (torch.int32, torch.int64):
+            raise TypeError("channels must be an integer torch.Tensor of shape (kv_heads, r)")
+        if channels.dim() != 2 or channels.shape[0] != self.kv_heads or channels.shape[1] == 0:
+            raise ValueError(f"channels must have shape ({self.kv_heads}, r) with r >= 1, got {tuple(channels.shape)}")
+        if bool(((channels < 0) | (channels >= self.head_dim)).any()):
+            raise ValueError(f"channels must lie in [0, {self.head_dim}), got {channels.min()}..{channels.max()}")
+        self.label_channels = channels.to(device=self.device, dtype=torch.int64)
+        # (capacity, P, Hkv, D) view of the keys, so the gather sees (..., Hkv, D).
+        self.labels = self._label_values(self.k_pages.transpose(1, 2)).transpose(1, 2).contiguous()
+
+    # ----------------------------------------------------------------------------- reads
+    def page_key_means(self) -> torch.Tensor:
+        """Mean key of each physical page's valid tokens, float32 ``(capacity, Hkv, D)`` (0 for free pages)."""
+        fill = torch.zeros(self.capacity)
+        for b, pages in enumerate(self._pages):
+            for i, page in enumerate(pages):
+                fill[page] = min(self.page_size, self.lengths[b] - i * self.page_size)
+        return self.key_sum / fill.clamp(min=1).to(self.device)[:, None, None]
+
+    def num_pages(self) -> list[int]:
+        """Logical pages each sequence uses."""
+        return [len(pages) for pages in self._pages]
+
+    def sequence(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence ``b``'s keys and values in order, each ``(Hkv, lengths[b], D)`` (a copy)."""
+        pages = torch.tensor(self._pages[b], dtype=torch.long, device=self.device)
+        length = self.lengths[b]
+
+        def read(pool: torch.Tensor) -> torch.Tensor:
+            return pool[pages].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[:, :length]
+
+        return read(self.k_pages), read(self.v_pages)
