@@ -5,7 +5,9 @@ blocks, one list per KV head) at densities 0.05 / 0.1 / 0.2 / 0.5 plus dense; he
 at 8K-128K, and head_dim 64 and 256 at 32K. Columns: the ``auto`` backend as users get it (on
 Hopper the Gluon kernel where it applies, else the Triton kernel; the row's ``auto_backend``
 says which; ``--kernels both`` times ``backend="gluon"`` and ``backend="triton"`` separately)
-and FlexAttention on the same pattern, dense SDPA with cuDNN and with FlashAttention, the first
+and FlexAttention on the same pattern (where FlashAttention-4 is installed, also the ``flash4``
+backend: FlexAttention's FLASH backend on the same pattern, and FA4's dense kernel), dense SDPA
+with cuDNN and with FlashAttention, the first
 column's throughput over the pairs it computes, and speedups against cuDNN. A backend that
 cannot run a case (the Gluon kernel off Hopper, say) shows ``-`` and its reason. Medians from
 ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/kernels.json``.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_attn.backends import kernel_configs
+from sparse_attn.backends import flash4, kernel_configs
 from sparse_attn.bench import (
     KernelCase,
     device_slug,
@@ -55,6 +57,12 @@ def main() -> None:
         help="auto: the auto backend as users get it; both: the gluon (Hopper) and triton backends side by side",
     )
     parser.add_argument(
+        "--gluon-descriptors",
+        choices=("auto", "device"),
+        default="auto",
+        help="the Gluon kernel's TMA descriptors: made once at launch where they apply (auto), or per program (device)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)"
     )
     args = parser.parse_args()
@@ -69,10 +77,15 @@ def main() -> None:
         KernelCase(seq=args.extra_length, head_dim=dim, densities=tuple(args.densities)) for dim in args.extra_dims
     ]
     backends = ("gluon", "triton", "flex") if args.kernels == "both" else ("auto", "flex")
-    columns = kernel_columns(backends, ("sdpa-cudnn", "sdpa-flash"))
+    dense_names = ("sdpa-cudnn", "sdpa-flash")
+    if flash4.installed() is None:  # FlashAttention-4: FlexAttention's FLASH backend, and its dense kernel
+        backends += ("flash4",)
+        dense_names += ("fa4-dense",)
+    columns = kernel_columns(backends, dense_names)
     rows = []
     for case in cases:
-        with kernel_configs(triton_loads=loads):
+        host_descriptors = None if args.gluon_descriptors == "auto" else False
+        with kernel_configs(triton_loads=loads, gluon_host_descriptors=host_descriptors):
             case_rows = run_kernel_case(case, backends, device)
         torch.cuda.empty_cache()  # the case's tensors are gone: return their memory before the next length
         rows += case_rows
@@ -84,7 +97,15 @@ def main() -> None:
     print(format_table(rows, columns))
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "kernels.json"
     write_results(
-        rows, out, {"benchmark": "kernels", "loads": args.loads, "kernels": args.kernels, **environment(device)}
+        rows,
+        out,
+        {
+            "benchmark": "kernels",
+            "loads": args.loads,
+            "kernels": args.kernels,
+            "gluon_descriptors": args.gluon_descriptors,
+            **environment(device),
+        },
     )
     print(f"wrote {out}")
 

@@ -7,7 +7,10 @@ out.backward(dout)`` with gradients for q, k and v (reset between calls). Column
 backends (``auto``: on Hopper the Gluon forward with the Triton backward; ``triton``: the
 Triton forward and backward), FlexAttention on the same pattern (its own backward), dense
 SDPA with cuDNN and with FlashAttention on K/V expanded to the query heads (the expansion
-outside the timing), and the forward alone of our ``auto`` backend. Medians from
+outside the timing), and the forward alone of our ``auto`` backend. Where FlashAttention-4 is
+installed: the ``flash4`` backend (FlexAttention's FLASH backend on the same pattern, FA4's own
+backward; refused below head_dim 128 on sm_90, see :mod:`sparse_attn.backends.flash4`) and
+FA4's dense kernel forward + backward. Medians from
 ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/training.json``.
 
     python benchmarks/training.py
@@ -24,11 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from sparse_attn import block_sparse_attention, dense_pattern, random_pattern
+from sparse_attn.backends import flash4
 from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
 
 
 def _forward_backward(attention, q, k, v, dout):
     out = attention(q, k, v)
+    out.backward(dout)
+
+
+def _fa4_forward_backward(q, k, v, dout):
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(q, k, v, causal=True)
+    out = out[0] if isinstance(out, tuple) else out
     out.backward(dout)
 
 
@@ -57,6 +69,9 @@ def run_case(seq: int, head_dim: int, densities, backends, device, *, q_heads=32
     for name, choice in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
         run = partial(_forward_backward, partial(_sdpa, choice), q, k_full, v_full, dout)
         dense[name] = measure(run, device)
+    if flash4.installed() is None:  # FA4's dense kernel, its own layout made outside the timing
+        q_t, k_t, v_t = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        dense["fa4-dense"] = measure(partial(_fa4_forward_backward, q_t, k_t, v_t, dout.transpose(1, 2)), device)
     rows = []
     for density in densities:
         pattern = (
@@ -66,6 +81,10 @@ def run_case(seq: int, head_dim: int, densities, backends, device, *, q_heads=32
         )
         row = {"seq": seq, "head_dim": head_dim, "density": round(pattern.density(), 4), "errors": {}}
         for backend in backends:
+            refused = flash4.gradient_unsupported_reason(q) if backend == "flash4" else None
+            if refused:  # it would fall back to another backend: timing that under this name would mislead
+                row[f"{backend}_ms"], row["errors"][backend] = None, f"refused: {refused}"
+                continue
             attention = partial(block_sparse_attention, pattern=pattern, backend=backend)
             row[f"{backend}_ms"], error = measure(partial(_forward_backward, attention, q, k, v, dout), device)
             if error:
@@ -92,6 +111,7 @@ def _columns(backends):
     columns = [("seq", "seq", "d"), ("head_dim", "dim", "d"), ("density", "density", ".3f")]
     columns += [(f"{name}_ms", f"{name} fwd+bwd ms", ".2f") for name in backends]
     columns += [("sdpa-cudnn_ms", "cuDNN dense fwd+bwd ms", ".2f"), ("sdpa-flash_ms", "flash dense fwd+bwd ms", ".2f")]
+    columns += [("fa4-dense_ms", "FA4 dense fwd+bwd ms", ".2f")]
     columns += [("auto_forward_ms", "auto fwd ms", ".2f"), ("auto_vs_ideal", "auto / (density x cuDNN)", ".2f")]
     columns += [("auto_speedup_vs_flex", "auto vs flex (x faster)", ".2f")]
     return columns
@@ -109,6 +129,8 @@ def main() -> None:
     device = torch.device("cuda")
     cases = [(seq, 128) for seq in args.lengths] + [(args.extra_length, dim) for dim in args.extra_dims]
     backends = tuple(args.backends)
+    if flash4.installed() is None and "flash4" not in backends:
+        backends += ("flash4",)
     print(format_table([], _columns(backends)), flush=True)
     rows = []
     for seq, dim in cases:

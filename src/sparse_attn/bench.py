@@ -113,7 +113,24 @@ def dense_baselines(q, k, v, device) -> dict[str, Callable[[], object]]:
 
         return run
 
-    return {name: runner(choice) for name, choice in choices.items()}
+    baselines = {name: runner(choice) for name, choice in choices.items()}
+    fa4 = fa4_dense(q, k, v)
+    if fa4 is not None:
+        baselines["fa4-dense"] = fa4
+    return baselines
+
+
+def fa4_dense(q, k, v, *, causal: bool = True) -> Callable[[], object] | None:
+    """FlashAttention-4's dense kernel called directly (its ``(B, S, H, D)`` layout made outside
+    the timing; GQA native), or ``None`` where the flash4 backend's pieces are not installed."""
+    from .backends import flash4
+
+    if q.device.type != "cuda" or flash4.installed() is not None:
+        return None
+    from flash_attn.cute import flash_attn_func
+
+    q_t, k_t, v_t = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    return partial(flash_attn_func, q_t, k_t, v_t, causal=causal)
 
 
 def measure(fn, device) -> tuple[float | None, str | None]:

@@ -38,10 +38,21 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
         }
     )
     signature.update({name: "i64" for name in kernel.arg_names if name.startswith("stride_") and name[-1] in "bh"})
-    values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True, WRITE_LSE=False, EVEN_K=True, EVEN_Q=True)
+    values = dict(
+        HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True, WRITE_LSE=False, EVEN_K=True, EVEN_Q=True, HOST_DESC=False
+    )
     values.update(constants)
     values["BLOCK_N"] = configs.gluon_block_n(values["BLOCK_K"])
     values["STAGES"] = configs.gluon_stages(values["HEAD_DIM"], values["BLOCK_N"])
+    if values["HOST_DESC"]:  # launch-made descriptors, typed as the launcher would type them
+        from triton.experimental.gluon import language as gl
+
+        element = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+        for name, rows in (("QDesc", 128), ("KDesc", values["BLOCK_N"]), ("VDesc", values["BLOCK_N"])):
+            layout = gl.NVMMASharedLayout.get_default_for([rows, values["HEAD_DIM"]], element)
+            signature[name] = f"tensordesc<{dtype}[{rows}, {values['HEAD_DIM']}],{layout!r}>"
+    else:
+        values.update(QDesc=None, KDesc=None, VDesc=None)
     signature.update({name: "constexpr" for name in values})
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=values)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -48,6 +48,8 @@ VARIANTS = [
     dict(BLOCK_K=64, EVEN_K=False, EVEN_Q=False),
     dict(BLOCK_Q=256, BLOCK_K=256, WRITE_LSE=True, EVEN_K=False),
     dict(dtype="fp16", HEAD_DIM=64, BLOCK_K=64, CAUSAL=False, EVEN_K=False, EVEN_Q=False),
+    dict(HOST_DESC=True),
+    dict(dtype="fp16", HEAD_DIM=64, BLOCK_K=64, HOST_DESC=True, WRITE_LSE=True, EVEN_Q=False),
 ]
 
 
@@ -222,3 +224,51 @@ def test_both_kernels_take_the_same_leading_arguments():
     plan = plan_for(sa.dense_pattern(seq_q=100), causal=True)
     out, lse, args = launch.launch_arguments(q, k, v, plan, scale=0.1, return_lse=False)
     assert len(args) == len(shared) and args[3] is out and lse is out
+
+
+def test_host_descriptors_only_for_contiguous_inputs_with_whole_key_blocks():
+    q, k, v = (torch.zeros(2, 4, 512, 128, dtype=torch.bfloat16) for _ in range(3))
+    pattern = sa.dense_pattern(seq_q=512)
+    assert gluon_backend.uses_host_descriptors(q, k, v, pattern)
+    with sa.backends.kernel_configs(gluon_host_descriptors=False):
+        assert not gluon_backend.uses_host_descriptors(q, k, v, pattern)
+    assert not gluon_backend.uses_host_descriptors(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, pattern)
+    short = (x[:, :, :500] for x in (q, k, v))
+    assert not gluon_backend.uses_host_descriptors(*(x.contiguous() for x in short), sa.dense_pattern(seq_q=500))
+    with pytest.raises(TypeError, match="gluon_host_descriptors must be a bool"):
+        with sa.backends.kernel_configs(gluon_host_descriptors=1):
+            pass
+
+
+@pytest.mark.gpu
+@needs_gluon
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 8, 2, 1000, 1024, 128, 128, 128), (3, 6, 3, 777, 2048, 64, 128, 64), (1, 32, 8, 4096, 4096, 128, 128, 128)],
+    ids=str,
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_host_and_device_descriptors_compute_the_same(shape, causal, poison_outputs):
+    """Launch-made descriptors over the flattened tensors read the same tiles as per-program ones:
+    identical outputs, including a last query tile that reads into the next head's rows."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper")
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (
+        torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+        for heads, seq in ((q_heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))
+    )
+    pattern = sa.random_pattern(
+        batch=batch, heads=kv_heads, seq_q=seq_q, seq_k=seq_k, density=0.3, seed=3,
+        block_q=block_q, block_k=block_k, causal=causal, device="cuda",
+    )  # fmt: skip
+    assert gluon_backend.uses_host_descriptors(q, k, v, pattern)
+    host, host_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="gluon", return_lse=True)
+    with sa.backends.kernel_configs(gluon_host_descriptors=False):
+        device, device_lse = sa.block_sparse_attention(
+            q, k, v, pattern, causal=causal, backend="gluon", return_lse=True
+        )
+    assert torch.equal(host, device) and torch.equal(host_lse, device_lse)
+    ref = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
+    assert relative_error(host, ref) <= TOLERANCE[torch.bfloat16]

@@ -103,13 +103,16 @@ class KernelConfigs:
     divide the pattern's blocks are dropped). ``triton_backward_tiles``: the same for both
     backward passes. ``triton_loads``: the Triton load modes to autotune
     over, a subset of :data:`LOAD_MODES`, for 16-bit inputs (``"tma"`` only where it is offered).
-    ``gluon_stages``: the Gluon K/V ring depth.
+    ``gluon_stages``: the Gluon K/V ring depth. ``gluon_host_descriptors``: ``False`` makes the
+    Gluon kernel build its TMA descriptors per program on the device even where launch-made ones
+    apply (:func:`sparse_attn.backends.gluon.uses_host_descriptors`).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
     triton_backward_tiles: tuple[Tile, ...] | None = None
     triton_loads: tuple[str, ...] | None = None
     gluon_stages: int | None = None
+    gluon_host_descriptors: bool | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -130,6 +133,7 @@ def kernel_configs(
     triton_backward_tiles: Sequence[Tile] | None = None,
     triton_loads: Sequence[str] | None = None,
     gluon_stages: int | None = None,
+    gluon_host_descriptors: bool | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -152,6 +156,10 @@ def kernel_configs(
         ):
             raise ValueError(f"gluon_stages must be an int in [2, {GLUON_MAX_STAGES}], got {gluon_stages!r}")
         changes["gluon_stages"] = gluon_stages
+    if gluon_host_descriptors is not None:
+        if not isinstance(gluon_host_descriptors, bool):
+            raise TypeError(f"gluon_host_descriptors must be a bool, got {gluon_host_descriptors!r}")
+        changes["gluon_host_descriptors"] = gluon_host_descriptors
     token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **changes))
     try:
         yield _CURRENT.get()

@@ -113,22 +113,32 @@ if gluon is not None:
     @gluon.jit
     def _producer(
         q_base, k_base, v_base, stride_qs, stride_ks, stride_vs, seq_q, seq_k, row_start, index_base, n_steps,
-        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
+        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, QDesc, KDesc, VDesc, q_row0, kv_row0,
         HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        HOST_DESC: gl.constexpr,
     ):  # fmt: skip
-        """One warp: TMA loads of the query tile, then K and V tiles of every listed block."""
+        """One warp: TMA loads of the query tile, then K and V tiles of every listed block.
+
+        ``HOST_DESC``: read through the launch's descriptors over the flattened ``(B*H*S, D)``
+        tensors, at rows ``q_row0`` / ``kv_row0`` onward, instead of making per-head descriptors
+        here (see :func:`host_descriptors`)."""
         SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
-        q_desc = tma.make_tensor_descriptor(
-            q_base, [seq_q, HEAD_DIM], [stride_qs, 1], [q_smem.type.shape[0], HEAD_DIM], q_smem.type.layout
-        )
-        k_desc = tma.make_tensor_descriptor(
-            k_base, [seq_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM], k_smem.type.layout
-        )
-        v_desc = tma.make_tensor_descriptor(
-            v_base, [seq_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, HEAD_DIM], v_smem.type.layout
-        )
+        if HOST_DESC:
+            q_desc = QDesc
+            k_desc = KDesc
+            v_desc = VDesc
+        else:
+            q_desc = tma.make_tensor_descriptor(
+                q_base, [seq_q, HEAD_DIM], [stride_qs, 1], [q_smem.type.shape[0], HEAD_DIM], q_smem.type.layout
+            )
+            k_desc = tma.make_tensor_descriptor(
+                k_base, [seq_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM], k_smem.type.layout
+            )
+            v_desc = tma.make_tensor_descriptor(
+                v_base, [seq_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, HEAD_DIM], v_smem.type.layout
+            )
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [row_start, 0], q_bar, q_smem)
+        tma.async_copy_global_to_shared(q_desc, [q_row0 + row_start, 0], q_bar, q_smem)
         for step in range(n_steps):
             slot = step % STAGES
             # A fresh barrier counts as having completed the phase before phase 0, so the first
@@ -138,9 +148,9 @@ if gluon is not None:
             key_start = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N
             mbarrier.wait(kv_free.index(slot), phase)
             mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [key_start, 0], k_ready.index(slot), k_smem.index(slot))
+            tma.async_copy_global_to_shared(k_desc, [kv_row0 + key_start, 0], k_ready.index(slot), k_smem.index(slot))
             mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [key_start, 0], v_ready.index(slot), v_smem.index(slot))
+            tma.async_copy_global_to_shared(v_desc, [kv_row0 + key_start, 0], v_ready.index(slot), v_smem.index(slot))
 
     @gluon.jit
     def _softmax_step(
@@ -271,9 +281,10 @@ if gluon is not None:
         Q, K, V, Out, Lse, KvCounts, KvFullCounts, KvIndices, WorkOrder,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os, stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
-        num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale,
+        num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale, QDesc, KDesc, VDesc,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
+        HOST_DESC: gl.constexpr,
     ):  # fmt: skip
         BLOCK_M: gl.constexpr = 128
         TILES_PER_BLOCK: gl.constexpr = BLOCK_Q // BLOCK_M
@@ -291,6 +302,13 @@ if gluon is not None:
         v_base = V + batch.to(gl.int64) * stride_vb + kv_head.to(gl.int64) * stride_vh
         out_base = Out + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
         lse_base = Lse + batch_head.to(gl.int64) * seq_q
+        # First rows of this (batch, head) in the flattened tensors the host descriptors cover;
+        # per-head device descriptors start at the head's first row.
+        q_row0 = 0
+        kv_row0 = 0
+        if HOST_DESC:
+            q_row0 = batch_head * seq_q
+            kv_row0 = (batch * (num_q_heads // group) + kv_head) * seq_k
 
         pattern_head = head // pattern_head_divisor
         count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
@@ -336,14 +354,45 @@ if gluon is not None:
                     _producer,
                     (
                         q_base, k_base, v_base, stride_qs, stride_ks, stride_vs, seq_q, seq_k, row_start, index_base,
-                        n_steps, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
-                        HEAD_DIM, BLOCK_K, BLOCK_N, STAGES,
+                        n_steps, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, QDesc, KDesc, VDesc,
+                        q_row0, kv_row0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, HOST_DESC,
                     ),
                 ),
             ],
             [4, 1],
             [232, 24],
         )  # fmt: skip
+
+
+def uses_host_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern) -> bool:
+    """Whether the kernel reads through descriptors made once at launch (:func:`host_descriptors`)
+    rather than per program on the device.
+
+    Those cover the flattened ``(B*H*S, D)`` tensors, so they need contiguous ``(B, H, S, D)``
+    inputs and whole key blocks (``seq_k`` a multiple of ``block_k``): a K/V tile then never
+    reaches into the next head's rows. A last query tile may: the rows it reads past ``seq_q``
+    are another head's queries, computed and never stored, which changes nothing. Overridden by
+    ``kernel_configs(gluon_host_descriptors=...)`` (off, or on where possible).
+    """
+    asked = configs.current().gluon_host_descriptors
+    if asked is False:
+        return False
+    return all(x.is_contiguous() for x in (q, k, v)) and k.shape[2] % pattern.block_k == 0
+
+
+def host_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple:
+    """TMA descriptors over the flattened ``(B*H*S, D)`` query, key and value tensors, with the
+    shared-memory layouts the kernel allocates (query tiles of 128 rows, K/V tiles of ``block_n``)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    dim = q.shape[-1]
+    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[q.dtype]
+
+    def describe(x: torch.Tensor, rows: int) -> TensorDescriptor:
+        layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
+        return TensorDescriptor.from_tensor(x.view(-1, dim), [rows, dim], layout)
+
+    return describe(q, GLUON_BLOCK_M), describe(k, block_n), describe(v, block_n)
 
 
 def forward(
@@ -362,11 +411,15 @@ def forward(
     batch, q_heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
     out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse)
-    ensure_scratch_allocator()
     grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // GLUON_BLOCK_M))
     block_n = configs.gluon_block_n(pattern.block_k)
+    descriptors = host_descriptors(q, k, v, block_n) if uses_host_descriptors(q, k, v, pattern) else None
+    if descriptors is None:
+        ensure_scratch_allocator()
     _gluon_block_sparse_forward[grid](
         *args,
+        *(descriptors or (None, None, None)),
+        HOST_DESC=descriptors is not None,
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
