@@ -1,0 +1,90 @@
+"""Anchor-region statistics in PyTorch (the implementation; there is no fused kernel)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...geometry import num_blocks, own_kv_block_span
+from ..block_rows import query_block_range
+
+__all__ = ["AnchorStats", "anchor_region_stats"]
+
+
+@dataclass(frozen=True)
+class AnchorStats:
+    """Per query row, over the keys of its anchor region: the largest scaled logit and the log-sum-exp.
+
+    Both float32 ``(B, Hq, R)`` for the ``R`` query rows of the query blocks asked for.
+    """
+
+    row_max: torch.Tensor
+    row_lse: torch.Tensor
+
+
+def _region_positions(
+    seq_q: int, seq_k: int, block_q: int, block_k: int, rows: range, sink_blocks: int, local_blocks: int, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions int64 ``(len(rows), W)`` of each query block's region and their validity (bool).
+
+    The region is the first ``sink_blocks`` KV blocks, the query block's own KV blocks and the
+    ``local_blocks - 1`` blocks before them (also after them when not causal); a key in both
+    the sinks and the window counts once (in the sinks).
+    """
+    first, last = (span[rows.start : rows.stop] for span in own_kv_block_span(seq_q, seq_k, block_q, block_k))
+    n_kv = num_blocks(seq_k, block_k)
+    sink_end = min(sink_blocks, n_kv) * block_k
+    after = 0 if causal else local_blocks - 1
+    window_blocks = int((last - first).max()) + local_blocks + after
+    window_start = (first - (local_blocks - 1)) * block_k
+    window = window_start[:, None] + torch.arange(window_blocks * block_k)[None, :]
+    window_valid = (window >= sink_end) & (window < seq_k) & (window // block_k <= (last + after)[:, None])
+    sinks = torch.arange(sink_end).expand(len(rows), sink_end)
+    positions = torch.cat([sinks, window], dim=1)
+    valid = torch.cat([sinks < seq_k, window_valid], dim=1)
+    return positions.clamp(0, seq_k - 1), valid
+
+
+def anchor_region_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    sink_blocks: int,
+    local_blocks: int,
+    scale: float,
+    causal: bool,
+    q_blocks: range | None = None,
+) -> AnchorStats:
+    """Row maxima and log-sum-exps of ``scale * q · k`` over each query row's anchor region.
+
+    q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)`` (GQA by index), queries the last ``Sq`` of ``Sk``
+    positions. The region of a query block: KV blocks ``[0, sink_blocks)``, its own KV blocks
+    and the ``local_blocks - 1`` before them (``local_blocks >= 1``); in causal mode keys after
+    a row's position are masked, so every row keeps at least its own key. Only the rows of
+    query blocks ``q_blocks`` (default: all) are computed. Float32 throughout.
+    """
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    blocks = query_block_range(num_blocks(seq_q, block_q), q_blocks)
+    positions, valid = _region_positions(seq_q, seq_k, block_q, block_k, blocks, sink_blocks, local_blocks, causal)
+    positions, valid = positions.to(q.device), valid.to(q.device)
+    n, width = positions.shape
+    first_row, end_row = blocks.start * block_q, min(blocks.stop * block_q, seq_q)
+    rows = q[:, :, first_row:end_row].float()
+    rows = F.pad(rows, (0, 0, 0, n * block_q - rows.shape[2]))
+    rows = rows.view(batch, kv_heads, group, n, block_q, dim)
+    keys = k.float()[:, :, positions.flatten()].view(batch, kv_heads, n, width, dim)
+    logits = torch.einsum("bhgnqd,bhnwd->bhgnqw", rows, keys) * scale
+    del keys
+    query_positions = seq_k - seq_q + first_row + torch.arange(n * block_q, device=q.device).view(n, block_q)
+    visible = valid[:, None, :]
+    if causal:
+        visible = visible & (positions[:, None, :] <= query_positions[:, :, None])
+    logits.masked_fill_(~visible, float("-inf"))
+    logits = logits.reshape(batch, q_heads, n * block_q, width)[:, :, : end_row - first_row]
+    return AnchorStats(row_max=logits.amax(-1), row_lse=torch.logsumexp(logits, dim=-1))

@@ -1,0 +1,17 @@
+"""Low-bit quantisation of queries and keys, emulated in PyTorch: what a 4-bit or fp8 scoring kernel sees.
+
+SALE scores every query-key pair from 4-bit quantised queries and keys. :func:`quantize` gives
+per token the codes (4-bit: symmetric integers in ``[-7, 7]`` stored as int8, with
+``scale = absmax / 7``; fp8: ``float8_e4m3fn`` values with ``scale = absmax / 448``) and the
+scale, so the stored size is that of the low-bit format plus one float per token. A product
+of codes times both scales is the kernel's arithmetic: the integer products of 4-bit codes are
+exact in float32 (at most ``49 * D``), fp8 products are formed in float32 as a tensor core with
+float32 accumulation forms them. The ``center`` (a per-head mean over the sequence,
+:func:`sequence_mean`) is subtracted first: SageAttention's smoothing, which SALE uses, shrinks
+the range to quantise without changing any softmax over keys.
+No fused kernel: the PyTorch code in :mod:`.naive` is the implementation and the entry point.
+"""
+
+from .naive import FORMATS, dequantize, quantize, sequence_mean
+
+__all__ = ["FORMATS", "dequantize", "quantize", "sequence_mean"]
