@@ -52,9 +52,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--kernels",
-        choices=("auto", "both"),
+        choices=("auto", "both", "gluon"),
         default="auto",
-        help="auto: the auto backend as users get it; both: the gluon (Hopper) and triton backends side by side",
+        help="auto: the auto backend as users get it; both: the gluon (Hopper) and triton backends side by side; "
+        "gluon: the Gluon kernel alone (with --gluon-descriptors)",
     )
     parser.add_argument(
         "--gluon-descriptors",
@@ -76,9 +77,11 @@ def main() -> None:
     cases += [
         KernelCase(seq=args.extra_length, head_dim=dim, densities=tuple(args.densities)) for dim in args.extra_dims
     ]
-    backends = ("gluon", "triton", "flex") if args.kernels == "both" else ("auto", "flex")
+    backends = {"both": ("gluon", "triton", "flex"), "auto": ("auto", "flex"), "gluon": ("gluon",)}[args.kernels]
     dense_names = ("sdpa-cudnn", "sdpa-flash")
-    if flash4.installed() is None:  # FlashAttention-4: FlexAttention's FLASH backend, and its dense kernel
+    if (
+        flash4.installed() is None and args.kernels != "gluon"
+    ):  # FlashAttention-4: FlexAttention's FLASH backend, and its dense kernel
         backends += ("flash4",)
         dense_names += ("fa4-dense",)
     columns = kernel_columns(backends, dense_names)
