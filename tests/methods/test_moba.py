@@ -21,10 +21,13 @@ SHAPES = [
 ]
 
 
-def reference_blocks(q, k, block_size: int, top_k: int, causal: bool) -> list:
-    """Per (batch, query head, query token) the set of selected key blocks, one token at a time."""
-    batch, q_heads, seq_q, _ = q.shape
+def reference_blocks(q, k, block_size: int, top_k: int, causal: bool, share_in_group: bool = False) -> list:
+    """Per (batch, query head, query token) the set of selected key blocks, one token at a time;
+    with ``share_in_group`` per (batch, KV head, query token), scored by the group's summed query."""
     kv_heads, seq_k = k.shape[1], k.shape[2]
+    if share_in_group:
+        q = q.double().unflatten(1, (kv_heads, q.shape[1] // kv_heads)).sum(2)
+    batch, q_heads, seq_q, _ = q.shape
     n_blocks = -(-seq_k // block_size)
     selected = []
     for b in range(batch):
@@ -45,18 +48,20 @@ def pattern_blocks(pattern) -> list:
     return [row[:count].tolist() for row, count in zip(indices, counts.tolist(), strict=True)]
 
 
+@pytest.mark.parametrize("share_in_group", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_pattern_matches_token_level_reference(shape, causal):
+def test_pattern_matches_token_level_reference(shape, causal, share_in_group):
     batch, q_heads, kv_heads, seq_q, seq_k, dim, block_size, top_k = shape
     generator = torch.Generator().manual_seed(sum(shape) + causal)
     q = torch.randn(batch, q_heads, seq_q, dim, generator=generator)
     k = torch.randn(batch, kv_heads, seq_k, dim, generator=generator)
-    pattern = sa.estimate(q, k, "moba", causal=causal, block_size=block_size, top_k=top_k)
+    options = dict(block_size=block_size, top_k=top_k, share_in_group=share_in_group)
+    pattern = sa.estimate(q, k, "moba", causal=causal, **options)
     assert (pattern.block_q, pattern.block_k, pattern.seq_q, pattern.seq_k) == (1, block_size, seq_q, seq_k)
     assert pattern.kv_counts.dtype == torch.int32 and pattern.kv_indices.dtype == torch.int32
-    assert pattern.kv_counts.shape == (batch, q_heads, seq_q)
-    assert pattern_blocks(pattern) == reference_blocks(q, k, block_size, top_k, causal)
+    assert pattern.kv_counts.shape == (batch, kv_heads if share_in_group else q_heads, seq_q)
+    assert pattern_blocks(pattern) == reference_blocks(q, k, block_size, top_k, causal, share_in_group)
     pattern.validate(causal=causal)
 
 
@@ -112,7 +117,13 @@ def test_config_errors_name_the_field(field, value, error):
 def test_listed_with_paper_and_defaults(capsys):
     method = sa.get_method("moba")
     assert method in sa.list_methods()
-    assert method.defaults() == {"block_size": 4096, "top_k": 12}
+    assert method.defaults() == {"block_size": 4096, "top_k": 12, "share_in_group": False}
     assert main(["methods"]) == 0
     printed = capsys.readouterr().out
     assert "moba" in printed and "arXiv:2502.13189" in printed and "block_size=4096" in printed
+
+
+def test_share_in_group_must_be_a_bool():
+    q, k = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)
+    with pytest.raises(TypeError, match="share_in_group"):
+        sa.estimate(q, k, "moba", share_in_group=1)

@@ -53,7 +53,8 @@ import torch
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
 from ..utils import dot_in_float32, interpreting, length_bucket
-from .launch import LOG2_E, allocate
+from . import launch
+from .launch import LOG2_E
 
 try:
     import triton
@@ -344,8 +345,8 @@ def forward(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     batch, q_heads, seq_q, dim = q.shape
     tiling, lists, grid, shared = launch_geometry(q, k, pattern)
-    out = allocate((batch, q_heads, seq_q, dim), q.dtype, q.device)
-    lse = allocate((batch, q_heads, seq_q), torch.float32, q.device) if return_lse else out
+    out = launch.allocate((batch, q_heads, seq_q, dim), q.dtype, q.device)
+    lse = launch.allocate((batch, q_heads, seq_q), torch.float32, q.device) if return_lse else out
     args = (
         *(q, k, v, out, lse, lists.offsets, lists.blocks, lists.bits),
         *q.stride()[:3],

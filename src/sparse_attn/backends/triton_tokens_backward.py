@@ -27,7 +27,8 @@ import torch
 from ..geometry import num_blocks
 from ..plan import BlockSparsePlan
 from ..utils import interpreting, length_bucket
-from .launch import LOG2_E, allocate
+from . import launch
+from .launch import LOG2_E
 from .triton_tokens import block_n_candidates, kernel_constants, launch_geometry, list_strides
 
 try:
@@ -226,7 +227,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     q, k, v, out, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, dout))
-    dq, dk, dv = (allocate(x.shape, x.dtype, x.device) for x in (q, k, v))
+    dq, dk, dv = (launch.allocate(x.shape, x.dtype, x.device) for x in (q, k, v))
     lse = lse.contiguous()
     delta = torch.empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device)
     delta_block = 64

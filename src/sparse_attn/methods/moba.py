@@ -28,6 +28,14 @@ Choices where the paper leaves room:
   does not compete: it is kept whatever its score.
 - The gate is computed per query head with that head's own query (the paper's formula is per
   head); with GQA the lists are not shared by the group, so ``kv_counts`` is ``(B, Hq, Sq)``.
+- ``share_in_group=True`` (not in the MoBA paper; off by default, so the pattern above is
+  unchanged): one list per KV head, scored with the gate summed over the query heads of its
+  GQA group, ``s_i = sum_h q_{t,h} · mean(K[block i]) = (sum_h q_{t,h}) · mean(K[block i])``.
+  This is NSA's group-consistent selection (Yuan et al. 2025, arXiv:2502.11089, which sums
+  its selection scores over the heads of a group so the group's heads load the same blocks)
+  applied to MoBA's gate: ``kv_counts`` is ``(B, Hkv, Sq)``, and the token-granular kernel
+  loads each selected block once for the whole group instead of once per head. The own block
+  and top-k rule are unchanged; only the ranking is shared.
 - Scores are unscaled float32 dot products (a positive scale cannot change a ranking); ties
   are broken by ``torch.topk``'s order, which the paper does not fix.
 - A token with fewer than ``top_k - 1`` earlier blocks keeps all of them (the first blocks of
@@ -70,10 +78,13 @@ from ..registry import register_method
 class MobaConfig:
     block_size: int = 4096
     top_k: int = 12
+    share_in_group: bool = False
 
     def __post_init__(self) -> None:
         check_int("block_size", self.block_size, minimum=1)
         check_int("top_k", self.top_k, minimum=1)
+        if not isinstance(self.share_in_group, bool):
+            raise TypeError(f"share_in_group must be a bool, got {type(self.share_in_group).__name__}")
 
 
 @register_method(
@@ -88,10 +99,11 @@ def estimate(
     """Token-level pattern: ``block_q = 1``, ``block_k = config.block_size``; ``block_q``/``block_k`` are ignored.
 
     q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)``; lists per query head, ``kv_counts`` int32
-    ``(B, Hq, Sq)``.
+    ``(B, Hq, Sq)``, or per KV head, ``(B, Hkv, Sq)``, with ``config.share_in_group``.
     """
     batch, q_heads, seq_q, dim = q.shape
-    seq_k = k.shape[2]
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    heads = kv_heads if config.share_in_group else q_heads
     block_size = config.block_size
     pooled_k = mean_pool_blocks(k, block_size)
     n_blocks = pooled_k.shape[2]
@@ -104,7 +116,10 @@ def estimate(
         own_block = columns == own
         if config.top_k == 1:
             return own_block
-        gates = grouped_matmul(q[:, :, tokens.start : tokens.stop].float(), pooled_k)
+        queries = q[:, :, tokens.start : tokens.stop].float()
+        if config.share_in_group:  # the group's summed query scores the group's one list
+            queries = queries.unflatten(1, (kv_heads, q_heads // kv_heads)).sum(2)
+        gates = grouped_matmul(queries, pooled_k)
         gates = gates.masked_fill(~competing, float("-inf"))
         # A token with fewer competitors than top_k - 1 may pick -inf entries; `competing` drops them.
         return (topk_mask(gates, config.top_k - 1) & competing) | own_block
@@ -112,7 +127,7 @@ def estimate(
     return stream_pattern(
         mask_rows,
         batch=batch,
-        heads=q_heads,
+        heads=heads,
         seq_q=seq_q,
         seq_k=seq_k,
         block_q=1,
