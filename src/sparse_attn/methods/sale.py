@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from ..checks import check_fraction, check_int
 from ..geometry import num_blocks
 from ..ops._chunking import CHUNK_ELEMENTS
-from ..ops.anchor_region import anchor_region_stats
+from ..ops.anchor_region import anchor_region_stats, region_width
 from ..ops.block_max import block_max_logits
 from ..ops.gqa import grouped_matmul
 from ..ops.lowbit import FORMATS, dequantize, quantize, sequence_mean
@@ -177,5 +177,8 @@ def estimate(
         block_k=block_k,
         causal=causal,
         device=q.device,
-        row_elements=batch * q_heads * block_q * (num_blocks(seq_k, block_k) + 1),
+        row_elements=batch
+        * q_heads
+        * block_q
+        * (num_blocks(seq_k, block_k) + region_width(block_q, block_k, **region)),
     )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ...geometry import num_blocks, own_kv_block_span
 from ..block_rows import query_block_range
 
-__all__ = ["AnchorStats", "anchor_region_stats"]
+__all__ = ["AnchorStats", "anchor_region_stats", "region_width"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,13 @@ class AnchorStats:
 
     row_max: torch.Tensor
     row_lse: torch.Tensor
+
+
+def region_width(block_q: int, block_k: int, sink_blocks: int, local_blocks: int) -> int:
+    """An upper bound on the keys of one query block's region (for sizing chunks): its logits are
+    ``block_q x region_width`` per head."""
+    own_blocks = -(-block_q // block_k) + 1
+    return (sink_blocks + 2 * local_blocks + own_blocks) * block_k
 
 
 def _region_positions(
