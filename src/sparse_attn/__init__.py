@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from . import metrics
+from . import layouts, metrics
 from .api import SparseAttentionInfo, block_sparse_attention, estimate, sparse_attention
 from .pattern import BlockSparsePattern, dense_pattern, random_pattern
 from .registry import Method, get_method, list_methods, register_method
@@ -34,6 +34,7 @@ __all__ = [
     "dense_pattern",
     "estimate",
     "get_method",
+    "layouts",
     "list_methods",
     "metrics",
     "models",
