@@ -1,0 +1,91 @@
+"""Quest: query-aware page selection from per-page key bounds.
+
+Paper: Jiaming Tang, Yilong Zhao, Kan Zhu, Guangxuan Xiao, Baris Kasikci, Song Han, "Quest:
+Query-Aware Sparsity for Efficient Long-Context LLM Inference", ICML 2024, arXiv:2406.10774.
+
+Rule: every KV page keeps the element-wise minimum ``m`` and maximum ``M`` of its keys
+(:class:`~sparse_attn.decode.cache.PagedKVCache` updates them on append). A query ``q`` bounds
+its dot product with any key of the page by ``U = sum_d max(q_d m_d, q_d M_d)`` (the page's
+criticality), and the step reads the top ``token_budget / P`` pages by ``U``. Here
+``max(q_d m_d, q_d M_d) = max(q_d, 0) M_d + min(q_d, 0) m_d``, so the bounds of all pages are
+two matrix products with the page summaries.
+
+Defaults: ``token_budget=2048`` (the paper sweeps 256-4096), page size 16 (the cache's
+``page_size``; the paper's pages are 16 tokens), ``dense_layers=2``: the paper does not apply
+Quest to the first two layers, whose attention it finds far less sparse; they read every page.
+
+Choices where the paper is silent (it evaluates multi-head models, one selection per head):
+
+- GQA: one selection per KV head, shared by its query heads, so the kernel reads a page once
+  per group. Each query head's bounds (scaled by ``D ** -0.5``) are turned into a softmax
+  over the sequence's pages and the group sums them (NSA's group-consistent selection,
+  arXiv:2502.11089); with one query head per KV head this ranks pages exactly as Quest does.
+- The page holding the newest token (the step's own key) is always read, whatever its bound.
+- A budget under one page is an error; ``token_budget // P`` pages are read (the paper's budgets
+  are multiples of the page size).
+- Ties are broken by ``torch.topk``'s order.
+
+Cost per step and KV head: the bounds read ``2 * D`` summary values per page (``1/P`` of the
+keys and values a dense step reads, with 2-byte keys), plus a softmax and a top-k over pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...checks import check_int
+from ..registry import register_decode_method
+from ..selection import (
+    DecodeSelection,
+    budget_in_pages,
+    dense_selection,
+    group_probabilities,
+    page_counts,
+    topk_selection,
+)
+
+
+@dataclass(frozen=True)
+class QuestConfig:
+    token_budget: int = 2048
+    dense_layers: int = 2
+
+    def __post_init__(self):
+        check_int("token_budget", self.token_budget)
+        check_int("dense_layers", self.dense_layers, minimum=0)
+
+
+def quest_page_bounds(q: torch.Tensor, cache) -> torch.Tensor:
+    """Quest's upper bound of ``q · k`` over each logical page's keys, float32 ``(B, Hq, max_pages)``.
+
+    q ``(B, Hq, D)``; pages past a sequence's end hold stale summaries (mask them with the
+    sequence's page count).
+    """
+    batch, q_heads, dim = q.shape
+    group = q_heads // cache.kv_heads
+    # (B, max_pages, Hkv, D) -> (B, Hkv, D, max_pages)
+    table = cache.page_table.long()
+    key_max = cache.key_max[table].permute(0, 2, 3, 1).float()
+    key_min = cache.key_min[table].permute(0, 2, 3, 1).float()
+    grouped = q.float().view(batch, cache.kv_heads, group, dim)
+    bounds = grouped.clamp(min=0) @ key_max + grouped.clamp(max=0) @ key_min
+    return bounds.reshape(batch, q_heads, -1)
+
+
+@register_decode_method(
+    "quest",
+    config=QuestConfig,
+    paper="Quest (arXiv:2406.10774)",
+    summary="top pages by the upper bound of q·k from per-page key min/max; first 2 layers dense",
+)
+def select_quest(q, cache, config: QuestConfig, *, layer: int, state: dict) -> DecodeSelection:
+    if layer < config.dense_layers:
+        return dense_selection(cache)
+    budget = budget_in_pages(config.token_budget, cache.page_size)
+    pages = page_counts(cache)
+    bounds = quest_page_bounds(q, cache) * q.shape[-1] ** -0.5
+    valid = torch.arange(bounds.shape[-1], device=q.device) < pages[:, None, None]
+    scores = group_probabilities(bounds, valid, cache.kv_heads)
+    return topk_selection(scores, pages, budget, cache.page_size)

@@ -1,0 +1,215 @@
+"""Decode methods: each selection rule against a loop-by-loop PyTorch reference, sparse equals dense when the
+budget covers the cache, TidalDecode's layer schedule, option checks, and the kernel on the methods' selections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import relative_error
+
+from sparse_attn.decode import (
+    PagedKVCache,
+    calibrate_label_channels,
+    get_decode_method,
+    list_decode_methods,
+    sparse_decode,
+)
+from sparse_attn.ops.paged_decode.triton import paged_decode_triton
+
+METHODS = ("dense", "streaming", "quest", "double_sparsity", "tidaldecode")
+
+
+def _cache(lengths, kv_heads, dim, page_size, seed, dtype=torch.float32):
+    """A cache filled by a prefill chunk of variable lengths, then single tokens (interleaved page allocation)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    cache = PagedKVCache(batch, kv_heads, dim, page_size=page_size, dtype=dtype)
+    first = [max(1, n - 3) for n in lengths]
+    chunk = max(first)
+    cache.append(*(torch.randn(batch, kv_heads, chunk, dim, generator=generator).to(dtype) for _ in range(2)), first)
+    for _ in range(3):
+        rest = [int(cache.lengths[b] < lengths[b]) for b in range(batch)]
+        cache.append(*(torch.randn(batch, kv_heads, 1, dim, generator=generator).to(dtype) for _ in range(2)), rest)
+    assert cache.lengths == list(lengths)
+    channels = calibrate_label_channels(
+        torch.randn(1, kv_heads * 2, 40, dim, generator=generator),
+        torch.randn(1, kv_heads, 40, dim, generator=generator),
+    )
+    cache.set_label_channels(channels)
+    return cache
+
+
+def _dense_oracle(q, cache):
+    outs = []
+    for b in range(cache.batch):
+        k, v = cache.sequence(b)
+        outs.append(F.scaled_dot_product_attention(q[b, :, None].double(), k.double(), v.double(), enable_gqa=True))
+    return torch.stack(outs)[:, :, 0]
+
+
+def _selected_sets(selection):
+    counts = selection.counts.tolist()
+    return [
+        [set(selection.selected[b, h, : counts[b][h]].tolist()) for h in range(len(counts[b]))]
+        for b in range(len(counts))
+    ]
+
+
+def _group_topk_reference(per_head_logits, length, group, budget):
+    """Per KV head: softmax of each query head's logits over the first ``length`` entries, summed over
+    the group; the newest entry forced in; the ``budget`` best (float64)."""
+    chosen = []
+    for g in range(per_head_logits.shape[0] // group):
+        logits = per_head_logits[g * group : (g + 1) * group, :length].double()
+        score = torch.softmax(logits, -1).sum(0)
+        score[length - 1] = float("inf")
+        chosen.append(set(score.topk(min(budget, length)).indices.tolist()))
+    return chosen
+
+
+CASES = [((70, 23, 41), 4, 2, 16, 8), ((37,), 6, 3, 32, 4), ((50, 9), 8, 1, 16, 16)]  # lengths, Hq, Hkv, D, P
+
+
+@pytest.mark.parametrize("lengths, q_heads, kv_heads, dim, page_size", CASES)
+def test_quest_matches_a_page_by_page_reference(lengths, q_heads, kv_heads, dim, page_size):
+    cache = _cache(lengths, kv_heads, dim, page_size, seed=1)
+    q = torch.randn(len(lengths), q_heads, dim)
+    budget = 3 * page_size
+    _, selection = sparse_decode(q, cache, "quest", layer=2, token_budget=budget, return_selection=True)
+    for b, length in enumerate(lengths):
+        keys, _ = cache.sequence(b)
+        pages = -(-length // page_size)
+        bounds = torch.zeros(q_heads, pages, dtype=torch.float64)
+        for h in range(q_heads):
+            for p in range(pages):
+                rows = keys[h // (q_heads // kv_heads), p * page_size : (p + 1) * page_size].double()
+                qh = q[b, h].double()
+                bounds[h, p] = torch.maximum(qh * rows.min(0).values, qh * rows.max(0).values).sum()
+        expected = _group_topk_reference(bounds * dim**-0.5, pages, q_heads // kv_heads, 3)
+        assert _selected_sets(selection)[b] == expected
+    assert selection.select_block == page_size
+
+
+@pytest.mark.parametrize("lengths, q_heads, kv_heads, dim, page_size", CASES)
+def test_double_sparsity_matches_a_token_by_token_reference(lengths, q_heads, kv_heads, dim, page_size):
+    cache = _cache(lengths, kv_heads, dim, page_size, seed=2)
+    q = torch.randn(len(lengths), q_heads, dim)
+    _, selection = sparse_decode(q, cache, "double_sparsity", token_budget=10, return_selection=True)
+    group = q_heads // kv_heads
+    for b, length in enumerate(lengths):
+        keys, _ = cache.sequence(b)
+        approx = torch.zeros(q_heads, length, dtype=torch.float64)
+        for h in range(q_heads):
+            channels = cache.label_channels[h // group]
+            approx[h] = keys[h // group][:, channels].double() @ q[b, h, channels].double()
+        assert _selected_sets(selection)[b] == _group_topk_reference(approx * dim**-0.5, length, group, 10)
+    assert selection.select_block == 1
+
+
+def test_label_channel_calibration_matches_a_channel_loop():
+    q, k = torch.randn(2, 6, 30, 32), torch.randn(2, 3, 30, 32)
+    k[:, 1, :, 5] *= 20  # an outlier channel in KV head 1
+    channels = calibrate_label_channels(q, k, 4)
+    for g in range(3):
+        statistic = torch.tensor(
+            [(q[:, 2 * g : 2 * g + 2, :, c] * k[:, g : g + 1, :, c]).abs().mean().item() for c in range(32)]
+        )
+        assert channels[g].tolist() == sorted(statistic.topk(4).indices.tolist())
+    assert 5 in channels[1].tolist() and calibrate_label_channels(q, k).shape == (3, 2)
+
+
+@pytest.mark.parametrize("lengths, q_heads, kv_heads, dim, page_size", CASES)
+def test_tidaldecode_layers_reuse_the_selection_layers_tokens(lengths, q_heads, kv_heads, dim, page_size):
+    cache = _cache(lengths, kv_heads, dim, page_size, seed=3)
+    group = q_heads // kv_heads
+    state = {"num_layers": 8}
+    queries = [torch.randn(len(lengths), q_heads, dim) for _ in range(8)]
+    selections = [
+        sparse_decode(q, cache, "tidaldecode", layer=layer, state=state, token_budget=12, return_selection=True)[1]
+        for layer, q in enumerate(queries)
+    ]
+    pages = [-(-n // page_size) for n in lengths]
+    for layer in (0, 1, 2, 4):  # dense, dense, selection layer (full attention), re-selection layer 8 // 2
+        assert selections[layer].select_block == page_size
+        assert _selected_sets(selections[layer]) == [[set(range(n))] * kv_heads for n in pages]
+    for layer, source in ((3, 2), (5, 4), (7, 4)):
+        assert selections[layer].select_block == 1
+        for b, length in enumerate(lengths):
+            keys, _ = cache.sequence(b)
+            logits = torch.stack([keys[h // group].double() @ queries[source][b, h].double() for h in range(q_heads)])
+            assert _selected_sets(selections[layer])[b] == _group_topk_reference(logits * dim**-0.5, length, group, 12)
+    with pytest.raises(ValueError, match="needs the tokens of selection layer 2"):
+        sparse_decode(queries[0], cache, "tidaldecode", layer=3, state={"num_layers": 8})
+    with pytest.raises(ValueError, match="num_layers"):
+        sparse_decode(queries[0], cache, "tidaldecode", layer=2, state={})
+
+
+def test_streaming_reads_sink_and_recent_pages():
+    cache = _cache((100, 30, 64), 2, 8, 8, seed=4)
+    _, selection = sparse_decode(
+        torch.randn(3, 2, 8), cache, "streaming", token_budget=40, sink_tokens=9, return_selection=True
+    )
+    # 5 pages of 8 tokens: 2 sink pages (9 tokens) + the 3 newest pages; shorter sequences read everything.
+    assert _selected_sets(selection) == [[{0, 1, 10, 11, 12}] * 2, [set(range(4))] * 2, [{0, 1, 5, 6, 7}] * 2]
+    with pytest.raises(ValueError, match="at least one window page"):
+        sparse_decode(torch.randn(3, 2, 8), cache, "streaming", token_budget=16, sink_tokens=9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("lengths, q_heads, kv_heads, dim, page_size", CASES[:2])
+def test_a_budget_covering_the_cache_equals_dense(method, lengths, q_heads, kv_heads, dim, page_size):
+    cache = _cache(lengths, kv_heads, dim, page_size, seed=5)
+    state = {"num_layers": 6}
+    budget = -(-max(lengths) // page_size) * page_size
+    for layer in range(6):
+        q = torch.randn(len(lengths), q_heads, dim)
+        out = sparse_decode(q, cache, method, layer=layer, state=state, token_budget=budget)
+        assert relative_error(out, _dense_oracle(q, cache)) <= 1e-5, layer
+
+
+def test_the_kernel_runs_every_methods_selection(poison_outputs):
+    cache = _cache((70, 23, 41), 2, 64, 16, seed=6)
+    state = {"num_layers": 4}
+    for method in METHODS:
+        for layer in (2, 3):
+            q = torch.randn(3, 4, 64)
+            out, selection = sparse_decode(
+                q, cache, method, layer=layer, state=state, token_budget=32, return_selection=True
+            )
+            kernel_out, _ = paged_decode_triton(
+                q, cache.k_pages, cache.v_pages, cache.page_table, cache.seq_lens, selection.selected,
+                selection.counts, scale=0.125, select_block=selection.select_block, num_splits=2,
+            )  # fmt: skip
+            assert relative_error(kernel_out, out) <= 1e-4, (method, layer)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_budgets_and_options_are_refused(method):
+    cache = _cache((20,), 1, 8, 4, seed=7)
+    q = torch.randn(1, 2, 8)
+    for budget in (0, -5):
+        with pytest.raises(ValueError, match="token_budget must be >= 1"):
+            sparse_decode(q, cache, method, token_budget=budget)
+    with pytest.raises(TypeError, match="token_budget must be an int"):
+        sparse_decode(q, cache, method, token_budget=2.5)
+    with pytest.raises(TypeError, match="has no option"):
+        sparse_decode(q, cache, method, bogus=1)
+    assert "token_budget" in get_decode_method(method).defaults()
+
+
+def test_unknown_methods_and_mismatched_inputs_are_refused():
+    cache = _cache((20,), 1, 8, 4, seed=8)
+    with pytest.raises(ValueError, match="unknown decode method 'nope'"):
+        sparse_decode(torch.randn(1, 2, 8), cache, "nope")
+    with pytest.raises(ValueError, match="must hold at least one page"):
+        sparse_decode(torch.randn(1, 2, 8), cache, "quest", layer=3, token_budget=3)
+    with pytest.raises(ValueError, match="q must be"):
+        sparse_decode(torch.randn(1, 2, 16), cache, "quest")
+    with pytest.raises(ValueError, match="at least its own token"):
+        sparse_decode(torch.randn(1, 2, 8), PagedKVCache(1, 1, 8), "dense")
+    uncalibrated = PagedKVCache(1, 1, 8)
+    uncalibrated.append(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
+    with pytest.raises(ValueError, match="calibrated label channels"):
+        sparse_decode(torch.randn(1, 2, 8), uncalibrated, "double_sparsity")
+    assert [m.name for m in list_decode_methods()] == sorted(METHODS)
