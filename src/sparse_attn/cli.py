@@ -77,11 +77,13 @@ def _bench_columns(columns: list[tuple[str, str, str]], dense: str) -> list[tupl
 
 
 def _methods(args: argparse.Namespace) -> int:
+    from .decode import list_decode_methods
     from .registry import list_methods
 
-    for method in list_methods():
-        defaults = ", ".join(f"{name}={value!r}" for name, value in method.defaults().items()) or "no options"
-        print(f"{method.name}\n    {method.summary}\n    paper: {method.paper}\n    defaults: {defaults}")
+    for kind, methods in (("", list_methods()), (" (decode)", list_decode_methods())):
+        for method in methods:
+            defaults = ", ".join(f"{name}={value!r}" for name, value in method.defaults().items()) or "no options"
+            print(f"{method.name}{kind}\n    {method.summary}\n    paper: {method.paper}\n    defaults: {defaults}")
     return 0
 
 

@@ -213,3 +213,13 @@ def test_unknown_methods_and_mismatched_inputs_are_refused():
     with pytest.raises(ValueError, match="calibrated label channels"):
         sparse_decode(torch.randn(1, 2, 8), uncalibrated, "double_sparsity")
     assert [m.name for m in list_decode_methods()] == sorted(METHODS)
+
+
+def test_methods_command_lists_the_decode_methods(capsys):
+    from sparse_attn.cli import main
+
+    assert main(["methods"]) == 0
+    printed = capsys.readouterr().out
+    for method in list_decode_methods():
+        assert f"{method.name} (decode)" in printed and method.paper in printed
+    assert "token_budget=2048" in printed
