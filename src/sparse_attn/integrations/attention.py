@@ -8,6 +8,8 @@ layer runs what its :class:`LayerPlan` says, on each batch row's real tokens:
 - a sliding-window layer whose window is shorter than the keys runs exact windowed
   attention in ``O(S * window)``, whatever the method: it is already sparse.
 
+A decode step whose cache is a :class:`~.decode.SparseDecodeCache` on a model patched with a
+``decode_method`` runs that method over the cache's pages (:func:`~.decode.decode_step_attention`).
 Everything else calls transformers' own SDPA function with transformers' own mask, and
 active recorders count it with the reason.
 """
@@ -22,6 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..api import block_sparse_attention, estimate
 from ..backends.dense import causal_attention, sliding_window_attention
 from ..utils import synchronized_now
+from .decode import calibration_step, decode_step_attention
 from .masks import PrefillMask
 from .records import WHOLE_BATCH, LayerRecord, pattern_head_density, window_density
 from .state import ATTENTION_NAME, PLAN_ATTRIBUTE, LayerPlan
@@ -117,6 +120,11 @@ def sparse_attention_forward(
             f"{type(module).__name__} uses attn_implementation={ATTENTION_NAME!r} but was not patched; "
             "call sparse_attn.patch(model, ...) instead of set_attn_implementation"
         )
+    if plan.state.calibration is not None:
+        calibration_step(plan, query, key)
+    paged = plan.state.pending_decode.pop(plan.layer, None)
+    if paged is not None:  # a decode step whose keys and values a SparseDecodeCache keeps in pages
+        return decode_step_attention(plan, query, paged, attention_mask, scaling), None
     long_prefill = query.shape[2] >= plan.state.min_seq_len
     if isinstance(attention_mask, PrefillMask):
         if long_prefill and dropout == 0.0:

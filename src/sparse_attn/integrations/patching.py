@@ -23,6 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..api import DEFAULT_BLOCK
 from ..checks import check_int
+from ..decode import get_decode_method
 from ..registry import get_method
 from .attention import sparse_attention_forward
 from .masks import sparse_attention_mask
@@ -125,6 +126,8 @@ def patch(
     backend: str = "auto",
     block_q: int = DEFAULT_BLOCK,
     block_k: int = DEFAULT_BLOCK,
+    decode_method: str | None = None,
+    decode_options: Mapping | None = None,
     **options,
 ) -> torch.nn.Module:
     """Make a transformers causal LM run ``method`` on long prefills. Returns the same model.
@@ -139,6 +142,10 @@ def patch(
         layer_methods: per-layer overrides ``{layer: name}`` or ``{layer: (name, options)}``.
         backend: the block-sparse backend (``"auto"``, ``"triton"``, ``"flex"``, ``"reference"``).
         block_q, block_k: block sizes of the estimated patterns.
+        decode_method: a registered decode method (``sparse_attn.decode.list_decode_methods()``)
+            that decode steps run when the cache is a ``sparse_attn.integrations.decode.SparseDecodeCache``;
+            ``decode_options`` are its options (``token_budget`` in tokens, ...). ``dense_layers``
+            concern prefill only: decode methods keep their own dense layers (an option).
 
     Sliding-window layers always run exact windowed attention on prefills longer than their
     window; naming one in ``dense_layers`` or ``layer_methods`` warns that it has no effect.
@@ -155,6 +162,12 @@ def patch(
     previous = getattr(model, STATE_ATTRIBUTE, None)
     original = previous.original_implementation if previous else model.config._attn_implementation
     state = PatchState(original, min_seq_len, backend, block_q, block_k)
+    if decode_method is not None:
+        get_decode_method(decode_method).make_config(**dict(decode_options or {}))  # fails here, not mid-generate
+        state.decode_method, state.decode_options = decode_method, dict(decode_options or {})
+        state.num_layers, state.first_layer = len(layers), layers[0]
+    elif decode_options:
+        raise ValueError("decode_options given without a decode_method")
     plans = _layer_plans(layers, method, options, dense_layers, layer_methods, state)
     sliding = _sliding_window_layers(model.config, layers)
     _warn_about_sliding_layers("dense_layers", dense_layers, sliding, layers)

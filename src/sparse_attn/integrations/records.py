@@ -14,7 +14,7 @@ import torch
 
 from ..pattern import BlockSparsePattern
 
-__all__ = ["WHOLE_BATCH", "LayerRecord", "Recorder", "pattern_head_density", "window_density"]
+__all__ = ["WHOLE_BATCH", "DecodeRecord", "LayerRecord", "Recorder", "pattern_head_density", "window_density"]
 
 # ``LayerRecord.row`` of a call that ran the whole unpadded batch at once (shown as "all").
 WHOLE_BATCH = -1
@@ -46,6 +46,33 @@ class LayerRecord:
         return sum(self.head_density) / len(self.head_density)
 
 
+@dataclass(frozen=True)
+class DecodeRecord:
+    """One layer's decode step (a ``decode_method`` over a paged cache): what it read.
+
+    ``pages`` and ``entries_read`` are means over the batch rows and KV heads; an entry is
+    ``select_block`` tokens (a page when it equals the page size). ``tokens_read`` counts a
+    partial last page whole.
+    """
+
+    layer: int
+    method: str
+    seq_k: int
+    page_size: int
+    pages: float
+    select_block: int
+    entries_read: float
+
+    @property
+    def tokens_read(self) -> float:
+        return self.entries_read * self.select_block
+
+    @property
+    def pages_read(self) -> float:
+        """Pages the step read (for token-level selections: tokens over page size, a lower bound)."""
+        return self.entries_read if self.select_block == self.page_size else self.tokens_read / self.page_size
+
+
 @dataclass
 class Recorder:
     """Collects a :class:`LayerRecord` for each long-prefill attention call while active.
@@ -63,11 +90,20 @@ class Recorder:
     capture: bool = False
     tensors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     sdpa_calls: Counter[str] = field(default_factory=Counter)
+    decode_records: list[DecodeRecord] = field(default_factory=list)
+
+    def decode_step(self, layer: int, method: str, paged, selection) -> None:
+        """Record one layer's decode step over ``paged`` (a PagedKVCache) with ``selection``."""
+        pages = sum(paged.num_pages()) / paged.batch
+        entries = float(selection.counts.float().mean())
+        self.decode_records.append(
+            DecodeRecord(layer, method, max(paged.lengths), paged.page_size, pages, selection.select_block, entries)
+        )
 
     @property
     def no_method_reason(self) -> str | None:
         """Why no layer ran the method while recording, or ``None`` when at least one did."""
-        if any(r.kind == "sparse" for r in self.records):
+        if any(r.kind == "sparse" for r in self.records) or self.decode_records:
             return None
         if self.records:
             parts = []
@@ -119,6 +155,14 @@ class Recorder:
                 f"{r.layer:>5} {row:>3} {r.kind:<6} {r.method:<12} {r.seq_q:>6} {r.seq_k:>6} "
                 f"{r.density:>7.3f}  {r.estimate_ms:>7.2f}  {heads}"
             )
+        steps = self.decode_records
+        if steps:
+            lines.append(f"decode: {len(steps)} layer step(s); per layer, mean pages read / pages in cache:")
+            for layer in sorted({r.layer for r in steps}):
+                mine = [r for r in steps if r.layer == layer]
+                read = sum(r.pages_read for r in mine) / len(mine)
+                held = sum(r.pages for r in mine) / len(mine)
+                lines.append(f"{layer:>5} {mine[-1].method:<12} {read:>8.1f} / {held:.1f}")
         for reason, count in self.sdpa_calls.items():
             lines.append(f"{count} layer call(s) ran transformers' SDPA: {reason}")
         if self.no_method_reason is not None:

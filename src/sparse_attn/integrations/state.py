@@ -33,6 +33,17 @@ class PatchState:
     block_q: int
     block_k: int
     recorders: list[Recorder] = field(default_factory=list)
+    # Decode steps (``decode_method`` set): the decode method and its options, the model's
+    # attention layers (count, first index), the paged caches a SparseDecodeCache handed over
+    # for the current step by layer, the state dict the current step's layers share, and the
+    # Double Sparsity calibration in progress (see integrations.decode).
+    decode_method: str | None = None
+    decode_options: dict = field(default_factory=dict)
+    num_layers: int = 0
+    first_layer: int = 0
+    pending_decode: dict = field(default_factory=dict)
+    decode_step: dict | None = None
+    calibration: dict | None = None
 
 
 @dataclass(frozen=True)
