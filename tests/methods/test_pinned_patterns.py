@@ -28,6 +28,18 @@ CASES = {
     "xattention": {"threshold": 0.9, "stride": 8},
     "proxyattn": {"gamma": 0.9, "query_stride": 8},
     "random": {"density": 0.3, "seed": 3},
+    # Second wave (issue 18): pinned when added.
+    "sale": {"threshold": 0.02, "sink_tokens": 32, "local_tokens": 64},
+    "anchor": {"theta": 6.0, "step": 4, "init_tokens": 32, "local_tokens": 32},
+    "moa": {"spans": ((32.0, 0.0), (0.0, 0.25), (64.0, 0.1), (16.0, 0.5)), "sink_tokens": 32},
+    "auto": {
+        "recall": 0.9,
+        "candidates": (
+            ("streaming", {"sink_tokens": 32, "local_tokens": 96}),
+            ("block_topk", {"top_k": 4}),
+            ("xattention", {"threshold": 0.9}),
+        ),
+    },
 }
 
 PINNED = {
@@ -53,6 +65,14 @@ PINNED = {
     ("vertical_slash", 640): "6c08f8477c27ba9d",
     ("xattention", 300): "7603c61ee2949244",
     ("xattention", 640): "7257d5cc4e29f8cb",
+    ("sale", 300): "707d812d44ed9d76",
+    ("sale", 640): "d48f20d91a6690fa",
+    ("anchor", 300): "5f2318bf52d29dda",
+    ("anchor", 640): "a27a4ea8fd91efac",
+    ("moa", 300): "d22bfef36887d300",
+    ("moa", 640): "ffed8ca8488beb63",
+    ("auto", 300): "7603c61ee2949244",
+    ("auto", 640): "35970ec6c4de8133",
 }
 
 

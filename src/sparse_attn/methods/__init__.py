@@ -2,13 +2,17 @@
 
 # Imported for registration.
 from . import (  # noqa: F401
+    anchor,
+    auto,
     block_topk,
     dense,
     flexprefill,
+    moa,
     moba,
     power,
     proxyattn,
     random,
+    sale,
     streaming,
     strided_shards,
     tri_shape,
