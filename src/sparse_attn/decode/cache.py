@@ -108,15 +108,21 @@ class PagedKVCache:
         self._free.extend(range(self.capacity + pages - 1, self.capacity - 1, -1))
         self.capacity += pages
 
-    def _take_page(self) -> int:
-        if not self._free:
-            self._grow(max(self.capacity, 1))
-        page = self._free.pop()
-        # A fresh page summarizes no token yet: the identities of min, max and sum.
-        self.key_min[page] = float("inf")
-        self.key_max[page] = float("-inf")
-        self.key_sum[page] = 0.0
-        return page
+    def _take_pages(self, count: int) -> list[int]:
+        """``count`` free pages, their summaries reset (the pool grows, doubling, when short)."""
+        if count > len(self._free):
+            self._grow(max(self.capacity, count - len(self._free)))
+        pages = [self._free.pop() for _ in range(count)]
+        self._reset_summaries(pages)
+        return pages
+
+    def _reset_summaries(self, pages: list[int]) -> None:
+        """A page that summarizes no token yet holds the identities of min, max and sum."""
+        if pages:
+            index = torch.tensor(pages, dtype=torch.long).to(self.device)
+            self.key_min[index] = float("inf")
+            self.key_max[index] = float("-inf")
+            self.key_sum[index] = 0.0
 
     def _sync_page_table(self) -> None:
         width = max(1, max(len(pages) for pages in self._pages))
@@ -158,10 +164,12 @@ class PagedKVCache:
             if n > tokens:
                 raise ValueError(f"lengths[i] must be <= the {tokens} tokens given, got {n}")
         sequences, offsets, positions = [], [], []
+        needed = [-(-(self.lengths[b] + n) // self.page_size) - len(self._pages[b]) for b, n in enumerate(lengths)]
+        fresh = self._take_pages(sum(needed))
         for b, n in enumerate(lengths):
             start = self.lengths[b]
-            while len(self._pages[b]) * self.page_size < start + n:
-                self._pages[b].append(self._take_page())
+            self._pages[b] += fresh[: needed[b]]
+            del fresh[: needed[b]]
             sequences.append(torch.full((n,), b, dtype=torch.long))
             offsets.append(torch.arange(n))
             positions.append(torch.arange(start, start + n))
@@ -205,10 +213,8 @@ class PagedKVCache:
             if max_length % self.page_size:
                 partial.append((self._pages[b][-1], max_length % self.page_size))
         self._sync_page_table()
+        self._reset_summaries([page for page, _ in partial])
         for page, rows in partial:
-            self.key_min[page] = float("inf")
-            self.key_max[page] = float("-inf")
-            self.key_sum[page] = 0.0
             row = torch.arange(rows, device=self.device)
             physical = torch.full_like(row, page)
             self._reduce_into(physical, row, self.k_pages[page].transpose(0, 1)[:rows])
