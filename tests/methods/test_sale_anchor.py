@@ -52,6 +52,20 @@ def per_block_any(rows_true, block_q, block_k, n_q, n_kv):
     return padded.view(*padded.shape[:2], n_q, block_q, n_kv, block_k).any(5).any(3)
 
 
+def region_of(seq_q, seq_k, block_q, block_k, sink_tokens, local_tokens, causal):
+    """The anchor region: its blocks ``(n_q, n_kv)`` and its keys per query row ``(Sq, Sk)``."""
+    blocks = sink_local_block_mask(
+        seq_q,
+        seq_k,
+        block_q,
+        block_k,
+        sink_blocks=num_blocks(sink_tokens, block_k),
+        local_blocks=num_blocks(local_tokens, block_k),
+        causal=causal,
+    )
+    return blocks, token_keys(seq_q, seq_k, block_q, block_k, blocks, causal)
+
+
 def sale_reference(q, k, *, threshold, fmt, sink_tokens, local_tokens, block_q, block_k, causal):
     """SALE's rule token by token in float64 (quantised codes from the tested quantize operator)."""
     seq_q, seq_k = q.shape[2], k.shape[2]
@@ -61,16 +75,7 @@ def sale_reference(q, k, *, threshold, fmt, sink_tokens, local_tokens, block_q, 
     q_hat = dequantize(*quantize(q, fmt, center=q_mean))
     k_hat = dequantize(*quantize(k, fmt, center=k_mean))
     estimated = (logits64(q_hat, k_hat) + logits64(q_mean, k - k_mean)) * scale
-    region_blocks = sink_local_block_mask(
-        seq_q,
-        seq_k,
-        block_q,
-        block_k,
-        sink_blocks=num_blocks(sink_tokens, block_k),
-        local_blocks=num_blocks(local_tokens, block_k),
-        causal=causal,
-    )
-    region = token_keys(seq_q, seq_k, block_q, block_k, region_blocks, causal)
+    region_blocks, region = region_of(seq_q, seq_k, block_q, block_k, sink_tokens, local_tokens, causal)
     smoothed = logits64(q, k - k_mean) * scale
     lse = torch.logsumexp(smoothed.masked_fill(~region, float("-inf")), -1, keepdim=True)
     visible = token_keys(seq_q, seq_k, block_q, block_k, torch.ones(n_q, n_kv, dtype=torch.bool), causal)
@@ -87,16 +92,7 @@ def anchor_reference(q, k, *, theta, step, init_tokens, local_tokens, block_q, b
     seq_k = k.shape[2]
     scale = q.shape[-1] ** -0.5
     n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
-    region_blocks = sink_local_block_mask(
-        seq_q,
-        seq_k,
-        block_q,
-        block_k,
-        sink_blocks=num_blocks(init_tokens, block_k),
-        local_blocks=num_blocks(local_tokens, block_k),
-        causal=causal,
-    )
-    region = token_keys(seq_q, seq_k, block_q, block_k, region_blocks, causal)
+    region_blocks, region = region_of(seq_q, seq_k, block_q, block_k, init_tokens, local_tokens, causal)
     row_max = (logits64(q, k) * scale).masked_fill(~region, float("-inf")).amax(-1)
     selected = torch.zeros(batch, heads, n_q, n_kv, dtype=torch.bool)
     offset = seq_k - seq_q

@@ -52,7 +52,7 @@ import torch
 from ..checks import check_int
 from ..geometry import num_blocks, own_kv_block_span, query_block_positions
 from ..ops._chunking import CHUNK_ELEMENTS
-from ..ops.anchor_region import anchor_region_stats, region_width
+from ..ops.anchor_region import anchor_region_stats, region_blocks, region_width
 from ..ops.block_max import block_max_logits
 from ..ops.block_rows import query_block_chunks
 from ..ops.pooling import mean_pool_blocks
@@ -115,9 +115,7 @@ def estimate(
     n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
     pooled_q = mean_pool_blocks(q, block_q) * scale
     _, block_ends = query_block_positions(seq_q, seq_k, block_q, q.device)
-    region = dict(
-        sink_blocks=num_blocks(config.init_tokens, block_k), local_blocks=num_blocks(config.local_tokens, block_k)
-    )
+    region = region_blocks(config.init_tokens, config.local_tokens, block_k)
 
     def mask_rows(rows: range) -> torch.Tensor:
         stats = anchor_region_stats(

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from ..checks import check_fraction, check_int
 from ..geometry import num_blocks
 from ..ops._chunking import CHUNK_ELEMENTS
-from ..ops.anchor_region import anchor_region_stats, region_width
+from ..ops.anchor_region import anchor_region_stats, region_blocks, region_width
 from ..ops.block_max import block_max_logits
 from ..ops.gqa import grouped_matmul
 from ..ops.lowbit import FORMATS, dequantize, quantize, sequence_mean
@@ -131,9 +131,7 @@ def estimate(
     query_mean, key_mean = sequence_mean(q), sequence_mean(k)
     key_codes, key_scale = quantize(k, config.fmt, center=key_mean)
     key_bias = mean_query_bias(k, query_mean, key_mean, scale)
-    region = dict(
-        sink_blocks=num_blocks(config.sink_tokens, block_k), local_blocks=num_blocks(config.local_tokens, block_k)
-    )
+    region = region_blocks(config.sink_tokens, config.local_tokens, block_k)
     log_threshold = math.log(config.threshold)
 
     def mask_rows(q_blocks: range) -> torch.Tensor:

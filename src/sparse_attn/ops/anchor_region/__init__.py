@@ -9,6 +9,6 @@ so the work and memory are ``O(S * region)``, never ``O(S^2)``. No fused kernel:
 code in :mod:`.naive` is the implementation and the entry point.
 """
 
-from .naive import AnchorStats, anchor_region_stats, region_width
+from .naive import AnchorStats, anchor_region_stats, region_blocks, region_width
 
-__all__ = ["AnchorStats", "anchor_region_stats", "region_width"]
+__all__ = ["AnchorStats", "anchor_region_stats", "region_blocks", "region_width"]

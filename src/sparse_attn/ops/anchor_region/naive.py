@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ...geometry import num_blocks, own_kv_block_span
 from ..block_rows import query_block_range
 
-__all__ = ["AnchorStats", "anchor_region_stats", "region_width"]
+__all__ = ["AnchorStats", "anchor_region_stats", "region_blocks", "region_width"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,11 @@ class AnchorStats:
 
     row_max: torch.Tensor
     row_lse: torch.Tensor
+
+
+def region_blocks(sink_tokens: int, local_tokens: int, block_k: int) -> dict[str, int]:
+    """``sink_blocks`` and ``local_blocks`` of a region given in tokens (ceil: a region never shrinks)."""
+    return dict(sink_blocks=num_blocks(sink_tokens, block_k), local_blocks=num_blocks(local_tokens, block_k))
 
 
 def region_width(block_q: int, block_k: int, sink_blocks: int, local_blocks: int) -> int:
