@@ -13,6 +13,7 @@ import torch
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .backends import resolve_backend, run_backend
 from .checks import check_attention_inputs, check_finite, check_int, check_query_key
+from .masked_pattern import in_layout_order
 from .pattern import BlockSparsePattern, check_pattern_fits
 from .registry import Method, get_method
 from .utils import synchronized_now
@@ -142,7 +143,9 @@ def block_sparse_attention(
         check_finite(q=q, k=k, v=v)
     pattern.ensure_valid(causal=bool(causal))
     name = resolve_backend(backend, q, k, v, pattern, causal=bool(causal), return_lse=return_lse)
-    return run_backend(name, q, k, v, pattern, causal=bool(causal), scale=scale, return_lse=return_lse)
+    options = dict(causal=bool(causal), scale=scale, return_lse=return_lse)
+    # A pattern over a layout's tile order (spatial methods) runs on q, k, v in that order.
+    return in_layout_order(pattern, lambda *qkv: run_backend(name, *qkv, pattern, **options), q, k, v)
 
 
 def sparse_attention(

@@ -21,6 +21,8 @@ Choice (:func:`resolve_backend`):
 * ``flash4``: FlashAttention-4 through FlexAttention's FLASH backend; where it cannot run
   (not installed, not Hopper/Blackwell ...), ``gluon``, ``triton``, else ``flex``.
 * ``triton``, ``flex``, ``reference``: that backend.
+* A pattern with a token-level rule (:mod:`sparse_attn.masked_pattern`) runs on ``flex`` (CUDA) or
+  ``reference``: the block kernels compute whole blocks only.
 * A backend that cannot run the case falls back to the next one and finally to ``reference``
   with one warning naming why. Inputs that require grad count as part of the case: every
   backend differentiates in q, k and v (``triton`` and ``gluon`` with the Triton backward
@@ -37,6 +39,7 @@ import warnings
 
 import torch
 
+from ..masked_pattern import backend_for_token_rule
 from ..pattern import BlockSparsePattern
 from ..plan import plan_for
 from .autograd import kernel_attention
@@ -108,6 +111,7 @@ def resolve_backend(
     """The backend that will run this case; warns (once per reason) when it is not the one asked for."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = backend_for_token_rule(backend, q, pattern)
     if backend == "auto":
         if q.device.type != "cuda":
             preferred = ("reference",)

@@ -7,7 +7,8 @@ compiled function is created once; ``torch.compile`` then specializes once per s
 
 The ``BlockMask`` is made from the pattern's plan (:mod:`sparse_attn.plan`): its full blocks go
 to the ``full_kv_*`` lists (no ``mask_mod`` evaluated), the partial ones (diagonal blocks,
-sequence tails) carry the causal / bounds ``mask_mod``. It is built once per (pattern, causal,
+sequence tails) carry the causal / bounds ``mask_mod``, and a pattern's token rule
+(:class:`sparse_attn.masked_pattern.MaskedPattern`) joins it there. It is built once per (pattern, causal,
 query heads) and cached on the pattern.
 
 Dynamo's default of 8 specializations per function is too few for a library called at
@@ -28,6 +29,7 @@ import warnings
 
 import torch
 
+from ..masked_pattern import token_rule_of
 from ..pattern import BlockSparsePattern
 from ..plan import BlockSparsePlan, plan_for
 from . import reference
@@ -80,25 +82,58 @@ def _bounds_mask_mod(offset: int, seq_k: int, causal: bool):
     return mask_mod
 
 
+def _with_token_rule(mask_mod, rule, offset: int):
+    """``mask_mod`` and the pattern's token rule (queries at absolute positions ``q_idx + offset``)."""
+
+    def masked(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx) & rule.allowed(q_idx + offset, kv_idx)
+
+    return masked
+
+
+def _split_lists(counts, indices, is_full):
+    """Each sorted list split into its full entries and its partial ones (both sorted), as
+    ``(full_counts, full_indices, partial_counts, partial_indices)``; ``is_full`` is bool, ``indices``' shape."""
+    slots = torch.arange(indices.shape[-1], device=indices.device)
+    used = slots < counts[..., None]
+    full = is_full & used
+    # A stable sort puts the chosen entries first and keeps their ascending order.
+    full_first = torch.sort((~full).to(torch.uint8), dim=-1, stable=True).indices
+    partial_first = torch.sort((~(used & ~full)).to(torch.uint8), dim=-1, stable=True).indices
+    full_counts = full.sum(-1, dtype=torch.int32)
+    partial_counts = counts - full_counts
+    full_indices = torch.where(slots < full_counts[..., None], torch.gather(indices, -1, full_first), 0)
+    partial_indices = torch.where(slots < partial_counts[..., None], torch.gather(indices, -1, partial_first), 0)
+    return full_counts, full_indices, partial_counts, partial_indices
+
+
 def block_mask(plan: BlockSparsePlan, *, num_q_heads: int | None = None):
     """FlexAttention ``BlockMask`` computing exactly the plan's pattern.
 
     ``num_q_heads`` expands a per-KV-head pattern to the query heads (FlexAttention takes one
-    list per query head, or one for all).
+    list per query head, or one for all). A pattern's token rule joins the ``mask_mod``, and the
+    blocks it cuts are partial even where the plan counts them full.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     pattern = plan.pattern
     counts, indices, full_counts = pattern.kv_counts, pattern.kv_indices, plan.full_counts
+    rule = token_rule_of(pattern)
+    slots = torch.arange(pattern.max_kv, device=pattern.device)
+    if rule is None:
+        # Full entries lead each sorted list; the partial ones follow them.
+        full_indices = torch.where(slots < full_counts[..., None], indices, 0)
+        partial_counts = counts - full_counts
+        shifted = torch.clamp(slots + full_counts[..., None].long(), max=pattern.max_kv - 1)
+        partial_indices = torch.where(slots < partial_counts[..., None], torch.gather(indices, -1, shifted), 0)
+    else:
+        # The rule's partial entries can sit anywhere in a list: split by flags instead.
+        is_full = (slots < full_counts[..., None]) & ~pattern.rule_partial
+        full_counts, full_indices, partial_counts, partial_indices = _split_lists(counts, indices, is_full)
     if num_q_heads is not None and num_q_heads != pattern.num_heads:
         group = num_q_heads // pattern.num_heads
-        counts, indices, full_counts = (x.repeat_interleave(group, dim=1) for x in (counts, indices, full_counts))
-    slots = torch.arange(pattern.max_kv, device=pattern.device)
-    # Full entries lead each sorted list; the partial ones follow them.
-    full_indices = torch.where(slots < full_counts[..., None], indices, 0)
-    partial_counts = counts - full_counts
-    shifted = torch.clamp(slots + full_counts[..., None].long(), max=pattern.max_kv - 1)
-    partial_indices = torch.where(slots < partial_counts[..., None], torch.gather(indices, -1, shifted), 0)
+        lists = (full_counts, full_indices, partial_counts, partial_indices)
+        full_counts, full_indices, partial_counts, partial_indices = (x.repeat_interleave(group, dim=1) for x in lists)
 
     def padded(selected: torch.Tensor) -> torch.Tensor:
         width = pattern.num_kv_blocks
@@ -107,13 +142,17 @@ def block_mask(plan: BlockSparsePlan, *, num_q_heads: int | None = None):
         out[..., :keep] = selected[..., :keep]
         return out
 
+    offset = pattern.seq_k - pattern.seq_q
+    mask_mod = _bounds_mask_mod(offset, pattern.seq_k, plan.causal)
+    if rule is not None:
+        mask_mod = _with_token_rule(mask_mod, rule, offset)
     return BlockMask.from_kv_blocks(
         partial_counts.contiguous(),
         padded(partial_indices),
         full_counts.contiguous(),
         padded(full_indices),
         BLOCK_SIZE=(pattern.block_q, pattern.block_k),
-        mask_mod=_bounds_mask_mod(pattern.seq_k - pattern.seq_q, pattern.seq_k, plan.causal),
+        mask_mod=mask_mod,
         seq_lengths=(pattern.seq_q, pattern.seq_k),
     )
 

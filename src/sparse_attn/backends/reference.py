@@ -4,7 +4,8 @@ The oracle every fast path is tested against. It gathers, for a chunk of query b
 only the KV blocks their lists name, so memory stays ``O(chunk * block * max_kv)`` and
 never ``O(S^2)``. Arithmetic runs in float32 (float64 inputs stay float64). It supports
 autograd, so it is also the path for inputs that require gradients, and it runs every case
-(any device, dtype, head_dim and block size).
+(any device, dtype, head_dim and block size). A pattern's token rule
+(:class:`sparse_attn.masked_pattern.MaskedPattern`) is evaluated exactly inside every gathered block.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..masked_pattern import token_rule_of
 from ..pattern import BlockSparsePattern
 
 name = "reference"
@@ -36,12 +38,16 @@ def _blocked(x: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
     return x.view(batch, heads, n_blocks, block, dim)
 
 
-def _attend_chunk(queries, k_blocks, v_blocks, batch_index, kv_head, indices, used, query_pos, seq_k, scale, dtype):
+def _attend_chunk(
+    queries, k_blocks, v_blocks, batch_index, kv_head, indices, used, query_pos, seq_k, scale, dtype, rule, rows_pos
+):
     """Exact attention of one chunk of query blocks over their gathered KV blocks.
 
     ``queries`` ``(B, h, c, bq, D)``; ``indices`` / ``used`` ``(B, h, c, max_kv)`` (unused slots
     point at the spare zero block); ``query_pos`` ``(c, bq)`` absolute positions in causal mode,
-    else ``None``. Returns ``out`` ``(B, h, c, bq, D)`` and ``lse`` ``(B, h, c, bq)`` in ``dtype``.
+    else ``None``; ``rule``: the pattern's token rule (evaluated on every gathered key, with the
+    queries at absolute positions ``rows_pos`` ``(c, bq)``) or ``None``. Returns ``out``
+    ``(B, h, c, bq, D)`` and ``lse`` ``(B, h, c, bq)`` in ``dtype``.
     """
     block_k = k_blocks.shape[3]
     keys = k_blocks[batch_index, kv_head, indices].flatten(3, 4).to(dtype)
@@ -50,12 +56,17 @@ def _attend_chunk(queries, k_blocks, v_blocks, batch_index, kv_head, indices, us
     scores = torch.matmul(queries.to(dtype) * scale, keys.transpose(-1, -2))  # (B, h, c, bq, max_kv*bk)
     key_pos = (indices[..., None] * block_k + torch.arange(block_k, device=indices.device)).flatten(3, 4)
     visible = used[..., None].expand(*used.shape, block_k).flatten(3, 4) & (key_pos < seq_k)
+    if rule is not None:
+        # The rule is whole (all True) on blocks it does not cut, so evaluating it everywhere is exact.
+        visible = visible[..., None, :] & rule.allowed(rows_pos[None, None, :, :, None], key_pos[..., None, :])
+    else:
+        visible = visible[..., None, :]
     if query_pos is None:
-        hidden = ~visible[..., None, :]
+        hidden = ~visible
     else:
         # One comparison covers causality and the slot/bounds rule: hidden keys sit past every query.
-        key_pos = torch.where(visible, key_pos, torch.iinfo(key_pos.dtype).max)
-        hidden = key_pos[..., None, :] > query_pos[None, None, :, :, None]
+        key_pos = torch.where(visible, key_pos[..., None, :], torch.iinfo(key_pos.dtype).max)
+        hidden = key_pos > query_pos[None, None, :, :, None]
     # In place: matmul keeps its inputs, not its output, for the backward pass.
     scores.masked_fill_(hidden, float("-inf"))
     # One max / exp / sum pass. The max only shifts the exponent (no gradient flows through it);
@@ -86,6 +97,7 @@ def forward(
     block_q, block_k = pattern.block_q, pattern.block_k
     n_q, n_kv, max_kv = pattern.num_q_blocks, pattern.num_kv_blocks, pattern.max_kv
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rule = token_rule_of(pattern)
 
     # Inputs stay in their dtype; each step converts only what it gathers. K and V get one
     # spare zero block, which unused list slots point at: their (zero) weights then multiply
@@ -121,11 +133,12 @@ def forward(
             ]
             used = slots < counts[..., None]  # (B, h, c, max_kv)
             indices = torch.where(used, indices, n_kv).long()
-            query_pos = offset + blocks[:, None] * block_q + row_in_block if causal else None  # (c, bq)
+            rows_pos = offset + blocks[:, None] * block_q + row_in_block  # (c, bq)
+            query_pos = rows_pos if causal else None
             # Under autograd each chunk is recomputed in the backward pass (checkpointed), so
             # the graph keeps only the chunk's inputs, never its scores: O(S * block) memory.
             chunk = (q_blocks[:, heads, blocks], k_blocks, v_blocks, batch_index[..., None], kv_head[..., None])
-            chunk += (indices, used, query_pos, seq_k, scale, compute_dtype)
+            chunk += (indices, used, query_pos, seq_k, scale, compute_dtype, rule, rows_pos)
             if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
                 chunk_out, lse = checkpoint(_attend_chunk, *chunk, use_reentrant=False)
             else:

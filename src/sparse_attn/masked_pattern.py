@@ -1,0 +1,150 @@
+"""`MaskedPattern`: a block pattern with a token-level rule inside its partial blocks, in a layout's order.
+
+A :class:`~sparse_attn.pattern.BlockSparsePattern` computes every kept block whole (up to the
+causal and sequence-bound rule). Spatial windows (neighbourhood attention at tile edges,
+short border tiles) keep blocks of which only some (query, key) pairs belong to the window.
+A :class:`MaskedPattern` carries, beside the block lists (unchanged: the same fields, the
+same meaning):
+
+* ``token_rule``: an object with ``allowed(q_pos, k_pos) -> bool tensor`` taking int64
+  positions in the pattern's sequence (broadcasting, torch operations only, so the same rule
+  serves the reference backend and FlexAttention's ``mask_mod``), and ``to(device)``. ``None``
+  when every kept block is whole for the rule (the pattern is then *block-exact*);
+* ``rule_partial``: bool, the shape of ``kv_indices``: the list entries inside which the rule
+  removes some pairs. The other kept entries are whole for the rule.
+* ``layout``: the :class:`~sparse_attn.layouts.Layout` whose tile order the pattern is
+  expressed in, or ``None`` (the caller's order). :func:`sparse_attn.block_sparse_attention`
+  permutes q, k and v into that order, computes, and returns the output (and log-sum-exp) in
+  the caller's order.
+
+Backends. ``reference`` evaluates the rule exactly on every gathered block (chunked: memory
+stays O(S * block)); ``flex`` passes it to FlexAttention as the ``mask_mod`` of the partial
+blocks and lists the rule-whole blocks as full blocks. The block kernels (``triton``,
+``gluon``) compute whole blocks only, so a pattern with a token rule runs on ``flex`` (CUDA)
+or ``reference`` (elsewhere) instead (:func:`backend_for_token_rule`; one warning when one of
+them was asked for by name). A block-exact ``MaskedPattern`` (no rule) runs on every backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .layouts import Layout
+from .pattern import BlockSparsePattern
+
+__all__ = ["MaskedPattern", "backend_for_token_rule", "in_layout_order", "token_rule_of"]
+
+_KERNEL_BACKENDS = ("auto", "triton", "gluon", "flash4")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class MaskedPattern(BlockSparsePattern):
+    """A :class:`BlockSparsePattern` with an optional token rule and layout (see the module docstring)."""
+
+    token_rule: object | None = None
+    rule_partial: torch.Tensor | None = None
+    layout: Layout | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.token_rule is None) != (self.rule_partial is None):
+            raise ValueError("token_rule and rule_partial must be given together")
+        if self.token_rule is not None:
+            if not callable(getattr(self.token_rule, "allowed", None)):
+                raise TypeError("token_rule must have an allowed(q_pos, k_pos) method")
+            if self.rule_partial.dtype != torch.bool or self.rule_partial.shape != self.kv_indices.shape:
+                raise ValueError(
+                    f"rule_partial must be a bool tensor of kv_indices' shape {tuple(self.kv_indices.shape)}, "
+                    f"got {self.rule_partial.dtype} {tuple(self.rule_partial.shape)}"
+                )
+        if self.layout is not None:
+            if not isinstance(self.layout, Layout):
+                raise TypeError(f"layout must be a sparse_attn.layouts.Layout, got {type(self.layout).__name__}")
+            self.layout.check_sequence("seq_q", self.seq_q)
+            self.layout.check_sequence("seq_k", self.seq_k)
+
+    def _with_lists(self, kv_counts, kv_indices, rule_partial, token_rule) -> MaskedPattern:
+        """Same pattern in other tensors (all replaced at once, so the shapes always agree)."""
+        validated = {key: True for key in self._cache if key[0] == "validated"}
+        return dataclasses.replace(
+            self,
+            kv_counts=kv_counts,
+            kv_indices=kv_indices,
+            rule_partial=rule_partial,
+            token_rule=token_rule,
+            _cache=validated,
+        )
+
+    def to(self, device) -> MaskedPattern:
+        rule = None if self.token_rule is None else self.token_rule.to(device)
+        partial = None if self.rule_partial is None else self.rule_partial.to(device)
+        return self._with_lists(self.kv_counts.to(device), self.kv_indices.to(device), partial, rule)
+
+    def expand_heads(self, num_q_heads: int) -> MaskedPattern:
+        if self.rule_partial is None or self.num_heads == num_q_heads:
+            return super().expand_heads(num_q_heads)
+        if num_q_heads % self.num_heads != 0:
+            raise ValueError(f"cannot expand {self.num_heads} pattern heads to {num_q_heads} query heads")
+        group = num_q_heads // self.num_heads
+        lists = (self.kv_counts, self.kv_indices, self.rule_partial)
+        counts, indices, partial = (x.repeat_interleave(group, dim=1) for x in lists)
+        return self._with_lists(counts, indices, partial, self.token_rule)
+
+    def union(self, other: BlockSparsePattern, *, causal: bool = True) -> BlockSparsePattern:
+        raise TypeError(
+            "union is not defined for a MaskedPattern (its token rule and layout do not combine with other "
+            "patterns); combine the block masks of plain patterns instead"
+        )
+
+    def __repr__(self) -> str:
+        rule = (
+            "none"
+            if self.token_rule is None
+            else f"{type(self.token_rule).__name__} in {self.partial_entries()} blocks"
+        )
+        return f"Masked{super().__repr__()[:-1]}, token_rule={rule}, layout={self.layout})"
+
+    def partial_entries(self) -> int:
+        """How many kept (batch, head, query block, KV block) entries the token rule cuts inside."""
+        if self.rule_partial is None:
+            return 0
+        used = torch.arange(self.max_kv, device=self.device) < self.kv_counts[..., None]
+        return int((self.rule_partial & used).sum())
+
+
+def token_rule_of(pattern: BlockSparsePattern):
+    """The pattern's token rule, or ``None`` (a plain pattern, or a block-exact masked one)."""
+    return getattr(pattern, "token_rule", None)
+
+
+def backend_for_token_rule(backend: str, q: torch.Tensor, pattern: BlockSparsePattern) -> str:
+    """The backend to consider for ``pattern``: ``backend`` itself unless the pattern has a token
+    rule and ``backend`` is a block kernel (or ``auto``), which computes whole blocks only; then
+    ``flex`` on CUDA, else ``reference``. Warns (once per call site) when a kernel was asked for by name."""
+    if token_rule_of(pattern) is None or backend not in _KERNEL_BACKENDS:
+        return backend
+    fallback = "flex" if q.device.type == "cuda" else "reference"
+    if backend != "auto":
+        warnings.warn(
+            f"the {backend} backend computes whole blocks and this pattern has a token-level rule inside "
+            f"{pattern.partial_entries()} of its blocks: using the {fallback} backend",
+            stacklevel=4,
+        )
+    return fallback
+
+
+def in_layout_order(pattern: BlockSparsePattern, run: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``run(q, k, v)`` in the pattern's layout order: inputs permuted, outputs (a tensor or a tuple
+    of ``(B, H, S, ...)`` tensors) un-permuted. Without a layout, just ``run(q, k, v)``."""
+    layout = getattr(pattern, "layout", None)
+    if layout is None or layout.is_identity:
+        return run(q, k, v)
+    result = run(layout.permute(q), layout.permute(k), layout.permute(v))
+    if isinstance(result, tuple):
+        return tuple(layout.unpermute(x) for x in result)
+    return layout.unpermute(result)

@@ -1,0 +1,45 @@
+"""What the spatial methods share: their layout options, per-dimension option parsing, and the call checks.
+
+Every spatial method takes the layout as options: ``grid=(T, H, W)`` or ``(H, W)`` (or
+``(L,)``), ``text_tokens=`` and ``text_position=`` (see :class:`sparse_attn.layouts.Layout`),
+and is bidirectional: a causal call, a missing grid, or q/k lengths other than the layout's
+raise ``ValueError`` naming the option.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layouts import Layout, _as_sizes
+
+__all__ = ["per_dim", "spatial_layout"]
+
+
+def per_dim(name: str, value, rank: int) -> tuple[int, ...]:
+    """``value`` (an int, or one int >= 1 per grid dimension) as a tuple of ``rank`` ints."""
+    return _as_sizes(name, value, rank)
+
+
+def check_grid_option(grid) -> tuple[int, ...] | None:
+    """Validate a method's ``grid`` option (``None`` allowed: it is required at estimate time)."""
+    if grid is None:
+        return None
+    return Layout(grid).grid
+
+
+def spatial_layout(
+    method: str, q: torch.Tensor, k: torch.Tensor, *, causal: bool, grid, tile, text_tokens: int, text_position: str
+) -> Layout:
+    """The layout of a spatial method's call, after checking that the call fits it."""
+    if causal:
+        raise ValueError(f"method {method!r} is bidirectional (video/image attention): call it with causal=False")
+    if grid is None:
+        raise ValueError(f"method {method!r} needs the token grid: pass grid=(T, H, W), (H, W) or (L,)")
+    layout = Layout(grid, tile=tile, text_tokens=text_tokens, text_position=text_position)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"method {method!r} is self-attention over one layout: q and k must have the same length, "
+            f"got {q.shape[2]} and {k.shape[2]}"
+        )
+    layout.check_sequence("q", q.shape[2])
+    return layout
