@@ -25,6 +25,7 @@ Choices where the paper is silent (it evaluates multi-head models, one selection
   are multiples of the page size).
 - Ties are broken by ``torch.topk``'s order.
 
+Operator: :func:`sparse_attn.ops.page_bounds.page_bounds` (one Triton kernel on CUDA).
 Cost per step and KV head: the bounds read ``2 * D`` summary values per page (``1/P`` of the
 keys and values a dense step reads, with 2-byte keys), plus a softmax and a top-k over pages.
 """
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ...checks import check_int
+from ...ops.page_bounds import page_bounds
 from ..registry import register_decode_method
 from ..selection import (
     DecodeSelection,
@@ -57,23 +59,6 @@ class QuestConfig:
         check_int("dense_layers", self.dense_layers, minimum=0)
 
 
-def quest_page_bounds(q: torch.Tensor, cache) -> torch.Tensor:
-    """Quest's upper bound of ``q · k`` over each logical page's keys, float32 ``(B, Hq, max_pages)``.
-
-    q ``(B, Hq, D)``; pages past a sequence's end hold stale summaries (mask them with the
-    sequence's page count).
-    """
-    batch, q_heads, dim = q.shape
-    group = q_heads // cache.kv_heads
-    # (B, max_pages, Hkv, D) -> (B, Hkv, D, max_pages)
-    table = cache.page_table.long()
-    key_max = cache.key_max[table].permute(0, 2, 3, 1).float()
-    key_min = cache.key_min[table].permute(0, 2, 3, 1).float()
-    grouped = q.float().view(batch, cache.kv_heads, group, dim)
-    bounds = grouped.clamp(min=0) @ key_max + grouped.clamp(max=0) @ key_min
-    return bounds.reshape(batch, q_heads, -1)
-
-
 @register_decode_method(
     "quest",
     config=QuestConfig,
@@ -85,7 +70,10 @@ def select_quest(q, cache, config: QuestConfig, *, layer: int, state: dict) -> D
         return dense_selection(cache)
     budget = budget_in_pages(config.token_budget, cache.page_size)
     pages = page_counts(cache)
-    bounds = quest_page_bounds(q, cache) * q.shape[-1] ** -0.5
+    bounds = page_bounds(
+        q, cache.key_min, cache.key_max, cache.page_table, cache.seq_lens, page_size=cache.page_size,
+        scale=q.shape[-1] ** -0.5,
+    )  # fmt: skip
     valid = torch.arange(bounds.shape[-1], device=q.device) < pages[:, None, None]
     scores = group_probabilities(bounds, valid, cache.kv_heads)
     return topk_selection(scores, pages, budget, cache.page_size)
