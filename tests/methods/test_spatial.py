@@ -348,3 +348,17 @@ def test_gpu_spatial_methods_match_the_reference(monkeypatch, dtype):
                 warnings.simplefilter("ignore")
                 out = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend=backend)
             assert relative_error(out, expected) < 1e-2, (method, options, backend)
+
+
+def test_static_patterns_are_built_once_per_options_and_blocks():
+    q, k, _ = random_qkv(1, 2, 1, 24, 24, 8, seed=9)
+    first = sa.estimate(
+        q, k, "sliding_tile", causal=False, grid=(4, 6), tile=(2, 2), window=(1, 3), block_q=8, block_k=8
+    )
+    again = sa.estimate(
+        q, k, "sliding_tile", causal=False, grid=(4, 6), tile=(2, 2), window=(1, 3), block_q=8, block_k=8
+    )
+    other = sa.estimate(
+        q, k, "sliding_tile", causal=False, grid=(4, 6), tile=(2, 2), window=(1, 3), block_q=8, block_k=4
+    )
+    assert first is again and other is not first

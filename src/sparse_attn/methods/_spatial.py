@@ -8,11 +8,14 @@ raise ``ValueError`` naming the option.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from ..layouts import Layout, _as_sizes
 
-__all__ = ["per_dim", "spatial_layout"]
+__all__ = ["per_dim", "spatial_layout", "static_pattern"]
 
 
 def per_dim(name: str, value, rank: int) -> tuple[int, ...]:
@@ -43,3 +46,9 @@ def spatial_layout(
         )
     layout.check_sequence("q", q.shape[2])
     return layout
+
+
+@functools.lru_cache(maxsize=32)
+def static_pattern(build: Callable, config, layout: Layout, block_q: int, block_k: int, device: torch.device):
+    """``build(config, layout, block_q=, block_k=, device=)``, built once per distinct arguments (LRU of 32)."""
+    return build(config, layout, block_q=block_q, block_k=block_k, device=device)

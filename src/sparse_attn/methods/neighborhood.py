@@ -58,11 +58,11 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_int
-from ..layouts import default_tile
+from ..layouts import Layout, default_tile
 from ..masked_pattern import MaskedPattern
 from ..ops.grid_windows import DimWindow, window_pattern
 from ..registry import register_method
-from ._spatial import check_grid_option, per_dim, spatial_layout
+from ._spatial import check_grid_option, per_dim, spatial_layout, static_pattern
 
 Sizes = int | tuple[int, ...]
 
@@ -131,8 +131,12 @@ def estimate(
         text_tokens=config.text_tokens,
         text_position=config.text_position,
     )
+    return static_pattern(_build, config, layout, block_q, block_k, q.device)
+
+
+def _build(config: NeighborhoodConfig, layout: Layout, *, block_q: int, block_k: int, device) -> MaskedPattern:
     windows = tuple(
-        neighborhood_window(size, w, r, s, q.device)
+        neighborhood_window(size, w, r, s, device)
         for size, w, r, s in zip(
             layout.grid,
             per_dim("window", config.window, layout.rank),
@@ -141,4 +145,4 @@ def estimate(
             strict=True,
         )
     )
-    return window_pattern(layout, windows, block_q=block_q, block_k=block_k, device=q.device)
+    return window_pattern(layout, windows, block_q=block_q, block_k=block_k, device=device)

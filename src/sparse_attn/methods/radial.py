@@ -53,7 +53,7 @@ from ..layouts import Layout
 from ..masked_pattern import MaskedPattern
 from ..ops.to_pattern import stream_pattern
 from ..registry import register_method
-from ._spatial import check_grid_option, spatial_layout
+from ._spatial import check_grid_option, spatial_layout, static_pattern
 
 
 @dataclass(frozen=True)
@@ -131,10 +131,14 @@ def estimate(
         text_tokens=config.text_tokens,
         text_position=config.text_position,
     )
+    return static_pattern(_build, config, layout, block_q, block_k, q.device)
+
+
+def _build(config: RadialConfig, layout: Layout, *, block_q: int, block_k: int, device) -> MaskedPattern:
     frames, frame_tokens = layout.grid[0], layout.grid[1] * layout.grid[2]
-    width, frames_kept = frame_rule(frames, frame_tokens, config.decay_factor, block_k, q.device)
-    q_frame, q_first, q_last, q_text = _segments(layout, block_q, q.device)
-    k_frame, k_first, k_last, k_text = _segments(layout, block_k, q.device)
+    width, frames_kept = frame_rule(frames, frame_tokens, config.decay_factor, block_k, device)
+    q_frame, q_first, q_last, q_text = _segments(layout, block_q, device)
+    k_frame, k_first, k_last, k_text = _segments(layout, block_k, device)
     k_valid = k_first <= k_last
 
     def mask_rows(rows: range) -> torch.Tensor:
@@ -158,7 +162,7 @@ def estimate(
         block_q=block_q,
         block_k=block_k,
         causal=False,
-        device=q.device,
+        device=device,
         row_elements=8 * n_kv * segments,
     )
     masked = MaskedPattern(

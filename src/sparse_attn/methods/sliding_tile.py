@@ -40,10 +40,11 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_int
+from ..layouts import Layout
 from ..masked_pattern import MaskedPattern
 from ..ops.grid_windows import DimWindow, window_pattern
 from ..registry import register_method
-from ._spatial import check_grid_option, per_dim, spatial_layout
+from ._spatial import check_grid_option, per_dim, spatial_layout, static_pattern
 
 Sizes = int | tuple[int, ...]
 
@@ -107,7 +108,11 @@ def estimate(
         text_tokens=config.text_tokens,
         text_position=config.text_position,
     )
+    return static_pattern(_build, window, layout, block_q, block_k, q.device)
+
+
+def _build(window: tuple[int, ...], layout: Layout, *, block_q: int, block_k: int, device) -> MaskedPattern:
     windows = tuple(
-        tile_window(size, t, w, q.device) for size, t, w in zip(layout.grid, layout.tile, window, strict=True)
+        tile_window(size, t, w, device) for size, t, w in zip(layout.grid, layout.tile, window, strict=True)
     )
-    return window_pattern(layout, windows, block_q=block_q, block_k=block_k, device=q.device)
+    return window_pattern(layout, windows, block_q=block_q, block_k=block_k, device=device)
