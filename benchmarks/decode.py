@@ -1,0 +1,251 @@
+"""Attention time per decode step: sparse decode methods over a paged KV cache against dense decode (GPU).
+
+Shape: 32 query / 8 KV heads, head_dim 128, bf16, one new query token per sequence, every
+sequence of the batch at the stated context. Per (context, batch):
+
+- dense baselines: SDPA with cuDNN and with FlashAttention (``torch.nn.attention.sdpa_kernel``;
+  the group's 4 query heads as 4 query rows of their KV head, so K/V are not expanded),
+  compiled FlexAttention (``enable_gqa``), and our split-K paged kernel with every page
+  selected (``ours_dense``);
+- per decode method and token budget: the selection alone (``select_ms``), the paged
+  attention alone on that selection (``attend_ms``), and both (``step_ms``: what a decode step
+  costs), with ``step / cuDNN`` (issue 17's target: <= 0.1 at 128K, batch 8, budget 2048) and
+  ``select / step`` (target: <= 0.2);
+- the bandwidth floor: the bytes each step reads (K and V of the tokens read; the summaries
+  or label cache the selection reads, reported apart) over ``--peak-tbps`` (default 4.8 TB/s,
+  the H200's HBM3e peak from its data sheet; issue 17 measured about 4.3 TB/s in practice).
+
+Page sizes 16 / 32 / 64 are compared at one configuration (``--page-config``, default 128K
+context, batch 8, budget 2048); the rest of the grid uses 16-token pages. Pages are laid out
+in order in the pool (a freshly prefilled cache). The selection runs as a sparse layer does
+(past the method's dense layers). Double Sparsity's label channels are the first ``D // 16``
+channels (speed does not depend on which); ``tidaldecode``'s reuse layers cost what
+``double_sparsity``'s attention costs (token-level lists of the same size) and its
+selection layers what ``ours_dense`` plus the scoring costs, so it is not timed apart.
+Medians from ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/decode.json``.
+
+    python benchmarks/decode.py            # the grid (about 3 minutes on an H200, compile included)
+    python benchmarks/decode.py --quick    # 32K and 128K, batch 8, budget 2048, quest only
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
+from sparse_attn.decode import PagedKVCache, get_decode_method
+from sparse_attn.decode.selection import dense_selection
+from sparse_attn.ops.paged_decode import paged_decode
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+DTYPE = torch.bfloat16
+BYTES = 2  # bf16
+PREFILL_CHUNK = 8192
+# A layer past every method's dense layers (Quest keeps 2 dense), so the sparse rule runs.
+SPARSE_LAYER = 3
+
+
+def build_cache(k: torch.Tensor, v: torch.Tensor, page_size: int) -> PagedKVCache:
+    """A paged cache holding ``k`` / ``v`` ``(B, Hkv, S, D)``, appended in prefill chunks."""
+    batch, kv_heads, seq, dim = k.shape
+    cache = PagedKVCache(
+        batch, kv_heads, dim, page_size=page_size, dtype=k.dtype, device=k.device, capacity_tokens=seq * batch
+    )
+    for start in range(0, seq, PREFILL_CHUNK):
+        cache.append(k[:, :, start : start + PREFILL_CHUNK], v[:, :, start : start + PREFILL_CHUNK])
+    channels = torch.arange(max(1, dim // 16), device=k.device).expand(kv_heads, -1).contiguous()
+    cache.set_label_channels(channels)
+    return cache
+
+
+def _sdpa(choice, q_rows, k, v):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(choice):
+        return F.scaled_dot_product_attention(q_rows, k, v)
+
+
+def dense_baselines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, device) -> dict:
+    """Milliseconds (or errors) of each dense decode: cuDNN / flash SDPA, FlexAttention, our kernel."""
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention.flex_attention import flex_attention
+
+    batch = q.shape[0]
+    q_rows = q.view(batch, KV_HEADS, Q_HEADS // KV_HEADS, HEAD_DIM)  # a group's heads as query rows
+    flex = torch.compile(flex_attention, dynamic=False)
+    selection = dense_selection(cache)
+    runs = {
+        "sdpa-cudnn": partial(_sdpa, SDPBackend.CUDNN_ATTENTION, q_rows, k, v),
+        "sdpa-flash": partial(_sdpa, SDPBackend.FLASH_ATTENTION, q_rows, k, v),
+        "flex": partial(flex, q[:, :, None], k, v, enable_gqa=True),
+        "ours_dense": partial(_attend, q, cache, selection),
+    }
+    return {name: measure(run, device) for name, run in runs.items()}
+
+
+def _attend(q, cache, selection):
+    return paged_decode(
+        q, cache.k_pages, cache.v_pages, cache.page_table, cache.seq_lens, selection.selected, selection.counts,
+        select_block=selection.select_block,
+    )  # fmt: skip
+
+
+def _select(method, config, q, cache):
+    return method.select(q, cache, config, layer=SPARSE_LAYER, state={"num_layers": 2 * SPARSE_LAYER})
+
+
+def _step(method, config, q, cache):
+    return _attend(q, cache, _select(method, config, q, cache))
+
+
+def selection_bytes(name: str, cache: PagedKVCache) -> int:
+    """Bytes a method's selection reads per step: Quest the pages' key min and max, Double
+    Sparsity the label cache; streaming reads nothing."""
+    pages = sum(cache.num_pages()) * cache.kv_heads
+    if name == "quest":
+        return pages * 2 * cache.head_dim * BYTES
+    if name == "double_sparsity":
+        return pages * cache.page_size * cache.label_channels.shape[1] * BYTES
+    return 0
+
+
+def sparse_row(name: str, budget: int, q, cache, dense: dict, peak_tbps: float, device) -> dict:
+    """One method at one budget: selection, attention and step times, bytes read and floors."""
+    method = get_decode_method(name)
+    config = method.make_config(token_budget=budget)
+    row = {"method": name, "budget": budget, "page_size": cache.page_size, "errors": {}}
+    try:
+        selection = _select(method, config, q, cache)
+    except Exception as error:  # a method that cannot run this shape is reported, not fatal
+        row["errors"]["select"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return row
+    timings = {
+        "select": partial(_select, method, config, q, cache),
+        "attend": partial(_attend, q, cache, selection),
+        "step": partial(_step, method, config, q, cache),
+    }
+    for key, run in timings.items():
+        row[f"{key}_ms"], error = measure(run, device)
+        if error:
+            row["errors"][key] = error
+    tokens = selection.tokens_read().clamp(max=cache.seq_lens.long()[:, None])
+    row["tokens_read"] = float(tokens.float().mean())
+    row["attend_bytes"] = int(tokens.sum()) * cache.head_dim * 2 * BYTES
+    row["select_bytes"] = selection_bytes(name, cache)
+    row["attend_floor_ms"] = row["attend_bytes"] / (peak_tbps * 1e9)
+    row["step_floor_ms"] = (row["attend_bytes"] + row["select_bytes"]) / (peak_tbps * 1e9)
+    cudnn = dense.get("sdpa-cudnn_ms")
+    if row.get("step_ms") and cudnn:
+        row["step_vs_cudnn"] = row["step_ms"] / cudnn
+    if row.get("step_ms") and row.get("select_ms"):
+        row["select_share"] = row["select_ms"] / row["step_ms"]
+    return row
+
+
+def run_config(seq: int, batch: int, budgets, methods, page_sizes, peak_tbps: float, device) -> list[dict]:
+    """Every row of one (context, batch): dense baselines, then each page size x method x budget."""
+    need = 2 * seq * batch * KV_HEADS * HEAD_DIM * 2 * BYTES  # contiguous K/V + the pages
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > 0.8 * free:
+        print(f"skip {seq} x batch {batch}: needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free", flush=True)
+        return []
+    generator = torch.Generator(device=device).manual_seed(seq + batch)
+    k, v = (
+        torch.randn(batch, KV_HEADS, seq, HEAD_DIM, device=device, dtype=DTYPE, generator=generator) for _ in range(2)
+    )
+    q = torch.randn(batch, Q_HEADS, HEAD_DIM, device=device, dtype=DTYPE, generator=generator)
+    rows = []
+    base = {"seq": seq, "batch": batch}
+    dense = {}
+    for page_size in page_sizes:
+        cache = build_cache(k, v, page_size)
+        if not dense:
+            for name, (ms, error) in dense_baselines(q, k, v, cache, device).items():
+                dense[f"{name}_ms"] = ms
+                if error:
+                    dense.setdefault("errors", {})[name] = error
+            dense_bytes = seq * batch * KV_HEADS * HEAD_DIM * 2 * BYTES
+            dense["dense_floor_ms"] = dense_bytes / (peak_tbps * 1e9)
+            rows.append({**base, "method": "dense", "page_size": page_size, **dense})
+            print(format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
+        for name in methods:
+            for budget in budgets:
+                row = {**base, **sparse_row(name, budget, q, cache, dense, peak_tbps, device)}
+                rows.append(row)
+                print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
+COLUMNS = [
+    ("seq", "seq", "d"),
+    ("batch", "batch", "d"),
+    ("page_size", "page", "d"),
+    ("method", "method", ""),
+    ("budget", "budget", "d"),
+    ("sdpa-cudnn_ms", "cuDNN ms", ".4f"),
+    ("sdpa-flash_ms", "flash ms", ".4f"),
+    ("flex_ms", "flex ms", ".4f"),
+    ("ours_dense_ms", "ours dense ms", ".4f"),
+    ("dense_floor_ms", "dense floor ms", ".4f"),
+    ("select_ms", "select ms", ".4f"),
+    ("attend_ms", "attend ms", ".4f"),
+    ("step_ms", "step ms", ".4f"),
+    ("step_floor_ms", "step floor ms", ".4f"),
+    ("step_vs_cudnn", "step / cuDNN", ".3f"),
+    ("select_share", "select / step", ".2f"),
+    ("tokens_read", "tokens read", ".0f"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--methods", nargs="+", default=["quest", "double_sparsity", "streaming"])
+    parser.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument(
+        "--page-config", type=int, nargs=3, default=[131072, 8, 2048], metavar=("SEQ", "BATCH", "BUDGET")
+    )
+    parser.add_argument("--peak-tbps", type=float, default=4.8, help="HBM bandwidth for the floor (H200: 4.8)")
+    parser.add_argument("--quick", action="store_true", help="32K and 128K, batch 8, budget 2048, quest, page 16")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    if args.quick:
+        args.lengths, args.batches, args.budgets, args.methods, args.page_sizes = (
+            [32768, 131072],
+            [8],
+            [2048],
+            ["quest"],
+            [16],
+        )
+    print(format_table([], COLUMNS), flush=True)
+    rows = []
+    page_seq, page_batch, page_budget = args.page_config
+    for seq in args.lengths:
+        for batch in args.batches:
+            rows += run_config(seq, batch, args.budgets, args.methods, [16], args.peak_tbps, device)
+    if set(args.page_sizes) - {16}:
+        sweep = sorted(set(args.page_sizes) - {16})
+        rows += run_config(page_seq, page_batch, [page_budget], ["quest"], sweep, args.peak_tbps, device)
+    print()
+    print(format_table(rows, COLUMNS))
+    for row in rows:
+        for name, error in row.get("errors", {}).items():
+            print(f"  {row['seq']} b{row['batch']} {row['method']} {row.get('budget', '')}: {name}: {error}")
+    path = args.output or Path(__file__).parent / "results" / device_slug(device) / "decode.json"
+    meta = {"benchmark": "decode", "peak_tbps": args.peak_tbps, "shape": [Q_HEADS, KV_HEADS, HEAD_DIM, "bf16"]}
+    write_results(rows, path, {**meta, **environment(device)})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
