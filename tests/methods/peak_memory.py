@@ -30,6 +30,9 @@ OPTIONS = {
     "proxyattn": {"query_stride": 4},
     "vertical_slash": {"vertical_size": 64, "slash_size": 64},
     "strided_shards": {"local_tokens": 64, "stride": 4},
+    "sale": {"threshold": 0.05, "sink_tokens": 16, "local_tokens": 16},
+    "anchor": {"theta": 4.0, "step": 4, "init_tokens": 16, "local_tokens": 16},
+    "moa": {"alpha": 64.0, "beta": 0.05, "sink_tokens": 16},
 }
 
 

@@ -13,7 +13,6 @@ from planted import PlantedSpec, planted_blocks, planted_qkv
 
 import sparse_attn as sa
 from sparse_attn.geometry import num_blocks
-from sparse_attn.methods import anchor as anchor_module
 from sparse_attn.ops import to_pattern
 from sparse_attn.ops.lowbit import dequantize, quantize, sequence_mean
 from sparse_attn.ops.static_masks import sink_local_block_mask
@@ -205,7 +204,6 @@ def test_chunked_estimation_equals_one_chunk(method, monkeypatch):
     options = dict(block_q=8, block_k=8, **SMALL_REGION[method])
     whole = sa.estimate(q, k, method, **options)
     monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(anchor_module, "CHUNK_ELEMENTS", 1)
     chunked = sa.estimate(q, k, method, **options)
     assert torch.equal(whole.to_mask(), chunked.to_mask())
 

@@ -31,6 +31,9 @@ OPTIONS = {
     "power": {"sink_tokens": 16, "local_tokens": 32},
     "strided_shards": {"local_tokens": 32, "stride": 3},
     "dense": {},
+    "sale": {"threshold": 0.05, "sink_tokens": 8, "local_tokens": 16},
+    "anchor": {"theta": 4.0, "step": 3, "init_tokens": 8, "local_tokens": 8},
+    "moa": {"alpha": 16.0, "beta": 0.1, "sink_tokens": 8},
 }
 
 SHAPES = [
@@ -62,7 +65,7 @@ def test_chunked_streaming_gives_the_one_chunk_pattern(
     chunked.validate(causal=causal)
 
 
-ROW_STREAMED = ["xattention", "block_topk", "proxyattn", "vertical_slash", "strided_shards"]
+ROW_STREAMED = ["xattention", "block_topk", "proxyattn", "vertical_slash", "strided_shards", "sale", "anchor", "moa"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures peak RSS with fork and Linux ru_maxrss")
@@ -99,7 +102,9 @@ def test_peak_memory_stays_within_the_chunk_not_the_block_table():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["xattention", "flexprefill", "vertical_slash", "block_topk", "proxyattn"])
+@pytest.mark.parametrize(
+    "method", ["xattention", "flexprefill", "vertical_slash", "block_topk", "proxyattn", "sale", "anchor"]
+)
 def test_gpu_peak_memory_stays_within_the_chunk(monkeypatch, method):
     # 64K tokens, 32/8 heads, 128-token blocks: one whole float32 block table of every head is 32 MiB.
     seq, heads, n = 65536, 32, 512

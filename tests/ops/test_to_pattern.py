@@ -84,3 +84,20 @@ def test_block_rows_are_rows_of_the_geometry_tables(seq_q, extra, block_q, block
             assert torch.equal(
                 diagonal_block_rows(seq_q, seq_k, block_q, block_k, rows), diagonal[rows.start : rows.stop]
             )
+
+
+def test_rows_multiple_gives_chunks_of_whole_groups(monkeypatch):
+    seen = []
+
+    def mask_rows(rows: range) -> torch.Tensor:
+        seen.append(rows)
+        return torch.ones(len(rows), 5, dtype=torch.bool)
+
+    geometry = dict(batch=1, heads=1, seq_q=80, seq_k=80, block_q=8, block_k=16, causal=True, device="cpu")
+    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 1)
+    to_pattern.stream_pattern(mask_rows, row_elements=1, rows_multiple=3, **geometry)
+    assert sorted((r.start, r.stop) for r in seen) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    seen.clear()
+    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 7)
+    to_pattern.stream_pattern(mask_rows, row_elements=1, rows_multiple=3, **geometry)
+    assert sorted((r.start, r.stop) for r in seen) == [(0, 6), (6, 10)]

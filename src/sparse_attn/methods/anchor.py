@@ -39,8 +39,8 @@ room or where this engine differs:
 
 Operators: :mod:`sparse_attn.ops.anchor_region` (row maxima), :mod:`sparse_attn.ops.pooling`
 (pooled queries), :mod:`sparse_attn.ops.block_max` (each pooled query's best stripe per KV
-block), :mod:`sparse_attn.ops.static_masks`, assembled a chunk of whole step groups at a time
-by :class:`sparse_attn.ops.to_pattern.PatternBuilder`.
+block), :mod:`sparse_attn.ops.static_masks`, streamed a chunk of whole step groups at a time
+by :func:`sparse_attn.ops.to_pattern.stream_pattern` (``rows_multiple=step``).
 """
 
 from __future__ import annotations
@@ -51,13 +51,11 @@ import torch
 
 from ..checks import check_int
 from ..geometry import num_blocks, own_kv_block_span, query_block_positions
-from ..ops._chunking import CHUNK_ELEMENTS
 from ..ops.anchor_region import anchor_region_stats, region_blocks, region_width
 from ..ops.block_max import block_max_logits
-from ..ops.block_rows import query_block_chunks
 from ..ops.pooling import mean_pool_blocks
 from ..ops.static_masks import check_token_window, token_window_mask
-from ..ops.to_pattern import PatternBuilder
+from ..ops.to_pattern import stream_pattern
 from ..pattern import BlockSparsePattern
 from ..registry import register_method
 
@@ -112,7 +110,7 @@ def estimate(
     batch, q_heads, seq_q, _ = q.shape
     seq_k = k.shape[2]
     scale = q.shape[-1] ** -0.5
-    n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
+    n_kv = num_blocks(seq_k, block_k)
     pooled_q = mean_pool_blocks(q, block_q) * scale
     _, block_ends = query_block_positions(seq_q, seq_k, block_q, q.device)
     region = region_blocks(config.init_tokens, config.local_tokens, block_k)
@@ -151,7 +149,9 @@ def estimate(
         )
         return selected | dense | sinks
 
-    builder = PatternBuilder(
+    # Chunks of whole step groups, sized so that a chunk's region logits and block maxima fit the budget.
+    return stream_pattern(
+        mask_rows,
         batch=batch,
         heads=q_heads,
         seq_q=seq_q,
@@ -160,10 +160,6 @@ def estimate(
         block_k=block_k,
         causal=causal,
         device=q.device,
+        row_elements=batch * q_heads * (block_q * region_width(block_q, block_k, **region) + n_kv),
+        rows_multiple=config.step,
     )
-    # Chunks of whole step groups, sized so that a chunk's region logits and block maxima fit the budget.
-    row_elements = batch * q_heads * (block_q * region_width(block_q, block_k, **region) + n_kv)
-    groups_per_chunk = max(1, CHUNK_ELEMENTS // max(1, row_elements * config.step))
-    for rows in query_block_chunks(n_q, groups_per_chunk * config.step):
-        builder.add(mask_rows(rows), rows=rows)
-    return builder.finish()

@@ -151,6 +151,7 @@ def stream_pattern(
     causal: bool,
     device,
     row_elements: int,
+    rows_multiple: int = 1,
 ) -> BlockSparsePattern:
     """A pattern from ``mask_rows(q_blocks)``, called once per chunk of query blocks, last chunk first.
 
@@ -158,7 +159,9 @@ def stream_pattern(
     broadcasts to it) for the contiguous ``range`` of query blocks it is given. ``row_elements``
     is the float32 size of one query block's row in the largest tensor ``mask_rows`` holds
     (typically ``batch * heads * n_kv_blocks``); chunks hold ``CHUNK_ELEMENTS // row_elements``
-    query blocks (at least one).
+    query blocks (at least one), rounded down to a multiple of ``rows_multiple`` (at least
+    one multiple): a rule that shares a choice among groups of ``rows_multiple`` query blocks
+    then sees whole groups, each chunk starting at a multiple of it.
     """
     builder = PatternBuilder(
         batch=batch,
@@ -170,7 +173,8 @@ def stream_pattern(
         causal=causal,
         device=device,
     )
-    for rows in query_block_chunks(builder.n_q, CHUNK_ELEMENTS // max(1, row_elements)):
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, row_elements * rows_multiple)) * rows_multiple
+    for rows in query_block_chunks(builder.n_q, rows_per_chunk):
         builder.add(mask_rows(rows), rows=rows)
     return builder.finish()
 
