@@ -29,14 +29,15 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def unsupported_reason(q: torch.Tensor, *, head_dim: int) -> str | None:
-    """Why :func:`page_bounds_triton` cannot run this case, or ``None``."""
+    """Why :func:`page_bounds_triton` cannot run this case, or ``None``. Also the common part of
+    the paged decode kernel's check (both pack a GQA group into one tile of ``head_dim`` columns)."""
     if triton is None:
         return "triton is not installed"
     reason = device_unsupported_reason(q)
     if reason is not None:
         return reason
     if head_dim not in HEAD_DIMS:
-        return f"the page bounds kernel takes head_dim in {HEAD_DIMS}, not {head_dim}"
+        return f"the decode kernels take head_dim in {HEAD_DIMS}, not {head_dim}"
     return None
 
 

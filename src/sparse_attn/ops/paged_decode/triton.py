@@ -32,7 +32,7 @@ import torch
 
 from ...backends import launch
 from ...utils import dot_in_float32, interpreting, length_bucket
-from .._dispatch import device_unsupported_reason
+from ..page_bounds.triton import unsupported_reason as grouped_tile_unsupported_reason
 
 try:
     import triton
@@ -43,7 +43,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 __all__ = ["choose_num_splits", "paged_decode_triton", "unsupported_reason"]
 
 LOG2_E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128, 256)
 # Programs to aim for: a few waves over the SMs, so the last wave's tail is short.
 PROGRAMS_PER_SM = 4
 MIN_ENTRY_TOKENS_PER_SPLIT = 256
@@ -51,13 +50,9 @@ MIN_ENTRY_TOKENS_PER_SPLIT = 256
 
 def unsupported_reason(q: torch.Tensor, *, head_dim: int, select_block: int, page_size: int) -> str | None:
     """Why :func:`paged_decode_triton` cannot run this case, or ``None``."""
-    if triton is None:
-        return "triton is not installed"
-    reason = device_unsupported_reason(q)
+    reason = grouped_tile_unsupported_reason(q, head_dim=head_dim)
     if reason is not None:
         return reason
-    if head_dim not in HEAD_DIMS:
-        return f"the paged decode kernel takes head_dim in {HEAD_DIMS}, not {head_dim}"
     if select_block > 128 or select_block & (select_block - 1):
         return f"the paged decode kernel takes a select_block that is a power of two <= 128, not {select_block}"
     if page_size & (page_size - 1):
