@@ -26,7 +26,9 @@ each); ``probe_queries=64`` (MInference's last-query count). Choices and limits:
   smallest share of it (a conservative proxy), but methods that estimate from the last
   queries themselves (``vertical_slash``, ``flexprefill``) are judged on the rows they fit.
   ``tri_shape`` is not a default candidate for that reason: it keeps its last rows dense, so
-  the probe would always credit it with full recall.
+  the probe would always credit it with full recall. ``sale`` is not a default candidate for
+  its cost: its low-bit scoring is emulated here in float32 over every query-key pair, which
+  at long context costs more than dense attention (add it to ``candidates`` to compare).
 - Candidates must use the call's blocks (``block_q``/``block_k``): ``moba`` (token-level,
   ``block_q = 1``) and the spatial methods are not candidates. A candidate that cannot run the
   case (e.g. ``xattention`` with blocks that are not a multiple of its stride) is skipped
@@ -70,7 +72,6 @@ DEFAULT_CANDIDATES: tuple[tuple[str, dict], ...] = (
     ("flexprefill", {"gamma": 0.9}),
     ("flexprefill", {"gamma": 0.95}),
     ("proxyattn", {}),
-    ("sale", {}),
     ("anchor", {}),
 )
 

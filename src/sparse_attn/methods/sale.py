@@ -32,8 +32,11 @@ keys). Choices where the paper leaves room or where this engine differs:
 - Quantisation scales are per token. The released kernel's default groups a few tokens per
   scale (a per-warp layout of its int4 tensor-core fragments); per-token scales are the finer
   of the two modes it offers, so this estimate is slightly more accurate than the kernel's.
-- The quantisation is emulated in float32 (:mod:`sparse_attn.ops.lowbit`): the block scores
-  are those of the paper's arithmetic, not its speed; no int4/fp8 kernel is included.
+- The quantisation is emulated (:mod:`sparse_attn.ops.lowbit`): codes are stored at low
+  precision (int8 holding int4 values, or fp8), but the products are float32 matmuls over
+  every query-key pair, so the block scores are those of the paper's arithmetic, not its
+  speed: at long context this estimate costs more than dense bf16 attention. The paper's
+  int4 tensor-core kernel (about 11 % of dense time, as it reports) is not included.
 - With GQA each query head is scored against its KV head (lists per query head); the means
   for smoothing are per query head and per KV head.
 - ``causal=False`` (not in the paper): the window is symmetric around the query block.
