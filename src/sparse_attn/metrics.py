@@ -1,15 +1,20 @@
 """Pattern quality: density, attention recall and output error, all without an S x S tensor.
 
 Recall and error are computed with the reference backend (chunked over query blocks), so
-they run anywhere and cost about two attention passes.
+they run anywhere and cost about two attention passes. A pattern over a layout's tile order
+(:class:`sparse_attn.masked_pattern.MaskedPattern`) is applied in that order, as the attention
+entry points do.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
 from .backends import reference
 from .checks import check_attention_inputs, check_query_key
+from .masked_pattern import in_layout_order
 from .pattern import BlockSparsePattern, check_pattern_fits, dense_pattern
 
 
@@ -43,7 +48,8 @@ def recall(
     pattern.ensure_valid(causal=causal)
     # Values do not affect the LSE; a 1-wide value tensor keeps the extra work small.
     values = k[..., :1]
-    _, kept = reference.forward(q, k, values, pattern, causal=causal, scale=scale, return_lse=True)
+    options = dict(causal=causal, scale=scale, return_lse=True)
+    _, kept = in_layout_order(pattern, partial(reference.forward, pattern=pattern, **options), q, k, values)
     _, full = reference.forward(q, k, values, _dense_like(pattern, causal), causal=causal, scale=scale, return_lse=True)
     return float(torch.exp(kept - full).mean())
 
@@ -61,6 +67,6 @@ def output_error(
     scale = check_attention_inputs(q, k, v, scale)
     check_pattern_fits(pattern, q, k)
     pattern.ensure_valid(causal=causal)
-    sparse = reference.forward(q, k, v, pattern, causal=causal, scale=scale)
+    sparse = in_layout_order(pattern, partial(reference.forward, pattern=pattern, causal=causal, scale=scale), q, k, v)
     dense = reference.forward(q, k, v, _dense_like(pattern, causal), causal=causal, scale=scale)
     return float(torch.linalg.vector_norm((sparse - dense).float()) / torch.linalg.vector_norm(dense.float()))

@@ -362,3 +362,25 @@ def test_static_patterns_are_built_once_per_options_and_blocks():
         q, k, "sliding_tile", causal=False, grid=(4, 6), tile=(2, 2), window=(1, 3), block_q=8, block_k=4
     )
     assert first is again and other is not first
+
+
+def test_metrics_apply_a_layout_pattern_in_its_order():
+    grid, window, tile = (6, 7), (3, 5), (4, 4)
+    layout = Layout(grid, tile=tile)
+    neighbours = [lambda i, n=n, w=w: natten_neighbours(i, n, w, 1, 1) for n, w in zip(grid, window, strict=True)]
+    mask = grid_token_mask(layout, neighbours)
+    q, k, v = random_qkv(1, 2, 2, layout.seq_len, layout.seq_len, 16, seed=10)
+    pattern = sa.estimate(
+        q, k, "neighborhood", causal=False, grid=grid, window=window, tile=tile, block_q=16, block_k=16
+    )
+    dense = masked_attention(q, k, v, torch.ones_like(mask))
+    assert (
+        abs(
+            sa.metrics.output_error(q, k, v, pattern, causal=False)
+            - relative_error(masked_attention(q, k, v, mask), dense)
+        )
+        < 1e-5
+    )
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 16**-0.5
+    kept = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1) - torch.logsumexp(scores, -1)
+    assert abs(sa.metrics.recall(q, k, pattern, causal=False) - float(kept.exp().mean())) < 1e-5
