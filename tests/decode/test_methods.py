@@ -56,13 +56,13 @@ def _selected_sets(selection):
     ]
 
 
-def _group_topk_reference(per_head_logits, length, group, budget):
-    """Per KV head: softmax of each query head's logits over the first ``length`` entries, summed over
-    the group; the newest entry forced in; the ``budget`` best (float64)."""
+def _group_topk_reference(per_head_logits, length, group, budget, softmax=False):
+    """Per KV head: each query head's logits over the first ``length`` entries (``softmax``: their
+    softmax) summed over the group; the newest entry forced in; the ``budget`` best (float64)."""
     chosen = []
     for g in range(per_head_logits.shape[0] // group):
         logits = per_head_logits[g * group : (g + 1) * group, :length].double()
-        score = torch.softmax(logits, -1).sum(0)
+        score = (torch.softmax(logits, -1) if softmax else logits).sum(0)
         score[length - 1] = float("inf")
         chosen.append(set(score.topk(min(budget, length)).indices.tolist()))
     return chosen
@@ -86,7 +86,7 @@ def test_quest_matches_a_page_by_page_reference(lengths, q_heads, kv_heads, dim,
                 rows = keys[h // (q_heads // kv_heads), p * page_size : (p + 1) * page_size].double()
                 qh = q[b, h].double()
                 bounds[h, p] = torch.maximum(qh * rows.min(0).values, qh * rows.max(0).values).sum()
-        expected = _group_topk_reference(bounds * dim**-0.5, pages, q_heads // kv_heads, 3)
+        expected = _group_topk_reference(bounds, pages, q_heads // kv_heads, 3)
         assert _selected_sets(selection)[b] == expected
     assert selection.select_block == page_size
 
@@ -103,7 +103,7 @@ def test_double_sparsity_matches_a_token_by_token_reference(lengths, q_heads, kv
         for h in range(q_heads):
             channels = cache.label_channels[h // group]
             approx[h] = keys[h // group][:, channels].double() @ q[b, h, channels].double()
-        assert _selected_sets(selection)[b] == _group_topk_reference(approx * dim**-0.5, length, group, 10)
+        assert _selected_sets(selection)[b] == _group_topk_reference(approx, length, group, 10)
     assert selection.select_block == 1
 
 
@@ -138,7 +138,8 @@ def test_tidaldecode_layers_reuse_the_selection_layers_tokens(lengths, q_heads, 
         for b, length in enumerate(lengths):
             keys, _ = cache.sequence(b)
             logits = torch.stack([keys[h // group].double() @ queries[source][b, h].double() for h in range(q_heads)])
-            assert _selected_sets(selections[layer])[b] == _group_topk_reference(logits * dim**-0.5, length, group, 12)
+            expected = _group_topk_reference(logits * dim**-0.5, length, group, 12, softmax=True)
+            assert _selected_sets(selections[layer])[b] == expected
     with pytest.raises(ValueError, match="needs the tokens of selection layer 2"):
         sparse_decode(queries[0], cache, "tidaldecode", layer=3, state={"num_layers": 8})
     with pytest.raises(ValueError, match="num_layers"):

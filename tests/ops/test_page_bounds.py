@@ -1,4 +1,5 @@
-"""Page bounds operator (Quest): the kernel (interpreter) and the reference against a page-by-page loop; GPU."""
+"""Page bounds operator (Quest): the kernel (interpreter) and the reference against a page-by-page loop of each
+head's bound summed over its GQA group; GPU."""
 
 from __future__ import annotations
 
@@ -22,14 +23,16 @@ def _cache(lengths, kv_heads, dim, page_size, dtype, device="cpu", seed=0):
 def _loop_bounds(q, cache, scale):
     batch, q_heads, _ = q.shape
     group = q_heads // cache.kv_heads
-    out = torch.full((batch, q_heads, cache.page_table.shape[1]), float("-inf"), dtype=torch.float64)
+    out = torch.full((batch, cache.kv_heads, cache.page_table.shape[1]), float("-inf"), dtype=torch.float64)
     for b in range(batch):
         keys, _ = cache.sequence(b)
-        for h in range(q_heads):
-            for page in range(-(-cache.lengths[b] // cache.page_size)):
+        for page in range(-(-cache.lengths[b] // cache.page_size)):
+            out[b, :, page] = 0.0
+            for h in range(q_heads):
                 rows = keys[h // group, page * cache.page_size : (page + 1) * cache.page_size].double().cpu()
                 qh = q[b, h].double().cpu()
-                out[b, h, page] = torch.maximum(qh * rows.min(0).values, qh * rows.max(0).values).sum() * scale
+                bound = torch.maximum(qh * rows.min(0).values, qh * rows.max(0).values).sum()
+                out[b, h // group, page] += bound * scale
     return out
 
 

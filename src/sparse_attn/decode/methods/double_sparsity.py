@@ -18,9 +18,10 @@ paper's 1/16 channel sparsity; 8 of 128 channels); ``dense_layers=0``.
 Choices where the paper is silent or unverified here:
 
 - GQA (the paper's Llama-2 models are multi-head): one label set and one selection per KV
-  head. The statistic sums ``|q_{t,c} k_{t,c}|`` over the query heads of the group; the
-  selection ranks tokens by the group's summed softmax of the approximate scores (scaled by
-  ``D ** -0.5``), NSA's group-consistent rule (arXiv:2502.11089).
+  head. The statistic averages ``|q_{t,c} k_{t,c}|`` over the query heads of the group too;
+  tokens are ranked by the group's summed approximate scores, ``(sum_h q_h)[labels] ·
+  k[labels]`` (one product per KV head; the group rule of ``quest`` and of ``moba``'s
+  ``share_in_group``).
 - The calibration statistic is averaged over all calibration positions (the paper's exact
   averaging, and whether it uses the q of the same position, could not be checked against its
   text in this session).
@@ -39,7 +40,7 @@ import torch
 
 from ...checks import check_int
 from ..registry import register_decode_method
-from ..selection import DecodeSelection, dense_selection, group_probabilities, topk_selection
+from ..selection import DecodeSelection, dense_selection, topk_selection
 
 __all__ = ["DoubleSparsityConfig", "calibrate_label_channels", "label_scores"]
 
@@ -77,15 +78,16 @@ def calibrate_label_channels(q: torch.Tensor, k: torch.Tensor, label_channels: i
 
 
 def label_scores(q: torch.Tensor, cache) -> torch.Tensor:
-    """Approximate ``q · k`` of every token slot from the label cache, float32 ``(B, Hq, max_pages * P)``."""
+    """The group's summed approximate ``q · k`` of every token slot from the label cache, float32
+    ``(B, Hkv, max_pages * P)``; slots past a sequence's end are ``-inf``."""
     batch, q_heads, dim = q.shape
-    group = q_heads // cache.kv_heads
-    channels = cache.label_channels  # (Hkv, r)
-    # (B, max_pages, Hkv, P, r) -> (B, Hkv, r, max_pages * P)
-    labels = cache.labels[cache.page_table.long()].permute(0, 2, 4, 1, 3).flatten(3).float()
-    grouped = q.float().view(batch, cache.kv_heads, group, dim)
-    q_labels = torch.gather(grouped, 3, channels[None, :, None, :].expand(batch, -1, group, -1))
-    return (q_labels @ labels).reshape(batch, q_heads, -1)
+    group_q = q.float().view(batch, cache.kv_heads, q_heads // cache.kv_heads, dim).sum(2)  # (B, Hkv, D)
+    q_labels = torch.gather(group_q, 2, cache.label_channels[None].expand(batch, -1, -1))  # (B, Hkv, r)
+    # (B, max_pages, Hkv, P, r) -> (B, Hkv, max_pages * P, r)
+    labels = cache.labels[cache.page_table.long()].permute(0, 2, 1, 3, 4).flatten(2, 3)
+    scores = (labels.float() @ q_labels[..., None])[..., 0]
+    slots = torch.arange(scores.shape[-1], device=q.device)
+    return scores.masked_fill(slots >= cache.seq_lens.long()[:, None, None], float("-inf"))
 
 
 @register_decode_method(
@@ -107,7 +109,4 @@ def select_double_sparsity(q, cache, config: DoubleSparsityConfig, *, layer: int
             f"label_channels ({config.label_channels}) differs from the {cache.label_channels.shape[1]} "
             "channels the cache was calibrated with"
         )
-    scores = label_scores(q, cache) * q.shape[-1] ** -0.5
-    lengths = cache.seq_lens.long()
-    valid = torch.arange(scores.shape[-1], device=q.device) < lengths[:, None, None]
-    return topk_selection(group_probabilities(scores, valid, cache.kv_heads), lengths, config.token_budget, 1)
+    return topk_selection(label_scores(q, cache), cache.seq_lens, config.token_budget, 1)

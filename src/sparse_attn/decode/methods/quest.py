@@ -17,9 +17,12 @@ Quest to the first two layers, whose attention it finds far less sparse; they re
 Choices where the paper is silent (it evaluates multi-head models, one selection per head):
 
 - GQA: one selection per KV head, shared by its query heads, so the kernel reads a page once
-  per group. Each query head's bounds (scaled by ``D ** -0.5``) are turned into a softmax
-  over the sequence's pages and the group sums them (NSA's group-consistent selection,
-  arXiv:2502.11089); with one query head per KV head this ranks pages exactly as Quest does.
+  per group (as NSA shares its selection per group, arXiv:2502.11089). Pages are ranked by
+  the sum of the group's per-head bounds, an upper bound of the group's summed ``q · k`` for
+  any key of the page (the same group rule as ``moba``'s ``share_in_group``); with one query
+  head per KV head this is exactly Quest's ranking. Summing per-head softmaxes of the bounds
+  instead would even out heads whose queries differ in norm, but needs a second pass over
+  every page (the maximum and sum of each head first): not done, to keep selection one kernel.
 - The page holding the newest token (the step's own key) is always read, whatever its bound.
 - A budget under one page is an error; ``token_budget // P`` pages are read (the paper's budgets
   are multiples of the page size).
@@ -27,14 +30,12 @@ Choices where the paper is silent (it evaluates multi-head models, one selection
 
 Operator: :func:`sparse_attn.ops.page_bounds.page_bounds` (one Triton kernel on CUDA).
 Cost per step and KV head: the bounds read ``2 * D`` summary values per page (``1/P`` of the
-keys and values a dense step reads, with 2-byte keys), plus a softmax and a top-k over pages.
+keys and values a dense step reads, with 2-byte keys), plus a top-k over pages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from ...checks import check_int
 from ...ops.page_bounds import page_bounds
@@ -43,7 +44,6 @@ from ..selection import (
     DecodeSelection,
     budget_in_pages,
     dense_selection,
-    group_probabilities,
     page_counts,
     topk_selection,
 )
@@ -70,10 +70,5 @@ def select_quest(q, cache, config: QuestConfig, *, layer: int, state: dict) -> D
         return dense_selection(cache)
     budget = budget_in_pages(config.token_budget, cache.page_size)
     pages = page_counts(cache)
-    bounds = page_bounds(
-        q, cache.key_min, cache.key_max, cache.page_table, cache.seq_lens, page_size=cache.page_size,
-        scale=q.shape[-1] ** -0.5,
-    )  # fmt: skip
-    valid = torch.arange(bounds.shape[-1], device=q.device) < pages[:, None, None]
-    scores = group_probabilities(bounds, valid, cache.kv_heads)
-    return topk_selection(scores, pages, budget, cache.page_size)
+    bounds = page_bounds(q, cache.key_min, cache.key_max, cache.page_table, cache.seq_lens, page_size=cache.page_size)
+    return topk_selection(bounds, pages, budget, cache.page_size)

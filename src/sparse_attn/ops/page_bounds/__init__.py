@@ -1,7 +1,9 @@
-"""Page bounds (Quest): per query head and KV page, the largest ``q · k`` any key of the page can reach.
+"""Page bounds (Quest): per KV page, the largest ``q · k`` any key of the page can reach, summed over a GQA group.
 
 From the page's per-channel key minimum and maximum (the page summaries of
-:class:`sparse_attn.decode.PagedKVCache`): ``sum_d max(q_d min_d, q_d max_d)``. Reference:
+:class:`sparse_attn.decode.PagedKVCache`): ``sum_d max(q_d min_d, q_d max_d)`` per query head,
+summed over the query heads that share the KV head (an upper bound of the group's summed
+``q · k`` for any key of the page). Reference:
 :mod:`.naive`; kernel: :mod:`.triton` (CUDA, head_dim 16-256), chosen by the dispatch rule of
 :mod:`sparse_attn.ops._dispatch`.
 """
@@ -26,7 +28,7 @@ def page_bounds(
     page_size: int,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """Scaled page bounds, float32 ``(B, Hq, max_pages)``; ``-inf`` past each sequence's pages.
+    """Scaled group page bounds, float32 ``(B, Hkv, max_pages)``; ``-inf`` past each sequence's pages.
 
     q ``(B, Hq, D)``; key_min / key_max ``(num_pages, Hkv, D)`` per physical page; page_table
     ``(B, max_pages)`` int32 (logical to physical page); seq_lens ``(B,)`` int32. GQA: query

@@ -17,7 +17,8 @@ def page_bounds_reference(
     page_size: int,
     scale: float,
 ) -> torch.Tensor:
-    """Per query head and logical page, ``scale * sum_d max(q_d min_d, q_d max_d)``, float32 ``(B, Hq, max_pages)``.
+    """Per KV head and logical page, the group's summed bounds ``scale * sum_h sum_d max(q_hd min_d, q_hd max_d)``,
+    float32 ``(B, Hkv, max_pages)``.
 
     Arguments as in :func:`sparse_attn.ops.page_bounds.page_bounds`. Pages at or past a
     sequence's end are ``-inf``. ``max(q m, q M) = max(q, 0) M + min(q, 0) m`` makes the bounds
@@ -31,7 +32,7 @@ def page_bounds_reference(
     upper = key_max[table].permute(0, 2, 3, 1).float()
     lower = key_min[table].permute(0, 2, 3, 1).float()
     grouped = q.float().view(batch, kv_heads, q_heads // kv_heads, dim)
-    bounds = (grouped.clamp(min=0) @ upper + grouped.clamp(max=0) @ lower).reshape(batch, q_heads, -1) * scale
+    bounds = (grouped.clamp(min=0) @ upper + grouped.clamp(max=0) @ lower).sum(2) * scale
     pages = (seq_lens.long() + page_size - 1) // page_size
     past_end = torch.arange(bounds.shape[-1], device=q.device) >= pages[:, None, None]
     return bounds.masked_fill(past_end, float("-inf"))

@@ -2,11 +2,11 @@
 
 One program per (sequence, KV head, chunk of ``BLOCK_P`` logical pages): the group's query
 heads packed into the rows of one tile (padded to ``BLOCK_G >= 16``), the chunk's pages' key
-minima and maxima gathered through the page table (``D`` contiguous values each), and the
-bounds as two ``tl.dot``: ``max(q, 0) · max^T + min(q, 0) · min^T``. Pages past the sequence
-are written ``-inf`` without reading their summaries. The summaries are read once per group,
-and nothing but the ``(B, Hq, max_pages)`` float32 bounds is written (the reference gathers
-float32 copies of both summary tables first).
+minima and maxima gathered through the page table (``D`` contiguous values each), the per-head
+bounds as two ``tl.dot`` (``max(q, 0) · max^T + min(q, 0) · min^T``) summed over the tile's
+rows. Pages past the sequence are written ``-inf`` without reading their summaries. The
+summaries are read once per group, and nothing but the ``(B, Hkv, max_pages)`` float32 group
+bounds is written (the reference gathers float32 copies of both summary tables first).
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ if triton is not None:
         stride_sh,
         stride_tb,
         stride_ob,
-        stride_oh,
         num_kv_heads,
         group,
         max_pages,
@@ -97,9 +96,10 @@ if triton is not None:
         else:
             bounds = tl.dot(positive.to(upper.dtype), tl.trans(upper), input_precision=PRECISION)
             bounds = tl.dot(negative.to(lower.dtype), tl.trans(lower), bounds, input_precision=PRECISION)
-        bounds = tl.where(in_sequence[None, :], bounds * scale, float("-inf"))
-        out = Out + batch.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + pages[None, :]
-        tl.store(out, bounds, mask=row_ok[:, None] & in_table[None, :])
+        # Rows past the group hold q = 0, so they add nothing to the sum.
+        group_bounds = tl.where(in_sequence, tl.sum(bounds, 0) * scale, float("-inf"))
+        out = Out + batch.to(tl.int64) * stride_ob + kv_head * max_pages + pages
+        tl.store(out, group_bounds, mask=in_table)
 
 
 def page_bounds_triton(
@@ -122,13 +122,13 @@ def page_bounds_triton(
     max_pages = page_table.shape[1]
     q = q if q.stride(-1) == 1 else q.contiguous()
     key_min, key_max, page_table, seq_lens = (x.contiguous() for x in (key_min, key_max, page_table, seq_lens))
-    out = launch.allocate((batch, q_heads, max_pages), torch.float32, q.device)
+    out = launch.allocate((batch, kv_heads, max_pages), torch.float32, q.device)
     block_p = 64 if dim <= 128 else 32
     use_float32_dot = dot_in_float32(q.dtype)
     grid = (batch * kv_heads, triton.cdiv(max_pages, block_p))
     _page_bounds[grid](
         q, key_min, key_max, page_table, seq_lens, out,
-        *q.stride()[:2], *key_min.stride()[:2], page_table.stride(0), *out.stride()[:2],
+        *q.stride()[:2], *key_min.stride()[:2], page_table.stride(0), out.stride(0),
         kv_heads, group, max_pages, page_size, scale,
         HEAD_DIM=dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p,
         DOT_FP32=use_float32_dot, PRECISION="ieee" if use_float32_dot else "tf32",
