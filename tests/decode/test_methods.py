@@ -126,7 +126,16 @@ def test_tidaldecode_layers_reuse_the_selection_layers_tokens(lengths, q_heads, 
     state = {"num_layers": 8}
     queries = [torch.randn(len(lengths), q_heads, dim) for _ in range(8)]
     selections = [
-        sparse_decode(q, cache, "tidaldecode", layer=layer, state=state, token_budget=12, return_selection=True)[1]
+        sparse_decode(
+            q,
+            cache,
+            "tidaldecode",
+            layer=layer,
+            state=state,
+            token_budget=12,
+            reselection_layer=None,
+            return_selection=True,
+        )[1]
         for layer, q in enumerate(queries)
     ]
     pages = [-(-n // page_size) for n in lengths]
@@ -143,7 +152,8 @@ def test_tidaldecode_layers_reuse_the_selection_layers_tokens(lengths, q_heads, 
     with pytest.raises(ValueError, match="needs the tokens of selection layer 2"):
         sparse_decode(queries[0], cache, "tidaldecode", layer=3, state={"num_layers": 8})
     with pytest.raises(ValueError, match="num_layers"):
-        sparse_decode(queries[0], cache, "tidaldecode", layer=2, state={})
+        sparse_decode(queries[0], cache, "tidaldecode", layer=2, state={}, reselection_layer=None)
+    assert get_decode_method("tidaldecode").defaults()["reselection_layer"] == 13
 
 
 def test_streaming_reads_sink_and_recent_pages():

@@ -13,6 +13,9 @@ two matrix products with the page summaries.
 Defaults: ``token_budget=2048`` (the paper sweeps 256-4096), page size 16 (the cache's
 ``page_size``; the paper's pages are 16 tokens), ``dense_layers=2``: the paper does not apply
 Quest to the first two layers, whose attention it finds far less sparse; they read every page.
+(The page size and the two dense layers are from the paper as remembered: the stored copies
+reachable when this was written held its abstract and summaries, which confirm the min/max
+bound and the top-K pages but not these two numbers. Check them against the PDF.)
 
 Choices where the paper is silent (it evaluates multi-head models, one selection per head):
 

@@ -18,15 +18,18 @@ their choice to ``state["tidaldecode"]`` and the later layers read it. ``state["
 does this; a caller driving :func:`sparse_attn.decode.sparse_decode` layer by layer does the same.
 
 Defaults: ``token_budget=2048``, ``dense_layers=2`` and ``selection_layer=2`` (the paper's
-figure: full attention in the first two layers, token selection in the third),
-``reselection_layer=None``: the middle layer ``num_layers // 2`` (the paper re-selects at "a
-middle layer" and tunes which per model; its chosen index per model was not verified here).
+Figure 2: full attention in the first two layers, token selection in the third),
+``reselection_layer=13``: the paper re-selects at "a middle layer"; 13 is the default of the
+authors' released code (for Llama-3-8B's 32 layers), seen in a search excerpt, not in the
+paper's text. ``reselection_layer=None`` takes the model's middle layer ``num_layers // 2``
+from ``state["num_layers"]``; pass the index that suits the model's depth.
 
 Choices where the paper is silent or unverified here:
 
 - GQA: one token set per KV head, ranked by the group's summed attention probabilities (NSA's
-  group-consistent rule, arXiv:2502.11089); whether the paper shares one set across all heads
-  of a layer was not verified.
+  group-consistent rule, arXiv:2502.11089), so the kernel reads each token once per group. The
+  released code's selector appears (search excerpt) to take a top-k per attention head; with
+  one query head per KV head the two agree.
 - The newest token (the step's own key) is always kept.
 - The paper's KV-cache correction (periodically re-filling the cache of sparsely decoded
   tokens with full attention) is not implemented.
@@ -52,7 +55,7 @@ class TidalDecodeConfig:
     token_budget: int = 2048
     dense_layers: int = 2
     selection_layer: int = 2
-    reselection_layer: int | None = None
+    reselection_layer: int | None = 13
 
     def __post_init__(self):
         check_int("token_budget", self.token_budget)
