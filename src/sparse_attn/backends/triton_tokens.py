@@ -236,7 +236,8 @@ if triton is not None:
             kv_block = tl.load(Blocks + entry)
             bits = tl.load(Bits + entry)
             listed = valid & (((bits >> bit) & 1) != 0)
-            for sub in range(SUBTILES):
+            # Steps past the sequence end hold no keys (a last, partial block): not taken.
+            for sub in range(tl.minimum(SUBTILES, tl.cdiv(seq_k - kv_block * BLOCK_K, BLOCK_N))):
                 key_pos = kv_block * BLOCK_K + sub * BLOCK_N + offs_n
                 key_ok = key_pos < seq_k
                 if not EVEN_BLOCK:

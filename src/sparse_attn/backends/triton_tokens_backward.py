@@ -92,7 +92,7 @@ if triton is not None:
         for entry in range(start, end):
             kv_block = tl.load(Blocks + entry)
             listed = valid & (((tl.load(Bits + entry) >> bit) & 1) != 0)
-            for sub in range(SUBTILES):
+            for sub in range(tl.minimum(SUBTILES, tl.cdiv(seq_k - kv_block * BLOCK_K, BLOCK_N))):
                 first_key = kv_block * BLOCK_K + sub * BLOCK_N
                 if first_key * CAUSAL <= last_query:
                     key_pos = first_key + offs_n
@@ -158,7 +158,8 @@ if triton is not None:
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
         chunks_per_group = group // HEADS
-        for chunk_in_group in range(chunks_per_group):
+        # A key step past the sequence end (the grid covers whole blocks) has nothing to do.
+        for chunk_in_group in range(tl.where(first_key < seq_k, chunks_per_group, 0)):
             chunk = kv_head * chunks_per_group + chunk_in_group
             first_head = chunk * HEADS
             list_row = batch * list_stride_b + (first_head // pattern_head_divisor) * list_stride_h + kv_block

@@ -1,0 +1,288 @@
+"""Token-level selection (MoBA, NSA's selected branch) on the token-granular kernel vs dense and FlexAttention (GPU).
+
+Batch 1, bf16, causal, the queries are the whole sequence; at 8K / 32K / 64K / 128K tokens:
+
+* ``moba-4096x12`` and ``moba-512x3``: the ``moba`` method at the paper's long-context setting
+  (block 4096, top-k 12) and its scaling-law setting (block 512, top-k 3), 32 query / 8 KV heads,
+  head_dim 128 (the project's default shape), lists per query head as the paper gates; and
+  ``moba-4096x12-group``, the same with ``share_in_group=True`` (one list per KV head).
+* ``nsa-select``: NSA's selected-attention branch alone at NSA's shape, 64 query / 4 KV heads,
+  head_dim 128, per token and KV group 16 blocks of 64 keys: the token's own block plus 15
+  earlier blocks drawn at random (a stand-in for the compressed branch's scores; the first and
+  local blocks NSA always adds are not forced, so no block is listed by every token).
+
+Per case, medians of ``triton.testing.do_bench`` (``sparse_attn.bench.time_ms``) of the
+forward (under ``no_grad``) and of forward + backward (``out.backward(dout)``, gradients for q,
+k and v) of: ``ours`` (``backend="triton"``, which runs the token-granular kernel), FlexAttention
+on the same selection (a ``BlockMask`` of 128 x 128 blocks, every one partial, the union of
+its tokens' selections, with a ``mask_mod`` that looks the token's selection up in a dense
+``(B, H, S, n_blocks)`` table: FlexAttention's finest query block is its kernel tile, so the
+token rule must go through ``mask_mod``), and dense SDPA with cuDNN and with FlashAttention
+on K/V expanded to the query heads (expansion outside the timing). The estimate (``moba``'s
+gate and top-k) is timed separately and excluded from the attention times. The BlockMask
+build and the pattern's plan are outside the timings too.
+
+A case that fails (out of memory, a backend that refuses) is reported in ``errors`` and the run
+goes on; a case that has used up ``--case-budget`` seconds skips its remaining measurements.
+Writes ``benchmarks/results/<gpu>/token_sparse.json``.
+
+    PYTHONPATH=$PWD/src python benchmarks/token_sparse.py            # the full grid
+    PYTHONPATH=$PWD/src python benchmarks/token_sparse.py --quick    # 8K and 32K, two cases
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import sparse_attn as sa
+from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
+
+CASES = {
+    "moba-4096x12": dict(kind="moba", q_heads=32, kv_heads=8, block=4096, top_k=12, share_in_group=False),
+    "moba-4096x12-group": dict(kind="moba", q_heads=32, kv_heads=8, block=4096, top_k=12, share_in_group=True),
+    "moba-512x3": dict(kind="moba", q_heads=32, kv_heads=8, block=512, top_k=3, share_in_group=False),
+    "nsa-select": dict(kind="nsa", q_heads=64, kv_heads=4, block=64, top_k=16),
+}
+QUICK_CASES = ("moba-4096x12", "nsa-select")
+HEAD_DIM = 128
+FLEX_BLOCK = 128
+
+
+def nsa_like_pattern(kv_heads: int, seq: int, block: int, selected: int, seed: int, device) -> sa.BlockSparsePattern:
+    """Per token and KV head: its own block and ``selected - 1`` earlier blocks at random (all
+    earlier blocks where there are fewer), ``block_q = 1``. Built in chunks of tokens, so the
+    random scores held at once are ``(kv_heads, chunk, n_blocks)``."""
+    n_blocks = -(-seq // block)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    columns = torch.arange(n_blocks, device=device)
+    counts = torch.empty((1, kv_heads, seq), dtype=torch.int32, device=device)
+    indices = torch.empty((1, kv_heads, seq, selected), dtype=torch.int32, device=device)
+    chunk = max(1, (1 << 26) // (kv_heads * n_blocks))
+    for start in range(0, seq, chunk):
+        own = (torch.arange(start, min(start + chunk, seq), device=device) // block)[:, None]
+        scores = torch.rand((kv_heads, own.shape[0], n_blocks), generator=generator, device=device)
+        scores = torch.where(columns < own, scores, -1.0)
+        scores = torch.where(columns == own, 2.0, scores)
+        top = scores.topk(min(selected, n_blocks), dim=-1)
+        kept = torch.where(top.values >= 0, top.indices, n_blocks)  # past-the-end: not kept
+        kept = torch.sort(kept, dim=-1).values
+        if kept.shape[-1] < selected:
+            kept = torch.nn.functional.pad(kept, (0, selected - kept.shape[-1]), value=n_blocks)
+        counts[0, :, start : start + own.shape[0]] = (kept < n_blocks).sum(-1, dtype=torch.int32)
+        indices[0, :, start : start + own.shape[0]] = torch.where(kept < n_blocks, kept, 0).to(torch.int32)
+    return sa.BlockSparsePattern(
+        kv_counts=counts, kv_indices=indices, block_q=1, block_k=block, seq_q=seq, seq_k=seq
+    ).validate(causal=True)
+
+
+def token_density(pattern: sa.BlockSparsePattern) -> float:
+    """Causal (query, key) pairs a ``block_q = 1`` pattern computes over all causal pairs, from its
+    lists (O(kept entries); ``sparse_attn.bench.visible_pairs`` builds an O(S x blocks) table)."""
+    used = torch.arange(pattern.max_kv, device=pattern.device) < pattern.kv_counts[..., None]
+    position = torch.arange(pattern.seq_q, device=pattern.device)[:, None] + (pattern.seq_k - pattern.seq_q)
+    start = pattern.kv_indices.long() * pattern.block_k
+    seen = (torch.minimum(start + pattern.block_k, position + 1) - start).clamp(min=0)
+    causal_pairs = pattern.seq_q * (pattern.seq_k - pattern.seq_q) + pattern.seq_q * (pattern.seq_q + 1) // 2
+    return float((seen * used).sum()) / (causal_pairs * pattern.batch * pattern.num_heads)
+
+
+def flex_selection(pattern: sa.BlockSparsePattern, q_heads: int):
+    """``(block_mask, table)``: FlexAttention's ``BlockMask`` for a ``block_q = 1`` pattern (see the
+    module docstring) and the ``(B, H, S, n_blocks)`` bool selection table its ``mask_mod`` reads."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    table = pattern.to_mask()  # (B, H, S, n_blocks): block_q = 1, so one row per token
+    batch, heads, seq, n_blocks = table.shape
+    block, group = pattern.block_k, q_heads // heads
+    n_q, n_kv = -(-seq // FLEX_BLOCK), -(-seq // FLEX_BLOCK)
+    rows = torch.nn.functional.pad(table, (0, 0, 0, n_q * FLEX_BLOCK - seq)).view(batch, heads, n_q, FLEX_BLOCK, -1)
+    coarse = rows.any(3)  # (B, H, n_q, n_blocks): a 128-query block keeps what any of its tokens keeps
+    if block >= FLEX_BLOCK:  # each 128-key block lies in one selection block
+        coarse = coarse.repeat_interleave(block // FLEX_BLOCK, -1)[..., :n_kv]
+    else:  # each 128-key block holds FLEX_BLOCK // block selection blocks
+        per = FLEX_BLOCK // block
+        coarse = torch.nn.functional.pad(coarse, (0, n_kv * per - n_blocks)).view(batch, heads, n_q, n_kv, per).any(-1)
+    coarse = coarse.repeat_interleave(group, 1)
+    counts = coarse.sum(-1, dtype=torch.int32)
+    indices = torch.sort((~coarse).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & table[b, h // group, q_idx, kv_idx // block]
+
+    block_mask = BlockMask.from_kv_blocks(
+        counts, indices, BLOCK_SIZE=(FLEX_BLOCK, FLEX_BLOCK), mask_mod=mask_mod, seq_lengths=(seq, seq)
+    )
+    return block_mask, table
+
+
+def _sdpa(choice, q, k, v):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(choice):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _forward_backward(attention, q, k, v, dout):
+    attention(q, k, v).backward(dout)
+    q.grad = k.grad = v.grad = None
+
+
+def _forward(attention, q, k, v):
+    with torch.no_grad():
+        return attention(q, k, v)
+
+
+class Budget:
+    """Seconds left to one case: measurements after it is spent are skipped (reported)."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.perf_counter() + seconds
+
+    def measure(self, fn, device) -> tuple[float | None, str | None]:
+        if time.perf_counter() > self.deadline:
+            return None, "skipped: case budget spent"
+        return measure(fn, device)
+
+
+def dense_times(seq: int, q_heads: int, kv_heads: int, device, budget: Budget) -> dict:
+    """Dense causal SDPA (cuDNN, flash) forward and forward + backward at this shape."""
+    from torch.nn.attention import SDPBackend
+
+    generator = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(1, q_heads, seq, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
+    k, v = (
+        torch.randn(1, q_heads, seq, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
+        for _ in range(2)
+    )
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    dout = torch.randn_like(q)
+    times, errors = {}, {}
+    choices = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    if device.type != "cuda":
+        choices = {"cudnn": SDPBackend.MATH}  # a CPU smoke run has neither: the math kernel stands in
+    for name, choice in choices.items():
+        attention = partial(_sdpa, choice)
+        runs = {
+            "fwd": partial(_forward, attention, q, k, v),
+            "fwdbwd": partial(_forward_backward, attention, q, k, v, dout),
+        }
+        for mode, run in runs.items():
+            times[f"{name}_{mode}_ms"], error = budget.measure(run, device)
+            if error:
+                errors[f"{name}_{mode}"] = error
+    return {**times, "errors": errors}
+
+
+def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, seed: int = 0) -> dict:
+    spec = CASES[name]
+    budget = Budget(budget_s)
+    q_heads, kv_heads = spec["q_heads"], spec["kv_heads"]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (
+        torch.randn(1, heads, seq, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
+        for heads in (q_heads, kv_heads, kv_heads)
+    )
+    row = {"case": name, "seq": seq, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": HEAD_DIM, "errors": {}}
+    row.update(block=spec["block"], top_k=spec["top_k"])
+    start = time.perf_counter()
+    if spec["kind"] == "moba":
+        options = dict(block_size=spec["block"], top_k=spec["top_k"], share_in_group=spec["share_in_group"])
+        estimate = partial(sa.estimate, q, k, "moba", **options)
+        pattern = estimate()
+        row["estimate_ms"], _ = budget.measure(estimate, device)
+    else:
+        pattern = nsa_like_pattern(kv_heads, seq, spec["block"], spec["top_k"], seed, device)
+    row["pattern_heads"] = pattern.num_heads
+    row["density"] = token_density(pattern)
+    row["setup_s"] = time.perf_counter() - start
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    dout = torch.randn_like(q)
+
+    attention = {"ours": partial(sa.block_sparse_attention, pattern=pattern, backend="triton")}
+    if flex:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            block_mask, _table = flex_selection(pattern, q_heads)
+            compiled = torch.compile(flex_attention, dynamic=False)
+            attention["flex"] = partial(compiled, block_mask=block_mask, enable_gqa=True)
+            n_blocks = block_mask.kv_num_blocks.shape[-1]  # 128-blocks kept over causal 128-blocks
+            row["flex_block_density"] = float(block_mask.kv_num_blocks.float().mean()) / ((n_blocks + 1) / 2)
+        except Exception as error:  # noqa: BLE001 - reported, the run goes on
+            row["errors"]["flex"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    for label, fn in attention.items():
+        runs = {"fwd": partial(_forward, fn, q, k, v), "fwdbwd": partial(_forward_backward, fn, q, k, v, dout)}
+        for mode, run in runs.items():
+            row[f"{label}_{mode}_ms"], error = budget.measure(run, device)
+            if error:
+                row["errors"][f"{label}_{mode}"] = error
+    return row
+
+
+def _columns() -> list[tuple[str, str, str]]:
+    columns = [("case", "case", "s"), ("seq", "seq", "d"), ("density", "density", ".4f")]
+    for mode, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
+        columns += [(f"{name}_{mode}_ms", f"{name} {label} ms", ".2f") for name in ("ours", "flex", "cudnn", "flash")]
+        columns += [
+            (f"speedup_vs_cudnn_{mode}", f"x cuDNN {label}", ".2f"),
+            (f"speedup_vs_flex_{mode}", f"x flex {label}", ".2f"),
+        ]
+    columns += [("estimate_ms", "estimate ms", ".2f")]
+    return columns
+
+
+def _speedups(row: dict) -> None:
+    for mode in ("fwd", "fwdbwd"):
+        ours = row.get(f"ours_{mode}_ms")
+        for other in ("cudnn", "flex"):
+            theirs = row.get(f"{other}_{mode}_ms")
+            row[f"speedup_vs_{other}_{mode}"] = theirs / ours if ours and theirs else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--quick", action="store_true", help=f"8K and 32K, cases {', '.join(QUICK_CASES)}")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    parser.add_argument("--case-budget", type=float, default=40.0, help="seconds per case before skipping the rest")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu runs tiny --lengths under TRITON_INTERPRET=1")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    lengths, cases = (args.lengths, args.cases) if not args.quick else ([8192, 32768], list(QUICK_CASES))
+    columns = _columns()
+    print(format_table([], columns), flush=True)
+    rows, dense_cache = [], {}
+    for seq in lengths:
+        for name in cases:
+            row = run_case(name, seq, device, budget_s=args.case_budget, flex=not args.no_flex)
+            shape = (seq, row["q_heads"], row["kv_heads"])
+            if shape not in dense_cache:
+                dense_cache[shape] = dense_times(*shape, device, Budget(args.case_budget))
+            dense = dense_cache[shape]
+            row.update({key: value for key, value in dense.items() if key != "errors"})
+            row["errors"].update(dense["errors"])
+            _speedups(row)
+            rows.append(row)
+            print(format_table([row], columns).splitlines()[-1], flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print()
+    print(format_table(rows, columns))
+    for row in rows:
+        for what, error in row["errors"].items():
+            print(f"  {row['case']} {row['seq']}: {what}: {error}")
+    path = args.output or Path(__file__).parent / "results" / device_slug(device) / "token_sparse.json"
+    write_results(rows, path, {"benchmark": "token_sparse", "quick": args.quick, **environment(device)})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
