@@ -234,3 +234,40 @@ def test_methods_command_lists_the_decode_methods(capsys):
     for method in list_decode_methods():
         assert f"{method.name} (decode)" in printed and method.paper in printed
     assert "token_budget=2048" in printed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_gpu_matches_the_reference_attention(method):
+    from sparse_attn.decode.selection import page_counts, topk_selection
+    from sparse_attn.ops.page_bounds.naive import page_bounds_reference
+    from sparse_attn.ops.paged_decode.naive import paged_decode_reference
+
+    lengths, kv_heads = [32768, 5000, 20001], 8
+    cache = PagedKVCache(3, kv_heads, 128, page_size=16, dtype=torch.bfloat16, device="cuda")
+    for start in range(0, max(lengths), 4096):
+        chunk = [min(4096, max(0, n - start)) for n in lengths]
+        k, v = (torch.randn(3, kv_heads, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        cache.append(k, v, chunk)
+    cache.set_label_channels(torch.arange(8, device="cuda").expand(kv_heads, -1).contiguous())
+    q = torch.randn(3, 32, 128, device="cuda", dtype=torch.bfloat16)
+    state = {"num_layers": 8}
+    for layer in (2, 3):
+        out, selection = sparse_decode(
+            q, cache, method, layer=layer, state=state, token_budget=2048, return_selection=True
+        )
+        expected, _ = paged_decode_reference(
+            q, cache.k_pages, cache.v_pages, cache.page_table, cache.seq_lens, selection.selected,
+            selection.counts, scale=128**-0.5, select_block=selection.select_block,
+        )  # fmt: skip
+        assert relative_error(out, expected) <= 1e-2, layer
+    if method == "quest":
+        bounds = page_bounds_reference(
+            q, cache.key_min, cache.key_max, cache.page_table, cache.seq_lens, page_size=16, scale=1.0
+        )
+        reference = topk_selection(bounds, page_counts(cache), 128, 16)
+        same = sum(
+            len(a & b) for rows_a, rows_b in zip(_selected_sets(selection), _selected_sets(reference), strict=True)
+            for a, b in zip(rows_a, rows_b, strict=True)
+        )  # fmt: skip
+        assert same >= 0.98 * int(reference.counts.sum())
