@@ -32,6 +32,7 @@ CASES = {
     "sale": {"threshold": 0.02, "sink_tokens": 32, "local_tokens": 64},
     "anchor": {"theta": 6.0, "step": 4, "init_tokens": 32, "local_tokens": 32},
     "moa": {"spans": ((32.0, 0.0), (0.0, 0.25), (64.0, 0.1), (16.0, 0.5)), "sink_tokens": 32},
+    "hip": {"top_k_tokens": 96, "sink_tokens": 32, "window_tokens": 64},
     "auto": {
         "recall": 0.9,
         "candidates": (
@@ -73,6 +74,8 @@ PINNED = {
     ("moa", 640): "ffed8ca8488beb63",
     ("auto", 300): "7603c61ee2949244",
     ("auto", 640): "35970ec6c4de8133",
+    ("hip", 300): "38055b113b4715cf",
+    ("hip", 640): "6d284724398c75f7",
 }
 
 

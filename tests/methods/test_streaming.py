@@ -34,6 +34,7 @@ OPTIONS = {
     "sale": {"threshold": 0.05, "sink_tokens": 8, "local_tokens": 16},
     "anchor": {"theta": 4.0, "step": 3, "init_tokens": 8, "local_tokens": 8},
     "moa": {"alpha": 16.0, "beta": 0.1, "sink_tokens": 8},
+    "hip": {"top_k_tokens": 16, "sink_tokens": 8, "window_tokens": 8},
 }
 
 SHAPES = [

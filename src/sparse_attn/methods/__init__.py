@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     block_topk,
     dense,
     flexprefill,
+    hip,
     moa,
     moba,
     neighborhood,

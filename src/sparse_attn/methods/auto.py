@@ -73,6 +73,7 @@ DEFAULT_CANDIDATES: tuple[tuple[str, dict], ...] = (
     ("flexprefill", {"gamma": 0.95}),
     ("proxyattn", {}),
     ("anchor", {}),
+    ("hip", {}),
 )
 
 
