@@ -1,4 +1,4 @@
-"""GPU checks of the second-wave estimators (sale, anchor, moa, auto) and pbs_attention (run by the lead on the H200)."""
+"""GPU checks of the second-wave estimators (sale, anchor, moa, hip, auto) and pbs_attention (run by the lead on the H200)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ OPTIONS = {
     "sale": dict(sink_tokens=16, local_tokens=16),
     "anchor": dict(init_tokens=16, local_tokens=16, step=4, theta=8.0),
     "moa": dict(alpha=64.0, beta=0.1, sink_tokens=16),
+    "hip": dict(top_k_tokens=64, sink_tokens=16, window_tokens=16),
     "auto": dict(
         recall=0.9, candidates=("streaming", ("block_topk", {"top_k": 4}), ("xattention", {"threshold": 0.9}))
     ),
@@ -33,7 +34,7 @@ def test_gpu_patterns_match_cpu_patterns_closely(method):
     assert bool(torch.isfinite(out).all())
 
 
-@pytest.mark.parametrize("method", ["sale", "anchor", "moa"])
+@pytest.mark.parametrize("method", ["sale", "anchor", "moa", "hip"])
 def test_gpu_estimators_at_32k_give_valid_sparse_patterns(method):
     q, k, v = random_qkv(1, 32, 8, 32768, 32768, 128, dtype=torch.bfloat16, device="cuda", seed=0)
     k[:, :, :64] *= 4.0
