@@ -204,14 +204,14 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
             "pair_fraction": round(pairs / dense_pairs, 4),
         }
         for backend in backends:
-            runs_on, fallback = _resolved(backend, q, k, v, pattern)
-            if backend == "auto":
-                row["auto_backend"] = runs_on
+            _, fallback = _resolved(backend, q, k, v, pattern)
             if fallback is not None:  # timing another backend under this name would mislead
                 row[f"{backend}_ms"], errors[backend] = None, fallback
                 continue
             run = partial(block_sparse_attention, q, k, v, pattern, backend=backend)
             row[f"{backend}_ms"], errors[backend] = measure(run, device)
+            if backend == "auto":  # what the timed (repeated) calls ran: auto may move a shape on its second call
+                row["auto_backend"] = _resolved(backend, q, k, v, pattern)[0]
         for name, ms in dense_times.items():
             row[f"{name}_ms"] = ms
             row[f"{name}_tflops"] = _tflops(dense_pairs, case.head_dim, ms)

@@ -219,7 +219,9 @@ def test_both_kernels_take_the_same_leading_arguments():
     gluon_names = names(gluon_backend._gluon_block_sparse_forward)
     shared = triton_names[: triton_names.index("qk_scale") + 1]
     assert gluon_names[: len(shared)] == shared
-    assert all(name.isupper() for name in gluon_names[len(shared) :])  # the rest are constexprs
+    # Then the launch-made descriptors (None where the kernel makes its own), then constexprs.
+    assert gluon_names[len(shared) : len(shared) + 3] == ["QDesc", "KDesc", "VDesc"]
+    assert all(name.isupper() for name in gluon_names[len(shared) + 3 :])
     q, k, v = _tensors()
     plan = plan_for(sa.dense_pattern(seq_q=100), causal=True)
     out, lse, args = launch.launch_arguments(q, k, v, plan, scale=0.1, return_lse=False)

@@ -85,7 +85,7 @@ def _auto_kernel(q, k, v, pattern: BlockSparsePattern, *, causal: bool, needs_gr
     if skipped is None and needs_grad:
         skipped = flash4.gradient_unsupported_reason(q)
     if skipped is None:
-        skipped = flash4.slower_than_ours_reason(q, plan_for(pattern, causal=causal), needs_grad=needs_grad)
+        skipped = flash4.slower_than_ours_reason(q, k, plan_for(pattern, causal=causal), needs_grad=needs_grad)
     if skipped is None:
         logger.debug("backend auto: flash4")
         return "flash4"

@@ -15,21 +15,33 @@ reference backend with one warning; ``auto`` considers it only where it is insta
 :func:`sparse_attn.backends.resolve_backend`).
 
 Scope (checked in :func:`unsupported_reason`): CUDA compute capability 9.x or 10.x,
-float16/bfloat16, head_dim a multiple of 8 up to 256 on 9.x (up to 128 on 10.x, FA4's own
-limits), ``block_q`` a multiple of 64 and ``block_k`` a multiple of 16 (FA4's Hopper tile
-must divide the mask's blocks; its tile_n is shrunk to ``block_k`` when that is smaller).
+float16/bfloat16, head_dim a multiple of 8 up to 128 (at 256 FA4's Hopper tiles are 80 keys
+wide and refuse 128-key blocks), ``block_q`` a multiple of 64 and ``block_k`` a multiple of 16.
 
-Gradients: FA4's block-sparse backward on sm_90 returned wrong gradients at head_dim 64
-(Dao-AILab/flash-attention issue 2623, FA4 4.0.0b-series); :func:`gradient_unsupported_reason`
-therefore refuses head_dim < 128 on sm_90 and the call falls back to the next backend with a
-warning. Whether the installed version still has the bug is checked by the GPU tests
-(``tests/backends/test_flash4.py``), which compare FA4's gradients with the reference backend.
+Log-sum-exp: with ``return_lse=True``, PyTorch 2.11's FlexAttention returned FA4's (natural
+log) LSE multiplied by ln 2, as if it were in log2 units (measured on an H200: a ratio of
+0.6931 on every row); PyTorch 2.13's source converts only the Triton backend's. So the LSE is
+divided by ln 2 on 2.11, taken as is from 2.13 on, and refused (fallback) on other versions,
+which were not checked.
+
+Gradients: the flash-attention issue 2623 reports wrong block-sparse gradients at head_dim 64
+on sm_90. With this FA4 (4.0.0b36) the GPU tests measured head_dim 64 and 128 gradients
+matching the reference (relative error 2.5e-3 in bf16 at 1024 tokens, GQA 4, density 0.4), so
+nothing is refused; the tests keep checking it.
+
+``auto`` (:func:`slower_than_ours_reason`) takes this backend only for case classes measured
+faster than our kernels (:data:`FASTER_CASES`), and only from a shape's second call: FA4 is
+compiled per shape (seconds each), so a shape seen once (a serving workload with ever-new
+lengths) never pays that, while repeated shapes (training steps, benchmarks, fixed-length
+batches) move to FA4. Compiling more than FlexAttention's limit of shapes falls back to our
+kernels, not to the reference backend.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 
 import torch
 
@@ -47,7 +59,21 @@ _FLASH_OPTIONS = {"BACKEND": "FLASH"}
 # it there: (phase, head_dim, seq_k range [lo, hi), pattern density range [lo, hi)).
 # Phase "forward" is inference, "training" forward + backward. From
 # benchmarks/results/h200/kernels.json and training.json (see the README); empty until measured.
-FASTER_CASES: tuple[tuple[str, int, tuple[int, int], tuple[float, float]], ...] = ()
+FASTER_CASES: tuple[tuple[str, int, tuple[int, int], tuple[float, float]], ...] = (
+    # Forward, head_dim 128: faster at 32K at every density (0.92 vs 1.04 ms at 0.05, 13.7 vs
+    # 14.6 dense) and at 128K up to density 0.2 (12.8 vs 13.2 ms at 0.05); slower dense at 128K.
+    ("forward", 128, (0, 65536), (0.0, 1.01)),
+    ("forward", 128, (65536, 196608), (0.0, 0.5)),
+    # Forward, head_dim 64, 32K: faster at every density (0.66 vs 0.69 ms at 0.05, 9.4 vs 9.7 dense).
+    ("forward", 64, (0, 65536), (0.0, 1.01)),
+    # Forward + backward, head_dim 128, 32K and 128K: 1.4-1.8x faster than ours at every density
+    # (7.3 vs 10.6 ms at 32K density 0.1; 96.6 vs 165.5 at 128K).
+    ("training", 128, (0, 196608), (0.0, 1.01)),
+)
+
+# Shapes auto has seen (insertion-ordered, oldest dropped first): FA4 from a shape's second call.
+_SEEN_SHAPES: dict[tuple, None] = {}
+_SEEN_SHAPES_KEPT = 4096
 
 
 @functools.cache
@@ -60,6 +86,17 @@ def installed() -> str | None:
             found = False
         if not found:
             return f"FlashAttention-4 is not installed (no module {module!r}; pip install {package})"
+    return None
+
+
+def _lse_correction() -> float | None:
+    """What to multiply FlexAttention's FLASH log-sum-exp by to get natural-log units on this
+    PyTorch, or ``None`` where that was not checked (see the module docstring)."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version == (2, 11):
+        return 1.0 / math.log(2.0)
+    if version >= (2, 13):
+        return 1.0
     return None
 
 
@@ -78,14 +115,15 @@ def unsupported_reason(
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"FlashAttention-4 takes float16 and bfloat16, not {q.dtype}"
     dim = q.shape[-1]
-    max_dim = 256 if capability[0] == 9 else 128
-    if dim % 8 or dim > max_dim:
-        return f"FlashAttention-4 on compute capability {capability[0]}.x takes head_dim a multiple of 8 up to {max_dim}, not {dim}"
+    if dim % 8 or dim > 128:
+        return f"the flash4 backend takes head_dim a multiple of 8 up to 128, not {dim}"
     if pattern.block_q % 64 or pattern.block_k % 16:
         return (
             "FlashAttention-4's block-sparse path needs block_q a multiple of 64 and block_k a multiple of 16, "
             f"got {pattern.block_q} x {pattern.block_k}"
         )
+    if return_lse and _lse_correction() is None:
+        return f"the flash4 backend's log-sum-exp was not checked on PyTorch {torch.__version__}"
     return None
 
 
@@ -101,34 +139,63 @@ def forward(
 ):
     """Block-sparse attention through FlexAttention's FLASH backend. Shapes as in
     :func:`sparse_attn.block_sparse_attention`; differentiable through FlexAttention's autograd."""
-    return flex.attend(
-        q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse, kernel_options=dict(_FLASH_OPTIONS)
+    result = flex.attend(
+        q,
+        k,
+        v,
+        pattern,
+        causal=causal,
+        scale=scale,
+        return_lse=return_lse,
+        kernel_options=dict(_FLASH_OPTIONS),
+        on_recompile_limit=("gluon or triton", _our_kernels),
     )
+    if not return_lse:
+        return result
+    out, lse = result
+    correction = _lse_correction()
+    return out, (lse if correction == 1.0 else lse * correction)
 
 
-def slower_than_ours_reason(q: torch.Tensor, plan: BlockSparsePlan, *, needs_grad: bool) -> str | None:
-    """Why ``auto`` does not take FA4 for this case (it was not measured faster than our kernels
-    for its class in :data:`FASTER_CASES`), or ``None`` when it does."""
+def _our_kernels(q, k, v, pattern, *, causal: bool, scale: float, return_lse: bool):
+    """Our fastest kernel for the case, for when FlexAttention has compiled too many shapes."""
+    from . import get_backend, run_backend
+
+    name = (
+        "gluon"
+        if get_backend("gluon").unsupported_reason(q, k, v, pattern, return_lse=return_lse) is None
+        else "triton"
+    )
+    return run_backend(name, q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
+
+
+def slower_than_ours_reason(q: torch.Tensor, k: torch.Tensor, plan: BlockSparsePlan, *, needs_grad: bool) -> str | None:
+    """Why ``auto`` does not take FA4 for this case, or ``None`` when it does: its class must be in
+    :data:`FASTER_CASES` and its shape seen before (see the module docstring)."""
     phase = "training" if needs_grad else "forward"
     pattern = plan.pattern
     density = plan.density
-    for case_phase, dim, (seq_lo, seq_hi), (density_lo, density_hi) in FASTER_CASES:
-        if (
-            case_phase == phase
-            and dim == q.shape[-1]
-            and seq_lo <= pattern.seq_k < seq_hi
-            and density_lo <= density < density_hi
-        ):
-            return None
-    return f"FlashAttention-4 was not measured faster than our kernels for this {phase} case"
+    measured = any(
+        case_phase == phase
+        and dim == q.shape[-1]
+        and seq_lo <= pattern.seq_k < seq_hi
+        and density_lo <= density < density_hi
+        for case_phase, dim, (seq_lo, seq_hi), (density_lo, density_hi) in FASTER_CASES
+    )
+    if not measured:
+        return f"FlashAttention-4 was not measured faster than our kernels for this {phase} case"
+    shape = (tuple(q.shape), tuple(k.shape), q.dtype, plan.causal, pattern.num_heads, needs_grad)
+    if shape not in _SEEN_SHAPES:
+        _SEEN_SHAPES[shape] = None
+        if len(_SEEN_SHAPES) > _SEEN_SHAPES_KEPT:
+            _SEEN_SHAPES.pop(next(iter(_SEEN_SHAPES)))
+        return (
+            "first call at this shape: FlashAttention-4 compiles per shape, so a shape seen once stays on our kernels"
+        )
+    return None
 
 
 def gradient_unsupported_reason(q: torch.Tensor) -> str | None:
-    """Why this backend does not differentiate this case, or ``None`` (see the module docstring)."""
-    capability = device_capability(q.device)
-    if capability is not None and capability[0] == 9 and q.shape[-1] < 128:
-        return (
-            "FlashAttention-4's block-sparse backward on sm_90 returned wrong gradients below head_dim 128 "
-            "(flash-attention issue 2623)"
-        )
+    """Why this backend does not differentiate this case, or ``None``: FlexAttention's FLASH
+    backward (FA4's) runs every case the forward takes (see the module docstring)."""
     return None

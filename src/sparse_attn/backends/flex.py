@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -195,9 +196,12 @@ def attend(
     scale: float,
     return_lse: bool,
     kernel_options: dict | None,
+    on_recompile_limit: tuple[str, Callable] | None = None,
 ):
     """:func:`forward` with FlexAttention's ``kernel_options`` given (``{"BACKEND": "FLASH"}``
-    is the :mod:`.flash4` backend); the plan's ``BlockMask`` and the compiled function are shared."""
+    is the :mod:`.flash4` backend); the plan's ``BlockMask`` and the compiled function are shared.
+    ``on_recompile_limit``: ``(name, run)`` to call as ``run(q, k, v, pattern, causal=, scale=,
+    return_lse=)`` once the compile limit is hit (default: the reference backend)."""
     expand = pattern.num_heads not in (1, q.shape[1])
     num_q_heads = q.shape[1] if expand else None
     # Built once per pattern and reused by later calls (building it costs a few kernels).
@@ -225,11 +229,12 @@ def attend(
                 kernel_options=kernel_options,
             )
     except torch._dynamo.exc.FailOnRecompileLimitHit:
+        fallback_name, fallback = on_recompile_limit or ("reference", reference.forward)
         warnings.warn(
-            f"FlexAttention was compiled for more than {_SPECIALIZATION_LIMIT} shapes: using the reference backend",
+            f"FlexAttention was compiled for more than {_SPECIALIZATION_LIMIT} shapes: using the {fallback_name} backend",
             stacklevel=3,
         )
-        return reference.forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
+        return fallback(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
     if return_lse:
         out, lse = result
         return out, lse.float()
