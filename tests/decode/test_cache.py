@@ -19,7 +19,7 @@ def _check_against_model(cache: PagedKVCache, model_k, model_v):
         keys, values = cache.sequence(b)
         assert torch.equal(keys, model_k[b]) and torch.equal(values, model_v[b])
         pages = cache.page_table[b, : cache.num_pages()[b]].tolist()
-        assert len(pages) == -(-length // page_size) and not seen & set(pages)
+        assert len(pages) == -(-length // page_size) == int(cache.page_counts[b]) and not seen & set(pages)
         seen |= set(pages)
         for i, page in enumerate(pages):
             rows = model_k[b][:, i * page_size : (i + 1) * page_size]  # (Hkv, n, D)

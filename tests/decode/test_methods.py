@@ -239,7 +239,7 @@ def test_methods_command_lists_the_decode_methods(capsys):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_on_gpu_matches_the_reference_attention(method):
-    from sparse_attn.decode.selection import page_counts, topk_selection
+    from sparse_attn.decode.selection import topk_selection
     from sparse_attn.ops.page_bounds.naive import page_bounds_reference
     from sparse_attn.ops.paged_decode.naive import paged_decode_reference
 
@@ -265,7 +265,7 @@ def test_every_method_on_gpu_matches_the_reference_attention(method):
         bounds = page_bounds_reference(
             q, cache.key_min, cache.key_max, cache.page_table, cache.seq_lens, page_size=16, scale=1.0
         )
-        reference = topk_selection(bounds, page_counts(cache), 128, 16)
+        reference = topk_selection(bounds, cache.page_counts, 128, 16)
         same = sum(
             len(a & b) for rows_a, rows_b in zip(_selected_sets(selection), _selected_sets(reference), strict=True)
             for a, b in zip(rows_a, rows_b, strict=True)

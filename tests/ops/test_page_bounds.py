@@ -59,6 +59,13 @@ def test_kernel_and_reference_match_a_page_loop(lengths, q_heads, kv_heads, dim,
         assert torch.equal(torch.isneginf(got), torch.isneginf(expected))
         finite = torch.isfinite(expected)
         assert torch.allclose(got.double()[finite], expected[finite], rtol=tolerance, atol=tolerance)
+    newest = torch.tensor([-(-n // page_size) - 1 for n in lengths])
+    for got in (
+        page_bounds_triton(*arguments, page_size=page_size, scale=0.5, newest_first=True),
+        page_bounds_reference(*arguments, page_size=page_size, scale=0.5, newest_first=True),
+    ):
+        assert torch.isposinf(got).sum() == len(lengths) * kv_heads
+        assert torch.isposinf(got[torch.arange(len(lengths)), :, newest]).all()
 
 
 @pytest.mark.gpu

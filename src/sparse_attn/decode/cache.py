@@ -7,7 +7,9 @@ of different lengths, in the layout :func:`sparse_attn.ops.paged_decode.paged_de
   ``page_table`` ``(B, max_pages)`` int32 maps a sequence's logical page ``i`` (tokens
   ``[i * P, (i + 1) * P)``) to its physical page; ``seq_lens`` ``(B,)`` int32. Pages are taken
   from a free list as sequences grow and returned on :meth:`crop`; the pool grows (doubling)
-  when it runs out, or is sized once with ``capacity_tokens``.
+  when it runs out, or is sized once with ``capacity_tokens``. ``page_counts`` ``(B,)`` int32:
+  the logical pages each sequence uses (kept beside ``seq_lens`` so selections need no
+  arithmetic on the device).
 * Summaries per physical page and KV head, over the page's valid tokens:
   ``key_min`` / ``key_max`` ``(capacity, Hkv, D)`` (Quest's per-channel bounds, in the keys'
   dtype: exact), ``key_sum`` ``(capacity, Hkv, D)`` float32 (the mean key is
@@ -69,6 +71,7 @@ class PagedKVCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.lengths: list[int] = [0] * batch
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.page_counts = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.page_table = torch.zeros((batch, 1), dtype=torch.int32, device=self.device)
         self.label_channels: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
@@ -131,6 +134,7 @@ class PagedKVCache:
             table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.page_table = table.to(self.device)
         self.seq_lens = torch.tensor(self.lengths, dtype=torch.int32).to(self.device)
+        self.page_counts = torch.tensor(self.num_pages(), dtype=torch.int32).to(self.device)
 
     # ----------------------------------------------------------------------------- updates
     def check_compatible(self, name: str, x: torch.Tensor) -> None:

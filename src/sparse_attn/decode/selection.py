@@ -38,17 +38,12 @@ def budget_in_pages(token_budget: int, page_size: int) -> int:
     return token_budget // page_size
 
 
-def page_counts(cache: PagedKVCache) -> torch.Tensor:
-    """Logical pages each sequence uses, int64 ``(B,)`` on the cache's device."""
-    return (cache.seq_lens.long() + cache.page_size - 1) // cache.page_size
-
-
 def dense_selection(cache: PagedKVCache) -> DecodeSelection:
     """Every page of every sequence, for every KV head."""
     batch, max_pages = cache.page_table.shape
     pages = torch.arange(max_pages, dtype=torch.int32, device=cache.device)
     selected = pages.expand(batch, cache.kv_heads, max_pages)
-    counts = page_counts(cache).to(torch.int32)[:, None].expand(batch, cache.kv_heads)
+    counts = cache.page_counts[:, None].expand(batch, cache.kv_heads)
     return DecodeSelection(selected, counts, cache.page_size)
 
 
@@ -64,19 +59,23 @@ def group_probabilities(logits: torch.Tensor, valid: torch.Tensor, kv_heads: int
     return probabilities.view(batch, kv_heads, q_heads // kv_heads, entries).sum(2)
 
 
-def topk_selection(scores: torch.Tensor, lengths: torch.Tensor, budget: int, select_block: int) -> DecodeSelection:
+def topk_selection(
+    scores: torch.Tensor, lengths: torch.Tensor, budget: int, select_block: int, *, ranked: bool = False
+) -> DecodeSelection:
     """The ``budget`` highest-scoring of each row's first ``lengths[b]`` entries, the newest entry always among them.
 
-    ``scores`` float ``(B, Hkv, N)``, ``lengths`` int ``(B,)`` (valid entries per sequence, >= 1).
-    The newest entry (``lengths[b] - 1``: the page or token holding the step's own key) is kept
-    whatever its score. Ties are broken by ``torch.topk``'s order.
+    ``scores`` float ``(B, Hkv, N)``, ``lengths`` int32 ``(B,)`` (valid entries per sequence,
+    >= 1). The newest entry (``lengths[b] - 1``: the page or token holding the step's own key)
+    is kept whatever its score. ``ranked``: ``scores`` already hold ``-inf`` past each
+    sequence's entries and ``+inf`` at its newest (the page bounds kernel writes them so), which
+    saves two passes. Ties are broken by ``torch.topk``'s order.
     """
     entries = scores.shape[-1]
     keep = min(budget, entries)
-    index = torch.arange(entries, device=scores.device)
-    lengths = lengths.long()[:, None, None]
-    ranked = scores.float().masked_fill(index >= lengths, float("-inf"))
-    ranked = ranked.masked_fill(index == lengths - 1, float("inf"))
-    selected = ranked.topk(keep, dim=-1).indices.to(torch.int32)
-    counts = lengths[:, :, 0].clamp(max=keep).to(torch.int32).expand(scores.shape[:2])
+    if not ranked:
+        index = torch.arange(entries, device=scores.device)
+        last = lengths.long()[:, None, None]
+        scores = scores.float().masked_fill(index >= last, float("-inf")).masked_fill(index == last - 1, float("inf"))
+    selected = scores.topk(keep, dim=-1).indices.to(torch.int32)
+    counts = lengths.clamp(max=keep).to(torch.int32)[:, None].expand(scores.shape[:2])
     return DecodeSelection(selected, counts, select_block)

@@ -47,7 +47,6 @@ from ..selection import (
     DecodeSelection,
     budget_in_pages,
     dense_selection,
-    page_counts,
     topk_selection,
 )
 
@@ -72,6 +71,7 @@ def select_quest(q, cache, config: QuestConfig, *, layer: int, state: dict) -> D
     if layer < config.dense_layers:
         return dense_selection(cache)
     budget = budget_in_pages(config.token_budget, cache.page_size)
-    pages = page_counts(cache)
-    bounds = page_bounds(q, cache.key_min, cache.key_max, cache.page_table, cache.seq_lens, page_size=cache.page_size)
-    return topk_selection(bounds, pages, budget, cache.page_size)
+    bounds = page_bounds(
+        q, cache.key_min, cache.key_max, cache.page_table, cache.seq_lens, page_size=cache.page_size, newest_first=True
+    )
+    return topk_selection(bounds, cache.page_counts, budget, cache.page_size, ranked=True)

@@ -26,7 +26,7 @@ import torch
 
 from ...checks import check_int
 from ..registry import register_decode_method
-from ..selection import DecodeSelection, budget_in_pages, page_counts
+from ..selection import DecodeSelection, budget_in_pages
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def select_streaming(q, cache, config: StreamingDecodeConfig, *, layer: int, sta
             f"token_budget ({config.token_budget}) must leave room for at least one window page after the "
             f"{sink_pages} sink page(s) of {cache.page_size} tokens"
         )
-    pages = page_counts(cache)[:, None]  # (B, 1)
+    pages = cache.page_counts[:, None]  # (B, 1)
     slot = torch.arange(budget, device=cache.device)[None, :]
     # Within the budget: pages 0..n-1. Beyond: the sink pages, then the newest budget - sink pages.
     window = torch.where(slot < sink_pages, slot, pages - budget + slot)

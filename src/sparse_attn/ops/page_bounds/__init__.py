@@ -27,14 +27,18 @@ def page_bounds(
     *,
     page_size: int,
     scale: float = 1.0,
+    newest_first: bool = False,
 ) -> torch.Tensor:
     """Scaled group page bounds, float32 ``(B, Hkv, max_pages)``; ``-inf`` past each sequence's pages.
+
+    ``newest_first``: each sequence's newest page gets ``+inf`` (a selection that always keeps
+    it can then take the top-k as is).
 
     q ``(B, Hq, D)``; key_min / key_max ``(num_pages, Hkv, D)`` per physical page; page_table
     ``(B, max_pages)`` int32 (logical to physical page); seq_lens ``(B,)`` int32. GQA: query
     head ``h`` uses KV head ``h // (Hq / Hkv)``.
     """
-    options = dict(page_size=page_size, scale=scale)
+    options = dict(page_size=page_size, scale=scale, newest_first=newest_first)
     kernel = kernel_for(q, __package__, head_dim=q.shape[-1])
     if kernel is not None:
         return kernel.page_bounds_triton(q, key_min, key_max, page_table, seq_lens, **options)

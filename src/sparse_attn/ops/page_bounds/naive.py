@@ -16,6 +16,7 @@ def page_bounds_reference(
     *,
     page_size: int,
     scale: float,
+    newest_first: bool = False,
 ) -> torch.Tensor:
     """Per KV head and logical page, the group's summed bounds ``scale * sum_h sum_d max(q_hd min_d, q_hd max_d)``,
     float32 ``(B, Hkv, max_pages)``.
@@ -34,5 +35,6 @@ def page_bounds_reference(
     grouped = q.float().view(batch, kv_heads, q_heads // kv_heads, dim)
     bounds = (grouped.clamp(min=0) @ upper + grouped.clamp(max=0) @ lower).sum(2) * scale
     pages = (seq_lens.long() + page_size - 1) // page_size
-    past_end = torch.arange(bounds.shape[-1], device=q.device) >= pages[:, None, None]
-    return bounds.masked_fill(past_end, float("-inf"))
+    index = torch.arange(bounds.shape[-1], device=q.device)
+    bounds = bounds.masked_fill(index >= pages[:, None, None], float("-inf"))
+    return bounds.masked_fill(index == pages[:, None, None] - 1, float("inf")) if newest_first else bounds

@@ -65,6 +65,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_G: tl.constexpr,
         BLOCK_P: tl.constexpr,
+        NEWEST_FIRST: tl.constexpr,
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
@@ -98,6 +99,8 @@ if triton is not None:
             bounds = tl.dot(negative.to(lower.dtype), tl.trans(lower), bounds, input_precision=PRECISION)
         # Rows past the group hold q = 0, so they add nothing to the sum.
         group_bounds = tl.where(in_sequence, tl.sum(bounds, 0) * scale, float("-inf"))
+        if NEWEST_FIRST:
+            group_bounds = tl.where(pages == used - 1, float("inf"), group_bounds)
         out = Out + batch.to(tl.int64) * stride_ob + kv_head * max_pages + pages
         tl.store(out, group_bounds, mask=in_table)
 
@@ -111,6 +114,7 @@ def page_bounds_triton(
     *,
     page_size: int,
     scale: float,
+    newest_first: bool = False,
 ) -> torch.Tensor:
     """:func:`.naive.page_bounds_reference` in one kernel; same arguments and result."""
     batch, q_heads, dim = q.shape
@@ -130,7 +134,7 @@ def page_bounds_triton(
         q, key_min, key_max, page_table, seq_lens, out,
         *q.stride()[:2], *key_min.stride()[:2], page_table.stride(0), out.stride(0),
         kv_heads, group, max_pages, page_size, scale,
-        HEAD_DIM=dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p,
+        HEAD_DIM=dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p, NEWEST_FIRST=newest_first,
         DOT_FP32=use_float32_dot, PRECISION="ieee" if use_float32_dot else "tf32",
     )  # fmt: skip
     return out
