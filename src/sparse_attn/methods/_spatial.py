@@ -30,15 +30,15 @@ def check_grid_option(grid) -> tuple[int, ...] | None:
     return Layout(grid).grid
 
 
-def spatial_layout(
-    method: str, q: torch.Tensor, k: torch.Tensor, *, causal: bool, grid, tile, text_tokens: int, text_position: str
-) -> Layout:
-    """The layout of a spatial method's call, after checking that the call fits it."""
+def spatial_layout(method: str, q: torch.Tensor, k: torch.Tensor, config, *, causal: bool, tile) -> Layout:
+    """The layout of a spatial method's call (``config``'s ``grid``, ``text_tokens`` and
+    ``text_position``, with ``tile``), after checking that the call fits it."""
+    grid = config.grid
     if causal:
         raise ValueError(f"method {method!r} is bidirectional (video/image attention): call it with causal=False")
     if grid is None:
         raise ValueError(f"method {method!r} needs the token grid: pass grid=(T, H, W), (H, W) or (L,)")
-    layout = Layout(grid, tile=tile, text_tokens=text_tokens, text_position=text_position)
+    layout = Layout(grid, tile=tile, text_tokens=config.text_tokens, text_position=config.text_position)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"method {method!r} is self-attention over one layout: q and k must have the same length, "

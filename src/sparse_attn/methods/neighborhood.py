@@ -122,14 +122,7 @@ def estimate(
     """Non-causal pattern over the tile order of ``grid``; one list for every batch and head."""
     rank = len(config.grid) if config.grid is not None else 3
     layout = spatial_layout(
-        "neighborhood",
-        q,
-        k,
-        causal=causal,
-        grid=config.grid,
-        tile=config.tile if config.tile is not None else default_tile(rank),
-        text_tokens=config.text_tokens,
-        text_position=config.text_position,
+        "neighborhood", q, k, config, causal=causal, tile=config.tile if config.tile is not None else default_tile(rank)
     )
     return static_pattern(_build, config, layout, block_q, block_k, q.device)
 

@@ -51,7 +51,7 @@ from ..checks import check_int
 from ..geometry import num_blocks
 from ..layouts import Layout
 from ..masked_pattern import MaskedPattern
-from ..ops.to_pattern import stream_pattern
+from ..ops.grid_windows import layout_pattern
 from ..registry import register_method
 from ._spatial import check_grid_option, spatial_layout, static_pattern
 
@@ -121,16 +121,7 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: RadialConfig, *, causal: bool, block_q: int, block_k: int
 ) -> MaskedPattern:
     """Non-causal block-exact pattern in raster order; one list for every batch and head."""
-    layout = spatial_layout(
-        "radial",
-        q,
-        k,
-        causal=causal,
-        grid=config.grid,
-        tile=None,
-        text_tokens=config.text_tokens,
-        text_position=config.text_position,
-    )
+    layout = spatial_layout("radial", q, k, config, causal=causal, tile=None)
     return static_pattern(_build, config, layout, block_q, block_k, q.device)
 
 
@@ -151,28 +142,8 @@ def _build(config: RadialConfig, layout: Layout, *, block_q: int, block_k: int, 
         keep = (valid & ((kf < config.sink_frames) | near)).any(-1).any(-1)
         return keep | q_text[rows.start : rows.stop, None] | k_text[None, :]
 
-    n_kv = k_frame.shape[0]
-    segments = q_frame.shape[1] * k_frame.shape[1]
-    pattern = stream_pattern(
-        mask_rows,
-        batch=1,
-        heads=1,
-        seq_q=layout.seq_len,
-        seq_k=layout.seq_len,
-        block_q=block_q,
-        block_k=block_k,
-        causal=False,
-        device=device,
-        row_elements=8 * n_kv * segments,
+    row_elements = 8 * k_frame.shape[0] * q_frame.shape[1] * k_frame.shape[1]
+    pattern = layout_pattern(
+        mask_rows, layout, block_q=block_q, block_k=block_k, device=device, row_elements=row_elements
     )
-    masked = MaskedPattern(
-        kv_counts=pattern.kv_counts,
-        kv_indices=pattern.kv_indices,
-        block_q=block_q,
-        block_k=block_k,
-        seq_q=layout.seq_len,
-        seq_k=layout.seq_len,
-        layout=layout,
-    )
-    masked._cache[("validated", False)] = True
-    return masked
+    return MaskedPattern.over_layout(pattern, layout)

@@ -98,16 +98,7 @@ def estimate(
     """Non-causal pattern over the tile order of ``grid``; one list for every batch and head."""
     rank = len(config.grid) if config.grid is not None else 3
     tile, window = config.resolved(rank)
-    layout = spatial_layout(
-        "sliding_tile",
-        q,
-        k,
-        causal=causal,
-        grid=config.grid,
-        tile=tile,
-        text_tokens=config.text_tokens,
-        text_position=config.text_position,
-    )
+    layout = spatial_layout("sliding_tile", q, k, config, causal=causal, tile=tile)
     return static_pattern(_build, window, layout, block_q, block_k, q.device)
 
 

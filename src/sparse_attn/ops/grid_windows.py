@@ -24,6 +24,8 @@ Memory: the per-block boxes are ``O(S / block)``; a chunk of query blocks holds 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +33,10 @@ import torch
 from ..geometry import num_blocks
 from ..layouts import Layout
 from ..masked_pattern import MaskedPattern
+from ..pattern import BlockSparsePattern
 from .to_pattern import stream_pattern
 
-__all__ = ["DimWindow", "GridWindowRule", "block_boxes", "window_pattern"]
+__all__ = ["DimWindow", "GridWindowRule", "block_boxes", "layout_pattern", "window_pattern"]
 
 
 @dataclass(frozen=True)
@@ -182,9 +185,26 @@ def window_pattern(
     windows = tuple(w.to(device) for w in windows)
     q_boxes = block_boxes(layout, block_q, device)
     k_boxes = block_boxes(layout, block_k, device)
-    n_kv = num_blocks(layout.seq_len, block_k)
-    pattern = stream_pattern(
-        lambda rows: _keep_rows(windows, q_boxes, k_boxes, rows),
+    row_elements = 4 * num_blocks(layout.seq_len, block_k) + 4 * max(layout.grid)
+    keep_rows = functools.partial(_keep_rows, windows, q_boxes, k_boxes)
+    pattern = layout_pattern(
+        keep_rows, layout, block_q=block_q, block_k=block_k, device=device, row_elements=row_elements
+    )
+    used = torch.arange(pattern.max_kv, device=device) < pattern.kv_counts[..., None]
+    partial = ~_whole(windows, q_boxes, k_boxes, pattern.kv_indices[0, 0]) & used[0, 0]
+    rule = GridWindowRule(layout, windows) if bool(partial.any()) else None
+    return MaskedPattern.over_layout(
+        pattern, layout, token_rule=rule, rule_partial=None if rule is None else partial[None, None]
+    )
+
+
+def layout_pattern(
+    mask_rows: Callable[[range], torch.Tensor], layout: Layout, *, block_q: int, block_k: int, device, row_elements: int
+) -> BlockSparsePattern:
+    """A non-causal pattern over ``layout`` (one list for every batch and head), streamed over chunks of
+    query blocks: ``mask_rows(rows)`` gives bool ``(len(rows), n_kv_blocks)`` (see :func:`stream_pattern`)."""
+    return stream_pattern(
+        mask_rows,
         batch=1,
         heads=1,
         seq_q=layout.seq_len,
@@ -193,21 +213,5 @@ def window_pattern(
         block_k=block_k,
         causal=False,
         device=device,
-        row_elements=4 * n_kv + 4 * max(layout.grid),
+        row_elements=row_elements,
     )
-    used = torch.arange(pattern.max_kv, device=device) < pattern.kv_counts[..., None]
-    partial = ~_whole(windows, q_boxes, k_boxes, pattern.kv_indices[0, 0]) & used[0, 0]
-    rule = GridWindowRule(layout, windows) if bool(partial.any()) else None
-    masked = MaskedPattern(
-        kv_counts=pattern.kv_counts,
-        kv_indices=pattern.kv_indices,
-        block_q=block_q,
-        block_k=block_k,
-        seq_q=layout.seq_len,
-        seq_k=layout.seq_len,
-        token_rule=rule,
-        rule_partial=None if rule is None else partial[None, None],
-        layout=layout,
-    )
-    masked._cache[("validated", False)] = True
-    return masked
