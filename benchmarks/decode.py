@@ -22,7 +22,10 @@ in order in the pool (a freshly prefilled cache). The selection runs as a sparse
 channels (speed does not depend on which); ``tidaldecode``'s reuse layers cost what
 ``double_sparsity``'s attention costs (token-level lists of the same size) and its
 selection layers what ``ours_dense`` plus the scoring costs, so it is not timed apart.
-Medians from ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/decode.json``.
+A decode step is a handful of small kernels, so launch overhead shows: ``step_graph_ms`` and
+``sdpa-cudnn_graph_ms`` replay the step (and the cuDNN decode) captured in a CUDA graph, as
+a serving loop would (``--no-graphs`` skips them; a failed capture is reported in the row).
+Medians from ``triton.testing.do_bench`` (60 ms of repetitions per timing). Writes ``benchmarks/results/<gpu>/decode.json``.
 
     python benchmarks/decode.py            # the grid (about 3 minutes on an H200, compile included)
     python benchmarks/decode.py --quick    # 32K and 128K, batch 8, budget 2048, quest only
@@ -37,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
+from sparse_attn.bench import device_slug, environment, format_table, write_results
 from sparse_attn.decode import PagedKVCache, get_decode_method
 from sparse_attn.decode.selection import dense_selection
 from sparse_attn.ops.paged_decode import paged_decode
@@ -70,7 +73,37 @@ def _sdpa(choice, q_rows, k, v):
         return F.scaled_dot_product_attention(q_rows, k, v)
 
 
-def dense_baselines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, device) -> dict:
+def graphed(fn):
+    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream, which also autotune
+    and compile): returns the graph's ``replay``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure(fn, device, *, graph: bool = False) -> tuple[float | None, str | None]:
+    """``(median ms, None)`` of ``fn`` (``graph``: of its CUDA-graph replay), or ``(None, error
+    line)`` when it fails. ``do_bench`` with 60 ms of repetitions: a decode step takes 0.01-1 ms,
+    so that is still 60 or more samples, and the grid fits in its time box."""
+    import triton.testing
+
+    try:
+        run = graphed(fn) if graph else fn
+        return float(triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")), None
+    except Exception as error:
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
+def dense_baselines(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, device, *, graphs: bool
+) -> dict:
     """Milliseconds (or errors) of each dense decode: cuDNN / flash SDPA, FlexAttention, our kernel."""
     from torch.nn.attention import SDPBackend
     from torch.nn.attention.flex_attention import flex_attention
@@ -85,7 +118,10 @@ def dense_baselines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
         "flex": partial(flex, q[:, :, None], k, v, enable_gqa=True),
         "ours_dense": partial(_attend, q, cache, selection),
     }
-    return {name: measure(run, device) for name, run in runs.items()}
+    timings = {name: measure(run, device) for name, run in runs.items()}
+    if graphs:
+        timings["sdpa-cudnn_graph"] = measure(runs["sdpa-cudnn"], device, graph=True)
+    return timings
 
 
 def _attend(q, cache, selection):
@@ -114,7 +150,7 @@ def selection_bytes(name: str, cache: PagedKVCache) -> int:
     return 0
 
 
-def sparse_row(name: str, budget: int, q, cache, dense: dict, peak_tbps: float, device) -> dict:
+def sparse_row(name: str, budget: int, q, cache, dense: dict, peak_tbps: float, device, *, graphs: bool) -> dict:
     """One method at one budget: selection, attention and step times, bytes read and floors."""
     method = get_decode_method(name)
     config = method.make_config(token_budget=budget)
@@ -133,6 +169,10 @@ def sparse_row(name: str, budget: int, q, cache, dense: dict, peak_tbps: float, 
         row[f"{key}_ms"], error = measure(run, device)
         if error:
             row["errors"][key] = error
+    if graphs:
+        row["step_graph_ms"], error = measure(timings["step"], device, graph=True)
+        if error:
+            row["errors"]["step_graph"] = error
     tokens = selection.tokens_read().clamp(max=cache.seq_lens.long()[:, None])
     row["tokens_read"] = float(tokens.float().mean())
     row["attend_bytes"] = int(tokens.sum()) * cache.head_dim * 2 * BYTES
@@ -144,10 +184,14 @@ def sparse_row(name: str, budget: int, q, cache, dense: dict, peak_tbps: float, 
         row["step_vs_cudnn"] = row["step_ms"] / cudnn
     if row.get("step_ms") and row.get("select_ms"):
         row["select_share"] = row["select_ms"] / row["step_ms"]
+    if row.get("step_graph_ms") and dense.get("sdpa-cudnn_graph_ms"):
+        row["step_graph_vs_cudnn_graph"] = row["step_graph_ms"] / dense["sdpa-cudnn_graph_ms"]
     return row
 
 
-def run_config(seq: int, batch: int, budgets, methods, page_sizes, peak_tbps: float, device) -> list[dict]:
+def run_config(
+    seq: int, batch: int, budgets, methods, page_sizes, peak_tbps: float, device, *, graphs: bool
+) -> list[dict]:
     """Every row of one (context, batch): dense baselines, then each page size x method x budget."""
     need = 2 * seq * batch * KV_HEADS * HEAD_DIM * 2 * BYTES  # contiguous K/V + the pages
     free, _ = torch.cuda.mem_get_info(device)
@@ -165,7 +209,7 @@ def run_config(seq: int, batch: int, budgets, methods, page_sizes, peak_tbps: fl
     for page_size in page_sizes:
         cache = build_cache(k, v, page_size)
         if not dense:
-            for name, (ms, error) in dense_baselines(q, k, v, cache, device).items():
+            for name, (ms, error) in dense_baselines(q, k, v, cache, device, graphs=graphs).items():
                 dense[f"{name}_ms"] = ms
                 if error:
                     dense.setdefault("errors", {})[name] = error
@@ -175,7 +219,7 @@ def run_config(seq: int, batch: int, budgets, methods, page_sizes, peak_tbps: fl
             print(format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
         for name in methods:
             for budget in budgets:
-                row = {**base, **sparse_row(name, budget, q, cache, dense, peak_tbps, device)}
+                row = {**base, **sparse_row(name, budget, q, cache, dense, peak_tbps, device, graphs=graphs)}
                 rows.append(row)
                 print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
         del cache
@@ -199,6 +243,9 @@ COLUMNS = [
     ("step_ms", "step ms", ".4f"),
     ("step_floor_ms", "step floor ms", ".4f"),
     ("step_vs_cudnn", "step / cuDNN", ".3f"),
+    ("sdpa-cudnn_graph_ms", "cuDNN graph ms", ".4f"),
+    ("step_graph_ms", "step graph ms", ".4f"),
+    ("step_graph_vs_cudnn_graph", "graph step / cuDNN graph", ".3f"),
     ("select_share", "select / step", ".2f"),
     ("tokens_read", "tokens read", ".0f"),
 ]
@@ -216,6 +263,7 @@ def main() -> None:
     )
     parser.add_argument("--peak-tbps", type=float, default=4.8, help="HBM bandwidth for the floor (H200: 4.8)")
     parser.add_argument("--quick", action="store_true", help="32K and 128K, batch 8, budget 2048, quest, page 16")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -232,10 +280,14 @@ def main() -> None:
     page_seq, page_batch, page_budget = args.page_config
     for seq in args.lengths:
         for batch in args.batches:
-            rows += run_config(seq, batch, args.budgets, args.methods, [16], args.peak_tbps, device)
+            rows += run_config(
+                seq, batch, args.budgets, args.methods, [16], args.peak_tbps, device, graphs=not args.no_graphs
+            )
     if set(args.page_sizes) - {16}:
         sweep = sorted(set(args.page_sizes) - {16})
-        rows += run_config(page_seq, page_batch, [page_budget], ["quest"], sweep, args.peak_tbps, device)
+        rows += run_config(
+            page_seq, page_batch, [page_budget], ["quest"], sweep, args.peak_tbps, device, graphs=not args.no_graphs
+        )
     print()
     print(format_table(rows, COLUMNS))
     for row in rows:
