@@ -384,3 +384,10 @@ def test_metrics_apply_a_layout_pattern_in_its_order():
     scores = (q.double() @ k.double().transpose(-1, -2)) * 16**-0.5
     kept = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1) - torch.logsumexp(scores, -1)
     assert abs(sa.metrics.recall(q, k, pattern, causal=False) - float(kept.exp().mean())) < 1e-5
+
+
+def test_sizes_may_be_lists():
+    q, k, v = random_qkv(1, 2, 1, 24, 24, 8, seed=11)
+    as_lists = sa.sparse_attention(q, k, v, "neighborhood", causal=False, grid=[4, 6], window=[3, 3], tile=[2, 2])
+    as_tuples = sa.sparse_attention(q, k, v, "neighborhood", causal=False, grid=(4, 6), window=(3, 3), tile=(2, 2))
+    assert torch.equal(as_lists, as_tuples)

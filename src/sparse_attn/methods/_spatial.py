@@ -8,6 +8,7 @@ raise ``ValueError`` naming the option.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -23,11 +24,16 @@ def per_dim(name: str, value, rank: int) -> tuple[int, ...]:
     return _as_sizes(name, value, rank)
 
 
-def check_grid_option(grid) -> tuple[int, ...] | None:
-    """Validate a method's ``grid`` option (``None`` allowed: it is required at estimate time)."""
-    if grid is None:
-        return None
-    return Layout(grid).grid
+def check_grid_option(config) -> tuple[int, ...] | None:
+    """Validate a spatial config's ``grid`` option (``None`` allowed: it is required at estimate time).
+
+    Also turns list-valued options into tuples, so configs stay hashable (:func:`static_pattern`
+    caches on them) whether sizes come as lists or tuples."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, list):
+            object.__setattr__(config, field.name, tuple(value))
+    return None if config.grid is None else Layout(config.grid).grid
 
 
 def spatial_layout(method: str, q: torch.Tensor, k: torch.Tensor, config, *, causal: bool, tile) -> Layout:

@@ -78,7 +78,7 @@ class NeighborhoodConfig:
     text_position: str = "after"
 
     def __post_init__(self) -> None:
-        grid = check_grid_option(self.grid)
+        grid = check_grid_option(self)
         check_int("text_tokens", self.text_tokens, minimum=0)
         rank = 3 if grid is None else len(grid)
         windows = per_dim("window", self.window, rank)

@@ -65,7 +65,7 @@ class RadialConfig:
     text_position: str = "after"
 
     def __post_init__(self) -> None:
-        grid = check_grid_option(self.grid)
+        grid = check_grid_option(self)
         if grid is not None and len(grid) != 3:
             raise ValueError(f"radial needs a video grid (T, H, W), got grid={grid}")
         if isinstance(self.decay_factor, bool) or not isinstance(self.decay_factor, (int, float)):

@@ -61,7 +61,7 @@ class SlidingTileConfig:
     text_position: str = "after"
 
     def __post_init__(self) -> None:
-        grid = check_grid_option(self.grid)
+        grid = check_grid_option(self)
         check_int("text_tokens", self.text_tokens, minimum=0)
         rank = 3 if grid is None else len(grid)
         tile = _DEFAULT_TILE[rank] if self.tile is None else per_dim("tile", self.tile, rank)
