@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "LOAD_MODES",
+    "backward_skips_masked_tiles",
     "backward_tiles",
     "KernelConfigs",
     "current",
@@ -106,6 +107,8 @@ class KernelConfigs:
     ``gluon_stages``: the Gluon K/V ring depth. ``gluon_host_descriptors``: ``False`` makes the
     Gluon kernel build its TMA descriptors per program on the device even where launch-made ones
     apply (:func:`sparse_attn.backends.gluon.uses_host_descriptors`).
+    ``triton_backward_skip_masked``: ``True`` makes the Triton backward branch around tile pairs
+    the causal mask hides entirely (:func:`backward_skips_masked_tiles`).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -113,6 +116,7 @@ class KernelConfigs:
     triton_loads: tuple[str, ...] | None = None
     gluon_stages: int | None = None
     gluon_host_descriptors: bool | None = None
+    triton_backward_skip_masked: bool | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -134,6 +138,7 @@ def kernel_configs(
     triton_loads: Sequence[str] | None = None,
     gluon_stages: int | None = None,
     gluon_host_descriptors: bool | None = None,
+    triton_backward_skip_masked: bool | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -160,6 +165,10 @@ def kernel_configs(
         if not isinstance(gluon_host_descriptors, bool):
             raise TypeError(f"gluon_host_descriptors must be a bool, got {gluon_host_descriptors!r}")
         changes["gluon_host_descriptors"] = gluon_host_descriptors
+    if triton_backward_skip_masked is not None:
+        if not isinstance(triton_backward_skip_masked, bool):
+            raise TypeError(f"triton_backward_skip_masked must be a bool, got {triton_backward_skip_masked!r}")
+        changes["triton_backward_skip_masked"] = triton_backward_skip_masked
     token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **changes))
     try:
         yield _CURRENT.get()
@@ -183,6 +192,13 @@ def backward_tiles(kind: str, head_dim: int, block_q: int, block_k: int, *, smal
         candidates = TRITON_BACKWARD_SMALL_TILES if small else TRITON_BACKWARD_TILES[kind][max(head_dim, 64)]
     fitting = tuple(tile for tile in candidates if block_q % tile[0] == 0 and block_k % tile[1] == 0)
     return fitting or ((min(block_q, 16), min(block_k, 16), 4, 1),)
+
+
+def backward_skips_masked_tiles() -> bool:
+    """Whether the Triton backward kernels branch around causally masked tile pairs (see
+    :mod:`.triton_backward`); the default is not to, so their loops stay software-pipelined."""
+    asked = current().triton_backward_skip_masked
+    return False if asked is None else asked
 
 
 def triton_load_modes(*, is_float32: bool, tma_offered: bool) -> tuple[str, ...]:

@@ -76,7 +76,7 @@ if triton is not None:
         seq_bucket,  # autotuning key only: ceil(log2(seq_k))
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
     ):  # fmt: skip
         batch_head = tl.program_id(0)
         batch = batch_head // num_kv_heads
@@ -111,8 +111,10 @@ if triton is not None:
             for step in range(0, count * (BLOCK_Q // BLOCK_M)):
                 q_block = tl.load(index_base + step // (BLOCK_Q // BLOCK_M))
                 first_row = q_block * BLOCK_Q + (step % (BLOCK_Q // BLOCK_M)) * BLOCK_M
-                # In causal mode a query tile that ends before this key tile starts sees none of it.
-                if first_row + BLOCK_M - 1 + offset >= first_key * CAUSAL:
+                # In causal mode a query tile that ends before this key tile starts sees none of it:
+                # SKIP_MASKED skips it, at the price of a branch around the loads (which keeps
+                # Triton from software-pipelining the loop); otherwise its masked products add zeros.
+                if (not SKIP_MASKED) or (first_row + BLOCK_M - 1 + offset >= first_key * CAUSAL):
                     rows = first_row + offs_m
                     row_in_range = rows < seq_q
                     q = tl.load(
@@ -157,7 +159,7 @@ if triton is not None:
         seq_bucket,  # autotuning key only: ceil(log2(seq_k))
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
     ):  # fmt: skip
         batch_head = tl.program_id(0)
         # Heaviest (last) query tiles first: causal rows grow with position.
@@ -194,7 +196,7 @@ if triton is not None:
         for step in range(0, count * SUBTILES):
             kv_block = tl.load(index_base + step // SUBTILES)
             first_key = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N
-            if first_key * CAUSAL <= last_query:
+            if (not SKIP_MASKED) or (first_key * CAUSAL <= last_query):
                 key_pos = first_key + offs_n
                 key_in_range = key_pos < seq_k
                 k = tl.load(
@@ -229,7 +231,7 @@ def _autotuned(kind: str, tiles: tuple):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
     kernel = {"dkdv": _dkdv, "dq": _dq}[kind]
     return triton.autotune(
-        configs=configs, key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"]
+        configs=configs, key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION", "SKIP_MASKED"]
     )(kernel)
 
 
@@ -270,6 +272,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         CAUSAL=bool(causal),
         DOT_FP32=use_float32_dot,
         PRECISION="ieee" if use_float32_dot else "tf32",
+        SKIP_MASKED=configs.backward_skips_masked_tiles(),
     )
     # (batch, head, sequence) strides of q, k, v and dout, in the kernels' argument order.
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
