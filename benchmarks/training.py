@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_attn import block_sparse_attention, dense_pattern, random_pattern
-from sparse_attn.backends import flash4
+from sparse_attn.backends import flash4, kernel_configs
 from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
 
 
@@ -124,6 +124,11 @@ def main() -> None:
     parser.add_argument("--extra-dims", type=int, nargs="*", default=[64], help="head dims at --extra-length")
     parser.add_argument("--extra-length", type=int, default=32768)
     parser.add_argument("--backends", nargs="+", default=["auto", "triton", "flex"])
+    parser.add_argument(
+        "--backward-skip-masked",
+        action="store_true",
+        help="our Triton backward branches around causally masked tile pairs (the earlier default)",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -133,15 +138,20 @@ def main() -> None:
         backends += ("flash4",)
     print(format_table([], _columns(backends)), flush=True)
     rows = []
-    for seq, dim in cases:
-        rows += run_case(seq, dim, args.densities, backends, device)
+    with kernel_configs(triton_backward_skip_masked=args.backward_skip_masked):
+        for seq, dim in cases:
+            rows += run_case(seq, dim, args.densities, backends, device)
     print()
     print(format_table(rows, _columns(backends)))
     for row in rows:
         for name, error in row["errors"].items():
             print(f"  {row['seq']} d{row['head_dim']} {row['density']}: {name}: {error}")
     path = args.output or Path(__file__).parent / "results" / device_slug(device) / "training.json"
-    write_results(rows, path, {"benchmark": "training", **environment(device)})
+    write_results(
+        rows,
+        path,
+        {"benchmark": "training", "backward_skip_masked": args.backward_skip_masked, **environment(device)},
+    )
     print(f"wrote {path}")
 
 
