@@ -7,7 +7,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_models import PATCH, TOLERANCE, max_difference, prefill_and_decode, prompt, tiny_model  # noqa: E402
+from tiny_models import (  # noqa: E402
+    PATCH,
+    TOLERANCE,
+    WINDOW,
+    max_difference,
+    prefill_and_decode,
+    prompt,
+    tiny_model,
+)
 
 import sparse_attn as sa  # noqa: E402
 from sparse_attn.integrations.decode import SparseDecodeCache  # noqa: E402
@@ -27,7 +35,7 @@ def _generate(model, ids, cache=None, steps=10):
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False, **extra)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3", "mistral"])
 def test_generate_with_a_covering_budget_gives_the_dense_greedy_tokens(kind):
     model = tiny_model(kind)
     ids = prompt(40, batch=2)
@@ -42,9 +50,13 @@ def test_generate_with_a_covering_budget_gives_the_dense_greedy_tokens(kind):
             got = _generate(model, ids, cache)
         sa.unpatch(model)
         assert torch.equal(got, expected), method
-        # Full-attention layers ran the decode method (gemma3's sliding layers fall back to SDPA).
-        full_layers = 1 if kind == "gemma3" else 2
-        assert len(rec.decode_records) == 9 * full_layers, method
+        # Full-attention layers ran the decode method; sliding layers (past their 24-token window
+        # here) read exactly their window through the paged kernel.
+        layers = len(cache.layers)
+        assert len(rec.decode_records) == 9 * layers and not rec.sdpa_calls, method
+        windows = [r for r in rec.decode_records if r.method.startswith("window")]
+        assert len(windows) == 9 * {"gemma3": 2, "mistral": 2}.get(kind, 0)
+        assert all(r.tokens_read == WINDOW for r in windows)
         assert all(r.pages_read == r.pages for r in rec.decode_records if r.select_block == r.page_size)
 
 

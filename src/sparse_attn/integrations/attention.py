@@ -124,7 +124,8 @@ def sparse_attention_forward(
         calibration_step(plan, query, key)
     paged = plan.state.pending_decode.pop(plan.layer, None)
     if paged is not None:  # a decode step whose keys and values a SparseDecodeCache keeps in pages
-        return decode_step_attention(plan, query, paged, attention_mask, scaling), None
+        window = kwargs.get("sliding_window")
+        return decode_step_attention(plan, query, paged, attention_mask, scaling, window), None
     long_prefill = query.shape[2] >= plan.state.min_seq_len
     if isinstance(attention_mask, PrefillMask):
         if long_prefill and dropout == 0.0:

@@ -11,9 +11,11 @@ attention function (:func:`decode_step_attention`) runs the decode method's sele
 the paged decode kernel. Prefill keeps the prefill method: prefill calls get the keys and
 values as a ``DynamicCache`` would return them.
 
-Falls back to exact SDPA over the whole cache (gathered from the pages) when the step's mask
-is not all-visible (padded batches; sliding-window layers past their window). The layers of
-one step share one state dict (``num_layers`` set), which the layer-stateful TidalDecode uses.
+A sliding-window layer past its window reads exactly its window's tokens through the paged
+kernel (token entries; no decode method there: the window is already sparse). Any other
+step whose mask is not all-visible (padded batches) falls back to exact SDPA over the whole
+cache, gathered from the pages. The layers of one step share one state dict (``num_layers``
+set), which the layer-stateful TidalDecode uses.
 
 Double Sparsity: :meth:`SparseDecodeCache.calibrate` runs the model once on a calibration
 prompt and keeps each layer's label channels (from the post-RoPE q and k the attention
@@ -35,6 +37,8 @@ from ..checks import check_int
 from ..decode.attention import sparse_decode
 from ..decode.cache import PagedKVCache
 from ..decode.methods.double_sparsity import calibrate_label_channels
+from ..decode.selection import DecodeSelection
+from ..ops.paged_decode import paged_decode
 from .state import STATE_ATTRIBUTE, LayerPlan, PatchState, state_of
 
 __all__ = ["PagedLayer", "SparseDecodeCache", "decode_step_attention"]
@@ -153,21 +157,54 @@ def calibration_step(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor) ->
     calibration["channels"][plan.layer] = calibrate_label_channels(query, key, calibration["label_channels"])
 
 
+def window_selection(paged: PagedKVCache, window: int | None, attention_mask) -> DecodeSelection | None:
+    """Each sequence's last ``window`` tokens as token entries, when the step's mask is exactly
+    that sliding window (transformers' rule: a key is visible when ``query - window < key``) and
+    nothing is padded; else ``None``."""
+    if window is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool:
+        return None
+    length = paged.lengths[0]
+    if attention_mask.shape[-1] != length or min(paged.lengths) != length:
+        return None
+    positions = torch.arange(length, device=attention_mask.device)
+    if not bool((attention_mask == (positions > length - 1 - window)).all()):
+        return None
+    count = min(window, length)
+    tokens = torch.arange(length - count, length, dtype=torch.int32, device=paged.device)
+    shape = (paged.batch, paged.kv_heads)
+    counts = torch.full(shape, count, dtype=torch.int32, device=paged.device)
+    return DecodeSelection(tokens.expand(*shape, count), counts, 1)
+
+
 def decode_step_attention(
-    plan: LayerPlan, query: torch.Tensor, paged: PagedKVCache, attention_mask, scaling: float | None
+    plan: LayerPlan,
+    query: torch.Tensor,
+    paged: PagedKVCache,
+    attention_mask,
+    scaling: float | None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """One decode step of one layer over its paged cache. query ``(B, Hq, 1, D)``; returns ``(B, 1, Hq, D)``."""
     state = plan.state
     if plan.layer == state.first_layer or state.decode_step is None:
         state.decode_step = {"num_layers": state.num_layers}
     visible = attention_mask is None or (attention_mask.dtype == torch.bool and bool(attention_mask.all()))
+    window = None if visible else window_selection(paged, sliding_window, attention_mask)
+    if window is not None:
+        out = paged_decode(
+            query[:, :, 0], paged.k_pages, paged.v_pages, paged.page_table, paged.seq_lens, window.selected,
+            window.counts, scale=scaling, select_block=1,
+        )  # fmt: skip
+        for recorder in state.recorders:
+            recorder.decode_step(plan.layer, f"window={sliding_window}", paged, window)
+        return out[:, None]
     if not visible:
         keys, values = zip(*(paged.sequence(b) for b in range(paged.batch)), strict=True)
         out = F.scaled_dot_product_attention(
             query, torch.stack(keys), torch.stack(values), attn_mask=attention_mask, scale=scaling, enable_gqa=True
         )
         for recorder in state.recorders:
-            recorder.sdpa_calls["decode step whose mask is not all-visible (padding or sliding window)"] += 1
+            recorder.sdpa_calls["decode step whose mask is not all-visible or a plain window (padding)"] += 1
         return out.transpose(1, 2)
     out, selection = sparse_decode(
         query[:, :, 0], paged, state.decode_method, layer=plan.layer, state=state.decode_step, scale=scaling,
