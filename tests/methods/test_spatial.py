@@ -391,3 +391,69 @@ def test_sizes_may_be_lists():
     as_lists = sa.sparse_attention(q, k, v, "neighborhood", causal=False, grid=[4, 6], window=[3, 3], tile=[2, 2])
     as_tuples = sa.sparse_attention(q, k, v, "neighborhood", causal=False, grid=(4, 6), window=(3, 3), tile=(2, 2))
     assert torch.equal(as_lists, as_tuples)
+
+
+def vmoba_token_mask(q, k, grid, block_shape, threshold, per_query) -> torch.Tensor:
+    """Bool (B, Hq, S, S) in raster order: VMoBA's selection written out pair by pair (float64)."""
+    batch, q_heads, seq, _ = q.shape
+    group = q_heads // k.shape[1]
+    coords = torch.tensor(list(itertools.product(*[range(g) for g in grid])))
+    block_grid = [g // b for g, b in zip(grid, block_shape, strict=True)]
+    block_of = sum((coords[:, d] // block_shape[d]) * math.prod(block_grid[d + 1 :]) for d in range(3))
+    n_blocks = math.prod(block_grid)
+    mask = torch.zeros(batch, q_heads, seq, seq, dtype=torch.bool)
+    for b, h in itertools.product(range(batch), range(q_heads)):
+        keys = k[b, h // group].double()
+        means = torch.stack([keys[block_of == c].mean(0) for c in range(n_blocks)])
+        gates = q[b, h].double() @ means.T  # (S, C)
+        rows = [range(seq)] if not per_query else [[i] for i in range(seq)]
+        for group_rows in rows:
+            g = gates[list(group_rows)]
+            norm = (g - g.min()) / (g.max() - g.min())
+            own = torch.zeros_like(norm, dtype=torch.bool)
+            for r, i in enumerate(group_rows):
+                own[r, block_of[i]] = True
+            needed = threshold * float(norm.sum()) - float(norm[own].sum())
+            pairs = sorted(
+                ((float(norm[r, c]), r, c) for r in range(len(group_rows)) for c in range(n_blocks) if not own[r, c]),
+                key=lambda item: -item[0],
+            )
+            kept, mass = own.clone(), 0.0
+            for value, r, c in pairs:
+                if mass >= needed:
+                    break
+                kept[r, c], mass = True, mass + value
+            for r, i in enumerate(group_rows):
+                mask[b, h, i] = kept[r][block_of]
+    return mask
+
+
+@pytest.mark.parametrize(
+    "grid, layer, chunks, selection",
+    [
+        ((6, 4, 6), 0, dict(chunk_1d=2), "head_global"),
+        ((4, 6, 4), 1, dict(chunk_2d=(3, 2)), "head_global"),
+        ((4, 6, 4), 2, dict(chunk_3d=(2, 3, 2)), "query_head"),
+    ],
+)
+def test_vmoba_equals_its_pairwise_selection(grid, layer, chunks, selection):
+    seq = math.prod(grid)
+    q, k, v = random_qkv(2, 4, 2, seq, seq, 16, seed=layer)
+    options = dict(grid=grid, layer=layer, threshold=0.3, selection=selection, **chunks)
+    out, info = sa.sparse_attention(q, k, v, "vmoba", causal=False, return_info=True, **options)
+    config = sa.get_method("vmoba").make_config(**options)
+    mask = vmoba_token_mask(q, k, grid, config.partition()[1], 0.3, selection == "query_head")
+    assert relative_error(out, masked_attention(q, k, v, mask)) < 1e-5
+    assert info.pattern.block_q == 1 and info.density < 1.0
+
+
+def test_vmoba_partitions_cycle_over_layers_and_check_divisibility():
+    config = sa.get_method("vmoba").make_config
+    tiles = [config(grid=(21, 20, 32), layer=layer).partition() for layer in range(4)]
+    assert tiles == [("chunk_1d", (3, 20, 32)), ("chunk_2d", (21, 4, 4)), ("chunk_3d", (7, 4, 8)), tiles[0]]
+    with pytest.raises(ValueError, match="chunk_2d"):
+        config(grid=(21, 45, 80), layer=1)
+    with pytest.raises(ValueError, match="text_tokens"):
+        config(grid=(21, 20, 32), text_tokens=8)
+    with pytest.raises(ValueError, match="selection"):
+        config(selection="global")

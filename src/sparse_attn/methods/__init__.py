@@ -21,5 +21,6 @@ from . import (  # noqa: F401
     strided_shards,
     tri_shape,
     vertical_slash,
+    vmoba,
     xattention,
 )
