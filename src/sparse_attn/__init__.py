@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from . import layouts, metrics
+from . import decode, layouts, metrics
 from .api import SparseAttentionInfo, block_sparse_attention, estimate, sparse_attention
 from .pattern import BlockSparsePattern, dense_pattern, random_pattern
 from .registry import Method, get_method, list_methods, register_method
@@ -31,6 +31,7 @@ __all__ = [
     "Method",
     "SparseAttentionInfo",
     "block_sparse_attention",
+    "decode",
     "dense_pattern",
     "estimate",
     "get_method",
