@@ -78,13 +78,27 @@ def test_forward_and_gradients_match_float64_oracle(shape, causal, poison_output
     _check(shape, causal, heads_kind, seed=SHAPES.index(shape))
 
 
+# Blocks of >= 256 keys take the gathered (key-centric) path: per block, the rows that list it.
+GATHERED_SHAPES = [
+    ((1, 4, 2, 90, 300, 16, 1, 256), True, "kv"),
+    ((2, 6, 3, 70, 280, 16, 2, 260), False, "query"),
+    ((1, 8, 2, 64, 300, 32, 1, 256), True, "shared"),
+]
+
+
+@pytest.mark.parametrize("shape, causal, heads_kind", GATHERED_SHAPES, ids=str)
+def test_gathered_path_matches_float64_oracle(shape, causal, heads_kind, poison_outputs):
+    _check(shape, causal, heads_kind, seed=20 + GATHERED_SHAPES.index((shape, causal, heads_kind)))
+
+
 def test_pattern_broadcast_over_the_batch(poison_outputs):
     _check((3, 4, 2, 17, 25, 16, 1, 16), True, "kv", seed=11, pattern_batch=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision(dtype, poison_outputs):
-    _check((1, 8, 2, 19, 30, 32, 1, 16), True, "kv", seed=12, dtype=dtype)
+@pytest.mark.parametrize("block_k", [16, 256])
+def test_half_precision(dtype, block_k, poison_outputs):
+    _check((1, 8, 2, 19, 300, 32, 1, block_k), True, "kv", seed=12, dtype=dtype)
 
 
 def test_token_lists_are_tile_unions_with_row_bits():
@@ -139,16 +153,19 @@ def test_triton_backend_routes_small_query_blocks_to_the_token_kernel():
     assert _backend_module("gluon", small).__name__.endswith("backends.gluon")  # gluon falls back to triton
 
 
-def test_non_finite_v_reaches_only_the_rows_that_list_its_block(poison_outputs):
+@pytest.mark.parametrize("block_k", [8, 256])
+def test_non_finite_v_reaches_only_the_rows_that_list_its_block(block_k, poison_outputs):
     """A tile's union holds blocks some of its rows do not list: their zero weights must not
-    carry a NaN of V into them (the documented rule, per query block = per token here)."""
-    seq_q = seq_k = 40
+    carry a NaN of V into them (the documented rule, per query block = per token here). On the
+    gathered path, a row's partial over the poisoned block must reach the merge, a causally
+    hidden one included."""
+    seq_q = seq_k = 5 * block_k
     q, k, v = random_qkv(1, 2, 2, seq_q, seq_k, 16, seed=4)
-    v[0, 1, 5, 3] = float("nan")
+    v[0, 1, 5, 3] = float("nan")  # seen by later tokens of block 0, causally hidden from the first five
     # Lists per query head: 16-token tiles, where only even tokens list block 0 (besides their own).
     mask = torch.zeros(2, seq_q, 5, dtype=torch.bool)
     mask[:, ::2, 0] = True
-    pattern = sa.BlockSparsePattern.from_mask(mask, block_q=1, block_k=8, seq_q=seq_q, seq_k=seq_k, causal=True)
+    pattern = sa.BlockSparsePattern.from_mask(mask, block_q=1, block_k=block_k, seq_q=seq_q, seq_k=seq_k, causal=True)
     out = sa.block_sparse_attention(q, k, v, pattern, backend="triton")
     assert torch.equal(~torch.isfinite(out), expected_nonfinite(q, k, v, pattern, True))
 

@@ -344,6 +344,8 @@ def forward(
     :func:`sparse_attn.block_sparse_attention`: ``out`` ``(B, Hq, Sq, D)`` in q's dtype and, with
     ``return_lse``, the natural-log log-sum-exp, float32 ``(B, Hq, Sq)``."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if gathered.uses_gathered_path(pattern):
+        return gathered.forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
     batch, q_heads, seq_q, dim = q.shape
     tiling, lists, grid, shared = launch_geometry(q, k, pattern)
     out = launch.allocate((batch, q_heads, seq_q, dim), q.dtype, q.device)
@@ -365,5 +367,6 @@ def forward(
     return (out, lse) if return_lse else out
 
 
-# Last: the backward module reads this module's helpers (packed_rows, launch_geometry).
+# Last: these modules read this module's helpers (packed_rows, launch_geometry, token_lists).
+from . import triton_tokens_gathered as gathered  # noqa: E402
 from .triton_tokens_backward import backward  # noqa: E402, F401  (this backend's backward entry point)

@@ -20,6 +20,7 @@ wholly after a tile's last query (causal) are skipped: their probabilities are a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -28,14 +29,25 @@ from ..geometry import num_blocks
 from ..plan import BlockSparsePlan
 from ..utils import interpreting, length_bucket
 from . import launch
+from . import triton_tokens_gathered as gathered
 from .launch import LOG2_E
-from .triton_tokens import block_n_candidates, kernel_constants, launch_geometry, list_strides
+from .triton_tokens import (
+    block_n_candidates,
+    kernel_constants,
+    launch_geometry,
+    list_strides,
+    token_lists,
+    token_tiling,
+)
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
+
+# Rows per dK/dV product: listing tiles x packed heads x tile tokens.
+DKDV_ROWS = 64
 
 if triton is not None:
     from .triton_backward import _delta
@@ -132,8 +144,8 @@ if triton is not None:
         seq_q, seq_k, scale, qk_scale,
         seq_bucket,  # autotuning key only: ceil(log2(seq_k))
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-        HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
         num_kv_heads = num_q_heads // group
@@ -158,20 +170,31 @@ if triton is not None:
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
         chunks_per_group = group // HEADS
+        rows = tl.arange(0, BLOCK_M)
+        entry_in_step = rows // (HEADS * TILE_TOKENS)
+        head_in_chunk = rows % (HEADS * TILE_TOKENS) // TILE_TOKENS
+        token_in_tile = rows % TILE_TOKENS
         # A key step past the sequence end (the grid covers whole blocks) has nothing to do.
         for chunk_in_group in range(tl.where(first_key < seq_k, chunks_per_group, 0)):
             chunk = kv_head * chunks_per_group + chunk_in_group
             first_head = chunk * HEADS
+            head = first_head + head_in_chunk
             list_row = batch * list_stride_b + (first_head // pattern_head_divisor) * list_stride_h + kv_block
             start = tl.load(TOffsets + list_row)
             end = tl.load(TOffsets + list_row + 1)
-            for entry in range(start, end):
-                tile = tl.load(TTiles + entry)
-                last_query = tl.minimum(tile * TILE_TOKENS + TILE_TOKENS, seq_q) - 1 + offset
-                # In causal mode a tile that ends before these keys start sees none of them.
+            # ENTRIES listing tiles per step (ascending), each HEADS heads x TILE_TOKENS tokens.
+            for step in range(start, end, ENTRIES):
+                last_tile = tl.load(TTiles + tl.minimum(step + ENTRIES, end) - 1)
+                last_query = tl.minimum(last_tile * TILE_TOKENS + TILE_TOKENS, seq_q) - 1 + offset
+                # In causal mode tiles that end before these keys start see none of them.
                 if first_key * CAUSAL <= last_query:
-                    head, token, valid, bit = packed_rows(chunk, tile, seq_q, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q)
-                    listed = valid & (((tl.load(TBits + entry) >> bit) & 1) != 0)
+                    entry = step + entry_in_step
+                    in_step = (entry < end) & (entry_in_step < ENTRIES)
+                    tile = tl.load(TTiles + entry, mask=in_step, other=0)
+                    bits = tl.load(TBits + entry, mask=in_step, other=0)
+                    token = tile * TILE_TOKENS + token_in_tile
+                    valid = in_step & (token < seq_q)
+                    listed = valid & (((bits >> (token_in_tile // BLOCK_Q)) & 1) != 0)
                     q_offset = (
                         batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + token.to(tl.int64) * stride_qs
                     )
@@ -228,7 +251,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     q, k, v, out, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, dout))
-    dq, dk, dv = (launch.allocate(x.shape, x.dtype, x.device) for x in (q, k, v))
+    dk, dv = (launch.allocate(x.shape, x.dtype, x.device) for x in (k, v))
     lse = lse.contiguous()
     delta = torch.empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device)
     delta_block = 64
@@ -242,17 +265,32 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         HAS_DLSE=dlse is not None,
     )
 
-    tiling, lists, grid, shared = launch_geometry(q, k, pattern)
-    constants = kernel_constants(q, pattern, tiling, causal=causal)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    sizes = (*shared[2:], scale, scale * LOG2_E, length_bucket(seq_k))
-    dq_args = (
-        *(q, k, v, dout, lse, delta, dq, lists.offsets, lists.blocks, lists.bits),
-        *strides,
-        *dq.stride()[:3],
-        *shared[:2],
-        *sizes,
-    )
+    sizes = (q_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k)
+    sizes += (scale, scale * LOG2_E, length_bucket(seq_k))
+    is_float32 = q.dtype == torch.float32
+    if gathered.uses_gathered_path(pattern):
+        dq = gathered.dq(q, k, v, dout, lse, delta, pattern, causal=causal, scale=scale)
+        # dK/dV walk one query block per entry (the gathered path's lists).
+        packing = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
+        tiling = dataclasses.replace(packing, tile_blocks=1, tile_tokens=pattern.block_q)
+        lists = token_lists(pattern, 1)
+    else:
+        tiling, lists, grid, shared = launch_geometry(q, k, pattern)
+        dq = launch.allocate(q.shape, q.dtype, q.device)
+        dq_args = (
+            *(q, k, v, dout, lse, delta, dq, lists.offsets, lists.blocks, lists.bits),
+            *strides,
+            *dq.stride()[:3],
+            *shared[:2],
+            *sizes,
+        )
+        constants = kernel_constants(q, pattern, tiling, causal=causal)
+        if interpreting():
+            _token_dq[grid](*dq_args, BLOCK_N=16, **constants)
+        else:
+            _autotuned("dq", pattern.block_k, is_float32)[grid](*dq_args, **constants)
+
     dkdv_args = (
         *(q, k, v, dout, lse, delta, dk, dv, lists.t_offsets, lists.t_tiles, lists.t_bits),
         *strides,
@@ -260,15 +298,15 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         *list_strides(pattern, pattern.num_kv_blocks),
         *sizes,
     )
+    # Several listing tiles per step: up to DKDV_ROWS rows per product.
+    entries = DKDV_ROWS // (tiling.heads * tiling.tile_tokens)
+    constants = dict(kernel_constants(q, pattern, tiling, causal=causal), BLOCK_M=DKDV_ROWS, ENTRIES=entries)
 
     def dkdv_grid(meta):
         return (batch * kv_heads, pattern.num_kv_blocks * num_blocks(pattern.block_k, meta["BLOCK_N"]))
 
     if interpreting():
-        _token_dq[grid](*dq_args, BLOCK_N=16, **constants)
         _token_dkdv[dkdv_grid({"BLOCK_N": 16})](*dkdv_args, BLOCK_N=16, **constants)
     else:
-        is_float32 = q.dtype == torch.float32
-        _autotuned("dq", pattern.block_k, is_float32)[grid](*dq_args, **constants)
         _autotuned("dkdv", pattern.block_k, is_float32)[dkdv_grid](*dkdv_args, **constants)
     return dq, dk, dv

@@ -1,0 +1,400 @@
+"""Key-centric (gathered) path of the token-granular kernel, for large KV blocks (MoBA).
+
+The tile path of :mod:`.triton_tokens` loads each selected KV block once per query tile. With
+blocks of hundreds or thousands of keys (MoBA: 512 or 4096) and per-token selections that differ
+from token to token, a tile's union approaches every block, and a one-token tile loads a whole
+block per token: either way the loads, not the products, set the time. This path turns the walk
+around, as MoBA's own implementation does: per KV block, the query rows that selected it.
+
+* Forward: one program per (batch, packed heads, KV block, chunk of ``ENTRIES`` listing query
+  blocks): its ``ENTRIES x heads x block_q`` rows are gathered from anywhere in the sequence,
+  attend to that one block (online softmax over its keys, token-level causal and bounds masks),
+  and write a partial output and log-sum-exp per (row, list slot). A merge kernel then combines
+  each row's ``kv_counts`` partials by their log-sum-exp. Work items are equal (``ENTRIES``
+  entries of one block), so a block many tokens select is split over many programs.
+* Backward: dQ the same way (partial dQ per (row, slot), then a sum), and dK/dV with the tile
+  path's transposed-list kernel walking one query block per entry, several entries per step.
+
+Costs beyond the tile path: the partials, ``(B, Hq, Sq, max_kv, D)`` in q's dtype (float32
+accumulation, rounded once per partial) plus float32 log-sum-exps, written once and read once.
+Non-finite values: a row's partial for a block is computed from that block's keys alone, so a
+NaN/Inf ``v`` reaches exactly the rows whose list keeps its block (zero-weight keys included,
+as in the reference), and a partial whose keys the row cannot see (weight sum 0) carries only
+what its zero weights multiplied (0, or NaN from such a ``v``) into the merge with weight 0.
+When this path pays (blocks of at least :data:`GATHER_MIN_BLOCK_K` keys) is a design choice,
+not a measurement: nothing here was timed on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..geometry import num_blocks
+from ..pattern import BlockSparsePattern
+from ..utils import interpreting
+from . import launch
+from .launch import LOG2_E
+from .triton_tokens import _compressed_rows, kernel_constants, list_strides, token_lists, token_tiling
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+# Blocks at least this long take the gathered path (see the module docstring).
+GATHER_MIN_BLOCK_K = 256
+# Gathered rows per program: entries x packed heads x block_q.
+GATHER_ROWS = 64
+# Query tokens per merge program.
+MERGE_ROWS = 64
+
+
+def uses_gathered_path(pattern: BlockSparsePattern) -> bool:
+    return pattern.block_k >= GATHER_MIN_BLOCK_K
+
+
+@dataclass(frozen=True)
+class GatheredWork:
+    """The forward / dQ work items and the list slot of each transposed entry.
+
+    ``combos`` int32 and ``starts`` int64 ``(n_items,)``: item ``i`` covers the entries
+    ``starts[i]`` up to ``ENTRIES`` further (bounded by its row's end) of the transposed row of
+    ``combos[i] = (batch * chunks + chunk) * n_kv + kv_block``. ``slots`` int32, aligned with
+    :class:`.triton_tokens.TokenLists`' ``t_tiles`` for one-block tiles: where that entry's KV
+    block sits in its query block's list.
+    """
+
+    combos: torch.Tensor
+    starts: torch.Tensor
+    slots: torch.Tensor
+
+
+def gathered_work(pattern: BlockSparsePattern, batch: int, q_heads: int, heads: int, entries: int) -> GatheredWork:
+    """Work items for ``batch`` sequences, ``q_heads // heads`` head chunks, built once per pattern."""
+    key = ("gathered_work", batch, q_heads, heads, entries)
+    cached = pattern.cached_plan(key)
+    if cached is not None:
+        return cached
+    lists = token_lists(pattern, 1)
+    pattern_batch, pattern_heads, n_q, max_kv = pattern.kv_indices.shape
+    n_kv, device = pattern.num_kv_blocks, pattern.device
+    used = torch.arange(max_kv, device=device) < pattern.kv_counts[..., None]
+    batch_head, q_block, slot = used.view(pattern_batch * pattern_heads, n_q, max_kv).nonzero(as_tuple=True)
+    kv_block = pattern.kv_indices.view(pattern_batch * pattern_heads, n_q, max_kv)[batch_head, q_block, slot].long()
+    # The same (row, column) pairs as the transposed lists, so the same order: the payload is the slot.
+    _, _, slots = _compressed_rows(
+        batch_head * n_kv + kv_block, q_block, slot, pattern_batch * pattern_heads * n_kv, n_q
+    )
+    chunks = q_heads // heads
+    combo = torch.arange(batch * chunks * n_kv, device=device)
+    chunk = (combo // n_kv) % chunks
+    pattern_head = chunk * heads // (q_heads // pattern_heads)
+    sequence = (combo // (n_kv * chunks)) if pattern_batch > 1 else torch.zeros_like(combo)
+    row = (sequence * pattern_heads + pattern_head) * n_kv + combo % n_kv
+    first, count = lists.t_offsets[row], lists.t_offsets[row + 1] - lists.t_offsets[row]
+    items = (count + entries - 1) // entries
+    combos = torch.repeat_interleave(combo, items)
+    item_starts = torch.cumsum(items, 0) - items
+    within = torch.arange(combos.numel(), device=device) - torch.repeat_interleave(item_starts, items)
+    starts = torch.repeat_interleave(first, items) + within * entries
+    work = GatheredWork(combos=combos.to(torch.int32), starts=starts, slots=slots)
+    return pattern.store_plan(key, work)
+
+
+if triton is not None:
+
+    @triton.jit
+    def gathered_rows(Combos, Starts, TOffsets, TQBlocks, TSlots, list_stride_b, list_stride_h,
+                      num_q_heads, group, pattern_head_divisor, n_kv, seq_q,
+                      HEADS: tl.constexpr, ENTRIES: tl.constexpr, BLOCK_Q: tl.constexpr,
+                      BLOCK_M: tl.constexpr):  # fmt: skip
+        """This program's KV block and gathered rows: ``(batch, kv_head, kv_block, head, token,
+        slot, valid)``, rows entry-major (``ENTRIES`` x ``HEADS`` heads x ``BLOCK_Q`` tokens)."""
+        combo = tl.load(Combos + tl.program_id(0))
+        start = tl.load(Starts + tl.program_id(0))
+        kv_block = combo % n_kv
+        chunks = num_q_heads // HEADS
+        batch = combo // n_kv // chunks
+        first_head = (combo // n_kv % chunks) * HEADS
+        list_row = batch * list_stride_b + (first_head // pattern_head_divisor) * list_stride_h + kv_block
+        end = tl.load(TOffsets + list_row + 1)
+        rows = tl.arange(0, BLOCK_M)
+        entry = start + rows // (HEADS * BLOCK_Q)
+        in_entry = rows % (HEADS * BLOCK_Q)
+        valid = (entry < end) & (rows // (HEADS * BLOCK_Q) < ENTRIES)
+        q_block = tl.load(TQBlocks + entry, mask=valid, other=0)
+        slot = tl.load(TSlots + entry, mask=valid, other=0)
+        token = q_block * BLOCK_Q + in_entry % BLOCK_Q
+        valid = valid & (token < seq_q)
+        return batch, first_head // group, kv_block, first_head + in_entry // BLOCK_Q, token, slot, valid
+
+    @triton.jit
+    def _gathered_forward(
+        Q, K, V, PartOut, PartLse, Combos, Starts, TOffsets, TQBlocks, TSlots,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        list_stride_b, list_stride_h,
+        num_q_heads, group, pattern_head_divisor, n_kv, max_kv,
+        seq_q, seq_k, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEADS: tl.constexpr,
+        ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
+        EVEN_BLOCK: tl.constexpr = BLOCK_K % BLOCK_N == 0
+        batch, kv_head, kv_block, head, token, slot, valid = gathered_rows(
+            Combos, Starts, TOffsets, TQBlocks, TSlots, list_stride_b, list_stride_h,
+            num_q_heads, group, pattern_head_divisor, n_kv, seq_q, HEADS, ENTRIES, BLOCK_Q, BLOCK_M,
+        )  # fmt: skip
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        query_pos = token + (seq_k - seq_q)
+        q_offset = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + token.to(tl.int64) * stride_qs
+        q = tl.load(Q + q_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for sub in range(tl.minimum(SUBTILES, tl.cdiv(seq_k - kv_block * BLOCK_K, BLOCK_N))):
+            key_pos = kv_block * BLOCK_K + sub * BLOCK_N + offs_n
+            key_ok = key_pos < seq_k
+            if not EVEN_BLOCK:
+                key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
+            k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            visible = valid[:, None] & key_ok[None, :]
+            if CAUSAL:
+                visible = visible & (key_pos[None, :] <= query_pos[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(scores * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+
+        # A row that sees none of this block's keys keeps what its zero weights multiplied
+        # (0, or NaN from a non-finite v) and log-sum-exp -inf: weight 0 in the merge.
+        seen = l_i > 0
+        out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], acc)
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        part = ((batch.to(tl.int64) * num_q_heads + head) * seq_q + token) * max_kv + slot
+        tl.store(
+            PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], out.to(PartOut.dtype.element_ty), mask=valid[:, None]
+        )
+        tl.store(PartLse + part, lse, mask=valid)
+
+    @triton.jit
+    def _merge(
+        Parts, PartLse, Out, Lse, KvCounts,
+        stride_ob, stride_oh, stride_os,
+        stride_cb, stride_ch,
+        num_q_heads, pattern_head_divisor, seq_q, max_kv, factor,
+        HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
+        SOFTMAX: tl.constexpr, WRITE_LSE: tl.constexpr,
+    ):  # fmt: skip
+        """Per query row, its partials over the slots of its list: merged by log-sum-exp
+        (``SOFTMAX``: outputs), or summed (dQ); times ``factor``."""
+        batch = tl.program_id(0) // num_q_heads
+        head = tl.program_id(0) % num_q_heads
+        token = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        valid = token < seq_q
+        offs_d = tl.arange(0, HEAD_DIM)
+        count = tl.load(
+            KvCounts + batch * stride_cb + (head // pattern_head_divisor) * stride_ch + token // BLOCK_Q,
+            mask=valid, other=0,
+        )  # fmt: skip
+        row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
+        m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+        if SOFTMAX:
+            for slot in range(max_kv):
+                lse = tl.load(PartLse + row * max_kv + slot, mask=slot < count, other=float("-inf"))
+                m = tl.maximum(m, lse)
+            m = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.zeros([BLOCK_T], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+        for slot in range(max_kv):
+            listed = slot < count
+            part = tl.load(
+                Parts + (row * max_kv + slot)[:, None] * HEAD_DIM + offs_d[None, :], mask=listed[:, None], other=0.0
+            )
+            if SOFTMAX:
+                lse = tl.load(PartLse + row * max_kv + slot, mask=listed, other=float("-inf"))
+                weight = tl.exp(lse - m)
+                total += weight
+                acc += weight[:, None] * part.to(tl.float32)
+            else:
+                acc += part.to(tl.float32)
+        if SOFTMAX:
+            acc = acc / total[:, None]
+        out_offset = batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + token.to(tl.int64) * stride_os
+        tl.store(
+            Out + out_offset[:, None] + offs_d[None, :], (acc * factor).to(Out.dtype.element_ty), mask=valid[:, None]
+        )
+        if WRITE_LSE:
+            tl.store(Lse + row, m + tl.log(total), mask=valid)
+
+    @triton.jit
+    def _gathered_dq(
+        Q, K, V, DOut, Lse, Delta, PartDQ, Combos, Starts, TOffsets, TQBlocks, TSlots,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_db, stride_dh, stride_ds,
+        list_stride_b, list_stride_h,
+        num_q_heads, group, pattern_head_divisor, n_kv, max_kv,
+        seq_q, seq_k, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEADS: tl.constexpr,
+        ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Partial dQ (unscaled) of the gathered rows over one KV block, per (row, slot)."""
+        SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
+        EVEN_BLOCK: tl.constexpr = BLOCK_K % BLOCK_N == 0
+        batch, kv_head, kv_block, head, token, slot, valid = gathered_rows(
+            Combos, Starts, TOffsets, TQBlocks, TSlots, list_stride_b, list_stride_h,
+            num_q_heads, group, pattern_head_divisor, n_kv, seq_q, HEADS, ENTRIES, BLOCK_Q, BLOCK_M,
+        )  # fmt: skip
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offset = seq_k - seq_q
+        query_pos = token + offset
+        q_offset = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + token.to(tl.int64) * stride_qs
+        do_offset = batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh + token.to(tl.int64) * stride_ds
+        q = tl.load(Q + q_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        do = tl.load(DOut + do_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
+        lse = tl.load(Lse + row, mask=valid, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + row, mask=valid, other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+        last_query = tl.max(tl.where(valid, query_pos, -1), 0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for sub in range(tl.minimum(SUBTILES, tl.cdiv(seq_k - kv_block * BLOCK_K, BLOCK_N))):
+            first_key = kv_block * BLOCK_K + sub * BLOCK_N
+            if first_key * CAUSAL <= last_query:
+                key_pos = first_key + offs_n
+                key_ok = key_pos < seq_k
+                if not EVEN_BLOCK:
+                    key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
+                k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+                v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+                if DOT_FP32:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                visible = valid[:, None] & key_ok[None, :]
+                if CAUSAL:
+                    visible = visible & (key_pos[None, :] <= query_pos[:, None])
+                p = tl.where(visible, tl.math.exp2(scores * qk_scale - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                dq = tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, dq, input_precision=PRECISION)
+        part = ((batch.to(tl.int64) * num_q_heads + head) * seq_q + token) * max_kv + slot
+        tl.store(
+            PartDQ + part[:, None] * HEAD_DIM + offs_d[None, :], dq.to(PartDQ.dtype.element_ty), mask=valid[:, None]
+        )
+
+
+def _geometry(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern, causal: bool):
+    """``(work, args, constants)``: the work items and the arguments the forward and dQ kernels
+    share after their tensors and strides."""
+    batch, q_heads = q.shape[:2]
+    kv_heads = k.shape[1]
+    tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
+    entries = GATHER_ROWS // (tiling.heads * pattern.block_q)
+    work = gathered_work(pattern, batch, q_heads, tiling.heads, entries)
+    lists = token_lists(pattern, 1)
+    args = (
+        *list_strides(pattern, pattern.num_kv_blocks),
+        *(q_heads, q_heads // kv_heads, q_heads // pattern.num_heads, pattern.num_kv_blocks, pattern.max_kv),
+        *(q.shape[2], k.shape[2]),
+    )
+    constants = kernel_constants(q, pattern, tiling, causal=causal)
+    constants.pop("TILE_TOKENS")
+    constants.update(ENTRIES=entries, BLOCK_M=GATHER_ROWS)
+    return work, lists, args, constants
+
+
+def _block_n(pattern: BlockSparsePattern, q: torch.Tensor) -> int:
+    """Key step: 16 under the interpreter; 64 on the GPU (32 for float32, whose tiles are twice as big)."""
+    if interpreting():
+        return 16
+    return 32 if q.dtype == torch.float32 or q.shape[-1] > 128 else 64
+
+
+def _merge_launch(parts, part_lse, out, lse, pattern, *, softmax: bool, factor: float) -> None:
+    batch, q_heads, seq_q, dim = out.shape
+    counts = pattern.kv_counts.contiguous()
+    strides = (0 if pattern.batch == 1 else counts.stride(0), counts.stride(1))
+    _merge[(batch * q_heads, num_blocks(seq_q, MERGE_ROWS))](
+        *(parts, part_lse if part_lse is not None else parts, out, lse if lse is not None else out, counts),
+        *out.stride()[:3],
+        *strides,
+        *(q_heads, q_heads // pattern.num_heads, seq_q, pattern.max_kv, factor),
+        HEAD_DIM=dim,
+        BLOCK_Q=pattern.block_q,
+        BLOCK_T=MERGE_ROWS,
+        SOFTMAX=softmax,
+        WRITE_LSE=lse is not None,
+    )
+
+
+def forward(q, k, v, pattern: BlockSparsePattern, *, causal: bool, scale: float, return_lse: bool):
+    """Gathered forward: ``out`` ``(B, Hq, Sq, D)`` and, with ``return_lse``, float32 ``(B, Hq, Sq)``."""
+    batch, q_heads, seq_q, dim = q.shape
+    work, lists, args, constants = _geometry(q, k, pattern, causal)
+    part_out = torch.empty((batch, q_heads, seq_q, pattern.max_kv, dim), dtype=q.dtype, device=q.device)
+    part_lse = torch.empty((batch, q_heads, seq_q, pattern.max_kv), dtype=torch.float32, device=q.device)
+    out = launch.allocate((batch, q_heads, seq_q, dim), q.dtype, q.device)
+    lse = launch.allocate((batch, q_heads, seq_q), torch.float32, q.device) if return_lse else None
+    if work.combos.numel():
+        _gathered_forward[(work.combos.numel(),)](
+            *(q, k, v, part_out, part_lse, work.combos, work.starts, lists.t_offsets, lists.t_tiles, work.slots),
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *args,
+            scale * LOG2_E,
+            BLOCK_N=_block_n(pattern, q),
+            **constants,
+        )
+    _merge_launch(part_out, part_lse, out, lse, pattern, softmax=True, factor=1.0)
+    return (out, lse) if return_lse else out
+
+
+def dq(q, k, v, dout, lse, delta, pattern: BlockSparsePattern, *, causal: bool, scale: float) -> torch.Tensor:
+    """Gathered dQ: partial dQ per (row, slot), summed per row (times ``scale``)."""
+    batch, q_heads, seq_q, dim = q.shape
+    work, lists, args, constants = _geometry(q, k, pattern, causal)
+    parts = torch.empty((batch, q_heads, seq_q, pattern.max_kv, dim), dtype=q.dtype, device=q.device)
+    if work.combos.numel():
+        _gathered_dq[(work.combos.numel(),)](
+            *(q, k, v, dout, lse, delta, parts, work.combos, work.starts, lists.t_offsets, lists.t_tiles, work.slots),
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *dout.stride()[:3],
+            *args,
+            scale * LOG2_E,
+            BLOCK_N=_block_n(pattern, q),
+            **constants,
+        )
+    grad = launch.allocate(q.shape, q.dtype, q.device)
+    _merge_launch(parts, None, grad, None, pattern, softmax=False, factor=scale)
+    return grad
