@@ -23,7 +23,11 @@ gate and top-k) is timed separately and excluded from the attention times. The B
 build and the pattern's plan are outside the timings too.
 
 A case that fails (out of memory, a backend that refuses) is reported in ``errors`` and the run
-goes on; a case that has used up ``--case-budget`` seconds skips its remaining measurements.
+goes on; a case that has used up ``--case-budget`` seconds skips its remaining measurements, and
+cases not started when the run has used ``--budget`` seconds (default 170: the whole run stays
+near 3 minutes) are listed as skipped. Cases run in priority order: the issue's targets first
+(``nsa-select`` at 64K, ``moba-4096x12`` at 128K), then by length. ``--budget 1200`` runs the whole
+grid (FlexAttention compiles once per shape, tens of seconds each).
 Writes ``benchmarks/results/<gpu>/token_sparse.json``.
 
     PYTHONPATH=$PWD/src python benchmarks/token_sparse.py            # the full grid
@@ -252,6 +256,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"8K and 32K, cases {', '.join(QUICK_CASES)}")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
     parser.add_argument("--case-budget", type=float, default=40.0, help="seconds per case before skipping the rest")
+    parser.add_argument("--budget", type=float, default=170.0, help="seconds for the run; later cases are skipped")
     parser.add_argument("--device", default="cuda", help="cuda; cpu runs tiny --lengths under TRITON_INTERPRET=1")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
@@ -259,28 +264,37 @@ def main() -> None:
     lengths, cases = (args.lengths, args.cases) if not args.quick else ([8192, 32768], list(QUICK_CASES))
     columns = _columns()
     print(format_table([], columns), flush=True)
-    rows, dense_cache = [], {}
-    for seq in lengths:
-        for name in cases:
-            row = run_case(name, seq, device, budget_s=args.case_budget, flex=not args.no_flex)
-            shape = (seq, row["q_heads"], row["kv_heads"])
-            if shape not in dense_cache:
-                dense_cache[shape] = dense_times(*shape, device, Budget(args.case_budget))
-            dense = dense_cache[shape]
-            row.update({key: value for key, value in dense.items() if key != "errors"})
-            row["errors"].update(dense["errors"])
-            _speedups(row)
-            rows.append(row)
-            print(format_table([row], columns).splitlines()[-1], flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    rows, dense_cache, skipped = [], {}, []
+    deadline = time.perf_counter() + args.budget
+    targets = [(65536, "nsa-select"), (131072, "moba-4096x12")]
+    grid = [(seq, name) for seq in lengths for name in cases]
+    for seq, name in [pair for pair in targets if pair in grid] + [pair for pair in grid if pair not in targets]:
+        if time.perf_counter() > deadline:
+            skipped.append(f"{name} {seq}")
+            continue
+        row = run_case(name, seq, device, budget_s=args.case_budget, flex=not args.no_flex)
+        shape = (seq, row["q_heads"], row["kv_heads"])
+        if shape not in dense_cache:
+            dense_cache[shape] = dense_times(*shape, device, Budget(args.case_budget))
+        dense = dense_cache[shape]
+        row.update({key: value for key, value in dense.items() if key != "errors"})
+        row["errors"].update(dense["errors"])
+        _speedups(row)
+        rows.append(row)
+        print(format_table([row], columns).splitlines()[-1], flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows.sort(key=lambda row: (list(CASES).index(row["case"]), row["seq"]))
     print()
     print(format_table(rows, columns))
+    if skipped:
+        print(f"skipped (run budget of {args.budget:.0f} s spent): {', '.join(skipped)}")
     for row in rows:
         for what, error in row["errors"].items():
             print(f"  {row['case']} {row['seq']}: {what}: {error}")
     path = args.output or Path(__file__).parent / "results" / device_slug(device) / "token_sparse.json"
-    write_results(rows, path, {"benchmark": "token_sparse", "quick": args.quick, **environment(device)})
+    meta = {"benchmark": "token_sparse", "quick": args.quick, "skipped": skipped, **environment(device)}
+    write_results(rows, path, meta)
     print(f"wrote {path}")
 
 

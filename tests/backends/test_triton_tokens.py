@@ -206,20 +206,6 @@ def test_moba_with_every_block_is_dense_causal_attention(share_in_group, poison_
         assert relative_error(got.grad, want.grad) <= TOLERANCE[torch.float32]
 
 
-def _nsa_like_pattern(batch, kv_heads, seq, block, selected, seed, device):
-    """Per token and KV head: its own block, block 0 and random earlier blocks, ``selected`` in all."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    n_blocks = -(-seq // block)
-    own = (torch.arange(seq, device=device) // block)[:, None]
-    columns = torch.arange(n_blocks, device=device)
-    scores = torch.rand(batch, kv_heads, seq, n_blocks, generator=generator, device=device)
-    scores = torch.where(columns < own, scores, -1.0)
-    scores = torch.where((columns == own) | (columns == 0), 2.0, scores)
-    keep = scores.topk(min(selected, n_blocks), dim=-1).indices
-    mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, keep, True) & (columns <= own)
-    return sa.BlockSparsePattern.from_mask(mask, block_q=1, block_k=block, seq_q=seq, seq_k=seq, causal=True)
-
-
 def _gpu_compare(q, k, v, pattern):
     """Output and gradients of the triton backend against the reference backend in float32."""
     dout = torch.randn_like(q)
@@ -247,8 +233,10 @@ def test_gpu_moba_at_32k(share_in_group, poison_outputs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [(64, 4), (48, 4), (32, 8), (28, 4)])
 def test_gpu_nsa_like_selection(heads, poison_outputs):
-    """16 selected blocks of 64 per token and KV group (NSA's selected branch), 8K tokens."""
+    """NSA's selected branch: blocks of 64 chosen per token and KV group (16 on average), 8K tokens."""
     q_heads, kv_heads = heads
     seq = 8192
     q, k, v = random_qkv(1, q_heads, kv_heads, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=22)
-    _gpu_compare(q, k, v, _nsa_like_pattern(1, kv_heads, seq, 64, 16, 22, "cuda"))
+    # 128 blocks of 64: a quarter of each token's earlier blocks, 16 on average, its own always.
+    pattern = sa.random_pattern(heads=kv_heads, seq_q=seq, density=0.25, seed=22, block_q=1, block_k=64, device="cuda")
+    _gpu_compare(q, k, v, pattern)

@@ -28,6 +28,12 @@ whose union holds it, with the same bitmask, for the dK/dV pass of
 :mod:`.triton_tokens_backward`) are built once per pattern in compressed-row form, so memory is
 O(kept entries), never O(S^2) (:class:`TokenLists`, cached on the pattern).
 
+Large blocks (``block_k >= 256``, MoBA's 512 and 4096) take the key-centric *gathered* path of
+:mod:`.triton_tokens_gathered` instead: per KV block, the query rows that list it, gathered
+into full tiles, with partial results merged per row. There a block's keys are loaded once per
+64 listing rows, whatever the rows' positions, where a query tile here would load it for few
+rows or compute it for many rows that do not list it.
+
 Masks inside a block, token by token: the row's list (bitmask), the causal rule (key position
 <= query position), the sequence end, and the block end (``block_k`` need not be a multiple of
 the key step ``BLOCK_N``, nor a power of two: MoBA's ``block_size`` is any int).
