@@ -1,4 +1,4 @@
-"""Spatial methods (neighborhood, sliding_tile, radial) at video/image DiT shapes against dense attention (GPU).
+"""Spatial methods (neighborhood, sliding_tile, radial, vmoba) at video/image DiT shapes against dense attention (GPU).
 
 Bidirectional (``causal=False``), bf16, batch 1, head_dim 128, one list for every head; random
 q/k/v (the patterns are static, so speed does not depend on the values). Shapes:
@@ -60,6 +60,10 @@ VARIANTS = {
         ("neighborhood", "gna-block-exact", dict(window=(2, 24, 24), stride=(2, 8, 8), tile=(2, 8, 8))),
         ("sliding_tile", "defaults", {}),
         ("radial", "defaults", {}),
+        # VMoBA's blocks must divide the grid: sizes that divide both video shapes, one per partition.
+        ("vmoba", "layer 0 (1D, 3 frames)", dict(layer=0, chunk_1d=3)),
+        ("vmoba", "layer 1 (2D, 3x8)", dict(layer=1, chunk_2d=(3, 8))),
+        ("vmoba", "layer 2 (3D, 3x3x8)", dict(layer=2, chunk_3d=(3, 3, 8))),
     ],
     2: [
         ("neighborhood", "defaults", {}),

@@ -77,6 +77,10 @@ def settings(grid) -> list[tuple[str, str, dict]]:
         ("sliding_tile", "tile (2, 8, 8) window (1, 3, 3)", dict(tile=(2, 8, 8), window=(1, 3, 3))),
         ("radial", "defaults", {}),
         ("radial", "decay_factor 0.25", dict(decay_factor=0.25)),
+        ("vmoba", "layer 0 (1D, 2 frames)", dict(layer=0, chunk_1d=2)),
+        ("vmoba", "layer 1 (2D, 4x4)", dict(layer=1)),
+        ("vmoba", "layer 2 (3D, 2x4x8)", dict(layer=2, chunk_3d=(2, 4, 8))),
+        ("vmoba", "layer 1, threshold 0.5", dict(layer=1, threshold=0.5)),
     ]
     return rows if rank == 3 else []
 

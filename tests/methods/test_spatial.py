@@ -15,7 +15,7 @@ import torch
 from helpers import poisoned_allocate, random_qkv, relative_error
 
 import sparse_attn as sa
-from sparse_attn.backends import flex
+from sparse_attn.backends import flex, resolve_backend
 from sparse_attn.layouts import Layout
 from sparse_attn.plan import plan_for
 
@@ -331,15 +331,19 @@ def test_gpu_spatial_methods_match_the_reference(monkeypatch, dtype):
     monkeypatch.setattr(launch, "allocate", poisoned_allocate)
     grid = (8, 24, 32)
     layout = Layout(grid, tile=(2, 8, 8), text_tokens=128)
-    q, k, v = random_qkv(1, 12, 4, layout.seq_len, layout.seq_len, 128, dtype=dtype, device="cuda", seed=8)
+    q_all, k_all, v_all = random_qkv(1, 12, 4, layout.seq_len, layout.seq_len, 128, dtype=dtype, device="cuda", seed=8)
     cases = [
         ("neighborhood", dict(window=(3, 7, 7), tile=(2, 8, 8))),  # token rule: flex
         ("neighborhood", dict(window=(2, 24, 24), stride=(2, 8, 8), tile=(2, 8, 8))),  # block-exact: kernels
         ("sliding_tile", dict(tile=(2, 8, 8), window=(3, 3, 3))),
         ("radial", dict()),
+        ("vmoba", dict(layer=1, chunk_2d=(4, 4))),
     ]
     for method, options in cases:
-        pattern = sa.estimate(q, k, method, causal=False, grid=grid, text_tokens=128, **options)
+        text = 0 if method == "vmoba" else 128  # vmoba takes no text tokens
+        layout = Layout(grid, text_tokens=text)
+        q, k, v = (x[:, :, : layout.seq_len] for x in (q_all, k_all, v_all))
+        pattern = sa.estimate(q, k, method, causal=False, grid=grid, text_tokens=text, **options)
         expected = sa.block_sparse_attention(
             q.float(), k.float(), v.float(), pattern, causal=False, backend="reference"
         )
@@ -348,6 +352,25 @@ def test_gpu_spatial_methods_match_the_reference(monkeypatch, dtype):
                 warnings.simplefilter("ignore")
                 out = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend=backend)
             assert relative_error(out, expected) < 1e-2, (method, options, backend)
+        if pattern.token_rule is None and pattern.block_q >= 16:  # block-exact: the kernels run it
+            assert resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=False) in ("gluon", "triton")
+
+
+@pytest.mark.gpu
+def test_gpu_block_exact_gradients_match_the_reference():
+    grid = (8, 24, 32)
+    layout = Layout(grid, text_tokens=128)
+    q, k, v = random_qkv(1, 12, 4, layout.seq_len, layout.seq_len, 128, dtype=torch.bfloat16, device="cuda", seed=12)
+    options = dict(grid=grid, text_tokens=128, window=(2, 24, 24), stride=(2, 8, 8), tile=(2, 8, 8))
+    pattern = sa.estimate(q, k, "neighborhood", causal=False, **options)
+    grad = torch.randn_like(q)
+    results = []
+    for backend, dtype in (("auto", torch.bfloat16), ("reference", torch.float32)):
+        inputs = tuple(x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+        out = sa.block_sparse_attention(*inputs, pattern, causal=False, backend=backend)
+        results.append(torch.autograd.grad(out, inputs, grad.to(dtype)))
+    for got, want in zip(*results, strict=True):
+        assert relative_error(got, want) < 1e-2
 
 
 def test_static_patterns_are_built_once_per_options_and_blocks():
