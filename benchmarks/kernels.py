@@ -64,6 +64,9 @@ def main() -> None:
         help="the Gluon kernel's TMA descriptors: made once at launch where they apply (auto), or per program (device)",
     )
     parser.add_argument(
+        "--gluon-persistent", action="store_true", help="the persistent Gluon kernel (one program per SM)"
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)"
     )
     args = parser.parse_args()
@@ -88,7 +91,9 @@ def main() -> None:
     rows = []
     for case in cases:
         host_descriptors = None if args.gluon_descriptors == "auto" else False
-        with kernel_configs(triton_loads=loads, gluon_host_descriptors=host_descriptors):
+        with kernel_configs(
+            triton_loads=loads, gluon_host_descriptors=host_descriptors, gluon_persistent=args.gluon_persistent or None
+        ):
             case_rows = run_kernel_case(case, backends, device)
         torch.cuda.empty_cache()  # the case's tensors are gone: return their memory before the next length
         rows += case_rows
@@ -107,6 +112,7 @@ def main() -> None:
             "loads": args.loads,
             "kernels": args.kernels,
             "gluon_descriptors": args.gluon_descriptors,
+            "gluon_persistent": args.gluon_persistent,
             **environment(device),
         },
     )

@@ -24,7 +24,10 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
     from sparse_attn.backends import configs
     from sparse_attn.backends import gluon as gluon_backend
 
-    kernel = gluon_backend._gluon_block_sparse_forward
+    persistent = constants.pop("PERSISTENT", False)
+    kernel = gluon_backend._gluon_persistent_forward if persistent else gluon_backend._gluon_block_sparse_forward
+    if persistent:  # host descriptors only; the one-item kernel's HOST_DESC switch is not a parameter
+        constants["HOST_DESC"] = True
     signature = {name: "i32" for name in kernel.arg_names}
     signature.update({name: f"*{dtype}" for name in ("Q", "K", "V", "Out")})
     signature.update(
@@ -53,6 +56,8 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
             signature[name] = f"tensordesc<{dtype}[{rows}, {values['HEAD_DIM']}],{layout!r}>"
     else:
         values.update(QDesc=None, KDesc=None, VDesc=None)
+    if persistent:
+        del values["HOST_DESC"]
     signature.update({name: "constexpr" for name in values})
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=values)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -50,6 +50,8 @@ VARIANTS = [
     dict(dtype="fp16", HEAD_DIM=64, BLOCK_K=64, CAUSAL=False, EVEN_K=False, EVEN_Q=False),
     dict(HOST_DESC=True),
     dict(dtype="fp16", HEAD_DIM=64, BLOCK_K=64, HOST_DESC=True, WRITE_LSE=True, EVEN_Q=False),
+    dict(PERSISTENT=True),
+    dict(PERSISTENT=True, dtype="fp16", HEAD_DIM=64, BLOCK_Q=256, WRITE_LSE=True, CAUSAL=False, EVEN_Q=False),
 ]
 
 
@@ -251,8 +253,9 @@ def test_host_descriptors_only_for_contiguous_inputs_with_whole_key_blocks():
 )
 @pytest.mark.parametrize("causal", [True, False])
 def test_gpu_host_and_device_descriptors_compute_the_same(shape, causal, poison_outputs):
-    """Launch-made descriptors over the flattened tensors read the same tiles as per-program ones:
-    identical outputs, including a last query tile that reads into the next head's rows."""
+    """Launch-made descriptors over the flattened tensors read the same tiles as per-program ones,
+    and the persistent kernel computes each work item as the one-item kernel does: identical
+    outputs, including a last query tile that reads into the next head's rows."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is for Hopper")
     batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
@@ -272,5 +275,10 @@ def test_gpu_host_and_device_descriptors_compute_the_same(shape, causal, poison_
             q, k, v, pattern, causal=causal, backend="gluon", return_lse=True
         )
     assert torch.equal(host, device) and torch.equal(host_lse, device_lse)
+    with sa.backends.kernel_configs(gluon_persistent=True):
+        persistent, persistent_lse = sa.block_sparse_attention(
+            q, k, v, pattern, causal=causal, backend="gluon", return_lse=True
+        )
+    assert torch.equal(host, persistent) and torch.equal(host_lse, persistent_lse)
     ref = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
     assert relative_error(host, ref) <= TOLERANCE[torch.bfloat16]

@@ -108,7 +108,9 @@ class KernelConfigs:
     Gluon kernel build its TMA descriptors per program on the device even where launch-made ones
     apply (:func:`sparse_attn.backends.gluon.uses_host_descriptors`).
     ``triton_backward_skip_masked``: ``True`` makes the Triton backward branch around tile pairs
-    the causal mask hides entirely (:func:`backward_skips_masked_tiles`).
+    the causal mask hides entirely (:func:`backward_skips_masked_tiles`). ``gluon_persistent``:
+    ``True`` runs the persistent Gluon kernel (one program per SM walking the work items, the
+    next item's loads under the previous one's stores) where launch-made descriptors apply.
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -117,6 +119,7 @@ class KernelConfigs:
     gluon_stages: int | None = None
     gluon_host_descriptors: bool | None = None
     triton_backward_skip_masked: bool | None = None
+    gluon_persistent: bool | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -139,6 +142,7 @@ def kernel_configs(
     gluon_stages: int | None = None,
     gluon_host_descriptors: bool | None = None,
     triton_backward_skip_masked: bool | None = None,
+    gluon_persistent: bool | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -169,6 +173,10 @@ def kernel_configs(
         if not isinstance(triton_backward_skip_masked, bool):
             raise TypeError(f"triton_backward_skip_masked must be a bool, got {triton_backward_skip_masked!r}")
         changes["triton_backward_skip_masked"] = triton_backward_skip_masked
+    if gluon_persistent is not None:
+        if not isinstance(gluon_persistent, bool):
+            raise TypeError(f"gluon_persistent must be a bool, got {gluon_persistent!r}")
+        changes["gluon_persistent"] = gluon_persistent
     token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **changes))
     try:
         yield _CURRENT.get()

@@ -36,6 +36,8 @@ it with the reference backend.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..geometry import num_blocks
@@ -122,7 +124,6 @@ if gluon is not None:
         ``HOST_DESC``: read through the launch's descriptors over the flattened ``(B*H*S, D)``
         tensors, at rows ``q_row0`` / ``kv_row0`` onward, instead of making per-head descriptors
         here (see :func:`host_descriptors`)."""
-        SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
         if HOST_DESC:
             q_desc = QDesc
             k_desc = KDesc
@@ -139,11 +140,23 @@ if gluon is not None:
             )
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_row0 + row_start, 0], q_bar, q_smem)
+        _produce_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, index_base, n_steps, 0, kv_row0,
+                    BLOCK_K, BLOCK_N, STAGES)  # fmt: skip
+
+    @gluon.jit
+    def _produce_kv(
+        k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, index_base, n_steps, step_base, kv_row0,
+        BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    ):  # fmt: skip
+        """TMA loads of the K and V tiles of one work item's listed blocks into the ring; ``step_base``
+        counts the ring steps of earlier items (a persistent program's ring runs on across items)."""
+        SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
         for step in range(n_steps):
-            slot = step % STAGES
+            ring_step = step_base + step
+            slot = ring_step % STAGES
             # A fresh barrier counts as having completed the phase before phase 0, so the first
             # pass over the ring does not wait.
-            phase = ((step // STAGES) & 1) ^ 1
+            phase = ((ring_step // STAGES) & 1) ^ 1
             kv_block = gl.load(index_base + step // SUBTILES)
             key_start = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N
             mbarrier.wait(kv_free.index(slot), phase)
@@ -178,13 +191,31 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(
-        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
+        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
         index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale,
         out_base, stride_os, lse_base,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
     ):  # fmt: skip
-        """One warpgroup: 64 query rows through every listed block, then the output rows."""
+        """One warpgroup of the one-item-per-program kernel (see :func:`_consume_item`)."""
+        _consume_item(
+            q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
+            index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, 0, 0,
+            ROW_OFFSET, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+        )  # fmt: skip
+
+    @gluon.jit
+    def _consume_item(
+        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
+        index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale,
+        out_base, stride_os, lse_base, step_base, q_phase,
+        ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
+    ):  # fmt: skip
+        """One warpgroup: 64 query rows of one work item through every listed block, then the
+        output rows. ``step_base`` counts the ring steps of the program's earlier items and
+        ``q_phase`` is the query tile's load phase; once its last product is done it releases the
+        query tile (``q_free``), so a persistent producer loads the next item's during the stores."""
         HALF: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
@@ -203,11 +234,12 @@ if gluon is not None:
         l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
         p_op = gl.zeros([HALF, BLOCK_N], dtype, p_layout)
-        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(q_bar, q_phase)
 
         if n_steps > 0:
-            mbarrier.wait(k_ready.index(0), 0)
-            s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            first = step_base % STAGES
+            mbarrier.wait(k_ready.index(first), (step_base // STAGES) & 1)
+            s = warpgroup_mma(q, k_smem.index(first).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s,))
             p, alpha, m_i, l_i = _softmax_step(
                 s,
@@ -227,12 +259,13 @@ if gluon is not None:
             )
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         for step in range(1, n_steps):
-            slot = step % STAGES
-            prev = (step - 1) % STAGES
+            ring_step = step_base + step
+            slot = ring_step % STAGES
+            prev = (ring_step - 1) % STAGES
             # Q K^T of this step and P V of the previous one go to the tensor cores together.
-            mbarrier.wait(k_ready.index(slot), (step // STAGES) & 1)
+            mbarrier.wait(k_ready.index(slot), (ring_step // STAGES) & 1)
             s_token = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(prev), ((step - 1) // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((ring_step - 1) // STAGES) & 1)
             acc_token = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             # Softmax of this step while P V of the previous one is still running.
             s = warpgroup_mma_wait(1, deps=(s_token,))
@@ -257,11 +290,13 @@ if gluon is not None:
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         if n_steps > 0:
-            last = (n_steps - 1) % STAGES
-            mbarrier.wait(v_ready.index(last), ((n_steps - 1) // STAGES) & 1)
+            last_step = step_base + n_steps - 1
+            last = last_step % STAGES
+            mbarrier.wait(v_ready.index(last), (last_step // STAGES) & 1)
             acc_token = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
             acc, p_op = warpgroup_mma_wait(0, deps=(acc_token, p_op))
             mbarrier.arrive(kv_free.index(last), count=1)
+        mbarrier.arrive(q_free, count=1)
 
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         out = acc / l_o[:, None]
@@ -277,6 +312,50 @@ if gluon is not None:
             gl.store(lse_base + rows, lse, mask=rows < seq_q)
 
     @gluon.jit
+    def _work_item(
+        tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+        BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+    ):  # fmt: skip
+        """Where one work item is: the ``tile_rank``-th query tile in the plan's work order (heaviest
+        query blocks first, each cut into tiles of 128 rows) of head ``batch_head``. Returns its
+        batch, head, KV head, first row, ring steps, full steps and block-list base."""
+        TILES_PER_BLOCK: gl.constexpr = BLOCK_Q // 128
+        SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
+        q_block = gl.load(WorkOrder + tile_rank // TILES_PER_BLOCK)
+        tile = q_block * TILES_PER_BLOCK + tile_rank % TILES_PER_BLOCK
+        batch = batch_head // num_q_heads
+        head = batch_head % num_q_heads
+        kv_head = head // group
+        pattern_head = head // pattern_head_divisor
+        count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
+        n_steps = gl.load(KvCounts + count_offset) * SUBTILES
+        n_full = gl.load(KvFullCounts + count_offset) * SUBTILES
+        index_base = KvIndices + batch.to(gl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+        return batch, head, kv_head, tile * 128, n_steps, n_full, index_base
+
+    @gluon.jit
+    def _allocate_ring(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """The query tile, the K/V ring of ``STAGES`` slots and their barriers, initialised."""
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], q_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_free, count=2)  # both consumer warpgroups release the query tile
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_free.index(i), count=2)  # both consumer warpgroups release a slot
+        return q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free
+
+    @gluon.jit
     def _gluon_block_sparse_forward(
         Q, K, V, Out, Lse, KvCounts, KvFullCounts, KvIndices, WorkOrder,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
@@ -286,17 +365,13 @@ if gluon is not None:
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
         HOST_DESC: gl.constexpr,
     ):  # fmt: skip
-        BLOCK_M: gl.constexpr = 128
-        TILES_PER_BLOCK: gl.constexpr = BLOCK_Q // BLOCK_M
+        """One program per work item: grid (batch x query heads, query tiles in work order)."""
         batch_head = gl.program_id(0)
-        # Query blocks in the plan's work order (heaviest first), each cut into tiles of BLOCK_M rows.
-        q_block = gl.load(WorkOrder + gl.program_id(1) // TILES_PER_BLOCK)
-        tile = q_block * TILES_PER_BLOCK + gl.program_id(1) % TILES_PER_BLOCK
-        batch = batch_head // num_q_heads
-        head = batch_head % num_q_heads
-        kv_head = head // group
-        row_start = tile * BLOCK_M
-
+        batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
+            gl.program_id(1), batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+            stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+            BLOCK_Q, BLOCK_K, BLOCK_N,
+        )  # fmt: skip
         q_base = Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64) * stride_qh
         k_base = K + batch.to(gl.int64) * stride_kb + kv_head.to(gl.int64) * stride_kh
         v_base = V + batch.to(gl.int64) * stride_vb + kv_head.to(gl.int64) * stride_vh
@@ -309,35 +384,16 @@ if gluon is not None:
         if HOST_DESC:
             q_row0 = batch_head * seq_q
             kv_row0 = (batch * (num_q_heads // group) + kv_head) * seq_k
-
-        pattern_head = head // pattern_head_divisor
-        count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
-        n_steps = gl.load(KvCounts + count_offset) * (BLOCK_K // BLOCK_N)
-        n_full = gl.load(KvFullCounts + count_offset) * (BLOCK_K // BLOCK_N)
-        index_base = KvIndices + batch.to(gl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
-
-        dtype: gl.constexpr = Q.dtype.element_ty
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_free.index(i), count=2)  # both consumer warpgroups release a slot
+        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
+            Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES
+        )
 
         gl.warp_specialize(
             [
                 (
                     _consumer,
                     (
-                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, index_base, n_steps, n_full,
+                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps, n_full,
                         row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base,
                         0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
                     ),
@@ -345,7 +401,7 @@ if gluon is not None:
                 (
                     _consumer,
                     (
-                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, index_base, n_steps, n_full,
+                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps, n_full,
                         row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base,
                         64, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
                     ),
@@ -362,6 +418,125 @@ if gluon is not None:
             [4, 1],
             [232, 24],
         )  # fmt: skip
+
+    @gluon.jit
+    def _persistent_producer(
+        QDesc, KDesc, VDesc, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+        seq_q, seq_k, num_items, num_batch_heads,
+        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
+        BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    ):  # fmt: skip
+        """One warp of a persistent program: for each of its work items the query tile (once both
+        consumers released the previous one) and the K/V tiles, the ring running on across items."""
+        step_base = 0
+        local = 0
+        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
+            batch_head = item % num_batch_heads
+            batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
+                item // num_batch_heads, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+                stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+                BLOCK_Q, BLOCK_K, BLOCK_N,
+            )  # fmt: skip
+            kv_row0 = (batch * (num_q_heads // group) + kv_head) * seq_k
+            # The first wait passes at once: a fresh barrier counts as having completed phase -1.
+            mbarrier.wait(q_free, (local & 1) ^ 1)
+            mbarrier.expect(q_bar, QDesc.block_type.nbytes)
+            tma.async_copy_global_to_shared(QDesc, [batch_head * seq_q + row_start, 0], q_bar, q_smem)
+            _produce_kv(KDesc, VDesc, k_smem, v_smem, k_ready, v_ready, kv_free, index_base, n_steps, step_base,
+                        kv_row0, BLOCK_K, BLOCK_N, STAGES)  # fmt: skip
+            step_base += n_steps
+            local += 1
+
+    @gluon.jit
+    def _persistent_consumer(
+        Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+        seq_q, seq_k, qk_scale, num_items, num_batch_heads,
+        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
+        ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
+        EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
+    ):  # fmt: skip
+        """One warpgroup of a persistent program: :func:`_consume_item` for each of its work items."""
+        step_base = 0
+        local = 0
+        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
+            batch_head = item % num_batch_heads
+            batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
+                item // num_batch_heads, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+                stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+                BLOCK_Q, BLOCK_K, BLOCK_N,
+            )  # fmt: skip
+            out_base = Out + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
+            lse_base = Lse + batch_head.to(gl.int64) * seq_q
+            _consume_item(
+                q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
+                index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base,
+                step_base, local & 1,
+                ROW_OFFSET, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+            )  # fmt: skip
+            step_base += n_steps
+            local += 1
+
+    @gluon.jit
+    def _gluon_persistent_forward(
+        Q, K, V, Out, Lse, KvCounts, KvFullCounts, KvIndices, WorkOrder,
+        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_os, stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
+        num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale, QDesc, KDesc, VDesc,
+        num_items, num_batch_heads,
+        HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
+    ):  # fmt: skip
+        """Persistent: one program per SM walks work items ``pid, pid + grid, ...`` of the same
+        order as the one-item kernel's grid (query tiles heaviest first, all heads of a tile
+        together), so the producer loads an item's query and first K/V tiles while the consumers
+        still finish and store the previous one. Host descriptors only."""
+        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
+            Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES
+        )
+        gl.warp_specialize(
+            [
+                (
+                    _persistent_consumer,
+                    (
+                        Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
+                        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
+                        pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_batch_heads,
+                        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
+                        0, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+                    ),
+                ),
+                (
+                    _persistent_consumer,
+                    (
+                        Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
+                        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
+                        pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_batch_heads,
+                        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
+                        64, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+                    ),
+                ),
+                (
+                    _persistent_producer,
+                    (
+                        QDesc, KDesc, VDesc, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+                        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
+                        pattern_head_divisor, seq_q, seq_k, num_items, num_batch_heads,
+                        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
+                        BLOCK_Q, BLOCK_K, BLOCK_N, STAGES,
+                    ),
+                ),
+            ],
+            [4, 1],
+            [232, 24],
+        )  # fmt: skip
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def uses_host_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern) -> bool:
@@ -414,12 +589,7 @@ def forward(
     grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // GLUON_BLOCK_M))
     block_n = configs.gluon_block_n(pattern.block_k)
     descriptors = host_descriptors(q, k, v, block_n) if uses_host_descriptors(q, k, v, pattern) else None
-    if descriptors is None:
-        ensure_scratch_allocator()
-    _gluon_block_sparse_forward[grid](
-        *args,
-        *(descriptors or (None, None, None)),
-        HOST_DESC=descriptors is not None,
+    constants = dict(
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
@@ -429,8 +599,17 @@ def forward(
         WRITE_LSE=bool(return_lse),
         EVEN_K=seq_k % pattern.block_k == 0,
         EVEN_Q=seq_q % pattern.block_q == 0,
-        num_warps=4,
     )
+    if descriptors is not None and configs.current().gluon_persistent:
+        num_items = grid[0] * grid[1]
+        programs = min(num_items, _multiprocessors(q.device))
+        _gluon_persistent_forward[(programs,)](*args, *descriptors, num_items, grid[0], **constants, num_warps=4)
+    else:
+        if descriptors is None:
+            ensure_scratch_allocator()
+        _gluon_block_sparse_forward[grid](
+            *args, *(descriptors or (None, None, None)), HOST_DESC=descriptors is not None, **constants, num_warps=4
+        )
     if return_lse:
         return out, lse
     return out
