@@ -16,6 +16,7 @@ from . import (  # noqa: F401
     radial,
     random,
     sale,
+    seer,
     sliding_tile,
     streaming,
     strided_shards,

@@ -1,0 +1,9 @@
+"""Trainable modules built on the block-sparse engine.
+
+* :mod:`.seer`: SeerAttention's AttnGate (learned block gates), their self-distillation and
+  the gate files the ``seer`` method loads.
+"""
+
+from .seer import AttnGate, SeerGates
+
+__all__ = ["AttnGate", "SeerGates"]
