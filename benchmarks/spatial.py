@@ -147,7 +147,8 @@ def flex_mask_mod_runner(q, k, v, shape: dict, options: dict):
     def mask_mod(b, h, q_idx, kv_idx):
         return rule.allowed(q_idx, kv_idx)
 
-    block_mask = create_block_mask(mask_mod, None, None, layout.seq_len, layout.seq_len, device=q.device)
+    # _compile: build the mask block by block instead of materializing S x S booleans.
+    block_mask = create_block_mask(mask_mod, None, None, layout.seq_len, layout.seq_len, device=q.device, _compile=True)
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda: compiled(q, k, v, block_mask=block_mask)
 
