@@ -194,6 +194,90 @@ if triton is not None:
         return chunk * HEADS + head_in_chunk, token, valid, token_in_tile // BLOCK_Q
 
     @triton.jit
+    def load_rows(X, batch, head, token, valid, stride_b, stride_h, stride_s, offs_d, DOT_FP32: tl.constexpr):
+        """The ``(rows, HEAD_DIM)`` tile of gathered rows (zeros where not ``valid``), float32 if ``DOT_FP32``."""
+        offset = batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + token.to(tl.int64) * stride_s
+        x = tl.load(X + offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q):
+        """The rows' log-sum-exp (in log2 units) and delta, from float32 ``(B, Hq, Sq)`` tensors."""
+        row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
+        lse = tl.load(Lse + row, mask=valid, other=0.0) * 1.4426950408889634
+        return lse, tl.load(Delta + row, mask=valid, other=0.0)
+
+    @triton.jit
+    def store_rows(X, values, batch, head, token, valid, stride_b, stride_h, stride_s, offs_d):
+        offset = batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + token.to(tl.int64) * stride_s
+        tl.store(X + offset[:, None] + offs_d[None, :], values.to(X.dtype.element_ty), mask=valid[:, None])
+
+    @triton.jit
+    def load_keys(k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d,
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
+        """Key step ``sub`` of KV block ``kv_block``: positions, which exist (inside the sequence
+        and the block), and the K and V tiles (zeros elsewhere)."""
+        key_pos = kv_block * BLOCK_K + sub * BLOCK_N + offs_n
+        key_ok = key_pos < seq_k
+        if BLOCK_K % BLOCK_N != 0:
+            key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
+        k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        return key_pos, key_ok, k, v
+
+    @triton.jit
+    def key_steps(kv_block, seq_k, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Key steps of a block that hold keys (a last, partial block ends early)."""
+        return tl.minimum((BLOCK_K + BLOCK_N - 1) // BLOCK_N, tl.cdiv(seq_k - kv_block * BLOCK_K, BLOCK_N))
+
+    @triton.jit
+    def attend_step(acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, all_listed,
+                    CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        """One online-softmax step over a key tile (``m`` in scaled log2 units).
+
+        ``all_listed``: every row of the tile lists this block. Otherwise rows that do not must
+        not see its non-finite values through their zero weights: V is read with them zeroed
+        and the listing rows' columns marked NaN (the documented rule).
+        """
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        visible = listed[:, None] & key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (key_pos[None, :] <= query_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        # A row with nothing visible yet keeps m = -inf and subtracts 0 instead (no inf - inf).
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(scores * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if all_listed:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        else:
+            finite = tl.abs(v.to(tl.float32)) < float("inf")
+            poisoned = tl.max(tl.where(finite, 0, 1), 0)
+            acc = tl.dot(p.to(v.dtype), tl.where(finite, v, 0.0).to(v.dtype), acc, input_precision=PRECISION)
+            acc = tl.where(listed[:, None] & (poisoned[None, :] > 0), float("nan"), acc)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def dq_step(dq, q, do, lse, delta, k, v, key_pos, key_ok, listed, query_pos, qk_scale,
+                CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        """``dq += dS K`` over one key tile (unscaled), probabilities from the saved log-sum-exp."""
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        visible = listed[:, None] & key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (key_pos[None, :] <= query_pos[:, None])
+        p = tl.where(visible, tl.math.exp2(scores * qk_scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        return tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, dq, input_precision=PRECISION)
+
+    @triton.jit
     def _token_forward(
         Q, K, V, Out, Lse, Offsets, Blocks, Bits,
         stride_qb, stride_qh, stride_qs,
@@ -208,8 +292,6 @@ if triton is not None:
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
-        EVEN_BLOCK: tl.constexpr = BLOCK_K % BLOCK_N == 0
         chunks = num_q_heads // HEADS
         batch = tl.program_id(0) // chunks
         chunk = tl.program_id(0) % chunks
@@ -220,11 +302,7 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         query_pos = token + (seq_k - seq_q)
-
-        row_offset = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + token.to(tl.int64) * stride_qs
-        q = tl.load(Q + row_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
+        q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
         k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
         v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
@@ -242,44 +320,17 @@ if triton is not None:
             kv_block = tl.load(Blocks + entry)
             bits = tl.load(Bits + entry)
             listed = valid & (((bits >> bit) & 1) != 0)
-            # Steps past the sequence end hold no keys (a last, partial block): not taken.
-            for sub in range(tl.minimum(SUBTILES, tl.cdiv(seq_k - kv_block * BLOCK_K, BLOCK_N))):
-                key_pos = kv_block * BLOCK_K + sub * BLOCK_N + offs_n
-                key_ok = key_pos < seq_k
-                if not EVEN_BLOCK:
-                    key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
-                k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-                v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-                if DOT_FP32:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-                visible = listed[:, None] & key_ok[None, :]
-                if CAUSAL:
-                    visible = visible & (key_pos[None, :] <= query_pos[:, None])
-                scores = tl.where(visible, scores, float("-inf"))
-                # m in scaled log2 units; a row with nothing visible yet keeps m = -inf and
-                # subtracts 0 instead (no inf - inf).
-                m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
-                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(scores * qk_scale - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]
-                if bits == all_bits:
-                    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-                else:
-                    # Rows that do not list this block must not see its non-finite values
-                    # through their zero weights: read V with them zeroed, mark the listing rows.
-                    finite = tl.abs(v.to(tl.float32)) < float("inf")
-                    poisoned = tl.max(tl.where(finite, 0, 1), 0)
-                    acc = tl.dot(p.to(v.dtype), tl.where(finite, v, 0.0).to(v.dtype), acc, input_precision=PRECISION)
-                    acc = tl.where(listed[:, None] & (poisoned[None, :] > 0), float("nan"), acc)
-                m_i = m_new
+            for sub in range(key_steps(kv_block, seq_k, BLOCK_K, BLOCK_N)):
+                key_pos, key_ok, k, v = load_keys(
+                    k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d,
+                    BLOCK_K, BLOCK_N, DOT_FP32,
+                )  # fmt: skip
+                acc, m_i, l_i = attend_step(
+                    acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, bits == all_bits,
+                    CAUSAL, PRECISION,
+                )  # fmt: skip
 
-        out = acc / l_i[:, None]
-        out_offset = batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + token.to(tl.int64) * stride_os
-        tl.store(Out + out_offset[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=valid[:, None])
+        store_rows(Out, acc / l_i[:, None], batch, head, token, valid, stride_ob, stride_oh, stride_os, offs_d)
         if WRITE_LSE:
             # Natural-log units, like the block kernel's.
             lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453

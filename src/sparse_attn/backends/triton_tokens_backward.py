@@ -51,7 +51,7 @@ DKDV_ROWS = 64
 
 if triton is not None:
     from .triton_backward import _delta
-    from .triton_tokens import packed_rows
+    from .triton_tokens import dq_step, key_steps, load_keys, load_row_stats, load_rows, packed_rows, store_rows
 
     @triton.jit
     def _token_dq(
@@ -69,8 +69,6 @@ if triton is not None:
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
-        EVEN_BLOCK: tl.constexpr = BLOCK_K % BLOCK_N == 0
         chunks = num_q_heads // HEADS
         batch = tl.program_id(0) // chunks
         chunk = tl.program_id(0) % chunks
@@ -83,17 +81,9 @@ if triton is not None:
         offset = seq_k - seq_q
         query_pos = token + offset
         last_query = tl.minimum(tile * TILE_TOKENS + TILE_TOKENS, seq_q) - 1 + offset
-
-        q_offset = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + token.to(tl.int64) * stride_qs
-        do_offset = batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh + token.to(tl.int64) * stride_ds
-        q = tl.load(Q + q_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        do = tl.load(DOut + do_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
-        lse = tl.load(Lse + row, mask=valid, other=0.0) * 1.4426950408889634
-        delta = tl.load(Delta + row, mask=valid, other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
+        do = load_rows(DOut, batch, head, token, valid, stride_db, stride_dh, stride_ds, offs_d, DOT_FP32)
+        lse, delta = load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q)
         k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
         v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
@@ -104,32 +94,17 @@ if triton is not None:
         for entry in range(start, end):
             kv_block = tl.load(Blocks + entry)
             listed = valid & (((tl.load(Bits + entry) >> bit) & 1) != 0)
-            for sub in range(tl.minimum(SUBTILES, tl.cdiv(seq_k - kv_block * BLOCK_K, BLOCK_N))):
-                first_key = kv_block * BLOCK_K + sub * BLOCK_N
-                if first_key * CAUSAL <= last_query:
-                    key_pos = first_key + offs_n
-                    key_ok = key_pos < seq_k
-                    if not EVEN_BLOCK:
-                        key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
-                    k_rows = key_pos[:, None] * stride_ks + offs_d[None, :]
-                    k = tl.load(k_base + k_rows, mask=key_ok[:, None], other=0.0)
-                    v = tl.load(
-                        v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0
+            for sub in range(key_steps(kv_block, seq_k, BLOCK_K, BLOCK_N)):
+                # Steps wholly after the tile's last query have zero probabilities (causal).
+                if (kv_block * BLOCK_K + sub * BLOCK_N) * CAUSAL <= last_query:
+                    key_pos, key_ok, k, v = load_keys(
+                        k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d,
+                        BLOCK_K, BLOCK_N, DOT_FP32,
+                    )  # fmt: skip
+                    dq = dq_step(
+                        dq, q, do, lse, delta, k, v, key_pos, key_ok, listed, query_pos, qk_scale, CAUSAL, PRECISION
                     )
-                    if DOT_FP32:
-                        k = k.to(tl.float32)
-                        v = v.to(tl.float32)
-                    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-                    visible = listed[:, None] & key_ok[None, :]
-                    if CAUSAL:
-                        visible = visible & (key_pos[None, :] <= query_pos[:, None])
-                    p = tl.where(visible, tl.math.exp2(scores * qk_scale - lse[:, None]), 0.0)
-                    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                    ds = p * (dp - delta[:, None])
-                    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-
-        dq_offset = batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh + token.to(tl.int64) * stride_gs
-        tl.store(DQ + dq_offset[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=valid[:, None])
+        store_rows(DQ, dq * scale, batch, head, token, valid, stride_gb, stride_gh, stride_gs, offs_d)
 
     @triton.jit
     def _token_dkdv(
@@ -195,20 +170,9 @@ if triton is not None:
                     token = tile * TILE_TOKENS + token_in_tile
                     valid = in_step & (token < seq_q)
                     listed = valid & (((bits >> (token_in_tile // BLOCK_Q)) & 1) != 0)
-                    q_offset = (
-                        batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + token.to(tl.int64) * stride_qs
-                    )
-                    do_offset = (
-                        batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh + token.to(tl.int64) * stride_ds
-                    )
-                    q = tl.load(Q + q_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-                    do = tl.load(DOut + do_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-                    row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
-                    lse = tl.load(Lse + row, mask=valid, other=0.0) * 1.4426950408889634
-                    delta = tl.load(Delta + row, mask=valid, other=0.0)
-                    if DOT_FP32:
-                        q = q.to(tl.float32)
-                        do = do.to(tl.float32)
+                    q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
+                    do = load_rows(DOut, batch, head, token, valid, stride_db, stride_dh, stride_ds, offs_d, DOT_FP32)
+                    lse, delta = load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q)
                     scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (N, M)
                     visible = key_ok[:, None] & listed[None, :]
                     if CAUSAL:

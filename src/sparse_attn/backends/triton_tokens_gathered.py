@@ -105,14 +105,16 @@ def gathered_work(pattern: BlockSparsePattern, batch: int, q_heads: int, heads: 
 
 
 if triton is not None:
+    from .triton_tokens import attend_step, dq_step, key_steps, load_keys, load_row_stats, load_rows
 
     @triton.jit
-    def gathered_rows(Combos, Starts, TOffsets, TQBlocks, TSlots, list_stride_b, list_stride_h,
-                      num_q_heads, group, pattern_head_divisor, n_kv, seq_q,
+    def gathered_rows(Combos, Starts, TOffsets, TQBlocks, TSlots, K, V, stride_kb, stride_kh, stride_vb, stride_vh,
+                      list_stride_b, list_stride_h, num_q_heads, group, pattern_head_divisor, n_kv, seq_q, seq_k,
                       HEADS: tl.constexpr, ENTRIES: tl.constexpr, BLOCK_Q: tl.constexpr,
                       BLOCK_M: tl.constexpr):  # fmt: skip
-        """This program's KV block and gathered rows: ``(batch, kv_head, kv_block, head, token,
-        slot, valid)``, rows entry-major (``ENTRIES`` x ``HEADS`` heads x ``BLOCK_Q`` tokens)."""
+        """This program's KV block and gathered rows, rows entry-major (``ENTRIES`` x ``HEADS``
+        heads x ``BLOCK_Q`` tokens): ``(batch, kv_block, k_base, v_base, head, token, query
+        position, slot, valid)``, ``k_base`` / ``v_base`` at the block's KV head."""
         combo = tl.load(Combos + tl.program_id(0))
         start = tl.load(Starts + tl.program_id(0))
         kv_block = combo % n_kv
@@ -129,7 +131,11 @@ if triton is not None:
         slot = tl.load(TSlots + entry, mask=valid, other=0)
         token = q_block * BLOCK_Q + in_entry % BLOCK_Q
         valid = valid & (token < seq_q)
-        return batch, first_head // group, kv_block, first_head + in_entry // BLOCK_Q, token, slot, valid
+        kv_head = (first_head // group).to(tl.int64)
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
+        head = first_head + in_entry // BLOCK_Q
+        return batch, kv_block, k_base, v_base, head, token, token + (seq_k - seq_q), slot, valid
 
     @triton.jit
     def _gathered_forward(
@@ -144,47 +150,26 @@ if triton is not None:
         ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
-        EVEN_BLOCK: tl.constexpr = BLOCK_K % BLOCK_N == 0
-        batch, kv_head, kv_block, head, token, slot, valid = gathered_rows(
-            Combos, Starts, TOffsets, TQBlocks, TSlots, list_stride_b, list_stride_h,
-            num_q_heads, group, pattern_head_divisor, n_kv, seq_q, HEADS, ENTRIES, BLOCK_Q, BLOCK_M,
+        batch, kv_block, k_base, v_base, head, token, query_pos, slot, valid = gathered_rows(
+            Combos, Starts, TOffsets, TQBlocks, TSlots, K, V, stride_kb, stride_kh, stride_vb, stride_vh,
+            list_stride_b, list_stride_h, num_q_heads, group, pattern_head_divisor, n_kv, seq_q, seq_k,
+            HEADS, ENTRIES, BLOCK_Q, BLOCK_M,
         )  # fmt: skip
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        query_pos = token + (seq_k - seq_q)
-        q_offset = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + token.to(tl.int64) * stride_qs
-        q = tl.load(Q + q_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+        q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for sub in range(tl.minimum(SUBTILES, tl.cdiv(seq_k - kv_block * BLOCK_K, BLOCK_N))):
-            key_pos = kv_block * BLOCK_K + sub * BLOCK_N + offs_n
-            key_ok = key_pos < seq_k
-            if not EVEN_BLOCK:
-                key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
-            k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-            v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            visible = valid[:, None] & key_ok[None, :]
-            if CAUSAL:
-                visible = visible & (key_pos[None, :] <= query_pos[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(scores * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+        for sub in range(key_steps(kv_block, seq_k, BLOCK_K, BLOCK_N)):
+            key_pos, key_ok, k, v = load_keys(
+                k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d, BLOCK_K, BLOCK_N, DOT_FP32
+            )
+            # Every gathered row lists this block.
+            acc, m_i, l_i = attend_step(
+                acc, m_i, l_i, q, k, v, key_pos, key_ok, valid, query_pos, qk_scale, True, CAUSAL, PRECISION
+            )
 
         # A row that sees none of this block's keys keeps what its zero weights multiplied
         # (0, or NaN from a non-finite v) and log-sum-exp -inf: weight 0 in the merge.
@@ -262,49 +247,27 @@ if triton is not None:
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Partial dQ (unscaled) of the gathered rows over one KV block, per (row, slot)."""
-        SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
-        EVEN_BLOCK: tl.constexpr = BLOCK_K % BLOCK_N == 0
-        batch, kv_head, kv_block, head, token, slot, valid = gathered_rows(
-            Combos, Starts, TOffsets, TQBlocks, TSlots, list_stride_b, list_stride_h,
-            num_q_heads, group, pattern_head_divisor, n_kv, seq_q, HEADS, ENTRIES, BLOCK_Q, BLOCK_M,
+        batch, kv_block, k_base, v_base, head, token, query_pos, slot, valid = gathered_rows(
+            Combos, Starts, TOffsets, TQBlocks, TSlots, K, V, stride_kb, stride_kh, stride_vb, stride_vh,
+            list_stride_b, list_stride_h, num_q_heads, group, pattern_head_divisor, n_kv, seq_q, seq_k,
+            HEADS, ENTRIES, BLOCK_Q, BLOCK_M,
         )  # fmt: skip
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        offset = seq_k - seq_q
-        query_pos = token + offset
-        q_offset = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + token.to(tl.int64) * stride_qs
-        do_offset = batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh + token.to(tl.int64) * stride_ds
-        q = tl.load(Q + q_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        do = tl.load(DOut + do_offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
-        lse = tl.load(Lse + row, mask=valid, other=0.0) * 1.4426950408889634
-        delta = tl.load(Delta + row, mask=valid, other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+        q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
+        do = load_rows(DOut, batch, head, token, valid, stride_db, stride_dh, stride_ds, offs_d, DOT_FP32)
+        lse, delta = load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q)
         last_query = tl.max(tl.where(valid, query_pos, -1), 0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for sub in range(tl.minimum(SUBTILES, tl.cdiv(seq_k - kv_block * BLOCK_K, BLOCK_N))):
-            first_key = kv_block * BLOCK_K + sub * BLOCK_N
-            if first_key * CAUSAL <= last_query:
-                key_pos = first_key + offs_n
-                key_ok = key_pos < seq_k
-                if not EVEN_BLOCK:
-                    key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
-                k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-                v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-                if DOT_FP32:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-                visible = valid[:, None] & key_ok[None, :]
-                if CAUSAL:
-                    visible = visible & (key_pos[None, :] <= query_pos[:, None])
-                p = tl.where(visible, tl.math.exp2(scores * qk_scale - lse[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                dq = tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, dq, input_precision=PRECISION)
+        for sub in range(key_steps(kv_block, seq_k, BLOCK_K, BLOCK_N)):
+            if (kv_block * BLOCK_K + sub * BLOCK_N) * CAUSAL <= last_query:
+                key_pos, key_ok, k, v = load_keys(
+                    k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d,
+                    BLOCK_K, BLOCK_N, DOT_FP32,
+                )  # fmt: skip
+                dq = dq_step(
+                    dq, q, do, lse, delta, k, v, key_pos, key_ok, valid, query_pos, qk_scale, CAUSAL, PRECISION
+                )
         part = ((batch.to(tl.int64) * num_q_heads + head) * seq_q + token) * max_kv + slot
         tl.store(
             PartDQ + part[:, None] * HEAD_DIM + offs_d[None, :], dq.to(PartDQ.dtype.element_ty), mask=valid[:, None]
