@@ -331,7 +331,7 @@ def test_gpu_spatial_methods_match_the_reference(monkeypatch, dtype):
     monkeypatch.setattr(launch, "allocate", poisoned_allocate)
     grid = (8, 24, 32)
     layout = Layout(grid, tile=(2, 8, 8), text_tokens=128)
-    q_all, k_all, v_all = random_qkv(1, 12, 4, layout.seq_len, layout.seq_len, 128, dtype=dtype, device="cuda", seed=8)
+    q, k, v = random_qkv(1, 12, 4, layout.seq_len, layout.seq_len, 128, dtype=dtype, device="cuda", seed=8)
     cases = [
         ("neighborhood", dict(window=(3, 7, 7), tile=(2, 8, 8))),  # token rule: flex
         ("neighborhood", dict(window=(2, 24, 24), stride=(2, 8, 8), tile=(2, 8, 8))),  # block-exact: kernels
@@ -340,10 +340,7 @@ def test_gpu_spatial_methods_match_the_reference(monkeypatch, dtype):
         ("vmoba", dict(layer=1, chunk_2d=(4, 4))),
     ]
     for method, options in cases:
-        text = 0 if method == "vmoba" else 128  # vmoba takes no text tokens
-        layout = Layout(grid, text_tokens=text)
-        q, k, v = (x[:, :, : layout.seq_len] for x in (q_all, k_all, v_all))
-        pattern = sa.estimate(q, k, method, causal=False, grid=grid, text_tokens=text, **options)
+        pattern = sa.estimate(q, k, method, causal=False, grid=grid, text_tokens=128, **options)
         expected = sa.block_sparse_attention(
             q.float(), k.float(), v.float(), pattern, causal=False, backend="reference"
         )
@@ -416,8 +413,11 @@ def test_sizes_may_be_lists():
     assert torch.equal(as_lists, as_tuples)
 
 
-def vmoba_token_mask(q, k, grid, block_shape, threshold, per_query) -> torch.Tensor:
-    """Bool (B, Hq, S, S) in raster order: VMoBA's selection written out pair by pair (float64)."""
+def vmoba_token_mask(q, k, grid, block_shape, threshold, per_query, text=0) -> torch.Tensor:
+    """Bool (B, Hq, S, S) in raster order: VMoBA's selection written out pair by pair (float64);
+    ``text`` tokens after the video see everything and are seen by everything."""
+    full = torch.ones(q.shape[0], q.shape[1], q.shape[2], q.shape[2], dtype=torch.bool)
+    q, k = q[:, :, : q.shape[2] - text], k[:, :, : k.shape[2] - text]
     batch, q_heads, seq, _ = q.shape
     group = q_heads // k.shape[1]
     coords = torch.tensor(list(itertools.product(*[range(g) for g in grid])))
@@ -448,24 +448,25 @@ def vmoba_token_mask(q, k, grid, block_shape, threshold, per_query) -> torch.Ten
                 kept[r, c], mass = True, mass + value
             for r, i in enumerate(group_rows):
                 mask[b, h, i] = kept[r][block_of]
-    return mask
+    full[:, :, :seq, :seq] = mask
+    return full
 
 
 @pytest.mark.parametrize(
-    "grid, layer, chunks, selection",
+    "grid, layer, chunks, selection, text",
     [
-        ((6, 4, 6), 0, dict(chunk_1d=2), "head_global"),
-        ((4, 6, 4), 1, dict(chunk_2d=(3, 2)), "head_global"),
-        ((4, 6, 4), 2, dict(chunk_3d=(2, 3, 2)), "query_head"),
+        ((6, 4, 6), 0, dict(chunk_1d=2), "head_global", 0),
+        ((4, 6, 4), 1, dict(chunk_2d=(3, 2)), "head_global", 5),
+        ((4, 6, 4), 2, dict(chunk_3d=(2, 3, 2)), "query_head", 13),
     ],
 )
-def test_vmoba_equals_its_pairwise_selection(grid, layer, chunks, selection):
-    seq = math.prod(grid)
+def test_vmoba_equals_its_pairwise_selection(grid, layer, chunks, selection, text):
+    seq = math.prod(grid) + text
     q, k, v = random_qkv(2, 4, 2, seq, seq, 16, seed=layer)
-    options = dict(grid=grid, layer=layer, threshold=0.3, selection=selection, **chunks)
+    options = dict(grid=grid, layer=layer, threshold=0.3, selection=selection, text_tokens=text, **chunks)
     out, info = sa.sparse_attention(q, k, v, "vmoba", causal=False, return_info=True, **options)
     config = sa.get_method("vmoba").make_config(**options)
-    mask = vmoba_token_mask(q, k, grid, config.partition()[1], 0.3, selection == "query_head")
+    mask = vmoba_token_mask(q, k, grid, config.partition()[1], 0.3, selection == "query_head", text)
     assert relative_error(out, masked_attention(q, k, v, mask)) < 1e-5
     assert info.pattern.block_q == 1 and info.density < 1.0
 
@@ -476,7 +477,7 @@ def test_vmoba_partitions_cycle_over_layers_and_check_divisibility():
     assert tiles == [("chunk_1d", (3, 20, 32)), ("chunk_2d", (21, 4, 4)), ("chunk_3d", (7, 4, 8)), tiles[0]]
     with pytest.raises(ValueError, match="chunk_2d"):
         config(grid=(21, 45, 80), layer=1)
-    with pytest.raises(ValueError, match="text_tokens"):
-        config(grid=(21, 20, 32), text_tokens=8)
+    with pytest.raises(ValueError, match="text_position='after'"):
+        config(grid=(21, 20, 32), text_tokens=8, text_position="before")
     with pytest.raises(ValueError, match="selection"):
         config(selection="global")

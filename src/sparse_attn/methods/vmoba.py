@@ -38,8 +38,10 @@ details above, and nothing is copied from it):
 - Ties in the ranking go to the earlier (query, block) pair (a stable sort).
 - Gates are per query head with the KV head's mean keys (GQA without expanding K), unscaled
   float32; lists are per query head (``kv_counts`` ``(B, Hq, S)``).
-- Text tokens are not supported (``text_tokens`` must be 0): the paper's models attend to
-  text by cross-attention.
+- Text tokens (MM-DiT joint attention; the paper's models attend to text by cross-attention
+  instead) are taken after the video only (``text_position="after"``, so the video blocks stay
+  aligned): text queries attend to every token, every query attends to every text token, and
+  text blocks take no part in the selection or its normalisation.
 - Memory: each head's (query token, block) gate table, ``S * S / block_k`` floats, is held
   while that head is ranked (global selection needs the whole head), one head at a time.
 - The API's ``block_q`` / ``block_k`` are ignored: the granularity is the rule's.
@@ -85,9 +87,10 @@ class VmobaConfig:
         check_fraction("threshold", self.threshold)
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.text_tokens != 0:
+        check_int("text_tokens", self.text_tokens, minimum=0)
+        if self.text_tokens and self.text_position != "after":
             raise ValueError(
-                "vmoba takes no text tokens (text_tokens must be 0): its models attend to text by cross-attention"
+                "vmoba takes text tokens after the video only (text_position='after'), so its blocks stay aligned"
             )
         if grid is not None:
             if len(grid) != 3:
@@ -146,14 +149,22 @@ def estimate(
     block = math.prod(layout.tile)
     batch, q_heads, seq, _ = q.shape
     group = q_heads // k.shape[1]
-    q_tiled = layout.permute(q)
-    pooled = mean_pool_blocks(layout.permute(k), block)  # (B, Hkv, C, D) float32
+    video = layout.grid_tokens  # the video comes first; text tokens (if any) follow it
+    q_video = layout.permute(q)[:, :, :video]
+    pooled = mean_pool_blocks(layout.permute(k)[:, :, :video], block)  # (B, Hkv, C, D) float32
     n_blocks = pooled.shape[2]
-    own = (torch.arange(seq, device=q.device) // block)[:, None] == torch.arange(n_blocks, device=q.device)
+    n_kv = -(-seq // block)
+    own = (torch.arange(video, device=q.device) // block)[:, None] == torch.arange(n_blocks, device=q.device)
 
     def mask_heads(heads: range) -> torch.Tensor:
-        gates = grouped_matmul(q_tiled[:, heads.start : heads.stop].float(), pooled[:, kv_heads_of(heads, group)])
-        return select_pairs(gates, own, config.threshold, per_query=config.selection == "query_head")
+        gates = grouped_matmul(q_video[:, heads.start : heads.stop].float(), pooled[:, kv_heads_of(heads, group)])
+        selected = select_pairs(gates, own, config.threshold, per_query=config.selection == "query_head")
+        if n_kv == n_blocks:
+            return selected
+        # Text blocks: every video query keeps them, and text queries keep every block.
+        text_columns = selected.new_ones((*selected.shape[:3], n_kv - n_blocks))
+        text_rows = selected.new_ones((*selected.shape[:2], seq - video, n_kv))
+        return torch.cat([torch.cat([selected, text_columns], -1), text_rows], -2)
 
     pattern = stream_pattern_by_heads(
         mask_heads,
@@ -167,6 +178,6 @@ def estimate(
         causal=False,
         device=q.device,
         # The gates, their sort (values and int64 order) and the masks, per head.
-        head_elements=6 * batch * seq * n_blocks,
+        head_elements=6 * batch * seq * n_kv,
     )
     return MaskedPattern.over_layout(pattern, layout)
