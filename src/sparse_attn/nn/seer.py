@@ -563,7 +563,7 @@ def distill(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"distillation loss is {losses[-1]} at step {step}")
     for p in params:

@@ -1,0 +1,277 @@
+"""Self-distillation of SeerAttention's gates (``seer`` method) on the frozen SmolLM2-135M (GPU; ``--quick`` on CPU).
+
+The model is the embedded ``smollm2-135m`` (all 30 layers global, 9 query / 3 KV heads,
+head_dim 64, 8K context), loaded in float32 and frozen. The text is the offline haystack
+(``--texts``, default ``pydoc``: the standard library's ``pydoc_data.topics``; ``kjv`` and
+``essays`` are used when named and installed, skipped with a note otherwise), tokenized once
+as one stream. The last ``--heldout`` x ``--seq`` tokens are held out; training sequences are
+the ``--seq``-token windows of the rest at a stride of ``--stride`` tokens (overlapping
+windows put the same text at other positions; at most ``--max-sequences`` of them, drawn by a
+seeded generator).
+
+For every training sequence one forward pass of the frozen model (patched with the exact
+``dense`` method, ``sa.record(capture=True)``) gives each layer's post-RoPE q and k; from them
+the gate inputs (pooled q and k, RoPE undone) and the target (the block max-pooled,
+row-normalised attention map, ``ops.pooled_attention_map``) are computed once and kept (about
+35 MB per 8K sequence for the 30 layers), so a training step touches only the gates. Training:
+AdamW, lr 1e-3, 20 warm-up steps then cosine decay, no weight decay (the released SeerAttention
+script's settings), ``--batch`` sequences per step, the KL of each query block row averaged
+over rows, heads, sequences and layers, the first quarter of the query blocks left out (as
+released). Gates: block 64, hidden size 64 (= head_dim), stored in bfloat16.
+
+Writes the gates to ``src/sparse_attn/methods/seer_gates/smollm2-135m.pt`` (``--gates-out``)
+right after training, then evaluates on the held-out text at ``--seq`` and half of it: per
+threshold (and top-k), the mean density and attention recall (``sa.metrics``) over layers and
+heads, and the held-out KL before and after training; ``xattention`` at its default threshold
+is measured on the same q/k for reference. The JSON (loss curve, gate size, evaluation,
+timings) goes to ``benchmarks/results/<gpu>/train_seer.json``.
+
+    PYTHONPATH=$PWD/src python benchmarks/train_seer.py            # H200: well under 4 minutes
+    PYTHONPATH=$PWD/src python benchmarks/train_seer.py --quick    # CPU, tiny random model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import sparse_attn as sa
+from sparse_attn.bench import device_slug, environment, write_results
+from sparse_attn.methods.seer import shipped_gates_path
+from sparse_attn.nn.seer import SeerGates, distill, distillation_targets, mean_distillation_loss, stack_targets
+
+REPO = Path(__file__).resolve().parent.parent
+THRESHOLDS = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
+TOP_K = (8, 16)
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """int64 ``(n,)``: the available haystack sources in order, tokenized once."""
+    from sparse_attn.eval.haystack import sentences
+
+    parts = []
+    for source in texts:
+        try:
+            parts.append(" ".join(sentences(source)))
+        except (FileNotFoundError, ImportError) as error:
+            print(f"skipping haystack source {source!r}: {error}", flush=True)
+    if not parts:
+        raise ValueError(f"none of the haystack sources {texts} is available")
+    return tokenizer("\n\n".join(parts), return_tensors="pt").input_ids[0]
+
+
+def windows(stream: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training windows ``(n, seq)`` (seeded subset) and held-out sequences ``(heldout, seq)``."""
+    held = args.heldout * args.seq
+    if stream.numel() < held + args.seq:
+        raise ValueError(f"{stream.numel()} tokens are too few for {args.heldout} held-out and one training sequence")
+    train, heldout = stream[:-held], stream[-held:].view(args.heldout, args.seq)
+    starts = torch.arange(0, train.numel() - args.seq + 1, args.stride)
+    order = torch.randperm(len(starts), generator=torch.Generator().manual_seed(args.seed))[: args.max_sequences]
+    return torch.stack([train[s : s + args.seq] for s in starts[order].tolist()]), heldout
+
+
+def load_model(args, device):
+    """(model, training windows, held-out sequences, model name)."""
+    if args.quick:
+        sys.path.insert(0, str(REPO / "tests" / "integrations"))
+        from tiny_models import prompt, tiny_model
+
+        model = tiny_model("llama").to(device)
+        stream = prompt(args.seq * (args.heldout + 4), seed=args.seed)[0]
+        return model, *windows(stream, args), "tiny-llama"
+    model, tokenizer = sa.models.load("smollm2-135m", device=device)
+    return model, *windows(token_stream(tokenizer, args.texts), args), "smollm2-135m"
+
+
+@torch.no_grad()
+def capture(model, ids: torch.Tensor, layers: list[int], backend: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Post-RoPE q and k of ``layers`` for one unpadded batch of token ids."""
+    from sparse_attn.integrations.records import WHOLE_BATCH
+
+    sa.patch(model, method="dense", min_seq_len=1, backend=backend)
+    try:
+        with sa.record(model, capture=True) as recorder:
+            model(input_ids=ids)
+    finally:
+        sa.unpatch(model)
+    return {layer: recorder.tensors[(layer, WHOLE_BATCH)][:2] for layer in layers}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+@torch.no_grad()
+def evaluate(gates: SeerGates, captured: list[dict], lengths: list[int], deadline: float) -> list[dict]:
+    """Per length and setting: mean density and recall over held-out sequences, layers and heads.
+
+    Settings not started by ``deadline`` (``time.perf_counter()``) are skipped, with a note.
+    """
+    settings = [("seer", {"threshold": t}) for t in THRESHOLDS] + [("seer", {"top_k": k}) for k in TOP_K]
+    settings.append(("xattention", {}))
+    rows = []
+    for length in sorted(lengths, reverse=True):
+        for method, options in settings:
+            if time.perf_counter() > deadline:
+                print(f"time budget spent: skipping {method} {options} at {length}", flush=True)
+                continue
+            densities, recalls, estimate_ms = [], [], []
+            for layers in captured:
+                for layer, (q, k) in layers.items():
+                    q, k = q[:, :, :length], k[:, :, :length]
+                    extra = {"gates": gates[layer]} if method == "seer" else {}
+                    start = time.perf_counter()
+                    pattern = sa.estimate(q, k, method, **options, **extra)
+                    if q.is_cuda:
+                        torch.cuda.synchronize(q.device)
+                    estimate_ms.append((time.perf_counter() - start) * 1e3)
+                    densities.append(sa.metrics.density(pattern))
+                    recalls.append(sa.metrics.recall(q, k, pattern))
+            label = method + "".join(f" {key}={value}" for key, value in options.items())
+            rows.append(
+                {
+                    "length": length,
+                    "setting": label,
+                    "density": _mean(densities),
+                    "recall": _mean(recalls),
+                    "min_layer_recall": min(recalls),
+                    "estimate_ms": _mean(estimate_ms),
+                }
+            )
+            print(
+                f"{length:>6} {label:<28} density {rows[-1]['density']:.3f} recall {rows[-1]['recall']:.4f} "
+                f"(min layer {rows[-1]['min_layer_recall']:.3f}) estimate {rows[-1]['estimate_ms']:.1f} ms",
+                flush=True,
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run on the tests' tiny random llama")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 600; --quick 30)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 8192; --quick 128)")
+    parser.add_argument("--stride", type=int, default=None, help="tokens between training windows (default seq/4)")
+    parser.add_argument("--max-sequences", type=int, default=64)
+    parser.add_argument("--heldout", type=int, default=1, help="held-out sequences (at the end of the text)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--block", type=int, default=None, help="gate block size (default 64; --quick 16)")
+    parser.add_argument("--hidden", type=int, default=None, help="gate hidden size (default head_dim)")
+    parser.add_argument("--texts", nargs="+", default=["pydoc"], help="haystack sources (pydoc, kjv, essays)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, default=200.0, help="start no evaluation setting after this many s")
+    parser.add_argument("--gates-out", type=Path, help="where to write the gates (default: the shipped file)")
+    parser.add_argument("--output", type=Path, help="results JSON (default benchmarks/results/<gpu>/train_seer.json)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.steps = args.steps or (30 if quick else 600)
+    args.seq = args.seq or (128 if quick else 8192)
+    args.stride = args.stride or max(1, args.seq // 4)
+    args.block = args.block or (16 if quick else 64)
+    if quick:
+        args.max_sequences = min(args.max_sequences, 8)
+    device = torch.device("cpu" if quick or not torch.cuda.is_available() else "cuda")
+    # Captures run exact attention on the reference backend: no kernel compilation, any dtype.
+    backend = "reference"
+    started = time.perf_counter()
+
+    model, train_ids, heldout_ids, model_name = load_model(args, device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    gates = SeerGates.for_model(model, block_size=args.block, hidden_size=args.hidden, name=model_name, seed=args.seed)
+    gates.to(device)
+    print(
+        f"{model_name}: {len(gates.layers)} gated layers, {gates.num_parameters():,} gate parameters; "
+        f"{len(train_ids)} training windows and {len(heldout_ids)} held-out sequences of {args.seq} tokens",
+        flush=True,
+    )
+
+    start = time.perf_counter()
+    data = stack_targets(
+        [distillation_targets(model, ids[None].to(device), gates, backend=backend) for ids in train_ids]
+    )
+    heldout_data = stack_targets(
+        [distillation_targets(model, ids[None].to(device), gates, backend=backend) for ids in heldout_ids]
+    )
+    targets_s = time.perf_counter() - start
+    heldout_before = mean_distillation_loss(gates, heldout_data)
+    print(f"targets of {len(train_ids) + len(heldout_ids)} sequences in {targets_s:.1f} s", flush=True)
+
+    start = time.perf_counter()
+    losses = distill(
+        gates, data, steps=args.steps, lr=args.lr, warmup=min(args.warmup, args.steps), batch_size=args.batch
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_s = time.perf_counter() - start
+    heldout_after = mean_distillation_loss(gates, heldout_data)
+    del data, heldout_data
+    print(
+        f"{args.steps} steps in {train_s:.1f} s ({args.steps / train_s:.1f} steps/s): train loss "
+        f"{losses[0]:.4f} -> {losses[-1]:.4f}; held-out KL {heldout_before:.4f} -> {heldout_after:.4f}",
+        flush=True,
+    )
+
+    scratch = Path(tempfile.gettempdir())
+    gates_path = args.gates_out or (scratch / "train_seer_quick_gates.pt" if quick else shipped_gates_path(model_name))
+    gates.meta = {
+        "trained_on": args.texts if not quick else "random tokens",
+        "seq": args.seq,
+        "steps": args.steps,
+        "heldout_kl_before": heldout_before,
+        "heldout_kl_after": heldout_after,
+    }
+    size = gates.save(gates_path)
+    print(f"gates: {gates_path} ({size / 2**20:.2f} MiB)", flush=True)
+
+    start = time.perf_counter()
+    captured = [capture(model, ids[None].to(device), gates.layers, backend) for ids in heldout_ids]
+    lengths = sorted({args.seq // 2 // args.block * args.block, args.seq})
+    evaluation = evaluate(SeerGates.load(gates_path, device=device), captured, lengths, started + args.budget_s)
+    eval_s = time.perf_counter() - start
+
+    meta = {
+        "benchmark": "train_seer",
+        "model": model_name,
+        "quick": quick,
+        "steps": args.steps,
+        "seq": args.seq,
+        "stride": args.stride,
+        "batch": args.batch,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "block": args.block,
+        "hidden": gates[gates.layers[0]].hidden_size,
+        "texts": args.texts,
+        "train_sequences": len(train_ids),
+        "heldout_sequences": len(heldout_ids),
+        "gate_parameters": gates.num_parameters(),
+        "gate_file_bytes": size,
+        "gates_path": str(gates_path),
+        "train_loss": losses,
+        "heldout_kl_before": heldout_before,
+        "heldout_kl_after": heldout_after,
+        "targets_s": targets_s,
+        "train_s": train_s,
+        "steps_per_s": args.steps / train_s,
+        "eval_s": eval_s,
+        "total_s": time.perf_counter() - started,
+        **environment(device),
+    }
+    folder = scratch if quick else Path(__file__).parent / "results" / device_slug(device)
+    output = args.output or folder / ("train_seer_quick.json" if quick else "train_seer.json")
+    write_results(evaluation, output, meta)
+    print(f"results: {output}; total {meta['total_s']:.1f} s", flush=True)
+    return {"meta": meta, "rows": evaluation}
+
+
+if __name__ == "__main__":
+    main()
