@@ -2,8 +2,10 @@
 
 * :mod:`.seer`: SeerAttention's AttnGate (learned block gates), their self-distillation and
   the gate files the ``seer`` method loads.
+* :mod:`.nsa`: NSA's NativeSparseAttention (compressed, selected and sliding-window branches).
 """
 
+from .nsa import NativeSparseAttention
 from .seer import AttnGate, SeerGates
 
-__all__ = ["AttnGate", "SeerGates"]
+__all__ = ["AttnGate", "NativeSparseAttention", "SeerGates"]

@@ -1,0 +1,170 @@
+"""NativeSparseAttention against a token-by-token float64 reference of the rule in its docstring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_qkv, relative_error
+
+from sparse_attn.nn.nsa import NativeSparseAttention
+
+SMALL = dict(compress_block=8, compress_stride=4, select_block=16, select_top_n=4, window=20)
+
+
+def _module(q_heads, kv_heads, dim, seed, **options):
+    torch.manual_seed(seed)
+    module = NativeSparseAttention(dim, q_heads, kv_heads, **{**SMALL, **options}).double()
+    with torch.no_grad():  # leave the zero initialisation so gates and position encodings matter
+        for parameter in (module.gate_weight, module.gate_bias, module.compress_k.position, module.compress_v.position):
+            parameter.normal_()
+    return module
+
+
+def _reference_blocks(module, q, k_cmp, ends, b, kv_head, t, pos, scale):
+    """Selected blocks of one (batch, KV head, position): forced ones, then the best by group score."""
+    group = q.shape[1] // k_cmp.shape[1]
+    block, stride, length = module.select_block, module.compress_stride, module.compress_block
+    own = pos // block
+    forced = [j for j in (0, own - 1, own) if j >= 0]
+    visible = [i for i, end in enumerate(ends) if end <= pos]
+    if not visible:
+        return sorted(set(forced))
+    scores = {}
+    for j in range(own + 1):
+        total = 0.0
+        for h in range(kv_head * group, (kv_head + 1) * group):
+            logits = torch.stack([q[b, h, t] @ k_cmp[b, kv_head, i] for i in visible])
+            probabilities = torch.softmax(logits * scale, 0)
+            for p, i in zip(probabilities, visible, strict=True):
+                start = ends[i] - length + 1
+                overlap = max(0, min(start + length, (j + 1) * block) - max(start, j * block))
+                total += float(p.detach()) * overlap / stride
+        scores[j] = total
+    others = sorted((j for j in range(own + 1) if j not in forced), key=lambda j: -scores[j])
+    return sorted(set(forced) | set(others[: max(0, module.select_top_n - len(set(forced)))]))
+
+
+def _attend(query, keys, values, scale):
+    if keys.shape[0] == 0:
+        return torch.zeros_like(query)
+    return torch.softmax((keys @ query) * scale, 0) @ values
+
+
+def reference_nsa(module, q, k, v):
+    """Float64, one query token at a time: gates x (compressed + selected + window)."""
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group, scale, offset = q_heads // kv_heads, dim**-0.5, seq_k - seq_q
+    length, stride = module.compress_block, module.compress_stride
+    count = max(0, (seq_k - length) // stride + 1)
+    ends = [i * stride + length - 1 for i in range(count)]
+    k_cmp = torch.stack([module.compress_k(k[:, :, e - length + 1 : e + 1]) for e in ends], 2) if count else None
+    v_cmp = torch.stack([module.compress_v(v[:, :, e - length + 1 : e + 1]) for e in ends], 2) if count else None
+    rows = []
+    for b in range(batch):
+        heads = []
+        for h in range(q_heads):
+            kv_head = h // group
+            tokens = []
+            for t in range(seq_q):
+                pos, query = t + offset, q[b, h, t]
+                visible = [i for i, end in enumerate(ends) if end <= pos]
+                compressed = (
+                    _attend(query, k_cmp[b, kv_head, visible], v_cmp[b, kv_head, visible], scale)
+                    if visible
+                    else torch.zeros_like(query)
+                )
+                blocks = (
+                    _reference_blocks(module, q, k_cmp, ends, b, kv_head, t, pos, scale)
+                    if count
+                    else [j for j in (0, pos // module.select_block - 1, pos // module.select_block) if j >= 0]
+                )
+                keys = [
+                    key
+                    for j in sorted(set(blocks))
+                    for key in range(j * module.select_block, min((j + 1) * module.select_block, pos + 1))
+                ]
+                selected = _attend(query, k[b, kv_head, keys], v[b, kv_head, keys], scale)
+                low = max(0, pos - module.window + 1)
+                window = _attend(query, k[b, kv_head, low : pos + 1], v[b, kv_head, low : pos + 1], scale)
+                gates = torch.sigmoid(query @ module.gate_weight[h] + module.gate_bias[h])
+                tokens.append(gates[0] * compressed + gates[1] * selected + gates[2] * window)
+            heads.append(torch.stack(tokens))
+        rows.append(torch.stack(heads))
+    return torch.stack(rows)
+
+
+# (batch, q_heads, kv_heads, seq_q, seq_k, head_dim)
+SHAPES = [(1, 4, 2, 100, 100, 8), (1, 6, 3, 40, 97, 8), (2, 2, 2, 70, 70, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_token_level_reference_with_gradients(shape):
+    batch, q_heads, kv_heads, seq_q, seq_k, dim = shape
+    module = _module(q_heads, kv_heads, dim, seed=sum(shape))
+    q, k, v = (x.double().requires_grad_() for x in random_qkv(*shape, seed=sum(shape)))
+    out = module(q, k, v)
+    # Up to 7 blocks of 16 and 4 kept per token (3 forced): the scores choose for late tokens.
+    assert module.selected_pattern(q, k, v).density() < 1.0
+    grad = torch.randn_like(out)
+    parameters = list(module.parameters())
+    got = torch.autograd.grad(out, (q, k, v, *parameters), grad)
+    expected_out = reference_nsa(module, q, k, v)
+    expected = torch.autograd.grad(expected_out, (q, k, v, *parameters), grad)
+    assert relative_error(out, expected_out) <= 1e-8
+    names = ["q", "k", "v", *(name for name, _ in module.named_parameters())]
+    for name, got_grad, want in zip(names, got, expected, strict=True):
+        # Some gradients are exactly zero (a bias on every compressed key shifts a row's scores
+        # uniformly): an absolute floor keeps rounding noise there from failing the check.
+        torch.testing.assert_close(got_grad, want, rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_paper_defaults_run_forward_and_backward():
+    q, k, v = (x.requires_grad_() for x in random_qkv(1, 4, 1, 200, 200, 16, seed=3))
+    module = NativeSparseAttention(16, 4, 1)
+    assert (module.compress_block, module.compress_stride, module.select_block) == (32, 16, 64)
+    assert (module.select_top_n, module.window) == (16, 512)
+    out = module(q, k, v)
+    out.square().sum().backward()
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+    pattern = module.selected_pattern(q, k, v)
+    assert (pattern.block_q, pattern.block_k, pattern.num_heads) == (1, 64, 1)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(compress_block=10), "compress_block"),
+        (dict(select_block=24, compress_stride=16), "select_block"),
+        (dict(window=0), "window"),
+    ],
+)
+def test_bad_configuration_names_the_argument(options, message):
+    with pytest.raises(ValueError, match=message):
+        NativeSparseAttention(16, 4, 2, **options)
+
+
+def test_wrong_head_counts_are_refused():
+    module = NativeSparseAttention(16, 4, 2)
+    q, k, v = random_qkv(1, 2, 2, 10, 10, 16)
+    with pytest.raises(ValueError, match="heads"):
+        module(q, k, v)
+
+
+@pytest.mark.gpu
+def test_gpu_selected_branch_on_the_token_kernel_matches_the_reference():
+    """NSA's shape (64 query / 4 KV heads, head_dim 128) at 8K tokens, bf16: the selected branch
+    on the triton backend (token-granular kernel) against the reference backend in float32."""
+    q, k, v = random_qkv(1, 64, 4, 8192, 8192, 128, dtype=torch.bfloat16, device="cuda", seed=5)
+    results = []
+    for backend, dtype in (("triton", torch.bfloat16), ("reference", torch.float32)):
+        torch.manual_seed(0)
+        module = NativeSparseAttention(128, 64, 4, backend=backend).cuda().to(dtype)
+        inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        out = module(*inputs)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach(), *(x.grad for x in inputs)])
+    for got, want in zip(*results, strict=True):
+        assert torch.isfinite(got).all()
+        assert relative_error(got, want) <= 2e-2
