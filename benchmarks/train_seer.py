@@ -82,9 +82,9 @@ def load_model(args, device):
         sys.path.insert(0, str(REPO / "tests" / "integrations"))
         from tiny_models import prompt, tiny_model
 
-        model = tiny_model("llama").to(device)
+        model = tiny_model("qwen3").to(device)
         stream = prompt(args.seq * (args.heldout + 4), seed=args.seed)[0]
-        return model, *windows(stream, args), "tiny-llama"
+        return model, *windows(stream, args), "tiny-qwen3"
     model, tokenizer = sa.models.load("smollm2-135m", device=device)
     return model, *windows(token_stream(tokenizer, args.texts), args), "smollm2-135m"
 
@@ -154,7 +154,7 @@ def evaluate(gates: SeerGates, captured: list[dict], lengths: list[int], deadlin
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CPU smoke run on the tests' tiny random llama")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run on the tests' tiny random qwen3")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 600; --quick 30)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 8192; --quick 128)")
     parser.add_argument("--stride", type=int, default=None, help="tokens between training windows (default seq/4)")
@@ -205,15 +205,28 @@ def main(argv: list[str] | None = None) -> dict:
     heldout_before = mean_distillation_loss(gates, heldout_data)
     print(f"targets of {len(train_ids) + len(heldout_ids)} sequences in {targets_s:.1f} s", flush=True)
 
+    heldout_curve = [(0, heldout_before)]
+
+    def validate(step: int) -> None:
+        heldout_curve.append((step, mean_distillation_loss(gates, heldout_data)))
+        print(f"step {step}: held-out KL {heldout_curve[-1][1]:.4f}", flush=True)
+
     start = time.perf_counter()
     losses = distill(
-        gates, data, steps=args.steps, lr=args.lr, warmup=min(args.warmup, args.steps), batch_size=args.batch
+        gates,
+        data,
+        steps=args.steps,
+        lr=args.lr,
+        warmup=min(args.warmup, args.steps),
+        batch_size=args.batch,
+        callback=validate,
+        callback_every=max(1, args.steps // 10),
     )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_s = time.perf_counter() - start
     heldout_after = mean_distillation_loss(gates, heldout_data)
-    del data, heldout_data
+    del data
     print(
         f"{args.steps} steps in {train_s:.1f} s ({args.steps / train_s:.1f} steps/s): train loss "
         f"{losses[0]:.4f} -> {losses[-1]:.4f}; held-out KL {heldout_before:.4f} -> {heldout_after:.4f}",
@@ -259,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_loss": losses,
         "heldout_kl_before": heldout_before,
         "heldout_kl_after": heldout_after,
+        "heldout_kl_curve": heldout_curve,
         "targets_s": targets_s,
         "train_s": train_s,
         "steps_per_s": args.steps / train_s,

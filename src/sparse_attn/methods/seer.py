@@ -186,8 +186,9 @@ def estimate(
         logits = gate.block_logits(inputs, projected, causal=causal, q_blocks=q_blocks)
         if threshold is not None:
             return torch.softmax(logits, dim=-1) > threshold
-        # Softmax is monotone: the top-k of the logits are the top-k of the scores.
-        return topk_mask(logits, config.top_k) & (logits > float("-inf"))
+        # Softmax is monotone: the top-k of the logits are the top-k of the scores. Invalid blocks
+        # (-inf) rank last; the pattern builder drops any a short row picks.
+        return topk_mask(logits, config.top_k)
 
     return stream_pattern(
         mask_rows,

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -534,12 +534,15 @@ def distill(
     batch_size: int = 1,
     seed: int = 0,
     skip_fraction: float = 0.25,
+    callback: Callable[[int], None] | None = None,
+    callback_every: int = 50,
 ) -> list[float]:
     """Train ``gates`` on ``data`` (``{layer: (inputs, targets)}`` with a batch of sequences each); returns the losses.
 
     Each step draws ``batch_size`` of the sequences (a seeded generator), averages
     :func:`distillation_loss` over them and over the layers, and takes an AdamW step
-    (``lr``, ``warmup`` warm-up steps then cosine decay, no weight decay).
+    (``lr``, ``warmup`` warm-up steps then cosine decay, no weight decay). ``callback(step)``
+    runs after every ``callback_every`` steps and after the last (e.g. a validation loss).
     """
     check_int("steps", steps)
     check_int("batch_size", batch_size)
@@ -566,6 +569,8 @@ def distill(
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"distillation loss is {losses[-1]} at step {step}")
+        if callback is not None and ((step + 1) % callback_every == 0 or step + 1 == steps):
+            callback(step + 1)
     for p in params:
         p.requires_grad_(False)
     return losses
