@@ -27,6 +27,7 @@ not a measurement: nothing here was timed on a GPU.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -294,11 +295,25 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern, cau
     return work, lists, args, constants
 
 
-def _block_n(pattern: BlockSparsePattern, q: torch.Tensor) -> int:
-    """Key step: 16 under the interpreter; 64 on the GPU (32 for float32, whose tiles are twice as big)."""
+@functools.cache
+def _autotuned(kind: str, is_float32: bool):
+    """The gathered ``kind`` kernel (``"forward"`` or ``"dq"``) autotuned over key steps, warps and
+    stages (float32 tiles take twice the memory: smaller steps). Keyed like the tile kernels."""
+    steps = (32,) if is_float32 else (32, 64, 128)
+    tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in (4, 8) for s in (1, 2)]
+    kernel = {"forward": _gathered_forward, "dq": _gathered_dq}[kind]
+    return triton.autotune(
+        configs=tuning, key=["HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "ENTRIES", "CAUSAL", "PRECISION"]
+    )(kernel)
+
+
+def _launch(kind: str, n_items: int, q: torch.Tensor, args: tuple, constants: dict) -> None:
+    """One launch over the work items: the interpreter's fixed 16-key step, or the autotuned kernel."""
     if interpreting():
-        return 16
-    return 32 if q.dtype == torch.float32 or q.shape[-1] > 128 else 64
+        kernel = {"forward": _gathered_forward, "dq": _gathered_dq}[kind]
+        kernel[(n_items,)](*args, BLOCK_N=16, **constants)
+    else:
+        _autotuned(kind, q.dtype == torch.float32)[(n_items,)](*args, **constants)
 
 
 def _merge_launch(parts, part_lse, out, lse, pattern, *, softmax: bool, factor: float) -> None:
@@ -315,6 +330,7 @@ def _merge_launch(parts, part_lse, out, lse, pattern, *, softmax: bool, factor: 
         BLOCK_T=MERGE_ROWS,
         SOFTMAX=softmax,
         WRITE_LSE=lse is not None,
+        num_warps=8 if dim >= 128 else 4,  # a (64, head_dim) float32 accumulator per program
     )
 
 
@@ -327,16 +343,15 @@ def forward(q, k, v, pattern: BlockSparsePattern, *, causal: bool, scale: float,
     out = launch.allocate((batch, q_heads, seq_q, dim), q.dtype, q.device)
     lse = launch.allocate((batch, q_heads, seq_q), torch.float32, q.device) if return_lse else None
     if work.combos.numel():
-        _gathered_forward[(work.combos.numel(),)](
+        forward_args = (
             *(q, k, v, part_out, part_lse, work.combos, work.starts, lists.t_offsets, lists.t_tiles, work.slots),
             *q.stride()[:3],
             *k.stride()[:3],
             *v.stride()[:3],
             *args,
             scale * LOG2_E,
-            BLOCK_N=_block_n(pattern, q),
-            **constants,
         )
+        _launch("forward", work.combos.numel(), q, forward_args, constants)
     _merge_launch(part_out, part_lse, out, lse, pattern, softmax=True, factor=1.0)
     return (out, lse) if return_lse else out
 
@@ -347,7 +362,7 @@ def dq(q, k, v, dout, lse, delta, pattern: BlockSparsePattern, *, causal: bool, 
     work, lists, args, constants = _geometry(q, k, pattern, causal)
     parts = torch.empty((batch, q_heads, seq_q, pattern.max_kv, dim), dtype=q.dtype, device=q.device)
     if work.combos.numel():
-        _gathered_dq[(work.combos.numel(),)](
+        dq_args = (
             *(q, k, v, dout, lse, delta, parts, work.combos, work.starts, lists.t_offsets, lists.t_tiles, work.slots),
             *q.stride()[:3],
             *k.stride()[:3],
@@ -355,9 +370,8 @@ def dq(q, k, v, dout, lse, delta, pattern: BlockSparsePattern, *, causal: bool, 
             *dout.stride()[:3],
             *args,
             scale * LOG2_E,
-            BLOCK_N=_block_n(pattern, q),
-            **constants,
         )
+        _launch("dq", work.combos.numel(), q, dq_args, constants)
     grad = launch.allocate(q.shape, q.dtype, q.device)
     _merge_launch(parts, None, grad, None, pattern, softmax=False, factor=scale)
     return grad
