@@ -6,6 +6,10 @@ Batch 1, bf16, causal, the queries are the whole sequence; at 8K / 32K / 64K / 1
   (block 4096, top-k 12) and its scaling-law setting (block 512, top-k 3), 32 query / 8 KV heads,
   head_dim 128 (the project's default shape), lists per query head as the paper gates; and
   ``moba-4096x12-group``, the same with ``share_in_group=True`` (one list per KV head).
+* ``nsa-module``: :class:`sparse_attn.nn.NativeSparseAttention` at the paper's defaults and shape,
+  all three branches and the selection, forward and forward + backward (parameters included);
+  its selected branch runs on the token-granular kernel, its compressed and window branches in
+  chunked PyTorch (no FlexAttention column: the time includes the module's own estimate).
 * ``nsa-select``: NSA's selected-attention branch alone at NSA's shape, 64 query / 4 KV heads,
   head_dim 128, per token and KV group 16 blocks of 64 keys: the token's own block plus 15
   earlier blocks drawn at random (a stand-in for the compressed branch's scores; the first and
@@ -22,11 +26,14 @@ on K/V expanded to the query heads (expansion outside the timing). The estimate 
 gate and top-k) is timed separately and excluded from the attention times. The BlockMask
 build and the pattern's plan are outside the timings too.
 
+``density``: the causal (query, key) pairs the selection computes over all causal pairs (for
+``nsa-module``, its selected branch's). ``x cuDNN`` / ``x flex``: their time over ours.
+
 A case that fails (out of memory, a backend that refuses) is reported in ``errors`` and the run
 goes on; a case that has used up ``--case-budget`` seconds skips its remaining measurements, and
 cases not started when the run has used ``--budget`` seconds (default 170: the whole run stays
 near 3 minutes) are listed as skipped. Cases run in priority order: the issue's targets first
-(``nsa-select`` at 64K, ``moba-4096x12`` at 128K), then by length. ``--budget 1200`` runs the whole
+(``nsa-select`` at 64K, ``moba-4096x12`` at 128K, ``nsa-module`` at 64K), then by length. ``--budget 1200`` runs the whole
 grid (FlexAttention compiles once per shape, tens of seconds each).
 Writes ``benchmarks/results/<gpu>/token_sparse.json``.
 
@@ -46,12 +53,14 @@ import torch.nn.functional as F
 
 import sparse_attn as sa
 from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
+from sparse_attn.nn import NativeSparseAttention
 
 CASES = {
     "moba-4096x12": dict(kind="moba", q_heads=32, kv_heads=8, block=4096, top_k=12, share_in_group=False),
     "moba-4096x12-group": dict(kind="moba", q_heads=32, kv_heads=8, block=4096, top_k=12, share_in_group=True),
     "moba-512x3": dict(kind="moba", q_heads=32, kv_heads=8, block=512, top_k=3, share_in_group=False),
     "nsa-select": dict(kind="nsa", q_heads=64, kv_heads=4, block=64, top_k=16),
+    "nsa-module": dict(kind="nsa-module", q_heads=64, kv_heads=4, block=64, top_k=16),
 }
 QUICK_CASES = ("moba-4096x12", "nsa-select")
 HEAD_DIM = 128
@@ -200,6 +209,9 @@ def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, seed: 
         estimate = partial(sa.estimate, q, k, "moba", **options)
         pattern = estimate()
         row["estimate_ms"], _ = budget.measure(estimate, device)
+    elif spec["kind"] == "nsa-module":
+        module = NativeSparseAttention(HEAD_DIM, q_heads, kv_heads, backend="triton").to(device, torch.bfloat16)
+        pattern = module.selected_pattern(q, k, v)
     else:
         pattern = nsa_like_pattern(kv_heads, seq, spec["block"], spec["top_k"], seed, device)
     row["pattern_heads"] = pattern.num_heads
@@ -209,7 +221,9 @@ def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, seed: 
     dout = torch.randn_like(q)
 
     attention = {"ours": partial(sa.block_sparse_attention, pattern=pattern, backend="triton")}
-    if flex:
+    if spec["kind"] == "nsa-module":  # the whole module (its estimate included); no FlexAttention twin
+        attention = {"ours": module}
+    elif flex:
         try:
             from torch.nn.attention.flex_attention import flex_attention
 
@@ -266,7 +280,7 @@ def main() -> None:
     print(format_table([], columns), flush=True)
     rows, dense_cache, skipped = [], {}, []
     deadline = time.perf_counter() + args.budget
-    targets = [(65536, "nsa-select"), (131072, "moba-4096x12")]
+    targets = [(65536, "nsa-select"), (131072, "moba-4096x12"), (65536, "nsa-module")]
     grid = [(seq, name) for seq in lengths for name in cases]
     for seq, name in [pair for pair in targets if pair in grid] + [pair for pair in grid if pair not in targets]:
         if time.perf_counter() > deadline:
