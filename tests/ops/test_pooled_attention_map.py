@@ -68,3 +68,48 @@ def test_blocks_no_query_sees_get_zero():
     q, k, _ = random_qkv(1, 2, 1, 32, 32, 16, seed=7)
     out = pooled_attention_map(q, k, block_q=8, block_k=8, scale=0.25)
     assert torch.equal(out > 0, torch.ones(4, 4, dtype=torch.bool).tril().expand_as(out))
+
+
+# Kernel cases (block sizes 16-128): GQA 1-4, 6/3 heads, head_dim not a power of two, Sq < Sk,
+# partial last blocks, block_q != block_k.
+KERNEL_SHAPES = [
+    (1, 4, 2, 40, 57, 16, 16, 16),
+    (2, 6, 3, 33, 33, 64, 16, 32),
+    (1, 4, 1, 50, 70, 24, 32, 16),
+]
+
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_the_reference(shape, causal, dtype, poison_outputs):
+    from sparse_attn.ops.pooled_attention_map.triton import pooled_attention_map_triton
+
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
+    q, k, _ = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, dtype=dtype)
+    options = dict(block_q=block_q, block_k=block_k, scale=dim**-0.5, causal=causal)
+    out = pooled_attention_map_triton(q, k, **options)
+    torch.testing.assert_close(out, naive.pooled_attention_map(q, k, **options), rtol=1e-4, atol=1e-6)
+    part = pooled_attention_map_triton(q, k, **options, q_blocks=range(1, 2))
+    torch.testing.assert_close(part, out[:, :, 1:2])
+
+
+def test_kernel_refuses_what_it_cannot_run():
+    from sparse_attn.ops.pooled_attention_map import triton as kernel
+
+    q = torch.zeros(1, 1, 8, 16)
+    assert "block_q and block_k" in kernel.unsupported_reason(q, block_q=8, block_k=16)
+    with pytest.raises(ValueError, match="pooled-map kernel cannot run"):
+        kernel.pooled_attention_map_triton(q, q, block_q=12, block_k=16, scale=1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_on_gpu_at_smollm2_shape(dtype):
+    """SmolLM2's shape (9/3 heads, head_dim 64) at 8K with 64-token blocks: the dispatched kernel against the reference."""
+    q, k, _ = random_qkv(1, 9, 3, 8192, 8192, 64, dtype=dtype, device="cuda", seed=0)
+    options = dict(block_q=64, block_k=64, scale=0.125)
+    out = pooled_attention_map(q, k, **options)
+    torch.testing.assert_close(out, naive.pooled_attention_map(q, k, **options), rtol=1e-3, atol=1e-6)
+    tail = pooled_attention_map(q[:, :, -1000:], k, **options)  # Sq < Sk, partial last query block
+    torch.testing.assert_close(tail, naive.pooled_attention_map(q[:, :, -1000:], k, **options), rtol=1e-3, atol=1e-6)
