@@ -103,6 +103,30 @@ def capture(model, ids: torch.Tensor, layers: list[int], backend: str) -> dict[i
     return {layer: recorder.tensors[(layer, WHOLE_BATCH)][:2] for layer in layers}
 
 
+def checked_pooled_map(model, args, device) -> tuple[object, str]:
+    """The pooled-map function to build targets with, and a note: the dispatched one (the Triton
+    kernel on CUDA) when it matches the reference on random q/k of the model's shape, else the reference."""
+    from sparse_attn.ops.pooled_attention_map import pooled_attention_map, pooled_attention_map_reference
+
+    if device.type != "cuda":
+        return pooled_attention_map_reference, "reference (CPU)"
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, heads, args.seq, dim, device=device, generator=generator)
+    k = torch.randn(1, kv_heads, args.seq, dim, device=device, generator=generator)
+    options = dict(block_q=args.block, block_k=args.block, scale=dim**-0.5)
+    try:
+        fast = pooled_attention_map(q, k, **options)
+        difference = float((fast - pooled_attention_map_reference(q, k, **options)).abs().max())
+    except Exception as error:  # noqa: BLE001 - any kernel failure falls back to the reference, with its reason
+        return pooled_attention_map_reference, f"reference (the kernel failed: {error!r})"
+    if not difference <= 1e-4:
+        return pooled_attention_map_reference, f"reference (the kernel differs from it by {difference:.2e})"
+    return pooled_attention_map, f"dispatched (kernel check: max difference {difference:.2e})"
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -194,12 +218,13 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
 
+    pooled_map, pooled_map_note = checked_pooled_map(model, args, device)
+    print(f"targets: pooled map {pooled_map_note}", flush=True)
     start = time.perf_counter()
-    data = stack_targets(
-        [distillation_targets(model, ids[None].to(device), gates, backend=backend) for ids in train_ids]
-    )
+    options = dict(backend=backend, pooled_map=pooled_map)
+    data = stack_targets([distillation_targets(model, ids[None].to(device), gates, **options) for ids in train_ids])
     heldout_data = stack_targets(
-        [distillation_targets(model, ids[None].to(device), gates, backend=backend) for ids in heldout_ids]
+        [distillation_targets(model, ids[None].to(device), gates, **options) for ids in heldout_ids]
     )
     targets_s = time.perf_counter() - start
     heldout_before = mean_distillation_loss(gates, heldout_data)
@@ -273,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout_kl_before": heldout_before,
         "heldout_kl_after": heldout_after,
         "heldout_kl_curve": heldout_curve,
+        "pooled_map": pooled_map_note,
         "targets_s": targets_s,
         "train_s": train_s,
         "steps_per_s": args.steps / train_s,

@@ -479,7 +479,7 @@ def embedded_model_name(model) -> str | None:
 
 @torch.no_grad()
 def distillation_targets(
-    model, input_ids: torch.Tensor, gates: SeerGates, *, backend: str = "auto"
+    model, input_ids: torch.Tensor, gates: SeerGates, *, backend: str = "auto", pooled_map: Callable | None = None
 ) -> dict[int, tuple[GateInputs, torch.Tensor]]:
     """Per gated layer, the gate's inputs and the training target from one forward pass of the frozen model.
 
@@ -487,7 +487,9 @@ def distillation_targets(
     method (exact attention on the sparse-attn engine, ``backend``) for the pass, so that
     ``sa.record(capture=True)`` sees each layer's post-RoPE q and k, then restored. Returns
     ``{layer: (gate inputs, target float32 (B, Hq, n_q, n_kv))}``; the captured q/k are
-    dropped layer by layer.
+    dropped layer by layer. ``pooled_map`` computes the target (default
+    :func:`sparse_attn.ops.pooled_attention_map.pooled_attention_map`, kernel or reference by
+    the dispatch rule; its reference can be forced by passing it).
     """
     from ..integrations import patch, record, unpatch
     from ..integrations.patching import _attention_modules
@@ -510,7 +512,9 @@ def distillation_targets(
         q, k, _ = captured
         gate = gates[layer]
         scale = float(getattr(modules[layer], "scaling", q.shape[-1] ** -0.5))
-        target = pooled_attention_map(q, k, block_q=gate.block_size, block_k=gate.block_size, scale=scale)
+        target = (pooled_map or pooled_attention_map)(
+            q, k, block_q=gate.block_size, block_k=gate.block_size, scale=scale
+        )
         result[layer] = (gate.pool(q, k), target)
         del q, k, captured
     return result
