@@ -14,6 +14,8 @@ kernel against its reference.
 * :mod:`.selection`: cumulative-mass and top-k selection per row (sort-free Triton kernel);
 * :mod:`.vertical_slash_blocks`: selected columns and diagonals -> the blocks they cross;
 * :mod:`.static_masks`: sinks, local windows, power-of-two distances, strided shards;
+* :mod:`.pooled_attention_map`: SeerAttention's training target, the block max-pooled,
+  row-normalised attention map (two-pass Triton kernel);
 * :mod:`.to_pattern`: the streaming assembly every estimator ends with: block masks, one chunk
   of query blocks (or query heads) at a time, written straight into a ``BlockSparsePattern``;
 * :mod:`.block_rows`: the geometry's block tables for a range of query blocks;
