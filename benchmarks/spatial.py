@@ -15,13 +15,14 @@ Per method and variant: the pattern's density, whether it carries a token rule (
 runs it on FlexAttention; block-exact patterns run on the Gluon/Triton kernels), the estimate
 time (first call, which builds the static pattern, and a repeated call, which reuses it), the
 attention time of ``sa.block_sparse_attention(..., backend="auto")`` forward and forward +
-backward (estimate excluded; the layout permutation of q/k/v and the output included), and
+backward (estimate excluded; the layout permutation of q/k/v and the output included; ``fwd (tiled
+in)`` times the same attention on inputs already in tile order, without the permutations), and
 dense baselines measured in the same run: SDPA with cuDNN and with FlashAttention (forward,
 and cuDNN forward + backward), dense FlexAttention, and for ``neighborhood`` FlexAttention with
 the same windows as a ``mask_mod`` on the untiled (raster) order, built with
 ``create_block_mask`` (what a FlexAttention user would write). ``vs density x cuDNN`` is the
 forward time over density times the cuDNN time (1.0 = speed exactly proportional to the
-computed blocks). Medians of ``triton.testing.do_bench``. Writes
+computed blocks); ``tiled in vs density x cuDNN`` the same for the tile-order time. Medians of ``triton.testing.do_bench``. Writes
 ``benchmarks/results/<gpu>/spatial.json``.
 
     python benchmarks/spatial.py            # all shapes, forward and forward + backward
@@ -82,6 +83,7 @@ COLUMNS = [
     ("estimate_first_ms", "est. 1st ms", ".1f"),
     ("estimate_ms", "est. ms", ".2f"),
     ("fwd_ms", "fwd ms", ".2f"),
+    ("fwd_tile_order_ms", "fwd (tiled in) ms", ".2f"),
     ("fwd_bwd_ms", "fwd+bwd ms", ".2f"),
     ("cudnn_ms", "cuDNN ms", ".2f"),
     ("flash_ms", "flash ms", ".2f"),
@@ -90,6 +92,7 @@ COLUMNS = [
     ("cudnn_fwd_bwd_ms", "cuDNN fwd+bwd ms", ".2f"),
     ("speedup_vs_cudnn", "vs cuDNN (x faster)", ".2f"),
     ("vs_density_x_cudnn", "vs density x cuDNN", ".2f"),
+    ("kernel_vs_density_x_cudnn", "tiled in vs density x cuDNN", ".2f"),
     ("speedup_vs_flex_mask_mod", "vs flex mask_mod (x faster)", ".2f"),
 ]
 
@@ -177,6 +180,8 @@ def run_shape(name: str, shape: dict, *, backward: bool, device: torch.device) -
         if fwd and cudnn:
             row["speedup_vs_cudnn"] = cudnn / fwd
             row["vs_density_x_cudnn"] = fwd / (row["density"] * cudnn)
+            kernel = row.get("fwd_tile_order_ms") or fwd  # without the permutations where there are any
+            row["kernel_vs_density_x_cudnn"] = kernel / (row["density"] * cudnn)
         if fwd and row.get("flex_mask_mod_ms"):
             row["speedup_vs_flex_mask_mod"] = row["flex_mask_mod_ms"] / fwd
         rows.append(row)
@@ -212,6 +217,16 @@ def run_variant(name: str, shape: dict, method: str, variant: str, options: dict
     row["fwd_ms"], error = measure(lambda: attend(q, k, v), device)
     if error:
         row["errors"].append(f"fwd: {error}")
+    layout = pattern.layout
+    if layout is not None and not layout.is_identity:
+        # The attention alone, on inputs already in tile order (the permutations split out).
+        tiled = tuple(layout.permute(x) for x in (q, k, v))
+        in_order = pattern.tile_order()
+        row["fwd_tile_order_ms"], error = measure(
+            lambda: sa.block_sparse_attention(*tiled, in_order, causal=False), device
+        )
+        if error:
+            row["errors"].append(f"fwd (tile order): {error}")
     if backward:
         inputs = tuple(x.detach().requires_grad_() for x in (q, k, v))
         row["fwd_bwd_ms"], error = measure(with_backward(attend, inputs), device)

@@ -120,6 +120,12 @@ class MaskedPattern(BlockSparsePattern):
         counts, indices, partial = (x.repeat_interleave(group, dim=1) for x in lists)
         return self._with_lists(counts, indices, partial, self.token_rule)
 
+    def tile_order(self) -> MaskedPattern:
+        """The same pattern for q, k, v that are already in the layout's tile order (no permutation
+        inside the call). A model can permute once per forward pass instead of once per attention
+        call: ``out = layout.unpermute(sa.block_sparse_attention(layout.permute(q), ..., pattern.tile_order()))``."""
+        return dataclasses.replace(self, layout=None)
+
     def union(self, other: BlockSparsePattern, *, causal: bool = True) -> BlockSparsePattern:
         raise TypeError(
             "union is not defined for a MaskedPattern (its token rule and layout do not combine with other "

@@ -481,3 +481,16 @@ def test_vmoba_partitions_cycle_over_layers_and_check_divisibility():
         config(grid=(21, 20, 32), text_tokens=8, text_position="before")
     with pytest.raises(ValueError, match="selection"):
         config(selection="global")
+
+
+def test_tile_order_pattern_runs_on_inputs_permuted_once():
+    grid, tile = (5, 9), (4, 4)
+    layout = Layout(grid, tile=tile, text_tokens=3)
+    q, k, v = random_qkv(1, 2, 1, layout.seq_len, layout.seq_len, 16, seed=13)
+    pattern = sa.estimate(
+        q, k, "neighborhood", causal=False, grid=grid, window=3, tile=tile, text_tokens=3, block_q=16, block_k=16
+    )
+    expected = sa.block_sparse_attention(q, k, v, pattern, causal=False)
+    tiled = sa.block_sparse_attention(*(layout.permute(x) for x in (q, k, v)), pattern.tile_order(), causal=False)
+    assert torch.equal(layout.unpermute(tiled), expected)
+    assert pattern.tile_order().token_rule is pattern.token_rule
