@@ -22,8 +22,8 @@ and cuDNN forward + backward), dense FlexAttention, and for ``neighborhood`` Fle
 the same windows as a ``mask_mod`` on the untiled (raster) order, built with
 ``create_block_mask`` (what a FlexAttention user would write). ``vs density x cuDNN`` is the
 forward time over density times the cuDNN time (1.0 = speed exactly proportional to the
-computed blocks); ``tiled in vs density x cuDNN`` the same for the tile-order time. Medians of ``triton.testing.do_bench``. Writes
-``benchmarks/results/<gpu>/spatial.json``.
+computed blocks); ``tiled in vs density x cuDNN`` the same for the tile-order time. Medians
+of ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/spatial.json``.
 
     python benchmarks/spatial.py            # all shapes, forward and forward + backward
     python benchmarks/spatial.py --quick    # hunyuan-720p, forward only
