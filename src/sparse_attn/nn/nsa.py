@@ -52,7 +52,9 @@ copies reachable in this session held summaries, not the equations):
 Memory: the compressed and window branches are computed in chunks of query tokens
 (checkpointed under autograd), so memory stays ``O(S * (S / d + w))`` per chunk of rows, never a
 whole ``S x S`` table; the selection is streamed by :func:`sparse_attn.ops.to_pattern.stream_pattern`.
-Not here yet: the Hugging Face model swap and ``generate()`` with a KV cache (issue 16, item 3).
+A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_in_nsa`; a decode
+step (one query over the cache) recomputes the compressed tokens of the whole cache and plans a
+one-row pattern: correct, not yet fast (a cache of compressed tokens is the next step).
 """
 
 from __future__ import annotations
