@@ -293,9 +293,10 @@ if triton is not None:
         CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         chunks = num_q_heads // HEADS
-        batch = tl.program_id(0) // chunks
-        chunk = tl.program_id(0) % chunks
-        tile = tl.program_id(1)
+        # Tiles on the first grid axis: the others are limited to 65535 programs.
+        tile = tl.program_id(0)
+        batch = tl.program_id(1) // chunks
+        chunk = tl.program_id(1) % chunks
         head, token, valid, bit = packed_rows(chunk, tile, seq_q, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q)
         first_head = chunk * HEADS
         kv_head = first_head // group
@@ -362,7 +363,7 @@ def launch_geometry(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePatter
     tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
     lists = token_lists(pattern, tiling.tile_blocks)
     n_tiles = num_blocks(seq_q, tiling.tile_tokens)
-    grid = (batch * (q_heads // tiling.heads), n_tiles)
+    grid = (n_tiles, batch * (q_heads // tiling.heads))
     shared = (
         *list_strides(pattern, n_tiles),
         *(q_heads, q_heads // kv_heads, q_heads // pattern.num_heads),

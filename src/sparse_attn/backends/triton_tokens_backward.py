@@ -70,9 +70,9 @@ if triton is not None:
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         chunks = num_q_heads // HEADS
-        batch = tl.program_id(0) // chunks
-        chunk = tl.program_id(0) % chunks
-        tile = tl.program_id(1)
+        tile = tl.program_id(0)
+        batch = tl.program_id(1) // chunks
+        chunk = tl.program_id(1) % chunks
         head, token, valid, bit = packed_rows(chunk, tile, seq_q, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q)
         first_head = chunk * HEADS
         kv_head = first_head // group
@@ -124,11 +124,12 @@ if triton is not None:
     ):  # fmt: skip
         SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
         num_kv_heads = num_q_heads // group
-        batch = tl.program_id(0) // num_kv_heads
-        kv_head = tl.program_id(0) % num_kv_heads
-        kv_block = tl.program_id(1) // SUBTILES
-        first_key = kv_block * BLOCK_K + (tl.program_id(1) % SUBTILES) * BLOCK_N
-        in_block = (tl.program_id(1) % SUBTILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Key tiles on the first grid axis: the others are limited to 65535 programs.
+        batch = tl.program_id(1) // num_kv_heads
+        kv_head = tl.program_id(1) % num_kv_heads
+        kv_block = tl.program_id(0) // SUBTILES
+        first_key = kv_block * BLOCK_K + (tl.program_id(0) % SUBTILES) * BLOCK_N
+        in_block = (tl.program_id(0) % SUBTILES) * BLOCK_N + tl.arange(0, BLOCK_N)
         key_pos = first_key + tl.arange(0, BLOCK_N)
         key_ok = (key_pos < seq_k) & (in_block < BLOCK_K)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -267,7 +268,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     constants = dict(kernel_constants(q, pattern, tiling, causal=causal), BLOCK_M=DKDV_ROWS, ENTRIES=entries)
 
     def dkdv_grid(meta):
-        return (batch * kv_heads, pattern.num_kv_blocks * num_blocks(pattern.block_k, meta["BLOCK_N"]))
+        return (pattern.num_kv_blocks * num_blocks(pattern.block_k, meta["BLOCK_N"]), batch * kv_heads)
 
     if interpreting():
         _token_dkdv[dkdv_grid({"BLOCK_N": 16})](*dkdv_args, BLOCK_N=16, **constants)

@@ -194,9 +194,9 @@ if triton is not None:
     ):  # fmt: skip
         """Per query row, its partials over the slots of its list: merged by log-sum-exp
         (``SOFTMAX``: outputs), or summed (dQ); times ``factor``."""
-        batch = tl.program_id(0) // num_q_heads
-        head = tl.program_id(0) % num_q_heads
-        token = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        batch = tl.program_id(1) // num_q_heads
+        head = tl.program_id(1) % num_q_heads
+        token = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         valid = token < seq_q
         offs_d = tl.arange(0, HEAD_DIM)
         count = tl.load(
@@ -298,12 +298,12 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern, cau
 @functools.cache
 def _autotuned(kind: str, is_float32: bool):
     """The gathered ``kind`` kernel (``"forward"`` or ``"dq"``) autotuned over key steps, warps and
-    stages (float32 tiles take twice the memory: smaller steps). Keyed like the tile kernels."""
+    stages (float32 tiles take twice the memory: smaller steps), per number of KV blocks (length)."""
     steps = (32,) if is_float32 else (32, 64, 128)
     tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in (4, 8) for s in (1, 2)]
     kernel = {"forward": _gathered_forward, "dq": _gathered_dq}[kind]
     return triton.autotune(
-        configs=tuning, key=["HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "ENTRIES", "CAUSAL", "PRECISION"]
+        configs=tuning, key=["n_kv", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "ENTRIES", "CAUSAL", "PRECISION"]
     )(kernel)
 
 
@@ -320,7 +320,7 @@ def _merge_launch(parts, part_lse, out, lse, pattern, *, softmax: bool, factor: 
     batch, q_heads, seq_q, dim = out.shape
     counts = pattern.kv_counts.contiguous()
     strides = (0 if pattern.batch == 1 else counts.stride(0), counts.stride(1))
-    _merge[(batch * q_heads, num_blocks(seq_q, MERGE_ROWS))](
+    _merge[(num_blocks(seq_q, MERGE_ROWS), batch * q_heads)](
         *(parts, part_lse if part_lse is not None else parts, out, lse if lse is not None else out, counts),
         *out.stride()[:3],
         *strides,
