@@ -240,3 +240,26 @@ def test_gpu_nsa_like_selection(heads, poison_outputs):
     # 128 blocks of 64: a quarter of each token's earlier blocks, 16 on average, its own always.
     pattern = sa.random_pattern(heads=kv_heads, seq_q=seq, density=0.25, seed=22, block_q=1, block_k=64, device="cuda")
     _gpu_compare(q, k, v, pattern)
+
+
+@pytest.mark.gpu
+def test_gpu_one_token_tiles_at_128k(poison_outputs):
+    """128K one-token query tiles (more than a CUDA grid's second axis takes): NSA's shape with
+    16 blocks of 64 per token (its own and every fifth before it), against the reference."""
+    seq, kv_heads = 131072, 4
+    own = torch.arange(seq, device="cuda") // 64
+    blocks = own[:, None] - torch.arange(15, -1, -1, device="cuda") * 5  # ascending, the own block last
+    counts = (blocks >= 0).sum(-1, dtype=torch.int32)
+    # Drop the negative entries: shift each row's kept blocks to its front.
+    order = torch.sort((blocks < 0).to(torch.uint8), dim=-1, stable=True).indices
+    indices = torch.where(torch.arange(16, device="cuda") < counts[:, None], blocks.gather(-1, order), 0)
+    pattern = sa.BlockSparsePattern(
+        kv_counts=counts.expand(1, kv_heads, seq).contiguous(),
+        kv_indices=indices.to(torch.int32).expand(1, kv_heads, seq, 16).contiguous(),
+        block_q=1,
+        block_k=64,
+        seq_q=seq,
+        seq_k=seq,
+    )
+    q, k, v = random_qkv(1, 64, kv_heads, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=23)
+    _gpu_compare(q, k, v, pattern)
