@@ -141,7 +141,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     device, dtype = _device_and_dtype(args)
     quick = args.quick and device.type == "cpu"
-    method_texts = args.methods or (QUICK_METHODS if quick else [method.name for method in list_methods()])
+    every_causal = [method.name for method in list_methods() if not method.bidirectional]
+    method_texts = args.methods or (QUICK_METHODS if quick else every_causal)
     lengths = args.lengths or (QUICK_LENGTHS if quick else DEFAULT_LENGTHS)
     depths = args.depths or (QUICK_DEPTHS if quick else DEFAULT_DEPTHS)
     if any(length < 1 for length in lengths) or any(not 0.0 <= depth <= 1.0 for depth in depths):

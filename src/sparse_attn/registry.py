@@ -24,6 +24,9 @@ class Method:
     estimate: Callable
     paper: str
     summary: str
+    # Bidirectional methods (image/video attention over a layout) refuse causal calls, so causal
+    # language-model runs (``sparse-attn eval``'s default method list) leave them out.
+    bidirectional: bool = False
 
     def defaults(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config_class())
@@ -39,15 +42,25 @@ class Method:
         return self.config_class(**options)
 
 
-def register_method(name: str, *, config: type, paper: str, summary: str) -> Callable[[Callable], Callable]:
-    """Decorator registering ``estimate`` under ``name`` with its config dataclass and citation."""
+def register_method(
+    name: str, *, config: type, paper: str, summary: str, bidirectional: bool = False
+) -> Callable[[Callable], Callable]:
+    """Decorator registering ``estimate`` under ``name`` with its config dataclass and citation
+    (``bidirectional``: the method takes non-causal calls only)."""
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"config must be a dataclass, got {config!r}")
 
     def decorate(estimate: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"a method named {name!r} is already registered")
-        _REGISTRY[name] = Method(name=name, config_class=config, estimate=estimate, paper=paper, summary=summary)
+        _REGISTRY[name] = Method(
+            name=name,
+            config_class=config,
+            estimate=estimate,
+            paper=paper,
+            summary=summary,
+            bidirectional=bidirectional,
+        )
         return estimate
 
     return decorate

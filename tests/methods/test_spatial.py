@@ -494,3 +494,8 @@ def test_tile_order_pattern_runs_on_inputs_permuted_once():
     tiled = sa.block_sparse_attention(*(layout.permute(x) for x in (q, k, v)), pattern.tile_order(), causal=False)
     assert torch.equal(layout.unpermute(tiled), expected)
     assert pattern.tile_order().token_rule is pattern.token_rule
+
+
+def test_spatial_methods_are_registered_as_bidirectional():
+    bidirectional = {method.name for method in sa.list_methods() if method.bidirectional}
+    assert bidirectional == {"neighborhood", "sliding_tile", "radial", "vmoba"}

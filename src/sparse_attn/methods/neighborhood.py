@@ -115,6 +115,7 @@ def neighborhood_window(size: int, window: int, dilation: int, stride: int, devi
     config=NeighborhoodConfig,
     paper="Hassani et al. 2023, Neighborhood Attention Transformer (arXiv:2204.07143); GNA stride (arXiv:2504.16922)",
     summary="NATTEN windows on a 1D/2D/3D grid (shifted at borders, dilation, GNA stride); tile-permuted blocks",
+    bidirectional=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: NeighborhoodConfig, *, causal: bool, block_q: int, block_k: int

@@ -116,6 +116,7 @@ def _segments(layout: Layout, block: int, device):
     config=RadialConfig,
     paper="Li et al. 2025, Radial Attention: O(n log n) Sparse Attention with Energy Decay (arXiv:2506.19852)",
     summary="static video mask: spatial band halves per doubling of frame distance, frame-0 sink; block granular",
+    bidirectional=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: RadialConfig, *, causal: bool, block_q: int, block_k: int

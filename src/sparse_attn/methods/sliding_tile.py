@@ -91,6 +91,7 @@ def tile_window(size: int, tile: int, window: int, device=None) -> DimWindow:
     config=SlidingTileConfig,
     paper="Zhang et al. 2025, Fast Video Generation with Sliding Tile Attention (arXiv:2502.04507)",
     summary="per query tile: the window of tiles around it (3D, shifted at borders); block-exact on the tile order",
+    bidirectional=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: SlidingTileConfig, *, causal: bool, block_q: int, block_k: int

@@ -136,6 +136,7 @@ def select_pairs(gates: torch.Tensor, own: torch.Tensor, threshold: float, *, pe
     config=VmobaConfig,
     paper="Wu et al. 2025, VMoBA: Mixture-of-Block Attention for Video Diffusion Models (arXiv:2506.23858)",
     summary="per query token: own video block + blocks by q·mean(K) until 25% of the head's gate mass; 1D/2D/3D by layer",
+    bidirectional=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: VmobaConfig, *, causal: bool, block_q: int, block_k: int
