@@ -89,21 +89,31 @@ def test_pooling_matches_its_definition(shape):
         assert int(inputs.k_positions[j]) == j * block
 
 
-def test_pooling_undoes_the_models_rope():
-    """The captured post-RoPE q/k of a real (tiny) model, un-rotated, are its q/k projections."""
-    model = tiny_model("llama")
+@pytest.mark.parametrize("kind, layer", [("llama", 1), ("qwen3", 0), ("gemma3", 1)])
+def test_pooling_undoes_the_models_rope(kind, layer):
+    """The captured post-RoPE q/k of a real (tiny) model, un-rotated, are its pre-RoPE q/k (after q/k norms)."""
+    model = tiny_model(kind)
     gates = SeerGates.for_model(model, block_size=1)
-    projections = {}
-    attention = model.model.layers[1].self_attn
-    attention.q_proj.register_forward_hook(lambda m, i, o: projections.__setitem__("q", o))
-    attention.k_proj.register_forward_hook(lambda m, i, o: projections.__setitem__("k", o))
-    data = distillation_targets(model, prompt(40), gates, backend="reference")
-    inputs, _ = data[1]
-    dim = gates[1].head_dim
-    pre_q = projections["q"].view(1, 40, -1, dim).transpose(1, 2)
-    pre_k = projections["k"].view(1, 40, -1, dim).transpose(1, 2)
-    torch.testing.assert_close(inputs.q, pre_q, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(inputs.k[..., 2 * dim :], pre_k, rtol=1e-4, atol=1e-5)
+    if kind == "gemma3":  # the global layer: its own RoPE base, not the sliding layers'
+        assert gates[layer].rope_theta == model.config.rope_parameters["full_attention"]["rope_theta"]
+    attention = model.model.layers[layer].self_attn
+    dim = gates[layer].head_dim
+    pre_rope = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            # (B, S, H * D) projections or (B, H, S, D) / (B, S, H, D) norm outputs, as (B, H, S, D).
+            output = output.view(1, 40, -1, dim) if output.dim() == 3 else output
+            pre_rope[name] = output if output.shape[2] == 40 else output.transpose(1, 2)
+
+        return hook
+
+    for name in ("q", "k"):
+        module = getattr(attention, f"{name}_norm", None) or getattr(attention, f"{name}_proj")
+        module.register_forward_hook(keep(name))
+    inputs, _ = distillation_targets(model, prompt(40), gates, backend="reference")[layer]
+    torch.testing.assert_close(inputs.q, pre_rope["q"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(inputs.k[..., 2 * dim :], pre_rope["k"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

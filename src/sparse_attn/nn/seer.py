@@ -80,6 +80,7 @@ __all__ = [
     "embedded_model_name",
     "mean_distillation_loss",
     "model_rope_frequencies",
+    "model_rope_theta",
     "rope_rotate",
     "stack_targets",
 ]
@@ -320,15 +321,38 @@ def distillation_loss(logits: torch.Tensor, target: torch.Tensor, *, skip_fracti
     return (torch.special.xlogy(target, target) - target * log_probs).sum(-1).mean()
 
 
+def _layer_type(config, layer: int) -> str | None:
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types[layer] if layer_types else None
+
+
 def model_rope_frequencies(model, layer: int) -> torch.Tensor | None:
-    """The RoPE frequencies ``(r/2,)`` a transformers model applies in attention layer ``layer`` (``None``: no RoPE)."""
+    """The RoPE frequencies ``(r/2,)`` a transformers model applies in attention layer ``layer`` (``None``: no RoPE).
+
+    Models with per-layer-type RoPE (Gemma 3) keep one table per layer type (``<type>_inv_freq``
+    on one rotary module, or a separate ``rotary_emb_local`` in older transformers).
+    """
     inner = getattr(model, "model", model)
-    layer_types = getattr(model.config, "layer_types", None)
     rotary = getattr(inner, "rotary_emb", None)
-    if layer_types is not None and layer_types[layer] == "sliding_attention":
-        rotary = getattr(inner, "rotary_emb_local", rotary)
+    layer_type = _layer_type(model.config, layer)
+    if layer_type is not None:
+        per_type = getattr(rotary, f"{layer_type}_inv_freq", None)
+        if per_type is not None:
+            return per_type.detach().float().cpu()
+        if layer_type == "sliding_attention":
+            rotary = getattr(inner, "rotary_emb_local", rotary)
     inv_freq = getattr(rotary, "inv_freq", None)
     return None if inv_freq is None else inv_freq.detach().float().cpu()
+
+
+def model_rope_theta(config, layer: int) -> float:
+    """The RoPE base of layer ``layer`` (``rope_parameters``, per layer type where the model has types; 10000 if unset)."""
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, Mapping):
+        parameters = parameters.get(_layer_type(config, layer), parameters)
+        if isinstance(parameters, Mapping) and parameters.get("rope_theta"):
+            return float(parameters["rope_theta"])
+    return float(getattr(config, "rope_theta", None) or 10000.0)
 
 
 class SeerGates:
@@ -392,9 +416,6 @@ class SeerGates:
             layers = [
                 i for i in range(config.num_hidden_layers) if not layer_types or layer_types[i] != "sliding_attention"
             ]
-        theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get(
-            "rope_theta", 10000.0
-        )
         torch.manual_seed(seed)
         gates = {
             layer: AttnGate(
@@ -403,7 +424,7 @@ class SeerGates:
                 head_dim=head_dim,
                 block_size=block_size,
                 hidden_size=hidden_size,
-                rope_theta=float(theta),
+                rope_theta=model_rope_theta(config, layer),
                 model_inv_freq=model_rope_frequencies(model, layer),
             )
             for layer in layers
