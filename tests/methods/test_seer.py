@@ -173,6 +173,15 @@ def test_streamed_pattern_equals_one_chunk(monkeypatch):
     assert torch.equal(whole.kv_indices[..., :width], streamed.kv_indices[..., :width])
 
 
+def test_transposed_bfloat16_inputs_as_transformers_passes_them():
+    q, k, _ = random_qkv(2, 6, 3, 45, 61, 16, dtype=torch.bfloat16, seed=1, transposed=True)
+    gate = make_gate(6, 3, 16, 8)
+    pattern = sa.estimate(q, k, "seer", gates=gate, threshold=0.05)
+    contiguous = sa.estimate(q.contiguous(), k.contiguous(), "seer", gates=gate, threshold=0.05)
+    assert torch.equal(pattern.kv_counts, contiguous.kv_counts)
+    torch.testing.assert_close(gate(q, k), gate(q.float(), k.float()))
+
+
 def test_distillation_loss_is_the_row_kl():
     logits = torch.randn(2, 3, 8, 8).masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), float("-inf"))
     target = torch.rand(2, 3, 8, 8) * torch.ones(8, 8).tril()
