@@ -94,6 +94,16 @@ def test_kernel_matches_the_reference(shape, causal, dtype, poison_outputs):
     torch.testing.assert_close(part, out[:, :, 1:2])
 
 
+def test_kernel_reads_transposed_inputs(poison_outputs):
+    """(B, S, H, D) storage seen as (B, H, S, D), as transformers passes q and k."""
+    from sparse_attn.ops.pooled_attention_map.triton import pooled_attention_map_triton
+
+    q, k, _ = random_qkv(2, 4, 2, 37, 45, 32, seed=2, transposed=True)
+    options = dict(block_q=16, block_k=16, scale=0.2)
+    expected = naive.pooled_attention_map(q.contiguous(), k.contiguous(), **options)
+    torch.testing.assert_close(pooled_attention_map_triton(q, k, **options), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_kernel_refuses_what_it_cannot_run():
     from sparse_attn.ops.pooled_attention_map import triton as kernel
 
