@@ -2,12 +2,13 @@
 
 The model is the embedded ``smollm2-135m`` (all 30 layers global, 9 query / 3 KV heads,
 head_dim 64, 8K context), loaded in float32 and frozen. The text is the offline haystack
-(``--texts``, default ``pydoc``: the standard library's ``pydoc_data.topics``; ``kjv`` and
-``essays`` are used when named and installed, skipped with a note otherwise), tokenized once
-as one stream. The last ``--heldout`` x ``--seq`` tokens are held out; training sequences are
+(``--texts``, default ``pydoc kjv essays``: the standard library's ``pydoc_data.topics``, the
+King James Bible and Paul Graham's essays, as ``train_smollm2.py``; a source that is not
+installed is skipped with a note, ``pydoc`` is always there), tokenized once as one stream. The last ``--heldout`` x ``--seq`` tokens are held out; training sequences are
 the ``--seq``-token windows of the rest at a stride of ``--stride`` tokens (overlapping
 windows put the same text at other positions; at most ``--max-sequences`` of them, drawn by a
-seeded generator).
+seeded generator). Building the targets stops early (after at least 4 sequences) once 40% of
+``--budget-s`` has passed, so the run stays within its time box.
 
 For every training sequence one forward pass of the frozen model (patched with the exact
 ``dense`` method, ``sa.record(capture=True)``) gives each layer's post-RoPE q and k; from them
@@ -187,16 +188,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 600; --quick 30)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 8192; --quick 128)")
     parser.add_argument("--stride", type=int, default=None, help="tokens between training windows (default seq/4)")
-    parser.add_argument("--max-sequences", type=int, default=64)
+    parser.add_argument("--max-sequences", type=int, default=32)
     parser.add_argument("--heldout", type=int, default=1, help="held-out sequences (at the end of the text)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--block", type=int, default=None, help="gate block size (default 64; --quick 16)")
     parser.add_argument("--hidden", type=int, default=None, help="gate hidden size (default head_dim)")
-    parser.add_argument("--texts", nargs="+", default=["pydoc"], help="haystack sources (pydoc, kjv, essays)")
+    parser.add_argument("--texts", nargs="+", default=["pydoc", "kjv", "essays"], help="haystack sources")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget-s", type=float, default=200.0, help="start no evaluation setting after this many s")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=200.0,
+        help="time box: targets stop at 40%% of it, evaluation settings at 100%%",
+    )
     parser.add_argument("--gates-out", type=Path, help="where to write the gates (default: the shipped file)")
     parser.add_argument("--output", type=Path, help="results JSON (default benchmarks/results/<gpu>/train_seer.json)")
     args = parser.parse_args(argv)
@@ -227,7 +233,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"targets: pooled map {pooled_map_note}", flush=True)
     start = time.perf_counter()
     options = dict(backend=backend, pooled_map=pooled_map)
-    data = stack_targets([distillation_targets(model, ids[None].to(device), gates, **options) for ids in train_ids])
+    parts = []
+    for ids in train_ids:
+        if len(parts) >= 4 and time.perf_counter() - started > 0.4 * args.budget_s:
+            print(f"time budget: training on {len(parts)} of {len(train_ids)} windows", flush=True)
+            break
+        parts.append(distillation_targets(model, ids[None].to(device), gates, **options))
+    train_ids = train_ids[: len(parts)]
+    data = stack_targets(parts)
+    del parts
     heldout_data = stack_targets(
         [distillation_targets(model, ids[None].to(device), gates, **options) for ids in heldout_ids]
     )
