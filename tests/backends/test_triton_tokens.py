@@ -81,7 +81,7 @@ def test_forward_and_gradients_match_float64_oracle(shape, causal, poison_output
 # Blocks of >= 256 keys take the gathered (key-centric) path: per block, the rows that list it.
 GATHERED_SHAPES = [
     ((1, 4, 2, 90, 300, 16, 1, 256), True, "kv"),
-    ((2, 6, 3, 70, 280, 16, 2, 260), False, "query"),
+    ((2, 6, 3, 30, 280, 16, 2, 260), False, "query"),
     ((1, 8, 2, 64, 300, 32, 1, 256), True, "shared"),
 ]
 
@@ -91,6 +91,25 @@ def test_gathered_path_matches_float64_oracle(shape, causal, heads_kind, poison_
     _check(shape, causal, heads_kind, seed=20 + GATHERED_SHAPES.index((shape, causal, heads_kind)))
 
 
+@pytest.mark.parametrize(
+    "shape, heads_kind", [((2, 8, 2, 40, 40, 16, 1, 16), "kv"), ((1, 4, 2, 60, 300, 16, 1, 256), "query")], ids=str
+)
+def test_dkdv_split_over_long_lists(shape, heads_kind, monkeypatch, poison_outputs):
+    """Long transposed lists cut into several dK/dV work items, summed afterwards (tile and
+    gathered paths): segments of 4 entries make every list long."""
+    from sparse_attn.backends import triton_tokens_backward
+
+    monkeypatch.setattr(triton_tokens_backward, "MIN_SEGMENT", 4)
+    monkeypatch.setattr(triton_tokens_backward, "SEGMENT_FACTOR", 0)
+    built = []
+    original = triton_tokens_backward.dkdv_work
+    monkeypatch.setattr(
+        triton_tokens_backward, "dkdv_work", lambda *a, **kw: built.append(original(*a, **kw)) or built[-1]
+    )
+    _check(shape, True, heads_kind, seed=30, density=0.8)
+    assert built and built[0].partials > 0 and built[0].sum_combos.numel() > 0
+
+
 def test_pattern_broadcast_over_the_batch(poison_outputs):
     _check((3, 4, 2, 17, 25, 16, 1, 16), True, "kv", seed=11, pattern_batch=1)
 
@@ -98,7 +117,7 @@ def test_pattern_broadcast_over_the_batch(poison_outputs):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_k", [16, 256])
 def test_half_precision(dtype, block_k, poison_outputs):
-    _check((1, 8, 2, 19, 300, 32, 1, block_k), True, "kv", seed=12, dtype=dtype)
+    _check((1, 8, 2, 19, 2 * block_k + 44, 32, 1, block_k), True, "kv", seed=12, dtype=dtype)
 
 
 def test_token_lists_are_tile_unions_with_row_bits():

@@ -7,11 +7,13 @@ Three launches, deterministic (no float atomics anywhere):
 * dQ: the forward's programs and row packing (query heads of a group x tokens of a query tile),
   walking the tile's union list with the same per-row bitmask, causal and bounds masks. Each
   selected K/V step is loaded once for the packed heads.
-* dK/dV: one program per (batch, KV head, step of ``BLOCK_N`` keys of one KV block). It walks the
-  transposed union list of its block (the query tiles whose union holds it, with their bitmasks)
-  for each set of packed heads of its group in turn, so dK and dV are summed over the whole GQA
-  group in registers, without expanding K/V: with lists per KV head or shared, one walk whose
-  tiles are the group's heads x tokens; with lists per query head, one walk per head.
+* dK/dV: one program per (work item, step of ``BLOCK_N`` keys of its KV block). An item is a
+  segment of the transposed union list of one (batch, KV head, KV block) for one set of packed
+  heads (the query tiles whose union holds the block, with their bitmasks, several tiles per
+  product), so dK and dV are summed over the GQA group without expanding K/V: with lists per
+  KV head or shared, the tiles are the group's heads x tokens; with lists per query head, each
+  head is its own set. A block with several items (a long list, or several head sets) sums
+  their float32 partials in a last pass, in item order (:func:`dkdv_work`).
 
 Probabilities are recomputed from the forward's log-sum-exp: ``P = exp(S * scale - lse)``,
 ``dS = P * (dP - delta)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``, ``dV = P^T dO``. Steps
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -48,6 +51,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 # Rows per dK/dV product: listing tiles x packed heads x tile tokens.
 DKDV_ROWS = 64
+# dK/dV work items (dkdv_work): a transposed list longer than SEGMENT_FACTOR x the mean list
+# length, and than MIN_SEGMENT entries, is split into segments of that length.
+MIN_SEGMENT = 256
+SEGMENT_FACTOR = 4
 
 if triton is not None:
     from .triton_backward import _delta
@@ -107,8 +114,46 @@ if triton is not None:
         store_rows(DQ, dq * scale, batch, head, token, valid, stride_gb, stride_gh, stride_gs, offs_d)
 
     @triton.jit
+    def _dkdv_walk(
+        dk, dv, k, v, Q, DOut, Lse, Delta, TTiles, TBits, start, end,
+        batch, head, first_key, key_pos, key_ok, entry_in_step, token_in_tile, offs_d,
+        stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
+        num_q_heads, seq_q, offset, qk_scale,
+        BLOCK_Q: tl.constexpr, TILE_TOKENS: tl.constexpr, ENTRIES: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """dK/dV of one key tile over transposed-list entries ``[start, end)``: ``ENTRIES`` listing
+        tiles per step (ascending), each a set of packed heads x ``TILE_TOKENS`` tokens."""
+        for step in range(start, end, ENTRIES):
+            last_tile = tl.load(TTiles + tl.minimum(step + ENTRIES, end) - 1)
+            last_query = tl.minimum(last_tile * TILE_TOKENS + TILE_TOKENS, seq_q) - 1 + offset
+            # In causal mode tiles that end before these keys start see none of them.
+            if first_key * CAUSAL <= last_query:
+                entry = step + entry_in_step
+                in_step = (entry < end) & (entry_in_step < ENTRIES)
+                tile = tl.load(TTiles + entry, mask=in_step, other=0)
+                bits = tl.load(TBits + entry, mask=in_step, other=0)
+                token = tile * TILE_TOKENS + token_in_tile
+                valid = in_step & (token < seq_q)
+                listed = valid & (((bits >> (token_in_tile // BLOCK_Q)) & 1) != 0)
+                q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
+                do = load_rows(DOut, batch, head, token, valid, stride_db, stride_dh, stride_ds, offs_d, DOT_FP32)
+                lse, delta = load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q)
+                scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (N, M)
+                visible = key_ok[:, None] & listed[None, :]
+                if CAUSAL:
+                    visible = visible & (key_pos[:, None] <= token[None, :] + offset)
+                p_t = tl.where(visible, tl.math.exp2(scores_t * qk_scale - lse[None, :]), 0.0)
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        return dk, dv
+
+    @triton.jit
     def _token_dkdv(
-        Q, K, V, DOut, Lse, Delta, DK, DV, TOffsets, TTiles, TBits,
+        Q, K, V, DOut, Lse, Delta, DK, DV, PartDK, PartDV, TOffsets, TTiles, TBits,
+        ItemCombo, ItemChunk, ItemStart, ItemEnd, ItemPartial,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
@@ -122,15 +167,24 @@ if triton is not None:
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
+        """One work item x one key step of its KV block: the item's head sets (all of the group's,
+        or one) walk their transposed lists within ``[start, end)``; dK/dV go straight to the
+        output, or to the item's partial slot."""
         SUBTILES: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
+        item = tl.program_id(0) // SUBTILES
+        sub = tl.program_id(0) % SUBTILES
+        combo = tl.load(ItemCombo + item)
+        start = tl.load(ItemStart + item)
+        end = tl.load(ItemEnd + item)
+        partial = tl.load(ItemPartial + item)
         num_kv_heads = num_q_heads // group
-        # Key tiles on the first grid axis: the others are limited to 65535 programs.
-        batch = tl.program_id(1) // num_kv_heads
-        kv_head = tl.program_id(1) % num_kv_heads
-        kv_block = tl.program_id(0) // SUBTILES
-        first_key = kv_block * BLOCK_K + (tl.program_id(0) % SUBTILES) * BLOCK_N
-        in_block = (tl.program_id(0) % SUBTILES) * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_pos = first_key + tl.arange(0, BLOCK_N)
+        n_kv = tl.cdiv(seq_k, BLOCK_K)
+        kv_block = combo % n_kv
+        batch = combo // n_kv // num_kv_heads
+        kv_head = combo // n_kv % num_kv_heads
+        in_block = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        first_key = kv_block * BLOCK_K + sub * BLOCK_N
+        key_pos = kv_block * BLOCK_K + in_block
         key_ok = (key_pos < seq_k) & (in_block < BLOCK_K)
         offs_d = tl.arange(0, HEAD_DIM)
         offset = seq_k - seq_q
@@ -145,50 +199,150 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-        chunks_per_group = group // HEADS
         rows = tl.arange(0, BLOCK_M)
         entry_in_step = rows // (HEADS * TILE_TOKENS)
-        head_in_chunk = rows % (HEADS * TILE_TOKENS) // TILE_TOKENS
         token_in_tile = rows % TILE_TOKENS
-        # A key step past the sequence end (the grid covers whole blocks) has nothing to do.
-        for chunk_in_group in range(tl.where(first_key < seq_k, chunks_per_group, 0)):
-            chunk = kv_head * chunks_per_group + chunk_in_group
-            first_head = chunk * HEADS
-            head = first_head + head_in_chunk
+        head_in_chunk = rows % (HEADS * TILE_TOKENS) // TILE_TOKENS
+        # ItemChunk: one head set, or -1 for all of the group's; a key step past the sequence
+        # end (the grid covers whole blocks) has nothing to do.
+        chunks_per_group = group // HEADS
+        only = tl.load(ItemChunk + item)
+        first_chunk = tl.where(only < 0, 0, only)
+        last_chunk = tl.where(first_key < seq_k, tl.where(only < 0, chunks_per_group, only + 1), first_chunk)
+        for chunk_in_group in range(first_chunk, last_chunk):
+            first_head = (kv_head * chunks_per_group + chunk_in_group) * HEADS
             list_row = batch * list_stride_b + (first_head // pattern_head_divisor) * list_stride_h + kv_block
-            start = tl.load(TOffsets + list_row)
-            end = tl.load(TOffsets + list_row + 1)
-            # ENTRIES listing tiles per step (ascending), each HEADS heads x TILE_TOKENS tokens.
-            for step in range(start, end, ENTRIES):
-                last_tile = tl.load(TTiles + tl.minimum(step + ENTRIES, end) - 1)
-                last_query = tl.minimum(last_tile * TILE_TOKENS + TILE_TOKENS, seq_q) - 1 + offset
-                # In causal mode tiles that end before these keys start see none of them.
-                if first_key * CAUSAL <= last_query:
-                    entry = step + entry_in_step
-                    in_step = (entry < end) & (entry_in_step < ENTRIES)
-                    tile = tl.load(TTiles + entry, mask=in_step, other=0)
-                    bits = tl.load(TBits + entry, mask=in_step, other=0)
-                    token = tile * TILE_TOKENS + token_in_tile
-                    valid = in_step & (token < seq_q)
-                    listed = valid & (((bits >> (token_in_tile // BLOCK_Q)) & 1) != 0)
-                    q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
-                    do = load_rows(DOut, batch, head, token, valid, stride_db, stride_dh, stride_ds, offs_d, DOT_FP32)
-                    lse, delta = load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q)
-                    scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (N, M)
-                    visible = key_ok[:, None] & listed[None, :]
-                    if CAUSAL:
-                        visible = visible & (key_pos[:, None] <= token[None, :] + offset)
-                    p_t = tl.where(visible, tl.math.exp2(scores_t * qk_scale - lse[None, :]), 0.0)
-                    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-                    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-                    ds_t = p_t * (dp_t - delta[None, :])
-                    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+            dk, dv = _dkdv_walk(
+                dk, dv, k, v, Q, DOut, Lse, Delta, TTiles, TBits,
+                tl.maximum(tl.load(TOffsets + list_row), start), tl.minimum(tl.load(TOffsets + list_row + 1), end),
+                batch, first_head + head_in_chunk, first_key, key_pos, key_ok, entry_in_step, token_in_tile, offs_d,
+                stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
+                num_q_heads, seq_q, offset, qk_scale,
+                BLOCK_Q, TILE_TOKENS, ENTRIES, CAUSAL, DOT_FP32, PRECISION,
+            )  # fmt: skip
 
-        # dK and dV are contiguous tensors of one shape: one set of strides.
+        if partial < 0:  # the block's only item: the gradient itself
+            # dK and dV are contiguous tensors of one shape: one set of strides.
+            gradient = batch.to(tl.int64) * stride_gb + kv_head.to(tl.int64) * stride_gh
+            gradient_rows = gradient + key_pos[:, None] * stride_gs + offs_d[None, :]
+            tl.store(DK + gradient_rows, (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+            tl.store(DV + gradient_rows, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+        else:
+            part_rows = (partial.to(tl.int64) * BLOCK_K + in_block)[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(PartDK + part_rows, dk, mask=key_ok[:, None])
+            tl.store(PartDV + part_rows, dv, mask=key_ok[:, None])
+
+    @triton.jit
+    def _dkdv_sum(
+        PartDK, PartDV, DK, DV, Combos, FirstPartial, Counts,
+        stride_gb, stride_gh, stride_gs,
+        num_kv_heads, seq_k, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        """The partial dK/dV of a block split over several work items, summed in item order."""
+        STEPS: tl.constexpr = (BLOCK_K + BLOCK_R - 1) // BLOCK_R
+        index = tl.program_id(0) // STEPS
+        in_block = (tl.program_id(0) % STEPS) * BLOCK_R + tl.arange(0, BLOCK_R)
+        combo = tl.load(Combos + index)
+        first = tl.load(FirstPartial + index)
+        n_kv = tl.cdiv(seq_k, BLOCK_K)
+        kv_block = combo % n_kv
+        batch = combo // n_kv // num_kv_heads
+        kv_head = combo // n_kv % num_kv_heads
+        key_pos = kv_block * BLOCK_K + in_block
+        key_ok = (key_pos < seq_k) & (in_block < BLOCK_K)
+        offs_d = tl.arange(0, HEAD_DIM)
+        dk = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+        for i in range(tl.load(Counts + index)):
+            part_rows = ((first.to(tl.int64) + i) * BLOCK_K + in_block)[:, None] * HEAD_DIM + offs_d[None, :]
+            dk += tl.load(PartDK + part_rows, mask=key_ok[:, None], other=0.0)
+            dv += tl.load(PartDV + part_rows, mask=key_ok[:, None], other=0.0)
         gradient = batch.to(tl.int64) * stride_gb + kv_head.to(tl.int64) * stride_gh
         gradient_rows = gradient + key_pos[:, None] * stride_gs + offs_d[None, :]
         tl.store(DK + gradient_rows, (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
         tl.store(DV + gradient_rows, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@dataclass(frozen=True)
+class DkdvWork:
+    """The dK/dV work items of one pattern at one head packing (see :func:`dkdv_work`).
+
+    Per item: ``combo`` int32 ``(batch * Hkv + kv_head) * n_kv + kv_block``; ``chunk`` int32,
+    the one set of packed heads it walks, or -1 for all of the group's; ``start`` / ``end``
+    int64, bounds on the transposed-list entries it takes; ``partial`` int32, its partial slot,
+    or -1 when it is its block's only item. Items of one block are adjacent. Per block split
+    over several items: ``sum_combos``, ``sum_first`` (its first partial slot), ``sum_counts``.
+    ``partials``: the number of partial slots.
+    """
+
+    combo: torch.Tensor
+    chunk: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+    partial: torch.Tensor
+    sum_combos: torch.Tensor
+    sum_first: torch.Tensor
+    sum_counts: torch.Tensor
+    partials: int
+
+
+def dkdv_work(pattern, t_offsets: torch.Tensor, *, batch: int, q_heads: int, kv_heads: int, heads: int, entries: int):
+    """Work items for the dK/dV pass, built once per pattern and packing.
+
+    A KV block's program walks the transposed lists of every set of packed heads of its group,
+    summing dK/dV in registers. A block that many query tiles list (NSA's first block is listed
+    by every token) would leave that program walking the whole sequence while the others have
+    finished: a block whose lists hold more than :data:`SEGMENT_FACTOR` x the mean list length
+    (and more than :data:`MIN_SEGMENT` entries) is cut into items of that many entries of one
+    head set each, with float32 partial dK/dV summed afterwards in item order (deterministic).
+    The factor is a design choice, not a measurement.
+    """
+    key = ("token_dkdv_work", batch, q_heads, kv_heads, heads, entries)
+    cached = pattern.cached_plan(key)
+    if cached is not None:
+        return cached
+    device, n_kv = pattern.device, pattern.num_kv_blocks
+    chunks = q_heads // kv_heads // heads
+    n_combos = batch * kv_heads * n_kv
+    combos = torch.arange(n_combos, device=device)
+    # Per (block, head set): its transposed list.
+    pair_combo = combos.repeat_interleave(chunks)
+    pair_chunk = torch.arange(chunks, device=device).repeat(n_combos)
+    sequence = pair_combo // (n_kv * kv_heads) if pattern.batch > 1 else torch.zeros_like(pair_combo)
+    first_head = ((pair_combo // n_kv % kv_heads) * chunks + pair_chunk) * heads
+    row = (sequence * pattern.num_heads + first_head // (q_heads // pattern.num_heads)) * n_kv + pair_combo % n_kv
+    first, count = t_offsets[row], t_offsets[row + 1] - t_offsets[row]
+    mean = float(t_offsets[-1]) / max(1, t_offsets.numel() - 1)
+    segment = -(-max(MIN_SEGMENT, int(SEGMENT_FACTOR * mean)) // entries) * entries
+    split = count.view(n_combos, chunks).sum(1) > segment
+    # Whole blocks: one item over all head sets and whole lists.
+    whole = combos[~split]
+    everything = torch.full_like(whole, int(t_offsets[-1]))
+    # Split blocks: per head set, segments of its list.
+    segments = torch.where(split[pair_combo], (count + segment - 1) // segment, 0)
+    item_pair = torch.repeat_interleave(torch.arange(pair_combo.numel(), device=device), segments)
+    within = torch.arange(item_pair.numel(), device=device) - (torch.cumsum(segments, 0) - segments)[item_pair]
+    start = first[item_pair] + within * segment
+    item_combo = torch.cat([whole, pair_combo[item_pair]])
+    order = torch.sort(item_combo, stable=True).indices
+    is_part = torch.cat([torch.zeros_like(whole, dtype=torch.bool), torch.ones_like(item_pair, dtype=torch.bool)])[
+        order
+    ]
+    per_combo = torch.bincount(item_combo, minlength=n_combos)
+    sum_combos = torch.nonzero(split).flatten()
+    work = DkdvWork(
+        combo=item_combo[order].to(torch.int32),
+        chunk=torch.cat([torch.full_like(whole, -1), pair_chunk[item_pair]])[order].to(torch.int32),
+        start=torch.cat([torch.zeros_like(whole), start])[order],
+        end=torch.cat([everything, torch.minimum(start + segment, (first + count)[item_pair])])[order],
+        partial=torch.where(is_part, torch.cumsum(is_part, 0) - 1, -1).to(torch.int32),
+        sum_combos=sum_combos.to(torch.int32),
+        sum_first=(torch.cumsum(per_combo[sum_combos], 0) - per_combo[sum_combos]).to(torch.int32),
+        sum_counts=per_combo[sum_combos].to(torch.int32),
+        partials=int(is_part.sum()),
+    )
+    return pattern.store_plan(key, work)
 
 
 @functools.cache
@@ -256,22 +410,40 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         else:
             _autotuned("dq", pattern.block_k, is_float32)[grid](*dq_args, **constants)
 
+    # Several listing tiles per step: up to DKDV_ROWS rows per product.
+    entries = DKDV_ROWS // (tiling.heads * tiling.tile_tokens)
+    work = dkdv_work(
+        pattern, lists.t_offsets, batch=batch, q_heads=q_heads, kv_heads=kv_heads, heads=tiling.heads, entries=entries
+    )
+    part_dk, part_dv = (
+        torch.empty((max(work.partials, 1), pattern.block_k, dim), dtype=torch.float32, device=q.device)
+        for _ in range(2)
+    )
     dkdv_args = (
-        *(q, k, v, dout, lse, delta, dk, dv, lists.t_offsets, lists.t_tiles, lists.t_bits),
+        *(q, k, v, dout, lse, delta, dk, dv, part_dk, part_dv, lists.t_offsets, lists.t_tiles, lists.t_bits),
+        *(work.combo, work.chunk, work.start, work.end, work.partial),
         *strides,
         *dk.stride()[:3],
         *list_strides(pattern, pattern.num_kv_blocks),
         *sizes,
     )
-    # Several listing tiles per step: up to DKDV_ROWS rows per product.
-    entries = DKDV_ROWS // (tiling.heads * tiling.tile_tokens)
     constants = dict(kernel_constants(q, pattern, tiling, causal=causal), BLOCK_M=DKDV_ROWS, ENTRIES=entries)
 
     def dkdv_grid(meta):
-        return (pattern.num_kv_blocks * num_blocks(pattern.block_k, meta["BLOCK_N"]), batch * kv_heads)
+        return (work.combo.numel() * num_blocks(pattern.block_k, meta["BLOCK_N"]),)
 
     if interpreting():
         _token_dkdv[dkdv_grid({"BLOCK_N": 16})](*dkdv_args, BLOCK_N=16, **constants)
     else:
         _autotuned("dkdv", pattern.block_k, is_float32)[dkdv_grid](*dkdv_args, **constants)
+    if work.sum_combos.numel():
+        block_r = 32
+        _dkdv_sum[(work.sum_combos.numel() * num_blocks(pattern.block_k, block_r),)](
+            *(part_dk, part_dv, dk, dv, work.sum_combos, work.sum_first, work.sum_counts),
+            *dk.stride()[:3],
+            *(kv_heads, seq_k, scale),
+            HEAD_DIM=dim,
+            BLOCK_K=pattern.block_k,
+            BLOCK_R=block_r,
+        )
     return dq, dk, dv
