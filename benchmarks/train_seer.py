@@ -56,17 +56,18 @@ TOP_K = (8, 16)
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """int64 ``(n,)``: the available haystack sources in order, tokenized once."""
+    """int64 ``(n,)``: the available haystack sources in order, tokenized once; ``texts`` keeps those used."""
     from sparse_attn.eval.haystack import sentences
 
-    parts = []
-    for source in texts:
+    parts, requested = [], list(texts)
+    for source in requested:
         try:
             parts.append(" ".join(sentences(source)))
         except (FileNotFoundError, ImportError) as error:
             print(f"skipping haystack source {source!r}: {error}", flush=True)
+            texts.remove(source)
     if not parts:
-        raise ValueError(f"none of the haystack sources {texts} is available")
+        raise ValueError(f"none of the haystack sources {requested} is available")
     return tokenizer("\n\n".join(parts), return_tensors="pt").input_ids[0]
 
 
