@@ -138,6 +138,31 @@ def _mean(values: list[float]) -> float:
 
 
 @torch.no_grad()
+def measure(gates: SeerGates, captured: list[dict], length: int, method: str, options: dict) -> dict:
+    """Mean density, recall and estimate time of one setting over the held-out sequences' layers (first ``length`` tokens)."""
+    densities, recalls, estimate_ms = [], [], []
+    for layers in captured:
+        for layer, (q, k) in layers.items():
+            q, k = q[:, :, :length], k[:, :, :length]
+            extra = {"gates": gates[layer]} if method == "seer" else {}
+            if not estimate_ms:  # untimed first call: kernel compilation and gate transfer
+                sa.estimate(q, k, method, **options, **extra)
+            start = time.perf_counter()
+            pattern = sa.estimate(q, k, method, **options, **extra)
+            if q.is_cuda:
+                torch.cuda.synchronize(q.device)
+            estimate_ms.append((time.perf_counter() - start) * 1e3)
+            densities.append(sa.metrics.density(pattern))
+            recalls.append(sa.metrics.recall(q, k, pattern))
+    return {
+        "density": _mean(densities),
+        "recall": _mean(recalls),
+        "min_layer_recall": min(recalls),
+        "estimate_ms": _mean(estimate_ms),
+    }
+
+
+@torch.no_grad()
 def evaluate(gates: SeerGates, captured: list[dict], lengths: list[int], deadline: float) -> list[dict]:
     """Per length and setting: mean density and recall over held-out sequences, layers and heads.
 
@@ -151,32 +176,17 @@ def evaluate(gates: SeerGates, captured: list[dict], lengths: list[int], deadlin
             if time.perf_counter() > deadline:
                 print(f"time budget spent: skipping {method} {options} at {length}", flush=True)
                 continue
-            densities, recalls, estimate_ms = [], [], []
-            for layers in captured:
-                for layer, (q, k) in layers.items():
-                    q, k = q[:, :, :length], k[:, :, :length]
-                    extra = {"gates": gates[layer]} if method == "seer" else {}
-                    start = time.perf_counter()
-                    pattern = sa.estimate(q, k, method, **options, **extra)
-                    if q.is_cuda:
-                        torch.cuda.synchronize(q.device)
-                    estimate_ms.append((time.perf_counter() - start) * 1e3)
-                    densities.append(sa.metrics.density(pattern))
-                    recalls.append(sa.metrics.recall(q, k, pattern))
             label = method + "".join(f" {key}={value}" for key, value in options.items())
-            rows.append(
-                {
-                    "length": length,
-                    "setting": label,
-                    "density": _mean(densities),
-                    "recall": _mean(recalls),
-                    "min_layer_recall": min(recalls),
-                    "estimate_ms": _mean(estimate_ms),
-                }
-            )
+            try:
+                row = measure(gates, captured, length, method, options)
+            except Exception as error:  # noqa: BLE001 - one failing setting must not lose the others (one run)
+                rows.append({"length": length, "setting": label, "error": repr(error)})
+                print(f"{length:>6} {label:<28} failed: {error!r}", flush=True)
+                continue
+            rows.append({"length": length, "setting": label, **row})
             print(
-                f"{length:>6} {label:<28} density {rows[-1]['density']:.3f} recall {rows[-1]['recall']:.4f} "
-                f"(min layer {rows[-1]['min_layer_recall']:.3f}) estimate {rows[-1]['estimate_ms']:.1f} ms",
+                f"{length:>6} {label:<28} density {row['density']:.3f} recall {row['recall']:.4f} "
+                f"(min layer {row['min_layer_recall']:.3f}) estimate {row['estimate_ms']:.1f} ms",
                 flush=True,
             )
     return rows
