@@ -50,7 +50,20 @@ def unsupported_reason(q: torch.Tensor, *, block_q: int, block_k: int) -> str | 
 if triton is not None:
 
     @triton.jit
-    def _tile_logits(q, K, cols, offs_d, d_ok, stride_kn, seq_k, positions, scale_log2, CAUSAL, DOT_FP32, PRECISION):
+    def _tile_logits(
+        q,
+        K,
+        cols,
+        offs_d,
+        d_ok,
+        stride_kn,
+        seq_k,
+        positions,
+        scale_log2,
+        CAUSAL: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """Scaled (log2 domain) logits of the block's rows against key tile ``cols``; masked keys -inf."""
         key_ok = cols < seq_k
         keys = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None], mask=key_ok[None, :] & d_ok[:, None], other=0.0)
