@@ -182,16 +182,31 @@ def list_strides(pattern: BlockSparsePattern, rows_per_head: int) -> tuple[int, 
 if triton is not None:
 
     @triton.jit
-    def packed_rows(chunk, tile, seq_q, HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_Q: tl.constexpr):  # fmt: skip
-        """Per row of a tile: query head, query row, whether it exists, and its query block's bit
-        number in the tile (rows are ``HEADS`` heads x ``TILE_TOKENS`` tokens, head-major)."""
+    def tile_program(K, V, Offsets, stride_kb, stride_kh, stride_vb, stride_vh, list_stride_b, list_stride_h,
+                     num_q_heads, group, pattern_head_divisor, seq_q, seq_k, HEADS: tl.constexpr,
+                     TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr):  # fmt: skip
+        """This forward / dQ program's tile and rows (``HEADS`` heads x ``TILE_TOKENS`` tokens,
+        head-major): ``(batch, tile, head, token, query position, valid, bit, k_base, v_base,
+        start, end)``, ``bit`` the row's query block in the tile, ``k_base`` / ``v_base`` at the
+        KV head, ``[start, end)`` the tile's union-list entries."""
+        chunks = num_q_heads // HEADS
+        # Tiles on the first grid axis: the others are limited to 65535 programs.
+        tile = tl.program_id(0)
+        batch = tl.program_id(1) // chunks
+        first_head = tl.program_id(1) % chunks * HEADS
         rows = tl.arange(0, BLOCK_M)
-        head_in_chunk = rows // TILE_TOKENS
         token_in_tile = rows % TILE_TOKENS
         token = tile * TILE_TOKENS + token_in_tile
-        valid = (head_in_chunk < HEADS) & (token < seq_q)
-        return chunk * HEADS + head_in_chunk, token, valid, token_in_tile // BLOCK_Q
+        valid = (rows // TILE_TOKENS < HEADS) & (token < seq_q)
+        kv_head = (first_head // group).to(tl.int64)
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
+        v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
+        list_row = batch * list_stride_b + (first_head // pattern_head_divisor) * list_stride_h + tile
+        start = tl.load(Offsets + list_row)
+        end = tl.load(Offsets + list_row + 1)
+        head = first_head + rows // TILE_TOKENS
+        bit = token_in_tile // BLOCK_Q
+        return batch, tile, head, token, token + (seq_k - seq_q), valid, bit, k_base, v_base, start, end
 
     @triton.jit
     def load_rows(X, batch, head, token, valid, stride_b, stride_h, stride_s, offs_d, DOT_FP32: tl.constexpr):
@@ -292,24 +307,13 @@ if triton is not None:
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        chunks = num_q_heads // HEADS
-        # Tiles on the first grid axis: the others are limited to 65535 programs.
-        tile = tl.program_id(0)
-        batch = tl.program_id(1) // chunks
-        chunk = tl.program_id(1) % chunks
-        head, token, valid, bit = packed_rows(chunk, tile, seq_q, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q)
-        first_head = chunk * HEADS
-        kv_head = first_head // group
+        batch, tile, head, token, query_pos, valid, bit, k_base, v_base, start, end = tile_program(
+            K, V, Offsets, stride_kb, stride_kh, stride_vb, stride_vh, list_stride_b, list_stride_h,
+            num_q_heads, group, pattern_head_divisor, seq_q, seq_k, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q,
+        )  # fmt: skip
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        query_pos = token + (seq_k - seq_q)
         q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
-        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-
-        list_row = batch * list_stride_b + (first_head // pattern_head_divisor) * list_stride_h
-        start = tl.load(Offsets + list_row + tile)
-        end = tl.load(Offsets + list_row + tile + 1)
         # Bits of the query blocks this tile has rows in: an entry with all of them set is listed by every row.
         tile_rows = tl.minimum(seq_q - tile * TILE_TOKENS, TILE_TOKENS)
         all_bits = (1 << ((tile_rows + BLOCK_Q - 1) // BLOCK_Q)) - 1
@@ -425,6 +429,6 @@ def forward(
     return (out, lse) if return_lse else out
 
 
-# Last: these modules read this module's helpers (packed_rows, launch_geometry, token_lists).
+# Last: these modules read this module's helpers (tile_program, launch_geometry, token_lists).
 from . import triton_tokens_gathered as gathered  # noqa: E402
 from .triton_tokens_backward import backward  # noqa: E402, F401  (this backend's backward entry point)

@@ -58,7 +58,7 @@ SEGMENT_FACTOR = 4
 
 if triton is not None:
     from .triton_backward import _delta
-    from .triton_tokens import dq_step, key_steps, load_keys, load_row_stats, load_rows, packed_rows, store_rows
+    from .triton_tokens import dq_step, key_steps, load_keys, load_row_stats, load_rows, store_rows, tile_program
 
     @triton.jit
     def _token_dq(
@@ -76,27 +76,16 @@ if triton is not None:
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        chunks = num_q_heads // HEADS
-        tile = tl.program_id(0)
-        batch = tl.program_id(1) // chunks
-        chunk = tl.program_id(1) % chunks
-        head, token, valid, bit = packed_rows(chunk, tile, seq_q, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q)
-        first_head = chunk * HEADS
-        kv_head = first_head // group
+        batch, tile, head, token, query_pos, valid, bit, k_base, v_base, start, end = tile_program(
+            K, V, Offsets, stride_kb, stride_kh, stride_vb, stride_vh, list_stride_b, list_stride_h,
+            num_q_heads, group, pattern_head_divisor, seq_q, seq_k, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q,
+        )  # fmt: skip
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        offset = seq_k - seq_q
-        query_pos = token + offset
-        last_query = tl.minimum(tile * TILE_TOKENS + TILE_TOKENS, seq_q) - 1 + offset
+        last_query = tl.minimum(tile * TILE_TOKENS + TILE_TOKENS, seq_q) - 1 + (seq_k - seq_q)
         q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
         do = load_rows(DOut, batch, head, token, valid, stride_db, stride_dh, stride_ds, offs_d, DOT_FP32)
         lse, delta = load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q)
-        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-        v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-
-        list_row = batch * list_stride_b + (first_head // pattern_head_divisor) * list_stride_h + tile
-        start = tl.load(Offsets + list_row)
-        end = tl.load(Offsets + list_row + 1)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for entry in range(start, end):
             kv_block = tl.load(Blocks + entry)
