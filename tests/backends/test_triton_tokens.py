@@ -250,6 +250,15 @@ def test_gpu_moba_at_32k(share_in_group, poison_outputs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dim, dtype", [(64, torch.float16), (128, torch.float32)])
+def test_gpu_moba_512_gathered_path(dim, dtype, poison_outputs):
+    """MoBA's 512-token blocks (the gathered path) at 16K, head_dim 64 in fp16 and fp32."""
+    seq = 16384
+    q, k, v = random_qkv(1, 12, 4, seq, seq, dim, dtype=dtype, device="cuda", seed=24)
+    _gpu_compare(q, k, v, sa.estimate(q, k, "moba", block_size=512, top_k=3))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("heads", [(64, 4), (48, 4), (32, 8), (28, 4)])
 def test_gpu_nsa_like_selection(heads, poison_outputs):
     """NSA's selected branch: blocks of 64 chosen per token and KV group (16 on average), 8K tokens."""
