@@ -135,7 +135,11 @@ def test_gpu_peak_memory_stays_within_the_chunk(monkeypatch, method):
     # FlexPrefill's query-aware rule takes whole heads: as many per chunk as the budget holds.
     chunk_heads = max(1, (1 << 20) // (n * n))
     whole_heads = 10 * chunk_heads * (table // heads) if method == "flexprefill" else 0
-    assert streamed_peak <= 2 * pattern_bytes + allowance + whole_heads, (streamed_peak, pattern_bytes)
+    # SALE's quantisation emulation and Anchor's exact sink+local region hold float32 copies of
+    # the keys: O(S * D), not O(S^2) (measured on the H200: 480 and 361 MB at 64K, where one
+    # float32 copy of k is 268 MB).
+    key_copies = 2 * k.numel() * 4 if method in ("sale", "anchor") else 0
+    assert streamed_peak <= 2 * pattern_bytes + allowance + whole_heads + key_copies, (streamed_peak, pattern_bytes)
     assert whole_peak >= table, whole_peak
     # Kernels score each row alike in any chunking; cuBLAS may round the pooled products of
     # other shapes differently, which can move a block sitting on a selection boundary.

@@ -68,7 +68,7 @@ class PagedKVCache:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.batch, self.kv_heads, self.head_dim, self.page_size = batch, kv_heads, head_dim, page_size
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = dtype, _concrete(torch.device(device))
         self.lengths: list[int] = [0] * batch
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.page_counts = torch.zeros(batch, dtype=torch.int32, device=self.device)
@@ -257,3 +257,11 @@ class PagedKVCache:
             return pool[pages].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[:, :length]
 
         return read(self.k_pages), read(self.v_pages)
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """``device`` with its index filled in (``cuda`` -> ``cuda:<current>``), so it compares equal to
+    the device of the tensors made on it."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
