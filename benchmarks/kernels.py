@@ -64,7 +64,10 @@ def main() -> None:
         help="the Gluon kernel's TMA descriptors: made once at launch where they apply (auto), or per program (device)",
     )
     parser.add_argument(
-        "--gluon-persistent", action="store_true", help="the persistent Gluon kernel (one program per SM)"
+        "--gluon-persistent",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the persistent Gluon kernel (one program per SM): on light work items (auto), always, or never",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)"
@@ -92,7 +95,9 @@ def main() -> None:
     for case in cases:
         host_descriptors = None if args.gluon_descriptors == "auto" else False
         with kernel_configs(
-            triton_loads=loads, gluon_host_descriptors=host_descriptors, gluon_persistent=args.gluon_persistent or None
+            triton_loads=loads,
+            gluon_host_descriptors=host_descriptors,
+            gluon_persistent={"auto": None, "on": True, "off": False}[args.gluon_persistent],
         ):
             case_rows = run_kernel_case(case, backends, device)
         torch.cuda.empty_cache()  # the case's tensors are gone: return their memory before the next length

@@ -282,3 +282,14 @@ def test_gpu_host_and_device_descriptors_compute_the_same(shape, causal, poison_
     assert torch.equal(host, persistent) and torch.equal(host_lse, persistent_lse)
     ref = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
     assert relative_error(host, ref) <= TOLERANCE[torch.bfloat16]
+
+
+def test_persistent_kernel_takes_light_work_items_unless_told():
+    light = plan_for(sa.random_pattern(heads=2, seq_q=4096, density=0.1, seed=1), causal=True)
+    heavy = plan_for(sa.dense_pattern(seq_q=16384), causal=True)
+    assert light.work_bucket <= gluon_backend.PERSISTENT_MAX_WORK_BUCKET < heavy.work_bucket
+    assert gluon_backend._persistent(light) and not gluon_backend._persistent(heavy)
+    with sa.backends.kernel_configs(gluon_persistent=False):
+        assert not gluon_backend._persistent(light)
+    with sa.backends.kernel_configs(gluon_persistent=True):
+        assert gluon_backend._persistent(heavy)

@@ -109,8 +109,10 @@ class KernelConfigs:
     apply (:func:`sparse_attn.backends.gluon.uses_host_descriptors`).
     ``triton_backward_skip_masked``: ``True`` makes the Triton backward branch around tile pairs
     the causal mask hides entirely (:func:`backward_skips_masked_tiles`). ``gluon_persistent``:
-    ``True`` runs the persistent Gluon kernel (one program per SM walking the work items, the
-    next item's loads under the previous one's stores) where launch-made descriptors apply.
+    ``True`` / ``False`` forces the persistent Gluon kernel (one program per SM walking the work
+    items, the next item's loads under the previous one's stores) on or off where launch-made
+    descriptors apply; by default it runs on light work items only
+    (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None

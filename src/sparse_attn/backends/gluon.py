@@ -69,6 +69,16 @@ name = "gluon"
 # barriers, one program per SM) weighs more when each program does little.
 MIN_WORK_BUCKET_SMALL_DIM = 5
 
+# The persistent kernel (one program per SM, an item's loads under the previous one's stores)
+# takes work buckets up to 5 (a mean of at most 32 kept blocks per query block). Measured on the
+# H200 against the one-item kernel (benchmarks/results/h200/kernels_gluon_persistent.json vs
+# kernels_fa4.json, head_dim 128): 32K densities 0.05 / 0.1 / 0.2 (buckets 3-5) 0.94 / 1.66 / 3.09
+# vs 1.04 / 1.79 / 3.38 ms, 128K density 0.05 (bucket 5) 12.86 vs 13.16; slower from bucket 6 on
+# (128K density 0.1: 25.6 vs 25.0; 0.2: 53.4 vs 51.0; 32K dense 15.3 vs 14.6; 128K dense 280 vs
+# 239), where its static round-robin over items of very unequal length balances worse than the
+# hardware's scheduling of one program per item.
+PERSISTENT_MAX_WORK_BUCKET = 5
+
 
 def cannot_run_reason(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, capability: tuple[int, int] | None
@@ -534,6 +544,14 @@ if gluon is not None:
         )  # fmt: skip
 
 
+def _persistent(plan: BlockSparsePlan) -> bool:
+    """Whether to run the persistent kernel (where launch-made descriptors apply): asked for with
+    ``kernel_configs(gluon_persistent=...)``, else for light work items (mean kept blocks per query
+    block up to 32, work bucket <= :data:`PERSISTENT_MAX_WORK_BUCKET`)."""
+    asked = configs.current().gluon_persistent
+    return plan.work_bucket <= PERSISTENT_MAX_WORK_BUCKET if asked is None else asked
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -600,7 +618,7 @@ def forward(
         EVEN_K=seq_k % pattern.block_k == 0,
         EVEN_Q=seq_q % pattern.block_q == 0,
     )
-    if descriptors is not None and configs.current().gluon_persistent:
+    if descriptors is not None and _persistent(plan):
         num_items = grid[0] * grid[1]
         programs = min(num_items, _multiprocessors(q.device))
         _gluon_persistent_forward[(programs,)](*args, *descriptors, num_items, grid[0], **constants, num_warps=4)
