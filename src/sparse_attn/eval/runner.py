@@ -198,7 +198,7 @@ class Runner:
         variants = list(dict.fromkeys(case.variant for case in todo))
         with torch.inference_mode():
             for variant in variants:
-                patch(self.model, variant.name, min_seq_len=min_seq_len, backend=self.backend, **dict(variant.options))
+                patch(self.model, min_seq_len=min_seq_len, backend=self.backend, **self._patch_options(variant))
                 try:
                     for case in (case for case in todo if case.variant == variant):
                         if progress:
@@ -210,6 +210,15 @@ class Runner:
                     unpatch(self.model)
         keys = {self.key(case) for case in cases}
         return [row for row in load_results(self.results_path) if row["key"] in keys]
+
+    def _patch_options(self, variant) -> dict:
+        """``patch`` arguments for a variant: its method and options, except ``seer``, whose gates
+        are per layer (``layer_methods`` from the model's shipped gates; ``ValueError`` without)."""
+        if variant.name != "seer":
+            return {"method": variant.name, **dict(variant.options)}
+        from ..methods.seer import seer_layer_methods
+
+        return {"method": "dense", "layer_methods": seer_layer_methods(self.model, **dict(variant.options))}
 
     def _ids(self, case: Case) -> torch.Tensor:
         return torch.tensor([self.sample(case).input_ids], device=self.device)
