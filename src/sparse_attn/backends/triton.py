@@ -58,10 +58,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 name = "triton"
 
 
-def unsupported_reason(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool
-) -> str | None:
-    """Why the Triton kernel cannot run this case, or ``None`` when it can."""
+def input_unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why no Triton kernel of this package (block or token-granular) can take these inputs
+    (Triton, device, dtype, head_dim), or ``None``."""
     if triton is None:
         return "triton is not installed (pip install 'sparse-attn[triton]')"
     if q.device.type != "cuda" and not interpreting():
@@ -71,6 +70,16 @@ def unsupported_reason(
     dim = q.shape[-1]
     if dim not in (16, 32, 64, 128, 256):
         return f"the Triton kernel takes head_dim 16, 32, 64, 128 or 256, not {dim}"
+    return None
+
+
+def unsupported_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool
+) -> str | None:
+    """Why the Triton kernel cannot run this case, or ``None`` when it can."""
+    reason = input_unsupported_reason(q)
+    if reason is not None:
+        return reason
     for block_name in ("block_q", "block_k"):
         block = getattr(pattern, block_name)
         if block < 16 or block & (block - 1):

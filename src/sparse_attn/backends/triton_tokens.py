@@ -61,6 +61,7 @@ from ..pattern import BlockSparsePattern
 from ..utils import dot_in_float32, interpreting, length_bucket
 from . import launch
 from .launch import LOG2_E
+from .triton import input_unsupported_reason
 
 try:
     import triton
@@ -79,15 +80,9 @@ def unsupported_reason(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool
 ) -> str | None:
     """Why the token-granular kernel cannot run this case, or ``None`` when it can."""
-    if triton is None:
-        return "triton is not installed (pip install 'sparse-attn[triton]')"
-    if q.device.type != "cuda" and not interpreting():
-        return f"the Triton kernel needs a CUDA device (got {q.device.type}; set TRITON_INTERPRET=1 to interpret it on CPU)"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the Triton kernel takes float16, bfloat16 or float32, not {q.dtype}"
-    dim = q.shape[-1]
-    if dim not in (16, 32, 64, 128, 256):
-        return f"the Triton kernel takes head_dim 16, 32, 64, 128 or 256, not {dim}"
+    reason = input_unsupported_reason(q)
+    if reason is not None:
+        return reason
     if pattern.block_q > MAX_PACKED_ROWS:
         return f"the token-granular Triton kernel takes block_q <= {MAX_PACKED_ROWS}, got {pattern.block_q}"
     return None
