@@ -14,6 +14,11 @@ from typing import Any
 
 _REGISTRY: dict[str, Method] = {}
 
+# A method that chooses per head (``auto``) stores its per-head labels on the pattern it returns,
+# ``pattern.store_plan(HEAD_METHODS, labels)`` with labels a tuple per batch row of a tuple per
+# pattern head; ``sa.record`` reports them.
+HEAD_METHODS = "head_methods"
+
 
 @dataclass(frozen=True)
 class Method:

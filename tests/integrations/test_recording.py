@@ -127,3 +127,23 @@ def test_an_error_inside_record_is_not_masked_by_a_warning():
         warnings.simplefilter("error")
         with pytest.raises(KeyError), record(model):
             raise KeyError("inside")
+
+
+def test_auto_layers_report_the_method_chosen_per_head():
+    from sparse_attn.methods.auto import auto_layer_methods
+
+    model = tiny_model("llama")
+    layers = auto_layer_methods([0, 1], candidates=("streaming", "dense"), recall=0.5)
+    patch(model, layer_methods=layers, **PATCH)
+    with record(model) as recorder:
+        model(prompt())
+    for entry in recorder.records:
+        assert entry.method == "auto"
+        assert len(entry.head_methods) == len(entry.head_density) and entry.head_methods
+        assert set(entry.head_methods) <= {
+            "streaming()",
+            "dense()",
+            "dense",
+        }  # labels: name(options); "dense" = none met the budget
+    assert "chosen per head:" in recorder.table()
+    assert recorder.records[0].head_methods == tuple(layers[0][1]["state"].last.names(0))

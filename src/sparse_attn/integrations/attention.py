@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..api import block_sparse_attention, estimate
 from ..backends.dense import causal_attention, sliding_window_attention
+from ..registry import HEAD_METHODS
 from ..utils import synchronized_now
 from .decode import calibration_step, decode_step_attention
 from .masks import PrefillMask
@@ -40,6 +41,7 @@ def _attend_row(
     recording = bool(state.recorders)
     seq_q, seq_k = q.shape[2], k.shape[2]
     head_density: tuple[float, ...] = ()
+    head_methods: tuple[str, ...] = ()
     estimate_ms = 0.0
     if window is not None and window < seq_k:
         kind, method = "window", f"window={window}"
@@ -57,9 +59,11 @@ def _attend_row(
         if recording:
             estimate_ms = (synchronized_now(q.device) - start) * 1e3
             head_density = pattern_head_density(pattern)
+            chosen = pattern.cached_plan(HEAD_METHODS)
+            head_methods = tuple(chosen[0]) if chosen else ()  # a whole batch: its first sequence
         out = block_sparse_attention(q, k, v, pattern, scale=scale, backend=state.backend)
     if recording:
-        entry = LayerRecord(plan.layer, row, kind, method, seq_q, seq_k, head_density, estimate_ms)
+        entry = LayerRecord(plan.layer, row, kind, method, seq_q, seq_k, head_density, estimate_ms, head_methods)
         for recorder in state.recorders:
             recorder.records.append(entry)
             if recorder.capture and kind != "window":

@@ -40,6 +40,8 @@ class LayerRecord:
     seq_k: int
     head_density: tuple[float, ...]
     estimate_ms: float
+    # Per pattern head, the method a per-head chooser (``auto``) picked; empty for other methods.
+    head_methods: tuple[str, ...] = ()
 
     @property
     def density(self) -> float:
@@ -155,6 +157,8 @@ class Recorder:
                 f"{r.layer:>5} {row:>3} {r.kind:<6} {r.method:<12} {r.seq_q:>6} {r.seq_k:>6} "
                 f"{r.density:>7.3f}  {r.estimate_ms:>7.2f}  {heads}"
             )
+            if r.head_methods:
+                lines.append(f"{'':>5} {'':>3} chosen per head: {' '.join(r.head_methods)}")
         steps = self.decode_records
         if steps:
             lines.append(f"decode: {len(steps)} layer step(s); per layer, mean pages read / pages in cache:")

@@ -52,7 +52,7 @@ from ..checks import check_fraction, check_int
 from ..geometry import causal_block_mask, num_blocks
 from ..ops.last_query_probe import probe_last_queries
 from ..pattern import BlockSparsePattern, dense_pattern
-from ..registry import get_method, register_method
+from ..registry import HEAD_METHODS, get_method, register_method
 
 __all__ = ["DENSE", "DEFAULT_CANDIDATES", "AutoChoice", "AutoConfig", "AutoState", "auto_layer_methods", "choose"]
 
@@ -306,7 +306,8 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: AutoConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     """Lists per query head: ``kv_counts`` int32 ``(B, Hq, n_q_blocks)``; see :func:`choose`."""
-    pattern, _ = choose(q, k, config, causal=causal, block_q=block_q, block_k=block_k)
+    pattern, choice = choose(q, k, config, causal=causal, block_q=block_q, block_k=block_k)
+    pattern.store_plan(HEAD_METHODS, tuple(tuple(choice.names(b)) for b in range(choice.index.shape[0])))
     return pattern
 
 
