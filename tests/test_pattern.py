@@ -8,6 +8,7 @@ import torch
 import sparse_attn as sa
 from sparse_attn.geometry import causal_block_mask, diagonal_block_mask
 from sparse_attn.pattern import BlockSparsePattern
+from sparse_attn.plan import plan_for
 
 
 def _pattern(counts, indices, *, seq_q=64, seq_k=64, block=16):
@@ -169,3 +170,32 @@ def test_random_pattern_is_seeded_and_near_target_density():
     assert abs(first.density() - 0.2) < 0.03
     with pytest.raises(ValueError, match="density"):
         sa.random_pattern(seq_q=64, density=1.5)
+
+
+def test_validation_and_plan_of_a_token_level_pattern_allocate_no_block_table(monkeypatch):
+    """block_q = 1 at 64K tokens: a (n_q_blocks, n_kv_blocks) table would be 64K x 1K entries per
+    head; validation and the plan work from the lists (a trap makes any table use fail)."""
+    import sparse_attn.geometry as geometry
+    import sparse_attn.pattern as pattern_module
+
+    def trap(*args, **kwargs):
+        raise AssertionError("a (n_q_blocks, n_kv_blocks) table was built")
+
+    for name in ("causal_block_mask", "diagonal_block_mask", "fully_visible_block_mask"):  # and density()
+        monkeypatch.setattr(geometry, name, trap)
+        monkeypatch.setattr(pattern_module, name, trap, raising=False)
+    seq, block_k = 65536, 64
+    own = torch.arange(seq, dtype=torch.int32) // block_k
+    indices = torch.stack([torch.zeros_like(own), own], -1)[None, None]  # the first block and the own one
+    indices[..., :block_k, 1] = 0
+    counts = torch.where(own < 1, 1, 2).to(torch.int32)[None, None]
+    pattern = BlockSparsePattern(counts, indices.contiguous(), block_q=1, block_k=block_k, seq_q=seq, seq_k=seq)
+    pattern.validate(causal=True)
+    assert 0 < pattern.density() < 0.01
+    plan = plan_for(pattern, causal=True)
+    # Block 0 is full for every query past it; a query's own block only at the block's last token.
+    assert int(plan.full_counts.sum()) == seq - block_k + seq // block_k
+    ones = torch.ones_like(counts)
+    broken = BlockSparsePattern(ones, torch.zeros_like(indices), block_q=1, block_k=block_k, seq_q=seq, seq_k=seq)
+    with pytest.raises(ValueError, match="diagonal"):
+        broken.validate(causal=True)

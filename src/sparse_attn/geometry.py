@@ -17,6 +17,7 @@ __all__ = [
     "causal_block_mask",
     "diagonal_block_mask",
     "fully_visible_block_mask",
+    "fully_visible_entries",
     "num_blocks",
     "own_kv_block_span",
     "query_block_positions",
@@ -56,6 +57,20 @@ def diagonal_block_mask(seq_q: int, seq_k: int, block_q: int, block_k: int, devi
     first, last = own_kv_block_span(seq_q, seq_k, block_q, block_k, device)
     kv_block = torch.arange(num_blocks(seq_k, block_k), device=device, dtype=torch.int64)
     return (kv_block[None, :] >= first[:, None]) & (kv_block[None, :] <= last[:, None])
+
+
+def fully_visible_entries(
+    kv_blocks: torch.Tensor, seq_q: int, seq_k: int, block_q: int, block_k: int, *, causal: bool
+) -> torch.Tensor:
+    """The full-block rule of :func:`fully_visible_block_mask` for lists: bool, the shape of
+    ``kv_blocks`` (int64 ``(..., n_q_blocks, slots)``, KV block numbers listed per query block),
+    computed per entry so memory is that of the lists."""
+    first, _ = query_block_positions(seq_q, seq_k, block_q, kv_blocks.device)
+    kv_end = (kv_blocks + 1) * block_k
+    full = kv_end <= seq_k
+    if causal:
+        full = full & (kv_end - 1 <= first[:, None])
+    return full
 
 
 def fully_visible_block_mask(

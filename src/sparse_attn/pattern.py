@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checks import check_int
-from .geometry import causal_block_mask, diagonal_block_mask, num_blocks
+from .geometry import causal_block_mask, diagonal_block_mask, num_blocks, own_kv_block_span
 
 __all__ = [
     "BlockSparsePattern",
@@ -234,7 +234,11 @@ class BlockSparsePattern:
     # Statistics and checks ----------------------------------------------------------
     def density(self, *, causal: bool = True) -> float:
         """Computed blocks over valid blocks (causal-valid in causal mode, all blocks otherwise)."""
-        valid = int(self.causal_block_mask().sum()) if causal else self.num_q_blocks * self.num_kv_blocks
+        if causal:  # per query block, the KV blocks up to the one holding its last position
+            _, last = own_kv_block_span(self.seq_q, self.seq_k, self.block_q, self.block_k)
+            valid = int((last + 1).sum())
+        else:
+            valid = self.num_q_blocks * self.num_kv_blocks
         return float(self.kv_counts.sum(dtype=torch.int64)) / (valid * self.batch * self.num_heads)
 
     def validate(self, *, causal: bool = True) -> BlockSparsePattern:
@@ -259,11 +263,15 @@ class BlockSparsePattern:
             if bool((~increasing & used[..., 1:]).any()):
                 raise ValueError("kv_indices must be strictly increasing (sorted, no repeats) within each count")
         if causal:
-            mask = self.to_mask()
-            if bool((mask & ~self.causal_block_mask()).any()):
+            # From the lists themselves (O(kept entries)): no (n_q_blocks, n_kv_blocks) table,
+            # which token-level patterns (block_q = 1) would make O(S^2 / block_k).
+            first, last = own_kv_block_span(self.seq_q, self.seq_k, self.block_q, self.block_k, self.device)
+            blocks = indices.long()
+            if bool(((blocks > last[:, None]) & used).any()):
                 raise ValueError("pattern keeps KV blocks after the query block's last position (not causal)")
-            diagonal = self.diagonal_block_mask()
-            if bool((diagonal & ~mask).any()):
+            # Indices are unique, so the own span is all there when the list holds span-many of it.
+            own = ((blocks >= first[:, None]) & (blocks <= last[:, None]) & used).sum(-1)
+            if bool((own < (last - first + 1)).any()):
                 raise ValueError(
                     "pattern misses a diagonal block: in causal mode every query block keeps its own positions"
                 )

@@ -5,7 +5,7 @@ the kernels need (FlashInfer's plan/run split, FlexAttention's full/partial bloc
 
 * ``full_counts`` int32 ``(B, H, n_q_blocks)``, same shape as the pattern's ``kv_counts``: how
   many leading entries of each list are *full* blocks, which every query row of the block sees
-  in full (:func:`sparse_attn.geometry.fully_visible_block_mask`, the one full-block rule), so
+  in full (:func:`sparse_attn.geometry.fully_visible_entries`, the one full-block rule), so
   a kernel computes them without any mask. The remaining ``kv_counts - full_counts`` entries
   are *partial*: the token-level rule (causal, sequence bounds) applies inside them. The rule
   is closed downwards (if block ``j`` is full, so is every block before it) and lists are
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .geometry import fully_visible_block_mask
+from .geometry import fully_visible_entries
 from .pattern import BlockSparsePattern
 
 __all__ = ["BlockSparsePlan", "TransposedLists", "plan_for"]
@@ -91,14 +91,16 @@ def plan_for(pattern: BlockSparsePattern, *, causal: bool) -> BlockSparsePlan:
 
 def _build(pattern: BlockSparsePattern, causal: bool) -> BlockSparsePlan:
     device = pattern.device
-    full_table = fully_visible_block_mask(
-        pattern.seq_q, pattern.seq_k, pattern.block_q, pattern.block_k, causal=causal, device=device
-    )
     slots = torch.arange(pattern.max_kv, device=device)
     used = slots < pattern.kv_counts[..., None]
     safe_indices = torch.where(used, pattern.kv_indices, 0).long()
-    rows = torch.arange(pattern.num_q_blocks, device=device)[:, None]
-    is_full = full_table[rows, safe_indices] & used
+    # The full-block rule per list entry (O(kept entries), no (n_q, n_kv) table).
+    is_full = (
+        fully_visible_entries(
+            safe_indices, pattern.seq_q, pattern.seq_k, pattern.block_q, pattern.block_k, causal=causal
+        )
+        & used
+    )
     # Kernels share one offset computation for counts and full counts: both contiguous, same shape.
     full_counts = is_full.sum(-1, dtype=torch.int32).contiguous()
 
