@@ -149,8 +149,13 @@ def test_tidaldecode_layers_reuse_the_selection_layers_tokens(lengths, q_heads, 
             logits = torch.stack([keys[h // group].double() @ queries[source][b, h].double() for h in range(q_heads)])
             expected = _group_topk_reference(logits * dim**-0.5, length, group, 12, softmax=True)
             assert _selected_sets(selections[layer])[b] == expected
-    with pytest.raises(ValueError, match="needs the tokens of selection layer 2"):
-        sparse_decode(queries[0], cache, "tidaldecode", layer=3, state={"num_layers": 8})
+    # A later layer that finds no selection (its selection layer did not run the method) selects:
+    # it attends densely and leaves its choice for the next layers.
+    lone = {"num_layers": 8}
+    _, first = sparse_decode(queries[3], cache, "tidaldecode", layer=3, state=lone, return_selection=True)
+    assert first.select_block == page_size and "tidaldecode" in lone
+    _, reused = sparse_decode(queries[5], cache, "tidaldecode", layer=5, state=lone, return_selection=True)
+    assert reused is lone["tidaldecode"]
     with pytest.raises(ValueError, match="num_layers"):
         sparse_decode(queries[0], cache, "tidaldecode", layer=2, state={}, reselection_layer=None)
     assert get_decode_method("tidaldecode").defaults()["reselection_layer"] == 13

@@ -33,6 +33,10 @@ Choices where the paper is silent or unverified here:
 - The newest token (the step's own key) is always kept.
 - The paper's KV-cache correction (periodically re-filling the cache of sparsely decoded
   tokens with full attention) is not implemented.
+- A layer past ``selection_layer`` that finds no selection in the step's state (the selection
+  layer did not run the method: in Gemma 3 it is a sliding-window layer, which reads its window)
+  selects itself, so the first layer that runs the method is the selection layer. A
+  re-selection layer that does not run the method is skipped.
 - The selection layer's scores are computed from the full keys gathered in PyTorch, beside its
   full-attention output from the kernel (the paper fuses them; a fused kernel is not done).
 """
@@ -93,18 +97,17 @@ def reselection_layer(config: TidalDecodeConfig, state: dict) -> int:
     summary="full attention in a selection layer and a middle re-selection layer; other layers reuse their top tokens",
 )
 def select_tidaldecode(q, cache, config: TidalDecodeConfig, *, layer: int, state: dict) -> DecodeSelection:
-    if layer in (config.selection_layer, reselection_layer(config, state)):
+    if layer < max(config.dense_layers, config.selection_layer):
+        return dense_selection(cache)
+    # A layer past the selection layer that finds no selection in the step's state selects
+    # itself: the selection layer did not run the method (a sliding-window layer of Gemma 3
+    # reads its window instead), so the first layer that does takes its role.
+    selects = layer in (config.selection_layer, reselection_layer(config, state)) or STATE_KEY not in state
+    if selects:
         scores = attention_token_scores(q, cache)
         lengths = cache.seq_lens.long()
         valid = torch.arange(scores.shape[-1], device=q.device) < lengths[:, None, None]
         probabilities = group_probabilities(scores, valid, cache.kv_heads)
         state[STATE_KEY] = topk_selection(probabilities, lengths, config.token_budget, 1)
         return dense_selection(cache)
-    if layer < max(config.dense_layers, config.selection_layer):
-        return dense_selection(cache)
-    if STATE_KEY not in state:
-        raise ValueError(
-            f"tidaldecode: layer {layer} needs the tokens of selection layer {config.selection_layer}, "
-            "which has not run in this step's state (pass one state dict to the step's layers, in order)"
-        )
     return state[STATE_KEY]
