@@ -25,8 +25,8 @@ import torch
 from ..geometry import num_blocks
 from ..plan import BlockSparsePlan
 from ..utils import dot_in_float32, interpreting, length_bucket
-from . import configs
-from .launch import LOG2_E, allocate, block_list_strides
+from . import configs, launch
+from .launch import LOG2_E, block_list_strides
 
 try:
     import triton
@@ -248,7 +248,8 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     kv_heads, seq_k = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     q, k, v, out, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, dout))
-    dq, dk, dv = (allocate(x.shape, x.dtype, x.device) for x in (q, k, v))
+    # Through the module, so tests that poison launch.allocate poison the gradient buffers too.
+    dq, dk, dv = (launch.allocate(x.shape, x.dtype, x.device) for x in (q, k, v))
     delta = torch.empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device)
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
