@@ -81,8 +81,10 @@ def installed() -> str | None:
     """Why FA4 cannot be imported here (a sentence), or ``None`` when its modules are installed."""
     for module, package in (("cutlass", "nvidia-cutlass-dsl"), ("flash_attn.cute", "flash-attn-4")):
         try:
+            # find_spec of "flash_attn.cute" imports the flash_attn package; an older FlashAttention
+            # installed under that name may fail to import in any way: then FA4 is not usable.
             found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
+        except Exception:
             found = False
         if not found:
             return f"FlashAttention-4 is not installed (no module {module!r}; pip install {package})"
