@@ -19,10 +19,14 @@ same meaning):
 
 Backends. ``reference`` evaluates the rule exactly on every gathered block (chunked: memory
 stays O(S * block)); ``flex`` passes it to FlexAttention as the ``mask_mod`` of the partial
-blocks and lists the rule-whole blocks as full blocks. The block kernels (``triton``,
-``gluon``) compute whole blocks only, so a pattern with a token rule runs on ``flex`` (CUDA)
-or ``reference`` (elsewhere) instead (:func:`backend_for_token_rule`; one warning when one of
-them was asked for by name). A block-exact ``MaskedPattern`` (no rule) runs on every backend.
+blocks and lists the rule-whole blocks as full blocks; ``triton`` (the block kernels, forward
+and backward) reads it as per-block bitmasks built once per pattern from ``allowed`` on the
+partial entries only (:func:`sparse_attn.plan.rule_bitmask`), applied where the kernels apply
+the causal mask. The Gluon kernel (and FlashAttention-4) compute whole blocks only, so
+:func:`backend_for_token_rule` sends a pattern with a token rule to ``triton`` where it runs
+(CUDA, or Triton's interpreter; query blocks of at least 16 rows), else to ``flex`` (CUDA) or
+``reference``, with one warning when another backend was asked for by name. A block-exact
+``MaskedPattern`` (no rule) runs on every backend.
 """
 
 from __future__ import annotations
@@ -153,17 +157,37 @@ def token_rule_of(pattern: BlockSparsePattern):
     return getattr(pattern, "token_rule", None)
 
 
-def backend_for_token_rule(backend: str, q: torch.Tensor, pattern: BlockSparsePattern) -> str:
+def backend_for_token_rule(
+    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool
+) -> str:
     """The backend to consider for ``pattern``: ``backend`` itself unless the pattern has a token
-    rule and ``backend`` is a block kernel (or ``auto``), which computes whole blocks only; then
-    ``flex`` on CUDA, else ``reference``. Warns (once per call site) when a kernel was asked for by name."""
+    rule and ``backend`` is a kernel that cannot evaluate it (``gluon``, ``flash4``) or ``auto``.
+
+    With a token rule: ``triton`` where its block kernel runs the case (``auto`` on CUDA,
+    ``triton``, and ``gluon`` / ``flash4`` with one warning); where it cannot, ``flex`` on CUDA,
+    else ``reference`` (one warning naming why when a kernel was asked for by name). ``auto``
+    off CUDA stays ``auto`` (the reference backend, as for every pattern there)."""
     if token_rule_of(pattern) is None or backend not in _KERNEL_BACKENDS:
         return backend
+    if backend == "auto" and q.device.type != "cuda":
+        return backend
+    from .backends import triton as triton_backend
+
+    reason = triton_backend.unsupported_reason(q, k, v, pattern, return_lse=return_lse)
+    if reason is None:
+        if backend not in ("auto", "triton"):
+            warnings.warn(
+                f"the {backend} backend computes whole blocks and this pattern has a token-level rule inside "
+                f"{pattern.partial_entries()} of its blocks: using the triton backend",
+                stacklevel=4,
+            )
+        return "triton"
     fallback = "flex" if q.device.type == "cuda" else "reference"
     if backend != "auto":
         warnings.warn(
-            f"the {backend} backend computes whole blocks and this pattern has a token-level rule inside "
-            f"{pattern.partial_entries()} of its blocks: using the {fallback} backend",
+            f"this pattern has a token-level rule inside {pattern.partial_entries()} of its blocks, which the "
+            f"{backend} backend cannot evaluate and the triton kernel cannot run here ({reason}): "
+            f"using the {fallback} backend",
             stacklevel=4,
         )
     return fallback

@@ -20,6 +20,21 @@ the kernels need (FlashInfer's plan/run split, FlexAttention's full/partial bloc
 * ``density``: the pattern's density in this mode, for dispatch rules. Computed on first use.
 * ``transposed``: per KV block, the query blocks whose lists hold it (``q_counts`` and
   ``q_indices``, int32, ascending), as the backward pass walks K/V blocks. Built on first use.
+  For a pattern with a token rule it also carries each entry's ``rule_index`` (below).
+* ``rule_lists`` (patterns with a token rule, :class:`~sparse_attn.masked_pattern.MaskedPattern`;
+  ``None`` otherwise): the token rule inside the partial entries as per-block bitmasks the
+  kernels read, and the lists reordered so the entries every row sees whole lead (see
+  :class:`RuleLists`). Built on first use.
+
+Token-rule bitmasks (:func:`rule_bitmask`, cached on the pattern: they do not depend on the
+mode). ``token_rule.allowed`` is evaluated only on the entries ``rule_partial`` marks (a chunk
+of entries at a time), and each entry's ``(block_q, block_k)`` mask is packed into int32 words:
+``block_q`` rows of ``ceil(block_k / 32)`` words, key ``c`` of the block in bit ``c % 32`` of
+word ``c // 32``. Memory is ``4 * block_q * ceil(block_k / 32)`` bytes per partial entry (the
+packed mask; ``block_k = 16`` leaves half of each word unused), plus one int32 per list entry
+naming its mask (``-1``: the rule does not cut the entry), never anything ``O(S^2)``. The
+kernels load that one index beside each KV block number and, for indices ``>= 0``, the words,
+applying the mask as ``-inf`` scores where they apply the causal and bounds masks.
 
 :func:`plan_for` caches the plan on the pattern, so repeated calls with one pattern plan once.
 """
@@ -33,9 +48,13 @@ from dataclasses import dataclass
 import torch
 
 from .geometry import fully_visible_entries
+from .masked_pattern import token_rule_of
 from .pattern import BlockSparsePattern
 
-__all__ = ["BlockSparsePlan", "TransposedLists", "plan_for"]
+__all__ = ["BlockSparsePlan", "RuleBitmask", "RuleLists", "TransposedLists", "plan_for", "rule_bitmask"]
+
+# Upper bound on (query, key) pairs of one chunk of partial entries when the token rule is evaluated.
+_RULE_PAIRS_PER_CHUNK = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -44,11 +63,49 @@ class TransposedLists:
 
     ``q_counts`` int32 ``(B, H, n_kv_blocks)`` (zero where no query block keeps the KV block),
     ``q_indices`` int32 ``(B, H, n_kv_blocks, max_q)``, ascending; entries at or past the count
-    are padding (zero). ``B`` and ``H`` are the pattern's.
+    are padding (zero). ``B`` and ``H`` are the pattern's. ``rule_index`` int32, ``q_indices``'
+    shape, for a pattern with a token rule: each entry's row of :attr:`RuleBitmask.words`
+    (``-1``: whole for the rule, and padding); ``None`` for other patterns.
     """
 
     q_counts: torch.Tensor
     q_indices: torch.Tensor
+    rule_index: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RuleBitmask:
+    """A pattern's token rule inside its partial entries, packed (see the module docstring).
+
+    ``entry_index`` int32, ``kv_indices``' shape: for each list entry the row of ``words`` that
+    holds its mask, ``-1`` where the rule does not cut the entry (and in unused slots).
+    ``words`` int32 ``(n_partial, block_q, ceil(block_k / 32))``: bit ``c % 32`` of
+    ``words[e, r, c // 32]`` is set when query ``r`` and key ``c`` of entry ``e``'s block pair are
+    allowed by the rule (positions past the sequence included: the kernels' bounds masks hide them).
+    """
+
+    entry_index: torch.Tensor
+    words: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RuleLists:
+    """The lists of a pattern with a token rule as the block kernels' forward walks them.
+
+    ``kv_indices`` int32 ``(B, H, n_q_blocks, max_kv)``: each list reordered so that its *whole*
+    entries lead (full under the causal / bounds rule and not cut by the token rule; ascending),
+    then the others (ascending); ``full_counts`` int32 ``(B, H, n_q_blocks)``: how many whole
+    entries lead, which the kernel computes without any mask; ``rule_index`` int32, the lists'
+    shape: each entry's row of ``words`` (``-1``: the rule does not cut it); ``words``: the packed
+    masks (:class:`RuleBitmask`). Entries are reordered because a rule-cut entry may sit anywhere
+    in a sorted list, while the kernel splits each list into one unmasked and one masked run;
+    the softmax does not depend on the order of its blocks.
+    """
+
+    kv_indices: torch.Tensor
+    full_counts: torch.Tensor
+    rule_index: torch.Tensor
+    words: torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,7 +134,16 @@ class BlockSparsePlan:
 
     @functools.cached_property
     def transposed(self) -> TransposedLists:
-        return _transpose(self.pattern)
+        bitmask = rule_bitmask(self.pattern)
+        return _transpose(self.pattern, None if bitmask is None else bitmask.entry_index)
+
+    @functools.cached_property
+    def rule_lists(self) -> RuleLists | None:
+        """The forward's lists and bitmasks for a pattern with a token rule, else ``None``."""
+        bitmask = rule_bitmask(self.pattern)
+        if bitmask is None:
+            return None
+        return _whole_entries_first(self.pattern, self.causal, bitmask)
 
 
 def plan_for(pattern: BlockSparsePattern, *, causal: bool) -> BlockSparsePlan:
@@ -89,18 +155,80 @@ def plan_for(pattern: BlockSparsePattern, *, causal: bool) -> BlockSparsePlan:
     return plan
 
 
-def _build(pattern: BlockSparsePattern, causal: bool) -> BlockSparsePlan:
+def rule_bitmask(pattern: BlockSparsePattern) -> RuleBitmask | None:
+    """The packed token-rule masks of ``pattern``'s partial entries (``None`` without a token
+    rule), built on first request and cached on the pattern (see the module docstring)."""
+    rule = token_rule_of(pattern)
+    if rule is None:
+        return None
+    bitmask = pattern.cached_plan("rule_bitmask")
+    if bitmask is None:
+        bitmask = pattern.store_plan("rule_bitmask", _pack_rule(pattern, rule))
+    return bitmask
+
+
+def _pack_rule(pattern: BlockSparsePattern, rule) -> RuleBitmask:
     device = pattern.device
-    slots = torch.arange(pattern.max_kv, device=device)
+    block_q, block_k = pattern.block_q, pattern.block_k
+    used = torch.arange(pattern.max_kv, device=device) < pattern.kv_counts[..., None]
+    b, h, q_block, slot = (pattern.rule_partial & used).nonzero(as_tuple=True)
+    n_partial = q_block.numel()
+    entry_index = torch.full(pattern.kv_indices.shape, -1, dtype=torch.int32, device=device)
+    entry_index[b, h, q_block, slot] = torch.arange(n_partial, dtype=torch.int32, device=device)
+    kv_block = pattern.kv_indices[b, h, q_block, slot].long()
+    # Keys padded to whole words; the padding keys' bits stay clear.
+    words_per_row = -(-block_k // 32)
+    padded_k = words_per_row * 32
+    words = torch.empty((n_partial, block_q, words_per_row), dtype=torch.int32, device=device)
+    rows = torch.arange(block_q, device=device)
+    keys = torch.arange(block_k, device=device)
+    bit_values = torch.bitwise_left_shift(
+        torch.ones(32, dtype=torch.int64, device=device), torch.arange(32, device=device)
+    )
+    offset = pattern.seq_k - pattern.seq_q
+    chunk = max(1, _RULE_PAIRS_PER_CHUNK // (block_q * padded_k))
+    for start in range(0, n_partial, chunk):
+        part = slice(start, start + chunk)
+        query_pos = offset + q_block[part, None] * block_q + rows  # (E, block_q), in key positions
+        key_pos = kv_block[part, None] * block_k + keys  # (E, block_k)
+        allowed = rule.allowed(query_pos[:, :, None], key_pos[:, None, :])  # (E, block_q, block_k)
+        allowed = allowed.expand(query_pos.shape[0], block_q, block_k)
+        allowed = torch.nn.functional.pad(allowed, (0, padded_k - block_k))
+        packed = (allowed.view(-1, block_q, words_per_row, 32).to(torch.int64) * bit_values).sum(-1)
+        # Bits 0..31 as an unsigned value; int32 holds the same bits (two's complement).
+        words[part] = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    return RuleBitmask(entry_index=entry_index, words=words)
+
+
+def _full_entries(pattern: BlockSparsePattern, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool ``kv_indices``' shape: the full-block rule per list entry (O(kept entries), no
+    ``(n_q, n_kv)`` table), and the used slots."""
+    slots = torch.arange(pattern.max_kv, device=pattern.device)
     used = slots < pattern.kv_counts[..., None]
     safe_indices = torch.where(used, pattern.kv_indices, 0).long()
-    # The full-block rule per list entry (O(kept entries), no (n_q, n_kv) table).
-    is_full = (
-        fully_visible_entries(
-            safe_indices, pattern.seq_q, pattern.seq_k, pattern.block_q, pattern.block_k, causal=causal
-        )
-        & used
+    is_full = fully_visible_entries(
+        safe_indices, pattern.seq_q, pattern.seq_k, pattern.block_q, pattern.block_k, causal=causal
     )
+    return is_full & used, used
+
+
+def _whole_entries_first(pattern: BlockSparsePattern, causal: bool, bitmask: RuleBitmask) -> RuleLists:
+    is_full, used = _full_entries(pattern, causal)
+    whole = is_full & (bitmask.entry_index < 0)
+    # A stable sort by (not whole, not used) keeps each group ascending: whole, cut, unused.
+    rank = (~whole).to(torch.uint8) + (~used).to(torch.uint8)
+    order = torch.sort(rank, dim=-1, stable=True).indices
+    return RuleLists(
+        kv_indices=torch.gather(pattern.kv_indices, -1, order).to(torch.int32).contiguous(),
+        full_counts=whole.sum(-1, dtype=torch.int32).contiguous(),
+        rule_index=torch.gather(bitmask.entry_index, -1, order).contiguous(),
+        words=bitmask.words,
+    )
+
+
+def _build(pattern: BlockSparsePattern, causal: bool) -> BlockSparsePlan:
+    device = pattern.device
+    is_full, _ = _full_entries(pattern, causal)
     # Kernels share one offset computation for counts and full counts: both contiguous, same shape.
     full_counts = is_full.sum(-1, dtype=torch.int32).contiguous()
 
@@ -112,7 +240,7 @@ def _build(pattern: BlockSparsePattern, causal: bool) -> BlockSparsePlan:
     return BlockSparsePlan(pattern=pattern, causal=causal, full_counts=full_counts, work_order=work_order)
 
 
-def _transpose(pattern: BlockSparsePattern) -> TransposedLists:
+def _transpose(pattern: BlockSparsePattern, entry_index: torch.Tensor | None) -> TransposedLists:
     batch, heads, _, max_kv = pattern.kv_indices.shape
     n_kv = pattern.num_kv_blocks
     device = pattern.device
@@ -123,6 +251,7 @@ def _transpose(pattern: BlockSparsePattern) -> TransposedLists:
     group = (b * heads + h) * n_kv + kv_block
     # A stable sort by (batch, head, KV block) keeps the query blocks of each group ascending.
     order = torch.sort(group, stable=True).indices
+    rule_entry = None if entry_index is None else entry_index[b, h, q_block, slot][order]
     group, q_block = group[order], q_block[order]
     counts = torch.bincount(group, minlength=batch * heads * n_kv)
     starts = torch.cumsum(counts, 0) - counts
@@ -130,7 +259,13 @@ def _transpose(pattern: BlockSparsePattern) -> TransposedLists:
     max_q = max(int(counts.max()) if counts.numel() else 0, 1)
     indices = torch.zeros((batch * heads * n_kv, max_q), dtype=torch.int32, device=device)
     indices[group, position] = q_block.to(torch.int32)
+    rule_index = None
+    if rule_entry is not None:
+        rule_index = torch.full((batch * heads * n_kv, max_q), -1, dtype=torch.int32, device=device)
+        rule_index[group, position] = rule_entry
+        rule_index = rule_index.view(batch, heads, n_kv, max_q)
     return TransposedLists(
         q_counts=counts.to(torch.int32).view(batch, heads, n_kv).contiguous(),
         q_indices=indices.view(batch, heads, n_kv, max_q),
+        rule_index=rule_index,
     )

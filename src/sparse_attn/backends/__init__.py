@@ -21,8 +21,10 @@ Choice (:func:`resolve_backend`):
 * ``flash4``: FlashAttention-4 through FlexAttention's FLASH backend; where it cannot run
   (not installed, not Hopper/Blackwell ...), ``gluon``, ``triton``, else ``flex``.
 * ``triton``, ``flex``, ``reference``: that backend.
-* A pattern with a token-level rule (:mod:`sparse_attn.masked_pattern`) runs on ``flex`` (CUDA) or
-  ``reference``: the block kernels compute whole blocks only.
+* A pattern with a token-level rule (:mod:`sparse_attn.masked_pattern`) runs on ``triton`` (its
+  block kernels read the rule as per-block bitmasks), also for ``auto`` on CUDA and for ``gluon``
+  or ``flash4`` asked by name (one warning: they compute whole blocks only); where the Triton
+  kernel cannot run the case, on ``flex`` (CUDA) or ``reference``.
 * A backend that cannot run the case falls back to the next one and finally to ``reference``
   with one warning naming why. Inputs that require grad count as part of the case: every
   backend differentiates in q, k and v (``triton`` and ``gluon`` with the Triton backward
@@ -111,7 +113,7 @@ def resolve_backend(
     """The backend that will run this case; warns (once per reason) when it is not the one asked for."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    backend = backend_for_token_rule(backend, q, pattern)
+    backend = backend_for_token_rule(backend, q, k, v, pattern, return_lse=return_lse)
     if backend == "auto":
         if q.device.type != "cuda":
             preferred = ("reference",)

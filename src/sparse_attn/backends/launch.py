@@ -80,20 +80,23 @@ def block_list_strides(counts: torch.Tensor, indices: torch.Tensor, pattern_batc
     )
 
 
-def launch_arguments(q, k, v, plan: BlockSparsePlan, *, scale: float, return_lse: bool):
+def launch_arguments(q, k, v, plan: BlockSparsePlan, *, scale: float, return_lse: bool, lists=None):
     """``(out, lse, args)``: the outputs (from :func:`allocate`) and the leading runtime
     arguments both kernels take, ``Q`` through ``qk_scale`` (``lse`` is ``out`` when not asked
-    for; the kernels then never touch it)."""
+    for; the kernels then never touch it). ``lists``: ``(full_counts, kv_indices)`` to walk
+    instead of the plan's full counts and the pattern's lists (the Triton kernel's reordered
+    lists for a token rule, :attr:`sparse_attn.plan.BlockSparsePlan.rule_lists`), same shapes."""
     pattern = plan.pattern
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     out = allocate((batch, q_heads, seq_q, dim), q.dtype, q.device)
     lse = allocate((batch, q_heads, seq_q), torch.float32, q.device) if return_lse else out
+    full_counts, indices = (plan.full_counts, pattern.kv_indices) if lists is None else lists
     # counts and full counts share one offset computation in the kernels: both contiguous.
     counts = pattern.kv_counts.contiguous()
-    indices = pattern.kv_indices.contiguous()
+    indices = indices.contiguous()
     args = (
-        *(q, k, v, out, lse, counts, plan.full_counts, indices, plan.work_order),
+        *(q, k, v, out, lse, counts, full_counts, indices, plan.work_order),
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],

@@ -88,6 +88,7 @@ def unsupported_reason(
 
 
 if triton is not None:
+    from .rule_bits import rule_allowed
 
     @triton.jit
     def _attend_blocks(
@@ -107,6 +108,10 @@ if triton is not None:
         qk_scale,
         offs_n,
         offs_d,
+        RuleWords,
+        rule_base,
+        block_rows,
+        BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr,
@@ -116,11 +121,17 @@ if triton is not None:
         K_TRANSPOSED: tl.constexpr,
         EVEN_K: tl.constexpr,
         USE_TMA: tl.constexpr,
+        HAS_RULE: tl.constexpr,
     ):
         """Online-softmax update over the KV blocks in slots ``[first_slot, last_slot)``.
 
         ``EVEN_K``: the key length is a multiple of the pattern's KV block, so no listed key
         lies past the end and masked blocks need only the causal mask.
+
+        ``HAS_RULE`` (masked slots only): the pattern has a token rule; ``rule_base`` points at
+        the slots' bitmask indices (:mod:`.rule_bits`), ``block_rows`` are the tile's rows
+        inside the query block. Rule-cut entries are never in the unmasked run (the plan puts
+        them after the whole ones).
 
         ``USE_TMA``: ``k_base`` and ``v_base`` are tensor descriptors (``tl.make_tensor_descriptor``
         over this KV head's ``(seq_k, HEAD_DIM)`` rows) instead of pointers; ``stride_ks``,
@@ -168,7 +179,15 @@ if triton is not None:
                     visible = in_bounds[None, :]
                     if CAUSAL:
                         visible = visible & (key_pos[None, :] <= query_pos[:, None])
-                if CAUSAL or not EVEN_K:
+                if HAS_RULE:
+                    entry = tl.load(rule_base + step // SUBTILES)
+                    block_keys = (step % SUBTILES) * BLOCK_N + offs_n
+                    allowed = rule_allowed(RuleWords, entry, block_rows[:, None], block_keys[None, :], BLOCK_Q, BLOCK_K)
+                    if CAUSAL or not EVEN_K:
+                        visible = visible & allowed
+                    else:
+                        visible = allowed
+                if CAUSAL or not EVEN_K or HAS_RULE:
                     scores = tl.where(visible, scores, float("-inf"))
             # m is kept in scaled (log2) units; the scale is folded into one FMA per score.
             m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
@@ -222,6 +241,8 @@ if triton is not None:
         qk_scale,
         seq_bucket,  # autotuning keys only: ceil(log2(seq_k)) and ceil(log2(mean kept blocks
         work_bucket,  # per query block)), so long or dense cases do not reuse a short/sparse tuning
+        RuleIndex,  # with HAS_RULE: per list entry its bitmask index (KvIndices' shape), and the
+        RuleWords,  # packed masks (:mod:`.rule_bits`); unused otherwise
         HEAD_DIM: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -235,6 +256,7 @@ if triton is not None:
         EVEN_K: tl.constexpr,
         EVEN_Q: tl.constexpr,
         USE_TMA: tl.constexpr,
+        HAS_RULE: tl.constexpr,
     ):
         TILES_PER_BLOCK: tl.constexpr = BLOCK_Q // BLOCK_M
         batch_head = tl.program_id(0)
@@ -277,7 +299,10 @@ if triton is not None:
         count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
         count = tl.load(KvCounts + count_offset)
         full_count = tl.load(KvFullCounts + count_offset)
-        index_base = KvIndices + batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+        list_offset = batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+        index_base = KvIndices + list_offset
+        rule_base = RuleIndex + list_offset  # same shape and strides as KvIndices
+        block_rows = (tile % TILES_PER_BLOCK) * BLOCK_M + tl.arange(0, BLOCK_M)
         query_pos = rows + (seq_k - seq_q)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -285,16 +310,20 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, k_base, v_base, index_base, 0, full_count, stride_ks, stride_vs,
-            query_pos, seq_k, qk_scale, offs_n, offs_d,
-            BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA,
+            query_pos, seq_k, qk_scale, offs_n, offs_d, RuleWords, rule_base, block_rows,
+            BLOCK_Q, BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA, False,
         )  # fmt: skip
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, k_base, v_base, index_base, full_count, count, stride_ks, stride_vs,
-            query_pos, seq_k, qk_scale, offs_n, offs_d,
-            BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA,
+            query_pos, seq_k, qk_scale, offs_n, offs_d, RuleWords, rule_base, block_rows,
+            BLOCK_Q, BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA, HAS_RULE,
         )  # fmt: skip
 
-        out = acc / l_i[:, None]
+        if HAS_RULE:
+            # A row the rule leaves without any key: output 0 (LSE -inf below), as FlexAttention does.
+            out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
+        else:
+            out = acc / l_i[:, None]
         out_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
         out_pointers = out_base + rows[:, None] * stride_os + offs_d[None, :]
         if EVEN_Q:
@@ -336,7 +365,7 @@ def autotuned_kernel(candidate_set: tuple):
     ]
     return triton.autotune(
         configs=tuning_configs,
-        key=["seq_bucket", "work_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION"],
+        key=["seq_bucket", "work_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION", "HAS_RULE"],
     )(_block_sparse_forward)
 
 
@@ -355,8 +384,16 @@ def forward(
     plan = plan_for(pattern, causal=causal)
     batch, q_heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse)
+    rule_lists = plan.rule_lists
+    if rule_lists is None:
+        out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse)
+        rule_args = (plan.full_counts, plan.full_counts)  # unused without a rule
+    else:
+        lists = (rule_lists.full_counts, rule_lists.kv_indices)
+        out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse, lists=lists)
+        rule_args = (rule_lists.rule_index, rule_lists.words)
     args += (length_bucket(seq_k), plan.work_bucket)  # the autotuning keys
+    args += rule_args
     is_float32 = q.dtype == torch.float32
     use_float32_dot = dot_in_float32(q.dtype)
     constants = dict(
@@ -369,6 +406,7 @@ def forward(
         PRECISION="ieee" if use_float32_dot else "tf32",
         EVEN_K=seq_k % pattern.block_k == 0,
         EVEN_Q=seq_q % pattern.block_q == 0,
+        HAS_RULE=rule_lists is not None,
     )
     n_q_blocks = num_blocks(seq_q, pattern.block_q)
     if interpreting():

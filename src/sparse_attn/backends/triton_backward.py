@@ -13,7 +13,12 @@ Three launches, all deterministic (no float atomics):
 Probabilities are recomputed from the forward's saved log-sum-exp (never recomputed as a
 softmax): ``P = exp(S * scale - lse)``; ``dS = P * (dP - delta)``; ``dQ = scale * dS K``,
 ``dK = scale * dS^T Q``, ``dV = P^T dO``. Masks are those of the forward: keys past the end,
-rows past the end and, in causal mode, keys after the query.
+rows past the end and, in causal mode, keys after the query, and for a pattern with a token
+rule (constexpr ``HAS_RULE``) its packed masks: each list entry's bitmask index rides beside
+its block number (``dq``: the forward lists and :attr:`.plan.RuleBitmask.entry_index`;
+``dkdv``: the transposed lists and their ``rule_index``), and an entry with index ``>= 0``
+gets its mask (:mod:`.rule_bits`). Rows the rule leaves without keys have ``lse = -inf`` and
+output 0, so their probabilities, hence their gradients, are 0.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import functools
 import torch
 
 from ..geometry import num_blocks
-from ..plan import BlockSparsePlan
+from ..plan import BlockSparsePlan, rule_bitmask
 from ..utils import dot_in_float32, interpreting, length_bucket
 from . import configs, launch
 from .launch import LOG2_E, block_list_strides
@@ -35,6 +40,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
 if triton is not None:
+    from .rule_bits import rule_allowed
 
     @triton.jit
     def _delta(
@@ -63,7 +69,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv(
-        Q, K, V, DOut, Lse, Delta, DK, DV, QCounts, QIndices,
+        Q, K, V, DOut, Lse, Delta, DK, DV, QCounts, QIndices, RuleIndex, RuleWords,
         stride_gb, stride_gh, stride_gs,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
@@ -77,6 +83,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
+        HAS_RULE: tl.constexpr,
     ):  # fmt: skip
         batch_head = tl.program_id(0)
         batch = batch_head // num_kv_heads
@@ -99,12 +106,15 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         first_key = tile * BLOCK_N
+        block_keys = (tile % (BLOCK_K // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)  # inside the KV block
 
         for member in range(group):
             head = kv_head * group + member
             pattern_head = head // pattern_head_divisor
             count = tl.load(QCounts + batch * stride_cb + pattern_head * stride_ch + kv_block)
-            index_base = QIndices + batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + kv_block * stride_ik
+            list_offset = batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + kv_block * stride_ik
+            index_base = QIndices + list_offset
+            rule_base = RuleIndex + list_offset  # same shape and strides as QIndices
             q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
             do_base = DOut + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
             row_base = (batch.to(tl.int64) * num_q_heads + head) * seq_q
@@ -132,6 +142,12 @@ if triton is not None:
                     visible = key_in_range[:, None] & row_in_range[None, :]
                     if CAUSAL:
                         visible = visible & (key_pos[:, None] <= rows[None, :] + offset)
+                    if HAS_RULE:
+                        entry = tl.load(rule_base + step // (BLOCK_Q // BLOCK_M))
+                        block_rows = first_row - q_block * BLOCK_Q + offs_m
+                        visible = visible & rule_allowed(
+                            RuleWords, entry, block_rows[None, :], block_keys[:, None], BLOCK_Q, BLOCK_K
+                        )
                     p_t = tl.where(visible, tl.math.exp2(scores_t * qk_scale - lse[None, :]), 0.0)
                     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
                     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -146,7 +162,7 @@ if triton is not None:
 
     @triton.jit
     def _dq(
-        Q, K, V, DOut, Lse, Delta, DQ, KvCounts, KvIndices,
+        Q, K, V, DOut, Lse, Delta, DQ, KvCounts, KvIndices, RuleIndex, RuleWords,
         stride_gb, stride_gh, stride_gs,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
@@ -160,6 +176,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
+        HAS_RULE: tl.constexpr,
     ):  # fmt: skip
         batch_head = tl.program_id(0)
         # Heaviest (last) query tiles first: causal rows grow with position.
@@ -189,7 +206,10 @@ if triton is not None:
 
         pattern_head = head // pattern_head_divisor
         count = tl.load(KvCounts + batch * stride_cb + pattern_head * stride_ch + q_block)
-        index_base = KvIndices + batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+        list_offset = batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+        index_base = KvIndices + list_offset
+        rule_base = RuleIndex + list_offset  # same shape and strides as KvIndices
+        block_rows = (tile % (BLOCK_Q // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)  # inside the query block
         last_query = tile * BLOCK_M + BLOCK_M - 1 + offset
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         SUBTILES: tl.constexpr = BLOCK_K // BLOCK_N
@@ -212,6 +232,12 @@ if triton is not None:
                 visible = key_in_range[None, :] & row_in_range[:, None]
                 if CAUSAL:
                     visible = visible & (key_pos[None, :] <= rows[:, None] + offset)
+                if HAS_RULE:
+                    entry = tl.load(rule_base + step // SUBTILES)
+                    block_keys = (step % SUBTILES) * BLOCK_N + offs_n
+                    visible = visible & rule_allowed(
+                        RuleWords, entry, block_rows[:, None], block_keys[None, :], BLOCK_Q, BLOCK_K
+                    )
                 p = tl.where(visible, tl.math.exp2(scores * qk_scale - lse[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
@@ -231,7 +257,8 @@ def _autotuned(kind: str, tiles: tuple):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
     kernel = {"dkdv": _dkdv, "dq": _dq}[kind]
     return triton.autotune(
-        configs=configs, key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION", "SKIP_MASKED"]
+        configs=configs,
+        key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION", "SKIP_MASKED", "HAS_RULE"],
     )(kernel)
 
 
@@ -266,6 +293,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
 
     is_float32 = q.dtype == torch.float32
     use_float32_dot = dot_in_float32(q.dtype)
+    bitmask = rule_bitmask(pattern)
     constants = dict(
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
@@ -274,14 +302,19 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         DOT_FP32=use_float32_dot,
         PRECISION="ieee" if use_float32_dot else "tf32",
         SKIP_MASKED=configs.backward_skips_masked_tiles(),
+        HAS_RULE=bitmask is not None,
     )
     # (batch, head, sequence) strides of q, k, v and dout, in the kernels' argument order.
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
     counts, indices = pattern.kv_counts.contiguous(), pattern.kv_indices.contiguous()
+    if bitmask is None:
+        q_rule_index = rule_index = words = q_counts  # unused without a rule
+    else:
+        q_rule_index, rule_index, words = plan.transposed.rule_index, bitmask.entry_index, bitmask.words
     sizes = (seq_q, seq_k, scale, scale * LOG2_E, length_bucket(seq_k))
     dkdv_args = (
-        *(q, k, v, dout, lse, delta, dk, dv, q_counts, q_indices),
+        *(q, k, v, dout, lse, delta, dk, dv, q_counts, q_indices, q_rule_index, words),
         *dk.stride()[:3],
         *strides,
         *block_list_strides(q_counts, q_indices, pattern.batch),
@@ -289,7 +322,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         *sizes,
     )
     dq_args = (
-        *(q, k, v, dout, lse, delta, dq, counts, indices),
+        *(q, k, v, dout, lse, delta, dq, counts, indices, rule_index, words),
         *dq.stride()[:3],
         *strides,
         *block_list_strides(counts, indices, pattern.batch),

@@ -1,0 +1,29 @@
+"""The token-rule bitmask as the block kernels read it (forward and backward share this one helper).
+
+A pattern with a token rule (:class:`sparse_attn.masked_pattern.MaskedPattern`) has, per list
+entry the rule cuts, a ``(block_q, block_k)`` mask packed into int32 words at plan time
+(:func:`sparse_attn.plan.rule_bitmask`): row ``r`` of entry ``e`` is ``ceil(block_k / 32)``
+words from ``words[e, r, 0]``, key ``c`` of the block in bit ``c % 32`` of word ``c // 32``.
+Kernels load the entry's index (``-1``: the rule does not cut it) beside its KV block number
+and call :func:`rule_allowed` on the tile's block-relative rows and keys.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def rule_allowed(RuleWords, entry, rows, keys, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Bool, the broadcast shape of ``rows`` and ``keys`` (positions inside the entry's
+        query and KV block): the token rule allows the pair. All true for ``entry < 0``: the
+        load is predicated off and every bit reads as set, so no branch enters the loop."""
+        WORDS: tl.constexpr = (BLOCK_K + 31) // 32
+        pointers = RuleWords + entry.to(tl.int64) * (BLOCK_Q * WORDS) + rows * WORDS + (keys >> 5)
+        words = tl.load(pointers, mask=entry >= 0, other=-1)
+        return ((words >> (keys & 31)) & 1) != 0
