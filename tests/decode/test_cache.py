@@ -1,4 +1,5 @@
-"""Paged KV cache: tokens never lost or reordered across appends and crops; summaries equal recomputation."""
+"""Paged KV cache: tokens never lost or reordered across appends and crops; page and super-page summaries equal
+recomputation; device state written in place."""
 
 from __future__ import annotations
 
@@ -29,13 +30,25 @@ def _check_against_model(cache: PagedKVCache, model_k, model_v):
             if cache.labels is not None:
                 channels = cache.label_channels[:, None, :].expand(-1, rows.shape[1], -1)
                 assert torch.equal(cache.labels[page, :, : rows.shape[1]], torch.gather(rows, 2, channels))
+        span = page_size * cache.super_page
+        supers = -(-length // span)
+        for j in range(supers):
+            rows = model_k[b][:, j * span : (j + 1) * span]
+            assert torch.equal(cache.super_min[b, j], rows.amin(1))
+            assert torch.equal(cache.super_max[b, j], rows.amax(1))
+        # Super-pages past the sequence hold the identities (they never win a max or lose a min).
+        assert torch.isposinf(cache.super_min[b, supers:]).all() and torch.isneginf(cache.super_max[b, supers:]).all()
 
 
-@pytest.mark.parametrize("page_size, dtype", [(4, torch.float32), (16, torch.bfloat16), (5, torch.float16)])
-def test_appends_and_crops_keep_tokens_and_summaries(page_size, dtype):
+@pytest.mark.parametrize(
+    "page_size, super_page, dtype", [(4, 2, torch.float32), (16, 16, torch.bfloat16), (5, 3, torch.float16)]
+)
+def test_appends_and_crops_keep_tokens_and_summaries(page_size, super_page, dtype):
     generator = torch.Generator().manual_seed(page_size)
     batch, kv_heads, dim = 3, 2, 8
-    cache = PagedKVCache(batch, kv_heads, dim, page_size=page_size, dtype=dtype, capacity_tokens=page_size)
+    cache = PagedKVCache(
+        batch, kv_heads, dim, page_size=page_size, dtype=dtype, capacity_tokens=page_size, super_page=super_page
+    )
     model_k = [torch.zeros(kv_heads, 0, dim, dtype=dtype) for _ in range(batch)]
     model_v = [x.clone() for x in model_k]
     for step in range(14):
@@ -57,6 +70,19 @@ def test_appends_and_crops_keep_tokens_and_summaries(page_size, dtype):
             model_v = [torch.cat([model_v[b], v[b, :, : lengths[b]]], 1) for b in range(batch)]
         _check_against_model(cache, model_k, model_v)
     assert cache.capacity >= sum(cache.num_pages())
+
+
+def test_device_state_is_written_in_place():
+    """While the page table keeps its width, appends and crops update the same tensors (what a decode step
+    captured in a CUDA graph reads)."""
+    cache = PagedKVCache(2, 1, 4, page_size=4, capacity_tokens=64)
+    cache.append(torch.randn(2, 1, 9, 4), torch.randn(2, 1, 9, 4))
+    tensors = [cache.page_table, cache.seq_lens, cache.page_counts, cache.super_min, cache.k_pages, cache.key_min]
+    pointers = [x.data_ptr() for x in tensors]
+    cache.append(torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4), [1, 0])  # 10 and 9 tokens: still 3 pages
+    cache.crop(9)
+    assert [x.data_ptr() for x in tensors] == pointers
+    assert cache.seq_lens.tolist() == [9, 9] and cache.page_counts.tolist() == [3, 3]
 
 
 def test_crop_returns_pages_for_reuse():

@@ -18,17 +18,32 @@ of different lengths, in the layout :func:`sparse_attn.ops.paged_decode.paged_de
   label cache ``labels`` ``(capacity, Hkv, P, r)``: each token's key at the ``r`` channels of
   its KV head, in the keys' dtype (Double Sparsity also quantizes it to 4 bits; not done here).
 
+* Coarse summaries over super-pages of ``G = super_page`` consecutive logical pages of a
+  sequence (the two-level selection of ``quest``, ``levels=2``): ``super_min`` / ``super_max``
+  ``(B, max_super, Hkv, D)`` in the keys' dtype, indexed by (sequence, logical super-page
+  ``j``: tokens ``[j * G * P, (j + 1) * G * P)``), each the element-wise min/max over the
+  super-page's valid tokens (so over its pages' ``key_min`` / ``key_max``); unused entries hold
+  ``+inf`` / ``-inf``.
+
 Summaries are updated incrementally on :meth:`append` (element-wise min/max and sums reduced
-into the touched pages: a decode step touches one page per sequence) and recomputed from the
-page's rows on :meth:`crop` for a page left partial (a minimum cannot be decremented).
+into the touched pages and super-pages: a decode step touches one of each per sequence) and
+recomputed on :meth:`crop` for a page or super-page left partial (a minimum cannot be
+decremented): a page from its rows, a super-page from its remaining pages' summaries.
 
 Memory overhead of the summaries per page and KV head, with ``s`` bytes per key element:
 ``2·D·s`` (min, max) + ``4·D`` (float32 sum) + ``P·r·s`` (labels, if calibrated), against
 ``2·P·D·s`` for the page's keys and values: a fraction ``(1 + 2/s)/P + r/(2·D)``. For bf16
-(``s = 2``) at ``P = 16``, ``D = 128``: 12.5 % without labels, 18.75 % with ``r = 16``.
+(``s = 2``) at ``P = 16``, ``D = 128``: 12.5 % without labels, 18.75 % with ``r = 16``. The
+coarse summaries add ``2·D·s`` per super-page: ``1/(G·P)`` of the keys and values (0.4 % at
+``G = 16``, ``P = 16``).
 
 Host state: each sequence's length is also kept on the host (the caller appends known token
-counts), so appends and crops never wait on the device.
+counts), so appends and crops never wait on the device. Device state for the kernels
+(``page_table``, ``seq_lens``, ``page_counts``) is uploaded from pinned host memory without
+blocking (CUDA) and written in place while the table's width is unchanged, so a decode step
+captured in a CUDA graph reads the cache's current state on replay (the pools and the table
+are reallocated when they grow: reserve ``capacity_tokens`` before capturing, and capture
+again when the table widens).
 """
 
 from __future__ import annotations
@@ -49,6 +64,7 @@ class PagedKVCache:
         page_size: tokens per page ``P`` (16, 32, 64 are the measured choices; any >= 1 works).
         dtype, device: of keys and values.
         capacity_tokens: pages to allocate up front, in tokens (default: grow on demand).
+        super_page: pages per super-page ``G`` of the coarse summaries (default 16).
     """
 
     def __init__(
@@ -61,13 +77,18 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         capacity_tokens: int | None = None,
+        super_page: int = 16,
     ) -> None:
-        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("page_size", page_size)):
+        for name, value in (
+            ("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("page_size", page_size),
+            ("super_page", super_page),
+        ):  # fmt: skip
             check_int(name, value)
         check_int("capacity_tokens", capacity_tokens, minimum=0, allow_none=True)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.batch, self.kv_heads, self.head_dim, self.page_size = batch, kv_heads, head_dim, page_size
+        self.super_page = super_page
         self.dtype, self.device = dtype, _concrete(torch.device(device))
         self.lengths: list[int] = [0] * batch
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
@@ -83,7 +104,10 @@ class PagedKVCache:
         self.key_min = self._empty_summary(0, self.dtype)
         self.key_max = self._empty_summary(0, self.dtype)
         self.key_sum = self._empty_summary(0, torch.float32)
+        self.super_min = self._empty_super(0, float("inf"))
+        self.super_max = self._empty_super(0, float("-inf"))
         self._grow(-(-(capacity_tokens or 0) // page_size))
+        self._grow_super(-(-(capacity_tokens or 0) // (page_size * super_page)))
 
     # ----------------------------------------------------------------------------- storage
     def _empty_pages(self, count: int) -> torch.Tensor:
@@ -91,6 +115,28 @@ class PagedKVCache:
 
     def _empty_summary(self, count: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros((count, self.kv_heads, self.head_dim), dtype=dtype, device=self.device)
+
+    def _empty_super(self, count: int, fill: float) -> torch.Tensor:
+        shape = (self.batch, count, self.kv_heads, self.head_dim)
+        return torch.full(shape, fill, dtype=self.dtype, device=self.device)
+
+    def _grow_super(self, needed: int) -> None:
+        """Room for ``needed`` super-pages per sequence (doubling), new entries at the identities."""
+        have = self.super_min.shape[1]
+        if needed <= have:
+            return
+        extra = max(needed, 2 * have) - have
+        self.super_min = torch.cat([self.super_min, self._empty_super(extra, float("inf"))], 1)
+        self.super_max = torch.cat([self.super_max, self._empty_super(extra, float("-inf"))], 1)
+
+    def _upload(self, host: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``host`` on the cache's device without blocking the host (pinned memory on CUDA), into ``out``
+        when given (same shape: kernels captured in a CUDA graph keep reading the same buffer)."""
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        if out is not None:
+            return out.copy_(host, non_blocking=True)
+        return host.to(self.device, non_blocking=True)
 
     def _grow(self, pages: int) -> None:
         """Add ``pages`` physical pages to the pool (and to the free list)."""
@@ -122,7 +168,7 @@ class PagedKVCache:
     def _reset_summaries(self, pages: list[int]) -> None:
         """A page that summarizes no token yet holds the identities of min, max and sum."""
         if pages:
-            index = torch.tensor(pages, dtype=torch.long).to(self.device)
+            index = self._upload(torch.tensor(pages, dtype=torch.long))
             self.key_min[index] = float("inf")
             self.key_max[index] = float("-inf")
             self.key_sum[index] = 0.0
@@ -132,9 +178,11 @@ class PagedKVCache:
         table = torch.zeros((self.batch, width), dtype=torch.int32)
         for b, pages in enumerate(self._pages):
             table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        self.page_table = table.to(self.device)
-        self.seq_lens = torch.tensor(self.lengths, dtype=torch.int32).to(self.device)
-        self.page_counts = torch.tensor(self.num_pages(), dtype=torch.int32).to(self.device)
+        same_width = self.page_table.shape[1] == width
+        self.page_table = self._upload(table, self.page_table if same_width else None)
+        self._upload(torch.tensor(self.lengths, dtype=torch.int32), self.seq_lens)
+        self._upload(torch.tensor(self.num_pages(), dtype=torch.int32), self.page_counts)
+        self._grow_super(-(-width // self.super_page))
 
     # ----------------------------------------------------------------------------- updates
     def check_compatible(self, name: str, x: torch.Tensor) -> None:
@@ -179,15 +227,24 @@ class PagedKVCache:
             positions.append(torch.arange(start, start + n))
             self.lengths[b] = start + n
         self._sync_page_table()
-        sequence = torch.cat(sequences).to(self.device)
-        token = torch.cat(offsets).to(self.device)
-        position = torch.cat(positions).to(self.device)
+        sequence = self._upload(torch.cat(sequences))
+        token = self._upload(torch.cat(offsets))
+        position = self._upload(torch.cat(positions))
         physical = self.page_table[sequence, position // self.page_size].long()
         row = position % self.page_size
         keys = k[sequence, :, token]  # (N, Hkv, D)
         self.k_pages[physical, :, row] = keys
         self.v_pages[physical, :, row] = v[sequence, :, token]
         self._reduce_into(physical, row, keys)
+        self._reduce_into_super(
+            sequence * self.super_min.shape[1] + position // (self.page_size * self.super_page), keys
+        )
+
+    def _reduce_into_super(self, flat: torch.Tensor, keys: torch.Tensor) -> None:
+        """Fold ``keys`` ``(N, Hkv, D)`` into the super-page summaries at flat (sequence, super-page) indices."""
+        index = flat[:, None, None].expand_as(keys)
+        self.super_min.view(-1, self.kv_heads, self.head_dim).scatter_reduce_(0, index, keys, "amin")
+        self.super_max.view(-1, self.kv_heads, self.head_dim).scatter_reduce_(0, index, keys, "amax")
 
     def _reduce_into(self, physical: torch.Tensor, row: torch.Tensor, keys: torch.Tensor) -> None:
         """Fold the keys written at (``physical``, ``row``) into their pages' summaries."""
@@ -206,10 +263,11 @@ class PagedKVCache:
     def crop(self, max_length: int) -> None:
         """Keep each sequence's first ``max_length`` tokens (shorter ones unchanged); free pages past them."""
         check_int("max_length", max_length, minimum=0)
-        partial = []
+        partial, cropped = [], []
         for b in range(self.batch):
             if self.lengths[b] <= max_length:
                 continue
+            cropped.append(b)
             self.lengths[b] = max_length
             keep = -(-max_length // self.page_size)
             self._free.extend(reversed(self._pages[b][keep:]))
@@ -222,6 +280,16 @@ class PagedKVCache:
             row = torch.arange(rows, device=self.device)
             physical = torch.full_like(row, page)
             self._reduce_into(physical, row, self.k_pages[page].transpose(0, 1)[:rows])
+        span = self.super_page
+        for b in cropped:
+            # Super-pages past the sequence back to the identities; the last kept one from its pages' summaries.
+            kept = -(-len(self._pages[b]) // span)
+            self.super_min[b, kept:] = float("inf")
+            self.super_max[b, kept:] = float("-inf")
+            if kept:
+                pages = self._upload(torch.tensor(self._pages[b][(kept - 1) * span :], dtype=torch.long))
+                self.super_min[b, kept - 1] = self.key_min[pages].amin(0)
+                self.super_max[b, kept - 1] = self.key_max[pages].amax(0)
 
     def set_label_channels(self, channels: torch.Tensor) -> None:
         """Double Sparsity's calibrated label channels, int64 ``(Hkv, r)``; builds the label cache of the tokens held."""
