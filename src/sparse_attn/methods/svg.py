@@ -12,14 +12,14 @@ profiles both candidate masks online: ``sample_rows`` query rows (grid tokens) g
 attention against every key and against each mask, and the mask with the lower error is the
 head's pattern. The two masks, on cells of (frame ``f``, spatial patch ``p``):
 
-* spatial: key frame ``f'`` with ``|f - f'| <= frame_radius`` (every position of those frames);
-* temporal: key patch ``p'`` with ``|p - p'| <= patch_radius`` (in every frame), ``p`` being the
-  raster index of the ``patch = (ph, pw)`` tile of the frame;
+* spatial: every key of the ``round(density * T)`` frames around ``f``;
+* temporal: every key, in every frame, of the ``round(density * n_patches)`` patches around
+  ``p``, ``p`` being the raster index of the query's ``patch = (ph, pw)`` tile of the frame;
 
-plus, for both, every key of the first ``sink_frames`` frames; text tokens (``text_tokens=``,
-before or after the video) are global. The radii follow from ``density`` (each mask keeps
-about that fraction of the grid): ``frame_radius = round((density * T - 1) / 2)`` and
-``patch_radius = round((density * n_patches - 1) / 2)`` (at least 0).
+("around": a window of that many indices centred on the query's and shifted inward at the
+ends, so every query keeps the same number; at least one), plus, for both, every key of the
+first ``sink_frames`` frames. Each mask so keeps about ``density`` of the grid keys; text
+tokens (``text_tokens=``, before or after the video) are global.
 
 Layout. A temporal mask is strided in the frame-major (raster) order. SVG transposes a
 temporal head's tokens to token-major order (all frames of one position next to each other)
@@ -110,22 +110,29 @@ class SvgConfig:
         if grid is not None and len(grid) != 3:
             raise ValueError(f"svg needs a video grid (T, H, W), got grid={grid}")
 
-    def radii(self, layout: Layout) -> tuple[int, int]:
-        """``(frame_radius, patch_radius)`` for ``layout`` (module docstring)."""
-        frames, patches = layout.grid[0], math.prod(layout.tile_grid)
-        return tuple(max(0, math.floor((self.density * n - 1) / 2 + 0.5)) for n in (frames, patches))
+    def windows(self, layout: Layout) -> tuple[int, int]:
+        """``(frames, patches)``: the window widths for ``layout`` (module docstring)."""
+        counts = (layout.grid[0], math.prod(layout.tile_grid))
+        return tuple(max(1, math.floor(self.density * n + 0.5)) for n in counts)
+
+
+def window_rule(count: int, width: int, device) -> torch.Tensor:
+    """Bool ``(count, count)``: ``[i, j]`` when ``j`` is in the ``width`` indices around ``i``, shifted inward at the ends."""
+    index = torch.arange(count, device=device)
+    start = torch.clamp(index - (width - 1) // 2, 0, count - width)
+    return (index[None, :] >= start[:, None]) & (index[None, :] < start[:, None] + width)
 
 
 def cell_rules(config: SvgConfig, layout: Layout, device) -> dict[str, torch.Tensor]:
     """Per head class, bool ``(C, C)`` over cells ``p * T + f`` (patch ``p``, frame ``f``): the allowed pairs."""
-    frames = layout.grid[0]
-    cells = torch.arange(math.prod(layout.tile_grid) * frames, device=device)
+    frames, patches = layout.grid[0], math.prod(layout.tile_grid)
+    cells = torch.arange(patches * frames, device=device)
     frame, patch = cells % frames, cells // frames
-    frame_radius, patch_radius = config.radii(layout)
+    frame_window, patch_window = config.windows(layout)
     sink = (frame < config.sink_frames)[None, :]
     return {
-        "spatial": ((frame[:, None] - frame[None, :]).abs() <= frame_radius) | sink,
-        "temporal": ((patch[:, None] - patch[None, :]).abs() <= patch_radius) | sink,
+        "spatial": window_rule(frames, frame_window, device)[frame[:, None], frame[None, :]] | sink,
+        "temporal": window_rule(patches, patch_window, device)[patch[:, None], patch[None, :]] | sink,
     }
 
 
