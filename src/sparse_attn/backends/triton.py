@@ -320,8 +320,9 @@ if triton is not None:
         )  # fmt: skip
 
         if HAS_RULE:
-            # A row the rule leaves without any key: output 0 (LSE -inf below), as FlexAttention does.
-            out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
+            # A row the rule leaves without any key has acc = 0 and l = 0: output 0 (LSE -inf
+            # below), as FlexAttention gives, instead of 0 / 0.
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         else:
             out = acc / l_i[:, None]
         out_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
