@@ -272,9 +272,19 @@ def main() -> None:
     parser.add_argument("--case-budget", type=float, default=40.0, help="seconds per case before skipping the rest")
     parser.add_argument("--budget", type=float, default=170.0, help="seconds for the run; later cases are skipped")
     parser.add_argument("--device", default="cuda", help="cuda; cpu runs tiny --lengths under TRITON_INTERPRET=1")
+    parser.add_argument(
+        "--moba-path",
+        choices=("auto", "tile", "gathered"),
+        default="auto",
+        help="token kernel path for large blocks: auto (gathered from block_k >= 256), or forced",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.moba_path != "auto":  # the measured alternative to the untimed GATHER_MIN_BLOCK_K choice
+        from sparse_attn.backends import triton_tokens_gathered
+
+        triton_tokens_gathered.GATHER_MIN_BLOCK_K = 1 if args.moba_path == "gathered" else 1 << 62
     lengths, cases = (args.lengths, args.cases) if not args.quick else ([8192, 32768], list(QUICK_CASES))
     columns = _columns()
     print(format_table([], columns), flush=True)
@@ -307,7 +317,13 @@ def main() -> None:
         for what, error in row["errors"].items():
             print(f"  {row['case']} {row['seq']}: {what}: {error}")
     path = args.output or Path(__file__).parent / "results" / device_slug(device) / "token_sparse.json"
-    meta = {"benchmark": "token_sparse", "quick": args.quick, "skipped": skipped, **environment(device)}
+    meta = {
+        "benchmark": "token_sparse",
+        "quick": args.quick,
+        "moba_path": args.moba_path,
+        "skipped": skipped,
+        **environment(device),
+    }
     write_results(rows, path, meta)
     print(f"wrote {path}")
 
