@@ -3,8 +3,9 @@
 estimator (which blocks matter) -> BlockSparsePattern -> backend (computes exactly those).
 
 ``import sparse_attn`` loads only the core (torch and numpy). ``models`` (the embedded
-models) and ``patch`` / ``unpatch`` / ``record`` (the transformers integration) are loaded
-on first access, so transformers is imported only by code that uses it.
+models), ``patch`` / ``unpatch`` / ``record`` (the transformers integration) and
+``patch_diffusers`` / ``unpatch_diffusers`` (the diffusers integration) are loaded on first
+access, so transformers and diffusers are imported only by code that uses them.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ __version__ = "0.1.0"
 _LAZY_ATTRIBUTES = {
     "models": ("sparse_attn.models", None),
     "patch": ("sparse_attn.integrations", "patch"),
+    "patch_diffusers": ("sparse_attn.integrations.diffusers", "patch_diffusers"),
     "record": ("sparse_attn.integrations", "record"),
     "unpatch": ("sparse_attn.integrations", "unpatch"),
+    "unpatch_diffusers": ("sparse_attn.integrations.diffusers", "unpatch_diffusers"),
 }
 
 __all__ = [
@@ -40,11 +43,13 @@ __all__ = [
     "metrics",
     "models",
     "patch",
+    "patch_diffusers",
     "random_pattern",
     "record",
     "register_method",
     "sparse_attention",
     "unpatch",
+    "unpatch_diffusers",
 ]
 
 
