@@ -29,11 +29,29 @@ Choices where the paper is silent (it evaluates multi-head models, one selection
 - The page holding the newest token (the step's own key) is always read, whatever its bound.
 - A budget under one page is an error; ``token_budget // P`` pages are read (the paper's budgets
   are multiples of the page size).
-- Ties are broken by ``torch.topk``'s order.
+- Ties: the higher bound first, then the lower page index (deterministic; the selection
+  operator's packed sort keys, :mod:`sparse_attn.ops.page_select`). Selected pages are listed
+  in rank order.
 
-Operator: :func:`sparse_attn.ops.page_bounds.page_bounds` (one Triton kernel on CUDA).
-Cost per step and KV head: the bounds read ``2 * D`` summary values per page (``1/P`` of the
-keys and values a dense step reads, with 2-byte keys), plus a top-k over pages.
+Two-level selection (``levels=2``; not in the paper, which reads every page's summaries): the
+one-level bounds read ``2 * D`` summary values per page, ``1/P`` of what a dense step reads,
+which at long context is more than the budget's own keys and values (at 128K tokens, ``P =
+16``, budget 2048: 8192 pages' summaries, 4 MB per sequence and KV head, against 1 MB of keys
+and values). With ``levels=2`` the cache's coarse summaries (min/max over super-pages of ``G
+= cache.super_page`` pages, default 16) are ranked first by the same bound, the
+``ceil(oversample * budget_pages / G) + 1`` best super-pages are kept (the newest always among
+them; the ``+ 1`` makes room for it, as it may be partial), and Quest's top ``budget_pages``
+pages are taken among their pages. Reads: ``1/G`` of the one-level summaries plus the kept
+super-pages' (``oversample`` times the budget's pages). A super-page's bound is at least the
+bound of each of its pages, so the result is exactly one-level Quest whenever the
+``budget_pages``-th best kept page's bound is at least the best bound of a super-page left out
+(always when the kept super-pages cover the sequence); otherwise a page whose own bound ranks
+in the top ``budget_pages`` can be missed because its super-page ranked low (its neighbours'
+keys made the coarse box no tighter, but other boxes were larger). ``oversample`` (default 2)
+trades reads for that exactness.
+
+Operator: :mod:`sparse_attn.ops.page_select` (bounds and top-k fused in Triton kernels on
+CUDA: two launches for one level, one for two levels; PyTorch elsewhere). No host sync.
 """
 
 from __future__ import annotations
@@ -41,37 +59,49 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...checks import check_int
-from ...ops.page_bounds import page_bounds
+from ...ops.page_select import select_pages, select_pages_two_level
 from ..registry import register_decode_method
-from ..selection import (
-    DecodeSelection,
-    budget_in_pages,
-    dense_selection,
-    topk_selection,
-)
+from ..selection import DecodeSelection, budget_in_pages, dense_selection
 
 
 @dataclass(frozen=True)
 class QuestConfig:
     token_budget: int = 2048
     dense_layers: int = 2
+    levels: int = 1
+    oversample: int = 2
 
     def __post_init__(self):
         check_int("token_budget", self.token_budget)
         check_int("dense_layers", self.dense_layers, minimum=0)
+        check_int("levels", self.levels)
+        check_int("oversample", self.oversample)
+        if self.levels > 2:
+            raise ValueError(f"levels must be 1 or 2, got {self.levels}")
+
+
+def super_budget(config: QuestConfig, budget_pages: int, super_page: int) -> int:
+    """Super-pages the coarse level keeps: ``ceil(oversample * budget_pages / G) + 1``."""
+    return -(-config.oversample * budget_pages // super_page) + 1
 
 
 @register_decode_method(
     "quest",
     config=QuestConfig,
     paper="Quest (arXiv:2406.10774)",
-    summary="top pages by the upper bound of q·k from per-page key min/max; first 2 layers dense",
+    summary="top pages by the upper bound of q·k from per-page key min/max; first 2 layers dense; levels=2: "
+    "super-pages first",
 )
 def select_quest(q, cache, config: QuestConfig, *, layer: int, state: dict) -> DecodeSelection:
     if layer < config.dense_layers:
         return dense_selection(cache)
     budget = budget_in_pages(config.token_budget, cache.page_size)
-    bounds = page_bounds(
-        q, cache.key_min, cache.key_max, cache.page_table, cache.seq_lens, page_size=cache.page_size, newest_first=True
-    )
-    return topk_selection(bounds, cache.page_counts, budget, cache.page_size, ranked=True)
+    pages = (q, cache.key_min, cache.key_max)
+    if config.levels == 1:
+        selected, counts = select_pages(*pages, cache.page_table, cache.page_counts, budget)
+    else:
+        selected, counts = select_pages_two_level(
+            *pages, cache.super_min, cache.super_max, cache.page_table, cache.page_counts, budget,
+            super_page=cache.super_page, super_budget=super_budget(config, budget, cache.super_page),
+        )  # fmt: skip
+    return DecodeSelection(selected, counts, cache.page_size)
