@@ -276,3 +276,102 @@ def test_every_method_on_gpu_matches_the_reference_attention(method):
             for a, b in zip(rows_a, rows_b, strict=True)
         )  # fmt: skip
         assert same >= 0.98 * int(reference.counts.sum())
+
+
+def test_quest_two_levels_cover_one_level_and_check_options():
+    cache = _cache((70, 23, 41), 2, 16, 4, seed=9)
+    q = torch.randn(3, 4, 16)
+    budget = 3 * 4
+    _, one = sparse_decode(q, cache, "quest", layer=2, token_budget=budget, return_selection=True)
+    # oversample large enough that every super-page is kept: exactly one-level Quest.
+    _, two = sparse_decode(
+        q, cache, "quest", layer=2, token_budget=budget, levels=2, oversample=64, return_selection=True
+    )
+    assert torch.equal(one.selected, two.selected) and torch.equal(one.counts, two.counts)
+    _, tight = sparse_decode(q, cache, "quest", layer=2, token_budget=budget, levels=2, return_selection=True)
+    assert torch.equal(tight.counts, one.counts)
+    with pytest.raises(ValueError, match="levels must be 1 or 2"):
+        sparse_decode(q, cache, "quest", levels=3)
+    with pytest.raises(ValueError, match="oversample must be >= 1"):
+        sparse_decode(q, cache, "quest", levels=2, oversample=0)
+
+
+STEP_CASES = [("dense", {}), ("streaming", {}), ("quest", {}), ("quest", {"levels": 2}), ("double_sparsity", {})]
+
+
+@pytest.mark.parametrize("method, options", [*STEP_CASES, ("tidaldecode", {})])
+def test_a_decode_step_never_reads_device_values_on_the_host(method, options, monkeypatch):
+    """No .item() / .tolist() / bool() / int() / float() of a tensor in a step (CUDA-graph capturable): run on
+    the CPU path with those raising, and through the kernels' Python wrappers with the launches stubbed."""
+    from sparse_attn.decode.selection import dense_selection
+    from sparse_attn.ops.page_select import triton as select_kernels
+    from sparse_attn.ops.paged_decode import triton as decode_kernels
+
+    cache = _cache((70, 23, 41), 2, 16, 4, seed=10)
+    q = torch.randn(3, 4, 16)
+    launches = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a decode step read a device value on the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    with pytest.raises(AssertionError, match="on the host"):
+        bool(cache.seq_lens.any())
+    state = {"num_layers": 8}
+    for layer in (2, 3):
+        sparse_decode(q, cache, method, layer=layer, state=state, token_budget=8, **options)
+    # The kernel wrappers, launches stubbed (the interpreter itself reads tensors on the host).
+    for kernel in ("_chunk_topk", "_merge_topk", "_two_level"):
+        monkeypatch.setattr(select_kernels, kernel, Stub(kernel), raising=False)
+    monkeypatch.setattr(decode_kernels, "_paged_decode_split", Stub("split"))
+    monkeypatch.setattr(decode_kernels, "_combine_splits", Stub("combine"))
+    arguments = (q, cache.key_min, cache.key_max, cache.page_table, cache.page_counts)
+    select_kernels.select_pages_triton(*arguments, 4, chunk=16)
+    coarse = (*arguments[:3], cache.super_min, cache.super_max, cache.page_table, cache.page_counts)
+    select_kernels.select_pages_two_level_triton(*coarse, 4, super_page=4, super_budget=3)
+    selection = dense_selection(cache)
+    decode_kernels.paged_decode_triton(
+        q, cache.k_pages, cache.v_pages, cache.page_table, cache.seq_lens, selection.selected, selection.counts,
+        scale=0.25, select_block=4, num_splits=2,
+    )  # fmt: skip
+    assert launches == ["_chunk_topk", "_merge_topk", "_two_level", "split", "combine"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method, options", STEP_CASES)
+def test_a_decode_step_replays_in_a_cuda_graph(method, options):
+    """A step captured once replays the eager step, and after an append into the same page reads the new state."""
+    lengths, kv_heads = [20003, 5002, 9001], 8
+    cache = PagedKVCache(3, kv_heads, 128, page_size=16, dtype=torch.bfloat16, device="cuda", capacity_tokens=40000)
+    k, v = (torch.randn(3, kv_heads, 20003, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cache.append(k, v, lengths)
+    cache.set_label_channels(torch.arange(8, device="cuda").expand(kv_heads, -1).contiguous())
+    q = torch.randn(3, 32, 128, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        return sparse_decode(q, cache, method, layer=3, token_budget=1024, **options)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(2):
+        graph.replay()
+        torch.testing.assert_close(out, step(), rtol=0, atol=0)
+        # The next token lands in each sequence's current page (the table keeps its width and buffers).
+        new = torch.randn(3, kv_heads, 1, 128, device="cuda", dtype=torch.bfloat16)
+        cache.append(new, new)
+        q.copy_(torch.randn_like(q))
