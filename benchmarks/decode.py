@@ -7,10 +7,16 @@ sequence of the batch at the stated context. Per (context, batch):
   the group's 4 query heads as 4 query rows of their KV head, so K/V are not expanded),
   compiled FlexAttention (``enable_gqa``), and our split-K paged kernel with every page
   selected (``ours_dense``);
-- per decode method and token budget: the selection alone (``select_ms``), the paged
-  attention alone on that selection (``attend_ms``), and both (``step_ms``: what a decode step
-  costs), with ``step / cuDNN`` (issue 17's target: <= 0.1 at 128K, batch 8, budget 2048) and
-  ``select / step`` (target: <= 0.2);
+- per decode method and token budget (and, for ``quest``, per selection level: ``--levels``;
+  two levels rank the cache's super-pages of ``--super-page`` pages first): the selection
+  alone (``select_ms``), the paged attention alone on that selection (``attend_ms``), and both
+  (``step_ms``: what a decode step costs), ``other_ms = step - select - attend`` (what the
+  step adds: launches between them, argument checks, allocations), with ``step / cuDNN``
+  (issue 17's target: <= 0.1 at 128K, batch 8, budget 2048) and ``select / step`` (target:
+  <= 0.2); the same three timings again with each part captured in a CUDA graph
+  (``*_graph_ms``), where host launch overhead is gone; two-level rows also give the share of
+  the one-level pages they select (``same_as_1_level``: random keys, so the coarse bounds
+  separate little: a worst case for the approximation);
 - the bandwidth floor: the bytes each step reads (K and V of the tokens read; the summaries
   or label cache the selection reads, reported apart) over ``--peak-tbps`` (default 4.8 TB/s,
   the H200's HBM3e peak from its data sheet; issue 17 measured about 4.3 TB/s in practice).
@@ -28,7 +34,7 @@ a serving loop would (``--no-graphs`` skips them; a failed capture is reported i
 Medians from ``triton.testing.do_bench`` (60 ms of repetitions per timing). Writes ``benchmarks/results/<gpu>/decode.json``.
 
     python benchmarks/decode.py            # the grid (about 3 minutes on an H200, compile included)
-    python benchmarks/decode.py --quick    # 32K and 128K, batch 8, budget 2048, quest only
+    python benchmarks/decode.py --quick    # 32K and 128K, batch 8, budget 2048, quest with 1 and 2 levels
 """
 
 from __future__ import annotations
@@ -53,12 +59,13 @@ PREFILL_CHUNK = 8192
 SPARSE_LAYER = 3
 
 
-def build_cache(k: torch.Tensor, v: torch.Tensor, page_size: int) -> PagedKVCache:
+def build_cache(k: torch.Tensor, v: torch.Tensor, page_size: int, super_page: int = 16) -> PagedKVCache:
     """A paged cache holding ``k`` / ``v`` ``(B, Hkv, S, D)``, appended in prefill chunks."""
     batch, kv_heads, seq, dim = k.shape
     cache = PagedKVCache(
-        batch, kv_heads, dim, page_size=page_size, dtype=k.dtype, device=k.device, capacity_tokens=seq * batch
-    )
+        batch, kv_heads, dim, page_size=page_size, dtype=k.dtype, device=k.device, capacity_tokens=seq * batch,
+        super_page=super_page,
+    )  # fmt: skip
     for start in range(0, seq, PREFILL_CHUNK):
         cache.append(k[:, :, start : start + PREFILL_CHUNK], v[:, :, start : start + PREFILL_CHUNK])
     channels = torch.arange(max(1, dim // 16), device=k.device).expand(kv_heads, -1).contiguous()
@@ -139,22 +146,48 @@ def _step(method, config, q, cache):
     return _attend(q, cache, _select(method, config, q, cache))
 
 
-def selection_bytes(name: str, cache: PagedKVCache) -> int:
-    """Bytes a method's selection reads per step: Quest the pages' key min and max, Double
-    Sparsity the label cache; streaming reads nothing."""
+def selection_bytes(name: str, cache: PagedKVCache, config) -> int:
+    """Bytes a method's selection reads per step: Quest the pages' key min and max (two levels:
+    every super-page's, then the kept super-pages' pages), Double Sparsity the label cache;
+    streaming reads nothing."""
+    summary = 2 * cache.head_dim * BYTES
     pages = sum(cache.num_pages()) * cache.kv_heads
+    if name == "quest" and getattr(config, "levels", 1) == 2:
+        from sparse_attn.decode.methods.quest import super_budget
+
+        span = cache.super_page
+        kept = super_budget(config, config.token_budget // cache.page_size, span)
+        supers = [-(-n // span) for n in cache.num_pages()]
+        fine = sum(min(n, min(kept, s) * span) for n, s in zip(cache.num_pages(), supers, strict=True))
+        return (sum(supers) + fine) * cache.kv_heads * summary
     if name == "quest":
-        return pages * 2 * cache.head_dim * BYTES
+        return pages * summary
     if name == "double_sparsity":
         return pages * cache.page_size * cache.label_channels.shape[1] * BYTES
     return 0
 
 
-def sparse_row(name: str, budget: int, q, cache, dense: dict, peak_tbps: float, device, *, graphs: bool) -> dict:
-    """One method at one budget: selection, attention and step times, bytes read and floors."""
+def overlap(selection, reference) -> float:
+    """Share of ``reference``'s selected entries that ``selection`` selects too."""
+    same = total = 0
+    for b in range(selection.counts.shape[0]):
+        for h in range(selection.counts.shape[1]):
+            mine = set(selection.selected[b, h, : int(selection.counts[b, h])].tolist())
+            theirs = set(reference.selected[b, h, : int(reference.counts[b, h])].tolist())
+            same, total = same + len(mine & theirs), total + len(theirs)
+    return same / max(total, 1)
+
+
+def sparse_row(
+    name: str, budget: int, q, cache, dense: dict, peak_tbps: float, device, *, graphs: bool, levels: int = 1
+) -> dict:
+    """One method at one budget: selection, attention and step times (eager and graphed), bytes read and floors."""
     method = get_decode_method(name)
-    config = method.make_config(token_budget=budget)
+    options = {"token_budget": budget, **({"levels": levels} if name == "quest" else {})}
+    config = method.make_config(**options)
     row = {"method": name, "budget": budget, "page_size": cache.page_size, "errors": {}}
+    if name == "quest":
+        row["levels"] = levels
     try:
         selection = _select(method, config, q, cache)
     except Exception as error:  # a method that cannot run this shape is reported, not fatal
@@ -165,33 +198,41 @@ def sparse_row(name: str, budget: int, q, cache, dense: dict, peak_tbps: float, 
         "attend": partial(_attend, q, cache, selection),
         "step": partial(_step, method, config, q, cache),
     }
-    for key, run in timings.items():
-        row[f"{key}_ms"], error = measure(run, device)
-        if error:
-            row["errors"][key] = error
-    if graphs:
-        row["step_graph_ms"], error = measure(timings["step"], device, graph=True)
-        if error:
-            row["errors"]["step_graph"] = error
+    for suffix, graph in (("", False), ("_graph", True)):
+        if graph and not graphs:
+            continue
+        for key, run in timings.items():
+            row[f"{key}{suffix}_ms"], error = measure(run, device, graph=graph)
+            if error:
+                row["errors"][f"{key}{suffix}"] = error
+        parts = [row.get(f"{key}{suffix}_ms") for key in timings]
+        if all(parts):
+            row[f"other{suffix}_ms"] = parts[2] - parts[0] - parts[1]
+            row[f"select_share{suffix}"] = parts[0] / parts[2]
+    if name == "quest" and levels == 2:
+        one_level = _select(method, method.make_config(token_budget=budget), q, cache)
+        row["same_as_1_level"] = overlap(selection, one_level)
+        row["super_page"] = cache.super_page
     tokens = selection.tokens_read().clamp(max=cache.seq_lens.long()[:, None])
     row["tokens_read"] = float(tokens.float().mean())
     row["attend_bytes"] = int(tokens.sum()) * cache.head_dim * 2 * BYTES
-    row["select_bytes"] = selection_bytes(name, cache)
+    row["select_bytes"] = selection_bytes(name, cache, config)
     row["attend_floor_ms"] = row["attend_bytes"] / (peak_tbps * 1e9)
     row["step_floor_ms"] = (row["attend_bytes"] + row["select_bytes"]) / (peak_tbps * 1e9)
     cudnn = dense.get("sdpa-cudnn_ms")
     if row.get("step_ms") and cudnn:
         row["step_vs_cudnn"] = row["step_ms"] / cudnn
-    if row.get("step_ms") and row.get("select_ms"):
-        row["select_share"] = row["select_ms"] / row["step_ms"]
+    if row.get("step_graph_ms") and cudnn:
+        row["step_graph_vs_cudnn"] = row["step_graph_ms"] / cudnn
     if row.get("step_graph_ms") and dense.get("sdpa-cudnn_graph_ms"):
         row["step_graph_vs_cudnn_graph"] = row["step_graph_ms"] / dense["sdpa-cudnn_graph_ms"]
     return row
 
 
 def run_config(
-    seq: int, batch: int, budgets, methods, page_sizes, peak_tbps: float, device, *, graphs: bool
-) -> list[dict]:
+    seq: int, batch: int, budgets, methods, page_sizes, peak_tbps: float, device, *, graphs: bool,
+    levels=(1,), super_page: int = 16,
+) -> list[dict]:  # fmt: skip
     """Every row of one (context, batch): dense baselines, then each page size x method x budget."""
     need = 2 * seq * batch * KV_HEADS * HEAD_DIM * 2 * BYTES  # contiguous K/V + the pages
     free, _ = torch.cuda.mem_get_info(device)
@@ -207,7 +248,7 @@ def run_config(
     base = {"seq": seq, "batch": batch}
     dense = {}
     for page_size in page_sizes:
-        cache = build_cache(k, v, page_size)
+        cache = build_cache(k, v, page_size, super_page)
         if not dense:
             for name, (ms, error) in dense_baselines(q, k, v, cache, device, graphs=graphs).items():
                 dense[f"{name}_ms"] = ms
@@ -218,10 +259,11 @@ def run_config(
             rows.append({**base, "method": "dense", "page_size": page_size, **dense})
             print(format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
         for name in methods:
-            for budget in budgets:
-                row = {**base, **sparse_row(name, budget, q, cache, dense, peak_tbps, device, graphs=graphs)}
-                rows.append(row)
-                print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+            for level in levels if name == "quest" else (1,):
+                for budget in budgets:
+                    row = sparse_row(name, budget, q, cache, dense, peak_tbps, device, graphs=graphs, levels=level)
+                    rows.append({**base, **row})
+                    print(format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
         del cache
         torch.cuda.empty_cache()
     return rows
@@ -232,6 +274,7 @@ COLUMNS = [
     ("batch", "batch", "d"),
     ("page_size", "page", "d"),
     ("method", "method", ""),
+    ("levels", "levels", "d"),
     ("budget", "budget", "d"),
     ("sdpa-cudnn_ms", "cuDNN ms", ".4f"),
     ("sdpa-flash_ms", "flash ms", ".4f"),
@@ -240,13 +283,20 @@ COLUMNS = [
     ("dense_floor_ms", "dense floor ms", ".4f"),
     ("select_ms", "select ms", ".4f"),
     ("attend_ms", "attend ms", ".4f"),
+    ("other_ms", "other ms", ".4f"),
     ("step_ms", "step ms", ".4f"),
     ("step_floor_ms", "step floor ms", ".4f"),
     ("step_vs_cudnn", "step / cuDNN", ".3f"),
-    ("sdpa-cudnn_graph_ms", "cuDNN graph ms", ".4f"),
-    ("step_graph_ms", "step graph ms", ".4f"),
-    ("step_graph_vs_cudnn_graph", "graph step / cuDNN graph", ".3f"),
     ("select_share", "select / step", ".2f"),
+    ("sdpa-cudnn_graph_ms", "cuDNN graph ms", ".4f"),
+    ("select_graph_ms", "select graph ms", ".4f"),
+    ("attend_graph_ms", "attend graph ms", ".4f"),
+    ("other_graph_ms", "other graph ms", ".4f"),
+    ("step_graph_ms", "step graph ms", ".4f"),
+    ("step_graph_vs_cudnn", "graph step / cuDNN", ".3f"),
+    ("step_graph_vs_cudnn_graph", "graph step / cuDNN graph", ".3f"),
+    ("select_share_graph", "graph select / step", ".2f"),
+    ("same_as_1_level", "same as 1 level", ".2f"),
     ("tokens_read", "tokens read", ".0f"),
 ]
 
@@ -262,6 +312,8 @@ def main() -> None:
         "--page-config", type=int, nargs=3, default=[131072, 8, 2048], metavar=("SEQ", "BATCH", "BUDGET")
     )
     parser.add_argument("--peak-tbps", type=float, default=4.8, help="HBM bandwidth for the floor (H200: 4.8)")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2], help="quest's selection levels to time")
+    parser.add_argument("--super-page", type=int, default=16, help="pages per super-page of two-level quest")
     parser.add_argument("--quick", action="store_true", help="32K and 128K, batch 8, budget 2048, quest, page 16")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     parser.add_argument("--output", type=Path, default=None)
@@ -281,8 +333,9 @@ def main() -> None:
     for seq in args.lengths:
         for batch in args.batches:
             rows += run_config(
-                seq, batch, args.budgets, args.methods, [16], args.peak_tbps, device, graphs=not args.no_graphs
-            )
+                seq, batch, args.budgets, args.methods, [16], args.peak_tbps, device, graphs=not args.no_graphs,
+                levels=args.levels, super_page=args.super_page,
+            )  # fmt: skip
     if set(args.page_sizes) - {16}:
         sweep = sorted(set(args.page_sizes) - {16})
         rows += run_config(
@@ -295,6 +348,7 @@ def main() -> None:
             print(f"  {row['seq']} b{row['batch']} {row['method']} {row.get('budget', '')}: {name}: {error}")
     path = args.output or Path(__file__).parent / "results" / device_slug(device) / "decode.json"
     meta = {"benchmark": "decode", "peak_tbps": args.peak_tbps, "shape": [Q_HEADS, KV_HEADS, HEAD_DIM, "bf16"]}
+    meta["super_page"] = args.super_page
     write_results(rows, path, {**meta, **environment(device)})
     print(f"wrote {path}")
 
