@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -260,6 +261,74 @@ def test_a_method_with_a_layer_option_gets_each_module_its_position(wan, monkeyp
         expected = run()
     assert layers == [0, 1]
     torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+def test_gradients_flow_through_the_method_as_through_masked_sdpa(wan, monkeypatch):
+    model, _, grid = wan
+    latent = torch.randn(1, 4, 4, 8, 10, requires_grad=True)
+    encoder = torch.randn(1, 7, 8)
+    weight = model.blocks[0].attn1.to_q.weight
+
+    def gradients() -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(latent, timestep=torch.tensor([500]), encoder_hidden_states=encoder)[0]
+        return torch.autograd.grad(out.square().sum(), (latent, weight))
+
+    handle = sa.patch_diffusers(model, "neighborhood", grid=grid, window=(3, 3, 3), block_q=32, block_k=32)
+    try:
+        patched = gradients()
+    finally:
+        handle.unpatch()
+    with monkeypatch.context() as masked:
+        masked.setattr(F, "scaled_dot_product_attention", masked_sdpa(natten_mask(grid, (3, 3, 3), 0, "after")))
+        expected = gradients()
+    for got, want in zip(patched, expected, strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCE)
+
+
+class SoftmaxProcessor:
+    """Self-attention written out (no SDPA call), as older or third-party processors do."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        q, k, v = (
+            p(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        weights = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        return attn.to_out[0]((weights @ v).transpose(1, 2).flatten(2))
+
+
+class WeightedProcessor(torch.nn.Module):
+    """A processor with weights (an nn.Module, like IP-Adapter's): left unwrapped."""
+
+    def __init__(self, processor) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+        self.inner = processor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self.gain * self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
+def test_processors_without_sdpa_or_with_weights_stay_dense_with_one_warning(wan):
+    model, run, grid = wan
+    first, second = model.blocks[0].attn1, model.blocks[1].attn1
+    originals = (first.processor, second.processor)
+    first.set_processor(SoftmaxProcessor())
+    second.set_processor(WeightedProcessor(originals[1]))
+    try:
+        dense = run()
+        with pytest.warns(UserWarning, match=r"processors with weights .* stay dense: \['blocks.1.attn1'\]"):
+            handle = sa.patch_diffusers(model, "neighborhood", grid=grid, window=3)
+        assert handle.layer_names == ["blocks.0.attn1"]
+        with pytest.warns(UserWarning, match="SoftmaxProcessor .* without torch.nn.functional.scaled_dot_product"):
+            out = run()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per patch
+            run()
+        handle.unpatch()
+        assert torch.equal(out, dense)
+    finally:
+        first.set_processor(originals[0])
+        second.set_processor(originals[1])
 
 
 # Steps, layers -------------------------------------------------------------------------------------

@@ -107,6 +107,8 @@ __all__ = [
 PATCH_ATTRIBUTE = "_sparse_attn_diffusers"
 # What the processor's SDPA call may pass, in SDPA's positional order.
 _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+# The function itself, taken at import: the mode matches it even if the name is rebound later.
+_SDPA = F.scaled_dot_product_attention
 
 
 # Records ---------------------------------------------------------------------------------
@@ -427,7 +429,7 @@ class _SparseSDPA(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
+        if func is _SDPA:
             return self.call.attend(**dict(zip(_SDPA_PARAMETERS, args, strict=False)), **kwargs)
         return func(*args, **kwargs)
 
@@ -474,7 +476,7 @@ class _AttentionCall:
             if reason != "cross-attention":
                 self.patch._warn_once(f"{self.processor.name}: {reason}: ran dense SDPA")
             self._record_dense(seq_q, seq_k, reason)
-            return F.scaled_dot_product_attention(query, key, value, **sdpa)
+            return _SDPA(query, key, value, **sdpa)
         text = self._text_tokens(seq_q, joint)
         if kept is None:
             return self._sparse(query, key, value, scale, text)
@@ -561,7 +563,7 @@ class _AttentionCall:
         if not all(bool(row_kept[grid_start : grid_start + grid_tokens].all()) for row_kept in rows_kept):
             patch._warn_once(f"{self.processor.name}: attention mask hides grid tokens: ran dense SDPA")
             self._record_dense(seq, seq, "mask hides grid tokens")
-            return F.scaled_dot_product_attention(q, k, v, **sdpa)
+            return _SDPA(q, k, v, **sdpa)
         out = torch.empty_like(q)
         for row, row_kept in enumerate(rows_kept):
             kept_index = row_kept.nonzero().squeeze(1)
@@ -570,7 +572,7 @@ class _AttentionCall:
             out[rows, :, kept_index] = self._sparse(q_row, k_row, v_row, scale, len(kept_index) - grid_tokens)
             padded_index = (~row_kept).nonzero().squeeze(1)
             if len(padded_index):
-                out[rows, :, padded_index] = F.scaled_dot_product_attention(
+                out[rows, :, padded_index] = _SDPA(
                     q[rows].index_select(2, padded_index), k_row, v_row, scale=scale, enable_gqa=sdpa["enable_gqa"]
                 )
         return out
