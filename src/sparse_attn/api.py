@@ -16,6 +16,7 @@ from .checks import check_attention_inputs, check_finite, check_int, check_query
 from .masked_pattern import in_layout_order
 from .pattern import BlockSparsePattern, check_pattern_fits
 from .registry import Method, get_method
+from .skip_pattern import SkipThresholdPattern, computed_density, resolve_skip_backend, skip_threshold_attention
 from .utils import synchronized_now
 
 DEFAULT_BLOCK = 128
@@ -142,6 +143,10 @@ def block_sparse_attention(
     if check_inputs_finite:
         check_finite(q=q, k=k, v=v)
     pattern.ensure_valid(causal=bool(causal))
+    if isinstance(pattern, SkipThresholdPattern):
+        # Which candidates run is decided inside the kernel (blasst): its own routing.
+        options = dict(causal=bool(causal), scale=scale, backend=backend, return_lse=return_lse)
+        return skip_threshold_attention(q, k, v, pattern, **options)
     name = resolve_backend(backend, q, k, v, pattern, causal=bool(causal), return_lse=return_lse)
     options = dict(causal=bool(causal), scale=scale, return_lse=return_lse)
     # A pattern over a layout's tile order (spatial methods) runs on q, k, v in that order.
@@ -183,14 +188,26 @@ def sparse_attention(
     if not return_info:
         return block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=backend)
     estimated = synchronized_now(q.device)
-    name = resolve_backend(backend, q, k, v, pattern, causal=bool(causal), return_lse=False)
-    out = block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=name)
+    extras = {}
+    if isinstance(pattern, SkipThresholdPattern):
+        # The density is that of the blocks the kernel actually computed (extras: the candidates').
+        pattern.ensure_valid(causal=bool(causal))
+        name = resolve_skip_backend(backend, q, k, v, pattern)
+        options = dict(causal=bool(causal), scale=scale, backend=name, return_computed=True)
+        out, computed = skip_threshold_attention(q, k, v, pattern, **options)
+        density = computed_density(pattern, computed, causal=bool(causal))
+        extras["candidate_density"] = pattern.density(causal=causal)
+    else:
+        name = resolve_backend(backend, q, k, v, pattern, causal=bool(causal), return_lse=False)
+        out = block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=name)
+        density = pattern.density(causal=causal)
     finished = synchronized_now(q.device)
     info = SparseAttentionInfo(
         pattern=pattern,
-        density=pattern.density(causal=causal),
+        density=density,
         backend=name,
         estimate_ms=(estimated - start) * 1e3,
         attention_ms=(finished - estimated) * 1e3,
+        extras=extras,
     )
     return out, info
