@@ -1,7 +1,10 @@
-"""Spatial methods (neighborhood, sliding_tile, radial, vmoba) at video/image DiT shapes against dense attention (GPU).
+"""Spatial methods (neighborhood, sliding_tile, radial, vmoba, svg, sparse_vdit, draft) at DiT shapes vs dense (GPU).
 
-Bidirectional (``causal=False``), bf16, batch 1, head_dim 128, one list for every head; random
-q/k/v (the patterns are static, so speed does not depend on the values). Shapes:
+Bidirectional (``causal=False``), bf16, batch 1, head_dim 128; random q/k/v. The static methods
+keep one list for every head, so their speed does not depend on the values; svg and draft
+choose per head from q/k (on random inputs: a timing of their estimate and of patterns of
+their density, not of their choices on a real model), sparse_vdit's lists are per head and
+static. Shapes:
 
 * ``wan21-720p``: Wan 2.1 720p, 21 x 45 x 80 latent (75,600 tokens), 40 heads, no text (Wan
   attends to text by cross-attention).
@@ -65,11 +68,15 @@ VARIANTS = {
         ("vmoba", "layer 0 (1D, 3 frames)", dict(layer=0, chunk_1d=3)),
         ("vmoba", "layer 1 (2D, 3x8)", dict(layer=1, chunk_2d=(3, 8))),
         ("vmoba", "layer 2 (3D, 3x3x8)", dict(layer=2, chunk_3d=(3, 3, 8))),
+        ("svg", "defaults (density 0.25, patch 8x16)", {}),
+        ("sparse_vdit", "defaults (multi-diagonal, width 0.125)", {}),
+        ("draft", "defaults (sparsity 0.9, pool 8x16)", {}),
     ],
     2: [
         ("neighborhood", "defaults", {}),
         ("neighborhood", "gna-block-exact", dict(window=(24, 48), stride=(8, 16), tile=(8, 16))),
         ("sliding_tile", "defaults", {}),
+        ("draft", "defaults (sparsity 0.9, pool 8x16)", {}),
     ],
 }
 

@@ -81,6 +81,13 @@ def settings(grid) -> list[tuple[str, str, dict]]:
         ("vmoba", "layer 1 (2D, 4x4)", dict(layer=1)),
         ("vmoba", "layer 2 (3D, 2x4x8)", dict(layer=2, chunk_3d=(2, 4, 8))),
         ("vmoba", "layer 1, threshold 0.5", dict(layer=1, threshold=0.5)),
+        ("svg", "defaults (density 0.25)", {}),
+        ("svg", "density 0.5", dict(density=0.5)),
+        ("sparse_vdit", "defaults (multi-diagonal, width 0.125)", {}),
+        ("sparse_vdit", "multi-diagonal, width 0.25", dict(width=0.25)),
+        ("draft", "defaults (sparsity 0.9)", {}),
+        ("draft", "sparsity 0.75", dict(sparsity=0.75)),
+        ("draft", "sparsity 0.75, per-row selection", dict(sparsity=0.75, selection="row")),
     ]
     return rows if rank == 3 else []
 
