@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
-from helpers import random_qkv, relative_error
+from helpers import poisoned_allocate, random_qkv, relative_error
 
 import sparse_attn as sa
+from sparse_attn.backends import resolve_backend
 from sparse_attn.layouts import Layout
 from sparse_attn.methods.sparse_vdit import calibrate
 from sparse_attn.methods.svg import sample_grid_rows
@@ -373,3 +375,26 @@ def test_video_methods_are_registered_as_bidirectional():
     assert {"svg", "sparse_vdit", "draft"} <= bidirectional
     for name in ("svg", "sparse_vdit", "draft"):
         assert "arXiv:" in sa.get_method(name).paper
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_video_methods_match_the_reference(monkeypatch, dtype):
+    from sparse_attn.backends import launch
+
+    monkeypatch.setattr(launch, "allocate", poisoned_allocate)
+    grid = (8, 24, 32)
+    layout = Layout(grid, text_tokens=128)
+    q, k, v = random_qkv(1, 12, 4, layout.seq_len, layout.seq_len, 128, dtype=dtype, device="cuda", seed=8)
+    for method in ("svg", "sparse_vdit", "draft"):
+        pattern = sa.estimate(q, k, method, causal=False, grid=grid, text_tokens=128)
+        assert pattern.token_rule is None
+        expected = sa.block_sparse_attention(
+            q.float(), k.float(), v.float(), pattern, causal=False, backend="reference"
+        )
+        for backend in ("auto", "flex", "triton", "gluon"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend=backend)
+            assert relative_error(out, expected) < 1e-2, (method, backend)
+        assert resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=False) in ("gluon", "triton")
