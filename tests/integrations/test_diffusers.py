@@ -147,6 +147,19 @@ def test_flux_full_window_equals_the_unpatched_model_and_restores(flux):
         unpatch_diffusers(model)
 
 
+def test_a_method_without_layout_options_needs_no_grid(flux):
+    model, run, _, _ = flux
+    dense = run()
+    handle = sa.patch_diffusers(model, "dense")
+    try:
+        with handle.record() as rec:
+            out = run()
+    finally:
+        handle.unpatch()
+    torch.testing.assert_close(out, dense, **TOLERANCE)
+    assert [(r.kind, r.method, r.text_tokens) for r in rec.records] == [("sparse", "dense", 3), ("sparse", "dense", 0)]
+
+
 def test_flux_window_equals_masked_sdpa_with_text_before(flux, monkeypatch):
     model, run, grid, text = flux
     dense = run()
