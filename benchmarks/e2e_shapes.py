@@ -564,6 +564,7 @@ def parse_args(argv):
     parser.add_argument("--backend", default="auto", help="block-sparse backend of the patched prefills")
     parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run; later configs skip")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 512 tokens, float32: runs on CPU")
+    parser.add_argument("--device", default=None, help="default cuda when available (else cpu, --quick only)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/<gpu>/e2e_shapes*.json)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.new_tokens < 2:
@@ -576,7 +577,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> dict:
     """Runs the benchmark; returns ``{"meta": ..., "rows": [...]}`` (also written to the JSON)."""
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not args.quick:
         raise SystemExit("benchmarks/e2e_shapes.py needs a CUDA GPU; on CPU run it with --quick")
     with torch.no_grad():

@@ -44,7 +44,7 @@ def test_quick_run_json(script, tmp_path):
     ]  # fmt: skip
     estimation.write_text(json.dumps({"meta": {"benchmark": "estimators"}, "rows": rows}))
     out = tmp_path / "e2e_shapes.json"
-    returned = script.main(["--quick", "--output", str(out), "--estimation-json", str(estimation)])
+    returned = script.main(["--quick", "--device", "cpu", "--output", str(out), "--estimation-json", str(estimation)])
     data = json.loads(out.read_text())
     assert data["rows"] == json.loads(json.dumps(returned["rows"]))
     meta = data["meta"]
@@ -110,9 +110,8 @@ def test_a_pattern_missing_blocks_changes_the_logits(script):
 
 def test_budget_skips_and_bad_shape(script, tmp_path):
     out = tmp_path / "r.json"
-    result = script.main(
-        ["--quick", "--only", "decode", "--shapes", "tiny-llama", "--budget", "0", "--output", str(out)]
-    )
+    argv = "--quick --device cpu --only decode --shapes tiny-llama --budget 0".split() + ["--output", str(out)]
+    result = script.main(argv)
     assert result["rows"] == []
     assert len(result["meta"]["skipped"]) == 5 and all("budget" in s for s in result["meta"]["skipped"])
     assert json.loads(out.read_text())["meta"]["skipped"] == result["meta"]["skipped"]
