@@ -4,7 +4,7 @@ A :class:`~sparse_attn.pattern.BlockSparsePattern` says which blocks to compute;
 decides before the attention runs. BLASST (:mod:`sparse_attn.methods.blasst`) decides inside
 the attention kernel: the pattern lists the *candidate* blocks, and while a query block walks
 them with the online softmax, a candidate whose scores are all far below the running maximum
-is skipped (no exp, no P·V, no V load). A :class:`SkipThresholdPattern` carries, beside the
+is skipped (no exp, no P·V). A :class:`SkipThresholdPattern` carries, beside the
 unchanged block lists, that rule's one parameter:
 
 * ``skip_threshold``: ``λ`` in ``[0, 1]``. While query block ``i`` walks its candidates, block

@@ -10,8 +10,10 @@ sequence tail; with the causal / bounds mask) first, then the full entries ascen
 mask). For each block it computes the scores ``q·kᵀ`` and their row maxima; in log2 units
 (``qk_scale = scale * log2 e``) a row allows skipping when its block maximum is below
 ``m + log2 λ`` or is ``-inf``, or the row lies past the last query; when every row allows
-it, the block is skipped: no exp, no row sum, no V load, no P·V. Otherwise the online softmax
-takes the block as in :mod:`.triton`. The running maximum of a row that has seen no key stays
+it, the block is skipped: no exp, no row sum, no P·V. Otherwise the online softmax takes the
+block as in :mod:`.triton`. V is loaded beside K either way, as in the paper's prefill kernel
+(prefill is compute-bound; unconditional loads keep the memory pipeline regular): only the
+decode kernel of the paper skips V loads. The running maximum of a row that has seen no key stays
 ``-inf`` (exponents are then taken against 0), so the skip test reads the true running
 maximum. Each program writes how many blocks it computed (``computed``), so the density
 actually computed can be reported.
@@ -116,8 +118,10 @@ if triton is not None:
             if MASKED and not EVEN_K:
                 in_bounds = key_pos < seq_k
                 k_tile = tl.trans(tl.load(k_rows, mask=in_bounds[:, None], other=0.0))
+                v = tl.load(v_rows, mask=in_bounds[:, None], other=0.0)
             else:
                 k_tile = tl.trans(tl.load(k_rows))
+                v = tl.load(v_rows)
             if DOT_FP32:
                 scores = tl.dot(q.to(tl.float32), k_tile.to(tl.float32), input_precision=PRECISION)
             else:
@@ -139,10 +143,6 @@ if triton is not None:
             else:
                 keep = tl.full([], 1, tl.int1)
             if keep:
-                if MASKED and not EVEN_K:
-                    v = tl.load(v_rows, mask=in_bounds[:, None], other=0.0)
-                else:
-                    v = tl.load(v_rows)
                 m_new = tl.maximum(m_i, block_max)
                 # A row that has seen no key keeps m = -inf; its exponents are taken against 0.
                 shift = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -9,7 +9,8 @@ arXiv:2512.12087.
 Rule (the paper's): while FlashAttention walks a query tile's KV blocks with the online
 softmax, keeping per row the running maximum ``m`` of the scaled scores, a block whose local
 row maxima ``m̃`` satisfy ``m̃ - m < ln λ`` — every weight of the block is below ``λ`` times the
-largest weight seen so far — is skipped: no exp, no row sum, no V load, no P·V. Nothing is
+largest weight seen so far — is skipped: no exp, no row sum, no P·V (the paper's decode
+kernel also skips the V load; its prefill kernel, like ours, still loads V). Nothing is
 estimated beforehand: the decision reuses the softmax statistics the kernel keeps anyway.
 Here that makes BLASST a backend capability rather than an estimator: this method's estimate
 returns the *candidate* pattern (by default every causal block) wrapped in a
