@@ -271,6 +271,26 @@ if triton is not None:
                          K_TILE)  # fmt: skip
 
 
+@functools.cache
+def _autotuned(name: str, blocks: tuple[str, ...], candidate_set: tuple, key: tuple[str, ...]):
+    """Kernel ``name`` autotuned over ``(block, num_warps)`` candidates (each of ``blocks`` set to the block)."""
+    configs = [triton.Config(dict.fromkeys(blocks, b), num_warps=w) for b, w in candidate_set]
+    return triton.autotune(configs=configs, key=list(key))(globals()[name])
+
+
+def _launch(name: str, grid, args, constants: dict, blocks: dict[str, int]) -> None:
+    """Launch kernel ``name``: autotuned over tile sizes up to each of ``blocks``' caps and 4 or 8 warps
+    on a GPU; one small tile under the interpreter."""
+    if interpreting():
+        globals()[name][grid](*args, **constants, **{block: min(64, cap) for block, cap in blocks.items()})
+        return
+    smallest = min(blocks.values())
+    candidate_set = tuple((b, w) for b in (32, 64, 128) if b <= smallest for w in (4, 8)) or ((smallest, 4),)
+    key = tuple(sorted(constants))
+    kernel = _autotuned(name, tuple(blocks), candidate_set, key)
+    kernel[grid](*args, **constants)
+
+
 def _outputs(batch: int, kv_heads: int, keep: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return allocate_int32((batch, kv_heads, keep), device), allocate_int32((batch, kv_heads), device)
 
@@ -353,15 +373,18 @@ def select_pages_two_level_triton(
     super_budget = min(super_budget, max_super)
     s_tile = _pow2(max_super)
     sel_tile = _pow2(super_budget)
-    block = 64 if dim <= 128 else 32
+    block = 128 if dim <= 128 else 64
     selected, counts = _outputs(batch, kv_heads, keep, q.device)
-    _two_level[(batch * kv_heads,)](
+    args = (
         q, key_min, key_max, super_min, super_max, page_table, page_counts, selected, counts,
         *q.stride()[:2], *key_min.stride()[:2], *super_min.stride()[:3], page_table.stride(0),
         *selected.stride()[:2], counts.stride(0),
         kv_heads, q_heads // kv_heads, max_super, keep, super_budget,
-        HEAD_DIM=dim, BLOCK_G=_pow2(q_heads // kv_heads), SUPER_PAGE=super_page, BLOCK_S=min(block, s_tile),
-        S_TILE=s_tile, SEL_TILE=sel_tile, BLOCK_P=min(block, sel_tile * super_page), K_TILE=_pow2(keep),
-        num_warps=8,
     )  # fmt: skip
+    constants = dict(
+        HEAD_DIM=dim, BLOCK_G=_pow2(q_heads // kv_heads), SUPER_PAGE=super_page, S_TILE=s_tile, SEL_TILE=sel_tile,
+        K_TILE=_pow2(keep),
+    )  # fmt: skip
+    caps = {"BLOCK_S": min(block, s_tile), "BLOCK_P": min(block, sel_tile * super_page)}
+    _launch("_two_level", (batch * kv_heads,), args, constants, caps)
     return selected, counts
