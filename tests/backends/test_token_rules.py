@@ -119,11 +119,12 @@ def _triton_run(q, k, v, pattern, causal, dout, dlse):
 
 
 # (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k): batch 2, GQA 2, head_dim 64,
-# odd lengths, Sq < Sk, blocks of 16 and 32 (block_k 16 uses half of each mask word).
+# odd lengths, Sq < Sk, blocks of 16, 32 and 64 (block_k 16 uses half of each mask word; block_q 64
+# spans two interpreter tiles and block_k 32 two key sub-tiles, so block-relative offsets are exercised).
 RANDOM_CASES = [
     ((2, 4, 2, 45, 45, 64, 16, 16), True, "kv"),
     ((2, 4, 2, 45, 45, 64, 16, 16), False, "query"),
-    ((2, 4, 2, 37, 70, 64, 32, 16), True, "shared"),
+    ((2, 4, 2, 70, 90, 64, 64, 16), True, "shared"),
     ((2, 4, 2, 50, 61, 64, 16, 32), False, "kv"),
 ]
 

@@ -10,6 +10,14 @@ index (query head ``h`` reads KV head ``h // group``), so K and V are never expa
 blocks may be larger than the kernel tiles: a query block is split over several programs and
 a KV block over several inner iterations.
 
+Token rules (a :class:`~sparse_attn.masked_pattern.MaskedPattern` with ``token_rule``; constexpr
+``HAS_RULE``): the plan packs the rule of every entry it cuts into per-block bitmasks and
+reorders each list so the entries every row sees whole lead (:attr:`.plan.BlockSparsePlan.rule_lists`).
+The unmasked run is unchanged; in the masked run each slot's bitmask index is loaded beside its
+block number and, for an index ``>= 0``, the mask words (:mod:`.rule_bits`) join the causal /
+bounds mask. Rows the rule leaves without keys give output 0 and LSE ``-inf``. Without a rule
+the kernel is compiled with ``HAS_RULE=False`` and is the whole-block kernel it always was.
+
 Tiles are read through pointers (K either row-wise or column-wise), or through TMA tensor
 descriptors (constexpr ``USE_TMA``; an autotune axis for 16-bit inputs on compute capability
 >= 9 with 16-byte aligned addresses and strides, see :mod:`.configs`). The descriptors are
