@@ -79,7 +79,8 @@ class RuleBitmask:
 
     ``entry_index`` int32, ``kv_indices``' shape: for each list entry the row of ``words`` that
     holds its mask, ``-1`` where the rule does not cut the entry (and in unused slots).
-    ``words`` int32 ``(n_partial, block_q, ceil(block_k / 32))``: bit ``c % 32`` of
+    ``words`` int32 ``(n_partial, block_q, ceil(block_k / 32))`` (one unused zero row when
+    ``n_partial`` is 0): bit ``c % 32`` of
     ``words[e, r, c // 32]`` is set when query ``r`` and key ``c`` of entry ``e``'s block pair are
     allowed by the rule (positions past the sequence included: the kernels' bounds masks hide them).
     """
@@ -179,7 +180,8 @@ def _pack_rule(pattern: BlockSparsePattern, rule) -> RuleBitmask:
     # Keys padded to whole words; the padding keys' bits stay clear.
     words_per_row = -(-block_k // 32)
     padded_k = words_per_row * 32
-    words = torch.empty((n_partial, block_q, words_per_row), dtype=torch.int32, device=device)
+    # One spare row when no entry is cut, so the kernels always get a real pointer (no index names it).
+    words = torch.zeros((max(n_partial, 1), block_q, words_per_row), dtype=torch.int32, device=device)
     rows = torch.arange(block_q, device=device)
     keys = torch.arange(block_k, device=device)
     bit_values = torch.bitwise_left_shift(

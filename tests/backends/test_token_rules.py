@@ -308,6 +308,22 @@ def test_routing_of_rule_patterns():
     assert relative_error(triton_out, expected) < 1e-5
 
 
+def test_a_rule_that_cuts_no_entry_gives_the_whole_block_result(poison_outputs):
+    shape = (2, 4, 2, 45, 45, 64, 16, 16)
+    plain = shape_pattern(shape, heads=2, density=0.5, causal=True, seed=9)
+    rule = TableRule(torch.ones(45, 45, dtype=torch.bool))
+    fields = {
+        name: getattr(plain, name) for name in ("kv_counts", "kv_indices", "block_q", "block_k", "seq_q", "seq_k")
+    }
+    masked = MaskedPattern(**fields, token_rule=rule, rule_partial=torch.zeros_like(plain.kv_indices, dtype=torch.bool))
+    assert masked.partial_entries() == 0 and rule_bitmask(masked).words.shape[0] == 1
+    q, k, v = random_qkv(*shape[:6], seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = sa.block_sparse_attention(q, k, v, masked, backend="triton")
+    assert relative_error(got, sa.block_sparse_attention(q, k, v, plain, backend="triton")) < 1e-6
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_neighborhood_3d_forward_and_backward_match_the_reference(dtype, poison_outputs):
