@@ -1,0 +1,142 @@
+"""benchmarks/recall_frontier.py on CPU: its true recall against a brute-force dense softmax, its
+per-layer rows against the library's own density and recall, and the arithmetic of its summaries."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import token_mask
+
+import sparse_attn as sa
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recall_frontier.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("recall_frontier", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def peaked_qk(q_heads, kv_heads, seq_q, seq_k, dim, seed):
+    """q/k sharing a direction (peaked, uneven attention: recall differs from density)."""
+    generator = torch.Generator().manual_seed(seed)
+    shared = torch.randn(dim, generator=generator)
+    q = torch.randn(1, q_heads, seq_q, dim, generator=generator) + 1.5 * shared
+    k = torch.randn(1, kv_heads, seq_k, dim, generator=generator) + 1.5 * shared
+    return q, k
+
+
+def brute_force_recall(q, k, pattern, scale):
+    """Float64 ``(Hq, Sq)``: per query, the dense causal softmax mass inside the pattern's keys."""
+    q_heads, seq_q, seq_k = q.shape[1], q.shape[2], k.shape[2]
+    keys = k.double().repeat_interleave(q_heads // k.shape[1], 1)
+    scores = (q.double() @ keys.transpose(-1, -2)) * scale
+    causal = torch.arange(seq_k)[None, :] <= torch.arange(seq_q)[:, None] + (seq_k - seq_q)
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    return (probs * token_mask(pattern, 1, q_heads, causal=True)).sum(-1)[0]
+
+
+@pytest.mark.parametrize(
+    "q_heads, kv_heads, seq_q, seq_k, dim",
+    [(6, 2, 301, 301, 16), (5, 5, 200, 263, 8)],
+)
+def test_head_recall_matches_a_brute_force_dense_softmax(script, q_heads, kv_heads, seq_q, seq_k, dim):
+    q, k = peaked_qk(q_heads, kv_heads, seq_q, seq_k, dim, seed=seq_q)
+    scale = 0.7 * dim**-0.5
+    patterns = [
+        # per query head, 32 x 32 blocks
+        sa.random_pattern(heads=q_heads, seq_q=seq_q, seq_k=seq_k, density=0.4, block_q=32, block_k=32, seed=1),
+        # per KV head, unequal blocks
+        sa.random_pattern(heads=kv_heads, seq_q=seq_q, seq_k=seq_k, density=0.5, block_q=16, block_k=48, seed=2),
+        # shared by all heads, token-level rows (moba's geometry)
+        sa.random_pattern(heads=1, seq_q=seq_q, seq_k=seq_k, density=0.3, block_q=1, block_k=16, seed=3),
+        sa.dense_pattern(seq_q=seq_q, seq_k=seq_k, block_q=64, block_k=64),
+    ]
+    recall, per_chunk = script.head_recall(q, k, patterns, scale=scale, rows=64)
+    assert recall.shape == (len(patterns), q_heads) and recall.dtype == torch.float64
+    assert per_chunk.shape == (len(patterns), q_heads, -(-seq_q // 64))
+    for index, pattern in enumerate(patterns):
+        exact = brute_force_recall(q, k, pattern, scale)
+        assert float((recall[index] - exact.mean(-1)).abs().max()) < 2e-6
+        chunks = torch.stack([exact[:, start : start + 64].mean(-1) for start in range(0, seq_q, 64)], -1)
+        assert float((per_chunk[index] - chunks).abs().max()) < 2e-6
+        if pattern.block_q > 1:  # the reference backend runs token-level rows one query at a time: slow
+            assert float(exact.mean()) == pytest.approx(sa.metrics.recall(q, k, pattern, scale=scale), abs=1e-5)
+    assert torch.allclose(recall[-1], torch.ones(q_heads, dtype=torch.float64), atol=1e-6)
+    # Sparse patterns on peaked attention lose mass, unevenly across heads.
+    assert float(recall[0].max()) < 0.99 and float(recall[0].max() - recall[0].min()) > 1e-3
+
+
+def test_head_recall_rejects_mismatched_inputs(script):
+    q, k = peaked_qk(2, 1, 64, 64, 8, seed=0)
+    pattern = sa.dense_pattern(seq_q=32, seq_k=32, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match="does not fit"):
+        script.head_recall(q, k, [pattern], scale=1.0)
+    with pytest.raises(ValueError, match="batch 1"):
+        script.head_recall(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), [pattern], scale=1.0)
+
+
+def test_layer_rows_agree_with_the_library(script):
+    q, k = peaked_qk(4, 2, 640, 640, 32, seed=5)
+    streaming = ("streaming", {"sink_tokens": 128, "local_tokens": 256})
+    topk = ("block_topk", {"top_k": 2})
+    chosen = [
+        ("dense", {}),
+        streaming,
+        topk,
+        ("xattention", {"threshold": 0.9}),
+        ("auto", {"recall": 0.9, "candidates": (streaming, topk)}),
+    ]
+    rows, _ = script.evaluate_layer(q, k, chosen, scale=32**-0.5)
+    by_setting = {row["setting"]: row for row in rows}
+    assert by_setting["dense()"]["density"] == [1.0] * 4
+    assert by_setting["dense()"]["recall"] == pytest.approx([1.0] * 4, abs=1e-6)
+    for name, options in chosen[1:4]:
+        pattern = sa.estimate(q, k, name, block_q=128, block_k=128, **options)
+        row = by_setting[script.label(name, options)]
+        assert sum(row["density"]) / 4 == pytest.approx(pattern.density(), abs=1e-9)
+        assert sum(row["recall"]) / 4 == pytest.approx(sa.metrics.recall(q, k, pattern), abs=1e-5)
+    auto = next(row for row in rows if row["method"] == "auto")
+    assert len(auto["chosen"]) == len(auto["probe_recall"]) == 4
+    for head, name in enumerate(auto["chosen"]):  # each head runs its chosen candidate's rows
+        source = by_setting["dense()" if name == "dense" else name]
+        assert auto["density"][head] == pytest.approx(source["density"][head])
+        assert auto["recall"][head] == pytest.approx(source["recall"][head], abs=1e-6)
+        assert name == "dense" or auto["probe_recall"][head] >= 0.9
+
+
+def test_summaries_pick_the_cheapest_setting_meeting_the_target(script):
+    def row(method, setting, density, recall):
+        return {"method": method, "setting": setting, "density": density, "recall": recall}
+
+    cheap, costly = "cheap()", "costly()"
+    rows = [
+        row("cheap", cheap, [0.2] * 20, [0.93] * 19 + [0.5]),  # 95 % of heads meet 0.9
+        row("costly", costly, [0.6] * 20, [0.99] * 20),
+        row("auto", "auto(recall=0.9)", [0.3] * 20, [0.92] * 18 + [0.8] * 2),
+        row("auto", "auto(recall=0.95)", [0.5] * 20, [0.96] * 20),
+    ]
+    for entry in rows[2:]:
+        entry["chosen"] = [cheap] * 20
+        entry["probe_recall"] = [0.97] * 20
+    summary = script.summarize(rows)
+    assert [s["setting"] for s in summary] == [cheap, costly, "auto(recall=0.9)", "auto(recall=0.95)"]
+    assert summary[0]["share_0.9"] == pytest.approx(0.95) and summary[0]["share_0.95"] == 0.0
+    assert summary[0]["recall"] == pytest.approx((0.93 * 19 + 0.5) / 20)
+    result = script.compare_auto(rows, summary, candidates=[cheap, costly])
+    at_90, at_95 = result
+    assert at_90["best_single"]["setting"] == cheap and at_90["auto_meets_budget"] is False
+    assert at_90["auto_cheaper"] is False
+    # Per head the oracle takes `cheap` where it meets 0.9 and `costly` on the last head.
+    assert at_90["oracle"]["density"] == pytest.approx((0.2 * 19 + 0.6) / 20)
+    assert at_95["best_single"]["setting"] == costly and at_95["auto_meets_budget"] is True
+    assert at_95["auto_cheaper"] is True
+    assert at_95["probe_vs_true"]["mean_probe_minus_true"] == pytest.approx(0.01)
+    assert script.interpolate([(0.1, 0.8), (0.5, 1.0)], 0.2) == pytest.approx(0.85)
+    assert script.interpolate([(0.1, 0.8), (0.5, 1.0)], 0.6) is None
