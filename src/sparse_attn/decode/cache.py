@@ -107,7 +107,8 @@ class PagedKVCache:
         self.super_min = self._empty_super(0, float("inf"))
         self.super_max = self._empty_super(0, float("-inf"))
         self._grow(-(-(capacity_tokens or 0) // page_size))
-        self._grow_super(-(-(capacity_tokens or 0) // (page_size * super_page)))
+        # Per sequence: room for an even share of the reserved tokens (grows when a sequence needs more).
+        self._grow_super(-(-(capacity_tokens or 0) // (batch * page_size * super_page)))
 
     # ----------------------------------------------------------------------------- storage
     def _empty_pages(self, count: int) -> torch.Tensor:

@@ -370,8 +370,10 @@ def select_pages_two_level_triton(
     kv_heads = key_min.shape[1]
     max_pages, max_super = page_table.shape[1], super_min.shape[1]
     keep = min(budget, max_pages)
-    super_budget = min(super_budget, max_super)
-    s_tile = _pow2(max_super)
+    # The table's super-pages (the summaries may hold more rows: their capacity).
+    table_supers = -(-max_pages // super_page)
+    super_budget = min(super_budget, table_supers)
+    s_tile = _pow2(table_supers)
     sel_tile = _pow2(super_budget)
     block = 128 if dim <= 128 else 64
     selected, counts = _outputs(batch, kv_heads, keep, q.device)
