@@ -109,11 +109,11 @@ def _rule_oracle(q, k, v, pattern: MaskedPattern, causal: bool, dout, dlse):
     return out.detach(), lse.detach(), [x.grad for x in leaves], empty[..., 0]
 
 
-def _triton_run(q, k, v, pattern, causal, dout, dlse):
+def _triton_run(q, k, v, pattern, causal, dout, dlse, backend="triton"):
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # the triton backend runs the rule: no fallback
-        out, lse = sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="triton", return_lse=True)
+        warnings.simplefilter("error", UserWarning)  # the backend runs the rule: no fallback
+        out, lse = sa.block_sparse_attention(*leaves, pattern, causal=causal, backend=backend, return_lse=True)
     torch.autograd.backward((out, lse), (dout, dlse))
     return out.detach(), lse.detach(), [x.grad for x in leaves]
 
@@ -129,8 +129,12 @@ RANDOM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape, causal, heads_kind", RANDOM_CASES, ids=str)
-def test_random_token_rule_forward_and_gradients_match_the_oracle(shape, causal, heads_kind, poison_outputs):
+@pytest.mark.parametrize(
+    "shape, causal, heads_kind, backend",
+    [(*case, "triton") for case in RANDOM_CASES] + [(*RANDOM_CASES[0], "reference"), (*RANDOM_CASES[1], "reference")],
+    ids=str,
+)
+def test_random_token_rule_forward_and_gradients_match_the_oracle(shape, causal, heads_kind, backend, poison_outputs):
     batch, q_heads, kv_heads, seq_q, seq_k, dim, *_ = shape
     heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
     seed = seq_q + seq_k + heads
@@ -142,7 +146,7 @@ def test_random_token_rule_forward_and_gradients_match_the_oracle(shape, causal,
     dlse = torch.randn(q.shape[:3], generator=generator)
     want_out, want_lse, want_grads, empty = _rule_oracle(q, k, v, pattern, causal, dout, dlse)
     assert empty.any() and not empty.all()
-    out, lse, grads = _triton_run(q, k, v, pattern, causal, dout, dlse)
+    out, lse, grads = _triton_run(q, k, v, pattern, causal, dout, dlse, backend)
     assert relative_error(out, want_out) <= TOLERANCE[torch.float32]
     assert bool((out[empty] == 0).all())
     assert torch.equal(torch.isneginf(lse), empty)

@@ -70,14 +70,16 @@ def _attend_chunk(
     # In place: matmul keeps its inputs, not its output, for the backward pass.
     scores.masked_fill_(hidden, float("-inf"))
     # One max / exp / sum pass. The max only shifts the exponent (no gradient flows through it);
-    # an infinite max is replaced by 0 as torch.logsumexp does, so a row with no visible key gets
-    # lse = -inf and a NaN output (0 / 0), and a +inf score lse = +inf and a NaN output, as before.
+    # an infinite max is replaced by 0 as torch.logsumexp does, so a row with no visible key (only
+    # a token rule can empty a row) gets lse = -inf and output 0 (its weights are all 0; divided
+    # by 1, not 0, so no NaN reaches its gradients either), as the kernels and FlexAttention
+    # give; a +inf score gives lse = +inf and a NaN output, as before.
     shift = scores.detach().amax(dim=-1, keepdim=True)
     shift = torch.where(torch.isinf(shift), 0.0, shift)
     weights = scores.sub_(shift).exp_()
     total = weights.sum(dim=-1, keepdim=True)
     lse = (torch.log(total) + shift).squeeze(-1)
-    return torch.matmul(weights, values) / total, lse
+    return torch.matmul(weights, values) / torch.where(total == 0, 1.0, total), lse
 
 
 def forward(

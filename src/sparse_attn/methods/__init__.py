@@ -4,6 +4,7 @@
 from . import (  # noqa: F401
     anchor,
     auto,
+    blasst,
     block_topk,
     dense,
     draft,
