@@ -9,7 +9,8 @@ decode (every page, through the same paged kernel) is the reference. Two measure
   per variant the mean score, and its difference from dense decode in task points (100 x the
   score; issue 17's target: within one point at budget 4096).
 * **Agreement** of ``--agreement-tokens`` (256) greedy tokens after a long natural-text prompt
-  (the ``perplexity`` task's text at the same length): dense decode generates them; each
+  (the ``perplexity`` task's text at the same length, from the ``pydoc`` haystack that the
+  needle tasks read, which needs no extra wheel): dense decode generates them; each
   variant is then fed the same tokens (teacher forcing) and ``top1_agreement`` is the share of
   steps where its greedy token is dense's; ``prefix_agreement`` is the share before the first
   difference, which is what free-running generation would reproduce (the two runs see the
@@ -159,7 +160,7 @@ def main() -> None:
                     rows.append(row)
                     print(f"{task_name} {depth} {label} {budget}: score {row['score']:.2f}, {output!r}", flush=True)
         if args.agreement_tokens:
-            text = get_task("perplexity").make(tokenizer, args.length, None, seed=0)
+            text = get_task("perplexity", haystack_source="pydoc").make(tokenizer, args.length, None, seed=0)
             input_ids = torch.tensor([text.input_ids], device=device)
             reference = None
             for label, method, options, budget in variants:
