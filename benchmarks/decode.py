@@ -55,6 +55,8 @@ Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
 BYTES = 2  # bf16
 PREFILL_CHUNK = 8192
+# Two-level quest's oversample (``--oversample``), set once in main().
+OVERSAMPLE = [2]
 # A layer past every method's dense layers (Quest keeps 2 dense), so the sparse rule runs.
 SPARSE_LAYER = 3
 
@@ -184,6 +186,8 @@ def sparse_row(
     """One method at one budget: selection, attention and step times (eager and graphed), bytes read and floors."""
     method = get_decode_method(name)
     options = {"token_budget": budget, **({"levels": levels} if name == "quest" else {})}
+    if name == "quest" and levels == 2:
+        options["oversample"] = OVERSAMPLE[0]
     config = method.make_config(**options)
     row = {"method": name, "budget": budget, "page_size": cache.page_size, "errors": {}}
     if name == "quest":
@@ -314,10 +318,12 @@ def main() -> None:
     parser.add_argument("--peak-tbps", type=float, default=4.8, help="HBM bandwidth for the floor (H200: 4.8)")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2], help="quest's selection levels to time")
     parser.add_argument("--super-page", type=int, default=16, help="pages per super-page of two-level quest")
+    parser.add_argument("--oversample", type=int, default=2, help="two-level quest's oversample option")
     parser.add_argument("--quick", action="store_true", help="32K and 128K, batch 8, budget 2048, quest, page 16")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    OVERSAMPLE[0] = args.oversample
     device = torch.device("cuda")
     if args.quick:
         args.lengths, args.batches, args.budgets, args.methods, args.page_sizes = (
@@ -348,7 +354,7 @@ def main() -> None:
             print(f"  {row['seq']} b{row['batch']} {row['method']} {row.get('budget', '')}: {name}: {error}")
     path = args.output or Path(__file__).parent / "results" / device_slug(device) / "decode.json"
     meta = {"benchmark": "decode", "peak_tbps": args.peak_tbps, "shape": [Q_HEADS, KV_HEADS, HEAD_DIM, "bf16"]}
-    meta["super_page"] = args.super_page
+    meta["super_page"], meta["oversample"] = args.super_page, args.oversample
     write_results(rows, path, {**meta, **environment(device)})
     print(f"wrote {path}")
 
