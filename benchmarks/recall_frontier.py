@@ -28,7 +28,11 @@ Both are judged on the TRUE recall of ALL queries, not on the last-query probe `
    the per-head oracle (per head, the cheapest of ``auto``'s candidates meeting the target on the
    true recall: what a perfect probe would reach); (c) ``seer`` against ``xattention`` at equal
    density (SmolLM2): ``xattention``'s recall interpolated at each ``seer`` setting's density.
-   Also, per ``auto`` setting, the probe recall it saw against the true recall of its choice.
+   Also, per ``auto`` setting, the probe recall it saw against the true recall of its choice and,
+   per candidate it chose, how many heads missed the target; and ``auto``'s rule replayed offline
+   with other probes (:func:`simulate_selection`: 8 or 16 evenly spaced query chunks instead of
+   the last one, and a one-sided 95 % lower bound of the chunk mean), from each candidate's exact
+   per-chunk recall, to test whether the last-query probe is what makes ``auto`` miss.
 
 Every registered training-free prefill estimator of text models is included at its defaults and
 2-3 settings spanning density, plus ``dense`` (the trivial answer) and ``random`` (a
@@ -45,8 +49,9 @@ at 128-blocks, which favours them at equal density.
 Writes ``benchmarks/results/cpu/recall_frontier.json`` and ``recall_frontier.png`` (recall against
 density, one colour per method, ``auto`` highlighted).
 
-    python benchmarks/recall_frontier.py                 # the full run (about 40 min of 2 CPU threads)
+    python benchmarks/recall_frontier.py                 # full run: ~16 min on 2 CPU threads + ~5 min per model capture
     python benchmarks/recall_frontier.py --quick         # one SmolLM2 layer at 2K (smoke test, no files unless --out)
+    python benchmarks/recall_frontier.py --from-results benchmarks/results/cpu/recall_frontier.json  # re-derive
 """
 
 from __future__ import annotations
@@ -388,6 +393,11 @@ def oracle(rows: list[dict], candidates: Sequence[str], target: float) -> dict |
     return {"density": sum(densities) / n_heads, "heads": n_heads}
 
 
+def cheapest(pool: list[dict]) -> dict | None:
+    """The summary entry of lowest mean density, or None for an empty pool."""
+    return min(pool, key=lambda entry: entry["density"]) if pool else None
+
+
 def compare_auto(rows: list[dict], summary: list[dict], candidates: Sequence[str] | None = None) -> list[dict]:
     """(b): per target, the cheapest single setting meeting it on >= 95 % of heads against ``auto``.
 
@@ -397,20 +407,33 @@ def compare_auto(rows: list[dict], summary: list[dict], candidates: Sequence[str
         candidates = [label(name, options) for name, options in DEFAULT_CANDIDATES]
     result = []
     for target in TARGETS:
-        singles = [s for s in summary if s["method"] != "auto" and s[f"share_{target}"] >= HEAD_SHARE]
-        best = min(singles, key=lambda s: s["density"]) if singles else None
+        keys = ("setting", "density", "recall", f"share_{target}")
+        meeting = [s for s in summary if s["method"] != "auto" and s[f"share_{target}"] >= HEAD_SHARE]
+
+        best = cheapest(meeting)
         auto = next((s for s in summary if s["setting"] == label("auto", {"recall": target})), None)
         entry = {"target": target, "best_single": None, "auto": None, "oracle": oracle(rows, candidates, target)}
         if best is not None:
-            entry["best_single"] = {key: best[key] for key in ("setting", "density", "recall", f"share_{target}")}
+            entry["best_single"] = {key: best[key] for key in keys}
+        # Also among the training-free settings (no seer) and among auto's own candidates.
+        for name, pool in (
+            ("best_training_free", [s for s in meeting if s["method"] != "seer"]),
+            ("best_auto_candidate", [s for s in meeting if s["setting"] in candidates]),
+        ):
+            found = cheapest(pool)
+            entry[name] = None if found is None else {key: found[key] for key in keys}
         if auto is not None:
             entry["auto"] = {key: auto[key] for key in ("setting", "density", "recall", f"share_{target}")}
             entry["auto_meets_budget"] = auto[f"share_{target}"] >= HEAD_SHARE
             if best is not None:
                 entry["auto_cheaper"] = auto["density"] < best["density"]
             entry["auto_choices"], entry["probe_vs_true"] = _auto_detail(rows, auto["setting"])
+            entry["auto_misses"] = auto_misses(rows, auto["setting"], target)
         if any("chunk_recall" in row for row in rows):
             entry["simulated_probes"] = simulate_selection(rows, candidates, target)
+            # Diagnostic: the same replays without the candidate the last-query probe flatters most.
+            reduced = [name for name in candidates if name != "proxyattn()"]
+            entry["simulated_probes_without_proxyattn"] = simulate_selection(rows, reduced, target)
         result.append(entry)
     return result
 
@@ -435,33 +458,51 @@ def _auto_detail(rows: list[dict], setting: str) -> tuple[dict, dict]:
     return dict(sorted(chosen.items(), key=lambda item: -item[1])), detail
 
 
-def probe_rules(n_chunks: int) -> dict[str, list[int]]:
-    """Query chunks (of 128 queries) a selection probe looks at: ``auto``'s last one, or 8 / 16 evenly spaced."""
-    rules = {"last chunk (auto's probe)": [n_chunks - 1]}
-    for count in (8, 16):
-        rules[f"{count} evenly spaced chunks"] = sorted({round(i * (n_chunks - 1) / (count - 1)) for i in range(count)})
-    return rules
+# One-sided 95 % normal quantile: the lower-bound probe rule below.
+LOWER_BOUND_Z = 1.645
+
+
+def probe_rules(n_chunks: int) -> dict[str, tuple[list[int], bool]]:
+    """Probes replayed by :func:`simulate_selection`: the query chunks (of 128 queries) each looks at,
+    and whether it tests a one-sided 95 % lower bound of the chunk mean instead of the mean."""
+    spaced = {count: sorted({round(i * (n_chunks - 1) / (count - 1)) for i in range(count)}) for count in (8, 16)}
+    return {
+        "last chunk (auto's probe)": ([n_chunks - 1], False),
+        "8 evenly spaced chunks": (spaced[8], False),
+        "16 evenly spaced chunks": (spaced[16], False),
+        "16 evenly spaced chunks, 95% lower bound": (spaced[16], True),
+    }
+
+
+def _probe_estimate(values: list[float], lower_bound: bool) -> float:
+    mean = sum(values) / len(values)
+    if not lower_bound or len(values) < 2:
+        return mean
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean - LOWER_BOUND_Z * math.sqrt(variance / len(values))
 
 
 def simulate_selection(rows: list[dict], candidates: Sequence[str], target: float) -> dict[str, dict]:
     """``auto``'s rule with other probes, replayed offline from the per-chunk true recall of its candidates.
 
-    Per layer and head: the cheapest candidate whose mean recall over the probe's query chunks
-    reaches ``target`` (dense when none), judged by the chosen candidate's true recall over all
-    queries. The probe chunks are a subset of the queries, as a real probe's would be.
+    Per layer and head: the cheapest candidate whose probe estimate (the mean recall over the
+    probe's query chunks, or its lower bound) reaches ``target`` (dense when none), judged by
+    the chosen candidate's true recall over all queries. The probe chunks are a subset of the
+    queries, as a real probe's would be; chunk recall is exact over a chunk's 128 queries (the
+    real probe reads 64), so the last-chunk rule approximates ``auto`` and does not reproduce it.
     """
-    layers = sorted({(row["model"], row["layer"]) for row in rows})
+    layers = sorted({(row["model"], row["layer"]) for row in rows if "chunk_recall" in row})
     result = {}
     for layer in layers:
         mine = {row["setting"]: row for row in rows if (row["model"], row["layer"]) == layer and "chunk_recall" in row}
         mine = [mine[name] for name in candidates if name in mine]
         n_heads, n_chunks = len(mine[0]["recall"]), len(mine[0]["chunk_recall"][0])
-        for rule, chunks in probe_rules(n_chunks).items():
+        for rule, (chunks, lower_bound) in probe_rules(n_chunks).items():
             entry = result.setdefault(rule, {"density": [], "recall": [], "chunks": len(chunks)})
             for head in range(n_heads):
                 best_density, best_recall = 1.0, 1.0
                 for row in mine:
-                    probe = sum(row["chunk_recall"][head][c] for c in chunks) / len(chunks)
+                    probe = _probe_estimate([row["chunk_recall"][head][c] for c in chunks], lower_bound)
                     if probe >= target and row["density"][head] < best_density:
                         best_density, best_recall = row["density"][head], row["recall"][head]
                 entry["density"].append(best_density)
@@ -475,6 +516,25 @@ def simulate_selection(rows: list[dict], candidates: Sequence[str], target: floa
         }
         for rule, entry in result.items()
     }
+
+
+def auto_misses(rows: list[dict], setting: str, target: float) -> dict[str, dict]:
+    """Per candidate ``auto`` chose: heads chosen, heads whose true recall missed ``target``, and the
+    mean / largest probe recall minus true recall (positive: the probe flattered the candidate)."""
+    result: dict[str, dict] = {}
+    for row in rows:
+        if row["setting"] != setting or "recall" not in row:
+            continue
+        for name, probe, true in zip(row["chosen"], row["probe_recall"], row["recall"], strict=True):
+            entry = result.setdefault(name, {"chosen": 0, "missed": 0, "gaps": []})
+            entry["chosen"] += 1
+            entry["missed"] += int(true < target)
+            entry["gaps"].append(probe - true)
+    for entry in result.values():
+        gaps = entry.pop("gaps")
+        entry["mean_probe_minus_true"] = sum(gaps) / len(gaps)
+        entry["max_probe_minus_true"] = max(gaps)
+    return dict(sorted(result.items(), key=lambda item: -item[1]["missed"]))
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
@@ -564,7 +624,11 @@ def plot(summaries: dict[str, list[dict]], path: Path) -> None:
             axis.set_title(model)
             axis.set_ylim(max(0.0, min(s[key] for s in summary) - 0.02), 1.005 if key == "recall" else 1.02)
             axis.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize=8, loc="lower right", ncol=2)
+    handles = {}
+    for axis in axes.flat:  # one legend for every method of every panel (seer is in SmolLM2's only)
+        for handle, name in zip(*axis.get_legend_handles_labels(), strict=True):
+            handles.setdefault(name, handle)
+    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=8, loc="lower right", ncol=2)
     figure.suptitle("Recall vs density on the models' own q/k (niah prompt, pydoc haystack; * = auto)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -612,29 +676,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where captured q/k are kept")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/cpu/recall_frontier.json)")
-    parser.add_argument("--plot-only", type=Path, default=None, help="redraw the PNG beside this JSON and exit")
+    parser.add_argument(
+        "--from-results",
+        type=Path,
+        default=None,
+        help="recompute the summaries, comparisons and PNG from this JSON (and its chunk-recall file) and rewrite them",
+    )
     args = parser.parse_args(argv)
-    if args.plot_only is not None:
-        import json
-
-        plot(json.loads(args.plot_only.read_text())["meta"]["summary"], args.plot_only.with_suffix(".png"))
-        return {}
+    if args.from_results is not None:
+        return rewrite(args.from_results)
     torch.set_num_threads(args.threads)
     plan = {"smollm2-135m": (args.smollm2_length, args.smollm2_layers), "gemma3-270m": (args.gemma_length, None)}
     if args.quick:
         plan = {"smollm2-135m": (2048, [args.smollm2_layers[0]])}
         args.models = ["smollm2-135m"]
     started = time.perf_counter()
-    rows, summaries, comparisons, models_meta = [], {}, {}, {}
+    rows, models_meta = [], {}
     for model in args.models:
         length, layers = plan[model]
         mine, models_meta[model] = run_model(model, length, layers, args.cache, settings(model))
         rows += mine
-        summaries[model] = summarize(mine)
-        comparisons[model] = {"auto": compare_auto(mine, summaries[model]), "seer": compare_seer(summaries[model])}
-        print(f"\n{model} at {length} tokens, layers {models_meta[model]['layers']}: all heads of all layers")
-        print(format_table(summaries[model], SUMMARY_COLUMNS))
-        _print_comparisons(comparisons[model])
     meta = {
         "script": "benchmarks/recall_frontier.py",
         "quick": args.quick,
@@ -652,9 +713,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "seer gates were trained on pydoc/kjv/essays text: the haystack is in-distribution for them",
             "seer densities are over 64x64 blocks and moba's over token rows x its blocks, finer than 128x128",
             "pbs (a wrapper, no registered pattern) and the video/image methods (need a token grid) are not included",
+            "the simulated probes replay auto's rule offline from per-chunk true recall (128-query chunks)",
         ],
     }
-    output = {"meta": meta, "summary": summaries, "comparisons": comparisons}
+    summaries, comparisons = report(rows, models_meta)
     out = args.out if args.out is not None else (None if args.quick else RESULTS / "recall_frontier.json")
     if out is not None:
         # The per-chunk recall (heads x chunks per row) is megabytes: kept beside the captures, not in the JSON.
@@ -665,11 +727,51 @@ def main(argv: Sequence[str] | None = None) -> dict:
             detail,
         )
         meta["chunk_recall_file"] = str(detail)
-        rows = [{key: value for key, value in row.items() if key != "chunk_recall"} for row in rows]
-        write_results(rows, out, {**meta, "summary": summaries, "comparisons": comparisons})
-        plot(summaries, out.with_suffix(".png"))
-        print(f"wrote {out} and {out.with_suffix('.png')}")
-    return {**output, "rows": rows}
+        write(out, rows, meta, summaries, comparisons)
+    return {"meta": meta, "summary": summaries, "comparisons": comparisons, "rows": rows}
+
+
+def report(rows: list[dict], models_meta: dict) -> tuple[dict, dict]:
+    """Per model: the summary table and comparisons, printed; returns both."""
+    summaries, comparisons = {}, {}
+    for model, model_meta in models_meta.items():
+        mine = [row for row in rows if row["model"] == model]
+        summaries[model] = summarize(mine)
+        comparisons[model] = {"auto": compare_auto(mine, summaries[model]), "seer": compare_seer(summaries[model])}
+        print(f"\n{model} at {model_meta['seq']} tokens, layers {model_meta['layers']}: all heads of all layers")
+        print(format_table(summaries[model], SUMMARY_COLUMNS))
+        _print_comparisons(comparisons[model])
+    return summaries, comparisons
+
+
+def write(out: Path, rows: list[dict], meta: dict, summaries: dict, comparisons: dict) -> None:
+    """The JSON (rows without their per-chunk recall) and the PNG beside it."""
+    rows = [{key: value for key, value in row.items() if key != "chunk_recall"} for row in rows]
+    write_results(rows, out, {**meta, "summary": summaries, "comparisons": comparisons})
+    plot(summaries, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def rewrite(path: Path) -> dict:
+    """Recompute summaries and comparisons from a written JSON (the per-chunk recall from its
+    ``chunk_recall_file`` when that still exists: else no replayed probes) and rewrite JSON and PNG."""
+    import json
+
+    saved = json.loads(path.read_text())
+    meta = {key: value for key, value in saved["meta"].items() if key not in ("summary", "comparisons")}
+    rows = saved["rows"]
+    detail = Path(meta.get("chunk_recall_file", ""))
+    if detail.is_file():
+        chunks = {
+            (d["model"], d["layer"], d["setting"]): d["chunk_recall"] for d in torch.load(detail) if "chunk_recall" in d
+        }
+        for row in rows:
+            key = (row["model"], row["layer"], row["setting"])
+            if key in chunks:
+                row["chunk_recall"] = chunks[key]
+    summaries, comparisons = report(rows, meta["models"])
+    write(path, rows, meta, summaries, comparisons)
+    return {"meta": meta, "summary": summaries, "comparisons": comparisons, "rows": rows}
 
 
 def _print_comparisons(comparisons: dict) -> None:
@@ -678,17 +780,28 @@ def _print_comparisons(comparisons: dict) -> None:
         target = entry["target"]
         best_text = "none" if best is None else f"{best['setting']} density {best['density']:.3f}"
         print(f"target {target}: best single meeting it on >= {HEAD_SHARE:.0%} of heads: {best_text}")
+        for name in ("best_training_free", "best_auto_candidate"):
+            found = entry.get(name)
+            print(f"  {name}: " + ("none" if found is None else f"{found['setting']} density {found['density']:.3f}"))
         if auto is not None:
             print(
                 f"  {auto['setting']}: density {auto['density']:.3f}, meets {target} on {auto[f'share_{target}']:.1%}"
                 f" of heads; probe-true recall mean {entry['probe_vs_true']['mean_probe_minus_true']:+.4f};"
                 + ("" if entry["oracle"] is None else f" per-head oracle: density {entry['oracle']['density']:.3f}")
             )
-        for rule, simulated in entry.get("simulated_probes", {}).items():
-            print(
-                f"  replayed selection, probe = {rule}: density {simulated['density']:.3f}, recall"
-                f" {simulated['recall']:.4f}, meets {target} on {simulated[f'share_{target}']:.1%} of heads"
-            )
+        for name, misses in entry.get("auto_misses", {}).items():
+            if misses["missed"]:
+                print(
+                    f"  auto chose {name} on {misses['chosen']} heads, {misses['missed']} missed {target};"
+                    f" probe - true recall mean {misses['mean_probe_minus_true']:+.3f},"
+                    f" max {misses['max_probe_minus_true']:+.3f}"
+                )
+        for key, what in (("simulated_probes", ""), ("simulated_probes_without_proxyattn", " (without proxyattn)")):
+            for rule, simulated in entry.get(key, {}).items():
+                print(
+                    f"  replayed selection{what}, probe = {rule}: density {simulated['density']:.3f}, recall"
+                    f" {simulated['recall']:.4f}, meets {target} on {simulated[f'share_{target}']:.1%} of heads"
+                )
     for entry in comparisons["seer"]:
         x_recall = entry["xattention_recall_at_density"]
         x_text = "out of xattention's range" if x_recall is None else f"{x_recall:.4f}"

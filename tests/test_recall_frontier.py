@@ -132,6 +132,7 @@ def test_summaries_pick_the_cheapest_setting_meeting_the_target(script):
     result = script.compare_auto(rows, summary, candidates=[cheap, costly])
     at_90, at_95 = result
     assert at_90["best_single"]["setting"] == cheap and at_90["auto_meets_budget"] is False
+    assert at_90["best_auto_candidate"]["setting"] == cheap and at_90["best_training_free"]["setting"] == cheap
     assert at_90["auto_cheaper"] is False
     # Per head the oracle takes `cheap` where it meets 0.9 and `costly` on the last head.
     assert at_90["oracle"]["density"] == pytest.approx((0.2 * 19 + 0.6) / 20)
@@ -140,3 +141,31 @@ def test_summaries_pick_the_cheapest_setting_meeting_the_target(script):
     assert at_95["probe_vs_true"]["mean_probe_minus_true"] == pytest.approx(0.01)
     assert script.interpolate([(0.1, 0.8), (0.5, 1.0)], 0.2) == pytest.approx(0.85)
     assert script.interpolate([(0.1, 0.8), (0.5, 1.0)], 0.6) is None
+
+
+def test_replayed_probes_choose_by_their_own_chunks(script):
+    # One layer, one head, 16 chunks. `flattered` looks perfect on the last chunk only; `even` is
+    # uniformly good but costlier; the 16-chunk rules see through `flattered`.
+    def row(setting, density, recall, chunks):
+        return {
+            "model": "m",
+            "layer": 0,
+            "setting": setting,
+            "method": setting[:-2],
+            "density": [density],
+            "recall": [recall],
+            "chunk_recall": [chunks],
+        }
+
+    rows = [row("flattered()", 0.2, 0.80, [0.79] * 15 + [0.99]), row("even()", 0.5, 0.95, [0.95] * 16)]
+    replay = script.simulate_selection(rows, ["flattered()", "even()"], 0.9)
+    assert replay["last chunk (auto's probe)"]["density"] == 0.2
+    assert replay["last chunk (auto's probe)"]["share_0.9"] == 0.0
+    assert replay["16 evenly spaced chunks"]["density"] == 0.5
+    assert replay["16 evenly spaced chunks"]["probe_queries"] == 16 * 128
+    # A noisy candidate whose mean passes but whose lower bound does not: the bound falls back to dense.
+    rows = [row("noisy()", 0.3, 0.91, [0.99, 0.83] * 8)]
+    replay = script.simulate_selection(rows, ["noisy()"], 0.9)
+    assert replay["16 evenly spaced chunks"]["density"] == 0.3
+    bound = replay["16 evenly spaced chunks, 95% lower bound"]
+    assert bound["density"] == 1.0 and bound["recall"] == 1.0
