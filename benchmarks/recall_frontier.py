@@ -57,15 +57,18 @@ density, one colour per method, ``auto`` highlighted).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 import sparse_attn as sa
+import sparse_attn.methods.auto as auto_module
 from sparse_attn.bench import environment, format_table, write_results
 from sparse_attn.geometry import causal_block_mask
 from sparse_attn.methods.auto import DEFAULT_CANDIDATES, choose, label
@@ -139,24 +142,54 @@ SEER_SETTINGS: tuple[dict, ...] = (
 GATED_MODELS = ("smollm2-135m",)
 
 
-def settings(model: str, *, auto: bool = True) -> list[tuple[str, dict]]:
+def settings(
+    model: str, *, auto: bool = True, probes: Sequence[str] | None = None, only_candidates: bool = False
+) -> list[tuple[str, dict]]:
     """``(method, options)`` per method-setting for ``model``: :data:`SPREAD`, ``auto``'s candidates
-    not already there, ``seer`` where gates are shipped, ``auto`` at each target recall."""
-    chosen = list(SPREAD)
+    not already there, ``seer`` where gates are shipped, ``auto`` at each target recall.
+
+    ``probes``: ``auto`` once per target and probe, with ``probe`` set explicitly (None: ``auto`` at
+    its default probe, option not set). ``only_candidates``: ``dense`` and ``auto``'s default
+    candidates only (no other settings, no ``seer``): enough for ``auto`` against its candidates."""
+    chosen = [("dense", {})] if only_candidates else list(SPREAD)
     labels = {label(name, options) for name, options in chosen}
     chosen += [(name, dict(options)) for name, options in DEFAULT_CANDIDATES if label(name, options) not in labels]
-    if model in GATED_MODELS:
+    if model in GATED_MODELS and not only_candidates:
         chosen += [("seer", options) for options in SEER_SETTINGS]
     if auto:
-        chosen += [("auto", {"recall": target}) for target in TARGETS]
+        if probes is None:
+            chosen += [("auto", {"recall": target}) for target in TARGETS]
+        else:
+            chosen += [("auto", {"recall": target, "probe": probe}) for target in TARGETS for probe in probes]
     return chosen
+
+
+def parse_prompt(text: str) -> dict:
+    """``TASK:DEPTH:SEED`` (e.g. ``niah:0.5:0``) -> capture keyword arguments."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"a prompt is TASK:DEPTH:SEED, got {text!r}")
+    try:
+        return {"task_name": parts[0], "depth": float(parts[1]), "seed": int(parts[2])}
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"a prompt is TASK:DEPTH:SEED, got {text!r}: {error}") from None
 
 
 # --- capture -------------------------------------------------------------------------------------
 
 
-def capture(model_name: str, length: int, layers: Sequence[int] | None, cache: Path) -> dict:
-    """Post-RoPE float32 q/k of ``layers`` (None: every non-window layer) on a ``niah`` prompt.
+def capture(
+    model_name: str,
+    length: int,
+    layers: Sequence[int] | None,
+    cache: Path,
+    *,
+    task_name: str = "niah",
+    depth: float = 0.5,
+    seed: int = 0,
+) -> dict:
+    """Post-RoPE float32 q/k of ``layers`` (None: every non-window layer) on a ``task_name`` prompt
+    (needle ``depth``, ``seed``; default the ``niah`` prompt at depth 0.5, seed 0).
 
     Returns ``{"layers": {layer: (q (1, Hq, S, D), k (1, Hkv, S, D))}, "scale": {layer: float},
     "needle_spans": ..., "prompt": ...}``, loaded from ``cache`` when an earlier run saved it.
@@ -165,13 +198,13 @@ def capture(model_name: str, length: int, layers: Sequence[int] | None, cache: P
     from sparse_attn.integrations.records import WHOLE_BATCH
 
     tag = "all" if layers is None else "-".join(map(str, layers))
-    path = cache / f"{model_name}-{length}-niah-d0.5-s0-layers{tag}.pt"
+    path = cache / f"{model_name}-{length}-{task_name}-d{depth}-s{seed}-layers{tag}.pt"
     if path.is_file():
         print(f"captured q/k from {path}", flush=True)
         return torch.load(path, weights_only=True)
     model, tokenizer = sa.models.load(model_name, dtype=torch.float32)
-    task = get_task("niah")
-    sample = task.make(tokenizer, length, 0.5, seed=0)
+    task = get_task(task_name)
+    sample = task.make(tokenizer, length, depth, seed=seed)
     n_layers = model.config.num_hidden_layers
     # Every layer exact (causal SDPA); the recorder keeps the q/k of the non-window ones.
     sa.patch(model, method="dense", min_seq_len=1, dense_layers=range(n_layers))
@@ -194,7 +227,7 @@ def capture(model_name: str, length: int, layers: Sequence[int] | None, cache: P
         "layers": {},
         "scale": {},
         "needle_spans": [list(span) for span in sample.needle_spans],
-        "prompt": {"task": "niah", "haystack": task.haystack, "depth": 0.5, "seed": 0, "length": length},
+        "prompt": {"task": task_name, "haystack": task.haystack, "depth": depth, "seed": seed, "length": length},
     }
     for layer in wanted:
         q, k, _ = recorder.tensors[(layer, WHOLE_BATCH)]
@@ -307,6 +340,11 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, chosen: Sequence[tuple[str,
     """
     q_heads = q.shape[1]
     entries, patterns = [], []
+    # auto re-estimates its candidates on every call: on this layer's (deterministic) input it is given
+    # the patterns already estimated here, so each candidate estimates once per layer (auto's
+    # estimate_s then covers its probe and choice, not its candidates' estimates).
+    shared: dict[str, BlockSparsePattern] = {}
+    reuse = functools.partial(_shared_candidate, shared, auto_module._candidate_pattern)
     for name, options in chosen:
         entry = {"method": name, "setting": label(name, options), "options": _jsonable(options)}
         call_options = dict(options)
@@ -319,11 +357,13 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, chosen: Sequence[tuple[str,
             with torch.no_grad():
                 if name == "auto":
                     config = sa.get_method("auto").make_config(**call_options)
-                    pattern, choice = choose(q, k, config, causal=True, block_q=BLOCK, block_k=BLOCK)
+                    with mock.patch.object(auto_module, "_candidate_pattern", reuse):
+                        pattern, choice = choose(q, k, config, causal=True, block_q=BLOCK, block_k=BLOCK)
                     entry["chosen"] = choice.names(0)
                     entry["probe_recall"] = choice.recall[0].tolist()
                 else:
                     pattern = sa.estimate(q, k, name, block_q=BLOCK, block_k=BLOCK, **call_options)
+                    shared[entry["setting"]] = pattern
         except ValueError as error:
             entry["error"] = str(error)
             entries.append(entry)
@@ -339,6 +379,14 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, chosen: Sequence[tuple[str,
         entry["recall"] = heads.tolist()
         entry["chunk_recall"] = [[round(value, 6) for value in head] for head in chunks.tolist()]
     return entries, time.perf_counter() - start
+
+
+def _shared_candidate(shared: dict, estimate, name: str, options: dict, q, k, *, causal: bool, geometry: dict):
+    """``auto``'s candidate pattern: the one this layer already estimated, else ``estimate``'s."""
+    found = shared.get(label(name, options))
+    if found is not None and causal and (found.block_q, found.block_k) == (geometry["block_q"], geometry["block_k"]):
+        return found
+    return estimate(name, options, q, k, causal=causal, geometry=geometry)
 
 
 def _jsonable(options: dict) -> dict:
@@ -411,7 +459,9 @@ def compare_auto(rows: list[dict], summary: list[dict], candidates: Sequence[str
         meeting = [s for s in summary if s["method"] != "auto" and s[f"share_{target}"] >= HEAD_SHARE]
 
         best = cheapest(meeting)
-        auto = next((s for s in summary if s["setting"] == label("auto", {"recall": target})), None)
+        autos = [s for s in summary if s["setting"] in _auto_settings(rows, target)]
+        default = label("auto", {"recall": target})
+        auto = next((s for s in autos if s["setting"] == default), autos[0] if autos else None)
         entry = {"target": target, "best_single": None, "auto": None, "oracle": oracle(rows, candidates, target)}
         if best is not None:
             entry["best_single"] = {key: best[key] for key in keys}
@@ -429,6 +479,17 @@ def compare_auto(rows: list[dict], summary: list[dict], candidates: Sequence[str
                 entry["auto_cheaper"] = auto["density"] < best["density"]
             entry["auto_choices"], entry["probe_vs_true"] = _auto_detail(rows, auto["setting"])
             entry["auto_misses"] = auto_misses(rows, auto["setting"], target)
+        # Every auto setting at this target (one per probe when several were run).
+        entry["auto_settings"] = []
+        for found in autos:
+            verdict = {key: found[key] for key in ("setting", "density", "recall", f"share_{target}")}
+            verdict["meets_budget"] = found[f"share_{target}"] >= HEAD_SHARE
+            for name in ("best_single", "best_auto_candidate"):
+                if entry[name] is not None:
+                    verdict[f"cheaper_than_{name}"] = found["density"] < entry[name]["density"]
+            verdict["choices"], verdict["probe_vs_true"] = _auto_detail(rows, found["setting"])
+            verdict["misses"] = auto_misses(rows, found["setting"], target)
+            entry["auto_settings"].append(verdict)
         if any("chunk_recall" in row for row in rows):
             entry["simulated_probes"] = simulate_selection(rows, candidates, target)
             # Diagnostic: the same replays without the candidate the last-query probe flatters most.
@@ -436,6 +497,22 @@ def compare_auto(rows: list[dict], summary: list[dict], candidates: Sequence[str
             entry["simulated_probes_without_proxyattn"] = simulate_selection(rows, reduced, target)
         result.append(entry)
     return result
+
+
+def _auto_settings(rows: list[dict], target: float) -> list[str]:
+    """The ``auto`` settings run at recall ``target`` (by their options; rows without options by label)."""
+    found = []
+    for row in rows:
+        if row["method"] != "auto" or row["setting"] in found:
+            continue
+        options = row.get("options")
+        if (
+            (options.get("recall") == target)
+            if options is not None
+            else row["setting"] == label("auto", {"recall": target})
+        ):
+            found.append(row["setting"])
+    return found
 
 
 def _auto_detail(rows: list[dict], setting: str) -> tuple[dict, dict]:
@@ -629,15 +706,17 @@ def plot(summaries: dict[str, list[dict]], path: Path) -> None:
         for handle, name in zip(*axis.get_legend_handles_labels(), strict=True):
             handles.setdefault(name, handle)
     axes[0][-1].legend(list(handles.values()), list(handles), fontsize=8, loc="lower right", ncol=2)
-    figure.suptitle("Recall vs density on the models' own q/k (niah prompt, pydoc haystack; * = auto)")
+    figure.suptitle("Recall vs density on the models' own q/k (* = auto; prompts in the JSON's meta)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def run_model(model: str, length: int, layers, cache: Path, chosen) -> tuple[list[dict], dict]:
-    captured = capture(model, length, layers, cache)
+def run_model(
+    model: str, length: int, layers, cache: Path, chosen, prompt: dict | None = None
+) -> tuple[list[dict], dict]:
+    captured = capture(model, length, layers, cache, **(prompt or {}))
     gate_set = None
     if any(name == "seer" for name, _ in chosen):
         from sparse_attn.methods.seer import shipped_gates
@@ -673,6 +752,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--gemma-length", type=int, default=16384)
     parser.add_argument("--smollm2-layers", type=int, nargs="+", default=list(SMOLLM2_LAYERS))
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    for model, flag in (("SmolLM2", "--smollm2-prompt"), ("Gemma 3", "--gemma-prompt")):
+        parser.add_argument(
+            flag,
+            type=parse_prompt,
+            default=parse_prompt("niah:0.5:0"),
+            help=f"{model}'s prompt as TASK:DEPTH:SEED (default niah:0.5:0, the prompt auto's spread probe was chosen on)",
+        )
+    parser.add_argument(
+        "--auto-probes",
+        nargs="+",
+        choices=list(auto_module.PROBES),
+        default=None,
+        help="run auto once per target and probe, with probe= set (default: auto at its default probe)",
+    )
+    parser.add_argument(
+        "--only-candidates",
+        action="store_true",
+        help="dense and auto's default candidates only (no other settings, no seer): auto against its candidates",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where captured q/k are kept")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/cpu/recall_frontier.json)")
@@ -687,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return rewrite(args.from_results)
     torch.set_num_threads(args.threads)
     plan = {"smollm2-135m": (args.smollm2_length, args.smollm2_layers), "gemma3-270m": (args.gemma_length, None)}
+    prompts = {"smollm2-135m": args.smollm2_prompt, "gemma3-270m": args.gemma_prompt}
     if args.quick:
         plan = {"smollm2-135m": (2048, [args.smollm2_layers[0]])}
         args.models = ["smollm2-135m"]
@@ -694,7 +793,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows, models_meta = [], {}
     for model in args.models:
         length, layers = plan[model]
-        mine, models_meta[model] = run_model(model, length, layers, args.cache, settings(model))
+        chosen = settings(model, probes=args.auto_probes, only_candidates=args.only_candidates)
+        mine, models_meta[model] = run_model(model, length, layers, args.cache, chosen, prompts[model])
         rows += mine
     meta = {
         "script": "benchmarks/recall_frontier.py",
@@ -708,8 +808,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "environment": environment(torch.device("cpu")),
         "recall": "true recall: softmax mass of every query inside its kept blocks, mean over queries (float32)",
         "density": "computed blocks / causally valid blocks in the pattern's own geometry",
+        "auto_probes": args.auto_probes,
+        "only_candidates": args.only_candidates,
         "caveats": [
-            "one prompt per model (niah, pydoc haystack, needle at depth 0.5)",
+            "one prompt per model: "
+            + "; ".join(f"{model}: {model_meta['prompt']}" for model, model_meta in models_meta.items()),
             "seer gates were trained on pydoc/kjv/essays text: the haystack is in-distribution for them",
             "seer densities are over 64x64 blocks and moba's over token rows x its blocks, finer than 128x128",
             "pbs (a wrapper, no registered pattern) and the video/image methods (need a token grid) are not included",
@@ -788,6 +891,12 @@ def _print_comparisons(comparisons: dict) -> None:
                 f"  {auto['setting']}: density {auto['density']:.3f}, meets {target} on {auto[f'share_{target}']:.1%}"
                 f" of heads; probe-true recall mean {entry['probe_vs_true']['mean_probe_minus_true']:+.4f};"
                 + ("" if entry["oracle"] is None else f" per-head oracle: density {entry['oracle']['density']:.3f}")
+            )
+        for verdict in entry.get("auto_settings", []):
+            print(
+                f"  {verdict['setting']}: density {verdict['density']:.3f}, recall {verdict['recall']:.4f}, meets"
+                f" {target} on {verdict[f'share_{target}']:.1%} of heads"
+                f" ({'meets' if verdict['meets_budget'] else 'misses'} the budget on >= {HEAD_SHARE:.0%})"
             )
         for name, misses in entry.get("auto_misses", {}).items():
             if misses["missed"]:

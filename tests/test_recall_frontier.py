@@ -169,3 +169,70 @@ def test_replayed_probes_choose_by_their_own_chunks(script):
     assert replay["16 evenly spaced chunks"]["density"] == 0.3
     bound = replay["16 evenly spaced chunks, 95% lower bound"]
     assert bound["density"] == 1.0 and bound["recall"] == 1.0
+
+
+def test_auto_settings_per_probe_share_the_layers_candidate_patterns(script, monkeypatch):
+    q, k = peaked_qk(4, 2, 640, 640, 32, seed=6)
+    streaming = ("streaming", {"sink_tokens": 128, "local_tokens": 256})
+    topk = ("block_topk", {"top_k": 2})
+    extra = ("xattention", {"threshold": 0.5})  # a candidate the layer did not estimate itself
+    candidates = (streaming, topk, extra)
+    chosen = [streaming, topk] + [
+        ("auto", {"recall": 0.9, "candidates": candidates, "probe": probe}) for probe in ("last", "spread")
+    ]
+    calls = []
+    original = script.auto_module._candidate_pattern
+
+    def counting(name, options, *args, **kwargs):
+        calls.append(name)
+        return original(name, options, *args, **kwargs)
+
+    monkeypatch.setattr(script.auto_module, "_candidate_pattern", counting)
+    rows, _ = script.evaluate_layer(q, k, chosen, scale=32**-0.5)
+    assert calls == ["xattention", "xattention"]  # the shared ones are not estimated again
+    monkeypatch.setattr(script.auto_module, "_candidate_pattern", original)
+    for row, (_, options) in zip(rows[2:], chosen[2:], strict=True):
+        _, choice = script.choose(
+            q, k, sa.get_method("auto").make_config(**options), causal=True, block_q=128, block_k=128
+        )
+        assert row["chosen"] == choice.names(0) and row["probe_recall"] == choice.recall[0].tolist()
+        assert row["options"] == {"recall": 0.9, "probe": options["probe"]}
+
+
+def test_settings_prompts_and_per_probe_comparisons(script):
+    names = [script.label(name, options) for name, options in script.settings("gemma3-270m", only_candidates=True)]
+    candidates = [script.label(name, options) for name, options in script.DEFAULT_CANDIDATES]
+    assert names == ["dense()", *candidates, "auto(recall=0.9)", "auto(recall=0.95)"]
+    probed = script.settings("smollm2-135m", probes=["last", "spread"])
+    autos = [options for name, options in probed if name == "auto"]
+    assert autos == [{"recall": t, "probe": p} for t in (0.9, 0.95) for p in ("last", "spread")]
+    assert any(name == "seer" for name, _ in probed)
+    assert script.parse_prompt("variable_tracking:0.2:1") == {"task_name": "variable_tracking", "depth": 0.2, "seed": 1}
+    with pytest.raises(Exception, match="TASK:DEPTH:SEED"):
+        script.parse_prompt("niah:0.5")
+
+    def row(method, setting, density, recall, options):
+        entry = {"method": method, "setting": setting, "density": density, "recall": recall, "options": options}
+        if method == "auto":
+            entry["chosen"], entry["probe_recall"] = ["cheap()"] * 20, [0.95] * 20
+        return entry
+
+    rows = [
+        row("cheap", "cheap()", [0.2] * 20, [0.93] * 18 + [0.5] * 2, {}),
+        row("costly", "costly()", [0.6] * 20, [0.99] * 20, {}),
+        row(
+            "auto",
+            "auto(probe=last, recall=0.9)",
+            [0.2] * 20,
+            [0.93] * 18 + [0.5] * 2,
+            {"recall": 0.9, "probe": "last"},
+        ),
+        row("auto", "auto(probe=spread, recall=0.9)", [0.4] * 20, [0.95] * 20, {"recall": 0.9, "probe": "spread"}),
+    ]
+    at_90 = script.compare_auto(rows, script.summarize(rows), candidates=["cheap()", "costly()"])[0]
+    verdicts = {v["setting"]: v for v in at_90["auto_settings"]}
+    assert list(verdicts) == ["auto(probe=last, recall=0.9)", "auto(probe=spread, recall=0.9)"]
+    assert verdicts["auto(probe=last, recall=0.9)"]["meets_budget"] is False
+    spread = verdicts["auto(probe=spread, recall=0.9)"]
+    assert spread["meets_budget"] is True and spread["cheaper_than_best_single"] is True  # costly() at 0.6
+    assert spread["share_0.9"] == 1.0 and spread["misses"]["cheap()"]["missed"] == 0

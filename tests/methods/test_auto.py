@@ -12,7 +12,18 @@ from helpers import naive_attention, random_qkv, relative_error
 from planted import PlantedSpec, planted_qkv
 
 import sparse_attn as sa
-from sparse_attn.methods.auto import DENSE, AutoConfig, AutoState, auto_layer_methods, choose
+import sparse_attn.methods.auto as auto_module
+from sparse_attn.methods.auto import (
+    DENSE,
+    AutoConfig,
+    AutoState,
+    auto_layer_methods,
+    choose,
+    chunk_recall,
+    probe_block_mass,
+    probe_blocks,
+    probe_estimate,
+)
 
 PLANTED = PlantedSpec(needle_shared_by_group=True)
 CANDIDATES = (
@@ -163,6 +174,18 @@ def test_other_config_errors_name_the_field():
         AutoConfig(recall=1.5)
     with pytest.raises(ValueError, match="probe_queries"):
         AutoConfig(probe_queries=0)
+    with pytest.raises(TypeError, match="probe_queries"):
+        AutoConfig(probe_queries=8.0)
+    with pytest.raises(ValueError, match="probe must be one of"):
+        AutoConfig(probe="first")
+    with pytest.raises(ValueError, match="probe_chunks"):
+        AutoConfig(probe="spread", probe_chunks=0)
+    for bad in (1.0, 0.4, float("nan")):
+        with pytest.raises(ValueError, match="confidence"):
+            AutoConfig(confidence=bad)
+    with pytest.raises(TypeError, match="confidence"):
+        AutoConfig(confidence="high")
+    AutoConfig(probe="spread", probe_queries=None, probe_chunks=1, confidence=0.5)
     with pytest.raises(TypeError, match="state"):
         AutoConfig(state="cache")
     with pytest.raises(ValueError, match="refresh_every"):
@@ -175,3 +198,108 @@ def test_token_level_candidates_are_rejected():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="block_q"):
             sa.estimate(q, k, "auto", candidates=(("moba", {"block_size": 8, "top_k": 2}),), **BLOCKS)
+
+
+# --- the spread probe ---------------------------------------------------------------------------
+
+
+def probe_mass_brute_force(q, k, query_blocks, rows, block_q, block_k, causal):
+    """Float64 (B, Hq, chunks, n_kv): the dense softmax of each probed block's last rows, summed per KV block."""
+    group = q.shape[1] // k.shape[1]
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    logits = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * q.shape[-1] ** -0.5
+    if causal:
+        positions = torch.arange(seq_q) + seq_k - seq_q
+        logits = logits.masked_fill(torch.arange(seq_k)[None, :] > positions[:, None], float("-inf"))
+    probs = torch.softmax(logits, -1)
+    n_kv = -(-seq_k // block_k)
+    padded = torch.nn.functional.pad(probs, (0, n_kv * block_k - seq_k)).unflatten(-1, (n_kv, block_k)).sum(-1)
+    sums = []
+    for block in query_blocks:
+        end = min((block + 1) * block_q, seq_q)
+        sums.append(padded[:, :, max(block * block_q, end - rows) : end].sum(-2))
+    return torch.stack(sums, 2)
+
+
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, seq_q, seq_k, block, rows, chunks, causal",
+    [
+        (1, 4, 2, 150, 150, 16, 16, 4, True),  # GQA, odd length, every 3rd block
+        (2, 3, 3, 77, 101, 16, 5, 16, True),  # batch 2, Sq < Sk, fewer blocks than chunks, partial rows
+        (1, 6, 2, 64, 96, 32, 12, 2, False),  # non-causal
+    ],
+)
+def test_spread_probe_matches_a_brute_force_dense_softmax(
+    monkeypatch, batch, q_heads, kv_heads, seq_q, seq_k, block, rows, chunks, causal
+):
+    q, k, _ = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, 16, seed=seq_q)
+    k[:, :, 3] *= 4.0  # an uneven head: recall differs from density
+    n_q = -(-seq_q // block)
+    blocks = probe_blocks(n_q, chunks)
+    assert blocks[0] == 0 or chunks == 1
+    assert blocks[-1] == n_q - 1 and len(blocks) == min(chunks, n_q) == len(set(blocks))
+    expected = probe_mass_brute_force(q, k, blocks, rows, block, block, causal)
+    for elements in (auto_module.CHUNK_ELEMENTS, 64):  # one head chunk, and one head at a time
+        monkeypatch.setattr(auto_module, "CHUNK_ELEMENTS", elements)
+        mass, counts = probe_block_mass(
+            q, k, query_blocks=blocks, rows=rows, block_q=block, block_k=block, scale=16**-0.5, causal=causal
+        )
+        assert torch.allclose(mass.double(), expected, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(mass.sum(-1), counts.float().expand_as(mass[..., 0]), rtol=1e-5)
+    pattern = sa.random_pattern(
+        heads=kv_heads, seq_q=seq_q, seq_k=seq_k, density=0.4, block_q=block, block_k=block, causal=causal, seed=1
+    )
+    kept = pattern.expand_heads(q_heads).to_mask()[:, :, blocks]  # (1, Hq, chunks, n_kv), broadcast over B
+    brute = (expected * kept).sum(-1) / expected.sum(-1)
+    recall = chunk_recall(pattern.expand_heads(q_heads), mass, blocks)
+    assert recall.shape == (batch, q_heads, len(blocks))
+    assert torch.allclose(recall.double(), brute, atol=1e-5)
+
+
+def test_lower_bound_is_the_mean_minus_z_standard_errors():
+    recalls = torch.tensor([[0.99, 0.83] * 8, [0.9] * 16])
+    mean, std = 0.91, torch.tensor([0.99, 0.83] * 8).std().item()
+    bound = probe_estimate(recalls, 0.95)
+    assert bound[0].item() == pytest.approx(mean - 1.6448536 * std / 4, abs=1e-6)
+    assert bound[1].item() == pytest.approx(0.9)  # no spread: the mean
+    assert torch.allclose(probe_estimate(recalls, 0.5), recalls.mean(-1))
+    assert probe_estimate(recalls[:, :1], 0.95).tolist() == pytest.approx([0.99, 0.9])  # one chunk: itself
+
+
+def test_spread_choice_follows_its_rule_and_the_bound_can_refuse_a_candidate_whose_mean_passes():
+    q, k, _ = random_qkv(1, 4, 2, 200, 200, 16, seed=7)
+    k[:, :, 0] *= 6.0  # a sink column, so the window candidate keeps a sizeable but uneven share
+    window = ("streaming", {"sink_tokens": 16, "local_tokens": 32})
+    config = dict(candidates=(window,), probe="spread", probe_chunks=8, **BLOCKS)
+    candidate = sa.estimate(q, k, window[0], **BLOCKS, **window[1]).expand_heads(4)
+    blocks = probe_blocks(13, 8)
+    mass = probe_mass_brute_force(q, k, blocks, 16, 16, 16, True)
+    kept = candidate.to_mask()[:, :, blocks]
+    chunks = ((mass * kept).sum(-1) / mass.sum(-1))[0]  # (Hq, chunks), exact
+    mean = chunks.mean(-1)
+    bound = mean - 1.6448536 * chunks.std(-1) / 8**0.5
+    assert bool((mean - bound > 0.01).all())
+    # Planted budget: between each head's bound and its mean. The mean passes, the bound does not.
+    for head in range(4):
+        budget = float(bound[head] + mean[head]) / 2
+        options = {key: value for key, value in config.items() if key not in BLOCKS}
+        _, plain = choose(q, k, AutoConfig(recall=budget, confidence=0.5, **options), causal=True, **BLOCKS)
+        _, strict = choose(q, k, AutoConfig(recall=budget, **options), causal=True, **BLOCKS)
+        assert plain.index[0, head] == 0 and plain.recall[0, head].item() == pytest.approx(mean[head].item(), abs=1e-5)
+        assert strict.index[0, head] == DENSE
+    # And the probe recall it reports is the bound.
+    _, choice = choose(q, k, AutoConfig(recall=0.01, **options), causal=True, **BLOCKS)
+    assert torch.allclose(choice.recall[0].double(), bound, atol=1e-5)
+
+
+def test_spread_probe_sees_a_candidate_the_last_query_probe_flatters():
+    # tri_shape keeps its last query block dense: the last-query probe credits it with full recall.
+    q, k, _ = random_qkv(1, 2, 2, 256, 256, 16, seed=3)
+    k[:, :, 100:104] *= 5.0  # far keys that the middle rows need and the window drops
+    flattered = (("tri_shape", {"sink_tokens": 16, "local_tokens": 32, "last_q_tokens": 16}),)
+    last = AutoConfig(recall=0.9, candidates=flattered, probe_queries=16)
+    spread = AutoConfig(recall=0.9, candidates=flattered, probe="spread")
+    _, by_last = choose(q, k, last, causal=True, **BLOCKS)
+    _, by_spread = choose(q, k, spread, causal=True, **BLOCKS)
+    assert by_last.index.tolist() == [[0, 0]] and by_last.recall.min().item() == pytest.approx(1.0)
+    assert by_spread.index.tolist() == [[DENSE, DENSE]]
