@@ -114,3 +114,87 @@ def shape_pattern(shape, *, heads: int, density: float, causal: bool, seed: int,
         batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, density=density, seed=seed,
         block_q=block_q, block_k=block_k, causal=causal, device=device,
     )  # fmt: skip
+
+
+def sample_rows(seq_q: int, count: int, *, boundaries=(16, 64), extra=(), seed: int = 0) -> torch.Tensor:
+    """About ``count`` sorted distinct query rows of ``seq_q`` to check a long problem on: the first
+    and last two rows, the rows either side of a few multiples of each size in ``boundaries``
+    (tile and block edges), the rows in ``extra`` that exist, and uniformly random rows for the rest."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [0, 1, seq_q - 2, seq_q - 1, *(r for r in extra if 0 <= r < seq_q)]
+    per_size = max(1, count // (4 * max(1, len(boundaries))))
+    for size in boundaries:
+        multiples = torch.randint(1, max(2, -(-seq_q // size)), (per_size,), generator=generator) * size
+        rows += [r for m in multiples.tolist() for r in (m - 1, m) if 0 <= r < seq_q]
+    rows += torch.randint(0, seq_q, (max(0, count - len(rows)),), generator=generator).tolist()
+    return torch.tensor(sorted(set(rows)), dtype=torch.long)
+
+
+def _rows_chunk_attention(q, k, v, blocks, mask_pos, key_pos, block_k, scale):
+    """Attention of a chunk of rows over all keys, the keys outside the rows' blocks (``blocks``
+    bool ``(Bp, h, r, n_kv)``) or after ``mask_pos`` ``(r,)`` masked: ``out``, ``lse``."""
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, h, r, Sk)
+    visible = blocks[..., key_pos // block_k] & (key_pos <= mask_pos[:, None])
+    scores = scores.masked_fill(~visible, float("-inf"))
+    # As the reference backend: a row with no visible key gets lse -inf and output 0.
+    shift = scores.detach().amax(-1, keepdim=True)
+    shift = torch.where(torch.isinf(shift), 0.0, shift)
+    weights = (scores - shift).exp()
+    total = weights.sum(-1, keepdim=True)
+    return torch.matmul(weights, v) / torch.where(total == 0, 1.0, total), (torch.log(total) + shift).squeeze(-1)
+
+
+def row_attention(q, k, v, pattern: BlockSparsePattern, rows, *, causal: bool, scale=None, dtype=torch.float32,
+                  budget: int = 1 << 26):  # fmt: skip
+    """Exact attention of the query rows ``rows`` only (a long tensor of row indices), each over its
+    own pattern keys, computed densely over the keys with the others masked: ``out`` ``(B, Hq, R, D)``
+    and ``lse`` ``(B, Hq, R)`` in ``dtype``, differentiable (chunks checkpointed, so the graph keeps
+    no scores). Reads each KV head once per chunk of ``budget`` score elements (query heads of one
+    KV head x rows), so a few hundred rows of a 128K problem cost a few dense rows' work. Plain
+    patterns only (no token rule): it is the oracle of the GPU tests at long context, checked
+    against :func:`naive_attention` on CPU."""
+    from torch.utils.checkpoint import checkpoint
+
+    if getattr(pattern, "token_rule", None) is not None:
+        raise ValueError("row_attention: pattern must be a plain BlockSparsePattern (no token rule)")
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group, per_pattern_head = q_heads // kv_heads, q_heads // pattern.num_heads
+    scale = dim**-0.5 if scale is None else scale
+    rows = torch.as_tensor(rows, device=q.device).long()
+    n_kv, slots = pattern.num_kv_blocks, torch.arange(pattern.max_kv, device=q.device)
+    key_pos = torch.arange(seq_k, device=q.device)
+    offset = seq_k - seq_q
+    rows_per_chunk = max(1, min(len(rows), budget // (batch * seq_k)))
+    heads_per_chunk = max(1, min(group, budget // (batch * seq_k * rows_per_chunk)))
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    outs, lses = [], []
+    for kv_head in range(kv_heads):
+        keys, values = k[:, kv_head : kv_head + 1].to(dtype), v[:, kv_head : kv_head + 1].to(dtype)
+        head_outs, head_lses = [], []
+        for first_head in range(kv_head * group, (kv_head + 1) * group, heads_per_chunk):
+            heads = torch.arange(first_head, min(first_head + heads_per_chunk, (kv_head + 1) * group), device=q.device)
+            row_outs, row_lses = [], []
+            for first_row in range(0, len(rows), rows_per_chunk):
+                chunk_rows = rows[first_row : first_row + rows_per_chunk]
+                query_blocks = chunk_rows // pattern.block_q
+                pattern_heads = (heads // per_pattern_head)[:, None]
+                counts = pattern.kv_counts[:, pattern_heads, query_blocks]  # (Bp, h, r)
+                indices = pattern.kv_indices[:, pattern_heads, query_blocks].long()  # (Bp, h, r, max_kv)
+                indices = torch.where(slots < counts[..., None], indices, n_kv)
+                blocks = torch.zeros((*counts.shape, n_kv + 1), dtype=torch.bool, device=q.device)
+                blocks = blocks.scatter_(-1, indices, True)[..., :n_kv]
+                mask_pos = chunk_rows + offset if causal else torch.full_like(chunk_rows, seq_k)
+                inputs = (q[:, heads][:, :, chunk_rows].to(dtype), keys, values, blocks, mask_pos, key_pos)
+                inputs += (pattern.block_k, scale)
+                if grad:
+                    out, lse = checkpoint(_rows_chunk_attention, *inputs, use_reentrant=False)
+                else:
+                    out, lse = _rows_chunk_attention(*inputs)
+                row_outs.append(out)
+                row_lses.append(lse)
+            head_outs.append(torch.cat(row_outs, 2))
+            head_lses.append(torch.cat(row_lses, 2))
+        outs.append(torch.cat(head_outs, 1))
+        lses.append(torch.cat(head_lses, 1))
+    return torch.cat(outs, 1), torch.cat(lses, 1)

@@ -5,7 +5,9 @@ softmax in float64), on CPU under the interpreter at small shapes: block_q 1, 2,
 32, 64 and a non-power of two; GQA 1-8 with 12/4 and 6/3 heads; lists per query head, per KV
 head and shared; odd lengths, Sq < Sk, batch > 1 and a pattern broadcast over the batch;
 causal and not; fp32 and bf16. Outputs and gradients come from a NaN-poisoned allocator.
-GPU tests (``-m gpu``) at real sizes compare with the reference backend.
+GPU tests (``-m gpu``) run the kernels at real sizes (to 128K) and compare sampled rows (and
+the gradients of a loss on them) and, at a shorter length, every row with ``helpers.row_attention``,
+an exact float32 oracle of chosen rows, itself checked here against the float64 one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ import warnings
 
 import pytest
 import torch
-from helpers import TOLERANCE, expected_nonfinite, naive_attention, random_qkv, relative_error, shape_pattern
+from helpers import (
+    TOLERANCE,
+    expected_nonfinite,
+    naive_attention,
+    random_qkv,
+    relative_error,
+    row_attention,
+    sample_rows,
+    shape_pattern,
+)
 
 import sparse_attn as sa
 from sparse_attn.backends import _backend_module, triton_tokens
@@ -225,55 +236,141 @@ def test_moba_with_every_block_is_dense_causal_attention(share_in_group, poison_
         assert relative_error(got.grad, want.grad) <= TOLERANCE[torch.float32]
 
 
-def _gpu_compare(q, k, v, pattern):
-    """Output and gradients of the triton backend against the reference backend in float32."""
-    dout = torch.randn_like(q)
-    results = []
-    for backend, dtype in (("reference", torch.float32), ("triton", q.dtype)):
-        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        out = sa.block_sparse_attention(*leaves, pattern, backend=backend)
-        out.backward(dout.to(dtype))
-        results.append([out.detach(), *(x.grad for x in leaves)])
-    for name, want, got in zip(("out", "dq", "dk", "dv"), *results, strict=True):
-        assert torch.isfinite(got).all(), name
-        assert relative_error(got, want) <= TOLERANCE[q.dtype], name
+# The oracle of the GPU tests below: exact float32 attention of sampled query rows, checked here
+# against the float64 dense oracle (forward, and gradients of a loss on those rows only).
+ROW_ORACLE_CASES = [
+    ((1, 4, 2, 37, 37, 16, 1, 8), True, "kv", 1),
+    ((2, 12, 4, 21, 45, 32, 1, 7), True, "query", 2),
+    ((2, 6, 3, 19, 40, 16, 2, 16), False, "shared", 2),
+    ((3, 8, 8, 30, 30, 16, 4, 5), True, "kv", 1),  # the pattern broadcast over the batch
+]
+
+
+@pytest.mark.parametrize("shape, causal, heads_kind, pattern_batch", ROW_ORACLE_CASES, ids=str)
+def test_row_oracle_matches_float64_oracle(shape, causal, heads_kind, pattern_batch):
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, *_ = shape
+    heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
+    seed = ROW_ORACLE_CASES.index((shape, causal, heads_kind, pattern_batch))
+    pattern = shape_pattern((pattern_batch, *shape[1:]), heads=heads, density=0.4, causal=causal, seed=seed)
+    q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, seed=seed)
+    rows = sample_rows(seq_q, 9, boundaries=(4, 8), seed=seed)
+    assert rows[0] == 0 and rows[-1] == seq_q - 1 and len(rows) < seq_q
+    generator = torch.Generator().manual_seed(seed)
+    dout = torch.randn((batch, q_heads, len(rows), dim), generator=generator)
+    dlse = torch.randn((batch, q_heads, len(rows)), generator=generator)
+    full_dout, full_dlse = torch.zeros(q.shape), torch.zeros(q.shape[:3])
+    full_dout[:, :, rows], full_dlse[:, :, rows] = dout, dlse
+    want_out, want_lse, want_grads = _oracle(q, k, v, pattern, causal, full_dout, full_dlse)
+    # A budget of a few rows' scores makes several chunks over rows and heads.
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = row_attention(*leaves, pattern, rows, causal=causal, budget=3 * seq_k * batch)
+    torch.autograd.backward((out, lse), (dout, dlse))
+    assert out.dtype == torch.float32 and out.shape == (batch, q_heads, len(rows), dim)
+    assert relative_error(out.detach(), want_out[:, :, rows]) <= 1e-5
+    assert relative_error(lse.detach(), want_lse[:, :, rows]) <= 1e-5
+    for name, got, want in zip("qkv", (x.grad for x in leaves), want_grads, strict=True):
+        assert relative_error(got, want) <= 1e-5, f"d{name}"
+    all_rows, _ = row_attention(q, k, v, pattern, torch.arange(seq_q), causal=causal)
+    assert relative_error(all_rows, want_out) <= 1e-5
+
+
+def _gpu_check(q, k, v, pattern, rows, *, causal=True, seed=0):
+    """The triton backend on the whole problem against :func:`helpers.row_attention` (float32) at
+    ``rows``: output and LSE there, and the gradients of a loss on those rows only (random output
+    and LSE cotangents there, zero elsewhere): dQ at the rows (exactly zero elsewhere), dK and dV
+    in full. With every row sampled this is a full forward and gradient check."""
+    rows = rows.to(q.device)
+    generator = torch.Generator(device=q.device).manual_seed(seed)
+    dout = torch.randn((*q.shape[:2], len(rows), q.shape[3]), generator=generator, device=q.device)
+    dlse = torch.randn((*q.shape[:2], len(rows)), generator=generator, device=q.device)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the triton backend runs it: no fallback warning
+        out, lse = sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="triton", return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all(), "output or lse not finite (unwritten?)"
+    full_dout, full_dlse = torch.zeros_like(out), torch.zeros_like(lse)
+    full_dout[:, :, rows], full_dlse[:, :, rows] = dout.to(q.dtype), dlse
+    torch.autograd.backward((out, lse), (full_dout, full_dlse))
+    exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    want_out, want_lse = row_attention(*exact, pattern, rows, causal=causal)
+    torch.autograd.backward((want_out, want_lse), (full_dout[:, :, rows].float(), dlse))
+    tolerance = TOLERANCE[q.dtype]
+    assert relative_error(out[:, :, rows].detach(), want_out.detach()) <= tolerance, "out"
+    assert relative_error(lse[:, :, rows].detach(), want_lse.detach()) <= tolerance, "lse"
+    others = torch.ones(q.shape[2], dtype=torch.bool, device=q.device)
+    others[rows] = False
+    dq = leaves[0].grad
+    assert torch.isfinite(dq).all() and torch.equal(dq[:, :, others], torch.zeros_like(dq[:, :, others])), "dq"
+    assert relative_error(dq[:, :, rows], exact[0].grad[:, :, rows]) <= tolerance, "dq"
+    for name, got, want in zip("kv", leaves[1:], exact[1:], strict=True):
+        assert got.grad.dtype == q.dtype and torch.isfinite(got.grad).all(), f"d{name} not finite"
+        assert relative_error(got.grad, want.grad) <= tolerance, f"d{name}"
+
+
+# GPU tests: the kernel runs the whole long problem and is checked on ~300 sampled rows (the
+# first and last, both sides of 16/64/block edges, random ones) with the gradients of a loss on
+# them (dK/dV in full), plus a full check (every row) at a shorter length. The oracle costs a few
+# dense rows per sampled row; the float32 dense all-rows check at 8K with 64 heads is ~4G score
+# elements in 2^26-element chunks. Runtime estimates exclude Triton compilation and autotuning
+# (16 configurations per pass per new key, cached on disk after the first run).
+ROWS = 320
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("share_in_group", [False, True])
 def test_gpu_moba_at_32k(share_in_group, poison_outputs):
-    seq = 32768
-    q, k, v = random_qkv(1, 32, 8, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=21)
+    """MoBA at the paper's settings (blocks of 4096, top 12: at 32K every earlier block) on 32/8
+    heads: sampled rows at 32K; at 8K with blocks of 1024 and top 3 (sparse), every row.
+    Estimate: oracle ~0.5 s, kernels < 0.1 s, pattern estimation < 1 s."""
+    q, k, v = random_qkv(1, 32, 8, 32768, 32768, 128, dtype=torch.bfloat16, device="cuda", seed=21)
     pattern = sa.estimate(q, k, "moba", block_size=4096, top_k=12, share_in_group=share_in_group)
-    assert pattern.block_q == 1
-    _gpu_compare(q, k, v, pattern)
+    assert pattern.block_q == 1 and pattern.num_heads == (8 if share_in_group else 32)
+    _gpu_check(q, k, v, pattern, sample_rows(32768, ROWS, boundaries=(16, 64, 4096), seed=21))
+    q, k, v = (x[:, :, :8192] for x in (q, k, v))
+    pattern = sa.estimate(q, k, "moba", block_size=1024, top_k=3, share_in_group=share_in_group)
+    _gpu_check(q, k, v, pattern, torch.arange(8192), seed=1)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim, dtype", [(64, torch.float16), (128, torch.float32)])
 def test_gpu_moba_512_gathered_path(dim, dtype, poison_outputs):
-    """MoBA's 512-token blocks (the gathered path) at 16K, head_dim 64 in fp16 and fp32."""
-    seq = 16384
-    q, k, v = random_qkv(1, 12, 4, seq, seq, dim, dtype=dtype, device="cuda", seed=24)
-    _gpu_compare(q, k, v, sa.estimate(q, k, "moba", block_size=512, top_k=3))
+    """MoBA's 512-token blocks (the gathered path) on 12/4 heads, head_dim 64 in fp16 and 128 in
+    fp32: sampled rows at 16K, every row at 4K. Estimate: oracle ~0.3 s, kernels < 0.1 s."""
+    q, k, v = random_qkv(1, 12, 4, 16384, 16384, dim, dtype=dtype, device="cuda", seed=24)
+    _gpu_check(q, k, v, sa.estimate(q, k, "moba", block_size=512, top_k=3), sample_rows(16384, ROWS, seed=24))
+    q, k, v = (x[:, :, :4096] for x in (q, k, v))
+    _gpu_check(q, k, v, sa.estimate(q, k, "moba", block_size=512, top_k=3), torch.arange(4096), seed=1)
+
+
+def _nsa_like_pattern(seq, kv_heads, heads_kind, q_heads):
+    """NSA's selected branch shape: blocks of 64, a quarter of each token's earlier blocks, its own always."""
+    heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
+    return sa.random_pattern(heads=heads, seq_q=seq, density=0.25, seed=22, block_q=1, block_k=64, device="cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads", [(64, 4), (48, 4), (32, 8), (28, 4)])
-def test_gpu_nsa_like_selection(heads, poison_outputs):
-    """NSA's selected branch: blocks of 64 chosen per token and KV group (16 on average), 8K tokens."""
+@pytest.mark.parametrize(
+    "heads, heads_kind",
+    [((64, 4), "kv"), ((48, 4), "kv"), ((32, 8), "kv"), ((28, 4), "kv"), ((12, 12), "query"), ((16, 1), "shared")],
+)
+def test_gpu_nsa_like_selection(heads, heads_kind, poison_outputs):
+    """Blocks of 64 chosen per token (a quarter of the earlier ones, its own always): GQA groups
+    16/12/4/7, 1 (lists per query head) and 16 (one KV head, shared lists); every row at 8K,
+    sampled rows at 32K (up to 128 blocks per token). Estimate: oracle ~1 s (8K, all rows),
+    kernels < 0.2 s, random patterns < 1 s."""
     q_heads, kv_heads = heads
-    seq = 8192
-    q, k, v = random_qkv(1, q_heads, kv_heads, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=22)
-    # 128 blocks of 64: a quarter of each token's earlier blocks, 16 on average, its own always.
-    pattern = sa.random_pattern(heads=kv_heads, seq_q=seq, density=0.25, seed=22, block_q=1, block_k=64, device="cuda")
-    _gpu_compare(q, k, v, pattern)
+    q, k, v = random_qkv(1, q_heads, kv_heads, 32768, 32768, 128, dtype=torch.bfloat16, device="cuda", seed=22)
+    pattern = _nsa_like_pattern(32768, kv_heads, heads_kind, q_heads)
+    _gpu_check(q, k, v, pattern, sample_rows(32768, ROWS, seed=22))
+    q, k, v = (x[:, :, :8192] for x in (q, k, v))
+    _gpu_check(q, k, v, _nsa_like_pattern(8192, kv_heads, heads_kind, q_heads), torch.arange(8192), seed=1)
 
 
 @pytest.mark.gpu
 def test_gpu_one_token_tiles_at_128k(poison_outputs):
     """128K one-token query tiles (more than a CUDA grid's second axis takes): NSA's shape with
-    16 blocks of 64 per token (its own and every fifth before it), against the reference."""
+    16 blocks of 64 per token (its own and every fifth before it); sampled rows, those around
+    65536 among them, with gradients on them (dK/dV in full). Estimate: oracle ~1 s."""
     seq, kv_heads = 131072, 4
     own = torch.arange(seq, device="cuda") // 64
     blocks = own[:, None] - torch.arange(15, -1, -1, device="cuda") * 5  # ascending, the own block last
@@ -290,4 +387,5 @@ def test_gpu_one_token_tiles_at_128k(poison_outputs):
         seq_k=seq,
     )
     q, k, v = random_qkv(1, 64, kv_heads, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=23)
-    _gpu_compare(q, k, v, pattern)
+    rows = sample_rows(seq, ROWS, extra=range(65535 - 2, 65536 + 3), seed=23)
+    _gpu_check(q, k, v, pattern, rows)
