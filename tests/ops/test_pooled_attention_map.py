@@ -115,8 +115,10 @@ def test_kernel_refuses_what_it_cannot_run():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_on_gpu_at_smollm2_shape(dtype):
-    """SmolLM2's shape (9/3 heads, head_dim 64) at 8K with 64-token blocks: the dispatched kernel against the reference."""
+def test_kernel_on_gpu_at_smollm2_shape(dtype, poison_outputs):
+    """SmolLM2's shape (9/3 heads, head_dim 64) at 8K with 64-token blocks: the dispatched kernel
+    (outputs poisoned) against the reference, both on the GPU. Estimate: about a second plus
+    compilation (the reference is 0.6G float32 logits in 2^26-element chunks; 20 s on 2 CPU cores)."""
     q, k, _ = random_qkv(1, 9, 3, 8192, 8192, 64, dtype=dtype, device="cuda", seed=0)
     options = dict(block_q=64, block_k=64, scale=0.125)
     out = pooled_attention_map(q, k, **options)
