@@ -714,9 +714,11 @@ def plot(summaries: dict[str, list[dict]], path: Path) -> None:
 
 
 def run_model(
-    model: str, length: int, layers, cache: Path, chosen, prompt: dict | None = None
+    model: str, length: int, layers, cache: Path, chosen, prompt: dict | None = None, key: str | None = None
 ) -> tuple[list[dict], dict]:
+    """Rows and meta of one model on one prompt; the rows' ``model`` is ``key`` (default: ``model``)."""
     captured = capture(model, length, layers, cache, **(prompt or {}))
+    key = model if key is None else key
     gate_set = None
     if any(name == "seer" for name, _ in chosen):
         from sparse_attn.methods.seer import shipped_gates
@@ -728,9 +730,9 @@ def run_model(
         gates = gate_set[layer] if gate_set is not None else None
         entries, recall_s = evaluate_layer(q, k, chosen, scale=captured["scale"][layer], gates=gates)
         for entry in entries:
-            rows.append({"model": model, "layer": layer, "seq": q.shape[2], **entry})
+            rows.append({"model": key, "layer": layer, "seq": q.shape[2], **entry})
         timings[layer] = {"total_s": time.perf_counter() - start, "recall_s": recall_s}
-        print(f"{model} layer {layer}: {timings[layer]['total_s']:.1f} s (recall {recall_s:.1f} s)", flush=True)
+        print(f"{key} layer {layer}: {timings[layer]['total_s']:.1f} s (recall {recall_s:.1f} s)", flush=True)
     meta = {
         "model": model,
         "seq": length,
@@ -756,8 +758,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.add_argument(
             flag,
             type=parse_prompt,
-            default=parse_prompt("niah:0.5:0"),
-            help=f"{model}'s prompt as TASK:DEPTH:SEED (default niah:0.5:0, the prompt auto's spread probe was chosen on)",
+            nargs="+",
+            default=[parse_prompt("niah:0.5:0")],
+            help=f"{model}'s prompts as TASK:DEPTH:SEED (default niah:0.5:0, the prompt auto's spread probe was"
+            " chosen on); with several, each is reported as its own case, named 'MODEL TASK:DEPTH:SEED'",
         )
     parser.add_argument(
         "--auto-probes",
@@ -794,8 +798,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for model in args.models:
         length, layers = plan[model]
         chosen = settings(model, probes=args.auto_probes, only_candidates=args.only_candidates)
-        mine, models_meta[model] = run_model(model, length, layers, args.cache, chosen, prompts[model])
-        rows += mine
+        for prompt in prompts[model]:
+            key = (
+                model
+                if len(prompts[model]) == 1
+                else f"{model} {prompt['task_name']}:{prompt['depth']}:{prompt['seed']}"
+            )
+            mine, models_meta[key] = run_model(model, length, layers, args.cache, chosen, prompt, key)
+            rows += mine
     meta = {
         "script": "benchmarks/recall_frontier.py",
         "quick": args.quick,
@@ -811,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "auto_probes": args.auto_probes,
         "only_candidates": args.only_candidates,
         "caveats": [
-            "one prompt per model: "
+            "one capture per (model, prompt): "
             + "; ".join(f"{model}: {model_meta['prompt']}" for model, model_meta in models_meta.items()),
             "seer gates were trained on pydoc/kjv/essays text: the haystack is in-distribution for them",
             "seer densities are over 64x64 blocks and moba's over token rows x its blocks, finer than 128x128",
@@ -847,10 +857,45 @@ def report(rows: list[dict], models_meta: dict) -> tuple[dict, dict]:
     return summaries, comparisons
 
 
+def auto_cases(comparisons: dict) -> dict[str, dict]:
+    """Per ``auto`` probe (its options less ``recall``): of the (model, target) cases, how many met the
+    budget on >= :data:`HEAD_SHARE` of heads and how many did so below the best single setting's density."""
+    result: dict[str, dict] = {}
+    for model, comparison in comparisons.items():
+        for entry in comparison["auto"]:
+            for verdict in entry.get("auto_settings", []):
+                probe = verdict["setting"].replace(f"recall={entry['target']}", "").replace(", )", ")")
+                probe = probe.replace("(, ", "(").replace("()", "(default probe)")
+                case = result.setdefault(probe, {"cases": 0, "met": 0, "met_and_cheaper": 0, "detail": []})
+                case["cases"] += 1
+                case["met"] += int(verdict["meets_budget"])
+                case["met_and_cheaper"] += int(
+                    verdict["meets_budget"] and verdict.get("cheaper_than_best_single", False)
+                )
+                case["detail"].append(
+                    {
+                        "model": model,
+                        "target": entry["target"],
+                        "density": verdict["density"],
+                        "share": verdict[f"share_{entry['target']}"],
+                        "best_single_density": None
+                        if entry["best_single"] is None
+                        else entry["best_single"]["density"],
+                    }
+                )
+    return result
+
+
 def write(out: Path, rows: list[dict], meta: dict, summaries: dict, comparisons: dict) -> None:
     """The JSON (rows without their per-chunk recall) and the PNG beside it."""
     rows = [{key: value for key, value in row.items() if key != "chunk_recall"} for row in rows]
-    write_results(rows, out, {**meta, "summary": summaries, "comparisons": comparisons})
+    cases = auto_cases(comparisons)
+    for probe, case in cases.items():
+        print(
+            f"{probe}: met the budget on >= {HEAD_SHARE:.0%} of heads in {case['met']} of {case['cases']} cases,"
+            f" {case['met_and_cheaper']} of them below the best single setting's density"
+        )
+    write_results(rows, out, {**meta, "summary": summaries, "comparisons": comparisons, "auto_cases": cases})
     plot(summaries, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
@@ -861,7 +906,7 @@ def rewrite(path: Path) -> dict:
     import json
 
     saved = json.loads(path.read_text())
-    meta = {key: value for key, value in saved["meta"].items() if key not in ("summary", "comparisons")}
+    meta = {key: value for key, value in saved["meta"].items() if key not in ("summary", "comparisons", "auto_cases")}
     rows = saved["rows"]
     detail = Path(meta.get("chunk_recall_file", ""))
     if detail.is_file():

@@ -236,3 +236,6 @@ def test_settings_prompts_and_per_probe_comparisons(script):
     spread = verdicts["auto(probe=spread, recall=0.9)"]
     assert spread["meets_budget"] is True and spread["cheaper_than_best_single"] is True  # costly() at 0.6
     assert spread["share_0.9"] == 1.0 and spread["misses"]["cheap()"]["missed"] == 0
+    cases = script.auto_cases({"m": {"auto": [at_90]}})
+    assert cases["auto(probe=last)"]["met"] == 0 and cases["auto(probe=last)"]["cases"] == 1
+    assert cases["auto(probe=spread)"]["met"] == cases["auto(probe=spread)"]["met_and_cheaper"] == 1

@@ -88,7 +88,7 @@ def test_choice_is_the_sparsest_candidate_meeting_the_budget():
     k[:, :, 5] *= 5.0
     budget = 0.85
     pattern, choice = choose(
-        q, k, AutoConfig(recall=budget, candidates=CANDIDATES, probe_queries=8), causal=True, **BLOCKS
+        q, k, AutoConfig(recall=budget, candidates=CANDIDATES, probe="last", probe_queries=8), causal=True, **BLOCKS
     )
     valid = sa.dense_pattern(seq_q=96, seq_k=112, **BLOCKS).kv_counts.sum().item()
     best = torch.full((2, 6), float("inf"))
@@ -297,8 +297,8 @@ def test_spread_probe_sees_a_candidate_the_last_query_probe_flatters():
     q, k, _ = random_qkv(1, 2, 2, 256, 256, 16, seed=3)
     k[:, :, 100:104] *= 5.0  # far keys that the middle rows need and the window drops
     flattered = (("tri_shape", {"sink_tokens": 16, "local_tokens": 32, "last_q_tokens": 16}),)
-    last = AutoConfig(recall=0.9, candidates=flattered, probe_queries=16)
-    spread = AutoConfig(recall=0.9, candidates=flattered, probe="spread")
+    last = AutoConfig(recall=0.9, candidates=flattered, probe="last", probe_queries=16)
+    spread = AutoConfig(recall=0.9, candidates=flattered)  # the default probe
     _, by_last = choose(q, k, last, causal=True, **BLOCKS)
     _, by_spread = choose(q, k, spread, causal=True, **BLOCKS)
     assert by_last.index.tolist() == [[0, 0]] and by_last.recall.min().item() == pytest.approx(1.0)
