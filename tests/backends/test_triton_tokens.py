@@ -316,13 +316,22 @@ def _gpu_check(q, k, v, pattern, rows, *, causal=True, seed=0):
 ROWS = 320
 
 
+def _cuda_qkv(q_heads, kv_heads, seq, dim, dtype, seed):
+    """Random q, k, v drawn on the GPU (random_qkv draws on the CPU: 20 s for 128K x 68 heads on 2 cores)."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    return [
+        torch.randn((1, heads, seq, dim), generator=generator, device="cuda").to(dtype)
+        for heads in (q_heads, kv_heads, kv_heads)
+    ]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("share_in_group", [False, True])
 def test_gpu_moba_at_32k(share_in_group, poison_outputs):
     """MoBA at the paper's settings (blocks of 4096, top 12: at 32K every earlier block) on 32/8
     heads: sampled rows at 32K; at 8K with blocks of 1024 and top 3 (sparse), every row.
     Estimate: oracle ~0.5 s, kernels < 0.1 s, pattern estimation < 1 s."""
-    q, k, v = random_qkv(1, 32, 8, 32768, 32768, 128, dtype=torch.bfloat16, device="cuda", seed=21)
+    q, k, v = _cuda_qkv(32, 8, 32768, 128, torch.bfloat16, seed=21)
     pattern = sa.estimate(q, k, "moba", block_size=4096, top_k=12, share_in_group=share_in_group)
     assert pattern.block_q == 1 and pattern.num_heads == (8 if share_in_group else 32)
     _gpu_check(q, k, v, pattern, sample_rows(32768, ROWS, boundaries=(16, 64, 4096), seed=21))
@@ -336,7 +345,7 @@ def test_gpu_moba_at_32k(share_in_group, poison_outputs):
 def test_gpu_moba_512_gathered_path(dim, dtype, poison_outputs):
     """MoBA's 512-token blocks (the gathered path) on 12/4 heads, head_dim 64 in fp16 and 128 in
     fp32: sampled rows at 16K, every row at 4K. Estimate: oracle ~0.3 s, kernels < 0.1 s."""
-    q, k, v = random_qkv(1, 12, 4, 16384, 16384, dim, dtype=dtype, device="cuda", seed=24)
+    q, k, v = _cuda_qkv(12, 4, 16384, dim, dtype, seed=24)
     _gpu_check(q, k, v, sa.estimate(q, k, "moba", block_size=512, top_k=3), sample_rows(16384, ROWS, seed=24))
     q, k, v = (x[:, :, :4096] for x in (q, k, v))
     _gpu_check(q, k, v, sa.estimate(q, k, "moba", block_size=512, top_k=3), torch.arange(4096), seed=1)
@@ -359,7 +368,7 @@ def test_gpu_nsa_like_selection(heads, heads_kind, poison_outputs):
     sampled rows at 32K (up to 128 blocks per token). Estimate: oracle ~1 s (8K, all rows),
     kernels < 0.2 s, random patterns < 1 s."""
     q_heads, kv_heads = heads
-    q, k, v = random_qkv(1, q_heads, kv_heads, 32768, 32768, 128, dtype=torch.bfloat16, device="cuda", seed=22)
+    q, k, v = _cuda_qkv(q_heads, kv_heads, 32768, 128, torch.bfloat16, seed=22)
     pattern = _nsa_like_pattern(32768, kv_heads, heads_kind, q_heads)
     _gpu_check(q, k, v, pattern, sample_rows(32768, ROWS, seed=22))
     q, k, v = (x[:, :, :8192] for x in (q, k, v))
@@ -386,6 +395,6 @@ def test_gpu_one_token_tiles_at_128k(poison_outputs):
         seq_q=seq,
         seq_k=seq,
     )
-    q, k, v = random_qkv(1, 64, kv_heads, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=23)
+    q, k, v = _cuda_qkv(64, kv_heads, seq, 128, torch.bfloat16, seed=23)
     rows = sample_rows(seq, ROWS, extra=range(65535 - 2, 65536 + 3), seed=23)
     _gpu_check(q, k, v, pattern, rows)
