@@ -309,10 +309,15 @@ def _gpu_check(q, k, v, pattern, rows, *, causal=True, seed=0):
 
 # GPU tests: the kernel runs the whole long problem and is checked on ~300 sampled rows (the
 # first and last, both sides of 16/64/block edges, random ones) with the gradients of a loss on
-# them (dK/dV in full), plus a full check (every row) at a shorter length. The oracle costs a few
-# dense rows per sampled row; the float32 dense all-rows check at 8K with 64 heads is ~4G score
-# elements in 2^26-element chunks. Runtime estimates exclude Triton compilation and autotuning
-# (16 configurations per pass per new key, cached on disk after the first run).
+# them (dK/dV in full), plus a full check (every row) at a shorter length. (The reference backend
+# these tests used before gathers every query block's keys apart: with one-token blocks, a Python
+# step per query row and head chunk, minutes to hours at 32K-128K.) Runtime estimates: the oracle
+# costs ~8 float32 matmul passes over its score elements E (query rows x heads x keys, computed
+# densely): measured on CPU, 314 rows x 64 heads x 8K keys (E = 0.16G) took 18.6 s on 8 cores
+# (matmuls at ~60 GFLOP/s); at the H200's ~60 TFLOP/s float32 and ~4 TB/s that is ~0.1 s per G
+# of E. The kernels take milliseconds (the NSA-like selection at 32K: 13.6 ms forward in the
+# token benchmark). Not counted: Triton compilation and autotuning (up to 16 configurations per
+# pass and key: forward, dQ, dK/dV), cached on disk after the first run.
 ROWS = 320
 
 
@@ -330,7 +335,7 @@ def _cuda_qkv(q_heads, kv_heads, seq, dim, dtype, seed):
 def test_gpu_moba_at_32k(share_in_group, poison_outputs):
     """MoBA at the paper's settings (blocks of 4096, top 12: at 32K every earlier block) on 32/8
     heads: sampled rows at 32K; at 8K with blocks of 1024 and top 3 (sparse), every row.
-    Estimate: oracle ~0.5 s, kernels < 0.1 s, pattern estimation < 1 s."""
+    Estimate: E = 0.34G + 2.1G, ~0.3 s."""
     q, k, v = _cuda_qkv(32, 8, 32768, 128, torch.bfloat16, seed=21)
     pattern = sa.estimate(q, k, "moba", block_size=4096, top_k=12, share_in_group=share_in_group)
     assert pattern.block_q == 1 and pattern.num_heads == (8 if share_in_group else 32)
@@ -344,7 +349,7 @@ def test_gpu_moba_at_32k(share_in_group, poison_outputs):
 @pytest.mark.parametrize("dim, dtype", [(64, torch.float16), (128, torch.float32)])
 def test_gpu_moba_512_gathered_path(dim, dtype, poison_outputs):
     """MoBA's 512-token blocks (the gathered path) on 12/4 heads, head_dim 64 in fp16 and 128 in
-    fp32: sampled rows at 16K, every row at 4K. Estimate: oracle ~0.3 s, kernels < 0.1 s."""
+    fp32: sampled rows at 16K, every row at 4K. Estimate: E = 0.06G + 0.2G, < 0.1 s."""
     q, k, v = _cuda_qkv(12, 4, 16384, dim, dtype, seed=24)
     _gpu_check(q, k, v, sa.estimate(q, k, "moba", block_size=512, top_k=3), sample_rows(16384, ROWS, seed=24))
     q, k, v = (x[:, :, :4096] for x in (q, k, v))
@@ -365,8 +370,8 @@ def _nsa_like_pattern(seq, kv_heads, heads_kind, q_heads):
 def test_gpu_nsa_like_selection(heads, heads_kind, poison_outputs):
     """Blocks of 64 chosen per token (a quarter of the earlier ones, its own always): GQA groups
     16/12/4/7, 1 (lists per query head) and 16 (one KV head, shared lists); every row at 8K,
-    sampled rows at 32K (up to 128 blocks per token). Estimate: oracle ~1 s (8K, all rows),
-    kernels < 0.2 s, random patterns < 1 s."""
+    sampled rows at 32K (up to 128 blocks per token). Estimate: E up to 0.7G + 4.3G (64 heads),
+    ~0.5 s."""
     q_heads, kv_heads = heads
     q, k, v = _cuda_qkv(q_heads, kv_heads, 32768, 128, torch.bfloat16, seed=22)
     pattern = _nsa_like_pattern(32768, kv_heads, heads_kind, q_heads)
@@ -379,7 +384,7 @@ def test_gpu_nsa_like_selection(heads, heads_kind, poison_outputs):
 def test_gpu_one_token_tiles_at_128k(poison_outputs):
     """128K one-token query tiles (more than a CUDA grid's second axis takes): NSA's shape with
     16 blocks of 64 per token (its own and every fifth before it); sampled rows, those around
-    65536 among them, with gradients on them (dK/dV in full). Estimate: oracle ~1 s."""
+    65536 among them, with gradients on them (dK/dV in full). Estimate: E = 2.8G, ~0.3 s."""
     seq, kv_heads = 131072, 4
     own = torch.arange(seq, device="cuda") // 64
     blocks = own[:, None] - torch.arange(15, -1, -1, device="cuda") * 5  # ascending, the own block last

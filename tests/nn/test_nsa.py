@@ -159,7 +159,8 @@ def test_gpu_selected_branch_on_the_token_kernel_matches_the_reference(monkeypat
     with that branch computed by ``helpers.row_attention`` on every row (exact, dense over the keys
     with the unselected ones masked; the reference backend takes minutes on one-token query blocks).
     The two runs select on their own precision, so a few near-tie selections may differ: 2e-2.
-    Estimate: oracle ~0.3 s (4G score elements, 2^26 at a time), the rest of the module ~1 s."""
+    Estimate: the oracle ~0.5 s (4.3G float32 score elements with gradients, see
+    tests/backends/test_triton_tokens.py), the module's dense branches and selection a few seconds."""
     from types import SimpleNamespace
 
     from sparse_attn.nn import nsa
