@@ -52,6 +52,17 @@ density, one colour per method, ``auto`` highlighted).
     python benchmarks/recall_frontier.py                 # full run: ~16 min on 2 CPU threads + ~5 min per model capture
     python benchmarks/recall_frontier.py --quick         # one SmolLM2 layer at 2K (smoke test, no files unless --out)
     python benchmarks/recall_frontier.py --from-results benchmarks/results/cpu/recall_frontier.json  # re-derive
+
+Held out (``auto``'s spread probe was chosen on the niah prompt above; these are other prompts):
+``--smollm2-prompt`` / ``--gemma-prompt`` take prompts as ``TASK:DEPTH:SEED`` (several: each its
+own case), ``--auto-probes last spread`` runs ``auto`` once per probe, ``--only-candidates`` keeps
+``dense`` and ``auto``'s candidates only (``best_single`` is then the cheapest candidate), and
+``meta.auto_cases`` counts, per probe, the (model, prompt, target) cases meeting the budget on
+>= 95 % of heads. ``auto``'s candidates reuse the patterns the layer already estimated.
+
+    python benchmarks/recall_frontier.py --auto-probes last spread --only-candidates \\
+        --smollm2-prompt variable_tracking:0.2:1 niah:0.8:2 --gemma-prompt niah:0.8:1 variable_tracking:0.2:2 \\
+        --out benchmarks/results/cpu/recall_frontier_holdout.json  # ~12 min on 2 threads + ~3.5 min per capture
 """
 
 from __future__ import annotations
