@@ -303,3 +303,39 @@ def test_spread_probe_sees_a_candidate_the_last_query_probe_flatters():
     _, by_spread = choose(q, k, spread, causal=True, **BLOCKS)
     assert by_last.index.tolist() == [[0, 0]] and by_last.recall.min().item() == pytest.approx(1.0)
     assert by_spread.index.tolist() == [[DENSE, DENSE]]
+
+
+@pytest.mark.gpu
+def test_spread_probe_on_cuda_matches_the_cpu_and_stays_small_at_128k():
+    q, k, _ = random_qkv(1, 8, 2, 4099, 4099, 64, seed=0)
+    k[:, :, 7] *= 4.0
+    blocks = probe_blocks(-(-4099 // 128), 16)
+    options = dict(query_blocks=blocks, rows=128, block_q=128, block_k=128, scale=64**-0.5, causal=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k = q.to(dtype), k.to(dtype)
+        cpu, counts = probe_block_mass(q.float(), k.float(), **options)  # the same (rounded) inputs in float32
+        gpu, _ = probe_block_mass(q.cuda(), k.cuda(), **options)
+        # Per probed block, the share of its mass on each KV block.
+        error = ((gpu.cpu() - cpu) / counts.float()[:, None]).abs().max().item()
+        assert error < (1e-4 if dtype == torch.float32 else 1e-2), (dtype, error)
+    # 128K tokens, 32/8 heads, D 128, bf16: scores of one probed block and a few heads at a time.
+    seq = 131072
+    q = torch.randn(1, 32, seq, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, seq, 128, device="cuda", dtype=torch.bfloat16)
+    blocks = probe_blocks(seq // 128, 16)
+    options.update(query_blocks=blocks, scale=128**-0.5)
+    probe_block_mass(q, k, **options)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    mass, counts = probe_block_mass(q, k, **options)
+    end.record()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    print(
+        f"spread probe at 128K (32/8 heads, D128, bf16): {start.elapsed_time(end):.1f} ms, {extra / 2**20:.0f} MiB extra"
+    )
+    assert extra < 2**30
+    assert torch.allclose(mass.sum(-1), counts.float().cuda().expand_as(mass[..., 0]), rtol=1e-3)
