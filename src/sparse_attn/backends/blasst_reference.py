@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..plan import plan_for
 from ..skip_pattern import SkipThresholdPattern, visiting_order
-from .reference import _blocked
+from .reference import _blocked, chunks
 
 name = "blasst_reference"
 
@@ -97,7 +97,6 @@ def forward(q, k, v, pattern: SkipThresholdPattern, *, causal: bool, scale: floa
     query block computed (its candidates minus the skipped ones)."""
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
     block_q, block_k = pattern.block_q, pattern.block_k
     n_q, n_kv, max_kv = pattern.num_q_blocks, pattern.num_kv_blocks, pattern.max_kv
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -120,30 +119,23 @@ def forward(q, k, v, pattern: SkipThresholdPattern, *, causal: bool, scale: floa
     batch_index = torch.arange(batch, device=q.device)[:, None, None]
     pattern_batch = batch_index if pattern.batch == batch else torch.zeros_like(batch_index)
     per_head_block = batch * block_q * block_k
-    heads_per_chunk = min(q_heads, max(1, _SCORE_BUDGET // per_head_block))
-    blocks_per_chunk = max(1, _SCORE_BUDGET // (per_head_block * heads_per_chunk))
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
 
-    for first_head in range(0, q_heads, heads_per_chunk):
-        query_head = torch.arange(first_head, min(first_head + heads_per_chunk, q_heads), device=q.device)
-        pattern_head = (query_head // (q_heads // pattern.num_heads))[None, :, None]
-        kv_head = (query_head // group)[None, :, None]
-        heads = slice(int(query_head[0]), int(query_head[-1]) + 1)
-        for first in range(0, n_q, blocks_per_chunk):
-            blocks = torch.arange(first, min(first + blocks_per_chunk, n_q), device=q.device)
-            counts = pattern.kv_counts[pattern_batch, pattern_head, blocks[None, None, :]]  # (B, h, c)
-            visit = visit_all[pattern_batch[..., None], pattern_head[..., None], blocks[None, None, :, None], steps]
-            used = steps < counts[..., None]
-            visit = torch.where(used, visit, n_kv)
-            rows = blocks[:, None] * block_q + row_in_block  # (c, bq)
-            chunk = (q_blocks[:, heads, blocks].to(compute_dtype) * scale, k_blocks, v_blocks)
-            chunk += (batch_index, kv_head, visit, used, rows + offset, rows < seq_q, seq_k, options)
-            if needs_grad:
-                chunk_out, lse, chunk_computed = checkpoint(_walk_chunk, *chunk, use_reentrant=False)
-            else:
-                chunk_out, lse, chunk_computed = _walk_chunk(*chunk)
-            token_rows = slice(first * block_q, (first + len(blocks)) * block_q)
-            out[:, heads, token_rows] = chunk_out.flatten(2, 3).to(q.dtype)
-            lse_out[:, heads, token_rows] = lse.flatten(2, 3).float()
-            computed[:, heads, first : first + len(blocks)] = chunk_computed
+    for heads, pattern_head, kv_head, blocks, first, counts in chunks(
+        pattern, batch_index, pattern_batch, q_heads, kv_heads, per_head_block, _SCORE_BUDGET
+    ):
+        visit = visit_all[pattern_batch[..., None], pattern_head[..., None], blocks[None, None, :, None], steps]
+        used = steps < counts[..., None]
+        visit = torch.where(used, visit, n_kv)
+        rows = blocks[:, None] * block_q + row_in_block  # (c, bq)
+        chunk = (q_blocks[:, heads, blocks].to(compute_dtype) * scale, k_blocks, v_blocks)
+        chunk += (batch_index, kv_head, visit, used, rows + offset, rows < seq_q, seq_k, options)
+        if needs_grad:
+            chunk_out, lse, chunk_computed = checkpoint(_walk_chunk, *chunk, use_reentrant=False)
+        else:
+            chunk_out, lse, chunk_computed = _walk_chunk(*chunk)
+        token_rows = slice(first * block_q, (first + len(blocks)) * block_q)
+        out[:, heads, token_rows] = chunk_out.flatten(2, 3).to(q.dtype)
+        lse_out[:, heads, token_rows] = lse.flatten(2, 3).float()
+        computed[:, heads, first : first + len(blocks)] = chunk_computed
     return out[:, :, :seq_q], (lse_out[:, :, :seq_q] if return_lse else None), computed

@@ -10,6 +10,9 @@ autograd, so it is also the path for inputs that require gradients, and it runs 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -82,6 +85,39 @@ def _attend_chunk(
     return torch.matmul(weights, values) / torch.where(total == 0, 1.0, total), lse
 
 
+class _Chunk(NamedTuple):
+    """One step of :func:`chunks`: query heads ``heads`` (a slice) and query blocks ``blocks``
+    (the first is ``first_block``); ``pattern_head`` / ``kv_head`` ``(1, h, 1)`` their pattern
+    head and KV head, ``counts`` ``(B, h, c)`` the blocks' list lengths."""
+
+    heads: slice
+    pattern_head: torch.Tensor
+    kv_head: torch.Tensor
+    blocks: torch.Tensor
+    first_block: int
+    counts: torch.Tensor
+
+
+def chunks(pattern: BlockSparsePattern, batch_index: torch.Tensor, pattern_batch: torch.Tensor, q_heads: int,
+           kv_heads: int, per_head_block: int, budget: int = _SCORE_BUDGET) -> Iterator[_Chunk]:  # fmt: skip
+    """Walk (query heads, query blocks) in chunks of about ``budget`` elements, where one
+    (query head, query block) costs ``per_head_block``: heads first, then query blocks, so one
+    step stays near the budget at any length."""
+    q_heads_per_chunk = min(q_heads, max(1, budget // per_head_block))
+    blocks_per_chunk = max(1, budget // (per_head_block * q_heads_per_chunk))
+    device = batch_index.device
+    for first_head in range(0, q_heads, q_heads_per_chunk):
+        # Index maps from (batch, query head) to the pattern's batch/head and the KV head.
+        query_head = torch.arange(first_head, min(first_head + q_heads_per_chunk, q_heads), device=device)
+        pattern_head = (query_head // (q_heads // pattern.num_heads))[None, :, None]
+        kv_head = (query_head // (q_heads // kv_heads))[None, :, None]
+        heads = slice(first_head, first_head + len(query_head))
+        for first in range(0, pattern.num_q_blocks, blocks_per_chunk):
+            blocks = torch.arange(first, min(first + blocks_per_chunk, pattern.num_q_blocks), device=device)
+            counts = pattern.kv_counts[pattern_batch, pattern_head, blocks[None, None, :]]  # (B, h, c)
+            yield _Chunk(heads, pattern_head, kv_head, blocks, first, counts)
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -95,7 +131,6 @@ def forward(
     """Exact attention over the pattern's blocks. Shapes as in :func:`sparse_attn.block_sparse_attention`."""
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
     block_q, block_k = pattern.block_q, pattern.block_k
     n_q, n_kv, max_kv = pattern.num_q_blocks, pattern.num_kv_blocks, pattern.max_kv
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -115,39 +150,29 @@ def forward(
     row_in_block = torch.arange(block_q, device=q.device)
     batch_index = torch.arange(batch, device=q.device)[:, None, None]
     pattern_batch = batch_index if pattern.batch == batch else torch.zeros_like(batch_index)
-    # Work per (query head, query block): its scores plus the gathered keys and values. Chunk
-    # over heads, then over query blocks, so one step stays near the budget at any length.
+    # Work per (query head, query block): its scores plus the gathered keys and values.
     per_head_block = batch * max_kv * block_k * (block_q + 2 * dim)
-    heads_per_chunk = min(q_heads, max(1, _SCORE_BUDGET // per_head_block))
-    blocks_per_chunk = max(1, _SCORE_BUDGET // (per_head_block * heads_per_chunk))
-
-    for first_head in range(0, q_heads, heads_per_chunk):
-        # Index maps from (batch, query head) to the pattern's batch/head and the KV head.
-        query_head = torch.arange(first_head, min(first_head + heads_per_chunk, q_heads), device=q.device)
-        pattern_head = (query_head // (q_heads // pattern.num_heads))[None, :, None]
-        kv_head = (query_head // group)[None, :, None]
-        heads = slice(int(query_head[0]), int(query_head[-1]) + 1)
-        for first in range(0, n_q, blocks_per_chunk):
-            blocks = torch.arange(first, min(first + blocks_per_chunk, n_q), device=q.device)
-            counts = pattern.kv_counts[pattern_batch, pattern_head, blocks[None, None, :]]  # (B, h, c)
-            indices = pattern.kv_indices[
-                pattern_batch[..., None], pattern_head[..., None], blocks[None, None, :, None], slots
-            ]
-            used = slots < counts[..., None]  # (B, h, c, max_kv)
-            indices = torch.where(used, indices, n_kv).long()
-            rows_pos = offset + blocks[:, None] * block_q + row_in_block  # (c, bq)
-            query_pos = rows_pos if causal else None
-            # Under autograd each chunk is recomputed in the backward pass (checkpointed), so
-            # the graph keeps only the chunk's inputs, never its scores: O(S * block) memory.
-            chunk = (q_blocks[:, heads, blocks], k_blocks, v_blocks, batch_index[..., None], kv_head[..., None])
-            chunk += (indices, used, query_pos, seq_k, scale, compute_dtype, rule, rows_pos)
-            if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-                chunk_out, lse = checkpoint(_attend_chunk, *chunk, use_reentrant=False)
-            else:
-                chunk_out, lse = _attend_chunk(*chunk)
-            rows = slice(first * block_q, (first + len(blocks)) * block_q)
-            out[:, heads, rows] = chunk_out.flatten(2, 3).to(q.dtype)
-            lse_out[:, heads, rows] = lse.flatten(2, 3).float()
+    for heads, pattern_head, kv_head, blocks, first, counts in chunks(
+        pattern, batch_index, pattern_batch, q_heads, kv_heads, per_head_block
+    ):
+        indices = pattern.kv_indices[
+            pattern_batch[..., None], pattern_head[..., None], blocks[None, None, :, None], slots
+        ]
+        used = slots < counts[..., None]  # (B, h, c, max_kv)
+        indices = torch.where(used, indices, n_kv).long()
+        rows_pos = offset + blocks[:, None] * block_q + row_in_block  # (c, bq)
+        query_pos = rows_pos if causal else None
+        # Under autograd each chunk is recomputed in the backward pass (checkpointed), so
+        # the graph keeps only the chunk's inputs, never its scores: O(S * block) memory.
+        chunk = (q_blocks[:, heads, blocks], k_blocks, v_blocks, batch_index[..., None], kv_head[..., None])
+        chunk += (indices, used, query_pos, seq_k, scale, compute_dtype, rule, rows_pos)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            chunk_out, lse = checkpoint(_attend_chunk, *chunk, use_reentrant=False)
+        else:
+            chunk_out, lse = _attend_chunk(*chunk)
+        rows = slice(first * block_q, (first + len(blocks)) * block_q)
+        out[:, heads, rows] = chunk_out.flatten(2, 3).to(q.dtype)
+        lse_out[:, heads, rows] = lse.flatten(2, 3).float()
     if return_lse:
         return out[:, :, :seq_q], lse_out[:, :, :seq_q]
     return out[:, :, :seq_q]
