@@ -84,30 +84,17 @@ class MaskedPattern(BlockSparsePattern):
     ) -> MaskedPattern:
         """``pattern``'s lists (over ``layout``'s tile order) with the layout and an optional token rule;
         keeps ``pattern``'s validation results."""
-        masked = cls(
-            kv_counts=pattern.kv_counts,
-            kv_indices=pattern.kv_indices,
-            block_q=pattern.block_q,
-            block_k=pattern.block_k,
-            seq_q=pattern.seq_q,
-            seq_k=pattern.seq_k,
-            token_rule=token_rule,
-            rule_partial=rule_partial,
-            layout=layout,
-        )
-        masked._cache.update({key: True for key in pattern._cache if key[0] == "validated"})
-        return masked
+        return cls._same_lists(pattern, token_rule=token_rule, rule_partial=rule_partial, layout=layout)
 
     def _with_lists(self, kv_counts, kv_indices, rule_partial, token_rule) -> MaskedPattern:
         """Same pattern in other tensors (all replaced at once, so the shapes always agree)."""
-        validated = {key: True for key in self._cache if key[0] == "validated"}
         return dataclasses.replace(
             self,
             kv_counts=kv_counts,
             kv_indices=kv_indices,
             rule_partial=rule_partial,
             token_rule=token_rule,
-            _cache=validated,
+            _cache=self._validated(),
         )
 
     def to(self, device) -> MaskedPattern:

@@ -193,10 +193,22 @@ class BlockSparsePattern:
         pattern._cache[("validated", bool(causal))] = True
         return pattern
 
+    def _validated(self) -> dict:
+        """This pattern's validation results, to carry over to a pattern with the same lists."""
+        return {key: True for key in self._cache if key[0] == "validated"}
+
     def _with_tensors(self, kv_counts: torch.Tensor, kv_indices: torch.Tensor) -> BlockSparsePattern:
         """Same contents in other tensors: keeps the validation results, drops backend plans."""
-        validated = {key: True for key in self._cache if key[0] == "validated"}
-        return dataclasses.replace(self, kv_counts=kv_counts, kv_indices=kv_indices, _cache=validated)
+        return dataclasses.replace(self, kv_counts=kv_counts, kv_indices=kv_indices, _cache=self._validated())
+
+    @classmethod
+    def _same_lists(cls, pattern: BlockSparsePattern, **fields):
+        """A ``cls`` with ``pattern``'s lists, block sizes and lengths plus ``fields`` (a subclass's
+        own); keeps ``pattern``'s validation results."""
+        names = ("kv_counts", "kv_indices", "block_q", "block_k", "seq_q", "seq_k")
+        derived = cls(**{name: getattr(pattern, name) for name in names}, **fields)
+        derived._cache.update(pattern._validated())
+        return derived
 
     def to(self, device) -> BlockSparsePattern:
         return self._with_tensors(self.kv_counts.to(device), self.kv_indices.to(device))

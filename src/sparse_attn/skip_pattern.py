@@ -76,30 +76,11 @@ class SkipThresholdPattern(BlockSparsePattern):
                 "the skip-threshold candidates must be plain block lists: a pattern with a token rule or a "
                 "layout cannot be skipped through"
             )
-        pattern = cls(
-            kv_counts=candidates.kv_counts,
-            kv_indices=candidates.kv_indices,
-            block_q=candidates.block_q,
-            block_k=candidates.block_k,
-            seq_q=candidates.seq_q,
-            seq_k=candidates.seq_k,
-            skip_threshold=skip_threshold,
-        )
-        pattern._cache.update({key: True for key in candidates._cache if key[0] == "validated"})
-        return pattern
+        return cls._same_lists(candidates, skip_threshold=skip_threshold)
 
     def candidates(self) -> BlockSparsePattern:
         """The plain candidate pattern (every listed block computed)."""
-        plain = BlockSparsePattern(
-            kv_counts=self.kv_counts,
-            kv_indices=self.kv_indices,
-            block_q=self.block_q,
-            block_k=self.block_k,
-            seq_q=self.seq_q,
-            seq_k=self.seq_k,
-        )
-        plain._cache.update({key: True for key in self._cache if key[0] == "validated"})
-        return plain
+        return BlockSparsePattern._same_lists(self)
 
     def union(self, other: BlockSparsePattern, *, causal: bool = True) -> BlockSparsePattern:
         raise TypeError(
