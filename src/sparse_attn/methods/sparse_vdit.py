@@ -60,7 +60,7 @@ from ..geometry import num_blocks
 from ..layouts import Layout
 from ..masked_pattern import MaskedPattern
 from ..ops.gqa import grouped_matmul, head_chunks, kv_heads_of
-from ..ops.to_pattern import stream_pattern
+from ..ops.grid_windows import layout_pattern
 from ..registry import register_method
 from ._spatial import check_grid_option, spatial_layout
 from .svg import row_block_masks, sample_grid_rows
@@ -189,17 +189,14 @@ def build_pattern(
             masks.append(cache[key])
         return torch.stack(masks)[None]
 
-    pattern = stream_pattern(
+    pattern = layout_pattern(
         mask_rows,
-        batch=1,
-        heads=len(shapes),
-        seq_q=layout.seq_len,
-        seq_k=layout.seq_len,
+        layout,
         block_q=block_q,
         block_k=block_k,
-        causal=False,
         device=device,
         row_elements=4 * len(shapes) * num_blocks(layout.seq_len, block_k),
+        heads=len(shapes),
     )
     return MaskedPattern.over_layout(pattern, layout)
 

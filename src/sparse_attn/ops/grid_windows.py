@@ -199,14 +199,22 @@ def window_pattern(
 
 
 def layout_pattern(
-    mask_rows: Callable[[range], torch.Tensor], layout: Layout, *, block_q: int, block_k: int, device, row_elements: int
+    mask_rows: Callable[[range], torch.Tensor],
+    layout: Layout,
+    *,
+    block_q: int,
+    block_k: int,
+    device,
+    row_elements: int,
+    heads: int = 1,
 ) -> BlockSparsePattern:
-    """A non-causal pattern over ``layout`` (one list for every batch and head), streamed over chunks of
-    query blocks: ``mask_rows(rows)`` gives bool ``(len(rows), n_kv_blocks)`` (see :func:`stream_pattern`)."""
+    """A non-causal pattern over ``layout`` (one batch row; one list for every head unless ``heads``),
+    streamed over chunks of query blocks: ``mask_rows(rows)`` gives bool ``(len(rows), n_kv_blocks)``,
+    or ``(1, heads, len(rows), n_kv_blocks)`` (see :func:`stream_pattern`)."""
     return stream_pattern(
         mask_rows,
         batch=1,
-        heads=1,
+        heads=heads,
         seq_q=layout.seq_len,
         seq_k=layout.seq_len,
         block_q=block_q,
