@@ -13,6 +13,7 @@ import torch
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .backends import resolve_backend, run_backend
 from .checks import check_attention_inputs, check_finite, check_int, check_query_key
+from .compensated_pattern import CompensatedPattern, compensated_attention, resolve_compensated_backend
 from .masked_pattern import in_layout_order
 from .pattern import BlockSparsePattern, check_pattern_fits
 from .registry import Method, get_method
@@ -143,6 +144,10 @@ def block_sparse_attention(
     if check_inputs_finite:
         check_finite(q=q, k=k, v=v)
     pattern.ensure_valid(causal=bool(causal))
+    if isinstance(pattern, CompensatedPattern):
+        # Pooled / linear blocks (psa, sla) change what is computed for skipped blocks: its own routing.
+        options = dict(causal=bool(causal), scale=scale, backend=backend, return_lse=return_lse)
+        return compensated_attention(q, k, v, pattern, **options)
     if isinstance(pattern, SkipThresholdPattern):
         # Which candidates run is decided inside the kernel (blasst): its own routing.
         options = dict(causal=bool(causal), scale=scale, backend=backend, return_lse=return_lse)
@@ -197,6 +202,12 @@ def sparse_attention(
         out, computed = skip_threshold_attention(q, k, v, pattern, **options)
         density = computed_density(pattern, computed, causal=bool(causal))
         extras["candidate_density"] = pattern.density(causal=causal)
+    elif isinstance(pattern, CompensatedPattern):
+        pattern.ensure_valid(causal=bool(causal))
+        name = resolve_compensated_backend(backend, q, k, v, pattern, return_lse=False)
+        out = block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=name)
+        density = pattern.density(causal=causal)  # the exact blocks; extras: the compensated ones
+        extras["compensated_density"] = pattern.compensated_density()
     else:
         name = resolve_backend(backend, q, k, v, pattern, causal=bool(causal), return_lse=False)
         out = block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=name)
