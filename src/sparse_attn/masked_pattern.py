@@ -22,12 +22,18 @@ stays O(S * block)); ``flex`` passes it to FlexAttention as the ``mask_mod`` of 
 blocks and lists the rule-whole blocks as full blocks; ``triton`` (the block kernels, forward
 and backward) reads it as per-block bitmasks built once per pattern from ``allowed`` on the
 partial entries only (:func:`sparse_attn.plan.rule_bitmask`), applied where the kernels apply
-the causal mask. The Gluon kernel (and FlashAttention-4) compute whole blocks only. On CUDA
-:func:`backend_for_token_rule` sends a pattern with a token rule to ``flex`` unless ``triton``
-was asked for by name (FlexAttention's ``mask_mod`` measured faster than the bitmasks, see
-there); ``triton`` runs it where its kernel can (CUDA, or Triton's interpreter; query blocks of
-at least 16 rows), else ``flex`` (CUDA) or ``reference``, with one warning when another backend
-was asked for by name. A block-exact ``MaskedPattern`` (no rule) runs on every backend.
+the causal mask. A rule that offers a *box predicate* (``kernel_predicate()``, e.g. the grid
+windows of ``neighborhood``; :mod:`sparse_attn.rule_predicate`) needs no bitmask in the forward:
+the Triton and the Gluon forward kernels evaluate it from three int32 values per token (the
+backward still reads bitmasks). FlashAttention-4 computes whole blocks only.
+
+Routing (:func:`backend_for_token_rule`). On CUDA a rule with a box predicate runs on ``gluon``
+where the Gluon kernel can run the case (``auto``, and ``gluon`` / ``flash4`` by name); other
+rules go to ``flex`` unless ``triton`` was asked for by name (FlexAttention's ``mask_mod``
+measured faster than the bitmasks, see there); ``triton`` runs any rule where its kernel can
+(CUDA, or Triton's interpreter; query blocks of at least 16 rows), else ``flex`` (CUDA) or
+``reference``, with one warning when another backend was asked for by name. A block-exact
+``MaskedPattern`` (no rule) runs on every backend.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ from .pattern import BlockSparsePattern
 __all__ = ["MaskedPattern", "backend_for_token_rule", "in_layout_order", "token_rule_of"]
 
 _KERNEL_BACKENDS = ("auto", "triton", "gluon", "flash4")
+
+# Whether auto (and gluon / flash4 by name) run a token rule that is a box predicate
+# (:mod:`sparse_attn.rule_predicate`) on the Gluon kernel where it can run, instead of FlexAttention.
+USE_GLUON_FOR_PREDICATES = True
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -151,8 +161,10 @@ def backend_for_token_rule(
     """The backend to consider for ``pattern``: ``backend`` itself unless the pattern has a token
     rule and ``backend`` is a kernel that cannot evaluate it (``gluon``, ``flash4``) or ``auto``.
 
-    With a token rule: on CUDA, ``auto`` (and ``gluon`` / ``flash4`` with one warning) take
-    ``flex``: measured on an H200 with 3D neighbourhood windows, where the rule cuts every kept
+    With a token rule that offers a box predicate (:mod:`sparse_attn.rule_predicate`), on CUDA,
+    ``auto``, ``gluon`` and ``flash4`` (one warning) take ``gluon`` where the Gluon kernel can run
+    the case (:data:`USE_GLUON_FOR_PREDICATES`). Other token rules: on CUDA, ``auto`` (and
+    ``gluon`` / ``flash4`` with one warning) take ``flex``: measured on an H200 with 3D neighbourhood windows, where the rule cuts every kept
     block, FlexAttention's ``mask_mod`` ran 1.7x faster than the Triton kernel's per-block bitmasks
     (58.6 vs 98.3 ms forward at Wan 2.1's 21x45x80 grid, 40 heads;
     ``benchmarks/results/h200/neighborhood_speed.json``). ``triton`` asked for by name runs its
@@ -163,6 +175,21 @@ def backend_for_token_rule(
         return backend
     if backend == "auto" and q.device.type != "cuda":
         return backend
+    if backend != "triton" and q.device.type == "cuda" and USE_GLUON_FOR_PREDICATES:
+        from .backends import gluon as gluon_backend
+        from .rule_predicate import kernel_predicate
+
+        if (
+            kernel_predicate(pattern) is not None
+            and gluon_backend.unsupported_reason(q, k, v, pattern, return_lse=return_lse) is None
+        ):
+            if backend == "flash4":
+                warnings.warn(
+                    "the flash4 backend computes whole blocks and this pattern has a token-level rule inside "
+                    f"{pattern.partial_entries()} of its blocks: using the gluon backend (it evaluates the rule)",
+                    stacklevel=4,
+                )
+            return "gluon"
     if backend != "triton" and q.device.type == "cuda":
         if backend != "auto":
             warnings.warn(

@@ -25,6 +25,10 @@ the kernels need (FlashInfer's plan/run split, FlexAttention's full/partial bloc
   ``None`` otherwise): the token rule inside the partial entries as per-block bitmasks the
   kernels read, and the lists reordered so the entries every row sees whole lead (see
   :class:`RuleLists`). Built on first use.
+* ``predicate_lists`` (patterns whose token rule offers a box predicate,
+  :mod:`sparse_attn.rule_predicate`; ``None`` otherwise): the same reordered lists without any
+  bitmask; the forward kernels evaluate the predicate arithmetically from three int32 values per
+  token (:class:`PredicateLists`). Built on first use. The backward reads the bitmasks.
 
 Token-rule bitmasks (:func:`rule_bitmask`, cached on the pattern: they do not depend on the
 mode). ``token_rule.allowed`` is evaluated only on the entries ``rule_partial`` marks (a chunk
@@ -50,8 +54,17 @@ import torch
 from .geometry import fully_visible_entries
 from .masked_pattern import token_rule_of
 from .pattern import BlockSparsePattern
+from .rule_predicate import BoxPredicate, kernel_predicate
 
-__all__ = ["BlockSparsePlan", "RuleBitmask", "RuleLists", "TransposedLists", "plan_for", "rule_bitmask"]
+__all__ = [
+    "BlockSparsePlan",
+    "PredicateLists",
+    "RuleBitmask",
+    "RuleLists",
+    "TransposedLists",
+    "plan_for",
+    "rule_bitmask",
+]
 
 # Upper bound on (query, key) pairs of one chunk of partial entries when the token rule is evaluated.
 _RULE_PAIRS_PER_CHUNK = 1 << 21
@@ -109,6 +122,17 @@ class RuleLists:
     words: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PredicateLists:
+    """The lists of a pattern whose token rule is a box predicate, as the kernels' forward walks them:
+    ``kv_indices`` and ``full_counts`` as in :class:`RuleLists` (whole entries first), and the
+    :class:`~sparse_attn.rule_predicate.BoxPredicate` the masked run evaluates on every entry."""
+
+    kv_indices: torch.Tensor
+    full_counts: torch.Tensor
+    predicate: BoxPredicate
+
+
 @dataclass(frozen=True, eq=False)
 class BlockSparsePlan:
     """The plan of one pattern in one mode (see the module docstring). Build with :func:`plan_for`."""
@@ -144,7 +168,22 @@ class BlockSparsePlan:
         bitmask = rule_bitmask(self.pattern)
         if bitmask is None:
             return None
-        return _whole_entries_first(self.pattern, self.causal, bitmask)
+        kv_indices, full_counts, rule_index = _whole_entries_first(
+            self.pattern, self.causal, bitmask.entry_index >= 0, bitmask.entry_index
+        )
+        return RuleLists(kv_indices=kv_indices, full_counts=full_counts, rule_index=rule_index, words=bitmask.words)
+
+    @functools.cached_property
+    def predicate_lists(self) -> PredicateLists | None:
+        """The forward's lists for a pattern whose token rule the kernels evaluate as a box
+        predicate (:mod:`sparse_attn.rule_predicate`), else ``None``. No bitmask is built."""
+        predicate = kernel_predicate(self.pattern)
+        if predicate is None:
+            return None
+        used = torch.arange(self.pattern.max_kv, device=self.pattern.device) < self.pattern.kv_counts[..., None]
+        cut = self.pattern.rule_partial & used
+        kv_indices, full_counts, _ = _whole_entries_first(self.pattern, self.causal, cut, None)
+        return PredicateLists(kv_indices=kv_indices, full_counts=full_counts, predicate=predicate)
 
 
 def plan_for(pattern: BlockSparsePattern, *, causal: bool) -> BlockSparsePlan:
@@ -214,17 +253,21 @@ def _full_entries(pattern: BlockSparsePattern, causal: bool) -> tuple[torch.Tens
     return is_full & used, used
 
 
-def _whole_entries_first(pattern: BlockSparsePattern, causal: bool, bitmask: RuleBitmask) -> RuleLists:
+def _whole_entries_first(
+    pattern: BlockSparsePattern, causal: bool, cut: torch.Tensor, entry_index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(kv_indices, full_counts, entry_index)`` with each list reordered: the entries that are
+    full and not ``cut`` by the token rule first, then the others (``entry_index``, if given,
+    reordered alike)."""
     is_full, used = _full_entries(pattern, causal)
-    whole = is_full & (bitmask.entry_index < 0)
+    whole = is_full & ~cut
     # A stable sort by (not whole, not used) keeps each group ascending: whole, cut, unused.
     rank = (~whole).to(torch.uint8) + (~used).to(torch.uint8)
     order = torch.sort(rank, dim=-1, stable=True).indices
-    return RuleLists(
-        kv_indices=torch.gather(pattern.kv_indices, -1, order).to(torch.int32).contiguous(),
-        full_counts=whole.sum(-1, dtype=torch.int32).contiguous(),
-        rule_index=torch.gather(bitmask.entry_index, -1, order).contiguous(),
-        words=bitmask.words,
+    return (
+        torch.gather(pattern.kv_indices, -1, order).to(torch.int32).contiguous(),
+        whole.sum(-1, dtype=torch.int32).contiguous(),
+        None if entry_index is None else torch.gather(entry_index, -1, order).contiguous(),
     )
 
 

@@ -37,12 +37,21 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
             "KvFullCounts": "*i32",
             "KvIndices": "*i32",
             "WorkOrder": "*i32",
+            "BoxTable": "*i32",
             "qk_scale": "fp32",
         }
     )
     signature.update({name: "i64" for name in kernel.arg_names if name.startswith("stride_") and name[-1] in "bh"})
     values = dict(
-        HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True, WRITE_LSE=False, EVEN_K=True, EVEN_Q=True, HOST_DESC=False
+        HEAD_DIM=128,
+        BLOCK_Q=128,
+        BLOCK_K=128,
+        CAUSAL=True,
+        WRITE_LSE=False,
+        EVEN_K=True,
+        EVEN_Q=True,
+        HOST_DESC=False,
+        BOX=False,
     )
     values.update(constants)
     values["BLOCK_N"] = configs.gluon_block_n(values["BLOCK_K"])

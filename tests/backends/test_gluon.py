@@ -52,6 +52,9 @@ VARIANTS = [
     dict(dtype="fp16", HEAD_DIM=64, BLOCK_K=64, HOST_DESC=True, WRITE_LSE=True, EVEN_Q=False),
     dict(PERSISTENT=True),
     dict(PERSISTENT=True, dtype="fp16", HEAD_DIM=64, BLOCK_Q=256, WRITE_LSE=True, CAUSAL=False, EVEN_Q=False),
+    # A token rule as a box predicate (neighbourhood windows), one-item and persistent.
+    dict(BOX=True, CAUSAL=False, EVEN_K=False, EVEN_Q=False, WRITE_LSE=True),
+    dict(BOX=True, CAUSAL=False, PERSISTENT=True, dtype="fp16", HEAD_DIM=64, BLOCK_K=64),
 ]
 
 
@@ -221,9 +224,11 @@ def test_both_kernels_take_the_same_leading_arguments():
     gluon_names = names(gluon_backend._gluon_block_sparse_forward)
     shared = triton_names[: triton_names.index("qk_scale") + 1]
     assert gluon_names[: len(shared)] == shared
-    # Then the launch-made descriptors (None where the kernel makes its own), then constexprs.
-    assert gluon_names[len(shared) : len(shared) + 3] == ["QDesc", "KDesc", "VDesc"]
-    assert all(name.isupper() for name in gluon_names[len(shared) + 3 :])
+    # Then the launch-made descriptors (None where the kernel makes its own), the box predicate's
+    # table and guard (unused without a token rule), then constexprs.
+    after = gluon_names[len(shared) :]
+    assert after[:5] == ["QDesc", "KDesc", "VDesc", "BoxTable", "box_guard"]
+    assert all(name.isupper() for name in after[5:])
     q, k, v = _tensors()
     plan = plan_for(sa.dense_pattern(seq_q=100), causal=True)
     out, lse, args = launch.launch_arguments(q, k, v, plan, scale=0.1, return_lse=False)

@@ -336,8 +336,9 @@ def test_gpu_neighborhood_3d_forward_and_backward_match_the_reference(dtype, poi
     q, k, v = random_qkv(1, 8, 8, layout.seq_len, layout.seq_len, 128, dtype=dtype, device="cuda", seed=21)
     pattern = sa.estimate(q, k, "neighborhood", causal=False, grid=grid, window=window, tile=tile)
     assert pattern.partial_entries() > 0
-    # auto takes flex on CUDA for rule patterns (measured faster); triton by name runs the bitmasks.
-    assert resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=False) == "flex"
+    # auto takes the Gluon kernel for a rule it offers as a box predicate; triton by name runs the
+    # predicate forward; both backward passes read the bitmasks.
+    assert resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=False) == "gluon"
     dout = torch.randn_like(q)
     results = []
     for backend, run_dtype in (("reference", torch.float32), ("auto", dtype), ("triton", dtype)):

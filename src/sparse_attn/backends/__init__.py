@@ -21,10 +21,12 @@ Choice (:func:`resolve_backend`):
 * ``flash4``: FlashAttention-4 through FlexAttention's FLASH backend; where it cannot run
   (not installed, not Hopper/Blackwell ...), ``gluon``, ``triton``, else ``flex``.
 * ``triton``, ``flex``, ``reference``: that backend.
-* A pattern with a token-level rule (:mod:`sparse_attn.masked_pattern`) runs on ``triton`` (its
-  block kernels read the rule as per-block bitmasks), also for ``auto`` on CUDA and for ``gluon``
-  or ``flash4`` asked by name (one warning: they compute whole blocks only); where the Triton
-  kernel cannot run the case, on ``flex`` (CUDA) or ``reference``.
+* A pattern with a token-level rule (:mod:`sparse_attn.masked_pattern`): on CUDA, a rule that is
+  a box predicate (:mod:`sparse_attn.rule_predicate`: neighbourhood windows) runs on ``gluon``
+  for ``auto``, ``gluon`` and ``flash4`` (one warning) where the Gluon kernel can run the case;
+  other rules run on ``flex`` for ``auto`` (measured faster than the Triton kernel's bitmasks);
+  ``triton`` by name runs every rule (predicate or bitmasks); where no kernel can, ``flex``
+  (CUDA) or ``reference``. See :func:`sparse_attn.masked_pattern.backend_for_token_rule`.
 * A backend that cannot run the case falls back to the next one and finally to ``reference``
   with one warning naming why. Inputs that require grad count as part of the case: every
   backend differentiates in q, k and v (``triton`` and ``gluon`` with the Triton backward

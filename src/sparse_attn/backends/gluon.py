@@ -21,7 +21,12 @@ The block walk, masks and numerics are those of the Triton kernel: query blocks 
 work order, scores kept in log2 units with the scale folded into one multiply, a row with
 nothing visible yet keeps ``m = 0`` instead of ``-inf``, full blocks (the plan's full counts:
 every row sees every key) skip the mask, and the mask (causal and/or key bounds) is applied
-from the list's first partial block on. Loads go through tensor descriptors made on the device
+from the list's first partial block on. A token rule that is a box predicate
+(:mod:`sparse_attn.rule_predicate`, e.g. the exact neighbourhood windows of ``neighborhood``)
+joins that mask (constexpr ``BOX``): the plan's :attr:`~sparse_attn.plan.BlockSparsePlan.predicate_lists`
+put the entries the rule does not cut first, each row's packed bounds are loaded once per work
+item and each key tile's codes per step. Other token rules (bitmasks) are the Triton kernel's.
+Loads go through tensor descriptors made on the device
 per (batch, head) with that head's sequence length as the row bound, so rows past the end read
 as zeros. The launch arguments are the Triton kernel's (:mod:`.launch`).
 
@@ -177,12 +182,17 @@ if gluon is not None:
 
     @gluon.jit
     def _softmax_step(
-        s, m_i, l_i, step, n_full, index_base, query_pos, seq_k, qk_scale,
+        s, m_i, l_i, step, n_full, index_base, query_pos, seq_k, qk_scale, BoxTable, box_low, box_high, box_guard,
         s_layout: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, EVEN_K: gl.constexpr,
+        BOX: gl.constexpr,
     ):  # fmt: skip
-        """Mask (from the first non-full block on), then the online-softmax update of one step."""
+        """Mask (from the first non-full block on), then the online-softmax update of one step.
+
+        ``BOX``: the pattern's token rule is a box predicate (:mod:`sparse_attn.rule_predicate`),
+        evaluated on every step from ``n_full`` on: the key codes of the tile (row 0 of
+        ``BoxTable``) against the rows' packed bounds ``box_low`` / ``box_high``."""
         SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
-        if CAUSAL or not EVEN_K:
+        if CAUSAL or not EVEN_K or BOX:
             if step >= n_full:
                 kv_block = gl.load(index_base + step // SUBTILES)
                 key_start = kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N
@@ -191,6 +201,12 @@ if gluon is not None:
                     s = gl.where(key_pos[None, :] <= query_pos[:, None], s, float("-inf"))
                 if not EVEN_K:
                     s = gl.where((key_pos < seq_k)[None, :], s, float("-inf"))
+                if BOX:
+                    code = gl.load(BoxTable + key_pos, mask=key_pos < seq_k, other=-1)
+                    lower = (code[None, :] | box_guard) - box_low[:, None]
+                    upper = (box_high[:, None] | box_guard) - code[None, :]
+                    allowed = ((lower & upper & box_guard) == box_guard) | (code < 0)[None, :]
+                    s = gl.where(allowed, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
         m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -203,24 +219,26 @@ if gluon is not None:
     def _consumer(
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
         index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale,
-        out_base, stride_os, lse_base,
+        out_base, stride_os, lse_base, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
+        BOX: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup of the one-item-per-program kernel (see :func:`_consume_item`)."""
         _consume_item(
             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
             index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, 0, 0,
-            ROW_OFFSET, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+            BoxTable, box_guard, ROW_OFFSET, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
         )  # fmt: skip
 
     @gluon.jit
     def _consume_item(
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
         index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale,
-        out_base, stride_os, lse_base, step_base, q_phase,
+        out_base, stride_os, lse_base, step_base, q_phase, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
+        BOX: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup: 64 query rows of one work item through every listed block, then the
         output rows. ``step_base`` counts the ring steps of the program's earlier items and
@@ -239,6 +257,12 @@ if gluon is not None:
         q = q_smem.slice(ROW_OFFSET, HALF)
         rows = row_start + ROW_OFFSET + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
         query_pos = rows + (seq_k - seq_q)
+        box_low = 0
+        box_high = 0
+        if BOX:
+            # The rows' packed bounds (rows 1 and 2 of the predicate's table), loaded once per item.
+            box_low = gl.load(BoxTable + seq_k + query_pos, mask=rows < seq_q, other=0)
+            box_high = gl.load(BoxTable + 2 * seq_k + query_pos, mask=rows < seq_q, other=0)
         s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
         m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
@@ -261,11 +285,16 @@ if gluon is not None:
                 query_pos,
                 seq_k,
                 qk_scale,
+                BoxTable,
+                box_low,
+                box_high,
+                box_guard,
                 s_layout,
                 BLOCK_K,
                 BLOCK_N,
                 CAUSAL,
                 EVEN_K,
+                BOX,
             )
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         for step in range(1, n_steps):
@@ -289,11 +318,16 @@ if gluon is not None:
                 query_pos,
                 seq_k,
                 qk_scale,
+                BoxTable,
+                box_low,
+                box_high,
+                box_guard,
                 s_layout,
                 BLOCK_K,
                 BLOCK_N,
                 CAUSAL,
                 EVEN_K,
+                BOX,
             )
             acc, p_op = warpgroup_mma_wait(0, deps=(acc_token, p_op))
             mbarrier.arrive(kv_free.index(prev), count=1)
@@ -308,7 +342,12 @@ if gluon is not None:
             mbarrier.arrive(kv_free.index(last), count=1)
         mbarrier.arrive(q_free, count=1)
 
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        if BOX:
+            # A row the rule leaves without any key has acc = 0 and l = 0: output 0, LSE -inf.
+            l_i_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        else:
+            l_i_safe = l_i
+        l_o = gl.convert_layout(l_i_safe, gl.SliceLayout(1, o_layout))
         out = acc / l_o[:, None]
         out_rows = row_start + ROW_OFFSET + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -370,10 +409,10 @@ if gluon is not None:
         Q, K, V, Out, Lse, KvCounts, KvFullCounts, KvIndices, WorkOrder,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os, stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
-        num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale, QDesc, KDesc, VDesc,
+        num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale, QDesc, KDesc, VDesc, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
-        HOST_DESC: gl.constexpr,
+        HOST_DESC: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
         """One program per work item: grid (batch x query heads, query tiles in work order)."""
         batch_head = gl.program_id(0)
@@ -404,16 +443,16 @@ if gluon is not None:
                     _consumer,
                     (
                         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps, n_full,
-                        row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base,
-                        0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+                        row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable, box_guard,
+                        0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
                     ),
                 ),
                 (
                     _consumer,
                     (
                         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps, n_full,
-                        row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base,
-                        64, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+                        row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable, box_guard,
+                        64, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
                     ),
                 ),
                 (
@@ -463,10 +502,10 @@ if gluon is not None:
         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
         seq_q, seq_k, qk_scale, num_items, num_batch_heads,
-        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
+        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-        EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
+        EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup of a persistent program: :func:`_consume_item` for each of its work items."""
         step_base = 0
@@ -483,8 +522,8 @@ if gluon is not None:
             _consume_item(
                 q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
                 index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base,
-                step_base, local & 1,
-                ROW_OFFSET, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+                step_base, local & 1, BoxTable, box_guard,
+                ROW_OFFSET, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
             )  # fmt: skip
             step_base += n_steps
             local += 1
@@ -495,9 +534,10 @@ if gluon is not None:
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os, stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
         num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale, QDesc, KDesc, VDesc,
-        num_items, num_batch_heads,
+        num_items, num_batch_heads, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
+        BOX: gl.constexpr,
     ):  # fmt: skip
         """Persistent: one program per SM walks work items ``pid, pid + grid, ...`` of the same
         order as the one-item kernel's grid (query tiles heaviest first, all heads of a tile
@@ -514,8 +554,8 @@ if gluon is not None:
                         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
                         pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_batch_heads,
-                        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
-                        0, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+                        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
+                        0, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
                     ),
                 ),
                 (
@@ -524,8 +564,8 @@ if gluon is not None:
                         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
                         pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_batch_heads,
-                        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
-                        64, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q,
+                        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
+                        64, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
                     ),
                 ),
                 (
@@ -603,7 +643,14 @@ def forward(
     plan = plan_for(pattern, causal=causal)
     batch, q_heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse)
+    predicate_lists = plan.predicate_lists
+    if predicate_lists is None:
+        out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse)
+        box = (plan.full_counts, 0)  # unused without a rule
+    else:
+        lists = (predicate_lists.full_counts, predicate_lists.kv_indices)
+        out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse, lists=lists)
+        box = (predicate_lists.predicate.table, predicate_lists.predicate.guard)
     grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // GLUON_BLOCK_M))
     block_n = configs.gluon_block_n(pattern.block_k)
     descriptors = host_descriptors(q, k, v, block_n) if uses_host_descriptors(q, k, v, pattern) else None
@@ -617,16 +664,22 @@ def forward(
         WRITE_LSE=bool(return_lse),
         EVEN_K=seq_k % pattern.block_k == 0,
         EVEN_Q=seq_q % pattern.block_q == 0,
+        BOX=predicate_lists is not None,
     )
     if descriptors is not None and _persistent(plan):
         num_items = grid[0] * grid[1]
         programs = min(num_items, _multiprocessors(q.device))
-        _gluon_persistent_forward[(programs,)](*args, *descriptors, num_items, grid[0], **constants, num_warps=4)
+        _gluon_persistent_forward[(programs,)](*args, *descriptors, num_items, grid[0], *box, **constants, num_warps=4)
     else:
         if descriptors is None:
             ensure_scratch_allocator()
         _gluon_block_sparse_forward[grid](
-            *args, *(descriptors or (None, None, None)), HOST_DESC=descriptors is not None, **constants, num_warps=4
+            *args,
+            *(descriptors or (None, None, None)),
+            *box,
+            HOST_DESC=descriptors is not None,
+            **constants,
+            num_warps=4,
         )
     if return_lse:
         return out, lse

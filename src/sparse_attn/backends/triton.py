@@ -96,7 +96,7 @@ def unsupported_reason(
 
 
 if triton is not None:
-    from .rule_bits import rule_allowed
+    from .rule_bits import box_allowed, box_bounds, rule_allowed
 
     @triton.jit
     def _attend_blocks(
@@ -119,6 +119,9 @@ if triton is not None:
         RuleWords,
         rule_base,
         block_rows,
+        box_low,
+        box_high,
+        box_guard,
         BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -130,6 +133,7 @@ if triton is not None:
         EVEN_K: tl.constexpr,
         USE_TMA: tl.constexpr,
         HAS_RULE: tl.constexpr,
+        BOX_RULE: tl.constexpr,
     ):
         """Online-softmax update over the KV blocks in slots ``[first_slot, last_slot)``.
 
@@ -140,6 +144,10 @@ if triton is not None:
         the slots' bitmask indices (:mod:`.rule_bits`), ``block_rows`` are the tile's rows
         inside the query block. Rule-cut entries are never in the unmasked run (the plan puts
         them after the whole ones).
+
+        ``BOX_RULE`` (masked slots only): the rule is a box predicate; ``RuleWords`` is then its
+        ``(3, seq_k)`` table and ``box_low`` / ``box_high`` the rows' packed bounds (:mod:`.rule_bits`);
+        it applies to every masked slot (the plan puts the entries it does not cut first).
 
         ``USE_TMA``: ``k_base`` and ``v_base`` are tensor descriptors (``tl.make_tensor_descriptor``
         over this KV head's ``(seq_k, HEAD_DIM)`` rows) instead of pointers; ``stride_ks``,
@@ -195,7 +203,13 @@ if triton is not None:
                         visible = visible & allowed
                     else:
                         visible = allowed
-                if CAUSAL or not EVEN_K or HAS_RULE:
+                if BOX_RULE:
+                    allowed = box_allowed(RuleWords, seq_k, key_pos, box_low, box_high, box_guard)
+                    if CAUSAL or not EVEN_K:
+                        visible = visible & allowed
+                    else:
+                        visible = allowed
+                if CAUSAL or not EVEN_K or HAS_RULE or BOX_RULE:
                     scores = tl.where(visible, scores, float("-inf"))
             # m is kept in scaled (log2) units; the scale is folded into one FMA per score.
             m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
@@ -250,7 +264,8 @@ if triton is not None:
         seq_bucket,  # autotuning keys only: ceil(log2(seq_k)) and ceil(log2(mean kept blocks
         work_bucket,  # per query block)), so long or dense cases do not reuse a short/sparse tuning
         RuleIndex,  # with HAS_RULE: per list entry its bitmask index (KvIndices' shape), and the
-        RuleWords,  # packed masks (:mod:`.rule_bits`); unused otherwise
+        RuleWords,  # packed masks (:mod:`.rule_bits`); with BOX_RULE the predicate's (3, seq_k) table
+        box_guard,  # with BOX_RULE: the predicate's guard bits; unused otherwise
         HEAD_DIM: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -265,6 +280,7 @@ if triton is not None:
         EVEN_Q: tl.constexpr,
         USE_TMA: tl.constexpr,
         HAS_RULE: tl.constexpr,
+        BOX_RULE: tl.constexpr,
     ):
         TILES_PER_BLOCK: tl.constexpr = BLOCK_Q // BLOCK_M
         batch_head = tl.program_id(0)
@@ -312,22 +328,28 @@ if triton is not None:
         rule_base = RuleIndex + list_offset  # same shape and strides as KvIndices
         block_rows = (tile % TILES_PER_BLOCK) * BLOCK_M + tl.arange(0, BLOCK_M)
         query_pos = rows + (seq_k - seq_q)
+        box_low = 0
+        box_high = 0
+        if BOX_RULE:
+            box_low, box_high = box_bounds(RuleWords, seq_k, query_pos, row_in_range)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, k_base, v_base, index_base, 0, full_count, stride_ks, stride_vs,
-            query_pos, seq_k, qk_scale, offs_n, offs_d, RuleWords, rule_base, block_rows,
-            BLOCK_Q, BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA, False,
+            query_pos, seq_k, qk_scale, offs_n, offs_d, RuleWords, rule_base, block_rows, box_low, box_high,
+            box_guard, BLOCK_Q, BLOCK_K, BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA,
+            False, False,
         )  # fmt: skip
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, k_base, v_base, index_base, full_count, count, stride_ks, stride_vs,
-            query_pos, seq_k, qk_scale, offs_n, offs_d, RuleWords, rule_base, block_rows,
-            BLOCK_Q, BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA, HAS_RULE,
+            query_pos, seq_k, qk_scale, offs_n, offs_d, RuleWords, rule_base, block_rows, box_low, box_high,
+            box_guard, BLOCK_Q, BLOCK_K, BLOCK_N, True, CAUSAL, DOT_FP32, PRECISION, K_TRANSPOSED, EVEN_K, USE_TMA,
+            HAS_RULE, BOX_RULE,
         )  # fmt: skip
 
-        if HAS_RULE:
+        if HAS_RULE or BOX_RULE:
             # A row the rule leaves without any key has acc = 0 and l = 0: output 0 (LSE -inf
             # below), as FlexAttention gives, instead of 0 / 0.
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -374,7 +396,17 @@ def autotuned_kernel(candidate_set: tuple):
     ]
     return triton.autotune(
         configs=tuning_configs,
-        key=["seq_bucket", "work_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION", "HAS_RULE"],
+        key=[
+            "seq_bucket",
+            "work_bucket",
+            "HEAD_DIM",
+            "BLOCK_Q",
+            "BLOCK_K",
+            "CAUSAL",
+            "PRECISION",
+            "HAS_RULE",
+            "BOX_RULE",
+        ],
     )(_block_sparse_forward)
 
 
@@ -393,14 +425,21 @@ def forward(
     plan = plan_for(pattern, causal=causal)
     batch, q_heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    rule_lists = plan.rule_lists
-    if rule_lists is None:
-        out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse)
-        rule_args = (plan.full_counts, plan.full_counts)  # unused without a rule
-    else:
+    # A token rule: as a box predicate where it offers one, else as per-block bitmasks.
+    predicate_lists = plan.predicate_lists
+    rule_lists = None if predicate_lists is not None else plan.rule_lists
+    if predicate_lists is not None:
+        lists = (predicate_lists.full_counts, predicate_lists.kv_indices)
+        out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse, lists=lists)
+        predicate = predicate_lists.predicate
+        rule_args = (plan.full_counts, predicate.table, predicate.guard)
+    elif rule_lists is not None:
         lists = (rule_lists.full_counts, rule_lists.kv_indices)
         out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse, lists=lists)
-        rule_args = (rule_lists.rule_index, rule_lists.words)
+        rule_args = (rule_lists.rule_index, rule_lists.words, 0)
+    else:
+        out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse)
+        rule_args = (plan.full_counts, plan.full_counts, 0)  # unused without a rule
     args += (length_bucket(seq_k), plan.work_bucket)  # the autotuning keys
     args += rule_args
     is_float32 = q.dtype == torch.float32
@@ -416,6 +455,7 @@ def forward(
         EVEN_K=seq_k % pattern.block_k == 0,
         EVEN_Q=seq_q % pattern.block_q == 0,
         HAS_RULE=rule_lists is not None,
+        BOX_RULE=predicate_lists is not None,
     )
     n_q_blocks = num_blocks(seq_q, pattern.block_q)
     if interpreting():

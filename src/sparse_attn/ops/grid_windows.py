@@ -34,6 +34,7 @@ from ..geometry import num_blocks
 from ..layouts import Layout
 from ..masked_pattern import MaskedPattern
 from ..pattern import BlockSparsePattern
+from ..rule_predicate import BoxPredicate, pack_box
 from .to_pattern import stream_pattern
 
 __all__ = ["DimWindow", "GridWindowRule", "block_boxes", "layout_pattern", "window_pattern"]
@@ -86,6 +87,29 @@ class GridWindowRule:
             term = window.allowed(i, j)
             inside = term if inside is None else inside & term
         return result | inside
+
+    def kernel_predicate(self) -> BoxPredicate | None:
+        """The rule as packed box fields (:mod:`sparse_attn.rule_predicate`): per dimension the
+        key's dilation group with the query's ``[lo, hi - 1]``, and at dilation > 1 the residue
+        (a one-value range); text keys are seen by every query and text queries see every key.
+        ``None`` when the fields need more than 31 bits."""
+        coordinates = self.coordinates
+        text = coordinates[0] < 0
+        keys, lows, highs, maxima = [], [], [], []
+        for dim, window in enumerate(self.windows):
+            r = window.dilation
+            size = self.layout.grid[dim]
+            i = coordinates[dim].clamp(min=0)
+            keys.append(i // r)
+            lows.append(window.lo[i])
+            highs.append(window.hi[i] - 1)
+            maxima.append(-(-size // r) - 1)
+            if r > 1:
+                keys.append(i % r)
+                lows.append(i % r)
+                highs.append(i % r)
+                maxima.append(r - 1)
+        return pack_box(keys, lows, highs, maxima, key_always=text, query_all=text)
 
 
 @dataclass(frozen=True)

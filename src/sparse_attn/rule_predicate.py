@@ -1,0 +1,123 @@
+"""Token rules the block kernels evaluate arithmetically: box predicates over packed per-token fields.
+
+A token rule (:mod:`sparse_attn.masked_pattern`) is defined by ``allowed(q_pos, k_pos)``. The
+Triton kernels can read any rule as per-block bitmasks (:func:`sparse_attn.plan.rule_bitmask`),
+but those are ``block_q * block_k / 8`` bytes per cut block, built once on the host side and
+gathered per score inside the kernel. Many spatial rules are *boxes*: every key carries a few
+small integer fields (grid coordinates, dilation residues) and every query a range per field,
+and the pair is allowed when each key field lies in the query's range; some keys (text tokens)
+are seen by every query. Such a rule can offer a :class:`BoxPredicate` (a method
+``kernel_predicate()`` returning one, or ``None`` when its fields do not fit), which the kernels
+evaluate from three int32 values per token, in the spirit of FlexAttention's compiled
+``mask_mod``: no per-block table at all.
+
+Packing (one int32 per token and role). Field ``f`` of width ``w_f`` bits holds values in
+``[0, 2**(w_f - 1))``; its top bit is a *guard*. The key code is ``sum(x_f << o_f)`` (``-1`` for a
+key every query sees), a query's ``low`` / ``high`` are its inclusive range bounds packed the
+same way, and ``guard = sum(1 << (o_f + w_f - 1))``. Then, per field, ``((code | guard) - low)``
+keeps its guard bit exactly when ``x_f >= low_f`` and ``((high | guard) - code)`` exactly when
+``x_f <= high_f`` (each field's difference lies in ``[1, 2**w_f)``, so no borrow crosses fields),
+and::
+
+    allowed = (((code | guard) - low) & ((high | guard) - code) & guard) == guard  or  code < 0
+
+five integer operations per score. The fields must fit in 31 bits together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BoxPredicate", "box_allowed", "kernel_predicate", "pack_box"]
+
+# Field widths (value bits + guard) must sum to at most this, so codes stay non-negative in int32.
+MAX_BITS = 31
+
+
+@dataclass(frozen=True)
+class BoxPredicate:
+    """A token rule as packed per-token fields (see the module docstring).
+
+    ``table``: int32 ``(3, S)`` over the pattern's key positions: row 0 the key codes (``-1``: seen
+    by every query), rows 1 and 2 the packed inclusive lower and upper bounds of the query at that
+    position (queries are indexed by their key-space position, ``seq_k - seq_q + row``).
+    ``guard``: the guard bits of every field.
+    """
+
+    table: torch.Tensor
+    guard: int
+
+    def to(self, device) -> BoxPredicate:
+        return BoxPredicate(self.table.to(device), self.guard)
+
+
+def pack_box(
+    key_fields: list[torch.Tensor],
+    low_fields: list[torch.Tensor],
+    high_fields: list[torch.Tensor],
+    maxima: list[int],
+    *,
+    key_always: torch.Tensor,
+    query_all: torch.Tensor,
+) -> BoxPredicate | None:
+    """Pack per-token fields into a :class:`BoxPredicate`, or ``None`` when they need more than 31 bits.
+
+    ``key_fields[f]``, ``low_fields[f]``, ``high_fields[f]``: int64 ``(S,)`` values of field ``f`` for
+    each key, and each query's inclusive range (a range with ``low > high`` is empty: that query
+    sees no key through the box); ``maxima[f]``: the largest value field ``f`` may take (key values
+    and bounds are clamped to ``[0, maxima[f]]``, which keeps the rule: keys never lie outside
+    that range). ``key_always``: bool ``(S,)``, keys every query sees; ``query_all``: bool ``(S,)``,
+    queries that see every key.
+    """
+    widths = [max(int(m), 1).bit_length() + 1 for m in maxima]
+    if sum(widths) > MAX_BITS:
+        return None
+    device = key_always.device
+    code = torch.zeros(key_always.shape, dtype=torch.int64, device=device)
+    low, high = torch.zeros_like(code), torch.zeros_like(code)
+    guard = 0
+    offset = 0
+    for key, lo, hi, top, width in zip(key_fields, low_fields, high_fields, maxima, widths, strict=True):
+        empty = hi < lo
+        full = (1 << (width - 1)) - 1  # the field's largest value: a range that admits every key
+        top = max(int(top), 1)
+        lo_value = torch.where(empty, 1, lo.clamp(0, top))
+        hi_value = torch.where(empty, 0, hi.clamp(0, top))
+        lo_value = torch.where(query_all, 0, lo_value)
+        hi_value = torch.where(query_all, full, hi_value)
+        code |= key.clamp(0, top) << offset
+        low |= lo_value << offset
+        high |= hi_value << offset
+        guard |= 1 << (offset + width - 1)
+        offset += width
+    code = torch.where(key_always, -1, code)
+    return BoxPredicate(torch.stack([code, low, high]).to(torch.int32).contiguous(), guard)
+
+
+def box_allowed(predicate: BoxPredicate, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """The predicate in PyTorch (broadcasting int64 positions, clamped into the table): the
+    kernels' arithmetic, and the test oracle against ``allowed``."""
+    last = predicate.table.shape[1] - 1
+    table = predicate.table.long()
+    code = table[0][k_pos.clamp(0, last)]
+    low, high = table[1][q_pos.clamp(0, last)], table[2][q_pos.clamp(0, last)]
+    guard = predicate.guard
+    inside = (((code | guard) - low) & ((high | guard) - code) & guard) == guard
+    return inside | (code < 0)
+
+
+def kernel_predicate(pattern) -> BoxPredicate | None:
+    """The pattern's token rule as a :class:`BoxPredicate` on the pattern's device, or ``None``
+    (no rule, a rule without ``kernel_predicate``, or fields that do not fit); cached on the pattern."""
+    rule = getattr(pattern, "token_rule", None)
+    if rule is None or not callable(getattr(rule, "kernel_predicate", None)):
+        return None
+    cached = pattern.cached_plan("rule_predicate")
+    if cached is None:
+        predicate = rule.kernel_predicate()
+        if predicate is not None and predicate.table.shape[1] != pattern.seq_k:
+            predicate = None  # a table for another sequence cannot index this pattern's positions
+        cached = pattern.store_plan("rule_predicate", (predicate.to(pattern.device) if predicate else None,))
+    return cached[0]

@@ -1,0 +1,120 @@
+"""Token rules as box predicates (:mod:`sparse_attn.rule_predicate`) in the forward kernels.
+
+* The packed predicate equals the rule it stands for (``GridWindowRule.allowed``) on every
+  (query, key) pair of small 1D/2D/3D layouts: border-shifted windows, dilation, GNA strides,
+  text tokens before and after; empty ranges admit nothing; fields wider than 31 bits give no
+  predicate (the kernels then read bitmasks).
+* The Triton forward (interpreter) walks the predicate lists without building any bitmask and
+  matches the reference backend; the backward still reads the bitmasks.
+* GPU (``-m gpu``): ``auto`` runs a neighbourhood rule on the Gluon kernel, and it and the Triton
+  kernel match the reference at a real 3D size, forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import TOLERANCE, random_qkv, relative_error
+
+import sparse_attn as sa
+from sparse_attn.backends import resolve_backend
+from sparse_attn.plan import plan_for
+from sparse_attn.rule_predicate import box_allowed, kernel_predicate, pack_box
+
+RULE_CASES = [
+    dict(grid=(40,), window=7, dilation=3),
+    dict(grid=(5, 6, 7), window=3),
+    dict(grid=(4, 11, 11), window=(3, 5, 5), dilation=(1, 2, 2)),
+    dict(grid=(12, 13), window=5, text_tokens=7),
+    dict(grid=(12, 13), window=(3, 7), text_tokens=5, text_position="before"),
+    dict(grid=(6, 8, 8), window=(3, 5, 5), stride=(1, 2, 4)),
+    dict(grid=(9, 10, 12), window=(3, 5, 5), dilation=(3, 1, 2), text_tokens=3),
+]
+
+
+@pytest.mark.parametrize("options", RULE_CASES, ids=str)
+def test_predicate_equals_the_rule_on_every_pair(options):
+    length = math.prod(options["grid"]) + options.get("text_tokens", 0)
+    q = torch.randn(1, 1, length, 16)
+    pattern = sa.estimate(q, q, "neighborhood", causal=False, block_q=16, block_k=16, **options)
+    assert pattern.token_rule is not None
+    predicate = kernel_predicate(pattern)
+    assert predicate.table.shape == (3, length) and predicate.table.dtype == torch.int32
+    positions = torch.arange(length)
+    want = pattern.token_rule.allowed(positions[:, None], positions[None, :])
+    assert torch.equal(box_allowed(predicate, positions[:, None], positions[None, :]), want)
+    assert kernel_predicate(pattern) is predicate  # cached on the pattern
+
+
+def test_pack_box_empty_ranges_and_width_limit():
+    keys = [torch.tensor([0, 1, 2, 3])]
+    low, high = [torch.tensor([1, 3, 2, 0])], [torch.tensor([2, 2, 3, 3])]  # query 1: empty range
+    none = torch.zeros(4, dtype=torch.bool)
+    predicate = pack_box(keys, low, high, [3], key_always=none, query_all=none)
+    positions = torch.arange(4)
+    got = box_allowed(predicate, positions[:, None], positions[None, :])
+    want = (keys[0][None, :] >= low[0][:, None]) & (keys[0][None, :] <= high[0][:, None])
+    assert torch.equal(got, want) and not got[1].any()
+    # Keys every query sees, queries that see every key.
+    always, everything = torch.tensor([False, False, True, False]), torch.tensor([False, True, False, False])
+    predicate = pack_box(keys, low, high, [3], key_always=always, query_all=everything)
+    got = box_allowed(predicate, positions[:, None], positions[None, :])
+    assert torch.equal(got, (want & ~everything[:, None]) | always[None, :] | everything[:, None])
+    # Three fields of 2**10 - 1 need 33 bits: no predicate.
+    wide = [torch.zeros(4, dtype=torch.int64)] * 3
+    assert pack_box(wide, wide, wide, [1023] * 3, key_always=none, query_all=none) is None
+    assert pack_box(wide, wide, wide, [511] * 3, key_always=none, query_all=none) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_forward_runs_the_predicate_without_bitmasks(dtype, poison_outputs):
+    options = dict(grid=(3, 7, 9), window=(3, 3, 5), dilation=(1, 2, 1), tile=(1, 4, 4), text_tokens=5)
+    length = math.prod(options["grid"]) + 5
+    q, k, v = random_qkv(2, 3, 1, length, length, 64, seed=5)
+    pattern = sa.estimate(q, k, "neighborhood", causal=False, block_q=16, block_k=16, **options)
+    assert pattern.partial_entries() > 0
+    plan = plan_for(pattern, causal=False)
+    assert plan.predicate_lists is not None
+    want = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="reference", return_lse=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = sa.block_sparse_attention(
+            *(x.to(dtype) for x in (q, k, v)), pattern, causal=False, backend="triton", return_lse=True
+        )
+    assert pattern.cached_plan("rule_bitmask") is None  # the forward built no bitmask
+    assert relative_error(got[0], want[0]) <= TOLERANCE[dtype]
+    assert relative_error(got[1], want[1]) <= (1e-4 if dtype == torch.float32 else 1e-3)
+    # Whole entries lead each list, and the list holds the same blocks.
+    lists = plan.predicate_lists
+    counts = pattern.kv_counts[0, 0]
+    for row in range(pattern.num_q_blocks):
+        n = int(counts[row])
+        assert sorted(lists.kv_indices[0, 0, row, :n].tolist()) == pattern.kv_indices[0, 0, row, :n].tolist()
+        assert int(lists.full_counts[0, 0, row]) <= n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_neighborhood_on_gluon_and_triton_predicates_match_the_reference(dtype, poison_outputs):
+    grid, window, tile = (8, 24, 40), (3, 7, 9), (2, 8, 8)
+    layout = sa.layouts.Layout(grid, tile=tile, text_tokens=77)
+    q, k, v = random_qkv(2, 6, 3, layout.seq_len, layout.seq_len, 128, dtype=dtype, device="cuda", seed=8)
+    options = dict(grid=grid, window=window, tile=tile, text_tokens=77)
+    pattern = sa.estimate(q, k, "neighborhood", causal=False, **options)
+    assert pattern.partial_entries() > 0 and kernel_predicate(pattern) is not None
+    assert resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=False) == "gluon"
+    dout = torch.randn_like(q)
+    results = []
+    for backend, run_dtype in (("reference", torch.float32), ("auto", dtype), ("triton", dtype)):
+        leaves = [x.detach().to(run_dtype).requires_grad_() for x in (q, k, v)]
+        out, lse = sa.block_sparse_attention(*leaves, pattern, causal=False, backend=backend, return_lse=True)
+        out.backward(dout.to(run_dtype))
+        results.append((out, lse, [x.grad for x in leaves]))
+    (want, want_lse, want_grads), *runs = results
+    for out, lse, grads in runs:
+        assert relative_error(out, want) <= TOLERANCE[dtype] and relative_error(lse, want_lse) <= 1e-3
+        for got, expected in zip(grads, want_grads, strict=True):
+            assert torch.isfinite(got).all() and relative_error(got, expected) <= TOLERANCE[dtype]
