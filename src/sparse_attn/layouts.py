@@ -22,7 +22,8 @@ at positions ``[0, text_tokens)`` and the grid after them, ``"after"`` (the defa
 HunyuanVideo and Wan's joint layouts) the grid first. The permutation moves grid tokens only.
 
 Conventions. ``permute`` and ``unpermute`` act on dimension 2 of ``(B, H, S, D)`` tensors
-(``(B, H, S)`` works too, e.g. a log-sum-exp); ``order[p]`` is the original position of the
+(``(B, H, S)`` works too, e.g. a log-sum-exp; on CUDA whole rows are copied by a Triton kernel,
+:mod:`sparse_attn.ops.row_gather`); ``order[p]`` is the original position of the
 token at permuted position ``p``. Index tables are built once per (layout, device) and cached.
 """
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_int
+from .ops.row_gather import gather_rows
 
 __all__ = ["Layout", "default_tile"]
 
@@ -149,12 +151,12 @@ class Layout:
     def permute(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, S, ...)`` in the original order -> the tile order (a gather along dimension 2)."""
         self.check_sequence("the tensor", x.shape[2])
-        return x.index_select(2, self.order(x.device))
+        return gather_rows(x, self.order(x.device))
 
     def unpermute(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`permute`."""
         self.check_sequence("the tensor", x.shape[2])
-        return x.index_select(2, self.inverse(x.device))
+        return gather_rows(x, self.inverse(x.device))
 
     @property
     def is_identity(self) -> bool:
