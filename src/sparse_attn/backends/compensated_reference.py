@@ -14,7 +14,7 @@ The oracle of :mod:`.triton_compensated`, and the path on CPU and for gradients.
   entries of the per-block states ``phi(K_j)^T V_j`` and ``phi(K_j)^T 1`` (float32
   ``(B, Hkv, n_kv, D, D)`` and ``(B, Hkv, n_kv, D)`` for this call), summed directly (no
   subtraction from a total, unlike the kernel's short walk); ``O_l = 0`` for a query block
-  without linear entries.
+  without linear entries and for a row whose ``phi(q) . z`` is 0 (``relu`` can zero a row).
 
 Arithmetic in float32 (float64 inputs in float64). Differentiable through autograd (the
 softmax chunks checkpointed as in :mod:`.reference`). Returns the softmax output in q's dtype,
@@ -194,8 +194,9 @@ def _linear_branch(q, k, v, pattern: CompensatedPattern, dtype) -> torch.Tensor:
             phi = phi_q[:, head, blocks]  # (B, c, bq, D)
             numerator = torch.matmul(phi, state)
             denominator = (phi * total[:, :, None, :]).sum(-1, keepdim=True)
-            has_linear = chosen[:, position].any(-1)[:, :, None, None]
-            result = torch.where(has_linear, numerator / torch.where(has_linear, denominator, 1.0), 0.0)
+            # No linear entry, or phi(q) . z = 0 (relu can zero a row): output 0.
+            defined = chosen[:, position].any(-1)[:, :, None, None] & (denominator != 0)
+            result = torch.where(defined, numerator / torch.where(defined, denominator, 1.0), 0.0)
             linear[:, head, rows] = result.flatten(1, 2).float()
     return linear[:, :, :seq_q]
 
