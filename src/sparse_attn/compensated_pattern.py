@@ -396,12 +396,14 @@ def compensated_attention(
 
     def run(q, k, v):
         out, lse, linear = module.forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
-        if linear is not None:
+        if pattern.projection is not None:
+            # O = O_softmax + O_l W^T + b on every row (O_l = 0 where a query block has no linear entry).
             weight, bias = pattern.projection
-            projected = torch.matmul(linear.float(), weight.float().t())
+            projected = None if linear is None else torch.matmul(linear.float(), weight.float().t())
             if bias is not None:
-                projected = projected + bias.float()
-            out = (out.float() + projected).to(q.dtype)
+                projected = bias.float() if projected is None else projected + bias.float()
+            if projected is not None:
+                out = (out.float() + projected).to(q.dtype)
         return (out, lse) if return_lse else out
 
     return in_layout_order(pattern, run, q, k, v)
