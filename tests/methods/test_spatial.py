@@ -500,4 +500,5 @@ def test_tile_order_pattern_runs_on_inputs_permuted_once():
 
 def test_spatial_methods_are_registered_as_bidirectional():
     bidirectional = {method.name for method in sa.list_methods() if method.bidirectional}
-    assert bidirectional == {"neighborhood", "sliding_tile", "radial", "vmoba", "svg", "sparse_vdit", "draft"}
+    spatial = {"neighborhood", "sliding_tile", "radial", "vmoba", "svg", "sparse_vdit", "draft"}
+    assert bidirectional == spatial | {"psa", "sla"}  # psa / sla: the compensation family
