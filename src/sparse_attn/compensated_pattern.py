@@ -244,6 +244,16 @@ class CompensatedPattern(BlockSparsePattern):
             seq_k=self.seq_k,
         )
 
+    @property
+    def token_rule(self) -> None:
+        """``None``: compensated patterns have no token-level rule (every listed block is whole)."""
+        return None
+
+    def tile_order(self) -> CompensatedPattern:
+        """The same pattern for q, k, v already in the layout's tile order (no permutation inside the call),
+        as :meth:`sparse_attn.masked_pattern.MaskedPattern.tile_order`."""
+        return dataclasses.replace(self, layout=None, _cache=self._cache)
+
     def _with(self, **fields) -> CompensatedPattern:
         """Same pattern with other tensors; drops validation results and plans (new contents)."""
         return dataclasses.replace(self, _cache={}, **fields)

@@ -291,6 +291,8 @@ def test_methods_over_a_layout_with_text_tokens_match_the_formula():
         permuted = [pattern.layout.permute(x) for x in (q, k, v)]
         want = pattern.layout.unpermute(naive_compensated(*permuted, pattern, causal=False)[0])
         assert relative_error(out, want) < 1e-5, method
+        in_order = sa.block_sparse_attention(*permuted, pattern.tile_order(), causal=False)
+        assert pattern.token_rule is None and torch.equal(in_order, pattern.layout.permute(out))
 
 
 def test_routing_and_forward_only_fallback():
