@@ -21,8 +21,10 @@ tile is the pattern block: ``BLOCK_M = block_q``, ``BLOCK_N = block_k``), in the
    are summed in float32, ``LINEAR_CHUNK`` output columns at a time (a ``D x LINEAR_CHUNK``
    register tile, so the whole ``D x D`` sum is never live at once), then
    ``O_l = phi(q) H / (phi(q) . z)`` is written, unprojected, to a float32 buffer. The states are
-   computed per call in PyTorch (one batched matmul over blocks) with the *total* over all blocks
-   appended as block ``n_kv``.
+   computed per call in PyTorch (one batched float32 matmul over blocks) with the *total* over all
+   blocks appended as block ``n_kv``, and stored in the input dtype for 16-bit inputs (float32
+   otherwise): ``(n_kv + 1) * D * (D + 1)`` elements per (batch, KV head), e.g. 1.5 GiB in
+   bfloat16 for Wan 2.1's 75,600 tokens, 40 heads and 64-token blocks.
 
 Linear walk (decided in the plan, per query block): summing the states of the linear entries
 costs one ``D x D`` load per entry, so where the linear entries are the majority (SLA: 85 % of
@@ -33,6 +35,15 @@ subtraction cancels at most about half of the total (it is chosen only when the 
 are the majority), so float32 keeps it within the tolerance of the direct sum; a non-finite
 K or V anywhere in a (batch, KV head) reaches the linear output of every query block that
 subtracts (it is in the total), where the reference sums only the listed blocks.
+
+Cost of the linear walk (not yet measured on a GPU): ``min(n, n_kv - n)`` loads of ``D x D``
+states per query block, e.g. at SLA's defaults about 15 % of the blocks, 32 KiB each in
+bfloat16 at ``D = 128``: the same per-block state subtraction as the paper's released kernel
+(which subtracts the critical blocks' states only, having no negligible class), and memory-bound
+where the exact part is compute-bound. If it dominates at video sizes, the critical blocks'
+share can instead be taken from the K/V tiles the exact loop already loads
+(``phi(q) phi(K_j)^T V_j``, two more products per critical block and no state loads), leaving
+only the negligible blocks to the states.
 
 Reuse: the launch ABI (:func:`.launch.launch_arguments`), the plan's full counts and work
 order (:func:`sparse_attn.plan.plan_for`), the input checks (:func:`.triton.input_unsupported_reason`).
@@ -289,8 +300,10 @@ if triton is not None:
         TILE_3: tl.constexpr, TILE_4: tl.constexpr, LINEAR_BRANCH: tl.constexpr, FEATURE: tl.constexpr,
         LINEAR_CHUNK: tl.constexpr,
     ):  # fmt: skip
-        batch_head = tl.program_id(0)
-        q_block = tl.load(WorkOrder + tl.program_id(1))
+        # Query blocks vary fastest over the grid, so the programs running together share one head's
+        # K/V, pooled K/V and linear states in L2.
+        batch_head = tl.program_id(1)
+        q_block = tl.load(WorkOrder + tl.program_id(0))
         batch = batch_head // num_q_heads
         head = batch_head % num_q_heads
         kv_head = head // group
@@ -389,10 +402,10 @@ if triton is not None:
             # The walk: add the listed blocks' states, or start from the total (block n_kv) and subtract them.
             start = subtract.to(tl.float32)
             sign = 1.0 - 2.0 * start
-            z = tl.load(sums_base + n_kv_blocks * HEAD_DIM + offs_d) * start
+            z = tl.load(sums_base + n_kv_blocks * HEAD_DIM + offs_d).to(tl.float32) * start
             for slot in range(0, walk):
                 kv_block = tl.load(linear_base + slot)
-                z += sign * tl.load(sums_base + kv_block * HEAD_DIM + offs_d)
+                z += sign * tl.load(sums_base + kv_block * HEAD_DIM + offs_d).to(tl.float32)
             denominator = tl.sum(phi * z[None, :], 1)
             defined = (has_linear > 0) & (denominator != 0.0)
             denominator = tl.where(defined, denominator, 1.0)
@@ -400,11 +413,11 @@ if triton is not None:
             for chunk in tl.static_range(HEAD_DIM // LINEAR_CHUNK):
                 offs_c = chunk * LINEAR_CHUNK + tl.arange(0, LINEAR_CHUNK)
                 total = states_base + n_kv_blocks * HEAD_DIM * HEAD_DIM
-                state = tl.load(total + offs_d[:, None] * HEAD_DIM + offs_c[None, :]) * start
+                state = tl.load(total + offs_d[:, None] * HEAD_DIM + offs_c[None, :]).to(tl.float32) * start
                 for slot in range(0, walk):
                     kv_block = tl.load(linear_base + slot)
                     block_state = states_base + kv_block.to(tl.int64) * HEAD_DIM * HEAD_DIM
-                    state += sign * tl.load(block_state + offs_d[:, None] * HEAD_DIM + offs_c[None, :])
+                    state += sign * tl.load(block_state + offs_d[:, None] * HEAD_DIM + offs_c[None, :]).to(tl.float32)
                 numerator = tl.dot(phi, state, input_precision=PRECISION)
                 result = tl.where(defined[:, None], numerator / denominator[:, None], 0.0)
                 lo_pointers = lo_base + rows[:, None] * stride_los + offs_c[None, :]
@@ -452,9 +465,11 @@ def forward(q, k, v, pattern: CompensatedPattern, *, causal: bool, scale: float,
     linear = None
     if extra.linear:
         states, sums = linear_states(k, v, pattern.block_k, pattern.feature_map, torch.float32)
-        # The total over all blocks as block n_kv, for the subtracting walk.
-        states = torch.cat([states, states.sum(2, keepdim=True)], 2).contiguous()
-        sums = torch.cat([sums, sums.sum(2, keepdim=True)], 2).contiguous()
+        # The total over all blocks as block n_kv, for the subtracting walk; stored in the input dtype
+        # for 16-bit inputs (half the bytes the walk reads), summed in float32 in the kernel.
+        state_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        states = torch.cat([states, states.sum(2, keepdim=True)], 2).to(state_dtype).contiguous()
+        sums = torch.cat([sums, sums.sum(2, keepdim=True)], 2).to(state_dtype).contiguous()
         linear = launch.allocate((batch, q_heads, seq_q, dim), torch.float32, q.device)
     else:
         states = sums = torch.zeros(1, dtype=torch.float32, device=q.device)  # not read
@@ -483,7 +498,7 @@ def forward(q, k, v, pattern: CompensatedPattern, *, causal: bool, scale: float,
         FEATURE=FEATURE_MAPS.index(pattern.feature_map),
         LINEAR_CHUNK=min(_LINEAR_CHUNK, dim),
     )
-    grid = (batch * q_heads, n_q_blocks)
+    grid = (n_q_blocks, batch * q_heads)
     if interpreting():
         _compensated_forward[grid](*args, **constants)
     else:
