@@ -36,6 +36,21 @@ def test_kernel_equals_index_select(shape, dtype, out_len, strided):
     assert got.is_contiguous() and torch.equal(got, x.index_select(2, index))
 
 
+def test_kernel_path_is_differentiable(monkeypatch):
+    from sparse_attn.ops import row_gather
+    from sparse_attn.ops.row_gather import triton as kernel_module
+
+    monkeypatch.setattr(row_gather, "kernel_for", lambda x, package, **case: kernel_module)  # the CUDA path, on CPU
+    x = torch.randn(2, 3, 21, 64, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([4, 0, 20, 4, 7, 7, 7, 1])
+    grad = torch.randn(2, 3, 8, 64, dtype=torch.float64)
+    got = gather_rows(x, index)
+    assert got.grad_fn is not None
+    (got_grad,) = torch.autograd.grad(got, x, grad)
+    (want_grad,) = torch.autograd.grad(x.index_select(2, index), x, grad)
+    assert torch.equal(got.detach(), x.detach().index_select(2, index)) and torch.equal(got_grad, want_grad)
+
+
 def test_layout_permutation_round_trips_through_the_operator():
     layout = Layout((3, 10, 12), tile=(2, 4, 8), text_tokens=4)
     x = torch.randn(2, 3, layout.seq_len, 16)

@@ -5,7 +5,7 @@ q, k and v into a tile order and the output back, four gathers of whole ``D``-el
 attention call. ``torch.index_select`` along dimension 2 runs one thread per element with
 index arithmetic per element; the Triton kernel (:mod:`.triton`) copies whole rows (one index
 load per row, vectorised row copies), on CUDA for 2- and 4-byte dtypes with contiguous rows. The
-PyTorch reference (:mod:`.naive`) runs everywhere else.
+PyTorch reference (:mod:`.naive`) runs everywhere else. Differentiable in ``x`` on both paths.
 """
 
 from __future__ import annotations
@@ -28,4 +28,23 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     kernel = kernel_for(x, __name__, index=index)
     if kernel is None:
         return gather_rows_reference(x, index)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GatherRows.apply(x, index, kernel.gather_rows)
     return kernel.gather_rows(x, index)
+
+
+class _GatherRows(torch.autograd.Function):
+    """The kernel's gather, differentiable in ``x``: the gradient is the output gradient added back
+    at the gathered rows (``index_add``, so repeated indices accumulate)."""
+
+    @staticmethod
+    def forward(ctx, x, index, gather):
+        ctx.save_for_backward(index)
+        ctx.source_shape = x.shape
+        return gather(x, index)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (index,) = ctx.saved_tensors
+        grad = grad_out.new_zeros(ctx.source_shape)
+        return grad.index_add_(2, index, grad_out), None, None
