@@ -149,14 +149,14 @@ def main() -> None:
         raise SystemExit("benchmarks/token_rules.py needs a CUDA GPU")
     device = torch.device("cuda")
     shapes = args.shapes or list(SHAPES)
+    out = args.out or Path(__file__).parent / "results" / device_slug(device) / "token_rules.json"
+    meta = {"benchmark": "token_rules", "shapes": {name: SHAPES[name] for name in shapes}}
     rows = []
     for name in shapes:
         rows += run_shape(name, SHAPES[name], backward=not args.no_backward, bitmask=not args.no_bitmask, device=device)
+        write_results(rows, out, {**meta, **environment(device)})  # after every shape: a cut run keeps its rows
     print()
     print(format_table(rows, COLUMNS))
-    out = args.out or Path(__file__).parent / "results" / device_slug(device) / "token_rules.json"
-    meta = {"benchmark": "token_rules", "shapes": {name: SHAPES[name] for name in shapes}}
-    write_results(rows, out, {**meta, **environment(device)})
     print(f"wrote {out}")
 
 
