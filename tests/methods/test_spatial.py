@@ -16,7 +16,7 @@ from helpers import poisoned_allocate, random_qkv, relative_error
 
 import sparse_attn as sa
 from sparse_attn.backends import flex, resolve_backend
-from sparse_attn.layouts import Layout
+from sparse_attn.layouts import Layout, default_tile
 from sparse_attn.plan import plan_for
 
 # NATTEN's window start (its CPU kernels' rule, odd kernels), written out independently of the method.
@@ -121,6 +121,33 @@ def test_neighborhood_equals_natten_reference(grid, window, dilation, stride, ti
     grid_rows = mask[start : start + layout.grid_tokens, start : start + layout.grid_tokens]
     assert bool((grid_rows.sum(-1) == math.prod(per[0])).all())
     assert info.density < 1.0
+
+
+@pytest.mark.parametrize(
+    "grid, window, text, block", [((7, 10, 12), (3, 5, 5), 4, 32), ((12, 21), 5, 6, 16), ((6, 9, 16), 3, 0, 64)]
+)
+def test_neighborhood_without_a_tile_takes_the_candidate_keeping_fewest_blocks(grid, window, text, block):
+    from sparse_attn.methods.neighborhood import candidate_tiles
+
+    q, k, v = random_qkv(1, 2, 1, math.prod(grid) + text, math.prod(grid) + text, 16, seed=len(grid))
+    options = dict(grid=grid, window=window, text_tokens=text, block_q=block, block_k=block)
+    out, info = sa.sparse_attention(
+        q, k, v, "neighborhood", causal=False, backend="reference", return_info=True, **options
+    )
+    tiles = candidate_tiles(grid, block)
+    assert tiles[:2] == [default_tile(len(grid)), None] and all(math.prod(t) == block for t in tiles[2:])
+    counts = {}
+    for tile in tiles:
+        fixed = sa.estimate(q, k, "neighborhood", causal=False, tile=tile or grid, **options)
+        counts[tile] = int(fixed.kv_counts.sum())
+        if fixed.layout.tile == info.pattern.layout.tile:
+            assert torch.equal(fixed.kv_counts, info.pattern.kv_counts)
+    assert int(info.pattern.kv_counts.sum()) == min(counts.values())
+    # Any tile gives NATTEN's attention exactly: the default tile's result is the same.
+    reference = sa.sparse_attention(
+        q, k, v, "neighborhood", causal=False, backend="reference", tile=tiles[0], **options
+    )
+    assert relative_error(out, reference) < 1e-5
 
 
 def test_neighborhood_blocks_are_exactly_those_holding_a_window_pair_on_whole_tiles():

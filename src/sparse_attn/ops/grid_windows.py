@@ -35,9 +35,10 @@ from ..layouts import Layout
 from ..masked_pattern import MaskedPattern
 from ..pattern import BlockSparsePattern
 from ..rule_predicate import BoxPredicate, pack_box
+from ._chunking import CHUNK_ELEMENTS
 from .to_pattern import stream_pattern
 
-__all__ = ["DimWindow", "GridWindowRule", "block_boxes", "layout_pattern", "window_pattern"]
+__all__ = ["DimWindow", "GridWindowRule", "block_boxes", "kept_blocks", "layout_pattern", "window_pattern"]
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,20 @@ def _whole(windows, q_boxes: _Boxes, k_boxes: _Boxes, kv_indices: torch.Tensor) 
     # A pair with a text token is always allowed: a block without grid queries or keys is whole.
     no_grid = ~q_boxes.has_grid[:, None] | ~k_boxes.has_grid[index]
     return whole | no_grid
+
+
+def kept_blocks(layout: Layout, windows: tuple[DimWindow, ...], *, block_q: int, block_k: int, device) -> int:
+    """How many (query block, KV block) pairs :func:`window_pattern` keeps, counted over chunks of
+    query blocks without building the lists (the cost model for choosing a tile)."""
+    windows = tuple(w.to(device) for w in windows)
+    q_boxes = block_boxes(layout, block_q, device)
+    k_boxes = block_boxes(layout, block_k, device)
+    n_q, n_kv = num_blocks(layout.seq_len, block_q), num_blocks(layout.seq_len, block_k)
+    rows = max(1, CHUNK_ELEMENTS // (4 * n_kv + 4 * max(layout.grid)))
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, n_q, rows):
+        total += _keep_rows(windows, q_boxes, k_boxes, range(start, min(n_q, start + rows))).sum()
+    return int(total)
 
 
 def window_pattern(
