@@ -1,4 +1,4 @@
-"""Spatial methods (neighborhood, sliding_tile, radial, vmoba, svg, sparse_vdit, draft) at DiT shapes vs dense (GPU).
+"""Spatial methods (neighborhood, sliding_tile, radial, vmoba, svg, sparse_vdit, draft, psa, sla) at DiT shapes (GPU).
 
 Bidirectional (``causal=False``), bf16, batch 1, head_dim 128; random q/k/v. The static methods
 keep one list for every head, so their speed does not depend on the values; svg and draft
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import sparse_attn as sa
 from sparse_attn.backends import resolve_backend
 from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
+from sparse_attn.compensated_pattern import CompensatedPattern, resolve_compensated_backend
 from sparse_attn.layouts import Layout
 from sparse_attn.methods.neighborhood import neighborhood_window
 from sparse_attn.ops.grid_windows import GridWindowRule
@@ -71,12 +72,17 @@ VARIANTS = {
         ("svg", "defaults (density 0.25, patch 8x16)", {}),
         ("sparse_vdit", "defaults (multi-diagonal, width 0.125)", {}),
         ("draft", "defaults (sparsity 0.9, pool 8x16)", {}),
+        ("psa", "defaults (thresholds 0.4/0.5/0.6/0.8, tile 2x8x8)", {}),
+        ("sla", "defaults (5% critical, 10% skipped, zero Proj)", {}),
+        ("sla", "identity Proj, 64-token blocks", dict(projection="identity", block_q=64, block_k=64)),
     ],
     2: [
         ("neighborhood", "defaults", {}),
         ("neighborhood", "gna-block-exact", dict(window=(24, 48), stride=(8, 16), tile=(8, 16))),
         ("sliding_tile", "defaults", {}),
         ("draft", "defaults (sparsity 0.9, pool 8x16)", {}),
+        ("psa", "defaults (thresholds 0.4/0.5/0.6/0.8)", {}),
+        ("sla", "defaults (5% critical, 10% skipped, zero Proj)", {}),
     ],
 }
 
@@ -216,7 +222,8 @@ def run_variant(name: str, shape: dict, method: str, variant: str, options: dict
     row["token_rule"] = "yes" if pattern.token_rule is not None else "no"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        row["backend"] = resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=False)
+        resolve = resolve_compensated_backend if isinstance(pattern, CompensatedPattern) else resolve_backend
+        row["backend"] = resolve("auto", q, k, v, pattern, causal=False, return_lse=False)
 
     def attend(*tensors):
         return sa.block_sparse_attention(*tensors, pattern, causal=False)
@@ -234,7 +241,11 @@ def run_variant(name: str, shape: dict, method: str, variant: str, options: dict
         )
         if error:
             row["errors"].append(f"fwd (tile order): {error}")
-    if backward:
+    if backward and isinstance(pattern, CompensatedPattern):
+        row["errors"].append(
+            "fwd+bwd: not measured (the compensated kernel is forward-only; gradients run on the reference)"
+        )
+    elif backward:
         inputs = tuple(x.detach().requires_grad_() for x in (q, k, v))
         row["fwd_bwd_ms"], error = measure(with_backward(attend, inputs), device)
         if error:
@@ -261,15 +272,15 @@ def main() -> None:
     device = torch.device("cuda")
     shapes = args.shapes or (["hunyuan-720p"] if args.quick else list(SHAPES))
     backward = not (args.quick or args.no_backward)
+    out = args.out or Path(__file__).parent / "results" / device_slug(device) / "spatial.json"
+    meta = {"benchmark": "spatial", "shapes": {name: SHAPES[name] for name in shapes}, "backward": backward}
     rows = []
     for name in shapes:
         rows += run_shape(name, SHAPES[name], backward=backward, device=device)
         torch.cuda.empty_cache()  # the shape's tensors are gone: return their memory before the next one
+        write_results(rows, out, {**meta, **environment(device)})  # after every shape: a cut run keeps its rows
     print()
     print(format_table(rows, COLUMNS))
-    out = args.out or Path(__file__).parent / "results" / device_slug(device) / "spatial.json"
-    meta = {"benchmark": "spatial", "shapes": {name: SHAPES[name] for name in shapes}, "backward": backward}
-    write_results(rows, out, {**meta, **environment(device)})
     print(f"wrote {out}")
 
 
