@@ -222,8 +222,10 @@ def run_variant(name: str, shape: dict, method: str, variant: str, options: dict
     row["token_rule"] = "yes" if pattern.token_rule is not None else "no"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        resolve = resolve_compensated_backend if isinstance(pattern, CompensatedPattern) else resolve_backend
-        row["backend"] = resolve("auto", q, k, v, pattern, causal=False, return_lse=False)
+        if isinstance(pattern, CompensatedPattern):
+            row["backend"] = resolve_compensated_backend("auto", q, k, v, pattern, return_lse=False)
+        else:
+            row["backend"] = resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=False)
 
     def attend(*tensors):
         return sa.block_sparse_attention(*tensors, pattern, causal=False)
