@@ -163,8 +163,14 @@ def backend_for_token_rule(
 
     With a token rule that offers a box predicate (:mod:`sparse_attn.rule_predicate`), on CUDA,
     ``auto``, ``gluon`` and ``flash4`` (one warning) take ``gluon`` where the Gluon kernel can run
-    the case (:data:`USE_GLUON_FOR_PREDICATES`). Other token rules: on CUDA, ``auto`` (and
-    ``gluon`` / ``flash4`` with one warning) take ``flex``: measured on an H200 with 3D neighbourhood windows, where the rule cuts every kept
+    the case and the key length is a multiple of ``block_k`` (:data:`USE_GLUON_FOR_PREDICATES`),
+    else ``triton`` (below). Measured on the H200 with exact neighbourhood windows
+    (``benchmarks/results/h200/token_rules.json``): Gluon 11.70 vs Triton 14.99 ms at HunyuanVideo's
+    30x48x80 grid + 256 text tokens (115,456 = 902 x 128 tokens) and 0.85 vs 1.07 at a 128x128
+    image + 512 text, but 20.49 vs 16.56 at Wan 2.1's 21x45x80 (75,600 tokens, not a multiple of
+    128; the Gluon kernel's launch-made descriptors were not the cause: 20.51 ms without them).
+    FlexAttention's ``mask_mod`` on the same blocks took 29.92, 1.77 and 33.75 ms. Other token
+    rules: on CUDA, ``auto`` (and ``gluon`` / ``flash4`` with one warning) take ``flex``: measured on an H200 with 3D neighbourhood windows, where the rule cuts every kept
     block, FlexAttention's ``mask_mod`` ran 1.7x faster than the Triton kernel's per-block bitmasks
     (58.6 vs 98.3 ms forward at Wan 2.1's 21x45x80 grid, 40 heads;
     ``benchmarks/results/h200/neighborhood_speed.json``). ``triton`` asked for by name runs its
@@ -177,10 +183,10 @@ def backend_for_token_rule(
         return backend
     if backend != "triton" and q.device.type == "cuda" and USE_GLUON_FOR_PREDICATES:
         from .backends import gluon as gluon_backend
-        from .rule_predicate import kernel_predicate
 
         if (
-            kernel_predicate(pattern) is not None
+            kernel_predicate_of(pattern) is not None
+            and k.shape[2] % pattern.block_k == 0
             and gluon_backend.unsupported_reason(q, k, v, pattern, return_lse=return_lse) is None
         ):
             if backend == "flash4":
@@ -190,7 +196,7 @@ def backend_for_token_rule(
                     stacklevel=4,
                 )
             return "gluon"
-    if backend != "triton" and q.device.type == "cuda":
+    if backend != "triton" and q.device.type == "cuda" and kernel_predicate_of(pattern) is None:
         if backend != "auto":
             warnings.warn(
                 f"the {backend} backend computes whole blocks and this pattern has a token-level rule inside "
@@ -219,6 +225,13 @@ def backend_for_token_rule(
             stacklevel=4,
         )
     return fallback
+
+
+def kernel_predicate_of(pattern: BlockSparsePattern):
+    """The pattern's token rule as a box predicate the kernels evaluate, or ``None``."""
+    from .rule_predicate import kernel_predicate
+
+    return kernel_predicate(pattern)
 
 
 def in_layout_order(pattern: BlockSparsePattern, run: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

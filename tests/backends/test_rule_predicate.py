@@ -100,12 +100,17 @@ def test_triton_forward_runs_the_predicate_without_bitmasks(dtype, poison_output
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_neighborhood_on_gluon_and_triton_predicates_match_the_reference(dtype, poison_outputs):
     grid, window, tile = (8, 24, 40), (3, 7, 9), (2, 8, 8)
-    layout = sa.layouts.Layout(grid, tile=tile, text_tokens=77)
+    layout = sa.layouts.Layout(grid, tile=tile, text_tokens=128)
     q, k, v = random_qkv(2, 6, 3, layout.seq_len, layout.seq_len, 128, dtype=dtype, device="cuda", seed=8)
-    options = dict(grid=grid, window=window, tile=tile, text_tokens=77)
+    options = dict(grid=grid, window=window, tile=tile, text_tokens=128)  # 7808 = 61 x 128 tokens
     pattern = sa.estimate(q, k, "neighborhood", causal=False, **options)
     assert pattern.partial_entries() > 0 and kernel_predicate(pattern) is not None
     assert resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=False) == "gluon"
+    # A key length that is not a multiple of block_k: the Triton kernel (measured faster there).
+    short = sa.estimate(q[:, :, :-5], k[:, :, :-5], "neighborhood", causal=False, **dict(options, text_tokens=123))
+    assert resolve_backend("auto", q[:, :, :-5], k[:, :, :-5], v[:, :, :-5], short, causal=False, return_lse=False) == (
+        "triton"
+    )
     dout = torch.randn_like(q)
     results = []
     for backend, run_dtype in (("reference", torch.float32), ("auto", dtype), ("triton", dtype)):
