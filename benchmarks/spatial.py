@@ -169,7 +169,7 @@ def flex_mask_mod_runner(q, k, v, shape: dict, options: dict):
     return lambda: compiled(q, k, v, block_mask=block_mask)
 
 
-def run_shape(name: str, shape: dict, *, backward: bool, device: torch.device) -> list[dict]:
+def run_shape(name: str, shape: dict, *, backward: bool, device: torch.device, methods=None) -> list[dict]:
     layout = Layout(shape["grid"], text_tokens=shape["text_tokens"])
     q, k, v = (
         torch.randn(1, shape["heads"], layout.seq_len, 128, device=device, dtype=torch.bfloat16) for _ in range(3)
@@ -187,6 +187,8 @@ def run_shape(name: str, shape: dict, *, backward: bool, device: torch.device) -
             print(f"  {name} cudnn fwd+bwd: {error}")
     rows = []
     for method, variant, options in VARIANTS[len(shape["grid"])]:
+        if methods and method not in methods:
+            continue
         row = run_variant(name, shape, method, variant, options, (q, k, v), backward=backward, device=device)
         row.update(dense)
         fwd, cudnn = row.get("fwd_ms"), row.get("cudnn_ms")
@@ -267,6 +269,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None)
     parser.add_argument("--quick", action="store_true", help="hunyuan-720p only, forward only")
     parser.add_argument("--no-backward", action="store_true", help="skip the forward + backward timings")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods' rows")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/<gpu>/spatial.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -278,7 +281,7 @@ def main() -> None:
     meta = {"benchmark": "spatial", "shapes": {name: SHAPES[name] for name in shapes}, "backward": backward}
     rows = []
     for name in shapes:
-        rows += run_shape(name, SHAPES[name], backward=backward, device=device)
+        rows += run_shape(name, SHAPES[name], backward=backward, device=device, methods=args.methods)
         torch.cuda.empty_cache()  # the shape's tensors are gone: return their memory before the next one
         write_results(rows, out, {**meta, **environment(device)})  # after every shape: a cut run keeps its rows
     print()
