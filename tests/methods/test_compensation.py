@@ -419,3 +419,29 @@ def test_gpu_kernel_matches_the_reference_at_real_sizes(method, grid, heads, opt
         want = sa.block_sparse_attention(permuted[0][:, :, rows], *permuted[1:], part, causal=False,
                                          backend="reference")  # fmt: skip
     assert relative_error(got[:, :, rows], want) < TOLERANCE[torch.bfloat16]
+
+
+def test_psa_levels_are_those_of_the_sampled_softmax_maxima():
+    """psa's importance through the pooled-attention-map operator equals the paper's rule written
+    out: each sampled query's softmax over all sampled keys, max per block pair (float64)."""
+    from sparse_attn.layouts import Layout
+    from sparse_attn.methods.psa import text_key_blocks
+
+    grid, text, block, stride = (4, 9, 10), 6, 32, 4
+    layout = Layout(grid, tile=(2, 4, 4), text_tokens=text)
+    generator = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, h, layout.seq_len, 16, generator=generator) for h in (4, 2))
+    pattern = sa.estimate(q, k, "psa", causal=False, grid=grid, tile=(2, 4, 4), text_tokens=text,
+                          block_q=block, block_k=block)  # fmt: skip
+    sq, sk = (layout.permute(x)[:, :, ::stride].double() for x in (q, k))
+    probabilities = torch.softmax(sq @ sk.repeat_interleave(2, dim=1).transpose(-1, -2) * 16**-0.5, dim=-1)
+    n = -(-layout.seq_len // block)
+    padded = torch.nn.functional.pad(
+        probabilities, (0, n * block // stride - sq.shape[2], 0, n * block // stride - sq.shape[2])
+    )
+    importance = padded.view(2, 4, n, block // stride, n, block // stride).amax(dim=(3, 5))
+    min_full = min(n, int(0.06 * n) + 1)
+    want = assign_levels(importance.float(), (0.4, 0.5, 0.6, 0.8), min_full).masked_fill(
+        text_key_blocks(layout, block, "cpu"), EXACT
+    )
+    assert torch.equal(pattern.to_levels(), want)

@@ -52,9 +52,13 @@ the ``ln`` bias, and nothing is copied from it):
   configuration) and its dense warm-up steps (a sampler schedule, not attention) are not included.
 - Text tokens (``text_tokens=``): every query keeps the KV blocks holding text at level 0, as
   the released code does; text query blocks follow the rule.
-- Importance in float32, per query head against its KV head (GQA without expanding K); lists
-  per query head. Memory: one chunk of query blocks' sampled scores per head (within
-  ``CHUNK_ELEMENTS``) and the ``(B, Hq, n_q, n_kv)`` int8 level map.
+- Importance per query head against its KV head (GQA without expanding K), float32 logits on
+  CPU, the input dtype with float32 accumulation in the Triton kernel on CUDA; lists per query
+  head. Memory: the sampled q/k (a quarter of q and k at the default stride), one chunk
+  of query blocks' ``(B, Hq, rows, n_kv)`` importance map (within ``CHUNK_ELEMENTS``; the
+  reference of :mod:`sparse_attn.ops.pooled_attention_map` bounds its own logits likewise) and
+  the ``(B, Hq, n_q, n_kv)`` int8 level map. ``block_q`` and ``block_k`` must be multiples of
+  ``sample_stride``.
 """
 
 from __future__ import annotations
@@ -68,10 +72,11 @@ from ..compensated_pattern import EXACT, MAX_POOL_LEVEL, SKIP, CompensatedPatter
 from ..geometry import num_blocks
 from ..layouts import Layout, default_tile
 from ..ops._chunking import CHUNK_ELEMENTS
+from ..ops.pooled_attention_map import pooled_attention_map
 from ..registry import register_method
 from ._spatial import check_grid_option, spatial_layout
 
-__all__ = ["PsaConfig", "assign_levels", "block_importance", "sample_blocks", "text_key_blocks"]
+__all__ = ["PsaConfig", "assign_levels", "block_importance", "text_key_blocks"]
 
 
 @dataclass(frozen=True)
@@ -115,31 +120,16 @@ def text_key_blocks(layout: Layout, block_k: int, device) -> torch.Tensor:
     return text.view(-1, block_k).any(-1)
 
 
-def sample_blocks(x: torch.Tensor, block: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every ``stride``-th row of each ``block`` of ``x`` ``(B, H, S, D)``: float32 ``(B, H, n, s, D)``
-    (zeros past the end) and bool ``(n, s)`` whether the sample exists."""
-    length = x.shape[2]
-    n = num_blocks(length, block)
-    offsets = torch.arange(0, block, stride, device=x.device)
-    positions = torch.arange(n, device=x.device)[:, None] * block + offsets
-    valid = positions < length
-    rows = x[:, :, positions.clamp(max=length - 1).flatten()].float()
-    rows = rows.view(*x.shape[:2], n, offsets.numel(), x.shape[3])
-    return rows * valid[..., None], valid
-
-
-def block_importance(sampled_q: torch.Tensor, q_valid: torch.Tensor, sampled_k: torch.Tensor, k_valid: torch.Tensor,
-                     scale: float) -> torch.Tensor:  # fmt: skip
-    """Float32 ``(B, H, c, n_kv)``: per (query block, KV block) the largest softmax probability among
-    the sampled queries and keys (module docstring), from :func:`sample_blocks` of a chunk of query
-    blocks (``(B, H, c, s_q, D)``, ``(c, s_q)``) and of the keys of the same heads (``(B, H, n_kv, s_k, D)``,
-    ``(n_kv, s_k)``)."""
-    scores = torch.matmul(sampled_q.flatten(2, 3), sampled_k.flatten(2, 3).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~k_valid.flatten(), float("-inf"))
-    probabilities = torch.softmax(scores, dim=-1)
-    probabilities = probabilities.view(*sampled_q.shape[:4], *k_valid.shape)  # (B, H, c, s_q, n_kv, s_k)
-    probabilities = probabilities.masked_fill(~q_valid[:, :, None, None], 0.0)
-    return probabilities.amax(dim=(3, 5))
+def block_importance(
+    sampled_q: torch.Tensor, sampled_k: torch.Tensor, block_q: int, block_k: int, scale: float, rows: range
+) -> torch.Tensor:
+    """Float32 ``(B, Hq, len(rows), n_kv)``: per (query block, KV block) of the sampled tokens the
+    largest softmax probability (each sampled query's softmax over every sampled key), divided by
+    its row's sum over the KV blocks: :func:`sparse_attn.ops.pooled_attention_map` (a Triton kernel
+    on CUDA), whose row normalisation does not change the levels (:func:`assign_levels` ranks each
+    row's shares of its sum)."""
+    return pooled_attention_map(sampled_q, sampled_k, block_q=block_q, block_k=block_k, scale=scale, causal=False,
+                                q_blocks=rows)  # fmt: skip
 
 
 def assign_levels(importance: torch.Tensor, thresholds: tuple[float, ...], min_full: int) -> torch.Tensor:
@@ -177,25 +167,27 @@ def estimate(
             f"psa pools KV blocks by up to {1 << config.levels} (thresholds={config.thresholds}): block_k={block_k} "
             f"must be a multiple of {1 << config.levels}"
         )
-    q_tiles, k_tiles = layout.permute(q), layout.permute(k)
+    stride = config.sample_stride
+    if block_q % stride or block_k % stride:
+        raise ValueError(
+            f"psa samples every {stride}-th token of each block (sample_stride={stride}): block_q={block_q} and "
+            f"block_k={block_k} must be multiples of it"
+        )
+    # Every stride-th token of the sequence is every stride-th token of each block (blocks are
+    # multiples of the stride), so the sampled blocks are blocks of block / stride samples.
+    sampled_q, sampled_k = layout.permute(q)[:, :, ::stride], layout.permute(k)[:, :, ::stride]
     batch, q_heads, seq, dim = q.shape
-    group = q_heads // k.shape[1]
     n_q, n_kv = num_blocks(seq, block_q), num_blocks(seq, block_k)
     min_full = min(n_kv, int(config.min_full_fraction * n_kv) + 1)
     text = text_key_blocks(layout, block_k, q.device)
     levels = torch.empty((batch, q_heads, n_q, n_kv), dtype=torch.int8, device=q.device)
-    sampled_q, q_valid = sample_blocks(q_tiles, block_q, config.sample_stride)
-    sampled_k, k_valid = sample_blocks(k_tiles, block_k, config.sample_stride)
-    per_block = 3 * batch * q_valid.shape[1] * k_valid.numel()  # scores, probabilities, their view
-    blocks_per_chunk = max(1, CHUNK_ELEMENTS // per_block)
-    for head in range(q_heads):
-        keys = sampled_k[:, head // group : head // group + 1]
-        for first in range(0, n_q, blocks_per_chunk):
-            rows = slice(first, min(n_q, first + blocks_per_chunk))
-            chunk_q = sampled_q[:, head : head + 1, rows]
-            importance = block_importance(chunk_q, q_valid[rows], keys, k_valid, dim**-0.5)
-            chunk = assign_levels(importance, config.thresholds, min_full)
-            levels[:, head : head + 1, rows] = chunk.masked_fill(text, EXACT)
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // (4 * batch * q_heads * n_kv))
+    for first in range(0, n_q, rows_per_chunk):
+        rows = range(first, min(n_q, first + rows_per_chunk))
+        importance = block_importance(sampled_q, sampled_k, block_q // stride, block_k // stride, dim**-0.5, rows)
+        levels[:, :, first : rows.stop] = assign_levels(importance, config.thresholds, min_full).masked_fill(
+            text, EXACT
+        )
     return CompensatedPattern.from_levels(
         levels, block_q=block_q, block_k=block_k, seq_q=seq, seq_k=seq, causal=False, layout=layout
     )
