@@ -28,7 +28,8 @@ the kernels need (FlashInfer's plan/run split, FlexAttention's full/partial bloc
 * ``predicate_lists`` (patterns whose token rule offers a box predicate,
   :mod:`sparse_attn.rule_predicate`; ``None`` otherwise): the same reordered lists without any
   bitmask; the forward kernels evaluate the predicate arithmetically from three int32 values per
-  token (:class:`PredicateLists`). Built on first use. The backward reads the bitmasks.
+  token (:class:`PredicateLists`). Built on first use. The backward kernels evaluate it too
+  (``transposed`` then carries no ``rule_index``).
 
 Token-rule bitmasks (:func:`rule_bitmask`, cached on the pattern: they do not depend on the
 mode). ``token_rule.allowed`` is evaluated only on the entries ``rule_partial`` marks (a chunk
@@ -159,7 +160,8 @@ class BlockSparsePlan:
 
     @functools.cached_property
     def transposed(self) -> TransposedLists:
-        bitmask = rule_bitmask(self.pattern)
+        # A rule the kernels evaluate as a box predicate needs no bitmask index per entry.
+        bitmask = None if kernel_predicate(self.pattern) is not None else rule_bitmask(self.pattern)
         return _transpose(self.pattern, None if bitmask is None else bitmask.entry_index)
 
     @functools.cached_property

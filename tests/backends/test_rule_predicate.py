@@ -4,10 +4,11 @@
   (query, key) pair of small 1D/2D/3D layouts: border-shifted windows, dilation, GNA strides,
   text tokens before and after; empty ranges admit nothing; fields wider than 31 bits give no
   predicate (the kernels then read bitmasks).
-* The Triton forward (interpreter) walks the predicate lists without building any bitmask and
-  matches the reference backend; the backward still reads the bitmasks.
+* The Triton forward and backward (interpreter) evaluate the predicate without building any
+  bitmask and match the reference backend.
 * GPU (``-m gpu``): ``auto`` runs a neighbourhood rule on the Gluon kernel, and it and the Triton
-  kernel match the reference at a real 3D size, forward and backward.
+  kernel match the reference at a real 3D size, forward and backward (the backward passes run
+  the predicate too).
 """
 
 from __future__ import annotations
@@ -87,6 +88,17 @@ def test_triton_forward_runs_the_predicate_without_bitmasks(dtype, poison_output
     assert pattern.cached_plan("rule_bitmask") is None  # the forward built no bitmask
     assert relative_error(got[0], want[0]) <= TOLERANCE[dtype]
     assert relative_error(got[1], want[1]) <= (1e-4 if dtype == torch.float32 else 1e-3)
+    # The backward evaluates the predicate too (no bitmask): gradients against the reference's.
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for backend, run_dtype in (("reference", torch.float32), ("triton", dtype)):
+        leaves = [x.detach().to(run_dtype).requires_grad_() for x in (q, k, v)]
+        sa.block_sparse_attention(*leaves, pattern, causal=False, backend=backend).backward(dout.to(run_dtype))
+        grads.append([x.grad for x in leaves])
+    assert pattern.cached_plan("rule_bitmask") is None
+    assert plan.transposed.rule_index is None
+    for got_grad, want_grad in zip(grads[1], grads[0], strict=True):
+        assert torch.isfinite(got_grad).all() and relative_error(got_grad, want_grad) <= TOLERANCE[dtype]
     # Whole entries lead each list, and the list holds the same blocks.
     lists = plan.predicate_lists
     counts = pattern.kv_counts[0, 0]

@@ -17,7 +17,9 @@ rows past the end and, in causal mode, keys after the query, and for a pattern w
 rule (constexpr ``HAS_RULE``) its packed masks: each list entry's bitmask index rides beside
 its block number (``dq``: the forward lists and :attr:`.plan.RuleBitmask.entry_index`;
 ``dkdv``: the transposed lists and their ``rule_index``), and an entry with index ``>= 0``
-gets its mask (:mod:`.rule_bits`). Rows the rule leaves without keys have ``lse = -inf`` and
+gets its mask (:mod:`.rule_bits`); a rule that is a box predicate (constexpr ``BOX_RULE``,
+:mod:`sparse_attn.rule_predicate`) is evaluated arithmetically on every entry instead, and no
+bitmask is built. Rows the rule leaves without keys have ``lse = -inf`` and
 output 0, so their probabilities, hence their gradients, are 0.
 """
 
@@ -29,6 +31,7 @@ import torch
 
 from ..geometry import num_blocks
 from ..plan import BlockSparsePlan, rule_bitmask
+from ..rule_predicate import kernel_predicate
 from ..utils import dot_in_float32, interpreting, length_bucket
 from . import configs, launch
 from .launch import LOG2_E, block_list_strides
@@ -40,7 +43,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
 if triton is not None:
-    from .rule_bits import rule_allowed
+    from .rule_bits import box_allowed, box_bounds, rule_allowed
 
     @triton.jit
     def _delta(
@@ -69,7 +72,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv(
-        Q, K, V, DOut, Lse, Delta, DK, DV, QCounts, QIndices, RuleIndex, RuleWords,
+        Q, K, V, DOut, Lse, Delta, DK, DV, QCounts, QIndices, RuleIndex, RuleWords, box_guard,
         stride_gb, stride_gh, stride_gs,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
@@ -83,7 +86,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
-        HAS_RULE: tl.constexpr,
+        HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr,
     ):  # fmt: skip
         batch_head = tl.program_id(0)
         batch = batch_head // num_kv_heads
@@ -107,6 +110,9 @@ if triton is not None:
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         first_key = tile * BLOCK_N
         block_keys = (tile % (BLOCK_K // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)  # inside the KV block
+        key_code = 0
+        if BOX_RULE:
+            key_code = tl.load(RuleWords + key_pos, mask=key_in_range, other=-1)
 
         for member in range(group):
             head = kv_head * group + member
@@ -148,6 +154,12 @@ if triton is not None:
                         visible = visible & rule_allowed(
                             RuleWords, entry, block_rows[None, :], block_keys[:, None], BLOCK_Q, BLOCK_K
                         )
+                    if BOX_RULE:
+                        low, high = box_bounds(RuleWords, seq_k, rows + offset, row_in_range)
+                        lower = (key_code[:, None] | box_guard) - low[None, :]
+                        upper = (high[None, :] | box_guard) - key_code[:, None]
+                        inside = (lower & upper & box_guard) == box_guard
+                        visible = visible & (inside | (key_code < 0)[:, None])
                     p_t = tl.where(visible, tl.math.exp2(scores_t * qk_scale - lse[None, :]), 0.0)
                     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
                     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -162,7 +174,7 @@ if triton is not None:
 
     @triton.jit
     def _dq(
-        Q, K, V, DOut, Lse, Delta, DQ, KvCounts, KvIndices, RuleIndex, RuleWords,
+        Q, K, V, DOut, Lse, Delta, DQ, KvCounts, KvIndices, RuleIndex, RuleWords, box_guard,
         stride_gb, stride_gh, stride_gs,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
@@ -176,7 +188,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
-        HAS_RULE: tl.constexpr,
+        HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr,
     ):  # fmt: skip
         batch_head = tl.program_id(0)
         # Heaviest (last) query tiles first: causal rows grow with position.
@@ -211,6 +223,10 @@ if triton is not None:
         rule_base = RuleIndex + list_offset  # same shape and strides as KvIndices
         block_rows = (tile % (BLOCK_Q // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)  # inside the query block
         last_query = tile * BLOCK_M + BLOCK_M - 1 + offset
+        box_low = 0
+        box_high = 0
+        if BOX_RULE:
+            box_low, box_high = box_bounds(RuleWords, seq_k, rows + offset, row_in_range)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         SUBTILES: tl.constexpr = BLOCK_K // BLOCK_N
         for step in range(0, count * SUBTILES):
@@ -238,6 +254,8 @@ if triton is not None:
                     visible = visible & rule_allowed(
                         RuleWords, entry, block_rows[:, None], block_keys[None, :], BLOCK_Q, BLOCK_K
                     )
+                if BOX_RULE:
+                    visible = visible & box_allowed(RuleWords, seq_k, key_pos, box_low, box_high, box_guard)
                 p = tl.where(visible, tl.math.exp2(scores * qk_scale - lse[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
@@ -258,7 +276,17 @@ def _autotuned(kind: str, tiles: tuple):
     kernel = {"dkdv": _dkdv, "dq": _dq}[kind]
     return triton.autotune(
         configs=configs,
-        key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "CAUSAL", "PRECISION", "SKIP_MASKED", "HAS_RULE"],
+        key=[
+            "seq_bucket",
+            "HEAD_DIM",
+            "BLOCK_Q",
+            "BLOCK_K",
+            "CAUSAL",
+            "PRECISION",
+            "SKIP_MASKED",
+            "HAS_RULE",
+            "BOX_RULE",
+        ],
     )(kernel)
 
 
@@ -293,7 +321,9 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
 
     is_float32 = q.dtype == torch.float32
     use_float32_dot = dot_in_float32(q.dtype)
-    bitmask = rule_bitmask(pattern)
+    # A token rule: as a box predicate where it offers one (no bitmask built), else as bitmasks.
+    predicate = kernel_predicate(pattern)
+    bitmask = None if predicate is not None else rule_bitmask(pattern)
     constants = dict(
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
@@ -303,18 +333,23 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         PRECISION="ieee" if use_float32_dot else "tf32",
         SKIP_MASKED=configs.backward_skips_masked_tiles(),
         HAS_RULE=bitmask is not None,
+        BOX_RULE=predicate is not None,
     )
     # (batch, head, sequence) strides of q, k, v and dout, in the kernels' argument order.
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
     counts, indices = pattern.kv_counts.contiguous(), pattern.kv_indices.contiguous()
-    if bitmask is None:
+    guard = 0
+    if predicate is not None:
+        q_rule_index = rule_index = q_counts  # unused: the predicate applies to every entry
+        words, guard = predicate.table, predicate.guard
+    elif bitmask is None:
         q_rule_index = rule_index = words = q_counts  # unused without a rule
     else:
         q_rule_index, rule_index, words = plan.transposed.rule_index, bitmask.entry_index, bitmask.words
     sizes = (seq_q, seq_k, scale, scale * LOG2_E, length_bucket(seq_k))
     dkdv_args = (
-        *(q, k, v, dout, lse, delta, dk, dv, q_counts, q_indices, q_rule_index, words),
+        *(q, k, v, dout, lse, delta, dk, dv, q_counts, q_indices, q_rule_index, words, guard),
         *dk.stride()[:3],
         *strides,
         *block_list_strides(q_counts, q_indices, pattern.batch),
@@ -322,7 +357,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         *sizes,
     )
     dq_args = (
-        *(q, k, v, dout, lse, delta, dq, counts, indices, rule_index, words),
+        *(q, k, v, dout, lse, delta, dq, counts, indices, rule_index, words, guard),
         *dq.stride()[:3],
         *strides,
         *block_list_strides(counts, indices, pattern.batch),
