@@ -43,6 +43,46 @@ def test_reference_matches_naive_oracle(shape, causal):
         assert torch.allclose(lse.double(), expected_lse, atol=1e-5)
 
 
+# Token-level patterns (block_q < 16): the reference walks groups of query blocks over the union of
+# their lists (backends/reference.py, _grouped_forward).
+TOKEN_SHAPES = [
+    (2, 4, 2, 70, 70, 32, 1, 16),
+    (1, 6, 3, 45, 100, 64, 4, 32),
+    (2, 3, 1, 300, 333, 16, 8, 16),
+]
+
+
+@pytest.mark.parametrize("shape", TOKEN_SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_on_token_level_patterns_matches_naive_oracle(shape, causal, monkeypatch):
+    from sparse_attn.backends import reference
+
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, _, _ = shape
+    q, k, v = (x.requires_grad_() for x in random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, torch.float64))
+    pattern = _pattern(shape, 0.3, causal, per_query_head=shape[6] != 4, seed=2)
+    assert reference._rows_per_group(pattern, v) > 1
+    out, lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference", return_lse=True)
+    expected, expected_lse = naive_attention(q, k, v, pattern, causal)
+    assert relative_error(out.detach(), expected.detach()) < 1e-10
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and torch.allclose(lse.double()[finite], expected_lse[finite])
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(torch.nan_to_num(expected), (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        assert relative_error(g, w) < 1e-8
+    # A NaN in V: the per-block walk (the documented propagation), identical to a forced per-block run.
+    poisoned = v.detach().clone()
+    poisoned[0, 0, seq_k // 2, 0] = float("nan")
+    assert reference._rows_per_group(pattern, poisoned) == 1
+    grouped = sa.block_sparse_attention(q.detach(), k.detach(), v.detach(), pattern, causal=causal, backend="reference")
+    monkeypatch.setattr(reference, "_rows_per_group", lambda pattern, v: 1)
+    per_block = sa.block_sparse_attention(
+        q.detach(), k.detach(), v.detach(), pattern, causal=causal, backend="reference"
+    )
+    assert relative_error(grouped, per_block) < 1e-12
+
+
 def _check_backend(backend, shape, dtype, causal, device, seed):
     batch, q_heads, kv_heads, seq_q, seq_k, dim, _, _ = shape
     q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, dtype, device, transposed=seed % 2 == 1)
