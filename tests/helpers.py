@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import sparse_attn as sa
 from sparse_attn.pattern import BlockSparsePattern, random_pattern
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -198,3 +199,20 @@ def row_attention(q, k, v, pattern: BlockSparsePattern, rows, *, causal: bool, s
         outs.append(torch.cat(head_outs, 1))
         lses.append(torch.cat(head_lses, 1))
     return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def assert_backends_match_reference(q, k, v, pattern, backends, dtype, *, causal: bool) -> None:
+    """Output, LSE and q/k/v gradients of each of ``backends`` (run in ``dtype``) against the
+    reference backend in float32, on one random output gradient."""
+    dout = torch.randn_like(q)
+    results = []
+    for backend, run_dtype in (("reference", torch.float32), *((name, dtype) for name in backends)):
+        leaves = [x.detach().to(run_dtype).requires_grad_() for x in (q, k, v)]
+        out, lse = sa.block_sparse_attention(*leaves, pattern, causal=causal, backend=backend, return_lse=True)
+        out.backward(dout.to(run_dtype))
+        results.append((out, lse, [x.grad for x in leaves]))
+    (want, want_lse, want_grads), *runs = results
+    for out, lse, grads in runs:
+        assert relative_error(out, want) <= TOLERANCE[dtype] and relative_error(lse, want_lse) <= 1e-3
+        for got, expected in zip(grads, want_grads, strict=True):
+            assert torch.isfinite(got).all() and relative_error(got, expected) <= TOLERANCE[dtype]

@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import TOLERANCE, random_qkv, relative_error
+from helpers import TOLERANCE, assert_backends_match_reference, random_qkv, relative_error
 
 import sparse_attn as sa
 from sparse_attn.backends import resolve_backend
@@ -123,15 +123,4 @@ def test_gpu_neighborhood_on_gluon_and_triton_predicates_match_the_reference(dty
     assert resolve_backend("auto", q[:, :, :-5], k[:, :, :-5], v[:, :, :-5], short, causal=False, return_lse=False) == (
         "triton"
     )
-    dout = torch.randn_like(q)
-    results = []
-    for backend, run_dtype in (("reference", torch.float32), ("auto", dtype), ("triton", dtype)):
-        leaves = [x.detach().to(run_dtype).requires_grad_() for x in (q, k, v)]
-        out, lse = sa.block_sparse_attention(*leaves, pattern, causal=False, backend=backend, return_lse=True)
-        out.backward(dout.to(run_dtype))
-        results.append((out, lse, [x.grad for x in leaves]))
-    (want, want_lse, want_grads), *runs = results
-    for out, lse, grads in runs:
-        assert relative_error(out, want) <= TOLERANCE[dtype] and relative_error(lse, want_lse) <= 1e-3
-        for got, expected in zip(grads, want_grads, strict=True):
-            assert torch.isfinite(got).all() and relative_error(got, expected) <= TOLERANCE[dtype]
+    assert_backends_match_reference(q, k, v, pattern, ("auto", "triton"), dtype, causal=False)

@@ -27,7 +27,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import TOLERANCE, random_qkv, relative_error, shape_pattern, token_mask
+from helpers import TOLERANCE, assert_backends_match_reference, random_qkv, relative_error, shape_pattern, token_mask
 
 import sparse_attn as sa
 from sparse_attn import plan as plan_module
@@ -339,18 +339,7 @@ def test_gpu_neighborhood_3d_forward_and_backward_match_the_reference(dtype, poi
     # auto takes the Gluon kernel for a rule it offers as a box predicate; triton by name runs the
     # predicate forward; both backward passes read the bitmasks.
     assert resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=False) == "gluon"
-    dout = torch.randn_like(q)
-    results = []
-    for backend, run_dtype in (("reference", torch.float32), ("auto", dtype), ("triton", dtype)):
-        leaves = [x.detach().to(run_dtype).requires_grad_() for x in (q, k, v)]
-        out, lse = sa.block_sparse_attention(*leaves, pattern, causal=False, backend=backend, return_lse=True)
-        out.backward(dout.to(run_dtype))
-        results.append((out, lse, [x.grad for x in leaves]))
-    (want, want_lse, want_grads), *runs = results
-    for out, lse, grads in runs:
-        assert relative_error(out, want) <= TOLERANCE[dtype] and relative_error(lse, want_lse) <= 1e-3
-        for got, expected in zip(grads, want_grads, strict=True):
-            assert torch.isfinite(got).all() and relative_error(got, expected) <= TOLERANCE[dtype]
+    assert_backends_match_reference(q, k, v, pattern, ("auto", "triton"), dtype, causal=False)
 
 
 @pytest.mark.gpu

@@ -199,17 +199,27 @@ def forward(
         indices = torch.where(used, indices, n_kv).long()
         rows_pos = offset + blocks[:, None] * block_q + row_in_block  # (c, bq)
         query_pos = rows_pos if causal else None
-        # Under autograd each chunk is recomputed in the backward pass (checkpointed), so
-        # the graph keeps only the chunk's inputs, never its scores: O(S * block) memory.
         chunk = (q_blocks[:, heads, blocks], k_blocks, v_blocks, batch_index[..., None], kv_head[..., None])
         chunk += (indices, used, query_pos, seq_k, scale, compute_dtype, rule, rows_pos)
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-            chunk_out, lse = checkpoint(_attend_chunk, *chunk, use_reentrant=False)
-        else:
-            chunk_out, lse = _attend_chunk(*chunk)
         rows = slice(first * block_q, (first + len(blocks)) * block_q)
-        out[:, heads, rows] = chunk_out.flatten(2, 3).to(q.dtype)
-        lse_out[:, heads, rows] = lse.flatten(2, 3).float()
+        _attend_and_store(chunk, (q, k, v), out, lse_out, heads, rows)
+    return _trimmed(out, lse_out, seq_q, return_lse)
+
+
+def _attend_and_store(chunk: tuple, inputs: tuple, out, lse_out, heads: slice, rows: slice) -> None:
+    """:func:`_attend_chunk` on ``chunk``, its output and LSE written at ``(heads, rows)``. Under
+    autograd (any of ``inputs`` requires grad) the chunk is recomputed in the backward pass
+    (checkpointed), so the graph keeps only its inputs, never its scores: O(S * block) memory."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        chunk_out, lse = checkpoint(_attend_chunk, *chunk, use_reentrant=False)
+    else:
+        chunk_out, lse = _attend_chunk(*chunk)
+    out[:, heads, rows] = chunk_out.flatten(2, 3).to(out.dtype)
+    lse_out[:, heads, rows] = lse.flatten(2, 3).float()
+
+
+def _trimmed(out: torch.Tensor, lse_out: torch.Tensor, seq_q: int, return_lse: bool):
+    """The padded outputs cut to the ``seq_q`` queries."""
     if return_lse:
         return out[:, :, :seq_q], lse_out[:, :, :seq_q]
     return out[:, :, :seq_q]
@@ -272,16 +282,9 @@ def _grouped_forward(q, k, v, pattern: BlockSparsePattern, *, causal: bool, scal
         query_pos = rows_pos if causal else None
         chunk = (q_groups[:, heads, groups], k_blocks, v_blocks, batch_index[..., None], kv_head[..., None])
         chunk += (union_index, used, query_pos, seq_k, scale, compute_dtype, rule, rows_pos, row_keep)
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-            chunk_out, lse = checkpoint(_attend_chunk, *chunk, use_reentrant=False)
-        else:
-            chunk_out, lse = _attend_chunk(*chunk)
         rows = slice(first * rows_per_group, (first + len(groups)) * rows_per_group)
-        out[:, heads, rows] = chunk_out.flatten(2, 3).to(q.dtype)
-        lse_out[:, heads, rows] = lse.flatten(2, 3).float()
-    if return_lse:
-        return out[:, :, :seq_q], lse_out[:, :, :seq_q]
-    return out[:, :, :seq_q]
+        _attend_and_store(chunk, (q, k, v), out, lse_out, heads, rows)
+    return _trimmed(out, lse_out, seq_q, return_lse)
 
 
 def gradient_unsupported_reason(q: torch.Tensor) -> str | None:
