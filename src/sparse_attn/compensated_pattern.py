@@ -53,7 +53,6 @@ head); the linear branch adds per-block states ``(n_kv_blocks + 1, D, D + 1)`` f
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -349,33 +348,13 @@ def resolve_compensated_backend(
     """``"triton"`` (:mod:`.backends.triton_compensated`) or ``"reference"``
     (:mod:`.backends.compensated_reference`) for this case; warns once per reason when a backend
     asked for by name cannot run it (see the module docstring)."""
-    from .backends import BACKENDS
+    from .backends import resolve_own_kernel
 
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference" or (backend == "auto" and q.device.type != "cuda"):
-        return "reference"
-    if backend == "flex":
-        warnings.warn(
-            "the flex backend has no compensation for pooled or linear blocks: using the compensated reference",
-            stacklevel=4,
-        )
-        return "reference"
-    from .backends import triton_compensated
-
-    reason = triton_compensated.unsupported_reason(q, k, v, pattern, return_lse=return_lse)
-    if reason is None and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        reason = triton_compensated.gradient_unsupported_reason(q)
-    if reason is not None:
-        warnings.warn(f"{reason}: using the compensated reference (slower)", stacklevel=4)
-        return "reference"
-    if backend in ("gluon", "flash4"):
-        warnings.warn(
-            f"the {backend} backend has no compensation for pooled or linear blocks: using the triton "
-            "compensated kernel",
-            stacklevel=4,
-        )
-    return "triton"
+    return resolve_own_kernel(
+        backend, q, k, v, pattern, kernel="triton_compensated",
+        lacks="has no compensation for pooled or linear blocks", kernel_label="the triton compensated kernel",
+        reference_label="the compensated reference", return_lse=return_lse,
+    )  # fmt: skip
 
 
 def compensated_attention(

@@ -32,7 +32,6 @@ differentiates (skipped blocks get no gradient), with one warning.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -123,34 +122,13 @@ def resolve_skip_backend(
     """``"triton"`` (the skipping kernel, :mod:`.backends.triton_blasst`) or ``"reference"`` (the
     rule in PyTorch, :mod:`.backends.blasst_reference`) for this case; warns once per reason when
     a backend asked for by name cannot run it (see the module docstring)."""
-    from .backends import BACKENDS
+    from .backends import resolve_own_kernel
 
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference" or (backend == "auto" and q.device.type != "cuda"):
-        return "reference"
-    if backend == "flex":
-        warnings.warn(
-            "the flex backend has no in-kernel skip rule for a skip-threshold (blasst) pattern: using the "
-            "reference rule",
-            stacklevel=4,
-        )
-        return "reference"
-    from .backends import triton_blasst
-
-    reason = triton_blasst.unsupported_reason(q, k, v, pattern, return_lse=False)
-    if reason is None and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        reason = triton_blasst.gradient_unsupported_reason(q)
-    if reason is not None:
-        warnings.warn(f"{reason}: using the reference skip rule (slower)", stacklevel=4)
-        return "reference"
-    if backend in ("gluon", "flash4"):
-        warnings.warn(
-            f"the {backend} backend has no in-kernel skip rule for a skip-threshold (blasst) pattern: using the "
-            f"triton skipping kernel",
-            stacklevel=4,
-        )
-    return "triton"
+    return resolve_own_kernel(
+        backend, q, k, v, pattern, kernel="triton_blasst",
+        lacks="has no in-kernel skip rule for a skip-threshold (blasst) pattern",
+        kernel_label="the triton skipping kernel", reference_label="the reference skip rule", return_lse=False,
+    )  # fmt: skip
 
 
 def skip_threshold_attention(

@@ -50,7 +50,15 @@ from .autograd import kernel_attention
 from .base import Backend
 from .configs import kernel_configs
 
-__all__ = ["BACKENDS", "Backend", "get_backend", "kernel_configs", "resolve_backend", "run_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "get_backend",
+    "kernel_configs",
+    "resolve_backend",
+    "resolve_own_kernel",
+    "run_backend",
+]
 
 BACKENDS = ("auto", "reference", "flex", "triton", "gluon", "flash4")
 
@@ -145,6 +153,35 @@ def resolve_backend(
     if preferred != ("reference",):
         warnings.warn(f"{'; '.join(reasons)}: using the slower reference backend", stacklevel=3)
     return "reference"
+
+
+def resolve_own_kernel(
+    backend: str, q, k, v, pattern: BlockSparsePattern, *, kernel: str, lacks: str, kernel_label: str,
+    reference_label: str, return_lse: bool,
+) -> str:  # fmt: skip
+    """The routing of a pattern kind that only its own kernel (module ``kernel`` of this package)
+    and its own PyTorch reference compute (BLASST's skip rule, psa/sla's compensation):
+    ``"triton"`` or ``"reference"``. ``reference`` asked for, or ``auto`` off CUDA: the reference;
+    ``flex``: the reference with one warning (FlexAttention ``lacks`` it); the kernel where it can
+    run the case (with one warning for ``gluon`` / ``flash4``, which lack it too), else the
+    reference with one warning naming why."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference" or (backend == "auto" and q.device.type != "cuda"):
+        return "reference"
+    if backend == "flex":
+        warnings.warn(f"the flex backend {lacks}: using {reference_label}", stacklevel=5)
+        return "reference"
+    module = importlib.import_module(f"{__name__}.{kernel}")
+    reason = module.unsupported_reason(q, k, v, pattern, return_lse=return_lse)
+    if reason is None and _needs_grad(q, k, v):
+        reason = module.gradient_unsupported_reason(q)
+    if reason is not None:
+        warnings.warn(f"{reason}: using {reference_label} (slower)", stacklevel=5)
+        return "reference"
+    if backend in ("gluon", "flash4"):
+        warnings.warn(f"the {backend} backend {lacks}: using {kernel_label}", stacklevel=5)
+    return "triton"
 
 
 def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
