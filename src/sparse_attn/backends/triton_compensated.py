@@ -195,6 +195,7 @@ def compensated_plan(pattern: CompensatedPattern) -> CompensatedPlan:
 
 
 if triton is not None:
+    from .tile_steps import block_scores, online_update
 
     @triton.jit
     def _exact_blocks(
@@ -205,42 +206,12 @@ if triton is not None:
     ):  # fmt: skip
         """The online softmax over the exact entries in slots ``[first_slot, last_slot)``."""
         for slot in range(first_slot, last_slot):
-            kv_block = tl.load(index_base + slot)
-            key_pos = kv_block * BLOCK_N + offs_n
-            k_rows = k_base + key_pos[:, None] * stride_ks + offs_d[None, :]
-            v_rows = v_base + key_pos[:, None] * stride_vs + offs_d[None, :]
-            if MASKED and not EVEN_K:
-                in_bounds = key_pos < seq_k
-                k_tile = tl.trans(tl.load(k_rows, mask=in_bounds[:, None], other=0.0))
-                v = tl.load(v_rows, mask=in_bounds[:, None], other=0.0)
-            else:
-                k_tile = tl.trans(tl.load(k_rows))
-                v = tl.load(v_rows)
-            if DOT_FP32:
-                scores = tl.dot(q.to(tl.float32), k_tile.to(tl.float32), input_precision=PRECISION)
-            else:
-                scores = tl.dot(q, k_tile, input_precision=PRECISION)
-            scores = scores * qk_scale
-            if MASKED:
-                if EVEN_K:
-                    visible = key_pos[None, :] <= query_pos[:, None]
-                else:
-                    visible = in_bounds[None, :]
-                    if CAUSAL:
-                        visible = visible & (key_pos[None, :] <= query_pos[:, None])
-                if CAUSAL or not EVEN_K:
-                    scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            # A row that has seen no key keeps m = -inf; its exponents are taken against 0.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(scores - shift[:, None])
-            alpha = tl.math.exp2(m_i - shift)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DOT_FP32:
-                acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision=PRECISION)
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+            key_pos = tl.load(index_base + slot) * BLOCK_N + offs_n
+            scores, v = block_scores(
+                q, k_base, v_base, key_pos, stride_ks, stride_vs, query_pos, seq_k, offs_d,
+                MASKED, CAUSAL, DOT_FP32, PRECISION, EVEN_K,
+            )  # fmt: skip
+            acc, m_i, l_i = online_update(acc, m_i, l_i, scores * qk_scale, v, DOT_FP32, PRECISION)
         return acc, m_i, l_i
 
     @triton.jit
@@ -269,16 +240,7 @@ if triton is not None:
             averaged = tl.minimum(seq_k - pooled_pos * (1 << LEVEL), 1 << LEVEL)
             bias = tl.math.log2(tl.maximum(averaged, 1).to(tl.float32))
             scores = tl.where(valid[None, :], scores * qk_scale + bias[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(scores - shift[:, None])
-            alpha = tl.math.exp2(m_i - shift)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DOT_FP32:
-                acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision=PRECISION)
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+            acc, m_i, l_i = online_update(acc, m_i, l_i, scores, v, DOT_FP32, PRECISION)
         return acc, m_i, l_i
 
     @triton.jit
