@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import torch
 
+from ..pattern import BlockSparsePattern
 from ..plan import BlockSparsePlan
+from ..utils import dot_in_float32
 
 try:
     import triton
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
-__all__ = ["allocate", "descriptor_compatible", "ensure_scratch_allocator", "launch_arguments", "scratch_buffer"]
+__all__ = [
+    "allocate",
+    "descriptor_compatible",
+    "ensure_scratch_allocator",
+    "launch_arguments",
+    "mode_constants",
+    "scratch_buffer",
+]
 
 LOG2_E = 1.4426950408889634
 
@@ -106,3 +115,19 @@ def launch_arguments(q, k, v, plan: BlockSparsePlan, *, scale: float, return_lse
         *(seq_q, seq_k, scale * LOG2_E),
     )
     return out, lse, args
+
+
+def mode_constants(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern, *, causal: bool, return_lse: bool):
+    """The constexprs the pointer-based Triton kernels share for one case: head dimension, mode,
+    whether to write the LSE, float32 dots (and their precision), and whether the query / key
+    lengths are whole multiples of the pattern's blocks (no bounds masks)."""
+    use_float32_dot = dot_in_float32(q.dtype)
+    return dict(
+        HEAD_DIM=q.shape[-1],
+        CAUSAL=bool(causal),
+        WRITE_LSE=bool(return_lse),
+        DOT_FP32=use_float32_dot,
+        PRECISION="ieee" if use_float32_dot else "tf32",
+        EVEN_K=k.shape[2] % pattern.block_k == 0,
+        EVEN_Q=q.shape[2] % pattern.block_q == 0,
+    )

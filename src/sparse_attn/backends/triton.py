@@ -52,9 +52,9 @@ import torch
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
 from ..plan import plan_for
-from ..utils import device_capability, dot_in_float32, interpreting, length_bucket
+from ..utils import device_capability, interpreting, length_bucket
 from . import configs
-from .launch import descriptor_compatible, ensure_scratch_allocator, launch_arguments
+from .launch import descriptor_compatible, ensure_scratch_allocator, launch_arguments, mode_constants
 from .triton_backward import backward  # noqa: F401  (this backend's backward entry point)
 
 try:
@@ -443,17 +443,10 @@ def forward(
     args += (length_bucket(seq_k), plan.work_bucket)  # the autotuning keys
     args += rule_args
     is_float32 = q.dtype == torch.float32
-    use_float32_dot = dot_in_float32(q.dtype)
     constants = dict(
-        HEAD_DIM=dim,
+        **mode_constants(q, k, pattern, causal=causal, return_lse=return_lse),
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
-        CAUSAL=bool(causal),
-        WRITE_LSE=bool(return_lse),
-        DOT_FP32=use_float32_dot,
-        PRECISION="ieee" if use_float32_dot else "tf32",
-        EVEN_K=seq_k % pattern.block_k == 0,
-        EVEN_Q=seq_q % pattern.block_q == 0,
         HAS_RULE=rule_lists is not None,
         BOX_RULE=predicate_lists is not None,
     )

@@ -42,7 +42,7 @@ import torch
 from ..geometry import num_blocks
 from ..plan import plan_for
 from ..skip_pattern import SkipThresholdPattern
-from ..utils import dot_in_float32, interpreting, length_bucket
+from ..utils import interpreting, length_bucket
 from . import launch
 from .triton import input_unsupported_reason
 
@@ -260,17 +260,10 @@ def forward(q, k, v, pattern: SkipThresholdPattern, *, causal: bool, scale: floa
     # log2 λ, compared with scores in scaled log2 units; unused when λ = 0 (SKIP off).
     log2_threshold = math.log2(threshold) if threshold > 0 else 0.0
     args += (computed, log2_threshold, length_bucket(seq_k), plan.work_bucket)
-    use_float32_dot = dot_in_float32(q.dtype)
     constants = dict(
-        HEAD_DIM=dim,
+        **launch.mode_constants(q, k, pattern, causal=causal, return_lse=return_lse),
         BLOCK_M=pattern.block_q,
         BLOCK_N=pattern.block_k,
-        CAUSAL=bool(causal),
-        WRITE_LSE=bool(return_lse),
-        DOT_FP32=use_float32_dot,
-        PRECISION="ieee" if use_float32_dot else "tf32",
-        EVEN_K=seq_k % pattern.block_k == 0,
-        EVEN_Q=seq_q % pattern.block_q == 0,
         SKIP=threshold > 0,
     )
     grid = (batch * q_heads, n_q_blocks)

@@ -64,7 +64,7 @@ import torch
 from ..compensated_pattern import FEATURE_MAPS, LINEAR, MAX_POOL_LEVEL, CompensatedPattern
 from ..geometry import num_blocks
 from ..plan import plan_for
-from ..utils import dot_in_float32, interpreting, length_bucket
+from ..utils import interpreting, length_bucket
 from . import launch
 from .compensated_reference import linear_states, pooled
 from .triton import input_unsupported_reason
@@ -443,17 +443,10 @@ def forward(q, k, v, pattern: CompensatedPattern, *, causal: bool, scale: float,
     )
     args += (states, sums, kv_heads, n_kv, linear_out, *linear_out.stride()[:3])
     args += (length_bucket(seq_k), plan.work_bucket)
-    use_float32_dot = dot_in_float32(q.dtype)
     constants = dict(
-        HEAD_DIM=dim,
+        **launch.mode_constants(q, k, pattern, causal=causal, return_lse=return_lse),
         BLOCK_M=pattern.block_q,
         BLOCK_N=pattern.block_k,
-        CAUSAL=bool(causal),
-        WRITE_LSE=bool(return_lse),
-        DOT_FP32=use_float32_dot,
-        PRECISION="ieee" if use_float32_dot else "tf32",
-        EVEN_K=seq_k % pattern.block_k == 0,
-        EVEN_Q=seq_q % pattern.block_q == 0,
         MAX_LEVEL=extra.max_level,
         **{f"TILE_{level}": max(16, pattern.block_k >> level) for level in range(1, MAX_POOL_LEVEL + 1)},
         LINEAR_BRANCH=extra.linear,
