@@ -3,9 +3,12 @@
 * :mod:`.seer`: SeerAttention's AttnGate (learned block gates), their self-distillation and
   the gate files the ``seer`` method loads.
 * :mod:`.nsa`: NSA's NativeSparseAttention (compressed, selected and sliding-window branches).
+* :class:`SparseLinearAttention`: SLA with its learnable projection (defined beside the method,
+  :mod:`sparse_attn.methods.sla`).
 """
 
+from ..methods.sla import SparseLinearAttention
 from .nsa import NativeSparseAttention
 from .seer import AttnGate, SeerGates
 
-__all__ = ["AttnGate", "NativeSparseAttention", "SeerGates"]
+__all__ = ["AttnGate", "NativeSparseAttention", "SeerGates", "SparseLinearAttention"]
