@@ -81,6 +81,22 @@ def input_unsupported_reason(q: torch.Tensor) -> str | None:
     return None
 
 
+def block_tile_unsupported_reason(q: torch.Tensor, pattern, kind: type, kernel: str, blocks: tuple) -> str | None:
+    """Why a kernel whose tile is the pattern block (``kernel``, e.g. "the skipping kernel") cannot
+    run ``pattern``: not a ``kind`` pattern, inputs no Triton kernel takes, or a block size outside
+    ``blocks``; ``None`` when it can."""
+    if not isinstance(pattern, kind):
+        return f"{kernel} runs {kind.__name__} lists only"
+    reason = input_unsupported_reason(q)
+    if reason is not None:
+        return reason
+    for block_name in ("block_q", "block_k"):
+        block = getattr(pattern, block_name)
+        if block not in blocks:
+            return f"{kernel} takes {block_name} in {blocks} (its tile is the pattern block), got {block}"
+    return None
+
+
 def unsupported_reason(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, *, return_lse: bool
 ) -> str | None:

@@ -44,7 +44,7 @@ from ..plan import plan_for
 from ..skip_pattern import SkipThresholdPattern
 from ..utils import interpreting, length_bucket
 from . import launch
-from .triton import input_unsupported_reason
+from .triton import block_tile_unsupported_reason
 
 try:
     import triton
@@ -61,16 +61,7 @@ _LAUNCH_CONFIGS = ((4, 1), (4, 2), (8, 1), (8, 2), (8, 3))
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, *, return_lse: bool) -> str | None:
     """Why the skipping kernel cannot run this case, or ``None`` when it can."""
-    if not isinstance(pattern, SkipThresholdPattern):
-        return "the skipping kernel runs SkipThresholdPattern candidates only"
-    reason = input_unsupported_reason(q)
-    if reason is not None:
-        return reason
-    for block_name in ("block_q", "block_k"):
-        block = getattr(pattern, block_name)
-        if block not in _BLOCKS:
-            return f"the skipping kernel takes {block_name} in {_BLOCKS} (its tile is the pattern block), got {block}"
-    return None
+    return block_tile_unsupported_reason(q, pattern, SkipThresholdPattern, "the skipping kernel", _BLOCKS)
 
 
 def gradient_unsupported_reason(q: torch.Tensor) -> str | None:

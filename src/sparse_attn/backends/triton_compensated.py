@@ -67,7 +67,7 @@ from ..plan import plan_for
 from ..utils import interpreting, length_bucket
 from . import launch
 from .compensated_reference import linear_states, pooled
-from .triton import input_unsupported_reason
+from .triton import block_tile_unsupported_reason
 
 try:
     import triton
@@ -90,18 +90,7 @@ _PLAN_TABLE_ELEMENTS = 1 << 24
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, *, return_lse: bool) -> str | None:
     """Why the compensated kernel cannot run this case, or ``None`` when it can."""
-    if not isinstance(pattern, CompensatedPattern):
-        return "the compensated kernel runs CompensatedPattern lists only"
-    reason = input_unsupported_reason(q)
-    if reason is not None:
-        return reason
-    for block_name in ("block_q", "block_k"):
-        block = getattr(pattern, block_name)
-        if block not in _BLOCKS:
-            return (
-                f"the compensated kernel takes {block_name} in {_BLOCKS} (its tile is the pattern block), got {block}"
-            )
-    return None
+    return block_tile_unsupported_reason(q, pattern, CompensatedPattern, "the compensated kernel", _BLOCKS)
 
 
 def gradient_unsupported_reason(q: torch.Tensor) -> str | None:
