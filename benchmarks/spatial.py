@@ -169,6 +169,15 @@ def flex_mask_mod_runner(q, k, v, shape: dict, options: dict):
     return lambda: compiled(q, k, v, block_mask=block_mask)
 
 
+def measure_flex_mask_mod(q, k, v, shape: dict, options: dict, device) -> tuple[float | None, str | None]:
+    """``measure`` of :func:`flex_mask_mod_runner`, its block-mask build included in what may fail
+    (reported as the error line, not fatal)."""
+    try:
+        return measure(flex_mask_mod_runner(q, k, v, shape, options), device)
+    except Exception as failure:
+        return None, f"{type(failure).__name__}: {str(failure).splitlines()[0][:200]}"
+
+
 def run_shape(name: str, shape: dict, *, backward: bool, device: torch.device, methods=None) -> list[dict]:
     layout = Layout(shape["grid"], text_tokens=shape["text_tokens"])
     q, k, v = (
@@ -255,10 +264,7 @@ def run_variant(name: str, shape: dict, method: str, variant: str, options: dict
         if error:
             row["errors"].append(f"fwd+bwd: {error}")
     if method == "neighborhood":
-        try:
-            row["flex_mask_mod_ms"], error = measure(flex_mask_mod_runner(q, k, v, shape, options), device)
-        except Exception as failure:
-            error = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200]}"
+        row["flex_mask_mod_ms"], error = measure_flex_mask_mod(q, k, v, shape, options, device)
         if error:
             row["errors"].append(f"flex mask_mod: {error}")
     return row

@@ -38,7 +38,7 @@ import sparse_attn as sa
 from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
 from sparse_attn.masked_pattern import MaskedPattern
 from sparse_attn.plan import plan_for, rule_bitmask
-from spatial import SHAPES, flex_mask_mod_runner, with_backward
+from spatial import SHAPES, measure_flex_mask_mod, with_backward
 
 WINDOWS = {3: [("defaults (7, 7, 7)", {}), ("(3, 7, 7)", dict(window=(3, 7, 7)))], 2: [("defaults (7, 7)", {})]}
 
@@ -114,10 +114,7 @@ def run_shape(name: str, shape: dict, *, backward: bool, bitmask: bool, device) 
             times[variant] = row
             rows.append(row)
         user = dict(base, variant="flex-user", errors=[])
-        try:
-            user["fwd_ms"], error = measure(flex_mask_mod_runner(q, k, v, shape, options), device)
-        except Exception as failure:
-            error = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200]}"
+        user["fwd_ms"], error = measure_flex_mask_mod(q, k, v, shape, options, device)
         if error:
             user["errors"].append(f"fwd: {error}")
         rows.append(user)

@@ -181,12 +181,12 @@ def backend_for_token_rule(
         return backend
     if backend == "auto" and q.device.type != "cuda":
         return backend
-    if backend != "triton" and q.device.type == "cuda" and USE_GLUON_FOR_PREDICATES:
+    has_predicate = kernel_predicate_of(pattern) is not None
+    if backend != "triton" and q.device.type == "cuda" and has_predicate and USE_GLUON_FOR_PREDICATES:
         from .backends import gluon as gluon_backend
 
         if (
-            kernel_predicate_of(pattern) is not None
-            and k.shape[2] % pattern.block_k == 0
+            k.shape[2] % pattern.block_k == 0
             and gluon_backend.unsupported_reason(q, k, v, pattern, return_lse=return_lse) is None
         ):
             if backend == "flash4":
@@ -196,7 +196,7 @@ def backend_for_token_rule(
                     stacklevel=4,
                 )
             return "gluon"
-    if backend != "triton" and q.device.type == "cuda" and kernel_predicate_of(pattern) is None:
+    if backend != "triton" and q.device.type == "cuda" and not has_predicate:
         if backend != "auto":
             warnings.warn(
                 f"the {backend} backend computes whole blocks and this pattern has a token-level rule inside "

@@ -1,9 +1,10 @@
-"""Triton helpers shared by the pointer-based block kernels (:mod:`.triton_blasst`, :mod:`.triton_compensated`).
+"""Triton helpers shared by the pointer-based block kernels (:mod:`.triton`, :mod:`.triton_blasst`, :mod:`.triton_compensated`).
 
 :func:`block_scores` loads one KV tile through pointers and returns its scores with the causal
 and sequence-bound masks applied; :func:`online_update` folds a tile of scores (scaled, log2
 units) into the running maximum, sum and accumulator of the online softmax. A row that has
 seen no key keeps ``m = -inf`` and takes its exponents against 0, so no ``inf - inf`` arises.
+:func:`store_rows` writes a tile's output rows and natural-log LSE.
 """
 
 from __future__ import annotations
@@ -61,3 +62,26 @@ if triton is not None:
         else:
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         return acc, m_new, l_i
+
+    @triton.jit
+    def store_rows(
+        Out, Lse, acc, m_i, l_i, batch, head, batch_head, rows, row_in_range, offs_d,
+        stride_ob, stride_oh, stride_os, seq_q,
+        EVEN_Q: tl.constexpr, WRITE_LSE: tl.constexpr, EMPTY_ROWS: tl.constexpr,
+    ):  # fmt: skip
+        """``acc / l`` into ``Out``'s rows (all rows when ``EVEN_Q``, else those in range) and, with
+        ``WRITE_LSE``, the LSE (scores were kept in log2 units; it is returned in natural-log units).
+        ``EMPTY_ROWS``: a row may have seen no key (a token rule): ``l = 0`` gives output 0, LSE -inf."""
+        if EMPTY_ROWS:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        else:
+            out = acc / l_i[:, None]
+        out_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+        out_pointers = out_base + rows[:, None] * stride_os + offs_d[None, :]
+        if EVEN_Q:
+            tl.store(out_pointers, out.to(Out.dtype.element_ty))
+        else:
+            tl.store(out_pointers, out.to(Out.dtype.element_ty), mask=row_in_range[:, None])
+        if WRITE_LSE:
+            lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+            tl.store(Lse + batch_head.to(tl.int64) * seq_q + rows, lse, mask=row_in_range)

@@ -113,6 +113,7 @@ def unsupported_reason(
 
 if triton is not None:
     from .rule_bits import box_allowed, box_bounds, rule_allowed
+    from .tile_steps import store_rows
 
     @triton.jit
     def _attend_blocks(
@@ -365,22 +366,11 @@ if triton is not None:
             HAS_RULE, BOX_RULE,
         )  # fmt: skip
 
-        if HAS_RULE or BOX_RULE:
-            # A row the rule leaves without any key has acc = 0 and l = 0: output 0 (LSE -inf
-            # below), as FlexAttention gives, instead of 0 / 0.
-            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        else:
-            out = acc / l_i[:, None]
-        out_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-        out_pointers = out_base + rows[:, None] * stride_os + offs_d[None, :]
-        if EVEN_Q:
-            tl.store(out_pointers, out.to(Out.dtype.element_ty))
-        else:
-            tl.store(out_pointers, out.to(Out.dtype.element_ty), mask=row_in_range[:, None])
-        if WRITE_LSE:
-            # Scores were kept in log2 units; the LSE is returned in natural-log units.
-            lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-            tl.store(Lse + batch_head.to(tl.int64) * seq_q + rows, lse, mask=row_in_range)
+        # A row a token rule leaves without any key: output 0 and LSE -inf, as FlexAttention gives.
+        store_rows(
+            Out, Lse, acc, m_i, l_i, batch, head, batch_head, rows, row_in_range, offs_d,
+            stride_ob, stride_oh, stride_os, seq_q, EVEN_Q, WRITE_LSE, HAS_RULE or BOX_RULE,
+        )  # fmt: skip
 
 
 def tma_offered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, capability: tuple[int, int] | None) -> bool:

@@ -70,7 +70,7 @@ def gradient_unsupported_reason(q: torch.Tensor) -> str | None:
 
 
 if triton is not None:
-    from .tile_steps import block_scores, online_update
+    from .tile_steps import block_scores, online_update, store_rows
 
     @triton.jit
     def _visit_blocks(
@@ -212,16 +212,10 @@ if triton is not None:
             BLOCK_N, False, CAUSAL, DOT_FP32, PRECISION, EVEN_K, SKIP,
         )  # fmt: skip
 
-        out = acc / l_i[:, None]
-        out_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-        out_pointers = out_base + rows[:, None] * stride_os + offs_d[None, :]
-        if EVEN_Q:
-            tl.store(out_pointers, out.to(Out.dtype.element_ty))
-        else:
-            tl.store(out_pointers, out.to(Out.dtype.element_ty), mask=row_in_range[:, None])
-        if WRITE_LSE:
-            lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-            tl.store(Lse + batch_head.to(tl.int64) * seq_q + rows, lse, mask=row_in_range)
+        store_rows(
+            Out, Lse, acc, m_i, l_i, batch, head, batch_head, rows, row_in_range, offs_d,
+            stride_ob, stride_oh, stride_os, seq_q, EVEN_Q, WRITE_LSE, False,
+        )  # fmt: skip
         tl.store(Computed + batch_head.to(tl.int64) * tl.num_programs(1) + q_block, computed)
 
     @functools.cache

@@ -184,7 +184,7 @@ def compensated_plan(pattern: CompensatedPattern) -> CompensatedPlan:
 
 
 if triton is not None:
-    from .tile_steps import block_scores, online_update
+    from .tile_steps import block_scores, online_update, store_rows
 
     @triton.jit
     def _exact_blocks(
@@ -321,16 +321,10 @@ if triton is not None:
                     4, BLOCK_N // 16, TILE_4, DOT_FP32, PRECISION,
                 )  # fmt: skip
 
-        out = acc / l_i[:, None]
-        out_pointers = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-        out_pointers += rows[:, None] * stride_os + offs_d[None, :]
-        if EVEN_Q:
-            tl.store(out_pointers, out.to(Out.dtype.element_ty))
-        else:
-            tl.store(out_pointers, out.to(Out.dtype.element_ty), mask=row_in_range[:, None])
-        if WRITE_LSE:
-            lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-            tl.store(Lse + batch_head.to(tl.int64) * seq_q + rows, lse, mask=row_in_range)
+        store_rows(
+            Out, Lse, acc, m_i, l_i, batch, head, batch_head, rows, row_in_range, offs_d,
+            stride_ob, stride_oh, stride_os, seq_q, EVEN_Q, WRITE_LSE, False,
+        )  # fmt: skip
 
         if LINEAR_BRANCH:
             list_offset = batch * stride_lcb + pattern_head * stride_lch + q_block
