@@ -59,8 +59,12 @@ CASES = {
     "moba-4096x12": dict(kind="moba", q_heads=32, kv_heads=8, block=4096, top_k=12, share_in_group=False),
     "moba-4096x12-group": dict(kind="moba", q_heads=32, kv_heads=8, block=4096, top_k=12, share_in_group=True),
     "moba-512x3": dict(kind="moba", q_heads=32, kv_heads=8, block=512, top_k=3, share_in_group=False),
-    "nsa-select": dict(kind="nsa", q_heads=64, kv_heads=4, block=64, top_k=16),
+    "nsa-select": dict(kind="nsa", q_heads=64, kv_heads=4, block=64, top_k=16, fla=True),
     "nsa-module": dict(kind="nsa-module", q_heads=64, kv_heads=4, block=64, top_k=16),
+    # fla-core's NSA configuration: mean-pooled compression over blocks of 64, no sliding window.
+    "nsa-module-fla-config": dict(kind="nsa-module", q_heads=64, kv_heads=4, block=64, top_k=16,
+                                  module=dict(compress_block=64, compress_stride=64, compressor="mean", window=0),
+                                  fla=True),
 }
 QUICK_CASES = ("moba-4096x12", "nsa-select")
 HEAD_DIM = 128
@@ -134,6 +138,40 @@ def flex_selection(pattern: sa.BlockSparsePattern, q_heads: int):
     return block_mask, table
 
 
+def fla_twin(spec: dict, pattern: sa.BlockSparsePattern, q: torch.Tensor):
+    """``(fn, None)``: flash-linear-attention's NSA (``fla-core``, pure Triton; a benchmark baseline
+    only, imported if installed) on our ``(B, H, S, D)`` tensors, or ``(None, why)``.
+
+    ``nsa``: its selected-attention kernel on our pattern's block lists (same selection, same
+    outputs). ``nsa-module``: its whole NSA at its own configuration (compression by mean pooling
+    over blocks of ``block``, selection of ``top_k`` blocks from the compressed scores, gates 1/2,
+    no sliding window: fla runs that branch through flash-attn), against our module at the same
+    configuration. The layout change to fla's ``(B, S, H, D)`` is inside the timing (ours takes
+    ``(B, H, S, D)``)."""
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except Exception as error:  # noqa: BLE001 - reported, the run goes on
+        return None, f"fla-core not importable: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    if spec["kind"] == "nsa":
+        indices = pattern.kv_indices.permute(0, 2, 1, 3).long().contiguous()  # (B, S, Hkv, n)
+        counts = pattern.kv_counts.permute(0, 2, 1).long().contiguous()  # (B, S, Hkv)
+
+        def selected(q, k, v):
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+            out = parallel_nsa(q, k, v, block_indices=indices, block_counts=counts, block_size=spec["block"])
+            return out.transpose(1, 2)
+
+        return selected, None
+    gates = torch.full(q.shape[:3], 0.5, device=q.device, dtype=q.dtype).transpose(1, 2).contiguous()
+
+    def whole(q, k, v):
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        out = parallel_nsa(q, k, v, g_cmp=gates, g_slc=gates, block_counts=spec["top_k"], block_size=spec["block"])
+        return out.transpose(1, 2)
+
+    return whole, None
+
+
 def _sdpa(choice, q, k, v):
     from torch.nn.attention import sdpa_kernel
 
@@ -192,7 +230,7 @@ def dense_times(seq: int, q_heads: int, kv_heads: int, device, budget: Budget) -
     return {**times, "errors": errors}
 
 
-def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, seed: int = 0) -> dict:
+def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, fla: bool = True, seed: int = 0) -> dict:
     spec = CASES[name]
     budget = Budget(budget_s)
     q_heads, kv_heads = spec["q_heads"], spec["kv_heads"]
@@ -210,7 +248,9 @@ def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, seed: 
         pattern = estimate()
         row["estimate_ms"], _ = budget.measure(estimate, device)
     elif spec["kind"] == "nsa-module":
-        module = NativeSparseAttention(HEAD_DIM, q_heads, kv_heads, backend="triton").to(device, torch.bfloat16)
+        options = spec.get("module", {})
+        module = NativeSparseAttention(HEAD_DIM, q_heads, kv_heads, backend="triton", **options)
+        module = module.to(device, torch.bfloat16)
         pattern = module.selected_pattern(q, k, v)
     else:
         pattern = nsa_like_pattern(kv_heads, seq, spec["block"], spec["top_k"], seed, device)
@@ -223,7 +263,13 @@ def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, seed: 
     attention = {"ours": partial(sa.block_sparse_attention, pattern=pattern, backend="triton")}
     if spec["kind"] == "nsa-module":  # the whole module (its estimate included); no FlexAttention twin
         attention = {"ours": module}
-    elif flex:
+    if fla and spec.get("fla"):
+        twin, error = fla_twin(spec, pattern, q)
+        if twin is not None:
+            attention["fla"] = twin
+        else:
+            row["errors"]["fla"] = error
+    if spec["kind"] != "nsa-module" and flex:
         try:
             from torch.nn.attention.flex_attention import flex_attention
 
@@ -234,6 +280,10 @@ def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, seed: 
             row["flex_block_density"] = float(block_mask.kv_num_blocks.float().mean()) / ((n_blocks + 1) / 2)
         except Exception as error:  # noqa: BLE001 - reported, the run goes on
             row["errors"]["flex"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    if "fla" in attention and spec["kind"] == "nsa":  # same selection: the outputs must agree
+        with torch.no_grad():
+            ours, theirs = attention["ours"](q, k, v).float(), attention["fla"](q, k, v).float()
+            row["fla_max_abs_diff"] = float((ours - theirs).abs().max())
     for label, fn in attention.items():
         runs = {"fwd": partial(_forward, fn, q, k, v), "fwdbwd": partial(_forward_backward, fn, q, k, v, dout)}
         for mode, run in runs.items():
@@ -246,11 +296,9 @@ def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, seed: 
 def _columns() -> list[tuple[str, str, str]]:
     columns = [("case", "case", "s"), ("seq", "seq", "d"), ("density", "density", ".4f")]
     for mode, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
-        columns += [(f"{name}_{mode}_ms", f"{name} {label} ms", ".2f") for name in ("ours", "flex", "cudnn", "flash")]
-        columns += [
-            (f"speedup_vs_cudnn_{mode}", f"x cuDNN {label}", ".2f"),
-            (f"speedup_vs_flex_{mode}", f"x flex {label}", ".2f"),
-        ]
+        names = ("ours", "flex", "fla", "cudnn", "flash")
+        columns += [(f"{name}_{mode}_ms", f"{name} {label} ms", ".2f") for name in names]
+        columns += [(f"speedup_vs_{other}_{mode}", f"x {other} {label}", ".2f") for other in ("cudnn", "flex", "fla")]
     columns += [("estimate_ms", "estimate ms", ".2f")]
     return columns
 
@@ -258,7 +306,7 @@ def _columns() -> list[tuple[str, str, str]]:
 def _speedups(row: dict) -> None:
     for mode in ("fwd", "fwdbwd"):
         ours = row.get(f"ours_{mode}_ms")
-        for other in ("cudnn", "flex"):
+        for other in ("cudnn", "flex", "fla"):
             theirs = row.get(f"{other}_{mode}_ms")
             row[f"speedup_vs_{other}_{mode}"] = theirs / ours if ours and theirs else None
 
@@ -269,6 +317,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--quick", action="store_true", help=f"8K and 32K, cases {', '.join(QUICK_CASES)}")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    parser.add_argument("--no-fla", action="store_true", help="skip fla-core's NSA (measured when importable)")
     parser.add_argument("--case-budget", type=float, default=40.0, help="seconds per case before skipping the rest")
     parser.add_argument("--budget", type=float, default=170.0, help="seconds for the run; later cases are skipped")
     parser.add_argument("--device", default="cuda", help="cuda; cpu runs tiny --lengths under TRITON_INTERPRET=1")
@@ -296,7 +345,7 @@ def main() -> None:
         if time.perf_counter() > deadline:
             skipped.append(f"{name} {seq}")
             continue
-        row = run_case(name, seq, device, budget_s=args.case_budget, flex=not args.no_flex)
+        row = run_case(name, seq, device, budget_s=args.case_budget, flex=not args.no_flex, fla=not args.no_fla)
         shape = (seq, row["q_heads"], row["kv_heads"])
         if shape not in dense_cache:
             dense_cache[shape] = dense_times(*shape, device, Budget(args.case_budget))
