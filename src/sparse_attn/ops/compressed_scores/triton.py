@@ -1,0 +1,274 @@
+"""NSA's selection-block scores in one fused kernel: ``O(output)`` memory, no atomics, deterministic.
+
+One program per (tile of ``BLOCK_T`` query tokens, batch x KV head, tile of ``NS`` selection blocks).
+With ``L = l / d`` stride pieces per compressed key and ``R = l' / d`` per selection block, the
+compressed keys overlapping the program's blocks ``j0 .. j0 + NS - 1`` are ``i`` in
+``[j0 R - (L - 1), (j0 + NS) R)``; the program reads them in a leading sub-tile of ``SPILL_N``
+keys (the ``L - 1`` keys starting in the block before ``j0``; none when ``L = 1``) and then in
+sub-tiles of ``BLOCK_N`` keys from ``j0 R``, stopping at the last key visible to its last token.
+For each sub-tile it loops over the group's ``G`` query heads (any ``G``: heads are not packed
+into rows): ``s = q_h k^T`` (``tl.dot``), ``p = exp2(s scale log2(e) - lse_h log2(e))`` where the
+key is visible and the row's ``lse`` is finite, else 0, summed over the heads in registers. The
+sum meets the overlap matrix ``W[i, j] = |pieces of i in block j|`` (small integers, built from
+indices in registers) in a second ``tl.dot``, accumulated into the ``(BLOCK_T, NS)`` tile, which
+is stored once; every output element is written.
+
+Precision: 16-bit inputs take the first product in their dtype (float32 accumulation); the
+probability sums enter the second product split into a bfloat16 high part and a bfloat16
+residual (two tensor-core products, about 16 significant bits; ``W`` is exact in bfloat16).
+Float32 inputs, and every input under ``TRITON_INTERPRET=1`` (whose bfloat16 ``dot`` is wrong),
+take both products in float32 (IEEE). Tile shapes are autotuned on the GPU over
+:data:`CONFIGS`; the interpreter runs one small tile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ...backends import launch
+from ...utils import dot_in_float32, interpreting, length_bucket
+from .._dispatch import device_unsupported_reason
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+__all__ = ["CONFIGS", "compressed_block_scores_triton", "unsupported_reason"]
+
+_LOG2_E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Autotune candidates on the GPU: (BLOCK_T, BLOCK_N, NS, num_warps).
+CONFIGS = tuple((t, n, 32, w) for t in (32, 64) for n in (64, 128) for w in (4, 8))
+_INTERPRETER_CONFIG = (16, 16, 16, 4)
+
+
+def unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why :func:`compressed_block_scores_triton` cannot run on ``q``'s case, or ``None``."""
+    if triton is None:
+        return "triton is not installed"
+    reason = device_unsupported_reason(q)
+    if reason is not None:
+        return reason
+    if q.dtype not in _DTYPES:
+        return f"the compressed-scores kernel takes float16, bfloat16 or float32, got {q.dtype}"
+    dim = q.shape[-1]
+    if not 16 <= dim <= 256 or dim & (dim - 1):
+        return f"the compressed-scores kernel takes a power-of-two head_dim in 16..256, got {dim}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _accumulate_keys(
+        acc,
+        q_base,
+        lse_base,
+        k_base,
+        cols,
+        key_ok,
+        rows,
+        row_ok,
+        positions,
+        blocks,
+        stride_qh,
+        stride_qm,
+        stride_lh,
+        stride_lm,
+        stride_kn,
+        group,
+        scale_log2,
+        compress_block,
+        compress_stride,
+        HEAD_DIM: tl.constexpr,
+        PIECES_PER_KEY: tl.constexpr,
+        PIECES_PER_BLOCK: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+    ):
+        """``acc += (sum_h p_h[:, cols]) @ W[cols, blocks]`` for the key sub-tile ``cols`` (``COLS`` keys)."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        keys = tl.load(
+            k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=key_ok[None, :], other=0.0
+        )
+        visible = (
+            row_ok[:, None]
+            & key_ok[None, :]
+            & (cols[None, :] * compress_stride + compress_block - 1 <= positions[:, None])
+        )
+        summed = tl.zeros([ROWS, COLS], tl.float32)
+        for head in range(0, group):
+            q = tl.load(
+                q_base + head * stride_qh + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
+            )
+            lse = tl.load(lse_base + head * stride_lh + rows * stride_lm, mask=row_ok, other=float("-inf"))
+            if DOT_FP32:
+                logits = tl.dot(q.to(tl.float32), keys.to(tl.float32), input_precision="ieee")
+            else:
+                logits = tl.dot(q, keys)
+            # A row with lse = -inf sees no key: exp2 would give inf there, `where` drops it.
+            probs = tl.exp2(logits * scale_log2 - (lse * 1.4426950408889634)[:, None])
+            summed += tl.where(visible & (lse > float("-inf"))[:, None], probs, 0.0)
+        # Stride pieces shared by key i (pieces i .. i + L - 1) and block j (pieces j R .. j R + R - 1).
+        low = tl.maximum(cols[:, None], blocks[None, :] * PIECES_PER_BLOCK)
+        high = tl.minimum(cols[:, None] + PIECES_PER_KEY, blocks[None, :] * PIECES_PER_BLOCK + PIECES_PER_BLOCK)
+        weights = tl.maximum(high - low, 0).to(tl.float32)
+        if DOT_FP32:
+            acc += tl.dot(summed, weights, input_precision="ieee")
+        else:
+            weights = weights.to(tl.bfloat16)
+            high_part = summed.to(tl.bfloat16)
+            residual = (summed - high_part.to(tl.float32)).to(tl.bfloat16)
+            acc += tl.dot(high_part, weights)
+            acc += tl.dot(residual, weights)
+        return acc
+
+    @triton.jit
+    def _compressed_scores(
+        Q,
+        K,
+        Lse,
+        Out,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_lb,
+        stride_lh,
+        stride_lm,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        kv_heads,
+        group,
+        chunk,
+        n_cmp,
+        n_select,
+        first_pos,
+        scale_log2,
+        compress_block,
+        compress_stride,
+        chunk_bucket,
+        n_select_bucket,
+        HEAD_DIM: tl.constexpr,
+        PIECES_PER_KEY: tl.constexpr,
+        PIECES_PER_BLOCK: tl.constexpr,
+        SPILL_N: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        NS: tl.constexpr,
+    ):
+        batch = tl.program_id(1) // kv_heads
+        kv_head = tl.program_id(1) % kv_heads
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < chunk
+        positions = rows + first_pos
+        first_block = tl.program_id(2) * NS
+        blocks = first_block + tl.arange(0, NS)
+
+        q_base = Q + batch.to(tl.int64) * stride_qb + (kv_head * group).to(tl.int64) * stride_qh
+        lse_base = Lse + batch.to(tl.int64) * stride_lb + (kv_head * group).to(tl.int64) * stride_lh
+        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+
+        # Keys past the last one the tile's last token sees, or past the tile's last block, add nothing.
+        last_position = first_pos + tl.minimum(tl.program_id(0) * BLOCK_T + BLOCK_T, chunk) - 1
+        seen = tl.where(
+            last_position >= compress_block - 1, (last_position - compress_block + 1) // compress_stride + 1, 0
+        )
+        key_stop = tl.minimum(tl.minimum(seen, n_cmp), (first_block + NS) * PIECES_PER_BLOCK)
+        key_start = first_block * PIECES_PER_BLOCK
+
+        acc = tl.zeros([BLOCK_T, NS], tl.float32)
+        if SPILL_N > 0:
+            # Keys starting before the tile's first block that reach into it.
+            cols = key_start - (PIECES_PER_KEY - 1) + tl.arange(0, SPILL_N)
+            key_ok = (cols >= 0) & (cols < key_start) & (cols < key_stop)
+            acc = _accumulate_keys(
+                acc, q_base, lse_base, k_base, cols, key_ok, rows, row_ok, positions, blocks,
+                stride_qh, stride_qm, stride_lh, stride_lm, stride_kn, group, scale_log2,
+                compress_block, compress_stride, HEAD_DIM, PIECES_PER_KEY, PIECES_PER_BLOCK, DOT_FP32, BLOCK_T, SPILL_N,
+            )  # fmt: skip
+        for start in range(key_start, key_stop, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            acc = _accumulate_keys(
+                acc, q_base, lse_base, k_base, cols, cols < key_stop, rows, row_ok, positions, blocks,
+                stride_qh, stride_qm, stride_lh, stride_lm, stride_kn, group, scale_log2,
+                compress_block, compress_stride, HEAD_DIM, PIECES_PER_KEY, PIECES_PER_BLOCK, DOT_FP32, BLOCK_T, BLOCK_N,
+            )  # fmt: skip
+
+        out = Out + batch.to(tl.int64) * stride_ob + kv_head.to(tl.int64) * stride_oh
+        tl.store(
+            out + rows[:, None].to(tl.int64) * stride_om + blocks[None, :],
+            acc,
+            mask=row_ok[:, None] & (blocks < n_select)[None, :],
+        )
+
+
+def _grid(meta: dict, *, chunk: int, programs: int, n_select: int) -> tuple[int, int, int]:
+    return triton.cdiv(chunk, meta["BLOCK_T"]), programs, triton.cdiv(n_select, meta["NS"])
+
+
+@functools.cache
+def _autotuned_kernel():
+    configs = [triton.Config(dict(BLOCK_T=t, BLOCK_N=n, NS=s), num_warps=w) for t, n, s, w in CONFIGS]
+    key = ["group", "chunk_bucket", "n_select_bucket", "HEAD_DIM", "PIECES_PER_KEY", "PIECES_PER_BLOCK", "DOT_FP32"]
+    return triton.autotune(configs=configs, key=key)(_compressed_scores)
+
+
+def compressed_block_scores_triton(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    first_pos: int,
+    compress_block: int,
+    compress_stride: int,
+    select_block: int,
+    n_select: int,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`.naive.compressed_block_scores` in the kernel; same arguments (validated by the
+    caller, :func:`sparse_attn.ops.compressed_scores.compressed_block_scores`) and result."""
+    reason = unsupported_reason(q)
+    if reason is not None:
+        raise ValueError(f"the compressed-scores kernel cannot run this case: {reason}")
+    batch, q_heads, chunk, dim = q.shape
+    kv_heads, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
+    if chunk == 0 or n_cmp == 0:
+        return torch.zeros((batch, kv_heads, chunk, n_select), dtype=torch.float32, device=q.device)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_cmp = k_cmp if k_cmp.stride(-1) == 1 else k_cmp.contiguous()
+    out = launch.allocate((batch, kv_heads, chunk, n_select), torch.float32, q.device)
+    pieces_per_key = compress_block // compress_stride
+    spill = 0 if pieces_per_key == 1 else max(16, triton.next_power_of_2(pieces_per_key - 1))
+    args = (
+        q, k_cmp, lse, out,
+        *q.stride()[:3], *k_cmp.stride()[:3], *lse.stride(), *out.stride()[:3],
+        kv_heads, q_heads // kv_heads, chunk, n_cmp, n_select, first_pos, scale * _LOG2_E,
+        compress_block, compress_stride, length_bucket(chunk), length_bucket(n_select),
+    )  # fmt: skip
+    constants = dict(
+        HEAD_DIM=dim,
+        PIECES_PER_KEY=pieces_per_key,
+        PIECES_PER_BLOCK=select_block // compress_stride,
+        SPILL_N=spill,
+        DOT_FP32=dot_in_float32(q.dtype) or interpreting(),
+    )
+    if interpreting():
+        block_t, block_n, ns, warps = _INTERPRETER_CONFIG
+        grid = _grid(dict(BLOCK_T=block_t, NS=ns), chunk=chunk, programs=batch * kv_heads, n_select=n_select)
+        _compressed_scores[grid](*args, **constants, BLOCK_T=block_t, BLOCK_N=block_n, NS=ns, num_warps=warps)
+    else:
+        grid = functools.partial(_grid, chunk=chunk, programs=batch * kv_heads, n_select=n_select)
+        _autotuned_kernel()[grid](*args, **constants)
+    return out
