@@ -11,13 +11,15 @@ from sparse_attn.ops.compressed_scores import compressed_block_scores, naive
 # (compress_block l, compress_stride d, select_block l', group G, batch, kv_heads, chunk c, first_pos, Sk, head_dim):
 # the brief's (l, d, l') triples plus the paper's (32, 16, 64); G 1-5; odd chunk lengths; chunks at the
 # start (rows that see no compressed key), in the middle (first_pos > 0, first_pos + c < Sk) and at the
-# end; n_select above the kernel's 16-block tile and chunks above its 16-token tile under the interpreter.
+# end; under the interpreter (16-key sub-tiles) programs own 1 to 16 blocks, a selection block's keys
+# need several sub-tiles (d = 1, l' = 32), and chunks exceed the 16-token tile.
 CASES = [
     (8, 4, 16, 1, 2, 2, 13, 0, 40, 16),
     (4, 4, 8, 3, 2, 1, 37, 90, 200, 16),
     (16, 4, 16, 4, 2, 2, 19, 250, 300, 32),
     (8, 8, 8, 3, 2, 2, 17, 30, 47, 16),
     (32, 16, 64, 5, 1, 1, 21, 1040, 1100, 64),
+    (8, 1, 32, 2, 1, 2, 11, 60, 100, 16),
 ]
 
 
@@ -208,7 +210,20 @@ def test_kernel_refuses_what_it_cannot_run():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_on_gpu_matches_the_reference_on_small_cases(dtype, poison_outputs):
+    """Every CPU case on the GPU through the dispatcher (autotuned tiles, the split second product)."""
+    for case in CASES:
+        q, k_cmp, lse, options = _inputs(case, dtype=dtype, seed=sum(case) + 2, transposed=case[3] == 3)
+        q, k_cmp, lse = q.cuda(), k_cmp.cuda(), lse.cuda()
+        out = compressed_block_scores(q, k_cmp, lse, **options)
+        expected = naive.compressed_block_scores(q, k_cmp, lse, **options)
+        tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out, expected, rtol=tolerance, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_kernel_on_gpu_at_nsa_size(dtype, poison_outputs):
     """NSA's defaults (l = 32, d = 16, l' = 64) on 64 / 4 heads of 128 dims: the last 4096-token
     chunk of 32K but one (first_pos 28672 < Sk - c), the dispatched kernel (outputs poisoned) against
@@ -231,7 +246,7 @@ def test_kernel_on_gpu_at_nsa_size(dtype, poison_outputs):
     )
     out = compressed_block_scores(q, k_cmp, lse, **options)
     expected = naive.compressed_block_scores(q, k_cmp, lse, **options)
-    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
     row_max = expected.amax(-1, keepdim=True)
     assert not out.isnan().any() and (row_max > 0).all()
     assert ((out - expected).abs() <= tolerance * row_max).all(), float(((out - expected).abs() / row_max).max())

@@ -1,24 +1,25 @@
 """NSA's selection-block scores in one fused kernel: ``O(output)`` memory, no atomics, deterministic.
 
-One program per (tile of ``BLOCK_T`` query tokens, batch x KV head, tile of ``NS`` selection blocks).
-With ``L = l / d`` stride pieces per compressed key and ``R = l' / d`` per selection block, the
-compressed keys overlapping the program's blocks ``j0 .. j0 + NS - 1`` are ``i`` in
-``[j0 R - (L - 1), (j0 + NS) R)``; the program reads them in a leading sub-tile of ``SPILL_N``
-keys (the ``L - 1`` keys starting in the block before ``j0``; none when ``L = 1``) and then in
-sub-tiles of ``BLOCK_N`` keys from ``j0 R``, stopping at the last key visible to its last token.
-For each sub-tile it loops over the group's ``G`` query heads (any ``G``: heads are not packed
-into rows): ``s = q_h k^T`` (``tl.dot``), ``p = exp2(s scale log2(e) - lse_h log2(e))`` where the
-key is visible and the row's ``lse`` is finite, else 0, summed over the heads in registers. The
-sum meets the overlap matrix ``W[i, j] = |pieces of i in block j|`` (small integers, built from
-indices in registers) in a second ``tl.dot``, accumulated into the ``(BLOCK_T, NS)`` tile, which
-is stored once; every output element is written.
+One program per (tile of ``BLOCK_T`` query tokens, batch x KV head, run of ``NS_EFF`` selection
+blocks). With ``L = l / d`` stride pieces per compressed key and ``R = l' / d`` per selection
+block, the compressed keys reaching into blocks ``j0 .. j0 + NS_EFF - 1`` are ``i`` in
+``[j0 R - (L - 1), (j0 + NS_EFF) R)``; ``NS_EFF = (BLOCK_N - (L - 1)) // R`` (at least 1) so that
+they fit one sub-tile of ``BLOCK_N`` keys (with the defaults R = 4, L = 2: 31 blocks in 125 of 128
+keys), and the query tile is read once per head. The program reads its keys in ``BLOCK_N``
+sub-tiles, stopping at the last key its last token sees. For each sub-tile it loops over the
+group's ``G`` query heads (any ``G``: heads are not packed into rows): ``s = q_h k^T``
+(``tl.dot``), ``p = exp2(s scale log2(e) - lse_h log2(e))`` where the key is visible and the row's
+``lse`` is finite, else 0, summed over the heads in registers. The sum meets the overlap matrix
+``W[i, j] = |pieces of i in block j|`` (small integers built from indices in registers) in a second
+``tl.dot`` into a ``(BLOCK_T, NS)`` accumulator (``NS``: ``NS_EFF`` rounded up to a power of two,
+at least 16; the extra columns are not stored), stored once; every output element is written.
 
 Precision: 16-bit inputs take the first product in their dtype (float32 accumulation); the
 probability sums enter the second product split into a bfloat16 high part and a bfloat16
 residual (two tensor-core products, about 16 significant bits; ``W`` is exact in bfloat16).
 Float32 inputs, and every input under ``TRITON_INTERPRET=1`` (whose bfloat16 ``dot`` is wrong),
 take both products in float32 (IEEE). Tile shapes are autotuned on the GPU over
-:data:`CONFIGS`; the interpreter runs one small tile.
+:data:`CONFIGS`; the interpreter runs one small tile (16 tokens, 16 keys).
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
-__all__ = ["CONFIGS", "compressed_block_scores_triton", "unsupported_reason"]
+__all__ = ["CONFIGS", "blocks_per_program", "compressed_block_scores_triton", "unsupported_reason"]
 
 _LOG2_E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Autotune candidates on the GPU: (BLOCK_T, BLOCK_N, NS, num_warps).
-CONFIGS = tuple((t, n, 32, w) for t in (32, 64) for n in (64, 128) for w in (4, 8))
-_INTERPRETER_CONFIG = (16, 16, 16, 4)
+# Autotune candidates on the GPU: (BLOCK_T, BLOCK_N, num_warps); a program's blocks follow from BLOCK_N.
+CONFIGS = tuple((t, n, w) for t in (32, 64) for n in (64, 128) for w in (4, 8))
+_INTERPRETER_CONFIG = (16, 16, 4)
 
 
 def unsupported_reason(q: torch.Tensor) -> str | None:
@@ -162,10 +163,10 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         PIECES_PER_KEY: tl.constexpr,
         PIECES_PER_BLOCK: tl.constexpr,
-        SPILL_N: tl.constexpr,
         DOT_FP32: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        NS_EFF: tl.constexpr,
         NS: tl.constexpr,
     ):
         batch = tl.program_id(1) // kv_heads
@@ -173,31 +174,25 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < chunk
         positions = rows + first_pos
-        first_block = tl.program_id(2) * NS
+        first_block = tl.program_id(2) * NS_EFF
         blocks = first_block + tl.arange(0, NS)
+        # The program owns NS_EFF blocks; the accumulator's other columns miss keys and are not stored.
+        block_ok = (tl.arange(0, NS) < NS_EFF) & (blocks < n_select)
 
         q_base = Q + batch.to(tl.int64) * stride_qb + (kv_head * group).to(tl.int64) * stride_qh
         lse_base = Lse + batch.to(tl.int64) * stride_lb + (kv_head * group).to(tl.int64) * stride_lh
         k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
 
-        # Keys past the last one the tile's last token sees, or past the tile's last block, add nothing.
+        # Keys that reach into the owned blocks: from those starting up to L - 1 pieces before the
+        # first block to the last block's end; past the last key the tile's last token sees, nothing.
         last_position = first_pos + tl.minimum(tl.program_id(0) * BLOCK_T + BLOCK_T, chunk) - 1
         seen = tl.where(
             last_position >= compress_block - 1, (last_position - compress_block + 1) // compress_stride + 1, 0
         )
-        key_stop = tl.minimum(tl.minimum(seen, n_cmp), (first_block + NS) * PIECES_PER_BLOCK)
-        key_start = first_block * PIECES_PER_BLOCK
+        key_stop = tl.minimum(tl.minimum(seen, n_cmp), (first_block + NS_EFF) * PIECES_PER_BLOCK)
+        key_start = tl.maximum(first_block * PIECES_PER_BLOCK - (PIECES_PER_KEY - 1), 0)
 
         acc = tl.zeros([BLOCK_T, NS], tl.float32)
-        if SPILL_N > 0:
-            # Keys starting before the tile's first block that reach into it.
-            cols = key_start - (PIECES_PER_KEY - 1) + tl.arange(0, SPILL_N)
-            key_ok = (cols >= 0) & (cols < key_start) & (cols < key_stop)
-            acc = _accumulate_keys(
-                acc, q_base, lse_base, k_base, cols, key_ok, rows, row_ok, positions, blocks,
-                stride_qh, stride_qm, stride_lh, stride_lm, stride_kn, group, scale_log2,
-                compress_block, compress_stride, HEAD_DIM, PIECES_PER_KEY, PIECES_PER_BLOCK, DOT_FP32, BLOCK_T, SPILL_N,
-            )  # fmt: skip
         for start in range(key_start, key_stop, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             acc = _accumulate_keys(
@@ -210,19 +205,36 @@ if triton is not None:
         tl.store(
             out + rows[:, None].to(tl.int64) * stride_om + blocks[None, :],
             acc,
-            mask=row_ok[:, None] & (blocks < n_select)[None, :],
+            mask=row_ok[:, None] & block_ok[None, :],
         )
 
 
+def blocks_per_program(block_n: int, pieces_per_key: int, pieces_per_block: int) -> tuple[int, int]:
+    """``(NS_EFF, NS)``: the selection blocks a program owns, chosen so that the keys reaching into
+    them (``NS_EFF R + L - 1``) fit one ``block_n`` sub-tile when they can (at least one block, then
+    several sub-tiles), and its accumulator's width (a power of two, at least 16 for ``tl.dot``)."""
+    owned = max(1, (block_n - (pieces_per_key - 1)) // pieces_per_block)
+    return owned, max(16, triton.next_power_of_2(owned))
+
+
+def _with_blocks(config: dict, pieces_per_key: int, pieces_per_block: int) -> dict:
+    owned, width = blocks_per_program(config["BLOCK_N"], pieces_per_key, pieces_per_block)
+    return config | dict(NS_EFF=owned, NS=width)
+
+
 def _grid(meta: dict, *, chunk: int, programs: int, n_select: int) -> tuple[int, int, int]:
-    return triton.cdiv(chunk, meta["BLOCK_T"]), programs, triton.cdiv(n_select, meta["NS"])
+    return triton.cdiv(chunk, meta["BLOCK_T"]), programs, triton.cdiv(n_select, meta["NS_EFF"])
 
 
 @functools.cache
 def _autotuned_kernel():
-    configs = [triton.Config(dict(BLOCK_T=t, BLOCK_N=n, NS=s), num_warps=w) for t, n, s, w in CONFIGS]
+    configs = [triton.Config(dict(BLOCK_T=t, BLOCK_N=n), num_warps=w) for t, n, w in CONFIGS]
     key = ["group", "chunk_bucket", "n_select_bucket", "HEAD_DIM", "PIECES_PER_KEY", "PIECES_PER_BLOCK", "DOT_FP32"]
-    return triton.autotune(configs=configs, key=key)(_compressed_scores)
+    blocks = dict(
+        NS_EFF=lambda args: blocks_per_program(args["BLOCK_N"], args["PIECES_PER_KEY"], args["PIECES_PER_BLOCK"])[0],
+        NS=lambda args: blocks_per_program(args["BLOCK_N"], args["PIECES_PER_KEY"], args["PIECES_PER_BLOCK"])[1],
+    )
+    return triton.autotune(configs=configs, key=key)(triton.heuristics(blocks)(_compressed_scores))
 
 
 def compressed_block_scores_triton(
@@ -249,8 +261,6 @@ def compressed_block_scores_triton(
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_cmp = k_cmp if k_cmp.stride(-1) == 1 else k_cmp.contiguous()
     out = launch.allocate((batch, kv_heads, chunk, n_select), torch.float32, q.device)
-    pieces_per_key = compress_block // compress_stride
-    spill = 0 if pieces_per_key == 1 else max(16, triton.next_power_of_2(pieces_per_key - 1))
     args = (
         q, k_cmp, lse, out,
         *q.stride()[:3], *k_cmp.stride()[:3], *lse.stride(), *out.stride()[:3],
@@ -259,15 +269,17 @@ def compressed_block_scores_triton(
     )  # fmt: skip
     constants = dict(
         HEAD_DIM=dim,
-        PIECES_PER_KEY=pieces_per_key,
+        PIECES_PER_KEY=compress_block // compress_stride,
         PIECES_PER_BLOCK=select_block // compress_stride,
-        SPILL_N=spill,
         DOT_FP32=dot_in_float32(q.dtype) or interpreting(),
     )
     if interpreting():
-        block_t, block_n, ns, warps = _INTERPRETER_CONFIG
-        grid = _grid(dict(BLOCK_T=block_t, NS=ns), chunk=chunk, programs=batch * kv_heads, n_select=n_select)
-        _compressed_scores[grid](*args, **constants, BLOCK_T=block_t, BLOCK_N=block_n, NS=ns, num_warps=warps)
+        block_t, block_n, warps = _INTERPRETER_CONFIG
+        tile = _with_blocks(
+            dict(BLOCK_T=block_t, BLOCK_N=block_n), constants["PIECES_PER_KEY"], constants["PIECES_PER_BLOCK"]
+        )
+        grid = _grid(tile, chunk=chunk, programs=batch * kv_heads, n_select=n_select)
+        _compressed_scores[grid](*args, **constants, **tile, num_warps=warps)
     else:
         grid = functools.partial(_grid, chunk=chunk, programs=batch * kv_heads, n_select=n_select)
         _autotuned_kernel()[grid](*args, **constants)
