@@ -7,9 +7,13 @@ Batch 1, bf16, causal, the queries are the whole sequence; at 8K / 32K / 64K / 1
   head_dim 128 (the project's default shape), lists per query head as the paper gates; and
   ``moba-4096x12-group``, the same with ``share_in_group=True`` (one list per KV head).
 * ``nsa-module``: :class:`sparse_attn.nn.NativeSparseAttention` at the paper's defaults and shape,
-  all three branches and the selection, forward and forward + backward (parameters included);
-  its selected branch runs on the token-granular kernel, its compressed and window branches in
-  chunked PyTorch (no FlexAttention column: the time includes the module's own estimate).
+  all three branches and the selection, forward and forward + backward (parameters included):
+  the compressed branch on the block kernels (queries regrouped by residue, a dense causal
+  pattern), the selection scores by :mod:`sparse_attn.ops.compressed_scores`, the selected branch
+  on the token-granular kernel, the sliding window on the block kernels with a box predicate
+  (no FlexAttention column: the time includes the module's own estimate).
+* ``nsa-module-fla-config``: the same module at fla-core's NSA configuration (compression by mean
+  pooling over blocks of 64, no sliding window), beside fla-core's own NSA (``fla`` columns).
 * ``nsa-select``: NSA's selected-attention branch alone at NSA's shape, 64 query / 4 KV heads,
   head_dim 128, per token and KV group 16 blocks of 64 keys: the token's own block plus 15
   earlier blocks drawn at random (a stand-in for the compressed branch's scores; the first and
@@ -25,6 +29,11 @@ token rule must go through ``mask_mod``), and dense SDPA with cuDNN and with Fla
 on K/V expanded to the query heads (expansion outside the timing). The estimate (``moba``'s
 gate and top-k) is timed separately and excluded from the attention times. The BlockMask
 build and the pattern's plan are outside the timings too.
+
+``fla``: flash-linear-attention's NSA (the registry package ``fla-core``, pure Triton; imported
+if installed, e.g. ``pip install --no-deps --target DIR fla-core==0.6.0``), a baseline only: its
+selected-attention kernel on the same lists for ``nsa-select`` (``fla_max_abs_diff``: the largest
+difference of its output from ours), its whole NSA for ``nsa-module-fla-config``.
 
 ``density``: the causal (query, key) pairs the selection computes over all causal pairs (for
 ``nsa-module``, its selected branch's). ``x cuDNN`` / ``x flex``: their time over ours.
@@ -62,9 +71,15 @@ CASES = {
     "nsa-select": dict(kind="nsa", q_heads=64, kv_heads=4, block=64, top_k=16, fla=True),
     "nsa-module": dict(kind="nsa-module", q_heads=64, kv_heads=4, block=64, top_k=16),
     # fla-core's NSA configuration: mean-pooled compression over blocks of 64, no sliding window.
-    "nsa-module-fla-config": dict(kind="nsa-module", q_heads=64, kv_heads=4, block=64, top_k=16,
-                                  module=dict(compress_block=64, compress_stride=64, compressor="mean", window=0),
-                                  fla=True),
+    "nsa-module-fla-config": dict(
+        kind="nsa-module",
+        q_heads=64,
+        kv_heads=4,
+        block=64,
+        top_k=16,
+        module=dict(compress_block=64, compress_stride=64, compressor="mean", window=0),
+        fla=True,
+    ),
 }
 QUICK_CASES = ("moba-4096x12", "nsa-select")
 HEAD_DIM = 128
@@ -249,7 +264,7 @@ def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, fla: b
         row["estimate_ms"], _ = budget.measure(estimate, device)
     elif spec["kind"] == "nsa-module":
         options = spec.get("module", {})
-        module = NativeSparseAttention(HEAD_DIM, q_heads, kv_heads, backend="triton", **options)
+        module = NativeSparseAttention(HEAD_DIM, q_heads, kv_heads, **options)
         module = module.to(device, torch.bfloat16)
         pattern = module.selected_pattern(q, k, v)
     else:
@@ -336,6 +351,8 @@ def main() -> None:
         triton_tokens_gathered.GATHER_MIN_BLOCK_K = 1 if args.moba_path == "gathered" else 1 << 62
     lengths, cases = (args.lengths, args.cases) if not args.quick else ([8192, 32768], list(QUICK_CASES))
     columns = _columns()
+    path = args.output or Path(__file__).parent / "results" / device_slug(device) / "token_sparse.json"
+    meta = {"benchmark": "token_sparse", "quick": args.quick, "moba_path": args.moba_path, **environment(device)}
     print(format_table([], columns), flush=True)
     rows, dense_cache, skipped = [], {}, []
     deadline = time.perf_counter() + args.budget
@@ -355,6 +372,9 @@ def main() -> None:
         _speedups(row)
         rows.append(row)
         print(format_table([row], columns).splitlines()[-1], flush=True)
+        for what, error in row["errors"].items():
+            print(f"  {row['case']} {row['seq']}: {what}: {error}", flush=True)
+        write_results(rows, path, meta)  # after every case: a run cut short keeps what it measured
         if device.type == "cuda":
             torch.cuda.empty_cache()
     rows.sort(key=lambda row: (list(CASES).index(row["case"]), row["seq"]))
@@ -365,14 +385,7 @@ def main() -> None:
     for row in rows:
         for what, error in row["errors"].items():
             print(f"  {row['case']} {row['seq']}: {what}: {error}")
-    path = args.output or Path(__file__).parent / "results" / device_slug(device) / "token_sparse.json"
-    meta = {
-        "benchmark": "token_sparse",
-        "quick": args.quick,
-        "moba_path": args.moba_path,
-        "skipped": skipped,
-        **environment(device),
-    }
+    meta["skipped"] = skipped
     write_results(rows, path, meta)
     print(f"wrote {path}")
 

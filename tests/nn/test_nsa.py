@@ -15,8 +15,9 @@ def _module(q_heads, kv_heads, dim, seed, **options):
     torch.manual_seed(seed)
     module = NativeSparseAttention(dim, q_heads, kv_heads, **{**SMALL, **options}).double()
     with torch.no_grad():  # leave the zero initialisation so gates and position encodings matter
-        for parameter in (module.gate_weight, module.gate_bias, module.compress_k.position, module.compress_v.position):
-            parameter.normal_()
+        for name, parameter in module.named_parameters():
+            if name in ("gate_weight", "gate_bias", "compress_k.position", "compress_v.position"):
+                parameter.normal_()
     return module
 
 
@@ -58,8 +59,11 @@ def reference_nsa(module, q, k, v):
     length, stride = module.compress_block, module.compress_stride
     count = max(0, (seq_k - length) // stride + 1)
     ends = [i * stride + length - 1 for i in range(count)]
-    k_cmp = torch.stack([module.compress_k(k[:, :, e - length + 1 : e + 1]) for e in ends], 2) if count else None
-    v_cmp = torch.stack([module.compress_v(v[:, :, e - length + 1 : e + 1]) for e in ends], 2) if count else None
+    compress_k, compress_v = (
+        (module.compress_k, module.compress_v) if module.compressor == "mlp" else (lambda x: x.mean(-2),) * 2
+    )
+    k_cmp = torch.stack([compress_k(k[:, :, e - length + 1 : e + 1]) for e in ends], 2) if count else None
+    v_cmp = torch.stack([compress_v(v[:, :, e - length + 1 : e + 1]) for e in ends], 2) if count else None
     rows = []
     for b in range(batch):
         heads = []
@@ -85,23 +89,32 @@ def reference_nsa(module, q, k, v):
                     for key in range(j * module.select_block, min((j + 1) * module.select_block, pos + 1))
                 ]
                 selected = _attend(query, k[b, kv_head, keys], v[b, kv_head, keys], scale)
-                low = max(0, pos - module.window + 1)
-                window = _attend(query, k[b, kv_head, low : pos + 1], v[b, kv_head, low : pos + 1], scale)
                 gates = torch.sigmoid(query @ module.gate_weight[h] + module.gate_bias[h])
-                tokens.append(gates[0] * compressed + gates[1] * selected + gates[2] * window)
+                token = gates[0] * compressed + gates[1] * selected
+                if module.window:
+                    low = max(0, pos - module.window + 1)
+                    window = _attend(query, k[b, kv_head, low : pos + 1], v[b, kv_head, low : pos + 1], scale)
+                    token = token + gates[2] * window
+                tokens.append(token)
             heads.append(torch.stack(tokens))
         rows.append(torch.stack(heads))
     return torch.stack(rows)
 
 
-# (batch, q_heads, kv_heads, seq_q, seq_k, head_dim)
-SHAPES = [(1, 4, 2, 100, 100, 8), (1, 6, 3, 40, 97, 8), (2, 2, 2, 70, 70, 16)]
+# (batch, q_heads, kv_heads, seq_q, seq_k, head_dim), module options
+CASES = [
+    ((1, 4, 2, 100, 100, 8), {}),
+    ((1, 6, 3, 40, 97, 8), {}),
+    ((2, 2, 2, 70, 70, 16), {}),
+    # fla-core's configuration: mean pooling over non-overlapping blocks, no sliding window.
+    ((1, 4, 1, 75, 83, 8), dict(compressor="mean", compress_block=8, compress_stride=8, window=0)),
+]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_token_level_reference_with_gradients(shape):
+@pytest.mark.parametrize("shape, options", CASES, ids=str)
+def test_matches_token_level_reference_with_gradients(shape, options):
     batch, q_heads, kv_heads, seq_q, seq_k, dim = shape
-    module = _module(q_heads, kv_heads, dim, seed=sum(shape))
+    module = _module(q_heads, kv_heads, dim, seed=sum(shape), **options)
     q, k, v = (x.double().requires_grad_() for x in random_qkv(*shape, seed=sum(shape)))
     out = module(q, k, v)
     # Up to 7 blocks of 16 and 4 kept per token (3 forced): the scores choose for late tokens.
@@ -137,7 +150,8 @@ def test_paper_defaults_run_forward_and_backward():
     [
         (dict(compress_block=10), "compress_block"),
         (dict(select_block=24, compress_stride=16), "select_block"),
-        (dict(window=0), "window"),
+        (dict(window=-1), "window"),
+        (dict(compressor="max"), "compressor"),
     ],
 )
 def test_bad_configuration_names_the_argument(options, message):
@@ -153,33 +167,86 @@ def test_wrong_head_counts_are_refused():
 
 
 @pytest.mark.gpu
-def test_gpu_selected_branch_on_the_token_kernel_matches_the_reference(monkeypatch, poison_outputs):
-    """NSA's shape (64 query / 4 KV heads, head_dim 128) at 8K tokens: the module in bf16 with the
-    selected branch on the triton backend (token-granular kernel) against the module in float32
-    with that branch computed by ``helpers.row_attention`` on every row (exact, dense over the keys
-    with the unselected ones masked; the reference backend takes minutes on one-token query blocks).
-    The two runs select on their own precision, so a few near-tie selections may differ: 2e-2.
-    Estimate: the oracle ~0.5 s (4.3G float32 score elements with gradients, see
-    tests/backends/test_triton_tokens.py), the module's dense branches and selection a few seconds."""
+@pytest.mark.parametrize("options", [{}, dict(compressor="mean", compress_block=64, compress_stride=64, window=0)])
+def test_gpu_branches_on_the_kernels_match_the_reference(monkeypatch, poison_outputs, options):
+    """NSA's shape (64 query / 4 KV heads, head_dim 128) at 8K tokens, bf16: the module on the CUDA
+    kernels (compressed branch on the block kernel, window on the box predicate, selected branch on
+    the token-granular kernel) against the same module on the reference backend, with the selected
+    branch there computed by ``helpers.row_attention`` (exact; the reference backend takes minutes on
+    one-token query blocks). Both runs use one selection (taken from the kernel run), so only the
+    kernels differ; outputs and gradients of q, k, v and the parameters within 2e-2."""
     from types import SimpleNamespace
 
+    from sparse_attn import api as real_api
     from sparse_attn.nn import nsa
 
-    def exact(q, k, v, pattern, *, scale, backend):
-        return row_attention(q, k, v, pattern, torch.arange(q.shape[2]), causal=True, scale=scale)[0]
+    def exact(q, k, v, pattern, *, scale, backend, return_lse=False):
+        if pattern.block_q == 1:
+            return row_attention(q, k, v, pattern, torch.arange(q.shape[2]), causal=True, scale=scale)[0]
+        return real_api.block_sparse_attention(
+            q, k, v, pattern, scale=scale, backend="reference", return_lse=return_lse
+        )
 
     q, k, v = random_qkv(1, 64, 4, 8192, 8192, 128, dtype=torch.bfloat16, device="cuda", seed=5)
+    torch.manual_seed(0)
+    module = NativeSparseAttention(128, 64, 4, **options).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_(std=0.02)
+    pattern = module.selected_pattern(q, k, v)
     results = []
-    for backend, dtype in (("triton", torch.bfloat16), ("reference", torch.float32)):
-        torch.manual_seed(0)
-        module = NativeSparseAttention(128, 64, 4, backend=backend).cuda().to(dtype)
-        inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    for reference in (False, True):
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        module.zero_grad()
         with monkeypatch.context() as patch:
-            if backend == "reference":
+            patch.setattr(module, "selection", lambda *args: pattern)
+            if reference:
                 patch.setattr(nsa, "api", SimpleNamespace(block_sparse_attention=exact))
             out = module(*inputs)
-        out.backward(torch.ones_like(out))
-        results.append([out.detach(), *(x.grad for x in inputs)])
+        out.float().square().mean().backward()
+        grads = [x.grad for x in inputs] + [p.grad.clone() for p in module.parameters()]
+        results.append([out.detach(), *grads])
     for got, want in zip(*results, strict=True):
         assert torch.isfinite(got).all()
-        assert relative_error(got, want) <= 2e-2
+        assert relative_error(got.float(), want.float()) <= 2e-2
+
+
+@pytest.mark.parametrize(
+    "seq_q, seq_k, window", [(1, 1, 4), (37, 37, 5), (40, 300, 64), (130, 130, 128), (200, 513, 3)]
+)
+def test_window_pattern_and_its_predicate_are_the_causal_window(seq_q, seq_k, window):
+    """The window branch's pattern (lists, cut entries, rule) keeps exactly ``i - window < j <= i``, and
+    the rule's box predicate (what the kernels evaluate) equals the rule on every pair."""
+    from sparse_attn.nn.nsa import window_pattern
+    from sparse_attn.rule_predicate import box_allowed
+
+    pattern = window_pattern(seq_q, seq_k, window, block=16)
+    pattern.validate(causal=True)
+    rows = torch.arange(seq_q)[:, None] + (seq_k - seq_q)
+    keys = torch.arange(seq_k)[None, :]
+    expected = (keys <= rows) & (keys > rows - window)
+    blocks = pattern.to_mask()[0, 0].repeat_interleave(16, 0).repeat_interleave(16, 1)[:seq_q, :seq_k]
+    rule = pattern.token_rule
+    assert torch.equal(blocks & (keys <= rows) & rule.allowed(rows, keys), expected)
+    assert torch.equal(box_allowed(rule.kernel_predicate(), rows, keys), rule.allowed(rows, keys))
+    # Entries not marked cut are whole for the rule (up to the causal mask, which the kernels apply anyway).
+    used = torch.arange(pattern.max_kv) < pattern.kv_counts[..., None]
+    for q_block, slot in (used & ~pattern.rule_partial)[0, 0].nonzero().tolist():
+        k_block = int(pattern.kv_indices[0, 0, q_block, slot])
+        r = rows[q_block * 16 : (q_block + 1) * 16]
+        c = keys[:, k_block * 16 : (k_block + 1) * 16]
+        assert bool((rule.allowed(r, c) | (c > r)).all())
+
+
+@pytest.mark.parametrize("front, seq, stride", [(0, 32, 16), (3, 29, 4), (7, 1, 8), (1, 50, 1)])
+def test_residue_regrouping_round_trips(front, seq, stride):
+    from sparse_attn.nn.nsa import _by_residue, _from_residue
+
+    x = torch.randn(2, 3, seq, 5)
+    rows = -(-(front + seq) // stride)
+    grouped = _by_residue(x, front, rows, stride)
+    assert grouped.shape == (2, 3 * stride, rows, 5)
+    t = 4 if seq > 4 else 0
+    position = front + t
+    assert torch.equal(grouped[:, 1 * stride + position % stride, position // stride], x[:, 1, t])
+    assert torch.equal(_from_residue(grouped, front, seq, stride), x)

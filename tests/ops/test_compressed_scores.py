@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_attn.nn.nsa import NativeSparseAttention, _probabilities
+from sparse_attn.nn.nsa import NativeSparseAttention
 from sparse_attn.ops.compressed_scores import compressed_block_scores, naive
 
 # (compress_block l, compress_stride d, select_block l', group G, batch, kv_heads, chunk c, first_pos, Sk, head_dim):
@@ -116,6 +116,15 @@ def test_kernel_without_compressed_keys_writes_zeros(poison_outputs):
         assert torch.equal(out, torch.zeros(1, 2, case[6], options["n_select"]))
 
 
+def _probabilities(q, keys, key_pos, query_pos, lowest, scale):
+    """Softmax of ``q`` ``(B, Hkv, G, c, D)`` over the keys ``(B, Hkv, n, D)`` with
+    ``lowest <= key_pos <= query_pos`` (NSA's selection before the operator; a row with no key is 0)."""
+    scores = torch.matmul(q * scale, keys.unsqueeze(2).transpose(-1, -2))
+    visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] >= lowest[:, None])
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1)[:, None], 0.0)
+
+
 def _nsa_block_scores(module, q, k_cmp, end, seq_k, tokens, scale):
     """The ``block_scores`` NativeSparseAttention.selection's ``mask_rows`` builds, before forcing and masking."""
     batch, q_heads, seq_q, dim = q.shape
@@ -147,13 +156,16 @@ def test_equals_the_scores_nsa_selection_ranks(options):
     k, v = torch.randn(batch, 2, seq_k, 16), torch.randn(batch, 2, seq_k, 16)
     scale = 16**-0.5
     with torch.no_grad():
-        k_cmp, _, end = module.compressed_tokens(k, v)
+        k_cmp, v_cmp, end = module.compressed_tokens(k, v)
+        _, module_lse = module.compressed_branch(q, k_cmp, v_cmp, seq_k, scale)
     tokens = range(7, 38)
     expected = _nsa_block_scores(module, q, k_cmp, end, seq_k, tokens, scale)
     chunk = q[:, :, tokens.start : tokens.stop]
     first_pos = tokens.start + seq_k - seq_q
     logits = chunk.double() @ k_cmp.double().repeat_interleave(3, 1).transpose(-1, -2) * scale
     logits = logits.masked_fill(end > (torch.arange(len(tokens)) + first_pos)[:, None], float("-inf"))
+    # The compressed branch's own log-sum-exp (the module passes it to the operator) is this one.
+    torch.testing.assert_close(module_lse[:, :, tokens.start : tokens.stop], torch.logsumexp(logits, -1).float())
     out = compressed_block_scores(
         chunk,
         k_cmp,

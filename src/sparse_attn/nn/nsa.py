@@ -1,4 +1,4 @@
-"""NSA: Native Sparse Attention's three branches on the token-granular block-sparse kernels.
+"""NSA: Native Sparse Attention's three branches on the block-sparse kernels.
 
 Paper: Jingyang Yuan, Huazuo Gao, Damai Dai, Junyu Luo, Liang Zhao, Zhengyan Zhang, Zhenda Xie,
 Y. X. Wei, Lean Wang, Zhiping Xiao, et al., "Native Sparse Attention: Hardware-Aligned and
@@ -21,7 +21,29 @@ with gates ``g`` in (0, 1) from a learned projection and a sigmoid:
   with one list per KV head: the token-granular Triton kernel on CUDA, the reference elsewhere.
 * sliding window: the last ``window`` (w = 512) tokens up to ``t``.
 
-Defaults are the paper's: l = 32, d = 16, l' = 64, n = 16, w = 512.
+Defaults are the paper's: l = 32, d = 16, l' = 64, n = 16, w = 512, ``compressor="mlp"``.
+Options outside the paper: ``window=0`` drops the sliding-window branch and
+``compressor="mean"`` compresses a block by the mean of its keys (values), with no parameters:
+together with ``compress_block = compress_stride = select_block = 64`` this is the configuration
+flash-linear-attention's NSA kernels run (``benchmarks/token_sparse.py`` compares the two).
+
+How each branch runs (all through :func:`sparse_attn.block_sparse_attention`, so each gets the
+backend's forward and backward and the reference off CUDA):
+
+* compressed (:meth:`NativeSparseAttention.compressed_branch`): query position ``p`` sees the
+  compressed tokens ``i <= (p + 1) // d - l / d``, a bound shared by the ``d`` positions with
+  the same ``(p + 1) // d``. The queries are regrouped so that each residue ``(p + 1) % d`` of a
+  query head is a pseudo-head (``d`` per head, all on the head's KV head) with one row per
+  ``(p + 1) // d``; the branch is then plain causal attention of ``~S / d`` rows over the ``~S / d``
+  compressed tokens on a dense causal block pattern (the Gluon / Triton block kernels on CUDA),
+  which also returns the log-sum-exp the selection needs. Exact; one copy of q in and of the
+  output back.
+* selection scores (:func:`sparse_attn.ops.compressed_scores.compressed_block_scores`, a fused
+  Triton kernel on CUDA): the compressed probabilities recomputed from that log-sum-exp, summed
+  over the group and mapped to selection blocks, chunk by chunk of query tokens; top-n in PyTorch.
+* sliding window: a block pattern over 128-token blocks (:func:`window_pattern`) whose first
+  blocks are cut by :class:`CausalWindowRule`, a one-field box predicate the Triton and Gluon
+  kernels evaluate per score (:mod:`sparse_attn.rule_predicate`).
 
 Choices where the paper leaves room (or where its text could not be checked here: the stored
 copies reachable in this session held summaries, not the equations):
@@ -48,10 +70,13 @@ copies reachable in this session held summaries, not the equations):
   shared by the heads.
 - Differentiable in q, k, v and every parameter through the compressed and window branches and
   the selected branch's attention; the top-n choice is discrete (no gradient through it).
+- The selection ranks the compressed probabilities of the backend's precision (bf16 inputs, float32
+  accumulation on CUDA): near-ties can rank differently than in float32.
 
-Memory: the compressed and window branches are computed in chunks of query tokens
-(checkpointed under autograd), so memory stays ``O(S * (S / d + w))`` per chunk of rows, never a
-whole ``S x S`` table; the selection is streamed by :func:`sparse_attn.ops.to_pattern.stream_pattern`.
+Memory: the branches run on the block-sparse kernels (O(S * D) activations, patterns of
+O(S / 128) entries per row block); the selection is streamed by
+:func:`sparse_attn.ops.to_pattern.stream_pattern`, holding one chunk's ``(B, Hkv, c, S / l')``
+scores. No ``S x S`` table at any point.
 A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_in_nsa`; a decode
 step (one query over the cache) recomputes the compressed tokens of the whole cache and plans a
 one-row pattern: correct, not yet fast (a cache of compressed tokens is the next step).
@@ -61,17 +86,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .. import api  # a module, not its names: methods import sparse_attn.nn while api loads
 from ..checks import check_attention_inputs, check_int
+from ..masked_pattern import MaskedPattern
+from ..ops.compressed_scores import compressed_block_scores
 from ..ops.to_pattern import stream_pattern
-from ..pattern import BlockSparsePattern
+from ..pattern import BlockSparsePattern, dense_pattern
+from ..rule_predicate import pack_box
 
 __all__ = ["NativeSparseAttention"]
-
-# Score elements per chunk of query rows in the compressed and window branches.
-_CHUNK_SCORES = 1 << 22
 
 
 class _BlockCompressor(nn.Module):
@@ -86,19 +110,71 @@ class _BlockCompressor(nn.Module):
         return self.mlp((blocks + self.position.to(blocks.dtype)).flatten(-2))
 
 
-def _probabilities(q, keys, key_pos, query_pos, lowest, scale):
-    """Softmax of ``q`` ``(B, Hkv, G, c, D)`` against ``keys`` ``(B, Hkv, n, D)`` over the keys with
-    ``lowest <= key_pos <= query_pos``: ``(B, Hkv, G, c, n)``; a row with no such key is all 0."""
-    scores = torch.matmul(q * scale, keys.unsqueeze(2).transpose(-1, -2))
-    visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] >= lowest[:, None])
-    scores = scores.masked_fill(~visible, float("-inf"))
-    # softmax of an all -inf row is NaN; such rows get weight 0 everywhere instead.
-    return torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1)[:, None], 0.0)
+class CausalWindowRule:
+    """Token rule of the sliding-window branch: key ``j`` is allowed for the query at position ``i``
+    when ``i - window < j <= i``. Offers a one-field
+    box predicate (:mod:`sparse_attn.rule_predicate`), so the Triton and Gluon kernels evaluate it
+    arithmetically."""
+
+    def __init__(self, window: int, seq_k: int, device=None):
+        self.window, self.seq_k, self.device = window, seq_k, device
+
+    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return (k_pos <= q_pos) & (k_pos > q_pos - self.window)
+
+    def to(self, device) -> CausalWindowRule:
+        return CausalWindowRule(self.window, self.seq_k, device)
+
+    def kernel_predicate(self):
+        positions = torch.arange(self.seq_k, device=self.device)
+        never = torch.zeros(self.seq_k, dtype=torch.bool, device=self.device)
+        return pack_box(
+            [positions], [positions - (self.window - 1)], [positions], [max(self.seq_k - 1, 1)],
+            key_always=never, query_all=never,
+        )  # fmt: skip
 
 
-def _chunk_attention(q, keys, values, key_pos, query_pos, lowest, scale):
-    """:func:`_probabilities` times ``values`` ``(B, Hkv, n, D)``: ``(B, Hkv, G, c, D)``."""
-    return torch.matmul(_probabilities(q, keys, key_pos, query_pos, lowest, scale), values.unsqueeze(2))
+def window_pattern(seq_q: int, seq_k: int, window: int, *, block: int = 128, device=None) -> MaskedPattern:
+    """The causal sliding window of ``window`` keys (the query's own included) as a block pattern
+    with :class:`CausalWindowRule` inside the blocks it cuts: per query block, the key blocks from
+    the one holding its first row's oldest key to its diagonal."""
+    offset = seq_k - seq_q
+    n_q, n_k = -(-seq_q // block), -(-seq_k // block)
+    first_row = torch.arange(n_q, device=device) * block + offset  # key-space position of each block's first row
+    last_row = torch.clamp(first_row + block - 1, max=seq_k - 1)
+    lowest = torch.clamp(first_row - (window - 1), min=0) // block
+    highest = last_row // block
+    span = int((highest - lowest).max()) + 1 if n_q else 1
+    slots = torch.arange(span, device=device)
+    indices = lowest[:, None] + slots[None, :]
+    counts = (highest - lowest + 1).to(torch.int32)
+    used = slots[None, :] < counts[:, None].long()
+    indices = torch.where(used, indices, 0).clamp(max=n_k - 1)
+    # A kept block is whole for the window when its first key is inside every row's window.
+    partial = used & (indices * block < (last_row - (window - 1))[:, None])
+    pattern = BlockSparsePattern(
+        kv_counts=counts[None, None], kv_indices=indices.to(torch.int32)[None, None],
+        block_q=block, block_k=block, seq_q=seq_q, seq_k=seq_k,
+    )  # fmt: skip
+    return MaskedPattern._same_lists(pattern, token_rule=CausalWindowRule(window, seq_k, device),
+                                     rule_partial=partial[None, None])  # fmt: skip
+
+
+def _by_residue(x: torch.Tensor, front: int, rows: int, stride: int) -> torch.Tensor:
+    """``(B, H, S, D)`` -> ``(B, H * d, rows, D)``: the token at padded index ``front + t`` goes to
+    pseudo-head ``h * d + (front + t) % d``, row ``(front + t) // d`` (zeros where no token is)."""
+    batch, heads, seq, dim = x.shape
+    padded = nn.functional.pad(x, (0, 0, front, rows * stride - front - seq))
+    return padded.view(batch, heads, rows, stride, dim).transpose(2, 3).reshape(batch, heads * stride, rows, dim)
+
+
+def _from_residue(x: torch.Tensor, front: int, seq: int, stride: int) -> torch.Tensor:
+    """The inverse of :func:`_by_residue` on ``(B, H * d, rows, ...)`` (a trailing head_dim or none)."""
+    batch, pseudo, rows = x.shape[:3]
+    tail = x.shape[3:]
+    heads = pseudo // stride
+    unfolded = x.view(batch, heads, stride, rows, *tail).transpose(2, 3).reshape(batch, heads, rows * stride, *tail)
+    return unfolded[:, :, front : front + seq]
 
 
 class NativeSparseAttention(nn.Module):
@@ -118,6 +194,7 @@ class NativeSparseAttention(nn.Module):
         select_block: int = 64,
         select_top_n: int = 16,
         window: int = 512,
+        compressor: str = "mlp",
         backend: str = "auto",
     ):
         super().__init__()
@@ -129,9 +206,11 @@ class NativeSparseAttention(nn.Module):
             ("compress_stride", compress_stride),
             ("select_block", select_block),
             ("select_top_n", select_top_n),
-            ("window", window),
         ):
             check_int(name, value)
+        check_int("window", window, minimum=0)
+        if compressor not in ("mlp", "mean"):
+            raise ValueError(f"compressor must be 'mlp' or 'mean', got {compressor!r}")
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         for name, value in (("compress_block", compress_block), ("select_block", select_block)):
@@ -140,8 +219,10 @@ class NativeSparseAttention(nn.Module):
         self.head_dim, self.num_q_heads, self.num_kv_heads = head_dim, num_q_heads, num_kv_heads
         self.compress_block, self.compress_stride = compress_block, compress_stride
         self.select_block, self.select_top_n, self.window, self.backend = select_block, select_top_n, window, backend
-        self.compress_k = _BlockCompressor(compress_block, head_dim)
-        self.compress_v = _BlockCompressor(compress_block, head_dim)
+        self.compressor = compressor
+        if compressor == "mlp":
+            self.compress_k = _BlockCompressor(compress_block, head_dim)
+            self.compress_v = _BlockCompressor(compress_block, head_dim)
         self.gate_weight = nn.Parameter(torch.zeros(num_q_heads, head_dim, 3))
         self.gate_bias = nn.Parameter(torch.zeros(num_q_heads, 3))
 
@@ -157,63 +238,64 @@ class NativeSparseAttention(nn.Module):
         # unfold: (B, H, n, D, l) -> (B, H, n, l, D)
         blocks_k = k.unfold(2, self.compress_block, self.compress_stride).transpose(-1, -2)
         blocks_v = v.unfold(2, self.compress_block, self.compress_stride).transpose(-1, -2)
+        if self.compressor == "mean":
+            return blocks_k.mean(-2), blocks_v.mean(-2), end
         return self.compress_k(blocks_k), self.compress_v(blocks_v), end
 
-    def _branch(self, q, keys, values, key_pos, offset: int, scale: float, window: int | None = None):
-        """A dense branch over ``keys`` / ``values`` ``(B, Hkv, n, D)`` at positions ``key_pos``
-        (ascending), causal, and with ``window`` within the last ``window`` positions (then
-        ``key_pos`` must be ``arange(n)`` and each chunk reads only its window's keys). Computed
-        in chunks of query rows, checkpointed under autograd: ``(B, Hq, Sq, D)``."""
-        batch, q_heads, seq_q, dim = q.shape
-        grouped = q.view(batch, self.num_kv_heads, q_heads // self.num_kv_heads, seq_q, dim)
-        span = keys.shape[2] if window is None else window
-        step = max(1, _CHUNK_SCORES // max(1, batch * q_heads * span))
-        outputs = []
-        for start in range(0, seq_q, step):
-            query_pos = torch.arange(start, min(start + step, seq_q), device=q.device) + offset
-            if window is None:
-                lowest, keys_in = torch.zeros_like(query_pos), slice(None)
-            else:
-                lowest = query_pos - (window - 1)
-                keys_in = slice(max(0, int(lowest[0])), int(query_pos[-1]) + 1)
-            inputs = (grouped[:, :, :, start : start + step], keys[:, :, keys_in], values[:, :, keys_in])
-            inputs += (key_pos[keys_in], query_pos, lowest, scale)
-            if torch.is_grad_enabled() and any(x.requires_grad for x in (q, keys, values)):
-                outputs.append(checkpoint(_chunk_attention, *inputs, use_reentrant=False))
-            else:
-                outputs.append(_chunk_attention(*inputs))
-        return torch.cat(outputs, dim=3).view(batch, q_heads, seq_q, dim)
+    def compressed_branch(self, q, k_cmp, v_cmp, seq_k: int, scale: float):
+        """``(out, lse)``: the compressed branch ``(B, Hq, Sq, D)`` and its natural-log log-sum-exp
+        ``(B, Hq, Sq)`` (``-inf``, with output 0, where a query sees no compressed token).
 
-    def selection(self, q: torch.Tensor, k_cmp: torch.Tensor, end: torch.Tensor, seq_k: int, scale: float):
-        """The selected branch's pattern: ``block_q = 1``, ``block_k = select_block``, one list per KV head."""
+        Query position ``p`` sees compressed token ``i`` iff ``i <= (p + 1) // d - l / d``: the same
+        bound for the ``d`` positions with equal ``(p + 1) // d``. So the queries are regrouped, each
+        residue ``(p + 1) % d`` a pseudo-head (``d`` per query head, sharing its KV head) with one
+        row per ``m = (p + 1) // d``, and row ``m`` sees the first ``m - l / d + 1`` compressed tokens:
+        ordinary causal attention of those rows over the compressed tokens, which the block kernels
+        run (:func:`sparse_attn.block_sparse_attention` on a dense causal pattern, differentiable).
+        """
         batch, q_heads, seq_q, dim = q.shape
-        group = q_heads // self.num_kv_heads
+        stride, per_block = self.compress_stride, self.compress_block // self.compress_stride
+        offset, n_cmp = seq_k - seq_q, k_cmp.shape[2]
+        first_row, last_row = (offset + 1) // stride, seq_k // stride
+        rows, front = last_row - first_row + 1, offset + 1 - first_row * stride
+        start_row = max(first_row, per_block)  # rows before it see no compressed token
+        if n_cmp == 0 or start_row > last_row:
+            return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+        grouped = _by_residue(q, front, rows, stride)[:, :, start_row - first_row :]
+        pattern = dense_pattern(seq_q=grouped.shape[2], seq_k=n_cmp, causal=True, device=q.device)
+        out, lse = api.block_sparse_attention(
+            grouped, k_cmp, v_cmp, pattern, scale=scale, backend=self.backend, return_lse=True
+        )
+        skipped = start_row - first_row
+        out = nn.functional.pad(out, (0, 0, skipped, 0))
+        lse = nn.functional.pad(lse, (skipped, 0), value=float("-inf"))
+        return _from_residue(out, front, seq_q, stride), _from_residue(lse, front, seq_q, stride)
+
+    def selection(self, q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, seq_k: int, scale: float):
+        """The selected branch's pattern: ``block_q = 1``, ``block_k = select_block``, one list per KV
+        head, scored by :func:`sparse_attn.ops.compressed_scores.compressed_block_scores` from the
+        compressed branch's log-sum-exp ``lse`` ``(B, Hq, Sq)``."""
+        batch, q_heads, seq_q, dim = q.shape
+        offset = seq_k - seq_q
         n_blocks = -(-seq_k // self.select_block)
         columns = torch.arange(n_blocks, device=q.device)
-        # Overlap of compressed block i (keys [i d, i d + l)) with selection blocks, in stride pieces:
-        # it spans at most two selection blocks, `first` and `first + 1`.
-        start = end - (self.compress_block - 1)
-        first = start // self.select_block
-        in_first = (torch.clamp((first + 1) * self.select_block, max=end + 1) - start) // self.compress_stride
-        in_second = self.compress_block // self.compress_stride - in_first
-        second = torch.clamp(first + 1, max=n_blocks - 1)
 
         def mask_rows(tokens: range) -> torch.Tensor:
-            query_pos = torch.arange(tokens.start, tokens.stop, device=q.device) + (seq_k - seq_q)
+            query_pos = torch.arange(tokens.start, tokens.stop, device=q.device) + offset
             own = (query_pos // self.select_block)[:, None]
-            block_scores = torch.zeros((batch, self.num_kv_heads, len(tokens), n_blocks), device=q.device)
             if k_cmp.shape[2]:
-                grouped = q[:, :, tokens.start : tokens.stop].float().view(batch, self.num_kv_heads, group, -1, dim)
-                probabilities = _probabilities(
-                    grouped, k_cmp.float(), end, query_pos, torch.zeros_like(query_pos), scale
-                )
-                summed = probabilities.sum(2)  # over the group: (B, Hkv, c, n_cmp)
-                block_scores.index_add_(-1, first, summed * in_first)
-                block_scores.index_add_(-1, second, summed * in_second)
+                block_scores = compressed_block_scores(
+                    q[:, :, tokens.start : tokens.stop], k_cmp, lse[:, :, tokens.start : tokens.stop],
+                    first_pos=tokens.start + offset, compress_block=self.compress_block,
+                    compress_stride=self.compress_stride, select_block=self.select_block, n_select=n_blocks,
+                    scale=scale,
+                )  # fmt: skip
                 # A token that sees no compressed token ranks nothing: it keeps the forced blocks.
-                block_scores.masked_fill_(~(end[None, :] <= query_pos[:, None]).any(-1)[:, None], float("-inf"))
+                block_scores.masked_fill_((query_pos < self.compress_block - 1)[:, None], float("-inf"))
             else:
-                block_scores.fill_(float("-inf"))
+                block_scores = torch.full(
+                    (batch, self.num_kv_heads, len(tokens), n_blocks), float("-inf"), device=q.device
+                )
             forced = (columns == 0) | (columns == own) | (columns == own - 1)
             block_scores = torch.where(forced, float("inf"), block_scores).masked_fill(columns > own, float("-inf"))
             top = block_scores.topk(min(self.select_top_n, n_blocks), dim=-1).indices
@@ -242,16 +324,17 @@ class NativeSparseAttention(nn.Module):
                 f"{self.head_dim}, got q {tuple(q.shape)} and k {tuple(k.shape)}"
             )
         seq_q, seq_k = q.shape[2], k.shape[2]
-        offset = seq_k - seq_q
-        k_cmp, v_cmp, end = self.compressed_tokens(k, v)
-        compressed = self._branch(q, k_cmp, v_cmp, end, offset, scale)
+        k_cmp, v_cmp, _ = self.compressed_tokens(k, v)
+        compressed, lse = self.compressed_branch(q, k_cmp, v_cmp, seq_k, scale)
         with torch.no_grad():
-            pattern = self.selection(q.detach(), k_cmp.detach(), end, seq_k, scale)
+            pattern = self.selection(q.detach(), k_cmp.detach(), lse.detach(), seq_k, scale)
         selected = api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend)
-        positions = torch.arange(seq_k, device=k.device)
-        window = self._branch(q, k, v, positions, offset, scale, window=self.window)
         gates = torch.sigmoid(torch.einsum("bhsd,hdg->bhsg", q, self.gate_weight.to(q.dtype)) + self.gate_bias[:, None])
-        out = gates[..., 0:1] * compressed + gates[..., 1:2] * selected + gates[..., 2:3] * window
+        out = gates[..., 0:1] * compressed + gates[..., 1:2] * selected
+        if self.window:
+            pattern = window_pattern(seq_q, seq_k, self.window, device=q.device)
+            window = api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend)
+            out = out + gates[..., 2:3] * window
         return out.to(q.dtype)
 
     def selected_pattern(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
@@ -259,5 +342,6 @@ class NativeSparseAttention(nn.Module):
         """The pattern the selected branch computes for these inputs (no gradient)."""
         scale = check_attention_inputs(q, k, v, scale)
         with torch.no_grad():
-            k_cmp, _, end = self.compressed_tokens(k, v)
-            return self.selection(q, k_cmp, end, k.shape[2], scale)
+            k_cmp, v_cmp, _ = self.compressed_tokens(k, v)
+            _, lse = self.compressed_branch(q, k_cmp, v_cmp, k.shape[2], scale)
+            return self.selection(q, k_cmp, lse, k.shape[2], scale)
