@@ -245,7 +245,38 @@ def dense_times(seq: int, q_heads: int, kv_heads: int, device, budget: Budget) -
     return {**times, "errors": errors}
 
 
-def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, fla: bool = True, seed: int = 0) -> dict:
+def nsa_parts(module: NativeSparseAttention, q, k, v, device, budget: Budget) -> dict:
+    """Forward ms of each step of the NSA module (no gradient): compression, compressed branch,
+    selection, selected branch, window branch (its pattern built inside the timing, as in the module)."""
+    from sparse_attn.nn.nsa import window_pattern
+
+    scale = q.shape[-1] ** -0.5
+    seq_k = k.shape[2]
+    with torch.no_grad():
+        k_cmp, v_cmp, _ = module.compressed_tokens(k, v)
+        _, lse = module.compressed_branch(q, k_cmp, v_cmp, seq_k, scale)
+        pattern = module.selection(q, k_cmp, lse, seq_k, scale)
+    steps = {
+        "compress": lambda: module.compressed_tokens(k, v),
+        "compressed_branch": lambda: module.compressed_branch(q, k_cmp, v_cmp, seq_k, scale),
+        "selection": lambda: module.selection(q, k_cmp, lse, seq_k, scale),
+        "selected_branch": lambda: sa.block_sparse_attention(q, k, v, pattern, scale=scale),
+    }
+    if module.window:
+        steps["window_branch"] = lambda: sa.block_sparse_attention(
+            q, k, v, window_pattern(q.shape[2], seq_k, module.window, device=q.device), scale=scale
+        )
+
+    def run(step):
+        with torch.no_grad():
+            return step()
+
+    return {name: budget.measure(partial(run, step), device)[0] for name, step in steps.items()}
+
+
+def run_case(
+    name: str, seq: int, device, *, budget_s: float, flex: bool, fla: bool = True, parts: bool = False, seed: int = 0
+) -> dict:
     spec = CASES[name]
     budget = Budget(budget_s)
     q_heads, kv_heads = spec["q_heads"], spec["kv_heads"]
@@ -299,6 +330,8 @@ def run_case(name: str, seq: int, device, *, budget_s: float, flex: bool, fla: b
         with torch.no_grad():
             ours, theirs = attention["ours"](q, k, v).float(), attention["fla"](q, k, v).float()
             row["fla_max_abs_diff"] = float((ours - theirs).abs().max())
+    if spec["kind"] == "nsa-module" and parts:
+        row["parts_fwd_ms"] = nsa_parts(module, q, k, v, device, budget)
     for label, fn in attention.items():
         runs = {"fwd": partial(_forward, fn, q, k, v), "fwdbwd": partial(_forward_backward, fn, q, k, v, dout)}
         for mode, run in runs.items():
@@ -333,6 +366,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"8K and 32K, cases {', '.join(QUICK_CASES)}")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
     parser.add_argument("--no-fla", action="store_true", help="skip fla-core's NSA (measured when importable)")
+    parser.add_argument("--parts", action="store_true", help="nsa-module cases: also time each step of the module")
     parser.add_argument("--case-budget", type=float, default=40.0, help="seconds per case before skipping the rest")
     parser.add_argument("--budget", type=float, default=170.0, help="seconds for the run; later cases are skipped")
     parser.add_argument("--device", default="cuda", help="cuda; cpu runs tiny --lengths under TRITON_INTERPRET=1")
@@ -362,7 +396,9 @@ def main() -> None:
         if time.perf_counter() > deadline:
             skipped.append(f"{name} {seq}")
             continue
-        row = run_case(name, seq, device, budget_s=args.case_budget, flex=not args.no_flex, fla=not args.no_fla)
+        row = run_case(
+            name, seq, device, budget_s=args.case_budget, flex=not args.no_flex, fla=not args.no_fla, parts=args.parts
+        )
         shape = (seq, row["q_heads"], row["kv_heads"])
         if shape not in dense_cache:
             dense_cache[shape] = dense_times(*shape, device, Budget(args.case_budget))
@@ -374,6 +410,9 @@ def main() -> None:
         print(format_table([row], columns).splitlines()[-1], flush=True)
         for what, error in row["errors"].items():
             print(f"  {row['case']} {row['seq']}: {what}: {error}", flush=True)
+        if row.get("parts_fwd_ms"):
+            steps = ", ".join(f"{step} {ms:.2f}" for step, ms in row["parts_fwd_ms"].items() if ms is not None)
+            print(f"  {row['case']} {row['seq']}: forward ms by step: {steps}", flush=True)
         write_results(rows, path, meta)  # after every case: a run cut short keeps what it measured
         if device.type == "cuda":
             torch.cuda.empty_cache()

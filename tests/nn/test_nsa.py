@@ -208,7 +208,10 @@ def test_gpu_branches_on_the_kernels_match_the_reference(monkeypatch, poison_out
         results.append([out.detach(), *grads])
     for got, want in zip(*results, strict=True):
         assert torch.isfinite(got).all()
-        assert relative_error(got.float(), want.float()) <= 2e-2
+        if want.float().norm() < 1e-6:  # a gradient that is zero in exact arithmetic (see the CPU test)
+            assert got.float().norm() < 1e-5
+        else:
+            assert relative_error(got.float(), want.float()) <= 2e-2
 
 
 @pytest.mark.parametrize(

@@ -312,7 +312,8 @@ class NativeSparseAttention(nn.Module):
             block_k=self.select_block,
             causal=True,
             device=q.device,
-            row_elements=batch * q_heads * (k_cmp.shape[2] + n_blocks),
+            # Held per token: the group scores and the top-n temporaries, (B, Hkv, n_blocks) each.
+            row_elements=4 * batch * self.num_kv_heads * n_blocks,
         )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
