@@ -106,6 +106,7 @@ CASES = [
     ((1, 4, 2, 100, 100, 8), {}),
     ((1, 6, 3, 40, 97, 8), {}),
     ((2, 2, 2, 70, 70, 16), {}),
+    ((2, 4, 2, 1, 97, 8), {}),  # a decode step: one query at the end of the keys
     # fla-core's configuration: mean pooling over non-overlapping blocks, no sliding window.
     ((1, 4, 1, 75, 83, 8), dict(compressor="mean", compress_block=8, compress_stride=8, window=0)),
 ]

@@ -252,10 +252,21 @@ class NativeSparseAttention(nn.Module):
         row per ``m = (p + 1) // d``, and row ``m`` sees the first ``m - l / d + 1`` compressed tokens:
         ordinary causal attention of those rows over the compressed tokens, which the block kernels
         run (:func:`sparse_attn.block_sparse_attention` on a dense causal pattern, differentiable).
+        A single query (a decode step) sees a prefix of the compressed tokens: dense attention over
+        that prefix, without the regrouping.
         """
         batch, q_heads, seq_q, dim = q.shape
         stride, per_block = self.compress_stride, self.compress_block // self.compress_stride
         offset, n_cmp = seq_k - seq_q, k_cmp.shape[2]
+        if seq_q == 1 and n_cmp:  # a decode step: its visible compressed tokens are a prefix
+            visible = min(n_cmp, max(0, (seq_k - self.compress_block) // stride + 1))
+            if visible == 0:
+                return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+            pattern = dense_pattern(seq_q=1, seq_k=visible, causal=True, device=q.device)
+            return api.block_sparse_attention(
+                q, k_cmp[:, :, :visible], v_cmp[:, :, :visible], pattern, scale=scale, backend=self.backend,
+                return_lse=True,
+            )  # fmt: skip
         first_row, last_row = (offset + 1) // stride, seq_k // stride
         rows, front = last_row - first_row + 1, offset + 1 - first_row * stride
         start_row = max(first_row, per_block)  # rows before it see no compressed token
