@@ -43,24 +43,32 @@ def check_tensor(name: str, x) -> None:
         raise ValueError(f"{name} must have 4 dimensions (batch, heads, seq, head_dim), got shape {tuple(x.shape)}")
 
 
-def check_query_key(q, k) -> None:
-    """Shape, dtype and device checks shared by attention and estimation (q and k only)."""
+def check_key_like(q, k, name: str = "k") -> None:
+    """``q`` ``(B, Hq, Sq, D)`` and keys ``k`` ``(B, Hkv, Sk, D)`` (named ``name`` in errors): 4-D
+    tensors of one dtype and device, the same batch and head_dim, ``Hq`` a positive multiple of ``Hkv``."""
     check_tensor("q", q)
-    check_tensor("k", k)
+    check_tensor(name, k)
     if k.dtype != q.dtype:
-        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {k.dtype}")
     if k.device != q.device:
-        raise ValueError(f"k must be on q's device {q.device}, got {k.device}")
-    batch, q_heads, seq_q, dim = q.shape
+        raise ValueError(f"{name} must be on q's device {q.device}, got {k.device}")
+    batch, q_heads, _, dim = q.shape
     if k.shape[0] != batch:
-        raise ValueError(f"k must have q's batch size {batch}, got {k.shape[0]}")
+        raise ValueError(f"{name} must have q's batch size {batch}, got {k.shape[0]}")
     if k.shape[3] != dim:
-        raise ValueError(f"k must have q's head_dim {dim}, got {k.shape[3]}")
+        raise ValueError(f"{name} must have q's head_dim {dim}, got {k.shape[3]}")
     kv_heads = k.shape[1]
     if kv_heads == 0 or q_heads == 0 or q_heads % kv_heads != 0:
         raise ValueError(
-            f"the number of query heads ({q_heads}) must be a positive multiple of the number of KV heads ({kv_heads})"
+            f"the number of query heads ({q_heads}) must be a positive multiple of the number of KV heads "
+            f"({kv_heads}, {name}'s heads)"
         )
+
+
+def check_query_key(q, k) -> None:
+    """Shape, dtype and device checks shared by attention and estimation (q and k only)."""
+    check_key_like(q, k)
+    batch, q_heads, seq_q, dim = q.shape
     if seq_q == 0:
         raise ValueError("q has an empty sequence (seq_q == 0)")
     if batch == 0 or dim == 0:

@@ -45,7 +45,7 @@ import warnings
 
 import torch
 
-from ...checks import check_int, check_tensor
+from ...checks import check_int, check_key_like
 from .._dispatch import kernel_for
 from .naive import compressed_block_scores as compressed_block_scores_reference
 from .naive import visible_count
@@ -57,21 +57,8 @@ def check_compressed_scores_inputs(
     q, k_cmp, lse, *, first_pos, compress_block, compress_stride, select_block, n_select, scale
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument unless the inputs form a valid case."""
-    check_tensor("q", q)
-    check_tensor("k_cmp", k_cmp)
-    if k_cmp.dtype != q.dtype:
-        raise TypeError(f"k_cmp must have q's dtype {q.dtype}, got {k_cmp.dtype}")
-    if k_cmp.device != q.device:
-        raise ValueError(f"k_cmp must be on q's device {q.device}, got {k_cmp.device}")
-    batch, q_heads, chunk, dim = q.shape
-    if k_cmp.shape[0] != batch or k_cmp.shape[3] != dim:
-        raise ValueError(
-            f"k_cmp must be (batch={batch}, kv_heads, n_cmp, head_dim={dim}) like q {tuple(q.shape)}, "
-            f"got {tuple(k_cmp.shape)}"
-        )
-    kv_heads = k_cmp.shape[1]
-    if kv_heads == 0 or q_heads == 0 or q_heads % kv_heads:
-        raise ValueError(f"q's heads ({q_heads}) must be a positive multiple of k_cmp's heads ({kv_heads})")
+    check_key_like(q, k_cmp, "k_cmp")
+    batch, q_heads, chunk, _ = q.shape
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
     if lse.dtype != torch.float32:
