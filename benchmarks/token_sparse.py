@@ -42,7 +42,7 @@ A case that fails (out of memory, a backend that refuses) is reported in ``error
 goes on; a case that has used up ``--case-budget`` seconds skips its remaining measurements, and
 cases not started when the run has used ``--budget`` seconds (default 170: the whole run stays
 near 3 minutes) are listed as skipped. Cases run in priority order: the issue's targets first
-(``nsa-select`` at 64K, ``moba-4096x12`` at 128K, ``nsa-module`` at 64K), then by length. ``--budget 1200`` runs the whole
+(``nsa-select`` at 64K, ``moba-4096x12`` and ``moba-512x3`` at 128K, ``nsa-module`` at 64K), then by length. ``--budget 1200`` runs the whole
 grid (FlexAttention compiles once per shape, tens of seconds each).
 Writes ``benchmarks/results/<gpu>/token_sparse.json``.
 
@@ -390,7 +390,7 @@ def main() -> None:
     print(format_table([], columns), flush=True)
     rows, dense_cache, skipped = [], {}, []
     deadline = time.perf_counter() + args.budget
-    targets = [(65536, "nsa-select"), (131072, "moba-4096x12"), (65536, "nsa-module")]
+    targets = [(65536, "nsa-select"), (131072, "moba-4096x12"), (131072, "moba-512x3"), (65536, "nsa-module")]
     grid = [(seq, name) for seq in lengths for name in cases]
     for seq, name in [pair for pair in targets if pair in grid] + [pair for pair in grid if pair not in targets]:
         if time.perf_counter() > deadline:
