@@ -247,7 +247,8 @@ def dense_times(seq: int, q_heads: int, kv_heads: int, device, budget: Budget) -
 
 def nsa_parts(module: NativeSparseAttention, q, k, v, device, budget: Budget) -> dict:
     """Forward ms of each step of the NSA module (no gradient): compression, compressed branch,
-    selection, selected branch, window branch (its pattern built inside the timing, as in the module)."""
+    selection, selected branch, window branch (its pattern from ``window_pattern``, as in the module;
+    cached per shape since the fifth session's runs, which rebuilt it inside the timing)."""
     from sparse_attn.nn.nsa import window_pattern
 
     scale = q.shape[-1] ** -0.5

@@ -84,13 +84,15 @@ one-row pattern: correct, not yet fast (a cache of compressed tokens is the next
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from .. import api  # a module, not its names: methods import sparse_attn.nn while api loads
 from ..checks import check_attention_inputs, check_int
 from ..masked_pattern import MaskedPattern
-from ..ops.compressed_scores import compressed_block_scores
+from ..ops.compressed_scores import compressed_block_scores, visible_count
 from ..ops.to_pattern import stream_pattern
 from ..pattern import BlockSparsePattern, dense_pattern
 from ..rule_predicate import pack_box
@@ -134,10 +136,12 @@ class CausalWindowRule:
         )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=16)
 def window_pattern(seq_q: int, seq_k: int, window: int, *, block: int = 128, device=None) -> MaskedPattern:
     """The causal sliding window of ``window`` keys (the query's own included) as a block pattern
     with :class:`CausalWindowRule` inside the blocks it cuts: per query block, the key blocks from
-    the one holding its first row's oldest key to its diagonal."""
+    the one holding its first row's oldest key to its diagonal. Cached per shape, so the kernels'
+    plans (lists, predicate table) are built once, not on every forward."""
     offset = seq_k - seq_q
     n_q, n_k = -(-seq_q // block), -(-seq_k // block)
     first_row = torch.arange(n_q, device=device) * block + offset  # key-space position of each block's first row
@@ -158,6 +162,12 @@ def window_pattern(seq_q: int, seq_k: int, window: int, *, block: int = 128, dev
     )  # fmt: skip
     return MaskedPattern._same_lists(pattern, token_rule=CausalWindowRule(window, seq_k, device),
                                      rule_partial=partial[None, None])  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_pattern(seq_q: int, seq_k: int, device) -> BlockSparsePattern:
+    """Every causal block of ``(seq_q, seq_k)`` (cached per shape, as :func:`window_pattern`)."""
+    return dense_pattern(seq_q=seq_q, seq_k=seq_k, causal=True, device=device)
 
 
 def _by_residue(x: torch.Tensor, front: int, rows: int, stride: int) -> torch.Tensor:
@@ -259,10 +269,10 @@ class NativeSparseAttention(nn.Module):
         stride, per_block = self.compress_stride, self.compress_block // self.compress_stride
         offset, n_cmp = seq_k - seq_q, k_cmp.shape[2]
         if seq_q == 1 and n_cmp:  # a decode step: its visible compressed tokens are a prefix
-            visible = min(n_cmp, max(0, (seq_k - self.compress_block) // stride + 1))
+            visible = visible_count(seq_k - 1, self.compress_block, stride, n_cmp)
             if visible == 0:
                 return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-            pattern = dense_pattern(seq_q=1, seq_k=visible, causal=True, device=q.device)
+            pattern = _causal_pattern(1, visible, q.device)
             return api.block_sparse_attention(
                 q, k_cmp[:, :, :visible], v_cmp[:, :, :visible], pattern, scale=scale, backend=self.backend,
                 return_lse=True,
@@ -273,7 +283,7 @@ class NativeSparseAttention(nn.Module):
         if n_cmp == 0 or start_row > last_row:
             return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
         grouped = _by_residue(q, front, rows, stride)[:, :, start_row - first_row :]
-        pattern = dense_pattern(seq_q=grouped.shape[2], seq_k=n_cmp, causal=True, device=q.device)
+        pattern = _causal_pattern(grouped.shape[2], n_cmp, q.device)
         out, lse = api.block_sparse_attention(
             grouped, k_cmp, v_cmp, pattern, scale=scale, backend=self.backend, return_lse=True
         )

@@ -50,7 +50,12 @@ from .._dispatch import kernel_for
 from .naive import compressed_block_scores as compressed_block_scores_reference
 from .naive import visible_count
 
-__all__ = ["check_compressed_scores_inputs", "compressed_block_scores", "compressed_block_scores_reference"]
+__all__ = [
+    "check_compressed_scores_inputs",
+    "compressed_block_scores",
+    "compressed_block_scores_reference",
+    "visible_count",
+]
 
 
 def check_compressed_scores_inputs(
