@@ -40,7 +40,9 @@ backend's forward and backward and the reference off CUDA):
   output back.
 * selection scores (:func:`sparse_attn.ops.compressed_scores.compressed_block_scores`, a fused
   Triton kernel on CUDA): the compressed probabilities recomputed from that log-sum-exp, summed
-  over the group and mapped to selection blocks, chunk by chunk of query tokens; top-n in PyTorch.
+  over the group and mapped to selection blocks, chunk by chunk of query tokens; each chunk's
+  top-n lists written straight into the pattern by
+  :func:`sparse_attn.ops.causal_top_blocks.causal_top_blocks` (one kernel: no boolean mask).
 * sliding window: a block pattern over 128-token blocks (:func:`window_pattern`) whose first
   blocks are cut by :class:`CausalWindowRule`, a one-field box predicate the Triton and Gluon
   kernels evaluate per score (:mod:`sparse_attn.rule_predicate`).
@@ -56,7 +58,8 @@ copies reachable in this session held summaries, not the equations):
   overlapping a selection block by 1 or 2 sixteenths, as the paper's sum does; the exact
   indexing of equation 9 is unverified.
 - Forced blocks count towards the ``n``: a token keeps block 0, its own block and the one before
-  plus the ``n - 3`` best others (all earlier blocks when it has fewer than ``n``).
+  plus the ``n - 3`` best others (all earlier blocks when it has fewer than ``n``); equal scores
+  rank the lower block first.
 - Tokens before the first whole compression block (``t < l - 1``) see no compressed token: that
   branch contributes 0 for them (its gate multiplies zeros), and their selection keeps the forced
   blocks only.
@@ -74,9 +77,9 @@ copies reachable in this session held summaries, not the equations):
   accumulation on CUDA): near-ties can rank differently than in float32.
 
 Memory: the branches run on the block-sparse kernels (O(S * D) activations, patterns of
-O(S / 128) entries per row block); the selection is streamed by
-:func:`sparse_attn.ops.to_pattern.stream_pattern`, holding one chunk's ``(B, Hkv, c, S / l')``
-scores. No ``S x S`` table at any point.
+O(S / 128) entries per row block); the selection is streamed chunk by chunk of query tokens,
+holding one chunk's ``(B, Hkv, c, S / l')`` scores (at most ``CHUNK_ELEMENTS``) beside the
+pattern's ``(B, Hkv, S, n)`` lists. No ``S x S`` table at any point.
 A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_in_nsa`; a decode
 step (one query over the cache) recomputes the compressed tokens of the whole cache and plans a
 one-row pattern: correct, not yet fast (a cache of compressed tokens is the next step).
@@ -93,7 +96,8 @@ from .. import api  # a module, not its names: methods import sparse_attn.nn whi
 from ..checks import check_attention_inputs, check_int
 from ..masked_pattern import MaskedPattern
 from ..ops.compressed_scores import compressed_block_scores, visible_count
-from ..ops.to_pattern import stream_pattern
+from ..ops._chunking import CHUNK_ELEMENTS
+from ..ops.causal_top_blocks import causal_top_blocks
 from ..pattern import BlockSparsePattern, dense_pattern
 from ..rule_predicate import pack_box
 
@@ -295,15 +299,19 @@ class NativeSparseAttention(nn.Module):
     def selection(self, q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, seq_k: int, scale: float):
         """The selected branch's pattern: ``block_q = 1``, ``block_k = select_block``, one list per KV
         head, scored by :func:`sparse_attn.ops.compressed_scores.compressed_block_scores` from the
-        compressed branch's log-sum-exp ``lse`` ``(B, Hq, Sq)``."""
+        compressed branch's log-sum-exp ``lse`` ``(B, Hq, Sq)`` and listed by
+        :func:`sparse_attn.ops.causal_top_blocks.causal_top_blocks`, chunk by chunk of query tokens,
+        straight into the pattern's tensors."""
         batch, q_heads, seq_q, dim = q.shape
         offset = seq_k - seq_q
         n_blocks = -(-seq_k // self.select_block)
-        columns = torch.arange(n_blocks, device=q.device)
-
-        def mask_rows(tokens: range) -> torch.Tensor:
-            query_pos = torch.arange(tokens.start, tokens.stop, device=q.device) + offset
-            own = (query_pos // self.select_block)[:, None]
+        top_n = min(self.select_top_n, n_blocks)
+        indices = torch.empty((batch, self.num_kv_heads, seq_q, top_n), dtype=torch.int32, device=q.device)
+        counts = torch.empty((batch, self.num_kv_heads, seq_q), dtype=torch.int32, device=q.device)
+        # One chunk's float32 scores (B, Hkv, c, n_blocks) at most CHUNK_ELEMENTS.
+        rows = max(1, CHUNK_ELEMENTS // max(1, batch * self.num_kv_heads * n_blocks))
+        for start in range(0, seq_q, rows):
+            tokens = range(start, min(seq_q, start + rows))
             if k_cmp.shape[2]:
                 block_scores = compressed_block_scores(
                     q[:, :, tokens.start : tokens.stop], k_cmp, lse[:, :, tokens.start : tokens.stop],
@@ -311,31 +319,18 @@ class NativeSparseAttention(nn.Module):
                     compress_stride=self.compress_stride, select_block=self.select_block, n_select=n_blocks,
                     scale=scale,
                 )  # fmt: skip
-                # A token that sees no compressed token ranks nothing: it keeps the forced blocks.
-                block_scores.masked_fill_((query_pos < self.compress_block - 1)[:, None], float("-inf"))
-            else:
-                block_scores = torch.full(
-                    (batch, self.num_kv_heads, len(tokens), n_blocks), float("-inf"), device=q.device
-                )
-            forced = (columns == 0) | (columns == own) | (columns == own - 1)
-            block_scores = torch.where(forced, float("inf"), block_scores).masked_fill(columns > own, float("-inf"))
-            top = block_scores.topk(min(self.select_top_n, n_blocks), dim=-1).indices
-            chosen = torch.zeros_like(block_scores, dtype=torch.bool).scatter_(-1, top, True)
-            return chosen & (block_scores > float("-inf"))
-
-        return stream_pattern(
-            mask_rows,
-            batch=batch,
-            heads=self.num_kv_heads,
-            seq_q=seq_q,
-            seq_k=seq_k,
-            block_q=1,
-            block_k=self.select_block,
-            causal=True,
-            device=q.device,
-            # Held per token: the group scores and the top-n temporaries, (B, Hkv, n_blocks) each.
-            row_elements=4 * batch * self.num_kv_heads * n_blocks,
+            else:  # no compressed token yet: every row keeps its forced blocks only (ranked_from below)
+                block_scores = torch.zeros((batch, self.num_kv_heads, len(tokens), n_blocks), device=q.device)
+            causal_top_blocks(
+                block_scores, first_pos=tokens.start + offset, block=self.select_block, top_n=top_n,
+                initial=1, local=2, ranked_from=self.compress_block - 1,
+                out=(indices[:, :, tokens.start : tokens.stop], counts[:, :, tokens.start : tokens.stop]),
+            )  # fmt: skip
+        pattern = BlockSparsePattern(
+            kv_counts=counts, kv_indices=indices, block_q=1, block_k=self.select_block, seq_q=seq_q, seq_k=seq_k
         )
+        pattern._cache[("validated", True)] = True  # valid by construction: ascending, causal, own block listed
+        return pattern
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
         """``(B, Hq, Sq, D)`` in q's dtype."""
