@@ -37,7 +37,7 @@ Choices where the paper leaves room:
   loads each selected block once for the whole group instead of once per head. The own block
   and top-k rule are unchanged; only the ranking is shared.
 - Scores are unscaled float32 dot products (a positive scale cannot change a ranking); ties
-  are broken by ``torch.topk``'s order, which the paper does not fix.
+  go to the lower block index (the paper does not fix them).
 - A token with fewer than ``top_k - 1`` earlier blocks keeps all of them (the first blocks of
   a sequence are dense, as in the paper's causal definition).
 - ``Sq < Sk``: queries are the last ``Sq`` positions, so query ``i`` sits at token
@@ -54,9 +54,11 @@ Choices where the paper leaves room:
 
 Operators: :func:`sparse_attn.ops.pooling.mean_pool_blocks` (keys pooled once,
 ``(B, Hkv, n_blocks, D)``), :func:`sparse_attn.ops.gqa.grouped_matmul` (gates without
-expanding K), :func:`sparse_attn.ops.selection.topk_mask`, streamed over chunks of query
-tokens by :func:`sparse_attn.ops.to_pattern.stream_pattern`, so the gates held at once are a
-chunk's ``(B, Hq, tokens, n_blocks)``, never ``O(S^2)``.
+expanding K), computed chunk by chunk of query tokens, so the gates held at once are a chunk's
+``(B, Hq, tokens, n_blocks)``, never ``O(S^2)``. Causal: each chunk's lists are written straight
+into the pattern by :func:`sparse_attn.ops.causal_top_blocks.causal_top_blocks` (one kernel on
+CUDA). ``causal=False``: :func:`sparse_attn.ops.selection.topk_mask` and
+:func:`sparse_attn.ops.to_pattern.stream_pattern`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_int
+from ..ops._chunking import CHUNK_ELEMENTS
+from ..ops.causal_top_blocks import causal_top_blocks
 from ..ops.gqa import grouped_matmul
 from ..ops.pooling import mean_pool_blocks
 from ..ops.selection import topk_mask
@@ -109,19 +113,42 @@ def estimate(
     n_blocks = pooled_k.shape[2]
     columns = torch.arange(n_blocks, device=q.device)
 
-    def mask_rows(tokens: range) -> torch.Tensor:
-        positions = torch.arange(tokens.start, tokens.stop, device=q.device) + (seq_k - seq_q)
-        own = (positions // block_size)[:, None]
-        competing = columns < own if causal else columns != own
-        own_block = columns == own
-        if config.top_k == 1:
-            return own_block
+    def gate_rows(tokens: range) -> torch.Tensor:
         queries = q[:, :, tokens.start : tokens.stop].float()
         if config.share_in_group:  # the group's summed query scores the group's one list
             queries = queries.unflatten(1, (kv_heads, q_heads // kv_heads)).sum(2)
-        gates = grouped_matmul(queries, pooled_k)
-        gates = gates.masked_fill(~competing, float("-inf"))
-        # A token with fewer competitors than top_k - 1 may pick -inf entries; `competing` drops them.
+        return grouped_matmul(queries, pooled_k)
+
+    row_elements = batch * q_heads * (n_blocks + dim)
+    if causal:
+        # Lists written straight into the pattern: the own block forced, the best top_k - 1 earlier ones.
+        top_n = min(config.top_k, n_blocks)
+        indices = torch.empty((batch, heads, seq_q, top_n), dtype=torch.int32, device=q.device)
+        counts = torch.empty((batch, heads, seq_q), dtype=torch.int32, device=q.device)
+        rows = max(1, CHUNK_ELEMENTS // row_elements)
+        for start in range(0, seq_q, rows):
+            tokens = range(start, min(seq_q, start + rows))
+            gates = (
+                gate_rows(tokens) if config.top_k > 1 else q.new_zeros((batch, heads, len(tokens), n_blocks)).float()
+            )
+            causal_top_blocks(
+                gates, first_pos=start + seq_k - seq_q, block=block_size, top_n=top_n, local=1,
+                out=(indices[:, :, tokens.start : tokens.stop], counts[:, :, tokens.start : tokens.stop]),
+            )  # fmt: skip
+        pattern = BlockSparsePattern(
+            kv_counts=counts, kv_indices=indices, block_q=1, block_k=block_size, seq_q=seq_q, seq_k=seq_k
+        )
+        pattern._cache[("validated", True)] = True  # valid by construction: ascending, causal, own block listed
+        return pattern
+
+    def mask_rows(tokens: range) -> torch.Tensor:
+        positions = torch.arange(tokens.start, tokens.stop, device=q.device) + (seq_k - seq_q)
+        own = (positions // block_size)[:, None]
+        competing = columns != own
+        own_block = columns == own
+        if config.top_k == 1:
+            return own_block
+        gates = gate_rows(tokens).masked_fill(~competing, float("-inf"))
         return (topk_mask(gates, config.top_k - 1) & competing) | own_block
 
     return stream_pattern(
@@ -134,5 +161,5 @@ def estimate(
         block_k=block_size,
         causal=causal,
         device=q.device,
-        row_elements=batch * q_heads * (n_blocks + dim),
+        row_elements=row_elements,
     )

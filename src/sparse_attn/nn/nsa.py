@@ -95,9 +95,9 @@ from torch import nn
 from .. import api  # a module, not its names: methods import sparse_attn.nn while api loads
 from ..checks import check_attention_inputs, check_int
 from ..masked_pattern import MaskedPattern
-from ..ops.compressed_scores import compressed_block_scores, visible_count
 from ..ops._chunking import CHUNK_ELEMENTS
 from ..ops.causal_top_blocks import causal_top_blocks
+from ..ops.compressed_scores import compressed_block_scores, visible_count
 from ..pattern import BlockSparsePattern, dense_pattern
 from ..rule_predicate import pack_box
 
