@@ -228,13 +228,14 @@ def train_run(run: str, args, base, train_bytes, offsets, val_sequences, device,
         attention["sparse_calls"], attention["sdpa_calls"] = len(sparse), sum(recorder.sdpa_calls.values())
         attention["pattern_density"] = sum(record.density for record in sparse) / max(1, len(sparse))
     print(f"{run} step 0: validation {validation[0][1]:.4f}", flush=True)
-    interval_start, cut = time.perf_counter(), False
+    cut = False
     for step in range(1, limit + 1):
         batch = train_bytes[offsets[step - 1].to(device)[:, None] + positions].long()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step - 1, args.lr, args.warmup, args.steps)
-        with warnings.catch_warnings(record=True) as step_warnings:
-            warnings.simplefilter("always" if step == 1 else "default")
+        with warnings.catch_warnings(record=True) if step == 1 else contextlib.nullcontext() as step_warnings:
+            if step == 1:
+                warnings.simplefilter("always")
             synchronize(device)
             tick = time.perf_counter()
             with autocast():
@@ -245,21 +246,24 @@ def train_run(run: str, args, base, train_bytes, offsets, val_sequences, device,
             optimizer.zero_grad(set_to_none=True)
             synchronize(device)
             step_seconds.append(time.perf_counter() - tick)
-        if step == 1:
-            caught += step_warnings
+        caught += step_warnings or []
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"{run}: training loss is {losses[-1]} at step {step}")
         if step % args.eval_every and step != limit:
             continue
+        evaluated = time.perf_counter()
         validation.append((step, validation_loss(model, val_sequences, args.batch, autocast)))
         now = time.perf_counter()
         print(f"{run} step {step}: loss {losses[-1]:.4f} validation {validation[-1][1]:.4f}", flush=True)
-        if budget_s is not None and step < limit and (now - started) + (now - interval_start) > budget_s:
-            print(f"{run}: stopped at step {step} by the time budget ({budget_s:.0f} s for this run)", flush=True)
+        # The next interval: its steps at the median step time so far (past the first, compiling
+        # ones) and one more evaluation.
+        steady = step_seconds[3:] or step_seconds
+        next_interval = sorted(steady)[len(steady) // 2] * min(args.eval_every, limit - step) + (now - evaluated)
+        if budget_s is not None and step < limit and (now - started) + next_interval > budget_s:
+            print(f"{run}: stopped at step {step} by the time budget ({budget_s:.1f} s for this run)", flush=True)
             cut = True
             break
-        interval_start = now
     steady = step_seconds[3:] or step_seconds
     median = sorted(steady)[len(steady) // 2]
     messages = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
