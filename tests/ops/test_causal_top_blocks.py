@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_attn.ops.causal_top_blocks import causal_top_blocks
+from sparse_attn.ops.causal_top_blocks import causal_top_blocks, causal_top_blocks_gated
 from sparse_attn.ops.causal_top_blocks import triton as kernels
 from sparse_attn.ops.causal_top_blocks.naive import causal_top_blocks_reference
 
@@ -95,7 +95,10 @@ def test_kernel_reads_strided_scores():
     case = CASES[2]
     scores = _scores(case, integer=False, seed=2).transpose(0, 1).contiguous().transpose(0, 1)
     indices, counts = causal_top_blocks_reference(scores, **_options(case))
-    out = (torch.full(indices.shape, SENTINEL, dtype=torch.int32), torch.full(counts.shape, SENTINEL, dtype=torch.int32))
+    out = (
+        torch.full(indices.shape, SENTINEL, dtype=torch.int32),
+        torch.full(counts.shape, SENTINEL, dtype=torch.int32),
+    )
     kernels.causal_top_blocks_triton(scores, *out, **_options(case))
     assert torch.equal(out[0], indices) and torch.equal(out[1], counts)
 
@@ -134,3 +137,73 @@ def test_kernel_equals_reference_at_nsa_size():
     wider = torch.rand(1, 1, 2, kernels.MAX_BLOCKS + 1, device="cuda", generator=generator)
     with pytest.warns(UserWarning, match="registers"):
         causal_top_blocks(wider, **dict(options, first_pos=64 * kernels.MAX_BLOCKS))
+
+
+# Gated form: (batch, q_heads, kv_heads, heads_per_list, rows, n_blocks, first_pos, block, top_n, dim)
+GATED = [
+    (2, 4, 2, 1, 19, 6, 0, 4, 3, 16),  # a list per query head, GQA 2
+    (1, 6, 2, 3, 21, 40, 90, 3, 5, 32),  # a list per KV head (group 3 summed), non-power-of-two heads
+    (2, 3, 3, 1, 17, 20, 300, 16, 2, 16),  # MHA, top_n 2
+]
+
+
+def _gated_inputs(case, dtype, seed=0, device="cpu"):
+    """Integer-valued q and block keys: products and sums exact in float32, ties frequent."""
+    batch, q_heads, kv_heads, _, rows, n_blocks, _, _, _, dim = case
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (batch, rows, q_heads, dim), generator=generator).to(dtype).transpose(1, 2)
+    keys = torch.randint(-2, 3, (batch, kv_heads, n_blocks, dim), generator=generator).float()
+    return q.to(device), keys.to(device)
+
+
+def _gated_expected(q, keys, heads_per_list, **options):
+    from sparse_attn.ops.gqa import grouped_matmul
+
+    scores = grouped_matmul(q.float(), keys)
+    if heads_per_list > 1:
+        scores = scores.unflatten(1, (q.shape[1] // heads_per_list, heads_per_list)).sum(2)
+    return causal_top_blocks_reference(scores, **options)
+
+
+@pytest.mark.parametrize("case", GATED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_kernel_equals_reference(case, dtype):
+    heads_per_list, first_pos, block, top_n = case[3], case[6], case[7], case[8]
+    options = dict(first_pos=first_pos, block=block, top_n=top_n, initial=0, local=1, ranked_from=0)
+    q, keys = _gated_inputs(case, dtype)
+    heads = q.shape[1] // heads_per_list
+    out = (
+        torch.full((q.shape[0], heads, q.shape[2], top_n), SENTINEL, dtype=torch.int32),
+        torch.full((q.shape[0], heads, q.shape[2]), SENTINEL, dtype=torch.int32),
+    )
+    kernels.causal_top_blocks_gated_triton(q, keys, *out, heads_per_list=heads_per_list, **options)
+    indices, counts = _gated_expected(q, keys, heads_per_list, **options)
+    assert torch.equal(out[1], counts) and torch.equal(out[0], indices)
+    # The operator on CPU (reference path, chunked) gives the same lists.
+    got = causal_top_blocks_gated(q, keys, heads_per_list=heads_per_list, **options)
+    assert torch.equal(got[0], indices) and torch.equal(got[1], counts)
+
+
+def test_gated_bad_input_is_refused():
+    q, keys = torch.rand(1, 4, 5, 16), torch.rand(1, 2, 3, 16)
+    options = dict(first_pos=0, block=4, top_n=2)
+    with pytest.raises(TypeError, match="keys must be float32"):
+        causal_top_blocks_gated(q, keys.half(), **options)
+    with pytest.raises(ValueError, match="heads_per_list"):
+        causal_top_blocks_gated(q, keys, heads_per_list=3, **options)
+    with pytest.raises(ValueError, match="do not match"):
+        causal_top_blocks_gated(q, torch.rand(1, 3, 3, 16), **options)
+    with pytest.raises(ValueError, match="needs 5"):
+        causal_top_blocks_gated(q, keys, first_pos=12, block=4, top_n=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads_per_list", [1, 4])
+def test_gated_kernel_equals_reference_at_moba_size(heads_per_list):
+    """MoBA's 512-token blocks at 128K (256 blocks), 32/8 heads, integer-valued bf16 inputs (exact products)."""
+    case = (1, 32, 8, heads_per_list, 2048, 256, 131072 - 2048, 512, 3, 128)
+    q, keys = _gated_inputs(case, torch.bfloat16, device="cuda")
+    options = dict(first_pos=case[6], block=512, top_n=3, initial=0, local=1, ranked_from=0)
+    got = causal_top_blocks_gated(q, keys, heads_per_list=heads_per_list, **options)
+    indices, counts = _gated_expected(q, keys, heads_per_list, **options)
+    assert torch.equal(got[1], counts) and torch.equal(got[0], indices)

@@ -55,9 +55,11 @@ Choices where the paper leaves room:
 Operators: :func:`sparse_attn.ops.pooling.mean_pool_blocks` (keys pooled once,
 ``(B, Hkv, n_blocks, D)``), :func:`sparse_attn.ops.gqa.grouped_matmul` (gates without
 expanding K), computed chunk by chunk of query tokens, so the gates held at once are a chunk's
-``(B, Hq, tokens, n_blocks)``, never ``O(S^2)``. Causal: each chunk's lists are written straight
-into the pattern by :func:`sparse_attn.ops.causal_top_blocks.causal_top_blocks` (one kernel on
-CUDA). ``causal=False``: :func:`sparse_attn.ops.selection.topk_mask` and
+``(B, Hq, tokens, n_blocks)``, never ``O(S^2)``. Causal: gates and lists in
+:func:`sparse_attn.ops.causal_top_blocks.causal_top_blocks_gated`, one kernel on CUDA that holds
+each row tile's gates in registers (16-bit queries take the gate products in their dtype with
+float32 accumulation, the pooled keys rounded to it; near-ties can then rank differently than in
+the float32 reference). ``causal=False``: :func:`sparse_attn.ops.selection.topk_mask` and
 :func:`sparse_attn.ops.to_pattern.stream_pattern`.
 """
 
@@ -68,8 +70,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_int
-from ..ops._chunking import CHUNK_ELEMENTS
-from ..ops.causal_top_blocks import causal_top_blocks
+from ..ops.causal_top_blocks import causal_top_blocks_gated
 from ..ops.gqa import grouped_matmul
 from ..ops.pooling import mean_pool_blocks
 from ..ops.selection import topk_mask
@@ -119,21 +120,13 @@ def estimate(
             queries = queries.unflatten(1, (kv_heads, q_heads // kv_heads)).sum(2)
         return grouped_matmul(queries, pooled_k)
 
-    row_elements = batch * q_heads * (n_blocks + dim)
     if causal:
-        # Lists written straight into the pattern: the own block forced, the best top_k - 1 earlier ones.
-        top_n = min(config.top_k, n_blocks)
-        indices = torch.empty((batch, heads, seq_q, top_n), dtype=torch.int32, device=q.device)
-        counts = torch.empty((batch, heads, seq_q), dtype=torch.int32, device=q.device)
-        rows = max(1, CHUNK_ELEMENTS // row_elements)
-        for start in range(0, seq_q, rows):
-            tokens = range(start, min(seq_q, start + rows))
-            gates = (
-                gate_rows(tokens) if config.top_k > 1 else q.new_zeros((batch, heads, len(tokens), n_blocks)).float()
-            )
-            causal_top_blocks(
-                gates, first_pos=start + seq_k - seq_q, block=block_size, top_n=top_n, local=1,
-                out=(indices[:, :, tokens.start : tokens.stop], counts[:, :, tokens.start : tokens.stop]),
+        if config.top_k == 1:
+            indices, counts = _own_block_lists(batch, heads, seq_q, seq_k, block_size, q.device)
+        else:  # gates and lists in one operator (one kernel on CUDA): the own block and the best top_k - 1 earlier
+            indices, counts = causal_top_blocks_gated(
+                q, pooled_k, heads_per_list=q_heads // heads, first_pos=seq_k - seq_q, block=block_size,
+                top_n=min(config.top_k, n_blocks), local=1,
             )  # fmt: skip
         pattern = BlockSparsePattern(
             kv_counts=counts, kv_indices=indices, block_q=1, block_k=block_size, seq_q=seq_q, seq_k=seq_k
@@ -161,5 +154,12 @@ def estimate(
         block_k=block_size,
         causal=causal,
         device=q.device,
-        row_elements=row_elements,
+        row_elements=batch * q_heads * (n_blocks + dim),
     )
+
+
+def _own_block_lists(batch: int, heads: int, seq_q: int, seq_k: int, block_size: int, device):
+    """``top_k = 1``: every token's list is its own block."""
+    own = (torch.arange(seq_q, device=device) + (seq_k - seq_q)) // block_size
+    indices = own.to(torch.int32)[None, None, :, None].expand(batch, heads, seq_q, 1).contiguous()
+    return indices, torch.ones((batch, heads, seq_q), dtype=torch.int32, device=device)

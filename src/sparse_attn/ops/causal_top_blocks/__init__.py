@@ -18,9 +18,16 @@ Rule, for row ``t`` (the query at key position ``p = first_pos + t``) of each ba
 - the best ``top_n`` eligible blocks by rank are listed (ties: the lower block index first, so
   the result is deterministic), in ascending block order, zeros past the count.
 
+:func:`causal_top_blocks_gated` takes the scores as dot products of queries with one key per block
+(MoBA's gate, ``q · mean(K[block])``, arXiv:2502.13189), summed over the query heads that share a
+list, and computes them inside the kernel, so no score tensor is written at all.
+
 Reference: :mod:`.naive` (a stable sort). Kernel: :mod:`.triton` (one launch; rows of up to
-:data:`.triton.MAX_BLOCKS` blocks), chosen on CUDA by the rule of :mod:`sparse_attn.ops._dispatch`;
-longer rows fall back to the reference with a warning.
+:data:`.triton.MAX_BLOCKS` blocks, and for the gated form up to :data:`.triton.MAX_GATED_KEYS`
+pooled-key elements), chosen on CUDA by the rule of :mod:`sparse_attn.ops._dispatch`; longer rows
+fall back to the reference (the gated form: to float32 products and :func:`causal_top_blocks`)
+with a warning. The gated kernel takes 16-bit queries' products in their dtype (the block keys
+rounded to it, float32 accumulation), so near-ties can rank differently than in float32.
 """
 
 from __future__ import annotations
@@ -32,10 +39,12 @@ import warnings
 import torch
 
 from ...checks import check_int
+from .._chunking import CHUNK_ELEMENTS
 from .._dispatch import kernel_for
+from ..gqa import grouped_matmul
 from .naive import causal_top_blocks_reference
 
-__all__ = ["causal_top_blocks", "causal_top_blocks_reference"]
+__all__ = ["causal_top_blocks", "causal_top_blocks_gated", "causal_top_blocks_reference"]
 
 
 def _check_output(name: str, tensor, shape: tuple[int, ...], device) -> None:
@@ -47,6 +56,18 @@ def _check_output(name: str, tensor, shape: tuple[int, ...], device) -> None:
         raise ValueError(f"{name} must be on the scores' device {device}, got {tensor.device}")
     if tensor.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def _check_rule(rows: int, n_blocks: int, *, first_pos, block, top_n, initial, local, ranked_from) -> None:
+    check_int("first_pos", first_pos, minimum=0)
+    check_int("block", block)
+    check_int("top_n", top_n)
+    check_int("initial", initial, minimum=0)
+    check_int("local", local)
+    check_int("ranked_from", ranked_from, minimum=0)
+    last = first_pos + rows - 1
+    if rows and n_blocks <= last // block:
+        raise ValueError(f"scores have {n_blocks} blocks; row {rows - 1} (position {last}) needs {last // block + 1}")
 
 
 def causal_top_blocks(
@@ -73,17 +94,12 @@ def causal_top_blocks(
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.dtype != torch.float32 or scores.dim() != 4:
-        raise ValueError(f"scores must be a float32 (B, H, c, n_blocks) tensor, got {scores.dtype} {tuple(scores.shape)}")
-    check_int("first_pos", first_pos, minimum=0)
-    check_int("block", block)
-    check_int("top_n", top_n)
-    check_int("initial", initial, minimum=0)
-    check_int("local", local)
-    check_int("ranked_from", ranked_from, minimum=0)
+        raise ValueError(
+            f"scores must be a float32 (B, H, c, n_blocks) tensor, got {scores.dtype} {tuple(scores.shape)}"
+        )
     batch, heads, rows, n_blocks = scores.shape
-    last = first_pos + rows - 1
-    if rows and n_blocks <= last // block:
-        raise ValueError(f"scores has {n_blocks} blocks; row {rows - 1} (position {last}) needs {last // block + 1}")
+    _check_rule(rows, n_blocks, first_pos=first_pos, block=block, top_n=top_n, initial=initial, local=local,
+                ranked_from=ranked_from)  # fmt: skip
     if out is None:
         out = (
             torch.empty((batch, heads, rows, top_n), dtype=torch.int32, device=scores.device),
@@ -104,3 +120,66 @@ def causal_top_blocks(
     indices.copy_(reference_indices)
     counts.copy_(reference_counts)
     return indices, counts
+
+
+def causal_top_blocks_gated(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    heads_per_list: int = 1,
+    first_pos: int,
+    block: int,
+    top_n: int,
+    initial: int = 0,
+    local: int = 1,
+    ranked_from: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`causal_top_blocks` of the scores ``sum_{h in list} q_h · keys[kv(h)]``, computed in the kernel.
+
+    q ``(B, Hq, c, D)``; keys ``(B, Hkv, n_blocks, D)`` float32 (one key per block, e.g.
+    :func:`sparse_attn.ops.pooling.mean_pool_blocks` of K), ``Hq % Hkv == 0``; ``heads_per_list``
+    is 1 (a list per query head) or the GQA group size (a list per KV head, its query heads'
+    scores summed). Returns ``indices`` int32 ``(B, Hq / heads_per_list, c, top_n)`` and ``counts``.
+    """
+    if not isinstance(q, torch.Tensor) or not isinstance(keys, torch.Tensor):
+        raise TypeError(f"q and keys must be torch.Tensors, got {type(q).__name__} and {type(keys).__name__}")
+    if q.dim() != 4 or keys.dim() != 4:
+        raise ValueError(f"q and keys must be 4-D (B, H, rows, D), got {tuple(q.shape)} and {tuple(keys.shape)}")
+    if keys.dtype != torch.float32:
+        raise TypeError(f"keys must be float32, got {keys.dtype}")
+    if keys.device != q.device:
+        raise ValueError(f"keys must be on q's device {q.device}, got {keys.device}")
+    batch, q_heads, rows, dim = q.shape
+    if keys.shape[0] != batch or keys.shape[3] != dim or keys.shape[1] < 1 or q_heads % keys.shape[1]:
+        raise ValueError(f"keys {tuple(keys.shape)} do not match q {tuple(q.shape)} (same batch and D, Hq % Hkv == 0)")
+    group = q_heads // keys.shape[1]
+    if heads_per_list not in (1, group):
+        raise ValueError(f"heads_per_list must be 1 or the GQA group size {group}, got {heads_per_list!r}")
+    options = dict(first_pos=first_pos, block=block, top_n=top_n, initial=initial, local=local, ranked_from=ranked_from)
+    _check_rule(rows, keys.shape[2], **options)
+    heads = q_heads // heads_per_list
+    out = (
+        torch.empty((batch, heads, rows, top_n), dtype=torch.int32, device=q.device),
+        torch.empty((batch, heads, rows), dtype=torch.int32, device=q.device),
+    )
+    kernel = kernel_for(q, __package__)
+    if kernel is not None and kernel.gated_unsupported_reason(q, keys) is None:
+        kernel.causal_top_blocks_gated_triton(q, keys, *out, heads_per_list=heads_per_list, **options)
+        return out
+    if kernel is not None:
+        warnings.warn(
+            f"causal_top_blocks_gated: {kernel.gated_unsupported_reason(q, keys)}; scoring with float32 matmuls",
+            stacklevel=2,
+        )
+    chunk = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * (keys.shape[2] + dim)))
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        scores = grouped_matmul(q[:, :, start:stop].float(), keys)
+        if heads_per_list > 1:
+            scores = scores.unflatten(1, (heads, heads_per_list)).sum(2)
+        causal_top_blocks(
+            scores,
+            **dict(options, first_pos=first_pos + start),
+            out=(out[0][:, :, start:stop], out[1][:, :, start:stop]),
+        )
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ...utils import dot_in_float32, interpreting
 from .._dispatch import device_unsupported_reason
 
 try:
@@ -23,12 +24,20 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
-__all__ = ["MAX_BLOCKS", "causal_top_blocks_triton", "unsupported_reason"]
+__all__ = [
+    "MAX_BLOCKS",
+    "causal_top_blocks_gated_triton",
+    "causal_top_blocks_triton",
+    "gated_unsupported_reason",
+    "unsupported_reason",
+]
 
 # Blocks per row the kernel holds in registers (int64 keys): 8192 blocks of 64 keys = 512K tokens.
 MAX_BLOCKS = 8192
 # Keys per program: rows per program = KEYS_PER_PROGRAM // NB (at least one).
 KEYS_PER_PROGRAM = 4096
+# The gated kernel holds a (KV head's) whole pooled-key tile: NB x head_dim elements at most.
+MAX_GATED_KEYS = 32768
 
 
 def unsupported_reason(scores: torch.Tensor, **_case) -> str | None:
@@ -47,28 +56,18 @@ if triton is not None:
     from ..page_select.triton import MIN_KEY, _key_index, _sort_key
 
     @triton.jit
-    def _top_blocks(
-        Scores, Indices, Counts,
-        stride_sb, stride_sh, stride_sr,
-        stride_ib, stride_ih, stride_ir,
-        stride_cb, stride_ch,
-        heads, rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
-        BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr,
+    def _rank_and_write(
+        score, row, batch, head, Indices, Counts,
+        stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+        rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
+        NB: tl.constexpr, K_TILE: tl.constexpr,
     ):  # fmt: skip
-        batch = tl.program_id(0) // heads
-        head = tl.program_id(0) % heads
-        row = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        """Rank float32 ``score`` ``[BLOCK_R, NB]`` of rows ``row`` (the module's rule) and write their lists."""
         column = tl.arange(0, NB)
         row_ok = row < rows
         position = row + first_pos
         own = position // block
-        present = row_ok[:, None] & (column[None, :] < n_blocks)
-        pointers = (
-            Scores + batch.to(tl.int64) * stride_sb + head.to(tl.int64) * stride_sh
-            + row[:, None].to(tl.int64) * stride_sr + column[None, :]
-        )  # fmt: skip
-        score = tl.load(pointers, mask=present, other=float("-inf"))
-        eligible = present & (column[None, :] <= own[:, None])
+        eligible = row_ok[:, None] & (column[None, :] < n_blocks) & (column[None, :] <= own[:, None])
         forced = eligible & ((column[None, :] < initial) | (column[None, :] > own[:, None] - local))
         ranked = eligible & (position >= ranked_from)[:, None] & (score > float("-inf"))
         score = tl.where(forced, float("inf"), score)
@@ -85,6 +84,76 @@ if triton is not None:
         )  # fmt: skip
         tl.store(out, index, mask=row_ok[:, None] & (rank[None, :] < top_n))
         tl.store(Counts + batch.to(tl.int64) * stride_cb + head * stride_ch + row, count, mask=row_ok)
+
+    @triton.jit
+    def _top_blocks(
+        Scores, Indices, Counts,
+        stride_sb, stride_sh, stride_sr,
+        stride_ib, stride_ih, stride_ir,
+        stride_cb, stride_ch,
+        heads, rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
+        BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr,
+    ):  # fmt: skip
+        """One (batch x head, tile of rows): the rows' scores, ranked and listed."""
+        batch = tl.program_id(0) // heads
+        head = tl.program_id(0) % heads
+        row = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        column = tl.arange(0, NB)
+        present = (row < rows)[:, None] & (column[None, :] < n_blocks)
+        pointers = (
+            Scores + batch.to(tl.int64) * stride_sb + head.to(tl.int64) * stride_sh
+            + row[:, None].to(tl.int64) * stride_sr + column[None, :]
+        )  # fmt: skip
+        score = tl.load(pointers, mask=present, other=float("-inf"))
+        _rank_and_write(
+            score, row, batch, head, Indices, Counts, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+            rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, NB, K_TILE,
+        )  # fmt: skip
+
+    @triton.jit
+    def _top_blocks_gated(
+        Q, Keys, Indices, Counts,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_kn,
+        stride_ib, stride_ih, stride_ir,
+        stride_cb, stride_ch,
+        heads, heads_per_list, group, rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
+        HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+    ):  # fmt: skip
+        """One (batch x list head, tile of rows): scores ``sum over the list's query heads of q . keys``
+        (float32 accumulation), ranked and listed."""
+        batch = tl.program_id(0) // heads
+        head = tl.program_id(0) % heads
+        row = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        column = tl.arange(0, NB)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = row < rows
+        kv_head = (head * heads_per_list) // group
+        key_pointers = (
+            Keys + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+            + column[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+        )  # fmt: skip
+        keys = tl.load(key_pointers, mask=(column < n_blocks)[:, None], other=0.0)
+        if not DOT_FP32:
+            keys = keys.to(Q.dtype.element_ty)
+        score = tl.zeros([BLOCK_R, NB], dtype=tl.float32)
+        for offset in range(heads_per_list):
+            q_head = head * heads_per_list + offset
+            q_pointers = (
+                Q + batch.to(tl.int64) * stride_qb + q_head.to(tl.int64) * stride_qh
+                + row[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+            )  # fmt: skip
+            q = tl.load(q_pointers, mask=row_ok[:, None], other=0.0)
+            if DOT_FP32:
+                score = tl.dot(q.to(tl.float32), tl.trans(keys), score, input_precision="ieee")
+            else:
+                score = tl.dot(q, tl.trans(keys), score)
+        score = tl.where((column < n_blocks)[None, :], score, float("-inf"))
+        _rank_and_write(
+            score, row, batch, head, Indices, Counts, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+            rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, NB, K_TILE,
+        )  # fmt: skip
 
 
 def _pow2(n: int) -> int:
@@ -118,4 +187,56 @@ def causal_top_blocks_triton(
         scores, indices, counts, *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2],
         heads, rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
         BLOCK_R=block_r, NB=nb, K_TILE=k_tile, num_warps=8 if nb >= 2048 else 4,
+    )  # fmt: skip
+
+
+def gated_unsupported_reason(q: torch.Tensor, keys: torch.Tensor) -> str | None:
+    """Why :func:`causal_top_blocks_gated_triton` cannot run this case, or ``None``."""
+    reason = device_unsupported_reason(q)
+    if triton is None or reason is not None:
+        return reason or "triton is not installed"
+    dim, n_blocks = q.shape[-1], keys.shape[2]
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the gated kernel takes float16, bfloat16 or float32 queries, got {q.dtype}"
+    if not 16 <= dim <= 256 or dim & (dim - 1):
+        return f"the gated kernel takes a power-of-two head_dim in [16, 256], got {dim}"
+    if max(_pow2(n_blocks), 16) * dim > MAX_GATED_KEYS:
+        return f"{n_blocks} pooled keys of head_dim {dim} do not fit one program (at most {MAX_GATED_KEYS} elements)"
+    return None
+
+
+def causal_top_blocks_gated_triton(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    heads_per_list: int,
+    first_pos: int,
+    block: int,
+    top_n: int,
+    initial: int,
+    local: int,
+    ranked_from: int,
+) -> None:
+    """Scores ``sum over the list's heads of q_h . keys[kv(h)]`` computed in the kernel, then
+    :func:`causal_top_blocks_triton`'s lists. q ``(B, Hq, c, D)``; keys ``(B, Hkv, n_blocks, D)``
+    (float32, e.g. mean-pooled keys; taken in q's dtype by 16-bit queries); the lists' heads are
+    ``Hq / heads_per_list`` (1: per query head; the group size: per KV head, the group's scores summed)."""
+    batch, q_heads, rows, dim = q.shape
+    kv_heads, n_blocks = keys.shape[1], keys.shape[2]
+    heads = q_heads // heads_per_list
+    if rows == 0 or batch * heads == 0:
+        return
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+    k_tile = _pow2(top_n)
+    nb = max(_pow2(n_blocks), k_tile, 16)
+    block_r = 16 if interpreting() else max(16, min(64, KEYS_PER_PROGRAM // nb))
+    grid = (batch * heads, triton.cdiv(rows, block_r))
+    _top_blocks_gated[grid](
+        q, keys, indices, counts, *q.stride()[:3], *keys.stride()[:3], *indices.stride()[:3], *counts.stride()[:2],
+        heads, heads_per_list, q_heads // kv_heads, rows, n_blocks, first_pos, block, top_n, initial, local,
+        ranked_from, HEAD_DIM=dim, BLOCK_R=block_r, NB=nb, K_TILE=k_tile, DOT_FP32=dot_in_float32(q.dtype),
+        num_warps=8 if nb * dim >= 16384 else 4,
     )  # fmt: skip
