@@ -9,6 +9,19 @@ from helpers import poisoned_allocate
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# GPU test runs with SPARSE_ATTN_TEST_ONE_CONFIG=1 skip autotuning: every autotuned kernel keeps the
+# first of its candidate configurations (the tests check results, not speed; autotuning every
+# kernel, pass and length key over up to 16 configurations took minutes per test file on the H200).
+if torch.cuda.is_available() and os.environ.get("SPARSE_ATTN_TEST_ONE_CONFIG") == "1":
+    import triton
+
+    _autotune = triton.autotune
+
+    def _first_config_only(configs, key, **options):
+        return _autotune(configs=list(configs)[:1], key=key, **options)
+
+    triton.autotune = _first_config_only
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
