@@ -43,3 +43,15 @@ def test_padded_batches_are_refused():
     mask[0, :5] = 0
     with pytest.raises(ValueError, match="padding"), torch.no_grad():
         model(ids, attention_mask=mask)
+
+
+def test_swapped_model_trains_under_autocast():
+    """Under torch.autocast q and k reach the attention function in float32 beside a bfloat16 v: NSA
+    computes in the autocast dtype (its selection in float32), forward and backward."""
+    model = tiny_model("llama")
+    swap_in_nsa(model, compress_block=8, compress_stride=4, select_block=16, select_top_n=2, window=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=prompt(), labels=prompt()).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

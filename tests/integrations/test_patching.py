@@ -217,3 +217,22 @@ def test_static_cache_prefill_falls_back_to_sdpa_with_a_warning():
     with pytest.warns(UserWarning, match="ran dense SDPA"):
         got = model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
     assert torch.equal(got, expected)
+
+
+def test_patched_model_runs_under_autocast_as_sdpa_does():
+    """Under torch.autocast the model's RoPE leaves q and k in float32 beside a bfloat16 v: the patched
+    attention computes in the autocast dtype, as SDPA does, forward and backward."""
+    model = tiny_model("llama")
+    ids = prompt()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits.float()
+    patch(model, method="moba", block_size=4, top_k=1000, min_seq_len=1)  # every block: dense
+    try:
+        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the module's fixture disables grad
+            got = model(input_ids=ids).logits.float()
+            got.sum().backward()
+    finally:
+        unpatch(model)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

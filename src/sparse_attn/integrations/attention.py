@@ -55,7 +55,8 @@ def _attend_row(
     else:
         kind, method = "sparse", plan.method
         start = synchronized_now(q.device) if recording else 0.0
-        pattern = estimate(q, k, plan.method, block_q=state.block_q, block_k=state.block_k, **plan.options)
+        with torch.autocast(q.device.type, enabled=False):  # estimators compute their scores in float32
+            pattern = estimate(q, k, plan.method, block_q=state.block_q, block_k=state.block_k, **plan.options)
         if recording:
             estimate_ms = (synchronized_now(q.device) - start) * 1e3
             head_density = pattern_head_density(pattern)
@@ -104,6 +105,17 @@ def _sdpa_reason(plan: LayerPlan, seq_q: int, long_prefill: bool) -> str:
     )
 
 
+def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in the dtype attention computes in under autocast: the autocast dtype when autocast is on
+    for their device (as SDPA, on autocast's lower-precision list, would cast them; under
+    ``torch.autocast`` a model's RoPE leaves q and k in float32 beside a 16-bit v), else unchanged."""
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(x if x.dtype == dtype else x.to(dtype) for x in (q, k, v))
+    return q, k, v
+
+
 def sparse_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -134,7 +146,7 @@ def sparse_attention_forward(
     if isinstance(attention_mask, PrefillMask):
         if long_prefill and dropout == 0.0:
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            out = _prefill_attention(plan, query, key, value, attention_mask, scale)
+            out = _prefill_attention(plan, *autocast_inputs(query, key, value), attention_mask, scale)
             return out.transpose(1, 2).contiguous(), None
         attention_mask = attention_mask.dense()
     if long_prefill:

@@ -312,25 +312,32 @@ class NativeSparseAttention(nn.Module):
         rows = max(1, CHUNK_ELEMENTS // max(1, batch * self.num_kv_heads * n_blocks))
         for start in range(0, seq_q, rows):
             tokens = range(start, min(seq_q, start + rows))
-            if k_cmp.shape[2]:
-                block_scores = compressed_block_scores(
-                    q[:, :, tokens.start : tokens.stop], k_cmp, lse[:, :, tokens.start : tokens.stop],
-                    first_pos=tokens.start + offset, compress_block=self.compress_block,
-                    compress_stride=self.compress_stride, select_block=self.select_block, n_select=n_blocks,
-                    scale=scale,
-                )  # fmt: skip
-            else:  # no compressed token yet: every row keeps its forced blocks only (ranked_from below)
-                block_scores = torch.zeros((batch, self.num_kv_heads, len(tokens), n_blocks), device=q.device)
-            causal_top_blocks(
-                block_scores, first_pos=tokens.start + offset, block=self.select_block, top_n=top_n,
-                initial=1, local=2, ranked_from=self.compress_block - 1,
-                out=(indices[:, :, tokens.start : tokens.stop], counts[:, :, tokens.start : tokens.stop]),
-            )  # fmt: skip
+            self._select_rows(q, k_cmp, lse, tokens, offset, n_blocks, top_n, scale, indices, counts)
         pattern = BlockSparsePattern(
             kv_counts=counts, kv_indices=indices, block_q=1, block_k=self.select_block, seq_q=seq_q, seq_k=seq_k
         )
         pattern._cache[("validated", True)] = True  # valid by construction: ascending, causal, own block listed
         return pattern
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def _select_rows(self, q, k_cmp, lse, tokens: range, offset: int, n_blocks: int, top_n: int, scale: float,
+                     indices: torch.Tensor, counts: torch.Tensor) -> None:  # fmt: skip
+        """Rows ``tokens`` of :meth:`selection`'s lists (float32 scores: autocast off)."""
+        if k_cmp.shape[2]:
+            block_scores = compressed_block_scores(
+                q[:, :, tokens.start : tokens.stop], k_cmp, lse[:, :, tokens.start : tokens.stop],
+                first_pos=tokens.start + offset, compress_block=self.compress_block,
+                compress_stride=self.compress_stride, select_block=self.select_block, n_select=n_blocks,
+                scale=scale,
+            )  # fmt: skip
+        else:  # no compressed token yet: every row keeps its forced blocks only (ranked_from below)
+            block_scores = torch.zeros((q.shape[0], self.num_kv_heads, len(tokens), n_blocks), device=q.device)
+        causal_top_blocks(
+            block_scores, first_pos=tokens.start + offset, block=self.select_block, top_n=top_n,
+            initial=1, local=2, ranked_from=self.compress_block - 1,
+            out=(indices[:, :, tokens.start : tokens.stop], counts[:, :, tokens.start : tokens.stop]),
+        )  # fmt: skip
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
         """``(B, Hq, Sq, D)`` in q's dtype."""

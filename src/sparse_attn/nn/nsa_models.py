@@ -21,6 +21,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..integrations.attention import autocast_inputs
 from ..integrations.patching import _attention_modules
 from ..integrations.state import check_model
 from .nsa import NativeSparseAttention
@@ -43,7 +44,7 @@ def nsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     # real key, so a key it cannot see is padding.
     if isinstance(attention_mask, torch.Tensor) and not bool(attention_mask[..., -1, :].all()):
         raise ValueError("NativeSparseAttention in a transformers model takes batches without padding")
-    out = nsa(query, key, value, scale=scaling)
+    out = nsa(*autocast_inputs(query, key, value), scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

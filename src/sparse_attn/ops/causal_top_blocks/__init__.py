@@ -174,7 +174,8 @@ def causal_top_blocks_gated(
     chunk = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * (keys.shape[2] + dim)))
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
-        scores = grouped_matmul(q[:, :, start:stop].float(), keys)
+        with torch.autocast(q.device.type, enabled=False):  # float32 products, whatever the caller's autocast
+            scores = grouped_matmul(q[:, :, start:stop].float(), keys)
         if heads_per_list > 1:
             scores = scores.unflatten(1, (heads, heads_per_list)).sum(2)
         causal_top_blocks(
