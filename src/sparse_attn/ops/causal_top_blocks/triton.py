@@ -38,6 +38,8 @@ MAX_BLOCKS = 8192
 KEYS_PER_PROGRAM = 4096
 # The gated kernel holds a (KV head's) whole pooled-key tile: NB x head_dim elements at most.
 MAX_GATED_KEYS = 32768
+# Rows a gated program ranks (in row tiles), so the block keys are read from L2 once per this many rows.
+ROWS_PER_GATED_PROGRAM = 256
 
 
 def unsupported_reason(scores: torch.Tensor, **_case) -> str | None:
@@ -118,42 +120,42 @@ if triton is not None:
         stride_ib, stride_ih, stride_ir,
         stride_cb, stride_ch,
         heads, heads_per_list, group, rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
-        HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr,
-        DOT_FP32: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, SUB_TILES: tl.constexpr, NB: tl.constexpr,
+        K_TILE: tl.constexpr, DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        """One (batch x list head, tile of rows): scores ``sum over the list's query heads of q . keys``
-        (float32 accumulation), ranked and listed."""
+        """One (batch x list head, ``SUB_TILES`` tiles of ``BLOCK_R`` rows): the block keys loaded once,
+        then per row tile the scores ``sum over the list's query heads of q . keys`` (float32
+        accumulation), ranked and listed."""
         batch = tl.program_id(0) // heads
         head = tl.program_id(0) % heads
-        row = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         column = tl.arange(0, NB)
         offs_d = tl.arange(0, HEAD_DIM)
-        row_ok = row < rows
         kv_head = (head * heads_per_list) // group
         key_pointers = (
             Keys + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
             + column[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
         )  # fmt: skip
         keys = tl.load(key_pointers, mask=(column < n_blocks)[:, None], other=0.0)
-        if not DOT_FP32:
-            keys = keys.to(Q.dtype.element_ty)
-        score = tl.zeros([BLOCK_R, NB], dtype=tl.float32)
-        for offset in range(heads_per_list):
-            q_head = head * heads_per_list + offset
-            q_pointers = (
-                Q + batch.to(tl.int64) * stride_qb + q_head.to(tl.int64) * stride_qh
-                + row[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+        for sub in range(SUB_TILES):
+            row = (tl.program_id(1) * SUB_TILES + sub) * BLOCK_R + tl.arange(0, BLOCK_R)
+            row_ok = row < rows
+            score = tl.zeros([BLOCK_R, NB], dtype=tl.float32)
+            for offset in range(heads_per_list):
+                q_head = head * heads_per_list + offset
+                q_pointers = (
+                    Q + batch.to(tl.int64) * stride_qb + q_head.to(tl.int64) * stride_qh
+                    + row[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+                )  # fmt: skip
+                q = tl.load(q_pointers, mask=row_ok[:, None], other=0.0)
+                if DOT_FP32:
+                    score = tl.dot(q.to(tl.float32), tl.trans(keys), score, input_precision="ieee")
+                else:
+                    score = tl.dot(q, tl.trans(keys), score)
+            score = tl.where((column < n_blocks)[None, :], score, float("-inf"))
+            _rank_and_write(
+                score, row, batch, head, Indices, Counts, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+                rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, NB, K_TILE,
             )  # fmt: skip
-            q = tl.load(q_pointers, mask=row_ok[:, None], other=0.0)
-            if DOT_FP32:
-                score = tl.dot(q.to(tl.float32), tl.trans(keys), score, input_precision="ieee")
-            else:
-                score = tl.dot(q, tl.trans(keys), score)
-        score = tl.where((column < n_blocks)[None, :], score, float("-inf"))
-        _rank_and_write(
-            score, row, batch, head, Indices, Counts, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-            rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, NB, K_TILE,
-        )  # fmt: skip
 
 
 def _pow2(n: int) -> int:
@@ -229,14 +231,19 @@ def causal_top_blocks_gated_triton(
     if rows == 0 or batch * heads == 0:
         return
     q = q if q.stride(-1) == 1 else q.contiguous()
-    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+    dot_fp32 = dot_in_float32(q.dtype)
+    # 16-bit queries take the block keys rounded to their dtype (a copy of n_blocks keys per KV head).
+    keys = (keys if dot_fp32 else keys.to(q.dtype)).contiguous()
     k_tile = _pow2(top_n)
     nb = max(_pow2(n_blocks), k_tile, 16)
     block_r = 16 if interpreting() else max(16, min(64, KEYS_PER_PROGRAM // nb))
-    grid = (batch * heads, triton.cdiv(rows, block_r))
+    # Row tiles per program: the keys are read once per ROWS_PER_GATED_PROGRAM rows, not per tile.
+    most = 2 if interpreting() else ROWS_PER_GATED_PROGRAM // block_r  # 2: the tests reach the loop
+    sub_tiles = max(1, min(most, triton.cdiv(rows, block_r)))
+    grid = (batch * heads, triton.cdiv(rows, block_r * sub_tiles))
     _top_blocks_gated[grid](
         q, keys, indices, counts, *q.stride()[:3], *keys.stride()[:3], *indices.stride()[:3], *counts.stride()[:2],
         heads, heads_per_list, q_heads // kv_heads, rows, n_blocks, first_pos, block, top_n, initial, local,
-        ranked_from, HEAD_DIM=dim, BLOCK_R=block_r, NB=nb, K_TILE=k_tile, DOT_FP32=dot_in_float32(q.dtype),
+        ranked_from, HEAD_DIM=dim, BLOCK_R=block_r, SUB_TILES=sub_tiles, NB=nb, K_TILE=k_tile, DOT_FP32=dot_fp32,
         num_warps=8 if nb * dim >= 16384 else 4,
     )  # fmt: skip
