@@ -57,28 +57,48 @@ def unsupported_reason(scores: torch.Tensor, **_case) -> str | None:
 if triton is not None:
     from ..page_select.triton import MIN_KEY, _key_index, _sort_key
 
+    # Lists of up to this many entries are ranked by rounds of row maxima, longer ones by a bitonic top-k.
+    ROUNDS_MAX_K = tl.constexpr(16)
+
     @triton.jit
     def _rank_and_write(
         score, row, batch, head, Indices, Counts,
         stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
         rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
-        NB: tl.constexpr, K_TILE: tl.constexpr,
+        BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr,
     ):  # fmt: skip
-        """Rank float32 ``score`` ``[BLOCK_R, NB]`` of rows ``row`` (the module's rule) and write their lists."""
+        """Rank float32 ``score`` ``[BLOCK_R, NB]`` of rows ``row`` (the module's rule) and write their lists.
+
+        ``K_TILE <= ROUNDS_MAX_K``: ``K_TILE`` rounds of (row maximum, its lowest column, masked
+        out), reductions only; larger: one bitonic ``tl.topk`` of packed (score, index) int64 keys.
+        Both rank by score with ties to the lower index (``-0.0`` equal to ``+0.0``)."""
         column = tl.arange(0, NB)
+        rank = tl.arange(0, K_TILE)
         row_ok = row < rows
         position = row + first_pos
         own = position // block
         eligible = row_ok[:, None] & (column[None, :] < n_blocks) & (column[None, :] <= own[:, None])
         forced = eligible & ((column[None, :] < initial) | (column[None, :] > own[:, None] - local))
         ranked = eligible & (position >= ranked_from)[:, None] & (score > float("-inf"))
-        score = tl.where(forced, float("inf"), score)
-        key = tl.where(forced | ranked, _sort_key(score, column[None, :]), MIN_KEY)
-        top = tl.topk(key, K_TILE)
-        rank = tl.arange(0, K_TILE)
-        listed = (top != MIN_KEY) & (rank[None, :] < top_n)
-        count = tl.sum(listed.to(tl.int32), 1)
-        index = tl.sort(tl.where(listed, _key_index(top), 0x7FFFFFFF))
+        if K_TILE <= ROUNDS_MAX_K:
+            score = tl.where(forced, float("inf"), tl.where(ranked, score, float("-inf")))
+            chosen = tl.full([BLOCK_R, K_TILE], 0x7FFFFFFF, tl.int32)
+            count = tl.zeros([BLOCK_R], tl.int32)
+            for r in tl.static_range(K_TILE):
+                best = tl.max(score, 1)
+                pick = tl.min(tl.where(score == best[:, None], column[None, :], NB), 1)
+                take = (best > float("-inf")) & (r < top_n)
+                chosen = tl.where((rank[None, :] == r) & take[:, None], pick[:, None], chosen)
+                count += take.to(tl.int32)
+                score = tl.where(column[None, :] == pick[:, None], float("-inf"), score)
+            index = tl.sort(chosen)
+        else:
+            score = tl.where(forced, float("inf"), score)
+            key = tl.where(forced | ranked, _sort_key(score, column[None, :]), MIN_KEY)
+            top = tl.topk(key, K_TILE)
+            listed = (top != MIN_KEY) & (rank[None, :] < top_n)
+            count = tl.sum(listed.to(tl.int32), 1)
+            index = tl.sort(tl.where(listed, _key_index(top), 0x7FFFFFFF))
         index = tl.where(rank[None, :] < count[:, None], index, 0)
         out = (
             Indices + batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih
@@ -109,7 +129,7 @@ if triton is not None:
         score = tl.load(pointers, mask=present, other=float("-inf"))
         _rank_and_write(
             score, row, batch, head, Indices, Counts, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-            rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, NB, K_TILE,
+            rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, BLOCK_R, NB, K_TILE,
         )  # fmt: skip
 
     @triton.jit
@@ -154,7 +174,7 @@ if triton is not None:
             score = tl.where((column < n_blocks)[None, :], score, float("-inf"))
             _rank_and_write(
                 score, row, batch, head, Indices, Counts, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-                rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, NB, K_TILE,
+                rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, BLOCK_R, NB, K_TILE,
             )  # fmt: skip
 
 
