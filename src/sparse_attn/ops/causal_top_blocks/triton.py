@@ -1,14 +1,23 @@
 """Causal top-n block lists in one kernel: ranking, top-n and the ascending list in registers.
 
-One program per (batch x head, tile of ``BLOCK_R`` rows) loads the rows' scores whole (``NB``, the
-block count rounded up to a power of two, at most :data:`MAX_BLOCKS`), marks forced blocks
-``+inf`` and blocks that are not eligible as absent, packs each score with its block index into
-one int64 sort key (:func:`sparse_attn.ops.page_select.triton._sort_key`: order-preserving bits
-of the float32 score above ``2^31 - 1 - index``, so one descending ``tl.topk`` ranks by score
-and breaks ties to the lower index, exactly the reference's stable sort), keeps the top
-``K_TILE`` (``top_n`` rounded up to a power of two), sorts the kept indices ascending and writes
-the list and its count. Every output element is written (zeros past the count), so nothing
-needs initialising and the launch reads the scores once: no host synchronisation.
+``_top_blocks``: one program per (batch x head, tile of ``BLOCK_R`` rows) loads the rows' scores
+whole (``NB``, the block count rounded up to a power of two, at most :data:`MAX_BLOCKS`).
+``_top_blocks_gated``: one program per (batch x list head, up to ``ROWS_PER_GATED_PROGRAM`` rows)
+loads its KV head's block keys once and computes each row tile's scores with ``tl.dot`` (the
+list's query heads summed in float32), so no score tensor exists. Both then rank
+(``_rank_and_write``): forced blocks ``+inf``, blocks that are not eligible absent; lists of up
+to 16 entries by ``K_TILE`` rounds of (row maximum, its lowest column, masked out), longer ones by
+one descending ``tl.topk`` of int64 keys packing the score with its index
+(:func:`sparse_attn.ops.page_select.triton._sort_key`); both break ties to the lower index,
+exactly the reference's stable sort. The kept indices are sorted ascending and written with
+their count. Every output element is written (zeros past the count): nothing needs
+initialising, and there is no host synchronisation.
+
+Measured (H200, MoBA 512 / top-3 at 128K, 32/8 heads; ``benchmarks/results/h200/
+moba512_estimate_128k.json``) before the rounds: the gated kernel (with its row loop) ranking by
+the bitonic top-k took 21.9 ms per estimate, float32 matmuls + ``_top_blocks`` 20.7 ms. The rounds
+came after that run: verified on CPU (interpreter) and compiled for sm_90 (no register spills),
+not timed.
 """
 
 from __future__ import annotations
