@@ -29,7 +29,10 @@ def _from_mask(mask, causal, **geometry):
 @pytest.mark.parametrize("lead", [(), (3,), (2, 3)], ids=["2d", "3d", "4d"])
 @pytest.mark.parametrize("seq_q, seq_k, block_q, block_k", [(100, 100, 16, 16), (37, 141, 8, 32), (64, 77, 32, 8)])
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.6])
-def test_builder_matches_from_mask_in_any_chunking(monkeypatch, causal, lead, seq_q, seq_k, block_q, block_k, density):
+@pytest.mark.parametrize("compact", [False, True], ids=["padded", "compact"])
+def test_builder_matches_from_mask_in_any_chunking(
+    monkeypatch, causal, lead, seq_q, seq_k, block_q, block_k, density, compact
+):
     n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
     generator = torch.Generator().manual_seed(seq_q + len(lead))
     mask = torch.rand(*lead, n_q, n_kv, generator=generator) < density
@@ -40,7 +43,7 @@ def test_builder_matches_from_mask_in_any_chunking(monkeypatch, causal, lead, se
     # Rows in chunks of every size, added in shuffled order, heads in two parts; pieces of one row.
     monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 1)
     for rows_per_chunk in range(1, n_q + 1):
-        builder = PatternBuilder(batch=batch, heads=heads, causal=causal, **geometry)
+        builder = PatternBuilder(batch=batch, heads=heads, causal=causal, compact=compact, **geometry)
         chunks = query_block_chunks(n_q, rows_per_chunk)
         random.Random(rows_per_chunk).shuffle(chunks)
         split = max(1, heads // 2)

@@ -14,7 +14,12 @@ empty keeps its last block), and turns each piece of mask into sorted ``int32`` 
 prefix count and a binary search (no sort, no ``int64`` table of the piece). Its index table
 is as wide as the widest row so far and widens when a row needs more, so the result is
 compact: ``max_kv`` is the largest count of any row. Working memory beyond the chunk is the
-pattern itself (and, while its table widens, the narrower copy).
+pattern itself (and, while its table widens, the narrower copy). Streamed by query blocks, last
+first, the widest rows (a causal pattern's last) usually come first and the table rarely widens.
+Streamed by heads (``compact=True``), each head chunk's lists are kept as a flat run of its kept
+entries (no padding) until :meth:`PatternBuilder.finish` knows the widest row and fills the
+table once: the extra memory is the kept entries (for a causal pattern about half the padded
+table, less for a sparse one) instead of a second padded table per widening.
 
 Row-local rules (every method but FlexPrefill's query-aware heads) give the same lists in any
 chunking; scores computed by a matrix product per chunk can round differently from one
@@ -47,7 +52,8 @@ class PatternBuilder:
     """Assembles a :class:`BlockSparsePattern` ``(batch, heads, n_q_blocks, max_kv)`` from pieces of block mask.
 
     Each :meth:`add` writes the lists of some query blocks of some heads; every (head, query
-    block) must be written exactly once before :meth:`finish`.
+    block) must be written exactly once before :meth:`finish`. ``compact=True`` keeps each piece's
+    kept entries unpadded until :meth:`finish` (the module docstring says when that saves memory).
     """
 
     def __init__(
@@ -61,7 +67,11 @@ class PatternBuilder:
         block_k: int,
         causal: bool,
         device: torch.device | str | None = None,
+        compact: bool = False,
     ) -> None:
+        self.compact = bool(compact)
+        self._pieces: list[tuple[range, range, int, torch.Tensor]] = []
+        self._width = 1
         self.batch, self.heads = batch, heads
         self.seq_q, self.seq_k, self.block_q, self.block_k = seq_q, seq_k, block_q, block_k
         self.causal = bool(causal)
@@ -106,11 +116,15 @@ class PatternBuilder:
         slots = torch.arange(1, width + 1, dtype=torch.int32, device=self.device).expand(*counts.shape, width)
         columns = torch.searchsorted(running, slots.contiguous(), out_int32=True)
         del running
+        self._counts[:, heads.start : heads.stop, rows.start : rows.stop] = counts
+        self._rows_written += len(heads) * len(rows)
+        if self.compact:  # the kept entries only, row-major; the table is filled by finish()
+            self._width = max(self._width, width)
+            self._pieces.append((heads, rows, width, columns[slots <= counts[..., None]]))
+            return
         columns.masked_fill_(slots > counts[..., None], 0)
         self._widen(width)
-        self._counts[:, heads.start : heads.stop, rows.start : rows.stop] = counts
         self._indices[:, heads.start : heads.stop, rows.start : rows.stop, :width] = columns
-        self._rows_written += len(heads) * len(rows)
 
     def _widen(self, width: int) -> None:
         current = self._indices.shape[-1]
@@ -126,6 +140,17 @@ class PatternBuilder:
             raise RuntimeError(
                 f"pattern assembled from {self._rows_written} (head, query block) rows, expected {expected}"
             )
+        if self.compact:
+            self._indices = torch.zeros(
+                (self.batch, self.heads, self.n_q, self._width), dtype=torch.int32, device=self.device
+            )
+            while self._pieces:  # each piece freed as soon as it is in the table
+                heads, rows, width, kept = self._pieces.pop()
+                counts = self._counts[:, heads.start : heads.stop, rows.start : rows.stop]
+                slots = torch.arange(width, dtype=torch.int32, device=self.device)
+                view = self._indices[:, heads.start : heads.stop, rows.start : rows.stop, :width]
+                view.masked_scatter_(slots < counts[..., None], kept)
+                del kept
         self._widen(1)
         pattern = BlockSparsePattern(
             kv_counts=self._counts,
@@ -211,6 +236,7 @@ def stream_pattern_by_heads(
         block_k=block_k,
         causal=causal,
         device=device,
+        compact=True,
     )
     for query_heads in head_chunks(heads, group, max(1, CHUNK_ELEMENTS // max(1, head_elements))):
         builder.add(mask_heads(query_heads), rows=range(builder.n_q), heads=query_heads)
