@@ -44,7 +44,8 @@ cases not started when the run has used ``--budget`` seconds (default 170: the w
 near 3 minutes) are listed as skipped. Cases run in priority order: the issue's targets first
 (``nsa-select`` at 64K, ``moba-4096x12`` and ``moba-512x3`` at 128K, ``nsa-module`` at 64K), then by length. ``--budget 1200`` runs the whole
 grid (FlexAttention compiles once per shape, tens of seconds each).
-Writes ``benchmarks/results/<gpu>/token_sparse.json``.
+Writes ``benchmarks/results/<gpu>/token_sparse.json``. ``--token-rows 32|64|128`` packs more query
+tokens per token-kernel program (NSA's 16-head group: 2, 4 or 8 tokens per tile; untimed so far).
 
     PYTHONPATH=$PWD/src python benchmarks/token_sparse.py            # the full grid
     PYTHONPATH=$PWD/src python benchmarks/token_sparse.py --quick    # 8K and 32K, two cases
@@ -61,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attn as sa
+from sparse_attn.backends.configs import kernel_configs
 from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
 from sparse_attn.nn import NativeSparseAttention
 
@@ -377,6 +379,13 @@ def main() -> None:
         default="auto",
         help="token kernel path for large blocks: auto (gathered from block_k >= 256), or forced",
     )
+    parser.add_argument(
+        "--token-rows",
+        type=int,
+        choices=(16, 32, 64, 128),
+        default=None,
+        help="rows per token-kernel program (kernel_configs(token_rows=...); default 16: one token of NSA's group)",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -387,7 +396,13 @@ def main() -> None:
     lengths, cases = (args.lengths, args.cases) if not args.quick else ([8192, 32768], list(QUICK_CASES))
     columns = _columns()
     path = args.output or Path(__file__).parent / "results" / device_slug(device) / "token_sparse.json"
-    meta = {"benchmark": "token_sparse", "quick": args.quick, "moba_path": args.moba_path, **environment(device)}
+    meta = {
+        "benchmark": "token_sparse",
+        "quick": args.quick,
+        "moba_path": args.moba_path,
+        "token_rows": args.token_rows or 16,
+        **environment(device),
+    }
     print(format_table([], columns), flush=True)
     rows, dense_cache, skipped = [], {}, []
     deadline = time.perf_counter() + args.budget
@@ -397,9 +412,12 @@ def main() -> None:
         if time.perf_counter() > deadline:
             skipped.append(f"{name} {seq}")
             continue
-        row = run_case(
-            name, seq, device, budget_s=args.case_budget, flex=not args.no_flex, fla=not args.no_fla, parts=args.parts
-        )
+        with kernel_configs(token_rows=args.token_rows):
+            row = run_case(
+                name, seq, device, budget_s=args.case_budget, flex=not args.no_flex, fla=not args.no_fla,
+                parts=args.parts,
+            )  # fmt: skip
+        row["token_rows"] = args.token_rows or 16
         shape = (seq, row["q_heads"], row["kv_heads"])
         if shape not in dense_cache:
             dense_cache[shape] = dense_times(*shape, device, Budget(args.case_budget))

@@ -29,6 +29,7 @@ from helpers import (
 
 import sparse_attn as sa
 from sparse_attn.backends import _backend_module, triton_tokens
+from sparse_attn.backends.configs import kernel_configs
 
 # (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k)
 SHAPES = [
@@ -173,6 +174,30 @@ def test_token_lists_are_tile_unions_with_row_bits():
 def test_token_tiling(heads, block_q, expected):
     tiling = triton_tokens.token_tiling(*heads, block_q)
     assert (tiling.heads, tiling.tile_blocks, tiling.tile_tokens, tiling.block_m) == expected
+
+
+@pytest.mark.parametrize(
+    "rows, heads, block_q, expected",
+    [
+        (64, (64, 4, 4), 1, (16, 4, 4, 64)),  # NSA's group of 16 x 4 tokens
+        (128, (64, 4, 4), 1, (16, 8, 8, 128)),
+        (64, (64, 4, 64), 1, (1, 16, 16, 16)),  # per-head lists: at most 16 query blocks per tile
+        (32, (12, 4, 1), 2, (3, 5, 10, 32)),
+    ],
+)
+def test_token_rows_override_widens_the_tiles(rows, heads, block_q, expected):
+    with kernel_configs(token_rows=rows):
+        tiling = triton_tokens.token_tiling(*heads, block_q)
+    assert (tiling.heads, tiling.tile_blocks, tiling.tile_tokens, tiling.block_m) == expected
+    with pytest.raises(ValueError, match="token_rows"), kernel_configs(token_rows=48):
+        pass
+
+
+@pytest.mark.parametrize("shape, heads_kind", [(SHAPES[0], "kv"), (SHAPES[3], "shared"), (GATHERED_SHAPES[0][0], "kv")])
+def test_wider_token_tiles_match_float64_oracle(shape, heads_kind, poison_outputs):
+    """Tiles of several tokens per KV group (the union lists with per-token row bits), forward and gradients."""
+    with kernel_configs(token_rows=64):
+        _check(shape, True, heads_kind, seed=7)
 
 
 def test_triton_backend_routes_small_query_blocks_to_the_token_kernel():

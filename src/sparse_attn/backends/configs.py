@@ -93,6 +93,8 @@ TRITON_BACKWARD_SMALL_TILES: tuple[Tile, ...] = ((32, 32, 4, 1), (16, 32, 4, 1))
 GLUON_BLOCK_M = 128
 GLUON_SHARED_BYTES = 232448
 GLUON_SHARED_RESERVE = 3072
+# Rows a token-granular program may pack (KernelConfigs.token_rows).
+TOKEN_ROWS = (16, 32, 64, 128)
 GLUON_MAX_STAGES = 4
 
 
@@ -112,7 +114,10 @@ class KernelConfigs:
     ``True`` / ``False`` forces the persistent Gluon kernel (one program per SM walking the work
     items, the next item's loads under the previous one's stores) on or off where launch-made
     descriptors apply; by default it runs on light work items only
-    (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`).
+    (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`). ``token_rows``: the rows a
+    token-granular program packs (16, 32, 64 or 128; default 16, the smallest ``tl.dot``): more rows
+    take more query tokens per tile, so a selected KV block is loaded once for more tokens
+    (:func:`sparse_attn.backends.triton_tokens.token_tiling`).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -122,6 +127,7 @@ class KernelConfigs:
     gluon_host_descriptors: bool | None = None
     triton_backward_skip_masked: bool | None = None
     gluon_persistent: bool | None = None
+    token_rows: int | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -145,6 +151,7 @@ def kernel_configs(
     gluon_host_descriptors: bool | None = None,
     triton_backward_skip_masked: bool | None = None,
     gluon_persistent: bool | None = None,
+    token_rows: int | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -179,6 +186,10 @@ def kernel_configs(
         if not isinstance(gluon_persistent, bool):
             raise TypeError(f"gluon_persistent must be a bool, got {gluon_persistent!r}")
         changes["gluon_persistent"] = gluon_persistent
+    if token_rows is not None:
+        if isinstance(token_rows, bool) or token_rows not in TOKEN_ROWS:
+            raise ValueError(f"token_rows must be one of {TOKEN_ROWS}, got {token_rows!r}")
+        changes["token_rows"] = token_rows
     token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **changes))
     try:
         yield _CURRENT.get()

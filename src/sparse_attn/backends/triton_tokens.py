@@ -18,7 +18,7 @@ that share one list and one KV head, times the tokens of a small query tile:
 
 ``T`` (the query tile, a whole number of query blocks) is chosen so that ``P * T >= 16`` rows
 (a ``tl.dot`` needs 16): ``T = block_q * max(1, 16 // (P * block_q))``, padded up to a power of
-two. When a tile holds several query blocks, their lists differ: the program walks the sorted
+two; ``kernel_configs(token_rows=R)`` aims at ``R`` rows instead (``T`` up to 16 query blocks). When a tile holds several query blocks, their lists differ: the program walks the sorted
 *union* of the tile's lists, and a bitmask per union entry (bit ``i``: the tile's ``i``-th query
 block lists it) masks the rows whose own list lacks the block, token by token like the causal
 diagonal and the sequence end. A wider tile loads a KV block once for more tokens but computes
@@ -59,7 +59,7 @@ import torch
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
 from ..utils import dot_in_float32, interpreting, length_bucket
-from . import launch
+from . import configs, launch
 from .launch import LOG2_E
 from .triton import input_unsupported_reason
 
@@ -74,6 +74,7 @@ name = "triton"
 # Rows of a tile: P heads x T tokens. 64 bounds P * block_q; 16 is the smallest tl.dot.
 MAX_PACKED_ROWS = 64
 MIN_ROWS = 16
+MAX_TILE_BLOCKS = 16
 
 
 def unsupported_reason(
@@ -105,12 +106,15 @@ class TokenTiling:
 
 
 def token_tiling(q_heads: int, kv_heads: int, pattern_heads: int, block_q: int) -> TokenTiling:
-    """The row packing for these head counts (see the module docstring)."""
+    """The row packing for these head counts (see the module docstring); the rows aimed at are
+    ``kernel_configs(token_rows=...)``'s, default :data:`MIN_ROWS`."""
     group = q_heads // kv_heads
     # Heads that share both a list and a KV head: the whole group unless lists are per query head.
     sharing = group if q_heads // pattern_heads >= group else 1
     heads = max(d for d in range(1, sharing + 1) if sharing % d == 0 and d * block_q <= MAX_PACKED_ROWS)
-    tile_blocks = max(1, MIN_ROWS // (heads * block_q))
+    rows = configs.current().token_rows or MIN_ROWS
+    # A tile's query blocks are bits of an int32 mask per union entry: at most MAX_TILE_BLOCKS.
+    tile_blocks = min(MAX_TILE_BLOCKS, max(1, rows // (heads * block_q)))
     tile_tokens = tile_blocks * block_q
     block_m = max(MIN_ROWS, triton.next_power_of_2(heads * tile_tokens))
     return TokenTiling(heads=heads, tile_blocks=tile_blocks, tile_tokens=tile_tokens, block_m=block_m)
