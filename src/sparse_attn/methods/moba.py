@@ -112,14 +112,6 @@ def estimate(
     block_size = config.block_size
     pooled_k = mean_pool_blocks(k, block_size)
     n_blocks = pooled_k.shape[2]
-    columns = torch.arange(n_blocks, device=q.device)
-
-    def gate_rows(tokens: range) -> torch.Tensor:
-        queries = q[:, :, tokens.start : tokens.stop].float()
-        if config.share_in_group:  # the group's summed query scores the group's one list
-            queries = queries.unflatten(1, (kv_heads, q_heads // kv_heads)).sum(2)
-        return grouped_matmul(queries, pooled_k)
-
     if causal:
         if config.top_k == 1:
             indices, counts = _own_block_lists(batch, heads, seq_q, seq_k, block_size, q.device)
@@ -133,6 +125,14 @@ def estimate(
         )
         pattern._cache[("validated", True)] = True  # valid by construction: ascending, causal, own block listed
         return pattern
+
+    columns = torch.arange(n_blocks, device=q.device)
+
+    def gate_rows(tokens: range) -> torch.Tensor:
+        queries = q[:, :, tokens.start : tokens.stop].float()
+        if config.share_in_group:  # the group's summed query scores the group's one list
+            queries = queries.unflatten(1, (kv_heads, q_heads // kv_heads)).sum(2)
+        return grouped_matmul(queries, pooled_k)
 
     def mask_rows(tokens: range) -> torch.Tensor:
         positions = torch.arange(tokens.start, tokens.stop, device=q.device) + (seq_k - seq_q)

@@ -162,15 +162,13 @@ def causal_top_blocks_gated(
         torch.empty((batch, heads, rows, top_n), dtype=torch.int32, device=q.device),
         torch.empty((batch, heads, rows), dtype=torch.int32, device=q.device),
     )
-    kernel = kernel_for(q, __package__)
-    if kernel is not None and kernel.gated_unsupported_reason(q, keys) is None:
+    kernel = kernel_for(q, __package__, keys=keys)
+    if kernel is not None:
         kernel.causal_top_blocks_gated_triton(q, keys, *out, heads_per_list=heads_per_list, **options)
         return out
-    if kernel is not None:
-        warnings.warn(
-            f"causal_top_blocks_gated: {kernel.gated_unsupported_reason(q, keys)}; scoring with float32 matmuls",
-            stacklevel=2,
-        )
+    if q.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        reason = importlib.import_module(".triton", __package__).unsupported_reason(q, keys=keys)
+        warnings.warn(f"causal_top_blocks_gated: {reason}; scoring with float32 matmuls", stacklevel=2)
     chunk = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * (keys.shape[2] + dim)))
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)

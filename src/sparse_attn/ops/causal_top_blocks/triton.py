@@ -26,6 +26,7 @@ import torch
 
 from ...utils import dot_in_float32, interpreting
 from .._dispatch import device_unsupported_reason
+from ..page_select.triton import _pow2
 
 try:
     import triton
@@ -37,7 +38,6 @@ __all__ = [
     "MAX_BLOCKS",
     "causal_top_blocks_gated_triton",
     "causal_top_blocks_triton",
-    "gated_unsupported_reason",
     "unsupported_reason",
 ]
 
@@ -51,15 +51,25 @@ MAX_GATED_KEYS = 32768
 ROWS_PER_GATED_PROGRAM = 256
 
 
-def unsupported_reason(scores: torch.Tensor, **_case) -> str | None:
-    """Why :func:`causal_top_blocks_triton` cannot run on ``scores``, or ``None``."""
+def unsupported_reason(x: torch.Tensor, *, keys: torch.Tensor | None = None) -> str | None:
+    """Why the kernel cannot run, or ``None``: :func:`causal_top_blocks_triton` on scores ``x``, or with
+    ``keys``, :func:`causal_top_blocks_gated_triton` on queries ``x`` and those block keys."""
     if triton is None:
         return "triton is not installed"
-    reason = device_unsupported_reason(scores)
+    reason = device_unsupported_reason(x)
     if reason is not None:
         return reason
-    if scores.shape[-1] > MAX_BLOCKS:
-        return f"rows of more than {MAX_BLOCKS} blocks ({scores.shape[-1]}) do not fit the kernel's registers"
+    if keys is None:
+        if x.shape[-1] > MAX_BLOCKS:
+            return f"rows of more than {MAX_BLOCKS} blocks ({x.shape[-1]}) do not fit the kernel's registers"
+        return None
+    dim, n_blocks = x.shape[-1], keys.shape[2]
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the gated kernel takes float16, bfloat16 or float32 queries, got {x.dtype}"
+    if not 16 <= dim <= 256 or dim & (dim - 1):
+        return f"the gated kernel takes a power-of-two head_dim in [16, 256], got {dim}"
+    if max(_pow2(n_blocks), 16) * dim > MAX_GATED_KEYS:
+        return f"{n_blocks} pooled keys of head_dim {dim} do not fit one program (at most {MAX_GATED_KEYS} elements)"
     return None
 
 
@@ -187,10 +197,6 @@ if triton is not None:
             )  # fmt: skip
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def causal_top_blocks_triton(
     scores: torch.Tensor,
     indices: torch.Tensor,
@@ -208,32 +214,17 @@ def causal_top_blocks_triton(
     batch, heads, rows, n_blocks = scores.shape
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
+    if rows == 0 or batch * heads == 0:
+        return
     k_tile = _pow2(top_n)
     nb = max(_pow2(n_blocks), k_tile, 16)
     block_r = max(1, min(64, KEYS_PER_PROGRAM // nb))
     grid = (batch * heads, triton.cdiv(rows, block_r))
-    if rows == 0 or batch * heads == 0:
-        return
     _top_blocks[grid](
         scores, indices, counts, *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2],
         heads, rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
         BLOCK_R=block_r, NB=nb, K_TILE=k_tile, num_warps=8 if nb >= 2048 else 4,
     )  # fmt: skip
-
-
-def gated_unsupported_reason(q: torch.Tensor, keys: torch.Tensor) -> str | None:
-    """Why :func:`causal_top_blocks_gated_triton` cannot run this case, or ``None``."""
-    reason = device_unsupported_reason(q)
-    if triton is None or reason is not None:
-        return reason or "triton is not installed"
-    dim, n_blocks = q.shape[-1], keys.shape[2]
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the gated kernel takes float16, bfloat16 or float32 queries, got {q.dtype}"
-    if not 16 <= dim <= 256 or dim & (dim - 1):
-        return f"the gated kernel takes a power-of-two head_dim in [16, 256], got {dim}"
-    if max(_pow2(n_blocks), 16) * dim > MAX_GATED_KEYS:
-        return f"{n_blocks} pooled keys of head_dim {dim} do not fit one program (at most {MAX_GATED_KEYS} elements)"
-    return None
 
 
 def causal_top_blocks_gated_triton(
