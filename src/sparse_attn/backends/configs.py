@@ -117,7 +117,9 @@ class KernelConfigs:
     (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`). ``token_rows``: the rows a
     token-granular program packs (16, 32, 64 or 128; default 16, the smallest ``tl.dot``): more rows
     take more query tokens per tile, so a selected KV block is loaded once for more tokens
-    (:func:`sparse_attn.backends.triton_tokens.token_tiling`).
+    (:func:`sparse_attn.backends.triton_tokens.token_tiling`), but each tile walks the union of
+    its tokens' lists: it pays only where neighbouring tokens select the same blocks (NSA's
+    module with random weights at 64K: 32 rows took twice as long as 16 on the H200).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None

@@ -13,11 +13,10 @@ exactly the reference's stable sort. The kept indices are sorted ascending and w
 their count. Every output element is written (zeros past the count): nothing needs
 initialising, and there is no host synchronisation.
 
-Measured (H200, MoBA 512 / top-3 at 128K, 32/8 heads; ``benchmarks/results/h200/
-moba512_estimate_128k.json``) before the rounds: the gated kernel (with its row loop) ranking by
-the bitonic top-k took 21.9 ms per estimate, float32 matmuls + ``_top_blocks`` 20.7 ms. The rounds
-came after that run: verified on CPU (interpreter) and compiled for sm_90 (no register spills),
-not timed.
+Measured (H200, MoBA 512 / top-3 at 128K, 32/8 heads): with the bitonic top-k the gated kernel
+(with its row loop) took 21.9 ms per estimate, float32 matmuls + ``_top_blocks`` 20.7 ms
+(``benchmarks/results/h200/moba512_estimate_128k.json``); with the rounds the gated kernel takes
+4.47 ms and the whole ``moba`` estimate 4.94 ms (``moba512_estimate_128k_rounds.json``).
 """
 
 from __future__ import annotations
