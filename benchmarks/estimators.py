@@ -32,6 +32,7 @@ of with ``do_bench``'s repeats; the table says which. Writes
 
     python benchmarks/estimators.py                          # 32K and 128K, the dynamic methods
     python benchmarks/estimators.py --lengths 131072 --methods xattention flexprefill
+    python benchmarks/estimators.py --methods xattention xattention:score_precision=fp8   # method options
     python benchmarks/estimators.py --quick                  # tiny sizes, runs on CPU too (no JSON unless --out)
     python benchmarks/estimators.py --inputs gemma3-270m --lengths 16384 32768
     python benchmarks/estimators.py --scale                  # 256K, 512K, 1M: memory and time of estimation
@@ -49,6 +50,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn.bench import dense_baselines, device_slug, environment, format_table, measure, time_ms, write_results
+from sparse_attn.eval.grid import MethodVariant
 from sparse_attn.pattern import BlockSparsePattern
 from sparse_attn.utils import synchronized_now
 
@@ -191,6 +193,13 @@ def error_line(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
 
+def method_estimate(q: torch.Tensor, k: torch.Tensor, method: str, block: int):
+    """``sa.estimate`` of a ``NAME`` or ``NAME:OPTION=VALUE,...`` method (e.g.
+    ``xattention:score_precision=fp8``), as a zero-argument call."""
+    variant = MethodVariant.parse(method)
+    return functools.partial(sa.estimate, q, k, variant.name, block_q=block, block_k=block, **dict(variant.options))
+
+
 def run_scale(shape: Shape, methods, *, strength: float, device: torch.device, single_call_ms: float) -> list[dict]:
     """Estimation at a long length: time and peak extra memory per method, dense cuDNN on the same inputs."""
     q, k, v = structured_qkv(shape, strength=strength, device=device)
@@ -217,7 +226,7 @@ def run_scale(shape: Shape, methods, *, strength: float, device: torch.device, s
     rows = []
     for method in methods:
         row = {"seq": shape.seq, "method": method, **labels, **dense, "errors": {}}
-        estimate = functools.partial(sa.estimate, q, k, method, block_q=shape.block, block_k=shape.block)
+        estimate = method_estimate(q, k, method, shape.block)
         try:
             pattern = estimate()  # warm-up: the first call autotunes the scoring kernels
             row["pattern_mib"] = (pattern.kv_indices.numel() + pattern.kv_counts.numel()) * 4 / 2**20
@@ -329,7 +338,7 @@ def run_inputs(
             row[name] = ms
             if error:
                 row["errors"][name] = error
-        estimate = functools.partial(sa.estimate, q, k, method, block_q=block, block_k=block)
+        estimate = method_estimate(q, k, method, block)
         try:
             # The first call autotunes the scoring kernels (their benchmarking allocates a 256 MB
             # cache-flush buffer): peak memory is taken on the call after it.

@@ -7,12 +7,14 @@ import pytest
 import torch
 from helpers import random_qkv
 
+import sparse_attn as sa
 from sparse_attn.geometry import causal_block_mask, num_blocks
 from sparse_attn.ops.antidiagonal import triton as antidiagonal_triton
 from sparse_attn.ops.antidiagonal.naive import (
     antidiagonal_block_probs_reference,
     antidiagonal_visibility,
     cells_to_block_probs,
+    fp8_keys,
 )
 from sparse_attn.ops.antidiagonal.triton import antidiagonal_block_probs_triton
 from sparse_attn.ops.sampled_rows.triton import sampled_rows_block_max_probs_triton
@@ -140,3 +142,88 @@ def test_scoring_kernel_range_in_query_cell_chunks_matches_one_launch(monkeypatc
         monkeypatch.setattr(antidiagonal_triton, "_CELL_UNIT", 32)
         chunked = antidiagonal_block_probs_triton(q, k, **options)
     assert torch.equal(chunked, whole)
+
+
+# fp8 scoring (score_precision="fp8") ---------------------------------------------------------
+FP8_CASES = [
+    # batch, q_heads, kv_heads, seq_q, seq_k, dim, stride, block_q, block_k, causal, dtype, q_blocks
+    pytest.param(1, 4, 2, 100, 130, 16, 4, 16, 32, True, torch.float32, None, id="gqa-tails"),
+    pytest.param(2, 2, 1, 64, 64, 32, 8, 32, 32, True, torch.bfloat16, None, id="bf16-batch2"),
+    pytest.param(1, 3, 3, 50, 77, 16, 4, 16, 16, False, torch.float32, None, id="non-causal-3-heads"),
+    pytest.param(1, 4, 1, 200, 232, 16, 4, 16, 16, True, torch.float32, range(3, 9), id="gqa4-range"),
+]
+
+
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, seq_q, seq_k, dim, stride, block_q, block_k, causal, dtype, q_blocks", FP8_CASES
+)
+def test_fp8_scoring_kernel_matches_the_emulating_reference(
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, stride, block_q, block_k, causal, dtype, q_blocks, quiet_numpy
+):
+    # The kernel's products of e4m3 codes are exact in float32, as the reference's dequantised
+    # codes are: only the summation order differs.
+    q, k, _ = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, dtype=dtype, seed=21)
+    k = k + 3.0  # a shared key offset: the centring must take it out
+    options = dict(stride=stride, block_q=block_q, block_k=block_k, scale=dim**-0.5, causal=causal, q_blocks=q_blocks)
+    reference = antidiagonal_block_probs_reference(q, k, **options, score_precision="fp8")
+    with quiet_numpy():
+        kernel = antidiagonal_block_probs_triton(q, k, **options, score_precision="fp8")
+        with_keys = antidiagonal_block_probs_triton(q, k, **options, score_precision="fp8", keys_fp8=fp8_keys(k))
+    assert torch.allclose(kernel, reference, atol=1e-5)
+    assert torch.equal(with_keys, kernel)
+    # Close to the exact scoring (3 mantissa bits per operand), not equal to it. A last partial key
+    # cell is padded with zeros in centred space (the key mean), not with zero keys: its KV block
+    # is left out of the comparison.
+    exact = antidiagonal_block_probs_reference(q, k, **options)
+    compared = slice(None) if seq_k % stride == 0 else slice(0, -1)
+    assert float((reference - exact)[..., compared].abs().max()) < 0.05
+    assert not torch.equal(reference, exact)
+
+
+def test_fp8_keys_are_centred_per_head_codes_and_centring_leaves_scores_unchanged():
+    q, k, _ = random_qkv(2, 4, 2, 96, 96, 16, dtype=torch.float32, seed=22)
+    keys = fp8_keys(k + torch.randn(1, 2, 1, 16))
+    assert keys.codes.dtype == torch.float8_e4m3fn and keys.scale.shape == (2, 2)
+    assert float(keys.codes.float().abs().amax()) == 448.0  # each head's largest entry is the top code
+    centred = k - k.mean(2, keepdim=True)
+    assert float((keys.dequantized() - centred).abs().max() / centred.abs().max()) < 0.07
+    # The premise: a key offset per head shifts every score of a query cell alike.
+    options = dict(stride=4, block_q=16, block_k=16, scale=0.25, causal=True)
+    shifted = k + torch.randn(2, 2, 1, 16)
+    assert torch.allclose(
+        antidiagonal_block_probs_reference(q, shifted, **options), antidiagonal_block_probs_reference(q, k, **options),
+        atol=1e-5,
+    )  # fmt: skip
+
+
+def test_score_precision_and_fp8_keys_are_checked():
+    from sparse_attn.ops.antidiagonal import antidiagonal_block_probs
+
+    q, k, _ = random_qkv(1, 2, 1, 64, 64, 16, dtype=torch.float32, seed=23)
+    options = dict(stride=4, block_q=16, block_k=16, scale=0.25, causal=True)
+    with pytest.raises(ValueError, match="score_precision"):
+        antidiagonal_block_probs(q, k, **options, score_precision="int4")
+    with pytest.raises(ValueError, match="keys_fp8 is only used"):
+        antidiagonal_block_probs(q, k, **options, keys_fp8=fp8_keys(k))
+    with pytest.raises(ValueError, match="keys_fp8 must be"):
+        antidiagonal_block_probs(q, k, **options, score_precision="fp8", keys_fp8=fp8_keys(k[:, :, :32]))
+    with pytest.raises(ValueError, match="score_precision"):
+        sa.get_method("xattention").make_config(score_precision="fp16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", [4096, 16384])
+def test_fp8_scoring_kernel_matches_the_reference_on_gpu(seq):
+    q, k, _ = random_qkv(1, 8, 2, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=24)
+    options = dict(stride=8, block_q=128, block_k=128, scale=128**-0.5, causal=True, score_precision="fp8")
+    keys = fp8_keys(k)
+    reference = antidiagonal_block_probs_reference(q, k, **options, keys_fp8=keys)
+    kernel = antidiagonal_block_probs_triton(q, k, **options, keys_fp8=keys)
+    assert torch.allclose(kernel, reference, atol=2e-3)
+    valid = causal_block_mask(seq, seq, 128, 128, "cuda")
+    assert torch.allclose(kernel.sum(-1), torch.ones_like(kernel[..., 0]), atol=1e-3)
+    assert bool((kernel[..., ~valid] == 0).all())
+    # The xattention estimate in fp8 keeps nearly the 16-bit estimate's blocks.
+    exact = sa.estimate(q, k, "xattention").to_mask()
+    fp8 = sa.estimate(q, k, "xattention", score_precision="fp8").to_mask()
+    assert float((exact != fp8).float().mean()) < 0.02

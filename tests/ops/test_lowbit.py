@@ -46,3 +46,24 @@ def test_centering_does_not_modify_the_input_and_chunking_gives_the_same_codes(m
 def test_unknown_format_is_rejected():
     with pytest.raises(ValueError, match="fmt"):
         quantize(torch.zeros(1, 1, 2, 4), "int3")
+
+
+def test_per_head_scales_are_each_heads_absmax_and_chunking_gives_the_same_codes(monkeypatch):
+    x, _, _ = random_qkv(2, 3, 1, 41, 41, 16, seed=3)
+    x[1, 2] = 0.0  # an all-zero head keeps scale 1 and zero codes
+    center = sequence_mean(x)
+    codes, scale = lowbit_naive.quantize_per_head(x, "fp8", center=center)
+    assert codes.dtype == torch.float8_e4m3fn and scale.shape == (2, 3)
+    centred = x - center
+    expected = centred.abs().amax(dim=(2, 3)) / 448
+    expected[1, 2] = 1.0
+    assert torch.allclose(scale, expected)
+    assert torch.equal(codes.float(), (centred / scale[:, :, None, None]).to(torch.float8_e4m3fn).float())
+    assert torch.equal(codes[1, 2].float(), torch.zeros_like(x[1, 2]))
+    monkeypatch.setattr(lowbit_naive, "CHUNK_ELEMENTS", 41 * 16 * 2)  # one head at a time
+    chunked = lowbit_naive.quantize_per_head(x, "fp8", center=center)
+    assert torch.equal(chunked[0].float(), codes.float()) and torch.equal(chunked[1], scale)
+    int4_codes, _ = lowbit_naive.quantize_per_head(x, "int4")
+    assert int(int4_codes.abs().max()) == 7
+    with pytest.raises(ValueError, match="fmt"):
+        lowbit_naive.quantize_per_head(x, "fp4")

@@ -22,6 +22,15 @@ query cell's last query; tails are zero-padded to whole cells. The per-head thre
 prediction of the paper (a dynamic-programming search, offline) is not included: one
 threshold serves every head. Block sizes must be multiples of ``stride``.
 
+``score_precision="fp8"`` (not in the paper, whose kernel scores in 16 bits; off by default):
+the antidiagonal products are taken from float8 e4m3 codes of the queries (one scale per head
+over the rows being scored) and of the keys minus their per-head sequence mean (one scale per
+KV head; subtracting a key mean shifts all scores of a query cell equally, which its softmax
+ignores), at twice the tensor-core rate of bf16 on Hopper. The codes keep 3 mantissa bits, so
+scores move by a few percent and a block near the threshold can flip; its recall and density
+beside the 16-bit scoring are measured in ``benchmarks/estimators.py``
+(``--methods xattention:score_precision=fp8``).
+
 Operators: :mod:`sparse_attn.ops.antidiagonal` (the scoring; a Triton kernel on CUDA, the
 PyTorch reference elsewhere), :mod:`sparse_attn.ops.selection`, :mod:`sparse_attn.ops.static_masks`
 (sink and diagonal), streamed by :func:`sparse_attn.ops.to_pattern.stream_pattern`: each
@@ -37,7 +46,7 @@ import torch
 
 from ..checks import check_fraction, check_int
 from ..geometry import num_blocks
-from ..ops.antidiagonal import antidiagonal_block_probs
+from ..ops.antidiagonal import SCORE_PRECISIONS, antidiagonal_block_probs, fp8_keys
 from ..ops.selection import cumulative_mass_mask
 from ..ops.static_masks import sink_local_block_mask
 from ..ops.to_pattern import stream_pattern
@@ -50,12 +59,15 @@ class XAttentionConfig:
     stride: int = 8
     threshold: float = 0.9
     keep_sink: bool = True  # always keep the first KV block
+    score_precision: str = "input"  # "fp8": antidiagonal products from e4m3 codes (not in the paper)
 
     def __post_init__(self) -> None:
         check_int("stride", self.stride, minimum=1)
         check_fraction("threshold", self.threshold)
         if not isinstance(self.keep_sink, bool):
             raise TypeError(f"keep_sink must be a bool, got {type(self.keep_sink).__name__}")
+        if self.score_precision not in SCORE_PRECISIONS:
+            raise ValueError(f"score_precision must be one of {SCORE_PRECISIONS}, got {self.score_precision!r}")
 
 
 @register_method(
@@ -69,11 +81,15 @@ def estimate(
 ) -> BlockSparsePattern:
     seq_q, seq_k = q.shape[2], k.shape[2]
     blocks = dict(block_q=block_q, block_k=block_k)
+    precision = dict(score_precision=config.score_precision)
+    if config.score_precision == "fp8":  # the keys' codes once per estimate, not per chunk of query blocks
+        precision["keys_fp8"] = fp8_keys(k)
 
     def mask_rows(q_blocks: range) -> torch.Tensor:
         probs = antidiagonal_block_probs(
-            q, k, stride=config.stride, scale=q.shape[-1] ** -0.5, causal=causal, q_blocks=q_blocks, **blocks
-        )
+            q, k, stride=config.stride, scale=q.shape[-1] ** -0.5, causal=causal, q_blocks=q_blocks, **blocks,
+            **precision,
+        )  # fmt: skip
         mask = cumulative_mass_mask(probs, config.threshold)
         del probs
         if config.keep_sink:

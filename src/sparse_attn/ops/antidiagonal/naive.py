@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -9,13 +11,67 @@ from ...geometry import num_blocks, query_block_positions
 from .._chunking import CHUNK_ELEMENTS
 from ..block_rows import query_block_range
 from ..gqa import grouped_matmul
+from ..lowbit import quantize_per_head, sequence_mean
 
 __all__ = [
+    "SCORE_PRECISIONS",
+    "Fp8Keys",
     "antidiagonal_block_probs_reference",
     "antidiagonal_visibility",
     "cells_to_block_probs",
+    "fp8_keys",
+    "fp8_query_rows",
     "strided_cells",
 ]
+
+# "input": products in the inputs' dtype (float32 accumulation); "fp8": e4m3 codes of q and of
+# centred k with one scale per head (see fp8_keys).
+SCORE_PRECISIONS = ("input", "fp8")
+
+
+@dataclass(frozen=True)
+class Fp8Keys:
+    """Keys for fp8 scoring: e4m3 ``codes`` ``(B, Hkv, Sk, D)`` of ``k - mean(k)`` and their
+    float32 per-head ``scale`` ``(B, Hkv)`` (``k - mean ≈ codes * scale``)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantized(self) -> torch.Tensor:
+        return self.codes.float() * self.scale[:, :, None, None]
+
+
+def fp8_keys(k: torch.Tensor) -> Fp8Keys:
+    """``k`` ``(B, Hkv, Sk, D)`` centred and quantised for fp8 scoring; made once per estimate.
+
+    Centring is exact for antidiagonal scoring: it subtracts ``sum_i q[.] · mean`` from every
+    score of a query cell, the same for all its key cells, and each query cell's scores go
+    through a softmax over key cells. It shrinks the range the 3-bit mantissa must cover when
+    keys share a large common component (as RoPE-rotated keys of real models do). One
+    exception: a last key cell cut short by the sequence end is padded with zeros in centred
+    space (keys equal to the mean) where 16-bit scoring pads with zero keys, so that cell's
+    scores differ by the padded rows' ``q · mean`` (only when ``Sk`` is not a multiple of the
+    stride; in causal scoring that cell is on the last query block's diagonal, always kept).
+    """
+    codes, scale = quantize_per_head(k, "fp8", center=sequence_mean(k))
+    return Fp8Keys(codes, scale)
+
+
+def fp8_query_rows(q_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries ``(B, Hq, rows, D)`` (the rows one call scores) as e4m3 codes and a float32
+    ``(B, Hq)`` scale; not centred (a query offset changes scores per key cell)."""
+    return quantize_per_head(q_rows, "fp8")
+
+
+def check_score_precision(score_precision: str, keys: Fp8Keys | None, k: torch.Tensor) -> None:
+    if score_precision not in SCORE_PRECISIONS:
+        raise ValueError(f"score_precision must be one of {SCORE_PRECISIONS}, got {score_precision!r}")
+    if keys is None:
+        return
+    if score_precision != "fp8":
+        raise ValueError("keys_fp8 is only used with score_precision='fp8'")
+    if not isinstance(keys, Fp8Keys) or keys.codes.shape != k.shape or keys.scale.shape != k.shape[:2]:
+        raise ValueError(f"keys_fp8 must be fp8_keys(k) for k of shape {tuple(k.shape)}")
 
 
 def strided_cells(x: torch.Tensor, stride: int, *, reverse: bool) -> torch.Tensor:
@@ -74,6 +130,8 @@ def antidiagonal_block_probs_reference(
     scale: float,
     causal: bool,
     q_blocks: range | None = None,
+    score_precision: str = "input",
+    keys_fp8: Fp8Keys | None = None,
 ) -> torch.Tensor:
     """XAttention's block importance of query blocks ``q_blocks`` (default: all), float32 ``(B, Hq, len(q_blocks), n_kv)``.
 
@@ -82,13 +140,23 @@ def antidiagonal_block_probs_reference(
     over the query cells of the query block; rows sum to 1. Chunked over query cells (one
     pass, no ``Sq x Sk`` tensor: cells are ``stride``x coarser on each side); only the cells
     of ``q_blocks`` are scored. Block sizes must be multiples of ``stride``.
+
+    ``score_precision="fp8"`` scores what an fp8 kernel sees: the range's queries quantised
+    per head (:func:`fp8_query_rows`) and the keys centred and quantised per head
+    (``keys_fp8``, default :func:`fp8_keys` of ``k``), dequantised to float32 here.
     """
+    check_score_precision(score_precision, keys_fp8, k)
     seq_q, seq_k = q.shape[2], k.shape[2]
     rows = query_block_range(num_blocks(seq_q, block_q), q_blocks)
     cells_per_q_block = block_q // stride
     first_cell = rows.start * cells_per_q_block
+    q_rows = q[:, :, rows.start * block_q : rows.stop * block_q]
+    if score_precision == "fp8":
+        codes, q_scale = fp8_query_rows(q_rows)
+        q_rows = codes.float() * q_scale[:, :, None, None]
+        k = (keys_fp8 or fp8_keys(k)).dequantized()
     # Query blocks start on cell boundaries, so the range's queries are whole cells of their own.
-    query_cells = strided_cells(q[:, :, rows.start * block_q : rows.stop * block_q], stride, reverse=True)
+    query_cells = strided_cells(q_rows, stride, reverse=True)
     key_cells = strided_cells(k, stride, reverse=False)
     last_query, first_key = antidiagonal_visibility(seq_q, seq_k, stride, causal=causal, device=q.device)
     last_query = last_query[first_cell : first_cell + query_cells.shape[2]]

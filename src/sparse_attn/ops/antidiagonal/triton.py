@@ -43,8 +43,10 @@ from ...utils import dot_in_float32, interpreting, length_bucket
 from .._chunking import CHUNK_ELEMENTS
 from .._dispatch import device_unsupported_reason
 from ..block_rows import query_block_range
+from .naive import Fp8Keys, check_score_precision, fp8_keys, fp8_query_rows
 
 __all__ = [
+    "FP8_SCORING_CONFIGS",
     "SCORING_CONFIGS",
     "ScoringConfig",
     "antidiagonal_block_probs_triton",
@@ -71,6 +73,14 @@ SCORING_CONFIGS: tuple[ScoringConfig, ...] = (
 )  # fmt: skip
 # The one candidate for float32 inputs.
 _FLOAT32_CONFIGS: tuple[ScoringConfig, ...] = ((32, 32, None, 4, 2),)
+# Candidates for fp8 codes (score_precision="fp8"): a row of 128 codes is 128 bytes, so whole-head
+# steps move what a half-head bf16 step moves; the fp8 MMA takes k >= 32.
+# (128 x 256 tiles spill a few registers on sm_90 as the 16-bit winners do; whole-head steps at
+# 128 x 256 spill more, kept as candidates for the autotuner to judge.)
+FP8_SCORING_CONFIGS: tuple[ScoringConfig, ...] = (
+    (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, None, 8, 3), (128, 128, None, 8, 3),
+    (128, 128, None, 8, 4), (64, 256, 64, 4, 4), (64, 256, None, 8, 3),
+)  # fmt: skip
 # Query cells per launch when one head's scratch rows would exceed CHUNK_ELEMENTS: a multiple
 # of every tile height (BLOCK_M <= 256).
 _CELL_UNIT = 256
@@ -80,11 +90,15 @@ def _is_power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
 
 
-def unsupported_reason(q: torch.Tensor, *, stride: int, block_q: int, block_k: int) -> str | None:
-    """Why the kernel cannot score ``q`` with these cells and blocks, or ``None``."""
+def unsupported_reason(
+    q: torch.Tensor, *, stride: int, block_q: int, block_k: int, score_precision: str = "input"
+) -> str | None:
+    """Why the kernel cannot score ``q`` with these cells and blocks (and precision), or ``None``."""
     reason = device_unsupported_reason(q)
     if reason is not None:
         return reason
+    if score_precision == "fp8" and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 9):
+        return "fp8 scoring needs fp8 tensor cores (compute capability 8.9 or later)"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"takes float16, bfloat16 or float32, not {q.dtype}"
     if q.shape[-1] not in (16, 32, 64, 128, 256):
@@ -100,13 +114,18 @@ def unsupported_reason(q: torch.Tensor, *, stride: int, block_q: int, block_k: i
 
 @triton.jit
 def _antidiagonal_step(
-    acc, q_base, k_base, cells, key_cells, i, offs_d, stride_qs, stride_ks, q_len, seq_k,
+    acc, q_base, k_base, cells, key_cells, i, offs_d, stride_qs, stride_ks, q_row_start, q_len, seq_k,
     STRIDE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Add one antidiagonal product: query cell row ``STRIDE - 1 - i`` against key cell row ``i``."""
+    """Add one antidiagonal product: query cell row ``STRIDE - 1 - i`` against key cell row ``i``
+    (Q's first row is query row ``q_row_start``; rows from ``q_len`` on are zeros)."""
     q_rows = cells * STRIDE + (STRIDE - 1 - i)
     k_rows = key_cells * STRIDE + i
-    q_i = tl.load(q_base + q_rows[:, None] * stride_qs + offs_d[None, :], mask=(q_rows < q_len)[:, None], other=0.0)
+    q_i = tl.load(
+        q_base + (q_rows - q_row_start)[:, None] * stride_qs + offs_d[None, :],
+        mask=(q_rows < q_len)[:, None],
+        other=0.0,
+    )
     k_i = tl.load(k_base + k_rows[:, None] * stride_ks + offs_d[None, :], mask=(k_rows < seq_k)[:, None], other=0.0)
     if DOT_FP32:
         return tl.dot(q_i.to(tl.float32), tl.trans(k_i.to(tl.float32)), acc, input_precision=PRECISION)
@@ -149,6 +168,8 @@ def _cell_block_probs(
     K,
     RowBlockLse,
     BlockProbs,
+    QScale,
+    KScale,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -159,6 +180,7 @@ def _cell_block_probs(
     chunk_heads,
     num_q_heads,
     group,
+    q_row_start,
     q_len,
     seq_q,
     seq_k,
@@ -184,12 +206,16 @@ def _cell_block_probs(
     CAUSAL: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     """Per (query block, KV block): the mean (or max) over the block's query cells of the cell's softmax mass.
 
     Query cell ``c`` is ``STRIDE`` rows of Q (``q_len`` rows in all) whose last query sits at
     position ``(c + 1) * STRIDE * QUERY_STEP - 1`` of the ``seq_q`` queries: ``QUERY_STEP`` > 1
-    when Q holds every ``QUERY_STEP``-th query row only (ProxyAttn's sampled rows).
+    when Q holds every ``QUERY_STEP``-th query row only (ProxyAttn's sampled rows). Q may hold
+    only rows ``q_row_start`` to ``q_len`` (an fp8 copy of the rows a launch scores). ``SCALED``:
+    Q and K are codes whose products are multiplied by the heads' ``QScale`` ``(B, Hq)`` and
+    ``KScale`` ``(B, Hkv)`` (folded into the softmax scale).
     """
     # Heaviest (last) query tiles first: causal rows grow with position.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -208,6 +234,12 @@ def _cell_block_probs(
     D_SPLIT: tl.constexpr = HEAD_DIM // BLOCK_D
     q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    if SCALED:
+        qk_scale = (
+            qk_scale
+            * tl.load(QScale + batch * num_q_heads + head)
+            * tl.load(KScale + batch * (num_q_heads // group) + kv_head)
+        )
     offset = seq_k - seq_q
     # Last query position of each cell: a key cell is visible when its first key is not later.
     last_query = tl.minimum((cells + 1) * STRIDE * QUERY_STEP, seq_q) - 1 + offset
@@ -229,7 +261,7 @@ def _cell_block_probs(
         start_n = (step // STEPS) * BLOCK_N
         acc = _antidiagonal_step(
             acc, q_base, k_base, cells, start_n + offs_n, (step % STEPS) // D_SPLIT,
-            (step % D_SPLIT) * BLOCK_D + offs_d, stride_qs, stride_ks, q_len, seq_k,
+            (step % D_SPLIT) * BLOCK_D + offs_d, stride_qs, stride_ks, q_row_start, q_len, seq_k,
             STRIDE, DOT_FP32, PRECISION,
         )  # fmt: skip
         if step % STEPS == STEPS - 1:
@@ -303,6 +335,7 @@ def _autotuned_kernel(
         "CELLS_PER_KV_BLOCK",
         "CAUSAL",
         "PRECISION",
+        "SCALED",
     ]
     return triton.autotune(configs=unique, key=key)(_cell_block_probs)
 
@@ -325,6 +358,7 @@ def cell_block_probs(
     causal: bool,
     q_blocks: range | None = None,
     configs: Sequence[ScoringConfig] | None = None,
+    keys_fp8: Fp8Keys | None = None,
 ) -> torch.Tensor:
     """Launch the kernel over head chunks; float32 ``(B, Hq, len(q_blocks), n_kv)``, blocks past the causal extent 0.
 
@@ -333,8 +367,11 @@ def cell_block_probs(
     KV block) of the query blocks ``q_blocks`` (default: all), the mean (or with ``reduce_max``
     the maximum) over the block's query cells of the cell's softmax mass on the KV block: only
     those blocks' cells are scored. ``configs``: the autotune candidates (default
-    :data:`SCORING_CONFIGS` for 16-bit inputs; float32 inputs and the interpreter use their
-    own single tile).
+    :data:`SCORING_CONFIGS` for 16-bit inputs, :data:`FP8_SCORING_CONFIGS` for fp8; float32
+    inputs and the interpreter use their own single tile). ``keys_fp8`` (``query_step`` 1
+    only): score in fp8, with these keys (:func:`.naive.fp8_keys` of ``k``) and the scored
+    rows of ``q`` quantised per head here (:func:`.naive.fp8_query_rows`), the products' scales
+    folded into the softmax scale: the reference's ``score_precision="fp8"``.
     """
     batch, q_heads, q_len, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
@@ -345,6 +382,15 @@ def cell_block_probs(
     cells_per_q_block = block_q // (stride * query_step)
     cells_per_kv_block = block_k // stride
     first_cell, end_cell = rows.start * cells_per_q_block, min(q_cells, rows.stop * cells_per_q_block)
+    q_row_start, q_stop = 0, q_len
+    scales = (q, q)  # unused pointers unless scaled
+    if keys_fp8 is not None:
+        if query_step != 1:
+            raise ValueError("fp8 scoring takes every query row (query_step 1)")
+        # Only the rows this call scores are quantised (one scale per head over them), as the reference does.
+        q_row_start, q_stop = first_cell * stride, min(q_len, end_cell * stride)
+        q, q_scale = fp8_query_rows(q[:, :, q_row_start:q_stop])
+        k, scales = keys_fp8.codes, (q_scale.contiguous(), keys_fp8.scale.contiguous())
     # The scratch holds CHUNK_ELEMENTS floats at most: a few heads at a time, and when one head's
     # rows alone exceed that (very long sequences), a range of query cells at a time, in whole
     # multiples of _CELL_UNIT (every tile height and query block divides it).
@@ -353,7 +399,10 @@ def cell_block_probs(
         cells_per_chunk = max(_CELL_UNIT, CHUNK_ELEMENTS // (batch * n_kv) // _CELL_UNIT * _CELL_UNIT)
     chunk_heads = max(1, min(q_heads, CHUNK_ELEMENTS // (batch * cells_per_chunk * n_kv)))
     is_float32 = q.dtype == torch.float32
-    use_float32_dot = dot_in_float32(q.dtype)
+    scaled = keys_fp8 is not None
+    # fp8 codes: the tensor cores' fp8 products on a GPU; under the interpreter the codes are
+    # taken in float32, which represents every e4m3 value and product exactly.
+    use_float32_dot = dot_in_float32(q.dtype) or (scaled and interpreting())
     constants = dict(
         HEAD_DIM=dim,
         STRIDE=stride,
@@ -364,8 +413,10 @@ def cell_block_probs(
         CAUSAL=bool(causal),
         DOT_FP32=use_float32_dot,
         PRECISION="ieee" if use_float32_dot else "tf32",
+        SCALED=scaled,
     )
-    candidates = _FLOAT32_CONFIGS if is_float32 else tuple(SCORING_CONFIGS if configs is None else configs)
+    default_configs = FP8_SCORING_CONFIGS if scaled else SCORING_CONFIGS
+    candidates = _FLOAT32_CONFIGS if is_float32 else tuple(default_configs if configs is None else configs)
     # Blocks past a query block's causal extent are never written: they stay 0.
     probs = torch.zeros((batch, q_heads, len(rows), n_kv), dtype=torch.float32, device=q.device)
     scratch = torch.empty((batch, chunk_heads, cells_per_chunk, n_kv), dtype=torch.float32, device=q.device)
@@ -374,11 +425,11 @@ def cell_block_probs(
         for cell_start in range(first_cell, end_cell, cells_per_chunk):
             cells = min(cells_per_chunk, end_cell - cell_start)
             args = (
-                *(q, k, scratch, probs),
+                *(q, k, scratch, probs, *scales),
                 *q.stride()[:3],
                 *k.stride()[:3],
                 *(head_start, heads, q_heads, q_heads // kv_heads),
-                *(q_len, seq_q, seq_k, q_cells, cell_start, cell_start + cells, cells_per_chunk, k_cells),
+                *(q_row_start, q_stop, seq_q, seq_k, q_cells, cell_start, cell_start + cells, cells_per_chunk, k_cells),
                 *(rows.start, rows.stop, n_kv, scale / stride * _LOG2_E, length_bucket(seq_k)),
             )
             if interpreting():
@@ -402,15 +453,20 @@ def antidiagonal_block_probs_triton(
     causal: bool,
     q_blocks: range | None = None,
     configs: Sequence[ScoringConfig] | None = None,
+    score_precision: str = "input",
+    keys_fp8: Fp8Keys | None = None,
 ) -> torch.Tensor:
     """Same result as :func:`.naive.antidiagonal_block_probs_reference`, with the kernel.
 
     ``configs``: autotune candidates to use instead of :data:`SCORING_CONFIGS` (16-bit inputs
     on a GPU only), e.g. one at a time to time each.
     """
-    reason = unsupported_reason(q, stride=stride, block_q=block_q, block_k=block_k)
+    check_score_precision(score_precision, keys_fp8, k)
+    reason = unsupported_reason(q, stride=stride, block_q=block_q, block_k=block_k, score_precision=score_precision)
     if reason is not None:
         raise ValueError(f"the Triton antidiagonal kernel cannot run this case: {reason}")
+    if score_precision == "fp8" and keys_fp8 is None:
+        keys_fp8 = fp8_keys(k)
     return cell_block_probs(
         q,
         k,
@@ -424,4 +480,5 @@ def antidiagonal_block_probs_triton(
         causal=causal,
         q_blocks=q_blocks,
         configs=configs,
+        keys_fp8=keys_fp8,
     )

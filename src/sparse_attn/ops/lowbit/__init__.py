@@ -9,9 +9,11 @@ exact in float32 (at most ``49 * D``), fp8 products are formed in float32 as a t
 float32 accumulation forms them. The ``center`` (a per-head mean over the sequence,
 :func:`sequence_mean`) is subtracted first: SageAttention's smoothing, which SALE uses, shrinks
 the range to quantise without changing any softmax over keys.
+:func:`quantize_per_head` gives one scale per (batch, head) instead, for kernels that fold the
+scales into their softmax scale (XAttention's fp8 antidiagonal scoring, :mod:`sparse_attn.ops.antidiagonal`).
 No fused kernel: the PyTorch code in :mod:`.naive` is the implementation and the entry point.
 """
 
-from .naive import FORMATS, dequantize, quantize, sequence_mean
+from .naive import FORMATS, dequantize, quantize, quantize_per_head, sequence_mean
 
-__all__ = ["FORMATS", "dequantize", "quantize", "sequence_mean"]
+__all__ = ["FORMATS", "dequantize", "quantize", "quantize_per_head", "sequence_mean"]

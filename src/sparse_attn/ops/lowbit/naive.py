@@ -6,7 +6,7 @@ import torch
 
 from .._chunking import CHUNK_ELEMENTS
 
-__all__ = ["FORMATS", "dequantize", "quantize", "sequence_mean"]
+__all__ = ["FORMATS", "dequantize", "quantize", "quantize_per_head", "sequence_mean"]
 
 # The largest code magnitude of each format: symmetric int4 uses [-7, 7] (the released SALE
 # kernel's range; -8 is left unused so that negation is exact); e4m3 tops out at 448.
@@ -53,3 +53,37 @@ def quantize(x: torch.Tensor, fmt: str, *, center: torch.Tensor | None = None) -
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``codes * scale`` in float32: ``(B, H, S, D)`` from codes and a ``(B, H, S)`` scale."""
     return codes.float() * scale[..., None]
+
+
+def quantize_per_head(
+    x: torch.Tensor, fmt: str = "fp8", *, center: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, head) symmetric quantisation of ``x - center`` (``x`` ``(B, H, S, D)``): ``(codes, scale)``.
+
+    One scale per head, ``absmax / levels`` over all its tokens (an all-zero head keeps scale 1),
+    so a product of codes needs one multiplication by both heads' scales, which a scoring kernel
+    folds into its softmax scale. ``scale`` is float32 ``(B, H)``; codes as in :func:`quantize`.
+    fp8's exponent keeps tokens far below the head's maximum representable (e4m3 spans 2^-9 to
+    448), which is what makes one scale per head usable for it; int4 has no exponent and is
+    better served by :func:`quantize`. Heads are processed a few at a time, so float32
+    temporaries stay within ``CHUNK_ELEMENTS``.
+    """
+    if fmt not in _LEVELS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    batch, heads, length, dim = x.shape
+    codes = torch.empty(x.shape, dtype=_CODE_DTYPES[fmt], device=x.device)
+    scale = torch.empty((batch, heads), dtype=torch.float32, device=x.device)
+    per_head = max(1, batch * length * dim)
+    step_heads = max(1, CHUNK_ELEMENTS // per_head)
+    for start in range(0, heads, step_heads):
+        part = x[:, start : start + step_heads].to(torch.float32, copy=True)
+        if center is not None:
+            part -= center[:, start : start + step_heads]
+        absmax = part.abs().amax(dim=(2, 3))
+        step = torch.where(absmax > 0, absmax / _LEVELS[fmt], torch.ones_like(absmax))
+        part /= step[:, :, None, None]
+        if fmt == "int4":
+            part = torch.round(part).clamp_(-_LEVELS[fmt], _LEVELS[fmt])
+        codes[:, start : start + step_heads] = part.to(codes.dtype)
+        scale[:, start : start + step_heads] = step
+    return codes, scale
