@@ -22,8 +22,8 @@ two; ``kernel_configs(token_rows=R)`` aims at ``R`` rows instead (``T`` up to 16
 *union* of the tile's lists, and a bitmask per union entry (bit ``i``: the tile's ``i``-th query
 block lists it) masks the rows whose own list lacks the block, token by token like the causal
 diagonal and the sequence end. A wider tile loads a KV block once for more tokens but computes
-the blocks only some of its rows list; 16 rows is the smallest tile, not a measured optimum
-(nothing here was timed on a GPU). The union lists and their transpose (per KV block, the tiles
+the blocks only some of its rows list; 16 rows is the smallest tile (32 rows doubled the time of
+NSA's selected branch on the H200: neighbouring tokens shared few blocks). The union lists and their transpose (per KV block, the tiles
 whose union holds it, with the same bitmask, for the dK/dV pass of
 :mod:`.triton_tokens_backward`) are built once per pattern in compressed-row form, so memory is
 O(kept entries), never O(S^2) (:class:`TokenLists`, cached on the pattern).
@@ -320,15 +320,28 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for entry in range(start, end):
+        # One flat loop over (entry, key step) so the next step's K/V loads are issued under this
+        # step's products (software pipelining spans entries; a nested per-entry loop of one key
+        # step, NSA's 64-key blocks, had nothing to overlap). Steps past the sequence end (a last,
+        # partial block) load nothing and are masked whole. Tiles of one query block (NSA's group
+        # of heads for one token) take the no-branch step: a runtime branch on whether every row
+        # lists the entry keeps the compiler from pipelining the loads (checked in the sm_90 PTX:
+        # no cp.async with it, cp.async with the constexpr step).
+        SUBS: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
+        for step in range(start * SUBS, end * SUBS):
+            entry = step // SUBS
             kv_block = tl.load(Blocks + entry)
             bits = tl.load(Bits + entry)
             listed = valid & (((bits >> bit) & 1) != 0)
-            for sub in range(key_steps(kv_block, seq_k, BLOCK_K, BLOCK_N)):
-                key_pos, key_ok, k, v = load_keys(
-                    k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d,
-                    BLOCK_K, BLOCK_N, DOT_FP32,
-                )  # fmt: skip
+            key_pos, key_ok, k, v = load_keys(
+                k_base, v_base, kv_block, step % SUBS, seq_k, stride_ks, stride_vs, offs_n, offs_d,
+                BLOCK_K, BLOCK_N, DOT_FP32,
+            )  # fmt: skip
+            if TILE_TOKENS == BLOCK_Q:  # one query block per tile: its rows list every entry
+                acc, m_i, l_i = attend_step(
+                    acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, True, CAUSAL, PRECISION
+                )
+            else:
                 acc, m_i, l_i = attend_step(
                     acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, bits == all_bits,
                     CAUSAL, PRECISION,

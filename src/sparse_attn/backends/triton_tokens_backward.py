@@ -58,7 +58,7 @@ SEGMENT_FACTOR = 4
 
 if triton is not None:
     from .triton_backward import _delta
-    from .triton_tokens import dq_step, key_steps, load_keys, load_row_stats, load_rows, store_rows, tile_program
+    from .triton_tokens import dq_step, load_keys, load_row_stats, load_rows, store_rows, tile_program
 
     @triton.jit
     def _token_dq(
@@ -87,19 +87,26 @@ if triton is not None:
         do = load_rows(DOut, batch, head, token, valid, stride_db, stride_dh, stride_ds, offs_d, DOT_FP32)
         lse, delta = load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for entry in range(start, end):
+        # One flat loop over (entry, key step), as in the forward. Lists are ascending, so in
+        # causal mode the steps wholly after the tile's last query (zero probabilities) are the
+        # last entry's trailing steps: the loop ends before them.
+        SUBS: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
+        stop = end * SUBS
+        if CAUSAL:
+            if end > start:
+                last_block = tl.load(Blocks + end - 1)
+                ahead = last_query + 1 - last_block * BLOCK_K  # keys of the last block up to the last query
+                needed = tl.minimum(tl.maximum(ahead + BLOCK_N - 1, 0) // BLOCK_N, SUBS)
+                stop = (end - 1) * SUBS + needed
+        for step in range(start * SUBS, stop):
+            entry = step // SUBS
             kv_block = tl.load(Blocks + entry)
             listed = valid & (((tl.load(Bits + entry) >> bit) & 1) != 0)
-            for sub in range(key_steps(kv_block, seq_k, BLOCK_K, BLOCK_N)):
-                # Steps wholly after the tile's last query have zero probabilities (causal).
-                if (kv_block * BLOCK_K + sub * BLOCK_N) * CAUSAL <= last_query:
-                    key_pos, key_ok, k, v = load_keys(
-                        k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d,
-                        BLOCK_K, BLOCK_N, DOT_FP32,
-                    )  # fmt: skip
-                    dq = dq_step(
-                        dq, q, do, lse, delta, k, v, key_pos, key_ok, listed, query_pos, qk_scale, CAUSAL, PRECISION
-                    )
+            key_pos, key_ok, k, v = load_keys(
+                k_base, v_base, kv_block, step % SUBS, seq_k, stride_ks, stride_vs, offs_n, offs_d,
+                BLOCK_K, BLOCK_N, DOT_FP32,
+            )  # fmt: skip
+            dq = dq_step(dq, q, do, lse, delta, k, v, key_pos, key_ok, listed, query_pos, qk_scale, CAUSAL, PRECISION)
         store_rows(DQ, dq * scale, batch, head, token, valid, stride_gb, stride_gh, stride_gs, offs_d)
 
     @triton.jit
