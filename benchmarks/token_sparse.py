@@ -13,7 +13,8 @@ Batch 1, bf16, causal, the queries are the whole sequence; at 8K / 32K / 64K / 1
   on the token-granular kernel, the sliding window on the block kernels with a box predicate
   (no FlexAttention column: the time includes the module's own estimate).
 * ``nsa-module-fla-config``: the same module at fla-core's NSA configuration (compression by mean
-  pooling over blocks of 64, no sliding window), beside fla-core's own NSA (``fla`` columns).
+  pooling over blocks of 64, no sliding window), beside fla-core's own NSA (``fla`` columns);
+  ``nsa-module-fla-config-g32`` with 64 query / 2 KV heads (a group of 32).
 * ``nsa-select``: NSA's selected-attention branch alone at NSA's shape, 64 query / 4 KV heads,
   head_dim 128, per token and KV group 16 blocks of 64 keys: the token's own block plus 15
   earlier blocks drawn at random (a stand-in for the compressed branch's scores; the first and
@@ -79,6 +80,16 @@ CASES = {
         kind="nsa-module",
         q_heads=64,
         kv_heads=4,
+        block=64,
+        top_k=16,
+        module=dict(compress_block=64, compress_stride=64, compressor="mean", window=0),
+        fla=True,
+    ),
+    # The same with a GQA group of 32 (64 query / 2 KV heads): fla-core takes power-of-two groups >= 16.
+    "nsa-module-fla-config-g32": dict(
+        kind="nsa-module",
+        q_heads=64,
+        kv_heads=2,
         block=64,
         top_k=16,
         module=dict(compress_block=64, compress_stride=64, compressor="mean", window=0),
