@@ -178,7 +178,8 @@ def measure_flex_mask_mod(q, k, v, shape: dict, options: dict, device) -> tuple[
         return None, f"{type(failure).__name__}: {str(failure).splitlines()[0][:200]}"
 
 
-def run_shape(name: str, shape: dict, *, backward: bool, device: torch.device, methods=None) -> list[dict]:
+def run_shape(name: str, shape: dict, *, backward: bool, device: torch.device, methods=None, on_row=None) -> list[dict]:
+    """Every variant of one shape (``methods``: only those); ``on_row(rows)`` after each row."""
     layout = Layout(shape["grid"], text_tokens=shape["text_tokens"])
     q, k, v = (
         torch.randn(1, shape["heads"], layout.seq_len, 128, device=device, dtype=torch.bfloat16) for _ in range(3)
@@ -212,6 +213,8 @@ def run_shape(name: str, shape: dict, *, backward: bool, device: torch.device, m
         print(format_table([row], COLUMNS), flush=True)
         for line in row["errors"]:
             print("  error:", line)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -287,9 +290,14 @@ def main() -> None:
     meta = {"benchmark": "spatial", "shapes": {name: SHAPES[name] for name in shapes}, "backward": backward}
     rows = []
     for name in shapes:
-        rows += run_shape(name, SHAPES[name], backward=backward, device=device, methods=args.methods)
+        done = list(rows)
+
+        def save(shape_rows, done=done):  # after every row: a run cut by a time limit keeps what it measured
+            write_results(done + shape_rows, out, {**meta, **environment(device)})
+
+        rows += run_shape(name, SHAPES[name], backward=backward, device=device, methods=args.methods, on_row=save)
         torch.cuda.empty_cache()  # the shape's tensors are gone: return their memory before the next one
-        write_results(rows, out, {**meta, **environment(device)})  # after every shape: a cut run keeps its rows
+        write_results(rows, out, {**meta, **environment(device)})
     print()
     print(format_table(rows, COLUMNS))
     print(f"wrote {out}")
