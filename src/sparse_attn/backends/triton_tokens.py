@@ -182,12 +182,14 @@ if triton is not None:
 
     @triton.jit
     def tile_program(K, V, Offsets, stride_kb, stride_kh, stride_vb, stride_vh, list_stride_b, list_stride_h,
-                     num_q_heads, group, pattern_head_divisor, seq_q, seq_k, HEADS: tl.constexpr,
+                     num_q_heads, group, pattern_head_divisor, seq_q, seq_k, max_kv, HEADS: tl.constexpr,
                      TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr):  # fmt: skip
         """This forward / dQ program's tile and rows (``HEADS`` heads x ``TILE_TOKENS`` tokens,
         head-major): ``(batch, tile, head, token, query position, valid, bit, k_base, v_base,
         start, end)``, ``bit`` the row's query block in the tile, ``k_base`` / ``v_base`` at the
-        KV head, ``[start, end)`` the tile's union-list entries."""
+        KV head, ``[start, end)`` the tile's union-list entries. A tile of one query block
+        (``TILE_TOKENS == BLOCK_Q``) reads the pattern's own padded lists (:func:`program_lists`):
+        ``Offsets`` is then ``kv_counts`` and its entries start at ``row * max_kv``."""
         chunks = num_q_heads // HEADS
         # Tiles on the first grid axis: the others are limited to 65535 programs.
         tile = tl.program_id(0)
@@ -201,8 +203,12 @@ if triton is not None:
         k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
         v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
         list_row = batch * list_stride_b + (first_head // pattern_head_divisor) * list_stride_h + tile
-        start = tl.load(Offsets + list_row)
-        end = tl.load(Offsets + list_row + 1)
+        if TILE_TOKENS == BLOCK_Q:
+            start = list_row.to(tl.int64) * max_kv
+            end = start + tl.load(Offsets + list_row)
+        else:
+            start = tl.load(Offsets + list_row)
+            end = tl.load(Offsets + list_row + 1)
         head = first_head + rows // TILE_TOKENS
         bit = token_in_tile // BLOCK_Q
         return batch, tile, head, token, token + (seq_k - seq_q), valid, bit, k_base, v_base, start, end
@@ -300,7 +306,7 @@ if triton is not None:
         stride_ob, stride_oh, stride_os,
         list_stride_b, list_stride_h,
         num_q_heads, group, pattern_head_divisor,
-        seq_q, seq_k, qk_scale,
+        seq_q, seq_k, max_kv, qk_scale,
         seq_bucket,  # autotuning key only: ceil(log2(seq_k))
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -308,7 +314,7 @@ if triton is not None:
     ):  # fmt: skip
         batch, tile, head, token, query_pos, valid, bit, k_base, v_base, start, end = tile_program(
             K, V, Offsets, stride_kb, stride_kh, stride_vb, stride_vh, list_stride_b, list_stride_h,
-            num_q_heads, group, pattern_head_divisor, seq_q, seq_k, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q,
+            num_q_heads, group, pattern_head_divisor, seq_q, seq_k, max_kv, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q,
         )  # fmt: skip
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -331,17 +337,17 @@ if triton is not None:
         for step in range(start * SUBS, end * SUBS):
             entry = step // SUBS
             kv_block = tl.load(Blocks + entry)
-            bits = tl.load(Bits + entry)
-            listed = valid & (((bits >> bit) & 1) != 0)
             key_pos, key_ok, k, v = load_keys(
                 k_base, v_base, kv_block, step % SUBS, seq_k, stride_ks, stride_vs, offs_n, offs_d,
                 BLOCK_K, BLOCK_N, DOT_FP32,
             )  # fmt: skip
             if TILE_TOKENS == BLOCK_Q:  # one query block per tile: its rows list every entry
                 acc, m_i, l_i = attend_step(
-                    acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, True, CAUSAL, PRECISION
+                    acc, m_i, l_i, q, k, v, key_pos, key_ok, valid, query_pos, qk_scale, True, CAUSAL, PRECISION
                 )
             else:
+                bits = tl.load(Bits + entry)
+                listed = valid & (((bits >> bit) & 1) != 0)
                 acc, m_i, l_i = attend_step(
                     acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, bits == all_bits,
                     CAUSAL, PRECISION,
@@ -371,19 +377,31 @@ def _autotuned_forward(block_k: int, is_float32: bool):
     )(_token_forward)
 
 
+def program_lists(pattern: BlockSparsePattern, tiling: TokenTiling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Offsets, Blocks, Bits)`` for the forward / dQ programs. A tile of one query block walks
+    that block's own list: the pattern's ``kv_counts`` and padded ``kv_indices`` as they are (no
+    union to build; ``Bits`` unused). Wider tiles walk the cached union lists (:func:`token_lists`)."""
+    if tiling.tile_blocks == 1:
+        counts, indices = pattern.kv_counts.contiguous(), pattern.kv_indices.contiguous()
+        return counts, indices, counts
+    lists = token_lists(pattern, tiling.tile_blocks)
+    return lists.offsets, lists.blocks, lists.bits
+
+
 def launch_geometry(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern):
-    """``(tiling, lists, grid, shared)``: the row packing, the union lists, the forward / dQ grid
-    and the runtime arguments both take after their strides (list strides through the sizes)."""
+    """``(tiling, lists, grid, shared)``: the row packing, the lists' ``(Offsets, Blocks, Bits)``
+    (:func:`program_lists`), the forward / dQ grid and the runtime arguments both take after
+    their strides (list strides through the sizes)."""
     batch, q_heads, seq_q, _ = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
-    lists = token_lists(pattern, tiling.tile_blocks)
+    lists = program_lists(pattern, tiling)
     n_tiles = num_blocks(seq_q, tiling.tile_tokens)
     grid = (n_tiles, batch * (q_heads // tiling.heads))
     shared = (
         *list_strides(pattern, n_tiles),
         *(q_heads, q_heads // kv_heads, q_heads // pattern.num_heads),
-        *(seq_q, seq_k),
+        *(seq_q, seq_k, pattern.max_kv),
     )
     return tiling, lists, grid, shared
 
@@ -425,7 +443,7 @@ def forward(
     out = launch.allocate((batch, q_heads, seq_q, dim), q.dtype, q.device)
     lse = launch.allocate((batch, q_heads, seq_q), torch.float32, q.device) if return_lse else out
     args = (
-        *(q, k, v, out, lse, lists.offsets, lists.blocks, lists.bits),
+        *(q, k, v, out, lse, *lists),
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],

@@ -70,7 +70,7 @@ if triton is not None:
         stride_gb, stride_gh, stride_gs,
         list_stride_b, list_stride_h,
         num_q_heads, group, pattern_head_divisor,
-        seq_q, seq_k, scale, qk_scale,
+        seq_q, seq_k, max_kv, scale, qk_scale,
         seq_bucket,  # autotuning key only: ceil(log2(seq_k))
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -78,7 +78,7 @@ if triton is not None:
     ):  # fmt: skip
         batch, tile, head, token, query_pos, valid, bit, k_base, v_base, start, end = tile_program(
             K, V, Offsets, stride_kb, stride_kh, stride_vb, stride_vh, list_stride_b, list_stride_h,
-            num_q_heads, group, pattern_head_divisor, seq_q, seq_k, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q,
+            num_q_heads, group, pattern_head_divisor, seq_q, seq_k, max_kv, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q,
         )  # fmt: skip
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -101,7 +101,10 @@ if triton is not None:
         for step in range(start * SUBS, stop):
             entry = step // SUBS
             kv_block = tl.load(Blocks + entry)
-            listed = valid & (((tl.load(Bits + entry) >> bit) & 1) != 0)
+            if TILE_TOKENS == BLOCK_Q:  # the block's own list (program_lists): every row lists the entry
+                listed = valid
+            else:
+                listed = valid & (((tl.load(Bits + entry) >> bit) & 1) != 0)
             key_pos, key_ok, k, v = load_keys(
                 k_base, v_base, kv_block, step % SUBS, seq_k, stride_ks, stride_vs, offs_n, offs_d,
                 BLOCK_K, BLOCK_N, DOT_FP32,
@@ -391,20 +394,23 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         tiling = dataclasses.replace(packing, tile_blocks=1, tile_tokens=pattern.block_q)
         lists = token_lists(pattern, 1)
     else:
-        tiling, lists, grid, shared = launch_geometry(q, k, pattern)
+        tiling, program, grid, shared = launch_geometry(q, k, pattern)
         dq = launch.allocate(q.shape, q.dtype, q.device)
         dq_args = (
-            *(q, k, v, dout, lse, delta, dq, lists.offsets, lists.blocks, lists.bits),
+            *(q, k, v, dout, lse, delta, dq, *program),
             *strides,
             *dq.stride()[:3],
             *shared[:2],
-            *sizes,
+            *sizes[:5],
+            pattern.max_kv,
+            *sizes[5:],
         )
         constants = kernel_constants(q, pattern, tiling, causal=causal)
         if interpreting():
             _token_dq[grid](*dq_args, BLOCK_N=16, **constants)
         else:
             _autotuned("dq", pattern.block_k, is_float32)[grid](*dq_args, **constants)
+        lists = token_lists(pattern, tiling.tile_blocks)  # the transposed lists, for dK/dV
 
     # Several listing tiles per step: up to DKDV_ROWS rows per product.
     entries = DKDV_ROWS // (tiling.heads * tiling.tile_tokens)
