@@ -254,3 +254,42 @@ def test_residue_regrouping_round_trips(front, seq, stride):
     position = front + t
     assert torch.equal(grouped[:, 1 * stride + position % stride, position // stride], x[:, 1, t])
     assert torch.equal(_from_residue(grouped, front, seq, stride), x)
+
+
+def _padded_by_residue(x, front, rows, stride):
+    """The regrouping by padding and reshaping (two copies): the one-pass version's reference."""
+    batch, heads, seq, dim = x.shape
+    padded = torch.nn.functional.pad(x, (0, 0, front, rows * stride - front - seq))
+    return padded.view(batch, heads, rows, stride, dim).transpose(2, 3).reshape(batch, heads * stride, rows, dim)
+
+
+def _padded_from_residue(y, front, seq, stride, skip, fill):
+    pad = (0, 0, skip, 0) if y.dim() == 4 else (skip, 0)
+    y = torch.nn.functional.pad(y, pad, value=fill)
+    batch, pseudo, rows = y.shape[:3]
+    tail = y.shape[3:]
+    unfolded = y.view(batch, pseudo // stride, stride, rows, *tail).transpose(2, 3)
+    return unfolded.reshape(batch, pseudo // stride, rows * stride, *tail)[:, :, front : front + seq]
+
+
+@pytest.mark.parametrize("seq", [1, 3, 16, 17, 63, 100])
+@pytest.mark.parametrize("stride", [1, 4, 16])
+def test_residue_regrouping_in_one_pass_equals_padding_and_reshaping(seq, stride):
+    from sparse_attn.nn import nsa
+
+    for front in sorted({0, 1, stride // 2, stride - 1}):
+        rows = -(-(front + seq) // stride)
+        x = torch.randn(2, 3, seq, 5, dtype=torch.float64, requires_grad=True)
+        for skip in range(min(rows, 3)):
+            grouped = nsa._by_residue(x, front, rows, stride, skip)
+            expected = _padded_by_residue(x, front, rows, stride)[:, :, skip:]
+            assert torch.equal(grouped, expected)
+            weights = torch.randn_like(grouped)
+            assert torch.equal(
+                torch.autograd.grad((grouped * weights).sum(), x)[0],
+                torch.autograd.grad((expected * weights).sum(), x)[0],
+            )
+            lse = torch.randn(weights.shape[:3], dtype=torch.float64)
+            for values, fill in ((weights, 0.0), (lse, float("-inf"))):
+                back = nsa._from_residue(values, front, seq, stride, skip, fill=fill)
+                assert torch.equal(back, _padded_from_residue(values, front, seq, stride, skip, fill))

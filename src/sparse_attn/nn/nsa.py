@@ -174,21 +174,60 @@ def _causal_pattern(seq_q: int, seq_k: int, device) -> BlockSparsePattern:
     return dense_pattern(seq_q=seq_q, seq_k=seq_k, causal=True, device=device)
 
 
-def _by_residue(x: torch.Tensor, front: int, rows: int, stride: int) -> torch.Tensor:
-    """``(B, H, S, D)`` -> ``(B, H * d, rows, D)``: the token at padded index ``front + t`` goes to
-    pseudo-head ``h * d + (front + t) % d``, row ``(front + t) // d`` (zeros where no token is)."""
-    batch, heads, seq, dim = x.shape
-    padded = nn.functional.pad(x, (0, 0, front, rows * stride - front - seq))
-    return padded.view(batch, heads, rows, stride, dim).transpose(2, 3).reshape(batch, heads * stride, rows, dim)
+def _fill_rows(grid: torch.Tensor, tokens: torch.Tensor, front: int, stride: int, skip: int, *, to_grid: bool):
+    """Copy between ``grid`` ``(B, H, R, d, ...)`` (rows ``skip`` to ``skip + R``, cell ``[r, j]`` at padded
+    index ``r * d + j``) and ``tokens`` ``(B, H, S, ...)`` (token ``t`` at padded index ``front + t``), in one
+    strided copy for the rows wholly inside the sequence and small ones for at most two partial
+    rows. ``to_grid``: grid cells that hold no token are set to 0 (the other way, tokens outside
+    the rows are not touched)."""
+    rows, seq = grid.shape[2], tokens.shape[2]
+    p_lo, p_hi = max(skip * stride, front), min((skip + rows) * stride, front + seq)
+    if p_lo >= p_hi:
+        if to_grid:
+            grid.zero_()
+        return
+    first, last = p_lo // stride, (p_hi - 1) // stride  # rows holding tokens
+    full_lo, full_hi = -(-p_lo // stride), p_hi // stride  # rows holding a token in every cell
+
+    def copy(cells: torch.Tensor, span: torch.Tensor) -> None:
+        (cells if to_grid else span).copy_(span if to_grid else cells)
+
+    if to_grid:
+        grid[:, :, : first - skip].zero_()
+        grid[:, :, last + 1 - skip :].zero_()
+        for row in {first, last} - set(range(full_lo, full_hi)):
+            grid[:, :, row - skip].zero_()
+    if full_lo < full_hi:
+        span = tokens[:, :, full_lo * stride - front : full_hi * stride - front]
+        copy(grid[:, :, full_lo - skip : full_hi - skip], span.unflatten(2, (full_hi - full_lo, stride)))
+    for row in sorted({first, last} - set(range(full_lo, full_hi))):
+        lo, hi = max(p_lo, row * stride), min(p_hi, (row + 1) * stride)
+        copy(grid[:, :, row - skip, lo - row * stride : hi - row * stride], tokens[:, :, lo - front : hi - front])
 
 
-def _from_residue(x: torch.Tensor, front: int, seq: int, stride: int) -> torch.Tensor:
-    """The inverse of :func:`_by_residue` on ``(B, H * d, rows, ...)`` (a trailing head_dim or none)."""
-    batch, pseudo, rows = x.shape[:3]
-    tail = x.shape[3:]
+def _by_residue(x: torch.Tensor, front: int, rows: int, stride: int, skip: int = 0) -> torch.Tensor:
+    """``(B, H, S, D)`` -> ``(B, H * d, rows - skip, D)``: the token at padded index ``front + t`` goes to
+    pseudo-head ``h * d + (front + t) % d``, row ``(front + t) // d - skip`` (zeros where no token is).
+    One pass over ``x`` (no padded copy first)."""
+    batch, heads, _, dim = x.shape
+    out = x.new_empty(batch, heads, stride, rows - skip, dim)
+    _fill_rows(out.transpose(2, 3), x, front, stride, skip, to_grid=True)
+    return out.view(batch, heads * stride, rows - skip, dim)
+
+
+def _from_residue(x: torch.Tensor, front: int, seq: int, stride: int, skip: int = 0, fill: float = 0.0) -> torch.Tensor:
+    """The inverse of :func:`_by_residue` on ``(B, H * d, rows - skip, ...)`` (a trailing head_dim or
+    none): ``(B, H, seq, ...)``, tokens whose row is before ``skip`` set to ``fill``. One pass."""
+    batch, pseudo = x.shape[:2]
     heads = pseudo // stride
-    unfolded = x.view(batch, heads, stride, rows, *tail).transpose(2, 3).reshape(batch, heads, rows * stride, *tail)
-    return unfolded[:, :, front : front + seq]
+    grid = x.unflatten(1, (heads, stride)).transpose(2, 3)  # (B, H, rows - skip, d, ...)
+    out = x.new_empty(batch, heads, seq, *x.shape[3:])
+    before = min(seq, max(0, skip * stride - front))  # tokens in rows before `skip`
+    after = max(before, min(seq, (skip + x.shape[2]) * stride - front))  # tokens past the rows (none in use)
+    out[:, :, :before] = fill
+    out[:, :, after:] = fill
+    _fill_rows(grid, out, front, stride, skip, to_grid=False)
+    return out
 
 
 class NativeSparseAttention(nn.Module):
@@ -286,15 +325,16 @@ class NativeSparseAttention(nn.Module):
         start_row = max(first_row, per_block)  # rows before it see no compressed token
         if n_cmp == 0 or start_row > last_row:
             return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-        grouped = _by_residue(q, front, rows, stride)[:, :, start_row - first_row :]
+        skipped = start_row - first_row
+        grouped = _by_residue(q, front, rows, stride, skipped)
         pattern = _causal_pattern(grouped.shape[2], n_cmp, q.device)
         out, lse = api.block_sparse_attention(
             grouped, k_cmp, v_cmp, pattern, scale=scale, backend=self.backend, return_lse=True
         )
-        skipped = start_row - first_row
-        out = nn.functional.pad(out, (0, 0, skipped, 0))
-        lse = nn.functional.pad(lse, (skipped, 0), value=float("-inf"))
-        return _from_residue(out, front, seq_q, stride), _from_residue(lse, front, seq_q, stride)
+        return (
+            _from_residue(out, front, seq_q, stride, skipped),
+            _from_residue(lse, front, seq_q, stride, skipped, fill=float("-inf")),
+        )
 
     def selection(self, q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, seq_k: int, scale: float):
         """The selected branch's pattern: ``block_q = 1``, ``block_k = select_block``, one list per KV
@@ -354,11 +394,13 @@ class NativeSparseAttention(nn.Module):
             pattern = self.selection(q.detach(), k_cmp.detach(), lse.detach(), seq_k, scale)
         selected = api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend)
         gates = torch.sigmoid(torch.einsum("bhsd,hdg->bhsg", q, self.gate_weight.to(q.dtype)) + self.gate_bias[:, None])
-        out = gates[..., 0:1] * compressed + gates[..., 1:2] * selected
+        # Gates as (3, B, H, S, 1) (small), then one multiply and one fused multiply-add per branch.
+        gate = gates.movedim(-1, 0).contiguous().unsqueeze(-1)
+        out = torch.addcmul(compressed * gate[0], selected, gate[1])
         if self.window:
             pattern = window_pattern(seq_q, seq_k, self.window, device=q.device)
             window = api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend)
-            out = out + gates[..., 2:3] * window
+            out = torch.addcmul(out, window, gate[2])
         return out.to(q.dtype)
 
     def selected_pattern(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
