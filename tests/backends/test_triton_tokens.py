@@ -90,6 +90,26 @@ def test_forward_and_gradients_match_float64_oracle(shape, causal, poison_output
     _check(shape, causal, heads_kind, seed=SHAPES.index(shape))
 
 
+# Tiles of exactly one query block (heads x block_q fill the 16 rows: NSA's group of 16 for one
+# token, a group of 2 with 8-token blocks, of 4 with 4-token blocks, of 8 with 2-token blocks):
+# the forward and dQ kernels read the pattern's own padded lists instead of union lists.
+ONE_BLOCK_TILES = [
+    ((1, 16, 1, 19, 45, 16, 1, 16), True, "kv"),
+    ((2, 32, 2, 23, 40, 16, 1, 32), False, "shared"),
+    ((2, 4, 2, 37, 50, 16, 8, 32), True, "kv"),
+    ((1, 8, 2, 29, 64, 32, 4, 16), True, "kv"),
+    ((1, 8, 1, 33, 33, 16, 2, 7), False, "shared"),
+]
+
+
+@pytest.mark.parametrize("shape, causal, heads_kind", ONE_BLOCK_TILES, ids=str)
+def test_one_block_tiles_read_the_patterns_own_lists(shape, causal, heads_kind, poison_outputs):
+    batch, q_heads, kv_heads, *_, block_q, _ = shape
+    heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
+    assert block_q < 16 and triton_tokens.token_tiling(q_heads, kv_heads, heads, block_q).tile_blocks == 1
+    _check(shape, causal, heads_kind, seed=40 + ONE_BLOCK_TILES.index((shape, causal, heads_kind)))
+
+
 # Blocks of >= 256 keys take the gathered (key-centric) path: per block, the rows that list it.
 GATHERED_SHAPES = [
     ((1, 4, 2, 90, 300, 16, 1, 256), True, "kv"),
