@@ -69,32 +69,25 @@ from sparse_attn.backends.configs import kernel_configs
 from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
 from sparse_attn.nn import NativeSparseAttention
 
+# fla-core's NSA configuration: mean-pooled compression over blocks of 64, no sliding window.
+FLA_NSA = dict(
+    kind="nsa-module",
+    q_heads=64,
+    kv_heads=4,
+    block=64,
+    top_k=16,
+    module=dict(compress_block=64, compress_stride=64, compressor="mean", window=0),
+    fla=True,
+)
 CASES = {
     "moba-4096x12": dict(kind="moba", q_heads=32, kv_heads=8, block=4096, top_k=12, share_in_group=False),
     "moba-4096x12-group": dict(kind="moba", q_heads=32, kv_heads=8, block=4096, top_k=12, share_in_group=True),
     "moba-512x3": dict(kind="moba", q_heads=32, kv_heads=8, block=512, top_k=3, share_in_group=False),
     "nsa-select": dict(kind="nsa", q_heads=64, kv_heads=4, block=64, top_k=16, fla=True),
     "nsa-module": dict(kind="nsa-module", q_heads=64, kv_heads=4, block=64, top_k=16),
-    # fla-core's NSA configuration: mean-pooled compression over blocks of 64, no sliding window.
-    "nsa-module-fla-config": dict(
-        kind="nsa-module",
-        q_heads=64,
-        kv_heads=4,
-        block=64,
-        top_k=16,
-        module=dict(compress_block=64, compress_stride=64, compressor="mean", window=0),
-        fla=True,
-    ),
+    "nsa-module-fla-config": FLA_NSA,
     # The same with a GQA group of 32 (64 query / 2 KV heads): fla-core takes power-of-two groups >= 16.
-    "nsa-module-fla-config-g32": dict(
-        kind="nsa-module",
-        q_heads=64,
-        kv_heads=2,
-        block=64,
-        top_k=16,
-        module=dict(compress_block=64, compress_stride=64, compressor="mean", window=0),
-        fla=True,
-    ),
+    "nsa-module-fla-config-g32": {**FLA_NSA, "kv_heads": 2},
 }
 QUICK_CASES = ("moba-4096x12", "nsa-select")
 HEAD_DIM = 128
