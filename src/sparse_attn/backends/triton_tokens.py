@@ -23,10 +23,13 @@ two; ``kernel_configs(token_rows=R)`` aims at ``R`` rows instead (``T`` up to 16
 block lists it) masks the rows whose own list lacks the block, token by token like the causal
 diagonal and the sequence end. A wider tile loads a KV block once for more tokens but computes
 the blocks only some of its rows list; 16 rows is the smallest tile (32 rows doubled the time of
-NSA's selected branch on the H200: neighbouring tokens shared few blocks). The union lists and their transpose (per KV block, the tiles
-whose union holds it, with the same bitmask, for the dK/dV pass of
-:mod:`.triton_tokens_backward`) are built once per pattern in compressed-row form, so memory is
-O(kept entries), never O(S^2) (:class:`TokenLists`, cached on the pattern).
+NSA's selected branch on the H200: neighbouring tokens shared few blocks). A tile of exactly one
+query block (NSA's 16 heads of one token) walks that block's own list, read from the pattern's
+``kv_counts`` / ``kv_indices`` as they are (:func:`program_lists`). Wider tiles' union lists, and
+the transpose (per KV block, the tiles whose union holds it, with the same bitmask, for the dK/dV
+pass of :mod:`.triton_tokens_backward`), are built in compressed-row form, so memory is O(kept
+entries), never O(S^2) (:class:`TokenLists`, cached on the pattern; a forward-only call on
+one-block tiles builds none).
 
 Large blocks (``block_k >= 256``, MoBA's 512 and 4096) take the key-centric *gathered* path of
 :mod:`.triton_tokens_gathered` instead: per KV block, the query rows that list it, gathered
