@@ -32,7 +32,7 @@ def test_sparse_attention_checks_inputs_finite_like_block_sparse_attention():
     [
         ("dense", {"check_input_finite": True}, "its options: none"),
         ("random", {"densty": 0.5}, "'density', 'per_query_head', 'seed'"),
-        ("xattention", {"return_lse": True}, "'keep_sink', 'stride', 'threshold'"),
+        ("xattention", {"return_lse": True}, "'keep_sink', 'score_precision', 'stride', 'threshold'"),
     ],
 )
 def test_an_unknown_name_lists_the_method_options_and_the_call_keywords(method, options, named):

@@ -36,8 +36,10 @@ def _check_against_model(cache: PagedKVCache, model_k, model_v):
             rows = model_k[b][:, j * span : (j + 1) * span]
             assert torch.equal(cache.super_min[b, j], rows.amin(1))
             assert torch.equal(cache.super_max[b, j], rows.amax(1))
-        # Super-pages past the sequence hold the identities (they never win a max or lose a min).
+            assert torch.allclose(cache.super_sum[b, j], rows.float().sum(1), rtol=1e-5, atol=1e-4)
+        # Super-pages past the sequence hold the identities (they never win a max or lose a min; they sum nothing).
         assert torch.isposinf(cache.super_min[b, supers:]).all() and torch.isneginf(cache.super_max[b, supers:]).all()
+        assert not cache.super_sum[b, supers:].any()
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,12 @@ from sparse_attn.decode import (
 )
 from sparse_attn.ops.paged_decode.triton import paged_decode_triton
 
-METHODS = ("dense", "streaming", "quest", "double_sparsity", "tidaldecode")
+METHODS = ("dense", "streaming", "quest", "double_sparsity", "tidaldecode", "moba")
+
+
+def _options(method, page_size):
+    """Options the generic tests add: ``moba``'s blocks as small as the test caches' pages."""
+    return {"block_size": page_size} if method == "moba" else {}
 
 
 def _cache(lengths, kv_heads, dim, page_size, seed, dtype=torch.float32):
@@ -180,7 +185,9 @@ def test_a_budget_covering_the_cache_equals_dense(method, lengths, q_heads, kv_h
     budget = -(-max(lengths) // page_size) * page_size
     for layer in range(6):
         q = torch.randn(len(lengths), q_heads, dim)
-        out = sparse_decode(q, cache, method, layer=layer, state=state, token_budget=budget)
+        out = sparse_decode(
+            q, cache, method, layer=layer, state=state, token_budget=budget, **_options(method, page_size)
+        )
         assert relative_error(out, _dense_oracle(q, cache)) <= 1e-5, layer
 
 
@@ -191,8 +198,9 @@ def test_the_kernel_runs_every_methods_selection(poison_outputs):
         for layer in (2, 3):
             q = torch.randn(3, 4, 64)
             out, selection = sparse_decode(
-                q, cache, method, layer=layer, state=state, token_budget=32, return_selection=True
-            )
+                q, cache, method, layer=layer, state=state, token_budget=32, return_selection=True,
+                **_options(method, 16),
+            )  # fmt: skip
             kernel_out, _ = paged_decode_triton(
                 q, cache.k_pages, cache.v_pages, cache.page_table, cache.seq_lens, selection.selected,
                 selection.counts, scale=0.125, select_block=selection.select_block, num_splits=2,
@@ -259,8 +267,9 @@ def test_every_method_on_gpu_matches_the_reference_attention(method):
     state = {"num_layers": 8}
     for layer in (2, 3):
         out, selection = sparse_decode(
-            q, cache, method, layer=layer, state=state, token_budget=2048, return_selection=True
-        )
+            q, cache, method, layer=layer, state=state, token_budget=2048, return_selection=True,
+            **_options(method, 256),
+        )  # fmt: skip
         expected, _ = paged_decode_reference(
             q, cache.k_pages, cache.v_pages, cache.page_table, cache.seq_lens, selection.selected,
             selection.counts, scale=128**-0.5, select_block=selection.select_block,
@@ -296,7 +305,10 @@ def test_quest_two_levels_cover_one_level_and_check_options():
         sparse_decode(q, cache, "quest", levels=2, oversample=0)
 
 
-STEP_CASES = [("dense", {}), ("streaming", {}), ("quest", {}), ("quest", {"levels": 2}), ("double_sparsity", {})]
+STEP_CASES = [
+    ("dense", {}), ("streaming", {}), ("quest", {}), ("quest", {"levels": 2}), ("double_sparsity", {}),
+    ("moba", {"block_size": 4}),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("method, options", [*STEP_CASES, ("tidaldecode", {})])
@@ -375,3 +387,89 @@ def test_a_decode_step_replays_in_a_cuda_graph(method, options):
         new = torch.randn(3, kv_heads, 1, 128, device="cuda", dtype=torch.bfloat16)
         cache.append(new, new)
         q.copy_(torch.randn_like(q))
+
+
+# MoBA at decode ---------------------------------------------------------------------------------
+def _moba_reference(q, cache, block_size, top_k):
+    """Per (sequence, KV head): the set of logical pages of the newest block and of the best earlier
+    blocks by the group-summed gate q · mean(K[block]) (float64, ties to the lower block)."""
+    group = q.shape[1] // cache.kv_heads
+    pages_per_block = block_size // cache.page_size
+    chosen = []
+    for b in range(cache.batch):
+        keys, _ = cache.sequence(b)  # (Hkv, L, D)
+        length = keys.shape[1]
+        n_blocks = -(-length // block_size)
+        rows = []
+        for h in range(cache.kv_heads):
+            query = q[b, h * group : (h + 1) * group].double().sum(0)
+            gates = [
+                float(keys[h, i * block_size : (i + 1) * block_size].double().mean(0) @ query) for i in range(n_blocks)
+            ]
+            earlier = sorted(range(n_blocks - 1), key=lambda i: (-gates[i], i))[: top_k - 1]
+            blocks = [*earlier, n_blocks - 1]
+            pages = {p for i in blocks for p in range(i * pages_per_block, (i + 1) * pages_per_block)}
+            rows.append({p for p in pages if p < cache.num_pages()[b]})
+        chosen.append(rows)
+    return chosen
+
+
+@pytest.mark.parametrize("lengths, q_heads, kv_heads, dim, page_size", CASES)
+@pytest.mark.parametrize("pages_per_block, super_page", [(1, 16), (2, 2), (4, 2), (3, 2)])
+def test_moba_matches_a_block_by_block_reference(
+    lengths, q_heads, kv_heads, dim, page_size, pages_per_block, super_page
+):
+    # Blocks of 2 or 4 pages with 2-page super-pages: block means from the super-page sums; 1 or 3 pages: from pages.
+    cache = _cache(lengths, kv_heads, dim, page_size, seed=11)
+    cache = _rebuilt(cache, super_page)
+    block_size = pages_per_block * page_size
+    q = torch.randn(len(lengths), q_heads, dim)
+    for top_k in (1, 2, 3):
+        _, selection = sparse_decode(
+            q, cache, "moba", token_budget=top_k * block_size, block_size=block_size, return_selection=True
+        )
+        assert _selected_sets(selection) == _moba_reference(q, cache, block_size, top_k), top_k
+        assert selection.counts.dtype == torch.int32 and selection.select_block == page_size
+
+
+def _rebuilt(cache, super_page):
+    """The same sequences in a cache with another super-page size."""
+    other = PagedKVCache(cache.batch, cache.kv_heads, cache.head_dim, page_size=cache.page_size, super_page=super_page)
+    sequences = [cache.sequence(b) for b in range(cache.batch)]
+    longest = max(k.shape[1] for k, _ in sequences)
+    k, v = (
+        torch.stack([torch.nn.functional.pad(x[i], (0, 0, 0, longest - x[i].shape[1])) for x in sequences])
+        for i in (0, 1)
+    )
+    other.append(k, v, [x.shape[1] for x, _ in sequences])
+    return other
+
+
+@pytest.mark.parametrize("block_size, super_page", [(32, 2), (24, 16)])
+def test_moba_at_decode_selects_what_moba_at_prefill_gives_the_newest_token(block_size, super_page):
+    import sparse_attn as sa
+
+    generator = torch.Generator().manual_seed(12)
+    q_heads, kv_heads, dim, length, top_k = 6, 2, 16, 150, 3
+    q = torch.randn(1, q_heads, length, dim, generator=generator)
+    k, v = (torch.randn(1, kv_heads, length, dim, generator=generator) for _ in range(2))
+    pattern = sa.estimate(q, k, "moba", block_size=block_size, top_k=top_k, share_in_group=True)
+    cache = PagedKVCache(1, kv_heads, dim, page_size=8, super_page=super_page)
+    cache.append(k, v)
+    _, selection = sparse_decode(
+        q[:, :, -1], cache, "moba", token_budget=top_k * block_size, block_size=block_size, return_selection=True
+    )
+    for h in range(kv_heads):
+        blocks = set(pattern.kv_indices[0, h, -1, : int(pattern.kv_counts[0, h, -1])].tolist())
+        pages = set(selection.selected[0, h, : int(selection.counts[0, h])].tolist())
+        assert {page * 8 // block_size for page in pages} == blocks
+
+
+def test_moba_options_are_checked():
+    cache = _cache((40,), 1, 8, 4, seed=13)
+    q = torch.randn(1, 2, 8)
+    with pytest.raises(ValueError, match="at least one block of block_size"):
+        sparse_decode(q, cache, "moba", token_budget=8, block_size=16)
+    with pytest.raises(ValueError, match="multiple of the page size"):
+        sparse_decode(q, cache, "moba", token_budget=12, block_size=6)
+    assert get_decode_method("moba").defaults() == {"token_budget": 1536, "block_size": 512, "dense_layers": 0}

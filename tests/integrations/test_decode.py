@@ -20,7 +20,7 @@ from tiny_models import (  # noqa: E402
 import sparse_attn as sa  # noqa: E402
 from sparse_attn.integrations.decode import SparseDecodeCache  # noqa: E402
 
-DECODE_METHODS = ("dense", "streaming", "quest", "double_sparsity", "tidaldecode")
+DECODE_METHODS = ("dense", "streaming", "quest", "double_sparsity", "tidaldecode", "moba")
 DENSE_PREFILL = dict(PATCH, method="dense")
 
 
@@ -41,7 +41,8 @@ def test_generate_with_a_covering_budget_gives_the_dense_greedy_tokens(kind):
     ids = prompt(40, batch=2)
     expected = _generate(model, ids)
     for method in DECODE_METHODS:
-        sa.patch(model, **DENSE_PREFILL, decode_method=method, decode_options={"token_budget": 64})
+        options = {"token_budget": 64, **({"block_size": 16} if method == "moba" else {})}
+        sa.patch(model, **DENSE_PREFILL, decode_method=method, decode_options=options)
         cache = SparseDecodeCache(model, page_size=16)
         if method == "double_sparsity":
             cache.calibrate(prompt(24, seed=5))

@@ -23,7 +23,8 @@ of different lengths, in the layout :func:`sparse_attn.ops.paged_decode.paged_de
   ``(B, max_super, Hkv, D)`` in the keys' dtype, indexed by (sequence, logical super-page
   ``j``: tokens ``[j * G * P, (j + 1) * G * P)``), each the element-wise min/max over the
   super-page's valid tokens (so over its pages' ``key_min`` / ``key_max``); unused entries hold
-  ``+inf`` / ``-inf``.
+  ``+inf`` / ``-inf``; and ``super_sum`` (same shape, float32), the sum of its keys (``moba``'s
+  block means at decode).
 
 Summaries are updated incrementally on :meth:`append` (element-wise min/max and sums reduced
 into the touched pages and super-pages: a decode step touches one of each per sequence) and
@@ -34,8 +35,8 @@ Memory overhead of the summaries per page and KV head, with ``s`` bytes per key 
 ``2·D·s`` (min, max) + ``4·D`` (float32 sum) + ``P·r·s`` (labels, if calibrated), against
 ``2·P·D·s`` for the page's keys and values: a fraction ``(1 + 2/s)/P + r/(2·D)``. For bf16
 (``s = 2``) at ``P = 16``, ``D = 128``: 12.5 % without labels, 18.75 % with ``r = 16``. The
-coarse summaries add ``2·D·s`` per super-page: ``1/(G·P)`` of the keys and values (0.4 % at
-``G = 16``, ``P = 16``).
+coarse summaries add ``2·D·s + 4·D`` per super-page: ``(1 + 2/s)/(G·P)`` of the keys and values
+(0.8 % at ``G = 16``, ``P = 16``, bf16).
 
 Host state: each sequence's length is also kept on the host (the caller appends known token
 counts), so appends and crops never wait on the device. Device state for the kernels
@@ -106,6 +107,7 @@ class PagedKVCache:
         self.key_sum = self._empty_summary(0, torch.float32)
         self.super_min = self._empty_super(0, float("inf"))
         self.super_max = self._empty_super(0, float("-inf"))
+        self.super_sum = self._empty_super(0, 0.0, torch.float32)
         self._grow(-(-(capacity_tokens or 0) // page_size))
         # Per sequence: room for an even share of the reserved tokens (grows when a sequence needs more).
         self._grow_super(-(-(capacity_tokens or 0) // (batch * page_size * super_page)))
@@ -117,9 +119,9 @@ class PagedKVCache:
     def _empty_summary(self, count: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros((count, self.kv_heads, self.head_dim), dtype=dtype, device=self.device)
 
-    def _empty_super(self, count: int, fill: float) -> torch.Tensor:
+    def _empty_super(self, count: int, fill: float, dtype: torch.dtype | None = None) -> torch.Tensor:
         shape = (self.batch, count, self.kv_heads, self.head_dim)
-        return torch.full(shape, fill, dtype=self.dtype, device=self.device)
+        return torch.full(shape, fill, dtype=dtype or self.dtype, device=self.device)
 
     def _grow_super(self, needed: int) -> None:
         """Room for ``needed`` super-pages per sequence (doubling), new entries at the identities."""
@@ -129,6 +131,7 @@ class PagedKVCache:
         extra = max(needed, 2 * have) - have
         self.super_min = torch.cat([self.super_min, self._empty_super(extra, float("inf"))], 1)
         self.super_max = torch.cat([self.super_max, self._empty_super(extra, float("-inf"))], 1)
+        self.super_sum = torch.cat([self.super_sum, self._empty_super(extra, 0.0, torch.float32)], 1)
 
     def _upload(self, host: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``host`` on the cache's device without blocking the host (pinned memory on CUDA), into ``out``
@@ -246,6 +249,7 @@ class PagedKVCache:
         index = flat[:, None, None].expand_as(keys)
         self.super_min.view(-1, self.kv_heads, self.head_dim).scatter_reduce_(0, index, keys, "amin")
         self.super_max.view(-1, self.kv_heads, self.head_dim).scatter_reduce_(0, index, keys, "amax")
+        self.super_sum.view(-1, self.kv_heads, self.head_dim).index_add_(0, flat, keys.float())
 
     def _reduce_into(self, physical: torch.Tensor, row: torch.Tensor, keys: torch.Tensor) -> None:
         """Fold the keys written at (``physical``, ``row``) into their pages' summaries."""
@@ -287,10 +291,12 @@ class PagedKVCache:
             kept = -(-len(self._pages[b]) // span)
             self.super_min[b, kept:] = float("inf")
             self.super_max[b, kept:] = float("-inf")
+            self.super_sum[b, kept:] = 0.0
             if kept:
                 pages = self._upload(torch.tensor(self._pages[b][(kept - 1) * span :], dtype=torch.long))
                 self.super_min[b, kept - 1] = self.key_min[pages].amin(0)
                 self.super_max[b, kept - 1] = self.key_max[pages].amax(0)
+                self.super_sum[b, kept - 1] = self.key_sum[pages].sum(0)
 
     def set_label_channels(self, channels: torch.Tensor) -> None:
         """Double Sparsity's calibrated label channels, int64 ``(Hkv, r)``; builds the label cache of the tokens held."""
