@@ -29,6 +29,11 @@ Choices where the paper is silent or where decode differs from prefill:
   reads all of them. Ties go to the lower block index (the prefill rule's tie-break).
 - Blocks are listed in ascending order, their pages in order, the newest block's pages up to the
   sequence's last page.
+
+Accuracy on a model not trained with the gate (Gemma 3 270M, CPU, ``benchmarks/results/cpu/
+decode_accuracy_moba_*.json``): well below Quest at equal budgets (0.33-0.40 vs 0.57 at 1024
+of 4K tokens; 0 of 3 at 4096 of 16K, with degenerate answers). The rule does not force the
+first block (an attention sink for untrained models): use it with MoBA-trained models.
 """
 
 from __future__ import annotations
