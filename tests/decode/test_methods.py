@@ -390,7 +390,7 @@ def test_a_decode_step_replays_in_a_cuda_graph(method, options):
 
 
 # MoBA at decode ---------------------------------------------------------------------------------
-def _moba_reference(q, cache, block_size, top_k):
+def _moba_reference(q, cache, block_size, top_k, sink_blocks=0):
     """Per (sequence, KV head): the set of logical pages of the newest block and of the best earlier
     blocks by the group-summed gate q · mean(K[block]) (float64, ties to the lower block)."""
     group = q.shape[1] // cache.kv_heads
@@ -406,8 +406,9 @@ def _moba_reference(q, cache, block_size, top_k):
             gates = [
                 float(keys[h, i * block_size : (i + 1) * block_size].double().mean(0) @ query) for i in range(n_blocks)
             ]
-            earlier = sorted(range(n_blocks - 1), key=lambda i: (-gates[i], i))[: top_k - 1]
-            blocks = [*earlier, n_blocks - 1]
+            sinks = list(range(min(sink_blocks, n_blocks - 1)))
+            rest = sorted(range(len(sinks), n_blocks - 1), key=lambda i: (-gates[i], i))
+            blocks = [*sinks, *rest[: top_k - 1 - len(sinks)], n_blocks - 1]
             pages = {p for i in blocks for p in range(i * pages_per_block, (i + 1) * pages_per_block)}
             rows.append({p for p in pages if p < cache.num_pages()[b]})
         chosen.append(rows)
@@ -424,11 +425,12 @@ def test_moba_matches_a_block_by_block_reference(
     cache = _rebuilt(cache, super_page)
     block_size = pages_per_block * page_size
     q = torch.randn(len(lengths), q_heads, dim)
-    for top_k in (1, 2, 3):
+    for top_k, sink_blocks in ((1, 0), (2, 0), (3, 0), (2, 1), (3, 2)):
         _, selection = sparse_decode(
-            q, cache, "moba", token_budget=top_k * block_size, block_size=block_size, return_selection=True
-        )
-        assert _selected_sets(selection) == _moba_reference(q, cache, block_size, top_k), top_k
+            q, cache, "moba", token_budget=top_k * block_size, block_size=block_size, return_selection=True,
+            sink_blocks=sink_blocks,
+        )  # fmt: skip
+        assert _selected_sets(selection) == _moba_reference(q, cache, block_size, top_k, sink_blocks), top_k
         assert selection.counts.dtype == torch.int32 and selection.select_block == page_size
 
 
@@ -472,4 +474,7 @@ def test_moba_options_are_checked():
         sparse_decode(q, cache, "moba", token_budget=8, block_size=16)
     with pytest.raises(ValueError, match="multiple of the page size"):
         sparse_decode(q, cache, "moba", token_budget=12, block_size=6)
-    assert get_decode_method("moba").defaults() == {"token_budget": 1536, "block_size": 512, "dense_layers": 0}
+    with pytest.raises(ValueError, match="sink block"):
+        sparse_decode(q, cache, "moba", token_budget=8, block_size=4, sink_blocks=2)
+    defaults = {"token_budget": 1536, "block_size": 512, "dense_layers": 0, "sink_blocks": 0}
+    assert get_decode_method("moba").defaults() == defaults

@@ -13,7 +13,8 @@ generates (``sa.patch(model, method="moba", decode_method="moba")``).
 Options: ``block_size`` (default 512, the paper's setting for its scaling runs; its long-context
 setting is 4096 with top-k 12) and ``token_budget`` in tokens, as every decode method takes it:
 ``top_k = token_budget // block_size`` blocks (default 1536 = 3 blocks of 512: the paper's top-3).
-``dense_layers`` (default 0) makes the first layers read every page.
+``dense_layers`` (default 0) makes the first layers read every page. ``sink_blocks`` (default 0;
+not in the paper) keeps the first blocks whatever their gate, within the ``top_k``.
 
 Choices where the paper is silent or where decode differs from prefill:
 
@@ -52,14 +53,21 @@ class MobaDecodeConfig:
     token_budget: int = 1536
     block_size: int = 512
     dense_layers: int = 0
+    sink_blocks: int = 0  # not in the paper: the first blocks kept whatever their gate
 
     def __post_init__(self):
         check_int("token_budget", self.token_budget)
         check_int("block_size", self.block_size)
         check_int("dense_layers", self.dense_layers, minimum=0)
+        check_int("sink_blocks", self.sink_blocks, minimum=0)
         if self.token_budget < self.block_size:
             raise ValueError(
                 f"token_budget ({self.token_budget}) must hold at least one block of block_size ({self.block_size}) tokens"
+            )
+        if self.token_budget // self.block_size <= self.sink_blocks:
+            raise ValueError(
+                f"token_budget ({self.token_budget}) must hold the {self.sink_blocks} sink block(s) and the newest "
+                f"block of block_size ({self.block_size}) tokens"
             )
 
 
@@ -104,7 +112,8 @@ def select_moba(q, cache, config: MobaDecodeConfig, *, layer: int, state: dict) 
     own = (lengths - 1) // config.block_size  # (B,)
     valid = index[None, :] <= own[:, None]
     gates = gates.masked_fill(~valid[:, None], float("-inf"))
-    gates = gates.masked_fill((index[None, :] == own[:, None])[:, None], float("inf"))
+    forced = (index[None, :] == own[:, None]) | (index[None, :] < config.sink_blocks)
+    gates = gates.masked_fill((forced & valid)[:, None], float("inf"))
     keep = min(top_k, n_blocks)
     # Stable descending sort: equal gates keep the lower block first.
     order = torch.sort(gates, dim=-1, descending=True, stable=True).indices[..., :keep]
