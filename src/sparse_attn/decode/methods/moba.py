@@ -33,8 +33,8 @@ Choices where the paper is silent or where decode differs from prefill:
 
 Accuracy on a model not trained with the gate (Gemma 3 270M, CPU, ``benchmarks/results/cpu/
 decode_accuracy_moba_*.json``): well below Quest at equal budgets (0.33-0.40 vs 0.57 at 1024
-of 4K tokens; 0 of 3 at 4096 of 16K, with degenerate answers). The rule does not force the
-first block (an attention sink for untrained models): use it with MoBA-trained models.
+of 4K tokens; 0 of 3 at 4096 of 16K, with degenerate answers, still 0 of 3 but no longer
+degenerate with ``sink_blocks=1``): use it with MoBA-trained models.
 """
 
 from __future__ import annotations
