@@ -22,7 +22,9 @@ NaN/Inf ``v`` reaches exactly the rows whose list keeps its block (zero-weight k
 as in the reference), and a partial whose keys the row cannot see (weight sum 0) carries only
 what its zero weights multiplied (0, or NaN from such a ``v``) into the merge with weight 0.
 When this path pays (blocks of at least :data:`GATHER_MIN_BLOCK_K` keys) is a design choice,
-not a measurement: nothing here was timed on a GPU.
+not a measurement: the path itself was timed on the H200 (MoBA 512 / top-3 at 128K: 13.6 ms
+forward, 52.0 forward + backward, ``benchmarks/results/h200/token_sparse_moba512.json``), but not
+against the tile path on the same patterns (``benchmarks/token_sparse.py --moba-path tile``).
 """
 
 from __future__ import annotations
