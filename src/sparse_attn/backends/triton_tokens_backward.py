@@ -400,10 +400,8 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
             *(q, k, v, dout, lse, delta, dq, *program),
             *strides,
             *dq.stride()[:3],
-            *shared[:2],
-            *sizes[:5],
-            pattern.max_kv,
-            *sizes[5:],
+            *shared,  # list strides, head counts, lengths and the lists' width
+            *sizes[5:],  # the scales and the autotuning bucket
         )
         constants = kernel_constants(q, pattern, tiling, causal=causal)
         if interpreting():

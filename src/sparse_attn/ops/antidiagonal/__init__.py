@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from .._dispatch import kernel_for
-from .naive import SCORE_PRECISIONS, Fp8Keys, antidiagonal_block_probs_reference, check_score_precision, fp8_keys
+from .naive import SCORE_PRECISIONS, Fp8Keys, antidiagonal_block_probs_reference, fp8_keys
 
 __all__ = ["SCORE_PRECISIONS", "Fp8Keys", "antidiagonal_block_probs", "fp8_keys"]
 
@@ -48,7 +48,6 @@ def antidiagonal_block_probs(
     for name, block in (("block_q", block_q), ("block_k", block_k)):
         if block % stride != 0:
             raise ValueError(f"antidiagonal scoring needs {name} ({block}) to be a multiple of stride ({stride})")
-    check_score_precision(score_precision, keys_fp8, k)
     options = dict(stride=stride, block_q=block_q, block_k=block_k, scale=scale, causal=causal, q_blocks=q_blocks)
     options.update(score_precision=score_precision, keys_fp8=keys_fp8)
     kernel = kernel_for(

@@ -40,14 +40,20 @@ def quantize(x: torch.Tensor, fmt: str, *, center: torch.Tensor | None = None) -
         part = x[:, :, start : start + tokens].to(torch.float32, copy=True)
         if center is not None:
             part -= center
-        absmax = part.abs().amax(dim=-1, keepdim=True)
-        step = torch.where(absmax > 0, absmax / _LEVELS[fmt], torch.ones_like(absmax))
-        part /= step
-        if fmt == "int4":
-            part = torch.round(part).clamp_(-_LEVELS[fmt], _LEVELS[fmt])
-        codes[:, :, start : start + tokens] = part.to(codes.dtype)
-        scale[:, :, start : start + tokens] = step.squeeze(-1)
+        codes[:, :, start : start + tokens], step = _encode(part, fmt, dims=(-1,))
+        scale[:, :, start : start + tokens] = step
     return codes, scale
+
+
+def _encode(part: torch.Tensor, fmt: str, *, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of float32 ``part`` (divided in place) with one scale ``absmax / levels`` per slice over
+    ``dims`` (1 where the slice is all zero): ``(codes, scale)``, the scale without those dims."""
+    absmax = part.abs().amax(dim=dims, keepdim=True)
+    step = torch.where(absmax > 0, absmax / _LEVELS[fmt], torch.ones_like(absmax))
+    part /= step
+    if fmt == "int4":
+        part = torch.round(part).clamp_(-_LEVELS[fmt], _LEVELS[fmt])
+    return part.to(_CODE_DTYPES[fmt]), step.squeeze(dims)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -79,11 +85,5 @@ def quantize_per_head(
         part = x[:, start : start + step_heads].to(torch.float32, copy=True)
         if center is not None:
             part -= center[:, start : start + step_heads]
-        absmax = part.abs().amax(dim=(2, 3))
-        step = torch.where(absmax > 0, absmax / _LEVELS[fmt], torch.ones_like(absmax))
-        part /= step[:, :, None, None]
-        if fmt == "int4":
-            part = torch.round(part).clamp_(-_LEVELS[fmt], _LEVELS[fmt])
-        codes[:, start : start + step_heads] = part.to(codes.dtype)
-        scale[:, start : start + step_heads] = step
+        codes[:, start : start + step_heads], scale[:, start : start + step_heads] = _encode(part, fmt, dims=(2, 3))
     return codes, scale
