@@ -392,9 +392,19 @@ def main() -> None:
         default=None,
         help="rows per token-kernel program (kernel_configs(token_rows=...); default 16: one token of NSA's group)",
     )
+    parser.add_argument(
+        "--dkdv-skip-early",
+        choices=("on", "off"),
+        default=None,
+        help="causal token dK/dV: skip listing steps before the keys by a branch (on) or run them masked (off)",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
+    from sparse_attn.backends import triton_tokens_backward
+
+    if args.dkdv_skip_early is not None:
+        triton_tokens_backward.DKDV_SKIP_EARLY = args.dkdv_skip_early == "on"
     if args.moba_path != "auto":  # the measured alternative to the untimed GATHER_MIN_BLOCK_K choice
         from sparse_attn.backends import triton_tokens_gathered
 
@@ -407,6 +417,7 @@ def main() -> None:
         "quick": args.quick,
         "moba_path": args.moba_path,
         "token_rows": args.token_rows or 16,
+        "dkdv_skip_early": triton_tokens_backward.DKDV_SKIP_EARLY,
         **environment(device),
     }
     print(format_table([], columns), flush=True)

@@ -142,6 +142,16 @@ def test_dkdv_split_over_long_lists(shape, heads_kind, monkeypatch, poison_outpu
     assert built and built[0].partials > 0 and built[0].sum_combos.numel() > 0
 
 
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], ONE_BLOCK_TILES[0][0]], ids=str)
+def test_causal_dkdv_without_the_early_skip(shape, monkeypatch, poison_outputs):
+    """Causal dK/dV with listing steps that end before the keys run fully masked instead of
+    skipped by a branch (``DKDV_SKIP_EARLY = False``): the same gradients (Sq < Sk among them)."""
+    from sparse_attn.backends import triton_tokens_backward
+
+    monkeypatch.setattr(triton_tokens_backward, "DKDV_SKIP_EARLY", False)
+    _check(shape, True, "kv", seed=50)
+
+
 def test_pattern_broadcast_over_the_batch(poison_outputs):
     _check((3, 4, 2, 17, 25, 16, 1, 16), True, "kv", seed=11, pattern_batch=1)
 
@@ -423,6 +433,17 @@ def test_gpu_nsa_like_selection(heads, heads_kind, poison_outputs):
     _gpu_check(q, k, v, pattern, sample_rows(32768, ROWS, seed=22))
     q, k, v = (x[:, :, :8192] for x in (q, k, v))
     _gpu_check(q, k, v, _nsa_like_pattern(8192, kv_heads, heads_kind, q_heads), torch.arange(8192), seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("skip_early", [True, False])
+def test_gpu_nsa_like_dkdv_skip_modes(skip_early, monkeypatch, poison_outputs):
+    """NSA's group of 16 at 8K, every row, with the causal dK/dV early skip on and off."""
+    from sparse_attn.backends import triton_tokens_backward
+
+    monkeypatch.setattr(triton_tokens_backward, "DKDV_SKIP_EARLY", skip_early)
+    q, k, v = _cuda_qkv(64, 4, 8192, 128, torch.bfloat16, seed=23)
+    _gpu_check(q, k, v, _nsa_like_pattern(8192, 4, "kv", 64), torch.arange(8192), seed=2)
 
 
 @pytest.mark.gpu

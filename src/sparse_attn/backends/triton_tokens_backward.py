@@ -55,6 +55,9 @@ DKDV_ROWS = 64
 # length, and than MIN_SEGMENT entries, is split into segments of that length.
 MIN_SEGMENT = 256
 SEGMENT_FACTOR = 4
+# Causal dK/dV: skip listing steps that end before the key tile by a runtime branch (True), or
+# run them fully masked so the loop's loads pipeline (False). Timed both ways: NOTES.md.
+DKDV_SKIP_EARLY = True
 
 if triton is not None:
     from .triton_backward import _delta
@@ -119,15 +122,23 @@ if triton is not None:
         stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
         num_q_heads, seq_q, offset, qk_scale,
         BLOCK_Q: tl.constexpr, TILE_TOKENS: tl.constexpr, ENTRIES: tl.constexpr,
-        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_EARLY: tl.constexpr,
     ):  # fmt: skip
         """dK/dV of one key tile over transposed-list entries ``[start, end)``: ``ENTRIES`` listing
-        tiles per step (ascending), each a set of packed heads x ``TILE_TOKENS`` tokens."""
+        tiles per step (ascending), each a set of packed heads x ``TILE_TOKENS`` tokens.
+
+        ``SKIP_EARLY`` (causal only): steps whose tiles all end before these keys start are
+        skipped by a runtime branch. Without it they run fully masked (exact either way: their
+        probabilities are zero); the branch keeps the loop's loads out of the software pipeline."""
         for step in range(start, end, ENTRIES):
-            last_tile = tl.load(TTiles + tl.minimum(step + ENTRIES, end) - 1)
-            last_query = tl.minimum(last_tile * TILE_TOKENS + TILE_TOKENS, seq_q) - 1 + offset
-            # In causal mode tiles that end before these keys start see none of them.
-            if first_key * CAUSAL <= last_query:
+            if CAUSAL and SKIP_EARLY:
+                last_tile = tl.load(TTiles + tl.minimum(step + ENTRIES, end) - 1)
+                last_query = tl.minimum(last_tile * TILE_TOKENS + TILE_TOKENS, seq_q) - 1 + offset
+                # Tiles that end before these keys start see none of them.
+                run = first_key <= last_query
+            else:
+                run = True
+            if run:
                 entry = step + entry_in_step
                 in_step = (entry < end) & (entry_in_step < ENTRIES)
                 tile = tl.load(TTiles + entry, mask=in_step, other=0)
@@ -165,6 +176,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        SKIP_EARLY: tl.constexpr,
     ):  # fmt: skip
         """One work item x one key step of its KV block: the item's head sets (all of the group's,
         or one) walk their transposed lists within ``[start, end)``; dK/dV go straight to the
@@ -217,7 +229,7 @@ if triton is not None:
                 batch, first_head + head_in_chunk, first_key, key_pos, key_ok, entry_in_step, token_in_tile, offs_d,
                 stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
                 num_q_heads, seq_q, offset, qk_scale,
-                BLOCK_Q, TILE_TOKENS, ENTRIES, CAUSAL, DOT_FP32, PRECISION,
+                BLOCK_Q, TILE_TOKENS, ENTRIES, CAUSAL, DOT_FP32, PRECISION, SKIP_EARLY,
             )  # fmt: skip
 
         if partial < 0:  # the block's only item: the gradient itself
@@ -354,7 +366,9 @@ def _autotuned(kind: str, block_k: int, is_float32: bool):
     kernel = {"dq": _token_dq, "dkdv": _token_dkdv}[kind]
     return triton.autotune(
         configs=tuning,
-        key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "TILE_TOKENS", "BLOCK_M", "CAUSAL", "PRECISION"],
+        key=[
+            "seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "TILE_TOKENS", "BLOCK_M", "CAUSAL", "PRECISION",
+        ] + (["SKIP_EARLY"] if kind == "dkdv" else []),  # fmt: skip
     )(kernel)
 
 
@@ -427,7 +441,9 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         *list_strides(pattern, pattern.num_kv_blocks),
         *sizes,
     )
-    constants = dict(kernel_constants(q, pattern, tiling, causal=causal), BLOCK_M=DKDV_ROWS, ENTRIES=entries)
+    constants = dict(
+        kernel_constants(q, pattern, tiling, causal=causal), BLOCK_M=DKDV_ROWS, ENTRIES=entries, SKIP_EARLY=DKDV_SKIP_EARLY
+    )
 
     def dkdv_grid(meta):
         return (work.combo.numel() * num_blocks(pattern.block_k, meta["BLOCK_N"]),)
