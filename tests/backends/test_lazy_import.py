@@ -53,3 +53,10 @@ def test_auto_on_cpu_compiles_nothing():
     modules = _modules_after(code)
     assert "sparse_attn.backends.flex" not in modules
     assert not {"torch._dynamo", "torch._inductor"} & modules
+
+
+@pytest.mark.parametrize("first", ["triton_tokens_backward", "triton_tokens_gathered", "triton_tokens"])
+def test_token_kernel_modules_import_in_any_order(first):
+    """The token kernel's forward, gathered and backward modules read each other: any can be imported first."""
+    modules = _modules_after(f"from sparse_attn.backends import {first}")
+    assert {"sparse_attn.backends.triton_tokens", "sparse_attn.backends.triton_tokens_gathered"} <= modules

@@ -357,8 +357,13 @@ def test_a_decode_step_never_reads_device_values_on_the_host(method, options, mo
     assert launches == ["_chunk_topk", "_merge_topk", "_two_level", "split", "combine"]
 
 
+# On the GPU's 16-token pages moba's blocks must be whole pages: 256 (a super-page span: the
+# cache's running super-page sums) and 64 (per-page sums through the page table).
+GPU_STEP_CASES = [*STEP_CASES[:-1], ("moba", {"block_size": 256}), ("moba", {"block_size": 64})]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("method, options", STEP_CASES)
+@pytest.mark.parametrize("method, options", GPU_STEP_CASES)
 def test_a_decode_step_replays_in_a_cuda_graph(method, options):
     """A step captured once replays the eager step, and after an append into the same page reads the new state."""
     lengths, kv_heads = [20003, 5002, 9001], 8

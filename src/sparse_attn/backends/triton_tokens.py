@@ -462,6 +462,13 @@ def forward(
     return (out, lse) if return_lse else out
 
 
-# Last: these modules read this module's helpers (tile_program, launch_geometry, token_lists).
+def backward(*args, **kwargs):
+    """This backend's backward entry point: :func:`.triton_tokens_backward.backward` (imported on
+    first use, so either module can be imported first)."""
+    from .triton_tokens_backward import backward as token_backward
+
+    return token_backward(*args, **kwargs)
+
+
+# Last: this module reads its helpers (tile_program, launch_geometry, token_lists).
 from . import triton_tokens_gathered as gathered  # noqa: E402
-from .triton_tokens_backward import backward  # noqa: E402, F401  (this backend's backward entry point)

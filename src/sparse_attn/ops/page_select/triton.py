@@ -285,7 +285,12 @@ def _launch(name: str, grid, args, constants: dict, blocks: dict[str, int]) -> N
         globals()[name][grid](*args, **constants, **{block: min(64, cap) for block, cap in blocks.items()})
         return
     smallest = min(blocks.values())
-    candidate_set = tuple((b, w) for b in (32, 64, 128) if b <= smallest for w in (4, 8)) or ((smallest, 4),)
+    # Also 16 warps on 128 or 256 summaries per tile: the kernel is a chain of dependent loads,
+    # so one wide tile per level (all its loads in flight at once) can beat a loop of narrow
+    # ones. (256 at 8 warps spills ~30 KB per thread in the sm_90 build: not a candidate.)
+    candidate_set = tuple((b, w) for b in (32, 64, 128) if b <= smallest for w in (4, 8))
+    candidate_set += tuple((b, 16) for b in (128, 256) if b <= smallest)
+    candidate_set = candidate_set or ((smallest, 4),)
     key = tuple(sorted(constants))
     kernel = _autotuned(name, tuple(blocks), candidate_set, key)
     kernel[grid](*args, **constants)
@@ -375,7 +380,7 @@ def select_pages_two_level_triton(
     super_budget = min(super_budget, table_supers)
     s_tile = _pow2(table_supers)
     sel_tile = _pow2(super_budget)
-    block = 128 if dim <= 128 else 64
+    block = 256 if dim <= 128 else 64
     selected, counts = _outputs(batch, kv_heads, keep, q.device)
     args = (
         q, key_min, key_max, super_min, super_max, page_table, page_counts, selected, counts,
