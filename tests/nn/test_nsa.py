@@ -249,10 +249,10 @@ def test_residue_regrouping_round_trips(front, seq, stride):
     x = torch.randn(2, 3, seq, 5)
     rows = -(-(front + seq) // stride)
     grouped = _by_residue(x, front, rows, stride)
-    assert grouped.shape == (2, 3 * stride, rows, 5)
+    assert grouped.shape == (2 * stride, 3, rows, 5)
     t = 4 if seq > 4 else 0
     position = front + t
-    assert torch.equal(grouped[:, 1 * stride + position % stride, position // stride], x[:, 1, t])
+    assert torch.equal(grouped[1 * stride + position % stride, :, position // stride], x[1, :, t])
     assert torch.equal(_from_residue(grouped, front, seq, stride), x)
 
 
@@ -260,16 +260,18 @@ def _padded_by_residue(x, front, rows, stride):
     """The regrouping by padding and reshaping (two copies): the one-pass version's reference."""
     batch, heads, seq, dim = x.shape
     padded = torch.nn.functional.pad(x, (0, 0, front, rows * stride - front - seq))
-    return padded.view(batch, heads, rows, stride, dim).transpose(2, 3).reshape(batch, heads * stride, rows, dim)
+    # (B, H, rows, d, D) -> (B, d, H, rows, D) -> (B * d, H, rows, D)
+    grid = padded.view(batch, heads, rows, stride, dim).permute(0, 3, 1, 2, 4)
+    return grid.reshape(batch * stride, heads, rows, dim)
 
 
 def _padded_from_residue(y, front, seq, stride, skip, fill):
     pad = (0, 0, skip, 0) if y.dim() == 4 else (skip, 0)
     y = torch.nn.functional.pad(y, pad, value=fill)
-    batch, pseudo, rows = y.shape[:3]
+    entries, heads, rows = y.shape[:3]
     tail = y.shape[3:]
-    unfolded = y.view(batch, pseudo // stride, stride, rows, *tail).transpose(2, 3)
-    return unfolded.reshape(batch, pseudo // stride, rows * stride, *tail)[:, :, front : front + seq]
+    unfolded = y.view(entries // stride, stride, heads, rows, *tail).movedim(1, 3)  # (B, H, rows, d, ...)
+    return unfolded.reshape(entries // stride, heads, rows * stride, *tail)[:, :, front : front + seq]
 
 
 @pytest.mark.parametrize("seq", [1, 3, 16, 17, 63, 100])
