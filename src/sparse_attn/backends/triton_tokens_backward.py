@@ -365,11 +365,10 @@ def _autotuned(kind: str, block_k: int, is_float32: bool):
         steps = tuple(n for n in steps if n <= 64)
     tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in (4, 8) for s in (1, 2)]
     kernel = {"dq": _token_dq, "dkdv": _token_dkdv}[kind]
+    keys = ["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "TILE_TOKENS", "BLOCK_M", "CAUSAL", "PRECISION"]
     return triton.autotune(
         configs=tuning,
-        key=[
-            "seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "TILE_TOKENS", "BLOCK_M", "CAUSAL", "PRECISION",
-        ] + (["SKIP_EARLY"] if kind == "dkdv" else []),  # fmt: skip
+        key=keys + (["SKIP_EARLY"] if kind == "dkdv" else []),
     )(kernel)
 
 
@@ -443,7 +442,10 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         *sizes,
     )
     constants = dict(
-        kernel_constants(q, pattern, tiling, causal=causal), BLOCK_M=DKDV_ROWS, ENTRIES=entries, SKIP_EARLY=DKDV_SKIP_EARLY
+        kernel_constants(q, pattern, tiling, causal=causal),
+        BLOCK_M=DKDV_ROWS,
+        ENTRIES=entries,
+        SKIP_EARLY=DKDV_SKIP_EARLY,
     )
 
     def dkdv_grid(meta):
