@@ -55,8 +55,8 @@ def test_auto_on_cpu_compiles_nothing():
     assert not {"torch._dynamo", "torch._inductor"} & modules
 
 
-@pytest.mark.parametrize("first", ["triton_tokens_backward", "triton_tokens_gathered", "triton_tokens"])
-def test_token_kernel_modules_import_in_any_order(first):
-    """The token kernel's forward, gathered and backward modules read each other: any can be imported first."""
-    modules = _modules_after(f"from sparse_attn.backends import {first}")
+def test_token_kernel_backward_module_imports_first():
+    """The token kernel's forward, gathered and backward modules read each other; importing the
+    backward one first (as a benchmark that sets its options does) was circular."""
+    modules = _modules_after("from sparse_attn.backends import triton_tokens_backward")
     assert {"sparse_attn.backends.triton_tokens", "sparse_attn.backends.triton_tokens_gathered"} <= modules
