@@ -4,8 +4,8 @@ Issue 18 asks two questions this script answers on the CPU:
 
 * does ``auto`` meet its recall budget on >= 95 % of heads at lower density than the best single
   method-setting that meets that recall on >= 95 % of heads?
-* does ``seer`` (the shipped SmolLM2 gates) keep as much attention mass as ``xattention`` at equal
-  density?
+* does ``seer`` (the shipped gates: SmolLM2's, Gemma 3's) keep as much attention mass as
+  ``xattention`` at equal density?
 
 Both are judged on the TRUE recall of ALL queries, not on the last-query probe ``auto`` selects with.
 
@@ -27,7 +27,8 @@ Both are judged on the TRUE recall of ALL queries, not on the last-query probe `
    against ``auto(recall=target)``: its mean density, its share of heads meeting the target, and
    the per-head oracle (per head, the cheapest of ``auto``'s candidates meeting the target on the
    true recall: what a perfect probe would reach); (c) ``seer`` against ``xattention`` at equal
-   density (SmolLM2): ``xattention``'s recall interpolated at each ``seer`` setting's density.
+   density (each model with shipped gates): ``xattention``'s recall interpolated at each ``seer``
+   setting's density.
    Also, per ``auto`` setting, the probe recall it saw against the true recall of its choice and,
    per candidate it chose, how many heads missed the target; and ``auto``'s rule replayed offline
    with other probes (:func:`simulate_selection`: 8 or 16 evenly spaced query chunks instead of
@@ -37,12 +38,11 @@ Both are judged on the TRUE recall of ALL queries, not on the last-query probe `
 Every registered training-free prefill estimator of text models is included at its defaults and
 2-3 settings spanning density, plus ``dense`` (the trivial answer) and ``random`` (a
 non-estimator baseline). Not included: ``pbs`` (a wrapper running two attentions, not a
-registered pattern), the video/image methods (they need a token grid), and the trained
-``seer`` on Gemma (no gates are shipped for it). ``auto`` runs with its default candidates,
+registered pattern) and the video/image methods (they need a token grid). ``auto`` runs with its default candidates,
 which are all among the settings, so their true recall per head is known (the oracle above).
 
 Caveats, also written into the JSON's ``meta``: one prompt per model; the ``seer`` gates were
-trained on the same pydoc text (and KJV, essays) the haystack is drawn from, so its numbers are
+trained on the same pydoc text (SmolLM2's also on KJV and essays) the haystack is drawn from, so its numbers are
 in-distribution; density at 64-blocks (``seer``) and token rows (``moba``) is finer-grained than
 at 128-blocks, which favours them at equal density.
 
@@ -83,6 +83,7 @@ import sparse_attn.methods.auto as auto_module
 from sparse_attn.bench import environment, format_table, write_results
 from sparse_attn.geometry import causal_block_mask
 from sparse_attn.methods.auto import DEFAULT_CANDIDATES, choose, label
+from sparse_attn.methods.seer import shipped_gates_path
 from sparse_attn.pattern import BlockSparsePattern
 
 BLOCK = 128
@@ -145,12 +146,14 @@ SPREAD: tuple[tuple[str, dict], ...] = (
 SEER_SETTINGS: tuple[dict, ...] = (
     {},
     {"threshold": 5e-4},
+    {"threshold": 5e-3},  # with the default (2e-3), the densities of xattention's thresholds on Gemma at 16K
     {"threshold": 1e-2},
     {"top_k": 8},
     {"top_k": 16},
     {"top_k": 32},
 )
-GATED_MODELS = ("smollm2-135m",)
+# Models with shipped ``seer`` gates (SmolLM2's, and Gemma 3's global layers since the eighth session).
+GATED_MODELS = tuple(name for name in ("smollm2-135m", "gemma3-270m") if shipped_gates_path(name).is_file())
 
 
 def settings(
@@ -834,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "caveats": [
             "one capture per (model, prompt): "
             + "; ".join(f"{model}: {model_meta['prompt']}" for model, model_meta in models_meta.items()),
-            "seer gates were trained on pydoc/kjv/essays text: the haystack is in-distribution for them",
+            "seer gates were trained on pydoc text (SmolLM2's also kjv/essays): the haystack is in-distribution for them",
             "seer densities are over 64x64 blocks and moba's over token rows x its blocks, finer than 128x128",
             "pbs (a wrapper, no registered pattern) and the video/image methods (need a token grid) are not included",
             "the simulated probes replay auto's rule offline from per-chunk true recall (128-query chunks)",

@@ -301,6 +301,18 @@ def test_shipped_smollm2_gates():
     assert (gate.q_heads, gate.kv_heads, gate.head_dim, gate.block_size) == (9, 3, 64, 64)
 
 
+GEMMA = seer_method.shipped_gates_path("gemma3-270m")
+
+
+@pytest.mark.skipif(not GEMMA.is_file(), reason="no gates shipped for gemma3-270m yet")
+def test_shipped_gemma_gates_cover_its_global_layers_only():
+    assert GEMMA.stat().st_size < 8 * 2**20  # a few MB at most
+    methods = seer_method.seer_layer_methods("gemma3-270m")
+    assert sorted(methods) == [5, 11, 17]  # the sliding-window layers keep their own attention
+    gate = methods[5][1]["gates"]
+    assert (gate.q_heads, gate.kv_heads, gate.head_dim, gate.block_size) == (4, 1, 256, 64)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 def test_train_script_quick_runs_end_to_end(tmp_path):
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_seer.py"
