@@ -287,7 +287,8 @@ def _launch(name: str, grid, args, constants: dict, blocks: dict[str, int]) -> N
     smallest = min(blocks.values())
     # Also 16 warps on 128 or 256 summaries per tile: the kernel is a chain of dependent loads,
     # so one wide tile per level (all its loads in flight at once) can beat a loop of narrow
-    # ones. (256 at 8 warps spills ~30 KB per thread in the sm_90 build: not a candidate.)
+    # ones. (256 at 8 warps spills heavily in the sm_90 build, an 11 KB stack frame per thread:
+    # not a candidate.)
     candidate_set = tuple((b, w) for b in (32, 64, 128) if b <= smallest for w in (4, 8))
     candidate_set += tuple((b, 16) for b in (128, 256) if b <= smallest)
     candidate_set = candidate_set or ((smallest, 4),)
