@@ -19,7 +19,10 @@ its block number (``dq``: the forward lists and :attr:`.plan.RuleBitmask.entry_i
 ``dkdv``: the transposed lists and their ``rule_index``), and an entry with index ``>= 0``
 gets its mask (:mod:`.rule_bits`); a rule that is a box predicate (constexpr ``BOX_RULE``,
 :mod:`sparse_attn.rule_predicate`) is evaluated arithmetically on every entry instead, and no
-bitmask is built. Rows the rule leaves without keys have ``lse = -inf`` and
+bitmask is built. The masks are evaluated only on tile pairs that can hide a pair (a row or
+key past the end, a causal tile pair that straddles the diagonal, an entry with a bitmask, any
+box-rule entry), decided per step by a scalar test: the interior tiles of a causal pattern,
+most of its tiles, skip the per-element comparisons and selects (:data:`MASK_BRANCH`). Rows the rule leaves without keys have ``lse = -inf`` and
 output 0, so their probabilities, hence their gradients, are 0.
 """
 
@@ -71,6 +74,14 @@ if triton is not None:
         tl.store(Delta + row_offset, delta, mask=in_range)
 
     @triton.jit
+    def _load(pointers, in_range, UNMASKED: tl.constexpr):
+        """``pointers``' values, zero where ``in_range`` is false unless every one is in range."""
+        if UNMASKED:
+            return tl.load(pointers)
+        else:
+            return tl.load(pointers, mask=in_range, other=0.0)
+
+    @triton.jit
     def _dkdv(
         Q, K, V, DOut, Lse, Delta, DK, DV, QCounts, QIndices, RuleIndex, RuleWords, box_guard,
         stride_gb, stride_gh, stride_gs,
@@ -86,7 +97,8 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
-        HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr,
+        HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr, MASK_BRANCH: tl.constexpr,
+        EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
         batch_head = tl.program_id(0)
         batch = batch_head // num_kv_heads
@@ -101,8 +113,8 @@ if triton is not None:
 
         k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
         v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-        k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_in_range[:, None], other=0.0)
-        v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_in_range[:, None], other=0.0)
+        k = _load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], key_in_range[:, None], EVEN_K)
+        v = _load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], key_in_range[:, None], EVEN_K)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -133,34 +145,41 @@ if triton is not None:
                 if (not SKIP_MASKED) or (first_row + BLOCK_M - 1 + offset >= first_key * CAUSAL):
                     rows = first_row + offs_m
                     row_in_range = rows < seq_q
-                    q = tl.load(
-                        q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_in_range[:, None], other=0.0
-                    )
-                    do = tl.load(
-                        do_base + rows[:, None] * stride_ds + offs_d[None, :], mask=row_in_range[:, None], other=0.0
-                    )
-                    lse = tl.load(Lse + row_base + rows, mask=row_in_range, other=0.0) * 1.4426950408889634
-                    delta = tl.load(Delta + row_base + rows, mask=row_in_range, other=0.0)
+                    q = _load(q_base + rows[:, None] * stride_qs + offs_d[None, :], row_in_range[:, None], EVEN_Q)
+                    do = _load(do_base + rows[:, None] * stride_ds + offs_d[None, :], row_in_range[:, None], EVEN_Q)
+                    lse = _load(Lse + row_base + rows, row_in_range, EVEN_Q) * 1.4426950408889634
+                    delta = _load(Delta + row_base + rows, row_in_range, EVEN_Q)
                     if DOT_FP32:
                         q = q.to(tl.float32)
                         do = do.to(tl.float32)
                     scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (N, M)
-                    visible = key_in_range[:, None] & row_in_range[None, :]
+                    logits = scores_t * qk_scale - lse[None, :]
+                    # Masks only where a pair may be hidden (see the module docstring).
+                    needs_mask = (first_row + BLOCK_M > seq_q) | (first_key + BLOCK_N > seq_k)
                     if CAUSAL:
-                        visible = visible & (key_pos[:, None] <= rows[None, :] + offset)
+                        needs_mask = needs_mask | (first_key + BLOCK_N - 1 > first_row + offset)
                     if HAS_RULE:
                         entry = tl.load(rule_base + step // (BLOCK_Q // BLOCK_M))
-                        block_rows = first_row - q_block * BLOCK_Q + offs_m
-                        visible = visible & rule_allowed(
-                            RuleWords, entry, block_rows[None, :], block_keys[:, None], BLOCK_Q, BLOCK_K
-                        )
-                    if BOX_RULE:
-                        low, high = box_bounds(RuleWords, seq_k, rows + offset, row_in_range)
-                        lower = (key_code[:, None] | box_guard) - low[None, :]
-                        upper = (high[None, :] | box_guard) - key_code[:, None]
-                        inside = (lower & upper & box_guard) == box_guard
-                        visible = visible & (inside | (key_code < 0)[:, None])
-                    p_t = tl.where(visible, tl.math.exp2(scores_t * qk_scale - lse[None, :]), 0.0)
+                        needs_mask = needs_mask | (entry >= 0)
+                    if BOX_RULE or not MASK_BRANCH:
+                        needs_mask = True
+                    if needs_mask:
+                        visible = key_in_range[:, None] & row_in_range[None, :]
+                        if CAUSAL:
+                            visible = visible & (key_pos[:, None] <= rows[None, :] + offset)
+                        if HAS_RULE:
+                            block_rows = first_row - q_block * BLOCK_Q + offs_m
+                            visible = visible & rule_allowed(
+                                RuleWords, entry, block_rows[None, :], block_keys[:, None], BLOCK_Q, BLOCK_K
+                            )
+                        if BOX_RULE:
+                            low, high = box_bounds(RuleWords, seq_k, rows + offset, row_in_range)
+                            lower = (key_code[:, None] | box_guard) - low[None, :]
+                            upper = (high[None, :] | box_guard) - key_code[:, None]
+                            inside = (lower & upper & box_guard) == box_guard
+                            visible = visible & (inside | (key_code < 0)[:, None])
+                        logits = tl.where(visible, logits, float("-inf"))
+                    p_t = tl.math.exp2(logits)
                     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
                     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
                     ds_t = p_t * (dp_t - delta[None, :])
@@ -188,7 +207,8 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
-        HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr,
+        HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr, MASK_BRANCH: tl.constexpr,
+        EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
         batch_head = tl.program_id(0)
         # Heaviest (last) query tiles first: causal rows grow with position.
@@ -223,6 +243,8 @@ if triton is not None:
         rule_base = RuleIndex + list_offset  # same shape and strides as KvIndices
         block_rows = (tile % (BLOCK_Q // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)  # inside the query block
         last_query = tile * BLOCK_M + BLOCK_M - 1 + offset
+        first_query = tile * BLOCK_M + offset  # the key position the tile's first row sees last
+        rows_past_end = tile * BLOCK_M + BLOCK_M > seq_q
         box_low = 0
         box_high = 0
         if BOX_RULE:
@@ -235,28 +257,34 @@ if triton is not None:
             if (not SKIP_MASKED) or (first_key * CAUSAL <= last_query):
                 key_pos = first_key + offs_n
                 key_in_range = key_pos < seq_k
-                k = tl.load(
-                    k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_in_range[:, None], other=0.0
-                )
-                v = tl.load(
-                    v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_in_range[:, None], other=0.0
-                )
+                k = _load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], key_in_range[:, None], EVEN_K)
+                v = _load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], key_in_range[:, None], EVEN_K)
                 if DOT_FP32:
                     k = k.to(tl.float32)
                     v = v.to(tl.float32)
                 scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (M, N)
-                visible = key_in_range[None, :] & row_in_range[:, None]
+                logits = scores * qk_scale - lse[:, None]
+                needs_mask = rows_past_end | (first_key + BLOCK_N > seq_k)
                 if CAUSAL:
-                    visible = visible & (key_pos[None, :] <= rows[:, None] + offset)
+                    needs_mask = needs_mask | (first_key + BLOCK_N - 1 > first_query)
                 if HAS_RULE:
                     entry = tl.load(rule_base + step // SUBTILES)
-                    block_keys = (step % SUBTILES) * BLOCK_N + offs_n
-                    visible = visible & rule_allowed(
-                        RuleWords, entry, block_rows[:, None], block_keys[None, :], BLOCK_Q, BLOCK_K
-                    )
-                if BOX_RULE:
-                    visible = visible & box_allowed(RuleWords, seq_k, key_pos, box_low, box_high, box_guard)
-                p = tl.where(visible, tl.math.exp2(scores * qk_scale - lse[:, None]), 0.0)
+                    needs_mask = needs_mask | (entry >= 0)
+                if BOX_RULE or not MASK_BRANCH:
+                    needs_mask = True
+                if needs_mask:
+                    visible = key_in_range[None, :] & row_in_range[:, None]
+                    if CAUSAL:
+                        visible = visible & (key_pos[None, :] <= rows[:, None] + offset)
+                    if HAS_RULE:
+                        block_keys = (step % SUBTILES) * BLOCK_N + offs_n
+                        visible = visible & rule_allowed(
+                            RuleWords, entry, block_rows[:, None], block_keys[None, :], BLOCK_Q, BLOCK_K
+                        )
+                    if BOX_RULE:
+                        visible = visible & box_allowed(RuleWords, seq_k, key_pos, box_low, box_high, box_guard)
+                    logits = tl.where(visible, logits, float("-inf"))
+                p = tl.math.exp2(logits)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
                 dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -267,6 +295,12 @@ if triton is not None:
             (dq * scale).to(DQ.dtype.element_ty),
             mask=row_in_range[:, None],
         )
+
+
+# Evaluate the masks only on tile pairs that may hide a pair (a row or key past the end, the
+# causal diagonal, a rule's entry); ``False`` masks every pair (the earlier kernel, kept to
+# measure the difference: ``benchmarks/training.py --backward-mask-everywhere``).
+MASK_BRANCH = True
 
 
 @functools.cache
@@ -286,6 +320,9 @@ def _autotuned(kind: str, tiles: tuple):
             "SKIP_MASKED",
             "HAS_RULE",
             "BOX_RULE",
+            "MASK_BRANCH",
+            "EVEN_Q",
+            "EVEN_K",
         ],
     )(kernel)
 
@@ -334,6 +371,10 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         SKIP_MASKED=configs.backward_skips_masked_tiles(),
         HAS_RULE=bitmask is not None,
         BOX_RULE=predicate is not None,
+        MASK_BRANCH=MASK_BRANCH,
+        # Lengths that fill whole blocks: no tile runs past an end, so the loads go unmasked.
+        EVEN_Q=seq_q % pattern.block_q == 0,
+        EVEN_K=seq_k % pattern.block_k == 0,
     )
     # (batch, head, sequence) strides of q, k, v and dout, in the kernels' argument order.
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
