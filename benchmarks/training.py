@@ -129,11 +129,6 @@ def main() -> None:
         action="store_true",
         help="our Triton backward branches around causally masked tile pairs (the earlier default)",
     )
-    parser.add_argument(
-        "--backward-separate-dq",
-        action="store_true",
-        help="our Triton backward computes dQ in its own pass (deterministic) instead of with atomics",
-    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -143,10 +138,7 @@ def main() -> None:
         backends += ("flash4",)
     print(format_table([], _columns(backends)), flush=True)
     rows = []
-    overrides = dict(
-        triton_backward_skip_masked=args.backward_skip_masked, triton_backward_atomic_dq=not args.backward_separate_dq
-    )
-    with kernel_configs(**overrides):
+    with kernel_configs(triton_backward_skip_masked=args.backward_skip_masked):
         for seq, dim in cases:
             rows += run_case(seq, dim, args.densities, backends, device)
     print()
@@ -158,7 +150,7 @@ def main() -> None:
     write_results(
         rows,
         path,
-        {"benchmark": "training", **overrides, **environment(device)},
+        {"benchmark": "training", "backward_skip_masked": args.backward_skip_masked, **environment(device)},
     )
     print(f"wrote {path}")
 

@@ -169,68 +169,6 @@ def test_bad_input_is_refused():
                                super_budget=3)  # fmt: skip
 
 
-# lengths, q_heads, kv_heads, head_dim, page_size, super_page, budget, small super_budget, default splits
-SPLIT_CASES = [
-    ((530,), 8, 2, 64, 2, 4, 24, 7, True),  # batch 1, group 4, 265 pages, 67 super-pages: 4 chunks of 32
-    ((57, 403, 197), 3, 3, 128, 4, 16, 40, 4, False),  # batch 3, group 1, budget past the first sequence
-    ((597,), 24, 3, 64, 8, 16, 100, None, False),  # group 8, budget past all 75 pages (covering super-pages)
-    ((317, 65, 160), 8, 2, 128, 2, 4, 30, 9, False),  # batch 3, group 4, 40 super-pages: 2 chunks when forced
-]
-
-
-@pytest.fixture
-def poison_level1(monkeypatch):
-    """The split path's int64 level-1 scratch starts as keys above any real one (read unwritten, they would win)."""
-    scratch = []
-
-    def allocate(shape, device):
-        scratch.append(torch.full(shape, 2**62, dtype=torch.int64, device=device))
-        return scratch[-1]
-
-    monkeypatch.setattr(kernels, "allocate_int64", allocate)
-    return scratch
-
-
-@pytest.mark.parametrize(
-    "lengths, q_heads, kv_heads, dim, page_size, super_page, budget, small, splits", SPLIT_CASES
-)  # fmt: skip
-def test_two_level_split_matches_the_reference(
-    lengths, q_heads, kv_heads, dim, page_size, super_page, budget, small, splits, poison_int_outputs,
-    poison_level1, monkeypatch,
-):  # fmt: skip
-    """Level 1 in its own kernel (forced on, off, and by the default rule) selects exactly the reference's pages."""
-    launches = []
-    launch = kernels._launch
-    monkeypatch.setattr(kernels, "_launch", lambda name, *args: launches.append(name) or launch(name, *args))
-    seed = sum(lengths) + dim
-    cache = _cache(lengths, kv_heads, dim, page_size, super_page, integer=True, seed=seed)
-    q = _query(len(lengths), q_heads, dim, integer=True, seed=seed + 1)
-    coarse = (q, cache.key_min, cache.key_max, cache.super_min, cache.super_max, cache.page_table, cache.page_counts)
-    for super_budget in (small, 10**4) if small else (10**4,):
-        options = dict(super_page=super_page, super_budget=super_budget)
-        want = select_pages_two_level_reference(*coarse, budget, **options)
-        for split in (None, not splits):  # the default (checked to choose ``splits``), then the other path
-            launches.clear()
-            got = kernels.select_pages_two_level_triton(*coarse, budget, split=split, **options)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (super_budget, split)
-            chose_split = splits if split is None else split
-            assert launches == (["_super_bounds", "_two_level"] if chose_split else ["_two_level"]), split
-    # Every scratch key was written (padding past the super-pages as MIN_KEY), none left poisoned.
-    assert poison_level1 and all(bool((keys != 2**62).all()) for keys in poison_level1)
-
-
-def test_two_level_split_is_bit_identical_on_random_floats():
-    """On float keys (near-ties, rounding) the split and one-launch kernels still return the same selection."""
-    cache = _cache((530, 211), 2, 64, 2, 4, integer=False, seed=5)
-    q = _query(2, 8, 64, integer=False, seed=6)
-    coarse = (q, cache.key_min, cache.key_max, cache.super_min, cache.super_max, cache.page_table, cache.page_counts)
-    split, fused = (
-        kernels.select_pages_two_level_triton(*coarse, 20, super_page=4, super_budget=6, split=split)
-        for split in (True, False)
-    )
-    assert torch.equal(split[0], fused[0]) and torch.equal(split[1], fused[1])
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("budget, super_budget", [(128, 17), (256, 33), (100, 10**4)])
 def test_kernels_match_reference_on_gpu(budget, super_budget):
@@ -243,11 +181,7 @@ def test_kernels_match_reference_on_gpu(budget, super_budget):
     pairs = [
         (select_pages(*arguments, budget), select_pages_reference(*arguments, budget)),
         (
-            select_pages_two_level(*coarse, budget, **options),  # level 1 split here: 24 programs < the SMs
-            select_pages_two_level_reference(*coarse, budget, **options),
-        ),
-        (
-            kernels.select_pages_two_level_triton(*coarse, budget, **options, split=False),
+            select_pages_two_level(*coarse, budget, **options),
             select_pages_two_level_reference(*coarse, budget, **options),
         ),
     ]

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 
 __all__ = [
     "LOAD_MODES",
-    "backward_atomic_dq",
     "backward_skips_masked_tiles",
     "backward_tiles",
     "KernelConfigs",
@@ -86,16 +85,7 @@ TRITON_BACKWARD_TILES: dict[str, dict[int, tuple[Tile, ...]]] = {
         128: ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)),
     },
 }
-# The dK/dV pass that also adds dQ (:func:`backward_atomic_dq`): a fifth product and its
-# BLOCK_M x head_dim float32 result beside the accumulators; at head_dim 128 in the sm_90 build
-# (64, 128, 8, 3) spills 64 bytes, (32, 128, 8, 3) nothing, (128, 64, 8, 3) 468 bytes.
-TRITON_BACKWARD_ATOMIC_DKDV_TILES: dict[int, tuple[Tile, ...]] = {
-    64: ((64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)),
-    128: ((64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 3)),
-}
 TRITON_BACKWARD_SMALL_TILES: tuple[Tile, ...] = ((32, 32, 4, 1), (16, 32, 4, 1))
-# Default of :func:`backward_atomic_dq`.
-BACKWARD_ATOMIC_DQ = True
 
 # Gluon: query rows per program (two consumer warpgroups of 64), shared memory per block on
 # sm_90 (227 KiB), what the barriers and the compiler's scratch need beside the tiles, and the
@@ -140,7 +130,6 @@ class KernelConfigs:
     triton_backward_skip_masked: bool | None = None
     gluon_persistent: bool | None = None
     token_rows: int | None = None
-    triton_backward_atomic_dq: bool | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -165,7 +154,6 @@ def kernel_configs(
     triton_backward_skip_masked: bool | None = None,
     gluon_persistent: bool | None = None,
     token_rows: int | None = None,
-    triton_backward_atomic_dq: bool | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -192,15 +180,14 @@ def kernel_configs(
         if not isinstance(gluon_host_descriptors, bool):
             raise TypeError(f"gluon_host_descriptors must be a bool, got {gluon_host_descriptors!r}")
         changes["gluon_host_descriptors"] = gluon_host_descriptors
-    for name, asked in (
-        ("triton_backward_skip_masked", triton_backward_skip_masked),
-        ("gluon_persistent", gluon_persistent),
-        ("triton_backward_atomic_dq", triton_backward_atomic_dq),
-    ):
-        if asked is not None:
-            if not isinstance(asked, bool):
-                raise TypeError(f"{name} must be a bool, got {asked!r}")
-            changes[name] = asked
+    if triton_backward_skip_masked is not None:
+        if not isinstance(triton_backward_skip_masked, bool):
+            raise TypeError(f"triton_backward_skip_masked must be a bool, got {triton_backward_skip_masked!r}")
+        changes["triton_backward_skip_masked"] = triton_backward_skip_masked
+    if gluon_persistent is not None:
+        if not isinstance(gluon_persistent, bool):
+            raise TypeError(f"gluon_persistent must be a bool, got {gluon_persistent!r}")
+        changes["gluon_persistent"] = gluon_persistent
     if token_rows is not None:
         if isinstance(token_rows, bool) or token_rows not in TOKEN_ROWS:
             raise ValueError(f"token_rows must be one of {TOKEN_ROWS}, got {token_rows!r}")
@@ -219,31 +206,15 @@ def fitting_tiles(head_dim: int, block_q: int, block_k: int, *, is_float32: bool
     return fitting or ((min(block_q, 64), min(block_k, 32), 4, 2),)
 
 
-def backward_tiles(
-    kind: str, head_dim: int, block_q: int, block_k: int, *, small: bool, atomic_dq: bool = False
-) -> tuple[Tile, ...]:
+def backward_tiles(kind: str, head_dim: int, block_q: int, block_k: int, *, small: bool) -> tuple[Tile, ...]:
     """The backward pass ``kind``'s (``"dkdv"`` or ``"dq"``) tile candidates that divide the
-    pattern's blocks (a small default if none does); ``small`` for float32 or head_dim 256;
-    ``atomic_dq`` for the dK/dV pass that also adds dQ."""
+    pattern's blocks (a small default if none does); ``small`` for float32 or head_dim 256."""
     if current().triton_backward_tiles is not None:
         candidates = current().triton_backward_tiles
-    elif small:
-        candidates = TRITON_BACKWARD_SMALL_TILES
-    elif atomic_dq and kind == "dkdv":
-        candidates = TRITON_BACKWARD_ATOMIC_DKDV_TILES[max(head_dim, 64)]
     else:
-        candidates = TRITON_BACKWARD_TILES[kind][max(head_dim, 64)]
+        candidates = TRITON_BACKWARD_SMALL_TILES if small else TRITON_BACKWARD_TILES[kind][max(head_dim, 64)]
     fitting = tuple(tile for tile in candidates if block_q % tile[0] == 0 and block_k % tile[1] == 0)
     return fitting or ((min(block_q, 16), min(block_k, 16), 4, 1),)
-
-
-def backward_atomic_dq() -> bool:
-    """Whether the Triton backward adds dQ from its dK/dV pass with float32 atomics (five
-    products per tile pair, dQ's float32 sums in a run-dependent order) instead of a second
-    pass over the forward lists (seven products, bit-for-bit reproducible); see
-    :mod:`.triton_backward`. Default: :data:`BACKWARD_ATOMIC_DQ`."""
-    asked = current().triton_backward_atomic_dq
-    return BACKWARD_ATOMIC_DQ if asked is None else asked
 
 
 def backward_skips_masked_tiles() -> bool:

@@ -1,19 +1,14 @@
 """Triton backward of block-sparse attention (FlashAttention-2's backward, block-sparse).
 
-Two or three launches:
+Three launches, all deterministic (no float atomics):
 
 * ``_delta``: per query row, ``delta = rowsum(dO * O) - dLSE`` in float32 (``dLSE`` is the
   gradient of the returned log-sum-exp, zero when it was not returned or not used).
 * ``_dkdv``: one program per (batch, KV head, key tile of ``BLOCK_N`` keys). It walks the
   *transposed* lists (per KV block, the query blocks that list it, built once in the plan)
   for every query head of its GQA group in turn, so dK and dV are summed over the group in
-  registers, without expanding K/V and without atomics. By default
-  (:func:`.configs.backward_atomic_dq`) it also computes each tile pair's share of dQ,
-  ``dS K``, and adds it to a float32 dQ accumulator with atomics: five products per tile pair
-  instead of seven, at the price of dQ's float32 sums landing in a run-dependent order (not
-  bit-for-bit reproducible; dK and dV are).
-* ``_dq`` (only with ``triton_backward_atomic_dq=False``): one program per (batch, query head,
-  query tile), walking the forward lists and recomputing ``S`` and ``dP`` (deterministic).
+  registers, without expanding K/V and without atomics.
+* ``_dq``: one program per (batch, query head, query tile), walking the forward lists.
 
 Probabilities are recomputed from the forward's saved log-sum-exp (never recomputed as a
 softmax): ``P = exp(S * scale - lse)``; ``dS = P * (dP - delta)``; ``dQ = scale * dS K``,
@@ -27,10 +22,8 @@ gets its mask (:mod:`.rule_bits`); a rule that is a box predicate (constexpr ``B
 bitmask is built. The masks are evaluated only on tile pairs that can hide a pair (a row or
 key past the end, a causal tile pair that straddles the diagonal, an entry with a bitmask, any
 box-rule entry), decided per step by a scalar test: the interior tiles of a causal pattern,
-most of its tiles, skip the per-element comparisons and selects (:data:`MASK_BRANCH`; on the
-H200 the backward at 32K / 128K took 3-10 % less time with it). Loads go unmasked where the
-lengths fill whole blocks. Rows the rule leaves without keys have ``lse = -inf`` and output 0,
-so their probabilities, hence their gradients, are 0.
+most of its tiles, skip the per-element comparisons and selects (:data:`MASK_BRANCH`). Rows the rule leaves without keys have ``lse = -inf`` and
+output 0, so their probabilities, hence their gradients, are 0.
 """
 
 from __future__ import annotations
@@ -90,7 +83,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv(
-        Q, K, V, DOut, Lse, Delta, DK, DV, DQAcc, QCounts, QIndices, RuleIndex, RuleWords, box_guard,
+        Q, K, V, DOut, Lse, Delta, DK, DV, QCounts, QIndices, RuleIndex, RuleWords, box_guard,
         stride_gb, stride_gh, stride_gs,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
@@ -105,7 +98,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
         HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr, MASK_BRANCH: tl.constexpr,
-        EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+        EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
         batch_head = tl.program_id(0)
         batch = batch_head // num_kv_heads
@@ -191,15 +184,6 @@ if triton is not None:
                     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
                     ds_t = p_t * (dp_t - delta[None, :])
                     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-                    if ATOMIC_DQ:
-                        # This tile pair's share of dQ, added to the float32 accumulator (dQ
-                        # rows are shared by every key tile the query tile lists: atomics).
-                        dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * scale
-                        dq_pointers = DQAcc + row_base * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
-                        if EVEN_Q:
-                            tl.atomic_add(dq_pointers, dq_part, sem="relaxed")
-                        else:
-                            tl.atomic_add(dq_pointers, dq_part, mask=row_in_range[:, None], sem="relaxed")
 
         # dK and dV are contiguous tensors of one shape: one set of strides.
         gradient_offset = batch.to(tl.int64) * stride_gb + kv_head.to(tl.int64) * stride_gh
@@ -320,15 +304,12 @@ MASK_BRANCH = True
 
 
 @functools.cache
-def _autotuned(kind: str, tiles: tuple, atomic_dq: bool = False):
-    """The ``kind`` pass (``"dkdv"`` or ``"dq"``) autotuned over ``tiles`` (see :func:`.configs.backward_tiles`);
-    ``atomic_dq``: the dK/dV pass that also adds dQ into its float32 accumulator, zeroed before
-    each configuration's trial and before the chosen one runs."""
+def _autotuned(kind: str, tiles: tuple):
+    """The ``kind`` pass (``"dkdv"`` or ``"dq"``) autotuned over ``tiles`` (see :func:`.configs.backward_tiles`)."""
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
     kernel = {"dkdv": _dkdv, "dq": _dq}[kind]
     return triton.autotune(
         configs=configs,
-        reset_to_zero=["DQAcc"] if atomic_dq else None,
         key=[
             "seq_bucket",
             "HEAD_DIM",
@@ -408,12 +389,8 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     else:
         q_rule_index, rule_index, words = plan.transposed.rule_index, bitmask.entry_index, bitmask.words
     sizes = (seq_q, seq_k, scale, scale * LOG2_E, length_bucket(seq_k))
-    # dQ from the dK/dV pass through float32 atomics (one pass, five products per tile pair), or
-    # from its own pass over the forward lists (seven products, deterministic).
-    atomic_dq = configs.backward_atomic_dq()
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else dq
     dkdv_args = (
-        *(q, k, v, dout, lse, delta, dk, dv, dq_acc, q_counts, q_indices, q_rule_index, words, guard),
+        *(q, k, v, dout, lse, delta, dk, dv, q_counts, q_indices, q_rule_index, words, guard),
         *dk.stride()[:3],
         *strides,
         *block_list_strides(q_counts, q_indices, pattern.batch),
@@ -437,16 +414,11 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
 
     if interpreting():
         tiles = dict(BLOCK_M=min(pattern.block_q, 32), BLOCK_N=min(pattern.block_k, 16))
-        _dkdv[dkdv_grid(tiles)](*dkdv_args, **tiles, **constants, ATOMIC_DQ=atomic_dq)
-        if not atomic_dq:
-            _dq[dq_grid(tiles)](*dq_args, **tiles, **constants)
+        _dkdv[dkdv_grid(tiles)](*dkdv_args, **tiles, **constants)
+        _dq[dq_grid(tiles)](*dq_args, **tiles, **constants)
     else:
         small = is_float32 or dim > 128
-        tiles = configs.backward_tiles("dkdv", dim, pattern.block_q, pattern.block_k, small=small, atomic_dq=atomic_dq)
-        _autotuned("dkdv", tiles, atomic_dq)[dkdv_grid](*dkdv_args, **constants, ATOMIC_DQ=atomic_dq)
-        if not atomic_dq:
-            tiles = configs.backward_tiles("dq", dim, pattern.block_q, pattern.block_k, small=small)
-            _autotuned("dq", tiles)[dq_grid](*dq_args, **constants)
-    if atomic_dq:
-        dq.copy_(dq_acc)
+        for kind, grid, args in (("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args)):
+            tiles = configs.backward_tiles(kind, dim, pattern.block_q, pattern.block_k, small=small)
+            _autotuned(kind, tiles)[grid](*args, **constants)
     return dq, dk, dv

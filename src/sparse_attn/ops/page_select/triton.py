@@ -16,17 +16,6 @@ register tile of keys (``tl.where`` on the tile's row), which ``tl.topk`` then r
   bounds of every super-page from the coarse summaries, their top ``super_budget``, then the
   bounds of the pages inside those super-pages and their top ``budget``, in one launch. It
   reads ``1/G`` of the one-level summaries plus the candidates' (``super_budget * G`` pages).
-* Two levels, split (``split=True``, or by default when ``batch * kv_heads`` is below the SM
-  count and the table has more than ``SPLIT_TILES * SUPER_TILE`` super-pages): level 1 alone
-  leaves most SMs idle on a long table with few (sequence, KV head) pairs. At 128K tokens, batch
-  8, 8 KV heads, pages of 16 and super-pages of 16 pages (512 super-pages) the one-launch kernel
-  runs 64 programs on the H200's 132 SMs, each reading 256 KB of coarse summaries as a chain of
-  dependent loads: 13.4 us, where the ~21 MB the selection reads would take ~5 us at the chip's
-  bandwidth. So :func:`_super_bounds` computes level 1 over ``(batch * kv_heads, chunks)``
-  programs (about ``PROGRAMS_PER_SM`` per SM, chunks of at least ``SUPER_TILE`` super-pages) and
-  writes each super-page's sort key to an int64 scratch row of ``S_TILE`` keys (``MIN_KEY`` past
-  the sequence's super-pages); :func:`_two_level` then loads that row in place of level 1 and
-  runs level 2 unchanged. Same keys, same ``tl.topk``: the selection is bit-identical.
 
 Outputs are written whole (every entry of ``selected``, zeros past the count, and ``counts``)
 from the device's page counts: no host synchronisation, so the launches can be captured in a
@@ -53,10 +42,6 @@ __all__ = ["select_pages_triton", "select_pages_two_level_triton", "unsupported_
 # Programs to aim for in the one-level bounds kernel (a few waves over the SMs).
 PROGRAMS_PER_SM = 4
 MAX_CHUNK = 2048
-# Two-level split: level 1 in chunks of at least SUPER_TILE super-pages; chosen by default when the
-# table holds more than SPLIT_TILES such tiles (and the (sequence, KV head) programs leave SMs idle).
-SUPER_TILE = 32
-SPLIT_TILES = 2
 
 
 def unsupported_reason(q: torch.Tensor, *, head_dim: int) -> str | None:
@@ -67,12 +52,6 @@ def unsupported_reason(q: torch.Tensor, *, head_dim: int) -> str | None:
 def allocate_int32(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Uninitialized int32 kernel output (the kernels write every element); tests replace it to poison."""
     return torch.empty(shape, dtype=torch.int32, device=device)
-
-
-def allocate_int64(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Uninitialized int64 scratch (the split level-1 keys: every element written before it is read); tests
-    replace it to poison."""
-    return torch.empty(shape, dtype=torch.int64, device=device)
 
 
 @functools.cache
@@ -113,34 +92,12 @@ if triton is not None:
         return tl.sum(tl.maximum(q, 0.0), 0), tl.sum(tl.minimum(q, 0.0), 0)
 
     @triton.jit
-    def _head_program(Q, PageCounts, stride_qb, stride_qh, num_kv_heads, group, HEAD_DIM: tl.constexpr,
-                      BLOCK_G: tl.constexpr):  # fmt: skip
-        """This program's (sequence, KV head) (``program_id(0)``), the group's summed query
-        (:func:`_group_query`) and the sequence's page count."""
-        batch = tl.program_id(0) // num_kv_heads
-        kv_head = tl.program_id(0) % num_kv_heads
-        positive, negative = _group_query(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM, BLOCK_G)
-        return batch, kv_head, positive, negative, tl.load(PageCounts + batch)
-
-    @triton.jit
     def _bounds(Min, Max, rows, ok, positive, negative, HEAD_DIM: tl.constexpr):
         """Bounds of the summaries at row offsets ``rows`` (``[N]`` int64 element offsets), float32 ``[N]``."""
         offs_d = tl.arange(0, HEAD_DIM)
         upper = tl.load(Max + rows[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         lower = tl.load(Min + rows[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         return tl.sum(upper * positive[None, :] + lower * negative[None, :], 1)
-
-    @triton.jit
-    def _super_keys(SuperMin, SuperMax, batch, kv_head, stride_ub, stride_us, stride_uh, supers, first, positive,
-                    negative, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
-        """Level-1 sort keys of super-pages ``first + [0, BLOCK_S)`` of ``supers``: their coarse bounds,
-        the newest super-page ``+inf``, ``MIN_KEY`` past ``supers`` (not candidates)."""
-        index = first + tl.arange(0, BLOCK_S)
-        ok = index < supers
-        rows = batch.to(tl.int64) * stride_ub + index.to(tl.int64) * stride_us + kv_head * stride_uh
-        bound = _bounds(SuperMin, SuperMax, rows, ok, positive, negative, HEAD_DIM)
-        bound = tl.where(index == supers - 1, float("inf"), bound)
-        return tl.where(ok, _sort_key(bound, index), MIN_KEY)
 
     @triton.jit
     def _write_selection(top, Selected, Counts, batch, kv_head, stride_sb, stride_sh, stride_cb, used, budget,
@@ -182,10 +139,11 @@ if triton is not None:
     ):
         """One (sequence, KV head, chunk): the chunk's page bounds and its top ``K_TILE`` keys
         (``FINAL``: the selection itself)."""
-        batch, kv_head, positive, negative, used = _head_program(
-            Q, PageCounts, stride_qb, stride_qh, num_kv_heads, group, HEAD_DIM, BLOCK_G
-        )
+        batch = tl.program_id(0) // num_kv_heads
+        kv_head = tl.program_id(0) % num_kv_heads
         chunk = tl.program_id(1)
+        positive, negative = _group_query(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM, BLOCK_G)
+        used = tl.load(PageCounts + batch)
         tiles = tl.arange(0, CHUNK // BLOCK_P)
         keys = tl.full([CHUNK // BLOCK_P, BLOCK_P], MIN_KEY, tl.int64)
         for t in range(CHUNK // BLOCK_P):
@@ -235,41 +193,6 @@ if triton is not None:
         _write_selection(top, Selected, Counts, batch, kv_head, stride_sb, stride_sh, stride_cb, used, budget, K_TILE)
 
     @triton.jit
-    def _super_bounds(
-        Q,
-        SuperMin,
-        SuperMax,
-        PageCounts,
-        Level1,
-        stride_qb,
-        stride_qh,
-        stride_ub,
-        stride_us,
-        stride_uh,
-        num_kv_heads,
-        group,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-        SUPER_PAGE: tl.constexpr,
-        S_TILE: tl.constexpr,
-        SUPER_CHUNK: tl.constexpr,
-        BLOCK_S: tl.constexpr,
-    ):
-        """One (sequence, KV head, chunk of ``SUPER_CHUNK`` super-pages): level 1 of :func:`_two_level`
-        for the chunk, its keys written to row ``program_id(0)`` of ``Level1`` ``(batch * kv_heads,
-        S_TILE)`` int64 (``MIN_KEY`` past the sequence's super-pages: the chunks cover the row)."""
-        batch, kv_head, positive, negative, used = _head_program(
-            Q, PageCounts, stride_qb, stride_qh, num_kv_heads, group, HEAD_DIM, BLOCK_G
-        )
-        supers = tl.cdiv(used, SUPER_PAGE)
-        row = Level1 + tl.program_id(0).to(tl.int64) * S_TILE
-        for t in range(SUPER_CHUNK // BLOCK_S):
-            first = tl.program_id(1) * SUPER_CHUNK + t * BLOCK_S
-            key = _super_keys(SuperMin, SuperMax, batch, kv_head, stride_ub, stride_us, stride_uh, supers, first,
-                              positive, negative, HEAD_DIM, BLOCK_S)  # fmt: skip
-            tl.store(row + first + tl.arange(0, BLOCK_S), key)
-
-    @triton.jit
     def _two_level(
         Q,
         KeyMin,
@@ -280,7 +203,6 @@ if triton is not None:
         PageCounts,
         Selected,
         Counts,
-        Level1,
         stride_qb,
         stride_qh,
         stride_sp,
@@ -305,30 +227,27 @@ if triton is not None:
         SEL_TILE: tl.constexpr,
         BLOCK_P: tl.constexpr,
         K_TILE: tl.constexpr,
-        LEVEL1_KEYS: tl.constexpr,
     ):
-        """One (sequence, KV head): top super-pages by their coarse bounds, then top pages inside them
-        (``LEVEL1_KEYS``: the super-pages' keys read from ``Level1``, written by :func:`_super_bounds`)."""
-        batch, kv_head, positive, negative, used = _head_program(
-            Q, PageCounts, stride_qb, stride_qh, num_kv_heads, group, HEAD_DIM, BLOCK_G
-        )
+        """One (sequence, KV head): top super-pages by their coarse bounds, then top pages inside them."""
+        batch = tl.program_id(0) // num_kv_heads
+        kv_head = tl.program_id(0) % num_kv_heads
+        positive, negative = _group_query(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM, BLOCK_G)
+        used = tl.load(PageCounts + batch)
         supers = tl.cdiv(used, SUPER_PAGE)
 
         # Level 1: every super-page's bound; the newest super-page first.
-        if LEVEL1_KEYS:
-            index = tl.arange(0, S_TILE)
-            level1 = Level1 + tl.program_id(0).to(tl.int64) * S_TILE + index
-            keys = tl.load(level1, mask=index < supers, other=MIN_KEY)
-        else:
-            tiles = tl.arange(0, S_TILE // BLOCK_S)
-            tiled = tl.full([S_TILE // BLOCK_S, BLOCK_S], MIN_KEY, tl.int64)
-            for t in range(S_TILE // BLOCK_S):
-                key = _super_keys(SuperMin, SuperMax, batch, kv_head, stride_ub, stride_us, stride_uh, supers,
-                                  t * BLOCK_S, positive, negative, HEAD_DIM, BLOCK_S)  # fmt: skip
-                tiled = tl.where(tiles[:, None] == t, key[None, :], tiled)
-            keys = tl.reshape(tiled, [S_TILE])
+        tiles = tl.arange(0, S_TILE // BLOCK_S)
+        keys = tl.full([S_TILE // BLOCK_S, BLOCK_S], MIN_KEY, tl.int64)
+        for t in range(S_TILE // BLOCK_S):
+            index = t * BLOCK_S + tl.arange(0, BLOCK_S)
+            ok = index < supers
+            rows = batch.to(tl.int64) * stride_ub + index.to(tl.int64) * stride_us + kv_head * stride_uh
+            bound = _bounds(SuperMin, SuperMax, rows, ok, positive, negative, HEAD_DIM)
+            bound = tl.where(index == supers - 1, float("inf"), bound)
+            key = tl.where(ok, _sort_key(bound, index), MIN_KEY)
+            keys = tl.where(tiles[:, None] == t, key[None, :], keys)
         rank = tl.arange(0, SEL_TILE)
-        top_supers = tl.topk(keys, SEL_TILE)
+        top_supers = tl.topk(tl.reshape(keys, [S_TILE]), SEL_TILE)
         chosen = _key_index(top_supers)
         chosen = tl.where((rank < super_budget) & (chosen < supers), chosen, -1)
 
@@ -447,16 +366,9 @@ def select_pages_two_level_triton(
     *,
     super_page: int,
     super_budget: int,
-    split: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`.naive.select_pages_two_level_reference` in one or two kernels; same arguments and
-    results (``super_page`` a power of two).
-
-    ``split``: level 1 in its own kernel (:func:`_super_bounds`, several programs per (sequence,
-    KV head)) before :func:`_two_level` reads its keys; results are identical either way. ``None``
-    (default): split when ``batch * kv_heads`` is below the device's multiprocessor count (4 under
-    the interpreter) and the table has more than ``SPLIT_TILES * SUPER_TILE`` super-pages.
-    """
+    """:func:`.naive.select_pages_two_level_reference` in one kernel; same arguments and results
+    (``super_page`` a power of two)."""
     _check_case(q)
     if super_page & (super_page - 1):
         raise ValueError(f"the two-level selection kernel takes a power-of-two super_page, not {super_page}")
@@ -470,32 +382,17 @@ def select_pages_two_level_triton(
     s_tile = _pow2(table_supers)
     sel_tile = _pow2(super_budget)
     block = 256 if dim <= 128 else 64
-    group = q_heads // kv_heads
-    multiprocessors = 4 if interpreting() else _multiprocessors(q.device)
-    if split is None:
-        split = batch * kv_heads < multiprocessors and table_supers > SPLIT_TILES * SUPER_TILE
     selected, counts = _outputs(batch, kv_heads, keep, q.device)
-    query = dict(HEAD_DIM=dim, BLOCK_G=_pow2(group), SUPER_PAGE=super_page, S_TILE=s_tile)
-    caps = {"BLOCK_S": min(block, s_tile), "BLOCK_P": min(block, sel_tile * super_page)}
-    level1 = counts  # not read unless split
-    if split:
-        # About PROGRAMS_PER_SM programs per SM in all; the chunks tile the row of s_tile keys.
-        wanted = -(-PROGRAMS_PER_SM * multiprocessors // (batch * kv_heads))
-        super_chunk = min(s_tile, max(SUPER_TILE, _pow2(-(-table_supers // wanted))))
-        level1 = allocate_int64((batch * kv_heads, s_tile), q.device)
-        _launch(
-            "_super_bounds", (batch * kv_heads, s_tile // super_chunk),
-            (q, super_min, super_max, page_counts, level1, *q.stride()[:2], *super_min.stride()[:3], kv_heads, group),
-            dict(query, SUPER_CHUNK=super_chunk), {"BLOCK_S": min(block, super_chunk)},
-        )  # fmt: skip
-        caps.pop("BLOCK_S")
-        query["BLOCK_S"] = s_tile  # unused: level 1 is read from level1
     args = (
-        q, key_min, key_max, super_min, super_max, page_table, page_counts, selected, counts, level1,
+        q, key_min, key_max, super_min, super_max, page_table, page_counts, selected, counts,
         *q.stride()[:2], *key_min.stride()[:2], *super_min.stride()[:3], page_table.stride(0),
         *selected.stride()[:2], counts.stride(0),
-        kv_heads, group, max_super, keep, super_budget,
+        kv_heads, q_heads // kv_heads, max_super, keep, super_budget,
     )  # fmt: skip
-    constants = dict(query, SEL_TILE=sel_tile, K_TILE=_pow2(keep), LEVEL1_KEYS=bool(split))
+    constants = dict(
+        HEAD_DIM=dim, BLOCK_G=_pow2(q_heads // kv_heads), SUPER_PAGE=super_page, S_TILE=s_tile, SEL_TILE=sel_tile,
+        K_TILE=_pow2(keep),
+    )  # fmt: skip
+    caps = {"BLOCK_S": min(block, s_tile), "BLOCK_P": min(block, sel_tile * super_page)}
     _launch("_two_level", (batch * kv_heads,), args, constants, caps)
     return selected, counts
