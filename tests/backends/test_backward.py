@@ -173,8 +173,10 @@ def test_cpu_backward_memory_is_not_quadratic():
 @pytest.mark.parametrize("backend", ["triton", "gluon", "auto", "flex"])
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_gradients_match_reference(backend, dim, dtype, poison_outputs):
-    shape = (2, 8, 2, 1000, 1300, dim, 128, 128)
+@pytest.mark.parametrize("lengths", [(1000, 1300), (1024, 2048)], ids=["odd", "whole-blocks"])
+def test_gpu_gradients_match_reference(backend, dim, dtype, lengths, poison_outputs):
+    """Odd lengths (masked loads) and lengths that fill whole blocks (unmasked loads)."""
+    shape = (2, 8, 2, *lengths, dim, 128, 128)
     q, k, v = random_qkv(*shape[:6], dtype=dtype, device="cuda", seed=11)
     pattern = _pattern(shape, True, "kv", 11, density=0.3).to("cuda")
     dout = torch.randn_like(q)
