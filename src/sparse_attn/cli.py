@@ -170,7 +170,13 @@ def _eval(args: argparse.Namespace) -> int:
         try:
             model, tokenizer = _load_checked(args.model, lengths, dtype=dtype, device=device)
             runner = Runner(
-                model, tokenizer, model_name=args.model, tasks=tasks, results_path=results_path, backend=args.backend
+                model,
+                tokenizer,
+                model_name=args.model,
+                tasks=tasks,
+                results_path=results_path,
+                backend=args.backend,
+                warmup=not args.no_warmup,
             )
             finished_before = len(cases) - len(runner.pending(cases))
             runner.prepare(cases)
@@ -307,7 +313,7 @@ def _add_eval_parser(commands) -> None:
             f"methods dense + {QUICK_METHODS}: {_QUICK_CASES} cases, measured at 3 min 24 s wall time on a 2-core x86 CPU "
             "(model already converted, other jobs sharing the cores). With CUDA it runs the full default grid. "
             "Explicit options override the grid's parts. Prefill times are warm (each case's prefill runs once "
-            "untimed first); Ctrl-C stops a run, and rerunning the same command resumes it."
+            "untimed first, unless --no-warmup); Ctrl-C stops a run, and rerunning the same command resumes it."
         ),
     )
     _add_model_arguments(command)
@@ -343,6 +349,12 @@ def _add_eval_parser(commands) -> None:
         "--backend", default="auto", help="block-sparse backend: auto, reference, flex, triton or gluon (default auto)"
     )
     command.add_argument("--quick", action="store_true", help="a small grid for a CPU (see below)")
+    command.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip each case's untimed warm-up prefill (about half the time on a CPU; scores are the same, "
+        "timings are then first calls and the report shows no speedup)",
+    )
     command.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default ./{DEFAULT_OUT})")
     command.set_defaults(run=_eval)
 

@@ -58,6 +58,22 @@ def test_eval_writes_results_table_and_plots_and_resumes(tiny_model_dir, tmp_pat
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
 
 
+def test_eval_no_warmup_skips_the_untimed_prefill(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+    warm_up = Runner._warm_up
+
+    def counted(self, *args):
+        calls.append(1)
+        return warm_up(self, *args)
+
+    monkeypatch.setattr(Runner, "_warm_up", counted)
+    out = tmp_path / "results"
+    assert _eval(tiny_model_dir, out, "--methods", "xattention", "--no-warmup") == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and not calls and not any(row["prefill_warm"] for row in rows)
+    assert all(0.0 <= row["score"] <= 1.0 for row in rows)
+
+
 def test_eval_tables_are_printed_whole_off_a_terminal(tiny_model_dir, tmp_path, capsys):
     # Four lengths x three columns do not fit 80 columns; piped output must not cut cells to "…".
     argv = [
