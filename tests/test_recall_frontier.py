@@ -239,3 +239,36 @@ def test_settings_prompts_and_per_probe_comparisons(script):
     cases = script.auto_cases({"m": {"auto": [at_90]}})
     assert cases["auto(probe=last)"]["met"] == 0 and cases["auto(probe=last)"]["cases"] == 1
     assert cases["auto(probe=spread)"]["met"] == cases["auto(probe=spread)"]["met_and_cheaper"] == 1
+
+
+def test_needle_recall_counts_the_last_rows_mass_on_the_needle():
+    """benchmarks/needle_recall.py: a pattern that keeps the needle's block keeps its mass, one
+    that drops it keeps none; the last rows' recall of a dense pattern is 1."""
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("needle_recall", SCRIPT.parent / "needle_recall.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    seq, dim, block = 256, 16, 64
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, seq, dim, generator=generator)
+    k = torch.randn(1, 2, seq, dim, generator=generator)
+    k[:, :, 70:74] = 3.0 * q[:, ::2, -1:].mean(2, keepdim=True)  # the last rows look at the needle
+    spans = [[70, 74]]
+    dense = sa.dense_pattern(seq_q=seq, block_q=block, block_k=block)
+    indices, counts = dense.kv_indices.clone(), dense.kv_counts.clone()
+    indices[0, 0, -1, :3] = torch.tensor([0, 2, 3])  # the last query block without the needle's block 1
+    counts[0, 0, -1] = 3
+    dropped = sa.BlockSparsePattern(
+        kv_counts=counts, kv_indices=indices, block_q=block, block_k=block, seq_q=seq, seq_k=seq
+    )
+    result = module.needle_rows(q, k, dim**-0.5, spans, {"dense": dense, "dropped": dropped})
+    assert min(result["needle_mass"]) > 0.05
+    assert result["dense"]["last_rows_recall"] == pytest.approx([1.0] * 4, abs=1e-5)
+    assert result["dense"]["needle_mass_kept"] == pytest.approx(result["needle_mass"], abs=1e-6)
+    assert result["dense"]["needle_tokens_kept"] == [1.0] * 4
+    assert result["dropped"]["needle_mass_kept"] == [0.0] * 4 and result["dropped"]["needle_tokens_kept"] == [0.0] * 4
