@@ -40,8 +40,8 @@ def needle_rows(q, k, scale: float, spans, patterns: dict) -> dict:
         needle[start:end] = True
     result = {"needle_mass": probabilities[:, :, needle].sum(-1).mean(-1).tolist()}
     for name, pattern in patterns.items():
-        kept = pattern.to_mask()[0][:, -1].repeat_interleave(pattern.block_k, -1)[:, :seq]  # (Hp, S)
-        kept = kept.repeat_interleave(probabilities.shape[0] // kept.shape[0], 0)
+        last_block = recall_frontier._kept_blocks(pattern.expand_heads(q.shape[1]), slice(-1, None))[:, 0]
+        kept = last_block.repeat_interleave(pattern.block_k, -1)[:, :seq]  # (Hq, S): the last query block's keys
         result[name] = {
             "density": pattern.density(),
             "blocks": [pattern.block_q, pattern.block_k],
