@@ -128,16 +128,16 @@ def test_logits_scores_and_pattern(shape):
     assert torch.equal(torch.isfinite(logits), valid.expand_as(logits))
     torch.testing.assert_close(logits.softmax(-1).sum(-1), torch.ones(batch, q_heads, n_q))
 
-    dense = sa.estimate(q, k, "seer", gates=gate, threshold=0.0)
+    dense = sa.estimate(q, k, "seer", gates=gate, threshold=0.0, last_blocks_dense=0)
     assert (dense.block_q, dense.block_k) == (block, block) and dense.kv_counts.shape == (batch, q_heads, n_q)
     assert torch.equal(dense.kv_counts, valid.sum(-1).int().expand_as(dense.kv_counts))
-    densities = [sa.estimate(q, k, "seer", gates=gate, threshold=t).density() for t in (0.0, 0.05, 0.2, 0.999)]
+    densities = [sa.estimate(q, k, "seer", gates=gate, threshold=t, last_blocks_dense=0).density() for t in (0.0, 0.05, 0.2, 0.999)]
     assert densities == sorted(densities, reverse=True)
-    only_diagonal = sa.estimate(q, k, "seer", gates=gate, threshold=0.999)
+    only_diagonal = sa.estimate(q, k, "seer", gates=gate, threshold=0.999, last_blocks_dense=0)
     diagonal = diagonal_block_mask(seq_q, seq_k, block, block)
     assert torch.equal(only_diagonal.kv_counts, diagonal.sum(-1).int().expand_as(only_diagonal.kv_counts))
 
-    top = sa.estimate(q, k, "seer", gates=gate, top_k=2)
+    top = sa.estimate(q, k, "seer", gates=gate, top_k=2, last_blocks_dense=0)
     top.ensure_valid(causal=True)
     scores = logits.softmax(-1)
     for b in range(batch):
@@ -153,13 +153,39 @@ def test_threshold_rule_is_the_gate_softmax():
     q, k, _ = random_qkv(2, 6, 3, 50, 50, 16, seed=4)
     gate = make_gate(6, 3, 16, 5)
     scores = gate(q, k).softmax(-1)
-    pattern = sa.estimate(q, k, "seer", gates=gate, threshold=0.08)
+    pattern = sa.estimate(q, k, "seer", gates=gate, threshold=0.08, last_blocks_dense=0)
     expected = (scores > 0.08) | diagonal_block_mask(50, 50, 5, 5)
     for b in range(2):
         for h in range(6):
             for i in range(10):
                 kept = pattern.kv_indices[b, h, i, : pattern.kv_counts[b, h, i]].tolist()
                 assert kept == torch.nonzero(expected[b, h, i]).flatten().tolist()
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 3, 50, 50, 5), (1, 4, 2, 23, 41, 4), (1, 4, 4, 9, 9, 8)])
+@pytest.mark.parametrize("last", [1, 2, 3])
+@pytest.mark.parametrize("rule", [{"threshold": 0.08}, {"top_k": 1}])
+def test_last_blocks_dense(shape, last, rule):
+    """The last ``last_blocks_dense`` query blocks keep every causally valid block; the rest is the gate's."""
+    batch, q_heads, kv_heads, seq_q, seq_k, block = shape
+    q, k, _ = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, 16, seed=5)
+    gate = make_gate(q_heads, kv_heads, 16, block)
+    gated = sa.estimate(q, k, "seer", gates=gate, last_blocks_dense=0, **rule)
+    pattern = sa.estimate(q, k, "seer", gates=gate, last_blocks_dense=last, **rule)
+    pattern.ensure_valid(causal=True)
+    if last == 2:  # the default (the released code's)
+        default = sa.estimate(q, k, "seer", gates=gate, **rule)
+        assert torch.equal(default.kv_counts, pattern.kv_counts)
+    n_q = -(-seq_q // block)
+    valid = causal_block_mask(seq_q, seq_k, block, block)
+    for i in range(n_q):
+        for b in range(batch):
+            for h in range(q_heads):
+                kept = pattern.kv_indices[b, h, i, : pattern.kv_counts[b, h, i]].tolist()
+                if i >= n_q - last:
+                    assert kept == torch.nonzero(valid[i]).flatten().tolist()
+                else:
+                    assert kept == gated.kv_indices[b, h, i, : gated.kv_counts[b, h, i]].tolist()
 
 
 def test_streamed_pattern_equals_one_chunk(monkeypatch):
@@ -256,6 +282,10 @@ def test_errors(tmp_path):
         sa.estimate(q, k, "seer", gates=gate, threshold="high")
     with pytest.raises(TypeError, match="top_k must be an int"):
         sa.estimate(q, k, "seer", gates=gate, top_k=2.5)
+    with pytest.raises(ValueError, match="last_blocks_dense"):
+        sa.estimate(q, k, "seer", gates=gate, last_blocks_dense=-1)
+    with pytest.raises(TypeError, match="last_blocks_dense"):
+        sa.estimate(q, k, "seer", gates=gate, last_blocks_dense=True)
     with pytest.raises(TypeError, match="gates must be"):
         sa.estimate(q, k, "seer", gates=3)
     with pytest.raises(ValueError, match="choose one with layer="):
@@ -286,7 +316,13 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="seer_layer_methods"):
         model(prompt(64))
     sa.unpatch(model)
-    assert sa.get_method("seer").defaults() == {"gates": None, "layer": None, "threshold": None, "top_k": None}
+    assert sa.get_method("seer").defaults() == {
+        "gates": None,
+        "layer": None,
+        "threshold": None,
+        "top_k": None,
+        "last_blocks_dense": 2,
+    }
 
 
 SHIPPED = seer_method.shipped_gates_path("smollm2-135m")

@@ -33,8 +33,15 @@ Choices where the paper leaves room:
   added after the selection (it is not counted). The released code's ``nz_ratio`` (a fraction
   of blocks, with its own square-root conversion) is not offered: ``top_k`` is this
   library's common budget option.
-- The released code keeps the last two query blocks dense by default
-  (``seerattn_last_block_dense``); here the pattern is the gate's alone.
+- ``last_blocks_dense=2``: the last two query blocks keep every causally valid block, as the
+  released code does by default (``seerattn_last_block_dense=True``, which sets the gate mask's
+  last two rows before the causal cut; its evaluation scripts run with it). The paper does not
+  mention it. Those rows hold the prompt's last tokens, the ones that generate the answer, and
+  a gate trained on the average row can miss what they need: on Gemma 3 270M at 32K with the
+  gate's pattern alone, the last query block kept none of a needle's tokens in any head
+  (``benchmarks/needle_recall.py``). Its cost is two rows of blocks (under 0.5 % of the causal
+  blocks at 32K). ``last_blocks_dense=0`` gives the gate's pattern alone (sessions before
+  2026-12-02 had only that).
 - Ties at the threshold or the k-th score: ``score > threshold``; ``torch.topk``'s order.
 - ``causal=False`` (not in the paper): every block competes; a row left empty keeps its
   last block (the pattern builder's rule).
@@ -125,10 +132,12 @@ class SeerConfig:
     layer: int | None = None
     threshold: float | None = None
     top_k: int | None = None
+    last_blocks_dense: int = 2
 
     def __post_init__(self) -> None:
         check_int("layer", self.layer, minimum=0, allow_none=True)
         check_int("top_k", self.top_k, allow_none=True)
+        check_int("last_blocks_dense", self.last_blocks_dense, minimum=0)
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
                 raise TypeError(f"threshold must be a float, got {type(self.threshold).__name__}")
@@ -180,15 +189,21 @@ def estimate(
         projected = gate.project(inputs)
     threshold = DEFAULT_THRESHOLD if config.threshold is None and config.top_k is None else config.threshold
     n_kv = inputs.k.shape[2]
+    first_dense = inputs.q.shape[2] - config.last_blocks_dense  # query blocks from here on keep every block
 
     @torch.no_grad()
     def mask_rows(q_blocks: range) -> torch.Tensor:
         logits = gate.block_logits(inputs, projected, causal=causal, q_blocks=q_blocks)
         if threshold is not None:
-            return torch.softmax(logits, dim=-1) > threshold
-        # Softmax is monotone: the top-k of the logits are the top-k of the scores. Invalid blocks
-        # (-inf) rank last; the pattern builder drops any a short row picks.
-        return topk_mask(logits, config.top_k)
+            mask = torch.softmax(logits, dim=-1) > threshold
+        else:
+            # Softmax is monotone: the top-k of the logits are the top-k of the scores. Invalid
+            # blocks (-inf) rank last; the pattern builder drops any a short row picks.
+            mask = topk_mask(logits, config.top_k)
+        if q_blocks.stop > first_dense:
+            # Every block of the last rows; the builder keeps only the causally valid ones.
+            mask[:, :, max(0, first_dense - q_blocks.start) :] = True
+        return mask
 
     return stream_pattern(
         mask_rows,
