@@ -28,15 +28,24 @@ forward time over density times the cuDNN time (1.0 = speed exactly proportional
 computed blocks); ``tiled in vs density x cuDNN`` the same for the tile-order time. Medians
 of ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/spatial.json``.
 
+``--random-blocks 0.02 0.05 0.1 0.2`` adds the kernel alone at each shape: random
+bidirectional block patterns (128 x 128 blocks, ``round(density * blocks)`` kept per query
+block, one list per head, no token rule, no permutation) on ``auto``, the Gluon and Triton
+kernels and FlexAttention with the same blocks, beside dense non-causal SDPA (cuDNN, flash)
+in the same run (:func:`sparse_attn.bench.run_kernel_case` with ``causal=False``); the JSON
+holds them under ``random_blocks``. ``--no-methods`` skips the method rows.
+
     python benchmarks/spatial.py            # all shapes, forward and forward + backward
     python benchmarks/spatial.py --quick    # hunyuan-720p, forward only
     python benchmarks/spatial.py --shapes wan21-720p --no-backward
+    python benchmarks/spatial.py --no-methods --random-blocks 0.01 0.02 0.05 0.1 0.2
 """
 
 from __future__ import annotations
 
 import argparse
 import warnings
+from math import prod
 from pathlib import Path
 
 import torch
@@ -44,7 +53,16 @@ import torch.nn.functional as F
 
 import sparse_attn as sa
 from sparse_attn.backends import resolve_backend
-from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
+from sparse_attn.bench import (
+    KernelCase,
+    device_slug,
+    environment,
+    format_table,
+    kernel_columns,
+    measure,
+    run_kernel_case,
+    write_results,
+)
 from sparse_attn.compensated_pattern import CompensatedPattern, resolve_compensated_backend
 from sparse_attn.layouts import Layout
 from sparse_attn.methods.neighborhood import neighborhood_window
@@ -280,6 +298,15 @@ def main() -> None:
     parser.add_argument("--no-backward", action="store_true", help="skip the forward + backward timings")
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods' rows")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/<gpu>/spatial.json)")
+    parser.add_argument(
+        "--random-blocks",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="DENSITY",
+        help="also time the kernels alone on random bidirectional block patterns of these densities",
+    )
+    parser.add_argument("--no-methods", action="store_true", help="skip the method rows (with --random-blocks)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/spatial.py needs a CUDA GPU")
@@ -288,18 +315,36 @@ def main() -> None:
     backward = not (args.quick or args.no_backward)
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "spatial.json"
     meta = {"benchmark": "spatial", "shapes": {name: SHAPES[name] for name in shapes}, "backward": backward}
-    rows = []
-    for name in shapes:
-        done = list(rows)
+    rows, random_rows = [], []
 
-        def save(shape_rows, done=done):  # after every row: a run cut by a time limit keeps what it measured
-            write_results(done + shape_rows, out, {**meta, **environment(device)})
+    def save(extra=()):  # after every row: a run cut by a time limit keeps what it measured
+        write_results(rows + list(extra), out, {**meta, **environment(device), "random_blocks": random_rows})
 
+    for name in shapes if not args.no_methods else []:
         rows += run_shape(name, SHAPES[name], backward=backward, device=device, methods=args.methods, on_row=save)
         torch.cuda.empty_cache()  # the shape's tensors are gone: return their memory before the next one
-        write_results(rows, out, {**meta, **environment(device)})
-    print()
-    print(format_table(rows, COLUMNS))
+        save()
+    backends = ("auto", "gluon", "triton", "flex")
+    for name in shapes if args.random_blocks else []:
+        shape = SHAPES[name]
+        tokens = prod(shape["grid"]) + shape["text_tokens"]
+        case = KernelCase(
+            seq=tokens,
+            q_heads=shape["heads"],
+            kv_heads=shape["heads"],
+            densities=tuple(args.random_blocks),
+            causal=False,
+        )
+        random_rows += [{"shape": name, **row} for row in run_kernel_case(case, backends, device)]
+        torch.cuda.empty_cache()
+        save()
+    if rows:
+        print()
+        print(format_table(rows, COLUMNS))
+    if random_rows:
+        print()
+        print("kernels alone, random bidirectional block patterns (no token rule, no permutation):")
+        print(format_table(random_rows, kernel_columns(backends, ("sdpa-cudnn", "sdpa-flash"))))
     print(f"wrote {out}")
 
 

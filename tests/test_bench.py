@@ -36,6 +36,23 @@ def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
         assert row["flex_ms"] > 0 and row["reference_ms"] > 0 and row["sdpa_ms"] > 0
 
 
+def test_kernel_case_without_causal_mask():
+    """causal=False: non-causal patterns and SDPA, densities over every block, pairs over every key."""
+    from sparse_attn.bench import KernelCase, run_kernel_case
+
+    case = KernelCase(seq=200, q_heads=4, kv_heads=4, head_dim=16, dtype="float32", block=32, densities=(0.25, 1.0))
+    rows = run_kernel_case(KernelCase(**{**case.__dict__, "causal": False}), ("reference",), torch.device("cpu"))
+    causal_rows = run_kernel_case(case, ("reference",), torch.device("cpu"))
+    n_blocks = -(-200 // 32)
+    assert [row["causal"] for row in rows] == [False, False] and causal_rows[0]["causal"]
+    assert rows[0]["density"] == pytest.approx(round(0.25 * n_blocks) / n_blocks, abs=1e-4)
+    assert rows[1]["density"] == 1.0 and rows[1]["pair_fraction"] == 1.0
+    # A random non-causal pattern keeps blocks after the diagonal; the causal one cannot.
+    assert rows[0]["pair_fraction"] != causal_rows[0]["pair_fraction"]
+    for row in rows:
+        assert not row["errors"] and row["reference_ms"] > 0 and row["sdpa_ms"] > 0
+
+
 def test_methods_command_lists_every_method_with_paper_and_defaults(capsys):
     assert main(["methods"]) == 0
     printed = capsys.readouterr().out

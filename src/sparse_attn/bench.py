@@ -29,7 +29,7 @@ from .pattern import BlockSparsePattern, dense_pattern, random_pattern
 
 @dataclass
 class KernelCase:
-    """One benchmark shape (SDPA layout, causal, the queries are the whole sequence)."""
+    """One benchmark shape (SDPA layout, the queries are the whole sequence; causal unless ``causal=False``)."""
 
     seq: int
     q_heads: int = 32
@@ -39,6 +39,7 @@ class KernelCase:
     dtype: str = "bfloat16"
     block: int = 128
     densities: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
+    causal: bool = True
 
 
 def device_slug(device: torch.device) -> str:
@@ -93,8 +94,8 @@ def _tflops(pairs: int, head_dim: int, ms: float | None) -> float | None:
     return None if ms is None else 4.0 * head_dim * pairs / (ms * 1e-3) / 1e12
 
 
-def dense_baselines(q, k, v, device) -> dict[str, Callable[[], object]]:
-    """Dense causal SDPA per backend (K/V expanded to the query heads, outside the timing)."""
+def dense_baselines(q, k, v, device, *, causal: bool = True) -> dict[str, Callable[[], object]]:
+    """Dense SDPA per backend, causal unless ``causal=False`` (K/V expanded to the query heads, outside the timing)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     group = q.shape[1] // k.shape[1]
@@ -107,14 +108,14 @@ def dense_baselines(q, k, v, device) -> dict[str, Callable[[], object]]:
     def runner(choice):
         def run():
             if choice is None:
-                return F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
+                return F.scaled_dot_product_attention(q, k_full, v_full, is_causal=causal)
             with sdpa_kernel(choice):
-                return F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
+                return F.scaled_dot_product_attention(q, k_full, v_full, is_causal=causal)
 
         return run
 
     baselines = {name: runner(choice) for name, choice in choices.items()}
-    fa4 = fa4_dense(q, k, v)
+    fa4 = fa4_dense(q, k, v, causal=causal)
     if fa4 is not None:
         baselines["fa4-dense"] = fa4
     return baselines
@@ -142,12 +143,12 @@ def measure(fn, device) -> tuple[float | None, str | None]:
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
 
-def _resolved(backend: str, q, k, v, pattern: BlockSparsePattern) -> tuple[str, str | None]:
+def _resolved(backend: str, q, k, v, pattern: BlockSparsePattern, *, causal: bool = True) -> tuple[str, str | None]:
     """The backend that runs ``backend`` on this case, and why it is another one (``None`` when it
     is the one asked for, or when ``auto`` was asked for)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        name = resolve_backend(backend, q, k, v, pattern, causal=True, return_lse=False)
+        name = resolve_backend(backend, q, k, v, pattern, causal=causal, return_lse=False)
     if backend in ("auto", name):
         return name, None
     reasons = "; ".join(str(warning.message) for warning in caught) or f"runs on the {name} backend"
@@ -155,7 +156,7 @@ def _resolved(backend: str, q, k, v, pattern: BlockSparsePattern) -> tuple[str, 
 
 
 def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.device, seed: int = 0) -> list[dict]:
-    """Time each backend on random causal patterns at each density, and dense SDPA once.
+    """Time each backend on random patterns at each density (causal or not, as ``case.causal``), and dense SDPA once.
 
     One row per density: the backends' times on the same pattern, the dense SDPA times,
     the throughput of the first backend over the pairs it computes, and its speedup over
@@ -171,12 +172,13 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
         return torch.randn(case.batch, heads, case.seq, case.head_dim, device=device, dtype=dtype, generator=generator)
 
     q, k, v = draw(case.q_heads), draw(case.kv_heads), draw(case.kv_heads)
-    full = dense_pattern(seq_q=case.seq, block_q=case.block, block_k=case.block, device=device)
+    causal = case.causal
+    full = dense_pattern(seq_q=case.seq, block_q=case.block, block_k=case.block, causal=causal, device=device)
     dense_times, errors = {}, {}
-    for name, fn in dense_baselines(q, k, v, device).items():
+    for name, fn in dense_baselines(q, k, v, device, causal=causal).items():
         dense_times[name], errors[name] = measure(fn, device)
     dense_name = next(iter(dense_times))
-    dense_pairs = visible_pairs(full) * case.batch * case.q_heads
+    dense_pairs = visible_pairs(full, causal=causal) * case.batch * case.q_heads
     rows = []
     for density in case.densities:
         pattern = (
@@ -189,10 +191,11 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
                 seed=seed,
                 block_q=case.block,
                 block_k=case.block,
+                causal=causal,
                 device=device,
             )
         )
-        pairs = visible_pairs(pattern) * case.batch * (case.q_heads // pattern.num_heads)
+        pairs = visible_pairs(pattern, causal=causal) * case.batch * (case.q_heads // pattern.num_heads)
         row = {
             "seq": case.seq,
             "head_dim": case.head_dim,
@@ -200,18 +203,19 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
             "kv_heads": case.kv_heads,
             "dtype": case.dtype,
             "block": case.block,
-            "density": round(pattern.density(), 4),
+            "causal": causal,
+            "density": round(pattern.density(causal=causal), 4),
             "pair_fraction": round(pairs / dense_pairs, 4),
         }
         for backend in backends:
-            _, fallback = _resolved(backend, q, k, v, pattern)
+            _, fallback = _resolved(backend, q, k, v, pattern, causal=causal)
             if fallback is not None:  # timing another backend under this name would mislead
                 row[f"{backend}_ms"], errors[backend] = None, fallback
                 continue
-            run = partial(block_sparse_attention, q, k, v, pattern, backend=backend)
+            run = partial(block_sparse_attention, q, k, v, pattern, causal=causal, backend=backend)
             row[f"{backend}_ms"], errors[backend] = measure(run, device)
             if backend == "auto":  # what the timed (repeated) calls ran: auto may move a shape on its second call
-                row["auto_backend"] = _resolved(backend, q, k, v, pattern)[0]
+                row["auto_backend"] = _resolved(backend, q, k, v, pattern, causal=causal)[0]
         for name, ms in dense_times.items():
             row[f"{name}_ms"] = ms
             row[f"{name}_tflops"] = _tflops(dense_pairs, case.head_dim, ms)

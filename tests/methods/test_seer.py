@@ -131,7 +131,10 @@ def test_logits_scores_and_pattern(shape):
     dense = sa.estimate(q, k, "seer", gates=gate, threshold=0.0, last_blocks_dense=0)
     assert (dense.block_q, dense.block_k) == (block, block) and dense.kv_counts.shape == (batch, q_heads, n_q)
     assert torch.equal(dense.kv_counts, valid.sum(-1).int().expand_as(dense.kv_counts))
-    densities = [sa.estimate(q, k, "seer", gates=gate, threshold=t, last_blocks_dense=0).density() for t in (0.0, 0.05, 0.2, 0.999)]
+    densities = [
+        sa.estimate(q, k, "seer", gates=gate, threshold=t, last_blocks_dense=0).density()
+        for t in (0.0, 0.05, 0.2, 0.999)
+    ]
     assert densities == sorted(densities, reverse=True)
     only_diagonal = sa.estimate(q, k, "seer", gates=gate, threshold=0.999, last_blocks_dense=0)
     diagonal = diagonal_block_mask(seq_q, seq_k, block, block)
