@@ -206,6 +206,15 @@ def test_auto_leaves_sparse_head_dim_64_to_the_triton_kernel():
     assert slower(q, plan_for(sa.dense_pattern(seq_q=2048), causal=True)) is None
 
 
+@pytest.mark.parametrize("blocks_per_row, triton", [(1, True), (2, True), (3, False)])
+def test_auto_leaves_one_or_two_blocks_per_row_to_the_triton_kernel(blocks_per_row, triton):
+    q, _, _ = _tensors()
+    pattern = sa.random_pattern(seq_q=128 * 16, density=blocks_per_row / 16, causal=False, seed=0)
+    assert int(pattern.kv_counts.min()) == int(pattern.kv_counts.max()) == blocks_per_row
+    reason = gluon_backend.slower_than_triton_reason(q, plan_for(pattern, causal=False))
+    assert ("Triton kernel" in (reason or "")) == triton
+
+
 def test_gluon_backend_refuses_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, k, v = _tensors()

@@ -33,8 +33,8 @@ as zeros. The launch arguments are the Triton kernel's (:mod:`.launch`).
 Scope: compute capability 9.x, float16/bfloat16, head_dim 64 or 128, pattern blocks
 ``block_q`` a multiple of 128 and ``block_k`` a multiple of 64, 16-byte aligned addresses
 and strides (:func:`cannot_run_reason`); ``backend="gluon"`` falls back to the Triton kernel
-elsewhere. ``auto`` also leaves sparse head_dim-64 cases to the Triton kernel
-(:func:`slower_than_triton_reason`). Gluon has no interpreter, so CPU tests compile this kernel
+elsewhere. ``auto`` also leaves sparse head_dim-64 cases and patterns of at most two kept
+blocks per query block to the Triton kernel (:func:`slower_than_triton_reason`). Gluon has no interpreter, so CPU tests compile this kernel
 for sm_90 (``triton.compile`` with a ``GPUTarget``, ptxas included) and the GPU tests compare
 it with the reference backend.
 """
@@ -84,6 +84,14 @@ MIN_WORK_BUCKET_SMALL_DIM = 5
 # hardware's scheduling of one program per item.
 PERSISTENT_MAX_WORK_BUCKET = 5
 
+# auto leaves patterns of at most 2 kept blocks per query block on average (work bucket 1) to
+# the Triton kernel at every head_dim: at one block per query block, bidirectional, the image
+# shape of benchmarks/spatial.py (16,896 tokens, 24 heads, head_dim 128) took 0.43 ms here
+# against 0.14 ms on the Triton kernel (benchmarks/results/h200/spatial_random_blocks.json); at
+# 3 blocks (work bucket 2) the Gluon kernel was the faster, 0.24 vs 0.33 ms. One measured case:
+# the boundary between 1 and 3 blocks was not resolved further.
+MAX_WORK_BUCKET_TRITON = 1
+
 
 def cannot_run_reason(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, capability: tuple[int, int] | None
@@ -122,6 +130,8 @@ def slower_than_triton_reason(q: torch.Tensor, plan: BlockSparsePlan) -> str | N
     """Why ``auto`` leaves a case this kernel can run to the Triton kernel, or ``None``."""
     if q.shape[-1] < 128 and plan.work_bucket < MIN_WORK_BUCKET_SMALL_DIM:
         return f"at head_dim {q.shape[-1]} sparse patterns run faster on the Triton kernel"
+    if plan.work_bucket <= MAX_WORK_BUCKET_TRITON:
+        return "with at most 2 kept blocks per query block the Triton kernel runs faster"
     return None
 
 

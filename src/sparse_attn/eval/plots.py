@@ -21,6 +21,21 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
+# Each method keeps one colour and marker in every panel; 20 colours and 7 markers tell up to
+# 140 methods apart (matplotlib's default cycle repeats after 10 and restarts per panel).
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def _method_styles(methods: list[str]) -> dict[str, dict]:
+    from matplotlib import colormaps
+
+    colours = colormaps["tab20"]
+    return {
+        method: {"color": colours(index % 20), "marker": MARKERS[index % len(MARKERS)]}
+        for index, method in enumerate(sorted(methods))
+    }
+
+
 def _length_name(length: int) -> str:
     return f"{length // 1024}K" if length % 1024 == 0 else str(length)
 
@@ -38,6 +53,7 @@ def frontier(summary: list[dict], path: Path, *, title: str) -> Path:
     if not points:
         raise ValueError("no accuracy results to plot a frontier from")
     lengths = sorted({length for _, length in points})
+    styles = _method_styles(sorted({rows[0]["method"] for rows in points.values()} - {DENSE}))
     figure = _figure(4.2 * len(lengths) + 1.8, 3.8)
     axes = figure.subplots(1, len(lengths), squeeze=False)[0]
     for axis, length in zip(axes, lengths, strict=True):
@@ -54,7 +70,7 @@ def frontier(summary: list[dict], path: Path, *, title: str) -> Path:
             axis.plot([density], [score], marker="*", markersize=14, color="black", label=DENSE, zorder=1)
         for method, line in sorted(lines.items()):
             line.sort()
-            axis.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=method, zorder=3)
+            axis.plot([p[0] for p in line], [p[1] for p in line], label=method, zorder=3, **styles[method])
         axis.set_title(f"{_length_name(length)} tokens")
         axis.set_xlabel("density (computed / causal blocks)")
         axis.set_xlim(0, 1.05)
