@@ -126,3 +126,13 @@ def test_block_mask_plot_on_a_real_prompt(tiny_model, tokenizer, tmp_path):
     assert shown["layer"] == 1 and 0 < shown["density"] <= 1
     _assert_png(tmp_path / "mask.png")
     assert tiny_model.config._attn_implementation == "sdpa"  # restored after capturing
+
+
+def test_frontier_styles_tell_many_methods_apart():
+    from sparse_attn.eval.plots import _method_styles
+
+    methods = [f"method_{index}" for index in range(25)]
+    styles = _method_styles(list(reversed(methods)))
+    assert sorted(styles) == sorted(methods)  # keyed by name, whatever the order given
+    pairs = {(style["color"], style["marker"]) for style in styles.values()}
+    assert len(pairs) == len(methods)
