@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -41,7 +42,7 @@ def test_kernel_case_without_causal_mask():
     from sparse_attn.bench import KernelCase, run_kernel_case
 
     case = KernelCase(seq=200, q_heads=4, kv_heads=4, head_dim=16, dtype="float32", block=32, densities=(0.25, 1.0))
-    rows = run_kernel_case(KernelCase(**{**case.__dict__, "causal": False}), ("reference",), torch.device("cpu"))
+    rows = run_kernel_case(dataclasses.replace(case, causal=False), ("reference",), torch.device("cpu"))
     causal_rows = run_kernel_case(case, ("reference",), torch.device("cpu"))
     n_blocks = -(-200 // 32)
     assert [row["causal"] for row in rows] == [False, False] and causal_rows[0]["causal"]

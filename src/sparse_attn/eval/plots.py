@@ -26,7 +26,8 @@ def _figure(width: float, height: float):
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
-def _method_styles(methods: list[str]) -> dict[str, dict]:
+def _method_styles(methods) -> dict[str, dict]:
+    """A colour and marker per method name (any iterable), assigned in sorted name order."""
     from matplotlib import colormaps
 
     colours = colormaps["tab20"]
@@ -53,7 +54,7 @@ def frontier(summary: list[dict], path: Path, *, title: str) -> Path:
     if not points:
         raise ValueError("no accuracy results to plot a frontier from")
     lengths = sorted({length for _, length in points})
-    styles = _method_styles(sorted({rows[0]["method"] for rows in points.values()} - {DENSE}))
+    styles = _method_styles({rows[0]["method"] for rows in points.values()} - {DENSE})
     figure = _figure(4.2 * len(lengths) + 1.8, 3.8)
     axes = figure.subplots(1, len(lengths), squeeze=False)[0]
     for axis, length in zip(axes, lengths, strict=True):
