@@ -70,6 +70,13 @@ def main() -> None:
         help="the persistent Gluon kernel (one program per SM): on light work items (auto), always, or never",
     )
     parser.add_argument(
+        "--kv-streams-per-wave",
+        type=int,
+        default=None,
+        help="launch order of the forward kernels: (batch, KV head) streams per wave (0: one wave; default: "
+        "as many as fill half the L2 cache)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)"
     )
     args = parser.parse_args()
@@ -98,6 +105,7 @@ def main() -> None:
             triton_loads=loads,
             gluon_host_descriptors=host_descriptors,
             gluon_persistent={"auto": None, "on": True, "off": False}[args.gluon_persistent],
+            kv_streams_per_wave=args.kv_streams_per_wave,
         ):
             case_rows = run_kernel_case(case, backends, device)
         torch.cuda.empty_cache()  # the case's tensors are gone: return their memory before the next length
@@ -118,6 +126,7 @@ def main() -> None:
             "kernels": args.kernels,
             "gluon_descriptors": args.gluon_descriptors,
             "gluon_persistent": args.gluon_persistent,
+            "kv_streams_per_wave": "auto" if args.kv_streams_per_wave is None else args.kv_streams_per_wave,
             **environment(device),
         },
     )

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attn as sa
-from sparse_attn.backends import resolve_backend
+from sparse_attn.backends import kernel_configs, resolve_backend
 from sparse_attn.bench import (
     KernelCase,
     device_slug,
@@ -307,14 +307,28 @@ def main() -> None:
         help="also time the kernels alone on random bidirectional block patterns of these densities",
     )
     parser.add_argument("--no-methods", action="store_true", help="skip the method rows (with --random-blocks)")
+    parser.add_argument(
+        "--kv-streams-per-wave",
+        type=int,
+        default=None,
+        help="launch order of the forward kernels: (batch, KV head) streams per wave (0: one wave; default: "
+        "as many as fill half the L2 cache)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/spatial.py needs a CUDA GPU")
+    with kernel_configs(kv_streams_per_wave=args.kv_streams_per_wave):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Every row ``args`` asks for, printed and written to JSON."""
     device = torch.device("cuda")
     shapes = args.shapes or (["hunyuan-720p"] if args.quick else list(SHAPES))
     backward = not (args.quick or args.no_backward)
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "spatial.json"
     meta = {"benchmark": "spatial", "shapes": {name: SHAPES[name] for name in shapes}, "backward": backward}
+    meta["kv_streams_per_wave"] = "auto" if args.kv_streams_per_wave is None else args.kv_streams_per_wave
     rows, random_rows = [], []
 
     def save(extra=()):  # after every row: a run cut by a time limit keeps what it measured

@@ -284,3 +284,45 @@ def test_triton_column_wise_key_layout(dtype, poison_outputs):
     with kernel_configs(triton_loads=["columns"]):
         for shape in (SHAPES[1], SHAPES[3]):
             _check_backend("triton", shape, dtype, True, "cpu", seed=13)
+
+
+def test_streams_per_wave_fill_half_the_l2_and_divide_the_streams():
+    mib = 2**20
+    # 16 MiB of K/V per stream, 50 MiB of L2: one stream fits in half of it, two do not.
+    assert launch.streams_per_wave(8, 16 * mib, 50 * mib) == 1
+    assert launch.streams_per_wave(8, 4 * mib, 50 * mib) == 4  # 6 fit; 4 is the largest divisor of 8
+    assert launch.streams_per_wave(6, 4 * mib, 50 * mib) == 6
+    assert launch.streams_per_wave(7, 4 * mib, 50 * mib) == 1  # a prime number of streams
+    assert launch.streams_per_wave(8, 1 * mib, 50 * mib) == 8  # short sequences: one wave
+    assert launch.streams_per_wave(8, 100 * mib, 50 * mib) == 1  # a stream larger than L2
+
+
+def test_heads_per_wave_counts_whole_gqa_groups():
+    q, k = torch.zeros(3, 8, 5, 16), torch.zeros(3, 2, 5, 16)  # 6 streams of 4 query heads
+    assert launch.heads_per_wave(q, k) == 24  # off CUDA: one wave
+    for asked, heads in ((0, 24), (1, 4), (2, 8), (4, 12), (100, 24)):
+        with kernel_configs(kv_streams_per_wave=asked):
+            assert launch.heads_per_wave(q, k) == heads, asked
+    with pytest.raises(ValueError, match="kv_streams_per_wave"):
+        with kernel_configs(kv_streams_per_wave=-1):
+            pass
+
+
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4], (2, 6, 3, 70, 90, 64, 32, 16)], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_launch_waves_change_no_result(shape, causal, poison_outputs):
+    # Waves only reorder the programs: every wave size gives the one-wave result bit for bit.
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, _, _ = shape
+    q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, torch.bfloat16, "cpu")
+    pattern = _pattern(shape, 0.5, causal, per_query_head=True, seed=3)
+    results = {}
+    for streams in (0, 1, 2, 3):
+        with kernel_configs(kv_streams_per_wave=streams):
+            results[streams] = sa.block_sparse_attention(
+                q, k, v, pattern, causal=causal, backend="triton", return_lse=True
+            )
+    reference = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
+    assert relative_error(results[0][0], reference) <= TOLERANCE[torch.bfloat16]
+    for streams in (1, 2, 3):
+        assert torch.equal(results[streams][0], results[0][0]), streams
+        assert torch.equal(results[streams][1], results[0][1]), streams

@@ -234,10 +234,10 @@ def test_both_kernels_take_the_same_leading_arguments():
     shared = triton_names[: triton_names.index("qk_scale") + 1]
     assert gluon_names[: len(shared)] == shared
     # Then the launch-made descriptors (None where the kernel makes its own), the box predicate's
-    # table and guard (unused without a token rule), then constexprs.
+    # table and guard (unused without a token rule), the launch order's two numbers, then constexprs.
     after = gluon_names[len(shared) :]
-    assert after[:5] == ["QDesc", "KDesc", "VDesc", "BoxTable", "box_guard"]
-    assert all(name.isupper() for name in after[5:])
+    assert after[:7] == ["QDesc", "KDesc", "VDesc", "BoxTable", "box_guard", "num_tiles", "heads_per_wave"]
+    assert all(name.isupper() for name in after[7:])
     q, k, v = _tensors()
     plan = plan_for(sa.dense_pattern(seq_q=100), causal=True)
     out, lse, args = launch.launch_arguments(q, k, v, plan, scale=0.1, return_lse=False)
@@ -307,3 +307,39 @@ def test_persistent_kernel_takes_light_work_items_unless_told():
         assert not gluon_backend._persistent(light)
     with sa.backends.kernel_configs(gluon_persistent=True):
         assert gluon_backend._persistent(heavy)
+
+
+@pytest.mark.gpu
+@needs_gluon
+@pytest.mark.parametrize("shape", [(2, 8, 2, 1000, 1024, 128, 128, 128), (3, 6, 3, 777, 2048, 64, 128, 64)], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_launch_waves_change_no_result(shape, causal, poison_outputs):
+    """Waves of (batch, KV head) streams only reorder work items: every wave size gives the
+    one-wave output and LSE bit for bit, on the one-item and the persistent kernel, with
+    launch-made and per-program descriptors."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper")
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (
+        torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+        for heads, seq in ((q_heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))
+    )
+    pattern = sa.random_pattern(
+        batch=batch, heads=q_heads, seq_q=seq_q, seq_k=seq_k, density=0.3, seed=5,
+        block_q=block_q, block_k=block_k, causal=causal, device="cuda",
+    )  # fmt: skip
+    ref = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
+    for persistent in (False, True):
+        for host in (None, False):
+            results = []
+            for streams in (0, 1, 2, 3):
+                with sa.backends.kernel_configs(
+                    kv_streams_per_wave=streams, gluon_persistent=persistent, gluon_host_descriptors=host
+                ):
+                    results.append(
+                        sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="gluon", return_lse=True)
+                    )
+            assert relative_error(results[0][0], ref) <= TOLERANCE[torch.bfloat16]
+            for out, lse in results[1:]:
+                assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1]), (persistent, host)

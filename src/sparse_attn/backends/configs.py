@@ -120,6 +120,9 @@ class KernelConfigs:
     (:func:`sparse_attn.backends.triton_tokens.token_tiling`), but each tile walks the union of
     its tokens' lists: it pays only where neighbouring tokens select the same blocks (NSA's
     module with random weights at 64K: 32 rows took twice as long as 16 on the H200).
+    ``kv_streams_per_wave``: how many (batch, KV head) streams the forward kernels issue their
+    work items for together (:func:`sparse_attn.backends.launch.heads_per_wave`); ``0`` issues
+    every stream's together (query tile by query tile, all heads of a tile side by side).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -130,6 +133,7 @@ class KernelConfigs:
     triton_backward_skip_masked: bool | None = None
     gluon_persistent: bool | None = None
     token_rows: int | None = None
+    kv_streams_per_wave: int | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -154,6 +158,7 @@ def kernel_configs(
     triton_backward_skip_masked: bool | None = None,
     gluon_persistent: bool | None = None,
     token_rows: int | None = None,
+    kv_streams_per_wave: int | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -192,6 +197,10 @@ def kernel_configs(
         if isinstance(token_rows, bool) or token_rows not in TOKEN_ROWS:
             raise ValueError(f"token_rows must be one of {TOKEN_ROWS}, got {token_rows!r}")
         changes["token_rows"] = token_rows
+    if kv_streams_per_wave is not None:
+        if isinstance(kv_streams_per_wave, bool) or not isinstance(kv_streams_per_wave, int) or kv_streams_per_wave < 0:
+            raise ValueError(f"kv_streams_per_wave must be an int >= 0, got {kv_streams_per_wave!r}")
+        changes["kv_streams_per_wave"] = kv_streams_per_wave
     token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **changes))
     try:
         yield _CURRENT.get()

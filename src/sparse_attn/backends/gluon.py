@@ -51,7 +51,7 @@ from ..plan import BlockSparsePlan, plan_for
 from ..utils import device_capability, interpreting
 from . import configs
 from .configs import GLUON_BLOCK_M
-from .launch import descriptor_compatible, ensure_scratch_allocator, launch_arguments
+from .launch import descriptor_compatible, ensure_scratch_allocator, heads_per_wave, launch_arguments
 from .triton_backward import backward  # noqa: F401  (this backend's backward entry point)
 
 try:
@@ -394,6 +394,16 @@ if gluon is not None:
         return batch, head, kv_head, tile * 128, n_steps, n_full, index_base
 
     @gluon.jit
+    def _wave_item(item, heads_per_wave, num_tiles):
+        """The ``item``-th work item in launch order: ``(tile_rank, batch_head)``. Items come in
+        waves of ``heads_per_wave`` consecutive (batch, head) pairs (:func:`.launch.heads_per_wave`),
+        a wave's query tiles in work order with its heads side by side."""
+        wave_items = heads_per_wave * num_tiles
+        wave = item // wave_items
+        rank = item - wave * wave_items
+        return rank // heads_per_wave, wave * heads_per_wave + rank % heads_per_wave
+
+    @gluon.jit
     def _allocate_ring(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """The query tile, the K/V ring of ``STAGES`` slots and their barriers, initialised."""
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
@@ -420,14 +430,15 @@ if gluon is not None:
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os, stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
         num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale, QDesc, KDesc, VDesc, BoxTable, box_guard,
+        num_tiles, heads_per_wave,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
         HOST_DESC: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
-        """One program per work item: grid (batch x query heads, query tiles in work order)."""
-        batch_head = gl.program_id(0)
+        """One program per work item, in the launch order of :func:`_wave_item` (a 1D grid)."""
+        tile_rank, batch_head = _wave_item(gl.program_id(0), heads_per_wave, num_tiles)
         batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
-            gl.program_id(1), batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+            tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
             stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
             BLOCK_Q, BLOCK_K, BLOCK_N,
         )  # fmt: skip
@@ -482,7 +493,7 @@ if gluon is not None:
     def _persistent_producer(
         QDesc, KDesc, VDesc, WorkOrder, KvCounts, KvFullCounts, KvIndices,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
-        seq_q, seq_k, num_items, num_batch_heads,
+        seq_q, seq_k, num_items, num_tiles, heads_per_wave,
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
         BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     ):  # fmt: skip
@@ -491,9 +502,9 @@ if gluon is not None:
         step_base = 0
         local = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            batch_head = item % num_batch_heads
+            tile_rank, batch_head = _wave_item(item, heads_per_wave, num_tiles)
             batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
-                item // num_batch_heads, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+                tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                 stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
                 BLOCK_Q, BLOCK_K, BLOCK_N,
             )  # fmt: skip
@@ -511,7 +522,7 @@ if gluon is not None:
     def _persistent_consumer(
         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
-        seq_q, seq_k, qk_scale, num_items, num_batch_heads,
+        seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
@@ -521,9 +532,9 @@ if gluon is not None:
         step_base = 0
         local = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            batch_head = item % num_batch_heads
+            tile_rank, batch_head = _wave_item(item, heads_per_wave, num_tiles)
             batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
-                item // num_batch_heads, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+                tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                 stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
                 BLOCK_Q, BLOCK_K, BLOCK_N,
             )  # fmt: skip
@@ -544,7 +555,7 @@ if gluon is not None:
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os, stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
         num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale, QDesc, KDesc, VDesc,
-        num_items, num_batch_heads, BoxTable, box_guard,
+        num_items, num_tiles, heads_per_wave, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
         BOX: gl.constexpr,
@@ -563,7 +574,7 @@ if gluon is not None:
                     (
                         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
-                        pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_batch_heads,
+                        pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
                         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
                         0, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
                     ),
@@ -573,7 +584,7 @@ if gluon is not None:
                     (
                         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
-                        pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_batch_heads,
+                        pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
                         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
                         64, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
                     ),
@@ -583,7 +594,7 @@ if gluon is not None:
                     (
                         QDesc, KDesc, VDesc, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
-                        pattern_head_divisor, seq_q, seq_k, num_items, num_batch_heads,
+                        pattern_head_divisor, seq_q, seq_k, num_items, num_tiles, heads_per_wave,
                         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
                         BLOCK_Q, BLOCK_K, BLOCK_N, STAGES,
                     ),
@@ -676,17 +687,19 @@ def forward(
         EVEN_Q=seq_q % pattern.block_q == 0,
         BOX=predicate_lists is not None,
     )
+    num_items = grid[0] * grid[1]
+    order = (grid[1], heads_per_wave(q, k))  # query tiles per head, (batch, head) pairs per wave
     if descriptors is not None and _persistent(plan):
-        num_items = grid[0] * grid[1]
         programs = min(num_items, _multiprocessors(q.device))
-        _gluon_persistent_forward[(programs,)](*args, *descriptors, num_items, grid[0], *box, **constants, num_warps=4)
+        _gluon_persistent_forward[(programs,)](*args, *descriptors, num_items, *order, *box, **constants, num_warps=4)
     else:
         if descriptors is None:
             ensure_scratch_allocator()
-        _gluon_block_sparse_forward[grid](
+        _gluon_block_sparse_forward[(num_items,)](
             *args,
             *(descriptors or (None, None, None)),
             *box,
+            *order,
             HOST_DESC=descriptors is not None,
             **constants,
             num_warps=4,

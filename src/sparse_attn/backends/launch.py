@@ -14,6 +14,7 @@ import torch
 from ..pattern import BlockSparsePattern
 from ..plan import BlockSparsePlan
 from ..utils import dot_in_float32
+from . import configs
 
 try:
     import triton
@@ -24,9 +25,11 @@ __all__ = [
     "allocate",
     "descriptor_compatible",
     "ensure_scratch_allocator",
+    "heads_per_wave",
     "launch_arguments",
     "mode_constants",
     "scratch_buffer",
+    "streams_per_wave",
 ]
 
 LOG2_E = 1.4426950408889634
@@ -87,6 +90,50 @@ def block_list_strides(counts: torch.Tensor, indices: torch.Tensor, pattern_batc
         *(0 if broadcast else counts.stride(0), counts.stride(1)),
         *(0 if broadcast else indices.stride(0), indices.stride(1), indices.stride(2)),
     )
+
+
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def heads_per_wave(q: torch.Tensor, k: torch.Tensor) -> int:
+    """How many (batch, query head) pairs the forward kernels issue their work items for together.
+
+    A kernel's programs run in launch order, a GPU's worth at a time. Issued query tile by query
+    tile with every head of a tile side by side, the programs in flight at once belong to many
+    KV heads, a few each; a sparse row's KV blocks are then rarely the ones another program in
+    flight reads, so at long context nearly every K/V tile comes from HBM. Issued in waves of a
+    few (batch, KV head) streams instead, all query tiles of a wave (heaviest first) before the
+    next wave, the programs in flight share their streams' K/V in L2. A wave holds the largest
+    number of streams, dividing ``batch * kv_heads``, whose keys and values together take at most
+    half the device's L2 cache (at least one stream): short sequences keep the one wave of
+    every stream (the order before waves). The query heads of a wave are its streams' GQA
+    groups, consecutive in ``batch * q_heads``. Overridden by
+    ``kernel_configs(kv_streams_per_wave=...)`` (``0``: one wave of every stream).
+    """
+    batch, q_heads = q.shape[:2]
+    kv_heads = k.shape[1]
+    streams = batch * kv_heads
+    asked = configs.current().kv_streams_per_wave
+    if asked is None and k.device.type == "cuda":
+        stream_bytes = 2 * k.shape[2] * k.shape[3] * k.element_size()
+        asked = streams_per_wave(streams, stream_bytes, _l2_bytes(k.device))
+    if not asked:  # 0, or off CUDA without an override: one wave
+        asked = streams
+    return _largest_divisor_at_most(streams, asked) * (q_heads // kv_heads)
+
+
+def streams_per_wave(streams: int, stream_bytes: int, l2_bytes: int) -> int:
+    """The streams of one wave: the most, dividing ``streams``, whose ``stream_bytes`` each (keys
+    and values) take at most half of ``l2_bytes`` together; at least 1."""
+    return _largest_divisor_at_most(streams, max(1, l2_bytes // 2 // stream_bytes))
+
+
+def _largest_divisor_at_most(value: int, limit: int) -> int:
+    divisor = max(1, min(limit, value))
+    while value % divisor:
+        divisor -= 1
+    return divisor
 
 
 def launch_arguments(q, k, v, plan: BlockSparsePlan, *, scale: float, return_lse: bool, lists=None):

@@ -54,7 +54,7 @@ from ..pattern import BlockSparsePattern
 from ..plan import plan_for
 from ..utils import device_capability, interpreting, length_bucket
 from . import configs
-from .launch import descriptor_compatible, ensure_scratch_allocator, launch_arguments, mode_constants
+from .launch import descriptor_compatible, ensure_scratch_allocator, heads_per_wave, launch_arguments, mode_constants
 from .triton_backward import backward  # noqa: F401  (this backend's backward entry point)
 
 try:
@@ -283,6 +283,8 @@ if triton is not None:
         RuleIndex,  # with HAS_RULE: per list entry its bitmask index (KvIndices' shape), and the
         RuleWords,  # packed masks (:mod:`.rule_bits`); with BOX_RULE the predicate's (3, seq_k) table
         box_guard,  # with BOX_RULE: the predicate's guard bits; unused otherwise
+        n_q_blocks,  # the launch order (see _wave_item): query blocks per head and
+        heads_per_wave,  # (batch, head) pairs per wave (launch.heads_per_wave)
         HEAD_DIM: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -300,10 +302,16 @@ if triton is not None:
         BOX_RULE: tl.constexpr,
     ):
         TILES_PER_BLOCK: tl.constexpr = BLOCK_Q // BLOCK_M
-        batch_head = tl.program_id(0)
+        # A 1D grid in waves of heads_per_wave (batch, head) pairs: a wave's query tiles in work
+        # order, its heads side by side (the Gluon kernel's _wave_item).
+        wave_items = heads_per_wave * n_q_blocks * TILES_PER_BLOCK
+        wave = tl.program_id(0) // wave_items
+        rank = tl.program_id(0) - wave * wave_items
+        tile_rank = rank // heads_per_wave
+        batch_head = wave * heads_per_wave + rank % heads_per_wave
         # Query blocks in the plan's work order (heaviest first), each cut into tiles of BLOCK_M rows.
-        q_block = tl.load(WorkOrder + tl.program_id(1) // TILES_PER_BLOCK)
-        tile = q_block * TILES_PER_BLOCK + tl.program_id(1) % TILES_PER_BLOCK
+        q_block = tl.load(WorkOrder + tile_rank // TILES_PER_BLOCK)
+        tile = q_block * TILES_PER_BLOCK + tile_rank % TILES_PER_BLOCK
         batch = batch_head // num_q_heads
         head = batch_head % num_q_heads
         kv_head = head // group
@@ -448,6 +456,8 @@ def forward(
         rule_args = (plan.full_counts, plan.full_counts, 0)  # unused without a rule
     args += (length_bucket(seq_k), plan.work_bucket)  # the autotuning keys
     args += rule_args
+    n_q_blocks = num_blocks(seq_q, pattern.block_q)
+    args += (n_q_blocks, heads_per_wave(q, k))
     is_float32 = q.dtype == torch.float32
     constants = dict(
         **mode_constants(q, k, pattern, causal=causal, return_lse=return_lse),
@@ -456,10 +466,9 @@ def forward(
         HAS_RULE=rule_lists is not None,
         BOX_RULE=predicate_lists is not None,
     )
-    n_q_blocks = num_blocks(seq_q, pattern.block_q)
     if interpreting():
         block_m, block_n = min(pattern.block_q, 32), min(pattern.block_k, 16)
-        grid = (batch * q_heads, n_q_blocks * (pattern.block_q // block_m))
+        grid = (batch * q_heads * n_q_blocks * (pattern.block_q // block_m),)
         mode = configs.interpreter_load_mode(descriptors_allowed=all(descriptor_compatible(x) for x in (q, k, v)))
         _block_sparse_forward[grid](
             *args,
@@ -476,7 +485,7 @@ def forward(
             ensure_scratch_allocator()
 
         def grid(meta):
-            return (batch * q_heads, n_q_blocks * (pattern.block_q // meta["BLOCK_M"]))
+            return (batch * q_heads * n_q_blocks * (pattern.block_q // meta["BLOCK_M"]),)
 
         autotuned_kernel(candidate_set)[grid](*args, **constants)
     if return_lse:
