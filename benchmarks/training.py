@@ -129,6 +129,13 @@ def main() -> None:
         action="store_true",
         help="our Triton backward branches around causally masked tile pairs (the earlier default)",
     )
+    parser.add_argument(
+        "--kv-streams-per-wave",
+        type=int,
+        default=None,
+        help="launch order of our kernels: (batch, KV head) streams per wave (0: one wave; default: "
+        "as many as fill half the L2 cache)",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -138,7 +145,9 @@ def main() -> None:
         backends += ("flash4",)
     print(format_table([], _columns(backends)), flush=True)
     rows = []
-    with kernel_configs(triton_backward_skip_masked=args.backward_skip_masked):
+    with kernel_configs(
+        triton_backward_skip_masked=args.backward_skip_masked, kv_streams_per_wave=args.kv_streams_per_wave
+    ):
         for seq, dim in cases:
             rows += run_case(seq, dim, args.densities, backends, device)
     print()
@@ -150,7 +159,12 @@ def main() -> None:
     write_results(
         rows,
         path,
-        {"benchmark": "training", "backward_skip_masked": args.backward_skip_masked, **environment(device)},
+        {
+            "benchmark": "training",
+            "backward_skip_masked": args.backward_skip_masked,
+            "kv_streams_per_wave": "auto" if args.kv_streams_per_wave is None else args.kv_streams_per_wave,
+            **environment(device),
+        },
     )
     print(f"wrote {path}")
 

@@ -4,7 +4,8 @@
 and sequence-bound masks applied; :func:`online_update` folds a tile of scores (scaled, log2
 units) into the running maximum, sum and accumulator of the online softmax. A row that has
 seen no key keeps ``m = -inf`` and takes its exponents against 0, so no ``inf - inf`` arises.
-:func:`store_rows` writes a tile's output rows and natural-log LSE.
+:func:`store_rows` writes a tile's output rows and natural-log LSE. :func:`wave_item` places a
+program of a 1D grid in the launch order of :func:`.launch.heads_per_wave`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
 if triton is not None:
+
+    @triton.jit
+    def wave_item(item, per_wave, num_tiles):
+        """The ``item``-th program of a 1D grid: ``(tile_rank, batch_head)``. Programs come in waves
+        of ``per_wave`` consecutive (batch, head) pairs, a wave's ``num_tiles`` tiles in rank order
+        with its heads side by side (:func:`sparse_attn.backends.launch.heads_per_wave`)."""
+        wave_items = per_wave * num_tiles
+        wave = item // wave_items
+        rank = item - wave * wave_items
+        return rank // per_wave, wave * per_wave + rank % per_wave
 
     @triton.jit
     def block_scores(

@@ -113,7 +113,7 @@ def unsupported_reason(
 
 if triton is not None:
     from .rule_bits import box_allowed, box_bounds, rule_allowed
-    from .tile_steps import store_rows
+    from .tile_steps import store_rows, wave_item
 
     @triton.jit
     def _attend_blocks(
@@ -303,12 +303,8 @@ if triton is not None:
     ):
         TILES_PER_BLOCK: tl.constexpr = BLOCK_Q // BLOCK_M
         # A 1D grid in waves of heads_per_wave (batch, head) pairs: a wave's query tiles in work
-        # order, its heads side by side (the Gluon kernel's _wave_item).
-        wave_items = heads_per_wave * n_q_blocks * TILES_PER_BLOCK
-        wave = tl.program_id(0) // wave_items
-        rank = tl.program_id(0) - wave * wave_items
-        tile_rank = rank // heads_per_wave
-        batch_head = wave * heads_per_wave + rank % heads_per_wave
+        # order, its heads side by side.
+        tile_rank, batch_head = wave_item(tl.program_id(0), heads_per_wave, n_q_blocks * TILES_PER_BLOCK)
         # Query blocks in the plan's work order (heaviest first), each cut into tiles of BLOCK_M rows.
         q_block = tl.load(WorkOrder + tile_rank // TILES_PER_BLOCK)
         tile = q_block * TILES_PER_BLOCK + tile_rank % TILES_PER_BLOCK

@@ -10,6 +10,9 @@ Three launches, all deterministic (no float atomics):
   registers, without expanding K/V and without atomics.
 * ``_dq``: one program per (batch, query head, query tile), walking the forward lists.
 
+Both grids are 1D, in the forward's launch order (:func:`.launch.heads_per_wave`): waves of a
+few (batch, KV head) streams, so the programs in flight read the same heads' tiles from L2.
+
 Probabilities are recomputed from the forward's saved log-sum-exp (never recomputed as a
 softmax): ``P = exp(S * scale - lse)``; ``dS = P * (dP - delta)``; ``dQ = scale * dS K``,
 ``dK = scale * dS^T Q``, ``dV = P^T dO``. Masks are those of the forward: keys past the end,
@@ -49,6 +52,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 if triton is not None:
     from .rule_bits import box_allowed, box_bounds, rule_allowed
+    from .tile_steps import wave_item
 
     @triton.jit
     def _delta(
@@ -96,16 +100,16 @@ if triton is not None:
         num_q_heads, num_kv_heads, group, pattern_head_divisor,
         seq_q, seq_k, scale, qk_scale,
         seq_bucket,  # autotuning key only: ceil(log2(seq_k))
+        n_blocks, per_wave,  # the launch order (wave_item): KV blocks, (batch, KV head) pairs per wave
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
         HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr,
         EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
-        batch_head = tl.program_id(0)
+        tile, batch_head = wave_item(tl.program_id(0), per_wave, n_blocks * (BLOCK_K // BLOCK_N))
         batch = batch_head // num_kv_heads
         kv_head = batch_head % num_kv_heads
-        tile = tl.program_id(1)
         kv_block = tile // (BLOCK_K // BLOCK_N)
         key_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         key_in_range = key_pos < seq_k
@@ -206,15 +210,17 @@ if triton is not None:
         num_q_heads, group, pattern_head_divisor,
         seq_q, seq_k, scale, qk_scale,
         seq_bucket,  # autotuning key only: ceil(log2(seq_k))
+        n_blocks, per_wave,  # the launch order (wave_item): query blocks, (batch, head) pairs per wave
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
         HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr,
         EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
-        batch_head = tl.program_id(0)
+        n_tiles = n_blocks * (BLOCK_Q // BLOCK_M)
+        rank, batch_head = wave_item(tl.program_id(0), per_wave, n_tiles)
         # Heaviest (last) query tiles first: causal rows grow with position.
-        tile = tl.num_programs(1) - 1 - tl.program_id(1)
+        tile = n_tiles - 1 - rank
         batch = batch_head // num_q_heads
         head = batch_head % num_q_heads
         kv_head = head // group
@@ -390,6 +396,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         *block_list_strides(q_counts, q_indices, pattern.batch),
         *(q_heads, kv_heads, group, q_heads // pattern.num_heads),
         *sizes,
+        *(pattern.num_kv_blocks, launch.heads_per_wave(q, k) // group),
     )
     dq_args = (
         *(q, k, v, dout, lse, delta, dq, counts, indices, rule_index, words, guard),
@@ -398,13 +405,14 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         *block_list_strides(counts, indices, pattern.batch),
         *(q_heads, group, q_heads // pattern.num_heads),
         *sizes,
+        *(pattern.num_q_blocks, launch.heads_per_wave(q, k)),
     )
 
     def dkdv_grid(meta):
-        return (batch * kv_heads, pattern.num_kv_blocks * (pattern.block_k // meta["BLOCK_N"]))
+        return (batch * kv_heads * pattern.num_kv_blocks * (pattern.block_k // meta["BLOCK_N"]),)
 
     def dq_grid(meta):
-        return (batch * q_heads, pattern.num_q_blocks * (pattern.block_q // meta["BLOCK_M"]))
+        return (batch * q_heads * pattern.num_q_blocks * (pattern.block_q // meta["BLOCK_M"]),)
 
     if interpreting():
         tiles = dict(BLOCK_M=min(pattern.block_q, 32), BLOCK_N=min(pattern.block_k, 16))
