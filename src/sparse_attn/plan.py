@@ -17,6 +17,8 @@ the kernels need (FlashInfer's plan/run split, FlexAttention's full/partial bloc
 * ``work_bucket``: ``ceil(log2)`` of the mean number of kept blocks per query block, the
   autotuning key (and the Gluon dispatch rule) that keeps dense and sparse cases apart.
   Computed on first use (one host sync).
+* ``row_imbalance``: the most kept blocks of a query block over the mean, for the Gluon
+  kernel's choice of a persistent launch. Computed on first use (one host sync).
 * ``density``: the pattern's density in this mode, for dispatch rules. Computed on first use.
 * ``transposed``: per KV block, the query blocks whose lists hold it (``q_counts`` and
   ``q_indices``, int32, ascending), as the backward pass walks K/V blocks. Built on first use.
@@ -152,6 +154,15 @@ class BlockSparsePlan:
     def work_bucket(self) -> int:
         mean_blocks = float(self.pattern.kv_counts.float().mean())
         return max(math.ceil(mean_blocks) - 1, 1).bit_length()
+
+    @functools.cached_property
+    def row_imbalance(self) -> float:
+        """The most kept blocks of any query block over the mean (1 for equal rows, about 2 for a
+        causal pattern of one density, far more where a few rows are dense, e.g. text tokens that
+        attend a whole video). One host sync, on first use; 1 for an empty pattern."""
+        counts = self.pattern.kv_counts.float()
+        mean = float(counts.mean())
+        return float(counts.max()) / mean if mean > 0 else 1.0
 
     @functools.cached_property
     def density(self) -> float:

@@ -302,11 +302,29 @@ def test_persistent_kernel_takes_light_work_items_unless_told():
     light = plan_for(sa.random_pattern(heads=2, seq_q=4096, density=0.1, seed=1), causal=True)
     heavy = plan_for(sa.dense_pattern(seq_q=16384), causal=True)
     assert light.work_bucket <= gluon_backend.PERSISTENT_MAX_WORK_BUCKET < heavy.work_bucket
-    assert gluon_backend._persistent(light) and not gluon_backend._persistent(heavy)
-    with sa.backends.kernel_configs(gluon_persistent=False):
-        assert not gluon_backend._persistent(light)
+    for waves in (False, True):
+        assert gluon_backend._persistent(light, waves) and not gluon_backend._persistent(heavy, waves)
+        with sa.backends.kernel_configs(gluon_persistent=False):
+            assert not gluon_backend._persistent(light, waves)
+        with sa.backends.kernel_configs(gluon_persistent=True):
+            assert gluon_backend._persistent(heavy, waves)
+
+
+def test_persistent_kernel_leaves_uneven_rows_in_waves_to_one_program_per_item():
+    # 32 query blocks of 2-3 kept blocks, and one that keeps all 33 (a text row beside a video).
+    counts = torch.full((1, 1, 33), 2, dtype=torch.int32)
+    counts[..., ::2] = 3
+    counts[..., -1] = 33
+    indices = torch.arange(33, dtype=torch.int32).expand(1, 1, 33, 33).contiguous()
+    pattern = sa.BlockSparsePattern(counts, indices, block_q=128, block_k=128, seq_q=33 * 128, seq_k=33 * 128)
+    uneven = plan_for(pattern, causal=False)
+    even = plan_for(sa.random_pattern(heads=2, seq_q=4096, density=0.1, seed=1, causal=False), causal=False)
+    assert uneven.row_imbalance > gluon_backend.PERSISTENT_MAX_ROW_IMBALANCE >= even.row_imbalance
+    assert uneven.work_bucket <= gluon_backend.PERSISTENT_MAX_WORK_BUCKET
+    assert gluon_backend._persistent(uneven, waves=False) and not gluon_backend._persistent(uneven, waves=True)
+    assert gluon_backend._persistent(even, waves=True)
     with sa.backends.kernel_configs(gluon_persistent=True):
-        assert gluon_backend._persistent(heavy)
+        assert gluon_backend._persistent(uneven, waves=True)
 
 
 @pytest.mark.gpu

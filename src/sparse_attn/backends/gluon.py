@@ -84,6 +84,16 @@ MIN_WORK_BUCKET_SMALL_DIM = 5
 # hardware's scheduling of one program per item.
 PERSISTENT_MAX_WORK_BUCKET = 5
 
+# ... unless the launch comes in several waves (launch.heads_per_wave) and some query blocks keep
+# more than this many times the mean number of blocks. The static round-robin then hands one
+# head's heavy items (say the dense rows of text tokens beside a video) to the same few programs
+# wave after wave. Measured on the H200 with waves (waves_persistent_hunyuan.json; HunyuanVideo
+# shape, 24 heads, inputs in tile order): `neighborhood` defaults (rows of 26 blocks on average,
+# text rows of 936) 14.96 ms persistent vs 10.99 one program per item; GNA block-exact 8.23 vs
+# 5.19. Random causal patterns (a ratio of about 2) stay persistent: 0.86 vs 0.99 ms at 32K and
+# density 0.05, 12.54 vs 14.07 at 128K (waves_persistent_causal.json).
+PERSISTENT_MAX_ROW_IMBALANCE = 4.0
+
 # auto leaves patterns of at most 2 kept blocks per query block on average (work bucket 1) to
 # the Triton kernel at every head_dim: at one block per query block, bidirectional, the image
 # shape of benchmarks/spatial.py (16,896 tokens, 24 heads, head_dim 128) took 0.43 ms here
@@ -605,12 +615,17 @@ if gluon is not None:
         )  # fmt: skip
 
 
-def _persistent(plan: BlockSparsePlan) -> bool:
+def _persistent(plan: BlockSparsePlan, waves: bool) -> bool:
     """Whether to run the persistent kernel (where launch-made descriptors apply): asked for with
     ``kernel_configs(gluon_persistent=...)``, else for light work items (mean kept blocks per query
-    block up to 32, work bucket <= :data:`PERSISTENT_MAX_WORK_BUCKET`)."""
+    block up to 32, work bucket <= :data:`PERSISTENT_MAX_WORK_BUCKET`) of rows alike enough
+    (:data:`PERSISTENT_MAX_ROW_IMBALANCE`) where the launch comes in several ``waves``."""
     asked = configs.current().gluon_persistent
-    return plan.work_bucket <= PERSISTENT_MAX_WORK_BUCKET if asked is None else asked
+    if asked is not None:
+        return asked
+    if plan.work_bucket > PERSISTENT_MAX_WORK_BUCKET:
+        return False
+    return not waves or plan.row_imbalance <= PERSISTENT_MAX_ROW_IMBALANCE
 
 
 @functools.cache
@@ -689,7 +704,7 @@ def forward(
     )
     num_items = grid[0] * grid[1]
     order = (grid[1], heads_per_wave(q, k))  # query tiles per head, (batch, head) pairs per wave
-    if descriptors is not None and _persistent(plan):
+    if descriptors is not None and _persistent(plan, waves=order[1] < grid[0]):
         programs = min(num_items, _multiprocessors(q.device))
         _gluon_persistent_forward[(programs,)](*args, *descriptors, num_items, *order, *box, **constants, num_warps=4)
     else:
