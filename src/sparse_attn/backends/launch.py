@@ -9,6 +9,8 @@ scratch from Triton's allocator (:func:`ensure_scratch_allocator`). Outputs come
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..pattern import BlockSparsePattern
@@ -92,6 +94,7 @@ def block_list_strides(counts: torch.Tensor, indices: torch.Tensor, pattern_batc
     )
 
 
+@functools.cache
 def _l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size
 

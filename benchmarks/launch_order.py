@@ -1,0 +1,162 @@
+"""Launch order of the forward kernels: waves of (batch, KV head) streams x persistent or not (GPU).
+
+The Gluon and Triton forward kernels issue their work in waves of (batch, KV head) streams whose
+K/V fit in half the L2 (:func:`sparse_attn.backends.launch.heads_per_wave`); the Gluon kernel is
+persistent (one program per SM) for light work items of similar rows. This script times
+``backend="auto"`` on one pattern under every combination of ``kv_streams_per_wave`` (automatic,
+``0`` = one wave of every stream, the order before waves) and ``gluon_persistent`` (automatic,
+off, on), beside cuDNN dense SDPA in the same run, so the dispatch rules
+(:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`,
+:data:`~sparse_attn.backends.gluon.PERSISTENT_MAX_ROW_IMBALANCE`) can be checked against
+measurements. Cases:
+
+* ``causal``: random causal block patterns, batch 1, 32/8 heads, head_dim 128, bf16 (the grid of
+  ``benchmarks/kernels.py``), at ``--lengths`` x ``--densities``;
+* ``bidirectional``: random non-causal patterns at the video shapes of ``benchmarks/spatial.py``;
+* ``spatial``: the HunyuanVideo patterns of ``neighborhood`` (defaults; GNA block-exact),
+  ``sliding_tile`` and ``radial``, inputs already in tile order (permutation excluded).
+
+Medians of ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/launch_order.json``.
+
+    python benchmarks/launch_order.py
+    python benchmarks/launch_order.py --cases spatial
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from math import prod
+from pathlib import Path
+
+import torch
+
+import sparse_attn as sa
+from sparse_attn.backends import kernel_configs, resolve_backend
+from sparse_attn.bench import dense_baselines, device_slug, environment, format_table, measure, write_results
+from sparse_attn.layouts import Layout
+from sparse_attn.plan import plan_for
+
+sys.path.insert(0, str(Path(__file__).parent))
+from spatial import SHAPES, VARIANTS  # noqa: E402  (the spatial benchmark's shapes and method settings)
+
+# (label, kv_streams_per_wave, gluon_persistent): None = the built-in rule.
+CHOICES = (
+    ("waves", None, None),
+    ("waves_one_item", None, False),
+    ("waves_persistent", None, True),
+    ("one_wave", 0, None),
+    ("one_wave_one_item", 0, False),
+    ("one_wave_persistent", 0, True),
+)
+SPATIAL_METHODS = ("neighborhood", "sliding_tile", "radial")
+
+COLUMNS = [
+    ("case", "case", ""),
+    ("seq", "seq", "d"),
+    ("density", "density", ".3f"),
+    ("row_imbalance", "max/mean row", ".1f"),
+    *[(f"{label}_ms", f"{label} ms", ".2f") for label, _, _ in CHOICES],
+    ("sdpa-cudnn_ms", "cuDNN dense ms", ".2f"),
+    ("waves_vs_density_x_cudnn", "waves / (density x cuDNN)", ".2f"),
+]
+
+
+def time_choices(q, k, v, pattern, *, causal: bool, device: torch.device) -> dict:
+    """Each launch choice's forward time on one pattern, and which backend ``auto`` took."""
+    row = {"backend": resolve_backend("auto", q, k, v, pattern, causal=causal, return_lse=False), "errors": []}
+    plan = plan_for(pattern, causal=causal)
+    row["density"], row["row_imbalance"], row["work_bucket"] = plan.density, plan.row_imbalance, plan.work_bucket
+    for label, streams, persistent in CHOICES:
+        with kernel_configs(kv_streams_per_wave=streams, gluon_persistent=persistent):
+            row[f"{label}_ms"], error = measure(
+                lambda: sa.block_sparse_attention(q, k, v, pattern, causal=causal), device
+            )
+        if error:
+            row["errors"].append(f"{label}: {error}")
+    return row
+
+
+def with_dense(row: dict, q, k, v, *, causal: bool, device: torch.device) -> dict:
+    """``row`` with cuDNN dense SDPA's time on the same inputs and the waves' ratio to density x cuDNN."""
+    row["sdpa-cudnn_ms"], error = measure(dense_baselines(q, k, v, device, causal=causal)["sdpa-cudnn"], device)
+    if error:
+        row["errors"].append(f"sdpa-cudnn: {error}")
+    if row.get("waves_ms") and row.get("sdpa-cudnn_ms"):
+        row["waves_vs_density_x_cudnn"] = row["waves_ms"] / (row["density"] * row["sdpa-cudnn_ms"])
+    return row
+
+
+def random_rows(seq, q_heads, kv_heads, densities, *, causal: bool, device, label: str) -> list[dict]:
+    q = torch.randn(1, q_heads, seq, 128, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, kv_heads, seq, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    rows = []
+    for density in densities:
+        pattern = sa.random_pattern(
+            batch=1, heads=kv_heads, seq_q=seq, seq_k=seq, density=density, seed=0, causal=causal, device=device
+        )
+        row = {"case": f"{label} {density}", "seq": seq, **time_choices(q, k, v, pattern, causal=causal, device=device)}
+        rows.append(with_dense(row, q, k, v, causal=causal, device=device))
+        print(format_table(rows[-1:], COLUMNS), flush=True)
+    return rows
+
+
+def spatial_rows(device) -> list[dict]:
+    shape = SHAPES["hunyuan-720p"]
+    layout = Layout(shape["grid"], text_tokens=shape["text_tokens"])
+    q, k, v = (
+        torch.randn(1, shape["heads"], layout.seq_len, 128, device=device, dtype=torch.bfloat16) for _ in range(3)
+    )
+    rows = []
+    for method, variant, options in VARIANTS[3]:
+        if method not in SPATIAL_METHODS:
+            continue
+        call = dict(causal=False, grid=shape["grid"], text_tokens=shape["text_tokens"], **options)
+        pattern = sa.estimate(q, k, method, text_position=shape["text_position"], **call)
+        tiled = tuple(pattern.layout.permute(x) for x in (q, k, v)) if pattern.layout is not None else (q, k, v)
+        in_order = pattern.tile_order() if pattern.layout is not None else pattern
+        row = {"case": f"hunyuan {method} {variant}", "seq": layout.seq_len}
+        row.update(time_choices(*tiled, in_order, causal=False, device=device))
+        rows.append(with_dense(row, *tiled, causal=False, device=device))
+        print(format_table(rows[-1:], COLUMNS), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=("causal", "bidirectional", "spatial"), default=None)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072], help="causal case lengths")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/launch_order.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    cases = args.cases or ("causal", "bidirectional", "spatial")
+    rows = []
+    if "causal" in cases:
+        for seq in args.lengths:
+            rows += random_rows(seq, 32, 8, args.densities, causal=True, device=device, label="causal")
+            torch.cuda.empty_cache()
+    if "bidirectional" in cases:
+        for name in ("wan21-720p", "hunyuan-720p"):
+            shape = SHAPES[name]
+            seq = prod(shape["grid"]) + shape["text_tokens"]
+            rows += random_rows(
+                seq, shape["heads"], shape["heads"], args.densities, causal=False, device=device, label=name
+            )
+            torch.cuda.empty_cache()
+    if "spatial" in cases:
+        rows += spatial_rows(device)
+    print()
+    print(format_table(rows, COLUMNS))
+    for row in rows:
+        for error in row["errors"]:
+            print(f"  {row['case']}: {error}")
+    out = args.out or Path(__file__).parent / "results" / device_slug(device) / "launch_order.json"
+    write_results(rows, out, {"benchmark": "launch_order", **environment(device)})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
