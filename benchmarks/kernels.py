@@ -28,11 +28,13 @@ import torch
 from sparse_attn.backends import flash4, kernel_configs
 from sparse_attn.bench import (
     KernelCase,
+    add_waves_argument,
     device_slug,
     environment,
     format_table,
     kernel_columns,
     run_kernel_case,
+    waves_label,
     write_results,
 )
 
@@ -69,13 +71,7 @@ def main() -> None:
         default="auto",
         help="the persistent Gluon kernel (one program per SM): on light work items (auto), always, or never",
     )
-    parser.add_argument(
-        "--kv-streams-per-wave",
-        type=int,
-        default=None,
-        help="launch order of the forward kernels: (batch, KV head) streams per wave (0: one wave; default: "
-        "as many as fill half the L2 cache)",
-    )
+    add_waves_argument(parser)
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)"
     )
@@ -126,7 +122,7 @@ def main() -> None:
             "kernels": args.kernels,
             "gluon_descriptors": args.gluon_descriptors,
             "gluon_persistent": args.gluon_persistent,
-            "kv_streams_per_wave": "auto" if args.kv_streams_per_wave is None else args.kv_streams_per_wave,
+            "kv_streams_per_wave": waves_label(args.kv_streams_per_wave),
             **environment(device),
         },
     )

@@ -55,12 +55,14 @@ import sparse_attn as sa
 from sparse_attn.backends import kernel_configs, resolve_backend
 from sparse_attn.bench import (
     KernelCase,
+    add_waves_argument,
     device_slug,
     environment,
     format_table,
     kernel_columns,
     measure,
     run_kernel_case,
+    waves_label,
     write_results,
 )
 from sparse_attn.compensated_pattern import CompensatedPattern, resolve_compensated_backend
@@ -307,13 +309,7 @@ def main() -> None:
         help="also time the kernels alone on random bidirectional block patterns of these densities",
     )
     parser.add_argument("--no-methods", action="store_true", help="skip the method rows (with --random-blocks)")
-    parser.add_argument(
-        "--kv-streams-per-wave",
-        type=int,
-        default=None,
-        help="launch order of the forward kernels: (batch, KV head) streams per wave (0: one wave; default: "
-        "as many as fill half the L2 cache)",
-    )
+    add_waves_argument(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/spatial.py needs a CUDA GPU")
@@ -328,7 +324,7 @@ def run(args: argparse.Namespace) -> None:
     backward = not (args.quick or args.no_backward)
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "spatial.json"
     meta = {"benchmark": "spatial", "shapes": {name: SHAPES[name] for name in shapes}, "backward": backward}
-    meta["kv_streams_per_wave"] = "auto" if args.kv_streams_per_wave is None else args.kv_streams_per_wave
+    meta["kv_streams_per_wave"] = waves_label(args.kv_streams_per_wave)
     rows, random_rows = [], []
 
     def save(extra=()):  # after every row: a run cut by a time limit keeps what it measured

@@ -28,7 +28,15 @@ import torch.nn.functional as F
 
 from sparse_attn import block_sparse_attention, dense_pattern, random_pattern
 from sparse_attn.backends import flash4, kernel_configs
-from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
+from sparse_attn.bench import (
+    add_waves_argument,
+    device_slug,
+    environment,
+    format_table,
+    measure,
+    waves_label,
+    write_results,
+)
 
 
 def _forward_backward(attention, q, k, v, dout):
@@ -129,13 +137,7 @@ def main() -> None:
         action="store_true",
         help="our Triton backward branches around causally masked tile pairs (the earlier default)",
     )
-    parser.add_argument(
-        "--kv-streams-per-wave",
-        type=int,
-        default=None,
-        help="launch order of our kernels: (batch, KV head) streams per wave (0: one wave; default: "
-        "as many as fill half the L2 cache)",
-    )
+    add_waves_argument(parser)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -162,7 +164,7 @@ def main() -> None:
         {
             "benchmark": "training",
             "backward_skip_masked": args.backward_skip_masked,
-            "kv_streams_per_wave": "auto" if args.kv_streams_per_wave is None else args.kv_streams_per_wave,
+            "kv_streams_per_wave": waves_label(args.kv_streams_per_wave),
             **environment(device),
         },
     )

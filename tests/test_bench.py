@@ -77,3 +77,15 @@ def test_dense_baselines_time_sdpa_on_cpu():
     assert list(runners) == ["sdpa"]
     out = runners["sdpa"]()
     assert out.shape == q.shape
+
+
+def test_waves_argument_parses_and_labels():
+    import argparse
+
+    from sparse_attn.bench import add_waves_argument, waves_label
+
+    parser = argparse.ArgumentParser()
+    add_waves_argument(parser)
+    assert parser.parse_args([]).kv_streams_per_wave is None
+    assert parser.parse_args(["--kv-streams-per-wave", "0"]).kv_streams_per_wave == 0
+    assert waves_label(None) == "auto" and waves_label(2) == 2

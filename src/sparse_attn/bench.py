@@ -249,6 +249,23 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def add_waves_argument(parser) -> None:
+    """``--kv-streams-per-wave``: the kernels' launch order for a benchmark run (see
+    :func:`sparse_attn.backends.launch.heads_per_wave`); pass the parsed value to
+    ``kernel_configs(kv_streams_per_wave=...)`` and :func:`waves_label` to the JSON's meta."""
+    parser.add_argument(
+        "--kv-streams-per-wave",
+        type=int,
+        default=None,
+        help="launch order of our kernels: (batch, KV head) streams per wave (0: one wave; default: "
+        "as many as fill half the L2 cache)",
+    )
+
+
+def waves_label(value: int | None) -> int | str:
+    return "auto" if value is None else value
+
+
 def write_results(rows: list[dict], path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -258,6 +258,21 @@ def test_host_descriptors_only_for_contiguous_inputs_with_whole_key_blocks():
             pass
 
 
+def _gpu_case(shape, causal, *, seed, pattern_heads):
+    """bf16 q, k, v on the GPU for ``shape`` and a random pattern of density 0.3 with ``pattern_heads`` lists."""
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (
+        torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+        for heads, seq in ((q_heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))
+    )
+    pattern = sa.random_pattern(
+        batch=batch, heads=pattern_heads, seq_q=seq_q, seq_k=seq_k, density=0.3, seed=seed,
+        block_q=block_q, block_k=block_k, causal=causal, device="cuda",
+    )  # fmt: skip
+    return q, k, v, pattern
+
+
 @pytest.mark.gpu
 @needs_gluon
 @pytest.mark.parametrize(
@@ -272,16 +287,7 @@ def test_gpu_host_and_device_descriptors_compute_the_same(shape, causal, poison_
     outputs, including a last query tile that reads into the next head's rows."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is for Hopper")
-    batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
-    generator = torch.Generator(device="cuda").manual_seed(3)
-    q, k, v = (
-        torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
-        for heads, seq in ((q_heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))
-    )
-    pattern = sa.random_pattern(
-        batch=batch, heads=kv_heads, seq_q=seq_q, seq_k=seq_k, density=0.3, seed=3,
-        block_q=block_q, block_k=block_k, causal=causal, device="cuda",
-    )  # fmt: skip
+    q, k, v, pattern = _gpu_case(shape, causal, seed=3, pattern_heads=shape[2])
     assert gluon_backend.uses_host_descriptors(q, k, v, pattern)
     host, host_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="gluon", return_lse=True)
     with sa.backends.kernel_configs(gluon_host_descriptors=False):
@@ -337,16 +343,7 @@ def test_gpu_launch_waves_change_no_result(shape, causal, poison_outputs):
     launch-made and per-program descriptors."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is for Hopper")
-    batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
-    generator = torch.Generator(device="cuda").manual_seed(5)
-    q, k, v = (
-        torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
-        for heads, seq in ((q_heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))
-    )
-    pattern = sa.random_pattern(
-        batch=batch, heads=q_heads, seq_q=seq_q, seq_k=seq_k, density=0.3, seed=5,
-        block_q=block_q, block_k=block_k, causal=causal, device="cuda",
-    )  # fmt: skip
+    q, k, v, pattern = _gpu_case(shape, causal, seed=5, pattern_heads=shape[1])
     ref = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
     for persistent in (False, True):
         for host in (None, False):
