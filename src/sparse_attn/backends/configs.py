@@ -120,7 +120,7 @@ class KernelConfigs:
     (:func:`sparse_attn.backends.triton_tokens.token_tiling`), but each tile walks the union of
     its tokens' lists: it pays only where neighbouring tokens select the same blocks (NSA's
     module with random weights at 64K: 32 rows took twice as long as 16 on the H200).
-    ``kv_streams_per_wave``: how many (batch, KV head) streams the forward kernels issue their
+    ``kv_streams_per_wave``: how many (batch, KV head) streams the block kernels issue their
     work items for together (:func:`sparse_attn.backends.launch.heads_per_wave`); ``0`` issues
     every stream's together (query tile by query tile, all heads of a tile side by side).
     """

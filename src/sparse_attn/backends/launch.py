@@ -100,7 +100,8 @@ def _l2_bytes(device: torch.device) -> int:
 
 
 def heads_per_wave(q: torch.Tensor, k: torch.Tensor) -> int:
-    """How many (batch, query head) pairs the forward kernels issue their work items for together.
+    """How many (batch, query head) pairs the block kernels (the Gluon and Triton forwards, the
+    Triton backward's dQ pass; its dK/dV pass takes the same streams) issue their work for together.
 
     A kernel's programs run in launch order, a GPU's worth at a time. Issued query tile by query
     tile with every head of a tile side by side, the programs in flight at once belong to many

@@ -283,7 +283,7 @@ if triton is not None:
         RuleIndex,  # with HAS_RULE: per list entry its bitmask index (KvIndices' shape), and the
         RuleWords,  # packed masks (:mod:`.rule_bits`); with BOX_RULE the predicate's (3, seq_k) table
         box_guard,  # with BOX_RULE: the predicate's guard bits; unused otherwise
-        n_q_blocks,  # the launch order (see _wave_item): query blocks per head and
+        n_q_blocks,  # the launch order (tile_steps.wave_item): query blocks per head and
         heads_per_wave,  # (batch, head) pairs per wave (launch.heads_per_wave)
         HEAD_DIM: tl.constexpr,
         BLOCK_Q: tl.constexpr,
