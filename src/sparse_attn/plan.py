@@ -12,8 +12,9 @@ the kernels need (FlashInfer's plan/run split, FlexAttention's full/partial bloc
   sorted, so the full entries always lead.
 * ``work_order`` int32 ``(n_q_blocks,)``: the query blocks heaviest first (most kept blocks
   summed over batch and heads; ties go to the later block, whose causal rows are longer). The
-  Triton and Gluon kernels take query blocks in this order, so the longest programs start
-  first and the short ones fill the tail of the grid.
+  Triton and Gluon kernels take query blocks in this order within each wave of heads
+  (:func:`sparse_attn.backends.launch.heads_per_wave`), so the longest programs start first
+  and the short ones fill the tail.
 * ``work_bucket``: ``ceil(log2)`` of the mean number of kept blocks per query block, the
   autotuning key (and the Gluon dispatch rule) that keeps dense and sparse cases apart.
   Computed on first use (one host sync).

@@ -571,8 +571,8 @@ if gluon is not None:
         BOX: gl.constexpr,
     ):  # fmt: skip
         """Persistent: one program per SM walks work items ``pid, pid + grid, ...`` of the same
-        order as the one-item kernel's grid (query tiles heaviest first, all heads of a tile
-        together), so the producer loads an item's query and first K/V tiles while the consumers
+        order as the one-item kernel's grid (:func:`_wave_item`: waves of heads, each wave's
+        query tiles heaviest first), so the producer loads an item's query and first K/V tiles while the consumers
         still finish and store the previous one. Host descriptors only."""
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
             Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES
