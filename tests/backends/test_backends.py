@@ -308,7 +308,7 @@ def test_heads_per_wave_counts_whole_gqa_groups():
             pass
 
 
-@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4], (2, 6, 3, 70, 90, 64, 32, 16)], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[2], (2, 6, 3, 70, 90, 64, 32, 16)], ids=str)
 @pytest.mark.parametrize("causal", [True, False])
 def test_triton_launch_waves_change_no_result(shape, causal, poison_outputs):
     # Waves only reorder the programs: every wave size gives the one-wave result bit for bit.
@@ -316,13 +316,13 @@ def test_triton_launch_waves_change_no_result(shape, causal, poison_outputs):
     q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, torch.bfloat16, "cpu")
     pattern = _pattern(shape, 0.5, causal, per_query_head=True, seed=3)
     results = {}
-    for streams in (0, 1, 2, 3):
+    for streams in (0, 1, 2):  # 6 streams each: one wave, 6 waves of 1, 3 waves of 2
         with kernel_configs(kv_streams_per_wave=streams):
             results[streams] = sa.block_sparse_attention(
                 q, k, v, pattern, causal=causal, backend="triton", return_lse=True
             )
     reference = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
     assert relative_error(results[0][0], reference) <= TOLERANCE[torch.bfloat16]
-    for streams in (1, 2, 3):
+    for streams in (1, 2):
         assert torch.equal(results[streams][0], results[0][0]), streams
         assert torch.equal(results[streams][1], results[0][1]), streams

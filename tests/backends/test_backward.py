@@ -228,7 +228,7 @@ def test_estimate_builds_no_autograd_graph():
     assert saved == []
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5], (3, 4, 2, 70, 70, 64, 16, 16)], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5]], ids=str)
 @pytest.mark.parametrize("causal", [True, False])
 def test_triton_backward_launch_waves_change_no_gradient(shape, causal, poison_outputs):
     # Waves only reorder the backward's programs: every wave size gives the one-wave gradients
