@@ -162,8 +162,8 @@ class BlockSparsePlan:
         causal pattern of one density, far more where a few rows are dense, e.g. text tokens that
         attend a whole video). One host sync, on first use; 1 for an empty pattern."""
         counts = self.pattern.kv_counts.float()
-        mean = float(counts.mean())
-        return float(counts.max()) / mean if mean > 0 else 1.0
+        peak, mean = torch.stack((counts.max(), counts.mean())).tolist()
+        return peak / mean if mean > 0 else 1.0
 
     @functools.cached_property
     def density(self) -> float:

@@ -389,6 +389,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     else:
         q_rule_index, rule_index, words = plan.transposed.rule_index, bitmask.entry_index, bitmask.words
     sizes = (seq_q, seq_k, scale, scale * LOG2_E, length_bucket(seq_k))
+    per_wave = launch.heads_per_wave(q, k)  # (batch, query head) pairs; dK/dV takes their streams
     dkdv_args = (
         *(q, k, v, dout, lse, delta, dk, dv, q_counts, q_indices, q_rule_index, words, guard),
         *dk.stride()[:3],
@@ -396,7 +397,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         *block_list_strides(q_counts, q_indices, pattern.batch),
         *(q_heads, kv_heads, group, q_heads // pattern.num_heads),
         *sizes,
-        *(pattern.num_kv_blocks, launch.heads_per_wave(q, k) // group),
+        *(pattern.num_kv_blocks, per_wave // group),
     )
     dq_args = (
         *(q, k, v, dout, lse, delta, dq, counts, indices, rule_index, words, guard),
@@ -405,7 +406,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         *block_list_strides(counts, indices, pattern.batch),
         *(q_heads, group, q_heads // pattern.num_heads),
         *sizes,
-        *(pattern.num_q_blocks, launch.heads_per_wave(q, k)),
+        *(pattern.num_q_blocks, per_wave),
     )
 
     def dkdv_grid(meta):
