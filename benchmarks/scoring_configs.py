@@ -2,24 +2,33 @@
 
 Times XAttention's antidiagonal block scoring (``antidiagonal_block_probs_triton``, stride 8,
 128 x 128 blocks) for every candidate (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) in the
-kernel's autotune list (``SCORING_CONFIGS``, each passed alone as the kernel's ``configs=``)
-on the estimator benchmark's shape (batch 1, 32/8 heads, head_dim 128, bf16, causal), next
+kernel's autotune list (``SCORING_CONFIGS``, or ``FP8_SCORING_CONFIGS`` with ``--precision
+fp8``; each passed alone as the kernel's ``configs=``) in each load mode (``--loads``: row-strided
+pointer loads, TMA tensor descriptors) on the estimator benchmark's shape (batch 1, 32/8 heads, head_dim 128, bf16, causal), next
 to dense cuDNN attention in the same run. Reports the scoring throughput (TFLOP/s over the
 causal antidiagonal products) and the share of dense time. Writes ``benchmarks/results/<gpu>/scoring_configs.json``.
 
     python benchmarks/scoring_configs.py --lengths 131072
+    python benchmarks/scoring_configs.py --lengths 131072 --precision fp8 --loads tma
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 from pathlib import Path
 
 import torch
 
 from sparse_attn.bench import dense_baselines, device_slug, environment, measure, time_ms, write_results
-from sparse_attn.ops.antidiagonal.triton import SCORING_CONFIGS, antidiagonal_block_probs_triton
+from sparse_attn.ops.antidiagonal.naive import fp8_keys
+from sparse_attn.ops.antidiagonal.triton import (
+    FP8_SCORING_CONFIGS,
+    LOAD_MODES,
+    SCORING_CONFIGS,
+    antidiagonal_block_probs_triton,
+)
 
 
 def main() -> None:
@@ -27,6 +36,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--stride", type=int, default=8)
+    parser.add_argument("--precision", choices=["input", "fp8"], default="input", help="score_precision")
+    parser.add_argument("--loads", choices=LOAD_MODES, nargs="+", default=list(LOAD_MODES))
+    parser.add_argument("--first", type=int, default=None, help="sweep only the first N candidates")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -41,15 +53,21 @@ def main() -> None:
         flops = 2 * 32 * (cells * cells / 2) * args.stride * args.dim
         print(f"seq {seq}: dense cuDNN {dense_ms:.2f} ms; scoring {flops / 1e12:.2f} TFLOP", flush=True)
         options = dict(stride=args.stride, block_q=128, block_k=128, scale=args.dim**-0.5, causal=True)
-        for config in SCORING_CONFIGS:
-            score = functools.partial(antidiagonal_block_probs_triton, q, k, **options, configs=[config])
+        configs = SCORING_CONFIGS
+        if args.precision == "fp8":  # the keys' codes are made once per estimate; the queries' per call (timed)
+            options.update(score_precision="fp8", keys_fp8=fp8_keys(k))
+            configs = FP8_SCORING_CONFIGS
+        for config, loads in itertools.product(configs[: args.first], args.loads):
+            score = functools.partial(antidiagonal_block_probs_triton, q, k, **options, configs=[config], loads=loads)
             # A tile that does not fit shared memory or registers is reported, not fatal.
             ms, note = measure(score, device)
             tflops = flops / (ms * 1e-3) / 1e12 if ms else None
             share = ms / dense_ms if ms else None
-            row = {"seq": seq, "config": config, "scoring_ms": ms, "tflops": tflops, "dense_ms": dense_ms}
-            rows.append({**row, "share_of_dense": share, "error": note})
-            label = f"M={config[0]:3d} N={config[1]:3d} D={config[2] or args.dim:3d} w={config[3]} s={config[4]}"
+            row = {"seq": seq, "config": config, "loads": loads, "precision": args.precision, "scoring_ms": ms}
+            rows.append({**row, "tflops": tflops, "dense_ms": dense_ms, "share_of_dense": share, "error": note})
+            label = (
+                f"M={config[0]:3d} N={config[1]:3d} D={config[2] or args.dim:3d} w={config[3]} s={config[4]} {loads:8s}"
+            )
             shown = f"{ms:7.2f} ms {tflops:5.0f} TFLOP/s {ms / dense_ms:6.1%} of dense" if ms else note
             print(f"  {label}: {shown}", flush=True)
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "scoring_configs.json"

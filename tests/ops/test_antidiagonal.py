@@ -144,6 +144,63 @@ def test_scoring_kernel_range_in_query_cell_chunks_matches_one_launch(monkeypatc
     assert torch.equal(chunked, whole)
 
 
+# TMA loads (loads="tma"): tensor descriptors over whole cells ------------------------------------
+TMA_CASES = [
+    # batch, q_heads, kv_heads, seq_q, seq_k, dim, stride, block_q, block_k, causal, q_blocks, precision
+    pytest.param(2, 6, 2, 64, 96, 32, 8, 32, 32, True, None, "input", id="gqa3-batch2-sq<sk"),
+    pytest.param(1, 4, 1, 120, 120, 16, 4, 16, 16, False, range(2, 6), "input", id="gqa4-range-non-causal"),
+    pytest.param(1, 4, 2, 96, 128, 16, 4, 16, 32, True, range(1, 5), "fp8", id="fp8-range"),
+]
+
+
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, seq_q, seq_k, dim, stride, block_q, block_k, causal, q_blocks, precision", TMA_CASES
+)
+def test_tma_loads_match_pointer_loads_and_brute_force(
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, stride, block_q, block_k, causal, q_blocks, precision, quiet_numpy
+):
+    # Queries in the (B, S, H, D) layout models produce (rows strided by H * D), keys contiguous.
+    q = torch.randn(batch, seq_q, q_heads, dim, generator=torch.Generator().manual_seed(31)).to(torch.bfloat16)
+    q = q.transpose(1, 2)
+    _, k, _ = random_qkv(batch, kv_heads, kv_heads, seq_k, seq_k, dim, dtype=torch.bfloat16, seed=32)
+    options = dict(stride=stride, block_q=block_q, block_k=block_k, scale=dim**-0.5, causal=causal, q_blocks=q_blocks)
+    options["score_precision"] = precision
+    with quiet_numpy():
+        pointers = antidiagonal_block_probs_triton(q, k, **options, loads="pointers")
+        tma = antidiagonal_block_probs_triton(q, k, **options, loads="tma")
+    assert torch.equal(tma, pointers)  # the same products in the same order
+    if precision == "fp8":
+        reference = antidiagonal_block_probs_reference(q, k, **options)
+        assert torch.allclose(tma, reference, atol=1e-5)
+    else:
+        expected = _brute_force_antidiagonal(q.float(), k.float(), stride, block_q, block_k, dim**-0.5, causal)
+        rows = slice(None) if q_blocks is None else slice(q_blocks.start, q_blocks.stop)
+        assert torch.allclose(tma, expected[:, :, rows], atol=1e-5)
+
+
+def test_tma_loads_are_checked():
+    q, k, _ = random_qkv(1, 2, 1, 100, 96, 16, dtype=torch.bfloat16, seed=33)
+    options = dict(stride=8, block_q=16, block_k=16, scale=0.25, causal=True)
+    with pytest.raises(ValueError, match=r"loads='tma'.*whole cells of 8"):
+        antidiagonal_block_probs_triton(q, k, **options, loads="tma")
+    with pytest.raises(ValueError, match="loads must be None or one of"):
+        antidiagonal_block_probs_triton(q[:, :, :96], k, **options, loads="async")
+    with pytest.raises(ValueError, match="float32 inputs"):
+        antidiagonal_block_probs_triton(q[:, :, :96].float(), k.float(), **options, loads="tma")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["input", "fp8"])
+def test_tma_loads_match_pointer_loads_on_gpu(precision):
+    q, k, _ = random_qkv(1, 8, 2, 16384, 16384, 128, dtype=torch.bfloat16, device="cuda", seed=34)
+    options = dict(stride=8, block_q=128, block_k=128, scale=128**-0.5, causal=True, score_precision=precision)
+    reference = antidiagonal_block_probs_reference(q, k, **options)
+    pointers = antidiagonal_block_probs_triton(q, k, **options, loads="pointers")
+    tma = antidiagonal_block_probs_triton(q, k, **options, loads="tma")
+    assert torch.allclose(tma, reference, atol=2e-3)
+    assert torch.allclose(tma, pointers, atol=1e-4)
+
+
 # fp8 scoring (score_precision="fp8") ---------------------------------------------------------
 FP8_CASES = [
     # batch, q_heads, kv_heads, seq_q, seq_k, dim, stride, block_q, block_k, causal, dtype, q_blocks

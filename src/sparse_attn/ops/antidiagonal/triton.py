@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...backends import launch
 from ...geometry import num_blocks
 from ...utils import dot_in_float32, interpreting, length_bucket
 from .._chunking import CHUNK_ELEMENTS
@@ -47,10 +48,12 @@ from .naive import Fp8Keys, check_score_precision, fp8_keys, fp8_query_rows
 
 __all__ = [
     "FP8_SCORING_CONFIGS",
+    "LOAD_MODES",
     "SCORING_CONFIGS",
     "ScoringConfig",
     "antidiagonal_block_probs_triton",
     "cell_block_probs",
+    "tma_unsupported_reason",
     "unsupported_reason",
 ]
 
@@ -115,18 +118,29 @@ def unsupported_reason(
 @triton.jit
 def _antidiagonal_step(
     acc, q_base, k_base, cells, key_cells, i, offs_d, stride_qs, stride_ks, q_row_start, q_len, seq_k,
-    STRIDE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    q_cell, key_cell, d_start,
+    STRIDE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Add one antidiagonal product: query cell row ``STRIDE - 1 - i`` against key cell row ``i``
-    (Q's first row is query row ``q_row_start``; rows from ``q_len`` on are zeros)."""
-    q_rows = cells * STRIDE + (STRIDE - 1 - i)
-    k_rows = key_cells * STRIDE + i
-    q_i = tl.load(
-        q_base + (q_rows - q_row_start)[:, None] * stride_qs + offs_d[None, :],
-        mask=(q_rows < q_len)[:, None],
-        other=0.0,
-    )
-    k_i = tl.load(k_base + k_rows[:, None] * stride_ks + offs_d[None, :], mask=(k_rows < seq_k)[:, None], other=0.0)
+    (Q's first row is query row ``q_row_start``; rows from ``q_len`` on are zeros).
+
+    ``USE_TMA``: ``q_base`` and ``k_base`` are ``(cells, STRIDE, HEAD_DIM)`` tensor descriptors
+    (whole cells only, cells past the end read as zeros); the tile of query cells from
+    ``q_cell`` (cells of Q's rows) and key cells from ``key_cell`` is one box each, head-dim
+    columns from ``d_start``."""
+    if USE_TMA:
+        q_i = tl.reshape(q_base.load([q_cell, STRIDE - 1 - i, d_start]), (BLOCK_M, BLOCK_D))
+        k_i = tl.reshape(k_base.load([key_cell, i, d_start]), (BLOCK_N, BLOCK_D))
+    else:
+        q_rows = cells * STRIDE + (STRIDE - 1 - i)
+        k_rows = key_cells * STRIDE + i
+        q_i = tl.load(
+            q_base + (q_rows - q_row_start)[:, None] * stride_qs + offs_d[None, :],
+            mask=(q_rows < q_len)[:, None],
+            other=0.0,
+        )
+        k_i = tl.load(k_base + k_rows[:, None] * stride_ks + offs_d[None, :], mask=(k_rows < seq_k)[:, None], other=0.0)
     if DOT_FP32:
         return tl.dot(q_i.to(tl.float32), tl.trans(k_i.to(tl.float32)), acc, input_precision=PRECISION)
     return tl.dot(q_i, tl.trans(k_i), acc, input_precision=PRECISION)
@@ -207,6 +221,7 @@ def _cell_block_probs(
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     SCALED: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Per (query block, KV block): the mean (or max) over the block's query cells of the cell's softmax mass.
 
@@ -256,13 +271,27 @@ def _cell_block_probs(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # One loop over (key tile, query-row offset, head-dim slice) steps, with the tile's
     # epilogue on its last step: loads are pipelined across key-tile boundaries.
+    if USE_TMA:
+        # Whole cells of Q's rows (from q_row_start) and of the keys; a box is BLOCK_M (BLOCK_N)
+        # cells at one row offset and BLOCK_D head-dim columns. From here on q_base and
+        # k_base are descriptors.
+        q_base = tl.make_tensor_descriptor(
+            q_base, shape=[(q_len - q_row_start) // STRIDE, STRIDE, HEAD_DIM],
+            strides=[STRIDE * stride_qs, stride_qs, 1], block_shape=[BLOCK_M, 1, BLOCK_D],
+        )  # fmt: skip
+        k_base = tl.make_tensor_descriptor(
+            k_base, shape=[k_cells, STRIDE, HEAD_DIM], strides=[STRIDE * stride_ks, stride_ks, 1],
+            block_shape=[BLOCK_N, 1, BLOCK_D],
+        )  # fmt: skip
+    q_cell = first_cell - q_row_start // STRIDE
     STEPS: tl.constexpr = STRIDE * D_SPLIT
     for step in range(0, tl.cdiv(key_cell_end, BLOCK_N) * STEPS):
         start_n = (step // STEPS) * BLOCK_N
+        d_start = (step % D_SPLIT) * BLOCK_D
         acc = _antidiagonal_step(
             acc, q_base, k_base, cells, start_n + offs_n, (step % STEPS) // D_SPLIT,
-            (step % D_SPLIT) * BLOCK_D + offs_d, stride_qs, stride_ks, q_row_start, q_len, seq_k,
-            STRIDE, DOT_FP32, PRECISION,
+            d_start + offs_d, stride_qs, stride_ks, q_row_start, q_len, seq_k, q_cell, start_n, d_start,
+            STRIDE, DOT_FP32, PRECISION, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
         if step % STEPS == STEPS - 1:
             m_i, l_i = _tile_epilogue(
@@ -315,13 +344,20 @@ def _config_kwargs(
 
 @functools.cache
 def _autotuned_kernel(
-    head_dim: int, cells_per_q_block: int, cells_per_kv_block: int, candidates: tuple[ScoringConfig, ...]
+    head_dim: int,
+    cells_per_q_block: int,
+    cells_per_kv_block: int,
+    candidates: tuple[ScoringConfig, ...],
+    load_modes: tuple[str, ...],
 ):
     configs = [
         triton.Config(
-            _config_kwargs(m, n, d, head_dim, cells_per_q_block, cells_per_kv_block), num_warps=w, num_stages=s
+            {**_config_kwargs(m, n, d, head_dim, cells_per_q_block, cells_per_kv_block), "USE_TMA": mode == "tma"},
+            num_warps=w,
+            num_stages=s,
         )
         for m, n, d, w, s in candidates
+        for mode in load_modes
     ]
     # Several candidates can collapse to one tile shape for large blocks: keep each once.
     unique = list({(str(c.kwargs), c.num_warps, c.num_stages): c for c in configs}.values())
@@ -344,6 +380,39 @@ def _grid(meta: dict, *, cells: int, programs: int) -> tuple[int, int]:
     return num_blocks(cells, meta["BLOCK_M"]), programs
 
 
+LOAD_MODES = ("pointers", "tma")
+
+
+def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, *, stride: int) -> str | None:
+    """Why the scoring cannot read these (already quantised, if fp8) ``q`` rows and ``k``
+    through tensor descriptors, or ``None``: 16-bit or fp8 codes on compute capability 9+
+    (or the interpreter), whole cells of ``stride`` rows, 16-byte aligned rows and heads."""
+    if q.dtype == torch.float32:
+        return "float32 inputs are read with pointer loads"
+    if not interpreting() and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9):
+        return "tensor descriptors need compute capability 9.0 or later"
+    if q.shape[2] % stride or k.shape[2] % stride:
+        return f"the query rows ({q.shape[2]}) and keys ({k.shape[2]}) must be whole cells of {stride}"
+    if not (launch.descriptor_compatible(q) and launch.descriptor_compatible(k)):
+        return "rows and heads must be 16-byte aligned with unit stride in head_dim"
+    return None
+
+
+def _load_modes(q: torch.Tensor, k: torch.Tensor, stride: int, loads: str | None) -> tuple[str, ...]:
+    """The load modes to run (or autotune over): ``loads`` None is pointer loads plus TMA where
+    it can run (pointer loads alone under the interpreter, which then runs one small tile)."""
+    if loads is None:
+        tma = not interpreting() and tma_unsupported_reason(q, k, stride=stride) is None
+        return ("pointers", "tma") if tma else ("pointers",)
+    if loads not in LOAD_MODES:
+        raise ValueError(f"loads must be None or one of {LOAD_MODES}, got {loads!r}")
+    if loads == "tma":
+        reason = tma_unsupported_reason(q, k, stride=stride)
+        if reason is not None:
+            raise ValueError(f"loads='tma' cannot read these inputs: {reason}")
+    return (loads,)
+
+
 def cell_block_probs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -359,6 +428,7 @@ def cell_block_probs(
     q_blocks: range | None = None,
     configs: Sequence[ScoringConfig] | None = None,
     keys_fp8: Fp8Keys | None = None,
+    loads: str | None = None,
 ) -> torch.Tensor:
     """Launch the kernel over head chunks; float32 ``(B, Hq, len(q_blocks), n_kv)``, blocks past the causal extent 0.
 
@@ -371,7 +441,10 @@ def cell_block_probs(
     inputs and the interpreter use their own single tile). ``keys_fp8`` (``query_step`` 1
     only): score in fp8, with these keys (:func:`.naive.fp8_keys` of ``k``) and the scored
     rows of ``q`` quantised per head here (:func:`.naive.fp8_query_rows`), the products' scales
-    folded into the softmax scale: the reference's ``score_precision="fp8"``.
+    folded into the softmax scale: the reference's ``score_precision="fp8"``. ``loads``: how
+    the kernel reads Q and K, ``"pointers"`` (row-strided loads) or ``"tma"`` (tensor
+    descriptors over whole cells, Hopper or newer; :func:`tma_unsupported_reason`); ``None``
+    autotunes over both where TMA can run.
     """
     batch, q_heads, q_len, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
@@ -391,6 +464,9 @@ def cell_block_probs(
         q_row_start, q_stop = first_cell * stride, min(q_len, end_cell * stride)
         q, q_scale = fp8_query_rows(q[:, :, q_row_start:q_stop])
         k, scales = keys_fp8.codes, (q_scale.contiguous(), keys_fp8.scale.contiguous())
+    load_modes = _load_modes(q, k, stride, loads)
+    if "tma" in load_modes and not interpreting():  # descriptors made on the device need global scratch
+        launch.ensure_scratch_allocator()
     # The scratch holds CHUNK_ELEMENTS floats at most: a few heads at a time, and when one head's
     # rows alone exceed that (very long sequences), a range of query cells at a time, in whole
     # multiples of _CELL_UNIT (every tile height and query block divides it).
@@ -435,9 +511,12 @@ def cell_block_probs(
             if interpreting():
                 # One small tile; head_dim split in two steps (when it can be) to cover that path too.
                 tile = _config_kwargs(16, 16, max(16, dim // 2), dim, cells_per_q_block, cells_per_kv_block)
-                _cell_block_probs[(num_blocks(cells, tile["BLOCK_M"]), batch * heads)](*args, **tile, **constants)
+                use_tma = load_modes == ("tma",)
+                _cell_block_probs[(num_blocks(cells, tile["BLOCK_M"]), batch * heads)](
+                    *args, **tile, **constants, USE_TMA=use_tma
+                )
             else:
-                kernel = _autotuned_kernel(dim, cells_per_q_block, cells_per_kv_block, candidates)
+                kernel = _autotuned_kernel(dim, cells_per_q_block, cells_per_kv_block, candidates, load_modes)
                 kernel[functools.partial(_grid, cells=cells, programs=batch * heads)](*args, **constants)
     return probs
 
@@ -455,11 +534,13 @@ def antidiagonal_block_probs_triton(
     configs: Sequence[ScoringConfig] | None = None,
     score_precision: str = "input",
     keys_fp8: Fp8Keys | None = None,
+    loads: str | None = None,
 ) -> torch.Tensor:
     """Same result as :func:`.naive.antidiagonal_block_probs_reference`, with the kernel.
 
     ``configs``: autotune candidates to use instead of :data:`SCORING_CONFIGS` (16-bit inputs
-    on a GPU only), e.g. one at a time to time each.
+    on a GPU only), e.g. one at a time to time each. ``loads``: ``"pointers"`` or ``"tma"``
+    to force one way of reading Q and K (default: autotuned over both where TMA can run).
     """
     check_score_precision(score_precision, keys_fp8, k)
     reason = unsupported_reason(q, stride=stride, block_q=block_q, block_k=block_k, score_precision=score_precision)
@@ -481,4 +562,5 @@ def antidiagonal_block_probs_triton(
         q_blocks=q_blocks,
         configs=configs,
         keys_fp8=keys_fp8,
+        loads=loads,
     )
