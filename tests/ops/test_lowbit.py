@@ -67,3 +67,51 @@ def test_per_head_scales_are_each_heads_absmax_and_chunking_gives_the_same_codes
     assert int(int4_codes.abs().max()) == 7
     with pytest.raises(ValueError, match="fmt"):
         lowbit_naive.quantize_per_head(x, "fp4")
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, centred",
+    [
+        ((2, 3, 37, 64), torch.bfloat16, True),
+        ((1, 2, 2100, 16), torch.float32, False),
+        ((1, 5, 9, 128), torch.float16, True),
+    ],
+)
+def test_per_head_fp8_kernel_equals_the_reference_bit_for_bit(shape, dtype, centred, quiet_numpy):
+    from sparse_attn.ops.lowbit.triton import quantize_per_head_triton
+
+    generator = torch.Generator().manual_seed(41)
+    x = (torch.randn(shape, generator=generator) * torch.rand(shape[:2] + (1, 1), generator=generator) * 5).to(dtype)
+    x[:, -1] = 0  # an all-zero head keeps scale 1 and zero codes
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)  # rows strided by H * D, as models lay q out
+    center = sequence_mean(x) if centred else None
+    if centred:
+        center[:, -1] = 0
+    codes, scale = lowbit_naive.quantize_per_head(x, "fp8", center=center)
+    with quiet_numpy():
+        kernel_codes, kernel_scale = quantize_per_head_triton(x, "fp8", center=center)
+    assert torch.equal(kernel_scale, scale)
+    assert torch.equal(kernel_codes.view(torch.uint8), codes.view(torch.uint8))
+    assert bool((scale[:, -1] == 1).all()) and not bool(kernel_codes[:, -1].float().any())
+
+
+def test_per_head_fp8_kernel_checks_its_case():
+    from sparse_attn.ops.lowbit.triton import quantize_per_head_triton, unsupported_reason
+
+    x = torch.randn(1, 2, 8, 16)
+    assert "fp8 only" in unsupported_reason(x, "int4")
+    assert "power-of-two head_dim" in unsupported_reason(torch.randn(1, 2, 8, 24))
+    with pytest.raises(ValueError, match=r"center"):
+        quantize_per_head_triton(x, "fp8", center=torch.zeros(1, 2, 8, 16))
+
+
+@pytest.mark.gpu
+def test_per_head_fp8_kernel_equals_the_reference_on_gpu():
+    from sparse_attn.ops.lowbit import quantize_per_head
+
+    x = torch.randn(2, 8, 8191, 128, device="cuda", dtype=torch.bfloat16) * 3 + 1
+    center = sequence_mean(x)
+    codes, scale = quantize_per_head(x, "fp8", center=center)  # the kernel on CUDA
+    reference_codes, reference_scale = lowbit_naive.quantize_per_head(x, "fp8", center=center)
+    assert torch.equal(scale, reference_scale)
+    assert torch.equal(codes.view(torch.uint8), reference_codes.view(torch.uint8))

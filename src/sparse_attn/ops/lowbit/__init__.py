@@ -11,9 +11,28 @@ float32 accumulation forms them. The ``center`` (a per-head mean over the sequen
 the range to quantise without changing any softmax over keys.
 :func:`quantize_per_head` gives one scale per (batch, head) instead, for kernels that fold the
 scales into their softmax scale (XAttention's fp8 antidiagonal scoring, :mod:`sparse_attn.ops.antidiagonal`).
-No fused kernel: the PyTorch code in :mod:`.naive` is the implementation and the entry point.
+:func:`quantize_per_head` to fp8 runs a two-pass Triton kernel on CUDA (:mod:`.triton`, bit for
+bit the reference's codes and scales); everything else is the PyTorch code of :mod:`.naive`.
 """
 
-from .naive import FORMATS, dequantize, quantize, quantize_per_head, sequence_mean
+from __future__ import annotations
+
+import torch
+
+from .._dispatch import kernel_for
+from . import naive
+from .naive import FORMATS, dequantize, quantize, sequence_mean
+
+
+def quantize_per_head(
+    x: torch.Tensor, fmt: str = "fp8", *, center: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, head) symmetric quantisation of ``x - center``: ``(codes, scale)``
+    (:func:`.naive.quantize_per_head`; fp8 on CUDA through the kernel of :mod:`.triton`)."""
+    kernel = kernel_for(x, __package__, fmt=fmt, center=center)
+    if kernel is not None:
+        return kernel.quantize_per_head_triton(x, fmt, center=center)
+    return naive.quantize_per_head(x, fmt, center=center)
+
 
 __all__ = ["FORMATS", "dequantize", "quantize", "quantize_per_head", "sequence_mean"]
