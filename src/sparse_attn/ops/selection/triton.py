@@ -95,24 +95,32 @@ def _select_row(
         # Ties (in index order) are kept while their preceding mass is short of the target.
         needed = tl.where(value > 0, tl.math.ceil((target - mass_above) / tl.where(value > 0, value, 1.0)), 0.0)
         tie_count = tl.minimum(tl.maximum(needed, 0.0), ties.to(tl.float32)).to(tl.int32)
-        keep = tl.where(target > 0, count_above + tie_count, 0)
-        keep = tl.maximum(keep, minimum)
+        unclamped = tl.where(target > 0, count_above + tie_count, 0)
+        keep = tl.maximum(unclamped, minimum)
         if maximum >= 0:
             keep = tl.minimum(keep, maximum)
+        # When the count is the mass rule's own (not clamped) and takes at least one tie at
+        # `cut`, `cut` is already the smallest key with fewer than `keep` entries above it (the
+        # entries above it are fewer; one key lower, the ties alone make `keep`): the second
+        # bisection would return it, so it is skipped.
+        search = (keep != unclamped) | (tie_count == 0)
     else:
         keep = tl.load(KeepCount + row).to(tl.int32)
+        cut = lowest - 1
+        search = True
 
-    # Smallest key u with fewer than `keep` entries above it (bisection over [lowest - 1, highest]):
-    # every entry above u is kept, then the first ties at u by index.
-    lo = lowest - 1
-    hi = highest
-    for _ in range(34):
-        mid = lo + (hi - lo) // 2
-        above = tl.sum((keys > mid).to(tl.int32), 0)
-        few = above < keep
-        hi = tl.where(few & (lo < hi), mid, hi)
-        lo = tl.where(few | (lo >= hi), lo, mid + 1)
-    cut = lo
+    if search:
+        # Smallest key u with fewer than `keep` entries above it (bisection over [lowest - 1,
+        # highest]): every entry above u is kept, then the first ties at u by index.
+        lo = lowest - 1
+        hi = highest
+        for _ in range(34):
+            mid = lo + (hi - lo) // 2
+            above = tl.sum((keys > mid).to(tl.int32), 0)
+            few = above < keep
+            hi = tl.where(few & (lo < hi), mid, hi)
+            lo = tl.where(few | (lo >= hi), lo, mid + 1)
+        cut = lo
     greater = valid & (keys > cut)
     tie = valid & (keys == cut)
     tie_rank = tl.cumsum(tie.to(tl.int32), 0)
