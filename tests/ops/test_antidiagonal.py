@@ -77,6 +77,7 @@ def test_scoring_kernel_in_query_cell_chunks_matches_one_launch(monkeypatch, qui
     with quiet_numpy():
         whole = antidiagonal_block_probs_triton(q, k, **antidiagonal)
         whole_sampled = sampled_rows_block_max_probs_triton(q_rows, k, **sampled)
+        monkeypatch.setattr(antidiagonal_triton, "SCRATCH_CHUNKS", 1)
         monkeypatch.setattr(antidiagonal_triton, "CHUNK_ELEMENTS", 400)
         monkeypatch.setattr(antidiagonal_triton, "_CELL_UNIT", 32)
         chunked = antidiagonal_block_probs_triton(q, k, **antidiagonal)
@@ -90,6 +91,7 @@ def test_antidiagonal_triton_in_head_chunks_matches_one_chunk(monkeypatch, quiet
     options = dict(stride=4, block_q=16, block_k=16, scale=0.25, causal=True)
     with quiet_numpy():
         whole = antidiagonal_block_probs_triton(q, k, **options)
+        monkeypatch.setattr(antidiagonal_triton, "SCRATCH_CHUNKS", 1)
         monkeypatch.setattr(antidiagonal_triton, "CHUNK_ELEMENTS", 2 * 18 * 6 * 3)  # three heads, then one
         chunked = antidiagonal_block_probs_triton(q, k, **options)
     assert torch.equal(chunked, whole)
@@ -138,6 +140,7 @@ def test_scoring_kernel_range_in_query_cell_chunks_matches_one_launch(monkeypatc
     options = dict(stride=4, block_q=16, block_k=16, scale=0.25, causal=True, q_blocks=range(3, 13))
     with quiet_numpy():
         whole = antidiagonal_block_probs_triton(q, k, **options)
+        monkeypatch.setattr(antidiagonal_triton, "SCRATCH_CHUNKS", 1)
         monkeypatch.setattr(antidiagonal_triton, "CHUNK_ELEMENTS", 400)
         monkeypatch.setattr(antidiagonal_triton, "_CELL_UNIT", 32)
         chunked = antidiagonal_block_probs_triton(q, k, **options)
