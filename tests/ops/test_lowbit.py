@@ -115,3 +115,17 @@ def test_per_head_fp8_kernel_equals_the_reference_on_gpu():
     reference_codes, reference_scale = lowbit_naive.quantize_per_head(x, "fp8", center=center)
     assert torch.equal(scale, reference_scale)
     assert torch.equal(codes.view(torch.uint8), reference_codes.view(torch.uint8))
+
+
+def test_per_head_fp8_kernel_rounds_once_near_midpoints(quiet_numpy):
+    # Quotients just below a midpoint of two e4m3 codes round down; rounding through float16
+    # first would make them the midpoint and round them up to the even code (seen on the H200).
+    from sparse_attn.ops.lowbit.triton import quantize_per_head_triton
+
+    values = [448.0, 0.121093735, -91.9999924, 24.999998, 0.12109375, -92.0, 0.0029296875, -0.0, 1e-10, -1e-10]
+    values += [3.0e-3, -0.3046875, 13.000001, 447.99, -447.99, 0.5]
+    x = torch.tensor(values, dtype=torch.float32).view(1, 1, 1, 16)  # absmax 448: step 1, quotients = values
+    with quiet_numpy():
+        codes, scale = quantize_per_head_triton(x, "fp8")
+    assert float(scale) == 1.0
+    assert torch.equal(codes.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
