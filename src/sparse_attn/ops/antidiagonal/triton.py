@@ -10,7 +10,9 @@ module is the kernel's only home.
   row-strided loads (each optionally split over head-dim slices of ``BLOCK_D``), so the
   ``(cells, stride * D)`` cell vectors are never built. The main loop runs flat over
   (key tile, row offset, head-dim slice) steps with a key tile's epilogue on its last step,
-  so loads stay pipelined across key tiles;
+  so loads stay pipelined across key tiles. The rows are read with pointer loads or, on Hopper,
+  through TMA tensor descriptors over ``(cells, stride, head_dim)`` views (``loads=``; the
+  autotuner times both: on the H200 at 128K TMA was no faster);
 * per tile it writes, for each query cell and each KV block, the log-sum-exp of the cell's
   scores over that block to a scratch buffer, and keeps each row's running log-sum-exp
   (online softmax);

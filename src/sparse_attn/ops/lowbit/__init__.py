@@ -11,8 +11,9 @@ float32 accumulation forms them. The ``center`` (a per-head mean over the sequen
 the range to quantise without changing any softmax over keys.
 :func:`quantize_per_head` gives one scale per (batch, head) instead, for kernels that fold the
 scales into their softmax scale (XAttention's fp8 antidiagonal scoring, :mod:`sparse_attn.ops.antidiagonal`).
-:func:`quantize_per_head` to fp8 runs a two-pass Triton kernel on CUDA (:mod:`.triton`, bit for
-bit the reference's codes and scales); everything else is the PyTorch code of :mod:`.naive`.
+:func:`quantize_per_head` to fp8 runs a two-pass Triton kernel on CUDA (:mod:`.triton`, the
+reference's codes and scales; see there for how far that is tested); everything else is the
+PyTorch code of :mod:`.naive`.
 """
 
 from __future__ import annotations
