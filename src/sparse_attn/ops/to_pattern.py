@@ -10,8 +10,9 @@ stays within :data:`CHUNK_ELEMENTS`; a range of query blocks is processed last-f
 
 The builder applies the pattern rules row by row, exactly as ``BlockSparsePattern.from_mask``
 does (causal: drop blocks after the query block, add its diagonal; non-causal: a row left
-empty keeps its last block), and turns each piece of mask into sorted ``int32`` lists with a
-prefix count and a binary search (no sort, no ``int64`` table of the piece). Its index table
+empty keeps its last block), and turns each piece of mask into sorted ``int32`` lists
+(:mod:`sparse_attn.ops.mask_lists`: on CUDA one kernel pass per row, elsewhere a prefix count
+and a binary search; no sort, no ``int64`` table of the piece). Its index table
 is as wide as the widest row so far and widens when a row needs more, so the result is
 compact: ``max_kv`` is the largest count of any row. Working memory beyond the chunk is the
 pattern itself (and, while its table widens, the narrower copy). Streamed by query blocks, last
@@ -40,6 +41,7 @@ from ..pattern import BlockSparsePattern
 from ._chunking import CHUNK_ELEMENTS
 from .block_rows import causal_block_rows, diagonal_block_rows, query_block_chunks, query_block_range
 from .gqa import head_chunks
+from .mask_lists import mask_rows_to_lists
 
 __all__ = ["PatternBuilder", "stream_pattern", "stream_pattern_by_heads"]
 
@@ -108,21 +110,16 @@ class PatternBuilder:
             if bool(empty.any()):
                 last = F.one_hot(torch.tensor(self.n_kv - 1, device=self.device), self.n_kv).bool()
                 mask = mask | (empty & last)
-        # The s-th kept block of a row is the first column where the row's running count reaches s.
-        running = mask.cumsum(-1, dtype=torch.int32)
+        counts, columns = mask_rows_to_lists(mask)  # sorted lists padded with 0 to the widest row
         del mask
-        counts = running[..., -1].contiguous()
-        width = int(counts.max())
-        slots = torch.arange(1, width + 1, dtype=torch.int32, device=self.device).expand(*counts.shape, width)
-        columns = torch.searchsorted(running, slots.contiguous(), out_int32=True)
-        del running
+        width = columns.shape[-1]
         self._counts[:, heads.start : heads.stop, rows.start : rows.stop] = counts
         self._rows_written += len(heads) * len(rows)
         if self.compact:  # the kept entries only, row-major; the table is filled by finish()
+            slots = torch.arange(1, width + 1, dtype=torch.int32, device=self.device)
             self._width = max(self._width, width)
             self._pieces.append((heads, rows, width, columns[slots <= counts[..., None]]))
             return
-        columns.masked_fill_(slots > counts[..., None], 0)
         self._widen(width)
         self._indices[:, heads.start : heads.stop, rows.start : rows.stop, :width] = columns
 
