@@ -1,0 +1,87 @@
+"""Compile operator kernels for sm_90a on any machine (no GPU needed) and print JSON.
+
+    python triton_sm90_compile.py
+
+For kernels that run on CUDA by default but whose CPU tests run under the interpreter (which
+never compiles them): prints ``{name: {"returncode", "report", "ptx_has": {...}}}`` per kernel,
+``report`` the last lines of ``ptxas -v``. Used by test_sm90_compile.py in a child process with
+``TRITON_INTERPRET=0``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+
+
+def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4) -> tuple[int, list[str], str]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    full = {name: "i32" for name in fn.arg_names}
+    full.update(signature)
+    full.update({name: "constexpr" for name in constexprs})
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=full, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps},
+    )
+    ptx = compiled.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.ptx")
+        with open(path, "w") as handle:
+            handle.write(ptx)
+        run = subprocess.run(
+            [ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(folder, "kernel.o")], capture_output=True, text=True
+        )
+    return run.returncode, run.stderr.strip().splitlines()[-2:], ptx
+
+
+def main() -> dict:
+    from sparse_attn.ops.antidiagonal import triton as antidiagonal
+    from sparse_attn.ops.lowbit import triton as lowbit
+    from sparse_attn.ops.mask_lists import triton as mask_lists
+    from sparse_attn.ops.selection import triton as selection
+
+    rows = dict(HEAD_DIM=128, BLOCK_S=64, ROWS_PER_PROGRAM=2048, HAS_CENTER=True)
+    scoring = dict(HEAD_DIM=128, STRIDE=8, QUERY_STEP=1, REDUCE_MAX=False, CELLS_PER_Q_BLOCK=16, CELLS_PER_KV_BLOCK=16)
+    scoring.update(BLOCK_M=128, CAUSAL=True, DOT_FP32=False, PRECISION="tf32", USE_TMA=True)
+    scoring_pointers = {"RowBlockLse": "*fp32", "BlockProbs": "*fp32", "QScale": "*fp32", "KScale": "*fp32"}
+    cases = {
+        "mask_lists": (mask_lists._row_lists, {"Mask": "*u8", "Columns": "*i32"}, dict(BLOCK=1024), 4),
+        "lowbit_absmax": (
+            lowbit._absmax_kernel, {"X": "*bf16", "Center": "*fp32", "Absmax": "*fp32"}, rows, 4,
+        ),
+        "lowbit_encode": (
+            lowbit._encode_kernel,
+            {"X": "*bf16", "Center": "*fp32", "Absmax": "*fp32", "Codes": "*fp8e4nv"},
+            dict(rows, LEVELS=448.0, HOST_CAST=False),
+            4,
+        ),
+        "selection_mass": (
+            selection._select_row, {"Scores": "*fp32", "KeepCount": "*fp32", "Out": "*u8", "threshold": "fp32"},
+            dict(MASS=True, BLOCK=1024), 4,
+        ),
+        "antidiagonal_tma_bf16": (
+            antidiagonal._cell_block_probs, {"Q": "*bf16", "K": "*bf16", **scoring_pointers, "qk_scale": "fp32"},
+            dict(scoring, BLOCK_N=256, BLOCK_D=64, SCALED=False), 8,
+        ),
+        "antidiagonal_tma_fp8": (
+            antidiagonal._cell_block_probs, {"Q": "*fp8e4nv", "K": "*fp8e4nv", **scoring_pointers, "qk_scale": "fp32"},
+            dict(scoring, BLOCK_N=128, BLOCK_D=128, SCALED=True), 8,
+        ),
+    }  # fmt: skip
+    results = {}
+    for name, (fn, signature, constexprs, warps) in cases.items():
+        returncode, report, ptx = compile_for_sm90(fn, signature, constexprs, warps)
+        has = {key: key in ptx for key in ("cp.async.bulk.tensor", "cvt.rn.satfinite.e4m3x2.f32")}
+        results[name] = {"returncode": returncode, "report": report, "ptx_has": has}
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
