@@ -9,7 +9,8 @@ traffic per element for a 16-bit input instead of about 30. Same arithmetic as t
 division, rounded to nearest-even on the e4m3 grid in float32 before the cast, see
 :func:`_round_to_e4m3`), so codes and scales are bit for bit the reference's: tested under the
 CPU interpreter (where the host casts the rounded values); on the H200 a first version that let
-Triton's cast round differed in 27 of 16.8M codes, the fix has not run on a GPU yet.
+the conversion round differed in 27 of 16.8M codes; the fix compiles for sm_90 but has not run
+on a GPU yet.
 XAttention's fp8 scoring quantises every query row and the keys once per estimate through it
 (:mod:`sparse_attn.ops.antidiagonal`).
 """
@@ -86,10 +87,10 @@ def _absmax_kernel(
 def _round_to_e4m3(v):
     """``v`` (float32, ``|v| <= 448``) rounded to nearest-even on the e4m3 grid, in float32.
 
-    Triton's float32 to e4m3 cast goes through float16 on sm_90, rounding twice (a value just
-    under a midpoint of two codes becomes the midpoint in float16, then ties to even: 27 of
-    16.8M codes differed from PyTorch's cast on the H200). Rounded here first, the value is a
-    code already and the cast is exact. A code's spacing is ``2^(e - 3)`` for exponent ``e``
+    The conversion Triton emits on sm_90 (``cvt.rn.satfinite.e4m3x2.f32``) gave 27 of 16.8M
+    codes other than PyTorch's cast on the H200, each a quotient just under a midpoint of two
+    codes rounded up, as rounding through float16 first would (the midpoint, then ties to
+    even). Rounded here first, the value is a code already and the conversion is exact. A code's spacing is ``2^(e - 3)`` for exponent ``e``
     (``e >= -6``; subnormals share ``2^-9``); ``(t + 1.5 * 2^23) - 1.5 * 2^23`` rounds
     ``|t| < 2^22`` to the nearest integer, ties to even, in float32 arithmetic."""
     bits = v.to(tl.int32, bitcast=True)
