@@ -11,7 +11,9 @@ reflected) instead of sorting. For the mass rule, the value ``v`` of the last ke
 the smallest key whose strictly-larger entries sum to less than the target; the count is the
 entries above ``v`` plus as many entries equal to ``v`` as keep their preceding mass short of
 the target. The selection then keeps the entries above the count's cut and the first ties by
-index, which is exactly the reference's stable-sort order. Sums are reduced in a different
+index, which is exactly the reference's stable-sort order. (When the mass rule's count is its
+own, not clamped by the budget, and takes a tie at ``v``, that cut is ``v`` itself and the
+second bisection, the one that finds the cut, is skipped.) Sums are reduced in a different
 order than the reference's sequential scan, so a row whose running mass lands within float
 rounding of the target may keep one entry more or fewer than the reference.
 """
