@@ -71,18 +71,25 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=values)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = compiled.asm["ptx"]
+    report = run_ptxas(ptx, check=True).stderr
+    return {"ptx": ptx, "report": report, "shared": compiled.metadata.shared, "stages": values["STAGES"]}
+
+
+def run_ptxas(ptx: str, *, check: bool) -> subprocess.CompletedProcess:
+    """Assemble ``ptx`` for sm_90a with Triton's bundled ``ptxas -v`` (the report is on stderr)."""
+    import triton
+
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.ptx")
         with open(path, "w") as handle:
             handle.write(ptx)
-        report = subprocess.run(
+        return subprocess.run(
             [ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(folder, "kernel.o")],
             capture_output=True,
             text=True,
-            check=True,
-        ).stderr
-    return {"ptx": ptx, "report": report, "shared": compiled.metadata.shared, "stages": values["STAGES"]}
+            check=check,
+        )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import tempfile
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "backends"))
+from gluon_sm90_compile import run_ptxas  # noqa: E402  (the Gluon compile script's ptxas step)
 
 
 def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4) -> tuple[int, list[str], str]:
@@ -30,14 +32,7 @@ def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4) 
         options={"num_warps": num_warps},
     )
     ptx = compiled.asm["ptx"]
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "kernel.ptx")
-        with open(path, "w") as handle:
-            handle.write(ptx)
-        run = subprocess.run(
-            [ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(folder, "kernel.o")], capture_output=True, text=True
-        )
+    run = run_ptxas(ptx, check=False)
     return run.returncode, run.stderr.strip().splitlines()[-2:], ptx
 
 

@@ -20,18 +20,14 @@ from .._dispatch import device_unsupported_reason
 __all__ = ["mask_rows_to_lists_triton", "unsupported_reason"]
 
 _BLOCK = 1024
-# Output allocator; tests replace it to poison outputs so unwritten entries show.
-_empty = torch.empty
+_empty = torch.empty  # the output's allocator: the tests poison it
 
 
 def unsupported_reason(mask: torch.Tensor) -> str | None:
-    """Why the kernel cannot convert ``mask``, or ``None``."""
-    reason = device_unsupported_reason(mask)
-    if reason is not None:
-        return reason
+    """Why the kernel cannot convert ``mask`` (a row without columns, or the device), or ``None``."""
     if mask.dim() < 1 or mask.shape[-1] == 0:
         return "needs rows of at least one column"
-    return None
+    return device_unsupported_reason(mask)
 
 
 @triton.jit
