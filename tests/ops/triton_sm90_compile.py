@@ -53,8 +53,8 @@ def main() -> dict:
         ),
         "lowbit_encode": (
             lowbit._encode_kernel,
-            {"X": "*bf16", "Center": "*fp32", "Absmax": "*fp32", "Codes": "*fp8e4nv"},
-            dict(rows, LEVELS=448.0, HOST_CAST=False),
+            {"X": "*bf16", "Center": "*fp32", "Scale": "*fp32", "Codes": "*fp8e4nv"},
+            dict(rows, HOST_CAST=False),
             4,
         ),
         "selection_mass": (

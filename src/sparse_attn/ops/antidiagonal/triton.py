@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ...backends import launch
 from ...geometry import num_blocks
-from ...utils import dot_in_float32, interpreting, length_bucket
+from ...utils import device_capability, dot_in_float32, interpreting, length_bucket
 from .._chunking import CHUNK_ELEMENTS
 from .._dispatch import device_unsupported_reason
 from ..block_rows import query_block_range
@@ -127,24 +127,25 @@ def unsupported_reason(
 
 @triton.jit
 def _antidiagonal_step(
-    acc, q_base, k_base, cells, key_cells, i, offs_d, stride_qs, stride_ks, q_row_start, q_len, seq_k,
-    q_cell, key_cell, d_start,
+    acc, q_base, k_base, first_cell, start_n, i, d_start, stride_qs, stride_ks, q_row_start, q_len, seq_k,
     STRIDE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Add one antidiagonal product: query cell row ``STRIDE - 1 - i`` against key cell row ``i``
-    (Q's first row is query row ``q_row_start``; rows from ``q_len`` on are zeros).
+    """Add one antidiagonal product of the tile's query cells from ``first_cell`` and key cells
+    from ``start_n``: query cell row ``STRIDE - 1 - i`` against key cell row ``i``, head-dim
+    columns from ``d_start`` (Q's first row is query row ``q_row_start``; rows from ``q_len``
+    on are zeros).
 
     ``USE_TMA``: ``q_base`` and ``k_base`` are ``(cells, STRIDE, HEAD_DIM)`` tensor descriptors
-    (whole cells only, cells past the end read as zeros); the tile of query cells from
-    ``q_cell`` (cells of Q's rows) and key cells from ``key_cell`` is one box each, head-dim
-    columns from ``d_start``."""
+    (whole cells only, cells past the end read as zeros), Q's counted from its first row; each
+    operand is one box."""
     if USE_TMA:
-        q_i = tl.reshape(q_base.load([q_cell, STRIDE - 1 - i, d_start]), (BLOCK_M, BLOCK_D))
-        k_i = tl.reshape(k_base.load([key_cell, i, d_start]), (BLOCK_N, BLOCK_D))
+        q_i = tl.reshape(q_base.load([first_cell - q_row_start // STRIDE, STRIDE - 1 - i, d_start]), (BLOCK_M, BLOCK_D))
+        k_i = tl.reshape(k_base.load([start_n, i, d_start]), (BLOCK_N, BLOCK_D))
     else:
-        q_rows = cells * STRIDE + (STRIDE - 1 - i)
-        k_rows = key_cells * STRIDE + i
+        offs_d = d_start + tl.arange(0, BLOCK_D)
+        q_rows = (first_cell + tl.arange(0, BLOCK_M)) * STRIDE + (STRIDE - 1 - i)
+        k_rows = (start_n + tl.arange(0, BLOCK_N)) * STRIDE + i
         q_i = tl.load(
             q_base + (q_rows - q_row_start)[:, None] * stride_qs + offs_d[None, :],
             mask=(q_rows < q_len)[:, None],
@@ -255,7 +256,6 @@ def _cell_block_probs(
     first_cell = cell_start + tile * BLOCK_M
     cells = first_cell + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     D_SPLIT: tl.constexpr = HEAD_DIM // BLOCK_D
     q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -293,15 +293,13 @@ def _cell_block_probs(
             k_base, shape=[k_cells, STRIDE, HEAD_DIM], strides=[STRIDE * stride_ks, stride_ks, 1],
             block_shape=[BLOCK_N, 1, BLOCK_D],
         )  # fmt: skip
-    q_cell = first_cell - q_row_start // STRIDE
     STEPS: tl.constexpr = STRIDE * D_SPLIT
     for step in range(0, tl.cdiv(key_cell_end, BLOCK_N) * STEPS):
         start_n = (step // STEPS) * BLOCK_N
-        d_start = (step % D_SPLIT) * BLOCK_D
         acc = _antidiagonal_step(
-            acc, q_base, k_base, cells, start_n + offs_n, (step % STEPS) // D_SPLIT,
-            d_start + offs_d, stride_qs, stride_ks, q_row_start, q_len, seq_k, q_cell, start_n, d_start,
-            STRIDE, DOT_FP32, PRECISION, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_D,
+            acc, q_base, k_base, first_cell, start_n, (step % STEPS) // D_SPLIT, (step % D_SPLIT) * BLOCK_D,
+            stride_qs, stride_ks, q_row_start, q_len, seq_k, STRIDE, DOT_FP32, PRECISION, USE_TMA,
+            BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
         if step % STEPS == STEPS - 1:
             m_i, l_i = _tile_epilogue(
@@ -399,7 +397,8 @@ def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, *, stride: int) -> 
     (or the interpreter), whole cells of ``stride`` rows, 16-byte aligned rows and heads."""
     if q.dtype == torch.float32:
         return "float32 inputs are read with pointer loads"
-    if not interpreting() and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9):
+    capability = device_capability(q.device)
+    if not interpreting() and (capability is None or capability[0] < 9):
         return "tensor descriptors need compute capability 9.0 or later"
     if q.shape[2] % stride or k.shape[2] % stride:
         return f"the query rows ({q.shape[2]}) and keys ({k.shape[2]}) must be whole cells of {stride}"

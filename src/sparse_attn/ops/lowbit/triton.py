@@ -104,11 +104,11 @@ def _round_to_e4m3(v):
 
 @triton.jit
 def _encode_kernel(
-    X, Center, Absmax, Codes, heads, stride_xb, stride_xh, stride_xs, seq,
-    LEVELS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+    X, Center, Scale, Codes, heads, stride_xb, stride_xh, stride_xs, seq,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
     HAS_CENTER: tl.constexpr, HOST_CAST: tl.constexpr,
 ):  # fmt: skip
-    """Pass 2: codes ``(x - center) / step`` (IEEE division, round-to-nearest-even cast), ``step = absmax / LEVELS``.
+    """Pass 2: codes ``(x - center) / step`` (IEEE division, rounded to the e4m3 grid), ``step`` the head's ``Scale``.
 
     ``HOST_CAST`` (the interpreter only): ``Codes`` is float32 and takes the quotients; the host
     casts them (the interpreter's e4m3 cast rounds wrongly when rounding carries into the exponent)."""
@@ -116,8 +116,7 @@ def _encode_kernel(
     chunk = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    absmax = tl.load(Absmax + bh)
-    step_size = tl.where(absmax > 0, tl.math.div_rn(absmax, LEVELS), 1.0)
+    step_size = tl.load(Scale + bh)
     codes_base = Codes + bh.to(tl.int64) * seq * HEAD_DIM
     for step in range(0, ROWS_PER_PROGRAM, BLOCK_S):
         x, rows = _rows(X, Center, bh, chunk, heads, stride_xb, stride_xh, stride_xs, seq, offs_s, offs_d, step,
@@ -147,15 +146,15 @@ def quantize_per_head_triton(
     grid = (batch * heads, max(1, num_blocks(seq, _ROWS_PER_PROGRAM)))
     common = (heads, *x.stride()[:3], seq)
     constants = dict(HEAD_DIM=dim, BLOCK_S=_BLOCK_S, ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM, HAS_CENTER=center is not None)
-    centre = x if center is None else center  # an unused pointer without a center
+    center_arg = x if center is None else center  # an unused pointer without a center
     host_cast = interpreting()
     quotients = torch.empty(x.shape, dtype=torch.float32, device=x.device) if host_cast else codes
-    if batch * heads and seq:
-        _absmax_kernel[grid](x, centre, absmax, *common, **constants)
-        _encode_kernel[grid](
-            x, centre, absmax, quotients, *common, LEVELS=_FP8_LEVELS, HOST_CAST=host_cast, **constants
-        )  # fmt: skip
+    nonempty = batch * heads * seq > 0
+    if nonempty:
+        _absmax_kernel[grid](x, center_arg, absmax, *common, **constants)
+    scale = torch.where(absmax > 0, absmax / _FP8_LEVELS, torch.ones_like(absmax))  # the reference's step
+    if nonempty:
+        _encode_kernel[grid](x, center_arg, scale, quotients, *common, HOST_CAST=host_cast, **constants)
     if host_cast:
         codes.copy_(quotients.to(torch.float8_e4m3fn))
-    scale = torch.where(absmax > 0, absmax / _FP8_LEVELS, torch.ones_like(absmax))
     return codes, scale

@@ -108,7 +108,7 @@ def _select_row(
         search = (keep != unclamped) | (tie_count == 0)
     else:
         keep = tl.load(KeepCount + row).to(tl.int32)
-        cut = lowest - 1
+        cut = lowest - 1  # the compiler needs `cut` defined before the bisection below assigns it
         search = True
 
     if search:
