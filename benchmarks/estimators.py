@@ -287,7 +287,7 @@ def run_length(
     recall_heads: int,
     device: torch.device,
     kernel_backend: str,
-    profile: bool = False,
+    profile: int = 0,
 ):
     """Every method on the structured inputs of ``shape``."""
     q, k, v = structured_qkv(shape, strength=strength, device=device)
@@ -316,9 +316,10 @@ def run_inputs(
     recall_heads: int,
     device: torch.device,
     kernel_backend: str,
-    profile: bool = False,
+    profile: int = 0,
 ):
-    """Every method on given ``q, k, v``; ``labels`` are copied into each row."""
+    """Every method on given ``q, k, v``; ``labels`` are copied into each row; ``profile``: how
+    many of each estimate's top GPU kernels to print (0: none)."""
     seq = k.shape[2]
     dense = {name: measure(fn, device) for name, fn in dense_runners(q, k, v).items()}
     rows = []
@@ -350,7 +351,7 @@ def run_inputs(
             continue
         row["estimate_ms"], _ = measure(estimate, device)
         if profile and device.type == "cuda":
-            print_profile(f"{method} estimate at {seq}", estimate, device)
+            print_profile(f"{method} estimate at {seq}", estimate, device, top=profile)
         attend = functools.partial(sa.block_sparse_attention, q, k, v, pattern, backend=kernel_backend)
         row["kernel_ms"], kernel_error = measure(attend, device)
         if kernel_error:
@@ -385,7 +386,14 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/estimators.json)"
     )
-    parser.add_argument("--profile", action="store_true", help="also print each estimate's top GPU kernels (CUDA)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        nargs="?",
+        const=12,
+        default=0,
+        help="also print each estimate's top N GPU kernels (CUDA; N default 12)",
+    )
     parser.add_argument(
         "--inputs",
         choices=["structured", "gemma3-270m"],

@@ -4,12 +4,14 @@ Times XAttention's antidiagonal block scoring (``antidiagonal_block_probs_triton
 128 x 128 blocks) for every candidate (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) in the
 kernel's autotune list (``SCORING_CONFIGS``, or ``FP8_SCORING_CONFIGS`` with ``--precision
 fp8``; each passed alone as the kernel's ``configs=``) in each load mode (``--loads``: row-strided
-pointer loads, TMA tensor descriptors) on the estimator benchmark's shape (batch 1, 32/8 heads, head_dim 128, bf16, causal), next
+pointer loads, TMA tensor descriptors) and each way of taking the epilogue's exponentials
+(``--exp2``: ``f16x2``, two per half-precision instruction, the default; ``f32``) on the estimator benchmark's shape (batch 1, 32/8 heads, head_dim 128, bf16, causal), next
 to dense cuDNN attention in the same run. Reports the scoring throughput (TFLOP/s over the
 causal antidiagonal products) and the share of dense time. Writes ``benchmarks/results/<gpu>/scoring_configs.json``.
 
     python benchmarks/scoring_configs.py --lengths 131072
     python benchmarks/scoring_configs.py --lengths 131072 --precision fp8 --loads tma
+    python benchmarks/scoring_configs.py --lengths 131072 --first 3 --loads pointers --exp2 f16x2 f32
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sparse_attn.bench import dense_baselines, device_slug, environment, measure, time_ms, write_results
+from sparse_attn.ops.antidiagonal import triton as scoring_kernel
 from sparse_attn.ops.antidiagonal.naive import fp8_keys
 from sparse_attn.ops.antidiagonal.triton import (
     FP8_SCORING_CONFIGS,
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--precision", choices=["input", "fp8"], default="input", help="score_precision")
     parser.add_argument("--loads", choices=LOAD_MODES, nargs="+", default=list(LOAD_MODES))
+    parser.add_argument("--exp2", choices=["f16x2", "f32"], nargs="+", default=["f16x2"], help="epilogue exponentials")
     parser.add_argument("--first", type=int, default=None, help="sweep only the first N candidates")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -57,17 +61,17 @@ def main() -> None:
         if args.precision == "fp8":  # the keys' codes are made once per estimate; the queries' per call (timed)
             options.update(score_precision="fp8", keys_fp8=fp8_keys(k))
             configs = FP8_SCORING_CONFIGS
-        for config, loads in itertools.product(configs[: args.first], args.loads):
+        for config, loads, exp2 in itertools.product(configs[: args.first], args.loads, args.exp2):
+            scoring_kernel.FAST_EXP2 = exp2 == "f16x2"
             score = functools.partial(antidiagonal_block_probs_triton, q, k, **options, configs=[config], loads=loads)
             # A tile that does not fit shared memory or registers is reported, not fatal.
             ms, note = measure(score, device)
             tflops = flops / (ms * 1e-3) / 1e12 if ms else None
             share = ms / dense_ms if ms else None
-            row = {"seq": seq, "config": config, "loads": loads, "precision": args.precision, "scoring_ms": ms}
+            row = {"seq": seq, "config": config, "loads": loads, "precision": args.precision, "exp2": exp2}
+            row["scoring_ms"] = ms
             rows.append({**row, "tflops": tflops, "dense_ms": dense_ms, "share_of_dense": share, "error": note})
-            label = (
-                f"M={config[0]:3d} N={config[1]:3d} D={config[2] or args.dim:3d} w={config[3]} s={config[4]} {loads:8s}"
-            )
+            label = f"M={config[0]:3d} N={config[1]:3d} D={config[2] or args.dim:3d} w={config[3]} s={config[4]} {loads:8s} {exp2:5s}"
             shown = f"{ms:7.2f} ms {tflops:5.0f} TFLOP/s {ms / dense_ms:6.1%} of dense" if ms else note
             print(f"  {label}: {shown}", flush=True)
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "scoring_configs.json"

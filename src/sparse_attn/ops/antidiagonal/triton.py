@@ -94,6 +94,9 @@ FP8_SCORING_CONFIGS: tuple[ScoringConfig, ...] = (
 # 128K estimate into eight launches with a causal tail each; 1 GiB gives 256 programs at 1M
 # and two launches at 128K.
 SCRATCH_CHUNKS = 4
+# Each score's exponential in the epilogue through the half-precision unit, two per instruction
+# (16-bit and fp8 inputs on a GPU; float32 inputs and the interpreter take float32 exp2).
+FAST_EXP2 = True
 # Query cells per launch when one head's scratch rows would exceed the scratch: a multiple
 # of every tile height (BLOCK_M <= 256).
 _CELL_UNIT = 256
@@ -158,23 +161,42 @@ def _antidiagonal_step(
 
 
 @triton.jit
+def _exp2_f16x2(x):
+    """``2^x`` for ``x <= 0`` through the half-precision special-function unit, two values per
+    instruction (``ex2.approx.f16x2``): about 1e-3 relative error, in float32 out."""
+    return tl.inline_asm_elementwise(
+        "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=2
+    ).to(tl.float32)
+
+
+@triton.jit
 def _tile_epilogue(
-    acc, m_i, l_i, out_rows, row_in_range, last_query, start_n, offs_n, k_cells, n_kv, qk_scale,
+    acc, m_i, l_i, out_rows, row_in_range, last_query, first_last_query, start_n, offs_n, k_cells, n_kv, qk_scale,
     STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CELLS_PER_KV_BLOCK: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    CAUSAL: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):  # fmt: skip
-    """Write one key tile's per-(query cell, KV block) log2-sum-exp; update the rows' running log-sum-exp."""
+    """Write one key tile's per-(query cell, KV block) log2-sum-exp; update the rows' running log-sum-exp.
+
+    Only a tile that reaches past the keys or, causally, past its first query cell's last query
+    masks its scores (``first_last_query``: that position; the others' are later)."""
     BLOCKS_PER_TILE: tl.constexpr = BLOCK_N // CELLS_PER_KV_BLOCK
     key_cells = start_n + offs_n
     scores = acc * qk_scale
-    visible = (key_cells < k_cells)[None, :]
+    masked = start_n + BLOCK_N > k_cells
     if CAUSAL:
-        visible = visible & (key_cells[None, :] * STRIDE <= last_query[:, None])
-    scores = tl.where(visible, scores, float("-inf"))
+        masked = masked | ((start_n + BLOCK_N - 1) * STRIDE > first_last_query)
+    if masked:
+        visible = (key_cells < k_cells)[None, :]
+        if CAUSAL:
+            visible = visible & (key_cells[None, :] * STRIDE <= last_query[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
     per_block = tl.reshape(scores, (BLOCK_M, BLOCKS_PER_TILE, CELLS_PER_KV_BLOCK))
     block_max = tl.max(per_block, axis=2)
     block_max_safe = tl.where(block_max == float("-inf"), 0.0, block_max)
-    block_sum = tl.sum(tl.math.exp2(per_block - block_max_safe[:, :, None]), axis=2)
+    if FAST_EXP2:
+        block_sum = tl.sum(_exp2_f16x2(per_block - block_max_safe[:, :, None]), axis=2)
+    else:
+        block_sum = tl.sum(tl.math.exp2(per_block - block_max_safe[:, :, None]), axis=2)
     block_lse = block_max_safe + tl.math.log2(block_sum)
     kv_blocks = start_n // CELLS_PER_KV_BLOCK + tl.arange(0, BLOCKS_PER_TILE)
     tl.store(
@@ -233,6 +255,7 @@ def _cell_block_probs(
     PRECISION: tl.constexpr,
     SCALED: tl.constexpr,
     USE_TMA: tl.constexpr,
+    FAST_EXP2: tl.constexpr,
 ):
     """Per (query block, KV block): the mean (or max) over the block's query cells of the cell's softmax mass.
 
@@ -268,6 +291,7 @@ def _cell_block_probs(
     offset = seq_k - seq_q
     # Last query position of each cell: a key cell is visible when its first key is not later.
     last_query = tl.minimum((cells + 1) * STRIDE * QUERY_STEP, seq_q) - 1 + offset
+    first_last_query = tl.minimum((first_cell + 1) * STRIDE * QUERY_STEP, seq_q) - 1 + offset
     if CAUSAL:
         tile_last_query = tl.minimum((first_cell + BLOCK_M) * STRIDE * QUERY_STEP, seq_q) - 1 + offset
         key_cell_end = tl.minimum(tile_last_query // STRIDE + 1, k_cells)
@@ -303,8 +327,8 @@ def _cell_block_probs(
         )  # fmt: skip
         if step % STEPS == STEPS - 1:
             m_i, l_i = _tile_epilogue(
-                acc, m_i, l_i, out_rows, row_in_range, last_query, start_n, offs_n, k_cells, n_kv,
-                qk_scale, STRIDE, BLOCK_M, BLOCK_N, CELLS_PER_KV_BLOCK, CAUSAL,
+                acc, m_i, l_i, out_rows, row_in_range, last_query, first_last_query, start_n, offs_n, k_cells,
+                n_kv, qk_scale, STRIDE, BLOCK_M, BLOCK_N, CELLS_PER_KV_BLOCK, CAUSAL, FAST_EXP2,
             )  # fmt: skip
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_lse = m_i + tl.math.log2(l_i)
@@ -380,6 +404,7 @@ def _autotuned_kernel(
         "CAUSAL",
         "PRECISION",
         "SCALED",
+        "FAST_EXP2",
     ]
     return triton.autotune(configs=unique, key=key)(_cell_block_probs)
 
@@ -500,6 +525,7 @@ def cell_block_probs(
         DOT_FP32=use_float32_dot,
         PRECISION="ieee" if use_float32_dot else "tf32",
         SCALED=scaled,
+        FAST_EXP2=FAST_EXP2 and not interpreting() and not is_float32,
     )
     default_configs = FP8_SCORING_CONFIGS if scaled else SCORING_CONFIGS
     candidates = _FLOAT32_CONFIGS if is_float32 else tuple(default_configs if configs is None else configs)
