@@ -29,3 +29,50 @@ def test_operator_kernels_compile_for_sm90():
     assert results["antidiagonal_tma_bf16"]["ptx_has"]["cp.async.bulk.tensor"]
     assert results["antidiagonal_tma_fp8"]["ptx_has"]["cp.async.bulk.tensor"]
     assert results["lowbit_encode"]["ptx_has"]["cvt.rn.satfinite.e4m3x2.f32"]
+
+
+def _probe_cases() -> dict:
+    """The last-query probe's kernels at FlexPrefill's shape (128 rows, head_dim 128, causal) with
+    their launch choices, and head_dim 256 in fp16 (read in head-dim slices)."""
+    from sparse_attn.ops.last_query_probe import triton as probe
+
+    config, sliced = probe._launch_config(128), probe._launch_config(128, sliced=True)
+    rows = dict(HEAD_DIM=128, BLOCK=128, BLOCK_D=128, CAUSAL=True, DOT_FP32=False, PRECISION="tf32")
+    stats = {"RowMax": "*fp32", "RowSum": "*fp32", "qk_scale": "fp32"}
+    sums = {**stats, "Vertical": "*fp32", "Slash": "*fp32", "SeamLow": "*fp32", "SeamHigh": "*fp32"}
+    return {
+        "stats": (
+            probe._probe_row_stats, {"Q": "*bf16", "K": "*bf16", **stats},
+            dict(rows, BLOCK_N=config.pass1_keys), config.pass1_warps,
+        ),
+        "sums": (
+            probe._probe_sums, {"Q": "*bf16", "K": "*bf16", **sums},
+            dict(rows, SHEAR_GROUP=config.shear_group), config.warps,
+        ),
+        "sums_d256": (
+            probe._probe_sums, {"Q": "*fp16", "K": "*fp16", **sums},
+            dict(rows, HEAD_DIM=256, BLOCK_D=64, SHEAR_GROUP=sliced.shear_group), sliced.warps,
+        ),
+        "seams": (probe._slash_seams, {"Slash": "*fp32", "SeamLow": "*fp32", "SeamHigh": "*fp32"}, dict(BLOCK=128), 4),
+    }  # fmt: skip
+
+
+def test_last_query_probe_kernels_compile_for_sm90():
+    # This file run as a script compiles them (a child process, without the interpreter).
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=environment, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout)
+    assert set(results) == {"stats", "sums", "sums_d256", "seams"}
+    for name, (returncode, report) in results.items():
+        assert returncode == 0, (name, report)
+
+
+if __name__ == "__main__":
+    from triton_sm90_compile import compile_for_sm90
+
+    compiled = {}
+    for name, (fn, signature, constexprs, warps) in _probe_cases().items():
+        returncode, report, _ = compile_for_sm90(fn, signature, constexprs, warps)
+        compiled[name] = (returncode, report)
+    print(json.dumps(compiled))

@@ -44,7 +44,7 @@ def main() -> dict:
 
     rows = dict(HEAD_DIM=128, BLOCK_S=64, ROWS_PER_PROGRAM=2048, HAS_CENTER=True)
     scoring = dict(HEAD_DIM=128, STRIDE=8, QUERY_STEP=1, REDUCE_MAX=False, CELLS_PER_Q_BLOCK=16, CELLS_PER_KV_BLOCK=16)
-    scoring.update(BLOCK_M=128, CAUSAL=True, DOT_FP32=False, PRECISION="tf32", USE_TMA=True)
+    scoring.update(BLOCK_M=128, CAUSAL=True, DOT_FP32=False, PRECISION="tf32", USE_TMA=True, FAST_EXP2=True)
     scoring_pointers = {"RowBlockLse": "*fp32", "BlockProbs": "*fp32", "QScale": "*fp32", "KScale": "*fp32"}
     cases = {
         "mask_lists": (mask_lists._row_lists, {"Mask": "*u8", "Columns": "*i32"}, dict(BLOCK=1024), 4),
@@ -73,7 +73,7 @@ def main() -> dict:
     results = {}
     for name, (fn, signature, constexprs, warps) in cases.items():
         returncode, report, ptx = compile_for_sm90(fn, signature, constexprs, warps)
-        has = {key: key in ptx for key in ("cp.async.bulk.tensor", "cvt.rn.satfinite.e4m3x2.f32")}
+        has = {key: key in ptx for key in ("cp.async.bulk.tensor", "cvt.rn.satfinite.e4m3x2.f32", "ex2.approx.f16x2")}
         results[name] = {"returncode": returncode, "report": report, "ptx_has": has}
     return results
 

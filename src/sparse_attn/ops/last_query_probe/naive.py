@@ -1,4 +1,4 @@
-"""The last-query probe in PyTorch (the implementation; there is no fused kernel).
+"""The last-query probe in PyTorch: the reference of the kernel in :mod:`.triton`, and what runs off CUDA.
 
 Full-resolution scores exist only for the probe rows, a few query heads at a time.
 """
