@@ -20,7 +20,7 @@ def test_operator_kernels_compile_for_sm90():
     results = json.loads(run.stdout)
     assert set(results) == {
         "mask_lists", "lowbit_absmax", "lowbit_encode", "selection_mass", "antidiagonal_tma_bf16",
-        "antidiagonal_tma_fp8",
+        "antidiagonal_tma_fp8", "vertical_slash_blocks",
     }  # fmt: skip
     for name, result in results.items():
         assert result["returncode"] == 0, (name, result["report"])
@@ -29,6 +29,8 @@ def test_operator_kernels_compile_for_sm90():
     assert results["antidiagonal_tma_bf16"]["ptx_has"]["cp.async.bulk.tensor"]
     assert results["antidiagonal_tma_fp8"]["ptx_has"]["cp.async.bulk.tensor"]
     assert results["lowbit_encode"]["ptx_has"]["cvt.rn.satfinite.e4m3x2.f32"]
+    # The scoring epilogue's exponentials: two per half-precision instruction.
+    assert results["antidiagonal_tma_bf16"]["ptx_has"]["ex2.approx.f16x2"]
 
 
 def _probe_cases() -> dict:

@@ -41,6 +41,7 @@ def main() -> dict:
     from sparse_attn.ops.lowbit import triton as lowbit
     from sparse_attn.ops.mask_lists import triton as mask_lists
     from sparse_attn.ops.selection import triton as selection
+    from sparse_attn.ops.vertical_slash_blocks import triton as vertical_slash_blocks
 
     rows = dict(HEAD_DIM=128, BLOCK_S=64, ROWS_PER_PROGRAM=2048, HAS_CENTER=True)
     scoring = dict(HEAD_DIM=128, STRIDE=8, QUERY_STEP=1, REDUCE_MAX=False, CELLS_PER_Q_BLOCK=16, CELLS_PER_KV_BLOCK=16)
@@ -48,6 +49,10 @@ def main() -> dict:
     scoring_pointers = {"RowBlockLse": "*fp32", "BlockProbs": "*fp32", "QScale": "*fp32", "KScale": "*fp32"}
     cases = {
         "mask_lists": (mask_lists._row_lists, {"Mask": "*u8", "Columns": "*i32"}, dict(BLOCK=1024), 4),
+        "vertical_slash_blocks": (
+            vertical_slash_blocks._crossed_blocks, {"VerticalPrefix": "*i32", "SlashPrefix": "*i32", "Out": "*i8"},
+            dict(CAUSAL=True, BLOCK_J=256), 4,
+        ),
         "lowbit_absmax": (
             lowbit._absmax_kernel, {"X": "*bf16", "Center": "*fp32", "Absmax": "*fp32"}, rows, 4,
         ),

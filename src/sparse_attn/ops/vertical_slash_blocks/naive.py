@@ -1,4 +1,4 @@
-"""Vertical and slash lines -> the blocks they cross, in PyTorch (the implementation; there is no fused kernel)."""
+"""Vertical and slash lines -> the blocks they cross, in PyTorch (the reference of :mod:`.triton`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ...geometry import num_blocks, query_block_positions
 from .._chunking import CHUNK_ELEMENTS
 from ..block_rows import query_block_range
 
-__all__ = ["vertical_slash_block_mask"]
+__all__ = ["exclusive_prefix", "vertical_slash_block_mask"]
 
 
 def _inclusive_counts(prefix: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,8 @@ def _inclusive_counts(prefix: torch.Tensor, low: torch.Tensor, high: torch.Tenso
     return (upper - lower).clamp(min=0)
 
 
-def _exclusive_prefix(selected: torch.Tensor) -> torch.Tensor:
+def exclusive_prefix(selected: torch.Tensor) -> torch.Tensor:
+    """Int32 ``(…, L + 1)``: entry ``t`` counts the set entries of bool ``selected`` ``(…, L)`` before ``t``."""
     return F.pad(torch.cumsum(selected.to(torch.int32), dim=-1), (1, 0))
 
 
@@ -60,7 +61,7 @@ def vertical_slash_block_mask(
     # (rows, n_kv) index tables: a few heads and rows at a time.
     heads_per_piece = max(1, min(heads, CHUNK_ELEMENTS // (8 * batch * len(rows) * n_kv)))
     rows_per_piece = max(1, CHUNK_ELEMENTS // (8 * batch * heads_per_piece * n_kv))
-    vertical_prefix, slash_prefix = _exclusive_prefix(vertical), _exclusive_prefix(slash)
+    vertical_prefix, slash_prefix = exclusive_prefix(vertical), exclusive_prefix(slash)
     if heads_per_piece == heads and rows_per_piece >= len(rows):
         return _crossed_blocks(vertical_prefix, slash_prefix, rows, seq_q, seq_k, block_q, block_k, causal)
     out = torch.empty((batch, heads, len(rows), n_kv), dtype=torch.bool, device=vertical.device)
