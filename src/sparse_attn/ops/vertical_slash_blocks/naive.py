@@ -31,7 +31,7 @@ def _inclusive_counts(prefix: torch.Tensor, low: torch.Tensor, high: torch.Tenso
 
 def exclusive_prefix(selected: torch.Tensor) -> torch.Tensor:
     """Int32 ``(…, L + 1)``: entry ``t`` counts the set entries of bool ``selected`` ``(…, L)`` before ``t``."""
-    return F.pad(torch.cumsum(selected.to(torch.int32), dim=-1), (1, 0))
+    return F.pad(torch.cumsum(selected, dim=-1, dtype=torch.int32), (1, 0))
 
 
 def vertical_slash_block_mask(
