@@ -3,6 +3,11 @@ kernel against them (the rules it replaces on CUDA)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -138,8 +143,8 @@ def test_rank_kernel_matches_reference(shape, kind, poisoned_selection):
 
 
 def test_selection_kernel_rejects_what_it_cannot_take():
-    with pytest.raises(ValueError, match="at most"):
-        selection_triton.cumulative_mass_mask_triton(torch.rand(2, selection_triton.MAX_ROW + 1), 0.9)
+    with pytest.raises(ValueError, match="non-empty row"):
+        selection_triton.cumulative_mass_mask_triton(torch.rand(2, 0), 0.9)
     with pytest.raises(ValueError, match="keep_count must have shape"):
         selection_triton.topk_by_rank_mask_triton(torch.rand(2, 3, 8), torch.ones(3, dtype=torch.long))
 
@@ -185,3 +190,189 @@ def test_piecewise_scan_of_rows_of_whole_pieces_is_the_scan_of_its_pieces():
     cumulative = values.cumsum(-1)
     keep = ((cumulative - values) < 0.5 * cumulative[:, -1:]).sum(-1)
     assert cumulative_mass_mask(scores, 0.5).sum(-1).tolist() == keep.tolist()
+
+
+# Long rows: the radix select of rows past MAX_ROW, exercised on short rows with small sizes.
+
+
+@pytest.fixture
+def long_rows(monkeypatch, poisoned_selection):
+    """Rows past 16 entries take the radix select, in chunks of 16 entries read 16 at a time; returns
+    a setter of the digit width (the default's 4 bits take 8 digit launches, 8 bits take 4)."""
+    monkeypatch.setattr(selection_triton, "MAX_ROW", 16)
+    monkeypatch.setattr(selection_triton, "LONG_TILE", 16)
+    monkeypatch.setattr(selection_triton, "LONG_CHUNK", 16)
+    return lambda bits: monkeypatch.setattr(selection_triton, "LONG_DIGIT_BITS", bits)
+
+
+def _exact_masses(generator: torch.Generator, shape, kind: str) -> torch.Tensor:
+    """Masses whose every sum is exact in float32 (a binary grid), with many ties."""
+    if kind == "ties":  # quarters: most entries tie
+        return (torch.rand(shape, generator=generator) * 4).floor() / 4
+    if kind == "zeros":  # eighths, a third of them 0, one row all 0
+        x = (torch.rand(shape, generator=generator) * 8).floor() / 8
+        x[..., ::3] = 0
+        x.view(-1, shape[-1])[0] = 0
+        return x
+    # "wide": m * 2**e over 15 binades (2**-8 to 448): keys spread over the high digits too
+    mantissa = torch.randint(1, 8, shape, generator=generator).float()
+    return mantissa * torch.exp2(torch.randint(-8, 7, shape, generator=generator).float())
+
+
+LONG_BUDGETS = [
+    (0.9, Budget()),
+    (0.5, Budget(minimum=9)),
+    (0.95, Budget(minimum=2, maximum=20)),
+    (1.0, Budget()),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "bits", "extra"),
+    [
+        ("ties", (2, 53), 4, (0.0, Budget(minimum=0))),
+        ("zeros", (2, 2, 33), 8, (0.3, Budget(minimum=1, maximum=1))),
+        ("wide", (3, 37), 5, (0.7, Budget(minimum=30))),
+    ],
+    ids=["ties-4bit", "zeros-8bit", "wide-5bit"],
+)
+def test_long_row_mass_kernel_matches_reference_exactly(kind, shape, bits, extra, long_rows):
+    """Rows past MAX_ROW, in several chunks: bit for bit the reference where sums are exact.
+
+    Ties are broken by index across chunks; all-zero rows keep the budget's minimum; 5-bit
+    digits leave a 2-bit first digit.
+    """
+    long_rows(bits)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    scores = _exact_masses(torch.Generator().manual_seed(seed), shape, kind)
+    for threshold, budget in [*LONG_BUDGETS, extra]:
+        expected = cumulative_mass_mask_reference(scores, threshold, budget)
+        got = selection_triton.cumulative_mass_mask_triton(
+            scores, threshold, minimum=budget.minimum, maximum=budget.maximum
+        )
+        assert got.shape == scores.shape and got.dtype == torch.bool
+        assert _written(got), "an entry was not written"
+        assert torch.equal(got, expected), f"seed {seed}, threshold {threshold}, {budget}"
+
+
+def test_long_row_mass_kernel_follows_the_rule_on_random_masses(long_rows):
+    """Random float masses: the reference up to rounding at the target (as the short-row kernel)."""
+    long_rows(8)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    scores = torch.rand(2, 77, generator=torch.Generator().manual_seed(seed)) ** 4
+    for threshold, budget in [(0.9, Budget()), (0.5, Budget(minimum=3, maximum=40)), (1.0, Budget())]:
+        context = f"seed {seed}, threshold {threshold}, {budget}"
+        got = selection_triton.cumulative_mass_mask_triton(
+            scores, threshold, minimum=budget.minimum, maximum=budget.maximum
+        )
+        assert _written(got), "an entry was not written"
+        _check_mass_rule(scores, got, threshold, budget, context)
+        if threshold < 1.0:
+            assert (got != cumulative_mass_mask_reference(scores, threshold, budget)).sum(-1).max() <= 1, context
+
+
+def test_long_row_rank_kernel_matches_reference(long_rows):
+    long_rows(4)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    generator = torch.Generator().manual_seed(seed)
+    ranking = torch.randn(3, 37, generator=generator).round()  # ties
+    ranking[0, ::2] = float("-inf")
+    ranking[1] = torch.where(ranking[1] > 0, torch.zeros(37), -torch.zeros(37))  # -0.0 ties with +0.0
+    keep = torch.tensor([20, 30, 38])  # past the -inf, into the zeros, more than the row
+    got = selection_triton.topk_by_rank_mask_triton(ranking, keep)
+    assert _written(got), "an entry was not written"
+    assert torch.equal(got, topk_by_rank_mask_reference(ranking, keep)), f"seed {seed}"
+
+
+def test_rows_past_max_row_take_the_radix_select(monkeypatch, poisoned_selection):
+    monkeypatch.setattr(selection_triton, "MAX_ROW", 16)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("rows of at most MAX_ROW entries keep the one-program kernel")
+
+    monkeypatch.setattr(selection_triton, "_launch_long", fail)
+    scores = torch.rand(2, 16)
+    assert torch.equal(
+        selection_triton.cumulative_mass_mask_triton(scores, 0.9), cumulative_mass_mask_reference(scores, 0.9)
+    )
+    with pytest.raises(AssertionError, match="one-program kernel"):
+        selection_triton.cumulative_mass_mask_triton(torch.rand(2, 17), 0.9)
+    assert selection_triton.unsupported_reason(torch.rand(2, 17)) is None
+
+
+def test_radix_digits_cover_the_key_from_the_top():
+    for bits in (3, 4, 5, 8):
+        digits = selection_triton._radix_digits(bits)
+        assert digits[0][0] + digits[0][1].bit_length() == 32 and digits[-1][0] == 0
+        covered = 0
+        for shift, digit_mask, high_mask in digits:
+            assert high_mask & 0xFFFFFFFF == covered and digit_mask < 2**bits
+            covered |= digit_mask << shift
+        assert covered == 0xFFFFFFFF
+
+
+_SM90_RADIX_COMPILE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from triton_sm90_compile import compile_for_sm90
+from sparse_attn.ops.selection import triton as selection
+pointers = {"Scores": "*fp32", "KeepCount": "*i32", "MassIn": "*fp32", "CountIn": "*i32", "StateIn": "*i32",
+            "StateMassIn": "*fp32", "MassOut": "*fp32", "CountOut": "*i32", "StateOut": "*i32",
+            "StateMassOut": "*fp32", "Out": "*u8", "threshold": "fp32"}
+results = {}
+for mass, first, root, final in [(True, True, False, False), (True, False, True, False), (True, False, False, False),
+                                 (True, False, False, True), (False, False, True, False), (False, False, False, True)]:
+    constexprs = dict(MASS=mass, FIRST=first, ROOT=root, FINAL=final, BINS=16, CHUNKS=64, TILE=selection.LONG_TILE)
+    returncode, report, _ = compile_for_sm90(selection._radix_round, pointers, constexprs, selection.LONG_WARPS)
+    results[f"mass={mass} first={first} root={root} final={final}"] = [returncode, report]
+print(json.dumps(results))
+"""
+
+
+def test_radix_select_kernel_compiles_for_sm90():
+    """The long-row kernel, in each of its launches' variants, compiles for sm_90a (the interpreter
+    never compiles it); run in a child process without the interpreter."""
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    folder = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run(
+        [sys.executable, "-c", _SM90_RADIX_COMPILE, folder],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout)
+    assert len(results) == 6
+    for name, (returncode, report) in results.items():
+        assert returncode == 0, (name, report)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("rows", "n"), [(64, 131_072), (4, 1_048_576)])
+def test_gpu_long_row_selection_matches_reference(rows, n):
+    """Real long rows (FlexPrefill's line masses at 128K tokens, a head's block table at 128K) through the
+    dispatch, against the sort-based reference on the same GPU."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    probabilities = torch.softmax(torch.randn(rows, n, device="cuda", generator=generator) * 3, -1)
+    quarters = (torch.rand(rows, n, device="cuda", generator=generator) * 4).floor() / 4
+    for threshold, budget in [(0.9, Budget()), (0.95, Budget(minimum=1024)), (0.5, Budget(minimum=3, maximum=5000))]:
+        context = f"seed {seed}, threshold {threshold}, {budget}"
+        expected = cumulative_mass_mask_reference(probabilities, threshold, budget)
+        got = cumulative_mass_mask(probabilities, threshold, budget)  # dispatches to the radix select
+        # Sums are reduced in another order: a row whose running mass lands within rounding of
+        # the target may keep an entry more or fewer; the kept entries are the top ones in order.
+        assert (got != expected).sum(-1).max() <= 2, context
+        assert torch.equal(got, topk_by_rank_mask_reference(probabilities, got.sum(-1))), context
+        assert torch.equal(
+            cumulative_mass_mask(quarters, threshold, budget),
+            cumulative_mass_mask_reference(quarters, threshold, budget),
+        ), context
+    assert torch.equal(cumulative_mass_mask(quarters, 1.0), cumulative_mass_mask_reference(quarters, 1.0)), (
+        f"seed {seed}"
+    )
+    ranking = torch.randn(rows, n, device="cuda", generator=generator).round()
+    keep = torch.randint(0, n + 1, (rows,), device="cuda", generator=generator)
+    assert torch.equal(topk_by_rank_mask(ranking, keep), topk_by_rank_mask_reference(ranking, keep)), f"seed {seed}"

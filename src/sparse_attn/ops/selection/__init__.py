@@ -6,8 +6,9 @@
 * :func:`topk_by_rank_mask` / :func:`topk_mask`: per row a given number of the highest entries.
 
 Ties are broken by index, so results are deterministic. Reference: the sort-based rules of
-:mod:`.naive`; kernel: the sort-free bisection of :mod:`.triton`, on CUDA for rows of up to
-``MAX_ROW`` entries (the dispatch rule of :mod:`sparse_attn.ops._dispatch`).
+:mod:`.naive`; kernel: the sort-free selection of :mod:`.triton` on CUDA (the dispatch rule of
+:mod:`sparse_attn.ops._dispatch`), one program a row for rows of up to ``MAX_ROW`` entries and a
+radix select over many programs a row for longer ones.
 """
 
 from __future__ import annotations
