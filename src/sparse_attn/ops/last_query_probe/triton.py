@@ -171,6 +171,17 @@ def _diagonal_sums(p, BLOCK: tl.constexpr, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _head_bases(Q, K, batch_head, q_heads, group, seq_q, rows, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh):
+    """The program's first probe row of Q (row ``seq_q - rows`` of its query head) and its KV head's K."""
+    batch = batch_head // q_heads
+    head = batch_head % q_heads
+    q_base = (
+        Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + (seq_q - rows).to(tl.int64) * stride_qs
+    )
+    return q_base, K + batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh
+
+
+@triton.jit
 def _probe_row_stats(
     Q, K, RowMax, RowSum,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -182,12 +193,9 @@ def _probe_row_stats(
     ``s`` over one chunk of ``chunk_keys`` keys (max ``-inf`` and sum 0 where it sees none)."""
     batch_head = tl.program_id(0)
     chunk = tl.program_id(1)
-    batch = batch_head // q_heads
-    head = batch_head % q_heads
-    q_base = (
-        Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + (seq_q - rows).to(tl.int64) * stride_qs
+    q_base, k_base = _head_bases(
+        Q, K, batch_head, q_heads, group, seq_q, rows, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh
     )
-    k_base = K + batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh
     q = q_base  # read slice by slice in _tile_logits unless held whole
     if BLOCK_D == HEAD_DIM:
         q = _load_rows(q_base, 0, rows, stride_qs, 0, BLOCK, HEAD_DIM)
@@ -222,12 +230,9 @@ def _probe_sums(
     (causal), plus the two seam slots of the chunk (first lower, last upper)."""
     batch_head = tl.program_id(0)
     chunk = tl.program_id(1)
-    batch = batch_head // q_heads
-    head = batch_head % q_heads
-    q_base = (
-        Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + (seq_q - rows).to(tl.int64) * stride_qs
+    q_base, k_base = _head_bases(
+        Q, K, batch_head, q_heads, group, seq_q, rows, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh
     )
-    k_base = K + batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh
     offs_m = tl.arange(0, BLOCK)
     offs_n = tl.arange(0, BLOCK)
 
