@@ -100,8 +100,17 @@ def _check_backend(backend, shape, dtype, causal, device, seed):
             assert torch.allclose(result[1], expected[1], atol=2e-2 if dtype != torch.float32 else 1e-4)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+# Every shape in every dtype, except the 32-head shape (the slowest under the interpreter) in
+# bfloat16 only: the dtypes' paths are covered by the other shapes.
+SHAPE_DTYPES = [
+    (shape, dtype)
+    for shape in SHAPES
+    for dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if shape[1] < 32 or dtype == torch.bfloat16
+]
+
+
+@pytest.mark.parametrize("shape, dtype", SHAPE_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [True, False])
 def test_triton_matches_reference(shape, dtype, causal, poison_outputs):
     _check_backend("triton", shape, dtype, causal, "cpu", seed=7)
@@ -135,7 +144,7 @@ def test_flex_non_causal_and_lse_fallback():
     assert lse.shape == (1, 2, 64)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     heads=st.sampled_from([(1, 1), (4, 1), (8, 2), (6, 3)]),
     batch=st.integers(1, 3),
