@@ -5,7 +5,7 @@ Times XAttention's antidiagonal block scoring (``antidiagonal_block_probs_triton
 kernel's autotune list (``SCORING_CONFIGS``, or ``FP8_SCORING_CONFIGS`` with ``--precision
 fp8``; each passed alone as the kernel's ``configs=``) in each load mode (``--loads``: row-strided
 pointer loads, TMA tensor descriptors) and each way of taking the epilogue's exponentials
-(``--exp2``: ``f16x2``, two per half-precision instruction, the default; ``f32``) on the estimator benchmark's shape (batch 1, 32/8 heads, head_dim 128, bf16, causal), next
+(``--exp2``: ``f16x2``, two per half-precision instruction; ``f32``, the default) on the estimator benchmark's shape (batch 1, 32/8 heads, head_dim 128, bf16, causal), next
 to dense cuDNN attention in the same run. Reports the scoring throughput (TFLOP/s over the
 causal antidiagonal products) and the share of dense time. Writes ``benchmarks/results/<gpu>/scoring_configs.json``.
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--precision", choices=["input", "fp8"], default="input", help="score_precision")
     parser.add_argument("--loads", choices=LOAD_MODES, nargs="+", default=list(LOAD_MODES))
-    parser.add_argument("--exp2", choices=["f16x2", "f32"], nargs="+", default=["f16x2"], help="epilogue exponentials")
+    parser.add_argument("--exp2", choices=["f16x2", "f32"], nargs="+", default=["f32"], help="epilogue exponentials")
     parser.add_argument("--first", type=int, default=None, help="sweep only the first N candidates")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -251,3 +251,18 @@ def test_sale_threshold_is_a_relative_attention_score():
     pattern = sa.estimate(q, k, "sale", block_q=16, block_k=16, threshold=0.99, sink_tokens=1, local_tokens=1)
     assert bool(pattern.to_mask()[0, 0, 2:, 1].all())  # block 1 (keys 16-31) for every later query block
     assert not bool(pattern.to_mask()[0, 0, 3, 2])
+
+
+@pytest.mark.parametrize("method", ["sale", "anchor"])
+def test_block_max_kernel_gives_the_reference_pattern(method, monkeypatch):
+    # The estimators' block maxima through the Triton kernel (interpreter) instead of the reference.
+    import sparse_attn.ops.block_max as block_max
+    from sparse_attn.ops.block_max import triton as block_max_triton
+
+    q, k, _ = planted_qkv(PlantedSpec(needle_shared_by_group=True, seq_q=192, seq_k=256, vertical_position=100))
+    options = dict(block_q=16, block_k=16, **SMALL_REGION[method], **({"theta": 8.0} if method == "anchor" else {}))
+    reference = sa.estimate(q, k, method, **options)
+    monkeypatch.setattr(block_max, "kernel_for", lambda *args, **kwargs: block_max_triton)
+    fused = sa.estimate(q, k, method, **options)
+    assert torch.equal(reference.to_mask(), fused.to_mask())
+    assert reference.density() < 1.0

@@ -8,6 +8,7 @@ from helpers import random_qkv
 
 from sparse_attn.geometry import num_blocks
 from sparse_attn.ops.anchor_region import anchor_region_stats, region_width
+from sparse_attn.ops.anchor_region import naive as anchor_region_naive
 from sparse_attn.ops.static_masks import sink_local_block_mask
 
 
@@ -36,7 +37,7 @@ def brute_force(q, k, block_q, block_k, sink_blocks, local_blocks, scale, causal
 )
 @pytest.mark.parametrize("causal", [True, False])
 def test_region_stats_match_brute_force(
-    batch, q_heads, kv_heads, seq_q, seq_k, block_q, block_k, sink_blocks, local_blocks, causal
+    batch, q_heads, kv_heads, seq_q, seq_k, block_q, block_k, sink_blocks, local_blocks, causal, monkeypatch
 ):
     q, k, _ = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, 16, seed=seq_q)
     region = dict(block_q=block_q, block_k=block_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
@@ -48,6 +49,10 @@ def test_region_stats_match_brute_force(
     n_q = num_blocks(seq_q, block_q)
     part = anchor_region_stats(q, k, **region, scale=0.3, causal=causal, q_blocks=range(1, n_q))
     assert torch.allclose(part.row_lse, stats.row_lse[:, :, block_q:], atol=1e-6)
+    # One query block per step of the internal loop gives the same rows.
+    monkeypatch.setattr(anchor_region_naive, "CHUNK_ELEMENTS", 1)
+    chunked = anchor_region_stats(q, k, **region, scale=0.3, causal=causal)
+    assert torch.allclose(chunked.row_max, stats.row_max) and torch.allclose(chunked.row_lse, stats.row_lse)
 
 
 def test_region_width_bounds_the_gathered_keys():

@@ -52,3 +52,68 @@ def test_low_bit_codes_are_accepted_as_keys():
     q, k, _ = random_qkv(1, 2, 1, 4, 20, 8, seed=4)
     codes = torch.round(k * 2).clamp(-7, 7).to(torch.int8)
     assert torch.allclose(block_max_logits(q, codes, block_k=8), brute_force(q, codes.float(), 8), atol=1e-4)
+
+
+# The kernel (ops/block_max/triton.py), called directly under the interpreter, against the reference.
+KERNEL_CASES = [
+    # batch, q_heads, kv_heads, rows, seq_k, dim, block_k, q dtype, k dtype
+    (2, 6, 2, 9, 77, 16, 16, torch.float32, torch.float32),
+    (1, 3, 1, 70, 130, 32, 32, torch.float32, torch.float16),  # the split query (mode 2); GQA 3
+    (1, 4, 4, 5, 40, 64, 16, torch.float16, torch.float16),  # one 16-bit dtype (mode 1)
+    (1, 8, 1, 4, 50, 16, 16, torch.float32, torch.int8),  # int4 codes, GQA 8
+]
+
+
+@pytest.mark.parametrize("batch, q_heads, kv_heads, rows, seq_k, dim, block_k, q_dtype, k_dtype", KERNEL_CASES)
+def test_kernel_matches_reference(batch, q_heads, kv_heads, rows, seq_k, dim, block_k, q_dtype, k_dtype, monkeypatch):
+    from sparse_attn.ops.block_max import triton as block_max_triton
+
+    q, k, _ = random_qkv(batch, q_heads, kv_heads, rows, seq_k, dim, seed=rows + seq_k)
+    q = q.to(q_dtype)
+    k = torch.round(k * 2).clamp(-7, 7).to(torch.int8) if k_dtype == torch.int8 else k.to(k_dtype)
+    generator = torch.Generator().manual_seed(rows)
+    # Positions include a row that sees no key and rows past the keys (Sq < Sk and beyond).
+    positions = torch.randint(-1, seq_k + 3, (rows,), generator=generator)
+    key_scale = torch.rand(batch, kv_heads, seq_k, generator=generator) + 0.5
+    key_bias = torch.randn(batch, q_heads, seq_k, generator=generator)
+    monkeypatch.setattr(block_max_triton, "_empty", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    # Few programs per launch so that the KV split leaves ranges of several blocks.
+    monkeypatch.setattr(block_max_triton, "_TARGET_PROGRAMS", 3)
+    late = torch.randint(seq_k // 2, seq_k + 3, (rows,), generator=generator)  # some blocks seen whole by every row
+    for kwargs in ({}, dict(q_positions=positions, key_scale=key_scale, key_bias=key_bias), dict(q_positions=late)):
+        expected = block_max_logits_naive(q, k, block_k=block_k, **kwargs)
+        got = block_max_triton.block_max_logits_triton(q, k, block_k=block_k, **kwargs)
+        assert not got.isnan().any()
+        assert torch.equal(got == float("-inf"), expected == float("-inf"))
+        finite = expected.isfinite()
+        assert torch.allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-4)
+
+
+def block_max_logits_naive(q, k, **kwargs):
+    return block_max_naive.block_max_logits(q, k, **kwargs)
+
+
+def test_kernel_refuses_unsupported_cases():
+    from sparse_attn.ops.block_max import triton as block_max_triton
+
+    q, k = torch.zeros(1, 2, 3, 24), torch.zeros(1, 1, 10, 24)
+    assert "head_dim" in block_max_triton.unsupported_reason(q, k=k, block_k=16)
+    q, k = torch.zeros(1, 2, 3, 16), torch.zeros(1, 1, 10, 16)
+    assert "block_k" in block_max_triton.unsupported_reason(q, k=k, block_k=24)
+    assert "keys" in block_max_triton.unsupported_reason(q, k=k.double(), block_k=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_dtype, k_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_kernel_matches_reference_on_gpu(q_dtype, k_dtype):
+    from sparse_attn.ops.block_max import triton as block_max_triton
+
+    q, k, _ = random_qkv(1, 32, 8, 64, 16384, 128, dtype=torch.bfloat16, device="cuda", seed=5)
+    q = (q.float() * 0.3).to(q_dtype)
+    positions = torch.arange(64, device="cuda") * 256 + 255
+    key_bias = torch.randn(1, 32, 16384, device="cuda")
+    expected = block_max_naive.block_max_logits(q, k, block_k=128, q_positions=positions, key_bias=key_bias)
+    got = block_max_triton.block_max_logits_triton(q, k, block_k=128, q_positions=positions, key_bias=key_bias)
+    assert torch.equal(got == float("-inf"), expected == float("-inf"))
+    finite = expected.isfinite()
+    assert torch.allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-3)

@@ -37,7 +37,10 @@ def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4) 
 
 
 def main() -> dict:
+    import triton.language as tl
+
     from sparse_attn.ops.antidiagonal import triton as antidiagonal
+    from sparse_attn.ops.block_max import triton as block_max
     from sparse_attn.ops.lowbit import triton as lowbit
     from sparse_attn.ops.mask_lists import triton as mask_lists
     from sparse_attn.ops.selection import triton as selection
@@ -47,7 +50,17 @@ def main() -> dict:
     scoring = dict(HEAD_DIM=128, STRIDE=8, QUERY_STEP=1, REDUCE_MAX=False, CELLS_PER_Q_BLOCK=16, CELLS_PER_KV_BLOCK=16)
     scoring.update(BLOCK_M=128, CAUSAL=True, DOT_FP32=False, PRECISION="tf32", USE_TMA=True, FAST_EXP2=True)
     scoring_pointers = {"RowBlockLse": "*fp32", "BlockProbs": "*fp32", "QScale": "*fp32", "KScale": "*fp32"}
+    block_max_pointers = {"Positions": "*i64", "KeyScale": "*fp32", "KeyBias": "*fp32", "Out": "*fp32"}
+    block_max_flags = dict(HAS_POSITIONS=True, HAS_SCALE=False, HAS_BIAS=False, BLOCK_N=128, COMPUTE=tl.bfloat16)
     cases = {
+        "block_max_split": (
+            block_max._block_max_kernel, {"Q": "*fp32", "K": "*bf16", **block_max_pointers},
+            dict(block_max_flags, HEAD_DIM=128, BLOCK_M=64, MODE=2), 4,
+        ),
+        "block_max_d256": (
+            block_max._block_max_kernel, {"Q": "*bf16", "K": "*bf16", **block_max_pointers},
+            dict(block_max_flags, HEAD_DIM=256, BLOCK_M=64, MODE=1, HAS_BIAS=True, HAS_SCALE=True), 8,
+        ),
         "mask_lists": (mask_lists._row_lists, {"Mask": "*u8", "Columns": "*i32"}, dict(BLOCK=1024), 4),
         "vertical_slash_blocks": (
             vertical_slash_blocks._crossed_blocks, {"VerticalPrefix": "*i32", "SlashPrefix": "*i32", "Out": "*i8"},

@@ -51,7 +51,7 @@ import torch
 
 from ..checks import check_int
 from ..geometry import num_blocks, own_kv_block_span, query_block_positions
-from ..ops.anchor_region import anchor_region_stats, region_blocks, region_width
+from ..ops.anchor_region import anchor_region_stats, region_blocks
 from ..ops.block_max import block_max_logits
 from ..ops.pooling import mean_pool_blocks
 from ..ops.static_masks import check_token_window, token_window_mask
@@ -149,7 +149,8 @@ def estimate(
         )
         return selected | dense | sinks
 
-    # Chunks of whole step groups, sized so that a chunk's region logits and block maxima fit the budget.
+    # Chunks of whole step groups, sized by the block maxima and the masks (float32 and bool rows of
+    # n_kv per query block and head); the region's logits are chunked inside anchor_region_stats.
     return stream_pattern(
         mask_rows,
         batch=batch,
@@ -160,6 +161,6 @@ def estimate(
         block_k=block_k,
         causal=causal,
         device=q.device,
-        row_elements=batch * q_heads * (block_q * region_width(block_q, block_k, **region) + n_kv),
+        row_elements=batch * q_heads * 2 * n_kv,
         rows_multiple=config.step,
     )

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ...geometry import num_blocks, own_kv_block_span
+from .._chunking import CHUNK_ELEMENTS
 from ..block_rows import query_block_range
 
 __all__ = ["AnchorStats", "anchor_region_stats", "region_blocks", "region_width"]
@@ -77,12 +78,45 @@ def anchor_region_stats(
     positions. The region of a query block: KV blocks ``[0, sink_blocks)``, its own KV blocks
     and the ``local_blocks - 1`` before them (``local_blocks >= 1``); in causal mode keys after
     a row's position are masked, so every row keeps at least its own key. Only the rows of
-    query blocks ``q_blocks`` (default: all) are computed. Float32 throughout.
+    query blocks ``q_blocks`` (default: all) are computed, a few query blocks at a time so that
+    their region logits stay within half of ``CHUNK_ELEMENTS`` floats; only the gathered
+    region keys are converted to float32 (never the whole of k). Float32 throughout.
     """
+    batch, q_heads = q.shape[:2]
+    blocks = query_block_range(num_blocks(q.shape[2], block_q), q_blocks)
+    width = region_width(block_q, block_k, sink_blocks, local_blocks)
+    per_block = max(1, CHUNK_ELEMENTS // (2 * batch * q_heads * block_q * width))
+    region = dict(block_q=block_q, block_k=block_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    parts = [
+        _region_stats(
+            q, k, **region, scale=scale, causal=causal, blocks=range(start, min(start + per_block, blocks.stop))
+        )
+        for start in range(blocks.start, blocks.stop, per_block)
+    ]
+    if len(parts) <= 1:
+        return parts[0] if parts else _region_stats(q, k, **region, scale=scale, causal=causal, blocks=blocks)
+    return AnchorStats(
+        row_max=torch.cat([part.row_max for part in parts], dim=-1),
+        row_lse=torch.cat([part.row_lse for part in parts], dim=-1),
+    )
+
+
+def _region_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    sink_blocks: int,
+    local_blocks: int,
+    scale: float,
+    causal: bool,
+    blocks: range,
+) -> AnchorStats:
+    """:func:`anchor_region_stats` for the query blocks ``blocks`` at once."""
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
-    blocks = query_block_range(num_blocks(seq_q, block_q), q_blocks)
     positions, valid = _region_positions(seq_q, seq_k, block_q, block_k, blocks, sink_blocks, local_blocks, causal)
     positions, valid = positions.to(q.device), valid.to(q.device)
     n, width = positions.shape
@@ -90,7 +124,7 @@ def anchor_region_stats(
     rows = q[:, :, first_row:end_row].float()
     rows = F.pad(rows, (0, 0, 0, n * block_q - rows.shape[2]))
     rows = rows.view(batch, kv_heads, group, n, block_q, dim)
-    keys = k.float()[:, :, positions.flatten()].view(batch, kv_heads, n, width, dim)
+    keys = k[:, :, positions.flatten()].float().view(batch, kv_heads, n, width, dim)
     logits = torch.einsum("bhgnqd,bhnwd->bhgnqw", rows, keys) * scale
     del keys
     query_positions = seq_k - seq_q + first_row + torch.arange(n * block_q, device=q.device).view(n, block_q)

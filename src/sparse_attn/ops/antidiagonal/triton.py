@@ -95,8 +95,11 @@ FP8_SCORING_CONFIGS: tuple[ScoringConfig, ...] = (
 # and two launches at 128K.
 SCRATCH_CHUNKS = 4
 # Each score's exponential in the epilogue through the half-precision unit, two per instruction
-# (16-bit and fp8 inputs on a GPU; float32 inputs and the interpreter take float32 exp2).
-FAST_EXP2 = True
+# (16-bit and fp8 inputs on a GPU; float32 inputs and the interpreter take float32 exp2). Off:
+# on the H200 at 128K (benchmarks/scoring_configs.py --exp2 f16x2 f32, fourteenth session) it
+# was no faster than float32 exp2 for either precision (bf16 21.07 vs 21.04 ms, fp8 12.18 vs
+# 11.85 ms at the default tile), and it is the less accurate of the two.
+FAST_EXP2 = False
 # Query cells per launch when one head's scratch rows would exceed the scratch: a multiple
 # of every tile height (BLOCK_M <= 256).
 _CELL_UNIT = 256

@@ -1,4 +1,4 @@
-"""Block maxima of logits in PyTorch (the implementation; there is no fused kernel)."""
+"""Block maxima of logits in PyTorch: the reference of the kernel in :mod:`.triton` (and the path off CUDA)."""
 
 from __future__ import annotations
 
