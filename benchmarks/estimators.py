@@ -200,6 +200,20 @@ def method_estimate(q: torch.Tensor, k: torch.Tensor, method: str, block: int):
     return functools.partial(sa.estimate, q, k, variant.name, block_q=block, block_k=block, **dict(variant.options))
 
 
+# Rows finished so far in this run and where to write them: each row is written as it finishes
+# (``"complete": false`` in the metadata), so a run cut short by a time limit keeps its rows.
+_finished: list[dict] = []
+_partial_out: tuple[Path, dict] | None = None
+
+
+def finished(row: dict) -> None:
+    """Print ``row``'s table line and, with an output path, rewrite the JSON with every row so far."""
+    _finished.append(row)
+    if _partial_out is not None:
+        path, meta = _partial_out
+        write_results(list(_finished), path, {**meta, "complete": False})
+
+
 def run_scale(shape: Shape, methods, *, strength: float, device: torch.device, single_call_ms: float) -> list[dict]:
     """Estimation at a long length: time and peak extra memory per method, dense cuDNN on the same inputs."""
     q, k, v = structured_qkv(shape, strength=strength, device=device)
@@ -240,6 +254,7 @@ def run_scale(shape: Shape, methods, *, strength: float, device: torch.device, s
             row["peak_without_pattern_mib"] = row["estimate_peak_mib"] - row["pattern_mib"]
         row["estimate_share_of_dense"] = ratio(row.get("estimate_ms"), row.get("dense_ms"))
         rows.append(row)
+        finished(row)
         print(format_table([row], SCALE_COLUMNS), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -348,6 +363,7 @@ def run_inputs(
         except Exception as error:
             row["errors"]["estimate"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             rows.append(row)
+            finished(row)
             continue
         row["estimate_ms"], _ = measure(estimate, device)
         if profile and device.type == "cuda":
@@ -366,6 +382,7 @@ def run_inputs(
         if recall_heads:
             row["recall"], row["recall_heads"] = subset_recall(q, k, pattern, recall_heads)
         rows.append(row)
+        finished(row)
         print(format_table([row], COLUMNS), flush=True)
     return rows
 
@@ -424,9 +441,12 @@ def main() -> None:
     else:
         lengths = args.lengths or (SCALE_LENGTHS if args.scale else [32768, 131072])
         shapes = [Shape(seq=seq) for seq in lengths]
+    global _partial_out
     if args.scale:
+        _partial_out = _scale_output(args, device)
         run_scale_lengths(shapes, args, device)
         return
+    _partial_out = _main_output(args, device, "auto" if device.type == "cuda" else "reference")
     kernel_backend = "auto" if device.type == "cuda" else "reference"
     common = dict(recall_heads=args.recall_heads, device=device, kernel_backend=kernel_backend, profile=args.profile)
     rows = []
@@ -451,19 +471,40 @@ def main() -> None:
     if args.recall_heads and rows:
         heads = min(args.recall_heads, min(row["kv_heads"] for row in rows))
         print(f"recall: exact, on {heads} query heads (one per KV group)")
+    if _partial_out is not None:
+        out, meta = _partial_out
+        write_results(rows, out, {**meta, "complete": True})
+        print(f"wrote {out}")
+
+
+def _main_output(args, device: torch.device, kernel_backend: str) -> tuple[Path, dict] | None:
+    """The JSON path and metadata of a (non ``--scale``) run, or None when nothing is written."""
     out = args.out
     if out is None and device.type == "cuda" and not args.quick:
         name = "estimators.json" if args.inputs == "structured" else f"estimators_{args.inputs}.json"
         out = Path(__file__).parent / "results" / device_slug(device) / name
-    if out is not None:
-        inputs = (
-            "shared direction + noise, RoPE"
-            if args.inputs == "structured"
-            else f"{args.inputs} global layers, niah prompt"
-        )
-        meta = {"benchmark": "estimators", "kernel_backend": kernel_backend, "inputs": inputs, **environment(device)}
-        write_results(rows, out, meta)
-        print(f"wrote {out}")
+    if out is None:
+        return None
+    inputs = (
+        "shared direction + noise, RoPE" if args.inputs == "structured" else f"{args.inputs} global layers, niah prompt"
+    )
+    return out, {"benchmark": "estimators", "kernel_backend": kernel_backend, "inputs": inputs, **environment(device)}
+
+
+def _scale_output(args, device: torch.device) -> tuple[Path, dict] | None:
+    """The JSON path and metadata of a ``--scale`` run, or None when nothing is written."""
+    out = args.out
+    if out is None and device.type == "cuda" and not args.quick:
+        out = Path(__file__).parent / "results" / device_slug(device) / "estimators_scale.json"
+    if out is None:
+        return None
+    meta = {
+        "benchmark": "estimators --scale",
+        "inputs": "shared direction + noise, RoPE",
+        "single_call_ms": args.single_call_ms,
+        **environment(device),
+    }
+    return out, meta
 
 
 def run_scale_lengths(shapes: list[Shape], args, device: torch.device) -> None:
@@ -485,17 +526,9 @@ def run_scale_lengths(shapes: list[Shape], args, device: torch.device) -> None:
     )
     backends = sorted({row["dense_backend"] for row in rows if "dense_backend" in row})
     print(f"dense: causal SDPA on the same inputs ({', '.join(backends) or 'did not run'})")
-    out = args.out
-    if out is None and device.type == "cuda" and not args.quick:
-        out = Path(__file__).parent / "results" / device_slug(device) / "estimators_scale.json"
-    if out is not None:
-        meta = {
-            "benchmark": "estimators --scale",
-            "inputs": "shared direction + noise, RoPE",
-            "single_call_ms": args.single_call_ms,
-            **environment(device),
-        }
-        write_results(rows, out, meta)
+    if _partial_out is not None:
+        out, meta = _partial_out
+        write_results(rows, out, {**meta, "complete": True})
         print(f"wrote {out}")
 
 
