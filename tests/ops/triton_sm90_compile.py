@@ -41,6 +41,7 @@ def main() -> dict:
 
     from sparse_attn.ops.antidiagonal import triton as antidiagonal
     from sparse_attn.ops.block_max import triton as block_max
+    from sparse_attn.ops.gathered_block_max import triton as gathered_block_max
     from sparse_attn.ops.lowbit import triton as lowbit
     from sparse_attn.ops.mask_lists import triton as mask_lists
     from sparse_attn.ops.selection import triton as selection
@@ -52,7 +53,17 @@ def main() -> dict:
     scoring_pointers = {"RowBlockLse": "*fp32", "BlockProbs": "*fp32", "QScale": "*fp32", "KScale": "*fp32"}
     block_max_pointers = {"Positions": "*i64", "KeyScale": "*fp32", "KeyBias": "*fp32", "Out": "*fp32"}
     block_max_flags = dict(HAS_POSITIONS=True, HAS_SCALE=False, HAS_BIAS=False, BLOCK_N=128, COMPUTE=tl.bfloat16)
+    gathered = dict(BLOCK_Q=128, BLOCK_K=128, BLOCK_N=64, DOT_FP32=False, PRECISION="tf32")
+    gathered_pointers = {"Units": "*i64", "Present": "*u8", "Out": "*fp32"}
     cases = {
+        "gathered_block_max_bf16": (
+            gathered_block_max._gathered_block_max, {"Q": "*bf16", "K": "*bf16", **gathered_pointers},
+            dict(gathered, HEAD_DIM=128, BLOCK_D=128), 8,
+        ),
+        "gathered_block_max_d256": (
+            gathered_block_max._gathered_block_max, {"Q": "*fp16", "K": "*fp16", **gathered_pointers},
+            dict(gathered, HEAD_DIM=256, BLOCK_D=64), 8,
+        ),
         "block_max_split": (
             block_max._block_max_kernel, {"Q": "*fp32", "K": "*bf16", **block_max_pointers},
             dict(block_max_flags, HEAD_DIM=128, BLOCK_M=64, MODE=2), 4,

@@ -29,15 +29,17 @@ this engine differs or the paper is silent:
   (each initial chunk then holds at most one).
 - Chunks split at ``ceil(size / 2)``; a chunk's representative is its unit at
   ``start + size // 2``; ties in the top-k go to the earlier chunk. An empty half never wins.
-- The representative's score is exact (float32), not the SparQ approximation of the released
-  kernels.
+- The representative's score is exact (products of q and k in their own dtype, accumulated in
+  float32; queries unscaled, since only maxima are compared), not the SparQ approximation of
+  the released kernels. Only the representatives' keys are read, straight from ``k``: no
+  float32 copy of K.
 - Not verified against the paper text in this session: the stored copies reachable held its
   abstract and summaries; the rule above follows them and the released code's defaults.
 - ``causal=False`` (not in the paper): every block outside the query block's own span is a
   candidate and the window is symmetric.
 
-Operators: :func:`sparse_attn.ops.selection.topk_mask`, :mod:`sparse_attn.ops.static_masks`,
-streamed over chunks of query blocks by :func:`sparse_attn.ops.to_pattern.stream_pattern`.
+Operators: :func:`sparse_attn.ops.gathered_block_max.gathered_block_max` (the representatives'
+scores), :func:`sparse_attn.ops.selection.topk_mask`, :mod:`sparse_attn.ops.static_masks`, streamed over chunks of query blocks by :func:`sparse_attn.ops.to_pattern.stream_pattern`.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..checks import check_int
 from ..geometry import num_blocks, own_kv_block_span
+from ..ops.gathered_block_max import gathered_block_max
 from ..ops.selection import topk_mask
 from ..ops.static_masks import token_window_mask
 from ..ops.to_pattern import stream_pattern
@@ -68,26 +70,6 @@ class HipConfig:
         check_int("window_tokens", self.window_tokens, minimum=1)
 
 
-def representative_scores(
-    q_rows: torch.Tensor, k_blocks: torch.Tensor, units: torch.Tensor, present: torch.Tensor
-) -> torch.Tensor:
-    """Float32 ``(B, Hq, R, C)``: per query block and chunk, the largest ``q · k`` over the block's
-    rows and the keys of KV block ``units`` (``-inf`` where ``present`` is False).
-
-    q_rows ``(B, Hq, R, block_q, D)`` and k_blocks ``(B, Hkv, n_kv, block_k, D)``, float32, with
-    padded rows and keys at ``nan`` (they never win the max), units int64 ``(B, Hq, R, C)``.
-    """
-    batch, q_heads, rows, chunks = units.shape
-    kv_heads, n_kv, block_k, dim = k_blocks.shape[1:]
-    group = q_heads // kv_heads
-    flat = units.clamp(0, n_kv - 1).view(batch, kv_heads, group * rows * chunks)
-    keys = torch.gather(k_blocks, 2, flat[..., None, None].expand(-1, -1, -1, block_k, dim))
-    keys = keys.view(batch, q_heads, rows, chunks, block_k, dim)
-    logits = torch.einsum("bhrqd,bhrckd->bhrcqk", q_rows, keys)
-    scores = logits.nan_to_num(nan=float("-inf")).amax(dim=(-2, -1))
-    return scores.masked_fill(~present, float("-inf"))
-
-
 @register_method(
     "hip",
     config=HipConfig,
@@ -99,20 +81,14 @@ def estimate(
     q: torch.Tensor, k: torch.Tensor, config: HipConfig, *, causal: bool, block_q: int, block_k: int
 ) -> BlockSparsePattern:
     """Lists per query head: ``kv_counts`` int32 ``(B, Hq, n_q_blocks)``."""
-    batch, q_heads, seq_q, dim = q.shape
-    kv_heads, seq_k = k.shape[1], k.shape[2]
+    batch, q_heads, seq_q = q.shape[:3]
+    seq_k = k.shape[2]
     n_kv = num_blocks(seq_k, block_k)
     keep = num_blocks(config.top_k_tokens, block_k)
-    # Keys as whole blocks; a last partial block's missing keys are NaN and never win a max.
-    k_blocks = F.pad(k.float(), (0, 0, 0, n_kv * block_k - seq_k), value=float("nan"))
-    k_blocks = k_blocks.view(batch, kv_heads, n_kv, block_k, dim)
     first_own, last_own = own_kv_block_span(seq_q, seq_k, block_q, block_k, q.device)
 
     def mask_rows(q_blocks: range) -> torch.Tensor:
         rows = len(q_blocks)
-        start, end = q_blocks.start * block_q, min(q_blocks.stop * block_q, seq_q)
-        q_rows = F.pad(q[:, :, start:end].float(), (0, 0, 0, rows * block_q - (end - start)), value=float("nan"))
-        q_rows = q_rows.view(batch, q_heads, rows, block_q, dim)
         own_first = first_own[q_blocks.start : q_blocks.stop]
         own_size = last_own[q_blocks.start : q_blocks.stop] - own_first + 1
         # Candidates: the blocks outside the own span, numbered 0..n-1 in order.
@@ -128,7 +104,8 @@ def estimate(
         while True:
             present = hi > lo
             units = to_block(lo + (hi - lo) // 2)
-            kept = topk_mask(representative_scores(q_rows, k_blocks, units, present), keep) & present
+            scores = gathered_block_max(q, k, units, present, q_blocks=q_blocks, block_q=block_q, block_k=block_k)
+            kept = topk_mask(scores, keep) & present
             order = torch.argsort((~kept).to(torch.uint8), dim=-1, stable=True)[..., :keep]
             lo, hi = torch.gather(lo, -1, order), torch.gather(hi, -1, order)
             if int((hi - lo).max()) <= 1:
@@ -160,5 +137,9 @@ def estimate(
         block_k=block_k,
         causal=causal,
         device=q.device,
-        row_elements=batch * q_heads * (4 * keep * block_q * block_k + 4 * keep * block_k * dim + n_kv),
+        # Per query block and head: the search state, a few int64 (and float32 score) tensors of
+        # 2k chunks (two float32 units per int64 entry; 32 units per kept block covers about eight
+        # of them), and the bool mask rows with their copies (one unit per KV block). The scoring
+        # operator holds no scratch of its own (its reference chunks under CHUNK_ELEMENTS).
+        row_elements=batch * q_heads * (32 * keep + n_kv),
     )

@@ -13,6 +13,11 @@ kernel against its reference.
   slash and block sums;
 * :mod:`.selection`: cumulative-mass and top-k selection per row (sort-free Triton kernel);
 * :mod:`.vertical_slash_blocks`: selected columns and diagonals -> the blocks they cross;
+* :mod:`.block_max`: each row's largest logit per KV block (AnchorAttention's pooled queries,
+  SALE's low-bit rows);
+* :mod:`.gathered_block_max`: per query block, the largest logit in each of a list of KV blocks
+  (HiP's tree search);
+* :mod:`.anchor_region`: row maxima and log-sum-exps over sinks and a local window;
 * :mod:`.static_masks`: sinks, local windows, power-of-two distances, strided shards;
 * :mod:`.pooled_attention_map`: SeerAttention's training target, the block max-pooled,
   row-normalised attention map (two-pass Triton kernel);
