@@ -64,14 +64,17 @@ an option). Choices and limits:
   paid once per refresh.
 - ``tri_shape`` is not a default candidate: it keeps its last rows dense, so the last-query
   probe would always credit it with full recall. ``sale`` is not a default candidate for
-  its cost: its low-bit scoring is emulated here in float32 over every query-key pair, which
-  at long context costs more than dense attention (add it to ``candidates`` to compare).
+  its cost: it scores every query-key pair (its low-bit products emulated), which at long
+  context costs more than dense attention (add it to ``candidates`` to compare).
 - Candidates must use the call's blocks (``block_q``/``block_k``): ``moba`` (token-level,
   ``block_q = 1``) and the spatial methods are not candidates. A candidate that cannot run the
   case (e.g. ``xattention`` with blocks that are not a multiple of its stride) is skipped
   with one warning naming why.
 - Cost: every candidate estimates on every call, so the estimate costs the sum of theirs plus
-  the probe. :class:`AutoState` (``state=`` option) caches the choice across calls (per layer:
+  the probe (at 1M tokens on an H200, 32/8 heads: 7.7 s, 42 % of dense attention, and 24 GB
+  beyond the pattern: the assembled table as wide as the widest candidate, a candidate's
+  pattern and a copy of the rows chosen from it alive together, each up to 8 GB; fourteenth
+  session, ``benchmarks/results/h200/estimators_scale_1m_s31e.json``). :class:`AutoState` (``state=`` option) caches the choice across calls (per layer:
   one state per layer, e.g. through :func:`auto_layer_methods`) and only re-selects every
   ``refresh_every`` calls; in between only the chosen candidates estimate.
 - Patterns are per query head (``kv_counts`` ``(B, Hq, n_q_blocks)``).

@@ -33,10 +33,16 @@ keys). Choices where the paper leaves room or where this engine differs:
   scale (a per-warp layout of its int4 tensor-core fragments); per-token scales are the finer
   of the two modes it offers, so this estimate is slightly more accurate than the kernel's.
 - The quantisation is emulated (:mod:`sparse_attn.ops.lowbit`): codes are stored at low
-  precision (int8 holding int4 values, or fp8), but the products are float32 matmuls over
-  every query-key pair, so the block scores are those of the paper's arithmetic, not its
-  speed: at long context this estimate costs more than dense bf16 attention. The paper's
-  int4 tensor-core kernel (about 11 % of dense time, as it reports) is not included.
+  precision (int8 holding int4 values, or fp8), but the products are not integer or fp8
+  tensor-core products. Off CUDA they are float32 matmuls; on CUDA the block-max kernel
+  (:mod:`sparse_attn.ops.block_max`) takes the codes as bfloat16 (exact) against the
+  dequantised queries split into two bfloat16 parts, so the block scores are those of the
+  paper's arithmetic (to about ``2^-17`` relative), not its speed: every query-key pair is
+  still scored, which on an H200 at 128K took 1.42 s, 5.4 times dense attention (fourteenth
+  session, ``benchmarks/results/h200/estimators_s31d_128k.json``). The paper's int4
+  tensor-core kernel (about 11 % of dense time, as it reports) is not included; Hopper has no
+  int4 tensor cores, and at fp8's rate scoring every pair is about a quarter of dense
+  attention's product work, so no kernel of this rule can reach a 5 % budget there.
 - With GQA each query head is scored against its KV head (lists per query head); the means
   for smoothing are per query head and per KV head.
 - ``causal=False`` (not in the paper): the window is symmetric around the query block.
