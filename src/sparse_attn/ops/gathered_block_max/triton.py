@@ -25,6 +25,7 @@ import triton.language as tl
 from ...geometry import num_blocks
 from ...utils import dot_in_float32, interpreting
 from .._dispatch import device_unsupported_reason
+from .._triton_util import dot_rows
 from ..gqa import gqa_group
 
 __all__ = ["gathered_block_max_triton", "unsupported_reason"]
@@ -52,14 +53,6 @@ def unsupported_reason(q: torch.Tensor, *, k: torch.Tensor, block_q: int, block_
     if not (1 <= block_q <= _MAX_BLOCK and 1 <= block_k <= _MAX_BLOCK):
         return f"takes blocks of 1 to {_MAX_BLOCK} tokens, got block_q {block_q} and block_k {block_k}"
     return None
-
-
-@triton.jit
-def _dot(a, b_rows, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b_rows^T``, in float32 products when ``DOT_FP32``."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), tl.trans(b_rows.to(tl.float32)), acc, input_precision=PRECISION)
-    return tl.dot(a, tl.trans(b_rows), acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -97,7 +90,7 @@ def _gathered_block_max(
                 key_rows = tl.load(
                     k_base + keys[:, None] * stride_ks + columns[None, :], mask=real_keys[:, None], other=0.0
                 )
-                acc = _dot(q, key_rows, acc, DOT_FP32, PRECISION)
+                acc = dot_rows(q, key_rows, acc, DOT_FP32, PRECISION)
             else:
                 for d_start in range(0, HEAD_DIM, BLOCK_D):
                     q_slice = tl.load(
@@ -110,7 +103,7 @@ def _gathered_block_max(
                         mask=real_keys[:, None],
                         other=0.0,
                     )
-                    acc = _dot(q_slice, key_rows, acc, DOT_FP32, PRECISION)
+                    acc = dot_rows(q_slice, key_rows, acc, DOT_FP32, PRECISION)
             best = tl.maximum(best, tl.max(tl.where(real_keys[None, :], acc, float("-inf")), axis=1))
         best = tl.where(real_rows, best, float("-inf"))
         tl.store(Out + lists + c, tl.max(best, axis=0))

@@ -46,6 +46,7 @@ import triton.language as tl
 from ...geometry import num_blocks
 from ...utils import dot_in_float32, interpreting
 from .._dispatch import device_unsupported_reason
+from .._triton_util import dot_rows
 from ..gqa import gqa_group
 from .naive import ProbeSums, block_sum
 
@@ -82,14 +83,6 @@ def unsupported_reason(q: torch.Tensor, *, k: torch.Tensor, num_queries: int) ->
 
 
 @triton.jit
-def _dot(a, b_rows, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b_rows^T``, in float32 products when ``DOT_FP32``."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), tl.trans(b_rows.to(tl.float32)), acc, input_precision=PRECISION)
-    return tl.dot(a, tl.trans(b_rows), acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _load_rows(base, first, count, stride, d_start, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows ``first`` to ``first + BLOCK_ROWS`` of ``base`` (zeros from row ``count`` on), head-dim
     columns ``d_start`` to ``d_start + BLOCK_D``."""
@@ -112,12 +105,12 @@ def _tile_logits(
     acc = tl.zeros([BLOCK, BLOCK_N], dtype=tl.float32)
     if BLOCK_D == HEAD_DIM:
         keys = _load_rows(k_base, start_n, seq_k, stride_ks, 0, BLOCK_N, HEAD_DIM)
-        acc = _dot(q, keys, acc, DOT_FP32, PRECISION)
+        acc = dot_rows(q, keys, acc, DOT_FP32, PRECISION)
     else:
         for d_start in range(0, HEAD_DIM, BLOCK_D):
             q_slice = _load_rows(q_base, 0, rows, stride_qs, d_start, BLOCK, BLOCK_D)
             keys = _load_rows(k_base, start_n, seq_k, stride_ks, d_start, BLOCK_N, BLOCK_D)
-            acc = _dot(q_slice, keys, acc, DOT_FP32, PRECISION)
+            acc = dot_rows(q_slice, keys, acc, DOT_FP32, PRECISION)
     return acc
 
 
