@@ -59,3 +59,44 @@ def test_region_width_bounds_the_gathered_keys():
     # Sinks, the window before the own blocks and (non-causal) after, and the own span.
     assert region_width(128, 128, 1, 1) >= 128 * 3
     assert region_width(16, 8, 2, 3) >= 8 * (2 + 2 * 3 - 1 + 3)
+
+
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k, sink_blocks, local_blocks, dtype",
+    [
+        (2, 6, 2, 77, 130, 16, 16, 16, 1, 2, torch.float32),  # Sq < Sk, GQA 3, odd lengths
+        (1, 4, 4, 45, 45, 32, 8, 16, 2, 1, torch.float32),
+        (1, 8, 1, 70, 100, 64, 32, 8, 3, 3, torch.float16),  # GQA 8, a window wider than one step
+    ],
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_matches_reference(
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k, sink_blocks, local_blocks, dtype, causal, monkeypatch
+):
+    from sparse_attn.ops.anchor_region import triton as anchor_region_triton
+
+    q, k, _ = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, seed=seq_q + dim)
+    q, k = q.to(dtype), k.to(dtype)
+    region = dict(block_q=block_q, block_k=block_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    monkeypatch.setattr(anchor_region_triton, "_empty", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    n_q = num_blocks(seq_q, block_q)
+    for blocks in (None, range(1, n_q)):
+        expected = anchor_region_naive.anchor_region_stats(q, k, **region, scale=0.3, causal=causal, q_blocks=blocks)
+        row_max, row_lse = anchor_region_triton.anchor_region_stats_triton(
+            q, k, **region, scale=0.3, causal=causal, q_blocks=blocks
+        )
+        assert not row_max.isnan().any() and not row_lse.isnan().any()
+        assert torch.allclose(row_max, expected.row_max, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(row_lse, expected.row_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_kernel_matches_reference_on_gpu():
+    from sparse_attn.ops.anchor_region import triton as anchor_region_triton
+
+    q, k, _ = random_qkv(1, 32, 8, 8192, 8192, 128, dtype=torch.bfloat16, device="cuda", seed=3)
+    region = dict(block_q=128, block_k=128, sink_blocks=1, local_blocks=1)
+    expected = anchor_region_naive.anchor_region_stats(q, k, **region, scale=128**-0.5, causal=True)
+    row_max, row_lse = anchor_region_triton.anchor_region_stats_triton(q, k, **region, scale=128**-0.5, causal=True)
+    assert torch.allclose(row_max, expected.row_max, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(row_lse, expected.row_lse, rtol=1e-4, atol=1e-4)

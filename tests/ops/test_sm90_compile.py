@@ -22,6 +22,7 @@ def test_operator_kernels_compile_for_sm90():
         "mask_lists", "lowbit_absmax", "lowbit_encode", "selection_mass", "antidiagonal_tma_bf16",
         "antidiagonal_tma_fp8", "vertical_slash_blocks", "block_max_split", "block_max_d256",
         "gathered_block_max_bf16", "gathered_block_max_d256",
+        "anchor_region_bf16", "anchor_region_d256",
     }  # fmt: skip
     for name, result in results.items():
         assert result["returncode"] == 0, (name, result["report"])

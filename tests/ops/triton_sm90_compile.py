@@ -39,6 +39,7 @@ def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4) 
 def main() -> dict:
     import triton.language as tl
 
+    from sparse_attn.ops.anchor_region import triton as anchor_region
     from sparse_attn.ops.antidiagonal import triton as antidiagonal
     from sparse_attn.ops.block_max import triton as block_max
     from sparse_attn.ops.gathered_block_max import triton as gathered_block_max
@@ -55,7 +56,17 @@ def main() -> dict:
     block_max_flags = dict(HAS_POSITIONS=True, HAS_SCALE=False, HAS_BIAS=False, BLOCK_N=128, COMPUTE=tl.bfloat16)
     gathered = dict(BLOCK_Q=128, BLOCK_K=128, BLOCK_N=64, DOT_FP32=False, PRECISION="tf32")
     gathered_pointers = {"Units": "*i64", "Present": "*u8", "Out": "*fp32"}
+    region = dict(BLOCK_M=64, BLOCK_N=64, CAUSAL=True, DOT_FP32=False, PRECISION="tf32")
+    region_pointers = {"RowMax": "*fp32", "RowLse": "*fp32", "scale": "fp32"}
     cases = {
+        "anchor_region_bf16": (
+            anchor_region._region_stats, {"Q": "*bf16", "K": "*bf16", **region_pointers},
+            dict(region, HEAD_DIM=128), 4,
+        ),
+        "anchor_region_d256": (
+            anchor_region._region_stats, {"Q": "*fp16", "K": "*fp16", **region_pointers},
+            dict(region, HEAD_DIM=256), 8,
+        ),
         "gathered_block_max_bf16": (
             gathered_block_max._gathered_block_max, {"Q": "*bf16", "K": "*bf16", **gathered_pointers},
             dict(gathered, HEAD_DIM=128, BLOCK_D=128), 8,

@@ -1,4 +1,4 @@
-"""Anchor-region statistics in PyTorch (the implementation; there is no fused kernel)."""
+"""Anchor-region statistics in PyTorch: the reference of :mod:`.triton` (and the path off CUDA)."""
 
 from __future__ import annotations
 
