@@ -67,6 +67,9 @@ def unsupported_reason(q: torch.Tensor, *, k: torch.Tensor, block_k: int) -> str
         return "takes at least one row and one key"
     if k.device != q.device:
         return "takes q and k on one device"
+    # Row offsets inside one head are int32 in the kernel (int64 addresses cost registers).
+    if (k.shape[2] + block_k) * max(k.stride(2), 1) >= 2**31 or (q.shape[2] + 64) * max(q.stride(2), 1) >= 2**31:
+        return "takes heads whose rows span fewer than 2^31 elements"
     return device_unsupported_reason(q)
 
 
