@@ -23,7 +23,7 @@ import torch
 
 from ..utils import interpreting
 
-__all__ = ["device_unsupported_reason", "kernel_for"]
+__all__ = ["device_unsupported_reason", "kernel_for", "qk_unsupported_reason"]
 
 
 def kernel_for(x: torch.Tensor, package: str, **case) -> ModuleType | None:
@@ -41,4 +41,25 @@ def device_unsupported_reason(x: torch.Tensor) -> str | None:
     """The device part of every kernel's can-run check: a CUDA tensor, or Triton's CPU interpreter."""
     if x.device.type != "cuda" and not interpreting():
         return "needs a CUDA device (or TRITON_INTERPRET=1)"
+    return None
+
+
+def qk_unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """The shared part of the can-run checks of kernels that read ``q (B, Hq, Sq, D)`` and
+    ``k (B, Hkv, Sk, D)``: the device, one float16/bfloat16/float32 dtype on one device, and a
+    head_dim that is a power of two from 16 to 256."""
+    reason = device_unsupported_reason(q)
+    if reason is not None:
+        return reason
+    if q.dim() != 4 or k.dim() != 4:
+        return "takes q (B, Hq, Sq, D) and k (B, Hkv, Sk, D)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"takes float16, bfloat16 or float32, not {q.dtype}"
+    if k.dtype != q.dtype:
+        return f"needs q and k of one dtype, got {q.dtype} and {k.dtype}"
+    if k.device != q.device:
+        return "takes q and k on one device"
+    dim = q.shape[-1]
+    if dim < 16 or dim > 256 or dim & (dim - 1):
+        return f"takes a head_dim that is a power of two from 16 to 256, not {dim}"
     return None

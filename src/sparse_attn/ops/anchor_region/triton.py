@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ...geometry import num_blocks
 from ...utils import dot_in_float32
-from .._dispatch import device_unsupported_reason
+from .._dispatch import qk_unsupported_reason
 from .._triton_util import dot_rows
 from ..block_rows import query_block_range
 
@@ -36,18 +36,7 @@ _empty = torch.empty  # the outputs' allocator: the tests poison it
 
 def unsupported_reason(q: torch.Tensor, *, k: torch.Tensor) -> str | None:
     """Why the kernel cannot take this case, or ``None``."""
-    if q.dim() != 4 or k.dim() != 4:
-        return "takes q (B, Hq, Sq, D) and k (B, Hkv, Sk, D)"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"takes float16, bfloat16 or float32, not {q.dtype}"
-    if k.dtype != q.dtype:
-        return f"needs q and k of one dtype, got {q.dtype} and {k.dtype}"
-    dim = q.shape[-1]
-    if dim < 16 or dim > 256 or dim & (dim - 1):
-        return f"takes a head_dim that is a power of two from 16 to 256, not {dim}"
-    if k.device != q.device:
-        return "takes q and k on one device"
-    return device_unsupported_reason(q)
+    return qk_unsupported_reason(q, k)
 
 
 @triton.jit

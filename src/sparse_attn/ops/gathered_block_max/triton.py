@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ...geometry import num_blocks
 from ...utils import dot_in_float32, interpreting
-from .._dispatch import device_unsupported_reason
+from .._dispatch import qk_unsupported_reason
 from .._triton_util import dot_rows
 from ..gqa import gqa_group
 
@@ -40,16 +40,9 @@ _empty = torch.empty  # the output's allocator: the tests poison it
 
 def unsupported_reason(q: torch.Tensor, *, k: torch.Tensor, block_q: int, block_k: int) -> str | None:
     """Why the kernel cannot take this case, or ``None``."""
-    reason = device_unsupported_reason(q)
+    reason = qk_unsupported_reason(q, k)
     if reason is not None:
         return reason
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"takes float16, bfloat16 or float32, not {q.dtype}"
-    if k.dtype != q.dtype:
-        return f"needs q and k of one dtype, got {q.dtype} and {k.dtype}"
-    dim = q.shape[-1]
-    if dim < 16 or dim > 256 or dim & (dim - 1):
-        return f"takes a head_dim that is a power of two from 16 to 256, not {dim}"
     if not (1 <= block_q <= _MAX_BLOCK and 1 <= block_k <= _MAX_BLOCK):
         return f"takes blocks of 1 to {_MAX_BLOCK} tokens, got block_q {block_q} and block_k {block_k}"
     return None
