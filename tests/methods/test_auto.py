@@ -339,3 +339,25 @@ def test_spread_probe_on_cuda_matches_the_cpu_and_stays_small_at_128k():
     )
     assert extra < 2**30
     assert torch.allclose(mass.sum(-1), counts.float().cuda().expand_as(mass[..., 0]), rtol=1e-3)
+
+
+def test_assembly_keeps_each_head_at_its_own_width():
+    from sparse_attn.methods.auto import _Assembly
+
+    geometry = dict(seq_q=96, seq_k=112, **BLOCKS)
+    dense = sa.dense_pattern(**geometry)  # one head, batch 1: lists as wide as the row
+    q, k, _ = random_qkv(2, 6, 3, 96, 112, 32, seed=1)
+    narrow = sa.estimate(q, k, "streaming", sink_tokens=16, local_tokens=16, **BLOCKS)
+    assembly = _Assembly(2, 6, dense.num_q_blocks, "cpu")
+    assembly.write(narrow, torch.ones(2, 6, dtype=torch.bool))
+    wide_head = torch.zeros(2, 6, dtype=torch.bool)
+    wide_head[1, 4] = True
+    assembly.write(dense, wide_head)
+    widths = {key: indices.shape[-1] for key, (_, indices) in assembly.rows.items()}
+    assert widths[(1, 4)] == dense.max_kv
+    assert max(width for key, width in widths.items() if key != (1, 4)) == narrow.max_kv < dense.max_kv
+    pattern = assembly.finish(geometry, causal=True)
+    expected = narrow.expand_heads(6).to_mask().expand(2, -1, -1, -1).clone()
+    expected[1, 4] = dense.to_mask()[0, 0]
+    assert torch.equal(pattern.to_mask(), expected)
+    assert not assembly.rows

@@ -72,9 +72,13 @@ an option). Choices and limits:
   with one warning naming why.
 - Cost: every candidate estimates on every call, so the estimate costs the sum of theirs plus
   the probe (at 1M tokens on an H200, 32/8 heads: 7.7 s, 42 % of dense attention, and 24 GB
-  beyond the pattern: the assembled table as wide as the widest candidate, a candidate's
-  pattern and a copy of the rows chosen from it alive together, each up to 8 GB; fourteenth
-  session, ``benchmarks/results/h200/estimators_scale_1m_s31e.json``). :class:`AutoState` (``state=`` option) caches the choice across calls (per layer:
+  beyond the pattern, measured when the assembly held a table as wide as the widest
+  candidate, a candidate's pattern, its expansion to query heads and a copy of the rows chosen
+  from it together, each up to 8 GB; fourteenth session,
+  ``benchmarks/results/h200/estimators_scale_1m_s31e.json``). Since then each chosen head's rows
+  are kept at that head's own width and candidates are scored on their probed rows without
+  being expanded (:class:`_Assembly`); not re-measured at 1M. A candidate's pattern and the
+  chosen rows (up to the result's size) are still held together. :class:`AutoState` (``state=`` option) caches the choice across calls (per layer:
   one state per layer, e.g. through :func:`auto_layer_methods`) and only re-selects every
   ``refresh_every`` calls; in between only the chosen candidates estimate.
 - Patterns are per query head (``kv_counts`` ``(B, Hq, n_q_blocks)``).
@@ -308,17 +312,28 @@ def probe_block_mass(
 def chunk_recall(pattern: BlockSparsePattern, mass: torch.Tensor, query_blocks: Sequence[int]) -> torch.Tensor:
     """Per probed block, the probe mass inside the KV blocks ``pattern`` keeps for that query block, over
     the block's total: float32 ``(B', Hq, len(query_blocks))`` (``B'``: the pattern's batch, 1 or B).
-    ``pattern`` must have ``mass``'s query heads (:meth:`BlockSparsePattern.expand_heads`); a block with
-    no mass counts as fully recalled."""
+    ``pattern`` has ``mass``'s query heads or a divisor of them (lists per KV head serve their GQA
+    group; only the probed rows are expanded); a block with no mass counts as fully recalled."""
     rows = torch.as_tensor(list(query_blocks), dtype=torch.long, device=mass.device)
     counts, indices = pattern.kv_counts[:, :, rows], pattern.kv_indices[:, :, rows].long()
     n_kv = mass.shape[-1]
     used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
     kept = torch.zeros(*indices.shape[:3], n_kv + 1, dtype=torch.bool, device=indices.device)
     kept.scatter_(-1, torch.where(used, indices, n_kv), True)
+    kept = _per_query_head(kept, mass.shape[1])
     total = mass.sum(-1)
     inside = (mass * kept[..., :-1]).sum(-1)
     return torch.where(total > 0, inside / total.clamp_min(1e-30), 1.0)
+
+
+def _per_query_head(x: torch.Tensor, q_heads: int) -> torch.Tensor:
+    """``x`` (dim 1: a pattern's heads) repeated over each GQA group to ``q_heads`` heads."""
+    heads = x.shape[1]
+    if heads == q_heads:
+        return x
+    if q_heads % heads != 0:
+        raise ValueError(f"cannot expand {heads} pattern heads to {q_heads} query heads")
+    return x.repeat_interleave(q_heads // heads, dim=1)
 
 
 def probe_estimate(recalls: torch.Tensor, confidence: float) -> torch.Tensor:
@@ -334,32 +349,48 @@ def probe_estimate(recalls: torch.Tensor, confidence: float) -> torch.Tensor:
 
 
 class _Assembly:
-    """The per-head result, built candidate by candidate: rows of a head are overwritten when a
-    better candidate comes, so only the result and one candidate pattern are held at a time."""
+    """The per-head result, built candidate by candidate.
+
+    Each chosen head keeps its own rows (copied out of the candidate's pattern, trimmed to that
+    head's widest list) until a better candidate replaces them; :meth:`finish` copies them into
+    one table, as wide as the widest chosen head. So the result's rows, one candidate pattern
+    and, at the end, the table are what is held: no table widened to every candidate's width
+    and no copy of a candidate's rows beyond the heads it serves.
+    """
 
     def __init__(self, batch: int, heads: int, n_q: int, device) -> None:
-        self.counts = torch.zeros((batch, heads, n_q), dtype=torch.int32, device=device)
-        self.indices = torch.zeros((batch, heads, n_q, 1), dtype=torch.int32, device=device)
+        self.shape = (batch, heads, n_q)
+        self.device = device
+        self.rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def write(self, pattern: BlockSparsePattern, heads: torch.Tensor) -> None:
-        """Copy ``pattern``'s rows (expanded to this batch and head count) into the heads where ``heads`` is True."""
-        shape = tuple(self.counts.shape)
-        pattern = pattern.expand_heads(shape[1])
-        width = pattern.max_kv
-        if width > self.indices.shape[-1]:
-            wider = torch.zeros((*shape, width), dtype=torch.int32, device=self.indices.device)
-            wider[..., : self.indices.shape[-1]] = self.indices
-            self.indices = wider
-        self.counts[heads] = pattern.kv_counts.expand(shape)[heads]
-        rows = torch.zeros((int(heads.sum()), shape[2], self.indices.shape[-1]), dtype=torch.int32, device=heads.device)
-        rows[..., :width] = pattern.kv_indices.expand(*shape, width)[heads]
-        self.indices[heads] = rows
+        """Take ``pattern``'s rows for the (batch, query head) entries where ``heads`` is True
+        (a pattern of batch 1 serves every batch row; lists per KV head serve their GQA group)."""
+        q_heads = self.shape[1]
+        if q_heads % pattern.num_heads != 0:
+            raise ValueError(f"cannot expand {pattern.num_heads} pattern heads to {q_heads} query heads")
+        group = q_heads // pattern.num_heads
+        widths = pattern.kv_counts.amax(-1).clamp_min(1).tolist()  # one synchronisation per write
+        for b, h in heads.nonzero().tolist():
+            source_batch = b if pattern.batch > 1 else 0
+            source_head = h // group
+            width = widths[source_batch][source_head]
+            self.rows[(b, h)] = (
+                pattern.kv_counts[source_batch, source_head].clone(),
+                pattern.kv_indices[source_batch, source_head, :, :width].clone(),
+            )
 
     def finish(self, geometry: dict, causal: bool) -> BlockSparsePattern:
-        width = max(1, int(self.counts.max()))
-        pattern = BlockSparsePattern(
-            kv_counts=self.counts, kv_indices=self.indices[..., :width].contiguous(), **geometry
-        )
+        if len(self.rows) != self.shape[0] * self.shape[1]:
+            raise RuntimeError(f"auto: {len(self.rows)} heads assembled, expected {self.shape[0] * self.shape[1]}")
+        width = max(indices.shape[-1] for _, indices in self.rows.values())
+        counts = torch.zeros(self.shape, dtype=torch.int32, device=self.device)
+        indices = torch.zeros((*self.shape, width), dtype=torch.int32, device=self.device)
+        while self.rows:  # each head's rows freed as soon as they are in the table
+            (b, h), (head_counts, head_indices) = self.rows.popitem()
+            counts[b, h] = head_counts
+            indices[b, h, :, : head_indices.shape[-1]] = head_indices
+        pattern = BlockSparsePattern(kv_counts=counts, kv_indices=indices, **geometry)
         # Every row is a row of a valid pattern of the same geometry, so the result is valid.
         pattern._cache[("validated", causal)] = True
         return pattern
@@ -415,7 +446,7 @@ def choose(
                 index = torch.where(heads, DENSE, index)
                 continue
             assembly.write(pattern, heads)
-            density[heads] = _head_density(pattern, valid).expand(batch, q_heads)[heads]
+            density[heads] = _per_query_head(_head_density(pattern, valid), q_heads).expand(batch, q_heads)[heads]
     else:
         if config.probe == "last":
             query_blocks = [n_q - 1]
@@ -440,10 +471,10 @@ def choose(
             pattern = _candidate_pattern(name, options, q, k, causal=causal, geometry=geometry)
             if pattern is None:
                 continue
-            expanded = pattern.expand_heads(q_heads)
-            candidate_recall = probe_estimate(chunk_recall(expanded, mass, query_blocks), config.confidence)
+            # Per query head from the probed rows only: a pattern with lists per KV head is not expanded.
+            candidate_recall = probe_estimate(chunk_recall(pattern, mass, query_blocks), config.confidence)
             candidate_recall = candidate_recall.expand(batch, q_heads)
-            candidate_density = _head_density(expanded, valid).expand(batch, q_heads)
+            candidate_density = _per_query_head(_head_density(pattern, valid), q_heads).expand(batch, q_heads)
             meets = candidate_recall >= config.recall
             better = meets & ((index == DENSE) | (candidate_density < density))
             if bool(better.any()):
@@ -451,7 +482,7 @@ def choose(
                 index = torch.where(better, position, index)
                 recall = torch.where(better, candidate_recall, recall)
                 density = torch.where(better, candidate_density, density)
-            del pattern, expanded
+            del pattern
     fallback = index == DENSE
     if bool(fallback.any()):
         assembly.write(dense_pattern(**geometry, causal=causal, device=q.device), fallback)
