@@ -62,14 +62,14 @@ def test_region_width_bounds_the_gathered_keys():
 
 
 @pytest.mark.parametrize(
-    "batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k, sink_blocks, local_blocks, dtype",
+    "batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k, sink_blocks, local_blocks, dtype, causal",
     [
-        (2, 6, 2, 77, 130, 16, 16, 16, 1, 2, torch.float32),  # Sq < Sk, GQA 3, odd lengths
-        (1, 4, 4, 45, 45, 32, 8, 16, 2, 1, torch.float32),
-        (1, 8, 1, 70, 100, 64, 32, 8, 3, 3, torch.float16),  # GQA 8, a window wider than one step
+        (2, 6, 2, 77, 130, 16, 16, 16, 1, 2, torch.float32, True),  # Sq < Sk, GQA 3, odd lengths
+        (1, 4, 4, 45, 45, 32, 8, 16, 2, 1, torch.float32, False),
+        (1, 8, 1, 70, 100, 64, 32, 8, 3, 3, torch.float16, True),  # GQA 8, a window wider than one step
+        (1, 8, 1, 70, 100, 64, 32, 8, 3, 3, torch.float16, False),  # the window after the own blocks too
     ],
 )
-@pytest.mark.parametrize("causal", [True, False])
 def test_kernel_matches_reference(
     batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k, sink_blocks, local_blocks, dtype, causal, monkeypatch
 ):
