@@ -207,7 +207,7 @@ _partial_out: tuple[Path, dict] | None = None
 
 
 def finished(row: dict) -> None:
-    """Print ``row``'s table line and, with an output path, rewrite the JSON with every row so far."""
+    """Record a finished ``row`` and, with an output path, rewrite the JSON with every row so far."""
     _finished.append(row)
     if _partial_out is not None:
         path, meta = _partial_out
@@ -446,8 +446,8 @@ def main() -> None:
         _partial_out = _scale_output(args, device)
         run_scale_lengths(shapes, args, device)
         return
-    _partial_out = _main_output(args, device, "auto" if device.type == "cuda" else "reference")
     kernel_backend = "auto" if device.type == "cuda" else "reference"
+    _partial_out = _main_output(args, device, kernel_backend)
     common = dict(recall_heads=args.recall_heads, device=device, kernel_backend=kernel_backend, profile=args.profile)
     rows = []
     if args.inputs == "gemma3-270m":

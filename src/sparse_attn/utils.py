@@ -33,6 +33,11 @@ def dot_in_float32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
 
 
+def is_power_of_two(value: int) -> bool:
+    """Whether ``value`` is 1, 2, 4, 8, ..."""
+    return value >= 1 and value & (value - 1) == 0
+
+
 def length_bucket(length: int) -> int:
     """``ceil(log2(length))``: the autotuning key that keeps long and short sequences apart."""
     return max(length - 1, 1).bit_length()

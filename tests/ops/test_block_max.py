@@ -81,16 +81,12 @@ def test_kernel_matches_reference(batch, q_heads, kv_heads, rows, seq_k, dim, bl
     monkeypatch.setattr(block_max_triton, "_TARGET_PROGRAMS", 3)
     late = torch.randint(seq_k // 2, seq_k + 3, (rows,), generator=generator)  # some blocks seen whole by every row
     for kwargs in ({}, dict(q_positions=positions, key_scale=key_scale, key_bias=key_bias), dict(q_positions=late)):
-        expected = block_max_logits_naive(q, k, block_k=block_k, **kwargs)
+        expected = block_max_naive.block_max_logits(q, k, block_k=block_k, **kwargs)
         got = block_max_triton.block_max_logits_triton(q, k, block_k=block_k, **kwargs)
         assert not got.isnan().any()
         assert torch.equal(got == float("-inf"), expected == float("-inf"))
         finite = expected.isfinite()
         assert torch.allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-4)
-
-
-def block_max_logits_naive(q, k, **kwargs):
-    return block_max_naive.block_max_logits(q, k, **kwargs)
 
 
 def test_kernel_refuses_unsupported_cases():

@@ -326,14 +326,17 @@ def chunk_recall(pattern: BlockSparsePattern, mass: torch.Tensor, query_blocks: 
     return torch.where(total > 0, inside / total.clamp_min(1e-30), 1.0)
 
 
+def _heads_per_pattern_head(pattern_heads: int, q_heads: int) -> int:
+    """How many query heads each of a pattern's heads serves (its GQA group; 1 for lists per query head)."""
+    if q_heads % pattern_heads != 0:
+        raise ValueError(f"cannot expand {pattern_heads} pattern heads to {q_heads} query heads")
+    return q_heads // pattern_heads
+
+
 def _per_query_head(x: torch.Tensor, q_heads: int) -> torch.Tensor:
     """``x`` (dim 1: a pattern's heads) repeated over each GQA group to ``q_heads`` heads."""
-    heads = x.shape[1]
-    if heads == q_heads:
-        return x
-    if q_heads % heads != 0:
-        raise ValueError(f"cannot expand {heads} pattern heads to {q_heads} query heads")
-    return x.repeat_interleave(q_heads // heads, dim=1)
+    group = _heads_per_pattern_head(x.shape[1], q_heads)
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
 def probe_estimate(recalls: torch.Tensor, confidence: float) -> torch.Tensor:
@@ -366,10 +369,7 @@ class _Assembly:
     def write(self, pattern: BlockSparsePattern, heads: torch.Tensor) -> None:
         """Take ``pattern``'s rows for the (batch, query head) entries where ``heads`` is True
         (a pattern of batch 1 serves every batch row; lists per KV head serve their GQA group)."""
-        q_heads = self.shape[1]
-        if q_heads % pattern.num_heads != 0:
-            raise ValueError(f"cannot expand {pattern.num_heads} pattern heads to {q_heads} query heads")
-        group = q_heads // pattern.num_heads
+        group = _heads_per_pattern_head(pattern.num_heads, self.shape[1])
         widths = pattern.kv_counts.amax(-1).clamp_min(1).tolist()  # one synchronisation per write
         for b, h in heads.nonzero().tolist():
             source_batch = b if pattern.batch > 1 else 0

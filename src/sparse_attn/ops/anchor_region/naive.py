@@ -87,14 +87,12 @@ def anchor_region_stats(
     width = region_width(block_q, block_k, sink_blocks, local_blocks)
     per_block = max(1, CHUNK_ELEMENTS // (2 * batch * q_heads * block_q * width))
     region = dict(block_q=block_q, block_k=block_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
-    parts = [
-        _region_stats(
-            q, k, **region, scale=scale, causal=causal, blocks=range(start, min(start + per_block, blocks.stop))
-        )
-        for start in range(blocks.start, blocks.stop, per_block)
+    pieces = [
+        range(start, min(start + per_block, blocks.stop)) for start in range(blocks.start, blocks.stop, per_block)
     ]
-    if len(parts) <= 1:
-        return parts[0] if parts else _region_stats(q, k, **region, scale=scale, causal=causal, blocks=blocks)
+    parts = [_region_stats(q, k, **region, scale=scale, causal=causal, blocks=piece) for piece in pieces or [blocks]]
+    if len(parts) == 1:
+        return parts[0]
     return AnchorStats(
         row_max=torch.cat([part.row_max for part in parts], dim=-1),
         row_lse=torch.cat([part.row_lse for part in parts], dim=-1),

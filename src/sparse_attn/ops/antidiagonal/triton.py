@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ...backends import launch
 from ...geometry import num_blocks
-from ...utils import device_capability, dot_in_float32, interpreting, length_bucket
+from ...utils import device_capability, dot_in_float32, interpreting, is_power_of_two, length_bucket
 from .._chunking import CHUNK_ELEMENTS
 from .._dispatch import device_unsupported_reason
 from ..block_rows import query_block_range
@@ -105,10 +105,6 @@ FAST_EXP2 = False
 _CELL_UNIT = 256
 
 
-def _is_power_of_two(value: int) -> bool:
-    return value >= 1 and value & (value - 1) == 0
-
-
 def unsupported_reason(
     q: torch.Tensor, *, stride: int, block_q: int, block_k: int, score_precision: str = "input"
 ) -> str | None:
@@ -122,11 +118,11 @@ def unsupported_reason(
         return f"takes float16, bfloat16 or float32, not {q.dtype}"
     if q.shape[-1] not in (16, 32, 64, 128, 256):
         return f"takes head_dim 16, 32, 64, 128 or 256, not {q.shape[-1]}"
-    if not _is_power_of_two(stride):
+    if not is_power_of_two(stride):
         return f"needs a power-of-two stride, got {stride}"
     for name, block in (("block_q", block_q), ("block_k", block_k)):
         cells = block // stride
-        if block % stride or not _is_power_of_two(cells) or cells > 128:
+        if block % stride or not is_power_of_two(cells) or cells > 128:
             return f"needs {name} / stride to be a power of two <= 128, got {block} / {stride}"
     return None
 

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ...geometry import num_blocks
-from ...utils import interpreting
+from ...utils import interpreting, is_power_of_two
 from .._dispatch import device_unsupported_reason
 
 __all__ = ["block_max_logits_triton", "unsupported_reason"]
@@ -46,10 +46,6 @@ _TARGET_PROGRAMS = 512
 _empty = torch.empty  # the output's allocator: the tests poison it
 
 
-def _is_power_of_two(value: int) -> bool:
-    return value >= 1 and value & (value - 1) == 0
-
-
 def unsupported_reason(q: torch.Tensor, *, k: torch.Tensor, block_k: int) -> str | None:
     """Why the kernel cannot take this case, or ``None``."""
     if q.dim() != 4 or k.dim() != 4:
@@ -59,9 +55,9 @@ def unsupported_reason(q: torch.Tensor, *, k: torch.Tensor, block_k: int) -> str
     if k.dtype not in _KEY_DTYPES:
         return f"takes keys of {[str(d) for d in _KEY_DTYPES]}, not {k.dtype}"
     dim = q.shape[-1]
-    if not (_is_power_of_two(dim) and 16 <= dim <= 256):
+    if not (is_power_of_two(dim) and 16 <= dim <= 256):
         return f"takes head_dim a power of two in [16, 256], got {dim}"
-    if not (_is_power_of_two(block_k) and 16 <= block_k <= 128):
+    if not (is_power_of_two(block_k) and 16 <= block_k <= 128):
         return f"takes block_k a power of two in [16, 128], got {block_k}"
     if q.shape[2] == 0 or k.shape[2] == 0:
         return "takes at least one row and one key"
