@@ -197,7 +197,24 @@ def method_estimate(q: torch.Tensor, k: torch.Tensor, method: str, block: int):
     """``sa.estimate`` of a ``NAME`` or ``NAME:OPTION=VALUE,...`` method (e.g.
     ``xattention:score_precision=fp8``), as a zero-argument call."""
     variant = MethodVariant.parse(method)
-    return functools.partial(sa.estimate, q, k, variant.name, block_q=block, block_k=block, **dict(variant.options))
+    options = dict(variant.options)
+    if variant.name == "seer" and "gates" not in options:
+        options["gates"] = untrained_gate(q, k)
+    return functools.partial(sa.estimate, q, k, variant.name, block_q=block, block_k=block, **options)
+
+
+UNTRAINED_GATE_NOTE = "untrained gate (nn.Linear initialisation, seed 0): time and memory only, density not meaningful"
+
+
+def untrained_gate(q: torch.Tensor, k: torch.Tensor):
+    """A SeerAttention gate for the synthetic shape, randomly initialised (no trained gate exists for
+    it): the gate's cost does not depend on its weights, its pattern does (rows say so)."""
+    from sparse_attn.nn.seer import AttnGate
+
+    with torch.random.fork_rng(devices=[q.device] if q.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        gate = AttnGate(q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[-1])
+    return gate.to(q.device)
 
 
 # Rows finished so far in this run and where to write them: each row is written as it finishes
@@ -240,6 +257,8 @@ def run_scale(shape: Shape, methods, *, strength: float, device: torch.device, s
     rows = []
     for method in methods:
         row = {"seq": shape.seq, "method": method, **labels, **dense, "errors": {}}
+        if MethodVariant.parse(method).name == "seer":
+            row["note"] = UNTRAINED_GATE_NOTE
         estimate = method_estimate(q, k, method, shape.block)
         try:
             pattern = estimate()  # warm-up: the first call autotunes the scoring kernels
@@ -272,6 +291,49 @@ def print_profile(label: str, fn, device: torch.device, top: int = 12) -> None:
         torch.cuda.synchronize(device)
     print(f"--- profile: {label}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70), flush=True)
+    print_timeline(prof.events(), top=min(top, 8))
+
+
+SYNC_OPS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "aten::item",
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+)
+
+
+def print_timeline(events, top: int = 8) -> None:
+    """The GPU's idle gaps in one profiled call: span from the first kernel's start to the last
+    kernel's end, busy time (kernels and copies, overlaps merged), the ``top`` widest gaps
+    with the kernels on either side, and the host calls that wait for the GPU (syncs)."""
+    from torch.autograd import DeviceType
+
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    if not spans:
+        return
+    busy, gaps, end, previous = 0.0, [], spans[0][0], spans[0][2]
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append((start - end, previous, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, previous = stop, name
+    span = end - spans[0][0]
+    syncs: dict[str, int] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name in SYNC_OPS:
+            syncs[e.name] = syncs.get(e.name, 0) + 1
+    print(
+        f"timeline: {len(spans)} GPU ops, span {span / 1e3:.3f} ms, busy {busy / 1e3:.3f} ms, "
+        f"idle {(span - busy) / 1e3:.3f} ms in {len(gaps)} gaps; host waits: {syncs or 'none'}"
+    )
+    for gap, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"  gap {gap / 1e3:.3f} ms after {before[:60]} before {after[:60]}")
 
 
 def ratio(numerator, denominator):
@@ -354,6 +416,8 @@ def run_inputs(
             row[name] = ms
             if error:
                 row["errors"][name] = error
+        if MethodVariant.parse(method).name == "seer" and labels.get("inputs") == "structured":
+            row["note"] = UNTRAINED_GATE_NOTE
         estimate = method_estimate(q, k, method, block)
         try:
             # The first call autotunes the scoring kernels (their benchmarking allocates a 256 MB
