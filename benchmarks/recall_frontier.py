@@ -356,9 +356,10 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, chosen: Sequence[tuple[str,
     entries, patterns = [], []
     # auto re-estimates its candidates on every call: on this layer's (deterministic) input it is given
     # the patterns already estimated here, so each candidate estimates once per layer (auto's
-    # estimate_s then covers its probe and choice, not its candidates' estimates).
+    # estimate_s then covers its probe and choice, and a chosen head-local candidate's estimate on
+    # the GQA groups that chose it, not its candidates' estimates on all heads).
     shared: dict[str, BlockSparsePattern] = {}
-    reuse = functools.partial(_shared_candidate, shared, auto_module._candidate_pattern)
+    reuse = functools.partial(_shared_candidate, shared, q.shape[1], auto_module._candidate_pattern)
     for name, options in chosen:
         entry = {"method": name, "setting": label(name, options), "options": _jsonable(options)}
         call_options = dict(options)
@@ -395,12 +396,27 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, chosen: Sequence[tuple[str,
     return entries, time.perf_counter() - start
 
 
-def _shared_candidate(shared: dict, estimate, name: str, options: dict, q, k, *, causal: bool, geometry: dict):
-    """``auto``'s candidate pattern: the one this layer already estimated, else ``estimate``'s."""
+def _shared_candidate(
+    shared: dict,
+    layer_heads: int,
+    estimate,
+    name: str,
+    options: dict,
+    q,
+    k,
+    *,
+    causal: bool,
+    geometry: dict,
+    capture=None,
+):
+    """``auto``'s candidate pattern (or, with ``capture``, its rows there): from the pattern this layer
+    already estimated when the call is for all ``layer_heads`` query heads, else ``estimate``'s (a
+    chosen candidate run on some GQA groups only estimates again)."""
     found = shared.get(label(name, options))
-    if found is not None and causal and (found.block_q, found.block_k) == (geometry["block_q"], geometry["block_k"]):
-        return found
-    return estimate(name, options, q, k, causal=causal, geometry=geometry)
+    usable = found is not None and causal and q.shape[1] == layer_heads
+    if usable and (found.block_q, found.block_k) == (geometry["block_q"], geometry["block_k"]):
+        return found if capture is None else auto_module.pattern_rows(found, capture)
+    return estimate(name, options, q, k, causal=causal, geometry=geometry, capture=capture)
 
 
 def _jsonable(options: dict) -> dict:

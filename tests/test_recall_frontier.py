@@ -189,7 +189,9 @@ def test_auto_settings_per_probe_share_the_layers_candidate_patterns(script, mon
 
     monkeypatch.setattr(script.auto_module, "_candidate_pattern", counting)
     rows, _ = script.evaluate_layer(q, k, chosen, scale=32**-0.5)
-    assert calls == ["xattention", "xattention"]  # the shared ones are not estimated again
+    # The shared ones are not estimated again; the other is judged on its probed rows once per auto
+    # setting, then estimated on the GQA groups that chose it (if any).
+    assert set(calls) == {"xattention"} and 2 <= len(calls) <= 4
     monkeypatch.setattr(script.auto_module, "_candidate_pattern", original)
     for row, (_, options) in zip(rows[2:], chosen[2:], strict=True):
         _, choice = script.choose(

@@ -32,6 +32,16 @@ class Method:
     # Bidirectional methods (image/video attention over a layout) refuse causal calls, so causal
     # language-model runs (``sparse-attn eval``'s default method list) leave them out.
     bidirectional: bool = False
+    # Head-local methods give each GQA group (its query heads and their KV head) the lists it
+    # would get in a call with the other groups left out: ``auto`` then runs a chosen candidate
+    # on the groups that chose it only. A method whose rule depends on head numbers or mixes
+    # groups (a profile per head, shards by head number, proxies over several groups) is not.
+    # A bool, or a function of the method's config for methods where it depends on an option.
+    head_local: bool | Callable[[Any], bool] = False
+
+    def is_head_local(self, config) -> bool:
+        """Whether this method, with ``config``, is head-local (see ``head_local``)."""
+        return bool(self.head_local(config) if callable(self.head_local) else self.head_local)
 
     def defaults(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config_class())
@@ -48,10 +58,17 @@ class Method:
 
 
 def register_method(
-    name: str, *, config: type, paper: str, summary: str, bidirectional: bool = False
+    name: str,
+    *,
+    config: type,
+    paper: str,
+    summary: str,
+    bidirectional: bool = False,
+    head_local: bool | Callable[[Any], bool] = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``estimate`` under ``name`` with its config dataclass and citation
-    (``bidirectional``: the method takes non-causal calls only)."""
+    (``bidirectional``: the method takes non-causal calls only; ``head_local``: see
+    :attr:`Method.head_local`)."""
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"config must be a dataclass, got {config!r}")
 
@@ -65,6 +82,7 @@ def register_method(
             paper=paper,
             summary=summary,
             bidirectional=bidirectional,
+            head_local=head_local,
         )
         return estimate
 

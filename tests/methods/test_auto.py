@@ -83,20 +83,23 @@ def test_auto_meets_its_budget_at_lower_density_than_dense(budget):
     assert DENSE not in choice.index.tolist()
 
 
-def test_choice_is_the_sparsest_candidate_meeting_the_budget():
+@pytest.mark.parametrize("density_rule", ["exact", "probe"])
+def test_choice_is_the_sparsest_candidate_meeting_the_budget(density_rule):
     q, k, _ = random_qkv(2, 6, 3, 96, 112, 32, seed=4)
     k[:, :, 5] *= 5.0
     budget = 0.85
-    pattern, choice = choose(
-        q, k, AutoConfig(recall=budget, candidates=CANDIDATES, probe="last", probe_queries=8), causal=True, **BLOCKS
-    )
-    valid = sa.dense_pattern(seq_q=96, seq_k=112, **BLOCKS).kv_counts.sum().item()
+    config = AutoConfig(recall=budget, candidates=CANDIDATES, probe="last", probe_queries=8, density=density_rule)
+    pattern, choice = choose(q, k, config, causal=True, **BLOCKS)
+    full = sa.dense_pattern(seq_q=96, seq_k=112, **BLOCKS)
+    # "exact": kept blocks over valid blocks of the whole head; "probe": of the probed (last) row only.
+    counted = slice(None) if density_rule == "exact" else slice(-1, None)
+    valid = full.kv_counts[..., counted].sum().item()
     best = torch.full((2, 6), float("inf"))
     index = torch.full((2, 6), DENSE)
     for position, (name, options) in enumerate(CANDIDATES):
         candidate = sa.estimate(q, k, name, **BLOCKS, **options)
         recall = probe_recall_brute_force(q, k, candidate, 8).expand(2, 6)
-        density = candidate.expand_heads(6).kv_counts.sum(-1).double().expand(2, 6) / valid
+        density = candidate.expand_heads(6).kv_counts[..., counted].sum(-1).double().expand(2, 6) / valid
         better = (recall >= budget - 1e-6) & (density < best - 1e-12)
         best = torch.where(better, density, best)
         index = torch.where(better, position, index)
@@ -109,6 +112,9 @@ def test_choice_is_the_sparsest_candidate_meeting_the_budget():
         rows = sa.estimate(q, k, name, **BLOCKS, **options).expand_heads(6).to_mask().expand(2, -1, -1, -1)
         heads = index == position
         assert torch.equal(pattern.to_mask()[heads], rows[heads])
+    # Reported densities are the chosen rows' exact densities, whichever rule chose them.
+    exact = pattern.kv_counts.sum(-1).float() / full.kv_counts.sum().item()
+    torch.testing.assert_close(choice.density, exact)
 
 
 def test_heads_no_candidate_serves_run_dense():
@@ -178,6 +184,8 @@ def test_other_config_errors_name_the_field():
         AutoConfig(probe_queries=8.0)
     with pytest.raises(ValueError, match="probe must be one of"):
         AutoConfig(probe="first")
+    with pytest.raises(ValueError, match="density must be one of"):
+        AutoConfig(density="average")
     with pytest.raises(ValueError, match="probe_chunks"):
         AutoConfig(probe="spread", probe_chunks=0)
     for bad in (1.0, 0.4, float("nan")):
@@ -361,3 +369,80 @@ def test_assembly_keeps_each_head_at_its_own_width():
     expected[1, 4] = dense.to_mask()[0, 0]
     assert torch.equal(pattern.to_mask(), expected)
     assert not assembly.rows
+
+
+def _causal_methods():
+    from sparse_attn.registry import _REGISTRY
+
+    return sorted(name for name, method in _REGISTRY.items() if not method.bidirectional and name != "auto")
+
+
+@pytest.mark.parametrize("name", _causal_methods())
+def test_captured_rows_are_the_patterns_rows(name):
+    """What auto judges a candidate on with ``density="probe"``: an estimator run inside
+    ``capture_rows`` gives exactly the rows of its whole pattern at those query blocks."""
+    from sparse_attn.methods.auto import pattern_rows
+    from sparse_attn.ops.to_pattern import RowsCaptured, capture_rows
+
+    q, k, _ = random_qkv(2, 6, 3, 150, 170, 32, seed=7)
+    spec = sa.get_method(name)
+    try:
+        pattern = sa.estimate(q, k, name, **BLOCKS)
+    except ValueError:  # needs options the defaults do not give (gates, a token-level block size, ...)
+        pytest.skip(f"{name} does not run at its defaults on this case")
+    blocks = [0, 3, 9, pattern.num_q_blocks - 1]
+    with capture_rows(blocks):
+        try:
+            result = spec.estimate(q, k, spec.make_config(), causal=True, **BLOCKS)
+        except RowsCaptured as captured:
+            result = captured.mask
+    if isinstance(result, sa.BlockSparsePattern):
+        assert name not in {candidate for candidate, _ in auto_module.DEFAULT_CANDIDATES}, "default candidates stream"
+        return  # not streamed: auto falls back to the whole pattern
+    assert torch.equal(result.expand(2, -1, -1, -1), pattern_rows(pattern, blocks).expand(2, -1, -1, -1))
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in _causal_methods() if sa.get_method(n).is_head_local(sa.get_method(n).make_config())]
+)
+def test_head_local_methods_give_a_group_the_same_lists_without_the_others(name):
+    q, k, _ = random_qkv(2, 8, 4, 150, 170, 32, seed=8)
+    full = sa.estimate(q, k, name, **BLOCKS).expand_heads(8).to_mask().expand(2, -1, -1, -1)
+    part = sa.estimate(q[:, 2:6], k[:, 1:3], name, **BLOCKS).expand_heads(4).to_mask().expand(2, -1, -1, -1)
+    assert torch.equal(part, full[:, 2:6])
+
+
+def test_probe_density_runs_chosen_candidates_on_their_groups_only(monkeypatch):
+    """With ``density="probe"`` a candidate estimates its whole pattern only where chosen: a
+    head-local one on the GQA groups that chose it (runs of consecutive groups), the rest never."""
+    q, k, _ = random_qkv(1, 8, 4, 96, 112, 32, seed=4)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    direction /= direction.norm()
+    q[:, 2:6] += 3 * direction  # groups 1 and 2 attend to key 40, outside streaming's sink and window
+    k[:, 1:3, 40] = 8 * direction
+    calls = []
+    original = auto_module._candidate_pattern
+
+    def spy(name, options, q_, k_, *, capture=None, **kwargs):
+        calls.append((name, q_.shape[1], capture is not None))
+        return original(name, options, q_, k_, capture=capture, **kwargs)
+
+    monkeypatch.setattr(auto_module, "_candidate_pattern", spy)
+    pattern, choice = choose(q, k, AutoConfig(recall=0.8, candidates=CANDIDATES), causal=True, **BLOCKS)
+    whole = [call for call in calls if not call[2]]
+    assert len([call for call in calls if call[2]]) == len(CANDIDATES)  # each judged once on its probed rows
+    chosen = {CANDIDATES[i][0] for i in choice.index.unique().tolist() if i != DENSE}
+    assert {name for name, _, _ in whole} == chosen and len(chosen) > 1
+    assert min(heads for _, heads, _ in whole) < 8  # some ran on a part of the heads
+    for name, heads, _ in whole:  # only as many query heads as chose it, in whole groups
+        positions = [i for i, (n, _) in enumerate(CANDIDATES) if n == name]
+        groups = torch.isin(choice.index[0], torch.tensor(positions)).view(4, 2).any(1).sum().item()
+        assert heads <= 2 * groups
+    # The result equals each chosen candidate's own rows.
+    for position in choice.index.unique().tolist():
+        if position == DENSE:
+            continue
+        name, options = CANDIDATES[position]
+        rows = sa.estimate(q, k, name, **BLOCKS, **options).expand_heads(8).to_mask()
+        heads = choice.index == position
+        assert torch.equal(pattern.to_mask()[heads], rows[heads])

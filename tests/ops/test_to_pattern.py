@@ -104,3 +104,15 @@ def test_rows_multiple_gives_chunks_of_whole_groups(monkeypatch):
     monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 7)
     to_pattern.stream_pattern(mask_rows, row_elements=1, rows_multiple=3, **geometry)
     assert sorted((r.start, r.stop) for r in seen) == [(0, 6), (6, 10)]
+
+
+def test_capture_rows_rejects_blocks_outside_the_pattern():
+    import sparse_attn as sa
+    from sparse_attn.ops.to_pattern import capture_rows
+
+    q, k = torch.randn(1, 2, 64, 16), torch.randn(1, 1, 64, 16)
+    with pytest.raises(ValueError, match="query_blocks"):
+        with capture_rows([]):
+            pass
+    with capture_rows([9]), pytest.raises(ValueError, match="query block 9"):
+        sa.estimate(q, k, "block_topk", block_q=16, block_k=16)

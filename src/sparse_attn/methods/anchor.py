@@ -102,6 +102,7 @@ def step_group_region(
     "(arXiv:2505.23520)",
     summary="anchor = max score over initial+local keys; keep blocks holding keys within theta of it "
     "(pooled queries), shared by a step of query blocks",
+    head_local=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: AnchorConfig, *, causal: bool, block_q: int, block_k: int

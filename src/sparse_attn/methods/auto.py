@@ -15,10 +15,18 @@ Rule (per batch row and query head):
      sequence (block ``round(i * (n_q - 1) / (probe_chunks - 1))``, the first and the last
      included; every block when there are fewer), the last ``probe_queries`` (default: all,
      ``block_q``) queries of each.
-2. Candidates: every candidate ``(method, options)`` estimates its pattern on the whole input.
+2. Candidates: each candidate ``(method, options)`` gives its rows for the probed query blocks.
    A candidate's recall on a probed block (a "chunk") is the probe mass inside the KV blocks
-   that its pattern keeps for that query block, over the chunk's total mass; its cost is its
-   density for that head (computed blocks over causally valid blocks).
+   that it keeps for that query block, over the chunk's total mass. Its cost for a head:
+   ``density="probe"`` (default), the kept blocks of its probed rows over their causally valid
+   blocks; ``density="exact"``, its density over the whole head (computed blocks over causally
+   valid blocks). With ``"probe"`` a candidate whose estimator streams its rows
+   (:func:`~sparse_attn.ops.to_pattern.capture_rows`: every registered causal method but
+   ``moba`` and ``random``) computes the probed rows only; its whole pattern is estimated
+   afterwards only if some head chose it, and for a head-local method
+   (:attr:`~sparse_attn.registry.Method.head_local`) only on the GQA groups holding those
+   heads. With ``"exact"`` (the rule before 2026-12-02) every candidate estimates its whole
+   pattern on every head.
 3. Probe recall per head: ``last``: the one chunk's recall. ``spread``: the one-sided
    ``confidence`` (default 0.95) lower confidence bound of the mean chunk recall,
    ``mean - z * std / sqrt(n)`` over the ``n`` chunks (``std`` with Bessel's correction, ``z``
@@ -29,7 +37,7 @@ Rule (per batch row and query head):
    pattern (all causally valid blocks): the budget is then met exactly, at full cost, and
    :class:`AutoChoice` marks that head with ``DENSE``.
 
-Defaults: ``recall=0.95`` of the softmax mass; ``candidates=None`` takes
+Defaults: ``recall=0.95`` of the softmax mass; ``density="probe"``; ``candidates=None`` takes
 :data:`DEFAULT_CANDIDATES` (the registered training-free prefill estimators, a few settings
 each); ``probe="spread"`` with ``probe_chunks=16``, ``probe_queries=None`` (whole query blocks)
 and ``confidence=0.95`` (``probe="last"`` with ``probe_queries=64`` was the rule before, kept as
@@ -70,17 +78,24 @@ an option). Choices and limits:
   ``block_q = 1``) and the spatial methods are not candidates. A candidate that cannot run the
   case (e.g. ``xattention`` with blocks that are not a multiple of its stride) is skipped
   with one warning naming why.
-- Cost: every candidate estimates on every call, so the estimate costs the sum of theirs plus
-  the probe (at 1M tokens on an H200, 32/8 heads: 7.7 s, 42 % of dense attention, and 24 GB
-  beyond the pattern, measured when the assembly held a table as wide as the widest
-  candidate, a candidate's pattern, its expansion to query heads and a copy of the rows chosen
-  from it together, each up to 8 GB; fourteenth session,
-  ``benchmarks/results/h200/estimators_scale_1m_s31e.json``). Since then each chosen head's rows
-  are kept at that head's own width and candidates are scored on their probed rows without
-  being expanded (:class:`_Assembly`); not re-measured at 1M. A candidate's pattern and the
-  chosen rows (up to the result's size) are still held together. :class:`AutoState` (``state=`` option) caches the choice across calls (per layer:
+- Cost. ``density="exact"``: every candidate estimates on every call, so the estimate costs the
+  sum of theirs plus the probe (at 1M tokens on an H200, 32/8 heads: 7.7 s, 42 % of dense
+  attention, and 24 GB beyond the pattern, fourteenth session,
+  ``benchmarks/results/h200/estimators_scale_1m_s31e.json``, when the assembly also held a
+  table as wide as the widest candidate). ``density="probe"`` (default since 2026-12-02): the
+  probe, each candidate's rule on the probed query blocks (plus whatever it computes once per
+  call before its rows, e.g. ``vertical_slash``'s last-query scores or ``flexprefill``'s whole
+  heads), then each chosen candidate on the groups that chose it: about the cost of one
+  estimator where the heads' choices agree, instead of the sum of fourteen. The probe density
+  is a sample of the head's rows: where the probed rows are not typical of a candidate it can
+  rank candidates differently from ``"exact"`` (the budget check is the same in both: the
+  probe recall of the candidate chosen). The held-out validation above ran with ``"exact"``.
+  Each chosen head's rows are kept at that head's own width (:class:`_Assembly`); a
+  candidate's pattern (on its groups) and the chosen rows (up to the result's size) are held
+  together. :class:`AutoState` (``state=`` option) caches the choice across calls (per layer:
   one state per layer, e.g. through :func:`auto_layer_methods`) and only re-selects every
-  ``refresh_every`` calls; in between only the chosen candidates estimate.
+  ``refresh_every`` calls; in between only the chosen candidates estimate, each on the groups
+  that chose it.
 - Patterns are per query head (``kv_counts`` ``(B, Hq, n_q_blocks)``).
 - The probe uses the softmax scale ``head_dim ** -0.5`` (estimators are not given the call's
   scale). Memory: the probe rows' scores a few query heads at a time (under half of
@@ -98,16 +113,18 @@ from statistics import NormalDist
 import torch
 
 from ..checks import check_fraction, check_int
-from ..geometry import causal_block_mask, num_blocks
+from ..geometry import num_blocks, query_block_positions
 from ..ops._chunking import CHUNK_ELEMENTS
 from ..ops.gqa import gqa_group, grouped_matmul, head_chunks, kv_heads_of
 from ..ops.last_query_probe import block_sum
+from ..ops.to_pattern import RowsCaptured, capture_rows
 from ..pattern import BlockSparsePattern, dense_pattern
 from ..registry import HEAD_METHODS, get_method, register_method
 
 __all__ = [
     "DENSE",
     "DEFAULT_CANDIDATES",
+    "DENSITIES",
     "PROBES",
     "AutoChoice",
     "AutoConfig",
@@ -117,13 +134,17 @@ __all__ = [
     "chunk_recall",
     "probe_block_mass",
     "probe_blocks",
+    "pattern_rows",
     "probe_estimate",
+    "rows_recall",
 ]
 
 # The candidate index of a head that no candidate served: it runs dense.
 DENSE = -1
 # The probes (module docstring, rule 1).
 PROBES = ("last", "spread")
+# How a candidate's cost is measured (module docstring, rule 2).
+DENSITIES = ("probe", "exact")
 # probe_queries when not given: per probe.
 _LAST_QUERIES = 64
 
@@ -223,6 +244,7 @@ class AutoConfig:
     probe_queries: int | None = None
     probe_chunks: int = 16
     confidence: float = 0.95
+    density: str = "probe"
     state: AutoState | None = None
 
     def __post_init__(self) -> None:
@@ -235,6 +257,8 @@ class AutoConfig:
             raise TypeError(f"confidence must be a float, got {type(self.confidence).__name__}")
         if not 0.5 <= self.confidence < 1.0:
             raise ValueError(f"confidence must be in [0.5, 1) (0.5: the plain mean), got {self.confidence}")
+        if self.density not in DENSITIES:
+            raise ValueError(f"density must be one of {list(DENSITIES)}, got {self.density!r}")
         candidates = DEFAULT_CANDIDATES if self.candidates is None else self.candidates
         object.__setattr__(self, "candidates", _normalized(candidates))
         if self.state is not None and not isinstance(self.state, AutoState):
@@ -309,21 +333,35 @@ def probe_block_mass(
     return mass, torch.tensor(counts, dtype=torch.int64)
 
 
+def pattern_rows(pattern: BlockSparsePattern, query_blocks: Sequence[int]) -> torch.Tensor:
+    """``pattern``'s rows for ``query_blocks`` as a bool mask ``(B', H', len(query_blocks), n_kv_blocks)``
+    (its own batch and heads; only those rows are expanded)."""
+    rows = torch.as_tensor(list(query_blocks), dtype=torch.long, device=pattern.kv_counts.device)
+    counts, indices = pattern.kv_counts[:, :, rows], pattern.kv_indices[:, :, rows].long()
+    n_kv = pattern.num_kv_blocks
+    used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    kept = torch.zeros(*indices.shape[:3], n_kv + 1, dtype=torch.bool, device=indices.device)
+    kept.scatter_(-1, torch.where(used, indices, n_kv), True)
+    return kept[..., :-1]
+
+
+def rows_recall(kept: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Per probed block, the probe mass inside the kept KV blocks over the block's total: float32
+    ``(B', Hq, chunks)`` from bool ``kept`` ``(B', H', chunks, n_kv_blocks)`` (``H'``: ``mass``'s query
+    heads or a divisor of them: lists per KV head serve their GQA group) and ``mass`` (see
+    :func:`probe_block_mass`); a block with no mass counts as fully recalled."""
+    kept = _per_query_head(kept, mass.shape[1])
+    total = mass.sum(-1)
+    inside = (mass * kept).sum(-1)
+    return torch.where(total > 0, inside / total.clamp_min(1e-30), 1.0)
+
+
 def chunk_recall(pattern: BlockSparsePattern, mass: torch.Tensor, query_blocks: Sequence[int]) -> torch.Tensor:
     """Per probed block, the probe mass inside the KV blocks ``pattern`` keeps for that query block, over
     the block's total: float32 ``(B', Hq, len(query_blocks))`` (``B'``: the pattern's batch, 1 or B).
     ``pattern`` has ``mass``'s query heads or a divisor of them (lists per KV head serve their GQA
     group; only the probed rows are expanded); a block with no mass counts as fully recalled."""
-    rows = torch.as_tensor(list(query_blocks), dtype=torch.long, device=mass.device)
-    counts, indices = pattern.kv_counts[:, :, rows], pattern.kv_indices[:, :, rows].long()
-    n_kv = mass.shape[-1]
-    used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
-    kept = torch.zeros(*indices.shape[:3], n_kv + 1, dtype=torch.bool, device=indices.device)
-    kept.scatter_(-1, torch.where(used, indices, n_kv), True)
-    kept = _per_query_head(kept, mass.shape[1])
-    total = mass.sum(-1)
-    inside = (mass * kept[..., :-1]).sum(-1)
-    return torch.where(total > 0, inside / total.clamp_min(1e-30), 1.0)
+    return rows_recall(pattern_rows(pattern, query_blocks), mass)
 
 
 def _heads_per_pattern_head(pattern_heads: int, q_heads: int) -> int:
@@ -366,14 +404,18 @@ class _Assembly:
         self.device = device
         self.rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def write(self, pattern: BlockSparsePattern, heads: torch.Tensor) -> None:
+    def write(self, pattern: BlockSparsePattern, heads: torch.Tensor, query_heads: range | None = None) -> None:
         """Take ``pattern``'s rows for the (batch, query head) entries where ``heads`` is True
-        (a pattern of batch 1 serves every batch row; lists per KV head serve their GQA group)."""
-        group = _heads_per_pattern_head(pattern.num_heads, self.shape[1])
+        (a pattern of batch 1 serves every batch row; lists per KV head serve their GQA group).
+        ``query_heads``: the query heads the pattern's heads serve (default: all; a pattern
+        estimated on some GQA groups serves theirs); entries of ``heads`` outside it are ignored."""
+        query_heads = range(self.shape[1]) if query_heads is None else query_heads
+        group = _heads_per_pattern_head(pattern.num_heads, len(query_heads))
         widths = pattern.kv_counts.amax(-1).clamp_min(1).tolist()  # one synchronisation per write
-        for b, h in heads.nonzero().tolist():
+        for b, h in heads[:, query_heads.start : query_heads.stop].nonzero().tolist():
             source_batch = b if pattern.batch > 1 else 0
             source_head = h // group
+            h += query_heads.start
             width = widths[source_batch][source_head]
             self.rows[(b, h)] = (
                 pattern.kv_counts[source_batch, source_head].clone(),
@@ -396,13 +438,26 @@ class _Assembly:
         return pattern
 
 
-def _candidate_pattern(name: str, options: dict, q, k, *, causal: bool, geometry: dict) -> BlockSparsePattern | None:
-    """The candidate's pattern, or None (with a warning) when it cannot run this case."""
+def _candidate_pattern(
+    name: str, options: dict, q, k, *, causal: bool, geometry: dict, capture: Sequence[int] | None = None
+) -> BlockSparsePattern | torch.Tensor | None:
+    """The candidate's pattern, or None (with a warning) when it cannot run this case.
+
+    With ``capture`` (query blocks), a candidate whose estimator streams its rows
+    (:func:`~sparse_attn.ops.to_pattern.capture_rows`) computes those rows only and they are
+    returned as a bool mask ``(B', H', len(capture), n_kv_blocks)``; others return their pattern.
+    """
     spec = get_method(name)
+    config = spec.make_config(**options)
+    call = dict(causal=causal, block_q=geometry["block_q"], block_k=geometry["block_k"])
     try:
-        pattern = spec.estimate(
-            q, k, spec.make_config(**options), causal=causal, block_q=geometry["block_q"], block_k=geometry["block_k"]
-        )
+        if capture is None:
+            pattern = spec.estimate(q, k, config, **call)
+        else:
+            with capture_rows(capture):
+                pattern = spec.estimate(q, k, config, **call)
+    except RowsCaptured as captured:
+        return captured.mask
     except ValueError as error:
         warnings.warn(f"auto: candidate {label(name, options)} skipped: {error}", stacklevel=4)
         return None
@@ -413,6 +468,68 @@ def _candidate_pattern(name: str, options: dict, q, k, *, causal: bool, geometry
             "candidates must use the call's block_q and block_k"
         )
     return pattern
+
+
+def _group_runs(heads: torch.Tensor, group: int) -> list[range]:
+    """The query-head ranges, each a maximal run of consecutive whole GQA groups, holding every query
+    head that ``heads`` (bool ``(B, Hq)``) marks in some batch row."""
+    needed = heads.any(0).view(-1, group).any(1).tolist()
+    runs, start = [], None
+    for kv_head, wanted in enumerate([*needed, False]):
+        if wanted and start is None:
+            start = kv_head
+        elif not wanted and start is not None:
+            runs.append(range(start * group, kv_head * group))
+            start = None
+    return runs
+
+
+def _run_chosen(
+    assembly: _Assembly, candidate: tuple[str, dict], heads: torch.Tensor, q, k, *, causal: bool, geometry: dict
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Estimate ``candidate``'s whole pattern for the (batch, query head) entries ``heads`` marks and
+    write their rows into ``assembly``. A head-local method runs on the GQA groups holding those
+    heads only (one call per run of consecutive groups); others run on every head.
+
+    Returns the exact density of each written head (float32 ``(B, Hq)``, other entries 0) and the
+    heads written; ``(None, heads-not-written)`` when the candidate cannot run this case.
+    """
+    name, options = candidate
+    spec = get_method(name)
+    batch, q_heads = heads.shape
+    group = gqa_group(q, k)
+    runs = _group_runs(heads, group) if spec.is_head_local(spec.make_config(**options)) else [range(q_heads)]
+    valid = _valid_blocks(geometry, causal)
+    density = torch.zeros((batch, q_heads), device=q.device)
+    for run in runs:
+        kv = slice(run.start // group, run.stop // group)
+        pattern = _candidate_pattern(
+            name, options, q[:, run.start : run.stop], k[:, kv], causal=causal, geometry=geometry
+        )
+        if pattern is None:
+            return None, heads
+        assembly.write(pattern, heads, run)
+        run_density = _per_query_head(_head_density(pattern, valid), len(run)).expand(batch, len(run))
+        density[:, run.start : run.stop] = run_density
+        del pattern
+    return density, heads
+
+
+def _valid_blocks(geometry: dict, causal: bool) -> int:
+    """Causally valid (query block, KV block) pairs of one head (all pairs when not causal)."""
+    n_q, n_kv = num_blocks(geometry["seq_q"], geometry["block_q"]), num_blocks(geometry["seq_k"], geometry["block_k"])
+    if not causal:
+        return n_q * n_kv
+    return int(_valid_per_row(geometry, range(n_q)).sum())
+
+
+def _valid_per_row(geometry: dict, query_blocks: Sequence[int]) -> torch.Tensor:
+    """Causally valid KV blocks of each of ``query_blocks`` (int64; :func:`causal_block_mask`'s rule,
+    counted without building the mask)."""
+    seq_q, seq_k, block_q, block_k = (geometry[key] for key in ("seq_q", "seq_k", "block_q", "block_k"))
+    _, last = query_block_positions(seq_q, seq_k, block_q)
+    last = last[torch.as_tensor(list(query_blocks), dtype=torch.int64)]
+    return torch.clamp(torch.div(last, block_k, rounding_mode="floor") + 1, min=0, max=num_blocks(seq_k, block_k))
 
 
 def _head_density(pattern: BlockSparsePattern, valid: int) -> torch.Tensor:
@@ -430,23 +547,16 @@ def choose(
     seq_k = k.shape[2]
     geometry = dict(block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k)
     n_q = num_blocks(seq_q, block_q)
-    valid = int(causal_block_mask(seq_q, seq_k, block_q, block_k).sum()) if causal else n_q * num_blocks(seq_k, block_k)
+    valid = _valid_blocks(geometry, causal)
     labels = tuple(label(name, options) for name, options in config.candidates)
     assembly = _Assembly(batch, q_heads, n_q, q.device)
     state = config.state
     cached = state.cached(batch, q_heads) if state is not None else None
+    # Candidates chosen for some heads whose rows are not yet in the assembly (judged on their probed rows).
+    pending: set[int] = set()
     if cached is not None:
         index, recall, density = cached.index, cached.recall, cached.density.clone()
-        for position in index.unique().tolist():
-            heads = index == position
-            if position == DENSE:
-                continue
-            pattern = _candidate_pattern(*config.candidates[position], q, k, causal=causal, geometry=geometry)
-            if pattern is None:  # cannot run this call's case: those heads run dense until the next refresh
-                index = torch.where(heads, DENSE, index)
-                continue
-            assembly.write(pattern, heads)
-            density[heads] = _per_query_head(_head_density(pattern, valid), q_heads).expand(batch, q_heads)[heads]
+        pending = set(index.unique().tolist()) - {DENSE}
     else:
         if config.probe == "last":
             query_blocks = [n_q - 1]
@@ -464,25 +574,49 @@ def choose(
             scale=q.shape[-1] ** -0.5,
             causal=causal,
         )
+        probed_valid = (
+            int(_valid_per_row(geometry, query_blocks).sum())
+            if causal
+            else len(query_blocks) * num_blocks(seq_k, block_k)
+        )
+        capture = query_blocks if config.density == "probe" else None
         index = torch.full((batch, q_heads), DENSE, dtype=torch.int64, device=q.device)
         recall = torch.ones((batch, q_heads), device=q.device)
         density = torch.ones((batch, q_heads), device=q.device)
         for position, (name, options) in enumerate(config.candidates):
-            pattern = _candidate_pattern(name, options, q, k, causal=causal, geometry=geometry)
-            if pattern is None:
+            result = _candidate_pattern(name, options, q, k, causal=causal, geometry=geometry, capture=capture)
+            if result is None:
                 continue
-            # Per query head from the probed rows only: a pattern with lists per KV head is not expanded.
-            candidate_recall = probe_estimate(chunk_recall(pattern, mass, query_blocks), config.confidence)
+            if isinstance(result, torch.Tensor):  # the probed rows only: density from them
+                candidate_recall = probe_estimate(rows_recall(result, mass), config.confidence)
+                candidate_density = result.sum((-1, -2), dtype=torch.int64).float() / probed_valid
+            else:  # the whole pattern (exact density; rows at hand)
+                # Per query head from the probed rows only: a pattern with lists per KV head is not expanded.
+                candidate_recall = probe_estimate(chunk_recall(result, mass, query_blocks), config.confidence)
+                candidate_density = _head_density(result, valid)
             candidate_recall = candidate_recall.expand(batch, q_heads)
-            candidate_density = _per_query_head(_head_density(pattern, valid), q_heads).expand(batch, q_heads)
+            candidate_density = _per_query_head(candidate_density, q_heads).expand(batch, q_heads)
             meets = candidate_recall >= config.recall
             better = meets & ((index == DENSE) | (candidate_density < density))
             if bool(better.any()):
-                assembly.write(pattern, better)
+                if isinstance(result, torch.Tensor):
+                    pending.add(position)
+                else:
+                    assembly.write(result, better)
+                    pending.discard(position)
                 index = torch.where(better, position, index)
                 recall = torch.where(better, candidate_recall, recall)
                 density = torch.where(better, candidate_density, density)
-            del pattern
+            del result
+    for position in sorted(pending):  # whole patterns of the chosen candidates, on the heads that chose them
+        heads = index == position
+        if not bool(heads.any()):
+            continue
+        exact, heads = _run_chosen(assembly, config.candidates[position], heads, q, k, causal=causal, geometry=geometry)
+        if exact is None:  # cannot run this call's case: those heads run dense (until the next refresh)
+            index = torch.where(heads, DENSE, index)
+            continue
+        density = torch.where(heads, exact, density)
     fallback = index == DENSE
     if bool(fallback.any()):
         assembly.write(dense_pattern(**geometry, causal=causal, device=q.device), fallback)

@@ -49,6 +49,7 @@ class BlockTopKConfig:
     config=BlockTopKConfig,
     paper="Jiang et al. 2024, MInference 1.0, block-sparse head (arXiv:2407.02490)",
     summary="mean-pooled q·k block scores; top-k (or cumulative-mass) blocks per query block",
+    head_local=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: BlockTopKConfig, *, causal: bool, block_q: int, block_k: int

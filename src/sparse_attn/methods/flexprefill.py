@@ -96,6 +96,7 @@ def _normalized(x: torch.Tensor) -> torch.Tensor:
     config=FlexPrefillConfig,
     paper="Lai et al. 2025, FlexPrefill: A Context-Aware Sparse Attention Mechanism (arXiv:2502.20766)",
     summary="per head JS divergence picks query-aware vs vertical-slash; fewest blocks covering gamma",
+    head_local=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig, *, causal: bool, block_q: int, block_k: int

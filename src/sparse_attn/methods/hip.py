@@ -76,6 +76,7 @@ class HipConfig:
     paper="Lee et al. 2024, HiP Attention: hierarchically pruned attention (arXiv:2406.09827)",
     summary="per query block a tree search: 2k chunks scored by their centre block, keep k, halve, repeat; "
     "+ sinks and a sliding window",
+    head_local=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: HipConfig, *, causal: bool, block_q: int, block_k: int

@@ -51,6 +51,7 @@ class PowerConfig:
     config=PowerConfig,
     paper="PowerAttention (Chen et al. 2025, arXiv:2503.03588)",
     summary="static: sinks + local window + blocks at power-of-two distances (log-depth receptive field)",
+    head_local=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: PowerConfig, *, causal: bool, block_q: int, block_k: int

@@ -92,6 +92,7 @@ def proxy_queries_and_keys(q: torch.Tensor, k: torch.Tensor, proxy_heads: int) -
     config=ProxyAttnConfig,
     paper="Wang et al. 2025, ProxyAttn: Guided Sparse Attention via Representative Heads (arXiv:2509.24745)",
     summary="pooled proxy heads score tokens for all heads; block-aware per-head budgets",
+    head_local=lambda config: config.proxy_heads is None,  # one proxy per GQA group
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: ProxyAttnConfig, *, causal: bool, block_q: int, block_k: int

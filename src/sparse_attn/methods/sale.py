@@ -129,6 +129,7 @@ def rows_reaching(row_scores: torch.Tensor, row_thresholds: torch.Tensor, block_
     "Prefilling (arXiv:2505.24179)",
     summary="4-bit (or fp8) q·k estimates; keep blocks whose Relative Attention Score to the sink+local "
     "region reaches threshold",
+    head_local=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: SaleConfig, *, causal: bool, block_q: int, block_k: int

@@ -49,6 +49,7 @@ class StreamingConfig:
     config=StreamingConfig,
     paper="StreamingLLM (Xiao et al. 2023, arXiv:2309.17453); A-shape in MInference (arXiv:2407.02490)",
     summary="static: sink blocks + local window (A-shape)",
+    head_local=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: StreamingConfig, *, causal: bool, block_q: int, block_k: int

@@ -57,6 +57,7 @@ def last_query_block_rows(seq_q: int, block_q: int, last_q_tokens: int, device=N
     config=TriShapeConfig,
     paper="SCBench (Li et al. 2024, arXiv:2412.10319)",
     summary="static: A-shape (sinks + local window) + dense last query blocks",
+    head_local=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: TriShapeConfig, *, causal: bool, block_q: int, block_k: int

@@ -59,6 +59,7 @@ class VerticalSlashConfig:
     config=VerticalSlashConfig,
     paper="Jiang et al. 2024, MInference 1.0, vertical-slash head (arXiv:2407.02490)",
     summary="last 64 queries pick top key columns and diagonals; keep the blocks they cross",
+    head_local=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: VerticalSlashConfig, *, causal: bool, block_q: int, block_k: int

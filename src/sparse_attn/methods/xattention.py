@@ -75,6 +75,7 @@ class XAttentionConfig:
     config=XAttentionConfig,
     paper="Xu et al. 2025, XAttention: Block Sparse Attention with Antidiagonal Scoring (arXiv:2503.16428)",
     summary="strided antidiagonal block scores; per query block the fewest blocks reaching threshold",
+    head_local=True,
 )
 def estimate(
     q: torch.Tensor, k: torch.Tensor, config: XAttentionConfig, *, causal: bool, block_q: int, block_k: int

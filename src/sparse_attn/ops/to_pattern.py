@@ -22,6 +22,16 @@ entries (no padding) until :meth:`PatternBuilder.finish` knows the widest row an
 table once: the extra memory is the kept entries (for a causal pattern about half the padded
 table, less for a sparse one) instead of a second padded table per widening.
 
+Some query blocks only (:func:`capture_rows`): a caller that needs an estimator's rows for a few
+query blocks (``auto`` judging a candidate on its probed blocks) runs the estimator inside
+``with capture_rows(blocks):``; :func:`stream_pattern` then calls the estimator's rule for
+those blocks only (each in the group of ``rows_multiple`` blocks it belongs to), applies the
+builder's row rules, and raises :class:`RowsCaptured` carrying the rows, so nothing after it in
+the estimator runs and no pattern is built. :func:`stream_pattern_by_heads` computes every head
+chunk as usual (its rule needs whole heads) and keeps the captured rows only. An estimator that
+returns ``stream_pattern(...)`` or ``stream_pattern_by_heads(...)`` directly therefore gives
+exactly the rows of its pattern (tests check this for every such registered method).
+
 Row-local rules (every method but FlexPrefill's query-aware heads) give the same lists in any
 chunking; scores computed by a matrix product per chunk can round differently from one
 product over all rows (BLAS picks its kernel by shape), which can move a selection only where
@@ -31,7 +41,9 @@ validated, as ``from_mask`` does: it is valid by construction.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +55,49 @@ from .block_rows import causal_block_rows, diagonal_block_rows, query_block_chun
 from .gqa import head_chunks
 from .mask_lists import mask_rows_to_lists
 
-__all__ = ["PatternBuilder", "stream_pattern", "stream_pattern_by_heads"]
+__all__ = ["PatternBuilder", "RowsCaptured", "capture_rows", "stream_pattern", "stream_pattern_by_heads"]
 
 # Mask pieces the builder converts at once hold CHUNK_ELEMENTS / _PIECE_SHARE entries: a piece
 # costs a few bytes per entry (bool copies, an int32 prefix count), a float32 chunk four.
 _PIECE_SHARE = 2
+
+
+# The query blocks a capture_rows() block asks for (None: build patterns as usual).
+_CAPTURE: ContextVar[tuple[int, ...] | None] = ContextVar("sparse_attn_capture_rows", default=None)
+
+
+class RowsCaptured(Exception):  # noqa: N818 (a signal carrying a result, not an error)
+    """Raised by :func:`stream_pattern` / :func:`stream_pattern_by_heads` inside :func:`capture_rows`.
+
+    ``mask``: bool ``(batch, heads, len(query_blocks), n_kv_blocks)``, the rows the pattern would
+    have for the captured query blocks (in the order asked for), after the builder's row rules.
+    """
+
+    def __init__(self, mask: torch.Tensor, query_blocks: tuple[int, ...]) -> None:
+        super().__init__(f"rows of query blocks {list(query_blocks)} captured")
+        self.mask = mask
+        self.query_blocks = query_blocks
+
+
+@contextmanager
+def capture_rows(query_blocks: Sequence[int]) -> Iterator[None]:
+    """Inside this block, :func:`stream_pattern` and :func:`stream_pattern_by_heads` compute only
+    (or keep only) ``query_blocks`` and raise :class:`RowsCaptured` with their rows."""
+    blocks = tuple(int(b) for b in query_blocks)
+    if not blocks or min(blocks) < 0:
+        raise ValueError(f"query_blocks must be a non-empty sequence of block numbers >= 0, got {list(query_blocks)}")
+    token = _CAPTURE.set(blocks)
+    try:
+        yield
+    finally:
+        _CAPTURE.reset(token)
+
+
+def _captured_blocks(n_q: int) -> tuple[int, ...] | None:
+    blocks = _CAPTURE.get()
+    if blocks is not None and max(blocks) >= n_q:
+        raise ValueError(f"capture_rows: query block {max(blocks)} asked for, the pattern has {n_q}")
+    return blocks
 
 
 class PatternBuilder:
@@ -101,15 +151,21 @@ class PatternBuilder:
             piece = range(rows.start + offset, min(rows.stop, rows.start + offset + piece_rows))
             self._write(mask[:, :, offset : offset + len(piece)], piece, heads)
 
-    def _write(self, mask: torch.Tensor, rows: range, heads: range) -> None:
+    def row_rules(self, mask: torch.Tensor, rows: range) -> torch.Tensor:
+        """``mask`` (last two dims: query blocks ``rows``, KV blocks) after the pattern's row rules
+        (causal: blocks after the query block dropped, its diagonal added; non-causal: a row left
+        empty keeps its last block)."""
         geometry = (self.seq_q, self.seq_k, self.block_q, self.block_k, rows, self.device)
         if self.causal:
-            mask = (mask & causal_block_rows(*geometry)) | diagonal_block_rows(*geometry)
-        else:
-            empty = ~mask.any(-1, keepdim=True)
-            if bool(empty.any()):
-                last = F.one_hot(torch.tensor(self.n_kv - 1, device=self.device), self.n_kv).bool()
-                mask = mask | (empty & last)
+            return (mask & causal_block_rows(*geometry)) | diagonal_block_rows(*geometry)
+        empty = ~mask.any(-1, keepdim=True)
+        if bool(empty.any()):
+            last = F.one_hot(torch.tensor(self.n_kv - 1, device=self.device), self.n_kv).bool()
+            mask = mask | (empty & last)
+        return mask
+
+    def _write(self, mask: torch.Tensor, rows: range, heads: range) -> None:
+        mask = self.row_rules(mask, rows)
         counts, columns = mask_rows_to_lists(mask)  # sorted lists padded with 0 to the widest row
         del mask
         width = columns.shape[-1]
@@ -195,6 +251,15 @@ def stream_pattern(
         causal=causal,
         device=device,
     )
+    captured = _captured_blocks(builder.n_q)
+    if captured is not None:
+        pieces = []
+        for block in captured:  # each in its group of rows_multiple blocks, as the chunks see it
+            start = block - block % rows_multiple
+            rows = range(start, min(builder.n_q, start + rows_multiple))
+            mask = mask_rows(rows).expand(batch, heads, len(rows), builder.n_kv)
+            pieces.append(builder.row_rules(mask[:, :, block - start : block - start + 1], range(block, block + 1)))
+        raise RowsCaptured(torch.cat(pieces, dim=2), captured)
     rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, row_elements * rows_multiple)) * rows_multiple
     for rows in query_block_chunks(builder.n_q, rows_per_chunk):
         builder.add(mask_rows(rows), rows=rows)
@@ -235,6 +300,16 @@ def stream_pattern_by_heads(
         device=device,
         compact=True,
     )
+    captured = _captured_blocks(builder.n_q)
+    pieces = []
     for query_heads in head_chunks(heads, group, max(1, CHUNK_ELEMENTS // max(1, head_elements))):
-        builder.add(mask_heads(query_heads), rows=range(builder.n_q), heads=query_heads)
+        mask = mask_heads(query_heads)
+        if captured is None:
+            builder.add(mask, rows=range(builder.n_q), heads=query_heads)
+            continue
+        mask = mask.expand(batch, len(query_heads), builder.n_q, builder.n_kv)
+        pieces.append(torch.cat([builder.row_rules(mask[:, :, b : b + 1], range(b, b + 1)) for b in captured], dim=2))
+        del mask
+    if captured is not None:
+        raise RowsCaptured(torch.cat(pieces, dim=1), captured)
     return builder.finish()
