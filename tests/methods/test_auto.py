@@ -446,3 +446,41 @@ def test_probe_density_runs_chosen_candidates_on_their_groups_only(monkeypatch):
         rows = sa.estimate(q, k, name, **BLOCKS, **options).expand_heads(8).to_mask()
         heads = choice.index == position
         assert torch.equal(pattern.to_mask()[heads], rows[heads])
+
+
+def test_assembly_keeps_a_pattern_serving_every_head_whole_until_heads_are_replaced():
+    from sparse_attn.methods.auto import _Assembly
+
+    geometry = dict(seq_q=96, seq_k=112, **BLOCKS)
+    q, k, _ = random_qkv(2, 6, 3, 96, 112, 32, seed=3)
+    per_head = sa.estimate(q, k, "xattention", threshold=0.5, **BLOCKS)  # per query head, batch 2
+    assert (per_head.batch, per_head.num_heads) == (2, 6)
+    only = _Assembly(2, 6, per_head.num_q_blocks, "cpu")
+    only.write(per_head, torch.ones(2, 6, dtype=torch.bool))
+    assert only.whole is per_head and not only.rows
+    assert only.finish(geometry, causal=True) is per_head  # no copy
+    mixed = _Assembly(2, 6, per_head.num_q_blocks, "cpu")
+    mixed.write(per_head, torch.ones(2, 6, dtype=torch.bool))
+    replaced = torch.zeros(2, 6, dtype=torch.bool)
+    replaced[0, 2] = True
+    dense = sa.dense_pattern(**geometry)
+    mixed.write(dense, replaced)
+    assert mixed.whole is None and len(mixed.rows) == 12
+    expected = per_head.to_mask().clone()
+    expected[0, 2] = dense.to_mask()[0, 0]
+    assert torch.equal(mixed.finish(geometry, causal=True).to_mask(), expected)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_probe_through_the_last_query_kernel_matches_the_reference(monkeypatch, causal):
+    """On CUDA the probe's block sums come from the last-query probe's kernel run on the sequence
+    cut after each probed block; here that kernel runs in Triton's interpreter."""
+    from sparse_attn.ops.last_query_probe import triton as probe_kernel
+
+    q, k, _ = random_qkv(2, 6, 3, 80, 100, 32, seed=11)
+    options = dict(query_blocks=[0, 2, 4], rows=12, block_q=16, block_k=16, scale=32**-0.5, causal=causal)
+    expected, counts = probe_block_mass(q, k, **options)
+    monkeypatch.setattr(auto_module, "kernel_for", lambda *args, **kwargs: probe_kernel)
+    found, found_counts = probe_block_mass(q, k, **options)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(found_counts, counts)

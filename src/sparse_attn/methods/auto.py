@@ -70,6 +70,11 @@ an option). Choices and limits:
   ``128 / S``). Lower ``probe_chunks`` or ``probe_queries`` to spend less (fewer chunks widen
   the lower bound; the rule was validated at the defaults only). With the state cache it is
   paid once per refresh.
+- ``flexprefill`` is a default candidate at ``gamma=0.9`` only. ``gamma=0.95`` was one until
+  2026-12-02: on the held-out data below it served 7 of 408 (layer, head) choices, while it
+  cost as much as the other settings' probed rows together at 1M tokens (each flexprefill
+  setting selects over whole heads, so it computes every row even when judged on a few: 530
+  ms of auto's 2.6 s on an H200). Add it to ``candidates`` to bring it back.
 - ``tri_shape`` is not a default candidate: it keeps its last rows dense, so the last-query
   probe would always credit it with full recall. ``sale`` is not a default candidate for
   its cost: it scores every query-key pair (its low-bit products emulated), which at long
@@ -86,7 +91,7 @@ an option). Choices and limits:
   probe, each candidate's rule on the probed query blocks (plus whatever it computes once per
   call before its rows, e.g. ``vertical_slash``'s last-query scores or ``flexprefill``'s whole
   heads), then each chosen candidate on the groups that chose it: about the cost of one
-  estimator where the heads' choices agree, instead of the sum of fourteen. The probe density
+  estimator where the heads' choices agree, instead of the sum of all. The probe density
   is a sample of the head's rows: where the probed rows are not typical of a candidate it can
   rank candidates differently from ``"exact"`` (the budget check is the same in both: the
   probe recall of the candidate chosen). The held-out validation above ran with ``"exact"``.
@@ -115,6 +120,7 @@ import torch
 from ..checks import check_fraction, check_int
 from ..geometry import num_blocks, query_block_positions
 from ..ops._chunking import CHUNK_ELEMENTS
+from ..ops._dispatch import kernel_for
 from ..ops.gqa import gqa_group, grouped_matmul, head_chunks, kv_heads_of
 from ..ops.last_query_probe import block_sum
 from ..ops.to_pattern import RowsCaptured, capture_rows
@@ -139,6 +145,8 @@ __all__ = [
     "rows_recall",
 ]
 
+# The operator whose kernel computes the probe's block sums on CUDA (probe_block_mass).
+_PROBE_KERNEL_PACKAGE = "sparse_attn.ops.last_query_probe"
 # The candidate index of a head that no candidate served: it runs dense.
 DENSE = -1
 # The probes (module docstring, rule 1).
@@ -158,8 +166,7 @@ DEFAULT_CANDIDATES: tuple[tuple[str, dict], ...] = (
     ("xattention", {"threshold": 0.8}),
     ("xattention", {"threshold": 0.9}),
     ("xattention", {"threshold": 0.95}),
-    ("flexprefill", {"gamma": 0.9}),
-    ("flexprefill", {"gamma": 0.95}),
+    ("flexprefill", {"gamma": 0.9}),  # gamma=0.95 was a default until 2026-12-02 (module docstring)
     ("proxyattn", {}),
     ("anchor", {}),
     ("hip", {}),
@@ -294,8 +301,10 @@ def probe_block_mass(
     softmaxed (float32) against every key they see and summed over those queries per KV block.
     Returns the sums, float32 ``(B, Hq, len(query_blocks), n_kv_blocks)``, and the number of
     queries read per probed block, int64 ``(len(query_blocks),)`` (each query's softmax sums to
-    1). Scores exist for one probed block and a few query heads at a time (under half of
-    ``CHUNK_ELEMENTS`` floats).
+    1). On CUDA each probed block runs the last-query probe's kernel
+    (:mod:`sparse_attn.ops.last_query_probe`) on the sequence cut after its rows; elsewhere (and
+    where that kernel cannot run the case) the scores exist for one probed block and a few
+    query heads at a time (under half of ``CHUNK_ELEMENTS`` floats).
     """
     batch, q_heads, seq_q, _ = q.shape
     seq_k = k.shape[2]
@@ -313,6 +322,15 @@ def probe_block_mass(
         if visible <= 0:
             continue  # no query of this block sees a key
         probe, keys = q[:, :, start:end], k[:, :, :visible]
+        # The probed rows are the last rows of the sequence cut at `visible` keys: the last-query
+        # probe's kernel gives their per-block sums (its softmax tiled in registers, no score rows).
+        kernel = kernel_for(probe, _PROBE_KERNEL_PACKAGE, k=keys, num_queries=end - start)
+        if kernel is not None:
+            summed = kernel.probe_last_queries_triton(
+                probe, keys, num_queries=end - start, block_k=block_k, scale=scale, causal=causal
+            ).block
+            mass[:, :, chunk, : summed.shape[-1]] = summed
+            continue
         heads_per_chunk = max(1, CHUNK_ELEMENTS // (2 * batch * (end - start) * visible))
         for heads in head_chunks(q_heads, group, heads_per_chunk):
             chunk_q, chunk_k = probe[:, heads.start : heads.stop], keys[:, kv_heads_of(heads, group)]
@@ -396,20 +414,33 @@ class _Assembly:
     head's widest list) until a better candidate replaces them; :meth:`finish` copies them into
     one table, as wide as the widest chosen head. So the result's rows, one candidate pattern
     and, at the end, the table are what is held: no table widened to every candidate's width
-    and no copy of a candidate's rows beyond the heads it serves.
+    and no copy of a candidate's rows beyond the heads it serves. A pattern that serves every
+    head as it is (its own batch and query heads) is kept whole, not copied, and is the result
+    if no later write replaces some of its heads.
     """
 
     def __init__(self, batch: int, heads: int, n_q: int, device) -> None:
         self.shape = (batch, heads, n_q)
         self.device = device
         self.rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.whole: BlockSparsePattern | None = None
 
-    def write(self, pattern: BlockSparsePattern, heads: torch.Tensor, query_heads: range | None = None) -> None:
+    def write(
+        self, pattern: BlockSparsePattern, heads: torch.Tensor, query_heads: range | None = None, *, whole: bool = True
+    ) -> None:
         """Take ``pattern``'s rows for the (batch, query head) entries where ``heads`` is True
         (a pattern of batch 1 serves every batch row; lists per KV head serve their GQA group).
         ``query_heads``: the query heads the pattern's heads serve (default: all; a pattern
         estimated on some GQA groups serves theirs); entries of ``heads`` outside it are ignored."""
         query_heads = range(self.shape[1]) if query_heads is None else query_heads
+        every = whole and len(query_heads) == self.shape[1] and bool(heads.all())
+        if every and (pattern.batch, pattern.num_heads) == self.shape[:2]:
+            self.rows.clear()
+            self.whole = pattern
+            return
+        if self.whole is not None:  # some of its heads are replaced: the others become rows
+            kept, self.whole = self.whole, None
+            self.write(kept, torch.ones(self.shape[:2], dtype=torch.bool, device=heads.device), whole=False)
         group = _heads_per_pattern_head(pattern.num_heads, len(query_heads))
         widths = pattern.kv_counts.amax(-1).clamp_min(1).tolist()  # one synchronisation per write
         for b, h in heads[:, query_heads.start : query_heads.stop].nonzero().tolist():
@@ -423,6 +454,9 @@ class _Assembly:
             )
 
     def finish(self, geometry: dict, causal: bool) -> BlockSparsePattern:
+        if self.whole is not None:
+            pattern, self.whole = self.whole, None
+            return pattern
         if len(self.rows) != self.shape[0] * self.shape[1]:
             raise RuntimeError(f"auto: {len(self.rows)} heads assembled, expected {self.shape[0] * self.shape[1]}")
         width = max(indices.shape[-1] for _, indices in self.rows.values())
