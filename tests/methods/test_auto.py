@@ -37,6 +37,16 @@ CANDIDATES = (
 BLOCKS = dict(block_q=16, block_k=16)
 
 
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Estimators stream in chunks of one query block (or one group of them): ``capture_rows``
+    then computes the captured blocks only, as at long lengths, instead of returning the whole
+    pattern that one chunk gives."""
+    from sparse_attn.ops import to_pattern
+
+    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 1)
+
+
 @functools.cache
 def planted_inputs():
     return planted_qkv(PLANTED)
@@ -84,7 +94,7 @@ def test_auto_meets_its_budget_at_lower_density_than_dense(budget):
 
 
 @pytest.mark.parametrize("density_rule", ["exact", "probe"])
-def test_choice_is_the_sparsest_candidate_meeting_the_budget(density_rule):
+def test_choice_is_the_sparsest_candidate_meeting_the_budget(density_rule, small_chunks):
     q, k, _ = random_qkv(2, 6, 3, 96, 112, 32, seed=4)
     k[:, :, 5] *= 5.0
     budget = 0.85
@@ -378,13 +388,13 @@ def _causal_methods():
 
 
 @pytest.mark.parametrize("name", _causal_methods())
-def test_captured_rows_are_the_patterns_rows(name):
+def test_captured_rows_are_the_patterns_rows(name, small_chunks):
     """What auto judges a candidate on with ``density="probe"``: an estimator run inside
     ``capture_rows`` gives exactly the rows of its whole pattern at those query blocks."""
     from sparse_attn.methods.auto import pattern_rows
     from sparse_attn.ops.to_pattern import RowsCaptured, capture_rows
 
-    q, k, _ = random_qkv(2, 6, 3, 150, 170, 32, seed=7)
+    q, k, _ = random_qkv(2, 6, 3, 300, 330, 32, seed=7)  # 19 query blocks: several chunks of anchor's 16
     spec = sa.get_method(name)
     try:
         pattern = sa.estimate(q, k, name, **BLOCKS)
@@ -412,7 +422,7 @@ def test_head_local_methods_give_a_group_the_same_lists_without_the_others(name)
     assert torch.equal(part, full[:, 2:6])
 
 
-def test_probe_density_runs_chosen_candidates_on_their_groups_only(monkeypatch):
+def test_probe_density_runs_chosen_candidates_on_their_groups_only(monkeypatch, small_chunks):
     """With ``density="probe"`` a candidate estimates its whole pattern only where chosen: a
     head-local one on the GQA groups that chose it (runs of consecutive groups), the rest never."""
     q, k, _ = random_qkv(1, 8, 4, 96, 112, 32, seed=4)
@@ -484,3 +494,16 @@ def test_probe_through_the_last_query_kernel_matches_the_reference(monkeypatch, 
     found, found_counts = probe_block_mass(q, k, **options)
     torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-5)
     assert torch.equal(found_counts, counts)
+
+
+def test_a_pattern_of_one_chunk_is_returned_whole_under_capture():
+    """Where an estimator works in one chunk, capture_rows gets its whole pattern (one call over
+    every row costs no more than a call per captured block) and auto judges it exactly."""
+    from sparse_attn.ops.to_pattern import capture_rows
+
+    q, k, _ = random_qkv(1, 4, 2, 96, 112, 32, seed=5)
+    spec = sa.get_method("block_topk")
+    with capture_rows([0, 5]):
+        pattern = spec.estimate(q, k, spec.make_config(top_k=2), causal=True, **BLOCKS)
+    assert isinstance(pattern, sa.BlockSparsePattern)
+    assert torch.equal(pattern.to_mask(), sa.estimate(q, k, "block_topk", top_k=2, **BLOCKS).to_mask())

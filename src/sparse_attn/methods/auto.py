@@ -22,8 +22,11 @@ Rule (per batch row and query head):
    blocks; ``density="exact"``, its density over the whole head (computed blocks over causally
    valid blocks). With ``"probe"`` a candidate whose estimator streams its rows
    (:func:`~sparse_attn.ops.to_pattern.capture_rows`: every registered causal method but
-   ``moba`` and ``random``) computes the probed rows only; its whole pattern is estimated
-   afterwards only if some head chose it, and for a head-local method
+   ``moba`` and ``random``) computes the probed rows only where it would work in several
+   chunks of query blocks (long inputs); where its whole pattern is one chunk it returns that
+   pattern and is judged as with ``"exact"`` (one call is then cheaper than one per probed
+   block). A candidate judged on its probed rows estimates its whole pattern afterwards only
+   if some head chose it, and for a head-local method
    (:attr:`~sparse_attn.registry.Method.head_local`) only on the GQA groups holding those
    heads. With ``"exact"`` (the rule before 2026-12-02) every candidate estimates its whole
    pattern on every head.

@@ -24,13 +24,18 @@ table, less for a sparse one) instead of a second padded table per widening.
 
 Some query blocks only (:func:`capture_rows`): a caller that needs an estimator's rows for a few
 query blocks (``auto`` judging a candidate on its probed blocks) runs the estimator inside
-``with capture_rows(blocks):``; :func:`stream_pattern` then calls the estimator's rule for
-those blocks only (each in the group of ``rows_multiple`` blocks it belongs to), applies the
-builder's row rules, and raises :class:`RowsCaptured` carrying the rows, so nothing after it in
-the estimator runs and no pattern is built. :func:`stream_pattern_by_heads` computes every head
-chunk as usual (its rule needs whole heads) and keeps the captured rows only. An estimator that
-returns ``stream_pattern(...)`` or ``stream_pattern_by_heads(...)`` directly therefore gives
-exactly the rows of its pattern (tests check this for every such registered method).
+``with capture_rows(blocks):``. Where the estimator would work in several chunks,
+:func:`stream_pattern` calls its rule for those blocks only (each in the group of
+``rows_multiple`` blocks it belongs to), applies the builder's row rules, and raises
+:class:`RowsCaptured` carrying the rows, so nothing after it in the estimator runs and no
+pattern is built; :func:`stream_pattern_by_heads` computes every head chunk as usual (its rule
+needs whole heads) and keeps the captured rows only. Where the whole pattern is one chunk, both
+build it as usual and return it: one call over every row is then no dearer than a call per
+captured block (each call's launches and synchronisations cost more than its rows at such
+lengths; on an H200 at 128K tokens sixteen calls per candidate made ``auto``'s estimate slower
+than dense attention), and the caller gets the whole pattern. An estimator that returns
+``stream_pattern(...)`` or ``stream_pattern_by_heads(...)`` directly therefore gives exactly the
+rows of its pattern either way (tests check this for every such registered method).
 
 Row-local rules (every method but FlexPrefill's query-aware heads) give the same lists in any
 chunking; scores computed by a matrix product per chunk can round differently from one
@@ -82,7 +87,8 @@ class RowsCaptured(Exception):  # noqa: N818 (a signal carrying a result, not an
 @contextmanager
 def capture_rows(query_blocks: Sequence[int]) -> Iterator[None]:
     """Inside this block, :func:`stream_pattern` and :func:`stream_pattern_by_heads` compute only
-    (or keep only) ``query_blocks`` and raise :class:`RowsCaptured` with their rows."""
+    (or keep only) ``query_blocks`` and raise :class:`RowsCaptured` with their rows, unless the
+    whole pattern is one chunk: then they return it as usual (module docstring)."""
     blocks = tuple(int(b) for b in query_blocks)
     if not blocks or min(blocks) < 0:
         raise ValueError(f"query_blocks must be a non-empty sequence of block numbers >= 0, got {list(query_blocks)}")
@@ -251,8 +257,9 @@ def stream_pattern(
         causal=causal,
         device=device,
     )
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, row_elements * rows_multiple)) * rows_multiple
     captured = _captured_blocks(builder.n_q)
-    if captured is not None:
+    if captured is not None and rows_per_chunk < builder.n_q:  # several chunks: the captured blocks only
         pieces = []
         for block in captured:  # each in its group of rows_multiple blocks, as the chunks see it
             start = block - block % rows_multiple
@@ -260,7 +267,6 @@ def stream_pattern(
             mask = mask_rows(rows).expand(batch, heads, len(rows), builder.n_kv)
             pieces.append(builder.row_rules(mask[:, :, block - start : block - start + 1], range(block, block + 1)))
         raise RowsCaptured(torch.cat(pieces, dim=2), captured)
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, row_elements * rows_multiple)) * rows_multiple
     for rows in query_block_chunks(builder.n_q, rows_per_chunk):
         builder.add(mask_rows(rows), rows=rows)
     return builder.finish()
@@ -300,9 +306,10 @@ def stream_pattern_by_heads(
         device=device,
         compact=True,
     )
-    captured = _captured_blocks(builder.n_q)
+    chunks = head_chunks(heads, group, max(1, CHUNK_ELEMENTS // max(1, head_elements)))
+    captured = _captured_blocks(builder.n_q) if len(chunks) > 1 else None
     pieces = []
-    for query_heads in head_chunks(heads, group, max(1, CHUNK_ELEMENTS // max(1, head_elements))):
+    for query_heads in chunks:
         mask = mask_heads(query_heads)
         if captured is None:
             builder.add(mask, rows=range(builder.n_q), heads=query_heads)
