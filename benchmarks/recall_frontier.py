@@ -409,13 +409,14 @@ def _shared_candidate(
     geometry: dict,
     capture=None,
 ):
-    """``auto``'s candidate pattern (or, with ``capture``, its rows there): from the pattern this layer
-    already estimated when the call is for all ``layer_heads`` query heads, else ``estimate``'s (a
-    chosen candidate run on some GQA groups only estimates again)."""
+    """``auto``'s candidate pattern: the pattern this layer already estimated when the call is for
+    all ``layer_heads`` query heads, else ``estimate``'s (a chosen candidate run on some GQA groups
+    only estimates again). With ``capture`` too: at this script's lengths (8K-32K) every
+    estimator works in one chunk, where ``capture_rows`` gives the whole pattern as well."""
     found = shared.get(label(name, options))
     usable = found is not None and causal and q.shape[1] == layer_heads
     if usable and (found.block_q, found.block_k) == (geometry["block_q"], geometry["block_k"]):
-        return found if capture is None else auto_module.pattern_rows(found, capture)
+        return found
     return estimate(name, options, q, k, causal=causal, geometry=geometry, capture=capture)
 
 
