@@ -94,7 +94,10 @@ an option). Choices and limits:
   probe, each candidate's rule on the probed query blocks (plus whatever it computes once per
   call before its rows, e.g. ``vertical_slash``'s last-query scores or ``flexprefill``'s whole
   heads), then each chosen candidate on the groups that chose it: about the cost of one
-  estimator where the heads' choices agree, instead of the sum of all. The probe density
+  estimator where the heads' choices agree, instead of the sum of all. Candidates that differ
+  only in their selection (``xattention``'s three thresholds) compute their scores once per
+  call (:mod:`sparse_attn.ops._shared_scores`; written after the 2026-12-02 GPU runs, not yet
+  timed on a GPU). The probe density
   is a sample of the head's rows: where the probed rows are not typical of a candidate it can
   rank candidates differently from ``"exact"`` (the budget check is the same in both: the
   probe recall of the candidate chosen). The held-out validation above ran with ``"exact"``.
@@ -124,6 +127,7 @@ from ..checks import check_fraction, check_int
 from ..geometry import num_blocks, query_block_positions
 from ..ops._chunking import CHUNK_ELEMENTS
 from ..ops._dispatch import kernel_for
+from ..ops._shared_scores import shared_scores
 from ..ops.gqa import gqa_group, grouped_matmul, head_chunks, kv_heads_of
 from ..ops.last_query_probe import block_sum
 from ..ops.to_pattern import RowsCaptured, capture_rows
@@ -620,31 +624,33 @@ def choose(
         index = torch.full((batch, q_heads), DENSE, dtype=torch.int64, device=q.device)
         recall = torch.ones((batch, q_heads), device=q.device)
         density = torch.ones((batch, q_heads), device=q.device)
-        for position, (name, options) in enumerate(config.candidates):
-            result = _candidate_pattern(name, options, q, k, causal=causal, geometry=geometry, capture=capture)
-            if result is None:
-                continue
-            if isinstance(result, torch.Tensor):  # the probed rows only: density from them
-                candidate_recall = probe_estimate(rows_recall(result, mass), config.confidence)
-                candidate_density = result.sum((-1, -2), dtype=torch.int64).float() / probed_valid
-            else:  # the whole pattern (exact density; rows at hand)
-                # Per query head from the probed rows only: a pattern with lists per KV head is not expanded.
-                candidate_recall = probe_estimate(chunk_recall(result, mass, query_blocks), config.confidence)
-                candidate_density = _head_density(result, valid)
-            candidate_recall = candidate_recall.expand(batch, q_heads)
-            candidate_density = _per_query_head(candidate_density, q_heads).expand(batch, q_heads)
-            meets = candidate_recall >= config.recall
-            better = meets & ((index == DENSE) | (candidate_density < density))
-            if bool(better.any()):
-                if isinstance(result, torch.Tensor):
-                    pending.add(position)
-                else:
-                    assembly.write(result, better)
-                    pending.discard(position)
-                index = torch.where(better, position, index)
-                recall = torch.where(better, candidate_recall, recall)
-                density = torch.where(better, candidate_density, density)
-            del result
+        # Settings of one method that score alike (xattention's thresholds) score once in this loop.
+        with shared_scores():
+            for position, (name, options) in enumerate(config.candidates):
+                result = _candidate_pattern(name, options, q, k, causal=causal, geometry=geometry, capture=capture)
+                if result is None:
+                    continue
+                if isinstance(result, torch.Tensor):  # the probed rows only: density from them
+                    candidate_recall = probe_estimate(rows_recall(result, mass), config.confidence)
+                    candidate_density = result.sum((-1, -2), dtype=torch.int64).float() / probed_valid
+                else:  # the whole pattern (exact density; rows at hand)
+                    # Per query head from the probed rows only: a pattern with lists per KV head is not expanded.
+                    candidate_recall = probe_estimate(chunk_recall(result, mass, query_blocks), config.confidence)
+                    candidate_density = _head_density(result, valid)
+                candidate_recall = candidate_recall.expand(batch, q_heads)
+                candidate_density = _per_query_head(candidate_density, q_heads).expand(batch, q_heads)
+                meets = candidate_recall >= config.recall
+                better = meets & ((index == DENSE) | (candidate_density < density))
+                if bool(better.any()):
+                    if isinstance(result, torch.Tensor):
+                        pending.add(position)
+                    else:
+                        assembly.write(result, better)
+                        pending.discard(position)
+                    index = torch.where(better, position, index)
+                    recall = torch.where(better, candidate_recall, recall)
+                    density = torch.where(better, candidate_density, density)
+                del result
     for position in sorted(pending):  # whole patterns of the chosen candidates, on the heads that chose them
         heads = index == position
         if not bool(heads.any()):

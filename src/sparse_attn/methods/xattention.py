@@ -46,6 +46,7 @@ import torch
 
 from ..checks import check_fraction, check_int
 from ..geometry import num_blocks
+from ..ops._shared_scores import memoized, tensor_key
 from ..ops.antidiagonal import SCORE_PRECISIONS, antidiagonal_block_probs, fp8_keys
 from ..ops.selection import cumulative_mass_mask
 from ..ops.static_masks import sink_local_block_mask
@@ -83,13 +84,28 @@ def estimate(
     seq_q, seq_k = q.shape[2], k.shape[2]
     blocks = dict(block_q=block_q, block_k=block_k)
     precision = dict(score_precision=config.score_precision)
+    inputs = (
+        "xattention",
+        tensor_key(q),
+        tensor_key(k),
+        config.stride,
+        config.score_precision,
+        causal,
+        block_q,
+        block_k,
+    )
     if config.score_precision == "fp8":  # the keys' codes once per estimate, not per chunk of query blocks
-        precision["keys_fp8"] = fp8_keys(k)
+        precision["keys_fp8"] = memoized((*inputs, "keys"), lambda: fp8_keys(k), (k,))
 
     def mask_rows(q_blocks: range) -> torch.Tensor:
-        probs = antidiagonal_block_probs(
-            q, k, stride=config.stride, scale=q.shape[-1] ** -0.5, causal=causal, q_blocks=q_blocks, **blocks,
-            **precision,
+        # Settings that differ only in threshold share these scores inside a shared_scores() scope (auto).
+        probs = memoized(
+            (*inputs, q_blocks.start, q_blocks.stop),
+            lambda: antidiagonal_block_probs(
+                q, k, stride=config.stride, scale=q.shape[-1] ** -0.5, causal=causal, q_blocks=q_blocks, **blocks,
+                **precision,
+            ),
+            (q, k),
         )  # fmt: skip
         mask = cumulative_mass_mask(probs, config.threshold)
         del probs
