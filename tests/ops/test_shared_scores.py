@@ -32,6 +32,16 @@ def test_memoized_computes_once_per_key_in_a_scope_and_always_outside():
     assert len(calls) == 5  # the scope ended
 
 
+def test_keys_of_inference_tensors_have_no_version():
+    with torch.inference_mode():
+        x = torch.randn(3)
+        assert tensor_key(x)[-1] is None
+        with shared_scores():
+            assert memoized(("x", tensor_key(x)), lambda: x * 2, (x,)).shape == (3,)
+        with torch.inference_mode():
+            sa.estimate(torch.randn(1, 2, 64, 16), torch.randn(1, 1, 64, 16), "xattention", block_q=16, block_k=16)
+
+
 def test_xattention_thresholds_share_their_scores_in_a_scope(monkeypatch):
     import sparse_attn.methods.xattention as xattention
 

@@ -41,8 +41,14 @@ def shared_scores() -> Iterator[None]:
 
 
 def tensor_key(x: torch.Tensor) -> tuple:
-    """What identifies ``x``'s values for a scope: storage address, shape, strides, dtype, device, version."""
-    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x._version)
+    """What identifies ``x``'s values for a scope: storage address, shape, strides, dtype, device, version.
+
+    Tensors made under ``torch.inference_mode()`` keep no version counter: for them the key has
+    none, so an in-place change to such a tensor inside a scope would not be seen (``auto``, the
+    scope's user, changes neither q nor k).
+    """
+    version = None if x.is_inference() else x._version
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), version)
 
 
 def memoized(key: Hashable, compute: Callable[[], T], keep_alive: tuple[torch.Tensor, ...] = ()) -> T:
