@@ -271,6 +271,20 @@ def test_long_row_mass_kernel_follows_the_rule_on_random_masses(long_rows):
             assert (got != cumulative_mass_mask_reference(scores, threshold, budget)).sum(-1).max() <= 1, context
 
 
+def test_long_row_chunks_of_several_tiles_when_a_row_hits_the_chunk_cap(long_rows, monkeypatch):
+    """A row longer than LONG_MAX_CHUNKS x LONG_CHUNK takes longer chunks (several tiles each)."""
+    long_rows(4)
+    monkeypatch.setattr(selection_triton, "LONG_MAX_CHUNKS", 3)  # 77 entries: 3 chunks of 32
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    scores = _exact_masses(torch.Generator().manual_seed(seed), (2, 77), "ties")
+    for threshold, budget in LONG_BUDGETS:
+        got = selection_triton.cumulative_mass_mask_triton(
+            scores, threshold, minimum=budget.minimum, maximum=budget.maximum
+        )
+        assert _written(got), "an entry was not written"
+        assert torch.equal(got, cumulative_mass_mask_reference(scores, threshold, budget)), f"seed {seed}"
+
+
 def test_long_row_rank_kernel_matches_reference(long_rows):
     long_rows(4)
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
@@ -322,7 +336,7 @@ pointers = {"Scores": "*fp32", "KeepCount": "*i32", "MassIn": "*fp32", "CountIn"
 results = {}
 for mass, first, root, final in [(True, True, False, False), (True, False, True, False), (True, False, False, False),
                                  (True, False, False, True), (False, False, True, False), (False, False, False, True)]:
-    constexprs = dict(MASS=mass, FIRST=first, ROOT=root, FINAL=final, BINS=16, CHUNKS=64, TILE=selection.LONG_TILE)
+    constexprs = dict(MASS=mass, FIRST=first, ROOT=root, FINAL=final, BINS=16, CHUNKS=selection.LONG_MAX_CHUNKS, TILE=selection.LONG_TILE)
     returncode, report, _ = compile_for_sm90(selection._radix_round, pointers, constexprs, selection.LONG_WARPS)
     results[f"mass={mass} first={first} root={root} final={final}"] = [returncode, report]
 print(json.dumps(results))

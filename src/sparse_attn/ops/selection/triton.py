@@ -26,7 +26,9 @@ sort and O(rows x chunks x bins) scratch:
 * Launches: one per digit of :data:`LONG_DIGIT_BITS` bits (8 for the default 4 bits, 16 bins)
   and one that writes the mask; each over a 1-D grid of ``rows x chunks`` programs, a chunk
   being at least :data:`LONG_CHUNK` entries and a row at most :data:`LONG_MAX_CHUNKS` chunks
-  (so rows of 128K entries run 16 programs each, rows of 1M entries 64 of 16K entries).
+  (so rows of 128K entries run 16 programs each, rows of 1M entries 128 of 8K entries, and a
+  head's flattened 8192 x 8192 block table at 1M tokens 512 of 128K entries: 64 chunks a row
+  left that table's launches on 64 programs, 270 ms of FlexPrefill's 470 ms at 1M tokens).
 * A program first decides its row's previous digit from that digit's per-chunk partials: it
   reduces the ``(chunks, bins)`` table over chunks, then over the bins above each bin, in a
   fixed order (every program of the row computes the same decision from the same numbers; the
@@ -47,7 +49,7 @@ sort and O(rows x chunks x bins) scratch:
   mask launch keeps the first ``keep - above`` ties by index, each chunk offset by the ties of
   the chunks before it (an integer sum).
 * Scratch: two (double-buffered) int32 and float32 ``(rows, chunks, bins)`` tables (at most
-  4096 words a row) and six words of state a row, beside the uint8 output. No atomics: every
+  32768 words a row) and six words of state a row, beside the uint8 output. No atomics: every
   run makes the same decisions.
 
 Float sums are reduced in a different order than the reference's sequential scan of the sorted
@@ -88,7 +90,7 @@ MAX_ROW = 8192
 LONG_DIGIT_BITS = 4
 LONG_TILE = 512
 LONG_CHUNK = 8192
-LONG_MAX_CHUNKS = 64
+LONG_MAX_CHUNKS = 512
 LONG_WARPS = 8
 # Longest row: entry indices (and a tile past the row's end) are int32.
 _LONGEST_ROW = 2**30
