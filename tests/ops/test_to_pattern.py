@@ -10,7 +10,13 @@ import torch
 
 from sparse_attn.geometry import causal_block_mask, diagonal_block_mask, num_blocks
 from sparse_attn.ops import to_pattern
-from sparse_attn.ops.block_rows import causal_block_rows, diagonal_block_rows, query_block_chunks
+from sparse_attn.ops.block_rows import (
+    causal_block_rows,
+    causal_block_rows_at,
+    diagonal_block_rows,
+    diagonal_block_rows_at,
+    query_block_chunks,
+)
 from sparse_attn.ops.to_pattern import PatternBuilder
 from sparse_attn.pattern import BlockSparsePattern
 
@@ -87,6 +93,9 @@ def test_block_rows_are_rows_of_the_geometry_tables(seq_q, extra, block_q, block
             assert torch.equal(
                 diagonal_block_rows(seq_q, seq_k, block_q, block_k, rows), diagonal[rows.start : rows.stop]
             )
+    picked = tuple(random.Random(seq_q * 31 + extra).choices(range(n_q), k=5))  # any order, repeats
+    assert torch.equal(causal_block_rows_at(seq_q, seq_k, block_q, block_k, picked), causal[list(picked)])
+    assert torch.equal(diagonal_block_rows_at(seq_q, seq_k, block_q, block_k, picked), diagonal[list(picked)])
 
 
 def test_rows_multiple_gives_chunks_of_whole_groups(monkeypatch):
@@ -116,3 +125,31 @@ def test_capture_rows_rejects_blocks_outside_the_pattern():
             pass
     with capture_rows([9]), pytest.raises(ValueError, match="query block 9"):
         sa.estimate(q, k, "block_topk", block_q=16, block_k=16)
+
+
+def test_capture_rows_gives_the_captured_rows_or_a_static_rules_whole_pattern(monkeypatch):
+    """In several chunks, a rule that reads scores is called on the captured blocks only and its rows
+    raise RowsCaptured (row rules applied); a static rule builds and returns its whole pattern."""
+    from sparse_attn.ops.to_pattern import RowsCaptured, capture_rows
+
+    n_q, n_kv = 10, 5
+    table = torch.rand(2, 3, n_q, n_kv, generator=torch.Generator().manual_seed(3)) < 0.4
+    seen = []
+
+    def mask_rows(rows: range) -> torch.Tensor:
+        seen.append(rows)
+        return table[:, :, rows.start : rows.stop]
+
+    geometry = dict(batch=2, heads=3, seq_q=80, seq_k=80, block_q=8, block_k=16, causal=True, device="cpu")
+    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 1)
+    whole = to_pattern.stream_pattern(mask_rows, row_elements=1, **geometry)
+    blocks = (7, 2, 9)
+    seen.clear()
+    with capture_rows(blocks), pytest.raises(RowsCaptured) as captured:
+        to_pattern.stream_pattern(mask_rows, row_elements=1, **geometry)
+    assert sorted(rows.start for rows in seen) == sorted(blocks)
+    assert torch.equal(captured.value.mask, whole.to_mask()[:, :, list(blocks)])
+    seen.clear()
+    with capture_rows(blocks):
+        static = to_pattern.stream_pattern(mask_rows, row_elements=1, static=True, **geometry)
+    assert len(seen) == n_q and torch.equal(static.to_mask(), whole.to_mask())

@@ -71,4 +71,5 @@ def estimate(
         causal=causal,
         device=q.device,
         row_elements=2 * num_blocks(k.shape[2], block_k),
+        static=True,
     )

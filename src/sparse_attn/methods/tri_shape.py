@@ -74,5 +74,5 @@ def estimate(
     # One list shared by the whole batch and every head, built a chunk of query blocks at a time.
     return stream_pattern(
         mask_rows, batch=1, heads=1, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal,
-        device=q.device, row_elements=2 * num_blocks(seq_k, block_k),
+        device=q.device, row_elements=2 * num_blocks(seq_k, block_k), static=True,
     )  # fmt: skip

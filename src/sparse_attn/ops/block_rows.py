@@ -8,12 +8,21 @@ functions, so the rule for "causally valid" and "diagonal" has one definition.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-from ..geometry import causal_block_mask, diagonal_block_mask, num_blocks
+from ..geometry import causal_block_mask, diagonal_block_mask, num_blocks, query_block_positions
 
-__all__ = ["causal_block_rows", "diagonal_block_rows", "query_block_range", "query_block_chunks"]
+__all__ = [
+    "causal_block_rows",
+    "causal_block_rows_at",
+    "diagonal_block_rows",
+    "diagonal_block_rows_at",
+    "query_block_range",
+    "query_block_chunks",
+]
 
 
 def query_block_range(n_q: int, q_blocks: range | None) -> range:
@@ -64,3 +73,31 @@ def diagonal_block_rows(seq_q: int, seq_k: int, block_q: int, block_k: int, rows
     """``diagonal_block_mask(...)[rows]``, bool ``(len(rows), n_kv_blocks)``, without the other rows."""
     sub_q, sub_k = _sub_call(seq_q, seq_k, block_q, rows)
     return _padded_to(diagonal_block_mask(sub_q, sub_k, block_q, block_k, device), num_blocks(seq_k, block_k))
+
+
+def _positions_at(
+    seq_q: int, seq_k: int, block_q: int, blocks: Sequence[int], device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last absolute position of query blocks ``blocks`` (any order), int64 ``(len(blocks),)``."""
+    first, last = query_block_positions(seq_q, seq_k, block_q, device)
+    index = torch.as_tensor(list(blocks), dtype=torch.int64, device=first.device)
+    return first[index], last[index]
+
+
+def causal_block_rows_at(
+    seq_q: int, seq_k: int, block_q: int, block_k: int, blocks: Sequence[int], device=None
+) -> torch.Tensor:
+    """``causal_block_mask(...)[blocks]`` for any query blocks (not only a range), bool
+    ``(len(blocks), n_kv_blocks)``; the geometry's rule, computed for those rows only."""
+    _, last = _positions_at(seq_q, seq_k, block_q, blocks, device)
+    kv_start = torch.arange(num_blocks(seq_k, block_k), device=last.device, dtype=torch.int64) * block_k
+    return kv_start[None, :] <= last[:, None]
+
+
+def diagonal_block_rows_at(
+    seq_q: int, seq_k: int, block_q: int, block_k: int, blocks: Sequence[int], device=None
+) -> torch.Tensor:
+    """``diagonal_block_mask(...)[blocks]`` for any query blocks, bool ``(len(blocks), n_kv_blocks)``."""
+    first, last = _positions_at(seq_q, seq_k, block_q, blocks, device)
+    kv_block = torch.arange(num_blocks(seq_k, block_k), device=first.device, dtype=torch.int64)
+    return (kv_block[None, :] >= (first // block_k)[:, None]) & (kv_block[None, :] <= (last // block_k)[:, None])

@@ -26,9 +26,10 @@ Some query blocks only (:func:`capture_rows`): a caller that needs an estimator'
 query blocks (``auto`` judging a candidate on its probed blocks) runs the estimator inside
 ``with capture_rows(blocks):``. Where the estimator would work in several chunks,
 :func:`stream_pattern` calls its rule for those blocks only (each in the group of
-``rows_multiple`` blocks it belongs to), applies the builder's row rules, and raises
-:class:`RowsCaptured` carrying the rows, so nothing after it in the estimator runs and no
-pattern is built; :func:`stream_pattern_by_heads` computes every head chunk as usual (its rule
+``rows_multiple`` blocks it belongs to), applies the builder's row rules to them all at once
+(their rule rows computed once), and raises :class:`RowsCaptured` carrying the rows, so nothing
+after it in the estimator runs and no pattern is built (a static rule, ``static=True``, builds
+its whole pattern instead: it reads no scores, so its chunks cost less than a call per block); :func:`stream_pattern_by_heads` computes every head chunk as usual (its rule
 needs whole heads) and keeps the captured rows only. Where the whole pattern is one chunk, both
 build it as usual and return it: one call over every row is then no dearer than a call per
 captured block (each call's launches and synchronisations cost more than its rows at such
@@ -56,7 +57,14 @@ import torch.nn.functional as F
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
 from ._chunking import CHUNK_ELEMENTS
-from .block_rows import causal_block_rows, diagonal_block_rows, query_block_chunks, query_block_range
+from .block_rows import (
+    causal_block_rows,
+    causal_block_rows_at,
+    diagonal_block_rows,
+    diagonal_block_rows_at,
+    query_block_chunks,
+    query_block_range,
+)
 from .gqa import head_chunks
 from .mask_lists import mask_rows_to_lists
 
@@ -138,6 +146,7 @@ class PatternBuilder:
         self._counts = torch.zeros((batch, heads, self.n_q), dtype=torch.int32, device=self.device)
         self._indices = torch.zeros((batch, heads, self.n_q, 0), dtype=torch.int32, device=self.device)
         self._rows_written = 0
+        self._rules_at: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, mask: torch.Tensor, *, rows: range, heads: range | None = None) -> None:
         """Write query blocks ``rows`` of heads ``heads`` (default: all) from bool ``mask``.
@@ -157,18 +166,28 @@ class PatternBuilder:
             piece = range(rows.start + offset, min(rows.stop, rows.start + offset + piece_rows))
             self._write(mask[:, :, offset : offset + len(piece)], piece, heads)
 
-    def row_rules(self, mask: torch.Tensor, rows: range) -> torch.Tensor:
+    def row_rules(self, mask: torch.Tensor, rows: range | tuple[int, ...]) -> torch.Tensor:
         """``mask`` (last two dims: query blocks ``rows``, KV blocks) after the pattern's row rules
         (causal: blocks after the query block dropped, its diagonal added; non-causal: a row left
-        empty keeps its last block)."""
-        geometry = (self.seq_q, self.seq_k, self.block_q, self.block_k, rows, self.device)
+        empty keeps its last block). ``rows``: a range, or a tuple of query blocks in any order
+        (captured rows; their rule rows are computed once per builder)."""
         if self.causal:
-            return (mask & causal_block_rows(*geometry)) | diagonal_block_rows(*geometry)
+            valid, diagonal = self._rule_rows(rows)
+            return (mask & valid) | diagonal
         empty = ~mask.any(-1, keepdim=True)
         if bool(empty.any()):
             last = F.one_hot(torch.tensor(self.n_kv - 1, device=self.device), self.n_kv).bool()
             mask = mask | (empty & last)
         return mask
+
+    def _rule_rows(self, rows: range | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal rule's valid and diagonal rows for query blocks ``rows``."""
+        geometry = (self.seq_q, self.seq_k, self.block_q, self.block_k, rows, self.device)
+        if isinstance(rows, range):
+            return causal_block_rows(*geometry), diagonal_block_rows(*geometry)
+        if rows not in self._rules_at:
+            self._rules_at[rows] = (causal_block_rows_at(*geometry), diagonal_block_rows_at(*geometry))
+        return self._rules_at[rows]
 
     def _write(self, mask: torch.Tensor, rows: range, heads: range) -> None:
         mask = self.row_rules(mask, rows)
@@ -236,6 +255,7 @@ def stream_pattern(
     device,
     row_elements: int,
     rows_multiple: int = 1,
+    static: bool = False,
 ) -> BlockSparsePattern:
     """A pattern from ``mask_rows(q_blocks)``, called once per chunk of query blocks, last chunk first.
 
@@ -245,7 +265,11 @@ def stream_pattern(
     (typically ``batch * heads * n_kv_blocks``); chunks hold ``CHUNK_ELEMENTS // row_elements``
     query blocks (at least one), rounded down to a multiple of ``rows_multiple`` (at least
     one multiple): a rule that shares a choice among groups of ``rows_multiple`` query blocks
-    then sees whole groups, each chunk starting at a multiple of it.
+    then sees whole groups, each chunk starting at a multiple of it. ``static``: the rule reads
+    the geometry only, no scores (sink/window/distance patterns); under :func:`capture_rows` the
+    whole pattern is then built and returned, since a few chunks of such rows cost less than
+    a call per captured block (on an H200 at 1M tokens ``streaming``'s whole pattern took
+    3.1 ms, its sixteen captured blocks 14-23 ms, all launch overhead).
     """
     builder = PatternBuilder(
         batch=batch,
@@ -259,14 +283,15 @@ def stream_pattern(
     )
     rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, row_elements * rows_multiple)) * rows_multiple
     captured = _captured_blocks(builder.n_q)
-    if captured is not None and rows_per_chunk < builder.n_q:  # several chunks: the captured blocks only
+    if captured is not None and rows_per_chunk < builder.n_q and not static:  # several chunks: captured blocks only
         pieces = []
         for block in captured:  # each in its group of rows_multiple blocks, as the chunks see it
             start = block - block % rows_multiple
             rows = range(start, min(builder.n_q, start + rows_multiple))
             mask = mask_rows(rows).expand(batch, heads, len(rows), builder.n_kv)
-            pieces.append(builder.row_rules(mask[:, :, block - start : block - start + 1], range(block, block + 1)))
-        raise RowsCaptured(torch.cat(pieces, dim=2), captured)
+            pieces.append(mask[:, :, block - start : block - start + 1])
+            del mask
+        raise RowsCaptured(builder.row_rules(torch.cat(pieces, dim=2), captured), captured)
     for rows in query_block_chunks(builder.n_q, rows_per_chunk):
         builder.add(mask_rows(rows), rows=rows)
     return builder.finish()
@@ -309,13 +334,15 @@ def stream_pattern_by_heads(
     chunks = head_chunks(heads, group, max(1, CHUNK_ELEMENTS // max(1, head_elements)))
     captured = _captured_blocks(builder.n_q) if len(chunks) > 1 else None
     pieces = []
+    if captured is not None:
+        rows = torch.as_tensor(captured, dtype=torch.int64, device=builder.device)
     for query_heads in chunks:
         mask = mask_heads(query_heads)
         if captured is None:
             builder.add(mask, rows=range(builder.n_q), heads=query_heads)
             continue
         mask = mask.expand(batch, len(query_heads), builder.n_q, builder.n_kv)
-        pieces.append(torch.cat([builder.row_rules(mask[:, :, b : b + 1], range(b, b + 1)) for b in captured], dim=2))
+        pieces.append(builder.row_rules(mask.index_select(2, rows), captured))
         del mask
     if captured is not None:
         raise RowsCaptured(torch.cat(pieces, dim=1), captured)
