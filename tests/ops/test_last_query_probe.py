@@ -93,6 +93,19 @@ def test_kernel_matches_reference(
         assert not sums.slash.any()
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_without_slash_gives_the_same_vertical_and_block_sums(causal, monkeypatch):
+    q, k, _ = random_qkv(2, 4, 2, 37, 90, 32, seed=int(torch.randint(0, 2**31 - 1, (1,))))
+    case = dict(num_queries=20, causal=causal, tiles_per_chunk=2, monkeypatch=monkeypatch)
+    full = _kernel_sums(q, k, **case)
+    monkeypatch.setattr(probe_triton, "_empty", poisoned_allocate)
+    lean = probe_triton.probe_last_queries_triton(
+        q, k, num_queries=20, block_k=16, scale=32**-0.5, causal=causal, tiles_per_chunk=2, slash=False
+    )
+    assert lean.slash is None and lean.num_queries == full.num_queries
+    assert torch.equal(lean.vertical, full.vertical) and torch.equal(lean.block, full.block)
+
+
 def test_kernel_is_deterministic_and_chunking_changes_only_rounding(monkeypatch):
     q, k, _ = random_qkv(1, 2, 1, 30, 111, 64, seed=5)
     case = dict(num_queries=24, causal=True, monkeypatch=monkeypatch)

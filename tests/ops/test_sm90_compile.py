@@ -51,11 +51,15 @@ def _probe_cases() -> dict:
         ),
         "sums": (
             probe._probe_sums, {"Q": "*bf16", "K": "*bf16", **sums},
-            dict(rows, SHEAR_GROUP=config.shear_group), config.warps,
+            dict(rows, SHEAR_GROUP=config.shear_group, SLASH=True), config.warps,
+        ),
+        "sums_no_slash": (
+            probe._probe_sums, {"Q": "*bf16", "K": "*bf16", **sums},
+            dict(rows, SHEAR_GROUP=config.shear_group, SLASH=False), config.warps,
         ),
         "sums_d256": (
             probe._probe_sums, {"Q": "*fp16", "K": "*fp16", **sums},
-            dict(rows, HEAD_DIM=256, BLOCK_D=64, SHEAR_GROUP=sliced.shear_group), sliced.warps,
+            dict(rows, HEAD_DIM=256, BLOCK_D=64, SHEAR_GROUP=sliced.shear_group, SLASH=True), sliced.warps,
         ),
         "seams": (probe._slash_seams, {"Slash": "*fp32", "SeamLow": "*fp32", "SeamHigh": "*fp32"}, dict(BLOCK=128), 4),
     }  # fmt: skip
@@ -67,7 +71,7 @@ def test_last_query_probe_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=environment, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout)
-    assert set(results) == {"stats", "sums", "sums_d256", "seams"}
+    assert set(results) == {"stats", "sums", "sums_no_slash", "sums_d256", "seams"}
     for name, (returncode, report) in results.items():
         assert returncode == 0, (name, report)
 

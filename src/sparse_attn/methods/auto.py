@@ -334,7 +334,7 @@ def probe_block_mass(
         kernel = kernel_for(probe, _PROBE_KERNEL_PACKAGE, k=keys, num_queries=end - start)
         if kernel is not None:
             summed = kernel.probe_last_queries_triton(
-                probe, keys, num_queries=end - start, block_k=block_k, scale=scale, causal=causal
+                probe, keys, num_queries=end - start, block_k=block_k, scale=scale, causal=causal, slash=False
             ).block
             mass[:, :, chunk, : summed.shape[-1]] = summed
             continue

@@ -27,7 +27,7 @@ class ProbeSums:
     """
 
     vertical: torch.Tensor
-    slash: torch.Tensor
+    slash: torch.Tensor | None  # None where only vertical and block sums were asked for
     block: torch.Tensor
     num_queries: int
 

@@ -217,10 +217,10 @@ def _probe_sums(
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     q_heads, group, seq_q, seq_k, rows, chunk_tiles, num_chunks, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SHEAR_GROUP: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SLASH: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: the vertical sums of one chunk's keys and the slash sums of its inner diagonals
-    (causal), plus the two seam slots of the chunk (first lower, last upper)."""
+    (causal and ``SLASH``), plus the two seam slots of the chunk (first lower, last upper)."""
     batch_head = tl.program_id(0)
     chunk = tl.program_id(1)
     q_base, k_base = _head_bases(
@@ -263,7 +263,7 @@ def _probe_sums(
         p = tl.math.exp2(s - lse[:, None])
         keys = start_n + offs_n
         tl.store(out_row + keys, tl.sum(p, 0), mask=keys < seq_k)
-        if CAUSAL:
+        if CAUSAL and SLASH:
             lower, upper = _diagonal_sums(p, BLOCK, SHEAR_GROUP)
             # Row i sits at seq_k - rows + i, so the main diagonal (i = c) is at this distance.
             distances = seq_k - rows - start_n + offs_n
@@ -271,7 +271,7 @@ def _probe_sums(
             tl.store(slash_row + distances, lower + carry, mask=inner)
             tl.store(SeamLow + seam, lower, mask=(offs_n >= 0) & (tile == 0))
             carry = upper
-    if CAUSAL:
+    if CAUSAL and SLASH:
         tl.store(SeamHigh + seam, carry)
 
 
@@ -342,12 +342,15 @@ def probe_last_queries_triton(
     scale: float,
     causal: bool,
     tiles_per_chunk: int | None = None,
+    slash: bool = True,
 ) -> ProbeSums:
     """Same result as :func:`.naive.probe_last_queries`, with the kernels.
 
     ``tiles_per_chunk``: key tiles (of the padded row count, at least 16 keys) per program;
     default: enough programs to fill the GPU (:func:`_tiles_per_chunk`). It changes only the
-    order of the float32 sums.
+    order of the float32 sums. ``slash=False``: the vertical and block sums only (``slash`` is
+    None): pass 2 skips the diagonal shear and pass 3 does not run (``auto``'s probe reads
+    block sums only).
     """
     reason = unsupported_reason(q, k=k, num_queries=num_queries)
     if reason is not None:
@@ -393,20 +396,21 @@ def probe_last_queries_triton(
     )  # fmt: skip
 
     vertical = _empty((batch, q_heads, seq_k), dtype=torch.float32, device=q.device)
-    if causal:
-        slash = _empty((batch, q_heads, seq_k), dtype=torch.float32, device=q.device)
+    sheared = causal and slash
+    if sheared:
+        slash_sums = _empty((batch, q_heads, seq_k), dtype=torch.float32, device=q.device)
         seam_low = _empty((programs, chunks, block), dtype=torch.float32, device=q.device)
         seam_high = _empty((programs, chunks, block), dtype=torch.float32, device=q.device)
-    else:  # no slash lines without a causal mask, as in the reference
-        slash = torch.zeros((batch, q_heads, seq_k), dtype=torch.float32, device=q.device)
+    else:  # no slash lines without a causal mask, as in the reference; none at all when not asked for
+        slash_sums = torch.zeros((batch, q_heads, seq_k), dtype=torch.float32, device=q.device) if slash else None
         seam_low = seam_high = row_max  # unused pointers
     _probe_sums[(programs, chunks)](
-        q, k, row_max, row_sum, vertical, slash, seam_low, seam_high, *shape_args,
-        tiles_per_chunk, chunks, qk_scale, SHEAR_GROUP=config.shear_group, **constants, num_warps=config.warps,
-        num_stages=config.stages,
+        q, k, row_max, row_sum, vertical, row_max if slash_sums is None else slash_sums, seam_low, seam_high,
+        *shape_args, tiles_per_chunk, chunks, qk_scale, SHEAR_GROUP=config.shear_group, **constants, SLASH=sheared,
+        num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip
-    if causal:
+    if sheared:
         _slash_seams[(programs, chunks + 1)](
-            slash, seam_low, seam_high, seq_k, rows, tiles_per_chunk, chunks, tiles, BLOCK=block
+            slash_sums, seam_low, seam_high, seq_k, rows, tiles_per_chunk, chunks, tiles, BLOCK=block
         )
-    return ProbeSums(vertical=vertical, slash=slash, block=block_sum(vertical, block_k), num_queries=rows)
+    return ProbeSums(vertical=vertical, slash=slash_sums, block=block_sum(vertical, block_k), num_queries=rows)
