@@ -34,7 +34,7 @@ def dense_block_max(q, k, units, present, q_blocks, block_q, block_k):
     group = q.shape[1] // k.shape[1]
     out = torch.full(units.shape, float("-inf"), dtype=torch.float64)
     for b, h, r, c in torch.nonzero(present).tolist():
-        row = (q_blocks.start + r) * block_q
+        row = q_blocks[r] * block_q
         unit = int(units[b, h, r, c])
         rows = q[b, h, row : row + block_q].double()
         keys = k[b, h // group, unit * block_k : (unit + 1) * block_k].double()
@@ -49,6 +49,7 @@ def dense_block_max(q, k, units, present, q_blocks, block_q, block_k):
         (1, 2, 2, 77, 77, 32, 32, 16, range(0, 3), 4, torch.bfloat16),  # whole query tile resident
         (1, 4, 2, 50, 130, 16, 16, 32, range(1, 4), 3, torch.float32),  # GQA 2, block_k 32
         (1, 2, 1, 20, 45, 16, 8, 8, range(0, 3), 2, torch.float16),  # blocks smaller than the tile
+        (2, 6, 3, 77, 130, 64, 16, 16, (4, 0, 2, 4), 3, torch.float32),  # a tuple of blocks, any order
     ],
 )
 def test_kernel_matches_reference(
@@ -69,8 +70,9 @@ def test_kernel_matches_reference(
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
-def test_reference_is_the_definition():
-    q_blocks, block_q, block_k = range(1, 5), 16, 16
+@pytest.mark.parametrize("q_blocks", [range(1, 5), (4, 1, 3)], ids=["range", "tuple"])
+def test_reference_is_the_definition(q_blocks):
+    block_q, block_k = 16, 16
     q, k, units, present = random_case(2, 6, 2, 77, 130, 16, block_k, len(q_blocks), 5, torch.float32, seed=3)
     got = gathered_block_max(q, k, units, present, q_blocks=q_blocks, block_q=block_q, block_k=block_k)
     expected = dense_block_max(q, k, units, present, q_blocks, block_q, block_k)

@@ -153,3 +153,26 @@ def test_capture_rows_gives_the_captured_rows_or_a_static_rules_whole_pattern(mo
     with capture_rows(blocks):
         static = to_pattern.stream_pattern(mask_rows, row_elements=1, static=True, **geometry)
     assert len(seen) == n_q and torch.equal(static.to_mask(), whole.to_mask())
+
+
+def test_block_lists_rule_is_called_once_with_the_captured_blocks(monkeypatch):
+    from sparse_attn.ops.block_rows import query_block_rows
+    from sparse_attn.ops.to_pattern import RowsCaptured, capture_rows
+
+    table = torch.rand(1, 2, 10, 5, generator=torch.Generator().manual_seed(4)) < 0.5
+    seen = []
+
+    def mask_rows(rows) -> torch.Tensor:
+        seen.append(rows)
+        return query_block_rows(table.movedim(2, 0), rows).movedim(0, 2)
+
+    geometry = dict(batch=1, heads=2, seq_q=80, seq_k=80, block_q=8, block_k=16, causal=True, device="cpu")
+    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 1)
+    whole = to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, **geometry)
+    seen.clear()
+    with capture_rows((8, 1, 5)), pytest.raises(RowsCaptured) as captured:
+        to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, **geometry)
+    assert seen == [(8, 1, 5)]
+    assert torch.equal(captured.value.mask, whole.to_mask()[:, :, [8, 1, 5]])
+    with capture_rows((8, 1)), pytest.raises(ValueError, match="rows_multiple"):
+        to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, rows_multiple=2, **geometry)

@@ -55,7 +55,7 @@ def main() -> dict:
     block_max_pointers = {"Positions": "*i64", "KeyScale": "*fp32", "KeyBias": "*fp32", "Out": "*fp32"}
     block_max_flags = dict(HAS_POSITIONS=True, HAS_SCALE=False, HAS_BIAS=False, BLOCK_N=128, COMPUTE=tl.bfloat16)
     gathered = dict(BLOCK_Q=128, BLOCK_K=128, BLOCK_N=64, DOT_FP32=False, PRECISION="tf32")
-    gathered_pointers = {"Units": "*i64", "Present": "*u8", "Out": "*fp32"}
+    gathered_pointers = {"Units": "*i64", "Present": "*u8", "Out": "*fp32", "QBlocks": "*i32"}
     region = dict(BLOCK_M=64, BLOCK_N=64, CAUSAL=True, DOT_FP32=False, PRECISION="tf32")
     region_pointers = {"RowMax": "*fp32", "RowLse": "*fp32", "scale": "fp32"}
     cases = {

@@ -50,6 +50,7 @@ import torch
 
 from ..checks import check_int
 from ..geometry import num_blocks, own_kv_block_span
+from ..ops.block_rows import QueryBlocks, query_block_rows
 from ..ops.gathered_block_max import gathered_block_max
 from ..ops.selection import topk_mask
 from ..ops.static_masks import token_window_mask
@@ -88,10 +89,10 @@ def estimate(
     keep = num_blocks(config.top_k_tokens, block_k)
     first_own, last_own = own_kv_block_span(seq_q, seq_k, block_q, block_k, q.device)
 
-    def mask_rows(q_blocks: range) -> torch.Tensor:
+    def mask_rows(q_blocks: QueryBlocks) -> torch.Tensor:
         rows = len(q_blocks)
-        own_first = first_own[q_blocks.start : q_blocks.stop]
-        own_size = last_own[q_blocks.start : q_blocks.stop] - own_first + 1
+        own_first = query_block_rows(first_own, q_blocks)
+        own_size = query_block_rows(last_own, q_blocks) - own_first + 1
         # Candidates: the blocks outside the own span, numbered 0..n-1 in order.
         candidates = own_first if causal else n_kv - own_size
 
@@ -143,4 +144,5 @@ def estimate(
         # of them), and the bool mask rows with their copies (one unit per KV block). The scoring
         # operator holds no scratch of its own (its reference chunks under CHUNK_ELEMENTS).
         row_elements=batch * q_heads * (32 * keep + n_kv),
+        block_lists=True,
     )

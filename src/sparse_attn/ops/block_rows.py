@@ -22,7 +22,13 @@ __all__ = [
     "diagonal_block_rows_at",
     "query_block_range",
     "query_block_chunks",
+    "query_block_rows",
+    "QueryBlocks",
 ]
+
+# Query blocks an operator builds rows for: a contiguous range (a chunk of the stream), or a tuple
+# of block numbers in any order (rows captured for ``auto``; operators that take them say so).
+QueryBlocks = range | tuple[int, ...]
 
 
 def query_block_range(n_q: int, q_blocks: range | None) -> range:
@@ -32,6 +38,18 @@ def query_block_range(n_q: int, q_blocks: range | None) -> range:
     if q_blocks.step != 1 or not 0 <= q_blocks.start < q_blocks.stop <= n_q:
         raise ValueError(f"q_blocks must be a non-empty contiguous range within [0, {n_q}), got {q_blocks}")
     return q_blocks
+
+
+def query_block_rows(table: torch.Tensor, q_blocks: QueryBlocks | None, n_q: int | None = None) -> torch.Tensor:
+    """``table``'s rows (dim 0: one per query block) for ``q_blocks`` (a range, a tuple of block
+    numbers, or None: all), checked against ``n_q`` query blocks (default ``table.shape[0]``)."""
+    n_q = table.shape[0] if n_q is None else n_q
+    if isinstance(q_blocks, tuple):
+        if not q_blocks or not all(isinstance(b, int) and 0 <= b < n_q for b in q_blocks):
+            raise ValueError(f"q_blocks must be block numbers within [0, {n_q}), got {q_blocks}")
+        return table[torch.as_tensor(q_blocks, dtype=torch.int64, device=table.device)]
+    rows = query_block_range(n_q, q_blocks)
+    return table[rows.start : rows.stop]
 
 
 def query_block_chunks(n_q: int, rows_per_chunk: int) -> list[range]:

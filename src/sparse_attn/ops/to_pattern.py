@@ -256,6 +256,7 @@ def stream_pattern(
     row_elements: int,
     rows_multiple: int = 1,
     static: bool = False,
+    block_lists: bool = False,
 ) -> BlockSparsePattern:
     """A pattern from ``mask_rows(q_blocks)``, called once per chunk of query blocks, last chunk first.
 
@@ -269,7 +270,11 @@ def stream_pattern(
     the geometry only, no scores (sink/window/distance patterns); under :func:`capture_rows` the
     whole pattern is then built and returned, since a few chunks of such rows cost less than
     a call per captured block (on an H200 at 1M tokens ``streaming``'s whole pattern took
-    3.1 ms, its sixteen captured blocks 14-23 ms, all launch overhead).
+    3.1 ms, its sixteen captured blocks 14-23 ms, all launch overhead). ``block_lists``:
+    ``mask_rows`` also takes a tuple of query blocks in any order (``rows_multiple`` 1); under
+    :func:`capture_rows` it is then called once with the captured blocks instead of once per
+    block (HiP's tree search made ~350 launches per call: 198 ms for sixteen blocks at 1M tokens,
+    10 ms of it on the GPU).
     """
     builder = PatternBuilder(
         batch=batch,
@@ -284,6 +289,11 @@ def stream_pattern(
     rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, row_elements * rows_multiple)) * rows_multiple
     captured = _captured_blocks(builder.n_q)
     if captured is not None and rows_per_chunk < builder.n_q and not static:  # several chunks: captured blocks only
+        if block_lists:
+            if rows_multiple != 1:
+                raise ValueError("block_lists needs rows_multiple 1")
+            mask = mask_rows(captured).expand(batch, heads, len(captured), builder.n_kv)
+            raise RowsCaptured(builder.row_rules(mask, captured), captured)
         pieces = []
         for block in captured:  # each in its group of rows_multiple blocks, as the chunks see it
             start = block - block % rows_multiple

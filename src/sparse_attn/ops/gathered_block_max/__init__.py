@@ -23,11 +23,11 @@ def gathered_block_max(
     units: torch.Tensor,
     present: torch.Tensor,
     *,
-    q_blocks: range,
+    q_blocks: range | tuple[int, ...],
     block_q: int,
     block_k: int,
 ) -> torch.Tensor:
-    """Float32 ``(B, Hq, R, C)``: the largest unscaled ``q · k`` of query block ``q_blocks.start + r``
+    """Float32 ``(B, Hq, R, C)``: the largest unscaled ``q · k`` of query block ``q_blocks[r]`` (a range or a tuple of block numbers)
     and KV block ``units[b, h, r, c]``, over real queries and keys; ``-inf`` where ``present`` is False.
 
     q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)`` in their own dtype (float32 accumulation; query

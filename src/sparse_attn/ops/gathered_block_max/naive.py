@@ -16,11 +16,11 @@ def gathered_block_max(
     units: torch.Tensor,
     present: torch.Tensor,
     *,
-    q_blocks: range,
+    q_blocks: range | tuple[int, ...],
     block_q: int,
     block_k: int,
 ) -> torch.Tensor:
-    """Float32 ``(B, Hq, R, C)``: per query block ``q_blocks.start + r`` and listed KV block, the largest ``q · k``.
+    """Float32 ``(B, Hq, R, C)``: per query block ``q_blocks[r]`` and listed KV block, the largest ``q · k``.
 
     q ``(B, Hq, Sq, D)`` and k ``(B, Hkv, Sk, D)`` in their own dtype (query head ``h`` reads KV
     head ``h // (Hq // Hkv)``); ``units`` int64 ``(B, Hq, R, C)`` KV block indices, ``present``
@@ -39,13 +39,12 @@ def gathered_block_max(
     rows_per_piece = max(1, CHUNK_ELEMENTS // per_block)
     for first in range(0, rows, rows_per_piece):
         stop = min(rows, first + rows_per_piece)
-        blocks = range(q_blocks.start + first, q_blocks.start + stop)
-        out[:, :, first:stop] = _piece_max(q, k, units[:, :, first:stop], blocks, block_q, block_k)
+        out[:, :, first:stop] = _piece_max(q, k, units[:, :, first:stop], q_blocks[first:stop], block_q, block_k)
     return out.masked_fill_(~present, float("-inf"))
 
 
 def _piece_max(
-    q: torch.Tensor, k: torch.Tensor, units: torch.Tensor, blocks: range, block_q: int, block_k: int
+    q: torch.Tensor, k: torch.Tensor, units: torch.Tensor, blocks: range | tuple[int, ...], block_q: int, block_k: int
 ) -> torch.Tensor:
     """:func:`gathered_block_max` of query blocks ``blocks`` (their ``units``), before the ``present`` mask.
 
@@ -56,7 +55,8 @@ def _piece_max(
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     rows, chunks = units.shape[2:]
-    query_index = torch.arange(blocks.start * block_q, blocks.stop * block_q, device=q.device).clamp(max=seq_q - 1)
+    first_rows = torch.as_tensor(list(blocks), dtype=torch.int64, device=q.device) * block_q
+    query_index = (first_rows[:, None] + torch.arange(block_q, device=q.device)).flatten().clamp(max=seq_q - 1)
     q_rows = q[:, :, query_index].float().view(batch, q_heads, rows, block_q, dim)
     key_index = units.clamp(0, num_blocks(seq_k, block_k) - 1)[..., None] * block_k
     key_index = (key_index + torch.arange(block_k, device=k.device)).clamp(max=seq_k - 1)

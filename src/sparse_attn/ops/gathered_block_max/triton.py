@@ -52,7 +52,7 @@ def unsupported_reason(q: torch.Tensor, *, k: torch.Tensor, block_q: int, block_
 def _gathered_block_max(
     Q, K, Units, Present, Out,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    q_heads, group, seq_q, seq_k, block_q, block_k, n_kv, row_start, rows, chunks,
+    QBlocks, q_heads, group, seq_q, seq_k, block_q, block_k, n_kv, rows, chunks,
     HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -64,7 +64,7 @@ def _gathered_block_max(
     k_base = K + batch * stride_kb + (head // group) * stride_kh
     lists = (bh * rows + row) * chunks
     in_block_q = tl.arange(0, BLOCK_Q)
-    queries = (row_start + row).to(tl.int64) * block_q + in_block_q
+    queries = tl.load(QBlocks + row).to(tl.int64) * block_q + in_block_q
     real_rows = (in_block_q < block_q) & (queries < seq_q)
     in_step = tl.arange(0, BLOCK_N)
     columns = tl.arange(0, BLOCK_D)
@@ -126,11 +126,12 @@ def gathered_block_max_triton(
     units: torch.Tensor,
     present: torch.Tensor,
     *,
-    q_blocks: range,
+    q_blocks: range | tuple[int, ...],
     block_q: int,
     block_k: int,
 ) -> torch.Tensor:
-    """Same result as :func:`.naive.gathered_block_max`, in one launch."""
+    """Same result as :func:`.naive.gathered_block_max`, in one launch (row ``r``'s query block read
+    from an int32 list of ``q_blocks``)."""
     reason = unsupported_reason(q, k=k, block_q=block_q, block_k=block_k)
     if reason is not None:
         raise ValueError(f"the Triton gathered block-max kernel cannot run this case: {reason}")
@@ -146,9 +147,13 @@ def gathered_block_max_triton(
     tile_q, tile_k = (max(16, triton.next_power_of_2(block)) for block in (block_q, block_k))
     block_d, block_n, warps = _launch_config(q.dtype, dim, tile_q, tile_k)
     use_float32_dot = dot_in_float32(q.dtype)
+    if isinstance(q_blocks, range):
+        block_list = torch.arange(q_blocks.start, q_blocks.stop, dtype=torch.int32, device=q.device)
+    else:
+        block_list = torch.tensor(q_blocks, dtype=torch.int32, device=q.device)
     _gathered_block_max[(rows, batch * q_heads)](
         q, k, units, present, out, *q.stride()[:3], *k.stride()[:3],
-        q_heads, gqa_group(q, k), seq_q, seq_k, block_q, block_k, num_blocks(seq_k, block_k), q_blocks.start, rows,
+        block_list, q_heads, gqa_group(q, k), seq_q, seq_k, block_q, block_k, num_blocks(seq_k, block_k), rows,
         chunks, HEAD_DIM=dim, BLOCK_Q=tile_q, BLOCK_K=tile_k, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_FP32=use_float32_dot, PRECISION="ieee" if use_float32_dot else "tf32", num_warps=warps,
     )  # fmt: skip

@@ -15,7 +15,7 @@ import torch
 
 from ...checks import check_int
 from ...geometry import num_blocks, own_kv_block_span
-from ..block_rows import causal_block_rows, query_block_range
+from ..block_rows import QueryBlocks, causal_block_rows, causal_block_rows_at, query_block_range, query_block_rows
 
 __all__ = [
     "block_distance",
@@ -28,17 +28,19 @@ __all__ = [
 
 
 def block_distance(
-    seq_q: int, seq_k: int, block_q: int, block_k: int, device=None, *, q_blocks: range | None = None
+    seq_q: int, seq_k: int, block_q: int, block_k: int, device=None, *, q_blocks: QueryBlocks | None = None
 ) -> torch.Tensor:
     """Int64 ``(len(q_blocks), n_kv_blocks)``: how many KV blocks lie between each KV block and
-    the query block's own span, in block units, for query blocks ``q_blocks`` (default: all).
+    the query block's own span, in block units, for query blocks ``q_blocks`` (default: all; a
+    range or a tuple of block numbers).
 
     0 on the query block's own (diagonal) blocks, ``d`` for the ``d``-th block before the
     span (the past) and equally ``d`` for the ``d``-th block after it (the future, which
     only non-causal attention reaches).
     """
-    rows = query_block_range(num_blocks(seq_q, block_q), q_blocks)
-    first, last = (span[rows.start : rows.stop] for span in own_kv_block_span(seq_q, seq_k, block_q, block_k, device))
+    first, last = (
+        query_block_rows(span, q_blocks) for span in own_kv_block_span(seq_q, seq_k, block_q, block_k, device)
+    )
     kv_block = torch.arange(num_blocks(seq_k, block_k), device=device, dtype=torch.int64)[None, :]
     before = first[:, None] - kv_block
     after = kv_block - last[:, None]
@@ -55,7 +57,7 @@ def sink_local_block_mask(
     local_blocks: int,
     device=None,
     causal: bool = True,
-    q_blocks: range | None = None,
+    q_blocks: QueryBlocks | None = None,
 ) -> torch.Tensor:
     """Bool ``(len(q_blocks), n_kv_blocks)``: the first ``sink_blocks`` KV blocks plus a local window.
 
@@ -63,16 +65,17 @@ def sink_local_block_mask(
     before them, so ``local_blocks=1`` keeps the diagonal only. In causal mode the result
     keeps only causally valid blocks (sinks a query block cannot see yet are dropped); in
     non-causal mode the window is symmetric (``local_blocks - 1`` blocks after the span too).
-    Only query blocks ``q_blocks`` (default: all) are built.
+    Only query blocks ``q_blocks`` (default: all; a range or a tuple of block numbers) are built.
     """
     check_int("sink_blocks", sink_blocks, minimum=0)
     check_int("local_blocks", local_blocks, minimum=1)
-    rows = query_block_range(num_blocks(seq_q, block_q), q_blocks)
+    rows = q_blocks if isinstance(q_blocks, tuple) else query_block_range(num_blocks(seq_q, block_q), q_blocks)
     distance = block_distance(seq_q, seq_k, block_q, block_k, device, q_blocks=rows)
     kv_block = torch.arange(distance.shape[1], device=device)
     mask = (distance < local_blocks) | (kv_block < sink_blocks)[None, :]
     if causal:
-        mask &= causal_block_rows(seq_q, seq_k, block_q, block_k, rows, device)
+        valid = causal_block_rows_at if isinstance(rows, tuple) else causal_block_rows
+        mask &= valid(seq_q, seq_k, block_q, block_k, rows, device)
     return mask
 
 
@@ -91,7 +94,7 @@ def token_window_mask(
     block_q: int,
     block_k: int,
     causal: bool,
-    q_blocks: range | None = None,
+    q_blocks: QueryBlocks | None = None,
 ) -> torch.Tensor:
     """:func:`sink_local_block_mask` for ``q``/``k`` with sink and window sizes in tokens.
 
