@@ -27,6 +27,8 @@ def test_pooled_logits_of_chunks_are_parts_of_the_whole():
     for start, stop in [(0, 1), (2, 5), (4, 5)]:
         part = pooled.logits(scale=0.25, causal=True, q_blocks=range(start, stop))
         assert torch.allclose(part, whole[:, :, start:stop], atol=1e-6)
+    picked = pooled.logits(scale=0.25, causal=True, q_blocks=(4, 0, 2), heads=range(3, 6))
+    assert torch.allclose(picked, whole[:, 3:6, [4, 0, 2]], atol=1e-6)
     for heads_per_chunk in (1, 2, 3, 6):
         for heads in head_chunks(6, 3, heads_per_chunk):
             part = pooled.logits(scale=0.25, causal=True, heads=heads)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_fraction, check_int
+from ..ops.block_rows import QueryBlocks
 from ..ops.pooling import PooledBlocks, block_softmax
 from ..ops.selection import Budget, cumulative_mass_mask, topk_mask
 from ..ops.to_pattern import stream_pattern
@@ -56,7 +57,7 @@ def estimate(
 ) -> BlockSparsePattern:
     pooled = PooledBlocks.of(q, k, block_q=block_q, block_k=block_k)
 
-    def mask_rows(q_blocks: range) -> torch.Tensor:
+    def mask_rows(q_blocks: QueryBlocks) -> torch.Tensor:
         logits = pooled.logits(scale=q.shape[-1] ** -0.5, causal=causal, q_blocks=q_blocks)
         if config.threshold is None:
             # Invalid (future) blocks sit at -inf and are ranked last; the pattern drops any that get picked.
@@ -74,4 +75,5 @@ def estimate(
         causal=causal,
         device=q.device,
         row_elements=q.shape[0] * q.shape[1] * pooled.k.shape[2],
+        block_lists=True,
     )
