@@ -109,7 +109,10 @@ def estimate(
     query_aware = jensen_shannon_distance(true_blocks, estimated) < config.tau  # (B, Hq)
     # The lines of every head are O(S); their blocks are built per chunk of heads, like the
     # query-aware masks, and only for chunks where some head takes them.
-    lines = None if bool(query_aware.all()) else _selected_lines(probe, config)
+    # Which heads are query-aware, on the host once (one synchronisation, not two per head chunk).
+    aware_heads = query_aware.any(0).tolist()
+    every_aware = query_aware.all(0).tolist()
+    lines = None if all(every_aware) else _selected_lines(probe, config)
     del probe, true_blocks, estimated
     pooled = PooledBlocks.of(q, k, block_q=block_q, block_k=block_k)
     geometry = {"seq_q": seq_q, "seq_k": seq_k, "block_q": block_q, "block_k": block_k, "causal": causal}
@@ -118,11 +121,11 @@ def estimate(
         aware_here = query_aware[:, heads.start : heads.stop]
         aware = (
             _query_aware_mask(pooled, config, scale=scale, causal=causal, heads=heads)
-            if bool(aware_here.any())
+            if any(aware_heads[heads.start : heads.stop])
             else None
         )
         crossed = None
-        if not bool(aware_here.all()):
+        if not all(every_aware[heads.start : heads.stop]):
             vertical, slash = (line[:, heads.start : heads.stop] for line in lines)
             crossed = vertical_slash_block_mask(vertical, slash, **geometry)
         if aware is None or crossed is None:
