@@ -25,7 +25,9 @@ Rule (per batch row and query head):
    ``moba`` and ``random``) computes the probed rows only where it would work in several
    chunks of query blocks (long inputs); where its whole pattern is one chunk it returns that
    pattern and is judged as with ``"exact"`` (one call is then cheaper than one per probed
-   block). A candidate judged on its probed rows estimates its whole pattern afterwards only
+   block), and so do the static rules (``streaming``, ``power``, ``tri_shape``: their rows
+   come from the geometry alone, so the whole pattern costs less than the launches of a call
+   per probed block; since 2026-12-03). A candidate judged on its probed rows estimates its whole pattern afterwards only
    if some head chose it, and for a head-local method
    (:attr:`~sparse_attn.registry.Method.head_local`) only on the GQA groups holding those
    heads. With ``"exact"`` (the rule before 2026-12-02) every candidate estimates its whole
