@@ -208,6 +208,23 @@ def test_chunked_estimation_equals_one_chunk(method, monkeypatch):
     assert torch.equal(whole.to_mask(), chunked.to_mask())
 
 
+@pytest.mark.parametrize("step", [1, 3, 4])
+def test_anchor_captured_rows_are_its_rows(step, monkeypatch):
+    """Under capture_rows anchor runs once on the step groups holding the captured blocks (runs of
+    consecutive blocks with gaps, the last group partial): exactly the whole pattern's rows."""
+    from sparse_attn.ops.to_pattern import RowsCaptured, capture_rows
+
+    q, k, _ = random_qkv(2, 6, 3, 150, 170, 32, seed=6)  # 19 query blocks of 8
+    k[:, :, 7] *= 4.0
+    options = dict(block_q=8, block_k=8, **{**SMALL_REGION["anchor"], "step": step})
+    whole = sa.estimate(q, k, "anchor", **options).to_mask()
+    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 1)
+    blocks = (18, 0, 9, 3, 10)
+    with capture_rows(blocks), pytest.raises(RowsCaptured) as captured:
+        sa.estimate(q, k, "anchor", **options)
+    assert torch.equal(captured.value.mask.expand(2, -1, -1, -1), whole[:, :, list(blocks)].expand(2, -1, -1, -1))
+
+
 @pytest.mark.parametrize("method", ["sale", "anchor"])
 def test_sparse_attention_over_the_estimate_matches_the_oracle(method):
     q, k, v = random_qkv(1, 4, 2, 64, 96, 32, seed=2)

@@ -174,5 +174,14 @@ def test_block_lists_rule_is_called_once_with_the_captured_blocks(monkeypatch):
         to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, **geometry)
     assert seen == [(8, 1, 5)]
     assert torch.equal(captured.value.mask, whole.to_mask()[:, :, [8, 1, 5]])
-    with capture_rows((8, 1)), pytest.raises(ValueError, match="rows_multiple"):
-        to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, rows_multiple=2, **geometry)
+    # Groups of 3 blocks: one call with the whole groups holding the captured blocks, ascending.
+    seen.clear()
+    with capture_rows((8, 1, 5, 9)), pytest.raises(RowsCaptured) as captured:
+        to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, rows_multiple=3, **geometry)
+    assert seen == [(0, 1, 2, 3, 4, 5, 6, 7, 8, 9)]
+    assert torch.equal(captured.value.mask, whole.to_mask()[:, :, [8, 1, 5, 9]])
+    seen.clear()
+    with capture_rows((9, 4)), pytest.raises(RowsCaptured) as captured:
+        to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, rows_multiple=3, **geometry)
+    assert seen == [(3, 4, 5, 9)]
+    assert torch.equal(captured.value.mask, whole.to_mask()[:, :, [9, 4]])

@@ -53,6 +53,7 @@ from ..checks import check_int
 from ..geometry import num_blocks, own_kv_block_span, query_block_positions
 from ..ops.anchor_region import anchor_region_stats, region_blocks
 from ..ops.block_max import block_max_logits
+from ..ops.block_rows import QueryBlocks, query_block_rows
 from ..ops.pooling import mean_pool_blocks
 from ..ops.static_masks import check_token_window, token_window_mask
 from ..ops.to_pattern import stream_pattern
@@ -78,7 +79,7 @@ class AnchorConfig:
 
 
 def step_group_region(
-    seq_q: int, seq_k: int, block_q: int, block_k: int, rows: range, step: int, causal: bool, device
+    seq_q: int, seq_k: int, block_q: int, block_k: int, rows: QueryBlocks, step: int, causal: bool, device
 ) -> torch.Tensor:
     """Bool ``(len(rows), n_kv)``: the KV blocks from each query block's step-group start to its own blocks.
 
@@ -87,7 +88,7 @@ def step_group_region(
     """
     first, last = own_kv_block_span(seq_q, seq_k, block_q, block_k, device)
     n_q = num_blocks(seq_q, block_q)
-    block = torch.arange(rows.start, rows.stop, device=device)
+    block = torch.as_tensor(list(rows), dtype=torch.int64, device=device)
     group_first = first[(block // step) * step]
     group_last = last[torch.clamp((block // step + 1) * step, max=n_q) - 1]
     kv_block = torch.arange(num_blocks(seq_k, block_k), device=device)[None, :]
@@ -116,19 +117,29 @@ def estimate(
     _, block_ends = query_block_positions(seq_q, seq_k, block_q, q.device)
     region = region_blocks(config.init_tokens, config.local_tokens, block_k)
 
-    def mask_rows(rows: range) -> torch.Tensor:
-        stats = anchor_region_stats(
-            q, k, block_q=block_q, block_k=block_k, scale=scale, causal=causal, q_blocks=rows, **region
+    def mask_rows(rows: QueryBlocks) -> torch.Tensor:
+        # A tuple of blocks (capture_rows: whole step groups, ascending, so only the sequence's last
+        # block can be partial and it comes last): the region statistics per run of consecutive
+        # blocks, everything else at once.
+        row_max = torch.cat(
+            [
+                anchor_region_stats(
+                    q, k, block_q=block_q, block_k=block_k, scale=scale, causal=causal, q_blocks=run, **region
+                ).row_max
+                for run in _runs(rows)
+            ],
+            dim=-1,
         )
         # The anchor of a query block: the mean of its rows' maxima (a last partial block: its real rows).
-        maxima = torch.nn.functional.pad(stats.row_max, (0, len(rows) * block_q - stats.row_max.shape[-1]))
-        real_rows = torch.clamp(seq_q - torch.arange(rows.start, rows.stop, device=q.device) * block_q, max=block_q)
+        maxima = torch.nn.functional.pad(row_max, (0, len(rows) * block_q - row_max.shape[-1]))
+        blocks = torch.as_tensor(list(rows), dtype=torch.int64, device=q.device)
+        real_rows = torch.clamp(seq_q - blocks * block_q, max=block_q)
         anchors = maxima.view(batch, q_heads, len(rows), block_q).sum(-1) / real_rows
         stripes = block_max_logits(
-            pooled_q[:, :, rows.start : rows.stop],
+            query_block_rows(pooled_q.movedim(2, 0), rows).movedim(0, 2),
             k,
             block_k=block_k,
-            q_positions=block_ends[rows.start : rows.stop] if causal else None,
+            q_positions=query_block_rows(block_ends, rows) if causal else None,
         )
         selected = stripes >= (anchors - config.theta)[..., None]
         del stripes
@@ -164,4 +175,17 @@ def estimate(
         device=q.device,
         row_elements=batch * q_heads * 2 * n_kv,
         rows_multiple=config.step,
+        block_lists=True,
     )
+
+
+def _runs(rows: QueryBlocks) -> list[range]:
+    """``rows`` as maximal runs of consecutive ascending blocks (a range is one run)."""
+    if isinstance(rows, range):
+        return [rows]
+    runs, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            runs.append(range(rows[start], rows[i - 1] + 1))
+            start = i
+    return runs
