@@ -218,7 +218,9 @@ def test_anchor_captured_rows_are_its_rows(step, monkeypatch):
     k[:, :, 7] *= 4.0
     options = dict(block_q=8, block_k=8, **{**SMALL_REGION["anchor"], "step": step})
     whole = sa.estimate(q, k, "anchor", **options).to_mask()
-    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 1)
+    # Chunks of 12 query blocks (row_elements = 2 * 6 heads * 2 * 22 KV blocks): one call holds the
+    # groups of every captured block, runs of consecutive blocks with gaps between them.
+    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 2 * 6 * 2 * 22 * 12)
     blocks = (18, 0, 9, 3, 10)
     with capture_rows(blocks), pytest.raises(RowsCaptured) as captured:
         sa.estimate(q, k, "anchor", **options)

@@ -155,7 +155,7 @@ def test_capture_rows_gives_the_captured_rows_or_a_static_rules_whole_pattern(mo
     assert len(seen) == n_q and torch.equal(static.to_mask(), whole.to_mask())
 
 
-def test_block_lists_rule_is_called_once_with_the_captured_blocks(monkeypatch):
+def test_block_lists_rule_is_called_once_per_chunk_of_captured_blocks(monkeypatch):
     from sparse_attn.ops.block_rows import query_block_rows
     from sparse_attn.ops.to_pattern import RowsCaptured, capture_rows
 
@@ -169,19 +169,33 @@ def test_block_lists_rule_is_called_once_with_the_captured_blocks(monkeypatch):
     geometry = dict(batch=1, heads=2, seq_q=80, seq_k=80, block_q=8, block_k=16, causal=True, device="cpu")
     monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 1)
     whole = to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, **geometry)
+    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 9)  # chunks of 9 query blocks (of 10)
     seen.clear()
     with capture_rows((8, 1, 5)), pytest.raises(RowsCaptured) as captured:
         to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, **geometry)
     assert seen == [(8, 1, 5)]
     assert torch.equal(captured.value.mask, whole.to_mask()[:, :, [8, 1, 5]])
-    # Groups of 3 blocks: one call with the whole groups holding the captured blocks, ascending.
+    # Groups of 3 blocks: the whole groups holding the captured blocks, ascending, a chunk's worth a call.
     seen.clear()
     with capture_rows((8, 1, 5, 9)), pytest.raises(RowsCaptured) as captured:
         to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, rows_multiple=3, **geometry)
-    assert seen == [(0, 1, 2, 3, 4, 5, 6, 7, 8, 9)]
+    assert seen == [(0, 1, 2, 3, 4, 5, 6, 7, 8), (9,)]
     assert torch.equal(captured.value.mask, whole.to_mask()[:, :, [8, 1, 5, 9]])
     seen.clear()
     with capture_rows((9, 4)), pytest.raises(RowsCaptured) as captured:
         to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, rows_multiple=3, **geometry)
     assert seen == [(3, 4, 5, 9)]
     assert torch.equal(captured.value.mask, whole.to_mask()[:, :, [9, 4]])
+    # Calls hold at most a chunk's blocks (here 6, two groups): whole groups, never split.
+    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 6)
+    seen.clear()
+    with capture_rows((8, 1, 5, 9)), pytest.raises(RowsCaptured) as captured:
+        to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, rows_multiple=3, **geometry)
+    assert seen == [(0, 1, 2, 3, 4, 5), (6, 7, 8, 9)]
+    assert torch.equal(captured.value.mask, whole.to_mask()[:, :, [8, 1, 5, 9]])
+    monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 2)
+    seen.clear()
+    with capture_rows((8, 1, 5)), pytest.raises(RowsCaptured) as captured:
+        to_pattern.stream_pattern(mask_rows, row_elements=1, block_lists=True, **geometry)
+    assert seen == [(8, 1), (5,)]
+    assert torch.equal(captured.value.mask, whole.to_mask()[:, :, [8, 1, 5]])

@@ -272,7 +272,7 @@ def stream_pattern(
     a call per captured block (on an H200 at 1M tokens ``streaming``'s whole pattern took
     3.1 ms, its sixteen captured blocks 14-23 ms, all launch overhead). ``block_lists``:
     ``mask_rows`` also takes a tuple of query blocks; under :func:`capture_rows` it is then
-    called once instead of once per captured block (HiP's tree search made ~350 launches per
+    called once (once per chunk's worth of blocks) instead of once per captured block (HiP's tree search made ~350 launches per
     call: 198 ms for sixteen blocks at 1M tokens, 10 ms of it on the GPU). With ``rows_multiple``
     1 the tuple is the captured blocks in their order; otherwise it is the whole groups holding
     them, ascending (so only its last group can be short: the sequence's last).
@@ -290,15 +290,26 @@ def stream_pattern(
     rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, row_elements * rows_multiple)) * rows_multiple
     captured = _captured_blocks(builder.n_q)
     if captured is not None and rows_per_chunk < builder.n_q and not static:  # several chunks: captured blocks only
-        if block_lists:
-            if rows_multiple == 1:
-                mask = mask_rows(captured).expand(batch, heads, len(captured), builder.n_kv)
-                raise RowsCaptured(builder.row_rules(mask, captured), captured)
+        if block_lists:  # calls of at most one chunk's blocks (the working set of a chunk)
             starts = sorted({block - block % rows_multiple for block in captured})
-            blocks = tuple(b for start in starts for b in range(start, min(builder.n_q, start + rows_multiple)))
-            mask = mask_rows(blocks).expand(batch, heads, len(blocks), builder.n_kv)
-            where = torch.as_tensor([blocks.index(block) for block in captured], device=mask.device)
-            raise RowsCaptured(builder.row_rules(mask.index_select(2, where), captured), captured)
+            groups = [tuple(range(start, min(builder.n_q, start + rows_multiple))) for start in starts]
+            if rows_multiple == 1:
+                groups = [(block,) for block in captured]  # the captured order
+            calls, current = [], ()
+            for group in groups:
+                if current and len(current) + len(group) > rows_per_chunk:
+                    calls.append(current)
+                    current = ()
+                current += group
+            calls.append(current)
+            mask = torch.cat(
+                [mask_rows(blocks).expand(batch, heads, len(blocks), builder.n_kv) for blocks in calls], dim=2
+            )
+            blocks = tuple(block for call in calls for block in call)
+            if blocks != captured:
+                where = torch.as_tensor([blocks.index(block) for block in captured], device=mask.device)
+                mask = mask.index_select(2, where)
+            raise RowsCaptured(builder.row_rules(mask, captured), captured)
         pieces = []
         for block in captured:  # each in its group of rows_multiple blocks, as the chunks see it
             start = block - block % rows_multiple
