@@ -33,3 +33,17 @@ def test_static_masks_query_block_ranges_are_rows_of_the_whole(causal):
         assert torch.equal(block_distance(*geometry, q_blocks=rows), whole_distance[start:stop])
         part = sink_local_block_mask(*geometry, sink_blocks=2, local_blocks=3, causal=causal, q_blocks=rows)
         assert torch.equal(part, whole[start:stop])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_rows_of_a_tuple_of_query_blocks_are_rows_of_the_whole(causal):
+    """Any query blocks, in any order (capture_rows' tuples): the whole table's rows."""
+    picked = (6, 0, 3, 6)
+    geometry = (100, 130, 16, 16)
+    whole = sink_local_block_mask(*geometry, sink_blocks=1, local_blocks=2, causal=causal)
+    part = sink_local_block_mask(*geometry, sink_blocks=1, local_blocks=2, causal=causal, q_blocks=picked)
+    assert torch.equal(part, whole[list(picked)])
+    distance = block_distance(*geometry)
+    assert torch.equal(block_distance(*geometry, q_blocks=picked), distance[list(picked)])
+    with pytest.raises(ValueError, match="q_blocks"):
+        block_distance(*geometry, q_blocks=(7,))
