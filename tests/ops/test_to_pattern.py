@@ -16,6 +16,8 @@ from sparse_attn.ops.block_rows import (
     diagonal_block_rows,
     diagonal_block_rows_at,
     query_block_chunks,
+    query_block_index,
+    query_block_rows,
 )
 from sparse_attn.ops.to_pattern import PatternBuilder
 from sparse_attn.pattern import BlockSparsePattern
@@ -96,6 +98,22 @@ def test_block_rows_are_rows_of_the_geometry_tables(seq_q, extra, block_q, block
     picked = tuple(random.Random(seq_q * 31 + extra).choices(range(n_q), k=5))  # any order, repeats
     assert torch.equal(causal_block_rows_at(seq_q, seq_k, block_q, block_k, picked), causal[list(picked)])
     assert torch.equal(diagonal_block_rows_at(seq_q, seq_k, block_q, block_k, picked), diagonal[list(picked)])
+    # The range/tuple functions dispatch a tuple to the _at rule.
+    assert torch.equal(causal_block_rows(seq_q, seq_k, block_q, block_k, picked), causal[list(picked)])
+    assert torch.equal(diagonal_block_rows(seq_q, seq_k, block_q, block_k, picked), diagonal[list(picked)])
+
+
+def test_query_block_index_and_rows_along_a_dim():
+    assert query_block_index(range(3, 7)).tolist() == [3, 4, 5, 6]
+    assert query_block_index((5, 1, 5)).tolist() == [5, 1, 5]
+    table = torch.arange(2 * 3 * 6).view(2, 3, 6)
+    assert torch.equal(query_block_rows(table, range(2, 5), dim=2), table[:, :, 2:5])
+    assert torch.equal(query_block_rows(table, (4, 0), dim=2), table[:, :, [4, 0]])
+    assert torch.equal(query_block_rows(table, (1,), dim=1), table[:, [1]])
+    with pytest.raises(ValueError, match="q_blocks"):
+        query_block_rows(table, (6,), dim=2)
+    with pytest.raises(ValueError, match="q_blocks"):
+        query_block_rows(table, range(4, 7), dim=2)
 
 
 def test_rows_multiple_gives_chunks_of_whole_groups(monkeypatch):
@@ -156,7 +174,6 @@ def test_capture_rows_gives_the_captured_rows_or_a_static_rules_whole_pattern(mo
 
 
 def test_block_lists_rule_is_called_once_per_chunk_of_captured_blocks(monkeypatch):
-    from sparse_attn.ops.block_rows import query_block_rows
     from sparse_attn.ops.to_pattern import RowsCaptured, capture_rows
 
     table = torch.rand(1, 2, 10, 5, generator=torch.Generator().manual_seed(4)) < 0.5
@@ -164,7 +181,7 @@ def test_block_lists_rule_is_called_once_per_chunk_of_captured_blocks(monkeypatc
 
     def mask_rows(rows) -> torch.Tensor:
         seen.append(rows)
-        return query_block_rows(table.movedim(2, 0), rows).movedim(0, 2)
+        return query_block_rows(table, rows, dim=2)
 
     geometry = dict(batch=1, heads=2, seq_q=80, seq_k=80, block_q=8, block_k=16, causal=True, device="cpu")
     monkeypatch.setattr(to_pattern, "CHUNK_ELEMENTS", 1)

@@ -53,7 +53,7 @@ from ..checks import check_int
 from ..geometry import num_blocks, own_kv_block_span, query_block_positions
 from ..ops.anchor_region import anchor_region_stats, region_blocks
 from ..ops.block_max import block_max_logits
-from ..ops.block_rows import QueryBlocks, query_block_rows
+from ..ops.block_rows import QueryBlocks, query_block_index, query_block_rows
 from ..ops.pooling import mean_pool_blocks
 from ..ops.static_masks import check_token_window, token_window_mask
 from ..ops.to_pattern import stream_pattern
@@ -88,7 +88,7 @@ def step_group_region(
     """
     first, last = own_kv_block_span(seq_q, seq_k, block_q, block_k, device)
     n_q = num_blocks(seq_q, block_q)
-    block = torch.as_tensor(list(rows), dtype=torch.int64, device=device)
+    block = query_block_index(rows, device)
     group_first = first[(block // step) * step]
     group_last = last[torch.clamp((block // step + 1) * step, max=n_q) - 1]
     kv_block = torch.arange(num_blocks(seq_k, block_k), device=device)[None, :]
@@ -132,11 +132,11 @@ def estimate(
         )
         # The anchor of a query block: the mean of its rows' maxima (a last partial block: its real rows).
         maxima = torch.nn.functional.pad(row_max, (0, len(rows) * block_q - row_max.shape[-1]))
-        blocks = torch.as_tensor(list(rows), dtype=torch.int64, device=q.device)
+        blocks = query_block_index(rows, q.device)
         real_rows = torch.clamp(seq_q - blocks * block_q, max=block_q)
         anchors = maxima.view(batch, q_heads, len(rows), block_q).sum(-1) / real_rows
         stripes = block_max_logits(
-            query_block_rows(pooled_q.movedim(2, 0), rows).movedim(0, 2),
+            query_block_rows(pooled_q, rows, dim=2),
             k,
             block_k=block_k,
             q_positions=query_block_rows(block_ends, rows) if causal else None,

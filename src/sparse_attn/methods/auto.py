@@ -132,6 +132,7 @@ from ..geometry import num_blocks, query_block_positions
 from ..ops._chunking import CHUNK_ELEMENTS
 from ..ops._dispatch import kernel_for
 from ..ops._shared_scores import shared_scores
+from ..ops.block_rows import query_block_index
 from ..ops.gqa import gqa_group, grouped_matmul, head_chunks, kv_heads_of
 from ..ops.last_query_probe import block_sum
 from ..ops.to_pattern import RowsCaptured, capture_rows
@@ -365,7 +366,7 @@ def probe_block_mass(
 def pattern_rows(pattern: BlockSparsePattern, query_blocks: Sequence[int]) -> torch.Tensor:
     """``pattern``'s rows for ``query_blocks`` as a bool mask ``(B', H', len(query_blocks), n_kv_blocks)``
     (its own batch and heads; only those rows are expanded)."""
-    rows = torch.as_tensor(list(query_blocks), dtype=torch.long, device=pattern.kv_counts.device)
+    rows = query_block_index(tuple(query_blocks), pattern.kv_counts.device)
     counts, indices = pattern.kv_counts[:, :, rows], pattern.kv_indices[:, :, rows].long()
     n_kv = pattern.num_kv_blocks
     used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
@@ -573,7 +574,7 @@ def _valid_per_row(geometry: dict, query_blocks: Sequence[int]) -> torch.Tensor:
     counted without building the mask)."""
     seq_q, seq_k, block_q, block_k = (geometry[key] for key in ("seq_q", "seq_k", "block_q", "block_k"))
     _, last = query_block_positions(seq_q, seq_k, block_q)
-    last = last[torch.as_tensor(list(query_blocks), dtype=torch.int64)]
+    last = last[query_block_index(tuple(query_blocks), last.device)]
     return torch.clamp(torch.div(last, block_k, rounding_mode="floor") + 1, min=0, max=num_blocks(seq_k, block_k))
 
 

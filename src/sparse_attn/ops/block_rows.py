@@ -22,6 +22,7 @@ __all__ = [
     "diagonal_block_rows_at",
     "query_block_range",
     "query_block_chunks",
+    "query_block_index",
     "query_block_rows",
     "QueryBlocks",
 ]
@@ -40,16 +41,26 @@ def query_block_range(n_q: int, q_blocks: range | None) -> range:
     return q_blocks
 
 
-def query_block_rows(table: torch.Tensor, q_blocks: QueryBlocks | None, n_q: int | None = None) -> torch.Tensor:
-    """``table``'s rows (dim 0: one per query block) for ``q_blocks`` (a range, a tuple of block
-    numbers, or None: all), checked against ``n_q`` query blocks (default ``table.shape[0]``)."""
-    n_q = table.shape[0] if n_q is None else n_q
+def query_block_index(q_blocks: QueryBlocks, device=None) -> torch.Tensor:
+    """The block numbers of ``q_blocks`` as an int64 tensor on ``device``: a range is made there
+    (no host-to-device copy on the streaming path), a tuple is copied once."""
+    if isinstance(q_blocks, range):
+        return torch.arange(q_blocks.start, q_blocks.stop, q_blocks.step, dtype=torch.int64, device=device)
+    return torch.as_tensor(q_blocks, dtype=torch.int64, device=device)
+
+
+def query_block_rows(
+    table: torch.Tensor, q_blocks: QueryBlocks | None, n_q: int | None = None, dim: int = 0
+) -> torch.Tensor:
+    """``table``'s rows along ``dim`` (one per query block) for ``q_blocks`` (a range, a tuple of
+    block numbers, or None: all), checked against ``n_q`` query blocks (default ``table.shape[dim]``)."""
+    n_q = table.shape[dim] if n_q is None else n_q
     if isinstance(q_blocks, tuple):
         if not q_blocks or not all(isinstance(b, int) and 0 <= b < n_q for b in q_blocks):
             raise ValueError(f"q_blocks must be block numbers within [0, {n_q}), got {q_blocks}")
-        return table[torch.as_tensor(q_blocks, dtype=torch.int64, device=table.device)]
+        return table.index_select(dim, query_block_index(q_blocks, table.device))
     rows = query_block_range(n_q, q_blocks)
-    return table[rows.start : rows.stop]
+    return table.narrow(dim, rows.start, len(rows))
 
 
 def query_block_chunks(n_q: int, rows_per_chunk: int) -> list[range]:
@@ -77,18 +88,27 @@ def _padded_to(table: torch.Tensor, n_kv: int) -> torch.Tensor:
     return F.pad(table, (0, n_kv - table.shape[-1]), value=False)
 
 
-def causal_block_rows(seq_q: int, seq_k: int, block_q: int, block_k: int, rows: range, device=None) -> torch.Tensor:
+def causal_block_rows(
+    seq_q: int, seq_k: int, block_q: int, block_k: int, rows: QueryBlocks, device=None
+) -> torch.Tensor:
     """``causal_block_mask(...)[rows]``, bool ``(len(rows), n_kv_blocks)``, without the other rows.
 
-    KV blocks past the rows' last query are invalid for them: the shorter call's table lacks
-    them and they are padded back as False.
+    A range: KV blocks past the rows' last query are invalid for them, so the shorter call's
+    table lacks them and they are padded back as False. A tuple: :func:`causal_block_rows_at`.
     """
+    if isinstance(rows, tuple):
+        return causal_block_rows_at(seq_q, seq_k, block_q, block_k, rows, device)
     sub_q, sub_k = _sub_call(seq_q, seq_k, block_q, rows)
     return _padded_to(causal_block_mask(sub_q, sub_k, block_q, block_k, device), num_blocks(seq_k, block_k))
 
 
-def diagonal_block_rows(seq_q: int, seq_k: int, block_q: int, block_k: int, rows: range, device=None) -> torch.Tensor:
-    """``diagonal_block_mask(...)[rows]``, bool ``(len(rows), n_kv_blocks)``, without the other rows."""
+def diagonal_block_rows(
+    seq_q: int, seq_k: int, block_q: int, block_k: int, rows: QueryBlocks, device=None
+) -> torch.Tensor:
+    """``diagonal_block_mask(...)[rows]``, bool ``(len(rows), n_kv_blocks)``, without the other rows
+    (a tuple: :func:`diagonal_block_rows_at`)."""
+    if isinstance(rows, tuple):
+        return diagonal_block_rows_at(seq_q, seq_k, block_q, block_k, rows, device)
     sub_q, sub_k = _sub_call(seq_q, seq_k, block_q, rows)
     return _padded_to(diagonal_block_mask(sub_q, sub_k, block_q, block_k, device), num_blocks(seq_k, block_k))
 
@@ -98,7 +118,7 @@ def _positions_at(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """First and last absolute position of query blocks ``blocks`` (any order), int64 ``(len(blocks),)``."""
     first, last = query_block_positions(seq_q, seq_k, block_q, device)
-    index = torch.as_tensor(list(blocks), dtype=torch.int64, device=first.device)
+    index = query_block_index(tuple(blocks), first.device)
     return first[index], last[index]
 
 

@@ -59,9 +59,7 @@ from ..pattern import BlockSparsePattern
 from ._chunking import CHUNK_ELEMENTS
 from .block_rows import (
     causal_block_rows,
-    causal_block_rows_at,
     diagonal_block_rows,
-    diagonal_block_rows_at,
     query_block_chunks,
     query_block_range,
 )
@@ -183,10 +181,10 @@ class PatternBuilder:
     def _rule_rows(self, rows: range | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """The causal rule's valid and diagonal rows for query blocks ``rows``."""
         geometry = (self.seq_q, self.seq_k, self.block_q, self.block_k, rows, self.device)
-        if isinstance(rows, range):
+        if isinstance(rows, range):  # streamed once each: not worth keeping
             return causal_block_rows(*geometry), diagonal_block_rows(*geometry)
-        if rows not in self._rules_at:
-            self._rules_at[rows] = (causal_block_rows_at(*geometry), diagonal_block_rows_at(*geometry))
+        if rows not in self._rules_at:  # captured rows: the same tuples come back for every head chunk
+            self._rules_at[rows] = (causal_block_rows(*geometry), diagonal_block_rows(*geometry))
         return self._rules_at[rows]
 
     def _write(self, mask: torch.Tensor, rows: range, heads: range) -> None:

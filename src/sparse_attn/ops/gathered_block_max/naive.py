@@ -6,6 +6,7 @@ import torch
 
 from ...geometry import num_blocks
 from .._chunking import CHUNK_ELEMENTS
+from ..block_rows import query_block_index
 
 __all__ = ["gathered_block_max"]
 
@@ -55,7 +56,7 @@ def _piece_max(
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     rows, chunks = units.shape[2:]
-    first_rows = torch.as_tensor(list(blocks), dtype=torch.int64, device=q.device) * block_q
+    first_rows = query_block_index(blocks, q.device) * block_q
     query_index = (first_rows[:, None] + torch.arange(block_q, device=q.device)).flatten().clamp(max=seq_q - 1)
     q_rows = q[:, :, query_index].float().view(batch, q_heads, rows, block_q, dim)
     key_index = units.clamp(0, num_blocks(seq_k, block_k) - 1)[..., None] * block_k

@@ -8,7 +8,7 @@ import torch
 
 from ...geometry import num_blocks
 from .._chunking import CHUNK_ELEMENTS
-from ..block_rows import QueryBlocks, causal_block_rows, causal_block_rows_at, query_block_range, query_block_rows
+from ..block_rows import QueryBlocks, causal_block_rows, query_block_range, query_block_rows
 from ..gqa import grouped_matmul, kv_heads_of
 
 __all__ = ["PooledBlocks", "block_softmax", "mean_pool_blocks"]
@@ -82,11 +82,10 @@ class PooledBlocks:
         rows = q_blocks if isinstance(q_blocks, tuple) else query_block_range(self.q.shape[2], q_blocks)
         heads = range(self.q.shape[1]) if heads is None else heads
         group = self.q.shape[1] // self.k.shape[1]
-        pooled_q = query_block_rows(self.q[:, heads.start : heads.stop].movedim(2, 0), rows).movedim(0, 2)
+        pooled_q = query_block_rows(self.q[:, heads.start : heads.stop], rows, dim=2)
         logits = grouped_matmul(pooled_q, self.k[:, kv_heads_of(heads, group)]) * scale
         if causal:
-            rule = causal_block_rows_at if isinstance(rows, tuple) else causal_block_rows
-            valid = rule(self.seq_q, self.seq_k, self.block_q, self.block_k, rows, self.q.device)
+            valid = causal_block_rows(self.seq_q, self.seq_k, self.block_q, self.block_k, rows, self.q.device)
             logits = logits.masked_fill(~valid, float("-inf"))
         return logits
 

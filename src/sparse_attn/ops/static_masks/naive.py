@@ -15,7 +15,7 @@ import torch
 
 from ...checks import check_int
 from ...geometry import num_blocks, own_kv_block_span
-from ..block_rows import QueryBlocks, causal_block_rows, causal_block_rows_at, query_block_range, query_block_rows
+from ..block_rows import QueryBlocks, causal_block_rows, query_block_range, query_block_rows
 
 __all__ = [
     "block_distance",
@@ -74,8 +74,7 @@ def sink_local_block_mask(
     kv_block = torch.arange(distance.shape[1], device=device)
     mask = (distance < local_blocks) | (kv_block < sink_blocks)[None, :]
     if causal:
-        valid = causal_block_rows_at if isinstance(rows, tuple) else causal_block_rows
-        mask &= valid(seq_q, seq_k, block_q, block_k, rows, device)
+        mask &= causal_block_rows(seq_q, seq_k, block_q, block_k, rows, device)
     return mask
 
 
