@@ -22,7 +22,11 @@ sequence of the batch at the stated context. Per (context, batch):
   the H200's HBM3e peak from its data sheet; issue 17 measured about 4.3 TB/s in practice).
 
 Page sizes 16 / 32 / 64 are compared at one configuration (``--page-config``, default 128K
-context, batch 8, budget 2048); the rest of the grid uses 16-token pages. Pages are laid out
+context, batch 8, budget 2048; quest at each of ``--levels``); the rest of the grid uses
+16-token pages. Beside the wall-clock timings, the profiler's kernel times of the selection and
+of the attention (``select_kernel_us``, ``attend_kernel_us``: GPU time only, no launch gaps or
+graph replay cost; ``--no-kernel-times`` skips them) give ``select_share_kernel``, the
+selection's share of the step's GPU time. Pages are laid out
 in order in the pool (a freshly prefilled cache). The selection runs as a sparse layer does
 (past the method's dense layers). Double Sparsity's label channels are the first ``D // 16``
 channels (speed does not depend on which); ``tidaldecode``'s reuse layers cost what
@@ -110,6 +114,24 @@ def measure(fn, device, *, graph: bool = False) -> tuple[float | None, str | Non
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
 
+def kernel_us(fn, calls: int = 20) -> tuple[float | None, str | None]:
+    """``(mean GPU kernel time per call in microseconds, None)`` of ``fn`` from the PyTorch
+    profiler (every kernel, memset and copy it launches, summed; no launch gaps or graph replay
+    overhead), or ``(None, error line)``. The first call (autotuning, compiles) is not profiled."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        return sum(event.self_device_time_total for event in prof.key_averages()) / calls, None
+    except Exception as error:
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
 def dense_baselines(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, device, *, graphs: bool
 ) -> dict:
@@ -181,8 +203,9 @@ def overlap(selection, reference) -> float:
 
 
 def sparse_row(
-    name: str, budget: int, q, cache, dense: dict, peak_tbps: float, device, *, graphs: bool, levels: int = 1
-) -> dict:
+    name: str, budget: int, q, cache, dense: dict, peak_tbps: float, device, *, graphs: bool, levels: int = 1,
+    kernel_times: bool = True,
+) -> dict:  # fmt: skip
     """One method at one budget: selection, attention and step times (eager and graphed), bytes read and floors."""
     method = get_decode_method(name)
     options = {"token_budget": budget, **({"levels": levels} if name == "quest" else {})}
@@ -213,6 +236,13 @@ def sparse_row(
         if all(parts):
             row[f"other{suffix}_ms"] = parts[2] - parts[0] - parts[1]
             row[f"select_share{suffix}"] = parts[0] / parts[2]
+    if kernel_times:
+        for key in ("select", "attend"):
+            row[f"{key}_kernel_us"], error = kernel_us(timings[key])
+            if error:
+                row["errors"][f"{key}_kernel"] = error
+        if row.get("select_kernel_us") is not None and row.get("attend_kernel_us"):
+            row["select_share_kernel"] = row["select_kernel_us"] / (row["select_kernel_us"] + row["attend_kernel_us"])
     if name == "quest" and levels == 2:
         one_level = _select(method, method.make_config(token_budget=budget), q, cache)
         row["same_as_1_level"] = overlap(selection, one_level)
@@ -235,7 +265,7 @@ def sparse_row(
 
 def run_config(
     seq: int, batch: int, budgets, methods, page_sizes, peak_tbps: float, device, *, graphs: bool,
-    levels=(1,), super_page: int = 16,
+    levels=(1,), super_page: int = 16, kernel_times: bool = True,
 ) -> list[dict]:  # fmt: skip
     """Every row of one (context, batch): dense baselines, then each page size x method x budget."""
     need = 2 * seq * batch * KV_HEADS * HEAD_DIM * 2 * BYTES  # contiguous K/V + the pages
@@ -265,7 +295,10 @@ def run_config(
         for name in methods:
             for level in levels if name == "quest" else (1,):
                 for budget in budgets:
-                    row = sparse_row(name, budget, q, cache, dense, peak_tbps, device, graphs=graphs, levels=level)
+                    row = sparse_row(
+                        name, budget, q, cache, dense, peak_tbps, device, graphs=graphs, levels=level,
+                        kernel_times=kernel_times,
+                    )  # fmt: skip
                     rows.append({**base, **row})
                     print(format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
         del cache
@@ -300,6 +333,9 @@ COLUMNS = [
     ("step_graph_vs_cudnn", "graph step / cuDNN", ".3f"),
     ("step_graph_vs_cudnn_graph", "graph step / cuDNN graph", ".3f"),
     ("select_share_graph", "graph select / step", ".2f"),
+    ("select_kernel_us", "select kernels us", ".1f"),
+    ("attend_kernel_us", "attend kernels us", ".1f"),
+    ("select_share_kernel", "kernel select / (select + attend)", ".2f"),
     ("same_as_1_level", "same as 1 level", ".2f"),
     ("tokens_read", "tokens read", ".0f"),
 ]
@@ -321,6 +357,7 @@ def main() -> None:
     parser.add_argument("--oversample", type=int, default=2, help="two-level quest's oversample option")
     parser.add_argument("--quick", action="store_true", help="32K and 128K, batch 8, budget 2048, quest, page 16")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
+    parser.add_argument("--no-kernel-times", action="store_true", help="skip the profiler's kernel times")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     OVERSAMPLE[0] = args.oversample
@@ -340,13 +377,14 @@ def main() -> None:
         for batch in args.batches:
             rows += run_config(
                 seq, batch, args.budgets, args.methods, [16], args.peak_tbps, device, graphs=not args.no_graphs,
-                levels=args.levels, super_page=args.super_page,
+                levels=args.levels, super_page=args.super_page, kernel_times=not args.no_kernel_times,
             )  # fmt: skip
     if set(args.page_sizes) - {16}:
         sweep = sorted(set(args.page_sizes) - {16})
         rows += run_config(
-            page_seq, page_batch, [page_budget], ["quest"], sweep, args.peak_tbps, device, graphs=not args.no_graphs
-        )
+            page_seq, page_batch, [page_budget], ["quest"], sweep, args.peak_tbps, device, graphs=not args.no_graphs,
+            levels=args.levels, super_page=args.super_page, kernel_times=not args.no_kernel_times,
+        )  # fmt: skip
     print()
     print(format_table(rows, COLUMNS))
     for row in rows:

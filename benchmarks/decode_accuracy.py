@@ -17,7 +17,8 @@ decode (every page, through the same paged kernel) is the reference. Two measure
   same inputs until then).
 
 Variants: ``--methods`` names decode methods, optionally with options after a colon
-(``quest:levels=2``, ``quest:levels=2,oversample=4``); each runs at every ``--budgets`` value.
+(``quest:levels=2``, ``quest:levels=2,oversample=4``); each runs at every ``--budgets`` value,
+over a cache of ``--page-size`` (16) tokens per page.
 On CUDA the model runs in bfloat16, elsewhere in float32 (slow: keep lengths short).
 Writes JSON to ``--output`` (default ``benchmarks/results/<device>/decode_accuracy.json``).
 
@@ -59,9 +60,12 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, options
 
 
+PAGE_SIZE = [16]  # --page-size
+
+
 def prefill(model, input_ids: torch.Tensor, *, calibrate: bool):
     """A fresh paged cache after the prompt (calibrated first for Double Sparsity), and the first greedy token."""
-    cache = SparseDecodeCache(model)
+    cache = SparseDecodeCache(model, page_size=PAGE_SIZE[0])
     if calibrate:
         cache.calibrate(input_ids)
     keyword = {cache_keyword(model): cache}
@@ -121,6 +125,7 @@ def main() -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="method[:key=value,...]")
     parser.add_argument("--budgets", type=int, nargs="+", default=[4096])
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per page of the paged cache")
     parser.add_argument("--agreement-tokens", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="Gemma 3 270M at 16K, depth 0.5, budget 4096")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,6 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.model, args.length, args.depths, args.budgets = "gemma3-270m", 16384, [0.5], [4096]
+    PAGE_SIZE[0] = args.page_size
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tokenizer = sa.models.load(args.model, dtype=dtype, device=device)
@@ -202,6 +208,7 @@ def main() -> None:
     print(format_table(summary, columns))
     out = args.output or Path(__file__).parent / "results" / device_slug(device) / "decode_accuracy.json"
     meta = {"benchmark": "decode_accuracy", "model": args.model, "length": args.length, "dtype": str(dtype)}
+    meta["page_size"] = args.page_size
     meta.update(summary=summary, agreement=agreement_rows, **environment(device))
     write_results(rows, out, meta)
     print(f"wrote {out}")
