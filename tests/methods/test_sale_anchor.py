@@ -274,17 +274,20 @@ def test_sale_threshold_is_a_relative_attention_score():
 
 @pytest.mark.parametrize("method", ["sale", "anchor"])
 def test_kernels_give_the_reference_pattern(method, monkeypatch):
-    # The estimators' block maxima and region statistics through the Triton kernels (interpreter)
-    # instead of the references.
+    # The estimators' block maxima (anchor), block margins (sale) and region statistics through
+    # the Triton kernels (interpreter) instead of the references.
     import sparse_attn.ops.anchor_region as anchor_region
     import sparse_attn.ops.block_max as block_max
+    import sparse_attn.ops.lowbit_block_margin as lowbit_block_margin
     from sparse_attn.ops.anchor_region import triton as anchor_region_triton
     from sparse_attn.ops.block_max import triton as block_max_triton
+    from sparse_attn.ops.lowbit_block_margin import triton as margin_triton
 
     q, k, _ = planted_qkv(PlantedSpec(needle_shared_by_group=True, seq_q=192, seq_k=256, vertical_position=100))
     options = dict(block_q=16, block_k=16, **SMALL_REGION[method], **({"theta": 8.0} if method == "anchor" else {}))
     reference = sa.estimate(q, k, method, **options)
     monkeypatch.setattr(block_max, "kernel_for", lambda *args, **kwargs: block_max_triton)
+    monkeypatch.setattr(lowbit_block_margin, "kernel_for", lambda *args, **kwargs: margin_triton)
     monkeypatch.setattr(anchor_region, "kernel_for", lambda *args, **kwargs: anchor_region_triton)
     fused = sa.estimate(q, k, method, **options)
     assert torch.equal(reference.to_mask(), fused.to_mask())

@@ -22,7 +22,7 @@ def test_operator_kernels_compile_for_sm90():
         "mask_lists", "lowbit_absmax", "lowbit_encode", "selection_mass", "antidiagonal_tma_bf16",
         "antidiagonal_tma_fp8", "vertical_slash_blocks", "block_max_split", "block_max_d256",
         "gathered_block_max_bf16", "gathered_block_max_d256",
-        "anchor_region_bf16", "anchor_region_d256",
+        "anchor_region_bf16", "anchor_region_d256", "lowbit_margin_int8", "lowbit_margin_fp8_d256",
     }  # fmt: skip
     for name, result in results.items():
         assert result["returncode"] == 0, (name, result["report"])
@@ -31,6 +31,9 @@ def test_operator_kernels_compile_for_sm90():
     assert results["antidiagonal_tma_bf16"]["ptx_has"]["cp.async.bulk.tensor"]
     assert results["antidiagonal_tma_fp8"]["ptx_has"]["cp.async.bulk.tensor"]
     assert results["lowbit_encode"]["ptx_has"]["cvt.rn.satfinite.e4m3x2.f32"]
+    # SALE's margins come from the 8-bit codes' own tensor-core products (warpgroup MMA).
+    assert results["lowbit_margin_int8"]["ptx_has"]["wgmma"]
+    assert results["lowbit_margin_fp8_d256"]["ptx_has"]["wgmma"]
     # The scoring epilogue's exponentials: two per half-precision instruction.
     assert results["antidiagonal_tma_bf16"]["ptx_has"]["ex2.approx.f16x2"]
 

@@ -44,6 +44,7 @@ def main() -> dict:
     from sparse_attn.ops.block_max import triton as block_max
     from sparse_attn.ops.gathered_block_max import triton as gathered_block_max
     from sparse_attn.ops.lowbit import triton as lowbit
+    from sparse_attn.ops.lowbit_block_margin import triton as lowbit_block_margin
     from sparse_attn.ops.mask_lists import triton as mask_lists
     from sparse_attn.ops.selection import triton as selection
     from sparse_attn.ops.vertical_slash_blocks import triton as vertical_slash_blocks
@@ -58,6 +59,15 @@ def main() -> dict:
     gathered_pointers = {"Units": "*i64", "Present": "*u8", "Out": "*fp32", "QBlocks": "*i32"}
     region = dict(BLOCK_M=64, BLOCK_N=64, CAUSAL=True, DOT_FP32=False, PRECISION="tf32")
     region_pointers = {"RowMax": "*fp32", "RowLse": "*fp32", "scale": "fp32"}
+    margin_pointers = {
+        "QS": "*fp32",
+        "Thr": "*fp32",
+        "KS": "*fp32",
+        "Bias": "*fp32",
+        "Positions": "*i64",
+        "Out": "*fp32",
+    }
+    margin = dict(BLOCK_M=128, BLOCK_N=128, DOT_FP32=False, HAS_POSITIONS=True, HAS_BIAS=True)
     cases = {
         "anchor_region_bf16": (
             anchor_region._region_stats, {"Q": "*bf16", "K": "*bf16", **region_pointers},
@@ -82,6 +92,14 @@ def main() -> dict:
         "block_max_d256": (
             block_max._block_max_kernel, {"Q": "*bf16", "K": "*bf16", **block_max_pointers},
             dict(block_max_flags, HEAD_DIM=256, BLOCK_M=64, MODE=1, HAS_BIAS=True, HAS_SCALE=True), 8,
+        ),
+        "lowbit_margin_int8": (
+            lowbit_block_margin._margin_kernel, {"QC": "*i8", "KC": "*i8", **margin_pointers},
+            dict(margin, HEAD_DIM=128), 8,
+        ),
+        "lowbit_margin_fp8_d256": (
+            lowbit_block_margin._margin_kernel, {"QC": "*fp8e4nv", "KC": "*fp8e4nv", **margin_pointers},
+            dict(margin, HEAD_DIM=256), 8,
         ),
         "mask_lists": (mask_lists._row_lists, {"Mask": "*u8", "Columns": "*i32"}, dict(BLOCK=1024), 4),
         "vertical_slash_blocks": (
@@ -113,7 +131,8 @@ def main() -> dict:
     results = {}
     for name, (fn, signature, constexprs, warps) in cases.items():
         returncode, report, ptx = compile_for_sm90(fn, signature, constexprs, warps)
-        has = {key: key in ptx for key in ("cp.async.bulk.tensor", "cvt.rn.satfinite.e4m3x2.f32", "ex2.approx.f16x2")}
+        keys = ("cp.async.bulk.tensor", "cvt.rn.satfinite.e4m3x2.f32", "ex2.approx.f16x2", "wgmma")
+        has = {key: key in ptx for key in keys}
         results[name] = {"returncode": returncode, "report": report, "ptx_has": has}
     return results
 

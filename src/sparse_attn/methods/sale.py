@@ -32,24 +32,26 @@ keys). Choices where the paper leaves room or where this engine differs:
 - Quantisation scales are per token. The released kernel's default groups a few tokens per
   scale (a per-warp layout of its int4 tensor-core fragments); per-token scales are the finer
   of the two modes it offers, so this estimate is slightly more accurate than the kernel's.
-- The quantisation is emulated (:mod:`sparse_attn.ops.lowbit`): codes are stored at low
-  precision (int8 holding int4 values, or fp8), but the products are not integer or fp8
-  tensor-core products. Off CUDA they are float32 matmuls; on CUDA the block-max kernel
-  (:mod:`sparse_attn.ops.block_max`) takes the codes as bfloat16 (exact) against the
-  dequantised queries split into two bfloat16 parts, so the block scores are those of the
-  paper's arithmetic (to about ``2^-17`` relative), not its speed: every query-key pair is
-  still scored, which on an H200 at 128K took 1.42 s, 5.4 times dense attention (fourteenth
-  session, ``benchmarks/results/h200/estimators_s31d_128k.json``). The paper's int4
-  tensor-core kernel (about 11 % of dense time, as it reports) is not included; Hopper has no
-  int4 tensor cores, and at fp8's rate scoring every pair is about a quarter of dense
-  attention's product work, so no kernel of this rule can reach a 5 % budget there.
+- The codes are stored at low precision (int8 holding int4 values, or fp8). Off CUDA the
+  products are float32 matmuls of the dequantised rows against the codes; on CUDA
+  (:mod:`sparse_attn.ops.lowbit_block_margin`) they are the codes' own tensor-core products
+  (int8 x int8 summed in int32, which is exact for int4 codes; fp8 x fp8 summed in float32),
+  scaled per token afterwards, and only one value per block pair leaves the kernel: the
+  largest margin of a pair's estimated logit over its row's threshold. Hopper has no int4
+  tensor cores, so the int4 codes go through the int8 ones, at twice the bfloat16 rate: every
+  query-key pair is still scored, about a quarter of dense attention's product work, so no
+  kernel of this rule reaches a 5 % budget there (the paper's int4 kernel on other GPUs
+  reports about 11 % of dense time). Before this kernel the block maxima were bfloat16
+  products of a two-part split of the dequantised queries with every row's maximum written
+  out: 1.42 s at 128K on an H200, 5.4 times dense attention (fourteenth session,
+  ``benchmarks/results/h200/estimators_s31d_128k.json``).
 - With GQA each query head is scored against its KV head (lists per query head); the means
   for smoothing are per query head and per KV head.
 - ``causal=False`` (not in the paper): the window is symmetric around the query block.
 
 Operators: :mod:`sparse_attn.ops.lowbit` (smoothing, quantisation), :mod:`sparse_attn.ops.anchor_region`
-(the region's log-sum-exp), :mod:`sparse_attn.ops.block_max` (each row's largest estimated
-logit per KV block, keys chunked), :mod:`sparse_attn.ops.static_masks` (the region's blocks),
+(the region's log-sum-exp), :mod:`sparse_attn.ops.lowbit_block_margin` (per block pair, the
+largest estimated logit minus its row's threshold), :mod:`sparse_attn.ops.static_masks` (the region's blocks),
 streamed over chunks of query blocks by :func:`sparse_attn.ops.to_pattern.stream_pattern`.
 """
 
@@ -59,15 +61,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..checks import check_fraction, check_int
 from ..geometry import num_blocks
 from ..ops._chunking import CHUNK_ELEMENTS
 from ..ops.anchor_region import anchor_region_stats, region_blocks, region_width
-from ..ops.block_max import block_max_logits
 from ..ops.gqa import grouped_matmul
-from ..ops.lowbit import FORMATS, dequantize, quantize, sequence_mean
+from ..ops.lowbit import FORMATS, quantize, sequence_mean
+from ..ops.lowbit_block_margin import lowbit_block_margin
 from ..ops.static_masks import check_token_window, token_window_mask
 from ..ops.to_pattern import stream_pattern
 from ..pattern import BlockSparsePattern
@@ -110,18 +111,6 @@ def mean_query_bias(k: torch.Tensor, query_mean: torch.Tensor, key_mean: torch.T
     return bias
 
 
-def rows_reaching(row_scores: torch.Tensor, row_thresholds: torch.Tensor, block_q: int) -> torch.Tensor:
-    """Bool ``(B, H, n_blocks, n_kv)``: blocks where some row of the query block reaches its threshold.
-
-    ``row_scores`` ``(B, H, R, n_kv)`` (each row's best score per KV block), ``row_thresholds``
-    ``(B, H, R)``; rows are grouped ``block_q`` at a time (the last group may be shorter).
-    """
-    batch, heads, rows, n_kv = row_scores.shape
-    reached = row_scores >= row_thresholds[..., None]
-    padded = F.pad(reached, (0, 0, 0, num_blocks(rows, block_q) * block_q - rows), value=False)
-    return padded.view(batch, heads, -1, block_q, n_kv).any(dim=3)
-
-
 @register_method(
     "sale",
     config=SaleConfig,
@@ -154,17 +143,20 @@ def estimate(
         row_shift = grouped_matmul(rows.float(), key_mean).squeeze(-1) * scale
         thresholds = stats.row_lse - row_shift + log_threshold
         del stats, row_shift
-        scores = block_max_logits(
-            dequantize(*quantize(rows, config.fmt, center=query_mean)) * scale,
+        query_codes, query_scale = quantize(rows, config.fmt, center=query_mean)
+        margin = lowbit_block_margin(
+            query_codes,
+            query_scale * scale,
             key_codes,
+            key_scale,
+            thresholds,
+            block_q=block_q,
             block_k=block_k,
-            q_positions=positions if causal else None,
-            key_scale=key_scale,
             key_bias=key_bias,
+            q_positions=positions if causal else None,
         )
-        mask = rows_reaching(scores, thresholds, block_q)
-        del scores
-        return mask | token_window_mask(
+        del query_codes, query_scale
+        return (margin >= 0) | token_window_mask(
             q,
             k,
             sink_tokens=config.sink_tokens,
@@ -185,8 +177,9 @@ def estimate(
         block_k=block_k,
         causal=causal,
         device=q.device,
+        # Per query block: its margins and mask (n_kv each), the region's logits and the rows in
+        # float32; the reference's per-row maxima are chunked inside lowbit_block_margin.
         row_elements=batch
         * q_heads
-        * block_q
-        * (num_blocks(seq_k, block_k) + region_width(block_q, block_k, **region)),
+        * (num_blocks(seq_k, block_k) + block_q * (region_width(block_q, block_k, **region) + q.shape[-1])),
     )

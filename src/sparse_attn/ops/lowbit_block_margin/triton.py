@@ -1,0 +1,177 @@
+"""Block margins of low-bit logits in Triton: :func:`.naive.lowbit_block_margin` from the codes' own products.
+
+The reference dequantises the rows to float32, forms every row's logits against every key in
+float32 and writes each row's maximum per KV block before reducing them: at SALE's scale
+(every query row against every key) that table and the float32 products cost several times
+dense attention. Here one program takes ``BLOCK_M`` rows of one query head (a query block, or
+``BLOCK_M`` rows of one when ``block_q`` is larger) and a range of KV blocks; per KV block it
+forms the tile's products on the tensor cores from the codes themselves (int8 codes: integer
+products summed in int32, exact; fp8 codes: fp8 products summed in float32), applies the two
+scales, the key bias and the row thresholds in registers and writes one float: the tile's
+largest margin. Query blocks larger than ``BLOCK_M`` reduce their sub-blocks' margins after
+the launch.
+
+Differences from the reference: the scales multiply the integer sum (``(c_q · c_k) * s_q *
+s_k``) where the reference sums the dequantised products (``sum (c_q s_q) c_k`` then ``* s_k``),
+so the margins agree to float32 rounding (about ``1e-6`` relative to the logits), not bit for
+bit. Under ``TRITON_INTERPRET=1`` the codes are converted to float32 before the launch and
+the products are IEEE float32 (integer products of int4 codes are exact there too).
+
+Rows of one program belong to one query head, so the key bias is a vector per KV block, and
+the programs of a GQA group's heads over the same rows run side by side (they read the same
+keys; the launch order keeps them adjacent). Rows whose keys all lie after their position
+(``q_positions``) skip the products as in :mod:`sparse_attn.ops.block_max.triton`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...geometry import num_blocks
+from ...utils import interpreting, is_power_of_two
+from .._dispatch import device_unsupported_reason
+
+__all__ = ["lowbit_block_margin_triton", "unsupported_reason"]
+
+_CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
+# Programs per launch to aim for (about four per SM of an H100/H200): the KV blocks are split
+# into ranges until the grid reaches it.
+_TARGET_PROGRAMS = 512
+_MAX_BLOCK_M = 128
+_empty = torch.empty  # the output's allocator: the tests poison it
+
+
+def unsupported_reason(q_codes: torch.Tensor, *, k_codes: torch.Tensor, block_q: int, block_k: int) -> str | None:
+    """Why the kernel cannot take this case, or ``None``."""
+    if q_codes.dim() != 4 or k_codes.dim() != 4:
+        return "takes q_codes (B, Hq, R, D) and k_codes (B, Hkv, Sk, D)"
+    if q_codes.dtype not in _CODE_DTYPES or k_codes.dtype != q_codes.dtype:
+        return f"takes int8 or float8_e4m3fn codes of one dtype, got {q_codes.dtype} and {k_codes.dtype}"
+    dim = q_codes.shape[-1]
+    if not (is_power_of_two(dim) and 32 <= dim <= 256):
+        return f"takes head_dim a power of two in [32, 256] (the 8-bit products' K), got {dim}"
+    if not (is_power_of_two(block_k) and 16 <= block_k <= 128):
+        return f"takes block_k a power of two in [16, 128], got {block_k}"
+    if not (is_power_of_two(block_q) and 16 <= block_q <= 1024):
+        return f"takes block_q a power of two in [16, 1024], got {block_q}"
+    if q_codes.shape[2] == 0 or k_codes.shape[2] == 0:
+        return "takes at least one row and one key"
+    if k_codes.device != q_codes.device:
+        return "takes q_codes and k_codes on one device"
+    if (k_codes.shape[2] + block_k) * max(k_codes.stride(2), 1) >= 2**31:
+        return "takes heads whose keys span fewer than 2^31 elements"
+    return device_unsupported_reason(q_codes)
+
+
+@triton.jit
+def _margin_kernel(
+    QC, QS, Thr, KC, KS, Bias, Positions, Out,
+    rows, seq_k, n_kv, n_tiles, q_heads, group, blocks_per_split,
+    stride_qb, stride_qh, stride_qr, stride_sb, stride_sh, stride_tb, stride_th,
+    stride_kb, stride_kh, stride_ks, stride_ksb, stride_ksh, stride_bb, stride_bh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_POSITIONS: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    batch_head = tl.program_id(0)
+    b = (batch_head // q_heads).to(tl.int64)
+    h = (batch_head % q_heads).to(tl.int64)
+    kv = h // group
+    tile = tl.program_id(1)
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = m < rows
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(QC + b * stride_qb + h * stride_qh + m[:, None] * stride_qr + d[None, :], mask=m_valid[:, None])
+    q_scale = tl.load(QS + b * stride_sb + h * stride_sh + m, mask=m_valid, other=0.0)
+    # Rows past R: threshold +inf, so their margins are -inf.
+    threshold = tl.load(Thr + b * stride_tb + h * stride_th + m, mask=m_valid, other=float("inf"))
+    first = tl.program_id(2) * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, n_kv)
+    visible_end = last
+    # Blocks before full_end are whole and visible to every row of the tile: no mask.
+    full_end = seq_k // BLOCK_N
+    if HAS_POSITIONS:
+        position = tl.load(Positions + m, mask=m_valid, other=-1).to(tl.int32)
+        reach = tl.max(position, axis=0)
+        visible_end = tl.minimum(last, tl.maximum(reach // BLOCK_N + 1, first))
+        lowest = tl.min(tl.where(m_valid, position, reach), axis=0)
+        full_end = tl.minimum(full_end, (lowest + 1) // BLOCK_N)
+    out = Out + (batch_head.to(tl.int64) * n_tiles + tile) * n_kv
+    k_base = KC + b * stride_kb + kv * stride_kh
+    n_local = tl.arange(0, BLOCK_N)
+    for j in range(first, visible_end):
+        n = j * BLOCK_N + n_local
+        n_valid = n < seq_k
+        keys = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=n_valid[:, None])
+        if DOT_FP32:
+            products = tl.dot(q, tl.trans(keys), input_precision="ieee")
+        else:
+            products = tl.dot(q, tl.trans(keys)).to(tl.float32)
+        k_scale = tl.load(KS + b * stride_ksb + kv * stride_ksh + n, mask=n_valid, other=0.0)
+        logits = products * q_scale[:, None] * k_scale[None, :]
+        if HAS_BIAS:
+            logits += tl.load(Bias + b * stride_bb + h * stride_bh + n, mask=n_valid, other=0.0)[None, :]
+        margin = logits - threshold[:, None]
+        if j >= full_end:
+            keep = n_valid[None, :]
+            if HAS_POSITIONS:
+                keep = keep & (n[None, :] <= position[:, None])
+            margin = tl.where(keep, margin, float("-inf"))
+        tl.store(out + j, tl.max(tl.max(margin, axis=1), axis=0))
+    for j in range(visible_end, last):
+        tl.store(out + j, float("-inf"))
+
+
+def lowbit_block_margin_triton(
+    q_codes: torch.Tensor,
+    q_scale: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    row_threshold: torch.Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    key_bias: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same result as :func:`.naive.lowbit_block_margin` (float32 ``(B, Hq, n_blocks, n_kv)``), from one launch."""
+    reason = unsupported_reason(q_codes, k_codes=k_codes, block_q=block_q, block_k=block_k)
+    if reason is not None:
+        raise ValueError(f"lowbit_block_margin_triton: {reason}")
+    batch, q_heads, rows, dim = q_codes.shape
+    kv_heads, seq_k = k_codes.shape[1], k_codes.shape[2]
+    n_kv = num_blocks(seq_k, block_k)
+    block_m = min(block_q, _MAX_BLOCK_M)
+    n_tiles = triton.cdiv(rows, block_m)
+    q_codes = q_codes if q_codes.stride(-1) == 1 else q_codes.contiguous()
+    k_codes = k_codes if k_codes.stride(-1) == 1 else k_codes.contiguous()
+    dot_fp32 = interpreting()
+    if dot_fp32:  # the interpreter's conversions of integer and fp8 codes inside a kernel are not relied on
+        q_codes, k_codes = q_codes.float(), k_codes.float()
+    out = _empty((batch, q_heads, n_tiles, n_kv), dtype=torch.float32, device=q_codes.device)
+    splits = max(1, min(n_kv, triton.cdiv(_TARGET_PROGRAMS, batch * q_heads * n_tiles)))
+    blocks_per_split = triton.cdiv(n_kv, splits)
+    splits = triton.cdiv(n_kv, blocks_per_split)
+    q_scale, k_scale, row_threshold = (x.float().contiguous() for x in (q_scale, k_scale, row_threshold))
+    positions = (
+        q_positions.to(device=q_codes.device, dtype=torch.int64).contiguous() if q_positions is not None else out
+    )
+    bias = key_bias.float().contiguous() if key_bias is not None else out
+    _margin_kernel[(batch * q_heads, n_tiles, splits)](
+        q_codes, q_scale, row_threshold, k_codes, k_scale, bias, positions, out,
+        rows, seq_k, n_kv, n_tiles, q_heads, q_heads // kv_heads, blocks_per_split,
+        *q_codes.stride()[:3], *q_scale.stride()[:2], *row_threshold.stride()[:2],
+        *k_codes.stride()[:3], *k_scale.stride()[:2],
+        bias.stride(0) if key_bias is not None else 0, bias.stride(1) if key_bias is not None else 0,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_k, DOT_FP32=dot_fp32,
+        HAS_POSITIONS=q_positions is not None, HAS_BIAS=key_bias is not None,
+        num_warps=8 if block_m * block_k >= 128 * 128 or dim > 128 else 4, num_stages=2,
+    )  # fmt: skip
+    if block_q == block_m:
+        return out
+    # Query blocks of several tiles: the largest of their tiles' margins.
+    per_block = block_q // block_m
+    blocks = num_blocks(rows, block_q)
+    out = torch.nn.functional.pad(out, (0, 0, 0, blocks * per_block - n_tiles), value=float("-inf"))
+    return out.view(batch, q_heads, blocks, per_block, n_kv).amax(dim=3)
