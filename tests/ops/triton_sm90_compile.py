@@ -68,6 +68,8 @@ def main() -> dict:
         "Out": "*fp32",
     }
     margin = dict(BLOCK_M=128, BLOCK_N=128, DOT_FP32=False, HAS_POSITIONS=True, HAS_BIAS=True)
+    margin_fp8 = dict(margin, CODES_FP8=True)
+    margin = dict(margin, CODES_FP8=False)
     cases = {
         "anchor_region_bf16": (
             anchor_region._region_stats, {"Q": "*bf16", "K": "*bf16", **region_pointers},
@@ -99,7 +101,7 @@ def main() -> dict:
         ),
         "lowbit_margin_fp8_d256": (
             lowbit_block_margin._margin_kernel, {"QC": "*fp8e4nv", "KC": "*fp8e4nv", **margin_pointers},
-            dict(margin, HEAD_DIM=256), 8,
+            dict(margin_fp8, HEAD_DIM=256), 8,
         ),
         "mask_lists": (mask_lists._row_lists, {"Mask": "*u8", "Columns": "*i32"}, dict(BLOCK=1024), 4),
         "vertical_slash_blocks": (

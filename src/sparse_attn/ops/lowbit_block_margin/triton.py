@@ -6,9 +6,10 @@ float32 and writes each row's maximum per KV block before reducing them: at SALE
 dense attention. Here one program takes ``BLOCK_M`` rows of one query head (a query block, or
 ``BLOCK_M`` rows of one when ``block_q`` is larger) and a range of KV blocks; per KV block it
 forms the tile's products on the tensor cores from the codes themselves (int8 codes: integer
-products summed in int32, exact; fp8 codes: fp8 products summed in float32), applies the two
-scales, the key bias and the row thresholds in registers and writes one float: the tile's
-largest margin. Query blocks larger than ``BLOCK_M`` reduce their sub-blocks' margins after
+products summed in int32, exact; fp8 codes: converted to bfloat16, exactly, and summed in
+float32, since the fp8 tensor cores keep their sums at lower precision), applies the two
+scales and the key bias in registers (two operations per pair), takes each row's maximum,
+subtracts the row's threshold and writes one float: the tile's largest margin. Query blocks larger than ``BLOCK_M`` reduce their sub-blocks' margins after
 the launch.
 
 Differences from the reference: the scales multiply the integer sum (``(c_q · c_k) * s_q *
@@ -40,6 +41,8 @@ _CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 # into ranges until the grid reaches it.
 _TARGET_PROGRAMS = 512
 _MAX_BLOCK_M = 128
+# Launch choice (num_warps, num_stages) per BLOCK_M; measured on an H200 (benchmarks/results/h200/NOTES.md).
+_LAUNCH = {128: (8, 2), 64: (4, 2), 32: (4, 2), 16: (4, 2)}
 _empty = torch.empty  # the output's allocator: the tests poison it
 
 
@@ -72,7 +75,7 @@ def _margin_kernel(
     stride_qb, stride_qh, stride_qr, stride_sb, stride_sh, stride_tb, stride_th,
     stride_kb, stride_kh, stride_ks, stride_ksb, stride_ksh, stride_bb, stride_bh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    HAS_POSITIONS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CODES_FP8: tl.constexpr, HAS_POSITIONS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     batch_head = tl.program_id(0)
     b = (batch_head // q_heads).to(tl.int64)
@@ -82,7 +85,9 @@ def _margin_kernel(
     m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = m < rows
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(QC + b * stride_qb + h * stride_qh + m[:, None] * stride_qr + d[None, :], mask=m_valid[:, None])
+    q = tl.load(
+        QC + b * stride_qb + h * stride_qh + m[:, None] * stride_qr + d[None, :], mask=m_valid[:, None], other=0.0
+    )
     q_scale = tl.load(QS + b * stride_sb + h * stride_sh + m, mask=m_valid, other=0.0)
     # Rows past R: threshold +inf, so their margins are -inf.
     threshold = tl.load(Thr + b * stride_tb + h * stride_th + m, mask=m_valid, other=float("inf"))
@@ -103,22 +108,29 @@ def _margin_kernel(
     for j in range(first, visible_end):
         n = j * BLOCK_N + n_local
         n_valid = n < seq_k
-        keys = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=n_valid[:, None])
+        keys = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=n_valid[:, None], other=0.0)
         if DOT_FP32:
             products = tl.dot(q, tl.trans(keys), input_precision="ieee")
+        elif CODES_FP8:
+            # e4m3 codes are exact in bfloat16; bfloat16 products sum in full float32, where
+            # the fp8 tensor cores' sums are kept at lower precision (about 2^-12 relative).
+            products = tl.dot(q.to(tl.bfloat16), tl.trans(keys.to(tl.bfloat16)))
         else:
             products = tl.dot(q, tl.trans(keys)).to(tl.float32)
         k_scale = tl.load(KS + b * stride_ksb + kv * stride_ksh + n, mask=n_valid, other=0.0)
-        logits = products * q_scale[:, None] * k_scale[None, :]
+        logits = products * k_scale[None, :]
         if HAS_BIAS:
-            logits += tl.load(Bias + b * stride_bb + h * stride_bh + n, mask=n_valid, other=0.0)[None, :]
-        margin = logits - threshold[:, None]
+            bias = tl.load(Bias + b * stride_bb + h * stride_bh + n, mask=n_valid, other=0.0)
+            logits = logits * q_scale[:, None] + bias[None, :]
+        else:
+            logits = logits * q_scale[:, None]
         if j >= full_end:
             keep = n_valid[None, :]
             if HAS_POSITIONS:
                 keep = keep & (n[None, :] <= position[:, None])
-            margin = tl.where(keep, margin, float("-inf"))
-        tl.store(out + j, tl.max(tl.max(margin, axis=1), axis=0))
+            logits = tl.where(keep, logits, float("-inf"))
+        # The threshold per row after the row's maximum: one subtraction per row, not per pair.
+        tl.store(out + j, tl.max(tl.max(logits, axis=1) - threshold, axis=0))
     for j in range(visible_end, last):
         tl.store(out + j, float("-inf"))
 
@@ -146,6 +158,7 @@ def lowbit_block_margin_triton(
     n_tiles = triton.cdiv(rows, block_m)
     q_codes = q_codes if q_codes.stride(-1) == 1 else q_codes.contiguous()
     k_codes = k_codes if k_codes.stride(-1) == 1 else k_codes.contiguous()
+    codes_fp8 = q_codes.dtype == torch.float8_e4m3fn
     dot_fp32 = interpreting()
     if dot_fp32:  # the interpreter's conversions of integer and fp8 codes inside a kernel are not relied on
         q_codes, k_codes = q_codes.float(), k_codes.float()
@@ -164,9 +177,9 @@ def lowbit_block_margin_triton(
         *q_codes.stride()[:3], *q_scale.stride()[:2], *row_threshold.stride()[:2],
         *k_codes.stride()[:3], *k_scale.stride()[:2],
         bias.stride(0) if key_bias is not None else 0, bias.stride(1) if key_bias is not None else 0,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_k, DOT_FP32=dot_fp32,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_k, DOT_FP32=dot_fp32, CODES_FP8=codes_fp8,
         HAS_POSITIONS=q_positions is not None, HAS_BIAS=key_bias is not None,
-        num_warps=8 if block_m * block_k >= 128 * 128 or dim > 128 else 4, num_stages=2,
+        num_warps=_LAUNCH[block_m][0], num_stages=_LAUNCH[block_m][1],
     )  # fmt: skip
     if block_q == block_m:
         return out
