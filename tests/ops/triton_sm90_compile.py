@@ -97,7 +97,7 @@ def main() -> dict:
         ),
         "lowbit_margin_int8": (
             lowbit_block_margin._margin_kernel, {"QC": "*i8", "KC": "*i8", **margin_pointers},
-            dict(margin, HEAD_DIM=128), 8,
+            dict(margin, HEAD_DIM=128), 4,
         ),
         "lowbit_margin_fp8_d256": (
             lowbit_block_margin._margin_kernel, {"QC": "*fp8e4nv", "KC": "*fp8e4nv", **margin_pointers},

@@ -41,10 +41,12 @@ keys). Choices where the paper leaves room or where this engine differs:
   tensor cores, so the int4 codes go through the int8 ones, at twice the bfloat16 rate: every
   query-key pair is still scored, about a quarter of dense attention's product work, so no
   kernel of this rule reaches a 5 % budget there (the paper's int4 kernel on other GPUs
-  reports about 11 % of dense time). Before this kernel the block maxima were bfloat16
-  products of a two-part split of the dequantised queries with every row's maximum written
-  out: 1.42 s at 128K on an H200, 5.4 times dense attention (fourteenth session,
-  ``benchmarks/results/h200/estimators_s31d_128k.json``).
+  reports about 11 % of dense time). Measured on an H200 at 128K (32/8 heads, head_dim 128):
+  the estimate takes 234 ms, 0.88 times dense cuDNN attention, of which the margin kernel
+  148 ms (seventeenth session, ``benchmarks/results/h200/estimators_sale_s34b_128k.json``);
+  before this kernel the block maxima were bfloat16 products of a two-part split of the
+  dequantised queries with every row's maximum written out: 1.42 s, 5.4 times dense
+  (fourteenth session, ``estimators_s31d_128k.json``).
 - With GQA each query head is scored against its KV head (lists per query head); the means
   for smoothing are per query head and per KV head.
 - ``causal=False`` (not in the paper): the window is symmetric around the query block.
