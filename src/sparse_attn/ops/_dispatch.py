@@ -23,7 +23,7 @@ import torch
 
 from ..utils import interpreting
 
-__all__ = ["device_unsupported_reason", "kernel_for", "qk_unsupported_reason"]
+__all__ = ["device_unsupported_reason", "kernel_for", "power_of_two_reason", "qk_unsupported_reason"]
 
 
 def kernel_for(x: torch.Tensor, package: str, **case) -> ModuleType | None:
@@ -42,6 +42,13 @@ def device_unsupported_reason(x: torch.Tensor) -> str | None:
     if x.device.type != "cuda" and not interpreting():
         return "needs a CUDA device (or TRITON_INTERPRET=1)"
     return None
+
+
+def power_of_two_reason(name: str, value: int, low: int, high: int, why: str = "") -> str | None:
+    """A can-run check's line when ``value`` is not a power of two in ``[low, high]``, else ``None``."""
+    if value & (value - 1) == 0 and low <= value <= high:
+        return None
+    return f"takes {name} a power of two in [{low}, {high}]{why}, got {value}"
 
 
 def qk_unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:

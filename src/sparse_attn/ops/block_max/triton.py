@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 
 from ...geometry import num_blocks
-from ...utils import interpreting, is_power_of_two
-from .._dispatch import device_unsupported_reason
+from ...utils import interpreting
+from .._dispatch import device_unsupported_reason, power_of_two_reason
+from .._triton_util import visible_key_blocks
 
 __all__ = ["block_max_logits_triton", "unsupported_reason"]
 
@@ -54,11 +55,9 @@ def unsupported_reason(q: torch.Tensor, *, k: torch.Tensor, block_k: int) -> str
         return f"takes float32 or 16-bit queries, not {q.dtype}"
     if k.dtype not in _KEY_DTYPES:
         return f"takes keys of {[str(d) for d in _KEY_DTYPES]}, not {k.dtype}"
-    dim = q.shape[-1]
-    if not (is_power_of_two(dim) and 16 <= dim <= 256):
-        return f"takes head_dim a power of two in [16, 256], got {dim}"
-    if not (is_power_of_two(block_k) and 16 <= block_k <= 128):
-        return f"takes block_k a power of two in [16, 128], got {block_k}"
+    reason = power_of_two_reason("head_dim", q.shape[-1], 16, 256) or power_of_two_reason("block_k", block_k, 16, 128)
+    if reason is not None:
+        return reason
     if q.shape[2] == 0 or k.shape[2] == 0:
         return "takes at least one row and one key"
     if k.device != q.device:
@@ -111,10 +110,7 @@ def _block_max_kernel(
     full_end = seq_k // BLOCK_N
     if HAS_POSITIONS:
         position = tl.load(Positions + row, mask=m_valid, other=-1).to(tl.int32)
-        reach = tl.max(position, axis=0)
-        visible_end = tl.minimum(last, tl.maximum(reach // BLOCK_N + 1, first))
-        lowest = tl.min(tl.where(m_valid, position, reach), axis=0)
-        full_end = tl.minimum(full_end, (lowest + 1) // BLOCK_N)
+        visible_end, full_end = visible_key_blocks(position, m_valid, first, last, seq_k, BLOCK_N)
     out_rows = Out + ((b * kv_heads + kv) * group * rows + m) * n_kv
     k_base = K + b * stride_kb + kv * stride_kh
     n_local = tl.arange(0, BLOCK_N)

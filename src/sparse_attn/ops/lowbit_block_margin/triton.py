@@ -31,8 +31,9 @@ import triton
 import triton.language as tl
 
 from ...geometry import num_blocks
-from ...utils import interpreting, is_power_of_two
-from .._dispatch import device_unsupported_reason
+from ...utils import interpreting
+from .._dispatch import device_unsupported_reason, power_of_two_reason
+from .._triton_util import visible_key_blocks
 
 __all__ = ["lowbit_block_margin_triton", "unsupported_reason"]
 
@@ -52,13 +53,13 @@ def unsupported_reason(q_codes: torch.Tensor, *, k_codes: torch.Tensor, block_q:
         return "takes q_codes (B, Hq, R, D) and k_codes (B, Hkv, Sk, D)"
     if q_codes.dtype not in _CODE_DTYPES or k_codes.dtype != q_codes.dtype:
         return f"takes int8 or float8_e4m3fn codes of one dtype, got {q_codes.dtype} and {k_codes.dtype}"
-    dim = q_codes.shape[-1]
-    if not (is_power_of_two(dim) and 32 <= dim <= 256):
-        return f"takes head_dim a power of two in [32, 256] (the 8-bit products' K), got {dim}"
-    if not (is_power_of_two(block_k) and 16 <= block_k <= 128):
-        return f"takes block_k a power of two in [16, 128], got {block_k}"
-    if not (is_power_of_two(block_q) and 16 <= block_q <= 1024):
-        return f"takes block_q a power of two in [16, 1024], got {block_q}"
+    reason = (
+        power_of_two_reason("head_dim", q_codes.shape[-1], 32, 256, " (the 8-bit products' K)")
+        or power_of_two_reason("block_k", block_k, 16, 128)
+        or power_of_two_reason("block_q", block_q, 16, 1024)
+    )
+    if reason is not None:
+        return reason
     if q_codes.shape[2] == 0 or k_codes.shape[2] == 0:
         return "takes at least one row and one key"
     if k_codes.device != q_codes.device:
@@ -98,10 +99,7 @@ def _margin_kernel(
     full_end = seq_k // BLOCK_N
     if HAS_POSITIONS:
         position = tl.load(Positions + m, mask=m_valid, other=-1).to(tl.int32)
-        reach = tl.max(position, axis=0)
-        visible_end = tl.minimum(last, tl.maximum(reach // BLOCK_N + 1, first))
-        lowest = tl.min(tl.where(m_valid, position, reach), axis=0)
-        full_end = tl.minimum(full_end, (lowest + 1) // BLOCK_N)
+        visible_end, full_end = visible_key_blocks(position, m_valid, first, last, seq_k, BLOCK_N)
     out = Out + (batch_head.to(tl.int64) * n_tiles + tile) * n_kv
     k_base = KC + b * stride_kb + kv * stride_kh
     n_local = tl.arange(0, BLOCK_N)
