@@ -13,8 +13,9 @@ kernel against its reference.
   slash and block sums;
 * :mod:`.selection`: cumulative-mass and top-k selection per row (sort-free Triton kernel);
 * :mod:`.vertical_slash_blocks`: selected columns and diagonals -> the blocks they cross;
-* :mod:`.block_max`: each row's largest logit per KV block (AnchorAttention's pooled queries,
-  SALE's low-bit rows);
+* :mod:`.block_max`: each row's largest logit per KV block (AnchorAttention's pooled queries);
+* :mod:`.lowbit_block_margin`: per block pair, the largest low-bit logit minus its row's
+  threshold (SALE; 8-bit tensor-core products of the codes);
 * :mod:`.gathered_block_max`: per query block, the largest logit in each of a list of KV blocks
   (HiP's tree search);
 * :mod:`.anchor_region`: row maxima and log-sum-exps over sinks and a local window;
