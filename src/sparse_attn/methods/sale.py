@@ -67,7 +67,7 @@ import torch
 from ..checks import check_fraction, check_int
 from ..geometry import num_blocks
 from ..ops._chunking import CHUNK_ELEMENTS
-from ..ops.anchor_region import anchor_region_stats, region_blocks, region_width
+from ..ops.anchor_region import anchor_region_stats, region_blocks
 from ..ops.gqa import grouped_matmul
 from ..ops.lowbit import FORMATS, quantize, sequence_mean
 from ..ops.lowbit_block_margin import lowbit_block_margin
@@ -179,9 +179,8 @@ def estimate(
         block_k=block_k,
         causal=causal,
         device=q.device,
-        # Per query block: its margins and mask (n_kv each), the region's logits and the rows in
-        # float32; the reference's per-row maxima are chunked inside lowbit_block_margin.
-        row_elements=batch
-        * q_heads
-        * (num_blocks(seq_k, block_k) + block_q * (region_width(block_q, block_k, **region) + q.shape[-1])),
+        # Per query block: its margins and mask (n_kv each) and its rows in float32 (the mean
+        # shift); the region's logits (anchor_region_stats) and the reference's per-row maxima
+        # (lowbit_block_margin) are chunked inside those operators.
+        row_elements=batch * q_heads * (2 * num_blocks(seq_k, block_k) + block_q * q.shape[-1]),
     )
