@@ -35,7 +35,8 @@ keys). Choices where the paper leaves room or where this engine differs:
 - The codes are stored at low precision (int8 holding int4 values, or fp8). Off CUDA the
   products are float32 matmuls of the dequantised rows against the codes; on CUDA
   (:mod:`sparse_attn.ops.lowbit_block_margin`) they are the codes' own tensor-core products
-  (int8 x int8 summed in int32, which is exact for int4 codes; fp8 x fp8 summed in float32),
+  (int4 codes: int8 x int8 summed in int32, exact; fp8 codes: converted to bfloat16, exactly,
+  and summed in float32, since the fp8 tensor cores keep their sums at lower precision),
   scaled per token afterwards, and only one value per block pair leaves the kernel: the
   largest margin of a pair's estimated logit over its row's threshold. Hopper has no int4
   tensor cores, so the int4 codes go through the int8 ones, at twice the bfloat16 rate: every
