@@ -37,7 +37,7 @@ A decode step is a handful of small kernels, so launch overhead shows: ``step_gr
 a serving loop would (``--no-graphs`` skips them; a failed capture is reported in the row).
 Medians from ``triton.testing.do_bench`` (60 ms of repetitions per timing). Writes ``benchmarks/results/<gpu>/decode.json``.
 
-    python benchmarks/decode.py            # the grid (about 3 minutes on an H200, compile included)
+    python benchmarks/decode.py            # the grid (a few minutes on an H200, compile included)
     python benchmarks/decode.py --quick    # 32K and 128K, batch 8, budget 2048, quest with 1 and 2 levels
 """
 
