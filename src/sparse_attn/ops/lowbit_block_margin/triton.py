@@ -89,6 +89,8 @@ def _margin_kernel(
     q = tl.load(
         QC + b * stride_qb + h * stride_qh + m[:, None] * stride_qr + d[None, :], mask=m_valid[:, None], other=0.0
     )
+    if CODES_FP8 and not DOT_FP32:
+        q = q.to(tl.bfloat16)  # once, not per key block
     q_scale = tl.load(QS + b * stride_sb + h * stride_sh + m, mask=m_valid, other=0.0)
     # Rows past R: threshold +inf, so their margins are -inf.
     threshold = tl.load(Thr + b * stride_tb + h * stride_th + m, mask=m_valid, other=float("inf"))
@@ -112,7 +114,7 @@ def _margin_kernel(
         elif CODES_FP8:
             # e4m3 codes are exact in bfloat16; bfloat16 products sum in full float32, where
             # the fp8 tensor cores' sums are kept at lower precision (about 2^-12 relative).
-            products = tl.dot(q.to(tl.bfloat16), tl.trans(keys.to(tl.bfloat16)))
+            products = tl.dot(q, tl.trans(keys.to(tl.bfloat16)))
         else:
             products = tl.dot(q, tl.trans(keys)).to(tl.float32)
         k_scale = tl.load(KS + b * stride_ksb + kv * stride_ksh + n, mask=n_valid, other=0.0)
