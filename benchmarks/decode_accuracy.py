@@ -60,12 +60,10 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, options
 
 
-PAGE_SIZE = [16]  # --page-size
-
-
-def prefill(model, input_ids: torch.Tensor, *, calibrate: bool):
-    """A fresh paged cache after the prompt (calibrated first for Double Sparsity), and the first greedy token."""
-    cache = SparseDecodeCache(model, page_size=PAGE_SIZE[0])
+def prefill(model, input_ids: torch.Tensor, *, calibrate: bool, page_size: int):
+    """A fresh paged cache of ``page_size``-token pages after the prompt (calibrated first for
+    Double Sparsity), and the first greedy token."""
+    cache = SparseDecodeCache(model, page_size=page_size)
     if calibrate:
         cache.calibrate(input_ids)
     keyword = {cache_keyword(model): cache}
@@ -73,9 +71,11 @@ def prefill(model, input_ids: torch.Tensor, *, calibrate: bool):
     return keyword, logits[:, -1:].argmax(-1)
 
 
-def greedy_answer(model, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int], *, calibrate: bool):
+def greedy_answer(
+    model, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int], *, calibrate: bool, page_size: int
+):
     """Greedy tokens after the prompt, up to ``max_new_tokens`` or a stop token."""
-    keyword, token = prefill(model, input_ids, calibrate=calibrate)
+    keyword, token = prefill(model, input_ids, calibrate=calibrate, page_size=page_size)
     tokens = []
     while True:
         tokens.append(int(token))
@@ -84,9 +84,11 @@ def greedy_answer(model, input_ids: torch.Tensor, max_new_tokens: int, stop_ids:
         token = model(token, use_cache=True, logits_to_keep=1, **keyword).logits[:, -1:].argmax(-1)
 
 
-def forced_agreement(model, input_ids: torch.Tensor, reference: list[int], *, calibrate: bool) -> list[bool]:
+def forced_agreement(
+    model, input_ids: torch.Tensor, reference: list[int], *, calibrate: bool, page_size: int
+) -> list[bool]:
     """Per step, whether the greedy token equals ``reference``'s when the previous reference tokens are fed."""
-    keyword, token = prefill(model, input_ids, calibrate=calibrate)
+    keyword, token = prefill(model, input_ids, calibrate=calibrate, page_size=page_size)
     same = [int(token) == reference[0]]
     for i in range(1, len(reference)):
         fed = torch.tensor([[reference[i - 1]]], device=input_ids.device)
@@ -133,7 +135,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.model, args.length, args.depths, args.budgets = "gemma3-270m", 16384, [0.5], [4096]
-    PAGE_SIZE[0] = args.page_size
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tokenizer = sa.models.load(args.model, dtype=dtype, device=device)
@@ -154,7 +155,7 @@ def main() -> None:
                 for label, method, options, budget in variants:
                     tokens, seconds = run_variant(
                         model, method, options, greedy_answer, input_ids, sample.max_new_tokens, stop_ids,
-                        calibrate=method == "double_sparsity",
+                        calibrate=method == "double_sparsity", page_size=args.page_size,
                     )  # fmt: skip
                     reference = tokens if reference is None else reference
                     output = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -174,12 +175,19 @@ def main() -> None:
                 if reference is None:
                     reference, seconds = run_variant(
                         model, method, options, greedy_answer, input_ids, args.agreement_tokens, set(),
-                        calibrate=calibrate,
+                        calibrate=calibrate, page_size=args.page_size,
                     )  # fmt: skip
                     same = [True] * len(reference)
                 else:
                     same, seconds = run_variant(
-                        model, method, options, forced_agreement, input_ids, reference, calibrate=calibrate
+                        model,
+                        method,
+                        options,
+                        forced_agreement,
+                        input_ids,
+                        reference,
+                        calibrate=calibrate,
+                        page_size=args.page_size,
                     )
                 agreement_rows.append({
                     "method": label, "budget": budget, "length": args.length, "tokens": len(reference),
