@@ -35,7 +35,7 @@ import triton.language as tl
 from ...geometry import num_blocks
 from ...utils import interpreting
 from .._dispatch import device_unsupported_reason, power_of_two_reason
-from .._triton_util import visible_key_blocks
+from .._triton_util import split_key_blocks
 
 __all__ = ["block_max_logits_triton", "unsupported_reason"]
 
@@ -103,14 +103,10 @@ def _block_max_kernel(
     if MODE == 2:
         q_hi = q.to(COMPUTE)
         q_lo = (q - q_hi.to(tl.float32)).to(COMPUTE)
-    first = tl.program_id(2) * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, n_kv)
-    visible_end = last
     # Blocks before full_end are whole and visible to every row of the tile: no mask.
-    full_end = seq_k // BLOCK_N
-    if HAS_POSITIONS:
-        position = tl.load(Positions + row, mask=m_valid, other=-1).to(tl.int32)
-        visible_end, full_end = visible_key_blocks(position, m_valid, first, last, seq_k, BLOCK_N)
+    first, last, visible_end, full_end, position = split_key_blocks(
+        Positions, row, m_valid, n_kv, blocks_per_split, seq_k, BLOCK_N, HAS_POSITIONS
+    )
     out_rows = Out + ((b * kv_heads + kv) * group * rows + m) * n_kv
     k_base = K + b * stride_kb + kv * stride_kh
     n_local = tl.arange(0, BLOCK_N)

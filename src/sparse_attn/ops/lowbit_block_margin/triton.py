@@ -33,7 +33,7 @@ import triton.language as tl
 from ...geometry import num_blocks
 from ...utils import interpreting
 from .._dispatch import device_unsupported_reason, power_of_two_reason
-from .._triton_util import visible_key_blocks
+from .._triton_util import split_key_blocks
 
 __all__ = ["lowbit_block_margin_triton", "unsupported_reason"]
 
@@ -94,14 +94,10 @@ def _margin_kernel(
     q_scale = tl.load(QS + b * stride_sb + h * stride_sh + m, mask=m_valid, other=0.0)
     # Rows past R: threshold +inf, so their margins are -inf.
     threshold = tl.load(Thr + b * stride_tb + h * stride_th + m, mask=m_valid, other=float("inf"))
-    first = tl.program_id(2) * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, n_kv)
-    visible_end = last
     # Blocks before full_end are whole and visible to every row of the tile: no mask.
-    full_end = seq_k // BLOCK_N
-    if HAS_POSITIONS:
-        position = tl.load(Positions + m, mask=m_valid, other=-1).to(tl.int32)
-        visible_end, full_end = visible_key_blocks(position, m_valid, first, last, seq_k, BLOCK_N)
+    first, last, visible_end, full_end, position = split_key_blocks(
+        Positions, m, m_valid, n_kv, blocks_per_split, seq_k, BLOCK_N, HAS_POSITIONS
+    )
     out = Out + (batch_head.to(tl.int64) * n_tiles + tile) * n_kv
     k_base = KC + b * stride_kb + kv * stride_kh
     n_local = tl.arange(0, BLOCK_N)
