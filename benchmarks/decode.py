@@ -101,6 +101,11 @@ def graphed(fn):
     return graph.replay
 
 
+def error_line(error: Exception) -> str:
+    """A failure as one short line for a row's ``errors``."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
 def measure(fn, device, *, graph: bool = False) -> tuple[float | None, str | None]:
     """``(median ms, None)`` of ``fn`` (``graph``: of its CUDA-graph replay), or ``(None, error
     line)`` when it fails. ``do_bench`` with 60 ms of repetitions: a decode step takes 0.01-1 ms,
@@ -111,7 +116,7 @@ def measure(fn, device, *, graph: bool = False) -> tuple[float | None, str | Non
         run = graphed(fn) if graph else fn
         return float(triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")), None
     except Exception as error:
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return None, error_line(error)
 
 
 def kernel_us(fn, calls: int = 20) -> tuple[float | None, str | None]:
@@ -129,7 +134,7 @@ def kernel_us(fn, calls: int = 20) -> tuple[float | None, str | None]:
             torch.cuda.synchronize()
         return sum(event.self_device_time_total for event in prof.key_averages()) / calls, None
     except Exception as error:
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return None, error_line(error)
 
 
 def dense_baselines(
@@ -218,7 +223,7 @@ def sparse_row(
     try:
         selection = _select(method, config, q, cache)
     except Exception as error:  # a method that cannot run this shape is reported, not fatal
-        row["errors"]["select"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        row["errors"]["select"] = error_line(error)
         return row
     timings = {
         "select": partial(_select, method, config, q, cache),
