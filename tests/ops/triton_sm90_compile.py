@@ -46,7 +46,6 @@ def main() -> dict:
     from sparse_attn.ops.lowbit import triton as lowbit
     from sparse_attn.ops.lowbit_block_margin import triton as lowbit_block_margin
     from sparse_attn.ops.mask_lists import triton as mask_lists
-    from sparse_attn.ops.page_select import triton as page_select
     from sparse_attn.ops.selection import triton as selection
     from sparse_attn.ops.vertical_slash_blocks import triton as vertical_slash_blocks
 
@@ -104,13 +103,6 @@ def main() -> dict:
             lowbit_block_margin._margin_kernel, {"QC": "*fp8e4nv", "KC": "*fp8e4nv", **margin_pointers},
             dict(margin_fp8, HEAD_DIM=256), 8,
         ),
-        "page_select_two_level_split": (
-            page_select._two_level, {**dict.fromkeys(("Q", "KeyMin", "KeyMax", "SuperMin", "SuperMax"), "*bf16"),
-                                     **dict.fromkeys(("PageTable", "PageCounts", "Selected", "Counts"), "*i32"),
-                                     "Partial": "*i64", "Arrivals": "*i32"},
-            dict(HEAD_DIM=128, BLOCK_G=4, SUPER_PAGE=16, BLOCK_S=64, SLICE=64, SPLITS=8, SEL_TILE=16, BLOCK_P=64,
-                 K_TILE=128), 4,
-        ),
         "mask_lists": (mask_lists._row_lists, {"Mask": "*u8", "Columns": "*i32"}, dict(BLOCK=1024), 4),
         "vertical_slash_blocks": (
             vertical_slash_blocks._crossed_blocks, {"VerticalPrefix": "*i32", "SlashPrefix": "*i32", "Out": "*i8"},
@@ -141,14 +133,7 @@ def main() -> dict:
     results = {}
     for name, (fn, signature, constexprs, warps) in cases.items():
         returncode, report, ptx = compile_for_sm90(fn, signature, constexprs, warps)
-        keys = (
-            "cp.async.bulk.tensor",
-            "cvt.rn.satfinite.e4m3x2.f32",
-            "ex2.approx.f16x2",
-            "wgmma",
-            "atom.global.gpu.acq_rel.add",
-            "ld.global.cg",
-        )
+        keys = ("cp.async.bulk.tensor", "cvt.rn.satfinite.e4m3x2.f32", "ex2.approx.f16x2", "wgmma")
         has = {key: key in ptx for key in keys}
         results[name] = {"returncode": returncode, "report": report, "ptx_has": has}
     return results

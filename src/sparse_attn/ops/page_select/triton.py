@@ -12,16 +12,10 @@ register tile of keys (``tl.where`` on the tile's row), which ``tl.topk`` then r
   ``CHUNK`` logical pages) computes the chunk's bounds and its top ``K`` keys; a second kernel
   takes each (sequence, KV head)'s top ``K`` of the chunks' candidates. When one chunk covers
   the table the first kernel writes the selection itself (one launch).
-* Two levels (:func:`select_pages_two_level_triton`), one launch: ``S`` programs per (sequence,
-  KV head) each bound a slice of the super-pages from the coarse summaries and keep the slice's
-  top ``super_budget`` keys; the last of them to finish (an arrival counter: a release
-  increment after the barrier, the last arrival's acquire) merges the slices' tops into the
-  chosen super-pages, then bounds the pages inside those and writes their top ``budget``. The
-  coarse level is most of the bytes (at 128K tokens, pages of 16, ``G = 16``: 512 super-pages
-  against 144 kept pages), so spreading it over ``S`` programs (enough to fill the SMs when
-  batch times KV heads alone does not) keeps it bandwidth-bound. It reads ``1/G`` of the
-  one-level summaries plus the candidates' (``super_budget * G`` pages). The counters live in
-  one zeroed buffer per (device, stream) that every launch leaves zeroed.
+* Two levels (:func:`select_pages_two_level_triton`): one program per (sequence, KV head): the
+  bounds of every super-page from the coarse summaries, their top ``super_budget``, then the
+  bounds of the pages inside those super-pages and their top ``budget``, in one launch. It
+  reads ``1/G`` of the one-level summaries plus the candidates' (``super_budget * G`` pages).
 
 Outputs are written whole (every entry of ``selected``, zeros past the count, and ``counts``)
 from the device's page counts: no host synchronisation, so the launches can be captured in a
@@ -48,8 +42,6 @@ __all__ = ["select_pages_triton", "select_pages_two_level_triton", "unsupported_
 # Programs to aim for in the one-level bounds kernel (a few waves over the SMs).
 PROGRAMS_PER_SM = 4
 MAX_CHUNK = 2048
-# Programs per SM to aim for in the two-level kernel's coarse level.
-SPLIT_PROGRAMS_PER_SM = 2
 
 
 def unsupported_reason(q: torch.Tensor, *, head_dim: int) -> str | None:
@@ -201,34 +193,6 @@ if triton is not None:
         _write_selection(top, Selected, Counts, batch, kv_head, stride_sb, stride_sh, stride_cb, used, budget, K_TILE)
 
     @triton.jit
-    def _fine_level(
-        chosen, positive, negative, KeyMin, KeyMax, PageTable, Selected, Counts, batch, kv_head, used,
-        stride_sp, stride_sh, stride_tb, stride_sb, stride_sh_out, stride_cb, budget,
-        HEAD_DIM: tl.constexpr, SUPER_PAGE: tl.constexpr, SEL_TILE: tl.constexpr, BLOCK_P: tl.constexpr,
-        K_TILE: tl.constexpr,
-    ):  # fmt: skip
-        """Level 2: the top ``budget`` pages of the ``chosen`` super-pages (``[SEL_TILE]``, -1 for
-        none), written as the selection. Candidate ``c`` is the ``(c % G)``-th page of the ``(c //
-        G)``-th chosen super-page."""
-        rank = tl.arange(0, SEL_TILE)
-        tiles = tl.arange(0, SEL_TILE * SUPER_PAGE // BLOCK_P)
-        keys = tl.full([SEL_TILE * SUPER_PAGE // BLOCK_P, BLOCK_P], MIN_KEY, tl.int64)
-        for t in range(SEL_TILE * SUPER_PAGE // BLOCK_P):
-            candidate = t * BLOCK_P + tl.arange(0, BLOCK_P)
-            owner = tl.sum(tl.where(rank[None, :] == (candidate // SUPER_PAGE)[:, None], chosen[None, :], 0), 1)
-            pages = owner * SUPER_PAGE + candidate % SUPER_PAGE
-            ok = (owner >= 0) & (pages < used)
-            physical = tl.load(PageTable + batch.to(tl.int64) * stride_tb + pages, mask=ok, other=0)
-            rows = physical.to(tl.int64) * stride_sp + kv_head * stride_sh
-            bound = _bounds(KeyMin, KeyMax, rows, ok, positive, negative, HEAD_DIM)
-            bound = tl.where(pages == used - 1, float("inf"), bound)
-            key = tl.where(ok, _sort_key(bound, pages), MIN_KEY)
-            keys = tl.where(tiles[:, None] == t, key[None, :], keys)
-        top = tl.topk(tl.reshape(keys, [SEL_TILE * SUPER_PAGE]), K_TILE)
-        _write_selection(top, Selected, Counts, batch, kv_head, stride_sb, stride_sh_out, stride_cb, used, budget,
-                         K_TILE)  # fmt: skip
-
-    @triton.jit
     def _two_level(
         Q,
         KeyMin,
@@ -239,8 +203,6 @@ if triton is not None:
         PageCounts,
         Selected,
         Counts,
-        Partial,
-        Arrivals,
         stride_qb,
         stride_qh,
         stride_sp,
@@ -261,81 +223,75 @@ if triton is not None:
         BLOCK_G: tl.constexpr,
         SUPER_PAGE: tl.constexpr,
         BLOCK_S: tl.constexpr,
-        SLICE: tl.constexpr,
-        SPLITS: tl.constexpr,
+        S_TILE: tl.constexpr,
         SEL_TILE: tl.constexpr,
         BLOCK_P: tl.constexpr,
         K_TILE: tl.constexpr,
     ):
-        """One (sequence, KV head, slice of ``SLICE`` super-pages): the slice's coarse bounds and
-        their top ``SEL_TILE``; the last of the ``SPLITS`` programs of a (sequence, KV head) to
-        finish merges the slices' tops into the chosen super-pages and runs level 2."""
+        """One (sequence, KV head): top super-pages by their coarse bounds, then top pages inside them."""
         batch = tl.program_id(0) // num_kv_heads
         kv_head = tl.program_id(0) % num_kv_heads
-        split = tl.program_id(1)
         positive, negative = _group_query(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM, BLOCK_G)
         used = tl.load(PageCounts + batch)
         supers = tl.cdiv(used, SUPER_PAGE)
 
-        # Level 1: the slice's super-pages' bounds; the newest super-page ranks first.
-        tiles = tl.arange(0, SLICE // BLOCK_S)
-        keys = tl.full([SLICE // BLOCK_S, BLOCK_S], MIN_KEY, tl.int64)
-        for t in range(SLICE // BLOCK_S):
-            index = split * SLICE + t * BLOCK_S + tl.arange(0, BLOCK_S)
+        # Level 1: every super-page's bound; the newest super-page first.
+        tiles = tl.arange(0, S_TILE // BLOCK_S)
+        keys = tl.full([S_TILE // BLOCK_S, BLOCK_S], MIN_KEY, tl.int64)
+        for t in range(S_TILE // BLOCK_S):
+            index = t * BLOCK_S + tl.arange(0, BLOCK_S)
             ok = index < supers
             rows = batch.to(tl.int64) * stride_ub + index.to(tl.int64) * stride_us + kv_head * stride_uh
             bound = _bounds(SuperMin, SuperMax, rows, ok, positive, negative, HEAD_DIM)
             bound = tl.where(index == supers - 1, float("inf"), bound)
             key = tl.where(ok, _sort_key(bound, index), MIN_KEY)
             keys = tl.where(tiles[:, None] == t, key[None, :], keys)
-        top_supers = tl.topk(tl.reshape(keys, [SLICE]), SEL_TILE)
         rank = tl.arange(0, SEL_TILE)
-        last = True
-        if SPLITS > 1:
-            # Publish the slice's top, then count arrivals: the barrier orders every thread's
-            # stores before the (release) increment; the last arrival (acquire) reads them all
-            # from L2 and resets the counter for the next launch.
-            base = tl.program_id(0).to(tl.int64) * (SPLITS * SEL_TILE)
-            tl.store(Partial + base + split * SEL_TILE + rank, top_supers)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(Arrivals + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-            last = arrived == SPLITS - 1
-        if last:
-            if SPLITS > 1:
-                tl.atomic_xchg(Arrivals + tl.program_id(0), 0, sem="relaxed", scope="gpu")
-                merged = tl.load(Partial + base + tl.arange(0, SPLITS * SEL_TILE), cache_modifier=".cg")
-                top_supers = tl.topk(merged, SEL_TILE)
-            chosen = _key_index(top_supers)
-            chosen = tl.where((rank < super_budget) & (chosen < supers), chosen, -1)
-            _fine_level(
-                chosen, positive, negative, KeyMin, KeyMax, PageTable, Selected, Counts, batch, kv_head, used,
-                stride_sp, stride_sh, stride_tb, stride_sb, stride_sh_out, stride_cb, budget,
-                HEAD_DIM, SUPER_PAGE, SEL_TILE, BLOCK_P, K_TILE,
-            )  # fmt: skip
+        top_supers = tl.topk(tl.reshape(keys, [S_TILE]), SEL_TILE)
+        chosen = _key_index(top_supers)
+        chosen = tl.where((rank < super_budget) & (chosen < supers), chosen, -1)
+
+        # Level 2: the pages of the chosen super-pages (candidate c: the (c % G)-th page of the
+        # (c // G)-th chosen super-page).
+        tiles = tl.arange(0, SEL_TILE * SUPER_PAGE // BLOCK_P)
+        keys = tl.full([SEL_TILE * SUPER_PAGE // BLOCK_P, BLOCK_P], MIN_KEY, tl.int64)
+        for t in range(SEL_TILE * SUPER_PAGE // BLOCK_P):
+            candidate = t * BLOCK_P + tl.arange(0, BLOCK_P)
+            owner = tl.sum(tl.where(rank[None, :] == (candidate // SUPER_PAGE)[:, None], chosen[None, :], 0), 1)
+            pages = owner * SUPER_PAGE + candidate % SUPER_PAGE
+            ok = (owner >= 0) & (pages < used)
+            physical = tl.load(PageTable + batch.to(tl.int64) * stride_tb + pages, mask=ok, other=0)
+            rows = physical.to(tl.int64) * stride_sp + kv_head * stride_sh
+            bound = _bounds(KeyMin, KeyMax, rows, ok, positive, negative, HEAD_DIM)
+            bound = tl.where(pages == used - 1, float("inf"), bound)
+            key = tl.where(ok, _sort_key(bound, pages), MIN_KEY)
+            keys = tl.where(tiles[:, None] == t, key[None, :], keys)
+        top = tl.topk(tl.reshape(keys, [SEL_TILE * SUPER_PAGE]), K_TILE)
+        _write_selection(top, Selected, Counts, batch, kv_head, stride_sb, stride_sh_out, stride_cb, used, budget,
+                         K_TILE)  # fmt: skip
 
 
 @functools.cache
 def _autotuned(name: str, blocks: tuple[str, ...], candidate_set: tuple, key: tuple[str, ...]):
-    """Kernel ``name`` autotuned over ``(tiles, num_warps)`` candidates (``tiles[i]`` for ``blocks[i]``)."""
-    configs = [triton.Config(dict(zip(blocks, tiles, strict=True)), num_warps=w) for tiles, w in candidate_set]
+    """Kernel ``name`` autotuned over ``(block, num_warps)`` candidates (each of ``blocks`` set to the block)."""
+    configs = [triton.Config(dict.fromkeys(blocks, b), num_warps=w) for b, w in candidate_set]
     return triton.autotune(configs=configs, key=list(key))(globals()[name])
 
 
 def _launch(name: str, grid, args, constants: dict, blocks: dict[str, int]) -> None:
-    """Launch kernel ``name``: autotuned over tile sizes (each block capped at its value in
-    ``blocks``) and 4, 8 or 16 warps on a GPU; one small tile under the interpreter."""
+    """Launch kernel ``name``: autotuned over tile sizes up to each of ``blocks``' caps and 4 or 8 warps
+    on a GPU; one small tile under the interpreter."""
     if interpreting():
         globals()[name][grid](*args, **constants, **{block: min(64, cap) for block, cap in blocks.items()})
         return
-    largest = max(blocks.values())
+    smallest = min(blocks.values())
     # Also 16 warps on 128 or 256 summaries per tile: the kernel is a chain of dependent loads,
     # so one wide tile per level (all its loads in flight at once) can beat a loop of narrow
     # ones. (256 at 8 warps spills heavily in the sm_90 build, an 11 KB stack frame per thread:
     # not a candidate.)
-    tiles = [(b, w) for b in (32, 64, 128) for w in (4, 8)] + [(b, 16) for b in (128, 256)]
-    candidate_set = tuple(
-        dict.fromkeys((tuple(min(b, cap) for cap in blocks.values()), w) for b, w in tiles if b <= max(largest, 32))
-    )
+    candidate_set = tuple((b, w) for b in (32, 64, 128) if b <= smallest for w in (4, 8))
+    candidate_set += tuple((b, 16) for b in (128, 256) if b <= smallest)
+    candidate_set = candidate_set or ((smallest, 4),)
     key = tuple(sorted(constants))
     kernel = _autotuned(name, tuple(blocks), candidate_set, key)
     kernel[grid](*args, **constants)
@@ -410,15 +366,9 @@ def select_pages_two_level_triton(
     *,
     super_page: int,
     super_budget: int,
-    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`.naive.select_pages_two_level_reference` in one kernel; same arguments and results
-    (``super_page`` a power of two).
-
-    ``splits`` (a power of two; default from the shapes): programs per (sequence, KV head) that
-    share the coarse level, each ranking a slice of the super-pages; the last to finish merges
-    their tops and runs the fine level.
-    """
+    (``super_page`` a power of two)."""
     _check_case(q)
     if super_page & (super_page - 1):
         raise ValueError(f"the two-level selection kernel takes a power-of-two super_page, not {super_page}")
@@ -431,45 +381,18 @@ def select_pages_two_level_triton(
     super_budget = min(super_budget, table_supers)
     s_tile = _pow2(table_supers)
     sel_tile = _pow2(super_budget)
-    if splits is None:
-        multiprocessors = 4 if interpreting() else _multiprocessors(q.device)
-        splits = _pow2(-(-SPLIT_PROGRAMS_PER_SM * multiprocessors // (batch * kv_heads)))
-    elif splits < 1 or splits & (splits - 1):
-        raise ValueError(f"splits must be a power of two, got {splits}")
-    # Every slice must hold the SEL_TILE keys its program ranks.
-    splits = min(splits, s_tile // sel_tile)
     block = 256 if dim <= 128 else 64
     selected, counts = _outputs(batch, kv_heads, keep, q.device)
-    programs = batch * kv_heads
-    partial = torch.empty(programs * splits * sel_tile if splits > 1 else 1, dtype=torch.int64, device=q.device)
-    arrivals = _arrivals(q.device, programs) if splits > 1 else partial
     args = (
-        q, key_min, key_max, super_min, super_max, page_table, page_counts, selected, counts, partial, arrivals,
+        q, key_min, key_max, super_min, super_max, page_table, page_counts, selected, counts,
         *q.stride()[:2], *key_min.stride()[:2], *super_min.stride()[:3], page_table.stride(0),
         *selected.stride()[:2], counts.stride(0),
         kv_heads, q_heads // kv_heads, max_super, keep, super_budget,
     )  # fmt: skip
     constants = dict(
-        HEAD_DIM=dim, BLOCK_G=_pow2(q_heads // kv_heads), SUPER_PAGE=super_page, SLICE=s_tile // splits,
-        SPLITS=splits, SEL_TILE=sel_tile, K_TILE=_pow2(keep),
+        HEAD_DIM=dim, BLOCK_G=_pow2(q_heads // kv_heads), SUPER_PAGE=super_page, S_TILE=s_tile, SEL_TILE=sel_tile,
+        K_TILE=_pow2(keep),
     )  # fmt: skip
-    caps = {"BLOCK_S": min(block, s_tile // splits), "BLOCK_P": min(block, sel_tile * super_page)}
-    _launch("_two_level", (programs, splits), args, constants, caps)
+    caps = {"BLOCK_S": min(block, s_tile), "BLOCK_P": min(block, sel_tile * super_page)}
+    _launch("_two_level", (batch * kv_heads,), args, constants, caps)
     return selected, counts
-
-
-_ARRIVAL_COUNTERS: dict = {}
-
-
-def _arrivals(device: torch.device, programs: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for ``programs`` (sequence, KV head) pairs, one buffer per
-    (device, stream): the kernel's last arrival resets its counter, so the buffer is zero again
-    after every launch and is reused without a memset (launches on one stream run in order;
-    CUDA-graph replays of a captured launch use the buffer made at capture)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    counters = _ARRIVAL_COUNTERS.get(key)
-    if counters is None or counters.numel() < programs:
-        counters = torch.zeros(max(programs, 1024), dtype=torch.int32, device=device)
-        _ARRIVAL_COUNTERS[key] = counters
-    return counters
