@@ -5,7 +5,10 @@ the kernel module exposes ``unsupported_reason(x, **case) -> str | None``, its c
 operator's entry point in ``<op>/__init__.py`` asks :func:`kernel_for` and runs the kernel module
 it gets back, or the reference when it gets ``None``. The kernel runs when the input is on CUDA,
 triton is installed and the can-run check passes; everywhere else, the CPU included, the
-reference runs, so a pattern estimated on CPU never depends on a kernel.
+reference runs, so a pattern estimated on CPU never depends on a kernel. On CUDA the reference
+is the slower path: :func:`kernel_for` then says so once per (operator, reason) with a
+``UserWarning`` naming the operator and the reason (:func:`reference_fallback` for a rule an
+entry point adds of its own).
 
 The kernel module is imported on first use: importing triton is a large share of
 ``import sparse_attn`` and is never needed on CPU. Under ``TRITON_INTERPRET=1`` the kernels
@@ -17,24 +20,50 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
 from types import ModuleType
 
 import torch
 
 from ..utils import interpreting
 
-__all__ = ["device_unsupported_reason", "kernel_for", "power_of_two_reason", "qk_unsupported_reason"]
+__all__ = [
+    "device_unsupported_reason",
+    "kernel_for",
+    "power_of_two_reason",
+    "qk_unsupported_reason",
+    "reference_fallback",
+]
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def reference_fallback(package: str, reason: str) -> None:
+    """Say once per (operator, reason) that operator ``package`` runs its PyTorch reference on CUDA, and why."""
+    if (package, reason) in _WARNED:
+        return
+    _WARNED.add((package, reason))
+    name = package.rsplit(".", 1)[-1]
+    warnings.warn(f"{name}: its Triton kernel {reason}: running the PyTorch reference (slower)", stacklevel=3)
 
 
 def kernel_for(x: torch.Tensor, package: str, **case) -> ModuleType | None:
     """The kernel module ``<package>.triton`` when it should run on ``x`` and ``case``, else ``None``.
 
-    ``case`` is passed to the kernel module's ``unsupported_reason(x, **case)``.
+    ``case`` is passed to the kernel module's ``unsupported_reason(x, **case)``. On CUDA a
+    ``None`` comes with a once-per-reason warning (:func:`reference_fallback`).
     """
-    if x.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+    if x.device.type != "cuda":
+        return None
+    if importlib.util.find_spec("triton") is None:
+        reference_fallback(package, "needs triton, which is not installed")
         return None
     kernel = importlib.import_module(".triton", package)
-    return kernel if kernel.unsupported_reason(x, **case) is None else None
+    reason = kernel.unsupported_reason(x, **case)
+    if reason is not None:
+        reference_fallback(package, reason)
+        return None
+    return kernel
 
 
 def device_unsupported_reason(x: torch.Tensor) -> str | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ...checks import check_int
-from .._dispatch import kernel_for
+from .._dispatch import kernel_for, reference_fallback
 from .naive import select_pages_reference, select_pages_two_level_reference
 
 __all__ = ["select_pages", "select_pages_two_level"]
@@ -100,7 +100,10 @@ def select_pages_two_level(
         )
     options = dict(super_page=super_page, super_budget=super_budget)
     kernel = kernel_for(q, __package__, head_dim=q.shape[-1])
-    if kernel is not None and not super_page & (super_page - 1):
+    if kernel is not None and super_page & (super_page - 1):
+        reference_fallback(__package__, f"takes a power-of-two super_page, not {super_page}")
+        kernel = None
+    if kernel is not None:
         return kernel.select_pages_two_level_triton(
             q, key_min, key_max, super_min, super_max, page_table, page_counts, budget, **options
         )
