@@ -11,7 +11,7 @@ off, on), beside cuDNN dense SDPA in the same run, so the dispatch rules
 measurements. Cases:
 
 * ``causal``: random causal block patterns, batch 1, 32/8 heads, head_dim 128, bf16 (the grid of
-  ``benchmarks/kernels.py``), at ``--lengths`` x ``--densities``;
+  ``benchmarks/kernel_grid.py``), at ``--lengths`` x ``--densities``;
 * ``bidirectional``: random non-causal patterns at the video shapes of ``benchmarks/spatial.py``;
 * ``spatial``: the HunyuanVideo patterns of ``neighborhood`` (defaults; GNA block-exact),
   ``sliding_tile`` and ``radial``, inputs already in tile order (permutation excluded).

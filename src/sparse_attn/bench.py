@@ -1,6 +1,6 @@
 """Kernel benchmark: block-sparse backends against dense attention measured in the same run.
 
-Used by ``benchmarks/kernels.py`` (the full GPU grid) and ``sparse-attn bench`` (``--quick``
+Used by ``benchmarks/kernel_grid.py`` (the full GPU grid) and ``sparse-attn bench`` (``--quick``
 runs small CPU sizes). Every time is a median: ``triton.testing.do_bench`` on CUDA, the
 median of repeated wall-clock runs on CPU. Throughput counts only the query-key pairs a
 pattern really computes (causal pairs inside kept blocks), at 4 * head_dim FLOPs per pair

@@ -12,10 +12,10 @@ column's throughput over the pairs it computes, and speedups against cuDNN. A ba
 cannot run a case (the Gluon kernel off Hopper, say) shows ``-`` and its reason. Medians from
 ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/kernels.json``.
 
-    python benchmarks/kernels.py                     # the full grid
-    python benchmarks/kernels.py --lengths 32768 --dims 128
-    python benchmarks/kernels.py --lengths 131072 --extra-dims --loads tma   # TMA descriptor loads only
-    python benchmarks/kernels.py --lengths 32768 131072 --kernels both       # Gluon vs Triton kernel
+    python benchmarks/kernel_grid.py                     # the full grid
+    python benchmarks/kernel_grid.py --lengths 32768 --dims 128
+    python benchmarks/kernel_grid.py --lengths 131072 --extra-dims --loads tma   # TMA descriptor loads only
+    python benchmarks/kernel_grid.py --lengths 32768 131072 --kernels both       # Gluon vs Triton kernel
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     loads = {"autotuned": None, "pointer": ("rows", "columns"), "tma": ("tma",)}[args.loads]
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU; on CPU run `sparse-attn bench --quick`")
+        raise SystemExit("benchmarks/kernel_grid.py needs a CUDA GPU; on CPU run `sparse-attn bench --quick`")
     device = torch.device("cuda")
     cases = [
         KernelCase(seq=seq, head_dim=dim, densities=tuple(args.densities)) for dim in args.dims for seq in args.lengths
