@@ -168,9 +168,16 @@ def test_wrong_head_counts_are_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", [{}, dict(compressor="mean", compress_block=64, compress_stride=64, window=0)])
-def test_gpu_branches_on_the_kernels_match_the_reference(monkeypatch, poison_outputs, options):
-    """NSA's shape (64 query / 4 KV heads, head_dim 128) at 8K tokens, bf16: the module on the CUDA
+@pytest.mark.parametrize(
+    "heads, options",
+    [
+        ((64, 4, 128), {}),
+        ((64, 4, 128), dict(compressor="mean", compress_block=64, compress_stride=64, window=0)),
+        ((9, 3, 64), {}),  # SmolLM2-135M's attention: group 3, head_dim 64 (benchmarks/train_smollm2.py)
+    ],
+)
+def test_gpu_branches_on_the_kernels_match_the_reference(monkeypatch, poison_outputs, heads, options):
+    """NSA's shape (64 query / 4 KV heads, head_dim 128; and SmolLM2's 9 / 3 of 64) at 8K tokens, bf16: the module on the CUDA
     kernels (compressed branch on the block kernel, window on the box predicate, selected branch on
     the token-granular kernel) against the same module on the reference backend, with the selected
     branch there computed by ``helpers.row_attention`` (exact; the reference backend takes minutes on
@@ -188,9 +195,10 @@ def test_gpu_branches_on_the_kernels_match_the_reference(monkeypatch, poison_out
             q, k, v, pattern, scale=scale, backend="reference", return_lse=return_lse
         )
 
-    q, k, v = random_qkv(1, 64, 4, 8192, 8192, 128, dtype=torch.bfloat16, device="cuda", seed=5)
+    q_heads, kv_heads, dim = heads
+    q, k, v = random_qkv(1, q_heads, kv_heads, 8192, 8192, dim, dtype=torch.bfloat16, device="cuda", seed=5)
     torch.manual_seed(0)
-    module = NativeSparseAttention(128, 64, 4, **options).cuda().to(torch.bfloat16)
+    module = NativeSparseAttention(dim, q_heads, kv_heads, **options).cuda().to(torch.bfloat16)
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.normal_(std=0.02)
