@@ -3,26 +3,22 @@ columns, and that patterns keeping every block give the unpatched model's logits
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
+from helpers import load_benchmark  # noqa: E402
+
 import sparse_attn as sa  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e_shapes.py"
 PATCH = {"backend": "reference", "block_q": 64, "block_k": 64, "min_seq_len": 64}
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("e2e_shapes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("e2e_shapes")
 
 
 @pytest.fixture(scope="module")

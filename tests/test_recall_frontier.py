@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import token_mask
+from helpers import load_benchmark, token_mask
 
 import sparse_attn as sa
 
@@ -17,10 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recall_frontier.p
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("recall_frontier", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("recall_frontier")
 
 
 def peaked_qk(q_heads, kv_heads, seq_q, seq_k, dim, seed):

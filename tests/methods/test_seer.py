@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_qkv
+from helpers import load_benchmark, random_qkv
 
 import sparse_attn as sa
 from sparse_attn.geometry import causal_block_mask, diagonal_block_mask
@@ -354,10 +354,7 @@ def test_shipped_gemma_gates_cover_its_global_layers_only():
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 def test_train_script_quick_runs_end_to_end(tmp_path):
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_seer.py"
-    spec = importlib.util.spec_from_file_location("train_seer", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("train_seer")
     result = module.main(
         ["--quick", "--steps", "4", "--max-sequences", "2", "--gates-out", str(tmp_path / "g.pt")]
         + ["--output", str(tmp_path / "r.json")]
