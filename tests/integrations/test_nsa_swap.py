@@ -55,3 +55,30 @@ def test_swapped_model_trains_under_autocast():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_compressed_tokens_live_in_the_cache_and_crops_clear_them():
+    """Decode steps keep each layer's compressed tokens on the transformers cache object; a crop
+    (assisted decoding) clears them, so steps after it equal a full recompute of the new tokens."""
+    from sparse_attn.integrations.cache import cache_keyword
+    from sparse_attn.nn.nsa_models import STATE_ATTRIBUTE
+
+    model = swap_in_nsa(tiny_model("llama"), **OPTIONS).eval()
+    ids = prompt(60)
+    cache = transformers.DynamicCache(config=model.config)
+    keyword = {cache_keyword(model): cache}
+    with torch.no_grad():
+        model(ids[:, :40], use_cache=True, **keyword)
+        for step in range(40, 47):
+            model(ids[:, step : step + 1], use_cache=True, **keyword)
+        states = cache.__dict__[STATE_ATTRIBUTE]
+        assert len(states) == model.config.num_hidden_layers
+        assert all(state.count == (47 - 8) // 4 + 1 and state.seq_k == 47 for state in states.values())
+        cache.crop(-5)  # drop 5 of 47 tokens (a negative count: every transformers version), then go on differently
+        assert all(state.count == 0 for state in states.values())
+        other = (ids[:, 42:50] + 7) % model.config.vocab_size
+        tokens = torch.cat([ids[:, :42], other], dim=1)
+        for step in range(42, 50):
+            logits = model(tokens[:, step : step + 1], use_cache=True, **keyword).logits[:, -1]
+            full = model(tokens[:, : step + 1], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, full, atol=TOLERANCE, rtol=TOLERANCE)

@@ -82,14 +82,28 @@ Memory: the branches run on the block-sparse kernels (O(S * D) activations, patt
 O(S / 128) entries per row block); the selection is streamed chunk by chunk of query tokens,
 holding one chunk's ``(B, Hkv, c, S / l')`` scores (at most ``CHUNK_ELEMENTS``) beside the
 pattern's ``(B, Hkv, S, n)`` lists. No ``S x S`` table at any point.
-A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_in_nsa`; a decode
-step (one query over the cache) recomputes the compressed tokens of the whole cache and plans a
-one-row pattern: correct, not yet fast (a cache of compressed tokens is the next step).
+Decode steps (``Sq = 1``, one query at the end of the keys) take their own path
+(:meth:`NativeSparseAttention.decode_step`): the same rule in a few dense PyTorch operations on the
+GQA group's rows (the visible compressed tokens, the selected blocks gathered, the last ``w``
+keys), with float32 scores and softmax (float64 for float64 inputs), no pattern or plan built
+and no host synchronisation; the lists come from the ranking prefill uses
+(:func:`sparse_attn.ops.causal_top_blocks.causal_top_blocks`' rule on the group-summed
+probabilities). The compressed tokens of a growing cache are kept in a
+:class:`CompressedTokenCache` (``forward(..., cache=)``), so a step compresses only the block its
+new key completes, once in ``d`` steps; :func:`sparse_attn.nn.nsa_models.swap_in_nsa` keeps one
+per layer inside the model's transformers cache. On CUDA the 16-bit keys, values and compressed
+tokens go to the tensor cores as they are, with float32 products (``torch.bmm(..., out_dtype=)``;
+the probabilities are cast to 16 bits for the product with the values, as flash kernels do);
+elsewhere, or with gradients to record, both operands are converted to float32 first. A step is
+about 40 small kernels (``benchmarks/nsa_decode.py`` times it against dense decode).
+A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_in_nsa`.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -103,7 +117,7 @@ from ..ops.compressed_scores import compressed_block_scores, visible_count
 from ..pattern import BlockSparsePattern, dense_pattern
 from ..rule_predicate import pack_box
 
-__all__ = ["NativeSparseAttention"]
+__all__ = ["CompressedTokenCache", "NativeSparseAttention"]
 
 
 class _BlockCompressor(nn.Module):
@@ -283,18 +297,25 @@ class NativeSparseAttention(nn.Module):
     def compressed_tokens(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(k_cmp, v_cmp, end)``: ``(B, Hkv, n_cmp, D)`` compressed keys and values and, int64
         ``(n_cmp,)``, the last key position each covers (``n_cmp = (Sk - l) // d + 1``, 0 if ``Sk < l``)."""
-        seq_k = k.shape[2]
-        count = max(0, (seq_k - self.compress_block) // self.compress_stride + 1)
+        count = self.compressed_count(k.shape[2])
         end = torch.arange(count, device=k.device) * self.compress_stride + self.compress_block - 1
-        if count == 0:
+        return (*self._compress(k, v), end)
+
+    def compressed_count(self, seq_k: int) -> int:
+        """How many compressed tokens ``seq_k`` keys have: ``(Sk - l) // d + 1``, 0 if ``Sk < l``."""
+        return max(0, (seq_k - self.compress_block) // self.compress_stride + 1)
+
+    def _compress(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compressed keys and values of every whole block of ``k``, ``v`` (blocks start at 0, ``d`` apart)."""
+        if self.compressed_count(k.shape[2]) == 0:
             empty = k.new_zeros((*k.shape[:2], 0, k.shape[3]))
-            return empty, empty, end
+            return empty, empty
         # unfold: (B, H, n, D, l) -> (B, H, n, l, D)
         blocks_k = k.unfold(2, self.compress_block, self.compress_stride).transpose(-1, -2)
         blocks_v = v.unfold(2, self.compress_block, self.compress_stride).transpose(-1, -2)
         if self.compressor == "mean":
-            return blocks_k.mean(-2), blocks_v.mean(-2), end
-        return self.compress_k(blocks_k), self.compress_v(blocks_v), end
+            return blocks_k.mean(-2), blocks_v.mean(-2)
+        return self.compress_k(blocks_k), self.compress_v(blocks_v)
 
     def compressed_branch(self, q, k_cmp, v_cmp, seq_k: int, scale: float):
         """``(out, lse)``: the compressed branch ``(B, Hq, Sq, D)`` and its natural-log log-sum-exp
@@ -384,16 +405,37 @@ class NativeSparseAttention(nn.Module):
             out=(indices[:, :, tokens.start : tokens.stop], counts[:, :, tokens.start : tokens.stop]),
         )  # fmt: skip
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
-        """``(B, Hq, Sq, D)`` in q's dtype."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        cache: CompressedTokenCache | None = None,
+    ) -> torch.Tensor:
+        """``(B, Hq, Sq, D)`` in q's dtype. ``cache``: a :class:`CompressedTokenCache` that keeps the
+        compressed tokens of ``k``, ``v`` between calls on a growing key sequence (inference: with
+        gradients enabled it is not used). A single query (``Sq = 1``) runs :meth:`decode_step`."""
         scale = check_attention_inputs(q, k, v, scale)
         if q.shape[1] != self.num_q_heads or k.shape[1] != self.num_kv_heads or q.shape[3] != self.head_dim:
             raise ValueError(
                 f"expected q with {self.num_q_heads} heads and k/v with {self.num_kv_heads} heads of head_dim "
                 f"{self.head_dim}, got q {tuple(q.shape)} and k {tuple(k.shape)}"
             )
+        if cache is not None and not isinstance(cache, CompressedTokenCache):
+            raise TypeError(f"cache must be a CompressedTokenCache or None, got {type(cache).__name__}")
         seq_q, seq_k = q.shape[2], k.shape[2]
-        k_cmp, v_cmp, _ = self.compressed_tokens(k, v)
+        if cache is not None and torch.is_grad_enabled():
+            _warn_once("NativeSparseAttention: cache= is for inference; with gradients enabled every call "
+                       "recomputes the compressed tokens and leaves the cache as it was")  # fmt: skip
+            cache = None
+        if cache is not None:
+            k_cmp, v_cmp = cache.update(self, k, v, seq_q)
+        else:
+            k_cmp, v_cmp = self._compress(k, v)
+        if seq_q == 1:
+            return self.decode_step(q, k, v, k_cmp, v_cmp, scale=scale)
         compressed, lse = self.compressed_branch(q, k_cmp, v_cmp, seq_k, scale)
         with torch.no_grad():
             pattern = self.selection(q.detach(), k_cmp.detach(), lse.detach(), seq_k, scale)
@@ -408,6 +450,90 @@ class NativeSparseAttention(nn.Module):
             out = torch.addcmul(out, window, gate[2])
         return out.to(q.dtype)
 
+    def decode_step(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cmp: torch.Tensor,
+        v_cmp: torch.Tensor,
+        *,
+        scale: float,
+    ) -> torch.Tensor:
+        """NSA for one query per sequence at the last key position (``q`` ``(B, Hq, 1, D)``), given
+        the compressed tokens ``k_cmp``, ``v_cmp`` ``(B, Hkv, n_cmp, D)`` of ``k``, ``v``: the rule of
+        :meth:`forward` in dense operations on each KV head's group of query rows, without patterns.
+
+        Compressed branch: softmax over the visible compressed tokens; its probabilities, summed over
+        the group and spread over the stride pieces each compressed block covers, score the
+        selection blocks (:func:`~sparse_attn.ops.compressed_scores.compressed_block_scores`' rule),
+        ranked as in prefill (forced first, ties to the lower block); the listed blocks' keys are
+        gathered (``top_n * l'`` per KV head) and masked past the query; the window is the last
+        ``w`` keys; the selected and window branches share one gather and one product (their rows
+        masked apart). Float32 scores (float64 for float64 inputs; see :func:`_products` for the
+        16-bit operands on CUDA), differentiable in ``q``, ``k``, ``v`` and the parameters (not
+        through the discrete choice). Memory: ``O(B * Hkv * (n_cmp + top_n l' + w) * D)``.
+        """
+        batch, q_heads, _, dim = q.shape
+        kv_heads, seq_k = k.shape[1], k.shape[2]
+        group, pos, block = q_heads // kv_heads, seq_k - 1, self.select_block
+        work = torch.promote_types(q.dtype, torch.float32)
+        rows = q.view(batch, kv_heads, group, dim)
+        own = pos // block  # the last block: no block lies past the query
+        visible = visible_count(pos, self.compress_block, self.compress_stride, k_cmp.shape[2])
+        if visible:
+            logits = _products(rows, k_cmp[:, :, :visible].transpose(-1, -2), work) * scale
+            probabilities = torch.softmax(logits, dim=-1)
+            compressed = _products(probabilities, v_cmp[:, :, :visible], work)
+            ranking = self._decode_block_scores(probabilities.detach().sum(2), own + 1)
+            top_n = min(self.select_top_n, own + 1)
+        else:  # before the first whole compression block: the forced blocks only
+            compressed = q.new_zeros(rows.shape, dtype=work)
+            ranking = q.new_zeros((batch, kv_heads, own + 1), dtype=torch.float32)
+            top_n = min(self.select_top_n, len({0, max(own - 1, 0), own}))
+        # The ranking of causal_top_blocks for one row: forced blocks (the first, the one before
+        # the query's and its own) at +inf, every block up to the query's eligible; a stable
+        # descending sort ranks ties to the lower block. Order inside the list does not matter here.
+        ranking[..., 0] = float("inf")
+        ranking[..., max(own - 1, 0) :] = float("inf")
+        chosen = torch.sort(ranking, dim=-1, descending=True, stable=True).indices[..., :top_n]
+        positions = (chosen[..., None] * block + torch.arange(block, device=q.device)).flatten(2)
+        selected_keys = positions.shape[2]
+        listed = positions <= pos  # the query's own block is cut at the query
+        if self.window:  # the window's keys after the selected ones, one gather and one product for both
+            window = torch.arange(max(0, seq_k - self.window), seq_k, device=q.device)
+            positions = torch.cat([positions, window.expand(batch, kv_heads, -1)], dim=2)
+        index = positions.clamp(max=pos)[..., None].expand(-1, -1, -1, dim)
+        keys, values = (x.gather(2, index) for x in (k, v))
+        logits = (_products(rows, keys.transpose(-1, -2), work) * scale)[:, :, None]  # (B, Hkv, 1, G, N)
+        # Branch rows: selected (its listed keys), then window (its keys): (B, Hkv, branches, 1, N).
+        masks = [torch.nn.functional.pad(listed, (0, positions.shape[2] - selected_keys))]
+        if self.window:
+            masks.append((torch.arange(positions.shape[2], device=q.device) >= selected_keys).expand_as(masks[0]))
+        masks = torch.stack(masks, dim=2)[:, :, :, None]
+        probabilities = torch.softmax(logits.masked_fill(~masks, float("-inf")), dim=-1)
+        branches = _products(probabilities.flatten(2, 3), values, work).view(
+            batch, kv_heads, masks.shape[2], group, dim
+        )
+        # (B, Hkv, 3, G, D): compressed, selected, window; gates as prefill computes them.
+        branches = torch.cat([compressed[:, :, None], branches], dim=2)
+        gates = torch.sigmoid(torch.einsum("bhsd,hdg->bhsg", q, self.gate_weight.to(q.dtype)) + self.gate_bias[:, None])
+        gates = gates[..., : branches.shape[2]].to(work).view(batch, kv_heads, group, -1).transpose(2, 3)
+        out = (branches * gates[..., None]).sum(2)
+        return out.view(batch, q_heads, 1, dim).to(q.dtype)
+
+    def _decode_block_scores(self, key_scores: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """Selection-block scores ``(B, Hkv, n_blocks)`` from the group-summed probabilities of the
+        visible compressed tokens ``(B, Hkv, n)``: compressed token ``i`` covers stride pieces
+        ``i .. i + l/d - 1``, each piece adds its tokens' probabilities, a block sums its ``l'/d`` pieces."""
+        per_key, per_block = self.compress_block // self.compress_stride, self.select_block // self.compress_stride
+        n_pieces = n_blocks * per_block
+        pieces = key_scores.new_zeros((*key_scores.shape[:2], n_pieces + per_key))
+        visible = key_scores.shape[2]
+        for shift in range(per_key):
+            pieces[:, :, shift : shift + visible] += key_scores
+        return pieces[:, :, :n_pieces].reshape(*key_scores.shape[:2], n_blocks, per_block).sum(-1)
+
     def selected_pattern(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
                          ) -> BlockSparsePattern:  # fmt: skip
         """The pattern the selected branch computes for these inputs (no gradient)."""
@@ -416,3 +542,108 @@ class NativeSparseAttention(nn.Module):
             k_cmp, v_cmp, _ = self.compressed_tokens(k, v)
             _, lse = self.compressed_branch(q, k_cmp, v_cmp, k.shape[2], scale)
             return self.selection(q, k_cmp, lse, k.shape[2], scale)
+
+
+def _products(a: torch.Tensor, b: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """``a @ b`` (batched over the leading dimensions) in ``work`` precision. On CUDA, with ``b`` in
+    16 bits and no gradient to record, the tensor cores take ``b`` as it is (``a`` cast to its
+    dtype: queries, or probabilities as flash kernels cast them) and write float32
+    (``torch.bmm(..., out_dtype=)``), so the cached compressed keys and values are read once in
+    16 bits, not copied to float32 first; elsewhere both operands are converted to ``work``."""
+    tensor_cores = (
+        b.is_cuda
+        and b.dtype in (torch.float16, torch.bfloat16)
+        and work == torch.float32
+        and _BMM_FLOAT32_OUT
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+    )
+    if not tensor_cores:
+        return a.to(work) @ b.to(work)
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a, b = a.to(b.dtype).expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:])
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+    return out.view(*lead, *out.shape[-2:])
+
+
+_BMM_FLOAT32_OUT = hasattr(torch.ops.aten.bmm, "dtype")  # torch.bmm(..., out_dtype=) on CUDA
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+class CompressedTokenCache:
+    """The compressed keys and values of one layer's growing key/value sequence, for decode steps.
+
+    Pass it as ``NativeSparseAttention.forward(..., cache=)`` on every call of a generation (prefill
+    and each step, the keys and values being the whole cache so far). A compressed token depends
+    only on its block's keys (values), so the tokens of whole blocks never change as keys are
+    appended: each call compresses only the blocks its new keys complete (one token per ``d``
+    decode steps) and returns them with the kept ones.
+
+    It checks what it can: the same module, batch, heads, head_dim, dtype and device, and that the
+    keys grew by exactly the call's queries (``Sk - Sq`` equals the length it saw last); otherwise
+    it starts over from the keys it is given (correct, one full compression). It cannot see keys
+    that changed in place at the same length (a batch reordered by beam search, a crop followed by
+    as many new keys in another call): call :meth:`reset` then. ``swap_in_nsa`` does this for the
+    transformers cache it lives in (it wraps the cache's ``crop``, ``reset``, ``reorder_cache``,
+    ``batch_select_indices`` and ``batch_repeat_interleave``). Not for training: with gradients
+    enabled ``forward`` does not use it.
+
+    Memory: ``2 * B * Hkv * n_cmp * D`` elements in the keys' dtype (``n_cmp ~ Sk / d``: 1/16 of the
+    key/value cache at the paper's ``d = 16``), with capacity doubling as it grows.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every compressed token (the next call compresses its keys from the start)."""
+        self._keys = self._values = None
+        self._owner = None
+        self.count = 0  # compressed tokens held
+        self.seq_k = 0  # key length at the last call
+
+    def update(self, module: NativeSparseAttention, k: torch.Tensor, v: torch.Tensor, new_tokens: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``(k_cmp, v_cmp)`` of ``k``, ``v`` (the whole sequence so far, whose last ``new_tokens`` keys
+        are new since the last call), computing only the compressed tokens not held yet."""
+        check_int("new_tokens", new_tokens, minimum=0)
+        seq_k, target = k.shape[2], module.compressed_count(k.shape[2])
+        held = self._keys
+        same = (
+            held is not None
+            and self._owner is not None
+            and self._owner() is module
+            and self.seq_k == seq_k - new_tokens
+            and held.shape[:2] == k.shape[:2]
+            and held.shape[3] == k.shape[3]
+            and held.dtype == k.dtype
+            and held.device == k.device
+        )
+        if not same:
+            self.reset()
+        if target > self.count:
+            start = self.count * module.compress_stride
+            stop = (target - 1) * module.compress_stride + module.compress_block
+            new_k, new_v = module._compress(k[:, :, start:stop], v[:, :, start:stop])
+            self._append(new_k, new_v)
+        self._owner, self.seq_k = weakref.ref(module), seq_k
+        if self._keys is None:
+            empty = k.new_zeros((*k.shape[:2], 0, k.shape[3]))
+            return empty, empty
+        return self._keys[:, :, :target], self._values[:, :, :target]
+
+    def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        need = self.count + keys.shape[2]
+        if self._keys is None or need > self._keys.shape[2]:
+            capacity = max(need, 2 * (0 if self._keys is None else self._keys.shape[2]), 16)
+            grown = [x.new_empty((*x.shape[:2], capacity, x.shape[3])) for x in (keys, values)]
+            if self._keys is not None:
+                grown[0][:, :, : self.count] = self._keys[:, :, : self.count]
+                grown[1][:, :, : self.count] = self._values[:, :, : self.count]
+            self._keys, self._values = grown
+        self._keys[:, :, self.count : need] = keys
+        self._values[:, :, self.count : need] = values
+        self.count = need

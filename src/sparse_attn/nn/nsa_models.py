@@ -7,7 +7,13 @@ function registered here, which runs it on the module's projected, position-enco
 keys and values. The model's own q/k/v/o projections are kept (NSA starts from them); the NSA
 parameters (compression MLPs, gates) are new and train with the rest. ``generate()`` works with
 the model's KV cache: a decode step is NSA with one query at the end of the cached keys (the
-module takes ``Sq < Sk``), the same rule a full recompute applies to that token.
+module's decode path), the same rule a full recompute applies to that token. The compressed
+tokens of each layer are kept beside the keys: a :class:`~sparse_attn.nn.nsa.CompressedTokenCache`
+per layer stored on the transformers ``Cache`` object itself (found among the attention module's
+call arguments by a forward pre-hook), so they live and die with it; the cache's ``crop``,
+``reset``, ``reorder_cache``, ``batch_select_indices`` and ``batch_repeat_interleave`` are wrapped on
+that object to clear them (assisted decoding crops, beam search reorders). Without a cache
+(``use_cache=False``) every call compresses from scratch.
 
 Limits: batches without padding (a padded batch raises ``ValueError``); every attention layer
 becomes NSA, sliding-window layers included (NSA has its own window branch); models with logit
@@ -17,19 +23,62 @@ does not).
 
 from __future__ import annotations
 
+import types
+
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, Cache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..integrations.attention import autocast_inputs
 from ..integrations.patching import _attention_modules
 from ..integrations.state import check_model
-from .nsa import NativeSparseAttention
+from .nsa import CompressedTokenCache, NativeSparseAttention
 
 __all__ = ["ATTENTION_NAME", "nsa_attention_forward", "swap_in_nsa"]
 
 ATTENTION_NAME = "sparse_attn_nsa"
 NSA_ATTRIBUTE = "nsa"
+KV_CACHE_ATTRIBUTE = "_sparse_attn_kv_cache"  # the transformers Cache of the call in progress
+STATE_ATTRIBUTE = "_sparse_attn_nsa_compressed"  # on a Cache: {layer key: CompressedTokenCache}
+HOOKED_ATTRIBUTE = "_sparse_attn_nsa_hooked"
+MUTATORS = ("crop", "reset", "reorder_cache", "batch_select_indices", "batch_repeat_interleave")
+
+
+def _remember_cache(module, args, kwargs):
+    """Forward pre-hook: keep the call's transformers ``Cache`` (whatever its argument's name) on the module."""
+    found = next((value for value in (*args, *kwargs.values()) if isinstance(value, Cache)), None)
+    module.__dict__[KV_CACHE_ATTRIBUTE] = found
+
+
+def _forget_cache(module, args, kwargs, output):
+    module.__dict__[KV_CACHE_ATTRIBUTE] = None
+
+
+def _clearing(name: str):
+    """A method that clears the compressed-token caches of ``self`` and then runs the class's ``name``.
+    Bound to the instance with ``types.MethodType``: ``copy.deepcopy`` rebinds it to the copy."""
+
+    def method(self, *args, **kwargs):
+        for state in self.__dict__.get(STATE_ATTRIBUTE, {}).values():
+            state.reset()
+        return getattr(type(self), name)(self, *args, **kwargs)
+
+    return method
+
+
+def _compressed_cache(module) -> CompressedTokenCache | None:
+    """The compressed-token cache of ``module``'s layer inside the call's transformers cache, or ``None``."""
+    kv_cache = module.__dict__.get(KV_CACHE_ATTRIBUTE)
+    if kv_cache is None:
+        return None
+    states = kv_cache.__dict__.get(STATE_ATTRIBUTE)
+    if states is None:
+        states = kv_cache.__dict__[STATE_ATTRIBUTE] = {}
+        for name in MUTATORS:
+            if callable(getattr(type(kv_cache), name, None)):
+                setattr(kv_cache, name, types.MethodType(_clearing(name), kv_cache))
+    key = getattr(module, "layer_idx", None)
+    return states.setdefault(id(module) if key is None else key, CompressedTokenCache())
 
 
 def nsa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -44,7 +93,8 @@ def nsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     # real key, so a key it cannot see is padding.
     if isinstance(attention_mask, torch.Tensor) and not bool(attention_mask[..., -1, :].all()):
         raise ValueError("NativeSparseAttention in a transformers model takes batches without padding")
-    out = nsa(*autocast_inputs(query, key, value), scale=scaling)
+    cache = _compressed_cache(module) if not torch.is_grad_enabled() else None
+    out = nsa(*autocast_inputs(query, key, value), scale=scaling, cache=cache)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -62,6 +112,10 @@ def swap_in_nsa(model: torch.nn.Module, **options) -> torch.nn.Module:
         nsa = NativeSparseAttention(head_dim, config.num_attention_heads, config.num_key_value_heads, **options)
         reference = next(module.parameters())
         module.add_module(NSA_ATTRIBUTE, nsa.to(device=reference.device, dtype=reference.dtype))
+        if not module.__dict__.get(HOOKED_ATTRIBUTE):
+            module.register_forward_pre_hook(_remember_cache, with_kwargs=True)
+            module.register_forward_hook(_forget_cache, with_kwargs=True)
+            module.__dict__[HOOKED_ATTRIBUTE] = True
     model.set_attn_implementation(ATTENTION_NAME)
     if model.config._attn_implementation != ATTENTION_NAME:
         raise ValueError(f"{type(model).__name__} cannot switch its attention implementation")
