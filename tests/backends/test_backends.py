@@ -100,15 +100,16 @@ def _check_backend(backend, shape, dtype, causal, device, seed):
             assert torch.allclose(result[1], expected[1], atol=2e-2 if dtype != torch.float32 else 1e-4)
 
 
-# Every shape in every dtype, causal and not, except the 32-head shape (the slowest under the
-# interpreter) in bfloat16 and causal only: the dtypes' and the non-causal paths are covered by
-# the other shapes.
+# Every shape in bfloat16 and float32, causal and not; float16 (the kernel's other 16-bit operand
+# type, on the same code path) on the two cheapest shapes only, and the 32-head shape (the
+# slowest under the interpreter) in bfloat16 and causal only: the suite's CPU time is bounded.
 SHAPE_DTYPE_CAUSAL = [
     (shape, dtype, causal)
     for shape in SHAPES
     for dtype in (torch.float16, torch.bfloat16, torch.float32)
     for causal in (True, False)
-    if shape[1] < 32 or (dtype == torch.bfloat16 and causal)
+    if (shape[1] < 32 or (dtype == torch.bfloat16 and causal))
+    and (dtype != torch.float16 or shape in (SHAPES[0], SHAPES[3]))
 ]
 
 
@@ -318,8 +319,9 @@ def test_heads_per_wave_counts_whole_gqa_groups():
             pass
 
 
-@pytest.mark.parametrize("shape", [SHAPES[2], (2, 6, 3, 70, 90, 64, 32, 16)], ids=str)
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "shape, causal", [(SHAPES[2], True), ((2, 6, 3, 70, 90, 64, 32, 16), False)], ids=["causal", "not-causal"]
+)
 def test_triton_launch_waves_change_no_result(shape, causal, poison_outputs):
     # Waves only reorder the programs: every wave size gives the one-wave result bit for bit.
     batch, q_heads, kv_heads, seq_q, seq_k, dim, _, _ = shape

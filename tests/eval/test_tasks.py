@@ -138,7 +138,6 @@ def test_missing_kjv_names_the_install_command(monkeypatch, tmp_path):
 RECOVERABLE = [
     ("passkey", 0.5, 1.0),
     ("niah", 0.1, 1.0),
-    ("niah", 0.9, 1.0),
     ("niah_multikey", 0.1, 1.0),
     ("niah_multivalue", 0.9, 1.0),
     ("variable_tracking", 0.1, 0.4),

@@ -93,7 +93,8 @@ probabilities). The compressed tokens of a growing cache are kept in a
 new key completes, once in ``d`` steps; :func:`sparse_attn.nn.nsa_models.swap_in_nsa` keeps one
 per layer inside the model's transformers cache. On CUDA the 16-bit keys, values and compressed
 tokens go to the tensor cores as they are, with float32 products (``torch.bmm(..., out_dtype=)``;
-the probabilities are cast to 16 bits for the product with the values, as flash kernels do);
+the probabilities are cast to 16 bits for the product with the values, as flash kernels do; the
+compressed branch's output comes from SDPA, whose decode kernels split the long reduction);
 elsewhere, or with gradients to record, both operands are converted to float32 first. A step is
 about 40 small kernels (``benchmarks/nsa_decode.py`` times it against dense decode).
 A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_in_nsa`.
@@ -107,6 +108,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import api  # a module, not its names: methods import sparse_attn.nn while api loads
 from ..checks import check_attention_inputs, check_int
@@ -482,9 +484,14 @@ class NativeSparseAttention(nn.Module):
         own = pos // block  # the last block: no block lies past the query
         visible = visible_count(pos, self.compress_block, self.compress_stride, k_cmp.shape[2])
         if visible:
-            logits = _products(rows, k_cmp[:, :, :visible].transpose(-1, -2), work) * scale
-            probabilities = torch.softmax(logits, dim=-1)
-            compressed = _products(probabilities, v_cmp[:, :, :visible], work)
+            keys, values = k_cmp[:, :, :visible], v_cmp[:, :, :visible]
+            probabilities = torch.softmax(_products(rows, keys.transpose(-1, -2), work) * scale, dim=-1)
+            if _tensor_cores(rows, keys, work):  # SDPA splits the long reduction over the keys
+                with sdpa_kernel(_DECODE_SDPA, set_priority=True):  # cuDNN's decode is slow (benchmarks/decode.py)
+                    compressed = torch.nn.functional.scaled_dot_product_attention(rows, keys, values, scale=scale)
+                compressed = compressed.to(work)
+            else:
+                compressed = _products(probabilities, values, work)
             ranking = self._decode_block_scores(probabilities.detach().sum(2), own + 1)
             top_n = min(self.select_top_n, own + 1)
         else:  # before the first whole compression block: the forced blocks only
@@ -550,14 +557,7 @@ def _products(a: torch.Tensor, b: torch.Tensor, work: torch.dtype) -> torch.Tens
     dtype: queries, or probabilities as flash kernels cast them) and write float32
     (``torch.bmm(..., out_dtype=)``), so the cached compressed keys and values are read once in
     16 bits, not copied to float32 first; elsewhere both operands are converted to ``work``."""
-    tensor_cores = (
-        b.is_cuda
-        and b.dtype in (torch.float16, torch.bfloat16)
-        and work == torch.float32
-        and _BMM_FLOAT32_OUT
-        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-    )
-    if not tensor_cores:
+    if not _tensor_cores(a, b, work):
         return a.to(work) @ b.to(work)
     lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a, b = a.to(b.dtype).expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:])
@@ -565,7 +565,20 @@ def _products(a: torch.Tensor, b: torch.Tensor, work: torch.dtype) -> torch.Tens
     return out.view(*lead, *out.shape[-2:])
 
 
+_DECODE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 _BMM_FLOAT32_OUT = hasattr(torch.ops.aten.bmm, "dtype")  # torch.bmm(..., out_dtype=) on CUDA
+
+
+def _tensor_cores(a: torch.Tensor, b: torch.Tensor, work: torch.dtype) -> bool:
+    """Whether :func:`_products` (and the decode step's compressed branch, through SDPA) take the
+    16-bit operands as they are: CUDA, 16-bit ``b``, float32 work, no gradient to record."""
+    return (
+        b.is_cuda
+        and b.dtype in (torch.float16, torch.bfloat16)
+        and work == torch.float32
+        and _BMM_FLOAT32_OUT
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+    )
 
 
 @functools.cache
