@@ -9,6 +9,11 @@ from helpers import poisoned_allocate
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (pyproject's addopts) each worker takes its share of the cores, so the
+# workers' intra-op threads do not oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # GPU test runs with SPARSE_ATTN_TEST_ONE_CONFIG=1 skip autotuning: every autotuned kernel keeps the
 # first of its candidate configurations (the tests check results, not speed; autotuning every
 # kernel, pass and length key over up to 16 configurations took minutes per test file on the H200).
