@@ -151,3 +151,15 @@ def test_gpu_decode_step_matches_the_float64_decode_on_cpu(heads):
         want = cpu(*(x.to("cpu", torch.float64) for x in (q.to(torch.bfloat16), k16, v16)))
     assert torch.isfinite(out).all()
     assert float((out.double().cpu() - want).norm() / want.norm()) <= 2e-2
+
+
+def test_decode_step_takes_strided_queries():
+    """Queries as transformers passes them ((B, S, H, D) storage seen as (B, H, S, D)) and with a
+    last-dimension stride: the same result as contiguous ones."""
+    module = _module(6, 2, 8, seed=11).float()
+    q, k, v = random_qkv(2, 6, 2, 1, 50, 8, seed=12)
+    strided = torch.randn(2, 1, 6, 16)[..., ::2].transpose(1, 2)  # (B, H, 1, D), stride 2 in D
+    with torch.no_grad():
+        got = module(strided, k, v)
+        want = module(strided.contiguous(), k, v)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

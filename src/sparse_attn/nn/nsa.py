@@ -480,7 +480,7 @@ class NativeSparseAttention(nn.Module):
         kv_heads, seq_k = k.shape[1], k.shape[2]
         group, pos, block = q_heads // kv_heads, seq_k - 1, self.select_block
         work = torch.promote_types(q.dtype, torch.float32)
-        rows = q.view(batch, kv_heads, group, dim)
+        rows = q.reshape(batch, kv_heads, group, dim)
         own = pos // block  # the last block: no block lies past the query
         visible = visible_count(pos, self.compress_block, self.compress_stride, k_cmp.shape[2])
         if visible:
@@ -525,7 +525,7 @@ class NativeSparseAttention(nn.Module):
         # (B, Hkv, 3, G, D): compressed, selected, window; gates as prefill computes them.
         branches = torch.cat([compressed[:, :, None], branches], dim=2)
         gates = torch.sigmoid(torch.einsum("bhsd,hdg->bhsg", q, self.gate_weight.to(q.dtype)) + self.gate_bias[:, None])
-        gates = gates[..., : branches.shape[2]].to(work).view(batch, kv_heads, group, -1).transpose(2, 3)
+        gates = gates[..., : branches.shape[2]].to(work).reshape(batch, kv_heads, group, -1).transpose(2, 3)
         out = (branches * gates[..., None]).sum(2)
         return out.view(batch, q_heads, 1, dim).to(q.dtype)
 
