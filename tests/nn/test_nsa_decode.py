@@ -90,8 +90,8 @@ def test_cache_starts_over_when_the_keys_did_not_just_grow():
     with torch.no_grad():
         cache = CompressedTokenCache()
         module(q[:, :, :40], k[:, :, :40], v[:, :, :40], cache=cache)
-        # 41 keys of another sequence after 40 seen: grew by one, as a decode step would: the
-        # cache cannot tell (documented), so only lengths that do not fit are checked here.
+        # 41 keys of another sequence after 40 seen would look like a decode step, which the cache
+        # cannot tell apart (documented): only lengths that do not fit are checked here.
         for seq_k in (30, 45, 60):  # shorter, longer by more than the queries, longer again
             got = module(q[:, :, seq_k - 1 : seq_k], k2[:, :, :seq_k], v2[:, :, :seq_k], cache=cache)
             want = module(q[:, :, seq_k - 1 : seq_k], k2[:, :, :seq_k], v2[:, :, :seq_k])

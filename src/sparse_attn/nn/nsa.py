@@ -96,7 +96,7 @@ tokens go to the tensor cores as they are, with float32 products (``torch.bmm(..
 the probabilities are cast to 16 bits for the product with the values, as flash kernels do; the
 compressed branch's output comes from SDPA, whose decode kernels split the long reduction);
 elsewhere, or with gradients to record, both operands are converted to float32 first. A step is
-about 40 small kernels (``benchmarks/nsa_decode.py`` times it against dense decode).
+a few dozen small kernels (``benchmarks/nsa_decode.py`` times it against dense decode).
 A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_in_nsa`.
 """
 
@@ -116,6 +116,7 @@ from ..masked_pattern import MaskedPattern
 from ..ops._chunking import CHUNK_ELEMENTS
 from ..ops.causal_top_blocks import causal_top_blocks
 from ..ops.compressed_scores import compressed_block_scores, visible_count
+from ..ops.compressed_scores.naive import spread_to_blocks
 from ..pattern import BlockSparsePattern, dense_pattern
 from ..rule_predicate import pack_box
 
@@ -492,15 +493,17 @@ class NativeSparseAttention(nn.Module):
                 compressed = compressed.to(work)
             else:
                 compressed = _products(probabilities, values, work)
-            ranking = self._decode_block_scores(probabilities.detach().sum(2), own + 1)
+            per_key, per_block = self.compress_block // self.compress_stride, block // self.compress_stride
+            ranking = spread_to_blocks(probabilities.detach().sum(2), per_key, per_block, own + 1)
             top_n = min(self.select_top_n, own + 1)
         else:  # before the first whole compression block: the forced blocks only
             compressed = q.new_zeros(rows.shape, dtype=work)
             ranking = q.new_zeros((batch, kv_heads, own + 1), dtype=torch.float32)
             top_n = min(self.select_top_n, len({0, max(own - 1, 0), own}))
-        # The ranking of causal_top_blocks for one row: forced blocks (the first, the one before
-        # the query's and its own) at +inf, every block up to the query's eligible; a stable
-        # descending sort ranks ties to the lower block. Order inside the list does not matter here.
+        # The ranking of causal_top_blocks for one row, specialised (two fills and a sort instead of
+        # ranking_scores' masks over all rows: this path is bound by kernel launches): forced blocks
+        # (the first, the one before the query's and its own) at +inf, every block up to the query's
+        # eligible; a stable descending sort ranks ties to the lower block. Order in the list does not matter.
         ranking[..., 0] = float("inf")
         ranking[..., max(own - 1, 0) :] = float("inf")
         chosen = torch.sort(ranking, dim=-1, descending=True, stable=True).indices[..., :top_n]
@@ -528,18 +531,6 @@ class NativeSparseAttention(nn.Module):
         gates = gates[..., : branches.shape[2]].to(work).reshape(batch, kv_heads, group, -1).transpose(2, 3)
         out = (branches * gates[..., None]).sum(2)
         return out.view(batch, q_heads, 1, dim).to(q.dtype)
-
-    def _decode_block_scores(self, key_scores: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        """Selection-block scores ``(B, Hkv, n_blocks)`` from the group-summed probabilities of the
-        visible compressed tokens ``(B, Hkv, n)``: compressed token ``i`` covers stride pieces
-        ``i .. i + l/d - 1``, each piece adds its tokens' probabilities, a block sums its ``l'/d`` pieces."""
-        per_key, per_block = self.compress_block // self.compress_stride, self.select_block // self.compress_stride
-        n_pieces = n_blocks * per_block
-        pieces = key_scores.new_zeros((*key_scores.shape[:2], n_pieces + per_key))
-        visible = key_scores.shape[2]
-        for shift in range(per_key):
-            pieces[:, :, shift : shift + visible] += key_scores
-        return pieces[:, :, :n_pieces].reshape(*key_scores.shape[:2], n_blocks, per_block).sum(-1)
 
     def selected_pattern(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
                          ) -> BlockSparsePattern:  # fmt: skip

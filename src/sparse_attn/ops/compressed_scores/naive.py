@@ -6,7 +6,7 @@ import torch
 
 from .._chunking import CHUNK_ELEMENTS
 
-__all__ = ["compressed_block_scores", "visible_count"]
+__all__ = ["compressed_block_scores", "spread_to_blocks", "visible_count"]
 
 
 def visible_count(position: int, compress_block: int, compress_stride: int, n_cmp: int) -> int:
@@ -15,6 +15,19 @@ def visible_count(position: int, compress_block: int, compress_stride: int, n_cm
     if position < compress_block - 1:
         return 0
     return min(n_cmp, (position - compress_block + 1) // compress_stride + 1)
+
+
+def spread_to_blocks(
+    key_scores: torch.Tensor, pieces_per_key: int, pieces_per_block: int, n_select: int
+) -> torch.Tensor:
+    """Selection-block scores ``(..., n_select)`` from per-compressed-key scores ``(..., n)`` (float32):
+    key ``i`` covers stride pieces ``i .. i + pieces_per_key - 1`` and adds its score to each; block
+    ``j`` sums its ``pieces_per_block`` pieces. Pieces past the last block are dropped."""
+    n_pieces, visible = n_select * pieces_per_block, key_scores.shape[-1]
+    pieces = key_scores.new_zeros((*key_scores.shape[:-1], max(n_pieces, visible + pieces_per_key - 1)))
+    for piece in range(pieces_per_key):
+        pieces[..., piece : piece + visible] += key_scores
+    return pieces[..., :n_pieces].reshape(*key_scores.shape[:-1], n_select, pieces_per_block).sum(-1)
 
 
 def compressed_block_scores(
@@ -67,9 +80,6 @@ def compressed_block_scores(
             visible = (ends[:n_visible][None, :] <= positions[:, None]) & (row_lse > float("-inf"))
             # exp(logit - (-inf)) is inf for a row that sees nothing; `where` drops it without a NaN.
             probabilities = torch.where(visible, torch.exp(logits - row_lse), 0.0).sum(1)  # (B, rows, n_visible)
-            pieces = torch.zeros((batch, stop - start, n_pieces), dtype=torch.float32, device=q.device)
-            for piece in range(pieces_per_key):
-                pieces[..., piece : piece + n_visible] += probabilities
-            out[:, kv_head, start:stop] = pieces.view(batch, stop - start, n_select, pieces_per_block).sum(-1)
-            del logits, probabilities, pieces
+            out[:, kv_head, start:stop] = spread_to_blocks(probabilities, pieces_per_key, pieces_per_block, n_select)
+            del logits, probabilities
     return out
