@@ -83,20 +83,17 @@ O(S / 128) entries per row block); the selection is streamed chunk by chunk of q
 holding one chunk's ``(B, Hkv, c, S / l')`` scores (at most ``CHUNK_ELEMENTS``) beside the
 pattern's ``(B, Hkv, S, n)`` lists. No ``S x S`` table at any point.
 Decode steps (``Sq = 1``, one query at the end of the keys) take their own path
-(:meth:`NativeSparseAttention.decode_step`): the same rule in a few dense PyTorch operations on the
-GQA group's rows (the visible compressed tokens, the selected blocks gathered, the last ``w``
-keys), with float32 scores and softmax (float64 for float64 inputs), no pattern or plan built
-and no host synchronisation; the lists come from the ranking prefill uses
+(:meth:`NativeSparseAttention.decode_step`, :mod:`sparse_attn.ops.nsa_decode`): the same rule
+without patterns, plans or host synchronisation; the lists come from the ranking prefill uses
 (:func:`sparse_attn.ops.causal_top_blocks.causal_top_blocks`' rule on the group-summed
-probabilities). The compressed tokens of a growing cache are kept in a
+probabilities). On CUDA without gradients to record it is four fused Triton kernels (the GQA
+group's rows in one tile, split-K over the compressed tokens and over the selected and window
+keys); elsewhere a few dense PyTorch operations on the group's rows, float32 scores and softmax
+(float64 for float64 inputs), differentiable. The compressed tokens of a growing cache are kept in a
 :class:`CompressedTokenCache` (``forward(..., cache=)``), so a step compresses only the block its
 new key completes, once in ``d`` steps; :func:`sparse_attn.nn.nsa_models.swap_in_nsa` keeps one
-per layer inside the model's transformers cache. On CUDA the 16-bit keys, values and compressed
-tokens go to the tensor cores as they are, with float32 products (``torch.bmm(..., out_dtype=)``;
-the probabilities are cast to 16 bits for the product with the values, as flash kernels do; the
-compressed branch's output comes from SDPA, whose decode kernels split the long reduction);
-elsewhere, or with gradients to record, both operands are converted to float32 first. A step is
-a few dozen small kernels (``benchmarks/nsa_decode.py`` times it against dense decode).
+per layer inside the model's transformers cache (``benchmarks/nsa_decode.py`` times a step
+against dense decode).
 A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_in_nsa`.
 """
 
@@ -108,7 +105,6 @@ import weakref
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import api  # a module, not its names: methods import sparse_attn.nn while api loads
 from ..checks import check_attention_inputs, check_int
@@ -116,7 +112,7 @@ from ..masked_pattern import MaskedPattern
 from ..ops._chunking import CHUNK_ELEMENTS
 from ..ops.causal_top_blocks import causal_top_blocks
 from ..ops.compressed_scores import compressed_block_scores, visible_count
-from ..ops.compressed_scores.naive import spread_to_blocks
+from ..ops.nsa_decode import nsa_decode_step
 from ..pattern import BlockSparsePattern, dense_pattern
 from ..rule_predicate import pack_box
 
@@ -465,72 +461,22 @@ class NativeSparseAttention(nn.Module):
     ) -> torch.Tensor:
         """NSA for one query per sequence at the last key position (``q`` ``(B, Hq, 1, D)``), given
         the compressed tokens ``k_cmp``, ``v_cmp`` ``(B, Hkv, n_cmp, D)`` of ``k``, ``v``: the rule of
-        :meth:`forward` in dense operations on each KV head's group of query rows, without patterns.
+        :meth:`forward` without patterns, by :func:`sparse_attn.ops.nsa_decode.nsa_decode_step`.
 
         Compressed branch: softmax over the visible compressed tokens; its probabilities, summed over
         the group and spread over the stride pieces each compressed block covers, score the
         selection blocks (:func:`~sparse_attn.ops.compressed_scores.compressed_block_scores`' rule),
-        ranked as in prefill (forced first, ties to the lower block); the listed blocks' keys are
-        gathered (``top_n * l'`` per KV head) and masked past the query; the window is the last
-        ``w`` keys; the selected and window branches share one gather and one product (their rows
-        masked apart). Float32 scores (float64 for float64 inputs; see :func:`_products` for the
-        16-bit operands on CUDA), differentiable in ``q``, ``k``, ``v`` and the parameters (not
-        through the discrete choice). Memory: ``O(B * Hkv * (n_cmp + top_n l' + w) * D)``.
+        ranked as in prefill (forced first, ties to the lower block); the listed blocks' keys up to
+        the query; the window is the last ``w`` keys. On CUDA without gradients to record, four fused
+        Triton kernels; otherwise dense PyTorch operations on each KV head's group of rows (float32
+        scores, float64 for float64 inputs), differentiable in ``q``, ``k``, ``v`` and the parameters
+        (not through the discrete choice).
         """
-        batch, q_heads, _, dim = q.shape
-        kv_heads, seq_k = k.shape[1], k.shape[2]
-        group, pos, block = q_heads // kv_heads, seq_k - 1, self.select_block
-        work = torch.promote_types(q.dtype, torch.float32)
-        rows = q.reshape(batch, kv_heads, group, dim)
-        own = pos // block  # the last block: no block lies past the query
-        visible = visible_count(pos, self.compress_block, self.compress_stride, k_cmp.shape[2])
-        if visible:
-            keys, values = k_cmp[:, :, :visible], v_cmp[:, :, :visible]
-            probabilities = torch.softmax(_products(rows, keys.transpose(-1, -2), work) * scale, dim=-1)
-            if _tensor_cores(rows, keys, work):  # SDPA splits the long reduction over the keys
-                with sdpa_kernel(_DECODE_SDPA, set_priority=True):  # cuDNN's decode is slow (benchmarks/decode.py)
-                    compressed = torch.nn.functional.scaled_dot_product_attention(rows, keys, values, scale=scale)
-                compressed = compressed.to(work)
-            else:
-                compressed = _products(probabilities, values, work)
-            per_key, per_block = self.compress_block // self.compress_stride, block // self.compress_stride
-            ranking = spread_to_blocks(probabilities.detach().sum(2), per_key, per_block, own + 1)
-            top_n = min(self.select_top_n, own + 1)
-        else:  # before the first whole compression block: the forced blocks only
-            compressed = q.new_zeros(rows.shape, dtype=work)
-            ranking = q.new_zeros((batch, kv_heads, own + 1), dtype=torch.float32)
-            top_n = min(self.select_top_n, len({0, max(own - 1, 0), own}))
-        # The ranking of causal_top_blocks for one row, specialised (two fills and a sort instead of
-        # ranking_scores' masks over all rows: this path is bound by kernel launches): forced blocks
-        # (the first, the one before the query's and its own) at +inf, every block up to the query's
-        # eligible; a stable descending sort ranks ties to the lower block. Order in the list does not matter.
-        ranking[..., 0] = float("inf")
-        ranking[..., max(own - 1, 0) :] = float("inf")
-        chosen = torch.sort(ranking, dim=-1, descending=True, stable=True).indices[..., :top_n]
-        positions = (chosen[..., None] * block + torch.arange(block, device=q.device)).flatten(2)
-        selected_keys = positions.shape[2]
-        listed = positions <= pos  # the query's own block is cut at the query
-        if self.window:  # the window's keys after the selected ones, one gather and one product for both
-            window = torch.arange(max(0, seq_k - self.window), seq_k, device=q.device)
-            positions = torch.cat([positions, window.expand(batch, kv_heads, -1)], dim=2)
-        index = positions.clamp(max=pos)[..., None].expand(-1, -1, -1, dim)
-        keys, values = (x.gather(2, index) for x in (k, v))
-        logits = (_products(rows, keys.transpose(-1, -2), work) * scale)[:, :, None]  # (B, Hkv, 1, G, N)
-        # Branch rows: selected (its listed keys), then window (its keys): (B, Hkv, branches, 1, N).
-        masks = [torch.nn.functional.pad(listed, (0, positions.shape[2] - selected_keys))]
-        if self.window:
-            masks.append((torch.arange(positions.shape[2], device=q.device) >= selected_keys).expand_as(masks[0]))
-        masks = torch.stack(masks, dim=2)[:, :, :, None]
-        probabilities = torch.softmax(logits.masked_fill(~masks, float("-inf")), dim=-1)
-        branches = _products(probabilities.flatten(2, 3), values, work).view(
-            batch, kv_heads, masks.shape[2], group, dim
-        )
-        # (B, Hkv, 3, G, D): compressed, selected, window; gates as prefill computes them.
-        branches = torch.cat([compressed[:, :, None], branches], dim=2)
-        gates = torch.sigmoid(torch.einsum("bhsd,hdg->bhsg", q, self.gate_weight.to(q.dtype)) + self.gate_bias[:, None])
-        gates = gates[..., : branches.shape[2]].to(work).reshape(batch, kv_heads, group, -1).transpose(2, 3)
-        out = (branches * gates[..., None]).sum(2)
-        return out.view(batch, q_heads, 1, dim).to(q.dtype)
+        return nsa_decode_step(
+            q, k, v, k_cmp, v_cmp, self.gate_weight, self.gate_bias, scale=scale,
+            compress_block=self.compress_block, compress_stride=self.compress_stride,
+            select_block=self.select_block, top_n=self.select_top_n, window=self.window,
+        )  # fmt: skip
 
     def selected_pattern(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
                          ) -> BlockSparsePattern:  # fmt: skip
@@ -540,36 +486,6 @@ class NativeSparseAttention(nn.Module):
             k_cmp, v_cmp, _ = self.compressed_tokens(k, v)
             _, lse = self.compressed_branch(q, k_cmp, v_cmp, k.shape[2], scale)
             return self.selection(q, k_cmp, lse, k.shape[2], scale)
-
-
-def _products(a: torch.Tensor, b: torch.Tensor, work: torch.dtype) -> torch.Tensor:
-    """``a @ b`` (batched over the leading dimensions) in ``work`` precision. On CUDA, with ``b`` in
-    16 bits and no gradient to record, the tensor cores take ``b`` as it is (``a`` cast to its
-    dtype: queries, or probabilities as flash kernels cast them) and write float32
-    (``torch.bmm(..., out_dtype=)``), so the cached compressed keys and values are read once in
-    16 bits, not copied to float32 first; elsewhere both operands are converted to ``work``."""
-    if not _tensor_cores(a, b, work):
-        return a.to(work) @ b.to(work)
-    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a, b = a.to(b.dtype).expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:])
-    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
-    return out.view(*lead, *out.shape[-2:])
-
-
-_DECODE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
-_BMM_FLOAT32_OUT = hasattr(torch.ops.aten.bmm, "dtype")  # torch.bmm(..., out_dtype=) on CUDA
-
-
-def _tensor_cores(a: torch.Tensor, b: torch.Tensor, work: torch.dtype) -> bool:
-    """Whether :func:`_products` (and the decode step's compressed branch, through SDPA) take the
-    16-bit operands as they are: CUDA, 16-bit ``b``, float32 work, no gradient to record."""
-    return (
-        b.is_cuda
-        and b.dtype in (torch.float16, torch.bfloat16)
-        and work == torch.float32
-        and _BMM_FLOAT32_OUT
-        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-    )
 
 
 @functools.cache
