@@ -6,7 +6,10 @@ Two parts, medians of ``triton.testing.do_bench`` (through ``benchmarks/decode.p
    paper defaults: l = 32, d = 16, l' = 64, n = 16, w = 512, MLP compressor with random
    weights) per context length and batch: ``decode_step`` on the held compressed tokens
    (``step_ms``, eager; ``step_graph_ms``, replayed from a CUDA graph: the GPU cost without
-   launch overhead; ``step_kernel_us``, the profiler's kernel time), the compression of the one
+   launch overhead; ``step_kernel_us``, the profiler's kernel time) through the fused Triton
+   kernels (``ops.nsa_decode``), and the same step through the dense PyTorch operations of the
+   reference path (``step-dense``, what ran before the kernels; ``max_abs_diff`` between the
+   two outputs), the compression of the one
    block a new key completes once in ``d`` steps (``compress_ms``), against dense decode with
    cuDNN and FlashAttention SDPA (the group's 16 heads as query rows of their KV head, so K/V
    are not expanded) and cuDNN replayed from a graph.
@@ -14,7 +17,8 @@ Two parts, medians of ``triton.testing.do_bench`` (through ``benchmarks/decode.p
    heads of 64) with **random weights** (speed does not depend on them), bf16, prefill of
    ``--model-length`` tokens, then ``--steps`` steps through the model's ``DynamicCache``, twice
    per attention (the first generation pays first-use costs; its median is kept apart): median
-   step ms of the second with SDPA and with NSA (``swap_in_nsa``, paper defaults).
+   step ms of the second with SDPA, with NSA (``swap_in_nsa``, paper defaults) on the fused
+   kernels and with NSA on the dense reference path (``nsa-dense``).
 
 Writes ``benchmarks/results/<gpu>/nsa_decode.json``.
 
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import _sdpa, kernel_us, measure  # noqa: E402
 from sparse_attn.bench import device_slug, environment, write_results  # noqa: E402
 from sparse_attn.nn.nsa import NativeSparseAttention  # noqa: E402
+from sparse_attn.ops import nsa_decode  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 64, 4, 128
 SMOLLM2 = dict(
@@ -61,11 +66,19 @@ def module_row(length: int, batch: int, device, *, graphs: bool) -> dict:
     with torch.inference_mode():
         k_cmp, v_cmp = module._compress(k, v)
         step = partial(module.decode_step, q, k, v, k_cmp, v_cmp, scale=scale)
+        options = dict(
+            scale=scale, compress_block=module.compress_block, compress_stride=module.compress_stride,
+            select_block=module.select_block, top_n=module.select_top_n, window=module.window,
+        )  # fmt: skip
+        tensors = (q, k, v, k_cmp, v_cmp, module.gate_weight, module.gate_bias)
+        dense_step = partial(nsa_decode.nsa_decode_step_reference, *tensors, **options)
+        row["max_abs_diff"] = (step().float() - dense_step().float()).abs().max().item()
         block = module.compress_block
         compress = partial(module._compress, k[:, :, -block:], v[:, :, -block:])
         q_rows = q.view(batch, KV_HEADS, Q_HEADS // KV_HEADS, HEAD_DIM)
         runs = {
             "step": step,
+            "step-dense": dense_step,
             "compress": compress,
             "sdpa-cudnn": partial(_sdpa, SDPBackend.CUDNN_ATTENTION, q_rows, k, v),
             "sdpa-flash": partial(_sdpa, SDPBackend.FLASH_ATTENTION, q_rows, k, v),
@@ -75,7 +88,7 @@ def module_row(length: int, batch: int, device, *, graphs: bool) -> dict:
             if error:
                 row["errors"][name] = error
         if graphs:
-            for name in ("step", "sdpa-cudnn"):
+            for name in ("step", "step-dense", "sdpa-cudnn", "sdpa-flash"):
                 row[f"{name}_graph_ms"], error = measure(runs[name], device, graph=True)
                 if error:
                     row["errors"][f"{name}_graph"] = error
@@ -86,8 +99,9 @@ def module_row(length: int, batch: int, device, *, graphs: bool) -> dict:
     if dense and row.get("step_ms"):
         row["step_over_cudnn"] = row["step_ms"] / dense
         row["step_with_compress_over_cudnn"] = (row["step_ms"] + (row.get("compress_ms") or 0) / 16) / dense
-    if row.get("step_graph_ms") and row.get("sdpa-cudnn_graph_ms"):
-        row["graph_step_over_cudnn_graph"] = row["step_graph_ms"] / row["sdpa-cudnn_graph_ms"]
+    for dense_name in ("cudnn", "flash"):
+        if row.get("step_graph_ms") and row.get(f"sdpa-{dense_name}_graph_ms"):
+            row[f"graph_step_over_{dense_name}_graph"] = row["step_graph_ms"] / row[f"sdpa-{dense_name}_graph_ms"]
     return row
 
 
@@ -98,16 +112,19 @@ def model_rows(length: int, steps: int, device) -> list[dict]:
     from sparse_attn.nn.nsa_models import swap_in_nsa
 
     rows = []
-    for mode in ("sdpa", "nsa"):
+    for mode in ("sdpa", "nsa", "nsa-dense"):
         torch.manual_seed(0)
         config = transformers.LlamaConfig(**SMOLLM2)
         model = transformers.LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
-        if mode == "nsa":
+        if mode.startswith("nsa"):
             swap_in_nsa(model)
         else:
             model.set_attn_implementation("sdpa")
         ids = torch.randint(0, config.vocab_size, (1, length), device=device)
         runs = []
+        dispatch = nsa_decode.kernel_for
+        if mode == "nsa-dense":  # the dense reference path: no kernel module offered
+            nsa_decode.kernel_for = lambda *args, **kwargs: None
         for _ in range(2):  # the first generation pays first-use costs (compiles, allocator, caches)
             times = []
             with torch.inference_mode():
@@ -123,6 +140,7 @@ def model_rows(length: int, steps: int, device) -> list[dict]:
                     torch.cuda.synchronize()
                     times.append((time.perf_counter() - start) * 1e3)
             runs.append((prefill, times))
+        nsa_decode.kernel_for = dispatch
         (first_prefill, first_times), (prefill, times) = runs
         rows.append(
             dict(
@@ -168,12 +186,15 @@ def main() -> None:
     if not args.no_model:
         models = model_rows(args.model_length, args.steps, device)
         write_results(rows + models, output, meta)
-    header = "| context | batch | NSA step ms | graphed | kernel µs | compress ms | cuDNN ms | graphed | flash ms | step / cuDNN |"
+    header = (
+        "| context | batch | NSA step ms | graphed | kernel µs | dense-path ms | graphed | compress ms | cuDNN ms "
+        "| graphed | flash ms | graphed | graphed step / flash graphed |"
+    )
     print(header + "\n" + "|---" * (header.count("|") - 1) + "|")
     for row in rows:
         cells = [row["length"], row["batch"], *(row.get(key) for key in (
-            "step_ms", "step_graph_ms", "step_kernel_us", "compress_ms", "sdpa-cudnn_ms", "sdpa-cudnn_graph_ms",
-            "sdpa-flash_ms", "step_over_cudnn"))]  # fmt: skip
+            "step_ms", "step_graph_ms", "step_kernel_us", "step-dense_ms", "step-dense_graph_ms", "compress_ms",
+            "sdpa-cudnn_ms", "sdpa-cudnn_graph_ms", "sdpa-flash_ms", "sdpa-flash_graph_ms", "graph_step_over_flash_graph"))]  # fmt: skip
         print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |")
     print(f"wrote {output}")
 
