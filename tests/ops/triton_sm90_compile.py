@@ -46,6 +46,7 @@ def main() -> dict:
     from sparse_attn.ops.lowbit import triton as lowbit
     from sparse_attn.ops.lowbit_block_margin import triton as lowbit_block_margin
     from sparse_attn.ops.mask_lists import triton as mask_lists
+    from sparse_attn.ops.nsa_decode import triton as nsa_decode
     from sparse_attn.ops.selection import triton as selection
     from sparse_attn.ops.vertical_slash_blocks import triton as vertical_slash_blocks
 
@@ -70,7 +71,32 @@ def main() -> dict:
     margin = dict(BLOCK_M=128, BLOCK_N=128, DOT_FP32=False, HAS_POSITIONS=True, HAS_BIAS=True)
     margin_fp8 = dict(margin, CODES_FP8=True)
     margin = dict(margin, CODES_FP8=False)
+    nsa_flags = dict(HEAD_DIM=128, BLOCK_G=16, DOT_FP32=False, PRECISION="tf32")
+    nsa_parts = {"PartOut": "*fp32", "PartLse": "*fp32", "qk_scale": "fp32"}
     cases = {
+        "nsa_decode_compressed": (
+            nsa_decode._compressed_split,
+            {"Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "Scores": "*fp32", **nsa_parts},
+            dict(nsa_flags, BLOCK_N=64), 4,
+        ),
+        "nsa_decode_scores": (
+            nsa_decode._score_blocks,
+            {"Scores": "*fp32", "PartLse": "*fp32", "TokenSums": "*fp32", "Candidates": "*i64"},
+            dict(BLOCK_G=16, SPLIT_TILE=32, SCORE_TILE=256, CHUNK_TILES=2, PIECES_PER_KEY=2, PIECES_PER_BLOCK=4,
+                 K_TILE=16, MAX_CHUNKS=16), 4,
+        ),
+        "nsa_decode_attend": (
+            nsa_decode._attend_split,
+            {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Candidates": "*i64", **nsa_parts},
+            dict(nsa_flags, BLOCK_N=64, SELECT_BLOCK=64, TILES_PER_BLOCK=1, K_TILE=16, MAX_CHUNKS=16,
+                 HAS_WINDOW=True), 4,
+        ),
+        "nsa_decode_combine": (
+            nsa_decode._combine,
+            {"Q": "*bf16", "W": "*fp32", "Bias": "*fp32", "PartC": "*fp32", "LseC": "*fp32", "PartA": "*fp32",
+             "LseA": "*fp32", "Out": "*bf16"},
+            dict(HEAD_DIM=128, BLOCK_G=16, SPLIT_TILE=32, HAS_WINDOW=True), 4,
+        ),
         "anchor_region_bf16": (
             anchor_region._region_stats, {"Q": "*bf16", "K": "*bf16", **region_pointers},
             dict(region, HEAD_DIM=128), 4,

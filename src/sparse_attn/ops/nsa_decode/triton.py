@@ -59,7 +59,8 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_GROUP = 128
 MAX_TOP_N = 128
 MAX_CHUNKS = 16  # candidate lists per (sequence, KV head) that the attend kernel merges
-SCORE_TILE = 256  # selection blocks scored per step of a chunk
+SCORE_TILE = 256  # selection blocks scored (and compressed tokens summed) per step of a chunk
+SPLIT_TILE = 32  # splits merged per step (fixed, so a growing sequence does not recompile)
 PROGRAMS_PER_SM = 2
 MIN_TOKENS_PER_SPLIT = 256  # compressed tokens per split of kernel 1, at least
 
@@ -95,11 +96,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=256)
 def launch_plan(
     batch: int, kv_heads: int, seq_k: int, visible: int, *, select_block: int, top_n: int, window: int,
     head_dim: int, multiprocessors: int,
 ) -> dict:  # fmt: skip
-    """The launch choices for one step (from shapes only): splits, tiles and block sizes."""
+    """The launch choices for one step (from shapes only): splits, tiles and block sizes (cached:
+    callers copy before changing it)."""
     programs = PROGRAMS_PER_SM * multiprocessors
     streams = batch * kv_heads
     splits_c = tokens_per_split = 0
@@ -179,7 +182,7 @@ if triton is not None:
         tl.store(PartOut + base[:, None] * HEAD_DIM + offs_d[None, :], out)
         tl.store(PartLse + base, lse)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["visible", "tokens_per_split"])
     def _compressed_split(
         Q, KC, VC, Scores, PartOut, PartLse,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -214,47 +217,73 @@ if triton is not None:
         _store_partial(PartOut, PartLse, stream * tl.num_programs(1) + split, m_i, l_i, acc, HEAD_DIM, BLOCK_G)
 
     @triton.jit
+    def _head_lse(PartLse, stream, num_splits, group, BLOCK_G: tl.constexpr, SPLIT_TILE: tl.constexpr):
+        """``(lse, seen)``: each row's log-sum-exp (log2) over every visible compressed token, from
+        the splits' (``SPLIT_TILE`` splits at a time), and whether the row sees any."""
+        rows = tl.arange(0, BLOCK_G)
+        splits = tl.arange(0, SPLIT_TILE)
+        top = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_G], dtype=tl.float32)
+        for first in range(0, num_splits, SPLIT_TILE):
+            parts = tl.load(
+                PartLse + (stream.to(tl.int64) * num_splits + first + splits[None, :]) * BLOCK_G + rows[:, None],
+                mask=(first + splits < num_splits)[None, :],
+                other=float("-inf"),
+            )
+            new_top = tl.maximum(top, tl.max(parts, 1))
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+            total = total * tl.math.exp2(top - safe) + tl.sum(tl.math.exp2(parts - safe[:, None]), 1)
+            top = new_top
+        seen = (rows < group) & (total > 0.0)
+        return tl.where(seen, top + tl.math.log2(tl.where(seen, total, 1.0)), 0.0), seen
+
+    @triton.jit(do_not_specialize=["visible", "own"])
     def _score_blocks(
-        Scores, PartLse, Candidates, num_splits, group, visible, own,
-        BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, SCORE_TILE: tl.constexpr, CHUNK_TILES: tl.constexpr,
+        Scores, PartLse, TokenSums, Candidates, num_splits, group, visible, own,
+        BLOCK_G: tl.constexpr, SPLIT_TILE: tl.constexpr, SCORE_TILE: tl.constexpr, CHUNK_TILES: tl.constexpr,
         PIECES_PER_KEY: tl.constexpr, PIECES_PER_BLOCK: tl.constexpr, K_TILE: tl.constexpr,
         MAX_CHUNKS: tl.constexpr,
     ):  # fmt: skip
-        """Kernel 2: one (sequence, KV head, chunk of selection blocks): the chunk's top keys."""
+        """Kernel 2: one (sequence, KV head, chunk of selection blocks): the chunk's top keys.
+
+        First each compressed token the chunk's blocks touch gets its group-summed probability
+        (the scores read once, ``[BLOCK_G, SCORE_TILE]`` at a time), written to this program's own
+        scratch row; after a barrier the blocks sum their tokens' from there (their pieces
+        overlap, so each token serves up to ``l / d + l' / d - 1`` block terms)."""
         stream = tl.program_id(0)
         chunk = tl.program_id(1)
         rows = tl.arange(0, BLOCK_G)
-        splits = tl.arange(0, BLOCK_S)
-        # Each head's log-sum-exp over every visible compressed token, from the splits' (log2).
-        parts = tl.load(
-            PartLse + (stream.to(tl.int64) * num_splits + splits[None, :]) * BLOCK_G + rows[:, None],
-            mask=(splits < num_splits)[None, :],
-            other=float("-inf"),
-        )
-        top = tl.max(parts, 1)
-        safe = tl.where(top == float("-inf"), 0.0, top)
-        total = tl.sum(tl.math.exp2(parts - safe[:, None]), 1)
-        seen = (rows < group) & (total > 0.0)
-        lse = tl.where(seen, safe + tl.math.log2(tl.where(seen, total, 1.0)), 0.0)
+        lse, seen = _head_lse(PartLse, stream, num_splits, group, BLOCK_G, SPLIT_TILE)
         score_rows = Scores + stream.to(tl.int64) * group * visible + rows[:, None] * visible
+        # This chunk's tokens, from PIECES_PER_KEY - 1 before its first block's first piece.
+        first_token = chunk * CHUNK_TILES * SCORE_TILE * PIECES_PER_BLOCK - (PIECES_PER_KEY - 1)
+        span: tl.constexpr = CHUNK_TILES * SCORE_TILE * PIECES_PER_BLOCK + PIECES_PER_KEY - 1
+        sums = TokenSums + (stream.to(tl.int64) * tl.num_programs(1) + chunk) * span
+        for start in range(0, span, SCORE_TILE):
+            local = start + tl.arange(0, SCORE_TILE)
+            token = first_token + local
+            ok = seen[:, None] & ((token >= 0) & (token < visible) & (local < span))[None, :]
+            logit = tl.load(score_rows + token[None, :], mask=ok, other=0.0)
+            total = tl.sum(tl.where(ok, tl.math.exp2(logit - lse[:, None]), 0.0), 0)
+            tl.store(sums + local, total, mask=local < span)
+        tl.debug_barrier()  # the sums are read back by other threads of this program
         tiles = tl.arange(0, CHUNK_TILES)
         keys = tl.full([CHUNK_TILES, SCORE_TILE], MIN_KEY, tl.int64)
         for t in tl.static_range(CHUNK_TILES):
-            blocks = (chunk * CHUNK_TILES + t) * SCORE_TILE + tl.arange(0, SCORE_TILE)
+            within = t * SCORE_TILE + tl.arange(0, SCORE_TILE)
+            blocks = chunk * CHUNK_TILES * SCORE_TILE + within
             score = tl.zeros([SCORE_TILE], dtype=tl.float32)
             for m in tl.static_range(PIECES_PER_BLOCK):
                 for n in tl.static_range(PIECES_PER_KEY):
-                    column = blocks * PIECES_PER_BLOCK + (m - n)
-                    ok = seen[:, None] & ((column >= 0) & (column < visible))[None, :]
-                    logit = tl.load(score_rows + column[None, :], mask=ok, other=0.0)
-                    score += tl.sum(tl.where(ok, tl.math.exp2(logit - lse[:, None]), 0.0), 0)
+                    # token blocks * l'/d + m - n, at scratch index within * l'/d + m - n + (l/d - 1)
+                    score += tl.load(sums + within * PIECES_PER_BLOCK + (m - n + PIECES_PER_KEY - 1))
             score = tl.where((blocks == 0) | (blocks >= own - 1), float("inf"), score)
             key = tl.where(blocks <= own, _sort_key(score, blocks), MIN_KEY)
             keys = tl.where(tiles[:, None] == t, key[None, :], keys)
         best = tl.topk(tl.reshape(keys, [CHUNK_TILES * SCORE_TILE]), K_TILE)
         tl.store(Candidates + (stream.to(tl.int64) * MAX_CHUNKS + chunk) * K_TILE + tl.arange(0, K_TILE), best)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seq_k", "n_take", "window_start", "num_tiles", "tiles_per_split"])
     def _attend_split(
         Q, K, V, Candidates, PartOut, PartLse,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -312,57 +341,58 @@ if triton is not None:
                            BLOCK_G)  # fmt: skip
 
     @triton.jit
-    def _merge(PartOut, PartLse, first_row, num_splits, row_step, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr):
-        """The splits' partial results (rows ``first_row + s * row_step``) merged: ``[BLOCK_G, D]`` float32."""
-        rows = tl.arange(0, BLOCK_G)
+    def _merge(PartOut, PartLse, first_row, num_splits, row_step, row, HEAD_DIM: tl.constexpr,
+               BLOCK_G: tl.constexpr, SPLIT_TILE: tl.constexpr):  # fmt: skip
+        """Row ``row`` of the splits' partial results (split ``s`` at row ``first_row + s * row_step``
+        of ``BLOCK_G``-row tiles) merged: ``[D]`` float32 (0 without keys)."""
+        splits = tl.arange(0, SPLIT_TILE)
         offs_d = tl.arange(0, HEAD_DIM)
-        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        weight = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-        for s in range(num_splits):
-            base = (first_row + s * row_step).to(tl.int64) * BLOCK_G + rows
-            lse = tl.load(PartLse + base)
-            part = tl.load(PartOut + base[:, None] * HEAD_DIM + offs_d[None, :])
-            m_new = tl.maximum(m_i, lse)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            beta = tl.math.exp2(lse - m_safe)
-            acc = acc * alpha[:, None] + part * beta[:, None]
-            weight = weight * alpha + beta
-            m_i = m_new
-        return tl.where(weight[:, None] > 0.0, acc / tl.where(weight > 0.0, weight, 1.0)[:, None], 0.0)
+        top = tl.full([1], float("-inf"), dtype=tl.float32)
+        weight = tl.zeros([1], dtype=tl.float32)
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for first in range(0, num_splits, SPLIT_TILE):
+            ok = first + splits < num_splits
+            base = (first_row + (first + splits) * row_step).to(tl.int64) * BLOCK_G + row
+            lse = tl.load(PartLse + base, mask=ok, other=float("-inf"))
+            part = tl.load(PartOut + base[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+            new_top = tl.maximum(top, tl.max(lse, 0))
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+            alpha = tl.math.exp2(top - safe)
+            beta = tl.math.exp2(lse - safe)
+            acc = acc * alpha + tl.sum(part * beta[:, None], 0)
+            weight = weight * alpha + tl.sum(beta, 0)
+            top = new_top
+        return tl.where(weight > 0.0, acc / tl.where(weight > 0.0, weight, 1.0), 0.0)
 
     @triton.jit
-    def _gate(q, W, Bias, heads, row_ok, branch, HEAD_DIM: tl.constexpr):
-        """``sigmoid(q . W[:, :, branch] + b[:, branch])`` per row, the product rounded to q's dtype."""
+    def _gate(q, W, Bias, head, branch, HEAD_DIM: tl.constexpr):
+        """``sigmoid(q . W[head, :, branch] + b[head, branch])``, the product rounded to q's dtype."""
         offs_d = tl.arange(0, HEAD_DIM)
-        w = tl.load(W + heads[:, None] * (HEAD_DIM * 3) + offs_d[None, :] * 3 + branch, mask=row_ok[:, None], other=0.0)
-        product = tl.sum(q.to(tl.float32) * w.to(q.dtype).to(tl.float32), 1).to(q.dtype).to(tl.float32)
-        return tl.sigmoid(product + tl.load(Bias + heads * 3 + branch, mask=row_ok, other=0.0).to(tl.float32))
+        w = tl.load(W + head * (HEAD_DIM * 3) + offs_d * 3 + branch)
+        product = tl.sum(q.to(tl.float32) * w.to(q.dtype).to(tl.float32), 0).to(q.dtype).to(tl.float32)
+        return tl.sigmoid(product + tl.load(Bias + head * 3 + branch).to(tl.float32))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["splits_c", "splits_a"])
     def _combine(
         Q, W, Bias, PartC, LseC, PartA, LseA, Out,
-        stride_qb, stride_qh, stride_ob, stride_oh, num_kv_heads, group, splits_c, splits_a,
-        HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        stride_qb, stride_qh, stride_ob, stride_oh, q_heads, group, splits_c, splits_a,
+        HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_TILE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     ):  # fmt: skip
-        """Kernel 4: one (sequence, KV head): the gated sum of the three branches."""
-        stream = tl.program_id(0)
-        batch = stream // num_kv_heads
-        kv_head = stream % num_kv_heads
-        q, rows, row_ok, heads = _group_rows(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM, BLOCK_G)
-        out = (
-            _merge(PartC, LseC, stream * splits_c, splits_c, 1, HEAD_DIM, BLOCK_G)
-            * _gate(q, W, Bias, heads, row_ok, 0, HEAD_DIM)[:, None]
-        )
-        selected = _merge(PartA, LseA, stream * splits_a * 2, splits_a, 2, HEAD_DIM, BLOCK_G)
-        out += selected * _gate(q, W, Bias, heads, row_ok, 1, HEAD_DIM)[:, None]
-        if HAS_WINDOW:
-            window = _merge(PartA, LseA, stream * splits_a * 2 + 1, splits_a, 2, HEAD_DIM, BLOCK_G)
-            out += window * _gate(q, W, Bias, heads, row_ok, 2, HEAD_DIM)[:, None]
+        """Kernel 4: one (sequence, query head): the gated sum of the three branches."""
+        batch = tl.program_id(0) // q_heads
+        head = tl.program_id(0) % q_heads
+        stream = tl.program_id(0) // group  # (batch, KV head)
+        row = head % group
         offs_d = tl.arange(0, HEAD_DIM)
-        pointers = Out + batch.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(pointers, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        q = tl.load(Q + batch.to(tl.int64) * stride_qb + head * stride_qh + offs_d)
+        out = _merge(PartC, LseC, stream * splits_c, splits_c, 1, row, HEAD_DIM, BLOCK_G, SPLIT_TILE)
+        out = out * _gate(q, W, Bias, head, 0, HEAD_DIM)
+        selected = _merge(PartA, LseA, stream * splits_a * 2, splits_a, 2, row, HEAD_DIM, BLOCK_G, SPLIT_TILE)
+        out += selected * _gate(q, W, Bias, head, 1, HEAD_DIM)
+        if HAS_WINDOW:
+            window = _merge(PartA, LseA, stream * splits_a * 2 + 1, splits_a, 2, row, HEAD_DIM, BLOCK_G, SPLIT_TILE)
+            out += window * _gate(q, W, Bias, head, 2, HEAD_DIM)
+        tl.store(Out + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 
 def _scored(q, k_cmp, v_cmp, *, scale, compress_block, compress_stride, select_block, top_n, window, seq_k):
@@ -375,9 +405,11 @@ def _scored(q, k_cmp, v_cmp, *, scale, compress_block, compress_stride, select_b
         raise ValueError(f"the NSA decode kernels cannot run this case: {reason}")
     visible = visible_count(seq_k - 1, compress_block, compress_stride, k_cmp.shape[2])
     multiprocessors = 4 if interpreting() else _multiprocessors(q.device)
-    plan = launch_plan(
-        batch, kv_heads, seq_k, visible, select_block=select_block, top_n=top_n, window=window, head_dim=dim,
-        multiprocessors=multiprocessors,
+    plan = dict(
+        launch_plan(
+            batch, kv_heads, seq_k, visible, select_block=select_block, top_n=top_n, window=window, head_dim=dim,
+            multiprocessors=multiprocessors,
+        )
     )  # fmt: skip
     plan.update(block_g=max(16, triton.next_power_of_2(group)), group=group, visible=visible)
     rows = q[:, :, 0]
@@ -398,11 +430,14 @@ def _scored(q, k_cmp, v_cmp, *, scale, compress_block, compress_stride, select_b
     k_tile = plan["k_tile"]
     # Every chunk the attend kernel reads is written whole (the rest are masked there).
     candidates = torch.empty((streams, MAX_CHUNKS, k_tile), dtype=torch.int64, device=device)
+    pieces_per_key, pieces_per_block = compress_block // compress_stride, select_block // compress_stride
+    span = plan["chunk_tiles"] * SCORE_TILE * pieces_per_block + pieces_per_key - 1
+    token_sums = torch.empty((streams * plan["chunks"] * span,), dtype=torch.float32, device=device)  # scratch
     _score_blocks[(streams, plan["chunks"])](
-        scores, lse_c, candidates, splits_c, group, visible, (seq_k - 1) // select_block,
-        BLOCK_G=block_g, BLOCK_S=max(2, triton.next_power_of_2(max(splits_c, 1))), SCORE_TILE=SCORE_TILE,
-        CHUNK_TILES=plan["chunk_tiles"], PIECES_PER_KEY=compress_block // compress_stride,
-        PIECES_PER_BLOCK=select_block // compress_stride, K_TILE=k_tile, MAX_CHUNKS=MAX_CHUNKS, num_warps=4,
+        scores, lse_c, token_sums, candidates, splits_c, group, visible, (seq_k - 1) // select_block,
+        BLOCK_G=block_g, SPLIT_TILE=SPLIT_TILE, SCORE_TILE=SCORE_TILE,
+        CHUNK_TILES=plan["chunk_tiles"], PIECES_PER_KEY=pieces_per_key, PIECES_PER_BLOCK=pieces_per_block,
+        K_TILE=k_tile, MAX_CHUNKS=MAX_CHUNKS, num_warps=4,
     )  # fmt: skip
     return plan, rows, part_c, lse_c, candidates, dots
 
@@ -466,9 +501,9 @@ def nsa_decode_triton(
         num_warps=4, num_stages=2, **dots,
     )  # fmt: skip
     out = launch.allocate((batch, q_heads, 1, dim), q.dtype, device)
-    _combine[(streams,)](
+    _combine[(batch * q_heads,)](
         rows, gate_weight, gate_bias, part_c, lse_c, part_a, lse_a, out, *rows.stride()[:2],
-        out.stride(0), out.stride(1), kv_heads, group, splits_c, splits_a,
-        HEAD_DIM=dim, BLOCK_G=block_g, HAS_WINDOW=bool(window), num_warps=4,
+        out.stride(0), out.stride(1), q_heads, group, splits_c, splits_a,
+        HEAD_DIM=dim, BLOCK_G=block_g, SPLIT_TILE=SPLIT_TILE, HAS_WINDOW=bool(window), num_warps=4,
     )  # fmt: skip
     return out
