@@ -256,8 +256,10 @@ def dense_times(seq: int, q_heads: int, kv_heads: int, device, budget: Budget) -
 def nsa_parts(module: NativeSparseAttention, q, k, v, device, budget: Budget) -> dict:
     """Forward ms of each step of the NSA module (no gradient): compression, compressed branch,
     selection, selected branch, window branch (its pattern from ``window_pattern``, as in the module;
-    cached per shape since the fifth session's runs, which rebuilt it inside the timing)."""
+    cached per shape since the fifth session's runs, which rebuilt it inside the timing), and the
+    gated sum of the branches (``ops.gated_sum``; since the twenty-first session)."""
     from sparse_attn.nn.nsa import window_pattern
+    from sparse_attn.ops.gated_sum import gated_sum
 
     scale = q.shape[-1] ** -0.5
     seq_k = k.shape[2]
@@ -275,6 +277,10 @@ def nsa_parts(module: NativeSparseAttention, q, k, v, device, budget: Budget) ->
         steps["window_branch"] = lambda: sa.block_sparse_attention(
             q, k, v, window_pattern(q.shape[2], seq_k, module.window, device=q.device), scale=scale
         )
+    with torch.no_grad():
+        branches = [step() for name, step in steps.items() if name.endswith("_branch") and name != "compressed_branch"]
+        branches.insert(0, module.compressed_branch(q, k_cmp, v_cmp, seq_k, scale)[0])
+    steps["gated_sum"] = lambda: gated_sum(q, branches, module.gate_weight, module.gate_bias)
 
     def run(step):
         with torch.no_grad():

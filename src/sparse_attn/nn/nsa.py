@@ -112,6 +112,7 @@ from ..masked_pattern import MaskedPattern
 from ..ops._chunking import CHUNK_ELEMENTS
 from ..ops.causal_top_blocks import causal_top_blocks
 from ..ops.compressed_scores import compressed_block_scores, visible_count
+from ..ops.gated_sum import gated_sum
 from ..ops.nsa_decode import nsa_decode_step
 from ..pattern import BlockSparsePattern, dense_pattern
 from ..rule_predicate import pack_box
@@ -439,15 +440,12 @@ class NativeSparseAttention(nn.Module):
         with torch.no_grad():
             pattern = self.selection(q.detach(), k_cmp.detach(), lse.detach(), seq_k, scale)
         selected = api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend)
-        gates = torch.sigmoid(torch.einsum("bhsd,hdg->bhsg", q, self.gate_weight.to(q.dtype)) + self.gate_bias[:, None])
-        # Gates as (3, B, H, S, 1) (small), then one multiply and one fused multiply-add per branch.
-        gate = gates.movedim(-1, 0).contiguous().unsqueeze(-1)
-        out = torch.addcmul(compressed * gate[0], selected, gate[1])
+        branches = [compressed, selected]
         if self.window:
             pattern = window_pattern(seq_q, seq_k, self.window, device=q.device)
-            window = api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend)
-            out = torch.addcmul(out, window, gate[2])
-        return out.to(q.dtype)
+            branches.append(api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend))
+        # One pass on CUDA without gradients to record (ops.gated_sum's kernel), else PyTorch.
+        return gated_sum(q, branches, self.gate_weight, self.gate_bias)
 
     def decode_step(
         self,
