@@ -42,6 +42,27 @@ def test_strided_inputs_and_bf16_parameters(poison_outputs):
     torch.testing.assert_close(got, gated_sum_reference(q, outs, weight, bias), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, branches", [((2, 3, 77, 16), 3), ((1, 4, 70, 64), 2), ((1, 2, 33, 256), 3)], ids=str)
+def test_kernel_gradients_match_the_reference(shape, branches, dtype, poison_outputs):
+    """The backward kernel (through the autograd Function the dispatcher uses on CUDA) against the
+    float64 reference's autograd: q, every branch, the weight and the bias."""
+    from sparse_attn.ops.gated_sum import _GatedSum
+
+    q, outs, weight, bias = _inputs(*shape, dtype, branches, seed=shape[2] + 1)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    leaves = [x.clone().requires_grad_() for x in (q, weight, bias, *outs)]
+    got = torch.autograd.grad(_GatedSum.apply(kernel, *leaves), leaves, grad)
+    exact = [x.detach().double().requires_grad_() for x in leaves]
+    out = gated_sum_reference(exact[0], tuple(exact[3:]), exact[1], exact[2])
+    want = torch.autograd.grad(out, exact, grad.double())
+    # bf16: the weight's gradient sums 16-bit products over B x S rows (as the reference's autograd does).
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, g, w in zip(["q", "weight", "bias", "a", "b", "c"], got, want, strict=False):
+        scale = w.abs().max().item() or 1.0
+        torch.testing.assert_close(g.double() / scale, w / scale, rtol=tolerance, atol=tolerance, msg=name)
+
+
 def test_gradients_take_the_differentiable_reference():
     q, outs, weight, bias = _inputs(1, 2, 9, 8, torch.float64, 3, seed=1)
     weight.requires_grad_()
@@ -74,3 +95,13 @@ def test_gpu_kernel_matches_the_reference_at_nsa_size():
     q, outs, weight, bias = q.cuda(), [x.cuda() for x in outs], weight.cuda(), bias.cuda()
     got = gated_sum(q, outs, weight, bias)
     torch.testing.assert_close(got, gated_sum_reference(q, tuple(outs), weight, bias), rtol=2e-2, atol=2e-2)
+    leaves = [x.clone().requires_grad_() for x in (q, weight, bias, *outs)]
+    grad = torch.randn_like(q)
+    got = torch.autograd.grad(gated_sum(leaves[0], leaves[3:], leaves[1], leaves[2]), leaves, grad)
+    exact = [x.detach().double().requires_grad_() for x in leaves]
+    want = torch.autograd.grad(
+        gated_sum_reference(exact[0], tuple(exact[3:]), exact[1], exact[2]), exact, grad.double()
+    )
+    for name, g, w in zip(["q", "weight", "bias", "a", "b", "c"], got, want, strict=True):
+        scale = w.abs().max().item() or 1.0
+        torch.testing.assert_close(g.double() / scale, w / scale, rtol=3e-2, atol=3e-2, msg=name)

@@ -23,7 +23,8 @@ def test_operator_kernels_compile_for_sm90():
         "antidiagonal_tma_fp8", "vertical_slash_blocks", "block_max_split", "block_max_d256",
         "gathered_block_max_bf16", "gathered_block_max_d256",
         "anchor_region_bf16", "anchor_region_d256", "lowbit_margin_int8", "lowbit_margin_fp8_d256",
-        "nsa_decode_compressed", "nsa_decode_scores", "nsa_decode_attend", "nsa_decode_combine",
+        "nsa_decode_compressed", "nsa_decode_scores", "nsa_decode_attend", "nsa_decode_combine", "gated_sum",
+        "gated_sum_backward",
     }  # fmt: skip
     for name, result in results.items():
         assert result["returncode"] == 0, (name, result["report"])

@@ -42,6 +42,7 @@ def main() -> dict:
     from sparse_attn.ops.anchor_region import triton as anchor_region
     from sparse_attn.ops.antidiagonal import triton as antidiagonal
     from sparse_attn.ops.block_max import triton as block_max
+    from sparse_attn.ops.gated_sum import triton as gated_sum
     from sparse_attn.ops.gathered_block_max import triton as gathered_block_max
     from sparse_attn.ops.lowbit import triton as lowbit
     from sparse_attn.ops.lowbit_block_margin import triton as lowbit_block_margin
@@ -73,7 +74,17 @@ def main() -> dict:
     margin = dict(margin, CODES_FP8=False)
     nsa_flags = dict(HEAD_DIM=128, BLOCK_G=16, DOT_FP32=False, PRECISION="tf32")
     nsa_parts = {"PartOut": "*fp32", "PartLse": "*fp32", "qk_scale": "fp32"}
+    gates = {"Q": "*bf16", "A": "*bf16", "B": "*bf16", "C": "*bf16", "W": "*fp32", "Bias": "*fp32"}
     cases = {
+        "gated_sum": (
+            gated_sum._gated_sum, {**gates, "Out": "*bf16"},
+            dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=3, NUM_GATES=3), 4,
+        ),
+        "gated_sum_backward": (
+            gated_sum._gated_sum_backward,
+            {**gates, **{name: "*bf16" for name in ("DOut", "DA", "DB", "DC", "DQ")}, "DLogits": "*fp32"},
+            dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=2, NUM_GATES=3), 4,
+        ),
         "nsa_decode_compressed": (
             nsa_decode._compressed_split,
             {"Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "Scores": "*fp32", **nsa_parts},

@@ -5,9 +5,11 @@ and Natively Trainable Sparse Attention", 2025, arXiv:2502.11089, Section 3 (the
 outputs combined by gates in (0, 1)). The gates here are :mod:`sparse_attn.nn.nsa`'s choice: per
 query head, from the query (the paper computes them from the input features with an MLP).
 
-Reference: :mod:`.naive` (PyTorch; differentiable). Kernel: :mod:`.triton` (one pass), chosen on
-CUDA when no gradient is to be recorded and its ``unsupported_reason`` is ``None`` (the rule of
-:mod:`sparse_attn.ops._dispatch`); with gradients to record the reference runs.
+Reference: :mod:`.naive` (PyTorch; differentiable). Kernels: :mod:`.triton` (one pass forward;
+one pass backward for the branches', q's and the gate logits' gradients, then the weight's and
+bias's as reductions), chosen on CUDA when its ``unsupported_reason`` is ``None`` (the rule of
+:mod:`sparse_attn.ops._dispatch`), differentiable in every input through
+:class:`_GatedSum`.
 """
 
 from __future__ import annotations
@@ -52,9 +54,27 @@ def gated_sum(
     if weight.shape[-1] != bias.shape[-1]:
         raise ValueError(f"weight and bias must have as many gates, got {weight.shape[-1]} and {bias.shape[-1]}")
     branches = tuple(branches)
-    tensors = (q, *branches, weight, bias)
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
-        kernel = kernel_for(q, __package__, head_dim=dim)
-        if kernel is not None:
-            return kernel.gated_sum_triton(q, branches, weight, bias)
-    return gated_sum_reference(q, branches, weight, bias)
+    kernel = kernel_for(q, __package__, head_dim=dim)
+    if kernel is None:
+        return gated_sum_reference(q, branches, weight, bias)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, *branches, weight, bias)):
+        return _GatedSum.apply(kernel, q, weight, bias, *branches)
+    return kernel.gated_sum_triton(q, branches, weight, bias)
+
+
+class _GatedSum(torch.autograd.Function):
+    """The kernels' gated sum, differentiable in q, the branches, the weight and the bias."""
+
+    @staticmethod
+    def forward(ctx, kernel, q, weight, bias, *branches):
+        ctx.kernel = kernel
+        ctx.save_for_backward(q, weight, bias, *branches)
+        return kernel.gated_sum_triton(q, branches, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, weight, bias, *branches = ctx.saved_tensors
+        dq, d_branches, d_weight, d_bias = ctx.kernel.gated_sum_backward_triton(
+            q, tuple(branches), weight, bias, grad_out
+        )
+        return None, dq, d_weight, d_bias, *d_branches

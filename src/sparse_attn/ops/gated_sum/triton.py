@@ -7,6 +7,11 @@ q's dtype. It reads q and the branches once and writes the output once: about 1.
 branches of 64 heads x 64K tokens x 128 in bf16 on an H200, where the PyTorch reference runs a
 batched product with three columns and a chain of elementwise kernels over float32
 intermediates (about 6 ms; ``benchmarks/results/h200/nsa_prefill_profile_64k_s40.log``).
+
+Backward (:func:`gated_sum_backward_triton`): one pass of the same tiling recomputes the gates
+and writes each branch's gradient ``g dO``, q's gradient through the gates
+``sum_b d logit_b W[h, :, b]`` and the float32 ``d logit_b = (dO . branch_b) g_b (1 - g_b)``; the
+weight's and bias's gradients are reductions of those over the batch and positions.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
-__all__ = ["gated_sum_triton", "unsupported_reason"]
+__all__ = ["gated_sum_backward_triton", "gated_sum_triton", "unsupported_reason"]
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -90,6 +95,46 @@ if triton is not None:
         )
         tl.store(out_pointers + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
+    @triton.jit
+    def _gate_grads(X, DX, dout, gate, offsets, row_ok, HEAD_DIM: tl.constexpr):
+        """One branch's backward on a tile: ``dX = g dO`` stored, and ``d logit = (dO . X) g (1 - g)``."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        x = tl.load(X + offsets[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(DX + offsets[:, None] + offs_d[None, :], (dout * gate[:, None]).to(DX.dtype.element_ty),
+                 mask=row_ok[:, None])  # fmt: skip
+        return tl.sum(dout * x, 1) * gate * (1.0 - gate)
+
+    @triton.jit(do_not_specialize=["seq"])
+    def _gated_sum_backward(
+        Q, A, B, C, W, Bias, DOut, DA, DB, DC, DQ, DLogits, heads, seq,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NUM_BRANCHES: tl.constexpr, NUM_GATES: tl.constexpr,
+    ):  # fmt: skip
+        """Contiguous ``(B, H, S, D)`` tensors: the branches' gradients, q's gradient through the gates
+        (``sum_b d logit_b W[h, :, b]``) and the float32 ``d logit`` ``(B, H, S, NUM_GATES)`` (0 for unused gates)."""
+        bh = tl.program_id(1)
+        h = bh % heads
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < seq
+        offs_d = tl.arange(0, HEAD_DIM)
+        offsets = (bh.to(tl.int64) * seq + rows) * HEAD_DIM
+        q = tl.load(Q + offsets[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        dout = tl.load(DOut + offsets[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        logit_rows = DLogits + (bh.to(tl.int64) * seq + rows) * NUM_GATES
+        w_base = W + h * (HEAD_DIM * NUM_GATES) + offs_d * NUM_GATES
+        d_logit = _gate_grads(A, DA, dout, _gate(q, W, Bias, h, 0, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM)
+        tl.store(logit_rows, d_logit, mask=row_ok)
+        dq = d_logit[:, None] * tl.load(w_base).to(q.dtype).to(tl.float32)[None, :]
+        d_logit = _gate_grads(B, DB, dout, _gate(q, W, Bias, h, 1, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM)
+        tl.store(logit_rows + 1, d_logit, mask=row_ok)
+        dq += d_logit[:, None] * tl.load(w_base + 1).to(q.dtype).to(tl.float32)[None, :]
+        if NUM_BRANCHES == 3:
+            d_logit = _gate_grads(C, DC, dout, _gate(q, W, Bias, h, 2, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM)
+            tl.store(logit_rows + 2, d_logit, mask=row_ok)
+            dq += d_logit[:, None] * tl.load(w_base + 2).to(q.dtype).to(tl.float32)[None, :]
+        for unused in tl.static_range(NUM_BRANCHES, NUM_GATES):
+            tl.store(logit_rows + unused, tl.zeros([BLOCK_M], dtype=tl.float32), mask=row_ok)
+        tl.store(DQ + offsets[:, None] + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
 
 def gated_sum_triton(
     q: torch.Tensor, branches: tuple[torch.Tensor, ...], weight: torch.Tensor, bias: torch.Tensor
@@ -111,3 +156,32 @@ def gated_sum_triton(
         num_warps=4,
     )  # fmt: skip
     return out
+
+
+def gated_sum_backward_triton(
+    q: torch.Tensor,
+    branches: tuple[torch.Tensor, ...],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """``(dq, dbranches, dweight, dbias)`` of :func:`gated_sum_triton`'s output for ``grad_out``.
+
+    One kernel writes the branches' gradients, q's (through the gates) and each gate's logit
+    gradient in float32; the weight's and bias's gradients are then reductions over the batch and
+    positions (``einsum`` in q's dtype, as the reference's autograd takes it, and a float32 sum)."""
+    batch, heads, seq, dim = q.shape
+    q, grad_out, *branches = (x.contiguous() for x in (q, grad_out, *branches))
+    weight, bias = weight.contiguous(), bias.contiguous()
+    gates = weight.shape[2]
+    grads = [launch.allocate(x.shape, x.dtype, x.device) for x in branches]
+    dq = launch.allocate(q.shape, q.dtype, q.device)
+    d_logits = launch.allocate((batch, heads, seq, gates), torch.float32, q.device)
+    third, d_third = (branches[2], grads[2]) if len(branches) == 3 else (branches[1], grads[1])
+    block_m = 32 if dim == 256 else 64
+    _gated_sum_backward[(triton.cdiv(seq, block_m), batch * heads)](
+        q, branches[0], branches[1], third, weight, bias, grad_out, grads[0], grads[1], d_third, dq, d_logits,
+        heads, seq, HEAD_DIM=dim, BLOCK_M=block_m, NUM_BRANCHES=len(branches), NUM_GATES=gates, num_warps=4,
+    )  # fmt: skip
+    d_weight = torch.einsum("bhsg,bhsd->hdg", d_logits.to(q.dtype), q).to(weight.dtype)
+    return dq, tuple(grads), d_weight, d_logits.sum((0, 2)).to(bias.dtype)
