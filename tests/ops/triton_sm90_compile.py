@@ -82,7 +82,8 @@ def main() -> dict:
         ),
         "gated_sum_backward": (
             gated_sum._gated_sum_backward,
-            {**gates, **{name: "*bf16" for name in ("DOut", "DA", "DB", "DC", "DQ")}, "DLogits": "*fp32"},
+            {**gates, **{name: "*bf16" for name in ("DOut", "DA", "DB", "DC", "DQ")}, "DLogits": "*fp32",
+             "DWeight": "*fp32"},
             dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=2, NUM_GATES=3), 4,
         ),
         "nsa_decode_compressed": (
