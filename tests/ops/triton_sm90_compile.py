@@ -48,6 +48,7 @@ def main() -> dict:
     from sparse_attn.ops.lowbit_block_margin import triton as lowbit_block_margin
     from sparse_attn.ops.mask_lists import triton as mask_lists
     from sparse_attn.ops.nsa_decode import triton as nsa_decode
+    from sparse_attn.ops.residue_rows import triton as residue_rows
     from sparse_attn.ops.selection import triton as selection
     from sparse_attn.ops.vertical_slash_blocks import triton as vertical_slash_blocks
 
@@ -85,6 +86,10 @@ def main() -> dict:
             {**gates, **{name: "*bf16" for name in ("DOut", "DA", "DB", "DC", "DQ")}, "DLogits": "*fp32",
              "DWeight": "*fp32"},
             dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=2, NUM_GATES=3), 4,
+        ),
+        "residue_rows": (
+            residue_rows._regroup, {"X": "*bf16", "Out": "*bf16", "fill": "fp32"},
+            dict(HEAD_DIM=128, BLOCK_R=64, TO_RESIDUE=False), 4,
         ),
         "nsa_decode_compressed": (
             nsa_decode._compressed_split,
