@@ -25,7 +25,14 @@ kernel against its reference.
 * :mod:`.to_pattern`: the streaming assembly every estimator ends with: block masks, one chunk
   of query blocks (or query heads) at a time, written straight into a ``BlockSparsePattern``;
 * :mod:`.block_rows`: the geometry's block tables for a range of query blocks;
-* :mod:`.gqa`: grouped-query matmul without expanding K, head chunks of whole GQA groups.
+* :mod:`.gqa`: grouped-query matmul without expanding K, head chunks of whole GQA groups;
+* NSA (:mod:`sparse_attn.nn.nsa`): :mod:`.compressed_scores` (selection-block scores from the
+  compressed branch), :mod:`.causal_top_blocks` (per-token top-n lists), :mod:`.residue_rows`
+  (the compressed branch's residue regrouping), :mod:`.gated_sum` (the gated sum of the
+  branches, forward and backward) and :mod:`.nsa_decode` (a whole decode step in four kernels);
+* decode (:mod:`sparse_attn.decode`): :mod:`.page_bounds`, :mod:`.page_select` (Quest's bounds
+  and top pages), :mod:`.paged_decode` (split-K attention over selected pages);
+* :mod:`.row_gather`: whole-row gathers along the sequence (the spatial layouts' permutation).
 
 A new operator gets a folder of its own with these three files (``triton.py`` optional);
 a kernel module exposes ``unsupported_reason(x, **case)`` for the dispatch rule. Operators
