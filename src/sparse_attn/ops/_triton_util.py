@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["dot_rows", "split_key_blocks"]
+__all__ = ["dot_rows", "nsa_gate", "online_softmax_step", "split_key_blocks"]
 
 
 @triton.jit
@@ -41,3 +41,36 @@ def split_key_blocks(Positions, row, valid, n_kv, blocks_per_split, seq_k, BLOCK
         position = tl.zeros_like(row).to(tl.int32)
         visible_end = last
     return first, last, visible_end, full_end, position
+
+
+@triton.jit
+def online_softmax_step(q, k_pointers, v_pointers, key_ok, m_i, l_i, acc, qk_scale, DOT_FP32: tl.constexpr,
+                        PRECISION: tl.constexpr):  # fmt: skip
+    """One tile of keys (``key_ok`` masks the rows of the K / V tiles) into a flash-decoding online
+    softmax in log2 units: ``(scores, m, l, acc)``, ``scores`` the tile's scaled logits (``-inf``
+    where masked). A row without a valid key yet keeps ``m = -inf`` (no ``inf - inf``)."""
+    k = tl.load(k_pointers, mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_pointers, mask=key_ok[:, None], other=0.0)
+    scores = tl.where(key_ok[None, :], dot_rows(q, k, None, DOT_FP32, PRECISION) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(scores - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DOT_FP32:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return scores, m_new, l_i, acc
+
+
+@triton.jit
+def nsa_gate(q, W, Bias, head, branch, NUM_GATES: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """NSA's gate ``sigmoid(q . W[head, :, branch] + bias[head, branch])`` for rows ``q`` ``[M, D]``
+    (``W`` ``(H, D, NUM_GATES)`` and ``Bias`` ``(H, NUM_GATES)`` contiguous): ``[M]`` float32, the
+    product rounded to q's dtype as ``torch.einsum`` on q and ``W`` cast to it rounds it."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    w = tl.load(W + head * (HEAD_DIM * NUM_GATES) + offs_d * NUM_GATES + branch)
+    product = tl.sum(q.to(tl.float32) * w.to(q.dtype).to(tl.float32)[None, :], 1).to(q.dtype).to(tl.float32)
+    return tl.sigmoid(product + tl.load(Bias + head * NUM_GATES + branch).to(tl.float32))

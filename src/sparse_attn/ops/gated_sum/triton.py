@@ -24,6 +24,8 @@ from .._dispatch import device_unsupported_reason
 try:
     import triton
     import triton.language as tl
+
+    from .._triton_util import nsa_gate
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
@@ -54,13 +56,6 @@ if triton is not None:
         pointers = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + rows.to(tl.int64)[:, None] * stride_s
         return tl.load(pointers + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
 
-    @triton.jit
-    def _gate(q, W, Bias, h, branch, NUM_GATES: tl.constexpr, HEAD_DIM: tl.constexpr):
-        offs_d = tl.arange(0, HEAD_DIM)
-        w = tl.load(W + h * (HEAD_DIM * NUM_GATES) + offs_d * NUM_GATES + branch)
-        product = tl.sum(q.to(tl.float32) * w.to(q.dtype).to(tl.float32)[None, :], 1).to(q.dtype).to(tl.float32)
-        return tl.sigmoid(product + tl.load(Bias + h * NUM_GATES + branch).to(tl.float32))
-
     @triton.jit(do_not_specialize=["seq"])
     def _gated_sum(
         Q, A, B, C, W, Bias, Out, heads, seq,
@@ -79,16 +74,16 @@ if triton is not None:
         q = tl.load(q_pointers + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         out = (
             _branch_tile(A, b, h, rows, row_ok, stride_ab, stride_ah, stride_as, HEAD_DIM)
-            * _gate(q, W, Bias, h, 0, NUM_GATES, HEAD_DIM)[:, None]
+            * nsa_gate(q, W, Bias, h, 0, NUM_GATES, HEAD_DIM)[:, None]
         )
         out += (
             _branch_tile(B, b, h, rows, row_ok, stride_bb, stride_bh, stride_bs, HEAD_DIM)
-            * _gate(q, W, Bias, h, 1, NUM_GATES, HEAD_DIM)[:, None]
+            * nsa_gate(q, W, Bias, h, 1, NUM_GATES, HEAD_DIM)[:, None]
         )
         if NUM_BRANCHES == 3:
             out += (
                 _branch_tile(C, b, h, rows, row_ok, stride_cb, stride_ch, stride_cs, HEAD_DIM)
-                * _gate(q, W, Bias, h, 2, NUM_GATES, HEAD_DIM)[:, None]
+                * nsa_gate(q, W, Bias, h, 2, NUM_GATES, HEAD_DIM)[:, None]
             )
         out_pointers = (
             Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[:, None] * stride_os
@@ -127,16 +122,18 @@ if triton is not None:
             DWeight + ((bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * HEAD_DIM + offs_d) * NUM_GATES
         )
         q_rows = q.to(tl.float32)
-        d_logit = _gate_grads(A, DA, dout, _gate(q, W, Bias, h, 0, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM)
+        d_logit = _gate_grads(A, DA, dout, nsa_gate(q, W, Bias, h, 0, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM)
         tl.store(logit_rows, d_logit, mask=row_ok)
         tl.store(weight_part, tl.sum(q_rows * d_logit[:, None], 0))
         dq = d_logit[:, None] * tl.load(w_base).to(q.dtype).to(tl.float32)[None, :]
-        d_logit = _gate_grads(B, DB, dout, _gate(q, W, Bias, h, 1, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM)
+        d_logit = _gate_grads(B, DB, dout, nsa_gate(q, W, Bias, h, 1, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM)
         tl.store(logit_rows + 1, d_logit, mask=row_ok)
         tl.store(weight_part + 1, tl.sum(q_rows * d_logit[:, None], 0))
         dq += d_logit[:, None] * tl.load(w_base + 1).to(q.dtype).to(tl.float32)[None, :]
         if NUM_BRANCHES == 3:
-            d_logit = _gate_grads(C, DC, dout, _gate(q, W, Bias, h, 2, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM)
+            d_logit = _gate_grads(
+                C, DC, dout, nsa_gate(q, W, Bias, h, 2, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM
+            )
             tl.store(logit_rows + 2, d_logit, mask=row_ok)
             tl.store(weight_part + 2, tl.sum(q_rows * d_logit[:, None], 0))
             dq += d_logit[:, None] * tl.load(w_base + 2).to(q.dtype).to(tl.float32)[None, :]

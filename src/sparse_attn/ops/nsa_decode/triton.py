@@ -48,6 +48,7 @@ try:
     import triton
     import triton.language as tl
 
+    from .._triton_util import nsa_gate, online_softmax_step
     from ..page_select.triton import _key_index, _sort_key
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
@@ -147,29 +148,6 @@ if triton is not None:
         return q, rows, row_ok, heads
 
     @triton.jit
-    def _softmax_step(q, k_pointers, v_pointers, key_ok, m_i, l_i, acc, qk_scale, DOT_FP32: tl.constexpr,
-                      PRECISION: tl.constexpr):  # fmt: skip
-        """One tile of keys into an online softmax (log2 units); also returns the tile's scores."""
-        k = tl.load(k_pointers, mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_pointers, mask=key_ok[:, None], other=0.0)
-        if DOT_FP32:
-            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PRECISION)
-        else:
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        scores = tl.where(key_ok[None, :], scores * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf for a row without keys yet
-        p = tl.math.exp2(scores - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DOT_FP32:
-            acc = tl.dot(p, v.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        return scores, m_new, l_i, acc
-
-    @triton.jit
     def _store_partial(PartOut, PartLse, row_index, m_i, l_i, acc, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr):
         """A split's normalised output and log-sum-exp (log2; ``-inf`` and 0 without keys) at
         ``row_index`` (in units of ``BLOCK_G`` rows)."""
@@ -211,7 +189,7 @@ if triton is not None:
             ok = cols < last
             k_pointers = k_base + cols[:, None] * stride_kn + offs_d[None, :]
             v_pointers = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-            scores, m_i, l_i, acc = _softmax_step(q, k_pointers, v_pointers, ok, m_i, l_i, acc, qk_scale, DOT_FP32,
+            scores, m_i, l_i, acc = online_softmax_step(q, k_pointers, v_pointers, ok, m_i, l_i, acc, qk_scale, DOT_FP32,
                                                   PRECISION)  # fmt: skip
             tl.store(score_rows + cols[None, :], scores, mask=row_ok[:, None] & ok[None, :])
         _store_partial(PartOut, PartLse, stream * tl.num_programs(1) + split, m_i, l_i, acc, HEAD_DIM, BLOCK_G)
@@ -323,7 +301,7 @@ if triton is not None:
             ok = (within < SELECT_BLOCK) & (cols < seq_k)
             k_pointers = k_base + cols[:, None] * stride_kn + offs_d[None, :]
             v_pointers = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-            _, m_i, l_i, acc = _softmax_step(q, k_pointers, v_pointers, ok, m_i, l_i, acc, qk_scale, DOT_FP32,
+            _, m_i, l_i, acc = online_softmax_step(q, k_pointers, v_pointers, ok, m_i, l_i, acc, qk_scale, DOT_FP32,
                                              PRECISION)  # fmt: skip
         _store_partial(PartOut, PartLse, (stream * tl.num_programs(1) + split) * 2, m_i, l_i, acc, HEAD_DIM, BLOCK_G)
         if HAS_WINDOW:
@@ -335,7 +313,7 @@ if triton is not None:
                 ok = cols < seq_k
                 k_pointers = k_base + cols[:, None] * stride_kn + offs_d[None, :]
                 v_pointers = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-                _, m_i, l_i, acc = _softmax_step(q, k_pointers, v_pointers, ok, m_i, l_i, acc, qk_scale, DOT_FP32,
+                _, m_i, l_i, acc = online_softmax_step(q, k_pointers, v_pointers, ok, m_i, l_i, acc, qk_scale, DOT_FP32,
                                                  PRECISION)  # fmt: skip
             _store_partial(PartOut, PartLse, (stream * tl.num_programs(1) + split) * 2 + 1, m_i, l_i, acc, HEAD_DIM,
                            BLOCK_G)  # fmt: skip
@@ -364,14 +342,6 @@ if triton is not None:
             top = new_top
         return tl.where(weight > 0.0, acc / tl.where(weight > 0.0, weight, 1.0), 0.0)
 
-    @triton.jit
-    def _gate(q, W, Bias, head, branch, HEAD_DIM: tl.constexpr):
-        """``sigmoid(q . W[head, :, branch] + b[head, branch])``, the product rounded to q's dtype."""
-        offs_d = tl.arange(0, HEAD_DIM)
-        w = tl.load(W + head * (HEAD_DIM * 3) + offs_d * 3 + branch)
-        product = tl.sum(q.to(tl.float32) * w.to(q.dtype).to(tl.float32), 0).to(q.dtype).to(tl.float32)
-        return tl.sigmoid(product + tl.load(Bias + head * 3 + branch).to(tl.float32))
-
     @triton.jit(do_not_specialize=["splits_c", "splits_a"])
     def _combine(
         Q, W, Bias, PartC, LseC, PartA, LseA, Out,
@@ -384,14 +354,14 @@ if triton is not None:
         stream = tl.program_id(0) // group  # (batch, KV head)
         row = head % group
         offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + batch.to(tl.int64) * stride_qb + head * stride_qh + offs_d)
+        q = tl.load(Q + batch.to(tl.int64) * stride_qb + head * stride_qh + offs_d)[None, :]
         out = _merge(PartC, LseC, stream * splits_c, splits_c, 1, row, HEAD_DIM, BLOCK_G, SPLIT_TILE)
-        out = out * _gate(q, W, Bias, head, 0, HEAD_DIM)
+        out = out * nsa_gate(q, W, Bias, head, 0, 3, HEAD_DIM)
         selected = _merge(PartA, LseA, stream * splits_a * 2, splits_a, 2, row, HEAD_DIM, BLOCK_G, SPLIT_TILE)
-        out += selected * _gate(q, W, Bias, head, 1, HEAD_DIM)
+        out += selected * nsa_gate(q, W, Bias, head, 1, 3, HEAD_DIM)
         if HAS_WINDOW:
             window = _merge(PartA, LseA, stream * splits_a * 2 + 1, splits_a, 2, row, HEAD_DIM, BLOCK_G, SPLIT_TILE)
-            out += window * _gate(q, W, Bias, head, 2, HEAD_DIM)
+            out += window * nsa_gate(q, W, Bias, head, 2, 3, HEAD_DIM)
         tl.store(Out + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 

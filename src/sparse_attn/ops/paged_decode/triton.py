@@ -37,6 +37,8 @@ from ..page_bounds.triton import unsupported_reason as grouped_tile_unsupported_
 try:
     import triton
     import triton.language as tl
+
+    from .._triton_util import online_softmax_step
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
@@ -154,25 +156,8 @@ if triton is not None:
             row_in_page = token % PAGE_SIZE
             k_pointers = k_base + page[:, None] * stride_kp + row_in_page[:, None] * stride_ks + offs_d[None, :]
             v_pointers = v_base + page[:, None] * stride_vp + row_in_page[:, None] * stride_vs + offs_d[None, :]
-            k = tl.load(k_pointers, mask=key_ok[:, None], other=0.0)
-            v = tl.load(v_pointers, mask=key_ok[:, None], other=0.0)
-            if DOT_FP32:
-                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PRECISION)
-            else:
-                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            scores = tl.where(key_ok[None, :], scores * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            # A row with no valid key yet keeps m = -inf: subtract 0 instead (no inf - inf).
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(scores - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if DOT_FP32:
-                acc = tl.dot(p, v.to(tl.float32), acc, input_precision=PRECISION)
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-            m_i = m_new
+            _, m_i, l_i, acc = online_softmax_step(q, k_pointers, v_pointers, key_ok, m_i, l_i, acc, qk_scale, DOT_FP32,
+                                                   PRECISION)  # fmt: skip
 
         has_keys = l_i > 0.0
         out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
