@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ...backends import launch
-from .._dispatch import device_unsupported_reason
+from .._dispatch import head_tile_unsupported_reason
 
 try:
     import triton
@@ -31,20 +31,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 __all__ = ["gated_sum_backward_triton", "gated_sum_triton", "unsupported_reason"]
 
-HEAD_DIMS = (16, 32, 64, 128, 256)
-
 
 def unsupported_reason(q: torch.Tensor, *, head_dim: int) -> str | None:
     """Why :func:`gated_sum_triton` cannot run this case, or ``None``."""
-    if triton is None:
-        return "triton is not installed"
-    reason = device_unsupported_reason(q)
+    reason = head_tile_unsupported_reason(q, head_dim, triton)
     if reason is not None:
         return reason
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"takes float16, bfloat16 or float32, not {q.dtype}"
-    if head_dim not in HEAD_DIMS:
-        return f"takes head_dim in {HEAD_DIMS}, not {head_dim}"
     return None
 
 

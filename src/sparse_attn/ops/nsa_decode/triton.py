@@ -40,7 +40,7 @@ import torch
 
 from ...backends import launch
 from ...utils import dot_in_float32, interpreting
-from .._dispatch import device_unsupported_reason
+from .._dispatch import head_tile_unsupported_reason
 from ..compressed_scores.naive import visible_count
 from .naive import selection_size
 
@@ -56,7 +56,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 __all__ = ["launch_plan", "nsa_decode_triton", "selection_triton", "unsupported_reason"]
 
 LOG2_E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_GROUP = 128
 MAX_TOP_N = 128
 MAX_CHUNKS = 16  # candidate lists per (sequence, KV head) that the attend kernel merges
@@ -68,15 +67,9 @@ MIN_TOKENS_PER_SPLIT = 256  # compressed tokens per split of kernel 1, at least
 
 def unsupported_reason(q: torch.Tensor, *, head_dim: int, group: int, top_n: int) -> str | None:
     """Why :func:`nsa_decode_triton` cannot run this case, or ``None``."""
-    if triton is None:
-        return "triton is not installed"
-    reason = device_unsupported_reason(q)
+    reason = head_tile_unsupported_reason(q, head_dim, triton)
     if reason is not None:
         return reason
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"takes float16, bfloat16 or float32, not {q.dtype}"
-    if head_dim not in HEAD_DIMS:
-        return f"takes head_dim in {HEAD_DIMS}, not {head_dim}"
     if group > MAX_GROUP:
         return f"takes at most {MAX_GROUP} query heads per KV head, got {group}"
     if top_n > MAX_TOP_N:
