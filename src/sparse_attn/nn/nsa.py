@@ -37,7 +37,8 @@ backend's forward and backward and the reference off CUDA):
   ``(p + 1) // d``; the branch is then plain causal attention of ``~S / d`` rows over the ``~S / d``
   compressed tokens on a dense causal block pattern (the Gluon / Triton block kernels on CUDA),
   which also returns the log-sum-exp the selection needs. Exact; one copy of q in, of the output
-  back, and of the compressed K/V per residue. (Residues as extra query heads of the same KV
+  back (:mod:`sparse_attn.ops.residue_rows`: a row-gather kernel each way on CUDA), and of the
+  compressed K/V per residue. (Residues as extra query heads of the same KV
   head, the layout before, made the backward's dK/dV walk ``d`` x the group's heads in one
   program per KV block: 5.6 of 18.4 GPU-ms of a forward + backward at 8K, fla's configuration.)
 * selection scores (:func:`sparse_attn.ops.compressed_scores.compressed_block_scores`, a fused
@@ -48,6 +49,8 @@ backend's forward and backward and the reference off CUDA):
 * sliding window: a block pattern over 128-token blocks (:func:`window_pattern`) whose first
   blocks are cut by :class:`CausalWindowRule`, a one-field box predicate the Triton and Gluon
   kernels evaluate per score (:mod:`sparse_attn.rule_predicate`).
+* gates: ``sigmoid(q . W + b)`` per branch and query head, the branches' gated sum in one pass
+  (:func:`sparse_attn.ops.gated_sum.gated_sum`: a Triton kernel forward and backward on CUDA).
 
 Choices where the paper leaves room (or where its text could not be checked here: the stored
 copies reachable in this session held summaries, not the equations):
