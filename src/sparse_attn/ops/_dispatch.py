@@ -29,6 +29,7 @@ from ..utils import interpreting
 
 __all__ = [
     "device_unsupported_reason",
+    "head_dim_reason",
     "head_tile_unsupported_reason",
     "kernel_for",
     "power_of_two_reason",
@@ -90,33 +91,37 @@ def qk_unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
         return reason
     if q.dim() != 4 or k.dim() != 4:
         return "takes q (B, Hq, Sq, D) and k (B, Hkv, Sk, D)"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"takes float16, bfloat16 or float32, not {q.dtype}"
+    reason = _dtype_reason(q.dtype)
+    if reason is not None:
+        return reason
     if k.dtype != q.dtype:
         return f"needs q and k of one dtype, got {q.dtype} and {k.dtype}"
     if k.device != q.device:
         return "takes q and k on one device"
-    dim = q.shape[-1]
-    if dim < 16 or dim > 256 or dim & (dim - 1):
-        return f"takes a head_dim that is a power of two from 16 to 256, not {dim}"
-    return None
-
-
-HEAD_DIMS = (16, 32, 64, 128, 256)
+    return head_dim_reason(q.shape[-1])
 
 
 def head_tile_unsupported_reason(x: torch.Tensor, head_dim: int, triton_module) -> str | None:
     """The common can-run check of kernels that hold whole ``head_dim`` rows in a tile: triton
     installed (``triton_module`` is the kernel module's ``triton``, ``None`` when it failed to
     import), the device, a float16 / bfloat16 / float32 ``x`` and a power-of-two ``head_dim`` from
-    16 to 256."""
+    16 to 256 (the dtype and head_dim rules of :func:`qk_unsupported_reason`)."""
     if triton_module is None:
         return "triton is not installed"
     reason = device_unsupported_reason(x)
     if reason is not None:
         return reason
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"takes float16, bfloat16 or float32, not {x.dtype}"
-    if head_dim not in HEAD_DIMS:
-        return f"takes head_dim in {HEAD_DIMS}, not {head_dim}"
+    return _dtype_reason(x.dtype) or head_dim_reason(head_dim)
+
+
+def _dtype_reason(dtype: torch.dtype) -> str | None:
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"takes float16, bfloat16 or float32, not {dtype}"
+    return None
+
+
+def head_dim_reason(dim: int) -> str | None:
+    """A can-run check's line when ``dim`` is not a power of two from 16 to 256, else ``None``."""
+    if dim < 16 or dim > 256 or dim & (dim - 1):
+        return f"takes a head_dim that is a power of two from 16 to 256, not {dim}"
     return None

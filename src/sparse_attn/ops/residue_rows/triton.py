@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ...backends import launch
-from .._dispatch import device_unsupported_reason
+from .._dispatch import device_unsupported_reason, head_dim_reason
 
 try:
     import triton
@@ -29,8 +29,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 __all__ = ["regroup_triton", "unsupported_reason"]
 
-HEAD_DIMS = (16, 32, 64, 128, 256)
-
 
 def unsupported_reason(x: torch.Tensor) -> str | None:
     """Why :func:`regroup_triton` cannot run on ``x`` ``(B, H, S, D)``, or ``None``."""
@@ -39,8 +37,11 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
     reason = device_unsupported_reason(x)
     if reason is not None:
         return reason
-    if x.dim() != 4 or x.shape[3] not in HEAD_DIMS:
-        return f"takes (B, H, S, D) tensors with D in {HEAD_DIMS}, got shape {tuple(x.shape)}"
+    if x.dim() != 4:
+        return f"takes (B, H, S, D) tensors, got shape {tuple(x.shape)}"
+    reason = head_dim_reason(x.shape[3])
+    if reason is not None:
+        return reason
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f"takes floating-point tensors, not {x.dtype}"
     return None
