@@ -89,12 +89,15 @@ def run_case(seq: int, head_dim: int, densities, backends, device, *, q_heads=32
         )
         row = {"seq": seq, "head_dim": head_dim, "density": round(pattern.density(), 4), "errors": {}}
         for backend in backends:
-            refused = flash4.gradient_unsupported_reason(q) if backend == "flash4" else None
+            # "auto+atomic": the backend with the Triton backward's dQ taken by atomics from dK/dV.
+            backend_name, _, backward_dq = backend.partition("+")
+            refused = flash4.gradient_unsupported_reason(q) if backend_name == "flash4" else None
             if refused:  # it would fall back to another backend: timing that under this name would mislead
                 row[f"{backend}_ms"], row["errors"][backend] = None, f"refused: {refused}"
                 continue
-            attention = partial(block_sparse_attention, pattern=pattern, backend=backend)
-            row[f"{backend}_ms"], error = measure(partial(_forward_backward, attention, q, k, v, dout), device)
+            attention = partial(block_sparse_attention, pattern=pattern, backend=backend_name)
+            with kernel_configs(triton_backward_dq=backward_dq or None):
+                row[f"{backend}_ms"], error = measure(partial(_forward_backward, attention, q, k, v, dout), device)
             if error:
                 row["errors"][backend] = error
             q.grad = k.grad = v.grad = None
@@ -131,7 +134,12 @@ def main() -> None:
     parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 1.0])
     parser.add_argument("--extra-dims", type=int, nargs="*", default=[64], help="head dims at --extra-length")
     parser.add_argument("--extra-length", type=int, default=32768)
-    parser.add_argument("--backends", nargs="+", default=["auto", "triton", "flex"])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["auto", "triton", "flex"],
+        help="backends; NAME+atomic / NAME+kernel forces the Triton backward's dQ mode (e.g. auto+atomic)",
+    )
     parser.add_argument(
         "--backward-skip-masked",
         action="store_true",
