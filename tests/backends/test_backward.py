@@ -91,6 +91,26 @@ def test_triton_atomic_dq_matches_float64_oracle(shape, causal, poison_outputs):
             assert relative_error(grad, want) <= TOLERANCE[torch.float32], f"d{name} ({heads_kind} pattern)"
 
 
+def test_backward_runs_under_the_forwards_kernel_configs(monkeypatch):
+    """PyTorch runs CUDA backwards on its own thread, outside the forward's ``with kernel_configs``:
+    the backward must see the overrides the forward saw, wherever it is called."""
+    from sparse_attn.backends import configs
+
+    seen = []
+    original = configs.backward_dq_atomic
+    monkeypatch.setattr(
+        configs, "backward_dq_atomic", lambda device: seen.append(configs.current()) or original(device)
+    )
+    shape = SHAPES[1]
+    q, k, v = (x.requires_grad_() for x in random_qkv(*shape[:6], seed=4))
+    pattern = _pattern(shape, True, "kv", 4)
+    with sa.backends.kernel_configs(triton_backward_dq="atomic", kv_streams_per_wave=2):
+        out = sa.block_sparse_attention(q, k, v, pattern, backend="triton")
+    out.sum().backward()
+    assert [(c.triton_backward_dq, c.kv_streams_per_wave) for c in seen] == [("atomic", 2)]
+    assert configs.current().triton_backward_dq is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision_gradients(dtype, poison_outputs):
     shape = (2, 4, 1, 70, 96, 64, 32, 32)

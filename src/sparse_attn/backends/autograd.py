@@ -4,7 +4,9 @@ with a ``backward`` entry point (``triton``; ``gluon``, whose backward runs the 
 The forward runs the backend's forward with the log-sum-exp (always: the backward recomputes
 probabilities from it instead of a second softmax) and saves ``q, k, v, out, lse``; the
 backward hands them, with the gradients of ``out`` and of the log-sum-exp, to the backend's
-``backward``. The pattern is data, not a differentiable input: an estimator's choice of blocks
+``backward``, under the kernel-configuration overrides in force at the forward
+(:func:`.configs.kernel_configs`: PyTorch runs the backward of CUDA tensors on its own
+thread, which does not see the forward's context). The pattern is data, not a differentiable input: an estimator's choice of blocks
 is discrete and gets no gradient. ``reference`` and ``flex`` need none of this: autograd
 differentiates them directly.
 """
@@ -17,6 +19,7 @@ import torch
 
 from ..pattern import BlockSparsePattern
 from ..plan import plan_for
+from . import configs
 
 __all__ = ["kernel_attention"]
 
@@ -27,6 +30,7 @@ class _KernelAttention(torch.autograd.Function):
         out, lse = backend.forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.backend = plan_for(pattern, causal=causal), scale, backend
+        ctx.kernel_configs = configs.current()
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -35,7 +39,8 @@ class _KernelAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = ctx.backend.backward(q, k, v, out, lse, dout, dlse, ctx.plan, scale=ctx.scale)
+        with configs.applied(ctx.kernel_configs):
+            dq, dk, dv = ctx.backend.backward(q, k, v, out, lse, dout, dlse, ctx.plan, scale=ctx.scale)
         return dq, dk, dv, None, None, None, None
 
 

@@ -221,6 +221,20 @@ def kernel_configs(
         _CURRENT.reset(token)
 
 
+@contextlib.contextmanager
+def applied(overrides: KernelConfigs) -> Iterator[KernelConfigs]:
+    """Put ``overrides`` (a :func:`current` value captured earlier) in force inside the block.
+
+    The kernel backends' autograd capture the overrides of a forward and apply them to its
+    backward, which PyTorch runs on its own thread for CUDA tensors, where the forward's
+    context variables are not set."""
+    token = _CURRENT.set(overrides)
+    try:
+        yield overrides
+    finally:
+        _CURRENT.reset(token)
+
+
 def fitting_tiles(head_dim: int, block_q: int, block_k: int, *, is_float32: bool) -> tuple[Tile, ...]:
     """The Triton tile candidates whose tiles divide the pattern's blocks (a small default if none does)."""
     candidates = current().triton_tiles or (TRITON_FLOAT_TILES if is_float32 else TRITON_HALF_TILES)[head_dim]
