@@ -404,16 +404,10 @@ def main() -> None:
         default=None,
         help="causal token dK/dV: skip listing steps before the keys by a branch (on) or run them masked (off)",
     )
-    parser.add_argument(
-        "--backward-dq",
-        choices=("kernel", "atomic"),
-        default=None,
-        help="block backward's dQ (the compressed and window branches): its own pass, or atomics from dK/dV",
-    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    from sparse_attn.backends import configs, triton_tokens_backward
+    from sparse_attn.backends import triton_tokens_backward
 
     if args.dkdv_skip_early is not None:
         triton_tokens_backward.DKDV_SKIP_EARLY = args.dkdv_skip_early == "on"
@@ -430,7 +424,6 @@ def main() -> None:
         "moba_path": args.moba_path,
         "token_rows": args.token_rows or 16,
         "dkdv_skip_early": triton_tokens_backward.DKDV_SKIP_EARLY,
-        "backward_dq": args.backward_dq or configs.BACKWARD_DQ_DEFAULT,
         **environment(device),
     }
     print(format_table([], columns), flush=True)
@@ -442,7 +435,7 @@ def main() -> None:
         if time.perf_counter() > deadline:
             skipped.append(f"{name} {seq}")
             continue
-        with kernel_configs(token_rows=args.token_rows, triton_backward_dq=args.backward_dq):
+        with kernel_configs(token_rows=args.token_rows):
             row = run_case(
                 name, seq, device, budget_s=args.case_budget, flex=not args.no_flex, fla=not args.no_fla,
                 parts=args.parts,

@@ -89,14 +89,13 @@ def run_case(seq: int, head_dim: int, densities, backends, device, *, q_heads=32
         )
         row = {"seq": seq, "head_dim": head_dim, "density": round(pattern.density(), 4), "errors": {}}
         for backend in backends:
-            # "auto+atomic": the backend with the Triton backward's dQ taken by atomics from dK/dV.
-            backend_name, _, backward_dq = backend.partition("+")
+            backend_name, overrides = _variant(backend)
             refused = flash4.gradient_unsupported_reason(q) if backend_name == "flash4" else None
             if refused:  # it would fall back to another backend: timing that under this name would mislead
                 row[f"{backend}_ms"], row["errors"][backend] = None, f"refused: {refused}"
                 continue
             attention = partial(block_sparse_attention, pattern=pattern, backend=backend_name)
-            with kernel_configs(triton_backward_dq=backward_dq or None):
+            with kernel_configs(**overrides):
                 row[f"{backend}_ms"], error = measure(partial(_forward_backward, attention, q, k, v, dout), device)
             if error:
                 row["errors"][backend] = error
@@ -116,6 +115,19 @@ def run_case(seq: int, head_dim: int, densities, backends, device, *, q_heads=32
         rows.append(row)
         print(format_table([row], _columns(backends)).splitlines()[-1], flush=True)
     return rows
+
+
+def _variant(spec: str) -> tuple[str, dict]:
+    """``"auto+kv_streams_per_wave=0+triton_backward_skip_masked=true"`` -> the backend name and
+    its :func:`kernel_configs` overrides (integers and true/false parsed), applied to the forward
+    and, through it, the backward."""
+    name, *settings = spec.split("+")
+    overrides = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        lowered = value.lower()
+        overrides[key] = lowered == "true" if lowered in ("true", "false") else int(value)
+    return name, overrides
 
 
 def _columns(backends):
@@ -138,7 +150,7 @@ def main() -> None:
         "--backends",
         nargs="+",
         default=["auto", "triton", "flex"],
-        help="backends; NAME+atomic / NAME+kernel forces the Triton backward's dQ mode (e.g. auto+atomic)",
+        help="backends; NAME+KEY=VALUE runs NAME under kernel_configs(KEY=VALUE), e.g. auto+kv_streams_per_wave=0",
     )
     parser.add_argument(
         "--backward-skip-masked",

@@ -39,7 +39,6 @@ def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4) 
 def main() -> dict:
     import triton.language as tl
 
-    from sparse_attn.backends import triton_backward
     from sparse_attn.ops.anchor_region import triton as anchor_region
     from sparse_attn.ops.antidiagonal import triton as antidiagonal
     from sparse_attn.ops.block_max import triton as block_max
@@ -77,16 +76,7 @@ def main() -> dict:
     nsa_flags = dict(HEAD_DIM=128, BLOCK_G=16, DOT_FP32=False, PRECISION="tf32")
     nsa_parts = {"PartOut": "*fp32", "PartLse": "*fp32", "qk_scale": "fp32"}
     gates = {"Q": "*bf16", "A": "*bf16", "B": "*bf16", "C": "*bf16", "W": "*fp32", "Bias": "*fp32"}
-    backward_pointers = {name: "*bf16" for name in ("Q", "K", "V", "DOut", "DK", "DV")}
-    backward_pointers.update(
-        {"Lse": "*fp32", "Delta": "*fp32", "DQAccum": "*fp32", "scale": "fp32", "qk_scale": "fp32"}
-    )
-    backward_pointers.update({name: "*i32" for name in ("QCounts", "QIndices", "RuleIndex", "RuleWords")})
-    backward_flags = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, BLOCK_M=64, BLOCK_N=128, CAUSAL=True)
-    backward_flags.update(DOT_FP32=False, PRECISION="tf32", SKIP_MASKED=False, HAS_RULE=False, BOX_RULE=False)
-    backward_flags.update(EVEN_Q=True, EVEN_K=True, DQ_ATOMIC=2)
     cases = {
-        "block_dkdv_atomic_dq": (triton_backward._dkdv, backward_pointers, backward_flags, 8),
         "gated_sum": (
             gated_sum._gated_sum, {**gates, "Out": "*bf16"},
             dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=3, NUM_GATES=3), 4,
@@ -186,13 +176,7 @@ def main() -> dict:
     results = {}
     for name, (fn, signature, constexprs, warps) in cases.items():
         returncode, report, ptx = compile_for_sm90(fn, signature, constexprs, warps)
-        keys = (
-            "cp.async.bulk.tensor",
-            "cp.reduce.async.bulk.tensor",
-            "cvt.rn.satfinite.e4m3x2.f32",
-            "ex2.approx.f16x2",
-            "wgmma",
-        )
+        keys = ("cp.async.bulk.tensor", "cvt.rn.satfinite.e4m3x2.f32", "ex2.approx.f16x2", "wgmma")
         has = {key: key in ptx for key in keys}
         results[name] = {"returncode": returncode, "report": report, "ptx_has": has}
     return results

@@ -43,11 +43,9 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
-
 __all__ = [
     "LOAD_MODES",
-    "backward_dq_atomic",
+    "applied",
     "backward_skips_masked_tiles",
     "backward_tiles",
     "KernelConfigs",
@@ -57,7 +55,6 @@ __all__ = [
     "gluon_stages",
     "interpreter_load_mode",
     "kernel_configs",
-    "tma_reductions",
     "triton_load_modes",
 ]
 
@@ -89,9 +86,6 @@ TRITON_BACKWARD_TILES: dict[str, dict[int, tuple[Tile, ...]]] = {
         128: ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)),
     },
 }
-# Where the Triton block backward's dQ comes from (KernelConfigs.triton_backward_dq).
-BACKWARD_DQ_MODES = ("kernel", "atomic")
-BACKWARD_DQ_DEFAULT = "kernel"
 TRITON_BACKWARD_SMALL_TILES: tuple[Tile, ...] = ((32, 32, 4, 1), (16, 32, 4, 1))
 
 # Gluon: query rows per program (two consumer warpgroups of 64), shared memory per block on
@@ -141,7 +135,6 @@ class KernelConfigs:
     gluon_persistent: bool | None = None
     token_rows: int | None = None
     kv_streams_per_wave: int | None = None
-    triton_backward_dq: str | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -167,7 +160,6 @@ def kernel_configs(
     gluon_persistent: bool | None = None,
     token_rows: int | None = None,
     kv_streams_per_wave: int | None = None,
-    triton_backward_dq: str | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -210,10 +202,6 @@ def kernel_configs(
         if isinstance(kv_streams_per_wave, bool) or not isinstance(kv_streams_per_wave, int) or kv_streams_per_wave < 0:
             raise ValueError(f"kv_streams_per_wave must be an int >= 0, got {kv_streams_per_wave!r}")
         changes["kv_streams_per_wave"] = kv_streams_per_wave
-    if triton_backward_dq is not None:
-        if triton_backward_dq not in BACKWARD_DQ_MODES:
-            raise ValueError(f"triton_backward_dq must be one of {BACKWARD_DQ_MODES}, got {triton_backward_dq!r}")
-        changes["triton_backward_dq"] = triton_backward_dq
     token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **changes))
     try:
         yield _CURRENT.get()
@@ -258,18 +246,6 @@ def backward_skips_masked_tiles() -> bool:
     :mod:`.triton_backward`); the default is not to, so their loops stay software-pipelined."""
     asked = current().triton_backward_skip_masked
     return False if asked is None else asked
-
-
-def backward_dq_atomic(device: torch.device) -> bool:
-    """Whether the Triton block backward takes dQ from its dK/dV pass through float32 atomic
-    additions (``"atomic"``) instead of a second pass over the forward lists (``"kernel"``)."""
-    asked = current().triton_backward_dq
-    return (BACKWARD_DQ_DEFAULT if asked is None else asked) == "atomic"
-
-
-def tma_reductions(device: torch.device) -> bool:
-    """Whether ``device`` has TMA bulk reductions (compute capability 9.0 or newer)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def triton_load_modes(*, is_float32: bool, tma_offered: bool) -> tuple[str, ...]:

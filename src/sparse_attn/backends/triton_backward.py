@@ -89,7 +89,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv(
-        Q, K, V, DOut, Lse, Delta, DK, DV, DQAccum, QCounts, QIndices, RuleIndex, RuleWords, box_guard,
+        Q, K, V, DOut, Lse, Delta, DK, DV, QCounts, QIndices, RuleIndex, RuleWords, box_guard,
         stride_gb, stride_gh, stride_gs,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
@@ -105,7 +105,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
         HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr,
-        EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+        EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
         tile, batch_head = wave_item(tl.program_id(0), per_wave, n_blocks * (BLOCK_K // BLOCK_N))
         batch = batch_head // num_kv_heads
@@ -131,6 +131,7 @@ if triton is not None:
         key_code = 0
         if BOX_RULE:
             key_code = tl.load(RuleWords + key_pos, mask=key_in_range, other=-1)
+
         for member in range(group):
             head = kv_head * group + member
             pattern_head = head // pattern_head_divisor
@@ -141,12 +142,6 @@ if triton is not None:
             q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
             do_base = DOut + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
             row_base = (batch.to(tl.int64) * num_q_heads + head) * seq_q
-            dq_base = DQAccum + row_base * HEAD_DIM  # this head's float32 dQ rows (DQ_ATOMIC != 0)
-            if DQ_ATOMIC == 2:
-                # Bounded by seq_q: the bulk reduction of a tile past the end drops its extra rows.
-                dq_base = tl.make_tensor_descriptor(
-                    dq_base, shape=[seq_q, HEAD_DIM], strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM]
-                )
             for step in range(0, count * (BLOCK_Q // BLOCK_M)):
                 q_block = tl.load(index_base + step // (BLOCK_Q // BLOCK_M))
                 first_row = q_block * BLOCK_Q + (step % (BLOCK_Q // BLOCK_M)) * BLOCK_M
@@ -193,20 +188,8 @@ if triton is not None:
                     p_t = tl.math.exp2(logits)
                     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
                     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-                    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-                    dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
-                    if DQ_ATOMIC != 0:
-                        # dQ's share of this tile pair, added to float32 rows that _finish_dq scales.
-                        dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # (M, D)
-                        if DQ_ATOMIC == 2:
-                            dq_base.atomic_add([first_row, 0], dq_part)
-                        else:
-                            tl.atomic_add(
-                                dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :],
-                                dq_part,
-                                mask=row_in_range[:, None],
-                                sem="relaxed",
-                            )
+                    ds_t = p_t * (dp_t - delta[None, :])
+                    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
 
         # dK and dV are contiguous tensors of one shape: one set of strides.
         gradient_offset = batch.to(tl.int64) * stride_gb + kv_head.to(tl.int64) * stride_gh
@@ -321,30 +304,6 @@ if triton is not None:
             mask=row_in_range[:, None],
         )
 
-    @triton.jit
-    def _finish_dq(
-        Accum, DQ,
-        stride_gb, stride_gh, stride_gs,
-        num_heads, seq_q, scale,
-        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        """``DQ = scale * Accum`` in DQ's dtype and strides (``Accum``: contiguous float32 rows)."""
-        batch_head = tl.program_id(0)
-        batch = batch_head // num_heads
-        head = batch_head % num_heads
-        rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, HEAD_DIM)
-        in_range = rows[:, None] < seq_q
-        accum = tl.load(
-            Accum + (batch_head.to(tl.int64) * seq_q + rows[:, None]) * HEAD_DIM + offs_d[None, :], mask=in_range
-        )
-        dq_base = DQ + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
-        tl.store(
-            dq_base + rows[:, None] * stride_gs + offs_d[None, :],
-            (accum * scale).to(DQ.dtype.element_ty),
-            mask=in_range,
-        )
-
 
 @functools.cache
 def _autotuned(kind: str, tiles: tuple):
@@ -365,10 +324,7 @@ def _autotuned(kind: str, tiles: tuple):
             "BOX_RULE",
             "EVEN_Q",
             "EVEN_K",
-        ]
-        + (["DQ_ATOMIC"] if kind == "dkdv" else []),
-        # Trials of the atomic-dQ form add into the float32 dQ rows: zeroed before each.
-        reset_to_zero=["DQAccum"] if kind == "dkdv" else None,
+        ],
     )(kernel)
 
 
@@ -434,20 +390,8 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         q_rule_index, rule_index, words = plan.transposed.rule_index, bitmask.entry_index, bitmask.words
     sizes = (seq_q, seq_k, scale, scale * LOG2_E, length_bucket(seq_k))
     per_wave = launch.heads_per_wave(q, k)  # (batch, query head) pairs; dK/dV takes their streams
-    atomic = configs.backward_dq_atomic(q.device)
-    if atomic:
-        # dQ from the dK/dV pass: float32 rows that every tile pair adds its share to.
-        dq_accum = torch.zeros((batch, q_heads, seq_q, dim), dtype=torch.float32, device=q.device)
-        if not interpreting() and configs.tma_reductions(q.device):
-            launch.ensure_scratch_allocator()
-            constants_dkdv = dict(constants, DQ_ATOMIC=2)
-        else:
-            constants_dkdv = dict(constants, DQ_ATOMIC=1)
-    else:
-        dq_accum = torch.empty(1, dtype=torch.float32, device=q.device)  # unused; zeroed by autotuning
-        constants_dkdv = dict(constants, DQ_ATOMIC=0)
     dkdv_args = (
-        *(q, k, v, dout, lse, delta, dk, dv, dq_accum, q_counts, q_indices, q_rule_index, words, guard),
+        *(q, k, v, dout, lse, delta, dk, dv, q_counts, q_indices, q_rule_index, words, guard),
         *dk.stride()[:3],
         *strides,
         *block_list_strides(q_counts, q_indices, pattern.batch),
@@ -473,24 +417,11 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
 
     if interpreting():
         tiles = dict(BLOCK_M=min(pattern.block_q, 32), BLOCK_N=min(pattern.block_k, 16))
-        _dkdv[dkdv_grid(tiles)](*dkdv_args, **tiles, **constants_dkdv)
-        if not atomic:
-            _dq[dq_grid(tiles)](*dq_args, **tiles, **constants)
+        _dkdv[dkdv_grid(tiles)](*dkdv_args, **tiles, **constants)
+        _dq[dq_grid(tiles)](*dq_args, **tiles, **constants)
     else:
         small = is_float32 or dim > 128
-        passes = [("dkdv", dkdv_grid, dkdv_args, constants_dkdv)]
-        if not atomic:
-            passes.append(("dq", dq_grid, dq_args, constants))
-        for kind, grid, args, kind_constants in passes:
+        for kind, grid, args in (("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args)):
             tiles = configs.backward_tiles(kind, dim, pattern.block_q, pattern.block_k, small=small)
-            _autotuned(kind, tiles)[grid](*args, **kind_constants)
-    if atomic:
-        finish_block = 64
-        _finish_dq[(batch * q_heads, num_blocks(seq_q, finish_block))](
-            *(dq_accum, dq),
-            *dq.stride()[:3],
-            *(q_heads, seq_q, scale),
-            HEAD_DIM=dim,
-            BLOCK=finish_block,
-        )
+            _autotuned(kind, tiles)[grid](*args, **constants)
     return dq, dk, dv
