@@ -17,9 +17,11 @@ Runs: ``dense`` (transformers' SDPA) first, then each of ``--methods``:
   ``xattention`` or ``moba:block_size=512,top_k=3``), patched into every layer with
   ``sa.patch(model, method=..., min_seq_len=--min-seq-len)``: attention forward and backward run
   on the sparse-attn engine, and the estimator's block choice is not differentiated;
-* ``nsa``: :func:`sparse_attn.nn.nsa_models.swap_in_nsa` at the NSA paper's defaults (the
-  model's q/k/v/o projections kept, the compression MLPs and gates new, initialised under
-  ``torch.manual_seed(--seed + 1)``, trained with the rest).
+* ``nsa``: :func:`sparse_attn.nn.nsa_models.swap_in_nsa` at the NSA paper's block sizes and
+  its dense start (the model's q/k/v/o projections kept, the compressors and gates new and
+  started close to dense attention, initialised under ``torch.manual_seed(--seed + 1)``, trained
+  with the rest); ``nsa-paper``: the same with ``start="paper"`` (the paper's MLP compressor,
+  every gate at 1/2; what ``nsa`` was until the twenty-second session).
 
 After each run the trained model (cast to bfloat16 on CUDA) is scored on the eval tasks
 (``--eval-tasks`` x ``--eval-lengths`` x ``--eval-depths``, seed ``--seed``, greedy answers as
@@ -58,6 +60,7 @@ from sparse_attn.bench import device_slug, environment, write_results
 
 DENSE = "dense"
 NSA = "nsa"
+NSA_LABELS = {NSA: "dense", "nsa-paper": "paper"}  # label -> swap_in_nsa's start
 MODEL = "smollm2-135m"
 
 
@@ -78,8 +81,8 @@ def learning_rate(step: int, base: float, warmup: int) -> float:
 
 
 def check_method(label: str) -> None:
-    """``ValueError`` unless ``label`` is ``nsa`` or a registered method variant."""
-    if label in (DENSE, NSA):
+    """``ValueError`` unless ``label`` is ``dense``, an NSA label or a registered method variant."""
+    if label == DENSE or label in NSA_LABELS:
         return
     from sparse_attn.eval.grid import MethodVariant
 
@@ -91,10 +94,10 @@ def switch(model, label: str, *, min_seq_len: int):
     function that switches it back (NSA stays swapped in: its parameters are part of the model)."""
     if label == DENSE:
         return lambda: None
-    if label == NSA:
+    if label in NSA_LABELS:
         from sparse_attn.nn.nsa_models import swap_in_nsa
 
-        swap_in_nsa(model)
+        swap_in_nsa(model, start=NSA_LABELS[label])
         return lambda: None
     from sparse_attn.eval.grid import MethodVariant
 
@@ -194,13 +197,14 @@ def evaluate(model, tokenizer, mode: str, args, device) -> tuple[dict, dict]:
         model.to(torch.bfloat16)
     results, skipped = {}, {}
     if mode == DENSE:
-        attentions = [DENSE] + [label for label in args.methods if label != NSA]
-        if NSA in args.methods:
-            skipped[NSA] = "NSA's compression MLPs and gates are untrained on the dense-trained model"
+        attentions = [DENSE] + [label for label in args.methods if label not in NSA_LABELS]
+        for label in NSA_LABELS:
+            if label in args.methods:
+                skipped[label] = "NSA's compression MLPs and gates are untrained on the dense-trained model"
     else:
         attentions = [mode, DENSE]
     for attention in attentions:
-        if mode == NSA and attention == DENSE:
+        if mode in NSA_LABELS and attention == DENSE:
             # The NSA-trained weights with full attention: the model's own SDPA, NSA parameters unused.
             model.set_attn_implementation("sdpa")
             try:
@@ -211,7 +215,7 @@ def evaluate(model, tokenizer, mode: str, args, device) -> tuple[dict, dict]:
                 model.set_attn_implementation(ATTENTION_NAME)
             continue
         # An NSA-trained model is already NSA; every other attention is switched to here.
-        restore = (lambda: None) if attention == NSA else switch(model, attention, min_seq_len=args.min_seq_len)
+        restore = (lambda: None) if attention in NSA_LABELS else switch(model, attention, min_seq_len=args.min_seq_len)
         try:
             results[attention] = score(model, tokenizer, cases, attention)
         finally:
@@ -280,7 +284,7 @@ def train(mode: str, args, sequences: torch.Tensor, tokenizer, device) -> dict:
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "first_step_warnings": first_warnings,
     }
-    if mode != NSA:
+    if mode not in NSA_LABELS:
         restore()  # evaluation switches the attention itself
     if not args.no_eval:
         result["eval"], result["eval_skipped"] = evaluate(model, tokenizer, mode, args, device)
@@ -339,7 +343,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument(
-        "--methods", nargs="+", default=["xattention"], help="sparse runs: method variants and/or 'nsa' (after dense)"
+        "--methods",
+        nargs="+",
+        default=["xattention"],
+        help="sparse runs: method variants, 'nsa' and/or 'nsa-paper' (after dense)",
     )
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--eval-every", type=int, default=25)

@@ -15,14 +15,17 @@ from sparse_attn.nn.nsa_models import swap_in_nsa  # noqa: E402
 OPTIONS = dict(compress_block=8, compress_stride=4, select_block=16, select_top_n=3, window=16)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_swapped_model_trains_and_decodes_with_its_cache(kind):
-    model = swap_in_nsa(tiny_model(kind), **OPTIONS)
+@pytest.mark.parametrize("kind, start", [("llama", "dense"), ("qwen3", "paper")])
+def test_swapped_model_trains_and_decodes_with_its_cache(kind, start):
+    model = swap_in_nsa(tiny_model(kind), start=start, **OPTIONS)
     ids = prompt(64)
     model.train()
     model(ids, labels=ids).loss.backward()
     attention = model.model.layers[0].self_attn
-    for parameter in (attention.nsa.gate_bias, attention.nsa.compress_k.mlp[0].weight, attention.q_proj.weight):
+    # The dense start's compressor MLP is a residual whose last layer starts at zero: that layer
+    # learns first (the layer before it gets no gradient until then).
+    mlp_layer = attention.nsa.compress_k.mlp[2 if start == "dense" else 0]
+    for parameter in (attention.nsa.gate_bias, mlp_layer.weight, attention.q_proj.weight):
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
@@ -34,6 +37,37 @@ def test_swapped_model_trains_and_decodes_with_its_cache(kind):
             full = model(tokens, use_cache=False).logits[:, -1]
             torch.testing.assert_close(step_logits[:, -1], full, atol=TOLERANCE, rtol=TOLERANCE)
             previous = step_logits
+
+
+def test_the_dense_start_is_close_to_the_dense_model():
+    """With every visible block selected (48 tokens, 3 selected blocks of 16), the dense start's
+    output is nearly the selected branch, i.e. dense attention; the paper's start is not."""
+    ids = prompt(48)
+    dense = tiny_model("llama")
+    with torch.no_grad():
+        expected = dense(ids).logits
+    errors = {}
+    for start in ("dense", "paper"):
+        model = tiny_model("llama")
+        model.load_state_dict(dense.state_dict())
+        swap_in_nsa(model, start=start, **OPTIONS)
+        with torch.no_grad():
+            errors[start] = float((model(ids).logits - expected).norm() / expected.norm())
+    assert errors["dense"] < 0.05 < 0.3 < errors["paper"], errors
+    nsa = model.model.layers[0].self_attn.nsa
+    assert nsa.compressor == "mlp" and torch.equal(nsa.gate_bias, torch.zeros_like(nsa.gate_bias))
+
+
+def test_start_options_and_overrides():
+    model = swap_in_nsa(tiny_model("llama"), compress_block=8, compress_stride=4, select_block=16, window=16)
+    nsa = model.model.layers[0].self_attn.nsa
+    assert nsa.compressor == "mean_mlp"
+    assert torch.equal(nsa.gate_bias[0], torch.tensor([-4.0, 4.0, -4.0]))
+    model = swap_in_nsa(tiny_model("llama"), compressor="mean", gate_bias=(0, 1, 2), **OPTIONS)
+    nsa = model.model.layers[0].self_attn.nsa
+    assert nsa.compressor == "mean" and torch.equal(nsa.gate_bias[1], torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="start"):
+        swap_in_nsa(tiny_model("llama"), start="pretrained", **OPTIONS)
 
 
 def test_padded_batches_are_refused():

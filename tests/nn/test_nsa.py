@@ -16,8 +16,11 @@ def _module(q_heads, kv_heads, dim, seed, **options):
     module = NativeSparseAttention(dim, q_heads, kv_heads, **{**SMALL, **options}).double()
     with torch.no_grad():  # leave the zero initialisation so gates and position encodings matter
         for name, parameter in module.named_parameters():
-            if name in ("gate_weight", "gate_bias", "compress_k.position", "compress_v.position"):
-                parameter.normal_()
+            # (and the mean_mlp residual's zero-initialised last layer)
+            if name in ("gate_weight", "gate_bias", "compress_k.position", "compress_v.position") or (
+                module.compressor == "mean_mlp" and ".mlp.2." in name
+            ):
+                parameter.normal_(std=0.1 if ".mlp.2." in name else 1.0)
     return module
 
 
@@ -60,7 +63,7 @@ def reference_nsa(module, q, k, v):
     count = max(0, (seq_k - length) // stride + 1)
     ends = [i * stride + length - 1 for i in range(count)]
     compress_k, compress_v = (
-        (module.compress_k, module.compress_v) if module.compressor == "mlp" else (lambda x: x.mean(-2),) * 2
+        (module.compress_k, module.compress_v) if module.compressor != "mean" else (lambda x: x.mean(-2),) * 2
     )
     k_cmp = torch.stack([compress_k(k[:, :, e - length + 1 : e + 1]) for e in ends], 2) if count else None
     v_cmp = torch.stack([compress_v(v[:, :, e - length + 1 : e + 1]) for e in ends], 2) if count else None
@@ -109,6 +112,8 @@ CASES = [
     ((2, 4, 2, 1, 97, 8), {}),  # a decode step: one query at the end of the keys
     # fla-core's configuration: mean pooling over non-overlapping blocks, no sliding window.
     ((1, 4, 1, 75, 83, 8), dict(compressor="mean", compress_block=8, compress_stride=8, window=0)),
+    # swap_in_nsa's dense start: mean pooling plus an MLP residual (randomised here).
+    ((1, 3, 1, 60, 90, 8), dict(compressor="mean_mlp")),
 ]
 
 
@@ -153,11 +158,27 @@ def test_paper_defaults_run_forward_and_backward():
         (dict(select_block=24, compress_stride=16), "select_block"),
         (dict(window=-1), "window"),
         (dict(compressor="max"), "compressor"),
+        (dict(gate_bias=(0.0, 1.0)), "gate_bias"),
+        (dict(gate_bias=(0.0, float("nan"), 1.0)), "gate_bias"),
+        (dict(gate_bias="dense"), "gate_bias"),
     ],
 )
 def test_bad_configuration_names_the_argument(options, message):
     with pytest.raises(ValueError, match=message):
         NativeSparseAttention(16, 4, 2, **options)
+
+
+def test_mean_mlp_compressor_starts_as_mean_pooling_and_gate_bias_sets_the_gates():
+    torch.manual_seed(0)
+    module = NativeSparseAttention(16, 4, 2, compressor="mean_mlp", gate_bias=(-4, 4, -4)).double()
+    _, k, v = random_qkv(1, 4, 2, 100, 100, 16, seed=3)
+    k_cmp, v_cmp = module._compress(k.double(), v.double())
+    blocks = k.double().unfold(2, 32, 16).transpose(-1, -2)
+    torch.testing.assert_close(k_cmp, blocks.mean(-2), rtol=0, atol=0)
+    assert torch.equal(module.gate_bias, torch.tensor([[-4.0, 4.0, -4.0]] * 4, dtype=torch.float64))
+    with torch.no_grad():  # once the residual's last layer is not zero, it adds to the mean
+        module.compress_k.mlp[2].bias.fill_(1.0)
+    torch.testing.assert_close(module._compress(k.double(), v.double())[0], blocks.mean(-2) + 1.0)
 
 
 def test_wrong_head_counts_are_refused():

@@ -26,6 +26,14 @@ Options outside the paper: ``window=0`` drops the sliding-window branch and
 ``compressor="mean"`` compresses a block by the mean of its keys (values), with no parameters:
 together with ``compress_block = compress_stride = select_block = 64`` this is the configuration
 flash-linear-attention's NSA kernels run (``benchmarks/token_sparse.py`` compares the two).
+``compressor="mean_mlp"`` is the block's mean plus the paper's MLP as a residual whose last layer
+starts at zero: it starts as mean pooling and has the MLP's capacity. ``gate_bias`` sets the
+gates' initial biases (compressed, selected, window; default 0, every gate 1/2).
+``sparse_attn.nn.nsa_models.swap_in_nsa`` starts a pretrained model's NSA from ``mean_mlp`` and
+biases (-4, 4, -4), so the module first computes nearly the selected branch alone, which, with
+mean-pooled compressed keys choosing the blocks, is close to the model's dense attention
+(SmolLM2-135M at 4K, no training: validation loss 2.554 against dense 2.539, where the paper-like
+start gives 2.835; ``benchmarks/results/cpu/nsa_zero_shot.json``).
 
 How each branch runs (all through :func:`sparse_attn.block_sparse_attention`, so each gets the
 backend's forward and backward and the reference off CUDA):
@@ -103,6 +111,7 @@ A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 import weakref
 
@@ -122,19 +131,31 @@ from ..ops.residue_rows import to_residues as _by_residue
 from ..pattern import BlockSparsePattern, dense_pattern
 from ..rule_predicate import pack_box
 
-__all__ = ["CompressedTokenCache", "NativeSparseAttention"]
+__all__ = ["COMPRESSORS", "CompressedTokenCache", "NativeSparseAttention"]
+
+# The compressors: the paper's MLP, parameter-free mean pooling, and mean pooling plus an MLP
+# residual whose last layer starts at zero (a pretrained model's start, see swap_in_nsa).
+COMPRESSORS = ("mlp", "mean", "mean_mlp")
 
 
 class _BlockCompressor(nn.Module):
-    """``phi``: ``(B, H, n_blocks, l, D)`` blocks -> ``(B, H, n_blocks, D)`` compressed tokens."""
+    """``phi``: ``(B, H, n_blocks, l, D)`` blocks -> ``(B, H, n_blocks, D)`` compressed tokens.
 
-    def __init__(self, block: int, head_dim: int):
+    ``residual``: the block's mean plus the MLP's output, the MLP's last layer zero-initialised,
+    so the compressor starts as mean pooling and learns from there (``compressor="mean_mlp"``)."""
+
+    def __init__(self, block: int, head_dim: int, *, residual: bool = False):
         super().__init__()
+        self.residual = residual
         self.position = nn.Parameter(torch.zeros(block, head_dim))
         self.mlp = nn.Sequential(nn.Linear(block * head_dim, head_dim), nn.GELU(), nn.Linear(head_dim, head_dim))
+        if residual:
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
-        return self.mlp((blocks + self.position.to(blocks.dtype)).flatten(-2))
+        out = self.mlp((blocks + self.position.to(blocks.dtype)).flatten(-2))
+        return blocks.mean(-2) + out if self.residual else out
 
 
 class CausalWindowRule:
@@ -213,6 +234,7 @@ class NativeSparseAttention(nn.Module):
         select_top_n: int = 16,
         window: int = 512,
         compressor: str = "mlp",
+        gate_bias: tuple[float, float, float] = (0.0, 0.0, 0.0),
         backend: str = "auto",
     ):
         super().__init__()
@@ -227,8 +249,15 @@ class NativeSparseAttention(nn.Module):
         ):
             check_int(name, value)
         check_int("window", window, minimum=0)
-        if compressor not in ("mlp", "mean"):
-            raise ValueError(f"compressor must be 'mlp' or 'mean', got {compressor!r}")
+        if compressor not in COMPRESSORS:
+            raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
+        biases = tuple(gate_bias) if isinstance(gate_bias, (tuple, list)) else ()
+        if len(biases) != 3 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in biases
+        ):
+            raise ValueError(
+                f"gate_bias must be three finite numbers (compressed, selected, window), got {gate_bias!r}"
+            )
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         for name, value in (("compress_block", compress_block), ("select_block", select_block)):
@@ -238,11 +267,12 @@ class NativeSparseAttention(nn.Module):
         self.compress_block, self.compress_stride = compress_block, compress_stride
         self.select_block, self.select_top_n, self.window, self.backend = select_block, select_top_n, window, backend
         self.compressor = compressor
-        if compressor == "mlp":
-            self.compress_k = _BlockCompressor(compress_block, head_dim)
-            self.compress_v = _BlockCompressor(compress_block, head_dim)
+        if compressor != "mean":
+            residual = compressor == "mean_mlp"
+            self.compress_k = _BlockCompressor(compress_block, head_dim, residual=residual)
+            self.compress_v = _BlockCompressor(compress_block, head_dim, residual=residual)
         self.gate_weight = nn.Parameter(torch.zeros(num_q_heads, head_dim, 3))
-        self.gate_bias = nn.Parameter(torch.zeros(num_q_heads, 3))
+        self.gate_bias = nn.Parameter(torch.tensor(biases, dtype=torch.float32).repeat(num_q_heads, 1))
 
     def compressed_tokens(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(k_cmp, v_cmp, end)``: ``(B, Hkv, n_cmp, D)`` compressed keys and values and, int64

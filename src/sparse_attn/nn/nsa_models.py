@@ -5,7 +5,15 @@ SmolLM2, Mistral, Gemma 3: anything whose attention goes through ``AttentionInte
 ``NativeSparseAttention`` as the submodule ``nsa`` and switches the model to the attention
 function registered here, which runs it on the module's projected, position-encoded queries,
 keys and values. The model's own q/k/v/o projections are kept (NSA starts from them); the NSA
-parameters (compression MLPs, gates) are new and train with the rest. ``generate()`` works with
+parameters (compression MLPs, gates) are new and train with the rest. By default
+(``start="dense"``) they start where the module is closest to the model's dense attention: the
+compressors as mean pooling plus a zero-initialised MLP residual (``compressor="mean_mlp"``) and
+the gates biased to (compressed, selected, window) = (-4, 4, -4), so the output is at first
+nearly the selected branch alone, whose blocks the mean-pooled keys choose. Measured on the CPU
+without training (SmolLM2-135M, one held-out 4,096-token sequence; ``.devscripts``-free
+command in ``benchmarks/results/cpu/nsa_zero_shot.json``): validation loss 2.554 against dense
+2.539, where ``start="paper"`` (the paper's MLP compressor, every gate at 1/2) gives 2.835.
+Whether this start also ends closer to dense after continued training has not been measured yet. ``generate()`` works with
 the model's KV cache: a decode step is NSA with one query at the end of the cached keys (the
 module's decode path), the same rule a full recompute applies to that token. The compressed
 tokens of each layer are kept beside the keys: a :class:`~sparse_attn.nn.nsa.CompressedTokenCache`
@@ -34,7 +42,7 @@ from ..integrations.patching import _attention_modules
 from ..integrations.state import check_model
 from .nsa import CompressedTokenCache, NativeSparseAttention
 
-__all__ = ["ATTENTION_NAME", "nsa_attention_forward", "swap_in_nsa"]
+__all__ = ["ATTENTION_NAME", "DENSE_START", "nsa_attention_forward", "swap_in_nsa"]
 
 ATTENTION_NAME = "sparse_attn_nsa"
 NSA_ATTRIBUTE = "nsa"
@@ -42,6 +50,9 @@ KV_CACHE_ATTRIBUTE = "_sparse_attn_kv_cache"  # the transformers Cache of the ca
 STATE_ATTRIBUTE = "_sparse_attn_nsa_compressed"  # on a Cache: {layer key: CompressedTokenCache}
 HOOKED_ATTRIBUTE = "_sparse_attn_nsa_hooked"
 MUTATORS = ("crop", "reset", "reorder_cache", "batch_select_indices", "batch_repeat_interleave")
+# swap_in_nsa's start="dense": the options that make a fresh module close to dense attention.
+DENSE_START = {"compressor": "mean_mlp", "gate_bias": (-4.0, 4.0, -4.0)}
+STARTS = {"dense": DENSE_START, "paper": {}}
 
 
 def _remember_cache(module, args, kwargs):
@@ -98,10 +109,19 @@ def nsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     return out.transpose(1, 2).contiguous(), None
 
 
-def swap_in_nsa(model: torch.nn.Module, **options) -> torch.nn.Module:
+def swap_in_nsa(model: torch.nn.Module, *, start: str = "dense", **options) -> torch.nn.Module:
     """Give every attention layer of ``model`` an NSA module (``options`` as in
     :class:`~sparse_attn.nn.nsa.NativeSparseAttention`: block sizes, ``select_top_n``, ``window``,
-    ``backend``) on the layer's device and dtype, and switch the model to it. Returns the same model."""
+    ``compressor``, ``gate_bias``, ``backend``) on the layer's device and dtype, and switch the
+    model to it. Returns the same model.
+
+    ``start``: ``"dense"`` (default) fills ``compressor`` and ``gate_bias`` not given in
+    ``options`` with :data:`DENSE_START` (the module starts close to the model's dense attention,
+    see the module docstring); ``"paper"`` leaves the module's own defaults (the paper's MLP
+    compressor, gates at 1/2)."""
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {tuple(STARTS)}, got {start!r}")
+    options = {**STARTS[start], **options}
     check_model(model)
     config = model.config
     modules = _attention_modules(model)
