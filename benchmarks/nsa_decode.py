@@ -117,7 +117,7 @@ def model_rows(length: int, steps: int, device) -> list[dict]:
         config = transformers.LlamaConfig(**SMOLLM2)
         model = transformers.LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
         if mode.startswith("nsa"):
-            swap_in_nsa(model)
+            swap_in_nsa(model, start="paper")  # the paper's MLP compressors (random weights: speed only)
         else:
             model.set_attn_implementation("sdpa")
         ids = torch.randint(0, config.vocab_size, (1, length), device=device)

@@ -173,8 +173,16 @@ def attach_attention(run: str, model, args) -> dict:
 
         options = {"window": args.nsa_window, "select_top_n": args.nsa_top_n}
         torch.manual_seed(args.seed + 1)  # the new NSA parameters, the same in every nsa run
-        swap_in_nsa(model, **options)
-        return {"attention": "swap_in_nsa", "compress_block": 32, "compress_stride": 16, "select_block": 64, **options}
+        # Trained from scratch: the paper's start (MLP compressors, gates at 1/2), not the start
+        # close to a pretrained model's dense attention that swap_in_nsa takes by default.
+        swap_in_nsa(model, start="paper", **options)
+        return {
+            "attention": "swap_in_nsa(start='paper')",
+            "compress_block": 32,
+            "compress_stride": 16,
+            "select_block": 64,
+            **options,
+        }
     raise ValueError(f"unknown run {run!r}; choose from {list(RUNS)}")
 
 

@@ -33,7 +33,7 @@ gates' initial biases (compressed, selected, window; default 0, every gate 1/2).
 biases (-4, 4, -4), so the module first computes nearly the selected branch alone, which, with
 mean-pooled compressed keys choosing the blocks, is close to the model's dense attention
 (SmolLM2-135M at 4K, no training: validation loss 2.554 against dense 2.539, where the paper-like
-start gives 2.835; ``benchmarks/results/cpu/nsa_zero_shot.json``).
+start gives 2.835; ``benchmarks/nsa_start.py``).
 
 How each branch runs (all through :func:`sparse_attn.block_sparse_attention`, so each gets the
 backend's forward and backward and the reference off CUDA):
