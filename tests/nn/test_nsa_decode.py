@@ -65,7 +65,7 @@ def _steps(module, q, k, v, start, cache):
     return outs
 
 
-@pytest.mark.parametrize("compressor", ["mlp", "mean"])
+@pytest.mark.parametrize("compressor", ["mlp", "mean", "mean_mlp"])
 def test_cache_gives_the_same_outputs_as_recomputing(compressor):
     module = _module(4, 2, 8, seed=1, compressor=compressor).float()
     q, k, v = random_qkv(2, 4, 2, 70, 70, 8, seed=2)

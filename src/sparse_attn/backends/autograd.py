@@ -6,8 +6,8 @@ probabilities from it instead of a second softmax) and saves ``q, k, v, out, lse
 backward hands them, with the gradients of ``out`` and of the log-sum-exp, to the backend's
 ``backward``, under the kernel-configuration overrides in force at the forward
 (:func:`.configs.kernel_configs`: PyTorch runs the backward of CUDA tensors on its own
-thread, which does not see the forward's context). The pattern is data, not a differentiable input: an estimator's choice of blocks
-is discrete and gets no gradient. ``reference`` and ``flex`` need none of this: autograd
+thread, which does not see the forward's context). The pattern is data, not a differentiable
+input: an estimator's choice of blocks is discrete and gets no gradient. ``reference`` and ``flex`` need none of this: autograd
 differentiates them directly.
 """
 
