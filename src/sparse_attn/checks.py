@@ -13,6 +13,11 @@ import torch
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def is_finite_number(value) -> bool:
+    """Whether ``value`` is a finite real number (an int or float, not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> None:
     """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is an int >= ``minimum``."""
     if value is None and allow_none:

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from ..checks import check_fraction, check_int
+from ..checks import check_fraction, check_int, is_finite_number
 from ..geometry import causal_block_mask, num_blocks
 from ..ops._chunking import CHUNK_ELEMENTS
 from ..ops.gqa import grouped_matmul
@@ -73,7 +73,7 @@ def _check_rule(name: str, rule) -> tuple[float, float]:
         raise TypeError(f"{name} entries must be (alpha, beta) pairs, got {rule!r}")
     alpha, beta = rule
     for part, value in (("alpha", alpha), ("beta", beta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if not is_finite_number(value) or value < 0:
             raise ValueError(f"{name}: {part} must be a finite number >= 0, got {value!r}")
     return float(alpha), float(beta)
 

@@ -111,7 +111,6 @@ A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 import weakref
 
@@ -119,7 +118,7 @@ import torch
 from torch import nn
 
 from .. import api  # a module, not its names: methods import sparse_attn.nn while api loads
-from ..checks import check_attention_inputs, check_int
+from ..checks import check_attention_inputs, check_int, is_finite_number
 from ..masked_pattern import MaskedPattern
 from ..ops._chunking import CHUNK_ELEMENTS
 from ..ops.causal_top_blocks import causal_top_blocks
@@ -252,9 +251,7 @@ class NativeSparseAttention(nn.Module):
         if compressor not in COMPRESSORS:
             raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
         biases = tuple(gate_bias) if isinstance(gate_bias, (tuple, list)) else ()
-        if len(biases) != 3 or not all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in biases
-        ):
+        if len(biases) != 3 or not all(is_finite_number(b) for b in biases):
             raise ValueError(
                 f"gate_bias must be three finite numbers (compressed, selected, window), got {gate_bias!r}"
             )

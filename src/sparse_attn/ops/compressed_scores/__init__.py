@@ -40,12 +40,11 @@ kernel cannot run falls back to the reference with a warning naming why.
 from __future__ import annotations
 
 import importlib.util
-import math
 import warnings
 
 import torch
 
-from ...checks import check_int, check_key_like
+from ...checks import check_int, check_key_like, is_finite_number
 from .._dispatch import kernel_for
 from .naive import compressed_block_scores as compressed_block_scores_reference
 from .naive import visible_count
@@ -83,7 +82,7 @@ def check_compressed_scores_inputs(
     for name, value in (("compress_block", compress_block), ("select_block", select_block)):
         if value % compress_stride:
             raise ValueError(f"{name} ({value}) must be a multiple of compress_stride ({compress_stride})")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise TypeError(f"scale must be a finite float, got {scale!r}")
     # The last compressed key any row of the chunk sees must end inside the n_select blocks.
     seen = visible_count(first_pos + chunk - 1, compress_block, compress_stride, k_cmp.shape[2]) if chunk else 0

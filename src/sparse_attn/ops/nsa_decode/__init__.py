@@ -26,11 +26,9 @@ differentiable path).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ...checks import check_int, check_key_like
+from ...checks import check_int, check_key_like, is_finite_number
 from .._dispatch import kernel_for
 from .naive import nsa_decode_step_reference, selection_size
 
@@ -83,7 +81,7 @@ def check_nsa_decode_inputs(
             raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise TypeError(f"scale must be a finite float, got {scale!r}")
 
 

@@ -7,11 +7,9 @@ exactly the keys the kernel reads.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ...checks import check_int
+from ...checks import check_int, is_finite_number
 
 __all__ = ["check_paged_decode_inputs", "gather_selected", "paged_decode_reference"]
 
@@ -95,7 +93,7 @@ def check_paged_decode_inputs(
             raise ValueError(f"{name} must be on q's device {q.device}, got {tensors[name].device}")
     if scale is None:
         return dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    if not is_finite_number(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return float(scale)
 
