@@ -18,6 +18,10 @@ the kernels need (FlashInfer's plan/run split, FlexAttention's full/partial bloc
 * ``work_bucket``: ``ceil(log2)`` of the mean number of kept blocks per query block, the
   autotuning key (and the Gluon dispatch rule) that keeps dense and sparse cases apart.
   Computed on first use (one host sync).
+* ``heavy_blocks``: how many query blocks lead the work order with more than
+  :data:`HEAVY_ROW_RATIO` times the mean kept blocks (summed over batch and heads), e.g. the
+  rows of text tokens that attend a whole video; the kernels issue them for every head before
+  their waves (:func:`sparse_attn.backends.launch.lead_blocks`). Computed on first use (one host sync).
 * ``row_imbalance``: the most kept blocks of a query block over the mean, for the Gluon
   kernel's choice of a persistent launch. Computed on first use (one host sync).
 * ``density``: the pattern's density in this mode, for dispatch rules. Computed on first use.
@@ -69,6 +73,11 @@ __all__ = [
     "plan_for",
     "rule_bitmask",
 ]
+
+# A query block whose kept blocks (summed over batch and heads) exceed this many times the mean
+# is heavy (BlockSparsePlan.heavy_blocks). Random causal patterns stay below it (their longest
+# rows keep about twice the mean).
+HEAVY_ROW_RATIO = 4.0
 
 # Upper bound on (query, key) pairs of one chunk of partial entries when the token rule is evaluated.
 _RULE_PAIRS_PER_CHUNK = 1 << 21
@@ -155,6 +164,15 @@ class BlockSparsePlan:
     def work_bucket(self) -> int:
         mean_blocks = float(self.pattern.kv_counts.float().mean())
         return max(math.ceil(mean_blocks) - 1, 1).bit_length()
+
+    @functools.cached_property
+    def heavy_blocks(self) -> int:
+        """How many query blocks lead :attr:`work_order` with more than :data:`HEAVY_ROW_RATIO`
+        times the mean kept blocks, summed over batch and heads (0 for an empty pattern). One
+        host sync, on first use."""
+        work = self.pattern.kv_counts.sum((0, 1), dtype=torch.int64).double()
+        heavy = work > HEAVY_ROW_RATIO * work.mean()
+        return int(heavy.sum())
 
     @functools.cached_property
     def row_imbalance(self) -> float:

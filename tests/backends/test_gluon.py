@@ -358,3 +358,38 @@ def test_gpu_launch_waves_change_no_result(shape, causal, poison_outputs):
             assert relative_error(results[0][0], ref) <= TOLERANCE[torch.bfloat16]
             for out, lse in results[1:]:
                 assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1]), (persistent, host)
+
+
+@pytest.mark.gpu
+@needs_gluon
+@pytest.mark.parametrize("backend", ["gluon", "triton"])
+def test_gpu_heavy_rows_lead_changes_no_result(backend, poison_outputs):
+    """Heavy query blocks (two trailing rows that keep every KV block, as text tokens beside a
+    video) issued for every head before the waves, or within them: the same output and LSE bit
+    for bit, in one wave and in waves, and the reference's output."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper")
+    batch, q_heads, kv_heads, seq, dim, block = 2, 8, 2, 40 * 128, 128, 128
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (
+        torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+        for heads in (q_heads, kv_heads, kv_heads)
+    )
+    n = seq // block
+    rows = torch.arange(n, device="cuda")
+    mask = ((rows[:, None] - rows[None, :]).abs() <= 1).expand(q_heads, n, n).clone()
+    mask[:, -2:] = True
+    pattern = sa.BlockSparsePattern.from_mask(mask, block_q=block, block_k=block, seq_q=seq, seq_k=seq, causal=False)
+    assert plan_for(pattern, causal=False).heavy_blocks == 2
+    ref = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="reference")
+    results = {}
+    for streams in (0, 1):
+        for lead in (True, False):
+            with sa.backends.kernel_configs(kv_streams_per_wave=streams, heavy_rows_first=lead, gluon_persistent=False):
+                results[streams, lead] = sa.block_sparse_attention(
+                    q, k, v, pattern, causal=False, backend=backend, return_lse=True
+                )
+    first = results[0, True]
+    assert relative_error(first[0], ref) <= TOLERANCE[torch.bfloat16]
+    for key, (out, lse) in results.items():
+        assert torch.equal(out, first[0]) and torch.equal(lse, first[1]), key

@@ -124,6 +124,9 @@ class KernelConfigs:
     ``kv_streams_per_wave``: how many (batch, KV head) streams the block kernels issue their
     work items for together (:func:`sparse_attn.backends.launch.heads_per_wave`); ``0`` issues
     every stream's together (query tile by query tile, all heads of a tile side by side).
+    ``heavy_rows_first``: ``False`` makes the forward kernels issue their heavy query blocks
+    (:attr:`sparse_attn.plan.BlockSparsePlan.heavy_blocks`) within their waves like the others
+    instead of for every head before the waves (:func:`sparse_attn.backends.launch.lead_blocks`).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -135,6 +138,7 @@ class KernelConfigs:
     gluon_persistent: bool | None = None
     token_rows: int | None = None
     kv_streams_per_wave: int | None = None
+    heavy_rows_first: bool | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -160,6 +164,7 @@ def kernel_configs(
     gluon_persistent: bool | None = None,
     token_rows: int | None = None,
     kv_streams_per_wave: int | None = None,
+    heavy_rows_first: bool | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -190,10 +195,11 @@ def kernel_configs(
         if not isinstance(triton_backward_skip_masked, bool):
             raise TypeError(f"triton_backward_skip_masked must be a bool, got {triton_backward_skip_masked!r}")
         changes["triton_backward_skip_masked"] = triton_backward_skip_masked
-    if gluon_persistent is not None:
-        if not isinstance(gluon_persistent, bool):
-            raise TypeError(f"gluon_persistent must be a bool, got {gluon_persistent!r}")
-        changes["gluon_persistent"] = gluon_persistent
+    for name, asked in (("gluon_persistent", gluon_persistent), ("heavy_rows_first", heavy_rows_first)):
+        if asked is not None:
+            if not isinstance(asked, bool):
+                raise TypeError(f"{name} must be a bool, got {asked!r}")
+            changes[name] = asked
     if token_rows is not None:
         if isinstance(token_rows, bool) or token_rows not in TOKEN_ROWS:
             raise ValueError(f"token_rows must be one of {TOKEN_ROWS}, got {token_rows!r}")

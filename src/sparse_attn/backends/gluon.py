@@ -51,7 +51,7 @@ from ..plan import BlockSparsePlan, plan_for
 from ..utils import device_capability, interpreting
 from . import configs
 from .configs import GLUON_BLOCK_M
-from .launch import descriptor_compatible, ensure_scratch_allocator, heads_per_wave, launch_arguments
+from .launch import descriptor_compatible, ensure_scratch_allocator, heads_per_wave, launch_arguments, lead_blocks
 from .triton_backward import backward  # noqa: F401  (this backend's backward entry point)
 
 try:
@@ -414,6 +414,18 @@ if gluon is not None:
         return rank // heads_per_wave, wave * heads_per_wave + rank % heads_per_wave
 
     @gluon.jit
+    def _lead_wave_item(item, heads_per_wave, num_tiles, lead_tiles, all_heads):
+        """:func:`_wave_item` after a lead: the first ``lead_tiles`` tile ranks (the heavy query
+        blocks, :func:`.launch.lead_blocks`) of all ``all_heads`` (batch, head) pairs first, heads
+        side by side, then the waves over the other ranks (``lead_tiles < num_tiles``)."""
+        lead_items = lead_tiles * all_heads
+        rest_rank, rest_head = _wave_item(gl.maximum(item - lead_items, 0), heads_per_wave, num_tiles - lead_tiles)
+        in_lead = item < lead_items
+        rank = gl.where(in_lead, item // all_heads, lead_tiles + rest_rank)
+        batch_head = gl.where(in_lead, item % all_heads, rest_head)
+        return rank, batch_head
+
+    @gluon.jit
     def _allocate_ring(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """The query tile, the K/V ring of ``STAGES`` slots and their barriers, initialised."""
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
@@ -440,13 +452,13 @@ if gluon is not None:
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os, stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
         num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale, QDesc, KDesc, VDesc, BoxTable, box_guard,
-        num_tiles, heads_per_wave,
+        num_tiles, heads_per_wave, lead_tiles, all_heads,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
         HOST_DESC: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
-        """One program per work item, in the launch order of :func:`_wave_item` (a 1D grid)."""
-        tile_rank, batch_head = _wave_item(gl.program_id(0), heads_per_wave, num_tiles)
+        """One program per work item, in the launch order of :func:`_lead_wave_item` (a 1D grid)."""
+        tile_rank, batch_head = _lead_wave_item(gl.program_id(0), heads_per_wave, num_tiles, lead_tiles, all_heads)
         batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
             tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
             stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
@@ -572,7 +584,8 @@ if gluon is not None:
     ):  # fmt: skip
         """Persistent: one program per SM walks work items ``pid, pid + grid, ...`` of the same
         order as the one-item kernel's grid (:func:`_wave_item`: waves of heads, each wave's
-        query tiles heaviest first), so the producer loads an item's query and first K/V tiles while the consumers
+        query tiles heaviest first; no lead of heavy query blocks: the persistent kernel runs
+        where rows are alike), so the producer loads an item's query and first K/V tiles while the consumers
         still finish and store the previous one. Host descriptors only."""
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
             Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES
@@ -715,6 +728,8 @@ def forward(
             *(descriptors or (None, None, None)),
             *box,
             *order,
+            lead_blocks(plan) * (pattern.block_q // GLUON_BLOCK_M),
+            grid[0],
             HOST_DESC=descriptors is not None,
             **constants,
             num_warps=4,

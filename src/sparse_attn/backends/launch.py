@@ -29,6 +29,7 @@ __all__ = [
     "ensure_scratch_allocator",
     "heads_per_wave",
     "launch_arguments",
+    "lead_blocks",
     "mode_constants",
     "scratch_buffer",
     "streams_per_wave",
@@ -125,6 +126,23 @@ def heads_per_wave(q: torch.Tensor, k: torch.Tensor) -> int:
     if not asked:  # 0, or off CUDA without an override: one wave
         asked = streams
     return _largest_divisor_at_most(streams, asked) * (q_heads // kv_heads)
+
+
+def lead_blocks(plan: BlockSparsePlan) -> int:
+    """How many query blocks of the plan's work order the forward kernels issue for every (batch,
+    head) pair, heads side by side, before their waves (:func:`heads_per_wave`): the heavy ones
+    (:attr:`sparse_attn.plan.BlockSparsePlan.heavy_blocks`), at most all but one.
+
+    Within a wave the heaviest query blocks come first, but a wave starts only when the one
+    before has been issued: a row far longer than the others (text tokens that attend a whole
+    video: 936 blocks against a mean of 26) then starts with its wave, late for the last waves,
+    and runs on alone after every other program has finished. Issued first, every head's long
+    rows run beside all the waves. ``kernel_configs(heavy_rows_first=False)`` turns the lead off.
+    Without waves (one wave of every head) the order is the same either way.
+    """
+    if configs.current().heavy_rows_first is False:
+        return 0
+    return min(plan.heavy_blocks, plan.pattern.num_q_blocks - 1)
 
 
 def streams_per_wave(streams: int, stream_bytes: int, l2_bytes: int) -> int:

@@ -5,7 +5,8 @@ and sequence-bound masks applied; :func:`online_update` folds a tile of scores (
 units) into the running maximum, sum and accumulator of the online softmax. A row that has
 seen no key keeps ``m = -inf`` and takes its exponents against 0, so no ``inf - inf`` arises.
 :func:`store_rows` writes a tile's output rows and natural-log LSE. :func:`wave_item` places a
-program of a 1D grid in the launch order of :func:`.launch.heads_per_wave`.
+program of a 1D grid in the launch order of :func:`.launch.heads_per_wave`, :func:`lead_wave_item`
+the same after a lead of heavy query blocks (:func:`.launch.lead_blocks`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ if triton is not None:
         wave = item // wave_items
         rank = item - wave * wave_items
         return rank // per_wave, wave * per_wave + rank % per_wave
+
+    @triton.jit
+    def lead_wave_item(item, per_wave, num_tiles, lead_tiles, all_heads):
+        """:func:`wave_item` after a lead: the first ``lead_tiles`` tile ranks (the plan's heavy
+        query blocks, :attr:`sparse_attn.plan.BlockSparsePlan.lead_blocks`) of all ``all_heads``
+        (batch, head) pairs come first, heads side by side, then the waves over the other ranks.
+        ``lead_tiles < num_tiles``; ``lead_tiles = 0`` is :func:`wave_item`."""
+        lead_items = lead_tiles * all_heads
+        rest_rank, rest_head = wave_item(tl.maximum(item - lead_items, 0), per_wave, num_tiles - lead_tiles)
+        in_lead = item < lead_items
+        rank = tl.where(in_lead, item // all_heads, lead_tiles + rest_rank)
+        batch_head = tl.where(in_lead, item % all_heads, rest_head)
+        return rank, batch_head
 
     @triton.jit
     def block_scores(

@@ -54,7 +54,14 @@ from ..pattern import BlockSparsePattern
 from ..plan import plan_for
 from ..utils import device_capability, interpreting, length_bucket
 from . import configs
-from .launch import descriptor_compatible, ensure_scratch_allocator, heads_per_wave, launch_arguments, mode_constants
+from .launch import (
+    descriptor_compatible,
+    ensure_scratch_allocator,
+    heads_per_wave,
+    launch_arguments,
+    lead_blocks,
+    mode_constants,
+)
 from .triton_backward import backward  # noqa: F401  (this backend's backward entry point)
 
 try:
@@ -113,7 +120,7 @@ def unsupported_reason(
 
 if triton is not None:
     from .rule_bits import box_allowed, box_bounds, rule_allowed
-    from .tile_steps import store_rows, wave_item
+    from .tile_steps import lead_wave_item, store_rows
 
     @triton.jit
     def _attend_blocks(
@@ -284,7 +291,9 @@ if triton is not None:
         RuleWords,  # packed masks (:mod:`.rule_bits`); with BOX_RULE the predicate's (3, seq_k) table
         box_guard,  # with BOX_RULE: the predicate's guard bits; unused otherwise
         n_q_blocks,  # the launch order (tile_steps.wave_item): query blocks per head and
-        heads_per_wave,  # (batch, head) pairs per wave (launch.heads_per_wave)
+        heads_per_wave,  # (batch, head) pairs per wave (launch.heads_per_wave), after a lead of
+        lead_blocks,  # heavy query blocks (launch.lead_blocks) of all
+        all_heads,  # (batch, head) pairs
         HEAD_DIM: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -302,9 +311,11 @@ if triton is not None:
         BOX_RULE: tl.constexpr,
     ):
         TILES_PER_BLOCK: tl.constexpr = BLOCK_Q // BLOCK_M
-        # A 1D grid in waves of heads_per_wave (batch, head) pairs: a wave's query tiles in work
-        # order, its heads side by side.
-        tile_rank, batch_head = wave_item(tl.program_id(0), heads_per_wave, n_q_blocks * TILES_PER_BLOCK)
+        # A 1D grid: the heavy query blocks' tiles of every head, then waves of heads_per_wave
+        # (batch, head) pairs, a wave's query tiles in work order, its heads side by side.
+        tile_rank, batch_head = lead_wave_item(
+            tl.program_id(0), heads_per_wave, n_q_blocks * TILES_PER_BLOCK, lead_blocks * TILES_PER_BLOCK, all_heads
+        )
         # Query blocks in the plan's work order (heaviest first), each cut into tiles of BLOCK_M rows.
         q_block = tl.load(WorkOrder + tile_rank // TILES_PER_BLOCK)
         tile = q_block * TILES_PER_BLOCK + tile_rank % TILES_PER_BLOCK
@@ -453,7 +464,7 @@ def forward(
     args += (length_bucket(seq_k), plan.work_bucket)  # the autotuning keys
     args += rule_args
     n_q_blocks = num_blocks(seq_q, pattern.block_q)
-    args += (n_q_blocks, heads_per_wave(q, k))
+    args += (n_q_blocks, heads_per_wave(q, k), lead_blocks(plan), batch * q_heads)
     is_float32 = q.dtype == torch.float32
     constants = dict(
         **mode_constants(q, k, pattern, causal=causal, return_lse=return_lse),
