@@ -5,7 +5,8 @@ K/V fit in half the L2 (:func:`sparse_attn.backends.launch.heads_per_wave`); the
 persistent (one program per SM) for light work items of similar rows. This script times
 ``backend="auto"`` on one pattern under every combination of ``kv_streams_per_wave`` (automatic,
 ``0`` = one wave of every stream, the order before waves) and ``gluon_persistent`` (automatic,
-off, on), beside cuDNN dense SDPA in the same run, so the dispatch rules
+off, on), and with waves but without the lead of heavy query blocks (``heavy_rows_first=False``,
+:func:`sparse_attn.backends.launch.lead_blocks`), beside cuDNN dense SDPA in the same run, so the dispatch rules
 (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`,
 :data:`~sparse_attn.backends.gluon.PERSISTENT_MAX_ROW_IMBALANCE`) can be checked against
 measurements. Cases:
@@ -20,6 +21,7 @@ Medians of ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/launch
 
     python benchmarks/launch_order.py
     python benchmarks/launch_order.py --cases spatial
+    python benchmarks/launch_order.py --cases spatial --choices waves waves_no_lead one_wave
 """
 
 from __future__ import annotations
@@ -40,14 +42,15 @@ from sparse_attn.plan import plan_for
 sys.path.insert(0, str(Path(__file__).parent))
 from spatial import SHAPES, VARIANTS  # noqa: E402  (the spatial benchmark's shapes and method settings)
 
-# (label, kv_streams_per_wave, gluon_persistent): None = the built-in rule.
+# (label, kernel_configs overrides): a missing key keeps the built-in rule.
 CHOICES = (
-    ("waves", None, None),
-    ("waves_one_item", None, False),
-    ("waves_persistent", None, True),
-    ("one_wave", 0, None),
-    ("one_wave_one_item", 0, False),
-    ("one_wave_persistent", 0, True),
+    ("waves", {}),
+    ("waves_one_item", {"gluon_persistent": False}),
+    ("waves_persistent", {"gluon_persistent": True}),
+    ("waves_no_lead", {"heavy_rows_first": False}),
+    ("one_wave", {"kv_streams_per_wave": 0}),
+    ("one_wave_one_item", {"kv_streams_per_wave": 0, "gluon_persistent": False}),
+    ("one_wave_persistent", {"kv_streams_per_wave": 0, "gluon_persistent": True}),
 )
 SPATIAL_METHODS = ("neighborhood", "sliding_tile", "radial")
 
@@ -56,19 +59,23 @@ COLUMNS = [
     ("seq", "seq", "d"),
     ("density", "density", ".3f"),
     ("row_imbalance", "max/mean row", ".1f"),
-    *[(f"{label}_ms", f"{label} ms", ".2f") for label, _, _ in CHOICES],
+    *[(f"{label}_ms", f"{label} ms", ".2f") for label, _ in CHOICES],
     ("sdpa-cudnn_ms", "cuDNN dense ms", ".2f"),
     ("waves_vs_density_x_cudnn", "waves / (density x cuDNN)", ".2f"),
 ]
 
 
-def time_choices(q, k, v, pattern, *, causal: bool, device: torch.device) -> dict:
-    """Each launch choice's forward time on one pattern, and which backend ``auto`` took."""
+def time_choices(q, k, v, pattern, *, causal: bool, device: torch.device, choices=None) -> dict:
+    """Each launch choice's (``choices``: labels of :data:`CHOICES`, default all) forward time on
+    one pattern, and which backend ``auto`` took."""
     row = {"backend": resolve_backend("auto", q, k, v, pattern, causal=causal, return_lse=False), "errors": []}
     plan = plan_for(pattern, causal=causal)
     row["density"], row["row_imbalance"], row["work_bucket"] = plan.density, plan.row_imbalance, plan.work_bucket
-    for label, streams, persistent in CHOICES:
-        with kernel_configs(kv_streams_per_wave=streams, gluon_persistent=persistent):
+    row["heavy_blocks"] = plan.heavy_blocks
+    for label, overrides in CHOICES:
+        if choices is not None and label not in choices:
+            continue
+        with kernel_configs(**overrides):
             row[f"{label}_ms"], error = measure(
                 lambda: sa.block_sparse_attention(q, k, v, pattern, causal=causal), device
             )
@@ -92,7 +99,7 @@ def with_dense(row: dict, dense: tuple[float | None, str | None]) -> dict:
     return row
 
 
-def random_rows(seq, q_heads, kv_heads, densities, *, causal: bool, device, label: str) -> list[dict]:
+def random_rows(seq, q_heads, kv_heads, densities, *, causal: bool, device, label: str, choices=None) -> list[dict]:
     q = torch.randn(1, q_heads, seq, 128, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(1, kv_heads, seq, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
     dense = cudnn_ms(q, k, v, causal=causal, device=device)
@@ -101,13 +108,14 @@ def random_rows(seq, q_heads, kv_heads, densities, *, causal: bool, device, labe
         pattern = sa.random_pattern(
             batch=1, heads=kv_heads, seq_q=seq, seq_k=seq, density=density, seed=0, causal=causal, device=device
         )
-        row = {"case": f"{label} {density}", "seq": seq, **time_choices(q, k, v, pattern, causal=causal, device=device)}
+        timed = time_choices(q, k, v, pattern, causal=causal, device=device, choices=choices)
+        row = {"case": f"{label} {density}", "seq": seq, **timed}
         rows.append(with_dense(row, dense))
         print(format_table(rows[-1:], COLUMNS), flush=True)
     return rows
 
 
-def spatial_rows(device) -> list[dict]:
+def spatial_rows(device, choices=None) -> list[dict]:
     shape = SHAPES["hunyuan-720p"]
     layout = Layout(shape["grid"], text_tokens=shape["text_tokens"])
     q, k, v = (
@@ -123,7 +131,7 @@ def spatial_rows(device) -> list[dict]:
         tiled = tuple(pattern.layout.permute(x) for x in (q, k, v)) if pattern.layout is not None else (q, k, v)
         in_order = pattern.tile_order() if pattern.layout is not None else pattern
         row = {"case": f"hunyuan {method} {variant}", "seq": layout.seq_len}
-        row.update(time_choices(*tiled, in_order, causal=False, device=device))
+        row.update(time_choices(*tiled, in_order, causal=False, device=device, choices=choices))
         rows.append(with_dense(row, dense))
         print(format_table(rows[-1:], COLUMNS), flush=True)
     return rows
@@ -134,6 +142,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=("causal", "bidirectional", "spatial"), default=None)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072], help="causal case lengths")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument(
+        "--choices", nargs="+", choices=[label for label, _ in CHOICES], default=None, help="default: all"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -143,18 +154,27 @@ def main() -> None:
     rows = []
     if "causal" in cases:
         for seq in args.lengths:
-            rows += random_rows(seq, 32, 8, args.densities, causal=True, device=device, label="causal")
+            rows += random_rows(
+                seq, 32, 8, args.densities, causal=True, device=device, label="causal", choices=args.choices
+            )
             torch.cuda.empty_cache()
     if "bidirectional" in cases:
         for name in ("wan21-720p", "hunyuan-720p"):
             shape = SHAPES[name]
             seq = prod(shape["grid"]) + shape["text_tokens"]
             rows += random_rows(
-                seq, shape["heads"], shape["heads"], args.densities, causal=False, device=device, label=name
+                seq,
+                shape["heads"],
+                shape["heads"],
+                args.densities,
+                causal=False,
+                device=device,
+                label=name,
+                choices=args.choices,
             )
             torch.cuda.empty_cache()
     if "spatial" in cases:
-        rows += spatial_rows(device)
+        rows += spatial_rows(device, args.choices)
     print()
     print(format_table(rows, COLUMNS))
     for row in rows:
