@@ -9,7 +9,8 @@ off, on), and with waves but without the lead of heavy query blocks (``heavy_row
 :func:`sparse_attn.backends.launch.lead_blocks`), beside cuDNN dense SDPA in the same run, so the dispatch rules
 (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`,
 :data:`~sparse_attn.backends.gluon.PERSISTENT_MAX_ROW_IMBALANCE`) can be checked against
-measurements. Cases:
+measurements; ``--backward`` times forward + backward instead (the backward's dQ and dK/dV
+passes take the same waves and lead). Cases:
 
 * ``causal``: random causal block patterns, batch 1, 32/8 heads, head_dim 128, bf16 (the grid of
   ``benchmarks/kernel_grid.py``), at ``--lengths`` x ``--densities``;
@@ -22,6 +23,7 @@ Medians of ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/launch
     python benchmarks/launch_order.py
     python benchmarks/launch_order.py --cases spatial
     python benchmarks/launch_order.py --cases spatial --choices waves waves_no_lead one_wave
+    python benchmarks/launch_order.py --cases spatial --backward --choices waves waves_no_lead
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from sparse_attn.layouts import Layout
 from sparse_attn.plan import plan_for
 
 sys.path.insert(0, str(Path(__file__).parent))
-from spatial import SHAPES, VARIANTS  # noqa: E402  (the spatial benchmark's shapes and method settings)
+from spatial import SHAPES, VARIANTS, with_backward  # noqa: E402  (the spatial benchmark's shapes and settings)
 
 # (label, kernel_configs overrides): a missing key keeps the built-in rule.
 CHOICES = (
@@ -65,9 +67,9 @@ COLUMNS = [
 ]
 
 
-def time_choices(q, k, v, pattern, *, causal: bool, device: torch.device, choices=None) -> dict:
-    """Each launch choice's (``choices``: labels of :data:`CHOICES`, default all) forward time on
-    one pattern, and which backend ``auto`` took."""
+def time_choices(q, k, v, pattern, *, causal: bool, device: torch.device, choices=None, backward=False) -> dict:
+    """Each launch choice's (``choices``: labels of :data:`CHOICES`, default all) forward time
+    (``backward``: forward + backward) on one pattern, and which backend ``auto`` took."""
     row = {"backend": resolve_backend("auto", q, k, v, pattern, causal=causal, return_lse=False), "errors": []}
     plan = plan_for(pattern, causal=causal)
     row["density"], row["row_imbalance"], row["work_bucket"] = plan.density, plan.row_imbalance, plan.work_bucket
@@ -75,18 +77,35 @@ def time_choices(q, k, v, pattern, *, causal: bool, device: torch.device, choice
     for label, overrides in CHOICES:
         if choices is not None and label not in choices:
             continue
+
+        def attend(q, k, v):
+            return sa.block_sparse_attention(q, k, v, pattern, causal=causal)
+
+        inputs = tuple(x.detach().requires_grad_() for x in (q, k, v)) if backward else (q, k, v)
+        timed = with_backward(attend, inputs) if backward else lambda: attend(q, k, v)
         with kernel_configs(**overrides):
-            row[f"{label}_ms"], error = measure(
-                lambda: sa.block_sparse_attention(q, k, v, pattern, causal=causal), device
-            )
+            row[f"{label}_ms"], error = measure(timed, device)
         if error:
             row["errors"].append(f"{label}: {error}")
     return row
 
 
-def cudnn_ms(q, k, v, *, causal: bool, device: torch.device) -> tuple[float | None, str | None]:
-    """cuDNN dense SDPA's time on these inputs (once per input set: it does not depend on the pattern)."""
-    return measure(dense_baselines(q, k, v, device, causal=causal)["sdpa-cudnn"], device)
+def cudnn_ms(q, k, v, *, causal: bool, device: torch.device, backward=False) -> tuple[float | None, str | None]:
+    """cuDNN dense SDPA's time on these inputs (once per input set: it does not depend on the
+    pattern); ``backward``: forward + backward."""
+    if not backward:
+        return measure(dense_baselines(q, k, v, device, causal=causal)["sdpa-cudnn"], device)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # K and V expanded to the query heads (outside the timing) as leaves of their own.
+    group = q.shape[1] // k.shape[1]
+    inputs = (q.detach().requires_grad_(), *(x.repeat_interleave(group, 1).detach().requires_grad_() for x in (k, v)))
+
+    def dense(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return measure(with_backward(dense, inputs), device)
 
 
 def with_dense(row: dict, dense: tuple[float | None, str | None]) -> dict:
@@ -99,29 +118,32 @@ def with_dense(row: dict, dense: tuple[float | None, str | None]) -> dict:
     return row
 
 
-def random_rows(seq, q_heads, kv_heads, densities, *, causal: bool, device, label: str, choices=None) -> list[dict]:
+def random_rows(
+    seq, q_heads, kv_heads, densities, *, causal: bool, device, label: str, choices=None, backward=False
+) -> list[dict]:
     q = torch.randn(1, q_heads, seq, 128, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(1, kv_heads, seq, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
-    dense = cudnn_ms(q, k, v, causal=causal, device=device)
+    dense = cudnn_ms(q, k, v, causal=causal, device=device, backward=backward)
     rows = []
     for density in densities:
         pattern = sa.random_pattern(
             batch=1, heads=kv_heads, seq_q=seq, seq_k=seq, density=density, seed=0, causal=causal, device=device
         )
-        timed = time_choices(q, k, v, pattern, causal=causal, device=device, choices=choices)
+        timed = time_choices(q, k, v, pattern, causal=causal, device=device, choices=choices, backward=backward)
         row = {"case": f"{label} {density}", "seq": seq, **timed}
         rows.append(with_dense(row, dense))
         print(format_table(rows[-1:], COLUMNS), flush=True)
     return rows
 
 
-def spatial_rows(device, choices=None) -> list[dict]:
+def spatial_rows(device, choices=None, backward=False) -> list[dict]:
     shape = SHAPES["hunyuan-720p"]
     layout = Layout(shape["grid"], text_tokens=shape["text_tokens"])
     q, k, v = (
         torch.randn(1, shape["heads"], layout.seq_len, 128, device=device, dtype=torch.bfloat16) for _ in range(3)
     )
-    dense = cudnn_ms(q, k, v, causal=False, device=device)  # the permutation does not change dense time
+    # The permutation does not change dense time.
+    dense = cudnn_ms(q, k, v, causal=False, device=device, backward=backward)
     rows = []
     for method, variant, options in VARIANTS[3]:
         if method not in SPATIAL_METHODS:
@@ -131,7 +153,7 @@ def spatial_rows(device, choices=None) -> list[dict]:
         tiled = tuple(pattern.layout.permute(x) for x in (q, k, v)) if pattern.layout is not None else (q, k, v)
         in_order = pattern.tile_order() if pattern.layout is not None else pattern
         row = {"case": f"hunyuan {method} {variant}", "seq": layout.seq_len}
-        row.update(time_choices(*tiled, in_order, causal=False, device=device, choices=choices))
+        row.update(time_choices(*tiled, in_order, causal=False, device=device, choices=choices, backward=backward))
         rows.append(with_dense(row, dense))
         print(format_table(rows[-1:], COLUMNS), flush=True)
     return rows
@@ -145,6 +167,7 @@ def main() -> None:
     parser.add_argument(
         "--choices", nargs="+", choices=[label for label, _ in CHOICES], default=None, help="default: all"
     )
+    parser.add_argument("--backward", action="store_true", help="time forward + backward (dense: cuDNN's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -174,14 +197,15 @@ def main() -> None:
             )
             torch.cuda.empty_cache()
     if "spatial" in cases:
-        rows += spatial_rows(device, args.choices)
+        rows += spatial_rows(device, args.choices, args.backward)
     print()
     print(format_table(rows, COLUMNS))
     for row in rows:
         for error in row["errors"]:
             print(f"  {row['case']}: {error}")
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "launch_order.json"
-    write_results(rows, out, {"benchmark": "launch_order", **environment(device)})
+    meta = {"benchmark": "launch_order", "timed": "forward + backward" if args.backward else "forward"}
+    write_results(rows, out, {**meta, **environment(device)})
     print(f"wrote {out}")
 
 

@@ -26,7 +26,10 @@ the kernels need (FlashInfer's plan/run split, FlexAttention's full/partial bloc
   kernel's choice of a persistent launch. Computed on first use (one host sync).
 * ``density``: the pattern's density in this mode, for dispatch rules. Computed on first use.
 * ``transposed``: per KV block, the query blocks whose lists hold it (``q_counts`` and
-  ``q_indices``, int32, ascending), as the backward pass walks K/V blocks. Built on first use.
+  ``q_indices``, int32, ascending), as the backward pass walks K/V blocks, and the KV blocks
+  heaviest first (``work_order``). Built on first use. ``heavy_kv_blocks``: how many KV blocks
+  lead that order with more than :data:`HEAVY_ROW_RATIO` times the mean (the text tokens' keys,
+  which every video query sees); one host sync, on first use.
   For a pattern with a token rule it also carries each entry's ``rule_index`` (below).
 * ``rule_lists`` (patterns with a token rule, :class:`~sparse_attn.masked_pattern.MaskedPattern`;
   ``None`` otherwise): the token rule inside the partial entries as per-block bitmasks the
@@ -91,12 +94,16 @@ class TransposedLists:
     ``q_indices`` int32 ``(B, H, n_kv_blocks, max_q)``, ascending; entries at or past the count
     are padding (zero). ``B`` and ``H`` are the pattern's. ``rule_index`` int32, ``q_indices``'
     shape, for a pattern with a token rule: each entry's row of :attr:`RuleBitmask.words`
-    (``-1``: whole for the rule, and padding); ``None`` for other patterns.
+    (``-1``: whole for the rule, and padding); ``None`` for other patterns. ``work_order`` int32
+    ``(n_kv_blocks,)``: the KV blocks heaviest first (most query blocks summed over batch and
+    heads; ties go to the earlier block, whose causal columns are longer), the order of the
+    backward's dK/dV programs.
     """
 
     q_counts: torch.Tensor
     q_indices: torch.Tensor
     rule_index: torch.Tensor | None = None
+    work_order: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -170,9 +177,14 @@ class BlockSparsePlan:
         """How many query blocks lead :attr:`work_order` with more than :data:`HEAVY_ROW_RATIO`
         times the mean kept blocks, summed over batch and heads (0 for an empty pattern). One
         host sync, on first use."""
-        work = self.pattern.kv_counts.sum((0, 1), dtype=torch.int64).double()
-        heavy = work > HEAVY_ROW_RATIO * work.mean()
-        return int(heavy.sum())
+        return _heavy(self.pattern.kv_counts)
+
+    @functools.cached_property
+    def heavy_kv_blocks(self) -> int:
+        """How many KV blocks lead :attr:`TransposedLists.work_order` with more than
+        :data:`HEAVY_ROW_RATIO` times the mean number of query blocks that keep them, summed over
+        batch and heads. One host sync, on first use."""
+        return _heavy(self.transposed.q_counts)
 
     @functools.cached_property
     def row_imbalance(self) -> float:
@@ -303,6 +315,13 @@ def _whole_entries_first(
     )
 
 
+def _heavy(counts: torch.Tensor) -> int:
+    """How many of the last dimension's blocks of ``counts`` (B, H, n) keep more than
+    :data:`HEAVY_ROW_RATIO` times the mean, summed over batch and heads."""
+    work = counts.sum((0, 1), dtype=torch.int64).double()
+    return int((work > HEAVY_ROW_RATIO * work.mean()).sum())
+
+
 def _build(pattern: BlockSparsePattern, causal: bool) -> BlockSparsePlan:
     device = pattern.device
     is_full, _ = _full_entries(pattern, causal)
@@ -341,8 +360,13 @@ def _transpose(pattern: BlockSparsePattern, entry_index: torch.Tensor | None) ->
         rule_index = torch.full((batch * heads * n_kv, max_q), -1, dtype=torch.int32, device=device)
         rule_index[group, position] = rule_entry
         rule_index = rule_index.view(batch, heads, n_kv, max_q)
+    q_counts = counts.to(torch.int32).view(batch, heads, n_kv).contiguous()
+    # A stable sort keeps earlier blocks first among equals.
+    work = q_counts.sum((0, 1), dtype=torch.int64)
+    work_order = torch.sort(work, descending=True, stable=True).indices.to(torch.int32).contiguous()
     return TransposedLists(
-        q_counts=counts.to(torch.int32).view(batch, heads, n_kv).contiguous(),
+        q_counts=q_counts,
         q_indices=indices.view(batch, heads, n_kv, max_q),
         rule_index=rule_index,
+        work_order=work_order,
     )

@@ -17,6 +17,7 @@ import torch
 from helpers import TOLERANCE, naive_attention, random_qkv, relative_error, shape_pattern
 
 import sparse_attn as sa
+from sparse_attn.plan import plan_for
 
 # (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k): odd lengths, GQA 1-8,
 # non-power-of-2 head counts, head_dim 64 (explicitly: a peer's block-sparse backward is wrong
@@ -264,3 +265,33 @@ def test_triton_backward_launch_waves_change_no_gradient(shape, causal, poison_o
     for streams in (1, 2):
         for got, want in zip(grads[streams], grads[0], strict=True):
             assert torch.equal(got, want), streams
+
+
+def test_triton_backward_heavy_blocks_first_change_no_gradient(poison_outputs):
+    # Text-like rows and columns: the last two query blocks keep every KV block and every query
+    # block keeps the last two KV blocks. The backward issues them for every stream before its
+    # waves (dQ: heavy query blocks; dK/dV: heavy KV blocks), or within them: the same gradients
+    # bit for bit, in one wave and in waves, matching the float64 oracle.
+    seq, block = 20 * 16 - 5, 16
+    n = -(-seq // block)
+    mask = torch.eye(n, dtype=torch.bool)  # a diagonal, 3 blocks a row with the text: mean 4.7
+    mask[-2:] = True
+    mask[:, -2:] = True
+    pattern = sa.BlockSparsePattern.from_mask(
+        mask.expand(4, n, n).clone(), block_q=block, block_k=block, seq_q=seq, seq_k=seq, causal=False
+    )
+    plan = plan_for(pattern, causal=False)
+    assert (plan.heavy_blocks, plan.heavy_kv_blocks) == (2, 2)
+    assert set(plan.transposed.work_order[:2].tolist()) == {n - 2, n - 1}
+    q, k, v = random_qkv(2, 4, 2, seq, seq, 32, torch.float32, "cpu")
+    dout = torch.randn_like(q)
+    grads = {}
+    for streams in (0, 1):
+        for lead in (True, False):
+            with sa.backends.kernel_configs(kv_streams_per_wave=streams, heavy_rows_first=lead):
+                grads[streams, lead] = _grads("triton", q, k, v, pattern, False, dout, None)
+    for got, want in zip(grads[0, True], _oracle_grads(q, k, v, pattern, False, dout, None), strict=True):
+        assert relative_error(got.double(), want) <= 1e-4
+    for key, result in grads.items():
+        for got, want in zip(result, grads[0, True], strict=True):
+            assert torch.equal(got, want), key

@@ -128,10 +128,12 @@ def heads_per_wave(q: torch.Tensor, k: torch.Tensor) -> int:
     return _largest_divisor_at_most(streams, asked) * (q_heads // kv_heads)
 
 
-def lead_blocks(plan: BlockSparsePlan) -> int:
-    """How many query blocks of the plan's work order the forward kernels issue for every (batch,
-    head) pair, heads side by side, before their waves (:func:`heads_per_wave`): the heavy ones
-    (:attr:`sparse_attn.plan.BlockSparsePlan.heavy_blocks`), at most all but one.
+def lead_blocks(plan: BlockSparsePlan, *, keys: bool = False) -> int:
+    """How many query blocks of the plan's work order the forward kernels (and the backward's dQ
+    pass) issue for every (batch, head) pair, heads side by side, before their waves
+    (:func:`heads_per_wave`): the heavy ones (:attr:`sparse_attn.plan.BlockSparsePlan.heavy_blocks`),
+    at most all but one. ``keys=True``: the same for the KV blocks of the backward's dK/dV pass
+    (:attr:`~sparse_attn.plan.BlockSparsePlan.heavy_kv_blocks`, in the transposed lists' work order).
 
     Within a wave the heaviest query blocks come first, but a wave starts only when the one
     before has been issued: a row far longer than the others (text tokens that attend a whole
@@ -142,6 +144,8 @@ def lead_blocks(plan: BlockSparsePlan) -> int:
     """
     if configs.current().heavy_rows_first is False:
         return 0
+    if keys:
+        return min(plan.heavy_kv_blocks, plan.pattern.num_kv_blocks - 1)
     return min(plan.heavy_blocks, plan.pattern.num_q_blocks - 1)
 
 

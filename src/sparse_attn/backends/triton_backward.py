@@ -11,7 +11,10 @@ Three launches, all deterministic (no float atomics):
 * ``_dq``: one program per (batch, query head, query tile), walking the forward lists.
 
 Both grids are 1D, in the forward's launch order (:func:`.launch.heads_per_wave`): waves of a
-few (batch, KV head) streams, so the programs in flight read the same heads' tiles from L2.
+few (batch, KV head) streams, so the programs in flight read the same heads' tiles from L2,
+each wave's blocks heaviest first (dQ: the forward's work order; dK/dV: the transposed lists'),
+after a lead of the heavy blocks of every stream (:func:`.launch.lead_blocks`: the query rows
+and the key columns of text tokens beside a video).
 
 Probabilities are recomputed from the forward's saved log-sum-exp (never recomputed as a
 softmax): ``P = exp(S * scale - lse)``; ``dS = P * (dP - delta)``; ``dQ = scale * dS K``,
@@ -52,7 +55,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 if triton is not None:
     from .rule_bits import box_allowed, box_bounds, rule_allowed
-    from .tile_steps import wave_item
+    from .tile_steps import lead_wave_item
 
     @triton.jit
     def _delta(
@@ -100,17 +103,23 @@ if triton is not None:
         num_q_heads, num_kv_heads, group, pattern_head_divisor,
         seq_q, seq_k, scale, qk_scale,
         seq_bucket,  # autotuning key only: ceil(log2(seq_k))
-        n_blocks, per_wave,  # the launch order (wave_item): KV blocks, (batch, KV head) pairs per wave
+        n_blocks, per_wave,  # the launch order (lead_wave_item): KV blocks, (batch, KV head) pairs per wave,
+        WorkOrder, lead_blocks, all_heads,  # KV blocks heaviest first, the heavy ones, (batch, KV head) pairs
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
         HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr,
         EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
-        tile, batch_head = wave_item(tl.program_id(0), per_wave, n_blocks * (BLOCK_K // BLOCK_N))
+        TILES_PER_BLOCK: tl.constexpr = BLOCK_K // BLOCK_N
+        rank, batch_head = lead_wave_item(
+            tl.program_id(0), per_wave, n_blocks * TILES_PER_BLOCK, lead_blocks * TILES_PER_BLOCK, all_heads
+        )
+        # KV blocks in the transposed lists' work order (heaviest first), each cut into key tiles.
+        kv_block = tl.load(WorkOrder + rank // TILES_PER_BLOCK)
+        tile = kv_block * TILES_PER_BLOCK + rank % TILES_PER_BLOCK
         batch = batch_head // num_kv_heads
         kv_head = batch_head % num_kv_heads
-        kv_block = tile // (BLOCK_K // BLOCK_N)
         key_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         key_in_range = key_pos < seq_k
         offs_m = tl.arange(0, BLOCK_M)
@@ -210,21 +219,24 @@ if triton is not None:
         num_q_heads, group, pattern_head_divisor,
         seq_q, seq_k, scale, qk_scale,
         seq_bucket,  # autotuning key only: ceil(log2(seq_k))
-        n_blocks, per_wave,  # the launch order (wave_item): query blocks, (batch, head) pairs per wave
+        n_blocks, per_wave,  # the launch order (lead_wave_item): query blocks, (batch, head) pairs per wave,
+        WorkOrder, lead_blocks, all_heads,  # the forward's work order, its heavy blocks, (batch, head) pairs
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
         HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr,
         EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
-        n_tiles = n_blocks * (BLOCK_Q // BLOCK_M)
-        rank, batch_head = wave_item(tl.program_id(0), per_wave, n_tiles)
-        # Heaviest (last) query tiles first: causal rows grow with position.
-        tile = n_tiles - 1 - rank
+        TILES_PER_BLOCK: tl.constexpr = BLOCK_Q // BLOCK_M
+        rank, batch_head = lead_wave_item(
+            tl.program_id(0), per_wave, n_blocks * TILES_PER_BLOCK, lead_blocks * TILES_PER_BLOCK, all_heads
+        )
+        # Query blocks in the forward's work order (heaviest first), each cut into query tiles.
+        q_block = tl.load(WorkOrder + rank // TILES_PER_BLOCK)
+        tile = q_block * TILES_PER_BLOCK + rank % TILES_PER_BLOCK
         batch = batch_head // num_q_heads
         head = batch_head % num_q_heads
         kv_head = head // group
-        q_block = tile // (BLOCK_Q // BLOCK_M)
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_in_range = rows < seq_q
         offs_n = tl.arange(0, BLOCK_N)
@@ -398,6 +410,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         *(q_heads, kv_heads, group, q_heads // pattern.num_heads),
         *sizes,
         *(pattern.num_kv_blocks, per_wave // group),
+        *(plan.transposed.work_order, launch.lead_blocks(plan, keys=True), batch * kv_heads),
     )
     dq_args = (
         *(q, k, v, dout, lse, delta, dq, counts, indices, rule_index, words, guard),
@@ -407,6 +420,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         *(q_heads, group, q_heads // pattern.num_heads),
         *sizes,
         *(pattern.num_q_blocks, per_wave),
+        *(plan.work_order, launch.lead_blocks(plan), batch * q_heads),
     )
 
     def dkdv_grid(meta):
