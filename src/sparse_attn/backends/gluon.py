@@ -146,6 +146,8 @@ def slower_than_triton_reason(q: torch.Tensor, plan: BlockSparsePlan) -> str | N
 
 
 if gluon is not None:
+    # Launch-order helpers are plain Triton functions, which Gluon kernels call as they are.
+    from .tile_steps import lead_wave_item, wave_item
 
     @gluon.jit
     def _producer(
@@ -404,28 +406,6 @@ if gluon is not None:
         return batch, head, kv_head, tile * 128, n_steps, n_full, index_base
 
     @gluon.jit
-    def _wave_item(item, heads_per_wave, num_tiles):
-        """The ``item``-th work item in launch order: ``(tile_rank, batch_head)``. Items come in
-        waves of ``heads_per_wave`` consecutive (batch, head) pairs (:func:`.launch.heads_per_wave`),
-        a wave's query tiles in work order with its heads side by side."""
-        wave_items = heads_per_wave * num_tiles
-        wave = item // wave_items
-        rank = item - wave * wave_items
-        return rank // heads_per_wave, wave * heads_per_wave + rank % heads_per_wave
-
-    @gluon.jit
-    def _lead_wave_item(item, heads_per_wave, num_tiles, lead_tiles, all_heads):
-        """:func:`_wave_item` after a lead: the first ``lead_tiles`` tile ranks (the heavy query
-        blocks, :func:`.launch.lead_blocks`) of all ``all_heads`` (batch, head) pairs first, heads
-        side by side, then the waves over the other ranks (``lead_tiles < num_tiles``)."""
-        lead_items = lead_tiles * all_heads
-        rest_rank, rest_head = _wave_item(gl.maximum(item - lead_items, 0), heads_per_wave, num_tiles - lead_tiles)
-        in_lead = item < lead_items
-        rank = gl.where(in_lead, item // all_heads, lead_tiles + rest_rank)
-        batch_head = gl.where(in_lead, item % all_heads, rest_head)
-        return rank, batch_head
-
-    @gluon.jit
     def _allocate_ring(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """The query tile, the K/V ring of ``STAGES`` slots and their barriers, initialised."""
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
@@ -457,8 +437,8 @@ if gluon is not None:
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
         HOST_DESC: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
-        """One program per work item, in the launch order of :func:`_lead_wave_item` (a 1D grid)."""
-        tile_rank, batch_head = _lead_wave_item(gl.program_id(0), heads_per_wave, num_tiles, lead_tiles, all_heads)
+        """One program per work item, in the launch order of :func:`.tile_steps.lead_wave_item` (a 1D grid)."""
+        tile_rank, batch_head = lead_wave_item(gl.program_id(0), heads_per_wave, num_tiles, lead_tiles, all_heads)
         batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
             tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
             stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
@@ -524,7 +504,7 @@ if gluon is not None:
         step_base = 0
         local = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            tile_rank, batch_head = _wave_item(item, heads_per_wave, num_tiles)
+            tile_rank, batch_head = wave_item(item, heads_per_wave, num_tiles)
             batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
                 tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                 stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
@@ -554,7 +534,7 @@ if gluon is not None:
         step_base = 0
         local = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            tile_rank, batch_head = _wave_item(item, heads_per_wave, num_tiles)
+            tile_rank, batch_head = wave_item(item, heads_per_wave, num_tiles)
             batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
                 tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                 stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
@@ -583,7 +563,7 @@ if gluon is not None:
         BOX: gl.constexpr,
     ):  # fmt: skip
         """Persistent: one program per SM walks work items ``pid, pid + grid, ...`` of the same
-        order as the one-item kernel's grid (:func:`_wave_item`: waves of heads, each wave's
+        order as the one-item kernel's grid (:func:`.tile_steps.wave_item`: waves of heads, each wave's
         query tiles heaviest first; no lead of heavy query blocks: the persistent kernel runs
         where rows are alike), so the producer loads an item's query and first K/V tiles while the consumers
         still finish and store the previous one. Host descriptors only."""
