@@ -14,7 +14,8 @@ the kernels need (FlashInfer's plan/run split, FlexAttention's full/partial bloc
   summed over batch and heads; ties go to the later block, whose causal rows are longer). The
   Triton and Gluon kernels take query blocks in this order within each wave of heads
   (:func:`sparse_attn.backends.launch.heads_per_wave`), so the longest programs start first
-  and the short ones fill the tail.
+  and the short ones fill the tail, after the heavy blocks of every head (``heavy_blocks``);
+  the Triton backward's dQ pass too.
 * ``work_bucket``: ``ceil(log2)`` of the mean number of kept blocks per query block, the
   autotuning key (and the Gluon dispatch rule) that keeps dense and sparse cases apart.
   Computed on first use (one host sync).

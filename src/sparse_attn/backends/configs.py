@@ -124,9 +124,11 @@ class KernelConfigs:
     ``kv_streams_per_wave``: how many (batch, KV head) streams the block kernels issue their
     work items for together (:func:`sparse_attn.backends.launch.heads_per_wave`); ``0`` issues
     every stream's together (query tile by query tile, all heads of a tile side by side).
-    ``heavy_rows_first``: ``False`` makes the forward kernels issue their heavy query blocks
-    (:attr:`sparse_attn.plan.BlockSparsePlan.heavy_blocks`) within their waves like the others
-    instead of for every head before the waves (:func:`sparse_attn.backends.launch.lead_blocks`).
+    ``heavy_rows_first``: ``False`` makes the block kernels issue their heavy blocks (query blocks
+    in the forwards and the backward's dQ pass, :attr:`sparse_attn.plan.BlockSparsePlan.heavy_blocks`;
+    KV blocks in its dK/dV pass, :attr:`~sparse_attn.plan.BlockSparsePlan.heavy_kv_blocks`) within
+    their waves like the others instead of for every stream before the waves
+    (:func:`sparse_attn.backends.launch.lead_blocks`).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None

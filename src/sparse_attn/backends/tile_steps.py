@@ -32,7 +32,7 @@ if triton is not None:
     @triton.jit
     def lead_wave_item(item, per_wave, num_tiles, lead_tiles, all_heads):
         """:func:`wave_item` after a lead: the first ``lead_tiles`` tile ranks (the plan's heavy
-        query blocks, :attr:`sparse_attn.plan.BlockSparsePlan.lead_blocks`) of all ``all_heads``
+        blocks, :func:`sparse_attn.backends.launch.lead_blocks`) of all ``all_heads``
         (batch, head) pairs come first, heads side by side, then the waves over the other ranks.
         ``lead_tiles < num_tiles``; ``lead_tiles = 0`` is :func:`wave_item`."""
         lead_items = lead_tiles * all_heads
