@@ -234,10 +234,12 @@ def test_both_kernels_take_the_same_leading_arguments():
     shared = triton_names[: triton_names.index("qk_scale") + 1]
     assert gluon_names[: len(shared)] == shared
     # Then the launch-made descriptors (None where the kernel makes its own), the box predicate's
-    # table and guard (unused without a token rule), the launch order's two numbers, then constexprs.
+    # table and guard (unused without a token rule), the launch order's four numbers (tiles per
+    # head, heads per wave, the heavy blocks' lead in tiles, all heads), then constexprs.
     after = gluon_names[len(shared) :]
-    assert after[:7] == ["QDesc", "KDesc", "VDesc", "BoxTable", "box_guard", "num_tiles", "heads_per_wave"]
-    assert all(name.isupper() for name in after[7:])
+    order = ["num_tiles", "heads_per_wave", "lead_tiles", "all_heads"]
+    assert after[:9] == ["QDesc", "KDesc", "VDesc", "BoxTable", "box_guard", *order]
+    assert all(name.isupper() for name in after[9:])
     q, k, v = _tensors()
     plan = plan_for(sa.dense_pattern(seq_q=100), causal=True)
     out, lse, args = launch.launch_arguments(q, k, v, plan, scale=0.1, return_lse=False)
