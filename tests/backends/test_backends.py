@@ -376,16 +376,16 @@ def test_heavy_blocks_lead_the_work_order_and_respect_the_override():
 def test_triton_heavy_rows_lead_changes_no_result(poison_outputs):
     # The lead only reorders the programs: with and without it, in one wave or in waves, the
     # output and LSE are the same bit for bit (poisoned outputs: every tile is written once).
-    q, k, v = random_qkv(2, 6, 3, 20 * 16 - 5, 20 * 16 - 5, 32, torch.bfloat16, "cpu")
+    q, k, v = random_qkv(1, 6, 3, 20 * 16 - 5, 20 * 16 - 5, 16, torch.bfloat16, "cpu")
     pattern = _text_rows_pattern(6, 20 * 16 - 5, 16)
     assert plan_for(pattern, causal=False).heavy_blocks == 2
     results = {}
-    for streams in (0, 1, 2):
-        for lead in (True, False):
-            with kernel_configs(kv_streams_per_wave=streams, heavy_rows_first=lead):
-                results[streams, lead] = sa.block_sparse_attention(
-                    q, k, v, pattern, causal=False, backend="triton", return_lse=True
-                )
+    # One wave orders the programs alike with or without the lead; 3 streams: 3 waves of 1.
+    for streams, lead in ((0, True), (1, True), (1, False)):
+        with kernel_configs(kv_streams_per_wave=streams, heavy_rows_first=lead):
+            results[streams, lead] = sa.block_sparse_attention(
+                q, k, v, pattern, causal=False, backend="triton", return_lse=True
+            )
     reference = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="reference")
     first = results[0, True]
     assert relative_error(first[0], reference) <= TOLERANCE[torch.bfloat16]

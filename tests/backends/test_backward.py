@@ -283,13 +283,13 @@ def test_triton_backward_heavy_blocks_first_change_no_gradient(poison_outputs):
     plan = plan_for(pattern, causal=False)
     assert (plan.heavy_blocks, plan.heavy_kv_blocks) == (2, 2)
     assert set(plan.transposed.work_order[:2].tolist()) == {n - 2, n - 1}
-    q, k, v = random_qkv(2, 4, 2, seq, seq, 32, torch.float32, "cpu")
+    q, k, v = random_qkv(1, 4, 2, seq, seq, 16, torch.float32, "cpu")
     dout = torch.randn_like(q)
     grads = {}
-    for streams in (0, 1):
-        for lead in (True, False):
-            with sa.backends.kernel_configs(kv_streams_per_wave=streams, heavy_rows_first=lead):
-                grads[streams, lead] = _grads("triton", q, k, v, pattern, False, dout, None)
+    # One wave orders the programs alike with or without the lead; 2 streams: 2 waves of 1.
+    for streams, lead in ((0, True), (1, True), (1, False)):
+        with sa.backends.kernel_configs(kv_streams_per_wave=streams, heavy_rows_first=lead):
+            grads[streams, lead] = _grads("triton", q, k, v, pattern, False, dout, None)
     for got, want in zip(grads[0, True], _oracle_grads(q, k, v, pattern, False, dout, None), strict=True):
         assert relative_error(got.double(), want) <= 1e-4
     for key, result in grads.items():
