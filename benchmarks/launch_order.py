@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from math import prod
 from pathlib import Path
 
@@ -74,15 +75,17 @@ def time_choices(q, k, v, pattern, *, causal: bool, device: torch.device, choice
     plan = plan_for(pattern, causal=causal)
     row["density"], row["row_imbalance"], row["work_bucket"] = plan.density, plan.row_imbalance, plan.work_bucket
     row["heavy_blocks"] = plan.heavy_blocks
+
+    def attend(q, k, v):
+        return sa.block_sparse_attention(q, k, v, pattern, causal=causal)
+
+    if backward:
+        timed = with_backward(attend, tuple(x.detach().requires_grad_() for x in (q, k, v)))
+    else:
+        timed = partial(attend, q, k, v)
     for label, overrides in CHOICES:
         if choices is not None and label not in choices:
             continue
-
-        def attend(q, k, v):
-            return sa.block_sparse_attention(q, k, v, pattern, causal=causal)
-
-        inputs = tuple(x.detach().requires_grad_() for x in (q, k, v)) if backward else (q, k, v)
-        timed = with_backward(attend, inputs) if backward else lambda: attend(q, k, v)
         with kernel_configs(**overrides):
             row[f"{label}_ms"], error = measure(timed, device)
         if error:
@@ -178,7 +181,15 @@ def main() -> None:
     if "causal" in cases:
         for seq in args.lengths:
             rows += random_rows(
-                seq, 32, 8, args.densities, causal=True, device=device, label="causal", choices=args.choices
+                seq,
+                32,
+                8,
+                args.densities,
+                causal=True,
+                device=device,
+                label="causal",
+                choices=args.choices,
+                backward=args.backward,
             )
             torch.cuda.empty_cache()
     if "bidirectional" in cases:
@@ -194,6 +205,7 @@ def main() -> None:
                 device=device,
                 label=name,
                 choices=args.choices,
+                backward=args.backward,
             )
             torch.cuda.empty_cache()
     if "spatial" in cases:

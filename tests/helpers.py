@@ -143,6 +143,22 @@ def shape_pattern(shape, *, heads: int, density: float, causal: bool, seed: int,
     )  # fmt: skip
 
 
+def text_rows_pattern(
+    heads: int, seq: int, block: int, *, band: int = 1, text_keys: bool = False, device="cpu"
+) -> BlockSparsePattern:
+    """A bidirectional pattern with heavy blocks: a band of ``2 * band + 1`` blocks around the
+    diagonal, plus two trailing query blocks that keep every KV block (text tokens attending a
+    whole video) and, with ``text_keys``, two trailing KV blocks every query block keeps."""
+    n = -(-seq // block)
+    rows = torch.arange(n)
+    mask = (rows[:, None] - rows[None, :]).abs() <= band
+    mask[-2:] = True
+    if text_keys:
+        mask[:, -2:] = True
+    mask = mask.expand(heads, n, n).clone().to(device)
+    return BlockSparsePattern.from_mask(mask, block_q=block, block_k=block, seq_q=seq, seq_k=seq, causal=False)
+
+
 def sample_rows(seq_q: int, count: int, *, boundaries=(16, 64), extra=(), seed: int = 0) -> torch.Tensor:
     """About ``count`` sorted distinct query rows of ``seq_q`` to check a long problem on: the first
     and last two rows, the rows either side of a few multiples of each size in ``boundaries``

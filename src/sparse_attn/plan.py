@@ -103,8 +103,8 @@ class TransposedLists:
 
     q_counts: torch.Tensor
     q_indices: torch.Tensor
+    work_order: torch.Tensor
     rule_index: torch.Tensor | None = None
-    work_order: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -323,17 +323,24 @@ def _heavy(counts: torch.Tensor) -> int:
     return int((work > HEAVY_ROW_RATIO * work.mean()).sum())
 
 
+def _heaviest_first(counts: torch.Tensor, *, later_first: bool) -> torch.Tensor:
+    """int32 ``(n,)``: the last dimension's blocks of ``counts`` (B, H, n) by their total over
+    batch and heads, largest first; among equals the later block first if ``later_first``, else
+    the earlier (stable sorts)."""
+    work = counts.sum((0, 1), dtype=torch.int64)
+    if not later_first:
+        return torch.sort(work, descending=True, stable=True).indices.to(torch.int32).contiguous()
+    # A stable sort of the reversed totals keeps later blocks first among equals.
+    order = torch.sort(work.flip(0), descending=True, stable=True).indices
+    return (work.numel() - 1 - order).to(torch.int32).contiguous()
+
+
 def _build(pattern: BlockSparsePattern, causal: bool) -> BlockSparsePlan:
-    device = pattern.device
     is_full, _ = _full_entries(pattern, causal)
     # Kernels share one offset computation for counts and full counts: both contiguous, same shape.
     full_counts = is_full.sum(-1, dtype=torch.int32).contiguous()
 
-    work = pattern.kv_counts.sum((0, 1), dtype=torch.int64)
-    latest_first = torch.arange(pattern.num_q_blocks - 1, -1, -1, device=device)
-    # A stable sort of the reversed totals keeps later blocks first among equals.
-    order = torch.sort(work.flip(0), descending=True, stable=True).indices
-    work_order = latest_first[order].to(torch.int32).contiguous()
+    work_order = _heaviest_first(pattern.kv_counts, later_first=True)
     return BlockSparsePlan(pattern=pattern, causal=causal, full_counts=full_counts, work_order=work_order)
 
 
@@ -362,12 +369,9 @@ def _transpose(pattern: BlockSparsePattern, entry_index: torch.Tensor | None) ->
         rule_index[group, position] = rule_entry
         rule_index = rule_index.view(batch, heads, n_kv, max_q)
     q_counts = counts.to(torch.int32).view(batch, heads, n_kv).contiguous()
-    # A stable sort keeps earlier blocks first among equals.
-    work = q_counts.sum((0, 1), dtype=torch.int64)
-    work_order = torch.sort(work, descending=True, stable=True).indices.to(torch.int32).contiguous()
     return TransposedLists(
         q_counts=q_counts,
         q_indices=indices.view(batch, heads, n_kv, max_q),
+        work_order=_heaviest_first(q_counts, later_first=False),
         rule_index=rule_index,
-        work_order=work_order,
     )

@@ -6,13 +6,20 @@ import warnings
 
 import pytest
 import torch
-from helpers import TOLERANCE, naive_attention, poisoned_allocate, random_qkv, relative_error, shape_pattern
+from helpers import (
+    TOLERANCE,
+    naive_attention,
+    poisoned_allocate,
+    random_qkv,
+    relative_error,
+    shape_pattern,
+    text_rows_pattern,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparse_attn as sa
 from sparse_attn.backends import kernel_configs, launch, resolve_backend
-from sparse_attn.geometry import num_blocks
 from sparse_attn.plan import plan_for
 
 # (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k)
@@ -343,21 +350,8 @@ def test_triton_launch_waves_change_no_result(shape, causal, poison_outputs):
         assert torch.equal(results[streams][1], results[0][1]), streams
 
 
-def _text_rows_pattern(heads: int, seq: int, block: int, device="cpu") -> sa.BlockSparsePattern:
-    """A bidirectional band of width 3 blocks plus two trailing query blocks that keep every KV
-    block (text tokens attending a whole video): the last two rows are heavy."""
-    n = num_blocks(seq, block)
-    rows = torch.arange(n)
-    mask = (rows[:, None] - rows[None, :]).abs() <= 1
-    mask[-2:] = True
-    mask = mask.expand(heads, n, n).clone()
-    return sa.BlockSparsePattern.from_mask(
-        mask.to(device), block_q=block, block_k=block, seq_q=seq, seq_k=seq, causal=False
-    )
-
-
 def test_heavy_blocks_lead_the_work_order_and_respect_the_override():
-    heavy = plan_for(_text_rows_pattern(3, 20 * 16 - 5, 16), causal=False)
+    heavy = plan_for(text_rows_pattern(3, 20 * 16 - 5, 16), causal=False)
     assert heavy.heavy_blocks == 2  # 20 blocks against a mean of (2 + 17 * 3 + 2 * 20) / 20 = 4.65
     assert set(heavy.work_order[:2].tolist()) == {18, 19}
     assert launch.lead_blocks(heavy) == 2
@@ -369,7 +363,7 @@ def test_heavy_blocks_lead_the_work_order_and_respect_the_override():
     even = plan_for(shape_pattern(SHAPES[2], heads=2, density=0.5, causal=True, seed=0), causal=True)
     assert even.heavy_blocks == 0 and launch.lead_blocks(even) == 0
     # One query block: nothing to lead.
-    single = plan_for(_text_rows_pattern(2, 16, 16), causal=False)
+    single = plan_for(text_rows_pattern(2, 16, 16), causal=False)
     assert launch.lead_blocks(single) == 0
 
 
@@ -377,7 +371,7 @@ def test_triton_heavy_rows_lead_changes_no_result(poison_outputs):
     # The lead only reorders the programs: with and without it, in one wave or in waves, the
     # output and LSE are the same bit for bit (poisoned outputs: every tile is written once).
     q, k, v = random_qkv(1, 6, 3, 20 * 16 - 5, 20 * 16 - 5, 16, torch.bfloat16, "cpu")
-    pattern = _text_rows_pattern(6, 20 * 16 - 5, 16)
+    pattern = text_rows_pattern(6, 20 * 16 - 5, 16)
     assert plan_for(pattern, causal=False).heavy_blocks == 2
     results = {}
     # One wave orders the programs alike with or without the lead; 3 streams: 3 waves of 1.

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import TOLERANCE, naive_attention, random_qkv, relative_error, shape_pattern
+from helpers import TOLERANCE, naive_attention, random_qkv, relative_error, shape_pattern, text_rows_pattern
 
 import sparse_attn as sa
 from sparse_attn.plan import plan_for
@@ -274,12 +274,8 @@ def test_triton_backward_heavy_blocks_first_change_no_gradient(poison_outputs):
     # bit for bit, in one wave and in waves, matching the float64 oracle.
     seq, block = 20 * 16 - 5, 16
     n = -(-seq // block)
-    mask = torch.eye(n, dtype=torch.bool)  # a diagonal, 3 blocks a row with the text: mean 4.7
-    mask[-2:] = True
-    mask[:, -2:] = True
-    pattern = sa.BlockSparsePattern.from_mask(
-        mask.expand(4, n, n).clone(), block_q=block, block_k=block, seq_q=seq, seq_k=seq, causal=False
-    )
+    # A diagonal, 3 blocks a row with the text keys: a mean of 4.7 against the text rows' 20.
+    pattern = text_rows_pattern(4, seq, block, band=0, text_keys=True)
     plan = plan_for(pattern, causal=False)
     assert (plan.heavy_blocks, plan.heavy_kv_blocks) == (2, 2)
     assert set(plan.transposed.work_order[:2].tolist()) == {n - 2, n - 1}

@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import TOLERANCE, poisoned_view, relative_error
+from helpers import TOLERANCE, poisoned_view, relative_error, text_rows_pattern
 
 import sparse_attn as sa
 from sparse_attn.backends import configs, launch, resolve_backend
@@ -377,11 +377,7 @@ def test_gpu_heavy_rows_lead_changes_no_result(backend, poison_outputs):
         torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
         for heads in (q_heads, kv_heads, kv_heads)
     )
-    n = seq // block
-    rows = torch.arange(n, device="cuda")
-    mask = ((rows[:, None] - rows[None, :]).abs() <= 1).expand(q_heads, n, n).clone()
-    mask[:, -2:] = True
-    pattern = sa.BlockSparsePattern.from_mask(mask, block_q=block, block_k=block, seq_q=seq, seq_k=seq, causal=False)
+    pattern = text_rows_pattern(q_heads, seq, block, device="cuda")
     assert plan_for(pattern, causal=False).heavy_blocks == 2
     ref = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="reference")
     results = {}

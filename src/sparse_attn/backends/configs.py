@@ -210,20 +210,17 @@ def kernel_configs(
         if isinstance(kv_streams_per_wave, bool) or not isinstance(kv_streams_per_wave, int) or kv_streams_per_wave < 0:
             raise ValueError(f"kv_streams_per_wave must be an int >= 0, got {kv_streams_per_wave!r}")
         changes["kv_streams_per_wave"] = kv_streams_per_wave
-    token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **changes))
-    try:
-        yield _CURRENT.get()
-    finally:
-        _CURRENT.reset(token)
+    with applied(dataclasses.replace(_CURRENT.get(), **changes)) as overrides:
+        yield overrides
 
 
 @contextlib.contextmanager
 def applied(overrides: KernelConfigs) -> Iterator[KernelConfigs]:
     """Put ``overrides`` (a :func:`current` value captured earlier) in force inside the block.
 
-    The kernel backends' autograd capture the overrides of a forward and apply them to its
-    backward, which PyTorch runs on its own thread for CUDA tensors, where the forward's
-    context variables are not set."""
+    :func:`kernel_configs` goes through it; the kernel backends' autograd capture the overrides
+    of a forward and apply them to its backward, which PyTorch runs on its own thread for CUDA
+    tensors, where the forward's context variables are not set."""
     token = _CURRENT.set(overrides)
     try:
         yield overrides

@@ -136,7 +136,7 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         first_key = tile * BLOCK_N
-        block_keys = (tile % (BLOCK_K // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)  # inside the KV block
+        block_keys = (tile % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)  # inside the KV block
         key_code = 0
         if BOX_RULE:
             key_code = tl.load(RuleWords + key_pos, mask=key_in_range, other=-1)
