@@ -16,7 +16,11 @@ Runs: ``dense`` (transformers' SDPA) first, then each of ``--methods``:
 * a registered block-sparse method variant (``NAME`` or ``NAME:OPTION=VALUE,...``, e.g.
   ``xattention`` or ``moba:block_size=512,top_k=3``), patched into every layer with
   ``sa.patch(model, method=..., min_seq_len=--min-seq-len)``: attention forward and backward run
-  on the sparse-attn engine, and the estimator's block choice is not differentiated;
+  on the sparse-attn engine, and the estimator's block choice is not differentiated. A suffix
+  ``@dense_last=N`` keeps the last ``N`` layers dense (``sa.patch(..., dense_layers=...)``):
+  MoBA's layer-wise hybrid, whose continually pre-trained Llama-8B-1M-MoBA keeps its last three
+  of 32 layers as full attention (MoBA, arXiv:2502.13189, Sections 3.2 and 3.3), e.g.
+  ``moba:block_size=512,top_k=3@dense_last=3``;
 * ``nsa``: :func:`sparse_attn.nn.nsa_models.swap_in_nsa` at the NSA paper's block sizes and
   its dense start (the model's q/k/v/o projections kept, the compressors and gates new and
   started close to dense attention, initialised under ``torch.manual_seed(--seed + 1)``, trained
@@ -80,13 +84,27 @@ def learning_rate(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
 
 
+def split_hybrid(label: str) -> tuple[str, int]:
+    """``(variant, dense_last)`` of a method label with an optional ``@dense_last=N`` suffix (the
+    number of last layers kept dense; 0 without the suffix)."""
+    variant, at, suffix = label.partition("@")
+    if not at:
+        return label, 0
+    key, _, value = suffix.partition("=")
+    if key != "dense_last" or not value.isdigit() or int(value) < 1:
+        raise ValueError(f"a method label's suffix must be '@dense_last=N' with N >= 1, got {label!r}")
+    return variant, int(value)
+
+
 def check_method(label: str) -> None:
-    """``ValueError`` unless ``label`` is ``dense``, an NSA label or a registered method variant."""
+    """``ValueError`` unless ``label`` is ``dense``, an NSA label or a registered method variant
+    (with an optional ``@dense_last=N`` suffix)."""
     if label == DENSE or label in NSA_LABELS:
         return
     from sparse_attn.eval.grid import MethodVariant
 
-    MethodVariant.parse(label)
+    variant, _ = split_hybrid(label)
+    MethodVariant.parse(variant)
 
 
 def switch(model, label: str, *, min_seq_len: int):
@@ -101,8 +119,13 @@ def switch(model, label: str, *, min_seq_len: int):
         return lambda: None
     from sparse_attn.eval.grid import MethodVariant
 
-    variant = MethodVariant.parse(label)
-    sa.patch(model, method=variant.name, min_seq_len=min_seq_len, **dict(variant.options))
+    name, dense_last = split_hybrid(label)
+    variant = MethodVariant.parse(name)
+    layers = model.config.num_hidden_layers
+    if dense_last >= layers:
+        raise ValueError(f"{label!r} keeps {dense_last} layers dense, but the model has only {layers}")
+    dense_layers = range(layers - dense_last, layers)
+    sa.patch(model, method=variant.name, min_seq_len=min_seq_len, dense_layers=dense_layers, **dict(variant.options))
     return lambda: sa.unpatch(model)
 
 

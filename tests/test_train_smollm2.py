@@ -72,3 +72,26 @@ def test_time_limit_stops_a_run(script, tmp_path):
 def test_bad_method_is_refused(script):
     with pytest.raises(ValueError, match="no_such_method"):
         script.parse_args(["--methods", "no_such_method"])
+
+
+def test_hybrid_label_keeps_the_last_layers_dense(script):
+    import torch
+
+    import sparse_attn as sa
+
+    assert script.split_hybrid(MOBA) == (MOBA, 0)
+    assert script.split_hybrid(MOBA + "@dense_last=1") == (MOBA, 1)
+    for bad in ("@dense_last=0", "@dense_last=x", "@last=1"):
+        with pytest.raises(ValueError, match="dense_last"):
+            script.split_hybrid(MOBA + bad)
+    script.check_method(MOBA + "@dense_last=1")
+    model = script.load_model(torch.device("cpu"), 2)
+    with pytest.raises(ValueError, match="only 2"):
+        script.switch(model, MOBA + "@dense_last=2", min_seq_len=128)
+    restore = script.switch(model, MOBA + "@dense_last=1", min_seq_len=128)
+    ids = torch.randint(100, 1000, (1, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), sa.record(model) as recorder:
+        model(input_ids=ids)
+    kinds = {entry.layer: entry.kind for entry in recorder.records}
+    assert kinds == {0: "sparse", 1: "dense"}
+    restore()
