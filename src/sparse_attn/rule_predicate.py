@@ -21,7 +21,12 @@ and::
 
     allowed = (((code | guard) - low) & ((high | guard) - code) & guard) == guard  or  code < 0
 
-five integer operations per score. The fields must fit in 31 bits together.
+The kernels fold the ``code < 0`` keys and the keys past the sequence's end into two per-key
+values (:func:`box_visible`): ``keep`` is ``guard`` (``0`` for a key every query sees) and
+``want`` is ``keep`` (``guard | 1`` past the end: bit 0 is never a guard bit, so no pair
+matches), and a pair is visible when ``(lower & upper & keep) == want``: two subtractions, two
+ands and one comparison per score, whatever the key, with no separate bounds mask. The fields
+must fit in 31 bits together.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BoxPredicate", "box_allowed", "kernel_predicate", "pack_box"]
+__all__ = ["BoxPredicate", "box_allowed", "box_visible", "kernel_predicate", "pack_box"]
 
 # Field widths (value bits + guard) must sum to at most this, so codes stay non-negative in int32.
 MAX_BITS = 31
@@ -106,6 +111,24 @@ def box_allowed(predicate: BoxPredicate, q_pos: torch.Tensor, k_pos: torch.Tenso
     guard = predicate.guard
     inside = (((code | guard) - low) & ((high | guard) - code) & guard) == guard
     return inside | (code < 0)
+
+
+def box_visible(predicate: BoxPredicate, q_pos: torch.Tensor, k_pos: torch.Tensor, seq_k: int) -> torch.Tensor:
+    """The kernels' fused test (module docstring) in PyTorch, with their 32-bit wrap-around: the
+    pair is allowed by the predicate and its key lies before ``seq_k``. Keys at or past ``seq_k``
+    read code 0 (any value would do: ``want`` rejects them). The oracle of the kernels' formulation."""
+    last = predicate.table.shape[1] - 1
+    table = predicate.table.long()
+    in_range = k_pos < seq_k
+    code = torch.where(in_range, table[0][k_pos.clamp(0, last)], 0)
+    low, high = table[1][q_pos.clamp(0, last)], table[2][q_pos.clamp(0, last)]
+    guard, bits = predicate.guard, 0xFFFFFFFF
+    keep = torch.where(code < 0, 0, guard)
+    want = torch.where(in_range, keep, guard | 1)
+    # A key every query sees has code -1, so its differences wrap; keep = 0 ignores them.
+    lower = ((code | guard) - low) & bits
+    upper = ((high | guard) - code) & bits
+    return (lower & upper & keep) == want
 
 
 def kernel_predicate(pattern) -> BoxPredicate | None:

@@ -23,7 +23,7 @@ from helpers import TOLERANCE, assert_backends_match_reference, random_qkv, rela
 import sparse_attn as sa
 from sparse_attn.backends import resolve_backend
 from sparse_attn.plan import plan_for
-from sparse_attn.rule_predicate import box_allowed, kernel_predicate, pack_box
+from sparse_attn.rule_predicate import box_allowed, box_visible, kernel_predicate, pack_box
 
 RULE_CASES = [
     dict(grid=(40,), window=7, dilation=3),
@@ -48,6 +48,10 @@ def test_predicate_equals_the_rule_on_every_pair(options):
     want = pattern.token_rule.allowed(positions[:, None], positions[None, :])
     assert torch.equal(box_allowed(predicate, positions[:, None], positions[None, :]), want)
     assert kernel_predicate(pattern) is predicate  # cached on the pattern
+    # The kernels' fused test: the same pairs, and keys past the end (a ragged last tile) hidden.
+    keys = torch.arange(length + 19)
+    fused = box_visible(predicate, positions[:, None], keys[None, :], length)
+    assert torch.equal(fused[:, :length], want) and not fused[:, length:].any()
 
 
 def test_pack_box_empty_ranges_and_width_limit():
@@ -68,6 +72,31 @@ def test_pack_box_empty_ranges_and_width_limit():
     wide = [torch.zeros(4, dtype=torch.int64)] * 3
     assert pack_box(wide, wide, wide, [1023] * 3, key_always=none, query_all=none) is None
     assert pack_box(wide, wide, wide, [511] * 3, key_always=none, query_all=none) is not None
+
+
+def test_fused_test_at_31_bits_with_keys_seen_by_all_and_queries_seeing_all():
+    # Fields of 1023, 511 and 511 take 11 + 10 + 10 = 31 bits: the widest packing, where the
+    # differences of a key every query sees (code -1) wrap around in 32 bits.
+    maxima, n = [1023, 511, 511], 300
+    generator = torch.Generator().manual_seed(3)
+
+    def draw(top):
+        return torch.randint(0, top + 1, (n,), generator=generator)
+
+    keys = [draw(m) for m in maxima]
+    lows = [draw(m) for m in maxima]
+    highs = [torch.minimum(low + draw(m // 2), torch.tensor(m)) for low, m in zip(lows, maxima, strict=True)]
+    always = torch.rand(n, generator=generator) < 0.1
+    everything = torch.rand(n, generator=generator) < 0.1
+    predicate = pack_box(keys, lows, highs, maxima, key_always=always, query_all=everything)
+    assert predicate is not None and predicate.guard.bit_length() == 31
+    rows, columns = torch.arange(n)[:, None], torch.arange(n + 7)[None, :]
+    want = box_allowed(predicate, rows, columns.clamp(max=n - 1)) & (columns < n)
+    inside = torch.ones(n, n, dtype=torch.bool)
+    for key, low, high in zip(keys, lows, highs, strict=True):
+        inside &= (key[None, :] >= low[:, None]) & (key[None, :] <= high[:, None])
+    assert torch.equal(want[:, :n], inside | always[None, :] | everything[:, None])
+    assert torch.equal(box_visible(predicate, rows, columns, n), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -212,7 +212,8 @@ if gluon is not None:
 
         ``BOX``: the pattern's token rule is a box predicate (:mod:`sparse_attn.rule_predicate`),
         evaluated on every step from ``n_full`` on: the key codes of the tile (row 0 of
-        ``BoxTable``) against the rows' packed bounds ``box_low`` / ``box_high``."""
+        ``BoxTable``) against the rows' packed bounds ``box_low`` / ``box_high`` (the upper bounds
+        with the guard bits already set)."""
         SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
         if CAUSAL or not EVEN_K or BOX:
             if step >= n_full:
@@ -221,14 +222,19 @@ if gluon is not None:
                 key_pos = key_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
                 if CAUSAL:
                     s = gl.where(key_pos[None, :] <= query_pos[:, None], s, float("-inf"))
-                if not EVEN_K:
-                    s = gl.where((key_pos < seq_k)[None, :], s, float("-inf"))
                 if BOX:
-                    code = gl.load(BoxTable + key_pos, mask=key_pos < seq_k, other=-1)
-                    lower = (code[None, :] | box_guard) - box_low[:, None]
-                    upper = (box_high[:, None] | box_guard) - code[None, :]
-                    allowed = ((lower & upper & box_guard) == box_guard) | (code < 0)[None, :]
-                    s = gl.where(allowed, s, float("-inf"))
+                    # The predicate's fused test (sparse_attn.rule_predicate.box_visible): per key a
+                    # code, the guard bits to keep and the value to match, which also hides the keys
+                    # past seq_k, so no bounds mask; five integer operations per score.
+                    in_range = key_pos < seq_k
+                    code = gl.load(BoxTable + key_pos, mask=in_range, other=0)
+                    keep = gl.where(code < 0, 0, box_guard)
+                    want = gl.where(in_range, keep, box_guard | 1)
+                    lower = (code | box_guard)[None, :] - box_low[:, None]
+                    upper = box_high[:, None] - code[None, :]
+                    s = gl.where((lower & upper & keep[None, :]) == want[None, :], s, float("-inf"))
+                elif not EVEN_K:
+                    s = gl.where((key_pos < seq_k)[None, :], s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
         m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -282,9 +288,10 @@ if gluon is not None:
         box_low = 0
         box_high = 0
         if BOX:
-            # The rows' packed bounds (rows 1 and 2 of the predicate's table), loaded once per item.
+            # The rows' packed bounds (rows 1 and 2 of the predicate's table), loaded once per item;
+            # the upper bounds carry the guard bits the test sets on them.
             box_low = gl.load(BoxTable + seq_k + query_pos, mask=rows < seq_q, other=0)
-            box_high = gl.load(BoxTable + 2 * seq_k + query_pos, mask=rows < seq_q, other=0)
+            box_high = gl.load(BoxTable + 2 * seq_k + query_pos, mask=rows < seq_q, other=0) | box_guard
         s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
         m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))

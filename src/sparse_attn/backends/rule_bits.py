@@ -1,4 +1,4 @@
-"""Token rules as the block kernels read them: per-block bitmasks, or a box predicate (forward only).
+"""Token rules as the block kernels read them: per-block bitmasks, or a box predicate.
 
 A pattern with a token rule (:class:`sparse_attn.masked_pattern.MaskedPattern`) has, per list
 entry the rule cuts, a ``(block_q, block_k)`` mask packed into int32 words at plan time
@@ -9,7 +9,7 @@ and call :func:`rule_allowed` on the tile's block-relative rows and keys.
 
 A rule with a box predicate (:mod:`sparse_attn.rule_predicate`) needs no bitmask: the forward
 kernels load each row's packed bounds once (:func:`box_bounds`) and each key tile's codes, and
-:func:`box_allowed` evaluates the pair test arithmetically.
+:func:`box_visible` evaluates the pair test arithmetically, the sequence's end included.
 """
 
 from __future__ import annotations
@@ -41,9 +41,21 @@ if triton is not None:
         return low, high
 
     @triton.jit
-    def box_allowed(BoxTable, seq_k, key_pos, low, high, guard):
-        """Bool ``(rows, keys)``: the box predicate allows the pair (keys past ``seq_k`` read as
-        always-seen; the bounds mask hides them)."""
-        code = tl.load(BoxTable + key_pos, mask=key_pos < seq_k, other=-1)
-        inside = (((code[None, :] | guard) - low[:, None]) & ((high[:, None] | guard) - code[None, :]) & guard) == guard
-        return inside | (code < 0)[None, :]
+    def box_key_terms(BoxTable, seq_k, key_pos, guard):
+        """Per key of a tile: its code, and the ``keep`` / ``want`` values of the fused test
+        (:func:`sparse_attn.rule_predicate.box_visible`): keys every query sees keep no guard
+        bit, keys at or past ``seq_k`` want an impossible value."""
+        in_range = key_pos < seq_k
+        code = tl.load(BoxTable + key_pos, mask=in_range, other=0)
+        keep = tl.where(code < 0, 0, guard)
+        want = tl.where(in_range, keep, guard | 1)
+        return code, keep, want
+
+    @triton.jit
+    def box_visible(BoxTable, seq_k, key_pos, low, high, guard):
+        """Bool ``(rows, keys)``: the box predicate allows the pair and the key lies before
+        ``seq_k`` (no separate bounds mask needed); five integer operations per pair."""
+        code, keep, want = box_key_terms(BoxTable, seq_k, key_pos, guard)
+        lower = (code | guard)[None, :] - low[:, None]
+        upper = (high | guard)[:, None] - code[None, :]
+        return (lower & upper & keep[None, :]) == want[None, :]

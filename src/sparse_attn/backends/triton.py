@@ -119,7 +119,7 @@ def unsupported_reason(
 
 
 if triton is not None:
-    from .rule_bits import box_allowed, box_bounds, rule_allowed
+    from .rule_bits import box_bounds, box_visible, rule_allowed
     from .tile_steps import lead_wave_item, store_rows
 
     @triton.jit
@@ -213,26 +213,28 @@ if triton is not None:
             else:
                 scores = tl.dot(q, k_tile, input_precision=PRECISION)
             if MASKED:
-                if EVEN_K:
-                    visible = key_pos[None, :] <= query_pos[:, None]
-                else:
-                    visible = in_bounds[None, :]
+                if BOX_RULE:
+                    # The predicate's fused test hides keys past seq_k too: no bounds mask.
+                    visible = box_visible(RuleWords, seq_k, key_pos, box_low, box_high, box_guard)
                     if CAUSAL:
                         visible = visible & (key_pos[None, :] <= query_pos[:, None])
-                if HAS_RULE:
-                    entry = tl.load(rule_base + step // SUBTILES)
-                    block_keys = (step % SUBTILES) * BLOCK_N + offs_n
-                    allowed = rule_allowed(RuleWords, entry, block_rows[:, None], block_keys[None, :], BLOCK_Q, BLOCK_K)
-                    if CAUSAL or not EVEN_K:
-                        visible = visible & allowed
+                else:
+                    if EVEN_K:
+                        visible = key_pos[None, :] <= query_pos[:, None]
                     else:
-                        visible = allowed
-                if BOX_RULE:
-                    allowed = box_allowed(RuleWords, seq_k, key_pos, box_low, box_high, box_guard)
-                    if CAUSAL or not EVEN_K:
-                        visible = visible & allowed
-                    else:
-                        visible = allowed
+                        visible = in_bounds[None, :]
+                        if CAUSAL:
+                            visible = visible & (key_pos[None, :] <= query_pos[:, None])
+                    if HAS_RULE:
+                        entry = tl.load(rule_base + step // SUBTILES)
+                        block_keys = (step % SUBTILES) * BLOCK_N + offs_n
+                        allowed = rule_allowed(
+                            RuleWords, entry, block_rows[:, None], block_keys[None, :], BLOCK_Q, BLOCK_K
+                        )
+                        if CAUSAL or not EVEN_K:
+                            visible = visible & allowed
+                        else:
+                            visible = allowed
                 if CAUSAL or not EVEN_K or HAS_RULE or BOX_RULE:
                     scores = tl.where(visible, scores, float("-inf"))
             # m is kept in scaled (log2) units; the scale is folded into one FMA per score.

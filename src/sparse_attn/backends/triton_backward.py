@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
 if triton is not None:
-    from .rule_bits import box_allowed, box_bounds, rule_allowed
+    from .rule_bits import box_bounds, box_key_terms, box_visible, rule_allowed
     from .tile_steps import lead_wave_item
 
     @triton.jit
@@ -138,8 +138,10 @@ if triton is not None:
         first_key = tile * BLOCK_N
         block_keys = (tile % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)  # inside the KV block
         key_code = 0
+        key_keep = 0
+        key_want = 0
         if BOX_RULE:
-            key_code = tl.load(RuleWords + key_pos, mask=key_in_range, other=-1)
+            key_code, key_keep, key_want = box_key_terms(RuleWords, seq_k, key_pos, box_guard)
 
         for member in range(group):
             head = kv_head * group + member
@@ -179,7 +181,14 @@ if triton is not None:
                     if BOX_RULE:
                         needs_mask = True
                     if needs_mask:
-                        visible = key_in_range[:, None] & row_in_range[None, :]
+                        if BOX_RULE:
+                            # The fused test (keys past seq_k included), transposed: keys are rows here.
+                            low, high = box_bounds(RuleWords, seq_k, rows + offset, row_in_range)
+                            lower = (key_code | box_guard)[:, None] - low[None, :]
+                            upper = (high | box_guard)[None, :] - key_code[:, None]
+                            visible = ((lower & upper & key_keep[:, None]) == key_want[:, None]) & row_in_range[None, :]
+                        else:
+                            visible = key_in_range[:, None] & row_in_range[None, :]
                         if CAUSAL:
                             visible = visible & (key_pos[:, None] <= rows[None, :] + offset)
                         if HAS_RULE:
@@ -187,12 +196,6 @@ if triton is not None:
                             visible = visible & rule_allowed(
                                 RuleWords, entry, block_rows[None, :], block_keys[:, None], BLOCK_Q, BLOCK_K
                             )
-                        if BOX_RULE:
-                            low, high = box_bounds(RuleWords, seq_k, rows + offset, row_in_range)
-                            lower = (key_code[:, None] | box_guard) - low[None, :]
-                            upper = (high[None, :] | box_guard) - key_code[:, None]
-                            inside = (lower & upper & box_guard) == box_guard
-                            visible = visible & (inside | (key_code < 0)[:, None])
                         logits = tl.where(visible, logits, float("-inf"))
                     p_t = tl.math.exp2(logits)
                     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -293,7 +296,11 @@ if triton is not None:
                 if BOX_RULE:
                     needs_mask = True
                 if needs_mask:
-                    visible = key_in_range[None, :] & row_in_range[:, None]
+                    if BOX_RULE:  # the fused test hides keys past seq_k too
+                        visible = box_visible(RuleWords, seq_k, key_pos, box_low, box_high, box_guard)
+                        visible = visible & row_in_range[:, None]
+                    else:
+                        visible = key_in_range[None, :] & row_in_range[:, None]
                     if CAUSAL:
                         visible = visible & (key_pos[None, :] <= rows[:, None] + offset)
                     if HAS_RULE:
@@ -301,8 +308,6 @@ if triton is not None:
                         visible = visible & rule_allowed(
                             RuleWords, entry, block_rows[:, None], block_keys[None, :], BLOCK_Q, BLOCK_K
                         )
-                    if BOX_RULE:
-                        visible = visible & box_allowed(RuleWords, seq_k, key_pos, box_low, box_high, box_guard)
                     logits = tl.where(visible, logits, float("-inf"))
                 p = tl.math.exp2(logits)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
