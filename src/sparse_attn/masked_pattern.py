@@ -163,13 +163,14 @@ def backend_for_token_rule(
 
     With a token rule that offers a box predicate (:mod:`sparse_attn.rule_predicate`), on CUDA,
     ``auto``, ``gluon`` and ``flash4`` (one warning) take ``gluon`` where the Gluon kernel can run
-    the case and the key length is a multiple of ``block_k`` (:data:`USE_GLUON_FOR_PREDICATES`),
-    else ``triton`` (below). Measured on the H200 with exact neighbourhood windows
-    (``benchmarks/results/h200/token_rules.json``): Gluon 11.70 vs Triton 14.99 ms at HunyuanVideo's
-    30x48x80 grid + 256 text tokens (115,456 = 902 x 128 tokens) and 0.85 vs 1.07 at a 128x128
-    image + 512 text, but 20.49 vs 16.56 at Wan 2.1's 21x45x80 (75,600 tokens, not a multiple of
-    128; the Gluon kernel's launch-made descriptors were not the cause: 20.51 ms without them).
-    FlexAttention's ``mask_mod`` on the same blocks took 29.92, 1.77 and 33.75 ms. Other token
+    the case (:data:`USE_GLUON_FOR_PREDICATES`), else ``triton`` (below). Measured on the H200
+    with exact neighbourhood windows (``benchmarks/results/h200/token_rules.json``): Gluon 11.70
+    vs Triton 14.99 ms at HunyuanVideo's 30x48x80 grid + 256 text tokens and 0.85 vs 1.07 at a
+    128x128 image + 512 text; FlexAttention's ``mask_mod`` on the same blocks took 29.92 and 1.77
+    ms. At Wan 2.1's 21x45x80 (75,600 tokens, not a multiple of 128) the Gluon kernel was slower
+    (20.49 vs 16.56 ms) until its predicate and its bounds mask became one fused test
+    (twenty-fourth session, ``neighborhood_block_k_fused_s43.json``: 18.74 -> 11.57 ms against
+    the Triton kernel's 13.81), so ragged lengths now take it too. Other token
     rules: on CUDA, ``auto`` (and ``gluon`` / ``flash4`` with one warning) take ``flex``: measured on an H200 with 3D neighbourhood windows, where the rule cuts every kept
     block, FlexAttention's ``mask_mod`` ran 1.7x faster than the Triton kernel's per-block bitmasks
     (58.6 vs 98.3 ms forward at Wan 2.1's 21x45x80 grid, 40 heads;
@@ -185,10 +186,7 @@ def backend_for_token_rule(
     if backend != "triton" and q.device.type == "cuda" and has_predicate and USE_GLUON_FOR_PREDICATES:
         from .backends import gluon as gluon_backend
 
-        if (
-            k.shape[2] % pattern.block_k == 0
-            and gluon_backend.unsupported_reason(q, k, v, pattern, return_lse=return_lse) is None
-        ):
+        if gluon_backend.unsupported_reason(q, k, v, pattern, return_lse=return_lse) is None:
             if backend == "flash4":
                 warnings.warn(
                     "the flash4 backend computes whole blocks and this pattern has a token-level rule inside "
