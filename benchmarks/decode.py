@@ -61,6 +61,8 @@ BYTES = 2  # bf16
 PREFILL_CHUNK = 8192
 # Two-level quest's oversample (``--oversample``), set once in main().
 OVERSAMPLE = [2]
+# Quest's reselect_every (``--reselect-every``), set once in main().
+RESELECT_EVERY = [1]
 # A layer past every method's dense layers (Quest keeps 2 dense), so the sparse rule runs.
 SPARSE_LAYER = 3
 
@@ -220,6 +222,9 @@ def sparse_row(
     row = {"method": name, "budget": budget, "page_size": cache.page_size, "errors": {}}
     if name == "quest":
         row["levels"] = levels
+        if RESELECT_EVERY[0] > 1:
+            reuse_times(row, method, method.make_config(**options, reselect_every=RESELECT_EVERY[0]), q, cache, device,
+                        graphs=graphs, kernel_times=kernel_times)  # fmt: skip
     try:
         selection = _select(method, config, q, cache)
     except Exception as error:  # a method that cannot run this shape is reported, not fatal
@@ -265,7 +270,51 @@ def sparse_row(
         row["step_graph_vs_cudnn"] = row["step_graph_ms"] / cudnn
     if row.get("step_graph_ms") and dense.get("sdpa-cudnn_graph_ms"):
         row["step_graph_vs_cudnn_graph"] = row["step_graph_ms"] / dense["sdpa-cudnn_graph_ms"]
+    amortize(row)
+    if row.get("step_graph_amortized_ms") and dense.get("sdpa-cudnn_graph_ms"):
+        row["step_graph_amortized_vs_cudnn_graph"] = row["step_graph_amortized_ms"] / dense["sdpa-cudnn_graph_ms"]
     return row
+
+
+def reuse_times(row: dict, method, config, q, cache, device, *, graphs: bool, kernel_times: bool) -> None:
+    """Quest with ``reselect_every`` R: a reuse step's selection (the remembered pages plus those
+    opened since: one small kernel) and step, and the step averaged over R steps (one selecting
+    step and R - 1 reusing ones), eager, graphed and by kernel time."""
+    from sparse_attn.decode.methods.quest import SelectionMemo, quest_pages
+
+    steps = config.reselect_every
+    memo = SelectionMemo.remember(quest_pages(q, cache, config), cache, steps)
+    row["reselect_every"] = steps
+    reuse = partial(memo.reuse, cache)
+    timings = {"reuse": reuse, "reuse_step": lambda: _attend(q, cache, reuse())}
+    for suffix, graph in (("", False), ("_graph", True)):
+        if graph and not graphs:
+            continue
+        for key, run in timings.items():
+            row[f"{key}{suffix}_ms"], error = measure(run, device, graph=graph)
+            if error:
+                row["errors"][f"{key}{suffix}"] = error
+    if kernel_times:
+        row["reuse_kernel_us"], error = kernel_us(reuse)
+        if error:
+            row["errors"]["reuse_kernel"] = error
+
+
+def amortize(row: dict) -> None:
+    """Averages over ``reselect_every`` steps of a row timed with :func:`reuse_times`."""
+    steps = row.get("reselect_every")
+    if not steps:
+        return
+    for suffix in ("", "_graph"):
+        select_step, reuse_step = row.get(f"step{suffix}_ms"), row.get(f"reuse_step{suffix}_ms")
+        if select_step and reuse_step:
+            row[f"step{suffix}_amortized_ms"] = (select_step + (steps - 1) * reuse_step) / steps
+    select, reuse, attend = (row.get(f"{key}_kernel_us") for key in ("select", "reuse", "attend"))
+    if select is not None and reuse is not None and attend:
+        row["select_amortized_kernel_us"] = (select + (steps - 1) * reuse) / steps
+        row["select_share_kernel_amortized"] = row["select_amortized_kernel_us"] / (
+            row["select_amortized_kernel_us"] + attend
+        )
 
 
 def run_config(
@@ -338,6 +387,10 @@ COLUMNS = [
     ("step_graph_vs_cudnn", "graph step / cuDNN", ".3f"),
     ("step_graph_vs_cudnn_graph", "graph step / cuDNN graph", ".3f"),
     ("select_share_graph", "graph select / step", ".2f"),
+    ("reselect_every", "reselect every", "d"),
+    ("step_graph_amortized_ms", "graph step, amortized ms", ".4f"),
+    ("step_graph_amortized_vs_cudnn_graph", "amortized / cuDNN graph", ".3f"),
+    ("select_share_kernel_amortized", "select share, amortized kernels", ".2f"),
     ("select_kernel_us", "select kernels us", ".1f"),
     ("attend_kernel_us", "attend kernels us", ".1f"),
     ("select_share_kernel", "kernel select / (select + attend)", ".2f"),
@@ -360,12 +413,16 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2], help="quest's selection levels to time")
     parser.add_argument("--super-page", type=int, default=16, help="pages per super-page of two-level quest")
     parser.add_argument("--oversample", type=int, default=2, help="two-level quest's oversample option")
+    parser.add_argument(
+        "--reselect-every", type=int, default=1, help="quest's reselect_every: also time reuse steps and average"
+    )
     parser.add_argument("--quick", action="store_true", help="32K and 128K, batch 8, budget 2048, quest, page 16")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     parser.add_argument("--no-kernel-times", action="store_true", help="skip the profiler's kernel times")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     OVERSAMPLE[0] = args.oversample
+    RESELECT_EVERY[0] = args.reselect_every
     device = torch.device("cuda")
     if args.quick:
         args.lengths, args.batches, args.budgets, args.methods, args.page_sizes = (
@@ -398,6 +455,7 @@ def main() -> None:
     path = args.output or Path(__file__).parent / "results" / device_slug(device) / "decode.json"
     meta = {"benchmark": "decode", "peak_tbps": args.peak_tbps, "shape": [Q_HEADS, KV_HEADS, HEAD_DIM, "bf16"]}
     meta["super_page"], meta["oversample"] = args.super_page, args.oversample
+    meta["reselect_every"] = args.reselect_every
     write_results(rows, path, {**meta, **environment(device)})
     print(f"wrote {path}")
 

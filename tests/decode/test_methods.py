@@ -486,3 +486,54 @@ def test_moba_options_are_checked():
         sparse_decode(q, cache, "moba", token_budget=8, block_size=4, sink_blocks=2)
     defaults = {"token_budget": 1536, "block_size": 512, "dense_layers": 0, "sink_blocks": 0}
     assert get_decode_method("moba").defaults() == defaults
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_quest_reselect_every_reuses_the_selection_and_adds_the_pages_opened_since(levels):
+    page_size, steps = 4, 6  # a reuse may follow the selection by 5 tokens: two pages can open
+    lengths = (30, 13, 21)  # 13: a full last page, so the next token opens one
+    cache = _cache(lengths, 2, 16, page_size, seed=21)
+    generator = torch.Generator().manual_seed(22)
+    options = dict(token_budget=3 * page_size, levels=levels, reselect_every=steps)
+    opened = False
+    for step in range(2 * steps + 1):
+        q = torch.randn(3, 4, 16, generator=generator)
+        _, got = sparse_decode(q, cache, "quest", layer=2, return_selection=True, **options)
+        _, fresh = sparse_decode(q, cache, "quest", layer=2, return_selection=True, **dict(options, reselect_every=1))
+        if step % steps == 0:
+            chosen, pages_then = _selected_sets(fresh), list(cache.num_pages())
+            assert _selected_sets(got) == chosen, step
+        else:  # the remembered pages and every page opened since, nothing else
+            want = [
+                [s | set(range(pages_then[b], cache.num_pages()[b])) for s in heads] for b, heads in enumerate(chosen)
+            ]
+            assert _selected_sets(got) == want, step
+            assert got.counts.tolist() == [[len(s) for s in heads] for heads in want]
+            opened |= want != chosen
+        out = sparse_decode(q, cache, "quest", layer=2, **options)
+        kernel_out, _ = paged_decode_triton(
+            q, cache.k_pages, cache.v_pages, cache.page_table, cache.seq_lens, got.selected, got.counts,
+            scale=16**-0.5, select_block=page_size, num_splits=2,
+        )  # fmt: skip
+        assert relative_error(kernel_out, out) <= 1e-4
+        cache.append(*(torch.randn(3, 2, 1, 16, generator=generator) for _ in range(2)))
+    assert opened  # some sequence opened pages while a selection was reused
+
+
+def test_quest_reselect_every_with_a_covering_budget_equals_dense_and_crop_drops_the_memo():
+    cache = _cache((29, 11), 2, 8, 4, seed=23)
+    generator = torch.Generator().manual_seed(24)
+    for _ in range(6):
+        q = torch.randn(2, 4, 8, generator=generator)
+        out = sparse_decode(q, cache, "quest", layer=3, token_budget=64, reselect_every=4)
+        assert relative_error(out, _dense_oracle(q, cache)) <= 1e-5
+        cache.append(*(torch.randn(2, 2, 1, 8, generator=generator) for _ in range(2)))
+    assert cache.selection_memo
+    cache.crop(20)  # frees pages a remembered selection may name
+    assert not cache.selection_memo
+    q = torch.randn(2, 4, 8, generator=generator)
+    _, after = sparse_decode(q, cache, "quest", layer=3, token_budget=8, reselect_every=4, return_selection=True)
+    _, fresh = sparse_decode(q, cache, "quest", layer=3, token_budget=8, return_selection=True)
+    assert _selected_sets(after) == _selected_sets(fresh)
+    with pytest.raises(ValueError, match="reselect_every must be >= 1"):
+        sparse_decode(q, cache, "quest", reselect_every=0)

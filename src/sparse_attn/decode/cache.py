@@ -97,6 +97,9 @@ class PagedKVCache:
         self.page_table = torch.zeros((batch, 1), dtype=torch.int32, device=self.device)
         self.label_channels: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
+        # Decode methods that reuse a selection over several steps keep it here, per method and
+        # options (``quest``'s ``reselect_every``); anything but an append clears it.
+        self.selection_memo: dict = {}
         self._pages: list[list[int]] = [[] for _ in range(batch)]
         self._free: list[int] = []
         self.capacity = 0
@@ -268,6 +271,7 @@ class PagedKVCache:
     def crop(self, max_length: int) -> None:
         """Keep each sequence's first ``max_length`` tokens (shorter ones unchanged); free pages past them."""
         check_int("max_length", max_length, minimum=0)
+        self.selection_memo.clear()  # a remembered selection may name pages freed here
         partial, cropped = [], []
         for b in range(self.batch):
             if self.lengths[b] <= max_length:

@@ -50,6 +50,18 @@ in the top ``budget_pages`` can be missed because its super-page ranked low (its
 keys made the coarse box no tighter, but other boxes were larger). ``oversample`` (default 2)
 trades reads for that exactness.
 
+Selection reuse (``reselect_every``; not in Quest, which selects at every step): LServe (Yang et
+al., "LServe: Efficient Long-sequence LLM Serving with Unified Sparse Attention", MLSys 2025,
+arXiv:2502.14866) keeps one page selection for several consecutive decode steps, since
+consecutive queries pick nearly the same pages; its released evaluation scripts set the
+selector's update interval to 4 steps. With ``reselect_every=R`` a layer selects at one step
+and reuses that selection for the next ``R - 1`` (counted per sequence by tokens appended since,
+read from the cache's host-side lengths); the pages opened since the selection (``ceil((R - 1) /
+P)`` at most) are read too, so no new token is skipped, and a step may read that many pages
+over the budget. Any cache change other than an append (``crop``) drops the remembered
+selection. A reuse step launches one small kernel (the counts of pages now read) instead of the
+selection. Default 1: Quest's per-step selection.
+
 Operator: :mod:`sparse_attn.ops.page_select` (bounds and top-k fused in Triton kernels on
 CUDA: two launches for one level, one for two levels; PyTorch elsewhere). No host sync.
 """
@@ -57,6 +69,8 @@ CUDA: two launches for one level, one for two levels; PyTorch elsewhere). No hos
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from ...checks import check_int
 from ...ops.page_select import select_pages, select_pages_two_level
@@ -70,12 +84,14 @@ class QuestConfig:
     dense_layers: int = 2
     levels: int = 1
     oversample: int = 2
+    reselect_every: int = 1
 
     def __post_init__(self):
         check_int("token_budget", self.token_budget)
         check_int("dense_layers", self.dense_layers, minimum=0)
         check_int("levels", self.levels)
         check_int("oversample", self.oversample)
+        check_int("reselect_every", self.reselect_every)
         if self.levels > 2:
             raise ValueError(f"levels must be 1 or 2, got {self.levels}")
 
@@ -90,11 +106,66 @@ def super_budget(config: QuestConfig, budget_pages: int, super_page: int) -> int
     config=QuestConfig,
     paper="Quest (arXiv:2406.10774)",
     summary="top pages by the upper bound of q·k from per-page key min/max; first 2 layers dense; levels=2: "
-    "super-pages first",
+    "super-pages first; reselect_every=R: one selection per R steps (LServe)",
 )
 def select_quest(q, cache, config: QuestConfig, *, layer: int, state: dict) -> DecodeSelection:
     if layer < config.dense_layers:
         return dense_selection(cache)
+    if config.reselect_every == 1:
+        return quest_pages(q, cache, config)
+    memo = cache.selection_memo.get(("quest", config))
+    if memo is None or not memo.covers(cache):
+        memo = SelectionMemo.remember(quest_pages(q, cache, config), cache, config.reselect_every)
+        cache.selection_memo[("quest", config)] = memo
+    return memo.reuse(cache)
+
+
+@dataclass(frozen=True)
+class SelectionMemo:
+    """A selection kept for reuse over the next steps (``reselect_every``, module docstring).
+
+    ``selection``: the selected pages with room for the pages opened later: entry
+    ``counts[b, h] + j`` holds page ``page_counts[b] + j`` (``j`` < the extra slots), so a later
+    step reads the first ``counts + (page_counts now - page_counts then)`` entries. ``lengths``:
+    the sequences' host-side lengths when it was made."""
+
+    selection: DecodeSelection
+    page_counts: torch.Tensor
+    lengths: tuple[int, ...]
+    steps: int
+
+    @staticmethod
+    def remember(selection: DecodeSelection, cache, steps: int) -> SelectionMemo:
+        extra = -(-(steps - 1) // cache.page_size)  # pages the next steps - 1 tokens can open
+        selected, counts = selection.selected, selection.counts
+        batch, heads, width = selected.shape
+        wide = torch.zeros((batch, heads, width + extra), dtype=selected.dtype, device=selected.device)
+        wide[..., :width] = selected
+        slots = counts[..., None].long() + torch.arange(extra, device=selected.device)
+        pages = cache.page_counts[:, None, None] + torch.arange(extra, dtype=selected.dtype, device=selected.device)
+        wide.scatter_(2, slots, pages.expand(batch, heads, extra))
+        return SelectionMemo(
+            DecodeSelection(wide, counts, selection.select_block),
+            cache.page_counts.clone(),
+            tuple(cache.lengths),
+            steps,
+        )
+
+    def covers(self, cache) -> bool:
+        """Whether this selection may serve the cache's current step: every sequence has taken
+        fewer than ``steps`` tokens since (and none fewer than at the selection)."""
+        return len(self.lengths) == len(cache.lengths) and all(
+            0 <= now - then < self.steps for now, then in zip(cache.lengths, self.lengths, strict=True)
+        )
+
+    def reuse(self, cache) -> DecodeSelection:
+        opened = cache.page_counts - self.page_counts
+        counts = self.selection.counts + opened[:, None]
+        return DecodeSelection(self.selection.selected, counts, self.selection.select_block)
+
+
+def quest_pages(q, cache, config: QuestConfig) -> DecodeSelection:
+    """Quest's selection of this step (one or two levels), without reuse."""
     budget = budget_in_pages(config.token_budget, cache.page_size)
     pages = (q, cache.key_min, cache.key_max)
     if config.levels == 1:
