@@ -119,7 +119,7 @@ def run_variant(model, method: str, options: dict, work, *arguments, **keywords)
         sa.unpatch(model)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--length", type=int, default=16384, help="prompt tokens (Gemma 3 270M: up to 32K)")
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Gemma 3 270M at 16K, depth 0.5, budget 4096")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.model, args.length, args.depths, args.budgets = "gemma3-270m", 16384, [0.5], [4096]
     device = torch.device(args.device)
@@ -145,6 +145,15 @@ def main() -> None:
         for budget in args.budgets:
             variants.append((spec, method, {**options, "token_budget": budget}, budget))
     rows, agreement_rows = [], []
+    out = args.output or Path(__file__).parent / "results" / device_slug(device) / "decode_accuracy.json"
+    meta = {"benchmark": "decode_accuracy", "model": args.model, "length": args.length, "dtype": str(dtype)}
+    meta["page_size"] = args.page_size
+
+    def save(final: bool) -> None:
+        # After every case too, so a run cut by a time limit keeps what it measured.
+        write_results(rows, out, {**meta, "summary": summarize(variants, rows, agreement_rows), "complete": final,
+                                  "agreement": agreement_rows, **environment(device)})  # fmt: skip
+
     with torch.inference_mode():
         for task_name in args.tasks:
             task = get_task(task_name)
@@ -166,6 +175,7 @@ def main() -> None:
                     }  # fmt: skip
                     rows.append(row)
                     print(f"{task_name} {depth} {label} {budget}: score {row['score']:.2f}, {output!r}", flush=True)
+                    save(False)
         if args.agreement_tokens:
             text = get_task("perplexity", haystack_source="pydoc").make(tokenizer, args.length, None, seed=0)
             input_ids = torch.tensor([text.input_ids], device=device)
@@ -196,6 +206,19 @@ def main() -> None:
                 })  # fmt: skip
                 print(f"agreement {label} {budget}: top-1 {sum(same) / len(same):.3f}, "
                       f"prefix {prefix_share(same):.3f}", flush=True)  # fmt: skip
+                save(False)
+    summary = summarize(variants, rows, agreement_rows)
+    columns = [("method", "method", ""), ("budget", "budget", ""), ("score", "mean score", ".3f")]
+    columns += [("points_vs_dense", "points vs dense", "+.1f"), ("answer_agreement", "answer agreement", ".2f")]
+    columns += [("top1_agreement", f"top-1 agreement ({args.agreement_tokens} tok)", ".3f")]
+    columns += [("prefix_agreement", "prefix agreement", ".3f"), ("cases", "cases", "d")]
+    print(format_table(summary, columns))
+    save(True)
+    print(f"wrote {out}")
+
+
+def summarize(variants, rows: list[dict], agreement_rows: list[dict]) -> list[dict]:
+    """Per variant: mean score, points against dense decode, answer and token agreement, cases."""
     summary = []
     dense_score = None
     for label, _, _, budget in variants:
@@ -209,17 +232,7 @@ def main() -> None:
             / max(len(mine), 1), "top1_agreement": agree.get("top1_agreement"),
             "prefix_agreement": agree.get("prefix_agreement"), "cases": len(mine),
         })  # fmt: skip
-    columns = [("method", "method", ""), ("budget", "budget", ""), ("score", "mean score", ".3f")]
-    columns += [("points_vs_dense", "points vs dense", "+.1f"), ("answer_agreement", "answer agreement", ".2f")]
-    columns += [("top1_agreement", f"top-1 agreement ({args.agreement_tokens} tok)", ".3f")]
-    columns += [("prefix_agreement", "prefix agreement", ".3f"), ("cases", "cases", "d")]
-    print(format_table(summary, columns))
-    out = args.output or Path(__file__).parent / "results" / device_slug(device) / "decode_accuracy.json"
-    meta = {"benchmark": "decode_accuracy", "model": args.model, "length": args.length, "dtype": str(dtype)}
-    meta["page_size"] = args.page_size
-    meta.update(summary=summary, agreement=agreement_rows, **environment(device))
-    write_results(rows, out, meta)
-    print(f"wrote {out}")
+    return summary
 
 
 if __name__ == "__main__":
