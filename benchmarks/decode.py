@@ -209,6 +209,18 @@ def overlap(selection, reference) -> float:
     return same / max(total, 1)
 
 
+def time_runs(row: dict, timings: dict, device, *, graphs: bool) -> None:
+    """Each of ``timings``' median ms into ``row[key + "_ms"]`` and, with ``graphs``, its CUDA-graph
+    replay's into ``row[key + "_graph_ms"]``; failures into ``row["errors"]``."""
+    for suffix, graph in (("", False), ("_graph", True)):
+        if graph and not graphs:
+            continue
+        for key, run in timings.items():
+            row[f"{key}{suffix}_ms"], error = measure(run, device, graph=graph)
+            if error:
+                row["errors"][f"{key}{suffix}"] = error
+
+
 def sparse_row(
     name: str, budget: int, q, cache, dense: dict, peak_tbps: float, device, *, graphs: bool, levels: int = 1,
     kernel_times: bool = True,
@@ -235,13 +247,8 @@ def sparse_row(
         "attend": partial(_attend, q, cache, selection),
         "step": partial(_step, method, config, q, cache),
     }
-    for suffix, graph in (("", False), ("_graph", True)):
-        if graph and not graphs:
-            continue
-        for key, run in timings.items():
-            row[f"{key}{suffix}_ms"], error = measure(run, device, graph=graph)
-            if error:
-                row["errors"][f"{key}{suffix}"] = error
+    time_runs(row, timings, device, graphs=graphs)
+    for suffix in ("", "_graph"):
         parts = [row.get(f"{key}{suffix}_ms") for key in timings]
         if all(parts):
             row[f"other{suffix}_ms"] = parts[2] - parts[0] - parts[1]
@@ -286,14 +293,7 @@ def reuse_times(row: dict, method, config, q, cache, device, *, graphs: bool, ke
     memo = SelectionMemo.remember(quest_pages(q, cache, config), cache, steps)
     row["reselect_every"] = steps
     reuse = partial(memo.reuse, cache)
-    timings = {"reuse": reuse, "reuse_step": lambda: _attend(q, cache, reuse())}
-    for suffix, graph in (("", False), ("_graph", True)):
-        if graph and not graphs:
-            continue
-        for key, run in timings.items():
-            row[f"{key}{suffix}_ms"], error = measure(run, device, graph=graph)
-            if error:
-                row["errors"][f"{key}{suffix}"] = error
+    time_runs(row, {"reuse": reuse, "reuse_step": lambda: _attend(q, cache, reuse())}, device, graphs=graphs)
     if kernel_times:
         row["reuse_kernel_us"], error = kernel_us(reuse)
         if error:
