@@ -52,10 +52,14 @@ if triton is not None:
         return code, keep, want
 
     @triton.jit
+    def box_match(code, keep, want, low, high, guard):
+        """The fused test on operands already laid out against each other (per key ``code`` /
+        ``keep`` / ``want``, per query row ``low`` / ``high``, broadcast either way round)."""
+        return (((code | guard) - low) & ((high | guard) - code) & keep) == want
+
+    @triton.jit
     def box_visible(BoxTable, seq_k, key_pos, low, high, guard):
         """Bool ``(rows, keys)``: the box predicate allows the pair and the key lies before
         ``seq_k`` (no separate bounds mask needed); five integer operations per pair."""
         code, keep, want = box_key_terms(BoxTable, seq_k, key_pos, guard)
-        lower = (code | guard)[None, :] - low[:, None]
-        upper = (high | guard)[:, None] - code[None, :]
-        return (lower & upper & keep[None, :]) == want[None, :]
+        return box_match(code[None, :], keep[None, :], want[None, :], low[:, None], high[:, None], guard)

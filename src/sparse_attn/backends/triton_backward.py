@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
 if triton is not None:
-    from .rule_bits import box_bounds, box_key_terms, box_visible, rule_allowed
+    from .rule_bits import box_bounds, box_key_terms, box_match, box_visible, rule_allowed
     from .tile_steps import lead_wave_item
 
     @triton.jit
@@ -184,9 +184,11 @@ if triton is not None:
                         if BOX_RULE:
                             # The fused test (keys past seq_k included), transposed: keys are rows here.
                             low, high = box_bounds(RuleWords, seq_k, rows + offset, row_in_range)
-                            lower = (key_code | box_guard)[:, None] - low[None, :]
-                            upper = (high | box_guard)[None, :] - key_code[:, None]
-                            visible = ((lower & upper & key_keep[:, None]) == key_want[:, None]) & row_in_range[None, :]
+                            visible = box_match(
+                                key_code[:, None], key_keep[:, None], key_want[:, None], low[None, :], high[None, :],
+                                box_guard,
+                            )  # fmt: skip
+                            visible = visible & row_in_range[None, :]
                         else:
                             visible = key_in_range[:, None] & row_in_range[None, :]
                         if CAUSAL:

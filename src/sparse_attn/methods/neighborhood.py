@@ -54,7 +54,7 @@ Choices where the papers leave room:
   raises on ``causal=True``.
 - The API's ``block_q`` / ``block_k`` are used as given; blocks that fall across tile edges
   (short border tiles, tiles that are not a multiple of the block) are exact through the
-  token rule. ``block_k=64`` keeps 25-30 % fewer pairs for the default windows and measured
+  token rule. ``block_k=64`` keeps 23-30 % fewer pairs for the default windows and measured
   15-19 % faster on the H200's Gluon kernel (Wan 2.1 11.57 -> 9.38 ms, HunyuanVideo 11.01 ->
   9.36 ms; ``benchmarks/results/h200/neighborhood_block_k_fused_s43.json``); the default stays
   the API's 128.

@@ -117,10 +117,12 @@ def select_quest(q, cache, config: QuestConfig, *, layer: int, state: dict) -> D
         return dense_selection(cache)
     if config.reselect_every == 1:
         return quest_pages(q, cache, config)
-    memo = cache.selection_memo.get(("quest", config))
+    key = ("quest", config)
+    memo = cache.selection_memo.get(key)
     if memo is None or not memo.covers(cache):
-        memo = SelectionMemo.remember(quest_pages(q, cache, config), cache, config.reselect_every)
-        cache.selection_memo[("quest", config)] = memo
+        memo = cache.selection_memo[key] = SelectionMemo.remember(
+            quest_pages(q, cache, config), cache, config.reselect_every
+        )
     return memo.reuse(cache)
 
 
