@@ -17,12 +17,15 @@ from sparse_attn.decode import (
 )
 from sparse_attn.ops.paged_decode.triton import paged_decode_triton
 
-METHODS = ("dense", "streaming", "quest", "double_sparsity", "tidaldecode", "moba")
+METHODS = ("dense", "streaming", "quest", "double_sparsity", "tidaldecode", "moba", "retrieval")
 
 
 def _options(method, page_size):
-    """Options the generic tests add: ``moba``'s blocks as small as the test caches' pages."""
-    return {"block_size": page_size} if method == "moba" else {}
+    """Options the generic tests add: ``moba``'s blocks as small as the test caches' pages,
+    ``retrieval``'s static part (sinks, window, update span) within their small budgets."""
+    if method == "moba":
+        return {"block_size": page_size}
+    return {"window_tokens": 4, "update_tokens": 8, "cluster_size": 4} if method == "retrieval" else {}
 
 
 def _cache(lengths, kv_heads, dim, page_size, seed, dtype=torch.float32):
@@ -268,7 +271,7 @@ def test_every_method_on_gpu_matches_the_reference_attention(method):
     for layer in (2, 3):
         out, selection = sparse_decode(
             q, cache, method, layer=layer, state=state, token_budget=2048, return_selection=True,
-            **_options(method, 256),
+            **(_options(method, 256) if method != "retrieval" else {}),
         )  # fmt: skip
         expected, _ = paged_decode_reference(
             q, cache.k_pages, cache.v_pages, cache.page_table, cache.seq_lens, selection.selected,
@@ -307,7 +310,7 @@ def test_quest_two_levels_cover_one_level_and_check_options():
 
 STEP_CASES = [
     ("dense", {}), ("streaming", {}), ("quest", {}), ("quest", {"levels": 2}), ("double_sparsity", {}),
-    ("moba", {"block_size": 4}),
+    ("moba", {"block_size": 4}), ("retrieval", {"sink_tokens": 1, "window_tokens": 2, "update_tokens": 2}),
 ]  # fmt: skip
 
 
@@ -359,7 +362,8 @@ def test_a_decode_step_never_reads_device_values_on_the_host(method, options, mo
 
 # On the GPU's 16-token pages moba's blocks must be whole pages: 256 (a super-page span: the
 # cache's running super-page sums) and 64 (per-page sums through the page table).
-GPU_STEP_CASES = [case for case in STEP_CASES if case[0] != "moba"] + [
+# retrieval's index updates allocate and upload host state: not a CUDA-graph method (its docstring).
+GPU_STEP_CASES = [case for case in STEP_CASES if case[0] not in ("moba", "retrieval")] + [
     ("moba", {"block_size": 256}),
     ("moba", {"block_size": 64}),
 ]

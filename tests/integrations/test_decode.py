@@ -20,7 +20,9 @@ from tiny_models import (  # noqa: E402
 import sparse_attn as sa  # noqa: E402
 from sparse_attn.integrations.decode import SparseDecodeCache  # noqa: E402
 
-DECODE_METHODS = ("dense", "streaming", "quest", "double_sparsity", "tidaldecode", "moba")
+DECODE_METHODS = ("dense", "streaming", "quest", "double_sparsity", "tidaldecode", "moba", "retrieval")
+# Options the small budgets need: moba's blocks of one page, retrieval's static part under the budget.
+SMALL_OPTIONS = {"moba": {"block_size": 16}, "retrieval": {"window_tokens": 8, "update_tokens": 8, "cluster_size": 4}}
 DENSE_PREFILL = dict(PATCH, method="dense")
 
 
@@ -41,7 +43,7 @@ def test_generate_with_a_covering_budget_gives_the_dense_greedy_tokens(kind):
     ids = prompt(40, batch=2)
     expected = _generate(model, ids)
     for method in DECODE_METHODS:
-        options = {"token_budget": 64, **({"block_size": 16} if method == "moba" else {})}
+        options = {"token_budget": 64, **SMALL_OPTIONS.get(method, {})}
         sa.patch(model, **DENSE_PREFILL, decode_method=method, decode_options=options)
         cache = SparseDecodeCache(model, page_size=16)
         if method == "double_sparsity":

@@ -329,13 +329,20 @@ class PagedKVCache:
 
     def sequence(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence ``b``'s keys and values in order, each ``(Hkv, lengths[b], D)`` (a copy)."""
-        pages = torch.tensor(self._pages[b], dtype=torch.long, device=self.device)
-        length = self.lengths[b]
+        return self._read(self.k_pages, b, 0, self.lengths[b]), self._read(self.v_pages, b, 0, self.lengths[b])
 
-        def read(pool: torch.Tensor) -> torch.Tensor:
-            return pool[pages].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[:, :length]
+    def keys(self, b: int, start: int, end: int) -> torch.Tensor:
+        """Sequence ``b``'s keys of tokens ``[start, end)``, ``(Hkv, end - start, D)`` (a copy of those pages only)."""
+        if not 0 <= start <= end <= self.lengths[b]:
+            raise ValueError(f"token range [{start}, {end}) is outside sequence {b}'s {self.lengths[b]} tokens")
+        return self._read(self.k_pages, b, start, end)
 
-        return read(self.k_pages), read(self.v_pages)
+    def _read(self, pool: torch.Tensor, b: int, start: int, end: int) -> torch.Tensor:
+        first = start // self.page_size
+        pages = torch.tensor(self._pages[b][first : -(-end // self.page_size)], dtype=torch.long, device=self.device)
+        offset = start - first * self.page_size
+        rows = pool[pages].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)
+        return rows[:, offset : offset + end - start]
 
 
 def _concrete(device: torch.device) -> torch.device:

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from . import dense, double_sparsity, moba, quest, streaming, tidaldecode  # noqa: F401  (registration)
+from . import dense, double_sparsity, moba, quest, retrieval, streaming, tidaldecode  # noqa: F401  (registration)
