@@ -43,15 +43,18 @@ Choices where the papers are silent or that differ from them:
   fewer than ``window_tokens + update_tokens``) and the members of taken clusters. Clusters
   are taken in score order until the next one would not fit (a prefix, so a large cluster can
   end the search while smaller ones below it would fit); a sequence within the budget reads
-  every token. The budget must exceed ``sink_tokens + window_tokens + update_tokens``.
+  every token. Only the best ``4 * token_budget // cluster_size`` clusters are ranked (four
+  times the clusters of average size the budget holds), so a step whose best clusters are
+  mostly near-empty can read fewer tokens than the budget allows. The budget must exceed ``sink_tokens + window_tokens + update_tokens``.
 - RetroInfer's estimation zone (centroid-based attention estimates for the next clusters) and
   both papers' CPU offload are not implemented: every key stays in the GPU cache, the index
   only chooses which are read.
 - GQA: one search per KV head, centroids ranked by the group's summed ``q · c`` (the group rule
   of ``quest``); ``update_tokens=128`` and ``dense_layers=0`` are this library's choices.
 - The index is built lazily by the first decode step of each layer (the cache's
-  ``selection_memo``, cleared by ``crop``): that step and each update allocate, so steps that
-  change the index cannot be replayed from a CUDA graph; steps in between launch fixed work.
+  ``selection_memo``, cleared by ``crop``). That step and each update (every ``update_tokens``
+  steps) run k-means and allocate new index tensors, so a captured CUDA graph must not span
+  an update; the steps in between read only device tensors with fixed shapes.
 
 Memory: per cluster a centroid in the keys' dtype plus two int32 (size, start) and one int32
 member id per indexed token: ``1/cluster_size`` of the keys plus 4 bytes per token and KV head
@@ -72,6 +75,8 @@ __all__ = ["RetrievalConfig", "RetrievalIndex", "kmeans", "retrieval_tokens"]
 
 # Rows of (segment x KV head) clustered at once: bounds the float32 (rows, n, clusters) product.
 KMEANS_ELEMENTS = 1 << 27
+# Clusters ranked per step: CANDIDATES times the budget's worth of average clusters.
+CANDIDATES = 4
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,8 @@ class RetrievalIndex:
     Host state: per sequence its segments and ``indexed_end`` (tokens ``[sink_tokens, indexed_end)``
     are indexed). Device state, padded over the batch (rebuilt when a segment is added):
     ``centroids`` ``(B, Hkv, C, D)``, ``sizes`` ``(B, Hkv, C)`` int32 (0: padding), ``starts``
-    ``(B, Hkv, C)`` int64 (a cluster's first member in ``members``), ``members`` ``(B, Hkv, N)`` int32.
+    ``(B, Hkv, C)`` int64 (a cluster's first member in ``members``), ``members`` ``(B, Hkv, N)`` int32,
+    ``tail_start`` ``(B,)`` int64 (every token from there on is read).
     """
 
     config: RetrievalConfig
@@ -155,6 +161,7 @@ class RetrievalIndex:
     sizes: torch.Tensor | None = None
     starts: torch.Tensor | None = None
     members: torch.Tensor | None = None
+    tail_start: torch.Tensor | None = None
 
     @staticmethod
     def empty(cache, config: RetrievalConfig) -> RetrievalIndex:
@@ -224,53 +231,43 @@ class RetrievalIndex:
         # A cluster's members start where the previous clusters' end (segments are concatenated
         # in order and each segment's members are grouped in cluster order).
         self.starts = torch.cumsum(self.sizes.long(), -1) - self.sizes.long()
-
-    def static_counts(self, cache) -> tuple[list[int], list[int]]:
-        """Per sequence: the sink tokens read and the first token after the index (all later ones are read)."""
-        sinks = [min(self.config.sink_tokens, length) for length in cache.lengths]
+        # Every token from here on is read (static): int64 (B,).
         tails = [max(end, self.config.sink_tokens) for end in self.indexed_end]
-        return sinks, tails
+        self.tail_start = torch.tensor(tails, dtype=torch.long, device=device)
+
 
 
 def retrieval_tokens(q: torch.Tensor, cache, index: RetrievalIndex) -> DecodeSelection:
-    """This step's token selection from ``index`` (module docstring), on the device without host reads."""
+    """This step's token selection from ``index`` (module docstring): device work of fixed shapes
+    (no host reads, no uploads), so a step between index updates can be replayed from a CUDA graph."""
     config = index.config
     batch, q_heads, dim = q.shape
     heads, device = cache.kv_heads, q.device
     budget = config.token_budget
-    sinks, tails = index.static_counts(cache)
-    tail_sizes = [max(0, length - tail) for length, tail in zip(cache.lengths, tails, strict=True)]
-    room = torch.tensor(
-        [budget - s - t for s, t in zip(sinks, tail_sizes, strict=True)], dtype=torch.long, device=device
-    )
+    never = torch.iinfo(torch.int32).max
+    lengths = cache.seq_lens.long()[:, None, None]
+    # Static tokens: the sinks, and every token from the index's end on (fewer than window + update).
+    sinks = torch.arange(config.sink_tokens, device=device).expand(batch, heads, -1)
+    tail_start = index.tail_start[:, None, None]
+    tail = tail_start + torch.arange(config.window_tokens + config.update_tokens, device=device)
+    static = torch.cat([sinks, tail.expand(batch, heads, -1)], -1)
+    static = torch.where(static < lengths, static, never)
+    room = budget - (static < never).sum(-1, keepdim=True)
     # Clusters by the group's summed q . centroid, best first; a prefix whose members fit the room.
     group_q = q.float().view(batch, heads, q_heads // heads, dim).sum(2)
     scores = torch.matmul(index.centroids.float(), group_q[..., None])[..., 0]
     scores = scores.masked_fill(index.sizes == 0, float("-inf"))
-    ranked = scores.topk(min(scores.shape[-1], budget), dim=-1).indices
+    ranked = scores.topk(min(scores.shape[-1], CANDIDATES * budget // config.cluster_size), dim=-1).indices
     sizes = torch.gather(index.sizes.long(), 2, ranked)
     ends = torch.cumsum(sizes, -1)
-    taken = torch.where(ends <= room[:, None, None], sizes, 0).sum(-1, keepdim=True)  # members taken
+    taken = torch.where(ends <= room, sizes, 0).sum(-1, keepdim=True)  # members taken
     slot = torch.arange(budget, device=device).expand(batch, heads, budget).contiguous()
     rank = torch.searchsorted(ends, slot, right=True).clamp(max=ranked.shape[-1] - 1)
     within = slot - (torch.gather(ends, 2, rank) - torch.gather(sizes, 2, rank))
     first = torch.gather(torch.gather(index.starts, 2, ranked), 2, rank)
     position = (first + within).clamp(max=index.members.shape[-1] - 1)
-    retrieved = torch.gather(index.members, 2, position).long()
-    # Static tokens: the sinks and everything from the index's end on.
-    never = torch.iinfo(torch.int32).max
-    retrieved = torch.where(slot < taken, retrieved, never)
-    lengths = cache.seq_lens.long()[:, None, None]
-    static = []
-    if config.sink_tokens:
-        sink = torch.arange(config.sink_tokens, device=device).expand(batch, heads, -1)
-        static.append(torch.where(sink < lengths, sink, never))
-    widest = max(tail_sizes)
-    if widest:
-        start = torch.tensor(tails, dtype=torch.long, device=device)[:, None, None]
-        tail = start + torch.arange(widest, device=device).expand(batch, heads, -1)
-        static.append(torch.where(tail < lengths, tail, never))
-    tokens = torch.cat([*static, retrieved], -1).sort(-1).values[..., :budget]
+    retrieved = torch.where(slot < taken, torch.gather(index.members, 2, position).long(), never)
+    tokens = torch.cat([static, retrieved], -1).sort(-1).values[..., :budget]
     counts = (tokens < never).sum(-1).to(torch.int32)
     return DecodeSelection(tokens.clamp(max=never - 1).to(torch.int32).contiguous(), counts, 1)
 
