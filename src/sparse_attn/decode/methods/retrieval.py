@@ -68,6 +68,7 @@ from dataclasses import dataclass
 import torch
 
 from ...checks import check_int
+from ...ops.centroid_scores import centroid_scores
 from ..registry import register_decode_method
 from ..selection import DecodeSelection, dense_selection
 
@@ -119,7 +120,7 @@ def kmeans(x: torch.Tensor, clusters: int, iters: int) -> tuple[torch.Tensor, to
     points32 = x.float()
     start = (torch.arange(clusters, device=x.device) * n) // clusters
     centroids = points32[:, start]
-    for step in range(iters + 1):
+    for _ in range(iters + 1):
         # argmin |x - c|^2 = argmax (x . c - |c|^2 / 2)
         scores = torch.matmul(points, centroids.to(work).transpose(1, 2)).float()
         assign = (scores - 0.5 * centroids.square().sum(-1)[:, None, :]).argmax(-1)
@@ -208,7 +209,10 @@ class RetrievalIndex:
                 rows = slice(i * cache.kv_heads, (i + 1) * cache.kv_heads)
                 self.segments[b].append(
                     _Segment(
-                        start, end, centroids[rows].to(cache.dtype), sizes[rows].to(torch.int32),
+                        start,
+                        end,
+                        centroids[rows].to(cache.dtype),
+                        sizes[rows].to(torch.int32),
                         (order[rows] + start).to(torch.int32),
                     )  # fmt: skip
                 )
@@ -236,13 +240,11 @@ class RetrievalIndex:
         self.tail_start = torch.tensor(tails, dtype=torch.long, device=device)
 
 
-
 def retrieval_tokens(q: torch.Tensor, cache, index: RetrievalIndex) -> DecodeSelection:
     """This step's token selection from ``index`` (module docstring): device work of fixed shapes
     (no host reads, no uploads), so a step between index updates can be replayed from a CUDA graph."""
     config = index.config
-    batch, q_heads, dim = q.shape
-    heads, device = cache.kv_heads, q.device
+    batch, heads, device = q.shape[0], cache.kv_heads, q.device
     budget = config.token_budget
     never = torch.iinfo(torch.int32).max
     lengths = cache.seq_lens.long()[:, None, None]
@@ -254,9 +256,7 @@ def retrieval_tokens(q: torch.Tensor, cache, index: RetrievalIndex) -> DecodeSel
     static = torch.where(static < lengths, static, never)
     room = budget - (static < never).sum(-1, keepdim=True)
     # Clusters by the group's summed q . centroid, best first; a prefix whose members fit the room.
-    group_q = q.float().view(batch, heads, q_heads // heads, dim).sum(2)
-    scores = torch.matmul(index.centroids.float(), group_q[..., None])[..., 0]
-    scores = scores.masked_fill(index.sizes == 0, float("-inf"))
+    scores = centroid_scores(q, index.centroids, index.sizes)
     ranked = scores.topk(min(scores.shape[-1], CANDIDATES * budget // config.cluster_size), dim=-1).indices
     sizes = torch.gather(index.sizes.long(), 2, ranked)
     ends = torch.cumsum(sizes, -1)
@@ -284,8 +284,10 @@ def select_retrieval(q, cache, config: RetrievalConfig, *, layer: int, state: di
         return dense_selection(cache)
     key = ("retrieval", config)
     index = cache.selection_memo.get(key)
-    if index is None or len(index.lengths) != cache.batch or any(
-        now < then for now, then in zip(cache.lengths, index.lengths, strict=True)
+    if (
+        index is None
+        or len(index.lengths) != cache.batch
+        or any(now < then for now, then in zip(cache.lengths, index.lengths, strict=True))
     ):
         index = cache.selection_memo[key] = RetrievalIndex.empty(cache, config)
     index.update(cache)
