@@ -43,9 +43,7 @@ Choices where the papers are silent or that differ from them:
   fewer than ``window_tokens + update_tokens``) and the members of taken clusters. Clusters
   are taken in score order until the next one would not fit (a prefix, so a large cluster can
   end the search while smaller ones below it would fit); a sequence within the budget reads
-  every token. Only the best ``4 * token_budget // cluster_size`` clusters are ranked (four
-  times the clusters of average size the budget holds), so a step whose best clusters are
-  mostly near-empty can read fewer tokens than the budget allows. The budget must exceed ``sink_tokens + window_tokens + update_tokens``.
+  every token. The budget must exceed ``sink_tokens + window_tokens + update_tokens``.
 - RetroInfer's estimation zone (centroid-based attention estimates for the next clusters) and
   both papers' CPU offload are not implemented: every key stays in the GPU cache, the index
   only chooses which are read.
@@ -76,8 +74,6 @@ __all__ = ["RetrievalConfig", "RetrievalIndex", "kmeans", "retrieval_tokens"]
 
 # Rows of (segment x KV head) clustered at once: bounds the float32 (rows, n, clusters) product.
 KMEANS_ELEMENTS = 1 << 27
-# Clusters ranked per step: CANDIDATES times the budget's worth of average clusters.
-CANDIDATES = 4
 
 
 @dataclass(frozen=True)
@@ -242,34 +238,36 @@ class RetrievalIndex:
 
 def retrieval_tokens(q: torch.Tensor, cache, index: RetrievalIndex) -> DecodeSelection:
     """This step's token selection from ``index`` (module docstring): device work of fixed shapes
-    (no host reads, no uploads), so a step between index updates can be replayed from a CUDA graph."""
+    (no host reads, no uploads), so a step between index updates can be replayed from a CUDA graph.
+
+    Entry ``j`` of a row is a sink for ``j < s``, the ``j - s``-th token from the index's end for
+    ``j < s + t`` (``s`` sinks and ``t`` static tokens after the index, per sequence), and after
+    that the members of the taken clusters, best cluster first."""
     config = index.config
     batch, heads, device = q.shape[0], cache.kv_heads, q.device
     budget = config.token_budget
-    never = torch.iinfo(torch.int32).max
     lengths = cache.seq_lens.long()[:, None, None]
-    # Static tokens: the sinks, and every token from the index's end on (fewer than window + update).
-    sinks = torch.arange(config.sink_tokens, device=device).expand(batch, heads, -1)
+    sinks = lengths.clamp(max=config.sink_tokens)
     tail_start = index.tail_start[:, None, None]
-    tail = tail_start + torch.arange(config.window_tokens + config.update_tokens, device=device)
-    static = torch.cat([sinks, tail.expand(batch, heads, -1)], -1)
-    static = torch.where(static < lengths, static, never)
-    room = budget - (static < never).sum(-1, keepdim=True)
-    # Clusters by the group's summed q . centroid, best first; a prefix whose members fit the room.
+    statics = sinks + (lengths - tail_start).clamp(min=0)
+    # Clusters by the group's summed q . centroid, best first (empty ones score -inf and are never
+    # taken, so `budget` candidates always hold the room); a prefix whose members fit the room.
     scores = centroid_scores(q, index.centroids, index.sizes)
-    ranked = scores.topk(min(scores.shape[-1], CANDIDATES * budget // config.cluster_size), dim=-1).indices
-    sizes = torch.gather(index.sizes.long(), 2, ranked)
+    ranked = scores.topk(min(scores.shape[-1], budget), dim=-1).indices
+    sizes = torch.gather(index.sizes.long(), 2, ranked).masked_fill(torch.gather(scores, 2, ranked).isneginf(), 0)
     ends = torch.cumsum(sizes, -1)
-    taken = torch.where(ends <= room, sizes, 0).sum(-1, keepdim=True)  # members taken
-    slot = torch.arange(budget, device=device).expand(batch, heads, budget).contiguous()
-    rank = torch.searchsorted(ends, slot, right=True).clamp(max=ranked.shape[-1] - 1)
-    within = slot - (torch.gather(ends, 2, rank) - torch.gather(sizes, 2, rank))
+    taken = torch.where(ends <= budget - statics, sizes, 0).sum(-1, keepdim=True)  # members taken
+    slot = torch.arange(budget, device=device).expand(batch, heads, budget)
+    member = (slot - statics).clamp(min=0)  # the slot's rank among the retrieved tokens
+    rank = torch.searchsorted(ends, member.contiguous(), right=True).clamp(max=ranked.shape[-1] - 1)
+    within = member - (torch.gather(ends, 2, rank) - torch.gather(sizes, 2, rank))
     first = torch.gather(torch.gather(index.starts, 2, ranked), 2, rank)
-    position = (first + within).clamp(max=index.members.shape[-1] - 1)
-    retrieved = torch.where(slot < taken, torch.gather(index.members, 2, position).long(), never)
-    tokens = torch.cat([static, retrieved], -1).sort(-1).values[..., :budget]
-    counts = (tokens < never).sum(-1).to(torch.int32)
-    return DecodeSelection(tokens.clamp(max=never - 1).to(torch.int32).contiguous(), counts, 1)
+    position = (first + within).clamp(0, index.members.shape[-1] - 1)
+    retrieved = torch.gather(index.members, 2, position)
+    static = torch.where(slot < sinks, slot, tail_start + slot - sinks)
+    tokens = torch.where(slot < statics, static.to(torch.int32), retrieved)
+    counts = (statics + taken)[..., 0].to(torch.int32).expand(batch, heads)
+    return DecodeSelection(tokens.contiguous(), counts.contiguous(), 1)
 
 
 @register_decode_method(
