@@ -36,8 +36,10 @@ selection layers what ``ours_dense`` plus the scoring costs, so it is not timed 
 that build alone (k-means over the whole cache, once per layer); the step timings are the
 steps after it (the index in place, as between updates).
 A decode step is a handful of small kernels, so launch overhead shows: ``step_graph_ms`` and
-``sdpa-cudnn_graph_ms`` replay the step (and the cuDNN decode) captured in a CUDA graph, as
-a serving loop would (``--no-graphs`` skips them; a failed capture is reported in the row).
+``sdpa-cudnn_graph_ms`` / ``sdpa-flash_graph_ms`` / ``ours_dense_graph_ms`` replay the step (and
+the dense decodes) captured in a CUDA graph, as a serving loop would (``--no-graphs`` skips
+them; a failed capture is reported in the row). At batch 1 the eager timings of our paged
+kernel (a Python wrapper, two launches) measure the host more than the GPU.
 Medians from ``triton.testing.do_bench`` (60 ms of repetitions per timing). Writes ``benchmarks/results/<gpu>/decode.json``.
 
     python benchmarks/decode.py            # the grid (a few minutes on an H200, compile included)
@@ -160,8 +162,9 @@ def dense_baselines(
         "ours_dense": partial(_attend, q, cache, selection),
     }
     timings = {name: measure(run, device) for name, run in runs.items()}
-    if graphs:
-        timings["sdpa-cudnn_graph"] = measure(runs["sdpa-cudnn"], device, graph=True)
+    if graphs:  # eager timings of a few-microsecond step measure the host; graphed ones the GPU
+        for name in ("sdpa-cudnn", "sdpa-flash", "ours_dense"):
+            timings[f"{name}_graph"] = measure(runs[name], device, graph=True)
     return timings
 
 
@@ -404,6 +407,8 @@ COLUMNS = [
     ("step_vs_cudnn", "step / cuDNN", ".3f"),
     ("select_share", "select / step", ".2f"),
     ("sdpa-cudnn_graph_ms", "cuDNN graph ms", ".4f"),
+    ("sdpa-flash_graph_ms", "flash graph ms", ".4f"),
+    ("ours_dense_graph_ms", "ours dense graph ms", ".4f"),
     ("select_graph_ms", "select graph ms", ".4f"),
     ("attend_graph_ms", "attend graph ms", ".4f"),
     ("other_graph_ms", "other graph ms", ".4f"),
