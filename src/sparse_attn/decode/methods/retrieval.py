@@ -29,8 +29,9 @@ index to clusters of keys for the GPU), the index is an inverted file of cluster
 Defaults: ``token_budget=2048``; ``sink_tokens=4`` and ``window_tokens=64`` (RetroInfer's
 steady zone of 4 initial and 64 recent tokens), ``cluster_size=16`` and ``segment_tokens=8192``
 (RetroInfer's clusters of about 16 tokens over 8192-token segments). These four come from
-RetroInfer's released configuration, seen in a stored copy of its repository; they were not
-checked against either paper's text here. RetrievalAttention's own static pattern, its top-k
+RetroInfer's configuration files as seen in a public fork of its released repository
+(``static_pattern_start=4``, ``static_pattern_end=64``, one centroid per 16 tokens, one segment
+per 8192 tokens); they were not checked against either paper's text here. RetrievalAttention's own static pattern, its top-k
 and its graph index (nearest keys of prefill queries, ``q_knn`` / degree) are not used.
 
 Choices where the papers are silent or that differ from them:
