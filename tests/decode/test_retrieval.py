@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import relative_error
-from test_methods import CASES, _cache, _dense_oracle
+from test_methods import CASES, _cache, _dense_oracle, _selected_sets
 
 from sparse_attn.decode import PagedKVCache, sparse_decode
 from sparse_attn.decode.methods.retrieval import RetrievalConfig, kmeans
@@ -156,3 +156,48 @@ def test_retrieval_options_are_checked():
             RetrievalConfig(**{name: 0})
     with pytest.raises(TypeError, match="window_tokens must be an int"):
         RetrievalConfig(window_tokens=1.5)
+
+
+def test_reselect_every_keeps_the_retrieved_tokens_and_adds_the_new_ones():
+    """With reselect_every=4 a search serves 4 steps: each later step reads the searched step's tokens plus
+    those appended since, whatever its query; an index update or the 5th step searches again."""
+    generator = torch.Generator().manual_seed(5)
+    cache = PagedKVCache(2, 2, 8, page_size=4)
+    cache.append(torch.randn(2, 2, 90, 8, generator=generator), torch.randn(2, 2, 90, 8, generator=generator), [90, 61])
+    options = dict(SMALL, update_tokens=30, reselect_every=4)
+    searched = None
+    for step in range(12):
+        q = torch.randn(2, 4, 8, generator=generator)
+        _, selection = sparse_decode(q, cache, "retrieval", token_budget=48, return_selection=True, **options)
+        once = dict(options, reselect_every=1)
+        fresh = sparse_decode(q, cache, "retrieval", token_budget=48, return_selection=True, **once)[1]
+        index = next(v for k, v in cache.selection_memo.items() if k[1].reselect_every == 4)
+        sets = _selected_sets(selection)
+        if step % 4 == 0:
+            assert sets == _selected_sets(fresh), step  # a search step selects as without reuse
+            searched, lengths = sets, list(cache.lengths)
+        else:
+            for b in range(2):
+                new = set(range(lengths[b], cache.lengths[b]))
+                assert all(sets[b][h] == searched[b][h] | new for h in range(2)), (step, b)
+                assert all(len(sets[b][h]) <= 48 + 3 for h in range(2))
+        assert index.search is not None
+        new = torch.randn(2, 2, 1, 8, generator=generator)
+        cache.append(new, new)
+    # An index update inside the reuse window (update_tokens 2 < reselect_every 8) forces a new search.
+    options, once = dict(SMALL, update_tokens=2, reselect_every=8), dict(SMALL, update_tokens=2)
+    updates, ends = 0, None
+    for step in range(6):
+        q = torch.randn(2, 4, 8, generator=generator)
+        _, selection = sparse_decode(q, cache, "retrieval", token_budget=48, return_selection=True, **options)
+        fresh = sparse_decode(q, cache, "retrieval", token_budget=48, return_selection=True, **once)[1]
+        index = next(v for k, v in cache.selection_memo.items() if k[1].reselect_every == 8)
+        if ends is not None and index.indexed_end != ends:
+            updates += 1
+            assert _selected_sets(selection) == _selected_sets(fresh), step
+        ends = list(index.indexed_end)
+        new = torch.randn(2, 2, 1, 8, generator=generator)
+        cache.append(new, new)
+    assert updates >= 2
+    with pytest.raises(ValueError, match="reselect_every must be >= 1"):
+        RetrievalConfig(reselect_every=0)

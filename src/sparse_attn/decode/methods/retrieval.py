@@ -50,6 +50,11 @@ Choices where the papers are silent or that differ from them:
   only chooses which are read.
 - GQA: one search per KV head, centroids ranked by the group's summed ``q · c`` (the group rule
   of ``quest``); ``update_tokens=128`` and ``dense_layers=0`` are this library's choices.
+- ``reselect_every=R`` (default 1; not in either paper): as ``quest``'s option (LServe,
+  arXiv:2502.14866), one search serves ``R`` consecutive steps. The retrieved members are kept;
+  the static tokens follow the cache, so the tokens appended since are read too and a step may
+  read up to ``R - 1`` tokens over the budget. An index update forces a new search. Its speed
+  on the GPU has not been measured.
 - The index is built lazily by the first decode step of each layer (the cache's
   ``selection_memo``, cleared by ``crop``). That step and each update (every ``update_tokens``
   steps) run k-means and allocate new index tensors, so a captured CUDA graph must not span
@@ -92,6 +97,7 @@ class RetrievalConfig:
     update_tokens: int = 128
     kmeans_iters: int = 10
     dense_layers: int = 0
+    reselect_every: int = 1
 
     def __post_init__(self):
         check_int("token_budget", self.token_budget)
@@ -102,6 +108,7 @@ class RetrievalConfig:
         check_int("update_tokens", self.update_tokens)
         check_int("kmeans_iters", self.kmeans_iters, minimum=0)
         check_int("dense_layers", self.dense_layers, minimum=0)
+        check_int("reselect_every", self.reselect_every)
         static = self.sink_tokens + self.window_tokens + self.update_tokens
         if self.token_budget <= static:
             raise ValueError(
@@ -165,6 +172,9 @@ class RetrievalIndex:
     starts: torch.Tensor | None = None
     members: torch.Tensor | None = None
     tail_start: torch.Tensor | None = None
+    # ``reselect_every``: the last search's members in rank order, how many were taken, and the
+    # host lengths it saw (dropped when the index changes).
+    search: tuple | None = None
 
     @staticmethod
     def empty(cache, config: RetrievalConfig) -> RetrievalIndex:
@@ -186,6 +196,7 @@ class RetrievalIndex:
             return
         self._cluster(cache, spans)
         self._pack(cache)
+        self.search = None
 
     def _cluster(self, cache, spans) -> None:
         config = self.config
@@ -248,32 +259,48 @@ def retrieval_tokens(q: torch.Tensor, cache, index: RetrievalIndex) -> DecodeSel
 
     Entry ``j`` of a row is a sink for ``j < s``, the ``j - s``-th token from the index's end for
     ``j < s + t`` (``s`` sinks and ``t`` static tokens after the index, per sequence), and after
-    that the members of the taken clusters, best cluster first."""
+    that the members of the taken clusters, best cluster first. With ``reselect_every=R`` a search
+    serves the next ``R - 1`` steps too: its members are kept, the static tokens follow the cache."""
     config = index.config
-    batch, heads, device = q.shape[0], cache.kv_heads, q.device
-    budget = config.token_budget
     lengths = cache.seq_lens.long()[:, None, None]
     sinks = lengths.clamp(max=config.sink_tokens)
     tail_start = index.tail_start[:, None, None]
     statics = sinks + (lengths - tail_start).clamp(min=0)
-    # Clusters by the group's summed q . centroid, best first (empty ones score -inf and are never
-    # taken, so `budget` candidates always hold the room); a prefix whose members fit the room.
+    steps = config.reselect_every
+    memo = index.search
+    fresh = memo is None or not all(0 <= n - t < steps for n, t in zip(cache.lengths, memo[2], strict=True))
+    if steps == 1 or fresh:
+        memo = (*_search(q, index, config.token_budget - statics), tuple(cache.lengths))
+        index.search = memo if steps > 1 else None
+    by_rank, taken, _ = memo
+    # Up to steps - 1 tokens appended since the search are read on top of the budget.
+    width = config.token_budget + steps - 1
+    slot = torch.arange(width, device=q.device).expand(q.shape[0], cache.kv_heads, width)
+    member = (slot - statics).clamp(0, by_rank.shape[-1] - 1)
+    static = torch.where(slot < sinks, slot, tail_start + slot - sinks)
+    tokens = torch.where(slot < statics, static.to(torch.int32), torch.gather(by_rank, 2, member))
+    counts = (statics + taken)[..., 0].to(torch.int32).expand(q.shape[0], cache.kv_heads)
+    return DecodeSelection(tokens.contiguous(), counts.contiguous(), 1)
+
+
+def _search(q: torch.Tensor, index: RetrievalIndex, room: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clusters by the group's summed q . centroid, best first, and the prefix of them whose
+    members fit ``room`` (int64, broadcastable to ``(B, Hkv, 1)``): their members in rank order,
+    int32 ``(B, Hkv, budget)`` (the first ``taken`` valid), and ``taken`` int64 ``(B, Hkv, 1)``.
+    Empty clusters score ``-inf`` and are never taken, so ``budget`` candidates hold any room."""
+    batch, heads = index.sizes.shape[:2]
+    budget = index.config.token_budget
     scores = centroid_scores(q, index.centroids, index.sizes)
     ranked = scores.topk(min(scores.shape[-1], budget), dim=-1).indices
     sizes = torch.gather(index.sizes.long(), 2, ranked).masked_fill(torch.gather(scores, 2, ranked).isneginf(), 0)
     ends = torch.cumsum(sizes, -1)
-    taken = torch.where(ends <= budget - statics, sizes, 0).sum(-1, keepdim=True)  # members taken
-    slot = torch.arange(budget, device=device).expand(batch, heads, budget)
-    member = (slot - statics).clamp(min=0)  # the slot's rank among the retrieved tokens
-    rank = torch.searchsorted(ends, member.contiguous(), right=True).clamp(max=ranked.shape[-1] - 1)
+    taken = torch.where(ends <= room, sizes, 0).sum(-1, keepdim=True)
+    member = torch.arange(budget, device=q.device).expand(batch, heads, budget).contiguous()
+    rank = torch.searchsorted(ends, member, right=True).clamp(max=ranked.shape[-1] - 1)
     within = member - (torch.gather(ends, 2, rank) - torch.gather(sizes, 2, rank))
     first = torch.gather(torch.gather(index.starts, 2, ranked), 2, rank)
     position = (first + within).clamp(0, index.members.shape[-1] - 1)
-    retrieved = torch.gather(index.members, 2, position)
-    static = torch.where(slot < sinks, slot, tail_start + slot - sinks)
-    tokens = torch.where(slot < statics, static.to(torch.int32), retrieved)
-    counts = (statics + taken)[..., 0].to(torch.int32).expand(batch, heads)
-    return DecodeSelection(tokens.contiguous(), counts.contiguous(), 1)
+    return torch.gather(index.members, 2, position), taken
 
 
 @register_decode_method(
