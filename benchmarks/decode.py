@@ -259,12 +259,12 @@ def sparse_row(
     row = {"method": name, "budget": budget, "page_size": cache.page_size, "errors": {}}
     if name == "quest":
         row["levels"] = levels
-        if RESELECT_EVERY[0] > 1:
-            reuse_times(row, method, method.make_config(**options, reselect_every=RESELECT_EVERY[0]), q, cache, device,
-                        graphs=graphs, kernel_times=kernel_times)  # fmt: skip
     try:
         if name == "retrieval":
             row["index_build_ms"] = index_build_ms(method, config, q, cache)
+        if name in ("quest", "retrieval") and RESELECT_EVERY[0] > 1:
+            reuse_times(row, method, method.make_config(**options, reselect_every=RESELECT_EVERY[0]), q, cache, device,
+                        graphs=graphs, kernel_times=kernel_times)  # fmt: skip
         selection = _select(method, config, q, cache)
     except Exception as error:  # a method that cannot run this shape is reported, not fatal
         row["errors"]["select"] = error_line(error)
@@ -311,15 +311,19 @@ def sparse_row(
 
 
 def reuse_times(row: dict, method, config, q, cache, device, *, graphs: bool, kernel_times: bool) -> None:
-    """Quest with ``reselect_every`` R: a reuse step's selection (the remembered pages plus those
-    opened since: one small kernel) and step, and the step averaged over R steps (one selecting
+    """Quest or retrieval with ``reselect_every`` R: a reuse step's selection (Quest: the
+    remembered pages plus those opened since, one small kernel; retrieval: the remembered members
+    placed after the static tokens) and step, and the step averaged over R steps (one selecting
     step and R - 1 reusing ones), eager, graphed and by kernel time."""
     from sparse_attn.decode.methods.quest import SelectionMemo, quest_pages
 
     steps = config.reselect_every
-    memo = SelectionMemo.remember(quest_pages(q, cache, config), cache, steps)
     row["reselect_every"] = steps
-    reuse = partial(memo.reuse, cache)
+    if method.name == "quest":
+        reuse = partial(SelectionMemo.remember(quest_pages(q, cache, config), cache, steps).reuse, cache)
+    else:  # retrieval: the first call searches and remembers; later calls at these lengths reuse
+        _select(method, config, q, cache)
+        reuse = partial(_select, method, config, q, cache)
     time_runs(row, {"reuse": reuse, "reuse_step": lambda: _attend(q, cache, reuse())}, device, graphs=graphs)
     if kernel_times:
         row["reuse_kernel_us"], error = kernel_us(reuse)
@@ -444,7 +448,10 @@ def main() -> None:
     parser.add_argument("--super-page", type=int, default=16, help="pages per super-page of two-level quest")
     parser.add_argument("--oversample", type=int, default=2, help="two-level quest's oversample option")
     parser.add_argument(
-        "--reselect-every", type=int, default=1, help="quest's reselect_every: also time reuse steps and average"
+        "--reselect-every",
+        type=int,
+        default=1,
+        help="quest's and retrieval's reselect_every: also time reuse steps and average",
     )
     parser.add_argument("--quick", action="store_true", help="32K and 128K, batch 8, budget 2048, quest, page 16")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
