@@ -31,8 +31,9 @@ steady zone of 4 initial and 64 recent tokens), ``cluster_size=16`` and ``segmen
 (RetroInfer's clusters of about 16 tokens over 8192-token segments). These four come from
 RetroInfer's configuration files as seen in a public fork of its released repository
 (``static_pattern_start=4``, ``static_pattern_end=64``, one centroid per 16 tokens, one segment
-per 8192 tokens); they were not checked against either paper's text here. RetrievalAttention's own static pattern, its top-k
-and its graph index (nearest keys of prefill queries, ``q_knn`` / degree) are not used.
+per 8192 tokens); they were not checked against either paper's text here. RetrievalAttention's
+own static pattern, its top-k and its graph index (nearest keys of prefill queries, ``q_knn`` /
+degree) are not used.
 
 Choices where the papers are silent or that differ from them:
 
@@ -65,9 +66,10 @@ search takes 228 µs of kernels and the attention 27 µs (a graphed step 0.19x o
 dense decode), the index 477 ms to build per layer; on Gemma 3 270M at 16K with a 4096-token
 budget it answered as dense decode on 9 cases and reproduced 256 free-running greedy tokens.
 
-Memory: per cluster a centroid in the keys' dtype plus two int32 (size, start) and one int32
-member id per indexed token: ``1/cluster_size`` of the keys plus 4 bytes per token and KV head
-(6.25 % + 1.6 % of the keys at bf16, ``D = 128``, 16-token clusters; 3.9 % of keys and values).
+Memory: per cluster a centroid in the keys' dtype, an int32 size and an int64 first-member
+offset, and one int32 member id per indexed token: at bf16, ``D = 128``, 16-token clusters,
+16.75 + 4 bytes per token and KV head against the keys' 256 (8.1 % of the keys, 4.1 % of keys
+and values).
 """
 
 from __future__ import annotations
