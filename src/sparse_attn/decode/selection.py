@@ -14,7 +14,14 @@ import torch
 
 from .cache import PagedKVCache
 
-__all__ = ["DecodeSelection", "budget_in_pages", "dense_selection", "group_probabilities", "topk_selection"]
+__all__ = [
+    "DecodeSelection",
+    "budget_in_pages",
+    "dense_selection",
+    "group_probabilities",
+    "reuse_window_covers",
+    "topk_selection",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,13 @@ def budget_in_pages(token_budget: int, page_size: int) -> int:
     if token_budget < page_size:
         raise ValueError(f"token_budget ({token_budget}) must hold at least one page of {page_size} tokens")
     return token_budget // page_size
+
+
+def reuse_window_covers(then, now, steps: int) -> bool:
+    """Whether a selection made at host lengths ``then`` may serve a step at lengths ``now`` under
+    ``reselect_every=steps``: every sequence has taken fewer than ``steps`` tokens since (and none
+    fewer than at the selection)."""
+    return len(then) == len(now) and all(0 <= n - t < steps for n, t in zip(now, then, strict=True))
 
 
 def dense_selection(cache: PagedKVCache) -> DecodeSelection:

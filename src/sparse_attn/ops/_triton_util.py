@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["dot_rows", "nsa_gate", "online_softmax_step", "split_key_blocks"]
+__all__ = ["dot_rows", "group_rows", "nsa_gate", "online_softmax_step", "split_key_blocks"]
 
 
 @triton.jit
@@ -16,6 +16,22 @@ def dot_rows(a, b_rows, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     if DOT_FP32:
         return tl.dot(a.to(tl.float32), tl.trans(b_rows.to(tl.float32)), acc, input_precision=PRECISION)
     return tl.dot(a, tl.trans(b_rows), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def group_rows(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``(q, rows, row_ok, heads)``: the ``group`` query heads of KV head ``kv_head`` as the rows of
+    one ``[BLOCK_G, HEAD_DIM]`` tile of ``Q`` ``(B, Hq, D)`` (zeros past the group)."""
+    rows = tl.arange(0, BLOCK_G)
+    row_ok = rows < group
+    heads = kv_head * group + rows
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + batch.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    return q, rows, row_ok, heads
 
 
 @triton.jit

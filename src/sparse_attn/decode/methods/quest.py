@@ -79,7 +79,7 @@ import torch
 from ...checks import check_int
 from ...ops.page_select import select_pages, select_pages_two_level
 from ..registry import register_decode_method
-from ..selection import DecodeSelection, budget_in_pages, dense_selection
+from ..selection import DecodeSelection, budget_in_pages, dense_selection, reuse_window_covers
 
 
 @dataclass(frozen=True)
@@ -160,9 +160,7 @@ class SelectionMemo:
     def covers(self, cache) -> bool:
         """Whether this selection may serve the cache's current step: every sequence has taken
         fewer than ``steps`` tokens since (and none fewer than at the selection)."""
-        return len(self.lengths) == len(cache.lengths) and all(
-            0 <= now - then < self.steps for now, then in zip(cache.lengths, self.lengths, strict=True)
-        )
+        return reuse_window_covers(self.lengths, cache.lengths, self.steps)
 
     def reuse(self, cache) -> DecodeSelection:
         opened = cache.page_counts - self.page_counts

@@ -81,7 +81,7 @@ import torch
 from ...checks import check_int
 from ...ops.centroid_scores import centroid_scores
 from ..registry import register_decode_method
-from ..selection import DecodeSelection, dense_selection
+from ..selection import DecodeSelection, dense_selection, reuse_window_covers
 
 __all__ = ["RetrievalConfig", "RetrievalIndex", "kmeans", "retrieval_tokens"]
 
@@ -166,7 +166,6 @@ class RetrievalIndex:
     """
 
     config: RetrievalConfig
-    lengths: list[int]
     segments: list[list[_Segment]]
     indexed_end: list[int]
     centroids: torch.Tensor | None = None
@@ -180,7 +179,7 @@ class RetrievalIndex:
 
     @staticmethod
     def empty(cache, config: RetrievalConfig) -> RetrievalIndex:
-        return RetrievalIndex(config, [0] * cache.batch, [[] for _ in range(cache.batch)], [0] * cache.batch)
+        return RetrievalIndex(config, [[] for _ in range(cache.batch)], [0] * cache.batch)
 
     def update(self, cache) -> None:
         """Cluster, per sequence, the tokens past the index and before the window once there are
@@ -193,7 +192,6 @@ class RetrievalIndex:
             fresh = not self.segments[b]
             if last - first >= (1 if fresh else config.update_tokens):
                 spans.append((b, first, last))
-        self.lengths = list(cache.lengths)
         if not spans:
             return
         self._cluster(cache, spans)
@@ -270,8 +268,7 @@ def retrieval_tokens(q: torch.Tensor, cache, index: RetrievalIndex) -> DecodeSel
     statics = sinks + (lengths - tail_start).clamp(min=0)
     steps = config.reselect_every
     memo = index.search
-    fresh = memo is None or not all(0 <= n - t < steps for n, t in zip(cache.lengths, memo[2], strict=True))
-    if steps == 1 or fresh:
+    if steps == 1 or memo is None or not reuse_window_covers(memo[2], cache.lengths, steps):
         memo = (*_search(q, index, config.token_budget - statics), tuple(cache.lengths))
         index.search = memo if steps > 1 else None
     by_rank, taken, _ = memo
@@ -317,11 +314,7 @@ def select_retrieval(q, cache, config: RetrievalConfig, *, layer: int, state: di
         return dense_selection(cache)
     key = ("retrieval", config)
     index = cache.selection_memo.get(key)
-    if (
-        index is None
-        or len(index.lengths) != cache.batch
-        or any(now < then for now, then in zip(cache.lengths, index.lengths, strict=True))
-    ):
+    if index is None:  # the first step, or the first after a crop (which clears the memo)
         index = cache.selection_memo[key] = RetrievalIndex.empty(cache, config)
     index.update(cache)
     if index.centroids is None:  # nothing indexed yet: every token is static

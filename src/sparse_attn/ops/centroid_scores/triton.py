@@ -17,6 +17,8 @@ from ..page_bounds.triton import unsupported_reason as grouped_tile_unsupported_
 try:
     import triton
     import triton.language as tl
+
+    from .._triton_util import group_rows
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
@@ -52,14 +54,9 @@ if triton is not None:
     ):
         batch = tl.program_id(0) // num_kv_heads
         kv_head = tl.program_id(0) % num_kv_heads
-        rows = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(
-            Q + batch.to(tl.int64) * stride_qb + (kv_head * group + rows)[:, None] * stride_qh + offs_d[None, :],
-            mask=(rows < group)[:, None],
-            other=0.0,
-        )
+        q, _, _, _ = group_rows(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM, BLOCK_G)
         group_q = tl.sum(q.to(tl.float32), 0)
+        offs_d = tl.arange(0, HEAD_DIM)
         index = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         in_range = index < clusters
         size = tl.load(Sizes + batch.to(tl.int64) * stride_sb + kv_head * stride_sh + index, mask=in_range, other=0)

@@ -48,7 +48,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .._triton_util import nsa_gate, online_softmax_step
+    from .._triton_util import group_rows, nsa_gate, online_softmax_step
     from ..page_select.triton import _key_index, _sort_key
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
@@ -127,20 +127,6 @@ if triton is not None:
     MIN_KEY = tl.constexpr(-(2**63))
 
     @triton.jit
-    def _group_rows(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr):
-        """``(q, rows, row_ok, heads)``: the group's query rows ``[BLOCK_G, D]`` (zeros past the group)."""
-        rows = tl.arange(0, BLOCK_G)
-        row_ok = rows < group
-        heads = kv_head * group + rows
-        offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(
-            Q + batch.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        )
-        return q, rows, row_ok, heads
-
-    @triton.jit
     def _store_partial(PartOut, PartLse, row_index, m_i, l_i, acc, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr):
         """A split's normalised output and log-sum-exp (log2; ``-inf`` and 0 without keys) at
         ``row_index`` (in units of ``BLOCK_G`` rows)."""
@@ -166,7 +152,7 @@ if triton is not None:
         batch = stream // num_kv_heads
         kv_head = stream % num_kv_heads
         split = tl.program_id(1)
-        q, rows, row_ok, heads = _group_rows(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM, BLOCK_G)
+        q, rows, row_ok, heads = group_rows(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM, BLOCK_G)
         offs_d = tl.arange(0, HEAD_DIM)
         offs_n = tl.arange(0, BLOCK_N)
         k_base = KC + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
@@ -268,7 +254,7 @@ if triton is not None:
         batch = stream // num_kv_heads
         kv_head = stream % num_kv_heads
         split = tl.program_id(1)
-        q, rows, row_ok, heads = _group_rows(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM, BLOCK_G)
+        q, rows, row_ok, heads = group_rows(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM, BLOCK_G)
         offs_c = tl.arange(0, MAX_CHUNKS * K_TILE)
         candidates = tl.load(
             Candidates + stream.to(tl.int64) * MAX_CHUNKS * K_TILE + offs_c,

@@ -20,6 +20,8 @@ from .._dispatch import device_unsupported_reason
 try:
     import triton
     import triton.language as tl
+
+    from .._triton_util import group_rows
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
@@ -71,20 +73,12 @@ if triton is not None:
     ):
         batch = tl.program_id(0) // num_kv_heads
         kv_head = tl.program_id(0) % num_kv_heads
-        rows = tl.arange(0, BLOCK_G)
-        row_ok = rows < group
-        heads = kv_head * group + rows
+        q, _, _, _ = group_rows(Q, batch, kv_head, stride_qb, stride_qh, group, HEAD_DIM, BLOCK_G)
         offs_d = tl.arange(0, HEAD_DIM)
         pages = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         in_table = pages < max_pages
         used = tl.cdiv(tl.load(SeqLens + batch), page_size)
         in_sequence = pages < used
-
-        q = tl.load(
-            Q + batch.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        )
         physical = tl.load(PageTable + batch.to(tl.int64) * stride_tb + pages, mask=in_sequence, other=0).to(tl.int64)
         summary = physical[:, None] * stride_sp + kv_head * stride_sh + offs_d[None, :]
         upper = tl.load(KeyMax + summary, mask=in_sequence[:, None], other=0.0)
