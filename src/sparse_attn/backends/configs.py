@@ -128,7 +128,9 @@ class KernelConfigs:
     in the forwards and the backward's dQ pass, :attr:`sparse_attn.plan.BlockSparsePlan.heavy_blocks`;
     KV blocks in its dK/dV pass, :attr:`~sparse_attn.plan.BlockSparsePlan.heavy_kv_blocks`) within
     their waves like the others instead of for every stream before the waves
-    (:func:`sparse_attn.backends.launch.lead_blocks`).
+    (:func:`sparse_attn.backends.launch.lead_blocks`). ``gluon_backward``: ``True`` makes the
+    backward's dK/dV pass run the warp-specialized Gluon kernel where it can
+    (:mod:`sparse_attn.backends.gluon_backward`; off by default until it is measured).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -141,6 +143,7 @@ class KernelConfigs:
     token_rows: int | None = None
     kv_streams_per_wave: int | None = None
     heavy_rows_first: bool | None = None
+    gluon_backward: bool | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -167,6 +170,7 @@ def kernel_configs(
     token_rows: int | None = None,
     kv_streams_per_wave: int | None = None,
     heavy_rows_first: bool | None = None,
+    gluon_backward: bool | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -197,7 +201,11 @@ def kernel_configs(
         if not isinstance(triton_backward_skip_masked, bool):
             raise TypeError(f"triton_backward_skip_masked must be a bool, got {triton_backward_skip_masked!r}")
         changes["triton_backward_skip_masked"] = triton_backward_skip_masked
-    for name, asked in (("gluon_persistent", gluon_persistent), ("heavy_rows_first", heavy_rows_first)):
+    for name, asked in (
+        ("gluon_persistent", gluon_persistent),
+        ("heavy_rows_first", heavy_rows_first),
+        ("gluon_backward", gluon_backward),
+    ):
         if asked is not None:
             if not isinstance(asked, bool):
                 raise TypeError(f"{name} must be a bool, got {asked!r}")

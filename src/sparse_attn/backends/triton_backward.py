@@ -37,6 +37,7 @@ loads go unmasked where the lengths fill whole blocks. Rows the rule leaves with
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -44,7 +45,7 @@ from ..geometry import num_blocks
 from ..plan import BlockSparsePlan, rule_bitmask
 from ..rule_predicate import kernel_predicate
 from ..utils import dot_in_float32, interpreting, length_bucket
-from . import configs, launch
+from . import configs, gluon_backward, launch
 from .launch import LOG2_E, block_list_strides
 
 try:
@@ -436,13 +437,24 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     def dq_grid(meta):
         return (batch * q_heads * pattern.num_q_blocks * (pattern.block_q // meta["BLOCK_M"]),)
 
+    passes = (("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args))
+    if gluon_backward.wanted():
+        reason = gluon_backward.cannot_run_reason(q, k, v, dout, plan, has_rule=bitmask is not None or predicate is not None)
+        if reason is None:
+            order = (pattern.num_kv_blocks, per_wave // group, *dkdv_args[-3:])
+            gluon_backward.dkdv(q, k, v, dout, lse, delta, dk, dv, plan, scale=scale, order=order)
+            passes = passes[1:]
+        else:
+            warnings.warn(
+                f"kernel_configs(gluon_backward=True): the Triton dK/dV pass runs instead ({reason})", stacklevel=2
+            )
     if interpreting():
         tiles = dict(BLOCK_M=min(pattern.block_q, 32), BLOCK_N=min(pattern.block_k, 16))
-        _dkdv[dkdv_grid(tiles)](*dkdv_args, **tiles, **constants)
-        _dq[dq_grid(tiles)](*dq_args, **tiles, **constants)
+        for kind, grid, args in passes:
+            {"dkdv": _dkdv, "dq": _dq}[kind][grid(tiles)](*args, **tiles, **constants)
     else:
         small = is_float32 or dim > 128
-        for kind, grid, args in (("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args)):
+        for kind, grid, args in passes:
             tiles = configs.backward_tiles(kind, dim, pattern.block_q, pattern.block_k, small=small)
             _autotuned(kind, tiles)[grid](*args, **constants)
     return dq, dk, dv

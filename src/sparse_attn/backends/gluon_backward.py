@@ -1,0 +1,310 @@
+"""Gluon dK/dV pass of the block-sparse backward for Hopper (sm_90), warp-specialized.
+
+The Triton backward (:mod:`.triton_backward`) runs seven products per (query tile, key tile)
+pair in two passes and leaves the schedule to the compiler. This module replaces its dK/dV
+pass (four of the seven products) with a kernel that writes the schedule of
+FlashAttention-3's backward (Shah et al., 2024, "FlashAttention-3: Fast and Accurate Attention
+with Asynchrony and Low-precision", sections 3.1 and B.1: producer/consumer warp
+specialization, scores kept transposed so the probabilities feed the next product from
+registers) by hand in Gluon, for the transposed block lists of the plan:
+
+* one program per (batch, KV head, tile of 128 keys), in the Triton pass's launch order (the
+  transposed lists' work order, :func:`.tile_steps.lead_wave_item`);
+* a producer warp loads the key and value tiles once, then, for every query head of the GQA
+  group and every query block that lists this KV block, TMA loads of 64-row tiles of Q and dO
+  into a ring of ``STAGES`` slots (one "ready" barrier with both transactions, one count-2
+  "free" barrier released by the consumers); in causal mode it skips the tiles that end before
+  the key tile starts, exactly as the consumers do;
+* two consumer warpgroups, each owning 64 of the 128 keys, compute per step
+  ``S^T = K Q^T`` and ``dP^T = V dO^T`` (both A operands from shared memory, issued together),
+  ``P^T = exp2(S^T * scale * log2(e) - lse)`` (the causal mask only on tiles straddling the
+  diagonal), ``dS^T = P^T (dP^T - delta)``, then ``dV += P^T dO`` and ``dK += dS^T Q`` with
+  ``P^T`` and ``dS^T`` as register A operands, awaited before the slot is released (no
+  intra-warpgroup pipelining yet: the overlap is between the two warpgroups, one's exponentials
+  under the other's products); dK/dV are summed over the group in registers (no atomics,
+  deterministic);
+* ``lse`` and ``delta`` (float32, per query row) are read by the consumers with plain loads
+  issued before they wait for the slot.
+
+The dQ pass and the delta pass stay the Triton ones. Scope (:func:`cannot_run_reason`): compute
+capability 9.x, float16/bfloat16, head_dim 64 or 128, no token rule, ``block_q`` a multiple of
+64 and ``block_k`` of 128, both lengths multiples of their blocks, contiguous q/k/v/dO (the
+descriptors cover the flattened ``(B*H*S, D)`` tensors). It runs only when asked
+(``kernel_configs(gluon_backward=True)``); the default stays the Triton pass until the training
+benchmark's grid has been run with it. Measured once on the H200 (twenty-sixth session,
+``benchmarks/results/h200/gluon_backward_time_s46.json``; 32/8 heads, head_dim 128, bf16,
+random causal patterns, forward + backward with ``backend="auto"``): 6.67 against 7.73 ms at 32K
+and density 0.1, 4.06 against 4.21 at 0.05, 111.4 against 122.9 at 128K and 0.1. At head_dim 128
+ptxas spills about 200 bytes of scalars (list bases and loop bounds) per consumer thread, none
+at head_dim 64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..plan import BlockSparsePlan
+from ..utils import device_capability, interpreting
+from . import configs
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+except ImportError:  # pragma: no cover - triton missing or without Gluon
+    gluon = None
+
+BLOCK_M = 64  # query rows per step (the N of the transposed score products)
+BLOCK_N = 128  # keys per program, 64 per consumer warpgroup
+STAGES = {64: 4, 128: 3}  # ring depth per head_dim: Q and dO tiles of 8 / 16 KiB each, beside 32 / 64 KiB of K and V
+
+if gluon is not None:
+    from .tile_steps import lead_wave_item
+
+    @gluon.jit
+    def _steps_of(QCounts, QIndices, batch, kv_head, member, kv_block,
+                  stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor,
+                  SUB: gl.constexpr):  # fmt: skip
+        """Query head ``member`` of the group: its head index, its tile count and list base."""
+        head = kv_head * group + member
+        pattern_head = head // pattern_head_divisor
+        count = gl.load(QCounts + batch * stride_cb + pattern_head * stride_ch + kv_block)
+        base = QIndices + batch.to(gl.int64) * stride_ib + pattern_head * stride_ih + kv_block * stride_ik
+        return head, count * SUB, base
+
+    @gluon.jit
+    def _first_row(base, step, BLOCK_Q: gl.constexpr, SUB: gl.constexpr):
+        q_block = gl.load(base + step // SUB)
+        return q_block * BLOCK_Q + (step % SUB) * 64
+
+    @gluon.jit
+    def _producer(
+        q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free,
+        QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor,
+        BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+    ):  # fmt: skip
+        """One warp: the K and V tiles once, then Q and dO tiles of every listed query tile."""
+        SUB: gl.constexpr = BLOCK_Q // 64
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row0 + key_start, 0], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [kv_row0 + key_start, 0], kv_bar, v_smem)
+        ring = 0
+        for member in range(group):
+            head, n_steps, base = _steps_of(
+                QCounts, QIndices, batch, kv_head, member, kv_block,
+                stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, SUB,
+            )  # fmt: skip
+            row0 = (batch * num_q_heads + head) * seq_q
+            for step in range(n_steps):
+                first_row = _first_row(base, step, BLOCK_Q, SUB)
+                # Causal: a query tile that ends before the key tile starts sees none of it.
+                if (not CAUSAL) or (first_row + 63 + offset >= key_start):
+                    slot = ring % STAGES
+                    # A fresh barrier counts as having completed the phase before phase 0.
+                    mbarrier.wait(free.index(slot), ((ring // STAGES) & 1) ^ 1)
+                    mbarrier.expect(ready.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(
+                        q_desc, [row0 + first_row, 0], ready.index(slot), q_smem.index(slot)
+                    )
+                    tma.async_copy_global_to_shared(
+                        do_desc, [row0 + first_row, 0], ready.index(slot), do_smem.index(slot)
+                    )
+                    ring += 1
+
+    @gluon.jit
+    def _consumer(
+        q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
+        QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale, qk_scale,
+        ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr,
+    ):  # fmt: skip
+        """One warpgroup: dK and dV of keys ``key_start + ROW_OFFSET`` to ``+ 64`` over every step."""
+        SUB: gl.constexpr = BLOCK_Q // 64
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]
+        )
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        dtype: gl.constexpr = q_smem.dtype
+        k_half = k_smem.slice(ROW_OFFSET, 64)
+        v_half = v_smem.slice(ROW_OFFSET, 64)
+        key_pos = key_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, st_layout))
+        cols = gl.arange(0, 64, layout=gl.SliceLayout(0, st_layout))
+        dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
+        dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(kv_bar, 0)
+        ring = 0
+        for member in range(group):
+            head, n_steps, base = _steps_of(
+                QCounts, QIndices, batch, kv_head, member, kv_block,
+                stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, SUB,
+            )  # fmt: skip
+            row_base = (batch * num_q_heads + head).to(gl.int64) * seq_q
+            for step in range(n_steps):
+                first_row = _first_row(base, step, BLOCK_Q, SUB)
+                if (not CAUSAL) or (first_row + 63 + offset >= key_start):
+                    slot = ring % STAGES
+                    rows = first_row + cols
+                    mbarrier.wait(ready.index(slot), (ring // STAGES) & 1)
+                    st_zero = gl.zeros([64, 64], gl.float32, st_layout)
+                    q_t = q_smem.index(slot).permute((1, 0))
+                    do_t = do_smem.index(slot).permute((1, 0))
+                    s_token = warpgroup_mma(k_half, q_t, st_zero, use_acc=False, is_async=True)
+                    dp_token = warpgroup_mma(v_half, do_t, st_zero, use_acc=False, is_async=True)
+                    lse = gl.load(Lse + row_base + rows) * 1.4426950408889634
+                    s_t = warpgroup_mma_wait(1, deps=(s_token,))
+                    logits = s_t * qk_scale - lse[None, :]
+                    if CAUSAL:
+                        if key_start + 127 > first_row + offset:  # the tile pair straddles the diagonal
+                            visible = key_pos[:, None] <= rows[None, :] + offset
+                            logits = gl.where(visible, logits, float("-inf"))
+                    p_t = gl.exp2(logits)
+                    p_op = gl.convert_layout(p_t.to(dtype), op_layout)
+                    # dV's product runs while dS is formed.
+                    dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
+                    delta = gl.load(Delta + row_base + rows)
+                    dp_t = warpgroup_mma_wait(1, deps=(dp_token,))
+                    ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), op_layout)
+                    dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
+                    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
+                    mbarrier.arrive(free.index(slot), count=1)
+                    ring += 1
+        out_rows = key_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
+        out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        offsets = (kv_row0 + out_rows).to(gl.int64)[:, None] * HEAD_DIM + out_cols[None, :]
+        gl.store(DK + offsets, (dk * scale).to(dtype))
+        gl.store(DV + offsets, dv.to(dtype))
+
+    @gluon.jit
+    def _gluon_dkdv(
+        QDesc, DODesc, KDesc, VDesc, Lse, Delta, DK, DV, QCounts, QIndices,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_ik,
+        num_q_heads, num_kv_heads, group, pattern_head_divisor, seq_q, seq_k, scale, qk_scale,
+        n_blocks, per_wave, WorkOrder, lead_blocks, all_heads,
+        HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr,
+    ):  # fmt: skip
+        """One program per (batch, KV head, 128-key tile), in the Triton dK/dV pass's order."""
+        TILES: gl.constexpr = BLOCK_K // 128
+        rank, batch_head = lead_wave_item(gl.program_id(0), per_wave, n_blocks * TILES, lead_blocks * TILES, all_heads)
+        kv_block = gl.load(WorkOrder + rank // TILES)
+        key_start = (kv_block * TILES + rank % TILES) * 128
+        batch = batch_head // num_kv_heads
+        kv_head = batch_head % num_kv_heads
+        kv_row0 = batch_head * seq_k
+        offset = seq_k - seq_q
+        dtype: gl.constexpr = DK.dtype.element_ty
+        row_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+        key_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 64, HEAD_DIM], row_layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 64, HEAD_DIM], row_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=2)  # both consumer warpgroups release a slot
+        gl.warp_specialize(
+            [
+                (
+                    _consumer,
+                    (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
+                     QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
+                     stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
+                     qk_scale, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL),
+                ),
+                (
+                    _consumer,
+                    (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
+                     QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
+                     stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
+                     qk_scale, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL),
+                ),
+                (
+                    _producer,
+                    (QDesc, DODesc, KDesc, VDesc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free,
+                     QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
+                     stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor,
+                     BLOCK_Q, STAGES, CAUSAL),
+                ),
+            ],
+            [4, 1],
+            [248, 24],
+        )  # fmt: skip
+
+
+def cannot_run_reason(q, k, v, dout, plan: BlockSparsePlan, *, has_rule: bool) -> str | None:
+    """Why the Gluon dK/dV pass cannot take this case (the Triton pass does), or ``None``."""
+    pattern = plan.pattern
+    if gluon is None:
+        return "Gluon is not available in this Triton"
+    if interpreting():
+        return "Gluon kernels do not run under the Triton interpreter"
+    if q.device.type != "cuda" or device_capability(q.device)[0] != 9:
+        return "the Gluon backward needs a Hopper GPU (compute capability 9.x)"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the Gluon backward takes float16/bfloat16, got {q.dtype}"
+    if q.shape[-1] not in STAGES:
+        return f"the Gluon backward takes head_dim 64 or 128, got {q.shape[-1]}"
+    if has_rule:
+        return "patterns with a token rule take the Triton backward"
+    if pattern.block_q % BLOCK_M or pattern.block_k % BLOCK_N:
+        return f"the Gluon backward needs block_q % 64 == 0 and block_k % 128 == 0, got {pattern.block_q} x {pattern.block_k}"
+    if q.shape[2] % pattern.block_q or k.shape[2] % pattern.block_k:
+        return "the Gluon backward needs lengths that are multiples of the pattern's blocks"
+    if not all(x.is_contiguous() for x in (q, k, v, dout)):
+        return "the Gluon backward needs contiguous q, k, v and output gradient"
+    return None
+
+
+def wanted() -> bool:
+    """Whether the dK/dV pass should try this kernel (``kernel_configs(gluon_backward=True)``)."""
+    return bool(configs.current().gluon_backward)
+
+
+def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: float, order: tuple) -> None:
+    """Fill ``dk`` and ``dv`` (contiguous, the shapes of k and v) with the Gluon pass.
+
+    ``order``: the Triton pass's launch order, ``(n_blocks, per_wave, work_order, lead_blocks,
+    all_heads)``. Call only where :func:`cannot_run_reason` returns ``None``."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .launch import LOG2_E, block_list_strides
+
+    pattern = plan.pattern
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[q.dtype]
+
+    def describe(x: torch.Tensor, rows: int) -> TensorDescriptor:
+        layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
+        return TensorDescriptor.from_tensor(x.view(-1, dim), [rows, dim], layout)
+
+    q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
+    n_blocks, per_wave, work_order, lead, all_heads = order
+    grid = (batch * kv_heads * pattern.num_kv_blocks * (pattern.block_k // BLOCK_N),)
+    _gluon_dkdv[grid](
+        *(describe(q, BLOCK_M), describe(dout, BLOCK_M), describe(k, BLOCK_N), describe(v, BLOCK_N)),
+        *(lse, delta, dk, dv, q_counts, q_indices),
+        *block_list_strides(q_counts, q_indices, pattern.batch),
+        *(q_heads, kv_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E),
+        *(n_blocks, per_wave, work_order, lead, all_heads),
+        HEAD_DIM=dim,
+        BLOCK_Q=pattern.block_q,
+        BLOCK_K=pattern.block_k,
+        STAGES=STAGES[dim],
+        CAUSAL=bool(plan.causal),
+        num_warps=4,
+    )

@@ -1,0 +1,47 @@
+"""Compile the Gluon dK/dV kernel for sm_90a on any machine (no GPU needed) and print JSON.
+
+    python gluon_backward_sm90_compile.py '{"HEAD_DIM": 64, "dtype": "fp16", "CAUSAL": false}'
+
+Prints ``{"ptx", "report" (ptxas -v), "shared" (bytes)}``. Used by test_gluon_backward.py in a
+child process with ``TRITON_INTERPRET=0``; defaults: head_dim 128, 128 x 128 blocks, causal, bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from gluon_sm90_compile import run_ptxas
+
+
+def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from sparse_attn.backends import gluon_backward
+
+    kernel = gluon_backward._gluon_dkdv
+    values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True)
+    values.update(constants)
+    values["STAGES"] = gluon_backward.STAGES[values["HEAD_DIM"]]
+    signature = {name: "i32" for name in kernel.arg_names}
+    signature.update({name: f"*{dtype}" for name in ("DK", "DV")})
+    signature.update({"Lse": "*fp32", "Delta": "*fp32", "QCounts": "*i32", "QIndices": "*i32", "WorkOrder": "*i32"})
+    signature.update({"scale": "fp32", "qk_scale": "fp32"})
+    signature.update({name: "i64" for name in kernel.arg_names if name.startswith("stride_") and name[-1] in "bh"})
+    element = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    dim = values["HEAD_DIM"]
+    for name, rows in (("QDesc", 64), ("DODesc", 64), ("KDesc", 128), ("VDesc", 128)):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
+        signature[name] = f"tensordesc<{dtype}[{rows}, {dim}],{layout!r}>"
+    signature.update({name: "constexpr" for name in values})
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=values)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = compiled.asm["ptx"]
+    return {"ptx": ptx, "report": run_ptxas(ptx, check=True).stderr, "shared": compiled.metadata.shared}
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_for_sm90(**json.loads(sys.argv[1]))))

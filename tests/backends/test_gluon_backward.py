@@ -1,0 +1,132 @@
+"""The warp-specialized Gluon dK/dV pass (:mod:`sparse_attn.backends.gluon_backward`).
+
+On CPU: it compiles for sm_90a (in a child process, as the forward's test does), the option is
+checked, and it declines the cases outside its scope. On the GPU (``-m gpu``): with
+``kernel_configs(gluon_backward=True)`` the gradients of the Triton and Gluon backends match the
+reference backend's on whole-block shapes (GQA 1-4, Sq < Sk, head_dim 64 and 128, 64- and
+128-row query blocks, patterns per query head, per KV head and shared), from NaN-poisoned
+gradient buffers; outside its scope the Triton pass runs and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from helpers import TOLERANCE, random_qkv, relative_error, shape_pattern
+
+import sparse_attn as sa
+from sparse_attn.backends import gluon_backward
+from sparse_attn.backends.configs import kernel_configs
+from sparse_attn.plan import plan_for
+
+needs_gluon = pytest.mark.skipif(gluon_backward.gluon is None, reason="this Triton has no Gluon")
+
+
+def _compile_for_sm90(**variant):
+    script = os.path.join(os.path.dirname(__file__), "gluon_backward_sm90_compile.py")
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run(
+        [sys.executable, script, json.dumps(variant)], capture_output=True, text=True, env=environment, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@needs_gluon
+@pytest.mark.parametrize(
+    "variant",
+    [dict(), dict(dtype="fp16", HEAD_DIM=64, CAUSAL=False), dict(BLOCK_Q=64, BLOCK_K=256), dict(BLOCK_Q=256)],
+    ids=str,
+)
+def test_gluon_dkdv_compiles_for_sm90(variant):
+    compiled = _compile_for_sm90(**variant)
+    ptx = compiled["ptx"]
+    # Transposed scores (64 keys x 64 query rows) and dK/dV (64 keys x head_dim) on the tensor cores.
+    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32" in ptx
+    assert f"wgmma.mma_async.sync.aligned.m64n{variant.get('HEAD_DIM', 128)}k16.f32" in ptx
+    assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads of K, V, Q and dO
+    assert compiled["shared"] <= 227 * 1024
+
+
+def test_gluon_backward_option_is_checked():
+    with pytest.raises(TypeError, match="gluon_backward"):
+        with kernel_configs(gluon_backward="yes"):
+            pass
+    assert not gluon_backward.wanted()
+    with kernel_configs(gluon_backward=True):
+        assert gluon_backward.wanted()
+
+
+def _case(q_heads=4, kv_heads=2, seq_q=256, seq_k=256, dim=128, block_q=128, block_k=128, dtype=torch.bfloat16):
+    shape = (1, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k)
+    q, k, v = random_qkv(*shape[:6], dtype=dtype, seed=0)
+    pattern = shape_pattern(shape, heads=kv_heads, density=0.5, causal=True, seed=0)
+    return q, k, v, pattern
+
+
+def test_gluon_backward_declines_what_it_cannot_run():
+    q, k, v, pattern = _case()
+    plan = plan_for(pattern, causal=True)
+    # On this machine (CPU, or the interpreter) it never runs.
+    assert gluon_backward.cannot_run_reason(q, k, v, q, plan, has_rule=False) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(q_heads=8, kv_heads=2, seq_q=1024, seq_k=1024, dim=128),
+        dict(q_heads=6, kv_heads=3, seq_q=512, seq_k=1024, dim=64, dtype=torch.float16),
+        dict(q_heads=4, kv_heads=4, seq_q=768, seq_k=768, dim=128, block_q=64),
+        dict(q_heads=8, kv_heads=1, seq_q=512, seq_k=768, dim=128, block_k=256, dtype=torch.float16),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads_kind", ["query", "kv", "shared"])
+def test_gpu_gluon_dkdv_matches_reference(case, causal, heads_kind, poison_outputs, monkeypatch):
+    options = {"dim": 128, "block_q": 128, "block_k": 128, "dtype": torch.bfloat16, **case}
+    dtype = options.pop("dtype")
+    shape = (2, options["q_heads"], options["kv_heads"], options["seq_q"], options["seq_k"], options["dim"],
+             options["block_q"], options["block_k"])  # fmt: skip
+    q, k, v = random_qkv(*shape[:6], dtype=dtype, device="cuda", seed=3)
+    heads = {"query": shape[1], "kv": shape[2], "shared": 1}[heads_kind]
+    pattern = shape_pattern(shape, heads=heads, density=0.4, causal=causal, seed=3).to("cuda")
+    assert gluon_backward.cannot_run_reason(q, k, v, q, plan_for(pattern, causal=causal), has_rule=False) is None
+    dout = torch.randn_like(q)
+    leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
+    sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="reference").backward(dout.float())
+    expected = [x.grad for x in leaves]
+    # The Gluon forward takes 128-row query blocks only (the Triton forward runs the others).
+    launches = []
+    launch = gluon_backward.dkdv
+    monkeypatch.setattr(gluon_backward, "dkdv", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
+    for backend in ("triton", "gluon") if options["block_q"] % 128 == 0 else ("triton",):
+        launches.clear()
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the Gluon pass runs: no fallback warning
+            with kernel_configs(gluon_backward=True):
+                sa.block_sparse_attention(*leaves, pattern, causal=causal, backend=backend).backward(dout)
+        assert launches == [1], backend  # the Gluon pass ran, once
+        for name, leaf, want in zip("qkv", leaves, expected, strict=True):
+            assert torch.isfinite(leaf.grad).all(), (backend, name)
+            assert relative_error(leaf.grad, want) <= TOLERANCE[dtype], (backend, name)
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_backward_falls_back_with_a_warning_on_odd_lengths(poison_outputs):
+    q, k, v = random_qkv(1, 4, 2, 300, 300, 128, dtype=torch.bfloat16, device="cuda", seed=1)
+    pattern = shape_pattern((1, 4, 2, 300, 300, 128, 128, 128), heads=2, density=0.5, causal=True, seed=1).to("cuda")
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    with pytest.warns(UserWarning, match="Triton dK/dV pass runs instead"):
+        with kernel_configs(gluon_backward=True):
+            sa.block_sparse_attention(*leaves, pattern, causal=True, backend="triton").backward(torch.randn_like(q))
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
