@@ -1,4 +1,4 @@
-"""Compile the Gluon dK/dV kernel for sm_90a on any machine (no GPU needed) and print JSON.
+"""Compile the Gluon dK/dV kernel (or, with ``"KERNEL": "dq"``, the dQ kernel) for sm_90a on any machine (no GPU needed) and print JSON.
 
     python gluon_backward_sm90_compile.py '{"HEAD_DIM": 64, "dtype": "fp16", "CAUSAL": false}'
 
@@ -22,18 +22,21 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
 
     from sparse_attn.backends import gluon_backward
 
-    kernel = gluon_backward._gluon_dkdv
+    is_dq = constants.pop("KERNEL", "dkdv") == "dq"
+    kernel = gluon_backward._gluon_dq if is_dq else gluon_backward._gluon_dkdv
     values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True)
     values.update(constants)
-    values["STAGES"] = gluon_backward.STAGES[values["HEAD_DIM"]]
+    values["STAGES"] = (gluon_backward.DQ_STAGES if is_dq else gluon_backward.STAGES)[values["HEAD_DIM"]]
     signature = {name: "i32" for name in kernel.arg_names}
-    signature.update({name: f"*{dtype}" for name in ("DK", "DV")})
-    signature.update({"Lse": "*fp32", "Delta": "*fp32", "QCounts": "*i32", "QIndices": "*i32", "WorkOrder": "*i32"})
+    signature.update({name: f"*{dtype}" for name in ("DK", "DV", "DQ") if name in kernel.arg_names})
+    lists = ("KvCounts", "KvIndices", "WorkOrder") if is_dq else ("QCounts", "QIndices", "WorkOrder")
+    signature.update({"Lse": "*fp32", "Delta": "*fp32", **{name: "*i32" for name in lists}})
     signature.update({"scale": "fp32", "qk_scale": "fp32"})
     signature.update({name: "i64" for name in kernel.arg_names if name.startswith("stride_") and name[-1] in "bh"})
     element = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     dim = values["HEAD_DIM"]
-    for name, rows in (("QDesc", 64), ("DODesc", 64), ("KDesc", 128), ("VDesc", 128)):
+    tiles = (128, 128, 64, 64) if is_dq else (64, 64, 128, 128)
+    for name, rows in zip(("QDesc", "DODesc", "KDesc", "VDesc"), tiles, strict=True):
         layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
         signature[name] = f"tensordesc<{dtype}[{rows}, {dim}],{layout!r}>"
     signature.update({name: "constexpr" for name in values})

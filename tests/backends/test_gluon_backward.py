@@ -1,11 +1,12 @@
 """The warp-specialized Gluon dK/dV pass (:mod:`sparse_attn.backends.gluon_backward`).
 
-On CPU: it compiles for sm_90a (in a child process, as the forward's test does), the option is
-checked, and it declines the cases outside its scope. On the GPU (``-m gpu``): with
-``kernel_configs(gluon_backward=True)`` the gradients of the Triton and Gluon backends match the
-reference backend's on whole-block shapes (GQA 1-4, Sq < Sk, head_dim 64 and 128, 64- and
-128-row query blocks, patterns per query head, per KV head and shared), from NaN-poisoned
-gradient buffers; outside its scope the Triton pass runs and says so.
+On CPU: both kernels (dK/dV and dQ) compile for sm_90a (in a child process, as the forward's
+test does), the option is checked, and they decline the cases outside their scope. On the GPU
+(``-m gpu``): with ``kernel_configs(gluon_backward="dkdv" | "dq" | True)`` the gradients of the
+Triton and Gluon backends match the reference backend's on whole-block shapes (batch 2, GQA
+1-8, Sq < Sk, head_dim 64 and 128, 64- and 128-row query blocks, 256-key blocks, patterns per
+query head, per KV head and shared), from NaN-poisoned gradient buffers, and the asked passes
+were launched; outside their scope the Triton passes run and say so.
 """
 
 from __future__ import annotations
@@ -41,13 +42,21 @@ def _compile_for_sm90(**variant):
 @needs_gluon
 @pytest.mark.parametrize(
     "variant",
-    [dict(), dict(dtype="fp16", HEAD_DIM=64, CAUSAL=False), dict(BLOCK_Q=64, BLOCK_K=256), dict(BLOCK_Q=256)],
+    [
+        dict(),
+        dict(dtype="fp16", HEAD_DIM=64, CAUSAL=False),
+        dict(BLOCK_Q=64, BLOCK_K=256),
+        dict(BLOCK_Q=256),
+        dict(KERNEL="dq"),
+        dict(KERNEL="dq", dtype="fp16", HEAD_DIM=64, CAUSAL=False),
+        dict(KERNEL="dq", BLOCK_Q=256, BLOCK_K=256),
+    ],
     ids=str,
 )
-def test_gluon_dkdv_compiles_for_sm90(variant):
+def test_gluon_backward_kernels_compile_for_sm90(variant):
     compiled = _compile_for_sm90(**variant)
     ptx = compiled["ptx"]
-    # Transposed scores (64 keys x 64 query rows) and dK/dV (64 keys x head_dim) on the tensor cores.
+    # Scores (64 x 64 tiles) and the gradient products (64 rows x head_dim) on the tensor cores.
     assert "wgmma.mma_async.sync.aligned.m64n64k16.f32" in ptx
     assert f"wgmma.mma_async.sync.aligned.m64n{variant.get('HEAD_DIM', 128)}k16.f32" in ptx
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
@@ -59,9 +68,14 @@ def test_gluon_backward_option_is_checked():
     with pytest.raises(TypeError, match="gluon_backward"):
         with kernel_configs(gluon_backward="yes"):
             pass
-    assert not gluon_backward.wanted()
+    with pytest.raises(TypeError, match="gluon_backward"):
+        with kernel_configs(gluon_backward="dv"):
+            pass
+    assert not gluon_backward.wanted("dkdv") and not gluon_backward.wanted("dq")
     with kernel_configs(gluon_backward=True):
-        assert gluon_backward.wanted()
+        assert gluon_backward.wanted("dkdv") and gluon_backward.wanted("dq")
+    with kernel_configs(gluon_backward="dq"):
+        assert gluon_backward.wanted("dq") and not gluon_backward.wanted("dkdv")
 
 
 def _case(q_heads=4, kv_heads=2, seq_q=256, seq_k=256, dim=128, block_q=128, block_k=128, dtype=torch.bfloat16):
@@ -74,8 +88,9 @@ def _case(q_heads=4, kv_heads=2, seq_q=256, seq_k=256, dim=128, block_q=128, blo
 def test_gluon_backward_declines_what_it_cannot_run():
     q, k, v, pattern = _case()
     plan = plan_for(pattern, causal=True)
-    # On this machine (CPU, or the interpreter) it never runs.
-    assert gluon_backward.cannot_run_reason(q, k, v, q, plan, has_rule=False) is not None
+    # On this machine (CPU, or the interpreter) neither pass runs.
+    for kind in ("dkdv", "dq"):
+        assert gluon_backward.cannot_run_reason(q, k, v, q, plan, has_rule=False, kind=kind) is not None
 
 
 @pytest.mark.gpu
@@ -90,35 +105,41 @@ def test_gluon_backward_declines_what_it_cannot_run():
     ids=str,
 )
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("heads_kind", ["query", "kv", "shared"])
-def test_gpu_gluon_dkdv_matches_reference(case, causal, heads_kind, poison_outputs, monkeypatch):
+@pytest.mark.parametrize("passes", ["dkdv", "dq", True])
+def test_gpu_gluon_backward_matches_reference(case, causal, passes, poison_outputs, monkeypatch):
     options = {"dim": 128, "block_q": 128, "block_k": 128, "dtype": torch.bfloat16, **case}
     dtype = options.pop("dtype")
+    if options["block_q"] % 128 and passes != "dkdv":
+        pytest.skip("the Gluon dQ pass takes 128-row query blocks (the fallback test covers the others)")
     shape = (2, options["q_heads"], options["kv_heads"], options["seq_q"], options["seq_k"], options["dim"],
              options["block_q"], options["block_k"])  # fmt: skip
     q, k, v = random_qkv(*shape[:6], dtype=dtype, device="cuda", seed=3)
-    heads = {"query": shape[1], "kv": shape[2], "shared": 1}[heads_kind]
-    pattern = shape_pattern(shape, heads=heads, density=0.4, causal=causal, seed=3).to("cuda")
-    assert gluon_backward.cannot_run_reason(q, k, v, q, plan_for(pattern, causal=causal), has_rule=False) is None
     dout = torch.randn_like(q)
-    leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
-    sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="reference").backward(dout.float())
-    expected = [x.grad for x in leaves]
-    # The Gluon forward takes 128-row query blocks only (the Triton forward runs the others).
     launches = []
-    launch = gluon_backward.dkdv
-    monkeypatch.setattr(gluon_backward, "dkdv", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
-    for backend in ("triton", "gluon") if options["block_q"] % 128 == 0 else ("triton",):
-        launches.clear()
-        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the Gluon pass runs: no fallback warning
-            with kernel_configs(gluon_backward=True):
-                sa.block_sparse_attention(*leaves, pattern, causal=causal, backend=backend).backward(dout)
-        assert launches == [1], backend  # the Gluon pass ran, once
-        for name, leaf, want in zip("qkv", leaves, expected, strict=True):
-            assert torch.isfinite(leaf.grad).all(), (backend, name)
-            assert relative_error(leaf.grad, want) <= TOLERANCE[dtype], (backend, name)
+    for kind in ("dkdv", "dq"):
+        launch = getattr(gluon_backward, kind)
+        monkeypatch.setattr(
+            gluon_backward, kind, lambda *args, kind=kind, launch=launch, **kwargs: launches.append(kind) or launch(*args, **kwargs)
+        )  # fmt: skip
+    expected_launches = ["dkdv", "dq"] if passes is True else [passes]
+    for seed, heads_kind in enumerate(("query", "kv", "shared")):
+        heads = {"query": shape[1], "kv": shape[2], "shared": 1}[heads_kind]
+        pattern = shape_pattern(shape, heads=heads, density=0.4, causal=causal, seed=seed).to("cuda")
+        leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
+        sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="reference").backward(dout.float())
+        expected = [x.grad for x in leaves]
+        # The Gluon forward takes 128-row query blocks only (the Triton forward runs the others).
+        for backend in ("triton", "gluon") if options["block_q"] % 128 == 0 else ("triton",):
+            launches.clear()
+            leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the Gluon passes run: no fallback warning
+                with kernel_configs(gluon_backward=passes):
+                    sa.block_sparse_attention(*leaves, pattern, causal=causal, backend=backend).backward(dout)
+            assert launches == expected_launches, (backend, heads_kind)
+            for name, leaf, want in zip("qkv", leaves, expected, strict=True):
+                assert torch.isfinite(leaf.grad).all(), (backend, heads_kind, name)
+                assert relative_error(leaf.grad, want) <= TOLERANCE[dtype], (backend, heads_kind, name)
 
 
 @pytest.mark.gpu
@@ -126,7 +147,7 @@ def test_gpu_gluon_backward_falls_back_with_a_warning_on_odd_lengths(poison_outp
     q, k, v = random_qkv(1, 4, 2, 300, 300, 128, dtype=torch.bfloat16, device="cuda", seed=1)
     pattern = shape_pattern((1, 4, 2, 300, 300, 128, 128, 128), heads=2, density=0.5, causal=True, seed=1).to("cuda")
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    with pytest.warns(UserWarning, match="Triton dK/dV pass runs instead"):
+    with pytest.warns(UserWarning, match="Triton (dK/dV|dQ) pass runs instead"):
         with kernel_configs(gluon_backward=True):
             sa.block_sparse_attention(*leaves, pattern, causal=True, backend="triton").backward(torch.randn_like(q))
     assert all(torch.isfinite(x.grad).all() for x in leaves)

@@ -99,6 +99,9 @@ TOKEN_ROWS = (16, 32, 64, 128)
 GLUON_MAX_STAGES = 4
 
 
+GLUON_BACKWARD_PASSES = ("dkdv", "dq")
+
+
 @dataclass(frozen=True)
 class KernelConfigs:
     """Overrides in force; ``None`` keeps the built-in policy (see the module docstring).
@@ -129,8 +132,9 @@ class KernelConfigs:
     KV blocks in its dK/dV pass, :attr:`~sparse_attn.plan.BlockSparsePlan.heavy_kv_blocks`) within
     their waves like the others instead of for every stream before the waves
     (:func:`sparse_attn.backends.launch.lead_blocks`). ``gluon_backward``: ``True`` makes the
-    backward's dK/dV pass run the warp-specialized Gluon kernel where it can
-    (:mod:`sparse_attn.backends.gluon_backward`; off by default until it is measured).
+    backward's dK/dV and dQ passes run the warp-specialized Gluon kernels where they can, ``"dkdv"``
+    or ``"dq"`` only that pass (:mod:`sparse_attn.backends.gluon_backward`; off by default until
+    they are measured).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -143,7 +147,7 @@ class KernelConfigs:
     token_rows: int | None = None
     kv_streams_per_wave: int | None = None
     heavy_rows_first: bool | None = None
-    gluon_backward: bool | None = None
+    gluon_backward: bool | str | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -170,7 +174,7 @@ def kernel_configs(
     token_rows: int | None = None,
     kv_streams_per_wave: int | None = None,
     heavy_rows_first: bool | None = None,
-    gluon_backward: bool | None = None,
+    gluon_backward: bool | str | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -201,11 +205,11 @@ def kernel_configs(
         if not isinstance(triton_backward_skip_masked, bool):
             raise TypeError(f"triton_backward_skip_masked must be a bool, got {triton_backward_skip_masked!r}")
         changes["triton_backward_skip_masked"] = triton_backward_skip_masked
-    for name, asked in (
-        ("gluon_persistent", gluon_persistent),
-        ("heavy_rows_first", heavy_rows_first),
-        ("gluon_backward", gluon_backward),
-    ):
+    if gluon_backward is not None:
+        if not isinstance(gluon_backward, bool) and gluon_backward not in GLUON_BACKWARD_PASSES:
+            raise TypeError(f"gluon_backward must be a bool or one of {GLUON_BACKWARD_PASSES}, got {gluon_backward!r}")
+        changes["gluon_backward"] = gluon_backward
+    for name, asked in (("gluon_persistent", gluon_persistent), ("heavy_rows_first", heavy_rows_first)):
         if asked is not None:
             if not isinstance(asked, bool):
                 raise TypeError(f"{name} must be a bool, got {asked!r}")

@@ -1,12 +1,13 @@
-"""Gluon dK/dV pass of the block-sparse backward for Hopper (sm_90), warp-specialized.
+"""Gluon passes of the block-sparse backward for Hopper (sm_90), warp-specialized.
 
 The Triton backward (:mod:`.triton_backward`) runs seven products per (query tile, key tile)
-pair in two passes and leaves the schedule to the compiler. This module replaces its dK/dV
-pass (four of the seven products) with a kernel that writes the schedule of
-FlashAttention-3's backward (Shah et al., 2024, "FlashAttention-3: Fast and Accurate Attention
-with Asynchrony and Low-precision", sections 3.1 and B.1: producer/consumer warp
-specialization, scores kept transposed so the probabilities feed the next product from
-registers) by hand in Gluon, for the transposed block lists of the plan:
+pair in two passes (dK/dV, then dQ) and leaves the schedule to the compiler. This module offers
+both passes as kernels that write the schedule of FlashAttention-3's backward (Shah et al.,
+2024, "FlashAttention-3: Fast and Accurate Attention with Asynchrony and Low-precision",
+sections 3.1 and B.1: producer/consumer warp specialization, the probabilities fed to the next
+product from registers) by hand in Gluon, for the plan's block lists.
+
+**dK/dV** (:func:`dkdv`, four products):
 
 * one program per (batch, KV head, tile of 128 keys), in the Triton pass's launch order (the
   transposed lists' work order, :func:`.tile_steps.lead_wave_item`);
@@ -18,25 +19,31 @@ registers) by hand in Gluon, for the transposed block lists of the plan:
 * two consumer warpgroups, each owning 64 of the 128 keys, compute per step
   ``S^T = K Q^T`` and ``dP^T = V dO^T`` (both A operands from shared memory, issued together),
   ``P^T = exp2(S^T * scale * log2(e) - lse)`` (the causal mask only on tiles straddling the
-  diagonal), ``dS^T = P^T (dP^T - delta)``, then ``dV += P^T dO`` and ``dK += dS^T Q`` with
-  ``P^T`` and ``dS^T`` as register A operands, awaited before the slot is released (no
-  intra-warpgroup pipelining yet: the overlap is between the two warpgroups, one's exponentials
-  under the other's products); dK/dV are summed over the group in registers (no atomics,
-  deterministic);
-* ``lse`` and ``delta`` (float32, per query row) are read by the consumers with plain loads
-  issued before they wait for the slot.
+  diagonal), ``dS^T = P^T (dP^T - delta)``, then ``dV += P^T dO`` (issued before dS is formed)
+  and ``dK += dS^T Q`` with ``P^T`` and ``dS^T`` as register A operands, awaited before the slot
+  is released (no intra-warpgroup pipelining yet: the overlap is between the two warpgroups);
+  dK/dV are summed over the group in registers (no atomics, deterministic);
+* ``lse`` and ``delta`` (float32, per query row) are read by the consumers with plain loads.
 
-The dQ pass and the delta pass stay the Triton ones. Scope (:func:`cannot_run_reason`): compute
-capability 9.x, float16/bfloat16, head_dim 64 or 128, no token rule, ``block_q`` a multiple of
-64 and ``block_k`` of 128, both lengths multiples of their blocks, contiguous q/k/v/dO (the
-descriptors cover the flattened ``(B*H*S, D)`` tensors). It runs only when asked
-(``kernel_configs(gluon_backward=True)``); the default stays the Triton pass until the training
-benchmark's grid has been run with it. Measured once on the H200 (twenty-sixth session,
-``benchmarks/results/h200/gluon_backward_time_s46.json``; 32/8 heads, head_dim 128, bf16,
-random causal patterns, forward + backward with ``backend="auto"``): 6.67 against 7.73 ms at 32K
-and density 0.1, 4.06 against 4.21 at 0.05, 111.4 against 122.9 at 128K and 0.1. At head_dim 128
-ptxas spills about 200 bytes of scalars (list bases and loop bounds) per consumer thread, none
-at head_dim 64.
+**dQ** (:func:`dq`, three products): one program per (batch, query head, tile of 128 rows) in
+the forward's work order; the producer loads the Q and dO tiles once and the K and V tiles of
+every listed block, 64 keys per step, into a ring of ``DQ_STAGES``; each consumer warpgroup owns
+64 rows: ``S = Q K^T`` and ``dP = dO V^T`` together, ``P``, ``dS = P (dP - delta)``, then
+``dQ += dS K`` with ``dS`` from registers. No atomics.
+
+The delta pass stays the Triton one. Scope (:func:`cannot_run_reason`): compute capability 9.x,
+float16/bfloat16, head_dim 64 or 128, no token rule, ``block_q`` a multiple of 64 (128 for the
+dQ pass) and ``block_k`` of 128, both lengths multiples of their blocks, contiguous q/k/v/dO (the
+descriptors cover the flattened ``(B*H*S, D)`` tensors); elsewhere the Triton pass runs, with a
+warning. They run only when asked (``kernel_configs(gluon_backward=True)``, or ``"dkdv"`` /
+``"dq"`` for one pass); the default stays the Triton passes until the training benchmark's grid
+has been run with them. The dK/dV pass was measured once on the H200 (twenty-sixth session,
+``benchmarks/results/h200/gluon_backward_time_s46.json``; 32/8 heads, head_dim 128, bf16, random
+causal patterns, forward + backward with ``backend="auto"``): 6.67 against 7.73 ms at 32K and
+density 0.1, 4.06 against 4.21 at 0.05, 111.4 against 122.9 at 128K and 0.1; its GPU tests
+passed. The dQ pass was written after that run: compiled for sm_90a (no spills), not yet run on
+a GPU. At head_dim 128 ptxas spills about 200 bytes of scalars (list bases and loop bounds) per
+dK/dV consumer thread, none at head_dim 64 and none in the dQ kernel.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ except ImportError:  # pragma: no cover - triton missing or without Gluon
 BLOCK_M = 64  # query rows per step (the N of the transposed score products)
 BLOCK_N = 128  # keys per program, 64 per consumer warpgroup
 STAGES = {64: 4, 128: 3}  # ring depth per head_dim: Q and dO tiles of 8 / 16 KiB each, beside 32 / 64 KiB of K and V
+# The dQ pass's K/V ring: 64-key tiles of 8 / 16 KiB each, beside 32 / 64 KiB of Q and dO.
+DQ_STAGES = {64: 6, 128: 4}
 
 if gluon is not None:
     from .tile_steps import lead_wave_item
@@ -244,9 +253,143 @@ if gluon is not None:
             [248, 24],
         )  # fmt: skip
 
+    @gluon.jit
+    def _dq_producer(
+        q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, free,
+        index_base, n_steps, q_row, kv_row0,
+        BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    ):  # fmt: skip
+        """One warp: the 128-row Q and dO tiles once, then K and V tiles of every listed block."""
+        SUB: gl.constexpr = BLOCK_K // 64
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+        tma.async_copy_global_to_shared(do_desc, [q_row, 0], q_bar, do_smem)
+        for step in range(n_steps):
+            slot = step % STAGES
+            kv_block = gl.load(index_base + step // SUB)
+            key_start = kv_block * BLOCK_K + (step % SUB) * 64
+            mbarrier.wait(free.index(slot), ((step // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [kv_row0 + key_start, 0], ready.index(slot), k_smem.index(slot))
+            tma.async_copy_global_to_shared(v_desc, [kv_row0 + key_start, 0], ready.index(slot), v_smem.index(slot))
 
-def cannot_run_reason(q, k, v, dout, plan: BlockSparsePlan, *, has_rule: bool) -> str | None:
-    """Why the Gluon dK/dV pass cannot take this case (the Triton pass does), or ``None``."""
+    @gluon.jit
+    def _dq_consumer(
+        q_smem, do_smem, k_smem, v_smem, q_bar, ready, free, Lse, Delta, DQ,
+        index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale,
+        ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr,
+    ):  # fmt: skip
+        """One warpgroup: dQ of rows ``row_start + ROW_OFFSET`` to ``+ 64`` over every listed key tile."""
+        SUB: gl.constexpr = BLOCK_K // 64
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]
+        )
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        dtype: gl.constexpr = q_smem.dtype
+        q = q_smem.slice(ROW_OFFSET, 64)
+        do = do_smem.slice(ROW_OFFSET, 64)
+        rows = row_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+        keys = gl.arange(0, 64, layout=gl.SliceLayout(0, s_layout))
+        query_pos = rows + (seq_k - seq_q)
+        lse = gl.load(Lse + row_base + rows) * 1.4426950408889634
+        delta = gl.load(Delta + row_base + rows)
+        dq = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(q_bar, 0)
+        for step in range(n_steps):
+            slot = step % STAGES
+            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+            s_zero = gl.zeros([64, 64], gl.float32, s_layout)
+            s_token = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            dp_token = warpgroup_mma(do, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_token,))
+            logits = s * qk_scale - lse[:, None]
+            if CAUSAL:
+                kv_block = gl.load(index_base + step // SUB)
+                key_start = kv_block * BLOCK_K + (step % SUB) * 64
+                if key_start + 63 > row_start + ROW_OFFSET + (seq_k - seq_q):  # straddles the diagonal
+                    visible = (key_start + keys)[None, :] <= query_pos[:, None]
+                    logits = gl.where(visible, logits, float("-inf"))
+            p = gl.exp2(logits)
+            dp = warpgroup_mma_wait(0, deps=(dp_token,))
+            ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
+            dq = warpgroup_mma(ds_op, k_smem.index(slot), dq, is_async=True)
+            dq, ds_op = warpgroup_mma_wait(0, deps=(dq, ds_op))
+            mbarrier.arrive(free.index(slot), count=1)
+        out_rows = row_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
+        out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        offsets = (row_base + out_rows)[:, None] * HEAD_DIM + out_cols[None, :]
+        gl.store(DQ + offsets, (dq * scale).to(dtype))
+
+    @gluon.jit
+    def _gluon_dq(
+        QDesc, DODesc, KDesc, VDesc, Lse, Delta, DQ, KvCounts, KvIndices,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
+        num_q_heads, group, pattern_head_divisor, seq_q, seq_k, scale, qk_scale,
+        n_blocks, per_wave, WorkOrder, lead_blocks, all_heads,
+        HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr,
+    ):  # fmt: skip
+        """One program per (batch, query head, 128-row query tile), in the Triton dQ pass's order."""
+        TILES: gl.constexpr = BLOCK_Q // 128
+        SUB: gl.constexpr = BLOCK_K // 64
+        rank, batch_head = lead_wave_item(gl.program_id(0), per_wave, n_blocks * TILES, lead_blocks * TILES, all_heads)
+        q_block = gl.load(WorkOrder + rank // TILES)
+        row_start = (q_block * TILES + rank % TILES) * 128
+        batch = batch_head // num_q_heads
+        head = batch_head % num_q_heads
+        kv_head = head // group
+        pattern_head = head // pattern_head_divisor
+        count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
+        n_steps = gl.load(KvCounts + count_offset) * SUB
+        index_base = KvIndices + batch.to(gl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+        row_base = batch_head.to(gl.int64) * seq_q
+        kv_row0 = (batch * (num_q_heads // group) + kv_head) * seq_k
+        dtype: gl.constexpr = DQ.dtype.element_ty
+        row_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
+        key_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], row_layout)
+        do_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], row_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 64, HEAD_DIM], key_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 64, HEAD_DIM], key_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=2)  # both consumer warpgroups release a slot
+        gl.warp_specialize(
+            [
+                (
+                    _dq_consumer,
+                    (q_smem, do_smem, k_smem, v_smem, q_bar, ready, free, Lse, Delta, DQ,
+                     index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale,
+                     0, HEAD_DIM, BLOCK_K, STAGES, CAUSAL),
+                ),
+                (
+                    _dq_consumer,
+                    (q_smem, do_smem, k_smem, v_smem, q_bar, ready, free, Lse, Delta, DQ,
+                     index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale,
+                     64, HEAD_DIM, BLOCK_K, STAGES, CAUSAL),
+                ),
+                (
+                    _dq_producer,
+                    (QDesc, DODesc, KDesc, VDesc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, free,
+                     index_base, n_steps, batch_head * seq_q + row_start, kv_row0, BLOCK_K, STAGES),
+                ),
+            ],
+            [4, 1],
+            [232, 40],
+        )  # fmt: skip
+
+
+def cannot_run_reason(q, k, v, dout, plan: BlockSparsePlan, *, has_rule: bool, kind: str = "dkdv") -> str | None:
+    """Why the Gluon ``kind`` pass (``"dkdv"`` or ``"dq"``) cannot take this case (the Triton
+    pass does), or ``None``."""
     pattern = plan.pattern
     if gluon is None:
         return "Gluon is not available in this Triton"
@@ -262,6 +405,8 @@ def cannot_run_reason(q, k, v, dout, plan: BlockSparsePlan, *, has_rule: bool) -
         return "patterns with a token rule take the Triton backward"
     if pattern.block_q % BLOCK_M or pattern.block_k % BLOCK_N:
         return f"the Gluon backward needs block_q % 64 == 0 and block_k % 128 == 0, got {pattern.block_q} x {pattern.block_k}"
+    if kind == "dq" and pattern.block_q % 128:
+        return f"the Gluon dQ pass needs block_q a multiple of 128, got {pattern.block_q}"
     if q.shape[2] % pattern.block_q or k.shape[2] % pattern.block_k:
         return "the Gluon backward needs lengths that are multiples of the pattern's blocks"
     if not all(x.is_contiguous() for x in (q, k, v, dout)):
@@ -269,9 +414,11 @@ def cannot_run_reason(q, k, v, dout, plan: BlockSparsePlan, *, has_rule: bool) -
     return None
 
 
-def wanted() -> bool:
-    """Whether the dK/dV pass should try this kernel (``kernel_configs(gluon_backward=True)``)."""
-    return bool(configs.current().gluon_backward)
+def wanted(kind: str) -> bool:
+    """Whether the backward's ``kind`` pass (``"dkdv"`` or ``"dq"``) should try its Gluon kernel
+    (``kernel_configs(gluon_backward=True)`` or ``=kind``)."""
+    asked = configs.current().gluon_backward
+    return asked is True or asked == kind
 
 
 def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: float, order: tuple) -> None:
@@ -279,24 +426,16 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
 
     ``order``: the Triton pass's launch order, ``(n_blocks, per_wave, work_order, lead_blocks,
     all_heads)``. Call only where :func:`cannot_run_reason` returns ``None``."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     from .launch import LOG2_E, block_list_strides
 
     pattern = plan.pattern
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[q.dtype]
-
-    def describe(x: torch.Tensor, rows: int) -> TensorDescriptor:
-        layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
-        return TensorDescriptor.from_tensor(x.view(-1, dim), [rows, dim], layout)
-
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
     n_blocks, per_wave, work_order, lead, all_heads = order
     grid = (batch * kv_heads * pattern.num_kv_blocks * (pattern.block_k // BLOCK_N),)
     _gluon_dkdv[grid](
-        *(describe(q, BLOCK_M), describe(dout, BLOCK_M), describe(k, BLOCK_N), describe(v, BLOCK_N)),
+        *(_describe(q, BLOCK_M), _describe(dout, BLOCK_M), _describe(k, BLOCK_N), _describe(v, BLOCK_N)),
         *(lse, delta, dk, dv, q_counts, q_indices),
         *block_list_strides(q_counts, q_indices, pattern.batch),
         *(q_heads, kv_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E),
@@ -305,6 +444,44 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
         STAGES=STAGES[dim],
+        CAUSAL=bool(plan.causal),
+        num_warps=4,
+    )
+
+
+def _describe(x: torch.Tensor, rows: int):
+    """A TMA descriptor over ``x`` flattened to ``(B*H*S, D)``, tiles of ``rows`` rows."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    dim = x.shape[-1]
+    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[x.dtype]
+    layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
+    return TensorDescriptor.from_tensor(x.view(-1, dim), [rows, dim], layout)
+
+
+def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float, order: tuple) -> None:
+    """Fill ``dq_out`` (contiguous, q's shape) with the Gluon dQ pass.
+
+    ``order``: the Triton dQ pass's launch order, ``(n_blocks, per_wave, work_order, lead_blocks,
+    all_heads)``. Call only where :func:`cannot_run_reason` (``kind="dq"``) returns ``None``."""
+    from .launch import LOG2_E, block_list_strides
+
+    pattern = plan.pattern
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    counts, indices = pattern.kv_counts.contiguous(), pattern.kv_indices.contiguous()
+    n_blocks, per_wave, work_order, lead, all_heads = order
+    grid = (batch * q_heads * pattern.num_q_blocks * (pattern.block_q // 128),)
+    _gluon_dq[grid](
+        *(_describe(q, 128), _describe(dout, 128), _describe(k, 64), _describe(v, 64)),
+        *(lse, delta, dq_out, counts, indices),
+        *block_list_strides(counts, indices, pattern.batch),
+        *(q_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E),
+        *(n_blocks, per_wave, work_order, lead, all_heads),
+        HEAD_DIM=dim,
+        BLOCK_Q=pattern.block_q,
+        BLOCK_K=pattern.block_k,
+        STAGES=DQ_STAGES[dim],
         CAUSAL=bool(plan.causal),
         num_warps=4,
     )

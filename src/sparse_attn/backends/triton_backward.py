@@ -437,17 +437,25 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     def dq_grid(meta):
         return (batch * q_heads * pattern.num_q_blocks * (pattern.block_q // meta["BLOCK_M"]),)
 
-    passes = (("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args))
-    if gluon_backward.wanted():
-        reason = gluon_backward.cannot_run_reason(q, k, v, dout, plan, has_rule=bitmask is not None or predicate is not None)
-        if reason is None:
-            order = (pattern.num_kv_blocks, per_wave // group, *dkdv_args[-3:])
-            gluon_backward.dkdv(q, k, v, dout, lse, delta, dk, dv, plan, scale=scale, order=order)
-            passes = passes[1:]
-        else:
-            warnings.warn(
-                f"kernel_configs(gluon_backward=True): the Triton dK/dV pass runs instead ({reason})", stacklevel=2
-            )
+    passes = [("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args)]
+    has_rule = bitmask is not None or predicate is not None
+    gradients = {"dkdv": (dk, dv), "dq": (dq,)}
+    orders = {
+        "dkdv": (pattern.num_kv_blocks, per_wave // group, *dkdv_args[-3:]),
+        "dq": (pattern.num_q_blocks, per_wave, *dq_args[-3:]),
+    }
+    for kind in ("dkdv", "dq"):
+        if gluon_backward.wanted(kind):
+            reason = gluon_backward.cannot_run_reason(q, k, v, dout, plan, has_rule=has_rule, kind=kind)
+            if reason is None:
+                run = gluon_backward.dkdv if kind == "dkdv" else gluon_backward.dq
+                run(q, k, v, dout, lse, delta, *gradients[kind], plan, scale=scale, order=orders[kind])
+                passes = [entry for entry in passes if entry[0] != kind]
+            else:
+                name = "dK/dV" if kind == "dkdv" else "dQ"
+                warnings.warn(
+                    f"kernel_configs(gluon_backward=...): the Triton {name} pass runs instead ({reason})", stacklevel=2
+                )
     if interpreting():
         tiles = dict(BLOCK_M=min(pattern.block_q, 32), BLOCK_N=min(pattern.block_k, 16))
         for kind, grid, args in passes:
