@@ -119,14 +119,17 @@ def run_case(seq: int, head_dim: int, densities, backends, device, *, q_heads=32
 
 def _variant(spec: str) -> tuple[str, dict]:
     """``"auto+kv_streams_per_wave=0+triton_backward_skip_masked=true"`` -> the backend name and
-    its :func:`kernel_configs` overrides (integers and true/false parsed), applied to the forward
-    and, through it, the backward."""
+    its :func:`kernel_configs` overrides (integers and true/false parsed, other values kept as
+    strings: ``auto+gluon_backward=dkdv``), applied to the forward and, through it, the backward."""
     name, *settings = spec.split("+")
     overrides = {}
     for setting in settings:
         key, _, value = setting.partition("=")
         lowered = value.lower()
-        overrides[key] = lowered == "true" if lowered in ("true", "false") else int(value)
+        if lowered in ("true", "false"):
+            overrides[key] = lowered == "true"
+        else:
+            overrides[key] = int(value) if value.lstrip("-").isdigit() else value
     return name, overrides
 
 

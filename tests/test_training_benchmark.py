@@ -23,3 +23,10 @@ def test_variant_specs_parse_into_kernel_configs(script):
     with pytest.raises(TypeError):  # an unknown setting is refused by kernel_configs, not ignored
         with kernel_configs(**script._variant("auto+no_such_setting=1")[1]):
             pass
+
+
+def test_variant_specs_keep_pass_names_as_strings(script):
+    name, overrides = script._variant("auto+gluon_backward=dkdv")
+    assert (name, overrides) == ("auto", {"gluon_backward": "dkdv"})
+    with kernel_configs(**overrides):
+        assert configs.current().gluon_backward == "dkdv"
