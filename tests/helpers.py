@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +15,17 @@ import sparse_attn as sa
 from sparse_attn.pattern import BlockSparsePattern, random_pattern
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def compile_in_child(script: Path, variant: dict) -> dict:
+    """Run a kernel-compiling ``script`` (it prints JSON) on ``variant`` in a child process without
+    Triton's interpreter (Gluon functions made under ``TRITON_INTERPRET=1`` cannot be compiled)."""
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run(
+        [sys.executable, str(script), json.dumps(variant)], capture_output=True, text=True, env=environment, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
 
 
 def load_benchmark(name: str):

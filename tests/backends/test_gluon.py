@@ -8,17 +8,14 @@ the reference backend on NaN-padded inputs and poisoned outputs.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
-import subprocess
-import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOLERANCE, poisoned_view, relative_error, text_rows_pattern
+from helpers import TOLERANCE, compile_in_child, poisoned_view, relative_error, text_rows_pattern
 
 import sparse_attn as sa
 from sparse_attn.backends import configs, launch, resolve_backend
@@ -30,16 +27,9 @@ needs_gluon = pytest.mark.skipif(gluon_backend.gluon is None, reason="this Trito
 
 
 def _compile_for_sm90(**variant):
-    """Compile the kernel for sm_90a in a child process (the test session interprets Triton,
-    and Gluon functions made under ``TRITON_INTERPRET=1`` cannot be compiled); returns
-    ``{"ptx", "report" (ptxas -v), "shared" (bytes), "stages"}``."""
-    script = os.path.join(os.path.dirname(__file__), "gluon_sm90_compile.py")
-    environment = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run(
-        [sys.executable, script, json.dumps(variant)], capture_output=True, text=True, env=environment, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+    """Compile the kernel for sm_90a in a child process; returns ``{"ptx", "report" (ptxas -v),
+    "shared" (bytes), "stages"}``."""
+    return compile_in_child(Path(__file__).with_name("gluon_sm90_compile.py"), variant)
 
 
 VARIANTS = [

@@ -11,15 +11,12 @@ were launched; outside their scope the Triton passes run and say so.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOLERANCE, random_qkv, relative_error, shape_pattern
+from helpers import TOLERANCE, compile_in_child, random_qkv, relative_error, shape_pattern
 
 import sparse_attn as sa
 from sparse_attn.backends import gluon_backward
@@ -30,13 +27,7 @@ needs_gluon = pytest.mark.skipif(gluon_backward.gluon is None, reason="this Trit
 
 
 def _compile_for_sm90(**variant):
-    script = os.path.join(os.path.dirname(__file__), "gluon_backward_sm90_compile.py")
-    environment = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run(
-        [sys.executable, script, json.dumps(variant)], capture_output=True, text=True, env=environment, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+    return compile_in_child(Path(__file__).with_name("gluon_backward_sm90_compile.py"), variant)
 
 
 @needs_gluon
@@ -151,3 +142,27 @@ def test_gpu_gluon_backward_falls_back_with_a_warning_on_odd_lengths(poison_outp
         with kernel_configs(gluon_backward=True):
             sa.block_sparse_attention(*leaves, pattern, causal=True, backend="triton").backward(torch.randn_like(q))
     assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_asked_gluon_passes_that_cannot_run_warn_and_leave_the_triton_gradients(poison_outputs):
+    """Here (the interpreter) neither Gluon pass can run: both warn once and the Triton passes
+    give the gradients they give without the option."""
+    q, k, v, pattern = _case(q_heads=4, kv_heads=2, seq_q=128, seq_k=128, dim=64, block_q=64, dtype=torch.float32)
+    dout = torch.randn_like(q)
+    grads = []
+    for asked in (None, True):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with kernel_configs(gluon_backward=asked):
+                sa.block_sparse_attention(*leaves, pattern, causal=True, backend="triton").backward(dout)
+        messages = [str(w.message) for w in caught if "gluon_backward" in str(w.message)]
+        if asked:
+            assert len(messages) == 2
+            assert "the Triton dK/dV pass runs instead" in messages[0]
+            assert "the Triton dQ pass runs instead" in messages[1]
+        else:
+            assert messages == []
+        grads.append([x.grad for x in leaves])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert torch.equal(got, want)

@@ -51,7 +51,14 @@ from ..plan import BlockSparsePlan, plan_for
 from ..utils import device_capability, interpreting
 from . import configs
 from .configs import GLUON_BLOCK_M
-from .launch import descriptor_compatible, ensure_scratch_allocator, heads_per_wave, launch_arguments, lead_blocks
+from .launch import (
+    descriptor_compatible,
+    ensure_scratch_allocator,
+    flat_descriptor,
+    heads_per_wave,
+    launch_arguments,
+    lead_blocks,
+)
 from .triton_backward import backward  # noqa: F401  (this backend's backward entry point)
 
 try:
@@ -662,16 +669,7 @@ def uses_host_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
 def host_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple:
     """TMA descriptors over the flattened ``(B*H*S, D)`` query, key and value tensors, with the
     shared-memory layouts the kernel allocates (query tiles of 128 rows, K/V tiles of ``block_n``)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    dim = q.shape[-1]
-    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[q.dtype]
-
-    def describe(x: torch.Tensor, rows: int) -> TensorDescriptor:
-        layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
-        return TensorDescriptor.from_tensor(x.view(-1, dim), [rows, dim], layout)
-
-    return describe(q, GLUON_BLOCK_M), describe(k, block_n), describe(v, block_n)
+    return flat_descriptor(q, GLUON_BLOCK_M), flat_descriptor(k, block_n), flat_descriptor(v, block_n)
 
 
 def forward(

@@ -48,11 +48,14 @@ dK/dV consumer thread, none at head_dim 64 and none in the dQ kernel.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..plan import BlockSparsePlan
 from ..utils import device_capability, interpreting
 from . import configs
+from .launch import LOG2_E, block_list_strides, flat_descriptor
 
 try:
     from triton.experimental import gluon
@@ -421,25 +424,47 @@ def wanted(kind: str) -> bool:
     return asked is True or asked == kind
 
 
+def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan, *, scale, orders: dict, has_rule):
+    """Run the backward passes asked of Gluon (:func:`wanted`) that can take this case, into
+    ``gradients[kind]`` (``{"dkdv": (dk, dv), "dq": (dq,)}``) with the Triton passes' launch
+    ``orders[kind]``; returns the kinds run. A pass asked for that cannot run warns (once per
+    reason) and is left to the Triton backward."""
+    done = set()
+    for kind, name, run in (("dkdv", "dK/dV", dkdv), ("dq", "dQ", dq)):
+        if not wanted(kind):
+            continue
+        reason = cannot_run_reason(q, k, v, dout, plan, has_rule=has_rule, kind=kind)
+        if reason is None:
+            run(q, k, v, dout, lse, delta, *gradients[kind], plan, scale=scale, order=orders[kind])
+            done.add(kind)
+        else:
+            warnings.warn(
+                f"kernel_configs(gluon_backward=...): the Triton {name} pass runs instead ({reason})", stacklevel=3
+            )
+    return done
+
+
 def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: float, order: tuple) -> None:
     """Fill ``dk`` and ``dv`` (contiguous, the shapes of k and v) with the Gluon pass.
 
     ``order``: the Triton pass's launch order, ``(n_blocks, per_wave, work_order, lead_blocks,
     all_heads)``. Call only where :func:`cannot_run_reason` returns ``None``."""
-    from .launch import LOG2_E, block_list_strides
-
     pattern = plan.pattern
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
-    n_blocks, per_wave, work_order, lead, all_heads = order
     grid = (batch * kv_heads * pattern.num_kv_blocks * (pattern.block_k // BLOCK_N),)
     _gluon_dkdv[grid](
-        *(_describe(q, BLOCK_M), _describe(dout, BLOCK_M), _describe(k, BLOCK_N), _describe(v, BLOCK_N)),
+        *(
+            flat_descriptor(q, BLOCK_M),
+            flat_descriptor(dout, BLOCK_M),
+            flat_descriptor(k, BLOCK_N),
+            flat_descriptor(v, BLOCK_N),
+        ),
         *(lse, delta, dk, dv, q_counts, q_indices),
         *block_list_strides(q_counts, q_indices, pattern.batch),
         *(q_heads, kv_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E),
-        *(n_blocks, per_wave, work_order, lead, all_heads),
+        *order,
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
@@ -449,35 +474,22 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
     )
 
 
-def _describe(x: torch.Tensor, rows: int):
-    """A TMA descriptor over ``x`` flattened to ``(B*H*S, D)``, tiles of ``rows`` rows."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    dim = x.shape[-1]
-    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[x.dtype]
-    layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
-    return TensorDescriptor.from_tensor(x.view(-1, dim), [rows, dim], layout)
-
-
 def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float, order: tuple) -> None:
     """Fill ``dq_out`` (contiguous, q's shape) with the Gluon dQ pass.
 
     ``order``: the Triton dQ pass's launch order, ``(n_blocks, per_wave, work_order, lead_blocks,
     all_heads)``. Call only where :func:`cannot_run_reason` (``kind="dq"``) returns ``None``."""
-    from .launch import LOG2_E, block_list_strides
-
     pattern = plan.pattern
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     counts, indices = pattern.kv_counts.contiguous(), pattern.kv_indices.contiguous()
-    n_blocks, per_wave, work_order, lead, all_heads = order
     grid = (batch * q_heads * pattern.num_q_blocks * (pattern.block_q // 128),)
     _gluon_dq[grid](
-        *(_describe(q, 128), _describe(dout, 128), _describe(k, 64), _describe(v, 64)),
+        *(flat_descriptor(q, 128), flat_descriptor(dout, 128), flat_descriptor(k, 64), flat_descriptor(v, 64)),
         *(lse, delta, dq_out, counts, indices),
         *block_list_strides(counts, indices, pattern.batch),
         *(q_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E),
-        *(n_blocks, per_wave, work_order, lead, all_heads),
+        *order,
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,

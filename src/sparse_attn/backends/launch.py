@@ -84,6 +84,18 @@ def ensure_scratch_allocator() -> None:
         triton.set_allocator(scratch_buffer)
 
 
+def flat_descriptor(x: torch.Tensor, rows: int):
+    """A Gluon TMA descriptor over ``x`` (float16/bfloat16, contiguous) flattened to ``(B*H*S, D)``,
+    tiles of ``rows`` rows with the default NVMMA shared layout (the one the Gluon kernels allocate)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    dim = x.shape[-1]
+    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[x.dtype]
+    layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
+    return TensorDescriptor.from_tensor(x.view(-1, dim), [rows, dim], layout)
+
+
 def block_list_strides(counts: torch.Tensor, indices: torch.Tensor, pattern_batch: int) -> tuple[int, ...]:
     """The five strides the kernels take for a block list: ``counts`` (batch, head) and
     ``indices`` (batch, head, row), with a batch stride of 0 when the pattern has batch 1 (one

@@ -37,7 +37,6 @@ loads go unmasked where the lengths fill whole blocks. Rows the rule leaves with
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 
@@ -325,11 +324,14 @@ if triton is not None:
         )
 
 
+_KERNELS = {"dkdv": _dkdv, "dq": _dq} if triton is not None else {}
+
+
 @functools.cache
 def _autotuned(kind: str, tiles: tuple):
     """The ``kind`` pass (``"dkdv"`` or ``"dq"``) autotuned over ``tiles`` (see :func:`.configs.backward_tiles`)."""
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
-    kernel = {"dkdv": _dkdv, "dq": _dq}[kind]
+    kernel = _KERNELS[kind]
     return triton.autotune(
         configs=configs,
         key=[
@@ -437,29 +439,23 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     def dq_grid(meta):
         return (batch * q_heads * pattern.num_q_blocks * (pattern.block_q // meta["BLOCK_M"]),)
 
-    passes = [("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args)]
-    has_rule = bitmask is not None or predicate is not None
-    gradients = {"dkdv": (dk, dv), "dq": (dq,)}
-    orders = {
-        "dkdv": (pattern.num_kv_blocks, per_wave // group, *dkdv_args[-3:]),
-        "dq": (pattern.num_q_blocks, per_wave, *dq_args[-3:]),
-    }
-    for kind in ("dkdv", "dq"):
-        if gluon_backward.wanted(kind):
-            reason = gluon_backward.cannot_run_reason(q, k, v, dout, plan, has_rule=has_rule, kind=kind)
-            if reason is None:
-                run = gluon_backward.dkdv if kind == "dkdv" else gluon_backward.dq
-                run(q, k, v, dout, lse, delta, *gradients[kind], plan, scale=scale, order=orders[kind])
-                passes = [entry for entry in passes if entry[0] != kind]
-            else:
-                name = "dK/dV" if kind == "dkdv" else "dQ"
-                warnings.warn(
-                    f"kernel_configs(gluon_backward=...): the Triton {name} pass runs instead ({reason})", stacklevel=2
-                )
+    # Passes asked of the Gluon kernels (kernel_configs(gluon_backward=...)) that can run, run there.
+    in_gluon = set()
+    if configs.current().gluon_backward:
+        in_gluon = gluon_backward.run_passes(
+            *(q, k, v, dout, lse, delta, {"dkdv": (dk, dv), "dq": (dq,)}, plan),
+            scale=scale,
+            orders={  # the launch orders of the Triton passes: the last three arguments of each
+                "dkdv": (pattern.num_kv_blocks, per_wave // group, *dkdv_args[-3:]),
+                "dq": (pattern.num_q_blocks, per_wave, *dq_args[-3:]),
+            },
+            has_rule=bitmask is not None or predicate is not None,
+        )
+    passes = [entry for entry in (("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args)) if entry[0] not in in_gluon]
     if interpreting():
         tiles = dict(BLOCK_M=min(pattern.block_q, 32), BLOCK_N=min(pattern.block_k, 16))
         for kind, grid, args in passes:
-            {"dkdv": _dkdv, "dq": _dq}[kind][grid(tiles)](*args, **tiles, **constants)
+            _KERNELS[kind][grid(tiles)](*args, **tiles, **constants)
     else:
         small = is_float32 or dim > 128
         for kind, grid, args in passes:
