@@ -10,7 +10,8 @@ SDPA with cuDNN and with FlashAttention on K/V expanded to the query heads (the 
 outside the timing), and the forward alone of our ``auto`` backend. Where FlashAttention-4 is
 installed: the ``flash4`` backend (FlexAttention's FLASH backend on the same pattern, FA4's own
 backward; refused below head_dim 128 on sm_90, see :mod:`sparse_attn.backends.flash4`) and
-FA4's dense kernel forward + backward. Medians from
+FA4's dense kernel forward + backward. Each backend's gradients are compared with the first
+backend's (largest relative Frobenius error of dQ, dK, dV). Medians from
 ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/training.json``.
 
     python benchmarks/training.py
@@ -42,6 +43,17 @@ from sparse_attn.bench import (
 def _forward_backward(attention, q, k, v, dout):
     out = attention(q, k, v)
     out.backward(dout)
+
+
+def _gradients(attention, q, k, v, dout, overrides):
+    q.grad = k.grad = v.grad = None
+    with kernel_configs(**overrides):
+        _forward_backward(attention, q, k, v, dout)
+    return [x.grad.clone() for x in (q, k, v)]
+
+
+def _relative(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
 
 
 def _fa4_forward_backward(q, k, v, dout):
@@ -88,6 +100,7 @@ def run_case(seq: int, head_dim: int, densities, backends, device, *, q_heads=32
             else random_pattern(heads=kv_heads, seq_q=seq, density=density, seed=seed, device=device)
         )
         row = {"seq": seq, "head_dim": head_dim, "density": round(pattern.density(), 4), "errors": {}}
+        first_grads = None  # the first backend's gradients, which the others are checked against
         for backend in backends:
             backend_name, overrides = _variant(backend)
             refused = flash4.gradient_unsupported_reason(q) if backend_name == "flash4" else None
@@ -99,6 +112,12 @@ def run_case(seq: int, head_dim: int, densities, backends, device, *, q_heads=32
                 row[f"{backend}_ms"], error = measure(partial(_forward_backward, attention, q, k, v, dout), device)
             if error:
                 row["errors"][backend] = error
+            else:
+                grads = _gradients(attention, q, k, v, dout, overrides)
+                if first_grads is None:
+                    first_grads = grads
+                else:  # a fast path that is fast because it is wrong shows here
+                    row[f"{backend}_grad_error"] = max(map(_relative, grads, first_grads))
             q.grad = k.grad = v.grad = None
         with torch.no_grad():
             row["auto_forward_ms"], _ = measure(partial(block_sparse_attention, q, k, v, pattern), device)
@@ -140,6 +159,7 @@ def _columns(backends):
     columns += [("fa4-dense_ms", "FA4 dense fwd+bwd ms", ".2f")]
     columns += [("auto_forward_ms", "auto fwd ms", ".2f"), ("auto_vs_ideal", "auto / (density x cuDNN)", ".2f")]
     columns += [("auto_speedup_vs_flex", "auto vs flex (x faster)", ".2f")]
+    columns += [(f"{name}_grad_error", f"{name} grad rel. err. vs {backends[0]}", ".1e") for name in backends[1:]]
     return columns
 
 

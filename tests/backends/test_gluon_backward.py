@@ -62,11 +62,19 @@ def test_gluon_backward_option_is_checked():
     with pytest.raises(TypeError, match="gluon_backward"):
         with kernel_configs(gluon_backward="dv"):
             pass
-    assert not gluon_backward.wanted("dkdv") and not gluon_backward.wanted("dq")
+
+    def wanted(kind, head_dim=128, by_default=True):
+        return gluon_backward.wanted(kind, head_dim=head_dim, by_default=by_default)
+
+    # By default: after the Gluon forward, at the head dims where the passes were measured faster.
+    assert wanted("dkdv") == wanted("dq") == "default"
+    assert wanted("dkdv", head_dim=64) is None and wanted("dq", by_default=False) is None
     with kernel_configs(gluon_backward=True):
-        assert gluon_backward.wanted("dkdv") and gluon_backward.wanted("dq")
+        assert wanted("dkdv", head_dim=64, by_default=False) == wanted("dq") == "asked"
     with kernel_configs(gluon_backward="dq"):
-        assert gluon_backward.wanted("dq") and not gluon_backward.wanted("dkdv")
+        assert wanted("dq", by_default=False) == "asked" and wanted("dkdv") is None
+    with kernel_configs(gluon_backward=False):
+        assert wanted("dkdv") is None and wanted("dq") is None
 
 
 def _case(q_heads=4, kv_heads=2, seq_q=256, seq_k=256, dim=128, block_q=128, block_k=128, dtype=torch.bfloat16):
@@ -166,3 +174,33 @@ def test_asked_gluon_passes_that_cannot_run_warn_and_leave_the_triton_gradients(
         grads.append([x.grad for x in leaves])
     for got, want in zip(grads[1], grads[0], strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", [1024, 300])
+def test_gpu_gluon_passes_are_the_default_after_the_gluon_forward(seq, poison_outputs, monkeypatch):
+    """At head_dim 128 the ``gluon`` backend's backward runs both Gluon passes unasked, the
+    ``triton`` backend's and ``gluon_backward=False`` none; where they cannot run (a length that
+    is not a multiple of the block) the Triton passes take over without a warning."""
+    q, k, v = random_qkv(1, 8, 2, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=2)
+    pattern = shape_pattern((1, 8, 2, seq, seq, 128, 128, 128), heads=2, density=0.5, causal=True, seed=2).to("cuda")
+    dout = torch.randn_like(q)
+    launches = []
+    for kind in ("dkdv", "dq"):
+        launch = getattr(gluon_backward, kind)
+        monkeypatch.setattr(
+            gluon_backward, kind, lambda *args, kind=kind, launch=launch, **kwargs: launches.append(kind) or launch(*args, **kwargs)
+        )  # fmt: skip
+    leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
+    sa.block_sparse_attention(*leaves, pattern, causal=True, backend="reference").backward(dout.float())
+    expected = [x.grad for x in leaves]
+    for backend, setting, runs in (("gluon", None, seq % 128 == 0), ("triton", None, False), ("gluon", False, False)):
+        launches.clear()
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with kernel_configs(gluon_backward=setting):
+                sa.block_sparse_attention(*leaves, pattern, causal=True, backend=backend).backward(dout)
+        assert launches == (["dkdv", "dq"] if runs else []), (backend, setting)
+        for leaf, want in zip(leaves, expected, strict=True):
+            assert relative_error(leaf.grad, want) <= TOLERANCE[torch.bfloat16], (backend, setting)

@@ -133,8 +133,8 @@ class KernelConfigs:
     their waves like the others instead of for every stream before the waves
     (:func:`sparse_attn.backends.launch.lead_blocks`). ``gluon_backward``: ``True`` makes the
     backward's dK/dV and dQ passes run the warp-specialized Gluon kernels where they can, ``"dkdv"``
-    or ``"dq"`` only that pass (:mod:`sparse_attn.backends.gluon_backward`; off by default until
-    they are measured).
+    or ``"dq"`` only that pass, ``False`` neither; unset, both run after the Gluon forward at
+    head_dim 128 (:mod:`sparse_attn.backends.gluon_backward`).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None

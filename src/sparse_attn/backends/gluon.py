@@ -49,7 +49,7 @@ from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
 from ..plan import BlockSparsePlan, plan_for
 from ..utils import device_capability, interpreting
-from . import configs
+from . import configs, triton_backward
 from .configs import GLUON_BLOCK_M
 from .launch import (
     descriptor_compatible,
@@ -59,7 +59,6 @@ from .launch import (
     launch_arguments,
     lead_blocks,
 )
-from .triton_backward import backward  # noqa: F401  (this backend's backward entry point)
 
 try:
     from triton.experimental import gluon
@@ -732,6 +731,14 @@ def forward(
     if return_lse:
         return out, lse
     return out
+
+
+def backward(q, k, v, out, lse, dout, dlse, plan, *, scale: float):
+    """This backend's backward: the Triton backend's (:mod:`.triton_backward`) on this kernel's
+    output and log-sum-exp, with its dK/dV and dQ passes in the warp-specialized Gluon kernels
+    (:mod:`.gluon_backward`) where those are the default (head_dim 128 on Hopper, 16-bit, whole
+    blocks) unless ``kernel_configs(gluon_backward=...)`` says otherwise."""
+    return triton_backward.backward(q, k, v, out, lse, dout, dlse, plan, scale=scale, gluon_by_default=True)
 
 
 def gradient_unsupported_reason(q: torch.Tensor) -> str | None:

@@ -35,15 +35,17 @@ The delta pass stays the Triton one. Scope (:func:`cannot_run_reason`): compute 
 float16/bfloat16, head_dim 64 or 128, no token rule, ``block_q`` a multiple of 64 (128 for the
 dQ pass) and ``block_k`` of 128, both lengths multiples of their blocks, contiguous q/k/v/dO (the
 descriptors cover the flattened ``(B*H*S, D)`` tensors); elsewhere the Triton pass runs, with a
-warning. They run only when asked (``kernel_configs(gluon_backward=True)``, or ``"dkdv"`` /
-``"dq"`` for one pass); the default stays the Triton passes until the training benchmark's grid
-has been run with them. The dK/dV pass was measured once on the H200 (twenty-sixth session,
-``benchmarks/results/h200/gluon_backward_time_s46.json``; 32/8 heads, head_dim 128, bf16, random
-causal patterns, forward + backward with ``backend="auto"``): 6.67 against 7.73 ms at 32K and
-density 0.1, 4.06 against 4.21 at 0.05, 111.4 against 122.9 at 128K and 0.1; its GPU tests
-passed. The dQ pass was written after that run: compiled for sm_90a (no spills), not yet run on
-a GPU. At head_dim 128 ptxas spills about 200 bytes of scalars (list bases and loop bounds) per
-dK/dV consumer thread, none at head_dim 64 and none in the dQ kernel.
+warning where they were asked for. They run by default after the Gluon forward (``backend="gluon"``,
+or ``"auto"`` where it picks Gluon) at head_dim 128 (:data:`DEFAULT_HEAD_DIMS`), where the
+twenty-seventh session measured them faster (forward + backward 109.5 against 126.7 ms at 128K /
+0.1, 13.1 against 14.9 at 32K / 0.2; 32/8 heads, bf16, random causal patterns,
+``benchmarks/results/h200/training_gluon_backward_s47.json``), and leave the Triton passes quietly
+where they cannot take the case; at head_dim 64 they were level or slower and run only when asked
+(``kernel_configs(gluon_backward=True)``, or ``"dkdv"`` / ``"dq"`` for one pass;
+``gluon_backward=False`` keeps the Triton passes everywhere). Their gradients equalled the Triton
+passes' bit for bit in those runs (the same products summed in the same order). At head_dim 128
+ptxas spills about 200 bytes of scalars (list bases and loop bounds) per dK/dV consumer thread,
+none at head_dim 64 and none in the dQ kernel.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ BLOCK_N = 128  # keys per program, 64 per consumer warpgroup
 STAGES = {64: 4, 128: 3}  # ring depth per head_dim: Q and dO tiles of 8 / 16 KiB each, beside 32 / 64 KiB of K and V
 # The dQ pass's K/V ring: 64-key tiles of 8 / 16 KiB each, beside 32 / 64 KiB of Q and dO.
 DQ_STAGES = {64: 6, 128: 4}
+# Head dims where the two passes run by default after the Gluon forward: at 128 they took forward
+# + backward from 126.7 to 109.5 ms at 128K / 0.1 and from 14.9 to 13.1 ms at 32K / 0.2; at 64
+# they were level or slower (2.74 against 2.63 ms at 32K / 0.05; twenty-seventh session,
+# ``benchmarks/results/h200/training_gluon_backward_s47.json``).
+DEFAULT_HEAD_DIMS = (128,)
 
 if gluon is not None:
     from .tile_steps import lead_wave_item
@@ -417,27 +424,35 @@ def cannot_run_reason(q, k, v, dout, plan: BlockSparsePlan, *, has_rule: bool, k
     return None
 
 
-def wanted(kind: str) -> bool:
-    """Whether the backward's ``kind`` pass (``"dkdv"`` or ``"dq"``) should try its Gluon kernel
-    (``kernel_configs(gluon_backward=True)`` or ``=kind``)."""
+def wanted(kind: str, *, head_dim: int, by_default: bool) -> str | None:
+    """Whether the backward's ``kind`` pass (``"dkdv"`` or ``"dq"``) should try its Gluon kernel:
+    ``"asked"`` under ``kernel_configs(gluon_backward=True)`` or ``=kind``; ``"default"`` when no
+    override is set, the forward ran the Gluon backend (``by_default``) and ``head_dim`` is one
+    where the Gluon passes were measured faster (:data:`DEFAULT_HEAD_DIMS`); else ``None``
+    (``gluon_backward=False`` keeps the Triton passes everywhere)."""
     asked = configs.current().gluon_backward
-    return asked is True or asked == kind
+    if asked is None:
+        return "default" if by_default and head_dim in DEFAULT_HEAD_DIMS else None
+    return "asked" if asked is True or asked == kind else None
 
 
-def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan, *, scale, orders: dict, has_rule):
-    """Run the backward passes asked of Gluon (:func:`wanted`) that can take this case, into
+def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan, *, scale, orders: dict, has_rule,
+               by_default: bool):  # fmt: skip
+    """Run the backward passes Gluon should take (:func:`wanted`) that can take this case, into
     ``gradients[kind]`` (``{"dkdv": (dk, dv), "dq": (dq,)}``) with the Triton passes' launch
-    ``orders[kind]``; returns the kinds run. A pass asked for that cannot run warns (once per
-    reason) and is left to the Triton backward."""
+    ``orders[kind]``; returns the kinds run. A pass asked for (``kernel_configs``) that cannot
+    run warns (once per reason) and is left to the Triton backward; one chosen by default
+    (``by_default``: the forward ran the Gluon backend) that cannot run is left to it quietly."""
     done = set()
     for kind, name, run in (("dkdv", "dK/dV", dkdv), ("dq", "dQ", dq)):
-        if not wanted(kind):
+        choice = wanted(kind, head_dim=q.shape[-1], by_default=by_default)
+        if not choice:
             continue
         reason = cannot_run_reason(q, k, v, dout, plan, has_rule=has_rule, kind=kind)
         if reason is None:
             run(q, k, v, dout, lse, delta, *gradients[kind], plan, scale=scale, order=orders[kind])
             done.add(kind)
-        else:
+        elif choice == "asked":
             warnings.warn(
                 f"kernel_configs(gluon_backward=...): the Triton {name} pass runs instead ({reason})", stacklevel=3
             )

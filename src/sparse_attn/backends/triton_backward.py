@@ -350,13 +350,15 @@ def _autotuned(kind: str, tiles: tuple):
     )(kernel)
 
 
-def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: float):
+def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: float, gluon_by_default: bool = False):
     """``(dq, dk, dv)`` of block-sparse attention over ``plan``'s pattern, in the inputs' dtypes
     and shapes (dK/dV summed over each GQA group).
 
     ``out`` and ``lse`` are the forward's output and natural-log log-sum-exp (float32
     ``(B, Hq, Sq)``), ``dout`` the output's gradient, ``dlse`` the log-sum-exp's gradient or
-    ``None``. Gradients come from :func:`.launch.allocate`.
+    ``None``. Gradients come from :func:`.launch.allocate`. ``gluon_by_default``: the forward ran
+    the Gluon backend, so the Gluon passes run where they are the default
+    (:func:`.gluon_backward.wanted`); ``kernel_configs(gluon_backward=...)`` overrides it.
     """
     pattern, causal = plan.pattern, plan.causal
     batch, q_heads, seq_q, dim = q.shape
@@ -439,9 +441,9 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     def dq_grid(meta):
         return (batch * q_heads * pattern.num_q_blocks * (pattern.block_q // meta["BLOCK_M"]),)
 
-    # Passes asked of the Gluon kernels (kernel_configs(gluon_backward=...)) that can run, run there.
+    # Passes the Gluon kernels should take (asked through kernel_configs, or by default) run there.
     in_gluon = set()
-    if configs.current().gluon_backward:
+    if configs.current().gluon_backward is not False:
         in_gluon = gluon_backward.run_passes(
             *(q, k, v, dout, lse, delta, {"dkdv": (dk, dv), "dq": (dq,)}, plan),
             scale=scale,
@@ -450,6 +452,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
                 "dq": (pattern.num_q_blocks, per_wave, *dq_args[-3:]),
             },
             has_rule=bitmask is not None or predicate is not None,
+            by_default=gluon_by_default,
         )
     passes = [entry for entry in (("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args)) if entry[0] not in in_gluon]
     if interpreting():
