@@ -152,9 +152,28 @@ if gluon is not None:
                     ring += 1
 
     @gluon.jit
+    def _dq_tile(ds_smem, ds_bars, dq_half, dq_desc, k_cols, step, first_row, scale,
+                 ROW_OFFSET: gl.constexpr, dq_layout: gl.constexpr):  # fmt: skip
+        """dQ of ``step``'s 64 rows, this warpgroup's 64 columns: ``dS (64 x 128 keys) K[:, cols]``
+        once both warpgroups' halves of dS^T are in, scaled, staged in ``dq_half`` (float32) and
+        added into global rows ``first_row`` on by a TMA reduction."""
+        ds_buffer = ds_smem.index(step % 2)
+        mbarrier.wait(ds_bars.index(step % 2), (step // 2) & 1)
+        dq_zero = gl.zeros([64, 64], gl.float32, dq_layout)
+        dq_token = warpgroup_mma(ds_buffer.permute((1, 0)), k_cols, dq_zero, use_acc=False, is_async=True)
+        dq_part = warpgroup_mma_wait(0, deps=(dq_token,))
+        mbarrier.arrive(ds_bars.index(2 + step % 2), count=1)
+        tma.store_wait(0)  # the previous reduction has read dq_half
+        gl.thread_barrier()
+        dq_half.store(dq_part * scale)
+        fence_async_shared()
+        gl.thread_barrier()
+        _tma_reduce_add(dq_desc, [first_row.to(gl.int32), ROW_OFFSET], dq_half)
+
+    @gluon.jit
     def _consumer(
         q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
-        ds_smem, ds_ready, dq_smem, dq_desc,
+        ds_smem, ds_bars, dq_smem, dq_desc,
         QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale, qk_scale,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
@@ -184,6 +203,7 @@ if gluon is not None:
             )
             k_cols = k_smem.slice(ROW_OFFSET, 64, dim=1)  # this warpgroup's dQ columns of K
             dq_half = dq_smem.index(ROW_OFFSET // 64)
+            pending_row = (kv_row0 * 0).to(gl.int64)  # the first row of the step whose dQ is due
         mbarrier.wait(kv_bar, 0)
         ring = 0
         for member in range(group):
@@ -220,32 +240,29 @@ if gluon is not None:
                     ds_op = gl.convert_layout(ds_t, op_layout)
                     dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
                     if FUSE_DQ:
-                        # This warpgroup's 64 keys of dS^T, for both warpgroups' dQ product.
+                        # This warpgroup's 64 keys of dS^T, for both warpgroups' dQ product, into
+                        # the buffer both have finished reading two steps ago (count-2 "free").
                         ds_buffer = ds_smem.index(ring % 2)
+                        mbarrier.wait(ds_bars.index(2 + ring % 2), ((ring // 2) & 1) ^ 1)
                         ds_buffer.slice(ROW_OFFSET, 64).store(ds_t)
                         fence_async_shared()
                         gl.thread_barrier()
-                        mbarrier.arrive(ds_ready.index(ring % 2), count=1)
+                        mbarrier.arrive(ds_bars.index(ring % 2), count=1)
                     dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
                     mbarrier.arrive(free.index(slot), count=1)
                     if FUSE_DQ:
-                        # dQ[rows, cols] = dS (64 rows x 128 keys) K[:, cols], once both halves are in;
-                        # the buffer is rewritten two steps later, after both warpgroups read it
-                        # (each passes this step's wait only after the other's previous product).
-                        mbarrier.wait(ds_ready.index(ring % 2), (ring // 2) & 1)
-                        dq_zero = gl.zeros([64, 64], gl.float32, dq_layout)
-                        dq_token = warpgroup_mma(
-                            ds_buffer.permute((1, 0)), k_cols, dq_zero, use_acc=False, is_async=True
-                        )
-                        dq_part = warpgroup_mma_wait(0, deps=(dq_token,))
-                        tma.store_wait(0)  # the previous step's reduction has read dq_half
-                        gl.thread_barrier()
-                        dq_half.store(dq_part * scale)
-                        fence_async_shared()
-                        gl.thread_barrier()
-                        _tma_reduce_add(dq_desc, [(row_base + first_row).to(gl.int32), ROW_OFFSET], dq_half)
+                        # The previous step's dQ tile, whose dS halves are in by now: deferred one
+                        # step so that neither warpgroup waits for the other's current step.
+                        if ring > 0:
+                            _dq_tile(ds_smem, ds_bars, dq_half, dq_desc, k_cols, ring - 1, pending_row, scale,
+                                     ROW_OFFSET, dq_layout)  # fmt: skip
+                        pending_row = row_base + first_row
                     ring += 1
         if FUSE_DQ:
+            if ring > 0:
+                _dq_tile(
+                    ds_smem, ds_bars, dq_half, dq_desc, k_cols, ring - 1, pending_row, scale, ROW_OFFSET, dq_layout
+                )
             tma.store_wait(0)
         out_rows = key_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
         out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
@@ -291,19 +308,20 @@ if gluon is not None:
             dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.float32)
             ds_smem = gl.allocate_shared_memory(dtype, [2, 128, 64], ds_layout)  # dS^T, two steps
             dq_smem = gl.allocate_shared_memory(gl.float32, [2, 64, 64], dq_layout)  # one per warpgroup
-            ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(2):
-                mbarrier.init(ds_ready.index(i), count=2)  # both warpgroups' halves written
+            # dS^T buffer b: "written" (both halves in) at b, "read" (both dQ products done) at 2 + b.
+            ds_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(4):
+                mbarrier.init(ds_bars.index(i), count=2)
         else:
             ds_smem = kv_bar  # unused
             dq_smem = kv_bar
-            ds_ready = kv_bar
+            ds_bars = kv_bar
         gl.warp_specialize(
             [
                 (
                     _consumer,
                     (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
-                     ds_smem, ds_ready, dq_smem, DQAccDesc,
+                     ds_smem, ds_bars, dq_smem, DQAccDesc,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
                      qk_scale, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, FUSE_DQ),
@@ -311,7 +329,7 @@ if gluon is not None:
                 (
                     _consumer,
                     (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
-                     ds_smem, ds_ready, dq_smem, DQAccDesc,
+                     ds_smem, ds_bars, dq_smem, DQAccDesc,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
                      qk_scale, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, FUSE_DQ),
