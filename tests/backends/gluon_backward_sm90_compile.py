@@ -1,5 +1,4 @@
-"""Compile the Gluon dK/dV kernel (or, with ``"KERNEL": "dq"``, the dQ kernel; ``"fused"``, the
-dK/dV kernel that also reduces dQ) for sm_90a on any machine (no GPU needed) and print JSON.
+"""Compile the Gluon dK/dV kernel (or, with ``"KERNEL": "dq"``, the dQ kernel) for sm_90a on any machine (no GPU needed) and print JSON.
 
     python gluon_backward_sm90_compile.py '{"HEAD_DIM": 64, "dtype": "fp16", "CAUSAL": false}'
 
@@ -23,15 +22,11 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
 
     from sparse_attn.backends import gluon_backward
 
-    which = constants.pop("KERNEL", "dkdv")
-    is_dq = which == "dq"
+    is_dq = constants.pop("KERNEL", "dkdv") == "dq"
     kernel = gluon_backward._gluon_dq if is_dq else gluon_backward._gluon_dkdv
     values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True)
-    if not is_dq:
-        values["FUSE_DQ"] = which == "fused"
     values.update(constants)
-    stages = (gluon_backward.DQ_STAGES if is_dq else gluon_backward.STAGES)[values["HEAD_DIM"]]
-    values["STAGES"] = gluon_backward.FUSED_STAGES if which == "fused" else stages
+    values["STAGES"] = (gluon_backward.DQ_STAGES if is_dq else gluon_backward.STAGES)[values["HEAD_DIM"]]
     signature = {name: "i32" for name in kernel.arg_names}
     signature.update({name: f"*{dtype}" for name in ("DK", "DV", "DQ") if name in kernel.arg_names})
     lists = ("KvCounts", "KvIndices", "WorkOrder") if is_dq else ("QCounts", "QIndices", "WorkOrder")
@@ -44,13 +39,6 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
     for name, rows in zip(("QDesc", "DODesc", "KDesc", "VDesc"), tiles, strict=True):
         layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
         signature[name] = f"tensordesc<{dtype}[{rows}, {dim}],{layout!r}>"
-    if not is_dq:
-        if values["FUSE_DQ"]:
-            layout = gl.NVMMASharedLayout.get_default_for([64, 64], gl.float32)
-            signature["DQAccDesc"] = f"tensordesc<fp32[64, 64],{layout!r}>"
-        else:
-            signature["DQAccDesc"] = "constexpr"
-            values["DQAccDesc"] = None
     signature.update({name: "constexpr" for name in values})
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=values)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

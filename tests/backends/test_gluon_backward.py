@@ -41,16 +41,12 @@ def _compile_for_sm90(**variant):
         dict(KERNEL="dq"),
         dict(KERNEL="dq", dtype="fp16", HEAD_DIM=64, CAUSAL=False),
         dict(KERNEL="dq", BLOCK_Q=256, BLOCK_K=256),
-        dict(KERNEL="fused"),
-        dict(KERNEL="fused", dtype="fp16", CAUSAL=False, BLOCK_Q=64, BLOCK_K=256),
     ],
     ids=str,
 )
 def test_gluon_backward_kernels_compile_for_sm90(variant):
     compiled = _compile_for_sm90(**variant)
     ptx = compiled["ptx"]
-    # The fused form adds dQ tiles into float32 rows by TMA reductions; the others have none.
-    assert ("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add" in ptx) == (variant.get("KERNEL") == "fused")
     # Scores (64 x 64 tiles) and the gradient products (64 rows x head_dim) on the tensor cores.
     assert "wgmma.mma_async.sync.aligned.m64n64k16.f32" in ptx
     assert f"wgmma.mma_async.sync.aligned.m64n{variant.get('HEAD_DIM', 128)}k16.f32" in ptx
@@ -108,25 +104,23 @@ def test_gluon_backward_declines_what_it_cannot_run():
     ids=str,
 )
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("passes", ["dkdv", "dq", True, "fused"])
+@pytest.mark.parametrize("passes", ["dkdv", "dq", True])
 def test_gpu_gluon_backward_matches_reference(case, causal, passes, poison_outputs, monkeypatch):
     options = {"dim": 128, "block_q": 128, "block_k": 128, "dtype": torch.bfloat16, **case}
     dtype = options.pop("dtype")
-    if options["block_q"] % 128 and passes in ("dq", True):
+    if options["block_q"] % 128 and passes != "dkdv":
         pytest.skip("the Gluon dQ pass takes 128-row query blocks (the fallback test covers the others)")
-    if options["dim"] != 128 and passes == "fused":
-        pytest.skip("the fused Gluon backward takes head_dim 128")
     shape = (2, options["q_heads"], options["kv_heads"], options["seq_q"], options["seq_k"], options["dim"],
              options["block_q"], options["block_k"])  # fmt: skip
     q, k, v = random_qkv(*shape[:6], dtype=dtype, device="cuda", seed=3)
     dout = torch.randn_like(q)
     launches = []
-    for kind in ("dkdv", "dq", "fused"):
+    for kind in ("dkdv", "dq"):
         launch = getattr(gluon_backward, kind)
         monkeypatch.setattr(
             gluon_backward, kind, lambda *args, kind=kind, launch=launch, **kwargs: launches.append(kind) or launch(*args, **kwargs)
         )  # fmt: skip
-    expected_launches = {True: ["dkdv", "dq"], "fused": ["fused", "dkdv"]}.get(passes, [passes])
+    expected_launches = ["dkdv", "dq"] if passes is True else [passes]
     for seed, heads_kind in enumerate(("query", "kv", "shared")):
         heads = {"query": shape[1], "kv": shape[2], "shared": 1}[heads_kind]
         pattern = shape_pattern(shape, heads=heads, density=0.4, causal=causal, seed=seed).to("cuda")

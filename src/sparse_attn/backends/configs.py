@@ -99,7 +99,7 @@ TOKEN_ROWS = (16, 32, 64, 128)
 GLUON_MAX_STAGES = 4
 
 
-GLUON_BACKWARD_PASSES = ("dkdv", "dq", "fused")
+GLUON_BACKWARD_PASSES = ("dkdv", "dq")
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,7 @@ class KernelConfigs:
     their waves like the others instead of for every stream before the waves
     (:func:`sparse_attn.backends.launch.lead_blocks`). ``gluon_backward``: ``True`` makes the
     backward's dK/dV and dQ passes run the warp-specialized Gluon kernels where they can, ``"dkdv"``
-    or ``"dq"`` only that pass, ``"fused"`` one kernel for both (dQ through float32 TMA reductions,
-    head_dim 128), ``False`` neither; unset, both run after the Gluon forward at
+    or ``"dq"`` only that pass, ``False`` neither; unset, both run after the Gluon forward at
     head_dim 128 (:mod:`sparse_attn.backends.gluon_backward`).
     """
 

@@ -62,9 +62,7 @@ from .launch import LOG2_E, block_list_strides, flat_descriptor
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language._core import builtin
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -78,9 +76,6 @@ BLOCK_N = 128  # keys per program, 64 per consumer warpgroup
 STAGES = {64: 4, 128: 3}  # ring depth per head_dim: Q and dO tiles of 8 / 16 KiB each, beside 32 / 64 KiB of K and V
 # The dQ pass's K/V ring: 64-key tiles of 8 / 16 KiB each, beside 32 / 64 KiB of Q and dO.
 DQ_STAGES = {64: 6, 128: 4}
-# The fused form (head_dim 128): 3 ring slots (96 KiB) beside K and V (64 KiB), two dS^T buffers
-# (32 KiB) and the two warpgroups' float32 dQ tiles (32 KiB): 224 of the 227 KiB.
-FUSED_STAGES = 3
 # Head dims where the two passes run by default after the Gluon forward: at 128 they took forward
 # + backward from 126.7 to 109.5 ms at 128K / 0.1 and from 14.9 to 13.1 ms at 32K / 0.2; at 64
 # they were level or slower (2.74 against 2.63 ms at 32K / 0.05; twenty-seventh session,
@@ -88,17 +83,7 @@ FUSED_STAGES = 3
 DEFAULT_HEAD_DIMS = (128,)
 
 if gluon is not None:
-    from triton._C.libtriton import ir as _ir
-
     from .tile_steps import lead_wave_item
-
-    @builtin
-    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
-        """``global[coord] += src`` through TMA (``cp.reduce.async.bulk.tensor ... .add``): the
-        operation exists in Gluon's builder but Triton 3.6 exports no Hopper wrapper for it.
-        Completes asynchronously: :func:`tma.store_wait` before ``src`` is written again."""
-        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
 
     @gluon.jit
     def _steps_of(QCounts, QIndices, batch, kv_head, member, kv_block,
@@ -152,36 +137,14 @@ if gluon is not None:
                     ring += 1
 
     @gluon.jit
-    def _dq_tile(ds_smem, ds_bars, dq_half, dq_desc, k_cols, step, first_row, scale,
-                 ROW_OFFSET: gl.constexpr, dq_layout: gl.constexpr):  # fmt: skip
-        """dQ of ``step``'s 64 rows, this warpgroup's 64 columns: ``dS (64 x 128 keys) K[:, cols]``
-        once both warpgroups' halves of dS^T are in, scaled, staged in ``dq_half`` (float32) and
-        added into global rows ``first_row`` on by a TMA reduction."""
-        ds_buffer = ds_smem.index(step % 2)
-        mbarrier.wait(ds_bars.index(step % 2), (step // 2) & 1)
-        dq_zero = gl.zeros([64, 64], gl.float32, dq_layout)
-        dq_token = warpgroup_mma(ds_buffer.permute((1, 0)), k_cols, dq_zero, use_acc=False, is_async=True)
-        dq_part = warpgroup_mma_wait(0, deps=(dq_token,))
-        mbarrier.arrive(ds_bars.index(2 + step % 2), count=1)
-        tma.store_wait(0)  # the previous reduction has read dq_half
-        gl.thread_barrier()
-        dq_half.store(dq_part * scale)
-        fence_async_shared()
-        gl.thread_barrier()
-        _tma_reduce_add(dq_desc, [first_row.to(gl.int32), ROW_OFFSET], dq_half)
-
-    @gluon.jit
     def _consumer(
         q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
-        ds_smem, ds_bars, dq_smem, dq_desc,
         QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale, qk_scale,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, FUSE_DQ: gl.constexpr,
+        CAUSAL: gl.constexpr,
     ):  # fmt: skip
-        """One warpgroup: dK and dV of keys ``key_start + ROW_OFFSET`` to ``+ 64`` over every step;
-        with ``FUSE_DQ`` also the step's dQ columns ``ROW_OFFSET`` to ``+ 64`` (head_dim 128) from
-        both warpgroups' dS, reduced into the float32 rows of ``dq_desc``."""
+        """One warpgroup: dK and dV of keys ``key_start + ROW_OFFSET`` to ``+ 64`` over every step."""
         SUB: gl.constexpr = BLOCK_Q // 64
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]
@@ -197,13 +160,6 @@ if gluon is not None:
         cols = gl.arange(0, 64, layout=gl.SliceLayout(0, st_layout))
         dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
-        if FUSE_DQ:
-            dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
-                version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]
-            )
-            k_cols = k_smem.slice(ROW_OFFSET, 64, dim=1)  # this warpgroup's dQ columns of K
-            dq_half = dq_smem.index(ROW_OFFSET // 64)
-            pending_row = (kv_row0 * 0).to(gl.int64)  # the first row of the step whose dQ is due
         mbarrier.wait(kv_bar, 0)
         ring = 0
         for member in range(group):
@@ -236,34 +192,11 @@ if gluon is not None:
                     dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
                     delta = gl.load(Delta + row_base + rows)
                     dp_t = warpgroup_mma_wait(1, deps=(dp_token,))
-                    ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
-                    ds_op = gl.convert_layout(ds_t, op_layout)
+                    ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), op_layout)
                     dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
-                    if FUSE_DQ:
-                        # This warpgroup's 64 keys of dS^T, for both warpgroups' dQ product, into
-                        # the buffer both have finished reading two steps ago (count-2 "free").
-                        ds_buffer = ds_smem.index(ring % 2)
-                        mbarrier.wait(ds_bars.index(2 + ring % 2), ((ring // 2) & 1) ^ 1)
-                        ds_buffer.slice(ROW_OFFSET, 64).store(ds_t)
-                        fence_async_shared()
-                        gl.thread_barrier()
-                        mbarrier.arrive(ds_bars.index(ring % 2), count=1)
                     dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
                     mbarrier.arrive(free.index(slot), count=1)
-                    if FUSE_DQ:
-                        # The previous step's dQ tile, whose dS halves are in by now: deferred one
-                        # step so that neither warpgroup waits for the other's current step.
-                        if ring > 0:
-                            _dq_tile(ds_smem, ds_bars, dq_half, dq_desc, k_cols, ring - 1, pending_row, scale,
-                                     ROW_OFFSET, dq_layout)  # fmt: skip
-                        pending_row = row_base + first_row
                     ring += 1
-        if FUSE_DQ:
-            if ring > 0:
-                _dq_tile(
-                    ds_smem, ds_bars, dq_half, dq_desc, k_cols, ring - 1, pending_row, scale, ROW_OFFSET, dq_layout
-                )
-            tma.store_wait(0)
         out_rows = key_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
         out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
         offsets = (kv_row0 + out_rows).to(gl.int64)[:, None] * HEAD_DIM + out_cols[None, :]
@@ -272,15 +205,14 @@ if gluon is not None:
 
     @gluon.jit
     def _gluon_dkdv(
-        QDesc, DODesc, KDesc, VDesc, DQAccDesc, Lse, Delta, DK, DV, QCounts, QIndices,
+        QDesc, DODesc, KDesc, VDesc, Lse, Delta, DK, DV, QCounts, QIndices,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik,
         num_q_heads, num_kv_heads, group, pattern_head_divisor, seq_q, seq_k, scale, qk_scale,
         n_blocks, per_wave, WorkOrder, lead_blocks, all_heads,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, FUSE_DQ: gl.constexpr,
+        CAUSAL: gl.constexpr,
     ):  # fmt: skip
-        """One program per (batch, KV head, 128-key tile), in the Triton dK/dV pass's order; with
-        ``FUSE_DQ`` it also adds every step's dQ tile into ``DQAccDesc``'s float32 rows."""
+        """One program per (batch, KV head, 128-key tile), in the Triton dK/dV pass's order."""
         TILES: gl.constexpr = BLOCK_K // 128
         rank, batch_head = lead_wave_item(gl.program_id(0), per_wave, n_blocks * TILES, lead_blocks * TILES, all_heads)
         kv_block = gl.load(WorkOrder + rank // TILES)
@@ -303,36 +235,21 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(free.index(i), count=2)  # both consumer warpgroups release a slot
-        if FUSE_DQ:
-            ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, 64], dtype)
-            dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.float32)
-            ds_smem = gl.allocate_shared_memory(dtype, [2, 128, 64], ds_layout)  # dS^T, two steps
-            dq_smem = gl.allocate_shared_memory(gl.float32, [2, 64, 64], dq_layout)  # one per warpgroup
-            # dS^T buffer b: "written" (both halves in) at b, "read" (both dQ products done) at 2 + b.
-            ds_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(4):
-                mbarrier.init(ds_bars.index(i), count=2)
-        else:
-            ds_smem = kv_bar  # unused
-            dq_smem = kv_bar
-            ds_bars = kv_bar
         gl.warp_specialize(
             [
                 (
                     _consumer,
                     (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
-                     ds_smem, ds_bars, dq_smem, DQAccDesc,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
-                     qk_scale, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, FUSE_DQ),
+                     qk_scale, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL),
                 ),
                 (
                     _consumer,
                     (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
-                     ds_smem, ds_bars, dq_smem, DQAccDesc,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
-                     qk_scale, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, FUSE_DQ),
+                     qk_scale, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL),
                 ),
                 (
                     _producer,
@@ -481,8 +398,8 @@ if gluon is not None:
 
 
 def cannot_run_reason(q, k, v, dout, plan: BlockSparsePlan, *, has_rule: bool, kind: str = "dkdv") -> str | None:
-    """Why the Gluon ``kind`` pass (``"dkdv"``, ``"dq"`` or ``"fused"``, both in one kernel) cannot
-    take this case (the Triton passes do), or ``None``."""
+    """Why the Gluon ``kind`` pass (``"dkdv"`` or ``"dq"``) cannot take this case (the Triton
+    pass does), or ``None``."""
     pattern = plan.pattern
     if gluon is None:
         return "Gluon is not available in this Triton"
@@ -498,8 +415,6 @@ def cannot_run_reason(q, k, v, dout, plan: BlockSparsePlan, *, has_rule: bool, k
         return "patterns with a token rule take the Triton backward"
     if pattern.block_q % BLOCK_M or pattern.block_k % BLOCK_N:
         return f"the Gluon backward needs block_q % 64 == 0 and block_k % 128 == 0, got {pattern.block_q} x {pattern.block_k}"
-    if kind == "fused" and q.shape[-1] != 128:
-        return f"the fused Gluon backward takes head_dim 128, got {q.shape[-1]}"
     if kind == "dq" and pattern.block_q % 128:
         return f"the Gluon dQ pass needs block_q a multiple of 128, got {pattern.block_q}"
     if q.shape[2] % pattern.block_q or k.shape[2] % pattern.block_k:
@@ -528,18 +443,6 @@ def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan
     ``orders[kind]``; returns the kinds run. A pass asked for (``kernel_configs``) that cannot
     run warns (once per reason) and is left to the Triton backward; one chosen by default
     (``by_default``: the forward ran the Gluon backend) that cannot run is left to it quietly."""
-    if configs.current().gluon_backward == "fused":
-        reason = cannot_run_reason(q, k, v, dout, plan, has_rule=has_rule, kind="fused")
-        if reason is None:
-            fused(
-                q, k, v, dout, lse, delta, *gradients["dkdv"], *gradients["dq"], plan, scale=scale, order=orders["dkdv"]
-            )
-            return {"dkdv", "dq"}
-        warnings.warn(
-            f"kernel_configs(gluon_backward='fused'): the Triton dK/dV and dQ passes run instead ({reason})",
-            stacklevel=3,
-        )
-        return set()
     done = set()
     for kind, name, run in (("dkdv", "dK/dV", dkdv), ("dq", "dQ", dq)):
         choice = wanted(kind, head_dim=q.shape[-1], by_default=by_default)
@@ -556,32 +459,22 @@ def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan
     return done
 
 
-def dkdv(
-    q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: float, order: tuple, dq_accumulator=None
-) -> None:
+def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: float, order: tuple) -> None:
     """Fill ``dk`` and ``dv`` (contiguous, the shapes of k and v) with the Gluon pass.
 
     ``order``: the Triton pass's launch order, ``(n_blocks, per_wave, work_order, lead_blocks,
-    all_heads)``. ``dq_accumulator``: a zeroed float32 tensor of q's shape to add dQ into (the
-    fused form, head_dim 128). Call only where :func:`cannot_run_reason` returns ``None``."""
+    all_heads)``. Call only where :func:`cannot_run_reason` returns ``None``."""
     pattern = plan.pattern
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
     grid = (batch * kv_heads * pattern.num_kv_blocks * (pattern.block_k // BLOCK_N),)
-    fused = dq_accumulator is not None
-    if fused:
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-        layout = gl.NVMMASharedLayout.get_default_for([64, 64], gl.float32)
-        dq_desc = TensorDescriptor.from_tensor(dq_accumulator.view(-1, dim), [64, 64], layout)
     _gluon_dkdv[grid](
         *(
             flat_descriptor(q, BLOCK_M),
             flat_descriptor(dout, BLOCK_M),
             flat_descriptor(k, BLOCK_N),
             flat_descriptor(v, BLOCK_N),
-            dq_desc if fused else None,
         ),
         *(lse, delta, dk, dv, q_counts, q_indices),
         *block_list_strides(q_counts, q_indices, pattern.batch),
@@ -590,20 +483,10 @@ def dkdv(
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
-        STAGES=FUSED_STAGES if fused else STAGES[dim],
+        STAGES=STAGES[dim],
         CAUSAL=bool(plan.causal),
-        FUSE_DQ=fused,
         num_warps=4,
     )
-
-
-def fused(q, k, v, dout, lse, delta, dk, dv, dq_out, plan: BlockSparsePlan, *, scale: float, order: tuple) -> None:
-    """Fill ``dk``, ``dv`` and ``dq_out`` with one Gluon kernel (five products per tile pair):
-    the dK/dV pass adding each step's dQ tile into float32 rows through TMA reductions, then one
-    cast. dQ's sum order varies from run to run (dK and dV do not). ``order`` as for :func:`dkdv`."""
-    accumulator = torch.zeros(dq_out.shape, dtype=torch.float32, device=dq_out.device)
-    dkdv(q, k, v, dout, lse, delta, dk, dv, plan, scale=scale, order=order, dq_accumulator=accumulator)
-    dq_out.copy_(accumulator)
 
 
 def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float, order: tuple) -> None:
