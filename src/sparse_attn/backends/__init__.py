@@ -29,8 +29,9 @@ Choice (:func:`resolve_backend`):
   (CUDA) or ``reference``. See :func:`sparse_attn.masked_pattern.backend_for_token_rule`.
 * A backend that cannot run the case falls back to the next one and finally to ``reference``
   with one warning naming why. Inputs that require grad count as part of the case: every
-  backend differentiates in q, k and v (``triton`` and ``gluon`` with the Triton backward
-  kernels, ``reference`` and ``flex`` through autograd) except ``flex`` on CPU, which falls back.
+  backend differentiates in q, k and v (``triton`` with the Triton backward kernels, ``gluon``
+  with the same or, at head_dim 128 on Hopper, the Gluon passes of :mod:`.gluon_backward`;
+  ``reference`` and ``flex`` through autograd) except ``flex`` on CPU, which falls back.
 
 Kernel tuning (tiles, load modes, Gluon stages) is overridden with :func:`kernel_configs`.
 """
