@@ -92,6 +92,17 @@ def test_gluon_backward_declines_what_it_cannot_run():
         assert gluon_backward.cannot_run_reason(q, k, v, q, plan, has_rule=False, kind=kind) is not None
 
 
+def _record_launches(monkeypatch) -> list[str]:
+    """A list that each Gluon pass launched from now on appends its name to."""
+    launches = []
+    for kind in ("dkdv", "dq"):
+        launch = getattr(gluon_backward, kind)
+        monkeypatch.setattr(
+            gluon_backward, kind, lambda *args, kind=kind, launch=launch, **kwargs: launches.append(kind) or launch(*args, **kwargs)
+        )  # fmt: skip
+    return launches
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "case",
@@ -114,12 +125,7 @@ def test_gpu_gluon_backward_matches_reference(case, causal, passes, poison_outpu
              options["block_q"], options["block_k"])  # fmt: skip
     q, k, v = random_qkv(*shape[:6], dtype=dtype, device="cuda", seed=3)
     dout = torch.randn_like(q)
-    launches = []
-    for kind in ("dkdv", "dq"):
-        launch = getattr(gluon_backward, kind)
-        monkeypatch.setattr(
-            gluon_backward, kind, lambda *args, kind=kind, launch=launch, **kwargs: launches.append(kind) or launch(*args, **kwargs)
-        )  # fmt: skip
+    launches = _record_launches(monkeypatch)
     expected_launches = ["dkdv", "dq"] if passes is True else [passes]
     for seed, heads_kind in enumerate(("query", "kv", "shared")):
         heads = {"query": shape[1], "kv": shape[2], "shared": 1}[heads_kind]
@@ -185,12 +191,7 @@ def test_gpu_gluon_passes_are_the_default_after_the_gluon_forward(seq, poison_ou
     q, k, v = random_qkv(1, 8, 2, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=2)
     pattern = shape_pattern((1, 8, 2, seq, seq, 128, 128, 128), heads=2, density=0.5, causal=True, seed=2).to("cuda")
     dout = torch.randn_like(q)
-    launches = []
-    for kind in ("dkdv", "dq"):
-        launch = getattr(gluon_backward, kind)
-        monkeypatch.setattr(
-            gluon_backward, kind, lambda *args, kind=kind, launch=launch, **kwargs: launches.append(kind) or launch(*args, **kwargs)
-        )  # fmt: skip
+    launches = _record_launches(monkeypatch)
     leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
     sa.block_sparse_attention(*leaves, pattern, causal=True, backend="reference").backward(dout.float())
     expected = [x.grad for x in leaves]
