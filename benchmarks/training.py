@@ -5,11 +5,12 @@ blocks, one list per KV head) at densities 0.05 / 0.1 / 0.2 plus dense, at 32K a
 head_dim 128, and 32K with head_dim 64. One timed call is ``out = attention(q, k, v);
 out.backward(dout)`` with gradients for q, k and v (reset between calls). Columns: our
 backends (``auto``: on Hopper the Gluon forward with, at head_dim 128, the Gluon backward
-passes, the Triton ones at 64; ``triton``: the Triton forward and backward), FlexAttention on the same pattern (its own backward), dense
+passes, the Triton ones at 64; ``triton``: the Triton forward and backward), FlexAttention on
+the same pattern (its own backward), dense
 SDPA with cuDNN and with FlashAttention on K/V expanded to the query heads (the expansion
 outside the timing), and the forward alone of our ``auto`` backend. Where FlashAttention-4 is
 installed: the ``flash4`` backend (FlexAttention's FLASH backend on the same pattern, FA4's own
-backward; refused below head_dim 128 on sm_90, see :mod:`sparse_attn.backends.flash4`) and
+backward, see :mod:`sparse_attn.backends.flash4`) and
 FA4's dense kernel forward + backward. Each backend's gradients are compared with the first
 backend's (largest relative Frobenius error of dQ, dK, dV). Medians from
 ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/training.json``.
