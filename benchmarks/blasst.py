@@ -33,7 +33,15 @@ import torch
 import sparse_attn as sa
 import sparse_attn.methods.blasst  # noqa: F401  (registers blasst until methods/__init__ lists it)
 from estimators import Shape, structured_qkv
-from sparse_attn.bench import dense_baselines, device_slug, environment, format_table, measure, write_results
+from sparse_attn.bench import (
+    dense_baselines,
+    device_slug,
+    environment,
+    format_table,
+    measure,
+    relative_error,
+    write_results,
+)
 from sparse_attn.methods.blasst import BlasstConfig, skip_threshold
 from sparse_attn.skip_pattern import SkipThresholdPattern, computed_density, skip_threshold_attention
 
@@ -52,11 +60,6 @@ COLUMNS = [
     ("vs_ideal", "time/ideal", ".2f"),
     ("output_error", "rel error", ".2e"),
 ]
-
-
-def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
-    """``||out - reference|| / ||reference||`` in float32."""
-    return float(torch.linalg.vector_norm((out - reference).float()) / torch.linalg.vector_norm(reference.float()))
 
 
 def run_length(shape: Shape, thresholds: tuple[str, ...], *, strength: float, device: torch.device) -> list[dict]:

@@ -36,6 +36,7 @@ from sparse_attn.bench import (
     environment,
     format_table,
     measure,
+    relative_error,
     waves_label,
     write_results,
 )
@@ -51,10 +52,6 @@ def _gradients(attention, q, k, v, dout, overrides):
     with kernel_configs(**overrides):
         _forward_backward(attention, q, k, v, dout)
     return [x.grad.clone() for x in (q, k, v)]
-
-
-def _relative(got, want):
-    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
 
 
 def _fa4_forward_backward(q, k, v, dout):
@@ -118,7 +115,7 @@ def run_case(seq: int, head_dim: int, densities, backends, device, *, q_heads=32
                 if first_grads is None:
                     first_grads = grads
                 else:  # a fast path that is fast because it is wrong shows here
-                    row[f"{backend}_grad_error"] = max(map(_relative, grads, first_grads))
+                    row[f"{backend}_grad_error"] = max(map(relative_error, grads, first_grads))
             q.grad = k.grad = v.grad = None
         with torch.no_grad():
             row["auto_forward_ms"], _ = measure(partial(block_sparse_attention, q, k, v, pattern), device)

@@ -239,6 +239,11 @@ def kernel_columns(backends: tuple[str, ...], dense_names: tuple[str, ...]) -> l
     return columns
 
 
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||out - reference|| / ||reference||`` (Frobenius) in float32."""
+    return float(torch.linalg.vector_norm((out - reference).float()) / torch.linalg.vector_norm(reference.float()))
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Plain-text table; ``columns`` are ``(key, header, format spec)``, missing values print ``-``."""
     texts = [[format(row[key], spec) if row.get(key) is not None else "-" for key, _, spec in columns] for row in rows]

@@ -51,6 +51,7 @@ from ..plan import BlockSparsePlan, plan_for
 from ..utils import device_capability, interpreting
 from . import configs, triton_backward
 from .configs import GLUON_BLOCK_M
+from .gluon_lang import gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from .launch import (
     descriptor_compatible,
     ensure_scratch_allocator,
@@ -59,18 +60,6 @@ from .launch import (
     launch_arguments,
     lead_blocks,
 )
-
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-except ImportError:  # pragma: no cover - triton missing or without Gluon
-    gluon = None
 
 name = "gluon"
 

@@ -57,19 +57,8 @@ import torch
 from ..plan import BlockSparsePlan
 from ..utils import device_capability, interpreting
 from . import configs
+from .gluon_lang import gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from .launch import LOG2_E, block_list_strides, flat_descriptor
-
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-except ImportError:  # pragma: no cover - triton missing or without Gluon
-    gluon = None
 
 BLOCK_M = 64  # query rows per step (the N of the transposed score products)
 BLOCK_N = 128  # keys per program, 64 per consumer warpgroup
@@ -100,6 +89,30 @@ if gluon is not None:
     def _first_row(base, step, BLOCK_Q: gl.constexpr, SUB: gl.constexpr):
         q_block = gl.load(base + step // SUB)
         return q_block * BLOCK_Q + (step % SUB) * 64
+
+    @gluon.constexpr_function
+    def _scores_layout():
+        """The wgmma accumulator layout of a warpgroup's 64 x 64 score tiles."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+
+    @gluon.constexpr_function
+    def _gradient_layout(head_dim):
+        """The wgmma accumulator layout of a warpgroup's 64 x ``head_dim`` gradient tile."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, head_dim, 16])
+
+    @gluon.jit
+    def _ring_barriers(STAGES: gl.constexpr):
+        """``(once, ready, free)``: the barrier of the tiles loaded once, and the ring's "ready"
+        (one arrival: the producer's transactions) and "free" barriers (two: both consumer
+        warpgroups release a slot), initialised."""
+        once = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(once, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=2)
+        return once, ready, free
 
     @gluon.jit
     def _producer(
@@ -146,12 +159,8 @@ if gluon is not None:
     ):  # fmt: skip
         """One warpgroup: dK and dV of keys ``key_start + ROW_OFFSET`` to ``+ 64`` over every step."""
         SUB: gl.constexpr = BLOCK_Q // 64
-        st_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]
-        )
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
-        )
+        st_layout: gl.constexpr = _scores_layout()
+        acc_layout: gl.constexpr = _gradient_layout(HEAD_DIM)
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         dtype: gl.constexpr = q_smem.dtype
         k_half = k_smem.slice(ROW_OFFSET, 64)
@@ -228,13 +237,7 @@ if gluon is not None:
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 64, HEAD_DIM], row_layout)
         k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
         v_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(free.index(i), count=2)  # both consumer warpgroups release a slot
+        kv_bar, ready, free = _ring_barriers(STAGES)
         gl.warp_specialize(
             [
                 (
@@ -292,12 +295,8 @@ if gluon is not None:
     ):  # fmt: skip
         """One warpgroup: dQ of rows ``row_start + ROW_OFFSET`` to ``+ 64`` over every listed key tile."""
         SUB: gl.constexpr = BLOCK_K // 64
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]
-        )
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
-        )
+        s_layout: gl.constexpr = _scores_layout()
+        acc_layout: gl.constexpr = _gradient_layout(HEAD_DIM)
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         dtype: gl.constexpr = q_smem.dtype
         q = q_smem.slice(ROW_OFFSET, 64)
@@ -365,13 +364,7 @@ if gluon is not None:
         do_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], row_layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 64, HEAD_DIM], key_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 64, HEAD_DIM], key_layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(free.index(i), count=2)  # both consumer warpgroups release a slot
+        q_bar, ready, free = _ring_barriers(STAGES)
         gl.warp_specialize(
             [
                 (

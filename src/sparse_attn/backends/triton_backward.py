@@ -442,18 +442,16 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         return (batch * q_heads * pattern.num_q_blocks * (pattern.block_q // meta["BLOCK_M"]),)
 
     # Passes the Gluon kernels should take (asked through kernel_configs, or by default) run there.
-    in_gluon = set()
-    if configs.current().gluon_backward is not False:
-        in_gluon = gluon_backward.run_passes(
-            *(q, k, v, dout, lse, delta, {"dkdv": (dk, dv), "dq": (dq,)}, plan),
-            scale=scale,
-            orders={  # the launch orders of the Triton passes: the last three arguments of each
-                "dkdv": (pattern.num_kv_blocks, per_wave // group, *dkdv_args[-3:]),
-                "dq": (pattern.num_q_blocks, per_wave, *dq_args[-3:]),
-            },
-            has_rule=bitmask is not None or predicate is not None,
-            by_default=gluon_by_default,
-        )
+    in_gluon = gluon_backward.run_passes(
+        *(q, k, v, dout, lse, delta, {"dkdv": (dk, dv), "dq": (dq,)}, plan),
+        scale=scale,
+        orders={  # the launch orders of the Triton passes: the last three arguments of each
+            "dkdv": (pattern.num_kv_blocks, per_wave // group, *dkdv_args[-3:]),
+            "dq": (pattern.num_q_blocks, per_wave, *dq_args[-3:]),
+        },
+        has_rule=bitmask is not None or predicate is not None,
+        by_default=gluon_by_default,
+    )
     passes = [entry for entry in (("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args)) if entry[0] not in in_gluon]
     if interpreting():
         tiles = dict(BLOCK_M=min(pattern.block_q, 32), BLOCK_N=min(pattern.block_k, 16))
