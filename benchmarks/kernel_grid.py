@@ -16,6 +16,7 @@ cannot run a case (the Gluon kernel off Hopper, say) shows ``-`` and its reason.
     python benchmarks/kernel_grid.py --lengths 32768 --dims 128
     python benchmarks/kernel_grid.py --lengths 131072 --extra-dims --loads tma   # TMA descriptor loads only
     python benchmarks/kernel_grid.py --lengths 32768 131072 --kernels both       # Gluon vs Triton kernel
+    python benchmarks/kernel_grid.py --also auto+gluon_pingpong=true             # a tuning choice as a column
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ def main() -> None:
     )
     add_waves_argument(parser)
     parser.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        help="more columns: backend variants such as auto+gluon_pingpong=true or gluon+gluon_persistent=false "
+        "(a backend and kernel_configs overrides), timed on the same patterns after the --kernels columns",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>/kernels.json)"
     )
     args = parser.parse_args()
@@ -87,6 +95,7 @@ def main() -> None:
         KernelCase(seq=args.extra_length, head_dim=dim, densities=tuple(args.densities)) for dim in args.extra_dims
     ]
     backends = {"both": ("gluon", "triton", "flex"), "auto": ("auto", "flex"), "gluon": ("gluon",)}[args.kernels]
+    backends += tuple(args.also)
     dense_names = ("sdpa-cudnn", "sdpa-flash")
     if (
         flash4.installed() is None and args.kernels != "gluon"
@@ -123,6 +132,7 @@ def main() -> None:
             "gluon_descriptors": args.gluon_descriptors,
             "gluon_persistent": args.gluon_persistent,
             "kv_streams_per_wave": waves_label(args.kv_streams_per_wave),
+            "also": args.also,
             **environment(device),
         },
     )

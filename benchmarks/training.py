@@ -32,6 +32,7 @@ from sparse_attn import block_sparse_attention, dense_pattern, random_pattern
 from sparse_attn.backends import flash4, kernel_configs
 from sparse_attn.bench import (
     add_waves_argument,
+    backend_variant,
     device_slug,
     environment,
     format_table,
@@ -100,7 +101,7 @@ def run_case(seq: int, head_dim: int, densities, backends, device, *, q_heads=32
         row = {"seq": seq, "head_dim": head_dim, "density": round(pattern.density(), 4), "errors": {}}
         first_grads = None  # the first backend's gradients, which the others are checked against
         for backend in backends:
-            backend_name, overrides = _variant(backend)
+            backend_name, overrides = backend_variant(backend)
             refused = flash4.gradient_unsupported_reason(q) if backend_name == "flash4" else None
             if refused:  # it would fall back to another backend: timing that under this name would mislead
                 row[f"{backend}_ms"], row["errors"][backend] = None, f"refused: {refused}"
@@ -132,22 +133,6 @@ def run_case(seq: int, head_dim: int, densities, backends, device, *, q_heads=32
         rows.append(row)
         print(format_table([row], _columns(backends)).splitlines()[-1], flush=True)
     return rows
-
-
-def _variant(spec: str) -> tuple[str, dict]:
-    """``"auto+kv_streams_per_wave=0+triton_backward_skip_masked=true"`` -> the backend name and
-    its :func:`kernel_configs` overrides (integers and true/false parsed, other values kept as
-    strings: ``auto+gluon_backward=dkdv``), applied to the forward and, through it, the backward."""
-    name, *settings = spec.split("+")
-    overrides = {}
-    for setting in settings:
-        key, _, value = setting.partition("=")
-        lowered = value.lower()
-        if lowered in ("true", "false"):
-            overrides[key] = lowered == "true"
-        else:
-            overrides[key] = int(value) if value.lstrip("-").isdigit() else value
-    return name, overrides
 
 
 def _columns(backends):

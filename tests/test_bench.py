@@ -54,6 +54,28 @@ def test_kernel_case_without_causal_mask():
         assert not row["errors"] and row["reference_ms"] > 0 and row["sdpa_ms"] > 0
 
 
+def test_kernel_case_times_backend_variants_under_their_overrides(monkeypatch):
+    """A column ``reference+kv_streams_per_wave=0`` runs the reference backend with that override in
+    force, beside the plain column, on the same pattern."""
+    import sparse_attn.bench as bench
+    from sparse_attn.backends import configs
+
+    seen = set()
+    real = bench.block_sparse_attention
+
+    def spy(*args, **keywords):
+        seen.add((keywords["backend"], configs.current().kv_streams_per_wave))
+        return real(*args, **keywords)
+
+    monkeypatch.setattr(bench, "block_sparse_attention", spy)
+    case = bench.KernelCase(seq=96, q_heads=2, kv_heads=2, head_dim=16, dtype="float32", block=32, densities=(0.5,))
+    columns = ("reference", "reference+kv_streams_per_wave=0")
+    (row,) = bench.run_kernel_case(case, columns, torch.device("cpu"))
+    assert not row["errors"]
+    assert row["reference_ms"] > 0 and row["reference+kv_streams_per_wave=0_ms"] > 0
+    assert seen == {("reference", None), ("reference", 0)}
+
+
 def test_methods_command_lists_every_method_with_paper_and_defaults(capsys):
     assert main(["methods"]) == 0
     printed = capsys.readouterr().out

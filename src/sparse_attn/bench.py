@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import block_sparse_attention
-from .backends import resolve_backend
+from .backends import kernel_configs, resolve_backend
 from .pattern import BlockSparsePattern, dense_pattern, random_pattern
 
 
@@ -155,6 +155,23 @@ def _resolved(backend: str, q, k, v, pattern: BlockSparsePattern, *, causal: boo
     return name, f"fallback: {reasons}"
 
 
+def backend_variant(spec: str) -> tuple[str, dict]:
+    """``"auto+kv_streams_per_wave=0+gluon_pingpong=true"`` -> the backend name and its
+    :func:`~sparse_attn.backends.kernel_configs` overrides (integers and true/false parsed, other
+    values kept as strings: ``auto+gluon_backward=dkdv``), so a benchmark can time one backend
+    under several tuning choices side by side."""
+    name, *settings = spec.split("+")
+    overrides = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            overrides[key] = lowered == "true"
+        else:
+            overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, overrides
+
+
 def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.device, seed: int = 0) -> list[dict]:
     """Time each backend on random patterns at each density (causal or not, as ``case.causal``), and dense SDPA once.
 
@@ -162,8 +179,9 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
     the throughput of the first backend over the pairs it computes, and its speedup over
     the first dense baseline. A backend that fails on a shape, or would fall back to another
     (see :mod:`sparse_attn.backends`), gets ``None`` and the error or the fallback's reason;
-    ``auto`` rows also name the backend it ran (``auto_backend``).
-    Kernel tuning choices are swept with :func:`sparse_attn.backends.kernel_configs` around the call.
+    ``auto`` columns also name the backend they ran (``auto_backend``, ``auto+...``'s ``auto+..._backend``).
+    Kernel tuning choices are swept with :func:`sparse_attn.backends.kernel_configs` around the call,
+    or per column with a backend variant (:func:`backend_variant`: ``"gluon+gluon_pingpong=true"``).
     """
     dtype = getattr(torch, case.dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -208,14 +226,16 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
             "pair_fraction": round(pairs / dense_pairs, 4),
         }
         for backend in backends:
-            _, fallback = _resolved(backend, q, k, v, pattern, causal=causal)
-            if fallback is not None:  # timing another backend under this name would mislead
-                row[f"{backend}_ms"], errors[backend] = None, fallback
-                continue
-            run = partial(block_sparse_attention, q, k, v, pattern, causal=causal, backend=backend)
-            row[f"{backend}_ms"], errors[backend] = measure(run, device)
-            if backend == "auto":  # what the timed (repeated) calls ran: auto may move a shape on its second call
-                row["auto_backend"] = _resolved(backend, q, k, v, pattern, causal=causal)[0]
+            name, overrides = backend_variant(backend)
+            with kernel_configs(**overrides):
+                _, fallback = _resolved(name, q, k, v, pattern, causal=causal)
+                if fallback is not None:  # timing another backend under this name would mislead
+                    row[f"{backend}_ms"], errors[backend] = None, fallback
+                    continue
+                run = partial(block_sparse_attention, q, k, v, pattern, causal=causal, backend=name)
+                row[f"{backend}_ms"], errors[backend] = measure(run, device)
+                if name == "auto":  # what the timed (repeated) calls ran: auto may move a shape on its second call
+                    row[f"{backend}_backend"] = _resolved(name, q, k, v, pattern, causal=causal)[0]
         for name, ms in dense_times.items():
             row[f"{name}_ms"] = ms
             row[f"{name}_tflops"] = _tflops(dense_pairs, case.head_dim, ms)
