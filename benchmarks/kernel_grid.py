@@ -16,7 +16,7 @@ cannot run a case (the Gluon kernel off Hopper, say) shows ``-`` and its reason.
     python benchmarks/kernel_grid.py --lengths 32768 --dims 128
     python benchmarks/kernel_grid.py --lengths 131072 --extra-dims --loads tma   # TMA descriptor loads only
     python benchmarks/kernel_grid.py --lengths 32768 131072 --kernels both       # Gluon vs Triton kernel
-    python benchmarks/kernel_grid.py --also auto+gluon_pingpong=true             # a tuning choice as a column
+    python benchmarks/kernel_grid.py --kernels both --also auto gluon+gluon_persistent=false   # more columns
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
         "--also",
         nargs="*",
         default=[],
-        help="more columns: backend variants such as auto+gluon_pingpong=true or gluon+gluon_persistent=false "
+        help="more columns: backends or backend variants such as auto or gluon+gluon_persistent=false "
         "(a backend and kernel_configs overrides), timed on the same patterns after the --kernels columns",
     )
     parser.add_argument(

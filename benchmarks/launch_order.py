@@ -5,7 +5,7 @@ K/V fit in half the L2 (:func:`sparse_attn.backends.launch.heads_per_wave`); the
 persistent (one program per SM) for light work items of similar rows. This script times
 ``backend="auto"`` on one pattern under every combination of ``kv_streams_per_wave`` (automatic,
 ``0`` = one wave of every stream, the order before waves) and ``gluon_persistent`` (automatic,
-off, on), with and without the Gluon forward's ping-pong turns, and with waves but without the lead of heavy query blocks (``heavy_rows_first=False``,
+off, on), and with waves but without the lead of heavy query blocks (``heavy_rows_first=False``,
 :func:`sparse_attn.backends.launch.lead_blocks`), beside cuDNN dense SDPA in the same run, so the dispatch rules
 (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`,
 :data:`~sparse_attn.backends.gluon.PERSISTENT_MAX_ROW_IMBALANCE`) can be checked against
@@ -24,7 +24,6 @@ Medians of ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/launch
     python benchmarks/launch_order.py --cases spatial
     python benchmarks/launch_order.py --cases spatial --choices waves waves_no_lead one_wave
     python benchmarks/launch_order.py --cases spatial --backward --choices waves waves_no_lead
-    python benchmarks/launch_order.py --cases spatial causal --choices waves_no_pingpong waves_pingpong
 """
 
 from __future__ import annotations
@@ -55,9 +54,6 @@ CHOICES = (
     ("one_wave", {"kv_streams_per_wave": 0}),
     ("one_wave_one_item", {"kv_streams_per_wave": 0, "gluon_persistent": False}),
     ("one_wave_persistent", {"kv_streams_per_wave": 0, "gluon_persistent": True}),
-    # The Gluon forward's consumer warpgroups taking turns (sparse_attn.backends.gluon.PINGPONG_DEFAULT).
-    ("waves_pingpong", {"gluon_pingpong": True}),
-    ("waves_no_pingpong", {"gluon_pingpong": False}),
 )
 SPATIAL_METHODS = ("neighborhood", "sliding_tile", "radial")
 

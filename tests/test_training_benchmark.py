@@ -23,11 +23,11 @@ def test_variant_specs_parse_into_kernel_configs():
 
 
 def test_variant_specs_keep_pass_names_as_strings():
-    name, overrides = backend_variant("auto+gluon_backward=dkdv+gluon_pingpong=false")
-    assert (name, overrides) == ("auto", {"gluon_backward": "dkdv", "gluon_pingpong": False})
+    name, overrides = backend_variant("auto+gluon_backward=dkdv+gluon_persistent=false")
+    assert (name, overrides) == ("auto", {"gluon_backward": "dkdv", "gluon_persistent": False})
     with kernel_configs(**overrides):
         assert configs.current().gluon_backward == "dkdv"
-        assert configs.current().gluon_pingpong is False
+        assert configs.current().gluon_persistent is False
 
 
 def test_training_benchmark_reads_variants_with_the_shared_parser():

@@ -156,7 +156,7 @@ def _resolved(backend: str, q, k, v, pattern: BlockSparsePattern, *, causal: boo
 
 
 def backend_variant(spec: str) -> tuple[str, dict]:
-    """``"auto+kv_streams_per_wave=0+gluon_pingpong=true"`` -> the backend name and its
+    """``"auto+kv_streams_per_wave=0+gluon_persistent=false"`` -> the backend name and its
     :func:`~sparse_attn.backends.kernel_configs` overrides (integers and true/false parsed, other
     values kept as strings: ``auto+gluon_backward=dkdv``), so a benchmark can time one backend
     under several tuning choices side by side."""
@@ -181,7 +181,7 @@ def run_kernel_case(case: KernelCase, backends: tuple[str, ...], device: torch.d
     (see :mod:`sparse_attn.backends`), gets ``None`` and the error or the fallback's reason;
     ``auto`` columns also name the backend they ran (``auto_backend``, ``auto+...``'s ``auto+..._backend``).
     Kernel tuning choices are swept with :func:`sparse_attn.backends.kernel_configs` around the call,
-    or per column with a backend variant (:func:`backend_variant`: ``"gluon+gluon_pingpong=true"``).
+    or per column with a backend variant (:func:`backend_variant`: ``"gluon+gluon_persistent=false"``).
     """
     dtype = getattr(torch, case.dtype)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -52,7 +52,6 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
         EVEN_Q=True,
         HOST_DESC=False,
         BOX=False,
-        PINGPONG=False,
     )
     values.update(constants)
     values["BLOCK_N"] = configs.gluon_block_n(values["BLOCK_K"])

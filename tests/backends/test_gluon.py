@@ -45,10 +45,6 @@ VARIANTS = [
     # A token rule as a box predicate (neighbourhood windows), one-item and persistent.
     dict(BOX=True, CAUSAL=False, EVEN_K=False, EVEN_Q=False, WRITE_LSE=True),
     dict(BOX=True, CAUSAL=False, PERSISTENT=True, dtype="fp16", HEAD_DIM=64, BLOCK_K=64),
-    # The consumer warpgroups' ping-pong turns, one-item and persistent.
-    dict(PINGPONG=True, HOST_DESC=True),
-    dict(PINGPONG=True, PERSISTENT=True, dtype="fp16", HEAD_DIM=64, BLOCK_K=64, WRITE_LSE=True),
-    dict(PINGPONG=True, BOX=True, CAUSAL=False, EVEN_K=False, EVEN_Q=False),
 ]
 
 
@@ -385,53 +381,3 @@ def test_gpu_heavy_rows_lead_changes_no_result(backend, poison_outputs):
     assert relative_error(first[0], ref) <= TOLERANCE[torch.bfloat16]
     for key, (out, lse) in results.items():
         assert torch.equal(out, first[0]) and torch.equal(lse, first[1]), key
-
-
-@pytest.mark.gpu
-@needs_gluon
-@pytest.mark.parametrize(
-    "shape",
-    [(2, 8, 2, 1000, 1024, 128, 128, 128), (3, 6, 3, 777, 2048, 64, 128, 64), (1, 32, 8, 4096, 4096, 128, 256, 128)],
-    ids=str,
-)
-@pytest.mark.parametrize("causal", [True, False])
-def test_gpu_pingpong_turns_change_no_result(shape, causal, poison_outputs):
-    """The consumer warpgroups' ping-pong turns only order when each issues its products: the
-    same output and LSE bit for bit, on the one-item and the persistent kernel, with launch-made
-    and per-program descriptors, for an empty pattern too (no turn is taken), and on a
-    neighbourhood window (the box predicate) with text rows."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon kernel is for Hopper")
-    q, k, v, pattern = _gpu_case(shape, causal, seed=7, pattern_heads=shape[2])
-    empty = sa.random_pattern(
-        batch=shape[0], heads=1, seq_q=shape[3], seq_k=shape[4], density=0.0,
-        block_q=shape[6], block_k=shape[7], causal=causal, device="cuda",
-    )  # fmt: skip
-    cases = [((q, k, v), pattern), ((q, k, v), empty)]
-    if not causal:
-        grid, window, tile = (4, 16, 24), (3, 7, 9), (2, 8, 8)
-        seq = sa.layouts.Layout(grid, tile=tile, text_tokens=128).seq_len
-        box_qkv = tuple(torch.randn(1, 4, seq, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        options = dict(grid=grid, window=window, tile=tile, text_tokens=128)
-        cases.append((box_qkv, sa.estimate(*box_qkv[:2], "neighborhood", causal=False, **options)))
-    for inputs, case_pattern in cases:
-        ref = sa.block_sparse_attention(*inputs, case_pattern, causal=causal, backend="reference")
-        for persistent in (False, True):
-            for host in (None, False):
-                results = []
-                for turns in (False, True):
-                    with (
-                        sa.backends.kernel_configs(
-                            gluon_pingpong=turns, gluon_persistent=persistent, gluon_host_descriptors=host
-                        ),
-                        warnings.catch_warnings(),
-                    ):
-                        warnings.simplefilter("error")  # a fallback to another backend would warn
-                        results.append(
-                            sa.block_sparse_attention(
-                                *inputs, case_pattern, causal=causal, backend="gluon", return_lse=True
-                            )
-                        )
-                (plain, plain_lse), (turned, turned_lse) = results
-                assert relative_error(turned, ref) <= TOLERANCE[torch.bfloat16]
-                assert torch.equal(plain, turned) and torch.equal(plain_lse, turned_lse), (persistent, host)

@@ -18,6 +18,7 @@ from sparse_attn.ops.row_gather.triton import unsupported_reason
         ((2, 3, 70, 64), torch.float32, 70, False),
         ((1, 5, 45, 80), torch.bfloat16, 45, True),  # D not a power of two; (B, S, H, D) storage
         ((2, 2, 33, 128), torch.float16, 17, False),  # fewer rows out than in, repeated indices
+        ((2, 3, 70, 1), torch.float32, 70, True),  # a (B, H, S) log-sum-exp as rows of one element
     ],
     ids=str,
 )
@@ -56,8 +57,32 @@ def test_layout_permutation_round_trips_through_the_operator():
     x = torch.randn(2, 3, layout.seq_len, 16)
     assert torch.equal(layout.unpermute(layout.permute(x)), x)
     assert torch.equal(gather_rows(x, layout.order()), x.index_select(2, layout.order()))
-    lse = torch.randn(2, 3, layout.seq_len)  # (B, H, S): the reference path
+    lse = torch.randn(2, 3, layout.seq_len)  # (B, H, S): rows of one element
     assert torch.equal(layout.unpermute(layout.permute(lse)), lse)
+
+
+def test_three_dimensional_tensors_take_the_kernel_as_rows_of_one_element(monkeypatch):
+    """A ``(B, H, S)`` log-sum-exp (the un-permuted LSE of a spatial call) goes through the kernel,
+    not the reference with a warning, forward and backward."""
+    from sparse_attn.ops import row_gather
+    from sparse_attn.ops.row_gather import triton as kernel_module
+
+    seen = []
+
+    def kernel_for(x, package, **case):
+        seen.append(tuple(x.shape))
+        return kernel_module
+
+    monkeypatch.setattr(row_gather, "kernel_for", kernel_for)  # the CUDA path, on CPU
+    lse = torch.randn(2, 3, 40, dtype=torch.float64).transpose(0, 1).contiguous().transpose(0, 1)
+    lse.requires_grad_()
+    index = torch.randperm(40)
+    got = gather_rows(lse, index)
+    assert seen == [(2, 3, 40, 1)] and got.shape == (2, 3, 40)
+    grad = torch.randn(2, 3, 40, dtype=torch.float64)
+    (got_grad,) = torch.autograd.grad(got, lse, grad)
+    (want_grad,) = torch.autograd.grad(lse.index_select(2, index), lse, grad)
+    assert torch.equal(got.detach(), lse.detach().index_select(2, index)) and torch.equal(got_grad, want_grad)
 
 
 def test_bad_input():

@@ -134,9 +134,7 @@ class KernelConfigs:
     (:func:`sparse_attn.backends.launch.lead_blocks`). ``gluon_backward``: ``True`` makes the
     backward's dK/dV and dQ passes run the warp-specialized Gluon kernels where they can, ``"dkdv"``
     or ``"dq"`` only that pass, ``False`` neither; unset, both run after the Gluon forward at
-    head_dim 128 (:mod:`sparse_attn.backends.gluon_backward`). ``gluon_pingpong``: ``True`` /
-    ``False`` turns the Gluon forward's ping-pong schedule of its two consumer warpgroups on or
-    off (:data:`sparse_attn.backends.gluon.PINGPONG_DEFAULT`).
+    head_dim 128 (:mod:`sparse_attn.backends.gluon_backward`).
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -150,7 +148,6 @@ class KernelConfigs:
     kv_streams_per_wave: int | None = None
     heavy_rows_first: bool | None = None
     gluon_backward: bool | str | None = None
-    gluon_pingpong: bool | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -178,7 +175,6 @@ def kernel_configs(
     kv_streams_per_wave: int | None = None,
     heavy_rows_first: bool | None = None,
     gluon_backward: bool | str | None = None,
-    gluon_pingpong: bool | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -213,11 +209,7 @@ def kernel_configs(
         if not isinstance(gluon_backward, bool) and gluon_backward not in GLUON_BACKWARD_PASSES:
             raise TypeError(f"gluon_backward must be a bool or one of {GLUON_BACKWARD_PASSES}, got {gluon_backward!r}")
         changes["gluon_backward"] = gluon_backward
-    for name, asked in (
-        ("gluon_persistent", gluon_persistent),
-        ("heavy_rows_first", heavy_rows_first),
-        ("gluon_pingpong", gluon_pingpong),
-    ):
+    for name, asked in (("gluon_persistent", gluon_persistent), ("heavy_rows_first", heavy_rows_first)):
         if asked is not None:
             if not isinstance(asked, bool):
                 raise TypeError(f"{name} must be a bool, got {asked!r}")

@@ -97,12 +97,6 @@ PERSISTENT_MAX_ROW_IMBALANCE = 4.0
 # the boundary between 1 and 3 blocks was not resolved further.
 MAX_WORK_BUCKET_TRITON = 1
 
-# Ping-pong (FlashAttention-3, section 3.1): the two consumer warpgroups take turns issuing their
-# step's products (Q K^T of step j, P V of step j - 1) through a pair of mbarriers, so one's
-# softmax runs under the other's products instead of both exponentiating while the tensor cores
-# wait. Off until measured on the H200 (kernel_configs(gluon_pingpong=True) turns it on).
-PINGPONG_DEFAULT = False
-
 
 def cannot_run_reason(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, capability: tuple[int, int] | None
@@ -256,40 +250,34 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(
-        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, turns,
+        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
         index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale,
         out_base, stride_os, lse_base, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
-        BOX: gl.constexpr, PINGPONG: gl.constexpr,
+        BOX: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup of the one-item-per-program kernel (see :func:`_consume_item`)."""
         _consume_item(
-            q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, turns,
+            q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
             index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, 0, 0,
             BoxTable, box_guard, ROW_OFFSET, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
-            PINGPONG,
         )  # fmt: skip
 
     @gluon.jit
     def _consume_item(
-        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, turns,
+        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
         index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale,
         out_base, stride_os, lse_base, step_base, q_phase, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
-        BOX: gl.constexpr, PINGPONG: gl.constexpr,
+        BOX: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup: 64 query rows of one work item through every listed block, then the
         output rows. ``step_base`` counts the ring steps of the program's earlier items and
         ``q_phase`` is the query tile's load phase; once its last product is done it releases the
         query tile (``q_free``), so a persistent producer loads the next item's during the stores."""
         HALF: gl.constexpr = 64
-        # PINGPONG: warpgroup ME's k-th turn (k counts its ring steps, step_base included) waits
-        # for phase k of its barrier; the first warpgroup's first turn passes at once (a fresh
-        # barrier counts as having completed phase -1), the second's waits for the first's arrival.
-        ME: gl.constexpr = ROW_OFFSET // HALF
-        FIRST: gl.constexpr = 1 - ME
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
         )
@@ -319,11 +307,7 @@ if gluon is not None:
         if n_steps > 0:
             first = step_base % STAGES
             mbarrier.wait(k_ready.index(first), (step_base // STAGES) & 1)
-            if PINGPONG:
-                mbarrier.wait(turns.index(ME), (step_base & 1) ^ FIRST)
             s = warpgroup_mma(q, k_smem.index(first).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turns.index(1 - ME), count=1)
             s = warpgroup_mma_wait(0, deps=(s,))
             p, alpha, m_i, l_i = _softmax_step(
                 s,
@@ -353,16 +337,9 @@ if gluon is not None:
             prev = (ring_step - 1) % STAGES
             # Q K^T of this step and P V of the previous one go to the tensor cores together.
             mbarrier.wait(k_ready.index(slot), (ring_step // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((ring_step - 1) // STAGES) & 1)
-            if PINGPONG:
-                # This warpgroup's turn: its two products go to the tensor cores right after the
-                # other warpgroup's, whose softmax then runs under them (FlashAttention-3's
-                # ping-pong schedule, section 3.1).
-                mbarrier.wait(turns.index(ME), (ring_step & 1) ^ FIRST)
             s_token = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((ring_step - 1) // STAGES) & 1)
             acc_token = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turns.index(1 - ME), count=1)
             # Softmax of this step while P V of the previous one is still running.
             s = warpgroup_mma_wait(1, deps=(s_token,))
             p, alpha, m_i, l_i = _softmax_step(
@@ -453,16 +430,13 @@ if gluon is not None:
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         mbarrier.init(q_free, count=2)  # both consumer warpgroups release the query tile
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_free.index(i), count=2)  # both consumer warpgroups release a slot
-        for i in gl.static_range(2):
-            mbarrier.init(turns.index(i), count=1)  # warpgroup i's turn to issue (PINGPONG)
-        return q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, turns
+        return q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free
 
     @gluon.jit
     def _gluon_block_sparse_forward(
@@ -473,7 +447,7 @@ if gluon is not None:
         num_tiles, heads_per_wave, lead_tiles, all_heads,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
-        HOST_DESC: gl.constexpr, BOX: gl.constexpr, PINGPONG: gl.constexpr,
+        HOST_DESC: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
         """One program per work item, in the launch order of :func:`.tile_steps.lead_wave_item` (a 1D grid)."""
         tile_rank, batch_head = lead_wave_item(gl.program_id(0), heads_per_wave, num_tiles, lead_tiles, all_heads)
@@ -494,7 +468,7 @@ if gluon is not None:
         if HOST_DESC:
             q_row0 = batch_head * seq_q
             kv_row0 = (batch * (num_q_heads // group) + kv_head) * seq_k
-        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, turns = _allocate_ring(
+        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
             Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES
         )
 
@@ -503,17 +477,17 @@ if gluon is not None:
                 (
                     _consumer,
                     (
-                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, turns, index_base, n_steps,
-                        n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable, box_guard,
-                        0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX, PINGPONG,
+                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps, n_full,
+                        row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable, box_guard,
+                        0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
                     ),
                 ),
                 (
                     _consumer,
                     (
-                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, turns, index_base, n_steps,
-                        n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable, box_guard,
-                        64, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX, PINGPONG,
+                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps, n_full,
+                        row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable, box_guard,
+                        64, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
                     ),
                 ),
                 (
@@ -563,10 +537,10 @@ if gluon is not None:
         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
         seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
-        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, turns, BoxTable, box_guard,
+        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-        EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr, BOX: gl.constexpr, PINGPONG: gl.constexpr,
+        EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup of a persistent program: :func:`_consume_item` for each of its work items."""
         step_base = 0
@@ -581,10 +555,10 @@ if gluon is not None:
             out_base = Out + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
             lse_base = Lse + batch_head.to(gl.int64) * seq_q
             _consume_item(
-                q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, turns,
+                q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
                 index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base,
                 step_base, local & 1, BoxTable, box_guard,
-                ROW_OFFSET, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX, PINGPONG,
+                ROW_OFFSET, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
             )  # fmt: skip
             step_base += n_steps
             local += 1
@@ -598,14 +572,14 @@ if gluon is not None:
         num_items, num_tiles, heads_per_wave, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
-        BOX: gl.constexpr, PINGPONG: gl.constexpr,
+        BOX: gl.constexpr,
     ):  # fmt: skip
         """Persistent: one program per SM walks work items ``pid, pid + grid, ...`` of the same
         order as the one-item kernel's grid (:func:`.tile_steps.wave_item`: waves of heads, each wave's
         query tiles heaviest first; no lead of heavy query blocks: the persistent kernel runs
         where rows are alike), so the producer loads an item's query and first K/V tiles while the consumers
         still finish and store the previous one. Host descriptors only."""
-        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, turns = _allocate_ring(
+        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
             Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES
         )
         gl.warp_specialize(
@@ -616,9 +590,8 @@ if gluon is not None:
                         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
                         pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
-                        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, turns, BoxTable, box_guard,
+                        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
                         0, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
-                        PINGPONG,
                     ),
                 ),
                 (
@@ -627,9 +600,8 @@ if gluon is not None:
                         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
                         pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
-                        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, turns, BoxTable, box_guard,
+                        q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
                         64, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
-                        PINGPONG,
                     ),
                 ),
                 (
@@ -646,13 +618,6 @@ if gluon is not None:
             [4, 1],
             [232, 24],
         )  # fmt: skip
-
-
-def pingpong() -> bool:
-    """Whether the consumer warpgroups take turns issuing their products (``kernel_configs(
-    gluon_pingpong=...)``, else :data:`PINGPONG_DEFAULT`)."""
-    asked = configs.current().gluon_pingpong
-    return PINGPONG_DEFAULT if asked is None else asked
 
 
 def _persistent(plan: BlockSparsePlan, waves: bool) -> bool:
@@ -732,7 +697,6 @@ def forward(
         EVEN_K=seq_k % pattern.block_k == 0,
         EVEN_Q=seq_q % pattern.block_q == 0,
         BOX=predicate_lists is not None,
-        PINGPONG=pingpong(),
     )
     num_items = grid[0] * grid[1]
     order = (grid[1], heads_per_wave(q, k))  # query tiles per head, (batch, head) pairs per wave

@@ -4,7 +4,8 @@ The layout permutation of the spatial methods (:meth:`sparse_attn.layouts.Layout
 q, k and v into a tile order and the output back, four gathers of whole ``D``-element rows per
 attention call. ``torch.index_select`` along dimension 2 runs one thread per element with
 index arithmetic per element; the Triton kernel (:mod:`.triton`) copies whole rows (one index
-load per row, vectorised row copies), on CUDA for 2- and 4-byte dtypes with contiguous rows. The
+load per row, vectorised row copies), on CUDA for 2- and 4-byte dtypes with contiguous rows
+(``(B, H, S)`` tensors, such as a log-sum-exp, as rows of one element). The
 PyTorch reference (:mod:`.naive`) runs everywhere else. Differentiable in ``x`` on both paths.
 """
 
@@ -25,6 +26,8 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must have at least 3 dimensions (B, H, S, ...), got shape {tuple(x.shape)}")
     if index.dim() != 1 or index.dtype != torch.int64:
         raise ValueError(f"index must be a 1D int64 tensor, got {index.dtype} of shape {tuple(index.shape)}")
+    if x.dim() == 3:  # (B, H, S): one value per token (a log-sum-exp), gathered as rows of one element
+        return gather_rows(x.unsqueeze(-1), index).squeeze(-1)
     kernel = kernel_for(x, __name__, index=index)
     if kernel is None:
         return gather_rows_reference(x, index)
