@@ -185,15 +185,17 @@ def test_gluon_falls_back_with_one_warning_naming_why():
     assert relative_error(out, expected) <= 1e-4
 
 
-def test_auto_leaves_sparse_head_dim_64_to_the_triton_kernel():
+def test_auto_leaves_light_head_dim_64_patterns_to_the_triton_kernel():
     slower = gluon_backend.slower_than_triton_reason
     q, _, _ = _tensors()
     q64, _, _ = _tensors(dim=64)
-    # head_dim 64: the Gluon kernel only from a mean of 17+ kept blocks per query block.
-    long_dense = sa.dense_pattern(seq_q=4096)  # 16.5 blocks per query block on average
-    assert "Triton kernel" in slower(q64, plan_for(sa.dense_pattern(seq_q=2048), causal=True))
-    assert slower(q64, plan_for(long_dense, causal=True)) is None
-    assert slower(q, plan_for(sa.dense_pattern(seq_q=2048), causal=True)) is None
+    # head_dim 64: the Gluon kernel only from a mean of 5+ kept blocks per query block (bucket 3).
+    light = sa.dense_pattern(seq_q=1024)  # 4.5 blocks per query block on average: bucket 3
+    lighter = sa.dense_pattern(seq_q=768)  # 3.5: bucket 2
+    assert plan_for(light, causal=True).work_bucket == gluon_backend.MIN_WORK_BUCKET_SMALL_DIM
+    assert "Triton kernel" in slower(q64, plan_for(lighter, causal=True))
+    assert slower(q64, plan_for(light, causal=True)) is None
+    assert slower(q, plan_for(lighter, causal=True)) is None
 
 
 @pytest.mark.parametrize("blocks_per_row, triton", [(1, True), (2, True), (3, False)])

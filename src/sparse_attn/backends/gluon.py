@@ -33,7 +33,8 @@ as zeros. The launch arguments are the Triton kernel's (:mod:`.launch`).
 Scope: compute capability 9.x, float16/bfloat16, head_dim 64 or 128, pattern blocks
 ``block_q`` a multiple of 128 and ``block_k`` a multiple of 64, 16-byte aligned addresses
 and strides (:func:`cannot_run_reason`); ``backend="gluon"`` falls back to the Triton kernel
-elsewhere. ``auto`` also leaves sparse head_dim-64 cases and patterns of at most two kept
+elsewhere. ``auto`` also leaves light head_dim-64 cases (fewer than 5 kept blocks per query block on
+average) and patterns of at most two kept
 blocks per query block to the Triton kernel (:func:`slower_than_triton_reason`). Gluon has no
 interpreter, so CPU tests compile this kernel for sm_90 (``triton.compile`` with a
 ``GPUTarget``, ptxas included) and the GPU tests compare it with the reference backend.
@@ -63,11 +64,13 @@ from .launch import (
 
 name = "gluon"
 
-# auto takes this kernel at head_dim 64 only from a mean of 17+ kept blocks per query block
-# (work bucket 5): below that the Triton kernel was as fast or faster on Hopper
-# (benchmarks/results/h100/kernels_gluon.json); the fixed cost per program (descriptors,
-# barriers, one program per SM) weighs more when each program does little.
-MIN_WORK_BUCKET_SMALL_DIM = 5
+# auto takes this kernel at head_dim 64 only from a mean of 5+ kept blocks per query block
+# (work bucket 3). Until the twenty-eighth session the bound was bucket 5 (17+ blocks), from an
+# H100 run before launch-made descriptors, the persistent kernel and launch waves
+# (benchmarks/results/h100/kernels_gluon.json). Re-measured on the H200 with those
+# (kernels_pingpong_d64_s48.json, 32K, 32/8 heads): Gluon 0.62 / 1.08 ms against the Triton
+# kernel's 0.65 / 1.18 at densities 0.05 / 0.1 (buckets 3 and 4).
+MIN_WORK_BUCKET_SMALL_DIM = 3
 
 # The persistent kernel (one program per SM, an item's loads under the previous one's stores)
 # takes work buckets up to 5 (a mean of at most 32 kept blocks per query block). Measured on the
