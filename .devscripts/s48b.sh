@@ -1,1 +1,1 @@
-mkdir -p /tmp/fa4parts && cp .whl/paa /tmp/fa4parts/ && ls -la /tmp/fa4parts && nvidia-smi --query-gpu=name --format=csv
+mkdir -p /tmp/fa4parts && cp .whl/yaa /tmp/fa4parts/ && ls -la /tmp/fa4parts && python -V
