@@ -123,6 +123,50 @@ def test_gathered_path_matches_float64_oracle(shape, causal, heads_kind, poison_
     _check(shape, causal, heads_kind, seed=20 + GATHERED_SHAPES.index((shape, causal, heads_kind)))
 
 
+def test_gathered_partials_are_packed_by_list_length(poison_outputs):
+    """The gathered path keeps one partial per listed (query row, KV block) pair, packed row after
+    row (not ``rows x max_kv``): offsets against a brute-force running sum over uneven lists, a
+    pattern broadcast over the batch among them; the buffers the forward allocates hold exactly
+    ``total`` rows; and the outputs and gradients still match the float64 oracle."""
+    from sparse_attn.backends import triton_tokens_gathered as gathered
+
+    batch, q_heads, seq_q, seq_k, block_k = 2, 6, 30, 600, 256
+    counts = torch.tensor([[[1, 3, 2, 3, 1] * 6, [2, 1, 1, 3, 2] * 6, [3, 3, 3, 1, 1] * 6]], dtype=torch.int32)
+    indices = torch.zeros(1, 3, seq_q, 3, dtype=torch.int32)
+    for head in range(3):
+        for token in range(seq_q):
+            n = int(counts[0, head, token])
+            indices[0, head, token, :n] = torch.arange(n)
+    pattern = sa.BlockSparsePattern(counts, indices, block_q=1, block_k=block_k, seq_q=seq_q, seq_k=seq_k)
+    offsets = gathered.partial_offsets(pattern, batch, q_heads)
+    per_row = [
+        int(counts[0, head // 2, token]) for _ in range(batch) for head in range(q_heads) for token in range(seq_q)
+    ]
+    want = torch.tensor([0, *per_row]).cumsum(0)
+    assert torch.equal(offsets.offsets, want) and offsets.total == sum(per_row) < batch * q_heads * seq_q * 3
+    assert gathered.partial_offsets(pattern, batch, q_heads) is offsets  # built once per pattern
+
+    q, k, v = random_qkv(batch, q_heads, 3, seq_q, seq_k, 16, seed=61)
+    allocated = []
+    real_empty = torch.empty
+
+    def recording_empty(*size, **keywords):
+        allocated.append(tuple(size[0]) if len(size) == 1 and isinstance(size[0], tuple) else size)
+        return real_empty(*size, **keywords)
+
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(62))
+    dlse = torch.randn(q.shape[:3], generator=torch.Generator().manual_seed(63))
+    want_out, want_lse, want_grads = _oracle(q, k, v, pattern, False, dout, dlse)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gathered.torch, "empty", recording_empty)
+        out, lse, grads = _triton(q, k, v, pattern, False, dout, dlse)
+    assert (offsets.total, 16) in allocated and (offsets.total,) in allocated
+    assert not any(len(size) == 5 for size in allocated)
+    assert relative_error(out, want_out) <= 1e-4 and relative_error(lse, want_lse) <= 1e-4
+    for got, want_grad in zip(grads, want_grads, strict=True):
+        assert relative_error(got, want_grad) <= 1e-4
+
+
 @pytest.mark.parametrize(
     "shape, heads_kind", [((2, 8, 2, 40, 40, 16, 1, 16), "kv"), ((1, 4, 2, 60, 300, 16, 1, 256), "query")], ids=str
 )

@@ -15,8 +15,14 @@ around, as MoBA's own implementation does: per KV block, the query rows that sel
 * Backward: dQ the same way (partial dQ per (row, slot), then a sum), and dK/dV with the tile
   path's transposed-list kernel walking one query block per entry, several entries per step.
 
-Costs beyond the tile path: the partials, ``(B, Hq, Sq, max_kv, D)`` in q's dtype (float32
-accumulation, rounded once per partial) plus float32 log-sum-exps, written once and read once.
+Costs beyond the tile path: the partials, one ``D``-row in q's dtype (float32 accumulation,
+rounded once per partial) and one float32 log-sum-exp per listed (query row, KV block) pair,
+written once and read once. They are packed row after row (:func:`partial_offsets`: row ``r``'s
+partials start at the running sum of the earlier rows' list lengths), so their memory is the
+pairs the pattern keeps, not ``rows x max_kv``: with VMoBA's global selection a few queries list
+several times the mean number of blocks (a ``(B, Hq, Sq, max_kv, D)`` buffer, the layout before
+the twenty-eighth session, was about 3x the kept pairs on its CPU test grids and grows toward
+``S * n_kv * D`` when one query takes every block).
 Non-finite values: a row's partial for a block is computed from that block's keys alone, so a
 NaN/Inf ``v`` reaches exactly the rows whose list keeps its block (zero-weight keys included,
 as in the reference), and a partial whose keys the row cannot see (weight sum 0) carries only
@@ -57,6 +63,32 @@ MERGE_ROWS = 64
 
 def uses_gathered_path(pattern: BlockSparsePattern) -> bool:
     return pattern.block_k >= GATHER_MIN_BLOCK_K
+
+
+@dataclass(frozen=True)
+class PartialOffsets:
+    """Where each query row's partials start in the packed buffers: ``offsets`` int64
+    ``(B * Hq * Sq + 1,)`` (row ``(b * Hq + h) * Sq + t``; the last entry is ``total``, the number
+    of listed (row, KV block) pairs)."""
+
+    offsets: torch.Tensor
+    total: int
+
+
+def partial_offsets(pattern: BlockSparsePattern, batch: int, q_heads: int) -> PartialOffsets:
+    """The packed partials' row offsets for ``batch`` sequences of ``q_heads`` query heads, from
+    the pattern's list lengths (one host sync for the total), built once per pattern."""
+    key = ("gathered_partials", batch, q_heads)
+    cached = pattern.cached_plan(key)
+    if cached is not None:
+        return cached
+    device = pattern.device
+    heads = torch.arange(q_heads, device=device) // (q_heads // pattern.num_heads)
+    tokens = torch.arange(pattern.seq_q, device=device) // pattern.block_q
+    per_row = pattern.kv_counts[:, heads][:, :, tokens].expand(batch, q_heads, pattern.seq_q)
+    offsets = torch.zeros(batch * q_heads * pattern.seq_q + 1, dtype=torch.int64, device=device)
+    torch.cumsum(per_row.reshape(-1), 0, out=offsets[1:])
+    return pattern.store_plan(key, PartialOffsets(offsets=offsets, total=int(offsets[-1])))
 
 
 @dataclass(frozen=True)
@@ -142,12 +174,12 @@ if triton is not None:
 
     @triton.jit
     def _gathered_forward(
-        Q, K, V, PartOut, PartLse, Combos, Starts, TOffsets, TQBlocks, TSlots,
+        Q, K, V, PartOut, PartLse, PartOffsets, Combos, Starts, TOffsets, TQBlocks, TSlots,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
         list_stride_b, list_stride_h,
-        num_q_heads, group, pattern_head_divisor, n_kv, max_kv,
+        num_q_heads, group, pattern_head_divisor, n_kv,
         seq_q, seq_k, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEADS: tl.constexpr,
         ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -179,7 +211,8 @@ if triton is not None:
         seen = l_i > 0
         out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], acc)
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        part = ((batch.to(tl.int64) * num_q_heads + head) * seq_q + token) * max_kv + slot
+        row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
+        part = tl.load(PartOffsets + row, mask=valid, other=0) + slot
         tl.store(
             PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], out.to(PartOut.dtype.element_ty), mask=valid[:, None]
         )
@@ -187,7 +220,7 @@ if triton is not None:
 
     @triton.jit
     def _merge(
-        Parts, PartLse, Out, Lse, KvCounts,
+        Parts, PartLse, PartOffsets, Out, Lse, KvCounts,
         stride_ob, stride_oh, stride_os,
         stride_cb, stride_ch,
         num_q_heads, pattern_head_divisor, seq_q, max_kv, factor,
@@ -206,10 +239,11 @@ if triton is not None:
             mask=valid, other=0,
         )  # fmt: skip
         row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
+        first = tl.load(PartOffsets + row, mask=valid, other=0)
         m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
         if SOFTMAX:
             for slot in range(max_kv):
-                lse = tl.load(PartLse + row * max_kv + slot, mask=slot < count, other=float("-inf"))
+                lse = tl.load(PartLse + first + slot, mask=slot < count, other=float("-inf"))
                 m = tl.maximum(m, lse)
             m = tl.where(m == float("-inf"), 0.0, m)
         total = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -217,10 +251,10 @@ if triton is not None:
         for slot in range(max_kv):
             listed = slot < count
             part = tl.load(
-                Parts + (row * max_kv + slot)[:, None] * HEAD_DIM + offs_d[None, :], mask=listed[:, None], other=0.0
+                Parts + (first + slot)[:, None] * HEAD_DIM + offs_d[None, :], mask=listed[:, None], other=0.0
             )
             if SOFTMAX:
-                lse = tl.load(PartLse + row * max_kv + slot, mask=listed, other=float("-inf"))
+                lse = tl.load(PartLse + first + slot, mask=listed, other=float("-inf"))
                 weight = tl.exp(lse - m)
                 total += weight
                 acc += weight[:, None] * part.to(tl.float32)
@@ -237,13 +271,13 @@ if triton is not None:
 
     @triton.jit
     def _gathered_dq(
-        Q, K, V, DOut, Lse, Delta, PartDQ, Combos, Starts, TOffsets, TQBlocks, TSlots,
+        Q, K, V, DOut, Lse, Delta, PartDQ, PartOffsets, Combos, Starts, TOffsets, TQBlocks, TSlots,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
         stride_db, stride_dh, stride_ds,
         list_stride_b, list_stride_h,
-        num_q_heads, group, pattern_head_divisor, n_kv, max_kv,
+        num_q_heads, group, pattern_head_divisor, n_kv,
         seq_q, seq_k, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEADS: tl.constexpr,
         ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -271,7 +305,8 @@ if triton is not None:
                 dq = dq_step(
                     dq, q, do, lse, delta, k, v, key_pos, key_ok, valid, query_pos, qk_scale, CAUSAL, PRECISION
                 )
-        part = ((batch.to(tl.int64) * num_q_heads + head) * seq_q + token) * max_kv + slot
+        row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
+        part = tl.load(PartOffsets + row, mask=valid, other=0) + slot
         tl.store(
             PartDQ + part[:, None] * HEAD_DIM + offs_d[None, :], dq.to(PartDQ.dtype.element_ty), mask=valid[:, None]
         )
@@ -288,7 +323,7 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern, cau
     lists = token_lists(pattern, 1)
     args = (
         *list_strides(pattern, pattern.num_kv_blocks),
-        *(q_heads, q_heads // kv_heads, q_heads // pattern.num_heads, pattern.num_kv_blocks, pattern.max_kv),
+        *(q_heads, q_heads // kv_heads, q_heads // pattern.num_heads, pattern.num_kv_blocks),
         *(q.shape[2], k.shape[2]),
     )
     constants = kernel_constants(q, pattern, tiling, causal=causal)
@@ -318,12 +353,13 @@ def _launch(kind: str, n_items: int, q: torch.Tensor, args: tuple, constants: di
         _autotuned(kind, q.dtype == torch.float32)[(n_items,)](*args, **constants)
 
 
-def _merge_launch(parts, part_lse, out, lse, pattern, *, softmax: bool, factor: float) -> None:
+def _merge_launch(parts, part_lse, offsets, out, lse, pattern, *, softmax: bool, factor: float) -> None:
     batch, q_heads, seq_q, dim = out.shape
     counts = pattern.kv_counts.contiguous()
     strides = (0 if pattern.batch == 1 else counts.stride(0), counts.stride(1))
     _merge[(num_blocks(seq_q, MERGE_ROWS), batch * q_heads)](
-        *(parts, part_lse if part_lse is not None else parts, out, lse if lse is not None else out, counts),
+        *(parts, part_lse if part_lse is not None else parts, offsets.offsets),
+        *(out, lse if lse is not None else out, counts),
         *out.stride()[:3],
         *strides,
         *(q_heads, q_heads // pattern.num_heads, seq_q, pattern.max_kv, factor),
@@ -340,13 +376,15 @@ def forward(q, k, v, pattern: BlockSparsePattern, *, causal: bool, scale: float,
     """Gathered forward: ``out`` ``(B, Hq, Sq, D)`` and, with ``return_lse``, float32 ``(B, Hq, Sq)``."""
     batch, q_heads, seq_q, dim = q.shape
     work, lists, args, constants = _geometry(q, k, pattern, causal)
-    part_out = torch.empty((batch, q_heads, seq_q, pattern.max_kv, dim), dtype=q.dtype, device=q.device)
-    part_lse = torch.empty((batch, q_heads, seq_q, pattern.max_kv), dtype=torch.float32, device=q.device)
+    offsets = partial_offsets(pattern, batch, q_heads)
+    part_out = torch.empty((offsets.total, dim), dtype=q.dtype, device=q.device)
+    part_lse = torch.empty((offsets.total,), dtype=torch.float32, device=q.device)
     out = launch.allocate((batch, q_heads, seq_q, dim), q.dtype, q.device)
     lse = launch.allocate((batch, q_heads, seq_q), torch.float32, q.device) if return_lse else None
     if work.combos.numel():
         forward_args = (
-            *(q, k, v, part_out, part_lse, work.combos, work.starts, lists.t_offsets, lists.t_tiles, work.slots),
+            *(q, k, v, part_out, part_lse, offsets.offsets),
+            *(work.combos, work.starts, lists.t_offsets, lists.t_tiles, work.slots),
             *q.stride()[:3],
             *k.stride()[:3],
             *v.stride()[:3],
@@ -354,7 +392,7 @@ def forward(q, k, v, pattern: BlockSparsePattern, *, causal: bool, scale: float,
             scale * LOG2_E,
         )
         _launch("forward", work.combos.numel(), q, forward_args, constants)
-    _merge_launch(part_out, part_lse, out, lse, pattern, softmax=True, factor=1.0)
+    _merge_launch(part_out, part_lse, offsets, out, lse, pattern, softmax=True, factor=1.0)
     return (out, lse) if return_lse else out
 
 
@@ -362,10 +400,12 @@ def dq(q, k, v, dout, lse, delta, pattern: BlockSparsePattern, *, causal: bool, 
     """Gathered dQ: partial dQ per (row, slot), summed per row (times ``scale``)."""
     batch, q_heads, seq_q, dim = q.shape
     work, lists, args, constants = _geometry(q, k, pattern, causal)
-    parts = torch.empty((batch, q_heads, seq_q, pattern.max_kv, dim), dtype=q.dtype, device=q.device)
+    offsets = partial_offsets(pattern, batch, q_heads)
+    parts = torch.empty((offsets.total, dim), dtype=q.dtype, device=q.device)
     if work.combos.numel():
         dq_args = (
-            *(q, k, v, dout, lse, delta, parts, work.combos, work.starts, lists.t_offsets, lists.t_tiles, work.slots),
+            *(q, k, v, dout, lse, delta, parts, offsets.offsets),
+            *(work.combos, work.starts, lists.t_offsets, lists.t_tiles, work.slots),
             *q.stride()[:3],
             *k.stride()[:3],
             *v.stride()[:3],
@@ -375,5 +415,5 @@ def dq(q, k, v, dout, lse, delta, pattern: BlockSparsePattern, *, causal: bool, 
         )
         _launch("dq", work.combos.numel(), q, dq_args, constants)
     grad = launch.allocate(q.shape, q.dtype, q.device)
-    _merge_launch(parts, None, grad, None, pattern, softmax=False, factor=scale)
+    _merge_launch(parts, None, offsets, grad, None, pattern, softmax=False, factor=scale)
     return grad
