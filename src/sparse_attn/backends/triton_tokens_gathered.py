@@ -19,10 +19,12 @@ Costs beyond the tile path: the partials, one ``D``-row in q's dtype (float32 ac
 rounded once per partial) and one float32 log-sum-exp per listed (query row, KV block) pair,
 written once and read once. They are packed row after row (:func:`partial_offsets`: row ``r``'s
 partials start at the running sum of the earlier rows' list lengths), so their memory is the
-pairs the pattern keeps, not ``rows x max_kv``: with VMoBA's global selection a few queries list
-several times the mean number of blocks (a ``(B, Hq, Sq, max_kv, D)`` buffer, the layout before
-the twenty-eighth session, was about 3x the kept pairs on its CPU test grids and grows toward
-``S * n_kv * D`` when one query takes every block).
+pairs the pattern keeps, not ``rows x max_kv``. With VMoBA at the HunyuanVideo shape (layer 1,
+2D blocks of 792 keys, 151 blocks) the 256 text queries list every block while a video query
+lists 31.6 on average, so the ``(B, Hq, Sq, max_kv, D)`` buffer of the layout before the
+twenty-eighth session took 110.5 GB in bf16 at 24 heads against 23.1 GB packed (counted from the
+pattern's lists on CPU; the merge's loops likewise run to the longest list among a program's
+rows, not the pattern's).
 Non-finite values: a row's partial for a block is computed from that block's keys alone, so a
 NaN/Inf ``v`` reaches exactly the rows whose list keeps its block (zero-weight keys included,
 as in the reference), and a partial whose keys the row cannot see (weight sum 0) carries only
@@ -223,7 +225,7 @@ if triton is not None:
         Parts, PartLse, PartOffsets, Out, Lse, KvCounts,
         stride_ob, stride_oh, stride_os,
         stride_cb, stride_ch,
-        num_q_heads, pattern_head_divisor, seq_q, max_kv, factor,
+        num_q_heads, pattern_head_divisor, seq_q, factor,
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
         SOFTMAX: tl.constexpr, WRITE_LSE: tl.constexpr,
     ):  # fmt: skip
@@ -240,15 +242,18 @@ if triton is not None:
         )  # fmt: skip
         row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
         first = tl.load(PartOffsets + row, mask=valid, other=0)
+        # The longest list among this program's rows, not the pattern's: a few rows that list
+        # every block (text tokens beside a video) no longer lengthen every program's loops.
+        slots = tl.max(count, 0)
         m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
         if SOFTMAX:
-            for slot in range(max_kv):
+            for slot in range(slots):
                 lse = tl.load(PartLse + first + slot, mask=slot < count, other=float("-inf"))
                 m = tl.maximum(m, lse)
             m = tl.where(m == float("-inf"), 0.0, m)
         total = tl.zeros([BLOCK_T], dtype=tl.float32)
         acc = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
-        for slot in range(max_kv):
+        for slot in range(slots):
             listed = slot < count
             part = tl.load(
                 Parts + (first + slot)[:, None] * HEAD_DIM + offs_d[None, :], mask=listed[:, None], other=0.0
@@ -362,7 +367,7 @@ def _merge_launch(parts, part_lse, offsets, out, lse, pattern, *, softmax: bool,
         *(out, lse if lse is not None else out, counts),
         *out.stride()[:3],
         *strides,
-        *(q_heads, q_heads // pattern.num_heads, seq_q, pattern.max_kv, factor),
+        *(q_heads, q_heads // pattern.num_heads, seq_q, factor),
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_T=MERGE_ROWS,
