@@ -56,6 +56,7 @@ from sparse_attn.backends import kernel_configs, resolve_backend
 from sparse_attn.bench import (
     KernelCase,
     add_waves_argument,
+    backend_variant,
     device_slug,
     environment,
     format_table,
@@ -310,10 +311,18 @@ def main() -> None:
     )
     parser.add_argument("--no-methods", action="store_true", help="skip the method rows (with --random-blocks)")
     add_waves_argument(parser)
+    parser.add_argument(
+        "--kernel-configs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="kernel_configs overrides for every call, e.g. token_gather_rows=128 (vmoba's token kernels)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/spatial.py needs a CUDA GPU")
-    with kernel_configs(kv_streams_per_wave=args.kv_streams_per_wave):
+    overrides = backend_variant("+".join(["auto", *args.kernel_configs]))[1]
+    with kernel_configs(kv_streams_per_wave=args.kv_streams_per_wave, **overrides):
         run(args)
 
 
@@ -325,6 +334,7 @@ def run(args: argparse.Namespace) -> None:
     out = args.out or Path(__file__).parent / "results" / device_slug(device) / "spatial.json"
     meta = {"benchmark": "spatial", "shapes": {name: SHAPES[name] for name in shapes}, "backward": backward}
     meta["kv_streams_per_wave"] = waves_label(args.kv_streams_per_wave)
+    meta["kernel_configs"] = args.kernel_configs
     rows, random_rows = [], []
 
     def save(extra=()):  # after every row: a run cut by a time limit keeps what it measured

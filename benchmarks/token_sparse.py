@@ -399,6 +399,13 @@ def main() -> None:
         help="rows per token-kernel program (kernel_configs(token_rows=...); default 16: one token of NSA's group)",
     )
     parser.add_argument(
+        "--token-gather-rows",
+        type=int,
+        choices=(64, 128),
+        default=None,
+        help="rows per program of the gathered path (MoBA's large blocks; kernel_configs(token_gather_rows=...))",
+    )
+    parser.add_argument(
         "--dkdv-skip-early",
         choices=("on", "off"),
         default=None,
@@ -423,6 +430,7 @@ def main() -> None:
         "quick": args.quick,
         "moba_path": args.moba_path,
         "token_rows": args.token_rows or 16,
+        "token_gather_rows": args.token_gather_rows or 64,
         "dkdv_skip_early": triton_tokens_backward.DKDV_SKIP_EARLY,
         **environment(device),
     }
@@ -435,7 +443,7 @@ def main() -> None:
         if time.perf_counter() > deadline:
             skipped.append(f"{name} {seq}")
             continue
-        with kernel_configs(token_rows=args.token_rows):
+        with kernel_configs(token_rows=args.token_rows, token_gather_rows=args.token_gather_rows):
             row = run_case(
                 name, seq, device, budget_s=args.case_budget, flex=not args.no_flex, fla=not args.no_fla,
                 parts=args.parts,

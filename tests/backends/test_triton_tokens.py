@@ -123,6 +123,28 @@ def test_gathered_path_matches_float64_oracle(shape, causal, heads_kind, poison_
     _check(shape, causal, heads_kind, seed=20 + GATHERED_SHAPES.index((shape, causal, heads_kind)))
 
 
+@pytest.mark.parametrize("shape, causal, heads_kind", [GATHERED_SHAPES[0], GATHERED_SHAPES[1]], ids=str)
+def test_gathered_path_with_128_rows_per_program(shape, causal, heads_kind, poison_outputs):
+    """``kernel_configs(token_gather_rows=128)``: twice the gathered rows per program (half the work
+    items, each block's keys loaded once per 128 listing rows), the same float64-oracle results,
+    forward and gradients (the backward's dQ takes the same rows)."""
+    from sparse_attn.backends import triton_tokens_gathered as gathered
+
+    built = []
+    original = gathered.gathered_work
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gathered, "gathered_work", lambda *a, **kw: built.append(a[-1]) or original(*a, **kw))
+        with kernel_configs(token_gather_rows=128):
+            _check(shape, causal, heads_kind, seed=70 + GATHERED_SHAPES.index((shape, causal, heads_kind)))
+    batch, q_heads, kv_heads, *_, block_q, _ = shape
+    heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
+    tiling = triton_tokens.token_tiling(q_heads, kv_heads, heads, block_q)
+    assert built and set(built) == {128 // (tiling.heads * block_q)}  # entries per item, forward and dQ
+    with pytest.raises(ValueError, match="token_gather_rows must be one of"):
+        with kernel_configs(token_gather_rows=32):
+            pass
+
+
 def test_gathered_partials_are_packed_by_list_length(poison_outputs):
     """The gathered path keeps one partial per listed (query row, KV block) pair, packed row after
     row (not ``rows x max_kv``): offsets against a brute-force running sum over uneven lists, a

@@ -96,6 +96,8 @@ GLUON_SHARED_BYTES = 232448
 GLUON_SHARED_RESERVE = 3072
 # Rows a token-granular program may pack (KernelConfigs.token_rows).
 TOKEN_ROWS = (16, 32, 64, 128)
+# Rows a program of the token kernels' key-centric (gathered) path takes (KernelConfigs.token_gather_rows).
+TOKEN_GATHER_ROWS = (64, 128)
 GLUON_MAX_STAGES = 4
 
 
@@ -134,7 +136,10 @@ class KernelConfigs:
     (:func:`sparse_attn.backends.launch.lead_blocks`). ``gluon_backward``: ``True`` makes the
     backward's dK/dV and dQ passes run the warp-specialized Gluon kernels where they can, ``"dkdv"``
     or ``"dq"`` only that pass, ``False`` neither; unset, both run after the Gluon forward at
-    head_dim 128 (:mod:`sparse_attn.backends.gluon_backward`).
+    head_dim 128 (:mod:`sparse_attn.backends.gluon_backward`). ``token_gather_rows``: the query rows
+    a program of the token kernels' key-centric path gathers for one KV block (64 or 128; default
+    :data:`sparse_attn.backends.triton_tokens_gathered.GATHER_ROWS`): more rows load each block
+    once for more of the rows that listed it, in half as many programs.
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -148,6 +153,7 @@ class KernelConfigs:
     kv_streams_per_wave: int | None = None
     heavy_rows_first: bool | None = None
     gluon_backward: bool | str | None = None
+    token_gather_rows: int | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -175,6 +181,7 @@ def kernel_configs(
     kv_streams_per_wave: int | None = None,
     heavy_rows_first: bool | None = None,
     gluon_backward: bool | str | None = None,
+    token_gather_rows: int | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -218,6 +225,10 @@ def kernel_configs(
         if isinstance(token_rows, bool) or token_rows not in TOKEN_ROWS:
             raise ValueError(f"token_rows must be one of {TOKEN_ROWS}, got {token_rows!r}")
         changes["token_rows"] = token_rows
+    if token_gather_rows is not None:
+        if isinstance(token_gather_rows, bool) or token_gather_rows not in TOKEN_GATHER_ROWS:
+            raise ValueError(f"token_gather_rows must be one of {TOKEN_GATHER_ROWS}, got {token_gather_rows!r}")
+        changes["token_gather_rows"] = token_gather_rows
     if kv_streams_per_wave is not None:
         if isinstance(kv_streams_per_wave, bool) or not isinstance(kv_streams_per_wave, int) or kv_streams_per_wave < 0:
             raise ValueError(f"kv_streams_per_wave must be an int >= 0, got {kv_streams_per_wave!r}")

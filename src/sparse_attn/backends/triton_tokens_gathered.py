@@ -45,7 +45,7 @@ import torch
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
 from ..utils import interpreting
-from . import launch
+from . import configs, launch
 from .launch import LOG2_E
 from .triton_tokens import _compressed_rows, kernel_constants, list_strides, token_lists, token_tiling
 
@@ -57,7 +57,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 # Blocks at least this long take the gathered path (see the module docstring).
 GATHER_MIN_BLOCK_K = 256
-# Gathered rows per program: entries x packed heads x block_q.
+# Gathered rows per program: entries x packed heads x block_q (kernel_configs(token_gather_rows=128)
+# takes 128: each block's keys loaded once per 128 listing rows; not yet timed against 64).
 GATHER_ROWS = 64
 # Query tokens per merge program.
 MERGE_ROWS = 64
@@ -323,7 +324,8 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern, cau
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
     tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
-    entries = GATHER_ROWS // (tiling.heads * pattern.block_q)
+    rows = configs.current().token_gather_rows or GATHER_ROWS  # >= heads x block_q (at most 64)
+    entries = rows // (tiling.heads * pattern.block_q)
     work = gathered_work(pattern, batch, q_heads, tiling.heads, entries)
     lists = token_lists(pattern, 1)
     args = (
@@ -333,16 +335,19 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern, cau
     )
     constants = kernel_constants(q, pattern, tiling, causal=causal)
     constants.pop("TILE_TOKENS")
-    constants.update(ENTRIES=entries, BLOCK_M=GATHER_ROWS)
+    constants.update(ENTRIES=entries, BLOCK_M=rows)
     return work, lists, args, constants
 
 
 @functools.cache
-def _autotuned(kind: str, is_float32: bool):
+def _autotuned(kind: str, is_float32: bool, rows: int):
     """The gathered ``kind`` kernel (``"forward"`` or ``"dq"``) autotuned over key steps, warps and
-    stages (float32 tiles take twice the memory: smaller steps), per number of KV blocks (length)."""
+    stages (float32 tiles take twice the memory: smaller steps), per number of KV blocks (length).
+    Programs of 128 rows take 8 or 16 warps (compiled for sm_90 at head_dim 128: 255 registers and
+    488 bytes of stack at 8 warps, 128 registers and 264 bytes at 16, 64-key steps)."""
     steps = (32,) if is_float32 else (32, 64, 128)
-    tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in (4, 8) for s in (1, 2)]
+    warps = (4, 8) if rows <= 64 else (8, 16)
+    tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in warps for s in (1, 2)]
     kernel = {"forward": _gathered_forward, "dq": _gathered_dq}[kind]
     return triton.autotune(
         configs=tuning, key=["n_kv", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "ENTRIES", "CAUSAL", "PRECISION"]
@@ -355,7 +360,7 @@ def _launch(kind: str, n_items: int, q: torch.Tensor, args: tuple, constants: di
         kernel = {"forward": _gathered_forward, "dq": _gathered_dq}[kind]
         kernel[(n_items,)](*args, BLOCK_N=16, **constants)
     else:
-        _autotuned(kind, q.dtype == torch.float32)[(n_items,)](*args, **constants)
+        _autotuned(kind, q.dtype == torch.float32, constants["BLOCK_M"])[(n_items,)](*args, **constants)
 
 
 def _merge_launch(parts, part_lse, offsets, out, lse, pattern, *, softmax: bool, factor: float) -> None:
