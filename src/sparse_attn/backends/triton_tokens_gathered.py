@@ -90,7 +90,7 @@ def partial_offsets(pattern: BlockSparsePattern, batch: int, q_heads: int) -> Pa
     tokens = torch.arange(pattern.seq_q, device=device) // pattern.block_q
     per_row = pattern.kv_counts[:, heads][:, :, tokens].expand(batch, q_heads, pattern.seq_q)
     offsets = torch.zeros(batch * q_heads * pattern.seq_q + 1, dtype=torch.int64, device=device)
-    torch.cumsum(per_row.reshape(-1), 0, out=offsets[1:])
+    torch.cumsum(per_row.reshape(-1).to(torch.int64), 0, out=offsets[1:])  # past 2^31 pairs at large batches
     return pattern.store_plan(key, PartialOffsets(offsets=offsets, total=int(offsets[-1])))
 
 
