@@ -223,26 +223,21 @@ if triton is not None:
 
     @triton.jit
     def _merge(
-        Parts, PartLse, PartOffsets, Out, Lse, KvCounts,
+        Parts, PartLse, PartOffsets, Out, Lse,
         stride_ob, stride_oh, stride_os,
-        stride_cb, stride_ch,
-        num_q_heads, pattern_head_divisor, seq_q, factor,
-        HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
-        SOFTMAX: tl.constexpr, WRITE_LSE: tl.constexpr,
+        num_q_heads, seq_q, factor,
+        HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, SOFTMAX: tl.constexpr, WRITE_LSE: tl.constexpr,
     ):  # fmt: skip
-        """Per query row, its partials over the slots of its list: merged by log-sum-exp
-        (``SOFTMAX``: outputs), or summed (dQ); times ``factor``."""
+        """Per query row, its partials (``PartOffsets[row]`` up to ``PartOffsets[row + 1]``): merged
+        by log-sum-exp (``SOFTMAX``: outputs), or summed (dQ); times ``factor``."""
         batch = tl.program_id(1) // num_q_heads
         head = tl.program_id(1) % num_q_heads
         token = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         valid = token < seq_q
         offs_d = tl.arange(0, HEAD_DIM)
-        count = tl.load(
-            KvCounts + batch * stride_cb + (head // pattern_head_divisor) * stride_ch + token // BLOCK_Q,
-            mask=valid, other=0,
-        )  # fmt: skip
         row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
         first = tl.load(PartOffsets + row, mask=valid, other=0)
+        count = tl.load(PartOffsets + row + 1, mask=valid, other=0) - first
         # The longest list among this program's rows, not the pattern's: a few rows that list
         # every block (text tokens beside a video) no longer lengthen every program's loops.
         slots = tl.max(count, 0)
@@ -363,18 +358,13 @@ def _launch(kind: str, n_items: int, q: torch.Tensor, args: tuple, constants: di
         _autotuned(kind, q.dtype == torch.float32, constants["BLOCK_M"])[(n_items,)](*args, **constants)
 
 
-def _merge_launch(parts, part_lse, offsets, out, lse, pattern, *, softmax: bool, factor: float) -> None:
+def _merge_launch(parts, part_lse, offsets, out, lse, *, softmax: bool, factor: float) -> None:
     batch, q_heads, seq_q, dim = out.shape
-    counts = pattern.kv_counts.contiguous()
-    strides = (0 if pattern.batch == 1 else counts.stride(0), counts.stride(1))
     _merge[(num_blocks(seq_q, MERGE_ROWS), batch * q_heads)](
-        *(parts, part_lse if part_lse is not None else parts, offsets.offsets),
-        *(out, lse if lse is not None else out, counts),
+        *(parts, part_lse if part_lse is not None else parts, offsets.offsets, out, lse if lse is not None else out),
         *out.stride()[:3],
-        *strides,
-        *(q_heads, q_heads // pattern.num_heads, seq_q, factor),
+        *(q_heads, seq_q, factor),
         HEAD_DIM=dim,
-        BLOCK_Q=pattern.block_q,
         BLOCK_T=MERGE_ROWS,
         SOFTMAX=softmax,
         WRITE_LSE=lse is not None,
@@ -402,7 +392,7 @@ def forward(q, k, v, pattern: BlockSparsePattern, *, causal: bool, scale: float,
             scale * LOG2_E,
         )
         _launch("forward", work.combos.numel(), q, forward_args, constants)
-    _merge_launch(part_out, part_lse, offsets, out, lse, pattern, softmax=True, factor=1.0)
+    _merge_launch(part_out, part_lse, offsets, out, lse, softmax=True, factor=1.0)
     return (out, lse) if return_lse else out
 
 
@@ -425,5 +415,5 @@ def dq(q, k, v, dout, lse, delta, pattern: BlockSparsePattern, *, causal: bool, 
         )
         _launch("dq", work.combos.numel(), q, dq_args, constants)
     grad = launch.allocate(q.shape, q.dtype, q.device)
-    _merge_launch(parts, None, offsets, grad, None, pattern, softmax=False, factor=scale)
+    _merge_launch(parts, None, offsets, grad, None, softmax=False, factor=scale)
     return grad
