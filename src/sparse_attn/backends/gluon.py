@@ -145,7 +145,7 @@ def slower_than_triton_reason(q: torch.Tensor, plan: BlockSparsePlan) -> str | N
 
 if gluon is not None:
     # Launch-order helpers are plain Triton functions, which Gluon kernels call as they are.
-    from .tile_steps import lead_wave_item, wave_item
+    from .tile_steps import lead_wave_item, wave_item, work_item
 
     @gluon.jit
     def _producer(
@@ -398,29 +398,6 @@ if gluon is not None:
             gl.store(lse_base + rows, lse, mask=rows < seq_q)
 
     @gluon.jit
-    def _work_item(
-        tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
-        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
-        BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
-    ):  # fmt: skip
-        """Where one work item is: the ``tile_rank``-th query tile in the plan's work order (heaviest
-        query blocks first, each cut into tiles of 128 rows) of head ``batch_head``. Returns its
-        batch, head, KV head, first row, ring steps, full steps and block-list base."""
-        TILES_PER_BLOCK: gl.constexpr = BLOCK_Q // 128
-        SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
-        q_block = gl.load(WorkOrder + tile_rank // TILES_PER_BLOCK)
-        tile = q_block * TILES_PER_BLOCK + tile_rank % TILES_PER_BLOCK
-        batch = batch_head // num_q_heads
-        head = batch_head % num_q_heads
-        kv_head = head // group
-        pattern_head = head // pattern_head_divisor
-        count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
-        n_steps = gl.load(KvCounts + count_offset) * SUBTILES
-        n_full = gl.load(KvFullCounts + count_offset) * SUBTILES
-        index_base = KvIndices + batch.to(gl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
-        return batch, head, kv_head, tile * 128, n_steps, n_full, index_base
-
-    @gluon.jit
     def _allocate_ring(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """The query tile, the K/V ring of ``STAGES`` slots and their barriers, initialised."""
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
@@ -454,7 +431,7 @@ if gluon is not None:
     ):  # fmt: skip
         """One program per work item, in the launch order of :func:`.tile_steps.lead_wave_item` (a 1D grid)."""
         tile_rank, batch_head = lead_wave_item(gl.program_id(0), heads_per_wave, num_tiles, lead_tiles, all_heads)
-        batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
+        batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
             tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
             stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
             BLOCK_Q, BLOCK_K, BLOCK_N,
@@ -520,7 +497,7 @@ if gluon is not None:
         local = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
             tile_rank, batch_head = wave_item(item, heads_per_wave, num_tiles)
-            batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
+            batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
                 tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                 stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
                 BLOCK_Q, BLOCK_K, BLOCK_N,
@@ -550,7 +527,7 @@ if gluon is not None:
         local = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
             tile_rank, batch_head = wave_item(item, heads_per_wave, num_tiles)
-            batch, head, kv_head, row_start, n_steps, n_full, index_base = _work_item(
+            batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
                 tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                 stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
                 BLOCK_Q, BLOCK_K, BLOCK_N,

@@ -72,7 +72,7 @@ DQ_STAGES = {64: 6, 128: 4}
 DEFAULT_HEAD_DIMS = (128,)
 
 if gluon is not None:
-    from .tile_steps import lead_wave_item
+    from .tile_steps import lead_wave_item, work_item
 
     @gluon.jit
     def _steps_of(QCounts, QIndices, batch, kv_head, member, kv_block,
@@ -344,17 +344,13 @@ if gluon is not None:
     ):  # fmt: skip
         """One program per (batch, query head, 128-row query tile), in the Triton dQ pass's order."""
         TILES: gl.constexpr = BLOCK_Q // 128
-        SUB: gl.constexpr = BLOCK_K // 64
         rank, batch_head = lead_wave_item(gl.program_id(0), per_wave, n_blocks * TILES, lead_blocks * TILES, all_heads)
-        q_block = gl.load(WorkOrder + rank // TILES)
-        row_start = (q_block * TILES + rank % TILES) * 128
-        batch = batch_head // num_q_heads
-        head = batch_head % num_q_heads
-        kv_head = head // group
-        pattern_head = head // pattern_head_divisor
-        count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
-        n_steps = gl.load(KvCounts + count_offset) * SUB
-        index_base = KvIndices + batch.to(gl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+        # The forward's work-item placement with 64-key steps (no full-block counts: KvCounts twice).
+        batch, head, kv_head, row_start, n_steps, _, index_base = work_item(
+            rank, batch_head, WorkOrder, KvCounts, KvCounts, KvIndices,
+            stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+            BLOCK_Q, BLOCK_K, 64,
+        )  # fmt: skip
         row_base = batch_head.to(gl.int64) * seq_q
         kv_row0 = (batch * (num_q_heads // group) + kv_head) * seq_k
         dtype: gl.constexpr = DQ.dtype.element_ty

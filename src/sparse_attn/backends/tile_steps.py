@@ -6,7 +6,8 @@ units) into the running maximum, sum and accumulator of the online softmax. A ro
 seen no key keeps ``m = -inf`` and takes its exponents against 0, so no ``inf - inf`` arises.
 :func:`store_rows` writes a tile's output rows and natural-log LSE. :func:`wave_item` places a
 program of a 1D grid in the launch order of :func:`.launch.heads_per_wave`, :func:`lead_wave_item`
-the same after a lead of heavy query blocks (:func:`.launch.lead_blocks`).
+the same after a lead of heavy query blocks (:func:`.launch.lead_blocks`); :func:`work_item`
+places a query tile of the Gluon forward and dQ kernels (which call these Triton functions as they are).
 """
 
 from __future__ import annotations
@@ -41,6 +42,30 @@ if triton is not None:
         rank = tl.where(in_lead, item // all_heads, lead_tiles + rest_rank)
         batch_head = tl.where(in_lead, item % all_heads, rest_head)
         return rank, batch_head
+
+    @triton.jit
+    def work_item(
+        tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """Where one work item of the warp-specialized kernels is: the ``tile_rank``-th 128-row query
+        tile in the plan's work order (heaviest query blocks first) of head ``batch_head``, walking
+        ``BLOCK_N``-key steps. Returns its batch, head, KV head, first row, steps, full steps
+        (from ``KvFullCounts``) and block-list base."""
+        TILES_PER_BLOCK: tl.constexpr = BLOCK_Q // 128
+        SUBTILES: tl.constexpr = BLOCK_K // BLOCK_N
+        q_block = tl.load(WorkOrder + tile_rank // TILES_PER_BLOCK)
+        tile = q_block * TILES_PER_BLOCK + tile_rank % TILES_PER_BLOCK
+        batch = batch_head // num_q_heads
+        head = batch_head % num_q_heads
+        kv_head = head // group
+        pattern_head = head // pattern_head_divisor
+        count_offset = batch * stride_cb + pattern_head * stride_ch + q_block
+        n_steps = tl.load(KvCounts + count_offset) * SUBTILES
+        n_full = tl.load(KvFullCounts + count_offset) * SUBTILES
+        index_base = KvIndices + batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
+        return batch, head, kv_head, tile * 128, n_steps, n_full, index_base
 
     @triton.jit
     def block_scores(
