@@ -33,9 +33,9 @@ as zeros. The launch arguments are the Triton kernel's (:mod:`.launch`).
 Scope: compute capability 9.x, float16/bfloat16, head_dim 64 or 128, pattern blocks
 ``block_q`` a multiple of 128 and ``block_k`` a multiple of 64, 16-byte aligned addresses
 and strides (:func:`cannot_run_reason`); ``backend="gluon"`` falls back to the Triton kernel
-elsewhere. ``auto`` also leaves light head_dim-64 cases (fewer than 5 kept blocks per query block on
-average) and patterns of at most two kept
-blocks per query block to the Triton kernel (:func:`slower_than_triton_reason`). Gluon has no
+elsewhere. ``auto`` also leaves light head_dim-64 cases (fewer than 5 kept blocks per query
+block on average) and patterns of at most two kept blocks per query block to the Triton kernel
+(:func:`slower_than_triton_reason`). Gluon has no
 interpreter, so CPU tests compile this kernel for sm_90 (``triton.compile`` with a
 ``GPUTarget``, ptxas included) and the GPU tests compare it with the reference backend.
 """
