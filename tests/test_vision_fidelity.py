@@ -109,13 +109,14 @@ def test_the_attention_wrapper_matches_the_models_own_attention(script):
     for (q, k, v), (out, lse) in zip(hook.captured, references, strict=True):
         torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
         torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1))
-    densities, errors, recalls = script.layer_metrics(
+    densities, errors, recalls, shares = script.layer_metrics(
         hook.captured, references, "neighborhood", dict(window=(5, 7)), grid
     )
-    assert len(densities) == len(errors) == len(recalls) == 2
+    assert len(densities) == len(errors) == len(recalls) == len(shares) == 2
+    assert all(share != share for share in shares)  # nan: no pooled or linear blocks
     assert densities == [1.0, 1.0]  # 43 tokens: one block, kept, with the token rule inside it
     assert all(1e-4 < e < 1 for e in errors) and all(0.5 < r < 1 - 1e-5 for r in recalls)
-    densities, errors, recalls = script.layer_metrics(
+    densities, errors, recalls, _ = script.layer_metrics(
         hook.captured, references, "neighborhood", dict(window=(6, 7)), grid
     )
     assert errors == pytest.approx([0, 0], abs=1e-5) and recalls == pytest.approx([1, 1], abs=1e-5)
