@@ -458,7 +458,7 @@ def main() -> None:
         order = [(method, label) for method, label, _ in settings(grid)]
         kept = [row for row in earlier["rows"] if row["method"] not in ran]
         rows = sorted(kept + rows, key=lambda row: order.index((row["method"], row["setting"])))
-        meta["updated_methods"] = sorted(ran)
+        meta["updated_methods"] = sorted(ran | set(earlier["meta"].get("updated_methods", [])))
     write_results(rows, args.out, meta)
     print(f"wrote {args.out}")
 
