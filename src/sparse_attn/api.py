@@ -12,7 +12,7 @@ import torch
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .backends import resolve_backend, run_backend
-from .checks import check_attention_inputs, check_finite, check_int, check_query_key
+from .checks import check_attention_inputs, check_bool, check_finite, check_int, check_query_key
 from .compensated_pattern import CompensatedPattern, compensated_attention, resolve_compensated_backend
 from .masked_pattern import in_layout_order
 from .pattern import BlockSparsePattern, check_pattern_fits
@@ -68,6 +68,11 @@ def _method_config(method: str, options: dict, entry_point: Callable) -> tuple[M
     return spec, spec.make_config(**options)
 
 
+def _check_flags(**flags) -> None:
+    for name, value in flags.items():
+        check_bool(name, value)
+
+
 def estimate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -86,6 +91,7 @@ def estimate(
     discrete choice, not differentiated.
     """
     check_query_key(q, k)
+    check_bool("causal", causal)
     check_int("block_q", block_q)
     check_int("block_k", block_k)
     spec, config = _method_config(method, options, estimate)
@@ -140,6 +146,7 @@ def block_sparse_attention(
         back to ``reference`` with one warning); the pattern is data and gets no gradient.
     """
     scale = check_attention_inputs(q, k, v, scale)
+    _check_flags(causal=causal, return_lse=return_lse, check_inputs_finite=check_inputs_finite)
     check_pattern_fits(pattern, q, k)
     if check_inputs_finite:
         check_finite(q=q, k=k, v=v)
@@ -185,6 +192,7 @@ def sparse_attention(
     discrete: gradients flow through the attention over the chosen blocks only).
     """
     scale = check_attention_inputs(q, k, v, scale)
+    _check_flags(causal=causal, return_info=return_info, check_inputs_finite=check_inputs_finite)
     _method_config(method, options, sparse_attention)
     if check_inputs_finite:
         check_finite(q=q, k=k, v=v)

@@ -28,6 +28,12 @@ def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_bool(name: str, value) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``value`` is a bool (``"false"`` or ``None`` is not one)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def check_fraction(name: str, value, *, allow_none: bool = False, open_low: bool = True) -> None:
     """Raise unless ``value`` is a float in ``(0, 1]`` (or ``[0, 1]`` when not ``open_low``)."""
     if value is None and allow_none:

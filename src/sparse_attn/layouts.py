@@ -49,13 +49,17 @@ def default_tile(rank: int) -> tuple[int, ...]:
     1D: 128; 2D: ``(8, 16)``; 3D: ``(2, 8, 8)`` (two frames of 8x8 patches: video neighbourhoods
     are usually narrower in time than in space).
     """
-    return {1: (128,), 2: (8, 16), 3: (2, 8, 8)}[rank]
+    tiles = {1: (128,), 2: (8, 16), 3: (2, 8, 8)}
+    if isinstance(rank, bool) or rank not in tiles:
+        raise ValueError(f"rank must be 1, 2 or 3 (grid dimensions), got {rank!r}")
+    return tiles[rank]
 
 
 def _as_sizes(name: str, value, rank: int | None = None) -> tuple[int, ...]:
-    """``value`` (an int or a tuple of ints, each >= 1) as a tuple; an int is repeated ``rank`` times."""
-    if isinstance(value, int) and not isinstance(value, bool) and rank is not None:
-        value = (value,) * rank
+    """``value`` (an int or a tuple of ints, each >= 1) as a tuple; an int is repeated ``rank`` times
+    (once when ``rank`` is not given: a 1D size)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * (1 if rank is None else rank)
     if not isinstance(value, (tuple, list)) or not value:
         raise TypeError(f"{name} must be an int or a non-empty tuple of ints, got {value!r}")
     for item in value:

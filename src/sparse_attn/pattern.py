@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checks import check_int
+from .checks import check_bool, check_int
 from .geometry import causal_block_mask, diagonal_block_mask, num_blocks, own_kv_block_span
 
 __all__ = [
@@ -161,10 +161,13 @@ class BlockSparsePattern:
         """
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        _check_geometry(seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
         if mask.dim() != 4:
             raise ValueError(f"mask must have 2 to 4 dimensions, got shape {tuple(mask.shape)}")
+        if mask.shape[0] == 0 or mask.shape[1] == 0:
+            raise ValueError(f"mask must have a batch and heads of at least 1, got shape {tuple(mask.shape)}")
         n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
         if mask.shape[2:] != (n_q, n_kv):
             raise ValueError(
@@ -311,6 +314,13 @@ class BlockSparsePattern:
         )
 
 
+def _check_geometry(*, causal, **sizes) -> None:
+    """Every size an int >= 1 and ``causal`` a bool, each named in the error."""
+    for name, value in sizes.items():
+        check_int(name, value)
+    check_bool("causal", causal)
+
+
 def dense_pattern(
     *,
     batch: int = 1,
@@ -324,6 +334,7 @@ def dense_pattern(
 ) -> BlockSparsePattern:
     """Every valid block (the full causal triangle, or everything when not causal)."""
     seq_k = seq_q if seq_k is None else seq_k
+    _check_geometry(batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
     shape = (batch, heads, num_blocks(seq_q, block_q), num_blocks(seq_k, block_k))
     mask = torch.ones(shape, dtype=torch.bool, device=device)
     return BlockSparsePattern.from_mask(mask, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k, causal=causal)
@@ -347,9 +358,15 @@ def random_pattern(
     Deterministic for a given seed and device. In causal mode the diagonal blocks are
     always kept, so very low densities keep slightly more than asked.
     """
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"density must be a float in [0, 1], got {density!r}")
     if not 0.0 <= density <= 1.0 or math.isnan(density):
         raise ValueError(f"density must be in [0, 1], got {density}")
+    check_int("seed", seed, minimum=0)
+    if seed >= 2**63:
+        raise ValueError(f"seed must be < 2**63, got {seed}")
     seq_k = seq_q if seq_k is None else seq_k
+    _check_geometry(batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k, causal=causal)
     n_q, n_kv = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
     valid = (
         causal_block_mask(seq_q, seq_k, block_q, block_k, device)

@@ -69,6 +69,8 @@ def register_method(
     """Decorator registering ``estimate`` under ``name`` with its config dataclass and citation
     (``bidirectional``: the method takes non-causal calls only; ``head_local``: see
     :attr:`Method.head_local`)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"config must be a dataclass, got {config!r}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_int
 from ..ops.paged_decode import paged_decode
 from .cache import PagedKVCache
 from .registry import get_decode_method
@@ -43,12 +44,16 @@ def sparse_decode(
     config = spec.make_config(**options)
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"layer must be an int >= 0, got {layer!r}")
-    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[0] != cache.batch or q.shape[2] != cache.head_dim:
-        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+    check_int("layer", layer, minimum=0)
+    if state is not None and not isinstance(state, dict):
+        raise TypeError(f"state must be a dict shared by the layers of one step, or None, got {type(state).__name__}")
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    heads_fit = q.dim() == 3 and q.shape[1] > 0 and q.shape[1] % cache.kv_heads == 0
+    if not heads_fit or q.shape[0] != cache.batch or q.shape[2] != cache.head_dim:
         raise ValueError(
-            f"q must be (batch, q_heads, head_dim) = ({cache.batch}, *, {cache.head_dim}) to fit the cache, got {shape}"
+            f"q must be (batch, q_heads, head_dim) = ({cache.batch}, a positive multiple of the cache's "
+            f"{cache.kv_heads} KV heads, {cache.head_dim}) to fit the cache, got {tuple(q.shape)}"
         )
     if min(cache.lengths) == 0:
         raise ValueError(f"every sequence needs at least its own token in the cache, got lengths {cache.lengths}")

@@ -90,6 +90,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..api import DEFAULT_BLOCK, sparse_attention
+from ..backends import BACKENDS
 from ..checks import check_int
 from ..layouts import TEXT_POSITIONS, Layout
 from ..registry import get_method
@@ -647,8 +648,10 @@ def patch_diffusers(
     check_int("text_tokens", text_tokens, minimum=0, allow_none=True)
     if text_position is not None and text_position not in TEXT_POSITIONS:
         raise ValueError(f"text_position must be one of {TEXT_POSITIONS} or None, got {text_position!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if grid is not None:
-        grid = Layout(tuple(grid)).grid
+        grid = Layout(grid).grid  # checked: an int or a tuple or list of ints
     elif "grid" in fields:
         raise ValueError(f"method {method!r} needs the token grid: pass grid=(T, H, W) or (H, W)")
     # Unknown methods and options fail here, not mid-forward.

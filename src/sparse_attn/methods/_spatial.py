@@ -27,13 +27,17 @@ def per_dim(name: str, value, rank: int) -> tuple[int, ...]:
 def check_grid_option(config) -> tuple[int, ...] | None:
     """Validate a spatial config's ``grid`` option (``None`` allowed: it is required at estimate time).
 
-    Also turns list-valued options into tuples, so configs stay hashable (:func:`static_pattern`
+    Also turns list-valued options into tuples (and an int ``grid`` into ``(L,)``), so configs stay hashable (:func:`static_pattern`
     caches on them) whether sizes come as lists or tuples."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if isinstance(value, list):
             object.__setattr__(config, field.name, tuple(value))
-    return None if config.grid is None else Layout(config.grid).grid
+    if config.grid is None:
+        return None
+    grid = Layout(config.grid).grid  # checked; an int is a 1D grid
+    object.__setattr__(config, "grid", grid)
+    return grid
 
 
 def spatial_layout(method: str, q: torch.Tensor, k: torch.Tensor, config, *, causal: bool, tile) -> Layout:

@@ -74,8 +74,8 @@ class AnchorConfig:
         if not self.theta >= 0.0 or self.theta == float("inf"):
             raise ValueError(f"theta must be a finite number >= 0, got {self.theta}")
         check_int("step", self.step, minimum=1)
-        check_token_window(self.init_tokens, self.local_tokens)
         check_int("init_tokens", self.init_tokens, minimum=1)
+        check_token_window(self.init_tokens, self.local_tokens, sink_name="init_tokens")
 
 
 def step_group_region(

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_bool, check_int
 from ..ops.causal_top_blocks import causal_top_blocks_gated
 from ..ops.gqa import grouped_matmul
 from ..ops.pooling import mean_pool_blocks
@@ -88,8 +88,7 @@ class MobaConfig:
     def __post_init__(self) -> None:
         check_int("block_size", self.block_size, minimum=1)
         check_int("top_k", self.top_k, minimum=1)
-        if not isinstance(self.share_in_group, bool):
-            raise TypeError(f"share_in_group must be a bool, got {type(self.share_in_group).__name__}")
+        check_bool("share_in_group", self.share_in_group)
 
 
 @register_method(

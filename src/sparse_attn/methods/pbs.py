@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from ..api import block_sparse_attention
-from ..checks import check_attention_inputs, check_fraction, check_int
+from ..checks import check_attention_inputs, check_bool, check_fraction, check_int
 from ..geometry import num_blocks, query_block_positions
 from ..ops.last_query_probe import probe_last_queries
 from ..ops.pooling import PooledBlocks, block_softmax
@@ -217,8 +217,7 @@ def pbs_attention(
     if segment_size % block_size != 0:
         raise ValueError(f"segment_size ({segment_size}) must be a multiple of block_size ({block_size})")
     check_fraction("threshold", threshold)
-    if not isinstance(keep_first_block, bool):
-        raise TypeError(f"keep_first_block must be a bool, got {type(keep_first_block).__name__}")
+    check_bool("keep_first_block", keep_first_block)
     seq_q, seq_k = q.shape[2], k.shape[2]
     offset = seq_k - seq_q
     dense = dict(causal=bool(causal), scale=scale, backend=backend, block=block_size, return_info=return_info)

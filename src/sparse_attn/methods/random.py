@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_bool
 from ..pattern import BlockSparsePattern, random_pattern
 from ..registry import register_method
 
@@ -30,6 +31,7 @@ class RandomConfig:
             raise ValueError(f"density must be in [0, 1], got {self.density}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        check_bool("per_query_head", self.per_query_head)
 
 
 @register_method(

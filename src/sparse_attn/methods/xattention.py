@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_fraction, check_int
+from ..checks import check_bool, check_fraction, check_int
 from ..geometry import num_blocks
 from ..ops._shared_scores import memoized, tensor_key
 from ..ops.antidiagonal import SCORE_PRECISIONS, antidiagonal_block_probs, fp8_keys
@@ -65,8 +65,7 @@ class XAttentionConfig:
     def __post_init__(self) -> None:
         check_int("stride", self.stride, minimum=1)
         check_fraction("threshold", self.threshold)
-        if not isinstance(self.keep_sink, bool):
-            raise TypeError(f"keep_sink must be a bool, got {type(self.keep_sink).__name__}")
+        check_bool("keep_sink", self.keep_sink)
         if self.score_precision not in SCORE_PRECISIONS:
             raise ValueError(f"score_precision must be one of {SCORE_PRECISIONS}, got {self.score_precision!r}")
 

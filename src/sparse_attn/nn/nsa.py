@@ -382,6 +382,22 @@ class NativeSparseAttention(nn.Module):
             out=(indices[:, :, tokens.start : tokens.stop], counts[:, :, tokens.start : tokens.stop]),
         )  # fmt: skip
 
+    def _check_inputs(self, q, k, v, scale) -> float:
+        """The softmax scale, after checking q, k, v against each other and against this module."""
+        scale = check_attention_inputs(q, k, v, scale)
+        if q.shape[1] != self.num_q_heads or k.shape[1] != self.num_kv_heads or q.shape[3] != self.head_dim:
+            raise ValueError(
+                f"expected q with {self.num_q_heads} heads and k/v with {self.num_kv_heads} heads of head_dim "
+                f"{self.head_dim}, got q {tuple(q.shape)} and k {tuple(k.shape)}"
+            )
+        weights = self.gate_weight.dtype
+        if q.dtype != weights and not torch.is_autocast_enabled(q.device.type):
+            raise TypeError(
+                f"q, k and v are {q.dtype} but the module's parameters are {weights}: convert the module "
+                f"(module.to({q.dtype})) or run it under torch.autocast"
+            )
+        return scale
+
     def forward(
         self,
         q: torch.Tensor,
@@ -394,12 +410,7 @@ class NativeSparseAttention(nn.Module):
         """``(B, Hq, Sq, D)`` in q's dtype. ``cache``: a :class:`CompressedTokenCache` that keeps the
         compressed tokens of ``k``, ``v`` between calls on a growing key sequence (inference: with
         gradients enabled it is not used). A single query (``Sq = 1``) runs :meth:`decode_step`."""
-        scale = check_attention_inputs(q, k, v, scale)
-        if q.shape[1] != self.num_q_heads or k.shape[1] != self.num_kv_heads or q.shape[3] != self.head_dim:
-            raise ValueError(
-                f"expected q with {self.num_q_heads} heads and k/v with {self.num_kv_heads} heads of head_dim "
-                f"{self.head_dim}, got q {tuple(q.shape)} and k {tuple(k.shape)}"
-            )
+        scale = self._check_inputs(q, k, v, scale)
         if cache is not None and not isinstance(cache, CompressedTokenCache):
             raise TypeError(f"cache must be a CompressedTokenCache or None, got {type(cache).__name__}")
         seq_q, seq_k = q.shape[2], k.shape[2]
@@ -456,7 +467,7 @@ class NativeSparseAttention(nn.Module):
     def selected_pattern(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
                          ) -> BlockSparsePattern:  # fmt: skip
         """The pattern the selected branch computes for these inputs (no gradient)."""
-        scale = check_attention_inputs(q, k, v, scale)
+        scale = self._check_inputs(q, k, v, scale)
         with torch.no_grad():
             k_cmp, v_cmp, _ = self.compressed_tokens(k, v)
             _, lse = self.compressed_branch(q, k_cmp, v_cmp, k.shape[2], scale)

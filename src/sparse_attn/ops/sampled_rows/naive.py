@@ -16,10 +16,11 @@ def sampled_query_rows(seq_q: int, block_q: int, every: int, device) -> torch.Te
     """Query rows ``every-1, 2*every-1, ...`` within each query block, plus each block's last row.
 
     int64, sorted, unique. Sampling restarts at every block, so every query block (even a
-    short last one) has at least one row, its last, which sees the most keys.
+    short last one) has at least one row, its last, which sees the most keys; with ``every >
+    block_q`` that row is the block's only one.
     """
     block_starts, last_rows = query_block_positions(seq_q, seq_q, block_q, device)
-    in_block = torch.arange(every - 1, block_q, every, device=device)
+    in_block = torch.arange(every - 1, max(block_q, every - 1), every, device=device)
     rows = (block_starts[:, None] + in_block[None, :]).reshape(-1)
     rows = torch.cat([rows[rows < seq_q], last_rows])
     return torch.unique(rows)

@@ -78,9 +78,10 @@ def sink_local_block_mask(
     return mask
 
 
-def check_token_window(sink_tokens: int, local_tokens: int) -> None:
-    """Validate the options of :func:`token_window_mask` (for the configs that take them)."""
-    check_int("sink_tokens", sink_tokens, minimum=0)
+def check_token_window(sink_tokens: int, local_tokens: int, *, sink_name: str = "sink_tokens") -> None:
+    """Validate the options of :func:`token_window_mask` (for the configs that take them; ``sink_name``:
+    the config's own name for the sink option)."""
+    check_int(sink_name, sink_tokens, minimum=0)
     check_int("local_tokens", local_tokens, minimum=1)
 
 
