@@ -169,3 +169,36 @@ def test_nsa_checks_the_input_dtype_against_its_parameters():
         assert module(*(x.bfloat16() for x in (q, k, v))).shape == q.shape
     with pytest.raises(ValueError, match="expected q with 4 heads"):
         module.selected_pattern(*qkv(seq=96, q_heads=2))
+
+
+def test_paged_cache_checks_dtype_sequence_index_and_lengths():
+    for dtype in (torch.float64, torch.float8_e4m3fn, torch.int32, "float16"):
+        with pytest.raises(TypeError, match="dtype must be one of"):
+            PagedKVCache(1, 2, 16, dtype=dtype, device="cpu")
+    cache = PagedKVCache(2, 2, 16, page_size=16, dtype=torch.float32, device="cpu")
+    k = torch.randn(2, 2, 20, 16)
+    with pytest.raises(TypeError, match="lengths must be a list of ints"):
+        cache.append(k, k, lengths=3)
+    cache.append(k, k, lengths=torch.tensor([20, 7]))
+    assert cache.lengths == [20, 7] and torch.equal(cache.keys(1, 0, 7), k[1, :, :7])
+    for b, error in ((2, ValueError), (-1, ValueError), (1.0, TypeError)):
+        with pytest.raises(error, match="b must be"):
+            cache.keys(b, 0, 1)
+        with pytest.raises(error, match="b must be"):
+            cache.sequence(b)
+
+
+def test_sparse_vdit_checks_its_stripes():
+    grid, heads = (2, 4, 8), ("vertical_stripe", "diagonal")
+    q = torch.randn(1, 2, 64, 16)
+    ok = sa.estimate(q, q, "sparse_vdit", causal=False, grid=grid, heads=heads, stripes=((3, 40), ()))
+    assert ok.kv_indices.shape[1] == 2  # one list per query head
+    cases = [
+        (dict(heads=heads, stripes=(("ab",), ())), TypeError, "stripes positions must be an int"),
+        (dict(heads=heads, stripes=((3.5,), ())), TypeError, "stripes positions must be an int"),
+        (dict(heads=heads, stripes=((64,), ())), ValueError, "must be < the layout's 64 tokens"),
+        (dict(stripes=((3,), ())), ValueError, "stripes= needs heads="),
+    ]
+    for options, error, match in cases:
+        with pytest.raises(error, match=match):
+            sa.estimate(q, q, "sparse_vdit", causal=False, grid=grid, **options)

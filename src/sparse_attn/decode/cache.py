@@ -56,6 +56,9 @@ from ..checks import check_int
 __all__ = ["PagedKVCache"]
 
 
+CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 class PagedKVCache:
     """One layer's paged KV cache for ``batch`` sequences (see the module docstring for the layout).
 
@@ -86,8 +89,8 @@ class PagedKVCache:
         ):  # fmt: skip
             check_int(name, value)
         check_int("capacity_tokens", capacity_tokens, minimum=0, allow_none=True)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if dtype not in CACHE_DTYPES:  # what the paged decode kernel and its reference take
+            raise TypeError(f"dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
         self.batch, self.kv_heads, self.head_dim, self.page_size = batch, kv_heads, head_dim, page_size
         self.super_page = super_page
         self.dtype, self.device = dtype, _concrete(torch.device(device))
@@ -215,7 +218,13 @@ class PagedKVCache:
         if v.shape != k.shape:
             raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
         tokens = k.shape[2]
-        lengths = [tokens] * self.batch if lengths is None else list(lengths)
+        if lengths is not None and not isinstance(lengths, (list, tuple, torch.Tensor)):
+            raise TypeError(f"lengths must be a list of ints (one per sequence) or None, got {lengths!r}")
+        lengths = (
+            [tokens] * self.batch
+            if lengths is None
+            else [int(n) if isinstance(n, torch.Tensor) else n for n in lengths]
+        )
         if len(lengths) != self.batch:
             raise ValueError(f"lengths must have one entry per sequence ({self.batch}), got {len(lengths)}")
         for n in lengths:
@@ -329,13 +338,20 @@ class PagedKVCache:
 
     def sequence(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence ``b``'s keys and values in order, each ``(Hkv, lengths[b], D)`` (a copy)."""
+        self._check_sequence(b)
         return self._read(self.k_pages, b, 0, self.lengths[b]), self._read(self.v_pages, b, 0, self.lengths[b])
 
     def keys(self, b: int, start: int, end: int) -> torch.Tensor:
         """Sequence ``b``'s keys of tokens ``[start, end)``, ``(Hkv, end - start, D)`` (a copy of those pages only)."""
+        self._check_sequence(b)
         if not 0 <= start <= end <= self.lengths[b]:
             raise ValueError(f"token range [{start}, {end}) is outside sequence {b}'s {self.lengths[b]} tokens")
         return self._read(self.k_pages, b, start, end)
+
+    def _check_sequence(self, b) -> None:
+        check_int("b", b, minimum=0)
+        if b >= self.batch:
+            raise ValueError(f"b must be a sequence index below the cache's batch of {self.batch}, got {b}")
 
     def _read(self, pool: torch.Tensor, b: int, start: int, end: int) -> torch.Tensor:
         first = start // self.page_size

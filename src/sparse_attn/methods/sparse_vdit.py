@@ -97,11 +97,22 @@ class SparseVditConfig:
         if self.stripes is not None:
             if not isinstance(self.stripes, Sequence) or any(not isinstance(s, Sequence) for s in self.stripes):
                 raise TypeError("stripes must be a sequence (one per head) of sequences of token positions")
-            stripes = tuple(tuple(int(p) for p in per_head) for per_head in self.stripes)
-            if any(p < 0 for per_head in stripes for p in per_head):
-                raise ValueError("stripes positions must be >= 0")
-            if self.heads is not None and len(stripes) != len(self.heads):
+            for per_head in self.stripes:
+                for position in per_head:
+                    check_int("stripes positions", position, minimum=0)
+            stripes = tuple(tuple(per_head) for per_head in self.stripes)
+            if self.heads is None:
+                raise ValueError(
+                    "stripes= needs heads= (which heads are 'vertical_stripe'); without it no head uses them"
+                )
+            if len(stripes) != len(self.heads):
                 raise ValueError(f"stripes has {len(stripes)} entries but heads has {len(self.heads)}")
+            check_int("text_tokens", self.text_tokens, minimum=0)
+            if grid is not None:
+                tokens = math.prod(grid) + self.text_tokens
+                beyond = sorted({p for per_head in stripes for p in per_head if p >= tokens})
+                if beyond:
+                    raise ValueError(f"stripes positions must be < the layout's {tokens} tokens, got {beyond[:5]}")
             object.__setattr__(self, "stripes", stripes)
         if self.heads is not None and "vertical_stripe" in self.heads and self.stripes is None:
             raise ValueError("heads with 'vertical_stripe' need stripes= (per head, the stripe token positions)")
