@@ -5,6 +5,7 @@ torch), and the one valid-but-unusual case (ProxyAttn's query stride above the b
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -202,3 +203,31 @@ def test_sparse_vdit_checks_its_stripes():
     for options, error, match in cases:
         with pytest.raises(error, match=match):
             sa.estimate(q, q, "sparse_vdit", causal=False, grid=grid, **options)
+
+
+def test_moa_profile_files_are_checked(tmp_path):
+    from sparse_attn.methods.moa import PROFILE_FORMAT, MoAProfile
+
+    good = {"format": PROFILE_FORMAT, "sink_tokens": 64, "block": 64, "layers": {"0": [[128, 0.25], [64, 0.5]]}}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(good))
+    assert MoAProfile.load(path).spans(0) == ((128.0, 0.25), (64.0, 0.5))
+    bad = [
+        ({"sink_tokens": None}, "lacks \\['sink_tokens'\\]"),
+        ({"layers": [[128, 0.25]]}, "layers must map layer indices"),
+        ({"layers": {"first": [[128, 0.25]]}}, "layer keys must be non-negative integers"),
+        ({"layers": {"0": []}}, "layer 0 must list one"),
+        ({"sink_tokens": -1}, "sink_tokens must be >= 0"),
+        ({"block": 0}, "block must be >= 1"),
+    ]
+    for change, match in bad:
+        data = {**good, **change}
+        data = {key: value for key, value in data.items() if value is not None}
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=match):
+            MoAProfile.load(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="is not JSON"):
+        MoAProfile.load(path)
+    with pytest.raises(ValueError, match="is not a file"):
+        MoAProfile.load(tmp_path)

@@ -117,17 +117,37 @@ class MoAProfile:
 
     @classmethod
     def load(cls, path: str | Path) -> MoAProfile:
-        data = json.loads(Path(path).read_text())
+        where = f"profile {str(path)!r}"
+        if not Path(path).is_file():
+            raise ValueError(f"{where} is not a file")
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where} is not JSON: {error}") from None
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"profile {str(path)!r} is not a MoA profile (expected format {PROFILE_FORMAT!r})")
-        layers = {
-            int(layer): tuple(_check_rule("profile", rule) for rule in spans) for layer, spans in data["layers"].items()
-        }
+            raise ValueError(f"{where} is not a MoA profile (expected format {PROFILE_FORMAT!r})")
+        missing = sorted({"layers", "sink_tokens", "block"} - set(data))
+        if missing:
+            raise ValueError(f"{where} lacks {missing}")
+        if not isinstance(data["layers"], dict) or not data["layers"]:
+            raise ValueError(f"{where}: layers must map layer indices to per-head rules, got {data['layers']!r}")
+        if any(not str(layer).isdigit() for layer in data["layers"]):
+            raise ValueError(f"{where}: layer keys must be non-negative integers, got {sorted(data['layers'])}")
+        check_int(f"{where}: sink_tokens", data["sink_tokens"], minimum=0)
+        check_int(f"{where}: block", data["block"])
+        lengths = data.get("lengths", [])
+        for n in lengths if isinstance(lengths, list) else [lengths]:
+            check_int(f"{where}: lengths", n)
+        layers = {}
+        for layer, spans in data["layers"].items():
+            if not isinstance(spans, list) or not spans:
+                raise ValueError(f"{where}: layer {layer} must list one (alpha, beta) rule per head, got {spans!r}")
+            layers[int(layer)] = tuple(_check_rule("profile", rule) for rule in spans)
         return cls(
             layers=layers,
-            sink_tokens=int(data["sink_tokens"]),
-            block=int(data["block"]),
-            lengths=tuple(int(n) for n in data.get("lengths", ())),
+            sink_tokens=data["sink_tokens"],
+            block=data["block"],
+            lengths=tuple(lengths),
             density_budget=data.get("density_budget"),
         )
 
