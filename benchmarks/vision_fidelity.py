@@ -73,7 +73,7 @@ RENAMED = {
     "attention.v_proj.": "attention.attention.value.",
     "attention.o_proj.": "attention.output.dense.",
 }
-SKIMAGE_IMAGES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
+SKIMAGE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
 
 COLUMNS = [
     ("method", "method", "s"),
@@ -234,16 +234,18 @@ def run_model(backbone, decoder, pixels: torch.Tensor) -> tuple[torch.Tensor, to
 # ---- inputs ------------------------------------------------------------------------------------------------
 
 
-def image_paths() -> dict[str, Path]:
+def image_paths(extra: tuple[str, ...] = ()) -> dict[str, Path]:
+    """name -> file: matplotlib's ``grace_hopper``, scikit-image's photographs (and ``extra`` names there)."""
     import matplotlib
 
     paths = {"grace_hopper": Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"}
     spec = importlib.util.find_spec("skimage")
     if spec is not None and spec.submodule_search_locations:
         data = Path(next(iter(spec.submodule_search_locations))) / "data"
-        for name in SKIMAGE_IMAGES:
-            if (data / name).exists():
-                paths[name.split(".")[0]] = data / name
+        for name in (*SKIMAGE_IMAGES, *extra):
+            for suffix in (".png", ".jpg"):
+                if (data / (name + suffix)).exists():
+                    paths[name] = data / (name + suffix)
     return paths
 
 

@@ -74,7 +74,8 @@ class Layout:
     """A 1D, 2D ``(H, W)`` or 3D ``(T, H, W)`` token grid, optional text tokens, and a tile permutation.
 
     Args:
-        grid: the grid's size per dimension (raster order, last dimension fastest).
+        grid: the grid's size per dimension (raster order, last dimension fastest); an int is a
+            1D grid of that many tokens.
         tile: tile size per dimension (an int applies to every dimension); ``None`` keeps the
             raster order (one tile covering the grid). Tiles need not divide the grid.
         text_tokens: number of text tokens attending jointly with the grid (0 for none).
