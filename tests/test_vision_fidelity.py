@@ -130,3 +130,43 @@ def test_top_iou_and_the_settings(script):
     labels = [label for _, label, _ in script.settings((64, 64))]
     assert labels[0].startswith("exact") and any("GNA" in label for label in labels)
     assert not any("GNA" in label for _, label, _ in script.settings((20, 20)))
+
+
+def test_finetune_step_trains_the_student_through_the_sparse_attention(script):
+    """benchmarks/vision_finetune.py's pieces: a crop's shape and range, and one AdamW step on the
+    distillation loss lowers it, with gradients reaching every attention projection through
+    ``sa.sparse_attention`` (the student's method) and none reaching the frozen teacher."""
+    import copy
+
+    finetune = load_benchmark("vision_finetune")
+    teacher, decoder = tiny_model(script, seed=2)
+    teacher.set_attn_implementation("sdpa")
+    student = copy.deepcopy(teacher)
+    grid = (6, 6)
+    hook = script.AttentionHook(grid)
+    hook.method = ("neighborhood", dict(window=3))
+    AttentionInterface.register("sparse_attn_vision_finetune_test", hook)
+    student.set_attn_implementation("sparse_attn_vision_finetune_test")
+    for parameter in (*teacher.parameters(), *decoder.parameters()):
+        parameter.requires_grad_(False)
+    image = torch.rand(3, 50, 70)
+    crop = finetune.random_crop(image, 6 * 14, torch.Generator().manual_seed(0))
+    assert crop.shape == (1, 3, 84, 84) and crop.abs().max() < 3
+    pixels = torch.cat([crop, finetune.random_crop(image, 6 * 14, torch.Generator().manual_seed(1))])
+    with torch.no_grad():
+        target = script.run_model(teacher, decoder, pixels)
+    loss = finetune.distillation_loss(script.run_model(student, decoder, pixels), target)
+    assert loss > 1e-6  # window 3 of a 6 x 6 grid: not dense
+    loss.backward()
+    for name, parameter in student.named_parameters():
+        if "q_proj" in name or "k_proj" in name:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+    # A small step against the gradient (first order: the loss falls by about a tenth).
+    trained = [parameter for parameter in student.parameters() if parameter.grad is not None]  # not mask_token
+    squared = sum(parameter.grad.square().sum() for parameter in trained)
+    with torch.no_grad():
+        for parameter in trained:
+            parameter -= 0.1 * loss / squared * parameter.grad
+        after = finetune.distillation_loss(script.run_model(student, decoder, pixels), target)
+    assert after < loss
