@@ -231,3 +231,13 @@ def test_moa_profile_files_are_checked(tmp_path):
         MoAProfile.load(path)
     with pytest.raises(ValueError, match="is not a file"):
         MoAProfile.load(tmp_path)
+
+
+def test_a_generator_option_is_read_once():
+    """``auto``'s ``candidates=`` as a generator: ``sparse_attention`` checks the options, then
+    ``estimate`` reads them again; both see the same candidates (the second read saw none)."""
+    q, k, v = qkv(seq=256)
+    names = ("streaming", "block_topk")
+    as_tuple = sa.sparse_attention(q, k, v, "auto", candidates=names)
+    as_generator = sa.sparse_attention(q, k, v, "auto", candidates=(name for name in names))
+    torch.testing.assert_close(as_generator, as_tuple, rtol=0, atol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -193,6 +193,9 @@ def sparse_attention(
     """
     scale = check_attention_inputs(q, k, v, scale)
     _check_flags(causal=causal, return_info=return_info, check_inputs_finite=check_inputs_finite)
+    # Options are checked here and read again by estimate: one-shot iterators (a generator of
+    # candidates) become tuples so that both see the same values.
+    options = {name: tuple(value) if isinstance(value, Iterator) else value for name, value in options.items()}
     _method_config(method, options, sparse_attention)
     if check_inputs_finite:
         check_finite(q=q, k=k, v=v)
