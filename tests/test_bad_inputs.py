@@ -241,3 +241,13 @@ def test_a_generator_option_is_read_once():
     as_tuple = sa.sparse_attention(q, k, v, "auto", candidates=names)
     as_generator = sa.sparse_attention(q, k, v, "auto", candidates=(name for name in names))
     torch.testing.assert_close(as_generator, as_tuple, rtol=0, atol=0)
+
+
+def test_patterns_need_a_batch_and_heads_and_expand_to_a_positive_count():
+    pattern = sa.dense_pattern(heads=2, seq_q=256)
+    with pytest.raises(ValueError, match="batch and heads of at least 1"):
+        dataclasses.replace(pattern, kv_counts=pattern.kv_counts[:, :0], kv_indices=pattern.kv_indices[:, :0])
+    for heads, error in ((0, ValueError), (-2, ValueError), (4.0, TypeError)):
+        with pytest.raises(error, match="num_q_heads must be"):
+            pattern.expand_heads(heads)
+    assert pattern.expand_heads(6).num_heads == 6

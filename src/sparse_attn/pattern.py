@@ -85,6 +85,8 @@ class BlockSparsePattern:
                 f"kv_indices must have shape (B, H, n_q_blocks, max_kv) = {tuple(self.kv_counts.shape)} + (max_kv,), "
                 f"got {tuple(self.kv_indices.shape)}"
             )
+        if self.kv_counts.shape[0] == 0 or self.kv_counts.shape[1] == 0:
+            raise ValueError(f"kv_counts must have a batch and heads of at least 1, got {tuple(self.kv_counts.shape)}")
         if self.kv_counts.shape[2] != self.num_q_blocks:
             raise ValueError(
                 f"kv_counts has {self.kv_counts.shape[2]} query blocks, but seq_q={self.seq_q} with "
@@ -237,6 +239,7 @@ class BlockSparsePattern:
 
     def expand_heads(self, num_q_heads: int) -> BlockSparsePattern:
         """A per-query-head view of a per-KV-head pattern (each list repeated over its GQA group)."""
+        check_int("num_q_heads", num_q_heads)
         if self.num_heads == num_q_heads:
             return self
         if num_q_heads % self.num_heads != 0:
