@@ -43,6 +43,8 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from ..checks import check_bool
+
 __all__ = [
     "LOAD_MODES",
     "applied",
@@ -204,22 +206,19 @@ def kernel_configs(
         ):
             raise ValueError(f"gluon_stages must be an int in [2, {GLUON_MAX_STAGES}], got {gluon_stages!r}")
         changes["gluon_stages"] = gluon_stages
-    if gluon_host_descriptors is not None:
-        if not isinstance(gluon_host_descriptors, bool):
-            raise TypeError(f"gluon_host_descriptors must be a bool, got {gluon_host_descriptors!r}")
-        changes["gluon_host_descriptors"] = gluon_host_descriptors
-    if triton_backward_skip_masked is not None:
-        if not isinstance(triton_backward_skip_masked, bool):
-            raise TypeError(f"triton_backward_skip_masked must be a bool, got {triton_backward_skip_masked!r}")
-        changes["triton_backward_skip_masked"] = triton_backward_skip_masked
     if gluon_backward is not None:
         if not isinstance(gluon_backward, bool) and gluon_backward not in GLUON_BACKWARD_PASSES:
             raise TypeError(f"gluon_backward must be a bool or one of {GLUON_BACKWARD_PASSES}, got {gluon_backward!r}")
         changes["gluon_backward"] = gluon_backward
-    for name, asked in (("gluon_persistent", gluon_persistent), ("heavy_rows_first", heavy_rows_first)):
+    flags = {
+        "gluon_host_descriptors": gluon_host_descriptors,
+        "triton_backward_skip_masked": triton_backward_skip_masked,
+        "gluon_persistent": gluon_persistent,
+        "heavy_rows_first": heavy_rows_first,
+    }
+    for name, asked in flags.items():
         if asked is not None:
-            if not isinstance(asked, bool):
-                raise TypeError(f"{name} must be a bool, got {asked!r}")
+            check_bool(name, asked)
             changes[name] = asked
     if token_rows is not None:
         if isinstance(token_rows, bool) or token_rows not in TOKEN_ROWS:

@@ -27,8 +27,8 @@ def per_dim(name: str, value, rank: int) -> tuple[int, ...]:
 def check_grid_option(config) -> tuple[int, ...] | None:
     """Validate a spatial config's ``grid`` option (``None`` allowed: it is required at estimate time).
 
-    Also turns list-valued options into tuples (and an int ``grid`` into ``(L,)``), so configs stay hashable (:func:`static_pattern`
-    caches on them) whether sizes come as lists or tuples."""
+    Also turns list-valued options into tuples (and an int ``grid`` into ``(L,)``), so configs stay
+    hashable (:func:`static_pattern` caches on them) whether sizes come as lists or tuples."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if isinstance(value, list):

@@ -136,7 +136,9 @@ class MoAProfile:
         check_int(f"{where}: sink_tokens", data["sink_tokens"], minimum=0)
         check_int(f"{where}: block", data["block"])
         lengths = data.get("lengths", [])
-        for n in lengths if isinstance(lengths, list) else [lengths]:
+        if not isinstance(lengths, list):
+            raise ValueError(f"{where}: lengths must be a list of token counts, got {lengths!r}")
+        for n in lengths:
             check_int(f"{where}: lengths", n)
         layers = {}
         for layer, spans in data["layers"].items():

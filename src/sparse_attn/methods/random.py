@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_bool
+from ..checks import check_bool, check_int
 from ..pattern import BlockSparsePattern, random_pattern
 from ..registry import register_method
 
@@ -29,8 +29,7 @@ class RandomConfig:
             raise TypeError(f"density must be a float, got {type(self.density).__name__}")
         if math.isnan(self.density) or not 0.0 <= self.density <= 1.0:
             raise ValueError(f"density must be in [0, 1], got {self.density}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        check_int("seed", self.seed, minimum=0)  # what random_pattern takes
         check_bool("per_query_head", self.per_query_head)
 
 
