@@ -251,3 +251,25 @@ def test_patterns_need_a_batch_and_heads_and_expand_to_a_positive_count():
         with pytest.raises(error, match="num_q_heads must be"):
             pattern.expand_heads(heads)
     assert pattern.expand_heads(6).num_heads == 6
+
+
+@pytest.mark.parametrize(
+    "method, option, covering",
+    [
+        ("moba", "block_size", 512),  # one key block either way: dense causal attention
+        ("anchor", "local_tokens", 384),  # a window over every key block
+        ("sale", "local_tokens", 384),
+        ("hip", "top_k_tokens", 384),  # every candidate block kept
+    ],
+)
+def test_option_values_past_the_sequence_act_as_the_whole_sequence(method, option, covering):
+    """A block size, window or budget of 10**9 tokens on 300 tokens is the whole sequence: the
+    same pattern and output as the smallest value covering it, without allocating for 10**9 keys
+    (before, each of these tried to allocate gigabytes and failed deep in PyTorch)."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 300, 64), torch.randn(1, 2, 300, 64)
+    v = torch.randn_like(k)
+    huge = sa.sparse_attention(q, k, v, method=method, **{option: 10**9}, return_info=True)
+    small = sa.sparse_attention(q, k, v, method=method, **{option: covering}, return_info=True)
+    assert torch.equal(huge[1].pattern.kv_counts, small[1].pattern.kv_counts)
+    torch.testing.assert_close(huge[0], small[0], rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..plan import plan_for
 from ..skip_pattern import SkipThresholdPattern, visiting_order
-from .reference import _blocked, chunks
+from .reference import _blocked, chunks, walked_blocks
 
 name = "blasst_reference"
 
@@ -97,7 +97,7 @@ def forward(q, k, v, pattern: SkipThresholdPattern, *, causal: bool, scale: floa
     query block computed (its candidates minus the skipped ones)."""
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    block_q, block_k = pattern.block_q, pattern.block_k
+    block_q, block_k = walked_blocks(pattern, seq_q, seq_k)
     n_q, n_kv, max_kv = pattern.num_q_blocks, pattern.num_kv_blocks, pattern.max_kv
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     threshold = pattern.skip_threshold

@@ -32,6 +32,13 @@ def unsupported_reason(
     return None
 
 
+def walked_blocks(pattern: BlockSparsePattern, seq_q: int, seq_k: int) -> tuple[int, int]:
+    """``(block_q, block_k)`` as the walk takes them: a block longer than its sequence is the
+    whole sequence (its only block, so no position moves), and padding it to its nominal size
+    would allocate for keys that do not exist (a ``block_size`` of 10**7 on 300 tokens)."""
+    return min(pattern.block_q, max(seq_q, 1)), min(pattern.block_k, max(seq_k, 1))
+
+
 def _blocked(x: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
     """(B, H, S, D) -> (B, H, n_blocks, block, D), zero-padded at the tail."""
     batch, heads, length, dim = x.shape
@@ -168,7 +175,7 @@ def forward(
         return _grouped_forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse, group=group)
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    block_q, block_k = pattern.block_q, pattern.block_k
+    block_q, block_k = walked_blocks(pattern, seq_q, seq_k)
     n_q, n_kv, max_kv = pattern.num_q_blocks, pattern.num_kv_blocks, pattern.max_kv
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     rule = token_rule_of(pattern)
@@ -234,7 +241,7 @@ def _grouped_forward(q, k, v, pattern: BlockSparsePattern, *, causal: bool, scal
     row and head). Same arithmetic, same result."""
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    block_q, block_k = pattern.block_q, pattern.block_k
+    block_q, block_k = walked_blocks(pattern, seq_q, seq_k)
     n_q, n_kv, max_kv = pattern.num_q_blocks, pattern.num_kv_blocks, pattern.max_kv
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     rule = token_rule_of(pattern)

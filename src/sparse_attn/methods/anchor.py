@@ -115,7 +115,7 @@ def estimate(
     n_kv = num_blocks(seq_k, block_k)
     pooled_q = mean_pool_blocks(q, block_q) * scale
     _, block_ends = query_block_positions(seq_q, seq_k, block_q, q.device)
-    region = region_blocks(config.init_tokens, config.local_tokens, block_k)
+    region = region_blocks(config.init_tokens, config.local_tokens, block_k, seq_k)
 
     def mask_rows(rows: QueryBlocks) -> torch.Tensor:
         # A tuple of blocks (capture_rows: whole step groups, ascending, so only the sequence's last

@@ -133,7 +133,7 @@ def estimate(
     query_mean, key_mean = sequence_mean(q), sequence_mean(k)
     key_codes, key_scale = quantize(k, config.fmt, center=key_mean)
     key_bias = mean_query_bias(k, query_mean, key_mean, scale)
-    region = region_blocks(config.sink_tokens, config.local_tokens, block_k)
+    region = region_blocks(config.sink_tokens, config.local_tokens, block_k, seq_k)
     log_threshold = math.log(config.threshold)
 
     def mask_rows(q_blocks: range) -> torch.Tensor:
