@@ -273,3 +273,12 @@ def test_option_values_past_the_sequence_act_as_the_whole_sequence(method, optio
     small = sa.sparse_attention(q, k, v, method=method, **{option: covering}, return_info=True)
     assert torch.equal(huge[1].pattern.kv_counts, small[1].pattern.kv_counts)
     torch.testing.assert_close(huge[0], small[0], rtol=1e-5, atol=1e-5)
+
+
+def test_meta_tensors_are_refused_by_name():
+    """Meta tensors have no values to estimate from: a clear error, not ``Tensor.item()`` deep in an op."""
+    q, k, v = (x.to("meta") for x in qkv())
+    with pytest.raises(ValueError, match="q is a meta tensor"):
+        sa.sparse_attention(q, k, v, method="xattention")
+    with pytest.raises(ValueError, match="q is a meta tensor"):
+        sa.block_sparse_attention(q, k, v, sa.dense_pattern(seq_q=300, block_q=64, block_k=64))

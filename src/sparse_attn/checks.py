@@ -63,6 +63,11 @@ def check_key_like(q, k, name: str = "k") -> None:
         raise TypeError(f"{name} must have q's dtype {q.dtype}, got {k.dtype}")
     if k.device != q.device:
         raise ValueError(f"{name} must be on q's device {q.device}, got {k.device}")
+    if q.device.type == "meta":
+        raise ValueError(
+            "q is a meta tensor (no data): sparse attention needs the values (the estimators choose "
+            "blocks from them), so pass tensors on a CPU or CUDA device"
+        )
     batch, q_heads, _, dim = q.shape
     if k.shape[0] != batch:
         raise ValueError(f"{name} must have q's batch size {batch}, got {k.shape[0]}")
