@@ -103,6 +103,17 @@ def main() -> None:
         backends += ("flash4",)
         dense_names += ("fa4-dense",)
     columns = kernel_columns(backends, dense_names)
+    out = args.out or Path(__file__).parent / "results" / device_slug(device) / "kernels.json"
+    settings = {
+        "benchmark": "kernels",
+        "loads": args.loads,
+        "kernels": args.kernels,
+        "gluon_descriptors": args.gluon_descriptors,
+        "gluon_persistent": args.gluon_persistent,
+        "kv_streams_per_wave": waves_label(args.kv_streams_per_wave),
+        "also": args.also,
+        **environment(device),
+    }
     rows = []
     for case in cases:
         host_descriptors = None if args.gluon_descriptors == "auto" else False
@@ -119,23 +130,9 @@ def main() -> None:
         for row in case_rows:
             if row["errors"]:
                 print("  errors:", row["errors"])
+        write_results(rows, out, settings)  # after every case: a run cut by a time limit keeps its rows
     print()
     print(format_table(rows, columns))
-    out = args.out or Path(__file__).parent / "results" / device_slug(device) / "kernels.json"
-    write_results(
-        rows,
-        out,
-        {
-            "benchmark": "kernels",
-            "loads": args.loads,
-            "kernels": args.kernels,
-            "gluon_descriptors": args.gluon_descriptors,
-            "gluon_persistent": args.gluon_persistent,
-            "kv_streams_per_wave": waves_label(args.kv_streams_per_wave),
-            "also": args.also,
-            **environment(device),
-        },
-    )
     print(f"wrote {out}")
 
 

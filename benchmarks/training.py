@@ -172,28 +172,25 @@ def main() -> None:
     if flash4.installed() is None and "flash4" not in backends:
         backends += ("flash4",)
     print(format_table([], _columns(backends)), flush=True)
+    path = args.output or Path(__file__).parent / "results" / device_slug(device) / "training.json"
+    settings = {
+        "benchmark": "training",
+        "backward_skip_masked": args.backward_skip_masked,
+        "kv_streams_per_wave": waves_label(args.kv_streams_per_wave),
+        **environment(device),
+    }
     rows = []
     with kernel_configs(
         triton_backward_skip_masked=args.backward_skip_masked, kv_streams_per_wave=args.kv_streams_per_wave
     ):
         for seq, dim in cases:
             rows += run_case(seq, dim, args.densities, backends, device)
+            write_results(rows, path, settings)  # after every case: a run cut by a time limit keeps its rows
     print()
     print(format_table(rows, _columns(backends)))
     for row in rows:
         for name, error in row["errors"].items():
             print(f"  {row['seq']} d{row['head_dim']} {row['density']}: {name}: {error}")
-    path = args.output or Path(__file__).parent / "results" / device_slug(device) / "training.json"
-    write_results(
-        rows,
-        path,
-        {
-            "benchmark": "training",
-            "backward_skip_masked": args.backward_skip_masked,
-            "kv_streams_per_wave": waves_label(args.kv_streams_per_wave),
-            **environment(device),
-        },
-    )
     print(f"wrote {path}")
 
 
