@@ -87,7 +87,7 @@ def estimate(
     seq_k = k.shape[2]
     n_kv = num_blocks(seq_k, block_k)
     # More than every block is every block (and 2 * keep chunks are allocated per query block).
-    keep = min(num_blocks(config.top_k_tokens, block_k), max(n_kv, 1))
+    keep = min(num_blocks(config.top_k_tokens, block_k), n_kv)
     first_own, last_own = own_kv_block_span(seq_q, seq_k, block_q, block_k, q.device)
 
     def mask_rows(q_blocks: QueryBlocks) -> torch.Tensor:

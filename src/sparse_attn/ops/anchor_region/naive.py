@@ -29,7 +29,7 @@ def region_blocks(sink_tokens: int, local_tokens: int, block_k: int, seq_k: int)
     """``sink_blocks`` and ``local_blocks`` of a region given in tokens (ceil: a region never
     shrinks), each at most the sequence's blocks: a longer sink or window already covers every
     key, and sizing the region's logits by it would allocate for keys that do not exist."""
-    n_kv = max(num_blocks(seq_k, block_k), 1)
+    n_kv = num_blocks(seq_k, block_k)  # >= 1: the estimators take seq_k >= seq_q >= 1
     return dict(
         sink_blocks=min(num_blocks(sink_tokens, block_k), n_kv),
         local_blocks=min(num_blocks(local_tokens, block_k), n_kv),
