@@ -500,6 +500,31 @@ def test_vmoba_equals_its_pairwise_selection(grid, layer, chunks, selection, tex
     assert info.pattern.block_q == 1 and info.density < 1.0
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.01, 0.25, 0.7, 1.0])
+@pytest.mark.parametrize("levels", [None, 7])
+def test_vmoba_candidate_cut_equals_the_full_sort(threshold, levels):
+    """The head-global selection sorts only the values a histogram leaves as candidates; it keeps
+    exactly the pairs of one sort over every pair, ties (``levels``: values rounded to a few
+    levels) and thresholds at both ends included."""
+    from sparse_attn.methods.vmoba import select_pairs, sorted_cut
+
+    gen = torch.Generator().manual_seed(int(threshold * 100) + (levels or 0))
+    gates = torch.randn(2, 3, 37, 11, generator=gen)
+    if levels is not None:
+        gates = (gates * levels / 4).round()
+    gates[1, 2] = 0.5  # a constant head: every normalised gate is 0
+    own = torch.zeros_like(gates, dtype=torch.bool)
+    own[..., torch.arange(37), torch.arange(37) % 11] = True
+    kept = select_pairs(gates, own, threshold, per_query=False)
+    low, high = gates.amin((-2, -1), keepdim=True), gates.amax((-2, -1), keepdim=True)
+    norm = (gates - low) / torch.where(high - low > 1e-6, high - low, torch.ones_like(high))
+    needed = threshold * norm.sum((-2, -1), keepdim=True) - (norm * own).sum((-2, -1), keepdim=True)
+    flat = norm.masked_fill(own, -1.0).flatten(-2)
+    expected = sorted_cut(flat, needed.flatten(-2)).view_as(gates) | own
+    assert torch.equal(kept, expected)
+    assert (kept.sum() > own.sum()) == (threshold >= 0.25)  # at 0.01 the own blocks already reach it
+
+
 def test_vmoba_partitions_cycle_over_layers_and_check_divisibility():
     config = sa.get_method("vmoba").make_config
     tiles = [config(grid=(21, 20, 32), layer=layer).partition() for layer in range(4)]

@@ -110,6 +110,10 @@ class VmobaConfig:
         return "chunk_3d", tuple(self.chunk_3d)
 
 
+# Bins of the candidate cut (:func:`_global_cut`): a power of two, so a value's bin is exact.
+CUT_BINS = 1024
+
+
 def select_pairs(gates: torch.Tensor, own: torch.Tensor, threshold: float, *, per_query: bool) -> torch.Tensor:
     """VMoBA's threshold selection on gates ``(..., S, C)`` (float32) with each query's own block
     ``own`` (bool, same shape): bool mask of the kept (query, block) pairs.
@@ -122,13 +126,48 @@ def select_pairs(gates: torch.Tensor, own: torch.Tensor, threshold: float, *, pe
     total = norm.sum(dims, keepdim=True)
     needed = threshold * total - (norm * own).sum(dims, keepdim=True)
     others = norm.masked_fill(own, -1.0)  # below every real value: the own block ranks last
-    flat = others.flatten(-2) if not per_query else others
-    values, order = torch.sort(flat, dim=-1, descending=True, stable=True)
-    before = torch.cumsum(values.clamp(min=0), dim=-1) - values.clamp(min=0)
-    # A pair is kept while the mass of the pairs ranked before it is still short of what is needed.
-    kept_sorted = (before < needed.flatten(-2) if not per_query else before < needed) & (values >= 0)
-    kept = torch.zeros_like(kept_sorted).scatter_(-1, order, kept_sorted)
-    return kept.view_as(gates) | own
+    if per_query:
+        kept = sorted_cut(others, needed)
+    else:
+        kept = _global_cut(others.flatten(-2), needed.flatten(-2)).view_as(gates)
+    return kept | own
+
+
+def sorted_cut(values: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+    """The pairs kept along the last dimension of ``values`` (``-1``: not a candidate): ranked in
+    descending order (ties: the earlier pair first), a pair is kept while the mass of the pairs
+    ranked before it is still short of ``needed`` (shape ``(..., 1)``). The plain rule, one sort."""
+    ranked, order = torch.sort(values, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(ranked.clamp(min=0), dim=-1) - ranked.clamp(min=0)
+    kept_sorted = (before < needed) & (ranked >= 0)
+    return torch.zeros_like(kept_sorted).scatter_(-1, order, kept_sorted)
+
+
+def _global_cut(values: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+    """:func:`sorted_cut` over rows of ``values`` in ``[0, 1]`` (or ``-1``), sorting only the candidates.
+
+    A histogram of :data:`CUT_BINS` equal bins bounds the mass at or above each bin's lower edge
+    from below; the highest edge ``t0`` whose bound reaches ``needed`` leaves every kept pair at or
+    above it (a pair below ``t0`` has at least that mass ranked before it). Only the values at or
+    above ``t0`` are sorted (for VMoBA's 2D layer about the kept fifth of a head's pairs, not all of
+    them); their ranks, and so the prefix masses, are the same as in the full sort."""
+    lead, count = values.shape[:-1], values.shape[-1]
+    rows = values.reshape(-1, count)
+    limits = needed.reshape(-1, 1)
+    n_rows = rows.shape[0]
+    bins = (rows * CUT_BINS).long().clamp_(max=CUT_BINS - 1)  # exact: CUT_BINS is a power of two
+    offsets = torch.arange(n_rows, device=rows.device)[:, None] * CUT_BINS
+    index = torch.where(rows >= 0, bins + offsets, n_rows * CUT_BINS)  # the last slot: not candidates
+    counts = torch.bincount(index.flatten(), minlength=n_rows * CUT_BINS + 1)[:-1].view(n_rows, CUT_BINS)
+    edges = torch.arange(CUT_BINS, device=rows.device, dtype=torch.float64) / CUT_BINS
+    at_least = (counts * edges).flip(-1).cumsum(-1).flip(-1)  # mass at or above each lower edge, bounded below
+    reaching = (at_least >= limits.double()).sum(-1)  # edges 0 .. reaching-1 reach needed
+    floor = torch.where(reaching > 0, (reaching - 1).double() / CUT_BINS, 0.0).to(rows.dtype)
+    kept = torch.zeros_like(rows, dtype=torch.bool)
+    for row in range(n_rows):
+        where = (rows[row] >= floor[row]).nonzero().squeeze(1)  # ascending: ties keep their order
+        kept[row, where] = sorted_cut(rows[row, where], limits[row])
+    return kept.view(*lead, count)
 
 
 @register_method(
