@@ -44,6 +44,10 @@ details above, and nothing is copied from it):
   text blocks take no part in the selection or its normalisation.
 - Memory: each head's (query token, block) gate table, ``S * S / block_k`` floats, is held
   while that head is ranked (global selection needs the whole head), one head at a time.
+- Ranking a whole head sorts only the pairs that can be kept: a histogram of the normalised
+  gates bounds from below the mass at or above each of 1024 equal bins' lower edges, and pairs
+  under the highest edge whose bound reaches the needed mass cannot be kept (they rank after at
+  least that mass). The kept set is exactly the full sort's (tested against it, ties included).
 - The API's ``block_q`` / ``block_k`` are ignored: the granularity is the rule's.
 """
 
