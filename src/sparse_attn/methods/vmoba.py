@@ -159,10 +159,12 @@ def _global_cut(values: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
     rows = values.reshape(-1, count)
     limits = needed.reshape(-1, 1)
     n_rows = rows.shape[0]
-    bins = (rows * CUT_BINS).long().clamp_(max=CUT_BINS - 1)  # exact: CUT_BINS is a power of two
-    offsets = torch.arange(n_rows, device=rows.device)[:, None] * CUT_BINS
-    index = torch.where(rows >= 0, bins + offsets, n_rows * CUT_BINS)  # the last slot: not candidates
+    # int32 bins (as large as the values, not twice): exact, since CUT_BINS is a power of two.
+    index = (rows * CUT_BINS).to(torch.int32).clamp_(max=CUT_BINS - 1)
+    index += torch.arange(0, n_rows * CUT_BINS, CUT_BINS, device=rows.device, dtype=torch.int32)[:, None]
+    index.masked_fill_(~(rows >= 0), n_rows * CUT_BINS)  # the last slot: not candidates (NaN included)
     counts = torch.bincount(index.flatten(), minlength=n_rows * CUT_BINS + 1)[:-1].view(n_rows, CUT_BINS)
+    del index
     edges = torch.arange(CUT_BINS, device=rows.device, dtype=torch.float64) / CUT_BINS
     at_least = (counts * edges).flip(-1).cumsum(-1).flip(-1)  # mass at or above each lower edge, bounded below
     reaching = (at_least >= limits.double()).sum(-1)  # edges 0 .. reaching-1 reach needed
