@@ -116,6 +116,7 @@ class VmobaConfig:
 
 # Bins of the candidate cut (:func:`_global_cut`): a power of two, so a value's bin is exact.
 CUT_BINS = 1024
+CUT_MARGIN = 1e-3
 
 
 def select_pairs(gates: torch.Tensor, own: torch.Tensor, threshold: float, *, per_query: bool) -> torch.Tensor:
@@ -151,7 +152,8 @@ def _global_cut(values: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
     """:func:`sorted_cut` over rows of ``values`` in ``[0, 1]`` (or ``-1``), sorting only the candidates.
 
     A histogram of :data:`CUT_BINS` equal bins bounds the mass at or above each bin's lower edge
-    from below; the highest edge ``t0`` whose bound reaches ``needed`` leaves every kept pair at or
+    from below; the highest edge ``t0`` whose bound reaches ``needed`` (plus :data:`CUT_MARGIN`
+    of it, for the rounding of the float32 running sums) leaves every kept pair at or
     above it (a pair below ``t0`` has at least that mass ranked before it). Only the values at or
     above ``t0`` are sorted (for VMoBA's 2D layer about the kept fifth of a head's pairs, not all of
     them); their ranks, and so the prefix masses, are the same as in the full sort."""
@@ -167,7 +169,9 @@ def _global_cut(values: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
     del index
     edges = torch.arange(CUT_BINS, device=rows.device, dtype=torch.float64) / CUT_BINS
     at_least = (counts * edges).flip(-1).cumsum(-1).flip(-1)  # mass at or above each lower edge, bounded below
-    reaching = (at_least >= limits.double()).sum(-1)  # edges 0 .. reaching-1 reach needed
+    # Edges 0 .. reaching-1 reach needed, with 0.1 % to spare for the float32 running sums of the
+    # ranking (a pair just under the edge must rank past the needed mass in them too).
+    reaching = (at_least >= limits.double() * (1 + CUT_MARGIN)).sum(-1)
     floor = torch.where(reaching > 0, (reaching - 1).double() / CUT_BINS, 0.0).to(rows.dtype)
     kept = torch.zeros_like(rows, dtype=torch.bool)
     for row in range(n_rows):
