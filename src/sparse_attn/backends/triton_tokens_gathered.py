@@ -339,12 +339,16 @@ def _autotuned(kind: str, is_float32: bool, rows: int):
     """The gathered ``kind`` kernel (``"forward"`` or ``"dq"``) autotuned over key steps, warps and
     stages (float32 tiles take twice the memory: smaller steps), per number of KV blocks (length).
     Programs of 128 rows take 8 or 16 warps (compiled for sm_90 at head_dim 128: 255 registers and
-    488 bytes of stack at 8 warps, 128 registers and 264 bytes at 16, 64-key steps). Three stages
-    are offered for short blocks (VMoBA's 2D layer: 720 keys, six 128-key steps per program),
-    where the loads of a program's first steps are most of its time."""
+    488 bytes of stack at 8 warps, 128 registers and 264 bytes at 16, 64-key steps).
+
+    Compiled for sm_90 on a CPU (thirty-first session; bf16, head_dim 128, 64 rows, VMoBA's
+    720-key blocks), ptxas reports 255 registers with spills at every 4-warp configuration (444
+    bytes of spill stores at 64-key steps, 1,276 at 128), 20 bytes at 8 warps and 64-key steps,
+    and none only at 8 warps and 32-key steps (230 registers): a lead for the short-block cost
+    (README, spatial section), not yet followed on a GPU."""
     steps = (32,) if is_float32 else (32, 64, 128)
     warps = (4, 8) if rows <= 64 else (8, 16)
-    tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in warps for s in (1, 2, 3)]
+    tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in warps for s in (1, 2)]
     kernel = {"forward": _gathered_forward, "dq": _gathered_dq}[kind]
     return triton.autotune(
         configs=tuning, key=["n_kv", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "ENTRIES", "CAUSAL", "PRECISION"]
