@@ -145,6 +145,34 @@ def test_gathered_path_with_128_rows_per_program(shape, causal, heads_kind, pois
             pass
 
 
+@pytest.mark.parametrize("shape, causal, heads_kind", [GATHERED_SHAPES[0], GATHERED_SHAPES[1]], ids=str)
+def test_gathered_forward_through_tensor_descriptors(shape, causal, heads_kind, poison_outputs):
+    """``kernel_configs(triton_loads=["tma"])``: the gathered forward reads K and V through tensor
+    descriptors (on Hopper the autotuner tries both load kinds); the same float64-oracle results,
+    block ends that are not a multiple of the key step included (260-key blocks), and NaN in V
+    past a block's end reaching no row that does not list that block."""
+    from sparse_attn.backends import triton_tokens_gathered as gathered
+
+    used = []
+    original = gathered._launch
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gathered, "_launch", lambda kind, *a: used.append((kind, a[-1])) or original(kind, *a))
+        with kernel_configs(triton_loads=["tma"]):
+            _check(shape, causal, heads_kind, seed=80 + GATHERED_SHAPES.index((shape, causal, heads_kind)))
+    assert ("forward", (True,)) in used
+    batch, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k = shape
+    heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
+    pattern = shape_pattern(shape, heads=heads, density=0.4, causal=causal, seed=3)
+    q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, seed=4)
+    v[:, :, block_k] = float("nan")  # the first key of the second block
+    with kernel_configs(triton_loads=["tma"]):
+        got = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="triton")
+    want = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    finite = ~torch.isnan(want)
+    assert relative_error(got[finite], want[finite]) <= TOLERANCE[torch.float32]
+
+
 def test_gathered_partials_are_packed_by_list_length(poison_outputs):
     """The gathered path keeps one partial per listed (query row, KV block) pair, packed row after
     row (not ``rows x max_kv``): offsets against a brute-force running sum over uneven lists, a

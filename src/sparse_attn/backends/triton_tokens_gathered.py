@@ -44,9 +44,10 @@ import torch
 
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
-from ..utils import interpreting
+from ..utils import device_capability, interpreting
 from . import configs, launch
-from .launch import LOG2_E
+from .launch import LOG2_E, descriptor_compatible, ensure_scratch_allocator
+from .triton import tma_offered
 from .triton_tokens import _compressed_rows, kernel_constants, list_strides, token_lists, token_tiling
 
 try:
@@ -186,8 +187,11 @@ if triton is not None:
         seq_q, seq_k, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEADS: tl.constexpr,
         ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     ):  # fmt: skip
+        """``USE_TMA``: K and V tiles through tensor descriptors over the KV head's ``(seq_k,
+        HEAD_DIM)`` rows (no per-element addresses; keys past ``seq_k`` read as zeros) instead of
+        pointer loads; V rows past the block's end are zeroed, as the pointer loads leave them."""
         batch, kv_block, k_base, v_base, head, token, query_pos, slot, valid = gathered_rows(
             Combos, Starts, TOffsets, TQBlocks, TSlots, K, V, stride_kb, stride_kh, stride_vb, stride_vh,
             list_stride_b, list_stride_h, num_q_heads, group, pattern_head_divisor, n_kv, seq_q, seq_k,
@@ -196,14 +200,35 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
+        if USE_TMA:
+            k_desc = tl.make_tensor_descriptor(
+                k_base, shape=[seq_k, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM]
+            )
+            v_desc = tl.make_tensor_descriptor(
+                v_base, shape=[seq_k, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM]
+            )
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for sub in range(key_steps(kv_block, seq_k, BLOCK_K, BLOCK_N)):
-            key_pos, key_ok, k, v = load_keys(
-                k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d, BLOCK_K, BLOCK_N, DOT_FP32
-            )
+            if USE_TMA:
+                key_start = kv_block * BLOCK_K + sub * BLOCK_N
+                key_pos = key_start + offs_n
+                key_ok = key_pos < seq_k
+                k = k_desc.load([key_start, 0])
+                v = v_desc.load([key_start, 0])
+                if BLOCK_K % BLOCK_N != 0:
+                    key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
+                    v = tl.where(key_ok[:, None], v, 0.0)  # the next block's rows: no weight, no NaN
+                if DOT_FP32:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+            else:
+                key_pos, key_ok, k, v = load_keys(
+                    k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d,
+                    BLOCK_K, BLOCK_N, DOT_FP32,
+                )  # fmt: skip
             # Every gathered row lists this block.
             acc, m_i, l_i = attend_step(
                 acc, m_i, l_i, q, k, v, key_pos, key_ok, valid, query_pos, qk_scale, True, CAUSAL, PRECISION
@@ -335,33 +360,65 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern, cau
 
 
 @functools.cache
-def _autotuned(kind: str, is_float32: bool, rows: int):
+def _autotuned(kind: str, is_float32: bool, rows: int, tma: tuple[bool, ...] = (False,)):
     """The gathered ``kind`` kernel (``"forward"`` or ``"dq"``) autotuned over key steps, warps and
     stages (float32 tiles take twice the memory: smaller steps), per number of KV blocks (length).
     Programs of 128 rows take 8 or 16 warps (compiled for sm_90 at head_dim 128: 255 registers and
     488 bytes of stack at 8 warps, 128 registers and 264 bytes at 16, 64-key steps).
 
-    Compiled for sm_90 on a CPU (thirty-first session; bf16, head_dim 128, 64 rows, VMoBA's
-    720-key blocks), ptxas reports 255 registers with spills at every 4-warp configuration (444
-    bytes of spill stores at 64-key steps, 1,276 at 128), 20 bytes at 8 warps and 64-key steps,
-    and none only at 8 warps and 32-key steps (230 registers): a lead for the short-block cost
-    (README, spatial section), not yet followed on a GPU."""
+    The forward also tries K/V loads through tensor descriptors (``USE_TMA``) where
+    :func:`_load_choices` offers them (Hopper, 16-bit, aligned tensors). Compiled for sm_90 on a
+    CPU (thirty-first session; bf16, head_dim 128, 64 rows, VMoBA's 720-key blocks, 2 stages),
+    the pointer loads take 255 registers and spill at every 4-warp configuration (444 bytes of
+    spill stores at 64-key steps, 1,276 at 128) and keep one K/V tile in shared memory (48 KiB
+    with the queries at 64-key steps: the key loop's loads are not multi-buffered); descriptor
+    loads spill 128 and 316 bytes there, none at 8 warps and 64-key steps (232 registers), and
+    double-buffer K/V (80 KiB). Their speed on the GPU is not yet measured; the autotuner times
+    both kinds and keeps the faster."""
     steps = (32,) if is_float32 else (32, 64, 128)
     warps = (4, 8) if rows <= 64 else (8, 16)
-    tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in warps for s in (1, 2)]
+    # The forward also tries K/V through tensor descriptors where they are offered (``tma``).
+    loads = tma if kind == "forward" else (None,)
+    tuning = [
+        triton.Config({"BLOCK_N": n, **({} if use is None else {"USE_TMA": use})}, num_warps=w, num_stages=s)
+        for n in steps
+        for w in warps
+        for s in (1, 2)
+        for use in loads
+    ]
     kernel = {"forward": _gathered_forward, "dq": _gathered_dq}[kind]
     return triton.autotune(
         configs=tuning, key=["n_kv", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "ENTRIES", "CAUSAL", "PRECISION"]
     )(kernel)
 
 
-def _launch(kind: str, n_items: int, q: torch.Tensor, args: tuple, constants: dict) -> None:
+def _load_choices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, ...]:
+    """The forward's K/V load kinds (``USE_TMA`` values): as :func:`.triton.tma_offered` allows
+    and ``kernel_configs(triton_loads=...)`` asks (``"tma"`` for descriptors, the others for
+    pointer loads); the interpreter runs one, pointers unless only ``"tma"`` is asked for."""
+    if interpreting():  # any dtype: the interpreter's descriptors have no 16-bit requirement
+        offered = all(descriptor_compatible(x) for x in (q, k, v))
+    else:
+        offered = tma_offered(q, k, v, device_capability(q.device))
+    modes = configs.current().triton_loads
+    if interpreting():
+        return (bool(offered and modes is not None and "tma" in modes),)
+    if modes is None:
+        return (False, True) if offered else (False,)
+    choices = tuple(dict.fromkeys(mode == "tma" for mode in modes if offered or mode != "tma"))
+    return choices or (False,)
+
+
+def _launch(kind: str, n_items: int, q: torch.Tensor, args: tuple, constants: dict, loads=(False,)) -> None:
     """One launch over the work items: the interpreter's fixed 16-key step, or the autotuned kernel."""
+    if kind == "forward" and any(loads):
+        ensure_scratch_allocator()
     if interpreting():
         kernel = {"forward": _gathered_forward, "dq": _gathered_dq}[kind]
-        kernel[(n_items,)](*args, BLOCK_N=16, **constants)
+        extra = {"USE_TMA": loads[0]} if kind == "forward" else {}
+        kernel[(n_items,)](*args, BLOCK_N=16, **extra, **constants)
     else:
-        _autotuned(kind, q.dtype == torch.float32, constants["BLOCK_M"])[(n_items,)](*args, **constants)
+        _autotuned(kind, q.dtype == torch.float32, constants["BLOCK_M"], loads)[(n_items,)](*args, **constants)
 
 
 def _merge_launch(parts, part_lse, offsets, out, lse, *, softmax: bool, factor: float) -> None:
@@ -397,7 +454,7 @@ def forward(q, k, v, pattern: BlockSparsePattern, *, causal: bool, scale: float,
             *args,
             scale * LOG2_E,
         )
-        _launch("forward", work.combos.numel(), q, forward_args, constants)
+        _launch("forward", work.combos.numel(), q, forward_args, constants, _load_choices(q, k, v))
     _merge_launch(part_out, part_lse, offsets, out, lse, softmax=True, factor=1.0)
     return (out, lse) if return_lse else out
 
