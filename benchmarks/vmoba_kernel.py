@@ -80,7 +80,8 @@ def main() -> None:
         estimate_ms = time_ms(lambda options=options: sa.estimate(q, k, "vmoba", **options), device)
         forward_ms = time_ms(lambda pattern=pattern: sa.block_sparse_attention(q, k, v, pattern, causal=False), device)
         density = float(pattern.density(causal=False))
-        tuned = triton_tokens_gathered._autotuned("forward", False, triton_tokens_gathered.GATHER_ROWS)
+        loads = triton_tokens_gathered._load_choices(q, k, v)  # the load kinds the call offered
+        tuned = triton_tokens_gathered._autotuned("forward", False, triton_tokens_gathered.GATHER_ROWS, loads)
         row = dict(
             shape=args.shape,
             layer=layer,
