@@ -505,6 +505,18 @@ def test_gpu_moba_512_gathered_path(dim, dtype, poison_outputs):
     _gpu_check(q, k, v, sa.estimate(q, k, "moba", block_size=512, top_k=3), torch.arange(4096), seed=1)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("loads", [("rows",), ("tma",)])
+def test_gpu_gathered_forward_load_kinds(loads, poison_outputs):
+    """The gathered forward with each K/V load kind forced (pointer loads, tensor descriptors),
+    bf16 on 12/4 heads, head_dim 128, MoBA with 720-token blocks (VMoBA's 2D block length: not
+    a multiple of any key step), every row at 4K. Estimate: E = 0.2G, < 0.1 s."""
+    q, k, v = _cuda_qkv(12, 4, 4096, 128, torch.bfloat16, seed=25)
+    pattern = sa.estimate(q, k, "moba", block_size=720, top_k=2)
+    with kernel_configs(triton_loads=loads):
+        _gpu_check(q, k, v, pattern, torch.arange(4096), seed=2)
+
+
 def _nsa_like_pattern(seq, kv_heads, heads_kind, q_heads):
     """NSA's selected branch shape: blocks of 64, a quarter of each token's earlier blocks, its own always."""
     heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
