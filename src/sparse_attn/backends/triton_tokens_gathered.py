@@ -395,7 +395,7 @@ def _autotuned(kind: str, is_float32: bool, rows: int, tma: tuple[bool, ...] = (
 def _load_choices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, ...]:
     """The forward's K/V load kinds (``USE_TMA`` values): as :func:`.triton.tma_offered` allows
     and ``kernel_configs(triton_loads=...)`` asks (``"tma"`` for descriptors, the others for
-    pointer loads); the interpreter runs one, pointers unless only ``"tma"`` is asked for."""
+    pointer loads); the interpreter runs one: descriptors where ``"tma"`` is asked for, else pointers."""
     if interpreting():  # any dtype: the interpreter's descriptors have no 16-bit requirement
         offered = all(descriptor_compatible(x) for x in (q, k, v))
     else:
