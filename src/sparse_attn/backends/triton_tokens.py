@@ -239,15 +239,27 @@ if triton is not None:
 
     @triton.jit
     def load_keys(k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d,
-                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+                  USE_TMA: tl.constexpr = False):  # fmt: skip
         """Key step ``sub`` of KV block ``kv_block``: positions, which exist (inside the sequence
-        and the block), and the K and V tiles (zeros elsewhere)."""
-        key_pos = kv_block * BLOCK_K + sub * BLOCK_N + offs_n
+        and the block), and the K and V tiles (zeros elsewhere in V; in K too for pointer loads).
+
+        ``USE_TMA``: ``k_base`` / ``v_base`` are tensor descriptors over the KV head's ``(seq_k,
+        HEAD_DIM)`` rows (rows past ``seq_k`` read as zeros; ``stride_ks``, ``stride_vs`` and
+        ``offs_d`` unused); V rows past the block's end are zeroed here, K's only masked later."""
+        key_start = kv_block * BLOCK_K + sub * BLOCK_N
+        key_pos = key_start + offs_n
         key_ok = key_pos < seq_k
         if BLOCK_K % BLOCK_N != 0:
             key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
-        k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        if USE_TMA:
+            k = k_base.load([key_start, 0])
+            v = v_base.load([key_start, 0])
+            if BLOCK_K % BLOCK_N != 0:
+                v = tl.where(key_ok[:, None], v, 0.0)  # the next block's rows: no weight, no NaN
+        else:
+            k = tl.load(k_base + key_pos[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_base + key_pos[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)

@@ -189,9 +189,8 @@ if triton is not None:
         ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     ):  # fmt: skip
-        """``USE_TMA``: K and V tiles through tensor descriptors over the KV head's ``(seq_k,
-        HEAD_DIM)`` rows (no per-element addresses; keys past ``seq_k`` read as zeros) instead of
-        pointer loads; V rows past the block's end are zeroed, as the pointer loads leave them."""
+        """``USE_TMA``: K and V tiles through tensor descriptors (no per-element addresses), see
+        :func:`.triton_tokens.load_keys`."""
         batch, kv_block, k_base, v_base, head, token, query_pos, slot, valid = gathered_rows(
             Combos, Starts, TOffsets, TQBlocks, TSlots, K, V, stride_kb, stride_kh, stride_vb, stride_vh,
             list_stride_b, list_stride_h, num_q_heads, group, pattern_head_divisor, n_kv, seq_q, seq_k,
@@ -200,11 +199,11 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
-        if USE_TMA:
-            k_desc = tl.make_tensor_descriptor(
+        if USE_TMA:  # from here on k_base / v_base are descriptors over the KV head's rows
+            k_base = tl.make_tensor_descriptor(
                 k_base, shape=[seq_k, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM]
             )
-            v_desc = tl.make_tensor_descriptor(
+            v_base = tl.make_tensor_descriptor(
                 v_base, shape=[seq_k, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM]
             )
 
@@ -212,23 +211,10 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for sub in range(key_steps(kv_block, seq_k, BLOCK_K, BLOCK_N)):
-            if USE_TMA:
-                key_start = kv_block * BLOCK_K + sub * BLOCK_N
-                key_pos = key_start + offs_n
-                key_ok = key_pos < seq_k
-                k = k_desc.load([key_start, 0])
-                v = v_desc.load([key_start, 0])
-                if BLOCK_K % BLOCK_N != 0:
-                    key_ok = key_ok & (sub * BLOCK_N + offs_n < BLOCK_K)
-                    v = tl.where(key_ok[:, None], v, 0.0)  # the next block's rows: no weight, no NaN
-                if DOT_FP32:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-            else:
-                key_pos, key_ok, k, v = load_keys(
-                    k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d,
-                    BLOCK_K, BLOCK_N, DOT_FP32,
-                )  # fmt: skip
+            key_pos, key_ok, k, v = load_keys(
+                k_base, v_base, kv_block, sub, seq_k, stride_ks, stride_vs, offs_n, offs_d,
+                BLOCK_K, BLOCK_N, DOT_FP32, USE_TMA,
+            )  # fmt: skip
             # Every gathered row lists this block.
             acc, m_i, l_i = attend_step(
                 acc, m_i, l_i, q, k, v, key_pos, key_ok, valid, query_pos, qk_scale, True, CAUSAL, PRECISION
@@ -393,20 +379,15 @@ def _autotuned(kind: str, is_float32: bool, rows: int, tma: tuple[bool, ...] = (
 
 
 def _load_choices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, ...]:
-    """The forward's K/V load kinds (``USE_TMA`` values): as :func:`.triton.tma_offered` allows
-    and ``kernel_configs(triton_loads=...)`` asks (``"tma"`` for descriptors, the others for
-    pointer loads); the interpreter runs one: descriptors where ``"tma"`` is asked for, else pointers."""
-    if interpreting():  # any dtype: the interpreter's descriptors have no 16-bit requirement
-        offered = all(descriptor_compatible(x) for x in (q, k, v))
-    else:
-        offered = tma_offered(q, k, v, device_capability(q.device))
-    modes = configs.current().triton_loads
+    """The forward's K/V load kinds (``USE_TMA`` values), chosen as for the block kernel
+    (:func:`.configs.triton_load_modes` / :func:`.configs.interpreter_load_mode`): ``"tma"`` is
+    descriptors, the other modes pointer loads; the interpreter runs one."""
     if interpreting():
-        return (bool(offered and modes is not None and "tma" in modes),)
-    if modes is None:
-        return (False, True) if offered else (False,)
-    choices = tuple(dict.fromkeys(mode == "tma" for mode in modes if offered or mode != "tma"))
-    return choices or (False,)
+        allowed = all(descriptor_compatible(x) for x in (q, k, v))
+        return (configs.interpreter_load_mode(descriptors_allowed=allowed) == "tma",)
+    offered = tma_offered(q, k, v, device_capability(q.device))
+    modes = configs.triton_load_modes(is_float32=q.dtype == torch.float32, tma_offered=offered)
+    return tuple(dict.fromkeys(mode == "tma" for mode in modes))
 
 
 def _launch(kind: str, n_items: int, q: torch.Tensor, args: tuple, constants: dict, loads=(False,)) -> None:
