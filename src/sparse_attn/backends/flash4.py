@@ -58,7 +58,7 @@ _FLASH_OPTIONS = {"BACKEND": "FLASH"}
 # The case classes where FA4 was measured faster than our kernels on Hopper, so ``auto`` takes
 # it there: (phase, head_dim, seq_k range [lo, hi), pattern density range [lo, hi)).
 # Phase "forward" is inference, "training" forward + backward. From
-# benchmarks/results/h200/kernels.json and training.json (see the README); empty until measured.
+# benchmarks/results/h200/kernels.json and training.json (see ``docs/h200.md``); empty until measured.
 FASTER_CASES: tuple[tuple[str, int, tuple[int, int], tuple[float, float]], ...] = (
     # Forward, head_dim 128, 32K: faster at every density before our kernels issued their work in
     # L2-sized waves (0.92 vs 1.04 ms at 0.05, 13.7 vs 14.6 dense); with waves ours took 0.91 /

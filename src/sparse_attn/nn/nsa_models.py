@@ -14,7 +14,7 @@ nearly the selected branch alone, whose blocks the mean-pooled keys choose. With
 loss 2.554 against dense 2.539, where ``start="paper"`` (the paper's MLP compressor, every gate
 at 1/2) gives 2.835. Continued training at 8K on the H200 (``benchmarks/train_smollm2.py``, one
 run cut at step 274 of 300) stayed within 1.5-2.2 % of dense's validation loss (1.75 % at the
-end), where the paper start sat 6-7 % above (README, "NSA's dense start"). ``generate()`` works with
+end), where the paper start sat 6-7 % above (``docs/h200.md``, "NSA's dense start"). ``generate()`` works with
 the model's KV cache: a decode step is NSA with one query at the end of the cached keys (the
 module's decode path), the same rule a full recompute applies to that token. The compressed
 tokens of each layer are kept beside the keys: a :class:`~sparse_attn.nn.nsa.CompressedTokenCache`

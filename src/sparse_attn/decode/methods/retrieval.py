@@ -61,7 +61,7 @@ Choices where the papers are silent or that differ from them:
   steps) run k-means and allocate new index tensors, so a captured CUDA graph must not span
   an update; the steps in between read only device tensors with fixed shapes.
 
-Measured (H200, 32/8 heads, d128, bf16; README): at 128K context, batch 8, budget 2048 the
+Measured (H200, 32/8 heads, d128, bf16; ``docs/decode.md``): at 128K context, batch 8, budget 2048 the
 search takes 228 µs of kernels and the attention 27 µs (a graphed step 0.19x of cuDNN's graphed
 dense decode), the index 477 ms to build per layer; on Gemma 3 270M at 16K with a 4096-token
 budget it answered as dense decode on 9 cases and reproduced 256 free-running greedy tokens.

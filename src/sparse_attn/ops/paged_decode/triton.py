@@ -20,7 +20,7 @@ Hopper TMA loads were tried and not adopted: with one page per iteration read as
 (a device-side descriptor over the page pool), the attention took 27.8 µs at 128K, batch 8,
 budget 2048 on 16-token pages against 25.2 µs with these pointer loads (byte floor 14.0 µs),
 and 46.3 against 47.1 µs at budget 4096; every load method measured reached 2.7-3.2 TB/s on
-the scattered 4 KB pages (``benchmarks/results/h200/decode_tma_s44.json``, README).
+the scattered 4 KB pages (``benchmarks/results/h200/decode_tma_s44.json``, ``docs/decode.md``).
 
 Tile choice: autotuned over ``BLOCK_N`` / warps / stages, keyed by head_dim, select block,
 group tile and ``ceil(log2(entries per split))``. Under ``TRITON_INTERPRET=1`` one small
