@@ -15,6 +15,7 @@ from helpers import TOLERANCE, random_qkv, relative_error, shape_pattern
 
 import sparse_attn as sa
 from sparse_attn.backends import BACKENDS, flash4, resolve_backend
+from sparse_attn.masked_pattern import MaskedPattern
 from sparse_attn.plan import plan_for
 
 
@@ -72,6 +73,89 @@ def test_seen_shapes_are_bounded(monkeypatch):
     assert len(flash4._SEEN_SHAPES) == 3
 
 
+class _StandInFlashAttention:
+    """``flash_attn.cute.flash_attn_func``'s contract on the CPU, from SDPA: ``(B, S, H, D)``
+    inputs (GQA by head index), causal aligned to the last query, ``(out, lse)`` with the natural-
+    log LSE ``(B, H, Sq)`` or ``None``. Records the layouts it was handed."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, k, v, softmax_scale=None, causal=False, return_lse=False):
+        self.calls.append(dict(shapes=(q.shape, k.shape), causal=causal, scale=softmax_scale))
+        q_, k_, v_ = (x.transpose(1, 2).double() for x in (q, k, v))
+        group = q_.shape[1] // k_.shape[1]
+        k_, v_ = (x.repeat_interleave(group, dim=1) for x in (k_, v_))
+        scores = q_ @ k_.transpose(-1, -2) * softmax_scale
+        if causal:
+            seq_q, seq_k = scores.shape[-2:]
+            visible = torch.ones(seq_q, seq_k, dtype=torch.bool).tril(seq_k - seq_q)
+            scores = scores.masked_fill(~visible, float("-inf"))
+        lse = scores.logsumexp(-1)
+        out = (scores.softmax(-1) @ v_).to(q.dtype).transpose(1, 2).contiguous()
+        return out, (lse.float() if return_lse else None)
+
+
+@pytest.fixture
+def stand_in_fa4(monkeypatch):
+    import sys
+    import types
+
+    fake = _StandInFlashAttention()
+    package, cute = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = fake
+    package.cute = cute
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    return fake
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 6, 2, 200, 333, 64, 64, 64), (1, 4, 4, 130, 130, 32, 64, 16)], ids=str)
+def test_a_dense_pattern_runs_fa4s_dense_kernel_with_our_conventions(stand_in_fa4, shape, causal):
+    """The dense route's layouts, scale, causal alignment (Sq < Sk) and LSE, on the CPU through a
+    stand-in with FA4's contract; the real kernel is checked by the GPU tests' density-1 cases."""
+    q, k, v = random_qkv(*shape[:6], seed=11)
+    pattern = shape_pattern(shape, heads=shape[2], density=1.0, causal=causal, seed=11)
+    assert flash4.keeps_every_block(pattern, causal=causal)
+    out, lse = flash4.forward(q, k, v, pattern, causal=causal, scale=0.3, return_lse=True)
+    ref, ref_lse = sa.block_sparse_attention(
+        q, k, v, pattern, causal=causal, scale=0.3, backend="reference", return_lse=True
+    )
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert relative_error(out, ref) <= 1e-5
+    assert torch.allclose(lse, ref_lse, atol=1e-5)
+    (call,) = stand_in_fa4.calls
+    batch, q_heads, kv_heads, seq_q, seq_k, dim = shape[:6]
+    assert call == dict(shapes=((batch, seq_q, q_heads, dim), (batch, seq_k, kv_heads, dim)), causal=causal, scale=0.3)
+    assert isinstance(flash4.forward(q, k, v, pattern, causal=causal, scale=0.3), torch.Tensor)
+
+
+def test_only_patterns_keeping_every_block_take_the_dense_kernel(stand_in_fa4, monkeypatch):
+    shape = (1, 4, 2, 300, 300, 64, 64, 64)
+    sparse = shape_pattern(shape, heads=2, density=0.6, causal=True, seed=12)
+    assert not flash4.keeps_every_block(sparse, causal=True)
+    # A causal dense pattern is not dense without causal (its upper blocks are missing).
+    causal_dense = shape_pattern(shape, heads=2, density=1.0, causal=True, seed=12)
+    assert flash4.keeps_every_block(causal_dense, causal=True)
+    assert not flash4.keeps_every_block(causal_dense, causal=False)
+    # A token rule inside the blocks is not dense attention.
+    window = MaskedPattern(
+        kv_counts=causal_dense.kv_counts, kv_indices=causal_dense.kv_indices, block_q=64, block_k=64,
+        seq_q=300, seq_k=300, token_rule=_EveryOtherKey(), rule_partial=torch.ones_like(causal_dense.kv_indices, dtype=torch.bool),
+    )  # fmt: skip
+    assert not flash4.keeps_every_block(window, causal=True)
+    taken = []
+    monkeypatch.setattr(flash4.flex, "attend", lambda *args, **kwargs: taken.append("flex") or args[0])
+    flash4.forward(*random_qkv(*shape[:6], seed=12), sparse, causal=True, scale=0.125)
+    assert taken == ["flex"] and not stand_in_fa4.calls
+
+
+class _EveryOtherKey:
+    def allowed(self, q_pos, k_pos):
+        return k_pos % 2 == 0
+
+
 def test_lse_correction_by_torch_version(monkeypatch):
     for version, expected in (("2.11.0+cu130", 1 / 0.6931471805599453), ("2.13.0+cpu", 1.0), ("2.12.1", None)):
         monkeypatch.setattr(flash4.torch, "__version__", version)
@@ -125,12 +209,15 @@ def _gradients(backend, q, k, v, pattern, dout):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim", [64, 128])
-def test_gpu_flash4_gradients_match_reference(dim):
-    """Head_dim 64 included: flash-attention issue 2623 reported wrong sm_90 block-sparse gradients there."""
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_gpu_flash4_gradients_match_reference(dim, density):
+    """Head_dim 64 included: flash-attention issue 2623 reported wrong sm_90 block-sparse gradients
+    there. Density 1 runs FA4's dense kernel and its backward (queries the last 1000 of 1100 keys)."""
     _requires_flash4()
-    shape = (2, 8, 2, 1000, 1000, dim, 128, 128)
+    shape = (2, 8, 2, 1000, 1000 if density < 1 else 1100, dim, 128, 128)
     q, k, v = random_qkv(*shape[:6], dtype=torch.bfloat16, device="cuda", seed=5)
-    pattern = shape_pattern(shape, heads=2, density=0.3, causal=True, seed=5, device="cuda")
+    pattern = shape_pattern(shape, heads=2, density=density, causal=True, seed=5, device="cuda")
+    assert flash4.keeps_every_block(pattern, causal=True) == (density == 1.0)
     dout = torch.randn_like(q)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -29,6 +29,18 @@ on sm_90. With this FA4 (4.0.0b36) the GPU tests measured head_dim 64 and 128 gr
 matching the reference (relative error 2.5e-3 in bf16 at 1024 tokens, GQA 4, density 0.4), so
 nothing is refused; the tests keep checking it.
 
+Dense patterns: a pattern that keeps every block the mode allows (density exactly 1, no token
+rule) runs FA4's dense kernel (``flash_attn.cute.flash_attn_func``) instead of the
+block-sparse path. Its Hopper tiles differ where the block-sparse path is held to the
+pattern's 128-row blocks: at head_dim 64 FA4 takes 192 x 128 tiles (three consumer warpgroups)
+for dense attention but falls back to 128 x 128 when the query block is not a multiple of 192
+(``_tile_size_fwd_sm90`` in FA4's interface, read for this). Measured in one run on the H200
+(``kernels_fa4_s51.json``, 32/8 heads, bf16, causal): FA4 dense 13.18 / 213.1 ms at 32K / 128K
+(head_dim 128) and 8.08 / 130.3 (head_dim 64), against the FLASH path on the dense pattern
+13.32 / 236.2 and 9.28 / 146.1, and our Gluon kernel 13.91 / 221.0 and 9.46 / 149.4. The
+dense call itself (strided views, no copies) has not yet run on a GPU through this backend;
+the GPU tests' density-1 cases check it against the reference.
+
 ``auto`` (:func:`slower_than_ours_reason`) takes this backend only for case classes measured
 faster than our kernels (:data:`FASTER_CASES`), and only from a shape's second call: FA4 is
 compiled per shape (seconds each), so a shape seen once (a serving workload with ever-new
@@ -45,8 +57,10 @@ import math
 
 import torch
 
+from ..compensated_pattern import CompensatedPattern
+from ..masked_pattern import token_rule_of
 from ..pattern import BlockSparsePattern
-from ..plan import BlockSparsePlan
+from ..plan import BlockSparsePlan, plan_for
 from ..utils import device_capability
 from . import flex
 
@@ -75,6 +89,9 @@ FASTER_CASES: tuple[tuple[str, int, tuple[int, int], tuple[float, float]], ...] 
     # Forward, head_dim 64, 128K, dense: 146.06 vs 149.35 ms; level from 0.05 to 0.2 (8.12 vs
     # 8.11, 15.66 vs 15.71, 30.60 vs 30.47), so patterns stay on our kernels (same run).
     ("forward", 64, (65536, 196608), (0.5, 1.01)),
+    # Forward, head_dim 128, 128K, dense patterns (which run FA4's dense kernel, see the module
+    # docstring): 213.1 ms against our 221.0 (the FLASH path took 236.2 there; same run).
+    ("forward", 128, (65536, 196608), (1.0, 1.01)),
     # Forward + backward, head_dim 128, 32K and 128K: 1.4-1.8x faster than ours at every density
     # (7.3 vs 10.6 ms at 32K density 0.1; 96.6 vs 165.5 at 128K).
     ("training", 128, (0, 196608), (0.0, 1.01)),
@@ -138,6 +155,37 @@ def unsupported_reason(
     return None
 
 
+def keeps_every_block(pattern: BlockSparsePattern, *, causal: bool) -> bool:
+    """Whether ``pattern`` is plain dense attention: no token rule, no compensated blocks, and
+    every block the mode allows kept (density exactly 1: a valid pattern's lists are unique, so
+    that is every causally visible block, or every block without ``causal``; one host sync,
+    cached on the plan)."""
+    if token_rule_of(pattern) is not None or isinstance(pattern, CompensatedPattern):
+        return False
+    return plan_for(pattern, causal=causal).density == 1.0
+
+
+def _dense_attention(q, k, v, *, causal: bool, scale: float, return_lse: bool):
+    """FA4's dense kernel on ``(B, Hq, Sq, D)`` tensors: transposed views in its ``(B, S, H, D)``
+    layout (FA4 reads strided, 16-byte-aligned layouts without a copy), GQA native, causal
+    aligned to the last query as ours (``Sq < Sk``: query ``i`` at position ``Sk - Sq + i``), its
+    log-sum-exp in natural-log units ``(B, Hq, Sq)``. The output is a transposed view of FA4's
+    ``(B, Sq, Hq, D)`` result (as SDPA's fused kernels return), differentiable through FA4's
+    own backward."""
+    from flash_attn.cute import flash_attn_func
+
+    out, lse = flash_attn_func(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        softmax_scale=scale,
+        causal=causal,
+        return_lse=return_lse,
+    )
+    out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,7 +197,11 @@ def forward(
     return_lse: bool = False,
 ):
     """Block-sparse attention through FlexAttention's FLASH backend. Shapes as in
-    :func:`sparse_attn.block_sparse_attention`; differentiable through FlexAttention's autograd."""
+    :func:`sparse_attn.block_sparse_attention`; differentiable through FlexAttention's autograd.
+    A pattern that keeps every block (:func:`keeps_every_block`) runs FA4's dense kernel instead
+    (see the module docstring)."""
+    if keeps_every_block(pattern, causal=causal):
+        return _dense_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
     result = flex.attend(
         q,
         k,
