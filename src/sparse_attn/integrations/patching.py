@@ -164,6 +164,12 @@ def patch(
     state = PatchState(original, min_seq_len, backend, block_q, block_k)
     if decode_method is not None:
         get_decode_method(decode_method).make_config(**dict(decode_options or {}))  # fails here, not mid-generate
+        with_sinks = [type(m).__name__ for m in modules.values() if hasattr(m, "sinks")]
+        if with_sinks:
+            raise ValueError(
+                f"{with_sinks[0]} has attention sinks (learned per-head logits in the softmax), which decode "
+                "methods do not support: patch without decode_method (decode steps then run exact attention)"
+            )
         state.decode_method, state.decode_options = decode_method, dict(decode_options or {})
         state.num_layers, state.first_layer = len(layers), layers[0]
     elif decode_options:
