@@ -33,7 +33,7 @@ CASES = [
     ("int dtype", lambda: _replace("v", torch.ones(1, 2, 64, 64, dtype=torch.int64)), TypeError, "v must be float16"),
     ("batch mismatch", lambda: _replace("k", torch.randn(2, 2, 64, 64)), ValueError, "k must have q's batch size"),
     ("head_dim mismatch", lambda: _replace("k", torch.randn(1, 2, 64, 32)), ValueError, "k must have q's head_dim"),
-    ("v shape", lambda: _replace("v", torch.randn(1, 2, 64, 32)), ValueError, "v must have k's shape"),
+    ("v shape", lambda: _replace("v", torch.randn(1, 2, 63, 64)), ValueError, "v must have k's shape"),
     ("Hq % Hkv", lambda: _replace("k", torch.randn(1, 3, 64, 64)), ValueError, "multiple of the number of KV heads"),
     (
         "k dtype",

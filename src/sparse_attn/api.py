@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .backends import resolve_backend, run_backend
@@ -120,6 +122,9 @@ def block_sparse_attention(
     Args:
         q: ``(B, Hq, Sq, D)``; k, v: ``(B, Hkv, Sk, D)``, same dtype and device, ``Hq % Hkv == 0``,
             ``Sk >= Sq`` (queries are the last ``Sq`` positions). Non-contiguous views are accepted.
+            v's head dim may differ from q's and k's (multi-head latent attention, e.g. 128 against
+            192); the output then has v's. Head dims the CUDA kernels do not take (96, 80, 192, ...),
+            and unequal ones, run zero-padded (:func:`padded_head_dim`; exact, with one warning).
         pattern: a :class:`BlockSparsePattern` for ``(Sq, Sk)`` with batch ``1`` or ``B`` and
             heads ``1``, ``Hq`` or ``Hkv``. Checked once (``pattern.validate``) before its first use.
         causal: mask keys after each query's position inside the kept blocks.
@@ -141,16 +146,20 @@ def block_sparse_attention(
             Rows of query blocks that do not keep that block stay finite.
 
     Returns:
-        ``out`` ``(B, Hq, Sq, D)`` in q's dtype, and ``lse`` when ``return_lse``. Both are
+        ``out`` ``(B, Hq, Sq, Dv)`` (v's head dim) in q's dtype, and ``lse`` when ``return_lse``. Both are
         differentiable in q, k and v on every backend (``flex`` on CUDA only; on CPU it falls
         back to ``reference`` with one warning); the pattern is data and gets no gradient.
     """
-    scale = check_attention_inputs(q, k, v, scale)
+    scale = check_attention_inputs(q, k, v, scale, v_dim_may_differ=True)
     _check_flags(causal=causal, return_lse=return_lse, check_inputs_finite=check_inputs_finite)
     check_pattern_fits(pattern, q, k)
     if check_inputs_finite:
         check_finite(q=q, k=k, v=v)
     pattern.ensure_valid(causal=bool(causal))
+    padded = padded_head_dim(q, v, backend)
+    if padded is not None:
+        return _zero_padded(q, k, v, pattern, padded, causal=bool(causal), scale=scale, backend=backend,
+                            return_lse=return_lse)  # fmt: skip
     if isinstance(pattern, CompensatedPattern):
         # Pooled / linear blocks (psa, sla) change what is computed for skipped blocks: its own routing.
         options = dict(causal=bool(causal), scale=scale, backend=backend, return_lse=return_lse)
@@ -163,6 +172,48 @@ def block_sparse_attention(
     options = dict(causal=bool(causal), scale=scale, return_lse=return_lse)
     # A pattern over a layout's tile order (spatial methods) runs on q, k, v in that order.
     return in_layout_order(pattern, lambda *qkv: run_backend(name, *qkv, pattern, **options), q, k, v)
+
+
+# Head dims the CUDA kernels take (Triton; Gluon and FA4 a subset); others are zero-padded to the next.
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def padded_head_dim(q: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> int | None:
+    """The head dim q, k and v are zero-padded to before a backend runs, or ``None`` when they run
+    as they are: v's head dim differs from q's (multi-head latent attention: both go to the larger),
+    or a head dim the kernels do not take (96, 80, 192: to the next of :data:`KERNEL_HEAD_DIMS`,
+    up to 256) where a kernel runs: on CUDA, or with a kernel backend named (the reference
+    backend, which runs on the CPU, takes any head dim)."""
+    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    target = max(qk_dim, v_dim)
+    if q.device.type == "cuda" or backend not in ("auto", "reference"):
+        target = next((dim for dim in KERNEL_HEAD_DIMS if dim >= target), target)
+    return None if target == qk_dim == v_dim else target
+
+
+def _pad_head_dims(q, k, v, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v zero-padded to head dim ``dim`` (differentiable: the padding's gradient is dropped).
+    Exact: zero columns add nothing to the scores and give zero output columns. Says so once."""
+    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    warnings.warn(
+        f"sparse_attn: head dims q/k {qk_dim}, v {v_dim} run zero-padded to {dim}"
+        f"{' for the CUDA kernels' if q.device.type == 'cuda' else ''} (exact; the zero columns cost their work)",
+        stacklevel=4,
+    )
+    return tuple(x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1])) for x in (q, k, v))
+
+
+def _zero_padded(q, k, v, pattern, dim: int, *, causal: bool, scale: float, backend: str, return_lse: bool):
+    """:func:`block_sparse_attention` on q, k, v zero-padded to head dim ``dim``, with the scale
+    of the real head dim; the output's padding columns dropped."""
+    v_dim = v.shape[-1]
+    q, k, v = _pad_head_dims(q, k, v, dim)
+    result = block_sparse_attention(
+        q, k, v, pattern, causal=causal, scale=scale, backend=backend, return_lse=return_lse
+    )
+    out, lse = result if return_lse else (result, None)
+    out = out[..., :v_dim].contiguous()
+    return (out, lse) if return_lse else out
 
 
 def sparse_attention(
@@ -191,7 +242,7 @@ def sparse_attention(
     stage. ``out`` is differentiable in q, k and v; the estimate is not (its choice of blocks is
     discrete: gradients flow through the attention over the chosen blocks only).
     """
-    scale = check_attention_inputs(q, k, v, scale)
+    scale = check_attention_inputs(q, k, v, scale, v_dim_may_differ=True)
     _check_flags(causal=causal, return_info=return_info, check_inputs_finite=check_inputs_finite)
     # Options are checked here and read again by estimate: one-shot iterators (a generator of
     # candidates) become tuples so that both see the same values.
@@ -205,6 +256,9 @@ def sparse_attention(
         return block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=backend)
     estimated = synchronized_now(q.device)
     extras = {}
+    v_dim, padded = v.shape[-1], padded_head_dim(q, v, backend)
+    if padded is not None:  # as block_sparse_attention does, here before the backend is named
+        q, k, v = _pad_head_dims(q, k, v, padded)
     if isinstance(pattern, SkipThresholdPattern):
         # The density is that of the blocks the kernel actually computed (extras: the candidates').
         pattern.ensure_valid(causal=bool(causal))
@@ -223,6 +277,8 @@ def sparse_attention(
         name = resolve_backend(backend, q, k, v, pattern, causal=bool(causal), return_lse=False)
         out = block_sparse_attention(q, k, v, pattern, causal=causal, scale=scale, backend=name)
         density = pattern.density(causal=causal)
+    if padded is not None:
+        out = out[..., :v_dim].contiguous()
     finished = synchronized_now(q.device)
     info = SparseAttentionInfo(
         pattern=pattern,

@@ -96,15 +96,22 @@ def check_query_key(q, k) -> None:
         )
 
 
-def check_attention_inputs(q, k, v, scale) -> float:
-    """Validate q, k, v and the scale; return the scale to use (``head_dim ** -0.5`` by default)."""
+def check_attention_inputs(q, k, v, scale, *, v_dim_may_differ: bool = False) -> float:
+    """Validate q, k, v and the scale; return the scale to use (``head_dim ** -0.5`` by default,
+    q's head_dim). ``v_dim_may_differ``: v's last dimension may differ from k's (multi-head latent
+    attention), for the entry points that take that."""
     check_query_key(q, k)
     check_tensor("v", v)
     if v.dtype != q.dtype:
         raise TypeError(f"v must have q's dtype {q.dtype}, got {v.dtype}")
     if v.device != q.device:
         raise ValueError(f"v must be on q's device {q.device}, got {v.device}")
-    if v.shape != k.shape:
+    if v_dim_may_differ:
+        if v.shape[:-1] != k.shape[:-1] or v.shape[-1] == 0:
+            raise ValueError(
+                f"v must have k's shape {tuple(k.shape)} but for its last dimension (nonzero), got {tuple(v.shape)}"
+            )
+    elif v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if scale is None:
         return q.shape[-1] ** -0.5

@@ -233,12 +233,22 @@ def test_reference_supports_autograd_and_fast_backends_fall_back():
 
 
 def test_unsupported_triton_case_falls_back_with_one_warning():
-    q, k, v = random_qkv(1, 2, 1, 40, 40, 48)  # head_dim 48 is not a kernel size
-    pattern = sa.dense_pattern(seq_q=40, block_q=16, block_k=16)
-    with pytest.warns(UserWarning, match="head_dim"):
+    q, k, v = random_qkv(1, 2, 1, 40, 40, 32)
+    pattern = sa.dense_pattern(seq_q=40, block_q=24, block_k=24)  # blocks of 24 are not a kernel tile
+    with pytest.warns(UserWarning, match="power of two"):
         out = sa.block_sparse_attention(q, k, v, pattern, backend="triton")
     expected = sa.block_sparse_attention(q, k, v, pattern, backend="reference")
     assert relative_error(out, expected) < 1e-6
+
+
+def test_a_head_dim_that_is_not_a_kernel_size_runs_on_the_kernel_zero_padded():
+    q, k, v = random_qkv(1, 2, 1, 40, 40, 48)  # head_dim 48 is not a kernel size: padded to 64
+    pattern = sa.dense_pattern(seq_q=40, block_q=16, block_k=16)
+    with pytest.warns(UserWarning, match="zero-padded to 64"):
+        out = sa.block_sparse_attention(q, k, v, pattern, backend="triton")
+    expected = sa.block_sparse_attention(q, k, v, pattern, backend="reference")
+    assert out.shape == q.shape
+    assert relative_error(out, expected) < 1e-5
 
 
 def test_sparse_attention_returns_info():

@@ -7,7 +7,7 @@ for ``dense_layers`` and for sliding-window layers.
 
 Layout as everywhere: q ``(B, Hq, Sq, D)``, k and v ``(B, Hkv, Sk, D)`` with ``Hq % Hkv == 0``
 and ``Sk >= Sq``; the queries are the last ``Sq`` key positions (a chunked prefill attends
-to cached keys). Outputs are ``(B, Hq, Sq, D)`` in q's dtype.
+to cached keys). Outputs are ``(B, Hq, Sq, Dv)`` (v's head dim) in q's dtype.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def sliding_window_attention(
     offset = seq_k - seq_q
     group = q.shape[1] // k.shape[1]
     chunk = chunk or max(window, MIN_WINDOW_CHUNK)
-    out = q.new_empty(q.shape)
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     for start in range(0, seq_q, chunk):
         stop = min(start + chunk, seq_q)
         first_key, end_key = max(offset + start - window + 1, 0), offset + stop

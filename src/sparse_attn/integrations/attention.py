@@ -131,7 +131,7 @@ def _prefill_attention(
     if spans is None:
         return _attend_row(plan, q, k, v, mask.window, scale, row=WHOLE_BATCH, sinks=sinks)
     offset = k.shape[2] - q.shape[2]
-    out = q.new_zeros(q.shape)
+    out = q.new_zeros((*q.shape[:-1], v.shape[-1]))  # v's head dim (multi-head latent attention)
     for row, (start, end) in enumerate(spans):
         # Queries are the last Sq key positions: those inside [start, end) are this row's real ones.
         q_start, q_end = max(start - offset, 0), end - offset
