@@ -158,3 +158,16 @@ def test_gradients_reach_the_sinks_as_in_eager_attention():
 def test_a_decode_method_refuses_a_model_with_sinks():
     with pytest.raises(ValueError, match="attention sinks"):
         sa.patch(_gpt_oss(), "dense", decode_method="quest", **PATCH)
+
+
+@pytest.mark.gpu
+def test_gpu_sinks_through_the_kernels_match_eager_attention():
+    """On CUDA every path runs a kernel with its log-sum-exp (the window by its token rule)."""
+    model = _gpt_oss().cuda().to(torch.bfloat16)
+    ids = _ids(batch=2, length=300).cuda()
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        sa.patch(model, "dense", min_seq_len=16, block_q=64, block_k=64)
+        got = model(ids).logits.float()
+        sa.unpatch(model)
+    assert float((got - want).norm() / want.norm()) <= 2e-2
