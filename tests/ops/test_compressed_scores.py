@@ -106,6 +106,18 @@ def test_kernel_matches_the_reference(case, dtype, poison_outputs):
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=1e-6)
 
 
+@pytest.mark.parametrize("block_n", [64, 256])
+def test_kernel_with_the_gpu_sub_tile_widths(block_n, monkeypatch, poison_outputs):
+    """The interpreter at a GPU candidate's key sub-tile (one program owning 15 or 63 blocks)."""
+    from sparse_attn.ops.compressed_scores import triton as kernel
+
+    assert any(config[1] == block_n for config in kernel.CONFIGS)
+    monkeypatch.setattr(kernel, "_INTERPRETER_CONFIG", (16, block_n, 4))
+    q, k_cmp, lse, options = _inputs(CASES[4], dtype=torch.float32, seed=7)  # NSA's l = 32, d = 16, l' = 64
+    out = kernel.compressed_block_scores_triton(q, k_cmp, lse, **options)
+    torch.testing.assert_close(out, naive.compressed_block_scores(q, k_cmp, lse, **options), rtol=1e-4, atol=1e-6)
+
+
 def test_kernel_without_compressed_keys_writes_zeros(poison_outputs):
     from sparse_attn.ops.compressed_scores.triton import compressed_block_scores_triton
 

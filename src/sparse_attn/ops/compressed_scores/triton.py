@@ -43,7 +43,12 @@ __all__ = ["CONFIGS", "blocks_per_program", "compressed_block_scores_triton", "u
 _LOG2_E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Autotune candidates on the GPU: (BLOCK_T, BLOCK_N, num_warps); a program's blocks follow from BLOCK_N.
-CONFIGS = tuple((t, n, w) for t in (32, 64) for n in (64, 128) for w in (4, 8))
+# One 256-key candidate (63 blocks per program at NSA's defaults): a program loads each head's
+# query tile once for its one sub-tile, so wider sub-tiles read the queries half as often. Offered
+# since the thirty-second session, not yet timed; compiled for sm_90a (bf16, head_dim 128) it uses
+# 255 registers and spills 20 bytes, against 296-1616 bytes for the other 256-key shapes (the
+# 128-key ones: 206-255 registers, 0-140 bytes).
+CONFIGS = tuple((t, n, w) for t in (32, 64) for n in (64, 128) for w in (4, 8)) + ((32, 256, 8),)
 _INTERPRETER_CONFIG = (16, 16, 4)
 
 
