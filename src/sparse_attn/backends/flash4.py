@@ -38,8 +38,10 @@ for dense attention but falls back to 128 x 128 when the query block is not a mu
 (``kernels_fa4_s51.json``, 32/8 heads, bf16, causal): FA4 dense 13.18 / 213.1 ms at 32K / 128K
 (head_dim 128) and 8.08 / 130.3 (head_dim 64), against the FLASH path on the dense pattern
 13.32 / 236.2 and 9.28 / 146.1, and our Gluon kernel 13.91 / 221.0 and 9.46 / 149.4. The
-dense call itself (strided views, no copies) has not yet run on a GPU through this backend;
-the GPU tests' density-1 cases check it against the reference.
+dense call itself (strided views, no copies) runs at FA4's own dense speed: 13.23 / 217.87 ms and
+7.99 / 127.71 through this backend against FA4 dense called directly on its own layout 13.33 /
+215.23 and 8.06 / 128.72, same run (``kernels_fa4_dense_route_s52.json``; our Gluon kernel there
+13.85 / 222.83 and 9.47 / 150.55); the GPU tests' density-1 cases match the reference.
 
 ``auto`` (:func:`slower_than_ours_reason`) takes this backend only for case classes measured
 faster than our kernels (:data:`FASTER_CASES`), and only from a shape's second call: FA4 is
@@ -90,11 +92,17 @@ FASTER_CASES: tuple[tuple[str, int, tuple[int, int], tuple[float, float]], ...] 
     # 8.11, 15.66 vs 15.71, 30.60 vs 30.47), so patterns stay on our kernels (same run).
     ("forward", 64, (65536, 196608), (0.5, 1.01)),
     # Forward, head_dim 128, 128K, dense patterns (which run FA4's dense kernel, see the module
-    # docstring): 213.1 ms against our 221.0 (the FLASH path took 236.2 there; same run).
+    # docstring): 213.1 ms against our 221.0 (the FLASH path took 236.2 there; same run); through
+    # this backend 217.87 against our 222.83 (kernels_fa4_dense_route_s52.json).
     ("forward", 128, (65536, 196608), (1.0, 1.01)),
     # Forward + backward, head_dim 128, 32K and 128K: 1.4-1.8x faster than ours at every density
-    # (7.3 vs 10.6 ms at 32K density 0.1; 96.6 vs 165.5 at 128K).
+    # (7.3 vs 10.6 ms at 32K density 0.1; 96.6 vs 165.5 at 128K) before our Gluon backward; with it,
+    # at 32K, 4.11 / 6.94 / 11.79 / 49.78 ms (densities 0.05 / 0.1 / 0.2 / dense, the dense one
+    # through FA4's dense kernel) against 4.15 / 7.16 / 13.72 / 60.69 (training_fa4_s52.json).
     ("training", 128, (0, 196608), (0.0, 1.01)),
+    # Forward + backward, head_dim 64, 32K: 2.37 / 4.02 / 6.95 / 28.63 ms against our 2.60 / 4.56 /
+    # 8.71 / 39.96 (same run); 128K not measured.
+    ("training", 64, (0, 65536), (0.0, 1.01)),
 )
 
 # Shapes auto has seen (insertion-ordered, oldest dropped first): FA4 from a shape's second call.
