@@ -88,7 +88,7 @@ def _attend_row(
         if sinks is None:
             out = causal_attention(q, k, v, scale=scale)
         else:
-            kind, method = "dense", "dense pattern (sinks)"
+            method = "dense pattern (sinks)"
             pattern = dense_pattern(seq_q=seq_q, seq_k=seq_k, device=q.device)
             out, lse = block_sparse_attention(q, k, v, pattern, scale=scale, backend=state.backend, return_lse=True)
         head_density = (1.0,)
