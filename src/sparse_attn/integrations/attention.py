@@ -34,8 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..api import block_sparse_attention, estimate
 from ..backends.dense import causal_attention, sliding_window_attention
-from ..nn.nsa import window_pattern
-from ..pattern import dense_pattern
+from ..nn.nsa import causal_pattern, window_pattern
 from ..registry import HEAD_METHODS
 from ..utils import synchronized_now
 from .decode import calibration_step, decode_step_attention
@@ -89,7 +88,7 @@ def _attend_row(
             out = causal_attention(q, k, v, scale=scale)
         else:
             method = "dense pattern (sinks)"
-            pattern = dense_pattern(seq_q=seq_q, seq_k=seq_k, device=q.device)
+            pattern = causal_pattern(seq_q, seq_k, q.device)  # cached per shape, as the window's
             out, lse = block_sparse_attention(q, k, v, pattern, scale=scale, backend=state.backend, return_lse=True)
         head_density = (1.0,)
     else:
@@ -193,8 +192,6 @@ def sparse_attention_forward(
     sinks = kwargs.get("s_aux")  # attention sinks (gpt-oss): see the module docstring
     paged = plan.state.pending_decode.pop(plan.layer, None)
     if paged is not None:  # a decode step whose keys and values a SparseDecodeCache keeps in pages
-        if sinks is not None:
-            raise ValueError(f"{type(module).__name__} has attention sinks, which decode methods do not support")
         window = kwargs.get("sliding_window")
         return decode_step_attention(plan, query, paged, attention_mask, scaling, window), None
     long_prefill = query.shape[2] >= plan.state.min_seq_len

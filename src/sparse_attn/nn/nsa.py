@@ -210,7 +210,7 @@ def window_pattern(seq_q: int, seq_k: int, window: int, *, block: int = 128, dev
 
 
 @functools.lru_cache(maxsize=16)
-def _causal_pattern(seq_q: int, seq_k: int, device) -> BlockSparsePattern:
+def causal_pattern(seq_q: int, seq_k: int, device) -> BlockSparsePattern:
     """Every causal block of ``(seq_q, seq_k)`` (cached per shape, as :func:`window_pattern`)."""
     return dense_pattern(seq_q=seq_q, seq_k=seq_k, causal=True, device=device)
 
@@ -314,7 +314,7 @@ class NativeSparseAttention(nn.Module):
             visible = visible_count(seq_k - 1, self.compress_block, stride, n_cmp)
             if visible == 0:
                 return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-            pattern = _causal_pattern(1, visible, q.device)
+            pattern = causal_pattern(1, visible, q.device)
             return api.block_sparse_attention(
                 q, k_cmp[:, :, :visible], v_cmp[:, :, :visible], pattern, scale=scale, backend=self.backend,
                 return_lse=True,
@@ -330,7 +330,7 @@ class NativeSparseAttention(nn.Module):
         # d x the compressed tokens): dK/dV then sum over a KV head's query heads per residue
         # in parallel, and the d residues are summed by autograd, not walked by one program.
         k_rep, v_rep = (x.repeat_interleave(stride, dim=0) for x in (k_cmp, v_cmp))
-        pattern = _causal_pattern(grouped.shape[2], n_cmp, q.device)
+        pattern = causal_pattern(grouped.shape[2], n_cmp, q.device)
         out, lse = api.block_sparse_attention(
             grouped, k_rep, v_rep, pattern, scale=scale, backend=self.backend, return_lse=True
         )
