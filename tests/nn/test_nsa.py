@@ -324,3 +324,36 @@ def test_residue_regrouping_in_one_pass_equals_padding_and_reshaping(seq, stride
             for values, fill in ((weights, 0.0), (lse, float("-inf"))):
                 back = nsa._from_residue(values, front, seq, stride, skip, fill=fill)
                 assert torch.equal(back, _padded_from_residue(values, front, seq, stride, skip, fill))
+
+
+@pytest.mark.parametrize("rows, n_cmp", [(1, 1), (5, 5), (511, 511), (4095, 4095), (30, 300), (200, 201), (128, 128)])
+def test_aligned_padding_keeps_every_real_rows_causal_keys(rows, n_cmp):
+    """The compressed branch's padding: both lengths whole 128-blocks, and under the causal pattern
+    aligned to the last query each real row sees exactly its keys (never a padded one)."""
+    from sparse_attn.nn.nsa import _aligned_padding
+
+    lead, tail = _aligned_padding(rows, n_cmp)
+    seq_q, seq_k = lead + rows + tail, n_cmp + tail
+    assert seq_q % 128 == 0 and seq_k % 128 == 0 and 0 <= lead < 128 and 0 <= tail < 128
+    real = torch.arange(rows)
+    assert torch.equal(real + (n_cmp - rows), (real + lead) + (seq_k - seq_q))  # last key each sees
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2, 100, 100, 8), (1, 6, 3, 40, 97, 8), (2, 2, 2, 70, 70, 16)], ids=str)
+def test_padded_compressed_branch_equals_the_unpadded_one_with_gradients(monkeypatch, shape):
+    """Rows and keys padded to whole blocks (what CUDA does under autograd, for the Gluon backward):
+    the same outputs and gradients as the unpadded branch, here on the CPU in float64."""
+    from sparse_attn.nn import nsa
+
+    batch, q_heads, kv_heads, seq_q, seq_k, dim = shape
+    module = _module(q_heads, kv_heads, dim, seed=sum(shape))
+    results = []
+    for padded in (False, True):
+        q, k, v = (x.double().requires_grad_() for x in random_qkv(*shape, seed=sum(shape)))
+        monkeypatch.setattr(nsa, "_pads_rows", lambda *args, padded=padded: padded)
+        out = module(q, k, v)
+        module.zero_grad()
+        out.square().sum().backward()
+        results.append([out, q.grad, k.grad, v.grad, *(p.grad.clone() for p in module.parameters())])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)

@@ -106,13 +106,14 @@ def test_kernel_matches_the_reference(case, dtype, poison_outputs):
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=1e-6)
 
 
-@pytest.mark.parametrize("block_n", [64, 256])
-def test_kernel_with_the_gpu_sub_tile_widths(block_n, monkeypatch, poison_outputs):
-    """The interpreter at a GPU candidate's key sub-tile (one program owning 15 or 63 blocks)."""
+@pytest.mark.parametrize("block_n, split", [(64, 1), (256, 1), (128, 2)])
+def test_kernel_with_the_gpu_sub_tile_widths(block_n, split, monkeypatch, poison_outputs):
+    """The interpreter at a GPU candidate's key step (one program owning 15 or 63 blocks; one
+    sub-tile of 64 or 256 keys, or two of 128 under one load of each head's queries)."""
     from sparse_attn.ops.compressed_scores import triton as kernel
 
-    assert any(config[1] == block_n for config in kernel.CONFIGS)
-    monkeypatch.setattr(kernel, "_INTERPRETER_CONFIG", (16, block_n, 4))
+    assert any(config[1] == block_n and config[3] == split for config in kernel.CONFIGS)
+    monkeypatch.setattr(kernel, "_INTERPRETER_CONFIG", (16, block_n, 4, split))
     q, k_cmp, lse, options = _inputs(CASES[4], dtype=torch.float32, seed=7)  # NSA's l = 32, d = 16, l' = 64
     out = kernel.compressed_block_scores_triton(q, k_cmp, lse, **options)
     torch.testing.assert_close(out, naive.compressed_block_scores(q, k_cmp, lse, **options), rtol=1e-4, atol=1e-6)

@@ -210,6 +210,25 @@ def window_pattern(seq_q: int, seq_k: int, window: int, *, block: int = 128, dev
 
 
 @functools.lru_cache(maxsize=16)
+def _pads_rows(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> bool:
+    """Whether the compressed branch pads its regrouped rows to whole blocks: on CUDA when a
+    gradient is to be taken, so that the block kernels' Gluon backward passes (which need lengths
+    that are multiples of the blocks) can take the branch's backward instead of the Triton passes."""
+    return q.device.type == "cuda" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cmp, v_cmp))
+
+
+def _aligned_padding(rows: int, n_cmp: int, block: int = 128) -> tuple[int, int]:
+    """``(lead, tail)``: ``lead`` rows before the ``rows`` regrouped queries and ``tail`` rows after
+    them and after the ``n_cmp`` compressed keys, so that both lengths are multiples of ``block``
+    while each real row keeps its keys under the causal pattern aligned to the last query (its
+    offset ``n_cmp - rows`` drops by ``lead``, a multiple of ``block`` away, and the ``tail`` rows
+    and keys pair up after the real ones, which never see the padded keys). ``(0, 0)`` where the
+    rows outnumber the keys (no such alignment keeps them)."""
+    if rows > n_cmp:
+        return 0, 0
+    return (n_cmp - rows) % block, -n_cmp % block
+
+
 def causal_pattern(seq_q: int, seq_k: int, device) -> BlockSparsePattern:
     """Every causal block of ``(seq_q, seq_k)`` (cached per shape, as :func:`window_pattern`)."""
     return dense_pattern(seq_q=seq_q, seq_k=seq_k, causal=True, device=device)
@@ -325,15 +344,22 @@ class NativeSparseAttention(nn.Module):
         if n_cmp == 0 or start_row > last_row:
             return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
         skipped = start_row - first_row
-        grouped = _by_residue(q, front, rows, stride, skipped)
+        # Rows before and after the regrouped queries (and keys after the compressed ones) that
+        # make both lengths whole blocks where the block kernels' Gluon backward needs them.
+        lead, tail = _aligned_padding(last_row - start_row + 1, n_cmp) if _pads_rows(q, k_cmp, v_cmp) else (0, 0)
+        grouped = _by_residue(q, front, rows + tail, stride, skipped - lead)
         # Residues as batch entries, each with the compressed K/V of its sequence (a copy of
         # d x the compressed tokens): dK/dV then sum over a KV head's query heads per residue
         # in parallel, and the d residues are summed by autograd, not walked by one program.
-        k_rep, v_rep = (x.repeat_interleave(stride, dim=0) for x in (k_cmp, v_cmp))
-        pattern = causal_pattern(grouped.shape[2], n_cmp, q.device)
+        k_rep, v_rep = (
+            torch.nn.functional.pad(x, (0, 0, 0, tail)).repeat_interleave(stride, dim=0) for x in (k_cmp, v_cmp)
+        )
+        pattern = causal_pattern(grouped.shape[2], n_cmp + tail, q.device)
         out, lse = api.block_sparse_attention(
             grouped, k_rep, v_rep, pattern, scale=scale, backend=self.backend, return_lse=True
         )
+        if lead or tail:
+            out, lse = out[:, :, lead : out.shape[2] - tail], lse[:, :, lead : lse.shape[2] - tail]
         return (
             _from_residue(out, front, seq_q, stride, skipped),
             _from_residue(lse, front, seq_q, stride, skipped, fill=float("-inf")),
