@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -106,17 +108,41 @@ def test_kernel_matches_the_reference(case, dtype, poison_outputs):
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=1e-6)
 
 
-@pytest.mark.parametrize("block_n, split", [(64, 1), (256, 1), (128, 2)])
-def test_kernel_with_the_gpu_sub_tile_widths(block_n, split, monkeypatch, poison_outputs):
-    """The interpreter at a GPU candidate's key step (one program owning 15 or 63 blocks; one
-    sub-tile of 64 or 256 keys, or two of 128 under one load of each head's queries)."""
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_kernel_with_the_gpu_sub_tile_widths(block_n, monkeypatch, poison_outputs):
+    """The interpreter at a GPU candidate's key sub-tile (one program owning 15 or 31 blocks)."""
     from sparse_attn.ops.compressed_scores import triton as kernel
 
-    assert any(config[1] == block_n and config[3] == split for config in kernel.CONFIGS)
-    monkeypatch.setattr(kernel, "_INTERPRETER_CONFIG", (16, block_n, 4, split))
+    assert any(config[1] == block_n for config in kernel.CONFIGS + kernel.TMA_CONFIGS)
+    monkeypatch.setattr(kernel, "_INTERPRETER_CONFIG", (16, block_n, 4))
     q, k_cmp, lse, options = _inputs(CASES[4], dtype=torch.float32, seed=7)  # NSA's l = 32, d = 16, l' = 64
     out = kernel.compressed_block_scores_triton(q, k_cmp, lse, **options)
     torch.testing.assert_close(out, naive.compressed_block_scores(q, k_cmp, lse, **options), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]])
+def test_descriptor_loads_equal_pointer_loads(case, poison_outputs):
+    """``loads="tma"`` (the query tiles through a descriptor over the group's heads) against pointer
+    loads under the interpreter: bit for bit (the same products in the same order), in the (B, H, c, D)
+    and the transposed (B, c, H, D) layouts, chunks that end inside a tile included."""
+    from sparse_attn.ops.compressed_scores.triton import compressed_block_scores_triton
+
+    for transposed in (False, True):
+        q, k_cmp, lse, options = _inputs(case, dtype=torch.bfloat16, seed=sum(case) + 5, transposed=transposed)
+        lse[:, -1, 1] = float("-inf")
+        tma = compressed_block_scores_triton(q, k_cmp, lse, **options, loads="tma")
+        assert torch.equal(tma, compressed_block_scores_triton(q, k_cmp, lse, **options, loads="pointers"))
+        torch.testing.assert_close(tma, naive.compressed_block_scores(q, k_cmp, lse, **options), rtol=1e-2, atol=1e-6)
+
+
+def test_descriptor_loads_are_checked():
+    from sparse_attn.ops.compressed_scores.triton import compressed_block_scores_triton
+
+    q, k_cmp, lse, options = _inputs(CASES[1])
+    with pytest.raises(ValueError, match="loads='tma' cannot run this case: descriptor loads take float16/bfloat16"):
+        compressed_block_scores_triton(q, k_cmp, lse, **options, loads="tma")
+    with pytest.raises(ValueError, match="loads must be None or one of"):
+        compressed_block_scores_triton(q, k_cmp, lse, **options, loads="async")
 
 
 def test_kernel_without_compressed_keys_writes_zeros(poison_outputs):
@@ -269,9 +295,20 @@ def test_kernel_on_gpu_at_nsa_size(dtype, poison_outputs):
     options = dict(
         first_pos=first_pos, compress_block=32, compress_stride=16, select_block=64, n_select=512, scale=scale
     )
-    out = compressed_block_scores(q, k_cmp, lse, **options)
     expected = naive.compressed_block_scores(q, k_cmp, lse, **options)
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
     row_max = expected.amax(-1, keepdim=True)
-    assert not out.isnan().any() and (row_max > 0).all()
-    assert ((out - expected).abs() <= tolerance * row_max).all(), float(((out - expected).abs() / row_max).max())
+    assert (row_max > 0).all()
+    runs = {"dispatched": lambda: compressed_block_scores(q, k_cmp, lse, **options)}
+    if dtype != torch.float32:  # each load mode forced, outputs poisoned each time
+        from sparse_attn.ops.compressed_scores.triton import compressed_block_scores_triton
+
+        for loads in ("pointers", "tma"):
+            runs[loads] = functools.partial(compressed_block_scores_triton, q, k_cmp, lse, **options, loads=loads)
+    for name, run in runs.items():
+        out = run()
+        assert not out.isnan().any(), name
+        assert ((out - expected).abs() <= tolerance * row_max).all(), (
+            name,
+            float(((out - expected).abs() / row_max).max()),
+        )

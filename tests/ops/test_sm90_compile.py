@@ -24,7 +24,7 @@ def test_operator_kernels_compile_for_sm90():
         "gathered_block_max_bf16", "gathered_block_max_d256",
         "anchor_region_bf16", "anchor_region_d256", "lowbit_margin_int8", "lowbit_margin_fp8_d256",
         "nsa_decode_compressed", "nsa_decode_scores", "nsa_decode_attend", "nsa_decode_combine", "gated_sum",
-        "gated_sum_backward", "residue_rows",
+        "gated_sum_backward", "residue_rows", "compressed_scores_pointers", "compressed_scores_tma",
     }  # fmt: skip
     for name, result in results.items():
         assert result["returncode"] == 0, (name, result["report"])
@@ -36,6 +36,9 @@ def test_operator_kernels_compile_for_sm90():
     # SALE's margins come from the 8-bit codes' own tensor-core products (warpgroup MMA).
     assert results["lowbit_margin_int8"]["ptx_has"]["wgmma"]
     assert results["lowbit_margin_fp8_d256"]["ptx_has"]["wgmma"]
+    # NSA's selection scores: 64-row warpgroup MMA; the descriptor mode's query tiles by bulk tensor copies.
+    assert results["compressed_scores_pointers"]["ptx_has"]["wgmma"]
+    assert results["compressed_scores_tma"]["ptx_has"]["cp.async.bulk.tensor"]
     # The scoring epilogue's exponentials: two per half-precision instruction.
     assert results["antidiagonal_tma_bf16"]["ptx_has"]["ex2.approx.f16x2"]
 

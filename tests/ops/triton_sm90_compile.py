@@ -42,6 +42,7 @@ def main() -> dict:
     from sparse_attn.ops.anchor_region import triton as anchor_region
     from sparse_attn.ops.antidiagonal import triton as antidiagonal
     from sparse_attn.ops.block_max import triton as block_max
+    from sparse_attn.ops.compressed_scores import triton as compressed_scores
     from sparse_attn.ops.gated_sum import triton as gated_sum
     from sparse_attn.ops.gathered_block_max import triton as gathered_block_max
     from sparse_attn.ops.lowbit import triton as lowbit
@@ -53,6 +54,11 @@ def main() -> dict:
     from sparse_attn.ops.vertical_slash_blocks import triton as vertical_slash_blocks
 
     rows = dict(HEAD_DIM=128, BLOCK_S=64, ROWS_PER_PROGRAM=2048, HAS_CENTER=True)
+    # NSA's selection scores at its defaults (l = 32, d = 16, l' = 64) on a (64, 128) tile: 31 blocks.
+    compressed = dict(HEAD_DIM=128, PIECES_PER_KEY=2, PIECES_PER_BLOCK=4, DOT_FP32=False, BLOCK_T=64, BLOCK_N=128)
+    compressed.update(NS_EFF=31, NS=32)
+    compressed_pointers = {"Q": "*bf16", "K": "*bf16", "Lse": "*fp32", "Out": "*fp32", "scale_log2": "fp32"}
+    compressed_pointers.update({f"stride_{x}{y}": "i64" for x in "qko" for y in "bh"})
     scoring = dict(HEAD_DIM=128, STRIDE=8, QUERY_STEP=1, REDUCE_MAX=False, CELLS_PER_Q_BLOCK=16, CELLS_PER_KV_BLOCK=16)
     scoring.update(BLOCK_M=128, CAUSAL=True, DOT_FP32=False, PRECISION="tf32", USE_TMA=True, FAST_EXP2=True)
     scoring_pointers = {"RowBlockLse": "*fp32", "BlockProbs": "*fp32", "QScale": "*fp32", "KScale": "*fp32"}
@@ -86,6 +92,12 @@ def main() -> dict:
             {**gates, **{name: "*bf16" for name in ("DOut", "DA", "DB", "DC", "DQ")}, "DLogits": "*fp32",
              "DWeight": "*fp32"},
             dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=2, NUM_GATES=3), 4,
+        ),
+        "compressed_scores_pointers": (
+            compressed_scores._compressed_scores, compressed_pointers, dict(compressed, USE_TMA=False), 4,
+        ),
+        "compressed_scores_tma": (
+            compressed_scores._compressed_scores, compressed_pointers, dict(compressed, USE_TMA=True), 8,
         ),
         "residue_rows": (
             residue_rows._regroup, {"X": "*bf16", "Out": "*bf16", "fill": "fp32"},

@@ -3,14 +3,18 @@
 One program per (tile of ``BLOCK_T`` query tokens, batch x KV head, run of ``NS_EFF`` selection
 blocks). With ``L = l / d`` stride pieces per compressed key and ``R = l' / d`` per selection
 block, the compressed keys reaching into blocks ``j0 .. j0 + NS_EFF - 1`` are ``i`` in
-``[j0 R - (L - 1), (j0 + NS_EFF) R)``; ``NS_EFF = (SPLIT BLOCK_N - (L - 1)) // R`` (at least 1) so
-that they fit one step of ``SPLIT`` sub-tiles of ``BLOCK_N`` keys (with the defaults R = 4, L = 2
-and one sub-tile of 128 keys: 31 blocks in 125 keys), and the query tile is read once per head.
-The program reads its keys in such steps, stopping at the last key its last token sees. For each
-step it loops over the group's ``G`` query heads (any ``G``: heads are not packed into rows),
-loading the head's query tile once for the step's sub-tiles: ``s = q_h k^T`` (``tl.dot``),
-``p = exp2(s scale log2(e) - lse_h log2(e))`` where the key is visible and the row's
-``lse`` is finite, else 0, summed over the heads in registers. The sum meets the overlap matrix
+``[j0 R - (L - 1), (j0 + NS_EFF) R)``; ``NS_EFF = (BLOCK_N - (L - 1)) // R`` (at least 1) so that
+they fit one sub-tile of ``BLOCK_N`` keys (with the defaults R = 4, L = 2: 31 blocks in 125 of 128
+keys), and the query tile is read once per head. The program reads its keys in ``BLOCK_N``
+sub-tiles, stopping at the last key its last token sees. For each sub-tile it loops over the
+group's ``G`` query heads (any ``G``: heads are not packed into rows): ``s = q_h k^T``
+(``tl.dot``), ``p = exp2(s scale log2(e) - lse_h log2(e))`` (a row whose ``lse`` is ``-inf``
+takes an infinite bound, so its terms are 0), summed over the heads in registers; the keys a row
+does not see are zeroed in the sum once, after the heads (their terms may be anything, ``+inf``
+included, since the row's ``lse`` does not bound them). The query tile of each head comes through
+pointer loads, or through a tensor descriptor over the group's heads (``USE_TMA``, Hopper, 16-bit
+inputs), which Triton's pipeliner prefetches heads ahead (it does not pipeline the pointer loads
+of this loop: the compiled sm_90a code has none of its ``cp.async``). The sum meets the overlap matrix
 ``W[i, j] = |pieces of i in block j|`` (small integers built from indices in registers) in a second
 ``tl.dot`` into a ``(BLOCK_T, NS)`` accumulator (``NS``: ``NS_EFF`` rounded up to a power of two,
 at least 16; the extra columns are not stored), stored once; every output element is written.
@@ -20,7 +24,9 @@ probability sums enter the second product split into a bfloat16 high part and a 
 residual (two tensor-core products, about 16 significant bits; ``W`` is exact in bfloat16).
 Float32 inputs, and every input under ``TRITON_INTERPRET=1`` (whose bfloat16 ``dot`` is wrong),
 take both products in float32 (IEEE). Tile shapes are autotuned on the GPU over
-:data:`CONFIGS`; the interpreter runs one small tile (16 tokens, one sub-tile of 16 keys).
+:data:`CONFIGS` (pointer loads) and :data:`TMA_CONFIGS` (descriptor loads, where they can run:
+:func:`tma_unsupported_reason`); ``loads=`` forces one kind. The interpreter runs one small tile
+(16 tokens, 16 keys).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import functools
 import torch
 
 from ...backends import launch
-from ...utils import dot_in_float32, interpreting, length_bucket
+from ...utils import device_capability, dot_in_float32, interpreting, length_bucket
 from .._dispatch import device_unsupported_reason
 
 try:
@@ -39,23 +45,29 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
-__all__ = ["CONFIGS", "blocks_per_program", "compressed_block_scores_triton", "unsupported_reason"]
+__all__ = [
+    "CONFIGS",
+    "LOAD_MODES",
+    "TMA_CONFIGS",
+    "blocks_per_program",
+    "compressed_block_scores_triton",
+    "tma_unsupported_reason",
+    "unsupported_reason",
+]
 
 _LOG2_E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Autotune candidates on the GPU: (BLOCK_T, BLOCK_N, num_warps, SPLIT); a step reads SPLIT sub-tiles
-# of BLOCK_N keys (each head's query tile loaded once for all of them) and a program's blocks follow
-# from BLOCK_N x SPLIT. Wider steps read the queries from L2 less often: at NSA's 64K shape a
-# program of 128 keys reloads each head's 64 x 128 query tile per 2 MFLOP of products, close to the
-# L2's rate. The one 256-key tile (32, 256, 8) (thirty-second session) takes mma.sync, not
-# wgmma, at 32 rows; the split steps of two 128-key sub-tiles (thirty-third session) keep 64-row
-# wgmma tiles; compiled for sm_90a (bf16, head_dim 128) they use 255 registers at 8 warps.
-CONFIGS = tuple((t, n, w, 1) for t in (32, 64) for n in (64, 128) for w in (4, 8)) + (
-    (32, 256, 8, 1),
-    (64, 128, 4, 2),
-    (64, 128, 8, 2),
-)
-_INTERPRETER_CONFIG = (16, 16, 4, 1)
+# Autotune candidates on the GPU: (BLOCK_T, BLOCK_N, num_warps); a program's blocks follow from BLOCK_N.
+# Timed alone at NSA's 64K shape (thirty-third session, benchmarks/results/h200/NOTES.md): the
+# selection took 10.6 ms with (64, 128, 4), 12.2-22.2 with the others. Tried there and dropped:
+# one 256-key tile (32, 256, 8) (15.7 ms: mma.sync at 32 rows) and steps of two 128-key sub-tiles
+# under one query load (12.1-14.4 ms: 255 registers, spills).
+CONFIGS = tuple((t, n, w) for t in (32, 64) for n in (64, 128) for w in (4, 8))
+# With the query tiles through tensor descriptors (pipelined: 3 stages of one head's tile); compiled
+# for sm_90a (bf16, head_dim 128): 136-255 registers, no spills; (64, 128, 4) would spill 136 bytes.
+TMA_CONFIGS = ((64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8))
+LOAD_MODES = ("pointers", "tma")
+_INTERPRETER_CONFIG = (16, 16, 4)
 
 
 def unsupported_reason(q: torch.Tensor) -> str | None:
@@ -83,15 +95,6 @@ if triton is not None:
         else:
             logits = tl.dot(q, keys)
         return tl.exp2(logits * scale_log2 - lse_log2[:, None])
-
-    @triton.jit
-    def _visible(cols, key_stop, row_ok, positions, compress_block, compress_stride):
-        """Whether each row sees each key (the key ends at or before the row's position)."""
-        return (
-            row_ok[:, None]
-            & (cols < key_stop)[None, :]
-            & (cols[None, :] * compress_stride + compress_block - 1 <= positions[:, None])
-        )
 
     @triton.jit
     def _weigh_blocks(acc, summed, cols, blocks, PIECES_PER_KEY: tl.constexpr, PIECES_PER_BLOCK: tl.constexpr,
@@ -138,10 +141,9 @@ if triton is not None:
         DOT_FP32: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
-        SPLIT: tl.constexpr,
+        USE_TMA: tl.constexpr,
     ):
-        """``acc += (sum_h p_h[:, keys]) @ W[keys, blocks]`` for the ``SPLIT`` key sub-tiles of
-        ``COLS`` keys from ``cols`` on (each head's query tile loaded once for all of them)."""
+        """``acc += (sum_h p_h[:, cols]) @ W[cols, blocks]`` for the key sub-tile ``cols`` (``COLS`` keys)."""
         offs_d = tl.arange(0, HEAD_DIM)
         keys = tl.load(
             k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
@@ -149,37 +151,28 @@ if triton is not None:
             other=0.0,
         )
         summed = tl.zeros([ROWS, COLS], tl.float32)
-        cols_2 = cols + COLS
-        summed_2 = tl.zeros([ROWS, COLS], tl.float32)
-        if SPLIT == 2:
-            keys_2 = tl.load(
-                k_base + cols_2[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
-                mask=(cols_2 < key_stop)[None, :],
-                other=0.0,
-            )
         for head in range(0, group):
-            q = tl.load(
-                q_base + head * stride_qh + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None],
-                other=0.0,
-            )
+            if USE_TMA:  # rows past the chunk come back as zeros
+                q = q_base.load([head, tl.program_id(0) * ROWS, 0]).reshape(ROWS, HEAD_DIM)
+            else:
+                q = tl.load(
+                    q_base + head * stride_qh + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                    mask=row_ok[:, None],
+                    other=0.0,
+                )
             lse = tl.load(lse_base + head * stride_lh + rows * stride_lm, mask=row_ok, other=float("-inf"))
             # A row with lse = -inf sees no key: an infinite bound makes its terms exp2(-inf) = 0.
             lse_log2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, float("inf"))
             summed += _head_probabilities(q, lse_log2, keys, scale_log2, DOT_FP32)
-            if SPLIT == 2:
-                summed_2 += _head_probabilities(q, lse_log2, keys_2, scale_log2, DOT_FP32)
         # Keys the row does not see (past its position or past the keys) may have summed to
         # anything, +inf included (their logits are not bounded by the row's lse): zeroed once here.
-        summed = tl.where(_visible(cols, key_stop, row_ok, positions, compress_block, compress_stride), summed, 0.0)
-        if SPLIT == 2:
-            summed_2 = tl.where(
-                _visible(cols_2, key_stop, row_ok, positions, compress_block, compress_stride), summed_2, 0.0
-            )
-        acc = _weigh_blocks(acc, summed, cols, blocks, PIECES_PER_KEY, PIECES_PER_BLOCK, DOT_FP32)
-        if SPLIT == 2:
-            acc = _weigh_blocks(acc, summed_2, cols_2, blocks, PIECES_PER_KEY, PIECES_PER_BLOCK, DOT_FP32)
-        return acc
+        visible = (
+            row_ok[:, None]
+            & (cols < key_stop)[None, :]
+            & (cols[None, :] * compress_stride + compress_block - 1 <= positions[:, None])
+        )
+        summed = tl.where(visible, summed, 0.0)
+        return _weigh_blocks(acc, summed, cols, blocks, PIECES_PER_KEY, PIECES_PER_BLOCK, DOT_FP32)
 
     @triton.jit
     def _compressed_scores(
@@ -216,7 +209,7 @@ if triton is not None:
         DOT_FP32: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        SPLIT: tl.constexpr,
+        USE_TMA: tl.constexpr,
         NS_EFF: tl.constexpr,
         NS: tl.constexpr,
     ):
@@ -231,6 +224,11 @@ if triton is not None:
         block_ok = (tl.arange(0, NS) < NS_EFF) & (blocks < n_select)
 
         q_base = Q + batch.to(tl.int64) * stride_qb + (kv_head * group).to(tl.int64) * stride_qh
+        if USE_TMA:  # the group's query heads as one descriptor: box (1 head, BLOCK_T rows, HEAD_DIM)
+            q_base = tl.make_tensor_descriptor(
+                q_base, shape=[group, chunk, HEAD_DIM], strides=[stride_qh, stride_qm, 1],
+                block_shape=[1, BLOCK_T, HEAD_DIM],
+            )  # fmt: skip
         lse_base = Lse + batch.to(tl.int64) * stride_lb + (kv_head * group).to(tl.int64) * stride_lh
         k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
 
@@ -244,13 +242,13 @@ if triton is not None:
         key_start = tl.maximum(first_block * PIECES_PER_BLOCK - (PIECES_PER_KEY - 1), 0)
 
         acc = tl.zeros([BLOCK_T, NS], tl.float32)
-        for start in range(key_start, key_stop, BLOCK_N * SPLIT):
+        for start in range(key_start, key_stop, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             acc = _accumulate_keys(
                 acc, q_base, lse_base, k_base, cols, key_stop, rows, row_ok, positions, blocks,
                 stride_qh, stride_qm, stride_lh, stride_lm, stride_kn, group, scale_log2,
                 compress_block, compress_stride, HEAD_DIM, PIECES_PER_KEY, PIECES_PER_BLOCK, DOT_FP32, BLOCK_T, BLOCK_N,
-                SPLIT,
+                USE_TMA,
             )  # fmt: skip
 
         out = Out + batch.to(tl.int64) * stride_ob + kv_head.to(tl.int64) * stride_oh
@@ -270,7 +268,7 @@ def blocks_per_program(block_n: int, pieces_per_key: int, pieces_per_block: int)
 
 
 def _with_blocks(config: dict, pieces_per_key: int, pieces_per_block: int) -> dict:
-    owned, width = blocks_per_program(config["BLOCK_N"] * config["SPLIT"], pieces_per_key, pieces_per_block)
+    owned, width = blocks_per_program(config["BLOCK_N"], pieces_per_key, pieces_per_block)
     return config | dict(NS_EFF=owned, NS=width)
 
 
@@ -279,18 +277,48 @@ def _grid(meta: dict, *, chunk: int, programs: int, n_select: int) -> tuple[int,
 
 
 def _owned(args: dict) -> tuple[int, int]:
-    return blocks_per_program(args["BLOCK_N"] * args["SPLIT"], args["PIECES_PER_KEY"], args["PIECES_PER_BLOCK"])
+    return blocks_per_program(args["BLOCK_N"], args["PIECES_PER_KEY"], args["PIECES_PER_BLOCK"])
 
 
 @functools.cache
-def _autotuned_kernel():
-    configs = [triton.Config(dict(BLOCK_T=t, BLOCK_N=n, SPLIT=split), num_warps=w) for t, n, w, split in CONFIGS]
+def _autotuned_kernel(modes: tuple[str, ...]):
+    """The kernel autotuned over the tiles of each load mode in ``modes``."""
+    tiles = {"pointers": CONFIGS, "tma": TMA_CONFIGS}
+    configs = [
+        triton.Config(dict(BLOCK_T=t, BLOCK_N=n, USE_TMA=mode == "tma"), num_warps=w)
+        for mode in modes
+        for t, n, w in tiles[mode]
+    ]
     key = ["group", "chunk_bucket", "n_select_bucket", "HEAD_DIM", "PIECES_PER_KEY", "PIECES_PER_BLOCK", "DOT_FP32"]
-    blocks = dict(
-        NS_EFF=lambda args: _owned(args)[0],
-        NS=lambda args: _owned(args)[1],
-    )
+    blocks = dict(NS_EFF=lambda args: _owned(args)[0], NS=lambda args: _owned(args)[1])
     return triton.autotune(configs=configs, key=key)(triton.heuristics(blocks)(_compressed_scores))
+
+
+def tma_unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why the kernel cannot read ``q``'s query tiles through tensor descriptors, or ``None``:
+    16-bit inputs on compute capability 9+ (or the interpreter), 16-byte aligned rows and heads."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"descriptor loads take float16/bfloat16 queries, got {q.dtype}"
+    capability = device_capability(q.device)
+    if not interpreting() and (capability is None or capability[0] < 9):
+        return "tensor descriptors need compute capability 9.0 or later"
+    if not launch.descriptor_compatible(q) or (q.stride(1) * q.element_size()) % 16:
+        return "the query rows and heads must be 16-byte aligned with unit stride in head_dim"
+    return None
+
+
+def _load_modes(q: torch.Tensor, loads: str | None) -> tuple[str, ...]:
+    """The load modes to run (``loads``) or, for ``None``, to autotune over: pointer loads, plus
+    descriptor loads where they can run (pointer loads alone under the interpreter)."""
+    if loads is None:
+        return ("pointers", "tma") if not interpreting() and tma_unsupported_reason(q) is None else ("pointers",)
+    if loads not in LOAD_MODES:
+        raise ValueError(f"loads must be None or one of {LOAD_MODES}, got {loads!r}")
+    if loads == "tma":
+        reason = tma_unsupported_reason(q)
+        if reason is not None:
+            raise ValueError(f"loads='tma' cannot run this case: {reason}")
+    return (loads,)
 
 
 def compressed_block_scores_triton(
@@ -304,12 +332,16 @@ def compressed_block_scores_triton(
     select_block: int,
     n_select: int,
     scale: float,
+    loads: str | None = None,
 ) -> torch.Tensor:
     """:func:`.naive.compressed_block_scores` in the kernel; same arguments (validated by the
-    caller, :func:`sparse_attn.ops.compressed_scores.compressed_block_scores`) and result."""
+    caller, :func:`sparse_attn.ops.compressed_scores.compressed_block_scores`) and result.
+    ``loads``: ``"pointers"`` or ``"tma"`` for the query tiles, or ``None`` (the autotuner's
+    choice among the modes that can run)."""
     reason = unsupported_reason(q)
     if reason is not None:
         raise ValueError(f"the compressed-scores kernel cannot run this case: {reason}")
+    modes = _load_modes(q, loads)
     batch, q_heads, chunk, dim = q.shape
     kv_heads, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     if chunk == 0 or n_cmp == 0:
@@ -329,10 +361,12 @@ def compressed_block_scores_triton(
         PIECES_PER_BLOCK=select_block // compress_stride,
         DOT_FP32=dot_in_float32(q.dtype) or interpreting(),
     )
+    if "tma" in modes:
+        launch.ensure_scratch_allocator()
     if interpreting():
-        block_t, block_n, warps, split = _INTERPRETER_CONFIG
+        block_t, block_n, warps = _INTERPRETER_CONFIG
         tile = _with_blocks(
-            dict(BLOCK_T=block_t, BLOCK_N=block_n, SPLIT=split),
+            dict(BLOCK_T=block_t, BLOCK_N=block_n, USE_TMA=modes == ("tma",)),
             constants["PIECES_PER_KEY"],
             constants["PIECES_PER_BLOCK"],
         )
@@ -340,5 +374,5 @@ def compressed_block_scores_triton(
         _compressed_scores[grid](*args, **constants, **tile, num_warps=warps)
     else:
         grid = functools.partial(_grid, chunk=chunk, programs=batch * kv_heads, n_select=n_select)
-        _autotuned_kernel()[grid](*args, **constants)
+        _autotuned_kernel(modes)[grid](*args, **constants)
     return out
