@@ -121,3 +121,13 @@ def test_plan_is_cached_per_pattern_and_mode_and_dropped_with_new_tensors():
     assert plan_for(pattern, causal=True) is plan
     assert plan_for(pattern, causal=False) is not plan and plan_for(pattern, causal=False).causal is False
     assert plan_for(pattern.to("cpu"), causal=True) is not plan
+
+
+@pytest.mark.parametrize("size, bins", [(0, 3), (1, 1), (1000, 7), (4097, 4096)])
+def test_bin_counts_equal_bincount(size, bins):
+    """The plans' sync-free counts (``utils.bin_counts``) equal ``torch.bincount`` with ``minlength``."""
+    from sparse_attn.utils import bin_counts
+
+    values = torch.randint(0, bins, (size,), generator=torch.Generator().manual_seed(size))
+    assert torch.equal(bin_counts(values, bins), torch.bincount(values, minlength=bins))
+    assert torch.equal(bin_counts(values.view(-1, 1).int(), bins), torch.bincount(values, minlength=bins))

@@ -67,6 +67,7 @@ from .geometry import fully_visible_entries
 from .masked_pattern import token_rule_of
 from .pattern import BlockSparsePattern
 from .rule_predicate import BoxPredicate, kernel_predicate
+from .utils import bin_counts
 
 __all__ = [
     "BlockSparsePlan",
@@ -357,7 +358,7 @@ def _transpose(pattern: BlockSparsePattern, entry_index: torch.Tensor | None) ->
     order = torch.sort(group, stable=True).indices
     rule_entry = None if entry_index is None else entry_index[b, h, q_block, slot][order]
     group, q_block = group[order], q_block[order]
-    counts = torch.bincount(group, minlength=batch * heads * n_kv)
+    counts = bin_counts(group, batch * heads * n_kv)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.arange(group.numel(), device=device) - starts[group]
     max_q = max(int(counts.max()) if counts.numel() else 0, 1)

@@ -41,3 +41,12 @@ def is_power_of_two(value: int) -> bool:
 def length_bucket(length: int) -> int:
     """``ceil(log2(length))``: the autotuning key that keeps long and short sequences apart."""
     return max(length - 1, 1).bit_length()
+
+
+def bin_counts(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """int64 ``(bins,)``: how often each of ``0 .. bins - 1`` occurs in ``values`` (whose entries
+    must lie in that range). ``torch.bincount(values, minlength=bins)`` without its host
+    synchronisation on CUDA (it reads the largest value to size its output): an integer
+    ``index_add_``, exact and the same in any order."""
+    flat = values.reshape(-1).long()
+    return torch.zeros(bins, dtype=torch.int64, device=values.device).index_add_(0, flat, torch.ones_like(flat))

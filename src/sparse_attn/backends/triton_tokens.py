@@ -61,7 +61,7 @@ import torch
 
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
-from ..utils import dot_in_float32, interpreting, length_bucket
+from ..utils import bin_counts, dot_in_float32, interpreting, length_bucket
 from . import configs, launch
 from .launch import LOG2_E
 from .triton import input_unsupported_reason
@@ -148,7 +148,7 @@ def _compressed_rows(rows: torch.Tensor, columns: torch.Tensor, bits: torch.Tens
     the bits of repeated pairs OR-ed (callers pass distinct bits per repeat, so a sum is an OR)."""
     keys, inverse = torch.unique(rows * n_columns + columns, return_inverse=True)
     merged = torch.zeros_like(keys).scatter_add_(0, inverse, bits)
-    counts = torch.bincount(keys // n_columns, minlength=n_rows)
+    counts = bin_counts(keys // n_columns, n_rows)
     offsets = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return offsets, (keys % n_columns).to(torch.int32), merged.to(torch.int32)
@@ -169,7 +169,9 @@ def token_lists(pattern: BlockSparsePattern, tile_blocks: int) -> TokenLists:
     offsets, blocks, bits = _compressed_rows(
         batch_head * n_tiles + q_block // tile_blocks, kv_block, bit, batch * heads * n_tiles, n_kv
     )
-    entry_row = torch.repeat_interleave(torch.arange(batch * heads * n_tiles, device=pattern.device), offsets.diff())
+    entry_row = torch.repeat_interleave(
+        torch.arange(batch * heads * n_tiles, device=pattern.device), offsets.diff(), output_size=blocks.numel()
+    )
     t_offsets, t_tiles, t_bits = _compressed_rows(
         (entry_row // n_tiles) * n_kv + blocks.long(), entry_row % n_tiles, bits.long(), batch * heads * n_kv, n_tiles
     )

@@ -30,7 +30,7 @@ import torch
 
 from ..geometry import num_blocks
 from ..plan import BlockSparsePlan
-from ..utils import interpreting, length_bucket
+from ..utils import bin_counts, interpreting, length_bucket
 from . import launch
 from . import triton_tokens_gathered as gathered
 from .launch import LOG2_E
@@ -341,7 +341,7 @@ def dkdv_work(pattern, t_offsets: torch.Tensor, *, batch: int, q_heads: int, kv_
     is_part = torch.cat([torch.zeros_like(whole, dtype=torch.bool), torch.ones_like(item_pair, dtype=torch.bool)])[
         order
     ]
-    per_combo = torch.bincount(item_combo, minlength=n_combos)
+    per_combo = bin_counts(item_combo, n_combos)
     sum_combos = torch.nonzero(split).flatten()
     work = DkdvWork(
         combo=item_combo[order].to(torch.int32),
@@ -352,7 +352,7 @@ def dkdv_work(pattern, t_offsets: torch.Tensor, *, batch: int, q_heads: int, kv_
         sum_combos=sum_combos.to(torch.int32),
         sum_first=(torch.cumsum(per_combo[sum_combos], 0) - per_combo[sum_combos]).to(torch.int32),
         sum_counts=per_combo[sum_combos].to(torch.int32),
-        partials=int(is_part.sum()),
+        partials=item_pair.numel(),  # one partial slot per item of a split block
     )
     return pattern.store_plan(key, work)
 
