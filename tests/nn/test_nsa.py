@@ -357,3 +357,10 @@ def test_padded_compressed_branch_equals_the_unpadded_one_with_gradients(monkeyp
         results.append([out, q.grad, k.grad, v.grad, *(p.grad.clone() for p in module.parameters())])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+def test_causal_pattern_is_cached_per_shape():
+    """The compressed branch's dense causal pattern is built once per shape (its plan with it)."""
+    from sparse_attn.nn.nsa import causal_pattern
+
+    assert causal_pattern(300, 301, torch.device("cpu")) is causal_pattern(300, 301, torch.device("cpu"))

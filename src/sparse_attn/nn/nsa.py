@@ -209,7 +209,6 @@ def window_pattern(seq_q: int, seq_k: int, window: int, *, block: int = 128, dev
                                      rule_partial=partial[None, None])  # fmt: skip
 
 
-@functools.lru_cache(maxsize=16)
 def _pads_rows(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> bool:
     """Whether the compressed branch pads its regrouped rows to whole blocks: on CUDA when a
     gradient is to be taken, so that the block kernels' Gluon backward passes (which need lengths
@@ -229,6 +228,7 @@ def _aligned_padding(rows: int, n_cmp: int, block: int = 128) -> tuple[int, int]
     return (n_cmp - rows) % block, -n_cmp % block
 
 
+@functools.lru_cache(maxsize=16)
 def causal_pattern(seq_q: int, seq_k: int, device) -> BlockSparsePattern:
     """Every causal block of ``(seq_q, seq_k)`` (cached per shape, as :func:`window_pattern`)."""
     return dense_pattern(seq_q=seq_q, seq_k=seq_k, causal=True, device=device)
