@@ -351,10 +351,10 @@ class NativeSparseAttention(nn.Module):
         # Residues as batch entries, each with the compressed K/V of its sequence (a copy of
         # d x the compressed tokens): dK/dV then sum over a KV head's query heads per residue
         # in parallel, and the d residues are summed by autograd, not walked by one program.
-        k_rep, v_rep = (
-            torch.nn.functional.pad(x, (0, 0, 0, tail)).repeat_interleave(stride, dim=0) for x in (k_cmp, v_cmp)
-        )
-        pattern = causal_pattern(grouped.shape[2], n_cmp + tail, q.device)
+        if tail:
+            k_cmp, v_cmp = (torch.nn.functional.pad(x, (0, 0, 0, tail)) for x in (k_cmp, v_cmp))
+        k_rep, v_rep = (x.repeat_interleave(stride, dim=0) for x in (k_cmp, v_cmp))
+        pattern = causal_pattern(grouped.shape[2], k_cmp.shape[2], q.device)
         out, lse = api.block_sparse_attention(
             grouped, k_rep, v_rep, pattern, scale=scale, backend=self.backend, return_lse=True
         )

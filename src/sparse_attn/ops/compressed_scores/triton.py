@@ -305,6 +305,7 @@ def tma_unsupported_reason(q: torch.Tensor) -> str | None:
     capability = device_capability(q.device)
     if not interpreting() and (capability is None or capability[0] < 9):
         return "tensor descriptors need compute capability 9.0 or later"
+    # The descriptor spans the group's heads, so the head stride enters it even for one head.
     if not launch.descriptor_compatible(q) or (q.stride(1) * q.element_size()) % 16:
         return "the query rows and heads must be 16-byte aligned with unit stride in head_dim"
     return None
