@@ -24,13 +24,13 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
 
     is_dq = constants.pop("KERNEL", "dkdv") == "dq"
     kernel = gluon_backward._gluon_dq if is_dq else gluon_backward._gluon_dkdv
-    values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True)
+    values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True, BOX=False)
     values.update(constants)
     values["STAGES"] = (gluon_backward.DQ_STAGES if is_dq else gluon_backward.STAGES)[values["HEAD_DIM"]]
     signature = {name: "i32" for name in kernel.arg_names}
     signature.update({name: f"*{dtype}" for name in ("DK", "DV", "DQ") if name in kernel.arg_names})
     lists = ("KvCounts", "KvIndices", "WorkOrder") if is_dq else ("QCounts", "QIndices", "WorkOrder")
-    signature.update({"Lse": "*fp32", "Delta": "*fp32", **{name: "*i32" for name in lists}})
+    signature.update({"Lse": "*fp32", "Delta": "*fp32", **{name: "*i32" for name in (*lists, "BoxTable")}})
     signature.update({"scale": "fp32", "qk_scale": "fp32"})
     signature.update({name: "i64" for name in kernel.arg_names if name.startswith("stride_") and name[-1] in "bh"})
     element = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]

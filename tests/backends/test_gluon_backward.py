@@ -41,6 +41,10 @@ def _compile_for_sm90(**variant):
         dict(KERNEL="dq"),
         dict(KERNEL="dq", dtype="fp16", HEAD_DIM=64, CAUSAL=False),
         dict(KERNEL="dq", BLOCK_Q=256, BLOCK_K=256),
+        dict(BOX=True),
+        dict(BOX=True, CAUSAL=False, HEAD_DIM=64),
+        dict(KERNEL="dq", BOX=True),
+        dict(KERNEL="dq", BOX=True, CAUSAL=False, dtype="fp16"),
     ],
     ids=str,
 )
@@ -205,3 +209,45 @@ def test_gpu_gluon_passes_are_the_default_after_the_gluon_forward(seq, poison_ou
         assert launches == (["dkdv", "dq"] if runs else []), (backend, setting)
         for leaf, want in zip(leaves, expected, strict=True):
             assert relative_error(leaf.grad, want) <= TOLERANCE[torch.bfloat16], (backend, setting)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [128, 64])
+@pytest.mark.parametrize("rule", ["causal_window", "neighborhood"])
+def test_gpu_gluon_passes_evaluate_a_box_predicate(rule, dim, poison_outputs, monkeypatch):
+    """A token rule that is a box predicate (NSA's causal sliding window; a 3D neighbourhood
+    window with text tokens, non-causal) runs in both Gluon passes, without any bitmask, and the
+    gradients match the reference backend's."""
+    from sparse_attn.nn.nsa import window_pattern
+    from sparse_attn.rule_predicate import kernel_predicate
+
+    if rule == "causal_window":
+        seq_q, seq_k, causal = 768, 1024, True  # Sq < Sk, window not a multiple of the block
+        q, k, v = random_qkv(2, 6, 2, seq_q, seq_k, dim, dtype=torch.bfloat16, device="cuda", seed=4)
+        pattern = window_pattern(seq_q, seq_k, 300, device="cuda")
+    else:
+        grid, tile = (4, 16, 24), (2, 8, 8)
+        layout = sa.layouts.Layout(grid, tile=tile, text_tokens=128)  # 1664 = 13 x 128 tokens
+        q, k, v = random_qkv(2, 6, 3, layout.seq_len, layout.seq_len, dim, dtype=torch.bfloat16, device="cuda", seed=4)
+        pattern = sa.estimate(
+            q, k, "neighborhood", causal=False, grid=grid, window=(3, 5, 7), tile=tile, text_tokens=128
+        )
+        causal = False
+    assert pattern.partial_entries() > 0 and kernel_predicate(pattern) is not None
+    dout = torch.randn_like(q)
+    leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
+    sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="reference").backward(dout.float())
+    expected = [x.grad for x in leaves]
+    launches = _record_launches(monkeypatch)
+    for backend in ("gluon", "triton"):
+        launches.clear()
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning: the passes take the predicate
+            with kernel_configs(gluon_backward=True):
+                sa.block_sparse_attention(*leaves, pattern, causal=causal, backend=backend).backward(dout)
+        assert launches == ["dkdv", "dq"], backend
+        assert pattern.cached_plan("rule_bitmask") is None
+        for name, leaf, want in zip("qkv", leaves, expected, strict=True):
+            assert torch.isfinite(leaf.grad).all(), (backend, name)
+            assert relative_error(leaf.grad, want) <= TOLERANCE[torch.bfloat16], (backend, name)

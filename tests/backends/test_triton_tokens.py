@@ -575,3 +575,36 @@ def test_gpu_one_token_tiles_at_128k(poison_outputs):
     q, k, v = _cuda_qkv(64, kv_heads, seq, 128, torch.bfloat16, seed=23)
     rows = sample_rows(seq, ROWS, extra=range(65535 - 2, 65536 + 3), seed=23)
     _gpu_check(q, k, v, pattern, rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads_kind", ["kv", "query"])
+def test_gpu_backward_lists_are_built_during_the_forward(heads_kind, monkeypatch, poison_outputs):
+    """Under autograd on CUDA the dK/dV pass's lists and work items are built during the forward
+    (on a side stream from the point the pattern was ready): after the forward they are cached
+    on the pattern, and the gradients equal, bit for bit, those of a backward that builds them
+    itself. The pattern is written by a kernel queued just before (as an estimator's would be)."""
+    from sparse_attn.backends import triton_tokens_backward
+
+    q, k, v = _cuda_qkv(32, 4, 4096, 128, torch.bfloat16, seed=24)
+    dout = torch.randn_like(q)
+    grads = []
+    for prepared in (True, False):
+        source = _nsa_like_pattern(4096, 4, heads_kind, 32)
+        pattern = sa.BlockSparsePattern(
+            kv_counts=source.kv_counts.clone(), kv_indices=source.kv_indices.clone(), block_q=1, block_k=64,
+            seq_q=4096, seq_k=4096,
+        )  # fmt: skip
+        if not prepared:
+            monkeypatch.setattr(triton_tokens_backward, "prepare_backward", lambda *args: None)
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = sa.block_sparse_attention(*leaves, pattern, backend="triton")
+        tiling = triton_tokens.token_tiling(32, 4, pattern.num_heads, 1)
+        entries = triton_tokens_backward.DKDV_ROWS // (tiling.heads * tiling.tile_tokens)
+        key = ("token_dkdv_work", 1, 32, 4, tiling.heads, entries)
+        assert (pattern.cached_plan(key) is not None) == prepared
+        out.backward(dout)
+        assert pattern.cached_plan(key) is not None
+        grads.append([x.grad for x in leaves])
+    for got, want in zip(*grads, strict=True):
+        assert torch.isfinite(got).all() and torch.equal(got, want)

@@ -27,9 +27,18 @@ __all__ = ["kernel_attention"]
 class _KernelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pattern: BlockSparsePattern, causal: bool, scale: float, backend: ModuleType):
+        # A backend whose backward builds host-side plans (the token kernels' transposed lists)
+        # builds them during the forward instead, from the point the pattern is ready.
+        prepare = getattr(backend, "prepare_backward", None)
+        pattern_ready = None
+        if prepare is not None and q.device.type == "cuda":
+            pattern_ready = torch.cuda.Event()
+            pattern_ready.record()
         out, lse = backend.forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.backend = plan_for(pattern, causal=causal), scale, backend
+        if prepare is not None:
+            prepare(q, k, ctx.plan, pattern_ready)
         ctx.kernel_configs = configs.current()
         ctx.set_materialize_grads(False)
         return out, lse

@@ -31,8 +31,14 @@ every listed block, 64 keys per step, into a ring of ``DQ_STAGES``; each consume
 64 rows: ``S = Q K^T`` and ``dP = dO V^T`` together, ``P``, ``dS = P (dP - delta)``, then
 ``dQ += dS K`` with ``dS`` from registers. No atomics.
 
+**Token rules.** A rule that is a box predicate (:mod:`sparse_attn.rule_predicate`: the exact
+windows of ``neighborhood``, NSA's sliding window) is evaluated in both passes (constexpr
+``BOX``) on every step, as the Triton passes do: the dK/dV consumers load their 64 key codes once
+and each step's rows' packed bounds, the dQ consumers their rows' bounds once and each key tile's
+codes; the pairs it hides get probability 0. Rules read as bitmasks stay with the Triton passes.
+
 The delta pass stays the Triton one. Scope (:func:`cannot_run_reason`): compute capability 9.x,
-float16/bfloat16, head_dim 64 or 128, no token rule, ``block_q`` a multiple of 64 (128 for the
+float16/bfloat16, head_dim 64 or 128, no token rule other than a box predicate, ``block_q`` a multiple of 64 (128 for the
 dQ pass) and ``block_k`` of 128, both lengths multiples of their blocks, contiguous q/k/v/dO (the
 descriptors cover the flattened ``(B*H*S, D)`` tensors); elsewhere the Triton pass runs, with a
 warning where they were asked for. They run by default after the Gluon forward (``backend="gluon"``,
@@ -55,6 +61,7 @@ import warnings
 import torch
 
 from ..plan import BlockSparsePlan
+from ..rule_predicate import BoxPredicate
 from ..utils import device_capability, interpreting
 from . import configs
 from .gluon_lang import gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -154,10 +161,15 @@ if gluon is not None:
         q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
         QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale, qk_scale,
+        seq_k, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr,
+        CAUSAL: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
-        """One warpgroup: dK and dV of keys ``key_start + ROW_OFFSET`` to ``+ 64`` over every step."""
+        """One warpgroup: dK and dV of keys ``key_start + ROW_OFFSET`` to ``+ 64`` over every step.
+
+        ``BOX``: the pattern's token rule is a box predicate (:mod:`sparse_attn.rule_predicate`),
+        tested on every step: the warpgroup's 64 key codes (row 0 of ``BoxTable``) loaded once,
+        each step's query rows' packed bounds (rows 1 and 2) per step."""
         SUB: gl.constexpr = BLOCK_Q // 64
         st_layout: gl.constexpr = _scores_layout()
         acc_layout: gl.constexpr = _gradient_layout(HEAD_DIM)
@@ -169,6 +181,13 @@ if gluon is not None:
         cols = gl.arange(0, 64, layout=gl.SliceLayout(0, st_layout))
         dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
+        key_code = 0
+        key_keep = 0
+        if BOX:
+            # Lengths fill whole blocks here (cannot_run_reason): every key exists. A key every
+            # query sees (code < 0) keeps no guard bit, so its test always holds.
+            key_code = gl.load(BoxTable + key_pos)
+            key_keep = gl.where(key_code < 0, 0, box_guard)
         mbarrier.wait(kv_bar, 0)
         ring = 0
         for member in range(group):
@@ -195,6 +214,13 @@ if gluon is not None:
                         if key_start + 127 > first_row + offset:  # the tile pair straddles the diagonal
                             visible = key_pos[:, None] <= rows[None, :] + offset
                             logits = gl.where(visible, logits, float("-inf"))
+                    if BOX:
+                        low = gl.load(BoxTable + seq_k + offset + rows)
+                        high = gl.load(BoxTable + 2 * seq_k + offset + rows) | box_guard
+                        lower = (key_code | box_guard)[:, None] - low[None, :]
+                        upper = high[None, :] - key_code[:, None]
+                        visible = (lower & upper & key_keep[:, None]) == key_keep[:, None]
+                        logits = gl.where(visible, logits, float("-inf"))
                     p_t = gl.exp2(logits)
                     p_op = gl.convert_layout(p_t.to(dtype), op_layout)
                     # dV's product runs while dS is formed.
@@ -217,9 +243,9 @@ if gluon is not None:
         QDesc, DODesc, KDesc, VDesc, Lse, Delta, DK, DV, QCounts, QIndices,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik,
         num_q_heads, num_kv_heads, group, pattern_head_divisor, seq_q, seq_k, scale, qk_scale,
-        n_blocks, per_wave, WorkOrder, lead_blocks, all_heads,
+        n_blocks, per_wave, WorkOrder, lead_blocks, all_heads, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr,
+        CAUSAL: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
         """One program per (batch, KV head, 128-key tile), in the Triton dK/dV pass's order."""
         TILES: gl.constexpr = BLOCK_K // 128
@@ -245,14 +271,14 @@ if gluon is not None:
                     (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
-                     qk_scale, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL),
+                     qk_scale, seq_k, BoxTable, box_guard, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX),
                 ),
                 (
                     _consumer,
                     (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
-                     qk_scale, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL),
+                     qk_scale, seq_k, BoxTable, box_guard, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX),
                 ),
                 (
                     _producer,
@@ -289,11 +315,14 @@ if gluon is not None:
     @gluon.jit
     def _dq_consumer(
         q_smem, do_smem, k_smem, v_smem, q_bar, ready, free, Lse, Delta, DQ,
-        index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale,
+        index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr,
+        CAUSAL: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
-        """One warpgroup: dQ of rows ``row_start + ROW_OFFSET`` to ``+ 64`` over every listed key tile."""
+        """One warpgroup: dQ of rows ``row_start + ROW_OFFSET`` to ``+ 64`` over every listed key tile.
+
+        ``BOX``: a box-predicate token rule, tested on every step: the rows' packed bounds loaded
+        once, each key tile's codes per step."""
         SUB: gl.constexpr = BLOCK_K // 64
         s_layout: gl.constexpr = _scores_layout()
         acc_layout: gl.constexpr = _gradient_layout(HEAD_DIM)
@@ -306,6 +335,11 @@ if gluon is not None:
         query_pos = rows + (seq_k - seq_q)
         lse = gl.load(Lse + row_base + rows) * 1.4426950408889634
         delta = gl.load(Delta + row_base + rows)
+        box_low = 0
+        box_high = 0
+        if BOX:
+            box_low = gl.load(BoxTable + seq_k + query_pos)
+            box_high = gl.load(BoxTable + 2 * seq_k + query_pos) | box_guard
         dq = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(q_bar, 0)
         for step in range(n_steps):
@@ -316,11 +350,19 @@ if gluon is not None:
             dp_token = warpgroup_mma(do, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_token,))
             logits = s * qk_scale - lse[:, None]
-            if CAUSAL:
+            if CAUSAL or BOX:
                 kv_block = gl.load(index_base + step // SUB)
                 key_start = kv_block * BLOCK_K + (step % SUB) * 64
-                if key_start + 63 > row_start + ROW_OFFSET + (seq_k - seq_q):  # straddles the diagonal
-                    visible = (key_start + keys)[None, :] <= query_pos[:, None]
+                if CAUSAL:
+                    if key_start + 63 > row_start + ROW_OFFSET + (seq_k - seq_q):  # straddles the diagonal
+                        visible = (key_start + keys)[None, :] <= query_pos[:, None]
+                        logits = gl.where(visible, logits, float("-inf"))
+                if BOX:
+                    code = gl.load(BoxTable + key_start + keys)
+                    keep = gl.where(code < 0, 0, box_guard)
+                    lower = (code | box_guard)[None, :] - box_low[:, None]
+                    upper = box_high[:, None] - code[None, :]
+                    visible = (lower & upper & keep[None, :]) == keep[None, :]
                     logits = gl.where(visible, logits, float("-inf"))
             p = gl.exp2(logits)
             dp = warpgroup_mma_wait(0, deps=(dp_token,))
@@ -338,9 +380,9 @@ if gluon is not None:
         QDesc, DODesc, KDesc, VDesc, Lse, Delta, DQ, KvCounts, KvIndices,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
         num_q_heads, group, pattern_head_divisor, seq_q, seq_k, scale, qk_scale,
-        n_blocks, per_wave, WorkOrder, lead_blocks, all_heads,
+        n_blocks, per_wave, WorkOrder, lead_blocks, all_heads, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr,
+        CAUSAL: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
         """One program per (batch, query head, 128-row query tile), in the Triton dQ pass's order."""
         TILES: gl.constexpr = BLOCK_Q // 128
@@ -366,14 +408,14 @@ if gluon is not None:
                 (
                     _dq_consumer,
                     (q_smem, do_smem, k_smem, v_smem, q_bar, ready, free, Lse, Delta, DQ,
-                     index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale,
-                     0, HEAD_DIM, BLOCK_K, STAGES, CAUSAL),
+                     index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale, BoxTable, box_guard,
+                     0, HEAD_DIM, BLOCK_K, STAGES, CAUSAL, BOX),
                 ),
                 (
                     _dq_consumer,
                     (q_smem, do_smem, k_smem, v_smem, q_bar, ready, free, Lse, Delta, DQ,
-                     index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale,
-                     64, HEAD_DIM, BLOCK_K, STAGES, CAUSAL),
+                     index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale, BoxTable, box_guard,
+                     64, HEAD_DIM, BLOCK_K, STAGES, CAUSAL, BOX),
                 ),
                 (
                     _dq_producer,
@@ -388,7 +430,8 @@ if gluon is not None:
 
 def cannot_run_reason(q, k, v, dout, plan: BlockSparsePlan, *, has_rule: bool, kind: str = "dkdv") -> str | None:
     """Why the Gluon ``kind`` pass (``"dkdv"`` or ``"dq"``) cannot take this case (the Triton
-    pass does), or ``None``."""
+    pass does), or ``None``. ``has_rule``: the pattern has a token rule the kernels would read
+    as bitmasks (a box predicate is not one: the passes evaluate it)."""
     pattern = plan.pattern
     if gluon is None:
         return "Gluon is not available in this Triton"
@@ -401,7 +444,7 @@ def cannot_run_reason(q, k, v, dout, plan: BlockSparsePlan, *, has_rule: bool, k
     if q.shape[-1] not in STAGES:
         return f"the Gluon backward takes head_dim 64 or 128, got {q.shape[-1]}"
     if has_rule:
-        return "patterns with a token rule take the Triton backward"
+        return "patterns with a token rule that is not a box predicate take the Triton backward"
     if pattern.block_q % BLOCK_M or pattern.block_k % BLOCK_N:
         return f"the Gluon backward needs block_q % 64 == 0 and block_k % 128 == 0, got {pattern.block_q} x {pattern.block_k}"
     if kind == "dq" and pattern.block_q % 128:
@@ -426,10 +469,12 @@ def wanted(kind: str, *, head_dim: int, by_default: bool) -> str | None:
 
 
 def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan, *, scale, orders: dict, has_rule,
-               by_default: bool):  # fmt: skip
+               by_default: bool, predicate: BoxPredicate | None = None):  # fmt: skip
     """Run the backward passes Gluon should take (:func:`wanted`) that can take this case, into
     ``gradients[kind]`` (``{"dkdv": (dk, dv), "dq": (dq,)}``) with the Triton passes' launch
-    ``orders[kind]``; returns the kinds run. A pass asked for (``kernel_configs``) that cannot
+    ``orders[kind]``; returns the kinds run. ``has_rule``: a token rule read as bitmasks (the
+    passes decline it); ``predicate``: the pattern's token rule as a box predicate, which they
+    evaluate. A pass asked for (``kernel_configs``) that cannot
     run warns (once per reason) and is left to the Triton backward; one chosen by default
     (``by_default``: the forward ran the Gluon backend) that cannot run is left to it quietly."""
     done = set()
@@ -439,7 +484,7 @@ def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan
             continue
         reason = cannot_run_reason(q, k, v, dout, plan, has_rule=has_rule, kind=kind)
         if reason is None:
-            run(q, k, v, dout, lse, delta, *gradients[kind], plan, scale=scale, order=orders[kind])
+            run(q, k, v, dout, lse, delta, *gradients[kind], plan, scale=scale, order=orders[kind], predicate=predicate)
             done.add(kind)
         elif choice == "asked":
             warnings.warn(
@@ -448,11 +493,13 @@ def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan
     return done
 
 
-def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: float, order: tuple) -> None:
+def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: float, order: tuple,
+         predicate: BoxPredicate | None = None) -> None:  # fmt: skip
     """Fill ``dk`` and ``dv`` (contiguous, the shapes of k and v) with the Gluon pass.
 
     ``order``: the Triton pass's launch order, ``(n_blocks, per_wave, work_order, lead_blocks,
-    all_heads)``. Call only where :func:`cannot_run_reason` returns ``None``."""
+    all_heads)``; ``predicate``: the pattern's token rule as a box predicate, or ``None``. Call
+    only where :func:`cannot_run_reason` returns ``None``."""
     pattern = plan.pattern
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
@@ -469,20 +516,24 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
         *block_list_strides(q_counts, q_indices, pattern.batch),
         *(q_heads, kv_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E),
         *order,
+        *_box_arguments(predicate, q_counts),
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
         STAGES=STAGES[dim],
         CAUSAL=bool(plan.causal),
+        BOX=predicate is not None,
         num_warps=4,
     )
 
 
-def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float, order: tuple) -> None:
+def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float, order: tuple,
+       predicate: BoxPredicate | None = None) -> None:  # fmt: skip
     """Fill ``dq_out`` (contiguous, q's shape) with the Gluon dQ pass.
 
     ``order``: the Triton dQ pass's launch order, ``(n_blocks, per_wave, work_order, lead_blocks,
-    all_heads)``. Call only where :func:`cannot_run_reason` (``kind="dq"``) returns ``None``."""
+    all_heads)``; ``predicate`` as for :func:`dkdv`. Call only where :func:`cannot_run_reason`
+    (``kind="dq"``) returns ``None``."""
     pattern = plan.pattern
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
@@ -494,10 +545,18 @@ def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float
         *block_list_strides(counts, indices, pattern.batch),
         *(q_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E),
         *order,
+        *_box_arguments(predicate, counts),
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
         STAGES=DQ_STAGES[dim],
         CAUSAL=bool(plan.causal),
+        BOX=predicate is not None,
         num_warps=4,
     )
+
+
+def _box_arguments(predicate: BoxPredicate | None, placeholder: torch.Tensor) -> tuple:
+    """``(BoxTable, box_guard)`` of the kernels: the predicate's table and guard bits, or an unused
+    int32 tensor and 0 without one."""
+    return (placeholder, 0) if predicate is None else (predicate.table, predicate.guard)

@@ -449,8 +449,9 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
             "dkdv": (pattern.num_kv_blocks, per_wave // group, *dkdv_args[-3:]),
             "dq": (pattern.num_q_blocks, per_wave, *dq_args[-3:]),
         },
-        has_rule=bitmask is not None or predicate is not None,
+        has_rule=bitmask is not None,
         by_default=gluon_by_default,
+        predicate=predicate,
     )
     passes = [entry for entry in (("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args)) if entry[0] not in in_gluon]
     if interpreting():

@@ -484,5 +484,12 @@ def backward(*args, **kwargs):
     return token_backward(*args, **kwargs)
 
 
+def prepare_backward(*args, **kwargs):
+    """Build the backward's lists during the forward: :func:`.triton_tokens_backward.prepare_backward`."""
+    from .triton_tokens_backward import prepare_backward as prepare
+
+    return prepare(*args, **kwargs)
+
+
 # Last: this module reads its helpers (tile_program, launch_geometry, token_lists).
 from . import triton_tokens_gathered as gathered  # noqa: E402

@@ -372,6 +372,60 @@ def _autotuned(kind: str, block_k: int, is_float32: bool):
     )(kernel)
 
 
+def dkdv_plan(q: torch.Tensor, k: torch.Tensor, pattern):
+    """``(tiling, lists, entries, work)`` of the dK/dV pass: the row packing, the transposed union
+    lists (:func:`.triton_tokens.token_lists`), the listing tiles per product and the work items
+    (:func:`dkdv_work`); the lists and items are cached on the pattern. Building them waits on
+    the device several times (list lengths are data), so :func:`prepare_backward` builds them
+    during the forward, off the default stream."""
+    batch, q_heads = q.shape[:2]
+    kv_heads = k.shape[1]
+    if gathered.uses_gathered_path(pattern):
+        # dK/dV walk one query block per entry (the gathered path's lists).
+        packing = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
+        tiling = dataclasses.replace(packing, tile_blocks=1, tile_tokens=pattern.block_q)
+    else:
+        tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
+    lists = token_lists(pattern, tiling.tile_blocks)
+    # Several listing tiles per step: up to DKDV_ROWS rows per product.
+    entries = DKDV_ROWS // (tiling.heads * tiling.tile_tokens)
+    work = dkdv_work(
+        pattern, lists.t_offsets, batch=batch, q_heads=q_heads, kv_heads=kv_heads, heads=tiling.heads, entries=entries
+    )
+    return tiling, lists, entries, work
+
+
+_side_streams: dict = {}
+
+
+def prepare_backward(q: torch.Tensor, k: torch.Tensor, plan: BlockSparsePlan, pattern_ready) -> None:
+    """Build the dK/dV pass's lists and work items (:func:`dkdv_plan`) now, while the forward's
+    kernels run, instead of in the backward, where each of their waits on the device would
+    drain the queue of backward kernels already launched (about ten waits at NSA's 64K).
+
+    On CUDA they are built on a side stream that starts at ``pattern_ready`` (an event recorded
+    on the current stream once the pattern's tensors were written, before the forward's
+    kernels), so the host waits for the pattern, not for the forward; the current stream then
+    waits for the side stream before its next work, and the built tensors are marked as used
+    by it (``record_stream``) for the caching allocator. Elsewhere nothing is done here: the
+    backward builds them as before."""
+    if q.device.type != "cuda" or pattern_ready is None:
+        return
+    main = torch.cuda.current_stream(q.device)
+    side = _side_streams.get(q.device)
+    if side is None:
+        side = _side_streams[q.device] = torch.cuda.Stream(q.device)
+    side.wait_event(pattern_ready)
+    with torch.cuda.stream(side):
+        _, lists, _, work = dkdv_plan(q, k, plan.pattern)
+    main.wait_stream(side)
+    for built in (lists, work):
+        for field in dataclasses.fields(built):
+            value = getattr(built, field.name)
+            if isinstance(value, torch.Tensor):
+                value.record_stream(main)
+
+
 def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: float):
     """``(dq, dk, dv)`` in the inputs' dtypes and shapes (dK/dV summed over each GQA group).
 
@@ -403,10 +457,6 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     is_float32 = q.dtype == torch.float32
     if gathered.uses_gathered_path(pattern):
         dq = gathered.dq(q, k, v, dout, lse, delta, pattern, causal=causal, scale=scale)
-        # dK/dV walk one query block per entry (the gathered path's lists).
-        packing = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
-        tiling = dataclasses.replace(packing, tile_blocks=1, tile_tokens=pattern.block_q)
-        lists = token_lists(pattern, 1)
     else:
         tiling, program, grid, shared = launch_geometry(q, k, pattern)
         dq = launch.allocate(q.shape, q.dtype, q.device)
@@ -422,13 +472,8 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
             _token_dq[grid](*dq_args, BLOCK_N=16, **constants)
         else:
             _autotuned("dq", pattern.block_k, is_float32)[grid](*dq_args, **constants)
-        lists = token_lists(pattern, tiling.tile_blocks)  # the transposed lists, for dK/dV
 
-    # Several listing tiles per step: up to DKDV_ROWS rows per product.
-    entries = DKDV_ROWS // (tiling.heads * tiling.tile_tokens)
-    work = dkdv_work(
-        pattern, lists.t_offsets, batch=batch, q_heads=q_heads, kv_heads=kv_heads, heads=tiling.heads, entries=entries
-    )
+    tiling, lists, entries, work = dkdv_plan(q, k, pattern)
     part_dk, part_dv = (
         torch.empty((max(work.partials, 1), pattern.block_k, dim), dtype=torch.float32, device=q.device)
         for _ in range(2)
