@@ -24,7 +24,7 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
 
     is_dq = constants.pop("KERNEL", "dkdv") == "dq"
     kernel = gluon_backward._gluon_dq if is_dq else gluon_backward._gluon_dkdv
-    values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True, BOX=False)
+    values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True, BOX=False, EVEN_Q=True, EVEN_K=True)
     values.update(constants)
     values["STAGES"] = (gluon_backward.DQ_STAGES if is_dq else gluon_backward.STAGES)[values["HEAD_DIM"]]
     signature = {name: "i32" for name in kernel.arg_names}

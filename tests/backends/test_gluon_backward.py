@@ -3,10 +3,11 @@
 On CPU: both kernels (dK/dV and dQ) compile for sm_90a (in a child process, as the forward's
 test does), the option is checked, and they decline the cases outside their scope. On the GPU
 (``-m gpu``): with ``kernel_configs(gluon_backward="dkdv" | "dq" | True)`` the gradients of the
-Triton and Gluon backends match the reference backend's on whole-block shapes (batch 2, GQA
-1-8, Sq < Sk, head_dim 64 and 128, 64- and 128-row query blocks, 256-key blocks, patterns per
-query head, per KV head and shared), from NaN-poisoned gradient buffers, and the asked passes
-were launched; outside their scope the Triton passes run and say so.
+Triton and Gluon backends match the reference backend's (batch 2, GQA 1-8, Sq < Sk, head_dim
+64 and 128, 64- and 128-row query blocks, 256-key blocks, lengths that fill whole blocks or
+not, patterns per query head, per KV head and shared; box-predicate token rules, causal and
+not), from NaN-poisoned gradient buffers, and the asked passes were launched; outside their
+scope the Triton passes run and say so.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def _compile_for_sm90(**variant):
         dict(BOX=True, CAUSAL=False, HEAD_DIM=64),
         dict(KERNEL="dq", BOX=True),
         dict(KERNEL="dq", BOX=True, CAUSAL=False, dtype="fp16"),
+        dict(EVEN_Q=False, EVEN_K=False),
+        dict(BOX=True, EVEN_Q=False, EVEN_K=False, CAUSAL=False),
+        dict(KERNEL="dq", EVEN_Q=False, EVEN_K=False),
+        dict(KERNEL="dq", BOX=True, EVEN_Q=False, EVEN_K=False, CAUSAL=False, HEAD_DIM=64),
     ],
     ids=str,
 )
@@ -115,6 +120,10 @@ def _record_launches(monkeypatch) -> list[str]:
         dict(q_heads=6, kv_heads=3, seq_q=512, seq_k=1024, dim=64, dtype=torch.float16),
         dict(q_heads=4, kv_heads=4, seq_q=768, seq_k=768, dim=128, block_q=64),
         dict(q_heads=8, kv_heads=1, seq_q=512, seq_k=768, dim=128, block_k=256, dtype=torch.float16),
+        # Lengths that are not multiples of the blocks (ragged last query and key tiles).
+        dict(q_heads=8, kv_heads=2, seq_q=1000, seq_k=1100, dim=128),
+        dict(q_heads=6, kv_heads=3, seq_q=333, seq_k=555, dim=64, dtype=torch.float16),
+        dict(q_heads=4, kv_heads=2, seq_q=300, seq_k=650, dim=128, block_k=256),
     ],
     ids=str,
 )
@@ -152,9 +161,9 @@ def test_gpu_gluon_backward_matches_reference(case, causal, passes, poison_outpu
 
 
 @pytest.mark.gpu
-def test_gpu_gluon_backward_falls_back_with_a_warning_on_odd_lengths(poison_outputs):
+def test_gpu_gluon_backward_falls_back_with_a_warning_on_small_key_blocks(poison_outputs):
     q, k, v = random_qkv(1, 4, 2, 300, 300, 128, dtype=torch.bfloat16, device="cuda", seed=1)
-    pattern = shape_pattern((1, 4, 2, 300, 300, 128, 128, 128), heads=2, density=0.5, causal=True, seed=1).to("cuda")
+    pattern = shape_pattern((1, 4, 2, 300, 300, 128, 128, 64), heads=2, density=0.5, causal=True, seed=1).to("cuda")
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     with pytest.warns(UserWarning, match="Triton (dK/dV|dQ) pass runs instead"):
         with kernel_configs(gluon_backward=True):
@@ -189,9 +198,9 @@ def test_asked_gluon_passes_that_cannot_run_warn_and_leave_the_triton_gradients(
 @pytest.mark.gpu
 @pytest.mark.parametrize("seq", [1024, 300])
 def test_gpu_gluon_passes_are_the_default_after_the_gluon_forward(seq, poison_outputs, monkeypatch):
-    """At head_dim 128 the ``gluon`` backend's backward runs both Gluon passes unasked, the
-    ``triton`` backend's and ``gluon_backward=False`` none; where they cannot run (a length that
-    is not a multiple of the block) the Triton passes take over without a warning."""
+    """At head_dim 128 the ``gluon`` backend's backward runs both Gluon passes unasked (lengths
+    that are multiples of the block or not), the ``triton`` backend's and ``gluon_backward=False``
+    none, without a warning."""
     q, k, v = random_qkv(1, 8, 2, seq, seq, 128, dtype=torch.bfloat16, device="cuda", seed=2)
     pattern = shape_pattern((1, 8, 2, seq, seq, 128, 128, 128), heads=2, density=0.5, causal=True, seed=2).to("cuda")
     dout = torch.randn_like(q)
@@ -199,7 +208,7 @@ def test_gpu_gluon_passes_are_the_default_after_the_gluon_forward(seq, poison_ou
     leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
     sa.block_sparse_attention(*leaves, pattern, causal=True, backend="reference").backward(dout.float())
     expected = [x.grad for x in leaves]
-    for backend, setting, runs in (("gluon", None, seq % 128 == 0), ("triton", None, False), ("gluon", False, False)):
+    for backend, setting, runs in (("gluon", None, True), ("triton", None, False), ("gluon", False, False)):
         launches.clear()
         leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
         with warnings.catch_warnings():
@@ -213,24 +222,26 @@ def test_gpu_gluon_passes_are_the_default_after_the_gluon_forward(seq, poison_ou
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim", [128, 64])
+@pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("rule", ["causal_window", "neighborhood"])
-def test_gpu_gluon_passes_evaluate_a_box_predicate(rule, dim, poison_outputs, monkeypatch):
+def test_gpu_gluon_passes_evaluate_a_box_predicate(rule, ragged, dim, poison_outputs, monkeypatch):
     """A token rule that is a box predicate (NSA's causal sliding window; a 3D neighbourhood
     window with text tokens, non-causal) runs in both Gluon passes, without any bitmask, and the
-    gradients match the reference backend's."""
+    gradients match the reference backend's; with whole blocks and with ragged last tiles."""
     from sparse_attn.nn.nsa import window_pattern
     from sparse_attn.rule_predicate import kernel_predicate
 
     if rule == "causal_window":
-        seq_q, seq_k, causal = 768, 1024, True  # Sq < Sk, window not a multiple of the block
+        # Sq < Sk, a window that is not a multiple of the block.
+        seq_q, seq_k, causal = (700, 1000, True) if ragged else (768, 1024, True)
         q, k, v = random_qkv(2, 6, 2, seq_q, seq_k, dim, dtype=torch.bfloat16, device="cuda", seed=4)
         pattern = window_pattern(seq_q, seq_k, 300, device="cuda")
     else:
-        grid, tile = (4, 16, 24), (2, 8, 8)
-        layout = sa.layouts.Layout(grid, tile=tile, text_tokens=128)  # 1664 = 13 x 128 tokens
+        grid, tile, text = (4, 16, 24), (2, 8, 8), 123 if ragged else 128  # 1659, or 1664 = 13 x 128 tokens
+        layout = sa.layouts.Layout(grid, tile=tile, text_tokens=text)
         q, k, v = random_qkv(2, 6, 3, layout.seq_len, layout.seq_len, dim, dtype=torch.bfloat16, device="cuda", seed=4)
         pattern = sa.estimate(
-            q, k, "neighborhood", causal=False, grid=grid, window=(3, 5, 7), tile=tile, text_tokens=128
+            q, k, "neighborhood", causal=False, grid=grid, window=(3, 5, 7), tile=tile, text_tokens=text
         )
         causal = False
     assert pattern.partial_entries() > 0 and kernel_predicate(pattern) is not None

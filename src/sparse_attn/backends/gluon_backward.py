@@ -39,8 +39,12 @@ codes; the pairs it hides get probability 0. Rules read as bitmasks stay with th
 
 The delta pass stays the Triton one. Scope (:func:`cannot_run_reason`): compute capability 9.x,
 float16/bfloat16, head_dim 64 or 128, no token rule other than a box predicate, ``block_q`` a multiple of 64 (128 for the
-dQ pass) and ``block_k`` of 128, both lengths multiples of their blocks, contiguous q/k/v/dO (the
-descriptors cover the flattened ``(B*H*S, D)`` tensors); elsewhere the Triton pass runs, with a
+dQ pass) and ``block_k`` of 128, contiguous q/k/v/dO (the descriptors cover the flattened
+``(B*H*S, D)`` tensors). Lengths need not be multiples of the blocks (constexprs ``EVEN_Q`` /
+``EVEN_K`` off): a ragged last tile reads the next head's rows (or TMA's zero fill past the
+tensor), and those rows get probability 0 (rows past ``seq_q``: log-sum-exp read as +inf and
+masked; keys past ``seq_k`` in the dQ pass: masked) and are never stored; dK/dV skip 64-row
+steps wholly past ``seq_q``; elsewhere the Triton pass runs, with a
 warning where they were asked for. They run by default after the Gluon forward (``backend="gluon"``,
 or ``"auto"`` where it picks Gluon) at head_dim 128 (:data:`DEFAULT_HEAD_DIMS`), where the
 twenty-seventh session measured them faster (forward + backward 109.5 against 126.7 ms at 128K /
@@ -93,6 +97,17 @@ if gluon is not None:
         return head, count * SUB, base
 
     @gluon.jit
+    def _takes_step(first_row, key_start, offset, seq_q, CAUSAL: gl.constexpr, EVEN_Q: gl.constexpr):
+        """Whether the dK/dV pass computes the 64 query rows from ``first_row`` against the 128
+        keys from ``key_start`` (the producer and the consumers skip the same steps)."""
+        takes = True
+        if CAUSAL:
+            takes = first_row + 63 + offset >= key_start
+        if not EVEN_Q:
+            takes = takes & (first_row < seq_q)
+        return takes
+
+    @gluon.jit
     def _first_row(base, step, BLOCK_Q: gl.constexpr, SUB: gl.constexpr):
         q_block = gl.load(base + step // SUB)
         return q_block * BLOCK_Q + (step % SUB) * 64
@@ -126,7 +141,7 @@ if gluon is not None:
         q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free,
         QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor,
-        BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+        BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, EVEN_Q: gl.constexpr,
     ):  # fmt: skip
         """One warp: the K and V tiles once, then Q and dO tiles of every listed query tile."""
         SUB: gl.constexpr = BLOCK_Q // 64
@@ -142,8 +157,9 @@ if gluon is not None:
             row0 = (batch * num_q_heads + head) * seq_q
             for step in range(n_steps):
                 first_row = _first_row(base, step, BLOCK_Q, SUB)
-                # Causal: a query tile that ends before the key tile starts sees none of it.
-                if (not CAUSAL) or (first_row + 63 + offset >= key_start):
+                # Causal: a query tile that ends before the key tile starts sees none of it; a
+                # 64-row tile wholly past seq_q (in a ragged last block) has no rows.
+                if _takes_step(first_row, key_start, offset, seq_q, CAUSAL, EVEN_Q):
                     slot = ring % STAGES
                     # A fresh barrier counts as having completed the phase before phase 0.
                     mbarrier.wait(free.index(slot), ((ring // STAGES) & 1) ^ 1)
@@ -163,7 +179,7 @@ if gluon is not None:
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale, qk_scale,
         seq_k, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, BOX: gl.constexpr,
+        CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup: dK and dV of keys ``key_start + ROW_OFFSET`` to ``+ 64`` over every step.
 
@@ -184,9 +200,12 @@ if gluon is not None:
         key_code = 0
         key_keep = 0
         if BOX:
-            # Lengths fill whole blocks here (cannot_run_reason): every key exists. A key every
-            # query sees (code < 0) keeps no guard bit, so its test always holds.
-            key_code = gl.load(BoxTable + key_pos)
+            # A key every query sees (code < 0) keeps no guard bit, so its test always holds.
+            # Keys past seq_k (a ragged last block) are computed and never stored.
+            if EVEN_K:
+                key_code = gl.load(BoxTable + key_pos)
+            else:
+                key_code = gl.load(BoxTable + key_pos, mask=key_pos < seq_k, other=0)
             key_keep = gl.where(key_code < 0, 0, box_guard)
         mbarrier.wait(kv_bar, 0)
         ring = 0
@@ -198,7 +217,7 @@ if gluon is not None:
             row_base = (batch * num_q_heads + head).to(gl.int64) * seq_q
             for step in range(n_steps):
                 first_row = _first_row(base, step, BLOCK_Q, SUB)
-                if (not CAUSAL) or (first_row + 63 + offset >= key_start):
+                if _takes_step(first_row, key_start, offset, seq_q, CAUSAL, EVEN_Q):
                     slot = ring % STAGES
                     rows = first_row + cols
                     mbarrier.wait(ready.index(slot), (ring // STAGES) & 1)
@@ -207,16 +226,29 @@ if gluon is not None:
                     do_t = do_smem.index(slot).permute((1, 0))
                     s_token = warpgroup_mma(k_half, q_t, st_zero, use_acc=False, is_async=True)
                     dp_token = warpgroup_mma(v_half, do_t, st_zero, use_acc=False, is_async=True)
-                    lse = gl.load(Lse + row_base + rows) * 1.4426950408889634
+                    if EVEN_Q:
+                        lse = gl.load(Lse + row_base + rows) * 1.4426950408889634
+                    else:
+                        # Rows past seq_q (another head's queries, read by the tile): probability 0.
+                        lse = gl.load(Lse + row_base + rows, mask=rows < seq_q, other=float("inf"))
+                        lse = lse * 1.4426950408889634
                     s_t = warpgroup_mma_wait(1, deps=(s_token,))
                     logits = s_t * qk_scale - lse[None, :]
+                    if not EVEN_Q:
+                        if first_row + 64 > seq_q:
+                            logits = gl.where((rows < seq_q)[None, :], logits, float("-inf"))
                     if CAUSAL:
                         if key_start + 127 > first_row + offset:  # the tile pair straddles the diagonal
                             visible = key_pos[:, None] <= rows[None, :] + offset
                             logits = gl.where(visible, logits, float("-inf"))
                     if BOX:
-                        low = gl.load(BoxTable + seq_k + offset + rows)
-                        high = gl.load(BoxTable + 2 * seq_k + offset + rows) | box_guard
+                        if EVEN_Q:
+                            low = gl.load(BoxTable + seq_k + offset + rows)
+                            high = gl.load(BoxTable + 2 * seq_k + offset + rows) | box_guard
+                        else:
+                            low = gl.load(BoxTable + seq_k + offset + rows, mask=rows < seq_q, other=0)
+                            high = gl.load(BoxTable + 2 * seq_k + offset + rows, mask=rows < seq_q, other=0)
+                            high = high | box_guard
                         lower = (key_code | box_guard)[:, None] - low[None, :]
                         upper = high[None, :] - key_code[:, None]
                         visible = (lower & upper & key_keep[:, None]) == key_keep[:, None]
@@ -225,7 +257,10 @@ if gluon is not None:
                     p_op = gl.convert_layout(p_t.to(dtype), op_layout)
                     # dV's product runs while dS is formed.
                     dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
-                    delta = gl.load(Delta + row_base + rows)
+                    if EVEN_Q:
+                        delta = gl.load(Delta + row_base + rows)
+                    else:
+                        delta = gl.load(Delta + row_base + rows, mask=rows < seq_q, other=0.0)
                     dp_t = warpgroup_mma_wait(1, deps=(dp_token,))
                     ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), op_layout)
                     dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
@@ -235,8 +270,14 @@ if gluon is not None:
         out_rows = key_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
         out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
         offsets = (kv_row0 + out_rows).to(gl.int64)[:, None] * HEAD_DIM + out_cols[None, :]
-        gl.store(DK + offsets, (dk * scale).to(dtype))
-        gl.store(DV + offsets, dv.to(dtype))
+        if EVEN_K:
+            gl.store(DK + offsets, (dk * scale).to(dtype))
+            gl.store(DV + offsets, dv.to(dtype))
+        else:
+            # Keys past seq_k are the next head's (or TMA's zero fill): not stored.
+            in_range = (out_rows < seq_k)[:, None]
+            gl.store(DK + offsets, (dk * scale).to(dtype), mask=in_range)
+            gl.store(DV + offsets, dv.to(dtype), mask=in_range)
 
     @gluon.jit
     def _gluon_dkdv(
@@ -245,7 +286,7 @@ if gluon is not None:
         num_q_heads, num_kv_heads, group, pattern_head_divisor, seq_q, seq_k, scale, qk_scale,
         n_blocks, per_wave, WorkOrder, lead_blocks, all_heads, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, BOX: gl.constexpr,
+        CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
     ):  # fmt: skip
         """One program per (batch, KV head, 128-key tile), in the Triton dK/dV pass's order."""
         TILES: gl.constexpr = BLOCK_K // 128
@@ -271,21 +312,21 @@ if gluon is not None:
                     (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
-                     qk_scale, seq_k, BoxTable, box_guard, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX),
+                     qk_scale, seq_k, BoxTable, box_guard, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K),
                 ),
                 (
                     _consumer,
                     (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
-                     qk_scale, seq_k, BoxTable, box_guard, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX),
+                     qk_scale, seq_k, BoxTable, box_guard, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K),
                 ),
                 (
                     _producer,
                     (QDesc, DODesc, KDesc, VDesc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor,
-                     BLOCK_Q, STAGES, CAUSAL),
+                     BLOCK_Q, STAGES, CAUSAL, EVEN_Q),
                 ),
             ],
             [4, 1],
@@ -317,7 +358,7 @@ if gluon is not None:
         q_smem, do_smem, k_smem, v_smem, q_bar, ready, free, Lse, Delta, DQ,
         index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, BOX: gl.constexpr,
+        CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup: dQ of rows ``row_start + ROW_OFFSET`` to ``+ 64`` over every listed key tile.
 
@@ -333,13 +374,19 @@ if gluon is not None:
         rows = row_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
         keys = gl.arange(0, 64, layout=gl.SliceLayout(0, s_layout))
         query_pos = rows + (seq_k - seq_q)
-        lse = gl.load(Lse + row_base + rows) * 1.4426950408889634
-        delta = gl.load(Delta + row_base + rows)
+        if EVEN_Q:
+            lse = gl.load(Lse + row_base + rows) * 1.4426950408889634
+            delta = gl.load(Delta + row_base + rows)
+        else:
+            # Rows past seq_q (another head's queries, read by the tile) are computed with
+            # probability 0 and never stored.
+            lse = gl.load(Lse + row_base + rows, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
+            delta = gl.load(Delta + row_base + rows, mask=rows < seq_q, other=0.0)
         box_low = 0
         box_high = 0
         if BOX:
-            box_low = gl.load(BoxTable + seq_k + query_pos)
-            box_high = gl.load(BoxTable + 2 * seq_k + query_pos) | box_guard
+            box_low = gl.load(BoxTable + seq_k + query_pos, mask=rows < seq_q, other=0)
+            box_high = gl.load(BoxTable + 2 * seq_k + query_pos, mask=rows < seq_q, other=0) | box_guard
         dq = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(q_bar, 0)
         for step in range(n_steps):
@@ -350,7 +397,7 @@ if gluon is not None:
             dp_token = warpgroup_mma(do, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_token,))
             logits = s * qk_scale - lse[:, None]
-            if CAUSAL or BOX:
+            if CAUSAL or BOX or not EVEN_K:
                 kv_block = gl.load(index_base + step // SUB)
                 key_start = kv_block * BLOCK_K + (step % SUB) * 64
                 if CAUSAL:
@@ -358,12 +405,24 @@ if gluon is not None:
                         visible = (key_start + keys)[None, :] <= query_pos[:, None]
                         logits = gl.where(visible, logits, float("-inf"))
                 if BOX:
-                    code = gl.load(BoxTable + key_start + keys)
-                    keep = gl.where(code < 0, 0, box_guard)
+                    if EVEN_K:
+                        code = gl.load(BoxTable + key_start + keys)
+                        keep = gl.where(code < 0, 0, box_guard)
+                        want = keep
+                    else:
+                        # The fused test (rule_predicate.box_visible) also hides keys past seq_k.
+                        in_range = key_start + keys < seq_k
+                        code = gl.load(BoxTable + key_start + keys, mask=in_range, other=0)
+                        keep = gl.where(code < 0, 0, box_guard)
+                        want = gl.where(in_range, keep, box_guard | 1)
                     lower = (code | box_guard)[None, :] - box_low[:, None]
                     upper = box_high[:, None] - code[None, :]
-                    visible = (lower & upper & keep[None, :]) == keep[None, :]
+                    visible = (lower & upper & keep[None, :]) == want[None, :]
                     logits = gl.where(visible, logits, float("-inf"))
+                elif not EVEN_K:
+                    # Keys past seq_k are the next head's (or TMA's zero fill): hidden.
+                    if key_start + 64 > seq_k:
+                        logits = gl.where((key_start + keys < seq_k)[None, :], logits, float("-inf"))
             p = gl.exp2(logits)
             dp = warpgroup_mma_wait(0, deps=(dp_token,))
             ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
@@ -373,7 +432,10 @@ if gluon is not None:
         out_rows = row_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
         out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
         offsets = (row_base + out_rows)[:, None] * HEAD_DIM + out_cols[None, :]
-        gl.store(DQ + offsets, (dq * scale).to(dtype))
+        if EVEN_Q:
+            gl.store(DQ + offsets, (dq * scale).to(dtype))
+        else:
+            gl.store(DQ + offsets, (dq * scale).to(dtype), mask=(out_rows < seq_q)[:, None])
 
     @gluon.jit
     def _gluon_dq(
@@ -382,7 +444,7 @@ if gluon is not None:
         num_q_heads, group, pattern_head_divisor, seq_q, seq_k, scale, qk_scale,
         n_blocks, per_wave, WorkOrder, lead_blocks, all_heads, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, BOX: gl.constexpr,
+        CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
     ):  # fmt: skip
         """One program per (batch, query head, 128-row query tile), in the Triton dQ pass's order."""
         TILES: gl.constexpr = BLOCK_Q // 128
@@ -409,13 +471,13 @@ if gluon is not None:
                     _dq_consumer,
                     (q_smem, do_smem, k_smem, v_smem, q_bar, ready, free, Lse, Delta, DQ,
                      index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale, BoxTable, box_guard,
-                     0, HEAD_DIM, BLOCK_K, STAGES, CAUSAL, BOX),
+                     0, HEAD_DIM, BLOCK_K, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K),
                 ),
                 (
                     _dq_consumer,
                     (q_smem, do_smem, k_smem, v_smem, q_bar, ready, free, Lse, Delta, DQ,
                      index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale, BoxTable, box_guard,
-                     64, HEAD_DIM, BLOCK_K, STAGES, CAUSAL, BOX),
+                     64, HEAD_DIM, BLOCK_K, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K),
                 ),
                 (
                     _dq_producer,
@@ -449,8 +511,6 @@ def cannot_run_reason(q, k, v, dout, plan: BlockSparsePlan, *, has_rule: bool, k
         return f"the Gluon backward needs block_q % 64 == 0 and block_k % 128 == 0, got {pattern.block_q} x {pattern.block_k}"
     if kind == "dq" and pattern.block_q % 128:
         return f"the Gluon dQ pass needs block_q a multiple of 128, got {pattern.block_q}"
-    if q.shape[2] % pattern.block_q or k.shape[2] % pattern.block_k:
-        return "the Gluon backward needs lengths that are multiples of the pattern's blocks"
     if not all(x.is_contiguous() for x in (q, k, v, dout)):
         return "the Gluon backward needs contiguous q, k, v and output gradient"
     return None
@@ -523,6 +583,8 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
         STAGES=STAGES[dim],
         CAUSAL=bool(plan.causal),
         BOX=predicate is not None,
+        EVEN_Q=seq_q % pattern.block_q == 0,
+        EVEN_K=seq_k % pattern.block_k == 0,
         num_warps=4,
     )
 
@@ -552,6 +614,8 @@ def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float
         STAGES=DQ_STAGES[dim],
         CAUSAL=bool(plan.causal),
         BOX=predicate is not None,
+        EVEN_Q=seq_q % pattern.block_q == 0,
+        EVEN_K=seq_k % pattern.block_k == 0,
         num_warps=4,
     )
 
