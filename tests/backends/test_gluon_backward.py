@@ -262,3 +262,30 @@ def test_gpu_gluon_passes_evaluate_a_box_predicate(rule, ragged, dim, poison_out
         for name, leaf, want in zip("qkv", leaves, expected, strict=True):
             assert torch.isfinite(leaf.grad).all(), (backend, name)
             assert relative_error(leaf.grad, want) <= TOLERANCE[torch.bfloat16], (backend, name)
+
+
+def test_box_predicate_patterns_take_the_gluon_passes_only_when_asked(monkeypatch):
+    """By default (after the Gluon forward) a box-predicate rule stays with the Triton passes
+    (``BOX_BY_DEFAULT``, measured no faster); asked for, both Gluon passes take it, and a pattern
+    without a rule takes them by default. (The launches are recorded, not run: no GPU here.)"""
+    launches = []
+    for kind in ("dkdv", "dq"):
+        monkeypatch.setattr(
+            gluon_backward, kind, lambda *args, kind=kind, **kwargs: launches.append((kind, kwargs["predicate"]))
+        )
+    monkeypatch.setattr(gluon_backward, "cannot_run_reason", lambda *args, **kwargs: None)
+    q = torch.zeros(1, 2, 128, 128)
+    predicate = object()
+
+    def run(**kwargs):
+        launches.clear()
+        orders = {"dkdv": (), "dq": ()}
+        gradients = {"dkdv": (q, q), "dq": (q,)}
+        done = gluon_backward.run_passes(q, q, q, q, q, q, gradients, None, scale=1.0, orders=orders, has_rule=False,
+                                         by_default=True, **kwargs)  # fmt: skip
+        return done, list(launches)
+
+    assert run(predicate=predicate) == (set(), [])
+    assert run() == ({"dkdv", "dq"}, [("dkdv", None), ("dq", None)])
+    with kernel_configs(gluon_backward=True):
+        assert run(predicate=predicate) == ({"dkdv", "dq"}, [("dkdv", predicate), ("dq", predicate)])

@@ -705,8 +705,8 @@ def forward(
 def backward(q, k, v, out, lse, dout, dlse, plan, *, scale: float):
     """This backend's backward: the Triton backend's (:mod:`.triton_backward`) on this kernel's
     output and log-sum-exp, with its dK/dV and dQ passes in the warp-specialized Gluon kernels
-    (:mod:`.gluon_backward`) where those are the default (head_dim 128 on Hopper, 16-bit, whole
-    blocks) unless ``kernel_configs(gluon_backward=...)`` says otherwise."""
+    (:mod:`.gluon_backward`) where those are the default (head_dim 128 on Hopper, 16-bit, no
+    token rule) unless ``kernel_configs(gluon_backward=...)`` says otherwise."""
     return triton_backward.backward(q, k, v, out, lse, dout, dlse, plan, scale=scale, gluon_by_default=True)
 
 

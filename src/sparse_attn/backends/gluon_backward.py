@@ -35,7 +35,9 @@ every listed block, 64 keys per step, into a ring of ``DQ_STAGES``; each consume
 windows of ``neighborhood``, NSA's sliding window) is evaluated in both passes (constexpr
 ``BOX``) on every step, as the Triton passes do: the dK/dV consumers load their 64 key codes once
 and each step's rows' packed bounds, the dQ consumers their rows' bounds once and each key tile's
-codes; the pairs it hides get probability 0. Rules read as bitmasks stay with the Triton passes.
+codes; the pairs it hides get probability 0. They take such patterns when asked
+(``kernel_configs(gluon_backward=...)``), not by default (:data:`BOX_BY_DEFAULT`: measured no
+faster). Rules read as bitmasks stay with the Triton passes.
 
 The delta pass stays the Triton one. Scope (:func:`cannot_run_reason`): compute capability 9.x,
 float16/bfloat16, head_dim 64 or 128, no token rule other than a box predicate, ``block_q`` a multiple of 64 (128 for the
@@ -81,6 +83,13 @@ DQ_STAGES = {64: 6, 128: 4}
 # they were level or slower (2.74 against 2.63 ms at 32K / 0.05; twenty-seventh session,
 # ``benchmarks/results/h200/training_gluon_backward_s47.json``).
 DEFAULT_HEAD_DIMS = (128,)
+# Whether patterns whose token rule is a box predicate take the Gluon passes by default (they
+# always do when asked). Off: on one H100 (thirty-fourth session,
+# ``benchmarks/results/h100/nsa_box_prep_ab_s54.json``) the Gluon passes were not faster there:
+# NSA's 64K window branch forward + backward 17.60 ms against 16.75 with the Triton passes (the
+# box test raises the dK/dV consumer's spills from 200 to 408 bytes), a 2048^2 image with
+# 7 x 7 windows 4.33-4.35 against 4.32, Wan 2.1's 75,600 tokens 67.2-67.3 against 68.4-68.5.
+BOX_BY_DEFAULT = False
 
 if gluon is not None:
     from .tile_steps import lead_wave_item, work_item
@@ -540,7 +549,7 @@ def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan
     done = set()
     for kind, name, run in (("dkdv", "dK/dV", dkdv), ("dq", "dQ", dq)):
         choice = wanted(kind, head_dim=q.shape[-1], by_default=by_default)
-        if not choice:
+        if not choice or (choice == "default" and predicate is not None and not BOX_BY_DEFAULT):
             continue
         reason = cannot_run_reason(q, k, v, dout, plan, has_rule=has_rule, kind=kind)
         if reason is None:
