@@ -46,7 +46,9 @@ dQ pass) and ``block_k`` of 128, contiguous q/k/v/dO (the descriptors cover the 
 ``EVEN_K`` off): a ragged last tile reads the next head's rows (or TMA's zero fill past the
 tensor), and those rows get probability 0 (rows past ``seq_q``: log-sum-exp read as +inf and
 masked; keys past ``seq_k`` in the dQ pass: masked) and are never stored; dK/dV skip 64-row
-steps wholly past ``seq_q``; elsewhere the Triton pass runs, with a
+steps wholly past ``seq_q``. Since the thirty-fourth session they take such lengths by default
+too (tested against the reference on an H100; the only ragged timing is Wan 2.1's box rule,
+where they were 1.8 % faster than the Triton passes, :data:`BOX_BY_DEFAULT`); elsewhere the Triton pass runs, with a
 warning where they were asked for. They run by default after the Gluon forward (``backend="gluon"``,
 or ``"auto"`` where it picks Gluon) at head_dim 128 (:data:`DEFAULT_HEAD_DIMS`), where the
 twenty-seventh session measured them faster (forward + backward 109.5 against 126.7 ms at 128K /
