@@ -39,16 +39,18 @@ codes; the pairs it hides get probability 0. They take such patterns when asked
 (``kernel_configs(gluon_backward=...)``), not by default (:data:`BOX_BY_DEFAULT`: measured no
 faster). Rules read as bitmasks stay with the Triton passes.
 
-The delta pass stays the Triton one. Scope (:func:`cannot_run_reason`): compute capability 9.x,
-float16/bfloat16, head_dim 64 or 128, no token rule other than a box predicate, ``block_q`` a multiple of 64 (128 for the
-dQ pass) and ``block_k`` of 128, contiguous q/k/v/dO (the descriptors cover the flattened
-``(B*H*S, D)`` tensors). Lengths need not be multiples of the blocks (constexprs ``EVEN_Q`` /
+**Ragged lengths.** Lengths need not be multiples of the blocks (constexprs ``EVEN_Q`` /
 ``EVEN_K`` off): a ragged last tile reads the next head's rows (or TMA's zero fill past the
 tensor), and those rows get probability 0 (rows past ``seq_q``: log-sum-exp read as +inf and
 masked; keys past ``seq_k`` in the dQ pass: masked) and are never stored; dK/dV skip 64-row
 steps wholly past ``seq_q``. Since the thirty-fourth session they take such lengths by default
-too (tested against the reference on an H100; the only ragged timing is Wan 2.1's box rule,
-where they were 1.8 % faster than the Triton passes, :data:`BOX_BY_DEFAULT`); elsewhere the Triton pass runs, with a
+too; tested against the reference on an H100, timed there only with a box rule (Wan 2.1's
+75,600 tokens, see :data:`BOX_BY_DEFAULT`).
+
+The delta pass stays the Triton one. Scope (:func:`cannot_run_reason`): compute capability 9.x,
+float16/bfloat16, head_dim 64 or 128, no token rule other than a box predicate, ``block_q`` a
+multiple of 64 (128 for the dQ pass) and ``block_k`` of 128, contiguous q/k/v/dO (the
+descriptors cover the flattened ``(B*H*S, D)`` tensors); elsewhere the Triton pass runs, with a
 warning where they were asked for. They run by default after the Gluon forward (``backend="gluon"``,
 or ``"auto"`` where it picks Gluon) at head_dim 128 (:data:`DEFAULT_HEAD_DIMS`), where the
 twenty-seventh session measured them faster (forward + backward 109.5 against 126.7 ms at 128K /
@@ -106,6 +108,13 @@ if gluon is not None:
         count = gl.load(QCounts + batch * stride_cb + pattern_head * stride_ch + kv_block)
         base = QIndices + batch.to(gl.int64) * stride_ib + pattern_head * stride_ih + kv_block * stride_ik
         return head, count * SUB, base
+
+    @gluon.jit
+    def _box_visible(code, keep, want, low, high, guard):
+        """The box predicate's fused test (:func:`sparse_attn.rule_predicate.box_visible`) on
+        operands already broadcast against each other: per key ``code`` / ``keep`` / ``want``,
+        per query row ``low`` and ``high`` (the upper bounds with the guard bits already set)."""
+        return (((code | guard) - low) & (high - code) & keep) == want
 
     @gluon.jit
     def _takes_step(first_row, key_start, offset, seq_q, CAUSAL: gl.constexpr, EVEN_Q: gl.constexpr):
@@ -260,9 +269,8 @@ if gluon is not None:
                             low = gl.load(BoxTable + seq_k + offset + rows, mask=rows < seq_q, other=0)
                             high = gl.load(BoxTable + 2 * seq_k + offset + rows, mask=rows < seq_q, other=0)
                             high = high | box_guard
-                        lower = (key_code | box_guard)[:, None] - low[None, :]
-                        upper = high[None, :] - key_code[:, None]
-                        visible = (lower & upper & key_keep[:, None]) == key_keep[:, None]
+                        keep = key_keep[:, None]
+                        visible = _box_visible(key_code[:, None], keep, keep, low[None, :], high[None, :], box_guard)
                         logits = gl.where(visible, logits, float("-inf"))
                     p_t = gl.exp2(logits)
                     p_op = gl.convert_layout(p_t.to(dtype), op_layout)
@@ -426,9 +434,9 @@ if gluon is not None:
                         code = gl.load(BoxTable + key_start + keys, mask=in_range, other=0)
                         keep = gl.where(code < 0, 0, box_guard)
                         want = gl.where(in_range, keep, box_guard | 1)
-                    lower = (code | box_guard)[None, :] - box_low[:, None]
-                    upper = box_high[:, None] - code[None, :]
-                    visible = (lower & upper & keep[None, :]) == want[None, :]
+                    visible = _box_visible(
+                        code[None, :], keep[None, :], want[None, :], box_low[:, None], box_high[:, None], box_guard
+                    )
                     logits = gl.where(visible, logits, float("-inf"))
                 elif not EVEN_K:
                     # Keys past seq_k are the next head's (or TMA's zero fill): hidden.
