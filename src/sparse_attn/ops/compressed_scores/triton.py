@@ -67,8 +67,9 @@ CONFIGS = tuple((t, n, w) for t in (32, 64) for n in (64, 128) for w in (4, 8))
 # for sm_90a (bf16, head_dim 128): 136-255 registers, no spills; (64, 128, 4) would spill 136 bytes.
 TMA_CONFIGS = ((64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8))
 LOAD_MODES = ("pointers", "tma")
-# Whether ``loads=None`` lets the autotuner take descriptor loads too: off until they are timed
-# and tested on a GPU (written in the thirty-third session, which got no machine to run them).
+# Whether ``loads=None`` lets the autotuner take descriptor loads too. Off: tested on the H200 in
+# the thirty-fourth session, but slower there (NSA's 64K selection: best descriptor tile 11.54 ms,
+# best pointer tile 10.60; benchmarks/results/h200/nsa_selection_configs_s54.json).
 AUTOTUNE_TMA = False
 _INTERPRETER_CONFIG = (16, 16, 4)
 
