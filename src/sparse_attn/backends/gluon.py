@@ -92,6 +92,11 @@ PERSISTENT_MAX_WORK_BUCKET = 5
 # density 0.05, 12.54 vs 14.07 at 128K (waves_persistent_causal.json).
 PERSISTENT_MAX_ROW_IMBALANCE = 4.0
 
+# Whether the persistent kernel's programs take their work items from a counter (in the one-item
+# kernel's launch order, so it then runs for every pattern; kernel_configs(gluon_dynamic=...)).
+# Not yet measured on a GPU: off.
+DYNAMIC_BY_DEFAULT = False
+
 # auto leaves patterns of at most 2 kept blocks per query block on average (work bucket 1) to
 # the Triton kernel at every head_dim: at one block per query block, bidirectional, the image
 # shape of benchmarks/spatial.py (16,896 tokens, 24 heads, head_dim 128) took 0.43 ms here
@@ -484,19 +489,53 @@ if gluon is not None:
         )  # fmt: skip
 
     @gluon.jit
+    def _persistent_order(item, heads_per_wave, num_tiles, lead_tiles, all_heads, DYNAMIC: gl.constexpr):
+        """Item ``item``'s (tile rank, batch x head): with ``DYNAMIC`` the one-item kernel's order
+        (:func:`.tile_steps.lead_wave_item`, heavy rows first), else the waves without the lead."""
+        if DYNAMIC:
+            return lead_wave_item(item, heads_per_wave, num_tiles, lead_tiles, all_heads)
+        else:
+            return wave_item(item, heads_per_wave, num_tiles)
+
+    @gluon.jit
+    def _first_item(Counter, DYNAMIC: gl.constexpr):
+        """A persistent program's first work item: from the launch's counter, or its program id."""
+        if DYNAMIC:
+            return gl.atomic_add(Counter, 1)
+        else:
+            return gl.program_id(0)
+
+    @gluon.jit
+    def _next_item(Counter, item, DYNAMIC: gl.constexpr):
+        """The work item after ``item``: the counter's next (one atomic increment), or round robin."""
+        if DYNAMIC:
+            return gl.atomic_add(Counter, 1)
+        else:
+            return item + gl.num_programs(0)
+
+    @gluon.jit
     def _persistent_producer(
         QDesc, KDesc, VDesc, WorkOrder, KvCounts, KvFullCounts, KvIndices,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
-        seq_q, seq_k, num_items, num_tiles, heads_per_wave,
+        seq_q, seq_k, num_items, num_tiles, heads_per_wave, lead_tiles, all_heads, Counter, item_slot,
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
         BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        DYNAMIC: gl.constexpr,
     ):  # fmt: skip
         """One warp of a persistent program: for each of its work items the query tile (once both
-        consumers released the previous one) and the K/V tiles, the ring running on across items."""
+        consumers released the previous one) and the K/V tiles, the ring running on across items.
+
+        ``DYNAMIC``: the items come from the launch's ``Counter``, fetched one ahead (the next
+        index is asked for right after the query tile's load is issued, so its round trip runs
+        under this item's K/V loads); each is written to ``item_slot`` (shared memory) before the
+        query tile's barrier is armed, which publishes it to the consumers; past the last item the
+        barrier is completed once more, with ``num_items`` in the slot, and the consumers stop."""
         step_base = 0
         local = 0
-        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            tile_rank, batch_head = wave_item(item, heads_per_wave, num_tiles)
+        slot_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        item = _first_item(Counter, DYNAMIC)
+        while item < num_items:
+            tile_rank, batch_head = _persistent_order(item, heads_per_wave, num_tiles, lead_tiles, all_heads, DYNAMIC)
             batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
                 tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                 stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
@@ -505,28 +544,48 @@ if gluon is not None:
             kv_row0 = (batch * (num_q_heads // group) + kv_head) * seq_k
             # The first wait passes at once: a fresh barrier counts as having completed phase -1.
             mbarrier.wait(q_free, (local & 1) ^ 1)
+            if DYNAMIC:
+                # The consumers read the slot once they see this phase of q_bar; they read the
+                # previous item's before releasing its query tile (q_free, waited above).
+                item_slot.store(gl.full([1], item, gl.int32, slot_layout))
             mbarrier.expect(q_bar, QDesc.block_type.nbytes)
             tma.async_copy_global_to_shared(QDesc, [batch_head * seq_q + row_start, 0], q_bar, q_smem)
+            item = _next_item(Counter, item, DYNAMIC)
             _produce_kv(KDesc, VDesc, k_smem, v_smem, k_ready, v_ready, kv_free, index_base, n_steps, step_base,
                         kv_row0, BLOCK_K, BLOCK_N, STAGES)  # fmt: skip
             step_base += n_steps
             local += 1
+        if DYNAMIC:
+            mbarrier.wait(q_free, (local & 1) ^ 1)
+            item_slot.store(gl.full([1], num_items, gl.int32, slot_layout))
+            mbarrier.arrive(q_bar, count=1)
+
+    @gluon.jit
+    def _read_item(item_slot):
+        """The work item the producer published in ``item_slot`` (read by a consumer warpgroup)."""
+        return gl.max(item_slot.load(gl.BlockedLayout([1], [32], [4], [0])), axis=0)
 
     @gluon.jit
     def _persistent_consumer(
         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
-        seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
+        seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave, lead_tiles, all_heads, item_slot,
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-        EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr, BOX: gl.constexpr,
+        EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr, BOX: gl.constexpr, DYNAMIC: gl.constexpr,
     ):  # fmt: skip
-        """One warpgroup of a persistent program: :func:`_consume_item` for each of its work items."""
+        """One warpgroup of a persistent program: :func:`_consume_item` for each of its work items
+        (``DYNAMIC``: each read from ``item_slot`` once the query tile's barrier shows it)."""
         step_base = 0
         local = 0
-        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            tile_rank, batch_head = wave_item(item, heads_per_wave, num_tiles)
+        if DYNAMIC:
+            mbarrier.wait(q_bar, 0)
+            item = _read_item(item_slot)
+        else:
+            item = gl.program_id(0)
+        while item < num_items:
+            tile_rank, batch_head = _persistent_order(item, heads_per_wave, num_tiles, lead_tiles, all_heads, DYNAMIC)
             batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
                 tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                 stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
@@ -542,6 +601,11 @@ if gluon is not None:
             )  # fmt: skip
             step_base += n_steps
             local += 1
+            if DYNAMIC:
+                mbarrier.wait(q_bar, local & 1)
+                item = _read_item(item_slot)
+            else:
+                item += gl.num_programs(0)
 
     @gluon.jit
     def _gluon_persistent_forward(
@@ -549,19 +613,25 @@ if gluon is not None:
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os, stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
         num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale, QDesc, KDesc, VDesc,
-        num_items, num_tiles, heads_per_wave, BoxTable, box_guard,
+        num_items, num_tiles, heads_per_wave, lead_tiles, all_heads, Counter, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
-        BOX: gl.constexpr,
+        BOX: gl.constexpr, DYNAMIC: gl.constexpr,
     ):  # fmt: skip
-        """Persistent: one program per SM walks work items ``pid, pid + grid, ...`` of the same
-        order as the one-item kernel's grid (:func:`.tile_steps.wave_item`: waves of heads, each wave's
-        query tiles heaviest first; no lead of heavy query blocks: the persistent kernel runs
-        where rows are alike), so the producer loads an item's query and first K/V tiles while the consumers
-        still finish and store the previous one. Host descriptors only."""
+        """Persistent: one program per SM walks work items, so the producer loads an item's query
+        and first K/V tiles while the consumers still finish and store the previous one. Host
+        descriptors only.
+
+        Which items: round robin, ``pid, pid + grid, ...`` of the waves of
+        :func:`.tile_steps.wave_item` (each wave's query tiles heaviest first; no lead of heavy
+        query blocks: the round robin runs where rows are alike); or, with ``DYNAMIC``, the next
+        index of ``Counter`` (an int32 the launch zeroes) each time, in the one-item kernel's order
+        (:func:`.tile_steps.lead_wave_item`), so items start in launch order as the hardware
+        starts the one-item kernel's programs, and a program that drew a long item draws fewer."""
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
             Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES
         )
+        item_slot = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         gl.warp_specialize(
             [
                 (
@@ -570,8 +640,10 @@ if gluon is not None:
                         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
                         pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
+                        lead_tiles, all_heads, item_slot,
                         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
                         0, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
+                        DYNAMIC,
                     ),
                 ),
                 (
@@ -580,8 +652,10 @@ if gluon is not None:
                         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
                         pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
+                        lead_tiles, all_heads, item_slot,
                         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
                         64, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
+                        DYNAMIC,
                     ),
                 ),
                 (
@@ -590,8 +664,9 @@ if gluon is not None:
                         QDesc, KDesc, VDesc, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
                         pattern_head_divisor, seq_q, seq_k, num_items, num_tiles, heads_per_wave,
+                        lead_tiles, all_heads, Counter, item_slot,
                         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
-                        BLOCK_Q, BLOCK_K, BLOCK_N, STAGES,
+                        BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, DYNAMIC,
                     ),
                 ),
             ],
@@ -600,14 +675,25 @@ if gluon is not None:
         )  # fmt: skip
 
 
+def _dynamic() -> bool:
+    """Whether the persistent kernel takes its items from a counter (``kernel_configs(gluon_dynamic=...)``,
+    else :data:`DYNAMIC_BY_DEFAULT`)."""
+    asked = configs.current().gluon_dynamic
+    return DYNAMIC_BY_DEFAULT if asked is None else asked
+
+
 def _persistent(plan: BlockSparsePlan, waves: bool) -> bool:
     """Whether to run the persistent kernel (where launch-made descriptors apply): asked for with
-    ``kernel_configs(gluon_persistent=...)``, else for light work items (mean kept blocks per query
-    block up to 32, work bucket <= :data:`PERSISTENT_MAX_WORK_BUCKET`) of rows alike enough
-    (:data:`PERSISTENT_MAX_ROW_IMBALANCE`) where the launch comes in several ``waves``."""
+    ``kernel_configs(gluon_persistent=...)``; else everywhere when its items come from a counter
+    (:func:`_dynamic`: it then starts them in the one-item kernel's order); else for light work
+    items (mean kept blocks per query block up to 32, work bucket <= :data:`PERSISTENT_MAX_WORK_BUCKET`)
+    of rows alike enough (:data:`PERSISTENT_MAX_ROW_IMBALANCE`) where the launch comes in several
+    ``waves``."""
     asked = configs.current().gluon_persistent
     if asked is not None:
         return asked
+    if _dynamic():
+        return True
     if plan.work_bucket > PERSISTENT_MAX_WORK_BUCKET:
         return False
     return not waves or plan.row_imbalance <= PERSISTENT_MAX_ROW_IMBALANCE
@@ -682,7 +768,15 @@ def forward(
     order = (grid[1], heads_per_wave(q, k))  # query tiles per head, (batch, head) pairs per wave
     if descriptors is not None and _persistent(plan, waves=order[1] < grid[0]):
         programs = min(num_items, _multiprocessors(q.device))
-        _gluon_persistent_forward[(programs,)](*args, *descriptors, num_items, *order, *box, **constants, num_warps=4)
+        dynamic = _dynamic()
+        # Round robin needs no counter (the kernel does not read it); a fresh zero per launch, so
+        # launches on other streams never share one.
+        counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else box[0]
+        lead = lead_blocks(plan) * (pattern.block_q // GLUON_BLOCK_M) if dynamic else 0
+        _gluon_persistent_forward[(programs,)](
+            *args, *descriptors, num_items, *order, lead, grid[0], counter, *box, DYNAMIC=dynamic, **constants,
+            num_warps=4,
+        )  # fmt: skip
     else:
         if descriptors is None:
             ensure_scratch_allocator()
