@@ -501,17 +501,44 @@ if gluon is not None:
     def _first_item(Counter, DYNAMIC: gl.constexpr):
         """A persistent program's first work item: from the launch's counter, or its program id."""
         if DYNAMIC:
-            return gl.atomic_add(Counter, 1)
+            return gl.atomic_add(Counter, 1, sem="relaxed")
         else:
             return gl.program_id(0)
 
     @gluon.jit
     def _next_item(Counter, item, DYNAMIC: gl.constexpr):
-        """The work item after ``item``: the counter's next (one atomic increment), or round robin."""
+        """The work item after ``item``: the counter's next, or round robin. The increment is
+        relaxed: it orders nothing else, so the loads after it do not wait for its round trip (an
+        acquiring one held this item's K/V loads back: slower than round robin on the H100,
+        benchmarks/results/h100/kernels_dynamic_s55.json)."""
         if DYNAMIC:
-            return gl.atomic_add(Counter, 1)
+            return gl.atomic_add(Counter, 1, sem="relaxed")
         else:
             return item + gl.num_programs(0)
+
+    @gluon.jit
+    def _publish(item_slot, item, batch_head, row_start, n_steps, n_full, q_block):
+        """The producer's record of a work item in shared memory: the item and what the consumers
+        need of it, so they read no global memory to start it."""
+        layout: gl.constexpr = gl.BlockedLayout([8], [32], [1], [0])
+        field = gl.arange(0, 8, layout=layout)
+        record = gl.where(field == 0, item, gl.where(field == 1, batch_head, gl.where(field == 2, row_start, 0)))
+        record = gl.where(field == 3, n_steps, gl.where(field == 4, n_full, gl.where(field == 5, q_block, record)))
+        item_slot.store(record)
+
+    @gluon.jit
+    def _read_published(item_slot):
+        """:func:`_publish`'s record, read by a consumer warpgroup (every thread holds it whole)."""
+        layout: gl.constexpr = gl.BlockedLayout([8], [32], [4], [0])
+        record = item_slot.load(layout)
+        field = gl.arange(0, 8, layout=layout)
+        item = gl.sum(gl.where(field == 0, record, 0), axis=0)
+        batch_head = gl.sum(gl.where(field == 1, record, 0), axis=0)
+        row_start = gl.sum(gl.where(field == 2, record, 0), axis=0)
+        n_steps = gl.sum(gl.where(field == 3, record, 0), axis=0)
+        n_full = gl.sum(gl.where(field == 4, record, 0), axis=0)
+        q_block = gl.sum(gl.where(field == 5, record, 0), axis=0)
+        return item, batch_head, row_start, n_steps, n_full, q_block
 
     @gluon.jit
     def _persistent_producer(
@@ -532,7 +559,6 @@ if gluon is not None:
         barrier is completed once more, with ``num_items`` in the slot, and the consumers stop."""
         step_base = 0
         local = 0
-        slot_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         item = _first_item(Counter, DYNAMIC)
         while item < num_items:
             tile_rank, batch_head = _persistent_order(item, heads_per_wave, num_tiles, lead_tiles, all_heads, DYNAMIC)
@@ -545,9 +571,10 @@ if gluon is not None:
             # The first wait passes at once: a fresh barrier counts as having completed phase -1.
             mbarrier.wait(q_free, (local & 1) ^ 1)
             if DYNAMIC:
-                # The consumers read the slot once they see this phase of q_bar; they read the
+                # The consumers read the record once they see this phase of q_bar; they read the
                 # previous item's before releasing its query tile (q_free, waited above).
-                item_slot.store(gl.full([1], item, gl.int32, slot_layout))
+                q_block = gl.load(WorkOrder + tile_rank // (BLOCK_Q // 128))
+                _publish(item_slot, item, batch_head, row_start, n_steps, n_full, q_block)
             mbarrier.expect(q_bar, QDesc.block_type.nbytes)
             tma.async_copy_global_to_shared(QDesc, [batch_head * seq_q + row_start, 0], q_bar, q_smem)
             item = _next_item(Counter, item, DYNAMIC)
@@ -557,13 +584,8 @@ if gluon is not None:
             local += 1
         if DYNAMIC:
             mbarrier.wait(q_free, (local & 1) ^ 1)
-            item_slot.store(gl.full([1], num_items, gl.int32, slot_layout))
+            _publish(item_slot, num_items, 0, 0, 0, 0, 0)
             mbarrier.arrive(q_bar, count=1)
-
-    @gluon.jit
-    def _read_item(item_slot):
-        """The work item the producer published in ``item_slot`` (read by a consumer warpgroup)."""
-        return gl.max(item_slot.load(gl.BlockedLayout([1], [32], [4], [0])), axis=0)
 
     @gluon.jit
     def _persistent_consumer(
@@ -576,21 +598,30 @@ if gluon is not None:
         EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr, BOX: gl.constexpr, DYNAMIC: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup of a persistent program: :func:`_consume_item` for each of its work items
-        (``DYNAMIC``: each read from ``item_slot`` once the query tile's barrier shows it)."""
+        (``DYNAMIC``: each as the producer published it in ``item_slot``, read once the query
+        tile's barrier shows it)."""
         step_base = 0
         local = 0
         if DYNAMIC:
             mbarrier.wait(q_bar, 0)
-            item = _read_item(item_slot)
+            item, batch_head, row_start, n_steps, n_full, q_block = _read_published(item_slot)
         else:
             item = gl.program_id(0)
         while item < num_items:
-            tile_rank, batch_head = _persistent_order(item, heads_per_wave, num_tiles, lead_tiles, all_heads, DYNAMIC)
-            batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
-                tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
-                stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
-                BLOCK_Q, BLOCK_K, BLOCK_N,
-            )  # fmt: skip
+            if DYNAMIC:
+                batch = batch_head // num_q_heads
+                head = batch_head % num_q_heads
+                index_base = (
+                    KvIndices + batch.to(gl.int64) * stride_ib + (head // pattern_head_divisor) * stride_ih
+                    + q_block * stride_iq
+                )  # fmt: skip
+            else:
+                tile_rank, batch_head = wave_item(item, heads_per_wave, num_tiles)
+                batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
+                    tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+                    stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+                    BLOCK_Q, BLOCK_K, BLOCK_N,
+                )  # fmt: skip
             out_base = Out + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
             lse_base = Lse + batch_head.to(gl.int64) * seq_q
             _consume_item(
@@ -603,7 +634,7 @@ if gluon is not None:
             local += 1
             if DYNAMIC:
                 mbarrier.wait(q_bar, local & 1)
-                item = _read_item(item_slot)
+                item, batch_head, row_start, n_steps, n_full, q_block = _read_published(item_slot)
             else:
                 item += gl.num_programs(0)
 
@@ -631,7 +662,7 @@ if gluon is not None:
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
             Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES
         )
-        item_slot = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        item_slot = gl.allocate_shared_memory(gl.int32, [8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         gl.warp_specialize(
             [
                 (
