@@ -5,8 +5,7 @@ K/V fit in half the L2 (:func:`sparse_attn.backends.launch.heads_per_wave`); the
 persistent (one program per SM) for light work items of similar rows. This script times
 ``backend="auto"`` on one pattern under every combination of ``kv_streams_per_wave`` (automatic,
 ``0`` = one wave of every stream, the order before waves) and ``gluon_persistent`` (automatic,
-off, on), the persistent kernel drawing its items from a counter (``waves_dynamic``:
-``gluon_dynamic=True``), and with waves but without the lead of heavy query blocks (``heavy_rows_first=False``,
+off, on), and with waves but without the lead of heavy query blocks (``heavy_rows_first=False``,
 :func:`sparse_attn.backends.launch.lead_blocks`), beside cuDNN dense SDPA in the same run, so the dispatch rules
 (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`,
 :data:`~sparse_attn.backends.gluon.PERSISTENT_MAX_ROW_IMBALANCE`) can be checked against
@@ -51,7 +50,6 @@ CHOICES = (
     ("waves", {}),
     ("waves_one_item", {"gluon_persistent": False}),
     ("waves_persistent", {"gluon_persistent": True}),
-    ("waves_dynamic", {"gluon_dynamic": True}),
     ("waves_no_lead", {"heavy_rows_first": False}),
     ("one_wave", {"kv_streams_per_wave": 0}),
     ("one_wave_one_item", {"kv_streams_per_wave": 0, "gluon_persistent": False}),

@@ -41,8 +41,6 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
             "qk_scale": "fp32",
         }
     )
-    if persistent:
-        signature["Counter"] = "*i32"
     signature.update({name: "i64" for name in kernel.arg_names if name.startswith("stride_") and name[-1] in "bh"})
     values = dict(
         HEAD_DIM=128,
@@ -69,9 +67,6 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
         values.update(QDesc=None, KDesc=None, VDesc=None)
     if persistent:
         del values["HOST_DESC"]
-        values.setdefault("DYNAMIC", False)
-    else:
-        values.pop("DYNAMIC", None)
     signature.update({name: "constexpr" for name in values})
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=values)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -45,9 +45,6 @@ VARIANTS = [
     # A token rule as a box predicate (neighbourhood windows), one-item and persistent.
     dict(BOX=True, CAUSAL=False, EVEN_K=False, EVEN_Q=False, WRITE_LSE=True),
     dict(BOX=True, CAUSAL=False, PERSISTENT=True, dtype="fp16", HEAD_DIM=64, BLOCK_K=64),
-    # The persistent kernel taking its work items from a counter.
-    dict(PERSISTENT=True, DYNAMIC=True),
-    dict(PERSISTENT=True, DYNAMIC=True, BOX=True, CAUSAL=False, EVEN_K=False, EVEN_Q=False, WRITE_LSE=True),
 ]
 
 
@@ -65,8 +62,6 @@ def test_gluon_kernel_compiles_for_sm90_without_spills(variant):
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills and all(stores == "0" and loads == "0" for stores, loads in spills), report
-    # Only the counter-fed persistent kernel draws work items with an atomic increment (one lane).
-    assert ("atom.global" in ptx) == variant.get("DYNAMIC", False)
 
 
 def _tensors(dtype=torch.bfloat16, dim=128, transposed=False):
@@ -299,11 +294,6 @@ def test_gpu_host_and_device_descriptors_compute_the_same(shape, causal, poison_
             q, k, v, pattern, causal=causal, backend="gluon", return_lse=True
         )
     assert torch.equal(host, persistent) and torch.equal(host_lse, persistent_lse)
-    with sa.backends.kernel_configs(gluon_persistent=True, gluon_dynamic=True):
-        dynamic, dynamic_lse = sa.block_sparse_attention(
-            q, k, v, pattern, causal=causal, backend="gluon", return_lse=True
-        )
-    assert torch.equal(host, dynamic) and torch.equal(host_lse, dynamic_lse)
     ref = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
     assert relative_error(host, ref) <= TOLERANCE[torch.bfloat16]
 
@@ -318,24 +308,6 @@ def test_persistent_kernel_takes_light_work_items_unless_told():
             assert not gluon_backend._persistent(light, waves)
         with sa.backends.kernel_configs(gluon_persistent=True):
             assert gluon_backend._persistent(heavy, waves)
-
-
-def test_counter_fed_persistent_kernel_runs_everywhere_when_asked():
-    """With its items from a counter (in the one-item kernel's order) the persistent kernel runs
-    for heavy and uneven patterns too, unless gluon_persistent=False says otherwise."""
-    heavy = plan_for(sa.dense_pattern(seq_q=16384), causal=True)
-    assert gluon_backend._dynamic() is gluon_backend.DYNAMIC_BY_DEFAULT
-    with sa.backends.kernel_configs(gluon_dynamic=True):
-        assert gluon_backend._dynamic()
-        for waves in (False, True):
-            assert gluon_backend._persistent(heavy, waves)
-        with sa.backends.kernel_configs(gluon_persistent=False):
-            assert not gluon_backend._persistent(heavy, True)
-    with sa.backends.kernel_configs(gluon_dynamic=False):
-        assert not gluon_backend._dynamic() and not gluon_backend._persistent(heavy, True)
-    with pytest.raises(TypeError, match="gluon_dynamic"):
-        with sa.backends.kernel_configs(gluon_dynamic="yes"):
-            pass
 
 
 def test_persistent_kernel_leaves_uneven_rows_in_waves_to_one_program_per_item():
@@ -367,22 +339,19 @@ def test_gpu_launch_waves_change_no_result(shape, causal, poison_outputs):
         pytest.skip("the Gluon kernel is for Hopper")
     q, k, v, pattern = _gpu_case(shape, causal, seed=5, pattern_heads=shape[1])
     ref = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
-    for persistent, dynamic in ((False, False), (True, False), (True, True)):
+    for persistent in (False, True):
         for host in (None, False):
             results = []
             for streams in (0, 1, 2, 3):
                 with sa.backends.kernel_configs(
-                    kv_streams_per_wave=streams,
-                    gluon_persistent=persistent,
-                    gluon_dynamic=dynamic,
-                    gluon_host_descriptors=host,
+                    kv_streams_per_wave=streams, gluon_persistent=persistent, gluon_host_descriptors=host
                 ):
                     results.append(
                         sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="gluon", return_lse=True)
                     )
             assert relative_error(results[0][0], ref) <= TOLERANCE[torch.bfloat16]
             for out, lse in results[1:]:
-                assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1]), (persistent, dynamic, host)
+                assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1]), (persistent, host)
 
 
 @pytest.mark.gpu
@@ -404,18 +373,13 @@ def test_gpu_heavy_rows_lead_changes_no_result(backend, poison_outputs):
     assert plan_for(pattern, causal=False).heavy_blocks == 2
     ref = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="reference")
     results = {}
-    # The Gluon one-item kernel, and the persistent kernel drawing items from a counter in its order.
-    schedules = (False, True) if backend == "gluon" else (False,)
     for streams in (0, 1):
         for lead in (True, False):
-            for dynamic in schedules:
-                with sa.backends.kernel_configs(
-                    kv_streams_per_wave=streams, heavy_rows_first=lead, gluon_persistent=dynamic, gluon_dynamic=dynamic
-                ):
-                    results[streams, lead, dynamic] = sa.block_sparse_attention(
-                        q, k, v, pattern, causal=False, backend=backend, return_lse=True
-                    )
-    first = results[0, True, False]
+            with sa.backends.kernel_configs(kv_streams_per_wave=streams, heavy_rows_first=lead, gluon_persistent=False):
+                results[streams, lead] = sa.block_sparse_attention(
+                    q, k, v, pattern, causal=False, backend=backend, return_lse=True
+                )
+    first = results[0, True]
     assert relative_error(first[0], ref) <= TOLERANCE[torch.bfloat16]
     for key, (out, lse) in results.items():
         assert torch.equal(out, first[0]) and torch.equal(lse, first[1]), key

@@ -122,12 +122,7 @@ class KernelConfigs:
     ``True`` / ``False`` forces the persistent Gluon kernel (one program per SM walking the work
     items, the next item's loads under the previous one's stores) on or off where launch-made
     descriptors apply; by default it runs on light work items only
-    (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`). ``gluon_dynamic``: ``True``
-    makes the persistent kernel's programs take their work items from a counter (one atomic
-    increment per item, in the one-item kernel's launch order, heavy rows first included) instead
-    of round robin, and, with ``gluon_persistent`` unset, runs the persistent kernel wherever
-    launch-made descriptors apply; ``False`` keeps round robin; unset, the built-in choice
-    (:data:`sparse_attn.backends.gluon.DYNAMIC_BY_DEFAULT`). ``token_rows``: the rows a
+    (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`). ``token_rows``: the rows a
     token-granular program packs (16, 32, 64 or 128; default 16, the smallest ``tl.dot``): more rows
     take more query tokens per tile, so a selected KV block is loaded once for more tokens
     (:func:`sparse_attn.backends.triton_tokens.token_tiling`), but each tile walks the union of
@@ -156,7 +151,6 @@ class KernelConfigs:
     gluon_host_descriptors: bool | None = None
     triton_backward_skip_masked: bool | None = None
     gluon_persistent: bool | None = None
-    gluon_dynamic: bool | None = None
     token_rows: int | None = None
     kv_streams_per_wave: int | None = None
     heavy_rows_first: bool | None = None
@@ -185,7 +179,6 @@ def kernel_configs(
     gluon_host_descriptors: bool | None = None,
     triton_backward_skip_masked: bool | None = None,
     gluon_persistent: bool | None = None,
-    gluon_dynamic: bool | None = None,
     token_rows: int | None = None,
     kv_streams_per_wave: int | None = None,
     heavy_rows_first: bool | None = None,
@@ -221,7 +214,6 @@ def kernel_configs(
         "gluon_host_descriptors": gluon_host_descriptors,
         "triton_backward_skip_masked": triton_backward_skip_masked,
         "gluon_persistent": gluon_persistent,
-        "gluon_dynamic": gluon_dynamic,
         "heavy_rows_first": heavy_rows_first,
     }
     for name, asked in flags.items():

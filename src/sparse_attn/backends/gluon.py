@@ -92,11 +92,6 @@ PERSISTENT_MAX_WORK_BUCKET = 5
 # density 0.05, 12.54 vs 14.07 at 128K (waves_persistent_causal.json).
 PERSISTENT_MAX_ROW_IMBALANCE = 4.0
 
-# Whether the persistent kernel's programs take their work items from a counter (in the one-item
-# kernel's launch order, so it then runs for every pattern; kernel_configs(gluon_dynamic=...)).
-# Not yet measured on a GPU: off.
-DYNAMIC_BY_DEFAULT = False
-
 # auto leaves patterns of at most 2 kept blocks per query block on average (work bucket 1) to
 # the Triton kernel at every head_dim: at one block per query block, bidirectional, the image
 # shape of benchmarks/spatial.py (16,896 tokens, 24 heads, head_dim 128) took 0.43 ms here
@@ -489,79 +484,19 @@ if gluon is not None:
         )  # fmt: skip
 
     @gluon.jit
-    def _persistent_order(item, heads_per_wave, num_tiles, lead_tiles, all_heads, DYNAMIC: gl.constexpr):
-        """Item ``item``'s (tile rank, batch x head): with ``DYNAMIC`` the one-item kernel's order
-        (:func:`.tile_steps.lead_wave_item`, heavy rows first), else the waves without the lead."""
-        if DYNAMIC:
-            return lead_wave_item(item, heads_per_wave, num_tiles, lead_tiles, all_heads)
-        else:
-            return wave_item(item, heads_per_wave, num_tiles)
-
-    @gluon.jit
-    def _first_item(Counter, DYNAMIC: gl.constexpr):
-        """A persistent program's first work item: from the launch's counter, or its program id."""
-        if DYNAMIC:
-            return gl.atomic_add(Counter, 1, sem="relaxed")
-        else:
-            return gl.program_id(0)
-
-    @gluon.jit
-    def _next_item(Counter, item, DYNAMIC: gl.constexpr):
-        """The work item after ``item``: the counter's next, or round robin. The increment is
-        relaxed: it orders nothing else, so the loads after it do not wait for its round trip (an
-        acquiring one held this item's K/V loads back: slower than round robin on the H100,
-        benchmarks/results/h100/kernels_dynamic_s55.json)."""
-        if DYNAMIC:
-            return gl.atomic_add(Counter, 1, sem="relaxed")
-        else:
-            return item + gl.num_programs(0)
-
-    @gluon.jit
-    def _publish(item_slot, item, batch_head, row_start, n_steps, n_full, q_block):
-        """The producer's record of a work item in shared memory: the item and what the consumers
-        need of it, so they read no global memory to start it."""
-        layout: gl.constexpr = gl.BlockedLayout([8], [32], [1], [0])
-        field = gl.arange(0, 8, layout=layout)
-        record = gl.where(field == 0, item, gl.where(field == 1, batch_head, gl.where(field == 2, row_start, 0)))
-        record = gl.where(field == 3, n_steps, gl.where(field == 4, n_full, gl.where(field == 5, q_block, record)))
-        item_slot.store(record)
-
-    @gluon.jit
-    def _read_published(item_slot):
-        """:func:`_publish`'s record, read by a consumer warpgroup (every thread holds it whole)."""
-        layout: gl.constexpr = gl.BlockedLayout([8], [32], [4], [0])
-        record = item_slot.load(layout)
-        field = gl.arange(0, 8, layout=layout)
-        item = gl.sum(gl.where(field == 0, record, 0), axis=0)
-        batch_head = gl.sum(gl.where(field == 1, record, 0), axis=0)
-        row_start = gl.sum(gl.where(field == 2, record, 0), axis=0)
-        n_steps = gl.sum(gl.where(field == 3, record, 0), axis=0)
-        n_full = gl.sum(gl.where(field == 4, record, 0), axis=0)
-        q_block = gl.sum(gl.where(field == 5, record, 0), axis=0)
-        return item, batch_head, row_start, n_steps, n_full, q_block
-
-    @gluon.jit
     def _persistent_producer(
         QDesc, KDesc, VDesc, WorkOrder, KvCounts, KvFullCounts, KvIndices,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
-        seq_q, seq_k, num_items, num_tiles, heads_per_wave, lead_tiles, all_heads, Counter, item_slot,
+        seq_q, seq_k, num_items, num_tiles, heads_per_wave,
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
         BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        DYNAMIC: gl.constexpr,
     ):  # fmt: skip
         """One warp of a persistent program: for each of its work items the query tile (once both
-        consumers released the previous one) and the K/V tiles, the ring running on across items.
-
-        ``DYNAMIC``: the items come from the launch's ``Counter``, fetched one ahead (the next
-        index is asked for right after the query tile's load is issued, so its round trip runs
-        under this item's K/V loads); each is written to ``item_slot`` (shared memory) before the
-        query tile's barrier is armed, which publishes it to the consumers; past the last item the
-        barrier is completed once more, with ``num_items`` in the slot, and the consumers stop."""
+        consumers released the previous one) and the K/V tiles, the ring running on across items."""
         step_base = 0
         local = 0
-        item = _first_item(Counter, DYNAMIC)
-        while item < num_items:
-            tile_rank, batch_head = _persistent_order(item, heads_per_wave, num_tiles, lead_tiles, all_heads, DYNAMIC)
+        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
+            tile_rank, batch_head = wave_item(item, heads_per_wave, num_tiles)
             batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
                 tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                 stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
@@ -570,58 +505,33 @@ if gluon is not None:
             kv_row0 = (batch * (num_q_heads // group) + kv_head) * seq_k
             # The first wait passes at once: a fresh barrier counts as having completed phase -1.
             mbarrier.wait(q_free, (local & 1) ^ 1)
-            if DYNAMIC:
-                # The consumers read the record once they see this phase of q_bar; they read the
-                # previous item's before releasing its query tile (q_free, waited above).
-                q_block = gl.load(WorkOrder + tile_rank // (BLOCK_Q // 128))
-                _publish(item_slot, item, batch_head, row_start, n_steps, n_full, q_block)
             mbarrier.expect(q_bar, QDesc.block_type.nbytes)
             tma.async_copy_global_to_shared(QDesc, [batch_head * seq_q + row_start, 0], q_bar, q_smem)
-            item = _next_item(Counter, item, DYNAMIC)
             _produce_kv(KDesc, VDesc, k_smem, v_smem, k_ready, v_ready, kv_free, index_base, n_steps, step_base,
                         kv_row0, BLOCK_K, BLOCK_N, STAGES)  # fmt: skip
             step_base += n_steps
             local += 1
-        if DYNAMIC:
-            mbarrier.wait(q_free, (local & 1) ^ 1)
-            _publish(item_slot, num_items, 0, 0, 0, 0, 0)
-            mbarrier.arrive(q_bar, count=1)
 
     @gluon.jit
     def _persistent_consumer(
         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
-        seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave, lead_tiles, all_heads, item_slot,
+        seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-        EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr, BOX: gl.constexpr, DYNAMIC: gl.constexpr,
+        EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
-        """One warpgroup of a persistent program: :func:`_consume_item` for each of its work items
-        (``DYNAMIC``: each as the producer published it in ``item_slot``, read once the query
-        tile's barrier shows it)."""
+        """One warpgroup of a persistent program: :func:`_consume_item` for each of its work items."""
         step_base = 0
         local = 0
-        if DYNAMIC:
-            mbarrier.wait(q_bar, 0)
-            item, batch_head, row_start, n_steps, n_full, q_block = _read_published(item_slot)
-        else:
-            item = gl.program_id(0)
-        while item < num_items:
-            if DYNAMIC:
-                batch = batch_head // num_q_heads
-                head = batch_head % num_q_heads
-                index_base = (
-                    KvIndices + batch.to(gl.int64) * stride_ib + (head // pattern_head_divisor) * stride_ih
-                    + q_block * stride_iq
-                )  # fmt: skip
-            else:
-                tile_rank, batch_head = wave_item(item, heads_per_wave, num_tiles)
-                batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
-                    tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
-                    stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
-                    BLOCK_Q, BLOCK_K, BLOCK_N,
-                )  # fmt: skip
+        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
+            tile_rank, batch_head = wave_item(item, heads_per_wave, num_tiles)
+            batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
+                tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+                stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+                BLOCK_Q, BLOCK_K, BLOCK_N,
+            )  # fmt: skip
             out_base = Out + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
             lse_base = Lse + batch_head.to(gl.int64) * seq_q
             _consume_item(
@@ -632,11 +542,6 @@ if gluon is not None:
             )  # fmt: skip
             step_base += n_steps
             local += 1
-            if DYNAMIC:
-                mbarrier.wait(q_bar, local & 1)
-                item, batch_head, row_start, n_steps, n_full, q_block = _read_published(item_slot)
-            else:
-                item += gl.num_programs(0)
 
     @gluon.jit
     def _gluon_persistent_forward(
@@ -644,25 +549,19 @@ if gluon is not None:
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os, stride_cb, stride_ch, stride_ib, stride_ih, stride_iq,
         num_q_heads, group, pattern_head_divisor, seq_q, seq_k, qk_scale, QDesc, KDesc, VDesc,
-        num_items, num_tiles, heads_per_wave, lead_tiles, all_heads, Counter, BoxTable, box_guard,
+        num_items, num_tiles, heads_per_wave, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
-        BOX: gl.constexpr, DYNAMIC: gl.constexpr,
+        BOX: gl.constexpr,
     ):  # fmt: skip
-        """Persistent: one program per SM walks work items, so the producer loads an item's query
-        and first K/V tiles while the consumers still finish and store the previous one. Host
-        descriptors only.
-
-        Which items: round robin, ``pid, pid + grid, ...`` of the waves of
-        :func:`.tile_steps.wave_item` (each wave's query tiles heaviest first; no lead of heavy
-        query blocks: the round robin runs where rows are alike); or, with ``DYNAMIC``, the next
-        index of ``Counter`` (an int32 the launch zeroes) each time, in the one-item kernel's order
-        (:func:`.tile_steps.lead_wave_item`), so items start in launch order as the hardware
-        starts the one-item kernel's programs, and a program that drew a long item draws fewer."""
+        """Persistent: one program per SM walks work items ``pid, pid + grid, ...`` of the same
+        order as the one-item kernel's grid (:func:`.tile_steps.wave_item`: waves of heads, each wave's
+        query tiles heaviest first; no lead of heavy query blocks: the persistent kernel runs
+        where rows are alike), so the producer loads an item's query and first K/V tiles while the consumers
+        still finish and store the previous one. Host descriptors only."""
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
             Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES
         )
-        item_slot = gl.allocate_shared_memory(gl.int32, [8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         gl.warp_specialize(
             [
                 (
@@ -671,10 +570,8 @@ if gluon is not None:
                         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
                         pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
-                        lead_tiles, all_heads, item_slot,
                         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
                         0, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
-                        DYNAMIC,
                     ),
                 ),
                 (
@@ -683,10 +580,8 @@ if gluon is not None:
                         Out, Lse, WorkOrder, KvCounts, KvFullCounts, KvIndices, stride_ob, stride_oh, stride_os,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
                         pattern_head_divisor, seq_q, seq_k, qk_scale, num_items, num_tiles, heads_per_wave,
-                        lead_tiles, all_heads, item_slot,
                         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free, BoxTable, box_guard,
                         64, HEAD_DIM, BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
-                        DYNAMIC,
                     ),
                 ),
                 (
@@ -695,9 +590,8 @@ if gluon is not None:
                         QDesc, KDesc, VDesc, WorkOrder, KvCounts, KvFullCounts, KvIndices,
                         stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group,
                         pattern_head_divisor, seq_q, seq_k, num_items, num_tiles, heads_per_wave,
-                        lead_tiles, all_heads, Counter, item_slot,
                         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free,
-                        BLOCK_Q, BLOCK_K, BLOCK_N, STAGES, DYNAMIC,
+                        BLOCK_Q, BLOCK_K, BLOCK_N, STAGES,
                     ),
                 ),
             ],
@@ -706,25 +600,14 @@ if gluon is not None:
         )  # fmt: skip
 
 
-def _dynamic() -> bool:
-    """Whether the persistent kernel takes its items from a counter (``kernel_configs(gluon_dynamic=...)``,
-    else :data:`DYNAMIC_BY_DEFAULT`)."""
-    asked = configs.current().gluon_dynamic
-    return DYNAMIC_BY_DEFAULT if asked is None else asked
-
-
 def _persistent(plan: BlockSparsePlan, waves: bool) -> bool:
     """Whether to run the persistent kernel (where launch-made descriptors apply): asked for with
-    ``kernel_configs(gluon_persistent=...)``; else everywhere when its items come from a counter
-    (:func:`_dynamic`: it then starts them in the one-item kernel's order); else for light work
-    items (mean kept blocks per query block up to 32, work bucket <= :data:`PERSISTENT_MAX_WORK_BUCKET`)
-    of rows alike enough (:data:`PERSISTENT_MAX_ROW_IMBALANCE`) where the launch comes in several
-    ``waves``."""
+    ``kernel_configs(gluon_persistent=...)``, else for light work items (mean kept blocks per query
+    block up to 32, work bucket <= :data:`PERSISTENT_MAX_WORK_BUCKET`) of rows alike enough
+    (:data:`PERSISTENT_MAX_ROW_IMBALANCE`) where the launch comes in several ``waves``."""
     asked = configs.current().gluon_persistent
     if asked is not None:
         return asked
-    if _dynamic():
-        return True
     if plan.work_bucket > PERSISTENT_MAX_WORK_BUCKET:
         return False
     return not waves or plan.row_imbalance <= PERSISTENT_MAX_ROW_IMBALANCE
@@ -799,15 +682,7 @@ def forward(
     order = (grid[1], heads_per_wave(q, k))  # query tiles per head, (batch, head) pairs per wave
     if descriptors is not None and _persistent(plan, waves=order[1] < grid[0]):
         programs = min(num_items, _multiprocessors(q.device))
-        dynamic = _dynamic()
-        # Round robin needs no counter (the kernel does not read it); a fresh zero per launch, so
-        # launches on other streams never share one.
-        counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else box[0]
-        lead = lead_blocks(plan) * (pattern.block_q // GLUON_BLOCK_M) if dynamic else 0
-        _gluon_persistent_forward[(programs,)](
-            *args, *descriptors, num_items, *order, lead, grid[0], counter, *box, DYNAMIC=dynamic, **constants,
-            num_warps=4,
-        )  # fmt: skip
+        _gluon_persistent_forward[(programs,)](*args, *descriptors, num_items, *order, *box, **constants, num_warps=4)
     else:
         if descriptors is None:
             ensure_scratch_allocator()
