@@ -91,68 +91,6 @@ def test_kernel_equals_reference(case, integer):
     assert bool((whole_indices[:, :, :3] == SENTINEL).all() and (whole_counts[:, :, 3 + rows :] == SENTINEL).all())
 
 
-# Rows long enough for the rounds to run on candidates: (batch, heads, rows, n_blocks, first_pos, ...)
-PRUNED_CASES = [
-    (1, 2, 24, 256, 16 * 200, 16, 16, 1, 2, 31),  # NSA's rule: 16 of up to 201 blocks
-    (1, 1, 48, 256, 0, 1, 16, 1, 2, 3),  # rows 0-15 (one program) fit 16 slots, later ones do not
-    (2, 1, 19, 64, 700, 11, 9, 0, 1, 0),  # top_n 9 (K_TILE 16), 64 blocks
-    (1, 1, 12, 100, 0, 1, 8, 2, 2, 5),  # every block eligible by the last rows
-]
-
-
-def _candidates(scores: torch.Tensor, case) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's pruning rule in PyTorch: per row the number of candidates and whether every
-    block the reference lists is one (the bound must never cut a listed block)."""
-    from sparse_attn.ops.causal_top_blocks.naive import ranking_scores
-
-    options = _options(case)
-    top_n = options.pop("top_n")
-    ranking = ranking_scores(scores, **options)
-    k_tile = 1 << (top_n - 1).bit_length()
-    width = max(1 << (scores.shape[-1] - 1).bit_length(), k_tile, 16)
-    padded = torch.nn.functional.pad(ranking, (0, width - ranking.shape[-1]), value=float("-inf"))
-    interleaved = padded.unflatten(-1, (width // k_tile, k_tile)).amax(-2).amin(-1)
-    runs = padded.unflatten(-1, (width // 16, 16)).amax(-1)
-    if runs.shape[-1] >= top_n:
-        best_runs = torch.sort(runs, dim=-1, descending=True).values[..., top_n - 1]
-    else:  # fewer runs than top_n bound nothing
-        best_runs = torch.full_like(interleaved, float("-inf"))
-    bound = torch.maximum(interleaved, best_runs)
-    candidate = (ranking >= bound[..., None]) & (ranking > float("-inf"))
-    indices, counts = causal_top_blocks_reference(scores, top_n=top_n, **options)
-    listed = torch.arange(top_n) < counts[..., None]
-    covered = torch.gather(candidate, -1, indices.long()) | ~listed
-    return candidate.sum(-1), covered.all(-1)
-
-
-@pytest.mark.parametrize("case", PRUNED_CASES + CASES[1:2])
-@pytest.mark.parametrize("integer", [True, False])
-@pytest.mark.parametrize("slots", [16, 128])
-def test_kernel_ranking_candidates_equals_reference(case, integer, slots, monkeypatch):
-    """The rounds on each row's candidates (packed through the scratch slots) list what the
-    reference lists, with ties, NaN and -inf; with 16 slots some programs have rows of more
-    candidates and run the plain rounds instead (checked on the rule's PyTorch twin)."""
-    monkeypatch.setattr(kernels, "PRUNE_MIN_TOP", 1)
-    monkeypatch.setattr(kernels, "PRUNE_MIN_BLOCKS", 16)
-    monkeypatch.setattr(kernels, "CANDIDATES", slots)
-    scores = _scores(case, integer=integer, seed=3)
-    found, covered = _candidates(scores, case)
-    assert bool(covered.all())  # the bound keeps every listed block
-    assert int(found.min()) >= 0 and int(found.max()) <= scores.shape[-1]
-    if slots == 16 and case is PRUNED_CASES[1]:  # programs of 16 rows: both paths run
-        per_program = found.unflatten(-1, (-1, 16)).amax(-1).flatten()
-        assert int(per_program.min()) <= 16 < int(per_program.max())
-    batch, heads, rows, _ = scores.shape
-    top_n = case[6]
-    out = (
-        torch.full((batch, heads, rows, top_n), SENTINEL, dtype=torch.int32),
-        torch.full((batch, heads, rows), SENTINEL, dtype=torch.int32),
-    )
-    kernels.causal_top_blocks_triton(scores, *out, **_options(case))
-    indices, counts = causal_top_blocks_reference(scores, **_options(case))
-    assert torch.equal(out[1], counts) and torch.equal(out[0], indices)
-
-
 def test_kernel_reads_strided_scores():
     case = CASES[2]
     scores = _scores(case, integer=False, seed=2).transpose(0, 1).contiguous().transpose(0, 1)

@@ -48,13 +48,6 @@ KEYS_PER_PROGRAM = 4096
 MAX_GATED_KEYS = 32768
 # Rows a gated program ranks (in row tiles), so the block keys are read from L2 once per this many rows.
 ROWS_PER_GATED_PROGRAM = 256
-# The score kernel's rounds run on the row's candidates (the blocks at or above a lower bound of the
-# top_n-th best score, packed into CANDIDATES slots per row) for lists of PRUNE_MIN_TOP..16 entries
-# out of rows of PRUNE_MIN_BLOCKS+ blocks (NSA: 16 of 1,024 at 64K); a program with a row of more
-# candidates runs the rounds on every block. Not taken by the gated kernel.
-PRUNE_MIN_TOP = 8
-PRUNE_MIN_BLOCKS = 256
-CANDIDATES = 128
 
 
 def unsupported_reason(x: torch.Tensor, *, keys: torch.Tensor | None = None) -> str | None:
@@ -86,58 +79,17 @@ if triton is not None:
     ROUNDS_MAX_K = tl.constexpr(16)
 
     @triton.jit
-    def _prune_bound(score, top_n, BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr):
-        """Per row a lower bound of the ``top_n``-th best ranking score, the larger of two:
-        ``K_TILE >= top_n`` interleaved groups (column mod ``K_TILE``) each hold an element at
-        least the smallest of their maxima (finite once a row has ``K_TILE`` eligible blocks in a
-        row, as causal rows do), and of the ``NB / 16`` runs of 16 columns, the ``top_n`` with
-        the largest maxima hold ``top_n`` elements at least the ``top_n``-th largest maximum
-        (tight on full rows; none with fewer runs than ``top_n``). ``-inf`` where neither has
-        enough eligible blocks."""
-        interleaved = tl.min(tl.max(tl.reshape(score, [BLOCK_R, NB // K_TILE, K_TILE]), 1), 1)
-        runs = tl.max(tl.reshape(score, [BLOCK_R, NB // 16, 16]), 2)
-        group = tl.arange(0, NB // 16)
-        # Rank of each run's maximum (ties to the lower run), then the smallest of the best top_n.
-        beaten = (runs[:, None, :] > runs[:, :, None]) | (
-            (runs[:, None, :] == runs[:, :, None]) & (group[None, None, :] < group[None, :, None])
-        )
-        rank = tl.sum(beaten.to(tl.int32), 2)
-        best_runs = tl.min(tl.where(rank < top_n, runs, float("inf")), 1)
-        # Fewer runs than top_n bound nothing.
-        best_runs = tl.where(NB // 16 >= top_n, best_runs, float("-inf"))
-        return tl.maximum(interleaved, best_runs)
-
-    @triton.jit
-    def _rounds(score, column, rank, top_n, chosen, count, NB: tl.constexpr, K_TILE: tl.constexpr):
-        """``K_TILE`` rounds over every column: the row maximum, its lowest column, masked out."""
-        for r in tl.static_range(K_TILE):
-            best = tl.max(score, 1)
-            pick = tl.min(tl.where(score == best[:, None], column[None, :], NB), 1)
-            take = (best > float("-inf")) & (r < top_n)
-            chosen = tl.where((rank[None, :] == r) & take[:, None], pick[:, None], chosen)
-            count += take.to(tl.int32)
-            score = tl.where(column[None, :] == pick[:, None], float("-inf"), score)
-        return chosen, count
-
-    @triton.jit
     def _rank_and_write(
-        score, row, batch, head, Indices, Counts, Scratch,
+        score, row, batch, head, Indices, Counts,
         stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-        rows, heads, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
-        BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr, PRUNE: tl.constexpr,
-        CANDIDATES: tl.constexpr,
+        rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
+        BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr,
     ):  # fmt: skip
         """Rank float32 ``score`` ``[BLOCK_R, NB]`` of rows ``row`` (the module's rule) and write their lists.
 
         ``K_TILE <= ROUNDS_MAX_K``: ``K_TILE`` rounds of (row maximum, its lowest column, masked
         out), reductions only; larger: one bitonic ``tl.topk`` of packed (score, index) int64 keys.
-        Both rank by score with ties to the lower index (``-0.0`` equal to ``+0.0``).
-
-        ``PRUNE`` (rounds only): first a per-row lower bound of the ``top_n``-th best score
-        (:func:`_prune_bound`); the blocks at or above it (every block that can be listed) are
-        packed as int64 keys into the row's ``CANDIDATES`` slots of ``Scratch`` (positions from a
-        prefix sum), and the rounds run over those slots, one reduction each, instead of over all
-        ``NB`` columns. A program with a row of more candidates than slots runs the plain rounds."""
+        Both rank by score with ties to the lower index (``-0.0`` equal to ``+0.0``)."""
         column = tl.arange(0, NB)
         rank = tl.arange(0, K_TILE)
         row_ok = row < rows
@@ -150,27 +102,13 @@ if triton is not None:
             score = tl.where(forced, float("inf"), tl.where(ranked, score, float("-inf")))
             chosen = tl.full([BLOCK_R, K_TILE], 0x7FFFFFFF, tl.int32)
             count = tl.zeros([BLOCK_R], tl.int32)
-            if PRUNE:
-                bound = _prune_bound(score, top_n, BLOCK_R, NB, K_TILE)
-                candidate = (score >= bound[:, None]) & (score > float("-inf"))
-                found = tl.sum(candidate.to(tl.int32), 1)
-                if tl.max(found, 0) <= CANDIDATES:
-                    slot = tl.arange(0, CANDIDATES)
-                    base = Scratch + ((batch * heads + head).to(tl.int64) * rows + row) * CANDIDATES
-                    packed_at = tl.cumsum(candidate.to(tl.int32), 1) - 1
-                    tl.store(base[:, None] + packed_at, _sort_key(score, column[None, :]), mask=candidate)
-                    tl.debug_barrier()  # the slots are read back by other threads of the program
-                    key = tl.load(base[:, None] + slot[None, :], mask=slot[None, :] < found[:, None], other=MIN_KEY)
-                    for r in tl.static_range(K_TILE):
-                        best = tl.max(key, 1)
-                        take = (best != MIN_KEY) & (r < top_n)
-                        chosen = tl.where((rank[None, :] == r) & take[:, None], _key_index(best)[:, None], chosen)
-                        count += take.to(tl.int32)
-                        key = tl.where(key == best[:, None], MIN_KEY, key)
-                else:
-                    chosen, count = _rounds(score, column, rank, top_n, chosen, count, NB, K_TILE)
-            else:
-                chosen, count = _rounds(score, column, rank, top_n, chosen, count, NB, K_TILE)
+            for r in tl.static_range(K_TILE):
+                best = tl.max(score, 1)
+                pick = tl.min(tl.where(score == best[:, None], column[None, :], NB), 1)
+                take = (best > float("-inf")) & (r < top_n)
+                chosen = tl.where((rank[None, :] == r) & take[:, None], pick[:, None], chosen)
+                count += take.to(tl.int32)
+                score = tl.where(column[None, :] == pick[:, None], float("-inf"), score)
             index = tl.sort(chosen)
         else:
             score = tl.where(forced, float("inf"), score)
@@ -189,13 +127,12 @@ if triton is not None:
 
     @triton.jit
     def _top_blocks(
-        Scores, Indices, Counts, Scratch,
+        Scores, Indices, Counts,
         stride_sb, stride_sh, stride_sr,
         stride_ib, stride_ih, stride_ir,
         stride_cb, stride_ch,
         heads, rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
-        BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr, PRUNE: tl.constexpr,
-        CANDIDATES: tl.constexpr,
+        BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr,
     ):  # fmt: skip
         """One (batch x head, tile of rows): the rows' scores, ranked and listed."""
         batch = tl.program_id(0) // heads
@@ -209,9 +146,8 @@ if triton is not None:
         )  # fmt: skip
         score = tl.load(pointers, mask=present, other=float("-inf"))
         _rank_and_write(
-            score, row, batch, head, Indices, Counts, Scratch, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-            rows, heads, n_blocks, first_pos, block, top_n, initial, local, ranked_from, BLOCK_R, NB, K_TILE,
-            PRUNE, CANDIDATES,
+            score, row, batch, head, Indices, Counts, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+            rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, BLOCK_R, NB, K_TILE,
         )  # fmt: skip
 
     @triton.jit
@@ -255,9 +191,8 @@ if triton is not None:
                     score = tl.dot(q, tl.trans(keys), score)
             score = tl.where((column < n_blocks)[None, :], score, float("-inf"))
             _rank_and_write(
-                score, row, batch, head, Indices, Counts, Indices, stride_ib, stride_ih, stride_ir, stride_cb,
-                stride_ch, rows, heads, n_blocks, first_pos, block, top_n, initial, local, ranked_from, BLOCK_R, NB,
-                K_TILE, False, 16,
+                score, row, batch, head, Indices, Counts, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+                rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, BLOCK_R, NB, K_TILE,
             )  # fmt: skip
 
 
@@ -284,14 +219,10 @@ def causal_top_blocks_triton(
     nb = max(_pow2(n_blocks), k_tile, 16)
     block_r = max(1, min(64, KEYS_PER_PROGRAM // nb))
     grid = (batch * heads, triton.cdiv(rows, block_r))
-    # Candidate slots per row when the rounds run on the blocks that can be listed (PRUNE).
-    prune = PRUNE_MIN_TOP <= k_tile <= 16 and nb >= PRUNE_MIN_BLOCKS
-    scratch = torch.empty((batch * heads * rows * CANDIDATES if prune else 1,), dtype=torch.int64, device=scores.device)
     _top_blocks[grid](
-        scores, indices, counts, scratch, *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2],
+        scores, indices, counts, *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2],
         heads, rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
-        BLOCK_R=block_r, NB=nb, K_TILE=k_tile, PRUNE=prune, CANDIDATES=CANDIDATES,
-        num_warps=8 if nb >= 2048 or prune else 4,
+        BLOCK_R=block_r, NB=nb, K_TILE=k_tile, num_warps=8 if nb >= 2048 else 4,
     )  # fmt: skip
 
 
