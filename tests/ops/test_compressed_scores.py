@@ -120,57 +120,6 @@ def test_kernel_with_the_gpu_sub_tile_widths(block_n, monkeypatch, poison_output
     torch.testing.assert_close(out, naive.compressed_block_scores(q, k_cmp, lse, **options), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_heads_kernel_matches_the_reference(case, dtype, poison_outputs):
-    """The kernel with the group's heads packed into the rows of one tile (groups of 1-5 padded to a
-    power of two, 2 to 16 tokens a program), rows told they see nothing, odd chunks."""
-    from sparse_attn.ops.compressed_scores.triton import compressed_block_scores_triton
-
-    transposed = case[3] == 3
-    q, k_cmp, lse, options = _inputs(case, dtype=dtype, seed=sum(case) + 5, transposed=transposed)
-    lse[:, -1, 1] = float("-inf")
-    out = compressed_block_scores_triton(q, k_cmp, lse, **options, heads="packed")
-    expected = naive.compressed_block_scores(q, k_cmp, lse, **options)
-    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(out, expected, rtol=tolerance, atol=1e-6)
-
-
-@pytest.mark.parametrize("tile", [(32, 64), (16, 128), (64, 128)])
-def test_packed_heads_kernel_with_gpu_tiles(tile, monkeypatch, poison_outputs):
-    """The packed kernel under the interpreter at GPU tile widths: one program owning 15 or 31
-    blocks, 4 to 64 tokens a program, a group of 5 (8 rows a token), NSA's l = 32, d = 16, l' = 64."""
-    from sparse_attn.ops.compressed_scores import triton as kernel
-
-    monkeypatch.setattr(kernel, "_PACKED_INTERPRETER_CONFIG", (*tile, 4))
-    q, k_cmp, lse, options = _inputs(CASES[4], dtype=torch.float32, seed=11)
-    out = kernel.compressed_block_scores_triton(q, k_cmp, lse, **options, heads="packed")
-    torch.testing.assert_close(out, naive.compressed_block_scores(q, k_cmp, lse, **options), rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[5]])
-def test_packed_heads_key_descriptors_equal_pointer_loads(case, poison_outputs):
-    """The packed kernel's key tiles through a tensor descriptor (zero rows past the keys) against
-    pointer loads under the interpreter: bit for bit, and the reference's scores."""
-    from sparse_attn.ops.compressed_scores.triton import compressed_block_scores_triton
-
-    q, k_cmp, lse, options = _inputs(case, dtype=torch.bfloat16, seed=13)
-    tma = compressed_block_scores_triton(q, k_cmp, lse, **options, heads="packed", loads="tma")
-    assert torch.equal(tma, compressed_block_scores_triton(q, k_cmp, lse, **options, heads="packed", loads="pointers"))
-    torch.testing.assert_close(tma, naive.compressed_block_scores(q, k_cmp, lse, **options), rtol=1e-2, atol=1e-6)
-
-
-def test_packed_heads_are_checked():
-    from sparse_attn.ops.compressed_scores.triton import compressed_block_scores_triton
-
-    q, k_cmp, lse, options = _inputs(CASES[0], dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="heads must be None or one of"):
-        compressed_block_scores_triton(q, k_cmp, lse, **options, heads="rows")
-    big = torch.zeros(1, 256, 4, 16, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="a group of 256 query heads"):
-        compressed_block_scores_triton(big, k_cmp[:1, :1], torch.zeros(1, 256, 4), **options, heads="packed")
-
-
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]])
 def test_descriptor_loads_equal_pointer_loads(case, poison_outputs):
     """``loads="tma"`` (the query tiles through a descriptor over the group's heads) against pointer
@@ -354,11 +303,8 @@ def test_kernel_on_gpu_at_nsa_size(dtype, poison_outputs):
     if dtype != torch.float32:  # each load mode forced, outputs poisoned each time
         from sparse_attn.ops.compressed_scores.triton import compressed_block_scores_triton
 
-        for heads in ("looped", "packed"):
-            for loads in ("pointers", "tma"):
-                runs[heads, loads] = functools.partial(
-                    compressed_block_scores_triton, q, k_cmp, lse, **options, loads=loads, heads=heads
-                )
+        for loads in ("pointers", "tma"):
+            runs[loads] = functools.partial(compressed_block_scores_triton, q, k_cmp, lse, **options, loads=loads)
     for name, run in runs.items():
         out = run()
         assert not out.isnan().any(), name

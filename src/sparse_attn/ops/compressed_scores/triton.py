@@ -72,17 +72,6 @@ LOAD_MODES = ("pointers", "tma")
 # best pointer tile 10.60; benchmarks/results/h200/nsa_selection_configs_s54.json).
 AUTOTUNE_TMA = False
 _INTERPRETER_CONFIG = (16, 16, 4)
-# The kernel with the group's heads packed into rows (_compressed_scores_packed): autotune candidates
-# (ROWS, BLOCK_N, num_warps, num_stages); ROWS must hold the group rounded up to a power of two.
-PACKED_CONFIGS = ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3))
-# Also offered with the key tiles through tensor descriptors where tma_unsupported_reason allows.
-PACKED_TMA_CONFIGS = ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3))
-HEAD_LAYOUTS = ("looped", "packed")
-# Whether the packed kernel's autotuner also tries key tiles through tensor descriptors.
-AUTOTUNE_PACKED_TMA = True
-# Which kernel ``heads=None`` runs where both can. Not yet measured on a GPU: the looped one.
-PACKED_BY_DEFAULT = False
-_PACKED_INTERPRETER_CONFIG = (16, 16, 4)
 
 
 def unsupported_reason(q: torch.Tensor) -> str | None:
@@ -273,108 +262,6 @@ if triton is not None:
             mask=row_ok[:, None] & block_ok[None, :],
         )
 
-    @triton.jit
-    def _compressed_scores_packed(
-        Q, K, Lse, Out,
-        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-        stride_lb, stride_lh, stride_lm, stride_ob, stride_oh, stride_om,
-        kv_heads, group, chunk, n_cmp, n_select, first_pos, scale_log2, compress_block, compress_stride,
-        chunk_bucket, n_select_bucket,
-        HEAD_DIM: tl.constexpr, PIECES_PER_KEY: tl.constexpr, PIECES_PER_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
-        G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, NS_EFF: tl.constexpr, NS: tl.constexpr,
-        SUBTILES: tl.constexpr, K_TMA: tl.constexpr,
-    ):  # fmt: skip
-        """Heads packed into rows: one program per (``ROWS / G_PAD`` query tokens, batch x KV head).
-
-        Row ``r`` is head ``r % G_PAD`` of token ``r // G_PAD`` (heads past the group masked), so the
-        group's query rows are loaded once and the program walks the compressed keys its tokens see
-        in steps owning ``NS_EFF`` selection blocks each (as the per-head kernel's programs do; the
-        keys reaching into them span ``SUBTILES`` sub-tiles of ``BLOCK_N``, one at NSA's sizes): ``p = exp2(q k^T scale log2(e) - lse log2(e))`` for every row, the
-        overlap product ``p W`` per row, then the sum over each token's heads, stored. Blocks past
-        the keys its tokens see are written as zeros. ``K_TMA``: the key tiles through a tensor
-        descriptor (16-bit inputs on Hopper), which Triton's pipeliner prefetches; else pointer loads."""
-        TOKENS: tl.constexpr = ROWS // G_PAD
-        batch = tl.program_id(1) // kv_heads
-        kv_head = tl.program_id(1) % kv_heads
-        row = tl.arange(0, ROWS)
-        token = tl.program_id(0) * TOKENS + row // G_PAD
-        member = row % G_PAD
-        row_ok = (token < chunk) & (member < group)
-        head = kv_head * group + member
-        offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(
-            Q + batch.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh
-            + token[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        )  # fmt: skip
-        lse = tl.load(
-            Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + token.to(tl.int64) * stride_lm,
-            mask=row_ok,
-            other=float("-inf"),
-        )
-        # A row with lse = -inf sees no key (or is padding): an infinite bound makes its terms 0.
-        lse_log2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, float("inf"))
-        positions = token + first_pos
-        last_position = first_pos + tl.minimum(tl.program_id(0) * TOKENS + TOKENS, chunk) - 1
-        seen = tl.where(
-            last_position >= compress_block - 1, (last_position - compress_block + 1) // compress_stride + 1, 0
-        )
-        key_stop = tl.minimum(seen, n_cmp)
-        k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-        if K_TMA:  # rows past n_cmp come back as zeros (and are masked below)
-            k_desc = tl.make_tensor_descriptor(
-                k_base, shape=[n_cmp, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM]
-            )
-        out_token = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
-        out_base = Out + batch.to(tl.int64) * stride_ob + kv_head.to(tl.int64) * stride_oh
-        out_rows = out_base + out_token[:, None].to(tl.int64) * stride_om
-        owned = tl.arange(0, NS)
-        # Blocks the visible keys reach (key i covers pieces i .. i + L - 1), in steps of NS_EFF.
-        reached = (key_stop + PIECES_PER_KEY - 1 + PIECES_PER_BLOCK - 1) // PIECES_PER_BLOCK
-        steps = (reached + NS_EFF - 1) // NS_EFF
-        for step in range(0, steps):
-            first_block = step * NS_EFF
-            blocks = first_block + owned
-            key_start = tl.maximum(first_block * PIECES_PER_BLOCK - (PIECES_PER_KEY - 1), 0)
-            key_end = tl.minimum(key_stop, (first_block + NS_EFF) * PIECES_PER_BLOCK)
-            weighed = tl.zeros([ROWS, NS], tl.float32)
-            for sub in tl.static_range(SUBTILES):  # one, unless a block's keys exceed BLOCK_N
-                cols = key_start + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-                if K_TMA:
-                    keys = tl.trans(k_desc.load([key_start + sub * BLOCK_N, 0]))
-                else:
-                    keys = tl.load(
-                        k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
-                        mask=(cols < key_end)[None, :],
-                        other=0.0,
-                    )
-                if DOT_FP32:
-                    logits = tl.dot(q.to(tl.float32), keys.to(tl.float32), input_precision="ieee")
-                else:
-                    logits = tl.dot(q, keys)
-                p = tl.exp2(logits * scale_log2 - lse_log2[:, None])
-                visible = (
-                    row_ok[:, None]
-                    & (cols < key_end)[None, :]
-                    & (cols[None, :] * compress_stride + compress_block - 1 <= positions[:, None])
-                )
-                p = tl.where(visible, p, 0.0)
-                weighed = _weigh_blocks(weighed, p, cols, blocks, PIECES_PER_KEY, PIECES_PER_BLOCK, DOT_FP32)
-            per_token = tl.sum(tl.reshape(weighed, [TOKENS, G_PAD, NS]), 1)
-            tl.store(
-                out_rows + blocks[None, :],
-                per_token,
-                mask=(out_token < chunk)[:, None] & ((owned < NS_EFF) & (blocks < n_select))[None, :],
-            )
-        for first_block in range(steps * NS_EFF, n_select, NS):
-            blocks = first_block + owned
-            tl.store(
-                out_rows + blocks[None, :],
-                tl.zeros([TOKENS, NS], tl.float32),
-                mask=(out_token < chunk)[:, None] & (blocks < n_select)[None, :],
-            )
-
 
 def blocks_per_program(block_n: int, pieces_per_key: int, pieces_per_block: int) -> tuple[int, int]:
     """``(NS_EFF, NS)``: the selection blocks a program owns, chosen so that the keys reaching into
@@ -411,50 +298,6 @@ def _autotuned_kernel(modes: tuple[str, ...]):
     return triton.autotune(configs=configs, key=key)(triton.heuristics(blocks)(_compressed_scores))
 
 
-@functools.cache
-def _packed_autotuned_kernel(group_pad: int, modes: tuple[str, ...]):
-    """The packed-heads kernel autotuned over the tiles of each key load mode in ``modes``
-    (:data:`PACKED_CONFIGS`, :data:`PACKED_TMA_CONFIGS`) whose rows hold the group."""
-    tiles = [
-        (tile, mode == "tma")
-        for mode in modes
-        for tile in {"pointers": PACKED_CONFIGS, "tma": PACKED_TMA_CONFIGS}[mode]
-    ]
-    configs = [
-        triton.Config(dict(ROWS=rows, BLOCK_N=n, K_TMA=k_tma), num_warps=w, num_stages=stages)
-        for (rows, n, w, stages), k_tma in tiles
-        if rows >= group_pad
-    ]
-    key = ["group", "chunk_bucket", "n_select_bucket", "HEAD_DIM", "PIECES_PER_KEY", "PIECES_PER_BLOCK", "DOT_FP32"]
-    blocks = dict(
-        NS_EFF=lambda args: _owned(args)[0], NS=lambda args: _owned(args)[1], SUBTILES=lambda args: _subtiles(args)
-    )
-    return triton.autotune(configs=configs, key=key)(triton.heuristics(blocks)(_compressed_scores_packed))
-
-
-def _subtiles(args: dict) -> int:
-    """Sub-tiles of ``BLOCK_N`` keys a packed step needs: the keys reaching into its blocks."""
-    owned, _ = _owned(args)
-    return triton.cdiv(owned * args["PIECES_PER_BLOCK"] + args["PIECES_PER_KEY"] - 1, args["BLOCK_N"])
-
-
-def _packed_grid(meta: dict, *, chunk: int, programs: int) -> tuple[int, int]:
-    return triton.cdiv(chunk, meta["ROWS"] // meta["G_PAD"]), programs
-
-
-def _head_layout(group: int, heads: str | None) -> str:
-    """The kernel to run: ``heads`` if given (checked), else :data:`PACKED_BY_DEFAULT`'s where the
-    packed kernel can take the group (``next_pow2(group)`` rows within its largest tile)."""
-    fits = triton.next_power_of_2(group) <= max(rows for rows, *_ in PACKED_CONFIGS)
-    if heads is None:
-        return "packed" if PACKED_BY_DEFAULT and fits else "looped"
-    if heads not in HEAD_LAYOUTS:
-        raise ValueError(f"heads must be None or one of {HEAD_LAYOUTS}, got {heads!r}")
-    if heads == "packed" and not fits:
-        raise ValueError(f"heads='packed' cannot run a group of {group} query heads (at most 128)")
-    return heads
-
-
 def tma_unsupported_reason(q: torch.Tensor) -> str | None:
     """Why the kernel cannot read ``q``'s query tiles through tensor descriptors, or ``None``:
     16-bit inputs on compute capability 9+ (or the interpreter), 16-byte aligned rows and heads."""
@@ -469,14 +312,12 @@ def tma_unsupported_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def _load_modes(q: torch.Tensor, loads: str | None, *, packed: bool = False) -> tuple[str, ...]:
+def _load_modes(q: torch.Tensor, loads: str | None) -> tuple[str, ...]:
     """The load modes to run (``loads``) or, for ``None``, to autotune over: pointer loads, plus
-    descriptor loads where they can run if :data:`AUTOTUNE_TMA` (:data:`AUTOTUNE_PACKED_TMA` for the
-    packed kernel, whose ``q`` here is the key tensor they read; pointer loads alone under the
+    descriptor loads where they can run if :data:`AUTOTUNE_TMA` (pointer loads alone under the
     interpreter)."""
     if loads is None:
-        offered = AUTOTUNE_PACKED_TMA if packed else AUTOTUNE_TMA
-        tma = offered and not interpreting() and tma_unsupported_reason(q) is None
+        tma = AUTOTUNE_TMA and not interpreting() and tma_unsupported_reason(q) is None
         return ("pointers", "tma") if tma else ("pointers",)
     if loads not in LOAD_MODES:
         raise ValueError(f"loads must be None or one of {LOAD_MODES}, got {loads!r}")
@@ -499,20 +340,15 @@ def compressed_block_scores_triton(
     n_select: int,
     scale: float,
     loads: str | None = None,
-    heads: str | None = None,
 ) -> torch.Tensor:
     """:func:`.naive.compressed_block_scores` in the kernel; same arguments (validated by the
     caller, :func:`sparse_attn.ops.compressed_scores.compressed_block_scores`) and result.
     ``loads``: ``"pointers"`` or ``"tma"`` for the query tiles, or ``None`` (the autotuner's
-    choice among the modes that can run; for ``heads="packed"`` they are the key tiles').
-    ``heads``: ``"looped"`` (a program's query tokens, the group's heads in a loop) or
-    ``"packed"`` (the group's heads packed into the rows of one tile,
-    :func:`_compressed_scores_packed`), or ``None`` (:func:`_head_layout`)."""
+    choice among the modes that can run)."""
     reason = unsupported_reason(q)
     if reason is not None:
         raise ValueError(f"the compressed-scores kernel cannot run this case: {reason}")
-    layout = _head_layout(q.shape[1] // k_cmp.shape[1], heads)
-    modes = _load_modes(k_cmp if layout == "packed" else q, loads, packed=layout == "packed")
+    modes = _load_modes(q, loads)
     batch, q_heads, chunk, dim = q.shape
     kv_heads, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     if chunk == 0 or n_cmp == 0:
@@ -532,25 +368,6 @@ def compressed_block_scores_triton(
         PIECES_PER_BLOCK=select_block // compress_stride,
         DOT_FP32=dot_in_float32(q.dtype) or interpreting(),
     )
-    if layout == "packed":
-        group_pad = triton.next_power_of_2(q_heads // kv_heads)
-        if "tma" in modes:
-            launch.ensure_scratch_allocator()
-        if interpreting():
-            rows, block_n, warps = _PACKED_INTERPRETER_CONFIG
-            rows = max(rows, group_pad)
-            tile = _with_blocks(
-                dict(ROWS=rows, BLOCK_N=block_n), constants["PIECES_PER_KEY"], constants["PIECES_PER_BLOCK"]
-            )
-            tile["SUBTILES"] = _subtiles({**tile, **constants})
-            grid = _packed_grid(dict(tile, G_PAD=group_pad), chunk=chunk, programs=batch * kv_heads)
-            _compressed_scores_packed[grid](
-                *args, **constants, G_PAD=group_pad, **tile, K_TMA=modes == ("tma",), num_warps=warps
-            )
-        else:
-            grid = functools.partial(_packed_grid, chunk=chunk, programs=batch * kv_heads)
-            _packed_autotuned_kernel(group_pad, modes)[grid](*args, **constants, G_PAD=group_pad)
-        return out
     if "tma" in modes:
         launch.ensure_scratch_allocator()
     if interpreting():
