@@ -23,6 +23,7 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
 
     from sparse_attn.backends import configs
     from sparse_attn.backends import gluon as gluon_backend
+    from sparse_attn.backends.gluon import THREE_CONSUMER_MAXNREG
 
     persistent = constants.pop("PERSISTENT", False)
     kernel = gluon_backend._gluon_persistent_forward if persistent else gluon_backend._gluon_block_sparse_forward
@@ -54,22 +55,28 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
         BOX=False,
     )
     values.update(constants)
-    values["BLOCK_N"] = configs.gluon_block_n(values["BLOCK_K"])
+    values.setdefault("BLOCK_N", configs.gluon_block_n(values["BLOCK_K"]))
     values["STAGES"] = configs.gluon_stages(values["HEAD_DIM"], values["BLOCK_N"])
     if values["HOST_DESC"]:  # launch-made descriptors, typed as the launcher would type them
         from triton.experimental.gluon import language as gl
 
         element = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-        for name, rows in (("QDesc", 128), ("KDesc", values["BLOCK_N"]), ("VDesc", values["BLOCK_N"])):
+        q_rows = 128 if values.get("CONSUMERS", 2) == 2 else 64  # three consumers: 64-row query boxes
+        for name, rows in (("QDesc", q_rows), ("KDesc", values["BLOCK_N"]), ("VDesc", values["BLOCK_N"])):
             layout = gl.NVMMASharedLayout.get_default_for([rows, values["HEAD_DIM"]], element)
             signature[name] = f"tensordesc<{dtype}[{rows}, {values['HEAD_DIM']}],{layout!r}>"
     else:
         values.update(QDesc=None, KDesc=None, VDesc=None)
     if persistent:
         del values["HOST_DESC"]
+    else:
+        values.setdefault("CONSUMERS", 2)
     signature.update({name: "constexpr" for name in values})
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=values)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    options = {"num_warps": 4}
+    if values.get("CONSUMERS", 2) == 3:  # 13 warps: at most 157 registers a thread at launch
+        options["maxnreg"] = THREE_CONSUMER_MAXNREG
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = compiled.asm["ptx"]
     report = run_ptxas(ptx, check=True).stderr
     return {"ptx": ptx, "report": report, "shared": compiled.metadata.shared, "stages": values["STAGES"]}

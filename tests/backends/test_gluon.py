@@ -45,6 +45,10 @@ VARIANTS = [
     # A token rule as a box predicate (neighbourhood windows), one-item and persistent.
     dict(BOX=True, CAUSAL=False, EVEN_K=False, EVEN_Q=False, WRITE_LSE=True),
     dict(BOX=True, CAUSAL=False, PERSISTENT=True, dtype="fp16", HEAD_DIM=64, BLOCK_K=64),
+    # Tall tiles: 192 query rows over three consumer warpgroups, 64-key steps (dense head_dim 64).
+    dict(HEAD_DIM=64, CONSUMERS=3, BLOCK_N=64),
+    dict(HEAD_DIM=64, CONSUMERS=3, BLOCK_N=64, HOST_DESC=True, EVEN_Q=False, EVEN_K=False, WRITE_LSE=True),
+    dict(HEAD_DIM=64, CONSUMERS=3, BLOCK_N=64, CAUSAL=False, dtype="fp16"),
 ]
 
 
@@ -296,6 +300,59 @@ def test_gpu_host_and_device_descriptors_compute_the_same(shape, causal, poison_
     assert torch.equal(host, persistent) and torch.equal(host_lse, persistent_lse)
     ref = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
     assert relative_error(host, ref) <= TOLERANCE[torch.bfloat16]
+
+
+def test_tall_tiles_run_dense_head_dim_64_patterns_only_when_asked():
+    """192-row query tiles (three consumer warpgroups) take head_dim-64 patterns that keep every
+    block and have no token rule, and only when asked (off by default until measured)."""
+    dense = sa.dense_pattern(seq_q=1000)
+    plan = plan_for(dense, causal=True)
+    sparse = sa.random_pattern(heads=2, seq_q=4096, density=0.3, seed=1)
+    q64, q128 = torch.zeros(1, 2, 1000, 64), torch.zeros(1, 2, 1000, 128)
+    assert not gluon_backend._tall_tiles(q64, dense, plan, False)
+    with sa.backends.kernel_configs(gluon_tall_tiles=True):
+        assert gluon_backend._tall_tiles(q64, dense, plan, False)
+        assert not gluon_backend._tall_tiles(q128, dense, plan, False)
+        assert not gluon_backend._tall_tiles(q64, dense, plan, True)
+        assert not gluon_backend._tall_tiles(q64, sparse, plan_for(sparse, causal=True), False)
+    with pytest.raises(TypeError, match="gluon_tall_tiles"):
+        with sa.backends.kernel_configs(gluon_tall_tiles=1):
+            pass
+
+
+@pytest.mark.gpu
+@needs_gluon
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 8, 2, 1000, 1000), (1, 6, 3, 4160, 4160), (2, 4, 4, 777, 2048), (1, 32, 8, 4096, 4096)],
+    ids=str,
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_tall_tiles_compute_the_one_item_kernels_rows(shape, causal, poison_outputs):
+    """Dense head_dim-64 patterns in 192-row tiles (64-key steps) against the reference, and their
+    LSE against the 128-row tiles' (128-key steps: the same sums in another order), ragged
+    lengths, GQA, Sq < Sk, launch-made and per-program descriptors."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper")
+    batch, q_heads, kv_heads, seq_q, seq_k = shape
+    generator = torch.Generator(device="cuda").manual_seed(17)
+    q = torch.randn(batch, q_heads, seq_q, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    k, v = (torch.randn(batch, kv_heads, seq_k, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+            for _ in range(2))  # fmt: skip
+    pattern = sa.dense_pattern(seq_q=seq_q, seq_k=seq_k, causal=causal, device="cuda")
+    base, base_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="gluon", return_lse=True)
+    ref = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
+    results = []
+    for host in (None, False):
+        with sa.backends.kernel_configs(gluon_tall_tiles=True, gluon_host_descriptors=host):
+            tall, tall_lse = sa.block_sparse_attention(
+                q, k, v, pattern, causal=causal, backend="gluon", return_lse=True
+            )
+        assert not tall.isnan().any() and relative_error(tall, ref) <= TOLERANCE[torch.bfloat16], host
+        torch.testing.assert_close(tall_lse, base_lse, rtol=1e-5, atol=1e-5)
+        results.append((tall, tall_lse))
+    # Launch-made and per-program descriptors read the same tiles.
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_persistent_kernel_takes_light_work_items_unless_told():

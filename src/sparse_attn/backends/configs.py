@@ -122,7 +122,10 @@ class KernelConfigs:
     ``True`` / ``False`` forces the persistent Gluon kernel (one program per SM walking the work
     items, the next item's loads under the previous one's stores) on or off where launch-made
     descriptors apply; by default it runs on light work items only
-    (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`). ``token_rows``: the rows a
+    (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`). ``gluon_tall_tiles``: ``True``
+    runs dense head_dim-64 patterns in 192-row query tiles over three consumer warpgroups and
+    64-key steps, ``False`` never; unset, :data:`sparse_attn.backends.gluon.TALL_TILES_BY_DEFAULT`.
+    ``token_rows``: the rows a
     token-granular program packs (16, 32, 64 or 128; default 16, the smallest ``tl.dot``): more rows
     take more query tokens per tile, so a selected KV block is loaded once for more tokens
     (:func:`sparse_attn.backends.triton_tokens.token_tiling`), but each tile walks the union of
@@ -151,6 +154,7 @@ class KernelConfigs:
     gluon_host_descriptors: bool | None = None
     triton_backward_skip_masked: bool | None = None
     gluon_persistent: bool | None = None
+    gluon_tall_tiles: bool | None = None
     token_rows: int | None = None
     kv_streams_per_wave: int | None = None
     heavy_rows_first: bool | None = None
@@ -179,6 +183,7 @@ def kernel_configs(
     gluon_host_descriptors: bool | None = None,
     triton_backward_skip_masked: bool | None = None,
     gluon_persistent: bool | None = None,
+    gluon_tall_tiles: bool | None = None,
     token_rows: int | None = None,
     kv_streams_per_wave: int | None = None,
     heavy_rows_first: bool | None = None,
@@ -214,6 +219,7 @@ def kernel_configs(
         "gluon_host_descriptors": gluon_host_descriptors,
         "triton_backward_skip_masked": triton_backward_skip_masked,
         "gluon_persistent": gluon_persistent,
+        "gluon_tall_tiles": gluon_tall_tiles,
         "heavy_rows_first": heavy_rows_first,
     }
     for name, asked in flags.items():

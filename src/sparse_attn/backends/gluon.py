@@ -92,6 +92,14 @@ PERSISTENT_MAX_WORK_BUCKET = 5
 # density 0.05, 12.54 vs 14.07 at 128K (waves_persistent_causal.json).
 PERSISTENT_MAX_ROW_IMBALANCE = 4.0
 
+# Dense head_dim-64 patterns in query tiles of 192 rows over three consumer warpgroups (as
+# FlashAttention-3/4 tile their head_dim-64 forward), kernel_configs(gluon_tall_tiles=...). Compiled
+# for sm_90a without spills (tests/backends/test_gluon.py); not yet run on a GPU: off.
+TALL_TILES_BY_DEFAULT = False
+# Thirteen warps (three consumer warpgroups and the producer) leave at most 157 registers a thread
+# at launch; the consumer warpgroups keep them, the producer gives its own back.
+THREE_CONSUMER_MAXNREG = 152
+
 # auto leaves patterns of at most 2 kept blocks per query block on average (work bucket 1) to
 # the Triton kernel at every head_dim: at one block per query block, bidirectional, the image
 # shape of benchmarks/spatial.py (16,896 tokens, 24 heads, head_dim 128) took 0.43 ms here
@@ -145,27 +153,29 @@ def slower_than_triton_reason(q: torch.Tensor, plan: BlockSparsePlan) -> str | N
 
 if gluon is not None:
     # Launch-order helpers are plain Triton functions, which Gluon kernels call as they are.
-    from .tile_steps import lead_wave_item, wave_item, work_item
+    from .tile_steps import dense_tile_item, lead_wave_item, wave_item, work_item
 
     @gluon.jit
     def _producer(
         q_base, k_base, v_base, stride_qs, stride_ks, stride_vs, seq_q, seq_k, row_start, index_base, n_steps,
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, QDesc, KDesc, VDesc, q_row0, kv_row0,
         HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        HOST_DESC: gl.constexpr,
+        HOST_DESC: gl.constexpr, Q_BOXES: gl.constexpr,
     ):  # fmt: skip
         """One warp: TMA loads of the query tile, then K and V tiles of every listed block.
 
         ``HOST_DESC``: read through the launch's descriptors over the flattened ``(B*H*S, D)``
         tensors, at rows ``q_row0`` / ``kv_row0`` onward, instead of making per-head descriptors
-        here (see :func:`host_descriptors`)."""
+        here (see :func:`host_descriptors`). ``Q_BOXES``: 1 (the query tile in one 128-row box)
+        or 3 (a 192-row tile in three 64-row boxes, each into its warpgroup's rows)."""
+        Q_BOX: gl.constexpr = 128 if Q_BOXES == 1 else 64
         if HOST_DESC:
             q_desc = QDesc
             k_desc = KDesc
             v_desc = VDesc
         else:
             q_desc = tma.make_tensor_descriptor(
-                q_base, [seq_q, HEAD_DIM], [stride_qs, 1], [q_smem.type.shape[0], HEAD_DIM], q_smem.type.layout
+                q_base, [seq_q, HEAD_DIM], [stride_qs, 1], [Q_BOX, HEAD_DIM], q_smem.type.layout
             )
             k_desc = tma.make_tensor_descriptor(
                 k_base, [seq_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM], k_smem.type.layout
@@ -173,8 +183,14 @@ if gluon is not None:
             v_desc = tma.make_tensor_descriptor(
                 v_base, [seq_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, HEAD_DIM], v_smem.type.layout
             )
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row0 + row_start, 0], q_bar, q_smem)
+        mbarrier.expect(q_bar, Q_BOXES * q_desc.block_type.nbytes)
+        if Q_BOXES == 1:
+            tma.async_copy_global_to_shared(q_desc, [q_row0 + row_start, 0], q_bar, q_smem)
+        else:
+            for box in gl.static_range(Q_BOXES):
+                tma.async_copy_global_to_shared(
+                    q_desc, [q_row0 + row_start + box * Q_BOX, 0], q_bar, q_smem.slice(box * Q_BOX, Q_BOX)
+                )
         _produce_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, index_base, n_steps, 0, kv_row0,
                     BLOCK_K, BLOCK_N, STAGES)  # fmt: skip
 
@@ -398,11 +414,17 @@ if gluon is not None:
             gl.store(lse_base + rows, lse, mask=rows < seq_q)
 
     @gluon.jit
-    def _allocate_ring(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """The query tile, the K/V ring of ``STAGES`` slots and their barriers, initialised."""
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
+    def _allocate_ring(
+        dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        CONSUMERS: gl.constexpr,
+    ):  # fmt: skip
+        """The query tile (64 rows per consumer warpgroup; three take a 256-row buffer, as shared
+        memory shapes are powers of two), the K/V ring of ``STAGES`` slots and their barriers,
+        initialised."""
+        Q_ROWS: gl.constexpr = 128 if CONSUMERS == 2 else 256
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_ROWS, HEAD_DIM], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        q_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], q_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [Q_ROWS, HEAD_DIM], q_layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -411,11 +433,11 @@ if gluon is not None:
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        mbarrier.init(q_free, count=2)  # both consumer warpgroups release the query tile
+        mbarrier.init(q_free, count=CONSUMERS)  # every consumer warpgroup releases the query tile
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_free.index(i), count=2)  # both consumer warpgroups release a slot
+            mbarrier.init(kv_free.index(i), count=CONSUMERS)  # every consumer warpgroup releases a slot
         return q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free
 
     @gluon.jit
@@ -427,15 +449,27 @@ if gluon is not None:
         num_tiles, heads_per_wave, lead_tiles, all_heads,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_K: gl.constexpr, EVEN_Q: gl.constexpr,
-        HOST_DESC: gl.constexpr, BOX: gl.constexpr,
+        HOST_DESC: gl.constexpr, BOX: gl.constexpr, CONSUMERS: gl.constexpr,
     ):  # fmt: skip
-        """One program per work item, in the launch order of :func:`.tile_steps.lead_wave_item` (a 1D grid)."""
-        tile_rank, batch_head = lead_wave_item(gl.program_id(0), heads_per_wave, num_tiles, lead_tiles, all_heads)
-        batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
-            tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
-            stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
-            BLOCK_Q, BLOCK_K, BLOCK_N,
-        )  # fmt: skip
+        """One program per work item, in the launch order of :func:`.tile_steps.lead_wave_item` (a 1D grid).
+
+        ``CONSUMERS``: 2 (query tiles of 128 rows: the pattern's query blocks or parts of them) or
+        3 (tiles of 192 rows over three consumer warpgroups, :func:`.tile_steps.dense_tile_item`:
+        dense patterns only, no lead; ``num_tiles`` counts 192-row tiles)."""
+        if CONSUMERS == 3:
+            tile_rank, batch_head = wave_item(gl.program_id(0), heads_per_wave, num_tiles)
+            batch, head, kv_head, row_start, n_steps, n_full, index_base = dense_tile_item(
+                tile_rank, batch_head, KvCounts, KvFullCounts, KvIndices,
+                stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+                num_tiles, (seq_q + BLOCK_Q - 1) // BLOCK_Q, 192, BLOCK_Q, BLOCK_K, BLOCK_N,
+            )  # fmt: skip
+        else:
+            tile_rank, batch_head = lead_wave_item(gl.program_id(0), heads_per_wave, num_tiles, lead_tiles, all_heads)
+            batch, head, kv_head, row_start, n_steps, n_full, index_base = work_item(
+                tile_rank, batch_head, WorkOrder, KvCounts, KvFullCounts, KvIndices,
+                stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+                BLOCK_Q, BLOCK_K, BLOCK_N,
+            )  # fmt: skip
         q_base = Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64) * stride_qh
         k_base = K + batch.to(gl.int64) * stride_kb + kv_head.to(gl.int64) * stride_kh
         v_base = V + batch.to(gl.int64) * stride_vb + kv_head.to(gl.int64) * stride_vh
@@ -449,39 +483,78 @@ if gluon is not None:
             q_row0 = batch_head * seq_q
             kv_row0 = (batch * (num_q_heads // group) + kv_head) * seq_k
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
-            Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES
+            Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES, CONSUMERS
         )
-
-        gl.warp_specialize(
-            [
-                (
-                    _consumer,
+        if CONSUMERS == 3:
+            gl.warp_specialize(
+                [
                     (
-                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps, n_full,
-                        row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable, box_guard,
-                        0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
+                        _consumer,
+                        (
+                            q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps,
+                            n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable,
+                            box_guard, 0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
+                        ),
                     ),
-                ),
-                (
-                    _consumer,
                     (
-                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps, n_full,
-                        row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable, box_guard,
-                        64, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
+                        _consumer,
+                        (
+                            q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps,
+                            n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable,
+                            box_guard, 64, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
+                        ),
                     ),
-                ),
-                (
-                    _producer,
                     (
-                        q_base, k_base, v_base, stride_qs, stride_ks, stride_vs, seq_q, seq_k, row_start, index_base,
-                        n_steps, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, QDesc, KDesc, VDesc,
-                        q_row0, kv_row0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, HOST_DESC,
+                        _consumer,
+                        (
+                            q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps,
+                            n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable,
+                            box_guard, 128, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
+                        ),
                     ),
-                ),
-            ],
-            [4, 1],
-            [232, 24],
-        )  # fmt: skip
+                    (
+                        _producer,
+                        (
+                            q_base, k_base, v_base, stride_qs, stride_ks, stride_vs, seq_q, seq_k, row_start,
+                            index_base, n_steps, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, QDesc,
+                            KDesc, VDesc, q_row0, kv_row0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, HOST_DESC, 3,
+                        ),
+                    ),
+                ],
+                [4, 4, 1],
+                [152, 152, 24],
+            )  # fmt: skip
+        else:
+            gl.warp_specialize(
+                [
+                    (
+                        _consumer,
+                        (
+                            q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps,
+                            n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable,
+                            box_guard, 0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
+                        ),
+                    ),
+                    (
+                        _consumer,
+                        (
+                            q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free, index_base, n_steps,
+                            n_full, row_start, seq_q, seq_k, qk_scale, out_base, stride_os, lse_base, BoxTable,
+                            box_guard, 64, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, EVEN_K, EVEN_Q, BOX,
+                        ),
+                    ),
+                    (
+                        _producer,
+                        (
+                            q_base, k_base, v_base, stride_qs, stride_ks, stride_vs, seq_q, seq_k, row_start,
+                            index_base, n_steps, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, QDesc,
+                            KDesc, VDesc, q_row0, kv_row0, HEAD_DIM, BLOCK_K, BLOCK_N, STAGES, HOST_DESC, 1,
+                        ),
+                    ),
+                ],
+                [4, 1],
+                [232, 24],
+            )  # fmt: skip
 
     @gluon.jit
     def _persistent_producer(
@@ -560,7 +633,7 @@ if gluon is not None:
         where rows are alike), so the producer loads an item's query and first K/V tiles while the consumers
         still finish and store the previous one. Host descriptors only."""
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
-            Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES
+            Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES, 2
         )
         gl.warp_specialize(
             [
@@ -600,6 +673,16 @@ if gluon is not None:
         )  # fmt: skip
 
 
+def _tall_tiles(q: torch.Tensor, pattern: BlockSparsePattern, plan: BlockSparsePlan, has_rule: bool) -> bool:
+    """Whether to run 192-row query tiles over three consumer warpgroups (``CONSUMERS = 3``):
+    asked for or :data:`TALL_TILES_BY_DEFAULT`, and a head_dim-64 pattern without a token rule
+    that keeps every block (its lists then nest, as :func:`.tile_steps.dense_tile_item` needs)."""
+    asked = configs.current().gluon_tall_tiles
+    if not (TALL_TILES_BY_DEFAULT if asked is None else asked):
+        return False
+    return q.shape[-1] == 64 and not has_rule and plan.density == 1.0
+
+
 def _persistent(plan: BlockSparsePlan, waves: bool) -> bool:
     """Whether to run the persistent kernel (where launch-made descriptors apply): asked for with
     ``kernel_configs(gluon_persistent=...)``, else for light work items (mean kept blocks per query
@@ -634,10 +717,11 @@ def uses_host_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
     return all(x.is_contiguous() for x in (q, k, v)) and k.shape[2] % pattern.block_k == 0
 
 
-def host_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple:
+def host_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, q_rows: int = GLUON_BLOCK_M):
     """TMA descriptors over the flattened ``(B*H*S, D)`` query, key and value tensors, with the
-    shared-memory layouts the kernel allocates (query tiles of 128 rows, K/V tiles of ``block_n``)."""
-    return flat_descriptor(q, GLUON_BLOCK_M), flat_descriptor(k, block_n), flat_descriptor(v, block_n)
+    shared-memory layouts the kernel allocates (query boxes of ``q_rows`` rows: 128, or 64 for
+    the tall tiles' three boxes; K/V tiles of ``block_n``)."""
+    return flat_descriptor(q, q_rows), flat_descriptor(k, block_n), flat_descriptor(v, block_n)
 
 
 def forward(
@@ -663,6 +747,8 @@ def forward(
         lists = (predicate_lists.full_counts, predicate_lists.kv_indices)
         out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse, lists=lists)
         box = (predicate_lists.predicate.table, predicate_lists.predicate.guard)
+    if _tall_tiles(q, pattern, plan, predicate_lists is not None):
+        return _tall_forward(q, k, v, pattern, args, out, lse, causal=causal, return_lse=return_lse)
     grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // GLUON_BLOCK_M))
     block_n = configs.gluon_block_n(pattern.block_k)
     descriptors = host_descriptors(q, k, v, block_n) if uses_host_descriptors(q, k, v, pattern) else None
@@ -694,9 +780,49 @@ def forward(
             lead_blocks(plan) * (pattern.block_q // GLUON_BLOCK_M),
             grid[0],
             HOST_DESC=descriptors is not None,
+            CONSUMERS=2,
             **constants,
             num_warps=4,
         )
+    if return_lse:
+        return out, lse
+    return out
+
+
+def _tall_forward(q, k, v, pattern: BlockSparsePattern, args: tuple, out, lse, *, causal: bool, return_lse: bool):
+    """The one-item kernel with 192-row query tiles (:func:`_tall_tiles`): 64-key steps (at 128,
+    ptxas serializes the three consumers' wgmma for want of registers), no lead, tiles heaviest
+    first within the waves."""
+    batch, q_heads, seq_q, dim = q.shape
+    tiles = -(-seq_q // 192)
+    block_n = 64
+    descriptors = host_descriptors(q, k, v, block_n, q_rows=64) if uses_host_descriptors(q, k, v, pattern) else None
+    if descriptors is None:
+        ensure_scratch_allocator()
+    _gluon_block_sparse_forward[(batch * q_heads * tiles,)](
+        *args,
+        *(descriptors or (None, None, None)),
+        pattern.kv_counts,  # BoxTable: unused without a rule
+        0,
+        tiles,
+        heads_per_wave(q, k),
+        0,
+        batch * q_heads,
+        HEAD_DIM=dim,
+        BLOCK_Q=pattern.block_q,
+        BLOCK_K=pattern.block_k,
+        BLOCK_N=block_n,
+        STAGES=configs.gluon_stages(dim, block_n),
+        CAUSAL=bool(causal),
+        WRITE_LSE=bool(return_lse),
+        EVEN_K=k.shape[2] % pattern.block_k == 0,
+        EVEN_Q=seq_q % 192 == 0,
+        HOST_DESC=descriptors is not None,
+        BOX=False,
+        CONSUMERS=3,
+        num_warps=4,
+        maxnreg=THREE_CONSUMER_MAXNREG,
+    )
     if return_lse:
         return out, lse
     return out

@@ -7,7 +7,8 @@ seen no key keeps ``m = -inf`` and takes its exponents against 0, so no ``inf - 
 :func:`store_rows` writes a tile's output rows and natural-log LSE. :func:`wave_item` places a
 program of a 1D grid in the launch order of :func:`.launch.heads_per_wave`, :func:`lead_wave_item`
 the same after a lead of heavy query blocks (:func:`.launch.lead_blocks`); :func:`work_item`
-places a query tile of the Gluon forward and dQ kernels (which call these Triton functions as they are).
+places a query tile of the Gluon forward and dQ kernels (which call these Triton functions as they
+are), :func:`dense_tile_item` a taller query tile of the Gluon forward on a dense pattern.
 """
 
 from __future__ import annotations
@@ -66,6 +67,33 @@ if triton is not None:
         n_full = tl.load(KvFullCounts + count_offset) * SUBTILES
         index_base = KvIndices + batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + q_block * stride_iq
         return batch, head, kv_head, tile * 128, n_steps, n_full, index_base
+
+    @triton.jit
+    def dense_tile_item(
+        tile_rank, batch_head, KvCounts, KvFullCounts, KvIndices,
+        stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
+        num_tiles, num_q_blocks,
+        BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """:func:`work_item` for query tiles of ``BLOCK_M`` rows that need not match the pattern's
+        ``BLOCK_Q``, for patterns whose lists are nested (a later query block's list holds an
+        earlier one's, in the same order): dense patterns. The ``tile_rank``-th tile is counted
+        from the last (heaviest first under a causal mask); it walks the list of the last pattern
+        block it covers, and its full steps are those of the first (full for every row of it)."""
+        SUBTILES: tl.constexpr = BLOCK_K // BLOCK_N
+        tile = num_tiles - 1 - tile_rank
+        row_start = tile * BLOCK_M
+        first_block = row_start // BLOCK_Q
+        last_block = tl.minimum((row_start + BLOCK_M - 1) // BLOCK_Q, num_q_blocks - 1)
+        batch = batch_head // num_q_heads
+        head = batch_head % num_q_heads
+        kv_head = head // group
+        pattern_head = head // pattern_head_divisor
+        count_base = batch * stride_cb + pattern_head * stride_ch
+        n_steps = tl.load(KvCounts + count_base + last_block) * SUBTILES
+        n_full = tl.load(KvFullCounts + count_base + first_block) * SUBTILES
+        index_base = KvIndices + batch.to(tl.int64) * stride_ib + pattern_head * stride_ih + last_block * stride_iq
+        return batch, head, kv_head, row_start, n_steps, n_full, index_base
 
     @triton.jit
     def block_scores(
