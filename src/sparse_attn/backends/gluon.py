@@ -747,11 +747,14 @@ def forward(
         lists = (predicate_lists.full_counts, predicate_lists.kv_indices)
         out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse, lists=lists)
         box = (predicate_lists.predicate.table, predicate_lists.predicate.guard)
-    if _tall_tiles(q, pattern, plan, predicate_lists is not None):
-        return _tall_forward(q, k, v, pattern, args, out, lse, causal=causal, return_lse=return_lse)
-    grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // GLUON_BLOCK_M))
-    block_n = configs.gluon_block_n(pattern.block_k)
-    descriptors = host_descriptors(q, k, v, block_n) if uses_host_descriptors(q, k, v, pattern) else None
+    # Tall tiles (:func:`_tall_tiles`): 192 rows in three 64-row query boxes, 64-key steps (at 128,
+    # ptxas serializes the three consumers' wgmma for want of registers), no lead, no persistence.
+    tall = _tall_tiles(q, pattern, plan, predicate_lists is not None)
+    tile_rows = 192 if tall else GLUON_BLOCK_M
+    block_n = 64 if tall else configs.gluon_block_n(pattern.block_k)
+    descriptors = None
+    if uses_host_descriptors(q, k, v, pattern):
+        descriptors = host_descriptors(q, k, v, block_n, q_rows=64 if tall else GLUON_BLOCK_M)
     constants = dict(
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
@@ -761,12 +764,16 @@ def forward(
         CAUSAL=bool(causal),
         WRITE_LSE=bool(return_lse),
         EVEN_K=seq_k % pattern.block_k == 0,
-        EVEN_Q=seq_q % pattern.block_q == 0,
+        EVEN_Q=seq_q % (tile_rows if tall else pattern.block_q) == 0,
         BOX=predicate_lists is not None,
     )
+    if tall:
+        grid = (batch * q_heads, -(-seq_q // tile_rows))
+    else:
+        grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // GLUON_BLOCK_M))
     num_items = grid[0] * grid[1]
     order = (grid[1], heads_per_wave(q, k))  # query tiles per head, (batch, head) pairs per wave
-    if descriptors is not None and _persistent(plan, waves=order[1] < grid[0]):
+    if descriptors is not None and not tall and _persistent(plan, waves=order[1] < grid[0]):
         programs = min(num_items, _multiprocessors(q.device))
         _gluon_persistent_forward[(programs,)](*args, *descriptors, num_items, *order, *box, **constants, num_warps=4)
     else:
@@ -777,52 +784,14 @@ def forward(
             *(descriptors or (None, None, None)),
             *box,
             *order,
-            lead_blocks(plan) * (pattern.block_q // GLUON_BLOCK_M),
+            0 if tall else lead_blocks(plan) * (pattern.block_q // GLUON_BLOCK_M),
             grid[0],
             HOST_DESC=descriptors is not None,
-            CONSUMERS=2,
+            CONSUMERS=3 if tall else 2,
             **constants,
             num_warps=4,
+            **({"maxnreg": THREE_CONSUMER_MAXNREG} if tall else {}),
         )
-    if return_lse:
-        return out, lse
-    return out
-
-
-def _tall_forward(q, k, v, pattern: BlockSparsePattern, args: tuple, out, lse, *, causal: bool, return_lse: bool):
-    """The one-item kernel with 192-row query tiles (:func:`_tall_tiles`): 64-key steps (at 128,
-    ptxas serializes the three consumers' wgmma for want of registers), no lead, tiles heaviest
-    first within the waves."""
-    batch, q_heads, seq_q, dim = q.shape
-    tiles = -(-seq_q // 192)
-    block_n = 64
-    descriptors = host_descriptors(q, k, v, block_n, q_rows=64) if uses_host_descriptors(q, k, v, pattern) else None
-    if descriptors is None:
-        ensure_scratch_allocator()
-    _gluon_block_sparse_forward[(batch * q_heads * tiles,)](
-        *args,
-        *(descriptors or (None, None, None)),
-        pattern.kv_counts,  # BoxTable: unused without a rule
-        0,
-        tiles,
-        heads_per_wave(q, k),
-        0,
-        batch * q_heads,
-        HEAD_DIM=dim,
-        BLOCK_Q=pattern.block_q,
-        BLOCK_K=pattern.block_k,
-        BLOCK_N=block_n,
-        STAGES=configs.gluon_stages(dim, block_n),
-        CAUSAL=bool(causal),
-        WRITE_LSE=bool(return_lse),
-        EVEN_K=k.shape[2] % pattern.block_k == 0,
-        EVEN_Q=seq_q % 192 == 0,
-        HOST_DESC=descriptors is not None,
-        BOX=False,
-        CONSUMERS=3,
-        num_warps=4,
-        maxnreg=THREE_CONSUMER_MAXNREG,
-    )
     if return_lse:
         return out, lse
     return out
