@@ -74,7 +74,7 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
     signature.update({name: "constexpr" for name in values})
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=values)
     options = {"num_warps": 4}
-    if values.get("CONSUMERS", 2) == 3:  # 13 warps: at most 157 registers a thread at launch
+    if values.get("CONSUMERS", 2) == 3:  # 16 warps at launch: at most 128 registers a thread
         options["maxnreg"] = THREE_CONSUMER_MAXNREG
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = compiled.asm["ptx"]

@@ -66,6 +66,10 @@ def test_gluon_kernel_compiles_for_sm90_without_spills(variant):
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills and all(stores == "0" and loads == "0" for stores, loads in spills), report
+    # Launchable: the launch's registers for every thread fit one multiprocessor's 65,536.
+    threads = int(re.search(r"\.reqntid (\d+)", ptx).group(1))
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert threads * registers <= 65536, (threads, registers)
 
 
 def _tensors(dtype=torch.bfloat16, dim=128, transposed=False):

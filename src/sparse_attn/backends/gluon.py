@@ -96,9 +96,12 @@ PERSISTENT_MAX_ROW_IMBALANCE = 4.0
 # FlashAttention-3/4 tile their head_dim-64 forward), kernel_configs(gluon_tall_tiles=...). Compiled
 # for sm_90a without spills (tests/backends/test_gluon.py); not yet run on a GPU: off.
 TALL_TILES_BY_DEFAULT = False
-# Thirteen warps (three consumer warpgroups and the producer) leave at most 157 registers a thread
-# at launch; the consumer warpgroups keep them, the producer gives its own back.
-THREE_CONSUMER_MAXNREG = 152
+# Thirteen warps (three consumer warpgroups and the producer) launch as sixteen (the producer's
+# warpgroup is padded): 512 threads, so at most 128 registers a thread at launch (65,536 a
+# multiprocessor). setmaxnreg then moves them: the producer's warpgroup drops to 24, the two
+# worker consumers rise to 152 and the default consumer to 184. 152 at launch compiled but
+# could not launch (the thirty-sixth session's first GPU run).
+THREE_CONSUMER_MAXNREG = 128
 
 # auto leaves patterns of at most 2 kept blocks per query block on average (work bucket 1) to
 # the Triton kernel at every head_dim: at one block per query block, bidirectional, the image
