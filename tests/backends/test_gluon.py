@@ -49,6 +49,7 @@ VARIANTS = [
     dict(HEAD_DIM=64, CONSUMERS=3, BLOCK_N=64),
     dict(HEAD_DIM=64, CONSUMERS=3, BLOCK_N=64, HOST_DESC=True, EVEN_Q=False, EVEN_K=False, WRITE_LSE=True),
     dict(HEAD_DIM=64, CONSUMERS=3, BLOCK_N=64, CAUSAL=False, dtype="fp16"),
+    dict(HEAD_DIM=64, CONSUMERS=3, BLOCK_N=128),
 ]
 
 
@@ -332,12 +333,14 @@ def test_tall_tiles_run_dense_head_dim_64_patterns_only_when_asked():
     ids=str,
 )
 @pytest.mark.parametrize("causal", [True, False])
-def test_gpu_tall_tiles_compute_the_one_item_kernels_rows(shape, causal, poison_outputs):
-    """Dense head_dim-64 patterns in 192-row tiles (64-key steps) against the reference, and their
-    LSE against the 128-row tiles' (128-key steps: the same sums in another order), ragged
-    lengths, GQA, Sq < Sk, launch-made and per-program descriptors."""
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_gpu_tall_tiles_compute_the_one_item_kernels_rows(shape, causal, block_n, poison_outputs, monkeypatch):
+    """Dense head_dim-64 patterns in 192-row tiles (64- or 128-key steps) against the reference,
+    and their LSE against the 128-row tiles' (the same sums in another order), ragged lengths,
+    GQA, Sq < Sk, launch-made and per-program descriptors."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is for Hopper")
+    monkeypatch.setattr(gluon_backend, "TALL_TILES_BLOCK_N", block_n)
     batch, q_heads, kv_heads, seq_q, seq_k = shape
     generator = torch.Generator(device="cuda").manual_seed(17)
     q = torch.randn(batch, q_heads, seq_q, 64, device="cuda", dtype=torch.bfloat16, generator=generator)

@@ -99,9 +99,11 @@ TALL_TILES_BY_DEFAULT = False
 # Thirteen warps (three consumer warpgroups and the producer) launch as sixteen (the producer's
 # warpgroup is padded): 512 threads, so at most 128 registers a thread at launch (65,536 a
 # multiprocessor). setmaxnreg then moves them: the producer's warpgroup drops to 24, the two
-# worker consumers rise to 152 and the default consumer to 184. 152 at launch compiled but
-# could not launch (the thirty-sixth session's first GPU run).
+# worker consumers rise to 160 and the default consumer to 168 (no spills at 64- or 128-key
+# steps). 152 at launch compiled but could not launch (the thirty-sixth session's first GPU run).
 THREE_CONSUMER_MAXNREG = 128
+# Key steps of the tall tiles.
+TALL_TILES_BLOCK_N = 64
 
 # auto leaves patterns of at most 2 kept blocks per query block on average (work bucket 1) to
 # the Triton kernel at every head_dim: at one block per query block, bidirectional, the image
@@ -525,7 +527,7 @@ if gluon is not None:
                     ),
                 ],
                 [4, 4, 1],
-                [152, 152, 24],
+                [160, 160, 24],
             )  # fmt: skip
         else:
             gl.warp_specialize(
@@ -750,11 +752,11 @@ def forward(
         lists = (predicate_lists.full_counts, predicate_lists.kv_indices)
         out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse, lists=lists)
         box = (predicate_lists.predicate.table, predicate_lists.predicate.guard)
-    # Tall tiles (:func:`_tall_tiles`): 192 rows in three 64-row query boxes, 64-key steps (at 128,
-    # ptxas serializes the three consumers' wgmma for want of registers), no lead, no persistence.
+    # Tall tiles (:func:`_tall_tiles`): 192 rows in three 64-row query boxes, key steps of
+    # TALL_TILES_BLOCK_N, no lead, no persistence.
     tall = _tall_tiles(q, pattern, plan, predicate_lists is not None)
     tile_rows = 192 if tall else GLUON_BLOCK_M
-    block_n = 64 if tall else configs.gluon_block_n(pattern.block_k)
+    block_n = TALL_TILES_BLOCK_N if tall else configs.gluon_block_n(pattern.block_k)
     descriptors = None
     if uses_host_descriptors(q, k, v, pattern):
         descriptors = host_descriptors(q, k, v, block_n, q_rows=64 if tall else GLUON_BLOCK_M)
