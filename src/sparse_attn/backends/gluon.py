@@ -102,8 +102,10 @@ TALL_TILES_BY_DEFAULT = False
 # worker consumers rise to 160 and the default consumer to 168 (no spills at 64- or 128-key
 # steps). 152 at launch compiled but could not launch (the thirty-sixth session's first GPU run).
 THREE_CONSUMER_MAXNREG = 128
-# Key steps of the tall tiles.
-TALL_TILES_BLOCK_N = 64
+# Key steps of the tall tiles: 128 (H100, dense causal head_dim 64, 32 heads: 8.38-8.89 ms at 32K
+# against 9.33-9.41 at 64 and 9.30-9.98 for the 128-row tiles; 133.1-137.3 at 128K against
+# 149.5-157.6 and 145.8-148.5; benchmarks/results/h100/tall_tiles_s56.json).
+TALL_TILES_BLOCK_N = 128
 
 # auto leaves patterns of at most 2 kept blocks per query block on average (work bucket 1) to
 # the Triton kernel at every head_dim: at one block per query block, bidirectional, the image
