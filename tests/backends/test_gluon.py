@@ -307,19 +307,22 @@ def test_gpu_host_and_device_descriptors_compute_the_same(shape, causal, poison_
     assert relative_error(host, ref) <= TOLERANCE[torch.bfloat16]
 
 
-def test_tall_tiles_run_dense_head_dim_64_patterns_only_when_asked():
+def test_tall_tiles_run_dense_head_dim_64_patterns_unless_told_not_to():
     """192-row query tiles (three consumer warpgroups) take head_dim-64 patterns that keep every
-    block and have no token rule, and only when asked (off by default until measured)."""
+    block and have no token rule, by default and when asked; never when told not to."""
     dense = sa.dense_pattern(seq_q=1000)
     plan = plan_for(dense, causal=True)
     sparse = sa.random_pattern(heads=2, seq_q=4096, density=0.3, seed=1)
     q64, q128 = torch.zeros(1, 2, 1000, 64), torch.zeros(1, 2, 1000, 128)
-    assert not gluon_backend._tall_tiles(q64, dense, plan, False)
-    with sa.backends.kernel_configs(gluon_tall_tiles=True):
-        assert gluon_backend._tall_tiles(q64, dense, plan, False)
-        assert not gluon_backend._tall_tiles(q128, dense, plan, False)
-        assert not gluon_backend._tall_tiles(q64, dense, plan, True)
-        assert not gluon_backend._tall_tiles(q64, sparse, plan_for(sparse, causal=True), False)
+    assert gluon_backend.TALL_TILES_BY_DEFAULT and gluon_backend._tall_tiles(q64, dense, plan, False)
+    with sa.backends.kernel_configs(gluon_tall_tiles=False):
+        assert not gluon_backend._tall_tiles(q64, dense, plan, False)
+    for asked in (None, True):
+        with sa.backends.kernel_configs(gluon_tall_tiles=asked):
+            assert gluon_backend._tall_tiles(q64, dense, plan, False)
+            assert not gluon_backend._tall_tiles(q128, dense, plan, False)
+            assert not gluon_backend._tall_tiles(q64, dense, plan, True)
+            assert not gluon_backend._tall_tiles(q64, sparse, plan_for(sparse, causal=True), False)
     with pytest.raises(TypeError, match="gluon_tall_tiles"):
         with sa.backends.kernel_configs(gluon_tall_tiles=1):
             pass
@@ -347,7 +350,8 @@ def test_gpu_tall_tiles_compute_the_one_item_kernels_rows(shape, causal, block_n
     k, v = (torch.randn(batch, kv_heads, seq_k, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
             for _ in range(2))  # fmt: skip
     pattern = sa.dense_pattern(seq_q=seq_q, seq_k=seq_k, causal=causal, device="cuda")
-    base, base_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="gluon", return_lse=True)
+    with sa.backends.kernel_configs(gluon_tall_tiles=False):
+        base, base_lse = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="gluon", return_lse=True)
     ref = sa.block_sparse_attention(q, k, v, pattern, causal=causal, backend="reference")
     results = []
     for host in (None, False):

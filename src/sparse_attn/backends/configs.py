@@ -123,8 +123,9 @@ class KernelConfigs:
     items, the next item's loads under the previous one's stores) on or off where launch-made
     descriptors apply; by default it runs on light work items only
     (:data:`sparse_attn.backends.gluon.PERSISTENT_MAX_WORK_BUCKET`). ``gluon_tall_tiles``: ``True``
-    runs dense head_dim-64 patterns in 192-row query tiles over three consumer warpgroups and
-    64-key steps, ``False`` never; unset, :data:`sparse_attn.backends.gluon.TALL_TILES_BY_DEFAULT`.
+    runs dense head_dim-64 patterns in 192-row query tiles over three consumer warpgroups,
+    ``False`` in 128-row tiles; unset, :data:`sparse_attn.backends.gluon.TALL_TILES_BY_DEFAULT`
+    (on).
     ``token_rows``: the rows a
     token-granular program packs (16, 32, 64 or 128; default 16, the smallest ``tl.dot``): more rows
     take more query tokens per tile, so a selected KV block is loaded once for more tokens
