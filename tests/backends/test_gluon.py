@@ -323,6 +323,8 @@ def test_tall_tiles_run_dense_head_dim_64_patterns_unless_told_not_to():
             assert not gluon_backend._tall_tiles(q128, dense, plan, False)
             assert not gluon_backend._tall_tiles(q64, dense, plan, True)
             assert not gluon_backend._tall_tiles(q64, sparse, plan_for(sparse, causal=True), False)
+            narrow = sa.dense_pattern(seq_q=1000, block_k=64)  # 128-key steps would span two blocks
+            assert not gluon_backend._tall_tiles(q64, narrow, plan_for(narrow, causal=True), False)
     with pytest.raises(TypeError, match="gluon_tall_tiles"):
         with sa.backends.kernel_configs(gluon_tall_tiles=1):
             pass

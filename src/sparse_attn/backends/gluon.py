@@ -684,12 +684,14 @@ if gluon is not None:
 
 def _tall_tiles(q: torch.Tensor, pattern: BlockSparsePattern, plan: BlockSparsePlan, has_rule: bool) -> bool:
     """Whether to run 192-row query tiles over three consumer warpgroups (``CONSUMERS = 3``):
-    asked for or :data:`TALL_TILES_BY_DEFAULT`, and a head_dim-64 pattern without a token rule
-    that keeps every block (its lists then nest, as :func:`.tile_steps.dense_tile_item` needs)."""
+    asked for or :data:`TALL_TILES_BY_DEFAULT`, and a head_dim-64 pattern without a token rule,
+    of key blocks a multiple of :data:`TALL_TILES_BLOCK_N`, that keeps every block (its lists then nest, as :func:`.tile_steps.dense_tile_item` needs)."""
     asked = configs.current().gluon_tall_tiles
     if not (TALL_TILES_BY_DEFAULT if asked is None else asked):
         return False
-    return q.shape[-1] == 64 and not has_rule and plan.density == 1.0
+    # Key steps split pattern blocks, never span two (tile_steps' SUBTILES = BLOCK_K // BLOCK_N).
+    whole_steps = pattern.block_k % TALL_TILES_BLOCK_N == 0
+    return q.shape[-1] == 64 and not has_rule and plan.density == 1.0 and whole_steps
 
 
 def _persistent(plan: BlockSparsePlan, waves: bool) -> bool:
