@@ -685,7 +685,8 @@ if gluon is not None:
 def _tall_tiles(q: torch.Tensor, pattern: BlockSparsePattern, plan: BlockSparsePlan, has_rule: bool) -> bool:
     """Whether to run 192-row query tiles over three consumer warpgroups (``CONSUMERS = 3``):
     asked for or :data:`TALL_TILES_BY_DEFAULT`, and a head_dim-64 pattern without a token rule,
-    of key blocks a multiple of :data:`TALL_TILES_BLOCK_N`, that keeps every block (its lists then nest, as :func:`.tile_steps.dense_tile_item` needs)."""
+    of key blocks a multiple of :data:`TALL_TILES_BLOCK_N`, that keeps every block (its lists
+    then nest, as :func:`.tile_steps.dense_tile_item` needs)."""
     asked = configs.current().gluon_tall_tiles
     if not (TALL_TILES_BY_DEFAULT if asked is None else asked):
         return False
