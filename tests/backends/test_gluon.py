@@ -174,8 +174,13 @@ def test_gpu_auto_picks_gluon_on_hopper_and_gluon_takes_what_auto_leaves():
     dense = sa.dense_pattern(seq_q=2048, device="cuda")
     assert resolve_backend("auto", q, k, v, dense, causal=True, return_lse=False) == "gluon"
     q64, k64, v64 = (x[..., :64].contiguous() for x in (q, k, v))
-    assert resolve_backend("auto", q64, k64, v64, dense, causal=True, return_lse=False) == "triton"
-    assert resolve_backend("gluon", q64, k64, v64, dense, causal=True, return_lse=False) == "gluon"
+    assert resolve_backend("auto", q64, k64, v64, dense, causal=True, return_lse=False) == "gluon"
+    # head_dim 64 with a mean under 5 kept blocks per query block (MIN_WORK_BUCKET_SMALL_DIM):
+    # auto takes the Triton kernel, backend="gluon" still the Gluon one.
+    light = sa.dense_pattern(seq_q=768, device="cuda")
+    q64, k64, v64 = (x[:, :, :768] for x in (q64, k64, v64))
+    assert resolve_backend("auto", q64, k64, v64, light, causal=True, return_lse=False) == "triton"
+    assert resolve_backend("gluon", q64, k64, v64, light, causal=True, return_lse=False) == "gluon"
     assert resolve_backend("triton", q, k, v, dense, causal=True, return_lse=False) == "triton"
 
 
