@@ -24,9 +24,18 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
 
     is_dq = constants.pop("KERNEL", "dkdv") == "dq"
     kernel = gluon_backward._gluon_dq if is_dq else gluon_backward._gluon_dkdv
+    step = "STEP_N" if is_dq else "STEP_M"
     values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True, BOX=False, EVEN_Q=True, EVEN_K=True)
+    values[step] = 64
     values.update(constants)
-    values["STAGES"] = (gluon_backward.DQ_STAGES if is_dq else gluon_backward.STAGES)[values["HEAD_DIM"]]
+    wide = values[step] == 128
+    stages = {
+        (False, False): gluon_backward.STAGES,
+        (False, True): gluon_backward.WIDE_STAGES,
+        (True, False): gluon_backward.DQ_STAGES,
+        (True, True): gluon_backward.DQ_WIDE_STAGES,
+    }[is_dq, wide]
+    values["STAGES"] = stages[values["HEAD_DIM"]]
     signature = {name: "i32" for name in kernel.arg_names}
     signature.update({name: f"*{dtype}" for name in ("DK", "DV", "DQ") if name in kernel.arg_names})
     lists = ("KvCounts", "KvIndices", "WorkOrder") if is_dq else ("QCounts", "QIndices", "WorkOrder")
@@ -35,7 +44,7 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
     signature.update({name: "i64" for name in kernel.arg_names if name.startswith("stride_") and name[-1] in "bh"})
     element = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     dim = values["HEAD_DIM"]
-    tiles = (128, 128, 64, 64) if is_dq else (64, 64, 128, 128)
+    tiles = (128, 128, values[step], values[step]) if is_dq else (values[step], values[step], 128, 128)
     for name, rows in zip(("QDesc", "DODesc", "KDesc", "VDesc"), tiles, strict=True):
         layout = gl.NVMMASharedLayout.get_default_for([rows, dim], element)
         signature[name] = f"tensordesc<{dtype}[{rows}, {dim}],{layout!r}>"

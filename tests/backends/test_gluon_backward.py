@@ -12,6 +12,7 @@ scope the Triton passes run and say so.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -50,18 +51,49 @@ def _compile_for_sm90(**variant):
         dict(BOX=True, EVEN_Q=False, EVEN_K=False, CAUSAL=False),
         dict(KERNEL="dq", EVEN_Q=False, EVEN_K=False),
         dict(KERNEL="dq", BOX=True, EVEN_Q=False, EVEN_K=False, CAUSAL=False, HEAD_DIM=64),
+        # Wide steps: 128 query rows a dK/dV step (head_dim 64), 128 keys a dQ step.
+        dict(HEAD_DIM=64, STEP_M=128),
+        dict(HEAD_DIM=64, STEP_M=128, BLOCK_Q=256, EVEN_Q=False, EVEN_K=False, CAUSAL=False, dtype="fp16"),
+        dict(HEAD_DIM=64, STEP_M=128, BOX=True),
+        dict(KERNEL="dq", STEP_N=128),
+        dict(KERNEL="dq", STEP_N=128, BLOCK_K=256, EVEN_Q=False, EVEN_K=False),
+        dict(KERNEL="dq", STEP_N=128, HEAD_DIM=64, BOX=True, CAUSAL=False, dtype="fp16"),
     ],
     ids=str,
 )
 def test_gluon_backward_kernels_compile_for_sm90(variant):
     compiled = _compile_for_sm90(**variant)
     ptx = compiled["ptx"]
-    # Scores (64 x 64 tiles) and the gradient products (64 rows x head_dim) on the tensor cores.
-    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32" in ptx
+    # Scores (64 x step tiles) and the gradient products (64 rows x head_dim) on the tensor cores.
+    step = variant.get("STEP_N" if variant.get("KERNEL") == "dq" else "STEP_M", 64)
+    assert f"wgmma.mma_async.sync.aligned.m64n{step}k16.f32" in ptx
     assert f"wgmma.mma_async.sync.aligned.m64n{variant.get('HEAD_DIM', 128)}k16.f32" in ptx
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
     assert "cp.async.bulk.tensor" in ptx  # TMA loads of K, V, Q and dO
     assert compiled["shared"] <= 227 * 1024
+    if step == 128:  # the wide steps run only where they spill little (gluon_backward.WIDE_STAGES)
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", compiled["report"])]
+        assert spills and max(spills) <= SPILL_LIMIT[variant.get("KERNEL", "dkdv")], compiled["report"]
+
+
+# Spill stores a consumer thread of the wide-step kernels may have (bytes). Measured on sm_90a:
+# dK/dV 16 (causal, whole blocks) to 284 (ragged) and 484 (box predicate); dQ 0 to 40.
+SPILL_LIMIT = {"dkdv": 512, "dq": 64}
+
+
+def test_wide_steps_apply_where_they_fit_and_when_asked():
+    assert not gluon_backward.WIDE_STEPS_BY_DEFAULT
+    assert gluon_backward.step_rows("dkdv", 64, 128) == gluon_backward.step_rows("dq", 128, 128) == 64
+    with kernel_configs(gluon_backward_wide_steps=True):
+        assert gluon_backward.step_rows("dkdv", 64, 128) == gluon_backward.step_rows("dkdv", 64, 256) == 128
+        assert gluon_backward.step_rows("dkdv", 64, 64) == 64  # a step within the query block
+        assert gluon_backward.step_rows("dkdv", 128, 128) == 64  # it would spill KBs at head_dim 128
+        assert gluon_backward.step_rows("dq", 128, 128) == gluon_backward.step_rows("dq", 64, 64) == 128
+    with kernel_configs(gluon_backward_wide_steps=False):
+        assert gluon_backward.step_rows("dkdv", 64, 128) == gluon_backward.step_rows("dq", 64, 128) == 64
+    with pytest.raises(TypeError, match="gluon_backward_wide_steps"):
+        with kernel_configs(gluon_backward_wide_steps="yes"):
+            pass
 
 
 def test_gluon_backward_option_is_checked():
@@ -158,6 +190,48 @@ def test_gpu_gluon_backward_matches_reference(case, causal, passes, poison_outpu
             for name, leaf, want in zip("qkv", leaves, expected, strict=True):
                 assert torch.isfinite(leaf.grad).all(), (backend, heads_kind, name)
                 assert relative_error(leaf.grad, want) <= TOLERANCE[dtype], (backend, heads_kind, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(q_heads=6, kv_heads=3, seq_q=512, seq_k=1024, dim=64, dtype=torch.float16),
+        dict(q_heads=8, kv_heads=2, seq_q=1024, seq_k=1024, dim=64, block_q=256),
+        dict(q_heads=6, kv_heads=3, seq_q=333, seq_k=555, dim=64, dtype=torch.float16),
+        dict(q_heads=8, kv_heads=2, seq_q=1000, seq_k=1100, dim=128),
+        dict(q_heads=8, kv_heads=1, seq_q=512, seq_k=768, dim=128, block_k=256),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_gluon_backward_wide_steps_match_reference(case, causal, poison_outputs, monkeypatch):
+    """``kernel_configs(gluon_backward_wide_steps=True)``: 128-row dK/dV steps (head_dim 64) and
+    128-key dQ steps give the reference's gradients (GQA, Sq < Sk, ragged lengths, 256-blocks)."""
+    options = {"block_q": 128, "block_k": 128, "dtype": torch.bfloat16, **case}
+    dtype = options.pop("dtype")
+    shape = (2, options["q_heads"], options["kv_heads"], options["seq_q"], options["seq_k"], options["dim"],
+             options["block_q"], options["block_k"])  # fmt: skip
+    q, k, v = random_qkv(*shape[:6], dtype=dtype, device="cuda", seed=5)
+    dout = torch.randn_like(q)
+    steps = []
+    choose = gluon_backward.step_rows
+    monkeypatch.setattr(gluon_backward, "step_rows", lambda *a: steps.append((a[0], choose(*a))) or steps[-1][1])
+    launches = _record_launches(monkeypatch)
+    pattern = shape_pattern(shape, heads=shape[2], density=0.4, causal=causal, seed=5).to("cuda")
+    leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
+    sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="reference").backward(dout.float())
+    expected = [x.grad for x in leaves]
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with kernel_configs(gluon_backward=True, gluon_backward_wide_steps=True):
+            sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="gluon").backward(dout)
+    assert launches == ["dkdv", "dq"]
+    assert steps == [("dkdv", 128 if shape[5] == 64 else 64), ("dq", 128)]
+    for name, leaf, want in zip("qkv", leaves, expected, strict=True):
+        assert torch.isfinite(leaf.grad).all(), name
+        assert relative_error(leaf.grad, want) <= TOLERANCE[dtype], name
 
 
 @pytest.mark.gpu

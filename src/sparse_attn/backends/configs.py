@@ -146,6 +146,9 @@ class KernelConfigs:
     a program of the token kernels' key-centric path gathers for one KV block (64 or 128; default
     :data:`sparse_attn.backends.triton_tokens_gathered.GATHER_ROWS`): more rows load each block
     once for more of the rows that listed it, in half as many programs.
+    ``gluon_backward_wide_steps``: ``True`` runs the Gluon backward passes in steps of 128 query
+    rows (dK/dV, head_dim 64 and ``block_q`` a multiple of 128) and 128 keys (dQ) instead of 64,
+    ``False`` in 64; unset, :data:`sparse_attn.backends.gluon_backward.WIDE_STEPS_BY_DEFAULT`.
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -161,6 +164,7 @@ class KernelConfigs:
     heavy_rows_first: bool | None = None
     gluon_backward: bool | str | None = None
     token_gather_rows: int | None = None
+    gluon_backward_wide_steps: bool | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -190,6 +194,7 @@ def kernel_configs(
     heavy_rows_first: bool | None = None,
     gluon_backward: bool | str | None = None,
     token_gather_rows: int | None = None,
+    gluon_backward_wide_steps: bool | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -222,6 +227,7 @@ def kernel_configs(
         "gluon_persistent": gluon_persistent,
         "gluon_tall_tiles": gluon_tall_tiles,
         "heavy_rows_first": heavy_rows_first,
+        "gluon_backward_wide_steps": gluon_backward_wide_steps,
     }
     for name, asked in flags.items():
         if asked is not None:

@@ -31,6 +31,18 @@ every listed block, 64 keys per step, into a ring of ``DQ_STAGES``; each consume
 64 rows: ``S = Q K^T`` and ``dP = dO V^T`` together, ``P``, ``dS = P (dP - delta)``, then
 ``dQ += dS K`` with ``dS`` from registers. No atomics.
 
+**Wide steps** (``kernel_configs(gluon_backward_wide_steps=True)``; off by default, not yet
+timed). Both score products of a step (``S^T``/``dP^T`` in dK/dV, ``S``/``dP`` in dQ) take both
+operands from shared memory. As 64 x 64 wgmma tiles they read 1/16 byte of it per multiply-add,
+a little more than it feeds the tensor cores at their full rate (by arithmetic, H100: 128 bytes
+a clock against about 2,100 multiply-adds a clock per SM); 64 x 128 tiles read 1/22. Wide steps
+make them 64 x 128 tiles: 128 query rows a dK/dV step (constexpr ``STEP_M``; head_dim 64 only, where
+the two float32 score tiles and the two gradient accumulators fit the consumer's registers: at
+128 ptxas spills about 2.4 KB) and 128 keys a dQ step (``STEP_N``). In the wide dK/dV step dS is
+formed before either gradient product is issued, so the float32 tiles die before both operands
+are held (16 bytes of spills instead of 112). Shallower rings (:data:`WIDE_STAGES`,
+:data:`DQ_WIDE_STAGES`) hold the larger tiles.
+
 **Token rules.** A rule that is a box predicate (:mod:`sparse_attn.rule_predicate`: the exact
 windows of ``neighborhood``, NSA's sliding window) is evaluated in both passes (constexpr
 ``BOX``) on every step, as the Triton passes do: the dK/dV consumers load their 64 key codes once
@@ -82,6 +94,30 @@ BLOCK_N = 128  # keys per program, 64 per consumer warpgroup
 STAGES = {64: 4, 128: 3}  # ring depth per head_dim: Q and dO tiles of 8 / 16 KiB each, beside 32 / 64 KiB of K and V
 # The dQ pass's K/V ring: 64-key tiles of 8 / 16 KiB each, beside 32 / 64 KiB of Q and dO.
 DQ_STAGES = {64: 6, 128: 4}
+# Wide steps (kernel_configs(gluon_backward_wide_steps=True)): 128 query rows a dK/dV step and
+# 128 keys a dQ step instead of 64, so the two score products (both operands from shared memory)
+# run as 64 x 128 wgmma tiles rather than 64 x 64; ring depths per head_dim for those tiles.
+# On sm_90a (tests/backends/test_gluon_backward.py) the wide dK/dV step spills 16 bytes a
+# consumer thread at head_dim 64 (causal, whole blocks; up to 284 with ragged lengths and 484
+# with a box predicate) and about 2.4 KB at 128, so it runs at head_dim 64 only; the wide dQ step
+# spills none at 64 and 40 bytes at 128. Not yet run on a GPU: off.
+WIDE_STAGES = {64: 4}
+DQ_WIDE_STAGES = {64: 4, 128: 2}
+WIDE_STEPS_BY_DEFAULT = False
+
+
+def step_rows(kind: str, head_dim: int, block_q: int) -> int:
+    """Query rows a dK/dV step (``kind="dkdv"``) or keys a dQ step (``"dq"``) takes: 128 for wide
+    steps (asked for, or :data:`WIDE_STEPS_BY_DEFAULT`) where they fit (:data:`WIDE_STAGES`,
+    :data:`DQ_WIDE_STAGES`; a dK/dV step within the pattern's query blocks), else 64."""
+    asked = configs.current().gluon_backward_wide_steps
+    if not (WIDE_STEPS_BY_DEFAULT if asked is None else asked):
+        return 64
+    if kind == "dkdv":
+        return 128 if head_dim in WIDE_STAGES and block_q % 128 == 0 else 64
+    return 128 if head_dim in DQ_WIDE_STAGES else 64
+
+
 # Head dims where the two passes run by default after the Gluon forward: at 128 they took forward
 # + backward from 126.7 to 109.5 ms at 128K / 0.1 and from 14.9 to 13.1 ms at 32K / 0.2; at 64
 # they were level or slower (2.74 against 2.63 ms at 32K / 0.05; twenty-seventh session,
@@ -117,25 +153,27 @@ if gluon is not None:
         return (((code | guard) - low) & (high - code) & keep) == want
 
     @gluon.jit
-    def _takes_step(first_row, key_start, offset, seq_q, CAUSAL: gl.constexpr, EVEN_Q: gl.constexpr):
-        """Whether the dK/dV pass computes the 64 query rows from ``first_row`` against the 128
-        keys from ``key_start`` (the producer and the consumers skip the same steps)."""
+    def _takes_step(
+        first_row, key_start, offset, seq_q, CAUSAL: gl.constexpr, EVEN_Q: gl.constexpr, STEP_M: gl.constexpr
+    ):
+        """Whether the dK/dV pass computes the ``STEP_M`` query rows from ``first_row`` against the
+        128 keys from ``key_start`` (the producer and the consumers skip the same steps)."""
         takes = True
         if CAUSAL:
-            takes = first_row + 63 + offset >= key_start
+            takes = first_row + (STEP_M - 1) + offset >= key_start
         if not EVEN_Q:
             takes = takes & (first_row < seq_q)
         return takes
 
     @gluon.jit
-    def _first_row(base, step, BLOCK_Q: gl.constexpr, SUB: gl.constexpr):
+    def _first_row(base, step, BLOCK_Q: gl.constexpr, SUB: gl.constexpr, STEP_M: gl.constexpr):
         q_block = gl.load(base + step // SUB)
-        return q_block * BLOCK_Q + (step % SUB) * 64
+        return q_block * BLOCK_Q + (step % SUB) * STEP_M
 
     @gluon.constexpr_function
-    def _scores_layout():
-        """The wgmma accumulator layout of a warpgroup's 64 x 64 score tiles."""
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    def _scores_layout(columns):
+        """The wgmma accumulator layout of a warpgroup's 64 x ``columns`` score tiles."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, columns, 16])
 
     @gluon.constexpr_function
     def _gradient_layout(head_dim):
@@ -162,9 +200,10 @@ if gluon is not None:
         QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor,
         BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, EVEN_Q: gl.constexpr,
+        STEP_M: gl.constexpr,
     ):  # fmt: skip
         """One warp: the K and V tiles once, then Q and dO tiles of every listed query tile."""
-        SUB: gl.constexpr = BLOCK_Q // 64
+        SUB: gl.constexpr = BLOCK_Q // STEP_M
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [kv_row0 + key_start, 0], kv_bar, k_smem)
         tma.async_copy_global_to_shared(v_desc, [kv_row0 + key_start, 0], kv_bar, v_smem)
@@ -176,10 +215,10 @@ if gluon is not None:
             )  # fmt: skip
             row0 = (batch * num_q_heads + head) * seq_q
             for step in range(n_steps):
-                first_row = _first_row(base, step, BLOCK_Q, SUB)
+                first_row = _first_row(base, step, BLOCK_Q, SUB, STEP_M)
                 # Causal: a query tile that ends before the key tile starts sees none of it; a
-                # 64-row tile wholly past seq_q (in a ragged last block) has no rows.
-                if _takes_step(first_row, key_start, offset, seq_q, CAUSAL, EVEN_Q):
+                # step's tile wholly past seq_q (in a ragged last block) has no rows.
+                if _takes_step(first_row, key_start, offset, seq_q, CAUSAL, EVEN_Q, STEP_M):
                     slot = ring % STAGES
                     # A fresh barrier counts as having completed the phase before phase 0.
                     mbarrier.wait(free.index(slot), ((ring // STAGES) & 1) ^ 1)
@@ -200,21 +239,23 @@ if gluon is not None:
         seq_k, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
+        STEP_M: gl.constexpr,
     ):  # fmt: skip
-        """One warpgroup: dK and dV of keys ``key_start + ROW_OFFSET`` to ``+ 64`` over every step.
+        """One warpgroup: dK and dV of keys ``key_start + ROW_OFFSET`` to ``+ 64`` over every step
+        of ``STEP_M`` query rows.
 
         ``BOX``: the pattern's token rule is a box predicate (:mod:`sparse_attn.rule_predicate`),
         tested on every step: the warpgroup's 64 key codes (row 0 of ``BoxTable``) loaded once,
         each step's query rows' packed bounds (rows 1 and 2) per step."""
-        SUB: gl.constexpr = BLOCK_Q // 64
-        st_layout: gl.constexpr = _scores_layout()
+        SUB: gl.constexpr = BLOCK_Q // STEP_M
+        st_layout: gl.constexpr = _scores_layout(STEP_M)
         acc_layout: gl.constexpr = _gradient_layout(HEAD_DIM)
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         dtype: gl.constexpr = q_smem.dtype
         k_half = k_smem.slice(ROW_OFFSET, 64)
         v_half = v_smem.slice(ROW_OFFSET, 64)
         key_pos = key_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, st_layout))
-        cols = gl.arange(0, 64, layout=gl.SliceLayout(0, st_layout))
+        cols = gl.arange(0, STEP_M, layout=gl.SliceLayout(0, st_layout))
         dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         key_code = 0
@@ -236,12 +277,12 @@ if gluon is not None:
             )  # fmt: skip
             row_base = (batch * num_q_heads + head).to(gl.int64) * seq_q
             for step in range(n_steps):
-                first_row = _first_row(base, step, BLOCK_Q, SUB)
-                if _takes_step(first_row, key_start, offset, seq_q, CAUSAL, EVEN_Q):
+                first_row = _first_row(base, step, BLOCK_Q, SUB, STEP_M)
+                if _takes_step(first_row, key_start, offset, seq_q, CAUSAL, EVEN_Q, STEP_M):
                     slot = ring % STAGES
                     rows = first_row + cols
                     mbarrier.wait(ready.index(slot), (ring // STAGES) & 1)
-                    st_zero = gl.zeros([64, 64], gl.float32, st_layout)
+                    st_zero = gl.zeros([64, STEP_M], gl.float32, st_layout)
                     q_t = q_smem.index(slot).permute((1, 0))
                     do_t = do_smem.index(slot).permute((1, 0))
                     s_token = warpgroup_mma(k_half, q_t, st_zero, use_acc=False, is_async=True)
@@ -255,7 +296,7 @@ if gluon is not None:
                     s_t = warpgroup_mma_wait(1, deps=(s_token,))
                     logits = s_t * qk_scale - lse[None, :]
                     if not EVEN_Q:
-                        if first_row + 64 > seq_q:
+                        if first_row + STEP_M > seq_q:
                             logits = gl.where((rows < seq_q)[None, :], logits, float("-inf"))
                     if CAUSAL:
                         if key_start + 127 > first_row + offset:  # the tile pair straddles the diagonal
@@ -273,15 +314,24 @@ if gluon is not None:
                         visible = _box_visible(key_code[:, None], keep, keep, low[None, :], high[None, :], box_guard)
                         logits = gl.where(visible, logits, float("-inf"))
                     p_t = gl.exp2(logits)
-                    p_op = gl.convert_layout(p_t.to(dtype), op_layout)
-                    # dV's product runs while dS is formed.
-                    dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
                     if EVEN_Q:
                         delta = gl.load(Delta + row_base + rows)
                     else:
                         delta = gl.load(Delta + row_base + rows, mask=rows < seq_q, other=0.0)
-                    dp_t = warpgroup_mma_wait(1, deps=(dp_token,))
-                    ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), op_layout)
+                    if STEP_M == 64:
+                        p_op = gl.convert_layout(p_t.to(dtype), op_layout)
+                        # dV's product runs while dS is formed.
+                        dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
+                        dp_t = warpgroup_mma_wait(1, deps=(dp_token,))
+                        ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), op_layout)
+                    else:
+                        # 64 x 128 score tiles: dS is formed before either product is issued, so
+                        # the float32 P^T and dP^T are dead before the two operands are held.
+                        dp_t = warpgroup_mma_wait(0, deps=(dp_token,))
+                        ds_t = p_t * (dp_t - delta[None, :])
+                        p_op = gl.convert_layout(p_t.to(dtype), op_layout)
+                        ds_op = gl.convert_layout(ds_t.to(dtype), op_layout)
+                        dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
                     dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
                     dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
                     mbarrier.arrive(free.index(slot), count=1)
@@ -306,8 +356,10 @@ if gluon is not None:
         n_blocks, per_wave, WorkOrder, lead_blocks, all_heads, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
+        STEP_M: gl.constexpr,
     ):  # fmt: skip
-        """One program per (batch, KV head, 128-key tile), in the Triton dK/dV pass's order."""
+        """One program per (batch, KV head, 128-key tile), in the Triton dK/dV pass's order, over
+        steps of ``STEP_M`` (64 or 128) query rows."""
         TILES: gl.constexpr = BLOCK_K // 128
         rank, batch_head = lead_wave_item(gl.program_id(0), per_wave, n_blocks * TILES, lead_blocks * TILES, all_heads)
         kv_block = gl.load(WorkOrder + rank // TILES)
@@ -317,10 +369,10 @@ if gluon is not None:
         kv_row0 = batch_head * seq_k
         offset = seq_k - seq_q
         dtype: gl.constexpr = DK.dtype.element_ty
-        row_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+        row_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([STEP_M, HEAD_DIM], dtype)
         key_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
-        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 64, HEAD_DIM], row_layout)
-        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 64, HEAD_DIM], row_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, STEP_M, HEAD_DIM], row_layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, STEP_M, HEAD_DIM], row_layout)
         k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
         v_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
         kv_bar, ready, free = _ring_barriers(STAGES)
@@ -331,21 +383,23 @@ if gluon is not None:
                     (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
-                     qk_scale, seq_k, BoxTable, box_guard, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K),
+                     qk_scale, seq_k, BoxTable, box_guard, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K,
+                     STEP_M),
                 ),
                 (
                     _consumer,
                     (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
-                     qk_scale, seq_k, BoxTable, box_guard, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K),
+                     qk_scale, seq_k, BoxTable, box_guard, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K,
+                     STEP_M),
                 ),
                 (
                     _producer,
                     (QDesc, DODesc, KDesc, VDesc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor,
-                     BLOCK_Q, STAGES, CAUSAL, EVEN_Q),
+                     BLOCK_Q, STAGES, CAUSAL, EVEN_Q, STEP_M),
                 ),
             ],
             [4, 1],
@@ -356,17 +410,17 @@ if gluon is not None:
     def _dq_producer(
         q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, free,
         index_base, n_steps, q_row, kv_row0,
-        BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, STEP_N: gl.constexpr,
     ):  # fmt: skip
         """One warp: the 128-row Q and dO tiles once, then K and V tiles of every listed block."""
-        SUB: gl.constexpr = BLOCK_K // 64
+        SUB: gl.constexpr = BLOCK_K // STEP_N
         mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
         tma.async_copy_global_to_shared(do_desc, [q_row, 0], q_bar, do_smem)
         for step in range(n_steps):
             slot = step % STAGES
             kv_block = gl.load(index_base + step // SUB)
-            key_start = kv_block * BLOCK_K + (step % SUB) * 64
+            key_start = kv_block * BLOCK_K + (step % SUB) * STEP_N
             mbarrier.wait(free.index(slot), ((step // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [kv_row0 + key_start, 0], ready.index(slot), k_smem.index(slot))
@@ -378,20 +432,22 @@ if gluon is not None:
         index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
+        STEP_N: gl.constexpr,
     ):  # fmt: skip
-        """One warpgroup: dQ of rows ``row_start + ROW_OFFSET`` to ``+ 64`` over every listed key tile.
+        """One warpgroup: dQ of rows ``row_start + ROW_OFFSET`` to ``+ 64`` over every listed key
+        tile, ``STEP_N`` keys a step.
 
         ``BOX``: a box-predicate token rule, tested on every step: the rows' packed bounds loaded
         once, each key tile's codes per step."""
-        SUB: gl.constexpr = BLOCK_K // 64
-        s_layout: gl.constexpr = _scores_layout()
+        SUB: gl.constexpr = BLOCK_K // STEP_N
+        s_layout: gl.constexpr = _scores_layout(STEP_N)
         acc_layout: gl.constexpr = _gradient_layout(HEAD_DIM)
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         dtype: gl.constexpr = q_smem.dtype
         q = q_smem.slice(ROW_OFFSET, 64)
         do = do_smem.slice(ROW_OFFSET, 64)
         rows = row_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
-        keys = gl.arange(0, 64, layout=gl.SliceLayout(0, s_layout))
+        keys = gl.arange(0, STEP_N, layout=gl.SliceLayout(0, s_layout))
         query_pos = rows + (seq_k - seq_q)
         if EVEN_Q:
             lse = gl.load(Lse + row_base + rows) * 1.4426950408889634
@@ -411,16 +467,16 @@ if gluon is not None:
         for step in range(n_steps):
             slot = step % STAGES
             mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-            s_zero = gl.zeros([64, 64], gl.float32, s_layout)
+            s_zero = gl.zeros([64, STEP_N], gl.float32, s_layout)
             s_token = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             dp_token = warpgroup_mma(do, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_token,))
             logits = s * qk_scale - lse[:, None]
             if CAUSAL or BOX or not EVEN_K:
                 kv_block = gl.load(index_base + step // SUB)
-                key_start = kv_block * BLOCK_K + (step % SUB) * 64
+                key_start = kv_block * BLOCK_K + (step % SUB) * STEP_N
                 if CAUSAL:
-                    if key_start + 63 > row_start + ROW_OFFSET + (seq_k - seq_q):  # straddles the diagonal
+                    if key_start + (STEP_N - 1) > row_start + ROW_OFFSET + (seq_k - seq_q):  # straddles the diagonal
                         visible = (key_start + keys)[None, :] <= query_pos[:, None]
                         logits = gl.where(visible, logits, float("-inf"))
                 if BOX:
@@ -440,7 +496,7 @@ if gluon is not None:
                     logits = gl.where(visible, logits, float("-inf"))
                 elif not EVEN_K:
                     # Keys past seq_k are the next head's (or TMA's zero fill): hidden.
-                    if key_start + 64 > seq_k:
+                    if key_start + STEP_N > seq_k:
                         logits = gl.where((key_start + keys < seq_k)[None, :], logits, float("-inf"))
             p = gl.exp2(logits)
             dp = warpgroup_mma_wait(0, deps=(dp_token,))
@@ -464,25 +520,27 @@ if gluon is not None:
         n_blocks, per_wave, WorkOrder, lead_blocks, all_heads, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
+        STEP_N: gl.constexpr,
     ):  # fmt: skip
-        """One program per (batch, query head, 128-row query tile), in the Triton dQ pass's order."""
+        """One program per (batch, query head, 128-row query tile), in the Triton dQ pass's order,
+        over steps of ``STEP_N`` (64 or 128) keys."""
         TILES: gl.constexpr = BLOCK_Q // 128
         rank, batch_head = lead_wave_item(gl.program_id(0), per_wave, n_blocks * TILES, lead_blocks * TILES, all_heads)
-        # The forward's work-item placement with 64-key steps (no full-block counts: KvCounts twice).
+        # The forward's work-item placement with STEP_N-key steps (no full-block counts: KvCounts twice).
         batch, head, kv_head, row_start, n_steps, _, index_base = work_item(
             rank, batch_head, WorkOrder, KvCounts, KvCounts, KvIndices,
             stride_cb, stride_ch, stride_ib, stride_ih, stride_iq, num_q_heads, group, pattern_head_divisor,
-            BLOCK_Q, BLOCK_K, 64,
+            BLOCK_Q, BLOCK_K, STEP_N,
         )  # fmt: skip
         row_base = batch_head.to(gl.int64) * seq_q
         kv_row0 = (batch * (num_q_heads // group) + kv_head) * seq_k
         dtype: gl.constexpr = DQ.dtype.element_ty
         row_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM], dtype)
-        key_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+        key_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([STEP_N, HEAD_DIM], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], row_layout)
         do_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], row_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 64, HEAD_DIM], key_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 64, HEAD_DIM], key_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, STEP_N, HEAD_DIM], key_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, STEP_N, HEAD_DIM], key_layout)
         q_bar, ready, free = _ring_barriers(STAGES)
         gl.warp_specialize(
             [
@@ -490,18 +548,18 @@ if gluon is not None:
                     _dq_consumer,
                     (q_smem, do_smem, k_smem, v_smem, q_bar, ready, free, Lse, Delta, DQ,
                      index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale, BoxTable, box_guard,
-                     0, HEAD_DIM, BLOCK_K, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K),
+                     0, HEAD_DIM, BLOCK_K, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K, STEP_N),
                 ),
                 (
                     _dq_consumer,
                     (q_smem, do_smem, k_smem, v_smem, q_bar, ready, free, Lse, Delta, DQ,
                      index_base, n_steps, row_start, row_base, seq_q, seq_k, scale, qk_scale, BoxTable, box_guard,
-                     64, HEAD_DIM, BLOCK_K, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K),
+                     64, HEAD_DIM, BLOCK_K, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K, STEP_N),
                 ),
                 (
                     _dq_producer,
                     (QDesc, DODesc, KDesc, VDesc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, free,
-                     index_base, n_steps, batch_head * seq_q + row_start, kv_row0, BLOCK_K, STAGES),
+                     index_base, n_steps, batch_head * seq_q + row_start, kv_row0, BLOCK_K, STAGES, STEP_N),
                 ),
             ],
             [4, 1],
@@ -584,10 +642,11 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
     kv_heads, seq_k = k.shape[1], k.shape[2]
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
     grid = (batch * kv_heads * pattern.num_kv_blocks * (pattern.block_k // BLOCK_N),)
+    step_m = step_rows("dkdv", dim, pattern.block_q)
     _gluon_dkdv[grid](
         *(
-            flat_descriptor(q, BLOCK_M),
-            flat_descriptor(dout, BLOCK_M),
+            flat_descriptor(q, step_m),
+            flat_descriptor(dout, step_m),
             flat_descriptor(k, BLOCK_N),
             flat_descriptor(v, BLOCK_N),
         ),
@@ -599,11 +658,12 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
-        STAGES=STAGES[dim],
+        STAGES=(WIDE_STAGES if step_m == 128 else STAGES)[dim],
         CAUSAL=bool(plan.causal),
         BOX=predicate is not None,
         EVEN_Q=seq_q % pattern.block_q == 0,
         EVEN_K=seq_k % pattern.block_k == 0,
+        STEP_M=step_m,
         num_warps=4,
     )
 
@@ -620,8 +680,9 @@ def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float
     kv_heads, seq_k = k.shape[1], k.shape[2]
     counts, indices = pattern.kv_counts.contiguous(), pattern.kv_indices.contiguous()
     grid = (batch * q_heads * pattern.num_q_blocks * (pattern.block_q // 128),)
+    step_n = step_rows("dq", dim, pattern.block_q)
     _gluon_dq[grid](
-        *(flat_descriptor(q, 128), flat_descriptor(dout, 128), flat_descriptor(k, 64), flat_descriptor(v, 64)),
+        *(flat_descriptor(q, 128), flat_descriptor(dout, 128), flat_descriptor(k, step_n), flat_descriptor(v, step_n)),
         *(lse, delta, dq_out, counts, indices),
         *block_list_strides(counts, indices, pattern.batch),
         *(q_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E),
@@ -630,11 +691,12 @@ def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float
         HEAD_DIM=dim,
         BLOCK_Q=pattern.block_q,
         BLOCK_K=pattern.block_k,
-        STAGES=DQ_STAGES[dim],
+        STAGES=(DQ_WIDE_STAGES if step_n == 128 else DQ_STAGES)[dim],
         CAUSAL=bool(plan.causal),
         BOX=predicate is not None,
         EVEN_Q=seq_q % pattern.block_q == 0,
         EVEN_K=seq_k % pattern.block_k == 0,
+        STEP_N=step_n,
         num_warps=4,
     )
 
