@@ -38,9 +38,10 @@ a little more than it feeds the tensor cores at their full rate (by arithmetic, 
 a clock against about 2,100 multiply-adds a clock per SM); 64 x 128 tiles read 1/22. Wide steps
 make them 64 x 128 tiles: 128 query rows a dK/dV step (constexpr ``STEP_M``; head_dim 64 only, where
 the two float32 score tiles and the two gradient accumulators fit the consumer's registers: at
-128 ptxas spills about 2.4 KB) and 128 keys a dQ step (``STEP_N``). In the wide dK/dV step dS is
-formed before either gradient product is issued, so the float32 tiles die before both operands
-are held (16 bytes of spills instead of 112). Shallower rings (:data:`WIDE_STAGES`,
+128 ptxas spills about 2.4 KB, and about 1 KB with a box predicate, which keeps 64-row steps) and
+128 keys a dQ step (``STEP_N``). In the wide dK/dV step dS is formed before either gradient
+product is issued, so the float32 tiles die before both operands are held (40 bytes of spills
+instead of 112 with whole blocks). Shallower rings (:data:`WIDE_STAGES`,
 :data:`DQ_WIDE_STAGES`) hold the larger tiles.
 
 **Token rules.** A rule that is a box predicate (:mod:`sparse_attn.rule_predicate`: the exact
@@ -72,7 +73,8 @@ where they cannot take the case; at head_dim 64 they were level or slower and ru
 (``kernel_configs(gluon_backward=True)``, or ``"dkdv"`` / ``"dq"`` for one pass;
 ``gluon_backward=False`` keeps the Triton passes everywhere). Their gradients equalled the Triton
 passes' bit for bit in those runs (the same products summed in the same order). At head_dim 128
-ptxas spills about 200 bytes of scalars (list bases and loop bounds) per dK/dV consumer thread,
+ptxas spills 84 bytes per dK/dV consumer thread (200 before the thirty-sixth session made the
+step's row offsets in the loop rather than hoisting 16 registers of them; 212 with ragged lengths),
 none at head_dim 64 and none in the dQ kernel.
 """
 
@@ -97,24 +99,25 @@ DQ_STAGES = {64: 6, 128: 4}
 # Wide steps (kernel_configs(gluon_backward_wide_steps=True)): 128 query rows a dK/dV step and
 # 128 keys a dQ step instead of 64, so the two score products (both operands from shared memory)
 # run as 64 x 128 wgmma tiles rather than 64 x 64; ring depths per head_dim for those tiles.
-# On sm_90a (tests/backends/test_gluon_backward.py) the wide dK/dV step spills 16 bytes a
-# consumer thread at head_dim 64 (causal, whole blocks; up to 284 with ragged lengths and 484
-# with a box predicate) and about 2.4 KB at 128, so it runs at head_dim 64 only; the wide dQ step
-# spills none at 64 and 40 bytes at 128. Not yet run on a GPU: off.
+# On sm_90a (tests/backends/test_gluon_backward.py) the wide dK/dV step spills 40 bytes a
+# consumer thread at head_dim 64 (causal, whole blocks; up to 348 with ragged lengths), about
+# 1 KB with a box predicate and 2.4 KB at head_dim 128, so it runs at head_dim 64 without a box
+# predicate only; the wide dQ step spills none at 64 and 40 bytes at 128. Not yet run on a GPU: off.
 WIDE_STAGES = {64: 4}
 DQ_WIDE_STAGES = {64: 4, 128: 2}
 WIDE_STEPS_BY_DEFAULT = False
 
 
-def step_rows(kind: str, head_dim: int, block_q: int) -> int:
+def step_rows(kind: str, head_dim: int, block_q: int, box: bool) -> int:
     """Query rows a dK/dV step (``kind="dkdv"``) or keys a dQ step (``"dq"``) takes: 128 for wide
     steps (asked for, or :data:`WIDE_STEPS_BY_DEFAULT`) where they fit (:data:`WIDE_STAGES`,
-    :data:`DQ_WIDE_STAGES`; a dK/dV step within the pattern's query blocks), else 64."""
+    :data:`DQ_WIDE_STAGES`; a dK/dV step within the pattern's query blocks and without a ``box``
+    predicate), else 64."""
     asked = configs.current().gluon_backward_wide_steps
     if not (WIDE_STEPS_BY_DEFAULT if asked is None else asked):
         return 64
     if kind == "dkdv":
-        return 128 if head_dim in WIDE_STAGES and block_q % 128 == 0 else 64
+        return 128 if head_dim in WIDE_STAGES and block_q % 128 == 0 and not box else 64
     return 128 if head_dim in DQ_WIDE_STAGES else 64
 
 
@@ -255,7 +258,6 @@ if gluon is not None:
         k_half = k_smem.slice(ROW_OFFSET, 64)
         v_half = v_smem.slice(ROW_OFFSET, 64)
         key_pos = key_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, st_layout))
-        cols = gl.arange(0, STEP_M, layout=gl.SliceLayout(0, st_layout))
         dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         key_code = 0
@@ -280,7 +282,7 @@ if gluon is not None:
                 first_row = _first_row(base, step, BLOCK_Q, SUB, STEP_M)
                 if _takes_step(first_row, key_start, offset, seq_q, CAUSAL, EVEN_Q, STEP_M):
                     slot = ring % STAGES
-                    rows = first_row + cols
+                    rows = first_row + gl.arange(0, STEP_M, layout=gl.SliceLayout(0, st_layout))
                     mbarrier.wait(ready.index(slot), (ring // STAGES) & 1)
                     st_zero = gl.zeros([64, STEP_M], gl.float32, st_layout)
                     q_t = q_smem.index(slot).permute((1, 0))
@@ -642,7 +644,7 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
     kv_heads, seq_k = k.shape[1], k.shape[2]
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
     grid = (batch * kv_heads * pattern.num_kv_blocks * (pattern.block_k // BLOCK_N),)
-    step_m = step_rows("dkdv", dim, pattern.block_q)
+    step_m = step_rows("dkdv", dim, pattern.block_q, predicate is not None)
     _gluon_dkdv[grid](
         *(
             flat_descriptor(q, step_m),
@@ -680,7 +682,7 @@ def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float
     kv_heads, seq_k = k.shape[1], k.shape[2]
     counts, indices = pattern.kv_counts.contiguous(), pattern.kv_indices.contiguous()
     grid = (batch * q_heads * pattern.num_q_blocks * (pattern.block_q // 128),)
-    step_n = step_rows("dq", dim, pattern.block_q)
+    step_n = step_rows("dq", dim, pattern.block_q, predicate is not None)
     _gluon_dq[grid](
         *(flat_descriptor(q, 128), flat_descriptor(dout, 128), flat_descriptor(k, step_n), flat_descriptor(v, step_n)),
         *(lse, delta, dq_out, counts, indices),
