@@ -44,6 +44,16 @@ product is issued, so the float32 tiles die before both operands are held (40 by
 instead of 112 with whole blocks). Shallower rings (:data:`WIDE_STAGES`,
 :data:`DQ_WIDE_STAGES`) hold the larger tiles.
 
+**Fused dQ** (``kernel_configs(gluon_backward_fused_dq=True)``; off by default, not yet timed).
+The dQ pass recomputes ``S`` and ``dP`` for every tile pair the dK/dV pass has just done. With
+the fused dQ the dK/dV pass also computes each step's share of dQ, ``dS K`` over its 64 keys,
+and adds it to a float32 buffer with atomics (FlashAttention-2 and -3 accumulate dQ across key
+tiles the same way, the latter through TMA reductions): five products per tile pair instead of
+seven, and no dQ pass. ``dS`` must be the A operand, so each consumer stores its ``dS^T`` to its
+own shared-memory tile and the product reads it transposed. Atomic sums are not bit-reproducible
+from run to run. Head_dim 64 only (at 128 the extra 64 x 128 accumulator spills about 1.3 KB),
+64-row steps, no box predicate (:func:`fuses_dq`).
+
 **Token rules.** A rule that is a box predicate (:mod:`sparse_attn.rule_predicate`: the exact
 windows of ``neighborhood``, NSA's sliding window) is evaluated in both passes (constexpr
 ``BOX``) on every step, as the Triton passes do: the dK/dV consumers load their 64 key codes once
@@ -88,7 +98,7 @@ from ..plan import BlockSparsePlan
 from ..rule_predicate import BoxPredicate
 from ..utils import device_capability, interpreting
 from . import configs
-from .gluon_lang import gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from .gluon_lang import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from .launch import LOG2_E, block_list_strides, flat_descriptor
 
 BLOCK_M = 64  # query rows per step (the N of the transposed score products)
@@ -106,6 +116,11 @@ DQ_STAGES = {64: 6, 128: 4}
 WIDE_STAGES = {64: 4}
 DQ_WIDE_STAGES = {64: 4, 128: 2}
 WIDE_STEPS_BY_DEFAULT = False
+# dQ inside the dK/dV pass (kernel_configs(gluon_backward_fused_dq=True)): five products per tile
+# pair instead of seven, dQ's shares added with float32 atomics (not bit-reproducible). Compiled
+# for sm_90a without spills at head_dim 64 (64-row steps); about 1.3 KB of spills at 128, so it
+# runs at head_dim 64 only. Not yet run on a GPU: off.
+FUSED_DQ_BY_DEFAULT = False
 
 
 def step_rows(kind: str, head_dim: int, block_q: int, box: bool) -> int:
@@ -119,6 +134,15 @@ def step_rows(kind: str, head_dim: int, block_q: int, box: bool) -> int:
     if kind == "dkdv":
         return 128 if head_dim in WIDE_STAGES and block_q % 128 == 0 and not box else 64
     return 128 if head_dim in DQ_WIDE_STAGES else 64
+
+
+def fuses_dq(head_dim: int, plan: BlockSparsePlan, box: bool) -> bool:
+    """Whether the dK/dV pass computes dQ too (asked for, or :data:`FUSED_DQ_BY_DEFAULT`): at
+    head_dim 64, in 64-row steps (:func:`step_rows`), without a ``box`` predicate."""
+    asked = configs.current().gluon_backward_fused_dq
+    if not (FUSED_DQ_BY_DEFAULT if asked is None else asked) or head_dim != 64 or box:
+        return False
+    return step_rows("dkdv", head_dim, plan.pattern.block_q, box) == 64
 
 
 # Head dims where the two passes run by default after the Gluon forward: at 128 they took forward
@@ -236,16 +260,18 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(
-        q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
+        q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV, DQAcc, ds_smem,
         QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale, qk_scale,
         seq_k, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
-        STEP_M: gl.constexpr,
+        STEP_M: gl.constexpr, FUSED_DQ: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup: dK and dV of keys ``key_start + ROW_OFFSET`` to ``+ 64`` over every step
-        of ``STEP_M`` query rows.
+        of ``STEP_M`` query rows; with ``FUSED_DQ`` also each step's share of dQ (its 64 keys'),
+        ``dS K``, added to the float32 ``DQAcc`` with atomics (``dS^T`` goes through ``ds_smem``,
+        the warpgroup's own 64 x ``STEP_M`` buffer, to be read transposed).
 
         ``BOX``: the pattern's token rule is a box predicate (:mod:`sparse_attn.rule_predicate`),
         tested on every step: the warpgroup's 64 key codes (row 0 of ``BoxTable``) loaded once,
@@ -325,7 +351,10 @@ if gluon is not None:
                         # dV's product runs while dS is formed.
                         dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
                         dp_t = warpgroup_mma_wait(1, deps=(dp_token,))
-                        ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), op_layout)
+                        ds_low = (p_t * (dp_t - delta[None, :])).to(dtype)
+                        if FUSED_DQ:
+                            ds_smem.store(ds_low)
+                        ds_op = gl.convert_layout(ds_low, op_layout)
                     else:
                         # 64 x 128 score tiles: dS is formed before either product is issued, so
                         # the float32 P^T and dP^T are dead before the two operands are held.
@@ -335,8 +364,23 @@ if gluon is not None:
                         ds_op = gl.convert_layout(ds_t.to(dtype), op_layout)
                         dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
                     dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
-                    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
-                    mbarrier.arrive(free.index(slot), count=1)
+                    if FUSED_DQ:
+                        # dQ's share of these 64 keys: dS (the stored dS^T read transposed) times K.
+                        fence_async_shared()
+                        dq_zero = gl.zeros([STEP_M, HEAD_DIM], gl.float32, acc_layout)
+                        dq_token = warpgroup_mma(ds_smem.permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
+                        dv, dk, p_op, ds_op, dq_part = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op, dq_token))
+                        mbarrier.arrive(free.index(slot), count=1)
+                        dq_rows = first_row + gl.arange(0, STEP_M, layout=gl.SliceLayout(1, acc_layout))
+                        dq_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+                        dq_pointers = DQAcc + (row_base + dq_rows)[:, None] * HEAD_DIM + dq_cols[None, :]
+                        if EVEN_Q:
+                            gl.atomic_add(dq_pointers, dq_part, sem="relaxed")
+                        else:
+                            gl.atomic_add(dq_pointers, dq_part, mask=(dq_rows < seq_q)[:, None], sem="relaxed")
+                    else:
+                        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
+                        mbarrier.arrive(free.index(slot), count=1)
                     ring += 1
         out_rows = key_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
         out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
@@ -352,16 +396,16 @@ if gluon is not None:
 
     @gluon.jit
     def _gluon_dkdv(
-        QDesc, DODesc, KDesc, VDesc, Lse, Delta, DK, DV, QCounts, QIndices,
+        QDesc, DODesc, KDesc, VDesc, Lse, Delta, DK, DV, DQAcc, QCounts, QIndices,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik,
         num_q_heads, num_kv_heads, group, pattern_head_divisor, seq_q, seq_k, scale, qk_scale,
         n_blocks, per_wave, WorkOrder, lead_blocks, all_heads, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
-        STEP_M: gl.constexpr,
+        STEP_M: gl.constexpr, FUSED_DQ: gl.constexpr,
     ):  # fmt: skip
         """One program per (batch, KV head, 128-key tile), in the Triton dK/dV pass's order, over
-        steps of ``STEP_M`` (64 or 128) query rows."""
+        steps of ``STEP_M`` (64 or 128) query rows; ``FUSED_DQ``: dQ too, into ``DQAcc``."""
         TILES: gl.constexpr = BLOCK_K // 128
         rank, batch_head = lead_wave_item(gl.program_id(0), per_wave, n_blocks * TILES, lead_blocks * TILES, all_heads)
         kv_block = gl.load(WorkOrder + rank // TILES)
@@ -377,24 +421,30 @@ if gluon is not None:
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, STEP_M, HEAD_DIM], row_layout)
         k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
         v_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
+        gl.static_assert(not FUSED_DQ or STEP_M == 64, "the fused dQ takes 64-row steps")
+        # Each consumer's dS^T for the fused dQ product (a token 8 x 8 pair without it).
+        DS_ROWS: gl.constexpr = 64 if FUSED_DQ else 8
+        DS_COLS: gl.constexpr = STEP_M if FUSED_DQ else 8
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([DS_ROWS, DS_COLS], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, DS_ROWS, DS_COLS], ds_layout)
         kv_bar, ready, free = _ring_barriers(STAGES)
         gl.warp_specialize(
             [
                 (
                     _consumer,
-                    (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
+                    (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV, DQAcc, ds_smem.index(0),
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
                      qk_scale, seq_k, BoxTable, box_guard, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K,
-                     STEP_M),
+                     STEP_M, FUSED_DQ),
                 ),
                 (
                     _consumer,
-                    (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
+                    (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV, DQAcc, ds_smem.index(1),
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
                      qk_scale, seq_k, BoxTable, box_guard, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K,
-                     STEP_M),
+                     STEP_M, FUSED_DQ),
                 ),
                 (
                     _producer,
@@ -619,11 +669,18 @@ def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan
     done = set()
     for kind, name, run in (("dkdv", "dK/dV", dkdv), ("dq", "dQ", dq)):
         choice = wanted(kind, head_dim=q.shape[-1], by_default=by_default)
-        if not choice or (choice == "default" and predicate is not None and not BOX_BY_DEFAULT):
+        if kind in done or not choice or (choice == "default" and predicate is not None and not BOX_BY_DEFAULT):
             continue
         reason = cannot_run_reason(q, k, v, dout, plan, has_rule=has_rule, kind=kind)
         if reason is None:
-            run(q, k, v, dout, lse, delta, *gradients[kind], plan, scale=scale, order=orders[kind], predicate=predicate)
+            extra = {}
+            # dQ inside the dK/dV pass where the dQ pass would run in Gluon too.
+            if kind == "dkdv" and wanted("dq", head_dim=q.shape[-1], by_default=by_default):
+                if fuses_dq(q.shape[-1], plan, predicate is not None):
+                    extra["dq_out"] = gradients["dq"][0]
+                    done.add("dq")
+            run(q, k, v, dout, lse, delta, *gradients[kind], plan, scale=scale, order=orders[kind], predicate=predicate,
+                **extra)  # fmt: skip
             done.add(kind)
         elif choice == "asked":
             warnings.warn(
@@ -633,8 +690,9 @@ def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan
 
 
 def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: float, order: tuple,
-         predicate: BoxPredicate | None = None) -> None:  # fmt: skip
-    """Fill ``dk`` and ``dv`` (contiguous, the shapes of k and v) with the Gluon pass.
+         predicate: BoxPredicate | None = None, dq_out: torch.Tensor | None = None) -> None:  # fmt: skip
+    """Fill ``dk`` and ``dv`` (contiguous, the shapes of k and v) with the Gluon pass, and
+    ``dq_out`` (q's shape) too where given (the fused dQ, :func:`fuses_dq`).
 
     ``order``: the Triton pass's launch order, ``(n_blocks, per_wave, work_order, lead_blocks,
     all_heads)``; ``predicate``: the pattern's token rule as a box predicate, or ``None``. Call
@@ -645,6 +703,7 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
     grid = (batch * kv_heads * pattern.num_kv_blocks * (pattern.block_k // BLOCK_N),)
     step_m = step_rows("dkdv", dim, pattern.block_q, predicate is not None)
+    dq_acc = None if dq_out is None else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     _gluon_dkdv[grid](
         *(
             flat_descriptor(q, step_m),
@@ -652,7 +711,7 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
             flat_descriptor(k, BLOCK_N),
             flat_descriptor(v, BLOCK_N),
         ),
-        *(lse, delta, dk, dv, q_counts, q_indices),
+        *(lse, delta, dk, dv, lse if dq_acc is None else dq_acc, q_counts, q_indices),
         *block_list_strides(q_counts, q_indices, pattern.batch),
         *(q_heads, kv_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E),
         *order,
@@ -666,8 +725,11 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
         EVEN_Q=seq_q % pattern.block_q == 0,
         EVEN_K=seq_k % pattern.block_k == 0,
         STEP_M=step_m,
+        FUSED_DQ=dq_acc is not None,
         num_warps=4,
     )
+    if dq_acc is not None:
+        dq_out.copy_(dq_acc.mul_(scale))
 
 
 def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float, order: tuple,
