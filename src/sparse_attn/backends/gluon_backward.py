@@ -51,8 +51,9 @@ and adds it to a float32 buffer with atomics (FlashAttention-2 and -3 accumulate
 tiles the same way, the latter through TMA reductions): five products per tile pair instead of
 seven, and no dQ pass. ``dS`` must be the A operand, so each consumer stores its ``dS^T`` to its
 own shared-memory tile and the product reads it transposed. Atomic sums are not bit-reproducible
-from run to run. Head_dim 64 only (at 128 the extra 64 x 128 accumulator spills about 1.3 KB),
-64-row steps, no box predicate (:func:`fuses_dq`).
+from run to run. Head_dim 64 only (at 128 ptxas spilled 0.7-1.3 KB a consumer thread, with dQ in
+one 64 x 128 tile or in two 64 x 64 column halves, issued beside dK/dV or after them), 64-row
+steps, no box predicate (:func:`fuses_dq`).
 
 **Token rules.** A rule that is a box predicate (:mod:`sparse_attn.rule_predicate`: the exact
 windows of ``neighborhood``, NSA's sliding window) is evaluated in both passes (constexpr
@@ -118,7 +119,7 @@ DQ_WIDE_STAGES = {64: 4, 128: 2}
 WIDE_STEPS_BY_DEFAULT = False
 # dQ inside the dK/dV pass (kernel_configs(gluon_backward_fused_dq=True)): five products per tile
 # pair instead of seven, dQ's shares added with float32 atomics (not bit-reproducible). Compiled
-# for sm_90a without spills at head_dim 64 (64-row steps); about 1.3 KB of spills at 128, so it
+# for sm_90a without spills at head_dim 64 (64-row steps); 0.7-1.3 KB of spills at 128, so it
 # runs at head_dim 64 only. Not yet run on a GPU: off.
 FUSED_DQ_BY_DEFAULT = False
 
@@ -371,13 +372,15 @@ if gluon is not None:
                         dq_token = warpgroup_mma(ds_smem.permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
                         dv, dk, p_op, ds_op, dq_part = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op, dq_token))
                         mbarrier.arrive(free.index(slot), count=1)
-                        dq_rows = first_row + gl.arange(0, STEP_M, layout=gl.SliceLayout(1, acc_layout))
+                        dq_rows = gl.arange(0, STEP_M, layout=gl.SliceLayout(1, acc_layout))
                         dq_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-                        dq_pointers = DQAcc + (row_base + dq_rows)[:, None] * HEAD_DIM + dq_cols[None, :]
+                        dq_base = DQAcc + (row_base + first_row) * HEAD_DIM  # a scalar base, 32-bit offsets
+                        dq_pointers = dq_base + (dq_rows[:, None] * HEAD_DIM + dq_cols[None, :])
                         if EVEN_Q:
                             gl.atomic_add(dq_pointers, dq_part, sem="relaxed")
                         else:
-                            gl.atomic_add(dq_pointers, dq_part, mask=(dq_rows < seq_q)[:, None], sem="relaxed")
+                            in_range = (first_row + dq_rows < seq_q)[:, None]
+                            gl.atomic_add(dq_pointers, dq_part, mask=in_range, sem="relaxed")
                     else:
                         dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
                         mbarrier.arrive(free.index(slot), count=1)
@@ -421,7 +424,7 @@ if gluon is not None:
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, STEP_M, HEAD_DIM], row_layout)
         k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
         v_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
-        gl.static_assert(not FUSED_DQ or STEP_M == 64, "the fused dQ takes 64-row steps")
+        gl.static_assert(not FUSED_DQ or (STEP_M == 64 and HEAD_DIM == 64), "the fused dQ: head_dim 64, 64-row steps")
         # Each consumer's dS^T for the fused dQ product (a token 8 x 8 pair without it).
         DS_ROWS: gl.constexpr = 64 if FUSED_DQ else 8
         DS_COLS: gl.constexpr = STEP_M if FUSED_DQ else 8
