@@ -51,7 +51,11 @@ and adds it to a float32 buffer with atomics (FlashAttention-2 and -3 accumulate
 tiles the same way, the latter through TMA reductions): five products per tile pair instead of
 seven, and no dQ pass. ``dS`` must be the A operand, so each consumer stores its ``dS^T`` to its
 own shared-memory tile and the product reads it transposed. Atomic sums are not bit-reproducible
-from run to run. Head_dim 64 only (at 128 ptxas spilled 0.7-1.3 KB a consumer thread, with dQ in
+from run to run. The twenty-seventh session tried a fused form at head_dim 128 (TMA reductions
+of float32 dQ staged in shared memory; commit 7401911, docs/h200.md) and found it slower: the
+consumers there already spilled, and the dQ product and its waits added more to the dK/dV pass
+than the whole dQ pass took. This one is for head_dim 64, where the consumers have registers to
+spare, and adds dQ from registers; whether it pays is not yet measured. Head_dim 64 only (at 128 ptxas spilled 0.7-1.3 KB a consumer thread, with dQ in
 one 64 x 128 tile or in two 64 x 64 column halves, issued beside dK/dV or after them), 64-row
 steps, no box predicate (:func:`fuses_dq`).
 
