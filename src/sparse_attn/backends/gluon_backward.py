@@ -31,33 +31,33 @@ every listed block, 64 keys per step, into a ring of ``DQ_STAGES``; each consume
 64 rows: ``S = Q K^T`` and ``dP = dO V^T`` together, ``P``, ``dS = P (dP - delta)``, then
 ``dQ += dS K`` with ``dS`` from registers. No atomics.
 
-**Wide steps** (``kernel_configs(gluon_backward_wide_steps=True)``; off by default, not yet
-timed). Both score products of a step (``S^T``/``dP^T`` in dK/dV, ``S``/``dP`` in dQ) take both
-operands from shared memory. As 64 x 64 wgmma tiles they read 1/16 byte of it per multiply-add,
-a little more than it feeds the tensor cores at their full rate (by arithmetic, H100: 128 bytes
-a clock against about 2,100 multiply-adds a clock per SM); 64 x 128 tiles read 1/22. Wide steps
-make them 64 x 128 tiles: 128 query rows a dK/dV step (constexpr ``STEP_M``; head_dim 64 only, where
-the two float32 score tiles and the two gradient accumulators fit the consumer's registers: at
-128 ptxas spills about 2.4 KB, and about 1 KB with a box predicate, which keeps 64-row steps) and
-128 keys a dQ step (``STEP_N``). In the wide dK/dV step dS is formed before either gradient
+**Wide steps** (``kernel_configs(gluon_backward_wide_steps=True)``; off by default, not yet timed).
+Both score products of a step (``S^T``/``dP^T`` in dK/dV, ``S``/``dP`` in dQ) take both operands
+from shared memory. As 64 x 64 wgmma tiles they read 1/16 byte of it per multiply-add: at the
+tensor cores' full rate (about 2,000 multiply-adds a clock per SM on an H100, by arithmetic) that
+is all of the 128 bytes a clock its shared memory delivers; 64 x 128 tiles read 1/21. Wide steps
+make them 64 x 128 tiles: 128 query rows a dK/dV step (constexpr ``STEP_M``; head_dim 64 only,
+where the two float32 score tiles and the two gradient accumulators fit the consumer's registers:
+at 128 ptxas spills about 2.4 KB, and about 1 KB with a box predicate, which keeps 64-row steps)
+and 128 keys a dQ step (``STEP_N``). In the wide dK/dV step dS is formed before either gradient
 product is issued, so the float32 tiles die before both operands are held (40 bytes of spills
-instead of 112 with whole blocks). Shallower rings (:data:`WIDE_STAGES`,
-:data:`DQ_WIDE_STAGES`) hold the larger tiles.
+instead of 112 with whole blocks). Shallower rings (:data:`WIDE_STAGES`, :data:`DQ_WIDE_STAGES`)
+hold the larger tiles.
 
-**Fused dQ** (``kernel_configs(gluon_backward_fused_dq=True)``; off by default, not yet timed).
-The dQ pass recomputes ``S`` and ``dP`` for every tile pair the dK/dV pass has just done. With
-the fused dQ the dK/dV pass also computes each step's share of dQ, ``dS K`` over its 64 keys,
-and adds it to a float32 buffer with atomics (FlashAttention-2 and -3 accumulate dQ across key
-tiles the same way, the latter through TMA reductions): five products per tile pair instead of
-seven, and no dQ pass. ``dS`` must be the A operand, so each consumer stores its ``dS^T`` to its
-own shared-memory tile and the product reads it transposed. Atomic sums are not bit-reproducible
-from run to run. The twenty-seventh session tried a fused form at head_dim 128 (TMA reductions
-of float32 dQ staged in shared memory; commit 7401911, docs/h200.md) and found it slower: the
-consumers there already spilled, and the dQ product and its waits added more to the dK/dV pass
-than the whole dQ pass took. This one is for head_dim 64, where the consumers have registers to
-spare, and adds dQ from registers; whether it pays is not yet measured. Head_dim 64 only (at 128 ptxas spilled 0.7-1.3 KB a consumer thread, with dQ in
-one 64 x 128 tile or in two 64 x 64 column halves, issued beside dK/dV or after them), 64-row
-steps, no box predicate (:func:`fuses_dq`).
+**Fused dQ** (``kernel_configs(gluon_backward_fused_dq=True)``; off by default, not yet timed). The
+dQ pass recomputes ``S`` and ``dP`` for every tile pair the dK/dV pass has just done. With the
+fused dQ the dK/dV pass also computes each step's share of dQ, ``dS K`` over its 64 keys, and adds
+it to a float32 buffer with atomics (FlashAttention-2 and -3 accumulate dQ across key tiles the
+same way, the latter through TMA reductions): five products per tile pair instead of seven, and no
+dQ pass. ``dS`` must be the A operand, so each consumer stores its ``dS^T`` to its own
+shared-memory tile and the product reads it transposed. Atomic sums are not bit-reproducible from
+run to run. The twenty-seventh session tried a fused form at head_dim 128 (TMA reductions of
+float32 dQ staged in shared memory; commit 7401911, docs/h200.md) and found it slower: the
+consumers there already spilled, and the dQ product and its waits added more to the dK/dV pass than
+the whole dQ pass took. This one is for head_dim 64, where the consumers have registers to spare,
+and adds dQ from registers; whether it pays is not yet measured. Head_dim 64 only (at 128 ptxas
+spilled 0.7-1.3 KB a consumer thread, with dQ in one 64 x 128 tile or in two 64 x 64 column halves,
+issued beside dK/dV or after them), 64-row steps, no box predicate (:func:`fuses_dq`).
 
 **Token rules.** A rule that is a box predicate (:mod:`sparse_attn.rule_predicate`: the exact
 windows of ``neighborhood``, NSA's sliding window) is evaluated in both passes (constexpr
