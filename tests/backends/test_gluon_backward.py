@@ -199,6 +199,23 @@ def _record_launches(monkeypatch) -> list[str]:
     return launches
 
 
+def _case_shape(case: dict, dim: int | None = None) -> tuple[tuple, torch.dtype]:
+    """A GPU case's ``(batch 2, q_heads, kv_heads, seq_q, seq_k, dim, block_q, block_k)`` shape
+    (blocks 128 and bf16 unless the case says; ``dim`` where the test fixes it) and dtype."""
+    options = {"block_q": 128, "block_k": 128, "dtype": torch.bfloat16, **case}
+    dim = options["dim"] if dim is None else dim
+    shape = (2, options["q_heads"], options["kv_heads"], options["seq_q"], options["seq_k"], dim,
+             options["block_q"], options["block_k"])  # fmt: skip
+    return shape, options["dtype"]
+
+
+def _reference_gradients(q, k, v, dout, pattern, causal: bool) -> list[torch.Tensor]:
+    """The reference backend's float32 gradients for q, k and v."""
+    leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
+    sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="reference").backward(dout.float())
+    return [x.grad for x in leaves]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "case",
@@ -217,12 +234,9 @@ def _record_launches(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("passes", ["dkdv", "dq", True])
 def test_gpu_gluon_backward_matches_reference(case, causal, passes, poison_outputs, monkeypatch):
-    options = {"dim": 128, "block_q": 128, "block_k": 128, "dtype": torch.bfloat16, **case}
-    dtype = options.pop("dtype")
-    if options["block_q"] % 128 and passes != "dkdv":
+    shape, dtype = _case_shape(case)
+    if shape[6] % 128 and passes != "dkdv":
         pytest.skip("the Gluon dQ pass takes 128-row query blocks (the fallback test covers the others)")
-    shape = (2, options["q_heads"], options["kv_heads"], options["seq_q"], options["seq_k"], options["dim"],
-             options["block_q"], options["block_k"])  # fmt: skip
     q, k, v = random_qkv(*shape[:6], dtype=dtype, device="cuda", seed=3)
     dout = torch.randn_like(q)
     launches = _record_launches(monkeypatch)
@@ -230,11 +244,9 @@ def test_gpu_gluon_backward_matches_reference(case, causal, passes, poison_outpu
     for seed, heads_kind in enumerate(("query", "kv", "shared")):
         heads = {"query": shape[1], "kv": shape[2], "shared": 1}[heads_kind]
         pattern = shape_pattern(shape, heads=heads, density=0.4, causal=causal, seed=seed).to("cuda")
-        leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
-        sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="reference").backward(dout.float())
-        expected = [x.grad for x in leaves]
+        expected = _reference_gradients(q, k, v, dout, pattern, causal)
         # The Gluon forward takes 128-row query blocks only (the Triton forward runs the others).
-        for backend in ("triton", "gluon") if options["block_q"] % 128 == 0 else ("triton",):
+        for backend in ("triton", "gluon") if shape[6] % 128 == 0 else ("triton",):
             launches.clear()
             leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
             with warnings.catch_warnings():
@@ -263,10 +275,7 @@ def test_gpu_gluon_backward_matches_reference(case, causal, passes, poison_outpu
 def test_gpu_gluon_backward_wide_steps_match_reference(case, causal, poison_outputs, monkeypatch):
     """``kernel_configs(gluon_backward_wide_steps=True)``: 128-row dK/dV steps (head_dim 64) and
     128-key dQ steps give the reference's gradients (GQA, Sq < Sk, ragged lengths, 256-blocks)."""
-    options = {"block_q": 128, "block_k": 128, "dtype": torch.bfloat16, **case}
-    dtype = options.pop("dtype")
-    shape = (2, options["q_heads"], options["kv_heads"], options["seq_q"], options["seq_k"], options["dim"],
-             options["block_q"], options["block_k"])  # fmt: skip
+    shape, dtype = _case_shape(case)
     q, k, v = random_qkv(*shape[:6], dtype=dtype, device="cuda", seed=5)
     dout = torch.randn_like(q)
     steps = []
@@ -274,9 +283,7 @@ def test_gpu_gluon_backward_wide_steps_match_reference(case, causal, poison_outp
     monkeypatch.setattr(gluon_backward, "step_rows", lambda *a: steps.append((a[0], choose(*a))) or steps[-1][1])
     launches = _record_launches(monkeypatch)
     pattern = shape_pattern(shape, heads=shape[2], density=0.4, causal=causal, seed=5).to("cuda")
-    leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
-    sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="reference").backward(dout.float())
-    expected = [x.grad for x in leaves]
+    expected = _reference_gradients(q, k, v, dout, pattern, causal)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -306,19 +313,14 @@ def test_gpu_gluon_backward_fused_dq_matches_reference(case, causal, poison_outp
     """``kernel_configs(gluon_backward_fused_dq=True)`` at head_dim 64: the dK/dV pass alone (no dQ
     pass) gives the reference's gradients, dQ included (GQA 1-4, Sq < Sk, ragged lengths, 64-,
     128- and 256-row query blocks, 256-key blocks), from NaN-poisoned gradient buffers."""
-    options = {"block_q": 128, "block_k": 128, "dtype": torch.bfloat16, **case}
-    dtype = options.pop("dtype")
-    shape = (2, options["q_heads"], options["kv_heads"], options["seq_q"], options["seq_k"], 64,
-             options["block_q"], options["block_k"])  # fmt: skip
+    shape, dtype = _case_shape(case, dim=64)
     q, k, v = random_qkv(*shape[:6], dtype=dtype, device="cuda", seed=7)
     dout = torch.randn_like(q)
     launches = _record_launches(monkeypatch)
     pattern = shape_pattern(shape, heads=shape[1], density=0.4, causal=causal, seed=7).to("cuda")
-    leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
-    sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="reference").backward(dout.float())
-    expected = [x.grad for x in leaves]
+    expected = _reference_gradients(q, k, v, dout, pattern, causal)
     # The Gluon forward takes 128-row query blocks only (the Triton forward runs the others).
-    backend = "gluon" if options["block_q"] % 128 == 0 else "triton"
+    backend = "gluon" if shape[6] % 128 == 0 else "triton"
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -375,9 +377,7 @@ def test_gpu_gluon_passes_are_the_default_after_the_gluon_forward(seq, poison_ou
     pattern = shape_pattern((1, 8, 2, seq, seq, 128, 128, 128), heads=2, density=0.5, causal=True, seed=2).to("cuda")
     dout = torch.randn_like(q)
     launches = _record_launches(monkeypatch)
-    leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
-    sa.block_sparse_attention(*leaves, pattern, causal=True, backend="reference").backward(dout.float())
-    expected = [x.grad for x in leaves]
+    expected = _reference_gradients(q, k, v, dout, pattern, True)
     for backend, setting, runs in (("gluon", None, True), ("triton", None, False), ("gluon", False, False)):
         launches.clear()
         leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
@@ -416,9 +416,7 @@ def test_gpu_gluon_passes_evaluate_a_box_predicate(rule, ragged, dim, poison_out
         causal = False
     assert pattern.partial_entries() > 0 and kernel_predicate(pattern) is not None
     dout = torch.randn_like(q)
-    leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
-    sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="reference").backward(dout.float())
-    expected = [x.grad for x in leaves]
+    expected = _reference_gradients(q, k, v, dout, pattern, causal)
     launches = _record_launches(monkeypatch)
     for backend in ("gluon", "triton"):
         launches.clear()

@@ -780,7 +780,7 @@ def forward(
         BOX=predicate_lists is not None,
     )
     if tall:
-        grid = (batch * q_heads, -(-seq_q // tile_rows))
+        grid = (batch * q_heads, num_blocks(seq_q, tile_rows))
     else:
         grid = (batch * q_heads, num_blocks(seq_q, pattern.block_q) * (pattern.block_q // GLUON_BLOCK_M))
     num_items = grid[0] * grid[1]
