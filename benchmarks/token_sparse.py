@@ -48,7 +48,10 @@ grid (FlexAttention compiles once per shape, tens of seconds each).
 Writes ``benchmarks/results/<gpu>/token_sparse.json``. ``--token-rows 32|64|128`` packs more query
 tokens per token-kernel program (NSA's 16-head group: 2, 4 or 8 tokens per tile; at 32 the
 paper-default module's selected branch took 55.6 ms at 64K instead of 27.3 with 16 rows:
-``results/h200/token_sparse_nsa_module_rows32.json``).
+``results/h200/token_sparse_nsa_module_rows32.json``). Inputs are white noise, so neighbouring
+tokens choose independently; ``--correlation 0.98`` draws q and k correlated along the sequence
+(``sparse_attn.bench.smooth_sequence``), which makes NSA's neighbouring tokens share their
+selected blocks about as much as SmolLM2's do on text (``benchmarks/nsa_overlap.py``).
 
     PYTHONPATH=$PWD/src python benchmarks/token_sparse.py            # the full grid
     PYTHONPATH=$PWD/src python benchmarks/token_sparse.py --quick    # 8K and 32K, two cases
@@ -66,7 +69,7 @@ import torch.nn.functional as F
 
 import sparse_attn as sa
 from sparse_attn.backends.configs import kernel_configs
-from sparse_attn.bench import device_slug, environment, format_table, measure, write_results
+from sparse_attn.bench import device_slug, environment, format_table, measure, smooth_sequence, write_results
 from sparse_attn.nn import NativeSparseAttention
 
 # fla-core's NSA configuration: mean-pooled compression over blocks of 64, no sliding window.
@@ -290,17 +293,28 @@ def nsa_parts(module: NativeSparseAttention, q, k, v, device, budget: Budget) ->
 
 
 def run_case(
-    name: str, seq: int, device, *, budget_s: float, flex: bool, fla: bool = True, parts: bool = False, seed: int = 0
+    name: str,
+    seq: int,
+    device,
+    *,
+    budget_s: float,
+    flex: bool,
+    fla: bool = True,
+    parts: bool = False,
+    seed: int = 0,
+    correlation: float = 0.0,
 ) -> dict:
     spec = CASES[name]
     budget = Budget(budget_s)
     q_heads, kv_heads = spec["q_heads"], spec["kv_heads"]
     generator = torch.Generator(device=device).manual_seed(seed)
+    # q and k correlated along the sequence with --correlation (v stays white noise).
     q, k, v = (
-        torch.randn(1, heads, seq, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
-        for heads in (q_heads, kv_heads, kv_heads)
+        smooth_sequence((1, heads, seq, HEAD_DIM), rho, generator=generator, device=device, dtype=torch.bfloat16)
+        for heads, rho in ((q_heads, correlation), (kv_heads, correlation), (kv_heads, 0.0))
     )
     row = {"case": name, "seq": seq, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": HEAD_DIM, "errors": {}}
+    row["correlation"] = correlation
     row.update(block=spec["block"], top_k=spec["top_k"])
     start = time.perf_counter()
     if spec["kind"] == "moba":
@@ -411,6 +425,13 @@ def main() -> None:
         default=None,
         help="causal token dK/dV: skip listing steps before the keys by a branch (on) or run them masked (off)",
     )
+    parser.add_argument(
+        "--correlation",
+        type=float,
+        default=0.0,
+        help="q and k correlated along the sequence (sparse_attn.bench.smooth_sequence; 0: white noise, "
+        "0.98: NSA's neighbouring tokens share blocks about as on SmolLM2 with text, benchmarks/nsa_overlap.py)",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -430,6 +451,7 @@ def main() -> None:
         "quick": args.quick,
         "moba_path": args.moba_path,
         "token_rows": args.token_rows or 16,
+        "correlation": args.correlation,
         "token_gather_rows": args.token_gather_rows or 64,
         "dkdv_skip_early": triton_tokens_backward.DKDV_SKIP_EARLY,
         **environment(device),
@@ -446,7 +468,7 @@ def main() -> None:
         with kernel_configs(token_rows=args.token_rows, token_gather_rows=args.token_gather_rows):
             row = run_case(
                 name, seq, device, budget_s=args.case_budget, flex=not args.no_flex, fla=not args.no_fla,
-                parts=args.parts,
+                parts=args.parts, correlation=args.correlation,
             )  # fmt: skip
         row["token_rows"] = args.token_rows or 16
         shape = (seq, row["q_heads"], row["kv_heads"])

@@ -111,3 +111,30 @@ def test_waves_argument_parses_and_labels():
     assert parser.parse_args([]).kv_streams_per_wave is None
     assert parser.parse_args(["--kv-streams-per-wave", "0"]).kv_streams_per_wave == 0
     assert waves_label(None) == "auto" and waves_label(2) == 2
+
+
+def test_smooth_sequence_is_the_ar1_recurrence_with_unit_variance():
+    from sparse_attn.bench import smooth_sequence
+
+    shape, rho = (2, 3, 300, 5), 0.9
+    y = smooth_sequence(shape, rho, generator=torch.Generator().manual_seed(1), chunk=16)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    expected = torch.empty_like(x)
+    expected[..., 0, :] = x[..., 0, :]
+    for t in range(1, shape[-2]):
+        expected[..., t, :] = rho * expected[..., t - 1, :] + (1 - rho * rho) ** 0.5 * x[..., t, :]
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    long = smooth_sequence((64, 4096, 8), rho, generator=torch.Generator().manual_seed(2))
+    assert abs(long.var().item() - 1) < 0.05
+    lag1 = (long[:, 1:] * long[:, :-1]).mean().item()
+    assert abs(lag1 - rho) < 0.03
+    white = smooth_sequence((4, 7, 3), 0.0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(white, torch.randn((4, 7, 3), generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, True, "0.5"])
+def test_smooth_sequence_rejects_bad_correlation(bad):
+    from sparse_attn.bench import smooth_sequence
+
+    with pytest.raises(ValueError, match="correlation"):
+        smooth_sequence((4, 3), bad)

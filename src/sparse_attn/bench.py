@@ -307,3 +307,43 @@ def environment(device: torch.device) -> dict:
         except ImportError:
             pass
     return info
+
+
+def smooth_sequence(
+    shape: tuple[int, ...],
+    correlation: float,
+    *,
+    generator: torch.Generator | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    chunk: int = 128,
+) -> torch.Tensor:
+    """Standard-normal entries correlated along the sequence (dimension ``-2``): an AR(1) process
+    ``y[t] = c * y[t - 1] + sqrt(1 - c**2) * x[t]`` of white noise ``x``, started stationary
+    (``y[0] = x[0]``), so every entry has variance 1 and entries ``s`` positions apart correlation
+    ``c**s``. ``correlation`` 0 is ``torch.randn`` in ``dtype``.
+
+    Benchmark inputs whose neighbouring tokens look alike, as in real text (random inputs make
+    every token's top-k choice independent of its neighbour's). Computed in float32 chunk by
+    chunk (one ``chunk x chunk`` lower-triangular product per chunk, one carry per chunk), so it
+    costs O(S * chunk) per row, never a loop over tokens."""
+    if isinstance(correlation, bool) or not isinstance(correlation, (int, float)) or not 0 <= correlation < 1:
+        raise ValueError(f"correlation must be a number in [0, 1), got {correlation!r}")
+    if len(shape) < 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
+        raise ValueError(f"shape must be at least two positive ints (..., seq, dim), got {shape!r}")
+    rho, seq = float(correlation), shape[-2]
+    if rho == 0.0:  # the same draw as torch.randn in that dtype
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    c = (1.0 - rho * rho) ** 0.5
+    x[..., 0, :] /= c  # so that y[0] = x[0]: stationary from the first token
+    padded = -(-seq // chunk) * chunk
+    x = torch.nn.functional.pad(x, (0, 0, 0, padded - seq)).unflatten(-2, (padded // chunk, chunk))
+    steps = torch.arange(chunk, device=x.device, dtype=torch.float32)
+    lag = steps[:, None] - steps[None, :]
+    weights = torch.where(lag >= 0, rho ** lag.clamp(min=0), torch.zeros((), device=x.device)) * c
+    y = weights @ x  # each chunk as if it started from zero
+    decay = (rho ** (steps + 1))[:, None]  # what the previous chunk's last value adds to each step
+    for index in range(1, y.shape[-3]):
+        y[..., index, :, :] += decay * y[..., index - 1, -1:, :]
+    return y.flatten(-3, -2)[..., :seq, :].to(dtype)
