@@ -12,6 +12,10 @@ an exact float32 oracle of chosen rows, itself checked here against the float64 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -317,11 +321,64 @@ def test_token_rows_override_widens_the_tiles(rows, heads, block_q, expected):
         pass
 
 
+@pytest.mark.parametrize("masked_steps", [False, True])
 @pytest.mark.parametrize("shape, heads_kind", [(SHAPES[0], "kv"), (SHAPES[3], "shared"), (GATHERED_SHAPES[0][0], "kv")])
-def test_wider_token_tiles_match_float64_oracle(shape, heads_kind, poison_outputs):
-    """Tiles of several tokens per KV group (the union lists with per-token row bits), forward and gradients."""
-    with kernel_configs(token_rows=64):
+def test_wider_token_tiles_match_float64_oracle(shape, heads_kind, masked_steps, poison_outputs):
+    """Tiles of several tokens per KV group (the union lists with per-token row bits), forward and
+    gradients, with the forward's per-step branch and with every step masked."""
+    with kernel_configs(token_rows=64, token_masked_steps=masked_steps):
         _check(shape, True, heads_kind, seed=7)
+
+
+_SM90_TOKEN_FORWARD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from triton_sm90_compile import compile_for_sm90
+from sparse_attn.backends.triton_tokens import _token_forward
+pointers = {name: "*bf16" for name in ("Q", "K", "V", "Out")}
+pointers.update({"Lse": "*fp32", "Offsets": "*i64", "Blocks": "*i32", "Bits": "*i32", "qk_scale": "fp32"})
+results = {}
+for masked in (False, True):
+    for tokens in (1, 2, 4):  # NSA's 16-head group: 16, 32 and 64 rows
+        constexprs = dict(HEAD_DIM=128, BLOCK_Q=1, BLOCK_K=64, HEADS=16, TILE_TOKENS=tokens, BLOCK_M=16 * tokens,
+                          BLOCK_N=64, CAUSAL=True, WRITE_LSE=False, DOT_FP32=False, PRECISION="tf32",
+                          MASKED_STEPS=masked)
+        returncode, report, ptx = compile_for_sm90(_token_forward, pointers, constexprs, 4)
+        results[f"{masked} {tokens}"] = [returncode, report, "cp.async" in ptx, "wgmma" in ptx]
+print(json.dumps(results))
+"""
+
+
+def test_token_forward_compiles_for_sm90_and_masked_steps_pipeline_the_loads():
+    """The forward at NSA's shape compiles for sm_90a (the interpreter never compiles it; a child
+    process without it). One-token tiles and, with ``token_masked_steps``, wider ones issue their
+    K/V loads asynchronously (``cp.async``: Triton's software pipelining); 64 rows use warpgroup MMA."""
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops")
+    run = subprocess.run(
+        [sys.executable, "-c", _SM90_TOKEN_FORWARD, folder],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout)
+    for name, (returncode, report, _, _) in results.items():
+        assert returncode == 0, (name, report)
+    for tokens in (1, 2, 4):
+        assert results[f"True {tokens}"][2], f"no cp.async with masked steps at {16 * tokens} rows"
+    assert results["False 1"][2]
+    assert results["True 4"][3] and results["False 4"][3]
+
+
+def test_masked_steps_selection():
+    assert triton_tokens.masked_steps() is triton_tokens.MASKED_STEPS_BY_DEFAULT
+    for asked in (True, False):
+        with kernel_configs(token_masked_steps=asked):
+            assert triton_tokens.masked_steps() is asked
+    with pytest.raises(TypeError, match="token_masked_steps"), kernel_configs(token_masked_steps=1):
+        pass
 
 
 def test_triton_backend_routes_small_query_blocks_to_the_token_kernel():
@@ -332,8 +389,8 @@ def test_triton_backend_routes_small_query_blocks_to_the_token_kernel():
     assert _backend_module("gluon", small).__name__.endswith("backends.gluon")  # gluon falls back to triton
 
 
-@pytest.mark.parametrize("block_k", [8, 256])
-def test_non_finite_v_reaches_only_the_rows_that_list_its_block(block_k, poison_outputs):
+@pytest.mark.parametrize("block_k, masked_steps", [(8, False), (8, True), (256, False)])
+def test_non_finite_v_reaches_only_the_rows_that_list_its_block(block_k, masked_steps, poison_outputs):
     """A tile's union holds blocks some of its rows do not list: their zero weights must not
     carry a NaN of V into them (the documented rule, per query block = per token here). On the
     gathered path, a row's partial over the poisoned block must reach the merge, a causally
@@ -345,7 +402,8 @@ def test_non_finite_v_reaches_only_the_rows_that_list_its_block(block_k, poison_
     mask = torch.zeros(2, seq_q, 5, dtype=torch.bool)
     mask[:, ::2, 0] = True
     pattern = sa.BlockSparsePattern.from_mask(mask, block_q=1, block_k=block_k, seq_q=seq_q, seq_k=seq_k, causal=True)
-    out = sa.block_sparse_attention(q, k, v, pattern, backend="triton")
+    with kernel_configs(token_masked_steps=masked_steps):
+        out = sa.block_sparse_attention(q, k, v, pattern, backend="triton")
     assert torch.equal(~torch.isfinite(out), expected_nonfinite(q, k, v, pattern, True))
 
 
@@ -539,6 +597,20 @@ def test_gpu_nsa_like_selection(heads, heads_kind, poison_outputs):
     _gpu_check(q, k, v, pattern, sample_rows(32768, ROWS, seed=22))
     q, k, v = (x[:, :, :8192] for x in (q, k, v))
     _gpu_check(q, k, v, _nsa_like_pattern(8192, kv_heads, heads_kind, q_heads), torch.arange(8192), seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, heads_kind, rows", [((12, 12), "query", 16), ((28, 4), "kv", 16), ((64, 4), "kv", 64)])
+def test_gpu_masked_steps_on_wide_tiles(heads, heads_kind, rows, poison_outputs):
+    """``kernel_configs(token_masked_steps=True)`` on tiles of several tokens: lists per query head
+    (16 tokens a tile), a group of 7 (two tokens) and NSA's group of 16 with 64 rows (four tokens);
+    sampled rows at 32K, every row at 8K."""
+    q_heads, kv_heads = heads
+    q, k, v = _cuda_qkv(q_heads, kv_heads, 32768, 128, torch.bfloat16, seed=23)
+    with kernel_configs(token_masked_steps=True, token_rows=rows):
+        _gpu_check(q, k, v, _nsa_like_pattern(32768, kv_heads, heads_kind, q_heads), sample_rows(32768, ROWS, seed=23))
+        q, k, v = (x[:, :, :8192] for x in (q, k, v))
+        _gpu_check(q, k, v, _nsa_like_pattern(8192, kv_heads, heads_kind, q_heads), torch.arange(8192), seed=1)
 
 
 @pytest.mark.gpu

@@ -153,6 +153,13 @@ class KernelConfigs:
     adds; head_dim 64, 64-row steps, no box predicate) where that pass and the dQ pass both run in
     Gluon, ``False`` never; unset,
     :data:`sparse_attn.backends.gluon_backward.FUSED_DQ_BY_DEFAULT`.
+    ``token_masked_steps``: ``True`` makes the token-granular forward take every key step of a
+    tile of several query blocks through its masked path (V's non-finite values zeroed, the
+    listing rows' columns marked NaN) instead of branching, step by step, on whether every row
+    lists the block: without the branch Triton pipelines the K/V loads (``cp.async`` in the
+    sm_90a code, none with it), at the cost of those elementwise operations on every step;
+    ``False`` keeps the branch; unset,
+    :data:`sparse_attn.backends.triton_tokens.MASKED_STEPS_BY_DEFAULT`.
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -170,6 +177,7 @@ class KernelConfigs:
     token_gather_rows: int | None = None
     gluon_backward_wide_steps: bool | None = None
     gluon_backward_fused_dq: bool | None = None
+    token_masked_steps: bool | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -201,6 +209,7 @@ def kernel_configs(
     token_gather_rows: int | None = None,
     gluon_backward_wide_steps: bool | None = None,
     gluon_backward_fused_dq: bool | None = None,
+    token_masked_steps: bool | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -235,6 +244,7 @@ def kernel_configs(
         "heavy_rows_first": heavy_rows_first,
         "gluon_backward_wide_steps": gluon_backward_wide_steps,
         "gluon_backward_fused_dq": gluon_backward_fused_dq,
+        "token_masked_steps": token_masked_steps,
     }
     for name, asked in flags.items():
         if asked is not None:

@@ -45,7 +45,13 @@ Non-finite values follow :func:`sparse_attn.block_sparse_attention`'s rule exact
 ``v[j, d]`` reaches column ``d`` of the rows whose own list keeps ``j``'s block, not the other
 rows of the tile. Where a union entry is not listed by every row, the step reads V with
 non-finite values replaced by zero and marks column ``d`` NaN in the listing rows (a few
-elementwise operations on the V tile, only on such steps).
+elementwise operations on the V tile, only on such steps). That choice is a branch inside the
+key loop, and with it Triton does not pipeline the K/V loads of tiles of several query blocks
+(no ``cp.async`` in their sm_90a code; one-block tiles, which never branch, have it):
+``kernel_configs(token_masked_steps=True)`` takes every step of such tiles through the masked
+path instead, which restores the pipelining (checked in the sm_90a code at 32 and 64 rows) and
+costs the elementwise operations on every step. Which is faster is not yet measured, so it is
+off by default (:data:`MASKED_STEPS_BY_DEFAULT`).
 
 Tuning: ``BLOCK_N``, warps and stages are autotuned (keyed by ``ceil(log2(seq_k))``, head_dim,
 block sizes and the row tile); under ``TRITON_INTERPRET=1`` one small configuration runs and
@@ -74,10 +80,21 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 name = "triton"
 
+# Tiles of several query blocks take every key step through the masked path (no per-step branch on
+# whether every row lists the block; kernel_configs(token_masked_steps=...)). Off until timed on a GPU.
+MASKED_STEPS_BY_DEFAULT = False
+
 # Rows of a tile: P heads x T tokens. 64 bounds P * block_q; 16 is the smallest tl.dot.
 MAX_PACKED_ROWS = 64
 MIN_ROWS = 16
 MAX_TILE_BLOCKS = 16
+
+
+def masked_steps() -> bool:
+    """Whether the forward's tiles of several query blocks take the masked step only (see
+    :data:`MASKED_STEPS_BY_DEFAULT`, ``kernel_configs(token_masked_steps=...)``)."""
+    asked = configs.current().token_masked_steps
+    return MASKED_STEPS_BY_DEFAULT if asked is None else asked
 
 
 def unsupported_reason(
@@ -328,6 +345,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        MASKED_STEPS: tl.constexpr,
     ):  # fmt: skip
         batch, tile, head, token, query_pos, valid, bit, k_base, v_base, start, end = tile_program(
             K, V, Offsets, stride_kb, stride_kh, stride_vb, stride_vh, list_stride_b, list_stride_h,
@@ -365,10 +383,15 @@ if triton is not None:
             else:
                 bits = tl.load(Bits + entry)
                 listed = valid & (((bits >> bit) & 1) != 0)
-                acc, m_i, l_i = attend_step(
-                    acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, bits == all_bits,
-                    CAUSAL, PRECISION,
-                )  # fmt: skip
+                if MASKED_STEPS:  # no runtime branch in the step: the loads pipeline (module docstring)
+                    acc, m_i, l_i = attend_step(
+                        acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, False, CAUSAL, PRECISION
+                    )
+                else:
+                    acc, m_i, l_i = attend_step(
+                        acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, bits == all_bits,
+                        CAUSAL, PRECISION,
+                    )  # fmt: skip
 
         store_rows(Out, acc / l_i[:, None], batch, head, token, valid, stride_ob, stride_oh, stride_os, offs_d)
         if WRITE_LSE:
@@ -390,8 +413,11 @@ def _autotuned_forward(block_k: int, is_float32: bool):
     tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in (4, 8) for s in (2, 3)]
     return triton.autotune(
         configs=tuning,
-        key=["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "TILE_TOKENS", "BLOCK_M", "CAUSAL", "PRECISION"],
-    )(_token_forward)
+        key=[
+            "seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "TILE_TOKENS", "BLOCK_M", "CAUSAL", "PRECISION",
+            "MASKED_STEPS",
+        ],
+    )(_token_forward)  # fmt: skip
 
 
 def program_lists(pattern: BlockSparsePattern, tiling: TokenTiling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -469,6 +495,7 @@ def forward(
         *(scale * LOG2_E, length_bucket(k.shape[2])),
     )
     constants = dict(kernel_constants(q, pattern, tiling, causal=causal), WRITE_LSE=bool(return_lse))
+    constants["MASKED_STEPS"] = masked_steps()
     if interpreting():
         _token_forward[grid](*args, BLOCK_N=16, **constants)
     else:
