@@ -17,15 +17,25 @@ from sparse_attn.pattern import BlockSparsePattern, random_pattern
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def _json_from_child(arguments: list[str]):
+    """What ``python *arguments`` prints as JSON, run in a child process without Triton's
+    interpreter (kernels made under ``TRITON_INTERPRET=1`` cannot be compiled)."""
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, env=environment, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
 def compile_in_child(script: Path, variant: dict) -> dict:
     """Run a kernel-compiling ``script`` (it prints JSON) on ``variant`` in a child process without
     Triton's interpreter (Gluon functions made under ``TRITON_INTERPRET=1`` cannot be compiled)."""
-    environment = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run(
-        [sys.executable, str(script), json.dumps(variant)], capture_output=True, text=True, env=environment, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+    return _json_from_child([str(script), json.dumps(variant)])
+
+
+def source_in_child(source: str, *arguments: str):
+    """Run Python ``source`` (it prints JSON; ``sys.argv[1:]`` are ``arguments``) in a child
+    process without Triton's interpreter; its JSON."""
+    return _json_from_child(["-c", source, *arguments])
 
 
 def load_benchmark(name: str):

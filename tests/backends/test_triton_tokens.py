@@ -12,10 +12,7 @@ an exact float32 oracle of chosen rows, itself checked here against the float64 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -29,6 +26,7 @@ from helpers import (
     row_attention,
     sample_rows,
     shape_pattern,
+    source_in_child,
 )
 
 import sparse_attn as sa
@@ -353,17 +351,8 @@ def test_token_forward_compiles_for_sm90_and_masked_steps_pipeline_the_loads():
     """The forward at NSA's shape compiles for sm_90a (the interpreter never compiles it; a child
     process without it). One-token tiles and, with ``token_masked_steps``, wider ones issue their
     K/V loads asynchronously (``cp.async``: Triton's software pipelining); 64 rows use warpgroup MMA."""
-    environment = {**os.environ, "TRITON_INTERPRET": "0"}
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops")
-    run = subprocess.run(
-        [sys.executable, "-c", _SM90_TOKEN_FORWARD, folder],
-        capture_output=True,
-        text=True,
-        env=environment,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout)
+    results = source_in_child(_SM90_TOKEN_FORWARD, folder)
     for name, (returncode, report, _, _) in results.items():
         assert returncode == 0, (name, report)
     for tokens in (1, 2, 4):

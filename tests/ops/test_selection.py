@@ -3,13 +3,11 @@ kernel against them (the rules it replaces on CUDA)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import source_in_child
 
 from sparse_attn.ops.selection import Budget, cumulative_mass_mask, topk_by_rank_mask, topk_mask
 from sparse_attn.ops.selection import naive as selection_naive
@@ -346,17 +344,7 @@ print(json.dumps(results))
 def test_radix_select_kernel_compiles_for_sm90():
     """The long-row kernel, in each of its launches' variants, compiles for sm_90a (the interpreter
     never compiles it); run in a child process without the interpreter."""
-    environment = {**os.environ, "TRITON_INTERPRET": "0"}
-    folder = os.path.dirname(os.path.abspath(__file__))
-    run = subprocess.run(
-        [sys.executable, "-c", _SM90_RADIX_COMPILE, folder],
-        capture_output=True,
-        text=True,
-        env=environment,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout)
+    results = source_in_child(_SM90_RADIX_COMPILE, os.path.dirname(os.path.abspath(__file__)))
     assert len(results) == 6
     for name, (returncode, report) in results.items():
         assert returncode == 0, (name, report)
