@@ -51,7 +51,7 @@ paper-default module's selected branch took 55.6 ms at 64K instead of 27.3 with 
 ``results/h200/token_sparse_nsa_module_rows32.json``). Inputs are white noise, so neighbouring
 tokens choose independently; ``--correlation 0.98`` draws q and k correlated along the sequence
 (``sparse_attn.bench.smooth_sequence``), which makes NSA's neighbouring tokens share their
-selected blocks about as much as SmolLM2's do on text (``benchmarks/nsa_overlap.py``).
+selected blocks about as much as SmolLM2's do on text (``benchmarks/selection_overlap.py``).
 
     PYTHONPATH=$PWD/src python benchmarks/token_sparse.py            # the full grid
     PYTHONPATH=$PWD/src python benchmarks/token_sparse.py --quick    # 8K and 32K, two cases
@@ -436,7 +436,7 @@ def main() -> None:
         type=float,
         default=0.0,
         help="q and k correlated along the sequence (sparse_attn.bench.smooth_sequence; 0: white noise, "
-        "0.98: NSA's neighbouring tokens share blocks about as on SmolLM2 with text, benchmarks/nsa_overlap.py)",
+        "0.98: NSA's neighbouring tokens share blocks about as on SmolLM2 with text, benchmarks/selection_overlap.py)",
     )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()

