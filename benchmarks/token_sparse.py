@@ -426,10 +426,10 @@ def main() -> None:
         help="causal token dK/dV: skip listing steps before the keys by a branch (on) or run them masked (off)",
     )
     parser.add_argument(
-        "--token-masked-steps",
-        choices=("on", "off"),
+        "--token-wide-steps",
+        choices=("branch", "masked", "zeroed_v"),
         default=None,
-        help="tiles of several tokens: every key step masked (on: the loads pipeline) or a branch per step (off)",
+        help="tiles of several tokens: a branch per key step, or branch-free steps (kernel_configs(token_wide_steps=...))",
     )
     parser.add_argument(
         "--correlation",
@@ -449,7 +449,6 @@ def main() -> None:
         from sparse_attn.backends import triton_tokens_gathered
 
         triton_tokens_gathered.GATHER_MIN_BLOCK_K = 1 if args.moba_path == "gathered" else 1 << 62
-    masked = None if args.token_masked_steps is None else args.token_masked_steps == "on"
     lengths, cases = (args.lengths, args.cases) if not args.quick else ([8192, 32768], list(QUICK_CASES))
     columns = _columns()
     path = args.output or Path(__file__).parent / "results" / device_slug(device) / "token_sparse.json"
@@ -459,7 +458,7 @@ def main() -> None:
         "moba_path": args.moba_path,
         "token_rows": args.token_rows or 16,
         "correlation": args.correlation,
-        "token_masked_steps": triton_tokens.MASKED_STEPS_BY_DEFAULT if masked is None else masked,
+        "token_wide_steps": args.token_wide_steps or triton_tokens.WIDE_STEPS_BY_DEFAULT,
         "token_gather_rows": args.token_gather_rows or 64,
         "dkdv_skip_early": triton_tokens_backward.DKDV_SKIP_EARLY,
         **environment(device),
@@ -473,7 +472,9 @@ def main() -> None:
         if time.perf_counter() > deadline:
             skipped.append(f"{name} {seq}")
             continue
-        configs = dict(token_rows=args.token_rows, token_gather_rows=args.token_gather_rows, token_masked_steps=masked)
+        configs = dict(
+            token_rows=args.token_rows, token_gather_rows=args.token_gather_rows, token_wide_steps=args.token_wide_steps
+        )
         with kernel_configs(**configs):
             row = run_case(
                 name, seq, device, budget_s=args.case_budget, flex=not args.no_flex, fla=not args.no_fla,

@@ -319,12 +319,12 @@ def test_token_rows_override_widens_the_tiles(rows, heads, block_q, expected):
         pass
 
 
-@pytest.mark.parametrize("masked_steps", [False, True])
+@pytest.mark.parametrize("wide_steps", ["branch", "masked", "zeroed_v"])
 @pytest.mark.parametrize("shape, heads_kind", [(SHAPES[0], "kv"), (SHAPES[3], "shared"), (GATHERED_SHAPES[0][0], "kv")])
-def test_wider_token_tiles_match_float64_oracle(shape, heads_kind, masked_steps, poison_outputs):
+def test_wider_token_tiles_match_float64_oracle(shape, heads_kind, wide_steps, poison_outputs):
     """Tiles of several tokens per KV group (the union lists with per-token row bits), forward and
-    gradients, with the forward's per-step branch and with every step masked."""
-    with kernel_configs(token_rows=64, token_masked_steps=masked_steps):
+    gradients, in each of the forward's ways through such tiles."""
+    with kernel_configs(token_rows=64, token_wide_steps=wide_steps):
         _check(shape, True, heads_kind, seed=7)
 
 
@@ -335,39 +335,55 @@ from triton_sm90_compile import compile_for_sm90
 from sparse_attn.backends.triton_tokens import _token_forward
 pointers = {name: "*bf16" for name in ("Q", "K", "V", "Out")}
 pointers.update({"Lse": "*fp32", "Offsets": "*i64", "Blocks": "*i32", "Bits": "*i32", "qk_scale": "fp32"})
+pointers.update({"PoisonAny": "*i8", "PoisonCols": "*i8"})
 results = {}
-for masked in (False, True):
+for mode in (0, 1, 2):  # branch, masked, zeroed_v
     for tokens in (1, 2, 4):  # NSA's 16-head group: 16, 32 and 64 rows
         constexprs = dict(HEAD_DIM=128, BLOCK_Q=1, BLOCK_K=64, HEADS=16, TILE_TOKENS=tokens, BLOCK_M=16 * tokens,
                           BLOCK_N=64, CAUSAL=True, WRITE_LSE=False, DOT_FP32=False, PRECISION="tf32",
-                          MASKED_STEPS=masked)
+                          WIDE_STEPS=mode)
         returncode, report, ptx = compile_for_sm90(_token_forward, pointers, constexprs, 4)
-        results[f"{masked} {tokens}"] = [returncode, report, "cp.async" in ptx, "wgmma" in ptx]
+        results[f"{mode} {tokens}"] = [returncode, report, "cp.async" in ptx, "wgmma" in ptx]
 print(json.dumps(results))
 """
 
 
-def test_token_forward_compiles_for_sm90_and_masked_steps_pipeline_the_loads():
+def test_token_forward_compiles_for_sm90_and_branch_free_wide_steps_pipeline_the_loads():
     """The forward at NSA's shape compiles for sm_90a (the interpreter never compiles it; a child
-    process without it). One-token tiles and, with ``token_masked_steps``, wider ones issue their
-    K/V loads asynchronously (``cp.async``: Triton's software pipelining); 64 rows use warpgroup MMA."""
+    process without it). One-token tiles and, with ``token_wide_steps`` "masked" or "zeroed_v",
+    wider ones issue their K/V loads asynchronously (``cp.async``: Triton's software
+    pipelining); 64 rows use warpgroup MMA."""
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops")
     results = source_in_child(_SM90_TOKEN_FORWARD, folder)
     for name, (returncode, report, _, _) in results.items():
         assert returncode == 0, (name, report)
-    for tokens in (1, 2, 4):
-        assert results[f"True {tokens}"][2], f"no cp.async with masked steps at {16 * tokens} rows"
-    assert results["False 1"][2]
-    assert results["True 4"][3] and results["False 4"][3]
+    for mode in (1, 2):
+        for tokens in (1, 2, 4):
+            assert results[f"{mode} {tokens}"][2], f"no cp.async in mode {mode} at {16 * tokens} rows"
+    assert results["0 1"][2]
+    assert all(results[f"{mode} 4"][3] for mode in (0, 1, 2))
 
 
-def test_masked_steps_selection():
-    assert triton_tokens.masked_steps() is triton_tokens.MASKED_STEPS_BY_DEFAULT
-    for asked in (True, False):
-        with kernel_configs(token_masked_steps=asked):
-            assert triton_tokens.masked_steps() is asked
-    with pytest.raises(TypeError, match="token_masked_steps"), kernel_configs(token_masked_steps=1):
+def test_wide_steps_selection():
+    assert triton_tokens.wide_steps() == triton_tokens.WIDE_STEPS_BY_DEFAULT == "branch"
+    for asked in ("branch", "masked", "zeroed_v"):
+        with kernel_configs(token_wide_steps=asked):
+            assert triton_tokens.wide_steps() == asked
+    with pytest.raises(ValueError, match="token_wide_steps"), kernel_configs(token_wide_steps=True):
         pass
+
+
+def test_zeroed_v_flags_blocks_and_columns():
+    v = torch.randn(2, 3, 10, 4)
+    v[1, 2, 7, 1] = float("nan")
+    v[0, 0, 2, 3] = float("inf")
+    clean, any_bad, columns = triton_tokens.zeroed_v(v, 4)  # blocks [0, 4), [4, 8), [8, 10)
+    assert torch.isfinite(clean).all() and clean[1, 2, 7, 1] == 0 and clean[0, 0, 2, 3] == 0
+    finite = torch.isfinite(v)
+    assert torch.equal(clean[finite], v[finite])
+    assert any_bad.shape == (2, 3, 3) and columns.shape == (2, 3, 3, 4)
+    assert any_bad.nonzero().tolist() == [[0, 0, 0], [1, 2, 1]]
+    assert columns.nonzero().tolist() == [[0, 0, 0, 3], [1, 2, 1, 1]]
 
 
 def test_triton_backend_routes_small_query_blocks_to_the_token_kernel():
@@ -378,8 +394,8 @@ def test_triton_backend_routes_small_query_blocks_to_the_token_kernel():
     assert _backend_module("gluon", small).__name__.endswith("backends.gluon")  # gluon falls back to triton
 
 
-@pytest.mark.parametrize("block_k, masked_steps", [(8, False), (8, True), (256, False)])
-def test_non_finite_v_reaches_only_the_rows_that_list_its_block(block_k, masked_steps, poison_outputs):
+@pytest.mark.parametrize("block_k, wide_steps", [(8, "branch"), (8, "masked"), (8, "zeroed_v"), (256, "branch")])
+def test_non_finite_v_reaches_only_the_rows_that_list_its_block(block_k, wide_steps, poison_outputs):
     """A tile's union holds blocks some of its rows do not list: their zero weights must not
     carry a NaN of V into them (the documented rule, per query block = per token here). On the
     gathered path, a row's partial over the poisoned block must reach the merge, a causally
@@ -391,7 +407,7 @@ def test_non_finite_v_reaches_only_the_rows_that_list_its_block(block_k, masked_
     mask = torch.zeros(2, seq_q, 5, dtype=torch.bool)
     mask[:, ::2, 0] = True
     pattern = sa.BlockSparsePattern.from_mask(mask, block_q=1, block_k=block_k, seq_q=seq_q, seq_k=seq_k, causal=True)
-    with kernel_configs(token_masked_steps=masked_steps):
+    with kernel_configs(token_wide_steps=wide_steps):
         out = sa.block_sparse_attention(q, k, v, pattern, backend="triton")
     assert torch.equal(~torch.isfinite(out), expected_nonfinite(q, k, v, pattern, True))
 
@@ -590,13 +606,14 @@ def test_gpu_nsa_like_selection(heads, heads_kind, poison_outputs):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads, heads_kind, rows", [((12, 12), "query", 16), ((28, 4), "kv", 16), ((64, 4), "kv", 64)])
-def test_gpu_masked_steps_on_wide_tiles(heads, heads_kind, rows, poison_outputs):
-    """``kernel_configs(token_masked_steps=True)`` on tiles of several tokens: lists per query head
-    (16 tokens a tile), a group of 7 (two tokens) and NSA's group of 16 with 64 rows (four tokens);
-    sampled rows at 32K, every row at 8K."""
+@pytest.mark.parametrize("wide_steps", ["masked", "zeroed_v"])
+def test_gpu_branch_free_steps_on_wide_tiles(heads, heads_kind, rows, wide_steps, poison_outputs):
+    """``kernel_configs(token_wide_steps=...)`` "masked" and "zeroed_v" on tiles of several tokens:
+    lists per query head (16 tokens a tile), a group of 7 (two tokens) and NSA's group of 16 with
+    64 rows (four tokens); sampled rows at 32K, every row at 8K."""
     q_heads, kv_heads = heads
     q, k, v = _cuda_qkv(q_heads, kv_heads, 32768, 128, torch.bfloat16, seed=23)
-    with kernel_configs(token_masked_steps=True, token_rows=rows):
+    with kernel_configs(token_wide_steps=wide_steps, token_rows=rows):
         _gpu_check(q, k, v, _nsa_like_pattern(32768, kv_heads, heads_kind, q_heads), sample_rows(32768, ROWS, seed=23))
         q, k, v = (x[:, :, :8192] for x in (q, k, v))
         _gpu_check(q, k, v, _nsa_like_pattern(8192, kv_heads, heads_kind, q_heads), torch.arange(8192), seed=1)

@@ -98,6 +98,8 @@ GLUON_SHARED_BYTES = 232448
 GLUON_SHARED_RESERVE = 3072
 # Rows a token-granular program may pack (KernelConfigs.token_rows).
 TOKEN_ROWS = (16, 32, 64, 128)
+# How the token forward steps through tiles of several query blocks (KernelConfigs.token_wide_steps).
+TOKEN_WIDE_STEPS = ("branch", "masked", "zeroed_v")
 # Rows a program of the token kernels' key-centric (gathered) path takes (KernelConfigs.token_gather_rows).
 TOKEN_GATHER_ROWS = (64, 128)
 GLUON_MAX_STAGES = 4
@@ -155,13 +157,16 @@ class KernelConfigs:
     adds; head_dim 64, 64-row steps, no box predicate) where that pass and the dQ pass both run in
     Gluon, ``False`` never; unset,
     :data:`sparse_attn.backends.gluon_backward.FUSED_DQ_BY_DEFAULT`.
-    ``token_masked_steps``: ``True`` makes the token-granular forward take every key step of a
-    tile of several query blocks through its masked path (V's non-finite values zeroed, the
-    listing rows' columns marked NaN) instead of branching, step by step, on whether every row
-    lists the block: without the branch Triton pipelines the K/V loads (``cp.async`` in the
-    sm_90a code, none with it), at the cost of those elementwise operations on every step;
-    ``False`` keeps the branch; unset,
-    :data:`sparse_attn.backends.triton_tokens.MASKED_STEPS_BY_DEFAULT`.
+    ``token_wide_steps``: how the token-granular forward takes the key steps of a tile of several
+    query blocks, whose union entries not every row lists: ``"branch"`` tests, step by step,
+    whether every row lists the block and skips the non-finite-V handling when so (a branch in
+    the key loop, which keeps Triton from pipelining the K/V loads: no ``cp.async`` in the sm_90a
+    code); ``"masked"`` takes every step through the masked path (V's non-finite values zeroed
+    and the listing rows' columns marked NaN, elementwise work on every step; the loads
+    pipeline); ``"zeroed_v"`` zeroes V's non-finite values once per call, outside the kernel,
+    and marks the listing rows' columns NaN after the key loop from per-block flags (no
+    elementwise work on V in the loop; the loads pipeline; one more pass over V and a V-sized
+    buffer); unset, :data:`sparse_attn.backends.triton_tokens.WIDE_STEPS_BY_DEFAULT`.
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -179,7 +184,7 @@ class KernelConfigs:
     token_gather_rows: int | None = None
     gluon_backward_wide_steps: bool | None = None
     gluon_backward_fused_dq: bool | None = None
-    token_masked_steps: bool | None = None
+    token_wide_steps: str | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -211,7 +216,7 @@ def kernel_configs(
     token_gather_rows: int | None = None,
     gluon_backward_wide_steps: bool | None = None,
     gluon_backward_fused_dq: bool | None = None,
-    token_masked_steps: bool | None = None,
+    token_wide_steps: str | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -246,7 +251,6 @@ def kernel_configs(
         "heavy_rows_first": heavy_rows_first,
         "gluon_backward_wide_steps": gluon_backward_wide_steps,
         "gluon_backward_fused_dq": gluon_backward_fused_dq,
-        "token_masked_steps": token_masked_steps,
     }
     for name, asked in flags.items():
         if asked is not None:
@@ -256,6 +260,10 @@ def kernel_configs(
         if isinstance(token_rows, bool) or token_rows not in TOKEN_ROWS:
             raise ValueError(f"token_rows must be one of {TOKEN_ROWS}, got {token_rows!r}")
         changes["token_rows"] = token_rows
+    if token_wide_steps is not None:
+        if token_wide_steps not in TOKEN_WIDE_STEPS:
+            raise ValueError(f"token_wide_steps must be one of {TOKEN_WIDE_STEPS}, got {token_wide_steps!r}")
+        changes["token_wide_steps"] = token_wide_steps
     if token_gather_rows is not None:
         if isinstance(token_gather_rows, bool) or token_gather_rows not in TOKEN_GATHER_ROWS:
             raise ValueError(f"token_gather_rows must be one of {TOKEN_GATHER_ROWS}, got {token_gather_rows!r}")

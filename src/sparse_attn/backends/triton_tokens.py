@@ -47,11 +47,15 @@ rows of the tile. Where a union entry is not listed by every row, the step reads
 non-finite values replaced by zero and marks column ``d`` NaN in the listing rows (a few
 elementwise operations on the V tile, only on such steps). That choice is a branch inside the
 key loop, and with it Triton does not pipeline the K/V loads of tiles of several query blocks
-(no ``cp.async`` in their sm_90a code; one-block tiles, which never branch, have it):
-``kernel_configs(token_masked_steps=True)`` takes every step of such tiles through the masked
-path instead, which restores the pipelining (checked in the sm_90a code at 32 and 64 rows) and
-costs the elementwise operations on every step. Which is faster is not yet measured, so it is
-off by default (:data:`MASKED_STEPS_BY_DEFAULT`).
+(no ``cp.async`` in their sm_90a code; one-block tiles, which never branch, have it).
+``kernel_configs(token_wide_steps=...)`` offers two branch-free ways, both pipelined (checked in
+the sm_90a code at 32 and 64 rows): ``"masked"`` takes every step of such tiles through the
+masked path (the elementwise work on every step); ``"zeroed_v"`` zeroes V's non-finite values
+once per call (:func:`zeroed_v`: one pass over V, a V-sized buffer, per-block flags and
+columns), takes the plain step everywhere, flags in the loop the rows that list a block with
+non-finite values, and marks those rows' columns NaN after the loop, in the programs that have
+such rows only. Which is fastest is not yet measured, so the branch stays the default
+(:data:`WIDE_STEPS_BY_DEFAULT`).
 
 Tuning: ``BLOCK_N``, warps and stages are autotuned (keyed by ``ceil(log2(seq_k))``, head_dim,
 block sizes and the row tile); under ``TRITON_INTERPRET=1`` one small configuration runs and
@@ -80,9 +84,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 name = "triton"
 
-# Tiles of several query blocks take every key step through the masked path (no per-step branch on
-# whether every row lists the block; kernel_configs(token_masked_steps=...)). Off until timed on a GPU.
-MASKED_STEPS_BY_DEFAULT = False
+# How tiles of several query blocks take their key steps (kernel_configs(token_wide_steps=...), one of
+# configs.TOKEN_WIDE_STEPS): the per-step branch until the alternatives are timed on a GPU.
+WIDE_STEPS_BY_DEFAULT = "branch"
+WIDE_STEP_CODES = {"branch": 0, "masked": 1, "zeroed_v": 2}
 
 # Rows of a tile: P heads x T tokens. 64 bounds P * block_q; 16 is the smallest tl.dot.
 MAX_PACKED_ROWS = 64
@@ -90,11 +95,28 @@ MIN_ROWS = 16
 MAX_TILE_BLOCKS = 16
 
 
-def masked_steps() -> bool:
-    """Whether the forward's tiles of several query blocks take the masked step only (see
-    :data:`MASKED_STEPS_BY_DEFAULT`, ``kernel_configs(token_masked_steps=...)``)."""
-    asked = configs.current().token_masked_steps
-    return MASKED_STEPS_BY_DEFAULT if asked is None else asked
+def wide_steps() -> str:
+    """How the forward steps through tiles of several query blocks: ``"branch"``, ``"masked"`` or
+    ``"zeroed_v"`` (see :data:`WIDE_STEPS_BY_DEFAULT`, ``kernel_configs(token_wide_steps=...)``)."""
+    asked = configs.current().token_wide_steps
+    return WIDE_STEPS_BY_DEFAULT if asked is None else asked
+
+
+def zeroed_v(v: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For ``token_wide_steps="zeroed_v"``: ``(clean, any, columns)``, ``v`` with its non-finite
+    values replaced by zero, and per KV block of ``block_k`` keys whether it holds any (int8
+    ``(B, Hkv, n_blocks)``) and in which columns (int8 ``(B, Hkv, n_blocks, D)``). O(S * D)
+    memory, no host synchronisation."""
+    batch, heads, seq, dim = v.shape
+    bad = ~torch.isfinite(v)
+    clean = v.masked_fill(bad, 0)
+    whole, rest = divmod(seq, block_k)
+    columns = torch.zeros((batch, heads, whole + (rest > 0), dim), dtype=torch.bool, device=v.device)
+    if whole:
+        columns[:, :, :whole] = bad[:, :, : whole * block_k].unflatten(2, (whole, block_k)).any(3)
+    if rest:
+        columns[:, :, whole] = bad[:, :, whole * block_k :].any(2)
+    return clean, columns.any(3).to(torch.int8), columns.to(torch.int8)
 
 
 def unsupported_reason(
@@ -333,7 +355,7 @@ if triton is not None:
 
     @triton.jit
     def _token_forward(
-        Q, K, V, Out, Lse, Offsets, Blocks, Bits,
+        Q, K, V, Out, Lse, Offsets, Blocks, Bits, PoisonAny, PoisonCols,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
@@ -345,7 +367,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-        MASKED_STEPS: tl.constexpr,
+        WIDE_STEPS: tl.constexpr,
     ):  # fmt: skip
         batch, tile, head, token, query_pos, valid, bit, k_base, v_base, start, end = tile_program(
             K, V, Offsets, stride_kb, stride_kh, stride_vb, stride_vh, list_stride_b, list_stride_h,
@@ -361,6 +383,11 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # WIDE_STEPS == 2 ("zeroed_v"): V comes with its non-finite values zeroed; the rows that list
+        # a block holding some are flagged here and their columns marked after the loop.
+        poisoned = tl.zeros([BLOCK_M], dtype=tl.int32)
+        kv_head = (tl.program_id(1) % (num_q_heads // HEADS) * HEADS) // group
+        poison_base = (batch.to(tl.int64) * (num_q_heads // group) + kv_head) * tl.cdiv(seq_k, BLOCK_K)
         # One flat loop over (entry, key step) so the next step's K/V loads are issued under this
         # step's products (software pipelining spans entries; a nested per-entry loop of one key
         # step, NSA's 64-key blocks, had nothing to overlap). Steps past the sequence end (a last,
@@ -383,17 +410,33 @@ if triton is not None:
             else:
                 bits = tl.load(Bits + entry)
                 listed = valid & (((bits >> bit) & 1) != 0)
-                if MASKED_STEPS:  # no runtime branch in the step: the loads pipeline (module docstring)
+                if WIDE_STEPS == 1:  # "masked": no runtime branch in the step, the loads pipeline
                     acc, m_i, l_i = attend_step(
                         acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, False, CAUSAL, PRECISION
                     )
+                elif WIDE_STEPS == 2:  # "zeroed_v": V is finite; flag the rows that list a poisoned block
+                    acc, m_i, l_i = attend_step(
+                        acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, True, CAUSAL, PRECISION
+                    )
+                    flag = tl.load(PoisonAny + poison_base + kv_block)
+                    poisoned = poisoned | (listed & (flag != 0)).to(tl.int32)
                 else:
                     acc, m_i, l_i = attend_step(
                         acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, bits == all_bits,
                         CAUSAL, PRECISION,
                     )  # fmt: skip
 
-        store_rows(Out, acc / l_i[:, None], batch, head, token, valid, stride_ob, stride_oh, stride_os, offs_d)
+        out = acc / l_i[:, None]
+        if WIDE_STEPS == 2 and TILE_TOKENS != BLOCK_Q:
+            if tl.max(poisoned, 0) > 0:  # after the loop: this branch does not stop its pipelining
+                bad = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.int32)
+                for entry in range(start, end):
+                    kv_block = tl.load(Blocks + entry)
+                    listed = valid & (((tl.load(Bits + entry) >> bit) & 1) != 0)
+                    columns = tl.load(PoisonCols + (poison_base + kv_block) * HEAD_DIM + offs_d)
+                    bad = bad | (listed[:, None] & (columns[None, :] != 0)).to(tl.int32)
+                out = tl.where(bad != 0, float("nan"), out)
+        store_rows(Out, out, batch, head, token, valid, stride_ob, stride_oh, stride_os, offs_d)
         if WRITE_LSE:
             # Natural-log units, like the block kernel's.
             lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
@@ -415,7 +458,7 @@ def _autotuned_forward(block_k: int, is_float32: bool):
         configs=tuning,
         key=[
             "seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "TILE_TOKENS", "BLOCK_M", "CAUSAL", "PRECISION",
-            "MASKED_STEPS",
+            "WIDE_STEPS",
         ],
     )(_token_forward)  # fmt: skip
 
@@ -485,8 +528,12 @@ def forward(
     tiling, lists, grid, shared = launch_geometry(q, k, pattern)
     out = launch.allocate((batch, q_heads, seq_q, dim), q.dtype, q.device)
     lse = launch.allocate((batch, q_heads, seq_q), torch.float32, q.device) if return_lse else out
+    mode = wide_steps() if tiling.tile_tokens != pattern.block_q else "branch"  # one-block tiles never branch
+    poison_any = poison_columns = lists[2]  # unused placeholders unless "zeroed_v"
+    if mode == "zeroed_v":
+        v, poison_any, poison_columns = zeroed_v(v, pattern.block_k)
     args = (
-        *(q, k, v, out, lse, *lists),
+        *(q, k, v, out, lse, *lists, poison_any, poison_columns),
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],
@@ -495,7 +542,7 @@ def forward(
         *(scale * LOG2_E, length_bucket(k.shape[2])),
     )
     constants = dict(kernel_constants(q, pattern, tiling, causal=causal), WRITE_LSE=bool(return_lse))
-    constants["MASKED_STEPS"] = masked_steps()
+    constants["WIDE_STEPS"] = WIDE_STEP_CODES[mode]
     if interpreting():
         _token_forward[grid](*args, BLOCK_N=16, **constants)
     else:
