@@ -353,13 +353,10 @@ def smooth_sequence(
     every token's top-k choice independent of its neighbour's). Computed in float32 chunk by
     chunk (one ``chunk x chunk`` lower-triangular product per chunk, one carry per chunk), so it
     costs O(S * chunk) per row, never a loop over tokens."""
-    rho = _check_correlation(correlation)
     if len(shape) < 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
         raise ValueError(f"shape must be at least two positive ints (..., seq, dim), got {shape!r}")
-    if rho == 0.0:  # the same draw as torch.randn in that dtype
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    return _ar1_along(x, rho, chunk).to(dtype)
+    options = dict(generator=generator, device=device, dtype=dtype, chunk=chunk)
+    return smooth_grid(tuple(shape[:-2]), (shape[-2],), shape[-1], correlation, **options)
 
 
 def smooth_grid(
@@ -382,7 +379,7 @@ def smooth_grid(
     if not grid or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid):
         raise ValueError(f"grid must be positive ints, got {grid!r}")
     seq = math.prod(grid)
-    if rho == 0.0:
+    if rho == 0.0:  # the same draw as torch.randn in that dtype
         return torch.randn((*leading, seq, dim), generator=generator, device=device, dtype=dtype)
     x = torch.randn((*leading, *grid, dim), generator=generator, device=device, dtype=torch.float32)
     for axis in range(len(grid)):
