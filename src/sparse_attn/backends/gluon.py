@@ -494,6 +494,8 @@ if gluon is not None:
         q_smem, k_smem, v_smem, q_bar, q_free, k_ready, v_ready, kv_free = _allocate_ring(
             Q.dtype.element_ty, HEAD_DIM, BLOCK_N, STAGES, CONSUMERS
         )
+        # The partition lists stay spelled out per consumer count: built by a loop or shared between
+        # the branches, Gluon lost their constexpr arguments (thirty-fifth session).
         if CONSUMERS == 3:
             gl.warp_specialize(
                 [

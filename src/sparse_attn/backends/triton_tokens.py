@@ -410,21 +410,18 @@ if triton is not None:
             else:
                 bits = tl.load(Bits + entry)
                 listed = valid & (((bits >> bit) & 1) != 0)
-                if WIDE_STEPS == 1:  # "masked": no runtime branch in the step, the loads pipeline
-                    acc, m_i, l_i = attend_step(
-                        acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, False, CAUSAL, PRECISION
-                    )
-                elif WIDE_STEPS == 2:  # "zeroed_v": V is finite; flag the rows that list a poisoned block
-                    acc, m_i, l_i = attend_step(
-                        acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, True, CAUSAL, PRECISION
-                    )
+                # "branch" (0) decides per step (a runtime value); "masked" (1) always takes the masked
+                # path and "zeroed_v" (2), whose V is finite, the plain one: constants, no branch.
+                if WIDE_STEPS == 0:
+                    all_listed = bits == all_bits
+                else:
+                    all_listed: tl.constexpr = WIDE_STEPS == 2
+                acc, m_i, l_i = attend_step(
+                    acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, all_listed, CAUSAL, PRECISION
+                )
+                if WIDE_STEPS == 2:  # flag the rows that list a block holding non-finite values
                     flag = tl.load(PoisonAny + poison_base + kv_block)
                     poisoned = poisoned | (listed & (flag != 0)).to(tl.int32)
-                else:
-                    acc, m_i, l_i = attend_step(
-                        acc, m_i, l_i, q, k, v, key_pos, key_ok, listed, query_pos, qk_scale, bits == all_bits,
-                        CAUSAL, PRECISION,
-                    )  # fmt: skip
 
         out = acc / l_i[:, None]
         if WIDE_STEPS == 2 and TILE_TOKENS != BLOCK_Q:
