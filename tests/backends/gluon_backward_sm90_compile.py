@@ -27,8 +27,6 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
     step = "STEP_N" if is_dq else "STEP_M"
     values = dict(HEAD_DIM=128, BLOCK_Q=128, BLOCK_K=128, CAUSAL=True, BOX=False, EVEN_Q=True, EVEN_K=True)
     values[step] = 64
-    if not is_dq:
-        values["FUSED_DQ"] = False
     values.update(constants)
     wide = values[step] == 128
     stages = {
@@ -42,8 +40,6 @@ def compile_for_sm90(dtype: str = "bf16", **constants) -> dict:
     signature.update({name: f"*{dtype}" for name in ("DK", "DV", "DQ") if name in kernel.arg_names})
     lists = ("KvCounts", "KvIndices", "WorkOrder") if is_dq else ("QCounts", "QIndices", "WorkOrder")
     signature.update({"Lse": "*fp32", "Delta": "*fp32", **{name: "*i32" for name in (*lists, "BoxTable")}})
-    if not is_dq:
-        signature["DQAcc"] = "*fp32"
     signature.update({"scale": "fp32", "qk_scale": "fp32"})
     signature.update({name: "i64" for name in kernel.arg_names if name.startswith("stride_") and name[-1] in "bh"})
     element = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]

@@ -57,9 +57,6 @@ def _compile_for_sm90(**variant):
         dict(KERNEL="dq", STEP_N=128),
         dict(KERNEL="dq", STEP_N=128, BLOCK_K=256, EVEN_Q=False, EVEN_K=False),
         dict(KERNEL="dq", STEP_N=128, HEAD_DIM=64, BOX=True, CAUSAL=False, dtype="fp16"),
-        # dQ inside the dK/dV pass (head_dim 64).
-        dict(HEAD_DIM=64, FUSED_DQ=True),
-        dict(HEAD_DIM=64, FUSED_DQ=True, BLOCK_Q=64, EVEN_Q=False, EVEN_K=False, CAUSAL=False, dtype="fp16"),
     ],
     ids=str,
 )
@@ -73,10 +70,6 @@ def test_gluon_backward_kernels_compile_for_sm90(variant):
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
     assert "cp.async.bulk.tensor" in ptx  # TMA loads of K, V, Q and dO
     assert compiled["shared"] <= 227 * 1024
-    if variant.get("FUSED_DQ"):  # dQ's shares added with atomics, no spills
-        assert "atom.global.gpu.relaxed.add.f32" in ptx or "red.global.gpu.relaxed.add.f32" in ptx
-        assert "fence.proxy.async.shared::cta" in ptx  # dS^T stored, then read by the tensor cores
-        assert re.search(r"\b0 bytes spill stores", compiled["report"]), compiled["report"]
     if step == 128:  # the wide steps run only where they spill little (gluon_backward.WIDE_STAGES)
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", compiled["report"])]
         assert spills and max(spills) <= SPILL_LIMIT[variant.get("KERNEL", "dkdv")], compiled["report"]
@@ -103,52 +96,6 @@ def test_wide_steps_apply_where_they_fit_and_when_asked():
     with pytest.raises(TypeError, match="gluon_backward_wide_steps"):
         with kernel_configs(gluon_backward_wide_steps="yes"):
             pass
-
-
-def test_fused_dq_applies_at_head_dim_64_in_narrow_steps_when_asked():
-    def fuses(head_dim, block_q, box):
-        plan = plan_for(sa.dense_pattern(seq_q=512, block_q=block_q), causal=True)
-        return gluon_backward.fuses_dq(head_dim, plan, box)
-
-    assert not gluon_backward.FUSED_DQ_BY_DEFAULT and not fuses(64, 128, False)
-    with kernel_configs(gluon_backward_fused_dq=True):
-        assert fuses(64, 128, False) and fuses(64, 64, False)
-        assert not fuses(128, 128, False)  # the extra accumulator would spill at head_dim 128
-        assert not fuses(64, 128, True)  # nor with a box predicate
-        with kernel_configs(gluon_backward_wide_steps=True):
-            assert not fuses(64, 128, False) and fuses(64, 64, False)  # 64-row steps only
-    with pytest.raises(TypeError, match="gluon_backward_fused_dq"):
-        with kernel_configs(gluon_backward_fused_dq=1):
-            pass
-
-
-def test_fused_dq_takes_the_dq_pass_into_the_dkdv_pass(monkeypatch):
-    """Where both Gluon passes would run, the fused dQ launches the dK/dV pass alone, handing it
-    the dQ buffer; where only the dK/dV pass is asked for, dQ stays with the Triton pass. (The
-    launches are recorded, not run: no GPU here.)"""
-    launches = []
-    for kind in ("dkdv", "dq"):
-        monkeypatch.setattr(
-            gluon_backward, kind, lambda *args, kind=kind, **kwargs: launches.append((kind, "dq_out" in kwargs))
-        )
-    monkeypatch.setattr(gluon_backward, "cannot_run_reason", lambda *args, **kwargs: None)
-    q = torch.zeros(1, 2, 512, 64)
-    plan = plan_for(sa.dense_pattern(seq_q=512), causal=True)
-
-    def run():
-        launches.clear()
-        gradients = {"dkdv": (q, q), "dq": (q,)}
-        orders = {"dkdv": (), "dq": ()}
-        done = gluon_backward.run_passes(q, q, q, q, q, q, gradients, plan, scale=1.0, orders=orders,
-                                         has_rule=False, by_default=True)  # fmt: skip
-        return done, list(launches)
-
-    with kernel_configs(gluon_backward=True, gluon_backward_fused_dq=True):
-        assert run() == ({"dkdv", "dq"}, [("dkdv", True)])
-    with kernel_configs(gluon_backward="dkdv", gluon_backward_fused_dq=True):
-        assert run() == ({"dkdv"}, [("dkdv", False)])
-    with kernel_configs(gluon_backward=True):
-        assert run() == ({"dkdv", "dq"}, [("dkdv", False), ("dq", False)])
 
 
 def test_gluon_backward_option_is_checked():
@@ -291,42 +238,6 @@ def test_gpu_gluon_backward_wide_steps_match_reference(case, causal, poison_outp
             sa.block_sparse_attention(*leaves, pattern, causal=causal, backend="gluon").backward(dout)
     assert launches == ["dkdv", "dq"]
     assert steps == [("dkdv", 128 if shape[5] == 64 else 64), ("dq", 128)]
-    for name, leaf, want in zip("qkv", leaves, expected, strict=True):
-        assert torch.isfinite(leaf.grad).all(), name
-        assert relative_error(leaf.grad, want) <= TOLERANCE[dtype], name
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "case",
-    [
-        dict(q_heads=6, kv_heads=3, seq_q=512, seq_k=1024, dtype=torch.float16),
-        dict(q_heads=8, kv_heads=2, seq_q=1024, seq_k=1024, block_q=256),
-        dict(q_heads=4, kv_heads=4, seq_q=768, seq_k=768, block_q=64),
-        dict(q_heads=6, kv_heads=3, seq_q=333, seq_k=555, dtype=torch.float16),
-        dict(q_heads=8, kv_heads=1, seq_q=1000, seq_k=1100, block_k=256),
-    ],
-    ids=str,
-)
-@pytest.mark.parametrize("causal", [True, False])
-def test_gpu_gluon_backward_fused_dq_matches_reference(case, causal, poison_outputs, monkeypatch):
-    """``kernel_configs(gluon_backward_fused_dq=True)`` at head_dim 64: the dK/dV pass alone (no dQ
-    pass) gives the reference's gradients, dQ included (GQA 1-4, Sq < Sk, ragged lengths, 64-,
-    128- and 256-row query blocks, 256-key blocks), from NaN-poisoned gradient buffers."""
-    shape, dtype = _case_shape(case, dim=64)
-    q, k, v = random_qkv(*shape[:6], dtype=dtype, device="cuda", seed=7)
-    dout = torch.randn_like(q)
-    launches = _record_launches(monkeypatch)
-    pattern = shape_pattern(shape, heads=shape[1], density=0.4, causal=causal, seed=7).to("cuda")
-    expected = _reference_gradients(q, k, v, dout, pattern, causal)
-    # The Gluon forward takes 128-row query blocks only (the Triton forward runs the others).
-    backend = "gluon" if shape[6] % 128 == 0 else "triton"
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with kernel_configs(gluon_backward=True, gluon_backward_fused_dq=True):
-            sa.block_sparse_attention(*leaves, pattern, causal=causal, backend=backend).backward(dout)
-    assert launches == ["dkdv"]
     for name, leaf, want in zip("qkv", leaves, expected, strict=True):
         assert torch.isfinite(leaf.grad).all(), name
         assert relative_error(leaf.grad, want) <= TOLERANCE[dtype], name

@@ -153,10 +153,6 @@ class KernelConfigs:
     ``gluon_backward_wide_steps``: ``True`` runs the Gluon backward passes in steps of 128 query
     rows (dK/dV, head_dim 64 and ``block_q`` a multiple of 128) and 128 keys (dQ) instead of 64,
     ``False`` in 64; unset, :data:`sparse_attn.backends.gluon_backward.WIDE_STEPS_BY_DEFAULT`.
-    ``gluon_backward_fused_dq``: ``True`` computes dQ inside the Gluon dK/dV pass (atomic float32
-    adds; head_dim 64, 64-row steps, no box predicate) where that pass and the dQ pass both run in
-    Gluon, ``False`` never; unset,
-    :data:`sparse_attn.backends.gluon_backward.FUSED_DQ_BY_DEFAULT`.
     ``token_wide_steps``: how the token-granular forward takes the key steps of a tile of several
     query blocks, whose union entries not every row lists: ``"branch"`` tests, step by step,
     whether every row lists the block and skips the non-finite-V handling when so (a branch in
@@ -183,7 +179,6 @@ class KernelConfigs:
     gluon_backward: bool | str | None = None
     token_gather_rows: int | None = None
     gluon_backward_wide_steps: bool | None = None
-    gluon_backward_fused_dq: bool | None = None
     token_wide_steps: str | None = None
 
 
@@ -215,7 +210,6 @@ def kernel_configs(
     gluon_backward: bool | str | None = None,
     token_gather_rows: int | None = None,
     gluon_backward_wide_steps: bool | None = None,
-    gluon_backward_fused_dq: bool | None = None,
     token_wide_steps: str | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
@@ -250,7 +244,6 @@ def kernel_configs(
         "gluon_tall_tiles": gluon_tall_tiles,
         "heavy_rows_first": heavy_rows_first,
         "gluon_backward_wide_steps": gluon_backward_wide_steps,
-        "gluon_backward_fused_dq": gluon_backward_fused_dq,
     }
     for name, asked in flags.items():
         if asked is not None:

@@ -31,7 +31,7 @@ every listed block, 64 keys per step, into a ring of ``DQ_STAGES``; each consume
 64 rows: ``S = Q K^T`` and ``dP = dO V^T`` together, ``P``, ``dS = P (dP - delta)``, then
 ``dQ += dS K`` with ``dS`` from registers. No atomics.
 
-**Wide steps** (``kernel_configs(gluon_backward_wide_steps=True)``; off by default, not yet timed).
+**Wide steps** (``kernel_configs(gluon_backward_wide_steps=True)``; off by default: measured no faster).
 Both score products of a step (``S^T``/``dP^T`` in dK/dV, ``S``/``dP`` in dQ) take both operands
 from shared memory. As 64 x 64 wgmma tiles they read 1/16 byte of it per multiply-add: at the
 tensor cores' full rate (about 2,000 multiply-adds a clock per SM on an H100, by arithmetic) that
@@ -42,22 +42,23 @@ at 128 ptxas spills about 2.4 KB, and about 1 KB with a box predicate, which kee
 and 128 keys a dQ step (``STEP_N``). In the wide dK/dV step dS is formed before either gradient
 product is issued, so the float32 tiles die before both operands are held (40 bytes of spills
 instead of 112 with whole blocks). Shallower rings (:data:`WIDE_STAGES`, :data:`DQ_WIDE_STAGES`)
-hold the larger tiles.
+hold the larger tiles. GPU tests passed (H100, thirty-eighth session: GQA, Sq < Sk, ragged lengths,
+256-blocks, causal or not). Forward + backward on one H100 (32K, 32/8 heads, random causal
+patterns, ``benchmarks/results/h100/training_bwd_variants_s58.json``): at head_dim 64 the two
+Gluon passes took 4.49 against 4.75 ms at density 0.1 with wide steps but 9.39 against 8.55 at
+0.2 (the Triton passes, the default there: 4.66 and 8.55); at head_dim 128 (wide dQ steps only)
+7.26 / 13.65 against 7.29 / 12.91 ms, within the run-to-run spread. Not a gain either way, so off.
 
-**Fused dQ** (``kernel_configs(gluon_backward_fused_dq=True)``; off by default, not yet timed). The
-dQ pass recomputes ``S`` and ``dP`` for every tile pair the dK/dV pass has just done. With the
-fused dQ the dK/dV pass also computes each step's share of dQ, ``dS K`` over its 64 keys, and adds
-it to a float32 buffer with atomics (FlashAttention-2 and -3 accumulate dQ across key tiles the
-same way, the latter through TMA reductions): five products per tile pair instead of seven, and no
-dQ pass. ``dS`` must be the A operand, so each consumer stores its ``dS^T`` to its own
-shared-memory tile and the product reads it transposed. Atomic sums are not bit-reproducible from
-run to run. The twenty-seventh session tried a fused form at head_dim 128 (TMA reductions of
-float32 dQ staged in shared memory; commit 7401911, docs/h200.md) and found it slower: the
-consumers there already spilled, and the dQ product and its waits added more to the dK/dV pass than
-the whole dQ pass took. This one is for head_dim 64, where the consumers have registers to spare,
-and adds dQ from registers; whether it pays is not yet measured. Head_dim 64 only (at 128 ptxas
-spilled 0.7-1.3 KB a consumer thread, with dQ in one 64 x 128 tile or in two 64 x 64 column halves,
-issued beside dK/dV or after them), 64-row steps, no box predicate (:func:`fuses_dq`).
+**Fused dQ: tried and removed** (thirty-eighth session). The dK/dV pass also computed each step's
+share of dQ, ``dS K`` over its 64 keys, added to a float32 buffer with atomics (five products per
+tile pair instead of seven, no dQ pass; head_dim 64, where the consumers had registers to spare;
+commits 0c9eae3 and 12378ab keep the code). On one H100 forward + backward at 32K, head_dim 64,
+32/8 heads, took 6.27 and 11.16 ms at densities 0.1 and 0.2 against 4.75 and 8.55 for the two
+Gluon passes (``benchmarks/results/h100/training_bwd_variants_s58.json``): the dQ product, its
+shared-memory round trip of ``dS^T`` and the atomics cost the dK/dV pass more than the whole dQ
+pass. Its GPU test also found dQ wrong without the causal mask at ragged key lengths (keys past
+``seq_k`` entered the dQ sum). As at head_dim 128 (the twenty-seventh session's attempt, commit
+7401911, docs/h200.md), the two passes stay.
 
 **Token rules.** A rule that is a box predicate (:mod:`sparse_attn.rule_predicate`: the exact
 windows of ``neighborhood``, NSA's sliding window) is evaluated in both passes (constexpr
@@ -90,7 +91,10 @@ where they cannot take the case; at head_dim 64 they were level or slower and ru
 passes' bit for bit in those runs (the same products summed in the same order). At head_dim 128
 ptxas spills 84 bytes per dK/dV consumer thread (200 before the thirty-sixth session made the
 step's row offsets in the loop rather than hoisting 16 registers of them; 212 with ragged lengths),
-none at head_dim 64 and none in the dQ kernel.
+none at head_dim 64 and none in the dQ kernel. The change timed level (one H100, two rounds each,
+forward + backward at head_dim 128: 32K 7.31-7.32 / 12.91-13.04 ms against 7.29-7.39 /
+13.06-13.07 at densities 0.1 / 0.2, 128K 107.1-110.9 / 202.3-219.0 against 105.7-110.9 /
+209.0-220.8; ``benchmarks/results/h100/dkdv_row_offsets_*_s58.json``).
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ from ..plan import BlockSparsePlan
 from ..rule_predicate import BoxPredicate
 from ..utils import device_capability, interpreting
 from . import configs
-from .gluon_lang import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from .gluon_lang import gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from .launch import LOG2_E, block_list_strides, flat_descriptor
 
 BLOCK_M = 64  # query rows per step (the N of the transposed score products)
@@ -117,15 +121,11 @@ DQ_STAGES = {64: 6, 128: 4}
 # On sm_90a (tests/backends/test_gluon_backward.py) the wide dK/dV step spills 40 bytes a
 # consumer thread at head_dim 64 (causal, whole blocks; up to 348 with ragged lengths), about
 # 1 KB with a box predicate and 2.4 KB at head_dim 128, so it runs at head_dim 64 without a box
-# predicate only; the wide dQ step spills none at 64 and 40 bytes at 128. Not yet run on a GPU: off.
+# predicate only; the wide dQ step spills none at 64 and 40 bytes at 128. Off: on an H100 they were
+# no faster (training_bwd_variants_s58.json; see the module docstring).
 WIDE_STAGES = {64: 4}
 DQ_WIDE_STAGES = {64: 4, 128: 2}
 WIDE_STEPS_BY_DEFAULT = False
-# dQ inside the dK/dV pass (kernel_configs(gluon_backward_fused_dq=True)): five products per tile
-# pair instead of seven, dQ's shares added with float32 atomics (not bit-reproducible). Compiled
-# for sm_90a without spills at head_dim 64 (64-row steps); 0.7-1.3 KB of spills at 128, so it
-# runs at head_dim 64 only. Not yet run on a GPU: off.
-FUSED_DQ_BY_DEFAULT = False
 
 
 def step_rows(kind: str, head_dim: int, block_q: int, box: bool) -> int:
@@ -139,15 +139,6 @@ def step_rows(kind: str, head_dim: int, block_q: int, box: bool) -> int:
     if kind == "dkdv":
         return 128 if head_dim in WIDE_STAGES and block_q % 128 == 0 and not box else 64
     return 128 if head_dim in DQ_WIDE_STAGES else 64
-
-
-def fuses_dq(head_dim: int, plan: BlockSparsePlan, box: bool) -> bool:
-    """Whether the dK/dV pass computes dQ too (asked for, or :data:`FUSED_DQ_BY_DEFAULT`): at
-    head_dim 64, in 64-row steps (:func:`step_rows`), without a ``box`` predicate."""
-    asked = configs.current().gluon_backward_fused_dq
-    if not (FUSED_DQ_BY_DEFAULT if asked is None else asked) or head_dim != 64 or box:
-        return False
-    return step_rows("dkdv", head_dim, plan.pattern.block_q, box) == 64
 
 
 # Head dims where the two passes run by default after the Gluon forward: at 128 they took forward
@@ -265,18 +256,16 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(
-        q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV, DQAcc, ds_smem,
+        q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
         QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale, qk_scale,
         seq_k, BoxTable, box_guard,
         ROW_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
-        STEP_M: gl.constexpr, FUSED_DQ: gl.constexpr,
+        STEP_M: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup: dK and dV of keys ``key_start + ROW_OFFSET`` to ``+ 64`` over every step
-        of ``STEP_M`` query rows; with ``FUSED_DQ`` also each step's share of dQ (its 64 keys'),
-        ``dS K``, added to the float32 ``DQAcc`` with atomics (``dS^T`` goes through ``ds_smem``,
-        the warpgroup's own 64 x ``STEP_M`` buffer, to be read transposed).
+        of ``STEP_M`` query rows.
 
         ``BOX``: the pattern's token rule is a box predicate (:mod:`sparse_attn.rule_predicate`),
         tested on every step: the warpgroup's 64 key codes (row 0 of ``BoxTable``) loaded once,
@@ -356,10 +345,7 @@ if gluon is not None:
                         # dV's product runs while dS is formed.
                         dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
                         dp_t = warpgroup_mma_wait(1, deps=(dp_token,))
-                        ds_low = (p_t * (dp_t - delta[None, :])).to(dtype)
-                        if FUSED_DQ:
-                            ds_smem.store(ds_low)
-                        ds_op = gl.convert_layout(ds_low, op_layout)
+                        ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), op_layout)
                     else:
                         # 64 x 128 score tiles: dS is formed before either product is issued, so
                         # the float32 P^T and dP^T are dead before the two operands are held.
@@ -369,25 +355,8 @@ if gluon is not None:
                         ds_op = gl.convert_layout(ds_t.to(dtype), op_layout)
                         dv = warpgroup_mma(p_op, do_smem.index(slot), dv, is_async=True)
                     dk = warpgroup_mma(ds_op, q_smem.index(slot), dk, is_async=True)
-                    if FUSED_DQ:
-                        # dQ's share of these 64 keys: dS (the stored dS^T read transposed) times K.
-                        fence_async_shared()
-                        dq_zero = gl.zeros([STEP_M, HEAD_DIM], gl.float32, acc_layout)
-                        dq_token = warpgroup_mma(ds_smem.permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
-                        dv, dk, p_op, ds_op, dq_part = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op, dq_token))
-                        mbarrier.arrive(free.index(slot), count=1)
-                        dq_rows = gl.arange(0, STEP_M, layout=gl.SliceLayout(1, acc_layout))
-                        dq_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-                        dq_base = DQAcc + (row_base + first_row) * HEAD_DIM  # a scalar base, 32-bit offsets
-                        dq_pointers = dq_base + (dq_rows[:, None] * HEAD_DIM + dq_cols[None, :])
-                        if EVEN_Q:
-                            gl.atomic_add(dq_pointers, dq_part, sem="relaxed")
-                        else:
-                            in_range = (first_row + dq_rows < seq_q)[:, None]
-                            gl.atomic_add(dq_pointers, dq_part, mask=in_range, sem="relaxed")
-                    else:
-                        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
-                        mbarrier.arrive(free.index(slot), count=1)
+                    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
+                    mbarrier.arrive(free.index(slot), count=1)
                     ring += 1
         out_rows = key_start + ROW_OFFSET + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
         out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
@@ -403,16 +372,16 @@ if gluon is not None:
 
     @gluon.jit
     def _gluon_dkdv(
-        QDesc, DODesc, KDesc, VDesc, Lse, Delta, DK, DV, DQAcc, QCounts, QIndices,
+        QDesc, DODesc, KDesc, VDesc, Lse, Delta, DK, DV, QCounts, QIndices,
         stride_cb, stride_ch, stride_ib, stride_ih, stride_ik,
         num_q_heads, num_kv_heads, group, pattern_head_divisor, seq_q, seq_k, scale, qk_scale,
         n_blocks, per_wave, WorkOrder, lead_blocks, all_heads, BoxTable, box_guard,
         HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, BOX: gl.constexpr, EVEN_Q: gl.constexpr, EVEN_K: gl.constexpr,
-        STEP_M: gl.constexpr, FUSED_DQ: gl.constexpr,
+        STEP_M: gl.constexpr,
     ):  # fmt: skip
         """One program per (batch, KV head, 128-key tile), in the Triton dK/dV pass's order, over
-        steps of ``STEP_M`` (64 or 128) query rows; ``FUSED_DQ``: dQ too, into ``DQAcc``."""
+        steps of ``STEP_M`` (64 or 128) query rows."""
         TILES: gl.constexpr = BLOCK_K // 128
         rank, batch_head = lead_wave_item(gl.program_id(0), per_wave, n_blocks * TILES, lead_blocks * TILES, all_heads)
         kv_block = gl.load(WorkOrder + rank // TILES)
@@ -428,30 +397,24 @@ if gluon is not None:
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, STEP_M, HEAD_DIM], row_layout)
         k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
         v_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], key_layout)
-        gl.static_assert(not FUSED_DQ or (STEP_M == 64 and HEAD_DIM == 64), "the fused dQ: head_dim 64, 64-row steps")
-        # Each consumer's dS^T for the fused dQ product (a token 8 x 8 pair without it).
-        DS_ROWS: gl.constexpr = 64 if FUSED_DQ else 8
-        DS_COLS: gl.constexpr = STEP_M if FUSED_DQ else 8
-        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([DS_ROWS, DS_COLS], dtype)
-        ds_smem = gl.allocate_shared_memory(dtype, [2, DS_ROWS, DS_COLS], ds_layout)
         kv_bar, ready, free = _ring_barriers(STAGES)
         gl.warp_specialize(
             [
                 (
                     _consumer,
-                    (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV, DQAcc, ds_smem.index(0),
+                    (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
                      qk_scale, seq_k, BoxTable, box_guard, 0, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K,
-                     STEP_M, FUSED_DQ),
+                     STEP_M),
                 ),
                 (
                     _consumer,
-                    (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV, DQAcc, ds_smem.index(1),
+                    (q_smem, do_smem, k_smem, v_smem, kv_bar, ready, free, Lse, Delta, DK, DV,
                      QCounts, QIndices, batch, kv_head, kv_block, key_start, kv_row0, num_q_heads, seq_q, offset,
                      stride_cb, stride_ch, stride_ib, stride_ih, stride_ik, group, pattern_head_divisor, scale,
                      qk_scale, seq_k, BoxTable, box_guard, 64, HEAD_DIM, BLOCK_Q, STAGES, CAUSAL, BOX, EVEN_Q, EVEN_K,
-                     STEP_M, FUSED_DQ),
+                     STEP_M),
                 ),
                 (
                     _producer,
@@ -676,18 +639,11 @@ def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan
     done = set()
     for kind, name, run in (("dkdv", "dK/dV", dkdv), ("dq", "dQ", dq)):
         choice = wanted(kind, head_dim=q.shape[-1], by_default=by_default)
-        if kind in done or not choice or (choice == "default" and predicate is not None and not BOX_BY_DEFAULT):
+        if not choice or (choice == "default" and predicate is not None and not BOX_BY_DEFAULT):
             continue
         reason = cannot_run_reason(q, k, v, dout, plan, has_rule=has_rule, kind=kind)
         if reason is None:
-            extra = {}
-            # dQ inside the dK/dV pass where the dQ pass would run in Gluon too.
-            if kind == "dkdv" and wanted("dq", head_dim=q.shape[-1], by_default=by_default):
-                if fuses_dq(q.shape[-1], plan, predicate is not None):
-                    extra["dq_out"] = gradients["dq"][0]
-                    done.add("dq")
-            run(q, k, v, dout, lse, delta, *gradients[kind], plan, scale=scale, order=orders[kind], predicate=predicate,
-                **extra)  # fmt: skip
+            run(q, k, v, dout, lse, delta, *gradients[kind], plan, scale=scale, order=orders[kind], predicate=predicate)
             done.add(kind)
         elif choice == "asked":
             warnings.warn(
@@ -697,9 +653,8 @@ def run_passes(q, k, v, dout, lse, delta, gradients: dict, plan: BlockSparsePlan
 
 
 def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: float, order: tuple,
-         predicate: BoxPredicate | None = None, dq_out: torch.Tensor | None = None) -> None:  # fmt: skip
-    """Fill ``dk`` and ``dv`` (contiguous, the shapes of k and v) with the Gluon pass, and
-    ``dq_out`` (q's shape) too where given (the fused dQ, :func:`fuses_dq`).
+         predicate: BoxPredicate | None = None) -> None:  # fmt: skip
+    """Fill ``dk`` and ``dv`` (contiguous, the shapes of k and v) with the Gluon pass.
 
     ``order``: the Triton pass's launch order, ``(n_blocks, per_wave, work_order, lead_blocks,
     all_heads)``; ``predicate``: the pattern's token rule as a box predicate, or ``None``. Call
@@ -710,7 +665,6 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
     grid = (batch * kv_heads * pattern.num_kv_blocks * (pattern.block_k // BLOCK_N),)
     step_m = step_rows("dkdv", dim, pattern.block_q, predicate is not None)
-    dq_acc = None if dq_out is None else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     _gluon_dkdv[grid](
         *(
             flat_descriptor(q, step_m),
@@ -718,7 +672,7 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
             flat_descriptor(k, BLOCK_N),
             flat_descriptor(v, BLOCK_N),
         ),
-        *(lse, delta, dk, dv, lse if dq_acc is None else dq_acc, q_counts, q_indices),
+        *(lse, delta, dk, dv, q_counts, q_indices),
         *block_list_strides(q_counts, q_indices, pattern.batch),
         *(q_heads, kv_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k, scale, scale * LOG2_E),
         *order,
@@ -732,11 +686,8 @@ def dkdv(q, k, v, dout, lse, delta, dk, dv, plan: BlockSparsePlan, *, scale: flo
         EVEN_Q=seq_q % pattern.block_q == 0,
         EVEN_K=seq_k % pattern.block_k == 0,
         STEP_M=step_m,
-        FUSED_DQ=dq_acc is not None,
         num_warps=4,
     )
-    if dq_acc is not None:
-        dq_out.copy_(dq_acc.mul_(scale))
 
 
 def dq(q, k, v, dout, lse, delta, dq_out, plan: BlockSparsePlan, *, scale: float, order: tuple,

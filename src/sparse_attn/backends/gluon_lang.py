@@ -7,13 +7,12 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
 except ImportError:  # pragma: no cover - triton missing or without Gluon
-    gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = None
+    gluon = gl = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = None
 
-__all__ = ["fence_async_shared", "gl", "gluon", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait"]
+__all__ = ["gl", "gluon", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait"]
