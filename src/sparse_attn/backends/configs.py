@@ -135,7 +135,9 @@ class KernelConfigs:
     its tokens' lists: it pays only where neighbouring tokens select the same blocks (NSA's
     module with random weights at 64K: 32 rows took twice as long as 16 on the H200; with a model
     reading text two neighbouring tokens share about 14 of their 16 blocks,
-    ``benchmarks/selection_overlap.py``; not yet timed on such inputs).
+    ``benchmarks/selection_overlap.py``; on inputs that overlap as much, 64 rows with
+    ``token_wide_steps="zeroed_v"`` took the module's selected branch from 17.09 to 8.68 ms at 64K
+    on an H100, and on white noise from 17.29 to 19.45, its backward from 92 to 131: docs/h100.md).
     ``kv_streams_per_wave``: how many (batch, KV head) streams the block kernels issue their
     work items for together (:func:`sparse_attn.backends.launch.heads_per_wave`); ``0`` issues
     every stream's together (query tile by query tile, all heads of a tile side by side).
