@@ -407,10 +407,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--token-rows",
-        type=int,
-        choices=(16, 32, 64, 128),
+        type=lambda value: value if value == "overlap" else int(value),
+        choices=(16, 32, 64, 128, "overlap"),
         default=None,
-        help="rows per token-kernel program (kernel_configs(token_rows=...); default 16: one token of NSA's group)",
+        help="rows per token-kernel program (kernel_configs(token_rows=...); default 16: one token of NSA's group;"
+        " overlap: 64 where the lists of four neighbours overlap enough, else 16)",
     )
     parser.add_argument(
         "--token-gather-rows",
@@ -458,7 +459,8 @@ def main() -> None:
         "moba_path": args.moba_path,
         "token_rows": args.token_rows or 16,
         "correlation": args.correlation,
-        "token_wide_steps": args.token_wide_steps or triton_tokens.WIDE_STEPS_BY_DEFAULT,
+        "token_wide_steps": args.token_wide_steps
+        or ("zeroed_v" if args.token_rows == "overlap" else triton_tokens.WIDE_STEPS_BY_DEFAULT),
         "token_gather_rows": args.token_gather_rows or 64,
         "dkdv_skip_early": triton_tokens_backward.DKDV_SKIP_EARLY,
         **environment(device),
@@ -475,12 +477,25 @@ def main() -> None:
         configs = dict(
             token_rows=args.token_rows, token_gather_rows=args.token_gather_rows, token_wide_steps=args.token_wide_steps
         )
-        with kernel_configs(**configs):
-            row = run_case(
-                name, seq, device, budget_s=args.case_budget, flex=not args.no_flex, fla=not args.no_fla,
-                parts=args.parts, correlation=args.correlation,
-            )  # fmt: skip
+        chosen = []  # token_rows="overlap": the query blocks per tile each pattern took
+        choose = triton_tokens.overlap_tile_blocks
+
+        def recorded(*args, chosen=chosen, choose=choose):
+            chosen.append(choose(*args))
+            return chosen[-1]
+
+        triton_tokens.overlap_tile_blocks = recorded
+        try:
+            with kernel_configs(**configs):
+                row = run_case(
+                    name, seq, device, budget_s=args.case_budget, flex=not args.no_flex, fla=not args.no_fla,
+                    parts=args.parts, correlation=args.correlation,
+                )  # fmt: skip
+        finally:
+            triton_tokens.overlap_tile_blocks = choose
         row["token_rows"] = args.token_rows or 16
+        if chosen:
+            row["overlap_tile_blocks"] = sorted(set(chosen))
         shape = (seq, row["q_heads"], row["kv_heads"])
         if shape not in dense_cache:
             dense_cache[shape] = dense_times(*shape, device, Budget(args.case_budget))

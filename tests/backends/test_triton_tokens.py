@@ -319,6 +319,96 @@ def test_token_rows_override_widens_the_tiles(rows, heads, block_q, expected):
         pass
 
 
+def _naive_union_ratio(pattern, tile_blocks):
+    """union_ratio by Python sets: mean distinct blocks per tile over mean list length."""
+    batch, heads, n_q, _ = pattern.kv_indices.shape
+    lists = [
+        [set(pattern.kv_indices[b, h, i, : pattern.kv_counts[b, h, i]].tolist()) for i in range(n_q)]
+        for b in range(batch)
+        for h in range(heads)
+    ]
+    n_tiles = -(-n_q // tile_blocks)
+    unions = sum(
+        len(set().union(*rows[t * tile_blocks : (t + 1) * tile_blocks])) for rows in lists for t in range(n_tiles)
+    )
+    listed = sum(len(row) for rows in lists for row in rows)
+    return (unions / (len(lists) * n_tiles)) / (listed / (len(lists) * n_q))
+
+
+@pytest.mark.parametrize("seq, block_q, tile_blocks", [(37, 1, 4), (64, 1, 4), (45, 2, 3), (50, 4, 16)])
+@pytest.mark.parametrize("density", [0.2, 0.6])
+def test_union_ratio_matches_sets(seq, block_q, tile_blocks, density):
+    """Ragged last tiles, lists of varying length (causal), batch 2 x 3 heads."""
+    pattern = shape_pattern((2, 6, 3, seq, seq, 16, block_q, 4), heads=3, density=density, causal=True, seed=seq)
+    assert triton_tokens.union_ratio(pattern, tile_blocks) == pytest.approx(
+        _naive_union_ratio(pattern, tile_blocks), rel=1e-9
+    )
+
+
+def test_union_ratio_bounds():
+    """Neighbours listing the same blocks give 1; listing disjoint ones gives the tile's size."""
+    seq, tile = 32, 4
+    same = torch.arange(3).expand(1, 1, seq, 3).contiguous()
+    disjoint = (torch.arange(seq)[:, None] * 3 + torch.arange(3)).view(1, 1, seq, 3)
+    for indices, want in ((same, 1.0), (disjoint, float(tile))):
+        counts = torch.full((1, 1, seq), 3, dtype=torch.int32)
+        pattern = sa.BlockSparsePattern(counts, indices.int(), block_q=1, block_k=1, seq_q=seq, seq_k=3 * seq)
+        assert triton_tokens.union_ratio(pattern, tile) == pytest.approx(want)
+
+
+def test_overlap_rows_choose_by_the_lists(monkeypatch):
+    """token_rows="overlap": four-token tiles for NSA's group of 16 where the lists overlap, one
+    token where they do not, the smallest tile where that already holds several query blocks;
+    the choice is cached on the pattern, and the wide tiles take "zeroed_v" unless asked."""
+    seq = 64
+    own = torch.arange(seq) // 8
+    shared = torch.stack([torch.zeros_like(own), own], -1).view(1, 1, seq, 2)  # first block + own
+    counts = torch.full((1, 1, seq), 2, dtype=torch.int32)
+    overlapping = sa.BlockSparsePattern(counts, shared.int(), block_q=1, block_k=8, seq_q=seq, seq_k=seq)
+    # Each token its own block and one of the others in turn: four neighbours list five blocks or more.
+    other = (own + 1 + torch.arange(seq) % 7) % 8
+    scattered_lists = torch.stack([own, other], -1).sort(-1).values.view(1, 1, seq, 2)
+    scattered = sa.BlockSparsePattern(counts, scattered_lists.int(), block_q=1, block_k=8, seq_q=seq, seq_k=seq)
+    ratios = [triton_tokens.union_ratio(p, 4) for p in (overlapping, scattered)]
+    assert ratios[0] == pytest.approx(1.0) and ratios[1] > triton_tokens.OVERLAP_LIMIT
+    with kernel_configs(token_rows="overlap"):
+        assert triton_tokens.token_tiling(64, 4, 1, 1, overlapping).tile_blocks == 4  # 16 heads x 4 tokens
+        assert triton_tokens.token_tiling(64, 4, 1, 1, scattered).tile_blocks == 1
+        assert triton_tokens.token_tiling(64, 4, 1, 1).tile_blocks == 1  # no pattern: the smallest tile
+        assert triton_tokens.token_tiling(4, 4, 4, 1, overlapping).tile_blocks == 16  # per-head lists
+        assert triton_tokens.wide_steps() == "zeroed_v"
+        with kernel_configs(token_wide_steps="masked"):
+            assert triton_tokens.wide_steps() == "masked"
+        monkeypatch.setattr(triton_tokens, "union_ratio", lambda *args: pytest.fail("not cached"))
+        assert triton_tokens.token_tiling(64, 4, 1, 1, overlapping).tile_blocks == 4
+    assert triton_tokens.wide_steps() == triton_tokens.WIDE_STEPS_BY_DEFAULT
+    with pytest.raises(ValueError, match="token_rows"), kernel_configs(token_rows="wide"):
+        pass
+
+
+@pytest.mark.parametrize("limit, tile_blocks", [(0.5, 1), (100.0, 4)])
+@pytest.mark.parametrize("case", ONE_BLOCK_TILES[:1] + ONE_BLOCK_TILES[3:4], ids=str)
+def test_overlap_rows_match_float64_oracle(case, limit, tile_blocks, monkeypatch, poison_outputs):
+    """token_rows="overlap" with the limit forced either way: the forward and both backward passes
+    take the tiles chosen (recorded) and match the oracle."""
+    shape, causal, heads_kind = case
+    monkeypatch.setattr(triton_tokens, "OVERLAP_LIMIT", limit)
+    taken = []
+    tiling = triton_tokens.token_tiling
+
+    def recorded(*args):
+        taken.append(tiling(*args).tile_blocks)
+        return tiling(*args)
+
+    monkeypatch.setattr(triton_tokens, "token_tiling", recorded)
+    from sparse_attn.backends import triton_tokens_backward
+
+    monkeypatch.setattr(triton_tokens_backward, "token_tiling", recorded)
+    with kernel_configs(token_rows="overlap"):
+        _check(shape, causal, heads_kind, seed=11)
+    assert len(taken) >= 2 and set(taken) == {tile_blocks}
+
+
 @pytest.mark.parametrize("wide_steps", ["branch", "masked", "zeroed_v"])
 @pytest.mark.parametrize("shape, heads_kind", [(SHAPES[0], "kv"), (SHAPES[3], "shared"), (GATHERED_SHAPES[0][0], "kv")])
 def test_wider_token_tiles_match_float64_oracle(shape, heads_kind, wide_steps, poison_outputs):

@@ -96,8 +96,10 @@ TRITON_BACKWARD_SMALL_TILES: tuple[Tile, ...] = ((32, 32, 4, 1), (16, 32, 4, 1))
 GLUON_BLOCK_M = 128
 GLUON_SHARED_BYTES = 232448
 GLUON_SHARED_RESERVE = 3072
-# Rows a token-granular program may pack (KernelConfigs.token_rows).
+# Rows a token-granular program may pack (KernelConfigs.token_rows), or TOKEN_ROWS_BY_OVERLAP: chosen
+# per pattern from how much neighbouring query blocks' lists overlap (triton_tokens.overlap_tile_blocks).
 TOKEN_ROWS = (16, 32, 64, 128)
+TOKEN_ROWS_BY_OVERLAP = "overlap"
 # How the token forward steps through tiles of several query blocks (KernelConfigs.token_wide_steps).
 TOKEN_WIDE_STEPS = ("branch", "masked", "zeroed_v")
 # Rows a program of the token kernels' key-centric (gathered) path takes (KernelConfigs.token_gather_rows).
@@ -138,6 +140,9 @@ class KernelConfigs:
     ``benchmarks/selection_overlap.py``; on inputs that overlap as much, 64 rows with
     ``token_wide_steps="zeroed_v"`` took the module's selected branch from 17.09 to 8.68 ms at 64K
     on an H100, and on white noise from 17.29 to 19.45, its backward from 92 to 131: docs/h100.md).
+    ``token_rows="overlap"`` chooses per pattern: 64 rows (and ``"zeroed_v"`` unless
+    ``token_wide_steps`` says otherwise) where the lists of the tile's query blocks overlap enough,
+    else the smallest tile (:func:`sparse_attn.backends.triton_tokens.overlap_tile_blocks`).
     ``kv_streams_per_wave``: how many (batch, KV head) streams the block kernels issue their
     work items for together (:func:`sparse_attn.backends.launch.heads_per_wave`); ``0`` issues
     every stream's together (query tile by query tile, all heads of a tile side by side).
@@ -175,7 +180,7 @@ class KernelConfigs:
     triton_backward_skip_masked: bool | None = None
     gluon_persistent: bool | None = None
     gluon_tall_tiles: bool | None = None
-    token_rows: int | None = None
+    token_rows: int | str | None = None
     kv_streams_per_wave: int | None = None
     heavy_rows_first: bool | None = None
     gluon_backward: bool | str | None = None
@@ -206,7 +211,7 @@ def kernel_configs(
     triton_backward_skip_masked: bool | None = None,
     gluon_persistent: bool | None = None,
     gluon_tall_tiles: bool | None = None,
-    token_rows: int | None = None,
+    token_rows: int | str | None = None,
     kv_streams_per_wave: int | None = None,
     heavy_rows_first: bool | None = None,
     gluon_backward: bool | str | None = None,
@@ -252,8 +257,8 @@ def kernel_configs(
             check_bool(name, asked)
             changes[name] = asked
     if token_rows is not None:
-        if isinstance(token_rows, bool) or token_rows not in TOKEN_ROWS:
-            raise ValueError(f"token_rows must be one of {TOKEN_ROWS}, got {token_rows!r}")
+        if token_rows != TOKEN_ROWS_BY_OVERLAP and (isinstance(token_rows, bool) or token_rows not in TOKEN_ROWS):
+            raise ValueError(f"token_rows must be one of {TOKEN_ROWS} or {TOKEN_ROWS_BY_OVERLAP!r}, got {token_rows!r}")
         changes["token_rows"] = token_rows
     if token_wide_steps is not None:
         if token_wide_steps not in TOKEN_WIDE_STEPS:

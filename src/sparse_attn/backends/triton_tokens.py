@@ -103,6 +103,8 @@ def wide_steps() -> str:
     """How the forward steps through tiles of several query blocks: ``"branch"``, ``"masked"`` or
     ``"zeroed_v"`` (see :data:`WIDE_STEPS_BY_DEFAULT`, ``kernel_configs(token_wide_steps=...)``)."""
     asked = configs.current().token_wide_steps
+    if asked is None and configs.current().token_rows == configs.TOKEN_ROWS_BY_OVERLAP:
+        return "zeroed_v"  # the way timed with the wide tiles that choice takes
     return WIDE_STEPS_BY_DEFAULT if asked is None else asked
 
 
@@ -151,19 +153,86 @@ class TokenTiling:
     block_m: int
 
 
-def token_tiling(q_heads: int, kv_heads: int, pattern_heads: int, block_q: int) -> TokenTiling:
+def token_tiling(
+    q_heads: int, kv_heads: int, pattern_heads: int, block_q: int, pattern: BlockSparsePattern | None = None
+) -> TokenTiling:
     """The row packing for these head counts (see the module docstring); the rows aimed at are
-    ``kernel_configs(token_rows=...)``'s, default :data:`MIN_ROWS`."""
+    ``kernel_configs(token_rows=...)``'s, default :data:`MIN_ROWS`. With ``token_rows="overlap"``
+    the tile follows ``pattern``'s lists (:func:`overlap_tile_blocks`; the smallest tile without a
+    ``pattern``)."""
     group = q_heads // kv_heads
     # Heads that share both a list and a KV head: the whole group unless lists are per query head.
     sharing = group if q_heads // pattern_heads >= group else 1
     heads = max(d for d in range(1, sharing + 1) if sharing % d == 0 and d * block_q <= MAX_PACKED_ROWS)
-    rows = configs.current().token_rows or MIN_ROWS
-    # A tile's query blocks are bits of an int32 mask per union entry: at most MAX_TILE_BLOCKS.
-    tile_blocks = min(MAX_TILE_BLOCKS, max(1, rows // (heads * block_q)))
+    asked = configs.current().token_rows
+    if asked == configs.TOKEN_ROWS_BY_OVERLAP:
+        tile_blocks = _tile_blocks(MIN_ROWS, heads, block_q)
+        if pattern is not None:
+            tile_blocks = overlap_tile_blocks(pattern, heads)
+    else:
+        tile_blocks = _tile_blocks(asked or MIN_ROWS, heads, block_q)
     tile_tokens = tile_blocks * block_q
     block_m = max(MIN_ROWS, triton.next_power_of_2(heads * tile_tokens))
     return TokenTiling(heads=heads, tile_blocks=tile_blocks, tile_tokens=tile_tokens, block_m=block_m)
+
+
+def _tile_blocks(rows: int, heads: int, block_q: int) -> int:
+    # A tile's query blocks are bits of an int32 mask per union entry: at most MAX_TILE_BLOCKS.
+    return min(MAX_TILE_BLOCKS, max(1, rows // (heads * block_q)))
+
+
+def union_ratio(pattern: BlockSparsePattern, tile_blocks: int) -> float:
+    """How many more KV blocks a tile of ``tile_blocks`` consecutive query blocks walks than one
+    query block: the mean number of distinct blocks in a tile's lists (per batch and pattern head,
+    tiles from query block 0, the last one possibly short) over the mean list length; 1 where the
+    tile's blocks list the same blocks, ``tile_blocks`` where they share none (``U(R)`` of
+    ``benchmarks/selection_overlap.py``). Sorts each tile's padded lists (memory of the pattern's
+    own size) and reads one number back to the host."""
+    batch, heads, n_q, max_kv = pattern.kv_indices.shape
+    if n_q == 0 or max_kv == 0:
+        return 1.0
+    n_tiles = num_blocks(n_q, tile_blocks)
+    listed = torch.arange(max_kv, device=pattern.device) < pattern.kv_counts[..., None]
+    entries = torch.where(listed, pattern.kv_indices.long(), -1)
+    padding = n_tiles * tile_blocks - n_q
+    if padding:
+        entries = torch.cat([entries, entries.new_full((batch, heads, padding, max_kv), -1)], dim=2)
+    tiles = entries.view(batch, heads, n_tiles, tile_blocks * max_kv).sort(dim=-1).values
+    distinct = (tiles[..., 0] >= 0).sum() + ((tiles[..., 1:] != tiles[..., :-1]) & (tiles[..., 1:] >= 0)).sum()
+    ratio = (distinct.double() / n_tiles) / (listed.sum().double() / n_q).clamp(min=1e-12)
+    return max(1.0, float(ratio)) if listed.any() else 1.0
+
+
+# kernel_configs(token_rows="overlap"): tiles of OVERLAP_ROWS rows where the lists of their query
+# blocks overlap at least this much (union_ratio at most OVERLAP_LIMIT), else the smallest tile.
+# On one H100 (NSA's module at 64K, 64/4 heads; docs/h100.md) 64-row "zeroed_v" tiles took the
+# selected branch to 8.68 ms where four tokens' lists had a union ratio of about 1.24 (q and k
+# correlated along the sequence, as SmolLM2's lists on text: 1.25-1.27) and to 19.45 where it was
+# about 2.59 (white noise), against 17.1-17.3 with one-token tiles; the backward, which takes the
+# same tiles, 86.9 and 131.4 against 90.0-92.3. Between those two points forward + backward grows
+# about linearly with the ratio (40.8 ms per unit) and breaks even with one-token tiles near 1.5,
+# the limit chosen here (the forward alone would break even near 2.3). The ratios are those
+# measured on the CPU at 8K (benchmarks/selection_overlap.py), not at 64K: an estimate.
+OVERLAP_ROWS = 64
+OVERLAP_LIMIT = 1.5
+
+
+def overlap_tile_blocks(pattern: BlockSparsePattern, heads: int) -> int:
+    """The query blocks per tile ``token_rows="overlap"`` takes for ``pattern`` with ``heads``
+    packed heads: those of :data:`OVERLAP_ROWS` rows where :func:`union_ratio` is at most
+    :data:`OVERLAP_LIMIT`, else the smallest tile's. Only where the smallest tile is one query
+    block (as NSA's group of 16 heads); elsewhere (lists per query head: the smallest tile already
+    holds 16 query blocks) the smallest tile, unmeasured otherwise. Cached on the pattern, so the
+    forward and both backward passes take the same tiles."""
+    smallest = _tile_blocks(MIN_ROWS, heads, pattern.block_q)
+    wide = _tile_blocks(OVERLAP_ROWS, heads, pattern.block_q)
+    if smallest != 1 or wide == 1:
+        return smallest
+    key = ("overlap_tile_blocks", heads)
+    cached = pattern.cached_plan(key)
+    if cached is None:
+        cached = pattern.store_plan(key, wide if union_ratio(pattern, wide) <= OVERLAP_LIMIT else smallest)
+    return cached
 
 
 @dataclass(frozen=True)
@@ -481,7 +550,7 @@ def launch_geometry(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePatter
     their strides (list strides through the sizes)."""
     batch, q_heads, seq_q, _ = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
+    tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q, pattern)
     lists = program_lists(pattern, tiling)
     n_tiles = num_blocks(seq_q, tiling.tile_tokens)
     grid = (n_tiles, batch * (q_heads // tiling.heads))

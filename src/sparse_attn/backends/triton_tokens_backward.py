@@ -385,7 +385,7 @@ def dkdv_plan(q: torch.Tensor, k: torch.Tensor, pattern):
         packing = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
         tiling = dataclasses.replace(packing, tile_blocks=1, tile_tokens=pattern.block_q)
     else:
-        tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
+        tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q, pattern)
     lists = token_lists(pattern, tiling.tile_blocks)
     # Several listing tiles per step: up to DKDV_ROWS rows per product.
     entries = DKDV_ROWS // (tiling.heads * tiling.tile_tokens)
