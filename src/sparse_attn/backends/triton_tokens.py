@@ -187,7 +187,7 @@ def union_ratio(pattern: BlockSparsePattern, tile_blocks: int) -> float:
     tiles from query block 0, the last one possibly short) over the mean list length; 1 where the
     tile's blocks list the same blocks, ``tile_blocks`` where they share none (``U(R)`` of
     ``benchmarks/selection_overlap.py``). Sorts each tile's padded lists (memory of the pattern's
-    own size) and reads one number back to the host."""
+    own size) and reads two numbers back to the host in one transfer."""
     batch, heads, n_q, max_kv = pattern.kv_indices.shape
     if n_q == 0 or max_kv == 0:
         return 1.0
@@ -199,8 +199,8 @@ def union_ratio(pattern: BlockSparsePattern, tile_blocks: int) -> float:
         entries = torch.cat([entries, entries.new_full((batch, heads, padding, max_kv), -1)], dim=2)
     tiles = entries.view(batch, heads, n_tiles, tile_blocks * max_kv).sort(dim=-1).values
     distinct = (tiles[..., 0] >= 0).sum() + ((tiles[..., 1:] != tiles[..., :-1]) & (tiles[..., 1:] >= 0)).sum()
-    ratio = (distinct.double() / n_tiles) / (listed.sum().double() / n_q).clamp(min=1e-12)
-    return max(1.0, float(ratio)) if listed.any() else 1.0
+    distinct, total = torch.stack([distinct, listed.sum()]).tolist()  # the one read to the host
+    return max(1.0, (distinct / n_tiles) / (total / n_q)) if total else 1.0
 
 
 # kernel_configs(token_rows="overlap"): tiles of OVERLAP_ROWS rows where the lists of their query
