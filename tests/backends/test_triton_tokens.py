@@ -726,13 +726,22 @@ def test_gpu_one_token_tiles_at_128k(poison_outputs):
     16 blocks of 64 per token (its own and every fifth before it); sampled rows, those around
     65536 among them, with gradients on them (dK/dV in full). Estimate: E = 2.8G, ~0.3 s."""
     seq, kv_heads = 131072, 4
+    pattern = _strided_nsa_pattern(seq, kv_heads)
+    q, k, v = _cuda_qkv(64, kv_heads, seq, 128, torch.bfloat16, seed=23)
+    rows = sample_rows(seq, ROWS, extra=range(65535 - 2, 65536 + 3), seed=23)
+    _gpu_check(q, k, v, pattern, rows)
+
+
+def _strided_nsa_pattern(seq, kv_heads):
+    """16 blocks of 64 per token, its own and every fifth before it, one list per KV head: the
+    tokens of one 64-block list the same blocks."""
     own = torch.arange(seq, device="cuda") // 64
     blocks = own[:, None] - torch.arange(15, -1, -1, device="cuda") * 5  # ascending, the own block last
     counts = (blocks >= 0).sum(-1, dtype=torch.int32)
     # Drop the negative entries: shift each row's kept blocks to its front.
     order = torch.sort((blocks < 0).to(torch.uint8), dim=-1, stable=True).indices
     indices = torch.where(torch.arange(16, device="cuda") < counts[:, None], blocks.gather(-1, order), 0)
-    pattern = sa.BlockSparsePattern(
+    return sa.BlockSparsePattern(
         kv_counts=counts.expand(1, kv_heads, seq).contiguous(),
         kv_indices=indices.to(torch.int32).expand(1, kv_heads, seq, 16).contiguous(),
         block_q=1,
@@ -740,9 +749,18 @@ def test_gpu_one_token_tiles_at_128k(poison_outputs):
         seq_q=seq,
         seq_k=seq,
     )
-    q, k, v = _cuda_qkv(64, kv_heads, seq, 128, torch.bfloat16, seed=23)
-    rows = sample_rows(seq, ROWS, extra=range(65535 - 2, 65536 + 3), seed=23)
-    _gpu_check(q, k, v, pattern, rows)
+
+
+@pytest.mark.gpu
+def test_gpu_overlap_rows(poison_outputs):
+    """``token_rows="overlap"`` at NSA's 64/4 heads, 8K, every row: four-token ``zeroed_v`` tiles
+    on lists neighbours share, one-token tiles on random lists."""
+    seq = 8192
+    q, k, v = _cuda_qkv(64, 4, seq, 128, torch.bfloat16, seed=24)
+    for pattern, tile_blocks in ((_strided_nsa_pattern(seq, 4), 4), (_nsa_like_pattern(seq, 4, "kv", 64), 1)):
+        with kernel_configs(token_rows="overlap"):
+            _gpu_check(q, k, v, pattern, torch.arange(seq), seed=3)
+            assert triton_tokens.token_tiling(64, 4, 4, 1, pattern).tile_blocks == tile_blocks
 
 
 @pytest.mark.gpu
