@@ -165,12 +165,12 @@ def token_tiling(
     sharing = group if q_heads // pattern_heads >= group else 1
     heads = max(d for d in range(1, sharing + 1) if sharing % d == 0 and d * block_q <= MAX_PACKED_ROWS)
     asked = configs.current().token_rows
-    if asked == configs.TOKEN_ROWS_BY_OVERLAP:
-        tile_blocks = _tile_blocks(MIN_ROWS, heads, block_q)
-        if pattern is not None:
-            tile_blocks = overlap_tile_blocks(pattern, heads)
-    else:
-        tile_blocks = _tile_blocks(asked or MIN_ROWS, heads, block_q)
+    if asked == configs.TOKEN_ROWS_BY_OVERLAP and pattern is not None:
+        tile_blocks = overlap_tile_blocks(pattern, heads)
+    else:  # "overlap" without a pattern: the smallest tile
+        tile_blocks = _tile_blocks(
+            MIN_ROWS if asked in (None, configs.TOKEN_ROWS_BY_OVERLAP) else asked, heads, block_q
+        )
     tile_tokens = tile_blocks * block_q
     block_m = max(MIN_ROWS, triton.next_power_of_2(heads * tile_tokens))
     return TokenTiling(heads=heads, tile_blocks=tile_blocks, tile_tokens=tile_tokens, block_m=block_m)
