@@ -102,10 +102,11 @@ MAX_TILE_BLOCKS = 16
 def wide_steps() -> str:
     """How the forward steps through tiles of several query blocks: ``"branch"``, ``"masked"`` or
     ``"zeroed_v"`` (see :data:`WIDE_STEPS_BY_DEFAULT`, ``kernel_configs(token_wide_steps=...)``)."""
-    asked = configs.current().token_wide_steps
-    if asked is None and configs.current().token_rows == configs.TOKEN_ROWS_BY_OVERLAP:
-        return "zeroed_v"  # the way timed with the wide tiles that choice takes
-    return WIDE_STEPS_BY_DEFAULT if asked is None else asked
+    current = configs.current()
+    if current.token_wide_steps is not None:
+        return current.token_wide_steps
+    # "overlap" takes the way timed with the wide tiles it chooses.
+    return "zeroed_v" if current.token_rows == configs.TOKEN_ROWS_BY_OVERLAP else WIDE_STEPS_BY_DEFAULT
 
 
 def zeroed_v(v: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
