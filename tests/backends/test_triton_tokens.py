@@ -345,6 +345,31 @@ def test_union_ratio_matches_sets(seq, block_q, tile_blocks, density):
     )
 
 
+@pytest.mark.parametrize("seq, tile_blocks, max_tiles", [(37, 4, 3), (64, 4, 5), (45, 3, 1), (50, 16, 2)])
+def test_union_ratio_sampled_tiles(seq, tile_blocks, max_tiles):
+    """max_tiles: the ratio over that many full tiles spread evenly (the same for every batch and
+    head), by sets over those tiles' query blocks; the exact ratio where the pattern has no more."""
+    pattern = shape_pattern((2, 6, 3, seq, seq, 16, 1, 4), heads=3, density=0.4, causal=True, seed=seq)
+    picks = torch.linspace(0, seq // tile_blocks - 1, max_tiles).long()
+    rows = (picks[:, None] * tile_blocks + torch.arange(tile_blocks)).flatten()
+    sampled = sa.BlockSparsePattern(
+        pattern.kv_counts[:, :, rows].contiguous(),
+        pattern.kv_indices[:, :, rows].contiguous(),
+        block_q=1,
+        block_k=pattern.block_k,
+        seq_q=rows.numel(),
+        seq_k=seq,
+    )
+    assert len(set(picks.tolist())) == max_tiles
+    assert triton_tokens.union_ratio(pattern, tile_blocks, max_tiles) == pytest.approx(
+        _naive_union_ratio(sampled, tile_blocks), rel=1e-9
+    )
+    n_tiles = -(-seq // tile_blocks)
+    assert triton_tokens.union_ratio(pattern, tile_blocks, n_tiles) == triton_tokens.union_ratio(pattern, tile_blocks)
+    with pytest.raises(ValueError, match="max_tiles"):
+        triton_tokens.union_ratio(pattern, tile_blocks, 0)
+
+
 def test_union_ratio_bounds():
     """Neighbours listing the same blocks give 1; listing disjoint ones gives the tile's size."""
     seq, tile = 32, 4

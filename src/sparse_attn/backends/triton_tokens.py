@@ -182,19 +182,33 @@ def _tile_blocks(rows: int, heads: int, block_q: int) -> int:
     return min(MAX_TILE_BLOCKS, max(1, rows // (heads * block_q)))
 
 
-def union_ratio(pattern: BlockSparsePattern, tile_blocks: int) -> float:
+def union_ratio(pattern: BlockSparsePattern, tile_blocks: int, max_tiles: int | None = None) -> float:
     """How many more KV blocks a tile of ``tile_blocks`` consecutive query blocks walks than one
     query block: the mean number of distinct blocks in a tile's lists (per batch and pattern head,
     tiles from query block 0, the last one possibly short) over the mean list length; 1 where the
     tile's blocks list the same blocks, ``tile_blocks`` where they share none (``U(R)`` of
     ``benchmarks/selection_overlap.py``). Sorts each tile's padded lists (memory of the pattern's
-    own size) and reads two numbers back to the host in one transfer."""
+    own size) and reads two numbers back to the host in one transfer.
+
+    ``max_tiles``: where the pattern has more tiles than this, the ratio is that of ``max_tiles``
+    full tiles spread evenly over the query blocks (the same tile numbers for every batch and
+    head; numerator and denominator both over the sampled tiles' query blocks): an estimate, at a
+    cost that no longer grows with the length."""
     batch, heads, n_q, max_kv = pattern.kv_indices.shape
     if n_q == 0 or max_kv == 0:
         return 1.0
+    if max_tiles is not None and max_tiles < 1:
+        raise ValueError(f"max_tiles must be a positive int or None, got {max_tiles!r}")
+    counts, indices = pattern.kv_counts, pattern.kv_indices
     n_tiles = num_blocks(n_q, tile_blocks)
-    listed = torch.arange(max_kv, device=pattern.device) < pattern.kv_counts[..., None]
-    entries = torch.where(listed, pattern.kv_indices.long(), -1)
+    if max_tiles is not None and n_tiles > max_tiles:
+        # n_q // tile_blocks >= n_tiles - 1 >= max_tiles full tiles: evenly spaced picks are distinct.
+        picks = torch.linspace(0, n_q // tile_blocks - 1, max_tiles, device=pattern.device).long()
+        rows = (picks[:, None] * tile_blocks + torch.arange(tile_blocks, device=pattern.device)).flatten()
+        counts, indices = counts[:, :, rows], indices[:, :, rows]
+        n_q, n_tiles = rows.numel(), max_tiles
+    listed = torch.arange(max_kv, device=pattern.device) < counts[..., None]
+    entries = torch.where(listed, indices.long(), -1)
     padding = n_tiles * tile_blocks - n_q
     if padding:
         entries = torch.cat([entries, entries.new_full((batch, heads, padding, max_kv), -1)], dim=2)
