@@ -443,6 +443,35 @@ def test_wider_token_tiles_match_float64_oracle(shape, heads_kind, wide_steps, p
         _check(shape, True, heads_kind, seed=7)
 
 
+def test_rows_fit_int32():
+    """int32 row offsets only where every offset within a batch entry (and heads x tokens) fits."""
+    fits = triton_tokens.rows_fit_int32
+    assert fits(torch.empty((2, 64, 131072, 128), device="meta"))  # 2^30 elements per batch entry
+    assert not fits(torch.empty((1, 128, 131072, 128), device="meta"))  # 2^31
+    assert fits(torch.empty((1, 8, 1, 128), device="meta").expand(3, 8, 2**20, 128))  # stride 0: no span
+    wide_stride = torch.empty_strided((1, 2, 3, 64), (1, 2**31, 64, 1), device="meta")
+    assert not fits(torch.empty((1, 2, 3, 64), device="meta"), wide_stride)
+    assert not fits(torch.empty((1, 2**16, 2**15, 1), device="meta"))  # heads x tokens = 2^31 statistics
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("case", ONE_BLOCK_TILES[:1] + ONE_BLOCK_TILES[2:3], ids=str)
+def test_dkdv_row_offsets_either_width_match_float64_oracle(case, narrow, monkeypatch, poison_outputs):
+    """dK/dV's gathered rows by int32 or int64 offsets (forced), batch 1 and 2."""
+    from sparse_attn.backends import triton_tokens_backward
+
+    asked = []
+
+    def forced(*tensors):
+        asked.append(len(tensors))
+        return narrow
+
+    monkeypatch.setattr(triton_tokens_backward, "rows_fit_int32", forced)
+    shape, causal, heads_kind = case
+    _check(shape, causal, heads_kind, seed=5)
+    assert asked
+
+
 _SM90_TOKEN_FORWARD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -477,6 +506,40 @@ def test_token_forward_compiles_for_sm90_and_branch_free_wide_steps_pipeline_the
             assert results[f"{mode} {tokens}"][2], f"no cp.async in mode {mode} at {16 * tokens} rows"
     assert results["0 1"][2]
     assert all(results[f"{mode} 4"][3] for mode in (0, 1, 2))
+
+
+_SM90_TOKEN_DKDV = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from triton_sm90_compile import compile_for_sm90
+from sparse_attn.backends.triton_tokens_backward import _token_dkdv
+pointers = {name: "*bf16" for name in ("Q", "K", "V", "DOut", "DK", "DV")}
+pointers.update({name: "*fp32" for name in ("Lse", "Delta", "PartDK", "PartDV")})
+pointers.update({name: "*i32" for name in ("TTiles", "TBits", "ItemCombo", "ItemChunk", "ItemPartial")})
+pointers.update({name: "*i64" for name in ("TOffsets", "ItemStart", "ItemEnd")})
+pointers.update(scale="fp32", qk_scale="fp32")
+results = {}
+for narrow in (False, True):
+    for tokens, entries in ((1, 4), (4, 1)):  # NSA's 16-head group, 64 rows per product
+        constexprs = dict(HEAD_DIM=128, BLOCK_Q=1, BLOCK_K=64, HEADS=16, TILE_TOKENS=tokens, ENTRIES=entries,
+                          BLOCK_M=64, BLOCK_N=64, CAUSAL=True, DOT_FP32=False, PRECISION="tf32", SKIP_EARLY=False,
+                          NARROW=narrow)
+        returncode, report, ptx = compile_for_sm90(_token_dkdv, pointers, constexprs, 8)
+        results[f"{narrow} {tokens}"] = [returncode, report, "cp.async" in ptx, "wgmma" in ptx]
+print(json.dumps(results))
+"""
+
+
+def test_token_dkdv_compiles_for_sm90_with_either_row_offsets():
+    """dK/dV at NSA's shape (one- and four-token tiles, 64 rows x 64 keys, 8 warps) compiles for
+    sm_90a with int32 and int64 row offsets; the gathered rows' loads are pipelined and the
+    products use warpgroup MMA."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops")
+    results = source_in_child(_SM90_TOKEN_DKDV, folder)
+    assert len(results) == 4
+    for name, (returncode, report, pipelined, wgmma) in results.items():
+        assert returncode == 0, (name, report)
+        assert pipelined and wgmma, (name, report)
 
 
 def test_wide_steps_selection():

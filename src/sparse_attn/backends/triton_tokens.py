@@ -305,6 +305,18 @@ def token_lists(pattern: BlockSparsePattern, tile_blocks: int) -> TokenLists:
     return pattern.store_plan(key, TokenLists(offsets, blocks, bits, t_offsets, t_tiles, t_bits))
 
 
+def rows_fit_int32(*tensors: torch.Tensor) -> bool:
+    """Whether every element offset within one batch entry of each ``(B, H, S, D)`` tensor (and
+    ``H * S``, the row statistics' offsets) fits in int32: :func:`load_rows`' ``NARROW`` then
+    holds (64 heads x 128K tokens x head_dim 128 is 2^30)."""
+    limit = 2**31 - 1
+    for x in tensors:
+        span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:], strict=True))
+        if x.shape[1] * x.shape[2] > limit or span + 1 > limit:
+            return False
+    return True
+
+
 def list_strides(pattern: BlockSparsePattern, rows_per_head: int) -> tuple[int, int]:
     """Row strides of a compressed list per (batch, head): batch 0 when one pattern serves the batch."""
     return (0 if pattern.batch == 1 else pattern.num_heads * rows_per_head), rows_per_head
@@ -346,20 +358,33 @@ if triton is not None:
         return batch, tile, head, token, token + (seq_k - seq_q), valid, bit, k_base, v_base, start, end
 
     @triton.jit
-    def load_rows(X, batch, head, token, valid, stride_b, stride_h, stride_s, offs_d, DOT_FP32: tl.constexpr):
-        """The ``(rows, HEAD_DIM)`` tile of gathered rows (zeros where not ``valid``), float32 if ``DOT_FP32``."""
-        offset = batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + token.to(tl.int64) * stride_s
-        x = tl.load(X + offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+    def load_rows(X, batch, head, token, valid, stride_b, stride_h, stride_s, offs_d, DOT_FP32: tl.constexpr,
+                  NARROW: tl.constexpr = False):  # fmt: skip
+        """The ``(rows, HEAD_DIM)`` tile of gathered rows (zeros where not ``valid``), float32 if
+        ``DOT_FP32``. ``NARROW``: the rows' offsets within the batch entry in int32 (the caller
+        checked they fit: :func:`rows_fit_int32`), the batch's in one int64 scalar."""
+        if NARROW:
+            offset = head * stride_h + token * stride_s
+        else:
+            offset = head.to(tl.int64) * stride_h + token.to(tl.int64) * stride_s
+        x = tl.load(
+            X + batch.to(tl.int64) * stride_b + offset[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0
+        )
         if DOT_FP32:
             x = x.to(tl.float32)
         return x
 
     @triton.jit
-    def load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q):
-        """The rows' log-sum-exp (in log2 units) and delta, from float32 ``(B, Hq, Sq)`` tensors."""
-        row = (batch.to(tl.int64) * num_q_heads + head) * seq_q + token
-        lse = tl.load(Lse + row, mask=valid, other=0.0) * 1.4426950408889634
-        return lse, tl.load(Delta + row, mask=valid, other=0.0)
+    def load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q, NARROW: tl.constexpr = False):
+        """The rows' log-sum-exp (in log2 units) and delta, from float32 ``(B, Hq, Sq)`` tensors
+        (``NARROW`` as in :func:`load_rows`)."""
+        if NARROW:
+            row = head * seq_q + token
+        else:
+            row = head.to(tl.int64) * seq_q + token
+        first = batch.to(tl.int64) * num_q_heads * seq_q
+        lse = tl.load(Lse + first + row, mask=valid, other=0.0) * 1.4426950408889634
+        return lse, tl.load(Delta + first + row, mask=valid, other=0.0)
 
     @triton.jit
     def store_rows(X, values, batch, head, token, valid, stride_b, stride_h, stride_s, offs_d):

@@ -39,6 +39,7 @@ from .triton_tokens import (
     kernel_constants,
     launch_geometry,
     list_strides,
+    rows_fit_int32,
     token_lists,
     token_tiling,
 )
@@ -59,6 +60,11 @@ SEGMENT_FACTOR = 4
 # run them fully masked so the loop's loads pipeline (False: NSA's selected branch at 64K,
 # forward + backward 50.67 vs 53.08 ms on the H200, token_sparse_nsa_select_skip_*.json).
 DKDV_SKIP_EARLY = False
+# dK/dV's gathered query and dO rows addressed by int32 offsets within the batch entry where they
+# fit (triton_tokens.rows_fit_int32): int64 ones took more registers. NSA's selected branch at its
+# defaults, compiled for sm_90a (64 rows, 64 keys, 8 warps, 2 stages): 576 bytes of spills with
+# int64 offsets, 168 with int32 (ptxas -v). Not yet timed.
+NARROW_ROW_OFFSETS = True
 
 if triton is not None:
     from .triton_backward import _delta
@@ -124,6 +130,7 @@ if triton is not None:
         num_q_heads, seq_q, offset, qk_scale,
         BLOCK_Q: tl.constexpr, TILE_TOKENS: tl.constexpr, ENTRIES: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_EARLY: tl.constexpr,
+        NARROW: tl.constexpr,
     ):  # fmt: skip
         """dK/dV of one key tile over transposed-list entries ``[start, end)``: ``ENTRIES`` listing
         tiles per step (ascending), each a set of packed heads x ``TILE_TOKENS`` tokens.
@@ -147,9 +154,11 @@ if triton is not None:
                 token = tile * TILE_TOKENS + token_in_tile
                 valid = in_step & (token < seq_q)
                 listed = valid & (((bits >> (token_in_tile // BLOCK_Q)) & 1) != 0)
-                q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32)
-                do = load_rows(DOut, batch, head, token, valid, stride_db, stride_dh, stride_ds, offs_d, DOT_FP32)
-                lse, delta = load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q)
+                q = load_rows(Q, batch, head, token, valid, stride_qb, stride_qh, stride_qs, offs_d, DOT_FP32, NARROW)
+                do = load_rows(
+                    DOut, batch, head, token, valid, stride_db, stride_dh, stride_ds, offs_d, DOT_FP32, NARROW
+                )
+                lse, delta = load_row_stats(Lse, Delta, batch, head, token, valid, num_q_heads, seq_q, NARROW)
                 scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (N, M)
                 visible = key_ok[:, None] & listed[None, :]
                 if CAUSAL:
@@ -177,7 +186,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-        SKIP_EARLY: tl.constexpr,
+        SKIP_EARLY: tl.constexpr, NARROW: tl.constexpr,
     ):  # fmt: skip
         """One work item x one key step of its KV block: the item's head sets (all of the group's,
         or one) walk their transposed lists within ``[start, end)``; dK/dV go straight to the
@@ -230,7 +239,7 @@ if triton is not None:
                 batch, first_head + head_in_chunk, first_key, key_pos, key_ok, entry_in_step, token_in_tile, offs_d,
                 stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
                 num_q_heads, seq_q, offset, qk_scale,
-                BLOCK_Q, TILE_TOKENS, ENTRIES, CAUSAL, DOT_FP32, PRECISION, SKIP_EARLY,
+                BLOCK_Q, TILE_TOKENS, ENTRIES, CAUSAL, DOT_FP32, PRECISION, SKIP_EARLY, NARROW,
             )  # fmt: skip
 
         if partial < 0:  # the block's only item: the gradient itself
@@ -493,6 +502,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         BLOCK_M=DKDV_ROWS,
         ENTRIES=entries,
         SKIP_EARLY=DKDV_SKIP_EARLY,
+        NARROW=NARROW_ROW_OFFSETS and rows_fit_int32(q, dout),
     )
 
     def dkdv_grid(meta):
