@@ -411,6 +411,19 @@ def test_overlap_rows_choose_by_the_lists(monkeypatch):
         pass
 
 
+def test_overlap_rows_measure_a_sample_of_tiles(monkeypatch):
+    """token_rows="overlap" measures the ratio on at most OVERLAP_SAMPLE_TILES tiles."""
+    calls = []
+    monkeypatch.setattr(triton_tokens, "union_ratio", lambda *args: calls.append(args) or 1.0)
+    seq = 64
+    counts = torch.full((1, 1, seq), 1, dtype=torch.int32)
+    lists = (torch.arange(seq) // 8).view(1, 1, seq, 1).int()
+    pattern = sa.BlockSparsePattern(counts, lists, block_q=1, block_k=8, seq_q=seq, seq_k=seq)
+    with kernel_configs(token_rows="overlap"):
+        assert triton_tokens.token_tiling(64, 4, 1, 1, pattern).tile_blocks == 4
+    assert [args[1:] for args in calls] == [(4, triton_tokens.OVERLAP_SAMPLE_TILES)]
+
+
 @pytest.mark.parametrize("limit, tile_blocks", [(0.5, 1), (100.0, 4)])
 @pytest.mark.parametrize("case", ONE_BLOCK_TILES[:1] + ONE_BLOCK_TILES[3:4], ids=str)
 def test_overlap_rows_match_float64_oracle(case, limit, tile_blocks, monkeypatch, poison_outputs):

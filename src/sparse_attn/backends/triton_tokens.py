@@ -230,12 +230,17 @@ def union_ratio(pattern: BlockSparsePattern, tile_blocks: int, max_tiles: int | 
 # measured on the CPU at 8K (benchmarks/selection_overlap.py), not at 64K: an estimate.
 OVERLAP_ROWS = 64
 OVERLAP_LIMIT = 1.5
+# The ratio is measured on at most this many tiles, evenly spread (union_ratio's max_tiles): the
+# exact ratio up to 16K tokens in NSA's four-token tiles. The whole sort at 64K was 0.85 ms of
+# one H100's time in the 39th session's profile (nsa_fwdbwd_profile_overlap_c098_s59.log,
+# radixSortKVInPlace); the sampled one is 1/16 of that sort, not yet timed. A design choice.
+OVERLAP_SAMPLE_TILES = 4096
 
 
 def overlap_tile_blocks(pattern: BlockSparsePattern, heads: int) -> int:
     """The query blocks per tile ``token_rows="overlap"`` takes for ``pattern`` with ``heads``
-    packed heads: those of :data:`OVERLAP_ROWS` rows where :func:`union_ratio` is at most
-    :data:`OVERLAP_LIMIT`, else the smallest tile's. Only where the smallest tile is one query
+    packed heads: those of :data:`OVERLAP_ROWS` rows where :func:`union_ratio` (over at most
+    :data:`OVERLAP_SAMPLE_TILES` tiles) is at most :data:`OVERLAP_LIMIT`, else the smallest tile's. Only where the smallest tile is one query
     block (as NSA's group of 16 heads); elsewhere (lists per query head: the smallest tile already
     holds 16 query blocks) the smallest tile, unmeasured otherwise. Cached on the pattern, so the
     forward and both backward passes take the same tiles."""
@@ -246,7 +251,9 @@ def overlap_tile_blocks(pattern: BlockSparsePattern, heads: int) -> int:
     key = ("overlap_tile_blocks", heads)
     cached = pattern.cached_plan(key)
     if cached is None:
-        cached = pattern.store_plan(key, wide if union_ratio(pattern, wide) <= OVERLAP_LIMIT else smallest)
+        cached = pattern.store_plan(
+            key, wide if union_ratio(pattern, wide, OVERLAP_SAMPLE_TILES) <= OVERLAP_LIMIT else smallest
+        )
     return cached
 
 
