@@ -18,7 +18,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from gluon_sm90_compile import run_ptxas  # noqa: E402  (the Gluon compile script's ptxas step)
 
 
-def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4) -> tuple[int, list[str], str]:
+def compile_for_sm90(
+    fn,
+    signature: dict,
+    constexprs: dict,
+    num_warps: int = 4,
+    *,
+    num_stages: int = 3,
+    aligned_strides: bool = True,
+    ttgir: list | None = None,
+) -> tuple[int, list[str], str]:
+    """``(ptxas return code, its last two lines, PTX)``; ``ttgir``: a list the TTGIR is appended to."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -26,14 +36,38 @@ def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4) 
     full = {name: "i32" for name in fn.arg_names}
     full.update(signature)
     full.update({name: "constexpr" for name in constexprs})
+    # As a launch specializes them: pointers to 16-byte-aligned storage (every torch allocation),
+    # and strides that are multiples of 16 elements (contiguous rows of head_dim 64-256). Without
+    # these hints Triton cannot vectorize the loads and pipelines none of them.
+    aligned = [
+        name for name, kind in full.items() if kind.startswith("*") or (aligned_strides and name.startswith("stride_"))
+    ]
     compiled = triton.compile(
-        ASTSource(fn=fn, signature=full, constexprs=constexprs),
+        ASTSource(
+            fn=fn,
+            signature=full,
+            constexprs=constexprs,
+            attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned},
+        ),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps},
+        options={"num_warps": num_warps, "num_stages": num_stages},
     )
+    if ttgir is not None:
+        ttgir.append(compiled.asm["ttgir"])
     ptx = compiled.asm["ptx"]
     run = run_ptxas(ptx, check=False)
     return run.returncode, run.stderr.strip().splitlines()[-2:], ptx
+
+
+def async_tile_copies(ttgir: str, head_dim: int) -> int:
+    """How many asynchronous global-to-shared copies of ``(rows, head_dim)`` 16-bit tiles the TTGIR
+    holds: the Q/K/V/dO tile loads Triton's software pipelining took (``cp.async`` in the PTX
+    also counts the small index and statistics loads)."""
+    return sum(
+        1
+        for line in ttgir.splitlines()
+        if "async_copy_global_to_local" in line and f"x{head_dim}xbf16" in line.split("->")[-1]
+    )
 
 
 def main() -> dict:

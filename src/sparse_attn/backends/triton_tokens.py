@@ -46,10 +46,11 @@ Non-finite values follow :func:`sparse_attn.block_sparse_attention`'s rule exact
 rows of the tile. Where a union entry is not listed by every row, the step reads V with
 non-finite values replaced by zero and marks column ``d`` NaN in the listing rows (a few
 elementwise operations on the V tile, only on such steps). That choice is a branch inside the
-key loop, and with it Triton does not pipeline the K/V loads of tiles of several query blocks
-(no ``cp.async`` in their sm_90a code; one-block tiles, which never branch, have it).
-``kernel_configs(token_wide_steps=...)`` offers two branch-free ways, both pipelined (checked in
-the sm_90a code at 32 and 64 rows): ``"masked"`` takes every step of such tiles through the
+key loop, and with it Triton pipelines fewer of the K/V loads of tiles of several query blocks
+(compiled for sm_90a with the alignment a launch specializes: 2 asynchronous K/V tile copies in
+the 32- and 64-row kernels against 6 in one-block tiles, which never branch).
+``kernel_configs(token_wide_steps=...)`` offers two branch-free ways, both with the 6 copies
+(checked in the sm_90a code at 32 and 64 rows): ``"masked"`` takes every step of such tiles through the
 masked path (the elementwise work on every step); ``"zeroed_v"`` zeroes V's non-finite values
 once per call (:func:`zeroed_v`: one pass over V, a V-sized buffer, per-block flags and
 columns), takes the plain step everywhere, flags in the loop the rows that list a block with
@@ -514,7 +515,8 @@ if triton is not None:
         # partial block) load nothing and are masked whole. Tiles of one query block (NSA's group
         # of heads for one token) take the no-branch step: a runtime branch on whether every row
         # lists the entry keeps the compiler from pipelining the loads (checked in the sm_90 PTX:
-        # no cp.async with it, cp.async with the constexpr step).
+        # no cp.async with it, cp.async with the constexpr step; compiled without a launch's
+        # alignment hints, which stop all tile pipelining, and not rechecked with them).
         SUBS: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
         for step in range(start * SUBS, end * SUBS):
             entry = step // SUBS
