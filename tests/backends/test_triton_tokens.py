@@ -31,7 +31,7 @@ from helpers import (
 )
 
 import sparse_attn as sa
-from sparse_attn.backends import _backend_module, triton_tokens
+from sparse_attn.backends import _backend_module, triton_tokens, triton_tokens_backward
 from sparse_attn.backends.configs import kernel_configs
 
 # (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k)
@@ -525,7 +525,7 @@ def test_token_forward_compiles_for_sm90_and_branch_free_wide_steps_pipeline_the
 
 
 _SM90_TOKEN_DKDV = """
-import json, sys
+import json, re, sys
 sys.path.insert(0, sys.argv[1])
 from triton_sm90_compile import async_tile_copies, compile_for_sm90
 from sparse_attn.backends.triton_tokens_backward import _token_dkdv
@@ -543,6 +543,12 @@ for narrow in (False, True):
         ttgir = []
         returncode, report, ptx = compile_for_sm90(_token_dkdv, pointers, constexprs, 8, num_stages=2, ttgir=ttgir)
         results[f"{narrow} {tokens}"] = [returncode, report, async_tile_copies(ttgir[0], 128), "wgmma" in ptx]
+# The deepest pipelining the autotuner offers, against 2 stages: copies left in flight at a wait.
+from sparse_attn.backends.triton_tokens_backward import STAGES
+for stages in (2, max(STAGES["dkdv"])):
+    ttgir = []
+    compile_for_sm90(_token_dkdv, pointers, dict(constexprs, TILE_TOKENS=1, ENTRIES=4), 8, num_stages=stages, ttgir=ttgir)
+    results[f"in flight {stages}"] = max(int(n) for n in re.findall(r"async_wait [^{]*[{]num = ([0-9]+)", ttgir[0]))
 print(json.dumps(results))
 """
 
@@ -556,9 +562,13 @@ def _stack_bytes(report: list[str]) -> int:
 def test_token_dkdv_compiles_for_sm90_with_either_row_offsets():
     """dK/dV at NSA's shape (one- and four-token tiles, 64 rows x 64 keys, 8 warps, 2 stages)
     compiles for sm_90a with int32 and int64 row offsets; the gathered Q/dO rows are copied
-    asynchronously, the products use warpgroup MMA, and int32 offsets spill no more than int64."""
+    asynchronously, the products use warpgroup MMA, and int32 offsets spill no more than int64.
+    Only the deepest pipelining offered keeps copies in flight across steps."""
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops")
     results = source_in_child(_SM90_TOKEN_DKDV, folder)
+    deepest = max(triton_tokens_backward.STAGES["dkdv"])
+    # At 2 stages every step waits for all of its copies; at the deepest depth offered some stay in flight.
+    assert results.pop("in flight 2") == 0 and results.pop(f"in flight {deepest}") > 0
     assert len(results) == 4
     for name, (returncode, report, copies, wgmma) in results.items():
         assert returncode == 0, (name, report)

@@ -366,13 +366,27 @@ def dkdv_work(pattern, t_offsets: torch.Tensor, *, batch: int, q_heads: int, kv_
     return pattern.store_plan(key, work)
 
 
+# Software-pipelining depths the backward passes autotune over. Compiled for sm_90a at NSA's shape
+# (16 heads of 128, 64-key blocks; with a launch's alignment hints), the loops' tile loads depend
+# on list entries loaded in the loop, and Triton overlaps them with the previous step only from
+# some depth on: the dQ pass's K/V copies from 3 stages (at 2 every step waits for all its copies),
+# the dK/dV pass's gathered Q/dO copies from 5 (at 2 the entries are even loaded synchronously,
+# then the copies waited for at once: two memory latencies per step; 3 and 4 make the entry loads
+# asynchronous; 5 keeps copies in flight across steps, 133 KB of shared memory at 64 rows x 64
+# keys, 252 registers at 8 warps, no spills). Until the 40th session both passes took 1 or 2.
+# Which depth is fastest is left to the autotuner; not yet timed.
+STAGES = {"dq": (2, 3, 4), "dkdv": (2, 3, 5)}
+
+
 @functools.cache
 def _autotuned(kind: str, block_k: int, is_float32: bool):
     """The ``kind`` pass (``"dq"`` or ``"dkdv"``) autotuned over key steps, warps and stages."""
     steps = block_n_candidates(block_k)
     if is_float32:
         steps = tuple(n for n in steps if n <= 64)
-    tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in (4, 8) for s in (1, 2)]
+    tuning = [
+        triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in (4, 8) for s in STAGES[kind]
+    ]
     kernel = {"dq": _token_dq, "dkdv": _token_dkdv}[kind]
     keys = ["seq_bucket", "HEAD_DIM", "BLOCK_Q", "BLOCK_K", "HEADS", "TILE_TOKENS", "BLOCK_M", "CAUSAL", "PRECISION"]
     return triton.autotune(
