@@ -567,12 +567,21 @@ def block_n_candidates(block_k: int) -> tuple[int, ...]:
     return tuple(n for n in (16, 32, 64, 128) if n <= max(16, triton.next_power_of_2(block_k)))
 
 
+# Software-pipelining depths the forward autotunes over. Compiled for sm_90a at NSA's shape (with
+# a launch's alignment hints), 2 stages wait for every K/V copy at the top of each step, 3 leave
+# one step's copies in flight, 4 two (at 64 rows x 64 keys, 8 warps: 147 KB of shared memory,
+# 176 registers). 4 was added in the 40th session; not yet timed.
+FORWARD_STAGES = (2, 3, 4)
+
+
 @functools.cache
 def _autotuned_forward(block_k: int, is_float32: bool):
     steps = block_n_candidates(block_k)
     if is_float32:
         steps = tuple(n for n in steps if n <= 64)
-    tuning = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in (4, 8) for s in (2, 3)]
+    tuning = [
+        triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in steps for w in (4, 8) for s in FORWARD_STAGES
+    ]
     return triton.autotune(
         configs=tuning,
         key=[
