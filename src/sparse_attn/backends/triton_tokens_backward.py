@@ -62,8 +62,9 @@ SEGMENT_FACTOR = 4
 DKDV_SKIP_EARLY = False
 # dK/dV's gathered query and dO rows addressed by int32 offsets within the batch entry where they
 # fit (triton_tokens.rows_fit_int32): int64 ones took more registers. NSA's selected branch at its
-# defaults, compiled for sm_90a (64 rows, 64 keys, 8 warps, 2 stages): 576 bytes of spills with
-# int64 offsets, 168 with int32 (ptxas -v). Not yet timed.
+# defaults, compiled for sm_90a with a launch's alignment hints (64 rows, 64 keys, 8 warps, 2
+# stages): 8 / 40 bytes of spills (one- / four-token tiles) with int64 offsets, none with int32
+# (ptxas -v). Not yet timed.
 NARROW_ROW_OFFSETS = True
 
 if triton is not None:
