@@ -60,7 +60,7 @@ def compile_for_sm90(
 
 
 def async_tile_copies(ttgir: str, head_dim: int) -> int:
-    """How many asynchronous global-to-shared copies of ``(rows, head_dim)`` 16-bit tiles the TTGIR
+    """How many asynchronous global-to-shared copies of ``(rows, head_dim)`` bf16 tiles the TTGIR
     holds: the Q/K/V/dO tile loads Triton's software pipelining took (``cp.async`` in the PTX
     also counts the small index and statistics loads)."""
     return sum(
