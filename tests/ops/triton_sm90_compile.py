@@ -25,7 +25,6 @@ def compile_for_sm90(
     num_warps: int = 4,
     *,
     num_stages: int = 3,
-    aligned_strides: bool = True,
     ttgir: list | None = None,
 ) -> tuple[int, list[str], str]:
     """``(ptxas return code, its last two lines, PTX)``; ``ttgir``: a list the TTGIR is appended to."""
@@ -39,9 +38,7 @@ def compile_for_sm90(
     # As a launch specializes them: pointers to 16-byte-aligned storage (every torch allocation),
     # and strides that are multiples of 16 elements (contiguous rows of head_dim 64-256). Without
     # these hints Triton cannot vectorize the loads and pipelines none of them.
-    aligned = [
-        name for name, kind in full.items() if kind.startswith("*") or (aligned_strides and name.startswith("stride_"))
-    ]
+    aligned = [name for name, kind in full.items() if kind.startswith("*") or name.startswith("stride_")]
     compiled = triton.compile(
         ASTSource(
             fn=fn,
