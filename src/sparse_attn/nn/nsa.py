@@ -358,8 +358,11 @@ class NativeSparseAttention(nn.Module):
         out, lse = api.block_sparse_attention(
             grouped, k_rep, v_rep, pattern, scale=scale, backend=self.backend, return_lse=True
         )
-        if lead or tail:
-            out, lse = out[:, :, lead : out.shape[2] - tail], lse[:, :, lead : lse.shape[2] - tail]
+        # The tail rows stay: no token maps to them, so the regrouping back never reads them (and
+        # its gradient leaves them 0). Slicing them off cost a zero-filled copy of the whole
+        # regrouped output's gradient in the backward (1.7 ms at 64K on an H100).
+        if lead:
+            out, lse = out[:, :, lead:], lse[:, :, lead:]
         return (
             _from_residue(out, front, seq_q, stride, skipped),
             _from_residue(lse, front, seq_q, stride, skipped, fill=float("-inf")),
