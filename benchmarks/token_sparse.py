@@ -274,7 +274,7 @@ def nsa_parts(module: NativeSparseAttention, q, k, v, device, budget: Budget) ->
         "compress": lambda: module.compressed_tokens(k, v),
         "compressed_branch": lambda: module.compressed_branch(q, k_cmp, v_cmp, seq_k, scale),
         "selection": lambda: module.selection(q, k_cmp, lse, seq_k, scale),
-        "selected_branch": lambda: sa.block_sparse_attention(q, k, v, pattern, scale=scale),
+        "selected_branch": lambda: module.selected_branch(q, k, v, pattern, scale),
     }
     if module.window:
         steps["window_branch"] = lambda: sa.block_sparse_attention(
@@ -410,8 +410,9 @@ def main() -> None:
         type=lambda value: value if value == "overlap" else int(value),
         choices=(16, 32, 64, 128, "overlap"),
         default=None,
-        help="rows per token-kernel program (kernel_configs(token_rows=...); default 16: one token of NSA's group;"
-        " overlap: 64 where the lists of four neighbours overlap enough, else 16)",
+        help="rows per token-kernel program (kernel_configs(token_rows=...); default 16: one token of NSA's group,"
+        " and for nsa-module the module's own default, overlap: 64 where the lists of four neighbours overlap"
+        " enough, else 16)",
     )
     parser.add_argument(
         "--token-gather-rows",
@@ -457,7 +458,7 @@ def main() -> None:
         "benchmark": "token_sparse",
         "quick": args.quick,
         "moba_path": args.moba_path,
-        "token_rows": args.token_rows or 16,
+        "token_rows": args.token_rows,  # None: the defaults (16; the NSA module's own, "overlap")
         "correlation": args.correlation,
         "token_wide_steps": args.token_wide_steps
         or ("zeroed_v" if args.token_rows == "overlap" else triton_tokens.WIDE_STEPS_BY_DEFAULT),
@@ -493,7 +494,9 @@ def main() -> None:
                 )  # fmt: skip
         finally:
             triton_tokens.overlap_tile_blocks = choose
-        row["token_rows"] = args.token_rows or 16
+        row["token_rows"] = args.token_rows or (
+            NativeSparseAttention.DEFAULT_TOKEN_ROWS if CASES[name]["kind"] == "nsa-module" else 16
+        )
         if chosen:
             row["overlap_tile_blocks"] = sorted(set(chosen))
         shape = (seq, row["q_heads"], row["kv_heads"])

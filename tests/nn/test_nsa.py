@@ -364,3 +364,37 @@ def test_causal_pattern_is_cached_per_shape():
     from sparse_attn.nn.nsa import causal_pattern
 
     assert causal_pattern(300, 301, torch.device("cpu")) is causal_pattern(300, 301, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "token_rows, outer, expected",
+    [("overlap", None, "overlap"), (16, None, 16), (None, None, None), ("overlap", 64, 64), (None, 32, 32)],
+)
+def test_selected_branch_runs_under_the_modules_token_rows(monkeypatch, token_rows, outer, expected):
+    """The selected branch (only it) runs under the module's ``token_rows`` (default ``"overlap"``);
+    a ``kernel_configs(token_rows=...)`` around the call wins; ``None`` leaves the library default."""
+    from sparse_attn import api as real_api
+    from sparse_attn.backends import configs, kernel_configs
+    from sparse_attn.nn import nsa
+
+    seen = []
+
+    def spy(q, k, v, pattern, **options):
+        seen.append((pattern.block_q, configs.current().token_rows))
+        return real_api.block_sparse_attention(q, k, v, pattern, **options)
+
+    module = _module(4, 2, 8, seed=3, token_rows=token_rows)
+    q, k, v = (x.double() for x in random_qkv(1, 4, 2, 50, 50, 8, seed=3))
+    monkeypatch.setattr(nsa, "api", type("Api", (), {"block_sparse_attention": staticmethod(spy)}))
+    with kernel_configs(token_rows=outer) if outer is not None else torch.no_grad():
+        module(q, k, v)
+    selected = [rows for block_q, rows in seen if block_q == 1]
+    others = [rows for block_q, rows in seen if block_q != 1]
+    assert selected == [expected]
+    assert others and all(rows == outer for rows in others)
+
+
+@pytest.mark.parametrize("bad", [True, 17, "wide", 1.5])
+def test_token_rows_is_checked(bad):
+    with pytest.raises(ValueError, match="token_rows"):
+        NativeSparseAttention(8, 4, 2, token_rows=bad)

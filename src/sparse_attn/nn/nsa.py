@@ -110,6 +110,7 @@ A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
@@ -118,6 +119,7 @@ import torch
 from torch import nn
 
 from .. import api  # a module, not its names: methods import sparse_attn.nn while api loads
+from ..backends import configs
 from ..checks import check_attention_inputs, check_int, is_finite_number
 from ..masked_pattern import MaskedPattern
 from ..ops._chunking import CHUNK_ELEMENTS
@@ -238,7 +240,20 @@ class NativeSparseAttention(nn.Module):
     """NSA over projected ``q`` ``(B, Hq, Sq, D)`` and ``k``, ``v`` ``(B, Hkv, Sk, D)`` (causal; the
     queries are the last ``Sq`` of ``Sk`` positions). See the module docstring for the rule,
     defaults and choices. ``backend`` is passed to :func:`sparse_attn.block_sparse_attention` for
-    the selected branch."""
+    the selected branch.
+
+    ``token_rows``: the token kernels' tile for the selected branch, as
+    :func:`sparse_attn.backends.kernel_configs` ``(token_rows=...)`` (a ``kernel_configs`` around the call
+    wins; ``None`` leaves the library's default, one token per tile). The default,
+    ``"overlap"``, takes four-token tiles where four neighbouring tokens' lists overlap enough
+    (as when a model reads text) and one-token tiles otherwise. On one H100 at 64K (paper
+    defaults, 64/4 heads, bf16; same code, one run each): forward + backward 127.8 ms against
+    140.5 with one-token tiles where neighbouring tokens share blocks (forward 39.5 against
+    43.9), and 1.4 ms slower on white noise (142.9 against 141.5), where measuring the overlap
+    is the cost and one-token tiles are taken; that measurement has since been sampled, costing
+    0.44 instead of 0.92 ms there (docs/h100.md, "``token_rows="overlap"``, timed")."""
+
+    DEFAULT_TOKEN_ROWS = "overlap"
 
     def __init__(
         self,
@@ -254,6 +269,7 @@ class NativeSparseAttention(nn.Module):
         compressor: str = "mlp",
         gate_bias: tuple[float, float, float] = (0.0, 0.0, 0.0),
         backend: str = "auto",
+        token_rows: int | str | None = "overlap",
     ):
         super().__init__()
         for name, value in (
@@ -267,6 +283,15 @@ class NativeSparseAttention(nn.Module):
         ):
             check_int(name, value)
         check_int("window", window, minimum=0)
+        if (
+            token_rows is not None
+            and token_rows != configs.TOKEN_ROWS_BY_OVERLAP
+            and (isinstance(token_rows, bool) or token_rows not in configs.TOKEN_ROWS)
+        ):
+            raise ValueError(
+                f"token_rows must be None, {configs.TOKEN_ROWS_BY_OVERLAP!r} or one of {configs.TOKEN_ROWS}, "
+                f"got {token_rows!r}"
+            )
         if compressor not in COMPRESSORS:
             raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
         biases = tuple(gate_bias) if isinstance(gate_bias, (tuple, list)) else ()
@@ -282,7 +307,7 @@ class NativeSparseAttention(nn.Module):
         self.head_dim, self.num_q_heads, self.num_kv_heads = head_dim, num_q_heads, num_kv_heads
         self.compress_block, self.compress_stride = compress_block, compress_stride
         self.select_block, self.select_top_n, self.window, self.backend = select_block, select_top_n, window, backend
-        self.compressor = compressor
+        self.compressor, self.token_rows = compressor, token_rows
         if compressor != "mean":
             residual = compressor == "mean_mlp"
             self.compress_k = _BlockCompressor(compress_block, head_dim, residual=residual)
@@ -456,13 +481,23 @@ class NativeSparseAttention(nn.Module):
         compressed, lse = self.compressed_branch(q, k_cmp, v_cmp, seq_k, scale)
         with torch.no_grad():
             pattern = self.selection(q.detach(), k_cmp.detach(), lse.detach(), seq_k, scale)
-        selected = api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend)
+        selected = self.selected_branch(q, k, v, pattern, scale)
         branches = [compressed, selected]
         if self.window:
             pattern = window_pattern(seq_q, seq_k, self.window, device=q.device)
             branches.append(api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend))
         # One pass on CUDA without gradients to record (ops.gated_sum's kernel), else PyTorch.
         return gated_sum(q, branches, self.gate_weight, self.gate_bias)
+
+    def selected_branch(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, scale: float
+    ) -> torch.Tensor:
+        """The selected branch: attention over ``pattern`` (:meth:`selection`'s), differentiable, on
+        the module's backend, the token kernels' tiles per :attr:`token_rows` unless a
+        :func:`sparse_attn.backends.kernel_configs` ``(token_rows=...)`` around the call says otherwise."""
+        rows = self.token_rows if configs.current().token_rows is None else None
+        with configs.kernel_configs(token_rows=rows) if rows is not None else contextlib.nullcontext():
+            return api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend)
 
     def decode_step(
         self,
