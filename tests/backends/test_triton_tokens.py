@@ -31,7 +31,7 @@ from helpers import (
 )
 
 import sparse_attn as sa
-from sparse_attn.backends import _backend_module, triton_tokens, triton_tokens_backward
+from sparse_attn.backends import _backend_module, triton_tokens
 from sparse_attn.backends.configs import kernel_configs
 
 # (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k)
@@ -543,9 +543,8 @@ for narrow in (False, True):
         ttgir = []
         returncode, report, ptx = compile_for_sm90(_token_dkdv, pointers, constexprs, 8, num_stages=2, ttgir=ttgir)
         results[f"{narrow} {tokens}"] = [returncode, report, async_tile_copies(ttgir[0], 128), "wgmma" in ptx]
-# The deepest pipelining the autotuner offers, against 2 stages: copies left in flight at a wait.
-from sparse_attn.backends.triton_tokens_backward import STAGES
-for stages in (2, max(STAGES["dkdv"])):
+# 5 stages against 2: copies left in flight at a wait.
+for stages in (2, 5):
     ttgir = []
     compile_for_sm90(_token_dkdv, pointers, dict(constexprs, TILE_TOKENS=1, ENTRIES=4), 8, num_stages=stages, ttgir=ttgir)
     results[f"in flight {stages}"] = max(int(n) for n in re.findall(r"async_wait [^{]*[{]num = ([0-9]+)", ttgir[0]))
@@ -563,12 +562,12 @@ def test_token_dkdv_compiles_for_sm90_with_either_row_offsets():
     """dK/dV at NSA's shape (one- and four-token tiles, 64 rows x 64 keys, 8 warps, 2 stages)
     compiles for sm_90a with int32 and int64 row offsets; the gathered Q/dO rows are copied
     asynchronously, the products use warpgroup MMA, and int32 offsets spill no more than int64.
-    Only the deepest pipelining offered keeps copies in flight across steps."""
+    Copies stay in flight across steps at 5 stages, not at 2 (the depths the autotuner is
+    offered, 1 and 2, are those it took on an H100: triton_tokens_backward.STAGES)."""
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops")
     results = source_in_child(_SM90_TOKEN_DKDV, folder)
-    deepest = max(triton_tokens_backward.STAGES["dkdv"])
-    # At 2 stages every step waits for all of its copies; at the deepest depth offered some stay in flight.
-    assert results.pop("in flight 2") == 0 and results.pop(f"in flight {deepest}") > 0
+    # At 2 stages every step waits for all of its copies; at 5 some stay in flight.
+    assert results.pop("in flight 2") == 0 and results.pop("in flight 5") > 0
     assert len(results) == 4
     for name, (returncode, report, copies, wgmma) in results.items():
         assert returncode == 0, (name, report)

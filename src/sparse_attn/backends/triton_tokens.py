@@ -572,9 +572,9 @@ def block_n_candidates(block_k: int) -> tuple[int, ...]:
 # Software-pipelining depths the forward autotunes over. Compiled for sm_90a at NSA's shape (with
 # a launch's alignment hints), 2 stages wait for every K/V copy at the top of each step, 3 leave
 # one step's copies in flight, 4 two (at 64 rows x 64 keys, 8 warps: 147 KB of shared memory,
-# 176 registers). 4 was added in the 40th session; in the 41st session's H100 runs of NSA's
-# selected branch the autotuner still took 3.
-FORWARD_STAGES = (2, 3, 4)
+# 176 registers). 4 was offered in the 40th session and never taken in the 41st session's H100
+# runs of NSA's selected branch (3 was, with one- and four-token tiles), so it was withdrawn.
+FORWARD_STAGES = (2, 3)
 
 
 @functools.cache

@@ -372,14 +372,14 @@ def dkdv_work(pattern, t_offsets: torch.Tensor, *, batch: int, q_heads: int, kv_
 # on list entries loaded in the loop, and Triton overlaps them with the previous step only from
 # some depth on: the dQ pass's K/V copies from 3 stages (at 2 every step waits for all its copies),
 # the dK/dV pass's gathered Q/dO copies from 5 (at 2 the entries are even loaded synchronously,
-# then the copies waited for at once: two memory latencies per step; 3 and 4 make the entry loads
-# asynchronous; 5 keeps copies in flight across steps, 133 KB of shared memory at 64 rows x 64
-# keys, 252 registers at 8 warps, no spills). Until the 40th session both passes took 1 or 2;
-# the sets keep those (a superset: the autotuner can still take the old choice) and the depth
-# is left to it. Timed in the 41st session on one H100 (NSA's selected branch at 64K, forward +
-# backward, with the int32 row offsets below): 41.22 -> 39.09 ms with four-token tiles (dK/dV
-# took 2 stages instead of 1), 54.52 -> 51.86 with one-token tiles (still 1 stage).
-STAGES = {"dq": (1, 2, 3, 4), "dkdv": (1, 2, 3, 5)}
+# then the copies waited for at once; 5 keeps copies in flight across steps, 133 KB of shared
+# memory at 64 rows x 64 keys, 252 registers at 8 warps, no spills). The 40th session offered
+# 1/2/3/4 (dQ) and 1/2/3/5 (dK/dV); on one H100 in the 41st (NSA's selected branch at 64K, one-
+# and four-token tiles) the autotuner never took a depth past 2 (dQ 2, dK/dV 1 or 2), so the
+# sets are back to 1/2, which hold every winner, and the first call per shape tunes 12
+# configurations per pass instead of 24. The gain that run measured (41.22 -> 39.09 and 54.52 ->
+# 51.86 ms forward + backward) came with the int32 row offsets (NARROW_ROW_OFFSETS).
+STAGES = {"dq": (1, 2), "dkdv": (1, 2)}
 
 
 @functools.cache
