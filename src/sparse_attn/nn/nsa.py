@@ -54,6 +54,10 @@ backend's forward and backward and the reference off CUDA):
   over the group and mapped to selection blocks, chunk by chunk of query tokens; each chunk's
   top-n lists written straight into the pattern by
   :func:`sparse_attn.ops.causal_top_blocks.causal_top_blocks` (one kernel: no boolean mask).
+* selected (:meth:`NativeSparseAttention.selected_branch`): the token-granular kernels pack the
+  group's heads into a tile's rows; with the module's default ``token_rows="overlap"`` a tile
+  holds four neighbouring tokens where their lists overlap enough (a model reading text), one
+  token otherwise.
 * sliding window: a block pattern over 128-token blocks (:func:`window_pattern`) whose first
   blocks are cut by :class:`CausalWindowRule`, a one-field box predicate the Triton and Gluon
   kernels evaluate per score (:mod:`sparse_attn.rule_predicate`).
