@@ -273,7 +273,7 @@ class NativeSparseAttention(nn.Module):
         compressor: str = "mlp",
         gate_bias: tuple[float, float, float] = (0.0, 0.0, 0.0),
         backend: str = "auto",
-        token_rows: int | str | None = "overlap",
+        token_rows: int | str | None = DEFAULT_TOKEN_ROWS,
     ):
         super().__init__()
         for name, value in (
