@@ -257,9 +257,7 @@ def kernel_configs(
             check_bool(name, asked)
             changes[name] = asked
     if token_rows is not None:
-        if token_rows != TOKEN_ROWS_BY_OVERLAP and (isinstance(token_rows, bool) or token_rows not in TOKEN_ROWS):
-            raise ValueError(f"token_rows must be one of {TOKEN_ROWS} or {TOKEN_ROWS_BY_OVERLAP!r}, got {token_rows!r}")
-        changes["token_rows"] = token_rows
+        changes["token_rows"] = check_token_rows(token_rows)
     if token_wide_steps is not None:
         if token_wide_steps not in TOKEN_WIDE_STEPS:
             raise ValueError(f"token_wide_steps must be one of {TOKEN_WIDE_STEPS}, got {token_wide_steps!r}")
@@ -274,6 +272,13 @@ def kernel_configs(
         changes["kv_streams_per_wave"] = kv_streams_per_wave
     with applied(dataclasses.replace(_CURRENT.get(), **changes)) as overrides:
         yield overrides
+
+
+def check_token_rows(token_rows: int | str) -> int | str:
+    """``token_rows`` if it is one of :data:`TOKEN_ROWS` or :data:`TOKEN_ROWS_BY_OVERLAP`, else a ValueError."""
+    if token_rows != TOKEN_ROWS_BY_OVERLAP and (isinstance(token_rows, bool) or token_rows not in TOKEN_ROWS):
+        raise ValueError(f"token_rows must be one of {TOKEN_ROWS} or {TOKEN_ROWS_BY_OVERLAP!r}, got {token_rows!r}")
+    return token_rows
 
 
 @contextlib.contextmanager

@@ -64,7 +64,7 @@ DKDV_SKIP_EARLY = False
 # fit (triton_tokens.rows_fit_int32): int64 ones took more registers. NSA's selected branch at its
 # defaults, compiled for sm_90a with a launch's alignment hints (64 rows, 64 keys, 8 warps, 2
 # stages): 8 / 40 bytes of spills (one- / four-token tiles) with int64 offsets, none with int32
-# (ptxas -v). Not yet timed.
+# (ptxas -v). Timed in the 41st session on one H100 (with the stage sets of the time): see STAGES.
 NARROW_ROW_OFFSETS = True
 
 if triton is not None:

@@ -114,7 +114,6 @@ A transformers model is switched to it by :func:`sparse_attn.nn.nsa_models.swap_
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 import weakref
@@ -257,7 +256,7 @@ class NativeSparseAttention(nn.Module):
     is the cost and one-token tiles are taken; that measurement has since been sampled, costing
     0.44 instead of 0.92 ms there (docs/h100.md, "``token_rows="overlap"``, timed")."""
 
-    DEFAULT_TOKEN_ROWS = "overlap"
+    DEFAULT_TOKEN_ROWS = configs.TOKEN_ROWS_BY_OVERLAP
 
     def __init__(
         self,
@@ -287,15 +286,8 @@ class NativeSparseAttention(nn.Module):
         ):
             check_int(name, value)
         check_int("window", window, minimum=0)
-        if (
-            token_rows is not None
-            and token_rows != configs.TOKEN_ROWS_BY_OVERLAP
-            and (isinstance(token_rows, bool) or token_rows not in configs.TOKEN_ROWS)
-        ):
-            raise ValueError(
-                f"token_rows must be None, {configs.TOKEN_ROWS_BY_OVERLAP!r} or one of {configs.TOKEN_ROWS}, "
-                f"got {token_rows!r}"
-            )
+        if token_rows is not None:
+            configs.check_token_rows(token_rows)
         if compressor not in COMPRESSORS:
             raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
         biases = tuple(gate_bias) if isinstance(gate_bias, (tuple, list)) else ()
@@ -500,7 +492,7 @@ class NativeSparseAttention(nn.Module):
         the module's backend, the token kernels' tiles per :attr:`token_rows` unless a
         :func:`sparse_attn.backends.kernel_configs` ``(token_rows=...)`` around the call says otherwise."""
         rows = self.token_rows if configs.current().token_rows is None else None
-        with configs.kernel_configs(token_rows=rows) if rows is not None else contextlib.nullcontext():
+        with configs.kernel_configs(token_rows=rows):  # None changes nothing
             return api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend)
 
     def decode_step(
