@@ -291,3 +291,55 @@ def test_triton_backward_heavy_blocks_first_change_no_gradient(poison_outputs):
     for key, result in grads.items():
         for got, want in zip(result, grads[0, True], strict=True):
             assert torch.equal(got, want), key
+
+
+@pytest.mark.parametrize(
+    "module_name, shape",
+    [
+        ("triton", (2, 6, 3, 45, 70, 32, 16, 16)),  # block kernels; GQA 2, Sq < Sk, odd lengths
+        ("triton_tokens", (2, 6, 2, 23, 37, 32, 1, 16)),  # token kernels, one-token lists, group 3
+        ("triton_tokens", (1, 4, 4, 10, 70, 16, 1, 256)),  # token kernels' gathered path (block_k >= 256)
+    ],
+    ids=str,
+)
+def test_fused_backward_arguments_equal_the_plain_backward(module_name, shape, poison_outputs):
+    """``backward(delta=, dq_into=)`` (the fused NSA backward's entry, :mod:`sparse_attn.nn.nsa_fused`):
+    a precomputed delta gives the plain backward's dK/dV, and dQ is added into ``dq_into``'s values
+    and returned in it."""
+    import importlib
+
+    from sparse_attn.backends.triton_backward import row_delta
+
+    backend = importlib.import_module(f"sparse_attn.backends.{module_name}")
+    pattern = shape_pattern(shape, heads=shape[2], density=0.5, causal=True, seed=11)
+    q, k, v = random_qkv(*shape[:6], seed=11)
+    scale = shape[5] ** -0.5
+    out, lse = backend.forward(q, k, v, pattern, causal=True, scale=scale, return_lse=True)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(12))
+    plan = plan_for(pattern, causal=True)
+    dq, dk, dv = backend.backward(q, k, v, out, lse, dout, None, plan, scale=scale)
+    start = torch.randn(q.shape, generator=torch.Generator().manual_seed(13))
+    into = start.clone()
+    delta = row_delta(out, dout, None)
+    # out and dout are not read with a delta given: NaN copies would show if they were.
+    nan_out = torch.full_like(out, float("nan"))
+    got_dq, got_dk, got_dv = backend.backward(q, k, v, nan_out, lse, dout, None, plan, scale=scale, delta=delta,
+                                              dq_into=into)  # fmt: skip
+    assert got_dq is into
+    torch.testing.assert_close(got_dq, start + dq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_dk, dk, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_dv, dv, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_backward_arguments_are_checked():
+    from sparse_attn.backends import triton_backward
+
+    shape = (1, 2, 1, 16, 16, 16, 16, 16)
+    pattern = shape_pattern(shape, heads=1, density=1.0, causal=True, seed=1)
+    q, k, v = random_qkv(*shape[:6], seed=1)
+    plan = plan_for(pattern, causal=True)
+    rows = torch.zeros(1, 2, 16)
+    with pytest.raises(ValueError, match="delta"):
+        triton_backward.backward(q, k, v, q, rows, q, None, plan, scale=0.25, delta=rows.double())
+    with pytest.raises(ValueError, match="dq_into"):
+        triton_backward.backward(q, k, v, q, rows, q, None, plan, scale=0.25, dq_into=q[..., :8])

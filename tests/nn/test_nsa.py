@@ -197,13 +197,16 @@ def test_wrong_head_counts_are_refused():
         ((9, 3, 64), {}),  # SmolLM2-135M's attention: group 3, head_dim 64 (benchmarks/train_smollm2.py)
     ],
 )
-def test_gpu_branches_on_the_kernels_match_the_reference(monkeypatch, poison_outputs, heads, options):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "per-branch"])
+def test_gpu_branches_on_the_kernels_match_the_reference(monkeypatch, poison_outputs, heads, options, fused):
     """NSA's shape (64 query / 4 KV heads, head_dim 128; and SmolLM2's 9 / 3 of 64) at 8K tokens, bf16: the module on the CUDA
     kernels (compressed branch on the block kernel, window on the box predicate, selected branch on
     the token-granular kernel) against the same module on the reference backend, with the selected
     branch there computed by ``helpers.row_attention`` (exact; the reference backend takes minutes on
     one-token query blocks). Both runs use one selection (taken from the kernel run), so only the
-    kernels differ; outputs and gradients of q, k, v and the parameters within 2e-2."""
+    kernels differ; outputs and gradients of q, k, v and the parameters within 2e-2. ``fused``: the
+    kernel run takes the fused node of the selected and window branches and the gates
+    (nn.nsa_fused; where there is a window), or the per-branch path."""
     from types import SimpleNamespace
 
     from sparse_attn import api as real_api
@@ -224,18 +227,27 @@ def test_gpu_branches_on_the_kernels_match_the_reference(monkeypatch, poison_out
         for parameter in module.parameters():
             parameter.normal_(std=0.02)
     pattern = module.selected_pattern(q, k, v)
-    results = []
+    results, taken = [], []
+    real_fused = nsa.fused_sparse_branches
+
+    def spy(*args):
+        result = real_fused(*args)
+        taken.append(result is not None)
+        return result
+
     for reference in (False, True):
         inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
         module.zero_grad()
         with monkeypatch.context() as patch:
             patch.setattr(module, "selection", lambda *args: pattern)
+            patch.setattr(nsa, "fused_sparse_branches", spy if fused and not reference else lambda *args: None)
             if reference:
                 patch.setattr(nsa, "api", SimpleNamespace(block_sparse_attention=exact))
             out = module(*inputs)
         out.float().square().mean().backward()
         grads = [x.grad for x in inputs] + [p.grad.clone() for p in module.parameters()]
         results.append([out.detach(), *grads])
+    assert taken == ([True] if fused and module.window else [])
     for got, want in zip(*results, strict=True):
         assert torch.isfinite(got).all()
         if want.float().norm() < 1e-6:  # a gradient that is zero in exact arithmetic (see the CPU test)
@@ -398,3 +410,59 @@ def test_selected_branch_runs_under_the_modules_token_rows(monkeypatch, token_ro
 def test_token_rows_is_checked(bad):
     with pytest.raises(ValueError, match="token_rows"):
         NativeSparseAttention(8, 4, 2, token_rows=bad)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 2, 70, 16), (1, 4, 4, 90, 32), (1, 12, 4, 81, 16)], ids=str)
+def test_fused_branches_match_the_per_branch_reference(shape, poison_outputs):
+    """The fused node (nn.nsa_fused: selected and window branches and the gates, the gated sum's
+    backward handing each branch its delta and the gates' dQ buffer) on the Triton kernels in the
+    interpreter, float32, against the per-branch float64 reference: output and the gradients of
+    q, k, v, the compressed branch, the gate weight and bias."""
+    from sparse_attn import api
+    from sparse_attn.backends import triton as block_kernels
+    from sparse_attn.backends import triton_tokens
+    from sparse_attn.nn.nsa import window_pattern
+    from sparse_attn.nn.nsa_fused import _FusedSparseBranches
+    from sparse_attn.ops.gated_sum import gated_sum_reference
+    from sparse_attn.ops.gated_sum import triton as gate_kernel
+
+    batch, q_heads, kv_heads, seq, dim = shape
+    module = _module(q_heads, kv_heads, dim, seed=seq).float()
+    q, k, v = random_qkv(batch, q_heads, kv_heads, seq, seq, dim, seed=seq)
+    generator = torch.Generator().manual_seed(seq + 1)
+    compressed = torch.randn(q.shape, generator=generator)
+    grad = torch.randn(q.shape, generator=generator)
+    scale = dim**-0.5
+    selected = module.selected_pattern(q, k, v)
+    window = window_pattern(seq, seq, module.window)
+    assert selected.density() < 1.0
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, compressed, module.gate_weight, module.gate_bias)]
+    runs = [(selected, triton_tokens, None), (window, block_kernels, None)]
+    out = _FusedSparseBranches.apply(*leaves, runs, gate_kernel, scale)
+    got = torch.autograd.grad(out, leaves, grad)
+
+    exact = [x.detach().double().requires_grad_() for x in leaves]
+    branches = [
+        api.block_sparse_attention(*exact[:3], pattern, scale=scale, backend="reference")
+        for pattern in (selected, window)
+    ]
+    want_out = gated_sum_reference(exact[0], (exact[3], *branches), exact[4], exact[5])
+    want = torch.autograd.grad(want_out, exact, grad.double())
+    assert relative_error(out, want_out) <= 1e-4
+    for name, got_grad, want_grad in zip(("q", "k", "v", "compressed", "weight", "bias"), got, want, strict=True):
+        assert torch.isfinite(got_grad).all(), name
+        assert relative_error(got_grad, want_grad) <= 1e-4, name
+
+
+def test_fused_branches_are_not_taken_off_cuda_or_without_gradients():
+    """The module's CPU path and inference never take the fused node (it needs the CUDA kernels)."""
+    from sparse_attn.nn.nsa_fused import fused_sparse_branches
+
+    module = _module(4, 2, 8, seed=1).float()
+    q, k, v = (x.requires_grad_() for x in random_qkv(1, 4, 2, 40, 40, 8, seed=1))
+    pattern = module.selected_pattern(q, k, v)
+    from sparse_attn.nn.nsa import window_pattern
+
+    window = window_pattern(40, 40, module.window)
+    assert fused_sparse_branches(module, q, k, v, torch.zeros_like(q), pattern, window, 0.3) is None

@@ -121,8 +121,14 @@ def main() -> dict:
         "gated_sum_backward": (
             gated_sum._gated_sum_backward,
             {**gates, **{name: "*bf16" for name in ("DOut", "DA", "DB", "DC", "DQ")}, "DLogits": "*fp32",
-             "DWeight": "*fp32"},
-            dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=2, NUM_GATES=3), 4,
+             "DWeight": "*fp32", **{name: "*fp32" for name in ("DeltaA", "DeltaB", "DeltaC")}},
+            dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=2, NUM_GATES=3, DELTAS=False), 4,
+        ),
+        "gated_sum_backward_deltas": (  # the fused NSA backward's (nn.nsa_fused)
+            gated_sum._gated_sum_backward,
+            {**gates, **{name: "*bf16" for name in ("DOut", "DA", "DB", "DC", "DQ")}, "DLogits": "*fp32",
+             "DWeight": "*fp32", **{name: "*fp32" for name in ("DeltaA", "DeltaB", "DeltaC")}},
+            dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=3, NUM_GATES=3, DELTAS=True), 4,
         ),
         "compressed_scores_pointers": (
             compressed_scores._compressed_scores, compressed_pointers, dict(compressed, USE_TMA=False), 4,

@@ -54,6 +54,7 @@ from .configs import kernel_configs
 __all__ = [
     "BACKENDS",
     "Backend",
+    "fusable_backward_module",
     "get_backend",
     "kernel_configs",
     "resolve_backend",
@@ -79,6 +80,17 @@ def _backend_module(name: str, pattern: BlockSparsePattern):
     if name == "triton" and pattern.block_q < 16:
         return importlib.import_module(f"{__name__}.triton_tokens")
     return get_backend(name)
+
+
+def fusable_backward_module(backend: str, q, k, v, pattern: BlockSparsePattern, *, causal: bool):
+    """The kernel module that would run this checked case (``backend`` resolved as
+    :func:`resolve_backend` does, warnings included) when its ``backward`` takes a precomputed
+    ``delta=`` and adds q's gradient into ``dq_into=`` (:func:`.triton_backward.backward`; marked by
+    ``BACKWARD_TAKES_DELTA``), else ``None``. For callers that fuse several attentions' backward
+    with their own (:mod:`sparse_attn.nn.nsa_fused`)."""
+    name = resolve_backend(backend, q, k, v, pattern, causal=causal, return_lse=False)
+    module = _backend_module(name, pattern)
+    return module if getattr(module, "BACKWARD_TAKES_DELTA", False) else None
 
 
 def _auto_skips_gluon(q, k, v, pattern: BlockSparsePattern, *, causal: bool) -> str | None:

@@ -13,6 +13,7 @@ differentiates them directly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -21,25 +22,47 @@ from ..pattern import BlockSparsePattern
 from ..plan import plan_for
 from . import configs
 
-__all__ = ["kernel_attention"]
+__all__ = ["KernelBackward", "forward_for_backward", "kernel_attention"]
+
+
+@dataclass(frozen=True)
+class KernelBackward:
+    """What a kernel backend's backward needs besides the tensors: the backend module, the plan,
+    the softmax scale and the kernel-configuration overrides in force at the forward."""
+
+    backend: ModuleType
+    plan: object
+    scale: float
+    kernel_configs: object
+
+    def __call__(self, q, k, v, out, lse, dout, dlse, **fused):
+        """``(dq, dk, dv)`` from the backend's ``backward`` under the forward's overrides; ``fused``:
+        ``delta=`` / ``dq_into=`` for the backends that take them (:func:`.triton_backward.backward`)."""
+        with configs.applied(self.kernel_configs):
+            return self.backend.backward(q, k, v, out, lse, dout, dlse, self.plan, scale=self.scale, **fused)
+
+
+def forward_for_backward(q, k, v, pattern: BlockSparsePattern, *, causal: bool, scale: float, backend: ModuleType):
+    """``(out, lse, KernelBackward)``: ``backend``'s forward with its log-sum-exp, and what its
+    backward needs. A backend whose backward builds host-side plans (the token kernels' transposed
+    lists) builds them during the forward instead, from the point the pattern is ready."""
+    prepare = getattr(backend, "prepare_backward", None)
+    pattern_ready = None
+    if prepare is not None and q.device.type == "cuda":
+        pattern_ready = torch.cuda.Event()
+        pattern_ready.record()
+    out, lse = backend.forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=True)
+    plan = plan_for(pattern, causal=causal)
+    if prepare is not None:
+        prepare(q, k, plan, pattern_ready)
+    return out, lse, KernelBackward(backend, plan, scale, configs.current())
 
 
 class _KernelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pattern: BlockSparsePattern, causal: bool, scale: float, backend: ModuleType):
-        # A backend whose backward builds host-side plans (the token kernels' transposed lists)
-        # builds them during the forward instead, from the point the pattern is ready.
-        prepare = getattr(backend, "prepare_backward", None)
-        pattern_ready = None
-        if prepare is not None and q.device.type == "cuda":
-            pattern_ready = torch.cuda.Event()
-            pattern_ready.record()
-        out, lse = backend.forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=True)
+        out, lse, ctx.run_backward = forward_for_backward(q, k, v, pattern, causal=causal, scale=scale, backend=backend)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale, ctx.backend = plan_for(pattern, causal=causal), scale, backend
-        if prepare is not None:
-            prepare(q, k, ctx.plan, pattern_ready)
-        ctx.kernel_configs = configs.current()
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -48,8 +71,7 @@ class _KernelAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        with configs.applied(ctx.kernel_configs):
-            dq, dk, dv = ctx.backend.backward(q, k, v, out, lse, dout, dlse, ctx.plan, scale=ctx.scale)
+        dq, dk, dv = ctx.run_backward(q, k, v, out, lse, dout, dlse)
         return dq, dk, dv, None, None, None, None
 
 

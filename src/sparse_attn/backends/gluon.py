@@ -811,12 +811,19 @@ def forward(
     return out
 
 
-def backward(q, k, v, out, lse, dout, dlse, plan, *, scale: float):
+# This backend's backward takes delta= and dq_into= (backends.fusable_backward_module).
+BACKWARD_TAKES_DELTA = True
+
+
+def backward(q, k, v, out, lse, dout, dlse, plan, *, scale: float, delta=None, dq_into=None):
     """This backend's backward: the Triton backend's (:mod:`.triton_backward`) on this kernel's
     output and log-sum-exp, with its dK/dV and dQ passes in the warp-specialized Gluon kernels
     (:mod:`.gluon_backward`) where those are the default (head_dim 128 on Hopper, 16-bit, no
-    token rule) unless ``kernel_configs(gluon_backward=...)`` says otherwise."""
-    return triton_backward.backward(q, k, v, out, lse, dout, dlse, plan, scale=scale, gluon_by_default=True)
+    token rule) unless ``kernel_configs(gluon_backward=...)`` says otherwise. ``delta`` and
+    ``dq_into``: as :func:`.triton_backward.backward`'s."""
+    return triton_backward.backward(
+        q, k, v, out, lse, dout, dlse, plan, scale=scale, gluon_by_default=True, delta=delta, dq_into=dq_into
+    )
 
 
 def gradient_unsupported_reason(q: torch.Tensor) -> str | None:

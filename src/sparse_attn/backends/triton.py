@@ -64,6 +64,9 @@ from .launch import (
 )
 from .triton_backward import backward  # noqa: F401  (this backend's backward entry point)
 
+# This backend's backward takes delta= and dq_into= (backends.fusable_backward_module).
+BACKWARD_TAKES_DELTA = True
+
 try:
     import triton
     import triton.language as tl

@@ -230,8 +230,10 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SKIP_MASKED: tl.constexpr,
         HAS_RULE: tl.constexpr, BOX_RULE: tl.constexpr,
-        EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
+        EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, ACCUMULATE: tl.constexpr = False,
     ):  # fmt: skip
+        """``ACCUMULATE``: add this pass's dQ to the values ``DQ`` holds instead of storing it (one
+        program per query tile: no other program writes its rows)."""
         TILES_PER_BLOCK: tl.constexpr = BLOCK_Q // BLOCK_M
         rank, batch_head = lead_wave_item(
             tl.program_id(0), per_wave, n_blocks * TILES_PER_BLOCK, lead_blocks * TILES_PER_BLOCK, all_heads
@@ -317,11 +319,11 @@ if triton is not None:
                 dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
         dq_base = DQ + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
-        tl.store(
-            dq_base + rows[:, None] * stride_gs + offs_d[None, :],
-            (dq * scale).to(DQ.dtype.element_ty),
-            mask=row_in_range[:, None],
-        )
+        dq_rows = dq_base + rows[:, None] * stride_gs + offs_d[None, :]
+        dq = dq * scale
+        if ACCUMULATE:
+            dq += tl.load(dq_rows, mask=row_in_range[:, None], other=0.0).to(tl.float32)
+        tl.store(dq_rows, dq.to(DQ.dtype.element_ty), mask=row_in_range[:, None])
 
 
 _KERNELS = {"dkdv": _dkdv, "dq": _dq} if triton is not None else {}
@@ -334,6 +336,8 @@ def _autotuned(kind: str, tiles: tuple):
     kernel = _KERNELS[kind]
     return triton.autotune(
         configs=configs,
+        # Tuning runs the pass several times: dQ accumulated into a caller's buffer is restored.
+        restore_value=["DQ"] if kind == "dq" else None,
         key=[
             "seq_bucket",
             "HEAD_DIM",
@@ -350,7 +354,8 @@ def _autotuned(kind: str, tiles: tuple):
     )(kernel)
 
 
-def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: float, gluon_by_default: bool = False):
+def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: float, gluon_by_default: bool = False,
+             delta: torch.Tensor | None = None, dq_into: torch.Tensor | None = None):  # fmt: skip
     """``(dq, dk, dv)`` of block-sparse attention over ``plan``'s pattern, in the inputs' dtypes
     and shapes (dK/dV summed over each GQA group).
 
@@ -359,6 +364,12 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     ``None``. Gradients come from :func:`.launch.allocate`. ``gluon_by_default``: the forward ran
     the Gluon backend, so the Gluon passes run where they are the default
     (:func:`.gluon_backward.wanted`); ``kernel_configs(gluon_backward=...)`` overrides it.
+
+    For a caller that fuses several attentions' backward (:mod:`sparse_attn.nn.nsa`):
+    ``delta``, float32 ``(B, Hq, Sq)`` contiguous, is ``rowsum(dout * out) - dlse`` computed
+    already (``out`` and ``dlse`` are then not read); ``dq_into``, a tensor of q's shape and dtype,
+    receives q's gradient added to what it holds (the Triton dQ pass adds it in its store), and is
+    returned as ``dq``.
     """
     pattern, causal = plan.pattern, plan.causal
     batch, q_heads, seq_q, dim = q.shape
@@ -367,19 +378,10 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     q, k, v, out, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, dout))
     # Through the module, so tests that poison launch.allocate poison the gradient buffers too.
     dq, dk, dv = (launch.allocate(x.shape, x.dtype, x.device) for x in (q, k, v))
-    delta = torch.empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device)
     lse = lse.contiguous()
-    dlse = dlse.contiguous() if dlse is not None else None
-    delta_block = 64
-    _delta[(batch * q_heads, num_blocks(seq_q, delta_block))](
-        *(out, dout, dlse if dlse is not None else delta, delta),
-        *out.stride()[:3],
-        *dout.stride()[:3],
-        *(q_heads, seq_q),
-        HEAD_DIM=dim,
-        BLOCK=delta_block,
-        HAS_DLSE=dlse is not None,
-    )
+    check_fused_arguments(q, delta, dq_into)
+    if delta is None:
+        delta = row_delta(out, dout, dlse)
 
     is_float32 = q.dtype == torch.float32
     use_float32_dot = dot_in_float32(q.dtype)
@@ -454,13 +456,52 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
         predicate=predicate,
     )
     passes = [entry for entry in (("dkdv", dkdv_grid, dkdv_args), ("dq", dq_grid, dq_args)) if entry[0] not in in_gluon]
+    if dq_into is not None and "dq" not in in_gluon:  # the Triton dQ pass adds into the caller's buffer
+        dq_args = (*dq_args[:6], dq_into, *dq_args[7:])
+        passes = [(kind, grid, dq_args if kind == "dq" else args) for kind, grid, args in passes]
+    extra = {"dq": {"ACCUMULATE": dq_into is not None}, "dkdv": {}}
     if interpreting():
         tiles = dict(BLOCK_M=min(pattern.block_q, 32), BLOCK_N=min(pattern.block_k, 16))
         for kind, grid, args in passes:
-            _KERNELS[kind][grid(tiles)](*args, **tiles, **constants)
+            _KERNELS[kind][grid(tiles)](*args, **tiles, **constants, **extra[kind])
     else:
         small = is_float32 or dim > 128
         for kind, grid, args in passes:
             tiles = configs.backward_tiles(kind, dim, pattern.block_q, pattern.block_k, small=small)
-            _autotuned(kind, tiles)[grid](*args, **constants)
+            _autotuned(kind, tiles)[grid](*args, **constants, **extra[kind])
+    if dq_into is not None:
+        if "dq" in in_gluon:
+            dq_into.add_(dq)
+        dq = dq_into
     return dq, dk, dv
+
+
+def check_fused_arguments(q: torch.Tensor, delta: torch.Tensor | None, dq_into: torch.Tensor | None) -> None:
+    """``delta`` and ``dq_into`` of a fused backward (see :func:`backward`): contiguous, of the
+    shapes and dtypes the kernels index them by."""
+    rows = (*q.shape[:3],)
+    if delta is not None and (delta.shape != rows or delta.dtype != torch.float32 or not delta.is_contiguous()):
+        raise ValueError(f"delta must be a contiguous float32 tensor of shape {rows}, got {delta.dtype} "
+                         f"{tuple(delta.shape)}")  # fmt: skip
+    if dq_into is not None and (dq_into.shape != q.shape or dq_into.dtype != q.dtype or not dq_into.is_contiguous()):
+        raise ValueError(f"dq_into must be a contiguous {q.dtype} tensor of q's shape {tuple(q.shape)}, got "
+                         f"{dq_into.dtype} {tuple(dq_into.shape)}")  # fmt: skip
+
+
+def row_delta(out: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``(B, H, Sq)``: ``rowsum(dout * out) - dlse`` per query row (``dlse`` ``None``: no term),
+    by the ``_delta`` kernel."""
+    batch, heads, seq_q, dim = out.shape
+    delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=out.device)
+    dlse = dlse.contiguous() if dlse is not None else None
+    delta_block = 64
+    _delta[(batch * heads, num_blocks(seq_q, delta_block))](
+        *(out, dout, dlse if dlse is not None else delta, delta),
+        *out.stride()[:3],
+        *dout.stride()[:3],
+        *(heads, seq_q),
+        HEAD_DIM=dim,
+        BLOCK=delta_block,
+        HAS_DLSE=dlse is not None,
+    )
+    return delta

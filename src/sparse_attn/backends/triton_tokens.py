@@ -681,6 +681,10 @@ def forward(
     return (out, lse) if return_lse else out
 
 
+# This backend's backward takes delta= and dq_into= (backends.fusable_backward_module).
+BACKWARD_TAKES_DELTA = True
+
+
 def backward(*args, **kwargs):
     """This backend's backward entry point: :func:`.triton_tokens_backward.backward` (imported on
     first use, so either module can be imported first)."""

@@ -68,7 +68,7 @@ DKDV_SKIP_EARLY = False
 NARROW_ROW_OFFSETS = True
 
 if triton is not None:
-    from .triton_backward import _delta
+    from .triton_backward import check_fused_arguments, row_delta
     from .triton_tokens import dq_step, load_keys, load_row_stats, load_rows, store_rows, tile_program
 
     @triton.jit
@@ -85,8 +85,10 @@ if triton is not None:
         seq_bucket,  # autotuning key only: ceil(log2(seq_k))
         HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
         HEADS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr = False,
     ):  # fmt: skip
+        """``ACCUMULATE``: add this pass's dQ to the values ``DQ`` holds (each (head, token) row is
+        one program's)."""
         batch, tile, head, token, query_pos, valid, bit, k_base, v_base, start, end = tile_program(
             K, V, Offsets, stride_kb, stride_kh, stride_vb, stride_vh, list_stride_b, list_stride_h,
             num_q_heads, group, pattern_head_divisor, seq_q, seq_k, max_kv, HEADS, TILE_TOKENS, BLOCK_M, BLOCK_Q,
@@ -121,7 +123,10 @@ if triton is not None:
                 BLOCK_K, BLOCK_N, DOT_FP32,
             )  # fmt: skip
             dq = dq_step(dq, q, do, lse, delta, k, v, key_pos, key_ok, listed, query_pos, qk_scale, CAUSAL, PRECISION)
-        store_rows(DQ, dq * scale, batch, head, token, valid, stride_gb, stride_gh, stride_gs, offs_d)
+        dq = dq * scale
+        if ACCUMULATE:
+            dq += load_rows(DQ, batch, head, token, valid, stride_gb, stride_gh, stride_gs, offs_d, True)
+        store_rows(DQ, dq, batch, head, token, valid, stride_gb, stride_gh, stride_gs, offs_d)
 
     @triton.jit
     def _dkdv_walk(
@@ -396,6 +401,8 @@ def _autotuned(kind: str, block_k: int, is_float32: bool):
     return triton.autotune(
         configs=tuning,
         key=keys + (["SKIP_EARLY"] if kind == "dkdv" else []),
+        # Tuning runs the pass several times: dQ accumulated into a caller's buffer is restored.
+        restore_value=["DQ"] if kind == "dq" else None,
     )(kernel)
 
 
@@ -455,12 +462,14 @@ def prepare_backward(q: torch.Tensor, k: torch.Tensor, plan: BlockSparsePlan, pa
                 value.record_stream(main)
 
 
-def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: float):
+def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: float, delta=None, dq_into=None):
     """``(dq, dk, dv)`` in the inputs' dtypes and shapes (dK/dV summed over each GQA group).
 
     ``out`` and ``lse`` are the forward's output and natural-log log-sum-exp (float32
     ``(B, Hq, Sq)``), ``dout`` the output's gradient, ``dlse`` the log-sum-exp's gradient or
-    ``None``. Gradients come from :func:`.launch.allocate`.
+    ``None``. Gradients come from :func:`.launch.allocate`. ``delta`` (precomputed
+    ``rowsum(dout * out) - dlse``) and ``dq_into`` (q's gradient added into it): as
+    :func:`.triton_backward.backward`'s.
     """
     pattern, causal = plan.pattern, plan.causal
     batch, q_heads, seq_q, dim = q.shape
@@ -468,17 +477,9 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     q, k, v, out, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, dout))
     dk, dv = (launch.allocate(x.shape, x.dtype, x.device) for x in (k, v))
     lse = lse.contiguous()
-    delta = torch.empty((batch, q_heads, seq_q), dtype=torch.float32, device=q.device)
-    delta_block = 64
-    _delta[(batch * q_heads, num_blocks(seq_q, delta_block))](
-        *(out, dout, dlse.contiguous() if dlse is not None else delta, delta),
-        *out.stride()[:3],
-        *dout.stride()[:3],
-        *(q_heads, seq_q),
-        HEAD_DIM=dim,
-        BLOCK=delta_block,
-        HAS_DLSE=dlse is not None,
-    )
+    check_fused_arguments(q, delta, dq_into)
+    if delta is None:
+        delta = row_delta(out, dout, dlse)
 
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     sizes = (q_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k)
@@ -486,9 +487,11 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     is_float32 = q.dtype == torch.float32
     if gathered.uses_gathered_path(pattern):
         dq = gathered.dq(q, k, v, dout, lse, delta, pattern, causal=causal, scale=scale)
+        if dq_into is not None:
+            dq = dq_into.add_(dq)
     else:
         tiling, program, grid, shared = launch_geometry(q, k, pattern)
-        dq = launch.allocate(q.shape, q.dtype, q.device)
+        dq = dq_into if dq_into is not None else launch.allocate(q.shape, q.dtype, q.device)
         dq_args = (
             *(q, k, v, dout, lse, delta, dq, *program),
             *strides,
@@ -496,7 +499,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
             *shared,  # list strides, head counts, lengths and the lists' width
             *sizes[5:],  # the scales and the autotuning bucket
         )
-        constants = kernel_constants(q, pattern, tiling, causal=causal)
+        constants = dict(kernel_constants(q, pattern, tiling, causal=causal), ACCUMULATE=dq_into is not None)
         if interpreting():
             _token_dq[grid](*dq_args, BLOCK_N=16, **constants)
         else:

@@ -134,6 +134,7 @@ from ..ops.residue_rows import from_residues as _from_residue
 from ..ops.residue_rows import to_residues as _by_residue
 from ..pattern import BlockSparsePattern, dense_pattern
 from ..rule_predicate import pack_box
+from .nsa_fused import fused_sparse_branches
 
 __all__ = ["COMPRESSORS", "CompressedTokenCache", "NativeSparseAttention"]
 
@@ -477,13 +478,25 @@ class NativeSparseAttention(nn.Module):
         compressed, lse = self.compressed_branch(q, k_cmp, v_cmp, seq_k, scale)
         with torch.no_grad():
             pattern = self.selection(q.detach(), k_cmp.detach(), lse.detach(), seq_k, scale)
+        if self.window:
+            window = window_pattern(seq_q, seq_k, self.window, device=q.device)
+            # Training on CUDA: the selected and window branches and the gates as one autograd
+            # node whose backward shares the deltas and q's gradient buffer (nn.nsa_fused).
+            fused = fused_sparse_branches(self, q, k, v, compressed, pattern, window, scale)
+            if fused is not None:
+                return fused
         selected = self.selected_branch(q, k, v, pattern, scale)
         branches = [compressed, selected]
         if self.window:
-            pattern = window_pattern(seq_q, seq_k, self.window, device=q.device)
-            branches.append(api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend))
+            branches.append(api.block_sparse_attention(q, k, v, window, scale=scale, backend=self.backend))
         # One pass on CUDA without gradients to record (ops.gated_sum's kernel), else PyTorch.
         return gated_sum(q, branches, self.gate_weight, self.gate_bias)
+
+    def selected_token_rows(self) -> int | str | None:
+        """The ``token_rows`` the selected branch runs with: :attr:`token_rows`, unless a
+        :func:`sparse_attn.backends.kernel_configs` ``(token_rows=...)`` around the call says
+        otherwise (then ``None``: the configuration in force is left as it is)."""
+        return self.token_rows if configs.current().token_rows is None else None
 
     def selected_branch(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, scale: float
@@ -491,8 +504,7 @@ class NativeSparseAttention(nn.Module):
         """The selected branch: attention over ``pattern`` (:meth:`selection`'s), differentiable, on
         the module's backend, the token kernels' tiles per :attr:`token_rows` unless a
         :func:`sparse_attn.backends.kernel_configs` ``(token_rows=...)`` around the call says otherwise."""
-        rows = self.token_rows if configs.current().token_rows is None else None
-        with configs.kernel_configs(token_rows=rows):  # None changes nothing
+        with configs.kernel_configs(token_rows=self.selected_token_rows()):  # None changes nothing
             return api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=self.backend)
 
     def decode_step(

@@ -83,23 +83,31 @@ if triton is not None:
         tl.store(out_pointers + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _gate_grads(X, DX, dout, gate, offsets, row_ok, HEAD_DIM: tl.constexpr):
-        """One branch's backward on a tile: ``dX = g dO`` stored, and ``d logit = (dO . X) g (1 - g)``."""
+    def _gate_grads(X, DX, Delta, dout, gate, offsets, row_index, row_ok, HEAD_DIM: tl.constexpr,
+                    DELTA: tl.constexpr):  # fmt: skip
+        """One branch's backward on a tile: ``dX = g dO`` stored, and ``d logit = (dO . X) g (1 - g)``
+        returned; ``DELTA``: also the branch attention's backward ``delta = rowsum(dX * X) = g (dO . X)``
+        stored (float32, one per row)."""
         offs_d = tl.arange(0, HEAD_DIM)
         x = tl.load(X + offsets[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
         tl.store(DX + offsets[:, None] + offs_d[None, :], (dout * gate[:, None]).to(DX.dtype.element_ty),
                  mask=row_ok[:, None])  # fmt: skip
-        return tl.sum(dout * x, 1) * gate * (1.0 - gate)
+        dot = tl.sum(dout * x, 1)
+        if DELTA:
+            tl.store(Delta + row_index, dot * gate, mask=row_ok)
+        return dot * gate * (1.0 - gate)
 
     @triton.jit(do_not_specialize=["seq"])
     def _gated_sum_backward(
-        Q, A, B, C, W, Bias, DOut, DA, DB, DC, DQ, DLogits, DWeight, heads, seq,
+        Q, A, B, C, W, Bias, DOut, DA, DB, DC, DQ, DLogits, DWeight, DeltaA, DeltaB, DeltaC, heads, seq,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NUM_BRANCHES: tl.constexpr, NUM_GATES: tl.constexpr,
+        DELTAS: tl.constexpr,
     ):  # fmt: skip
         """Contiguous ``(B, H, S, D)`` tensors: the branches' gradients, q's gradient through the gates
         (``sum_b d logit_b W[h, :, b]``), the float32 ``d logit`` ``(B, H, S, NUM_GATES)`` (0 for unused
         gates) and this tile's float32 share of the weight's gradient, ``DWeight[b, h, tile] = sum over
-        its rows of q d logit`` ``(D, NUM_GATES)`` (0 for unused gates)."""
+        its rows of q d logit`` ``(D, NUM_GATES)`` (0 for unused gates). ``DELTAS``: each branch's
+        float32 ``(B, H, S)`` attention-backward delta too (``DeltaA``, ``DeltaB``, ``DeltaC``)."""
         bh = tl.program_id(1)
         h = bh % heads
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,18 +122,26 @@ if triton is not None:
             DWeight + ((bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * HEAD_DIM + offs_d) * NUM_GATES
         )
         q_rows = q.to(tl.float32)
-        d_logit = _gate_grads(A, DA, dout, nsa_gate(q, W, Bias, h, 0, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM)
+        row_index = bh.to(tl.int64) * seq + rows
+        d_logit = _gate_grads(
+            A, DA, DeltaA, dout, nsa_gate(q, W, Bias, h, 0, NUM_GATES, HEAD_DIM), offsets, row_index, row_ok,
+            HEAD_DIM, DELTAS,
+        )  # fmt: skip
         tl.store(logit_rows, d_logit, mask=row_ok)
         tl.store(weight_part, tl.sum(q_rows * d_logit[:, None], 0))
         dq = d_logit[:, None] * tl.load(w_base).to(q.dtype).to(tl.float32)[None, :]
-        d_logit = _gate_grads(B, DB, dout, nsa_gate(q, W, Bias, h, 1, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM)
+        d_logit = _gate_grads(
+            B, DB, DeltaB, dout, nsa_gate(q, W, Bias, h, 1, NUM_GATES, HEAD_DIM), offsets, row_index, row_ok,
+            HEAD_DIM, DELTAS,
+        )  # fmt: skip
         tl.store(logit_rows + 1, d_logit, mask=row_ok)
         tl.store(weight_part + 1, tl.sum(q_rows * d_logit[:, None], 0))
         dq += d_logit[:, None] * tl.load(w_base + 1).to(q.dtype).to(tl.float32)[None, :]
         if NUM_BRANCHES == 3:
             d_logit = _gate_grads(
-                C, DC, dout, nsa_gate(q, W, Bias, h, 2, NUM_GATES, HEAD_DIM), offsets, row_ok, HEAD_DIM
-            )
+                C, DC, DeltaC, dout, nsa_gate(q, W, Bias, h, 2, NUM_GATES, HEAD_DIM), offsets, row_index, row_ok,
+                HEAD_DIM, DELTAS,
+            )  # fmt: skip
             tl.store(logit_rows + 2, d_logit, mask=row_ok)
             tl.store(weight_part + 2, tl.sum(q_rows * d_logit[:, None], 0))
             dq += d_logit[:, None] * tl.load(w_base + 2).to(q.dtype).to(tl.float32)[None, :]
@@ -163,8 +179,14 @@ def gated_sum_backward_triton(
     weight: torch.Tensor,
     bias: torch.Tensor,
     grad_out: torch.Tensor,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-    """``(dq, dbranches, dweight, dbias)`` of :func:`gated_sum_triton`'s output for ``grad_out``.
+    *,
+    deltas: bool = False,
+) -> tuple:
+    """``(dq, dbranches, dweight, dbias)`` of :func:`gated_sum_triton`'s output for ``grad_out``;
+    with ``deltas``, a fifth item: per branch ``b`` the float32 ``(B, H, S)``
+    ``rowsum(dbranches[b] * branches[b])`` (as ``g_b (dO . branch_b)``, in float32 before ``g_b dO``
+    is rounded to the gradient's dtype), the delta a branch's attention backward needs, so a
+    caller fusing their backward (:mod:`sparse_attn.nn.nsa`) skips its own pass over them.
 
     One kernel writes the branches' gradients, q's (through the gates), each gate's logit gradient
     and each row tile's share of the weight's gradient, in float32; the weight's and bias's
@@ -183,9 +205,15 @@ def gated_sum_backward_triton(
     block_m = 32 if dim == 256 else 64
     tiles = triton.cdiv(seq, block_m)
     weight_parts = launch.allocate((batch, heads, tiles, dim, gates), torch.float32, q.device)
+    row_deltas = [
+        launch.allocate((batch, heads, seq), torch.float32, q.device) if deltas else d_logits for _ in branches
+    ]
+    third_delta = row_deltas[2] if len(branches) == 3 else row_deltas[1]
     _gated_sum_backward[(tiles, batch * heads)](
         q, branches[0], branches[1], third, weight, bias, grad_out, grads[0], grads[1], d_third, dq, d_logits,
-        weight_parts, heads, seq, HEAD_DIM=dim, BLOCK_M=block_m, NUM_BRANCHES=len(branches), NUM_GATES=gates, num_warps=4,
+        weight_parts, row_deltas[0], row_deltas[1], third_delta, heads, seq, HEAD_DIM=dim, BLOCK_M=block_m,
+        NUM_BRANCHES=len(branches), NUM_GATES=gates, DELTAS=deltas, num_warps=4,
     )  # fmt: skip
     d_weight = weight_parts.sum((0, 2)).to(weight.dtype)
-    return dq, tuple(grads), d_weight, d_logits.sum((0, 2)).to(bias.dtype)
+    result = (dq, tuple(grads), d_weight, d_logits.sum((0, 2)).to(bias.dtype))
+    return (*result, tuple(row_deltas)) if deltas else result
