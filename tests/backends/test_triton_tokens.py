@@ -443,6 +443,7 @@ def test_overlap_rows_match_float64_oracle(case, limit, tile_blocks, monkeypatch
     from sparse_attn.backends import triton_tokens_backward
 
     monkeypatch.setattr(triton_tokens_backward, "token_tiling", recorded)
+    monkeypatch.setattr(triton_tokens_backward, "DKDV_ONE_BLOCK_TILES", False)  # dK/dV on the chosen tiles too
     with kernel_configs(token_rows="overlap"):
         _check(shape, causal, heads_kind, seed=11)
     assert len(taken) >= 2 and {packing.tile_blocks for packing in taken} == {tile_blocks}
@@ -455,6 +456,22 @@ def test_wider_token_tiles_match_float64_oracle(shape, heads_kind, wide_steps, p
     gradients, in each of the forward's ways through such tiles."""
     with kernel_configs(token_rows=64, token_wide_steps=wide_steps):
         _check(shape, True, heads_kind, seed=7)
+
+
+@pytest.mark.parametrize("one_block", [True, False], ids=["dkdv-one-block", "dkdv-forward-tiles"])
+@pytest.mark.parametrize("shape, heads_kind", [(SHAPES[0], "kv"), (SHAPES[3], "shared")])
+def test_dkdv_tiles_under_wide_forward_tiles(shape, heads_kind, one_block, monkeypatch, poison_outputs):
+    """dK/dV on one-block tiles (DKDV_ONE_BLOCK_TILES, the default) or on the forward's wide tiles,
+    under token_rows=64: gradients match the oracle either way, and the dK/dV lists are the tiles asked."""
+    from sparse_attn.backends import triton_tokens_backward
+
+    monkeypatch.setattr(triton_tokens_backward, "DKDV_ONE_BLOCK_TILES", one_block)
+    plans = []
+    real = triton_tokens_backward.dkdv_plan
+    monkeypatch.setattr(triton_tokens_backward, "dkdv_plan", lambda *args: plans.append(real(*args)) or plans[-1])
+    with kernel_configs(token_rows=64):
+        _check(shape, True, heads_kind, seed=8)
+    assert plans and all((plan[0].tile_blocks == 1) == one_block for plan in plans)
 
 
 def test_rows_fit_int32():

@@ -66,6 +66,13 @@ DKDV_SKIP_EARLY = False
 # stages): 8 / 40 bytes of spills (one- / four-token tiles) with int64 offsets, none with int32
 # (ptxas -v). Timed in the 41st session on one H100 (with the stage sets of the time): see STAGES.
 NARROW_ROW_OFFSETS = True
+# dK/dV walk one-query-block tiles (each transposed-list entry one query block's rows, ENTRIES of
+# them per product) even where the forward and dQ take wider tiles (token_rows="overlap" or a
+# number): a wide tile's entry loads all its tokens' Q/dO rows for every block in the union of
+# their lists, a one-block entry only the rows of a block that lists it. The pass streams those
+# rows from memory (they are the large operand: Hq x Sq x D twice), so its traffic follows the
+# union: at NSA's 64K with four-token tiles, a union ratio of 1.35 is 35 % more rows read.
+DKDV_ONE_BLOCK_TILES = True
 
 if triton is not None:
     from .triton_backward import check_fused_arguments, row_delta
@@ -414,8 +421,8 @@ def dkdv_plan(q: torch.Tensor, k: torch.Tensor, pattern):
     during the forward, off the default stream."""
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
-    if gathered.uses_gathered_path(pattern):
-        # dK/dV walk one query block per entry (the gathered path's lists).
+    if gathered.uses_gathered_path(pattern) or DKDV_ONE_BLOCK_TILES:
+        # dK/dV walk one query block per entry (the gathered path's lists; DKDV_ONE_BLOCK_TILES).
         packing = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
         tiling = dataclasses.replace(packing, tile_blocks=1, tile_tokens=pattern.block_q)
     else:
