@@ -466,3 +466,20 @@ def test_fused_branches_are_not_taken_off_cuda_or_without_gradients():
 
     window = window_pattern(40, 40, module.window)
     assert fused_sparse_branches(module, q, k, v, torch.zeros_like(q), pattern, window, 0.3) is None
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 16])
+def test_selection_in_chunks_equals_one_chunk(monkeypatch, chunk_rows):
+    """The selection scored chunk by chunk of query rows, each chunk's scores only as wide as the
+    blocks its last row sees (at least top_n), lists the same blocks as one chunk of every row."""
+    from sparse_attn.nn import nsa
+
+    module = _module(4, 2, 8, seed=2, select_top_n=3)
+    q, k, v = (x.double() for x in random_qkv(2, 4, 2, 90, 130, 8, seed=2))
+    whole = module.selected_pattern(q, k, v)
+    n_blocks = -(-130 // module.select_block)
+    monkeypatch.setattr(nsa, "CHUNK_ELEMENTS", chunk_rows * 2 * 2 * n_blocks)
+    chunked = module.selected_pattern(q, k, v)
+    assert torch.equal(chunked.kv_counts, whole.kv_counts)
+    assert torch.equal(chunked.kv_indices, whole.kv_indices)
+    assert whole.density() < 1.0

@@ -417,16 +417,21 @@ class NativeSparseAttention(nn.Module):
     @torch.autocast("cpu", enabled=False)
     def _select_rows(self, q, k_cmp, lse, tokens: range, offset: int, n_blocks: int, top_n: int, scale: float,
                      indices: torch.Tensor, counts: torch.Tensor) -> None:  # fmt: skip
-        """Rows ``tokens`` of :meth:`selection`'s lists (float32 scores: autocast off)."""
+        """Rows ``tokens`` of :meth:`selection`'s lists (float32 scores: autocast off).
+
+        The scores cover the blocks the chunk's last row can see (at least ``top_n``), not all
+        ``n_blocks``: later blocks are not eligible for any of its rows, and the ranking's work
+        grows with the width (at 64K, four chunks of 16K rows score 256, 512, 768 and 1024 blocks)."""
+        width = min(n_blocks, max(top_n, (tokens.stop - 1 + offset) // self.select_block + 1))
         if k_cmp.shape[2]:
             block_scores = compressed_block_scores(
                 q[:, :, tokens.start : tokens.stop], k_cmp, lse[:, :, tokens.start : tokens.stop],
                 first_pos=tokens.start + offset, compress_block=self.compress_block,
-                compress_stride=self.compress_stride, select_block=self.select_block, n_select=n_blocks,
+                compress_stride=self.compress_stride, select_block=self.select_block, n_select=width,
                 scale=scale,
             )  # fmt: skip
         else:  # no compressed token yet: every row keeps its forced blocks only (ranked_from below)
-            block_scores = torch.zeros((q.shape[0], self.num_kv_heads, len(tokens), n_blocks), device=q.device)
+            block_scores = torch.zeros((q.shape[0], self.num_kv_heads, len(tokens), width), device=q.device)
         causal_top_blocks(
             block_scores, first_pos=tokens.start + offset, block=self.select_block, top_n=top_n,
             initial=1, local=2, ranked_from=self.compress_block - 1,
