@@ -259,10 +259,10 @@ def test_half_precision(dtype, block_k, poison_outputs):
     _check((1, 8, 2, 19, 2 * block_k + 44, 32, 1, block_k), True, "kv", seed=12, dtype=dtype)
 
 
-def test_token_lists_are_tile_unions_with_row_bits():
+@pytest.mark.parametrize("tile_blocks", [3, 1])  # 1: the one-block path (the pattern's lists, one sort)
+def test_token_lists_are_tile_unions_with_row_bits(tile_blocks):
     """Against a brute-force union per tile and a brute-force transpose."""
     pattern = sa.random_pattern(batch=2, heads=3, seq_q=23, seq_k=50, density=0.5, block_q=2, block_k=8, seed=3)
-    tile_blocks = 3
     lists = triton_tokens.token_lists(pattern, tile_blocks)
     mask = pattern.to_mask()  # (B, H, n_q, n_kv)
     n_q, n_kv = pattern.num_q_blocks, pattern.num_kv_blocks
@@ -466,12 +466,37 @@ def test_dkdv_tiles_under_wide_forward_tiles(shape, heads_kind, one_block, monke
     from sparse_attn.backends import triton_tokens_backward
 
     monkeypatch.setattr(triton_tokens_backward, "DKDV_ONE_BLOCK_TILES", one_block)
+    monkeypatch.setattr(triton_tokens_backward, "DKDV_ONE_BLOCK_MIN_ROWS", 1)  # these small groups too
     plans = []
     real = triton_tokens_backward.dkdv_plan
     monkeypatch.setattr(triton_tokens_backward, "dkdv_plan", lambda *args: plans.append(real(*args)) or plans[-1])
     with kernel_configs(token_rows=64):
         _check(shape, True, heads_kind, seed=8)
     assert plans and all((plan[0].tile_blocks == 1) == one_block for plan in plans)
+
+
+@pytest.mark.parametrize("heads, block_q, one_block", [((64, 4, 4), 1, True), ((64, 4, 64), 1, False),
+                                                      ((12, 4, 1), 8, True), ((8, 4, 4), 2, False)])  # fmt: skip
+def test_dkdv_one_block_tiles_where_a_block_fills_16_rows(heads, block_q, one_block):
+    """By default dK/dV take one-block tiles where one query block's packed rows fill 16 rows (NSA's
+    group of 16 heads of one token), and the forward's tiles otherwise (MoBA's per-head lists)."""
+    from sparse_attn.backends import triton_tokens_backward
+
+    q_heads, kv_heads, pattern_heads = heads
+    seq = 64
+    n_kv = seq // 16
+    counts = torch.ones((1, pattern_heads, seq // block_q), dtype=torch.int32)
+    indices = (torch.arange(seq // block_q) * block_q // 16).view(1, 1, -1, 1).expand(1, pattern_heads, -1, 1)
+    pattern = sa.BlockSparsePattern(counts, indices.int().contiguous(), block_q=block_q, block_k=16, seq_q=seq,
+                                    seq_k=seq)  # fmt: skip
+    q = torch.empty((1, q_heads, seq, 16))
+    k = torch.empty((1, kv_heads, seq, 16))
+    assert n_kv == pattern.num_kv_blocks
+    with kernel_configs(token_rows=64):
+        tiling = triton_tokens_backward.dkdv_plan(q, k, pattern)[0]
+        wide = triton_tokens.token_tiling(q_heads, kv_heads, pattern_heads, block_q, pattern)
+    assert wide.tile_blocks > 1
+    assert tiling.tile_blocks == (1 if one_block else wide.tile_blocks)
 
 
 def test_rows_fit_int32():

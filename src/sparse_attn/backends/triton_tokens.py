@@ -302,6 +302,8 @@ def token_lists(pattern: BlockSparsePattern, tile_blocks: int) -> TokenLists:
     used = torch.arange(max_kv, device=pattern.device) < pattern.kv_counts[..., None]
     batch_head, q_block, slot = used.view(batch * heads, n_q, max_kv).nonzero(as_tuple=True)
     kv_block = pattern.kv_indices.view(batch * heads, n_q, max_kv)[batch_head, q_block, slot].long()
+    if tile_blocks == 1:
+        return pattern.store_plan(key, _one_block_lists(pattern, batch_head, q_block, kv_block))
     bit = torch.ones_like(kv_block) << (q_block % tile_blocks)
     offsets, blocks, bits = _compressed_rows(
         batch_head * n_tiles + q_block // tile_blocks, kv_block, bit, batch * heads * n_tiles, n_kv
@@ -313,6 +315,25 @@ def token_lists(pattern: BlockSparsePattern, tile_blocks: int) -> TokenLists:
         (entry_row // n_tiles) * n_kv + blocks.long(), entry_row % n_tiles, bits.long(), batch * heads * n_kv, n_tiles
     )
     return pattern.store_plan(key, TokenLists(offsets, blocks, bits, t_offsets, t_tiles, t_bits))
+
+
+def _one_block_lists(pattern: BlockSparsePattern, batch_head, q_block, kv_block) -> TokenLists:
+    """:func:`token_lists` for one-block tiles from the pattern's used entries (row-major: by
+    (batch x head, query block), then ascending block): the lists are the pattern's own, whose
+    blocks are strictly ascending (no pair repeats, so nothing to merge), and their transpose is
+    one stable sort by (batch x head, KV block), which keeps each block's query blocks ascending,
+    instead of the general path's two ``torch.unique`` calls."""
+    device, n_kv = pattern.device, pattern.num_kv_blocks
+    rows = batch_head.numel()
+    offsets = torch.zeros(pattern.kv_counts.numel() + 1, dtype=torch.int64, device=device)
+    torch.cumsum(pattern.kv_counts.reshape(-1).long(), 0, out=offsets[1:])
+    n_rows = pattern.num_heads * pattern.kv_indices.shape[0] * n_kv
+    key = batch_head * n_kv + kv_block
+    order = torch.sort(key.int() if n_rows < 2**31 else key, stable=True).indices
+    t_offsets = torch.zeros(n_rows + 1, dtype=torch.int64, device=device)
+    torch.cumsum(bin_counts(key, n_rows), 0, out=t_offsets[1:])
+    ones = torch.ones(rows, dtype=torch.int32, device=device)
+    return TokenLists(offsets, kv_block.to(torch.int32), ones, t_offsets, q_block[order].to(torch.int32), ones)
 
 
 def rows_fit_int32(*tensors: torch.Tensor) -> bool:

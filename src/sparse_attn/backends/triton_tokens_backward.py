@@ -72,7 +72,12 @@ NARROW_ROW_OFFSETS = True
 # their lists, a one-block entry only the rows of a block that lists it. The pass streams those
 # rows from memory (they are the large operand: Hq x Sq x D twice), so its traffic follows the
 # union: at NSA's 64K with four-token tiles, a union ratio of 1.35 is 35 % more rows read.
+# Only where one query block's packed rows (heads x block_q) fill at least DKDV_ONE_BLOCK_MIN_ROWS
+# rows (NSA's group of 16 heads of one token): with lists per query head (MoBA: one row per
+# token) an entry per token would make the lists block_m times longer and its rows' loads scatter,
+# where neighbouring tokens share their blocks anyway (MoBA's blocks of 512-4096 keys); not timed.
 DKDV_ONE_BLOCK_TILES = True
+DKDV_ONE_BLOCK_MIN_ROWS = 16
 
 if triton is not None:
     from .triton_backward import check_fused_arguments, row_delta
@@ -421,9 +426,10 @@ def dkdv_plan(q: torch.Tensor, k: torch.Tensor, pattern):
     during the forward, off the default stream."""
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
-    if gathered.uses_gathered_path(pattern) or DKDV_ONE_BLOCK_TILES:
+    packing = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
+    one_block = DKDV_ONE_BLOCK_TILES and packing.heads * pattern.block_q >= DKDV_ONE_BLOCK_MIN_ROWS
+    if gathered.uses_gathered_path(pattern) or one_block:
         # dK/dV walk one query block per entry (the gathered path's lists; DKDV_ONE_BLOCK_TILES).
-        packing = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
         tiling = dataclasses.replace(packing, tile_blocks=1, tile_tokens=pattern.block_q)
     else:
         tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q, pattern)
