@@ -228,7 +228,7 @@ def test_gpu_branches_on_the_kernels_match_the_reference(monkeypatch, poison_out
             parameter.normal_(std=0.02)
     pattern = module.selected_pattern(q, k, v)
     results, taken = [], []
-    real_fused = nsa.fused_sparse_branches
+    real_fused = nsa.fused_nsa
 
     def spy(*args):
         result = real_fused(*args)
@@ -240,7 +240,7 @@ def test_gpu_branches_on_the_kernels_match_the_reference(monkeypatch, poison_out
         module.zero_grad()
         with monkeypatch.context() as patch:
             patch.setattr(module, "selection", lambda *args: pattern)
-            patch.setattr(nsa, "fused_sparse_branches", spy if fused and not reference else lambda *args: None)
+            patch.setattr(nsa, "fused_nsa", spy if fused and not reference else lambda *args: None)
             if reference:
                 patch.setattr(nsa, "api", SimpleNamespace(block_sparse_attention=exact))
             out = module(*inputs)
@@ -412,60 +412,94 @@ def test_token_rows_is_checked(bad):
         NativeSparseAttention(8, 4, 2, token_rows=bad)
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 2, 70, 16), (1, 4, 4, 90, 32), (1, 12, 4, 81, 16)], ids=str)
-def test_fused_branches_match_the_per_branch_reference(shape, poison_outputs):
-    """The fused node (nn.nsa_fused: selected and window branches and the gates, the gated sum's
-    backward handing each branch its delta and the gates' dQ buffer) on the Triton kernels in the
-    interpreter, float32, against the per-branch float64 reference: output and the gradients of
-    q, k, v, the compressed branch, the gate weight and bias."""
-    from sparse_attn import api
-    from sparse_attn.backends import triton as block_kernels
-    from sparse_attn.backends import triton_tokens
-    from sparse_attn.nn.nsa import window_pattern
-    from sparse_attn.nn.nsa_fused import _FusedSparseBranches
-    from sparse_attn.ops.gated_sum import gated_sum_reference
-    from sparse_attn.ops.gated_sum import triton as gate_kernel
+@pytest.mark.parametrize(
+    "shape, inside",
+    [
+        ((2, 4, 2, 70, 70, 16), "padded"),  # batch 2, group 2
+        ((1, 4, 2, 50, 97, 16), "padded"),  # Sq < Sk: lead rows before the regrouped queries
+        ((1, 6, 2, 70, 81, 32), "yes"),  # group 3; the rows unpadded, as the CPU compressed branch
+        ((1, 4, 4, 70, 70, 16), "no"),  # group 1
+    ],
+    ids=str,
+)  # (batch, q heads, kv heads, seq_q, seq_k, head_dim)
+def test_fused_node_matches_the_per_branch_reference(shape, inside, monkeypatch, poison_outputs):
+    """The fused node (nn.nsa_fused: the three branches and the gates, the gated sum's backward
+    handing each branch its delta and the gates' dQ buffer) on the Triton kernels in the
+    interpreter, float32, against the module's per-branch path on the reference backend in
+    float64, with one selection: output and the gradients of q, k, v and every parameter.
+    ``inside``: the compressed branch in the node, its rows regrouped with the padding the Gluon
+    backward takes on CUDA (``"padded"``) or without (``"yes"``), or an input of the node
+    (``"no"``, as where no query would see a compressed token)."""
+    import copy
+    import importlib
+    from types import SimpleNamespace
 
-    batch, q_heads, kv_heads, seq, dim = shape
-    module = _module(q_heads, kv_heads, dim, seed=seq).float()
-    q, k, v = random_qkv(batch, q_heads, kv_heads, seq, seq, dim, seed=seq)
-    generator = torch.Generator().manual_seed(seq + 1)
-    compressed = torch.randn(q.shape, generator=generator)
-    grad = torch.randn(q.shape, generator=generator)
-    scale = dim**-0.5
-    selected = module.selected_pattern(q, k, v)
-    window = window_pattern(seq, seq, module.window)
-    assert selected.density() < 1.0
+    from sparse_attn import api as real_api
+    from sparse_attn.nn import nsa, nsa_fused
 
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, compressed, module.gate_weight, module.gate_bias)]
-    runs = [(selected, triton_tokens, None), (window, block_kernels, None)]
-    out = _FusedSparseBranches.apply(*leaves, runs, gate_kernel, scale)
-    got = torch.autograd.grad(out, leaves, grad)
+    batch, q_heads, kv_heads, seq_q, seq_k, dim = shape
+    module = _module(q_heads, kv_heads, dim, seed=seq_q).float()
+    module.backend = "triton"
+    q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, dim, seed=seq_q)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seq_q + 1))
+    pattern = module.selected_pattern(q, k, v)
+    assert pattern.density() < 1.0
+    reference = copy.deepcopy(module).double()
+    reference.backend = "reference"
+    results = []
+    for run in (module, reference):
+        monkeypatch.setattr(run, "selection", lambda *args: pattern)
 
-    exact = [x.detach().double().requires_grad_() for x in leaves]
-    branches = [
-        api.block_sparse_attention(*exact[:3], pattern, scale=scale, backend="reference")
-        for pattern in (selected, window)
-    ]
-    want_out = gated_sum_reference(exact[0], (exact[3], *branches), exact[4], exact[5])
-    want = torch.autograd.grad(want_out, exact, grad.double())
-    assert relative_error(out, want_out) <= 1e-4
-    for name, got_grad, want_grad in zip(("q", "k", "v", "compressed", "weight", "bias"), got, want, strict=True):
-        assert torch.isfinite(got_grad).all(), name
-        assert relative_error(got_grad, want_grad) <= 1e-4, name
+    def kernel_for(x, package, **case):  # the kernels in the interpreter; "no": no regrouping kernel
+        if inside == "no" and package.endswith("residue_rows"):
+            return None
+        return importlib.import_module(f"{package}.triton")
+
+    monkeypatch.setattr(nsa_fused, "kernel_for", kernel_for)
+    if inside == "padded":
+        monkeypatch.setattr(nsa, "_pads_rows", lambda *args: True)
+    taken = []
+    apply = nsa_fused._FusedNSA.apply
+    monkeypatch.setattr(nsa_fused._FusedNSA, "apply", lambda *args: taken.append(args[4] is not None) or apply(*args))
+
+    def exact(q, k, v, pattern, *, scale, backend, return_lse=False):  # the selected branch by rows (fast)
+        if pattern.block_q == 1:
+            return row_attention(q, k, v, pattern, torch.arange(q.shape[2]), causal=True, scale=scale,
+                                 dtype=q.dtype)[0]  # fmt: skip
+        return real_api.block_sparse_attention(q, k, v, pattern, scale=scale, backend=backend, return_lse=return_lse)
+
+    for run, dtype in ((module, torch.float32), (reference, torch.float64)):
+        inputs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        with monkeypatch.context() as patch:
+            if run is reference:
+                patch.setattr(nsa, "api", SimpleNamespace(block_sparse_attention=exact))
+            out = run(*inputs)
+        results.append([out, *torch.autograd.grad(out, [*inputs, *run.parameters()], grad.to(dtype))])
+    assert taken == [inside != "no"]  # the float32 run took the node (the reference run never does: reference backend)
+    names = ["out", "q", "k", "v", *(name for name, _ in module.named_parameters())]
+    for name, got, want in zip(names, *results, strict=True):
+        assert torch.isfinite(got).all(), name
+        if want.norm() < 1e-9:  # zero in exact arithmetic (see test_matches_token_level_reference...)
+            assert got.norm() < 1e-5, name
+        else:
+            assert relative_error(got, want) <= 1e-4, name
 
 
-def test_fused_branches_are_not_taken_off_cuda_or_without_gradients():
+def test_fused_node_is_not_taken_off_cuda_or_without_gradients():
     """The module's CPU path and inference never take the fused node (it needs the CUDA kernels)."""
-    from sparse_attn.nn.nsa_fused import fused_sparse_branches
+    from sparse_attn.nn.nsa_fused import fused_nsa
 
     module = _module(4, 2, 8, seed=1).float()
     q, k, v = (x.requires_grad_() for x in random_qkv(1, 4, 2, 40, 40, 8, seed=1))
-    pattern = module.selected_pattern(q, k, v)
-    from sparse_attn.nn.nsa import window_pattern
+    k_cmp, v_cmp, _ = module.compressed_tokens(k, v)
 
-    window = window_pattern(40, 40, module.window)
-    assert fused_sparse_branches(module, q, k, v, torch.zeros_like(q), pattern, window, 0.3) is None
+    def never(*args):
+        raise AssertionError("the compressed branch is not run")
+
+    assert fused_nsa(module, q, k, v, k_cmp, v_cmp, 0.3, never) is None  # reference backend on CPU
+    with torch.no_grad():
+        module.backend = "triton"
+        assert fused_nsa(module, q, k, v, k_cmp, v_cmp, 0.3, never) is None
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 16])

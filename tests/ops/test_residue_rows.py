@@ -37,3 +37,22 @@ def test_kernel_equals_the_reference_both_ways_with_gradients(seq, front, stride
     reference = from_residues_reference(cells, front, seq, stride, skip)
     want = torch.autograd.grad((reference * weights).sum(), cells)[0]
     assert torch.equal(torch.autograd.grad((out * weights).sum(), cells)[0], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("seq, front, stride, skip, dim", CASES[1:3], ids=str)
+def test_kernel_adds_into_a_buffer(seq, front, stride, skip, dim, dtype, poison_outputs):
+    """``add_to=``: the regrouped rows added into the buffer (float32 sum, rounded once), which is returned."""
+    rows = -(-(front + seq) // stride)
+    skip = min(skip, rows - 1)
+    grouped = torch.randn(2 * stride, 3, rows - skip, dim).to(dtype)
+    start = torch.randn(2, 3, seq, dim).to(dtype)
+    into = start.clone()
+    got = kernel.regroup_triton(grouped, to_residue=False, front=front, stride=stride, skip=skip, rows=seq, add_to=into)
+    assert got is into
+    want = start.float() + from_residues_reference(grouped, front, seq, stride, skip).float()
+    tolerance = 0.0 if dtype == torch.float32 else 1e-2  # one rounding of the float32 sum to bf16
+    torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance)
+    with pytest.raises(ValueError, match="add_to"):
+        kernel.regroup_triton(grouped, to_residue=False, front=front, stride=stride, skip=skip, rows=seq,
+                              add_to=start[..., :8])  # fmt: skip

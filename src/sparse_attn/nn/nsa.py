@@ -134,7 +134,7 @@ from ..ops.residue_rows import from_residues as _from_residue
 from ..ops.residue_rows import to_residues as _by_residue
 from ..pattern import BlockSparsePattern, dense_pattern
 from ..rule_predicate import pack_box
-from .nsa_fused import fused_sparse_branches
+from .nsa_fused import fused_nsa
 
 __all__ = ["COMPRESSORS", "CompressedTokenCache", "NativeSparseAttention"]
 
@@ -348,9 +348,7 @@ class NativeSparseAttention(nn.Module):
         A single query (a decode step) sees a prefix of the compressed tokens: dense attention over
         that prefix, without the regrouping.
         """
-        batch, q_heads, seq_q, dim = q.shape
-        stride, per_block = self.compress_stride, self.compress_block // self.compress_stride
-        offset, n_cmp = seq_k - seq_q, k_cmp.shape[2]
+        seq_q, stride, n_cmp = q.shape[2], self.compress_stride, k_cmp.shape[2]
         if seq_q == 1 and n_cmp:  # a decode step: its visible compressed tokens are a prefix
             visible = visible_count(seq_k - 1, self.compress_block, stride, n_cmp)
             if visible == 0:
@@ -360,15 +358,10 @@ class NativeSparseAttention(nn.Module):
                 q, k_cmp[:, :, :visible], v_cmp[:, :, :visible], pattern, scale=scale, backend=self.backend,
                 return_lse=True,
             )  # fmt: skip
-        first_row, last_row = (offset + 1) // stride, seq_k // stride
-        rows, front = last_row - first_row + 1, offset + 1 - first_row * stride
-        start_row = max(first_row, per_block)  # rows before it see no compressed token
-        if n_cmp == 0 or start_row > last_row:
+        geometry = self.residue_geometry(seq_q, seq_k, n_cmp, pads=_pads_rows(q, k_cmp, v_cmp))
+        if geometry is None:
             return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-        skipped = start_row - first_row
-        # Rows before and after the regrouped queries (and keys after the compressed ones) that
-        # make both lengths whole blocks where the block kernels' Gluon backward needs them.
-        lead, tail = _aligned_padding(last_row - start_row + 1, n_cmp) if _pads_rows(q, k_cmp, v_cmp) else (0, 0)
+        front, rows, skipped, lead, tail = geometry
         grouped = _by_residue(q, front, rows + tail, stride, skipped - lead)
         # Residues as batch entries, each with the compressed K/V of its sequence (a copy of
         # d x the compressed tokens): dK/dV then sum over a KV head's query heads per residue
@@ -389,6 +382,23 @@ class NativeSparseAttention(nn.Module):
             _from_residue(out, front, seq_q, stride, skipped),
             _from_residue(lse, front, seq_q, stride, skipped, fill=float("-inf")),
         )
+
+    def residue_geometry(self, seq_q: int, seq_k: int, n_cmp: int, *, pads: bool):
+        """The compressed branch's regrouping (:meth:`compressed_branch`) for ``seq_q`` queries at the
+        end of ``seq_k`` keys with ``n_cmp`` compressed tokens: ``(front, rows, skipped, lead, tail)``,
+        or ``None`` where no query sees a compressed token. Query ``t`` is at padded index
+        ``front + t`` (``rows`` rows of ``d``); the first ``skipped`` rows see none; ``lead`` rows
+        before and ``tail`` rows after (and ``tail`` keys) make the lengths whole blocks when
+        ``pads`` (:func:`_aligned_padding`)."""
+        stride, per_block = self.compress_stride, self.compress_block // self.compress_stride
+        offset = seq_k - seq_q
+        first_row, last_row = (offset + 1) // stride, seq_k // stride
+        rows, front = last_row - first_row + 1, offset + 1 - first_row * stride
+        start_row = max(first_row, per_block)  # rows before it see no compressed token
+        if n_cmp == 0 or start_row > last_row:
+            return None
+        lead, tail = _aligned_padding(last_row - start_row + 1, n_cmp) if pads else (0, 0)
+        return front, rows, start_row - first_row, lead, tail
 
     def selection(self, q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, seq_k: int, scale: float):
         """The selected branch's pattern: ``block_q = 1``, ``block_k = select_block``, one list per KV
@@ -480,19 +490,18 @@ class NativeSparseAttention(nn.Module):
             k_cmp, v_cmp = self._compress(k, v)
         if seq_q == 1:
             return self.decode_step(q, k, v, k_cmp, v_cmp, scale=scale)
+        # Training on CUDA: the three branches and the gates as one autograd node whose backward
+        # shares the deltas and q's gradient buffer (nn.nsa_fused); None elsewhere.
+        fused = fused_nsa(self, q, k, v, k_cmp, v_cmp, scale, lambda *x: self.compressed_branch(*x, seq_k, scale))
+        if fused is not None:
+            return fused
         compressed, lse = self.compressed_branch(q, k_cmp, v_cmp, seq_k, scale)
         with torch.no_grad():
             pattern = self.selection(q.detach(), k_cmp.detach(), lse.detach(), seq_k, scale)
-        if self.window:
-            window = window_pattern(seq_q, seq_k, self.window, device=q.device)
-            # Training on CUDA: the selected and window branches and the gates as one autograd
-            # node whose backward shares the deltas and q's gradient buffer (nn.nsa_fused).
-            fused = fused_sparse_branches(self, q, k, v, compressed, pattern, window, scale)
-            if fused is not None:
-                return fused
         selected = self.selected_branch(q, k, v, pattern, scale)
         branches = [compressed, selected]
         if self.window:
+            window = window_pattern(seq_q, seq_k, self.window, device=q.device)
             branches.append(api.block_sparse_attention(q, k, v, window, scale=scale, backend=self.backend))
         # One pass on CUDA without gradients to record (ops.gated_sum's kernel), else PyTorch.
         return gated_sum(q, branches, self.gate_weight, self.gate_bias)

@@ -1,4 +1,5 @@
-"""NSA's selected and sliding-window branches and the gated sum as one differentiable step.
+"""NSA's step after compression as one differentiable node: the compressed, selected and window
+branches and the gated sum.
 
 :class:`~sparse_attn.nn.nsa.NativeSparseAttention` runs each branch through
 :func:`sparse_attn.block_sparse_attention` and sums them with :func:`sparse_attn.ops.gated_sum.gated_sum`,
@@ -8,24 +9,30 @@ each an autograd node of its own. Their backward then repeats work that one node
   output and output gradient (1 GiB each at 64 query heads x 64K tokens x 128 in bf16), while the
   gated sum's backward already reads ``dO`` and every branch's output to take the gates'
   gradients (``dO . O_b``): it writes ``delta_b = g_b (dO . O_b)`` beside them
-  (:func:`sparse_attn.ops.gated_sum.triton.gated_sum_backward_triton` ``(deltas=True)``);
+  (:func:`sparse_attn.ops.gated_sum.triton.gated_sum_backward_triton` ``(deltas=True)``; the
+  compressed branch's is regrouped by residue like its rows);
 * q receives four gradients (the gates', the selected, window and compressed branches'), which
   autograd sums in three passes of ``(B, Hq, Sq, D)`` each: here the gates' gradient is the buffer
   the window branch's dQ pass and then the selected branch's add into in their stores
-  (``dq_into=``), so q gets two gradients (this step's and the compressed branch's), one sum.
+  (``dq_into=``), and the compressed branch's dQ is regrouped back into it
+  (:func:`sparse_attn.ops.residue_rows.triton.regroup_triton` ``(add_to=)``).
 
-What runs is otherwise the same: the same forward kernels, the same backward kernels (dK/dV and
-dQ passes), the same gated-sum kernels. It runs where all of them are kernels that take these
-arguments (:func:`sparse_attn.backends.fusable_backward_module`: the ``triton``, ``gluon`` and
-token-granular backends on CUDA) and a gradient is to be taken; elsewhere the module takes its
-per-branch path. The compressed branch stays its own node: its queries are regrouped by
-residue, so its dQ is in another layout.
+What runs is otherwise the same: the same forward kernels and regroupings, the selection between
+the compressed branch and the selected one (no gradient), the same backward passes. The node runs
+where every part is a kernel that takes these arguments
+(:func:`sparse_attn.backends.fusable_backward_module`: the ``triton``, ``gluon`` and token-granular
+backends on CUDA) and a gradient is to be taken; elsewhere the module takes its per-branch path.
+Where no query sees a compressed token (short sequences) the compressed branch stays outside
+the node (its output, zeros, an input).
 
-The gradients differ from the per-branch path's only by rounding: ``delta_b`` is computed in
-float32 from ``dO`` and the gate rather than from ``g_b dO`` rounded to the input dtype.
+The gradients differ from the per-branch path's only by rounding: each ``delta_b`` is computed in
+float32 from ``dO`` and the gate rather than from ``g_b dO`` rounded to the input dtype, and q's
+gradient is summed in the kernels' stores (float32 adds of values rounded to q's dtype).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -33,44 +40,151 @@ from .. import api
 from ..backends import configs, fusable_backward_module
 from ..backends.autograd import forward_for_backward
 from ..ops._dispatch import kernel_for
+from ..ops.residue_rows.naive import from_residues_reference, to_residues_reference
 from ..pattern import BlockSparsePattern, check_pattern_fits
+from ..utils import interpreting
 
-__all__ = ["fused_sparse_branches"]
+__all__ = ["fused_nsa"]
 
 
-def fused_sparse_branches(module, q, k, v, compressed, selected: BlockSparsePattern, window: BlockSparsePattern,
-                          scale: float) -> torch.Tensor | None:  # fmt: skip
-    """NSA's output (``module``'s gates over ``compressed``, the selected branch over ``selected``
-    and the window branch over ``window``) as one autograd node, or ``None`` where it does not
-    apply (no gradient to take, off CUDA, or a branch or the gated sum not on a kernel that takes
-    a fused backward): the caller then runs the branches one by one."""
+@dataclass
+class _Compressed:
+    """The compressed branch inside the node: its regrouped queries and repeated keys/values (no
+    gradient: the node differentiates them itself), pattern, kernel module and regrouping."""
+
+    grouped: torch.Tensor
+    k_rep: torch.Tensor
+    v_rep: torch.Tensor
+    pattern: BlockSparsePattern
+    backend: object
+    regroup: object  # ops.residue_rows.triton
+    front: int
+    skipped: int
+    lead: int
+    n_cmp: int
+
+
+@dataclass
+class _Spec:
+    module: object
+    scale: float
+    gate_kernel: object
+    selected_backend: object
+    window: BlockSparsePattern
+    window_backend: object
+    compressed: _Compressed | None = None
+    selected: BlockSparsePattern | None = None  # given when the compressed branch is outside the node
+
+
+def fused_nsa(module, q, k, v, k_cmp, v_cmp, scale: float, compressed_branch) -> torch.Tensor | None:
+    """NSA's output for ``module`` from ``q``, ``k``, ``v`` and the compressed tokens ``k_cmp``,
+    ``v_cmp`` as one autograd node, or ``None`` where it does not apply (no gradient to take, off
+    CUDA, no window branch, or a part not on a kernel that takes a fused backward): the caller then
+    runs the branches one by one. ``compressed_branch``: the module's own
+    ``(q, k_cmp, v_cmp) -> (out, lse)``, run where no query sees a compressed token."""
     weight, bias = module.gate_weight, module.gate_bias
-    if q.device.type != "cuda" or not torch.is_grad_enabled():
+    # (On CPU only under Triton's interpreter, where the tests run it with the kernel backends named.)
+    runs_here = q.device.type == "cuda" or interpreting()
+    if not runs_here or not torch.is_grad_enabled() or not module.window or q.shape[2] < 2:
         return None
-    if not any(x.requires_grad for x in (q, k, v, compressed, weight, bias)):
+    if not any(x.requires_grad for x in (q, k, v, k_cmp, v_cmp, weight, bias)):
         return None
     if api.padded_head_dim(q, v, module.backend) is not None:
         return None
     gate_kernel = kernel_for(q, "sparse_attn.ops.gated_sum", head_dim=q.shape[3])
     if gate_kernel is None:
         return None
-    runs = []
-    for pattern, rows in ((selected, module.selected_token_rows()), (window, None)):
-        check_pattern_fits(pattern, q, k)
-        pattern.ensure_valid(causal=True)
-        with configs.kernel_configs(token_rows=rows):
-            backend = fusable_backward_module(module.backend, q, k, v, pattern, causal=True)
-        layout = getattr(pattern, "layout", None)
-        if backend is None or not (layout is None or layout.is_identity):
-            return None
-        runs.append((pattern, backend, rows))
-    return _FusedSparseBranches.apply(q, k, v, compressed, weight, bias, runs, gate_kernel, scale)
+    from .nsa import _pads_rows, window_pattern  # nsa imports this module
+
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    window = window_pattern(seq_q, seq_k, module.window, device=q.device)
+    window_backend = _fusable(module.backend, q, k, v, window, None)
+    # The selection's kind of pattern (one token per list, per KV head), for choosing its kernel.
+    stand_in = _selection_stand_in(module, q, seq_k)
+    selected_backend = _fusable(module.backend, q, k, v, stand_in, module.selected_token_rows())
+    if window_backend is None or selected_backend is None:
+        return None
+    spec = _Spec(module, scale, gate_kernel, selected_backend, window, window_backend)
+    geometry = module.residue_geometry(seq_q, seq_k, k_cmp.shape[2], pads=_pads_rows(q, k_cmp, v_cmp))
+    regroup = kernel_for(q, "sparse_attn.ops.residue_rows")
+    if geometry is not None and regroup is not None:
+        spec.compressed = _compressed_inputs(module, q, k_cmp, v_cmp, geometry, regroup)
+    if spec.compressed is None or spec.compressed.backend is None:
+        # The compressed branch on its own (an input of the node); the selection from its lse.
+        spec.compressed = None
+        compressed, lse = compressed_branch(q, k_cmp, v_cmp)
+        with torch.no_grad():
+            spec.selected = module.selection(q.detach(), k_cmp.detach(), lse.detach(), seq_k, scale)
+        return _FusedNSA.apply(q, k, v, compressed, None, None, weight, bias, spec)
+    return _FusedNSA.apply(q, k, v, None, k_cmp, v_cmp, weight, bias, spec)
 
 
-class _FusedSparseBranches(torch.autograd.Function):
+def _fusable(backend: str, q, k, v, pattern, rows):
+    check_pattern_fits(pattern, q, k)
+    layout = getattr(pattern, "layout", None)
+    if not (layout is None or layout.is_identity):
+        return None
+    with configs.kernel_configs(token_rows=rows):  # None changes nothing
+        return fusable_backward_module(backend, q, k, v, pattern, causal=True)
+
+
+def _selection_stand_in(module, q, seq_k: int) -> BlockSparsePattern:
+    """A pattern of the selection's kind (``block_q = 1``, ``select_block`` keys, one list per KV
+    head, each token's own block) for resolving its backend before the selection exists."""
+    batch, _, seq_q, _ = q.shape
+    own = (torch.arange(seq_q, device=q.device) + seq_k - seq_q) // module.select_block
+    indices = own.to(torch.int32).view(1, 1, seq_q, 1).expand(batch, module.num_kv_heads, seq_q, 1)
+    counts = torch.ones((batch, module.num_kv_heads, seq_q), dtype=torch.int32, device=q.device)
+    pattern = BlockSparsePattern(
+        kv_counts=counts, kv_indices=indices, block_q=1, block_k=module.select_block, seq_q=seq_q, seq_k=seq_k
+    )
+    pattern._cache[("validated", True)] = True  # valid by construction: each token's own block
+    return pattern
+
+
+def _compressed_inputs(module, q, k_cmp, v_cmp, geometry, regroup) -> _Compressed:
+    """The compressed branch's kernel inputs, as :meth:`NativeSparseAttention.compressed_branch` builds
+    them (regrouped queries with ``lead`` / ``tail`` rows, keys/values padded by ``tail`` and repeated
+    per residue), without gradient; ``backend`` ``None`` where its kernel takes no fused backward."""
+    from .nsa import causal_pattern
+
+    front, rows, skipped, lead, tail = geometry
+    stride = module.compress_stride
+    with torch.no_grad():
+        grouped = regroup.regroup_triton(q, to_residue=True, front=front, stride=stride, skip=skipped - lead,
+                                         rows=rows + tail)  # fmt: skip
+        k_pad, v_pad = (torch.nn.functional.pad(x.detach(), (0, 0, 0, tail)) for x in (k_cmp, v_cmp))
+        k_rep, v_rep = (x.repeat_interleave(stride, dim=0) for x in (k_pad, v_pad))
+    pattern = causal_pattern(grouped.shape[2], k_pad.shape[2], q.device)
+    backend = _fusable(module.backend, grouped, k_rep, v_rep, pattern, None)
+    return _Compressed(grouped, k_rep, v_rep, pattern, backend, regroup, front, skipped, lead, k_cmp.shape[2])
+
+
+class _FusedNSA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, compressed, weight, bias, runs, gate_kernel, scale):
+    def forward(ctx, q, k, v, compressed, k_cmp, v_cmp, weight, bias, spec: _Spec):
+        module, scale, inside = spec.module, spec.scale, spec.compressed
+        seq_q, seq_k, stride = q.shape[2], k.shape[2], module.compress_stride
+        saved = []
+        if inside is not None:
+            out, lse, ctx.compressed_backward = forward_for_backward(
+                inside.grouped, inside.k_rep, inside.v_rep, inside.pattern, causal=True, scale=scale,
+                backend=inside.backend,
+            )  # fmt: skip
+            saved += [out, lse]
+            kept, kept_lse = out[:, :, inside.lead :], lse[:, :, inside.lead :]
+            compressed = inside.regroup.regroup_triton(
+                kept, to_residue=False, front=inside.front, stride=stride, skip=inside.skipped, rows=seq_q
+            )
+            lse = from_residues_reference(kept_lse, inside.front, seq_q, stride, inside.skipped, fill=float("-inf"))
+            selected_pattern = module.selection(q, k_cmp, lse, seq_k, scale)
+        else:
+            selected_pattern = spec.selected
         outputs, backwards = [], []
+        runs = (
+            (selected_pattern, spec.selected_backend, module.selected_token_rows()),
+            (spec.window, spec.window_backend, None),
+        )
         for pattern, backend, rows in runs:
             with configs.kernel_configs(token_rows=rows):  # None changes nothing
                 out, lse, run_backward = forward_for_backward(
@@ -79,14 +193,15 @@ class _FusedSparseBranches(torch.autograd.Function):
             outputs += [out, lse]
             backwards.append(run_backward)
         selected, _, window, _ = outputs
-        ctx.save_for_backward(q, k, v, compressed, weight, bias, *outputs)
-        ctx.backwards, ctx.gate_kernel = backwards, gate_kernel
-        return gate_kernel.gated_sum_triton(q, (compressed, selected, window), weight, bias)
+        ctx.save_for_backward(q, k, v, compressed, weight, bias, *outputs, *saved)
+        ctx.backwards, ctx.spec = backwards, spec
+        return spec.gate_kernel.gated_sum_triton(q, (compressed, selected, window), weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, compressed, weight, bias, selected, selected_lse, window, window_lse = ctx.saved_tensors
-        dq, d_branches, d_weight, d_bias, deltas = ctx.gate_kernel.gated_sum_backward_triton(
+        q, k, v, compressed, weight, bias, selected, selected_lse, window, window_lse, *saved = ctx.saved_tensors
+        spec = ctx.spec
+        dq, d_branches, d_weight, d_bias, deltas = spec.gate_kernel.gated_sum_backward_triton(
             q, (compressed, selected, window), weight, bias, grad_out, deltas=True
         )
         d_compressed, d_selected, d_window = d_branches
@@ -98,4 +213,27 @@ class _FusedSparseBranches(torch.autograd.Function):
         )
         dk += dk_selected
         dv += dv_selected
-        return dq, dk, dv, d_compressed, d_weight, d_bias, None, None, None
+        inside = spec.compressed
+        if inside is None:
+            return dq, dk, dv, d_compressed, None, None, d_weight, d_bias, None
+        out, lse = saved
+        stride, rows = spec.module.compress_stride, inside.grouped.shape[2]
+        skip = inside.skipped - inside.lead
+        # The regrouped output's gradient and delta; the lead rows' outputs were discarded (their
+        # tokens see no compressed token), so their gradient is 0 there, not the tokens'.
+        d_out = inside.regroup.regroup_triton(
+            d_compressed, to_residue=True, front=inside.front, stride=stride, skip=skip, rows=rows + skip
+        )
+        delta = to_residues_reference(deltas[0][..., None], inside.front, rows + skip, stride, skip)[..., 0]
+        if inside.lead:
+            d_out[:, :, : inside.lead] = 0
+            delta[:, :, : inside.lead] = 0
+        dq_grouped, dk_rep, dv_rep = ctx.compressed_backward(
+            inside.grouped, inside.k_rep, inside.v_rep, out, lse, d_out, None, delta=delta.contiguous()
+        )
+        inside.regroup.regroup_triton(
+            dq_grouped, to_residue=False, front=inside.front, stride=stride, skip=skip, rows=q.shape[2], add_to=dq
+        )
+        batch = q.shape[0]
+        dk_cmp, dv_cmp = (x.view(batch, stride, *x.shape[1:]).sum(1)[:, :, : inside.n_cmp] for x in (dk_rep, dv_rep))
+        return dq, dk, dv, None, dk_cmp, dv_cmp, d_weight, d_bias, None

@@ -53,8 +53,10 @@ if triton is not None:
     def _regroup(
         X, Out, heads, out_rows, x_rows, seq, front, stride, skip, fill,
         stride_xb, stride_xh, stride_xs, stride_ob, stride_oh, stride_os,
-        HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, TO_RESIDUE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, TO_RESIDUE: tl.constexpr, ACCUMULATE: tl.constexpr = False,
     ):  # fmt: skip
+        """``ACCUMULATE``: add the regrouped rows to the values ``Out`` holds (float32 sum, stored in
+        its dtype) instead of storing them."""
         entry = tl.program_id(1) // heads
         h = tl.program_id(1) % heads
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -74,14 +76,19 @@ if triton is not None:
         )
         values = tl.load(X + source[:, None] + offs_d[None, :], mask=ok[:, None], other=fill)
         target = entry.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64) * stride_os
+        if ACCUMULATE:
+            held = tl.load(Out + target[:, None] + offs_d[None, :], mask=inside[:, None], other=0.0)
+            values = (held.to(tl.float32) + values.to(tl.float32)).to(Out.dtype.element_ty)
         tl.store(Out + target[:, None] + offs_d[None, :], values, mask=inside[:, None])
 
 
 def regroup_triton(x: torch.Tensor, *, to_residue: bool, front: int, stride: int, skip: int, rows: int,
-                   fill: float = 0.0) -> torch.Tensor:  # fmt: skip
+                   fill: float = 0.0, add_to: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``to_residue``: :func:`.naive.to_residues_reference` (``rows`` counted from 0, as there);
     else :func:`.naive.from_residues_reference` (``rows`` is then the sequence length). A new
-    contiguous tensor in x's dtype (no gradient)."""
+    contiguous tensor in x's dtype (no gradient); with ``add_to`` (a contiguous tensor of the
+    result's shape and x's dtype) the result is added into it in the same pass, and it is returned
+    (NSA's fused backward adds the compressed branch's dQ into q's gradient so)."""
     reason = unsupported_reason(x)
     if reason is not None:
         raise ValueError(f"the regrouping kernel cannot run this case: {reason}")
@@ -92,10 +99,16 @@ def regroup_triton(x: torch.Tensor, *, to_residue: bool, front: int, stride: int
         shape, seq, x_rows = (batch * stride, heads, rows - skip, dim), length, 0
     else:
         shape, seq, x_rows = (batch // stride, heads, rows, dim), rows, length
-    out = launch.allocate(shape, x.dtype, x.device)
+    if add_to is not None:
+        if tuple(add_to.shape) != shape or add_to.dtype != x.dtype or not add_to.is_contiguous():
+            raise ValueError(f"add_to must be a contiguous {x.dtype} tensor of shape {shape}, got {add_to.dtype} "
+                             f"{tuple(add_to.shape)}")  # fmt: skip
+        out = add_to
+    else:
+        out = launch.allocate(shape, x.dtype, x.device)
     block_r = 32 if dim == 256 else 64
     _regroup[(triton.cdiv(shape[2], block_r), shape[0] * heads)](
         x, out, heads, shape[2], x_rows, seq, front, stride, skip, fill, *x.stride()[:3], *out.stride()[:3],
-        HEAD_DIM=dim, BLOCK_R=block_r, TO_RESIDUE=to_residue, num_warps=4,
+        HEAD_DIM=dim, BLOCK_R=block_r, TO_RESIDUE=to_residue, ACCUMULATE=add_to is not None, num_warps=4,
     )  # fmt: skip
     return out
