@@ -162,6 +162,36 @@ class _BlockCompressor(nn.Module):
         out = self.mlp((blocks + self.position.to(blocks.dtype)).flatten(-2))
         return blocks.mean(-2) + out if self.residual else out
 
+    def sequence(self, x: torch.Tensor, stride: int) -> torch.Tensor:
+        """:meth:`forward` of every whole block of ``x`` ``(B, H, S, D)`` (blocks ``stride`` apart from
+        0), without materialising the overlapping blocks: a block is ``l / d`` consecutive chunks of
+        ``d`` rows, so the first layer's product over a block is the sum of each chunk's product
+        with its slice of the weight (``W x_block = sum_c W_c chunk_{i+c}``, plus ``W pos`` and the
+        bias once), each taken over all chunks by one matmul; the mean likewise from chunk sums.
+        The same function (up to rounding: the partial products are summed in float32); its
+        backward is those matmuls' instead of an overlapping unfold's scatter-add (0.79 ms of
+        NSA's 64K forward + backward on an H100, for k and v)."""
+        block, dim = self.position.shape
+        pieces = block // stride
+        count = (x.shape[2] - block) // stride + 1
+        chunks = x[:, :, : (count + pieces - 1) * stride].unflatten(2, (count + pieces - 1, stride))
+        first = self.mlp[0]
+        weight = first.weight.unflatten(1, (pieces, stride * dim))  # (D, pieces, d * D)
+        flat = chunks.flatten(-2)
+        wide = torch.promote_types(x.dtype, torch.float32)  # the partial sums' dtype
+        hidden = sum(
+            torch.nn.functional.linear(flat, weight[:, piece])[:, :, piece : piece + count].to(wide)
+            for piece in range(pieces)
+        )
+        constant = torch.nn.functional.linear(self.position.to(x.dtype).flatten(), first.weight, first.bias)
+        hidden = (hidden + constant.to(wide)).to(constant.dtype)
+        out = self.mlp[2](self.mlp[1](hidden))
+        if not self.residual:
+            return out
+        sums = chunks.to(wide).sum(-2)
+        mean = sum(sums[:, :, piece : piece + count] for piece in range(pieces)) / block
+        return mean.to(out.dtype) + out
+
 
 class CausalWindowRule:
     """Token rule of the sliding-window branch: key ``j`` is allowed for the query at position ``i``
@@ -328,12 +358,12 @@ class NativeSparseAttention(nn.Module):
         if self.compressed_count(k.shape[2]) == 0:
             empty = k.new_zeros((*k.shape[:2], 0, k.shape[3]))
             return empty, empty
-        # unfold: (B, H, n, D, l) -> (B, H, n, l, D)
-        blocks_k = k.unfold(2, self.compress_block, self.compress_stride).transpose(-1, -2)
-        blocks_v = v.unfold(2, self.compress_block, self.compress_stride).transpose(-1, -2)
         if self.compressor == "mean":
+            # unfold: (B, H, n, D, l) -> (B, H, n, l, D)
+            blocks_k = k.unfold(2, self.compress_block, self.compress_stride).transpose(-1, -2)
+            blocks_v = v.unfold(2, self.compress_block, self.compress_stride).transpose(-1, -2)
             return blocks_k.mean(-2), blocks_v.mean(-2)
-        return self.compress_k(blocks_k), self.compress_v(blocks_v)
+        return self.compress_k.sequence(k, self.compress_stride), self.compress_v.sequence(v, self.compress_stride)
 
     def compressed_branch(self, q, k_cmp, v_cmp, seq_k: int, scale: float):
         """``(out, lse)``: the compressed branch ``(B, Hq, Sq, D)`` and its natural-log log-sum-exp
