@@ -71,7 +71,9 @@ NARROW_ROW_OFFSETS = True
 # number): a wide tile's entry loads all its tokens' Q/dO rows for every block in the union of
 # their lists, a one-block entry only the rows of a block that lists it. The pass streams those
 # rows from memory (they are the large operand: Hq x Sq x D twice), so its traffic follows the
-# union: at NSA's 64K with four-token tiles, a union ratio of 1.35 is 35 % more rows read.
+# union: at NSA's 64K with four-token tiles, a union ratio of 1.35 is 35 % more rows read. Timed on
+# one H100 (42nd session, NSA module at 64K on text-like inputs, same process): forward + backward
+# 115.11 ms against 116.62 with the forward's tiles; this pass 15.25 ms in the profile (19.94 before).
 # Only where one query block's packed rows (heads x block_q) fill at least DKDV_ONE_BLOCK_MIN_ROWS
 # rows (NSA's group of 16 heads of one token): with lists per query head (MoBA: one row per
 # token) an entry per token would make the lists block_m times longer and its rows' loads scatter,
@@ -426,12 +428,13 @@ def dkdv_plan(q: torch.Tensor, k: torch.Tensor, pattern):
     during the forward, off the default stream."""
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
-    packing = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
-    one_block = DKDV_ONE_BLOCK_TILES and packing.heads * pattern.block_q >= DKDV_ONE_BLOCK_MIN_ROWS
-    if gathered.uses_gathered_path(pattern) or one_block:
-        # dK/dV walk one query block per entry (the gathered path's lists; DKDV_ONE_BLOCK_TILES).
-        tiling = dataclasses.replace(packing, tile_blocks=1, tile_tokens=pattern.block_q)
-    else:
+    tiling = None
+    if gathered.uses_gathered_path(pattern) or DKDV_ONE_BLOCK_TILES:
+        packing = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
+        if gathered.uses_gathered_path(pattern) or packing.heads * pattern.block_q >= DKDV_ONE_BLOCK_MIN_ROWS:
+            # dK/dV walk one query block per entry (the gathered path's lists; DKDV_ONE_BLOCK_TILES).
+            tiling = dataclasses.replace(packing, tile_blocks=1, tile_tokens=pattern.block_q)
+    if tiling is None:
         tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q, pattern)
     lists = token_lists(pattern, tiling.tile_blocks)
     # Several listing tiles per step: up to DKDV_ROWS rows per product.
