@@ -365,7 +365,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     the Gluon backend, so the Gluon passes run where they are the default
     (:func:`.gluon_backward.wanted`); ``kernel_configs(gluon_backward=...)`` overrides it.
 
-    For a caller that fuses several attentions' backward (:mod:`sparse_attn.nn.nsa`):
+    For a caller that fuses several attentions' backward (:mod:`sparse_attn.nn.nsa_fused`):
     ``delta``, float32 ``(B, Hq, Sq)`` contiguous, is ``rowsum(dout * out) - dlse`` computed
     already (``out`` and ``dlse`` are then not read); ``dq_into``, a tensor of q's shape and dtype,
     receives q's gradient added to what it holds (the Triton dQ pass adds it in its store), and is

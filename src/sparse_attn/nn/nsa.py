@@ -69,8 +69,9 @@ backend's forward and backward and the reference off CUDA):
   in the kernels' stores: the same kernels, without three delta passes and three 1 GiB additions
   at 64K (forward + backward 113.5 against 121.4 ms with the previous path on one H100,
   together with the token dK/dV's one-token entries and the compressor below).
-* compression: the MLP's first layer over a block of ``l = 2d`` keys is the sum of two chunk
-  products (:meth:`_BlockCompressor.sequence`), so no overlapping copy of the keys is made.
+* compression: the MLP's first layer over a block of ``l`` keys is the sum of the products of
+  its ``l / d`` chunks of ``d`` keys (two at the defaults; :meth:`_BlockCompressor.sequence`), so
+  no overlapping copy of the keys is made.
 
 Choices where the paper leaves room (or where its text could not be checked here: the stored
 copies reachable in this session held summaries, not the equations):
