@@ -139,7 +139,7 @@ if triton is not None:
             dq = dq_step(dq, q, do, lse, delta, k, v, key_pos, key_ok, listed, query_pos, qk_scale, CAUSAL, PRECISION)
         dq = dq * scale
         if ACCUMULATE:
-            dq += load_rows(DQ, batch, head, token, valid, stride_gb, stride_gh, stride_gs, offs_d, True)
+            dq += load_rows(DQ, batch, head, token, valid, stride_gb, stride_gh, stride_gs, offs_d, DOT_FP32=True)
         store_rows(DQ, dq, batch, head, token, valid, stride_gb, stride_gh, stride_gs, offs_d)
 
     @triton.jit
@@ -428,10 +428,10 @@ def dkdv_plan(q: torch.Tensor, k: torch.Tensor, pattern):
     during the forward, off the default stream."""
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
-    tiling = None
-    if gathered.uses_gathered_path(pattern) or DKDV_ONE_BLOCK_TILES:
+    tiling, gathered_path = None, gathered.uses_gathered_path(pattern)
+    if gathered_path or DKDV_ONE_BLOCK_TILES:  # (the forward's tiling is asked for only where it is used)
         packing = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
-        if gathered.uses_gathered_path(pattern) or packing.heads * pattern.block_q >= DKDV_ONE_BLOCK_MIN_ROWS:
+        if gathered_path or packing.heads * pattern.block_q >= DKDV_ONE_BLOCK_MIN_ROWS:
             # dK/dV walk one query block per entry (the gathered path's lists; DKDV_ONE_BLOCK_TILES).
             tiling = dataclasses.replace(packing, tile_blocks=1, tile_tokens=pattern.block_q)
     if tiling is None:

@@ -388,9 +388,9 @@ class NativeSparseAttention(nn.Module):
         A single query (a decode step) sees a prefix of the compressed tokens: dense attention over
         that prefix, without the regrouping.
         """
-        seq_q, stride, n_cmp = q.shape[2], self.compress_stride, k_cmp.shape[2]
+        seq_q, n_cmp = q.shape[2], k_cmp.shape[2]
         if seq_q == 1 and n_cmp:  # a decode step: its visible compressed tokens are a prefix
-            visible = visible_count(seq_k - 1, self.compress_block, stride, n_cmp)
+            visible = visible_count(seq_k - 1, self.compress_block, self.compress_stride, n_cmp)
             if visible == 0:
                 return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
             pattern = causal_pattern(1, visible, q.device)
@@ -401,23 +401,37 @@ class NativeSparseAttention(nn.Module):
         geometry = self.residue_geometry(seq_q, seq_k, n_cmp, pads=_pads_rows(q, k_cmp, v_cmp))
         if geometry is None:
             return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-        front, rows, skipped, lead, tail = geometry
-        grouped = _by_residue(q, front, rows + tail, stride, skipped - lead)
-        # Residues as batch entries, each with the compressed K/V of its sequence (a copy of
-        # d x the compressed tokens): dK/dV then sum over a KV head's query heads per residue
-        # in parallel, and the d residues are summed by autograd, not walked by one program.
-        if tail:
-            k_cmp, v_cmp = (torch.nn.functional.pad(x, (0, 0, 0, tail)) for x in (k_cmp, v_cmp))
-        k_rep, v_rep = (x.repeat_interleave(stride, dim=0) for x in (k_cmp, v_cmp))
-        pattern = causal_pattern(grouped.shape[2], k_cmp.shape[2], q.device)
+        grouped, k_rep, v_rep, pattern = self.residue_operands(q, k_cmp, v_cmp, geometry)
         out, lse = api.block_sparse_attention(
             grouped, k_rep, v_rep, pattern, scale=scale, backend=self.backend, return_lse=True
         )
-        # The tail rows stay: no token maps to them, so the regrouping back never reads them (and
-        # its gradient leaves them 0). Slicing them off cost a zero-filled copy of the whole
-        # regrouped output's gradient in the backward (1.7 ms at 64K on an H100).
+        return self.from_residue_rows(out, lse, geometry, seq_q)
+
+    def residue_operands(self, q, k_cmp, v_cmp, geometry):
+        """``(grouped, k_rep, v_rep, pattern)``: :meth:`compressed_branch`'s attention inputs for
+        :meth:`residue_geometry`'s ``geometry`` (differentiable where its inputs are): the queries
+        regrouped by residue with the ``lead`` / ``tail`` rows, and per residue (a batch entry) the
+        sequence's compressed keys and values padded by ``tail``, and their dense causal pattern.
+        A copy of d x the compressed tokens: dK/dV then sum over a KV head's query heads per
+        residue in parallel, and the d residues are summed afterwards, not walked by one program."""
+        front, rows, skipped, lead, tail = geometry
+        stride = self.compress_stride
+        grouped = _by_residue(q, front, rows + tail, stride, skipped - lead)
+        if tail:
+            k_cmp, v_cmp = (torch.nn.functional.pad(x, (0, 0, 0, tail)) for x in (k_cmp, v_cmp))
+        k_rep, v_rep = (x.repeat_interleave(stride, dim=0) for x in (k_cmp, v_cmp))
+        return grouped, k_rep, v_rep, causal_pattern(grouped.shape[2], k_cmp.shape[2], q.device)
+
+    def from_residue_rows(self, out, lse, geometry, seq_q: int):
+        """``(out, lse)`` ``(B, Hq, Sq, D)`` / ``(B, Hq, Sq)`` from the regrouped attention's (the
+        inverse of :meth:`residue_operands`' regrouping; ``lse`` ``-inf`` where a query sees no
+        compressed token). The tail rows stay: no token maps to them, so the regrouping back never
+        reads them (and its gradient leaves them 0); slicing them off cost a zero-filled copy of
+        the whole regrouped output's gradient in the backward (1.7 ms at 64K on an H100)."""
+        front, _, skipped, lead, _ = geometry
         if lead:
             out, lse = out[:, :, lead:], lse[:, :, lead:]
+        stride = self.compress_stride
         return (
             _from_residue(out, front, seq_q, stride, skipped),
             _from_residue(lse, front, seq_q, stride, skipped, fill=float("-inf")),

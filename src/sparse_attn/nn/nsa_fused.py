@@ -40,7 +40,7 @@ from .. import api
 from ..backends import configs, fusable_backward_module
 from ..backends.autograd import forward_for_backward
 from ..ops._dispatch import kernel_for
-from ..ops.residue_rows.naive import from_residues_reference, to_residues_reference
+from ..ops.residue_rows.naive import to_residues_reference
 from ..pattern import BlockSparsePattern, check_pattern_fits
 from ..utils import interpreting
 
@@ -49,18 +49,17 @@ __all__ = ["fused_nsa"]
 
 @dataclass
 class _Compressed:
-    """The compressed branch inside the node: its regrouped queries and repeated keys/values (no
-    gradient: the node differentiates them itself), pattern, kernel module and regrouping."""
+    """The compressed branch inside the node: its regrouped inputs (no gradient: the node
+    differentiates them itself), pattern and kernel module, its rows' geometry
+    (:meth:`NativeSparseAttention.residue_geometry`) and the regrouping kernel (for the backward)."""
 
     grouped: torch.Tensor
     k_rep: torch.Tensor
     v_rep: torch.Tensor
     pattern: BlockSparsePattern
     backend: object
+    geometry: tuple
     regroup: object  # ops.residue_rows.triton
-    front: int
-    skipped: int
-    lead: int
     n_cmp: int
 
 
@@ -143,28 +142,19 @@ def _selection_stand_in(module, q, seq_k: int) -> BlockSparsePattern:
 
 
 def _compressed_inputs(module, q, k_cmp, v_cmp, geometry, regroup) -> _Compressed:
-    """The compressed branch's kernel inputs, as :meth:`NativeSparseAttention.compressed_branch` builds
-    them (regrouped queries with ``lead`` / ``tail`` rows, keys/values padded by ``tail`` and repeated
-    per residue), without gradient; ``backend`` ``None`` where its kernel takes no fused backward."""
-    from .nsa import causal_pattern
-
-    front, rows, skipped, lead, tail = geometry
-    stride = module.compress_stride
+    """The compressed branch's kernel inputs (:meth:`NativeSparseAttention.residue_operands`)
+    without gradient; ``backend`` ``None`` where its kernel takes no fused backward."""
     with torch.no_grad():
-        grouped = regroup.regroup_triton(q, to_residue=True, front=front, stride=stride, skip=skipped - lead,
-                                         rows=rows + tail)  # fmt: skip
-        k_pad, v_pad = (torch.nn.functional.pad(x.detach(), (0, 0, 0, tail)) for x in (k_cmp, v_cmp))
-        k_rep, v_rep = (x.repeat_interleave(stride, dim=0) for x in (k_pad, v_pad))
-    pattern = causal_pattern(grouped.shape[2], k_pad.shape[2], q.device)
+        grouped, k_rep, v_rep, pattern = module.residue_operands(q, k_cmp, v_cmp, geometry)
     backend = _fusable(module.backend, grouped, k_rep, v_rep, pattern, None)
-    return _Compressed(grouped, k_rep, v_rep, pattern, backend, regroup, front, skipped, lead, k_cmp.shape[2])
+    return _Compressed(grouped, k_rep, v_rep, pattern, backend, geometry, regroup, k_cmp.shape[2])
 
 
 class _FusedNSA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, compressed, k_cmp, v_cmp, weight, bias, spec: _Spec):
         module, scale, inside = spec.module, spec.scale, spec.compressed
-        seq_q, seq_k, stride = q.shape[2], k.shape[2], module.compress_stride
+        seq_q, seq_k = q.shape[2], k.shape[2]
         saved = []
         if inside is not None:
             out, lse, ctx.compressed_backward = forward_for_backward(
@@ -172,11 +162,7 @@ class _FusedNSA(torch.autograd.Function):
                 backend=inside.backend,
             )  # fmt: skip
             saved += [out, lse]
-            kept, kept_lse = out[:, :, inside.lead :], lse[:, :, inside.lead :]
-            compressed = inside.regroup.regroup_triton(
-                kept, to_residue=False, front=inside.front, stride=stride, skip=inside.skipped, rows=seq_q
-            )
-            lse = from_residues_reference(kept_lse, inside.front, seq_q, stride, inside.skipped, fill=float("-inf"))
+            compressed, lse = module.from_residue_rows(out, lse, inside.geometry, seq_q)
             selected_pattern = module.selection(q, k_cmp, lse, seq_k, scale)
         else:
             selected_pattern = spec.selected
@@ -217,22 +203,23 @@ class _FusedNSA(torch.autograd.Function):
         if inside is None:
             return dq, dk, dv, d_compressed, None, None, d_weight, d_bias, None
         out, lse = saved
-        stride, rows = spec.module.compress_stride, inside.grouped.shape[2]
-        skip = inside.skipped - inside.lead
-        # The regrouped output's gradient and delta; the lead rows' outputs were discarded (their
-        # tokens see no compressed token), so their gradient is 0 there, not the tokens'.
+        front, rows, skipped, lead, tail = inside.geometry
+        stride, skip = spec.module.compress_stride, skipped - lead
+        # The regrouped output's gradient and delta (regrouped as the queries were); the lead rows'
+        # outputs were discarded (their tokens see no compressed token), so their gradient is 0
+        # there, not the tokens'.
         d_out = inside.regroup.regroup_triton(
-            d_compressed, to_residue=True, front=inside.front, stride=stride, skip=skip, rows=rows + skip
+            d_compressed, to_residue=True, front=front, stride=stride, skip=skip, rows=rows + tail
         )
-        delta = to_residues_reference(deltas[0][..., None], inside.front, rows + skip, stride, skip)[..., 0]
-        if inside.lead:
-            d_out[:, :, : inside.lead] = 0
-            delta[:, :, : inside.lead] = 0
+        delta = to_residues_reference(deltas[0][..., None], front, rows + tail, stride, skip)[..., 0]
+        if lead:
+            d_out[:, :, :lead] = 0
+            delta[:, :, :lead] = 0
         dq_grouped, dk_rep, dv_rep = ctx.compressed_backward(
             inside.grouped, inside.k_rep, inside.v_rep, out, lse, d_out, None, delta=delta.contiguous()
         )
         inside.regroup.regroup_triton(
-            dq_grouped, to_residue=False, front=inside.front, stride=stride, skip=skip, rows=q.shape[2], add_to=dq
+            dq_grouped, to_residue=False, front=front, stride=stride, skip=skip, rows=q.shape[2], add_to=dq
         )
         batch = q.shape[0]
         dk_cmp, dv_cmp = (x.view(batch, stride, *x.shape[1:]).sum(1)[:, :, : inside.n_cmp] for x in (dk_rep, dv_rep))
