@@ -236,7 +236,7 @@ def test_dkdv_split_over_long_lists(shape, heads_kind, monkeypatch, poison_outpu
         triton_tokens_backward, "dkdv_work", lambda *a, **kw: built.append(original(*a, **kw)) or built[-1]
     )
     _check(shape, True, heads_kind, seed=30, density=0.8)
-    assert built and built[0].partials > 0 and built[0].sum_combos.numel() > 0
+    assert built and built[0].partials > 0 and (built[0].sum_combos >= 0).any()
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], ONE_BLOCK_TILES[0][0]], ids=str)
@@ -259,19 +259,37 @@ def test_half_precision(dtype, block_k, poison_outputs):
     _check((1, 8, 2, 19, 2 * block_k + 44, 32, 1, block_k), True, "kv", seed=12, dtype=dtype)
 
 
-@pytest.mark.parametrize("tile_blocks", [3, 1])  # 1: the one-block path (the pattern's lists, one sort)
-def test_token_lists_are_tile_unions_with_row_bits(tile_blocks):
-    """Against a brute-force union per tile and a brute-force transpose."""
-    pattern = sa.random_pattern(batch=2, heads=3, seq_q=23, seq_k=50, density=0.5, block_q=2, block_k=8, seed=3)
+@pytest.mark.parametrize(
+    "tile_blocks, batch, heads, seq_q, seq_k, density, block_q, block_k, seed",
+    [
+        (3, 2, 3, 23, 50, 0.5, 2, 8, 3),
+        (1, 2, 3, 23, 50, 0.5, 2, 8, 3),  # 1: the one-block path (the pattern's lists, one sort)
+        (4, 1, 4, 37, 37, 0.3, 1, 4, 5),
+        (2, 3, 1, 16, 64, 0.9, 4, 16, 6),  # Sq < Sk, nearly full lists
+        (5, 1, 2, 9, 200, 0.05, 1, 16, 7),  # short lists, some empty
+        (1, 1, 5, 30, 30, 0.2, 3, 5, 8),
+    ],
+)
+def test_token_lists_are_tile_unions_with_row_bits(
+    tile_blocks, batch, heads, seq_q, seq_k, density, block_q, block_k, seed
+):
+    """Against a brute-force union per tile and a brute-force transpose (the arrays are built at
+    the padded lists' size: only the entries the offsets bound are compared)."""
+    pattern = sa.random_pattern(
+        batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, density=density, block_q=block_q, block_k=block_k,
+        seed=seed, causal=False,
+    )  # fmt: skip
     lists = triton_tokens.token_lists(pattern, tile_blocks)
     mask = pattern.to_mask()  # (B, H, n_q, n_kv)
     n_q, n_kv = pattern.num_q_blocks, pattern.num_kv_blocks
     n_tiles = -(-n_q // tile_blocks)
     transposed = {}
-    for b in range(2):
-        for h in range(3):
+    assert lists.offsets.numel() == batch * heads * n_tiles + 1
+    assert lists.t_offsets.numel() == batch * heads * n_kv + 1
+    for b in range(batch):
+        for h in range(heads):
             for tile in range(n_tiles):
-                row = (b * 3 + h) * n_tiles + tile
+                row = (b * heads + h) * n_tiles + tile
                 start, end = lists.offsets[row].item(), lists.offsets[row + 1].item()
                 blocks = mask[b, h, tile * tile_blocks : (tile + 1) * tile_blocks]  # (<= tile_blocks, n_kv)
                 expected = [j for j in range(n_kv) if blocks[:, j].any()]
@@ -280,11 +298,71 @@ def test_token_lists_are_tile_unions_with_row_bits(tile_blocks):
                     assert bits == sum(1 << i for i in range(blocks.shape[0]) if blocks[i, j])
                     transposed.setdefault((b, h, j), []).append((tile, bits))
             for j in range(n_kv):
-                row = (b * 3 + h) * n_kv + j
+                row = (b * heads + h) * n_kv + j
                 start, end = lists.t_offsets[row].item(), lists.t_offsets[row + 1].item()
                 entries = list(zip(lists.t_tiles[start:end].tolist(), lists.t_bits[start:end].tolist(), strict=True))
                 assert entries == transposed.get((b, h, j), [])
+    assert lists.offsets[-1] == lists.t_offsets[-1] == sum(len(x) for x in transposed.values())
     assert triton_tokens.token_lists(pattern, tile_blocks) is lists  # built once per pattern
+
+
+@pytest.mark.parametrize(
+    "batch, pattern_batch, q_heads, kv_heads, pattern_heads, heads, seq, density, min_segment, factor, seed",
+    [
+        (1, 1, 8, 2, 2, 4, 40, 0.6, 4, 0, 1),  # every list longer than a segment: all blocks split
+        (2, 2, 8, 2, 2, 2, 40, 0.6, 8, 0, 2),  # two head sets per group
+        (3, 1, 6, 3, 6, 1, 33, 0.4, 4, 1, 3),  # lists per query head, one pattern for the batch
+        (2, 1, 4, 4, 1, 1, 50, 0.5, 16, 0, 4),  # shared lists (one pattern head, four KV heads)
+        (1, 1, 16, 1, 1, 16, 64, 0.3, 256, 4, 5),  # the defaults: nothing split at this size
+    ],
+)
+def test_dkdv_work_items_against_brute_force(
+    batch, pattern_batch, q_heads, kv_heads, pattern_heads, heads, seq, density, min_segment, factor, seed, monkeypatch
+):
+    """The padded work arrays (:func:`dkdv_work`) hold, before their spare items (combo -1), the
+    items a plain loop over the transposed lists makes: per block one item, or per head set
+    segments of its list where the block's lists are longer than a segment; partial slots in item
+    order, and per split block its first slot and item count."""
+    from sparse_attn.backends import triton_tokens_backward as tb
+
+    monkeypatch.setattr(tb, "MIN_SEGMENT", min_segment)
+    monkeypatch.setattr(tb, "SEGMENT_FACTOR", factor)
+    pattern = sa.random_pattern(
+        batch=pattern_batch, heads=pattern_heads, seq_q=seq, density=density, block_q=1, block_k=4, seed=seed
+    )
+    lists = triton_tokens.token_lists(pattern, 1)
+    entries = 2
+    work = tb.dkdv_work(
+        pattern, lists.t_offsets, batch=batch, q_heads=q_heads, kv_heads=kv_heads, heads=heads, entries=entries
+    )
+    t_offsets, n_kv, chunks = lists.t_offsets.tolist(), pattern.num_kv_blocks, q_heads // kv_heads // heads
+    mean = pattern.kv_indices.numel() / (len(t_offsets) - 1)
+    segment = -(-max(min_segment, int(factor * mean)) // entries) * entries
+    items, sums, parts = [], [], 0
+    for combo in range(batch * kv_heads * n_kv):
+        b, kv_head, block = combo // n_kv // kv_heads, combo // n_kv % kv_heads, combo % n_kv
+        spans = []
+        for chunk in range(chunks):
+            first_head = (kv_head * chunks + chunk) * heads
+            row = ((b if pattern_batch > 1 else 0) * pattern_heads + first_head // (q_heads // pattern_heads)) * n_kv
+            spans.append((t_offsets[row + block], t_offsets[row + block + 1]))
+        if sum(end - start for start, end in spans) <= segment:
+            items.append((combo, -1, 0, t_offsets[-1], -1))
+            continue
+        sums.append((combo, parts, 0))
+        for chunk, (start, end) in enumerate(spans):
+            for at in range(start, end, segment):
+                items.append((combo, chunk, at, min(at + segment, end), parts))
+                parts += 1
+        sums[-1] = (combo, sums[-1][1], parts - sums[-1][1])
+    got = list(zip(*(x.tolist() for x in (work.combo, work.chunk, work.start, work.end, work.partial)), strict=True))
+    assert got[: len(items)] == items
+    assert all(item[0] == -1 for item in got[len(items) :])
+    got_sums = list(zip(*(x.tolist() for x in (work.sum_combos, work.sum_first, work.sum_counts)), strict=True))
+    assert got_sums[: len(sums)] == sums and all(s[0] == -1 for s in got_sums[len(sums) :])
+    assert work.partials == parts
+    if factor == 0:
+        assert parts > 0  # the case splits blocks
 
 
 @pytest.mark.parametrize(
@@ -838,6 +916,31 @@ def _nsa_like_pattern(seq, kv_heads, heads_kind, q_heads):
     """NSA's selected branch shape: blocks of 64, a quarter of each token's earlier blocks, its own always."""
     heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
     return sa.random_pattern(heads=heads, seq_q=seq, density=0.25, seed=22, block_q=1, block_k=64, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile_blocks, heads_kind", [(1, "kv"), (4, "kv"), (1, "query")])
+def test_gpu_lists_and_work_build_without_waiting(tile_blocks, heads_kind):
+    """The union lists, their transpose and the dK/dV work items are built without one wait on
+    the device (``torch.cuda.set_sync_debug_mode("error")`` raises at any), so the host can queue
+    kernels behind them; the number of partial slots arrives through its event."""
+    from sparse_attn.backends import triton_tokens_backward as tb
+
+    q_heads, kv_heads = 64, 4
+    pattern = _nsa_like_pattern(8192, kv_heads, heads_kind, q_heads)
+    heads = 16 if heads_kind == "kv" else 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lists = triton_tokens.token_lists(pattern, tile_blocks)
+        work = tb.dkdv_work(
+            pattern, lists.t_offsets, batch=2, q_heads=q_heads, kv_heads=kv_heads, heads=heads,
+            entries=max(1, 64 // (heads * tile_blocks)),
+        )  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert lists.offsets[-1] == lists.t_offsets[-1] > 0
+    assert work.partials >= 0 and (work.combo >= 0).sum() >= 2 * kv_heads * pattern.num_kv_blocks
 
 
 @pytest.mark.gpu

@@ -57,6 +57,7 @@ __all__ = [
     "fusable_backward_module",
     "get_backend",
     "kernel_configs",
+    "plan_ahead",
     "resolve_backend",
     "resolve_own_kernel",
     "run_backend",
@@ -91,6 +92,19 @@ def fusable_backward_module(backend: str, q, k, v, pattern: BlockSparsePattern, 
     name = resolve_backend(backend, q, k, v, pattern, causal=causal, return_lse=False)
     module = _backend_module(name, pattern)
     return module if getattr(module, "BACKWARD_TAKES_DELTA", False) else None
+
+
+def plan_ahead(backend: str, q, k, v, pattern: BlockSparsePattern, *, causal: bool) -> None:
+    """Take now the host decisions that the kernel which would run this checked case (``backend``
+    resolved as :func:`resolve_backend` does) makes from ``pattern``'s data by reading the device
+    (the token kernels' query tile, :func:`.triton_tokens.plan_ahead`); they are cached on the
+    pattern, so the later call does not wait. A caller that then queues work independent of
+    ``pattern`` before that call keeps the device busy while the host prepares it (NSA's module
+    launches its window branch there). Nothing for backends without such decisions."""
+    name = resolve_backend(backend, q, k, v, pattern, causal=causal, return_lse=False)
+    ahead = getattr(_backend_module(name, pattern), "plan_ahead", None)
+    if ahead is not None:
+        ahead(q, k, pattern)
 
 
 def _auto_skips_gluon(q, k, v, pattern: BlockSparsePattern, *, causal: bool) -> str | None:

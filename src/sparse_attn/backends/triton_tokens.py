@@ -291,51 +291,104 @@ def _compressed_rows(rows: torch.Tensor, columns: torch.Tensor, bits: torch.Tens
     return offsets, (keys % n_columns).to(torch.int32), merged.to(torch.int32)
 
 
+def _padded_entries(pattern: BlockSparsePattern):
+    """Every slot of ``pattern``'s padded lists, row-major (batch x head, query block, slot):
+    ``(row, kv_block, used)`` with ``row = (b * H + h) * n_q + q_block`` (int64), the slot's KV
+    block (int64; 0 where unused) and whether the slot is within its list (bool). Unused slots
+    are marked rather than removed (``nonzero`` would wait on the device for their number)."""
+    max_kv = pattern.kv_indices.shape[-1]
+    used = (torch.arange(max_kv, device=pattern.device) < pattern.kv_counts[..., None]).reshape(-1)
+    row = torch.arange(used.numel(), device=pattern.device) // max(max_kv, 1)
+    kv_block = torch.where(used, pattern.kv_indices.reshape(-1).long(), 0)
+    return row, kv_block, used
+
+
+def _sort_keys(keys: torch.Tensor, bound: int, *, stable: bool = False):
+    """``torch.sort`` of int64 ``keys`` all ``<= bound``, on int32 where ``bound`` fits."""
+    return torch.sort(keys.int() if bound < 2**31 else keys, stable=stable)
+
+
+def _row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """int64 ``(n_rows + 1,)``: where each row's entries start in a list sorted by row, from the
+    entries' rows (``n_rows`` marks a slot past the real entries, not counted)."""
+    offsets = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(bin_counts(rows, n_rows + 1)[:n_rows], 0, out=offsets[1:])
+    return offsets
+
+
 def token_lists(pattern: BlockSparsePattern, tile_blocks: int) -> TokenLists:
-    """The union lists of ``pattern`` for query tiles of ``tile_blocks`` blocks, built once and cached."""
+    """The union lists of ``pattern`` for query tiles of ``tile_blocks`` blocks, built once and
+    cached. Built without waiting on the device: the arrays have the padded lists' size
+    (``kv_indices.numel()`` entries), their tails past ``offsets[-1]`` / ``t_offsets[-1]`` unused,
+    so the host can queue the kernels that read them while the pattern is still being computed."""
     key = ("token_lists", tile_blocks)
     cached = pattern.cached_plan(key)
     if cached is not None:
         return cached
-    batch, heads, n_q, max_kv = pattern.kv_indices.shape
-    n_tiles, n_kv = num_blocks(n_q, tile_blocks), pattern.num_kv_blocks
-    used = torch.arange(max_kv, device=pattern.device) < pattern.kv_counts[..., None]
-    batch_head, q_block, slot = used.view(batch * heads, n_q, max_kv).nonzero(as_tuple=True)
-    kv_block = pattern.kv_indices.view(batch * heads, n_q, max_kv)[batch_head, q_block, slot].long()
     if tile_blocks == 1:
-        return pattern.store_plan(key, _one_block_lists(pattern, batch_head, q_block, kv_block))
-    bit = torch.ones_like(kv_block) << (q_block % tile_blocks)
-    offsets, blocks, bits = _compressed_rows(
-        batch_head * n_tiles + q_block // tile_blocks, kv_block, bit, batch * heads * n_tiles, n_kv
+        return pattern.store_plan(key, _one_block_lists(pattern))
+    batch, heads, n_q, _ = pattern.kv_indices.shape
+    n_tiles, n_kv = num_blocks(n_q, tile_blocks), pattern.num_kv_blocks
+    row, kv_block, used = _padded_entries(pattern)
+    size, device = row.numel(), pattern.device
+    q_block = row % max(n_q, 1)
+    n_rows = batch * heads * n_tiles
+    past = n_rows * n_kv  # the key of an unused slot: after every real one
+    keys, order = _sort_keys(
+        torch.where(used, ((row // max(n_q, 1)) * n_tiles + q_block // tile_blocks) * n_kv + kv_block, past), past
     )
-    entry_row = torch.repeat_interleave(
-        torch.arange(batch * heads * n_tiles, device=pattern.device), offsets.diff(), output_size=blocks.numel()
-    )
-    t_offsets, t_tiles, t_bits = _compressed_rows(
-        (entry_row // n_tiles) * n_kv + blocks.long(), entry_row % n_tiles, bits.long(), batch * heads * n_kv, n_tiles
-    )
-    return pattern.store_plan(key, TokenLists(offsets, blocks, bits, t_offsets, t_tiles, t_bits))
+    keys = keys.long()
+    real = keys < past
+    first = real.clone()
+    first[1:] &= keys[1:] != keys[:-1]
+    # The union entry each sorted slot merges into (its pair's first occurrence); unused: a spare slot.
+    merged = torch.cumsum(first, 0) - 1
+    # Repeats of a pair come from different query blocks of the tile, so their bits sum to an OR.
+    bit = torch.where(used, torch.ones_like(q_block) << (q_block % tile_blocks), 0)[order]
+    bits = torch.zeros(size + 1, dtype=torch.int64, device=device).index_add_(0, torch.where(real, merged, size), bit)
+    union_key = torch.full((size + 1,), past, dtype=torch.int64, device=device)
+    union_key.index_put_((torch.where(first, merged, size),), keys)
+    union_key, bits = union_key[:size], bits[:size].to(torch.int32)
+    union_row, blocks = union_key // n_kv, union_key % n_kv  # past the real entries: n_rows, 0
+    offsets = _row_offsets(union_row, n_rows)
+    # The transpose: rows (batch x head, KV block). The union entries are sorted by tile then
+    # block, so a stable sort by the transposed row keeps each row's tiles ascending.
+    n_t = batch * heads * n_kv
+    t_key = torch.where(union_row < n_rows, (union_row // n_tiles) * n_kv + blocks, n_t)
+    t_order = _sort_keys(t_key, n_t, stable=True).indices
+    return pattern.store_plan(
+        key,
+        TokenLists(
+            offsets, blocks.to(torch.int32), bits, _row_offsets(t_key, n_t),
+            (union_row % n_tiles)[t_order].to(torch.int32), bits[t_order],
+        ),
+    )  # fmt: skip
 
 
-def _one_block_lists(pattern: BlockSparsePattern, batch_head, q_block, kv_block) -> TokenLists:
-    """:func:`token_lists` for one-block tiles from the pattern's used entries (row-major: by
-    (batch x head, query block), then ascending block): the lists are the pattern's own, whose
-    blocks are strictly ascending (no pair repeats, so nothing to merge), and their transpose is
-    one stable sort by (batch x head, KV block), which keeps each block's query blocks ascending,
-    instead of the general path's two ``torch.unique`` calls (NSA's 64K step on one H100:
-    ``aten::_unique2`` took 2.29 ms of kernels with them, 0.91 without, the rest being the forward's
-    four-token lists; profiles of the 42nd session, ``benchmarks/results/h100/NOTES.md``)."""
+def _one_block_lists(pattern: BlockSparsePattern) -> TokenLists:
+    """:func:`token_lists` for one-block tiles: the lists are the pattern's own (blocks strictly
+    ascending: no pair repeats, nothing to merge), packed, and their transpose is one stable sort
+    of the padded slots by (batch x head, KV block), which keeps each block's query blocks
+    ascending, instead of the general path's merge (NSA's 64K step on one H100: ``aten::_unique2``
+    took 2.29 ms of kernels with two ``torch.unique`` calls, 0.91 without, the rest being the
+    forward's four-token lists; profiles of the 42nd session, ``benchmarks/results/h100/NOTES.md``)."""
     device, n_kv = pattern.device, pattern.num_kv_blocks
-    rows = batch_head.numel()
+    batch, heads, n_q, max_kv = pattern.kv_indices.shape
+    row, kv_block, used = _padded_entries(pattern)
+    size = row.numel()
     offsets = torch.zeros(pattern.kv_counts.numel() + 1, dtype=torch.int64, device=device)
     torch.cumsum(pattern.kv_counts.reshape(-1).long(), 0, out=offsets[1:])
-    n_rows = pattern.num_heads * pattern.kv_indices.shape[0] * n_kv
-    key = batch_head * n_kv + kv_block
-    order = torch.sort(key.int() if n_rows < 2**31 else key, stable=True).indices
-    t_offsets = torch.zeros(n_rows + 1, dtype=torch.int64, device=device)
-    torch.cumsum(bin_counts(key, n_rows), 0, out=t_offsets[1:])
-    ones = torch.ones(rows, dtype=torch.int32, device=device)
-    return TokenLists(offsets, kv_block.to(torch.int32), ones, t_offsets, q_block[order].to(torch.int32), ones)
+    # A used slot's packed place: its list's start plus its slot (used slots lead each list).
+    slot = torch.arange(size, device=device) % max(max_kv, 1)
+    blocks = torch.zeros(size + 1, dtype=torch.int32, device=device)
+    blocks.index_put_((torch.where(used, offsets[row] + slot, size),), kv_block.to(torch.int32))
+    n_t = batch * heads * n_kv
+    t_key = torch.where(used, (row // max(n_q, 1)) * n_kv + kv_block, n_t)
+    order = _sort_keys(t_key, n_t, stable=True).indices
+    ones = torch.ones(size, dtype=torch.int32, device=device)
+    return TokenLists(
+        offsets, blocks[:size], ones, _row_offsets(t_key, n_t), (row % max(n_q, 1))[order].to(torch.int32), ones
+    )
 
 
 def rows_fit_int32(*tensors: torch.Tensor) -> bool:
@@ -702,6 +755,17 @@ def forward(
     else:
         _autotuned_forward(pattern.block_k, q.dtype == torch.float32)[grid](*args, **constants)
     return (out, lse) if return_lse else out
+
+
+def plan_ahead(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern) -> None:
+    """Take now the one decision of :func:`forward` that waits on the device: the query tile under
+    ``kernel_configs(token_rows="overlap")`` (:func:`overlap_tile_blocks` reads the lists' union
+    ratio), cached on ``pattern``. Everything else :func:`forward` and the backward build from the
+    pattern is built without waiting (:func:`token_lists`, :func:`.triton_tokens_backward.dkdv_work`),
+    so a caller that queues independent work between this and the launch keeps the device busy
+    while the host builds the lists (:func:`sparse_attn.backends.plan_ahead`)."""
+    if not gathered.uses_gathered_path(pattern):
+        token_tiling(q.shape[1], k.shape[1], pattern.num_heads, pattern.block_q, pattern)
 
 
 # This backend's backward takes delta= and dq_into= (backends.fusable_backward_module).

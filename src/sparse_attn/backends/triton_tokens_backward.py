@@ -30,7 +30,7 @@ import torch
 
 from ..geometry import num_blocks
 from ..plan import BlockSparsePlan
-from ..utils import bin_counts, interpreting, length_bucket
+from ..utils import interpreting, length_bucket
 from . import launch
 from . import triton_tokens_gathered as gathered
 from .launch import LOG2_E
@@ -215,6 +215,8 @@ if triton is not None:
         item = tl.program_id(0) // SUBTILES
         sub = tl.program_id(0) % SUBTILES
         combo = tl.load(ItemCombo + item)
+        if combo < 0:  # a spare item (dkdv_work's arrays have a length fixed in advance)
+            return
         start = tl.load(ItemStart + item)
         end = tl.load(ItemEnd + item)
         partial = tl.load(ItemPartial + item)
@@ -285,6 +287,8 @@ if triton is not None:
         index = tl.program_id(0) // STEPS
         in_block = (tl.program_id(0) % STEPS) * BLOCK_R + tl.arange(0, BLOCK_R)
         combo = tl.load(Combos + index)
+        if combo < 0:  # a spare slot
+            return
         first = tl.load(FirstPartial + index)
         n_kv = tl.cdiv(seq_k, BLOCK_K)
         kv_block = combo % n_kv
@@ -309,12 +313,14 @@ if triton is not None:
 class DkdvWork:
     """The dK/dV work items of one pattern at one head packing (see :func:`dkdv_work`).
 
-    Per item: ``combo`` int32 ``(batch * Hkv + kv_head) * n_kv + kv_block``; ``chunk`` int32,
-    the one set of packed heads it walks, or -1 for all of the group's; ``start`` / ``end``
-    int64, bounds on the transposed-list entries it takes; ``partial`` int32, its partial slot,
-    or -1 when it is its block's only item. Items of one block are adjacent. Per block split
-    over several items: ``sum_combos``, ``sum_first`` (its first partial slot), ``sum_counts``.
-    ``partials``: the number of partial slots.
+    Per item: ``combo`` int32 ``(batch * Hkv + kv_head) * n_kv + kv_block``, or -1 for a spare
+    item (nothing to do); ``chunk`` int32, the one set of packed heads it walks, or -1 for all of
+    the group's; ``start`` / ``end`` int64, bounds on the transposed-list entries it takes;
+    ``partial`` int32, its partial slot, or -1 when it is its block's only item. Items of one
+    block are adjacent, spare ones last. Per block split over several items (spare slots: -1):
+    ``sum_combos``, ``sum_first`` (its first partial slot), ``sum_counts``. ``partial_count``:
+    the number of partial slots, an int64 scalar on the device or, copied there without waiting,
+    on the host once ``ready`` (a CUDA event) has passed: read it through :attr:`partials`.
     """
 
     combo: torch.Tensor
@@ -325,7 +331,15 @@ class DkdvWork:
     sum_combos: torch.Tensor
     sum_first: torch.Tensor
     sum_counts: torch.Tensor
-    partials: int
+    partial_count: torch.Tensor
+    ready: object = None
+
+    @property
+    def partials(self) -> int:
+        """The number of partial slots (waits for ``ready``, not for the device's queue)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return int(self.partial_count)
 
 
 def dkdv_work(pattern, t_offsets: torch.Tensor, *, batch: int, q_heads: int, kv_heads: int, heads: int, entries: int):
@@ -338,6 +352,14 @@ def dkdv_work(pattern, t_offsets: torch.Tensor, *, batch: int, q_heads: int, kv_
     (and more than :data:`MIN_SEGMENT` entries) is cut into items of that many entries of one
     head set each, with float32 partial dK/dV summed afterwards in item order (deterministic).
     The factor is a design choice, not a measurement.
+
+    Nothing here waits on the device (the lists' lengths are data): the mean is taken over the
+    padded pattern's slots (every slot used: an upper bound of the mean, equal to it where every
+    list is full, as NSA's and MoBA's top-k lists nearly are), and the item arrays have a length
+    known in advance, an upper bound of the items (one per pair of block and head set, plus one
+    per segment of the lists' total), the spare ones last with ``combo`` -1. Only the number of
+    partial slots (the backward's buffers) is read on the host, from a copy taken without
+    waiting (:attr:`DkdvWork.partials`).
     """
     key = ("token_dkdv_work", batch, q_heads, kv_heads, heads, entries)
     cached = pattern.cached_plan(key)
@@ -346,42 +368,62 @@ def dkdv_work(pattern, t_offsets: torch.Tensor, *, batch: int, q_heads: int, kv_
     device, n_kv = pattern.device, pattern.num_kv_blocks
     chunks = q_heads // kv_heads // heads
     n_combos = batch * kv_heads * n_kv
-    combos = torch.arange(n_combos, device=device)
+    n_pairs = n_combos * chunks
     # Per (block, head set): its transposed list.
-    pair_combo = combos.repeat_interleave(chunks)
-    pair_chunk = torch.arange(chunks, device=device).repeat(n_combos)
+    pair = torch.arange(n_pairs, device=device)
+    pair_combo, pair_chunk = pair // chunks, pair % chunks
     sequence = pair_combo // (n_kv * kv_heads) if pattern.batch > 1 else torch.zeros_like(pair_combo)
     first_head = ((pair_combo // n_kv % kv_heads) * chunks + pair_chunk) * heads
     row = (sequence * pattern.num_heads + first_head // (q_heads // pattern.num_heads)) * n_kv + pair_combo % n_kv
     first, count = t_offsets[row], t_offsets[row + 1] - t_offsets[row]
-    mean = float(t_offsets[-1]) / max(1, t_offsets.numel() - 1)
+    # Bounds from the padded pattern: its slots per transposed row, and the entries all pairs walk
+    # (each list row is walked by this many pairs of every sequence).
+    slots = pattern.kv_indices.numel()
+    mean = slots / max(1, t_offsets.numel() - 1)
     segment = -(-max(MIN_SEGMENT, int(SEGMENT_FACTOR * mean)) // entries) * entries
+    walks = -(-(kv_heads * chunks) // pattern.num_heads) * (batch // pattern.batch)
+    longest = slots * walks // segment  # at most this many segments of `segment` entries (and split blocks)
     split = count.view(n_combos, chunks).sum(1) > segment
-    # Whole blocks: one item over all head sets and whole lists.
-    whole = combos[~split]
-    everything = torch.full_like(whole, int(t_offsets[-1]))
-    # Split blocks: per head set, segments of its list.
-    segments = torch.where(split[pair_combo], (count + segment - 1) // segment, 0)
-    item_pair = torch.repeat_interleave(torch.arange(pair_combo.numel(), device=device), segments)
-    within = torch.arange(item_pair.numel(), device=device) - (torch.cumsum(segments, 0) - segments)[item_pair]
-    start = first[item_pair] + within * segment
-    item_combo = torch.cat([whole, pair_combo[item_pair]])
-    order = torch.sort(item_combo, stable=True).indices
-    is_part = torch.cat([torch.zeros_like(whole, dtype=torch.bool), torch.ones_like(item_pair, dtype=torch.bool)])[
-        order
-    ]
-    per_combo = bin_counts(item_combo, n_combos)
-    sum_combos = torch.nonzero(split).flatten()
+    # Items per pair: a whole block one item (on its first pair) over all head sets and whole
+    # lists; a split block's head sets the segments of their lists.
+    per_pair = torch.where(split[pair_combo], (count + segment - 1) // segment, (pair_chunk == 0).long())
+    ends = torch.cumsum(per_pair, 0)
+    item = torch.arange(n_pairs + longest, device=device)
+    item_pair = torch.searchsorted(ends, item, right=True)  # n_pairs: a spare item
+    real = item_pair < n_pairs
+    item_pair = item_pair.clamp_max(n_pairs - 1)
+    is_part = real & split[pair_combo[item_pair]]
+    start = first[item_pair] + (item - (ends - per_pair)[item_pair]) * segment
+    # (A whole block's item is bounded by its lists alone: `end` past every entry.)
+    end = torch.where(is_part, torch.minimum(start + segment, (first + count)[item_pair]), t_offsets[-1])
+    # Per split block (ascending, as their items): its first partial slot and item count.
+    n_sums = min(n_combos, longest)
+    block_items = per_pair.view(n_combos, chunks).sum(1)
+    block_parts = torch.where(split, block_items, 0)
+    spare = torch.where(split, torch.cumsum(split, 0) - 1, n_sums)
+    sums = torch.full((3, n_sums + 1), -1, dtype=torch.int64, device=device)
+    sums.index_put_(
+        (torch.arange(3, device=device)[:, None], spare[None, :]),
+        torch.stack([torch.arange(n_combos, device=device), torch.cumsum(block_parts, 0) - block_parts, block_items]),
+    )
+    partial_count = is_part.sum()
+    ready = None
+    if device.type == "cuda":  # copied to the host without waiting; read when the backward allocates
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        partial_count = host.copy_(partial_count, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
     work = DkdvWork(
-        combo=item_combo[order].to(torch.int32),
-        chunk=torch.cat([torch.full_like(whole, -1), pair_chunk[item_pair]])[order].to(torch.int32),
-        start=torch.cat([torch.zeros_like(whole), start])[order],
-        end=torch.cat([everything, torch.minimum(start + segment, (first + count)[item_pair])])[order],
+        combo=torch.where(real, pair_combo[item_pair], -1).to(torch.int32),
+        chunk=torch.where(is_part, pair_chunk[item_pair], -1).to(torch.int32),
+        start=torch.where(is_part, start, 0),
+        end=end,
         partial=torch.where(is_part, torch.cumsum(is_part, 0) - 1, -1).to(torch.int32),
-        sum_combos=sum_combos.to(torch.int32),
-        sum_first=(torch.cumsum(per_combo[sum_combos], 0) - per_combo[sum_combos]).to(torch.int32),
-        sum_counts=per_combo[sum_combos].to(torch.int32),
-        partials=item_pair.numel(),  # one partial slot per item of a split block
+        sum_combos=sums[0, :n_sums].to(torch.int32),
+        sum_first=sums[1, :n_sums].to(torch.int32),
+        sum_counts=sums[2, :n_sums].to(torch.int32),
+        partial_count=partial_count,
+        ready=ready,
     )
     return pattern.store_plan(key, work)
 
@@ -474,7 +516,7 @@ def prepare_backward(q: torch.Tensor, k: torch.Tensor, plan: BlockSparsePlan, pa
     for built in (lists, work):
         for field in dataclasses.fields(built):
             value = getattr(built, field.name)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.is_cuda:  # (not the pinned host copy)
                 value.record_stream(main)
 
 

@@ -131,7 +131,7 @@ import torch
 from torch import nn
 
 from .. import api  # a module, not its names: methods import sparse_attn.nn while api loads
-from ..backends import configs
+from ..backends import configs, plan_ahead
 from ..checks import check_attention_inputs, check_int, is_finite_number
 from ..masked_pattern import MaskedPattern
 from ..ops._chunking import CHUNK_ELEMENTS
@@ -552,11 +552,16 @@ class NativeSparseAttention(nn.Module):
         compressed, lse = self.compressed_branch(q, k_cmp, v_cmp, seq_k, scale)
         with torch.no_grad():
             pattern = self.selection(q.detach(), k_cmp.detach(), lse.detach(), seq_k, scale)
-        selected = self.selected_branch(q, k, v, pattern, scale)
-        branches = [compressed, selected]
+        windowed = []
         if self.window:
+            # The selected branch's one wait on the device first (its tile choice), then the window
+            # branch, which does not depend on the selection: it runs while the host builds the
+            # selected branch's lists.
+            with configs.kernel_configs(token_rows=self.selected_token_rows()):
+                plan_ahead(self.backend, q, k, v, pattern, causal=True)
             window = window_pattern(seq_q, seq_k, self.window, device=q.device)
-            branches.append(api.block_sparse_attention(q, k, v, window, scale=scale, backend=self.backend))
+            windowed.append(api.block_sparse_attention(q, k, v, window, scale=scale, backend=self.backend))
+        branches = [compressed, self.selected_branch(q, k, v, pattern, scale), *windowed]
         # One pass on CUDA without gradients to record (ops.gated_sum's kernel), else PyTorch.
         return gated_sum(q, branches, self.gate_weight, self.gate_bias)
 

@@ -166,19 +166,21 @@ class _FusedNSA(torch.autograd.Function):
             selected_pattern = module.selection(q, k_cmp, lse, seq_k, scale)
         else:
             selected_pattern = spec.selected
-        outputs, backwards = [], []
-        runs = (
-            (selected_pattern, spec.selected_backend, module.selected_token_rows()),
-            (spec.window, spec.window_backend, None),
-        )
-        for pattern, backend, rows in runs:
+        rows = module.selected_token_rows()
+        ahead = getattr(spec.selected_backend, "plan_ahead", None)
+        if ahead is not None:  # the selected branch's one wait on the device (backends.plan_ahead) ...
             with configs.kernel_configs(token_rows=rows):  # None changes nothing
-                out, lse, run_backward = forward_for_backward(
-                    q, k, v, pattern, causal=True, scale=scale, backend=backend
-                )
-            outputs += [out, lse]
-            backwards.append(run_backward)
-        selected, _, window, _ = outputs
+                ahead(q, k, selected_pattern)
+        # ... then the window branch, independent of the selection, runs while the host builds the
+        # selected branch's lists.
+        window, window_lse, run_window = forward_for_backward(
+            q, k, v, spec.window, causal=True, scale=scale, backend=spec.window_backend
+        )
+        with configs.kernel_configs(token_rows=rows):
+            selected, selected_lse, run_selected = forward_for_backward(
+                q, k, v, selected_pattern, causal=True, scale=scale, backend=spec.selected_backend
+            )
+        outputs, backwards = [selected, selected_lse, window, window_lse], [run_selected, run_window]
         ctx.save_for_backward(q, k, v, compressed, weight, bias, *outputs, *saved)
         ctx.backwards, ctx.spec = backwards, spec
         return spec.gate_kernel.gated_sum_triton(q, (compressed, selected, window), weight, bias)
