@@ -483,7 +483,7 @@ def test_overlap_rows_choose_by_the_lists(monkeypatch):
         assert triton_tokens.wide_steps() == "zeroed_v"
         with kernel_configs(token_wide_steps="masked"):
             assert triton_tokens.wide_steps() == "masked"
-        monkeypatch.setattr(triton_tokens, "union_ratio", lambda *args: pytest.fail("not cached"))
+        monkeypatch.setattr(triton_tokens, "_union_counts", lambda *args: pytest.fail("not cached"))
         assert triton_tokens.token_tiling(64, 4, 1, 1, overlapping).tile_blocks == 4
     assert triton_tokens.wide_steps() == triton_tokens.WIDE_STEPS_BY_DEFAULT
     with pytest.raises(ValueError, match="token_rows"), kernel_configs(token_rows="wide"):
@@ -493,7 +493,7 @@ def test_overlap_rows_choose_by_the_lists(monkeypatch):
 def test_overlap_rows_measure_a_sample_of_tiles(monkeypatch):
     """token_rows="overlap" measures the ratio on at most OVERLAP_SAMPLE_TILES tiles."""
     calls = []
-    monkeypatch.setattr(triton_tokens, "union_ratio", lambda *args: calls.append(args) or 1.0)
+    monkeypatch.setattr(triton_tokens, "_union_counts", lambda *args: calls.append(args) or (None, 1, 1))
     seq = 64
     counts = torch.full((1, 1, seq), 1, dtype=torch.int32)
     lists = (torch.arange(seq) // 8).view(1, 1, seq, 1).int()
@@ -501,6 +501,36 @@ def test_overlap_rows_measure_a_sample_of_tiles(monkeypatch):
     with kernel_configs(token_rows="overlap"):
         assert triton_tokens.token_tiling(64, 4, 1, 1, pattern).tile_blocks == 4
     assert [args[1:] for args in calls] == [(4, triton_tokens.OVERLAP_SAMPLE_TILES)]
+
+
+@pytest.mark.parametrize("lists, tile_blocks", [("overlapping", 4), ("scattered", 1)])
+def test_plan_ahead_starts_the_overlap_choice(lists, tile_blocks, monkeypatch):
+    """``plan_ahead`` queues the union counts of token_rows="overlap" (read later, behind an event
+    on CUDA); the tiling then takes its choice from them, the same as without it, measuring
+    nothing more. Nothing is queued under other token_rows, for lists per query head (the
+    smallest tile already holds 16 query blocks) or once the choice is known."""
+    seq = 64
+    own = torch.arange(seq) // 8
+    other = {"overlapping": torch.zeros_like(own), "scattered": (own + 1 + torch.arange(seq) % 7) % 8}[lists]
+    indices = torch.stack([own, other], -1).sort(-1).values.view(1, 1, seq, 2).int()
+    counts = torch.full((1, 1, seq), 2, dtype=torch.int32)
+
+    def pattern():
+        return sa.BlockSparsePattern(counts, indices, block_q=1, block_k=8, seq_q=seq, seq_k=seq)
+
+    q, k = torch.zeros(1, 64, seq, 8), torch.zeros(1, 4, seq, 8)
+    idle, per_head, ahead, plain = pattern(), pattern(), pattern(), pattern()
+    triton_tokens.plan_ahead(q, k, idle)  # token_rows not "overlap": nothing to start
+    with kernel_configs(token_rows="overlap"):
+        triton_tokens.plan_ahead(torch.zeros(1, 4, seq, 8), k, per_head)
+        triton_tokens.plan_ahead(q, k, ahead)
+        assert ahead.cached_plan(("overlap_counts", 16)) is not None
+        assert ahead.cached_plan(("overlap_tile_blocks", 16)) is None
+        expected = triton_tokens.token_tiling(64, 4, 1, 1, plain).tile_blocks
+        monkeypatch.setattr(triton_tokens, "_union_counts", lambda *args: pytest.fail("measured again"))
+        assert triton_tokens.token_tiling(64, 4, 1, 1, ahead).tile_blocks == expected == tile_blocks
+        triton_tokens.plan_ahead(q, k, ahead)  # known: nothing queued
+    assert all(not p._cache for p in (idle, per_head))
 
 
 @pytest.mark.parametrize("limit, tile_blocks", [(0.5, 1), (100.0, 4)])

@@ -95,12 +95,13 @@ def fusable_backward_module(backend: str, q, k, v, pattern: BlockSparsePattern, 
 
 
 def plan_ahead(backend: str, q, k, v, pattern: BlockSparsePattern, *, causal: bool) -> None:
-    """Take now the host decisions that the kernel which would run this checked case (``backend``
-    resolved as :func:`resolve_backend` does) makes from ``pattern``'s data by reading the device
-    (the token kernels' query tile, :func:`.triton_tokens.plan_ahead`); they are cached on the
-    pattern, so the later call does not wait. A caller that then queues work independent of
-    ``pattern`` before that call keeps the device busy while the host prepares it (NSA's module
-    launches its window branch there). Nothing for backends without such decisions."""
+    """Start now the host decisions that the kernel which would run this checked case (``backend``
+    resolved as :func:`resolve_backend` does) makes from ``pattern``'s data (the token kernels'
+    query tile, :func:`.triton_tokens.plan_ahead`): what they read is computed and copied to the
+    host behind an event, so the later call waits for that event only, not for work queued in
+    between. A caller that queues work independent of ``pattern`` before that call keeps the
+    device busy while the host decides (NSA's module launches its window branch there). Nothing
+    for backends without such decisions."""
     name = resolve_backend(backend, q, k, v, pattern, causal=causal, return_lse=False)
     ahead = getattr(_backend_module(name, pattern), "plan_ahead", None)
     if ahead is not None:

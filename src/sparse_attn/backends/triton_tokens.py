@@ -162,10 +162,7 @@ def token_tiling(
     ``kernel_configs(token_rows=...)``'s, default :data:`MIN_ROWS`. With ``token_rows="overlap"``
     the tile follows ``pattern``'s lists (:func:`overlap_tile_blocks`; the smallest tile without a
     ``pattern``)."""
-    group = q_heads // kv_heads
-    # Heads that share both a list and a KV head: the whole group unless lists are per query head.
-    sharing = group if q_heads // pattern_heads >= group else 1
-    heads = max(d for d in range(1, sharing + 1) if sharing % d == 0 and d * block_q <= MAX_PACKED_ROWS)
+    heads = _packed_heads(q_heads, kv_heads, pattern_heads, block_q)
     asked = configs.current().token_rows
     if asked == configs.TOKEN_ROWS_BY_OVERLAP and pattern is not None:
         tile_blocks = overlap_tile_blocks(pattern, heads)
@@ -176,6 +173,14 @@ def token_tiling(
     tile_tokens = tile_blocks * block_q
     block_m = max(MIN_ROWS, triton.next_power_of_2(heads * tile_tokens))
     return TokenTiling(heads=heads, tile_blocks=tile_blocks, tile_tokens=tile_tokens, block_m=block_m)
+
+
+def _packed_heads(q_heads: int, kv_heads: int, pattern_heads: int, block_q: int) -> int:
+    """The query heads one tile packs (see the module docstring)."""
+    group = q_heads // kv_heads
+    # Heads that share both a list and a KV head: the whole group unless lists are per query head.
+    sharing = group if q_heads // pattern_heads >= group else 1
+    return max(d for d in range(1, sharing + 1) if sharing % d == 0 and d * block_q <= MAX_PACKED_ROWS)
 
 
 def _tile_blocks(rows: int, heads: int, block_q: int) -> int:
@@ -195,11 +200,26 @@ def union_ratio(pattern: BlockSparsePattern, tile_blocks: int, max_tiles: int | 
     full tiles spread evenly over the query blocks (the same tile numbers for every batch and
     head; numerator and denominator both over the sampled tiles' query blocks): an estimate, at a
     cost that no longer grows with the length."""
-    batch, heads, n_q, max_kv = pattern.kv_indices.shape
-    if n_q == 0 or max_kv == 0:
-        return 1.0
     if max_tiles is not None and max_tiles < 1:
         raise ValueError(f"max_tiles must be a positive int or None, got {max_tiles!r}")
+    return _ratio(*_union_counts(pattern, tile_blocks, max_tiles))
+
+
+def _ratio(counts: torch.Tensor | None, n_tiles: int, n_q: int) -> float:
+    """:func:`union_ratio` from :func:`_union_counts`' ``(distinct, total)`` (read to the host here)."""
+    if counts is None:
+        return 1.0
+    distinct, total = counts.tolist()
+    return max(1.0, (distinct / n_tiles) / (total / n_q)) if total else 1.0
+
+
+def _union_counts(pattern: BlockSparsePattern, tile_blocks: int, max_tiles: int | None):
+    """``(counts, n_tiles, n_q)`` for :func:`union_ratio`: ``counts`` int64 ``(2,)`` on the
+    pattern's device (distinct blocks over the measured tiles, entries over their query blocks),
+    or ``None`` for an empty pattern; the number of tiles and query blocks measured."""
+    batch, heads, n_q, max_kv = pattern.kv_indices.shape
+    if n_q == 0 or max_kv == 0:
+        return None, 1, 1
     counts, indices = pattern.kv_counts, pattern.kv_indices
     n_tiles = num_blocks(n_q, tile_blocks)
     if max_tiles is not None and n_tiles > max_tiles:
@@ -215,8 +235,7 @@ def union_ratio(pattern: BlockSparsePattern, tile_blocks: int, max_tiles: int | 
         entries = torch.cat([entries, entries.new_full((batch, heads, padding, max_kv), -1)], dim=2)
     tiles = entries.view(batch, heads, n_tiles, tile_blocks * max_kv).sort(dim=-1).values
     distinct = (tiles[..., 0] >= 0).sum() + ((tiles[..., 1:] != tiles[..., :-1]) & (tiles[..., 1:] >= 0)).sum()
-    distinct, total = torch.stack([distinct, listed.sum()]).tolist()  # the one read to the host
-    return max(1.0, (distinct / n_tiles) / (total / n_q)) if total else 1.0
+    return torch.stack([distinct, listed.sum()]), n_tiles, n_q
 
 
 # kernel_configs(token_rows="overlap"): tiles of OVERLAP_ROWS rows where the lists of their query
@@ -254,10 +273,24 @@ def overlap_tile_blocks(pattern: BlockSparsePattern, heads: int) -> int:
     key = ("overlap_tile_blocks", heads)
     cached = pattern.cached_plan(key)
     if cached is None:
-        cached = pattern.store_plan(
-            key, wide if union_ratio(pattern, wide, OVERLAP_SAMPLE_TILES) <= OVERLAP_LIMIT else smallest
-        )
+        counts, n_tiles, n_q, ready = pattern.cached_plan(("overlap_counts", heads)) or _queue_counts(pattern, wide)
+        if ready is not None:
+            ready.synchronize()
+        cached = pattern.store_plan(key, wide if _ratio(counts, n_tiles, n_q) <= OVERLAP_LIMIT else smallest)
     return cached
+
+
+def _queue_counts(pattern: BlockSparsePattern, wide: int):
+    """:func:`_union_counts` for :func:`overlap_tile_blocks`, copied to the host without waiting:
+    ``(counts, n_tiles, n_q, ready)``, ``counts`` readable once the CUDA event ``ready`` (``None``
+    off CUDA) has passed."""
+    counts, n_tiles, n_q = _union_counts(pattern, wide, OVERLAP_SAMPLE_TILES)
+    ready = None
+    if counts is not None and counts.is_cuda:
+        counts = torch.empty(2, dtype=counts.dtype, pin_memory=True).copy_(counts, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    return counts, n_tiles, n_q, ready
 
 
 @dataclass(frozen=True)
@@ -765,14 +798,25 @@ def forward(
 
 
 def plan_ahead(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern) -> None:
-    """Take now the one decision of :func:`forward` that waits on the device: the query tile under
-    ``kernel_configs(token_rows="overlap")`` (:func:`overlap_tile_blocks` reads the lists' union
-    ratio), cached on ``pattern``. Everything else :func:`forward` and the backward build from the
-    pattern is built without waiting (:func:`token_lists`, :func:`.triton_tokens_backward.dkdv_work`),
-    so a caller that queues independent work between this and the launch keeps the device busy
-    while the host builds the lists (:func:`sparse_attn.backends.plan_ahead`)."""
-    if not gathered.uses_gathered_path(pattern):
-        token_tiling(q.shape[1], k.shape[1], pattern.num_heads, pattern.block_q, pattern)
+    """Start now the one decision of :func:`forward` that reads the device: the query tile under
+    ``kernel_configs(token_rows="overlap")`` (:func:`overlap_tile_blocks`, from the lists' union
+    ratio). Its counts are computed and copied to the host behind a CUDA event, without waiting;
+    :func:`forward` waits for that event only, not for work queued after it. Everything else
+    :func:`forward` and the backward build from the pattern is built without waiting
+    (:func:`token_lists`, :func:`.triton_tokens_backward.dkdv_work`). So a caller that queues
+    independent work between this and the call keeps the device busy while the host decides and
+    builds the lists (:func:`sparse_attn.backends.plan_ahead`)."""
+    if gathered.uses_gathered_path(pattern) or configs.current().token_rows != configs.TOKEN_ROWS_BY_OVERLAP:
+        return
+    heads = _packed_heads(q.shape[1], k.shape[1], pattern.num_heads, pattern.block_q)
+    wide = _tile_blocks(OVERLAP_ROWS, heads, pattern.block_q)
+    if _tile_blocks(MIN_ROWS, heads, pattern.block_q) != 1 or wide == 1:
+        return
+    if (
+        pattern.cached_plan(("overlap_tile_blocks", heads)) is None
+        and pattern.cached_plan(("overlap_counts", heads)) is None
+    ):
+        pattern.store_plan(("overlap_counts", heads), _queue_counts(pattern, wide))
 
 
 # This backend's backward takes delta= and dq_into= (backends.fusable_backward_module).

@@ -554,9 +554,9 @@ class NativeSparseAttention(nn.Module):
             pattern = self.selection(q.detach(), k_cmp.detach(), lse.detach(), seq_k, scale)
         windowed = []
         if self.window:
-            # The selected branch's one wait on the device first (its tile choice), then the window
-            # branch, which does not depend on the selection: it runs while the host builds the
-            # selected branch's lists.
+            # The selected branch's tile choice started (its counts queued, read behind an event),
+            # then the window branch, which does not depend on the selection: the device runs it
+            # while the host waits for those counts and builds the selected branch's lists.
             with configs.kernel_configs(token_rows=self.selected_token_rows()):
                 plan_ahead(self.backend, q, k, v, pattern, causal=True)
             window = window_pattern(seq_q, seq_k, self.window, device=q.device)

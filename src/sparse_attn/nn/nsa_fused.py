@@ -168,11 +168,11 @@ class _FusedNSA(torch.autograd.Function):
             selected_pattern = spec.selected
         rows = module.selected_token_rows()
         ahead = getattr(spec.selected_backend, "plan_ahead", None)
-        if ahead is not None:  # the selected branch's one wait on the device (backends.plan_ahead) ...
+        if ahead is not None:  # the selected branch's tile choice started (backends.plan_ahead) ...
             with configs.kernel_configs(token_rows=rows):  # None changes nothing
                 ahead(q, k, selected_pattern)
-        # ... then the window branch, independent of the selection, runs while the host builds the
-        # selected branch's lists.
+        # ... then the window branch, independent of the selection: the device runs it while the
+        # host waits for the choice and builds the selected branch's lists.
         window, window_lse, run_window = forward_for_backward(
             q, k, v, spec.window, causal=True, scale=scale, backend=spec.window_backend
         )
