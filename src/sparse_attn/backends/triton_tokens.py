@@ -27,9 +27,10 @@ NSA's selected branch on the H200: neighbouring tokens shared few blocks). A til
 query block (NSA's 16 heads of one token) walks that block's own list, read from the pattern's
 ``kv_counts`` / ``kv_indices`` as they are (:func:`program_lists`). Wider tiles' union lists, and
 the transpose (per KV block, the tiles whose union holds it, with the same bitmask, for the dK/dV
-pass of :mod:`.triton_tokens_backward`), are built in compressed-row form, so memory is O(kept
-entries), never O(S^2) (:class:`TokenLists`, cached on the pattern; a forward-only call on
-one-block tiles builds none).
+pass of :mod:`.triton_tokens_backward`), are built in compressed-row form in arrays of the
+pattern's padded size, so memory is O(listed entries), never O(S^2), and without waiting on the
+device (:class:`TokenLists`, cached on the pattern; a forward-only call on one-block tiles builds
+none).
 
 Large blocks (``block_k >= 256``, MoBA's 512 and 4096) take the key-centric *gathered* path of
 :mod:`.triton_tokens_gathered` instead: per KV block, the query rows that list it, gathered

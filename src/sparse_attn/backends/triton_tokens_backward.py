@@ -465,9 +465,9 @@ def _autotuned(kind: str, block_k: int, is_float32: bool):
 def dkdv_plan(q: torch.Tensor, k: torch.Tensor, pattern):
     """``(tiling, lists, entries, work)`` of the dK/dV pass: the row packing, the transposed union
     lists (:func:`.triton_tokens.token_lists`), the listing tiles per product and the work items
-    (:func:`dkdv_work`); the lists and items are cached on the pattern. Building them waits on
-    the device several times (list lengths are data), so :func:`prepare_backward` builds them
-    during the forward, off the default stream."""
+    (:func:`dkdv_work`); the lists and items are cached on the pattern. Building them does not
+    wait on the device (only the partial-slot count is read, behind an event); :func:`prepare_backward`
+    builds them during the forward, off the default stream."""
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
     tiling, gathered_path = None, gathered.uses_gathered_path(pattern)
@@ -492,8 +492,10 @@ _side_streams: dict = {}
 
 def prepare_backward(q: torch.Tensor, k: torch.Tensor, plan: BlockSparsePlan, pattern_ready) -> None:
     """Build the dK/dV pass's lists and work items (:func:`dkdv_plan`) now, while the forward's
-    kernels run, instead of in the backward, where each of their waits on the device would
-    drain the queue of backward kernels already launched (about ten waits at NSA's 64K).
+    kernels run, instead of in the backward. When the build waited on the device (about ten
+    waits at NSA's 64K until the 43rd session) each wait drained the queue of backward kernels
+    already launched; it no longer waits (the partial-slot count is read behind an event), and
+    the side stream still overlaps its small kernels with the forward's (not timed apart).
 
     On CUDA they are built on a side stream that starts at ``pattern_ready`` (an event recorded
     on the current stream once the pattern's tensors were written, before the forward's
