@@ -5,7 +5,10 @@ Batch 1, bf16, causal, the queries are the whole sequence; at 8K / 32K / 64K / 1
 * ``moba-4096x12`` and ``moba-512x3``: the ``moba`` method at the paper's long-context setting
   (block 4096, top-k 12) and its scaling-law setting (block 512, top-k 3), 32 query / 8 KV heads,
   head_dim 128 (the project's default shape), lists per query head as the paper gates; and
-  ``moba-4096x12-group``, the same with ``share_in_group=True`` (one list per KV head).
+  ``moba-4096x12-group``, the same with ``share_in_group=True`` (one list per KV head);
+  ``moba-64x16``, small blocks (64, top 16, lists per query head; not a paper setting), which
+  the tile path runs 3x slower than dense cuDNN forward + backward at 32K on white noise
+  (43rd session, ``results/h100/moba64x16_ab_32k_s63.json``): compare ``--moba-path gathered``.
 * ``nsa-module``: :class:`sparse_attn.nn.NativeSparseAttention` at the paper's defaults and shape,
   all three branches and the selection, forward and forward + backward (parameters included):
   the compressed branch on the block kernels (queries regrouped by residue, a dense causal
@@ -86,6 +89,7 @@ CASES = {
     "moba-4096x12": dict(kind="moba", q_heads=32, kv_heads=8, block=4096, top_k=12, share_in_group=False),
     "moba-4096x12-group": dict(kind="moba", q_heads=32, kv_heads=8, block=4096, top_k=12, share_in_group=True),
     "moba-512x3": dict(kind="moba", q_heads=32, kv_heads=8, block=512, top_k=3, share_in_group=False),
+    "moba-64x16": dict(kind="moba", q_heads=32, kv_heads=8, block=64, top_k=16, share_in_group=False),
     "nsa-select": dict(kind="nsa", q_heads=64, kv_heads=4, block=64, top_k=16, fla=True),
     "nsa-module": dict(kind="nsa-module", q_heads=64, kv_heads=4, block=64, top_k=16),
     "nsa-module-fla-config": FLA_NSA,
