@@ -303,6 +303,7 @@ def test_token_lists_are_tile_unions_with_row_bits(
                 entries = list(zip(lists.t_tiles[start:end].tolist(), lists.t_bits[start:end].tolist(), strict=True))
                 assert entries == transposed.get((b, h, j), [])
     assert lists.offsets[-1] == lists.t_offsets[-1] == sum(len(x) for x in transposed.values())
+    assert lists.ready is None and triton_tokens.wait_for_lists(lists) is lists  # (an event on CUDA only)
     assert triton_tokens.token_lists(pattern, tile_blocks) is lists  # built once per pattern
 
 
@@ -1058,6 +1059,41 @@ def test_gpu_overlap_rows(poison_outputs):
         with kernel_configs(token_rows="overlap"):
             _gpu_check(q, k, v, pattern, torch.arange(seq), seed=3)
             assert triton_tokens.token_tiling(64, 4, 4, 1, pattern).tile_blocks == tile_blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_k", [64, 512])
+def test_gpu_backward_plan_waits_for_the_forward_lists(block_k):
+    """The dK/dV plan built on the side stream (prepare_backward) from lists the forward queued on
+    the default stream waits for them (``TokenLists.ready``): with the default stream held back by
+    a long sleep before the lists' build, the work items equal those built on one stream. Lists
+    per query head take the forward's 16-token tiles (block 64) or the gathered path's one-block
+    lists (block 512) for their dK/dV pass, both built by the forward."""
+    from sparse_attn.backends import triton_tokens_backward
+    from sparse_attn.plan import plan_for
+
+    q, k, _ = _cuda_qkv(12, 12, 4096, 64, torch.bfloat16, seed=25)
+    source = sa.random_pattern(heads=12, seq_q=4096, density=0.25, seed=25, block_q=1, block_k=block_k, device="cuda")
+
+    def fresh():
+        return sa.BlockSparsePattern(
+            kv_counts=source.kv_counts.clone(), kv_indices=source.kv_indices.clone(), block_q=1, block_k=block_k,
+            seq_q=4096, seq_k=4096,
+        )  # fmt: skip
+
+    reference, pattern = fresh(), fresh()
+    tiling, _, _, expected = triton_tokens_backward.dkdv_plan(q, k, reference)
+    torch.cuda.synchronize()
+    ready = torch.cuda.Event()
+    ready.record()  # the pattern is ready; then the default stream sleeps before building the lists
+    torch.cuda._sleep(1_000_000_000)  # about half a second
+    triton_tokens.token_lists(pattern, tiling.tile_blocks)
+    triton_tokens_backward.prepare_backward(q, k, plan_for(pattern, causal=True), ready)
+    torch.cuda.synchronize()
+    got = triton_tokens_backward.dkdv_plan(q, k, pattern)[3]
+    for name in ("combo", "chunk", "start", "end", "partial", "sum_combos", "sum_first", "sum_counts"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    assert got.partials == expected.partials
 
 
 @pytest.mark.gpu

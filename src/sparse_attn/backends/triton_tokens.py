@@ -69,6 +69,7 @@ bf16 products are taken in float32 (:func:`sparse_attn.utils.dot_in_float32`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -304,6 +305,9 @@ class TokenLists:
       tile's ``i``-th query block lists the block) belong to row ``r = (b * H + h) * n_tiles + tile``.
     * ``t_offsets`` int64 ``(B * H * n_kv_blocks + 1,)``; ``t_tiles`` (int32, ascending) and
       ``t_bits`` for row ``(b * H + h) * n_kv_blocks + kv_block``: the tiles whose union holds it.
+    * ``ready``: on CUDA, an event recorded on the stream that built them, once queued (the build
+      does not wait for the device, so the arrays may still be in the making): work on another
+      stream waits for it first (:func:`wait_for_lists`).
     """
 
     offsets: torch.Tensor
@@ -312,6 +316,25 @@ class TokenLists:
     t_offsets: torch.Tensor
     t_tiles: torch.Tensor
     t_bits: torch.Tensor
+    ready: object = None
+
+
+def _built(lists: TokenLists) -> TokenLists:
+    """``lists`` with its ``ready`` event recorded on the current stream (on CUDA)."""
+    if not lists.offsets.is_cuda:
+        return lists
+    ready = torch.cuda.Event()
+    ready.record()
+    return dataclasses.replace(lists, ready=ready)
+
+
+def wait_for_lists(lists: TokenLists) -> TokenLists:
+    """Make the current stream wait until ``lists`` are built (they may have been queued on
+    another stream: the forward builds them on the default stream, and the dK/dV plan reads them on
+    :func:`.triton_tokens_backward.prepare_backward`'s side stream); ``lists`` returned."""
+    if lists.ready is not None:
+        torch.cuda.current_stream(lists.offsets.device).wait_event(lists.ready)
+    return lists
 
 
 def _compressed_rows(rows: torch.Tensor, columns: torch.Tensor, bits: torch.Tensor, n_rows: int, n_columns: int):
@@ -361,7 +384,7 @@ def token_lists(pattern: BlockSparsePattern, tile_blocks: int) -> TokenLists:
     if cached is not None:
         return cached
     if tile_blocks == 1:
-        return pattern.store_plan(key, _one_block_lists(pattern))
+        return pattern.store_plan(key, _built(_one_block_lists(pattern)))
     batch, heads, n_q, _ = pattern.kv_indices.shape
     n_tiles, n_kv = num_blocks(n_q, tile_blocks), pattern.num_kv_blocks
     row, kv_block, used = _padded_entries(pattern)
@@ -400,10 +423,10 @@ def token_lists(pattern: BlockSparsePattern, tile_blocks: int) -> TokenLists:
     )
     return pattern.store_plan(
         key,
-        TokenLists(
+        _built(TokenLists(
             offsets, blocks.to(torch.int32), bits, _row_offsets(t_rows, n_t),
             (union_row % n_tiles)[t_order].to(torch.int32), bits[t_order],
-        ),
+        )),
     )  # fmt: skip
 
 

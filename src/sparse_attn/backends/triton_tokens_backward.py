@@ -42,6 +42,7 @@ from .triton_tokens import (
     rows_fit_int32,
     token_lists,
     token_tiling,
+    wait_for_lists,
 )
 
 try:
@@ -478,7 +479,9 @@ def dkdv_plan(q: torch.Tensor, k: torch.Tensor, pattern):
             tiling = dataclasses.replace(packing, tile_blocks=1, tile_tokens=pattern.block_q)
     if tiling is None:
         tiling = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q, pattern)
-    lists = token_lists(pattern, tiling.tile_blocks)
+    # (Lists the forward built, on the default stream, may still be in the making when this runs
+    # on prepare_backward's side stream.)
+    lists = wait_for_lists(token_lists(pattern, tiling.tile_blocks))
     # Several listing tiles per step: up to DKDV_ROWS rows per product.
     entries = DKDV_ROWS // (tiling.heads * tiling.tile_tokens)
     work = dkdv_work(

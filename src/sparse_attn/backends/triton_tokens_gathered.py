@@ -48,7 +48,7 @@ from ..utils import device_capability, interpreting
 from . import configs, launch
 from .launch import LOG2_E, descriptor_compatible, ensure_scratch_allocator
 from .triton import tma_offered
-from .triton_tokens import _compressed_rows, kernel_constants, list_strides, token_lists, token_tiling
+from .triton_tokens import _compressed_rows, kernel_constants, list_strides, token_lists, token_tiling, wait_for_lists
 
 try:
     import triton
@@ -117,7 +117,7 @@ def gathered_work(pattern: BlockSparsePattern, batch: int, q_heads: int, heads: 
     cached = pattern.cached_plan(key)
     if cached is not None:
         return cached
-    lists = token_lists(pattern, 1)
+    lists = wait_for_lists(token_lists(pattern, 1))
     pattern_batch, pattern_heads, n_q, max_kv = pattern.kv_indices.shape
     n_kv, device = pattern.num_kv_blocks, pattern.device
     used = torch.arange(max_kv, device=device) < pattern.kv_counts[..., None]
