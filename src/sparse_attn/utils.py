@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["device_capability", "dot_in_float32", "interpreting", "length_bucket", "synchronized_now"]
+__all__ = ["HostCopy", "device_capability", "dot_in_float32", "interpreting", "length_bucket", "synchronized_now"]
 
 
 def interpreting() -> bool:
@@ -50,3 +51,28 @@ def bin_counts(values: torch.Tensor, bins: int) -> torch.Tensor:
     ``index_add_``, exact and the same in any order."""
     flat = values.reshape(-1).long()
     return torch.zeros(bins, dtype=torch.int64, device=values.device).index_add_(0, flat, torch.ones_like(flat))
+
+
+@dataclass(frozen=True)
+class HostCopy:
+    """A device tensor's value on its way to the host without a wait on the device's queue: on
+    CUDA a non-blocking copy to pinned memory and an event recorded behind it on the current
+    stream; elsewhere the tensor itself. :meth:`get` waits for that event only."""
+
+    value: torch.Tensor | None
+    ready: object = None
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> HostCopy:
+        if not tensor.is_cuda:
+            return cls(tensor)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(host, ready)
+
+    def get(self) -> torch.Tensor:
+        """The value, on the host once the copy has arrived (on the device off CUDA)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.value

@@ -94,16 +94,17 @@ def fusable_backward_module(backend: str, q, k, v, pattern: BlockSparsePattern, 
     return module if getattr(module, "BACKWARD_TAKES_DELTA", False) else None
 
 
-def plan_ahead(backend: str, q, k, v, pattern: BlockSparsePattern, *, causal: bool) -> None:
-    """Start now the host decisions that the kernel which would run this checked case (``backend``
-    resolved as :func:`resolve_backend` does) makes from ``pattern``'s data (the token kernels'
-    query tile, :func:`.triton_tokens.plan_ahead`): what they read is computed and copied to the
-    host behind an event, so the later call waits for that event only, not for work queued in
-    between. A caller that queues work independent of ``pattern`` before that call keeps the
-    device busy while the host decides (NSA's module launches its window branch there). Nothing
-    for backends without such decisions."""
-    name = resolve_backend(backend, q, k, v, pattern, causal=causal, return_lse=False)
-    ahead = getattr(_backend_module(name, pattern), "plan_ahead", None)
+def plan_ahead(backend, q, k, v, pattern: BlockSparsePattern, *, causal: bool) -> None:
+    """Start now the host decisions that the kernel which would run this checked case makes from
+    ``pattern``'s data (the token kernels' query tile, :func:`.triton_tokens.plan_ahead`):
+    ``backend`` a name (resolved as :func:`resolve_backend` does) or the backend module already
+    resolved. What they read is computed and copied to the host behind an event, so the later
+    call waits for that event only, not for work queued in between. A caller that queues work
+    independent of ``pattern`` before that call keeps the device busy while the host decides
+    (NSA's module launches its window branch there). Nothing for backends without such decisions."""
+    if isinstance(backend, str):
+        backend = _backend_module(resolve_backend(backend, q, k, v, pattern, causal=causal, return_lse=False), pattern)
+    ahead = getattr(backend, "plan_ahead", None)
     if ahead is not None:
         ahead(q, k, pattern)
 

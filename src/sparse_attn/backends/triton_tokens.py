@@ -77,7 +77,7 @@ import torch
 
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
-from ..utils import bin_counts, dot_in_float32, interpreting, length_bucket
+from ..utils import HostCopy, bin_counts, dot_in_float32, interpreting, length_bucket
 from . import configs, launch
 from .launch import LOG2_E
 from .triton import input_unsupported_reason
@@ -268,31 +268,32 @@ def overlap_tile_blocks(pattern: BlockSparsePattern, heads: int) -> int:
     block (as NSA's group of 16 heads); elsewhere (lists per query head: the smallest tile already
     holds 16 query blocks) the smallest tile, unmeasured otherwise. Cached on the pattern, so the
     forward and both backward passes take the same tiles."""
-    smallest = _tile_blocks(MIN_ROWS, heads, pattern.block_q)
-    wide = _tile_blocks(OVERLAP_ROWS, heads, pattern.block_q)
-    if smallest != 1 or wide == 1:
-        return smallest
+    wide = _overlap_wide(heads, pattern.block_q)
+    if wide is None:
+        return _tile_blocks(MIN_ROWS, heads, pattern.block_q)
     key = ("overlap_tile_blocks", heads)
     cached = pattern.cached_plan(key)
     if cached is None:
-        counts, n_tiles, n_q, ready = pattern.cached_plan(("overlap_counts", heads)) or _queue_counts(pattern, wide)
-        if ready is not None:
-            ready.synchronize()
-        cached = pattern.store_plan(key, wide if _ratio(counts, n_tiles, n_q) <= OVERLAP_LIMIT else smallest)
+        counts, n_tiles, n_q = pattern.cached_plan(("overlap_counts", heads)) or _queue_counts(pattern, wide)
+        cached = pattern.store_plan(
+            key, wide if _ratio(counts.get(), n_tiles, n_q) <= OVERLAP_LIMIT else 1
+        )  # (1: the smallest)
     return cached
 
 
+def _overlap_wide(heads: int, block_q: int) -> int | None:
+    """The wide tile's query blocks where ``"overlap"`` chooses by measuring (the smallest tile is
+    one query block and the wide one more), else ``None``."""
+    wide = _tile_blocks(OVERLAP_ROWS, heads, block_q)
+    return wide if _tile_blocks(MIN_ROWS, heads, block_q) == 1 and wide != 1 else None
+
+
 def _queue_counts(pattern: BlockSparsePattern, wide: int):
-    """:func:`_union_counts` for :func:`overlap_tile_blocks`, copied to the host without waiting:
-    ``(counts, n_tiles, n_q, ready)``, ``counts`` readable once the CUDA event ``ready`` (``None``
-    off CUDA) has passed."""
+    """:func:`_union_counts` for :func:`overlap_tile_blocks`, on its way to the host without a
+    wait: ``(counts, n_tiles, n_q)``, ``counts`` a :class:`~sparse_attn.utils.HostCopy` (of
+    ``None`` for an empty pattern)."""
     counts, n_tiles, n_q = _union_counts(pattern, wide, OVERLAP_SAMPLE_TILES)
-    ready = None
-    if counts is not None and counts.is_cuda:
-        counts = torch.empty(2, dtype=counts.dtype, pin_memory=True).copy_(counts, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-    return counts, n_tiles, n_q, ready
+    return (HostCopy(None) if counts is None else HostCopy.of(counts)), n_tiles, n_q
 
 
 @dataclass(frozen=True)
@@ -833,8 +834,8 @@ def plan_ahead(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern) ->
     if gathered.uses_gathered_path(pattern) or configs.current().token_rows != configs.TOKEN_ROWS_BY_OVERLAP:
         return
     heads = _packed_heads(q.shape[1], k.shape[1], pattern.num_heads, pattern.block_q)
-    wide = _tile_blocks(OVERLAP_ROWS, heads, pattern.block_q)
-    if _tile_blocks(MIN_ROWS, heads, pattern.block_q) != 1 or wide == 1:
+    wide = _overlap_wide(heads, pattern.block_q)
+    if wide is None:
         return
     if (
         pattern.cached_plan(("overlap_tile_blocks", heads)) is None

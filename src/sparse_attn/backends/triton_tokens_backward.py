@@ -30,7 +30,7 @@ import torch
 
 from ..geometry import num_blocks
 from ..plan import BlockSparsePlan
-from ..utils import interpreting, length_bucket
+from ..utils import HostCopy, interpreting, length_bucket
 from . import launch
 from . import triton_tokens_gathered as gathered
 from .launch import LOG2_E
@@ -320,8 +320,7 @@ class DkdvWork:
     ``partial`` int32, its partial slot, or -1 when it is its block's only item. Items of one
     block are adjacent, spare ones last. Per block split over several items (spare slots: -1):
     ``sum_combos``, ``sum_first`` (its first partial slot), ``sum_counts``. ``partial_count``:
-    the number of partial slots, an int64 scalar on the device or, copied there without waiting,
-    on the host once ``ready`` (a CUDA event) has passed: read it through :attr:`partials`.
+    the number of partial slots on its way to the host: read it through :attr:`partials`.
     """
 
     combo: torch.Tensor
@@ -332,15 +331,12 @@ class DkdvWork:
     sum_combos: torch.Tensor
     sum_first: torch.Tensor
     sum_counts: torch.Tensor
-    partial_count: torch.Tensor
-    ready: object = None
+    partial_count: HostCopy
 
     @property
     def partials(self) -> int:
-        """The number of partial slots (waits for ``ready``, not for the device's queue)."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        return int(self.partial_count)
+        """The number of partial slots (waits for its copy, not for the device's queue)."""
+        return int(self.partial_count.get())
 
 
 def dkdv_work(pattern, t_offsets: torch.Tensor, *, batch: int, q_heads: int, kv_heads: int, heads: int, entries: int):
@@ -407,13 +403,6 @@ def dkdv_work(pattern, t_offsets: torch.Tensor, *, batch: int, q_heads: int, kv_
         (torch.arange(3, device=device)[:, None], spare[None, :]),
         torch.stack([torch.arange(n_combos, device=device), torch.cumsum(block_parts, 0) - block_parts, block_items]),
     )
-    partial_count = is_part.sum()
-    ready = None
-    if device.type == "cuda":  # copied to the host without waiting; read when the backward allocates
-        host = torch.empty((), dtype=torch.int64, pin_memory=True)
-        partial_count = host.copy_(partial_count, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
     work = DkdvWork(
         combo=torch.where(real, pair_combo[item_pair], -1).to(torch.int32),
         chunk=torch.where(is_part, pair_chunk[item_pair], -1).to(torch.int32),
@@ -423,8 +412,7 @@ def dkdv_work(pattern, t_offsets: torch.Tensor, *, batch: int, q_heads: int, kv_
         sum_combos=sums[0, :n_sums].to(torch.int32),
         sum_first=sums[1, :n_sums].to(torch.int32),
         sum_counts=sums[2, :n_sums].to(torch.int32),
-        partial_count=partial_count,
-        ready=ready,
+        partial_count=HostCopy.of(is_part.sum()),  # read when the backward allocates
     )
     return pattern.store_plan(key, work)
 
@@ -521,7 +509,7 @@ def prepare_backward(q: torch.Tensor, k: torch.Tensor, plan: BlockSparsePlan, pa
     for built in (lists, work):
         for field in dataclasses.fields(built):
             value = getattr(built, field.name)
-            if isinstance(value, torch.Tensor) and value.is_cuda:  # (not the pinned host copy)
+            if isinstance(value, torch.Tensor):
                 value.record_stream(main)
 
 

@@ -557,8 +557,7 @@ class NativeSparseAttention(nn.Module):
             # The selected branch's tile choice started (its counts queued, read behind an event),
             # then the window branch, which does not depend on the selection: the device runs it
             # while the host waits for those counts and builds the selected branch's lists.
-            with configs.kernel_configs(token_rows=self.selected_token_rows()):
-                plan_ahead(self.backend, q, k, v, pattern, causal=True)
+            self.plan_selected_ahead(q, k, v, pattern)
             window = window_pattern(seq_q, seq_k, self.window, device=q.device)
             windowed.append(api.block_sparse_attention(q, k, v, window, scale=scale, backend=self.backend))
         branches = [compressed, self.selected_branch(q, k, v, pattern, scale), *windowed]
@@ -570,6 +569,13 @@ class NativeSparseAttention(nn.Module):
         :func:`sparse_attn.backends.kernel_configs` ``(token_rows=...)`` around the call says
         otherwise (then ``None``: the configuration in force is left as it is)."""
         return self.token_rows if configs.current().token_rows is None else None
+
+    def plan_selected_ahead(self, q, k, v, pattern: BlockSparsePattern, backend=None) -> None:
+        """Start the selected branch's host decisions on ``pattern`` under its ``token_rows``
+        (:func:`sparse_attn.backends.plan_ahead`; ``backend`` the resolved module where the caller
+        has it, else the module's backend by name)."""
+        with configs.kernel_configs(token_rows=self.selected_token_rows()):  # None changes nothing
+            plan_ahead(self.backend if backend is None else backend, q, k, v, pattern, causal=True)
 
     def selected_branch(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, scale: float

@@ -166,23 +166,18 @@ class _FusedNSA(torch.autograd.Function):
             selected_pattern = module.selection(q, k_cmp, lse, seq_k, scale)
         else:
             selected_pattern = spec.selected
-        rows = module.selected_token_rows()
-        ahead = getattr(spec.selected_backend, "plan_ahead", None)
-        if ahead is not None:  # the selected branch's tile choice started (backends.plan_ahead) ...
-            with configs.kernel_configs(token_rows=rows):  # None changes nothing
-                ahead(q, k, selected_pattern)
-        # ... then the window branch, independent of the selection: the device runs it while the
-        # host waits for the choice and builds the selected branch's lists.
+        # The selected branch's tile choice started, then the window branch, independent of the
+        # selection: the device runs it while the host waits for the choice and builds the lists.
+        module.plan_selected_ahead(q, k, v, selected_pattern, spec.selected_backend)
         window, window_lse, run_window = forward_for_backward(
             q, k, v, spec.window, causal=True, scale=scale, backend=spec.window_backend
         )
-        with configs.kernel_configs(token_rows=rows):
+        with configs.kernel_configs(token_rows=module.selected_token_rows()):  # None changes nothing
             selected, selected_lse, run_selected = forward_for_backward(
                 q, k, v, selected_pattern, causal=True, scale=scale, backend=spec.selected_backend
             )
-        outputs, backwards = [selected, selected_lse, window, window_lse], [run_selected, run_window]
-        ctx.save_for_backward(q, k, v, compressed, weight, bias, *outputs, *saved)
-        ctx.backwards, ctx.spec = backwards, spec
+        ctx.save_for_backward(q, k, v, compressed, weight, bias, selected, selected_lse, window, window_lse, *saved)
+        ctx.backwards, ctx.spec = (run_selected, run_window), spec
         return spec.gate_kernel.gated_sum_triton(q, (compressed, selected, window), weight, bias)
 
     @staticmethod
