@@ -109,19 +109,23 @@ def test_gpu_kernel_matches_the_reference_at_nsa_size():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape, branches", [((2, 3, 77, 16), 3), ((1, 4, 70, 64), 2)], ids=str)
-def test_backward_deltas_are_the_branches_row_sums(shape, branches, dtype, poison_outputs):
-    """``deltas=True`` (the fused NSA backward, nn.nsa_fused): per branch the float32
-    ``rowsum(g_b dO * branch_b)`` in float64 terms, the other results unchanged."""
+def test_folded_backward_gives_row_dots_and_log_gates(shape, branches, dtype, poison_outputs):
+    """``folded=True`` (the fused NSA backward, nn.nsa_fused): per branch the float32
+    ``rowsum(dO * branch_b)`` and ``log g_b`` against float64, q's / the weight's / the bias's
+    gradients bit for bit those of the plain call."""
     q, outs, weight, bias = _inputs(*shape, dtype, branches, seed=shape[2] + 5)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
-    plain = kernel.gated_sum_backward_triton(q, tuple(outs), weight, bias, grad)
-    *same, deltas = kernel.gated_sum_backward_triton(q, tuple(outs), weight, bias, grad, deltas=True)
-    for got, want in zip(same, plain, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-    gates = torch.sigmoid(torch.einsum("bhsd,hdg->bhsg", q.double(), weight.double()) + bias.double()[:, None])
-    assert len(deltas) == branches
-    for index, (delta, out) in enumerate(zip(deltas, outs, strict=True)):
-        want = gates[..., index] * (grad.double() * out.double()).sum(-1)
-        assert delta.dtype == torch.float32 and delta.shape == q.shape[:3]
-        tolerance = 1e-4 if dtype == torch.float32 else 3e-2  # bf16: the gate's product rounded to bf16
-        torch.testing.assert_close(delta.double(), want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+    dq, _, d_weight, d_bias = kernel.gated_sum_backward_triton(q, tuple(outs), weight, bias, grad)
+    got = kernel.gated_sum_backward_triton(q, tuple(outs), weight, bias, grad, folded=True)
+    for value, want in zip(got[:3], (dq, d_weight, d_bias), strict=True):
+        torch.testing.assert_close(value, want, rtol=0, atol=0)
+    dots, log_gates = got[3:]
+    logits = torch.einsum("bhsd,hdg->bhsg", q.double(), weight.double()) + bias.double()[:, None]
+    assert len(dots) == len(log_gates) == branches
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2  # bf16: the gate's product rounded to bf16
+    for index, out in enumerate(outs):
+        want_dot = (grad.double() * out.double()).sum(-1)
+        want_log = torch.nn.functional.logsigmoid(logits[..., index])
+        for value, want in ((dots[index], want_dot), (log_gates[index], want_log)):
+            assert value.dtype == torch.float32 and value.shape == q.shape[:3]
+            torch.testing.assert_close(value.double(), want, rtol=tolerance, atol=tolerance * want.abs().max().item())

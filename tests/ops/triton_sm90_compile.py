@@ -113,6 +113,7 @@ def main() -> dict:
     nsa_flags = dict(HEAD_DIM=128, BLOCK_G=16, DOT_FP32=False, PRECISION="tf32")
     nsa_parts = {"PartOut": "*fp32", "PartLse": "*fp32", "qk_scale": "fp32"}
     gates = {"Q": "*bf16", "A": "*bf16", "B": "*bf16", "C": "*bf16", "W": "*fp32", "Bias": "*fp32"}
+    gate_rows = {name: "*fp32" for name in ("DotA", "DotB", "DotC", "LogA", "LogB", "LogC")}
     cases = {
         "gated_sum": (
             gated_sum._gated_sum, {**gates, "Out": "*bf16"},
@@ -121,14 +122,14 @@ def main() -> dict:
         "gated_sum_backward": (
             gated_sum._gated_sum_backward,
             {**gates, **{name: "*bf16" for name in ("DOut", "DA", "DB", "DC", "DQ")}, "DLogits": "*fp32",
-             "DWeight": "*fp32", **{name: "*fp32" for name in ("DeltaA", "DeltaB", "DeltaC")}},
-            dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=2, NUM_GATES=3, DELTAS=False), 4,
+             "DWeight": "*fp32", **gate_rows},
+            dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=2, NUM_GATES=3, FOLD=False), 4,
         ),
-        "gated_sum_backward_deltas": (  # the fused NSA backward's (nn.nsa_fused)
+        "gated_sum_backward_folded": (  # the fused NSA backward's (nn.nsa_fused)
             gated_sum._gated_sum_backward,
             {**gates, **{name: "*bf16" for name in ("DOut", "DA", "DB", "DC", "DQ")}, "DLogits": "*fp32",
-             "DWeight": "*fp32", **{name: "*fp32" for name in ("DeltaA", "DeltaB", "DeltaC")}},
-            dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=3, NUM_GATES=3, DELTAS=True), 4,
+             "DWeight": "*fp32", **gate_rows},
+            dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=3, NUM_GATES=3, FOLD=True), 4,
         ),
         "compressed_scores_pointers": (
             compressed_scores._compressed_scores, compressed_pointers, dict(compressed, USE_TMA=False), 4,

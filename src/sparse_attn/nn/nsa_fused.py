@@ -5,12 +5,15 @@ branches and the gated sum.
 :func:`sparse_attn.block_sparse_attention` and sums them with :func:`sparse_attn.ops.gated_sum.gated_sum`,
 each an autograd node of its own. Their backward then repeats work that one node can share:
 
-* each branch's attention backward computes ``delta = rowsum(dO_b * O_b)`` in a pass over its
-  output and output gradient (1 GiB each at 64 query heads x 64K tokens x 128 in bf16), while the
-  gated sum's backward already reads ``dO`` and every branch's output to take the gates'
-  gradients (``dO . O_b``): it writes ``delta_b = g_b (dO . O_b)`` beside them
-  (:func:`sparse_attn.ops.gated_sum.triton.gated_sum_backward_triton` ``(deltas=True)``; the
-  compressed branch's is regrouped by residue like its rows);
+* the gated sum's backward writes each branch's output gradient ``dO_b = g_b dO`` (1 GiB each
+  at 64 query heads x 64K tokens x 128 in bf16), and each branch's attention backward computes
+  ``delta = rowsum(dO_b * O_b)`` in a pass over it and its output, while the gated sum's backward
+  already reads ``dO`` and every branch's output to take the gates' gradients (``dO . O_b``).
+  Here it writes, per row and branch, ``dO . O_b`` and ``log g_b`` instead
+  (:func:`sparse_attn.ops.gated_sum.triton.gated_sum_backward_triton` ``(folded=True)``), and each
+  branch's backward runs on ``dO`` itself with its log-sum-exp less ``log g_b`` (probabilities
+  ``g_b P``) and ``delta = dO . O_b``, which gives exactly the gradients of ``g_b dO``: no
+  ``dO_b`` is written or read (the compressed branch's values regrouped by residue like its rows);
 * q receives four gradients (the gates', the selected, window and compressed branches'), which
   autograd sums in three passes of ``(B, Hq, Sq, D)`` each: here the gates' gradient is the buffer
   the window branch's dQ pass and then the selected branch's add into in their stores
@@ -25,9 +28,10 @@ backends on CUDA) and a gradient is to be taken; elsewhere the module takes its 
 Where no query sees a compressed token (short sequences) the compressed branch stays outside
 the node (its output, zeros, an input).
 
-The gradients differ from the per-branch path's only by rounding: each ``delta_b`` is computed in
-float32 from ``dO`` and the gate rather than from ``g_b dO`` rounded to the input dtype, and q's
-gradient is summed in the kernels' stores (float32 adds of values rounded to q's dtype).
+The gradients differ from the per-branch path's only by rounding: the gate enters each branch's
+backward in float32 through its probabilities (rounded with them to the input dtype for the
+products) rather than through ``g_b dO`` rounded to the input dtype, and q's gradient is summed
+in the kernels' stores (float32 adds of values rounded to q's dtype).
 """
 
 from __future__ import annotations
@@ -184,36 +188,41 @@ class _FusedNSA(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, compressed, weight, bias, selected, selected_lse, window, window_lse, *saved = ctx.saved_tensors
         spec = ctx.spec
-        dq, d_branches, d_weight, d_bias, deltas = spec.gate_kernel.gated_sum_backward_triton(
-            q, (compressed, selected, window), weight, bias, grad_out, deltas=True
+        # No branch gradient g_b dO: each branch's backward takes dO with its log-sum-exp less log g_b
+        # and delta dO . O_b (ops.gated_sum.triton.gated_sum_backward_triton(folded=True)).
+        grad_out = grad_out.contiguous()
+        dq, d_weight, d_bias, dots, log_gates = spec.gate_kernel.gated_sum_backward_triton(
+            q, (compressed, selected, window), weight, bias, grad_out, folded=True
         )
-        d_compressed, d_selected, d_window = d_branches
         run_selected, run_window = ctx.backwards
         # dq holds the gates' gradient; each branch's dQ pass adds its own into it.
-        _, dk, dv = run_window(q, k, v, window, window_lse, d_window, None, delta=deltas[2], dq_into=dq)
+        _, dk, dv = run_window(q, k, v, window, window_lse - log_gates[2], grad_out, None, delta=dots[2], dq_into=dq)
         _, dk_selected, dv_selected = run_selected(
-            q, k, v, selected, selected_lse, d_selected, None, delta=deltas[1], dq_into=dq
+            q, k, v, selected, selected_lse - log_gates[1], grad_out, None, delta=dots[1], dq_into=dq
         )
         dk += dk_selected
         dv += dv_selected
         inside = spec.compressed
-        if inside is None:
+        if inside is None:  # the compressed output is an input of the node: its gradient g dO
+            d_compressed = (grad_out * log_gates[0].exp()[..., None]).to(compressed.dtype)
             return dq, dk, dv, d_compressed, None, None, d_weight, d_bias, None
         out, lse = saved
         front, rows, skipped, lead, tail = inside.geometry
         stride, skip = spec.module.compress_stride, skipped - lead
-        # The regrouped output's gradient and delta (regrouped as the queries were); the lead rows'
-        # outputs were discarded (their tokens see no compressed token), so their gradient is 0
-        # there, not the tokens'.
+        # dO, delta and log g regrouped as the queries were; the lead rows' outputs were discarded
+        # (their tokens see no compressed token), so their gradient is 0 there, not the tokens'.
         d_out = inside.regroup.regroup_triton(
-            d_compressed, to_residue=True, front=front, stride=stride, skip=skip, rows=rows + tail
+            grad_out, to_residue=True, front=front, stride=stride, skip=skip, rows=rows + tail
         )
-        delta = to_residues_reference(deltas[0][..., None], front, rows + tail, stride, skip)[..., 0]
+        delta, log_gate = (
+            to_residues_reference(x[..., None], front, rows + tail, stride, skip)[..., 0]
+            for x in (dots[0], log_gates[0])
+        )
         if lead:
             d_out[:, :, :lead] = 0
             delta[:, :, :lead] = 0
         dq_grouped, dk_rep, dv_rep = ctx.compressed_backward(
-            inside.grouped, inside.k_rep, inside.v_rep, out, lse, d_out, None, delta=delta.contiguous()
+            inside.grouped, inside.k_rep, inside.v_rep, out, lse - log_gate, d_out, None, delta=delta.contiguous()
         )
         inside.regroup.regroup_triton(
             dq_grouped, to_residue=False, front=front, stride=stride, skip=skip, rows=q.shape[2], add_to=dq

@@ -12,6 +12,9 @@ Backward (:func:`gated_sum_backward_triton`): one pass of the same tiling recomp
 and writes each branch's gradient ``g dO``, q's gradient through the gates
 ``sum_b d logit_b W[h, :, b]`` and the float32 ``d logit_b = (dO . branch_b) g_b (1 - g_b)``; the
 weight's gradient from per-tile float32 partial sums, the bias's from the logit gradients.
+``folded=True`` writes, instead of the branches' gradients, two float32 values per row and
+branch from which an attention backward gets the gradient of ``g_b dO`` without it being
+written (see :func:`gated_sum_backward_triton`).
 """
 
 from __future__ import annotations
@@ -83,31 +86,32 @@ if triton is not None:
         tl.store(out_pointers + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _gate_grads(X, DX, Delta, dout, gate, offsets, row_index, row_ok, HEAD_DIM: tl.constexpr,
-                    DELTA: tl.constexpr):  # fmt: skip
-        """One branch's backward on a tile: ``dX = g dO`` stored, and ``d logit = (dO . X) g (1 - g)``
-        returned; ``DELTA``: also the branch attention's backward ``delta = rowsum(dX * X) = g (dO . X)``
-        stored (float32, one per row)."""
+    def _gate_grads(X, DX, Dot, LogGate, dout, gate, offsets, row_index, row_ok, HEAD_DIM: tl.constexpr,
+                    FOLD: tl.constexpr):  # fmt: skip
+        """One branch's backward on a tile: ``dX = g dO`` stored (unless ``FOLD``: then the float32
+        ``dO . X`` and ``log g`` per row instead), and ``d logit = (dO . X) g (1 - g)`` returned."""
         offs_d = tl.arange(0, HEAD_DIM)
         x = tl.load(X + offsets[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        tl.store(DX + offsets[:, None] + offs_d[None, :], (dout * gate[:, None]).to(DX.dtype.element_ty),
-                 mask=row_ok[:, None])  # fmt: skip
         dot = tl.sum(dout * x, 1)
-        if DELTA:
-            tl.store(Delta + row_index, dot * gate, mask=row_ok)
+        if FOLD:
+            tl.store(Dot + row_index, dot, mask=row_ok)
+            tl.store(LogGate + row_index, tl.log(gate), mask=row_ok)
+        else:
+            tl.store(DX + offsets[:, None] + offs_d[None, :], (dout * gate[:, None]).to(DX.dtype.element_ty),
+                     mask=row_ok[:, None])  # fmt: skip
         return dot * gate * (1.0 - gate)
 
     @triton.jit(do_not_specialize=["seq"])
     def _gated_sum_backward(
-        Q, A, B, C, W, Bias, DOut, DA, DB, DC, DQ, DLogits, DWeight, DeltaA, DeltaB, DeltaC, heads, seq,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NUM_BRANCHES: tl.constexpr, NUM_GATES: tl.constexpr,
-        DELTAS: tl.constexpr,
+        Q, A, B, C, W, Bias, DOut, DA, DB, DC, DQ, DLogits, DWeight, DotA, DotB, DotC, LogA, LogB, LogC, heads,
+        seq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NUM_BRANCHES: tl.constexpr, NUM_GATES: tl.constexpr,
+        FOLD: tl.constexpr,
     ):  # fmt: skip
         """Contiguous ``(B, H, S, D)`` tensors: the branches' gradients, q's gradient through the gates
         (``sum_b d logit_b W[h, :, b]``), the float32 ``d logit`` ``(B, H, S, NUM_GATES)`` (0 for unused
         gates) and this tile's float32 share of the weight's gradient, ``DWeight[b, h, tile] = sum over
-        its rows of q d logit`` ``(D, NUM_GATES)`` (0 for unused gates). ``DELTAS``: each branch's
-        float32 ``(B, H, S)`` attention-backward delta too (``DeltaA``, ``DeltaB``, ``DeltaC``)."""
+        its rows of q d logit`` ``(D, NUM_GATES)`` (0 for unused gates). ``FOLD``: no branch gradient;
+        per branch the float32 ``(B, H, S)`` ``dO . branch`` (``DotA``, ...) and ``log g`` (``LogA``, ...)."""
         bh = tl.program_id(1)
         h = bh % heads
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -124,23 +128,23 @@ if triton is not None:
         q_rows = q.to(tl.float32)
         row_index = bh.to(tl.int64) * seq + rows
         d_logit = _gate_grads(
-            A, DA, DeltaA, dout, nsa_gate(q, W, Bias, h, 0, NUM_GATES, HEAD_DIM), offsets, row_index, row_ok,
-            HEAD_DIM, DELTAS,
+            A, DA, DotA, LogA, dout, nsa_gate(q, W, Bias, h, 0, NUM_GATES, HEAD_DIM), offsets, row_index, row_ok,
+            HEAD_DIM, FOLD,
         )  # fmt: skip
         tl.store(logit_rows, d_logit, mask=row_ok)
         tl.store(weight_part, tl.sum(q_rows * d_logit[:, None], 0))
         dq = d_logit[:, None] * tl.load(w_base).to(q.dtype).to(tl.float32)[None, :]
         d_logit = _gate_grads(
-            B, DB, DeltaB, dout, nsa_gate(q, W, Bias, h, 1, NUM_GATES, HEAD_DIM), offsets, row_index, row_ok,
-            HEAD_DIM, DELTAS,
+            B, DB, DotB, LogB, dout, nsa_gate(q, W, Bias, h, 1, NUM_GATES, HEAD_DIM), offsets, row_index, row_ok,
+            HEAD_DIM, FOLD,
         )  # fmt: skip
         tl.store(logit_rows + 1, d_logit, mask=row_ok)
         tl.store(weight_part + 1, tl.sum(q_rows * d_logit[:, None], 0))
         dq += d_logit[:, None] * tl.load(w_base + 1).to(q.dtype).to(tl.float32)[None, :]
         if NUM_BRANCHES == 3:
             d_logit = _gate_grads(
-                C, DC, DeltaC, dout, nsa_gate(q, W, Bias, h, 2, NUM_GATES, HEAD_DIM), offsets, row_index, row_ok,
-                HEAD_DIM, DELTAS,
+                C, DC, DotC, LogC, dout, nsa_gate(q, W, Bias, h, 2, NUM_GATES, HEAD_DIM), offsets, row_index, row_ok,
+                HEAD_DIM, FOLD,
             )  # fmt: skip
             tl.store(logit_rows + 2, d_logit, mask=row_ok)
             tl.store(weight_part + 2, tl.sum(q_rows * d_logit[:, None], 0))
@@ -180,40 +184,49 @@ def gated_sum_backward_triton(
     bias: torch.Tensor,
     grad_out: torch.Tensor,
     *,
-    deltas: bool = False,
+    folded: bool = False,
 ) -> tuple:
-    """``(dq, dbranches, dweight, dbias)`` of :func:`gated_sum_triton`'s output for ``grad_out``;
-    with ``deltas``, a fifth item: per branch ``b`` the float32 ``(B, H, S)``
-    ``rowsum(dbranches[b] * branches[b])`` (as ``g_b (dO . branch_b)``, in float32 before ``g_b dO``
-    is rounded to the gradient's dtype), the delta a branch's attention backward needs, so a
-    caller fusing their backward (:mod:`sparse_attn.nn.nsa`) skips its own pass over them.
+    """``(dq, dbranches, dweight, dbias)`` of :func:`gated_sum_triton`'s output for ``grad_out``.
 
-    One kernel writes the branches' gradients, q's (through the gates), each gate's logit gradient
-    and each row tile's share of the weight's gradient, in float32; the weight's and bias's
-    gradients are then sums over the batch and the tiles / positions (deterministic; float32
-    where the reference's autograd takes the weight's product in q's dtype). A ``torch.einsum``
-    for the weight's gradient took 1.8 ms at 64 heads x 64K on the H200 (a batched product with
-    three columns), about as long as this whole kernel."""
+    ``folded=True`` returns ``(dq, dweight, dbias, dots, log_gates)`` instead: no branch gradient
+    ``g_b dO`` is written; per branch ``b``, float32 ``(B, H, S)``, ``dots[b] = rowsum(dO * branch_b)``
+    and ``log_gates[b] = log g_b``. A branch that is an attention output ``O_b = softmax(S_b) V``
+    (log-sum-exp ``lse_b``) gets the gradients of ``g_b dO`` from its attention backward run on
+    ``dO`` itself with ``lse_b - log_gates[b]`` and ``delta = dots[b]``: its probabilities are then
+    ``g_b P``, so ``dV = (g_b P)^T dO`` and ``dS = g_b P * (dO V^T - dO . O_b)``, the gated
+    gradient's ``P * (g_b dO V^T - g_b dO . O_b)``. :mod:`sparse_attn.nn.nsa_fused` does this, and
+    the three ``(B, H, S, D)`` gradients are neither written nor read.
+
+    One kernel writes the branches' gradients (or the folded values), q's (through the gates),
+    each gate's logit gradient and each row tile's share of the weight's gradient, in float32;
+    the weight's and bias's gradients are then sums over the batch and the tiles / positions
+    (deterministic; float32 where the reference's autograd takes the weight's product in q's
+    dtype). A ``torch.einsum`` for the weight's gradient took 1.8 ms at 64 heads x 64K on the
+    H200 (a batched product with three columns), about as long as this whole kernel."""
     batch, heads, seq, dim = q.shape
     q, grad_out, *branches = (x.contiguous() for x in (q, grad_out, *branches))
     weight, bias = weight.contiguous(), bias.contiguous()
     gates = weight.shape[2]
-    grads = [launch.allocate(x.shape, x.dtype, x.device) for x in branches]
     dq = launch.allocate(q.shape, q.dtype, q.device)
     d_logits = launch.allocate((batch, heads, seq, gates), torch.float32, q.device)
-    third, d_third = (branches[2], grads[2]) if len(branches) == 3 else (branches[1], grads[1])
+    if folded:
+        grads = [dq for _ in branches]  # not written
+        rows = [[launch.allocate((batch, heads, seq), torch.float32, q.device) for _ in branches] for _ in range(2)]
+    else:
+        grads = [launch.allocate(x.shape, x.dtype, x.device) for x in branches]
+        rows = [[d_logits for _ in branches] for _ in range(2)]  # not written
+    dots, log_gates = rows
     block_m = 32 if dim == 256 else 64
     tiles = triton.cdiv(seq, block_m)
     weight_parts = launch.allocate((batch, heads, tiles, dim, gates), torch.float32, q.device)
-    row_deltas = [
-        launch.allocate((batch, heads, seq), torch.float32, q.device) if deltas else d_logits for _ in branches
-    ]
-    third_delta = row_deltas[2] if len(branches) == 3 else row_deltas[1]
+    last = len(branches) - 1  # the third branch's arguments: the second's again when there are two
     _gated_sum_backward[(tiles, batch * heads)](
-        q, branches[0], branches[1], third, weight, bias, grad_out, grads[0], grads[1], d_third, dq, d_logits,
-        weight_parts, row_deltas[0], row_deltas[1], third_delta, heads, seq, HEAD_DIM=dim, BLOCK_M=block_m,
-        NUM_BRANCHES=len(branches), NUM_GATES=gates, DELTAS=deltas, num_warps=4,
+        q, branches[0], branches[1], branches[last], weight, bias, grad_out, grads[0], grads[1], grads[last], dq,
+        d_logits, weight_parts, dots[0], dots[1], dots[last], log_gates[0], log_gates[1], log_gates[last], heads,
+        seq, HEAD_DIM=dim, BLOCK_M=block_m, NUM_BRANCHES=len(branches), NUM_GATES=gates, FOLD=folded, num_warps=4,
     )  # fmt: skip
     d_weight = weight_parts.sum((0, 2)).to(weight.dtype)
-    result = (dq, tuple(grads), d_weight, d_logits.sum((0, 2)).to(bias.dtype))
-    return (*result, tuple(row_deltas)) if deltas else result
+    d_bias = d_logits.sum((0, 2)).to(bias.dtype)
+    if folded:
+        return dq, d_weight, d_bias, tuple(dots), tuple(log_gates)
+    return dq, tuple(grads), d_weight, d_bias
