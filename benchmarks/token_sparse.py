@@ -7,8 +7,9 @@ Batch 1, bf16, causal, the queries are the whole sequence; at 8K / 32K / 64K / 1
   head_dim 128 (the project's default shape), lists per query head as the paper gates; and
   ``moba-4096x12-group``, the same with ``share_in_group=True`` (one list per KV head);
   ``moba-64x16``, small blocks (64, top 16, lists per query head; not a paper setting), which
-  the tile path runs 3x slower than dense cuDNN forward + backward at 32K on white noise
-  (43rd session, ``results/h100/moba64x16_ab_32k_s63.json``): compare ``--moba-path gathered``.
+  the tile path ran 3x slower than dense cuDNN forward + backward at 32K on white noise
+  (43rd session, ``results/h100/moba64x16_ab_32k_s63.json``) and which takes the gathered path
+  since the 44th session (``--moba-path tile`` for the tile path).
 * ``nsa-module``: :class:`sparse_attn.nn.NativeSparseAttention` at the paper's defaults and shape,
   all three branches and the selection, forward and forward + backward (parameters included):
   the compressed branch on the block kernels (queries regrouped by residue, a dense causal
@@ -407,7 +408,8 @@ def main() -> None:
         "--moba-path",
         choices=("auto", "tile", "gathered"),
         default="auto",
-        help="token kernel path for large blocks: auto (gathered from block_k >= 256), or forced",
+        help="token kernel path: auto (triton_tokens_gathered.uses_gathered_path), or forced "
+        "(kernel_configs(token_path=...))",
     )
     parser.add_argument(
         "--token-rows",
@@ -451,10 +453,6 @@ def main() -> None:
 
     if args.dkdv_skip_early is not None:
         triton_tokens_backward.DKDV_SKIP_EARLY = args.dkdv_skip_early == "on"
-    if args.moba_path != "auto":  # the measured alternative to the untimed GATHER_MIN_BLOCK_K choice
-        from sparse_attn.backends import triton_tokens_gathered
-
-        triton_tokens_gathered.GATHER_MIN_BLOCK_K = 1 if args.moba_path == "gathered" else 1 << 62
     lengths, cases = (args.lengths, args.cases) if not args.quick else ([8192, 32768], list(QUICK_CASES))
     columns = _columns()
     path = args.output or Path(__file__).parent / "results" / device_slug(device) / "token_sparse.json"
@@ -480,8 +478,9 @@ def main() -> None:
             skipped.append(f"{name} {seq}")
             continue
         configs = dict(
-            token_rows=args.token_rows, token_gather_rows=args.token_gather_rows, token_wide_steps=args.token_wide_steps
-        )
+            token_rows=args.token_rows, token_gather_rows=args.token_gather_rows, token_wide_steps=args.token_wide_steps,
+            token_path=None if args.moba_path == "auto" else args.moba_path,
+        )  # fmt: skip
         chosen = []  # token_rows="overlap": the query blocks per tile each pattern took
         choose = triton_tokens.overlap_tile_blocks
 

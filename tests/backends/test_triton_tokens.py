@@ -176,6 +176,52 @@ def test_gathered_forward_through_tensor_descriptors(shape, causal, heads_kind, 
     assert relative_error(got[finite], want[finite]) <= TOLERANCE[torch.float32]
 
 
+# (q_heads, kv_heads, pattern heads, block_q, block_k) -> the gathered path by default?
+PATH_RULE = [
+    ((32, 8, 32, 1, 64), True),  # MoBA's lists per query head, 64-key blocks (measured: gathered 8x faster)
+    ((32, 8, 32, 1, 128), True),
+    ((32, 8, 32, 1, 32), False),  # smaller blocks: not measured, the tile path
+    ((32, 8, 32, 2, 64), False),  # two-token query blocks: not measured
+    ((8, 8, 8, 1, 64), True),  # a group of one: no head shares a tile either
+    ((64, 4, 4, 1, 64), False),  # NSA: the 16 heads of a group share each list (one tile)
+    ((32, 8, 8, 1, 64), False),  # MoBA's share_in_group: 4 heads per tile
+    ((32, 8, 8, 1, 512), True),  # large blocks: always
+    ((32, 8, 32, 4, 4096), True),
+]
+
+
+@pytest.mark.parametrize("heads, gathered_by_default", PATH_RULE, ids=str)
+def test_path_rule_and_forced_paths(heads, gathered_by_default):
+    """Which token path a pattern takes (triton_tokens_gathered.uses_gathered_path), and
+    ``kernel_configs(token_path=...)`` forcing either; a bad value is refused."""
+    from sparse_attn.backends import triton_tokens_gathered as gathered
+
+    q_heads, kv_heads, pattern_heads, block_q, block_k = heads
+    seq = 4 * block_k
+    pattern = shape_pattern((1, pattern_heads, 1, seq, seq, 16, block_q, block_k), heads=pattern_heads, density=0.5,
+                            causal=True, seed=1)  # fmt: skip
+    assert gathered.uses_gathered_path(pattern, q_heads, kv_heads) is gathered_by_default
+    for path in ("tile", "gathered"):
+        with kernel_configs(token_path=path):
+            assert gathered.uses_gathered_path(pattern, q_heads, kv_heads) is (path == "gathered")
+    with pytest.raises(ValueError, match="token_path must be one of"):
+        with kernel_configs(token_path="tiles"):
+            pass
+
+
+@pytest.mark.parametrize("path", ["tile", "gathered"])
+@pytest.mark.parametrize(
+    "shape, causal, heads_kind",
+    [((2, 8, 8, 10, 70, 16, 1, 64), True, "query"), ((1, 4, 2, 41, 50, 16, 1, 64), False, "query")],
+    ids=str,
+)
+def test_both_paths_of_per_head_lists_match_float64_oracle(path, shape, causal, heads_kind, poison_outputs):
+    """One-token lists per query head with 64-key blocks (the gathered path's by default): both
+    paths, forced, against the float64 oracle, forward and gradients."""
+    with kernel_configs(token_path=path):
+        _check(shape, causal, heads_kind, seed=90 + shape[3])
+
+
 def test_gathered_partials_are_packed_by_list_length(poison_outputs):
     """The gathered path keeps one partial per listed (query row, KV block) pair, packed row after
     row (not ``rows x max_kv``): offsets against a brute-force running sum over uneven lists, a

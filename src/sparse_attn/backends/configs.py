@@ -104,6 +104,8 @@ TOKEN_ROWS_BY_OVERLAP = "overlap"
 TOKEN_WIDE_STEPS = ("branch", "masked", "zeroed_v")
 # Rows a program of the token kernels' key-centric (gathered) path takes (KernelConfigs.token_gather_rows).
 TOKEN_GATHER_ROWS = (64, 128)
+# The token kernels' paths (KernelConfigs.token_path): query tiles, or key-centric gathered rows.
+TOKEN_PATHS = ("tile", "gathered")
 GLUON_MAX_STAGES = 4
 
 
@@ -170,6 +172,9 @@ class KernelConfigs:
     and marks the listing rows' columns NaN after the key loop from per-block flags (no
     elementwise work on V in the loop; the loads pipeline; one more pass over V and a V-sized
     buffer); unset, :data:`sparse_attn.backends.triton_tokens.WIDE_STEPS_BY_DEFAULT`.
+    ``token_path``: ``"tile"`` or ``"gathered"`` makes every token-granular pattern take that path
+    of the token kernels (query tiles walking their lists, or per KV block the rows that list it);
+    unset, :func:`sparse_attn.backends.triton_tokens_gathered.uses_gathered_path` chooses.
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -187,6 +192,7 @@ class KernelConfigs:
     token_gather_rows: int | None = None
     gluon_backward_wide_steps: bool | None = None
     token_wide_steps: str | None = None
+    token_path: str | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -218,6 +224,7 @@ def kernel_configs(
     token_gather_rows: int | None = None,
     gluon_backward_wide_steps: bool | None = None,
     token_wide_steps: str | None = None,
+    token_path: str | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -262,6 +269,10 @@ def kernel_configs(
         if token_wide_steps not in TOKEN_WIDE_STEPS:
             raise ValueError(f"token_wide_steps must be one of {TOKEN_WIDE_STEPS}, got {token_wide_steps!r}")
         changes["token_wide_steps"] = token_wide_steps
+    if token_path is not None:
+        if token_path not in TOKEN_PATHS:
+            raise ValueError(f"token_path must be one of {TOKEN_PATHS}, got {token_path!r}")
+        changes["token_path"] = token_path
     if token_gather_rows is not None:
         if isinstance(token_gather_rows, bool) or token_gather_rows not in TOKEN_GATHER_ROWS:
             raise ValueError(f"token_gather_rows must be one of {TOKEN_GATHER_ROWS}, got {token_gather_rows!r}")

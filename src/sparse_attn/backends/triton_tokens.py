@@ -32,8 +32,10 @@ pattern's padded size, so memory is O(listed entries), never O(S^2), and without
 device (:class:`TokenLists`, cached on the pattern; a forward-only call on one-block tiles builds
 none).
 
-Large blocks (``block_k >= 256``, MoBA's 512 and 4096) take the key-centric *gathered* path of
-:mod:`.triton_tokens_gathered` instead: per KV block, the query rows that list it, gathered
+Large blocks (``block_k >= 256``, MoBA's 512 and 4096), and one-token lists of ``block_k >= 64``
+that no two heads of a tile share (MoBA's lists per query head), take the key-centric
+*gathered* path of :mod:`.triton_tokens_gathered` instead
+(:func:`~.triton_tokens_gathered.uses_gathered_path`): per KV block, the query rows that list it, gathered
 into full tiles, with partial results merged per row. There a block's keys are loaded once per
 64 listing rows, whatever the rows' positions, where a query tile here would load it for few
 rows or compute it for many rows that do not list it.
@@ -794,7 +796,7 @@ def forward(
     :func:`sparse_attn.block_sparse_attention`: ``out`` ``(B, Hq, Sq, D)`` in q's dtype and, with
     ``return_lse``, the natural-log log-sum-exp, float32 ``(B, Hq, Sq)``."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    if gathered.uses_gathered_path(pattern):
+    if gathered.uses_gathered_path(pattern, q.shape[1], k.shape[1]):
         return gathered.forward(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
     batch, q_heads, seq_q, dim = q.shape
     tiling, lists, grid, shared = launch_geometry(q, k, pattern)
@@ -831,7 +833,10 @@ def plan_ahead(q: torch.Tensor, k: torch.Tensor, pattern: BlockSparsePattern) ->
     (:func:`token_lists`, :func:`.triton_tokens_backward.dkdv_work`). So a caller that queues
     independent work between this and the call keeps the device busy while the host decides and
     builds the lists (:func:`sparse_attn.backends.plan_ahead`)."""
-    if gathered.uses_gathered_path(pattern) or configs.current().token_rows != configs.TOKEN_ROWS_BY_OVERLAP:
+    if (
+        gathered.uses_gathered_path(pattern, q.shape[1], k.shape[1])
+        or configs.current().token_rows != configs.TOKEN_ROWS_BY_OVERLAP
+    ):
         return
     heads = _packed_heads(q.shape[1], k.shape[1], pattern.num_heads, pattern.block_q)
     wide = _overlap_wide(heads, pattern.block_q)

@@ -459,7 +459,7 @@ def dkdv_plan(q: torch.Tensor, k: torch.Tensor, pattern):
     builds them during the forward, off the default stream."""
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
-    tiling, gathered_path = None, gathered.uses_gathered_path(pattern)
+    tiling, gathered_path = None, gathered.uses_gathered_path(pattern, q_heads, kv_heads)
     if gathered_path or DKDV_ONE_BLOCK_TILES:  # (the forward's tiling is asked for only where it is used)
         packing = token_tiling(q_heads, kv_heads, pattern.num_heads, pattern.block_q)
         if gathered_path or packing.heads * pattern.block_q >= DKDV_ONE_BLOCK_MIN_ROWS:
@@ -536,7 +536,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     sizes = (q_heads, q_heads // kv_heads, q_heads // pattern.num_heads, seq_q, seq_k)
     sizes += (scale, scale * LOG2_E, length_bucket(seq_k))
     is_float32 = q.dtype == torch.float32
-    if gathered.uses_gathered_path(pattern):
+    if gathered.uses_gathered_path(pattern, q_heads, kv_heads):
         dq = gathered.dq(q, k, v, dout, lse, delta, pattern, causal=causal, scale=scale)
         if dq_into is not None:
             dq = dq_into.add_(dq)

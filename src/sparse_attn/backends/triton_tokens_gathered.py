@@ -29,10 +29,21 @@ Non-finite values: a row's partial for a block is computed from that block's key
 NaN/Inf ``v`` reaches exactly the rows whose list keeps its block (zero-weight keys included,
 as in the reference), and a partial whose keys the row cannot see (weight sum 0) carries only
 what its zero weights multiplied (0, or NaN from such a ``v``) into the merge with weight 0.
-When this path pays (blocks of at least :data:`GATHER_MIN_BLOCK_K` keys) is a design choice,
-not a measurement: the path itself was timed on the H200 (MoBA 512 / top-3 at 128K: 13.6 ms
-forward, 52.0 forward + backward, ``benchmarks/results/h200/token_sparse_moba512.json``), but not
-against the tile path on the same patterns (``benchmarks/token_sparse.py --moba-path tile``).
+When this path runs (:func:`uses_gathered_path`): blocks of at least :data:`GATHER_MIN_BLOCK_K`
+keys (a design choice: the path was timed on the H200, MoBA 512 / top-3 at 128K: 13.6 ms
+forward, 52.0 forward + backward, ``benchmarks/results/h200/token_sparse_moba512.json``, but not
+against the tile path at that length); and, measured, one-token lists that no two heads of a
+tile share (lists per query head, or GQA groups of one) with blocks of at least
+:data:`GATHER_PER_HEAD_MIN_BLOCK_K` keys, where the tile path's tiles are 16 tokens of one head
+walking the union of 16 lists. There, on one H100 (MoBA, 32 query / 8 KV heads of 128, bf16,
+32K, the lists and work rebuilt every step; ``benchmarks/results/h100/moba_paths_s64.json``),
+this path took 15.6 ms forward and 28.6 forward + backward against the tile path's 125.1 and
+192.7 with blocks of 64 and top 16 on white noise, 15.7 / 28.2 against 34.1 / 52.1 with q and k
+correlated along the sequence (0.98), and with blocks of 128 and top 8 10.5 / 20.2 against
+91.0 / 154.4 (white noise) and 10.2 / 20.4 against 24.3 / 41.2 (correlated); cuDNN dense took
+14.3 / 54.8. Smaller blocks, and lists shared by packed heads (NSA's groups, MoBA's
+``share_in_group``), stay on the tile path (not measured here). ``kernel_configs(token_path=...)``
+forces either path.
 """
 
 from __future__ import annotations
@@ -48,7 +59,15 @@ from ..utils import device_capability, interpreting
 from . import configs, launch
 from .launch import LOG2_E, descriptor_compatible, ensure_scratch_allocator
 from .triton import tma_offered
-from .triton_tokens import _compressed_rows, kernel_constants, list_strides, token_lists, token_tiling, wait_for_lists
+from .triton_tokens import (
+    _compressed_rows,
+    _packed_heads,
+    kernel_constants,
+    list_strides,
+    token_lists,
+    token_tiling,
+    wait_for_lists,
+)
 
 try:
     import triton
@@ -58,6 +77,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 # Blocks at least this long take the gathered path (see the module docstring).
 GATHER_MIN_BLOCK_K = 256
+# One-token lists no two heads of a tile share take it from blocks this long (see the module docstring).
+GATHER_PER_HEAD_MIN_BLOCK_K = 64
 # Gathered rows per program: entries x packed heads x block_q (kernel_configs(token_gather_rows=128)
 # takes 128: each block's keys loaded once per 128 listing rows; not yet timed against 64).
 GATHER_ROWS = 64
@@ -65,8 +86,19 @@ GATHER_ROWS = 64
 MERGE_ROWS = 64
 
 
-def uses_gathered_path(pattern: BlockSparsePattern) -> bool:
-    return pattern.block_k >= GATHER_MIN_BLOCK_K
+def uses_gathered_path(pattern: BlockSparsePattern, q_heads: int, kv_heads: int) -> bool:
+    """Whether the token kernels take this path for ``pattern`` with these head counts (see the
+    module docstring), unless ``kernel_configs(token_path=...)`` says which."""
+    forced = configs.current().token_path
+    if forced is not None:
+        return forced == "gathered"
+    if pattern.block_k >= GATHER_MIN_BLOCK_K:
+        return True
+    return (
+        pattern.block_q == 1
+        and pattern.block_k >= GATHER_PER_HEAD_MIN_BLOCK_K
+        and _packed_heads(q_heads, kv_heads, pattern.num_heads, 1) == 1
+    )
 
 
 @dataclass(frozen=True)
