@@ -222,6 +222,40 @@ def test_both_paths_of_per_head_lists_match_float64_oracle(path, shape, causal, 
         _check(shape, causal, heads_kind, seed=90 + shape[3])
 
 
+@pytest.mark.parametrize(
+    "batch, q_heads, heads_kind, entries", [(2, 6, "query", 4), (1, 8, "kv", 2), (3, 4, "shared", 8)]
+)
+def test_gathered_work_items_cover_each_list_once(batch, q_heads, heads_kind, entries):
+    """The gathered work items against a plain construction: per (sequence, head chunk, KV block)
+    in order, items of ``entries`` transposed entries each from the list's start, then the spare
+    items (``combo`` -1); the slots are each entry's place in its query block's list."""
+    from sparse_attn.backends import triton_tokens_gathered as gathered
+
+    kv_heads, seq, block_k = 2, 45, 8
+    pattern_heads = {"query": q_heads, "kv": kv_heads, "shared": 1}[heads_kind]
+    pattern = shape_pattern((1, q_heads, kv_heads, seq, seq, 16, 1, block_k), heads=pattern_heads, density=0.5,
+                            causal=True, seed=batch)  # fmt: skip
+    heads = q_heads // max(pattern_heads, kv_heads) if heads_kind != "query" else 1
+    work = gathered.gathered_work(pattern, batch, q_heads, heads, entries)
+    lists = triton_tokens.token_lists(pattern, 1)
+    n_kv, chunks = pattern.num_kv_blocks, q_heads // heads
+    want_combos, want_starts = [], []
+    for combo in range(batch * chunks * n_kv):
+        pattern_head = (combo // n_kv) % chunks * heads // (q_heads // pattern_heads)
+        row = pattern_head * n_kv + combo % n_kv
+        first, end = int(lists.t_offsets[row]), int(lists.t_offsets[row + 1])
+        for start in range(first, end, entries):
+            want_combos.append(combo)
+            want_starts.append(start)
+    n = len(want_combos)
+    assert work.combos[:n].tolist() == want_combos and work.starts[:n].tolist() == want_starts
+    assert (work.combos[n:] == -1).all()
+    for row in range(pattern_heads * n_kv):
+        for entry in range(int(lists.t_offsets[row]), int(lists.t_offsets[row + 1])):
+            q_block, slot = int(lists.t_tiles[entry]), int(work.slots[entry])
+            assert int(pattern.kv_indices[0, row // n_kv, q_block, slot]) == row % n_kv
+
+
 def test_gathered_partials_are_packed_by_list_length(poison_outputs):
     """The gathered path keeps one partial per listed (query row, KV block) pair, packed row after
     row (not ``rows x max_kv``): offsets against a brute-force running sum over uneven lists, a
@@ -1018,6 +1052,23 @@ def test_gpu_lists_and_work_build_without_waiting(tile_blocks, heads_kind):
         torch.cuda.set_sync_debug_mode(0)
     assert lists.offsets[-1] == lists.t_offsets[-1] > 0
     assert work.partials >= 0 and (work.combo >= 0).sum() >= 2 * kv_heads * pattern.num_kv_blocks
+
+
+@pytest.mark.gpu
+def test_gpu_gathered_work_builds_without_waiting():
+    """The gathered path's work items and its one-block lists (MoBA-like: lists per query head,
+    64-key blocks) are built without one wait on the device."""
+    from sparse_attn.backends import triton_tokens_gathered as gathered
+
+    pattern = _nsa_like_pattern(8192, 8, "query", 32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        work = gathered.gathered_work(pattern, 2, 32, 1, 64)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    real = work.combos >= 0
+    assert real.any() and not real[int(real.sum()) :].any()  # the spare items last
 
 
 @pytest.mark.gpu

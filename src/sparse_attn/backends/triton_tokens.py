@@ -79,7 +79,7 @@ import torch
 
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
-from ..utils import HostCopy, bin_counts, dot_in_float32, interpreting, length_bucket
+from ..utils import HostCopy, dot_in_float32, interpreting, length_bucket
 from . import configs, launch
 from .launch import LOG2_E
 from .triton import input_unsupported_reason
@@ -311,6 +311,8 @@ class TokenLists:
     * ``ready``: on CUDA, an event recorded on the stream that built them, once queued (the build
       does not wait for the device, so the arrays may still be in the making): work on another
       stream waits for it first (:func:`wait_for_lists`).
+    * ``t_slots`` (one-block tiles only, else ``None``): int32, aligned with ``t_tiles``, where each
+      transposed entry's KV block sits in its query block's list (the gathered path's partials).
     """
 
     offsets: torch.Tensor
@@ -320,6 +322,7 @@ class TokenLists:
     t_tiles: torch.Tensor
     t_bits: torch.Tensor
     ready: object = None
+    t_slots: torch.Tensor | None = None
 
 
 def _built(lists: TokenLists) -> TokenLists:
@@ -338,17 +341,6 @@ def wait_for_lists(lists: TokenLists) -> TokenLists:
     if lists.ready is not None:
         torch.cuda.current_stream(lists.offsets.device).wait_event(lists.ready)
     return lists
-
-
-def _compressed_rows(rows: torch.Tensor, columns: torch.Tensor, bits: torch.Tensor, n_rows: int, n_columns: int):
-    """``(offsets, columns, bits)``: the unique (row, column) pairs sorted by row then column,
-    the bits of repeated pairs OR-ed (callers pass distinct bits per repeat, so a sum is an OR)."""
-    keys, inverse = torch.unique(rows * n_columns + columns, return_inverse=True)
-    merged = torch.zeros_like(keys).scatter_add_(0, inverse, bits)
-    counts = bin_counts(keys // n_columns, n_rows)
-    offsets = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return offsets, (keys % n_columns).to(torch.int32), merged.to(torch.int32)
 
 
 def _padded_entries(pattern: BlockSparsePattern):
@@ -454,8 +446,9 @@ def _one_block_lists(pattern: BlockSparsePattern) -> TokenLists:
     t_rows, order = _sort_keys(torch.where(used, (row // max(n_q, 1)) * n_kv + kv_block, n_t), n_t, stable=True)
     ones = torch.ones(size, dtype=torch.int32, device=device)
     return TokenLists(
-        offsets, blocks[:size], ones, _row_offsets(t_rows, n_t), (row % max(n_q, 1))[order].to(torch.int32), ones
-    )
+        offsets, blocks[:size], ones, _row_offsets(t_rows, n_t), (row % max(n_q, 1))[order].to(torch.int32), ones,
+        t_slots=slot[order].to(torch.int32),
+    )  # fmt: skip
 
 
 def rows_fit_int32(*tensors: torch.Tensor) -> bool:

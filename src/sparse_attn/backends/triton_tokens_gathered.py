@@ -60,7 +60,6 @@ from . import configs, launch
 from .launch import LOG2_E, descriptor_compatible, ensure_scratch_allocator
 from .triton import tma_offered
 from .triton_tokens import (
-    _compressed_rows,
     _packed_heads,
     kernel_constants,
     list_strides,
@@ -144,34 +143,40 @@ class GatheredWork:
 
 
 def gathered_work(pattern: BlockSparsePattern, batch: int, q_heads: int, heads: int, entries: int) -> GatheredWork:
-    """Work items for ``batch`` sequences, ``q_heads // heads`` head chunks, built once per pattern."""
+    """Work items for ``batch`` sequences, ``q_heads // heads`` head chunks, built once per pattern
+    without waiting on the device: the item arrays have a length known in advance, an upper
+    bound of the items (one per (block, head chunk) plus one per ``entries`` of the padded
+    pattern's slots that the chunks walk), the spare items last with ``combo`` -1 (the kernels
+    return at once on them). The slots come with the one-block lists (``t_slots``)."""
     key = ("gathered_work", batch, q_heads, heads, entries)
     cached = pattern.cached_plan(key)
     if cached is not None:
         return cached
     lists = wait_for_lists(token_lists(pattern, 1))
-    pattern_batch, pattern_heads, n_q, max_kv = pattern.kv_indices.shape
+    pattern_batch, pattern_heads = pattern.batch, pattern.num_heads
     n_kv, device = pattern.num_kv_blocks, pattern.device
-    used = torch.arange(max_kv, device=device) < pattern.kv_counts[..., None]
-    batch_head, q_block, slot = used.view(pattern_batch * pattern_heads, n_q, max_kv).nonzero(as_tuple=True)
-    kv_block = pattern.kv_indices.view(pattern_batch * pattern_heads, n_q, max_kv)[batch_head, q_block, slot].long()
-    # The same (row, column) pairs as the transposed lists, so the same order: the payload is the slot.
-    _, _, slots = _compressed_rows(
-        batch_head * n_kv + kv_block, q_block, slot, pattern_batch * pattern_heads * n_kv, n_q
-    )
     chunks = q_heads // heads
-    combo = torch.arange(batch * chunks * n_kv, device=device)
+    n_combos = batch * chunks * n_kv
+    combo = torch.arange(n_combos, device=device)
     chunk = (combo // n_kv) % chunks
     pattern_head = chunk * heads // (q_heads // pattern_heads)
     sequence = (combo // (n_kv * chunks)) if pattern_batch > 1 else torch.zeros_like(combo)
     row = (sequence * pattern_heads + pattern_head) * n_kv + combo % n_kv
     first, count = lists.t_offsets[row], lists.t_offsets[row + 1] - lists.t_offsets[row]
     items = (count + entries - 1) // entries
-    combos = torch.repeat_interleave(combo, items)
-    item_starts = torch.cumsum(items, 0) - items
-    within = torch.arange(combos.numel(), device=device) - torch.repeat_interleave(item_starts, items)
-    starts = torch.repeat_interleave(first, items) + within * entries
-    work = GatheredWork(combos=combos.to(torch.int32), starts=starts, slots=slots)
+    ends = torch.cumsum(items, 0)
+    # Each list row is walked by this many combos of every sequence; sum(ceil(c / e)) <= n + sum(c) // e.
+    walks = -(-chunks // pattern_heads) * (batch // pattern_batch)
+    bound = n_combos + pattern.kv_indices.numel() * walks // entries
+    item = torch.arange(bound, device=device)
+    item_combo = torch.searchsorted(ends, item, right=True)  # n_combos: a spare item
+    real = item_combo < n_combos
+    item_combo = item_combo.clamp_max(max(n_combos - 1, 0))
+    starts = first[item_combo] + (item - (ends - items)[item_combo]) * entries
+    work = GatheredWork(
+        combos=torch.where(real, item_combo, -1).to(torch.int32), starts=torch.where(real, starts, 0),
+        slots=lists.t_slots,
+    )  # fmt: skip
     return pattern.store_plan(key, work)
 
 
@@ -223,6 +228,8 @@ if triton is not None:
     ):  # fmt: skip
         """``USE_TMA``: K and V tiles through tensor descriptors (no per-element addresses), see
         :func:`.triton_tokens.load_keys`."""
+        if tl.load(Combos + tl.program_id(0)) < 0:  # a spare item (gathered_work's arrays have a fixed length)
+            return
         batch, kv_block, k_base, v_base, head, token, query_pos, slot, valid = gathered_rows(
             Combos, Starts, TOffsets, TQBlocks, TSlots, K, V, stride_kb, stride_kh, stride_vb, stride_vh,
             list_stride_b, list_stride_h, num_q_heads, group, pattern_head_divisor, n_kv, seq_q, seq_k,
@@ -328,6 +335,8 @@ if triton is not None:
         CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Partial dQ (unscaled) of the gathered rows over one KV block, per (row, slot)."""
+        if tl.load(Combos + tl.program_id(0)) < 0:  # a spare item (gathered_work's arrays have a fixed length)
+            return
         batch, kv_block, k_base, v_base, head, token, query_pos, slot, valid = gathered_rows(
             Combos, Starts, TOffsets, TQBlocks, TSlots, K, V, stride_kb, stride_kh, stride_vb, stride_vh,
             list_stride_b, list_stride_h, num_q_heads, group, pattern_head_divisor, n_kv, seq_q, seq_k,
