@@ -39,8 +39,8 @@ the kernels need (FlashInfer's plan/run split, FlexAttention's full/partial bloc
 * ``predicate_lists`` (patterns whose token rule offers a box predicate,
   :mod:`sparse_attn.rule_predicate`; ``None`` otherwise): the same reordered lists without any
   bitmask; the forward kernels evaluate the predicate arithmetically from three int32 values per
-  token (:class:`PredicateLists`). Built on first use. The backward kernels evaluate it too
-  (``transposed`` then carries no ``rule_index``).
+  token (:class:`PredicateLists`). Built on first use. The backward kernels evaluate it too,
+  on the entries it cuts only (``transposed.rule_index`` and :func:`box_cut_index` mark them).
 
 Token-rule bitmasks (:func:`rule_bitmask`, cached on the pattern: they do not depend on the
 mode). ``token_rule.allowed`` is evaluated only on the entries ``rule_partial`` marks (a chunk
@@ -71,6 +71,7 @@ from .utils import bin_counts
 
 __all__ = [
     "BlockSparsePlan",
+    "box_cut_index",
     "PredicateLists",
     "RuleBitmask",
     "RuleLists",
@@ -96,7 +97,9 @@ class TransposedLists:
     ``q_indices`` int32 ``(B, H, n_kv_blocks, max_q)``, ascending; entries at or past the count
     are padding (zero). ``B`` and ``H`` are the pattern's. ``rule_index`` int32, ``q_indices``'
     shape, for a pattern with a token rule: each entry's row of :attr:`RuleBitmask.words`
-    (``-1``: whole for the rule, and padding); ``None`` for other patterns. ``work_order`` int32
+    (``-1``: whole for the rule, and padding), or for a rule the kernels evaluate as a box
+    predicate ``0`` where the rule cuts the entry (:func:`box_cut_index`); ``None`` for other
+    patterns. ``work_order`` int32
     ``(n_kv_blocks,)``: the KV blocks heaviest first (most query blocks summed over batch and
     heads; ties go to the earlier block, whose causal columns are longer), the order of the
     backward's dK/dV programs.
@@ -204,8 +207,11 @@ class BlockSparsePlan:
 
     @functools.cached_property
     def transposed(self) -> TransposedLists:
-        # A rule the kernels evaluate as a box predicate needs no bitmask index per entry.
-        bitmask = None if kernel_predicate(self.pattern) is not None else rule_bitmask(self.pattern)
+        # A rule the kernels evaluate as a box predicate needs no bitmask index per entry, only
+        # whether the rule cuts it.
+        if kernel_predicate(self.pattern) is not None:
+            return _transpose(self.pattern, box_cut_index(self.pattern))
+        bitmask = rule_bitmask(self.pattern)
         return _transpose(self.pattern, None if bitmask is None else bitmask.entry_index)
 
     @functools.cached_property
@@ -239,6 +245,16 @@ def plan_for(pattern: BlockSparsePattern, *, causal: bool) -> BlockSparsePlan:
     if plan is None:
         plan = pattern.store_plan(key, _build(pattern, bool(causal)))
     return plan
+
+
+def box_cut_index(pattern: BlockSparsePattern) -> torch.Tensor:
+    """int32, contiguous, ``kv_indices``' shape: ``0`` where the pattern's token rule cuts the
+    entry (``rule_partial``), ``-1`` elsewhere; for a rule the backward kernels evaluate as a box
+    predicate only on the entries it cuts (:mod:`sparse_attn.backends.triton_backward`). Cached."""
+    cut = pattern.cached_plan("box_cut_index")
+    if cut is None:
+        cut = pattern.store_plan("box_cut_index", torch.where(pattern.rule_partial, 0, -1).to(torch.int32).contiguous())
+    return cut
 
 
 def rule_bitmask(pattern: BlockSparsePattern) -> RuleBitmask | None:

@@ -127,7 +127,12 @@ def test_triton_forward_runs_the_predicate_without_bitmasks(dtype, poison_output
         sa.block_sparse_attention(*leaves, pattern, causal=False, backend=backend).backward(dout.to(run_dtype))
         grads.append([x.grad for x in leaves])
     assert pattern.cached_plan("rule_bitmask") is None
-    assert plan.transposed.rule_index is None
+    # The predicate is evaluated on the entries the rule cuts only: the transposed lists mark them
+    # (0; -1 for whole entries and padding), as many as the pattern's partial entries.
+    marks = plan.transposed.rule_index
+    used = torch.arange(marks.shape[-1]) < plan.transposed.q_counts[..., None]
+    assert set(marks.unique().tolist()) <= {0, -1} and not (marks[~used] == 0).any()
+    assert int((marks[used] == 0).sum()) == pattern.partial_entries()
     for got_grad, want_grad in zip(grads[1], grads[0], strict=True):
         assert torch.isfinite(got_grad).all() and relative_error(got_grad, want_grad) <= TOLERANCE[dtype]
     # Whole entries lead each list, and the list holds the same blocks.

@@ -24,10 +24,11 @@ rule (constexpr ``HAS_RULE``) its packed masks: each list entry's bitmask index 
 its block number (``dq``: the forward lists and :attr:`.plan.RuleBitmask.entry_index`;
 ``dkdv``: the transposed lists and their ``rule_index``), and an entry with index ``>= 0``
 gets its mask (:mod:`.rule_bits`); a rule that is a box predicate (constexpr ``BOX_RULE``,
-:mod:`sparse_attn.rule_predicate`) is evaluated arithmetically on every entry instead, and no
-bitmask is built. The masks are evaluated only on tile pairs that can hide a pair (a row or
-key past the end, a causal tile pair that straddles the diagonal, an entry with a bitmask, any
-box-rule entry), decided per step by a scalar test: the interior tiles of a causal pattern,
+:mod:`sparse_attn.rule_predicate`) is evaluated arithmetically instead, and no bitmask is
+built. The masks are evaluated only on tile pairs that can hide a pair (a row or key past the
+end, a causal tile pair that straddles the diagonal, an entry with a bitmask, an entry the box
+rule cuts: :func:`sparse_attn.plan.box_cut_index` rides beside the lists as the bitmask index
+would), decided per step by a scalar test: the interior tiles of a causal pattern,
 most of its tiles, skip the per-element comparisons and selects (on the H200 the backward at
 32K / 128K took 3-10 % less time than with masks on every tile pair, commit 8dc8bd4), and the
 loads go unmasked where the lengths fill whole blocks. Rows the rule leaves without keys have
@@ -41,7 +42,7 @@ import functools
 import torch
 
 from ..geometry import num_blocks
-from ..plan import BlockSparsePlan, rule_bitmask
+from ..plan import BlockSparsePlan, box_cut_index, rule_bitmask
 from ..rule_predicate import kernel_predicate
 from ..utils import dot_in_float32, interpreting, length_bucket
 from . import configs, gluon_backward, launch
@@ -175,11 +176,9 @@ if triton is not None:
                     needs_mask = (first_row + BLOCK_M > seq_q) | (first_key + BLOCK_N > seq_k)
                     if CAUSAL:
                         needs_mask = needs_mask | (first_key + BLOCK_N - 1 > first_row + offset)
-                    if HAS_RULE:
+                    if HAS_RULE or BOX_RULE:  # a bitmask row, or (box) whether the rule cuts the entry
                         entry = tl.load(rule_base + step // (BLOCK_Q // BLOCK_M))
                         needs_mask = needs_mask | (entry >= 0)
-                    if BOX_RULE:
-                        needs_mask = True
                     if needs_mask:
                         if BOX_RULE:
                             # The fused test (keys past seq_k included), transposed: keys are rows here.
@@ -294,11 +293,9 @@ if triton is not None:
                 needs_mask = rows_past_end | (first_key + BLOCK_N > seq_k)
                 if CAUSAL:
                     needs_mask = needs_mask | (first_key + BLOCK_N - 1 > first_query)
-                if HAS_RULE:
+                if HAS_RULE or BOX_RULE:  # a bitmask row, or (box) whether the rule cuts the entry
                     entry = tl.load(rule_base + step // SUBTILES)
                     needs_mask = needs_mask | (entry >= 0)
-                if BOX_RULE:
-                    needs_mask = True
                 if needs_mask:
                     if BOX_RULE:  # the fused test hides keys past seq_k too
                         visible = box_visible(RuleWords, seq_k, key_pos, box_low, box_high, box_guard)
@@ -407,8 +404,8 @@ def backward(q, k, v, out, lse, dout, dlse, plan: BlockSparsePlan, *, scale: flo
     q_counts, q_indices = plan.transposed.q_counts, plan.transposed.q_indices
     counts, indices = pattern.kv_counts.contiguous(), pattern.kv_indices.contiguous()
     guard = 0
-    if predicate is not None:
-        q_rule_index = rule_index = q_counts  # unused: the predicate applies to every entry
+    if predicate is not None:  # evaluated on the entries the rule cuts only
+        q_rule_index, rule_index = plan.transposed.rule_index, box_cut_index(pattern)
         words, guard = predicate.table, predicate.guard
     elif bitmask is None:
         q_rule_index = rule_index = words = q_counts  # unused without a rule
