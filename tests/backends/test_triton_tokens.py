@@ -1194,12 +1194,13 @@ def test_gpu_backward_plan_waits_for_the_forward_lists(block_k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads_kind", ["kv", "query"])
-def test_gpu_backward_lists_are_built_during_the_forward(heads_kind, monkeypatch, poison_outputs):
+@pytest.mark.parametrize("heads_kind, path", [("kv", "tile"), ("query", "tile"), ("query", "gathered")])
+def test_gpu_backward_lists_are_built_during_the_forward(heads_kind, path, monkeypatch, poison_outputs):
     """Under autograd on CUDA the dK/dV pass's lists and work items are built during the forward
     (on a side stream from the point the pattern was ready): after the forward they are cached
     on the pattern, and the gradients equal, bit for bit, those of a backward that builds them
-    itself. The pattern is written by a kernel queued just before (as an estimator's would be)."""
+    itself. The pattern is written by a kernel queued just before (as an estimator's would be).
+    Both paths of the token kernels (lists per query head take the gathered one by default)."""
     from sparse_attn.backends import triton_tokens_backward
 
     q, k, v = _cuda_qkv(32, 4, 4096, 128, torch.bfloat16, seed=24)
@@ -1214,9 +1215,11 @@ def test_gpu_backward_lists_are_built_during_the_forward(heads_kind, monkeypatch
         if not prepared:
             monkeypatch.setattr(triton_tokens_backward, "prepare_backward", lambda *args: None)
         leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-        out = sa.block_sparse_attention(*leaves, pattern, backend="triton")
+        with kernel_configs(token_path=path):  # (the backward runs under the forward's configs)
+            out = sa.block_sparse_attention(*leaves, pattern, backend="triton")
         tiling = triton_tokens.token_tiling(32, 4, pattern.num_heads, 1)
-        entries = triton_tokens_backward.DKDV_ROWS // (tiling.heads * tiling.tile_tokens)
+        tokens = 1 if path == "gathered" else tiling.tile_tokens  # the gathered path: one-token tiles
+        entries = triton_tokens_backward.DKDV_ROWS // (tiling.heads * tokens)
         key = ("token_dkdv_work", 1, 32, 4, tiling.heads, entries)
         assert (pattern.cached_plan(key) is not None) == prepared
         out.backward(dout)
