@@ -42,9 +42,11 @@ this path took 15.6 ms forward and 28.6 forward + backward against the tile path
 correlated along the sequence (0.98), and with blocks of 128 and top 8 10.5 / 20.2 against
 91.0 / 154.4 (white noise) and 10.2 / 20.4 against 24.3 / 41.2 (correlated); cuDNN dense took
 14.3 / 54.8. (Those times include a work build that waited on the device; without the waits,
-:func:`gathered_work`, 64 x 16 took 10.2 / 23.3: ``moba_gathered_work_ab_s64.json``.) Smaller blocks, and lists shared by packed heads (NSA's groups, MoBA's
-``share_in_group``), stay on the tile path (not measured here). ``kernel_configs(token_path=...)``
-forces either path.
+:func:`gathered_work`, 64 x 16 took 10.2 / 23.3: ``moba_gathered_work_ab_s64.json``.) Smaller
+blocks, and lists shared by packed heads (NSA's groups, MoBA's ``share_in_group``), stay on the
+tile path (not measured here). ``kernel_configs(token_path=...)`` forces either path. Memory:
+one partial row per listed (row, block) pair (4.3 GB in bf16 for 64 x 16 at 32K with 32 heads),
+where the tile path keeps none.
 """
 
 from __future__ import annotations
