@@ -209,13 +209,13 @@ def gated_sum_backward_triton(
     gates = weight.shape[2]
     dq = launch.allocate(q.shape, q.dtype, q.device)
     d_logits = launch.allocate((batch, heads, seq, gates), torch.float32, q.device)
+    # The outputs the mode does not write are stand-in pointers.
     if folded:
-        grads = [dq for _ in branches]  # not written
-        rows = [[launch.allocate((batch, heads, seq), torch.float32, q.device) for _ in branches] for _ in range(2)]
+        grads = [dq] * len(branches)
+        dots, log_gates = ([launch.allocate(q.shape[:3], torch.float32, q.device) for _ in branches] for _ in range(2))
     else:
         grads = [launch.allocate(x.shape, x.dtype, x.device) for x in branches]
-        rows = [[d_logits for _ in branches] for _ in range(2)]  # not written
-    dots, log_gates = rows
+        dots = log_gates = [d_logits] * len(branches)
     block_m = 32 if dim == 256 else 64
     tiles = triton.cdiv(seq, block_m)
     weight_parts = launch.allocate((batch, heads, tiles, dim, gates), torch.float32, q.device)
