@@ -32,6 +32,7 @@ def _scores(case, *, integer: bool, seed: int = 0) -> torch.Tensor:
     scores = torch.rand(shape, generator=generator)
     scores[torch.rand(shape, generator=generator) < 0.05] = float("-inf")
     scores[torch.rand(shape, generator=generator) < 0.05] = float("nan")
+    scores[torch.rand(shape, generator=generator) < 0.05] = float("inf")  # ranked after forced blocks
     return scores
 
 

@@ -1,7 +1,8 @@
 """Causal top-n block lists in plain PyTorch: the reference of :mod:`.triton` and the CPU path.
 
 Ranking (shared with the kernel, so the lists are equal): per row, forced blocks score ``+inf``,
-blocks that are not eligible ``-inf`` (never listed), the others their score; ranked by score,
+blocks that are not eligible ``-inf`` (never listed), the others their score (a ``+inf`` score as
+the largest finite float, below the forced blocks); ranked by score,
 ties to the lower block index (a stable descending sort), ``-0.0`` counted as ``+0.0``. The top
 ``top_n`` eligible blocks are listed in ascending block order.
 """
@@ -25,7 +26,8 @@ def ranking_scores(
     forced = ((column < initial) | (column > own - local)) & (column <= own)
     scores = scores.float() + 0.0
     ranked = (column <= own) & (position >= ranked_from)[:, None] & (scores > float("-inf"))  # NaN: not ranked
-    ranking = torch.where(ranked, scores, float("-inf"))
+    # A ranked +inf counts as the largest finite float, so forced blocks come first.
+    ranking = torch.where(ranked, scores.clamp(max=torch.finfo(torch.float32).max), float("-inf"))
     return torch.where(forced, float("inf"), ranking)
 
 

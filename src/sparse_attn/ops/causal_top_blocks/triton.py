@@ -87,9 +87,14 @@ if triton is not None:
     ):  # fmt: skip
         """Rank float32 ``score`` ``[BLOCK_R, NB]`` of rows ``row`` (the module's rule) and write their lists.
 
-        ``K_TILE <= ROUNDS_MAX_K``: ``K_TILE`` rounds of (row maximum, its lowest column, masked
-        out), reductions only; larger: one bitonic ``tl.topk`` of packed (score, index) int64 keys.
-        Both rank by score with ties to the lower index (``-0.0`` equal to ``+0.0``)."""
+        ``K_TILE <= ROUNDS_MAX_K``: the forced blocks (at most ``top_n``, lowest first) written from
+        their positions, then ``top_n - initial - local`` rounds of (row maximum, its lowest column,
+        masked out) over the other eligible blocks, reductions only (a row with blocks left to rank
+        has exactly ``initial + local`` forced ones: where the initial and local runs meet, they
+        cover every eligible block); larger: one bitonic ``tl.topk`` of packed (score, index) int64
+        keys, forced blocks at ``+inf``. Both rank by score with ties to the lower index (``-0.0``
+        equal to ``+0.0``); ranked ``+inf`` scores count as the largest finite float, so forced
+        blocks come first."""
         column = tl.arange(0, NB)
         rank = tl.arange(0, K_TILE)
         row_ok = row < rows
@@ -97,18 +102,30 @@ if triton is not None:
         own = position // block
         eligible = row_ok[:, None] & (column[None, :] < n_blocks) & (column[None, :] <= own[:, None])
         forced = eligible & ((column[None, :] < initial) | (column[None, :] > own[:, None] - local))
-        ranked = eligible & (position >= ranked_from)[:, None] & (score > float("-inf"))
+        ranked = eligible & (position >= ranked_from)[:, None] & (score > float("-inf")) & ~forced
+        score = tl.minimum(score, 3.4028234663852886e38)  # ranked +inf below forced; NaN is not ranked
         if K_TILE <= ROUNDS_MAX_K:
-            score = tl.where(forced, float("inf"), tl.where(ranked, score, float("-inf")))
-            chosen = tl.full([BLOCK_R, K_TILE], 0x7FFFFFFF, tl.int32)
-            count = tl.zeros([BLOCK_R], tl.int32)
+            # Forced blocks, ascending: 0 .. initial - 1, then the local run not already among them.
+            n_initial = tl.minimum(initial, own + 1)
+            local_start = tl.maximum(own - local + 1, initial)
+            n_forced = tl.where(row_ok, tl.minimum(n_initial + tl.maximum(own - local_start + 1, 0), top_n), 0)
+            forced_index = tl.where(
+                rank[None, :] < n_initial[:, None],
+                rank[None, :],
+                local_start[:, None] + rank[None, :] - n_initial[:, None],
+            )
+            chosen = tl.where(rank[None, :] < n_forced[:, None], forced_index, 0x7FFFFFFF)
+            count = n_forced
+            score = tl.where(ranked, score, float("-inf"))
+            first = initial + local
             for r in tl.static_range(K_TILE):
-                best = tl.max(score, 1)
-                pick = tl.min(tl.where(score == best[:, None], column[None, :], NB), 1)
-                take = (best > float("-inf")) & (r < top_n)
-                chosen = tl.where((rank[None, :] == r) & take[:, None], pick[:, None], chosen)
-                count += take.to(tl.int32)
-                score = tl.where(column[None, :] == pick[:, None], float("-inf"), score)
+                if r < top_n - first:
+                    best = tl.max(score, 1)
+                    pick = tl.min(tl.where(score == best[:, None], column[None, :], NB), 1)
+                    take = best > float("-inf")
+                    chosen = tl.where((rank[None, :] == first + r) & take[:, None], pick[:, None], chosen)
+                    count += take.to(tl.int32)
+                    score = tl.where(column[None, :] == pick[:, None], float("-inf"), score)
             index = tl.sort(chosen)
         else:
             score = tl.where(forced, float("inf"), score)
