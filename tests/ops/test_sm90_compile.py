@@ -25,7 +25,7 @@ def test_operator_kernels_compile_for_sm90():
         "anchor_region_bf16", "anchor_region_d256", "lowbit_margin_int8", "lowbit_margin_fp8_d256",
         "nsa_decode_compressed", "nsa_decode_scores", "nsa_decode_attend", "nsa_decode_combine", "gated_sum",
         "gated_sum_backward", "gated_sum_backward_folded", "residue_rows", "compressed_scores_pointers",
-        "compressed_scores_tma",
+        "compressed_scores_tma", "causal_top_blocks_rounds", "causal_top_blocks_topk", "causal_top_blocks_gated",
     }  # fmt: skip
     for name, result in results.items():
         assert result["returncode"] == 0, (name, result["report"])

@@ -73,6 +73,7 @@ def main() -> dict:
     from sparse_attn.ops.anchor_region import triton as anchor_region
     from sparse_attn.ops.antidiagonal import triton as antidiagonal
     from sparse_attn.ops.block_max import triton as block_max
+    from sparse_attn.ops.causal_top_blocks import triton as causal_top_blocks
     from sparse_attn.ops.compressed_scores import triton as compressed_scores
     from sparse_attn.ops.gated_sum import triton as gated_sum
     from sparse_attn.ops.gathered_block_max import triton as gathered_block_max
@@ -114,7 +115,21 @@ def main() -> dict:
     nsa_parts = {"PartOut": "*fp32", "PartLse": "*fp32", "qk_scale": "fp32"}
     gates = {"Q": "*bf16", "A": "*bf16", "B": "*bf16", "C": "*bf16", "W": "*fp32", "Bias": "*fp32"}
     gate_rows = {name: "*fp32" for name in ("DotA", "DotB", "DotC", "LogA", "LogB", "LogC")}
+    top_pointers = {"Scores": "*fp32", "Indices": "*i32", "Counts": "*i32"}
+    gated_top_pointers = {"Q": "*bf16", "Keys": "*bf16", "Indices": "*i32", "Counts": "*i32"}
     cases = {
+        # NSA's lists (top 16 of 1024 blocks: rounds) and a longer top-n (the bitonic top-k).
+        "causal_top_blocks_rounds": (
+            causal_top_blocks._top_blocks, top_pointers, dict(BLOCK_R=4, NB=1024, K_TILE=16), 4,
+        ),
+        "causal_top_blocks_topk": (
+            causal_top_blocks._top_blocks, top_pointers, dict(BLOCK_R=8, NB=512, K_TILE=32), 4,
+        ),
+        # MoBA's gate at 512-token blocks of 128K (256 pooled keys), top 3.
+        "causal_top_blocks_gated": (
+            causal_top_blocks._top_blocks_gated, gated_top_pointers,
+            dict(HEAD_DIM=128, BLOCK_R=16, SUB_TILES=16, NB=256, K_TILE=4, DOT_FP32=False), 8,
+        ),
         "gated_sum": (
             gated_sum._gated_sum, {**gates, "Out": "*bf16"},
             dict(HEAD_DIM=128, BLOCK_M=64, NUM_BRANCHES=3, NUM_GATES=3), 4,
