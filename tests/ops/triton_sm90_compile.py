@@ -128,7 +128,7 @@ def main() -> dict:
         # MoBA's gate at 512-token blocks of 128K (256 pooled keys), top 3.
         "causal_top_blocks_gated": (
             causal_top_blocks._top_blocks_gated, gated_top_pointers,
-            dict(HEAD_DIM=128, BLOCK_R=16, SUB_TILES=16, NB=256, K_TILE=4, DOT_FP32=False), 8,
+            dict(HEAD_DIM=128, BLOCK_R=16, SUB_TILES=16, NB=256, K_TILE=4, ROUNDS=2, DOT_FP32=False), 8,
         ),
         "gated_sum": (
             gated_sum._gated_sum, {**gates, "Out": "*bf16"},

@@ -83,7 +83,8 @@ if triton is not None:
         score, row, batch, head, Indices, Counts,
         stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
         rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
-        BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr,
+        BLOCK_R: tl.constexpr, NB: tl.constexpr, K_TILE: tl.constexpr, ROUNDS: tl.constexpr,
+        GUARDED: tl.constexpr,
     ):  # fmt: skip
         """Rank float32 ``score`` ``[BLOCK_R, NB]`` of rows ``row`` (the module's rule) and write their lists.
 
@@ -91,7 +92,8 @@ if triton is not None:
         their positions, then ``top_n - initial - local`` rounds of (row maximum, its lowest column,
         masked out) over the other eligible blocks, reductions only (a row with blocks left to rank
         has exactly ``initial + local`` forced ones: where the initial and local runs meet, they
-        cover every eligible block); larger: one bitonic ``tl.topk`` of packed (score, index) int64
+        cover every eligible block): ``ROUNDS`` that many, or with ``GUARDED`` ``ROUNDS = K_TILE``
+        each under a runtime test (:func:`_rounds` says which kernel takes which); larger: one bitonic ``tl.topk`` of packed (score, index) int64
         keys, forced blocks at ``+inf``. Both rank by score with ties to the lower index (``-0.0``
         equal to ``+0.0``); ranked ``+inf`` scores count as the largest finite float, so forced
         blocks come first."""
@@ -118,8 +120,17 @@ if triton is not None:
             count = n_forced
             score = tl.where(ranked, score, float("-inf"))
             first = initial + local
-            for r in tl.static_range(K_TILE):
-                if r < top_n - first:
+            for r in tl.static_range(ROUNDS):
+                # One round: each row's best score (its lowest column on ties) listed, then out.
+                if GUARDED:
+                    if r < top_n - first:
+                        best = tl.max(score, 1)
+                        pick = tl.min(tl.where(score == best[:, None], column[None, :], NB), 1)
+                        take = best > float("-inf")
+                        chosen = tl.where((rank[None, :] == first + r) & take[:, None], pick[:, None], chosen)
+                        count += take.to(tl.int32)
+                        score = tl.where(column[None, :] == pick[:, None], float("-inf"), score)
+                else:
                     best = tl.max(score, 1)
                     pick = tl.min(tl.where(score == best[:, None], column[None, :], NB), 1)
                     take = best > float("-inf")
@@ -164,7 +175,7 @@ if triton is not None:
         score = tl.load(pointers, mask=present, other=float("-inf"))
         _rank_and_write(
             score, row, batch, head, Indices, Counts, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-            rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, BLOCK_R, NB, K_TILE,
+            rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, BLOCK_R, NB, K_TILE, K_TILE, True,
         )  # fmt: skip
 
     @triton.jit
@@ -176,7 +187,7 @@ if triton is not None:
         stride_cb, stride_ch,
         heads, heads_per_list, group, rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from,
         HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, SUB_TILES: tl.constexpr, NB: tl.constexpr,
-        K_TILE: tl.constexpr, DOT_FP32: tl.constexpr,
+        K_TILE: tl.constexpr, ROUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
     ):  # fmt: skip
         """One (batch x list head, ``SUB_TILES`` tiles of ``BLOCK_R`` rows): the block keys loaded once,
         then per row tile the scores ``sum over the list's query heads of q . keys`` (float32
@@ -209,8 +220,21 @@ if triton is not None:
             score = tl.where((column < n_blocks)[None, :], score, float("-inf"))
             _rank_and_write(
                 score, row, batch, head, Indices, Counts, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-                rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, BLOCK_R, NB, K_TILE,
+                rows, n_blocks, first_pos, block, top_n, initial, local, ranked_from, BLOCK_R, NB, K_TILE, ROUNDS,
+                False,
             )  # fmt: skip
+
+
+def _rounds(top_n: int, initial: int, local: int, k_tile: int) -> int:
+    """The gated kernel's ranking rounds after the forced blocks (``_rank_and_write``): a row with
+    blocks left to rank has ``initial + local`` forced ones. A compile-time count there; the
+    plain kernel runs ``K_TILE`` rounds, each under a runtime test. Each kernel takes the form
+    measured faster for it (one H100, 45th session, ``topk_rounds_ab2_s65.json``, against the old
+    ``K_TILE`` rounds with forced blocks at ``+inf``): NSA's lists at 64K 2.35 ms before, 1.72
+    with runtime tests, 1.92 with the count (ptxas: 149 registers against 167 and 8 bytes of
+    spills); MoBA's gate at 128K, blocks of 512 / top 3, 4.43 before, 7.30 with runtime tests
+    (255 registers), 3.26 with the count; blocks of 4096 / top 12, 1.33, 3.61, 1.16."""
+    return max(0, min(k_tile, top_n - initial - local))
 
 
 def causal_top_blocks_triton(
@@ -280,6 +304,7 @@ def causal_top_blocks_gated_triton(
     _top_blocks_gated[grid](
         q, keys, indices, counts, *q.stride()[:3], *keys.stride()[:3], *indices.stride()[:3], *counts.stride()[:2],
         heads, heads_per_list, q_heads // kv_heads, rows, n_blocks, first_pos, block, top_n, initial, local,
-        ranked_from, HEAD_DIM=dim, BLOCK_R=block_r, SUB_TILES=sub_tiles, NB=nb, K_TILE=k_tile, DOT_FP32=dot_fp32,
+        ranked_from, HEAD_DIM=dim, BLOCK_R=block_r, SUB_TILES=sub_tiles, NB=nb, K_TILE=k_tile,
+        ROUNDS=_rounds(top_n, initial, local, k_tile), DOT_FP32=dot_fp32,
         num_warps=8 if nb * dim >= 16384 else 4,
     )  # fmt: skip
