@@ -40,6 +40,9 @@ def test_operator_kernels_compile_for_sm90():
     # NSA's selection scores: 64-row warpgroup MMA; the descriptor mode's query tiles by bulk tensor copies.
     assert results["compressed_scores_pointers"]["ptx_has"]["wgmma"]
     assert results["compressed_scores_tma"]["ptx_has"]["cp.async.bulk.tensor"]
+    # The ranking kernels in the forms timed (causal_top_blocks.triton._rounds) spill nothing.
+    for name in ("causal_top_blocks_rounds", "causal_top_blocks_gated"):
+        assert "stack size" not in " ".join(results[name]["report"]), (name, results[name]["report"])
     # The scoring epilogue's exponentials: two per half-precision instruction.
     assert results["antidiagonal_tma_bf16"]["ptx_has"]["ex2.approx.f16x2"]
 

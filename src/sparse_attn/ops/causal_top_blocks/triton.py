@@ -93,8 +93,9 @@ if triton is not None:
         masked out) over the other eligible blocks, reductions only (a row with blocks left to rank
         has exactly ``initial + local`` forced ones: where the initial and local runs meet, they
         cover every eligible block): ``ROUNDS`` that many, or with ``GUARDED`` ``ROUNDS = K_TILE``
-        each under a runtime test (:func:`_rounds` says which kernel takes which); larger: one bitonic ``tl.topk`` of packed (score, index) int64
-        keys, forced blocks at ``+inf``. Both rank by score with ties to the lower index (``-0.0``
+        each under a runtime test (:func:`_rounds` says which kernel takes which). Larger
+        ``K_TILE``: one bitonic ``tl.topk`` of packed (score, index) int64 keys, forced blocks at
+        ``+inf``. Both rank by score with ties to the lower index (``-0.0``
         equal to ``+0.0``); ranked ``+inf`` scores count as the largest finite float, so forced
         blocks come first."""
         column = tl.arange(0, NB)
@@ -121,7 +122,9 @@ if triton is not None:
             score = tl.where(ranked, score, float("-inf"))
             first = initial + local
             for r in tl.static_range(ROUNDS):
-                # One round: each row's best score (its lowest column on ties) listed, then out.
+                # One round: each row's best score (its lowest column on ties) listed, then out. The
+                # body is written twice, not shared through a helper: a helper compiles to other PTX
+                # (same registers) than the two forms timed (``_rounds``).
                 if GUARDED:
                     if r < top_n - first:
                         best = tl.max(score, 1)
