@@ -35,12 +35,13 @@ from sparse_attn.ops._chunking import CHUNK_ELEMENTS
 L, D_STRIDE, L_SELECT, TOP_N, WINDOW = 32, 16, 64, 16, 512
 
 
-def pair_counts(seq: int) -> dict[str, int]:
-    """Pairs per query head each branch multiplies at ``seq`` tokens (queries = keys = ``seq``)."""
+def pair_counts(seq: int, top_n: int = TOP_N) -> dict[str, int]:
+    """Pairs per query head each branch multiplies at ``seq`` tokens (queries = keys = ``seq``),
+    ``top_n`` selected blocks per token."""
     counts = dict(compressed=0, selected=0, window=0, dense=0)
     for t in range(seq):
         counts["compressed"] += (t - L + 1) // D_STRIDE + 1 if t >= L - 1 else 0
-        counts["selected"] += (min(TOP_N, t // L_SELECT + 1) - 1) * L_SELECT + t % L_SELECT + 1
+        counts["selected"] += (min(top_n, t // L_SELECT + 1) - 1) * L_SELECT + t % L_SELECT + 1
         counts["window"] += min(WINDOW, t + 1)
         counts["dense"] += t + 1
     return counts
@@ -68,23 +69,24 @@ def work_rows(row: dict, bandwidth_tbs: float) -> list[dict]:
     element = 2  # 16-bit activations
     tokens = seq * q_heads * dim * element
     moved = bandwidth_tbs * 1e12  # byte/s
+    # (step, pairs per head shown, products, seconds of bytes at the bandwidth)
     steps = [
-        ("compress", None, seq * kv_heads * dim * element * 2 / moved),
-        ("compressed_branch", pairs["compressed"] * attention, None),
-        ("selection", pairs["compressed"] * attention / 2, ranking_bytes(seq, kv_heads) / moved),
-        ("selected_branch", pairs["selected"] * attention, None),
-        ("window_branch", pairs["window"] * attention, None),
-        ("gated_sum", None, 4 * tokens / moved),
+        ("compress", None, 0, seq * kv_heads * dim * element * 2 / moved),
+        ("compressed_branch", pairs["compressed"], pairs["compressed"] * attention, 0.0),
+        ("selection", None, pairs["compressed"] * attention / 2, ranking_bytes(seq, kv_heads) / moved),
+        ("selected_branch", pairs["selected"], pairs["selected"] * attention, 0.0),
+        ("window_branch", pairs["window"], pairs["window"] * attention, 0.0),
+        ("gated_sum", None, 0, 4 * tokens / moved),
     ]
     measured = row.get("parts_fwd_ms") or {}
     rows = []
-    for name, flops, seconds in steps:
-        ideal = (flops / rate if flops else 0.0) + (seconds or 0.0)
+    for name, shown_pairs, flops, seconds in steps:
+        ideal = flops / rate + seconds
         took = measured.get(name)
         rows.append(
             dict(
                 step=name,
-                pairs_per_head=pairs.get(name.removesuffix("_branch")) if flops and name != "selection" else None,
+                pairs_per_head=shown_pairs,
                 tflop=flops / 1e12 if flops else None,
                 ideal_ms=ideal * 1e3,
                 measured_ms=took,

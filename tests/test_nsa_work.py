@@ -28,11 +28,7 @@ def test_pair_counts_match_the_module():
     listed = pattern.kv_counts[0, 0].long()
     positions = torch.arange(seq)
     pairs = int(((listed - 1) * 64 + positions % 64 + 1).sum())
-    script.TOP_N = 4
-    try:
-        assert script.pair_counts(seq)["selected"] == pairs
-    finally:
-        script.TOP_N = 16
+    assert script.pair_counts(seq, top_n=4)["selected"] == pairs
 
 
 def test_main_prices_a_result(tmp_path, monkeypatch):

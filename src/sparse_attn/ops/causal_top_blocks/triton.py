@@ -122,18 +122,8 @@ if triton is not None:
             score = tl.where(ranked, score, float("-inf"))
             first = initial + local
             for r in tl.static_range(ROUNDS):
-                # One round: each row's best score (its lowest column on ties) listed, then out. The
-                # body is written twice, not shared through a helper: a helper compiles to other PTX
-                # (same registers) than the two forms timed (``_rounds``).
-                if GUARDED:
-                    if r < top_n - first:
-                        best = tl.max(score, 1)
-                        pick = tl.min(tl.where(score == best[:, None], column[None, :], NB), 1)
-                        take = best > float("-inf")
-                        chosen = tl.where((rank[None, :] == first + r) & take[:, None], pick[:, None], chosen)
-                        count += take.to(tl.int32)
-                        score = tl.where(column[None, :] == pick[:, None], float("-inf"), score)
-                else:
+                # One round: each row's best score (its lowest column on ties) listed, then out.
+                if not GUARDED or r < top_n - first:
                     best = tl.max(score, 1)
                     pick = tl.min(tl.where(score == best[:, None], column[None, :], NB), 1)
                     take = best > float("-inf")
