@@ -4,6 +4,9 @@
   (query, key) pair of small 1D/2D/3D layouts: border-shifted windows, dilation, GNA strides,
   text tokens before and after; empty ranges admit nothing; fields wider than 31 bits give no
   predicate (the kernels then read bitmasks).
+* The group summaries never rule out a (query group, key group) tile that holds an allowed pair
+  (every tile of every case, random 31-bit packings included), and rule out the others where
+  the rule's ranges are intervals of positions (a 1D window).
 * The Triton forward and backward (interpreter) evaluate the predicate without building any
   bitmask and match the reference backend.
 * GPU (``-m gpu``): ``auto`` runs a neighbourhood rule on the Gluon kernel, and it and the Triton
@@ -23,7 +26,7 @@ from helpers import TOLERANCE, assert_backends_match_reference, random_qkv, rela
 import sparse_attn as sa
 from sparse_attn.backends import resolve_backend
 from sparse_attn.plan import plan_for
-from sparse_attn.rule_predicate import box_allowed, box_visible, kernel_predicate, pack_box
+from sparse_attn.rule_predicate import GROUP, box_allowed, box_visible, groups_may_see, kernel_predicate, pack_box
 
 RULE_CASES = [
     dict(grid=(40,), window=7, dilation=3),
@@ -52,6 +55,46 @@ def test_predicate_equals_the_rule_on_every_pair(options):
     keys = torch.arange(length + 19)
     fused = box_visible(predicate, positions[:, None], keys[None, :], length)
     assert torch.equal(fused[:, :length], want) and not fused[:, length:].any()
+
+
+def assert_groups_sound(predicate, allowed: torch.Tensor) -> int:
+    """Every (query group, key group) tile with an allowed pair passes :func:`groups_may_see`;
+    returns how many tiles it rules out."""
+    n = allowed.shape[0]
+    groups = -(-n // GROUP)
+    padded = torch.nn.functional.pad(allowed, (0, groups * GROUP - n, 0, groups * GROUP - n))
+    holds = padded.view(groups, GROUP, groups, GROUP).any(3).any(1)
+    index = torch.arange(groups)
+    may = groups_may_see(predicate, index[:, None], index[None, :])
+    assert not (holds & ~may).any(), "a tile holding an allowed pair was ruled out"
+    assert predicate.groups.shape == (4, n // GROUP + 2)  # every group, and one past the end
+    return int((~may).sum())
+
+
+@pytest.mark.parametrize("options", RULE_CASES, ids=str)
+def test_group_summaries_never_rule_out_an_allowed_pair(options):
+    length = math.prod(options["grid"]) + options.get("text_tokens", 0)
+    q = torch.randn(1, 1, length, 16)
+    pattern = sa.estimate(q, q, "neighborhood", causal=False, block_q=16, block_k=16, **options)
+    predicate = kernel_predicate(pattern)
+    positions = torch.arange(length)
+    assert_groups_sound(predicate, pattern.token_rule.allowed(positions[:, None], positions[None, :]))
+    assert torch.equal(predicate.to("cpu").words, predicate.words)
+
+
+def test_group_summaries_are_exact_for_a_one_dimensional_window():
+    # 1D windows of 9 over 1,000 positions: query group g sees key groups g - 1 to g + 1 only.
+    length = 1000
+    q = torch.randn(1, 1, length, 16)
+    pattern = sa.estimate(q, q, "neighborhood", causal=False, block_q=16, block_k=16, grid=(length,), window=9)
+    predicate = kernel_predicate(pattern)
+    positions = torch.arange(length)
+    ruled_out = assert_groups_sound(predicate, pattern.token_rule.allowed(positions[:, None], positions[None, :]))
+    groups = -(-length // GROUP)
+    index = torch.arange(groups)
+    may = groups_may_see(predicate, index[:, None], index[None, :])
+    assert torch.equal(may, (index[:, None] - index[None, :]).abs() <= 1)
+    assert ruled_out == groups * groups - (3 * groups - 2)
 
 
 def test_pack_box_empty_ranges_and_width_limit():
@@ -97,6 +140,8 @@ def test_fused_test_at_31_bits_with_keys_seen_by_all_and_queries_seeing_all():
         inside &= (key[None, :] >= low[:, None]) & (key[None, :] <= high[:, None])
     assert torch.equal(want[:, :n], inside | always[None, :] | everything[:, None])
     assert torch.equal(box_visible(predicate, rows, columns, n), want)
+    # Random ranges over 300 positions: no tile holding an allowed pair is ruled out.
+    assert_groups_sound(predicate, want[:, :n])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
