@@ -15,8 +15,13 @@ passes take the same waves and lead). Cases:
 * ``causal``: random causal block patterns, batch 1, 32/8 heads, head_dim 128, bf16 (the grid of
   ``benchmarks/kernel_grid.py``), at ``--lengths`` x ``--densities``;
 * ``bidirectional``: random non-causal patterns at the video shapes of ``benchmarks/spatial.py``;
-* ``spatial``: the HunyuanVideo patterns of ``neighborhood`` (defaults; GNA block-exact),
-  ``sliding_tile`` and ``radial``, inputs already in tile order (permutation excluded).
+* ``spatial``: the patterns of ``neighborhood`` (defaults; GNA block-exact), ``sliding_tile``
+  and ``radial`` at ``--spatial-shapes`` (default HunyuanVideo), inputs already in tile order
+  (permutation excluded).
+
+Choices ``waves_no_rule_skip`` and ``waves_rule_steps_64`` change how the Gluon forward walks a
+box-predicate rule (``kernel_configs(rule_skip_steps=False)``, ``gluon_rule_block_n=64``); other
+patterns run as under ``waves``.
 
 Medians of ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/launch_order.json``.
 
@@ -24,6 +29,8 @@ Medians of ``triton.testing.do_bench``. Writes ``benchmarks/results/<gpu>/launch
     python benchmarks/launch_order.py --cases spatial
     python benchmarks/launch_order.py --cases spatial --choices waves waves_no_lead one_wave
     python benchmarks/launch_order.py --cases spatial --backward --choices waves waves_no_lead
+    python benchmarks/launch_order.py --cases spatial --spatial-shapes hunyuan-720p wan21-720p \
+        --choices waves waves_no_rule_skip waves_rule_steps_64
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ CHOICES = (
     ("one_wave", {"kv_streams_per_wave": 0}),
     ("one_wave_one_item", {"kv_streams_per_wave": 0, "gluon_persistent": False}),
     ("one_wave_persistent", {"kv_streams_per_wave": 0, "gluon_persistent": True}),
+    # Box-predicate rules (the spatial case's neighbourhood windows): the Gluon forward's
+    # warpgroups skipping the steps their rows may not see (the default) or not, and in 64-key steps.
+    ("waves_no_rule_skip", {"rule_skip_steps": False}),
+    ("waves_rule_steps_64", {"gluon_rule_block_n": 64}),
 )
 SPATIAL_METHODS = ("neighborhood", "sliding_tile", "radial")
 
@@ -139,8 +150,9 @@ def random_rows(
     return rows
 
 
-def spatial_rows(device, choices=None, backward=False) -> list[dict]:
-    shape = SHAPES["hunyuan-720p"]
+def spatial_rows(device, choices=None, backward=False, shape_name="hunyuan-720p") -> list[dict]:
+    shape = SHAPES[shape_name]
+    label = shape_name.split("-")[0]
     layout = Layout(shape["grid"], text_tokens=shape["text_tokens"])
     q, k, v = (
         torch.randn(1, shape["heads"], layout.seq_len, 128, device=device, dtype=torch.bfloat16) for _ in range(3)
@@ -155,7 +167,7 @@ def spatial_rows(device, choices=None, backward=False) -> list[dict]:
         pattern = sa.estimate(q, k, method, text_position=shape["text_position"], **call)
         tiled = tuple(pattern.layout.permute(x) for x in (q, k, v)) if pattern.layout is not None else (q, k, v)
         in_order = pattern.tile_order() if pattern.layout is not None else pattern
-        row = {"case": f"hunyuan {method} {variant}", "seq": layout.seq_len}
+        row = {"case": f"{label} {method} {variant}", "seq": layout.seq_len}
         row.update(time_choices(*tiled, in_order, causal=False, device=device, choices=choices, backward=backward))
         rows.append(with_dense(row, dense))
         print(format_table(rows[-1:], COLUMNS), flush=True)
@@ -169,6 +181,13 @@ def main() -> None:
     parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument(
         "--choices", nargs="+", choices=[label for label, _ in CHOICES], default=None, help="default: all"
+    )
+    parser.add_argument(
+        "--spatial-shapes",
+        nargs="+",
+        choices=sorted(SHAPES),
+        default=["hunyuan-720p"],
+        help="the spatial case's shapes",
     )
     parser.add_argument("--backward", action="store_true", help="time forward + backward (dense: cuDNN's)")
     parser.add_argument("--out", type=Path, default=None)
@@ -209,7 +228,9 @@ def main() -> None:
             )
             torch.cuda.empty_cache()
     if "spatial" in cases:
-        rows += spatial_rows(device, args.choices, args.backward)
+        for name in args.spatial_shapes:
+            rows += spatial_rows(device, args.choices, args.backward, name)
+            torch.cuda.empty_cache()
     print()
     print(format_table(rows, COLUMNS))
     for row in rows:

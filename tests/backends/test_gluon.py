@@ -45,6 +45,11 @@ VARIANTS = [
     # A token rule as a box predicate (neighbourhood windows), one-item and persistent.
     dict(BOX=True, CAUSAL=False, EVEN_K=False, EVEN_Q=False, WRITE_LSE=True),
     dict(BOX=True, CAUSAL=False, PERSISTENT=True, dtype="fp16", HEAD_DIM=64, BLOCK_K=64),
+    # ... with the warpgroups skipping the steps their rows may not see (BOX=2).
+    dict(BOX=2, CAUSAL=False),
+    dict(BOX=2, CAUSAL=False, EVEN_K=False, EVEN_Q=False, PERSISTENT=True, dtype="fp16", HEAD_DIM=64, BLOCK_K=64),
+    dict(BOX=2, CAUSAL=True, BLOCK_K=256, WRITE_LSE=True),
+    dict(BOX=2, CAUSAL=False, BLOCK_N=64, EVEN_K=False),
     # Tall tiles: 192 query rows over three consumer warpgroups, 64-key steps (dense head_dim 64).
     dict(HEAD_DIM=64, CONSUMERS=3, BLOCK_N=64),
     dict(HEAD_DIM=64, CONSUMERS=3, BLOCK_N=64, HOST_DESC=True, EVEN_Q=False, EVEN_K=False, WRITE_LSE=True),
@@ -61,7 +66,8 @@ def test_gluon_kernel_compiles_for_sm90_without_spills(variant):
     # The K/V ring is as deep as shared memory allows: 3 stages at head_dim 128 with 128-key tiles.
     assert compiled["shared"] <= configs.GLUON_SHARED_BYTES
     head_dim, block_k = variant.get("HEAD_DIM", 128), variant.get("BLOCK_K", 128)
-    assert compiled["stages"] == (3 if (head_dim, block_k % 128) == (128, 0) else 4)
+    block_n = variant.get("BLOCK_N", configs.gluon_block_n(block_k))
+    assert compiled["stages"] == (3 if (head_dim, block_n) == (128, 128) else 4)
     assert "wgmma.mma_async" in ptx
     # Warp specialization: the partitions hand registers to each other (setmaxnreg).
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
@@ -458,3 +464,25 @@ def test_gpu_heavy_rows_lead_changes_no_result(backend, poison_outputs):
     assert relative_error(first[0], ref) <= TOLERANCE[torch.bfloat16]
     for key, (out, lse) in results.items():
         assert torch.equal(out, first[0]) and torch.equal(lse, first[1]), key
+
+
+def test_box_rules_skip_unseen_steps_unless_told_and_take_the_asked_step_width():
+    assert gluon_backend._box_mode(False, 4096, 4096) == 0
+    assert gluon_backend._box_mode(True, 4096, 4096) == 2
+    assert gluon_backend._box_mode(True, 4032, 4096) == 2  # queries start 64 keys in
+    assert gluon_backend._box_mode(True, 4000, 4096) == 1  # 96: rows straddle the summaries' groups
+    with configs.kernel_configs(rule_skip_steps=False):
+        assert gluon_backend._box_mode(True, 4096, 4096) == 1
+    assert configs.gluon_block_n(128, rule=True) == 128 and configs.gluon_block_n(192, rule=True) == 64
+    with configs.kernel_configs(gluon_rule_block_n=64):
+        assert configs.gluon_block_n(128, rule=True) == 64
+        assert configs.gluon_block_n(128) == 128  # patterns without a rule keep their steps
+    with configs.kernel_configs(gluon_rule_block_n=128):
+        assert configs.gluon_block_n(192, rule=True) == 64  # 128 does not divide the block
+    for bad in (32, True, "64"):
+        with pytest.raises(ValueError, match="gluon_rule_block_n"):
+            with configs.kernel_configs(gluon_rule_block_n=bad):
+                pass
+    with pytest.raises(TypeError, match="rule_skip_steps"):
+        with configs.kernel_configs(rule_skip_steps="yes"):
+            pass

@@ -11,7 +11,9 @@
   bitmask and match the reference backend.
 * GPU (``-m gpu``): ``auto`` runs a neighbourhood rule on the Gluon kernel, and it and the Triton
   kernel match the reference at a real 3D size, forward and backward (the backward passes run
-  the predicate too).
+  the predicate too); the Gluon forward's warpgroups skip the steps the summaries rule out
+  (counted on the host, so the comparison is not vacuous) with the same output and LSE bit for
+  bit as without skipping.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from helpers import TOLERANCE, assert_backends_match_reference, random_qkv, relative_error
 
 import sparse_attn as sa
-from sparse_attn.backends import resolve_backend
+from sparse_attn.backends import kernel_configs, resolve_backend
 from sparse_attn.plan import plan_for
 from sparse_attn.rule_predicate import GROUP, box_allowed, box_visible, groups_may_see, kernel_predicate, pack_box
 
@@ -206,3 +208,42 @@ def test_gpu_neighborhood_on_gluon_and_triton_predicates_match_the_reference(dty
     short = sa.estimate(*short_qkv[:2], "neighborhood", causal=False, **dict(options, text_tokens=123))
     assert resolve_backend("auto", *short_qkv, short, causal=False, return_lse=False) == "gluon"
     assert_backends_match_reference(*short_qkv, short, ("auto", "triton"), dtype, causal=False)
+
+
+def ruled_out_steps(pattern, block_n: int = 128) -> int:
+    """How many (64-row half of a query block, ``block_n``-key step of a cut entry) pairs of the
+    forward's lists the group summaries rule out: the steps the Gluon warpgroups skip."""
+    plan = plan_for(pattern, causal=False)
+    lists, predicate = plan.predicate_lists, kernel_predicate(pattern)
+    offset = (pattern.seq_k - pattern.seq_q) // GROUP
+    halves, per_step = pattern.block_q // GROUP, block_n // GROUP
+    total = 0
+    for row in range(pattern.num_q_blocks):
+        n, whole = int(pattern.kv_counts[0, 0, row]), int(lists.full_counts[0, 0, row])
+        blocks = lists.kv_indices[0, 0, row, whole:n].long()
+        starts = (blocks[:, None] * pattern.block_k + torch.arange(0, pattern.block_k, block_n)).flatten() // GROUP
+        keys = starts[:, None] + torch.arange(per_step)  # (steps, groups per step)
+        queries = row * halves + offset + torch.arange(halves)
+        may = groups_may_see(predicate.to("cpu"), queries[:, None, None], keys.cpu()[None])
+        total += int((~may.any(-1)).sum())
+    return total
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cut", [0, 5])
+def test_gpu_gluon_skipping_unseen_steps_changes_no_result(cut, poison_outputs):
+    # The neighbourhood defaults (7-wide windows, the chosen tile) over a 3D grid with text; ``cut``
+    # tokens off the end make the last key tile ragged (the predicate's fused test).
+    grid, text = (24, 32, 48), 128 - cut
+    length = math.prod(grid) + text
+    q, k, v = random_qkv(1, 2, 1, length, length, 128, dtype=torch.bfloat16, device="cuda", seed=21)
+    pattern = sa.estimate(q, k, "neighborhood", causal=False, grid=grid, text_tokens=text)
+    # (8, 4, 4) tiles: a quarter of the warpgroups' steps are ruled out (checked on CPU).
+    assert ruled_out_steps(pattern) > 0.2 * 2 * pattern.partial_entries()
+    assert resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=True) == "gluon"
+    with kernel_configs(rule_skip_steps=False):
+        want = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="gluon", return_lse=True)
+    got = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="gluon", return_lse=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    reference = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="reference")
+    assert relative_error(got[0].float(), reference.float()) <= TOLERANCE[torch.bfloat16]

@@ -175,6 +175,12 @@ class KernelConfigs:
     ``token_path``: ``"tile"`` or ``"gathered"`` makes every token-granular pattern take that path
     of the token kernels (query tiles walking their lists, or per KV block the rows that list it);
     unset, :func:`sparse_attn.backends.triton_tokens_gathered.uses_gathered_path` chooses.
+    ``rule_skip_steps``: ``False`` makes the Gluon forward take every step of a box-predicate
+    rule's cut entries; unset or ``True``, a consumer warpgroup skips the steps whose key group
+    none of its 64 rows may see (:mod:`sparse_attn.rule_predicate`'s group summaries; same
+    results bit for bit). ``gluon_rule_block_n``: keys per step of the Gluon forward for patterns
+    with a box-predicate rule (64, or 128 where ``block_k`` is a multiple of it); unset,
+    :func:`gluon_block_n`. Finer steps leave more steps to skip at a lower rate per pair.
     """
 
     triton_tiles: tuple[Tile, ...] | None = None
@@ -193,6 +199,8 @@ class KernelConfigs:
     gluon_backward_wide_steps: bool | None = None
     token_wide_steps: str | None = None
     token_path: str | None = None
+    rule_skip_steps: bool | None = None
+    gluon_rule_block_n: int | None = None
 
 
 NO_OVERRIDES = KernelConfigs()
@@ -225,6 +233,8 @@ def kernel_configs(
     gluon_backward_wide_steps: bool | None = None,
     token_wide_steps: str | None = None,
     token_path: str | None = None,
+    rule_skip_steps: bool | None = None,
+    gluon_rule_block_n: int | None = None,
 ) -> Iterator[KernelConfigs]:
     """Override kernel tuning choices for the calls inside the ``with`` block (see the module docstring)."""
     changes = {}
@@ -258,6 +268,7 @@ def kernel_configs(
         "gluon_tall_tiles": gluon_tall_tiles,
         "heavy_rows_first": heavy_rows_first,
         "gluon_backward_wide_steps": gluon_backward_wide_steps,
+        "rule_skip_steps": rule_skip_steps,
     }
     for name, asked in flags.items():
         if asked is not None:
@@ -273,6 +284,10 @@ def kernel_configs(
         if token_path not in TOKEN_PATHS:
             raise ValueError(f"token_path must be one of {TOKEN_PATHS}, got {token_path!r}")
         changes["token_path"] = token_path
+    if gluon_rule_block_n is not None:
+        if isinstance(gluon_rule_block_n, bool) or gluon_rule_block_n not in (64, 128):
+            raise ValueError(f"gluon_rule_block_n must be 64 or 128, got {gluon_rule_block_n!r}")
+        changes["gluon_rule_block_n"] = gluon_rule_block_n
     if token_gather_rows is not None:
         if isinstance(token_gather_rows, bool) or token_gather_rows not in TOKEN_GATHER_ROWS:
             raise ValueError(f"token_gather_rows must be one of {TOKEN_GATHER_ROWS}, got {token_gather_rows!r}")
@@ -350,8 +365,13 @@ def interpreter_load_mode(*, descriptors_allowed: bool) -> str:
     return "columns" if "columns" in asked else "rows"
 
 
-def gluon_block_n(block_k: int) -> int:
-    """Keys per Gluon step: 128 where the pattern's KV block is a multiple of it, else 64."""
+def gluon_block_n(block_k: int, *, rule: bool = False) -> int:
+    """Keys per Gluon step: 128 where the pattern's KV block is a multiple of it, else 64; for a
+    pattern with a box-predicate ``rule``, ``kernel_configs(gluon_rule_block_n=...)`` where it
+    divides ``block_k``."""
+    asked = current().gluon_rule_block_n if rule else None
+    if asked is not None and block_k % asked == 0:
+        return asked
     return 128 if block_k % 128 == 0 else 64
 
 

@@ -25,7 +25,11 @@ from the list's first partial block on. A token rule that is a box predicate
 (:mod:`sparse_attn.rule_predicate`, e.g. the exact neighbourhood windows of ``neighborhood``)
 joins that mask (constexpr ``BOX``): the plan's :attr:`~sparse_attn.plan.BlockSparsePlan.predicate_lists`
 put the entries the rule does not cut first, each row's packed bounds are loaded once per work
-item and each key tile's codes per step. Other token rules (bitmasks) are the Triton kernel's.
+item and each key tile's codes per step. A warpgroup skips the steps whose key groups none of
+its 64 rows may see (the predicate's group summaries; ``BOX=2``, :func:`_skip_unseen`): it
+waits for the step's K tile, releases the slot and takes no product, the same result bit for
+bit; the producer still loads the tile for the other warpgroup. Other token rules (bitmasks)
+are the Triton kernel's.
 Loads go through tensor descriptors made on the device
 per (batch, head) with that head's sequence length as the row bound, so rows past the end read
 as zeros. The launch arguments are the Triton kernel's (:mod:`.launch`).
@@ -49,6 +53,7 @@ import torch
 from ..geometry import num_blocks
 from ..pattern import BlockSparsePattern
 from ..plan import BlockSparsePlan, plan_for
+from ..rule_predicate import GROUP
 from ..utils import device_capability, interpreting
 from . import configs, triton_backward
 from .configs import GLUON_BLOCK_M
@@ -277,6 +282,104 @@ if gluon is not None:
         return p, alpha, m_new, l_i
 
     @gluon.jit
+    def _first_step(
+        q, k_smem, k_ready, s_zero, m_i, l_i, step, ring_step, n_full, index_base, query_pos, seq_k, qk_scale,
+        BoxTable, box_low, box_high, box_guard, s_layout: gl.constexpr, p_layout: gl.constexpr,
+        BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+        EVEN_K: gl.constexpr, BOX: gl.constexpr,
+    ):  # fmt: skip
+        """A warpgroup's first step: its ``Q K^T`` and softmax (no ``P V`` before it to overlap)."""
+        slot = ring_step % STAGES
+        mbarrier.wait(k_ready.index(slot), (ring_step // STAGES) & 1)
+        s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        p, alpha, m_i, l_i = _softmax_step(
+            s, m_i, l_i, step, n_full, index_base, query_pos, seq_k, qk_scale, BoxTable, box_low, box_high, box_guard,
+            s_layout, BLOCK_K, BLOCK_N, CAUSAL, EVEN_K, BOX,
+        )  # fmt: skip
+        return m_i, l_i, gl.convert_layout(p.to(q.dtype), p_layout)
+
+    @gluon.jit
+    def _pipelined_step(
+        q, k_smem, v_smem, k_ready, v_ready, kv_free, s_zero, acc, p_op, m_i, l_i, step, ring_step, prev_ring,
+        n_full, index_base, query_pos, seq_k, qk_scale, BoxTable, box_low, box_high, box_guard,
+        s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_K: gl.constexpr,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, EVEN_K: gl.constexpr, BOX: gl.constexpr,
+    ):  # fmt: skip
+        """One step after the first: its ``Q K^T`` and the ``P V`` of the step taken before it
+        (ring step ``prev_ring``) go to the tensor cores together, and the softmax runs while
+        ``P V`` is still in flight; then that step's slot is released."""
+        slot = ring_step % STAGES
+        prev = prev_ring % STAGES
+        mbarrier.wait(k_ready.index(slot), (ring_step // STAGES) & 1)
+        s_token = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), (prev_ring // STAGES) & 1)
+        acc_token = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_token,))
+        p, alpha, m_i, l_i = _softmax_step(
+            s, m_i, l_i, step, n_full, index_base, query_pos, seq_k, qk_scale, BoxTable, box_low, box_high, box_guard,
+            s_layout, BLOCK_K, BLOCK_N, CAUSAL, EVEN_K, BOX,
+        )  # fmt: skip
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc_token, p_op))
+        mbarrier.arrive(kv_free.index(prev), count=1)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        return acc, gl.convert_layout(p.to(q.dtype), p_layout), m_i, l_i
+
+    @gluon.jit
+    def _last_step(v_smem, v_ready, kv_free, acc, p_op, ring_step, STAGES: gl.constexpr):
+        """The ``P V`` of the last step taken, then its slot released."""
+        slot = ring_step % STAGES
+        mbarrier.wait(v_ready.index(slot), (ring_step // STAGES) & 1)
+        acc_token = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc_token, p_op))
+        mbarrier.arrive(kv_free.index(slot), count=1)
+        return acc
+
+    @gluon.jit
+    def _may_see(
+        step, n_steps, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard,
+        BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+    ):  # fmt: skip
+        """1 where step ``step`` (< ``n_steps``) is a whole entry or one of its 64-key groups may be
+        seen by the warpgroup's rows (summaries ``group_low`` / ``group_high``, the latter with the
+        guard bits set), else 0 (:func:`sparse_attn.rule_predicate.groups_may_see`)."""
+        SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
+        kv_block = gl.load(index_base + step // SUBTILES, mask=step < n_steps, other=0)
+        key_group = (kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N) // 64
+        seen = (step < n_full).to(gl.int32)
+        for part in gl.static_range(BLOCK_N // 64):
+            key_min = gl.load(group_base + 2 * n_groups + key_group + part)
+            key_max = gl.load(group_base + 3 * n_groups + key_group + part)
+            meet = ((key_max | box_guard) - group_low) & (group_high - key_min) & box_guard
+            seen = seen | (meet == box_guard).to(gl.int32)
+        return seen
+
+    @gluon.jit
+    def _skip_unseen(
+        step, n_steps, n_full, step_base, index_base, k_ready, kv_free, group_base, n_groups, group_low, group_high,
+        box_guard, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    ):  # fmt: skip
+        """From ``step`` on, release the steps the warpgroup's rows may not see and return the first
+        they may (or ``n_steps``). A slot is released only once its K tile has landed: the load
+        was issued after both warpgroups released the slot's previous use, so this warpgroup's
+        release is never counted towards a phase the other has not finished."""
+        step = gl.to_tensor(step)
+        seen = _may_see(
+            step, n_steps, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard, BLOCK_K, BLOCK_N
+        )
+        while (step < n_steps) & (seen == 0):
+            ring_step = step_base + step
+            slot = ring_step % STAGES
+            mbarrier.wait(k_ready.index(slot), (ring_step // STAGES) & 1)
+            mbarrier.arrive(kv_free.index(slot), count=1)
+            step += 1
+            seen = _may_see(
+                step, n_steps, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard,
+                BLOCK_K, BLOCK_N,
+            )  # fmt: skip
+        return step
+
+    @gluon.jit
     def _consumer(
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, q_free,
         index_base, n_steps, n_full, row_start, seq_q, seq_k, qk_scale,
@@ -304,7 +407,10 @@ if gluon is not None:
         """One warpgroup: 64 query rows of one work item through every listed block, then the
         output rows. ``step_base`` counts the ring steps of the program's earlier items and
         ``q_phase`` is the query tile's load phase; once its last product is done it releases the
-        query tile (``q_free``), so a persistent producer loads the next item's during the stores."""
+        query tile (``q_free``), so a persistent producer loads the next item's during the stores.
+        ``BOX``: 0 (no token rule), 1 (a box predicate, evaluated on the cut entries' steps) or 2
+        (the same, and the steps none of these 64 rows may see are skipped: their slots released
+        without a product, :func:`_skip_unseen`)."""
         HALF: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
@@ -332,76 +438,59 @@ if gluon is not None:
         p_op = gl.zeros([HALF, BLOCK_N], dtype, p_layout)
         mbarrier.wait(q_bar, q_phase)
 
-        if n_steps > 0:
-            first = step_base % STAGES
-            mbarrier.wait(k_ready.index(first), (step_base // STAGES) & 1)
-            s = warpgroup_mma(q, k_smem.index(first).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s,))
-            p, alpha, m_i, l_i = _softmax_step(
-                s,
-                m_i,
-                l_i,
-                0,
-                n_full,
-                index_base,
-                query_pos,
-                seq_k,
-                qk_scale,
-                BoxTable,
-                box_low,
-                box_high,
-                box_guard,
-                s_layout,
-                BLOCK_K,
-                BLOCK_N,
-                CAUSAL,
-                EVEN_K,
-                BOX,
-            )
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-        for step in range(1, n_steps):
-            ring_step = step_base + step
-            slot = ring_step % STAGES
-            prev = (ring_step - 1) % STAGES
-            # Q K^T of this step and P V of the previous one go to the tensor cores together.
-            mbarrier.wait(k_ready.index(slot), (ring_step // STAGES) & 1)
-            s_token = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(prev), ((ring_step - 1) // STAGES) & 1)
-            acc_token = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            # Softmax of this step while P V of the previous one is still running.
-            s = warpgroup_mma_wait(1, deps=(s_token,))
-            p, alpha, m_i, l_i = _softmax_step(
-                s,
-                m_i,
-                l_i,
-                step,
-                n_full,
-                index_base,
-                query_pos,
-                seq_k,
-                qk_scale,
-                BoxTable,
-                box_low,
-                box_high,
-                box_guard,
-                s_layout,
-                BLOCK_K,
-                BLOCK_N,
-                CAUSAL,
-                EVEN_K,
-                BOX,
-            )
-            acc, p_op = warpgroup_mma_wait(0, deps=(acc_token, p_op))
-            mbarrier.arrive(kv_free.index(prev), count=1)
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-        if n_steps > 0:
-            last_step = step_base + n_steps - 1
-            last = last_step % STAGES
-            mbarrier.wait(v_ready.index(last), (last_step // STAGES) & 1)
-            acc_token = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-            acc, p_op = warpgroup_mma_wait(0, deps=(acc_token, p_op))
-            mbarrier.arrive(kv_free.index(last), count=1)
+        if BOX == 2:
+            # Steps whose key group none of these rows may see are released unseen (rule_predicate's
+            # group summaries); the pipeline runs over the others as below.
+            group_base = BoxTable + 3 * seq_k
+            n_groups = seq_k // 64 + 2
+            query_group = (row_start + ROW_OFFSET + seq_k - seq_q) // 64
+            group_low = gl.load(group_base + query_group)
+            group_high = gl.load(group_base + n_groups + query_group) | box_guard
+            step = _skip_unseen(
+                0, n_steps, n_full, step_base, index_base, k_ready, kv_free, group_base, n_groups, group_low,
+                group_high, box_guard, BLOCK_K, BLOCK_N, STAGES,
+            )  # fmt: skip
+            prev_ring = step_base
+            if step < n_steps:
+                m_i, l_i, p_op = _first_step(
+                    q, k_smem, k_ready, s_zero, m_i, l_i, step, step_base + step, n_full, index_base, query_pos,
+                    seq_k, qk_scale, BoxTable, box_low, box_high, box_guard, s_layout, p_layout, BLOCK_K, BLOCK_N,
+                    STAGES, CAUSAL, EVEN_K, BOX,
+                )  # fmt: skip
+                prev_ring = step_base + step
+                step = _skip_unseen(
+                    step + 1, n_steps, n_full, step_base, index_base, k_ready, kv_free, group_base, n_groups,
+                    group_low, group_high, box_guard, BLOCK_K, BLOCK_N, STAGES,
+                )  # fmt: skip
+                while step < n_steps:
+                    acc, p_op, m_i, l_i = _pipelined_step(
+                        q, k_smem, v_smem, k_ready, v_ready, kv_free, s_zero, acc, p_op, m_i, l_i, step,
+                        step_base + step, prev_ring, n_full, index_base, query_pos, seq_k, qk_scale, BoxTable,
+                        box_low, box_high, box_guard, s_layout, o_layout, p_layout, BLOCK_K, BLOCK_N, STAGES, CAUSAL,
+                        EVEN_K, BOX,
+                    )  # fmt: skip
+                    prev_ring = step_base + step
+                    step = _skip_unseen(
+                        step + 1, n_steps, n_full, step_base, index_base, k_ready, kv_free, group_base, n_groups,
+                        group_low, group_high, box_guard, BLOCK_K, BLOCK_N, STAGES,
+                    )  # fmt: skip
+                acc = _last_step(v_smem, v_ready, kv_free, acc, p_op, prev_ring, STAGES)
+        else:
+            if n_steps > 0:
+                m_i, l_i, p_op = _first_step(
+                    q, k_smem, k_ready, s_zero, m_i, l_i, 0, step_base, n_full, index_base, query_pos, seq_k,
+                    qk_scale, BoxTable, box_low, box_high, box_guard, s_layout, p_layout, BLOCK_K, BLOCK_N, STAGES,
+                    CAUSAL, EVEN_K, BOX,
+                )  # fmt: skip
+            for step in range(1, n_steps):
+                ring_step = step_base + step
+                acc, p_op, m_i, l_i = _pipelined_step(
+                    q, k_smem, v_smem, k_ready, v_ready, kv_free, s_zero, acc, p_op, m_i, l_i, step, ring_step,
+                    ring_step - 1, n_full, index_base, query_pos, seq_k, qk_scale, BoxTable, box_low, box_high,
+                    box_guard, s_layout, o_layout, p_layout, BLOCK_K, BLOCK_N, STAGES, CAUSAL, EVEN_K, BOX,
+                )  # fmt: skip
+            if n_steps > 0:
+                acc = _last_step(v_smem, v_ready, kv_free, acc, p_op, step_base + n_steps - 1, STAGES)
         mbarrier.arrive(q_free, count=1)
 
         if BOX:
@@ -684,6 +773,17 @@ if gluon is not None:
         )  # fmt: skip
 
 
+def _box_mode(has_predicate: bool, seq_q: int, seq_k: int) -> int:
+    """The kernels' ``BOX``: 0 without a box predicate; 2 (skip the steps a warpgroup's rows may not
+    see) where each warpgroup's 64 rows are one group of the predicate's summaries (query rows
+    start on a multiple of 64 in key positions) unless ``kernel_configs(rule_skip_steps=False)``;
+    else 1."""
+    if not has_predicate:
+        return 0
+    aligned = (seq_k - seq_q) % GROUP == 0
+    return 2 if aligned and configs.current().rule_skip_steps is not False else 1
+
+
 def _tall_tiles(q: torch.Tensor, pattern: BlockSparsePattern, plan: BlockSparsePlan, has_rule: bool) -> bool:
     """Whether to run 192-row query tiles over three consumer warpgroups (``CONSUMERS = 3``):
     asked for or :data:`TALL_TILES_BY_DEFAULT`, and a head_dim-64 pattern without a token rule,
@@ -760,12 +860,12 @@ def forward(
     else:
         lists = (predicate_lists.full_counts, predicate_lists.kv_indices)
         out, lse, args = launch_arguments(q, k, v, plan, scale=scale, return_lse=return_lse, lists=lists)
-        box = (predicate_lists.predicate.table, predicate_lists.predicate.guard)
+        box = (predicate_lists.predicate.words, predicate_lists.predicate.guard)
     # Tall tiles (:func:`_tall_tiles`): 192 rows in three 64-row query boxes, key steps of
     # TALL_TILES_BLOCK_N, no lead, no persistence.
     tall = _tall_tiles(q, pattern, plan, predicate_lists is not None)
     tile_rows = 192 if tall else GLUON_BLOCK_M
-    block_n = TALL_TILES_BLOCK_N if tall else configs.gluon_block_n(pattern.block_k)
+    block_n = TALL_TILES_BLOCK_N if tall else configs.gluon_block_n(pattern.block_k, rule=predicate_lists is not None)
     descriptors = None
     if uses_host_descriptors(q, k, v, pattern):
         descriptors = host_descriptors(q, k, v, block_n, q_rows=64 if tall else GLUON_BLOCK_M)
@@ -779,7 +879,7 @@ def forward(
         WRITE_LSE=bool(return_lse),
         EVEN_K=seq_k % pattern.block_k == 0,
         EVEN_Q=seq_q % (tile_rows if tall else pattern.block_q) == 0,
-        BOX=predicate_lists is not None,
+        BOX=_box_mode(predicate_lists is not None, seq_q, seq_k),
     )
     if tall:
         grid = (batch * q_heads, num_blocks(seq_q, tile_rows))
