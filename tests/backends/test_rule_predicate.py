@@ -241,9 +241,20 @@ def test_gpu_gluon_skipping_unseen_steps_changes_no_result(cut, poison_outputs):
     # (8, 4, 4) tiles: a quarter of the warpgroups' steps are ruled out (checked on CPU).
     assert ruled_out_steps(pattern) > 0.2 * 2 * pattern.partial_entries()
     assert resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=True) == "gluon"
-    with kernel_configs(rule_skip_steps=False):
-        want = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="gluon", return_lse=True)
-    got = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="gluon", return_lse=True)
+
+    def both(v):
+        with kernel_configs(rule_skip_steps=False):
+            want = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="gluon", return_lse=True)
+        return sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="gluon", return_lse=True), want
+
+    got, want = both(v)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     reference = sa.block_sparse_attention(q, k, v, pattern, causal=False, backend="reference")
     assert relative_error(got[0].float(), reference.float()) <= TOLERANCE[torch.bfloat16]
+    # A NaN in V reaches column 3 of every row of the query blocks that keep its block, skipped
+    # steps included (their zero P still multiplies the tile), as without skipping.
+    v = v.clone()
+    v[0, 0, length // 3, 3] = float("nan")
+    (out, lse), (want_out, want_lse) = both(v)
+    assert out.isnan().any() and torch.equal(out.isnan(), want_out.isnan())
+    assert torch.equal(out.nan_to_num(), want_out.nan_to_num()) and torch.equal(lse, want_lse)

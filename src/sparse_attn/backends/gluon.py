@@ -26,9 +26,9 @@ from the list's first partial block on. A token rule that is a box predicate
 joins that mask (constexpr ``BOX``): the plan's :attr:`~sparse_attn.plan.BlockSparsePlan.predicate_lists`
 put the entries the rule does not cut first, each row's packed bounds are loaded once per work
 item and each key tile's codes per step. A warpgroup skips the steps whose key groups none of
-its 64 rows may see (the predicate's group summaries; ``BOX=2``, :func:`_skip_unseen`): it
-waits for the step's K tile, releases the slot and takes no product, the same result bit for
-bit; the producer still loads the tile for the other warpgroup. Other token rules (bitmasks)
+its 64 rows may see (the predicate's group summaries; ``BOX=2``, :func:`_unseen_step`): no
+``Q K^T``, no softmax, only the ``P V`` of a zero ``P`` (so a non-finite V value reaches the rows
+as without skipping), the same result bit for bit; the producer still loads the tiles. Other token rules (bitmasks)
 are the Triton kernel's.
 Loads go through tensor descriptors made on the device
 per (batch, head) with that head's sequence length as the row bound, so rows past the end read
@@ -288,7 +288,8 @@ if gluon is not None:
         BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
         EVEN_K: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
-        """A warpgroup's first step: its ``Q K^T`` and softmax (no ``P V`` before it to overlap)."""
+        """A warpgroup's first step: its ``Q K^T`` and softmax (no ``P V`` before it to overlap); returns
+        ``(m_i, l_i, P, alpha)``."""
         slot = ring_step % STAGES
         mbarrier.wait(k_ready.index(slot), (ring_step // STAGES) & 1)
         s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -297,7 +298,7 @@ if gluon is not None:
             s, m_i, l_i, step, n_full, index_base, query_pos, seq_k, qk_scale, BoxTable, box_low, box_high, box_guard,
             s_layout, BLOCK_K, BLOCK_N, CAUSAL, EVEN_K, BOX,
         )  # fmt: skip
-        return m_i, l_i, gl.convert_layout(p.to(q.dtype), p_layout)
+        return m_i, l_i, gl.convert_layout(p.to(q.dtype), p_layout), alpha
 
     @gluon.jit
     def _pipelined_step(
@@ -337,47 +338,40 @@ if gluon is not None:
 
     @gluon.jit
     def _may_see(
-        step, n_steps, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard,
+        step, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard,
         BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
     ):  # fmt: skip
-        """1 where step ``step`` (< ``n_steps``) is a whole entry or one of its 64-key groups may be
-        seen by the warpgroup's rows (summaries ``group_low`` / ``group_high``, the latter with the
-        guard bits set), else 0 (:func:`sparse_attn.rule_predicate.groups_may_see`)."""
+        """Whether step ``step`` is a whole entry or one of its 64-key groups may be seen by the
+        warpgroup's rows (summaries ``group_low`` / ``group_high``, the latter with the guard bits
+        set; :func:`sparse_attn.rule_predicate.groups_may_see`)."""
         SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
-        kv_block = gl.load(index_base + step // SUBTILES, mask=step < n_steps, other=0)
+        kv_block = gl.load(index_base + step // SUBTILES)
         key_group = (kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N) // 64
-        seen = (step < n_full).to(gl.int32)
+        seen = step < n_full
         for part in gl.static_range(BLOCK_N // 64):
             key_min = gl.load(group_base + 2 * n_groups + key_group + part)
             key_max = gl.load(group_base + 3 * n_groups + key_group + part)
             meet = ((key_max | box_guard) - group_low) & (group_high - key_min) & box_guard
-            seen = seen | (meet == box_guard).to(gl.int32)
+            seen = seen | (meet == box_guard)
         return seen
 
     @gluon.jit
-    def _skip_unseen(
-        step, n_steps, n_full, step_base, index_base, k_ready, kv_free, group_base, n_groups, group_low, group_high,
-        box_guard, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    ):  # fmt: skip
-        """From ``step`` on, release the steps the warpgroup's rows may not see and return the first
-        they may (or ``n_steps``). A slot is released only once its K tile has landed: the load
-        was issued after both warpgroups released the slot's previous use, so this warpgroup's
-        release is never counted towards a phase the other has not finished."""
-        step = gl.to_tensor(step)
-        seen = _may_see(
-            step, n_steps, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard, BLOCK_K, BLOCK_N
-        )
-        while (step < n_steps) & (seen == 0):
-            ring_step = step_base + step
-            slot = ring_step % STAGES
-            mbarrier.wait(k_ready.index(slot), (ring_step // STAGES) & 1)
-            mbarrier.arrive(kv_free.index(slot), count=1)
-            step += 1
-            seen = _may_see(
-                step, n_steps, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard,
-                BLOCK_K, BLOCK_N,
-            )  # fmt: skip
-        return step
+    def _unseen_step(v_smem, k_ready, v_ready, kv_free, acc, p_op, m_i, ring_step, STAGES: gl.constexpr):
+        """A step none of the warpgroup's rows may see: no ``Q K^T``, no softmax. Every score would be
+        masked, so the sum and the accumulator keep their values and the running maximum too,
+        except that a row with nothing visible yet takes ``m = 0`` as :func:`_softmax_step` gives
+        it (so the results stay the same bit for bit). The ``P V`` of the step before runs alone,
+        and this step's ``P`` is zero: the next ``P V`` multiplies its V tile by zeros as the
+        unskipped step would (a non-finite V value still reaches the rows). Its K tile is waited
+        for though unread, so the slot is released only once both copies into it have landed."""
+        slot = ring_step % STAGES
+        prev = (ring_step - 1) % STAGES
+        mbarrier.wait(k_ready.index(slot), (ring_step // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((ring_step - 1) // STAGES) & 1)
+        acc_token = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc_token, p_op))
+        mbarrier.arrive(kv_free.index(prev), count=1)
+        return acc, gl.zeros_like(p_op), gl.where(m_i == float("-inf"), 0.0, m_i)
 
     @gluon.jit
     def _consumer(
@@ -409,8 +403,8 @@ if gluon is not None:
         ``q_phase`` is the query tile's load phase; once its last product is done it releases the
         query tile (``q_free``), so a persistent producer loads the next item's during the stores.
         ``BOX``: 0 (no token rule), 1 (a box predicate, evaluated on the cut entries' steps) or 2
-        (the same, and the steps none of these 64 rows may see are skipped: their slots released
-        without a product, :func:`_skip_unseen`)."""
+        (the same, and the steps none of these 64 rows may see take neither ``Q K^T`` nor the
+        softmax, :func:`_unseen_step`)."""
         HALF: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
@@ -439,45 +433,43 @@ if gluon is not None:
         mbarrier.wait(q_bar, q_phase)
 
         if BOX == 2:
-            # Steps whose key group none of these rows may see are released unseen (rule_predicate's
-            # group summaries); the pipeline runs over the others as below.
+            # Steps whose key groups none of these rows may see (rule_predicate's group summaries)
+            # take no Q K^T and no softmax: their P is zero, so only P V runs, which keeps a
+            # non-finite V value reaching these rows as it does without skipping.
             group_base = BoxTable + 3 * seq_k
             n_groups = seq_k // 64 + 2
             query_group = (row_start + ROW_OFFSET + seq_k - seq_q) // 64
             group_low = gl.load(group_base + query_group)
             group_high = gl.load(group_base + n_groups + query_group) | box_guard
-            step = _skip_unseen(
-                0, n_steps, n_full, step_base, index_base, k_ready, kv_free, group_base, n_groups, group_low,
-                group_high, box_guard, BLOCK_K, BLOCK_N, STAGES,
-            )  # fmt: skip
-            prev_ring = step_base
-            if step < n_steps:
-                m_i, l_i, p_op = _first_step(
-                    q, k_smem, k_ready, s_zero, m_i, l_i, step, step_base + step, n_full, index_base, query_pos,
-                    seq_k, qk_scale, BoxTable, box_low, box_high, box_guard, s_layout, p_layout, BLOCK_K, BLOCK_N,
-                    STAGES, CAUSAL, EVEN_K, BOX,
-                )  # fmt: skip
-                prev_ring = step_base + step
-                step = _skip_unseen(
-                    step + 1, n_steps, n_full, step_base, index_base, k_ready, kv_free, group_base, n_groups,
-                    group_low, group_high, box_guard, BLOCK_K, BLOCK_N, STAGES,
-                )  # fmt: skip
-                while step < n_steps:
+            if n_steps > 0:
+                if _may_see(
+                    0, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard, BLOCK_K, BLOCK_N
+                ):
+                    m_i, l_i, p_op, alpha = _first_step(
+                        q, k_smem, k_ready, s_zero, m_i, l_i, 0, step_base, n_full, index_base, query_pos, seq_k,
+                        qk_scale, BoxTable, box_low, box_high, box_guard, s_layout, p_layout, BLOCK_K, BLOCK_N,
+                        STAGES, CAUSAL, EVEN_K, BOX,
+                    )  # fmt: skip
+                else:
+                    mbarrier.wait(k_ready.index(step_base % STAGES), (step_base // STAGES) & 1)
+                    m_i = gl.zeros_like(m_i)  # as _softmax_step leaves a row with nothing visible yet
+            for step in range(1, n_steps):
+                ring_step = step_base + step
+                if _may_see(
+                    step, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard, BLOCK_K, BLOCK_N
+                ):
                     acc, p_op, m_i, l_i = _pipelined_step(
-                        q, k_smem, v_smem, k_ready, v_ready, kv_free, s_zero, acc, p_op, m_i, l_i, step,
-                        step_base + step, prev_ring, n_full, index_base, query_pos, seq_k, qk_scale, BoxTable,
-                        box_low, box_high, box_guard, s_layout, o_layout, p_layout, BLOCK_K, BLOCK_N, STAGES, CAUSAL,
-                        EVEN_K, BOX,
+                        q, k_smem, v_smem, k_ready, v_ready, kv_free, s_zero, acc, p_op, m_i, l_i, step, ring_step,
+                        ring_step - 1, n_full, index_base, query_pos, seq_k, qk_scale, BoxTable, box_low, box_high,
+                        box_guard, s_layout, o_layout, p_layout, BLOCK_K, BLOCK_N, STAGES, CAUSAL, EVEN_K, BOX,
                     )  # fmt: skip
-                    prev_ring = step_base + step
-                    step = _skip_unseen(
-                        step + 1, n_steps, n_full, step_base, index_base, k_ready, kv_free, group_base, n_groups,
-                        group_low, group_high, box_guard, BLOCK_K, BLOCK_N, STAGES,
-                    )  # fmt: skip
-                acc = _last_step(v_smem, v_ready, kv_free, acc, p_op, prev_ring, STAGES)
+                else:
+                    acc, p_op, m_i = _unseen_step(v_smem, k_ready, v_ready, kv_free, acc, p_op, m_i, ring_step, STAGES)
+            if n_steps > 0:
+                acc = _last_step(v_smem, v_ready, kv_free, acc, p_op, step_base + n_steps - 1, STAGES)
         else:
             if n_steps > 0:
-                m_i, l_i, p_op = _first_step(
+                m_i, l_i, p_op, alpha = _first_step(
                     q, k_smem, k_ready, s_zero, m_i, l_i, 0, step_base, n_full, index_base, query_pos, seq_k,
                     qk_scale, BoxTable, box_low, box_high, box_guard, s_layout, p_layout, BLOCK_K, BLOCK_N, STAGES,
                     CAUSAL, EVEN_K, BOX,
