@@ -47,7 +47,7 @@ import sparse_attn as sa
 from sparse_attn.backends import kernel_configs, resolve_backend
 from sparse_attn.bench import dense_baselines, device_slug, environment, format_table, measure, write_results
 from sparse_attn.layouts import Layout
-from sparse_attn.plan import plan_for
+from sparse_attn.plan import plan_for, unseen_steps
 
 sys.path.insert(0, str(Path(__file__).parent))
 from spatial import SHAPES, VARIANTS, with_backward  # noqa: E402  (the spatial benchmark's shapes and settings)
@@ -73,6 +73,7 @@ COLUMNS = [
     ("seq", "seq", "d"),
     ("density", "density", ".3f"),
     ("row_imbalance", "max/mean row", ".1f"),
+    ("unseen_steps", "unseen steps", ".3f"),
     *[(f"{label}_ms", f"{label} ms", ".2f") for label, _ in CHOICES],
     ("sdpa-cudnn_ms", "cuDNN dense ms", ".2f"),
     ("waves_vs_density_x_cudnn", "waves / (density x cuDNN)", ".2f"),
@@ -86,6 +87,8 @@ def time_choices(q, k, v, pattern, *, causal: bool, device: torch.device, choice
     plan = plan_for(pattern, causal=causal)
     row["density"], row["row_imbalance"], row["work_bucket"] = plan.density, plan.row_imbalance, plan.work_bucket
     row["heavy_blocks"] = plan.heavy_blocks
+    unseen, taken = unseen_steps(plan) if plan.predicate_lists is not None else (0, 0)
+    row["unseen_steps"] = unseen / taken if taken else None  # of the Gluon warpgroups' 128-key steps
 
     def attend(q, k, v):
         return sa.block_sparse_attention(q, k, v, pattern, causal=causal)

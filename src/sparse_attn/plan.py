@@ -238,6 +238,41 @@ class BlockSparsePlan:
         return PredicateLists(kv_indices=kv_indices, full_counts=full_counts, predicate=predicate)
 
 
+def unseen_steps(plan: BlockSparsePlan, *, block_n: int = 128) -> tuple[int, int]:
+    """``(unseen, taken)``: of the (64 query rows, ``block_n`` keys) steps the Gluon forward's
+    warpgroups take over the cut entries of ``plan``'s box-predicate lists, how many the
+    predicate's group summaries rule out (:func:`sparse_attn.rule_predicate.groups_may_see`;
+    those steps run no ``Q K^T`` and no softmax), and how many there are. ``(0, 0)`` without a
+    box predicate. Needs ``block_q`` a multiple of 64 and ``block_k`` of ``block_n``."""
+    lists = plan.predicate_lists
+    if lists is None:
+        return 0, 0
+    pattern = plan.pattern
+    group = 64  # rule_predicate.GROUP
+    if pattern.block_q % group or pattern.block_k % block_n or block_n % group:
+        raise ValueError(f"unseen_steps needs block_q a multiple of 64 and block_k of block_n={block_n}")
+    summaries = lists.predicate.groups.long()
+    guard = lists.predicate.guard
+    slots = torch.arange(pattern.max_kv, device=pattern.device)
+    cut = (slots >= lists.full_counts[..., None]) & (slots < pattern.kv_counts[..., None])  # (B, H, nq, max_kv)
+    halves = pattern.block_q // group
+    first_query = (pattern.seq_k - pattern.seq_q) // group
+    queries = first_query + torch.arange(pattern.num_q_blocks, device=pattern.device)[:, None] * halves
+    queries = queries + torch.arange(halves, device=pattern.device)  # (nq, halves)
+    steps = torch.arange(0, pattern.block_k, block_n, device=pattern.device)
+    parts = torch.arange(block_n // group, device=pattern.device)
+    keys = (lists.kv_indices.long()[..., None] * pattern.block_k + steps) // group  # (B, H, nq, max_kv, steps)
+    keys = keys[..., None] + parts  # (..., steps, parts)
+    low, high = summaries[0][queries], summaries[1][queries] | guard  # (nq, halves)
+    key_min, key_max = summaries[2][keys], summaries[3][keys]
+    shape = (pattern.num_q_blocks, 1, 1, halves, 1)  # against (nq, max_kv, steps, halves, parts)
+    low, high = low.view(shape), high.view(shape)
+    meet = ((key_max[..., None, :] | guard) - low) & (high - key_min[..., None, :]) & guard
+    seen = (meet == guard).any(-1)  # (B, H, nq, max_kv, steps, halves)
+    taken = cut[..., None, None].expand_as(seen)
+    return int((taken & ~seen).sum()), int(taken.sum())
+
+
 def plan_for(pattern: BlockSparsePattern, *, causal: bool) -> BlockSparsePlan:
     """The plan of ``pattern`` in this mode, built on first request and cached on the pattern."""
     key = ("block_sparse_plan", bool(causal))

@@ -27,7 +27,7 @@ from helpers import TOLERANCE, assert_backends_match_reference, random_qkv, rela
 
 import sparse_attn as sa
 from sparse_attn.backends import kernel_configs, resolve_backend
-from sparse_attn.plan import plan_for
+from sparse_attn.plan import plan_for, unseen_steps
 from sparse_attn.rule_predicate import GROUP, box_allowed, box_visible, groups_may_see, kernel_predicate, pack_box
 
 RULE_CASES = [
@@ -229,6 +229,23 @@ def ruled_out_steps(pattern, block_n: int = 128) -> int:
     return total
 
 
+@pytest.mark.parametrize("block_n", [128, 64])
+@pytest.mark.parametrize("grid, text", [((24, 32, 48), 128), ((9, 20, 36), 7)])
+def test_unseen_steps_counts_what_the_summaries_rule_out(grid, text, block_n):
+    length = math.prod(grid) + text
+    q = torch.zeros(1, 1, length, 128)
+    pattern = sa.estimate(q, q, "neighborhood", causal=False, grid=grid, text_tokens=text)
+    unseen, taken = unseen_steps(plan_for(pattern, causal=False), block_n=block_n)
+    assert unseen == ruled_out_steps(pattern, block_n)
+    cut = int((pattern.kv_counts - plan_for(pattern, causal=False).predicate_lists.full_counts).sum())
+    assert taken == cut * 2 * (128 // block_n)  # two 64-row halves per query block
+    assert 0 < unseen < taken or grid == (9, 20, 36)
+    with pytest.raises(ValueError, match="block_n"):
+        unseen_steps(plan_for(pattern, causal=False), block_n=256)
+    dense = sa.estimate(q, q, "streaming", causal=True, sink_tokens=128, local_tokens=256)
+    assert unseen_steps(plan_for(dense, causal=True)) == (0, 0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cut", [0, 5])
 def test_gpu_gluon_skipping_unseen_steps_changes_no_result(cut, poison_outputs):
@@ -239,7 +256,8 @@ def test_gpu_gluon_skipping_unseen_steps_changes_no_result(cut, poison_outputs):
     q, k, v = random_qkv(1, 2, 1, length, length, 128, dtype=torch.bfloat16, device="cuda", seed=21)
     pattern = sa.estimate(q, k, "neighborhood", causal=False, grid=grid, text_tokens=text)
     # (8, 4, 4) tiles: a quarter of the warpgroups' steps are ruled out (checked on CPU).
-    assert ruled_out_steps(pattern) > 0.2 * 2 * pattern.partial_entries()
+    unseen, taken = unseen_steps(plan_for(pattern, causal=False))
+    assert unseen > 0.2 * taken
     assert resolve_backend("auto", q, k, v, pattern, causal=False, return_lse=True) == "gluon"
 
     def both(v):
