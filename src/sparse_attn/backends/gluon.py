@@ -338,14 +338,15 @@ if gluon is not None:
 
     @gluon.jit
     def _may_see(
-        step, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard,
+        step, n_steps, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard,
         BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
     ):  # fmt: skip
         """Whether step ``step`` is a whole entry or one of its 64-key groups may be seen by the
         warpgroup's rows (summaries ``group_low`` / ``group_high``, the latter with the guard bits
-        set; :func:`sparse_attn.rule_predicate.groups_may_see`)."""
+        set; :func:`sparse_attn.rule_predicate.groups_may_see`). Steps from ``n_steps`` on read
+        block 0 (their answer is not used)."""
         SUBTILES: gl.constexpr = BLOCK_K // BLOCK_N
-        kv_block = gl.load(index_base + step // SUBTILES)
+        kv_block = gl.load(index_base + step // SUBTILES, mask=step < n_steps, other=0)
         key_group = (kv_block * BLOCK_K + (step % SUBTILES) * BLOCK_N) // 64
         seen = step < n_full
         for part in gl.static_range(BLOCK_N // 64):
@@ -441,10 +442,17 @@ if gluon is not None:
             query_group = (row_start + ROW_OFFSET + seq_k - seq_q) // 64
             group_low = gl.load(group_base + query_group)
             group_high = gl.load(group_base + n_groups + query_group) | box_guard
+            # Each step's test is loaded one step ahead, so its loads wait under the step before.
+            seen = _may_see(
+                0, n_steps, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard, BLOCK_K,
+                BLOCK_N,
+            )  # fmt: skip
+            next_seen = _may_see(
+                1, n_steps, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard, BLOCK_K,
+                BLOCK_N,
+            )  # fmt: skip
             if n_steps > 0:
-                if _may_see(
-                    0, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard, BLOCK_K, BLOCK_N
-                ):
+                if seen:
                     m_i, l_i, p_op, alpha = _first_step(
                         q, k_smem, k_ready, s_zero, m_i, l_i, 0, step_base, n_full, index_base, query_pos, seq_k,
                         qk_scale, BoxTable, box_low, box_high, box_guard, s_layout, p_layout, BLOCK_K, BLOCK_N,
@@ -455,9 +463,12 @@ if gluon is not None:
                     m_i = gl.zeros_like(m_i)  # as _softmax_step leaves a row with nothing visible yet
             for step in range(1, n_steps):
                 ring_step = step_base + step
-                if _may_see(
-                    step, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard, BLOCK_K, BLOCK_N
-                ):
+                seen = next_seen
+                next_seen = _may_see(
+                    step + 1, n_steps, n_full, index_base, group_base, n_groups, group_low, group_high, box_guard,
+                    BLOCK_K, BLOCK_N,
+                )  # fmt: skip
+                if seen:
                     acc, p_op, m_i, l_i = _pipelined_step(
                         q, k_smem, v_smem, k_ready, v_ready, kv_free, s_zero, acc, p_op, m_i, l_i, step, ring_step,
                         ring_step - 1, n_full, index_base, query_pos, seq_k, qk_scale, BoxTable, box_low, box_high,
