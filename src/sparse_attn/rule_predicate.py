@@ -39,8 +39,9 @@ meet, which is the same guard-bit test on the summaries::
 
 It never says "no" for a pair of groups that holds an allowed pair (:func:`groups_may_see`,
 tested on every pair of groups); where it says "no", every score of that (query group, key
-group) tile is masked and a kernel that skips the tile computes the same result bit for bit
-(an all-masked step leaves the running maximum, the sum and the accumulator as they are).
+group) tile is masked and a kernel that skips the tile can compute the same result bit for bit
+(an all-masked step leaves the sum and the accumulator as they are, and the running maximum too
+except where a row has seen nothing yet: the Gluon forward sets that one as the step would).
 With ``neighborhood``'s defaults (7 x 7 x 7 windows, 128-token blocks, the chosen (8, 4, 4) tile)
 the summaries rule out 27.8 % of a 64-row warpgroup's 128-key steps over the cut entries at
 HunyuanVideo's 30 x 48 x 80 + 256 text tokens and 32.7 % at Wan 2.1's 21 x 45 x 80 (44 % and
@@ -71,8 +72,9 @@ class BoxPredicate:
     upper bounds, key lowest values, key highest values; groups wholly past the end count as
     nothing): the layout the kernels read. ``seq_len``: ``S``.
     ``table`` (a view of the start of ``words``): int32 ``(3, S)`` over the pattern's key
-    positions: row 0 the key codes (``-1``: seen by every query), rows 1 and 2 the packed inclusive lower and upper bounds of the query at that
-    position (queries are indexed by their key-space position, ``seq_k - seq_q + row``).
+    positions: row 0 the key codes (``-1``: seen by every query), rows 1 and 2 the packed
+    inclusive lower and upper bounds of the query at that position (queries are indexed by their
+    key-space position, ``seq_k - seq_q + row``).
     ``guard``: the guard bits of every field.
     """
 
