@@ -253,24 +253,33 @@ def unseen_steps(plan: BlockSparsePlan, *, block_n: int = 128) -> tuple[int, int
         raise ValueError(f"unseen_steps needs block_q a multiple of 64 and block_k of block_n={block_n}")
     summaries = lists.predicate.groups.long()
     guard = lists.predicate.guard
-    slots = torch.arange(pattern.max_kv, device=pattern.device)
-    cut = (slots >= lists.full_counts[..., None]) & (slots < pattern.kv_counts[..., None])  # (B, H, nq, max_kv)
+    device = pattern.device
     halves = pattern.block_q // group
     first_query = (pattern.seq_k - pattern.seq_q) // group
-    queries = first_query + torch.arange(pattern.num_q_blocks, device=pattern.device)[:, None] * halves
-    queries = queries + torch.arange(halves, device=pattern.device)  # (nq, halves)
-    steps = torch.arange(0, pattern.block_k, block_n, device=pattern.device)
-    parts = torch.arange(block_n // group, device=pattern.device)
-    keys = (lists.kv_indices.long()[..., None] * pattern.block_k + steps) // group  # (B, H, nq, max_kv, steps)
-    keys = keys[..., None] + parts  # (..., steps, parts)
-    low, high = summaries[0][queries], summaries[1][queries] | guard  # (nq, halves)
-    key_min, key_max = summaries[2][keys], summaries[3][keys]
-    shape = (pattern.num_q_blocks, 1, 1, halves, 1)  # against (nq, max_kv, steps, halves, parts)
-    low, high = low.view(shape), high.view(shape)
-    meet = ((key_max[..., None, :] | guard) - low) & (high - key_min[..., None, :]) & guard
-    seen = (meet == guard).any(-1)  # (B, H, nq, max_kv, steps, halves)
-    taken = cut[..., None, None].expand_as(seen)
-    return int((taken & ~seen).sum()), int(taken.sum())
+    slots = torch.arange(pattern.max_kv, device=device)
+    steps = torch.arange(0, pattern.block_k, block_n, device=device)
+    parts = torch.arange(block_n // group, device=device)
+    unseen = taken = 0
+    # One list and a chunk of its query blocks at a time: memory stays a small multiple of the chunk's lists.
+    chunk = 256
+    for batch in range(pattern.kv_counts.shape[0]):
+        for head in range(pattern.kv_counts.shape[1]):
+            for start in range(0, pattern.num_q_blocks, chunk):
+                rows = torch.arange(start, min(start + chunk, pattern.num_q_blocks), device=device)
+                counts = pattern.kv_counts[batch, head, rows]
+                cut = (slots >= lists.full_counts[batch, head, rows, None]) & (slots < counts[:, None])  # (n, max_kv)
+                queries = first_query + rows[:, None] * halves + torch.arange(halves, device=device)  # (n, halves)
+                blocks = lists.kv_indices[batch, head, rows].long()
+                keys = ((blocks[..., None] * pattern.block_k + steps) // group)[..., None] + parts  # (n, max_kv, s, p)
+                low = summaries[0][queries].view(len(rows), 1, 1, halves, 1)
+                high = (summaries[1][queries] | guard).view(len(rows), 1, 1, halves, 1)
+                key_min, key_max = summaries[2][keys][..., None, :], summaries[3][keys][..., None, :]
+                meet = ((key_max | guard) - low) & (high - key_min) & guard
+                seen = (meet == guard).any(-1)  # (n, max_kv, steps, halves)
+                cut = cut[..., None, None].expand_as(seen)
+                unseen += int((cut & ~seen).sum())
+                taken += int(cut.sum())
+    return unseen, taken
 
 
 def plan_for(pattern: BlockSparsePattern, *, causal: bool) -> BlockSparsePlan:
