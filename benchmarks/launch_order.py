@@ -87,7 +87,7 @@ def time_choices(q, k, v, pattern, *, causal: bool, device: torch.device, choice
     plan = plan_for(pattern, causal=causal)
     row["density"], row["row_imbalance"], row["work_bucket"] = plan.density, plan.row_imbalance, plan.work_bucket
     row["heavy_blocks"] = plan.heavy_blocks
-    unseen, taken = unseen_steps(plan) if plan.predicate_lists is not None else (0, 0)
+    unseen, taken = unseen_steps(plan)
     row["unseen_steps"] = unseen / taken if taken else None  # of the Gluon warpgroups' 128-key steps
 
     def attend(q, k, v):

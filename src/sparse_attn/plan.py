@@ -66,7 +66,7 @@ import torch
 from .geometry import fully_visible_entries
 from .masked_pattern import token_rule_of
 from .pattern import BlockSparsePattern
-from .rule_predicate import BoxPredicate, kernel_predicate
+from .rule_predicate import GROUP, BoxPredicate, kernel_predicate
 from .utils import bin_counts
 
 __all__ = [
@@ -248,7 +248,7 @@ def unseen_steps(plan: BlockSparsePlan, *, block_n: int = 128) -> tuple[int, int
     if lists is None:
         return 0, 0
     pattern = plan.pattern
-    group = 64  # rule_predicate.GROUP
+    group = GROUP
     if pattern.block_q % group or pattern.block_k % block_n or block_n % group:
         raise ValueError(f"unseen_steps needs block_q a multiple of 64 and block_k of block_n={block_n}")
     summaries = lists.predicate.groups.long()

@@ -289,16 +289,16 @@ if gluon is not None:
         EVEN_K: gl.constexpr, BOX: gl.constexpr,
     ):  # fmt: skip
         """A warpgroup's first step: its ``Q K^T`` and softmax (no ``P V`` before it to overlap); returns
-        ``(m_i, l_i, P, alpha)``."""
+        ``(m_i, l_i, P)``."""
         slot = ring_step % STAGES
         mbarrier.wait(k_ready.index(slot), (ring_step // STAGES) & 1)
         s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
-        p, alpha, m_i, l_i = _softmax_step(
+        p, _, m_i, l_i = _softmax_step(
             s, m_i, l_i, step, n_full, index_base, query_pos, seq_k, qk_scale, BoxTable, box_low, box_high, box_guard,
             s_layout, BLOCK_K, BLOCK_N, CAUSAL, EVEN_K, BOX,
         )  # fmt: skip
-        return m_i, l_i, gl.convert_layout(p.to(q.dtype), p_layout), alpha
+        return m_i, l_i, gl.convert_layout(p.to(q.dtype), p_layout)
 
     @gluon.jit
     def _pipelined_step(
@@ -453,7 +453,7 @@ if gluon is not None:
             )  # fmt: skip
             if n_steps > 0:
                 if seen:
-                    m_i, l_i, p_op, alpha = _first_step(
+                    m_i, l_i, p_op = _first_step(
                         q, k_smem, k_ready, s_zero, m_i, l_i, 0, step_base, n_full, index_base, query_pos, seq_k,
                         qk_scale, BoxTable, box_low, box_high, box_guard, s_layout, p_layout, BLOCK_K, BLOCK_N,
                         STAGES, CAUSAL, EVEN_K, BOX,
@@ -480,7 +480,7 @@ if gluon is not None:
                 acc = _last_step(v_smem, v_ready, kv_free, acc, p_op, step_base + n_steps - 1, STAGES)
         else:
             if n_steps > 0:
-                m_i, l_i, p_op, alpha = _first_step(
+                m_i, l_i, p_op = _first_step(
                     q, k_smem, k_ready, s_zero, m_i, l_i, 0, step_base, n_full, index_base, query_pos, seq_k,
                     qk_scale, BoxTable, box_low, box_high, box_guard, s_layout, p_layout, BLOCK_K, BLOCK_N, STAGES,
                     CAUSAL, EVEN_K, BOX,
